@@ -1,0 +1,52 @@
+"""Feed-forward layers a block uses after its second norm: the plain MLP and GeGLU."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),  # exact (erf) GELU: U-ViT, DiMR
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # DiT
+    "silu": lambda: nn.SiLU(),
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name (one of ``ACTIVATIONS``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class Mlp(nn.Module):
+    """Linear -> activation -> Linear (the ViT/DiT/U-ViT MLP)."""
+
+    def __init__(self, dim: int, hidden_features: int | None = None, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        hidden_features = hidden_features or 4 * dim
+        self.fc1 = nn.Linear(dim, hidden_features, bias=bias)
+        self.act = make_activation(act)
+        self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GeGluMlp(nn.Module):
+    """GeGLU feed-forward (Shazeer 2020): ``W2(GELU(W0 u) * W1 u)``, as in DiMR.
+
+    ``W0`` and ``W1`` are fused into one ``fc1`` of width ``2 * hidden`` (one GEMM instead of
+    two); the first half of its output is the gated (GELU) half.
+    """
+
+    def __init__(self, dim: int, hidden_features: int | None = None, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        hidden_features = hidden_features or 2 * dim
+        self.fc1 = nn.Linear(dim, 2 * hidden_features, bias=bias)
+        self.act = make_activation(act)
+        self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(gate) * value)

@@ -1,0 +1,46 @@
+"""The pre-norm Transformer block, conditioned through whatever norm it is given."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from zoo.conditioning.base import Conditioning, apply_gate
+from zoo.conditioning.layernorm import LayerNorm
+
+from .attention import Attention
+from .mlp import Mlp
+
+
+class TransformerBlock(nn.Module):
+    """``x += gate1 * Attn(norm1(x, c)); x += gate2 * MLP(norm2(x, c))`` on ``(B, L, C)`` tokens.
+
+    ``norm`` is a conditioner factory (plain LayerNorm for U-ViT, adaLN-Zero for DiT,
+    TD-RMSNorm for DiMR); its gate is ``None`` except for adaLN-Zero, so the same block is
+    DiT's, U-ViT's and DiMR's Transformer block. ``mlp`` is an MLP factory called with
+    ``hidden_features = mlp_ratio * dim``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        norm: Callable[..., nn.Module] = LayerNorm,
+        mlp: Callable[..., nn.Module] = Mlp,
+        cond_dim: int | None = None,
+    ):
+        super().__init__()
+        self.norm1 = norm(dim, cond_dim=cond_dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.norm2 = norm(dim, cond_dim=cond_dim)
+        self.mlp = mlp(dim, hidden_features=round(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        h, gate = self.norm1(x, cond)
+        x = x + apply_gate(self.attn(h), gate)
+        h, gate = self.norm2(x, cond)
+        return x + apply_gate(self.mlp(h), gate)

@@ -1,0 +1,86 @@
+"""The conditioning contract shared by every block, conditioner and backbone.
+
+A backbone packs what conditioners may need into one small :class:`Conditioning` object
+and hands it to each block; each conditioner takes what it needs from it:
+
+* adaLN-Zero reads ``emb`` (the time/class embedding) and returns a residual gate;
+* time-dependent norms (TD-LN, TD-RMSNorm) read ``t``;
+* plain norms and the time token read nothing (the time token acts on the token sequence,
+  in the backbone).
+
+Every conditioner is a norm: ``forward(x, cond) -> (h, gate)`` where ``gate`` is ``None`` or
+a tensor to scale the residual branch with (:func:`apply_gate`). ``x`` has channels last,
+``(B, L, C)`` for tokens or ``(B, H, W, C)`` for feature maps; per-sample tensors of shape
+``(B, C)`` are broadcast over the middle dimensions with :func:`per_sample`.
+
+Every conditioner constructor takes ``(dim, cond_dim=None, **own_options)``: blocks call
+their norm factory as ``norm(dim, cond_dim=cond_dim)`` and never know which one they got.
+Conditioner classes declare what the backbone must provide through class attributes:
+
+* ``needs_embedding``: the backbone must build a time (+ class) embedding of width ``cond_dim``;
+* ``adds_time_token``: the backbone must prepend a time token to the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a block may be conditioned on.
+
+    Attributes:
+        t: the time exactly as the backbone received it, shape ``(B,)`` (or a scalar).
+        emb: the time (+ class) embedding, ``(B, cond_dim)``, when a conditioner needs one.
+        y: class labels ``(B,)`` or ``None``.
+    """
+
+    t: Tensor
+    emb: Tensor | None = None
+    y: Tensor | None = None
+
+    def with_embedding(self, emb: Tensor | None) -> "Conditioning":
+        """A copy carrying another embedding (e.g. one per DiMR branch width)."""
+        return replace(self, emb=emb)
+
+
+def per_sample(v: Tensor, x: Tensor) -> Tensor:
+    """View a per-sample ``(B, C)`` (or shared ``(C,)``) tensor so it broadcasts over ``x``'s middle dims."""
+    if v.ndim == 1:
+        return v
+    return v.view(v.shape[0], *([1] * (x.ndim - 2)), v.shape[-1])
+
+
+def apply_gate(h: Tensor, gate: Tensor | None) -> Tensor:
+    """Scale a residual branch by a conditioner's gate (adaLN-Zero's alpha), if any."""
+    return h if gate is None else per_sample(gate, h) * h
+
+
+def conditioner_class(factory: Callable[..., Any]) -> type:
+    """The class behind a conditioner factory (a class or a ``functools.partial`` of one)."""
+    while hasattr(factory, "func"):
+        factory = factory.func
+    return factory  # type: ignore[return-value]
+
+
+def needs_embedding(factory: Callable[..., Any]) -> bool:
+    """Whether blocks built with this conditioner need a time/class embedding."""
+    return bool(getattr(conditioner_class(factory), "needs_embedding", False))
+
+
+def adds_time_token(factory: Callable[..., Any]) -> bool:
+    """Whether this conditioner asks the backbone to prepend a time token."""
+    return bool(getattr(conditioner_class(factory), "adds_time_token", False))
+
+
+def as_time_vector(t: Tensor | float, batch: int, device: torch.device) -> Tensor:
+    """Time as a float ``(B,)`` tensor, whether given as a scalar or per sample."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    return t
