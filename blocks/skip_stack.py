@@ -1,0 +1,50 @@
+"""U-ViT's long-skip block stack, shared by U-ViT and every DiMR branch."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from zoo.conditioning.base import Conditioning
+
+
+class LongSkipStack(nn.Module):
+    """``depth // 2`` in-blocks, one mid-block, ``depth // 2`` out-blocks with long skips.
+
+    Before each out-block, ``x = skip_linears[i](cat[x, skips.pop()])`` (last in, first out),
+    as U-ViT (Bao et al. 2023) does; ``depth`` builds ``2 * (depth // 2) + 1`` blocks.
+    ``block`` is a factory called with no arguments (the parent binds width and conditioning
+    width). Blocks see tensors with channels last, so the stack serves tokens ``(B, L, C)``
+    and feature maps ``(B, H, W, C)`` alike.
+    """
+
+    def __init__(self, dim: int, depth: int, block: Callable[[], nn.Module]):
+        super().__init__()
+        half = depth // 2
+        self.in_blocks = nn.ModuleList(block() for _ in range(half))
+        self.mid_block = block()
+        self.skip_linears = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(half))
+        self.out_blocks = nn.ModuleList(block() for _ in range(half))
+
+    def __len__(self) -> int:
+        return 2 * len(self.in_blocks) + 1
+
+    def forward(self, x: Tensor, cond: Conditioning, return_features: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Run the stack; with ``return_features`` also return ``[input, every block output]``."""
+        features = [x] if return_features else []
+        skips = []
+        for blk in self.in_blocks:
+            x = blk(x, cond)
+            skips.append(x)
+            if return_features:
+                features.append(x)
+        x = self.mid_block(x, cond)
+        if return_features:
+            features.append(x)
+        for skip_linear, blk in zip(self.skip_linears, self.out_blocks):
+            x = blk(skip_linear(torch.cat([x, skips.pop()], dim=-1)), cond)
+            if return_features:
+                features.append(x)
+        return x, features
