@@ -1,0 +1,79 @@
+"""The ``zoo`` command line: one subcommand per module in ``zoo/commands/``.
+
+Each module in :data:`COMMANDS` has ``register(subparsers)`` (adds its parser and sets
+``func=run``) and ``run(args) -> int``. A :class:`~zoo.errors.UserError` (or a missing user
+file) is printed as one line on stderr with exit status 2 and no traceback; set
+``ZOO_TRACEBACK=1`` to see the traceback anyway. Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from .errors import UserError
+
+COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity")
+
+
+def _broken_command(subparsers: argparse._SubParsersAction, name: str, err: Exception) -> None:
+    """Keep a command that fails to import from taking the others down: running it re-raises."""
+
+    def run(args: argparse.Namespace) -> int:
+        raise err
+
+    p = subparsers.add_parser(name, help=f"(unavailable: {type(err).__name__}: {err})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zoo", description="A registry-driven architecture zoo for diffusion backbones (DiMR, U-ViT, DiT)."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"zoo.commands.{name}")
+        except Exception as err:
+            _broken_command(subparsers, name, err)
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``zoo ARGS``; return the exit status."""
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:  # --help, or a usage error already printed by argparse
+            return exit_.code if isinstance(exit_.code, int) else 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, FileNotFoundError) as err:
+        if os.environ.get("ZOO_TRACEBACK"):
+            raise
+        if isinstance(err, FileNotFoundError):
+            message = f"file not found: {err.filename}" if err.filename else str(err)
+        else:
+            message = str(err)
+        print(f"zoo: error: {_one_line(message)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `zoo list | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

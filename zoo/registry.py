@@ -1,0 +1,190 @@
+"""One flat registry per kind of component, filled from entry points and a decorator.
+
+Built-in components are declared in ``pyproject.toml`` under the entry-point groups in
+:data:`GROUPS`, exactly as a third-party package declares its own, so both are found the
+same way and nothing is imported until a name is resolved. :func:`register` adds
+components defined in the running process (a script, a notebook, a test).
+
+There are no scopes: a name means one class per kind. A name claimed twice (two
+distributions, or a decorator and an entry point) is an error naming both sources when it
+is used; a plugin that fails to import is reported by name when it is resolved, and does
+not affect any other name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, TypeVar
+
+from .errors import UserError, did_you_mean
+
+GROUPS: dict[str, str] = {
+    "block": "zoo.blocks",
+    "conditioner": "zoo.conditioners",
+    "backbone": "zoo.backbones",
+    "solver": "zoo.solvers",
+    "schedule": "zoo.schedules",
+}
+KINDS: tuple[str, ...] = tuple(GROUPS)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Entry:
+    """One registered name: where it comes from and how to load it (lazily)."""
+
+    kind: str
+    name: str
+    source: str  # distribution name, or "in-process (module)"
+    target: str  # "module:attribute"
+    _loader: Callable[[], Any] = field(repr=False)
+    conflicts: list["Entry"] = field(default_factory=list, repr=False)
+    _loaded: Any = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        """``"distribution zoo-diffusion (zoo.blocks.mlp:Mlp)"``: a source for error messages."""
+        where = self.source if self.source.startswith("in-process") else f"distribution {self.source}"
+        return f"{where} ({self.target})"
+
+    def load(self) -> Any:
+        """Import and return the registered object; a failing import becomes a :class:`UserError`."""
+        if self.conflicts:
+            others = " and ".join(e.describe() for e in self.conflicts)
+            raise UserError(
+                f"{self.kind} {self.name!r} is registered twice: by {self.describe()} and by {others}",
+                suggestion="uninstall or rename one of them",
+            )
+        if self._loaded is None:
+            try:
+                self._loaded = self._loader()
+            except Exception as err:  # a plugin may fail in any way; report which one it was
+                raise UserError(
+                    f"{self.kind} {self.name!r} could not be loaded from {self.describe()} "
+                    f"(entry point {GROUPS[self.kind]}: {self.name} = {self.target}): "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            if not callable(self._loaded):
+                raise UserError(f"{self.kind} {self.name!r} from {self.describe()} is not a class or callable")
+        return self._loaded
+
+    def summary(self) -> str:
+        """The first line of the object's docstring, or ``"error: ..."`` when it cannot be loaded."""
+        try:
+            doc = (self.load().__doc__ or "").strip()
+        except UserError as err:
+            return f"error: {err}"
+        return doc.splitlines()[0] if doc else ""
+
+
+_discovered: dict[str, dict[str, list[Entry]]] | None = None
+_in_process: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+
+
+def refresh() -> None:
+    """Forget discovered entry points (after installing a plugin or changing ``sys.path``)."""
+    global _discovered
+    _discovered = None
+    importlib.invalidate_caches()
+
+
+def _discover() -> dict[str, dict[str, list[Entry]]]:
+    global _discovered
+    if _discovered is None:
+        found: dict[str, dict[str, list[Entry]]] = {}
+        for kind, group in GROUPS.items():
+            table: dict[str, list[Entry]] = found.setdefault(kind, {})
+            for ep in entry_points(group=group):
+                source = ep.dist.name if ep.dist is not None else "unknown distribution"
+                table.setdefault(ep.name, []).append(Entry(kind, ep.name, source, ep.value, ep.load))
+        _discovered = found
+    return _discovered
+
+
+def _table(kind: str) -> dict[str, list[Entry]]:
+    """Every name of ``kind`` with the entries claiming it (more than one is a conflict)."""
+    kind = check_kind(kind)
+    table = {name: list(entries) for name, entries in _discover()[kind].items()}
+    for name, entry in _in_process[kind].items():
+        claims = table.setdefault(name, [])
+        if all(e.target != entry.target for e in claims):  # the decorator on an entry point's own class is fine
+            claims.append(entry)
+    for claims in table.values():
+        for entry in claims:
+            entry.conflicts = [e for e in claims if e is not entry]
+    return table
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it is a known kind (plural accepted), else raise a :class:`UserError`."""
+    if kind not in GROUPS and kind.endswith("s") and kind[:-1] in GROUPS:
+        kind = kind[:-1]
+    if kind not in GROUPS:
+        raise UserError(f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}", suggestion=did_you_mean(kind, KINDS))
+    return kind
+
+
+def names(kind: str) -> list[str]:
+    """Sorted registered names of ``kind`` (imports nothing)."""
+    return sorted(_table(kind))
+
+
+def entries(kind: str) -> list[Entry]:
+    """Every entry of ``kind``, sorted by name (a conflicting name appears once per source)."""
+    table = _table(kind)
+    return [e for name in sorted(table) for e in table[name]]
+
+
+def find(kind: str, name: str) -> Entry:
+    """The entry for ``name`` (imports nothing); unknown names raise with close matches."""
+    table = _table(kind)
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise UserError(
+            f"unknown {kind} {name!r}; known {kind}s: {known}. Plugins add {kind}s through the "
+            f"entry-point group {GROUPS[kind]!r} (or zoo.register({kind!r}) in the running process)",
+            suggestion=did_you_mean(name, table),
+        )
+    return table[name][0]
+
+
+def get(kind: str, name: str) -> Any:
+    """The class registered as ``name`` of ``kind``, imported on first use."""
+    return find(kind, name).load()
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def register(kind: str, name: str | None = None) -> Callable[[T], T]:
+    """Class decorator registering a component of ``kind`` in this process.
+
+    ``name`` defaults to the class name in snake case (``MyBlock`` -> ``my_block``).
+    A name that an installed distribution already uses is reported as a conflict when the
+    name is resolved; registering the same class again (a module reload) is fine.
+    """
+    kind = check_kind(kind)
+
+    def decorator(obj: T) -> T:
+        key = name or _snake_case(obj.__name__)  # type: ignore[attr-defined]
+        target = f"{obj.__module__}:{obj.__qualname__}"  # type: ignore[attr-defined]
+        old = _in_process[kind].get(key)
+        if old is not None and old.target != target:
+            raise UserError(
+                f"{kind} {key!r} is registered twice in this process: by {old.target} and by {target}",
+                suggestion="pick another name",
+            )
+        source = f"in-process ({obj.__module__})"  # type: ignore[attr-defined]
+        _in_process[kind][key] = Entry(kind, key, source, target, lambda: obj)
+        return obj
+
+    return decorator
+
+
+def unregister(kind: str, name: str) -> None:
+    """Remove an in-process registration (tests, notebooks re-running a cell)."""
+    _in_process[check_kind(kind)].pop(name, None)
