@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from zoo.conditioning.base import Conditioning
 
@@ -17,8 +18,11 @@ class LongSkipStack(nn.Module):
     as U-ViT (Bao et al. 2023) does; ``depth`` builds ``2 * (depth // 2) + 1`` blocks.
     ``block`` is a factory called with no arguments (the parent binds width and conditioning
     width). Blocks see tensors with channels last, so the stack serves tokens ``(B, L, C)``
-    and feature maps ``(B, H, W, C)`` alike.
+    and feature maps ``(B, H, W, C)`` alike. Set ``grad_checkpointing`` to recompute each
+    block's activations in the backward pass instead of storing them.
     """
+
+    grad_checkpointing: bool = False
 
     def __init__(self, dim: int, depth: int, block: Callable[[], nn.Module]):
         super().__init__()
@@ -31,20 +35,25 @@ class LongSkipStack(nn.Module):
     def __len__(self) -> int:
         return 2 * len(self.in_blocks) + 1
 
+    def _block(self, blk: nn.Module, x: Tensor, cond: Conditioning) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, cond, use_reentrant=False)
+        return blk(x, cond)
+
     def forward(self, x: Tensor, cond: Conditioning, return_features: bool = False) -> tuple[Tensor, list[Tensor]]:
         """Run the stack; with ``return_features`` also return ``[input, every block output]``."""
         features = [x] if return_features else []
         skips = []
         for blk in self.in_blocks:
-            x = blk(x, cond)
+            x = self._block(blk, x, cond)
             skips.append(x)
             if return_features:
                 features.append(x)
-        x = self.mid_block(x, cond)
+        x = self._block(self.mid_block, x, cond)
         if return_features:
             features.append(x)
         for skip_linear, blk in zip(self.skip_linears, self.out_blocks):
-            x = blk(skip_linear(torch.cat([x, skips.pop()], dim=-1)), cond)
+            x = self._block(blk, skip_linear(torch.cat([x, skips.pop()], dim=-1)), cond)
             if return_features:
                 features.append(x)
         return x, features

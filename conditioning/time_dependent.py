@@ -1,0 +1,147 @@
+"""Time-dependent norms (DiMR, Liu et al. 2024): time enters through the norms' own parameters.
+
+A time-dependent parameter interpolates between two learned vectors with a sigmoid of time:
+
+    θ(τ) = p1 + σ((1 + w)·τ + b) · (p0 − p1),     τ = t · time_scale
+
+(the paper's eq. 5-6 with ``s(τ) = σ((1 + w)·τ + b)``). The released DiMR code makes the gate
+per channel (``w``, ``b`` of width C, both initialised to 0, so the slope starts at 1) and feeds
+``τ = log_snr / 4`` — ``t`` is the backbone's time input (DiMR's ``log_snr`` = 8n/1000 − 4), hence
+``time_scale = 0.25``. The paper's TD-LN uses one scalar gate per parameter instead
+(``PaperTimeDependentLayerNorm``). ``w`` and ``b`` get no weight decay: their names are in
+``TimeDependentParameter.no_weight_decay`` and :func:`no_weight_decay_names` lists them for a model.
+
+θ(τ) is evaluated once per forward per parameter (shape ``(B, C)``, or ``(C,)`` for a scalar t),
+then broadcast over tokens / pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Conditioning, per_sample
+
+
+class TimeDependentParameter(nn.Module):
+    """``θ(τ) = p1 + σ((1 + w)·τ + b)·(p0 − p1)`` for a vector parameter of width ``dim``.
+
+    Args:
+        dim: width of the parameter.
+        init: the usual initial value (1 for a scale, 0 for a shift); ``p0 = p1 = init``.
+        per_channel_gate: ``w``, ``b`` per channel (released DiMR) or one scalar pair (paper eq. 5).
+    """
+
+    no_weight_decay = ("w", "b")
+
+    def __init__(self, dim: int, init: float = 1.0, per_channel_gate: bool = True):
+        super().__init__()
+        self.init = init
+        self.per_channel_gate = per_channel_gate
+        self.p0 = nn.Parameter(torch.empty(dim))
+        self.p1 = nn.Parameter(torch.empty(dim))
+        gate = dim if per_channel_gate else 1
+        self.w = nn.Parameter(torch.empty(gate))
+        self.b = nn.Parameter(torch.empty(gate))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.p0, self.init)
+        nn.init.constant_(self.p1, self.init)
+        nn.init.zeros_(self.w)
+        nn.init.zeros_(self.b)
+
+    def forward(self, tau: Tensor) -> Tensor:
+        """θ at ``tau`` of shape ``(B,)`` -> ``(B, dim)``, or a scalar -> ``(dim,)``."""
+        s = torch.sigmoid(torch.addcmul(self.b, tau.to(self.p0.dtype).unsqueeze(-1), 1 + self.w))
+        return torch.lerp(self.p1, self.p0, s)  # p1 + s·(p0 − p1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.p0.shape[0]}, init={self.init}, per_channel_gate={self.per_channel_gate}"
+
+
+class _TimeDependentNorm(nn.Module):
+    """Shared parts of the time-dependent norms: the conditioner flags and τ from ``cond.t``."""
+
+    needs_embedding = False
+    adds_time_token = False
+
+    def __init__(self, dim: int, eps: float, time_scale: float):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.time_scale = time_scale
+
+    def tau(self, cond: Conditioning) -> Tensor:
+        """τ = t · time_scale, one value per sample (or a scalar)."""
+        return torch.as_tensor(cond.t) * self.time_scale
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}, time_scale={self.time_scale}"
+
+
+class TimeDependentLayerNorm(_TimeDependentNorm):
+    """TD-LN as released with DiMR: ``LN(x)·γ(τ) + β(τ)`` with per-channel gates (8C parameters).
+
+    Used around DiMR's upsample and in each branch's output head (LayerNorm eps 1e-5).
+    """
+
+    def __init__(self, dim: int, cond_dim: int | None = None, eps: float = 1e-5, time_scale: float = 0.25):
+        super().__init__(dim, eps, time_scale)
+        self.weight = TimeDependentParameter(dim, 1.0)
+        self.bias = TimeDependentParameter(dim, 0.0)
+
+    def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, None]:
+        tau = self.tau(cond)
+        gamma, beta = self.weight(tau), self.bias(tau)
+        if tau.ndim == 0:  # one time for the whole batch: the fused affine LayerNorm
+            return F.layer_norm(x, (self.dim,), gamma, beta, self.eps), None
+        h = F.layer_norm(x, (self.dim,), eps=self.eps)
+        return torch.addcmul(per_sample(beta, h), h, per_sample(gamma, h)), None
+
+
+class TimeDependentRMSNorm(_TimeDependentNorm):
+    """DiMR's in-block pre-norm: ``x / (‖x‖₂/√C + eps) · γ(τ)``, scale only (4C parameters).
+
+    Note ``eps`` is added to the RMS, not inside the square root (as released).
+    """
+
+    def __init__(self, dim: int, cond_dim: int | None = None, eps: float = 1e-8, time_scale: float = 0.25):
+        super().__init__(dim, eps, time_scale)
+        self.weight = TimeDependentParameter(dim, 1.0)
+
+    def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, None]:
+        gamma = self.weight(self.tau(cond))
+        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.dim**-0.5
+        return x / (rms + self.eps) * per_sample(gamma, x), None
+
+
+class PaperTimeDependentLayerNorm(TimeDependentLayerNorm):
+    """TD-LN as the paper writes it (eq. 5-7): a scalar gate ``s(τ) = σ(w·τ + b)`` per parameter.
+
+    ``γ(τ) = s·p_1 + (1 − s)·p_2`` and ``β(τ)`` likewise with its own pair and gate (4C + 4
+    parameters). ``w`` is stored as an offset from 1, as in the released per-channel form.
+    """
+
+    def __init__(self, dim: int, cond_dim: int | None = None, eps: float = 1e-5, time_scale: float = 0.25):
+        _TimeDependentNorm.__init__(self, dim, eps, time_scale)
+        self.weight = TimeDependentParameter(dim, 1.0, per_channel_gate=False)
+        self.bias = TimeDependentParameter(dim, 0.0, per_channel_gate=False)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that must not be weight-decayed (the gates ``w``, ``b``).
+
+    Collected from every submodule that declares a ``no_weight_decay`` tuple of its own
+    parameter names (as :class:`TimeDependentParameter` does).
+    """
+    names = set()
+    for prefix, module in model.named_modules():
+        own = getattr(type(module), "no_weight_decay", ())
+        if not isinstance(own, (tuple, list, set, frozenset)):
+            continue  # e.g. a timm-style ``no_weight_decay()`` method on the model itself
+        for name in own:
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                names.add(f"{prefix}.{name}" if prefix else name)
+    return names
