@@ -11,6 +11,7 @@ base's DiT options never leak into a U-ViT). Overrides from ``--set`` apply last
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,11 +29,13 @@ BASE_KEY = "_base_"
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, also reading ``1e-4`` (no dot) as a float."""
+    """PyYAML's safe loader, also reading ``1e-4`` and ``2.5e3`` (YAML 1.2 floats) as floats."""
 
 
 RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
 )
 
 
@@ -152,7 +155,7 @@ def _apply_bases(recipe: Recipe, base_dir: Path, stack: tuple) -> Recipe:
             raise recipe.error(where, f"{BASE_KEY} {base!r} inherits from itself (cycle)")
         if not base_path.is_file():
             raise recipe.error(where, f"base recipe not found: {base!r} (looked at {base_path})")
-        merged = merge(merged, load_file(base_path, str(base_path), stack))
+        merged = merge(merged, load_file(base_path, os.path.normpath(base_path), stack))
     return merge(merged, recipe)
 
 

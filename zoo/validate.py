@@ -296,4 +296,10 @@ def type_name(ann: Any) -> str:
         return "null"
     if typing.get_origin(ann) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+    if isinstance(ann, type) and typing.get_origin(ann) is None:
+        return ann.__name__
+    return str(ann).replace("typing.", "")
+
+
+# Section validators owned by other modules register themselves on import (no torch imported).
+from .diffusion import sections as _diffusion_sections  # noqa: E402,F401  (diffusion, sample)

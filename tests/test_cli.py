@@ -1,0 +1,144 @@
+"""The ``zoo`` command line: exit statuses, one-line errors, ``list`` and ``build``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_plugins import PLUGIN_DIR, on_sys_path
+
+from zoo import cli
+from zoo.commands import list as list_command
+from zoo.recipe import resolve_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = Path(__file__).parent / "recipes"
+DIT_S_2 = ROOT / "recipes" / "dit_s_2.yaml"
+needs_dit = pytest.mark.skipif(not DIT_S_2.is_file(), reason="recipes/dit_s_2.yaml not written yet")
+
+# tests/recipes/tiny.yaml: 4 tokens of 8 features, width 16, 3 Transformer blocks (2 heads, MLP 32, no qkv bias)
+TINY_PARAMS = (8 * 16 + 16) + 3 * (16 * 48 + (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16) + 4 * 16) + (16 * 8 + 8)
+TINY_MACS = 4 * 8 * 16 + 3 * (4 * 16 * 48 + 2 * 4 * 4 * 16 + 4 * 16 * 16 + 2 * 4 * 16 * 32) + 4 * 16 * 8
+
+
+@pytest.fixture
+def plugins():
+    with on_sys_path():
+        yield
+
+
+def run_zoo(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m zoo ARGS`` in a fresh process, with the fake plugins installed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")])}
+    env.pop("ZOO_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def zoo(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *parts: str) -> None:
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("zoo: error: ") and "Traceback" not in err
+    for part in parts:
+        assert part in err
+
+
+@needs_dit
+def test_typo_in_a_dit_override_exits_2_with_one_line_and_a_suggestion():
+    result = run_zoo("build", "recipes/dit_s_2.yaml", "--set", "model.depht=3")
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, "--set model.depht=3: key model.depht: "
+                          "unknown parameter 'depht' of backbone 'dit'", "(did you mean depth?)")
+
+
+def test_python_m_zoo_builds_a_plugin_recipe_as_json():
+    built = run_zoo("build", "tests/recipes/tiny.yaml", "--json")
+    assert built.returncode == 0, built.stderr
+    report = json.loads(built.stdout)
+    assert report["params"] == report["trainable_params"] == TINY_PARAMS == 6808
+    assert report["gflops"] == pytest.approx(TINY_MACS / 1e9, rel=1e-9)
+    assert report["by_module"]["blocks"] == pytest.approx(3 * 8704 / 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("model:\n  type: fake_net\n  in_features: 8\n  dim: 16\n  depth: 2\n  block: transfomer\n",
+     [":6: key model.block: unknown block 'transfomer'", "(did you mean transformer?)"]),
+    ("model:\n  type: fake_net\n  in_features: 8\n  dim: 16\n  depth: [1\n", [":6: invalid YAML"]),
+    ("_base_: ../tiny_missing.yaml\n", [":1: key _base_: base recipe not found: '../tiny_missing.yaml'"]),
+])
+def test_recipe_mistakes_exit_2_with_one_line(capsys, plugins, tmp_path, text, parts):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert_one_line_error(*zoo(capsys, "build", path), str(path) + parts[0], *parts[1:])
+
+
+def test_wrong_type_and_missing_file_exit_2(capsys, plugins):
+    assert_one_line_error(*zoo(capsys, "build", RECIPES / "tiny.yaml", "--set", "model.depth=abc"),
+                          "zoo: error: --set model.depth=abc: key model.depth: expected int, got str 'abc'")
+    assert_one_line_error(*zoo(capsys, "build", "no/such/recipe.yaml"), "recipe file not found: no/such/recipe.yaml")
+    assert_one_line_error(*zoo(capsys, "list", "blok"), "unknown kind 'blok'", "(did you mean block?)")
+
+
+def test_build_prints_counts_and_a_flops_table(capsys, plugins):
+    code, out, err = zoo(capsys, "build", RECIPES / "tiny.yaml", "--flops", "--depth", "1")
+    assert code == 0 and err == ""
+    assert f"parameters: {TINY_PARAMS:,} (trainable {TINY_PARAMS:,})" in out
+    assert "built on meta" in out and f"GFLOPs (multiply-adds, batch 1): {TINY_MACS / 1e9:.2f}" in out
+    table = out.split("\n\n", 1)[1]
+    assert "blocks" in table and "blocks.0" not in table  # --depth 1
+
+
+def test_build_on_cpu_counts_the_same(capsys, plugins):
+    code, out, _ = zoo(capsys, "build", RECIPES / "tiny.yaml", "--device", "cpu", "--set", "model.depth=1")
+    params = TINY_PARAMS - 2 * 2176
+    assert code == 0 and "built on cpu" in out and f"parameters: {params:,} (trainable {params:,})" in out
+
+
+def test_print_recipe_prints_the_resolved_recipe(capsys, plugins):
+    code, out, _ = zoo(capsys, "build", RECIPES / "sub" / "scale.yaml", "--print-recipe", "--set", "train.steps=3")
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed == resolve_recipe(RECIPES / "sub" / "scale.yaml", ["train.steps=3"])
+    assert printed["model"]["block"] == {"type": "fake_block", "init": 0.25} and printed["train"]["steps"] == 3
+
+
+@needs_dit
+def test_dit_s_2_json_and_shipped_recipe_lookup(capsys, monkeypatch, tmp_path):
+    code, out, _ = zoo(capsys, "build", DIT_S_2, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["params"] == 32_963_360 and report["trainable_params"] < report["params"]
+    assert report["gflops"] == pytest.approx(6.06, rel=2e-3)
+    monkeypatch.chdir(tmp_path)  # not the repository: the shipped recipe is found by name
+    code, out, _ = zoo(capsys, "build", "dit_s_2", "--print-recipe")
+    assert code == 0 and yaml.safe_load(out)["model"]["hidden_size"] == 384
+
+
+def test_interrupts_missing_files_and_usage_errors(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def missing(args):
+        open("/no/such/file.bin")
+
+    monkeypatch.setattr(list_command, "run", interrupted)
+    assert zoo(capsys, "list")[::2] == (130, "zoo: interrupted\n")
+    monkeypatch.setattr(list_command, "run", missing)
+    assert_one_line_error(*zoo(capsys, "list"), "file not found: /no/such/file.bin")
+    assert zoo(capsys, "frobnicate")[0] == 2  # argparse usage error
+    assert zoo(capsys, "--help")[0] == 0
+
+
+def test_a_command_that_fails_to_import_does_not_break_the_others(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + ("no_such_command",))
+    assert zoo(capsys, "list", "backbone")[0] == 0
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["no_such_command"])

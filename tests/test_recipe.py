@@ -1,0 +1,332 @@
+"""Recipes: line numbers, ``_base_`` inheritance, ``--set`` overrides, validation before building."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import pytest
+from fake_plugins import on_sys_path
+
+import zoo
+from zoo import registry
+from zoo.errors import UserError
+from zoo.recipe import parse_yaml, resolve, resolve_recipe
+from zoo.validate import SECTION_VALIDATORS, Factory, model_factory
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class Stage:
+    """One stage of the typed test backbone (a dataclass parameter)."""
+
+    dim: int
+    depth: int = 1
+    block: Callable | None = None
+
+
+class TypedNet:
+    """A test 'backbone' with one parameter of each kind the validator checks."""
+
+    def __init__(self, count: int, rate: float = 1.0, flag: bool = False, name: str = "a",
+                 sizes: list[int] | None = None, extra: dict | None = None, mode: Literal["a", "b"] = "a",
+                 stages: list[Stage] | None = None, parts: list | None = None, maybe: int | None = None,
+                 head_norm: Callable | None = None, block: Callable | None = None):
+        self.__dict__.update(locals())
+
+
+class NeedsWidth:
+    """A block with a required argument no parent supplies."""
+
+    def __init__(self, dim: int, width: int):
+        self.dim, self.width = dim, width
+
+
+@pytest.fixture(autouse=True)
+def components():
+    zoo.register("backbone", "typed_net")(TypedNet)
+    zoo.register("block", "needs_width")(NeedsWidth)
+    with on_sys_path():
+        yield
+    registry.unregister("backbone", "typed_net")
+    registry.unregister("block", "needs_width")
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def test_every_key_and_list_item_keeps_its_line():
+    data, origins = parse_yaml("model:\n  type: x\n  block:\n    dim: 3\nlist:\n  - a\n  - {b: 1}\n", "f.yaml")
+    assert data == {"model": {"type": "x", "block": {"dim": 3}}, "list": ["a", {"b": 1}]}
+    assert origins[("model",)] == ("f.yaml", 1)
+    assert origins[("model", "block", "dim")] == ("f.yaml", 4)
+    assert origins[("list", 1)] == ("f.yaml", 7) and origins[("list", 1, "b")] == ("f.yaml", 7)
+
+
+def test_yaml_is_safe_and_reads_exponents_as_floats():
+    assert parse_yaml("a: 1e-4\nb: 2.5e3\nc: 1_000\nd: '1e-4'", "f")[0] == {"a": 1e-4, "b": 2500.0, "c": 1000, "d": "1e-4"}
+    with pytest.raises(UserError, match="could not determine a constructor"):
+        parse_yaml("a: !!python/object/apply:os.system ['true']", "f.yaml")
+
+
+def test_broken_yaml_and_duplicate_keys_are_reported_with_their_line():
+    with pytest.raises(UserError) as info:
+        parse_yaml("model:\n  type: dit\n  depth: [1, 2\ntrain: {}\n", "bad.yaml")
+    assert str(info.value).startswith("bad.yaml:4: invalid YAML")
+    with pytest.raises(UserError) as info:
+        parse_yaml("model:\n  depth: 1\n  width: 2\n  depth: 3\n", "dup.yaml")
+    assert str(info.value) == "dup.yaml:4: key model.depth: duplicate key 'depth' (first at line 2)"
+    assert parse_yaml("a: &x {k: 1}\nb:\n  <<: *x\n  k: 2\n", "f")[0]["b"] == {"k": 2}  # a merge key is no duplicate
+
+
+# --- inheritance ----------------------------------------------------------------------------------
+
+
+def test_base_chain_merges_mappings_and_replaces_a_component_of_another_type():
+    recipe = resolve(RECIPES / "sub" / "scale.yaml")
+    model = recipe.data["model"]
+    assert model["in_features"] == 8 and model["depth"] == 3  # from tiny_base.yaml, then tiny.yaml
+    assert model["block"] == {"type": "fake_block", "init": 0.25}  # transformer options do not leak
+    assert recipe.data["train"] == {"steps": 10, "lr": 1e-4} and "_base_" not in recipe.data
+    assert recipe.origin(("model", "depth")) == (str(RECIPES / "tiny.yaml"), 3)
+    assert recipe.origin(("model", "in_features")) == (str(RECIPES / "tiny_base.yaml"), 4)
+    assert recipe.origin(("model", "block", "init")) == (str(RECIPES / "sub" / "scale.yaml"), 4)
+    tiny = resolve_recipe(RECIPES / "tiny.yaml")["model"]["block"]
+    assert tiny == {"type": "transformer", "mlp_ratio": 2.0, "norm": "layernorm",
+                    "mlp": {"type": "mlp", "act": "gelu"}, "qkv_bias": False}
+
+
+def test_a_list_of_bases_merges_in_order(tmp_path):
+    write(tmp_path, "model: {type: fake_net, dim: 4, depth: 1}\ntrain: {steps: 1}\n", "a.yaml")
+    write(tmp_path, "model: {dim: 8}\ntrain: {lr: 0.1}\n", "b.yaml")
+    child = write(tmp_path, "_base_: [a.yaml, b.yaml]\nmodel: {depth: 2}\n")
+    assert resolve_recipe(child) == {"model": {"type": "fake_net", "dim": 8, "depth": 2},
+                                     "train": {"steps": 1, "lr": 0.1}}
+
+
+def test_missing_base_and_cycles_are_errors_at_the_base_key(tmp_path):
+    child = write(tmp_path, "# a comment\n_base_: nothere.yaml\nmodel: {}\n")
+    with pytest.raises(UserError) as info:
+        resolve(child)
+    assert str(info.value).startswith(f"{child}:2: key _base_: base recipe not found: 'nothere.yaml'")
+    write(tmp_path, "_base_: b.yaml\n", "a.yaml")
+    write(tmp_path, "_base_: [a.yaml]\n", "b.yaml")
+    with pytest.raises(UserError, match=r"b.yaml:1: key _base_.0: _base_ 'a.yaml' inherits from itself"):
+        resolve(tmp_path / "a.yaml")
+
+
+# --- overrides ------------------------------------------------------------------------------------
+
+
+def test_overrides_parse_yaml_values_and_record_their_origin():
+    recipe = resolve(RECIPES / "tiny.yaml", ["model.depth=5", "model.block.norm.eps=1e-6", "train.betas=[0.9, 0.99]",
+                                             "sample.solver={type: ddim, steps: 20}", "model.block.mlp.act=gelu_tanh",
+                                             "model.bias=null", "data.name=emoji"])
+    data = recipe.data
+    assert data["model"]["depth"] == 5 and data["model"]["bias"] is None
+    assert data["model"]["block"]["norm"] == {"type": "layernorm", "eps": 1e-6}  # a bare name became {type: NAME}
+    assert data["train"]["betas"] == [0.9, 0.99] and data["data"] == {"name": "emoji"}
+    assert data["sample"]["solver"] == {"type": "ddim", "steps": 20}
+    assert recipe.origin(("model", "depth")) == ("--set model.depth=5", None)
+    assert recipe.origin(("sample", "solver", "steps")) == ("--set sample.solver={type: ddim, steps: 20}", None)
+    model = zoo.build_model(recipe)
+    assert len(model.blocks) == 5 and model.blocks[0].norm1.eps == 1e-6
+    assert model.blocks[0].mlp.act.approximate == "tanh"
+
+
+def test_list_items_can_be_overridden_by_index(tmp_path):
+    path = write(tmp_path, "model: {type: typed_net, count: 1, sizes: [1, 2, 3]}\n")
+    assert resolve_recipe(path, ["model.sizes.1=7"])["model"]["sizes"] == [1, 7, 3]
+    with pytest.raises(UserError, match="no item 3 in a list of 3"):
+        resolve(path, ["model.sizes.3=7"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.depth", "must look like key.path=VALUE"),
+    ("=3", "must look like key.path=VALUE"),
+    ("model..depth=3", "must look like key.path=VALUE"),
+    ("_base_=other.yaml", "_base_ cannot be overridden"),
+    ("model.depth.x=1", "model.depth is 3, not a mapping"),
+    ("model.depth=[1", "--set model.depth=[1:1: invalid YAML"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(UserError) as info:
+        resolve(RECIPES / "tiny.yaml", [override])
+    assert message in str(info.value)
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+TINY = """\
+model:
+  type: fake_net
+  in_features: 8
+  dim: 16
+  depth: 2
+  block:
+    type: transformer
+    mlp_ratio: 2.0
+    norm: layernorm
+"""
+
+
+@pytest.mark.parametrize("edit, expected", [
+    # (text replaced in TINY, the exact error after "FILE:")
+    (("depth: 2", "depht: 2"), "5: key model.depht: unknown parameter 'depht' of backbone 'fake_net' "
+     "(zoo_fake_plugin:TinyNet); its parameters are in_features, dim, depth, block, num_heads, tokens, bias "
+     "(did you mean depth?)"),
+    (("mlp_ratio", "mlp_ration"), "8: key model.block.mlp_ration: unknown parameter 'mlp_ration' of block "
+     "'transformer' (zoo.blocks.transformer:TransformerBlock); its parameters are dim, num_heads, mlp_ratio, "
+     "qkv_bias, proj_bias, norm, mlp, cond_dim (did you mean mlp_ratio?)"),
+    (("depth: 2", "depth: abc"), "5: key model.depth: expected int, got str 'abc'"),
+    (("depth: 2", "depth: true"), "5: key model.depth: expected int, got bool True"),
+    (("depth: 2", "depth: 2\n  bias: 1"), "6: key model.bias: expected bool or null, got int 1"),
+    (("depth: 2", "depth: 2.0"), "5: key model.depth: expected int, got float 2.0"),
+    (("  dim: 16\n", ""), "1: key model: backbone 'fake_net' (zoo_fake_plugin:TinyNet) needs dim (add dim: VALUE)"),
+    (("type: transformer", "type: transfomer"), "7: key model.block.type: unknown block 'transfomer'"),
+    (("norm: layernorm", "norm: layernrom"), "9: key model.block.norm: unknown conditioner 'layernrom'"),
+    (("type: fake_net", "type: fake_nte"), "2: key model.type: unknown backbone 'fake_nte'"),
+    (("type: transformer", "width: 3"), "6: key model.block: a block needs a name (add type: NAME)"),
+    (("model:", "modle:"), "1: key modle: unknown section 'modle'; sections are model, diffusion, data, train, "
+     "sample (did you mean model?)"),
+])
+def test_validation_errors_name_file_line_key_and_fix(tmp_path, edit, expected):
+    path = write(tmp_path, TINY.replace(*edit, 1))
+    with pytest.raises(UserError) as info:
+        zoo.load_recipe(path)
+    assert str(info.value).startswith(f"{path}:{expected}")
+
+
+def test_suggestions_for_unknown_components_list_the_known_ones(tmp_path):
+    path = write(tmp_path, TINY.replace("type: transformer", "type: transfomer"))
+    message = str(pytest.raises(UserError, zoo.build_model, path).value)
+    assert "known blocks: " in message and "fake_block" in message and "'zoo.blocks'" in message
+    assert message.endswith("(did you mean transformer?)")
+    needs = write(tmp_path, "model: {type: fake_net, in_features: 8, dim: 16, depth: 2, block: needs_width}\n", "n.yaml")
+    message = str(pytest.raises(UserError, zoo.build_model, needs).value)
+    assert message == (f"{needs}:1: key model.block: block 'needs_width' (test_recipe:NeedsWidth) needs width "
+                       "(add width: VALUE)")  # but not dim: the parent passes it
+
+
+def test_types_that_pass(tmp_path):
+    path = write(tmp_path, """
+        model:
+          type: typed_net
+          count: 3
+          rate: 2          # an int is a fine float
+          flag: false
+          sizes: [1, 2]
+          extra: {any: thing}
+          mode: b
+          maybe: null
+          parts: [{x: 1}, {y: 2}]     # plain data: no type
+          head_norm: rmsnorm
+        """)
+    net = zoo.build_model(path)
+    assert (net.count, net.rate, net.mode, net.maybe, net.parts) == (3, 2, "b", None, [{"x": 1}, {"y": 2}])
+    assert isinstance(net.head_norm, Factory) and net.head_norm.func.__name__ == "RMSNorm"
+    for bad, message in [("mode=c", "expected one of 'a', 'b', got str 'c'"),
+                         ("model.sizes=[1, x]", "expected list[int] or null, got list [1, 'x']"),
+                         ("model.extra=[1]", "expected dict or null, got list [1]")]:
+        bad = bad if bad.startswith("model.") else "model." + bad
+        assert message in str(pytest.raises(UserError, zoo.build_model, path, [bad]).value)
+
+
+def test_dataclass_parameters_and_lists_of_components(tmp_path):
+    path = write(tmp_path, """
+        model:
+          type: typed_net
+          count: 1
+          stages:
+            - {dim: 8, block: {type: fake_block, init: 0.5}}
+            - {dim: 4, depth: 2}
+          parts: [{type: mlp, act: silu}, layernorm]
+        """)
+    net = zoo.build_model(path)
+    assert net.stages[1] == Stage(dim=4, depth=2, block=None)
+    assert net.stages[0].block.func.__name__ == "ScaleBlock" and net.stages[0].block.keywords == {"init": 0.5}
+    assert net.stages[0].block(8).scale.tolist() == [0.5] * 8
+    assert net.parts[0].keywords == {"act": "silu"} and net.parts[1] == "layernorm"  # only items with type: resolve
+    bad = write(tmp_path, "model: {type: typed_net, count: 1, stages: [{dim: 8, dpeth: 2}]}\n", "bad.yaml")
+    message = str(pytest.raises(UserError, zoo.build_model, bad).value)
+    assert message.startswith(f"{bad}:1: key model.stages.0.dpeth: unknown parameter 'dpeth' of Stage")
+    assert message.endswith("(did you mean depth?)")
+    missing = write(tmp_path, "model: {type: typed_net, count: 1, stages: [{depth: 2}]}\n", "missing.yaml")
+    assert "key model.stages.0: Stage needs dim" in str(pytest.raises(UserError, zoo.build_model, missing).value)
+
+
+# --- building -------------------------------------------------------------------------------------
+
+
+def test_nested_components_become_factories_and_the_model_is_built():
+    factory = model_factory(resolve(RECIPES / "tiny.yaml"))
+    block = factory.keywords["block"]
+    assert isinstance(block, Factory) and block.keywords["mlp_ratio"] == 2.0
+    assert block.keywords["norm"].func.__name__ == "LayerNorm" and block.keywords["mlp"].keywords == {"act": "gelu"}
+    assert block.key_path == "model.block" and block.origin == (str(RECIPES / "tiny.yaml"), 4)
+    model = zoo.build_model(RECIPES / "tiny.yaml", ["model.in_features=4"])
+    assert len(model.blocks) == 3 and model.blocks[0].attn.qkv.bias is None
+    assert model.blocks[0].mlp.fc1.out_features == 32
+    # in 4*16+16, blocks 3*(qkv 16*48, proj 16*16+16, fc1 16*32+32, fc2 32*16+16, 2 LN 64), out 16*4+4
+    assert sum(p.numel() for p in model.parameters()) == 80 + 3 * (768 + 272 + 544 + 528 + 64) + 68
+
+
+def test_a_recipe_may_not_set_what_the_parent_passes(tmp_path):
+    path = write(tmp_path, TINY.replace("mlp_ratio: 2.0", "num_heads: 4"))
+    with pytest.raises(UserError) as info:
+        zoo.build_model(path)
+    assert str(info.value) == (f"{path}:6: key model.block: num_heads is set by the component that builds this one; "
+                               "the recipe may not set it (remove num_heads here)")
+
+
+def test_constructor_errors_keep_their_traceback_with_a_note_naming_the_key(tmp_path):
+    path = write(tmp_path, TINY.replace("dim: 16", "dim: 15"))
+    with pytest.raises(ValueError, match="not divisible by num_heads=2") as info:
+        zoo.build_model(path)
+    assert info.value.__notes__ == [f"while building model.block from {path}:6", f"while building model from {path}:1"]
+
+
+def test_build_component_checks_like_a_recipe():
+    block = zoo.build_component("block", {"type": "transformer", "num_heads": 2, "norm": "rmsnorm"}, dim=8)
+    assert type(block.norm1).__name__ == "RMSNorm" and block.attn.num_heads == 2
+    with pytest.raises(UserError, match="key mlp_ration: unknown parameter 'mlp_ration'"):
+        zoo.build_component("block", {"type": "transformer", "mlp_ration": 2}, dim=8, num_heads=2)
+    with pytest.raises(UserError, match="needs num_heads"):
+        zoo.build_component("block", "transformer", dim=8)
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+def test_section_validators_are_a_hook_for_other_modules(tmp_path, monkeypatch):
+    def check_train(section, recipe):
+        if section.get("steps", 0) < 0:
+            raise recipe.error(("train", "steps"), "steps must be >= 0")
+
+    monkeypatch.setitem(SECTION_VALIDATORS, "train", check_train)
+    monkeypatch.setitem(SECTION_VALIDATORS, "eval", lambda section, recipe: None)
+    path = write(tmp_path, TINY + "train:\n  steps: -1\neval: {every: 5}\n")
+    message = str(pytest.raises(UserError, zoo.load_recipe, path).value)
+    assert message == f"{path}:11: key train.steps: steps must be >= 0"
+    assert zoo.load_recipe(path, ["train.steps=3"])["eval"] == {"every": 5}  # a hooked section is legal
+    assert len(zoo.build_model(path).blocks) == 2  # build_model checks and builds the model section only
+    monkeypatch.delitem(SECTION_VALIDATORS, "eval")
+    assert "unknown section 'eval'" in str(pytest.raises(UserError, zoo.load_recipe, path, ["train.steps=3"]).value)
+
+
+def test_sections_must_be_mappings_and_the_model_must_exist(tmp_path):
+    path = write(tmp_path, TINY + "train: 3\n")
+    assert str(pytest.raises(UserError, zoo.load_recipe, path).value) == \
+        f"{path}:10: key train: section 'train' must be a mapping, got int"
+    empty = write(tmp_path, "train: {steps: 1}\n", "empty.yaml")
+    assert "the recipe has no model section" in str(pytest.raises(UserError, zoo.build_model, empty).value)

@@ -1,0 +1,153 @@
+"""The registry: entry-point plugins, lazy loading, broken plugins, duplicates, the decorator."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from fake_plugins import on_sys_path, write_distribution
+
+import zoo
+from zoo import registry
+from zoo.cli import main
+from zoo.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("plugins")
+
+
+@pytest.fixture
+def plugins():
+    with on_sys_path():
+        yield
+
+
+def test_builtins_are_entry_points_of_this_distribution():
+    entry = registry.find("block", "transformer")
+    assert (entry.source, entry.target) == ("zoo-diffusion", "zoo.blocks.transformer:TransformerBlock")
+    from zoo.blocks.transformer import TransformerBlock
+
+    assert registry.get("block", "transformer") is TransformerBlock
+    assert {"transformer", "mlp", "geglu_mlp"} <= set(registry.names("block"))
+    assert {"layernorm", "rmsnorm"} <= set(registry.names("conditioner"))
+
+
+def test_names_resolve_lazily():
+    assert "fake_block" in registry.names("block")
+    entry = registry.find("block", "fake_block")
+    assert "zoo_fake_plugin" not in sys.modules  # discovered from metadata, not imported
+    cls = entry.load()
+    assert "zoo_fake_plugin" in sys.modules
+    assert cls is sys.modules["zoo_fake_plugin"].ScaleBlock
+    assert entry.source == "zoo-fake-plugin"
+
+
+def test_fake_plugin_block_builds_from_a_recipe():
+    recipe = {"model": {"type": "fake_net", "in_features": 3, "dim": 8, "depth": 2,
+                        "block": {"type": "fake_block", "init": 0.5, "norm": "rmsnorm"}}}
+    model = zoo.build_model(recipe)
+    plugin = sys.modules["zoo_fake_plugin"]
+    assert isinstance(model, plugin.TinyNet) and len(model.blocks) == 2
+    assert all(isinstance(b, plugin.ScaleBlock) for b in model.blocks)
+    assert type(model.blocks[0].norm).__name__ == "RMSNorm"
+    assert model.blocks[1].scale.tolist() == [0.5] * 8
+    # 3*8+8 in, 2 blocks x (8 scale + 8 RMSNorm weight), 8*3+3 out
+    assert sum(p.numel() for p in model.parameters()) == 32 + 2 * 16 + 27
+
+
+def test_broken_plugin_is_reported_by_name_and_breaks_nothing_else():
+    with pytest.raises(UserError) as info:
+        registry.get("block", "broken_block")
+    message = str(info.value)
+    for part in ("broken_block", "zoo-broken-plugin", "zoo.blocks", "zoo_broken_plugin:BrokenBlock",
+                 "ImportError", "frobnicate"):
+        assert part in message
+    assert registry.get("block", "fake_block").__name__ == "ScaleBlock"
+    assert registry.get("block", "mlp").__name__ == "Mlp"
+    assert "broken_block" in registry.names("block")
+
+
+def test_zoo_list_shows_a_broken_plugin_as_an_error_row(capsys):
+    assert main(["list", "block"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "zoo-broken-plugin" in rows["broken_block"] and "error:" in rows["broken_block"]
+    assert "frobnicate" in rows["broken_block"]
+    assert rows["fake_block"].split(None, 2)[1:] == ["zoo-fake-plugin", "Residual block adding a learned per-channel scale of its normed input."]
+    assert "zoo-diffusion" in rows["transformer"] and "error" not in rows["transformer"]
+
+
+def test_zoo_list_all_kinds(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind, group in registry.GROUPS.items():
+        assert f"{kind}s ({group})" in out
+    assert "fake_net" in out
+
+
+def test_two_distributions_claiming_one_name_is_an_error_naming_both(tmp_path):
+    write_distribution(tmp_path, "zoo-dup-plugin", "[zoo.blocks]\nmlp = zoo_fake_plugin:ScaleBlock\n")
+    with on_sys_path(tmp_path):
+        with pytest.raises(UserError) as info:
+            registry.get("block", "mlp")
+        message = str(info.value)
+        assert "registered twice" in message
+        assert "zoo-diffusion (zoo.blocks.mlp:Mlp)" in message
+        assert "zoo-dup-plugin (zoo_fake_plugin:ScaleBlock)" in message
+        assert registry.get("block", "transformer").__name__ == "TransformerBlock"  # other names unaffected
+        sources = [e.source for e in registry.entries("block") if e.name == "mlp"]
+        assert sorted(sources) == ["zoo-diffusion", "zoo-dup-plugin"]
+    assert registry.get("block", "mlp").__name__ == "Mlp"
+
+
+def test_unknown_name_suggests_close_matches_and_says_where_plugins_come_from():
+    with pytest.raises(UserError) as info:
+        registry.get("block", "transfomer")
+    message = str(info.value)
+    assert "unknown block 'transfomer'" in message
+    assert "did you mean transformer?" in message
+    assert "'zoo.blocks'" in message and "zoo.register('block')" in message
+    with pytest.raises(UserError, match="did you mean conditioner"):
+        registry.get("conditoner", "layernorm")
+    assert registry.check_kind("blocks") == "block"
+
+
+def test_decorator_registers_in_process():
+    @zoo.register("block")
+    class PlainDoubleBlock:
+        """Doubles its width (a decorator-registered test block)."""
+
+        def __init__(self, dim: int, factor: int = 2):
+            self.width = dim * factor
+
+    try:
+        entry = registry.find("block", "plain_double_block")
+        assert entry.source == f"in-process ({__name__})"
+        assert zoo.get_component("block", "plain_double_block") is PlainDoubleBlock
+        assert zoo.build_component("block", {"type": "plain_double_block", "factor": 3}, dim=4).width == 12
+        assert zoo.register("block")(PlainDoubleBlock) is PlainDoubleBlock  # same class again: fine
+        with pytest.raises(UserError, match="registered twice in this process"):
+            zoo.register("block", "plain_double_block")(type("Other", (), {}))
+    finally:
+        registry.unregister("block", "plain_double_block")
+    with pytest.raises(UserError, match="unknown block"):
+        registry.get("block", "plain_double_block")
+
+
+def test_decorator_clashing_with_an_entry_point_names_both():
+    class Mlp:
+        """Not zoo's Mlp."""
+
+    zoo.register("block", "mlp")(Mlp)
+    try:
+        with pytest.raises(UserError) as info:
+            registry.get("block", "mlp")
+        assert "zoo-diffusion (zoo.blocks.mlp:Mlp)" in str(info.value)
+        assert f"in-process ({__name__}) ({__name__}:" in str(info.value)
+    finally:
+        registry.unregister("block", "mlp")
+    from zoo.blocks.mlp import Mlp as ZooMlp
+
+    zoo.register("block", "mlp")(ZooMlp)  # decorating the entry point's own class is not a clash
+    try:
+        assert registry.get("block", "mlp") is ZooMlp
+    finally:
+        registry.unregister("block", "mlp")
