@@ -1,0 +1,184 @@
+"""U-ViT (Bao et al. 2023, "All are Worth Words: A ViT Backbone for Diffusion Models").
+
+Everything is a token: ``[label, time, patches]`` (the label token only for class-conditional
+models) with a learned position table over all of them, ``depth // 2`` in-blocks, a mid-block
+and ``depth // 2`` out-blocks joined by long skips (:class:`~zoo.blocks.skip_stack.LongSkipStack`),
+then LayerNorm, Linear(D -> p²·C) on the patch tokens, unpatchify and an optional 3×3 conv.
+The constructor keeps the official argument names, so an official config maps 1:1.
+
+The time conditioning is the blocks' conditioner ``norm``: the default :class:`TimeToken`
+(plain LayerNorm inside blocks) makes the backbone prepend the time token. Any other
+conditioner swaps it out, e.g. ``norm: adaln_zero`` (DiMR paper, Table 2 row 2): then there
+is no time token and the blocks read ``c = TimestepEmbedder(t) + label_emb(y)``, DiT-style
+and as the DiMR paper writes adaLN (Eq. 3: MLP(Embed(t) + Embed(c))) -- so the label moves
+from a token into ``c`` too and the sequence is only the patches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from zoo.blocks.skip_stack import LongSkipStack
+from zoo.blocks.transformer import TransformerBlock
+from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, needs_embedding
+from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
+from zoo.conditioning.layernorm import LayerNorm
+from zoo.conditioning.time_token import TimeToken
+from zoo.errors import UserError
+
+from .common import PatchEmbed, unpatchify
+
+# Arguments U-ViT passes to every block; a block factory must leave them to U-ViT.
+_BLOCK_ARGS = ("num_heads", "mlp_ratio", "qkv_bias", "norm", "cond_dim")
+
+
+class UViT(nn.Module):
+    """U-ViT on images or latents ``(B, in_chans, img_size, img_size)``.
+
+    ``forward(x, t, y)`` takes ``t`` exactly as the official network does: the raw value fed to
+    the sinusoid (``999·t`` for the continuous-time VP models, the step ``n`` in 1..1000 for
+    discrete ones), and labels ``y`` when ``num_classes > 0`` (``num_classes`` counts the null
+    label where there is one: 1001 = 1000 classes + null). Returns ``(B, in_chans, H, W)``.
+
+    Args (official names first):
+        mlp_time_embed: pass the time token through Linear(D->4D), SiLU, Linear(4D->D).
+        num_classes: label table size; ``<= 0`` is unconditional (no label token).
+        use_checkpoint: recompute block activations in the backward pass (memory for compute).
+        conv: a final Conv2d(C->C, 3, pad 1) on the unpatchified output.
+        block: block factory, called as ``block(embed_dim, num_heads=, mlp_ratio=, qkv_bias=,
+            norm=, cond_dim=)``; U-ViT's is the pre-norm Transformer block with exact GELU.
+        norm: the blocks' conditioner factory (default :class:`TimeToken`).
+        head_norm: the norm before the output Linear (default U-ViT's LayerNorm); e.g.
+            ``{type: adaln_zero, gate: false}`` for DiT's modulated head. A gate it returns is unused.
+        frequency_dim: sinusoid width of the timestep MLP, used only by embedding conditioners.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        mlp_time_embed: bool = False,
+        num_classes: int = -1,
+        use_checkpoint: bool = False,
+        conv: bool = True,
+        block: Callable[..., nn.Module] = TransformerBlock,
+        norm: Callable[..., nn.Module] = TimeToken,
+        head_norm: Callable[..., nn.Module] = LayerNorm,
+        frequency_dim: int = 256,
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise UserError(f"U-ViT img_size {img_size} is not divisible by patch_size {patch_size}")
+        bound = set(getattr(block, "keywords", {})) & set(_BLOCK_ARGS)
+        if bound:
+            raise UserError(f"set {sorted(bound)} on the U-ViT, not on its block: U-ViT passes them to every block")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.grid = img_size // patch_size
+        self.time_token = adds_time_token(norm)
+        self.needs_embedding = needs_embedding(norm) or needs_embedding(head_norm)
+        if mlp_time_embed and not self.time_token:
+            raise UserError("mlp_time_embed acts on the time token; this conditioner adds none (set it false)")
+        self.label_token = num_classes > 0 and not self.needs_embedding
+        self.num_extra_tokens = int(self.label_token) + int(self.time_token)
+        cond_dim = embed_dim if self.needs_embedding else None
+
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
+        if self.time_token:
+            self.time_embed = (
+                nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+                if mlp_time_embed
+                else nn.Identity()
+            )
+        if self.needs_embedding:
+            self.t_embedder = TimestepEmbedder(embed_dim, frequency_dim)
+        if num_classes > 0:
+            self.label_emb = nn.Embedding(num_classes, embed_dim)  # a token, or added into c
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extra_tokens + self.grid**2, embed_dim))
+        self.blocks = LongSkipStack(
+            embed_dim,
+            depth,
+            lambda: block(
+                embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm=norm, cond_dim=cond_dim
+            ),
+        )
+        self.norm = head_norm(embed_dim, cond_dim=cond_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        self.init_weights()
+        self.set_grad_checkpointing(use_checkpoint)
+
+    def init_weights(self) -> None:
+        """U-ViT's init: trunc-normal(0.02) Linear weights and position table, zero biases,
+        LayerNorm ones/zeros; PyTorch defaults for convs and the label table; then each
+        submodule's own ``init_weights`` hook (e.g. adaLN-Zero's zero modulation)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "init_weights", None)):
+                m.init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (the official ``use_checkpoint``)."""
+        self.blocks.grad_checkpointing = enable
+
+    def embed(self, t: Tensor, y: Tensor | None) -> Tensor | None:
+        """``c = t_emb (+ label_emb)`` for embedding conditioners (adaLN-Zero); ``None`` otherwise."""
+        if not self.needs_embedding:
+            return None
+        emb = self.t_embedder(t)
+        if self.num_classes > 0:
+            emb = emb + self.label_emb(self._labels(y))
+        return emb
+
+    def _labels(self, y: Tensor | None) -> Tensor:
+        if y is None:
+            raise UserError(
+                f"this U-ViT is class-conditional (num_classes={self.num_classes}): pass labels y "
+                f"(label {self.num_classes - 1} is the null class of models trained with label dropout)"
+            )
+        return y
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = as_time_vector(t, x.shape[0], x.device)
+        cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
+        h = self.patch_embed(x)
+        extra = []
+        if self.label_token:
+            extra.append(self.label_emb(self._labels(y))[:, None])
+        if self.time_token:
+            extra.append(self.time_embed(timestep_sinusoid(t, self.embed_dim).to(h.dtype))[:, None])
+        if extra:
+            h = torch.cat([*extra, h], dim=1)
+        h, _ = self.blocks(h + self.pos_embed, cond)
+        h, _ = self.norm(h, cond)
+        h = self.decoder_pred(h[:, self.num_extra_tokens :])
+        return self.final_layer(unpatchify(h, self.patch_size, self.in_chans, (self.grid, self.grid)))
+
+    def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x, t, y)`` on the model's device and dtype (works on ``meta``): an image, the raw
+        sinusoid input in [0, 999), labels (``None`` when unconditional)."""
+        w = self.patch_embed.proj.weight
+        x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=w.device, dtype=w.dtype)
+        t = torch.rand(batch_size, device=w.device) * 999
+        y = torch.randint(0, self.num_classes, (batch_size,), device=w.device) if self.num_classes > 0 else None
+        return x, t, y
