@@ -1,0 +1,90 @@
+"""Converters from official checkpoints (DiT, U-ViT, DiMR) to zoo models.
+
+A family is a module beside this one that defines:
+
+* ``official_config_to_model_spec(config: dict) -> dict``: the official constructor kwargs as
+  a recipe ``model`` section (``{"type": ..., ...}``), so ``zoo.build_model({"model": spec})``
+  builds the matching zoo model;
+* ``convert_state_dict(state_dict: dict, config: dict) -> dict``: official keys/tensors to the
+  zoo model's; every official key must be consumed (an unknown one is an error);
+* optionally ``model_inputs(inputs: dict) -> tuple``: a golden file's ``inputs`` as the
+  arguments of ``model(x, t, y)`` (default ``(x, t, y)``);
+* optionally ``matches_config(config: dict) -> bool``: whether an official config is of this
+  family (lets ``zoo parity`` infer the family).
+
+Families are listed in :data:`FAMILIES` (name -> module) and imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from zoo.errors import UserError
+
+FAMILIES: dict[str, str] = {
+    "dit": "zoo.convert.dit",
+    "uvit": "zoo.convert.uvit",
+    "dimr": "zoo.convert.dimr",
+}
+
+# Wrappers the official training scripts put around a state dict, in order of preference.
+_WRAPPER_KEYS = ("ema", "model", "state_dict")
+
+
+def get_family(name: str) -> ModuleType:
+    """The converter module of a family, e.g. ``get_family("dit")``."""
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}; choose one of {', '.join(sorted(FAMILIES))}")
+    try:
+        return importlib.import_module(FAMILIES[name])
+    except ModuleNotFoundError as err:
+        if err.name == FAMILIES[name]:
+            raise UserError(f"the {name} converter ({FAMILIES[name]}) is not available in this install") from None
+        raise
+
+
+def infer_family(config: Mapping[str, Any], hint: str = "") -> str:
+    """A family from a file name (``golden_dit_tiny.pt``) or, failing that, from an official config."""
+    tokens = set(hint.lower().replace("-", "_").replace(".", "_").split("_"))
+    named = [name for name in FAMILIES if name in tokens]
+    if len(named) == 1:
+        return named[0]
+    matching = []
+    for name in FAMILIES:
+        try:
+            family = get_family(name)
+        except UserError:
+            continue
+        if getattr(family, "matches_config", lambda c: False)(config):
+            matching.append(name)
+    if len(matching) == 1:
+        return matching[0]
+    raise UserError(f"cannot tell the model family of {hint or 'this file'}; pass --family {{{','.join(FAMILIES)}}}")
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None = None) -> dict[str, Tensor]:
+    """The state dict inside an official checkpoint: a raw one, or under ``ema`` / ``model`` / ``state_dict``.
+
+    ``prefer`` picks one wrapper key (e.g. ``"model"`` for non-EMA weights); otherwise EMA wins,
+    as the released DiT checkpoints are the EMA weights.
+    """
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{source} does not hold a state dict (found {type(obj).__name__})")
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj)
+    keys = (prefer,) if prefer else _WRAPPER_KEYS
+    for key in keys:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+            return dict(inner)
+    found = ", ".join(sorted(map(str, obj))[:8])
+    raise UserError(f"{source} holds no state dict under {' / '.join(keys)} (top-level keys: {found})")
+
+
+def default_model_inputs(inputs: Mapping[str, Any]) -> tuple:
+    """``(x, t, y)`` from a golden file's ``inputs``."""
+    return inputs["x"], inputs["t"], inputs.get("y")

@@ -1,0 +1,69 @@
+"""Parts every patch-based backbone shares: patch embedding, unpatchify, sin-cos position tables, init."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches as tokens: ``Conv2d(k = s = p)``, ``(B, C, H, W) -> (B, H/p · W/p, D)``."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, bias: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> Tensor:
+    """Tokens ``(B, h·w, p·p·C)`` back to an image ``(B, C, h·p, w·p)``.
+
+    Each token's features are laid out ``(p1, p2, c)`` with ``c`` fastest (DiT, U-ViT).
+    """
+    h, w = grid
+    p = patch_size
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], channels, h * p, w * p)
+
+
+def sincos_pos_embed_1d(dim: int, positions: Tensor) -> Tensor:
+    """``[sin(pos ω) | cos(pos ω)]`` with ``ω_k = 10000^(-k / (dim/2))``, ``(N,) -> (N, dim)``, in float64."""
+    if dim % 2:
+        raise ValueError(f"sin-cos position width must be even, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2))
+    angles = positions.to(torch.float64).reshape(-1)[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(
+    dim: int, grid_size: int | tuple[int, int], dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Tensor:
+    """Fixed 2-D sin-cos position table (MAE, He et al. 2022; DiT), ``(h·w, dim)``, rows in raster order.
+
+    The first ``dim/2`` channels encode the column index, the last ``dim/2`` the row index;
+    each half is :func:`sincos_pos_embed_1d` (``ω_k = 10000^(-k/(dim/4))``). Computed in float64
+    and cast to ``dtype``.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position width must be divisible by 4, got {dim}")
+    h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)
+    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)
+    table = torch.cat([sincos_pos_embed_1d(dim // 2, cols), sincos_pos_embed_1d(dim // 2, rows)], dim=1)
+    return table.to(dtype)
+
+
+def xavier_init_linears_(module: nn.Module) -> None:
+    """Xavier-uniform every ``nn.Linear`` weight and zero its bias, then let sub-modules with an
+    ``init_weights()`` hook (e.g. adaLN-Zero's zero-init) restore their own initialisation."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if m is not module and callable(getattr(m, "init_weights", None)):
+            m.init_weights()

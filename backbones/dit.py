@@ -1,0 +1,141 @@
+"""DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers"), built from shared parts.
+
+Patch tokens + fixed sin-cos positions, ``depth`` Transformer blocks conditioned through their
+norms (adaLN-Zero by default) on ``c = t_emb + y_emb``, an adaLN-modulated linear head, and
+unpatchify. The constructor keeps the official argument names so an official config maps 1:1.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from zoo.blocks.mlp import Mlp
+from zoo.blocks.transformer import TransformerBlock
+from zoo.conditioning.adaln_zero import AdaLNZero
+from zoo.conditioning.base import Conditioning, adds_time_token
+from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder
+from zoo.errors import UserError
+
+from .common import PatchEmbed, sincos_pos_embed_2d, unpatchify, xavier_init_linears_
+
+# Arguments DiT passes to every block; a block factory must leave them to DiT.
+_BLOCK_ARGS = ("num_heads", "mlp_ratio", "norm", "mlp", "cond_dim")
+
+
+class FinalLayer(nn.Module):
+    """DiT's head: LN (no affine) modulated by ``(shift, scale)`` of the embedding, then Linear(D → p²·C_out)."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.norm = AdaLNZero(dim, cond_dim=dim, gate=False)
+        self.linear = nn.Linear(dim, out_features)
+
+    def init_weights(self) -> None:
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        h, _ = self.norm(x, cond)
+        return self.linear(h)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer on latents ``(B, in_channels, input_size, input_size)``.
+
+    ``forward(x, t, y)`` takes ``t`` as the integer DDPM index 0..999 (the official input) and
+    class labels ``y`` (``num_classes`` is the null label when ``class_dropout_prob > 0``;
+    ``y=None`` means unconditional). It returns ``(B, 2C, H, W) = [eps | v]`` when
+    ``learn_sigma`` else ``(B, C, H, W)``.
+
+    ``block`` is a block factory called as ``block(hidden_size, num_heads=, mlp_ratio=, norm=,
+    mlp=, cond_dim=)``; ``norm`` the conditioner factory of every block (adaLN-Zero in DiT; any
+    conditioner works, e.g. TD-LN). The time/class embedding is always built: the head's adaLN
+    uses it even when the blocks' conditioner does not.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        block: Callable[..., nn.Module] = TransformerBlock,
+        norm: Callable[..., nn.Module] = AdaLNZero,
+        mlp: Callable[..., nn.Module] = partial(Mlp, act="gelu_tanh"),
+        frequency_dim: int = 256,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise UserError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if adds_time_token(norm):
+            raise UserError("DiT conditions through its norms; a time-token conditioner belongs in U-ViT")
+        bound = set(getattr(block, "keywords", {})) & set(_BLOCK_ARGS)
+        if bound:
+            raise UserError(f"set {sorted(bound)} on the DiT, not on its block: DiT passes them to every block")
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.grid = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_dim)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos table, a frozen parameter as in the official model (counted by parameters()).
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            block(hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, cond_dim=hidden_size)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size**2 * self.out_channels)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DiT's init: xavier Linears (zero bias), patch conv as a Linear, N(0, 0.02) embeddings,
+        zero adaLN and head (so a fresh DiT outputs exactly 0)."""
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid, device=self.pos_embed.device))
+        xavier_init_linears_(self)  # also re-zeroes adaLN-Zero and the head via their init_weights()
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+    def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
+        """``c = t_emb + y_emb`` (labels dropped at random in training mode)."""
+        if y is None:
+            y = self.y_embedder.null_labels(t.shape[0], device=t.device)
+        return self.t_embedder(t) + self.y_embedder(y)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
+        h = self.x_embedder(x) + self.pos_embed
+        for blk in self.blocks:
+            h = blk(h, cond)
+        h = self.final_layer(h, cond)
+        return unpatchify(h, self.patch_size, self.out_channels, (self.grid, self.grid))
+
+    def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, t, y)`` on the model's device and dtype: a latent, DDPM indices, class labels."""
+        w = self.x_embedder.proj.weight
+        x = torch.randn(batch_size, self.in_channels, self.input_size, self.input_size, device=w.device, dtype=w.dtype)
+        t = torch.randint(0, 1000, (batch_size,), device=w.device)
+        y = torch.randint(0, self.num_classes, (batch_size,), device=w.device)
+        return x, t, y

@@ -1,0 +1,53 @@
+"""adaLN-Zero (Peebles & Xie 2023, DiT): a LayerNorm whose shift/scale/gate come from the embedding."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Conditioning, per_sample
+
+
+class AdaLNZero(nn.Module):
+    """``h = LN(x)·(1 + scale(c)) + shift(c)`` with ``[shift, scale, gate] = Linear(SiLU(c))``.
+
+    LN has no affine parameters. The modulation Linear(cond_dim → 3·dim) is zero-initialised,
+    so at init ``h = LN(x)`` and the gate is 0: every residual branch starts as the identity
+    ("-Zero"). With ``gate=False`` the Linear gives only ``[shift, scale]`` (2·dim) and the
+    returned gate is ``None`` (DiT's final layer). ``x`` is channels-last: ``(B, L, C)`` tokens
+    or ``(B, H, W, C)`` maps; the embedding ``cond.emb`` is ``(B, cond_dim)``.
+
+    DiT's per-block Linear(D → 6D) is this module twice (norm1 gets rows ``[:3D]``: shift_msa,
+    scale_msa, gate_msa; norm2 the rest): the same parameters and FLOPs.
+    """
+
+    needs_embedding = True
+    adds_time_token = False
+
+    def __init__(self, dim: int, cond_dim: int | None = None, gate: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.has_gate = gate
+        self.act = nn.SiLU()
+        self.linear = nn.Linear(cond_dim or dim, (3 if gate else 2) * dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Zero the modulation (re-applied by backbones after their global init)."""
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
+        if cond.emb is None:
+            raise ValueError("AdaLNZero needs the time/class embedding (Conditioning.emb is None)")
+        mod = self.linear(self.act(cond.emb))
+        if self.has_gate:
+            shift, scale, gate = mod.chunk(3, dim=-1)
+        else:
+            (shift, scale), gate = mod.chunk(2, dim=-1), None
+        h = F.layer_norm(x, (self.dim,), eps=self.eps)
+        return h * (1 + per_sample(scale, h)) + per_sample(shift, h), gate
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, gate={self.has_gate}, eps={self.eps}"

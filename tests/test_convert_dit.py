@@ -1,0 +1,121 @@
+"""``zoo convert dit``: official DiT-XL/2 key layout to a zoo checkpoint, strictly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.checkpoint import load_checkpoint, load_state_dict_strict
+from zoo.cli import main
+from zoo.convert import dit as convert_dit
+from zoo.convert import unwrap_state_dict
+from zoo.errors import UserError
+
+KEYS = Path(__file__).parent / "golden" / "keys" / "dit_xl_2.json"
+RECIPE = Path(zoo.__file__).resolve().parent.parent / "recipes" / "dit_xl_2.yaml"
+DEPTH = 2  # the CLI tests keep XL width but only two blocks (cheap); the meta test covers all 28
+
+
+def official_shapes(max_depth: int | None = None) -> dict[str, list[int]]:
+    shapes = {k: v for k, v in json.loads(KEYS.read_text()).items() if not k.startswith("_")}
+    if max_depth is not None:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < max_depth}
+    return shapes
+
+
+def test_full_xl_key_layout_converts_onto_the_recipe_model():
+    """All 292 official XL/2 tensors map 1:1 onto the dit_xl_2 recipe model (on meta, no memory)."""
+    official = {k: torch.empty(v, device="meta") for k, v in official_shapes().items()}
+    assert len(official) == 292
+    converted = convert_dit.convert_state_dict(official)
+    with torch.device("meta"):
+        model = zoo.build_model(RECIPE)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+    assert sum(v.numel() for v in official.values()) == 675_129_632
+
+
+@pytest.fixture(scope="module")
+def official_sd() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v, generator=g) for k, v in official_shapes(DEPTH).items()}
+
+
+def convert(tmp_path: Path, payload, name: str = "official.pt", *extra: str) -> tuple[int, Path]:
+    src, out = tmp_path / name, tmp_path / "ckpt"
+    torch.save(payload, src)
+    argv = ["convert", "dit", str(src), "--recipe", str(RECIPE), "--set", f"model.depth={DEPTH}", "--out", str(out)]
+    return main([*argv, *extra]), out
+
+
+def test_convert_cli_round_trip(tmp_path, official_sd):
+    # Official training checkpoints wrap the weights: {'model', 'ema', 'opt', 'args'}; EMA is taken.
+    noise = {k: v + 1 for k, v in official_sd.items()}
+    args = argparse.Namespace(model="DiT-XL/2", global_batch_size=256)
+    status, out = convert(tmp_path, {"model": noise, "ema": official_sd, "opt": {}, "args": args})
+    assert status == 0 and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    model, config = load_checkpoint(out)
+    assert config["model"]["depth"] == DEPTH and config["model"]["hidden_size"] == 1152
+    sd = model.state_dict()
+    ada = official_sd["blocks.1.adaLN_modulation.1.weight"]
+    assert torch.equal(sd["blocks.1.norm1.linear.weight"], ada[: 3 * 1152])
+    assert torch.equal(sd["blocks.1.norm2.linear.weight"], ada[3 * 1152 :])
+    assert torch.equal(sd["final_layer.norm.linear.bias"], official_sd["final_layer.adaLN_modulation.1.bias"])
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"], official_sd["blocks.0.attn.qkv.weight"])
+    assert torch.equal(sd["pos_embed"], official_sd["pos_embed"])
+    # --weights model takes the non-EMA weights instead.
+    status, out = convert(tmp_path, {"model": noise, "ema": official_sd}, "train.pt", "--weights", "model")
+    assert status == 0
+    assert torch.equal(load_checkpoint(out)[0].state_dict()["pos_embed"], noise["pos_embed"])
+
+
+def test_corrupt_key_is_a_clear_error(tmp_path, official_sd, capsys):
+    bad = dict(official_sd)
+    bad["blocks.0.attn.qkvv.weight"] = bad.pop("blocks.0.attn.qkv.weight")
+    status, out = convert(tmp_path, bad)
+    err = capsys.readouterr().err
+    assert status == 2 and "blocks.0.attn.qkvv.weight" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_and_misshaped_keys_are_listed(tmp_path, official_sd, capsys):
+    bad = dict(official_sd)
+    del bad["blocks.1.mlp.fc2.bias"]
+    bad["pos_embed"] = torch.zeros(1, 64, 1152)
+    status, _ = convert(tmp_path, bad)
+    err = capsys.readouterr().err
+    assert status == 2 and "missing keys: blocks.1.mlp.fc2.bias" in err
+    assert "pos_embed (1, 64, 1152) (model: (1, 256, 1152))" in err
+
+
+def test_unreadable_and_empty_inputs(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["convert", "dit", str(tmp_path / "junk.pt"), "--recipe", str(RECIPE), "--out", str(tmp_path / "o")]) == 2
+    assert main(["convert", "dit", str(tmp_path / "nope.pt"), "--recipe", str(RECIPE), "--out", str(tmp_path / "o")]) == 2
+    assert main(["convert", "vit", str(tmp_path / "junk.pt"), "--recipe", str(RECIPE), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "does not exist" in err and "unknown model family 'vit'" in err
+    with pytest.raises(UserError, match="holds no state dict"):
+        unwrap_state_dict({"args": 1, "opt": {}}, "x.pt")
+
+
+def test_official_config_maps_one_to_one():
+    config = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=64, depth=2, num_heads=4,
+                  mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=7, learn_sigma=False)  # fmt: skip
+    spec = convert_dit.official_config_to_model_spec(config)
+    assert spec == {"type": "dit", **config}
+    model = zoo.build_model({"model": spec})
+    assert model.y_embedder.embedding_table.num_embeddings == 7 and model.final_layer.linear.out_features == 48
+    with pytest.raises(UserError, match="unknown DiT config keys"):
+        convert_dit.official_config_to_model_spec({**config, "use_checkpoint": True})
+
+
+def test_strict_loader_message_lists_everything():
+    model = torch.nn.Linear(2, 3)
+    with pytest.raises(UserError, match=r"missing keys: bias; unexpected keys: b; wrong shape keys: weight \(2, 2\)"):
+        load_state_dict_strict(model, {"weight": torch.zeros(2, 2), "b": torch.zeros(3)})

@@ -1,0 +1,84 @@
+"""``zoo convert FAMILY IN.pt --recipe R.yaml --out DIR``: an official checkpoint as a zoo checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from zoo.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert an official DiT / U-ViT / DiMR checkpoint into a zoo checkpoint",
+        description="Load an official state dict (raw, or under 'ema' / 'model'), convert it to the zoo "
+        "layout, load it strictly into the recipe's model and save a checkpoint directory.",
+    )
+    p.add_argument("family", help="model family of the official checkpoint (dit, uvit, dimr)")
+    p.add_argument("checkpoint", type=Path, help="official checkpoint (.pt / .pth)")
+    p.add_argument("--recipe", required=True, help="zoo recipe whose model matches the checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (repeatable)")  # fmt: skip
+    p.add_argument("--config", type=Path, default=None,
+                   help="JSON file with the official constructor kwargs, for families whose converter needs "
+                   "them (DiMR); default: the checkpoint's own 'config' entry, if any")  # fmt: skip
+    p.add_argument("--weights", choices=("ema", "model"), default=None,
+                   help="which weights of a training checkpoint to take (default: ema if present)")  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def load_official(path: Path) -> object:
+    """An official checkpoint file, read with ``weights_only=True``.
+
+    DiT's training checkpoints also store the script's ``argparse.Namespace`` under ``args``;
+    that class (plain attributes, no code) is the only one allowed besides tensors and containers.
+    """
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, pickled objects, ...
+        raise UserError(f"cannot read {path} as a weights-only checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None:
+    """The official constructor kwargs: ``--config FILE``, else the checkpoint's ``config`` entry, else None."""
+    if args.config is not None:
+        if not args.config.is_file():
+            raise UserError(f"official config {args.config} does not exist")
+        try:
+            config = json.loads(args.config.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{args.config} is not valid JSON ({err})") from None
+        for key in ("config", "_config"):  # a keys file (tests/golden/keys) carries it beside the keys
+            if isinstance(config, dict) and isinstance(config.get(key), dict):
+                config = config[key]
+        if not isinstance(config, dict):
+            raise UserError(f"{args.config} does not hold a JSON object of constructor kwargs")
+        return config
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import zoo
+    from zoo.checkpoint import build_with_state, save_checkpoint
+    from zoo.convert import get_family, unwrap_state_dict
+
+    converter = get_family(args.family)
+    checkpoint = load_official(args.checkpoint)
+    official = unwrap_state_dict(checkpoint, source=str(args.checkpoint), prefer=args.weights)
+    recipe = zoo.load_recipe(args.recipe, args.overrides)
+    state = converter.convert_state_dict(official, official_config(args, checkpoint))
+    source = f"{args.checkpoint} (converted as {args.family})"
+    model = build_with_state(lambda: zoo.build_model(recipe), state, source)
+    out = save_checkpoint(args.out, model, recipe)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({len(official)} official tensors, {n:,} parameters)")
+    return 0

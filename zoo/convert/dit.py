@@ -1,0 +1,69 @@
+"""Official DiT (facebookresearch/DiT ``models.DiT``) checkpoints to zoo's ``dit`` backbone.
+
+The key names match except two: each block's ``adaLN_modulation.1`` Linear(D → 6D) is split
+row-wise into the two norms' Linear(D → 3D) (rows ``[:3D]`` = shift/scale/gate of the
+attention branch → ``norm1``, the rest → ``norm2``), and the head's ``adaLN_modulation.1``
+becomes ``final_layer.norm.linear``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from zoo.errors import UserError
+
+# Official constructor kwargs (all of them map 1:1 onto zoo's DiT).
+OFFICIAL_ARGS = (
+    "input_size", "patch_size", "in_channels", "hidden_size", "depth",
+    "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma",
+)  # fmt: skip
+
+# Keys copied unchanged (regular expressions over the official names).
+_SAME = re.compile(
+    r"pos_embed|x_embedder\.proj\.(weight|bias)|t_embedder\.mlp\.[02]\.(weight|bias)"
+    r"|y_embedder\.embedding_table\.weight|final_layer\.linear\.(weight|bias)"
+    r"|blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])\.(weight|bias)"
+)
+_BLOCK_ADALN = re.compile(r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)")
+_FINAL_ADALN = re.compile(r"final_layer\.adaLN_modulation\.1\.(weight|bias)")
+
+
+def matches_config(config: Mapping[str, Any]) -> bool:
+    """An official DiT config has ``learn_sigma`` / ``class_dropout_prob``."""
+    return "learn_sigma" in config or "class_dropout_prob" in config
+
+
+def official_config_to_model_spec(config: Mapping[str, Any]) -> dict:
+    """The official ``DiT(**config)`` kwargs as a recipe ``model`` section."""
+    unknown = sorted(set(config) - set(OFFICIAL_ARGS))
+    if unknown:
+        raise UserError(f"unknown DiT config keys {unknown}; the official DiT takes {', '.join(OFFICIAL_ARGS)}")
+    return {"type": "dit", **dict(config)}
+
+
+def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """Rename/split an official DiT state dict into zoo's layout (tensors are shared, not copied)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if _SAME.fullmatch(key):
+            out[key] = value
+        elif m := _BLOCK_ADALN.fullmatch(key):
+            block, kind = m.groups()
+            if value.shape[0] % 6:
+                raise UserError(f"{key} has shape {tuple(value.shape)}; expected 6·hidden_size rows (adaLN-Zero)")
+            attn_part, mlp_part = value.chunk(2, dim=0)
+            out[f"blocks.{block}.norm1.linear.{kind}"] = attn_part
+            out[f"blocks.{block}.norm2.linear.{kind}"] = mlp_part
+        elif m := _FINAL_ADALN.fullmatch(key):
+            out[f"final_layer.norm.linear.{m.group(1)}"] = value
+        else:
+            raise UserError(f"unexpected key {key!r} in the DiT state dict (is this an official DiT checkpoint?)")
+    return out
+
+
+def model_inputs(inputs: Mapping[str, Any]) -> tuple:
+    """A golden file's inputs as ``model(x, t, y)`` arguments (``t`` is the DDPM index)."""
+    return inputs["x"], inputs["t"], inputs.get("y")

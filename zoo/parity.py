@@ -1,0 +1,96 @@
+"""Parity against the official implementations: run a golden file through the zoo model.
+
+A golden file (``tests/golden/*.pt``) holds the official constructor ``config``, its
+``state_dict``, ``inputs`` and ``outputs``. We build the zoo model from the config, convert
+and load the state dict strictly, run the forward and report the errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+import zoo
+from zoo.checkpoint import build_with_state
+from zoo.convert import default_model_inputs, get_family, infer_family
+from zoo.errors import UserError
+
+TOLERANCE = 1e-4  # max abs error for parity to pass
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Errors of the zoo forward against the official outputs.
+
+    ``max_rel`` is ``max_abs`` divided by the largest absolute official output (an element-wise
+    ratio is meaningless where outputs cross zero).
+    """
+
+    family: str
+    max_abs: float
+    max_rel: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs <= TOLERANCE
+
+
+def load_golden(path: str | Path) -> dict:
+    """A golden file as a dict (``weights_only=True``); missing or malformed files are UserErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"golden file {path} does not exist")
+    try:
+        golden = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt / non-weights files
+        raise UserError(f"cannot read golden file {path}: {str(err).splitlines()[0]}") from None
+    required = ("config", "state_dict", "inputs", "outputs")
+    missing = [k for k in required if not isinstance(golden, dict) or k not in golden]
+    if missing:
+        raise UserError(f"{path} is not a golden file: missing {', '.join(missing)}")
+    return golden
+
+
+def build_official_model(family: str, config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """The zoo model for an official config, with the converted official weights loaded strictly."""
+    converter = get_family(family)
+    spec = converter.official_config_to_model_spec(config)
+    converted = converter.convert_state_dict(state_dict, config)
+    model = build_with_state(lambda: zoo.build_model({"model": spec}), converted, source=f"converted {family} state dict")
+    return model.eval()
+
+
+def _as_list(out: Any) -> list[Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def compare(actual: Any, expected: Any) -> tuple[float, float]:
+    """Max abs error and max abs error relative to max |expected|, over tensors or lists of them."""
+    actual, expected = _as_list(actual), _as_list(expected)
+    if len(actual) != len(expected):
+        raise UserError(f"the model returned {len(actual)} outputs, the golden file holds {len(expected)}")
+    max_abs, scale = 0.0, 0.0
+    for a, e in zip(actual, expected):
+        if a.shape != e.shape:
+            raise UserError(f"output shape {tuple(a.shape)} differs from the golden {tuple(e.shape)}")
+        max_abs = max(max_abs, (a.to(e.dtype) - e).abs().max().item())
+        scale = max(scale, e.abs().max().item())
+    return max_abs, max_abs / scale if scale > 0 else max_abs
+
+
+@torch.no_grad()
+def run_parity(path: str | Path, family: str | None = None, dtype: torch.dtype = torch.float32) -> ParityResult:
+    """Build, convert, run a golden file; ``dtype=torch.float64`` compares against ``outputs_fp64``."""
+    golden = load_golden(path)
+    family = family or infer_family(golden["config"], hint=Path(path).name)
+    model = build_official_model(family, golden["config"], golden["state_dict"]).to(dtype)
+    model_inputs = getattr(get_family(family), "model_inputs", default_model_inputs)
+    inputs = model_inputs(golden["inputs"])
+    args = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
+    expected = golden["outputs_fp64"] if dtype == torch.float64 and "outputs_fp64" in golden else golden["outputs"]
+    max_abs, max_rel = compare(model(*args), expected)
+    return ParityResult(family, max_abs, max_rel)
