@@ -148,8 +148,8 @@ def test_init_follows_the_official_recipe():
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
-    model = _perturb(UViT(**TINY)).train()
-    x, t, y = _inputs()
+    model = _perturb(UViT(**{**TINY, "embed_dim": 32, "depth": 2})).train()
+    x, t, y = _inputs(batch=2)
     grads = []
     for enable in (False, True):
         model.set_grad_checkpointing(enable)
@@ -234,3 +234,30 @@ def test_recipes_carry_the_published_protocols():
     }
     h4 = zoo.load_recipe(RECIPES / "uvit_h_4.yaml")
     assert h4["sample"]["cfg"] == {"scale": 0.7, "convention": "uvit"} and h4["data"]["image_size"] == 512
+
+
+@pytest.mark.parametrize(
+    "name, first_t, null",
+    [("uvit_m_4", 999.0, None), ("uvit_l_2", 999.0, 10), ("uvit_h_2", 1000.0, 10)],
+)
+def test_recipe_protocols_drive_a_tiny_uvit_end_to_end(name, first_t, null):
+    """The published sampling settings, on a tiny model: the backbone receives the official time input
+    (999 t for the VP-SDE models, the step n = N t for U-ViT-H) and the null label when guided."""
+    from zoo.sample import SampleRequest, sample_latents
+
+    tiny = ["model.img_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_classes=10",
+            f"model.num_classes={11 if null else 10}", "sample.batch_size=2"]  # fmt: skip
+    recipe = zoo.load_recipe(RECIPES / f"{name}.yaml", tiny + ([f"diffusion.null_label={null}"] if null else []))
+    model = _perturb(zoo.build_model(recipe))
+    calls = []
+
+    def record(module, args):
+        calls.append((args[1].detach().clone(), None if args[2] is None else args[2].clone()))
+
+    model.register_forward_pre_hook(record)
+    x, labels = sample_latents(model, recipe, SampleRequest(n=2, seed=0, steps=6))
+    assert x.shape == (2, model.in_chans, 8, 8) and torch.isfinite(x).all()
+    assert len(calls) == 6  # NFE budget of DPM-Solver 'fast' (orders [3, 3])
+    torch.testing.assert_close(calls[0][0], torch.full_like(calls[0][0], first_t))
+    seen_labels = torch.cat([y for _, y in calls]).unique().tolist()
+    assert (null in seen_labels) == (null is not None) and set(labels.tolist()) <= set(seen_labels)
