@@ -1,0 +1,158 @@
+"""Classifier-free guidance: one batched forward, both conventions, DiT's 3-channel quirk, learned σ, DiMR."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoo.backbones.dit import DiT
+from zoo.convert.dit import convert_state_dict
+from zoo.diffusion.guidance import GuidedModel, combine, guidance_weight, power_schedule, to_dit_scale
+
+GOLDEN = Path(__file__).parent / "golden"
+NULL = 9
+
+
+class ToyNet(torch.nn.Module):
+    """ε depends on the label and the time input; records every call. Outputs 2C channels if learn_sigma."""
+
+    def __init__(self, channels=4, learn_sigma=False, branches=1):
+        super().__init__()
+        self.scale = torch.linspace(0.5, 1.5, NULL + 1)
+        self.learn_sigma, self.branches, self.calls = learn_sigma, branches, []
+
+    def forward(self, x, t, y):
+        self.calls.append((x.shape[0], t.clone(), y.clone()))
+        eps = x * self.scale[y].view(-1, 1, 1, 1) + 0.001 * t.view(-1, 1, 1, 1)
+        out = torch.cat([eps, -eps], 1) if self.learn_sigma else eps
+        if self.branches > 1:  # DiMR: per-branch predictions, lowest resolution first, the model's last
+            return [out[..., ::2, ::2] * 0 + 123.0] * (self.branches - 1) + [out]
+        return out
+
+
+def _inputs(b=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(b, 4, 4, 4, generator=g), torch.tensor([0.2, 0.5, 0.9])[:b], torch.tensor([1, 4, 7])[:b]
+
+
+def _reference(net, x, t_in, y, w):
+    """Two separate passes, combined by hand."""
+    cond = net(x, t_in, y)
+    uncond = net(x, t_in, torch.full_like(y, NULL))
+    return uncond + w * (cond - uncond)
+
+
+def test_dit_golden_cfg_test_with_three_guided_channels():
+    """The official ``forward_with_cfg`` (guides channels 0..2 only) reproduced to 1e-5."""
+    g = torch.load(GOLDEN / "golden_dit_tiny.pt", weights_only=True)
+    model = DiT(**g["config"])
+    model.load_state_dict(convert_state_dict(g["state_dict"]))
+    model.eval()
+    case = g["cfg_test"]
+    b = case["inputs"]["x"].shape[0] // 2  # the official call duplicates x[:b] and labels [y; null]
+    x, t, y = case["inputs"]["x"][:b], case["inputs"]["t"][:b], case["inputs"]["y"][:b]
+    assert torch.equal(case["inputs"]["y"][b:], torch.full_like(y, g["config"]["num_classes"]))
+    kwargs = dict(y=y, scale=case["inputs"]["cfg_scale"], convention="dit", null_label=g["config"]["num_classes"], eps_channels=4)
+    with torch.no_grad():
+        out = GuidedModel(model, lambda t: t, channels=3, **kwargs).full_output(x, t)
+        all_four = GuidedModel(model, lambda t: t, **kwargs).full_output(x, t)
+    assert out.shape == (b, 8, 16, 16)
+    assert (out - case["outputs"][:b]).abs().max() < 1e-5
+    # Channel 3 is where the quirk shows: guiding all four channels does not reproduce it.
+    assert (all_four[:, 3] - case["outputs"][:b, 3]).abs().max() > 1e-2
+    assert (all_four[:, :3] - case["outputs"][:b, :3]).abs().max() < 1e-5
+
+
+def test_one_batched_forward_with_null_labels():
+    net = ToyNet()
+    x, t, y = _inputs()
+    out = GuidedModel(net, lambda t: 1000 * t, y=y, scale=4.0, convention="dit", null_label=NULL)(x, t)
+    assert len(net.calls) == 1
+    batch, t_in, labels = net.calls[0]
+    assert batch == 6
+    assert torch.equal(labels, torch.tensor([1, 4, 7, NULL, NULL, NULL]))
+    assert torch.allclose(t_in, torch.cat([1000 * t, 1000 * t]))
+    assert torch.allclose(out, _reference(ToyNet(), x, 1000 * t, y, 4.0), atol=1e-6)
+
+
+def test_conventions_agree_when_w_is_one_plus_s():
+    x, t, y = _inputs()
+    dit = GuidedModel(ToyNet(), lambda t: t, y=y, scale=1.4, convention="dit", null_label=NULL)(x, t)
+    uvit = GuidedModel(ToyNet(), lambda t: t, y=y, scale=0.4, convention="uvit", null_label=NULL)(x, t)
+    assert torch.allclose(dit, uvit, atol=1e-6)
+    net = ToyNet()
+    cond = net(x, t, y)
+    # s-convention written the U-ViT way: ε_c + s(ε_c − ε_u)
+    uncond = net(x, t, torch.full_like(y, NULL))
+    assert torch.allclose(uvit, cond + 0.4 * (cond - uncond), atol=1e-6)
+    assert to_dit_scale(0.4, "uvit") == pytest.approx(1.4) and to_dit_scale(1.5, "dit") == 1.5
+    with pytest.raises(ValueError, match="convention"):
+        to_dit_scale(1.0, "diT")
+
+
+def test_no_guidance_is_one_conditional_pass():
+    x, t, y = _inputs()
+    for scale, convention in ((1.0, "dit"), (0.0, "uvit"), (None, "dit")):
+        net = ToyNet()
+        out = GuidedModel(net, lambda t: t, y=y, scale=scale, convention=convention, null_label=NULL)(x, t)
+        assert len(net.calls) == 1 and net.calls[0][0] == 3
+        assert torch.equal(out, ToyNet()(x, t, y))
+
+
+def test_learned_sigma_guides_eps_and_keeps_the_conditional_variance():
+    x, t, y = _inputs()
+    net = ToyNet(learn_sigma=True)
+    guided = GuidedModel(net, lambda t: t, y=y, scale=3.0, convention="dit", null_label=NULL, eps_channels=4)
+    out = guided(x, t)
+    assert out.shape == (3, 8, 4, 4)  # [ε | v] for solvers that use the learned variance (DDPM)
+    ref = _reference(ToyNet(), x, t, y, 3.0)
+    assert torch.allclose(out[:, :4], ref[:, :4], atol=1e-6)
+    cond = ToyNet(learn_sigma=True)(x, t, y)
+    assert torch.equal(out[:, 4:], cond[:, 4:])
+
+
+def test_dimr_list_output_uses_the_last_branch():
+    x, t, y = _inputs()
+    out = GuidedModel(ToyNet(branches=3), lambda t: t, y=y, scale=0.4, convention="uvit", null_label=NULL)(x, t)
+    assert torch.allclose(out, _reference(ToyNet(), x, t, y, 1.4), atol=1e-6)
+    single = GuidedModel(ToyNet(branches=2), lambda t: t, y=y)(x, t)
+    assert torch.equal(single, ToyNet()(x, t, y))
+
+
+def test_channel_subset_keeps_the_rest_conditional():
+    cond, uncond = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    out = combine(cond, uncond, 2.0, channels=3)
+    assert torch.allclose(out[:, :3], uncond[:, :3] + 2.0 * (cond[:, :3] - uncond[:, :3]))
+    assert torch.equal(out[:, 3], cond[:, 3])
+
+
+def test_dimr_power_schedule():
+    """DiMR's released sampler: w(t) = 1 + (w − 1)·(1 − cos(π·(1 − n/1000)^p))/2 with n = 1000·t."""
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25, 1e-3], dtype=torch.float64)
+    for p in (0.5, 1.0, 2.0):
+        phi = power_schedule(t, p)
+        n = 1000 * t
+        expected = torch.tensor([(1 - math.cos(math.pi * (1 - v / 1000) ** p)) / 2 for v in n.tolist()], dtype=torch.float64)
+        assert torch.allclose(phi, expected, atol=1e-12)
+        assert phi[0] == 0 and phi[-1] > 0.99  # off at pure noise, almost full near the data
+        assert (phi[1:] >= phi[:-1]).all()  # grows as t decreases
+    assert power_schedule(torch.tensor(0.5), 1.0).item() == pytest.approx(0.5)
+    assert power_schedule(torch.tensor(0.5), 2.0).item() == pytest.approx((1 - math.cos(math.pi / 4)) / 2)
+    w = guidance_weight(torch.tensor([1.0, 0.5]), 3.0, power=1.0)
+    assert torch.allclose(w, torch.tensor([1.0, 2.0]))
+    assert guidance_weight(torch.tensor([1.0]), 3.0) == 3.0
+
+
+def test_power_schedule_applies_per_sample():
+    x, t, y = _inputs()
+    out = GuidedModel(ToyNet(), lambda t: t, y=y, scale=2.5, convention="dit", null_label=NULL, power=1.0)(x, t)
+    for i in range(3):
+        w = 1 + 1.5 * (1 - math.cos(math.pi * (1 - t[i].item()))) / 2
+        ref = _reference(ToyNet(), x[i : i + 1], t[i : i + 1], y[i : i + 1], w)
+        assert torch.allclose(out[i : i + 1], ref, atol=1e-6)
+
+
+def test_guidance_without_labels_is_an_error():
+    with pytest.raises(ValueError, match="labels"):
+        GuidedModel(ToyNet(), lambda t: t, y=None, scale=2.0, null_label=NULL)

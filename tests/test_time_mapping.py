@@ -1,0 +1,108 @@
+"""Time maps from the solver's continuous t to each backbone's input (DESIGN §2)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoo.diffusion.time_input import (
+    TIME_INPUTS,
+    get_time_input,
+    index_to_time,
+    model_time,
+    time_to_index,
+    training_times,
+)
+from zoo.errors import UserError
+from zoo.solvers import build_schedule
+
+GOLDEN = Path(__file__).parent / "golden"
+N = 1000
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_endpoints():
+    first, last = 1.0 / N, 1.0  # the solver runs from t = 1 down to t = 1/N
+    assert model_time("dit_index", _t(first, last), N).tolist() == pytest.approx([0.0, 999.0], abs=1e-9)
+    assert model_time("uvit_discrete", _t(first, last), N).tolist() == pytest.approx([1.0, 1000.0], abs=1e-9)
+    assert model_time("uvit_continuous", _t(0.0, last), N).tolist() == pytest.approx([0.0, 999.0], abs=1e-9)
+    assert model_time("dimr_log_snr", _t(first, last), N).tolist() == pytest.approx([-3.992, 4.0], abs=1e-9)
+
+
+def test_knots_map_to_official_training_steps():
+    """At the knot of 0-based DDPM index n: DiT sees n, U-ViT/DiMR the official 1-based step n+1."""
+    index = torch.arange(N)
+    t = index_to_time(index, N)
+    assert torch.equal(model_time("dit_index", t, N).round().long(), index)
+    assert torch.allclose(model_time("dit_index", t, N), index.double(), atol=1e-9)
+    assert torch.allclose(model_time("uvit_discrete", t, N), index.double() + 1, atol=1e-9)
+    assert torch.allclose(model_time("dimr_log_snr", t, N), 8 * (index.double() + 1) / 1000 - 4, atol=1e-12)
+    assert torch.equal(time_to_index(t, N), index)
+
+
+def test_dimr_map_matches_golden_log_snr():
+    """The golden file's official inputs: log_snr = 8n/1000 − 4 for its DDPM steps n in 1..1000."""
+    g = torch.load(GOLDEN / "golden_dimr_tiny_r2.pt", weights_only=True)
+    n = g["inputs"]["n"].double()
+    ours = model_time("dimr_log_snr", n / N, N).float()
+    assert torch.allclose(ours, g["inputs"]["log_snr"], atol=1e-6)
+
+
+def test_maps_pair_model_step_with_the_solvers_noise_level():
+    """The noise level the solver assigns to t equals ᾱ of the training step the model is told.
+
+    DDPM ᾱ tables written out independently: DiT indexes ᾱ_0..ᾱ_999 (0-based), U-ViT/DiMR keep a
+    table with ᾱ = 1 prepended and index it with n in 1..1000.
+    """
+    betas = torch.linspace(1e-4, 0.02, N, dtype=torch.float64)
+    abar0 = torch.cumprod(1 - betas, 0)  # DiT: abar0[n], n = 0..999
+    abar1 = torch.cat([torch.ones(1, dtype=torch.float64), abar0])  # U-ViT/DiMR: abar1[n], n = 1..1000
+    sched = build_schedule("linear", num_steps=N, beta_start=1e-4, beta_end=0.02)
+    t = index_to_time(torch.tensor([0, 1, 17, 499, 998, 999]), N)
+    solver_abar = sched.marginal_alpha(t.float()).double() ** 2
+    dit = model_time("dit_index", t, N).round().long()
+    uvit = model_time("uvit_discrete", t, N).round().long()
+    dimr = ((model_time("dimr_log_snr", t, N) + 4) * 1000 / 8).round().long()
+    for table, step in ((abar0, dit), (abar1, uvit), (abar1, dimr)):
+        assert torch.allclose(table[step], solver_abar, rtol=1e-5)
+
+
+def test_training_times_discrete_are_knots_and_cover_all_steps():
+    g = torch.Generator().manual_seed(0)
+    t = training_times(50_000, N, generator=g)
+    assert t.dtype == torch.float64
+    index = model_time("dit_index", t, N)
+    assert (index - index.round()).abs().max() < 1e-9
+    assert torch.equal(index.float(), index.float().round())  # the model (float32) sees whole steps
+    assert index.min() == 0 and index.max() == N - 1
+    assert abs(index.mean().item() - (N - 1) / 2) < 5
+    again = training_times(50_000, N, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+
+
+def test_training_times_continuous():
+    t = training_times(10_000, N, continuous=True, t_min=1e-3, generator=torch.Generator().manual_seed(1))
+    assert t.min() >= 1e-3 and t.max() <= 1.0
+    assert len(torch.unique(t)) > 9_000  # not snapped to knots
+    assert abs(t.mean().item() - (1 + 1e-3) / 2) < 0.02
+
+
+def test_all_maps_are_listed_and_typos_are_user_errors():
+    assert set(TIME_INPUTS) == {"dit_index", "uvit_discrete", "uvit_continuous", "dimr_log_snr"}
+    with pytest.raises(UserError, match="dimr_log_snr"):
+        get_time_input("dimr_logsnr")
+
+
+def test_maps_are_linear_in_t():
+    """Every map is affine in t (solvers may call them with any t in [1/N, 1] and any dtype)."""
+    t = torch.linspace(1 / N, 1, 7, dtype=torch.float32)
+    for name, fn in TIME_INPUTS.items():
+        y = fn(t, N)
+        assert y.dtype == torch.float32, name
+        slope = (y[1:] - y[:-1]) / (t[1:] - t[:-1])
+        assert torch.allclose(slope, slope[0].expand_as(slope), rtol=1e-3), name
+    assert math.isclose(TIME_INPUTS["dimr_log_snr"](torch.tensor(0.5), N).item(), 0.0, abs_tol=1e-6)

@@ -1,0 +1,173 @@
+"""Training objectives: ε-prediction MSE, iDDPM's hybrid loss (learned σ) and DiMR's multi-scale loss.
+
+Every objective draws a time per sample (:func:`~zoo.diffusion.time_input.training_times`),
+noise ε ~ N(0, I), forms x_t = α_t·x_0 + σ_t·ε, drops labels for classifier-free guidance,
+calls ``model(x_t, time_input(t), y)`` and scores the output. It returns a dict of per-sample
+tensors of shape (B,): ``loss`` (what to average and back-propagate) and its terms.
+
+Note on label dropping: DiT drops labels inside its own label embedder in training mode, so
+DiT recipes keep ``diffusion.label_drop: 0``; U-ViT/DiMR have no such dropout and rely on it here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .discrete import DiscreteDiffusion, betas_from_schedule
+from .gaussian import discretized_gaussian_log_likelihood, normal_kl, to_bits_per_dim
+from .labels import drop_labels
+from .time_input import CONTINUOUS_TIME_INPUTS, get_time_input, time_to_index, training_times
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over all but the batch dimension."""
+    return x.flatten(1).mean(dim=1)
+
+
+def _loss_precision(*tensors: Tensor) -> list[Tensor]:
+    """Losses are computed in at least float32 (bf16/fp16 model outputs are upcast; float64 kept)."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return [t.to(dtype) for t in tensors]
+
+
+class DiffusionObjective:
+    """ε-prediction MSE, L_simple of DDPM eq. 14: mean((ε_θ(x_t, t) − ε)²) per sample.
+
+    ``schedule`` is a :mod:`zoo.solvers` schedule. For a discrete one (``schedule.discrete``)
+    the trainer draws the 0-based DDPM index uniformly and forms x_t from the float64 ᾱ table
+    of its β's; for a continuous one (the VP-SDE of U-ViT-M/L) it draws t uniformly in
+    [schedule.eps, 1] and uses the schedule's marginals. ``time_input`` names the map from t to
+    the backbone's input (:mod:`~zoo.diffusion.time_input`); ``num_steps`` N is the schedule's.
+    """
+
+    def __init__(
+        self,
+        schedule,
+        time_input: str = "dit_index",
+        label_drop: float = 0.0,
+        null_label: int | None = None,
+    ):
+        if label_drop > 0 and null_label is None:
+            raise ValueError("label_drop > 0 needs the null label (diffusion.null_label)")
+        self.schedule = schedule
+        self.continuous = not getattr(schedule, "discrete", True)
+        self.num_steps = int(getattr(schedule, "num_steps", 1000))
+        self.time_input = time_input
+        self.time_map = get_time_input(time_input)
+        if self.continuous != (time_input in CONTINUOUS_TIME_INPUTS):
+            kind = "continuous" if self.continuous else "discrete"
+            raise ValueError(f"time input {time_input!r} does not fit a {kind} schedule ({schedule!r})")
+        self.label_drop = float(label_drop)
+        self.null_label = null_label
+        self.t_min = float(getattr(schedule, "eps", 1e-3))
+        self.discrete = None if self.continuous else DiscreteDiffusion(betas_from_schedule(schedule, self.num_steps))
+
+    # -- the forward process --------------------------------------------------------------
+
+    def sample_times(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        return training_times(batch_size, self.num_steps, self.continuous, self.t_min, generator, device)
+
+    def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = α_t·x_0 + σ_t·ε."""
+        if self.discrete is not None:
+            return self.discrete.q_sample(x0, time_to_index(t, self.num_steps), noise)
+        view = (-1,) + (1,) * (x0.ndim - 1)
+        alpha = self.schedule.marginal_alpha(t).to(x0).view(view)
+        sigma = self.schedule.marginal_std(t).to(x0).view(view)
+        return alpha * x0 + sigma * noise
+
+    def model_input_time(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """The backbone's time input (computed in float64 so integer steps stay exact)."""
+        return self.time_map(t.to(torch.float64), self.num_steps).to(dtype)
+
+    def __call__(
+        self, model: nn.Module, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        t = self.sample_times(x0.shape[0], generator, device=generator.device if generator else x0.device)
+        t = t.to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
+        x_t = self.add_noise(x0, t, noise)
+        if y is not None and self.label_drop > 0:
+            y = drop_labels(y, self.label_drop, self.null_label, generator)
+        out = model(x_t, self.model_input_time(t, x0.dtype), y)
+        return self.loss_terms(out, x0=x0, x_t=x_t, noise=noise, t=t)
+
+    # -- scoring --------------------------------------------------------------------------
+
+    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        if isinstance(out, (list, tuple)):
+            raise ValueError("the model returns one prediction per branch: use objective type 'multiscale'")
+        if out.shape != noise.shape:
+            raise ValueError(
+                f"model output {tuple(out.shape)} does not match the noise {tuple(noise.shape)}"
+                " (a learned-sigma model needs objective type 'hybrid_vlb')"
+            )
+        out, noise = _loss_precision(out, noise)
+        mse = mean_flat((out - noise) ** 2)
+        return {"loss": mse, "mse": mse.detach()}
+
+
+class HybridVLBObjective(DiffusionObjective):
+    """iDDPM's hybrid loss for learned-σ models (Nichol & Dhariwal 2021, §3.1, eq. 16).
+
+    The model outputs [ε | v] (2C channels). loss = L_simple + L_vlb, where L_vlb is, per sample
+    and in bits per dimension, KL(q(x_{n−1}|x_n, x_0) ‖ p_θ(x_{n−1}|x_n)) for n > 0 and the
+    discretized Gaussian decoder NLL −log p_θ(x_0|x_1) for n = 0 (0-based index). p_θ has mean
+    μ̃(x̂_0(ε_θ), x_n) with ε_θ **detached** (the bound trains only the variance, as in iDDPM) and
+    log-variance v·log β_n + (1 − v)·log β̃_n after v ← (v + 1)/2 (eq. 15). As in DiT's
+    ``loss_type=MSE`` the bound is not rescaled by N/1000 (iDDPM's ``RESCALED_MSE`` is).
+    """
+
+    def __init__(self, *args, vlb_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.discrete is None:
+            raise ValueError("the hybrid (learned-sigma) objective needs a discrete schedule")
+        self.vlb_weight = float(vlb_weight)
+
+    def vlb_terms(self, eps: Tensor, v: Tensor, *, x0: Tensor, x_t: Tensor, index: Tensor) -> Tensor:
+        """L_vlb per sample in bits/dim (KL for n > 0, decoder NLL for n = 0)."""
+        d = self.discrete
+        true_mean, true_logvar = d.posterior(x0, x_t, index)
+        x0_pred = d.predict_x0(x_t, index, eps)
+        model_mean, _ = d.posterior(x0_pred, x_t, index)
+        model_logvar = d.model_log_variance(v, index)
+        kl = to_bits_per_dim(normal_kl(true_mean, true_logvar, model_mean, model_logvar))
+        nll = to_bits_per_dim(-discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar))
+        return torch.where(index == 0, nll, kl)
+
+    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        c = noise.shape[1]
+        if isinstance(out, (list, tuple)) or out.shape[1] != 2 * c:
+            shape = [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else tuple(out.shape)
+            raise ValueError(f"the hybrid objective needs a learned-sigma output with {2 * c} channels, got {shape}")
+        out, x0, x_t, noise = _loss_precision(out, x0, x_t, noise)
+        eps, v = out[:, :c], out[:, c:]
+        mse = mean_flat((eps - noise) ** 2)
+        index = time_to_index(t, self.num_steps).to(out.device)
+        vlb = self.vlb_terms(eps.detach(), v, x0=x0, x_t=x_t, index=index)
+        return {"loss": mse + self.vlb_weight * vlb, "mse": mse.detach(), "vlb": vlb.detach()}
+
+
+class MultiScaleObjective(DiffusionObjective):
+    """DiMR's multi-scale ε loss: Σ_i coeff_i·mean((out_i − target_i)²) over the branch outputs
+    (lowest resolution first), targets from :mod:`zoo.diffusion.multiscale`."""
+
+    def __init__(self, *args, coeffs: list[float] | tuple[float, ...], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.coeffs = [float(c) for c in coeffs]
+
+    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        from .multiscale import multiscale_loss
+
+        if not isinstance(out, (list, tuple)):
+            raise ValueError("the multi-scale objective needs a model that returns one prediction per branch")
+        if len(out) != len(self.coeffs):
+            raise ValueError(f"{len(out)} branch outputs but {len(self.coeffs)} loss coefficients")
+        *out, noise = _loss_precision(*out, noise)
+        loss = multiscale_loss(out, noise, self.coeffs)
+        last = mean_flat((out[-1] - noise) ** 2)
+        return {"loss": loss, "mse": last.detach()}
+
+
+OBJECTIVES = {"eps_mse": DiffusionObjective, "hybrid_vlb": HybridVLBObjective, "multiscale": MultiScaleObjective}

@@ -1,0 +1,133 @@
+"""Build the diffusion pieces a recipe describes: schedule, time map, objective, guided ``eps_fn``.
+
+The trainer and the sampler both go through these functions, so they cannot disagree on the
+schedule, the backbone's time input or the null label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from torch import Tensor, nn
+
+from zoo.errors import UserError
+
+from .guidance import GuidedModel, to_dit_scale
+from .objectives import OBJECTIVES, DiffusionObjective
+from .sections import objective_spec
+from .time_input import get_time_input
+
+DEFAULT_SCHEDULE = {"type": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+
+
+def _diffusion(recipe: Mapping[str, Any]) -> Mapping[str, Any]:
+    return recipe.get("diffusion") or {}
+
+
+def build_schedule(recipe: Mapping[str, Any]):
+    """The recipe's ``diffusion.schedule`` (DDPM's linear betas if it names none)."""
+    import zoo
+
+    return zoo.build_component("schedule", _diffusion(recipe).get("schedule") or DEFAULT_SCHEDULE)
+
+
+def num_steps(schedule) -> int:
+    """N of a discrete schedule; 1000 for continuous ones (the maps that need N assume it)."""
+    return int(getattr(schedule, "num_steps", 1000))
+
+
+def time_map(recipe: Mapping[str, Any], schedule) -> Callable[[Tensor], Tensor]:
+    """Continuous solver time t → the backbone's time input, as ``diffusion.time_input`` names it."""
+    name = _diffusion(recipe).get("time_input")
+    if name is None:
+        raise UserError("the recipe does not say how the backbone receives time",
+                        key_path="diffusion.time_input",
+                        suggestion="add diffusion.time_input: dit_index, uvit_discrete, uvit_continuous or dimr_log_snr")
+    fn, n = get_time_input(name), num_steps(schedule)
+    return lambda t: fn(t, n)
+
+
+def model_drops_labels(recipe: Mapping[str, Any]) -> bool:
+    """True when the backbone drops labels itself in training (DiT's ``class_dropout_prob``)."""
+    model = recipe.get("model")
+    return isinstance(model, Mapping) and (model.get("class_dropout_prob") or 0) > 0
+
+
+def build_objective(recipe: Mapping[str, Any], schedule=None) -> DiffusionObjective:
+    """The training objective of ``diffusion.objective`` (ε-MSE if none is named)."""
+    diffusion = _diffusion(recipe)
+    schedule = schedule if schedule is not None else build_schedule(recipe)
+    spec = objective_spec(diffusion.get("objective"))
+    options = {k: v for k, v in spec.items() if k != "type"}
+    label_drop = 0.0 if model_drops_labels(recipe) else float(diffusion.get("label_drop", 0.0))
+    time_map(recipe, schedule)  # a missing time_input is a UserError, not a default
+    return OBJECTIVES[spec["type"]](
+        schedule,
+        time_input=diffusion["time_input"],
+        label_drop=label_drop,
+        null_label=diffusion.get("null_label"),
+        **options,
+    )
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """Classifier-free guidance as the recipe's ``sample.cfg`` states it (scale in ``convention``)."""
+
+    scale: float | None = None
+    convention: str = "dit"
+    channels: int | None = None
+    power: float | None = None
+
+    @property
+    def w(self) -> float | None:
+        """The DiT-style weight (1 = no guidance)."""
+        return None if self.scale is None else to_dit_scale(self.scale, self.convention)
+
+    def describe(self) -> str:
+        if self.scale is None or (self.w == 1.0 and self.power is None):
+            return "no classifier-free guidance"
+        rule = "eps_u + w*(eps_c - eps_u)" if self.convention == "dit" else "eps_c + s*(eps_c - eps_u)"
+        name = "w" if self.convention == "dit" else "s"
+        extra = f", only the first {self.channels} channels" if self.channels else ""
+        extra += f", DiMR power schedule p={self.power}" if self.power is not None else ""
+        return f"cfg {name}={self.scale:g} in the {self.convention} convention ({rule}; w={self.w:g}{extra})"
+
+
+def guidance_settings(recipe: Mapping[str, Any], scale: float | None = None) -> GuidanceSettings:
+    """``sample.cfg`` of the recipe, with ``scale`` (from ``--cfg``) replacing its scale when given."""
+    cfg = dict((recipe.get("sample") or {}).get("cfg") or {})
+    return GuidanceSettings(
+        scale=scale if scale is not None else cfg.get("scale"),
+        convention=cfg.get("convention", "dit"),
+        channels=cfg.get("channels"),
+        power=cfg.get("power"),
+    )
+
+
+def guided_eps_fn(
+    model: nn.Module,
+    recipe: Mapping[str, Any],
+    schedule,
+    y: Tensor | None,
+    guidance: GuidanceSettings,
+    eps_channels: int,
+) -> GuidedModel:
+    """The solver's ``eps_fn`` for ``model``: time mapped, guided as ``guidance`` says."""
+    null = _diffusion(recipe).get("null_label")
+    active = guidance.scale is not None and y is not None and not (guidance.w == 1.0 and guidance.power is None)
+    if active and null is None:
+        raise UserError("classifier-free guidance needs the null label", key_path="diffusion.null_label",
+                        suggestion="set diffusion.null_label, or sample with --cfg 1 (dit) / 0 (uvit)")
+    return GuidedModel(
+        model,
+        time_map(recipe, schedule),
+        y=y,
+        scale=guidance.scale if active else None,
+        convention=guidance.convention,
+        null_label=null,
+        channels=guidance.channels,
+        power=guidance.power,
+        eps_channels=eps_channels,
+    )
