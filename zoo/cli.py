@@ -16,7 +16,7 @@ from typing import Sequence
 
 from .errors import UserError
 
-COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity")
+COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity", "sample")
 
 
 def _broken_command(subparsers: argparse._SubParsersAction, name: str, err: Exception) -> None:

@@ -1,0 +1,186 @@
+"""``zoo sample``: per-sample seeding, batch-size independence, the PNG grid, checkpoints, the VAE."""
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from zoo.checkpoint import save_checkpoint
+from zoo.cli import main
+from zoo.errors import UserError
+from zoo.sample import SampleRequest, initial_noise, load_model, sample_latents, sample_labels, sample_seed
+
+RECIPES = Path(__file__).parent / "recipes"
+PIXELS = RECIPES / "tiny_dit_pixels.yaml"
+LATENT = RECIPES / "tiny_dit_latent.yaml"
+
+
+def _trained_like(recipe_path, scale=0.02, seed=0):
+    """The tiny DiT with every weight nudged off its zero init (a fresh DiT predicts ε = 0 everywhere)."""
+    recipe = zoo.load_recipe(recipe_path)
+    model = zoo.build_model(recipe)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval(), recipe
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model, recipe = _trained_like(PIXELS)
+    path = tmp_path_factory.mktemp("ckpt") / "last"
+    save_checkpoint(path, model, recipe, ema=model)
+    return path
+
+
+def test_per_sample_seeds_are_distinct_and_split_independent():
+    seeds = {sample_seed(s, i, stream) for s in (0, 1, 2) for i in range(1000) for stream in (0, 1)}
+    assert len(seeds) == 6000 and max(seeds) < 2**32  # PyTorch's CPU generator keeps 32 bits
+    whole = initial_noise(6, (3, 4, 4), seed=7)
+    assert torch.equal(whole[3:], initial_noise(3, (3, 4, 4), seed=7, start=3))
+    assert not torch.equal(whole, initial_noise(6, (3, 4, 4), seed=8))
+    labels = sample_labels(500, 10, seed=7)
+    assert torch.equal(labels[100:], sample_labels(400, 10, seed=7, start=100))
+    assert labels.min() == 0 and labels.max() == 9
+
+
+def test_same_samples_whatever_the_batch_size_float64():
+    """Guided (3 channels), learned σ, DPM-Solver++: sample i does not depend on the batch split."""
+    model, recipe = _trained_like(PIXELS)
+    model = model.double()
+    runs = [sample_latents(model, recipe, SampleRequest(n=5, seed=3, steps=3, batch_size=b)) for b in (1, 2, 5)]
+    x, y = runs[0]
+    assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32
+    for other, labels in runs[1:]:
+        assert torch.equal(labels, y)
+        assert torch.allclose(other, x, rtol=0, atol=1e-6 * x.abs().max().item())
+
+
+def test_same_samples_whatever_the_batch_size_float32(checkpoint):
+    model, recipe, origin = load_model(checkpoint)
+    assert origin.startswith("ema weights")
+    a, _ = sample_latents(model, recipe, SampleRequest(n=4, seed=0, steps=3, batch_size=1))
+    b, _ = sample_latents(model, recipe, SampleRequest(n=4, seed=0, steps=3, batch_size=3))
+    again, _ = sample_latents(model, recipe, SampleRequest(n=4, seed=0, steps=3, batch_size=3))
+    assert torch.equal(b, again)  # reproducible for a seed
+    # The backbone's float32 GEMMs round differently per batch size (~1e-7); the solver divides by α_T.
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max()
+    c, _ = sample_latents(model, recipe, SampleRequest(n=4, seed=1, steps=3, batch_size=3))
+    assert (c - b).abs().max() > 1e-2
+
+
+def test_class_and_guidance_options(checkpoint):
+    model, recipe, _ = load_model(checkpoint)
+    _, y = sample_latents(model, recipe, SampleRequest(n=3, class_label=4, steps=2))
+    assert y.tolist() == [4, 4, 4]
+    with pytest.raises(UserError, match="0..9"):
+        sample_latents(model, recipe, SampleRequest(n=1, class_label=10, steps=2))
+    off, _ = sample_latents(model, recipe, SampleRequest(n=2, cfg=1.0, steps=2))
+    on, _ = sample_latents(model, recipe, SampleRequest(n=2, cfg=4.0, steps=2))
+    assert (off - on).abs().max() > 1e-3
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return im.size, im.mode
+
+
+def test_cli_writes_the_grid(checkpoint, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    status = main(["sample", str(checkpoint), "--n", "5", "--steps", "3", "--cfg", "2.0", "--seed", "1",
+                   "--batch-size", "2", "--out", str(out), "--device", "cpu"])
+    assert status == 0
+    stdout = capsys.readouterr().out
+    assert "dit convention" in stdout and "w=2" in stdout and "ema weights" in stdout
+    # make_grid: ⌈√5⌉ = 3 columns, 2 rows of 8 px tiles with 2 px padding
+    assert _png(out) == ((3 * (8 + 2) + 2, 2 * (8 + 2) + 2), "RGB")
+    first = out.read_bytes()
+    assert main(["sample", str(checkpoint), "--n", "5", "--steps", "3", "--cfg", "2.0", "--seed", "1",
+                 "--batch-size", "5", "--out", str(out), "--device", "cpu"]) == 0
+    assert out.read_bytes() == first  # 8-bit pixels: identical whatever the batch size
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, no leftovers
+
+
+def test_cli_from_a_recipe_warns_and_errors_are_one_line(tmp_path, capsys, checkpoint):
+    out = tmp_path / "r.png"
+    assert main(["sample", str(PIXELS), "--n", "2", "--steps", "2", "--out", str(out), "--device", "cpu",
+                 "--solver", "ddim", "--set", "sample.cfg.scale=1.0"]) == 0
+    captured = capsys.readouterr()
+    assert "NO weights" in captured.err and "no classifier-free guidance" in captured.out
+    assert "'type': 'ddim'" in captured.out
+    assert _png(out)[0] == (2 * (8 + 2) + 2, 8 + 2 + 2)
+    assert main(["sample", str(LATENT), "--n", "1", "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zoo: error")]
+    assert len(errors) == 1 and "--vae" in errors[0]
+    assert main(["sample", str(checkpoint), "--set", "model.depth=3", "--out", str(out)]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert main(["sample", str(PIXELS), "--set", "sample.cfg.convention=uvt", "--out", str(out)]) == 2
+    assert "did you mean uvit" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+
+
+def test_missing_vae_directory_is_a_user_error(tmp_path):
+    from zoo.vae import find_vae_weights
+
+    with pytest.raises(UserError, match="does not exist.*never downloads"):
+        find_vae_weights(tmp_path / "nope")
+    with pytest.raises(UserError, match="no VAE weights"):
+        find_vae_weights(tmp_path)
+    with pytest.raises(UserError, match="--vae DIR"):
+        find_vae_weights(None)
+
+
+@pytest.fixture(scope="module")
+def random_vae_dir(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from zoo.vae import build_sd_vae
+
+    torch.manual_seed(0)
+    vae = build_sd_vae()
+    path = tmp_path_factory.mktemp("vae")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path / "diffusion_pytorch_model.safetensors"))
+    return path, vae
+
+
+@pytest.mark.slow
+def test_vae_builds_offline_with_sd_parameter_count_and_decodes(random_vae_dir):
+    from zoo.vae import SCALE, build_sd_vae, load_vae
+
+    assert sum(p.numel() for p in build_sd_vae("meta").parameters()) == 83_653_863  # DESIGN §6: 83.65M
+    path, reference = random_vae_dir
+    start = time.perf_counter()
+    codec = load_vae(path, chunk_size=1)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = codec.decode(z)
+    assert images.shape == (2, 3, 64, 64) and images.abs().max() <= 1
+    with torch.no_grad():
+        expected = reference.decode(z / SCALE).sample.clamp(-1, 1)
+    assert torch.allclose(images, expected, atol=1e-4)  # chunked decode = one batch (conv rounding ~1e-5)
+    assert time.perf_counter() - start < 120
+
+
+@pytest.mark.slow
+def test_cli_decodes_latents_through_the_vae(random_vae_dir, tmp_path):
+    model, recipe = _trained_like(LATENT)
+    ckpt = tmp_path / "latent"
+    save_checkpoint(ckpt, model, recipe)
+    out = tmp_path / "latent.png"
+    assert main(["sample", str(ckpt), "--n", "2", "--steps", "2", "--vae", str(random_vae_dir[0]),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert _png(out) == ((2 * (64 + 2) + 2, 64 + 2 + 2), "RGB")
+
+
+def test_grid_layout_helper(tmp_path):
+    from zoo.sample import save_grid
+
+    images = torch.rand(10, 3, 4, 4)
+    save_grid(images, tmp_path / "g.png")
+    cols = math.ceil(math.sqrt(10))
+    assert _png(tmp_path / "g.png")[0] == (cols * 6 + 2, math.ceil(10 / cols) * 6 + 2)

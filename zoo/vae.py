@@ -1,0 +1,152 @@
+"""Stable Diffusion's KL-f8 VAE (4 latent channels, ×8 down) for latent models; never downloads.
+
+The network is diffusers' ``AutoencoderKL`` built offline from the SD config below (83,653,863
+parameters); weights come from a LOCAL directory the user gives (``--vae DIR`` or the recipe's
+``data.vae``): a diffusers snapshot (``diffusion_pytorch_model.safetensors``, also under
+``vae/``), a single ``.safetensors`` file, or an LDM/U-ViT-style state dict
+(``autoencoder_kl*.pth``, ``*.ckpt``; read with ``weights_only=True`` and renamed with
+diffusers' converter). Latents are scaled by 0.18215 (z = 0.18215·E(x)) as every SD-VAE
+diffusion model (DiT, U-ViT, DiMR) was trained.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from zoo.errors import UserError
+
+SCALE = 0.18215
+
+SD_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=SCALE,
+)
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+LDM_PATTERNS = ("*.safetensors", "*.pth", "*.ckpt", "*.pt", "*.bin")
+
+_FIX = (
+    "pass --vae DIR (or set data.vae in the recipe) to a local copy of the Stable Diffusion KL-f8 VAE, "
+    "e.g. the files of huggingface.co/stabilityai/sd-vae-ft-ema (diffusion_pytorch_model.safetensors) "
+    "or U-ViT's assets/stable-diffusion/autoencoder_kl_ema.pth; zoo never downloads weights"
+)
+
+
+def build_sd_vae(device: torch.device | str | None = None) -> nn.Module:
+    """The SD KL-f8 ``AutoencoderKL`` with diffusers' random init (on ``meta`` it allocates nothing)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise UserError(f"the VAE needs diffusers ({err}); install it with pip install 'zoo-diffusion[vae]'") from None
+    with torch.device(device or "cpu"):
+        return AutoencoderKL(**SD_VAE_CONFIG)
+
+
+def find_vae_weights(directory: str | Path) -> Path:
+    """The weights file inside a user's VAE directory, or a ``UserError`` that says how to fix it."""
+    if directory is None or str(directory) == "":
+        raise UserError(f"this model works in the SD-VAE latent space and needs the VAE weights: {_FIX}")
+    directory = Path(directory).expanduser()
+    if directory.is_file():
+        return directory
+    if not directory.is_dir():
+        raise UserError(f"VAE directory {directory} does not exist: {_FIX}")
+    for name in DIFFUSERS_WEIGHTS:
+        if (directory / name).is_file():
+            return directory / name
+    for pattern in LDM_PATTERNS:
+        found = sorted(directory.glob(pattern))
+        if found:
+            return found[0]
+    raise UserError(f"no VAE weights (.safetensors/.pth/.ckpt/.bin) in {directory}: {_FIX}")
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read VAE weights {path} with torch.load(weights_only=True): {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    return state
+
+
+def _to_diffusers_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename an LDM-layout VAE state dict (``encoder.down.0.block...``) to diffusers' layout."""
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+        return state
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    return convert_ldm_vae_checkpoint(state, SD_VAE_CONFIG)
+
+
+class LatentVAE(nn.Module):
+    """Image ↔ scaled latent codec: ``decode(z)`` gives images in [−1, 1], ``encode(x)`` sampled latents.
+
+    Decoding runs in chunks of ``chunk_size`` images (the decoder's activations are large).
+    """
+
+    def __init__(self, vae: nn.Module, scale: float = SCALE, chunk_size: int = 8):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(scale)
+        self.chunk_size = int(chunk_size)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        param = next(self.vae.parameters())
+        out = [
+            self.vae.decode(chunk.to(param) / self.scale).sample.float()
+            for chunk in z.split(max(1, self.chunk_size))
+        ]
+        return torch.cat(out).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        param = next(self.vae.parameters())
+        out = [
+            self.vae.encode(chunk.to(param)).latent_dist.sample(generator) * self.scale
+            for chunk in x.split(max(1, self.chunk_size))
+        ]
+        return torch.cat(out)
+
+
+def load_vae(
+    directory: str | Path | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scale: float = SCALE,
+    chunk_size: int = 8,
+) -> LatentVAE:
+    """Build the SD VAE on ``meta`` and load the local weights strictly (no random init, no download)."""
+    from zoo.checkpoint import load_state_dict_strict
+
+    path = find_vae_weights(directory)
+    state = _to_diffusers_keys(_read_state_dict(path))
+    vae = build_sd_vae("meta")
+    with warnings.catch_warnings():  # the strict key check copies into meta tensors (a no-op) ...
+        warnings.simplefilter("ignore", UserWarning)
+        load_state_dict_strict(vae, state, source=str(path))
+    vae.load_state_dict(state, strict=True, assign=True)  # ... then the weights are assigned for real
+    if any(p.dtype != dtype for p in vae.parameters()):  # e.g. fp16 weights on disk
+        vae = vae.to(dtype=dtype)
+    return LatentVAE(vae.to(device=device).eval(), scale=scale, chunk_size=chunk_size)
