@@ -229,6 +229,11 @@ class DiMR(nn.Module):
         handed_dim, prev_grid = None, None
         for i, spec in enumerate(branches):
             spec = self._check_branch(i, spec)
+            if input_size % (spec.downsample * spec.patch_size):
+                raise UserError(
+                    f"model.branches[{i}]: input_size {input_size} is not divisible by downsample x patch_size "
+                    f"= {spec.downsample} x {spec.patch_size}"
+                )
             grid = input_size // spec.downsample // spec.patch_size
             ratio = 1 if prev_grid is None else grid // prev_grid
             if prev_grid is not None and (grid % prev_grid or ratio < 1):

@@ -1,0 +1,91 @@
+"""Conditioners are swappable: any block takes any conditioner, and so does every DiMR branch."""
+
+from pathlib import Path
+
+import torch
+
+import zoo
+from zoo.blocks.convnext import ConvNeXtBlock
+from zoo.blocks.mlp import GeGluMlp
+from zoo.blocks.transformer import TransformerBlock
+from zoo.conditioning.adaln_zero import AdaLNZero
+from zoo.conditioning.base import Conditioning
+from zoo.conditioning.time_dependent import TimeDependentLayerNorm
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def test_convnext_block_with_adaln_zero():
+    block = ConvNeXtBlock(8, cond_dim=12, mlp_ratio=2.0, norm=AdaLNZero, mlp=GeGluMlp)
+    x = torch.randn(2, 5, 5, 8)
+    cond = Conditioning(t=torch.tensor([1.0, 2.0]), emb=torch.randn(2, 12))
+    # zero-initialised modulation: the gate is 0, only DiMR's unconditioned conv residual acts
+    torch.testing.assert_close(block(x, cond), x + block.depthwise(x), rtol=0, atol=0)
+    _perturb(block)
+    h = x + block.depthwise(x)
+    shift, scale, gate = block.norm.linear(torch.nn.functional.silu(cond.emb)).chunk(3, dim=-1)
+    u = torch.nn.functional.layer_norm(h, (8,), eps=1e-6) * (1 + scale[:, None, None]) + shift[:, None, None]
+    torch.testing.assert_close(block(x, cond), h + gate[:, None, None] * block.mlp(u), rtol=0, atol=1e-5)
+    other = Conditioning(t=cond.t, emb=torch.randn(2, 12))
+    assert not torch.allclose(block(x, cond), block(x, other))
+
+
+def test_transformer_block_with_td_layernorm():
+    block = TransformerBlock(16, num_heads=2, norm=TimeDependentLayerNorm)
+    _perturb(block)
+    x = torch.randn(2, 7, 16)
+    early, late = Conditioning(t=torch.tensor([-4.0, -4.0])), Conditioning(t=torch.tensor([4.0, 4.0]))
+    h = x + block.attn(block.norm1(x, early)[0])
+    torch.testing.assert_close(block(x, early), h + block.mlp(block.norm2(h, early)[0]), rtol=0, atol=1e-5)
+    assert not torch.allclose(block(x, early), block(x, late))
+
+
+def _tiny(block_norm: str, **model) -> torch.nn.Module:
+    convnext = {"type": "convnext", "variant": "dimr", "mlp_ratio": 2.0, "norm": block_norm, "mlp": "geglu_mlp"}
+    transformer = {"type": "transformer", "num_heads": 2, "mlp_ratio": 2.0, "qkv_bias": False, "norm": block_norm,
+                   "mlp": "geglu_mlp"}  # fmt: skip
+    spec = {"type": "dimr", "in_channels": 3, "input_size": 8, "num_classes": 5, **model,
+            "branches": [{"dim": 16, "depth": 1, "patch_size": 2, "block": transformer},
+                         {"dim": 8, "depth": 2, "patch_size": 1, "block": convnext}]}  # fmt: skip
+    torch.manual_seed(0)
+    return zoo.build_model({"model": spec})
+
+
+def test_dimr_with_adaln_zero_blocks_builds_runs_and_keeps_zero_init():
+    model = _tiny("adaln_zero", norm="layernorm", class_embedding=True)
+    assert all(branch.needs_embedding and branch.y_embedder is not None for branch in model.branches)
+    modulations = [m.linear.weight for m in model.modules() if isinstance(m, AdaLNZero)]
+    assert len(modulations) == 2 * 1 + 3  # one Transformer block (two norms), three ConvNeXt blocks
+    assert all(torch.count_nonzero(w) == 0 for w in modulations)  # DiMR's trunc-normal init kept adaLN's zeros
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([-2.0, 1.0]), torch.tensor([0, 4])
+    outputs = model(x, t, y)
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 4, 4), (2, 3, 8, 8)]
+    _perturb(model)
+    assert not torch.allclose(model(x, t, y)[-1], model(x, t + 1, y)[-1])  # time enters through the embedding
+
+
+def test_dimr_with_the_paper_td_layernorm_in_the_blocks():
+    model = _tiny("td_layernorm_paper")
+    _perturb(model)
+    x, y = torch.randn(1, 3, 8, 8), torch.tensor([2])
+    assert not torch.allclose(model(x, torch.tensor([-3.0]), y)[-1], model(x, torch.tensor([3.0]), y)[-1])
+
+
+def test_swap_is_a_one_line_recipe_change():
+    with torch.device("meta"):
+        base = zoo.build_model(RECIPES / "dimr_m_3r.yaml")
+        swapped = zoo.build_model(RECIPES / "dimr_m_3r.yaml", ["model.branches.2.block.norm=adaln_zero"])
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    C, blocks = 192, 9
+    td_rms, adaln = 4 * C, 3 * C * C + 3 * C
+    timestep_mlp = 256 * C + C + C * C + C
+    assert params(swapped) - params(base) == blocks * (adaln - td_rms) + timestep_mlp
+    outputs = swapped(*swapped.example_inputs(2))
+    assert tuple(outputs[-1].shape) == (2, 3, 64, 64)

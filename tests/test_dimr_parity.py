@@ -1,0 +1,105 @@
+"""DiMR against the official implementation: golden tiny models and the released key lists."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.convert import dimr as convert
+from zoo.diffusion.multiscale import multiscale_loss, multiscale_targets
+from zoo.parity import build_official_model, run_parity
+
+GOLDEN = Path(__file__).parent / "golden"
+RECIPES = Path(__file__).parents[1] / "recipes"
+FILES = ["golden_dimr_tiny_r2.pt", "golden_dimr_tiny_r3.pt"]
+TOL = 1e-5  # measured: ~1e-6 (the contract is 1e-4)
+
+
+@pytest.fixture(scope="module", params=FILES)
+def golden(request):
+    data = torch.load(GOLDEN / request.param, weights_only=True)
+    model = build_official_model("dimr", data["config"], data["state_dict"])
+    return data, model
+
+
+def _max_err(actual, expected) -> float:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+    return max((a - e).abs().max().item() for a, e in zip(actual, expected))
+
+
+@torch.no_grad()
+def test_outputs_and_handed_on_features(golden):
+    data, model = golden
+    inputs = data["inputs"]
+    outputs, features = model.forward_with_features(inputs["x"], inputs["log_snr"], inputs["y"])
+    assert _max_err(outputs, data["outputs"]) <= TOL
+    assert _max_err(features, data["lowres_skips"]) <= TOL
+    assert [o.shape[-1] for o in outputs] == sorted(o.shape[-1] for o in outputs)  # lowest resolution first
+
+
+@torch.no_grad()
+def test_outputs_with_one_time_for_the_batch(golden):
+    data, model = golden
+    inputs = data["inputs_shared_t"]
+    assert _max_err(model(inputs["x"], inputs["log_snr"], inputs["y"]), data["outputs_shared_t"]) <= TOL
+
+
+@torch.no_grad()
+def test_every_time_dependent_parameter(golden):
+    """Each official TimeDependentParameter, found in the zoo model through the converter's key map."""
+    data, model = golden
+    tau = data["inputs"]["log_snr"] * 0.25
+    for official, expected in data["tdp_values"].items():
+        name = convert.zoo_key(f"{official}.param0", data["config"])[0].removesuffix(".p0")
+        value = model.get_submodule(name)(tau)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=f"{official} -> {name}")
+
+
+def test_multiscale_targets_and_loss(golden):
+    data, _ = golden
+    example = data["loss_example"]
+    targets = multiscale_targets(example["eps"], data["outputs"])
+    assert _max_err(targets, example["targets"]) <= 1e-6
+    per_sample = multiscale_loss(data["outputs"], example["eps"], example["loss_coeffs"])
+    torch.testing.assert_close(per_sample, example["per_sample_loss"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_sample.mean(), example["loss"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_parity_command_path(name):
+    result = run_parity(GOLDEN / name)
+    assert result.family == "dimr" and result.passed and result.max_abs <= TOL
+
+
+@pytest.mark.parametrize("name, params", [("dimr_xl_2r", 505_046_408), ("dimr_g_2r", 1_056_352_904)])
+def test_released_checkpoint_keys_load_strictly(name, params):
+    """The official key list converts into exactly the state dict of the zoo model built from the
+    official config and of the one built from our recipe (meta device: keys and shapes)."""
+    keys = json.loads((GOLDEN / "keys" / f"{name}.json").read_text())
+    spec = convert.official_config_to_model_spec(keys["_config"])
+    with torch.device("meta"):
+        official = {k: torch.empty(shape) for k, shape in keys["keys"].items()}
+        models = [zoo.build_model({"model": spec}), zoo.build_model(RECIPES / f"{name}.yaml")]
+    converted = convert.convert_state_dict(official, keys["_config"])
+    shapes = {k: tuple(v.shape) for k, v in converted.items()}
+    assert sum(v.numel() for v in converted.values()) == keys["_num_params_total"] == params
+    for model in models:
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+        model.load_state_dict(converted, strict=True, assign=True)
+
+
+def test_unknown_keys_and_options_are_user_errors():
+    data = torch.load(GOLDEN / FILES[0], weights_only=True)
+    with pytest.raises(zoo.errors.UserError, match="unexpected key"):
+        convert.convert_state_dict({"stages.0.mystery.weight": torch.zeros(1)}, data["config"])
+    with pytest.raises(zoo.errors.UserError, match="dropout"):
+        convert.official_config_to_model_spec(
+            {**data["config"], "stage_configs": [{**data["config"]["stage_configs"][0], "dropout_prob": 0.1}]}
+        )
+    state = {k: v for k, v in data["state_dict"].items() if not k.endswith("block2.w1.weight")}
+    with pytest.raises(zoo.errors.UserError, match="w0 and w1"):
+        convert.convert_state_dict(state, data["config"])
