@@ -1,0 +1,155 @@
+"""What every solver shares: the options, the time grids, model calls on a schedule, the NFE count.
+
+Solvers never see the backbone: ``eps_fn(x, t) -> eps`` takes continuous schedule time ``t`` as a
+(B,) tensor (float32 at least, float64 when ``x`` is) and returns the noise prediction. A model with
+a learned variance returns ``(eps, v)`` or one tensor with 2C channels ``[eps | v]``; every solver
+but DDPM with ``variance="learned"`` uses ``eps`` only.
+
+Coefficients (α, σ, λ at the grid times) are computed once per time as float64 Python numbers
+on the CPU, so they cost nothing on the accelerator and keep float64 sampling exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from zoo.errors import UserError, did_you_mean
+
+from .schedules import NoiseSchedule
+
+EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
+SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras")
+
+
+@dataclass(frozen=True)
+class Point:
+    """A time on the schedule and its coefficients (float64)."""
+
+    t: float
+    log_alpha: float
+    alpha: float
+    sigma: float
+    lam: float
+
+
+def point(schedule: NoiseSchedule, t: float) -> Point:
+    """α, σ and λ at time ``t``, all from log α(t) so that they agree to the last bit."""
+    log_alpha = schedule.marginal_log_mean_coeff(torch.tensor(float(t), dtype=torch.float64)).item()
+    sigma = math.sqrt(-math.expm1(2.0 * log_alpha))
+    return Point(float(t), log_alpha, math.exp(log_alpha), sigma, log_alpha - math.log(sigma))
+
+
+def time_grid(
+    schedule: NoiseSchedule, skip: str, t_start: float, t_end: float, n: int, rho: float = 7.0
+) -> list[float]:
+    """``n + 1`` times from ``t_start`` down to ``t_end`` (DPM-Solver's ``get_time_steps``).
+
+    time_uniform: uniform in t; logSNR: uniform in λ; time_quadratic: uniform in √t (DDIM);
+    karras: uniform in σ^{1/ρ} with σ = σ_t/α_t = e^{−λ} (Karras et al. 2022, eq. 5).
+    """
+    f64 = torch.float64
+    if skip == "time_uniform":
+        ts = torch.linspace(t_start, t_end, n + 1, dtype=f64)
+    elif skip == "time_quadratic":
+        ts = torch.linspace(t_start**0.5, t_end**0.5, n + 1, dtype=f64) ** 2
+    elif skip == "logSNR":
+        lam_start, lam_end = point(schedule, t_start).lam, point(schedule, t_end).lam
+        ts = schedule.inverse_lambda(torch.linspace(lam_start, lam_end, n + 1, dtype=f64))
+    elif skip == "karras":
+        lo, hi = math.exp(-point(schedule, t_end).lam / rho), math.exp(-point(schedule, t_start).lam / rho)
+        sigmas = torch.linspace(hi, lo, n + 1, dtype=f64) ** rho
+        ts = schedule.inverse_lambda(-torch.log(sigmas))
+    else:
+        raise UserError(f"unknown skip type {skip!r}; use one of {', '.join(SKIP_TYPES)}",
+                        suggestion=did_you_mean(skip, SKIP_TYPES))
+    return ts.tolist()
+
+
+def split_model_output(out: "Tensor | Sequence[Tensor]", x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(eps, v)`` from a model output: a pair, a 2C-channel tensor ``[eps | v]``, or eps alone."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    if out.dim() >= 2 and x.dim() >= 2 and out.shape[1] == 2 * x.shape[1]:
+        eps, v = out.chunk(2, dim=1)
+        return eps, v
+    return out, None
+
+
+class ScheduledModel:
+    """``eps_fn`` bound to a schedule: evaluates it at schedule points and counts the calls."""
+
+    def __init__(self, eps_fn: EpsFn, schedule: NoiseSchedule):
+        self.eps_fn, self.schedule, self.nfe = eps_fn, schedule, 0
+
+    def at(self, t: float) -> Point:
+        return point(self.schedule, t)
+
+    def at_lambda(self, lam: float) -> Point:
+        """The point whose half log-SNR is ``lam`` (via the schedule's inverse)."""
+        return point(self.schedule, self.schedule.inverse_lambda(torch.tensor(lam, dtype=torch.float64)).item())
+
+    def eps_and_v(self, x: Tensor, p: Point) -> tuple[Tensor, Tensor | None]:
+        """The model's noise prediction at ``p`` (and its variance output, if it has one)."""
+        self.nfe += 1
+        t_dtype = torch.promote_types(x.dtype, torch.float32)  # never feed time in half precision
+        t = torch.full((x.shape[0],), p.t, dtype=t_dtype, device=x.device)
+        return split_model_output(self.eps_fn(x, t), x)
+
+    def eps(self, x: Tensor, p: Point) -> Tensor:
+        return self.eps_and_v(x, p)[0]
+
+    def x0(self, x: Tensor, p: Point) -> Tensor:
+        """The data prediction x̂_0 = (x − σ·ε̂)/α."""
+        return (x - p.sigma * self.eps(x, p)) / p.alpha
+
+
+def check_choice(what: str, value: object, choices: Sequence) -> None:
+    """Raise a :class:`UserError` naming ``what`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise UserError(f"{what} must be one of {', '.join(map(str, choices))}, got {value!r}",
+                        suggestion=did_you_mean(str(value), [str(c) for c in choices]))
+
+
+class Solver:
+    """Base of all solvers: ``sample(eps_fn, x_T, schedule)`` from t_start down to t_end.
+
+    ``t_start``/``t_end`` default to the schedule's ``T`` and ``eps`` (1 and 1/N for discrete
+    schedules). ``nfe`` is the number of model calls of the last :meth:`sample`.
+    """
+
+    rho: float = 7.0  # the ρ of skip="karras" (Karras et al. 2022)
+
+    def __init__(self, steps: int = 20, skip: str = "time_uniform", t_start: float | None = None,
+                 t_end: float | None = None):
+        if not isinstance(steps, int) or steps < 1:
+            raise UserError(f"steps must be a positive integer, got {steps!r}")
+        check_choice("skip", skip, SKIP_TYPES)
+        self.steps, self.skip, self.t_start, self.t_end = steps, skip, t_start, t_end
+        self.nfe = 0
+
+    def time_range(self, schedule: NoiseSchedule) -> tuple[float, float]:
+        t_start = schedule.T if self.t_start is None else float(self.t_start)
+        t_end = schedule.eps if self.t_end is None else float(self.t_end)
+        if not 0.0 < t_end < t_start:
+            raise UserError(f"need 0 < t_end < t_start, got t_start={t_start}, t_end={t_end}")
+        return t_start, t_end
+
+    def grid(self, schedule: NoiseSchedule, n: int | None = None) -> list[Point]:
+        """The ``n + 1`` (default ``steps + 1``) points of this solver's time grid."""
+        t_start, t_end = self.time_range(schedule)
+        times = time_grid(schedule, self.skip, t_start, t_end, self.steps if n is None else n, rho=self.rho)
+        return [point(schedule, t) for t in times]
+
+    def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Integrate from ``x_T`` at t_start to t_end; ``generator`` drives stochastic solvers."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "nfe" and not k.startswith("_"))
+        return f"{type(self).__name__}({options})"

@@ -1,0 +1,189 @@
+"""Noise schedules of variance-preserving diffusions, in DPM-Solver's continuous-time form.
+
+    x_t = α_t x_0 + σ_t ε,   α_t² + σ_t² = 1,   λ_t = log α_t − log σ_t  (half log-SNR)
+
+Every schedule gives ``marginal_log_mean_coeff`` (log α_t), ``marginal_alpha``, ``marginal_std``,
+``marginal_lambda`` and ``inverse_lambda`` on continuous t (Lu et al. 2022, "DPM-Solver", the
+``NoiseScheduleVP`` conventions), plus ``T`` (where sampling starts) and ``eps`` (where it ends).
+
+Discrete-time models trained on n = 0..N−1 live at t_n = (n + 1)/N, and log α(t) is the
+piecewise-linear interpolation of ½·log ᾱ_n between these knots (linear extrapolation outside),
+so sampling runs from t = 1 to t = 1/N. DPM-Solver's latest release also truncates discrete
+schedules whose λ falls below −5.1 (cosine-like tables); no schedule here reaches it (DDPM's
+linear table ends at λ = −5.06), and none is truncated.
+
+All functions are vectorised and keep the dtype of a floating ``t`` (float64 works end to end);
+tables are float64 and are moved to ``t``'s device and dtype on use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _as_time(t: Tensor | float) -> Tensor:
+    """``t`` as a floating tensor: floating tensors keep their dtype, anything else becomes float64."""
+    if isinstance(t, Tensor) and t.is_floating_point():
+        return t
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+class PiecewiseLinear:
+    """f(x) through the knots (xp increasing, float64), extended linearly at both ends.
+
+    Tables are converted once per (device, dtype) and cached, so evaluation is a search and one
+    multiply-add.
+    """
+
+    def __init__(self, xp: Tensor, fp: Tensor):
+        self.xp, self.fp = xp, fp
+        self.slope = (fp[1:] - fp[:-1]) / (xp[1:] - xp[:-1])
+        self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        key = (x.device, x.dtype)
+        if key not in self._cache:
+            self._cache[key] = tuple(v.to(x.device, x.dtype) for v in (self.xp, self.fp, self.slope))
+        xp, fp, slope = self._cache[key]
+        i = torch.searchsorted(xp, x.detach().contiguous()).clamp_(1, xp.numel() - 1) - 1
+        return fp[i] + (x - xp[i]) * slope[i]
+
+
+def log_alpha_from_lambda(lam: Tensor) -> Tensor:
+    """log α = −½·log(1 + e^{−2λ}), from α² = sigmoid(2λ)."""
+    return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+
+
+class NoiseSchedule:
+    """Base of the VP schedules: everything follows from log α(t) and its inverse."""
+
+    discrete: bool = False
+    T: float = 1.0
+    eps: float = 1e-3
+
+    def marginal_log_mean_coeff(self, t: Tensor | float) -> Tensor:
+        """log α_t."""
+        raise NotImplementedError
+
+    def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def marginal_alpha(self, t: Tensor | float) -> Tensor:
+        """α_t, the scale of the data in x_t."""
+        return torch.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_std(self, t: Tensor | float) -> Tensor:
+        """σ_t = √(1 − α_t²), the scale of the noise in x_t."""
+        return torch.sqrt(-torch.expm1(2.0 * self.marginal_log_mean_coeff(t)))
+
+    def marginal_lambda(self, t: Tensor | float) -> Tensor:
+        """λ_t = log α_t − log σ_t."""
+        log_alpha = self.marginal_log_mean_coeff(t)
+        return log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+    def inverse_lambda(self, lam: Tensor | float) -> Tensor:
+        """The t with λ_t = lam (λ is decreasing in t)."""
+        return self._t_from_log_alpha(log_alpha_from_lambda(_as_time(lam)))
+
+
+class DiscreteSchedule(NoiseSchedule):
+    """A discrete-time table ᾱ_0..ᾱ_{N−1} seen in continuous time (knots t_n = (n + 1)/N)."""
+
+    discrete = True
+
+    def __init__(self, alphas_cumprod: Tensor):
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.alphas_cumprod = alphas_cumprod
+        self.num_steps = alphas_cumprod.numel()
+        self.T = 1.0
+        self.eps = 1.0 / self.num_steps
+        t_knots = torch.arange(1, self.num_steps + 1, dtype=torch.float64) / self.num_steps
+        log_alpha_knots = 0.5 * torch.log(alphas_cumprod)
+        self._log_alpha_of_t = PiecewiseLinear(t_knots, log_alpha_knots)
+        self._t_of_log_alpha = PiecewiseLinear(log_alpha_knots.flip(0), t_knots.flip(0))
+
+    @property
+    def betas(self) -> Tensor:
+        """β_n = 1 − ᾱ_n/ᾱ_{n−1} (ᾱ_{−1} = 1)."""
+        previous = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        return 1.0 - self.alphas_cumprod / previous
+
+    def marginal_log_mean_coeff(self, t: Tensor | float) -> Tensor:
+        return self._log_alpha_of_t(_as_time(t))
+
+    def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        return self._t_of_log_alpha(log_alpha)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_steps={self.num_steps})"
+
+
+class LinearSchedule(DiscreteSchedule):
+    """DDPM's linear betas (Ho et al. 2020): β_n linear from beta_start to beta_end, ᾱ_n = Π(1 − β)."""
+
+    def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        super().__init__(torch.cumprod(1.0 - betas, dim=0))
+        self.beta_start, self.beta_end = beta_start, beta_end
+
+
+class ScaledLinearSchedule(DiscreteSchedule):
+    """Stable Diffusion's betas: √β_n linear from √beta_start to √beta_end (LDM, U-ViT-H, DiMR)."""
+
+    def __init__(self, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+        super().__init__(torch.cumprod(1.0 - betas, dim=0))
+        self.beta_start, self.beta_end = beta_start, beta_end
+
+
+class VPLinearSchedule(NoiseSchedule):
+    """Continuous VP-SDE (Song et al. 2021) with β(t) = β_0 + (β_1 − β_0)·t on t in [eps, 1].
+
+    log α_t = −¼·t²·(β_1 − β_0) − ½·t·β_0; the inverse solves that quadratic in t.
+    """
+
+    def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0):
+        self.beta_0, self.beta_1 = beta_0, beta_1
+        self.T, self.eps = 1.0, 1e-3
+
+    def beta(self, t: Tensor | float) -> Tensor:
+        """β(t), the SDE's noise rate."""
+        return self.beta_0 + (self.beta_1 - self.beta_0) * _as_time(t)
+
+    def marginal_log_mean_coeff(self, t: Tensor | float) -> Tensor:
+        t = _as_time(t)
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        # Root of (β_1 − β_0)/4·t² + β_0/2·t + log α = 0 in the cancellation-free form
+        # t = c / (β_0 + √(β_0² + c)) / (β_1 − β_0) with c = −4·(β_1 − β_0)·log α.
+        c = -4.0 * (self.beta_1 - self.beta_0) * log_alpha
+        return c / (torch.sqrt(self.beta_0**2 + c) + self.beta_0) / (self.beta_1 - self.beta_0)
+
+    def __repr__(self) -> str:
+        return f"VPLinearSchedule(beta_0={self.beta_0}, beta_1={self.beta_1})"
+
+
+class CosineSchedule(NoiseSchedule):
+    """Nichol & Dhariwal's cosine schedule in continuous time: α_t = cos((t + s)/(1 + s)·π/2) / cos(s/(1 + s)·π/2).
+
+    As in DPM-Solver, sampling starts at T = 0.9946 (α_T vanishes near t = 1).
+    """
+
+    def __init__(self, s: float = 0.008):
+        self.s = s
+        self.T, self.eps = 0.9946, 1e-3
+        self._log_alpha_0 = math.log(math.cos(s / (1.0 + s) * math.pi / 2.0))
+
+    def marginal_log_mean_coeff(self, t: Tensor | float) -> Tensor:
+        t = _as_time(t)
+        return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._log_alpha_0
+
+    def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        return torch.arccos(torch.exp(log_alpha + self._log_alpha_0)) * 2.0 * (1.0 + self.s) / math.pi - self.s
+
+    def __repr__(self) -> str:
+        return f"CosineSchedule(s={self.s})"
