@@ -1,0 +1,100 @@
+"""Noise schedules: DDPM / Stable Diffusion tables, DPM-Solver's continuous-time forms, inverses."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zoo.solvers import build_schedule
+from zoo.solvers.schedules import CosineSchedule, LinearSchedule, ScaledLinearSchedule, VPLinearSchedule
+
+F64 = torch.float64
+ALL = ["linear", "scaled_linear", "vp_linear", "cosine"]
+
+
+def assert_near(actual, expected, rtol=1e-7, atol=1e-7):
+    """|actual − expected| ≤ atol + rtol·|expected| everywhere (torch.testing's first call is slow)."""
+    bad = (actual - expected).abs() > atol + rtol * expected.abs()
+    assert not bool(bad.any()), f"max deviation {(actual - expected).abs().max().item():.3e}"
+
+
+def test_registry_builds_each_schedule():
+    assert isinstance(build_schedule("linear"), LinearSchedule)
+    assert isinstance(build_schedule("scaled_linear"), ScaledLinearSchedule)
+    assert isinstance(build_schedule("vp_linear", beta_0=0.1, beta_1=20.0), VPLinearSchedule)
+    assert isinstance(build_schedule("cosine"), CosineSchedule)
+
+
+def test_linear_reproduces_ddpm_table():
+    sched = build_schedule("linear", num_steps=1000, beta_start=1e-4, beta_end=0.02)
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), abar, rtol=1e-13)
+    assert sched.alphas_cumprod[-1].item() == pytest.approx(4.0358e-05, rel=1e-4)  # DDPM's ᾱ_T
+    np.testing.assert_allclose(sched.betas.numpy(), np.linspace(1e-4, 0.02, 1000), rtol=1e-10)
+    assert (sched.num_steps, sched.T, sched.eps) == (1000, 1.0, 1e-3)
+
+
+def test_scaled_linear_reproduces_stable_diffusion_table():
+    sched = build_schedule("scaled_linear")
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1.0 - betas), rtol=1e-13)
+    assert sched.alphas_cumprod[-1].item() == pytest.approx(0.0046, abs=1e-4)
+
+
+def test_discrete_time_is_piecewise_linear_log_alpha_between_knots():
+    sched = LinearSchedule(num_steps=10)
+    n = torch.arange(10)
+    knots = (n + 1).to(F64) / 10
+    half_log_abar = 0.5 * torch.log(sched.alphas_cumprod)
+    assert_near(sched.marginal_log_mean_coeff(knots), half_log_abar, rtol=0, atol=1e-15)
+    assert_near(sched.marginal_alpha(knots) ** 2, sched.alphas_cumprod, rtol=1e-13, atol=0)
+    mid = knots[:-1] + 0.05
+    assert_near(sched.marginal_log_mean_coeff(mid), (half_log_abar[:-1] + half_log_abar[1:]) / 2,
+                               rtol=0, atol=1e-15)
+    # below t = 1/N the first segment is extended (as DPM-Solver's interpolate_fn does)
+    below = sched.marginal_log_mean_coeff(torch.tensor([0.0], dtype=F64))
+    assert below.item() == pytest.approx((2 * half_log_abar[0] - half_log_abar[1]).item(), abs=1e-15)
+
+
+def test_vp_linear_closed_form():
+    sched = VPLinearSchedule(beta_0=0.1, beta_1=20.0)
+    t = torch.linspace(1e-3, 1.0, 101, dtype=F64)
+    expected = -0.25 * t**2 * 19.9 - 0.5 * t * 0.1
+    assert_near(sched.marginal_log_mean_coeff(t), expected, rtol=0, atol=1e-15)
+    # d log α / dt = −β(t)/2 with β(t) = 0.1 + 19.9 t
+    dt = 1e-6
+    slope = (sched.marginal_log_mean_coeff(t + dt) - sched.marginal_log_mean_coeff(t - dt)) / (2 * dt)
+    assert_near(slope, -0.5 * (0.1 + 19.9 * t), rtol=1e-8, atol=1e-8)
+    assert_near(sched.marginal_alpha(t) ** 2 + sched.marginal_std(t) ** 2, torch.ones_like(t))
+
+
+def test_cosine_closed_form():
+    sched = CosineSchedule()
+    s = 0.008
+    t = torch.linspace(1e-3, sched.T, 101, dtype=F64)
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    assert_near(sched.marginal_alpha(t) ** 2, f / math.cos(s / (1 + s) * math.pi / 2) ** 2)
+    assert sched.T == 0.9946 and sched.eps == 1e-3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inverse_lambda_inverts_marginal_lambda(name):
+    sched = build_schedule(name)
+    t = torch.linspace(sched.eps, sched.T, 2001, dtype=F64)
+    lam = sched.marginal_lambda(t)
+    assert bool((lam[1:] < lam[:-1]).all()), "λ must decrease with t"
+    assert_near(sched.inverse_lambda(lam), t, rtol=0, atol=1e-12)
+    alpha, sigma = sched.marginal_alpha(t), sched.marginal_std(t)
+    assert_near(lam, torch.log(alpha) - torch.log(sigma), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_dtype_and_shape_follow_the_input(name):
+    sched = build_schedule(name)
+    t32 = torch.full((3, 2), 0.5, dtype=torch.float32)
+    for fn in (sched.marginal_alpha, sched.marginal_std, sched.marginal_lambda):
+        out = fn(t32)
+        assert out.dtype == torch.float32 and out.shape == (3, 2)
+    assert sched.inverse_lambda(torch.zeros(4, dtype=F64)).dtype == F64
+    assert sched.marginal_alpha(0.5).dtype == F64  # Python floats are computed in float64

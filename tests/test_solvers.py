@@ -1,0 +1,396 @@
+"""Solvers against exact answers: Gaussian data (closed-form probability flow) and a Gaussian mixture
+(exact ε̂, reference flow from dopri5 in λ at rtol = atol = 1e-10), all in float64.
+
+Also: DPM-Solver(++) against the k-diffusion forms of DPM++(2M), DPM++(2S) and DPM++(3M) written here
+from their equations, DDIM = DPM-Solver-1 = Euler in σ, the reference's grids and order schedules,
+and the NFE of every method.
+"""
+
+import math
+
+import pytest
+import torch
+
+from zoo.errors import UserError
+from zoo.solvers import build_schedule, build_solver
+from zoo.solvers.base import time_grid
+from zoo.solvers.ddpm import respaced_indices
+from zoo.solvers.dpm_solver import DPMSolver, DPMSolverPlusPlus
+from zoo.solvers.dpm_solver_loop import multistep_orders, singlestep_orders
+from zoo.solvers.oracles import GaussianMixtureOracle, GaussianOracle
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only add overhead (and contention on shared CI cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return build_schedule("linear")
+
+
+@pytest.fixture(scope="module")
+def gauss(sched):
+    oracle = GaussianOracle(sched, torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=F64),
+                            torch.tensor([0.3, 1.5, 0.05, 1.0], dtype=F64))
+    x_T = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    return oracle, x_T, oracle.flow(x_T, sched.T, sched.eps)
+
+
+@pytest.fixture(scope="module")
+def mixture(sched):
+    oracle = GaussianMixtureOracle(sched, torch.tensor([0.5, 0.3, 0.2], dtype=F64),
+                                   torch.tensor([[-1.5, 0.5], [1.0, 1.0], [0.5, -1.5]], dtype=F64),
+                                   torch.tensor([0.3, 0.5, 0.2], dtype=F64))
+    x_T = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    torch.set_num_threads(1)
+    reference = build_solver("ode", method="dopri5", rtol=1e-10, atol=1e-10).sample(oracle.eps, x_T, sched)
+    return oracle, x_T, reference
+
+
+def rms(a, b):
+    return (a - b).square().mean().sqrt().item()
+
+
+def assert_near(actual, expected, atol):
+    """Max-abs comparison (torch.testing's first call costs seconds)."""
+    assert (actual - expected).abs().max().item() <= atol, (actual - expected).abs().max().item()
+
+
+def test_ode_reference_matches_the_closed_form_flow(sched, gauss):
+    oracle, x_T, exact = gauss
+    solver = build_solver("ode", rtol=1e-10, atol=1e-10)
+    assert (solver.sample(oracle.eps, x_T, sched) - exact).abs().max().item() < 1e-8
+    assert solver.nfe > 100
+
+
+# (name, kwargs) -> the error must fall as the NFE (10, 20, 50) grows; heun gets NFE/2 steps.
+CONVERGING = [
+    ("ddim", {}), ("euler", {}), ("heun", {}),
+    ("dpm_solver", dict(order=2, skip="logSNR")),
+    ("dpm_solver", dict(order=3, skip="logSNR")),
+    ("dpm_solver", dict(order=2, method="singlestep", skip="logSNR")),
+    ("dpm_solver", dict(order=3, method="singlestep", skip="logSNR")),
+    ("dpm_solver", dict(order=2, method="singlestep_fixed", skip="logSNR")),
+    ("dpm_solver++", dict(order=2, skip="logSNR")), ("dpm_solver++", dict(order=3, skip="logSNR")),
+    ("dpm_solver++", dict(order=3, method="singlestep", skip="logSNR")),
+]
+
+
+@pytest.mark.parametrize("oracle_name", ["gauss", "mixture"])
+@pytest.mark.parametrize("name,kwargs", CONVERGING, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_error_falls_as_nfe_grows(request, sched, oracle_name, name, kwargs):
+    oracle, x_T, reference = request.getfixturevalue(oracle_name)
+    errors = []
+    for nfe in (10, 20, 50):
+        solver = build_solver(name, steps=nfe // 2 if name == "heun" else nfe, **kwargs)
+        errors.append(rms(solver.sample(oracle.eps, x_T, sched), reference))
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.4 * errors[0], errors
+
+
+@pytest.mark.parametrize("oracle_name", ["gauss", "mixture"])
+@pytest.mark.parametrize("name,order", [("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", 3), ("ode", None)])
+def test_tolerance_driven_solvers_converge(request, sched, oracle_name, name, order):
+    oracle, x_T, reference = request.getfixturevalue(oracle_name)
+    errors, nfes = [], []
+    for tol in ((1e-3, 1e-5) if name == "ode" else (1e-2, 1e-3)):
+        kwargs = dict(rtol=tol, atol=tol) if name == "ode" else dict(order=order, method="adaptive", rtol=tol, atol=tol)
+        solver = build_solver(name, **kwargs)
+        errors.append(rms(solver.sample(oracle.eps, x_T, sched), reference))
+        nfes.append(solver.nfe)
+        if name != "ode":
+            assert solver.nfe % order == 0  # every trial step costs `order` calls
+    assert errors[0] > errors[1] and errors[1] < 5e-3, errors
+    assert nfes[0] < nfes[1], nfes
+
+
+@pytest.mark.parametrize("name", ["dpm_solver", "dpm_solver++"])
+def test_multistep_2m_is_second_order(sched, gauss, name):
+    oracle, x_T, exact = gauss
+    err = {n: rms(build_solver(name, steps=n, order=2, skip="logSNR").sample(oracle.eps, x_T, sched), exact)
+           for n in (50, 100)}
+    assert math.log2(err[50] / err[100]) >= 1.8, err
+
+
+@pytest.mark.parametrize("skip", ["logSNR", "time_uniform", "time_quadratic"])
+def test_first_order_dpm_solver_euler_and_ddim_agree(sched, mixture, skip):
+    oracle, x_T, _ = mixture
+    ddim = build_solver("ddim", steps=12, skip=skip).sample(oracle.eps, x_T, sched)
+    for name, kwargs in [("dpm_solver", {}), ("dpm_solver++", {}), ("dpm_solver", dict(method="singlestep")),
+                         ("euler", {})]:
+        out = build_solver(name, steps=12, order=1, skip=skip, **kwargs) if name != "euler" else \
+            build_solver("euler", steps=12, skip=skip)
+        assert (out.sample(oracle.eps, x_T, sched) - ddim).abs().max().item() < 1e-12, (name, kwargs)
+
+
+def _karras_sampler(sched, oracle, x_T, times, step):
+    """Run a k-diffusion style sampler on x̃ = x/α with σ = σ_t/α_t, denoiser D(x̃, σ) = x̂0."""
+    pts = [(t, sched.marginal_alpha(t).item(), sched.marginal_std(t).item()) for t in times]
+    sigmas = [s / a for _, a, s in pts]
+
+    def denoise(x_tilde, i):
+        t, a, s = pts[i]
+        x = a * x_tilde
+        return (x - s * oracle.eps(x, torch.full((x.shape[0],), t, dtype=F64))) / a
+
+    x_tilde = x_T / pts[0][1]
+    state = {}
+    for i in range(len(times) - 1):
+        x_tilde = step(x_tilde, sigmas, i, denoise, state)
+    return pts[-1][1] * x_tilde
+
+
+def _dpmpp_2m_step(x, sigmas, i, denoise, state):
+    """DPM++(2M), k-diffusion form: λ = −log σ, second order from the previous denoised value."""
+    denoised = denoise(x, i)
+    t, t_next = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
+    h = t_next - t
+    if "old" in state:
+        r = (t - (-math.log(sigmas[i - 1]))) / h
+        denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * state["old"]
+    else:
+        denoised_d = denoised
+    state["old"] = denoised
+    return (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised_d
+
+
+def _dpmpp_2s_step(x, sigmas, i, denoise, state):
+    """DPM++(2S) (ancestral sampler with η = 0), k-diffusion form: midpoint in λ."""
+    # The intermediate point needs its own time: the test supplies it through state["midpoints"].
+    t, t_next = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
+    h = t_next - t
+    denoised = denoise(x, i)
+    s_mid, denoise_mid = state["midpoints"][i]
+    x_2 = (s_mid / sigmas[i]) * x - math.expm1(-0.5 * h) * denoised
+    return (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoise_mid(x_2)
+
+
+def _dpmpp_3m_step(x, sigmas, i, denoise, state):
+    """DPM++(3M) SDE sampler with η = 0, k-diffusion form (its warm-up step is the Taylor variant)."""
+    denoised = denoise(x, i)
+    h = -math.log(sigmas[i + 1]) + math.log(sigmas[i])
+    x = math.exp(-h) * x - math.expm1(-h) * denoised
+    hist = state.setdefault("hist", [])  # (denoised, h) of previous steps, newest last
+    phi_2 = math.expm1(-h) / h + 1
+    if len(hist) >= 2:
+        (d2_, _), (d1_, h_1) = hist[-2], hist[-1]
+        h_2 = hist[-2][1]
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0, d1_1 = (denoised - d1_) / r0, (d1_ - d2_) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        x = x + phi_2 * d1 - (phi_2 / h - 0.5) * d2
+    elif len(hist) == 1:
+        d1_, h_1 = hist[-1]
+        x = x + phi_2 * (denoised - d1_) / (h_1 / h)
+    hist.append((denoised, h))
+    return x
+
+
+@pytest.mark.parametrize("skip", ["logSNR", "time_uniform"])
+def test_dpm_solver_pp_2m_equals_k_diffusion_form(sched, mixture, skip):
+    oracle, x_T, _ = mixture
+    solver = build_solver("dpm_solver++", steps=15, order=2, skip=skip, method="multistep")
+    times = time_grid(sched, skip, sched.T, sched.eps, 15)
+    expected = _karras_sampler(sched, oracle, x_T, torch.tensor(times, dtype=F64), _dpmpp_2m_step)
+    assert (solver.sample(oracle.eps, x_T, sched) - expected).abs().max().item() < 1e-12
+
+
+def test_dpm_solver_pp_3m_taylor_equals_k_diffusion_3m(sched, mixture):
+    oracle, x_T, _ = mixture
+    solver = build_solver("dpm_solver++", steps=12, order=3, skip="logSNR", solver_type="taylor")
+    times = time_grid(sched, "logSNR", sched.T, sched.eps, 12)
+    expected = _karras_sampler(sched, oracle, x_T, torch.tensor(times, dtype=F64), _dpmpp_3m_step)
+    assert (solver.sample(oracle.eps, x_T, sched) - expected).abs().max().item() < 1e-12
+
+
+def test_dpm_solver_pp_singlestep_2_equals_k_diffusion_2s(sched, mixture):
+    oracle, x_T, _ = mixture
+    steps = 12  # 'fast' order 2 with an even budget: 6 steps of order 2 on a 7-point λ-uniform grid
+    times = time_grid(sched, "logSNR", sched.T, sched.eps, steps // 2)
+    midpoints = []
+    for s, t in zip(times[:-1], times[1:]):
+        lam_mid = (sched.marginal_lambda(s) + sched.marginal_lambda(t)) / 2
+        t_mid = sched.inverse_lambda(torch.tensor(lam_mid.item(), dtype=F64))
+        a, sg = sched.marginal_alpha(t_mid).item(), sched.marginal_std(t_mid).item()
+
+        def denoise_mid(x_tilde, t_mid=t_mid.item(), a=a, sg=sg):
+            x = a * x_tilde
+            return (x - sg * oracle.eps(x, torch.full((x.shape[0],), t_mid, dtype=F64))) / a
+        midpoints.append((sg / a, denoise_mid))
+    step = lambda x, sig, i, den, st: _dpmpp_2s_step(x, sig, i, den, {"midpoints": midpoints})  # noqa: E731
+    expected = _karras_sampler(sched, oracle, x_T, torch.tensor(times, dtype=F64), step)
+    solver = build_solver("dpm_solver++", steps=steps, order=2, skip="logSNR", method="singlestep")
+    assert (solver.sample(oracle.eps, x_T, sched) - expected).abs().max().item() < 1e-12
+
+
+def test_order_schedules_follow_the_reference():
+    assert multistep_orders(5, 3) == [1, 2, 3, 2, 1]  # warm-up, then lower_order_final (steps < 10)
+    assert multistep_orders(5, 3, lower_order_final=False) == [1, 2, 3, 3, 3]
+    assert multistep_orders(12, 3) == [1, 2] + [3] * 10  # no lowering from 10 steps on
+    assert multistep_orders(9, 2) == [1] + [2] * 7 + [1]
+    assert singlestep_orders(20, 3) == [3] * 6 + [2]
+    assert singlestep_orders(21, 3) == [3] * 6 + [2, 1]
+    assert singlestep_orders(22, 3) == [3] * 7 + [1]
+    assert singlestep_orders(21, 2) == [2] * 10 + [1]
+    assert singlestep_orders(4, 1) == [1] * 4
+
+
+def _recording(oracle, log):
+    def eps_fn(x, t):
+        assert t.shape == (x.shape[0],) and bool((t == t[0]).all())
+        log.append(t[0].item())
+        return oracle.eps(x, t)
+    return eps_fn
+
+
+def test_model_times_follow_the_reference_grids(sched, gauss):
+    oracle, x_T, _ = gauss
+    uniform = torch.linspace(1.0, 1e-3, 10, dtype=F64)  # 9 intervals
+    for kwargs in [dict(order=3, method="multistep"), dict(order=3, method="singlestep"), dict(order=1, method="singlestep")]:
+        log = []
+        build_solver("dpm_solver", steps=9, skip="time_uniform", **kwargs).sample(_recording(oracle, log), x_T, sched)
+        # singlestep time_uniform [3, 3, 2, 1]: outer points at grid indices 0, 3, 6, 8, 9 and inner
+        # points uniform in t inside each step, so the model sees exactly the 9-interval grid
+        assert_near(torch.tensor(log, dtype=F64), uniform[:-1], atol=1e-12)
+    log = []
+    build_solver("dpm_solver++", steps=9, order=3, skip="logSNR", method="singlestep").sample(
+        _recording(oracle, log), x_T, sched)
+    lam = sched.marginal_lambda(torch.tensor(log, dtype=F64))
+    outer = torch.linspace(sched.marginal_lambda(1.0).item(), sched.marginal_lambda(1e-3).item(), 5, dtype=F64)
+    h = outer[1] - outer[0]  # K = 4 steps uniform in λ, orders [3, 3, 2, 1], r = (1/3, 2/3) then 1/2
+    expected = [outer[0], outer[0] + h / 3, outer[0] + 2 * h / 3, outer[1], outer[1] + h / 3, outer[1] + 2 * h / 3,
+                outer[2], outer[2] + h / 2, outer[3]]
+    assert_near(lam, torch.stack(expected), atol=1e-9)
+
+
+@pytest.mark.parametrize("name,kwargs,nfe", [
+    ("dpm_solver", dict(steps=20, order=3, method="singlestep"), 20),
+    ("dpm_solver++", dict(steps=20, order=2, method="singlestep"), 20),
+    ("dpm_solver++", dict(steps=21, order=2, method="singlestep"), 21),
+    ("dpm_solver", dict(steps=20, order=3, method="singlestep_fixed"), 18),
+    ("dpm_solver++", dict(steps=20, order=3, method="multistep"), 20),
+    ("dpm_solver++", dict(steps=7, order=2, method="multistep"), 7),
+    ("dpm_solver++", dict(steps=7, order=2, denoise_to_zero=True), 8),
+    ("ddim", dict(steps=13), 13), ("euler", dict(steps=13), 13), ("heun", dict(steps=13), 26),
+    ("ddpm", dict(steps=13), 13), ("ode", dict(method="rk4", steps=5), 20),
+])
+def test_nfe_counts(sched, gauss, name, kwargs, nfe):
+    oracle, x_T, _ = gauss
+    log = []
+    solver = build_solver(name, **kwargs)
+    solver.sample(_recording(oracle, log), x_T, sched, generator=torch.Generator().manual_seed(0))
+    assert solver.nfe == len(log) == nfe
+
+
+def test_adaptive_and_ode_nfe_is_the_number_of_calls(sched, gauss):
+    oracle, x_T, _ = gauss
+    for solver in (build_solver("dpm_solver", order=3, method="adaptive"), build_solver("ode", rtol=1e-4, atol=1e-4)):
+        log = []
+        solver.sample(_recording(oracle, log), x_T, sched)
+        assert solver.nfe == len(log) > 10
+
+
+def test_denoise_to_zero_returns_the_data_prediction(sched, gauss):
+    oracle, x_T, _ = gauss
+    x_end = build_solver("dpm_solver++", steps=10).sample(oracle.eps, x_T, sched)
+    x0 = build_solver("dpm_solver++", steps=10, denoise_to_zero=True).sample(oracle.eps, x_T, sched)
+    a, s = sched.marginal_alpha(1e-3).item(), sched.marginal_std(1e-3).item()
+    t = torch.full((x_T.shape[0],), 1e-3, dtype=F64)
+    assert_near(x0, (x_end - s * oracle.eps(x_end, t)) / a, atol=1e-13)
+
+
+def _moment_error(out, mean, std):
+    return ((out.mean(0) - mean).abs() + (out.std(0) - std).abs()).mean().item()
+
+
+@pytest.mark.parametrize("name,kwargs", [("ddpm", {}), ("ddpm", dict(variance="fixed_large")), ("ddim", dict(eta=1.0))])
+def test_stochastic_solvers_approach_the_data_distribution(sched, name, kwargs):
+    oracle = GaussianOracle(sched, torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([0.3, 1.5], dtype=F64))
+    x_T = torch.randn(8000, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    mean, std = oracle.denoised_marginal(sched.eps) if name == "ddpm" else oracle.marginal(sched.eps)
+    errors = [_moment_error(build_solver(name, steps=n, **kwargs).sample(
+        oracle.eps, x_T, sched, generator=torch.Generator().manual_seed(4)), mean, std) for n in (5, 20, 100)]
+    assert errors[0] > 1.5 * errors[1] > 2.25 * errors[2], errors
+
+
+def test_ddpm_respacing_matches_improved_ddpm():
+    kept = respaced_indices(1000, 250)
+    assert len(kept) == 250 and kept[0] == 0 and kept[-1] == 999
+    assert kept[:4] == [0, 4, 8, 12] and set(b - a for a, b in zip(kept, kept[1:])) == {4, 5}
+    assert respaced_indices(1000, 1000) == list(range(1000))
+    with pytest.raises(UserError):
+        respaced_indices(10, 11)
+
+
+def test_ddpm_learned_variance_interpolates_between_the_fixed_ones(sched, gauss):
+    oracle, x_T, _ = gauss
+
+    def run(variance, v_value=None, as_channels=False):
+        def eps_fn(x, t):
+            eps = oracle.eps(x, t)
+            if v_value is None:
+                return eps
+            v = torch.full_like(eps, v_value)
+            return torch.cat([eps, v], dim=1) if as_channels else (eps, v)
+        return build_solver("ddpm", steps=10, variance=variance).sample(
+            eps_fn, x_T, sched, generator=torch.Generator().manual_seed(5))
+
+    small, large = run("fixed_small"), run("fixed_large")
+    assert (small - large).abs().max().item() > 1e-3
+    assert_near(run("learned", 1.0), large, atol=1e-12)
+    assert_near(run("learned", -1.0, as_channels=True), small, atol=1e-12)
+    halfway = run("learned", 0.0)
+    assert (halfway - small).abs().max() > 1e-4 and (halfway - large).abs().max() > 1e-4
+    with pytest.raises(UserError, match="learned"):
+        run("learned")
+
+
+def test_other_solvers_ignore_a_variance_output(sched, gauss):
+    oracle, x_T, _ = gauss
+    plain = build_solver("dpm_solver++", steps=8).sample(oracle.eps, x_T, sched)
+    with_v = build_solver("dpm_solver++", steps=8).sample(
+        lambda x, t: torch.cat([oracle.eps(x, t), torch.zeros_like(x)], dim=1), x_T, sched)
+    assert torch.equal(plain, with_v)
+
+
+def test_float32_sampling_keeps_dtype_and_feeds_float32_time(sched, gauss):
+    oracle, x_T, exact = gauss
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append((x.dtype, t.dtype))
+        return oracle.eps(x.double(), t.double()).float()
+    out = build_solver("dpm_solver++", steps=20, order=2, skip="logSNR").sample(eps_fn, x_T.float(), sched)
+    assert out.dtype == torch.float32 and set(seen) == {(torch.float32, torch.float32)}
+    assert rms(out.double(), exact) < 0.02
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("dpm_solver", dict(method="multistpe"), "multistep"),
+    ("dpm_solver++", dict(order=4), "order"),
+    ("dpm_solver++", dict(order=1, method="adaptive"), "order"),
+    ("dpm_solver++", dict(steps=2, order=3), "steps >= 3"),
+    ("dpm_solver", dict(skip="log_snr"), "logSNR"),
+    ("ddpm", dict(variance="learnt"), "learned"),
+    ("ode", dict(method="rk4"), "steps"),
+    ("ddim", dict(steps=0), "steps"),
+])
+def test_bad_options_are_user_errors(name, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        build_solver(name, **kwargs)
+
+
+def test_registry_builds_each_solver():
+    assert type(build_solver("dpm_solver")) is DPMSolver
+    assert type(build_solver("dpm_solver++")) is DPMSolverPlusPlus
+    for name in ("ddpm", "ddim", "euler", "heun", "ode"):
+        assert callable(build_solver(name).sample)
