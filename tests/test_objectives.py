@@ -169,7 +169,7 @@ def test_objectives_read_the_solvers_schedules():
     model = Oracle(perfect)
     out = obj(model, x0, generator=torch.Generator().manual_seed(1))
     assert out["loss"].max() < 1e-20
-    assert len(torch.unique(model.seen[1])) == 8 and model.seen[1].min() >= 999 * sched.eps
+    assert len(torch.unique(model.seen[1])) == 8 and 0 <= model.seen[1].min() and model.seen[1].max() <= 999
     with pytest.raises(ValueError, match="does not fit"):
         DiffusionObjective(sched, "dit_index")
 

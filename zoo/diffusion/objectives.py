@@ -36,8 +36,8 @@ class DiffusionObjective:
 
     ``schedule`` is a :mod:`zoo.solvers` schedule. For a discrete one (``schedule.discrete``)
     the trainer draws the 0-based DDPM index uniformly and forms x_t from the float64 ᾱ table
-    of its β's; for a continuous one (the VP-SDE of U-ViT-M/L) it draws t uniformly in
-    [schedule.eps, 1] and uses the schedule's marginals. ``time_input`` names the map from t to
+    of its β's; for a continuous one (the VP-SDE of U-ViT-M/L) it draws t uniformly in [0, 1]
+    as U-ViT's trainer does and uses the schedule's marginals. ``time_input`` names the map from t to
     the backbone's input (:mod:`~zoo.diffusion.time_input`); ``num_steps`` N is the schedule's.
     """
 
@@ -60,7 +60,7 @@ class DiffusionObjective:
             raise ValueError(f"time input {time_input!r} does not fit a {kind} schedule ({schedule!r})")
         self.label_drop = float(label_drop)
         self.null_label = null_label
-        self.t_min = float(getattr(schedule, "eps", 1e-3))
+        self.t_min = 0.0  # continuous models train on t ~ U[0, 1] (U-ViT's VP-SDE ``sample(x0, t_init=0)``)
         self.discrete = None if self.continuous else DiscreteDiffusion(betas_from_schedule(schedule, self.num_steps))
 
     # -- the forward process --------------------------------------------------------------

@@ -17,7 +17,7 @@ what the official sampler feeds its network, and the trainer uses the same map (
   n ∈ {1..N}).
 
 For discrete schedules the trainer draws the 0-based index n uniformly and uses t = (n+1)/N;
-for the continuous VP-SDE it draws t uniformly in [t_min, 1].
+for the continuous VP-SDE it draws t uniformly in [t_min, 1] (U-ViT: t_min = 0).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def training_times(
     batch_size: int,
     num_steps: int,
     continuous: bool = False,
-    t_min: float = 1e-3,
+    t_min: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -99,7 +99,7 @@ def training_times(
 
     Discrete models: a 0-based DDPM index n uniform in 0..N−1, returned as its knot (n+1)/N —
     so ``dit_index`` gives n, ``uvit_discrete``/``dimr_log_snr`` the official 1-based step n+1.
-    Continuous (VP-SDE) models: t uniform in [t_min, 1].
+    Continuous (VP-SDE) models: t uniform in [t_min, 1] (U-ViT's trainer uses t_min = 0).
     """
     if continuous:
         u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=device)
