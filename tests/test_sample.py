@@ -17,6 +17,7 @@ from zoo.sample import SampleRequest, initial_noise, load_model, sample_latents,
 RECIPES = Path(__file__).parent / "recipes"
 PIXELS = RECIPES / "tiny_dit_pixels.yaml"
 LATENT = RECIPES / "tiny_dit_latent.yaml"
+DIMR = RECIPES / "tiny_dimr_pixels.yaml"
 
 
 def _trained_like(recipe_path, scale=0.02, seed=0):
@@ -50,13 +51,15 @@ def test_per_sample_seeds_are_distinct_and_split_independent():
     assert labels.min() == 0 and labels.max() == 9
 
 
-def test_same_samples_whatever_the_batch_size_float64():
-    """Guided (3 channels), learned σ, DPM-Solver++: sample i does not depend on the batch split."""
-    model, recipe = _trained_like(PIXELS)
+@pytest.mark.parametrize("recipe_path, side", [(PIXELS, 8), (DIMR, 16)])
+def test_same_samples_whatever_the_batch_size_float64(recipe_path, side):
+    """Sample i does not depend on the batch split: DiT (guided 3 channels, learned σ, multistep
+    DPM-Solver++) and DiMR (per-branch outputs, guidance with the power decay, singlestep order 3)."""
+    model, recipe = _trained_like(recipe_path)
     model = model.double()
     runs = [sample_latents(model, recipe, SampleRequest(n=5, seed=3, steps=3, batch_size=b)) for b in (1, 2, 5)]
     x, y = runs[0]
-    assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32
+    assert x.shape == (5, 3, side, side) and x.dtype == torch.float32
     for other, labels in runs[1:]:
         assert torch.equal(labels, y)
         assert torch.allclose(other, x, rtol=0, atol=1e-6 * x.abs().max().item())
@@ -177,10 +180,17 @@ def test_cli_decodes_latents_through_the_vae(random_vae_dir, tmp_path):
     assert _png(out) == ((2 * (64 + 2) + 2, 64 + 2 + 2), "RGB")
 
 
-def test_grid_layout_helper(tmp_path):
-    from zoo.sample import save_grid
+def test_grid_matches_torchvision_layout(tmp_path):
+    from torchvision.utils import make_grid
 
-    images = torch.rand(10, 3, 4, 4)
-    save_grid(images, tmp_path / "g.png")
+    from zoo.sample import image_grid, save_grid
+
+    images = torch.rand(10, 3, 4, 5)
     cols = math.ceil(math.sqrt(10))
-    assert _png(tmp_path / "g.png")[0] == (cols * 6 + 2, math.ceil(10 / cols) * 6 + 2)
+    assert torch.equal(image_grid(images, cols), make_grid(images, nrow=cols, padding=2, pad_value=1.0))
+    save_grid(images, tmp_path / "g.png")
+    assert _png(tmp_path / "g.png") == ((cols * 7 + 2, math.ceil(10 / cols) * 6 + 2), "RGB")
+    with Image.open(tmp_path / "g.png") as im:
+        pixels = torch.from_numpy(__import__("numpy").asarray(im).copy()).permute(2, 0, 1)
+    expected = (image_grid(images, cols) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(pixels, expected)  # torchvision's save_image rounding

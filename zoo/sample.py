@@ -181,17 +181,31 @@ def to_images(x: Tensor, recipe: Mapping[str, Any], vae_dir: str | Path | None, 
     return ((x.clamp(-1.0, 1.0) + 1.0) / 2.0).float()
 
 
+def image_grid(images: Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Tile (B, C, H, W) into one (C, H', W') image, ``nrow`` per row, ``padding`` px around every tile
+    (torchvision's ``make_grid`` layout, without importing torchvision)."""
+    b, c, h, w = images.shape
+    rows = math.ceil(b / nrow)
+    step_h, step_w = h + padding, w + padding
+    grid = images.new_full((c, rows * step_h + padding, nrow * step_w + padding), pad_value)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        grid[:, padding + r * step_h : padding + r * step_h + h, padding + col * step_w : padding + col * step_w + w] = images[i]
+    return grid
+
+
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write images (B, C, H, W) in [0, 1] as one PNG grid, atomically; nrow defaults to ⌈√B⌉."""
-    from torchvision.utils import make_grid, save_image
+    """Write images (B, C, H, W) in [0, 1] as one 8-bit PNG grid, atomically; nrow defaults to ⌈√B⌉."""
+    from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    grid = image_grid(images.float().clamp(0.0, 1.0), nrow or math.ceil(math.sqrt(images.shape[0])))
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        save_image(grid, tmp, format="PNG")
+        image.save(tmp, format="PNG")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
