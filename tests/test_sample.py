@@ -169,6 +169,43 @@ def test_vae_builds_offline_with_sd_parameter_count_and_decodes(random_vae_dir):
     assert time.perf_counter() - start < 120
 
 
+def _to_ldm_layout(state):
+    """diffusers' AutoencoderKL names → the LDM / U-ViT ``autoencoder_kl*.pth`` names (written from the LDM layout)."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{3 - int(m[1])}.block.", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{3 - int(m[1])}.upsample.", k)
+        k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
+        attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+        for new, old in attn.items():
+            k = k.replace(f"mid_block.attentions.0.{new}.", f"mid.attn_1.{old}.")
+        if ".attn_1." in k and k.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out[k] = value
+    return out
+
+
+@pytest.mark.slow
+def test_vae_reads_ldm_layout_weights(random_vae_dir, tmp_path):
+    """U-ViT/DiMR ship the SD VAE as an LDM-layout ``autoencoder_kl_ema.pth``: it loads to the same decoder."""
+    from zoo.vae import SCALE, load_vae
+
+    _, reference = random_vae_dir
+    ldm = _to_ldm_layout(reference.state_dict())
+    assert "decoder.up.0.block.0.conv1.weight" in ldm and "encoder.mid.attn_1.q.weight" in ldm
+    torch.save(ldm, tmp_path / "autoencoder_kl_ema.pth")
+    codec = load_vae(tmp_path)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference.decode(z / SCALE).sample.clamp(-1, 1)
+    assert torch.allclose(codec.decode(z), expected, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_cli_decodes_latents_through_the_vae(random_vae_dir, tmp_path):
     model, recipe = _trained_like(LATENT)
