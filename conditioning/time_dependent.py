@@ -114,7 +114,7 @@ class TimeDependentRMSNorm(_TimeDependentNorm):
     def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, None]:
         gamma = self.weight(self.tau(cond))
         rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.dim**-0.5
-        return x / (rms + self.eps) * per_sample(gamma, x), None
+        return x * (rms + self.eps).reciprocal() * per_sample(gamma, x), None  # multiply: faster than x / (...)
 
 
 class PaperTimeDependentLayerNorm(TimeDependentLayerNorm):
