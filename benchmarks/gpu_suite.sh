@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One short GPU check (< 4 min): training-step speed of the §8 configs on CUDA in fp32 and bf16.
+#
+#   bash benchmarks/gpu_suite.sh            # from the repository root, on a machine with a GPU
+#
+# Uses only what the machine has (torch, einops, timm, yaml, safetensors); if `zoo` is not
+# importable with its entry points, the project is installed editable with no dependencies and
+# no index. Batches are larger than §8's CPU batches so the GPU has work: DiT-S/2 64,
+# U-ViT-M/4 32, DiMR-M/3R 32. bf16 is autocast with fp32 master weights. Utilisation is against
+# a 2048³ matmul of the same dtype (fp32 with TF32 off, PyTorch's default).
+# Writes the results as JSON lines to $OUT/gpu_suite.jsonl when $OUT is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! $PY -c "import zoo.backbones, importlib.metadata as m; assert m.entry_points(group='zoo.backbones')" 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+    || { echo "could not install the project (pip install --no-deps -e .)"; exit 1; }
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+
+status=0
+for dtype in fp32 bf16; do
+  echo "== $dtype"
+  timeout 100 $PY benchmarks/train_step.py --device cuda --dtype "$dtype" \
+      --batch dit_s_2=64 uvit_m_4=32 dimr_m_3r=32 ${OUT:+--json} ${GPU_SUITE_ARGS:-} \
+      > >(tee -a "${OUT:-/tmp}/gpu_suite.log") || status=1
+done
+if [[ -n "${OUT:-}" ]]; then grep '^{' "$OUT/gpu_suite.log" > "$OUT/gpu_suite.jsonl"; fi
+exit $status

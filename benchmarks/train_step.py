@@ -1,0 +1,214 @@
+"""Training-step speed and utilisation of the paper configs (DESIGN §8).
+
+A training step is forward + backward + AdamW step. Step time is the median of ``--steps``
+steps after ``--warmup`` warm-ups. Utilisation = 3 × forward FLOPs (2 per MAC) × batch / step
+time, divided by the rate of a 2048×2048×2048 matmul (same dtype, same device) measured in
+the same process right before the steps, so machine load hits both alike.
+
+Each config runs in its own subprocess, so peak memory is that config's alone: on CPU the
+``ru_maxrss`` growth over the steps (activations, gradients, optimiser state; weights
+excluded), on CUDA ``torch.cuda.max_memory_allocated`` (everything).
+
+    python benchmarks/train_step.py                       # CPU, fp32, 2 threads, the §8 configs
+    python benchmarks/train_step.py --device cuda --dtype bf16 --batch 64
+    python benchmarks/train_step.py --only dimr_m_3r --profile   # + torch.profiler top ops
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# name -> (recipe, §8 batch, official step ms, official utilisation)
+CONFIGS = {
+    "dit_s_2": ("recipes/dit_s_2.yaml", 8, 1956.0, 0.86),
+    "uvit_m_4": ("recipes/uvit_m_4.yaml", 4, 5004.0, 0.97),
+    "dimr_m_3r": ("recipes/dimr_m_3r.yaml", 4, 11888.0, 0.62),
+}
+TARGETS = {"dit_s_2": 0.86, "uvit_m_4": 0.95, "dimr_m_3r": 0.87}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an ``n³`` matmul (2 FLOPs per MAC), the median of ``repeats`` timed products."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    inner = 20 if device.type == "cuda" else 1
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        _sync(device)
+        times.append((time.perf_counter() - start) / inner)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _loss(out) -> torch.Tensor:
+    """A cheap scalar touching every output (DiMR returns one prediction per branch)."""
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return sum(o.float().square().mean() for o in outs)
+
+
+def run_config(name: str, args: argparse.Namespace) -> dict:
+    """Time ``args.steps`` training steps of one config in this process; returns the figures."""
+    import zoo
+    from zoo.flops import count_recipe_flops
+
+    recipe, default_batch, _, _ = CONFIGS[name]
+    batch = _batches(args.batch).get(name, default_batch)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    gmacs = count_recipe_flops(ROOT / recipe).gflops
+    torch.manual_seed(0)
+    model = zoo.build_model(ROOT / recipe).to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    x, t, y = model.example_inputs(batch)
+    x = x.contiguous(memory_format=memory_format)
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.03)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = _loss(step_model(x, t, y))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rate = gemm_rate(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    step_s = statistics.median(times)
+    result = {
+        "config": name, "batch": batch, "device": args.device, "dtype": args.dtype,
+        "gmacs_per_sample": gmacs, "step_ms": step_s * 1e3, "steps_ms": [t_ * 1e3 for t_ in times],
+        "gemm_gflops": rate / 1e9, "utilisation": 3 * 2 * gmacs * 1e9 * batch / step_s / rate,
+        "peak_mib": peak_mib, "compile": args.compile, "channels_last": args.channels_last,
+    }
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
+    return result
+
+
+def _batches(specs: list[str]) -> dict[str, int]:
+    """``["64"]`` -> every config 64; ``["dit_s_2=64", "uvit_m_4=32"]`` -> per config."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        name, _, n = spec.rpartition("=")
+        for config in [name] if name else CONFIGS:
+            out[config] = int(n)
+    return out
+
+
+def _child_command(name: str, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    if args.batch:
+        cmd += ["--batch", *args.batch]
+    cmd += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last + ["--profile"] * args.profile
+    return cmd
+
+
+def format_table(results: list[dict]) -> str:
+    """The §8 table: ours beside the official figures (shown only for the §8 setting itself)."""
+    head = (f"{'config':<10} {'dev':<4} {'dtype':<5} {'batch':>5} {'step ms':>9} {'util':>6} {'target':>6} "
+            f"{'official ms':>11} {'off. util':>9} {'GEMM GFLOP/s':>12} {'peak MiB':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['config']:<10} failed: {r['error']}")
+            continue
+        _, batch, off_ms, off_util = CONFIGS[r["config"]]
+        same = r["device"] == "cpu" and r["dtype"] == "fp32" and r["batch"] == batch
+        target = f"{TARGETS[r['config']]:.2f}" if same else "-"
+        official = (f"{off_ms:>11.0f} {off_util:>9.2f}") if same else f"{'-':>11} {'-':>9}"
+        lines.append(
+            f"{r['config']:<10} {r['device']:<4} {r['dtype']:<5} {r['batch']:>5} {r['step_ms']:>9.1f} "
+            f"{r['utilisation']:>6.3f} {target:>6} {official} {r['gemm_gflops']:>12.1f} {r['peak_mib']:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="configs to run (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = autocast, fp32 master weights")
+    parser.add_argument("--batch", nargs="+", default=[], metavar="N|CONFIG=N",
+                        help="batch size for all configs, or per config (default: §8's)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (§8: 2)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON lines too")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(run_config(args.child, args)))
+        return 0
+    results = []
+    for name in args.only or list(CONFIGS):
+        proc = subprocess.run(_child_command(name, args), cwd=ROOT, capture_output=True, text=True)
+        if args.profile or proc.returncode:
+            sys.stderr.write(proc.stderr)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({"config": name, "error": last})
+        else:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if args.json:
+            print(json.dumps(results[-1]), flush=True)
+    print(format_table(results))
+    if args.device == "cpu":
+        print("note: CPU figures depend on what else runs on the machine's cores; "
+              "the GEMM rate is measured in the same process just before the steps.")
+    return int(any("error" in r for r in results))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""FLOP counting (DESIGN §5): closed forms for attention and convolutions, meta vs CPU, torch vs fvcore.
+
+Counts are MACs ("GFLOPs" as the field reports them). The tiny DiT / U-ViT / DiMR models are
+the official constructor configs of the golden files, built through the converters' specs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zoo
+from zoo.blocks.attention import Attention
+from zoo.errors import UserError
+from zoo.flops import attention_macs, count_flops
+
+GOLDEN = Path(__file__).parent / "golden"
+TINY = {"dit": "golden_dit_tiny.pt", "uvit": "golden_uvit_tiny.pt", "dimr": "golden_dimr_tiny_r3.pt"}
+
+
+class _SDPA(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class _Convs(nn.Module):
+    """Patchify (k = s = 4), depthwise 7×7, 3×3 head: the convolutions of DiT/U-ViT/DiMR."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.head = nn.Conv2d(16, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.dw(self.patch(x)))
+
+
+class _Elementwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.norm(x)) + x * 2
+
+
+def _tiny_model(family: str, device: str) -> nn.Module:
+    from zoo.convert import get_family
+
+    config = torch.load(GOLDEN / TINY[family], weights_only=True)["config"]
+    spec = get_family(family).official_config_to_model_spec(config)
+    with torch.device(device):
+        torch.manual_seed(0)
+        return zoo.build_model({"model": spec})
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_sdpa_is_counted_with_the_closed_form(device):
+    # Lq != Lk and E != Ev, so a formula that swaps them fails.
+    q = torch.randn(2, 3, 5, 8, device=device)
+    k = torch.randn(2, 3, 7, 8, device=device)
+    v = torch.randn(2, 3, 7, 6, device=device)
+    report = count_flops(_SDPA(), (q, k, v))
+    assert report.gflops * 1e9 == 2 * 3 * 5 * 7 * (8 + 6)
+    assert attention_macs(q.shape, k.shape, v.shape) == 2 * 3 * 5 * 7 * (8 + 6)
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_attention_layer_equals_closed_form(device):
+    B, L, D, H = 2, 16, 64, 4
+    with torch.device(device):
+        layer = Attention(D, H)
+    report = count_flops(layer, (torch.randn(B, L, D, device=device),), max_depth=1)
+    qkv, proj, attn = B * L * D * 3 * D, B * L * D * D, B * H * L * L * 2 * (D // H)
+    assert report.gflops * 1e9 == qkv + proj + attn
+    assert report.by_module["qkv"] * 1e9 == qkv and report.by_module["proj"] * 1e9 == proj
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_convolutions_are_counted(device):
+    with torch.device(device):
+        model = _Convs()
+    report = count_flops(model, (torch.randn(2, 3, 32, 32, device=device),), max_depth=1)
+    # MACs = output elements × input channels per group × kernel area
+    patch, dw, head = 2 * 16 * 8 * 8 * 3 * 16, 2 * 16 * 8 * 8 * 1 * 49, 2 * 5 * 8 * 8 * 16 * 9
+    assert [report.by_module[k] * 1e9 for k in ("patch", "dw", "head")] == [patch, dw, head]
+    assert report.gflops * 1e9 == patch + dw + head
+
+
+def test_elementwise_ops_are_not_counted():
+    assert count_flops(_Elementwise(), (torch.randn(4, 10, 32),)).gflops == 0
+
+
+def test_containers_sum_their_children_and_params_are_reported():
+    stack = nn.Sequential(nn.Linear(8, 16), nn.ModuleList([nn.Linear(16, 16)]))
+    stack.forward = lambda x: stack[1][0](stack[0](x))  # the ModuleList itself never runs
+    stack[0].weight.requires_grad_(False)
+    report = count_flops(stack, (torch.randn(3, 8),), max_depth=2)
+    assert report.by_module["1"] == report.by_module["1.0"] == pytest.approx(3 * 16 * 16 / 1e9)
+    assert report.params == 8 * 16 + 16 + 16 * 16 + 16
+    assert report.trainable_params == report.params - 8 * 16
+    assert report.to_dict() == {"params": report.params, "trainable_params": report.trainable_params,
+                                "gflops": report.gflops}
+    assert "1.0" in report.table(2) and "1.0" not in report.table(1)
+
+
+def test_count_restores_training_mode_and_rejects_bad_counters():
+    model = _Convs().train()
+    count_flops(model, (torch.randn(1, 3, 8, 8),))
+    assert all(m.training for m in model.modules())
+    with pytest.raises(UserError, match="unknown FLOP counter"):
+        count_flops(model, (torch.randn(1, 3, 8, 8),), counter="ptflops")
+    with torch.device("meta"):
+        meta = _Convs()
+    with pytest.raises(UserError, match="real tensors"):
+        count_flops(meta, (torch.randn(1, 3, 8, 8, device="meta"),), counter="fvcore")
+
+
+def test_dit_tiny_matches_closed_form():
+    model = _tiny_model("dit", "meta")
+    D, depth, p, C, T, K = 64, 2, 2, 4, (16 // 2) ** 2, 10
+    block = T * 12 * D * D + 2 * T * T * D + 6 * D * D  # qkv+proj+mlp per token, attention, adaLN per sample
+    head = 2 * D * D + T * D * p * p * 2 * C
+    embed = T * p * p * C * D + 256 * D + D * D
+    report = count_flops(model, max_depth=1)
+    assert report.gflops * 1e9 == depth * block + head + embed
+    assert report.by_module["blocks"] * 1e9 == depth * block
+    block_params = 18 * D * D + 15 * D
+    params = depth * block_params + (2 * D * D + 2 * D) + (D * p * p * 2 * C + p * p * 2 * C) \
+        + (p * p * C * D + D) + (256 * D + D + D * D + D) + (K + 1) * D + T * D
+    assert report.params == params and report.trainable_params == params - T * D  # pos table frozen
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_meta_and_cpu_counts_agree(family):
+    meta = count_flops(_tiny_model(family, "meta"))
+    cpu = count_flops(_tiny_model(family, "cpu"))
+    assert meta.gflops > 0 and meta.gflops == pytest.approx(cpu.gflops, rel=1e-12)
+    assert meta.by_module == pytest.approx(cpu.by_module, rel=1e-12)
+    assert meta.params == cpu.params
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_fvcore_with_sdpa_handle_agrees_with_torch(family):
+    model = _tiny_model(family, "cpu")
+    inputs = model.example_inputs(2)
+    ours = count_flops(model, inputs)
+    fv = count_flops(model, inputs, counter="fvcore")
+    assert fv.gflops == pytest.approx(ours.gflops, rel=1e-3)
+    dropped = count_flops(model, inputs, counter="fvcore", fvcore_sdpa_handle=False)
+    assert dropped.gflops < fv.gflops  # stock fvcore drops attention
+
+
+def test_dimr_breakdown_shows_each_branch():
+    model = _tiny_model("dimr", "meta")
+    report = count_flops(model, max_depth=2)
+    branches = [k for k in report.by_module if k.startswith("branches.") and k.count(".") == 1]
+    assert len(branches) == 3
+    assert all(report.by_module[b] > 0 for b in branches)
+    assert sum(report.by_module[b] for b in branches) <= report.gflops * (1 + 1e-9)
+    table = report.table()
+    assert all(b in table for b in branches)
+
+
+def test_stock_fvcore_gives_5_46_for_dit_s2_because_it_drops_sdpa():
+    """DESIGN §5: fvcore reports DiT-S/2 as 5.46 GFLOPs; the paper's 6.06 includes attention."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from zoo.backbones.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6).eval()
+    inputs = model.example_inputs(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = FlopCountAnalysis(model, inputs)
+        stock.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        stock_total = stock.total() / 1e9
+        unsupported = stock.unsupported_ops()
+    ours = count_flops(model, inputs)
+    attention = 12 * 6 * 256 * 256 * (64 + 64) / 1e9
+    assert round(stock_total, 2) == 5.46 and unsupported["aten::scaled_dot_product_attention"] == 12
+    assert round(ours.gflops, 2) == 6.06
+    # the gap is the attention matmuls (plus fvcore's LayerNorm count, which the convention omits)
+    assert ours.gflops - stock_total == pytest.approx(attention, rel=0.02)
+    assert count_flops(model, inputs, counter="fvcore").gflops == pytest.approx(ours.gflops, rel=1e-9)
+
+
+def test_meta_count_leaves_dynamo_unimported_and_usable():
+    """zoo.meta keeps Dynamo's 1–3 s import out of `zoo build --flops`, and undoes itself."""
+    code = (
+        "import sys, torch\n"
+        "from zoo.flops import count_recipe_flops\n"
+        "r = count_recipe_flops('recipes/dit_s_2.yaml')\n"
+        "assert round(r.gflops, 2) == 6.06, r.gflops\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "import torch._dynamo\n"
+        "assert callable(torch._dynamo.disable) and torch._dynamo.is_compiling() is False\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

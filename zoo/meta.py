@@ -1,0 +1,131 @@
+"""Fast work on ``meta`` tensors: building full-size models and running them without weights.
+
+``zoo build --flops`` must answer in seconds for billion-parameter recipes (DESIGN §8). On
+the meta device two costs dominate, and both are PyTorch overhead rather than our work:
+
+* the first ``nn.init`` / elementwise op / dispatch mode imports all of Dynamo and sympy
+  (1–3 s) only to mark a function "not to be compiled" (:func:`no_dynamo_import`);
+* many meta kernels are Python (prims/refs, ~1 ms each) and a deep backbone repeats the same
+  op on the same shapes in every block (:class:`MetaShapeCache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+T = TypeVar("T")
+
+
+class NeedsDynamo(AttributeError):
+    """Code under :func:`no_dynamo_import` asked for a real part of Dynamo."""
+
+
+@contextlib.contextmanager
+def no_dynamo_import() -> Iterator[None]:
+    """Keep ``torch._dynamo`` from being imported inside this context.
+
+    PyTorch wraps its Python meta kernels, ``nn.init`` refs and every dispatch mode in
+    ``torch._disable_dynamo``, which imports Dynamo on first call just to call
+    ``torch._dynamo.disable(fn)``. Inside this context ``import torch._dynamo`` finds a stand-in
+    whose ``disable(fn)`` returns ``fn`` unchanged; anything else raises :class:`NeedsDynamo`.
+    On exit the stand-in and the marks it left on functions are removed, so a later real
+    import (and ``torch.compile``) is unaffected. A no-op when Dynamo is already imported.
+    """
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+    marked: list[Any] = []
+
+    class _StandIn(types.ModuleType):
+        def disable(self, fn: Any, recursive: bool = True, wrapping: bool = True) -> Any:
+            marked.append(fn)
+            return fn
+
+        def __getattr__(self, name: str) -> Any:
+            raise NeedsDynamo(f"torch._dynamo.{name}")
+
+    stand_in = _StandIn("torch._dynamo")
+    sys.modules["torch._dynamo"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch._dynamo") is stand_in:
+            del sys.modules["torch._dynamo"]
+        if torch.__dict__.get("_dynamo") is stand_in:
+            del torch._dynamo
+        for fn in marked:  # torch._disable_dynamo caches its result as fn.__dynamo_disable
+            getattr(fn, "__dict__", {}).pop("__dynamo_disable", None)
+
+
+def without_dynamo(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` under :func:`no_dynamo_import`, run again normally if it needs Dynamo.
+
+    Only for work that may run twice (building a model, counting FLOPs).
+    """
+    try:
+        with no_dynamo_import():
+            return fn(*args, **kwargs)
+    except (NeedsDynamo, ImportError):
+        return fn(*args, **kwargs)
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` under ``torch.device("meta")`` (no weights allocated) and :func:`without_dynamo`."""
+
+    def build() -> nn.Module:
+        with torch.device("meta"):
+            return factory()
+
+    return without_dynamo(build)
+
+
+class MetaShapeCache(TorchDispatchMode):
+    """Reuse meta-kernel results for repeated calls with the same input metadata.
+
+    An op called again with inputs of the same shapes, strides and dtypes (and the same
+    non-tensor arguments) gets a fresh empty meta tensor of the cached shape, stride and dtype
+    instead of running its (often Python) meta kernel. Ops that mutate or return views always
+    run. Only calls whose tensors are all on the meta device are cached.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict[Any, Any] = {}
+
+    @staticmethod
+    def _key(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("T", tuple(value.shape), value.stride(), value.dtype, value.device.type)
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, *map(MetaShapeCache._key, value))
+        return (type(value).__name__, repr(value))
+
+    @staticmethod
+    def _is_spec(value: Any) -> bool:
+        return isinstance(value, tuple) and len(value) == 3 and isinstance(value[2], torch.dtype)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        if schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+            return func(*args, **kwargs)
+        leaves = pytree.arg_tree_leaves(*args, **kwargs)
+        if not all(t.is_meta for t in leaves if isinstance(t, torch.Tensor)):
+            return func(*args, **kwargs)
+        key = (func, self._key(args), self._key(sorted(kwargs.items())))
+        spec = self.cache.get(key)
+        if spec is None:
+            out = func(*args, **kwargs)
+            self.cache[key] = pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), t.stride(), t.dtype), out)
+            return out
+        return pytree.tree_map_only(
+            tuple, lambda s: torch.empty_strided(s[0], s[1], dtype=s[2], device="meta"), spec, is_leaf=self._is_spec
+        )
