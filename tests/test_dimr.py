@@ -89,6 +89,7 @@ def test_time_and_label_change_the_prediction():
     base = model(x, torch.tensor([0.0]), torch.tensor([1]))[-1]
     assert not torch.allclose(base, model(x, torch.tensor([2.0]), torch.tensor([1]))[-1])
     assert not torch.allclose(base, model(x, torch.tensor([0.0]), torch.tensor([2]))[-1])
+    torch.testing.assert_close(model(x, torch.tensor([0.0]))[-1], model(x, torch.tensor([0.0]), torch.tensor([10]))[-1])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
