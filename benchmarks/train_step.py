@@ -3,7 +3,8 @@
 A training step is forward + backward + AdamW step. Step time is the median of ``--steps``
 steps after ``--warmup`` warm-ups. Utilisation = 3 × forward FLOPs (2 per MAC) × batch / step
 time, divided by the rate of a 2048×2048×2048 matmul (same dtype, same device) measured in
-the same process right before the steps, so machine load hits both alike.
+the same process right before each timed step, so machine load hits both alike; on CPU the
+same ratio by process CPU time is reported too (robust to other programs on the cores).
 
 Each config runs in its own subprocess, so peak memory is that config's alone: on CPU the
 ``ru_maxrss`` growth over the steps (activations, gradients, optimiser state; weights
@@ -27,6 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (recipe, §8 batch, official step ms, official utilisation)
@@ -37,6 +39,9 @@ CONFIGS = {
 }
 TARGETS = {"dit_s_2": 0.86, "uvit_m_4": 0.95, "dimr_m_3r": 0.87}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# fused: one kernel over all parameters (CPU and CUDA); for-loop: PyTorch's CPU default, 6-8
+# passes over memory and temporaries per parameter (what the official §8 runs used).
+ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
 def _sync(device: torch.device) -> None:
@@ -44,28 +49,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an ``n³`` matmul (2 FLOPs per MAC), the median of ``repeats`` timed products."""
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn()``."""
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> tuple[float, float]:
+    """FLOP/s of an ``n³`` matmul (2 FLOPs per MAC), median of ``repeats``: (by wall time, by CPU time)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     inner = 20 if device.type == "cuda" else 1
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+
+    def products() -> None:
         for _ in range(inner):
             a @ b
-        _sync(device)
-        times.append((time.perf_counter() - start) / inner)
-    return 2 * n**3 / statistics.median(times)
+
+    products()
+    walls, cpus = zip(*(_timed(products, device) for _ in range(repeats)))
+    flop = 2 * n**3 * inner
+    return flop / statistics.median(walls), flop / max(statistics.median(cpus), 1e-9)
 
 
-def _loss(out) -> torch.Tensor:
-    """A cheap scalar touching every output (DiMR returns one prediction per branch)."""
+def _loss(out, targets: dict) -> torch.Tensor:
+    """MSE of every output against a fixed random target (DiMR returns one prediction per branch).
+
+    A real target, not ``out²``: a fresh DiT outputs exactly 0, so ``out²`` would give zero
+    gradients everywhere.
+    """
     outs = out if isinstance(out, (list, tuple)) else [out]
-    return sum(o.float().square().mean() for o in outs)
+    for i, o in enumerate(outs):
+        if i not in targets:
+            targets[i] = torch.randn(o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(i))
+    return sum(F.mse_loss(o.float(), targets[i]) for i, o in enumerate(outs))
 
 
 def run_config(name: str, args: argparse.Namespace) -> dict:
@@ -86,39 +105,45 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     x, t, y = model.example_inputs(batch)
     x = x.contiguous(memory_format=memory_format)
     step_model = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.03)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.03, **ADAMW[args.adamw])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    targets: dict = {}
 
     def step() -> None:
         with autocast:
-            loss = _loss(step_model(x, t, y))
+            loss = _loss(step_model(x, t, y), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    rate = gemm_rate(device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.warmup):
         step()
-    times = []
+    # Each timed step follows its own GEMM measurement, so a load change on a shared machine
+    # hits the step and its yardstick alike; CPU-time figures also discount time slicing.
+    work = 3 * 2 * gmacs * 1e9 * batch  # forward + backward ≈ 3 forwards, 2 FLOPs per MAC
+    walls, utils, utils_cpu, rates = [], [], [], []
     for _ in range(args.steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        rate_wall, rate_cpu = gemm_rate(device, dtype)
+        wall, cpu = _timed(step, device)
+        walls.append(wall)
+        rates.append(rate_wall)
+        utils.append(work / wall / rate_wall)
+        utils_cpu.append(work / cpu / rate_cpu if device.type == "cpu" else float("nan"))
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     else:  # ru_maxrss is in KiB on Linux
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    step_s = statistics.median(times)
     result = {
         "config": name, "batch": batch, "device": args.device, "dtype": args.dtype,
-        "gmacs_per_sample": gmacs, "step_ms": step_s * 1e3, "steps_ms": [t_ * 1e3 for t_ in times],
-        "gemm_gflops": rate / 1e9, "utilisation": 3 * 2 * gmacs * 1e9 * batch / step_s / rate,
-        "peak_mib": peak_mib, "compile": args.compile, "channels_last": args.channels_last,
+        "gmacs_per_sample": gmacs, "step_ms": statistics.median(walls) * 1e3, "steps_ms": [w * 1e3 for w in walls],
+        "gemm_gflops": statistics.median(rates) / 1e9, "utilisation": statistics.median(utils),
+        "utilisation_cpu_time": statistics.median(utils_cpu), "peak_mib": peak_mib,
+        "compile": args.compile, "channels_last": args.channels_last, "threads": torch.get_num_threads(),
+        "adamw": args.adamw,
     }
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -144,16 +169,21 @@ def _batches(specs: list[str]) -> dict[str, int]:
 
 def _child_command(name: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--dtype", args.dtype,
-           "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--adamw", args.adamw]
     if args.batch:
         cmd += ["--batch", *args.batch]
     cmd += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last + ["--profile"] * args.profile
     return cmd
 
 
+def _fmt(value: float) -> str:
+    return f"{'-':>6}" if value != value else f"{value:>6.3f}"  # NaN (no CPU-time figure on CUDA)
+
+
 def format_table(results: list[dict]) -> str:
     """The §8 table: ours beside the official figures (shown only for the §8 setting itself)."""
-    head = (f"{'config':<10} {'dev':<4} {'dtype':<5} {'batch':>5} {'step ms':>9} {'util':>6} {'target':>6} "
+    head = (f"{'config':<10} {'dev':<4} {'dtype':<5} {'batch':>5} {'step ms':>9} {'util':>6} {'(cpu)':>6} {'target':>6} "
             f"{'official ms':>11} {'off. util':>9} {'GEMM GFLOP/s':>12} {'peak MiB':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -166,7 +196,8 @@ def format_table(results: list[dict]) -> str:
         official = (f"{off_ms:>11.0f} {off_util:>9.2f}") if same else f"{'-':>11} {'-':>9}"
         lines.append(
             f"{r['config']:<10} {r['device']:<4} {r['dtype']:<5} {r['batch']:>5} {r['step_ms']:>9.1f} "
-            f"{r['utilisation']:>6.3f} {target:>6} {official} {r['gemm_gflops']:>12.1f} {r['peak_mib']:>9.0f}"
+            f"{r['utilisation']:>6.3f} {_fmt(r['utilisation_cpu_time'])} {target:>6} {official} "
+            f"{r['gemm_gflops']:>12.1f} {r['peak_mib']:>9.0f}"
         )
     return "\n".join(lines)
 
@@ -181,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (§8: 2)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--adamw", choices=sorted(ADAMW), default="fused", help="AdamW implementation (default fused)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step")
@@ -205,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results[-1]), flush=True)
     print(format_table(results))
     if args.device == "cpu":
-        print("note: CPU figures depend on what else runs on the machine's cores; "
-              "the GEMM rate is measured in the same process just before the steps.")
+        print("util: each step against the 2048³ GEMM rate measured just before it (median over steps); "
+              "(cpu): the same with process CPU time instead of wall time, which discounts time slicing "
+              "when other programs share the cores (not cache or memory-bandwidth contention).")
     return int(any("error" in r for r in results))
 
 

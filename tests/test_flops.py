@@ -140,8 +140,8 @@ def test_dit_tiny_matches_closed_form():
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_meta_and_cpu_counts_agree(family):
-    meta = count_flops(_tiny_model(family, "meta"))
-    cpu = count_flops(_tiny_model(family, "cpu"))
+    meta = count_flops(_tiny_model(family, "meta"), max_depth=9)  # meta: cached kernels, memoised blocks
+    cpu = count_flops(_tiny_model(family, "cpu"), max_depth=9)
     assert meta.gflops > 0 and meta.gflops == pytest.approx(cpu.gflops, rel=1e-12)
     assert meta.by_module == pytest.approx(cpu.by_module, rel=1e-12)
     assert meta.params == cpu.params
@@ -211,3 +211,19 @@ def test_meta_count_leaves_dynamo_unimported_and_usable():
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_repeated_block_memo_changes_no_count(monkeypatch):
+    """Counting each distinct block once (zoo.meta.RepeatedBlockMemo) gives the full per-module counts."""
+    import contextlib
+
+    import zoo.flops
+
+    from zoo.meta import build_on_meta
+
+    model = build_on_meta(lambda: zoo.build_model(Path(__file__).parent.parent / "recipes" / "dimr_m_3r.yaml"))
+    fast = count_flops(model, max_depth=9)
+    monkeypatch.setattr(zoo.flops, "RepeatedBlockMemo", lambda model, counter: contextlib.nullcontext())
+    slow = count_flops(model, max_depth=9)
+    assert fast.gflops == slow.gflops and fast.by_module == slow.by_module
+    assert len(fast.by_module) > 300  # every block's sub-modules are there

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from zoo.errors import UserError
-from zoo.meta import MetaShapeCache, build_on_meta, without_dynamo
+from zoo.meta import MetaShapeCache, RepeatedBlockMemo, build_on_meta, without_dynamo
 
 COUNTERS = ("torch", "fvcore")
 # fvcore handles for elementwise ops we do not count (the convention counts matmuls/convs only).
@@ -164,7 +164,8 @@ def _count_torch(model: nn.Module, inputs: Any) -> tuple[float, dict[str, float]
     on_meta = any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
     with MetaShapeCache() if on_meta else contextlib.nullcontext():
         with FlopCounterMode(display=False, custom_mapping=_torch_custom_mapping()) as counter:
-            model(*args)
+            with RepeatedBlockMemo(model, counter) if on_meta else contextlib.nullcontext():
+                model(*args)
     counts = counter.get_flop_counts()
     total = sum(counts.get("Global", {}).values()) / 2 / 1e9
     counted = {}

@@ -6,12 +6,14 @@ the meta device two costs dominate, and both are PyTorch overhead rather than ou
 * the first ``nn.init`` / elementwise op / dispatch mode imports all of Dynamo and sympy
   (1–3 s) only to mark a function "not to be compiled" (:func:`no_dynamo_import`);
 * many meta kernels are Python (prims/refs, ~1 ms each) and a deep backbone repeats the same
-  op on the same shapes in every block (:class:`MetaShapeCache`).
+  op on the same shapes in every block (:class:`MetaShapeCache` caches op results,
+  :class:`RepeatedBlockMemo` skips repeated blocks while counting FLOPs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import types
 from typing import Any, Callable, Iterator, TypeVar
@@ -129,3 +131,101 @@ class MetaShapeCache(TorchDispatchMode):
         return pytree.tree_map_only(
             tuple, lambda s: torch.empty_strided(s[0], s[1], dtype=s[2], device="meta"), spec, is_leaf=self._is_spec
         )
+
+
+def _structure(module: nn.Module) -> tuple:
+    """What decides a module's output shapes and FLOPs: its classes, tensor shapes and plain settings."""
+    plain = (int, float, bool, str, type(None))
+    parts = []
+    for path, sub in module.named_modules():
+        settings = tuple(
+            (k, v if isinstance(v, plain) else tuple(v))
+            for k, v in sorted(vars(sub).items())
+            if not k.startswith("_") and k != "training"
+            and (isinstance(v, plain) or (isinstance(v, (tuple, list)) and all(isinstance(x, plain) for x in v)))
+        )
+        parts.append((path, type(sub), settings))
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()])
+    return (*parts, tensors)
+
+
+def _input_key(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value), *(_input_key(getattr(value, f.name)) for f in dataclasses.fields(value)))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_input_key, value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _input_key(v)) for k, v in sorted(value.items())))
+    return MetaShapeCache._key(value)
+
+
+class RepeatedBlockMemo:
+    """Run each distinct block of a ``ModuleList`` / ``Sequential`` once while counting FLOPs on meta.
+
+    A block with the same structure (:func:`_structure`) called on inputs with the same
+    metadata as an earlier one does the same FLOPs and returns tensors of the same shapes:
+    instead of running it again, its recorded per-op counts are added to the
+    ``FlopCounterMode`` under its own path, its sub-modules' paths and its callers', and fresh
+    empty meta tensors are returned. Only for meta inputs; a block whose outputs are not
+    tensors runs normally.
+    """
+
+    def __init__(self, model: nn.Module, counter: Any):
+        self.model, self.counter = model, counter
+        self.records: dict[Any, Any] = {}
+        self.patched: list[tuple[nn.Module, Any]] = []
+
+    def __enter__(self) -> "RepeatedBlockMemo":
+        if not hasattr(self.counter, "flop_counts") or not hasattr(self.counter, "mod_tracker"):
+            return self  # a PyTorch whose FlopCounterMode differs: count everything
+        root = type(self.model).__name__
+        for path, parent in self.model.named_modules():
+            if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+                for name, block in parent.named_children():
+                    full = f"{root}.{path}.{name}" if path else f"{root}.{name}"
+                    self.patched.append((block, block.__dict__.get("forward")))
+                    block.forward = self._wrap(block, full, _structure(block))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for block, own_forward in self.patched:
+            block.__dict__.pop("forward", None)
+            if own_forward is not None:
+                block.forward = own_forward
+
+    def _wrap(self, block: nn.Module, name: str, structure: tuple) -> Callable[..., Any]:
+        forward = block.__dict__.get("forward") or type(block).forward.__get__(block)
+        counts = self.counter.flop_counts
+
+        def memo_forward(*args: Any, **kwargs: Any) -> Any:
+            leaves = pytree.arg_tree_leaves(*args, **kwargs)
+            if not all(t.is_meta for t in leaves if isinstance(t, torch.Tensor)):
+                return forward(*args, **kwargs)
+            key = (structure, _input_key(args), _input_key(kwargs))
+            record = self.records.get(key)
+            if record is None:
+                mine = [k for k in counts if k == name or k.startswith(name + ".")]
+                before = {k: dict(counts[k]) for k in mine}
+                out = forward(*args, **kwargs)
+                if all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+                    delta = {}
+                    for k in [k for k in counts if k == name or k.startswith(name + ".")]:
+                        ops = {op: v - before.get(k, {}).get(op, 0) for op, v in counts[k].items()}
+                        delta[k[len(name):]] = {op: v for op, v in ops.items() if v}
+                    spec = pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), t.stride(), t.dtype), out)
+                    self.records[key] = (delta, spec)
+                return out
+            delta, spec = record
+            for suffix, ops in delta.items():
+                for op, v in ops.items():
+                    counts[name + suffix][op] += v
+            for caller in self.counter.mod_tracker.parents:
+                if caller != name:
+                    for op, v in delta.get("", {}).items():
+                        counts[caller][op] += v
+            return pytree.tree_map_only(
+                tuple, lambda s: torch.empty_strided(s[0], s[1], dtype=s[2], device="meta"), spec,
+                is_leaf=MetaShapeCache._is_spec,
+            )
+
+        return memo_forward
