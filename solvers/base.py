@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -24,6 +25,22 @@ from .schedules import NoiseSchedule
 
 EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras")
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def gaussian_noise(like: Tensor, generator: Generators = None) -> Tensor:
+    """Standard normal noise shaped like ``like`` for a stochastic solver step.
+
+    ``generator`` may be one generator for the whole batch or one per sample; with one per
+    sample, each sample's noise comes from its own stream, so samples do not depend on how a
+    run is split into batches (``zoo sample`` relies on this).
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+        noise = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in generator]
+        return torch.stack(noise).to(like.device)
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 @dataclass(frozen=True)
@@ -146,8 +163,8 @@ class Solver:
         return [point(schedule, t) for t in times]
 
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
-               generator: torch.Generator | None = None) -> Tensor:
-        """Integrate from ``x_T`` at t_start to t_end; ``generator`` drives stochastic solvers."""
+               generator: Generators = None) -> Tensor:
+        """Integrate from ``x_T`` at t_start to t_end; ``generator`` (one, or one per sample) drives stochastic solvers."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

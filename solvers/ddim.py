@@ -17,7 +17,7 @@ from torch import Tensor
 
 from zoo.errors import UserError
 
-from .base import EpsFn, ScheduledModel, Solver
+from .base import EpsFn, Generators, ScheduledModel, Solver, gaussian_noise
 from .schedules import NoiseSchedule
 
 
@@ -33,7 +33,7 @@ class DDIMSolver(Solver):
 
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: Generators = None) -> Tensor:
         model = ScheduledModel(eps_fn, schedule)
         grid = self.grid(schedule)
         x = x_T
@@ -45,7 +45,7 @@ class DDIMSolver(Solver):
                 continue
             c = self.eta * (t.sigma / s.sigma) * math.sqrt(max(0.0, -math.expm1(2 * (s.log_alpha - t.log_alpha))))
             c = min(c, t.sigma)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = gaussian_noise(x, generator)
             x = t.alpha * x0 + math.sqrt(t.sigma**2 - c**2) * eps + c * z
         self.nfe = model.nfe
         return x

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from zoo.errors import UserError
 
-from .base import EpsFn, ScheduledModel, Solver, check_choice, point, time_grid
+from .base import EpsFn, Generators, ScheduledModel, Solver, check_choice, gaussian_noise, point, time_grid
 from .schedules import NoiseSchedule
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
@@ -67,7 +67,7 @@ class DDPMSolver(Solver):
 
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: Generators = None) -> Tensor:
         model = ScheduledModel(eps_fn, schedule)
         times, abar = self.chain(schedule)
         abar_prev = [1.0] + abar[:-1]
@@ -82,7 +82,7 @@ class DDPMSolver(Solver):
             if i == 0:
                 x = mean
                 break
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = gaussian_noise(x, generator)
             x = mean + torch.exp(0.5 * self._log_variance(betas[i], post_var[i], v, x)) * z
         self.nfe = model.nfe
         return x

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from zoo.errors import UserError
 
-from .base import EpsFn, Point, ScheduledModel, Solver, check_choice, time_grid
+from .base import EpsFn, Generators, Point, ScheduledModel, Solver, check_choice, time_grid
 from .schedules import NoiseSchedule
 
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
@@ -101,7 +101,7 @@ class DPMSolverBase(Solver):
     # -- loops --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: Generators = None) -> Tensor:
         model = ScheduledModel(eps_fn, schedule)
         if self.method == "multistep":
             x = self._multistep(model, x_T)

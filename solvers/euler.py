@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import EpsFn, ScheduledModel, Solver
+from .base import EpsFn, Generators, ScheduledModel, Solver
 from .schedules import NoiseSchedule
 
 
@@ -32,7 +32,7 @@ class EulerSolver(Solver):
 
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: Generators = None) -> Tensor:
         model = ScheduledModel(eps_fn, schedule)
         grid = self.grid(schedule)
         x = x_T / grid[0].alpha  # x̃ = x/α

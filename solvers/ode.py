@@ -19,7 +19,7 @@ from torch import Tensor
 
 from zoo.errors import UserError
 
-from .base import EpsFn, ScheduledModel, Solver, check_choice, point, time_grid
+from .base import EpsFn, Generators, ScheduledModel, Solver, check_choice, point, time_grid
 from .schedules import NoiseSchedule
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -41,7 +41,7 @@ class ODESolver(Solver):
 
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: Generators = None) -> Tensor:
         from torchdiffeq import odeint  # imported on use: keeps `import zoo.solvers` light
 
         model = ScheduledModel(eps_fn, schedule)

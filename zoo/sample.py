@@ -2,9 +2,9 @@
 
 Reproducible per sample: sample i's starting noise (and its class, when none is given) comes
 from its own generator seeded with ``sample_seed(seed, i)``, so the images do not depend on the
-batch size or on how samples are split across processes. (Stochastic solvers — ``ddpm``,
-``ddim`` with eta > 0 — also draw noise at every step from one generator per batch; with those,
-samples depend on the batch split.)
+batch size or on how samples are split across processes. Stochastic solvers (``ddpm``, ``ddim``
+with eta > 0) draw their per-step noise from a third generator per sample, so they too give the
+same images whatever the batch size.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ def sample_latents(
         x_T = initial_noise(n, shape, request.seed, start).to(device=device, dtype=dtype)
         y = None if labels is None else labels[start : start + n].to(device)
         eps_fn = guided_eps_fn(model, recipe, schedule, y, guidance, eps_channels=shape[0])
-        generator = torch.Generator(device=device).manual_seed(sample_seed(request.seed, start, stream=2))
-        out.append(solver.sample(eps_fn, x_T, schedule=schedule, generator=generator).float().cpu())
+        generators = [_generator(request.seed, start + i, stream=2) for i in range(n)]
+        out.append(solver.sample(eps_fn, x_T, schedule=schedule, generator=generators).float().cpu())
     return torch.cat(out), labels
 
 
