@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from zoo.blocks.mlp import Mlp
 from zoo.blocks.transformer import TransformerBlock
 from zoo.conditioning.adaln_zero import AdaLNZero
-from zoo.conditioning.base import Conditioning, adds_time_token
+from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder
 from zoo.errors import UserError
 
@@ -122,9 +122,7 @@ class DiT(nn.Module):
         return self.t_embedder(t) + self.y_embedder(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = as_time_vector(t, x.shape[0], x.device)
         cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
         h = self.x_embedder(x) + self.pos_embed
         for blk in self.blocks:

@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from zoo.conditioning.base import as_time_vector
+
 CONVENTIONS = ("dit", "uvit")
 
 
@@ -116,15 +118,9 @@ class GuidedModel:
     def guided(self) -> bool:
         return self.w is not None
 
-    def _time(self, t: Tensor, x: Tensor) -> Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        return t
-
     def full_output(self, x: Tensor, t: Tensor) -> Tensor:
         """The (guided) model output with all its channels ([ε | v] for learned-σ models)."""
-        t = self._time(t, x)
+        t = as_time_vector(t, x.shape[0], x.device)
         t_in = self.time_map(t)
         if not self.guided:
             return _last(self.model(x, t_in, self.y))
