@@ -103,6 +103,8 @@ def test_unknown_keys_and_options_are_user_errors():
     state = {k: v for k, v in data["state_dict"].items() if not k.endswith("block2.w1.weight")}
     with pytest.raises(zoo.errors.UserError, match="w0 and w1"):
         convert.convert_state_dict(state, data["config"])
+    with pytest.raises(zoo.errors.UserError, match="--config FILE"):  # zoo convert without --config
+        convert.convert_state_dict(data["state_dict"], None)
 
 
 def test_zoo_convert_writes_a_checkpoint_that_reproduces_the_official_outputs(tmp_path):

@@ -146,8 +146,18 @@ def zoo_key(key: str, config: Mapping[str, Any]) -> tuple[str, int | None]:
     raise UserError(f"unexpected key {key!r} in the DiMR state dict (is this an official DiMR checkpoint?)")
 
 
-def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Rename an official DiMR state dict into zoo's layout; fuses GeGLU ``w0``/``w1`` into ``fc1``."""
+def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None) -> dict[str, Tensor]:
+    """Rename an official DiMR state dict into zoo's layout; fuses GeGLU ``w0``/``w1`` into ``fc1``.
+
+    The key layout depends on each stage's block kind and depth, so the official constructor
+    config (``stage_configs``) is required.
+    """
+    if not isinstance(config, Mapping) or "stage_configs" not in config:
+        raise UserError(
+            "converting a DiMR checkpoint needs the official constructor config (its stage_configs): "
+            "pass --config FILE, a JSON object of the MRModel kwargs (the key lists in "
+            "tests/golden/keys/dimr_*.json carry the released ones under '_config')"
+        )
     out: dict[str, Tensor] = {}
     halves: dict[str, dict[int, Tensor]] = {}
     for key, value in state_dict.items():
