@@ -303,3 +303,4 @@ def type_name(ann: Any) -> str:
 
 # Section validators owned by other modules register themselves on import (no torch imported).
 from .diffusion import sections as _diffusion_sections  # noqa: E402,F401  (diffusion, sample)
+from . import train_sections as _train_sections  # noqa: E402,F401  (data, train)

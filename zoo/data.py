@@ -1,0 +1,140 @@
+"""Training data from a recipe's ``data`` section, as an endless, resumable stream of batches.
+
+- ``synthetic``: ``data.size`` deterministic images of the model's input shape (class-coloured,
+  smooth), for smoke tests and benchmarks.
+- ``image_folder``: ``root/CLASS/*.png|jpg`` (classes sorted, as torchvision's ImageFolder);
+  shorter side resized to ``image_size``, centre-cropped, scaled to [−1, 1].
+- ``latents``: ``root/*.safetensors`` shards with ``latents`` (N, C, H, W) and ``labels`` (N,).
+  Latents are stored as the VAE encoder gives them and multiplied by ``data.vae_scale`` here,
+  unless the shard's metadata says ``{"scaled": "true"}`` (then used as stored).
+- ``imagenet`` (the paper recipes): ``latents`` when ``data.latent`` is true, else ``image_folder``.
+
+The order is a function of (seed, epoch) and the stream can start at any step, so a resumed
+run sees exactly the batches an uninterrupted one would. Random flips are drawn by the trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from zoo.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def synthetic_dataset(shape: tuple[int, ...], size: int, num_classes: int | None, seed: int = 0) -> TensorDataset:
+    """``size`` images in [−1, 1]: a per-class colour plus smooth (2×2 upsampled) noise."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = shape
+    classes = num_classes or 1
+    labels = torch.randint(0, classes, (size,), generator=g)
+    colours = torch.rand(classes, c, 1, 1, generator=g) * 1.2 - 0.6
+    coarse = torch.randn(size, c, 2, 2, generator=g) * 0.3
+    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return TensorDataset((colours[labels] + smooth).clamp(-1, 1), labels)
+
+
+class ImageFolder(Dataset):
+    """``root/CLASS/IMAGE`` → (image in [−1, 1] of ``image_size``², class index)."""
+
+    def __init__(self, root: Path, image_size: int) -> None:
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.items = [(f, i) for i, c in enumerate(self.classes) for f in sorted((root / c).iterdir())
+                      if f.suffix.lower() in IMAGE_SUFFIXES]
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        path, label = self.items[index]
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = self.image_size
+            scale = s / min(im.size)
+            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(s, s, 3)
+        return x.permute(2, 0, 1).float() / 127.5 - 1.0, label
+
+
+def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
+    """All shards of ``root`` concatenated (sorted by name)."""
+    from safetensors import safe_open
+
+    latents, labels = [], []
+    for shard in sorted(root.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            keys = set(f.keys())
+            if not {"latents", "labels"} <= keys:
+                raise UserError(f"latent shard {shard} must hold 'latents' and 'labels', it has {sorted(keys)}")
+            scaled = (f.metadata() or {}).get("scaled") == "true"
+            z = f.get_tensor("latents").float()
+            latents.append(z if scaled else z * vae_scale)
+            labels.append(f.get_tensor("labels").long())
+    return TensorDataset(torch.cat(latents), torch.cat(labels))
+
+
+def _root(data: Mapping[str, Any], kind: str) -> Path:
+    root = data.get("root")
+    fix = f"pass --set data.root=/path/to/{'latents' if kind.startswith('latent') else 'images'}"
+    if not root:
+        raise UserError(f"data.root is not set: dataset {data.get('dataset')!r} needs a directory of {kind}",
+                        key_path="data.root", suggestion=fix)
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise UserError(f"data.root {root} is not a directory", key_path="data.root", suggestion=fix)
+    return path
+
+
+def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
+    """The dataset the ``data`` section names; ``shape`` is the model's (C, H, W)."""
+    kind = data.get("dataset", "synthetic")
+    if kind == "imagenet":
+        kind = "latents" if data.get("latent") else "image_folder"
+    if kind == "synthetic":
+        return synthetic_dataset(shape, int(data.get("size", 64)), num_classes, seed)
+    root = _root(data, "latent shards" if kind == "latents" else "images")
+    ds = latent_dataset(root, float(data.get("vae_scale", 0.18215))) if kind == "latents" else \
+        ImageFolder(root, int(data.get("image_size", shape[-1])))
+    if len(ds) == 0:
+        what = "*.safetensors shards" if kind == "latents" else "images in class subfolders (root/CLASS/*.png)"
+        raise UserError(f"data.root {root} holds no {what}", key_path="data.root",
+                        suggestion="point data.root at a directory with data")
+    return ds
+
+
+class EpochSampler(Sampler):
+    """A permutation per epoch from (seed, epoch), starting ``skip`` samples into the stream."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        if self.per_epoch == 0:
+            raise UserError(f"the dataset has {n} samples, fewer than train.batch_size={batch_size}",
+                            key_path="train.batch_size", suggestion=f"use a batch size <= {n}")
+        self.epoch, self.offset = divmod(start_step, self.per_epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = self.epoch, self.offset
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            yield from order[offset * self.batch_size: self.per_epoch * self.batch_size].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
+            pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless ``(x, y)`` batches; batch k of the stream is the same whatever ``start_step`` it began at."""
+    sampler = EpochSampler(len(dataset), batch_size, seed, start_step)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0)
+    return iter(loader)

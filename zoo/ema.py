@@ -1,0 +1,43 @@
+"""Exponential moving average of a model's parameters, kept in fp32 whatever the model's dtype.
+
+ema ← d·ema + (1 − d)·param, i.e. ``lerp(ema, param, 1 − d)``. A bf16 shadow updated in place
+freezes once (1 − d)·(param − ema) falls below bf16's resolution (DESIGN §7), hence fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    """fp32 shadow copies of every parameter of ``model`` (frozen ones too, so the EMA is a full model)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = [p.detach().float() for p in self.params]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {', '.join(missing[:10])}")
+        for n, s in zip(self.names, self.shadow):
+            s.copy_(state[n])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the EMA weights into ``model`` (a copy of the trained model)."""
+        params = dict(model.named_parameters())
+        for n, s in zip(self.names, self.shadow):
+            params[n].copy_(s)

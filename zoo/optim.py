@@ -1,0 +1,48 @@
+"""AdamW for a recipe's ``train`` section: parameter groups with and without weight decay, warm-up.
+
+No decay for the parameters :func:`no_weight_decay_names` lists (DiMR's time-dependent gates
+``w`` and ``b``), and for every bias / norm weight (1-D parameters) only if
+``train.no_weight_decay_1d`` is true. Frozen parameters (DiT's fixed position table) are left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from zoo.conditioning.time_dependent import no_weight_decay_names
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool = False) -> list[dict]:
+    """``[{params: decayed, weight_decay}, {params: not decayed, weight_decay: 0}]`` with names kept."""
+    skip = no_weight_decay_names(model)
+    decay, no_decay = ([], []), ([], [])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        target = no_decay if name in skip or (no_decay_1d and p.ndim <= 1) else decay
+        target[0].append(name)
+        target[1].append(p)
+    return [
+        {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
+        {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.AdamW:
+    """AdamW (fused where this torch supports it for the parameters' device)."""
+    groups = param_groups(model, float(train.get("weight_decay", 0.0)), bool(train.get("no_weight_decay_1d", False)))
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=float(train["lr"]), betas=tuple(train.get("betas", (0.9, 0.999))))
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def learning_rate(train: Mapping[str, Any], step: int) -> float:
+    """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then constant."""
+    lr, warmup = float(train["lr"]), int(train.get("warmup_steps", 0) or 0)
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
