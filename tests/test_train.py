@@ -39,10 +39,10 @@ def test_checkpoint_layout_and_resume_gives_identical_losses(tmp_path):
     assert state["step"] == 12
     train(r, tmp_path / "b", steps=6, log=QUIET)
     resumed = train(r, tmp_path / "b", resume=tmp_path / "b" / "last", log=QUIET)
-    assert resumed[0]["loss"] == full[6]["loss"]  # same batch, noise, times and weights
-    # later steps agree to float rounding (~1e-7; fused AdamW after a state reload, see the report)
-    torch.testing.assert_close([x["loss"] for x in resumed], [x["loss"] for x in full[6:]], rtol=1e-5, atol=0)
-    assert torch.load(tmp_path / "b" / "last" / "trainer_state.pt", weights_only=True)["step"] == 12
+    assert [x["loss"] for x in resumed] == [x["loss"] for x in full[6:]]  # same batches, noise, label drops
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = ckpt.load_weights(tmp_path / "a" / "last" / name), ckpt.load_weights(tmp_path / "b" / "last" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_previous_last_survives_a_failure_mid_save(tmp_path, monkeypatch):

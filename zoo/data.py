@@ -136,5 +136,6 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
     """Endless ``(x, y)`` batches; batch k of the stream is the same whatever ``start_step`` it began at."""
     sampler = EpochSampler(len(dataset), batch_size, seed, start_step)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0)
+                        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global RNG untouched
     return iter(loader)
