@@ -111,3 +111,62 @@ def test_cli_end_to_end_and_missing_data_root(tmp_path, capsys):
 def test_sample_grid_written(tmp_path):
     train(recipe("train.steps=2", "train.sample_every=2", "train.ckpt_every=0"), tmp_path, log=QUIET)
     assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 0
+
+
+def test_image_folder_and_latent_shards_load(tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from zoo.data import build_dataset
+
+    for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        Image.new("RGB", (12, 10), colour).save(tmp_path / "img" / c / "a.png")
+    ds = build_dataset({"dataset": "image_folder", "root": str(tmp_path / "img"), "image_size": 8}, (3, 8, 8), 2)
+    x, y = ds[1]
+    assert x.shape == (3, 8, 8) and y == 1 and x[2].eq(1.0).all() and x[0].eq(-1.0).all()
+    (tmp_path / "lat").mkdir()
+    z = torch.randn(5, 4, 2, 2)
+    save_file({"latents": z, "labels": torch.arange(5)}, str(tmp_path / "lat" / "0.safetensors"))
+    save_file({"latents": z, "labels": torch.arange(5)}, str(tmp_path / "lat" / "1.safetensors"),
+              metadata={"scaled": "true"})
+    ds = build_dataset({"dataset": "imagenet", "latent": True, "root": str(tmp_path / "lat"), "vae_scale": 0.5},
+                       (4, 2, 2), 5)
+    assert len(ds) == 10 and torch.equal(ds[0][0], z[0] * 0.5) and torch.equal(ds[5][0], z[0])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(zoo.errors.UserError, match="data.root.*holds no"):
+        build_dataset({"dataset": "latents", "root": str(tmp_path / "empty")}, (4, 2, 2), 5)
+
+
+def test_data_and_train_typos_name_file_and_line(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"_base_: {RECIPE}\ndata:\n  random_flp: true\n")
+    with pytest.raises(zoo.errors.UserError, match=rf"{path}:3: key data.random_flp: unknown key.*random_flip"):
+        zoo.load_recipe(path)
+    with pytest.raises(zoo.errors.UserError, match="precision must be one of fp32, bf16"):
+        recipe("train.precision=fp16")
+
+
+def test_ctrl_c_saves_last_and_exits_130(tmp_path, monkeypatch, capsys):
+    calls = []
+    real = Trainer.train_step
+
+    def interrupt(self, x, y):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt)
+    assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0"]) == 130
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+
+
+def test_bf16_autocast_dimr_with_multiscale_loss(tmp_path):
+    r = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dimr_pixels.yaml", [
+        "data.dataset=synthetic", "data.size=8", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=0",
+        "train.sample_every=0", "train.precision=bf16", "train.warmup_steps=0", "train.lr=1e-3"])
+    records = train(r, tmp_path, steps=3, log=QUIET)
+    assert len(records) == 3 and all(0 < x["loss"] < 10 for x in records)
+    ema = ckpt.load_weights(tmp_path / "last" / "ema.safetensors")
+    assert all(v.dtype == torch.float32 for v in ema.values())

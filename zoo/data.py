@@ -80,6 +80,8 @@ def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
             z = f.get_tensor("latents").float()
             latents.append(z if scaled else z * vae_scale)
             labels.append(f.get_tensor("labels").long())
+    if not latents:
+        return TensorDataset(torch.zeros(0), torch.zeros(0))
     return TensorDataset(torch.cat(latents), torch.cat(labels))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -173,7 +172,3 @@ def train(recipe: dict, out: str | Path, steps: int | None = None, device: str |
           resume: str | Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Build a :class:`Trainer` for ``recipe`` and run it; return the logged records."""
     return Trainer(recipe, out, device=device, resume=resume, log=log).run(steps)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
