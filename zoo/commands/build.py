@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from zoo.commands import add_overrides_option
 from zoo.recipe import resolve
 from zoo.validate import model_factory, validate_recipe
 
@@ -21,8 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--flops adds GFLOPs (multiply-adds) with a per-module table.",
     )
     p.add_argument("recipe", help="recipe file (or the name of a shipped recipe, e.g. dit_s_2)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set model.depth=12 (VALUE is YAML; repeatable)")
+    add_overrides_option(p)
     p.add_argument("--print-recipe", action="store_true", help="print the resolved, validated recipe as YAML and stop")
     p.add_argument("--flops", action="store_true", help="count GFLOPs of one forward pass (batch 1) per module")
     p.add_argument("--depth", type=int, default=2, help="module depth of the --flops table (default 2)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.commands import add_overrides_option
 from zoo.errors import UserError
 
 
@@ -22,8 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="official checkpoint (.pt / .pth)")
     p.add_argument("--recipe", required=True, help="zoo recipe whose model matches the checkpoint")
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value (repeatable)")  # fmt: skip
+    add_overrides_option(p)
     p.add_argument("--config", type=Path, default=None,
                    help="JSON file with the official constructor kwargs, for families whose converter needs "
                    "them (DiMR); default: the checkpoint's own 'config' entry, if any")  # fmt: skip

@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 
+from zoo.commands import add_overrides_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -35,8 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=None, metavar="DIR",
                    help="local directory of the SD KL-f8 VAE weights (latent models; default: the recipe's data.vae)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value (VALUE is YAML; repeatable)")
+    add_overrides_option(p)
     p.set_defaults(func=run)
 
 

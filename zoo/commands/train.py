@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+from zoo.commands import add_overrides_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a recipe's model (checkpoints, EMA, logs, sample grids)",
                               description="Train the recipe's model; write checkpoints and logs into --out.")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value (VALUE is YAML; repeatable)")
+    add_overrides_option(p)
     p.add_argument("--resume", default=None, metavar="DIR", help="checkpoint (or run) directory to continue from")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=None, help="train until this step (default: train.steps)")
