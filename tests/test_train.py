@@ -9,9 +9,9 @@ from torch import nn
 import zoo
 import zoo.checkpoint as ckpt
 from zoo.cli import main
-from zoo.ema import EMA
-from zoo.optim import build_optimizer
-from zoo.train import Trainer, train
+from zoo.training.ema import EMA
+from zoo.training.optim import build_optimizer
+from zoo.training import Trainer, train
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
 QUIET = lambda *_: None  # noqa: E731
@@ -117,7 +117,7 @@ def test_image_folder_and_latent_shards_load(tmp_path):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from zoo.data import build_dataset
+    from zoo.training.data import build_dataset
 
     for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
         (tmp_path / "img" / c).mkdir(parents=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
+import importlib
 import inspect
 import sys
 import types
@@ -177,8 +178,19 @@ def model_factory(recipe: Recipe) -> Factory:
     return resolve_component(recipe, "backbone", recipe.data["model"], ("model",), supplied=())
 
 
+# Modules whose section validators add themselves to SECTION_VALIDATORS when imported. They
+# import this module, so they are loaded on first use rather than at the top (no import circle).
+SECTION_MODULES: tuple[str, ...] = ("zoo.diffusion.sections", "zoo.training.sections")
+
+
+def _load_section_validators() -> None:
+    for name in SECTION_MODULES:
+        importlib.import_module(name)
+
+
 def validate_recipe(recipe: Recipe, sections: Iterable[str] | None = None) -> None:
     """Check the top-level sections and run the validator of each one present (all, or ``sections``)."""
+    _load_section_validators()
     allowed = list(SECTIONS) + [s for s in SECTION_VALIDATORS if s not in SECTIONS]
     for key in recipe.data:
         if key not in allowed:
@@ -300,7 +312,3 @@ def type_name(ann: Any) -> str:
         return ann.__name__
     return str(ann).replace("typing.", "")
 
-
-# Section validators owned by other modules register themselves on import (no torch imported).
-from .diffusion import sections as _diffusion_sections  # noqa: E402,F401  (diffusion, sample)
-from . import train_sections as _train_sections  # noqa: E402,F401  (data, train)

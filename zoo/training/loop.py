@@ -20,10 +20,10 @@ import torch
 
 import zoo
 from zoo.checkpoint import load_trainer_state, load_weights, load_state_dict_strict, save_checkpoint
-from zoo.data import batches, build_dataset
+from zoo.training.data import batches, build_dataset
 from zoo.diffusion.setup import build_objective
-from zoo.ema import EMA
-from zoo.optim import build_optimizer, learning_rate
+from zoo.training.ema import EMA
+from zoo.training.optim import build_optimizer, learning_rate
 from zoo.sample import num_classes
 
 DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
