@@ -31,6 +31,7 @@ import typing
 from typing import Any, Callable, Iterable
 
 from . import registry
+from .domains import OneOf, Required, constraints_of, describe, fits, non_finite, options, split, strip
 from .errors import UserError, did_you_mean
 from .recipe import KeyPath, Recipe, format_path
 
@@ -128,7 +129,71 @@ def resolve_kwargs(recipe: Recipe, cls: Any, kwargs: dict, path: KeyPath, what: 
                and n not in kwargs and n not in supplied]
     if missing:
         raise recipe.error(path, f"{what} needs {', '.join(missing)}", suggestion=f"add {missing[0]}: VALUE")
+    check_constraints(recipe, cls, {n: p.default for n, p in params.items() if p.default is not p.empty} | out,
+                      kwargs, path)
     return out
+
+
+def check_constraints(recipe: Recipe, cls: Any, args: dict, given: Iterable[str], path: KeyPath) -> None:
+    """The rules between arguments that ``cls`` declares (``constraints``), on defaults + recipe values.
+
+    The error points at the first key of the rule the recipe sets (else at the component).
+    """
+    for rule in constraints_of(cls):
+        problem = rule.check(args)
+        if problem:
+            key = next((f for f in rule.fields if f in given), None)
+            raise recipe.error(path + ((key,) if key is not None else ()), problem)
+
+
+# --- section tables -------------------------------------------------------------------------------
+#
+# A section (or a mapping inside one) is a table ``{key: annotation}``: the annotation is a type
+# with its domains (``Annotated[int, Range(1, MAX_BATCH)]``), ``Required`` if the key must be
+# present, a nested table (a dict) for a mapping of its own, or ``Component(kind)``.
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """A section key that takes a registered component of ``kind`` (checked against its constructor)."""
+
+    kind: str
+
+
+def check_table(recipe: Recipe, value: Any, table: dict[str, Any], path: KeyPath, what: str) -> None:
+    """Check a mapping against ``table``: no unknown keys, required keys present, each value in its domain."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise recipe.error(path, f"{what} must be a mapping, got {_show(value)}")
+    for key in value:
+        if key not in table:
+            raise recipe.error(path + (key,), f"unknown key {key!r} in {what}; its keys are {', '.join(table)}",
+                               suggestion=did_you_mean(str(key), table))
+    for key, ann in table.items():
+        kpath = path + (key,)
+        if key not in value:
+            if Required in split(ann)[1]:
+                raise recipe.error(path, f"{what} needs {key}: {describe(ann)}", suggestion=f"add {key}: VALUE")
+        elif isinstance(ann, dict):
+            check_table(recipe, value[key], ann, kpath, f"{format_path(kpath)}")
+        elif isinstance(ann, Component):
+            resolve_component(recipe, ann.kind, value[key], kpath, supplied=())
+        elif not fits(value[key], ann):
+            raise domain_error(recipe, kpath, value[key], ann)
+
+
+def table_rows(table: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """``(key, what it allows)`` for every key of a section table, nested tables flattened."""
+    rows = []
+    for key, ann in table.items():
+        if isinstance(ann, dict):
+            rows += table_rows(ann, f"{prefix}{key}.")
+        elif isinstance(ann, Component):
+            rows.append((prefix + key, f"a {ann.kind} component"))
+        else:
+            rows.append((prefix + key, describe(ann)))
+    return rows
 
 
 def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: KeyPath) -> Any:
@@ -146,7 +211,49 @@ def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: 
             return [resolve_value(recipe, None, v, item_ann, path + (i,)) for i, v in enumerate(value)]
     if not check_type(value, ann):
         raise recipe.error(path, f"expected {type_name(ann)}, got {type(value).__name__} {value!r}")
+    if not fits(value, ann):
+        raise domain_error(recipe, path, value, ann)
     return value
+
+
+def domain_error(recipe: Recipe, path: KeyPath, value: Any, ann: Any) -> UserError:
+    """``KEY must be <what ann allows>, got VALUE`` located at ``path`` (to raise)."""
+    name = next((str(p) for p in reversed(path) if isinstance(p, str)), "value")
+    shown = _show(value)
+    hint = None
+    choice = next((m for m in split(ann)[1] if isinstance(m, OneOf)), None)
+    if choice is not None:
+        hint = did_you_mean(str(value), list(choice.choices))
+    elif _has_non_finite(value):
+        hint = "NaN and infinities are refused"
+    return recipe.error(path, f"{name} must be {describe(ann)}, got {shown}", suggestion=hint)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    return non_finite(value)
+
+
+def refuse_non_finite(recipe: Recipe, value: Any, path: KeyPath) -> None:
+    """Every float in ``value`` (YAML ``.nan``, ``.inf``, ``1e999``) must be finite, whatever takes it."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            refuse_non_finite(recipe, v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            refuse_non_finite(recipe, v, path + (i,))
+    elif non_finite(value):
+        name = next((str(p) for p in reversed(path) if isinstance(p, str)), "value")
+        raise recipe.error(path, f"{name} must be a finite number, got {value!r}",
+                           suggestion="NaN and infinities are refused")
 
 
 def _build_record(recipe: Recipe, record: type, value: dict, path: KeyPath) -> Any:
@@ -175,6 +282,7 @@ def model_factory(recipe: Recipe) -> Factory:
     """The checked factory of the recipe's ``model`` section (a backbone; every argument required)."""
     if recipe.data.get("model") is None:
         raise recipe.error(("model",), "the recipe has no model section", suggestion="add model: {type: NAME, ...}")
+    refuse_non_finite(recipe, recipe.data["model"], ("model",))
     return resolve_component(recipe, "backbone", recipe.data["model"], ("model",), supplied=())
 
 
@@ -203,6 +311,7 @@ def validate_recipe(recipe: Recipe, sections: Iterable[str] | None = None) -> No
             raise recipe.error((key,), f"section {key!r} must be a mapping, got {type(value).__name__}")
         if key in SECTION_VALIDATORS:
             SECTION_VALIDATORS[key](value, recipe)
+        refuse_non_finite(recipe, value, (key,))  # also where no table takes the value
 
 
 def _validate_model(value: Any, recipe: Recipe) -> None:
@@ -236,7 +345,7 @@ def _annotations(obj: Any) -> dict[str, Any]:
     """Evaluated constructor annotations; ones that cannot be evaluated are left out (unchecked)."""
     target = obj if dataclasses.is_dataclass(obj) or not isinstance(obj, type) else obj.__init__
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(target, include_extras=True)
     except Exception:
         pass
     namespace = vars(sys.modules.get(getattr(obj, "__module__", ""), types.ModuleType("_")))
@@ -250,10 +359,8 @@ def _annotations(obj: Any) -> dict[str, Any]:
 
 
 def _options(ann: Any) -> tuple:
-    """The members of a Union / Optional, or ``(ann,)``."""
-    if typing.get_origin(ann) in (typing.Union, types.UnionType):
-        return typing.get_args(ann)
-    return (ann,)
+    """The members of a Union / Optional, without their domains, or ``(ann,)``."""
+    return tuple(strip(a) for a in options(strip(ann)))
 
 
 def _dataclass_in(ann: Any) -> type | None:
@@ -273,35 +380,13 @@ def _is_factory_type(ann: Any) -> bool:
 
 
 def check_type(value: Any, ann: Any) -> bool:
-    """Whether ``value`` (as YAML gives it) fits ``ann``; annotations not worth checking pass."""
-    origin = typing.get_origin(ann)
-    if origin in (typing.Union, types.UnionType):
-        return any(check_type(value, a) for a in typing.get_args(ann))
-    if ann is type(None) or ann is None:
-        return value is None
-    if ann is bool:
-        return isinstance(value, bool)
-    if ann is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if ann is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ann is str:
-        return isinstance(value, str)
-    if origin is typing.Literal:
-        return value in typing.get_args(ann)
-    if ann in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
-        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
-        if not isinstance(value, list):
-            return False
-        if origin is tuple and args and Ellipsis not in typing.get_args(ann):
-            return len(value) == len(args) and all(check_type(v, a) for v, a in zip(value, args))
-        return all(check_type(v, args[0]) for v in value) if args else True
-    if ann is dict or origin in (dict, collections.abc.Mapping):
-        return isinstance(value, dict)
-    return True
+    """Whether ``value`` (as YAML gives it) has the type of ``ann``, domains aside; annotations not
+    worth checking pass."""
+    return fits(value, ann, domains=False)
 
 
 def type_name(ann: Any) -> str:
+    ann = strip(ann)
     if typing.get_origin(ann) in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in typing.get_args(ann))
     if ann is type(None):

@@ -20,40 +20,47 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from numbers import Real
-from typing import Any
+from typing import Annotated, Any
 
-from zoo.errors import did_you_mean
+from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_WIDTH, Doc, NonEmpty, NonNegative, OneOf, Positive, Probability,
+                         Range, Required)
 from zoo.recipe import Recipe
-from zoo.validate import SECTION_VALIDATORS, resolve_component
+from zoo.validate import SECTION_VALIDATORS, Component, check_table, domain_error
 
 TIME_INPUT_NAMES = ("dit_index", "uvit_discrete", "uvit_continuous", "dimr_log_snr")
-OBJECTIVE_KEYS = {"eps_mse": (), "hybrid_vlb": ("vlb_weight",), "multiscale": ("coeffs",)}
-DIFFUSION_KEYS = ("schedule", "objective", "time_input", "label_drop", "null_label")
-SAMPLE_KEYS = ("solver", "cfg", "num_samples", "batch_size", "seed")
-CFG_KEYS = ("scale", "convention", "channels", "power")
 CONVENTIONS = ("dit", "uvit")
 
+#: Each objective's keys (``type`` included); a new objective is one entry.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "eps_mse": {"type": str},
+    "hybrid_vlb": {"type": str, "vlb_weight": Annotated[float, NonNegative]},
+    "multiscale": {"type": str, "coeffs": Annotated[list[Annotated[float, NonNegative]], NonEmpty, Required,
+                                                    Doc("one per branch, lowest resolution first")]},
+}
+Objective = Annotated[str, OneOf(OBJECTIVES, "objective")]
 
-def _number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
+#: The ``diffusion`` section (``objective`` is a name or a mapping checked against OBJECTIVES).
+DIFFUSION: dict[str, Any] = {
+    "schedule": Component("schedule"),
+    "objective": Any,
+    "time_input": Annotated[str, OneOf(TIME_INPUT_NAMES, "time_input")],
+    "label_drop": Annotated[float, Probability, Doc("P(label -> null label) in training")],
+    "null_label": Annotated[int, NonNegative] | None,
+}
 
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_keys(recipe: Recipe, value: dict, allowed: tuple, path: tuple, what: str) -> None:
-    for key in value:
-        if key not in allowed:
-            raise recipe.error(path + (key,), f"unknown key {key!r} in {what}; its keys are {', '.join(allowed)}",
-                               suggestion=did_you_mean(key, allowed))
-
-
-def _check_choice(recipe: Recipe, value: Any, choices: tuple, path: tuple, what: str) -> None:
-    if value not in choices:
-        raise recipe.error(path, f"unknown {what} {value!r}; choose one of {', '.join(choices)}",
-                           suggestion=did_you_mean(str(value), choices))
+#: The ``sample`` section.
+SAMPLE: dict[str, Any] = {
+    "solver": Component("solver"),
+    "cfg": {
+        "scale": Annotated[float, Range(0, 1000)] | None,
+        "convention": Annotated[str, OneOf(CONVENTIONS, "guidance convention")],
+        "channels": Annotated[int, Range(1, MAX_WIDTH), Doc("guided channels; null = all")] | None,
+        "power": Annotated[float, Positive] | None,
+    },
+    "num_samples": Annotated[int, Range(1, MAX_COUNT)],
+    "batch_size": Annotated[int, Range(1, MAX_BATCH)],
+    "seed": Annotated[int, Range(0, 2**63 - 1)],
+}
 
 
 def objective_spec(value: Any) -> dict:
@@ -63,70 +70,30 @@ def objective_spec(value: Any) -> dict:
 
 def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
     value, path = value or {}, ("diffusion",)
-    _check_keys(recipe, value, DIFFUSION_KEYS, path, "diffusion")
-    if "schedule" in value:
-        resolve_component(recipe, "schedule", value["schedule"], path + ("schedule",), supplied=())
+    check_table(recipe, value, DIFFUSION, path, "diffusion")
     if "objective" in value:
         spec, opath = value["objective"], path + ("objective",)
         if not isinstance(spec, (str, dict)):
             raise recipe.error(opath, f"expected an objective name or {{type: NAME, ...}}, got {spec!r}")
         spec = objective_spec(spec)
-        _check_choice(recipe, spec.get("type"), tuple(OBJECTIVE_KEYS), opath + ("type",), "objective")
-        options = OBJECTIVE_KEYS[spec["type"]]
-        _check_keys(recipe, spec, ("type",) + options, opath, f"objective {spec['type']!r}")
-        if spec["type"] == "multiscale":
-            coeffs = spec.get("coeffs")
-            if not isinstance(coeffs, list) or not coeffs or not all(_number(c) for c in coeffs):
-                raise recipe.error(opath + ("coeffs",), "the multiscale objective needs coeffs: a list of numbers, "
-                                   "one per branch, lowest resolution first", suggestion="e.g. coeffs: [0.25, 1.0]")
-        if "vlb_weight" in spec and not _number(spec["vlb_weight"]):
-            raise recipe.error(opath + ("vlb_weight",), f"expected a number, got {spec['vlb_weight']!r}")
-    if "time_input" in value:
-        _check_choice(recipe, value["time_input"], TIME_INPUT_NAMES, path + ("time_input",), "time_input")
+        tpath = opath + ("type",) if isinstance(value["objective"], dict) else opath
+        if spec.get("type") not in OBJECTIVES:
+            raise domain_error(recipe, tpath, spec.get("type"), Objective)
+        check_table(recipe, spec, OBJECTIVES[spec["type"]], opath, f"objective {spec['type']!r}")
     drop = value.get("label_drop", 0.0)
-    if not _number(drop) or not 0.0 <= drop <= 1.0:
-        raise recipe.error(path + ("label_drop",), f"label_drop must be a probability in [0, 1], got {drop!r}")
-    null = value.get("null_label")
-    if null is not None and not _int(null):
-        raise recipe.error(path + ("null_label",), f"null_label must be an integer, got {null!r}")
-    if drop > 0 and null is None:
+    if drop > 0 and value.get("null_label") is None:
         raise recipe.error(path + ("label_drop",), "label_drop > 0 needs the null label",
                            suggestion="add diffusion.null_label: NUM_CLASSES")
     model = recipe.data.get("model")
     inside = model.get("class_dropout_prob") if isinstance(model, dict) else None
-    if _number(inside) and inside > 0 and inside != drop:
+    if isinstance(inside, (int, float)) and inside > 0 and inside != drop:
         raise recipe.error(path + ("label_drop",), f"the model drops labels itself with class_dropout_prob={inside} "
                            f"but diffusion.label_drop is {drop}; they must agree (the objective then leaves the "
                            "dropping to the model)", suggestion=f"set label_drop: {inside}")
 
 
 def validate_sample(value: dict | None, recipe: Recipe) -> None:
-    value, path = value or {}, ("sample",)
-    _check_keys(recipe, value, SAMPLE_KEYS, path, "sample")
-    if "solver" in value:
-        resolve_component(recipe, "solver", value["solver"], path + ("solver",), supplied=())
-    for key in ("num_samples", "batch_size"):
-        if key in value and (not _int(value[key]) or value[key] < 1):
-            raise recipe.error(path + (key,), f"{key} must be a positive integer, got {value[key]!r}")
-    if "seed" in value and not _int(value["seed"]):
-        raise recipe.error(path + ("seed",), f"seed must be an integer, got {value['seed']!r}")
-    cfg = value.get("cfg")
-    if cfg is None:
-        return
-    cpath = path + ("cfg",)
-    if not isinstance(cfg, dict):
-        raise recipe.error(cpath, f"cfg must be a mapping {{scale: ..., convention: dit|uvit}}, got {cfg!r}")
-    _check_keys(recipe, cfg, CFG_KEYS, cpath, "sample.cfg")
-    if "scale" in cfg and cfg["scale"] is not None and not _number(cfg["scale"]):
-        raise recipe.error(cpath + ("scale",), f"scale must be a number, got {cfg['scale']!r}")
-    if "convention" in cfg:
-        _check_choice(recipe, cfg["convention"], CONVENTIONS, cpath + ("convention",), "guidance convention")
-    channels = cfg.get("channels")
-    if channels is not None and (not _int(channels) or channels < 1):
-        raise recipe.error(cpath + ("channels",), f"channels must be a positive integer or null, got {channels!r}")
-    power = cfg.get("power")
-    if power is not None and (not _number(power) or power <= 0):
-        raise recipe.error(cpath + ("power",), f"power must be a positive number or null, got {power!r}")
+    check_table(recipe, value, SAMPLE, ("sample",), "sample")
 
 
 SECTION_VALIDATORS["diffusion"] = validate_diffusion

@@ -1,7 +1,7 @@
 """Validators of the recipe's ``data`` and ``train`` sections (typos caught with file and line).
 
     data:
-      dataset: synthetic | image_folder | latents | imagenet   # imagenet = latents or image_folder by `latent`
+      dataset: synthetic | image_folder | latents | imagenet | emoji32   # registered; imagenet = latents or image_folder by `latent`
       root: /path/to/data        # image_folder / latents / imagenet
       image_size: 256
       num_classes: 1000
@@ -11,6 +11,8 @@
       vae: /path/to/vae          # local VAE weights (decoding sample grids)
       size: 64                   # synthetic: number of images
       num_workers: 0
+      split: train               # emoji32: train | holdout
+      cache: ~/.cache/zoo        # emoji32: where the built images are cached (else $ZOO_CACHE, $XDG_CACHE_HOME/zoo)
     train:
       steps, batch_size, lr, weight_decay, betas, warmup_steps, ema_decay, grad_clip, seed,
       precision (fp32 | bf16), no_weight_decay_1d, ckpt_every, sample_every, log_every, sample_n
@@ -20,83 +22,62 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from numbers import Real
-from typing import Any
+from typing import Annotated, Any
 
-from zoo.errors import did_you_mean
+from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_STEPS, Classes, Decay, Doc, ImageSize, NonNegative, OneOf,
+                         Positive, PositiveFloat, Range)
+from zoo import registry
 from zoo.recipe import Recipe
-from zoo.validate import SECTION_VALIDATORS
+from zoo.validate import SECTION_VALIDATORS, check_table
 
-DATASETS = ("synthetic", "image_folder", "latents", "imagenet")
-DATA_KEYS = ("dataset", "root", "image_size", "num_classes", "random_flip", "latent", "vae_scale", "vae",
-             "size", "num_workers", "name")
-TRAIN_INTS = ("steps", "batch_size", "warmup_steps", "ckpt_every", "sample_every", "log_every", "seed", "sample_n")
-TRAIN_FLOATS = ("lr", "weight_decay", "ema_decay", "grad_clip")
-TRAIN_KEYS = TRAIN_INTS + TRAIN_FLOATS + ("betas", "precision", "no_weight_decay_1d")
+DATASETS = registry.Names("dataset")  # synthetic, image_folder, latents, imagenet, emoji32 and plugins
 PRECISIONS = ("fp32", "bf16")
+Path = Annotated[str, Doc("a path")]
+Every = Annotated[int, Range(0, MAX_STEPS), Doc("0 = never")]
 
+#: The ``data`` section: key → type and domain (a new key is one line).
+DATA: dict[str, Any] = {
+    "dataset": Annotated[str, OneOf(DATASETS, "dataset")],
+    "root": Path | None,
+    "image_size": ImageSize,
+    "num_classes": Classes,
+    "random_flip": bool,
+    "latent": bool,
+    "vae_scale": PositiveFloat,
+    "vae": Path | None,
+    "size": Annotated[int, Range(1, MAX_COUNT), Doc("synthetic: number of images")],
+    "num_workers": Annotated[int, Range(0, 256)],
+    "name": str,
+    "split": Annotated[str, OneOf(("train", "holdout"), "split"), Doc("emoji32: train or holdout")],
+    "cache": Path | None,
+}
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
-
-
-def _keys(recipe: Recipe, value: dict, allowed: tuple, section: str) -> None:
-    for key in value:
-        if key not in allowed:
-            raise recipe.error((section, key), f"unknown key {key!r} in {section}; its keys are {', '.join(allowed)}",
-                               suggestion=did_you_mean(str(key), allowed))
+#: The ``train`` section: key → type and domain (a new key is one line).
+TRAIN: dict[str, Any] = {
+    "steps": Annotated[int, Range(0, MAX_STEPS)],
+    "batch_size": Annotated[int, Range(1, MAX_BATCH)],
+    "lr": PositiveFloat,
+    "weight_decay": Annotated[float, NonNegative],
+    "betas": tuple[Annotated[float, Decay], Annotated[float, Decay]],
+    "warmup_steps": Annotated[int, Range(0, MAX_STEPS)],
+    "ema_decay": Annotated[float, Decay],
+    "grad_clip": Annotated[float, Positive, Doc("max gradient norm; null = no clipping")] | None,
+    "seed": Annotated[int, Range(0, 2**63 - 1)],
+    "precision": Annotated[str, OneOf(PRECISIONS, "precision")],
+    "no_weight_decay_1d": bool,
+    "ckpt_every": Every,
+    "sample_every": Every,
+    "log_every": Every,
+    "sample_n": Annotated[int, Range(0, MAX_BATCH)],
+}
 
 
 def validate_data(value: dict | None, recipe: Recipe) -> None:
-    value = value or {}
-    if not isinstance(value, dict):
-        raise recipe.error(("data",), f"data must be a mapping, got {value!r}")
-    _keys(recipe, value, DATA_KEYS, "data")
-    if "dataset" in value and value["dataset"] not in DATASETS:
-        raise recipe.error(("data", "dataset"), f"unknown dataset {value['dataset']!r}; choose one of "
-                           f"{', '.join(DATASETS)}", suggestion=did_you_mean(str(value["dataset"]), DATASETS))
-    for key in ("image_size", "num_classes", "size"):
-        if key in value and (not _int(value[key]) or value[key] < 1):
-            raise recipe.error(("data", key), f"{key} must be a positive integer, got {value[key]!r}")
-    if "num_workers" in value and (not _int(value["num_workers"]) or value["num_workers"] < 0):
-        raise recipe.error(("data", "num_workers"), f"num_workers must be an integer >= 0, got {value['num_workers']!r}")
-    for key in ("random_flip", "latent"):
-        if key in value and not isinstance(value[key], bool):
-            raise recipe.error(("data", key), f"{key} must be true or false, got {value[key]!r}")
-    if "vae_scale" in value and (not _number(value["vae_scale"]) or value["vae_scale"] <= 0):
-        raise recipe.error(("data", "vae_scale"), f"vae_scale must be a positive number, got {value['vae_scale']!r}")
-    for key in ("root", "vae"):
-        if value.get(key) is not None and not isinstance(value[key], str):
-            raise recipe.error(("data", key), f"{key} must be a path, got {value[key]!r}")
+    check_table(recipe, value, DATA, ("data",), "data")
 
 
 def validate_train(value: dict | None, recipe: Recipe) -> None:
-    value = value or {}
-    if not isinstance(value, dict):
-        raise recipe.error(("train",), f"train must be a mapping, got {value!r}")
-    _keys(recipe, value, TRAIN_KEYS, "train")
-    for key in TRAIN_INTS:
-        if key in value and (not _int(value[key]) or value[key] < 0):
-            raise recipe.error(("train", key), f"{key} must be an integer >= 0 (0 = never/none), got {value[key]!r}")
-    if value.get("batch_size", 1) == 0:
-        raise recipe.error(("train", "batch_size"), "batch_size must be at least 1")
-    for key in TRAIN_FLOATS:
-        if key in value and value[key] is not None and (not _number(value[key]) or value[key] < 0):
-            raise recipe.error(("train", key), f"{key} must be a number >= 0, got {value[key]!r}")
-    if "ema_decay" in value and value["ema_decay"] > 1:
-        raise recipe.error(("train", "ema_decay"), f"ema_decay must be in [0, 1], got {value['ema_decay']!r}")
-    betas = value.get("betas", [0.9, 0.999])
-    if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
-        raise recipe.error(("train", "betas"), f"betas must be two numbers in [0, 1), got {betas!r}")
-    if value.get("precision", "fp32") not in PRECISIONS:
-        raise recipe.error(("train", "precision"), f"precision must be one of {', '.join(PRECISIONS)}, "
-                           f"got {value['precision']!r}")
-    if "no_weight_decay_1d" in value and not isinstance(value["no_weight_decay_1d"], bool):
-        raise recipe.error(("train", "no_weight_decay_1d"), "no_weight_decay_1d must be true or false")
+    check_table(recipe, value, TRAIN, ("train",), "train")
 
 
 SECTION_VALIDATORS["data"] = validate_data
