@@ -17,18 +17,24 @@ The model contract: ``eps_fn(x, t)`` gets ``x`` (B, ...) and continuous ``t`` as
 t to the backbone's own time input (DiT: 1000·(t − 1/N); classifier-free guidance happens there
 too). A model with a learned variance may return ``(eps, v)`` or one tensor with 2C channels
 ``[eps | v]`` (v in [−1, 1], iDDPM's interpolation weight); ``ddpm`` with ``variance="learned"``
-uses v, every other solver ignores it. Stochastic solvers (``ddpm``, ``ddim`` with eta > 0) take
-``sample(..., generator=torch.Generator)``. ``sample`` runs under ``torch.no_grad()``.
+uses v, every other solver ignores it. Stochastic solvers (``ddpm``, ``ddim``/``ddim_grid`` with
+eta > 0) take ``sample(..., generator=...)``: one ``torch.Generator``, or one per sample (each draws
+one standard normal of the sample's shape per noisy step, in step order). ``sample`` runs under
+``torch.no_grad()``.
 
-Solvers (``zoo.solvers`` entry points), each with ``steps`` and, except ddpm on discrete schedules,
-``skip`` ∈ {time_uniform, logSNR, time_quadratic, karras}, ``t_start``, ``t_end`` (defaults: the
-schedule's T and eps):
+Solvers (``zoo.solvers`` entry points), each with ``steps`` and, except ddpm/ddim on discrete
+schedules, ``skip`` ∈ {time_uniform, logSNR, time_quadratic, karras}, ``t_start``, ``t_end``
+(defaults: the schedule's T and eps):
 
 - ``dpm_solver`` / ``dpm_solver++``: noise / data form; ``order`` 1–3, ``method`` ∈ {multistep,
   singlestep, singlestep_fixed, adaptive}, ``lower_order_final``, ``solver_type``, ``denoise_to_zero``,
   ``atol``/``rtol`` (adaptive) — the reference's ``DPM_Solver.sample`` semantics.
-- ``ddim``: ``eta`` (0: deterministic, equal to DPM-Solver-1).
-- ``ddpm``: ancestral, respaced to ``steps``; ``variance`` ∈ {fixed_small, fixed_large, learned}.
+- ``ddpm``: ADM/DiT's ``p_sample_loop``: ancestral on the respaced chain (``steps``, or a
+  ``respacing`` string "250", "10,15,20", "ddim25"); ``variance`` ∈ {fixed_small, fixed_large,
+  learned}; ``clip_denoised``.
+- ``ddim``: ADM/DiT's ``ddim_sample_loop`` on the same respaced chain, ending with x̂0; ``eta``,
+  ``clip_denoised``. ``ddim_grid``: DDIM on a DPM-Solver time grid ending at t_end (η = 0 is
+  DPM-Solver-1).
 - ``euler`` / ``heun``: Karras-style steps in σ = σ_t/α_t, default ρ = 7 grid; heun makes 2 calls per step.
 - ``ode``: torchdiffeq ``odeint`` in λ; ``method`` (dopri5), ``rtol``, ``atol``.
 

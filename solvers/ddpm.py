@@ -1,9 +1,9 @@
 """Ancestral DDPM sampling (Ho et al. 2020), respaced as in Improved DDPM (Nichol & Dhariwal 2021).
 
-The respaced chain keeps S of the N training steps, k_0 < ... < k_{S−1} (iDDPM's
-``space_timesteps`` with one section: k_i = round(i·(N − 1)/(S − 1)), accumulated as there), and
-rebuilds its betas from the kept ᾱ: β_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}} (ᾱ before the first is 1).
-Each step draws from the posterior q(x_{i−1} | x_i, x̂0):
+The chain keeps S of the N training steps, k_0 < ... < k_{S−1} (ADM's ``space_timesteps``:
+``steps`` or a ``respacing`` string such as "250", "10,15,20" or "ddim25"; see
+:mod:`zoo.solvers.respacing`), and rebuilds its betas from the kept ᾱ: β_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}
+(ᾱ before the first is 1). Each step draws from the posterior q(x_{i−1} | x_i, x̂0):
 
     mean = β_i·√ᾱ_{i−1}/(1 − ᾱ_i)·x̂0 + (1 − ᾱ_{i−1})·√(1 − β_i)/(1 − ᾱ_i)·x_i,
     β̃_i = β_i·(1 − ᾱ_{i−1})/(1 − ᾱ_i)
@@ -11,7 +11,8 @@ Each step draws from the posterior q(x_{i−1} | x_i, x̂0):
 with variance ``fixed_small`` β̃_i, ``fixed_large`` β_i, or ``learned`` (iDDPM eq. 15)
 exp(f·log β_i + (1 − f)·log β̃_i), f = (v + 1)/2, where the model returns its variance output v
 in [−1, 1] beside ε: ``eps_fn`` returns ``(eps, v)`` or 2C channels ``[eps | v]`` (as DiT does).
-The last step returns the mean, i.e. x̂0 at the first kept step (no noise is added).
+The last step returns the mean, i.e. x̂0 at the first kept step (no noise is added). This is
+ADM/DiT's ``p_sample_loop`` (DiT: ``create_diffusion("250")``, learned σ, ``clip_denoised=False``).
 
 On a discrete schedule the model is called at t = (k_i + 1)/N; on a continuous one the chain is
 built from ``steps`` points of the solver's grid between t_end and t_start with ᾱ = α(t)².
@@ -26,44 +27,25 @@ from torch import Tensor
 
 from zoo.errors import UserError
 
-from .base import EpsFn, Generators, ScheduledModel, Solver, check_choice, gaussian_noise, point, time_grid
+from .base import EpsFn, Generators, ScheduledModel, check_choice, gaussian_noise, point
+from .respacing import ChainSolver
 from .schedules import NoiseSchedule
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 
 
-def respaced_indices(num_steps: int, steps: int) -> list[int]:
-    """iDDPM's evenly spaced kept steps (one section), first 0 and last N − 1."""
-    if steps > num_steps:
-        raise UserError(f"ddpm cannot respace {num_steps} training steps to {steps} steps")
-    stride = 1.0 if steps <= 1 else (num_steps - 1) / (steps - 1)
-    kept, position = [], 0.0
-    for _ in range(steps):
-        kept.append(round(position))
-        position += stride
-    return kept
+class DDPMSolver(ChainSolver):
+    """Ancestral DDPM sampling on the respaced chain (Ho et al. 2020; Nichol & Dhariwal 2021)."""
 
+    default_steps = 250
 
-class DDPMSolver(Solver):
-    """Ancestral DDPM sampling respaced to ``steps`` (Ho et al. 2020; Nichol & Dhariwal 2021)."""
-
-    def __init__(self, steps: int = 250, variance: str = "fixed_small", skip: str = "time_uniform",
-                 t_start: float | None = None, t_end: float | None = None):
-        super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
+    def __init__(self, steps: int | None = None, respacing: str | int | None = None, variance: str = "fixed_small",
+                 clip_denoised: bool = False, skip: str = "time_uniform", t_start: float | None = None,
+                 t_end: float | None = None):
+        super().__init__(steps=steps, respacing=respacing, clip_denoised=clip_denoised, skip=skip,
+                         t_start=t_start, t_end=t_end)
         check_choice("ddpm variance", variance, VARIANCES)
         self.variance = variance
-
-    def chain(self, schedule: NoiseSchedule) -> tuple[list[float], list[float]]:
-        """The model times and ᾱ of the respaced chain, least noisy first."""
-        if schedule.discrete:
-            if self.t_start is not None or self.t_end is not None:
-                raise UserError("ddpm on a discrete schedule respaces the whole training chain; "
-                                "drop t_start/t_end")
-            kept = respaced_indices(schedule.num_steps, self.steps)
-            return [(k + 1) / schedule.num_steps for k in kept], [schedule.alphas_cumprod[k].item() for k in kept]
-        t_start, t_end = self.time_range(schedule)
-        times = time_grid(schedule, self.skip, t_start, t_end, self.steps - 1)[::-1]
-        return times, [point(schedule, t).alpha ** 2 for t in times]
 
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
@@ -76,7 +58,7 @@ class DDPMSolver(Solver):
         x = x_T
         for i in reversed(range(len(times))):
             eps, v = model.eps_and_v(x, point(schedule, times[i]))
-            x0 = math.sqrt(1.0 / abar[i]) * x - math.sqrt(1.0 / abar[i] - 1.0) * eps
+            x0 = self.predict_x0(x, eps, abar[i])
             mean = (betas[i] * math.sqrt(abar_prev[i]) / (1.0 - abar[i])) * x0 \
                 + ((1.0 - abar_prev[i]) * math.sqrt(1.0 - betas[i]) / (1.0 - abar[i])) * x
             if i == 0:

@@ -3,7 +3,7 @@
 
 Also: DPM-Solver(++) against the k-diffusion forms of DPM++(2M), DPM++(2S) and DPM++(3M) written here
 from their equations, DDIM = DPM-Solver-1 = Euler in σ, the reference's grids and order schedules,
-and the NFE of every method.
+the NFE of every method, ADM's respacing rule and its DDPM/DDIM loops written from their equations.
 """
 
 import math
@@ -14,7 +14,7 @@ import torch
 from zoo.errors import UserError
 from zoo.solvers import build_schedule, build_solver
 from zoo.solvers.base import time_grid
-from zoo.solvers.ddpm import respaced_indices
+from zoo.solvers.respacing import space_timesteps
 from zoo.solvers.dpm_solver import DPMSolver, DPMSolverPlusPlus
 from zoo.solvers.dpm_solver_loop import multistep_orders, singlestep_orders
 from zoo.solvers.oracles import GaussianMixtureOracle, GaussianOracle
@@ -73,7 +73,7 @@ def test_ode_reference_matches_the_closed_form_flow(sched, gauss):
 
 # (name, kwargs) -> the error must fall as the NFE (10, 20, 50) grows; heun gets NFE/2 steps.
 CONVERGING = [
-    ("ddim", {}), ("euler", {}), ("heun", {}),
+    ("ddim_grid", {}), ("euler", {}), ("heun", {}),
     ("dpm_solver", dict(order=2, skip="logSNR")),
     ("dpm_solver", dict(order=3, skip="logSNR")),
     ("dpm_solver", dict(order=2, method="singlestep", skip="logSNR")),
@@ -123,7 +123,7 @@ def test_multistep_2m_is_second_order(sched, gauss, name):
 @pytest.mark.parametrize("skip", ["logSNR", "time_uniform", "time_quadratic"])
 def test_first_order_dpm_solver_euler_and_ddim_agree(sched, mixture, skip):
     oracle, x_T, _ = mixture
-    ddim = build_solver("ddim", steps=12, skip=skip).sample(oracle.eps, x_T, sched)
+    ddim = build_solver("ddim_grid", steps=12, skip=skip).sample(oracle.eps, x_T, sched)
     for name, kwargs in [("dpm_solver", {}), ("dpm_solver++", {}), ("dpm_solver", dict(method="singlestep")),
                          ("euler", {})]:
         out = build_solver(name, steps=12, order=1, skip=skip, **kwargs) if name != "euler" else \
@@ -280,8 +280,9 @@ def test_model_times_follow_the_reference_grids(sched, gauss):
     ("dpm_solver++", dict(steps=20, order=3, method="multistep"), 20),
     ("dpm_solver++", dict(steps=7, order=2, method="multistep"), 7),
     ("dpm_solver++", dict(steps=7, order=2, denoise_to_zero=True), 8),
-    ("ddim", dict(steps=13), 13), ("euler", dict(steps=13), 13), ("heun", dict(steps=13), 26),
-    ("ddpm", dict(steps=13), 13), ("ode", dict(method="rk4", steps=5), 20),
+    ("ddim_grid", dict(steps=13), 13), ("euler", dict(steps=13), 13), ("heun", dict(steps=13), 26),
+    ("ddpm", dict(steps=13), 13), ("ddim", dict(steps=13), 13), ("ddim", dict(respacing="10,15,20"), 45),
+    ("ddpm", dict(respacing="ddim25"), 25), ("ode", dict(method="rk4", steps=5), 20),
 ])
 def test_nfe_counts(sched, gauss, name, kwargs, nfe):
     oracle, x_T, _ = gauss
@@ -312,23 +313,126 @@ def _moment_error(out, mean, std):
     return ((out.mean(0) - mean).abs() + (out.std(0) - std).abs()).mean().item()
 
 
-@pytest.mark.parametrize("name,kwargs", [("ddpm", {}), ("ddpm", dict(variance="fixed_large")), ("ddim", dict(eta=1.0))])
+@pytest.mark.parametrize("name,kwargs", [("ddpm", {}), ("ddpm", dict(variance="fixed_large")), ("ddim", dict(eta=1.0)),
+                                         ("ddim_grid", dict(eta=1.0))])
 def test_stochastic_solvers_approach_the_data_distribution(sched, name, kwargs):
     oracle = GaussianOracle(sched, torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([0.3, 1.5], dtype=F64))
     x_T = torch.randn(8000, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
-    mean, std = oracle.denoised_marginal(sched.eps) if name == "ddpm" else oracle.marginal(sched.eps)
+    # the chain samplers end with x̂0 at the first training step, ddim_grid with x at t_end
+    mean, std = oracle.marginal(sched.eps) if name == "ddim_grid" else oracle.denoised_marginal(sched.eps)
     errors = [_moment_error(build_solver(name, steps=n, **kwargs).sample(
         oracle.eps, x_T, sched, generator=torch.Generator().manual_seed(4)), mean, std) for n in (5, 20, 100)]
     assert errors[0] > 1.5 * errors[1] > 2.25 * errors[2], errors
 
 
-def test_ddpm_respacing_matches_improved_ddpm():
-    kept = respaced_indices(1000, 250)
+def test_respacing_follows_adm_space_timesteps():
+    kept = space_timesteps(1000, "250")
     assert len(kept) == 250 and kept[0] == 0 and kept[-1] == 999
     assert kept[:4] == [0, 4, 8, 12] and set(b - a for a, b in zip(kept, kept[1:])) == {4, 5}
-    assert respaced_indices(1000, 1000) == list(range(1000))
-    with pytest.raises(UserError):
-        respaced_indices(10, 11)
+    assert space_timesteps(1000, 1000) == list(range(1000))
+    # one section of 1000 keeping 25: stride 999/24 = 41.625 accumulated, Python rounding (166.5 -> 166)
+    assert space_timesteps(1000, "25")[:6] == [0, 42, 83, 125, 166, 208] and space_timesteps(1000, "25")[-1] == 999
+    assert space_timesteps(1000, "ddim25") == list(range(0, 1000, 40))
+    assert space_timesteps(1000, "ddim7") == list(range(0, 1000, 143))  # the first stride giving 7 steps
+    # sections of 334, 333, 333 (the first takes the remainder), strides 333/9, 332/14, 332/19
+    sections = space_timesteps(1000, "10,15,20")
+    assert len(sections) == 45 and sections[:10] == [37 * i for i in range(10)]
+    assert sections[10:12] == [334, 334 + round(332 / 14)] and sections[24] == 334 + 332 and sections[25] == 667
+    assert sections[-1] == 999
+    for bad in ("ddim999", "abc", "ddim", "5,x", "0", "-3"):
+        with pytest.raises(UserError, match="respacing"):
+            space_timesteps(1000, bad)
+    with pytest.raises(UserError, match="section of 5"):
+        space_timesteps(10, "6,6")
+
+
+def _adm_chain_loop(sched, eps_fn, x_T, kept, step, generator):
+    """ADM's sampling loop on a respaced chain, written from its equations (float64)."""
+    abar = sched.alphas_cumprod[kept].tolist()
+    x = x_T
+    for i in reversed(range(len(kept))):
+        t = torch.full((x.shape[0],), (kept[i] + 1) / sched.num_steps, dtype=F64)
+        out = eps_fn(x, t)
+        abar_prev = abar[i - 1] if i > 0 else 1.0
+        x = step(x, out, abar[i], abar_prev, i, lambda: torch.randn(x.shape, generator=generator, dtype=F64))
+    return x
+
+
+def _adm_ddim_step(eta, clip):
+    def step(x, eps, abar, abar_prev, i, noise):
+        x0 = (1 / abar) ** 0.5 * x - (1 / abar - 1) ** 0.5 * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        eps = ((1 / abar) ** 0.5 * x - x0) / (1 / abar - 1) ** 0.5
+        sigma = eta * ((1 - abar_prev) / (1 - abar)) ** 0.5 * (1 - abar / abar_prev) ** 0.5
+        mean = x0 * abar_prev ** 0.5 + (1 - abar_prev - sigma**2) ** 0.5 * eps
+        return mean + sigma * noise() if i > 0 else mean
+    return step
+
+
+@pytest.mark.parametrize("respacing,eta,clip", [("25", 0.0, False), ("ddim10", 0.5, True), ("3,4,5", 1.0, False)])
+def test_ddim_is_adm_ddim_sample_loop(sched, gauss, respacing, eta, clip):
+    oracle, x_T, _ = gauss
+    kept = space_timesteps(sched.num_steps, respacing)
+    expected = _adm_chain_loop(sched, oracle.eps, 2 * x_T, kept, _adm_ddim_step(eta, clip), torch.Generator().manual_seed(7))
+    log = []
+    solver = build_solver("ddim", respacing=respacing, eta=eta, clip_denoised=clip)
+    out = solver.sample(_recording(oracle, log), 2 * x_T, sched, generator=torch.Generator().manual_seed(7))
+    assert_near(out, expected, atol=1e-12)
+    assert_near(torch.tensor(log, dtype=F64), (torch.tensor(kept[::-1], dtype=F64) + 1) / 1000, atol=0)
+    if clip:
+        assert out.abs().max() <= 1.0 and (2 * x_T).abs().max() > 1.0
+
+
+def _adm_ddpm_step(x, out, abar, abar_prev, i, noise):
+    """p_sample with learned-range variance (iDDPM eq. 15), clip_denoised=False."""
+    eps, v = out
+    beta = 1 - abar / abar_prev
+    x0 = (1 / abar) ** 0.5 * x - (1 / abar - 1) ** 0.5 * eps
+    mean = beta * abar_prev ** 0.5 / (1 - abar) * x0 + (1 - abar_prev) * (1 - beta) ** 0.5 / (1 - abar) * x
+    if i == 0:
+        return mean
+    log_var = (v + 1) / 2 * math.log(beta) + (1 - v) / 2 * math.log(beta * (1 - abar_prev) / (1 - abar))
+    return mean + torch.exp(0.5 * log_var) * noise()
+
+
+def test_ddpm_is_adm_p_sample_loop_with_learned_range(sched, gauss):
+    oracle, x_T, _ = gauss
+
+    def eps_fn(x, t):  # a variance output that varies over samples, channels and time
+        return oracle.eps(x, t), torch.tanh(x + 3 * t[:, None] - 1)
+    expected = _adm_chain_loop(sched, eps_fn, x_T, space_timesteps(1000, "10,15,20"), _adm_ddpm_step,
+                               torch.Generator().manual_seed(8))
+    out = build_solver("ddpm", respacing="10,15,20", variance="learned").sample(
+        eps_fn, x_T, sched, generator=torch.Generator().manual_seed(8))
+    assert_near(out, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dpm_solver", "dpm_solver++"])
+def test_ddim_eta0_equals_first_order_dpm_solver_with_denoise_to_zero(sched, mixture, name):
+    """'ddim25' keeps 0, 40, ..., 960: a time-uniform grid from t = 961/N to 1/N, then x̂0 there."""
+    oracle, x_T, _ = mixture
+    ddim = build_solver("ddim", respacing="ddim25")
+    out = ddim.sample(oracle.eps, x_T, sched)
+    dpm = build_solver(name, steps=24, order=1, skip="time_uniform", t_start=0.961, t_end=0.001, denoise_to_zero=True)
+    assert_near(dpm.sample(oracle.eps, x_T, sched), out, atol=1e-12)
+    assert ddim.nfe == dpm.nfe == 25
+    uneven = build_solver("ddim", steps=25).sample(oracle.eps, x_T, sched)  # "25": 0, 42, 83, ... (not uniform)
+    assert (uneven - out).abs().max() > 1e-4
+
+
+def test_chain_solvers_on_a_continuous_schedule_end_with_the_data_prediction(gauss):
+    vp = build_schedule("vp_linear")
+    oracle = GaussianOracle(vp, gauss[0].mean, gauss[0].std)
+    x_T = gauss[1]
+    times = time_grid(vp, "logSNR", 1.0, 1e-3, 9)
+    ddim = build_solver("ddim", steps=10, skip="logSNR").sample(oracle.eps, x_T, vp)
+    grid = build_solver("ddim_grid", steps=9, skip="logSNR").sample(oracle.eps, x_T, vp)
+    a, s = vp.marginal_alpha(times[-1]).item(), vp.marginal_std(times[-1]).item()
+    t = torch.full((x_T.shape[0],), times[-1], dtype=F64)
+    assert_near(ddim, (grid - s * oracle.eps(grid, t)) / a, atol=1e-12)
+    with pytest.raises(UserError, match="discrete"):
+        build_solver("ddim", respacing="ddim5").sample(oracle.eps, x_T, vp)
 
 
 def test_ddpm_learned_variance_interpolates_between_the_fixed_ones(sched, gauss):
@@ -383,6 +487,9 @@ def test_float32_sampling_keeps_dtype_and_feeds_float32_time(sched, gauss):
     ("ddpm", dict(variance="learnt"), "learned"),
     ("ode", dict(method="rk4"), "steps"),
     ("ddim", dict(steps=0), "steps"),
+    ("ddim", dict(steps=30, respacing="ddim25"), "disagrees"),
+    ("ddpm", dict(respacing="ddimx"), "respacing"),
+    ("ddim", dict(eta=-1), "eta"),
 ])
 def test_bad_options_are_user_errors(name, kwargs, match):
     with pytest.raises(UserError, match=match):
@@ -392,5 +499,5 @@ def test_bad_options_are_user_errors(name, kwargs, match):
 def test_registry_builds_each_solver():
     assert type(build_solver("dpm_solver")) is DPMSolver
     assert type(build_solver("dpm_solver++")) is DPMSolverPlusPlus
-    for name in ("ddpm", "ddim", "euler", "heun", "ode"):
+    for name in ("ddpm", "ddim", "ddim_grid", "euler", "heun", "ode"):
         assert callable(build_solver(name).sample)
