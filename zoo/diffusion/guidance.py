@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import as_time_vector
 
+from .denoiser import Denoiser
+
 CONVENTIONS = ("dit", "uvit")
 
 
@@ -103,6 +105,7 @@ class GuidedModel:
     ):
         self.model = model
         self.time_map = time_map
+        self.denoiser = Denoiser(model, time_map, null_label)
         self.y = y
         self.w = None if scale is None else to_dit_scale(scale, convention)
         if self.w is not None and self.w == 1.0 and power is None:
@@ -121,11 +124,10 @@ class GuidedModel:
     def full_output(self, x: Tensor, t: Tensor) -> Tensor:
         """The (guided) model output with all its channels ([ε | v] for learned-σ models)."""
         t = as_time_vector(t, x.shape[0], x.device)
-        t_in = self.time_map(t)
         if not self.guided:
-            return _last(self.model(x, t_in, self.y))
-        null = torch.full_like(self.y, self.null_label)
-        out = _last(self.model(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null])))
+            return _last(self.denoiser(x, t, self.y))
+        drop = torch.arange(2 * x.shape[0], device=x.device) >= x.shape[0]  # the second half unconditional
+        out = _last(self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, self.y]), drop))
         cond, uncond = out.chunk(2, dim=0)
         c = self.eps_channels if self.eps_channels is not None else cond.shape[1]
         k = c if self.channels is None else min(self.channels, c)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .denoiser import Denoiser
 from .discrete import DiscreteDiffusion, betas_from_schedule
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl, to_bits_per_dim
 from .labels import drop_labels
@@ -77,20 +78,30 @@ class DiffusionObjective:
         sigma = self.schedule.marginal_std(t).to(x0).view(view)
         return alpha * x0 + sigma * noise
 
-    def model_input_time(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        """The backbone's time input (computed in float64 so integer steps stay exact)."""
-        return self.time_map(t.to(torch.float64), self.num_steps).to(dtype)
+    def denoiser(self, model: nn.Module) -> Denoiser:
+        """``model`` behind the call the sampler uses too (time map, null label)."""
+        return Denoiser(model, lambda t: self.time_map(t, self.num_steps), self.null_label)
 
     def __call__(
-        self, model: nn.Module, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+        self, model: nn.Module, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
+        draws: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        t = self.sample_times(x0.shape[0], generator, device=generator.device if generator else x0.device)
-        t = t.to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
+        """Per-sample losses of ``model`` on clean ``x0``. The time, noise and label-drop uniforms come
+        from ``generator``, or are given as ``draws = (t, noise, u)`` (the trainer draws them per sample)."""
+        drop = None
+        if draws is None:
+            t = self.sample_times(x0.shape[0], generator, device=generator.device if generator else x0.device)
+            t = t.to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
+            if y is not None and self.label_drop > 0:
+                drop = drop_labels(y, self.label_drop, self.null_label, generator) == self.null_label
+        else:
+            t, noise, u = (d.to(x0.device) for d in draws)
+            noise = noise.to(x0.dtype)
+            if y is not None and self.label_drop > 0:
+                drop = u < self.label_drop
         x_t = self.add_noise(x0, t, noise)
-        if y is not None and self.label_drop > 0:
-            y = drop_labels(y, self.label_drop, self.null_label, generator)
-        out = model(x_t, self.model_input_time(t, x0.dtype), y)
+        out = self.denoiser(model)(x_t, t, y, drop)
         return self.loss_terms(out, x0=x0, x_t=x_t, noise=noise, t=t)
 
     # -- scoring --------------------------------------------------------------------------
