@@ -15,7 +15,8 @@
       cache: ~/.cache/zoo        # emoji32: where the built images are cached (else $ZOO_CACHE, $XDG_CACHE_HOME/zoo)
     train:
       steps, batch_size, lr, weight_decay, betas, warmup_steps, ema_decay, grad_clip, seed,
-      precision (fp32 | bf16), no_weight_decay_1d, ckpt_every, sample_every, log_every, sample_n
+      precision (fp32 | bf16 | fp16), no_weight_decay_1d, ckpt_every, sample_every, log_every, sample_n,
+      grad_accum, grad_checkpointing, compile, tf32, keep_last, parallel (ddp | fsdp)
 
 Importing this module does not import torch.
 """
@@ -31,7 +32,8 @@ from zoo.recipe import Recipe
 from zoo.validate import SECTION_VALIDATORS, check_table
 
 DATASETS = registry.Names("dataset")  # synthetic, image_folder, latents, imagenet, emoji32 and plugins
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
 Path = Annotated[str, Doc("a path")]
 Every = Annotated[int, Range(0, MAX_STEPS), Doc("0 = never")]
 
@@ -69,6 +71,12 @@ TRAIN: dict[str, Any] = {
     "sample_every": Every,
     "log_every": Every,
     "sample_n": Annotated[int, Range(0, MAX_BATCH)],
+    "grad_accum": Annotated[int, Range(1, MAX_BATCH), Doc("micro-batches per step; the global batch stays batch_size")],
+    "grad_checkpointing": Annotated[bool, Doc("recompute block activations in backward")],
+    "compile": Annotated[bool, Doc("torch.compile the model")],
+    "tf32": Annotated[bool, Doc("TF32 matmuls on CUDA (default true)")],
+    "keep_last": Annotated[int, Range(0, MAX_STEPS), Doc("keep the newest K step_* directories; 0 = all")],
+    "parallel": Annotated[str, OneOf(PARALLEL, "parallel"), Doc("under torchrun: ddp or fsdp")],
 }
 
 
