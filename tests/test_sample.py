@@ -20,6 +20,15 @@ LATENT = RECIPES / "tiny_dit_latent.yaml"
 DIMR = RECIPES / "tiny_dimr_pixels.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: extra threads only add overhead (20x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _trained_like(recipe_path, scale=0.02, seed=0):
     """The tiny DiT with every weight nudged off its zero init (a fresh DiT predicts ε = 0 everywhere)."""
     recipe = zoo.load_recipe(recipe_path)
@@ -59,7 +68,7 @@ def test_same_samples_whatever_the_batch_size_float64(recipe_path, side):
     model = model.double()
     runs = [sample_latents(model, recipe, SampleRequest(n=5, seed=3, steps=3, batch_size=b)) for b in (1, 2, 5)]
     x, y = runs[0]
-    assert x.shape == (5, 3, side, side) and x.dtype == torch.float32
+    assert x.shape == (5, 3, side, side) and x.dtype == torch.float64  # the model's dtype
     for other, labels in runs[1:]:
         assert torch.equal(labels, y)
         assert torch.allclose(other, x, rtol=0, atol=1e-6 * x.abs().max().item())
@@ -94,13 +103,52 @@ def test_same_samples_whatever_the_batch_size_float32(checkpoint):
 
 def test_class_and_guidance_options(checkpoint):
     model, recipe, _ = load_model(checkpoint)
-    _, y = sample_latents(model, recipe, SampleRequest(n=3, class_label=4, steps=2))
+    _, y = sample_latents(model, recipe, SampleRequest(n=3, class_labels=4, steps=2))
     assert y.tolist() == [4, 4, 4]
     with pytest.raises(UserError, match="0..9"):
-        sample_latents(model, recipe, SampleRequest(n=1, class_label=10, steps=2))
+        sample_latents(model, recipe, SampleRequest(n=1, class_labels=10, steps=2))
     off, _ = sample_latents(model, recipe, SampleRequest(n=2, cfg=1.0, steps=2))
     on, _ = sample_latents(model, recipe, SampleRequest(n=2, cfg=4.0, steps=2))
     assert (off - on).abs().max() > 1e-3
+
+
+def test_per_sample_labels_and_given_noise_float64():
+    """DiT's sample.py samples a list of labels from given noise: sample i depends only on (x_T[i], y[i])."""
+    model, recipe = _trained_like(PIXELS)
+    model = model.double()
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    x, y = sample_latents(model, recipe, SampleRequest(class_labels=[3, 7, 1], x_T=x_T, steps=3))
+    assert y.tolist() == [3, 7, 1] and x.shape == (3, 3, 8, 8) and x.dtype == torch.float64
+    one, _ = sample_latents(model, recipe, SampleRequest(class_labels=[7], x_T=x_T[1:2], steps=3))
+    assert (one[0] - x[1]).abs().max() <= 1e-12 * x.abs().max()  # float64 GEMMs round differently per batch
+    other, _ = sample_latents(model, recipe, SampleRequest(class_labels=[3, 3, 1], x_T=x_T, steps=3))
+    assert (other[1] - x[1]).abs().max() > 1e-3 and (other[2] - x[2]).abs().max() <= 1e-12 * x.abs().max()
+    # given noise equal to the seeded noise gives the seeded samples
+    seeded, _ = sample_latents(model, recipe, SampleRequest(n=3, seed=5, class_labels=2, steps=3))
+    same, _ = sample_latents(model, recipe, SampleRequest(seed=5, class_labels=2, steps=3,
+                                                          x_T=initial_noise(3, (3, 8, 8), seed=5)))
+    assert (seeded - same).abs().max() <= 1e-12 * seeded.abs().max()
+    for request, match in [(SampleRequest(n=4, class_labels=[1, 2, 3], steps=2), "give one label or 4"),
+                           (SampleRequest(n=2, x_T=x_T, steps=2), "x_T gives 3 samples"),
+                           (SampleRequest(x_T=x_T[:, :2], steps=2), "shape"),
+                           (SampleRequest(class_labels=[1, 12], steps=2), "--class 12")]:
+        with pytest.raises(UserError, match=match):
+            sample_latents(model, recipe, request)
+    f32, _ = sample_latents(model.float(), recipe, SampleRequest(class_labels=[3, 7, 1], x_T=x_T, steps=3))
+    assert f32.dtype == torch.float32 and (f32.double() - x).abs().max() < 1e-4 * x.abs().max()
+
+
+def test_cli_class_list_respacing_and_float64(checkpoint, tmp_path, capsys):
+    out = tmp_path / "list.png"
+    assert main(["sample", str(checkpoint), "--class", "3,7,1", "--solver", "ddim", "--respacing", "ddim4",
+                 "--dtype", "float64", "--out", str(out), "--device", "cpu"]) == 0
+    stdout = capsys.readouterr().out
+    assert "'respacing': 'ddim4'" in stdout and "wrote 3 images" in stdout
+    assert _png(out)[0] == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2)  # ⌈√3⌉ = 2 columns, 2 rows
+    assert main(["sample", str(checkpoint), "--class", "3,x", "--out", str(out)]) == 2
+    assert "comma-separated" in capsys.readouterr().err
+    assert main(["sample", str(checkpoint), "--class", "3,7", "--n", "5", "--out", str(out), "--device", "cpu"]) == 2
+    assert "give one label or 5" in capsys.readouterr().err
 
 
 def _png(path):

@@ -3,27 +3,26 @@
 Reproducible per sample: sample i's starting noise (and its class, when none is given) comes
 from its own generator seeded with ``sample_seed(seed, i)``, so the images do not depend on the
 batch size or on how samples are split across processes. Stochastic solvers (``ddpm``, ``ddim``
-with eta > 0) draw their per-step noise from a third generator per sample, so they too give the
-same images whatever the batch size.
+with eta > 0) draw their per-step noise from a third generator per sample
+(:func:`solver_generators`), so they too give the same images whatever the batch size.
+
+For research code a :class:`SampleRequest` may also give the starting noise ``x_T`` itself and
+one class label per sample (as DiT's ``sample.py`` does). Samples come back in the model's
+dtype: a float64 model samples in float64 end to end (``zoo sample --dtype float64``).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
 from zoo.errors import UserError
-
-STOCHASTIC_SOLVERS = ("ddpm",)
-
 
 def _mix64(x: int) -> int:
     """SplitMix64's finaliser: a bijective scramble of a 64-bit integer."""
@@ -47,6 +46,11 @@ def _generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(sample_seed(seed, index, stream))
 
 
+def solver_generators(seed: int, start: int, n: int) -> list[torch.Generator]:
+    """The generators of samples ``start .. start+n−1`` that a stochastic solver draws its step noise from."""
+    return [_generator(seed, start + i, stream=2) for i in range(n)]
+
+
 def initial_noise(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -> Tensor:
     """x_T of samples ``start .. start+n−1``, each from its own generator (float32, CPU)."""
     return torch.stack([torch.randn(shape, generator=_generator(seed, start + i)) for i in range(n)])
@@ -59,22 +63,74 @@ def sample_labels(n: int, num_classes: int, seed: int, start: int = 0) -> Tensor
     )
 
 
+DEFAULT_N = 16
+
+
 @dataclass
 class SampleRequest:
-    """What to sample (the CLI's options; ``None`` means the recipe's ``sample`` section decides)."""
+    """What to sample (the CLI's options; ``None`` means the recipe's ``sample`` section decides).
 
-    n: int = 16
+    ``class_labels``: one label for every sample, or one per sample (default: a random class per
+    sample). ``x_T``: the starting noise (n, C, H, W) instead of the seeded one. ``n`` defaults to
+    the number of ``x_T`` rows or of labels, else 16. ``respacing``: the respaced chain of
+    ``ddpm``/``ddim`` ("250", "10,15,20", "ddim25"); it replaces the recipe's ``steps``.
+    """
+
+    n: int | None = None
     seed: int = 0
     solver: str | None = None
     steps: int | None = None
     cfg: float | None = None
-    class_label: int | None = None
+    class_labels: int | Sequence[int] | None = None
     batch_size: int | None = None
     solver_options: dict = field(default_factory=dict)
+    respacing: str | None = None
+    x_T: Tensor | None = None
+
+    def label_list(self) -> list[int] | None:
+        """``class_labels`` as a list of ints (``None`` if not given)."""
+        given = self.class_labels
+        if given is None:
+            return None
+        if torch.is_tensor(given):
+            given = given.reshape(-1).tolist()
+        return [int(given)] if isinstance(given, int) else [int(v) for v in given]
+
+    def count(self) -> int:
+        """How many samples: ``n``, else the rows of ``x_T`` or the number of labels, else 16."""
+        implied = {}
+        if self.x_T is not None:
+            implied["x_T"] = self.x_T.shape[0]
+        labels = self.label_list()
+        if labels is not None and len(labels) > 1:
+            implied["--class"] = len(labels)
+        n = self.n if self.n is not None else next(iter(implied.values()), DEFAULT_N)
+        for what, count in implied.items():
+            if count != n:
+                raise UserError(f"{what} gives {count} samples but {n} were asked for; "
+                                f"give {'one label or ' if what == '--class' else ''}{n}, or drop --n")
+        if n < 1:
+            raise UserError(f"--n must be at least 1, got {n}")
+        return n
 
 
-def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None, options: Mapping[str, Any] = ()):
-    """The recipe's ``sample.solver`` with ``name``/``steps`` replacing its own (another type drops its options)."""
+def parse_class_labels(text: str | None) -> list[int] | None:
+    """``--class 3`` or ``--class 3,7,207`` as a list of ints (``None`` when not given)."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise UserError(f"--class {text!r} is not a class or a comma-separated list of classes (e.g. 3,7,207)") from None
+
+
+def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None, options: Mapping[str, Any] = (),
+                 respacing: str | None = None):
+    """The recipe's ``sample.solver`` with ``name``/``steps``/``respacing`` replacing its own.
+
+    Another solver type drops the recipe's options; ``steps`` replaces a recipe's ``respacing``
+    and ``respacing`` its ``steps`` (the two name the same chain).
+    """
     import zoo
 
     spec = (recipe.get("sample") or {}).get("solver") or {"type": "dpm_solver++", "steps": 25}
@@ -82,7 +138,12 @@ def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None,
     if name is not None and name != spec["type"]:
         spec = {"type": name}
     if steps is not None:
+        spec.pop("respacing", None)
         spec["steps"] = steps
+    if respacing is not None:
+        if steps is None:
+            spec.pop("steps", None)
+        spec["respacing"] = str(respacing)
     spec.update(options)
     return zoo.build_component("solver", spec), spec
 
@@ -98,61 +159,79 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
     return data or null or declared
 
 
-def load_model(source: str | Path, overrides: list[str] = (), device="cpu") -> tuple[nn.Module, dict, str]:
+def load_model(source: str | Path, overrides: list[str] = (), device="cpu",
+               dtype: torch.dtype | None = None) -> tuple[nn.Module, dict, str]:
     """The model to sample from and its resolved recipe, and a word on where the weights came from.
 
     ``source`` is a checkpoint directory (``config.json`` + weights; EMA weights preferred) or a
     recipe (a freshly initialised model). ``--set`` overrides apply to the recipe's other
-    sections; a checkpoint's ``model`` section is fixed by its weights.
+    sections; a checkpoint's ``model`` section is fixed by its weights. ``dtype`` casts the model
+    (float64 for parity checks; samples come back in it).
     """
     import zoo
-    from zoo.checkpoint import EMA, load_checkpoint, read_config
+    from zoo.checkpoint import EMA, load_checkpoint, load_recipe_of
 
     path = Path(source)
     if path.is_dir():
         if any(o.split("=", 1)[0].strip().startswith("model.") for o in overrides):
             raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                             "--set may change the other sections only")
-        recipe = zoo.load_recipe(read_config(path), overrides)
+        recipe = load_recipe_of(path, overrides)  # a mistake in it names its config.json
         weights = "ema" if (path / EMA).is_file() else "model"
         model, _ = load_checkpoint(path, weights=weights, device=device)
-        return model.eval(), recipe, f"{weights} weights of {path}"
-    recipe = zoo.load_recipe(source, overrides)
-    model = zoo.build_model(recipe).to(device)
-    return model.eval(), recipe, "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
+        origin = f"{weights} weights of {path}"
+    else:
+        recipe = zoo.load_recipe(source, overrides)
+        model = zoo.build_model(recipe).to(device)
+        origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), recipe, origin
+
+
+def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | None:
+    """One label per sample: the request's (one for all, or one each) or seeded random classes."""
+    given = request.label_list()
+    if classes is None:
+        if given is not None:
+            raise UserError("--class was given but this model is unconditional")
+        return None
+    if given is None:
+        return sample_labels(n, classes, request.seed)
+    bad = [v for v in given if not 0 <= v < classes]
+    if bad:
+        raise UserError(f"--class {bad[0]} is not a class of this model (0..{classes - 1})")
+    return torch.tensor(given * n if len(given) == 1 else given, dtype=torch.long)
 
 
 @torch.no_grad()
 def sample_latents(
     model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor | None]:
-    """Sample ``request.n`` model-space tensors (latents or pixels in [−1, 1]) and their labels."""
+    """Sample ``request.count()`` model-space tensors (latents or pixels in [−1, 1]) and their labels.
+
+    The samples are on the CPU in the model's dtype (a float64 model samples in float64 throughout).
+    """
     model.eval()
     schedule = build_schedule(recipe)
-    solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options)
+    solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)
     x_example = model.example_inputs(1)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
-    classes = num_classes(recipe)
-    labels = None
-    if classes is not None:
-        if request.class_label is not None:
-            if not 0 <= request.class_label < classes:
-                raise UserError(f"--class {request.class_label} is not a class of this model (0..{classes - 1})")
-            labels = torch.full((request.n,), request.class_label, dtype=torch.long)
-        else:
-            labels = sample_labels(request.n, classes, request.seed)
-    elif request.class_label is not None:
-        raise UserError("--class was given but this model is unconditional")
-    batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or request.n
+    n = request.count()
+    if request.x_T is not None and tuple(request.x_T.shape[1:]) != shape:
+        raise UserError(f"x_T has samples of shape {tuple(request.x_T.shape[1:])}; this model samples {shape}")
+    labels = _labels(request, n, num_classes(recipe))
+    batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or n
     out = []
-    for start in range(0, request.n, batch):
-        n = min(batch, request.n - start)
-        x_T = initial_noise(n, shape, request.seed, start).to(device=device, dtype=dtype)
-        y = None if labels is None else labels[start : start + n].to(device)
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        x_T = initial_noise(size, shape, request.seed, start) if request.x_T is None else request.x_T[start : start + size]
+        x_T = x_T.to(device=device, dtype=dtype)
+        y = None if labels is None else labels[start : start + size].to(device)
         eps_fn = guided_eps_fn(model, recipe, schedule, y, guidance, eps_channels=shape[0])
-        generators = [_generator(request.seed, start + i, stream=2) for i in range(n)]
-        out.append(solver.sample(eps_fn, x_T, schedule=schedule, generator=generators).float().cpu())
+        generators = solver_generators(request.seed, start, size)
+        out.append(solver.sample(eps_fn, x_T, schedule=schedule, generator=generators).cpu())
     return torch.cat(out), labels
 
 
@@ -172,6 +251,7 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
 def to_images(x: Tensor, recipe: Mapping[str, Any], vae_dir: str | Path | None, device="cpu") -> Tensor:
     """Model-space samples → images in [0, 1]: latents through the SD VAE, pixels mapped from [−1, 1]."""
     data = recipe.get("data") or {}
+    x = x.float()  # samples come in the model's dtype; images and the VAE are float32
     weights = vae_weights(recipe, vae_dir)
     if weights is not None:
         from zoo.vae import SCALE, load_vae
@@ -198,15 +278,9 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
     """Write images (B, C, H, W) in [0, 1] as one 8-bit PNG grid, atomically; nrow defaults to ⌈√B⌉."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from zoo.atomic import write_file
+
     grid = image_grid(images.float().clamp(0.0, 1.0), nrow or math.ceil(math.sqrt(images.shape[0])))
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_file(path, lambda tmp: image.save(tmp, format="PNG"))

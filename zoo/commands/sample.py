@@ -24,13 +24,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", metavar="CKPT_OR_RECIPE",
                    help="checkpoint directory (config.json + model/ema.safetensors) or a recipe (random weights)")
-    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--n", type=int, default=None, help="number of images (default: one per --class label, else 16)")
     p.add_argument("--solver", default=None, help="solver name (default: the recipe's sample.solver)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the recipe's)")
+    p.add_argument("--respacing", default=None, metavar="SPEC",
+                   help="ddpm/ddim chain as ADM/DiT name it: '250', '10,15,20' or 'ddim25' (replaces --steps)")
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale in the recipe's convention (dit: w, 1 = off; uvit: s, 0 = off)")
-    p.add_argument("--class", dest="class_label", type=int, default=None,
-                   help="class of every image (default: a random class per image)")
+    p.add_argument("--class", dest="class_labels", default=None, metavar="C[,C...]",
+                   help="class of every image, or one per image: 3,7,207 (default: a random class per image)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="model and sampling precision (float64 for parity checks; default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default: the recipe's)")
@@ -44,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from zoo.errors import UserError
 
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -52,23 +56,29 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from zoo.diffusion.setup import guidance_settings
-    from zoo.sample import SampleRequest, build_solver, load_model, sample_latents, save_grid, to_images, vae_weights
+    from zoo.sample import (SampleRequest, build_solver, load_model, parse_class_labels, sample_latents, save_grid,
+                            to_images, vae_weights)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from zoo.guards import check_png_output, resolve_device, resolve_sample_source
+
+    device = str(resolve_device(args.device))
+    out = check_png_output(args.out)
+    source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
     start = time.perf_counter()
-    model, recipe, origin = load_model(args.source, args.overrides, device=device)
+    labels = parse_class_labels(args.class_labels)
+    model, recipe, origin = load_model(source, args.overrides, device=device, dtype=getattr(torch, args.dtype))
     if "NO weights" in origin:
         print(f"zoo sample: warning: {origin}", file=sys.stderr)
     else:
         print(f"zoo sample: {origin}")
     vae_weights(recipe, args.vae)  # a latent model without its VAE fails here, before sampling
     request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
-                            class_label=args.class_label, batch_size=args.batch_size)
-    _, spec = build_solver(recipe, args.solver, args.steps)
+                            class_labels=labels, batch_size=args.batch_size, respacing=args.respacing)
+    _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
     x, _ = sample_latents(model, recipe, request, device=device)
     images = to_images(x, recipe, args.vae, device=device)
-    path = save_grid(images, args.out)
+    path = save_grid(images, out)
     print(f"zoo sample: wrote {images.shape[0]} images ({images.shape[-1]}x{images.shape[-2]}) to {path} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
