@@ -2,25 +2,33 @@
 
     zoo train recipes/dit_s_2.yaml --out runs/dit_s --set data.root=/data/latents --set train.batch_size=64
     zoo train recipes/dit_s_2.yaml --out runs/dit_s --resume runs/dit_s/last
+    torchrun --nproc_per_node 8 -m zoo train recipes/dimr_xl_2r.yaml --out runs/dimr --set data.root=...
 
-The run directory holds ``step_XXXXXXX/`` per save, ``last/`` (newest), ``log.jsonl`` and
-``samples/``. Ctrl-C saves ``last/`` and exits with 130.
+The run directory holds ``step_XXXXXXX/`` per save, ``last/`` (newest), ``log.jsonl``, ``loss.png``,
+``tb/`` (TensorBoard) and ``samples/``. Ctrl-C saves ``last/`` and exits with 130; a non-finite
+loss or gradient stops the run with exit status 1, ``last/`` still the last finite checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from zoo.commands import add_overrides_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a recipe's model (checkpoints, EMA, logs, sample grids)",
-                              description="Train the recipe's model; write checkpoints and logs into --out.")
+                              description="Train the recipe's model; write checkpoints and logs into --out. "
+                                          "Under torchrun, one process per GPU (DDP, or FSDP2 with "
+                                          "--set train.parallel=fsdp).")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
     add_overrides_option(p)
     p.add_argument("--resume", default=None, metavar="DIR", help="checkpoint (or run) directory to continue from")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="resume even though the recipe's model or diffusion section differs from the checkpoint's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=None, help="train until this step (default: train.steps)")
     p.set_defaults(func=run)
@@ -29,12 +37,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.errors import UserError
-    from zoo.training import train
+    from zoo.training import distributed
+    from zoo.training.loop import NonFiniteError, train
 
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps must be >= 0, got {args.steps}")
+    from zoo.guards import check_run_dir, resolve_device
+
+    device = str(resolve_device(args.device))
+    check_run_dir(args.out, resuming=args.resume is not None)  # never a file, never another run's last/
     recipe = zoo.load_recipe(args.recipe, args.overrides)
-    records = train(recipe, args.out, steps=args.steps, device=args.device, resume=args.resume)
-    last = f"; last loss {records[-1]['loss']:.5f}" if records else ""
-    print(f"zoo train: done; checkpoint {args.out}/last{last}")
+    try:
+        records = train(recipe, args.out, steps=args.steps, device=device, resume=args.resume,
+                        allow_recipe_change=args.allow_recipe_change)
+    except NonFiniteError as err:
+        print(f"zoo train: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = f"; last loss {records[-1]['loss']:.5f}" if records else ""
+        print(f"zoo train: done; checkpoint {args.out}/last{last}")
     return 0

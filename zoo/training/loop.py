@@ -1,100 +1,188 @@
 """The training loop a recipe's ``train`` section drives (``zoo train``).
 
-Per step: a batch (flipped at random if ``data.random_flip``), the recipe's objective
-(``build_objective``) under fp32 or bf16 autocast, backward, optional gradient clipping, AdamW
-at the warm-up learning rate, fp32 EMA. Every ``log_every`` steps one line and one JSONL record
-(``OUT/log.jsonl``); every ``ckpt_every`` steps ``OUT/step_XXXXXXX/`` and ``OUT/last/`` (atomic);
-every ``sample_every`` steps an EMA sample grid ``OUT/samples/step_XXXXXXX.png``. Ctrl-C saves
-``last/``. A resumed run continues with the same batches, noise and losses.
+Per step: the global batch of ``train.batch_size`` samples, split over the processes (DDP or
+FSDP2 under ``torchrun``) and within each into ``train.grad_accum`` micro-batches; each
+sample's time, noise, label drop and flip drawn from its global index (:mod:`.draws`), so
+neither split changes the losses; the recipe's objective under fp32, bf16 or fp16 autocast
+(fp16 with a gradient scaler); backward (optionally through recomputed block activations and
+a ``torch.compile``-d model); the gradient norm (clipped at ``grad_clip``); a non-finite loss
+or gradient stops the run before the weights change; AdamW at the warm-up learning rate; fp32 EMA.
+
+Every ``log_every`` steps a record (:mod:`.monitor`); every ``ckpt_every`` steps
+``OUT/step_XXXXXXX/`` (the oldest beyond ``keep_last`` pruned) and ``OUT/last/``, each written
+atomically; every ``sample_every`` steps an EMA sample grid. Ctrl-C saves ``last/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 import zoo
-from zoo.checkpoint import load_trainer_state, load_weights, load_state_dict_strict, save_checkpoint
+from zoo.checkpoint import (load_state_dict_strict, load_trainer_state, load_weights, read_config, repair_run,
+                            save_checkpoint)
+from zoo.diffusion.setup import build_objective, model_drops_labels
+from zoo.errors import UserError
+from zoo.sample import num_classes
+from zoo.training import distributed
 from zoo.training.data import batches, build_dataset
-from zoo.diffusion.setup import build_objective
+from zoo.training.draws import draw
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate
-from zoo.sample import num_classes
+from zoo.training.rundir import check_resume_recipe, prune_steps
 
 DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
-            "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16}
+            "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16,
+            "grad_accum": 1, "grad_checkpointing": False, "compile": False, "tf32": True, "keep_last": 0,
+            "parallel": "ddp"}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "objective": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient became NaN/inf; the weights were not updated with it."""
+
+    def __init__(self, step: int, what: str, last: int | None) -> None:
+        kept = f"last/ holds step {last}, the last finite checkpoint" if last is not None else "no checkpoint was written"
+        super().__init__(f"{what} is not finite at step {step}; stopped without updating the weights ({kept}). "
+                         "Lower train.lr, set train.grad_clip, or use precision bf16 instead of fp16")
+        self.step = step
 
 
-def _set_rng_state(gen: torch.Generator, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["objective"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_grad_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
+    """Recompute every block's activations in backward, for any backbone (its ``set_grad_checkpointing``)."""
+    switch = getattr(model, "set_grad_checkpointing", None)
+    if switch is None:
+        raise UserError(f"backbone {type(model).__name__} has no set_grad_checkpointing(); "
+                        "train.grad_checkpointing needs one", key_path="train.grad_checkpointing")
+    switch(enable)
+
+
+def _labels_dropped_by_trainer(model: torch.nn.Module) -> None:
+    """Label embedders that drop labels themselves (DiT's) stay in eval mode: the trainer drops
+    labels per sample instead, at the same rate, so the drops do not depend on the process count."""
+    from zoo.conditioning.embeddings import LabelEmbedder
+
+    for m in model.modules():
+        if isinstance(m, LabelEmbedder):
+            m.eval()
 
 
 class Trainer:
     """One run: model, EMA, optimizer, data stream and the run directory ``out``."""
 
     def __init__(self, recipe: dict, out: str | Path, device: str | None = None, resume: str | Path | None = None,
-                 log: Callable[[str], None] = print) -> None:
-        self.recipe, self.out, self.log = recipe, Path(out), log
+                 log: Callable[[str], None] = print, allow_recipe_change: bool = False) -> None:
+        self.ctx = distributed.init(device)
+        self.recipe, self.out = recipe, Path(out)
+        self.log = log if self.ctx.main else (lambda *_: None)
         self.train = {**DEFAULTS, **(recipe.get("train") or {})}
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        seed = int(self.train["seed"])
+        self.device = self.ctx.device
+        self.batch, self.accum = int(self.train["batch_size"]), int(self.train["grad_accum"])
+        if self.batch % (self.ctx.world * self.accum):
+            raise UserError(f"train.batch_size {self.batch} is not divisible by {self.ctx.world} processes x "
+                            f"train.grad_accum {self.accum}", key_path="train.batch_size",
+                            suggestion=f"use a multiple of {self.ctx.world * self.accum}")
+        self.seed = int(self.train["seed"])
         data = recipe.get("data") or {}
         with torch.device("meta"):  # the data is checked before any weights are allocated
-            shape = tuple(zoo.build_model(recipe).example_inputs(1)[0].shape[1:])
-        dataset = build_dataset(data, shape, num_classes(recipe), seed)
-        torch.manual_seed(seed)
+            self.shape = tuple(zoo.build_model(recipe).example_inputs(1)[0].shape[1:])
+        dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.train["tf32"])
+        torch.manual_seed(self.seed)
         self.model = zoo.build_model(recipe).to(self.device).train()
-        self.ema = EMA(self.model, self.train["ema_decay"])
-        self.optimizer = build_optimizer(self.model, self.train)
+        _labels_dropped_by_trainer(self.model)
+        if self.train["grad_checkpointing"]:
+            set_grad_checkpointing(self.model)
         self.objective = build_objective(recipe)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
-        self.step = 0
+        if model_drops_labels(recipe):
+            model_cfg = recipe["model"]
+            self.objective.label_drop = float(model_cfg["class_dropout_prob"])
+            if self.objective.null_label is None:
+                self.objective.null_label = int(model_cfg["num_classes"])
+        self.step, self.created = 0, []
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
         if resume is not None:
-            self._resume(Path(resume))
+            self._load(Path(resume), allow_recipe_change)
+        self.fsdp = self.ctx.distributed and self.train["parallel"] == "fsdp"
+        self.wrapped = distributed.wrap(self.model, self.ctx, self.train["parallel"], self.train["precision"])
+        self.ema = EMA(self.model, self.train["ema_decay"])  # after sharding: FSDP keeps it sharded too
+        self.optimizer = build_optimizer(self.model, self.train)
+        if resume is not None:
+            self._load_state(self._resumed_from)
+        self.forward = torch.compile(self.wrapped) if self.train["compile"] else self.wrapped
         self.flip = bool(data.get("random_flip", False))
-        self.batches = batches(dataset, int(self.train["batch_size"]), seed, self.step,
-                               int(data.get("num_workers", 0)), pin_memory=self.device.type == "cuda")
+        self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
+                               pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
         self.conditional = num_classes(recipe) is not None
+        self.last_saved: int | None = self.step if resume is not None else None
 
-    def _resume(self, directory: Path) -> None:
+    # -- resume -----------------------------------------------------------------------------------
+
+    def _load(self, directory: Path, allow_recipe_change: bool) -> None:
+        """Weights and step of a checkpoint (optimizer and EMA follow once they exist)."""
+        repair_run(directory)  # a save interrupted in that run directory: the newest complete checkpoint wins
         if (directory / "last").is_dir():
             directory = directory / "last"
+        if not allow_recipe_change:
+            check_resume_recipe(read_config(directory), self.recipe, directory)
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
-        self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
+        self._resumed_from = directory
+
+    def _load_state(self, directory: Path) -> None:
         state = load_trainer_state(directory)
+        self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
         self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(self.generator, state["rng"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.created = [int(s) for s in state.get("created", [])]
         self.log(f"zoo train: resumed from {directory} at step {self.step}")
 
     # -- checkpoints and samples ---------------------------------------------------------------
 
     def save(self, also_step_dir: bool = True) -> Path:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": _rng_state(self.generator)}
-        args = (self.model, self.recipe)
-        if also_step_dir:
-            save_checkpoint(self.out / f"step_{self.step:07d}", *args, ema=self.ema.state_dict(), state=state)
-        return save_checkpoint(self.out / "last", *args, ema=self.ema.state_dict(), state=state)
+        """``last/`` (and ``step_XXXXXXX/``): every rank takes part, rank 0 writes."""
+        model, ema = self.model, self.ema.state_dict()
+        if self.fsdp:  # gather the shards (every rank), then rank 0 writes the consolidated files
+            ema = {k: distributed.full_tensor(v) for k, v in ema.items()}
+            full = {k: distributed.full_tensor(v) for k, v in self.model.state_dict().items()}
+            model = _StateOnly(full)
+        last = self.out / "last"
+        if self.ctx.main:
+            if also_step_dir and self.step not in self.created:
+                self.created.append(self.step)
+            state = {"step": self.step, "optimizer": self._optimizer_state(), "created": list(self.created)}
+            if self.scaler.is_enabled():
+                state["scaler"] = self.scaler.state_dict()
+            if also_step_dir:
+                save_checkpoint(self.out / f"step_{self.step:07d}", model, self.recipe, ema=ema, state=state)
+            save_checkpoint(last, model, self.recipe, ema=ema, state=state)
+            self.created = prune_steps(self.out, self.created, int(self.train["keep_last"]))
+        elif self.fsdp:
+            self._optimizer_state()
+        self.last_saved = self.step
+        self.ctx.barrier()
+        return last
+
+    def _optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def sample_grid(self) -> Path | None:
-        from zoo.errors import UserError
         from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
 
+        if self.fsdp or not self.ctx.main:
+            return None
         model = copy.deepcopy(self.model)
         self.ema.copy_to(model)
         try:
@@ -106,69 +194,117 @@ class Trainer:
             return None
         return save_grid(images, self.out / "samples" / f"step_{self.step:07d}.png")
 
-    # -- the loop ---------------------------------------------------------------------------------
+    # -- one step -----------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this rank's slice (x, y) of the global batch; returns the global mean loss."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.train, self.step)
-        bf16 = self.train["precision"] == "bf16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = self.objective(self.model, x, y if self.conditional else None, self.generator)["loss"].mean()
+        local, per_micro = x.shape[0], x.shape[0] // self.accum
+        first = self.step * self.batch + self.ctx.rank * local  # global index of this slice's first sample
+        dtype = AUTOCAST.get(self.train["precision"])
+        total = torch.zeros((), device=self.device)
+        for i in range(self.accum):
+            sl = slice(i * per_micro, (i + 1) * per_micro)
+            d = draw(range(first + sl.start, first + sl.stop), self.seed, self.shape, self.objective.num_steps,
+                     self.objective.continuous, self.objective.t_min)
+            xm, ym = x[sl], (y[sl] if self.conditional else None)
+            if self.flip:
+                xm = torch.where((d.flip < 0.5).to(x.device)[:, None, None, None], xm.flip(-1), xm)
+            sync = i == self.accum - 1 or not hasattr(self.wrapped, "no_sync")
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss = self.objective(self.forward, xm, ym, draws=d.for_objective())["loss"].sum() / local
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        loss = self.ctx.sum(total) / self.ctx.world
+        self.scaler.unscale_(self.optimizer)
+        clip = self.train.get("grad_clip")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else float("inf"))
+        norm = distributed.full_tensor(norm)
+        finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(norm))
+        if not finite_loss or (not finite_grad and not self.scaler.is_enabled()):  # fp16: the scaler skips inf steps
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(self.step + 1, "the loss" if not finite_loss else "the gradient norm", self.last_saved)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.train.get("grad_clip"):
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.train["grad_clip"]))
-        self.optimizer.step()
         self.ema.update()
-        return loss.detach()
+        return loss
 
     def _every(self, key: str) -> bool:
         n = int(self.train.get(key) or 0)
         return n > 0 and self.step % n == 0
 
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def banner(self, total: int) -> None:
+        params = sum(p.numel() for p in self.model.parameters())  # a DTensor's numel is its full size
+        self.log(f"zoo train: run directory {self.out.resolve()}")
+        self.log(f"zoo train: {type(self.model).__name__} with {params:,} parameters; steps {self.step} -> {total}, "
+                 f"global batch {self.batch} (grad_accum {self.accum}), precision {self.train['precision']}")
+        self.log(f"zoo train: device {self.ctx.describe()}")
+        self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
+
     def run(self, steps: int | None = None) -> list[dict]:
-        """Train until ``steps`` (default ``train.steps``) in all; return the logged records."""
+        """Train until ``steps`` (default ``train.steps``) in all; return the records logged by this call."""
+        from zoo.training.monitor import Monitor
+
         total = int(steps if steps is not None else self.train["steps"])
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.ctx.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
+        self.ctx.barrier()
+        self.banner(total)
+        monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
         records, running, count = [], torch.zeros((), device=self.device), 0
-        batch = int(self.train["batch_size"])
         tick = time.perf_counter()
         try:
-            with open(self.out / "log.jsonl", "a") as log_file:
-                while self.step < total:
-                    x, y = next(self.batches)
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    if self.flip:
-                        flip = torch.rand(x.shape[0], generator=self.generator, device=self.generator.device) < 0.5
-                        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-                    running += self.train_step(x, y)
-                    count += 1
-                    self.step += 1
-                    if self._every("log_every"):
-                        elapsed = time.perf_counter() - tick
-                        rec = {"step": self.step, "loss": float(running) / count,
-                               "lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": count / elapsed,
-                               "images_per_s": count * batch / elapsed}
-                        records.append(rec)
-                        log_file.write(json.dumps(rec) + "\n")
-                        log_file.flush()
-                        self.log(f"step {rec['step']:>7d}  loss {rec['loss']:.5f}  lr {rec['lr']:.3g}  "
-                                 f"{rec['steps_per_s']:.2f} steps/s  {rec['images_per_s']:.1f} img/s")
-                        running, count, tick = torch.zeros((), device=self.device), 0, time.perf_counter()
-                    if self._every("ckpt_every"):
-                        self.save()
-                    if self._every("sample_every"):
-                        self.sample_grid()
+            while self.step < total:
+                x, y = next(self.batches)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                running += self.train_step(x, y)
+                count += 1
+                self.step += 1
+                if monitor:
+                    monitor.advance()
+                if self._every("log_every"):
+                    elapsed = time.perf_counter() - tick
+                    rec = {"step": self.step, "loss": float(running) / count,
+                           "lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": count / elapsed,
+                           "images_per_s": count * self.batch / elapsed}
+                    records.append(rec)
+                    if monitor:
+                        monitor.record(rec)
+                    running, count, tick = torch.zeros((), device=self.device), 0, time.perf_counter()
+                if self._every("ckpt_every"):
+                    self.save()
+                if self._every("sample_every"):
+                    self.sample_grid()
         except KeyboardInterrupt:
             self.log(f"zoo train: interrupted at step {self.step}; saving {self.out / 'last'}")
             self.save(also_step_dir=False)
             raise
-        if not (self.out / "last").is_dir() or int(load_trainer_state(self.out / "last")["step"]) != self.step:
+        finally:
+            if monitor:
+                monitor.close()
+        if self.last_saved != self.step or not (self.out / "last").is_dir():
             self.save(also_step_dir=int(self.train.get("ckpt_every") or 0) > 0)
         return records
 
 
+class _StateOnly:
+    """A consolidated state dict where :func:`save_checkpoint` expects a module."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 def train(recipe: dict, out: str | Path, steps: int | None = None, device: str | None = None,
-          resume: str | Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
+          resume: str | Path | None = None, log: Callable[[str], None] = print,
+          allow_recipe_change: bool = False) -> list[dict]:
     """Build a :class:`Trainer` for ``recipe`` and run it; return the logged records."""
-    return Trainer(recipe, out, device=device, resume=resume, log=log).run(steps)
+    return Trainer(recipe, out, device=device, resume=resume, log=log, allow_recipe_change=allow_recipe_change).run(steps)

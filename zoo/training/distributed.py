@@ -1,0 +1,128 @@
+"""Data-parallel training under ``torchrun``: DDP, or FSDP2 (``train.parallel: fsdp``).
+
+``torchrun --nproc_per_node N -m zoo train RECIPE ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``;
+:func:`init` then joins the process group (NCCL on CUDA, gloo on CPU) and gives each rank its
+device. Every rank reads its slice of each global batch (``zoo.training.data.batches``) and
+draws its samples' noise from their global indices (``zoo.training.draws``), so the gradient
+is the same sum whatever N. Only rank 0 logs and writes the consolidated checkpoint files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: its rank among ``world`` and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum(self, value: Tensor) -> Tensor:
+        """The sum of ``value`` over all ranks (a copy)."""
+        value = value.detach().clone()
+        if self.distributed:
+            dist.all_reduce(value)
+        return value
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def describe(self) -> str:
+        if not self.distributed:
+            return str(self.device)
+        return f"{self.world} processes ({dist.get_backend()}), rank 0 on {self.device}"
+
+
+def init(device: str | None = None) -> Context:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world <= 1:
+        return Context(device=torch.device(wanted))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.device(wanted).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None)
+    return Context(rank=rank, world=world, device=torch.device("cuda", local) if cuda else torch.device("cpu"))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, ctx: Context, parallel: str = "ddp", precision: str = "fp32") -> nn.Module:
+    """``model`` as this run trains it: itself (one process), DDP, or FSDP2-sharded in place."""
+    if not ctx.distributed:
+        return model
+    if parallel == "fsdp":
+        return shard_fsdp(model, precision)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one: the entries of every ``ModuleList`` of blocks."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("blocks", "in_blocks", "out_blocks"):
+            out.extend(module)
+        elif name.endswith("mid_block"):
+            out.append(module)
+    return out
+
+
+def shard_fsdp(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """FSDP2: ``fully_shard`` each block, then the root; bf16/fp16 compute with fp32 reductions."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for block in blocks_of(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """A DTensor shard gathered into the whole tensor (every rank must call); plain tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / torch.compile wrappers (FSDP2 shards in place: the module itself)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner

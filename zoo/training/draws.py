@@ -1,0 +1,51 @@
+"""The random draws of one training sample, a function of (seed, global sample index) only.
+
+Sample ``g`` of the run (``g = step · batch_size + position in the global batch``) gets its own
+generator, seeded like the sampler's per-sample generators (:func:`zoo.sample.sample_seed`)
+on a stream of its own, and draws from it in a fixed order: its diffusion time, its noise,
+the uniform that decides its label drop and the one that decides its flip. So the losses
+and the weights of a run do not depend on how the global batch is split into processes or
+micro-batches, and a resumed run draws what the uninterrupted one would have. (One generator
+per sample is a Python loop over the batch: a few microseconds per sample, on the CPU.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+TRAIN_STREAM = 16  # streams 0-2 are the sampler's (noise, labels, solver noise)
+
+
+@dataclass
+class Draws:
+    """Per-sample draws of a (micro-)batch, on the CPU: time t (float64), noise, and two uniforms."""
+
+    t: Tensor
+    noise: Tensor
+    drop: Tensor
+    flip: Tensor
+
+    def for_objective(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.t, self.noise, self.drop
+
+
+def draw(indices: range, seed: int, shape: tuple[int, ...], num_steps: int, continuous: bool,
+         t_min: float = 0.0) -> Draws:
+    """The draws of the samples with global indices ``indices`` (see the module doc)."""
+    from zoo.diffusion.time_input import index_to_time
+    from zoo.sample import sample_seed
+
+    t, noise, u = [], [], []
+    for g in indices:
+        gen = torch.Generator().manual_seed(sample_seed(seed, g, TRAIN_STREAM))
+        if continuous:
+            t.append(t_min + (1.0 - t_min) * torch.rand((), generator=gen, dtype=torch.float64))
+        else:
+            t.append(index_to_time(torch.randint(0, num_steps, (), generator=gen), num_steps))
+        noise.append(torch.randn(shape, generator=gen))
+        u.append(torch.rand(2, generator=gen))
+    u = torch.stack(u)
+    return Draws(torch.stack(t), torch.stack(noise), u[:, 0], u[:, 1])

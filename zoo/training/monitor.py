@@ -1,0 +1,127 @@
+"""What a person watching a run sees: a progress bar (or plain lines), log.jsonl, TensorBoard, loss.png.
+
+On a terminal a tqdm bar shows step, loss, img/s and ETA, and each log record is printed above
+it; when stderr is not a terminal (a log file, CI) every record is one plain line instead.
+Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
+``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+PLOT_INTERVAL_S = 5.0  # loss.png is redrawn with a log record at most this often (a redraw costs ~0.1 s)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of an existing ``log.jsonl`` (a resumed run continues its curve); bad lines skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class LossPlot:
+    """``loss.png``: loss against step (log-scale once it spans a decade). One figure kept for the run;
+    each redraw writes a temporary name and renames it, so a reader never sees half a PNG."""
+
+    def __init__(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        self.path = path
+        self.fig = Figure(figsize=(6, 3.5), dpi=100)
+        self.ax = self.fig.add_subplot()
+        (self.line,) = self.ax.plot([], [], lw=1.2)
+        self.ax.set_xlabel("step")
+        self.ax.set_ylabel("training loss")
+        self.ax.grid(alpha=0.3)
+        self.fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.95)
+
+    def draw(self, records: list[dict]) -> None:
+        points = [(r["step"], r["loss"]) for r in records if math.isfinite(r["loss"])]
+        if not points:
+            return
+        steps, losses = zip(*points)
+        self.line.set_data(steps, losses)
+        self.ax.set_yscale("log" if min(losses) > 0 and max(losses) / min(losses) > 10 else "linear")
+        self.ax.relim()
+        self.ax.autoscale_view()
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            self.fig.savefig(tmp, format="png")
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class Monitor:
+    """Progress bar / plain lines, ``log.jsonl``, TensorBoard and ``loss.png`` of one run."""
+
+    def __init__(self, out: Path, start: int, total: int, log: Callable[[str], None] = print,
+                 tty: bool | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out, self.log = out, log
+        self.records = read_log(out / "log.jsonl")
+        self.records = [r for r in self.records if r.get("step", 0) <= start]  # a resume drops what it redoes
+        self.file = open(out / "log.jsonl", "a")
+        self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+        self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
+        self.bar = None
+        if sys.stderr.isatty() if tty is None else tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self) -> None:
+        """One step done."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def record(self, rec: dict) -> None:
+        """A log record: written to every sink, shown above the bar or as one line."""
+        self.records.append(rec)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        for key in ("loss", "lr", "images_per_s", "steps_per_s"):
+            self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
+        self.writer.flush()
+        if time.monotonic() - self.plotted >= PLOT_INTERVAL_S:
+            self.plot.draw(self.records)
+            self.plotted = time.monotonic()
+        line = (f"step {rec['step']:>7d}  loss {rec['loss']:.5f}  lr {rec['lr']:.3g}  "
+                f"{rec['steps_per_s']:.2f} steps/s  {rec['images_per_s']:.1f} img/s")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}", refresh=False)
+            self.bar.write(line, file=sys.stderr)
+        else:
+            self.log(line)
+
+    def message(self, text: str) -> None:
+        """A line that must not tear the bar."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            self.log(text)
+
+    def close(self) -> None:
+        if self.plotted < time.monotonic():  # the final curve, whatever the rate limit skipped
+            self.plot.draw(self.records)
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        self.file.close()
