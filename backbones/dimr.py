@@ -13,13 +13,14 @@ the branch its own time/class embedding).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, as_time_vector
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
+from zoo.domains import MAX_SIZE, Channels, Classes, Depth, ImageSize, PatchSize, Range, Rule, Width
 from zoo.errors import UserError
 
 from .dimr_branch import DiMRBranch
@@ -38,12 +39,50 @@ class BranchConfig:
         head_kernel_size: kernel of the output Conv2d (padding k // 2).
     """
 
-    dim: int
-    depth: int
+    dim: Width
+    depth: Depth
     block: Callable[..., nn.Module]
-    patch_size: int = 1
-    downsample: int = 1
-    head_kernel_size: int = 3
+    patch_size: PatchSize = 1
+    downsample: Annotated[int, Range(1, MAX_SIZE)] = 1
+    head_kernel_size: Annotated[int, Range(1, 31)] = 3
+
+    constraints = (
+        Rule("head_kernel_size odd (keeps the map size)", lambda head_kernel_size: head_kernel_size % 2 == 1,
+             ("head_kernel_size",)),
+        Rule("dim divisible by the block's num_heads", lambda dim, block: _heads_divide(dim, block), ("dim", "block")),
+    )
+
+
+def _heads_divide(dim: int, block: Any) -> str | None:
+    heads = getattr(block, "keywords", {}).get("num_heads")
+    if isinstance(heads, int) and heads > 0 and dim % heads:
+        return f"dim={dim} must be divisible by the block's num_heads={heads}"
+    return None
+
+
+def branch_layout_problem(input_size: int, branches: Sequence[Any]) -> str | None:
+    """What is wrong with the branch grids (``input_size / downsample / patch_size``), or ``None``.
+
+    There is at least one branch; every grid divides the input exactly, each is an integer
+    multiple of the previous one (low to high resolution), and the last is the input resolution.
+    """
+    if not branches:
+        return "DiMR needs at least one branch in model.branches"
+    prev = None
+    for i, spec in enumerate(branches):
+        step = spec.downsample * spec.patch_size
+        if input_size % step:
+            return (f"model.branches[{i}]: input_size {input_size} is not divisible by downsample x patch_size "
+                    f"= {spec.downsample} x {spec.patch_size}")
+        grid = input_size // step
+        if prev is not None and (grid % prev or grid < prev):
+            return (f"model.branches[{i}]: its {grid}x{grid} grid is not an integer multiple of the previous "
+                    f"branch's {prev}x{prev}; order branches from low to high resolution")
+        prev = grid
+    if prev != input_size:
+        return (f"model.branches: the last branch works on a {prev}x{prev} grid but must work at the input "
+                f"resolution {input_size}; set its patch_size and downsample to 1")
+    return None
 
 
 class DiMR(nn.Module):
@@ -67,11 +106,14 @@ class DiMR(nn.Module):
     activations in the backward pass (the official code always does; here it is optional).
     """
 
+    constraints = (Rule("branch grids that divide input_size and grow by integer ratios to it",
+                        branch_layout_problem, ("input_size", "branches")),)
+
     def __init__(
         self,
-        in_channels: int = 4,
-        input_size: int = 32,
-        num_classes: int = 1001,
+        in_channels: Channels = 4,
+        input_size: ImageSize = 32,
+        num_classes: Classes = 1001,
         branches: Sequence[BranchConfig] = (),
         norm: Callable[..., nn.Module] = TimeDependentLayerNorm,
         class_embedding: bool = False,
@@ -79,28 +121,19 @@ class DiMR(nn.Module):
         grad_checkpointing: bool = False,
     ):
         super().__init__()
-        if not branches:
-            raise UserError("DiMR needs at least one branch in model.branches")
+        branches = [self._check_branch(i, spec) for i, spec in enumerate(branches)]
+        problem = branch_layout_problem(input_size, branches)
+        if problem:
+            raise UserError(problem)
         self.in_channels = in_channels
         self.input_size = input_size
         self.num_classes = num_classes
         self.detach_handed = detach_handed
         self.branches = nn.ModuleList()
         handed_dim, prev_grid = None, None
-        for i, spec in enumerate(branches):
-            spec = self._check_branch(i, spec)
-            if input_size % (spec.downsample * spec.patch_size):
-                raise UserError(
-                    f"model.branches[{i}]: input_size {input_size} is not divisible by downsample x patch_size "
-                    f"= {spec.downsample} x {spec.patch_size}"
-                )
+        for spec in branches:
             grid = input_size // spec.downsample // spec.patch_size
             ratio = 1 if prev_grid is None else grid // prev_grid
-            if prev_grid is not None and (grid % prev_grid or ratio < 1):
-                raise UserError(
-                    f"model.branches[{i}]: its {grid}x{grid} grid is not an integer multiple of the previous "
-                    f"branch's {prev_grid}x{prev_grid}; order branches from low to high resolution"
-                )
             branch = DiMRBranch(
                 in_channels, input_size, num_classes, norm=norm, handed_dim=handed_dim, upsample_ratio=ratio,
                 class_embedding=class_embedding,
@@ -108,11 +141,6 @@ class DiMR(nn.Module):
             )
             self.branches.append(branch)
             handed_dim, prev_grid = branch.handed_dim, grid
-        if prev_grid != input_size:
-            raise UserError(
-                f"model.branches: the last branch works on a {prev_grid}x{prev_grid} grid but must work at the "
-                f"input resolution {input_size}; set its patch_size and downsample to 1"
-            )
         self.init_weights()
         self.set_grad_checkpointing(grad_checkpointing)
 

@@ -8,7 +8,7 @@ unpatchify. The constructor keeps the official argument names so an official con
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ from zoo.blocks.transformer import TransformerBlock
 from zoo.conditioning.adaln_zero import AdaLNZero
 from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder
+from zoo.domains import Channels, Classes, Depth, Divisible, Heads, ImageSize, PatchSize, Range, Ratio, Rule, Width
 from zoo.errors import UserError
 
 from .common import PatchEmbed, sincos_pos_embed_2d, unpatchify, xavier_init_linears_
@@ -57,22 +58,29 @@ class DiT(nn.Module):
     uses it even when the blocks' conditioner does not.
     """
 
+    constraints = (
+        Divisible("input_size", "patch_size"),
+        Divisible("hidden_size", "num_heads"),
+        Rule("hidden_size divisible by 4 (the 2-D sin-cos position table)", lambda hidden_size: hidden_size % 4 == 0,
+             ("hidden_size",)),
+    )
+
     def __init__(
         self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
+        input_size: ImageSize = 32,
+        patch_size: PatchSize = 2,
+        in_channels: Channels = 4,
+        hidden_size: Width = 1152,
+        depth: Depth = 28,
+        num_heads: Heads = 16,
+        mlp_ratio: Ratio = 4.0,
+        class_dropout_prob: Annotated[float, Range(0, 1, hi_open=True)] = 0.1,
+        num_classes: Classes = 1000,
         learn_sigma: bool = True,
         block: Callable[..., nn.Module] = TransformerBlock,
         norm: Callable[..., nn.Module] = AdaLNZero,
         mlp: Callable[..., nn.Module] = partial(Mlp, act="gelu_tanh"),
-        frequency_dim: int = 256,
+        frequency_dim: Width = 256,
     ):
         super().__init__()
         if input_size % patch_size:

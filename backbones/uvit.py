@@ -16,7 +16,7 @@ from a token into ``c`` too and the sequence is only the patches.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,8 @@ from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector,
 from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.conditioning.time_token import TimeToken
+from zoo.domains import (MAX_CLASSES, Channels, Depth, Divisible, Doc, Heads, ImageSize, PatchSize, Range, Ratio,
+                         Width)
 from zoo.errors import UserError
 
 from .common import PatchEmbed, unpatchify
@@ -56,24 +58,26 @@ class UViT(nn.Module):
         frequency_dim: sinusoid width of the timestep MLP, used only by embedding conditioners.
     """
 
+    constraints = (Divisible("img_size", "patch_size"), Divisible("embed_dim", "num_heads"))
+
     def __init__(
         self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
+        img_size: ImageSize = 224,
+        patch_size: PatchSize = 16,
+        in_chans: Channels = 3,
+        embed_dim: Width = 768,
+        depth: Depth = 12,
+        num_heads: Heads = 12,
+        mlp_ratio: Ratio = 4.0,
         qkv_bias: bool = False,
         mlp_time_embed: bool = False,
-        num_classes: int = -1,
+        num_classes: Annotated[int, Range(-1, MAX_CLASSES), Doc("<= 0: unconditional")] = -1,
         use_checkpoint: bool = False,
         conv: bool = True,
         block: Callable[..., nn.Module] = TransformerBlock,
         norm: Callable[..., nn.Module] = TimeToken,
         head_norm: Callable[..., nn.Module] = LayerNorm,
-        frequency_dim: int = 256,
+        frequency_dim: Width = 256,
     ):
         super().__init__()
         if img_size % patch_size:

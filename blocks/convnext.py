@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, apply_gate
 from zoo.conditioning.layernorm import LayerNorm
+from zoo.domains import OneOf, Range, Ratio, Rule, Width
 
 from .mlp import Mlp
 
@@ -36,15 +37,21 @@ class ConvNeXtBlock(nn.Module):
 
     spatial_input = True  # takes (B, H, W, C) maps, not token sequences
 
+    constraints = (
+        Rule("kernel_size odd (keeps the map size)", lambda kernel_size: kernel_size % 2 == 1, ("kernel_size",)),
+        Rule("normed_conv only with variant dimr (the standard block already norms after the conv)",
+             lambda normed_conv, variant: not normed_conv or variant == "dimr", ("normed_conv", "variant")),
+    )
+
     def __init__(
         self,
-        dim: int,
-        cond_dim: int | None = None,
-        kernel_size: int = 7,
-        mlp_ratio: float = 4.0,
+        dim: Width,
+        cond_dim: Width | None = None,
+        kernel_size: Annotated[int, Range(1, 31)] = 7,
+        mlp_ratio: Ratio = 4.0,
         norm: Callable[..., nn.Module] = LayerNorm,
         mlp: Callable[..., nn.Module] = Mlp,
-        variant: str = "dimr",
+        variant: Annotated[str, OneOf(VARIANTS, "variant")] = "dimr",
         layer_scale_init: float | None = None,
         normed_conv: bool = False,
     ):

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, apply_gate
 from zoo.conditioning.layernorm import LayerNorm
+from zoo.domains import Divisible, Heads, Ratio, Width
 
 from .attention import Attention
 from .mlp import Mlp
@@ -22,16 +23,18 @@ class TransformerBlock(nn.Module):
     ``hidden_features = mlp_ratio * dim``.
     """
 
+    constraints = (Divisible("dim", "num_heads"),)
+
     def __init__(
         self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
+        dim: Width,
+        num_heads: Heads,
+        mlp_ratio: Ratio = 4.0,
         qkv_bias: bool = True,
         proj_bias: bool = True,
         norm: Callable[..., nn.Module] = LayerNorm,
         mlp: Callable[..., nn.Module] = Mlp,
-        cond_dim: int | None = None,
+        cond_dim: Width | None = None,
     ):
         super().__init__()
         self.norm1 = norm(dim, cond_dim=cond_dim)

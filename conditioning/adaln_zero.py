@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.domains import Eps, Width
+
 from .base import Conditioning, per_sample
 
 
@@ -24,7 +26,7 @@ class AdaLNZero(nn.Module):
     needs_embedding = True
     adds_time_token = False
 
-    def __init__(self, dim: int, cond_dim: int | None = None, gate: bool = True, eps: float = 1e-6):
+    def __init__(self, dim: Width, cond_dim: Width | None = None, gate: bool = True, eps: Eps = 1e-6):
         super().__init__()
         self.dim = dim
         self.eps = eps

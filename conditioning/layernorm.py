@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from zoo.domains import Eps, Width
+
 from .base import Conditioning
 
 
@@ -14,7 +16,7 @@ class LayerNorm(nn.LayerNorm):
     needs_embedding = False
     adds_time_token = False
 
-    def __init__(self, dim: int, cond_dim: int | None = None, eps: float = 1e-5, affine: bool = True):
+    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-5, affine: bool = True):
         super().__init__(dim, eps=eps, elementwise_affine=affine)
 
     def forward(self, x: Tensor, cond: Conditioning | None = None) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -27,7 +29,7 @@ class RMSNorm(nn.RMSNorm):
     needs_embedding = False
     adds_time_token = False
 
-    def __init__(self, dim: int, cond_dim: int | None = None, eps: float = 1e-6, affine: bool = True):
+    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-6, affine: bool = True):
         super().__init__(dim, eps=eps, elementwise_affine=affine)
 
     def forward(self, x: Tensor, cond: Conditioning | None = None) -> tuple[Tensor, None]:  # type: ignore[override]

@@ -14,17 +14,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Callable, Union
+from typing import Annotated, Callable, Union
 
 import torch
 from torch import Tensor
 
+from zoo.domains import OneOf, Rule, SolverSteps, Time
 from zoo.errors import UserError, did_you_mean
 
 from .schedules import NoiseSchedule
 
 EpsFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras")
+Skip = Annotated[str, OneOf(SKIP_TYPES, "skip")]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
@@ -141,8 +143,11 @@ class Solver:
 
     rho: float = 7.0  # the ρ of skip="karras" (Karras et al. 2022)
 
-    def __init__(self, steps: int = 20, skip: str = "time_uniform", t_start: float | None = None,
-                 t_end: float | None = None):
+    constraints = (Rule("t_end < t_start", lambda t_start, t_end: t_start is None or t_end is None or t_end < t_start,
+                        ("t_start", "t_end")),)
+
+    def __init__(self, steps: SolverSteps = 20, skip: Skip = "time_uniform", t_start: Time | None = None,
+                 t_end: Time | None = None):
         if not isinstance(steps, int) or steps < 1:
             raise UserError(f"steps must be a positive integer, got {steps!r}")
         check_choice("skip", skip, SKIP_TYPES)

@@ -18,14 +18,15 @@ as much fresh noise as ancestral DDPM sampling on the same chain.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from torch import Tensor
 
+from zoo.domains import NonNegative, SolverSteps, Time
 from zoo.errors import UserError
 
-from .base import EpsFn, Generators, ScheduledModel, Solver, gaussian_noise, point
+from .base import EpsFn, Generators, ScheduledModel, Skip, Solver, gaussian_noise, point
 from .respacing import ChainSolver
 from .schedules import NoiseSchedule
 
@@ -44,14 +45,17 @@ def ddim_step(x0: Tensor, eps: Tensor, abar: float, abar_prev: float, eta: float
     return x + c * noise() if c > 0 else x
 
 
+Eta = Annotated[float, NonNegative]  # DDIM's η: 0 is deterministic, 1 is DDPM-like
+
+
 class DDIMSolver(ChainSolver):
     """DDIM on the respaced chain, as ADM/DiT's ``ddim_sample_loop``; ``eta`` > 0 makes it stochastic."""
 
     default_steps = 50
 
-    def __init__(self, steps: int | None = None, respacing: str | int | None = None, eta: float = 0.0,
-                 clip_denoised: bool = False, skip: str = "time_uniform", t_start: float | None = None,
-                 t_end: float | None = None):
+    def __init__(self, steps: SolverSteps | None = None, respacing: str | int | None = None, eta: Eta = 0.0,
+                 clip_denoised: bool = False, skip: Skip = "time_uniform", t_start: Time | None = None,
+                 t_end: Time | None = None):
         super().__init__(steps=steps, respacing=respacing, clip_denoised=clip_denoised, skip=skip,
                          t_start=t_start, t_end=t_end)
         self.eta = _check_eta(eta)
@@ -75,8 +79,8 @@ class DDIMSolver(ChainSolver):
 class DDIMGridSolver(Solver):
     """DDIM on a continuous time grid (DPM-Solver's conventions, ends at t_end); ``eta`` > 0 makes it stochastic."""
 
-    def __init__(self, steps: int = 50, eta: float = 0.0, skip: str = "time_uniform",
-                 t_start: float | None = None, t_end: float | None = None):
+    def __init__(self, steps: SolverSteps = 50, eta: Eta = 0.0, skip: Skip = "time_uniform",
+                 t_start: Time | None = None, t_end: Time | None = None):
         super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
         self.eta = _check_eta(eta)
 

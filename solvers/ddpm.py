@@ -21,13 +21,15 @@ built from ``steps`` points of the solver's grid between t_end and t_start with 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from zoo.domains import OneOf, SolverSteps, Time
 from zoo.errors import UserError
 
-from .base import EpsFn, Generators, ScheduledModel, check_choice, gaussian_noise, point
+from .base import EpsFn, Generators, ScheduledModel, Skip, check_choice, gaussian_noise, point
 from .respacing import ChainSolver
 from .schedules import NoiseSchedule
 
@@ -39,9 +41,10 @@ class DDPMSolver(ChainSolver):
 
     default_steps = 250
 
-    def __init__(self, steps: int | None = None, respacing: str | int | None = None, variance: str = "fixed_small",
-                 clip_denoised: bool = False, skip: str = "time_uniform", t_start: float | None = None,
-                 t_end: float | None = None):
+    def __init__(self, steps: SolverSteps | None = None, respacing: str | int | None = None,
+                 variance: Annotated[str, OneOf(VARIANCES, "variance")] = "fixed_small",
+                 clip_denoised: bool = False, skip: Skip = "time_uniform", t_start: Time | None = None,
+                 t_end: Time | None = None):
         super().__init__(steps=steps, respacing=respacing, clip_denoised=clip_denoised, skip=skip,
                          t_start=t_start, t_end=t_end)
         check_choice("ddpm variance", variance, VARIANCES)

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from zoo.domains import OneOf, PositiveFloat, Range, SolverSteps, Time
 from zoo.errors import UserError
 
-from .base import EpsFn, Generators, Point, ScheduledModel, Solver, check_choice, time_grid
+from .base import EpsFn, Generators, Point, ScheduledModel, Skip, Solver, check_choice, time_grid
 from .schedules import NoiseSchedule
 
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
@@ -63,10 +65,11 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
 class DPMSolverBase(Solver):
     """Options and loops of DPM-Solver(++); subclasses give ``model_output`` and the updates."""
 
-    def __init__(self, steps: int = 20, order: int = 2, skip: str = "time_uniform", method: str = "multistep",
-                 lower_order_final: bool = True, t_start: float | None = None, t_end: float | None = None,
-                 denoise_to_zero: bool = False, solver_type: str = "dpmsolver", atol: float = 0.0078,
-                 rtol: float = 0.05):
+    def __init__(self, steps: SolverSteps = 20, order: Annotated[int, Range(1, 3)] = 2, skip: Skip = "time_uniform",
+                 method: Annotated[str, OneOf(METHODS, "method")] = "multistep",
+                 lower_order_final: bool = True, t_start: Time | None = None, t_end: Time | None = None,
+                 denoise_to_zero: bool = False, solver_type: Annotated[str, OneOf(SOLVER_TYPES, "solver_type")] = "dpmsolver",
+                 atol: PositiveFloat = 0.0078, rtol: PositiveFloat = 0.05):
         super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
         check_choice("method", method, METHODS)
         check_choice("order", order, (2, 3) if method == "adaptive" else (1, 2, 3))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import EpsFn, Generators, ScheduledModel, Solver
+from zoo.domains import PositiveFloat, SolverSteps, Time
+
+from .base import EpsFn, Generators, ScheduledModel, Skip, Solver
 from .schedules import NoiseSchedule
 
 
@@ -25,8 +27,8 @@ class EulerSolver(Solver):
 
     heun = False
 
-    def __init__(self, steps: int = 50, skip: str = "karras", t_start: float | None = None,
-                 t_end: float | None = None, rho: float = 7.0):
+    def __init__(self, steps: SolverSteps = 50, skip: Skip = "karras", t_start: Time | None = None,
+                 t_end: Time | None = None, rho: PositiveFloat = 7.0):
         super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
         self.rho = rho
 

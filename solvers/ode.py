@@ -14,12 +14,15 @@ methods (``euler``, ``midpoint``, ``rk4``, ...) need ``steps`` and step on that 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
+from zoo.domains import OneOf, PositiveFloat, SolverSteps, Time
 from zoo.errors import UserError
 
-from .base import EpsFn, Generators, ScheduledModel, Solver, check_choice, point, time_grid
+from .base import EpsFn, Generators, ScheduledModel, Skip, Solver, check_choice, point, time_grid
 from .schedules import NoiseSchedule
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -29,8 +32,9 @@ FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_ad
 class ODESolver(Solver):
     """Black-box ODE solve (torchdiffeq ``odeint``) of the probability-flow ODE in λ."""
 
-    def __init__(self, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
-                 skip: str = "logSNR", t_start: float | None = None, t_end: float | None = None):
+    def __init__(self, method: Annotated[str, OneOf(ADAPTIVE_METHODS + FIXED_GRID_METHODS, "method")] = "dopri5",
+                 rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5, steps: SolverSteps | None = None,
+                 skip: Skip = "logSNR", t_start: Time | None = None, t_end: Time | None = None):
         """``steps`` and ``skip`` set the grid of fixed-grid methods; adaptive methods ignore them."""
         check_choice("ode method", method, ADAPTIVE_METHODS + FIXED_GRID_METHODS)
         if method in FIXED_GRID_METHODS and steps is None:

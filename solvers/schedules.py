@@ -19,9 +19,16 @@ tables are float64 and are moved to ``t``'s device and dtype on use.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
+
+from zoo.domains import Range, Rule, SolverSteps
+
+Beta = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a DDPM β_n
+BETAS_GROW = Rule("beta_start <= beta_end", lambda beta_start, beta_end: beta_start <= beta_end,
+                  ("beta_start", "beta_end"))
 
 
 def _as_time(t: Tensor | float) -> Tensor:
@@ -124,7 +131,9 @@ class DiscreteSchedule(NoiseSchedule):
 class LinearSchedule(DiscreteSchedule):
     """DDPM's linear betas (Ho et al. 2020): β_n linear from beta_start to beta_end, ᾱ_n = Π(1 − β)."""
 
-    def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    constraints = (BETAS_GROW,)
+
+    def __init__(self, num_steps: SolverSteps = 1000, beta_start: Beta = 1e-4, beta_end: Beta = 0.02):
         betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         super().__init__(torch.cumprod(1.0 - betas, dim=0))
         self.beta_start, self.beta_end = beta_start, beta_end
@@ -133,7 +142,9 @@ class LinearSchedule(DiscreteSchedule):
 class ScaledLinearSchedule(DiscreteSchedule):
     """Stable Diffusion's betas: √β_n linear from √beta_start to √beta_end (LDM, U-ViT-H, DiMR)."""
 
-    def __init__(self, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    constraints = (BETAS_GROW,)
+
+    def __init__(self, num_steps: SolverSteps = 1000, beta_start: Beta = 0.00085, beta_end: Beta = 0.012):
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
         super().__init__(torch.cumprod(1.0 - betas, dim=0))
         self.beta_start, self.beta_end = beta_start, beta_end
@@ -145,7 +156,10 @@ class VPLinearSchedule(NoiseSchedule):
     log α_t = −¼·t²·(β_1 − β_0) − ½·t·β_0; the inverse solves that quadratic in t.
     """
 
-    def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0):
+    constraints = (Rule("beta_0 < beta_1", lambda beta_0, beta_1: beta_0 < beta_1, ("beta_0", "beta_1")),)
+
+    def __init__(self, beta_0: Annotated[float, Range(0, 1000, lo_open=True)] = 0.1,
+                 beta_1: Annotated[float, Range(0, 1000, lo_open=True)] = 20.0):
         self.beta_0, self.beta_1 = beta_0, beta_1
         self.T, self.eps = 1.0, 1e-3
 
@@ -173,7 +187,7 @@ class CosineSchedule(NoiseSchedule):
     As in DPM-Solver, sampling starts at T = 0.9946 (α_T vanishes near t = 1).
     """
 
-    def __init__(self, s: float = 0.008):
+    def __init__(self, s: Annotated[float, Range(0, 1)] = 0.008):
         self.s = s
         self.T, self.eps = 0.9946, 1e-3
         self._log_alpha_0 = math.log(math.cos(s / (1.0 + s) * math.pi / 2.0))

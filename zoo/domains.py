@@ -37,6 +37,7 @@ MAX_RATIO = 64.0  # MLP expansion
 MAX_STEPS = 10**9  # training steps, schedule steps, solver steps
 MAX_BATCH = 65536
 MAX_COUNT = 10**8  # dataset sizes, numbers of samples
+MAX_SOLVER_STEPS = 100_000  # sampling steps, schedule length
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ Channels = Annotated[int, Range(1, MAX_WIDTH)]
 Classes = Annotated[int, Range(1, MAX_CLASSES)]
 Ratio = Annotated[float, Range(0, MAX_RATIO, lo_open=True)]
 Steps = Annotated[int, Range(1, MAX_STEPS)]
+SolverSteps = Annotated[int, Range(1, MAX_SOLVER_STEPS)]
+Time = Annotated[float, Range(0, 1, lo_open=True)]  # a diffusion time in (0, 1]
 Eps = Annotated[float, Range(0, 1, lo_open=True)]
 PositiveFloat = Annotated[float, Positive]
 
@@ -195,8 +198,8 @@ class Rule:
         result = self.test(**{f: args[f] for f in self.fields})
         if result is None or result is True:
             return None
-        return result if isinstance(result, str) else f"{self.text} (here " + \
-            ", ".join(f"{f}={args[f]!r}" for f in self.fields) + ")"
+        here = ", ".join(f"{f}={args[f]!r}" for f in self.fields)
+        return result if isinstance(result, str) else f"needs {self.text}; here {here}"
 
     def describe(self) -> str:
         return self.text
@@ -305,6 +308,11 @@ def describe(ann: Any) -> str:
         return " or ".join(p for p in parts if p != "null") + (" or null" if "null" in parts else "") + notes
     span = range_of(meta)
     limit = f" {span.describe(base is int)}" if span is not None and span.describe() else ""
+    positive = span is not None and span.lo == (0 if span.lo_open else 1) and (span.lo_open or base is int)
+    if positive and base in (int, float):  # "a positive integer <= 1024" reads better than "in [1, 1024]"
+        upper = Range(hi=span.hi, hi_open=span.hi_open).describe(base is int)
+        noun = "integer" if base is int else "number"
+        return f"a positive {noun}{' ' + upper if upper else ''}{notes}"
     length = next((m for m in meta if isinstance(m, Length)), None)
     if length is not None:
         text = _describe_type(base)

@@ -31,7 +31,7 @@ import typing
 from typing import Any, Callable, Iterable
 
 from . import registry
-from .domains import OneOf, Required, constraints_of, describe, fits, non_finite, options, split, strip
+from .domains import OneOf, Required, constraints_of, describe, domain_text, fits, non_finite, options, split, strip
 from .errors import UserError, did_you_mean
 from .recipe import KeyPath, Recipe, format_path
 
@@ -39,6 +39,8 @@ PARENT_SUPPLIED = frozenset({"dim", "num_heads", "cond_dim", "hidden_features"})
 SECTIONS = ("model", "diffusion", "data", "train", "sample")
 
 SectionValidator = Callable[[Any, Recipe], None]
+#: The key tables of sections that have one (``{key: annotation}``), for ``zoo list --verbose``.
+SECTION_TABLES: dict[str, dict[str, Any]] = {}
 #: Validators of top-level sections, ``validator(section_value, recipe)`` raising ``recipe.error(...)``.
 #: Modules owning a section add theirs here; adding one for a new name makes that section legal.
 SECTION_VALIDATORS: dict[str, SectionValidator] = {}
@@ -142,8 +144,15 @@ def check_constraints(recipe: Recipe, cls: Any, args: dict, given: Iterable[str]
     for rule in constraints_of(cls):
         problem = rule.check(args)
         if problem:
-            key = next((f for f in rule.fields if f in given), None)
+            keys = [f for f in rule.fields if f in given]
+            overridden = [f for f in keys if _from_override(recipe, path + (f,))]
+            key = (overridden or keys or [None])[0]
             raise recipe.error(path + ((key,) if key is not None else ()), problem)
+
+
+def _from_override(recipe: Recipe, path: KeyPath) -> bool:
+    """Whether ``path`` or a key under it was set by ``--set`` (the likelier culprit of a broken rule)."""
+    return any(key[:len(path)] == path and str(origin[0]).startswith("--set") for key, origin in recipe.origins.items())
 
 
 # --- section tables -------------------------------------------------------------------------------
@@ -282,8 +291,9 @@ def model_factory(recipe: Recipe) -> Factory:
     """The checked factory of the recipe's ``model`` section (a backbone; every argument required)."""
     if recipe.data.get("model") is None:
         raise recipe.error(("model",), "the recipe has no model section", suggestion="add model: {type: NAME, ...}")
-    refuse_non_finite(recipe, recipe.data["model"], ("model",))
-    return resolve_component(recipe, "backbone", recipe.data["model"], ("model",), supplied=())
+    factory = resolve_component(recipe, "backbone", recipe.data["model"], ("model",), supplied=())
+    refuse_non_finite(recipe, recipe.data["model"], ("model",))  # also where no annotation takes the value
+    return factory
 
 
 # Modules whose section validators add themselves to SECTION_VALIDATORS when imported. They
@@ -322,6 +332,45 @@ SECTION_VALIDATORS["model"] = _validate_model
 
 
 # --- introspection ----------------------------------------------------------------------------------
+
+
+def parameter_rows(obj: Any) -> list[tuple[str, str, str, str]]:
+    """``(name, type, default, domain)`` of each constructor parameter of ``obj``, for listings.
+
+    The default is ``required``, or ``(from parent)`` for what an enclosing component passes.
+    """
+    sig = _signature(obj)
+    if sig is None:
+        return []
+    hints = _annotations(obj)
+    rows = []
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            rows.append((("*" if p.kind is p.VAR_POSITIONAL else "**") + name, "any", "", ""))
+            continue
+        ann = hints.get(name, Any)
+        kind = kind_of_param(name)
+        type_text = f"{kind} component" if kind else type_name(ann)
+        if p.default is not p.empty:
+            default = _short(p.default)
+        else:
+            default = "(from parent)" if name in PARENT_SUPPLIED else "required"
+        rows.append((name, type_text, default, domain_text(ann)))
+    return rows
+
+
+def rule_texts(obj: Any) -> list[str]:
+    """The cross-argument rules ``obj`` declares, in words."""
+    return [rule.describe() for rule in constraints_of(obj)]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, functools.partial):
+        args = ", ".join(f"{k}={v!r}" for k, v in value.keywords.items())
+        return f"{_short(value.func)}({args})"
+    if isinstance(value, type) or callable(value):
+        return getattr(value, "__name__", repr(value))
+    return repr(value)
 
 
 @functools.lru_cache(maxsize=None)

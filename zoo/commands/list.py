@@ -1,10 +1,15 @@
-"""``zoo list [KIND]``: every registered component with its source and one-line description."""
+"""``zoo list [KIND [NAME]] [--verbose]``: registered components, their sources and descriptions.
+
+``--verbose`` (or naming one component) adds each constructor argument with its type, default
+and allowed values, the rules between arguments, and the keys of the recipe sections.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from zoo import registry
+from zoo.errors import UserError, did_you_mean
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,9 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "list",
         help="list registered blocks, conditioners, backbones, solvers and schedules",
         description="List registered components: name, where it comes from (distribution or in-process), "
-        "and the first line of its docstring. Components that fail to load are listed with the error.",
+        "and the first line of its docstring. Components that fail to load are listed with the error. "
+        "--verbose (or KIND NAME) also shows every argument: type, default and allowed values.",
     )
     p.add_argument("kind", nargs="?", help=f"one of {', '.join(registry.KINDS)} (default: all)")
+    p.add_argument("name", nargs="?", help="one component of KIND: show its arguments")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show each component's arguments (type, default, allowed values) and the recipe sections")
     p.set_defaults(func=run)
 
 
@@ -24,11 +33,66 @@ def format_table(rows: list[tuple[str, ...]], indent: str = "  ") -> str:
     return "\n".join(indent + "  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows)
 
 
+def component_details(entry: registry.Entry, indent: str = "      ") -> str:
+    """The arguments of one component (name, type, default, allowed values) and its rules, as text."""
+    from zoo.validate import parameter_rows, rule_texts
+
+    try:
+        obj = entry.load()
+    except UserError as err:
+        return f"{indent}error: {err}"
+    if not isinstance(obj, type):  # a plain function (e.g. a dataset builder) takes no recipe arguments
+        return ""
+    rows = parameter_rows(obj)
+    text = format_table([("argument", "type", "default", "allowed")] + rows, indent) if rows else ""
+    rules = rule_texts(obj)
+    if rules:
+        text += f"\n{indent}rules: " + "; ".join(rules)
+    return text
+
+
+def find_entry(kind: str | None, name: str) -> registry.Entry:
+    """The entry called ``name`` (in ``kind``, or the one kind that has it)."""
+    if kind:
+        return registry.find(registry.check_kind(kind), name)
+    kinds = [k for k in registry.KINDS if name in registry.names(k)]
+    if not kinds:
+        known = [n for k in registry.KINDS for n in registry.names(k)]
+        raise UserError(f"no registered component is called {name!r}", suggestion=did_you_mean(name, known))
+    return registry.find(kinds[0], name)
+
+
+def show_component(kind: str | None, name: str) -> str:
+    entry = find_entry(kind, name)
+    head = f"{entry.kind} {entry.name} ({entry.describe()}): {entry.summary()}"
+    details = component_details(entry, "  ")
+    return head + ("\n" + details if details else "")
+
+
+def section_details() -> str:
+    """The keys of every recipe section that has a table, with what each allows."""
+    from zoo.validate import SECTION_TABLES, _load_section_validators, table_rows
+
+    _load_section_validators()
+    parts = [f"{name}:\n" + format_table(table_rows(table), "      ") for name, table in SECTION_TABLES.items()]
+    return "recipe sections (besides model):\n" + "\n".join("  " + p for p in parts)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.name:
+        print(show_component(args.kind, args.name))
+        return 0
     kinds = [registry.check_kind(args.kind)] if args.kind else list(registry.KINDS)
     for i, kind in enumerate(kinds):
         entries = registry.entries(kind)
         print(("\n" if i else "") + f"{kind}s ({registry.GROUPS[kind]}): {len(entries)}")
-        if entries:
+        if entries and not args.verbose:
             print(format_table([(e.name, e.source, e.summary()) for e in entries]))
+        for entry in entries if args.verbose else ():
+            print(f"  {entry.name}  ({entry.source})  {entry.summary()}")
+            details = component_details(entry)
+            if details:
+                print(details)
+    if args.verbose and not args.kind:
+        print("\n" + section_details())
     return 0

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_WIDTH, Doc, NonEmpty, NonNegative, OneOf, Positive, Probability,
                          Range, Required)
 from zoo.recipe import Recipe
-from zoo.validate import SECTION_VALIDATORS, Component, check_table, domain_error
+from zoo.validate import SECTION_TABLES, SECTION_VALIDATORS, Component, check_table, domain_error
 
 TIME_INPUT_NAMES = ("dit_index", "uvit_discrete", "uvit_continuous", "dimr_log_snr")
 CONVENTIONS = ("dit", "uvit")
@@ -97,4 +97,6 @@ def validate_sample(value: dict | None, recipe: Recipe) -> None:
 
 
 SECTION_VALIDATORS["diffusion"] = validate_diffusion
+SECTION_TABLES["diffusion"] = DIFFUSION
 SECTION_VALIDATORS["sample"] = validate_sample
+SECTION_TABLES["sample"] = SAMPLE

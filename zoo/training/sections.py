@@ -29,7 +29,7 @@ from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_STEPS, Classes, Decay, Doc, I
                          Positive, PositiveFloat, Range)
 from zoo import registry
 from zoo.recipe import Recipe
-from zoo.validate import SECTION_VALIDATORS, check_table
+from zoo.validate import SECTION_TABLES, SECTION_VALIDATORS, check_table
 
 DATASETS = registry.Names("dataset")  # synthetic, image_folder, latents, imagenet, emoji32 and plugins
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -89,4 +89,6 @@ def validate_train(value: dict | None, recipe: Recipe) -> None:
 
 
 SECTION_VALIDATORS["data"] = validate_data
+SECTION_TABLES["data"] = DATA
 SECTION_VALIDATORS["train"] = validate_train
+SECTION_TABLES["train"] = TRAIN
