@@ -126,3 +126,160 @@ def test_not_a_checkpoint(tmp_path):
         ckpt.load_trainer_state(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         ckpt.load_weights(tmp_path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- crash safety
+
+from zoo import atomic  # noqa: E402
+
+STEPS = ("fill", "seal", "set-aside", "install", "discard")  # zoo.atomic's protocol, in order
+SEALED_AT = STEPS.index("set-aside")  # a stop at or after this step rolls forward to the new checkpoint
+
+
+def _step_of(directory) -> int:
+    return ckpt.load_trainer_state(directory)["step"]
+
+
+def _names(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _save_and_stop_at(tmp_path, monkeypatch, stop: str, existing: bool):
+    """Save step 2 over step 1 (or into nothing) and stop at ``stop``; return (live run dir, crash snapshot).
+
+    The snapshot is a copy of the run directory taken at the instant of the stop: what a power
+    cut or SIGKILL there would leave, with no exception handler run.
+    """
+    import shutil
+
+    run, snap = tmp_path / "run", tmp_path / "snapshot"
+    model = _model()
+    if existing:
+        ckpt.save_checkpoint(run / "last", model, RECIPE, state={"step": 1})
+
+    def stop_here(step, path):
+        if step == stop:
+            shutil.copytree(run, snap)
+            raise RuntimeError(f"stopped at {step}")
+
+    monkeypatch.setattr(atomic, "_reached", stop_here)
+    with pytest.raises(RuntimeError, match=f"stopped at {stop}"):
+        ckpt.save_checkpoint(run / "last", model, RECIPE, state={"step": 2})
+    monkeypatch.undo()
+    return run, snap
+
+
+@pytest.mark.parametrize(("stop", "existing"), [(s, True) for s in STEPS] + [(s, False) for s in ("fill", "seal", "install")],
+                         ids=[f"replace-{s}" for s in STEPS] + [f"first-save-{s}" for s in ("fill", "seal", "install")])
+def test_a_save_stopped_at_any_step_is_repaired_to_the_newest_complete_checkpoint(tmp_path, monkeypatch, stop, existing):
+    run, snap = _save_and_stop_at(tmp_path, monkeypatch, stop, existing)
+    rolled_forward = STEPS.index(stop) >= SEALED_AT
+    expected = 2 if rolled_forward else 1 if existing else None
+
+    # the crash state: leftovers as the protocol left them, then the repair a resume/sample runs
+    leftovers = [n for n in _names(snap) if n != "last"]
+    assert leftovers and all(atomic._LEFTOVER.match(n) for n in leftovers), _names(snap)
+    assert ckpt.repair_run(snap) == ([snap / "last"] if expected else [])
+    assert _names(snap) == (["last"] if expected else [])
+    if expected:
+        assert _step_of(snap / "last") == expected
+        assert ckpt.is_checkpoint(snap / "last") and atomic.is_sealed(snap / "last", ckpt.CONFIG)
+
+    # the same stop as an exception in a live process: the handler already left a clean state
+    assert _names(run) == (["last"] if expected else [])
+    if expected:
+        assert _step_of(run / "last") == expected
+
+
+def test_half_written_record_and_half_deleted_old_copy_are_repaired(tmp_path, monkeypatch):
+    # stopped while writing config.json (the seal): the new copy is incomplete, the old one wins
+    _, snap = _save_and_stop_at(tmp_path / "a", monkeypatch, "seal", existing=True)
+    (tmp,) = [p for p in snap.iterdir() if ".tmp-" in p.name]
+    (tmp / ckpt.CONFIG).write_text('{"format": "zoo-checkpoint/1", "recipe": {}, "fil')
+    assert not atomic.is_sealed(tmp, ckpt.CONFIG)
+    ckpt.repair_checkpoint(snap / "last")
+    assert _names(snap) == ["last"] and _step_of(snap / "last") == 1
+
+    # stopped while deleting the old copy: the installed new one stays, the rest of the old goes
+    _, snap = _save_and_stop_at(tmp_path / "b", monkeypatch, "discard", existing=True)
+    (old,) = [p for p in snap.iterdir() if ".old-" in p.name]
+    (old / ckpt.MODEL).unlink()
+    ckpt.repair_checkpoint(snap / "last")
+    assert _names(snap) == ["last"] and _step_of(snap / "last") == 2
+
+    # DIR lost between the renames and the new copy unsealed: the old copy is restored
+    _, snap = _save_and_stop_at(tmp_path / "c", monkeypatch, "set-aside", existing=True)
+    (tmp,) = [p for p in snap.iterdir() if ".tmp-" in p.name]
+    (tmp / ckpt.MODEL).write_bytes(b"")  # its record no longer matches: not complete
+    old = snap / "last.old-0123abcd"
+    (snap / "last").rename(old)
+    ckpt.repair_checkpoint(snap / "last")
+    assert _names(snap) == ["last"] and _step_of(snap / "last") == 1
+
+
+def test_repair_touches_only_protocol_names(tmp_path):
+    ckpt.save_checkpoint(tmp_path / "last", _model(), RECIPE, state={"step": 1})
+    keep = ["last.tmp-notes", "last.old-123", "last.backup", "last.tmp-0123abcdx", "other.txt"]
+    for name in keep:
+        (tmp_path / name).write_text("user data")
+    (tmp_path / ".grid.png.tmp-0123abcd").write_bytes(b"half a png")
+    (tmp_path / "last.tmp-89abcdef").mkdir()  # an unsealed copy: an interrupted save
+    (tmp_path / ".step_0000010.del-0123abcd").mkdir()  # a delete_dir a crash interrupted
+    (tmp_path / ".step_0000010.del-0123abcd" / "model.safetensors").write_bytes(b"half")
+    ckpt.repair_run(tmp_path)
+    assert _names(tmp_path) == sorted(["last", *keep])
+    assert all((tmp_path / n).read_text() == "user data" for n in keep)
+
+
+def test_save_refuses_to_replace_what_zoo_did_not_write(tmp_path):
+    model = _model()
+    (tmp_path / "file").write_text("precious")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "thesis.tex").write_text("precious")
+    ckpt.save_checkpoint(tmp_path / "ckpt", model, RECIPE)
+    (tmp_path / "ckpt" / "notes.txt").write_text("precious")
+    for name, message in (("file", "is not a directory"), ("dir", "is not a zoo checkpoint"),
+                          ("ckpt", r"also holds files zoo did not write \(notes.txt\)")):
+        with pytest.raises(UserError, match=message):
+            ckpt.save_checkpoint(tmp_path / name, model, RECIPE)
+    assert (tmp_path / "file").read_text() == (tmp_path / "dir" / "thesis.tex").read_text() == "precious"
+    assert _names(tmp_path) == ["ckpt", "dir", "file"]
+    (tmp_path / "empty").mkdir()
+    ckpt.save_checkpoint(tmp_path / "empty", model, RECIPE)  # an empty directory loses nothing
+    assert ckpt.is_checkpoint(tmp_path / "empty")
+
+
+def test_incomplete_or_corrupt_checkpoint_files_are_named(tmp_path):
+    ckpt.save_checkpoint(tmp_path / "c", _model(), RECIPE, ema=_model(), state={"step": 3})
+    ema = tmp_path / "c" / ckpt.EMA
+    ema.write_bytes(ema.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"checkpoint .*c is incomplete: ema.safetensors has 100 bytes, config.json says \d+"):
+        ckpt.load_checkpoint(tmp_path / "c", weights="ema")
+    ema.unlink()
+    with pytest.raises(UserError, match="incomplete: ema.safetensors is missing"):
+        ckpt.load_checkpoint(tmp_path / "c")
+    (tmp_path / "w.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UserError, match=r"cannot read weights file .*w.safetensors: not a complete safetensors file"):
+        ckpt.load_weights(tmp_path / "w.safetensors")
+
+
+@pytest.mark.slow
+def test_a_process_killed_between_the_two_renames_leaves_a_repairable_state(tmp_path):
+    """The stop-at-step tests raise; here the process really dies (os._exit) with DIR renamed away."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, torch, zoo
+from zoo import atomic, checkpoint as ckpt
+recipe = {RECIPE!r}
+model = zoo.build_model(recipe)
+ckpt.save_checkpoint({str(tmp_path / "last")!r}, model, recipe, state={{"step": 1}})
+atomic._reached = lambda step, path: os._exit(9) if step == "install" else None
+ckpt.save_checkpoint({str(tmp_path / "last")!r}, model, recipe, state={{"step": 2}})
+"""
+    assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == 9
+    names = _names(tmp_path)
+    assert "last" not in names and len(names) == 2  # DIR.old-* and DIR.tmp-*: between the renames
+    ckpt.repair_run(tmp_path)
+    assert _names(tmp_path) == ["last"] and _step_of(tmp_path / "last") == 2

@@ -2,18 +2,18 @@
 
 ``config.json`` holds the resolved recipe and the versions that wrote it; weights are
 safetensors (no pickle); trainer state is plain dicts/lists/tensors/numbers that load with
-``torch.load(weights_only=True)``. A directory is written under a temporary name and renamed
-into place, so a reader never sees half a checkpoint. Loading is strict: any missing,
-unexpected or mis-shaped key is an error that lists them.
+``torch.load(weights_only=True)``. A directory is written by the crash-safe protocol of
+:mod:`zoo.atomic` (``config.json`` is written last and lists every file with its size), so a
+reader never sees half a checkpoint and an interrupted save is repaired when the checkpoint is
+next read or written. Loading is strict: any missing, unexpected or mis-shaped key is an error
+that lists them; a missing, truncated or corrupt file is an error that names it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from zoo import atomic
 from zoo.errors import UserError
 
 CONFIG, MODEL, EMA, TRAINER_STATE = "config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt"
@@ -76,15 +77,28 @@ def save_weights(path: str | Path, state: Mapping[str, Tensor]) -> None:
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:
-    """Read a safetensors state dict written by :func:`save_weights` (aliases restored)."""
+    """Read a safetensors state dict written by :func:`save_weights` (aliases restored).
+
+    A missing, truncated or foreign file is a :class:`UserError` naming it.
+    """
+    from safetensors import SafetensorError
+
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
-    state = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    for alias, name in aliases.items():
-        state[alias] = state[name]
+        raise UserError(f"weights file {path} does not exist" if not path.exists() else f"weights file {path} is not a file")
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read weights file {path}: not a complete safetensors file ({reason})") from None
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+        for alias, name in aliases.items():
+            state[alias] = state[name]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise UserError(f"weights file {path} has broken 'aliases' metadata") from None
     return state
 
 
@@ -154,18 +168,48 @@ def check_plain(obj: Any, where: str = "state") -> None:
 
 # ----------------------------------------------------------------------------- directories
 
+KNOWN_FILES = (CONFIG, MODEL, EMA, TRAINER_STATE)
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+
+def is_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` is a zoo checkpoint holding nothing but the files zoo writes there."""
+    directory = Path(directory)
+    payload = atomic.read_record(directory, CONFIG) if directory.is_dir() else None
+    if not payload or payload.get("format") != FORMAT:
+        return False
+    return all(p.name in KNOWN_FILES for p in directory.iterdir())
+
+
+def check_replaceable(target: str | Path, what: str = "checkpoint directory") -> None:
+    """Refuse to replace anything but a zoo checkpoint (or an empty directory) at ``target``."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
         return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    if not target.is_dir() or target.is_symlink():
+        raise UserError(f"{what} {target} exists and is not a directory; zoo replaces only its own checkpoints",
+                        suggestion="choose another path")
+    if is_checkpoint(target) or not any(target.iterdir()):
+        return
+    if (atomic.read_record(target, CONFIG) or {}).get("format") == FORMAT:
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in KNOWN_FILES)
+        raise UserError(f"{what} {target} also holds files zoo did not write ({', '.join(foreign[:5])}); "
+                        "zoo will not replace it", suggestion="move them away or choose another path")
+    raise UserError(f"{what} {target} exists and is not a zoo checkpoint; zoo will not replace it",
+                    suggestion="choose another path")
+
+
+def repair_checkpoint(directory: str | Path) -> Path | None:
+    """Finish or undo an interrupted save of ``directory`` (see :mod:`zoo.atomic`); ``directory`` if it exists."""
+    return atomic.repair(directory, CONFIG)
+
+
+def repair_run(directory: str | Path) -> list[Path]:
+    """Repair every interrupted checkpoint save in a run directory and delete its temporary files."""
+    directory = Path(directory)
+    repaired = atomic.repair_all(directory, CONFIG)
+    if (directory / "samples").is_dir():
+        atomic.repair_all(directory / "samples", CONFIG)
+    return repaired
 
 
 def save_checkpoint(
@@ -175,55 +219,63 @@ def save_checkpoint(
     ema: nn.Module | Mapping[str, Tensor] | None = None,
     state: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (replacing an existing one) and return its path.
+    """Write a checkpoint directory crash-safely (replacing an existing checkpoint) and return its path.
 
     ``config`` is the resolved recipe (JSON-serialisable); ``ema`` an EMA model or its state
-    dict; ``state`` the trainer state (step, optimizer, RNG...) as plain data.
+    dict; ``state`` the trainer state (step, optimizer, RNG...) as plain data. An existing
+    ``directory`` that is not a zoo checkpoint is never replaced (:class:`UserError`).
     """
-    directory = Path(directory)
     if state is not None:
         check_plain(state, "trainer state")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        payload = {"format": FORMAT, "versions": versions(), "recipe": dict(config)}
-        (tmp / CONFIG).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+    def fill(tmp: Path) -> None:
         save_weights(tmp / MODEL, model.state_dict())
         if ema is not None:
             save_weights(tmp / EMA, ema.state_dict() if isinstance(ema, nn.Module) else ema)
         if state is not None:
             torch.save(dict(state), tmp / TRAINER_STATE)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if directory.exists():
-            old = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    payload = {"format": FORMAT, "versions": versions(), "recipe": dict(config)}
+    json.dumps(payload)  # a recipe that is not JSON fails here, before anything is written
+    return atomic.write_dir(directory, fill, CONFIG, payload, replace=check_replaceable)
+
+
+def _checkpoint_dir(directory: str | Path) -> Path:
+    """``directory`` after repairing an interrupted save of it, checked to exist and be complete."""
+    directory = Path(directory)
+    repair_checkpoint(directory)
+    if not directory.exists():
+        raise UserError(f"checkpoint directory {directory} does not exist")
+    if not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a checkpoint directory ({CONFIG} + {MODEL})")
+    problems = atomic.missing_or_truncated(directory, CONFIG)
+    if problems:
+        raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}")
     return directory
 
 
 def read_config(directory: str | Path) -> dict:
-    """The recipe stored in a checkpoint directory."""
-    path = Path(directory) / CONFIG
+    """The recipe stored in a checkpoint directory (after repairing an interrupted save of it)."""
+    directory = _checkpoint_dir(directory)
+    path = directory / CONFIG
     if not path.is_file():
         raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})")
     try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "recipe" not in payload:
-        raise UserError(f"{path} is not a {FORMAT} config")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
+        raise UserError(f"{path} is not a {FORMAT} config (a JSON object with format and recipe)")
     return payload["recipe"]
+
+
+def load_recipe_of(directory: str | Path, overrides: list[str] = ()) -> dict:
+    """A checkpoint's recipe, validated; a mistake in it names its ``config.json``."""
+    import zoo
+    from zoo.recipe import Recipe
+
+    path = Path(directory) / CONFIG
+    return zoo.load_recipe(Recipe(read_config(directory), source=str(path)), overrides)
 
 
 def load_checkpoint(
@@ -236,24 +288,35 @@ def load_checkpoint(
     """
     import zoo
 
+    if weights not in ("model", "ema"):
+        raise UserError(f"weights must be 'model' or 'ema', not {weights!r}")
     directory = Path(directory)
-    config = read_config(directory)
+    config = load_recipe_of(directory)
     state = load_weights(directory / MODEL)
     if weights == "ema":
         ema = load_weights(directory / EMA)
         with torch.device("meta"):
             params = {k for k, _ in zoo.build_model(config).named_parameters()}
         state = {**state, **ema} if set(ema) == params else ema  # parameters only: buffers from the model
-    elif weights != "model":
-        raise UserError(f"weights must be 'model' or 'ema', not {weights!r}")
     source = str(directory / (EMA if weights == "ema" else MODEL))
     model = build_with_state(lambda: zoo.build_model(config), state, source)
     return model.to(device), config
 
 
-def load_trainer_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The trainer state of a checkpoint (``weights_only=True``)."""
-    path = Path(directory) / TRAINER_STATE
+def load_trainer_state(directory: str | Path, map_location: str | torch.device = "cpu",
+                       required: tuple[str, ...] = ("step",)) -> dict:
+    """The trainer state of a checkpoint (``weights_only=True``): a dict with a ``step`` and the ``required`` keys."""
+    from zoo.torchfile import torch_load_plain
+
+    directory = _checkpoint_dir(directory)
+    path = directory / TRAINER_STATE
     if not path.is_file():
         raise UserError(f"{directory} has no trainer state ({TRAINER_STATE}); it cannot be resumed")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    state = torch_load_plain(path, "trainer state", map_location=map_location)
+    if not isinstance(state, dict):
+        raise UserError(f"trainer state {path} holds a {type(state).__name__}, not a dict")
+    missing = [k for k in dict.fromkeys(("step", *required)) if k not in state]
+    if missing or not isinstance(state["step"], int) or state["step"] < 0:
+        what = f"no {', '.join(missing)}" if missing else f"step {state['step']!r} is not a step number"
+        raise UserError(f"trainer state {path} is not one zoo train wrote: {what}")
+    return state

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
+from zoo import atomic
 from zoo.errors import UserError
 
 FIXED_SECTIONS = ("model", "diffusion")  # what the weights and the loss mean; a resume may not change them
@@ -60,17 +58,14 @@ def _value(recipe: dict, path: str) -> str:
 def prune_steps(out: Path, created: list[int], keep: int) -> list[int]:
     """Delete the oldest ``step_*`` directories this run created beyond the newest ``keep``; never ``last/``.
 
-    Each is renamed aside first, so a crash mid-delete leaves a ``*.old-*`` leftover, never half a
-    checkpoint under a step name. Returns the steps still kept.
+    Each is renamed aside first (:func:`zoo.atomic.delete_dir`), so a crash mid-delete leaves a
+    leftover the next start removes, never half a checkpoint under a step name. Returns the steps still kept.
     """
     if keep <= 0 or len(created) <= keep:
         return created
     for step in created[:-keep]:
         directory = out / f"step_{step:07d}"
-        if directory.is_dir():
-            aside = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(directory, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+        atomic.delete_dir(directory)
     return created[-keep:]
 
 

@@ -1,0 +1,292 @@
+"""Crash-safe writes: a file or a checkpoint directory appears whole, or not at all.
+
+**A file** is written as ``.NAME.tmp-XXXXXXXX`` beside it, flushed to disk, then renamed over
+``NAME`` (one atomic rename).
+
+**A directory** ``DIR`` (a checkpoint) is replaced by this protocol; each step is named, and a
+crash may stop it anywhere:
+
+1. ``fill``      make ``DIR.tmp-X`` and write its files, each flushed to disk;
+2. ``seal``      write its *record* (a JSON file, e.g. ``config.json``) last, listing every other
+   file and its size, and flush it and the directory. A sealed directory is complete: this is
+   the commit point of the save;
+3. ``set-aside`` rename the current ``DIR`` to ``DIR.old-Y`` (if there is one);
+4. ``install``   rename ``DIR.tmp-X`` to ``DIR`` and flush the parent directory;
+5. ``discard``   delete ``DIR.old-Y``.
+
+:func:`repair` puts any interrupted state right, keeping the newest complete checkpoint: a
+sealed ``DIR.tmp-*`` (the save passed its commit point) rolls forward into ``DIR``; otherwise
+``DIR`` stays as it is (the save stopped before its seal); and if ``DIR`` is gone, the newest
+``DIR.old-*`` comes back. The other leftovers are deleted. It runs before every save and when a
+run starts, resumes or is sampled. Only names of the exact forms ``DIR.tmp-XXXXXXXX``,
+``DIR.old-XXXXXXXX``, ``.NAME.tmp-XXXXXXXX`` and ``.NAME.del-XXXXXXXX`` (8 hex digits; the last
+from :func:`delete_dir`) are ever deleted, and a ``DIR``
+without a readable record is never moved. While a save or a repair runs it
+holds an exclusive lock on the parent directory (where the OS has ``flock``), so a sampler's
+repair never deletes the half-written directory of a trainer saving next to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+_LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+_FILE_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|del)-[0-9a-f]{8}$")
+FILES_KEY, STAMP_KEY = "files", "written_ns"
+
+
+def _reached(step: str, path: Path) -> None:
+    """Called as the directory protocol reaches each step; tests replace it to stop a save there."""
+
+
+def _suffix() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory to disk (directories: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` for the duration (a no-op where there is none)."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` a file beside ``path``, flush it, rename it over ``path``; return ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{_suffix()}")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (UTF-8)."""
+    return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- directories
+
+
+def read_record(directory: Path, record: str) -> dict | None:
+    """The JSON object in ``directory/record``, or ``None`` if it is missing or not a JSON object."""
+    try:
+        payload = json.loads((directory / record).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def missing_or_truncated(directory: Path, record: str) -> list[str] | None:
+    """Problems with the files a sealed directory's record lists (``[]``: complete); ``None`` if unsealed."""
+    payload = read_record(directory, record)
+    files = payload.get(FILES_KEY) if payload else None
+    if not isinstance(files, dict):
+        return None
+    problems = []
+    for name, size in files.items():
+        f = directory / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{name} has {f.stat().st_size} bytes, {record} says {size} (truncated or changed)")
+    return problems
+
+
+def is_sealed(directory: Path, record: str) -> bool:
+    """Whether ``directory`` was completely written by :func:`write_dir` (its record lists every file)."""
+    return directory.is_dir() and missing_or_truncated(directory, record) == []
+
+
+def _stamp(directory: Path, record: str) -> int:
+    payload = read_record(directory, record) or {}
+    stamp = payload.get(STAMP_KEY)
+    return stamp if isinstance(stamp, int) else -1
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def delete_dir(path: str | Path) -> None:
+    """Delete a directory zoo wrote: renamed to ``.NAME.del-XXXXXXXX`` first, so a crash mid-delete
+    leaves a leftover that :func:`repair_all` removes, never half a directory under its name."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    doomed = path.with_name(f".{path.name}.del-{_suffix()}")
+    os.replace(path, doomed)
+    fsync_path(path.parent)
+    _remove(doomed)
+
+
+def leftovers(target: Path) -> list[Path]:
+    """``target.tmp-*`` and ``target.old-*`` beside ``target`` (exact protocol names only), sorted."""
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.iterdir()
+                  if (m := _LEFTOVER.match(p.name)) and m["name"] == target.name)
+
+
+def _kind(path: Path) -> str:
+    return _LEFTOVER.match(path.name)["kind"]
+
+
+def _newest(paths: list[Path], record: str) -> Path | None:
+    return max(paths, key=lambda p: (_stamp(p, record), p.name)) if paths else None
+
+
+def _choose(target: Path, found: list[Path], record: str) -> Path | None:
+    """Which directory becomes ``target``: a sealed new copy, else ``target`` itself, else the previous one."""
+    sealed_new = _newest([p for p in found if _kind(p) == "tmp" and is_sealed(p, record)], record)
+    if sealed_new is not None and (not target.exists() or read_record(target, record) is not None):
+        return sealed_new  # the save passed its seal: roll forward
+    if target.exists():
+        return target  # the save stopped before its seal, or DIR is not ours to move: roll back
+    previous = [p for p in found if _kind(p) == "old" and read_record(p, record) is not None]
+    # an old copy was a whole DIR when it was set aside; prefer one whose files are all still there
+    return _newest([p for p in previous if is_sealed(p, record)] or previous, record)
+
+
+def _repair_unlocked(target: Path, record: str) -> Path | None:
+    found = leftovers(target)
+    if not found:
+        return None
+    winner = _choose(target, found, record)
+    if winner is not None and winner != target:
+        if target.exists():
+            aside = target.with_name(f"{target.name}.old-{_suffix()}")
+            os.replace(target, aside)
+            found.append(aside)
+        os.replace(winner, target)
+        fsync_path(target.parent)
+        found.remove(winner)
+    for p in found:
+        _remove(p)
+    return target if target.exists() else None
+
+
+def repair(target: str | Path, record: str) -> Path | None:
+    """Finish or undo an interrupted :func:`write_dir` of ``target``; return ``target`` if it exists after.
+
+    Without leftovers this only lists the parent directory. ``record`` is the sealing file's name.
+    """
+    target = Path(target)
+    if not leftovers(target):
+        return target if target.exists() else None
+    with locked(target.parent):
+        _repair_unlocked(target, record)
+    return target if target.exists() else None
+
+
+def repair_all(directory: str | Path, record: str) -> list[Path]:
+    """:func:`repair` every interrupted directory save and delete temporary files in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    repaired = []
+    with locked(directory):
+        for p in sorted(directory.iterdir()):
+            if _FILE_LEFTOVER.match(p.name) and (p.is_file() or ".del-" in p.name):
+                _remove(p)
+        names = {m["name"] for p in directory.iterdir() if (m := _LEFTOVER.match(p.name))}
+        for name in sorted(names):
+            if _repair_unlocked(directory / name, record) is not None:
+                repaired.append(directory / name)
+    return repaired
+
+
+def write_dir(target: str | Path, fill: Callable[[Path], None], record: str,
+              payload: Mapping[str, Any], replace: Callable[[Path], None] | None = None) -> Path:
+    """Write the directory ``target`` by the protocol above and return it.
+
+    ``fill(tmp)`` writes every file but the record; ``payload`` is the record's JSON object
+    (``files`` and ``written_ns`` are added). ``replace(target)``, if given, is called before an
+    existing ``target`` is replaced and may raise to refuse (nothing is written then).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with locked(target.parent):
+        _repair_unlocked(target, record)
+        if target.exists() and replace is not None:
+            replace(target)
+        tmp = target.with_name(f"{target.name}.tmp-{_suffix()}")
+        try:
+            tmp.mkdir()
+            _reached("fill", tmp)
+            fill(tmp)
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                fsync_path(f)
+                files[f.name] = f.stat().st_size
+            _reached("seal", tmp)
+            sealed = {**payload, FILES_KEY: files, STAMP_KEY: time.time_ns()}
+            (tmp / record).write_text(json.dumps(sealed, indent=2) + "\n", encoding="utf-8")
+            fsync_path(tmp / record)
+            fsync_path(tmp)
+        except BaseException:
+            _remove(tmp)  # not sealed: the save never happened
+            raise
+        try:  # sealed: from here on an interruption rolls forward (repair installs tmp)
+            old = None
+            if target.exists():
+                _reached("set-aside", tmp)
+                old = target.with_name(f"{target.name}.old-{_suffix()}")
+                os.replace(target, old)
+            _reached("install", tmp)
+            os.replace(tmp, target)
+            fsync_path(target.parent)
+            if old is not None:
+                _reached("discard", old)
+                _remove(old)
+        except BaseException:
+            _repair_unlocked(target, record)
+            raise
+    return target

@@ -1,0 +1,115 @@
+"""Checks a command makes before it reads or writes anything: the device, output paths, a sample source.
+
+Each failure is one :class:`~zoo.errors.UserError` naming the option and the fix. Output checks
+are what keeps the promise that no command deletes or replaces anything it did not create.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zoo.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RECIPE_SUFFIXES = (".yaml", ".yml")
+NOT_A_SOURCE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json", ".png", ".jpg")
+
+
+def resolve_device(name: str | None, option: str = "--device") -> torch.device:
+    """The device a ``--device`` value names (default: cuda if available, else cpu), checked to exist here."""
+    if name is None or str(name).strip() == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(name).strip())
+    except (RuntimeError, ValueError):
+        raise UserError(f"{option} {name!r} is not a device", suggestion="use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{option} {name}: no CUDA GPU is available on this machine", suggestion="use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{option} {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return device
+    if device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"{option} {name}: Apple MPS is not available on this machine", suggestion="use --device cpu")
+        return device
+    raise UserError(f"{option} {name!r}: zoo runs on cpu, cuda or mps, not {device.type}",
+                    suggestion="use cpu, cuda or cuda:N")
+
+
+def check_parents(path: Path, option: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a directory (so it can be created there)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is a file, not a directory")
+            return
+
+
+def check_png_output(path: str | Path, option: str = "--out") -> Path:
+    """``path`` for a PNG grid: not a directory, ends in .png, and replaces only an existing PNG."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give the PNG file to write, e.g. {path / 'grid.png'}")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{option} {path}: the grid is written as PNG; give a path ending in .png")
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(PNG_MAGIC))
+        except OSError as err:
+            raise UserError(f"{option} {path} exists and cannot be read ({err.strerror})") from None
+        if head != PNG_MAGIC:
+            raise UserError(f"{option} {path} exists and is not a PNG image; zoo will not replace it",
+                            suggestion="choose another path")
+    check_parents(path, option)
+    return path
+
+
+def check_run_dir(out: str | Path, resuming: bool, option: str = "--out") -> Path:
+    """``path`` for a training run: not a file, and not another run's directory unless resuming it."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file; zoo train writes a run directory there",
+                        suggestion="choose a directory path")
+    check_parents(out, option)
+    if not resuming and (out / "last").exists():
+        raise UserError(f"{option} {out} already holds a run (last/); a new run there would replace its checkpoints",
+                        suggestion=f"continue it with --resume {out}, or choose another {option}")
+    return out
+
+
+def looks_like_a_path(text: str) -> bool:
+    """Whether a command-line word names a file or directory rather than a shipped recipe."""
+    return ("/" in text or "\\" in text or text.startswith((".", "~"))
+            or Path(text).suffix.lower() in RECIPE_SUFFIXES + NOT_A_SOURCE_SUFFIXES)
+
+
+def resolve_sample_source(source: str) -> str:
+    """A checkpoint directory (repaired if a save was interrupted) or a recipe, checked to exist.
+
+    A bare name (``dit_s_2``) may still name a shipped recipe; anything that looks like a path
+    must exist, so a mistyped checkpoint path never samples a same-named recipe's random weights.
+    """
+    from zoo.checkpoint import CONFIG, repair_checkpoint
+
+    path = Path(source).expanduser()
+    repair_checkpoint(path)  # `last` missing after a crash between two renames comes back here
+    if path.is_dir():
+        if not (path / CONFIG).exists() and (path / "last").is_dir():
+            raise UserError(f"{path} is a run directory, not a checkpoint", suggestion=f"sample {path / 'last'}")
+        return str(path)
+    if path.is_file():
+        if path.suffix.lower() not in RECIPE_SUFFIXES:
+            raise UserError(f"{path} is neither a checkpoint directory (config.json + weights) nor a recipe .yaml",
+                            suggestion="convert official weights with zoo convert first" if path.suffix.lower()
+                            in (".pt", ".pth", ".ckpt", ".bin", ".safetensors") else None)
+        return str(path)
+    if looks_like_a_path(source):
+        raise UserError(f"{source} does not exist (no checkpoint directory or recipe file there)")
+    return source  # a bare name: the shipped recipe of that name, if there is one
