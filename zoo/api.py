@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from . import registry
 from .recipe import Recipe, resolve
-from .validate import model_factory, resolve_component, validate_recipe
+from .validate import TARGET_KEY, model_factory, resolve_component, validate_recipe
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,11 +28,14 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: Iterable[str] = ())
 
 
 def build_model(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> "nn.Module":
-    """Build the ``model`` section of a recipe (a path, a full recipe dict, or a :class:`Recipe`).
+    """Build the ``model`` section of a recipe (a path, a full recipe dict, a :class:`Recipe`, or the
+    model section alone: ``{"type": "dimr", ...}`` or ``{"_target_": "pkg.module.Class", ...}``).
 
     Only the model section is checked and built; build under ``torch.device("meta")`` to
     count parameters of a large model without allocating it.
     """
+    if isinstance(recipe, dict) and ("type" in recipe or TARGET_KEY in recipe):
+        recipe = {"model": recipe}  # a bare model section: zoo.build_model({"type": "dimr", ...})
     resolved = resolve(recipe, overrides)
     validate_recipe(resolved, sections=())  # top-level section names only; the model is checked next
     return model_factory(resolved)()

@@ -35,6 +35,7 @@ from .domains import OneOf, Required, constraints_of, describe, domain_text, fit
 from .errors import UserError, did_you_mean
 from .recipe import KeyPath, Recipe, format_path
 
+TARGET_KEY = "_target_"  # Hydra-style {_target_: pkg.module.Class, ...}: a class by import path
 PARENT_SUPPLIED = frozenset({"dim", "num_heads", "cond_dim", "hidden_features"})
 SECTIONS = ("model", "diffusion", "data", "train", "sample")
 
@@ -91,6 +92,8 @@ def resolve_component(recipe: Recipe, kind: str | None, spec: Any, path: KeyPath
     if isinstance(spec, str):
         name, kwargs, name_path = spec, {}, path
     elif isinstance(spec, dict):
+        if TARGET_KEY in spec:
+            return resolve_target(recipe, kind, spec, path, supplied)
         if "type" not in spec:
             raise recipe.error(path, f"a {kind or 'component'} needs a name", suggestion="add type: NAME")
         name, name_path = spec["type"], path + ("type",)
@@ -208,7 +211,7 @@ def table_rows(table: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]
 def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: KeyPath) -> Any:
     """One constructor argument: a component, a dataclass, a list of either, or plain checked data."""
     kind = kind_of_param(name) if name else None
-    if value is not None and (kind or (isinstance(value, dict) and "type" in value)
+    if value is not None and (kind or is_component_spec(value)
                               or (isinstance(value, str) and _is_factory_type(ann))):
         return resolve_component(recipe, kind, value, path)
     record = _dataclass_in(ann)
@@ -216,7 +219,7 @@ def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: 
         return _build_record(recipe, record, value, path)
     if isinstance(value, list):
         item_ann = _item_annotation(ann)
-        if _dataclass_in(item_ann) or any(isinstance(v, dict) and "type" in v for v in value):
+        if _dataclass_in(item_ann) or any(is_component_spec(v) for v in value):
             return [resolve_value(recipe, None, v, item_ann, path + (i,)) for i, v in enumerate(value)]
     if not check_type(value, ann):
         raise recipe.error(path, f"expected {type_name(ann)}, got {type(value).__name__} {value!r}")
@@ -263,6 +266,41 @@ def refuse_non_finite(recipe: Recipe, value: Any, path: KeyPath) -> None:
         name = next((str(p) for p in reversed(path) if isinstance(p, str)), "value")
         raise recipe.error(path, f"{name} must be a finite number, got {value!r}",
                            suggestion="NaN and infinities are refused")
+
+
+def is_component_spec(value: Any) -> bool:
+    """Whether ``value`` names a component: a mapping with ``type:`` or ``_target_:``."""
+    return isinstance(value, dict) and ("type" in value or TARGET_KEY in value)
+
+
+def resolve_target(recipe: Recipe, kind: str | None, spec: dict, path: KeyPath,
+                   supplied: Iterable[str] = PARENT_SUPPLIED) -> Factory:
+    """``{_target_: pkg.module.Class, ...}`` (Hydra style): import the module, check the class and its kwargs.
+
+    The class must be an ``nn.Module`` or a registered component; its arguments are checked exactly
+    like a registered name's.
+    """
+    target, target_path = spec[TARGET_KEY], path + (TARGET_KEY,)
+    if "type" in spec:
+        raise recipe.error(path, f"give type or {TARGET_KEY}, not both", suggestion=f"remove type or {TARGET_KEY}")
+    module_name, _, attr = target.replace(":", ".").rpartition(".") if isinstance(target, str) else ("", "", "")
+    if not module_name or not attr:
+        raise recipe.error(target_path, f"{TARGET_KEY} must be a dotted path pkg.module.Class, got {target!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except Exception as err:  # any import failure is the recipe's to fix
+        raise recipe.error(target_path, f"cannot import {TARGET_KEY} {target!r}: {type(err).__name__}: {err}") from None
+    from torch import nn
+
+    registered = f"{getattr(cls, '__module__', '')}:{getattr(cls, '__qualname__', '')}"
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and not any(
+            e.target == registered for k in registry.KINDS for e in registry.entries(k)):
+        raise recipe.error(target_path, f"{TARGET_KEY} {target!r} is not an nn.Module subclass nor a registered component")
+    kwargs = {k: v for k, v in spec.items() if k != TARGET_KEY}
+    factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, f"{kind or 'component'} {target!r}",
+                                            frozenset(supplied)))
+    factory.key_path, factory.origin = format_path(path), recipe.origin(path)
+    return factory
 
 
 def _build_record(recipe: Recipe, record: type, value: dict, path: KeyPath) -> Any:
