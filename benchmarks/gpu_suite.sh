@@ -13,12 +13,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
+# Without a CUDA GPU there is nothing to measure: say so in one line, and it is not a failure.
+if ! gpu=$($PY -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())" 2>/dev/null); then
+  echo "gpu_suite: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing to run"
+  exit 0
+fi
 if ! $PY -c "import zoo.backbones, importlib.metadata as m; assert m.entry_points(group='zoo.backbones')" 2>/dev/null; then
   $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
     || { echo "could not install the project (pip install --no-deps -e .)"; exit 1; }
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+$PY -c "import torch; print('torch', torch.__version__, '$gpu')"
 
 status=0
 for dtype in fp32 bf16; do

@@ -147,7 +147,7 @@ def test_overrides_parse_yaml_values_and_record_their_origin():
 def test_list_items_can_be_overridden_by_index(tmp_path):
     path = write(tmp_path, "model: {type: typed_net, count: 1, sizes: [1, 2, 3]}\n")
     assert resolve_recipe(path, ["model.sizes.1=7"])["model"]["sizes"] == [1, 7, 3]
-    with pytest.raises(UserError, match="no item 3 in a list of 3"):
+    with pytest.raises(UserError, match=r"no item 3; model.sizes is a list of 3 \(indices 0..2\)"):
         resolve(path, ["model.sizes.3=7"])
 
 

@@ -16,11 +16,11 @@ from typing import Sequence
 
 from .errors import UserError
 
-COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity", "sample", "train")
+COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity", "sample", "train", "compare", "eval", "export")
 
 # Commands that write no files: the console script ends them without interpreter teardown
 # (garbage-collecting torch's and the model's objects costs 0.5-1.5 s of `zoo build --flops`).
-READ_ONLY_COMMANDS = frozenset({"list", "build", "parity"})
+READ_ONLY_COMMANDS = frozenset({"list", "build", "parity", "compare"})  # (compare --plot has closed its file)
 
 
 def _broken_command(subparsers: argparse._SubParsersAction, name: str, err: Exception) -> None:
@@ -74,16 +74,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = str(err)
         print(f"zoo: error: {_one_line(message)}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `zoo list | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `zoo list | head -1`: the reader has all it wanted
+        _discard_stdout()
         return 0
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def console_main() -> None:
-    """Entry point of the ``zoo`` console script: ``main()``, then exit with its status."""
+    """Entry point of the ``zoo`` console script: ``main()``, then exit with its status.
+
+    Output piped into a reader that closes early (``zoo list | head -1``) ends quietly with
+    status 0: a pipe's buffered output is written only here, at the final flush.
+    """
     code = main()
-    if len(sys.argv) > 1 and sys.argv[1] in READ_ONLY_COMMANDS:
+    try:
         sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        code = 0
+    if len(sys.argv) > 1 and sys.argv[1] in READ_ONLY_COMMANDS:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)

@@ -18,8 +18,10 @@ import zoo
 from zoo.checkpoint import build_with_state
 from zoo.convert import default_model_inputs, get_family, infer_family
 from zoo.errors import UserError
+from zoo.torchfile import torch_load_plain
 
 TOLERANCE = 1e-4  # max abs error for parity to pass
+EXPECTED = "config, state_dict, inputs and outputs (see tests/golden/README.md)"
 
 
 @dataclass(frozen=True)
@@ -41,17 +43,20 @@ class ParityResult:
 
 def load_golden(path: str | Path) -> dict:
     """A golden file as a dict (``weights_only=True``); missing or malformed files are UserErrors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"golden file {path} does not exist")
     try:
-        golden = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt / non-weights files
-        raise UserError(f"cannot read golden file {path}: {str(err).splitlines()[0]}") from None
+        golden = torch_load_plain(path, "golden file")
+    except UserError as err:
+        raise UserError(f"{err.message}; expected a golden file: a torch dict of {EXPECTED}") from None
     required = ("config", "state_dict", "inputs", "outputs")
-    missing = [k for k in required if not isinstance(golden, dict) or k not in golden]
+    if not isinstance(golden, dict):
+        raise UserError(f"{path} is not a golden file: it holds a {type(golden).__name__}, expected a dict with {EXPECTED}")
+    missing = [k for k in required if k not in golden]
     if missing:
-        raise UserError(f"{path} is not a golden file: missing {', '.join(missing)}")
+        if all(isinstance(v, Tensor) for v in golden.values()):
+            raise UserError(f"{path} is not a golden file but a state dict; expected a dict with {EXPECTED}")
+        raise UserError(f"{path} is not a golden file: missing {', '.join(missing)} (expected a dict with {EXPECTED})")
+    if not isinstance(golden["config"], dict) or not isinstance(golden["state_dict"], dict):
+        raise UserError(f"{path} is not a golden file: config and state_dict must be dicts (expected {EXPECTED})")
     return golden
 
 
@@ -89,7 +94,10 @@ def run_parity(path: str | Path, family: str | None = None, dtype: torch.dtype =
     family = family or infer_family(golden["config"], hint=Path(path).name)
     model = build_official_model(family, golden["config"], golden["state_dict"]).to(dtype)
     model_inputs = getattr(get_family(family), "model_inputs", default_model_inputs)
-    inputs = model_inputs(golden["inputs"])
+    try:
+        inputs = model_inputs(golden["inputs"])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path} is not a {family} golden file: its inputs lack {err}") from None
     args = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
     expected = golden["outputs_fp64"] if dtype == torch.float64 and "outputs_fp64" in golden else golden["outputs"]
     max_abs, max_rel = compare(model(*args), expected)

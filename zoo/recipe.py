@@ -1,7 +1,7 @@
 """Recipes: YAML files with ``_base_`` inheritance and ``a.b.c=VALUE`` overrides.
 
 A recipe is read with PyYAML's safe loader (plus one fix: ``1e-4`` is a float, as in YAML
-1.2), keeping the file and line of every key so that a mistake found later can be reported
+1.2) within bounds on size, depth and alias expansion (:mod:`zoo.recipe_yaml`), keeping the file and line of every key so that a mistake found later can be reported
 as ``FILE:LINE: key a.b.c: ...``. ``_base_: PATH`` (or a list of paths, relative to the
 file) names recipes this one inherits from: mappings merge key by key, everything else is
 replaced, and a component whose ``type`` differs from its base's replaces it whole (so a
@@ -12,31 +12,15 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
 from .errors import UserError, did_you_mean
-
-KeyPath = tuple  # tuple[str | int, ...]: dict keys and list indices
-Origin = tuple  # tuple[str, int | None]: (file label, line)
+from .recipe_yaml import MAX_FILE_BYTES, KeyPath, Origin, format_path, parse_yaml
 
 BASE_KEY = "_base_"
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, also reading ``1e-4`` and ``2.5e3`` (YAML 1.2 floats) as floats."""
-
-
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
 
 
 @dataclass
@@ -58,51 +42,6 @@ class Recipe:
         """A :class:`UserError` located at ``path`` (to raise)."""
         file, line = self.origin(path)
         return UserError(message, file=file, line=line, key_path=format_path(path) or None, suggestion=suggestion)
-
-
-def format_path(path: Iterable[Any]) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def parse_yaml(text: str, file: str) -> tuple[Any, dict[KeyPath, Origin]]:
-    """Parse one YAML document safely; return the data and the line of every key and list item."""
-    loader = RecipeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-        origins: dict[KeyPath, Origin] = {}
-        if node is not None:
-            _record_lines(loader, node, (), file, origins)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark is not None else None
-        raise UserError(f"invalid YAML: {err.problem or err.context}", file=file, line=line) from None
-    except yaml.YAMLError as err:
-        raise UserError(f"invalid YAML: {err}", file=file) from None
-    finally:
-        loader.dispose()
-    return data, origins
-
-
-def _record_lines(loader: RecipeLoader, node: yaml.Node, path: KeyPath, file: str, out: dict) -> None:
-    if len(path) > 64:  # a recursive alias (&a [*a]); no recipe nests this deep
-        raise UserError("recipe nests too deeply (a recursive alias?)", file=file, key_path=format_path(path[:3]) + "...")
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:  # merge keys (<<) are already flattened in here
-            key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if key_node.start_mark.index >= node.start_mark.index:  # written here, not merged from an anchor
-                if key in seen:  # safe_load would silently keep the last one
-                    raise UserError(f"duplicate key {key!r} (first at line {seen[key]})",
-                                    file=file, line=line, key_path=format_path(path + (key,)))
-                seen[key] = line
-            out[path + (key,)] = (file, line)
-            _record_lines(loader, value_node, path + (key,), file, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[path + (i,)] = (file, item.start_mark.line + 1)
-            _record_lines(loader, item, path + (i,), file, out)
 
 
 def find_recipe(path: str | Path) -> Path:
@@ -127,6 +66,9 @@ def load_file(path: str | Path, label: str | None = None, _stack: tuple = ()) ->
     path = Path(path)
     label = label or str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"refused: a recipe of {size:,} bytes (at most {MAX_FILE_BYTES:,})", file=label)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"recipe file not found: {path}") from None
@@ -199,7 +141,11 @@ def apply_override(recipe: Recipe, text: str) -> None:
     path, value = parse_override(text)
     label = f"--set {text}"
     node: Any = recipe.data
-    for i, part in enumerate(path[:-1]):
+    for i, part in enumerate(path):
+        if isinstance(node, list):
+            _check_index(node, part, path, i, label)
+        if i == len(path) - 1:
+            break
         child = node[part] if _has(node, part) else None
         if isinstance(child, str) and isinstance(node, dict):  # bare component name
             child = node[part] = {"type": child}
@@ -209,14 +155,22 @@ def apply_override(recipe: Recipe, text: str) -> None:
             raise UserError(f"cannot set {format_path(path)}: {format_path(path[: i + 1])} is {child!r}, not a mapping",
                             file=label)
         node = child
-    if isinstance(node, list) and not _has(node, path[-1]):
-        raise UserError(f"cannot set {format_path(path)}: no item {path[-1]} in a list of {len(node)}", file=label)
     node[path[-1]] = value
     for p in [p for p in recipe.origins if p[: len(path)] == path]:
         del recipe.origins[p]
     recipe.origins[path] = (label, None)
     for sub in _paths(value, path):
         recipe.origins[sub] = (label, None)
+
+
+def _check_index(items: list, part: Any, path: KeyPath, i: int, label: str) -> None:
+    """``part`` must be an index of ``items`` (the list at ``path[:i]``)."""
+    if _has(items, part):
+        return
+    where = format_path(path[:i])
+    valid = f"indices 0..{len(items) - 1}" if items else "no valid index"
+    what = f"no item {part}" if isinstance(part, int) else f"{part!r} is not an index"
+    raise UserError(f"cannot set {format_path(path)}: {what}; {where} is a list of {len(items)} ({valid})", file=label)
 
 
 def _has(node: Any, key: Any) -> bool:

@@ -1,0 +1,169 @@
+"""Reading one recipe's YAML: safe, bounded, and keeping the line of every key.
+
+``yaml.safe_load`` semantics (plus ``1e-4`` read as a float, as in YAML 1.2), with limits a
+hostile file cannot get around: the size, the nesting depth and the number of nodes *with
+aliases expanded* are checked while the YAML is composed into nodes, before any Python object
+is built. A 1 kB alias bomb ("billion laughs") expands to 10^9 nodes; 20,000-deep nesting
+would overflow the composer's recursion; a 5,000-digit integer is a ValueError in Python.
+Real recipes are a few kB, a few hundred nodes, nested ~6 deep. Events come from libyaml when
+PyYAML has it (the pure-Python scanner takes seconds on a long line), else from PyYAML itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
+
+from .errors import UserError
+
+KeyPath = tuple  # tuple[str | int, ...]: dict keys and list indices
+Origin = tuple  # tuple[str, int | None]: (file label, line)
+
+MAX_FILE_BYTES = 256 << 10  # 256 KiB
+MAX_NODES = 10_000  # after expanding aliases
+MAX_DEPTH = 64
+MAX_SCALAR_CHARS = 65_536
+MAX_NUMBER_CHARS = 100
+
+try:  # libyaml's event parser under PyYAML's own composer, constructor and resolver
+    from yaml._yaml import CParser as _EventParser
+except ImportError:  # PyYAML without libyaml
+    from yaml.parser import Parser as _EventParser  # type: ignore[assignment]
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    _PURE = (Reader, Scanner)
+else:
+    _PURE = ()
+
+
+def format_path(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+class RecipeTooLarge(yaml.MarkedYAMLError):
+    """A YAML document beyond the bounds above (refused, not a syntax error)."""
+
+
+class RecipeLoader(Composer, SafeConstructor, Resolver, _EventParser, *_PURE):
+    """A safe loader that counts nodes (aliases expanded) and depth while composing."""
+
+    def __init__(self, stream: str):
+        if _PURE:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            _EventParser.__init__(self)
+        else:
+            _EventParser.__init__(self, stream)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self._depth = 0
+        self._count = 0  # nodes so far, an alias counting as the nodes it stands for
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, levels), aliases expanded
+
+    def _refuse(self, problem: str, mark: Any) -> RecipeTooLarge:
+        return RecipeTooLarge(None, None, problem, mark)
+
+    def _add(self, n: int, mark: Any) -> None:
+        self._count += n
+        if self._count > MAX_NODES:
+            raise self._refuse(f"more than {MAX_NODES:,} YAML nodes with aliases expanded (a recipe has a few hundred)", mark)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                if id(target) not in self._sizes:
+                    raise self._refuse(f"alias *{event.anchor} refers to a node that contains it", event.start_mark)
+                nodes, levels = self._sizes[id(target)]
+                self._add(nodes, event.start_mark)
+                self._check_depth(self._depth + levels, event.start_mark)
+            return super().compose_node(parent, index)
+        start = self._count
+        self._add(1, self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            self._check_depth(self._depth, self.peek_event().start_mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.ScalarNode):
+            self._check_scalar(node)
+            levels = 1
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+            levels = 1 + max((self._sizes[id(child)][1] for child in children), default=0)
+        self._sizes[id(node)] = (self._count - start, levels)
+        return node
+
+    def _check_depth(self, depth: int, mark: Any) -> None:
+        if depth > MAX_DEPTH:
+            raise self._refuse(f"nesting deeper than {MAX_DEPTH} levels (aliases expanded)", mark)
+
+    def _check_scalar(self, node: yaml.ScalarNode) -> None:
+        number = node.tag.endswith((":int", ":float"))
+        limit, kind = (MAX_NUMBER_CHARS, "number") if number else (MAX_SCALAR_CHARS, "scalar")
+        if len(node.value) > limit:
+            raise self._refuse(f"a {kind} of {len(node.value):,} characters (at most {limit:,})", node.start_mark)
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _line(mark: Any) -> int | None:
+    return mark.line + 1 if mark is not None else None
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, dict[KeyPath, Origin]]:
+    """Parse one YAML document safely; return the data and the line of every key and list item."""
+    if len(text) > MAX_FILE_BYTES:
+        raise UserError(f"refused: {len(text):,} characters of YAML (at most {MAX_FILE_BYTES:,})", file=file)
+    loader = RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        origins: dict[KeyPath, Origin] = {}
+        if node is not None:
+            _record_lines(loader, node, (), file, origins)
+    except RecipeTooLarge as err:
+        raise UserError(f"refused: {err.problem}", file=file, line=_line(err.problem_mark)) from None
+    except yaml.MarkedYAMLError as err:
+        line = _line(err.problem_mark or err.context_mark)
+        if line is not None:  # libyaml puts an error at the end of the input on the line after it
+            line = min(line, text.count("\n") + 1)
+        raise UserError(f"invalid YAML: {err.problem or err.context}", file=file, line=line) from None
+    except yaml.YAMLError as err:
+        raise UserError(f"invalid YAML: {err}", file=file) from None
+    finally:
+        loader.dispose()
+    return data, origins
+
+
+def _record_lines(loader: RecipeLoader, node: yaml.Node, path: KeyPath, file: str, out: dict) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:  # merge keys (<<) are already flattened in here
+            key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key_node.start_mark.index >= node.start_mark.index:  # written here, not merged from an anchor
+                if key in seen:  # safe_load would silently keep the last one
+                    raise UserError(f"duplicate key {key!r} (first at line {seen[key]})",
+                                    file=file, line=line, key_path=format_path(path + (key,)))
+                seen[key] = line
+            out[path + (key,)] = (file, line)
+            _record_lines(loader, value_node, path + (key,), file, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = (file, item.start_mark.line + 1)
+            _record_lines(loader, item, path + (i,), file, out)

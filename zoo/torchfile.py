@@ -1,0 +1,69 @@
+"""Reading ``.pt``/``.pth`` files safely: ``torch.load(weights_only=True)`` with errors for people.
+
+Every torch file zoo reads goes through :func:`torch_load_plain`. PyTorch's own messages for a
+file it refuses are long and advise re-running with ``weights_only=False`` (which would run
+arbitrary code from the file); zoo never does that, so the errors here say in one line what
+the file is instead: missing, a directory, empty, truncated, not a torch file, or a pickle
+holding Python objects (named) rather than tensors and plain data.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import UserError
+
+_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")  # both of torch's wordings
+
+
+def describe_load_error(err: BaseException) -> str:
+    """What a ``torch.load(weights_only=True)`` failure means, in a few words (no PyTorch advice)."""
+    text = str(err)
+    if isinstance(err, IsADirectoryError):
+        return "it is a directory, not a file"
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    if isinstance(err, EOFError):
+        return "the file is empty or truncated"
+    found = _GLOBAL.search(text)
+    if found:
+        return f"it holds a pickled Python object ({found.group(1)}), not only tensors and plain data"
+    if "zip archive" in text or "central directory" in text or "inline_container" in text:
+        return "it is truncated or corrupt (its zip archive cannot be read)"
+    if isinstance(err, (pickle.UnpicklingError, UnicodeDecodeError, ValueError)) or "Weights only load failed" in text:
+        return "it is not a torch file (unreadable pickle data)"
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first[:200]
+
+
+def torch_load_plain(
+    path: str | Path,
+    what: str,
+    *,
+    map_location: str | torch.device = "cpu",
+    allowed: Iterable[type] = (),
+) -> Any:
+    """``torch.load(path, weights_only=True)``; any failure is a one-line :class:`UserError`.
+
+    ``what`` names the file for the message (``"golden file"``, ``"VAE weights"``); ``allowed``
+    are extra plain classes to accept (e.g. ``argparse.Namespace`` in DiT's checkpoints).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for a file we refuse anyway
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # torch raises many types for corrupt or non-weights files
+        raise UserError(f"cannot read {what} {path}: {describe_load_error(err)}") from None
