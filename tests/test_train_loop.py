@@ -1,0 +1,137 @@
+"""The loop a researcher expects: micro-batches, recomputed activations, torch.compile, fp16 with a
+scaler, pruning of old checkpoints, a stop on non-finite losses, and resume refusing a changed model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+import zoo.checkpoint as ckpt
+from zoo.cli import main
+from zoo.training import Trainer, train
+
+HERE = Path(__file__).parent / "recipes"
+QUIET = lambda *_: None  # noqa: E731
+SMALL = ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=1", "train.warmup_steps=0"]
+UVIT = ["model.img_size=8", "model.patch_size=2", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        "model.num_classes=4", "data.dataset=synthetic", "data.size=16", "data.num_classes=4", "data.image_size=8"]
+BACKBONES = {  # one tiny recipe per backbone
+    "dit": (HERE / "tiny_train.yaml", []),
+    "uvit": (Path(__file__).parents[1] / "recipes" / "uvit_m_4.yaml", UVIT),
+    "dimr": (HERE / "tiny_dimr_pixels.yaml", ["data.dataset=synthetic", "data.size=16"]),
+}
+
+
+def one_step_grads(tmp_path, name="dit", *overrides):
+    """Loss and gradients of the first optimizer step, the model in float64 (the optimizer step is skipped)."""
+    path, base = BACKBONES[name]
+    trainer = Trainer(zoo.load_recipe(path, [*base, *SMALL, "train.batch_size=8", *overrides]), tmp_path, log=QUIET)
+    trainer.model.double()
+    grads = {}
+    trainer.optimizer.step = lambda *a, **k: grads.update(
+        {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    x, y = next(trainer.batches)
+    loss = trainer.train_step(x.double(), y)
+    assert grads, "no gradient reached the optimizer"
+    return loss, grads, trainer
+
+
+def assert_same_grads(a, b, rtol=1e-10):
+    assert a.keys() == b.keys()
+    for k in a:  # float64: only summation order differs, ~1e-16 relative per term
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-13, msg=k)
+
+
+def test_grad_accum_gives_the_big_batch_gradient(tmp_path):
+    loss1, g1, _ = one_step_grads(tmp_path / "a", "dit", "train.grad_accum=1")
+    loss4, g4, _ = one_step_grads(tmp_path / "b", "dit", "train.grad_accum=4")
+    torch.testing.assert_close(loss4, loss1, rtol=1e-12, atol=0)
+    assert_same_grads(g1, g4)
+
+
+@pytest.mark.parametrize("name", ["dit", "uvit", "dimr"])
+def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(tmp_path, name):
+    loss0, g0, _ = one_step_grads(tmp_path / "a", name)
+    calls = []
+    orig = torch.utils.checkpoint.checkpoint
+    torch.utils.checkpoint.checkpoint = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    import zoo.backbones.dit as dit_mod
+    import zoo.blocks.skip_stack as stack_mod
+
+    saved = dit_mod.checkpoint, stack_mod.checkpoint
+    dit_mod.checkpoint = stack_mod.checkpoint = torch.utils.checkpoint.checkpoint
+    try:
+        loss1, g1, _ = one_step_grads(tmp_path / "b", name, "train.grad_checkpointing=true")
+    finally:
+        torch.utils.checkpoint.checkpoint = orig
+        dit_mod.checkpoint, stack_mod.checkpoint = saved
+    assert calls, "no block went through activation checkpointing"
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert_same_grads(g0, g1, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_loss(tmp_path):
+    torch._dynamo.reset()
+    tiny = [*SMALL, "model.depth=1"]
+    eager = train(zoo.load_recipe(HERE / "tiny_train.yaml", tiny), tmp_path / "a", steps=2, log=QUIET)
+    compiled = train(zoo.load_recipe(HERE / "tiny_train.yaml", [*tiny, "train.compile=true"]), tmp_path / "b",
+                     steps=2, log=QUIET)
+    for e, c in zip(eager, compiled):  # float32; inductor fuses differently: ~1e-6 relative per op, a few ops deep
+        assert abs(e["loss"] - c["loss"]) <= 1e-4 * abs(e["loss"]), (e, c)
+    a = ckpt.load_weights(tmp_path / "a" / "last" / "model.safetensors")
+    b = ckpt.load_weights(tmp_path / "b" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()  # the compiled wrapper does not leak into the checkpoint's keys
+
+
+def test_fp16_with_grad_scaler_trains_and_resumes(tmp_path):
+    r = zoo.load_recipe(HERE / "tiny_train.yaml", [*SMALL, "train.precision=fp16"])
+    records = train(r, tmp_path, steps=3, log=QUIET)
+    assert len(records) == 3 and all(0 < x["loss"] < 10 for x in records)
+    state = torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 65536.0 and state["step"] == 3  # no overflow on this tiny run
+    more = train(r, tmp_path, steps=4, resume=tmp_path / "last", log=QUIET)
+    assert [x["step"] for x in more] == [4]
+
+
+def test_keep_last_prunes_only_the_runs_own_step_dirs(tmp_path):
+    (tmp_path / "step_0000001").mkdir(parents=True)  # not the run's: kept
+    (tmp_path / "step_0000001" / "notes.txt").write_text("mine")
+    r = zoo.load_recipe(HERE / "tiny_train.yaml", [*SMALL, "train.ckpt_every=2", "train.keep_last=2"])
+    train(r, tmp_path, steps=6, log=QUIET)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step_", "last")))
+    assert names == ["last", "step_0000001", "step_0000004", "step_0000006"]
+    train(r, tmp_path, steps=8, resume=tmp_path, log=QUIET)  # a resumed run remembers what it created
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step_", "last")))
+    assert names == ["last", "step_0000001", "step_0000006", "step_0000008"]
+    assert not list(tmp_path.glob("*.old-*")) and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
+    # lr 1e30: step 1 is finite and moves the weights to ~1e30, so step 2's loss overflows.
+    out = tmp_path / "run"
+    code = main(["train", str(HERE / "tiny_train.yaml"), "--out", str(out), "--set", "train.lr=1e30",
+                 "--set", "train.warmup_steps=0", "--set", "train.ckpt_every=1", "--set", "train.sample_every=0"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.count("\n") == 1 and "not finite at step 2" in err and "last/ holds step 1" in err
+    state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 1 and not (out / "step_0000002").exists()
+    weights = ckpt.load_weights(out / "last" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_resume_refuses_a_changed_model_or_diffusion_section(tmp_path, capsys):
+    r = [*SMALL, "train.ckpt_every=0"]
+    train(zoo.load_recipe(HERE / "tiny_train.yaml", r), tmp_path, steps=1, log=QUIET)
+    argv = ["train", str(HERE / "tiny_train.yaml"), "--out", str(tmp_path), "--resume", str(tmp_path), "--steps", "2",
+            "--set", "train.sample_every=0"]
+    capsys.readouterr()
+    assert main([*argv, "--set", "diffusion.schedule.beta_end=0.03"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diffusion.schedule.beta_end" in err and "--allow-recipe-change" in err
+    assert main([*argv, "--set", "model.depth=3"]) == 2
+    assert "model.depth" in capsys.readouterr().err
+    assert main([*argv, "--set", "diffusion.schedule.beta_end=0.03", "--allow-recipe-change"]) == 0
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
