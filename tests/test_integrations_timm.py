@@ -1,0 +1,123 @@
+"""zoo recipes as timm models: names, same module as zoo.build_model, overrides, checkpoints, timm layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import zoo
+import zoo.integrations.timm as zoo_timm
+from zoo.checkpoint import save_checkpoint
+from zoo.cli import main
+from zoo.errors import UserError
+from zoo.meta import build_on_meta
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY = {"depth": 1, "hidden_size": 64, "num_heads": 2, "input_size": 8}  # DiT-S/2's recipe, shrunk
+TINY_SET = [f"model.{k}={v}" for k, v in TINY.items()]
+
+
+def _expected_names() -> set[str]:
+    """``zoo_`` + the recipe's path under recipes/ with '/' as '_', every recipe but the _base_ ones."""
+    return {"zoo_" + "_".join(p.relative_to(RECIPES).with_suffix("").parts)
+            for p in RECIPES.rglob("*.yaml") if not p.name.startswith("_base_")}
+
+
+def test_every_shipped_recipe_is_a_timm_model():
+    listed = set(timm.list_models("zoo_*"))
+    assert listed == _expected_names()
+    assert {"zoo_dimr_xl_2r", "zoo_dit_xl_2_512", "zoo_ablation_row5_multibranch_tdln_glu"} <= listed
+    assert not any("base" in name for name in listed)
+    assert timm.list_models("zoo_*", pretrained=True) == []  # no weights to download
+
+
+def test_create_model_is_build_model_on_meta_for_the_paper_recipe():
+    via_timm = build_on_meta(lambda: timm.create_model("zoo_dimr_xl_2r", pretrained=False))
+    direct = build_on_meta(lambda: zoo.build_model("dimr_xl_2r"))
+    assert type(via_timm) is type(direct)
+    assert sum(p.numel() for p in via_timm.parameters()) == 505_046_408  # the official DiMR-XL/2R count
+    assert {k: v.shape for k, v in via_timm.state_dict().items()} == {k: v.shape for k, v in direct.state_dict().items()}
+
+
+def test_create_model_with_overrides_gives_the_same_outputs_for_the_same_weights():
+    model = timm.create_model("zoo_dit_s_2", **TINY).double().eval()
+    direct = zoo.build_model("dit_s_2", TINY_SET).double().eval()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in direct.parameters())
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) for k, v in direct.state_dict().items()}  # also un-zeroes adaLN-Zero
+    model.load_state_dict(state), direct.load_state_dict(state)
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([3, 900]), torch.tensor([1, 1000])
+    assert torch.equal(model(x, t, y), direct(x, t, y))  # same module, same weights: bit-identical
+
+
+def test_nested_override_and_typo_is_the_same_error_as_set():
+    model = build_on_meta(lambda: timm.create_model("zoo_dimr_xl_2r", **{"branches.1.depth": 2}))
+    assert len(model.branches[1].blocks) == 3  # nb 2 builds 2*(2//2)+1 blocks
+    with pytest.raises(UserError) as via_timm:
+        timm.create_model("zoo_dit_s_2", depht=2)
+    with pytest.raises(UserError) as via_set:
+        zoo.build_model("dit_s_2", ["model.depht=2"])
+    a, b = via_timm.value, via_set.value
+    assert (a.message, a.key_path, a.suggestion) == (b.message, b.key_path, b.suggestion)
+    assert "did you mean depth?" in str(a) and str(a).startswith("timm.create_model('zoo_dit_s_2', depht=...)")
+    assert main(["build", "dit_s_2", "--set", "model.depht=2"]) == 2  # the CLI says the same, exit 2
+
+
+def test_pretrained_is_a_clear_error_not_a_download():
+    with pytest.raises(UserError, match="no downloadable weights.*checkpoint_path"):
+        timm.create_model("zoo_dit_s_2", pretrained=True)
+    with pytest.raises(UserError, match="plain data"):
+        timm.create_model("zoo_dit_s_2", depth=torch.tensor(1))
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> tuple[Path, dict, dict]:
+    """A zoo checkpoint of the tiny DiT-S/2 whose model and EMA weights differ."""
+    recipe = zoo.load_recipe("dit_s_2", TINY_SET)
+    model = zoo.build_model(recipe)
+    ema = {k: v + 1.0 for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "ckpt", model, recipe, ema=ema)
+    return tmp_path / "ckpt", model.state_dict(), ema
+
+
+def test_checkpoint_path_loads_a_zoo_checkpoint_directory(checkpoint):
+    directory, weights, ema = checkpoint
+    model = timm.create_model("zoo_dit_s_2", checkpoint_path=str(directory), **TINY)
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())  # EMA first, like timm's use_ema
+    zoo_timm.load_zoo_checkpoint(model, directory, use_ema=False)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_path_is_strict_and_names_the_recipe_difference(checkpoint):
+    directory, _, _ = checkpoint
+    with pytest.raises(UserError) as info:
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(directory), **{**TINY, "depth": 2})
+    assert "missing keys: blocks.1." in str(info.value) and "model.depth: 1 in the checkpoint, 2 here" in str(info.value)
+
+
+def test_timm_files_still_load_through_timm(tmp_path):
+    model = timm.create_model("zoo_dit_s_2", **TINY)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    again = timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "weights.pth"), **TINY)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def test_zoo_layers_are_timm_layers_with_unchanged_keys():
+    from timm.layers import GluMlp, Mlp, PatchEmbed
+
+    from zoo.backbones.common import PatchEmbed as ZooPatchEmbed
+    from zoo.blocks.mlp import GeGluMlp, Mlp as ZooMlp
+
+    assert issubclass(ZooMlp, Mlp) and issubclass(GeGluMlp, GluMlp) and issubclass(ZooPatchEmbed, PatchEmbed)
+    glu = GeGluMlp(8, 16).double()
+    assert {k: tuple(v.shape) for k, v in glu.state_dict().items()} == {
+        "fc1.weight": (32, 8), "fc1.bias": (32,), "fc2.weight": (8, 16), "fc2.bias": (8,)}
+    u = torch.randn(3, 8, dtype=torch.float64)
+    gate, value = glu.fc1(u).chunk(2, dim=-1)  # DiMR's GeGLU: the first half goes through GELU
+    assert torch.equal(glu(u), glu.fc2(torch.nn.functional.gelu(gate) * value))
+    before = glu.fc1.weight.clone()
+    glu.init_weights()  # timm's gate init must not replace DiMR's trunc-normal one
+    assert torch.equal(glu.fc1.weight, before)

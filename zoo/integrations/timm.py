@@ -1,0 +1,171 @@
+"""Every shipped recipe as a timm model: ``import zoo.integrations.timm``, then ``timm.create_model``.
+
+    import timm, zoo.integrations.timm
+    timm.list_models("zoo_*")                                   # zoo_dimr_xl_2r, zoo_dit_s_2, ...
+    model = timm.create_model("zoo_dit_s_2", depth=6)           # = zoo.build_model("dit_s_2", ["model.depth=6"])
+    model = timm.create_model("zoo_dit_s_2", checkpoint_path="runs/dit_s/last")   # a zoo checkpoint directory
+
+timm (1.0) finds models only through ``@register_model`` functions in imported modules (it reads
+no entry points), so importing this module is what registers them. Each recipe
+``recipes/A/B.yaml`` (``_base_*`` excluded, subfolders included) becomes ``zoo_A_B``. Keyword
+arguments are ``model.KEY=VALUE`` overrides, checked like ``--set`` (a typo is the same
+:class:`~zoo.errors.UserError`); ``"branches.0.depth"`` reaches nested keys (pass it with ``**{}``).
+zoo models have no downloadable weights: ``pretrained=True`` is an error. ``checkpoint_path=``
+may name a zoo checkpoint directory: its EMA weights (timm's ``use_ema`` default) or else its
+model weights load strictly. For that, this module wraps the ``load_checkpoint`` that
+``timm.create_model`` calls; every other path goes to timm's loader unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from timm.models import _factory
+from torch import nn
+
+import zoo
+from zoo.errors import UserError
+from zoo.integrations.checkpoints import load_preferred
+from zoo.recipe import resolve
+
+PREFIX = "zoo_"
+
+
+def shipped_recipes() -> dict[str, str]:
+    """``{timm name: recipe file}`` for every recipe shipped in ``zoo.recipes`` (``_base_*`` excluded)."""
+    found: dict[str, str] = {}
+
+    def walk(folder: Any, parts: tuple[str, ...]) -> None:
+        for item in sorted(folder.iterdir(), key=lambda p: p.name):
+            if item.is_dir() and not item.name.startswith(("_", ".")):
+                walk(item, parts + (item.name,))
+            elif item.name.endswith(".yaml") and not item.name.startswith("_base_"):
+                name = PREFIX + "_".join(parts + (item.name[: -len(".yaml")],))
+                if name in found:
+                    raise RuntimeError(f"recipes {found[name]} and {item} would both be timm model {name}")
+                found[name] = str(item)
+
+    walk(resources.files("zoo.recipes"), ())
+    return found
+
+
+def model_overrides(kwargs: dict[str, Any]) -> list[str]:
+    """``{"depth": 6}`` -> ``["model.depth=6"]``: keyword arguments as ``--set`` overrides of the model section."""
+    texts = []
+    for key, value in kwargs.items():
+        try:
+            texts.append(f"model.{key}={json.dumps(value)}")  # JSON is YAML: the value reads back unchanged
+        except TypeError:
+            raise UserError(f"{key}={value!r}: a model option must be plain data (numbers, strings, lists, dicts)") from None
+    return texts
+
+
+def create(name: str, recipe: str, pretrained: bool = False, pretrained_cfg: Any = None,
+           pretrained_cfg_overlay: dict | None = None, cache_dir: Any = None, device: Any = None,
+           dtype: torch.dtype | None = None, **options: Any) -> nn.Module:
+    """Build ``recipe``'s model with ``options`` as model overrides (what ``timm.create_model(name)`` calls)."""
+    if pretrained or pretrained_cfg is not None or pretrained_cfg_overlay is not None:
+        raise UserError(f"{name} has no downloadable weights (pretrained=True, pretrained_cfg); zoo downloads "
+                        "nothing", suggestion="pass checkpoint_path=DIR, a zoo checkpoint directory (zoo train/convert write one)")
+    overrides = model_overrides(options)
+    try:
+        resolved = resolve(recipe, overrides)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = zoo.build_model(resolved)
+    except UserError as err:
+        raise _relabel(err, name, overrides, options)
+    model._zoo_model_section = resolved.data["model"]  # compared with a checkpoint's recipe when one is loaded
+    return model if dtype is None else model.to(dtype)
+
+
+def _relabel(err: UserError, name: str, overrides: list[str], options: dict[str, Any]) -> UserError:
+    """Say ``timm.create_model('zoo_x', key=...)`` where the error says ``--set model.key=...``."""
+    for text, key in zip(overrides, options):
+        if err.file == f"--set {text}":
+            err.file = f"timm.create_model({name!r}, {key}=...)"
+    return err
+
+
+def _differences(saved: Any, built: Any, path: str = "model") -> list[str]:
+    """Where two model sections differ, as ``"model.depth: 6 in the checkpoint, 12 here"``."""
+    if isinstance(saved, dict) and isinstance(built, dict):
+        return [d for key in sorted(set(saved) | set(built), key=str)
+                for d in _differences(saved.get(key), built.get(key), f"{path}.{key}")]
+    if isinstance(saved, list) and isinstance(built, list) and len(saved) == len(built):
+        return [d for i, (a, b) in enumerate(zip(saved, built)) for d in _differences(a, b, f"{path}.{i}")]
+    return [] if saved == built else [f"{path}: {saved!r} in the checkpoint, {built!r} here"]
+
+
+def is_zoo_checkpoint(path: Any) -> bool:
+    """Whether ``path`` is a directory holding a zoo checkpoint's ``config.json``."""
+    from zoo.checkpoint import CONFIG
+
+    return isinstance(path, (str, Path)) and Path(path).is_dir() and (Path(path) / CONFIG).is_file()
+
+
+def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool = True) -> None:
+    """Load a zoo checkpoint directory into ``model`` strictly (EMA weights if ``use_ema`` and present)."""
+    from zoo.checkpoint import load_state_dict_strict
+
+    saved, config, weights = load_preferred(directory, use_ema)
+    built = getattr(model, "_zoo_model_section", None)
+    differences = _differences(config.get("model"), built) if built is not None else []
+    try:
+        load_state_dict_strict(model, saved.state_dict(), f"{directory} ({weights} weights)")
+    except UserError as err:
+        if differences:
+            err.message += "; the checkpoint was written for another model: " + "; ".join(differences[:5])
+            err.args = (err.message,)
+        raise
+    if differences:
+        warnings.warn(f"{directory} loaded, but its recipe differs from this model's: " + "; ".join(differences[:5]),
+                      stacklevel=3)
+
+
+def _wrap_timm_loader() -> None:
+    """Let ``timm.create_model(..., checkpoint_path=DIR)`` load zoo checkpoint directories (others: timm's loader)."""
+    original = _factory.load_checkpoint
+    if getattr(original, "zoo_wrapper", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(model: nn.Module, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if not is_zoo_checkpoint(checkpoint_path):
+            return original(model, checkpoint_path, *args, **kwargs)
+        load_zoo_checkpoint(model, checkpoint_path, use_ema=kwargs.get("use_ema", args[0] if args else True))
+        return None
+
+    load_checkpoint.zoo_wrapper = True  # type: ignore[attr-defined]
+    _factory.load_checkpoint = load_checkpoint
+
+
+def _entrypoint(name: str, recipe: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(name, recipe, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name  # timm registers a function under its __name__
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"zoo recipe {recipe} as a timm model; keyword arguments override its model section."
+    return entrypoint
+
+
+def register_all() -> list[str]:
+    """Register every shipped recipe with timm (again after a reload: same names, no duplicates)."""
+    names = []
+    for name, recipe in shipped_recipes().items():
+        if not (timm.is_model(name) and timm.models.model_entrypoint(name).__module__ == __name__):
+            globals()[name] = timm.models.register_model(_entrypoint(name, recipe))
+        names.append(name)
+    return names
+
+
+_wrap_timm_loader()
+MODEL_NAMES: list[str] = register_all()
