@@ -28,7 +28,7 @@ F64 = torch.float64
 
 # (label, solver name, kwargs; "steps" is filled in from the NFE)
 DETERMINISTIC = [
-    ("ddim", "ddim", {}),
+    ("ddim (time grid)", "ddim_grid", {}),
     ("euler (karras)", "euler", {}),
     ("heun (karras)", "heun", {}),
     ("dpm_solver 1 multistep", "dpm_solver", dict(order=1, skip="logSNR")),
@@ -54,7 +54,7 @@ ADAPTIVE = [
     ("ode dopri5", "ode", lambda tol: dict(rtol=tol, atol=tol)),
 ]
 STOCHASTIC = [("ddpm fixed_small", "ddpm", {}), ("ddpm fixed_large", "ddpm", dict(variance="fixed_large")),
-              ("ddim eta=1", "ddim", dict(eta=1.0))]
+              ("ddim eta=1 (time grid)", "ddim_grid", dict(eta=1.0))]
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
