@@ -1,0 +1,114 @@
+"""A run people can watch and trust: first lines, progress bar or plain lines, log.jsonl, TensorBoard,
+loss.png, and a ``last/`` that survives SIGKILL at any moment (a real ``zoo train`` killed and resumed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+import zoo.checkpoint as ckpt
+from zoo.cli import main
+from zoo.training import train
+from zoo.training.monitor import Monitor
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+
+
+def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
+    lines = []
+    r = zoo.load_recipe(RECIPE, ["train.sample_every=3", "train.ckpt_every=0", "train.log_every=1"])
+    train(r, tmp_path, steps=3, log=lines.append)
+    params = sum(p.numel() for p in zoo.build_model(r).parameters())
+    assert lines[0] == f"zoo train: run directory {tmp_path.resolve()}"
+    assert f"{params:,} parameters" in lines[1] and "device cpu" in lines[2]
+    assert f"tensorboard --logdir {tmp_path / 'tb'}" in lines[3]
+    assert [line.split()[1] for line in lines[4:7]] == ["1", "2", "3"]  # not a TTY: one plain line per record
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records] == [1, 2, 3] and all(x["loss"] > 0 for x in records)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "samples" / "step_0000003.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert all(abs(v - x["loss"]) < 1e-6 * x["loss"] for (_, v), x in zip(logged, records))
+
+
+def test_progress_bar_on_a_terminal(tmp_path, capsys):
+    monitor = Monitor(tmp_path, start=0, total=4, log=lambda *_: pytest.fail("a TTY gets the bar, not lines"), tty=True)
+    for step in (1, 2):
+        monitor.advance()
+        monitor.record({"step": step, "loss": 0.5, "lr": 1e-3, "steps_per_s": 2.0, "images_per_s": 64.0})
+    monitor.close()
+    err = capsys.readouterr().err
+    assert "2/4" in err and "loss=0.5000" in err and "img_s=64.0" in err  # step, loss, img/s; tqdm adds the ETA
+    assert "step       2  loss 0.50000" in err
+
+
+def _zoo_train(out: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "zoo", "train", str(RECIPE), "--out", str(out), "--steps", "100000",
+            "--set", "train.ckpt_every=1", "--set", "train.log_every=1", "--set", "train.sample_every=0",
+            "--set", "train.keep_last=2", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"zoo train ended early: {proc.stderr.read().decode()}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.0005)
+
+
+def _saving(out: Path) -> bool:
+    """A checkpoint directory is being written (its temporary name exists)."""
+    return any(out.glob("last.tmp-*")) or any(out.glob("step_*.tmp-*"))
+
+
+def _saved_step(out: Path) -> int:
+    try:
+        return int(torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"])
+    except Exception:
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_leaves_a_usable_last(tmp_path):
+    out = tmp_path / "run"
+    moments = [
+        lambda: _saving(out),  # in the middle of writing a checkpoint
+        lambda: _saved_step(out) >= resumed_from + 3,  # between saves, a few steps after resuming
+        lambda: _saving(out) and _saved_step(out) > resumed_from,  # mid-save again
+    ]
+    resumed_from = 0
+    for i, moment in enumerate(moments):
+        proc = _zoo_train(out, *(["--resume", str(out)] if i else []))
+        if i == 0:
+            _wait_for(lambda: _saved_step(out) >= 2, proc)
+        _wait_for(moment, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        step = _saved_step(out)
+        resumed_from = max(step, 0)
+    # A resume repairs whatever the kill interrupted, continues from the newest complete checkpoint and finishes.
+    argv = ["train", str(RECIPE), "--out", str(out), "--resume", str(out), "--steps", str(resumed_from + 2),
+            "--set", "train.sample_every=0", "--set", "train.ckpt_every=1", "--set", "train.keep_last=2"]
+    assert main(argv) == 0
+    assert _saved_step(out) == resumed_from + 2
+    model, _ = ckpt.load_checkpoint(out / "last", weights="ema")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert main(["sample", str(out / "last"), "--n", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    assert not _saving(out)
