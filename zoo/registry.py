@@ -27,6 +27,7 @@ GROUPS: dict[str, str] = {
     "backbone": "zoo.backbones",
     "solver": "zoo.solvers",
     "schedule": "zoo.schedules",
+    "extractor": "zoo.extractors",
 }
 KINDS: tuple[str, ...] = tuple(GROUPS)
 

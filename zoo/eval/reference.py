@@ -1,0 +1,206 @@
+"""Reference statistics: what generated samples are compared with, computed once and cached.
+
+``--ref`` is one of
+
+* an ``.npz`` file: an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` uint8
+  images N×H×W×3, ``arr_1`` labels when labelled, ``mu``/``sigma`` of TF-Inception pool
+  features and the spatial ``mu_s``/``sigma_s``), read as it is: with the ``inception`` extractor
+  its ``mu``/``sigma`` are used unchanged; features for precision/recall (and, with any other
+  extractor, the statistics) come from its images. A statistics file written by zoo has the
+  same ``mu``/``sigma`` keys plus ``features``, ``labels`` and the extractor that made them;
+* an image folder (``root/CLASS/*.png|jpg``, classes sorted, or a flat folder), centre-cropped
+  to the generated resolution as the training data are;
+* a registered dataset name, optionally with a split: ``emoji32`` (its ``holdout`` split when it
+  has one), ``emoji32:train``.
+
+Features of images are computed once per (source, resolution, extractor and its weights) and
+cached as ``.npz`` in the ADM layout (``mu``, ``sigma``) plus ``features`` and ``labels``, under
+``<cache>/eval/``, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from zoo.errors import UserError
+from zoo.eval.metrics import Features, Reference
+from zoo.eval.stats import feature_statistics
+
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def cache_root() -> Path:
+    """``$ZOO_CACHE``, else ``$XDG_CACHE_HOME/zoo``, else ``~/.cache/zoo``."""
+    explicit = os.environ.get("ZOO_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "zoo"
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` a file beside ``path``, then rename it over ``path`` (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_npz(path: Path, **arrays) -> Path:
+    """``np.savez`` written atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def save_text(path: Path, text: str) -> Path:
+    """A UTF-8 text file written atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@torch.no_grad()
+def extract(extractor, batches: Iterable[tuple[Tensor, Tensor | None]], device: str | torch.device = "cpu",
+            progress: Callable[[int], None] | None = None) -> Features:
+    """Run ``extractor`` over batches of (uint8 images (B, 3, H, W), labels (B,) or None)."""
+    feats, logits, labels = [], [], []
+    for images, y in batches:
+        f, l = extractor(images.to(device))
+        feats.append(f.double().cpu().numpy())
+        if l is not None:
+            logits.append(l.double().cpu().numpy())
+        if y is not None:
+            labels.append(np.asarray(y, dtype=np.int64))
+        if progress is not None:
+            progress(len(images))
+    if not feats:
+        raise UserError("no images to extract features from")
+    return Features(np.concatenate(feats), np.concatenate(logits) if logits else None,
+                    np.concatenate(labels) if len(labels) == len(feats) else None)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [−1, 1] → uint8 in [0, 255] (the rounding of the PNG grids)."""
+    return ((x.float().clamp(-1, 1) + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def _dataset_batches(dataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, y in loader:
+        yield to_uint8(x), torch.as_tensor(y)
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int):
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+        yield chunk, None if labels is None else labels[start:start + batch_size]
+
+
+def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Iterator], int]:
+    """(identity for the cache key, batches(batch_size), count) of a folder or dataset reference."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from zoo.training.data import ImageFolder
+
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise UserError(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        stamp = max(p.stat().st_mtime_ns for p in files)
+        dataset = ImageFolder(path, image_size)
+        identity = f"folder:{path.resolve()}:{len(files)}:{stamp}"
+        return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
+    from zoo import registry
+
+    name, _, split = spec.partition(":")
+    if name not in registry.names("dataset"):
+        raise UserError(f"--ref {spec!r} is neither an .npz file, an image folder nor a registered dataset "
+                        f"({', '.join(registry.names('dataset'))})")
+    build = registry.get("dataset", name)
+    splits = getattr(build, "splits", ())
+    split = split or ("holdout" if "holdout" in splits else "")
+    if split and split not in splits:
+        raise UserError(f"dataset {name} has no split {split!r}; its splits are {', '.join(splits) or 'none'}")
+    data = {"dataset": name, "image_size": image_size, **({"split": split} if split else {})}
+    dataset = build(data, (3, image_size, image_size), None, 0)
+    identity = f"dataset:{name}:{split}:{image_size}"
+    return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
+
+
+def _cache_path(identity: str, extractor) -> Path:
+    key = json.dumps({"v": CACHE_VERSION, "source": identity, "extractor": extractor.describe()}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "eval" / f"ref-{extractor.name}-{digest}.npz"
+
+
+def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Iterable], device, source: str,
+                           log: Callable[[str], None]) -> Reference:
+    path = _cache_path(identity, extractor)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            labels = f["labels"] if "labels" in f.files else None
+            return Reference(f["mu"], f["sigma"], f["features"], labels, source=source)
+    log(f"zoo eval: computing reference features of {source} with {extractor.name} (cached in {path})")
+    feats = extract(extractor, batches(), device)
+    mu, sigma = feature_statistics(feats.features)
+    extras = {} if feats.labels is None else {"labels": feats.labels}
+    save_npz(path, mu=mu, sigma=sigma, features=feats.features.astype(np.float32), extractor=np.str_(extractor.name),
+             weights_sha256=np.str_(extractor.weights_sha256 or ""), source=np.str_(source), **extras)
+    return Reference(mu, sigma, feats.features.astype(np.float32), feats.labels, source=source)
+
+
+def _npz_reference(path: Path, extractor, batch_size: int, device, log) -> Reference:
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.files)
+        made_by = str(f["extractor"]) if "extractor" in keys else None
+        if made_by is not None:  # a statistics file zoo wrote
+            if made_by != extractor.name:
+                raise UserError(f"{path} holds {made_by} statistics; evaluate with --extractor {made_by}")
+            labels = f["labels"] if "labels" in keys else None
+            return Reference(f["mu"], f["sigma"], f["features"] if "features" in keys else None, labels,
+                             source=str(path))
+        if "arr_0" not in keys:
+            if {"mu", "sigma"} <= keys and extractor.name == "inception":
+                return Reference(f["mu"], f["sigma"], None, None, source=str(path))
+            raise UserError(f"{path} has no images (arr_0) and no {extractor.name} statistics")
+        images = f["arr_0"]
+        labels = f["arr_1"] if "arr_1" in keys and f["arr_1"].shape == (len(images),) else None
+        adm_stats = (f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" else None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
+    stat = path.stat()
+    identity = f"npz:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    ref = _from_cache_or_compute(identity, extractor, lambda: array_batches(images, labels, batch_size), device,
+                                 str(path), log)
+    if adm_stats is not None:  # the ADM evaluator's own statistics, as they are
+        ref.mu, ref.sigma = adm_stats
+    return ref
+
+
+def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, device="cpu",
+                   log: Callable[[str], None] = print) -> Reference:
+    """The :class:`Reference` for ``--ref`` (see the module docstring), from the cache when it is there."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UserError(f"reference file {path} does not exist")
+        return _npz_reference(path, extractor, batch_size, device, log)
+    identity, batches, count = _images_source(spec, image_size)
+    if count < 2:
+        raise UserError(f"reference {spec} has {count} image(s); statistics need at least 2")
+    return _from_cache_or_compute(identity, extractor, lambda: batches(batch_size), device, spec, log)

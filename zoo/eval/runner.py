@@ -1,0 +1,252 @@
+"""``zoo eval``: sample N images from a checkpoint into resumable shards, extract features, score them.
+
+Samples go to ``RUN/eval/samples-<checkpoint>-<protocol hash>/shard-<start>-<stop>.npz`` (uint8
+images N×H×W×3, labels, sample indices), each written atomically after its batch; a second
+run with the same protocol samples only the indices no shard holds yet, and sample i is the
+same image however the work was split (its noise, label and solver noise come from its own
+seeds, ``zoo.sample.sample_seed``). The result, with the full protocol (checkpoint and weights
+hash, EMA or raw weights, solver, steps, guidance, N, seeds, extractor and its weights hash,
+reference, zoo version), goes to ``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from zoo.errors import UserError
+from zoo.eval.metrics import Features, compute_metrics
+from zoo.eval.reference import array_batches, extract, load_reference, save_npz, save_text, to_uint8
+
+SHARD = re.compile(r"^shard-(\d{7})-(\d{7})\.npz$")
+
+
+@dataclass
+class EvalRequest:
+    """What ``zoo eval`` was asked (``None``: the recipe's ``sample`` section or a default decides)."""
+
+    source: str
+    n: int
+    ref: str | None = None
+    extractor: str = "efficientnet_lite0"
+    extractor_weights: str | None = None
+    solver: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    weights: str = "ema"
+    out: str | None = None
+    vae: str | None = None
+    device: str | None = None
+    solver_options: dict = field(default_factory=dict)
+
+
+def locate(source: str | Path) -> tuple[Path, Path]:
+    """(checkpoint directory, eval directory) of a run directory (its ``last/``) or a checkpoint.
+
+    A checkpoint inside a run (``RUN/step_0001000``, ``RUN/last``) evaluates into ``RUN/eval``:
+    checkpoint directories are replaced whole when saved, so nothing is written inside them.
+    """
+    path = Path(source)
+    if (path / "last" / "config.json").is_file():
+        return path / "last", path / "eval"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is neither a run directory (with last/) nor a checkpoint directory (config.json)")
+    run = path.parent if (path.parent / "last").is_dir() or (path.parent / "log.jsonl").is_file() else path
+    return path, (run / "eval" if run != path else path.parent / f"{path.name}-eval")
+
+
+def _sha256(path: Path) -> str:
+    from zoo.eval.extractors import sha256_file
+
+    return sha256_file(path)
+
+
+def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, stop: int, seed: int, device,
+                  vae: str | None = None):
+    """Samples ``start .. stop-1`` as uint8 images (B, 3, H, W) and their labels, with global per-sample seeds."""
+    from zoo.diffusion.setup import guided_eps_fn
+    from zoo.sample import initial_noise, num_classes, sample_labels, sample_seed, to_images
+
+    x_example = model.example_inputs(1)[0]
+    shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
+    count, classes = stop - start, num_classes(recipe)
+    x_T = initial_noise(count, shape, seed, start).to(device=device, dtype=dtype)
+    labels = None if classes is None else sample_labels(count, classes, seed, start)
+    eps_fn = guided_eps_fn(model, recipe, schedule, None if labels is None else labels.to(device), guidance,
+                           eps_channels=shape[0])
+    generators = [torch.Generator().manual_seed(sample_seed(seed, start + i, stream=2)) for i in range(count)]
+    x = solver.sample(eps_fn, x_T, schedule=schedule, generator=generators)
+    images = to_images(x.float().cpu(), recipe, vae, device=device)
+    return to_uint8(images * 2 - 1), labels
+
+
+def existing_shards(directory: Path) -> list[tuple[int, int, Path]]:
+    """(start, stop, path) of the sample shards in ``directory``, by start."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m[1]), int(m[2]), p) for p in directory.iterdir() if (m := SHARD.match(p.name))]
+    return sorted(found)
+
+
+def missing_ranges(n: int, shards: list[tuple[int, int, Path]], batch: int) -> list[tuple[int, int]]:
+    """Index ranges of at most ``batch`` in [0, n) that no shard covers."""
+    done = np.zeros(n, dtype=bool)
+    for start, stop, _ in shards:
+        done[start:min(stop, n)] = True
+    out, i = [], 0
+    while i < n:
+        if done[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not done[j] and j - i < batch:
+            j += 1
+        out.append((i, j))
+        i = j
+    return out
+
+
+def read_samples(directory: Path, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (n, H, W, 3) uint8 and labels (n,) or None of samples 0..n-1 from the shards."""
+    images, labels, seen = None, None, np.zeros(n, dtype=bool)
+    for start, stop, path in existing_shards(directory):
+        if start >= n:
+            continue
+        with np.load(path, allow_pickle=False) as f:
+            take = slice(0, min(stop, n) - start)
+            chunk = f["images"][take]
+            if images is None:
+                images = np.empty((n, *chunk.shape[1:]), dtype=np.uint8)
+                labels = np.empty(n, dtype=np.int64) if "labels" in f.files else None
+            images[start:start + len(chunk)] = chunk
+            if labels is not None:
+                labels[start:start + len(chunk)] = f["labels"][take]
+            seen[start:start + len(chunk)] = True
+    if images is None or not seen.all():
+        raise UserError(f"{directory} lacks samples {np.flatnonzero(~seen)[:5].tolist()}...; run zoo eval again")
+    return images, labels
+
+
+def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Sample (or resume), extract, score; write the JSON result and return it."""
+    import zoo
+    from zoo.checkpoint import EMA, MODEL, load_checkpoint, versions
+    from zoo.diffusion.setup import build_schedule, guidance_settings
+    from zoo.eval.extractors import build_extractor
+    from zoo.sample import build_solver, load_model, num_classes, vae_weights
+
+    if request.n < 2:
+        raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
+    ckpt, eval_dir = locate(request.source)
+    eval_dir = Path(request.out) if request.out else eval_dir
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = build_extractor(request.extractor, request.extractor_weights, device)  # fails before sampling
+    if request.weights not in ("ema", "raw"):
+        raise UserError(f"--weights must be ema or raw, not {request.weights!r}")
+    if request.weights == "raw":
+        model, config = load_checkpoint(ckpt, weights="model", device=device)
+        model, recipe, origin, weights_file = model.eval(), zoo.load_recipe(config), f"raw weights of {ckpt}", ckpt / MODEL
+    else:
+        model, recipe, origin = load_model(ckpt, device=device)
+        weights_file = ckpt / (EMA if (ckpt / EMA).is_file() else MODEL)
+    vae_weights(recipe, request.vae)  # a latent model without its VAE fails here, before sampling
+    schedule = build_schedule(recipe)
+    solver, solver_spec = build_solver(recipe, request.solver, request.steps, request.solver_options)
+    guidance = guidance_settings(recipe, request.cfg)
+    image_size = int(model.example_inputs(1)[0].shape[-1]) * (8 if (recipe.get("data") or {}).get("latent") else 1)
+    protocol = {
+        "checkpoint": str(ckpt), "weights": "ema" if weights_file.name == EMA else "raw",
+        "weights_sha256": _sha256(weights_file), "solver": solver_spec,
+        "cfg": {"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
+                "channels": guidance.channels, "power": guidance.power},
+        "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
+        "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
+    }
+    key = hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    samples_dir = eval_dir / f"samples-{ckpt.name}-{key}"
+    batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
+    todo = missing_ranges(request.n, existing_shards(samples_dir), batch)
+    done = request.n - sum(b - a for a, b in todo)
+    log(f"zoo eval: {origin}; {request.n} samples in {samples_dir} ({done} already there); solver {solver_spec}; "
+        f"{guidance.describe()}")
+    if todo:
+        from tqdm import tqdm
+
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=request.n, initial=done, unit="img", desc="sampling", disable=not progress) as bar:
+            for start, stop in todo:
+                images, labels = _sample_range(model, recipe, solver, schedule, guidance, start, stop,
+                                               request.seed, device, request.vae)
+                extra = {} if labels is None else {"labels": labels.numpy()}
+                save_npz(samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
+                         images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
+                bar.update(stop - start)
+    images, labels = read_samples(samples_dir, request.n)
+    feats = extract(extractor, array_batches(images, labels, batch), device)
+    ref_spec = request.ref or _default_ref(recipe)
+    reference = load_reference(ref_spec, extractor, image_size, batch, device, log)
+    metrics = compute_metrics(feats, reference)
+    result = {"metrics": metrics, "n": request.n, "protocol": protocol, "samples": str(samples_dir),
+              "extractor": extractor.describe(), "reference": {"spec": ref_spec, "source": reference.source,
+                                                               "count": None if reference.features is None
+                                                               else int(len(reference.features))},
+              "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                             time.gmtime())}
+    out = eval_dir / f"{ckpt.name}-{extractor.name}-n{request.n}-{key}.json"
+    save_text(out, json.dumps(result, indent=2) + "\n")
+    result["path"] = str(out)
+    return result
+
+
+def _default_ref(recipe: dict) -> str:
+    data = recipe.get("data") or {}
+    name = data.get("dataset")
+    if name in (None, "synthetic", "image_folder", "latents", "imagenet"):
+        raise UserError("--ref is needed: an .npz (ADM reference batch or zoo statistics), an image folder, "
+                        "or a registered dataset name such as emoji32")
+    return name
+
+
+def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extractor: Any = "efficientnet_lite0",
+             seed: int = 0, batch_size: int | None = None, device: str | torch.device | None = None,
+             vae: str | None = None) -> float:
+    """FD of ``n`` samples of ``model`` (pass the EMA copy) against ``ref`` (default: the recipe's dataset).
+
+    For ``train.eval_every``: no shards, no files but the cached reference statistics. The
+    recipe's ``sample`` section sets solver, guidance and batch size; ``extractor`` is a
+    registered name or an extractor built once by the caller (cheaper when called often).
+    The model's train/eval mode is restored.
+    """
+    from zoo.diffusion.setup import build_schedule, guidance_settings
+    from zoo.eval.extractors import build_extractor
+    from zoo.eval.stats import feature_statistics, frechet_distance
+    from zoo.sample import build_solver
+
+    device = device or next(model.parameters()).device
+    if isinstance(extractor, str):
+        extractor = build_extractor(extractor, device=device)
+    schedule, guidance = build_schedule(recipe), guidance_settings(recipe)
+    solver, _ = build_solver(recipe, None, None)
+    batch = batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            chunks = [_sample_range(model, recipe, solver, schedule, guidance, a, min(a + batch, n), seed, device, vae)
+                      for a in range(0, n, batch)]
+    finally:
+        model.train(training)
+    image_size = chunks[0][0].shape[-1]
+    feats = extract(extractor, ((images, None) for images, _ in chunks), device)
+    reference = load_reference(ref or _default_ref(recipe), extractor, image_size, batch, device, log=lambda _: None)
+    return frechet_distance(*feature_statistics(feats.features), reference.mu, reference.sigma)

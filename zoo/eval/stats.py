@@ -1,0 +1,62 @@
+"""Feature statistics and the Fréchet distance between two Gaussians, in float64.
+
+    FD = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁ Σ₂)^½
+
+The trace of the matrix square root is taken as ``Σᵢ √λᵢ`` over the eigenvalues of the
+symmetric positive semi-definite matrix ``√Σ₁ Σ₂ √Σ₁``, which has the same eigenvalues as
+``Σ₁ Σ₂`` (similar matrices when Σ₁ is invertible, and by continuity otherwise). Both steps
+are symmetric eigen-decompositions (``eigh``), whose eigenvalues are real; rounding can leave
+them a hair below zero, so they are clipped at 0. Unlike ``scipy.linalg.sqrtm`` of the
+non-symmetric product, this never returns NaN or a complex number, also for the singular
+covariances of fewer samples than feature dimensions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _symmetric(matrix: np.ndarray) -> np.ndarray:
+    return (matrix + matrix.T) / 2.0
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues -> 0)."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def _as_stats(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
+    mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
+    sigma = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{which}: mu must be (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{which}: mu and sigma must be finite (NaN or inf in the features?)")
+    return mu, _symmetric(sigma)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64.
+
+    Inputs are array-likes of shape (D,) and (D, D), in any float dtype. The result is a
+    finite float >= 0 (a difference that rounds below zero is returned as 0).
+    """
+    mu1, sigma1 = _as_stats(mu1, sigma1, "first")
+    mu2, sigma2 = _as_stats(mu2, sigma2, "second")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} and {mu2.shape[0]}")
+    root1 = _psd_sqrt(sigma1)
+    product = _symmetric(root1 @ sigma2 @ root1)
+    trace_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(product), 0.0, None)).sum())
+    diff = mu1 - mu2
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+    return max(value, 0.0)
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64 (N >= 2)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need features of shape (N >= 2, D), got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
