@@ -25,7 +25,7 @@ KeyPath = tuple  # tuple[str | int, ...]: dict keys and list indices
 Origin = tuple  # tuple[str, int | None]: (file label, line)
 
 MAX_FILE_BYTES = 256 << 10  # 256 KiB
-MAX_NODES = 10_000  # after expanding aliases
+MAX_NODES = 5_000  # after expanding aliases; the largest shipped recipe has 145
 MAX_DEPTH = 64
 MAX_SCALAR_CHARS = 65_536
 MAX_NUMBER_CHARS = 100
