@@ -68,8 +68,10 @@ def test_convert_cli_round_trip(tmp_path, official_sd):
     assert torch.equal(sd["final_layer.norm.linear.bias"], official_sd["final_layer.adaLN_modulation.1.bias"])
     assert torch.equal(sd["blocks.0.attn.qkv.weight"], official_sd["blocks.0.attn.qkv.weight"])
     assert torch.equal(sd["pos_embed"], official_sd["pos_embed"])
-    # --weights model takes the non-EMA weights instead.
-    status, out = convert(tmp_path, {"model": noise, "ema": official_sd}, "train.pt", "--weights", "model")
+    # The checkpoint now in --out is replaced only with --force; --weights model takes the non-EMA weights.
+    assert convert(tmp_path, {"model": noise, "ema": official_sd}, "train.pt", "--weights", "model")[0] == 2
+    assert torch.equal(load_checkpoint(out)[0].state_dict()["pos_embed"], official_sd["pos_embed"])
+    status, out = convert(tmp_path, {"model": noise, "ema": official_sd}, "train.pt", "--weights", "model", "--force")
     assert status == 0
     assert torch.equal(load_checkpoint(out)[0].state_dict()["pos_embed"], noise["pos_embed"])
 

@@ -104,7 +104,7 @@ def test_cli_end_to_end_and_missing_data_root(tmp_path, capsys):
     assert main(["train", str(RECIPE), "--out", str(out), "--steps", "10"]) == 0
     assert (out / "last" / "model.safetensors").is_file() and (out / "step_0000010").is_dir()
     capsys.readouterr()
-    code = main(["train", str(RECIPE), "--out", str(out), "--set", "data.dataset=image_folder"])
+    code = main(["train", str(RECIPE), "--out", str(tmp_path / "new"), "--set", "data.dataset=image_folder"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "data.root" in err
 

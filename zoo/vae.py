@@ -76,17 +76,16 @@ def find_vae_weights(directory: str | Path) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from zoo.checkpoint import load_weights
 
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read VAE weights {path} with torch.load(weights_only=True): {err}") from None
+        return load_weights(path)  # a truncated or foreign file is an error naming it
+    from zoo.torchfile import torch_load_plain
+
+    state = torch_load_plain(path, "VAE weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"VAE weights {path} do not hold a state dict of tensors")
     return state
 
 

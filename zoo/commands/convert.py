@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from zoo.commands import add_overrides_option
 from zoo.errors import UserError
 
@@ -22,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("family", help="model family of the official checkpoint (dit, uvit, dimr)")
     p.add_argument("checkpoint", type=Path, help="official checkpoint (.pt / .pth)")
     p.add_argument("--recipe", required=True, help="zoo recipe whose model matches the checkpoint")
-    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.add_argument("--out", required=True, type=Path,
+                   help="checkpoint directory to write (a new path, or an empty directory)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it already is a zoo checkpoint (nothing else is ever replaced)")
     add_overrides_option(p)
     p.add_argument("--config", type=Path, default=None,
                    help="JSON file with the official constructor kwargs, for families whose converter needs "
@@ -38,13 +39,20 @@ def load_official(path: Path) -> object:
     DiT's training checkpoints also store the script's ``argparse.Namespace`` under ``args``;
     that class (plain attributes, no code) is the only one allowed besides tensors and containers.
     """
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, pickled objects, ...
-        raise UserError(f"cannot read {path} as a weights-only checkpoint: {str(err).splitlines()[0]}") from None
+    from zoo.torchfile import torch_load_plain
+
+    return torch_load_plain(path, "checkpoint", allowed=[argparse.Namespace])
+
+
+def check_out(out: Path, force: bool) -> None:
+    """``--out`` may be new or an empty directory; an existing zoo checkpoint only with ``--force``."""
+    from zoo.checkpoint import check_replaceable, is_checkpoint
+    from zoo.guards import check_parents
+
+    check_parents(out, "--out")
+    check_replaceable(out, "--out")  # a file, or a directory that is not a zoo checkpoint: never replaced
+    if is_checkpoint(out) and not force:
+        raise UserError(f"--out {out} is already a zoo checkpoint", suggestion="pass --force to replace it")
 
 
 def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None:
@@ -53,8 +61,8 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
         if not args.config.is_file():
             raise UserError(f"official config {args.config} does not exist")
         try:
-            config = json.loads(args.config.read_text())
-        except json.JSONDecodeError as err:
+            config = json.loads(args.config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{args.config} is not valid JSON ({err})") from None
         for key in ("config", "_config"):  # a keys file (tests/golden/keys) carries it beside the keys
             if isinstance(config, dict) and isinstance(config.get(key), dict):
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from zoo.convert import get_family, unwrap_state_dict
 
     converter = get_family(args.family)
+    check_out(args.out, args.force)  # before any work: a refused --out costs nothing
     checkpoint = load_official(args.checkpoint)
     official = unwrap_state_dict(checkpoint, source=str(args.checkpoint), prefer=args.weights)
     recipe = zoo.load_recipe(args.recipe, args.overrides)
