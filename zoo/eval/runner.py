@@ -116,25 +116,25 @@ def missing_ranges(n: int, shards: list[tuple[int, int, Path]], batch: int) -> l
     return out
 
 
-def read_samples(directory: Path, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (n, H, W, 3) uint8 and labels (n,) or None of samples 0..n-1 from the shards."""
-    images, labels, seen = None, None, np.zeros(n, dtype=bool)
+def sample_batches(directory: Path, n: int, batch: int):
+    """Batches of (uint8 images (B, 3, H, W), labels (B,) or None) of samples 0..n-1, shard by shard.
+
+    One shard is in memory at a time, so 50k ImageNet samples need no 10 GB array.
+    """
+    covered = 0
     for start, stop, path in existing_shards(directory):
-        if start >= n:
-            continue
+        if stop <= covered or start >= n:
+            continue  # a shard of samples already read (shards of two batch sizes may overlap)
+        if start > covered:
+            break
         with np.load(path, allow_pickle=False) as f:
-            take = slice(0, min(stop, n) - start)
-            chunk = f["images"][take]
-            if images is None:
-                images = np.empty((n, *chunk.shape[1:]), dtype=np.uint8)
-                labels = np.empty(n, dtype=np.int64) if "labels" in f.files else None
-            images[start:start + len(chunk)] = chunk
-            if labels is not None:
-                labels[start:start + len(chunk)] = f["labels"][take]
-            seen[start:start + len(chunk)] = True
-    if images is None or not seen.all():
-        raise UserError(f"{directory} lacks samples {np.flatnonzero(~seen)[:5].tolist()}...; run zoo eval again")
-    return images, labels
+            take = slice(covered - start, min(stop, n) - start)
+            images = f["images"][take]
+            labels = f["labels"][take] if "labels" in f.files else None
+        covered += len(images)
+        yield from array_batches(images, labels, batch)
+    if covered < n:
+        raise UserError(f"{directory} lacks samples from index {covered} on; run zoo eval again to sample them")
 
 
 def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -191,8 +191,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
                 save_npz(samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
                          images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
                 bar.update(stop - start)
-    images, labels = read_samples(samples_dir, request.n)
-    feats = extract(extractor, array_batches(images, labels, batch), device)
+    feats = extract(extractor, sample_batches(samples_dir, request.n, batch), device)
     ref_spec = request.ref or _default_ref(recipe)
     reference = load_reference(ref_spec, extractor, image_size, batch, device, log)
     metrics = compute_metrics(feats, reference)
