@@ -283,3 +283,38 @@ ckpt.save_checkpoint({str(tmp_path / "last")!r}, model, recipe, state={{"step": 
     assert "last" not in names and len(names) == 2  # DIR.old-* and DIR.tmp-*: between the renames
     ckpt.repair_run(tmp_path)
     assert _names(tmp_path) == ["last"] and _step_of(tmp_path / "last") == 2
+
+
+def test_sample_and_resume_repair_a_run_stopped_between_the_two_renames(tmp_path, monkeypatch, capsys):
+    """zoo sample and zoo train --resume find last/ gone (set aside, new copy not yet installed) and repair it."""
+    import shutil
+    from pathlib import Path
+
+    from zoo.cli import main
+
+    recipe = str(Path(__file__).parent / "recipes" / "tiny_train.yaml")
+    fast = ["--set", "train.sample_every=0", "--set", "train.ckpt_every=0", "--set", "train.batch_size=4"]
+    run, crashed = tmp_path / "run", tmp_path / "crashed"
+    assert main(["train", recipe, "--out", str(run), "--steps", "1", *fast]) == 0
+
+    def power_cut(step, path):
+        if step == "install":
+            shutil.copytree(run, crashed)
+            raise RuntimeError("power cut")
+
+    monkeypatch.setattr(atomic, "_reached", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        main(["train", recipe, "--out", str(run), "--resume", str(run), "--steps", "2", *fast])
+    monkeypatch.undo()
+    assert "last" not in _names(crashed) and len([n for n in _names(crashed) if n.startswith("last.")]) == 2
+    resumable = tmp_path / "resumable"
+    shutil.copytree(crashed, resumable)
+
+    capsys.readouterr()
+    assert main(["sample", str(crashed / "last"), "--n", "1", "--out", str(tmp_path / "grid.png")]) == 0
+    assert [n for n in _names(crashed) if n.startswith("last")] == ["last"] and _step_of(crashed / "last") == 2
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert main(["train", recipe, "--out", str(resumable), "--resume", str(resumable), "--steps", "3", *fast]) == 0
+    assert f"resumed from {resumable / 'last'} at step 2" in capsys.readouterr().out
+    assert [n for n in _names(resumable) if n.startswith("last")] == ["last"] and _step_of(resumable / "last") == 3
