@@ -235,7 +235,7 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from zoo.eval.reference import atomic_write
+    from zoo.atomic import write_file
 
     path = Path(path)
     timed = all(r.train_step_ms is not None for r in rows)
@@ -251,7 +251,7 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     fig.tight_layout()
     fmt = path.suffix.lstrip(".") or "png"
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+        write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
     finally:
         plt.close(fig)
     return path

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zoo.atomic import write_file, write_text
 from zoo.errors import UserError
 from zoo.eval.metrics import Features, Reference
 from zoo.eval.stats import feature_statistics
@@ -48,31 +48,19 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "zoo"
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)`` a file beside ``path``, then rename it over ``path`` (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_npz(path: Path, **arrays) -> Path:
-    """``np.savez`` written atomically."""
+    """``np.savez`` written atomically (a temporary file beside ``path``, renamed over it)."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    return atomic_write(path, write)
+    return write_file(path, write)
 
 
 def save_text(path: Path, text: str) -> Path:
     """A UTF-8 text file written atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_text(path, text)
 
 
 @torch.no_grad()
