@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         report = count_flops(model, max_depth=args.depth)
 
     if args.json:
-        out = {"recipe": args.recipe, "model": recipe.data["model"]["type"] if isinstance(recipe.data["model"], dict)
+        out = {"recipe": args.recipe, "model": recipe.data["model"].get("type", recipe.data["model"].get("_target_")) if isinstance(recipe.data["model"], dict)
                else recipe.data["model"], "params": params, "trainable_params": trainable,
                "gflops": float(report.gflops), "by_module": {k: float(v) for k, v in report.by_module.items()}}
         print(json.dumps(out))
