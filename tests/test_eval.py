@@ -251,3 +251,16 @@ def test_efficientnet_lite0_loads_the_wheel_weights_offline():
         features, logits = extractor(image)
     assert features.shape == (1, 1280) and logits.shape == (1, 1000)
     assert int(logits.argmax()) == 652 and float(logits.softmax(-1).max()) > 0.3
+
+
+def test_stochastic_solver_samples_do_not_depend_on_the_batch_size(run_dir):
+    """ddpm draws fresh noise every step: from each sample's own generator, numbered by the sample's global index."""
+    images = []
+    for batch, out in (("32", "a"), ("24", "b")):
+        assert main(["eval", str(run_dir), "--n", "40", "--ref", str(run_dir.parent / "ref.npz"), "--extractor",
+                     "test_pool", "--solver", "ddpm", "--steps", "5", "--batch-size", batch,
+                     "--out", str(run_dir.parent / out)]) == 0
+        shards = sorted((run_dir.parent / out).glob("samples-*/shard-*.npz"))
+        images.append(np.concatenate([np.load(s)["images"] for s in shards]))
+    assert images[0].shape == (40, 8, 8, 3)
+    np.testing.assert_array_equal(images[0], images[1])

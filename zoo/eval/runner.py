@@ -73,9 +73,13 @@ def _sha256(path: Path) -> str:
 
 def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, stop: int, seed: int, device,
                   vae: str | None = None):
-    """Samples ``start .. stop-1`` as uint8 images (B, 3, H, W) and their labels, with global per-sample seeds."""
+    """Samples ``start .. stop-1`` as uint8 images (B, 3, H, W) and their labels, with global per-sample seeds.
+
+    ``zoo.sample.sample_latents`` numbers a request's samples from 0 (also the solver noise of a
+    given ``x_T``); a range of a larger run needs its noise, labels and solver noise by global index.
+    """
     from zoo.diffusion.setup import guided_eps_fn
-    from zoo.sample import initial_noise, num_classes, sample_labels, sample_seed, to_images
+    from zoo.sample import initial_noise, num_classes, sample_labels, solver_generators, to_images
 
     x_example = model.example_inputs(1)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
@@ -84,7 +88,7 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     labels = None if classes is None else sample_labels(count, classes, seed, start)
     eps_fn = guided_eps_fn(model, recipe, schedule, None if labels is None else labels.to(device), guidance,
                            eps_channels=shape[0])
-    generators = [torch.Generator().manual_seed(sample_seed(seed, start + i, stream=2)) for i in range(count)]
+    generators = solver_generators(seed, start, count)
     x = solver.sample(eps_fn, x_T, schedule=schedule, generator=generators)
     images = to_images(x.float().cpu(), recipe, vae, device=device)
     return to_uint8(images * 2 - 1), labels
