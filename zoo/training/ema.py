@@ -1,5 +1,7 @@
 """Exponential moving average of a model's parameters, kept in fp32 whatever the model's dtype.
 
+Under FSDP2 the parameters are DTensor shards and so are the shadows: each rank averages its part.
+
 ema ← d·ema + (1 − d)·param, i.e. ``lerp(ema, param, 1 − d)``. A bf16 shadow updated in place
 freezes once (1 − d)·(param − ema) falls below bf16's resolution (DESIGN §7), hence fp32.
 """
@@ -33,7 +35,12 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {', '.join(missing[:10])}")
         for n, s in zip(self.names, self.shadow):
-            s.copy_(state[n])
+            value = state[n].to(s.device)
+            if hasattr(s, "device_mesh"):  # an FSDP2 shard: keep this rank's part of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, s.device_mesh, s.placements)
+            s.copy_(value)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

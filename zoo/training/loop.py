@@ -28,6 +28,7 @@ from zoo.checkpoint import (load_state_dict_strict, load_trainer_state, load_wei
                             save_checkpoint)
 from zoo.diffusion.setup import build_objective, model_drops_labels
 from zoo.errors import UserError
+from zoo.memory import require_training_memory
 from zoo.sample import num_classes
 from zoo.training import distributed
 from zoo.training.data import batches, build_dataset
@@ -89,13 +90,16 @@ class Trainer:
                             suggestion=f"use a multiple of {self.ctx.world * self.accum}")
         self.seed = int(self.train["seed"])
         data = recipe.get("data") or {}
-        with torch.device("meta"):  # the data is checked before any weights are allocated
-            self.shape = tuple(zoo.build_model(recipe).example_inputs(1)[0].shape[1:])
-        dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)
+        with torch.device("meta"):  # the data and the memory are checked before any weights are allocated
+            meta_model = zoo.build_model(recipe)
+            self.shape = tuple(meta_model.example_inputs(1)[0].shape[1:])
+        dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
+        require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum))
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.train["tf32"])
         torch.manual_seed(self.seed)
         self.model = zoo.build_model(recipe).to(self.device).train()
+        self.model_name = type(self.model).__name__  # FSDP2 renames the class it shards
         _labels_dropped_by_trainer(self.model)
         if self.train["grad_checkpointing"]:
             set_grad_checkpointing(self.model)
@@ -137,7 +141,13 @@ class Trainer:
     def _load_state(self, directory: Path) -> None:
         state = load_trainer_state(directory)
         self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # a consolidated state, re-sharded onto this run's processes
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -241,7 +251,7 @@ class Trainer:
     def banner(self, total: int) -> None:
         params = sum(p.numel() for p in self.model.parameters())  # a DTensor's numel is its full size
         self.log(f"zoo train: run directory {self.out.resolve()}")
-        self.log(f"zoo train: {type(self.model).__name__} with {params:,} parameters; steps {self.step} -> {total}, "
+        self.log(f"zoo train: {self.model_name} with {params:,} parameters; steps {self.step} -> {total}, "
                  f"global batch {self.batch} (grad_accum {self.accum}), precision {self.train['precision']}")
         self.log(f"zoo train: device {self.ctx.describe()}")
         self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
