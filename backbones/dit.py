@@ -12,6 +12,7 @@ from typing import Annotated, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from zoo.blocks.mlp import Mlp
 from zoo.blocks.transformer import TransformerBlock
@@ -57,6 +58,8 @@ class DiT(nn.Module):
     conditioner works, e.g. TD-LN). The time/class embedding is always built: the head's adaLN
     uses it even when the blocks' conditioner does not.
     """
+
+    grad_checkpointing: bool = False
 
     constraints = (
         Divisible("input_size", "patch_size"),
@@ -123,6 +126,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (saves memory, costs one more forward)."""
+        self.grad_checkpointing = enable
+
     def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
         """``c = t_emb + y_emb`` (labels dropped at random in training mode)."""
         if y is None:
@@ -134,7 +141,10 @@ class DiT(nn.Module):
         cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
         h = self.x_embedder(x) + self.pos_embed
         for blk in self.blocks:
-            h = blk(h, cond)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(blk, h, cond, use_reentrant=False)
+            else:
+                h = blk(h, cond)
         h = self.final_layer(h, cond)
         return unpatchify(h, self.patch_size, self.out_channels, (self.grid, self.grid))
 
