@@ -117,8 +117,9 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
 class EpochSampler(Sampler):
     """A permutation per epoch from (seed, epoch), starting ``skip`` samples into the stream."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lo, self.hi = rank * batch_size // world, (rank + 1) * batch_size // world  # this rank's slice
         self.per_epoch = n // batch_size
         if self.per_epoch == 0:
             raise UserError(f"the dataset has {n} samples, fewer than train.batch_size={batch_size}",
@@ -129,15 +130,20 @@ class EpochSampler(Sampler):
         epoch, offset = self.epoch, self.offset
         while True:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            yield from order[offset * self.batch_size: self.per_epoch * self.batch_size].tolist()
+            chosen = order[offset * self.batch_size: self.per_epoch * self.batch_size].view(-1, self.batch_size)
+            yield from chosen[:, self.lo:self.hi].reshape(-1).tolist()
             epoch, offset = epoch + 1, 0
 
 
 def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
-            pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless ``(x, y)`` batches; batch k of the stream is the same whatever ``start_step`` it began at."""
-    sampler = EpochSampler(len(dataset), batch_size, seed, start_step)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            pin_memory: bool = False, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless ``(x, y)`` batches; batch k of the stream is the same whatever ``start_step`` it began at.
+
+    With ``world`` processes, rank ``rank`` reads only its contiguous slice of every global batch
+    (``batch_size`` must be divisible by ``world``).
+    """
+    sampler = EpochSampler(len(dataset), batch_size, seed, start_step, rank, world)
+    loader = DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global RNG untouched
     return iter(loader)
