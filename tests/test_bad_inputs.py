@@ -151,6 +151,14 @@ CASES = [
      "vae_garbage", 2, "{tmp}/vae.safetensors"),
     ("sample-hostile-vae", f"sample {LATENT_RECIPE} --out {{tmp}}/out.png --n 1 --vae {{tmp}}/vae.pth",
      "vae_hostile", 2, "{tmp}/vae.pth: it holds a pickled Python object"),
+    # -- compare / eval
+    ("compare-unknown-device", f"compare {TRAIN} --no-time --device gpu", "-", 2, "--device 'gpu'"),
+    ("compare-missing-recipe", "compare {tmp}/none.yaml --no-time", "-", 2, "{tmp}/none.yaml"),
+    ("compare-plot-onto-a-dir", f"compare {TRAIN} --no-time --plot {{tmp}}", "-", 2, "{tmp} is a directory"),
+    ("eval-missing-source", "eval {tmp}/none --n 4", "-", 2, "{tmp}/none"),
+    ("eval-unknown-device", "eval {tmp}/ckpt --n 4 --device gpu", "ckpt", 2, "--device 'gpu'"),
+    ("eval-too-few-samples", "eval {tmp}/ckpt --n 1", "ckpt", 2, "--n"),
+    ("eval-a-user-dir", "eval {tmp}/out_user --n 4", "user_dir", 2, "{tmp}/out_user"),
     # -- train: outputs, resume, devices
     ("train-out-is-a-file", f"train {TRAIN} --out {{tmp}}/out {FAST}", "out_file", 2, "--out {tmp}/out is a file"),
     ("train-out-holds-a-run", f"train {TRAIN} --out {{tmp}} {FAST}", "run_dir", 2, "--resume {tmp}"),
@@ -490,4 +498,4 @@ def test_bad_input_in_a_real_process(case, tmp_path, good_checkpoint):
 
 def test_the_corpus_covers_every_command():
     commands = {(c.values[1] if hasattr(c, "values") else c[1]).split()[0] for c in CASES}
-    assert len(CASES) >= 60 and {"build", "list", "parity", "convert", "sample", "train"} <= commands
+    assert len(CASES) >= 60 and {"build", "list", "parity", "convert", "sample", "train", "compare", "eval"} <= commands

@@ -90,7 +90,11 @@ def locked(directory: Path) -> Iterator[None]:
 
 def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """``write(tmp)`` a file beside ``path``, flush it, rename it over ``path``; return ``path``."""
+    from zoo.errors import UserError
+
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{_suffix()}")
     try:

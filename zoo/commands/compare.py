@@ -39,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         raise UserError("--batch and --repeats must be at least 1 and --warmup at least 0")
     from zoo.compare import format_table, measure, plot
+    from zoo.guards import resolve_device
 
-    rows = measure(args.recipes, args.overrides, batch=args.batch, device=args.device, warmup=args.warmup,
+    device = str(resolve_device(args.device))  # an unknown device or cuda without a GPU: one line, exit 2
+
+    rows = measure(args.recipes, args.overrides, batch=args.batch, device=device, warmup=args.warmup,
                    repeats=args.repeats, time_it=not args.no_time, log=lambda m: print(m, file=sys.stderr))
     if args.plot:
         path = plot(rows, args.plot)

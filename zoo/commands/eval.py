@@ -63,11 +63,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     from zoo.eval.runner import EvalRequest, evaluate
+    from zoo.guards import resolve_device
+
+    device = str(resolve_device(args.device))  # an unknown device or cuda without a GPU: one line, exit 2
 
     request = EvalRequest(source=args.source, n=args.n, ref=args.ref, extractor=args.extractor,
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,
                           cfg=args.cfg, batch_size=args.batch_size, seed=args.seed, weights=args.weights,
-                          out=args.out, vae=args.vae, device=args.device)
+                          out=args.out, vae=args.vae, device=device)
     result = evaluate(request, log=(lambda _: None) if args.json else print, progress=not args.json)
     if args.json:
         print(json.dumps(result))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
+
+from zoo.atomic import write_file
 
 PLOT_INTERVAL_S = 5.0  # loss.png is redrawn with a log record at most this often (a redraw costs ~0.1 s)
 
@@ -60,12 +60,7 @@ class LossPlot:
         self.ax.set_yscale("log" if min(losses) > 0 and max(losses) / min(losses) > 10 else "linear")
         self.ax.relim()
         self.ax.autoscale_view()
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            self.fig.savefig(tmp, format="png")
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_file(self.path, lambda tmp: self.fig.savefig(tmp, format="png"))
 
 
 class Monitor:
