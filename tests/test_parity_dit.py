@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import copy
+
 import pytest
 import torch
+from numerics import fixed_sinusoid, golden_features, propagated_bound
 
 from zoo.errors import UserError
 from zoo.parity import build_official_model, run_parity
@@ -23,23 +26,51 @@ def model(golden):
     return build_official_model("dit", golden["config"], golden["state_dict"])
 
 
+def _features(golden, t):
+    aux = golden["aux"]
+    return golden_features(aux["timestep_embedding_t"], aux["timestep_embedding_dim256"], t, 256)
+
+
+@pytest.fixture(scope="module")
+def budget(golden, model):
+    """The generator's time features for the golden inputs, and the output error they may carry.
+
+    ``aux`` holds the generator's features for t = 0, 1, 999 (3 of the 4 samples); for t = 500
+    we use ours, which another CPU may compute up to ``sinusoid_bound`` away (tests/numerics.py),
+    carried to the outputs in float64. Everything else is float arithmetic of the forward.
+    """
+    x, t, y = (golden["inputs"][k] for k in ("x", "t", "y"))
+    features, delta = _features(golden, t)
+    (bound,) = propagated_bound(copy.deepcopy(model).double(), (x.double(), t, y), features, delta)
+    return features, bound
+
+
 def test_parity_fp32():
     result = run_parity(GOLDEN)  # family inferred from the file name
-    assert result.family == "dit" and result.passed
-    assert result.max_abs < 1e-5, result
+    assert result.family == "dit" and result.passed, result  # max abs 1e-6 here, 6e-5 with sin/cos 1 ulp off
 
 
-def test_parity_fp64():
-    result = run_parity(GOLDEN, "dit", dtype=torch.float64)
-    assert result.max_abs < 1e-12, result
+def test_parity_fp64(golden, model, budget):
+    assert run_parity(GOLDEN, "dit", dtype=torch.float64).passed
+    features, bound = budget
+    x, t, y = (golden["inputs"][k] for k in ("x", "t", "y"))
+    with torch.no_grad(), fixed_sinusoid(features):
+        out64 = copy.deepcopy(model).double()(x.double(), t, y)
+    # Float64 round-off of this forward is ~1e-15; the rest is the t = 500 sample's features.
+    assert ((out64 - golden["outputs_fp64"]).abs() <= 1e-12 + bound).all()
+    assert (out64 - golden["outputs_fp64"])[[0, 1, 3]].abs().max() < 1e-12  # the samples whose features we hold
 
 
-def test_outputs_match_fused_attention_reference(golden, model):
-    with torch.no_grad():
+def test_outputs_match_fused_attention_reference(golden, model, budget):
+    features, bound = budget
+    with torch.no_grad(), fixed_sinusoid(features):
         out = model(golden["inputs"]["x"], golden["inputs"]["t"], golden["inputs"]["y"])
     assert out.shape == (4, 8, 16, 16)
-    assert (out - golden["outputs_sdpa_fp32"]).abs().max() < 1e-5
-    assert (out - golden["outputs"]).abs().max() < 1e-5
+    # Float32 forward vs float32 golden: both are ~1.7e-6 from the float64 result (the golden file's
+    # max_abs_diff_fp32_vs_fp64; ours measured the same), so 1e-5 leaves 3x margin for another CPU's
+    # accumulation order; plus the features' propagated error on the t = 500 sample.
+    assert ((out - golden["outputs_sdpa_fp32"]).abs() <= 1e-5 + bound).all()
+    assert ((out - golden["outputs"]).abs() <= 1e-5 + bound).all()
 
 
 def _dit_cfg(model, x, t, y, scale: float) -> torch.Tensor:
@@ -58,31 +89,48 @@ def _dit_cfg(model, x, t, y, scale: float) -> torch.Tensor:
     return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-def test_cfg_semantics(golden, model):
+@pytest.fixture(scope="module")
+def cfg_budget(golden, model):
+    """Like :func:`budget` for ``cfg_test`` (t = 250, 700: no generator features held), carried
+    through the guidance rule: ``|u + s(c - u)|`` moves by at most ``s·dc + |1 - s|·du``."""
     case = golden["cfg_test"]
     x, t, y, s = (case["inputs"][k] for k in ("x", "t", "y", "cfg_scale"))
-    with torch.no_grad():
+    features, delta = _features(golden, t)
+    half = x[: len(x) // 2]
+    (raw,) = propagated_bound(copy.deepcopy(model).double(), (torch.cat([half, half]).double(), t, y), features, delta)
+    cond, uncond = raw[:, :3].chunk(2)
+    guided = s * cond + abs(1 - s) * uncond
+    return features, torch.cat([torch.cat([guided, guided]), raw[:, 3:]], dim=1)
+
+
+def test_cfg_semantics(golden, model, cfg_budget):
+    case = golden["cfg_test"]
+    x, t, y, s = (case["inputs"][k] for k in ("x", "t", "y", "cfg_scale"))
+    features, bound = cfg_budget
+    with torch.no_grad(), fixed_sinusoid(features):
         out = _dit_cfg(model, x, t, y, s)
-        assert (out - case["outputs"]).abs().max() < 2e-5
-        out64 = _dit_cfg(model.double(), x.double(), t, y, s)
-        model.float()
-    assert (out64 - case["outputs_fp64"]).abs().max() < 1e-12
+        out64 = _dit_cfg(copy.deepcopy(model).double(), x.double(), t, y, s)
+    # Guidance scale 4 multiplies the float32 forward's 1e-5 budget: (s + |1 - s|) / 2 = 3.5 times
+    # the 1.7e-6 round-off of either pass is 6e-6 < 2e-5.
+    assert ((out - case["outputs"]).abs() <= 2e-5 + bound).all()
+    assert ((out64 - case["outputs_fp64"]).abs() <= 1e-12 + bound).all()
     # Channel 3 and the variance channels are NOT guided: the two halves differ there.
     assert torch.equal(case["outputs"][:2, :3], case["outputs"][2:, :3])
     assert not torch.allclose(case["outputs"][:2, 3:], case["outputs"][2:, 3:])
 
 
-def test_cfg_through_guidance_wrapper(golden, model):
+def test_cfg_through_guidance_wrapper(golden, model, cfg_budget):
     """The diffusion engineer's guidance reproduces the official rows it keeps (the conditional half)."""
     guidance = pytest.importorskip("zoo.diffusion.guidance")
     case = golden["cfg_test"]
     x, t, y, s = (case["inputs"][k] for k in ("x", "t", "y", "cfg_scale"))
+    features, bound = cfg_budget
     guided = guidance.GuidedModel(
         model, time_map=lambda t: t, y=y[:2], scale=s, convention="dit", null_label=10, channels=3
     )
-    with torch.no_grad():
+    with torch.no_grad(), fixed_sinusoid(features):
         out = guided.full_output(x[:2], t[:2])
-    assert (out - case["outputs"][:2]).abs().max() < 2e-5
+    assert ((out - case["outputs"][:2]).abs() <= 2e-5 + bound[:2]).all()
 
 
 def test_bad_golden_files_are_user_errors(tmp_path):
@@ -108,7 +156,7 @@ def test_parity_command(capsys):
     assert main(["parity", str(GOLDEN)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     abs_err, rel_err = float(last.split()[3]), float(last.split()[7])
-    assert last.startswith("max abs error") and abs_err < 1e-5 and rel_err < 1e-5
+    assert last.startswith("max abs error") and abs_err <= 1e-4 and rel_err <= abs_err  # max |output| > 1
     assert main(["parity", str(GOLDEN), "--family", "dit", "--fp64"]) == 0
     assert main(["parity", "no_such_golden.pt"]) == 2
     assert "golden file no_such_golden.pt does not exist" in capsys.readouterr().err
@@ -117,8 +165,9 @@ def test_parity_command(capsys):
 def test_parity_command_fails_above_tolerance(tmp_path, golden, capsys):
     from zoo.cli import main
 
-    bad = dict(golden, outputs=golden["outputs"] + 2e-4)
+    bad = dict(golden, outputs=golden["outputs"] + 1e-3)
     torch.save(bad, tmp_path / "golden_dit_shifted.pt")
     assert main(["parity", str(tmp_path / "golden_dit_shifted.pt")]) == 1
     out = capsys.readouterr().out
-    assert "FAIL" in out and 1.9e-4 < float(out.strip().splitlines()[-1].split()[3]) < 2.1e-4
+    # The shift plus or minus the unshifted error, which is <= the 1e-4 threshold on any CPU.
+    assert "FAIL" in out and 0.9e-3 <= float(out.strip().splitlines()[-1].split()[3]) <= 1.1e-3

@@ -1,0 +1,44 @@
+"""Suite-wide switches for checking that the numeric tests hold on any CPU.
+
+    ZOO_DETERMINISTIC=1 pytest        # torch.use_deterministic_algorithms(True) for the whole run
+    ZOO_SIN_ULP=1 pytest              # every float32 sin/cos argument moved 1 ulp up (-1: down)
+    ATEN_CPU_CAPABILITY=default pytest   # (torch's own switch) scalar kernels instead of AVX2/AVX-512
+
+Float32 sinusoids differ between CPUs: another CPU's ``exp`` may round a frequency one ulp the
+other way, which moves ``t * f`` by about one ulp of the argument. ``ZOO_SIN_ULP`` makes this
+machine behave like such a CPU, so a float32 tolerance derived in a test can be checked
+against the error it is meant to cover (see tests/numerics.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("ZOO_DETERMINISTIC", "") not in ("", "0"):
+        torch.use_deterministic_algorithms(True)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"deterministic {torch.are_deterministic_algorithms_enabled()}, "
+        f"float32 sin/cos arguments shifted {os.environ.get('ZOO_SIN_ULP', '0')} ulp"
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _sin_ulp_shift(monkeypatch: pytest.MonkeyPatch):
+    """With ``ZOO_SIN_ULP=N``, float32 ``torch.sin``/``torch.cos`` see their argument N ulps away."""
+    ulps = int(os.environ.get("ZOO_SIN_ULP", "0") or 0)
+    if ulps:
+        from numerics import shift_sinusoid_arguments
+
+        with shift_sinusoid_arguments(ulps):
+            yield
+    else:
+        yield
