@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
 from zoo.errors import UserError
+from zoo.memory import require_sampling_memory
 
 def _mix64(x: int) -> int:
     """SplitMix64's finaliser: a bijective scramble of a 64-bit integer."""
@@ -223,6 +224,7 @@ def sample_latents(
         raise UserError(f"x_T has samples of shape {tuple(request.x_T.shape[1:])}; this model samples {shape}")
     labels = _labels(request, n, num_classes(recipe))
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or n
+    require_sampling_memory(recipe, device, min(batch, n), guided=labels is not None and guidance.scale is not None)
     out = []
     for start in range(0, n, batch):
         size = min(batch, n - start)

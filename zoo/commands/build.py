@@ -10,6 +10,7 @@ import argparse
 import json
 
 from zoo.commands import add_overrides_option
+from zoo.errors import UserError
 from zoo.recipe import resolve
 from zoo.validate import model_factory, validate_recipe
 
@@ -21,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Validate RECIPE (every section), build its model and print the parameter count; "
         "--flops adds GFLOPs (multiply-adds) with a per-module table.",
     )
-    p.add_argument("recipe", help="recipe file (or the name of a shipped recipe, e.g. dit_s_2)")
+    p.add_argument("recipe", nargs="?", help="recipe file (or the name of a shipped recipe, e.g. dit_s_2)")
+    p.add_argument("--help-component", metavar="NAME",
+                   help="show one registered component's arguments (type, default, allowed values) and stop")
     add_overrides_option(p)
     p.add_argument("--print-recipe", action="store_true", help="print the resolved, validated recipe as YAML and stop")
     p.add_argument("--flops", action="store_true", help="count GFLOPs of one forward pass (batch 1) per module")
@@ -34,6 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.help_component:
+        from zoo.commands.list import show_component
+
+        print(show_component(None, args.help_component))
+        return 0
+    if args.recipe is None:
+        raise UserError("zoo build needs a recipe (a file or a shipped name such as dit_s_2)",
+                        suggestion="or --help-component NAME to describe a component")
     recipe = resolve(args.recipe, args.overrides)
     validate_recipe(recipe)  # every section, before anything is built
     if args.print_recipe:

@@ -1,0 +1,194 @@
+"""Will a run fit? Memory a training or sampling run needs, estimated before anything is allocated.
+
+The model is built on the meta device (no weights), so its parameters are counted exactly and
+one meta forward pass at batch 1 measures what autograd keeps for the backward pass (every
+saved tensor that is not a parameter, each storage once). Attention is counted as a fused
+kernel keeps it (q, k, v and the output, no L×L matrix). Training holds per parameter fp32
+weights, gradients, AdamW's two moments and the fp32 EMA (20 bytes); sampling holds the weights
+and, per sample, the largest activation a few times over (no autograd graph). The estimate is
+compared with the memory the device has free (``MemAvailable`` from ``/proc/meminfo`` or
+``os.sysconf`` on CPU, ``torch.cuda.mem_get_info`` on CUDA); a run that cannot fit is one
+message with both numbers and the largest batch that would, instead of an out-of-memory kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from zoo.errors import UserError
+
+TRAIN_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq, fp32 EMA
+SAMPLE_ACTIVATION_COPIES = 4  # live tensors around the largest one in a no-grad forward
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a run needs: ``fixed`` (weights and optimizer state, data held in memory) + ``per_sample`` × batch."""
+
+    params: int
+    fixed: int
+    per_sample: int
+
+    def total(self, batch: int) -> int:
+        return self.fixed + self.per_sample * batch
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for SDPA while measuring: saves what a fused kernel saves (q, k, v, out)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p, is_causal, scale):  # type: ignore[override]
+        with torch.no_grad():
+            out = _SDPA(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise RuntimeError("the memory estimate never runs backward")
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+@contextlib.contextmanager
+def _fused_attention() -> Iterator[None]:
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or kwargs:
+            return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+        return _FusedAttention.apply(q, k, v, dropout_p, is_causal, scale)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _SDPA
+
+
+def activation_bytes(model: nn.Module, training: bool = True) -> int:
+    """Per sample: bytes autograd saves for backward (``training``) or the largest activation (not).
+
+    ``model`` is on the meta device and has ``example_inputs(batch)``; nothing is allocated.
+    """
+    params = {id(p) for p in model.parameters()}
+    storages: dict[int, int] = {}
+    keep: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in params and id(tensor) not in params:
+            storage = tensor.untyped_storage()
+            storages[storage._cdata] = max(storages.get(storage._cdata, 0), storage.nbytes())
+            keep.append(tensor)  # so no storage address is reused while counting
+        return tensor
+
+    with torch.device("meta"):
+        inputs = model.example_inputs(1)
+    with saved_tensors_hooks(pack, lambda t: t), _fused_attention(), torch.enable_grad():
+        model(*inputs)
+    if training:
+        return sum(storages.values())
+    return SAMPLE_ACTIVATION_COPIES * max(storages.values(), default=0)
+
+
+def estimate(model: nn.Module, training: bool = True, half_precision: bool = False,
+             extra_bytes: int = 0) -> Estimate:
+    """What a run of the meta-device ``model`` needs (see the module docstring)."""
+    params = sum(p.numel() for p in model.parameters())
+    fixed = params * (TRAIN_BYTES_PER_PARAM if training else 4) + extra_bytes
+    per_sample = activation_bytes(model, training)
+    if half_precision:  # bf16/fp16 autocast keeps most activations in 2 bytes
+        per_sample //= 2
+    return Estimate(params, fixed, per_sample)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` in bytes, or ``None`` where it cannot be told."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except Exception:
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def require_memory(model: nn.Module, device: torch.device | str, batch: int, training: bool = True,
+                   half_precision: bool = False, extra_bytes: int = 0, batch_key: str = "train.batch_size",
+                   available: int | None = None) -> Estimate:
+    """Raise a :class:`UserError` if a run of the meta-device ``model`` at ``batch`` cannot fit on ``device``.
+
+    ``available`` overrides the measured free memory (tests). Returns the estimate.
+    """
+    device = torch.device(device)
+    free = available_bytes(device) if available is None else available
+    if free is None:  # nothing to compare with: measure nothing
+        return Estimate(0, 0, 0)
+    est = estimate(model, training, half_precision, extra_bytes)
+    need = est.total(batch)
+    if need <= free:
+        return est
+    what = "weights, gradients, AdamW state and EMA" if training else "weights"
+    parts = f"{gib(est.fixed)} for {est.params:,} parameters' {what}"
+    if extra_bytes:
+        parts += f" (incl. {gib(extra_bytes)} of data)"
+    fits = (free - est.fixed) // est.per_sample if est.per_sample and free > est.fixed else 0
+    hint = (f"use {batch_key} <= {fits}" + (" or train.grad_accum / train.grad_checkpointing" if training else "")
+            if fits >= 1 else "use a smaller model or a device with more memory")
+    raise UserError(f"this run needs about {gib(need)} ({parts} + {gib(est.per_sample * batch)} of activations at "
+                    f"batch {batch}) but the {device.type} device has {gib(free)} free",
+                    key_path=batch_key if fits >= 1 else None, suggestion=hint)
+
+
+def require_training_memory(meta_model: nn.Module, train: dict, data: dict, device: torch.device,
+                            micro_batch: int) -> Estimate:
+    """:func:`require_memory` for ``zoo train``: the recipe's precision, checkpointing and in-memory data."""
+    if train.get("grad_checkpointing") and callable(getattr(meta_model, "set_grad_checkpointing", None)):
+        meta_model.set_grad_checkpointing(True)
+    extra = 0
+    if data.get("dataset", "synthetic") == "synthetic":  # held in memory as float32 images + int64 labels
+        with torch.device("meta"):
+            x = meta_model.example_inputs(1)[0]
+        extra = int(data.get("size", 64)) * (x[0].numel() * 4 + 8)
+    return require_memory(meta_model, device, micro_batch, training=True,
+                          half_precision=train.get("precision") in ("bf16", "fp16"), extra_bytes=extra)
+
+
+def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int, guided: bool) -> Estimate:
+    """:func:`require_memory` for sampling a loaded model (its weights are already out of the free memory)."""
+    import zoo
+
+    with torch.device("meta"):
+        meta_model = zoo.build_model(recipe)
+    est = estimate(meta_model, training=False)
+    free = available_bytes(torch.device(device))
+    rows = batch * (2 if guided else 1)  # guidance runs the conditional and unconditional halves together
+    if free is None or est.per_sample * rows <= free:
+        return est
+    fits = free // (est.per_sample * (2 if guided else 1))
+    raise UserError(f"sampling {batch} images per batch{' with guidance' if guided else ''} needs about "
+                    f"{gib(est.per_sample * rows)} of activations but the {torch.device(device).type} device has "
+                    f"{gib(free)} free", suggestion=f"use --batch-size {max(fits, 1)} or less")
