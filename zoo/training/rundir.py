@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from zoo import atomic
 from zoo.errors import UserError
@@ -68,6 +68,3 @@ def prune_steps(out: Path, created: list[int], keep: int) -> list[int]:
         atomic.delete_dir(directory)
     return created[-keep:]
 
-
-def step_dirs(out: Path) -> Iterable[Path]:
-    return sorted(p for p in out.glob("step_[0-9]*") if p.is_dir() and p.name[5:].isdigit())
