@@ -169,14 +169,17 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     guidance = guidance_settings(recipe, request.cfg)
     image_size = int(model.example_inputs(1)[0].shape[-1]) * (8 if (recipe.get("data") or {}).get("latent") else 1)
     protocol = {
-        "checkpoint": str(ckpt), "weights": "ema" if weights_file.name == EMA else "raw",
+        "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": _sha256(weights_file), "solver": solver_spec,
         "cfg": {"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
                 "channels": guidance.channels, "power": guidance.power},
         "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
     }
-    key = hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    ref_spec = request.ref or _default_ref(recipe)
+    reference = load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log)  # before sampling
     samples_dir = eval_dir / f"samples-{ckpt.name}-{key}"
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
     todo = missing_ranges(request.n, existing_shards(samples_dir), batch)
@@ -196,8 +199,6 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
                          images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
                 bar.update(stop - start)
     feats = extract(extractor, sample_batches(samples_dir, request.n, batch), device)
-    ref_spec = request.ref or _default_ref(recipe)
-    reference = load_reference(ref_spec, extractor, image_size, batch, device, log)
     metrics = compute_metrics(feats, reference)
     result = {"metrics": metrics, "n": request.n, "protocol": protocol, "samples": str(samples_dir),
               "extractor": extractor.describe(), "reference": {"spec": ref_spec, "source": reference.source,
