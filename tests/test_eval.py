@@ -264,3 +264,22 @@ def test_stochastic_solver_samples_do_not_depend_on_the_batch_size(run_dir):
         images.append(np.concatenate([np.load(s)["images"] for s in shards]))
     assert images[0].shape == (40, 8, 8, 3)
     np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for c, name in enumerate(("cats", "dogs")):
+        (tmp_path / "ref" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "ref" / name / f"{i}.png")
+    first = load_reference(str(tmp_path / "ref"), PoolFeatures(), 8, log=lambda _: None)
+    assert first.features.shape == (6, 12) and first.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    monkeypatch.setattr("zoo.eval.reference.extract", lambda *a, **k: pytest.fail("the cache was not used"))
+    again = load_reference(str(tmp_path / "ref"), PoolFeatures(), 8, log=lambda _: None)
+    np.testing.assert_array_equal(again.mu, first.mu)
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(zoo.errors.UserError, match="CLASS/IMAGE"):
+        load_reference(str(tmp_path / "flat"), PoolFeatures(), 8)

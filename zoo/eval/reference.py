@@ -8,7 +8,7 @@
   its ``mu``/``sigma`` are used unchanged; features for precision/recall (and, with any other
   extractor, the statistics) come from its images. A statistics file written by zoo has the
   same ``mu``/``sigma`` keys plus ``features``, ``labels`` and the extractor that made them;
-* an image folder (``root/CLASS/*.png|jpg``, classes sorted, or a flat folder), centre-cropped
+* an image folder (``root/CLASS/*.png|jpg``, classes sorted: the labels), read and centre-cropped
   to the generated resolution as the training data are;
 * a registered dataset name, optionally with a split: ``emoji32`` (its ``holdout`` split when it
   has one), ``emoji32:train``.
@@ -36,7 +36,6 @@ from zoo.eval.metrics import Features, Reference
 from zoo.eval.stats import feature_statistics
 
 CACHE_VERSION = 1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def cache_root() -> Path:
@@ -104,14 +103,14 @@ def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Ite
     """(identity for the cache key, batches(batch_size), count) of a folder or dataset reference."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        from zoo.training.data import ImageFolder
+        from zoo.training.data import IMAGE_SUFFIXES, ImageFolder
 
-        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
-            raise UserError(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        stamp = max(p.stat().st_mtime_ns for p in files)
         dataset = ImageFolder(path, image_size)
-        identity = f"folder:{path.resolve()}:{len(files)}:{stamp}"
+        if not dataset.items:
+            raise UserError(f"reference folder {path} holds no class subfolders with images "
+                            f"({', '.join(IMAGE_SUFFIXES)}); lay it out as {path}/CLASS/IMAGE")
+        stamp = max(f.stat().st_mtime_ns for f, _ in dataset.items)
+        identity = f"folder:{path.resolve()}:{len(dataset.items)}:{stamp}"
         return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
     from zoo import registry
 
