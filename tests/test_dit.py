@@ -201,5 +201,5 @@ def test_recipe_carries_published_protocol():
     assert recipe["train"]["lr"] == 1e-4 and recipe["train"]["batch_size"] == 256
     assert recipe["train"]["ema_decay"] == 0.9999 and recipe["train"]["weight_decay"] == 0.0
     assert recipe["diffusion"]["schedule"] == {"type": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
-    assert recipe["sample"]["solver"] == {"type": "ddpm", "steps": 250}
+    assert recipe["sample"]["solver"] == {"type": "ddpm", "steps": 250, "variance": "learned"}  # learned sigma, as published
     assert recipe["sample"]["cfg"]["scale"] == 1.5 and recipe["data"]["vae_scale"] == 0.18215
