@@ -14,7 +14,11 @@ from zoo.parity import build_official_model, run_parity
 GOLDEN = Path(__file__).parent / "golden"
 RECIPES = Path(__file__).parents[1] / "recipes"
 FILES = ["golden_dimr_tiny_r2.pt", "golden_dimr_tiny_r3.pt"]
-TOL = 1e-5  # measured: ~1e-6 (the contract is 1e-4)
+# Float32 forward vs the float32 golden: measured 8.3e-7 here, the same under ZOO_SIN_ULP=±1 (these
+# models take time through time-dependent parameters, not sinusoids) and with scalar kernels;
+# 1e-5 leaves 12x for another CPU's accumulation order (the contract of zoo parity is 1e-4).
+TOL = 1e-5
+U32 = 2.0**-24  # float32 unit roundoff
 
 
 @pytest.fixture(scope="module", params=FILES)
@@ -56,14 +60,21 @@ def test_every_time_dependent_parameter(golden):
     for official, expected in data["tdp_values"].items():
         name = convert.zoo_key(f"{official}.param0", data["config"])[0].removesuffix(".p0")
         value = model.get_submodule(name)(tau)
-        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=f"{official} -> {name}")
+        # p1 + sigmoid(a tau + b) (p0 - p1) in float32 with |p0|, |p1| <= 2: another CPU's exp may move
+        # sigmoid by 4u relative (<= 16u after the product) and the product and sum round by 2u each
+        # on either side (8u): 24u = 1.4e-6.
+        torch.testing.assert_close(value, expected, rtol=0, atol=24 * U32 * 2, msg=f"{official} -> {name}")
 
 
 def test_multiscale_targets_and_loss(golden):
     data, _ = golden
     example = data["loss_example"]
     targets = multiscale_targets(example["eps"], data["outputs"])
-    assert _max_err(targets, example["targets"]) <= 1e-6
+    # Average pooling (a sum of 4, then a scale): at most 4 roundings of values <= |target|, twice.
+    scale = max(t.abs().max().item() for t in example["targets"])
+    assert _max_err(targets, example["targets"]) <= 8 * U32 * scale
+    # A float32 mean of 3*32*32*3 squares in another summation order: both within log2(9216) = 14
+    # roundings (pairwise), 28u = 1.7e-6 of the loss (~2.5); rtol 1e-6 + atol 1e-6 allows 3.5e-6.
     per_sample = multiscale_loss(data["outputs"], example["eps"], example["loss_coeffs"])
     torch.testing.assert_close(per_sample, example["per_sample_loss"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(per_sample.mean(), example["loss"], rtol=1e-6, atol=1e-6)
