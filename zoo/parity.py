@@ -52,7 +52,7 @@ def load_golden(path: str | Path) -> dict:
         raise UserError(f"{path} is not a golden file: it holds a {type(golden).__name__}, expected a dict with {EXPECTED}")
     missing = [k for k in required if k not in golden]
     if missing:
-        if all(isinstance(v, Tensor) for v in golden.values()):
+        if golden and all(isinstance(v, Tensor) for v in golden.values()):
             raise UserError(f"{path} is not a golden file but a state dict; expected a dict with {EXPECTED}")
         raise UserError(f"{path} is not a golden file: missing {', '.join(missing)} (expected a dict with {EXPECTED})")
     if not isinstance(golden["config"], dict) or not isinstance(golden["state_dict"], dict):
