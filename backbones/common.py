@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import PatchEmbed as TimmPatchEmbed
 from torch import Tensor, nn
 
 
-class PatchEmbed(TimmPatchEmbed):
-    """Non-overlapping patches as tokens (timm's ``PatchEmbed``): ``Conv2d(k = s = p)``, ``(B, C, H, W) -> (B, H/p · W/p, D)``.
-
-    No fixed image size (the backbone checks its input); the weights are ``proj.*`` as in DiT and U-ViT.
-    """
+class PatchEmbed(nn.Module):  # = timm.layers.PatchEmbed(img_size=None); importing timm adds 2.5-4 s (blocks/mlp.py)
+    """Non-overlapping patches as tokens: ``Conv2d(k = s = p)``, ``(B, C, H, W) -> (B, H/p · W/p, D)``."""
 
     def __init__(self, in_channels: int, dim: int, patch_size: int, bias: bool = True):
-        super().__init__(img_size=None, patch_size=patch_size, in_chans=in_channels, embed_dim=dim, bias=bias)
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 def unpatchify(x: Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> Tensor:

@@ -1,57 +1,58 @@
-"""Feed-forward layers a block uses after its second norm: timm's ``Mlp`` and ``GluMlp``.
+"""Feed-forward layers a block uses after its second norm: the plain MLP and GeGLU.
 
-zoo's registered names keep zoo's constructor (``dim``, ``hidden_features`` from the parent,
-``act`` as a recipe string); the layers themselves are timm's, so their state-dict keys are
-``fc1``/``fc2`` as in DiT, U-ViT and DiMR and official weights load unchanged.
+They do the job of timm's ``Mlp`` and ``GluMlp(gate_last=False)`` with the same ``fc1``/``fc2``
+keys and the same outputs (tests/test_integrations_timm.py checks both), but are not them:
+importing ``timm.layers`` imports torchvision and took 1.2-1.4x torch's own import time here
+(import torch is 2.1-3.1 s of a 3.6-4.6 s ``zoo build --flops``: +2.5-4 s, past the 5 s target).
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Annotated, Callable
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from timm.layers import GluMlp, Mlp as TimmMlp
-from torch import nn
-
-from zoo.domains import OneOf, Width
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "gelu": nn.GELU,  # exact (erf) GELU: U-ViT, DiMR
-    "gelu_tanh": partial(nn.GELU, approximate="tanh"),  # DiT
-    "silu": nn.SiLU,
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),  # exact (erf) GELU: U-ViT, DiMR
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # DiT
+    "silu": lambda: nn.SiLU(),
 }
-Activation = Annotated[str, OneOf(ACTIVATIONS, "activation")]
-
-
-def activation_layer(name: str) -> Callable[[], nn.Module]:
-    """The activation factory called ``name`` (one of ``ACTIVATIONS``), as timm's ``act_layer``."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 def make_activation(name: str) -> nn.Module:
     """An activation module by name (one of ``ACTIVATIONS``)."""
-    return activation_layer(name)()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
-class Mlp(TimmMlp):
-    """Linear -> activation -> Linear (the ViT/DiT/U-ViT MLP; timm's ``Mlp``, hidden 4·dim by default)."""
+class Mlp(nn.Module):  # = timm.layers.Mlp; not subclassed: importing timm adds 2.5-4 s per command (module doc)
+    """Linear -> activation -> Linear (the ViT/DiT/U-ViT MLP)."""
 
-    def __init__(self, dim: Width, hidden_features: Width | None = None, act: Activation = "gelu", bias: bool = True):
-        super().__init__(dim, hidden_features or 4 * dim, act_layer=activation_layer(act), bias=bias)
+    def __init__(self, dim: int, hidden_features: int | None = None, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        hidden_features = hidden_features or 4 * dim
+        self.fc1 = nn.Linear(dim, hidden_features, bias=bias)
+        self.act = make_activation(act)
+        self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
-class GeGluMlp(GluMlp):
-    """GeGLU feed-forward (Shazeer 2020): ``W2(GELU(W0 u) * W1 u)``, as in DiMR (timm's ``GluMlp``).
+class GeGluMlp(nn.Module):  # = timm.layers.GluMlp(gate_last=False, 2·hidden); same import-time reason
+    """GeGLU feed-forward (Shazeer 2020): ``W2(GELU(W0 u) * W1 u)``, as in DiMR.
 
     ``W0`` and ``W1`` are fused into one ``fc1`` of width ``2 * hidden`` (one GEMM instead of
-    two); the first half of its output is the gated (GELU) half (``gate_last=False``).
+    two); the first half of its output is the gated (GELU) half.
     """
 
-    def __init__(self, dim: Width, hidden_features: Width | None = None, act: Activation = "gelu", bias: bool = True):
+    def __init__(self, dim: int, hidden_features: int | None = None, act: str = "gelu", bias: bool = True):
+        super().__init__()
         hidden_features = hidden_features or 2 * dim
-        super().__init__(dim, 2 * hidden_features, act_layer=activation_layer(act), bias=bias, gate_last=False)
+        self.fc1 = nn.Linear(dim, 2 * hidden_features, bias=bias)
+        self.act = make_activation(act)
+        self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
 
-    def init_weights(self) -> None:
-        """Keep the parent's init: timm's gate init (bias 1, weight ~0) is not DiMR's trunc-normal one."""
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(gate) * value)

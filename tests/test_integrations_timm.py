@@ -114,19 +114,31 @@ def test_timm_files_still_load_through_timm(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
 
 
-def test_zoo_layers_are_timm_layers_with_unchanged_keys():
+def test_zoo_layers_do_what_timm_layers_do_with_the_same_keys():
+    """zoo keeps its own Mlp/GeGluMlp/PatchEmbed (blocks/mlp.py says why); they must equal timm's."""
     from timm.layers import GluMlp, Mlp, PatchEmbed
 
     from zoo.backbones.common import PatchEmbed as ZooPatchEmbed
     from zoo.blocks.mlp import GeGluMlp, Mlp as ZooMlp
 
-    assert issubclass(ZooMlp, Mlp) and issubclass(GeGluMlp, GluMlp) and issubclass(ZooPatchEmbed, PatchEmbed)
-    glu = GeGluMlp(8, 16).double()
-    assert {k: tuple(v.shape) for k, v in glu.state_dict().items()} == {
-        "fc1.weight": (32, 8), "fc1.bias": (32,), "fc2.weight": (8, 16), "fc2.bias": (8,)}
-    u = torch.randn(3, 8, dtype=torch.float64)
-    gate, value = glu.fc1(u).chunk(2, dim=-1)  # DiMR's GeGLU: the first half goes through GELU
-    assert torch.equal(glu(u), glu.fc2(torch.nn.functional.gelu(gate) * value))
-    before = glu.fc1.weight.clone()
-    glu.init_weights()  # timm's gate init must not replace DiMR's trunc-normal one
-    assert torch.equal(glu.fc1.weight, before)
+    pairs = [
+        (ZooMlp(8, 24, act="gelu_tanh"), Mlp(8, 24, act_layer=lambda: torch.nn.GELU(approximate="tanh")), (3, 5, 8)),
+        (GeGluMlp(8, 16), GluMlp(8, 32, act_layer=torch.nn.GELU, gate_last=False), (3, 5, 8)),
+        (ZooPatchEmbed(4, 8, 2), PatchEmbed(img_size=None, patch_size=2, in_chans=4, embed_dim=8), (2, 4, 8, 8)),
+    ]
+    for ours, theirs, shape in pairs:
+        ours, theirs = ours.double(), theirs.double()
+        theirs.load_state_dict(ours.state_dict(), strict=True)  # same keys, same shapes
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_building_a_model_does_not_import_timm():
+    """The reason zoo's layers are not timm's: importing timm (and torchvision) would slow every command."""
+    import subprocess
+    import sys
+
+    code = "import sys, zoo; zoo.build_model('dit_s_2'); print('timm' in sys.modules, 'torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -1,0 +1,98 @@
+"""The example plugin package (examples/zoo_plugin_example): its entry point adds a block recipes can name."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from fake_plugins import write_distribution
+
+import zoo
+from zoo import registry
+from zoo.conditioning.base import Conditioning, apply_gate
+from zoo.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
+    import tomli as tomllib
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "zoo_plugin_example"
+DIT = {"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 2,
+       "num_heads": 2, "class_dropout_prob": 0.1, "num_classes": 10}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and immune to other processes contending for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def on_path(*folders: Path) -> Iterator[None]:
+    """Make the distributions in ``folders`` importable and visible to the registry, then forget them."""
+    sys.path[:0] = [str(f) for f in folders]
+    registry.refresh()
+    try:
+        yield
+    finally:
+        for folder in folders:
+            sys.path.remove(str(folder))
+        sys.modules.pop("zoo_plugin_example", None)
+        registry.refresh()
+
+
+def _entry_points_txt() -> str:
+    """The example's ``[project.entry-points]`` from its pyproject.toml, as an installer writes them."""
+    groups = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]["entry-points"]
+    return "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for group, eps in groups.items())
+
+
+def _check_plugin_block() -> None:
+    entry = registry.find("block", "parallel_transformer")
+    assert (entry.source, entry.target) == ("zoo-plugin-example", "zoo_plugin_example:ParallelTransformerBlock")
+    torch.manual_seed(0)
+    parallel = zoo.build_model({**DIT, "block": "parallel_transformer"}).double().eval()
+    sequential = zoo.build_model(DIT).double().eval()
+    state = {k: torch.randn_like(v) for k, v in sequential.state_dict().items()}
+    parallel.load_state_dict(state), sequential.load_state_dict(state)  # same parts, same keys (strict)
+    block = parallel.blocks[0]
+    assert type(block).__name__ == "ParallelTransformerBlock"
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([10, 800]), torch.tensor([1, 10])
+    tokens, cond = torch.randn(2, 16, 32, dtype=torch.float64), Conditioning(t=t, emb=parallel.embed(t, y), y=y)
+    (h1, g1), (h2, g2) = block.norm1(tokens, cond), block.norm2(tokens, cond)
+    expected = tokens + apply_gate(block.attn(h1), g1) + apply_gate(block.mlp(h2), g2)  # both read the input
+    torch.testing.assert_close(block(tokens, cond), expected, rtol=0, atol=1e-12)
+    assert (parallel(x, t, y) - sequential(x, t, y)).abs().max() > 1e-3  # it is not the sequential block
+
+
+def test_recipes_cannot_name_the_block_until_the_plugin_is_installed():
+    with pytest.raises(UserError, match="unknown block 'parallel_transformer'.*zoo.blocks"):
+        zoo.build_model({**DIT, "block": "parallel_transformer"})
+
+
+def test_example_plugin_adds_a_block_through_its_entry_point(tmp_path):
+    write_distribution(tmp_path, "zoo-plugin-example", _entry_points_txt())  # what pip writes, from pyproject
+    with on_path(EXAMPLE, tmp_path):
+        _check_plugin_block()
+
+
+@pytest.mark.slow
+def test_example_plugin_pip_installs_and_works(tmp_path):
+    pytest.importorskip("setuptools", reason="building the example offline needs setuptools in this environment")
+    source, target = tmp_path / "src", tmp_path / "site"
+    shutil.copytree(EXAMPLE, source)  # pip builds in the source tree; keep the repository clean
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--target", str(target), str(source)], check=True)
+    assert (target / "zoo_plugin_example-0.1.0.dist-info" / "entry_points.txt").is_file()
+    with on_path(target):
+        _check_plugin_block()

@@ -1,0 +1,114 @@
+"""zoo parts from plain Python: a bare model-section dict, and Hydra-style ``_target_`` dotted paths."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import zoo
+from zoo.cli import main
+from zoo.errors import UserError
+
+DIMR = {"type": "dimr", "in_channels": 4, "input_size": 8, "num_classes": 11, "branches": [
+    {"dim": 16, "depth": 1, "patch_size": 2, "block": {"type": "transformer", "num_heads": 2, "mlp": "geglu_mlp"}},
+    {"dim": 8, "depth": 1, "patch_size": 1, "block": {"type": "convnext", "kernel_size": 3}}]}
+
+NAMED = """\
+model:
+  type: dit
+  input_size: 8
+  patch_size: 2
+  in_channels: 4
+  hidden_size: 32
+  depth: 2
+  num_heads: 2
+  num_classes: 10
+  block: transformer
+  mlp: {type: mlp, act: gelu_tanh}
+diffusion:
+  schedule: {type: linear, num_steps: 1000}
+"""
+TARGETS = """\
+model:
+  _target_: zoo.backbones.dit.DiT
+  input_size: 8
+  patch_size: 2
+  in_channels: 4
+  hidden_size: 32
+  depth: 2
+  num_heads: 2
+  num_classes: 10
+  block: {_target_: "zoo.blocks.transformer:TransformerBlock"}
+  mlp: {_target_: zoo.blocks.mlp.Mlp, act: gelu_tanh}
+diffusion:
+  schedule: {_target_: zoo.solvers.schedules.LinearSchedule, num_steps: 1000}
+"""
+
+
+def _built(recipe) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zoo.build_model(recipe).double().eval()
+
+
+def _inputs():
+    return torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([0.5, -2.0], dtype=torch.float64), torch.tensor([1, 10])
+
+
+def test_build_model_takes_a_bare_model_section():
+    bare, wrapped = _built(DIMR), _built({"model": DIMR})
+    assert type(bare).__name__ == "DiMR"
+    assert sum(p.numel() for p in bare.parameters()) == sum(p.numel() for p in wrapped.parameters())
+    x, t, y = _inputs()
+    assert torch.equal(bare(x, t, y)[-1], wrapped(x, t, y)[-1])  # same seed, same init, same model
+    typo = r"key model.branches.0.depht: unknown parameter 'depht' of BranchConfig.*did you mean depth"
+    with pytest.raises(UserError, match=typo):
+        zoo.build_model({**DIMR, "branches": [{**DIMR["branches"][0], "depht": 1}, DIMR["branches"][1]]})
+
+
+def test_target_paths_build_the_same_model_as_registered_names(tmp_path):
+    (tmp_path / "named.yaml").write_text(NAMED)
+    (tmp_path / "targets.yaml").write_text(TARGETS)
+    named, targets = _built(tmp_path / "named.yaml"), _built(tmp_path / "targets.yaml")
+    assert [type(m) for m in targets.modules()] == [type(m) for m in named.modules()]
+    x, t, y = _inputs()
+    t = torch.tensor([3, 900])
+    assert torch.equal(targets(x, t, y), named(x, t, y))
+    recipe = zoo.load_recipe(tmp_path / "targets.yaml")  # the schedule (not an nn.Module, but registered) validates too
+    assert recipe["diffusion"]["schedule"]["_target_"] == "zoo.solvers.schedules.LinearSchedule"
+    assert main(["build", str(tmp_path / "targets.yaml")]) == 0
+
+
+def _error(tmp_path, text: str) -> UserError:
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(UserError) as info:
+        zoo.load_recipe(tmp_path / "bad.yaml")
+    return info.value
+
+
+def test_target_kwargs_are_checked_like_a_registered_name(tmp_path):
+    by_target = _error(tmp_path, TARGETS.replace("  depth: 2", "  depht: 2"))
+    by_name = _error(tmp_path, NAMED.replace("  depth: 2", "  depht: 2"))
+    assert (by_target.line, by_target.key_path, by_target.suggestion) == (by_name.line, by_name.key_path, by_name.suggestion)
+    assert (by_target.line, by_target.suggestion) == (7, "did you mean depth?")
+    assert "unknown parameter 'depht' of backbone 'zoo.backbones.dit.DiT'" in str(by_target)
+    nested = _error(tmp_path, TARGETS.replace("act: gelu_tanh", "actt: gelu_tanh"))
+    assert (nested.line, nested.key_path, nested.suggestion) == (11, "model.mlp.actt", "did you mean act?")
+    assert main(["build", str(tmp_path / "bad.yaml")]) == 2
+
+
+@pytest.mark.parametrize("target, message", [
+    ("zoo.backbones.nope.DiT", "cannot import _target_ 'zoo.backbones.nope.DiT': ModuleNotFoundError"),
+    ("zoo.backbones.dit.DiTT", "cannot import _target_ 'zoo.backbones.dit.DiTT': AttributeError"),
+    ("collections.OrderedDict", "is not an nn.Module subclass nor a registered component"),
+    ("DiT", "must be a dotted path pkg.module.Class"),
+])
+def test_target_that_is_not_an_importable_module_class_is_one_clear_error(tmp_path, target, message):
+    err = _error(tmp_path, TARGETS.replace("zoo.backbones.dit.DiT", target))
+    assert message in str(err) and (err.line, err.key_path) == (2, "model._target_")
+
+
+def test_target_and_type_together_is_an_error(tmp_path):
+    err = _error(tmp_path, TARGETS.replace("model:\n", "model:\n  type: dit\n"))
+    assert "give type or _target_, not both" in str(err)
