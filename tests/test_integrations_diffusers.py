@@ -146,6 +146,7 @@ def test_export_cli_writes_the_diffusers_layout_atomically(tmp_path):
     save_checkpoint(tmp_path / "ckpt", model, zoo.load_recipe(DIT), ema=ema)
     out = tmp_path / "hf"
     assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors", "zoo_export.json"]
     loaded = ZooTransformer2DModel.from_pretrained(out)
     assert all(torch.equal(v, ema[k]) for k, v in loaded.backbone.state_dict().items())  # EMA weights by default
     assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(out)]) == 2  # no silent replace

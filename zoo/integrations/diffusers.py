@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,6 +34,7 @@ import zoo
 from zoo.errors import UserError
 
 PIPELINE_NULL_LABEL = 1000  # the label DiTPipeline passes for the unconditional half
+EXPORT_RECORD, EXPORT_FORMAT = "zoo_export.json", "zoo-diffusers-export/1"  # written last: the export is complete
 NAMED_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear"}  # zoo name -> diffusers beta_schedule
 
 
@@ -170,38 +169,30 @@ def to_diffusers(source: nn.Module | str | Path, recipe: str | Path | dict | Non
 
 
 def export(checkpoint: str | Path, out: str | Path, use_ema: bool = True, force: bool = False) -> Path:
-    """Write checkpoint ``checkpoint`` as a diffusers model directory ``out``, atomically.
+    """Write checkpoint ``checkpoint`` as a diffusers model directory ``out`` (crash-safe, :mod:`zoo.atomic`).
 
-    ``out`` must be new or an empty directory; with ``force`` it may also be a previous export
-    (its config names this class), which is replaced. Nothing else is ever replaced.
+    ``out`` holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` as ``save_pretrained``
+    writes them, and ``zoo_export.json``, which lists them and marks the directory as zoo's. ``out``
+    must be new or an empty directory; with ``force`` it may also be a previous export, which is
+    replaced. Nothing else is ever replaced.
     """
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        if not _is_export(out):
-            raise UserError(f"{out} exists and is not a zoo diffusers export; it is left alone",
+    from zoo import atomic
+
+    def replace(target: Path) -> None:
+        if target.is_dir() and not any(target.iterdir()):
+            return
+        if not atomic.is_sealed(target, EXPORT_RECORD):
+            raise UserError(f"{target} exists and is not a zoo diffusers export; it is left alone",
                             suggestion="choose another --out")
         if not force:
-            raise UserError(f"{out} already holds an export", suggestion="pass --force to replace it")
-    wrapper = to_diffusers(checkpoint, use_ema=use_ema)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        wrapper.save_pretrained(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # the previous export stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+            raise UserError(f"{target} already holds an export", suggestion="pass --force to replace it")
 
+    out = Path(out)
+    if out.exists():
+        replace(out)  # refuse before the model is loaded
+    from zoo.integrations.checkpoints import load_preferred
 
-def _is_export(path: Path) -> bool:
-    try:
-        return json.loads((path / "config.json").read_text()).get("_class_name") == ZooTransformer2DModel.__name__
-    except (OSError, ValueError, AttributeError):
-        return False
+    model, recipe, weights = load_preferred(checkpoint, use_ema)
+    wrapper = to_diffusers(model, recipe)
+    payload = {"format": EXPORT_FORMAT, "checkpoint": str(checkpoint), "weights": weights}
+    return atomic.write_dir(out, wrapper.save_pretrained, EXPORT_RECORD, payload, replace=replace)
