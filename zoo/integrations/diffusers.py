@@ -109,7 +109,8 @@ def scheduler_kwargs(schedule: Mapping[str, Any]) -> dict[str, Any]:
                         "discrete DDPM betas", suggestion="use a linear or scaled_linear schedule")
     out: dict[str, Any] = {"num_train_timesteps": int(built.num_steps)}
     if schedule.get("type") in NAMED_SCHEDULES:
-        out.update(beta_schedule=NAMED_SCHEDULES[schedule["type"]], beta_start=built.beta_start, beta_end=built.beta_end)
+        out.update(beta_schedule=NAMED_SCHEDULES[schedule["type"]],
+                   beta_start=built.beta_start, beta_end=built.beta_end)
     else:
         out["trained_betas"] = betas.tolist()
     return out
@@ -154,7 +155,8 @@ def to_diffusers(source: nn.Module | str | Path, recipe: str | Path | dict | Non
     """
     if isinstance(source, nn.Module):
         if recipe is None:
-            raise UserError("to_diffusers(model) needs the model's recipe", suggestion="to_diffusers(model, recipe=...)")
+            raise UserError("to_diffusers(model) needs the model's recipe",
+                            suggestion="to_diffusers(model, recipe=...)")
         model, full = source, zoo.load_recipe(recipe)
     else:
         from zoo.integrations.checkpoints import load_preferred

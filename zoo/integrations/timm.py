@@ -64,7 +64,8 @@ def model_overrides(kwargs: dict[str, Any]) -> list[str]:
         try:
             texts.append(f"model.{key}={json.dumps(value)}")  # JSON is YAML: the value reads back unchanged
         except TypeError:
-            raise UserError(f"{key}={value!r}: a model option must be plain data (numbers, strings, lists, dicts)") from None
+            raise UserError(f"{key}={value!r}: a model option must be plain data "
+                            "(numbers, strings, lists, dicts)") from None
     return texts
 
 
@@ -74,7 +75,8 @@ def create(name: str, recipe: str, pretrained: bool = False, pretrained_cfg: Any
     """Build ``recipe``'s model with ``options`` as model overrides (what ``timm.create_model(name)`` calls)."""
     if pretrained or pretrained_cfg is not None or pretrained_cfg_overlay is not None:
         raise UserError(f"{name} has no downloadable weights (pretrained=True, pretrained_cfg); zoo downloads "
-                        "nothing", suggestion="pass checkpoint_path=DIR, a zoo checkpoint directory (zoo train/convert write one)")
+                        "nothing",
+                        suggestion="pass checkpoint_path=DIR, a zoo checkpoint directory (zoo train/convert write one)")
     overrides = model_overrides(options)
     try:
         resolved = resolve(recipe, overrides)
