@@ -8,14 +8,19 @@ importing ``timm.layers`` imports torchvision and took 1.2-1.4x torch's own impo
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.domains import OneOf, Width
 
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),  # exact (erf) GELU: U-ViT, DiMR
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # DiT
     "silu": lambda: nn.SiLU(),
 }
+Activation = Annotated[str, OneOf(ACTIVATIONS, "activation")]
 
 
 def make_activation(name: str) -> nn.Module:
@@ -28,7 +33,7 @@ def make_activation(name: str) -> nn.Module:
 class Mlp(nn.Module):  # = timm.layers.Mlp; not subclassed: importing timm adds 2.5-4 s per command (module doc)
     """Linear -> activation -> Linear (the ViT/DiT/U-ViT MLP)."""
 
-    def __init__(self, dim: int, hidden_features: int | None = None, act: str = "gelu", bias: bool = True):
+    def __init__(self, dim: Width, hidden_features: Width | None = None, act: Activation = "gelu", bias: bool = True):
         super().__init__()
         hidden_features = hidden_features or 4 * dim
         self.fc1 = nn.Linear(dim, hidden_features, bias=bias)
@@ -46,7 +51,7 @@ class GeGluMlp(nn.Module):  # = timm.layers.GluMlp(gate_last=False, 2·hidden); 
     two); the first half of its output is the gated (GELU) half.
     """
 
-    def __init__(self, dim: int, hidden_features: int | None = None, act: str = "gelu", bias: bool = True):
+    def __init__(self, dim: Width, hidden_features: Width | None = None, act: Activation = "gelu", bias: bool = True):
         super().__init__()
         hidden_features = hidden_features or 2 * dim
         self.fc1 = nn.Linear(dim, 2 * hidden_features, bias=bias)
