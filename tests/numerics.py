@@ -26,6 +26,7 @@ moves every float32 sinusoid argument by one ulp, emulating another CPU on this 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, Iterator
 
@@ -153,3 +154,29 @@ def propagated_bound(model: torch.nn.Module, inputs: tuple, features: Tensor, de
             o = o.view(2 * n, -1, *o.shape[1:])
             acc[rows] += ((o[:n] - o[n:]).abs() / 2).sum(0)
     return [2 * t for t in total]
+
+
+@functools.lru_cache(maxsize=None)
+def dit_cfg_budget() -> tuple[Tensor, Tensor]:
+    """Time features and output error budget for the DiT golden file's ``cfg_test`` (computed once).
+
+    Its t = 250, 700 are not in the file's ``aux`` tables, so ours are used and may be up to
+    ``sinusoid_bound`` from the generator's; carried through the float64 model on
+    ``[x[:2]; x[:2]]`` and through the guidance rule ``u + s (c - u)`` on channels 0..2, which
+    moves by at most ``s dc + |1 - s| du``. Rows: cond then uncond, as the official call.
+    """
+    import copy
+    from pathlib import Path
+
+    from zoo.parity import build_official_model
+
+    golden = torch.load(Path(__file__).parent / "golden" / "golden_dit_tiny.pt", weights_only=True)
+    case, aux = golden["cfg_test"], golden["aux"]
+    x, t, y, s = (case["inputs"][k] for k in ("x", "t", "y", "cfg_scale"))
+    features, delta = golden_features(aux["timestep_embedding_t"], aux["timestep_embedding_dim256"], t, 256)
+    model = copy.deepcopy(build_official_model("dit", golden["config"], golden["state_dict"])).double()
+    half = x[: len(x) // 2]
+    (raw,) = propagated_bound(model, (torch.cat([half, half]).double(), t, y), features, delta)
+    cond, uncond = raw[:, :3].chunk(2)
+    guided = s * cond + abs(1 - s) * uncond
+    return features, torch.cat([torch.cat([guided, guided]), raw[:, 3:]], dim=1)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import dit_cfg_budget, fixed_sinusoid
 
 from zoo.backbones.dit import DiT
 from zoo.convert.dit import convert_state_dict
@@ -54,14 +55,16 @@ def test_dit_golden_cfg_test_with_three_guided_channels():
     x, t, y = case["inputs"]["x"][:b], case["inputs"]["t"][:b], case["inputs"]["y"][:b]
     assert torch.equal(case["inputs"]["y"][b:], torch.full_like(y, g["config"]["num_classes"]))
     kwargs = dict(y=y, scale=case["inputs"]["cfg_scale"], convention="dit", null_label=g["config"]["num_classes"], eps_channels=4)
-    with torch.no_grad():
+    features, bound = dit_cfg_budget()  # t = 250, 700: our sinusoid's cross-CPU error, propagated
+    with torch.no_grad(), fixed_sinusoid(features):
         out = GuidedModel(model, lambda t: t, channels=3, **kwargs).full_output(x, t)
         all_four = GuidedModel(model, lambda t: t, **kwargs).full_output(x, t)
     assert out.shape == (b, 8, 16, 16)
-    assert (out - case["outputs"][:b]).abs().max() < 1e-5
+    # Float32 round-off: ~1.7e-6 per pass, times (s + |1 - s|) / 2 = 3.5 for scale 4, is 6e-6 < 1e-5.
+    assert ((out - case["outputs"][:b]).abs() <= 1e-5 + bound[:b]).all()
     # Channel 3 is where the quirk shows: guiding all four channels does not reproduce it.
     assert (all_four[:, 3] - case["outputs"][:b, 3]).abs().max() > 1e-2
-    assert (all_four[:, :3] - case["outputs"][:b, :3]).abs().max() < 1e-5
+    assert ((all_four[:, :3] - case["outputs"][:b, :3]).abs() <= 1e-5 + bound[:b, :3]).all()
 
 
 def test_one_batched_forward_with_null_labels():

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from numerics import fixed_sinusoid, golden_features, propagated_bound
+from numerics import dit_cfg_budget, fixed_sinusoid, golden_features, propagated_bound
 
 from zoo.errors import UserError
 from zoo.parity import build_official_model, run_parity
@@ -90,17 +90,8 @@ def _dit_cfg(model, x, t, y, scale: float) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def cfg_budget(golden, model):
-    """Like :func:`budget` for ``cfg_test`` (t = 250, 700: no generator features held), carried
-    through the guidance rule: ``|u + s(c - u)|`` moves by at most ``s·dc + |1 - s|·du``."""
-    case = golden["cfg_test"]
-    x, t, y, s = (case["inputs"][k] for k in ("x", "t", "y", "cfg_scale"))
-    features, delta = _features(golden, t)
-    half = x[: len(x) // 2]
-    (raw,) = propagated_bound(copy.deepcopy(model).double(), (torch.cat([half, half]).double(), t, y), features, delta)
-    cond, uncond = raw[:, :3].chunk(2)
-    guided = s * cond + abs(1 - s) * uncond
-    return features, torch.cat([torch.cat([guided, guided]), raw[:, 3:]], dim=1)
+def cfg_budget():
+    return dit_cfg_budget()  # shared with tests/test_guidance.py, computed once
 
 
 def test_cfg_semantics(golden, model, cfg_budget):
