@@ -17,7 +17,7 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, Iterator, TypeVar
 
 from .errors import UserError, did_you_mean
 
@@ -27,6 +27,7 @@ GROUPS: dict[str, str] = {
     "backbone": "zoo.backbones",
     "solver": "zoo.solvers",
     "schedule": "zoo.schedules",
+    "dataset": "zoo.datasets",
     "extractor": "zoo.extractors",
 }
 KINDS: tuple[str, ...] = tuple(GROUPS)
@@ -131,6 +132,22 @@ def check_kind(kind: str) -> str:
 def names(kind: str) -> list[str]:
     """Sorted registered names of ``kind`` (imports nothing)."""
     return sorted(_table(kind))
+
+
+class Names(Collection[str]):
+    """The registered names of one kind, read each time it is used (a plugin installed later counts)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = check_kind(kind)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _table(self.kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names(self.kind))
+
+    def __len__(self) -> int:
+        return len(_table(self.kind))
 
 
 def entries(kind: str) -> list[Entry]:

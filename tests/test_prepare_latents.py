@@ -1,0 +1,160 @@
+"""zoo prepare-latents on a tiny random diffusers VAE and generated PNGs; the latents dataset that
+reads its output; the one-line errors of the paper recipes without data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from zoo.cli import main
+from zoo.latents import MANIFEST, PLAN, encode_moments, load_encoder, prepare_latents, shard_name
+from zoo.training.crop import adm_center_crop, to_tensor
+from zoo.training.data import build_dataset
+
+RES = 16
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=RES)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Two classes, ten images of several shapes (landscape, portrait, large enough to be box-halved)."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(1)
+    sizes = [(40, 24), (20, 33), (64, 70), (16, 16), (50, 17)]
+    for c in ("n02", "n01"):
+        (root / c).mkdir()
+        for i, (w, h) in enumerate(sizes):
+            pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / c / f"{c}_{i}.JPEG" if i % 2 else root / c / f"{c}_{i}.png")
+    return root
+
+
+def test_adm_center_crop_box_halves_then_bicubic_and_centres():
+    # A 1-pixel 0/255 checkerboard: BOX halving averages each 2x2 cell to 127.5 -> uniform grey
+    # (a plain bicubic resize would alias); the result is size x size.
+    board = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 255).to(torch.uint8)
+    out = adm_center_crop(Image.fromarray(board.numpy()).convert("RGB"), 16)
+    assert out.size == (16, 16)
+    assert to_tensor(out).unique().tolist() == to_tensor(Image.new("RGB", (1, 1), (128,) * 3)).unique().tolist()
+    # A 2:1 image, left half black, right half white: the centre crop keeps 8 black, 8 white columns.
+    half = torch.zeros(32, 64, dtype=torch.uint8)
+    half[:, 32:] = 255
+    cols = to_tensor(adm_center_crop(Image.fromarray(half.numpy()).convert("RGB"), 16))[0, 0]
+    assert (cols[:7] == -1).all() and (cols[9:] == 1).all()
+
+
+def test_prepare_latents_shards_manifest_and_moments(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    args = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),
+            "--batch-size", "3", "--shard-size", "4", "--workers", "0"]
+    assert main(args) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["num_images"] == 10 and manifest["classes"] == ["n01", "n02"]
+    assert [s["num_images"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["latent_shape"] == [4, 8, 8] and manifest["resolution"] == RES
+    assert manifest["vae"]["scaling_factor"] == pytest.approx(0.18215) and len(manifest["vae"]["sha256"]) == 64
+    shard = load_file(str(out / shard_name(1)))
+    assert shard["mean"].shape == shard["std"].shape == (4, 2, 4, 8, 8)
+    assert shard["labels"].tolist() == [0, 1, 1, 1]  # images 4..7: the last n01 and the first three n02
+
+    # Image 5 (n02_0.png) recomputed by hand: crop, encode, and the flip is the flipped image's encoding.
+    vae, _ = load_encoder(vae_dir)
+    with Image.open(image_dir / "n02" / "n02_0.png") as im:
+        x = to_tensor(adm_center_crop(im.convert("RGB"), RES))[None]
+    with torch.no_grad():
+        posterior = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    # float32 convolutions of a batch of 3 vs 2 may sum in another order: ~1e-7 relative, values O(1)
+    torch.testing.assert_close(shard["mean"][1], posterior.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shard["std"][1], posterior.std, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shard["mean"][1, 0], shard["mean"][1, 1])  # the two views differ
+
+    # Resume: a lost shard (and manifest) is re-encoded; whole shards are not touched.
+    kept = {k: os.stat(out / shard_name(k)).st_mtime_ns for k in (0, 2)}
+    (out / shard_name(1)).unlink()
+    (out / MANIFEST).unlink()
+    assert main(args) == 0
+    assert {k: os.stat(out / shard_name(k)).st_mtime_ns for k in (0, 2)} == kept
+    torch.testing.assert_close(load_file(str(out / shard_name(1)))["mean"], shard["mean"], atol=1e-5, rtol=1e-5)
+    assert (out / MANIFEST).is_file()
+
+    # Other settings into the same directory: refused, nothing written.
+    assert main(args[:-6] + ["--resolution", "8", "--shard-size", "4", "--workers", "0"]) == 2
+
+
+def test_ranks_split_the_shards_and_the_last_one_writes_the_manifest(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    kw = dict(resolution=RES, batch_size=4, shard_size=3, num_workers=0)
+    assert prepare_latents(image_dir, vae_dir, out, rank=1, world=2, **kw) is False
+    assert sorted(p.name for p in out.glob("shard_*")) == [shard_name(1), shard_name(3)]
+    assert not (out / MANIFEST).exists() and (out / PLAN).is_file()
+    with pytest.raises(Exception, match="unfinished zoo prepare-latents"):
+        build_dataset({"dataset": "latents", "root": str(out)}, (4, 8, 8), 2)
+    assert prepare_latents(image_dir, vae_dir, out, rank=0, world=2, **kw) is True
+    assert len(json.loads((out / MANIFEST).read_text())["shards"]) == 4
+
+
+def test_latent_dataset_draws_from_the_posterior_of_a_random_view(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    ds = build_dataset({"dataset": "imagenet", "latent": True, "root": str(out), "vae_scale": 0.18215}, (4, 8, 8), 2)
+    assert len(ds) == 10 and ds.labels.tolist() == [0] * 5 + [1] * 5
+    mean, std = ds.moments(7)
+    torch.manual_seed(3)
+    z, y = ds[7]
+    torch.manual_seed(3)
+    view = int(torch.randint(2, ()))
+    expected = 0.18215 * (mean[view] + std[view] * torch.randn(4, 8, 8))
+    torch.testing.assert_close(z, expected, atol=0, rtol=0)
+    assert y == 1
+    views = set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        z, _ = ds[7]
+        views.add(min(range(2), key=lambda v: (z / 0.18215 - mean[v]).abs().mean().item()))
+    assert views == {0, 1}  # both the image and its flip are drawn
+    with pytest.raises(Exception, match="vae_scale"):
+        build_dataset({"dataset": "latents", "root": str(out), "vae_scale": 0.13025}, (4, 8, 8), 2)
+
+
+@pytest.mark.slow
+def test_a_latent_recipe_trains_from_prepared_latents(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    sets = ["--set", f"data.root={out}", "--set", "data.num_classes=2", "--set", "train.batch_size=4",
+            "--set", "train.sample_every=0", "--set", "train.ckpt_every=0", "--set", "train.log_every=1"]
+    assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run"), "--steps", "3",
+                 "--device", "cpu", *sets]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("recipe, words", [
+    ("recipes/dimr_xl_2r.yaml", ["ImageNet 256x256 latents", "Stable Diffusion VAE", "zoo prepare-latents",
+                                 "--set data.root="]),
+    ("recipes/uvit_m_4.yaml", ["ImageNet images at 64x64", "root/CLASS/*.JPEG", "--set data.root="]),
+    ("recipes/dimr_m_3r.yaml", ["ImageNet images at 64x64", "root/CLASS/*.JPEG", "--set data.root="]),
+])
+def test_paper_recipes_without_data_say_what_they_need_in_one_line(tmp_path, capsys, recipe, words):
+    assert main(["train", recipe, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("zoo: error:")
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "run" / "last").exists()

@@ -1,0 +1,61 @@
+"""``zoo prepare-latents IMAGE_DIR --vae VAE_DIR --out DIR``: encode an image folder into VAE latents once.
+
+    zoo prepare-latents /data/imagenet/train --vae /weights/sd-vae-ft-ema --out /data/in256_latents
+    torchrun --nproc_per_node 8 -m zoo prepare-latents /data/imagenet/train --vae ... --out ...   # 8 GPUs share the shards
+    zoo train recipes/dimr_xl_2r.yaml --out runs/dimr --set data.root=/data/in256_latents
+
+ADM centre crop to ``--resolution``, the VAE posterior (mean, std) of each image and of its
+horizontal flip, labels from the sorted class folders; shards are written atomically and a
+re-run finishes an interrupted one (see :mod:`zoo.latents`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("prepare-latents", help="encode an ImageNet-style image folder into VAE latents",
+                              description="Encode IMAGE_DIR/CLASS/* into SD-VAE posterior moments (image and "
+                              "flip) for latent recipes; resumable; splits the shards across torchrun ranks.")
+    p.add_argument("image_dir", metavar="IMAGE_DIR", help="image folder laid out as IMAGE_DIR/CLASS/*.JPEG")
+    p.add_argument("--vae", required=True, metavar="VAE_DIR",
+                   help="local VAE weights (diffusers directory with config.json, or the SD KL-f8 VAE weights)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (shards + manifest.json)")
+    p.add_argument("--resolution", type=int, default=256, help="image side after the ADM centre crop (default 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE batch (default 32)")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard file (default 10000)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image-decoding processes (default: up to 8)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="storage type of the moments (default float32; float16 halves the disk)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: this rank's GPU if there is one)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from zoo.errors import UserError
+    from zoo.latents import prepare_latents
+
+    for name in ("resolution", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
+                               batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+                               dtype=args.dtype, device=device, rank=rank, world=world,
+                               progress=tqdm if rank == 0 else None)
+    if complete:
+        print(f"zoo prepare-latents: done; train with --set data.root={args.out}")
+    else:
+        print(f"zoo prepare-latents: rank {rank} done; the rank that finishes last writes {args.out}/manifest.json")
+    return 0

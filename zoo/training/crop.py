@@ -1,0 +1,28 @@
+"""ADM's centre crop (guided-diffusion ``center_crop_arr``), which DiT, U-ViT, DiMR, fast-DiT and
+REPA all use to make ImageNet training images: halve with BOX filtering while the short side is at
+least twice the target (cheap antialiasing), resize the short side to the target with BICUBIC,
+then cut out the centre square."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def adm_center_crop(image, size: int):
+    """A ``size``×``size`` PIL image cut from the centre of ``image`` (a PIL image) the ADM way."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image) -> Tensor:
+    """An RGB PIL image as float (3, H, W) in [-1, 1]."""
+    rgb = image.convert("RGB")
+    x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0

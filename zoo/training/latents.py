@@ -1,0 +1,95 @@
+"""The ``latents`` dataset: what ``zoo prepare-latents`` writes, or plain pre-sampled latent shards.
+
+With a ``manifest.json`` (see :mod:`zoo.latents`) every item is a fresh draw from the VAE
+posterior of a random view (the image or its flip): z = vae_scale·(mean + std·ε), as fast-DiT
+and REPA train. Shards are opened lazily and read one row at a time (memory-mapped), so the
+whole of ImageNet never has to fit in memory. The draws use torch's global RNG: with
+``data.num_workers: 0`` the trainer saves and restores it, so a resumed run sees the same
+latents; worker processes draw from their own seeded RNGs.
+
+Without a manifest the directory holds plain ``latents``/``labels`` shards
+(:func:`zoo.training.data.latent_dataset`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from zoo.errors import UserError
+from zoo.latents import FORMAT, MANIFEST, PLAN
+
+
+class LatentMoments(Dataset):
+    """``(z, label)`` with z sampled from the stored posterior moments of a random view."""
+
+    def __init__(self, root: Path, vae_scale: float) -> None:
+        manifest = json.loads((root / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"{root / MANIFEST} is not a zoo prepare-latents manifest (format {manifest.get('format')!r})")
+        self.root, self.manifest, self.vae_scale = root, manifest, float(vae_scale)
+        self.shards = manifest["shards"]
+        self.starts = [s["start"] for s in self.shards]
+        self.labels = torch.tensor(self._read_labels(), dtype=torch.int64)
+        self._open: dict[int, object] = {}
+
+    def _read_labels(self) -> list[int]:
+        from safetensors import safe_open
+
+        labels = []
+        for s in self.shards:
+            path = self.root / s["file"]
+            if not path.is_file():
+                raise UserError(f"latent shard {path} is missing (the manifest lists it)",
+                                suggestion="re-run zoo prepare-latents with the same arguments to write it")
+            with safe_open(str(path), framework="pt") as f:
+                labels += f.get_tensor("labels").tolist()
+        return labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _shard(self, k: int):
+        if k not in self._open:  # opened in the process that reads (DataLoader workers open their own)
+            from safetensors import safe_open
+
+            self._open[k] = safe_open(str(self.root / self.shards[k]["file"]), framework="pt")
+        return self._open[k]
+
+    def moments(self, index: int) -> tuple[Tensor, Tensor]:
+        """``mean`` and ``std`` (2, C, h, w) of item ``index`` (view 0 the image, 1 its flip), unscaled."""
+        k = bisect.bisect_right(self.starts, index) - 1
+        f, row = self._shard(k), index - self.starts[k]
+        return f.get_slice("mean")[row].float(), f.get_slice("std")[row].float()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        mean, std = self.moments(index)
+        view = int(torch.randint(2, ()))
+        z = mean[view] + std[view] * torch.randn(mean.shape[1:])
+        return z * self.vae_scale, int(self.labels[index])
+
+    def __getstate__(self) -> dict:  # safetensors handles do not pickle; workers reopen
+        return {**self.__dict__, "_open": {}}
+
+
+def open_latents(root: Path, vae_scale: float) -> Dataset:
+    """A ``zoo prepare-latents`` output directory, or a directory of plain latent shards."""
+    from zoo.training.data import latent_dataset
+
+    if (root / MANIFEST).is_file():
+        dataset = LatentMoments(root, vae_scale)
+        scale = dataset.manifest.get("vae", {}).get("scaling_factor")
+        if scale is not None and abs(scale - vae_scale) > 1e-6 * scale:
+            raise UserError(f"the latents in {root} come from a VAE with scaling factor {scale}, "
+                            f"the recipe's data.vae_scale is {vae_scale}", key_path="data.vae_scale",
+                            suggestion=f"--set data.vae_scale={scale}")
+        return dataset
+    if (root / PLAN).is_file():
+        raise UserError(f"{root} holds an unfinished zoo prepare-latents run (no {MANIFEST} yet)",
+                        suggestion="run the same zoo prepare-latents command again to finish it")
+    return latent_dataset(root, vae_scale)
