@@ -78,7 +78,8 @@ def _recipe(name: str, spec: dict, overrides: list[str] = ()) -> dict:
     return recipe
 
 
-def _zoo(model, recipe, **request) -> torch.Tensor:
+def _zoo(model, recipe, **request) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, samples) of the zoo pipeline: given noise, labels [3, 7], the recipe plus ``request`` options."""
     x_T = torch.randn(len(LABELS), 4, 16, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
     x, y = sample_latents(model, recipe, SampleRequest(class_labels=LABELS, x_T=x_T, seed=SEED, **request))
     assert x.dtype == F64 and y.tolist() == LABELS
