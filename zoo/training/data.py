@@ -3,7 +3,7 @@
 - ``synthetic``: ``data.size`` deterministic images of the model's input shape (class-coloured,
   smooth), for smoke tests and benchmarks.
 - ``image_folder``: ``root/CLASS/*.png|jpg`` (classes sorted, as torchvision's ImageFolder);
-  shorter side resized to ``image_size``, centre-cropped, scaled to [−1, 1].
+  ADM's centre crop to ``image_size`` (``zoo.training.crop``), scaled to [−1, 1].
 - ``latents``: ``root/*.safetensors`` shards with ``latents`` (N, C, H, W) and ``labels`` (N,).
   Latents are stored as the VAE encoder gives them and multiplied by ``data.vae_scale`` here,
   unless the shard's metadata says ``{"scaled": "true"}`` (then used as stored).
@@ -55,15 +55,10 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         path, label = self.items[index]
+        from zoo.training.crop import adm_center_crop, to_tensor
+
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            s = self.image_size
-            scale = s / min(im.size)
-            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
-            left, top = (im.width - s) // 2, (im.height - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(s, s, 3)
-        return x.permute(2, 0, 1).float() / 127.5 - 1.0, label
+            return to_tensor(adm_center_crop(im.convert("RGB"), self.image_size)), label
 
 
 def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
@@ -98,18 +93,20 @@ def _root(data: Mapping[str, Any], kind: str) -> Path:
 
 
 def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
-    """The dataset the ``data`` section names; ``shape`` is the model's (C, H, W)."""
+    """The dataset the ``data`` section names (a ``dataset`` registry entry); ``shape`` is the model's (C, H, W)."""
+    from zoo import registry
+
     kind = data.get("dataset", "synthetic")
-    if kind == "imagenet":
-        kind = "latents" if data.get("latent") else "image_folder"
-    if kind == "synthetic":
-        return synthetic_dataset(shape, int(data.get("size", 64)), num_classes, seed)
-    root = _root(data, "latent shards" if kind == "latents" else "images")
-    ds = latent_dataset(root, float(data.get("vae_scale", 0.18215))) if kind == "latents" else \
-        ImageFolder(root, int(data.get("image_size", shape[-1])))
+    builder = registry.get("dataset", kind)
+    splits = getattr(builder, "splits", ("train",))  # a builder with more splits lists them
+    if data.get("split", "train") not in splits:
+        raise UserError(f"dataset {kind!r} has no {data['split']!r} split; it has {', '.join(splits)}",
+                        key_path="data.split", suggestion="remove data.split or pick one of those")
+    ds = builder(data, shape, num_classes, seed)
     if len(ds) == 0:
-        what = "*.safetensors shards" if kind == "latents" else "images in class subfolders (root/CLASS/*.png)"
-        raise UserError(f"data.root {root} holds no {what}", key_path="data.root",
+        latent = kind == "latents" or (kind == "imagenet" and data.get("latent"))
+        what = "*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png)"
+        raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
                         suggestion="point data.root at a directory with data")
     return ds
 
