@@ -45,7 +45,7 @@ class Recipe:
 
 
 def find_recipe(path: str | Path) -> Path:
-    """``path`` itself, or else the recipe of that name shipped in ``zoo.recipes``."""
+    """``path`` itself, or else the shipped recipe at that place in ``zoo.recipes`` (a bare name, or ``recipes/...``)."""
     path = Path(path)
     if path.is_file():
         return path
@@ -54,9 +54,9 @@ def find_recipe(path: str | Path) -> Path:
     shipped = resources.files("zoo.recipes")
     name = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
     relative = Path(*path.parts[1:]) if path.parts[:1] == ("recipes",) else path
-    for candidate in (shipped.joinpath(str(relative.parent), name), shipped.joinpath(name)):
-        if candidate.is_file():
-            return Path(str(candidate))
+    candidate = shipped.joinpath(str(relative.parent), name)  # dit_s_2, recipes/ablation/row1_uvit_m4.yaml
+    if candidate.is_file():  # but never runs/x/dit_s_2.yaml: a missing file is not a shipped recipe's name
+        return Path(str(candidate))
     known = sorted(p.name for p in shipped.iterdir() if p.name.endswith(".yaml"))
     raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)", suggestion=did_you_mean(name, known))
 
