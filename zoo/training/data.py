@@ -43,10 +43,14 @@ class ImageFolder(Dataset):
     """``root/CLASS/IMAGE`` → (image in [−1, 1] of ``image_size``², class index)."""
 
     def __init__(self, root: Path, image_size: int) -> None:
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.items = [(f, i) for i, c in enumerate(self.classes) for f in sorted((root / c).iterdir())
-                      if f.suffix.lower() in IMAGE_SUFFIXES]
+        try:
+            self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+            self.items = [(f, i) for i, c in enumerate(self.classes) for f in sorted((root / c).iterdir())
+                          if f.suffix.lower() in IMAGE_SUFFIXES]
+        except OSError as err:
+            raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
         self.image_size = image_size
+        self.num_classes = len(self.classes)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -55,29 +59,54 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         path, label = self.items[index]
+        try:
+            return self._read(path, Image), label
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # truncated, not an image, unreadable
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise UserError(f"cannot read image {path}: {reason}", suggestion="delete or replace the file") from None
+
+    def _read(self, path: Path, Image) -> Tensor:
         from zoo.training.crop import adm_center_crop, to_tensor
 
         with Image.open(path) as im:
-            return to_tensor(adm_center_crop(im.convert("RGB"), self.image_size)), label
+            return to_tensor(adm_center_crop(im.convert("RGB"), self.image_size))
 
 
 def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
     """All shards of ``root`` concatenated (sorted by name)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     latents, labels = [], []
     for shard in sorted(root.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            keys = set(f.keys())
-            if not {"latents", "labels"} <= keys:
-                raise UserError(f"latent shard {shard} must hold 'latents' and 'labels', it has {sorted(keys)}")
-            scaled = (f.metadata() or {}).get("scaled") == "true"
-            z = f.get_tensor("latents").float()
-            latents.append(z if scaled else z * vae_scale)
-            labels.append(f.get_tensor("labels").long())
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                keys = set(f.keys())
+                if not {"latents", "labels"} <= keys:
+                    raise UserError(f"latent shard {shard} must hold 'latents' and 'labels', it has {sorted(keys)}")
+                scaled = (f.metadata() or {}).get("scaled") == "true"
+                z, y = f.get_tensor("latents"), f.get_tensor("labels")
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read latent shard {shard}: not a complete safetensors file "
+                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        _check_shard(shard, z, y)
+        latents.append(z.float() if scaled else z.float() * vae_scale)
+        labels.append(y.long())
     if not latents:
         return TensorDataset(torch.zeros(0), torch.zeros(0))
-    return TensorDataset(torch.cat(latents), torch.cat(labels))
+    ds = TensorDataset(torch.cat(latents), torch.cat(labels))
+    ds.sources = [(shard, len(y)) for shard, y in zip(sorted(root.glob("*.safetensors")), labels)]
+    return ds
+
+
+def _check_shard(shard: Path, z: Tensor, y: Tensor) -> None:
+    """A latent shard holds finite float latents (N, C, H, W) and N integer labels."""
+    if z.ndim != 4 or not z.is_floating_point():
+        raise UserError(f"latent shard {shard}: 'latents' must be float (N, C, H, W), it is {z.dtype} {tuple(z.shape)}")
+    if y.ndim != 1 or y.shape[0] != z.shape[0] or y.is_floating_point() or y.dtype == torch.bool:
+        raise UserError(f"latent shard {shard}: 'labels' must be {z.shape[0]} integers (one per latent), "
+                        f"it is {y.dtype} {tuple(y.shape)}")
+    if not torch.isfinite(z).all():
+        raise UserError(f"latent shard {shard} holds NaN or infinite latents")
 
 
 def _root(data: Mapping[str, Any], kind: str) -> Path:
@@ -108,8 +137,41 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
         what = "*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png)"
         raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
                         suggestion="point data.root at a directory with data")
+    check_against_model(ds, kind, shape, num_classes)
     return ds
 
+
+def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_classes: int | None) -> None:
+    """Fail before training when the data cannot feed the model: the first sample's shape, the labels' range.
+
+    Labels are checked in full where the dataset holds them (latent shards, tensors) and by the
+    class count of an image folder; a sample read later that is broken names its own file.
+    """
+    x, _ = ds[0]
+    if tuple(x.shape) != tuple(shape):
+        hint = ("a latent model needs latents: use dataset: latents" if x.shape[0] != shape[0] and kind != "latents"
+                else "make the data at the model's input size" if kind == "latents"
+                else "set data.image_size to the model's input size")
+        raise UserError(f"dataset {kind!r} gives samples of shape {tuple(x.shape)}, the model takes {tuple(shape)}",
+                        key_path="data", suggestion=hint)
+    if num_classes is None:
+        return
+    classes = getattr(ds, "num_classes", None)
+    if isinstance(classes, int) and classes > num_classes:
+        raise UserError(f"dataset {kind!r} has {classes} classes, the model has {num_classes}",
+                        key_path="data.root", suggestion="use a model with as many classes, or fewer class folders")
+    labels = ds.tensors[1] if isinstance(ds, TensorDataset) and len(ds.tensors) > 1 else None
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero() if labels is not None else ()
+    if len(bad):
+        index = int(bad[0])
+        where = f"dataset {kind!r}"
+        for source, count in getattr(ds, "sources", ()):  # name the shard that holds it
+            if index < count:
+                where = str(source)
+                break
+            index -= count
+        raise UserError(f"{where}: label {int(labels[bad[0]])} (sample {index}) is outside the model's classes "
+                        f"0..{num_classes - 1}", key_path="data", suggestion="check the labels, or the model's num_classes")
 
 class EpochSampler(Sampler):
     """A permutation per epoch from (seed, epoch), starting ``skip`` samples into the stream."""
@@ -143,4 +205,20 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
     loader = DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global RNG untouched
-    return iter(loader)
+    return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches of ``it``; a ``UserError`` raised in a DataLoader worker loses the worker's traceback text."""
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as err:
+            text = str(err)
+            if "Traceback" not in text:
+                raise
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            raise UserError(last.split("UserError: ", 1)[-1]) from None
+        yield batch
