@@ -163,6 +163,8 @@ CASES = [
     ("eval-unknown-device", "eval {tmp}/ckpt --n 4 --device gpu", "ckpt", 2, "--device 'gpu'"),
     ("eval-too-few-samples", "eval {tmp}/ckpt --n 1", "ckpt", 2, "--n"),
     ("eval-a-user-dir", "eval {tmp}/out_user --n 4", "user_dir", 2, "{tmp}/out_user"),
+    ("prepare-latents-unknown-device", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out --device gpu", "-", 2,
+     "--device 'gpu'"),
     # -- train: outputs, resume, devices
     ("train-out-is-a-file", f"train {TRAIN} --out {{tmp}}/out {FAST}", "out_file", 2, "--out {tmp}/out is a file"),
     ("train-out-holds-a-run", f"train {TRAIN} --out {{tmp}} {FAST}", "run_dir", 2, "--resume {tmp}"),

@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
+    from zoo.guards import resolve_device
+
+    device = None if args.device is None else str(resolve_device(args.device))  # checked: one line, exit 2
     if device is None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
