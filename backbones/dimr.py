@@ -6,7 +6,7 @@ position table), adds the previous branch's features handed on through TD-LN →
 sub-pixel shuffle → TD-LN (eq. 2: ``Patchify(x) + Upsample(y_{r−1})``), runs a U-ViT long-skip
 stack of its blocks (Transformer branches also see a class token), and predicts the noise at
 its resolution with TD-LN + Conv 3×3. Time enters only through the time-dependent norms (the
-released form, DESIGN §3); any other conditioner can be swapped in per branch (adaLN-Zero gives
+released form); any other conditioner can be swapped in per branch (adaLN-Zero gives
 the branch its own time/class embedding).
 """
 

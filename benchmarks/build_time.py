@@ -1,4 +1,4 @@
-"""Wall time of ``zoo build RECIPE --flops`` for every paper recipe (DESIGN §8: < 5 s each).
+"""Wall time of ``zoo build RECIPE --flops`` for every paper recipe (target: < 5 s each).
 
 Each build runs as a fresh subprocess, exactly as a user types it (interpreter start, imports,
 recipe validation, meta-device build, FLOP count), ``--repeats`` times; the table shows the

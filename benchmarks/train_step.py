@@ -1,4 +1,4 @@
-"""Training-step speed and utilisation of the paper configs (DESIGN §8).
+"""Training-step speed and utilisation of the paper configs against the official code's measured anchors.
 
 A training step is forward + backward + AdamW step. Step time is the median of ``--steps``
 steps after ``--warmup`` warm-ups. Utilisation = 3 × forward FLOPs (2 per MAC) × batch / step

@@ -166,7 +166,7 @@ def test_dit_with_other_conditioners():
 
 
 def _dit_params(depth: int, dim: int, patch: int, latent: int = 32, channels: int = 4, classes: int = 1000) -> int:
-    """DiT's parameter count from the architecture facts (DESIGN §3), independent of the code."""
+    """DiT's parameter count from the architecture facts of the official code, independent of the code."""
     block = (3 * dim * dim + 3 * dim) + (dim * dim + dim) + 2 * (4 * dim * dim) + 5 * dim + (6 * dim * dim + 6 * dim)
     embed = channels * patch * patch * dim + dim + (256 * dim + dim) + (dim * dim + dim) + (classes + 1) * dim
     pos = (latent // patch) ** 2 * dim
@@ -174,7 +174,7 @@ def _dit_params(depth: int, dim: int, patch: int, latent: int = 32, channels: in
     return embed + pos + depth * block + head
 
 
-PAPER_PARAMS = {  # DESIGN §4
+PAPER_PARAMS = {  # the official implementations' counts
     "dit_xl_2": 675_129_632, "dit_xl_2_512": 676_014_368, "dit_l_2": 458_102_816,
     "dit_b_2": 130_512_416, "dit_s_2": 32_963_360, "dit_xl_4": 675_074_432,
 }  # fmt: skip

@@ -1,4 +1,4 @@
-"""FLOP counting (DESIGN §5): closed forms for attention and convolutions, meta vs CPU, torch vs fvcore.
+"""FLOP counting: closed forms for attention and convolutions, meta vs CPU, torch vs fvcore.
 
 Counts are MACs ("GFLOPs" as the field reports them). The tiny DiT / U-ViT / DiMR models are
 the official constructor configs of the golden files, built through the converters' specs.
@@ -170,7 +170,7 @@ def test_dimr_breakdown_shows_each_branch():
 
 
 def test_stock_fvcore_gives_5_46_for_dit_s2_because_it_drops_sdpa():
-    """DESIGN §5: fvcore reports DiT-S/2 as 5.46 GFLOPs; the paper's 6.06 includes attention."""
+    """fvcore reports DiT-S/2 as 5.46 GFLOPs; the paper's 6.06 includes attention."""
     from fvcore.nn import FlopCountAnalysis
 
     from zoo.backbones.dit import DiT

@@ -1,4 +1,5 @@
-"""Every paper recipe builds (on the meta device) with the parameter count and GFLOPs of DESIGN §4.
+"""Every paper recipe builds (on the meta device) with the parameter count and GFLOPs of the
+official implementations (the paper's for the unreleased M/L/XL-3R).
 
 Params are exact (``sum(p.numel())``); GFLOPs (MACs, attention included) within 0.1% of the
 precise number. A missing recipe fails here on purpose: the table is the contract. DiT
@@ -71,7 +72,7 @@ def _other_dit_recipes() -> list[tuple[str, int, float]]:
 @pytest.mark.parametrize("name, params, gflops", PAPER + _other_dit_recipes(), ids=lambda v: str(v))
 def test_recipe_params_and_gflops(name, params, gflops):
     path = RECIPES / f"{name}.yaml"
-    assert path.is_file(), f"recipe {path.name} is missing (DESIGN §4 lists it)"
+    assert path.is_file(), f"recipe {path.name} is missing (a paper model)"
     report = count_recipe_flops(path)
     assert report.params == params, f"{name}: {report.params:,} params, expected {params:,}"
     assert report.gflops == pytest.approx(gflops, rel=TOLERANCE), f"{name}: {report.gflops:.3f} GFLOPs, expected {gflops}"

@@ -218,7 +218,7 @@ def random_vae_dir(tmp_path_factory):
 def test_vae_builds_offline_with_sd_parameter_count_and_decodes(random_vae_dir):
     from zoo.vae import SCALE, build_sd_vae, load_vae
 
-    assert sum(p.numel() for p in build_sd_vae("meta").parameters()) == 83_653_863  # DESIGN §6: 83.65M
+    assert sum(p.numel() for p in build_sd_vae("meta").parameters()) == 83_653_863  # SD KL-f8 VAE: 83.65M
     path, reference = random_vae_dir
     start = time.perf_counter()
     codec = load_vae(path, chunk_size=1)

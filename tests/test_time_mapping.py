@@ -1,4 +1,4 @@
-"""Time maps from the solver's continuous t to each backbone's input (DESIGN §2)."""
+"""Time maps from the solver's continuous t to each backbone's input."""
 
 import math
 from pathlib import Path

@@ -21,7 +21,7 @@ from zoo.errors import UserError
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = dict(img_size=16, patch_size=2, in_chans=4, embed_dim=64, depth=4, num_heads=2, num_classes=11)
 
-# DESIGN §4 (U-ViT-L/2 at 256 and the Table 2 row 2 swap are computed here, see the report).
+# Official counts (U-ViT-L/2 at 256 and the Table 2 row 2 swap are computed here, see the report).
 PARAMS = {
     "uvit_m_4": 130_940_292,
     "uvit_l_4": 286_827_652,

@@ -2,7 +2,7 @@
 
 Options the golden files do not cover (``mlp_time_embed``, ``num_classes <= 0``, ``qkv_bias``,
 odd depth, other patch sizes) are checked against :func:`reference_uvit`, a functional forward
-over a state dict with the official key names written from DESIGN §3. It is itself pinned to
+over a state dict with the official key names written from the official layout. It is itself pinned to
 the official outputs by the golden files first.
 """
 
@@ -49,7 +49,7 @@ def generator_features(golden: dict) -> torch.Tensor:
 
 
 def official_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Official state-dict key -> shape for a ``UViT(**cfg)`` (DESIGN §3 layout)."""
+    """Official state-dict key -> shape for a ``UViT(**cfg)`` (the official layout)."""
     D, p, C = cfg["embed_dim"], cfg["patch_size"], cfg.get("in_chans", 3)
     hidden = int(D * cfg.get("mlp_ratio", 4))
     classes = cfg.get("num_classes", -1)

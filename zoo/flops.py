@@ -1,6 +1,6 @@
 """FLOP counting: parameters and GFLOPs of a backbone, with a per-module breakdown.
 
-Convention (DESIGN §5, the field's): one multiply-add is one FLOP, so "GFLOPs" are GMACs;
+Convention (the field's): one multiply-add is one FLOP, so "GFLOPs" are GMACs;
 matmuls, linears and convolutions (grouped/depthwise included) are counted, and so are the
 two attention matmuls; elementwise ops (norms, activations, additions) are not.
 
@@ -16,7 +16,7 @@ Two counters:
   6.06 GFLOPs); we give it a handle with the same formula, and switch off its norm handles
   (fvcore counts LayerNorm/GroupNorm as elementwise FLOPs, which the convention leaves out).
 
-The precise U-ViT numbers of DESIGN §4 (35.27, 133.28, ...) are stock fvcore plus attention,
+The precise official U-ViT numbers (35.27, 133.28, ...) are stock fvcore plus attention,
 i.e. they also hold fvcore's LayerNorm count (5 FLOPs per element); ours leave norms out and
 read 0.06–0.1% lower (U-ViT-M/4: 35.236), inside the 0.1% the table is checked to.
 

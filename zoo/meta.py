@@ -1,6 +1,6 @@
 """Fast work on ``meta`` tensors: building full-size models and running them without weights.
 
-``zoo build --flops`` must answer in seconds for billion-parameter recipes (DESIGN §8). On
+``zoo build --flops`` must answer in seconds for billion-parameter recipes. On
 the meta device two costs dominate, and both are PyTorch overhead rather than our work:
 
 * the first ``nn.init`` / elementwise op / dispatch mode imports all of Dynamo and sympy

@@ -1,6 +1,6 @@
 """Maps from the diffusion process's continuous time to each backbone's time input.
 
-Solvers work in DPM-Solver's discrete-time convention (DESIGN §2): continuous t in [1/N, 1],
+Solvers work in DPM-Solver's discrete-time convention: continuous t in [1/N, 1],
 the DDPM step with 0-based index n (noise level ᾱ_n = ∏_{i≤n} (1 − β_i)) sits at the knot
 t_n = (n + 1)/N, sampling runs from t = 1 to t = 1/N. Backbones receive exactly the value their
 official network was trained on, so official checkpoints work unchanged. Each map below is

@@ -3,7 +3,7 @@
 Under FSDP2 the parameters are DTensor shards and so are the shadows: each rank averages its part.
 
 ema ← d·ema + (1 − d)·param, i.e. ``lerp(ema, param, 1 − d)``. A bf16 shadow updated in place
-freezes once (1 − d)·(param − ema) falls below bf16's resolution (DESIGN §7), hence fp32.
+freezes once (1 − d)·(param − ema) falls below bf16's resolution, hence fp32.
 """
 
 from __future__ import annotations
