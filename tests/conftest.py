@@ -42,3 +42,13 @@ def _sin_ulp_shift(monkeypatch: pytest.MonkeyPatch):
             yield
     else:
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run on one thread: extra threads only add overhead, and a machine whose other
+    core is busy makes 2-thread tiny ops up to 20x slower. Use with ``pytestmark``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,12 +17,7 @@ ROOT = Path(__file__).parent.parent
 TINY = [str(Path(__file__).parent / "recipes" / name) for name in ("tiny_train.yaml", "tiny_dimr_pixels.yaml")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add overhead on a loaded machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_json_has_the_contract_keys_in_order_and_real_figures(capsys):

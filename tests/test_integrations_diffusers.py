@@ -44,13 +44,7 @@ DIMR = {
 RECIPES = {"dit": DIT, "dimr": DIMR}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to other processes contending for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(recipe: dict) -> torch.nn.Module:

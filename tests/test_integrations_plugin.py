@@ -28,13 +28,7 @@ DIT = {"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidde
        "num_heads": 2, "class_dropout_prob": 0.1, "num_classes": 10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to other processes contending for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextlib.contextmanager

@@ -20,13 +20,7 @@ TINY = {"depth": 1, "hidden_size": 64, "num_heads": 2, "input_size": 8}  # DiT-S
 TINY_SET = [f"model.{k}={v}" for k, v in TINY.items()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to other processes contending for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _expected_names() -> set[str]:

@@ -20,13 +20,7 @@ LATENT = RECIPES / "tiny_dit_latent.yaml"
 DIMR = RECIPES / "tiny_dimr_pixels.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: extra threads only add overhead (20x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_like(recipe_path, scale=0.02, seed=0):
