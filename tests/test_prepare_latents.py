@@ -133,6 +133,32 @@ def test_latent_dataset_draws_from_the_posterior_of_a_random_view(tmp_path, vae_
         build_dataset({"dataset": "latents", "root": str(out), "vae_scale": 0.13025}, (4, 8, 8), 2)
 
 
+def test_latent_draws_are_keyed_by_the_global_sample_not_the_process(tmp_path, vae_dir, image_dir):
+    """Two ranks (or a resumed run) see the latents one process sees: each item's view and ε come
+    from a generator keyed by (seed, global sample position), not from torch's global RNG."""
+    from zoo.training.data import EpochSampler, batches
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    ds = build_dataset({"dataset": "latents", "root": str(out), "vae_scale": 0.18215}, (4, 8, 8), 2)
+    def stream(n, **kw):
+        it = iter(EpochSampler(10, 4, seed=5, keyed=True, **kw))
+        return [next(it) for _ in range(n)]
+
+    one = stream(24)  # 6 global batches of 4, over 3 epochs of 2 batches
+    assert len({key for _, key in one}) == 24  # every global sample its own key
+    ranks = [stream(12, rank=r, world=2) for r in (0, 1)]
+    merged = [pair for step in range(6) for r in (0, 1) for pair in ranks[r][2 * step: 2 * step + 2]]
+    assert merged == one  # rank r holds its half of every global batch, with the same keys
+    assert stream(8, start_step=1) == one[4:12]  # resuming at step 1 continues the stream
+
+    torch.manual_seed(0)
+    a = torch.cat([next(batches(ds, 4, seed=5, rank=r, world=2))[0] for r in (0, 1)])
+    torch.manual_seed(1)  # the global RNG no longer matters
+    b = next(batches(ds, 4, seed=5))[0]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_a_latent_recipe_trains_from_prepared_latents(tmp_path, vae_dir, image_dir):
     out = tmp_path / "lat"

@@ -173,11 +173,20 @@ def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_clas
         raise UserError(f"{where}: label {int(labels[bad[0]])} (sample {index}) is outside the model's classes "
                         f"0..{num_classes - 1}", key_path="data", suggestion="check the labels, or the model's num_classes")
 
-class EpochSampler(Sampler):
-    """A permutation per epoch from (seed, epoch), starting ``skip`` samples into the stream."""
+DATA_STREAM = 17  # the generator stream of a dataset's own per-item draws (see zoo.training.draws)
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+class EpochSampler(Sampler):
+    """A permutation per epoch from (seed, epoch), starting ``skip`` samples into the stream.
+
+    With ``keyed=True`` it yields ``(index, key)``: ``key`` seeds the item's own random draws
+    from (seed, global sample position) alone, so they do not depend on the number of processes,
+    on workers or on where a run was resumed (datasets that draw set ``keyed_draws = True``).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
+                 keyed: bool = False) -> None:
+        self.n, self.batch_size, self.seed, self.keyed = n, batch_size, seed, keyed
         self.lo, self.hi = rank * batch_size // world, (rank + 1) * batch_size // world  # this rank's slice
         self.per_epoch = n // batch_size
         if self.per_epoch == 0:
@@ -190,7 +199,16 @@ class EpochSampler(Sampler):
         while True:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
             chosen = order[offset * self.batch_size: self.per_epoch * self.batch_size].view(-1, self.batch_size)
-            yield from chosen[:, self.lo:self.hi].reshape(-1).tolist()
+            indices = chosen[:, self.lo:self.hi].reshape(-1).tolist()
+            if self.keyed:
+                from zoo.sample import sample_seed
+
+                first = (epoch * self.per_epoch + offset) * self.batch_size  # global position of chosen[0, 0]
+                positions = (first + torch.arange(chosen.shape[0])[:, None] * self.batch_size
+                             + torch.arange(self.lo, self.hi)[None, :]).reshape(-1).tolist()
+                yield from ((i, sample_seed(self.seed, g, DATA_STREAM)) for i, g in zip(indices, positions))
+            else:
+                yield from indices
             epoch, offset = epoch + 1, 0
 
 
@@ -201,7 +219,8 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
     With ``world`` processes, rank ``rank`` reads only its contiguous slice of every global batch
     (``batch_size`` must be divisible by ``world``).
     """
-    sampler = EpochSampler(len(dataset), batch_size, seed, start_step, rank, world)
+    sampler = EpochSampler(len(dataset), batch_size, seed, start_step, rank, world,
+                           keyed=getattr(dataset, "keyed_draws", False))
     loader = DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global RNG untouched

@@ -3,9 +3,10 @@
 With a ``manifest.json`` (see :mod:`zoo.latents`) every item is a fresh draw from the VAE
 posterior of a random view (the image or its flip): z = vae_scale·(mean + std·ε), as fast-DiT
 and REPA train. Shards are opened lazily and read one row at a time (memory-mapped), so the
-whole of ImageNet never has to fit in memory. The draws use torch's global RNG: with
-``data.num_workers: 0`` the trainer saves and restores it, so a resumed run sees the same
-latents; worker processes draw from their own seeded RNGs.
+whole of ImageNet never has to fit in memory. In training each item's view and ε come from a
+generator keyed by (seed, global sample position) that the sampler hands over, so the latents
+a run sees do not depend on the number of processes, on workers or on resuming; indexed
+directly (``dataset[i]``) it draws from torch's global RNG.
 
 Without a manifest the directory holds plain ``latents``/``labels`` shards
 (:func:`zoo.training.data.latent_dataset`).
@@ -67,10 +68,14 @@ class LatentMoments(Dataset):
         f, row = self._shard(k), index - self.starts[k]
         return f.get_slice("mean")[row].float(), f.get_slice("std")[row].float()
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    keyed_draws = True  # the training sampler passes (index, key): the draw is a function of the key
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
+        index, key = item if isinstance(item, tuple) else (item, None)
+        gen = torch.Generator().manual_seed(key) if key is not None else None  # None: torch's global RNG
         mean, std = self.moments(index)
-        view = int(torch.randint(2, ()))
-        z = mean[view] + std[view] * torch.randn(mean.shape[1:])
+        view = int(torch.randint(2, (), generator=gen))
+        z = mean[view] + std[view] * torch.randn(mean.shape[1:], generator=gen)
         return z * self.vae_scale, int(self.labels[index])
 
     def __getstate__(self) -> dict:  # safetensors handles do not pickle; workers reopen
