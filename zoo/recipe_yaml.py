@@ -142,7 +142,10 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[KeyPath, Origin]]:
         line = _line(err.problem_mark or err.context_mark)
         if line is not None:  # libyaml puts an error at the end of the input on the line after it
             line = min(line, text.count("\n") + 1)
-        raise UserError(f"invalid YAML: {err.problem or err.context}", file=file, line=line) from None
+        problem = err.problem or err.context
+        if "nesting depth" in str(problem):  # PyYAML >= 6.0.4's parser has a depth limit of its own
+            raise UserError(f"refused: nesting deeper than {MAX_DEPTH} levels", file=file, line=line) from None
+        raise UserError(f"invalid YAML: {problem}", file=file, line=line) from None
     except yaml.YAMLError as err:
         raise UserError(f"invalid YAML: {err}", file=file) from None
     finally:
