@@ -172,6 +172,13 @@ class Component:
     kind: str
 
 
+def register_section(name: str, table: dict[str, Any], validator: SectionValidator | None = None) -> None:
+    """Make top-level section ``name`` legal: checked against its key ``table``, or by ``validator``
+    (which then runs :func:`check_table` itself and adds the rules between keys)."""
+    SECTION_TABLES[name] = table
+    SECTION_VALIDATORS[name] = validator or (lambda value, recipe: check_table(recipe, value, table, (name,), name))
+
+
 def check_table(recipe: Recipe, value: Any, table: dict[str, Any], path: KeyPath, what: str) -> None:
     """Check a mapping against ``table``: no unknown keys, required keys present, each value in its domain."""
     if value is None:

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_WIDTH, Doc, NonEmpty, NonNegative, OneOf, Positive, Probability,
                          Range, Required)
 from zoo.recipe import Recipe
-from zoo.validate import SECTION_TABLES, SECTION_VALIDATORS, Component, check_table, domain_error
+from zoo.validate import Component, check_table, domain_error, register_section
 
 TIME_INPUT_NAMES = ("dit_index", "uvit_discrete", "uvit_continuous", "dimr_log_snr")
 CONVENTIONS = ("dit", "uvit")
@@ -92,11 +92,5 @@ def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
                            "dropping to the model)", suggestion=f"set label_drop: {inside}")
 
 
-def validate_sample(value: dict | None, recipe: Recipe) -> None:
-    check_table(recipe, value, SAMPLE, ("sample",), "sample")
-
-
-SECTION_VALIDATORS["diffusion"] = validate_diffusion
-SECTION_TABLES["diffusion"] = DIFFUSION
-SECTION_VALIDATORS["sample"] = validate_sample
-SECTION_TABLES["sample"] = SAMPLE
+register_section("diffusion", DIFFUSION, validate_diffusion)
+register_section("sample", SAMPLE)

@@ -28,8 +28,7 @@ from typing import Annotated, Any
 from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_STEPS, Classes, Decay, Doc, ImageSize, NonNegative, OneOf,
                          Positive, PositiveFloat, Range)
 from zoo import registry
-from zoo.recipe import Recipe
-from zoo.validate import SECTION_TABLES, SECTION_VALIDATORS, check_table
+from zoo.validate import register_section
 
 DATASETS = registry.Names("dataset")  # synthetic, image_folder, latents, imagenet, emoji32 and plugins
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -81,15 +80,5 @@ TRAIN: dict[str, Any] = {
 }
 
 
-def validate_data(value: dict | None, recipe: Recipe) -> None:
-    check_table(recipe, value, DATA, ("data",), "data")
-
-
-def validate_train(value: dict | None, recipe: Recipe) -> None:
-    check_table(recipe, value, TRAIN, ("train",), "train")
-
-
-SECTION_VALIDATORS["data"] = validate_data
-SECTION_TABLES["data"] = DATA
-SECTION_VALIDATORS["train"] = validate_train
-SECTION_TABLES["train"] = TRAIN
+register_section("data", DATA)
+register_section("train", TRAIN)
