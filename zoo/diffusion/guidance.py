@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from zoo.conditioning.base import as_time_vector
 
 from .denoiser import Denoiser
+from .objectives import v_to_eps
 
 CONVENTIONS = ("dit", "uvit")
 
@@ -89,6 +90,8 @@ class GuidedModel:
         power: DiMR's time-dependent decay (see module doc), or None.
         eps_channels: the number of ε channels (= data channels); further output channels are
             a learned variance ([ε | v]) and are taken from the conditional pass, unguided.
+        v_schedule: for a v-prediction model, its noise schedule: the guided v is turned into
+            ε = σ_t·x + α_t·v (guiding v or ε is the same, the map is affine with shared weights).
     """
 
     def __init__(
@@ -102,8 +105,10 @@ class GuidedModel:
         channels: int | None = None,
         power: float | None = None,
         eps_channels: int | None = None,
+        v_schedule=None,
     ):
         self.model = model
+        self.v_schedule = v_schedule
         self.time_map = time_map
         self.denoiser = Denoiser(model, time_map, null_label)
         self.y = y
@@ -136,4 +141,11 @@ class GuidedModel:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """The solver's ``eps_fn``: ε, or [ε | v] for learned-σ models (solvers split it, DDPM uses v)."""
-        return self.full_output(x, t)
+        out = self.full_output(x, t)
+        if self.v_schedule is None:
+            return out
+        t = as_time_vector(t, x.shape[0], x.device).to(torch.float64)
+        view = (-1,) + (1,) * (x.ndim - 1)
+        alpha = self.v_schedule.marginal_alpha(t).view(view).to(out)
+        sigma = self.v_schedule.marginal_std(t).view(view).to(out)
+        return v_to_eps(out, x, alpha, sigma)

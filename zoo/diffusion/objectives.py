@@ -5,6 +5,12 @@ noise ε ~ N(0, I), forms x_t = α_t·x_0 + σ_t·ε, drops labels for classifie
 calls ``model(x_t, time_input(t), y)`` and scores the output. It returns a dict of per-sample
 tensors of shape (B,): ``loss`` (what to average and back-propagate) and its terms.
 
+The model predicts ε (``prediction="eps"``, the papers' choice) or v = α_t·ε − σ_t·x_0
+(``prediction="v"``, Salimans & Ho 2022): v keeps the implied x̂_0 = α_t·x_t − σ_t·v accurate at
+high noise, where an ε model's x̂_0 = (x_t − σ_t·ε̂)/α_t multiplies its error by 1/α_t (156 at the
+last step of DDPM's linear schedule), which is what a young model trained for minutes needs.
+Samplers convert v back to ε (:func:`v_to_eps`), so every solver works with either.
+
 Note on label dropping: DiT drops labels inside its own label embedder in training mode, so
 DiT recipes keep ``diffusion.label_drop: 0``; U-ViT/DiMR have no such dropout and rely on it here.
 """
@@ -24,6 +30,14 @@ from .time_input import CONTINUOUS_TIME_INPUTS, get_time_input, time_to_index, t
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over all but the batch dimension."""
     return x.flatten(1).mean(dim=1)
+
+
+PREDICTIONS = ("eps", "v")
+
+
+def v_to_eps(v: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """ε = σ_t·x_t + α_t·v (exact for a variance-preserving process, α² + σ² = 1)."""
+    return sigma * x_t + alpha * v
 
 
 def _loss_precision(*tensors: Tensor) -> list[Tensor]:
@@ -48,7 +62,11 @@ class DiffusionObjective:
         time_input: str = "dit_index",
         label_drop: float = 0.0,
         null_label: int | None = None,
+        prediction: str = "eps",
     ):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         if label_drop > 0 and null_label is None:
             raise ValueError("label_drop > 0 needs the null label (diffusion.null_label)")
         self.schedule = schedule
@@ -69,14 +87,28 @@ class DiffusionObjective:
     def sample_times(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         return training_times(batch_size, self.num_steps, self.continuous, self.t_min, generator, device)
 
+    def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(α_t, σ_t) per sample, shaped to broadcast over ``like`` and in its dtype."""
+        if self.discrete is not None:
+            abar = self.discrete._take(self.discrete.alphas_cumprod, time_to_index(t, self.num_steps), like)
+            return abar.sqrt(), (1.0 - abar).sqrt()
+        view = (-1,) + (1,) * (like.ndim - 1)
+        return (self.schedule.marginal_alpha(t).to(like).view(view),
+                self.schedule.marginal_std(t).to(like).view(view))
+
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = α_t·x_0 + σ_t·ε."""
         if self.discrete is not None:
             return self.discrete.q_sample(x0, time_to_index(t, self.num_steps), noise)
-        view = (-1,) + (1,) * (x0.ndim - 1)
-        alpha = self.schedule.marginal_alpha(t).to(x0).view(view)
-        sigma = self.schedule.marginal_std(t).to(x0).view(view)
+        alpha, sigma = self.coefficients(t, x0)
         return alpha * x0 + sigma * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the model is trained to output: ε, or v = α_t·ε − σ_t·x_0."""
+        if self.prediction == "eps":
+            return noise
+        alpha, sigma = self.coefficients(t, noise)
+        return alpha * noise - sigma * x0
 
     def denoiser(self, model: nn.Module) -> Denoiser:
         """``model`` behind the call the sampler uses too (time map, null label)."""
@@ -114,8 +146,8 @@ class DiffusionObjective:
                 f"model output {tuple(out.shape)} does not match the noise {tuple(noise.shape)}"
                 " (a learned-sigma model needs objective type 'hybrid_vlb')"
             )
-        out, noise = _loss_precision(out, noise)
-        mse = mean_flat((out - noise) ** 2)
+        out, target = _loss_precision(out, self.target(x0, noise, t))
+        mse = mean_flat((out - target) ** 2)
         return {"loss": mse, "mse": mse.detach()}
 
 
@@ -132,6 +164,8 @@ class HybridVLBObjective(DiffusionObjective):
 
     def __init__(self, *args, vlb_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.prediction != "eps":
+            raise ValueError("the hybrid (learned-sigma) objective is defined for ε prediction only")
         if self.discrete is None:
             raise ValueError("the hybrid (learned-sigma) objective needs a discrete schedule")
         self.vlb_weight = float(vlb_weight)
@@ -162,7 +196,8 @@ class HybridVLBObjective(DiffusionObjective):
 
 class MultiScaleObjective(DiffusionObjective):
     """DiMR's multi-scale ε loss: Σ_i coeff_i·mean((out_i − target_i)²) over the branch outputs
-    (lowest resolution first), targets from :mod:`zoo.diffusion.multiscale`."""
+    (lowest resolution first), targets from :mod:`zoo.diffusion.multiscale` (pooled ε, or pooled v
+    with ``prediction="v"``: the pooling is linear, so pooled v = α·pooled ε − σ·pooled x_0)."""
 
     def __init__(self, *args, coeffs: list[float] | tuple[float, ...], **kwargs):
         super().__init__(*args, **kwargs)
@@ -175,9 +210,9 @@ class MultiScaleObjective(DiffusionObjective):
             raise ValueError("the multi-scale objective needs a model that returns one prediction per branch")
         if len(out) != len(self.coeffs):
             raise ValueError(f"{len(out)} branch outputs but {len(self.coeffs)} loss coefficients")
-        *out, noise = _loss_precision(*out, noise)
-        loss = multiscale_loss(out, noise, self.coeffs)
-        last = mean_flat((out[-1] - noise) ** 2)
+        *out, target = _loss_precision(*out, self.target(x0, noise, t))
+        loss = multiscale_loss(out, target, self.coeffs)
+        last = mean_flat((out[-1] - target) ** 2)
         return {"loss": loss, "mse": last.detach()}
 
 

@@ -3,6 +3,7 @@
     diffusion:
       schedule: {type: linear, num_steps: 1000, beta_start: 1.0e-4, beta_end: 0.02}   # a `schedule`
       objective: {type: eps_mse | hybrid_vlb | multiscale, coeffs: [...], vlb_weight: 1.0}
+      prediction: eps | v     # what the model outputs: ε (default, the papers') or v = α·ε − σ·x_0
       time_input: dit_index | uvit_discrete | uvit_continuous | dimr_log_snr
       label_drop: 0.1         # P(label → null label) in training
       null_label: 1000        # the unconditional label (also used by guidance)
@@ -27,6 +28,7 @@ from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_WIDTH, Doc, NonEmpty, NonNega
 from zoo.recipe import Recipe
 from zoo.validate import Component, check_table, domain_error, register_section
 
+PREDICTION_NAMES = ("eps", "v")
 TIME_INPUT_NAMES = ("dit_index", "uvit_discrete", "uvit_continuous", "dimr_log_snr")
 CONVENTIONS = ("dit", "uvit")
 
@@ -44,6 +46,8 @@ DIFFUSION: dict[str, Any] = {
     "schedule": Component("schedule"),
     "objective": Any,
     "time_input": Annotated[str, OneOf(TIME_INPUT_NAMES, "time_input")],
+    "prediction": Annotated[str, OneOf(PREDICTION_NAMES, "prediction"),
+                            Doc("model output: eps (default) or v = alpha*eps - sigma*x0")],
     "label_drop": Annotated[float, Probability, Doc("P(label -> null label) in training")],
     "null_label": Annotated[int, NonNegative] | None,
 }
@@ -80,6 +84,9 @@ def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
         if spec.get("type") not in OBJECTIVES:
             raise domain_error(recipe, tpath, spec.get("type"), Objective)
         check_table(recipe, spec, OBJECTIVES[spec["type"]], opath, f"objective {spec['type']!r}")
+        if spec["type"] == "hybrid_vlb" and value.get("prediction", "eps") != "eps":
+            raise recipe.error(path + ("prediction",), "the hybrid_vlb objective (learned sigma) is defined for "
+                               "eps prediction only", suggestion="remove diffusion.prediction or use objective eps_mse")
     drop = value.get("label_drop", 0.0)
     if drop > 0 and value.get("null_label") is None:
         raise recipe.error(path + ("label_drop",), "label_drop > 0 needs the null label",

@@ -48,6 +48,11 @@ def time_map(recipe: Mapping[str, Any], schedule) -> Callable[[Tensor], Tensor]:
     return lambda t: fn(t, n)
 
 
+def prediction(recipe: Mapping[str, Any]) -> str:
+    """What the backbone outputs, ``diffusion.prediction``: ``eps`` (default) or ``v``."""
+    return _diffusion(recipe).get("prediction", "eps")
+
+
 def model_drops_labels(recipe: Mapping[str, Any]) -> bool:
     """True when the backbone drops labels itself in training (DiT's ``class_dropout_prob``)."""
     model = recipe.get("model")
@@ -67,6 +72,7 @@ def build_objective(recipe: Mapping[str, Any], schedule=None) -> DiffusionObject
         time_input=diffusion["time_input"],
         label_drop=label_drop,
         null_label=diffusion.get("null_label"),
+        prediction=prediction(recipe),
         **options,
     )
 
@@ -130,4 +136,5 @@ def guided_eps_fn(
         channels=guidance.channels,
         power=guidance.power,
         eps_channels=eps_channels,
+        v_schedule=schedule if prediction(recipe) == "v" else None,
     )
