@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, as_time_vector
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
-from zoo.domains import MAX_SIZE, Channels, Classes, Depth, ImageSize, PatchSize, Range, Rule, Width
+from zoo.domains import MAX_SIZE, Channels, Classes, Depth, Doc, ImageSize, PatchSize, Range, Rule, Width
 from zoo.errors import UserError
 
 from .dimr_branch import DiMRBranch
@@ -57,6 +57,28 @@ def _heads_divide(dim: int, block: Any) -> str | None:
     heads = getattr(block, "keywords", {}).get("num_heads")
     if isinstance(heads, int) and heads > 0 and dim % heads:
         return f"dim={dim} must be divisible by the block's num_heads={heads}"
+    return None
+
+
+#: ``model.grad_checkpointing``: one switch for every branch, or one per branch (lowest resolution first).
+BranchFlags = Annotated[bool | list[bool], Doc("one for all branches, or a list with one per branch, lowest resolution first")]
+
+
+def branch_flags(value: bool | Sequence[bool], count: int) -> list[bool]:
+    """``value`` as one boolean per branch; a list of the wrong length is a :class:`UserError`."""
+    if isinstance(value, bool):
+        return [value] * count
+    flags = list(value)
+    if len(flags) != count or not all(isinstance(f, bool) for f in flags):
+        raise UserError(f"model.grad_checkpointing: {flags!r} must be true, false or a list of {count} booleans "
+                        f"(one per branch, lowest resolution first)")
+    return flags
+
+
+def _flags_problem(grad_checkpointing: Any, branches: Sequence[Any]) -> str | None:
+    if isinstance(grad_checkpointing, list) and len(grad_checkpointing) != len(branches):
+        return (f"grad_checkpointing lists {len(grad_checkpointing)} booleans but the model has {len(branches)} "
+                "branches: give one per branch, lowest resolution first, or a single true/false")
     return None
 
 
@@ -103,11 +125,16 @@ class DiMR(nn.Module):
     c = t + y; off by default, as the class enters DiMR through the Transformer's class token).
     ``detach_handed`` stops gradients from flowing into lower branches through the hand-on
     (the official ``block_grad_to_lowres``); ``grad_checkpointing`` recomputes block
-    activations in the backward pass (the official code always does; here it is optional).
+    activations in the backward pass (the official code always does; here it is optional),
+    in every branch (``true``) or in the branches a list of booleans picks, lowest resolution
+    first (``[false, true]``: only the high-resolution branch of a 2R model, where most of the
+    activation memory is).
     """
 
     constraints = (Rule("branch grids that divide input_size and grow by integer ratios to it",
-                        branch_layout_problem, ("input_size", "branches")),)
+                        branch_layout_problem, ("input_size", "branches")),
+                   Rule("grad_checkpointing true, false or one boolean per branch", _flags_problem,
+                        ("grad_checkpointing", "branches")))
 
     def __init__(
         self,
@@ -118,7 +145,7 @@ class DiMR(nn.Module):
         norm: Callable[..., nn.Module] = TimeDependentLayerNorm,
         class_embedding: bool = False,
         detach_handed: bool = False,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: BranchFlags = False,
     ):
         super().__init__()
         branches = [self._check_branch(i, spec) for i, spec in enumerate(branches)]
@@ -173,10 +200,16 @@ class DiMR(nn.Module):
             if m is not self and callable(getattr(m, "init_weights", None)):
                 m.init_weights()
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in backward (saves memory, costs one more forward)."""
-        for branch in self.branches:
-            branch.blocks.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | Sequence[bool] = True) -> None:
+        """Recompute block activations in backward (saves memory, costs one more forward of those
+        blocks): in every branch, or per branch with one boolean each, lowest resolution first."""
+        for branch, flag in zip(self.branches, branch_flags(enable, len(self.branches))):
+            branch.blocks.grad_checkpointing = flag
+
+    @property
+    def grad_checkpointing(self) -> list[bool]:
+        """Which branches recompute their block activations, lowest resolution first."""
+        return [bool(branch.blocks.grad_checkpointing) for branch in self.branches]
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names AdamW must not decay: the time-dependent gates ``w``, ``b``."""

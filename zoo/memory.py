@@ -3,7 +3,10 @@
 The model is built on the meta device (no weights), so its parameters are counted exactly and
 one meta forward pass at batch 1 measures what autograd keeps for the backward pass (every
 saved tensor that is not a parameter, each storage once). Attention is counted as a fused
-kernel keeps it (q, k, v and the output, no L×L matrix). Training holds per parameter fp32
+kernel keeps it (q, k, v and the output, no L×L matrix). Blocks that recompute their activations
+in backward (``torch.utils.checkpoint``: a model's ``set_grad_checkpointing``, per branch in DiMR)
+save only their inputs, and the count sees exactly that, so the estimate follows the model's
+recomputation switches as they are set. Training holds per parameter fp32
 weights, gradients, AdamW's two moments and the fp32 EMA (20 bytes); sampling holds the weights
 and, per sample, the largest activation a few times over (no autograd graph). The estimate is
 compared with the memory the device has free (``MemAvailable`` from ``/proc/meminfo`` or
@@ -25,7 +28,9 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from zoo.errors import UserError
 
-TRAIN_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq, fp32 EMA
+STEP_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq
+EMA_BYTES_PER_PARAM = 4  # the fp32 EMA copy a training run keeps beside them
+TRAIN_BYTES_PER_PARAM = STEP_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM
 SAMPLE_ACTIVATION_COPIES = 4  # live tensors around the largest one in a no-grad forward
 
 
@@ -100,10 +105,12 @@ def activation_bytes(model: nn.Module, training: bool = True) -> int:
 
 
 def estimate(model: nn.Module, training: bool = True, half_precision: bool = False,
-             extra_bytes: int = 0) -> Estimate:
-    """What a run of the meta-device ``model`` needs (see the module docstring)."""
+             extra_bytes: int = 0, ema: bool = True) -> Estimate:
+    """What a run of the meta-device ``model`` needs (see the module docstring); ``ema=False``
+    leaves out the EMA copy (a bare optimizer step, as benchmarks time it)."""
     params = sum(p.numel() for p in model.parameters())
-    fixed = params * (TRAIN_BYTES_PER_PARAM if training else 4) + extra_bytes
+    per_param = (STEP_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM * ema) if training else 4
+    fixed = params * per_param + extra_bytes
     per_sample = activation_bytes(model, training)
     if half_precision:  # bf16/fp16 autocast keeps most activations in 2 bytes
         per_sample //= 2
