@@ -1,0 +1,252 @@
+"""zoo's training step against the official code's, same configuration, same process, interleaved.
+
+    python benchmarks/vs_official.py --official ~/src/DiMR --model dimr_m_3r [--batch 4] [--pairs 9] [--recompute]
+
+Nothing of the official code is bundled (their licences differ: DiT CC BY-NC, U-ViT MIT,
+DiMR Apache-2.0): give the path of your own checkout; without one this prints how to get it.
+The official model class is imported from that checkout and built with the zoo recipe's
+configuration; the two parameter counts must be exactly equal or nothing is timed.
+
+A step is forward + MSE against a fixed random target (summed over DiMR's branch outputs) +
+backward + AdamW (the same optimiser settings on both sides). After ``--warmup`` steps of
+each, ``--pairs`` pairs are timed, the order alternated within pairs (official first in even
+pairs, zoo first in odd ones), so drifting load hits both sides alike. Printed: the median step
+of each side, the median over pairs of official/zoo (> 1: zoo is faster) and each side's peak
+memory (one more step in a fresh subprocess per side: CUDA peak allocation, or CPU RSS growth
+over the step, i.e. activations, gradients and optimiser state, weights excluded).
+
+``--recompute`` recomputes block activations in backward on both sides (zoo:
+``set_grad_checkpointing``; official U-ViT: ``use_checkpoint``; official DiMR always
+recomputes as released, and without ``--recompute`` its blocks are called directly here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {  # name -> (recipe, official repository, default batch)
+    "dit_s_2": ("recipes/dit_s_2.yaml", "facebookresearch/DiT", 8),
+    "uvit_m_4": ("recipes/uvit_m_4.yaml", "baofff/U-ViT", 4),
+    "dimr_m_3r": ("recipes/dimr_m_3r.yaml", "qihao067/DiMR", 4),
+    "dimr_xl_2r": ("recipes/dimr_xl_2r.yaml", "qihao067/DiMR", 2),
+}
+HOW_TO = """No --official checkout given. Get the official code (not bundled: its licence differs) with one of
+    git clone https://github.com/facebookresearch/DiT     # dit_s_2
+    git clone https://github.com/baofff/U-ViT             # uvit_m_4
+    git clone https://github.com/qihao067/DiMR            # dimr_m_3r, dimr_xl_2r
+then run e.g.
+    python benchmarks/vs_official.py --official DiMR --model dimr_m_3r
+(the official code imports timm and einops; pip install timm einops)."""
+
+
+def _dimr_stages(name: str) -> list[dict]:
+    """The official DiMR stage configs equal to the zoo recipe (M/3R is not released: the paper's construction)."""
+    def tf(dim, nb, side, patch, heads):
+        return dict(block_type="TransformerBlock", dim=dim, hidden_dim=2 * dim, num_attention_heads=heads,
+                    num_blocks=nb, max_height=side, max_width=side, image_input_ratio=1, input_feature_ratio=patch,
+                    final_kernel_size=3, dropout_prob=0)
+
+    def cnx(dim, nb, side, patch):
+        return dict(block_type="ConvNeXtBlock", dim=dim, hidden_dim=2 * dim, kernel_size=7, num_blocks=nb,
+                    max_height=side, max_width=side, image_input_ratio=1, input_feature_ratio=patch,
+                    final_kernel_size=3, dropout_prob=0)
+
+    if name == "dimr_m_3r":
+        return [tf(768, 15, 16, 4, 12), cnx(384, 8, 32, 2), cnx(192, 8, 64, 1)]
+    return [tf(960, 39, 16, 2, 16), cnx(480, 20, 32, 1)]
+
+
+def build_official(name: str, path: Path, recompute: bool) -> torch.nn.Module:
+    """The official model class from the checkout at ``path``, configured as zoo's recipe."""
+    sys.path.insert(0, str(path))
+    if name == "dit_s_2":
+        if recompute:
+            raise SystemExit("vs_official: the official DiT has no activation recomputation; drop --recompute")
+        import models  # the official DiT models.py
+
+        return models.DiT_S_2(input_size=32, num_classes=1000, learn_sigma=True)
+    if name == "uvit_m_4":
+        from libs.uvit import UViT
+
+        return UViT(img_size=64, patch_size=4, in_chans=3, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4,
+                    qkv_bias=False, mlp_time_embed=False, num_classes=1000, use_checkpoint=recompute)
+    from libs.core import blocks  # the official DiMR
+
+    for cls in (blocks.TransformerBlock, blocks.ConvNeXtBlock):  # runtime shim: recompute as asked
+        cls.forward = _recomputing_forward if recompute else _direct_forward
+    in_ch = 3 if name == "dimr_m_3r" else 4
+    config = types.SimpleNamespace(channels=in_ch, num_classes=1001, block_grad_to_lowres=False, norm_type="TDRMSN",
+                                   stage_configs=[types.SimpleNamespace(**s) for s in _dimr_stages(name)])
+    return blocks.MRModel(config)
+
+
+def _direct_forward(self, x, *args, **kwargs):
+    return self._forward(x, *args, **kwargs)
+
+
+def _recomputing_forward(self, x, *args, **kwargs):
+    # non-reentrant, as zoo's: the released call omits use_reentrant, which this torch warns about
+    return torch.utils.checkpoint.checkpoint(self._forward, x, *args, use_reentrant=False, **kwargs)
+
+
+def build_zoo(name: str, recompute: bool) -> torch.nn.Module:
+    import zoo
+
+    model = zoo.build_model(ROOT / MODELS[name][0])
+    model.set_grad_checkpointing(recompute)
+    return model
+
+
+def make_inputs(name: str, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, t, y)``: t as each network receives it (DiT index, U-ViT 999·t, DiMR log_snr)."""
+    g = torch.Generator().manual_seed(0)
+    side, ch = (32, 4) if name in ("dit_s_2", "dimr_xl_2r") else (64, 3)
+    x = torch.randn(batch, ch, side, side, generator=g)
+    u = torch.rand(batch, generator=g)
+    t = {"dit_s_2": (u * 1000).long(), "uvit_m_4": 999 * u}.get(name, 8 * torch.ceil(u * 1000) / 1000 - 4)
+    y = torch.randint(0, 1000, (batch,), generator=g)
+    return x.to(device), t.to(device), y.to(device)
+
+
+def make_step(name: str, model: torch.nn.Module, official: bool, batch: int, device: torch.device):
+    """A closure running one training step of ``model`` on fixed inputs and targets."""
+    x, t, y = make_inputs(name, batch, device)
+    call = (lambda: model(x, log_snr=t, y=y)) if official and name.startswith("dimr") else (lambda: model(x, t, y))
+    model.train()
+    with torch.no_grad():
+        outs = call()
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    g = torch.Generator().manual_seed(1)
+    targets = [torch.randn(o.shape, generator=g).to(device) for o in outs]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.03,
+                            fused=True)
+
+    def step() -> None:
+        out = call()
+        out = out if isinstance(out, (list, tuple)) else [out]
+        loss = sum(F.mse_loss(o, tg) for o, tg in zip(out, targets))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
+def _timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def measure_memory(args: argparse.Namespace, side: str) -> float:
+    """Peak MiB of one training step of one side, in this (fresh) process."""
+    device = torch.device(args.device)
+    model = (build_official(args.model, Path(args.official), args.recompute) if side == "official"
+             else build_zoo(args.model, args.recompute)).to(device)
+    step = make_step(args.model, model, side == "official", args.batch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+
+
+def _child_args(args: argparse.Namespace) -> list[str]:
+    out = ["--official", str(args.official), "--model", args.model, "--batch", str(args.batch),
+           "--threads", str(args.threads), "--device", args.device]
+    return out + ["--recompute"] * args.recompute
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build both, check the counts, time interleaved pairs; the figures as a dict."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    official = build_official(args.model, Path(args.official), args.recompute).to(device)
+    torch.manual_seed(0)
+    ours = build_zoo(args.model, args.recompute).to(device)
+    n_off, n_zoo = (sum(p.numel() for p in m.parameters()) for m in (official, ours))
+    if n_off != n_zoo:
+        raise SystemExit(f"vs_official: parameter counts differ: official {n_off:,}, zoo {n_zoo:,}; not timing")
+    steps = {"official": make_step(args.model, official, True, args.batch, device),
+             "zoo": make_step(args.model, ours, False, args.batch, device)}
+    for _ in range(args.warmup):
+        for side in steps:
+            steps[side]()
+    times: dict[str, list[float]] = {"official": [], "zoo": []}
+    for i in range(args.pairs):
+        for side in (("official", "zoo") if i % 2 == 0 else ("zoo", "official")):
+            times[side].append(_timed(steps[side]))
+    ratios = [a / b for a, b in zip(times["official"], times["zoo"])]
+    return {"model": args.model, "batch": args.batch, "recompute": args.recompute, "params": n_zoo,
+            "threads": torch.get_num_threads(), "device": args.device, "pairs": args.pairs,
+            "official_ms": statistics.median(times["official"]) * 1e3, "zoo_ms": statistics.median(times["zoo"]) * 1e3,
+            "ratio": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios],
+            "load_avg": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--official", type=Path, help="path of an official checkout (DiT, U-ViT or DiMR)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="dimr_m_3r")
+    parser.add_argument("--batch", type=int, help="batch size (default: 8 DiT-S/2, 4 U-ViT-M/4 and DiMR-M/3R, 2 XL/2R)")
+    parser.add_argument("--pairs", type=int, default=7, help="timed official/zoo pairs after warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first")
+    parser.add_argument("--recompute", action="store_true", help="activation recomputation on both sides")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
+    parser.add_argument("--memory-child", choices=("official", "zoo"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.official is None:
+        print(HOW_TO)
+        return 0
+    if not args.official.is_dir():
+        print(f"vs_official: --official {args.official} is not a directory; give the path of a git clone "
+              f"of {MODELS[args.model][1]}", file=sys.stderr)
+        return 2
+    args.batch = args.batch or MODELS[args.model][2]
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps({"peak_mib": measure_memory(args, args.memory_child)}))
+        return 0
+    result = run(args)
+    if not args.no_memory:
+        for side in ("official", "zoo"):
+            proc = subprocess.run([sys.executable, __file__, *_child_args(args), "--memory-child", side],
+                                  capture_output=True, text=True, cwd=ROOT)
+            lines = proc.stdout.strip().splitlines()
+            result[f"{side}_peak_mib"] = json.loads(lines[-1])["peak_mib"] if proc.returncode == 0 and lines else None
+    mem = lambda v: "-" if v is None else f"{v:.0f} MiB"  # noqa: E731
+    print(f"{args.model} batch {args.batch} {args.device} fp32 threads {result['threads']} "
+          f"recompute {'on' if args.recompute else 'off'} params {result['params']:,} (equal)")
+    print(f"  official {result['official_ms']:.0f} ms   zoo {result['zoo_ms']:.0f} ms   "
+          f"official/zoo {result['ratio']:.3f} (median of {args.pairs} pairs: {result['ratios']})")
+    if not args.no_memory:
+        print(f"  peak memory: official {mem(result['official_peak_mib'])}, zoo {mem(result['zoo_peak_mib'])}")
+    print(f"  load average {result['load_avg'][0]:.2f} {result['load_avg'][1]:.2f} {result['load_avg'][2]:.2f}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
