@@ -1,0 +1,62 @@
+"""DiMR's RMS norm ``x / (‖x‖₂/√C + eps) · γ`` as one autograd function with a hand-written backward.
+
+Autograd through the plain expression saves two full-size tensors (``x`` for the norm and
+``x·r`` for the product with ``γ``) and runs a masked fill, a division and five broadcast
+products in backward. Here only ``x`` is saved (with the per-row norm and reciprocal, 1/C of
+its size) and the backward is two reductions and three passes:
+
+    r = 1 / (‖x‖/√C + eps),  y = x·r·γ
+    a = g·γ,   s = Σ_c a·x,   ∂x = r·a − (s·r² / (√C·‖x‖))·x     (0 for the second term where ‖x‖ = 0)
+    ∂γ = Σ over rows of g·x·r   (per sample for a (B, C) γ, over everything for a shared (C,) γ)
+
+The forward is the eager expression's own op order, so its outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .base import per_sample
+
+
+def rms_scale(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(‖x‖₂, 1 / (‖x‖₂/√C + eps))`` over the last dim, kept as ``(..., 1)``."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return norm, (norm * x.shape[-1] ** -0.5 + eps).reciprocal()
+
+
+class _ScaledRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        norm, r = rms_scale(x, eps)
+        ctx.save_for_backward(x, gamma, norm, r)
+        return (x * r).mul_(per_sample(gamma, x))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, gamma, norm, r = ctx.saved_tensors
+        grad_x = grad_gamma = None
+        if ctx.needs_input_grad[1]:
+            rows = tuple(range(0 if gamma.ndim == 1 else 1, x.ndim - 1))
+            grad_gamma = (g * x).mul_(r).sum(rows) if rows else (g * x).mul_(r)
+        if ctx.needs_input_grad[0]:
+            a = g * per_sample(gamma, x)
+            s = (a * x).sum(-1, keepdim=True)
+            coef = s.mul_(r.square()).div_(norm * x.shape[-1] ** 0.5)
+            coef = torch.where(norm > 0, coef, 0.0)  # as autograd's norm backward: no gradient through ‖0‖
+            grad_x = a.mul_(r).addcmul_(x, coef, value=-1)
+        return grad_x, grad_gamma, None
+
+
+def scaled_rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
+    """``x / (‖x‖₂/√C + eps) · γ`` with ``γ`` of shape ``(C,)`` or per sample ``(B, C)``.
+
+    The fused function when autograd is recording; the plain expression otherwise (same values).
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad):
+        return _ScaledRMSNorm.apply(x, gamma, eps)
+    _, r = rms_scale(x, eps)
+    return x * r * per_sample(gamma, x)

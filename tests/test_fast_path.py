@@ -1,0 +1,58 @@
+"""The training fast path computes what the plain eager expressions compute, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.conditioning.base import Conditioning, per_sample
+from zoo.conditioning.fused_rmsnorm import scaled_rms_norm
+from zoo.conditioning.time_dependent import TimeDependentRMSNorm
+
+
+def _reference(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """The released formula, through plain autograd."""
+    rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) / x.shape[-1] ** 0.5
+    return x / (rms + eps) * per_sample(gamma, x)
+
+
+@pytest.mark.parametrize("shape, gamma_shape", [((3, 5, 8), (3, 8)), ((2, 3, 4, 6), (2, 6)), ((4, 7), (7,)),
+                                                ((2, 5, 8), (8,))])
+def test_fused_rms_norm_gradcheck(shape, gamma_shape):
+    """Hand-written backward against finite differences in float64 (tokens, maps, shared γ)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    gamma = torch.randn(gamma_shape, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: scaled_rms_norm(a, b, 1e-8), (x, gamma))
+
+
+def test_fused_rms_norm_matches_autograd_float64_with_zero_rows():
+    """Values and both gradients equal plain autograd's to float64 rounding, a zero row included."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 10, 16, dtype=torch.float64, generator=g)
+    x[1, 4] = 0.0  # ‖x‖ = 0: no gradient through the norm (autograd masks it), r = 1/eps
+    gamma = torch.randn(3, 16, dtype=torch.float64, generator=g)
+    up = torch.randn(3, 10, 16, dtype=torch.float64, generator=g)
+    grads = []
+    for fn in (scaled_rms_norm, _reference):
+        xa, ga = x.clone().requires_grad_(), gamma.clone().requires_grad_()
+        out = fn(xa, ga, 1e-8)
+        out.backward(up)
+        grads.append((out.detach(), xa.grad, ga.grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1][1, 4], up[1, 4] * gamma[1] / 1e-8, rtol=1e-14, atol=0)  # r·a alone
+
+
+def test_td_rmsnorm_float32_forward_is_bit_identical_to_released_expression():
+    """Forward op order is the eager expression's (x · (rms + eps)⁻¹ · γ): identical float32 bits."""
+    norm = TimeDependentRMSNorm(32)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    x = torch.randn(4, 9, 32, requires_grad=True)
+    t = torch.randn(4)
+    out, _ = norm(x, Conditioning(t=t))
+    gamma = norm.weight(t * norm.time_scale)
+    rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * 32**-0.5
+    assert torch.equal(out, x * (rms + norm.eps).reciprocal() * per_sample(gamma, x))
