@@ -17,7 +17,7 @@ from typing import Sequence
 from .errors import UserError
 
 COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity", "sample", "train", "compare", "eval", "export",
-                            "prepare_latents")
+                            "prepare_latents", "train_classifier")
 
 # Commands that write no files: the console script ends them without interpreter teardown
 # (garbage-collecting torch's and the model's objects costs 0.5-1.5 s of `zoo build --flops`).

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="eval directory (default: RUN/eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    from zoo.eval.distortion_cli import add_options
+
+    add_options(p)
     p.set_defaults(func=run)
 
 
@@ -66,12 +69,19 @@ def run(args: argparse.Namespace) -> int:
     from zoo.guards import resolve_device
 
     device = str(resolve_device(args.device))  # an unknown device or cuda without a GPU: one line, exit 2
+    from zoo.eval.distortion import analyse
+    from zoo.eval.distortion_cli import scorer_for
+
+    scorer = scorer_for(args, device)  # a missing or mismatched classifier fails before sampling
 
     request = EvalRequest(source=args.source, n=args.n, ref=args.ref, extractor=args.extractor,
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,
                           cfg=args.cfg, batch_size=args.batch_size, seed=args.seed, weights=args.weights,
                           out=args.out, vae=args.vae, device=device)
     result = evaluate(request, log=(lambda _: None) if args.json else print, progress=not args.json)
+    if scorer is not None:
+        result = analyse(result, scorer, args.threshold, args.batch_size or 64, device,
+                         log=(lambda _: None) if args.json else print)
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,0 +1,46 @@
+"""``zoo eval --distortion``'s options and the check of its classifier against the checkpoint (no torch import:
+the CLI builds its parsers without importing torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zoo.errors import UserError
+
+
+def add_options(parser) -> None:
+    """``zoo eval``'s distortion options."""
+    parser.add_argument("--distortion", action="store_true",
+                        help="also score each sample for its own class with --classifier: the share below --threshold "
+                        "(overall, per class) and a grid of the rejected samples")
+    parser.add_argument("--classifier", default=None, metavar="DIR_OR_TIMM",
+                        help="a zoo train-classifier directory, or timm:NAME with --classifier-weights")
+    parser.add_argument("--classifier-weights", default=None, metavar="FILE",
+                        help="local weights of a timm:NAME classifier (.safetensors or .pth state dict)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="a sample is rejected when its own-class probability is below this (default 0.5)")
+
+
+def scorer_for(args, device: Any) -> Any:
+    """The classifier ``zoo eval --distortion`` asked for, checked against the checkpoint before any sampling."""
+    if not args.distortion:
+        if args.classifier or args.classifier_weights:
+            raise UserError("--classifier and --classifier-weights go with --distortion")
+        return None
+    if not 0.0 < args.threshold <= 1.0:
+        raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+    from zoo.checkpoint import read_config
+    from zoo.eval.distortion import build_scorer, check_classes
+    from zoo.eval.runner import locate
+    from zoo.sample import num_classes
+
+    ckpt, _ = locate(args.source)
+    recipe = read_config(ckpt)
+    scorer = build_scorer(args.classifier, args.classifier_weights, device)
+    check_classes(scorer, num_classes(recipe), f"checkpoint {ckpt}")
+    data = recipe.get("data") or {}
+    size = data.get("image_size")
+    if scorer.image_size is not None and size is not None and not data.get("latent") and int(size) != scorer.image_size:
+        raise UserError(f"classifier {args.classifier} takes {scorer.image_size}x{scorer.image_size} images, "
+                        f"checkpoint {ckpt} generates {size}x{size}; train one with --image-size {size}")
+    return scorer
