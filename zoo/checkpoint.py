@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -169,6 +170,11 @@ def check_plain(obj: Any, where: str = "state") -> None:
 # ----------------------------------------------------------------------------- directories
 
 KNOWN_FILES = (CONFIG, MODEL, EMA, TRAINER_STATE)
+SHARD_FILE = re.compile(r"^(?:\.metadata|__\d+_\d+\.distcp)$")  # an FSDP run's shards (torch.distributed.checkpoint)
+
+
+def _known(name: str) -> bool:
+    return name in KNOWN_FILES or SHARD_FILE.match(name) is not None
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -177,7 +183,7 @@ def is_checkpoint(directory: str | Path) -> bool:
     payload = atomic.read_record(directory, CONFIG) if directory.is_dir() else None
     if not payload or payload.get("format") != FORMAT:
         return False
-    return all(p.name in KNOWN_FILES for p in directory.iterdir())
+    return all(_known(p.name) for p in directory.iterdir())
 
 
 def check_replaceable(target: str | Path, what: str = "checkpoint directory") -> None:
@@ -191,7 +197,7 @@ def check_replaceable(target: str | Path, what: str = "checkpoint directory") ->
     if is_checkpoint(target) or not any(target.iterdir()):
         return
     if (atomic.read_record(target, CONFIG) or {}).get("format") == FORMAT:
-        foreign = sorted(p.name for p in target.iterdir() if p.name not in KNOWN_FILES)
+        foreign = sorted(p.name for p in target.iterdir() if not _known(p.name))
         raise UserError(f"{what} {target} also holds files zoo did not write ({', '.join(foreign[:5])}); "
                         "zoo will not replace it", suggestion="move them away or choose another path")
     raise UserError(f"{what} {target} exists and is not a zoo checkpoint; zoo will not replace it",
@@ -214,22 +220,26 @@ def repair_run(directory: str | Path) -> list[Path]:
 
 def save_checkpoint(
     directory: str | Path,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, Tensor],
     config: Mapping[str, Any],
     ema: nn.Module | Mapping[str, Tensor] | None = None,
     state: Mapping[str, Any] | None = None,
+    also: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint directory crash-safely (replacing an existing checkpoint) and return its path.
 
-    ``config`` is the resolved recipe (JSON-serialisable); ``ema`` an EMA model or its state
-    dict; ``state`` the trainer state (step, optimizer, RNG...) as plain data. An existing
+    ``model`` is a model or its state dict, ``config`` the resolved recipe (JSON-serialisable),
+    ``ema`` an EMA model or its state dict, ``state`` the trainer state (step, optimizer, RNG...)
+    as plain data; ``also(tmp)`` writes more files (an FSDP run's shards) before these. An existing
     ``directory`` that is not a zoo checkpoint is never replaced (:class:`UserError`).
     """
     if state is not None:
         check_plain(state, "trainer state")
 
     def fill(tmp: Path) -> None:
-        save_weights(tmp / MODEL, model.state_dict())
+        if also is not None:
+            also(tmp)
+        save_weights(tmp / MODEL, model.state_dict() if isinstance(model, nn.Module) else model)
         if ema is not None:
             save_weights(tmp / EMA, ema.state_dict() if isinstance(ema, nn.Module) else ema)
         if state is not None:

@@ -4,7 +4,8 @@
 :func:`init` then joins the process group (NCCL on CUDA, gloo on CPU) and gives each rank its
 device. Every rank reads its slice of each global batch (``zoo.training.data.batches``) and
 draws its samples' noise from their global indices (``zoo.training.draws``), so the gradient
-is the same sum whatever N. Only rank 0 logs and writes the consolidated checkpoint files.
+is the same sum whatever N. Only rank 0 logs and writes the consolidated checkpoint files; under
+FSDP every rank also writes its shards (:mod:`zoo.training.fsdp_checkpoint`).
 """
 
 from __future__ import annotations

@@ -139,14 +139,19 @@ class Trainer:
         self._resumed_from = directory
 
     def _load_state(self, directory: Path) -> None:
+        from zoo.training.fsdp_checkpoint import is_sharded, load_sharded, optimizer_state_by_name
+
         state = load_trainer_state(directory)
-        self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
-        if self.fsdp:  # a consolidated state, re-sharded onto this run's processes
+        if is_sharded(directory):  # an FSDP run's shards, read onto this run's processes (FSDP or not)
+            load_sharded(directory, self.model, self.optimizer, self.ema, state)
+        elif self.fsdp:  # a consolidated state, re-sharded onto this run's processes
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+            self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state_by_name(state["optimizer"]),
                                      options=StateDictOptions(full_state_dict=True))
         else:
+            self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
             self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -157,36 +162,26 @@ class Trainer:
     # -- checkpoints and samples ---------------------------------------------------------------
 
     def save(self, also_step_dir: bool = True) -> Path:
-        """``last/`` (and ``step_XXXXXXX/``): every rank takes part, rank 0 writes."""
-        model, ema = self.model, self.ema.state_dict()
-        if self.fsdp:  # gather the shards (every rank), then rank 0 writes the consolidated files
-            ema = {k: distributed.full_tensor(v) for k, v in ema.items()}
-            full = {k: distributed.full_tensor(v) for k, v in self.model.state_dict().items()}
-            model = _StateOnly(full)
+        """``last/`` (and ``step_XXXXXXX/``): every rank takes part, rank 0 writes (FSDP: each rank its shards)."""
+        if self.ctx.main and also_step_dir and self.step not in self.created:
+            self.created.append(self.step)
+        state = {"step": self.step, "created": list(self.created)}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         last = self.out / "last"
+        for target in ([self.out / f"step_{self.step:07d}"] if also_step_dir else []) + [last]:
+            if self.fsdp:  # sharded model, EMA and optimizer moments + the consolidated weights
+                from zoo.training.fsdp_checkpoint import save_sharded
+
+                save_sharded(target, self.ctx, self.model, self.optimizer, self.ema, self.recipe, state)
+            elif self.ctx.main:
+                save_checkpoint(target, self.model, self.recipe, ema=self.ema.state_dict(),
+                                state={**state, "optimizer": self.optimizer.state_dict()})
         if self.ctx.main:
-            if also_step_dir and self.step not in self.created:
-                self.created.append(self.step)
-            state = {"step": self.step, "optimizer": self._optimizer_state(), "created": list(self.created)}
-            if self.scaler.is_enabled():
-                state["scaler"] = self.scaler.state_dict()
-            if also_step_dir:
-                save_checkpoint(self.out / f"step_{self.step:07d}", model, self.recipe, ema=ema, state=state)
-            save_checkpoint(last, model, self.recipe, ema=ema, state=state)
             self.created = prune_steps(self.out, self.created, int(self.train["keep_last"]))
-        elif self.fsdp:
-            self._optimizer_state()
         self.last_saved = self.step
         self.ctx.barrier()
         return last
-
-    def _optimizer_state(self) -> dict:
-        if not self.fsdp:
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def sample_grid(self) -> Path | None:
         from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
@@ -301,16 +296,6 @@ class Trainer:
         if self.last_saved != self.step or not (self.out / "last").is_dir():
             self.save(also_step_dir=int(self.train.get("ckpt_every") or 0) > 0)
         return records
-
-
-class _StateOnly:
-    """A consolidated state dict where :func:`save_checkpoint` expects a module."""
-
-    def __init__(self, state: dict) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
 
 
 def train(recipe: dict, out: str | Path, steps: int | None = None, device: str | None = None,

@@ -1,0 +1,126 @@
+"""``train.parallel: fsdp`` on 2 CPU processes (gloo): a resume from a one-process checkpoint,
+sharded checkpoints written with torch.distributed.checkpoint, which a SIGKILL mid-save leaves
+loadable, a resume from them that continues the uninterrupted run exactly, consolidated weights
+equal to one process's, and the shards resumed on one process."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_distributed import RECIPE, SETTINGS, max_diff, single, torchrun  # noqa: F401 - single: fixture
+
+import zoo
+import zoo.checkpoint as ckpt
+from zoo.errors import UserError
+from zoo.training import train
+from zoo.training.fsdp_checkpoint import shard_reader, is_sharded
+
+FSDP = ("--set", "train.parallel=fsdp")
+WEIGHTS = ("model.safetensors", "ema.safetensors")
+
+# Rank 0 SIGKILLs itself when its second save of last/ reaches the seal: every rank's shards and
+# the consolidated files are written into last.tmp-*, config.json is not.
+KILL_AT_SEAL = """
+import os, signal, sys
+from zoo import atomic
+from zoo.cli import main
+seals = []
+def stop(step, path):
+    if step == "seal" and path.name.startswith("last.tmp-") and os.environ.get("RANK") == "0":
+        seals.append(path)
+        if len(seals) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+atomic._reached = stop
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> Path:
+    """Two steps on one process: an ordinary (consolidated) checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("start")
+    train(zoo.load_recipe(RECIPE, SETTINGS), out, steps=2, device="cpu", log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, start) -> Path:
+    """``start`` resumed under 2-process FSDP to step 5 without interruption; checkpoints at 4 and 5."""
+    out = tmp_path_factory.mktemp("fsdp")
+    stdout = torchrun(out, 5, *FSDP, "--set", "train.ckpt_every=2", "--resume", str(start)).stdout
+    assert "2 processes (gloo)" in stdout and stdout.count("zoo train: run directory") == 1
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_writes_shards_and_the_consolidated_weights_of_one_process(whole, single):
+    last = whole / "last"
+    assert is_sharded(last) and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert ckpt.is_checkpoint(last)  # shards count as zoo's files: the next save may replace it
+    state = ckpt.load_trainer_state(last)
+    assert state["step"] == 5 and state["sharded_optimizer"] and "optimizer" not in state  # moments: in the shards
+    # Steps 3-5 re-shard a one-process checkpoint (weights, EMA, full AdamW state) onto FSDP.
+    # Same global batch and per-sample draws as one process; only float32 summation order differs
+    # (FSDP's reduce-scatter of two 8-sample sums vs one 16-sample sum), ~1e-7 relative per step on
+    # weights of size ~0.1-1, so 5 steps stay far below 1e-5.
+    for name in WEIGHTS:
+        assert max_diff(single, whole, name) < 1e-5, name
+    model, _ = ckpt.load_checkpoint(last, weights="ema")  # zoo sample's path: a plain, unsharded model
+    assert not any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_a_kill_mid_save_leaves_last_loadable_and_the_resume_equals_the_uninterrupted_run(tmp_path, start, whole):
+    out = tmp_path / "killed"
+    script = tmp_path / "kill_at_seal.py"
+    script.write_text(KILL_AT_SEAL)
+    every = ("--set", "train.ckpt_every=1")
+    proc = torchrun(out, 5, *FSDP, *every, "--resume", str(start), program=(str(script),), check=False)
+    assert proc.returncode != 0
+    (unsealed,) = out.glob("last.tmp-*")  # the step-4 save of last/: shards written, never sealed
+    assert (unsealed / "__1_0.distcp").is_file() and not (unsealed / "config.json").exists()
+    assert ckpt.load_trainer_state(out / "last")["step"] == 3  # repaired on read: the step-3 last/ stands
+    assert not list(out.glob("last.tmp-*"))
+    torchrun(out, 5, *FSDP, *every, "--resume", str(out))  # from the shards; replaces the killed run's step_0000004/
+    # The resumed run repeats the uninterrupted run's operations on the same values: the shards hold
+    # the fp32 weights, EMA and AdamW moments bit for bit, the processes and reduction order are the same
+    # (checkpoints are read-only snapshots: saving every step or every other changes no number).
+    for name in WEIGHTS:
+        assert max_diff(whole, out, name) == 0.0, name
+    assert ckpt.load_trainer_state(out / "last")["step"] == 5
+
+
+@pytest.mark.slow
+def test_two_process_shards_resume_on_one_process(tmp_path, whole, single):
+    out = tmp_path / "one"
+    recipe = zoo.load_recipe(RECIPE, [*SETTINGS, "train.parallel=fsdp"])
+    train(recipe, out, steps=5, device="cpu", resume=whole / "step_0000004", log=lambda *_: None)
+    # The 2-process shards, read whole onto one process; the tolerance of the 1-vs-2-process comparison above.
+    for name in WEIGHTS:
+        assert max_diff(single, out, name) < 1e-5, name
+    assert not is_sharded(out / "last")  # one process writes the ordinary consolidated checkpoint
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_shard_index_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(UserError, match="not part of a checkpoint index"):
+        shard_reader(tmp_path).read_metadata()
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_shard_index_listing_objects_is_refused(tmp_path):
+    """zoo writes only tensors into shards (DCP loads any other object with a full unpickler)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.ones(2), "extra": {"lr": 0.1}}, checkpoint_id=tmp_path)
+    with pytest.raises(UserError, match=r"lists objects \(extra"):
+        shard_reader(tmp_path).read_metadata()
