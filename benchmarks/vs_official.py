@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,6 +85,8 @@ def build_official(name: str, path: Path, recompute: bool) -> torch.nn.Module:
         return UViT(img_size=64, patch_size=4, in_chans=3, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4,
                     qkv_bias=False, mlp_time_embed=False, num_classes=1000, use_checkpoint=recompute)
     from libs.core import blocks  # the official DiMR
+
+    warnings.filterwarnings("ignore", message="Using slower tdp_torch")  # once per norm per step on CPU
 
     for cls in (blocks.TransformerBlock, blocks.ConvNeXtBlock):  # runtime shim: recompute as asked
         cls.forward = _recomputing_forward if recompute else _direct_forward

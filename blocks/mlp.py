@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from zoo.domains import OneOf, Width
 
+from .geglu import APPROXIMATE, geglu_gate
+
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),  # exact (erf) GELU: U-ViT, DiMR
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # DiT
@@ -56,8 +58,11 @@ class GeGluMlp(nn.Module):  # = timm.layers.GluMlp(gate_last=False, 2·hidden); 
         hidden_features = hidden_features or 2 * dim
         self.fc1 = nn.Linear(dim, 2 * hidden_features, bias=bias)
         self.act = make_activation(act)
+        self.act_name = act
         self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act_name in APPROXIMATE:  # GELU: the gate with an in-place backward (no concatenation)
+            return self.fc2(geglu_gate(self.fc1(x), self.act_name))
         gate, value = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(self.act(gate) * value)
