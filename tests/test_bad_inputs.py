@@ -163,6 +163,10 @@ CASES = [
     ("eval-unknown-device", "eval {tmp}/ckpt --n 4 --device gpu", "ckpt", 2, "--device 'gpu'"),
     ("eval-too-few-samples", "eval {tmp}/ckpt --n 1", "ckpt", 2, "--n"),
     ("eval-a-user-dir", "eval {tmp}/out_user --n 4", "user_dir", 2, "{tmp}/out_user"),
+    ("eval-distortion-missing-classifier", "eval {tmp}/ckpt --n 4 --distortion --classifier {tmp}/none", "ckpt", 2,
+     "classifier directory {tmp}/none does not exist"),
+    ("train-classifier-unknown-data", "train-classifier nodata --out {tmp}/out", "-", 2,
+     "nodata is neither a recipe file nor a registered dataset"),
     ("prepare-latents-unknown-device", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out --device gpu", "-", 2,
      "--device 'gpu'"),
     # -- train: outputs, resume, devices

