@@ -10,7 +10,8 @@ or gradient stops the run before the weights change; AdamW at the warm-up learni
 
 Every ``log_every`` steps a record (:mod:`.monitor`); every ``ckpt_every`` steps
 ``OUT/step_XXXXXXX/`` (the oldest beyond ``keep_last`` pruned) and ``OUT/last/``, each written
-atomically; every ``sample_every`` steps an EMA sample grid. Ctrl-C saves ``last/``.
+atomically; every ``sample_every`` steps an EMA sample grid; every ``eval_every`` steps a small FD of the
+EMA weights (:mod:`.eval_hook`). Ctrl-C saves ``last/``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from zoo.sample import num_classes
 from zoo.training import distributed
 from zoo.training.data import batches, build_dataset
 from zoo.training.draws import draw
+from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate
 from zoo.training.rundir import check_resume_recipe, prune_steps
@@ -95,6 +97,7 @@ class Trainer:
             self.shape = tuple(meta_model.example_inputs(1)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
         require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum))
+        self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.train["tf32"])
         torch.manual_seed(self.seed)
@@ -261,6 +264,8 @@ class Trainer:
             repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
         self.ctx.barrier()
         self.banner(total)
+        if self.fd is not None:
+            self.fd.prepare()  # the run's FD reference statistics, computed once
         monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
         records, running, count = [], torch.zeros((), device=self.device), 0
         tick = time.perf_counter()
@@ -286,6 +291,8 @@ class Trainer:
                     self.save()
                 if self._every("sample_every"):
                     self.sample_grid()
+                if self._every("eval_every"):
+                    tick += evaluation(self.fd, self.model, self.ema, self.step, self.ctx, monitor)
         except KeyboardInterrupt:
             self.log(f"zoo train: interrupted at step {self.step}; saving {self.out / 'last'}")
             self.save(also_step_dir=False)

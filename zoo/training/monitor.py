@@ -4,6 +4,8 @@ On a terminal a tqdm bar shows step, loss, img/s and ETA, and each log record is
 it; when stderr is not a terminal (a log file, CI) every record is one plain line instead.
 Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
 ``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
+Evaluation records (``train.eval_every``: ``{"step", "fd", "fd_n", "fd_extractor", "fd_seconds"}``) go to the
+same sinks: their own log.jsonl lines, the TensorBoard scalar ``eval/fd``, a second curve in loss.png, one line.
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def _log_scale(values) -> str:
+    return "log" if min(values) > 0 and max(values) / min(values) > 10 else "linear"
+
+
 class LossPlot:
-    """``loss.png``: loss against step (log-scale once it spans a decade). One figure kept for the run;
-    each redraw writes a temporary name and renames it, so a reader never sees half a PNG."""
+    """``loss.png``: loss against step (log-scale once it spans a decade), and the FD of the evaluations on
+    a second axis when there are any. One figure kept for the run; each redraw writes a temporary name
+    and renames it, so a reader never sees half a PNG."""
 
     def __init__(self, path: Path) -> None:
         import matplotlib
@@ -49,17 +56,34 @@ class LossPlot:
         self.ax.set_xlabel("step")
         self.ax.set_ylabel("training loss")
         self.ax.grid(alpha=0.3)
-        self.fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.95)
+        self.fig.subplots_adjust(left=0.13, right=0.87, bottom=0.15, top=0.95)
+        self.fd_ax, self.fd_line = None, None
+
+    def _draw_fd(self, points: list[tuple[int, float]]) -> None:
+        if self.fd_ax is None:
+            self.fd_ax = self.ax.twinx()
+            (self.fd_line,) = self.fd_ax.plot([], [], "o-", color="tab:red", lw=1.2, ms=3, label="FD (EMA)")
+            self.fd_ax.set_ylabel("FD of EMA samples", color="tab:red")
+            self.fd_ax.tick_params(axis="y", colors="tab:red")
+        steps, fds = zip(*points)
+        self.fd_line.set_data(steps, fds)
+        self.fd_ax.set_yscale(_log_scale(fds))
+        self.fd_ax.relim()
+        self.fd_ax.autoscale_view()
 
     def draw(self, records: list[dict]) -> None:
-        points = [(r["step"], r["loss"]) for r in records if math.isfinite(r["loss"])]
-        if not points:
+        points = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+        fd_points = [(r["step"], r["fd"]) for r in records if "fd" in r and math.isfinite(r["fd"])]
+        if not points and not fd_points:
             return
-        steps, losses = zip(*points)
-        self.line.set_data(steps, losses)
-        self.ax.set_yscale("log" if min(losses) > 0 and max(losses) / min(losses) > 10 else "linear")
-        self.ax.relim()
-        self.ax.autoscale_view()
+        if points:
+            steps, losses = zip(*points)
+            self.line.set_data(steps, losses)
+            self.ax.set_yscale(_log_scale(losses))
+            self.ax.relim()
+            self.ax.autoscale_view()
+        if fd_points:
+            self._draw_fd(fd_points)
         write_file(self.path, lambda tmp: self.fig.savefig(tmp, format="png"))
 
 
@@ -105,6 +129,18 @@ class Monitor:
             self.bar.write(line, file=sys.stderr)
         else:
             self.log(line)
+
+    def record_eval(self, rec: dict) -> None:
+        """An evaluation record (``train.eval_every``): log.jsonl, TensorBoard ``eval/fd``, loss.png, one line."""
+        self.records.append(rec)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.writer.add_scalar("eval/fd", rec["fd"], rec["step"])
+        self.writer.flush()
+        self.plot.draw(self.records)  # evaluations are rare: always redrawn
+        self.plotted = time.monotonic()
+        self.message(f"step {rec['step']:>7d}  fd {rec['fd']:.4f}  ({rec['fd_n']} EMA samples, "
+                     f"{rec['fd_extractor']}, {rec['fd_seconds']:.1f} s)")
 
     def message(self, text: str) -> None:
         """A line that must not tear the bar."""

@@ -17,6 +17,7 @@
       steps, batch_size, lr, weight_decay, betas, warmup_steps, ema_decay, grad_clip, seed,
       precision (fp32 | bf16 | fp16), no_weight_decay_1d, ckpt_every, sample_every, log_every, sample_n,
       grad_accum, grad_checkpointing, compile, tf32, keep_last, parallel (ddp | fsdp)
+      eval_every, eval_n, eval_extractor, eval_ref   # a small FD every eval_every steps (zoo.training.eval_hook)
 
 Importing this module does not import torch.
 """
@@ -31,6 +32,7 @@ from zoo import registry
 from zoo.validate import register_section
 
 DATASETS = registry.Names("dataset")  # synthetic, image_folder, latents, imagenet, emoji32 and plugins
+EXTRACTORS = registry.Names("extractor")  # efficientnet_lite0, inception and plugins
 PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 Path = Annotated[str, Doc("a path")]
@@ -69,6 +71,10 @@ TRAIN: dict[str, Any] = {
     "ckpt_every": Every,
     "sample_every": Every,
     "eval_every": Annotated[int, Range(0, MAX_STEPS), Doc("steps between small FDs of the EMA model (zoo.eval.quick_fd); 0 = never")],
+    "eval_n": Annotated[int, Range(2, MAX_COUNT), Doc("samples per eval_every FD (default 256)")],
+    "eval_extractor": Annotated[str, OneOf(EXTRACTORS, "extractor"),
+                                Doc("eval_every features (default efficientnet_lite0)")],
+    "eval_ref": Annotated[str, Doc("eval_every reference: .npz, image folder, dataset[:split]")] | None,
     "log_every": Every,
     "sample_n": Annotated[int, Range(0, MAX_BATCH)],
     "grad_accum": Annotated[int, Range(1, MAX_BATCH), Doc("micro-batches per step; the global batch stays batch_size")],

@@ -1,0 +1,174 @@
+"""``train.eval_every``: a small FD of the EMA weights logged like the loss, without changing the losses,
+with the run's reference statistics computed once (a resume reads them back), under DDP too."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.cli import main
+from zoo.eval.extractors import Extractor
+from zoo.training import train
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # DiT on 8x8 synthetic pixels, 4 classes, ddim 5
+SETTINGS = ["train.log_every=1", "train.sample_every=0", "train.ckpt_every=0"]
+EVAL = ["train.eval_every=2", "train.eval_n=16", "train.eval_extractor=test_pool4"]
+
+
+class Pool4(Extractor):
+    """A fast stand-in extractor: 4x4-pooled pixels (48 features), no logits."""
+
+    name = "test_pool4"
+
+    def forward(self, images):
+        return F.adaptive_avg_pool2d(images.float() / 255.0, 4).flatten(1), None
+
+
+class Pool2(Pool4):
+    name = "test_pool2"
+
+    def forward(self, images):
+        return F.adaptive_avg_pool2d(images.float() / 255.0, 2).flatten(1), None
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ZOO_INCEPTION_WEIGHTS", raising=False)
+    zoo.register("extractor", "test_pool4")(Pool4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only add overhead on a loaded machine
+    yield
+    torch.set_num_threads(threads)
+    zoo.registry.unregister("extractor", "test_pool4")
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_fd_is_logged_every_n_steps_and_the_losses_do_not_change(tmp_path):
+    lines = []
+    recipe = zoo.load_recipe(RECIPE, SETTINGS + EVAL)
+    train(recipe, tmp_path / "eval", steps=4, log=lines.append)
+    train(zoo.load_recipe(RECIPE, SETTINGS), tmp_path / "plain", steps=4, log=lambda *_: None)
+
+    records = _records(tmp_path / "eval")
+    fds = [r for r in records if "fd" in r]
+    assert [r["step"] for r in fds] == [2, 4] and all(math.isfinite(r["fd"]) and r["fd"] > 0 for r in fds)
+    assert all(r["fd_n"] == 16 and r["fd_extractor"] == "test_pool4" for r in fds)
+    # Same losses bit for bit: evaluating draws nothing from the training stream's RNG.
+    assert [r["loss"] for r in records if "loss" in r] == [r["loss"] for r in _records(tmp_path / "plain")]
+    assert sum(" fd " in line for line in lines) == 2 and any(line.startswith("step       4  fd ") for line in lines)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "eval" / "tb"))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("eval/fd")] == \
+        [(r["step"], r["fd"]) for r in fds]  # TensorBoard stores float32: 1e-6 relative covers its rounding
+    assert (tmp_path / "eval" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The reference: the statistics of the 64 training images through the extractor, in float64.
+    from zoo.eval.reference import to_uint8
+    from zoo.eval.stats import feature_statistics, frechet_distance
+    from zoo.training.data import synthetic_dataset
+
+    images = synthetic_dataset((3, 8, 8), 64, 4, seed=0).tensors[0]
+    mu, sigma = feature_statistics(Pool4()(to_uint8(images))[0].double().numpy())
+    with np.load(tmp_path / "eval" / "eval" / "fd_reference.npz") as ref:
+        assert str(ref["extractor"]) == "test_pool4"
+        np.testing.assert_allclose(ref["mu"], mu, rtol=1e-12)
+        np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-12, atol=1e-15)
+
+    # The FD at step 4 is that of the EMA weights saved at step 4 (not of the raw weights), same seeds.
+    from zoo.eval import quick_fd
+    from zoo.sample import load_model
+
+    ema_model, _, _ = load_model(tmp_path / "eval" / "last")
+    fd = quick_fd(ema_model, recipe, n=16, ref=str(tmp_path / "eval" / "eval" / "fd_reference.npz"),
+                  extractor=Pool4(), seed=0)
+    assert fd == pytest.approx(fds[-1]["fd"], rel=1e-9)
+    raw_model, _ = zoo.checkpoint.load_checkpoint(tmp_path / "eval" / "last", weights="model")
+    raw = quick_fd(raw_model.eval(), recipe, n=16, ref=str(tmp_path / "eval" / "eval" / "fd_reference.npz"),
+                   extractor=Pool4(), seed=0)
+    assert abs(raw - fd) > 1e-6 * fd
+    assert frechet_distance(mu, sigma, mu, sigma) == 0.0
+
+
+def test_a_resumed_run_reads_the_reference_back(tmp_path, monkeypatch):
+    out, lines = tmp_path / "run", []
+    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL), out, steps=2, log=lambda *_: None)
+    ref = out / "eval" / "fd_reference.npz"
+    before = (ref.stat().st_mtime_ns, ref.read_bytes())
+
+    from zoo.eval import reference
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference statistics were computed again")
+
+    monkeypatch.setattr(reference, "extract", refuse)  # what the reference (not the samples) goes through
+    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL), out, steps=4, resume=out, log=lines.append)
+    assert (ref.stat().st_mtime_ns, ref.read_bytes()) == before
+    assert not any("reference statistics" in line for line in lines)
+    assert [r["step"] for r in _records(out) if "fd" in r] == [2, 4]
+
+    monkeypatch.undo()  # another extractor is another reference: computed again, replacing the file
+    zoo.register("extractor", "test_pool2")(Pool2)
+    try:
+        train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["train.eval_extractor=test_pool2"]), out, steps=6,
+              resume=out, log=lines.append)
+    finally:
+        zoo.registry.unregister("extractor", "test_pool2")
+    with np.load(ref) as f:
+        assert str(f["extractor"]) == "test_pool2" and f["mu"].shape == (12,)
+    assert [(r["step"], r["fd_extractor"]) for r in _records(out) if "fd" in r][-1] == (6, "test_pool2")
+
+
+def test_missing_extractor_weights_is_one_line_before_any_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", str(RECIPE), "--out", str(out), "--steps", "4", "--set", "train.eval_every=2",
+            "--set", "train.eval_extractor=inception"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "pt_inception-2015-12-05-6726825d.pth" in err and "ZOO_INCEPTION_WEIGHTS" in err
+    assert not (out / "log.jsonl").exists()
+
+
+def test_latent_data_without_a_reference_is_refused_at_startup(tmp_path):
+    recipe = zoo.load_recipe(RECIPE, SETTINGS + EVAL)
+    from zoo.training.eval_hook import fd_hook
+    from zoo.training.distributed import Context
+
+    recipe["data"] = {**recipe["data"], "latent": True}
+    with pytest.raises(zoo.UserError, match="train.eval_ref"):
+        fd_hook(recipe, recipe["train"], None, (4, 4, 4), tmp_path, Context(), print)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_on_rank_0_only(tmp_path):
+    """torchrun, 2 gloo processes, the real offline extractor: one writer, no deadlock, the 1-process losses."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "zoo", "train", str(RECIPE), "--out", str(tmp_path / "ddp"), "--steps", "4", "--device", "cpu"]
+    for s in SETTINGS + ["train.eval_every=2", "train.eval_n=16"]:
+        argv += ["--set", s]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reference statistics") == 1
+    records = _records(tmp_path / "ddp")
+    assert [r["step"] for r in records if "fd" in r] == [2, 4]
+    assert all(math.isfinite(r["fd"]) and r["fd_extractor"] == "efficientnet_lite0" for r in records if "fd" in r)
+    single = train(zoo.load_recipe(RECIPE, SETTINGS), tmp_path / "one", steps=4, device="cpu", log=lambda *_: None)
+    # Same global batch and per-sample draws; only the float32 summation order differs (2 x 8 vs 16 samples).
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in single], rel=1e-5)

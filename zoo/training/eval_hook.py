@@ -1,0 +1,175 @@
+"""``train.eval_every``: a small Fréchet distance of the EMA weights while a run trains.
+
+Every ``eval_every`` steps rank 0 samples ``train.eval_n`` images from a copy of the model that
+holds the EMA weights, the way ``zoo eval`` and the sample grids do (:func:`zoo.eval.quick_fd`:
+the recipe's ``sample`` section sets solver, steps, guidance and batch size). Sample i has the
+same noise, label and solver noise at every evaluation (per-sample seeds from ``train.seed``),
+so successive values differ only because the weights did. Its features (``train.eval_extractor``,
+default the offline ``efficientnet_lite0``) are compared with reference statistics from
+
+* ``train.eval_ref`` when set (what ``zoo eval --ref`` takes: an ``.npz``, an image folder, a
+  dataset name with an optional ``:split``), else
+* the recipe dataset's ``holdout`` split when it has one (``emoji32``), else
+* the training data itself (at most :data:`REF_MAX` images, a fixed seeded subset).
+
+The statistics are computed once per run into ``OUT/eval/fd_reference.npz`` (written
+atomically, in the layout ``zoo eval --ref`` reads) and read back by a resumed run. The global
+RNG state is restored after every evaluation, so the training losses are those of a run without
+it. The other processes of a DDP run wait at a barrier (the caller's) while rank 0 evaluates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from zoo.errors import UserError
+
+EVAL_N = 256  # samples per evaluation unless train.eval_n says otherwise
+EXTRACTOR = "efficientnet_lite0"  # the offline default (its weights come with a dependency)
+REF_MAX = 10_000  # training images in the reference statistics at most
+REF_FILE = Path("eval") / "fd_reference.npz"
+
+
+def _rng_kept(device: torch.device):
+    """The global CPU (and this CUDA device's) RNG state, restored on exit."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+class FDHook:
+    """Rank 0's evaluator of one run: the extractor, the reference source and its cached statistics."""
+
+    def __init__(self, recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Dataset,
+                 shape: tuple[int, ...], out: Path, device: torch.device, log: Callable[[str], None]) -> None:
+        from zoo.eval.extractors import build_extractor
+        from zoo.sample import vae_weights
+
+        self.recipe, self.out, self.device, self.log = recipe, Path(out), device, log
+        self.n, self.seed = int(train.get("eval_n") or EVAL_N), int(train.get("seed") or 0)
+        data = recipe.get("data") or {}
+        self.image_size = int(shape[-1]) * (8 if data.get("latent") else 1)
+        self.ref_spec = train.get("eval_ref")
+        if self.ref_spec is None and data.get("latent"):
+            raise UserError("train.eval_every on latent data needs reference images: set train.eval_ref to an ADM "
+                            "reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder",
+                            key_path="train.eval_ref")
+        vae_weights(recipe, None)  # a latent model without local VAE weights fails now, not at step eval_every
+        with _rng_kept(device):  # building a network draws its initial weights
+            self.extractor = build_extractor(str(train.get("eval_extractor") or EXTRACTOR), device=device)
+        self.dataset, self.source = self._reference_dataset(data, dataset, shape, recipe)
+
+    def _reference_dataset(self, data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...],
+                           recipe: Mapping[str, Any]) -> tuple[Dataset | None, str]:
+        """(images to compute the statistics from, or None for ``eval_ref``; a description of them)."""
+        if self.ref_spec is not None:
+            return None, str(self.ref_spec)
+        from zoo import registry
+        from zoo.sample import num_classes
+
+        name = data.get("dataset", "synthetic")
+        build = registry.get("dataset", name)
+        if "holdout" in getattr(build, "splits", ()):
+            return build({**data, "split": "holdout"}, shape, num_classes(recipe), self.seed), f"{name}:holdout"
+        count = min(len(dataset), REF_MAX)
+        if count < 2:
+            raise UserError(f"train.eval_every: the training data hold {len(dataset)} image(s); reference "
+                            "statistics need at least 2 (or set train.eval_ref)", key_path="train.eval_ref")
+        if count < len(dataset):  # a fixed subset, drawn from its own generator (the global RNG is not touched)
+            picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:count]
+            dataset = Subset(dataset, picked.sort().values.tolist())
+        return dataset, f"{name}:train ({count} images)"
+
+    @property
+    def ref_path(self) -> Path:
+        return self.out / REF_FILE
+
+    def _identity(self) -> str:
+        return json.dumps({"source": self.source, "image_size": self.image_size, "seed": self.seed,
+                           "extractor": self.extractor.describe()}, sort_keys=True)
+
+    def prepare(self) -> Path:
+        """The run's reference statistics: read back when this run computed them already, else computed now."""
+        from zoo.eval.reference import _dataset_batches, extract, load_reference, save_npz
+        from zoo.eval.stats import feature_statistics
+
+        identity = self._identity()
+        if self.ref_path.is_file():
+            with np.load(self.ref_path, allow_pickle=False) as f:
+                if "identity" in f.files and str(f["identity"]) == identity:
+                    return self.ref_path
+        self.log(f"zoo train: FD reference statistics of {self.source} with {self.extractor.name} "
+                 f"-> {self.ref_path} (once per run)")
+        batch = int((self.recipe.get("sample") or {}).get("batch_size") or 32)
+        with _rng_kept(self.device), torch.no_grad():
+            if self.dataset is None:
+                ref = load_reference(self.ref_spec, self.extractor, self.image_size, batch, self.device, self.log)
+                mu, sigma = ref.mu, ref.sigma
+            else:
+                feats = extract(self.extractor, _dataset_batches(self.dataset, batch), self.device)
+                mu, sigma = feature_statistics(feats.features)
+        save_npz(self.ref_path, mu=mu, sigma=sigma, extractor=np.str_(self.extractor.name),
+                 weights_sha256=np.str_(self.extractor.weights_sha256 or ""), source=np.str_(self.source),
+                 identity=np.str_(identity))
+        return self.ref_path
+
+    def __call__(self, model: torch.nn.Module, ema, step: int) -> dict:
+        """The FD record of the EMA weights at ``step`` (``model`` is copied, not changed)."""
+        from zoo.eval import quick_fd
+
+        start = time.perf_counter()
+        ref = self.prepare()
+        ema_model = copy.deepcopy(model)
+        ema.copy_to(ema_model)
+        with _rng_kept(self.device):
+            fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor, seed=self.seed,
+                          device=self.device)
+        del ema_model
+        return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name,
+                "fd_seconds": time.perf_counter() - start}
+
+
+def fd_hook(recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...],
+            out: Path, ctx, log: Callable[[str], None]) -> FDHook | None:
+    """Rank 0's :class:`FDHook` when ``train.eval_every`` asks for one (``None`` elsewhere).
+
+    A setting that cannot work (extractor weights, VAE or reference missing) is a :class:`UserError`
+    now, on every rank, rather than at step ``eval_every``.
+    """
+    if not int(train.get("eval_every") or 0):
+        return None
+    if ctx.distributed and train.get("parallel") == "fsdp":
+        log("zoo train: warning: train.eval_every is skipped under parallel fsdp (evaluate with zoo eval)")
+        return None
+    hook, problem = None, None
+    if ctx.main:
+        try:
+            hook = FDHook(recipe, train, dataset, shape, out, ctx.device, log)
+        except UserError as err:
+            problem = err
+    message = ctx.broadcast(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise UserError(message)
+    return hook
+
+
+def evaluation(hook: FDHook | None, model: torch.nn.Module, ema, step: int, ctx, monitor=None) -> float:
+    """One evaluation on rank 0 (its record to ``monitor.record_eval``); every rank leaves together.
+
+    Returns the seconds it took, which the caller leaves out of the training throughput."""
+    start = time.perf_counter()
+    if hook is not None:
+        rec = hook(model, ema, step)
+        if monitor is not None:
+            monitor.record_eval(rec)
+    ctx.barrier()
+    return time.perf_counter() - start
