@@ -20,19 +20,16 @@ for a parameter annotated with a dataclass is checked against its fields and bec
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import functools
 import importlib
-import inspect
-import sys
-import types
-import typing
 from typing import Any, Callable, Iterable
 
 from . import registry
-from .domains import OneOf, Required, constraints_of, describe, domain_text, fits, non_finite, options, split, strip
+from .domains import OneOf, Required, constraints_of, describe, domain_text, fits, non_finite, split
 from .errors import UserError, did_you_mean
+from .introspect import (check_type, constructor_annotations, dataclass_in, is_factory_type, item_annotation,
+                         positional_names, signature, type_name)
 from .recipe import KeyPath, Recipe, format_path
 
 TARGET_KEY = "_target_"  # Hydra-style {_target_: pkg.module.Class, ...}: a class by import path
@@ -60,7 +57,7 @@ class Factory(functools.partial):
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         file, line = self.origin
-        clash = sorted(set(kwargs).union(_positional_names(self.func, len(args))) & self.keywords.keys())
+        clash = sorted(set(kwargs).union(positional_names(self.func, len(args))) & self.keywords.keys())
         if clash:
             raise UserError(f"{', '.join(clash)} is set by the component that builds this one; the recipe may not set it",
                             file=file, line=line, key_path=self.key_path, suggestion=f"remove {clash[0]} here")
@@ -117,13 +114,13 @@ def resolve_component(recipe: Recipe, kind: str | None, spec: Any, path: KeyPath
 def resolve_kwargs(recipe: Recipe, cls: Any, kwargs: dict, path: KeyPath, what: str,
                    supplied: frozenset = frozenset()) -> dict[str, Any]:
     """Check ``kwargs`` against ``cls``'s constructor; return them with nested components resolved."""
-    sig = _signature(cls)
+    sig = signature(cls)
     if sig is None:  # no introspectable signature: pass through unchecked
         return dict(kwargs)
     params = sig.parameters
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    hints = _annotations(cls)
+    hints = constructor_annotations(cls)
     out = {}
     for key, value in kwargs.items():
         if key not in named and not takes_any:
@@ -219,14 +216,14 @@ def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: 
     """One constructor argument: a component, a dataclass, a list of either, or plain checked data."""
     kind = kind_of_param(name) if name else None
     if value is not None and (kind or is_component_spec(value)
-                              or (isinstance(value, str) and _is_factory_type(ann))):
+                              or (isinstance(value, str) and is_factory_type(ann))):
         return resolve_component(recipe, kind, value, path)
-    record = _dataclass_in(ann)
+    record = dataclass_in(ann)
     if record is not None and isinstance(value, dict):
         return _build_record(recipe, record, value, path)
     if isinstance(value, list):
-        item_ann = _item_annotation(ann)
-        if _dataclass_in(item_ann) or any(is_component_spec(v) for v in value):
+        item_ann = item_annotation(ann)
+        if dataclass_in(item_ann) or any(is_component_spec(v) for v in value):
             return [resolve_value(recipe, None, v, item_ann, path + (i,)) for i, v in enumerate(value)]
     if not check_type(value, ann):
         raise recipe.error(path, f"expected {type_name(ann)}, got {type(value).__name__} {value!r}")
@@ -384,10 +381,10 @@ def parameter_rows(obj: Any) -> list[tuple[str, str, str, str]]:
 
     The default is ``required``, or ``(from parent)`` for what an enclosing component passes.
     """
-    sig = _signature(obj)
+    sig = signature(obj)
     if sig is None:
         return []
-    hints = _annotations(obj)
+    hints = constructor_annotations(obj)
     rows = []
     for name, p in sig.parameters.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -416,78 +413,3 @@ def _short(value: Any) -> str:
     if isinstance(value, type) or callable(value):
         return getattr(value, "__name__", repr(value))
     return repr(value)
-
-
-@functools.lru_cache(maxsize=None)
-def _signature(obj: Any) -> inspect.Signature | None:
-    try:
-        return inspect.signature(obj)
-    except (TypeError, ValueError):
-        return None
-
-
-def _positional_names(obj: Any, count: int) -> list[str]:
-    sig = _signature(obj)
-    if sig is None or not count:
-        return []
-    positional = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return positional[:count]
-
-
-@functools.lru_cache(maxsize=None)
-def _annotations(obj: Any) -> dict[str, Any]:
-    """Evaluated constructor annotations; ones that cannot be evaluated are left out (unchecked)."""
-    target = obj if dataclasses.is_dataclass(obj) or not isinstance(obj, type) else obj.__init__
-    try:
-        return typing.get_type_hints(target, include_extras=True)
-    except Exception:
-        pass
-    namespace = vars(sys.modules.get(getattr(obj, "__module__", ""), types.ModuleType("_")))
-    out = {}
-    for key, ann in getattr(target, "__annotations__", {}).items():
-        try:
-            out[key] = eval(ann, namespace) if isinstance(ann, str) else ann  # what get_type_hints does, per name
-        except Exception:
-            continue
-    return out
-
-
-def _options(ann: Any) -> tuple:
-    """The members of a Union / Optional, without their domains, or ``(ann,)``."""
-    return tuple(strip(a) for a in options(strip(ann)))
-
-
-def _dataclass_in(ann: Any) -> type | None:
-    return next((a for a in _options(ann) if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
-
-
-def _item_annotation(ann: Any) -> Any:
-    for option in _options(ann):
-        if typing.get_origin(option) in (list, tuple, collections.abc.Sequence) and typing.get_args(option):
-            return typing.get_args(option)[0]
-    return Any
-
-
-def _is_factory_type(ann: Any) -> bool:
-    return any(a is type or typing.get_origin(a) in (type, collections.abc.Callable) or a is collections.abc.Callable
-               for a in _options(ann))
-
-
-def check_type(value: Any, ann: Any) -> bool:
-    """Whether ``value`` (as YAML gives it) has the type of ``ann``, domains aside; annotations not
-    worth checking pass."""
-    return fits(value, ann, domains=False)
-
-
-def type_name(ann: Any) -> str:
-    ann = strip(ann)
-    if typing.get_origin(ann) in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(ann))
-    if ann is type(None):
-        return "null"
-    if typing.get_origin(ann) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
-    if isinstance(ann, type) and typing.get_origin(ann) is None:
-        return ann.__name__
-    return str(ann).replace("typing.", "")
-
