@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.conditioning.base import Conditioning, apply_gate
+from zoo.conditioning.base import Conditioning, add_gated
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.domains import OneOf, Range, Ratio, Rule, Width
 
@@ -83,14 +83,14 @@ class ConvNeXtBlock(nn.Module):
                 x = x + self.depthwise(x)
             else:
                 h, gate = self.conv_norm(x, cond)
-                x = x + apply_gate(self.depthwise(h), gate)
+                x = add_gated(x, self.depthwise(h), gate)
             h, gate = self.norm(x, cond)
         else:
             h, gate = self.norm(self.depthwise(x), cond)
         h = self.mlp(h)
         if self.layer_scale is not None:
             h = h * self.layer_scale
-        return x + apply_gate(h, gate)
+        return add_gated(x, h, gate)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}"

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from zoo.conditioning.base import Conditioning, apply_gate
+from zoo.conditioning.base import Conditioning, add_gated
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.domains import Divisible, Heads, Ratio, Width
 
@@ -44,6 +44,6 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         h, gate = self.norm1(x, cond)
-        x = x + apply_gate(self.attn(h), gate)
+        x = add_gated(x, self.attn(h), gate)
         h, gate = self.norm2(x, cond)
-        return x + apply_gate(self.mlp(h), gate)
+        return add_gated(x, self.mlp(h), gate)

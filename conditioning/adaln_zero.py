@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -49,7 +50,7 @@ class AdaLNZero(nn.Module):
         else:
             (shift, scale), gate = mod.chunk(2, dim=-1), None
         h = F.layer_norm(x, (self.dim,), eps=self.eps)
-        return h * (1 + per_sample(scale, h)) + per_sample(shift, h), gate
+        return torch.addcmul(per_sample(shift, h), h, 1 + per_sample(scale, h)), gate  # one pass over h
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, gate={self.has_gate}, eps={self.eps}"

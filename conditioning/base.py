@@ -61,6 +61,11 @@ def apply_gate(h: Tensor, gate: Tensor | None) -> Tensor:
     return h if gate is None else per_sample(gate, h) * h
 
 
+def add_gated(x: Tensor, h: Tensor, gate: Tensor | None) -> Tensor:
+    """``x + gate·h`` (``x + h`` without a gate) in one pass over the tokens."""
+    return x + h if gate is None else torch.addcmul(x, per_sample(gate, h), h)
+
+
 def conditioner_class(factory: Callable[..., Any]) -> type:
     """The class behind a conditioner factory (a class or a ``functools.partial`` of one)."""
     while hasattr(factory, "func"):
