@@ -53,6 +53,10 @@ then run e.g.
 (the official code imports timm and einops; pip install timm einops)."""
 
 
+class BenchError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
 def _dimr_stages(name: str) -> list[dict]:
     """The official DiMR stage configs equal to the zoo recipe (M/3R is not released: the paper's construction)."""
     def tf(dim, nb, side, patch, heads):
@@ -75,7 +79,7 @@ def build_official(name: str, path: Path, recompute: bool) -> torch.nn.Module:
     sys.path.insert(0, str(path))
     if name == "dit_s_2":
         if recompute:
-            raise SystemExit("vs_official: the official DiT has no activation recomputation; drop --recompute")
+            raise BenchError("the official DiT has no activation recomputation; drop --recompute")
         import models  # the official DiT models.py
 
         return models.DiT_S_2(input_size=32, num_classes=1000, learn_sigma=True)
@@ -186,7 +190,8 @@ def run(args: argparse.Namespace) -> dict:
     ours = build_zoo(args.model, args.recompute).to(device)
     n_off, n_zoo = (sum(p.numel() for p in m.parameters()) for m in (official, ours))
     if n_off != n_zoo:
-        raise SystemExit(f"vs_official: parameter counts differ: official {n_off:,}, zoo {n_zoo:,}; not timing")
+        raise BenchError(f"parameter counts differ: official {n_off:,}, zoo {n_zoo:,}; not timing (is --official a "
+                         f"checkout of {MODELS[args.model][1]}?)")
     steps = {"official": make_step(args.model, official, True, args.batch, device),
              "zoo": make_step(args.model, ours, False, args.batch, device)}
     for _ in range(args.warmup):
@@ -231,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child:
         print(json.dumps({"peak_mib": measure_memory(args, args.memory_child)}))
         return 0
-    result = run(args)
+    try:
+        result = run(args)
+    except BenchError as e:
+        print(f"vs_official: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"vs_official: {e} (is --official a checkout of {MODELS[args.model][1]} with its requirements?)",
+              file=sys.stderr)
+        return 2
     if not args.no_memory:
         for side in ("official", "zoo"):
             proc = subprocess.run([sys.executable, __file__, *_child_args(args), "--memory-child", side],

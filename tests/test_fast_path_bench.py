@@ -1,0 +1,60 @@
+"""benchmarks/vs_official.py: the how-to without a checkout, and the refusals a user can meet."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("vs_official", ROOT / "benchmarks" / "vs_official.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_checkout_prints_how_to_get_one(bench, capsys):
+    assert bench.main([]) == 0
+    out = capsys.readouterr().out
+    for repo in ("facebookresearch/DiT", "baofff/U-ViT", "qihao067/DiMR"):
+        assert f"git clone https://github.com/{repo}" in out
+
+
+def test_missing_directory_is_one_line_exit_2(bench, tmp_path, capsys):
+    assert bench.main(["--official", str(tmp_path / "nope"), "--model", "dit_s_2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "facebookresearch/DiT" in err[0]
+
+
+def test_unequal_parameter_counts_refuse_to_time(bench, tmp_path, capsys, monkeypatch):
+    """A checkout whose model differs from the recipe is refused before any step is timed."""
+    (tmp_path / "models.py").write_text(
+        "import torch\n"
+        "def DiT_S_2(**kwargs):\n"
+        "    return torch.nn.Linear(3, 3)\n"
+    )
+    monkeypatch.setattr(bench, "make_step", lambda *a, **k: pytest.fail("timed despite unequal counts"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert bench.main(["--official", str(tmp_path), "--model", "dit_s_2", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert "parameter counts differ: official 12, zoo 32,963,360" in err
+
+
+def test_dit_recompute_is_refused(bench, tmp_path, capsys):
+    assert bench.main(["--official", str(tmp_path), "--model", "dit_s_2", "--recompute", "--no-memory"]) == 2
+    assert "no activation recomputation" in capsys.readouterr().err
+
+
+def test_dimr_stage_configs_match_the_recipes(bench):
+    """The official configs built here are the recipes' widths, depths and patches (M/3R and XL/2R)."""
+    m3 = bench._dimr_stages("dimr_m_3r")
+    assert [(s["dim"], s["num_blocks"], s["input_feature_ratio"], s["block_type"][0]) for s in m3] == [
+        (768, 15, 4, "T"), (384, 8, 2, "C"), (192, 8, 1, "C")]
+    xl = bench._dimr_stages("dimr_xl_2r")
+    assert [(s["dim"], s["hidden_dim"], s["num_blocks"]) for s in xl] == [(960, 1920, 39), (480, 960, 20)]
+    assert xl[0]["num_attention_heads"] == 16
