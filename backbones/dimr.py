@@ -127,8 +127,8 @@ class DiMR(nn.Module):
     (the official ``block_grad_to_lowres``); ``grad_checkpointing`` recomputes block
     activations in the backward pass (the official code always does; here it is optional),
     in every branch (``true``) or in the branches a list of booleans picks, lowest resolution
-    first (``[false, true]``: only the high-resolution branch of a 2R model, where most of the
-    activation memory is).
+    first (``[false, true]``: only the high-resolution branch of a 2R model; ``zoo.memory``
+    estimates what each choice saves, and benchmarks/paper_recipes.py reports it).
     """
 
     constraints = (Rule("branch grids that divide input_size and grow by integer ratios to it",
