@@ -172,3 +172,25 @@ def test_two_processes_evaluate_on_rank_0_only(tmp_path):
     # Same global batch and per-sample draws; only the float32 summation order differs (2 x 8 vs 16 samples).
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses == pytest.approx([r["loss"] for r in single], rel=1e-5)
+
+
+def test_a_damaged_or_foreign_reference_file_is_computed_again(tmp_path):
+    from zoo.training.data import synthetic_dataset
+    from zoo.training.eval_hook import FDHook
+
+    recipe = zoo.load_recipe(RECIPE, SETTINGS + EVAL)
+    hook = FDHook(recipe, recipe["train"], synthetic_dataset((3, 8, 8), 64, 4), (3, 8, 8), tmp_path,
+                  torch.device("cpu"), print)
+    def stats(path):
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+
+    mu, sigma = stats(hook.prepare())
+    data = hook.ref_path.read_bytes()
+    hook.ref_path.write_bytes(data[: len(data) // 2])  # a truncated file
+    again = stats(hook.prepare())
+    np.testing.assert_array_equal(again[0], mu)
+    np.testing.assert_array_equal(again[1], sigma)
+    other = FDHook({**recipe, "data": {**recipe["data"], "size": 32}}, recipe["train"],
+                   synthetic_dataset((3, 8, 8), 32, 4), (3, 8, 8), tmp_path, torch.device("cpu"), print)
+    assert not np.array_equal(stats(other.prepare())[0], mu)  # other training data: other statistics

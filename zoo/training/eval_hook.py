@@ -20,9 +20,11 @@ it. The other processes of a DDP run wait at a barrier (the caller's) while rank
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -57,6 +59,7 @@ class FDHook:
         data = recipe.get("data") or {}
         self.image_size = int(shape[-1]) * (8 if data.get("latent") else 1)
         self.ref_spec = train.get("eval_ref")
+        self.data = {k: v for k, v in data.items() if k != "num_workers"}  # what the reference depends on
         if self.ref_spec is None and data.get("latent"):
             raise UserError("train.eval_every on latent data needs reference images: set train.eval_ref to an ADM "
                             "reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder",
@@ -92,8 +95,8 @@ class FDHook:
         return self.out / REF_FILE
 
     def _identity(self) -> str:
-        return json.dumps({"source": self.source, "image_size": self.image_size, "seed": self.seed,
-                           "extractor": self.extractor.describe()}, sort_keys=True)
+        return json.dumps({"source": self.source, "data": self.data, "image_size": self.image_size, "seed": self.seed,
+                           "extractor": self.extractor.describe()}, sort_keys=True, default=str)
 
     def prepare(self) -> Path:
         """The run's reference statistics: read back when this run computed them already, else computed now."""
@@ -101,7 +104,7 @@ class FDHook:
         from zoo.eval.stats import feature_statistics
 
         identity = self._identity()
-        if self.ref_path.is_file():
+        with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent or unreadable: redo
             with np.load(self.ref_path, allow_pickle=False) as f:
                 if "identity" in f.files and str(f["identity"]) == identity:
                     return self.ref_path
