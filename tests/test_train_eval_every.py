@@ -194,3 +194,17 @@ def test_a_damaged_or_foreign_reference_file_is_computed_again(tmp_path):
     other = FDHook({**recipe, "data": {**recipe["data"], "size": 32}}, recipe["train"],
                    synthetic_dataset((3, 8, 8), 32, 4), (3, 8, 8), tmp_path, torch.device("cpu"), print)
     assert not np.array_equal(stats(other.prepare())[0], mu)  # other training data: other statistics
+
+
+def test_loss_png_draws_the_fd_on_a_second_axis(tmp_path):
+    from zoo.training.monitor import Monitor
+
+    monitor = Monitor(tmp_path, start=0, total=4, log=lambda *_: None, tty=False)
+    for step in (1, 2, 3, 4):
+        monitor.record({"step": step, "loss": 1.0 / step, "lr": 1e-3, "steps_per_s": 1.0, "images_per_s": 16.0})
+        if step % 2 == 0:
+            monitor.record_eval({"step": step, "fd": 100.0 / step, "fd_n": 16, "fd_extractor": "x", "fd_seconds": 0.1})
+    monitor.close()
+    steps, fds = monitor.plot.fd_line.get_data()
+    assert list(steps) == [2, 4] and list(fds) == [50.0, 25.0]
+    assert list(monitor.plot.line.get_data()[0]) == [1, 2, 3, 4]  # the loss curve skips the FD records
