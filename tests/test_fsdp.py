@@ -7,6 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_train_distributed import RECIPE, SETTINGS, max_diff, single, torchrun  # noqa: F401 - single: fixture
@@ -47,9 +48,11 @@ def start(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory, start) -> Path:
-    """``start`` resumed under 2-process FSDP to step 5 without interruption; checkpoints at 4 and 5."""
+    """``start`` resumed under 2-process FSDP to step 5 without interruption; checkpoints at 4 and 5,
+    an EMA sample grid at step 4 (drawn by rank 0 while the others wait: it must not change the run)."""
     out = tmp_path_factory.mktemp("fsdp")
-    stdout = torchrun(out, 5, *FSDP, "--set", "train.ckpt_every=2", "--resume", str(start)).stdout
+    every = ("--set", "train.ckpt_every=2", "--set", "train.sample_every=2")
+    stdout = torchrun(out, 5, *FSDP, *every, "--resume", str(start)).stdout
     assert "2 processes (gloo)" in stdout and stdout.count("zoo train: run directory") == 1
     return out
 
@@ -69,6 +72,21 @@ def test_fsdp_writes_shards_and_the_consolidated_weights_of_one_process(whole, s
         assert max_diff(single, whole, name) < 1e-5, name
     model, _ = ckpt.load_checkpoint(last, weights="ema")  # zoo sample's path: a plain, unsharded model
     assert not any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_fsdp_sample_grid_is_the_grid_of_the_consolidated_ema(tmp_path, whole):
+    from PIL import Image
+
+    from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
+
+    (grid,) = (whole / "samples").glob("*.png")
+    assert grid.name == "step_0000004.png"
+    model, recipe = ckpt.load_checkpoint(whole / "step_0000004", weights="ema")
+    x, _ = sample_latents(model, recipe, SampleRequest(n=recipe["train"]["sample_n"], seed=0), device="cpu")
+    again = save_grid(to_images(x, recipe, None, device="cpu"), tmp_path / "grid.png")
+    # The same weights (gathered from all ranks' shards) through the same CPU sampler: identical pixels.
+    assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(Image.open(again)))
 
 
 @pytest.mark.slow

@@ -138,6 +138,18 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
         set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"], "param_groups": groups})
 
 
+def ema_model(recipe: Mapping[str, Any], model: nn.Module, ema: EMA, ctx: Context) -> nn.Module | None:
+    """The EMA weights (and the model's buffers) in a plain, unsharded model on rank 0 (CPU);
+    ``None`` on the other ranks. Every rank must call: the shards are gathered."""
+    import zoo
+    from zoo.checkpoint import build_with_state
+
+    params = {name for name, _ in model.named_parameters()}
+    buffers = {k: v for k, v in model.state_dict().items() if k not in params}
+    state = consolidate({**buffers, **ema.state_dict()}, ctx)
+    return build_with_state(lambda: zoo.build_model(dict(recipe)), state, "the EMA") if ctx.main else None
+
+
 def optimizer_state_by_name(state: Mapping[str, Any]) -> dict[str, Any]:
     """A plain ``optimizer.state_dict()`` keyed by parameter name instead of position, as FSDP loads it.
 

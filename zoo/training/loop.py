@@ -189,10 +189,18 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
 
-        if self.fsdp or not self.ctx.main:
+        if self.fsdp:  # every rank gathers its EMA shards; rank 0 samples with them in a plain model
+            from zoo.training.fsdp_checkpoint import ema_model
+
+            model = ema_model(self.recipe, self.model, self.ema, self.ctx)
+            if model is None:
+                return None
+            model = model.to(self.device)
+        elif not self.ctx.main:
             return None
-        model = copy.deepcopy(self.model)
-        self.ema.copy_to(model)
+        else:
+            model = copy.deepcopy(self.model)
+            self.ema.copy_to(model)
         try:
             x, _ = sample_latents(model, self.recipe, SampleRequest(n=int(self.train["sample_n"]), seed=0),
                                   device=self.device)
