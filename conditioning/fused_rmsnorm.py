@@ -40,8 +40,12 @@ class _ScaledRMSNorm(torch.autograd.Function):
         x, gamma, norm, r = ctx.saved_tensors
         grad_x = grad_gamma = None
         if ctx.needs_input_grad[1]:
-            rows = tuple(range(0 if gamma.ndim == 1 else 1, x.ndim - 1))
-            grad_gamma = (g * x).mul_(r).sum(rows) if rows else (g * x).mul_(r)
+            gx = g * x
+            if gamma.ndim == 1:
+                grad_gamma = gx.mul_(r).reshape(-1, x.shape[-1]).sum(0)
+            else:  # per sample: Σ_rows r·(g·x) as a (1 × rows) @ (rows × C) product, one read of g·x
+                batch = x.shape[0]
+                grad_gamma = torch.bmm(r.reshape(batch, 1, -1), gx.reshape(batch, -1, x.shape[-1])).squeeze(1)
         if ctx.needs_input_grad[0]:
             a = g * per_sample(gamma, x)
             s = (a * x).sum(-1, keepdim=True)
