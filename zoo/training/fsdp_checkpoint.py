@@ -41,7 +41,8 @@ def is_sharded(directory: str | Path) -> bool:
 def consolidate(state: Mapping[str, Tensor], ctx: Context) -> dict[str, Tensor]:
     """The whole tensors of a sharded state dict on rank 0 (CPU), ``{}`` elsewhere; every rank must call.
 
-    Gathered one tensor at a time, so no rank holds more than one extra full tensor at once.
+    Gathered one tensor at a time: the other ranks never hold more than one whole tensor. Plain
+    (unsharded) tensors on the CPU come back as they are, not copied.
     """
     out = {}
     for name, value in state.items():
@@ -112,10 +113,9 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
     the checkpoint lacks is an error naming the checkpoint.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
-
-    from torch.distributed.checkpoint.api import CheckpointException
 
     directory = Path(directory)
     reader = shard_reader(directory)
@@ -145,7 +145,7 @@ def ema_model(recipe: Mapping[str, Any], model: nn.Module, ema: EMA, ctx: Contex
     from zoo.checkpoint import build_with_state
 
     params = {name for name, _ in model.named_parameters()}
-    buffers = {k: v for k, v in model.state_dict().items() if k not in params}
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if k not in params}  # not shared with training
     state = consolidate({**buffers, **ema.state_dict()}, ctx)
     return build_with_state(lambda: zoo.build_model(dict(recipe)), state, "the EMA") if ctx.main else None
 
