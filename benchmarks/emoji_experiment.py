@@ -1,0 +1,213 @@
+"""DiMR-2R, U-ViT and DiT side by side on emoji32: same step budget, same seeds, FD, precision/recall, distortion.
+
+    python benchmarks/emoji_experiment.py                    # ~45 min on a quiet 2-core CPU (see the README)
+    python benchmarks/emoji_experiment.py --steps 2000 --n 512 --out runs/emoji_long
+    python benchmarks/emoji_experiment.py --quick --out /tmp/emoji_quick   # every stage at toy sizes (a test)
+
+1. trains each model of ``recipes/emoji32/{dimr_2r,uvit,dit}.yaml`` (matched within 3% in
+   parameters; the recipes' own seed and data, only ``train.steps`` set) for ``--steps`` steps
+   into ``OUT/runs/NAME``; a run already at that step is skipped, a shorter one resumed;
+2. trains the emoji32 classifier (``zoo train-classifier``) into ``OUT/classifier``, or reuses it;
+3. evaluates each model with ``zoo eval``'s code (EMA weights, the recipes' sampler: DPM-Solver++
+   20 steps, CFG 2; ``--n`` samples with per-sample seeds, shards reused on a rerun): FD of
+   efficientnet_lite0 features (offline) against the emoji32 holdout split, precision/recall, and the
+   distortion share (samples whose own-class probability under the classifier is below ``--threshold``);
+4. writes ``OUT/results.md`` (the table, per-class distortion, the classifier's holdout accuracy),
+   ``OUT/results.json``, and per model ``OUT/samples_NAME.png`` (the first 36 samples) and
+   ``OUT/rejected_NAME.png`` (the rejected samples, lowest own-class probability first); prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"DiMR-2R": "dimr_2r", "U-ViT/2": "uvit", "DiT/2": "dit"}
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "emoji_experiment"
+# Defaults sized for ~45 minutes on a quiet 2-core CPU: ~1 training step/s per model (batch 16),
+# ~1 s per sample (20 solver steps with CFG: 40 network evaluations each), ~3 min for the classifier.
+STEPS, N, CLASSIFIER_STEPS, GRID = 600, 180, 800, 36
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def finished_step(run: Path) -> int | None:
+    """The step of ``run/last`` (None: no run there yet)."""
+    from zoo.checkpoint import load_trainer_state
+
+    return int(load_trainer_state(run / "last")["step"]) if (run / "last" / "config.json").is_file() else None
+
+
+def train_model(recipe_file: Path, run: Path, steps: int, overrides: list[str], device: str | None) -> dict:
+    """Train (or resume, or skip) one model; the time spent here and the step reached."""
+    import zoo
+    from zoo.training.loop import train
+
+    done = finished_step(run)
+    if done is not None and done >= steps:
+        _log(f"{run.name}: finished at step {done}; skipped")
+        return {"step": done, "seconds": None}
+    recipe = zoo.load_recipe(str(recipe_file), [f"train.steps={steps}", "train.sample_every=0",
+                                                f"train.ckpt_every={max(1, steps // 4)}", *overrides])
+    start = time.perf_counter()
+    train(recipe, run, steps=steps, device=device, resume=run if done is not None else None,
+          log=lambda line: _log(f"{run.name}: {line}"))
+    return {"step": steps, "seconds": time.perf_counter() - start, "resumed_from": done}
+
+
+def classifier(out: Path, steps: int, quick: bool, device: str | None) -> Path:
+    """``out`` holding an emoji32 classifier trained for ``steps`` steps (reused when it is there)."""
+    from zoo.classifier import read_classifier_config, save_classifier
+    from zoo.classifier_train import load_data, train_classifier
+
+    if (out / "config.json").is_file() and read_classifier_config(out)["train"]["steps"] == steps:
+        _log(f"classifier: reusing {out}")
+        return out
+    arch = {"dims": [8], "depths": [1]} if quick else None
+    model, record = train_classifier(load_data("emoji32"), steps=steps, device=device or "cpu", arch=arch,
+                                     log=lambda line: _log(line))
+    save_classifier(out, model, {**record, "source": "emoji32"})
+    _log(f"classifier: holdout accuracy {record['holdout_accuracy']:.4f} on {record['holdout_size']} images")
+    return out
+
+
+def evaluate_model(run: Path, n: int, scorer, threshold: float, solver_steps: int | None, device: str | None,
+                   extractor: str = "efficientnet_lite0") -> dict:
+    from zoo.eval.distortion import analyse
+    from zoo.eval.runner import EvalRequest, evaluate
+
+    request = EvalRequest(source=str(run), n=n, ref="emoji32", extractor=extractor, steps=solver_steps,
+                          batch_size=36, device=device or "cpu")
+    result = evaluate(request, log=lambda line: _log(f"{run.name}: {line}"), progress=False)
+    return analyse(result, scorer, threshold, batch_size=64, device=device or "cpu",
+                   log=lambda line: _log(f"{run.name}: {line}"))
+
+
+def write_grids(result: dict, out: Path, name: str) -> dict:
+    """``samples_NAME.png`` (the first samples) and ``rejected_NAME.png`` (a copy of the eval's grid) in ``out``."""
+    from zoo.atomic import write_file
+    from zoo.eval.runner import sample_batches
+    from zoo.sample import save_grid
+
+    images, _ = next(sample_batches(Path(result["samples"]), min(GRID, result["n"]), GRID))
+    grids = {"samples": str(save_grid(images.float() / 255.0, out / f"samples_{name}.png"))}
+    rejected = result["distortion"]["grid"]
+    if rejected:
+        grids["rejected"] = str(write_file(out / f"rejected_{name}.png", lambda tmp: shutil.copyfile(rejected, tmp)))
+    return grids
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list[dict], classes: list[str]) -> str:
+    """The Markdown tables: one row per model, then the distortion share per class."""
+    head = ("| model | params | steps | train s/step | FD (vs holdout) ↓ | precision ↑ | recall ↑ "
+            "| distortion share ↓ | mean own-class p ↑ |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        m, d = r["metrics"], r["distortion"]
+        step_s = None if not r["train_seconds"] else r["train_seconds"] / r["trained_steps"]
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['step']} | {_fmt(step_s, 2)} | {_fmt(m['fd'], 2)} | "
+                     f"{_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} | {_fmt(d['share'])} "
+                     f"({d['rejected']}/{d['n']}) | {_fmt(d['mean_own_probability'])} |")
+    lines += ["", "| class | " + " | ".join(r["model"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for c, label in enumerate(classes):
+        cells = []
+        for r in rows:
+            pc = r["distortion"]["per_class"].get(str(c))
+            cells.append("–" if pc is None else f"{pc['share']:.2f} ({pc['rejected']}/{pc['n']})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per model (default {STEPS})")
+    p.add_argument("--n", type=int, default=None, help=f"samples per model for the metrics (default {N})")
+    p.add_argument("--classifier-steps", type=int, default=None, help=f"default {CLASSIFIER_STEPS}")
+    p.add_argument("--threshold", type=float, default=0.5, help="distortion: own-class probability below this")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--extractor", default="efficientnet_lite0", help="registered feature extractor for FD")
+    p.add_argument("--quick", action="store_true", help="toy sizes (2 steps, 8 samples, 2 solver steps): a test")
+    args = p.parse_args(argv)
+    quick = args.quick
+    steps = args.steps or (2 if quick else STEPS)
+    n = args.n or (8 if quick else N)
+    cls_steps = args.classifier_steps or (2 if quick else CLASSIFIER_STEPS)
+    overrides = ["train.batch_size=4", "train.log_every=1"] if quick else []
+
+    import torch
+
+    import zoo
+    from zoo.checkpoint import read_config
+    from zoo.eval.distortion import build_scorer
+    from zoo.training.emoji import CATEGORIES
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "results.json"
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    trained = {}
+    for label, name in MODELS.items():  # all training first: the classifier and evals reuse nothing of it
+        trained[label] = train_model(ROOT / "recipes" / "emoji32" / f"{name}.yaml", out / "runs" / name, steps,
+                                     overrides, args.device)
+    cls_dir = classifier(out / "classifier", cls_steps, quick, args.device)
+    scorer = build_scorer(str(cls_dir), device=args.device or "cpu")
+    rows = []
+    for label, name in MODELS.items():
+        run = out / "runs" / name
+        result = evaluate_model(run, n, scorer, args.threshold, 2 if quick else None, args.device, args.extractor)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in zoo.build_model(read_config(run / "last")).parameters())
+        seconds = trained[label]["seconds"]
+        old = (previous.get("models") or {}).get(label, {})
+        if seconds is None:  # skipped: keep the time measured when it was trained
+            seconds, trained_steps = old.get("train_seconds"), old.get("trained_steps")
+        else:
+            trained_steps = steps - (trained[label].get("resumed_from") or 0)
+        rows.append({"model": label, "recipe": f"recipes/emoji32/{name}.yaml", "params": params,
+                     "step": trained[label]["step"], "train_seconds": seconds, "trained_steps": trained_steps,
+                     "metrics": result["metrics"], "distortion": result["distortion"], "eval_json": result["path"],
+                     "grids": write_grids(result, out, name)})
+    cls_config = json.loads((cls_dir / "config.json").read_text())
+    md = report(rows, cls_config, steps, n, args, quick)
+    from zoo.atomic import write_text
+
+    write_text(out / "results.md", md)
+    write_text(state_file, json.dumps({"models": {r["model"]: r for r in rows}, "steps": steps, "n": n,
+                                       "threshold": args.threshold, "classifier": cls_config,
+                                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+    print(table(rows, list(CATEGORIES)))
+    print(f"\nwrote {out / 'results.md'}")
+    return 0
+
+
+def report(rows: list[dict], cls: dict, steps: int, n: int, args, quick: bool) -> str:
+    from zoo.training.emoji import CATEGORIES
+
+    command = "python benchmarks/emoji_experiment.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else \
+        "python benchmarks/emoji_experiment.py"
+    grids = "\n".join(f"- {r['model']}: [samples](samples_{Path(r['recipe']).stem}.png)"
+                      + (f", [rejected](rejected_{Path(r['recipe']).stem}.png)" if "rejected" in r["grids"] else "")
+                      for r in rows)
+    return (f"# emoji32: DiMR-2R vs U-ViT vs DiT{' (--quick: toy sizes, numbers mean nothing)' if quick else ''}\n\n"
+            f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}): {steps} training steps per model "
+            f"(batch and seed of the recipes), {n} samples each (EMA, the recipes' sampler), FD of "
+            f"{args.extractor} features against the {cls['holdout_size']}-image emoji32 holdout, "
+            f"distortion = own-class probability < {args.threshold:g} under the emoji32 ConvNeXt classifier "
+            f"(holdout accuracy {cls['holdout_accuracy']:.3f}; majority class {cls['majority_baseline']:.3f}).\n\n"
+            f"{table(rows, list(CATEGORIES))}\n\nGrids:\n{grids}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
