@@ -108,8 +108,22 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def table(rows: list[dict], classes: list[str]) -> str:
-    """The Markdown tables: one row per model, then the distortion share per class."""
+def real_distortion(scorer, threshold: float) -> dict:
+    """The distortion share of the real emoji32 holdout images: what a generator matching the data would score."""
+    import numpy as np
+
+    from zoo.classifier_train import load_data
+    from zoo.eval.distortion import distortion_share
+    from zoo.eval.reference import to_uint8
+
+    data = load_data("emoji32")
+    probs = scorer(to_uint8(data.holdout_x)).numpy()
+    labels = data.holdout_y.numpy()
+    return distortion_share(probs[np.arange(len(labels)), labels], labels, threshold, scorer.num_classes)
+
+
+def table(rows: list[dict], classes: list[str], real: dict | None = None) -> str:
+    """The Markdown tables: one row per model (and the real holdout's distortion), then the share per class."""
     head = ("| model | params | steps | train s/step | FD (vs holdout) ↓ | precision ↑ | recall ↑ "
             "| distortion share ↓ | mean own-class p ↑ |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
@@ -119,11 +133,15 @@ def table(rows: list[dict], classes: list[str]) -> str:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['step']} | {_fmt(step_s, 2)} | {_fmt(m['fd'], 2)} | "
                      f"{_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} | {_fmt(d['share'])} "
                      f"({d['rejected']}/{d['n']}) | {_fmt(d['mean_own_probability'])} |")
-    lines += ["", "| class | " + " | ".join(r["model"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    if real is not None:
+        lines.append(f"| real holdout images | – | – | – | – | – | – | {_fmt(real['share'])} "
+                     f"({real['rejected']}/{real['n']}) | {_fmt(real['mean_own_probability'])} |")
+    columns = [(r["model"], r["distortion"]) for r in rows] + ([("real holdout", real)] if real else [])
+    lines += ["", "| class | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for c, label in enumerate(classes):
         cells = []
-        for r in rows:
-            pc = r["distortion"]["per_class"].get(str(c))
+        for _, d in columns:
+            pc = d["per_class"].get(str(c))
             cells.append("–" if pc is None else f"{pc['share']:.2f} ({pc['rejected']}/{pc['n']})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -163,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                      overrides, args.device)
     cls_dir = classifier(out / "classifier", cls_steps, quick, args.device)
     scorer = build_scorer(str(cls_dir), device=args.device or "cpu")
+    real = real_distortion(scorer, args.threshold)
     rows = []
     for label, name in MODELS.items():
         run = out / "runs" / name
@@ -180,19 +199,20 @@ def main(argv: list[str] | None = None) -> int:
                      "metrics": result["metrics"], "distortion": result["distortion"], "eval_json": result["path"],
                      "grids": write_grids(result, out, name)})
     cls_config = json.loads((cls_dir / "config.json").read_text())
-    md = report(rows, cls_config, steps, n, args, quick)
+    md = report(rows, cls_config, steps, n, args, quick, real)
     from zoo.atomic import write_text
 
     write_text(out / "results.md", md)
     write_text(state_file, json.dumps({"models": {r["model"]: r for r in rows}, "steps": steps, "n": n,
                                        "threshold": args.threshold, "classifier": cls_config,
+                                       "real_holdout_distortion": real,
                                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
-    print(table(rows, list(CATEGORIES)))
+    print(table(rows, list(CATEGORIES), real))
     print(f"\nwrote {out / 'results.md'}")
     return 0
 
 
-def report(rows: list[dict], cls: dict, steps: int, n: int, args, quick: bool) -> str:
+def report(rows: list[dict], cls: dict, steps: int, n: int, args, quick: bool, real: dict) -> str:
     from zoo.training.emoji import CATEGORIES
 
     command = "python benchmarks/emoji_experiment.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else \
@@ -206,7 +226,7 @@ def report(rows: list[dict], cls: dict, steps: int, n: int, args, quick: bool) -
             f"{args.extractor} features against the {cls['holdout_size']}-image emoji32 holdout, "
             f"distortion = own-class probability < {args.threshold:g} under the emoji32 ConvNeXt classifier "
             f"(holdout accuracy {cls['holdout_accuracy']:.3f}; majority class {cls['majority_baseline']:.3f}).\n\n"
-            f"{table(rows, list(CATEGORIES))}\n\nGrids:\n{grids}\n")
+            f"{table(rows, list(CATEGORIES), real)}\n\nGrids:\n{grids}\n")
 
 
 if __name__ == "__main__":
