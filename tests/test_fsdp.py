@@ -1,7 +1,7 @@
 """``train.parallel: fsdp`` on 2 CPU processes (gloo): a resume from a one-process checkpoint,
 sharded checkpoints written with torch.distributed.checkpoint, which a SIGKILL mid-save leaves
 loadable, a resume from them that continues the uninterrupted run exactly, consolidated weights
-equal to one process's, and the shards resumed on one process."""
+equal to one process's, and the shards resumed on one process and under DDP."""
 
 import os
 import pickle
@@ -119,6 +119,16 @@ def test_two_process_shards_resume_on_one_process(tmp_path, whole, single):
     for name in WEIGHTS:
         assert max_diff(single, out, name) < 1e-5, name
     assert not is_sharded(out / "last")  # one process writes the ordinary consolidated checkpoint
+
+
+@pytest.mark.slow
+def test_fsdp_shards_resume_under_ddp(tmp_path, whole, single):
+    out = tmp_path / "ddp"
+    torchrun(out, 5, "--set", "train.parallel=ddp", "--resume", str(whole / "step_0000004"))
+    # Every DDP rank reads the whole tensors from the 2 FSDP shards; tolerance as for 1 vs 2 processes above.
+    for name in WEIGHTS:
+        assert max_diff(single, out, name) < 1e-5, name
+    assert not is_sharded(out / "last")
 
 
 class _Payload:
