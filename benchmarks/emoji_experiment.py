@@ -230,4 +230,10 @@ def report(rows: list[dict], cls: dict, steps: int, n: int, args, quick: bool, r
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from zoo.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as err:  # e.g. a recipe changed under a run being resumed: one line, as the zoo commands do
+        print(f"emoji_experiment: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -56,7 +56,7 @@ def load_data(source: str, image_size: int | None = None, overrides: list[str] =
     from zoo.training.emoji import holdout_mask
 
     path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or (path.exists() and source not in registry.names("dataset")):
         recipe = zoo.load_recipe(source, list(overrides))
         data, classes = dict(recipe.get("data") or {}), num_classes(recipe)
         if data.get("latent"):
