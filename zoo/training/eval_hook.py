@@ -15,13 +15,13 @@ default the offline ``efficientnet_lite0``) are compared with reference statisti
 The statistics are computed once per run into ``OUT/eval/fd_reference.npz`` (written
 atomically, in the layout ``zoo eval --ref`` reads) and read back by a resumed run. The global
 RNG state is restored after every evaluation, so the training losses are those of a run without
-it. The other processes of a DDP run wait at a barrier (the caller's) while rank 0 evaluates.
+it. The other processes of a DDP or FSDP run (which first gather their EMA shards for it) wait
+at a barrier while rank 0 evaluates.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import time
 import zipfile
@@ -123,18 +123,15 @@ class FDHook:
                  identity=np.str_(identity))
         return self.ref_path
 
-    def __call__(self, model: torch.nn.Module, ema, step: int) -> dict:
-        """The FD record of the EMA weights at ``step`` (``model`` is copied, not changed)."""
+    def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
+        """The FD record at ``step`` of ``ema_model``, a copy of the model holding the EMA weights."""
         from zoo.eval import quick_fd
 
         start = time.perf_counter()
         ref = self.prepare()
-        ema_model = copy.deepcopy(model)
-        ema.copy_to(ema_model)
         with _rng_kept(self.device):
             fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor, seed=self.seed,
                           device=self.device)
-        del ema_model
         return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name,
                 "fd_seconds": time.perf_counter() - start}
 
@@ -147,9 +144,6 @@ def fd_hook(recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Datase
     now, on every rank, rather than at step ``eval_every``.
     """
     if not int(train.get("eval_every") or 0):
-        return None
-    if ctx.distributed and train.get("parallel") == "fsdp":
-        log("zoo train: warning: train.eval_every is skipped under parallel fsdp (evaluate with zoo eval)")
         return None
     hook, problem = None, None
     if ctx.main:
@@ -165,14 +159,19 @@ def fd_hook(recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Datase
     return hook
 
 
-def evaluation(hook: FDHook | None, model: torch.nn.Module, ema, step: int, ctx, monitor=None) -> float:
+def evaluation(hook: FDHook | None, ema_copy: Callable[[], torch.nn.Module | None], step: int, ctx,
+               monitor=None) -> float:
     """One evaluation on rank 0 (its record to ``monitor.record_eval``); every rank leaves together.
 
-    Returns the seconds it took, which the caller leaves out of the training throughput."""
+    ``ema_copy`` gives rank 0 a plain model with the EMA weights and the others ``None``; every
+    rank calls it (under FSDP each gathers its shards). Returns the seconds the evaluation took,
+    which the caller leaves out of the training throughput."""
     start = time.perf_counter()
-    if hook is not None:
-        rec = hook(model, ema, step)
+    ema_model = ema_copy()
+    if hook is not None and ema_model is not None:
+        rec = hook(ema_model, step)
         if monitor is not None:
             monitor.record_eval(rec)
+    del ema_model
     ctx.barrier()
     return time.perf_counter() - start

@@ -186,21 +186,26 @@ class Trainer:
         self.ctx.barrier()
         return last
 
-    def sample_grid(self) -> Path | None:
-        from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
-
-        if self.fsdp:  # every rank gathers its EMA shards; rank 0 samples with them in a plain model
+    def ema_copy(self) -> torch.nn.Module | None:
+        """A plain model with the EMA weights on rank 0 (``None`` elsewhere) for grids and evaluations.
+        Under FSDP every rank must call: each gathers its EMA shards into rank 0's model."""
+        if self.fsdp:
             from zoo.training.fsdp_checkpoint import ema_model
 
             model = ema_model(self.recipe, self.model, self.ema, self.ctx)
-            if model is None:
-                return None
-            model = model.to(self.device)
-        elif not self.ctx.main:
+            return None if model is None else model.to(self.device)
+        if not self.ctx.main:
             return None
-        else:
-            model = copy.deepcopy(self.model)
-            self.ema.copy_to(model)
+        model = copy.deepcopy(self.model)
+        self.ema.copy_to(model)
+        return model
+
+    def sample_grid(self) -> Path | None:
+        from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
+
+        model = self.ema_copy()
+        if model is None:
+            return None
         try:
             x, _ = sample_latents(model, self.recipe, SampleRequest(n=int(self.train["sample_n"]), seed=0),
                                   device=self.device)
@@ -300,7 +305,7 @@ class Trainer:
                 if self._every("sample_every"):
                     self.sample_grid()
                 if self._every("eval_every"):
-                    tick += evaluation(self.fd, self.model, self.ema, self.step, self.ctx, monitor)
+                    tick += evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor)
         except KeyboardInterrupt:
             self.log(f"zoo train: interrupted at step {self.step}; saving {self.out / 'last'}")
             self.save(also_step_dir=False)
