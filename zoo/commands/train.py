@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 -m zoo train recipes/dimr_xl_2r.yaml --out runs/dimr --set data.root=...
 
 The run directory holds ``step_XXXXXXX/`` per save, ``last/`` (newest), ``log.jsonl``, ``loss.png``,
-``tb/`` (TensorBoard), ``samples/`` and, with ``train.eval_every``, ``eval/fd_reference.npz``. Ctrl-C saves ``last/`` and exits with 130; a non-finite
-loss or gradient stops the run with exit status 1, ``last/`` still the last finite checkpoint.
+``tb/`` (TensorBoard), ``samples/`` and, with ``train.eval_every``, ``eval/fd_reference.npz``.
+Ctrl-C saves ``last/`` and exits with 130; a non-finite loss or gradient stops the run with exit
+status 1, ``last/`` still the last finite checkpoint.
 """
 
 from __future__ import annotations
