@@ -9,7 +9,8 @@ from torch import nn
 
 import zoo
 from zoo.classifier import ConvNeXtClassifier, accuracy, load_classifier, save_classifier
-from zoo.classifier_train import ClassifierData, load_data, lr_at, shift, train_classifier
+from zoo.classifier_train import ClassifierData, load_data, shift, train_classifier
+from zoo.training.optim import learning_rate
 from zoo.cli import main
 from zoo.errors import UserError
 
@@ -59,12 +60,18 @@ def test_shift_translates_each_image_by_its_own_offset_with_edge_padding():
         assert torch.equal(out[b], padded[b, :, dy[b]:dy[b] + 4, dx[b]:dx[b] + 4])
 
 
-def test_the_learning_rate_warms_up_then_decays_to_zero():
-    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
-    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
-    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.5)
-    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.0, abs=1e-12)
+@pytest.mark.parametrize("kind, middle", [("cosine", 0.5), ("linear", 0.5), ("constant", 1.0)])
+def test_the_learning_rate_warms_up_then_follows_its_schedule(kind, middle):
+    """The shared schedule of zoo train and the classifier: warm-up, then decay to min_lr at `steps`."""
+    train = {"lr": 1.0, "steps": 100, "warmup_steps": 10, "lr_schedule": kind}
+    assert learning_rate(train, 0) == pytest.approx(0.1)
+    assert learning_rate(train, 9) == pytest.approx(1.0)
+    assert learning_rate(train, 10) == pytest.approx(1.0)
+    assert learning_rate(train, 55) == pytest.approx(middle)
+    assert learning_rate(train, 100) == pytest.approx(0.0 if kind != "constant" else 1.0, abs=1e-12)
+    assert learning_rate({**train, "min_lr": 0.1}, 100) == pytest.approx(0.1 if kind != "constant" else 1.0)
+    if kind == "cosine":  # cos(pi/4) at a quarter of the decay
+        assert learning_rate(train, 32.5) == pytest.approx(0.5 * (1 + 2 ** -0.5))
 
 
 def _easy(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

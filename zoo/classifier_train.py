@@ -12,7 +12,6 @@ up to ``shift`` pixels (edge padding; no flips: emoji and text are not mirror-sy
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from zoo.classifier import ConvNeXtClassifier, accuracy
 from zoo.errors import UserError
+from zoo.training.optim import learning_rate
 
 HOLDOUT_FRACTION = 0.1
 
@@ -99,13 +99,6 @@ def shift(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
     return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> NCHW
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def train_classifier(data: ClassifierData, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
                      weight_decay: float = 0.05, seed: int = 0, pixels: int = 2, device: str = "cpu",
                      arch: dict[str, Any] | None = None, log: Callable[[str], None] = print,
@@ -123,6 +116,7 @@ def train_classifier(data: ClassifierData, steps: int = 1500, batch_size: int = 
     g = torch.Generator().manual_seed(seed)
     n, order, cursor = len(data.train_x), torch.randperm(len(data.train_x), generator=g), 0
     warmup, start, loss_sum = max(1, min(100, steps // 10)), time.perf_counter(), 0.0
+    schedule = {"lr": lr, "steps": steps, "warmup_steps": warmup, "lr_schedule": "cosine"}
     model.train()
     for step in range(steps):
         if cursor + batch_size > n:
@@ -132,7 +126,7 @@ def train_classifier(data: ClassifierData, steps: int = 1500, batch_size: int = 
         x = shift(data.train_x[idx], pixels, g).to(device)
         loss = F.cross_entropy(model(x), data.train_y[idx].to(device), label_smoothing=0.1)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = learning_rate(schedule, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

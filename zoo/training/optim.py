@@ -7,6 +7,7 @@ No decay for the parameters :func:`no_weight_decay_names` lists (DiMR's time-dep
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -43,6 +44,15 @@ def build_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.A
 
 
 def learning_rate(train: Mapping[str, Any], step: int) -> float:
-    """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then constant."""
+    """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then ``lr_schedule``: constant,
+    or a cosine / linear decay from ``lr`` at the end of warm-up to ``min_lr`` at step ``steps``."""
     lr, warmup = float(train["lr"]), int(train.get("warmup_steps", 0) or 0)
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    kind, total = train.get("lr_schedule", "constant"), int(train.get("steps", 0) or 0)
+    if kind == "constant" or total <= warmup:
+        return lr
+    floor = float(train.get("min_lr", 0.0) or 0.0)
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return floor + (lr - floor) * shape

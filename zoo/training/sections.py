@@ -14,7 +14,7 @@
       split: train               # emoji32: train | holdout
       cache: ~/.cache/zoo        # emoji32: where the built images are cached (else $ZOO_CACHE, $XDG_CACHE_HOME/zoo)
     train:
-      steps, batch_size, lr, weight_decay, betas, warmup_steps, ema_decay, grad_clip, seed,
+      steps, batch_size, lr, lr_schedule (constant | cosine | linear), min_lr, weight_decay, betas, warmup_steps, ema_decay, grad_clip, seed,
       precision (fp32 | bf16 | fp16), no_weight_decay_1d, ckpt_every, sample_every, log_every, sample_n,
       grad_accum, grad_checkpointing, compile, tf32, keep_last, parallel (ddp | fsdp)
       eval_every, eval_n, eval_extractor, eval_ref   # a small FD every eval_every steps (zoo.training.eval_hook)
@@ -55,11 +55,16 @@ DATA: dict[str, Any] = {
     "cache": Path | None,
 }
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
 #: The ``train`` section: key → type and domain (a new key is one line).
 TRAIN: dict[str, Any] = {
     "steps": Annotated[int, Range(0, MAX_STEPS)],
     "batch_size": Annotated[int, Range(1, MAX_BATCH)],
     "lr": PositiveFloat,
+    "lr_schedule": Annotated[str, OneOf(LR_SCHEDULES, "lr schedule"),
+                             Doc("after warm-up: constant (default), or cosine/linear decay to min_lr at `steps`")],
+    "min_lr": Annotated[float, NonNegative, Doc("where cosine/linear decay ends (default 0)")],
     "weight_decay": Annotated[float, NonNegative],
     "betas": tuple[Annotated[float, Decay], Annotated[float, Decay]],
     "warmup_steps": Annotated[int, Range(0, MAX_STEPS)],
