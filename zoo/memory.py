@@ -8,7 +8,7 @@ in backward (``torch.utils.checkpoint``: a model's ``set_grad_checkpointing``, p
 save only their inputs, and the count sees exactly that, so the estimate follows the model's
 recomputation switches as they are set. (Not counted: the one block's activations backward re-creates
 at a time; measured peaks of a step run up to ~15% above the estimate with recomputation, and
-5-15% below it without, where the estimate holds all gradients and activations at once.) Training holds per parameter fp32
+4-18% below it without, where the estimate holds all gradients and activations at once.) Training holds per parameter fp32
 weights, gradients, AdamW's two moments and the fp32 EMA (20 bytes); sampling holds the weights
 and, per sample, the largest activation a few times over (no autograd graph). The estimate is
 compared with the memory the device has free (``MemAvailable`` from ``/proc/meminfo`` or
