@@ -12,8 +12,9 @@ backward + AdamW (the same optimiser settings on both sides). After ``--warmup``
 each, ``--pairs`` pairs are timed, the order alternated within pairs (official first in even
 pairs, zoo first in odd ones), so drifting load hits both sides alike. Printed: the median step
 of each side, the median over pairs of official/zoo (> 1: zoo is faster) and each side's peak
-memory (one more step in a fresh subprocess per side: CUDA peak allocation, or CPU RSS growth
-over the step, i.e. activations, gradients and optimiser state, weights excluded).
+memory (one more step in a fresh subprocess per side: CUDA peak allocation, or the peak CPU RSS
+above the RSS before the step, sampled every millisecond: activations, gradients and optimiser
+state, weights excluded).
 
 ``--recompute`` recomputes block activations in backward on both sides (zoo:
 ``set_grad_checkpointing``; official U-ViT: ``use_checkpoint``; official DiMR always
@@ -29,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import types
 import warnings
@@ -170,9 +172,35 @@ def measure_memory(args: argparse.Namespace, side: str) -> float:
         torch.cuda.reset_peak_memory_stats(device)
         step()
         return torch.cuda.max_memory_allocated(device) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+    return _rss_growth(step) / 2**20
+
+
+def _rss() -> int:
+    """Resident bytes of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _rss_growth(fn) -> int:
+    """Peak resident bytes during ``fn()`` above those before it (sampled every millisecond).
+
+    Not ``ru_maxrss``: building the model may already have set a higher lifetime peak.
+    """
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss()) - before
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:

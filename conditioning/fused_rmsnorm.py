@@ -6,7 +6,7 @@ products in backward. Here only ``x`` is saved (with the per-row norm and recipr
 its size) and the backward is two reductions and three passes:
 
     r = 1 / (‖x‖/√C + eps),  y = x·r·γ
-    a = g·γ,   s = Σ_c a·x,   ∂x = r·a − (s·r² / (√C·‖x‖))·x     (0 for the second term where ‖x‖ = 0)
+    a = g·γ,   s = Σ_c a·x,   ∂x = r·a − (s·r² / (√C·‖x‖))·x   (second term 0 where ‖x‖ = 0)
     ∂γ = Σ over rows of g·x·r   (per sample for a (B, C) γ, over everything for a shared (C,) γ)
 
 The forward is the eager expression's own op order, so its outputs are bit-identical.
