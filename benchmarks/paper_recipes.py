@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is sys.path[0]; imported, appended
+    sys.path.append(str(Path(__file__).resolve().parent))
 from train_step import DTYPES, _timed, gemm_rate  # noqa: E402  (one timing and matmul-peak code for all benchmarks)
 
 # Published per-GPU batch: global batch / GPUs of the released training runs.
