@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official", type=Path, help="path of an official checkout (DiT, U-ViT or DiMR)")
     parser.add_argument("--model", choices=sorted(MODELS), default="dimr_m_3r")
     parser.add_argument("--batch", type=int, help="batch size (default: 8 DiT-S/2, 4 U-ViT-M/4 and DiMR-M/3R, 2 XL/2R)")
-    parser.add_argument("--pairs", type=int, default=7, help="timed official/zoo pairs after warm-up")
+    parser.add_argument("--pairs", type=int, default=8,
+                        help="timed official/zoo pairs after warm-up (rounded up to even: each order equally often)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first")
     parser.add_argument("--recompute", action="store_true", help="activation recomputation on both sides")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
               f"of {MODELS[args.model][1]}", file=sys.stderr)
         return 2
     args.batch = args.batch or MODELS[args.model][2]
+    args.pairs = max(2, args.pairs + args.pairs % 2)  # an odd count would favour the order that ran once more
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.memory_child:
