@@ -52,3 +52,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def isolated_eval(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """A private zoo cache and no Inception weights from the environment: eval tests see only what they build."""
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ZOO_INCEPTION_WEIGHTS", raising=False)
+
+
+@pytest.fixture
+def register_extractor():
+    """``register_extractor(name, cls)`` registers a test feature extractor for one test only."""
+    import zoo
+
+    names = []
+
+    def register(name: str, cls: type) -> None:
+        zoo.register("extractor", name)(cls)
+        names.append(name)
+
+    yield register
+    for name in names:
+        zoo.registry.unregister("extractor", name)

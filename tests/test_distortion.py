@@ -48,11 +48,8 @@ class PoolFeatures(Extractor):
 
 
 @pytest.fixture(autouse=True)
-def _setup(monkeypatch, tmp_path):
-    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
-    zoo.register("extractor", PoolFeatures.name)(PoolFeatures)
-    yield
-    zoo.registry.unregister("extractor", PoolFeatures.name)
+def _setup(isolated_eval, register_extractor):
+    register_extractor(PoolFeatures.name, PoolFeatures)
 
 
 def _images(own_prob_bytes, labels):

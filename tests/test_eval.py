@@ -1,7 +1,6 @@
 """``zoo eval``: the Fréchet distance, IS and precision/recall plumbing, references, shards and resume."""
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,15 +36,8 @@ class PoolFeatures(Extractor):
 
 
 @pytest.fixture(autouse=True)
-def _setup(monkeypatch, tmp_path):
-    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("ZOO_INCEPTION_WEIGHTS", raising=False)
-    zoo.register("extractor", "test_pool")(PoolFeatures)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add overhead on a loaded machine
-    yield
-    torch.set_num_threads(threads)
-    zoo.registry.unregister("extractor", "test_pool")
+def _setup(isolated_eval, one_thread, register_extractor):
+    register_extractor("test_pool", PoolFeatures)
 
 
 # --------------------------------------------------------------------------- Fréchet distance

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from zoo.cli import main
-from zoo.latents import MANIFEST, PLAN, encode_moments, load_encoder, prepare_latents, shard_name
+from zoo.latents import MANIFEST, PLAN, load_encoder, prepare_latents, shard_name
 from zoo.training.crop import adm_center_crop, to_tensor
 from zoo.training.data import build_dataset
 

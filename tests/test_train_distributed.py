@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import zoo
 import zoo.checkpoint as ckpt

@@ -40,15 +40,8 @@ class Pool2(Pool4):
 
 
 @pytest.fixture(autouse=True)
-def _setup(monkeypatch, tmp_path):
-    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("ZOO_INCEPTION_WEIGHTS", raising=False)
-    zoo.register("extractor", "test_pool4")(Pool4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add overhead on a loaded machine
-    yield
-    torch.set_num_threads(threads)
-    zoo.registry.unregister("extractor", "test_pool4")
+def _setup(isolated_eval, one_thread, register_extractor):
+    register_extractor("test_pool4", Pool4)
 
 
 def _records(out: Path) -> list[dict]:

@@ -12,7 +12,6 @@ that lists them; a missing, truncated or corrupt file is an error that names it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from importlib import metadata

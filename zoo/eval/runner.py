@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from zoo.errors import UserError
-from zoo.eval.metrics import Features, compute_metrics
+from zoo.eval.metrics import compute_metrics
 from zoo.eval.reference import array_batches, extract, load_reference, save_npz, save_text, to_uint8
 
 SHARD = re.compile(r"^shard-(\d{7})-(\d{7})\.npz$")

@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
