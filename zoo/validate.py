@@ -26,7 +26,7 @@ import importlib
 from typing import Any, Callable, Iterable
 
 from . import registry
-from .domains import OneOf, Required, constraints_of, describe, domain_text, fits, non_finite, split
+from .domains import OneOf, Required, constraints_of, describe, fits, non_finite, split
 from .errors import UserError, did_you_mean
 from .introspect import (check_type, constructor_annotations, dataclass_in, is_factory_type, item_annotation,
                          positional_names, signature, type_name)
@@ -371,45 +371,3 @@ def _validate_model(value: Any, recipe: Recipe) -> None:
 
 
 SECTION_VALIDATORS["model"] = _validate_model
-
-
-# --- introspection ----------------------------------------------------------------------------------
-
-
-def parameter_rows(obj: Any) -> list[tuple[str, str, str, str]]:
-    """``(name, type, default, domain)`` of each constructor parameter of ``obj``, for listings.
-
-    The default is ``required``, or ``(from parent)`` for what an enclosing component passes.
-    """
-    sig = signature(obj)
-    if sig is None:
-        return []
-    hints = constructor_annotations(obj)
-    rows = []
-    for name, p in sig.parameters.items():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            rows.append((("*" if p.kind is p.VAR_POSITIONAL else "**") + name, "any", "", ""))
-            continue
-        ann = hints.get(name, Any)
-        kind = kind_of_param(name)
-        type_text = f"{kind} component" if kind else type_name(ann)
-        if p.default is not p.empty:
-            default = _short(p.default)
-        else:
-            default = "(from parent)" if name in PARENT_SUPPLIED else "required"
-        rows.append((name, type_text, default, domain_text(ann)))
-    return rows
-
-
-def rule_texts(obj: Any) -> list[str]:
-    """The cross-argument rules ``obj`` declares, in words."""
-    return [rule.describe() for rule in constraints_of(obj)]
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, functools.partial):
-        args = ", ".join(f"{k}={v!r}" for k, v in value.keywords.items())
-        return f"{_short(value.func)}({args})"
-    if isinstance(value, type) or callable(value):
-        return getattr(value, "__name__", repr(value))
-    return repr(value)

@@ -7,6 +7,8 @@ and allowed values, the rules between arguments, and the keys of the recipe sect
 from __future__ import annotations
 
 import argparse
+import functools
+from typing import Any
 
 from zoo import registry
 from zoo.errors import UserError, did_you_mean
@@ -35,8 +37,6 @@ def format_table(rows: list[tuple[str, ...]], indent: str = "  ") -> str:
 
 def component_details(entry: registry.Entry, indent: str = "      ") -> str:
     """The arguments of one component (name, type, default, allowed values) and its rules, as text."""
-    from zoo.validate import parameter_rows, rule_texts
-
     try:
         obj = entry.load()
     except UserError as err:
@@ -96,3 +96,48 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose and not args.kind:
         print("\n" + section_details())
     return 0
+
+
+def parameter_rows(obj: Any) -> list[tuple[str, str, str, str]]:
+    """``(name, type, default, domain)`` of each constructor parameter of ``obj``, for listings.
+
+    The default is ``required``, or ``(from parent)`` for what an enclosing component passes.
+    """
+    from zoo.domains import domain_text
+    from zoo.introspect import constructor_annotations, signature, type_name
+    from zoo.validate import PARENT_SUPPLIED, kind_of_param
+
+    sig = signature(obj)
+    if sig is None:
+        return []
+    hints = constructor_annotations(obj)
+    rows = []
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            rows.append((("*" if p.kind is p.VAR_POSITIONAL else "**") + name, "any", "", ""))
+            continue
+        ann = hints.get(name, Any)
+        kind = kind_of_param(name)
+        type_text = f"{kind} component" if kind else type_name(ann)
+        if p.default is not p.empty:
+            default = _short(p.default)
+        else:
+            default = "(from parent)" if name in PARENT_SUPPLIED else "required"
+        rows.append((name, type_text, default, domain_text(ann)))
+    return rows
+
+
+def rule_texts(obj: Any) -> list[str]:
+    """The cross-argument rules ``obj`` declares, in words."""
+    from zoo.domains import constraints_of
+
+    return [rule.describe() for rule in constraints_of(obj)]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, functools.partial):
+        args = ", ".join(f"{k}={v!r}" for k, v in value.keywords.items())
+        return f"{_short(value.func)}({args})"
+    if isinstance(value, type) or callable(value):
+        return getattr(value, "__name__", repr(value))
+    return repr(value)
