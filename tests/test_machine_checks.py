@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import zipfile
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from zoo.cli import main
+from zoo.errors import UserError
 from zoo.torchfile import torch_load_plain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _not_golden(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """Files that are not golden files, and the words the message must contain."""
-    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "random.pt").write_bytes(random.Random(1).randbytes(4096))
     with zipfile.ZipFile(tmp_path / "plain.zip", "w") as z:
         z.writestr("readme.txt", "not a torch file")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled nn.Module
@@ -47,6 +49,18 @@ def test_zoo_parity_on_files_that_are_not_golden_files(tmp_path: Path, capsys):
         assert err.count("\n") == 1 and words in err, (name, err)
         assert "config, state_dict, inputs and outputs" in err, (name, err)  # what it expected
         assert "weights_only" not in err and "Traceback" not in err, (name, err)
+
+
+def test_random_bytes_are_always_called_not_a_torch_file(tmp_path: Path):
+    """The unpickler fails on random bytes in many ways (empty stack, unknown memo key, bad UTF-8,
+    a legacy magic number): every one of them must read as "not a torch file"."""
+    rng = random.Random(0)
+    path = tmp_path / "random.pt"
+    for _ in range(2000):  # ~9% of random files hit a non-UnpicklingError path
+        path.write_bytes(rng.randbytes(rng.choice([16, 256, 4096])))
+        with pytest.raises(UserError) as info:
+            torch_load_plain(path, "golden file")
+        assert str(info.value).endswith("it is not a torch file (unreadable pickle data)"), str(info.value)
 
 
 def test_torch_load_errors_never_repeat_pytorchs_weights_only_false_advice(tmp_path: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,16 +20,32 @@ import torch
 
 from .errors import UserError
 
+# What the unpickler raises on bytes that are not pickle data (an opcode popping an empty stack,
+# a memo key that was never stored, a bad UTF-8 string, ...): random bytes hit all of these.
+_GARBAGE_PICKLE = (pickle.UnpicklingError, UnicodeDecodeError, ValueError, IndexError, KeyError, TypeError,
+                   struct.error)  # fmt: skip
 _GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")  # both of torch's wordings
 
 
-def describe_load_error(err: BaseException) -> str:
-    """What a ``torch.load(weights_only=True)`` failure means, in a few words (no PyTorch advice)."""
+# How every torch file starts: a zip archive (torch >= 1.6) or the legacy format's pickled magic number.
+_TORCH_HEADS = (b"PK\x03\x04", b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")
+
+
+def describe_load_error(err: BaseException, head: bytes | None = None) -> str:
+    """What a ``torch.load(weights_only=True)`` failure means, in a few words (no PyTorch advice).
+
+    ``head`` is the file's first bytes when known: a file that does not start like a torch file
+    is "not a torch file" however the unpickler happened to fail on it.
+    """
     text = str(err)
     if isinstance(err, IsADirectoryError):
         return "it is a directory, not a file"
     if isinstance(err, PermissionError):
         return "permission denied"
+    if head == b"":
+        return "the file is empty"
+    if head is not None and not head.startswith(_TORCH_HEADS):
+        return "it is not a torch file (unreadable pickle data)"
     if isinstance(err, EOFError):
         return "the file is empty or truncated"
     found = _GLOBAL.search(text)
@@ -36,7 +53,7 @@ def describe_load_error(err: BaseException) -> str:
         return f"it holds a pickled Python object ({found.group(1)}), not only tensors and plain data"
     if "zip archive" in text or "central directory" in text or "inline_container" in text:
         return "it is truncated or corrupt (its zip archive cannot be read)"
-    if isinstance(err, (pickle.UnpicklingError, UnicodeDecodeError, ValueError)) or "Weights only load failed" in text:
+    if isinstance(err, _GARBAGE_PICKLE) or "Weights only load failed" in text or "magic number" in text:
         return "it is not a torch file (unreadable pickle data)"
     if isinstance(err, OSError):
         return err.strerror or type(err).__name__
@@ -66,4 +83,13 @@ def torch_load_plain(
     except MemoryError:
         raise
     except Exception as err:  # torch raises many types for corrupt or non-weights files
-        raise UserError(f"cannot read {what} {path}: {describe_load_error(err)}") from None
+        raise UserError(f"cannot read {what} {path}: {describe_load_error(err, _head(path))}") from None
+
+
+def _head(path: Path) -> bytes | None:
+    """The file's first 16 bytes, or None where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError:
+        return None
