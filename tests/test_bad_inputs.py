@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
@@ -392,7 +393,7 @@ SETUPS = {
     "golden_plain": lambda tmp: torch.save({"weights": torch.zeros(2)}, tmp / "golden.pt"),
     "golden_truncated": _golden_truncated,
     "official": _official,
-    "official_garbage": _write("official.pt", os.urandom(300)),
+    "official_garbage": _write("official.pt", random.Random(0).randbytes(300)),
     "official_hostile": lambda tmp: _hostile_pickle(tmp / "official.pt"),
     "official_truncated": lambda tmp: (_official(tmp), (tmp / "official.pt").write_bytes(
         (tmp / "official.pt").read_bytes()[:200])),
