@@ -285,3 +285,49 @@ def test_objective_drops_labels_before_the_model():
     assert t_seen.min() >= 1 and t_seen.max() <= N  # U-ViT's 1-based steps
     with pytest.raises(ValueError, match="null"):
         DiffusionObjective(LINEAR, "uvit_discrete", label_drop=0.1)
+
+
+# ----------------------------------------------------------------------------- Min-SNR-γ weighting
+
+
+@pytest.mark.parametrize("objective", ["eps_mse", "multiscale"])
+def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error_for_eps_and_v(objective):
+    """Hang et al. 2023: the loss is min(SNR, γ)·mean((x̂_0 − x_0)²) whichever quantity the model predicts;
+    ``mse`` stays the unweighted error of the prediction."""
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor([0, 10, 100, 300, 500, 800, 999])
+    x0 = torch.randn(7, 2, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)  # a model's x_0 guess
+    abar = torch.cumprod(1 - BETAS, 0)[index].view(-1, 1, 1, 1)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    x_t = alpha * x0 + sigma * noise
+    snr = (abar / (1 - abar)).flatten()
+    expected = snr.clamp(max=5.0) * (x0_hat - x0).pow(2).flatten(1).mean(1)
+    outputs = {"eps": (x_t - alpha * x0_hat) / sigma, "v": alpha * (x_t - alpha * x0_hat) / sigma - sigma * x0_hat}
+    for prediction, out in outputs.items():
+        extra = {"coeffs": [1.0]} if objective == "multiscale" else {}
+        cls = MultiScaleObjective if objective == "multiscale" else DiffusionObjective
+        obj = cls(LINEAR, "dit_index", prediction=prediction, min_snr_gamma=5.0, **extra)
+        plain = cls(LINEAR, "dit_index", prediction=prediction, **extra)
+        kw = dict(x0=x0, x_t=x_t, noise=noise, t=index_to_time(index, N))
+        out = [out] if objective == "multiscale" else out
+        terms, unweighted = obj.loss_terms(out, **kw), plain.loss_terms(out, **kw)
+        assert torch.allclose(terms["loss"], expected, rtol=1e-10, atol=0), prediction
+        assert torch.equal(terms["mse"], unweighted["mse"]) and torch.equal(unweighted["loss"], unweighted["mse"])
+        assert not torch.allclose(unweighted["loss"], expected)  # the weighting changes the loss
+
+
+def test_min_snr_gamma_must_be_positive_in_a_recipe():
+    import zoo
+    from zoo.errors import UserError
+
+    for bad in ("0", "-1.0", "fast"):
+        with pytest.raises(UserError, match="min_snr_gamma must be a positive number"):
+            zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml", [f"diffusion.min_snr_gamma={bad}"])
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml", ["diffusion.min_snr_gamma=5"])
+    from zoo.diffusion.setup import build_objective
+
+    assert build_objective(recipe).min_snr_gamma == 5.0
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DiffusionObjective(LINEAR, "dit_index", min_snr_gamma=0.0)

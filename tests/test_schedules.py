@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from zoo.solvers import build_schedule
-from zoo.solvers.schedules import CosineSchedule, LinearSchedule, ScaledLinearSchedule, VPLinearSchedule
+from zoo.solvers.schedules import (CosineDiscreteSchedule, CosineSchedule, LinearSchedule, ScaledLinearSchedule,
+                                   VPLinearSchedule)
 
 F64 = torch.float64
-ALL = ["linear", "scaled_linear", "vp_linear", "cosine"]
+ALL = ["linear", "scaled_linear", "vp_linear", "cosine", "cosine_discrete"]
 
 
 def assert_near(actual, expected, rtol=1e-7, atol=1e-7):
@@ -24,6 +25,7 @@ def test_registry_builds_each_schedule():
     assert isinstance(build_schedule("scaled_linear"), ScaledLinearSchedule)
     assert isinstance(build_schedule("vp_linear", beta_0=0.1, beta_1=20.0), VPLinearSchedule)
     assert isinstance(build_schedule("cosine"), CosineSchedule)
+    assert isinstance(build_schedule("cosine_discrete"), CosineDiscreteSchedule)
 
 
 def test_linear_reproduces_ddpm_table():
@@ -40,6 +42,21 @@ def test_scaled_linear_reproduces_stable_diffusion_table():
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1.0 - betas), rtol=1e-13)
     assert sched.alphas_cumprod[-1].item() == pytest.approx(0.0046, abs=1e-4)
+
+
+def test_cosine_discrete_reproduces_iddpm_table():
+    """iDDPM's betas_for_alpha_bar(N, cos²((τ + 0.008)/1.008·π/2)), β capped at 0.999, written out per step."""
+    sched = build_schedule("cosine_discrete", num_steps=1000)
+    f = [math.cos((n / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2 for n in range(1001)]
+    betas = np.array([min(1 - f[n + 1] / f[n], 0.999) for n in range(1000)])
+    np.testing.assert_allclose(sched.betas.numpy(), betas, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1.0 - betas), rtol=1e-12)
+    assert betas[-1] == 0.999 and betas[-2] < 0.999  # only the last step is capped
+    assert sched.alphas_cumprod[-1].item() == pytest.approx(2.4288e-09, rel=1e-4)
+    assert sched.marginal_lambda(torch.tensor(1.0, dtype=F64)).item() == pytest.approx(-9.918, abs=1e-3)
+    # the point of the table: at 32x32 far fewer steps than DDPM's linear one sit at σ > 0.96
+    sigma = (1 - sched.alphas_cumprod).sqrt()
+    assert (sigma > 0.96).double().mean().item() == pytest.approx(0.183, abs=1e-3)
 
 
 def test_discrete_time_is_piecewise_linear_log_alpha_between_knots():

@@ -11,6 +11,12 @@ high noise, where an ε model's x̂_0 = (x_t − σ_t·ε̂)/α_t multiplies its
 last step of DDPM's linear schedule), which is what a young model trained for minutes needs.
 Samplers convert v back to ε (:func:`v_to_eps`), so every solver works with either.
 
+``min_snr_gamma`` = γ weights each sample's loss by Min-SNR-γ (Hang et al. 2023): the x_0 error
+weighted by min(SNR_t, γ), i.e. min(SNR, γ)/SNR on the ε loss and min(SNR, γ)/(SNR + 1) on the v loss
+(SNR = α²/σ²). Low-noise steps, whose gradients dominate and conflict with the others, are capped,
+which the paper measured to converge several times faster; γ = 5 is its default. ``loss`` carries
+the weight, ``mse`` stays the unweighted error.
+
 Note on label dropping: DiT drops labels inside its own label embedder in training mode, so
 DiT recipes keep ``diffusion.label_drop: 0``; U-ViT/DiMR have no such dropout and rely on it here.
 """
@@ -63,7 +69,11 @@ class DiffusionObjective:
         label_drop: float = 0.0,
         null_label: int | None = None,
         prediction: str = "eps",
+        min_snr_gamma: float | None = None,
     ):
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
+        self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction
@@ -110,6 +120,20 @@ class DiffusionObjective:
         alpha, sigma = self.coefficients(t, noise)
         return alpha * noise - sigma * x0
 
+    def loss_weight(self, t: Tensor, like: Tensor) -> Tensor | None:
+        """Min-SNR-γ weight per sample, shape (B,) in ``like``'s dtype; None without ``min_snr_gamma``."""
+        if self.min_snr_gamma is None:
+            return None
+        alpha, sigma = self.coefficients(t, like)
+        snr = (alpha / sigma).flatten() ** 2
+        capped = snr.clamp(max=self.min_snr_gamma)
+        return capped / snr if self.prediction == "eps" else capped / (snr + 1.0)
+
+    def weighted(self, mse: Tensor, t: Tensor) -> Tensor:
+        """``mse`` (B,) times the Min-SNR weight (unchanged without one)."""
+        weight = self.loss_weight(t, mse)
+        return mse if weight is None else mse * weight
+
     def denoiser(self, model: nn.Module) -> Denoiser:
         """``model`` behind the call the sampler uses too (time map, null label)."""
         return Denoiser(model, lambda t: self.time_map(t, self.num_steps), self.null_label)
@@ -148,7 +172,7 @@ class DiffusionObjective:
             )
         out, target = _loss_precision(out, self.target(x0, noise, t))
         mse = mean_flat((out - target) ** 2)
-        return {"loss": mse, "mse": mse.detach()}
+        return {"loss": self.weighted(mse, t), "mse": mse.detach()}
 
 
 class HybridVLBObjective(DiffusionObjective):
@@ -191,7 +215,7 @@ class HybridVLBObjective(DiffusionObjective):
         mse = mean_flat((eps - noise) ** 2)
         index = time_to_index(t, self.num_steps).to(out.device)
         vlb = self.vlb_terms(eps.detach(), v, x0=x0, x_t=x_t, index=index)
-        return {"loss": mse + self.vlb_weight * vlb, "mse": mse.detach(), "vlb": vlb.detach()}
+        return {"loss": self.weighted(mse, t) + self.vlb_weight * vlb, "mse": mse.detach(), "vlb": vlb.detach()}
 
 
 class MultiScaleObjective(DiffusionObjective):
@@ -213,7 +237,7 @@ class MultiScaleObjective(DiffusionObjective):
         *out, target = _loss_precision(*out, self.target(x0, noise, t))
         loss = multiscale_loss(out, target, self.coeffs)
         last = mean_flat((out[-1] - target) ** 2)
-        return {"loss": loss, "mse": last.detach()}
+        return {"loss": self.weighted(loss, t), "mse": last.detach()}
 
 
 OBJECTIVES = {"eps_mse": DiffusionObjective, "hybrid_vlb": HybridVLBObjective, "multiscale": MultiScaleObjective}

@@ -5,6 +5,7 @@
       objective: {type: eps_mse | hybrid_vlb | multiscale, coeffs: [...], vlb_weight: 1.0}
       prediction: eps | v     # what the model outputs: ε (default, the papers') or v = α·ε − σ·x_0
       time_input: dit_index | uvit_discrete | uvit_continuous | dimr_log_snr
+      min_snr_gamma: 5.0      # Min-SNR-γ loss weighting (Hang et al. 2023); null/absent = unweighted
       label_drop: 0.1         # P(label → null label) in training
       null_label: 1000        # the unconditional label (also used by guidance)
     sample:
@@ -48,6 +49,7 @@ DIFFUSION: dict[str, Any] = {
     "time_input": Annotated[str, OneOf(TIME_INPUT_NAMES, "time_input")],
     "prediction": Annotated[str, OneOf(PREDICTION_NAMES, "prediction"),
                             Doc("model output: eps (default) or v = alpha*eps - sigma*x0")],
+    "min_snr_gamma": Annotated[float, Positive, Doc("Min-SNR-gamma loss weight cap; null = unweighted")] | None,
     "label_drop": Annotated[float, Probability, Doc("P(label -> null label) in training")],
     "null_label": Annotated[int, NonNegative] | None,
 }

@@ -73,6 +73,7 @@ def build_objective(recipe: Mapping[str, Any], schedule=None) -> DiffusionObject
         label_drop=label_drop,
         null_label=diffusion.get("null_label"),
         prediction=prediction(recipe),
+        min_snr_gamma=diffusion.get("min_snr_gamma"),
         **options,
     )
 
