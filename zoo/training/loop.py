@@ -122,7 +122,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.train)
         if resume is not None:
             self._load_state(self._resumed_from)
-        self.forward = torch.compile(self.wrapped) if self.train["compile"] else self.wrapped
+        # Static shapes: a training batch has one shape, and with dynamic ones torch 2.14's inductor
+        # fails on DiMR's first step ("cannot determine truth value of Relational").
+        self.forward = torch.compile(self.wrapped, dynamic=False) if self.train["compile"] else self.wrapped
         self.flip = bool(data.get("random_flip", False))
         self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
                                pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
