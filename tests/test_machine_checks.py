@@ -63,6 +63,29 @@ def test_random_bytes_are_always_called_not_a_torch_file(tmp_path: Path):
         assert str(info.value).endswith("it is not a torch file (unreadable pickle data)"), str(info.value)
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_legacy_torch_files_are_told_apart_from_garbage(tmp_path: Path, protocol: int):
+    """Pre-zip torch files start with the pickled magic number: their errors name what is wrong with
+    them, never "not a torch file"."""
+    legacy = dict(_use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt", **legacy)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt", **legacy)
+    data = (tmp_path / "sd.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    messages = {}
+    for name in ("module", "cut"):
+        with pytest.raises(UserError) as info:
+            torch_load_plain(tmp_path / f"{name}.pt", "checkpoint")
+        messages[name] = str(info.value)
+    if protocol == 2:
+        assert messages["module"].endswith("pickled Python object (torch.nn.modules.linear.Linear), "
+                                           "not only tensors and plain data")
+        assert messages["cut"].endswith("the file is empty or truncated")
+        assert torch_load_plain(tmp_path / "sd.pt", "checkpoint").keys() == {"weight", "bias"}
+    else:  # torch's safe unpickler has no FRAME opcode: such a file cannot be read safely at all
+        assert all("legacy (pre-zip) torch file pickled with protocol 4 or 5" in m for m in messages.values())
+
+
 def test_torch_load_errors_never_repeat_pytorchs_weights_only_false_advice(tmp_path: Path):
     torch.save({"net": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
     with pytest.raises(Exception) as info:

@@ -27,8 +27,13 @@ _GARBAGE_PICKLE = (pickle.UnpicklingError, UnicodeDecodeError, ValueError, Index
 _GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")  # both of torch's wordings
 
 
-# How every torch file starts: a zip archive (torch >= 1.6) or the legacy format's pickled magic number.
-_TORCH_HEADS = (b"PK\x03\x04", b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")
+# How every torch file starts: a zip archive (torch >= 1.6), or the legacy format's pickled magic
+# number (0x1950a86a20f9469cfc6c) after the pickle's PROTO opcode (and a FRAME for protocols 4-5).
+_ZIP_HEAD, _LEGACY_MAGIC = b"PK\x03\x04", b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _looks_like_torch(head: bytes) -> bool:
+    return head.startswith(_ZIP_HEAD) or (head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32])
 
 
 def describe_load_error(err: BaseException, head: bytes | None = None) -> str:
@@ -44,10 +49,13 @@ def describe_load_error(err: BaseException, head: bytes | None = None) -> str:
         return "permission denied"
     if head == b"":
         return "the file is empty"
-    if head is not None and not head.startswith(_TORCH_HEADS):
+    if head is not None and not _looks_like_torch(head):
         return "it is not a torch file (unreadable pickle data)"
     if isinstance(err, EOFError):
         return "the file is empty or truncated"
+    if "Unsupported operand" in text and head is not None and head[:1] == b"\x80" and head[1:2] >= b"\x04":
+        return ("it is a legacy (pre-zip) torch file pickled with protocol 4 or 5, which safe loading cannot "
+                "read; re-save it with torch.save in PyTorch >= 1.6")
     found = _GLOBAL.search(text)
     if found:
         return f"it holds a pickled Python object ({found.group(1)}), not only tensors and plain data"
@@ -87,9 +95,9 @@ def torch_load_plain(
 
 
 def _head(path: Path) -> bytes | None:
-    """The file's first 16 bytes, or None where it cannot be read."""
+    """The file's first 32 bytes, or None where it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return f.read(16)
+            return f.read(32)
     except OSError:
         return None
