@@ -49,7 +49,7 @@ def start(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory, start) -> Path:
     """``start`` resumed under 2-process FSDP to step 5 without interruption; checkpoints at 4 and 5,
-    an EMA sample grid at step 4 (drawn by rank 0 while the others wait: it must not change the run)."""
+    EMA sample grids at steps 4 and 5 (drawn by rank 0 while the others wait: they must not change the run)."""
     out = tmp_path_factory.mktemp("fsdp")
     every = ("--set", "train.ckpt_every=2", "--set", "train.sample_every=2")
     stdout = torchrun(out, 5, *FSDP, *every, "--resume", str(start)).stdout
@@ -80,8 +80,9 @@ def test_fsdp_sample_grid_is_the_grid_of_the_consolidated_ema(tmp_path, whole):
 
     from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
 
-    (grid,) = (whole / "samples").glob("*.png")
-    assert grid.name == "step_0000004.png"
+    grids = sorted((whole / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_0000004.png", "step_0000005.png"]  # every 2 steps, and the last
+    grid = grids[0]
     model, recipe = ckpt.load_checkpoint(whole / "step_0000004", weights="ema")
     x, _ = sample_latents(model, recipe, SampleRequest(n=recipe["train"]["sample_n"], seed=0), device="cpu")
     again = save_grid(to_images(x, recipe, None, device="cpu"), tmp_path / "grid.png")

@@ -114,6 +114,15 @@ def test_sample_grid_written(tmp_path):
     assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 0
 
 
+def test_a_run_ending_between_grids_also_draws_the_final_weights(tmp_path):
+    train(recipe("train.steps=5", "train.sample_every=2", "train.ckpt_every=0"), tmp_path, log=QUIET)
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
+        "step_0000002.png", "step_0000004.png", "step_0000005.png"]
+    train(recipe("train.steps=5", "train.sample_every=2", "train.ckpt_every=0"), tmp_path / "none", log=QUIET,
+          steps=0)  # nothing trained in this call: no grid
+    assert not (tmp_path / "none" / "samples").exists()
+
+
 def test_image_folder_and_latent_shards_load(tmp_path):
     from PIL import Image
     from safetensors.torch import save_file

@@ -10,8 +10,8 @@ or gradient stops the run before the weights change; AdamW at the warm-up learni
 
 Every ``log_every`` steps a record (:mod:`.monitor`); every ``ckpt_every`` steps
 ``OUT/step_XXXXXXX/`` (the oldest beyond ``keep_last`` pruned) and ``OUT/last/``, each written
-atomically; every ``sample_every`` steps an EMA sample grid; every ``eval_every`` steps a small FD of the
-EMA weights (:mod:`.eval_hook`). Ctrl-C saves ``last/``.
+atomically; every ``sample_every`` steps and at the last step an EMA sample grid; every
+``eval_every`` steps a small FD of the EMA weights (:mod:`.eval_hook`). Ctrl-C saves ``last/``.
 """
 
 from __future__ import annotations
@@ -274,6 +274,7 @@ class Trainer:
         from zoo.training.monitor import Monitor
 
         total = int(steps if steps is not None else self.train["steps"])
+        first_step = self.step
         if self.ctx.main:
             self.out.mkdir(parents=True, exist_ok=True)
             repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
@@ -317,6 +318,8 @@ class Trainer:
                 monitor.close()
         if self.last_saved != self.step or not (self.out / "last").is_dir():
             self.save(also_step_dir=int(self.train.get("ckpt_every") or 0) > 0)
+        if int(self.train.get("sample_every") or 0) > 0 and first_step < self.step and not self._every("sample_every"):
+            self.sample_grid()  # the final weights' grid too when the run ends between two grids
         return records
 
 
