@@ -1,7 +1,7 @@
 """DiMR-2R, U-ViT and DiT side by side on emoji32: same step budget, same seeds, FD, precision/recall, distortion.
 
-    python benchmarks/emoji_experiment.py                    # 23 min on a quiet 2-core CPU (see the README)
-    python benchmarks/emoji_experiment.py --steps 6000 --n 512 --out runs/emoji_long
+    python benchmarks/emoji_experiment.py                    # ~55 min on a quiet 2-core CPU (see the README)
+    python benchmarks/emoji_experiment.py --steps 10000 --n 512 --out runs/emoji_long   # the demo's own budget
     python benchmarks/emoji_experiment.py --quick --out /tmp/emoji_quick   # every stage at toy sizes (a test)
 
 1. trains each model of ``recipes/emoji32/{dimr_2r,uvit,dit}.yaml`` (matched within 3% in
@@ -29,9 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"DiMR-2R": "dimr_2r", "U-ViT/2": "uvit", "DiT/2": "dit"}
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "emoji_experiment"
-# Defaults sized for under half an hour on a quiet 2-core CPU (measured 2026-12-03: 23 min; training
-# 3.4 / 4.2 / 5.3 steps/s for DiMR-2R / U-ViT / DiT at batch 16, 256 samples each, classifier 1 min).
-STEPS, N, CLASSIFIER_STEPS, GRID = 1500, 256, 800, 36
+# Defaults measured 2026-12-03 on a quiet 2-core CPU: 55 min (training 19 / 14 / 11 min for DiMR-2R /
+# U-ViT / DiT at batch 16, 256 samples each, classifier 1 min). 3000 steps, not fewer: under the recipes'
+# cosine schedule + Min-SNR weights, 1500-step models still paint the whole frame and the classifier
+# rejects 93-98% of every model's samples, which compares nothing.
+STEPS, N, CLASSIFIER_STEPS, GRID = 3000, 256, 800, 36
 
 
 def _log(text: str) -> None:
