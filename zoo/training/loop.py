@@ -255,8 +255,12 @@ class Trainer:
         self.ema.update()
         return loss
 
+    def _period(self, key: str) -> int:
+        """``train.<key>`` as a number of steps; 0 (or unset) = never."""
+        return int(self.train.get(key) or 0)
+
     def _every(self, key: str) -> bool:
-        n = int(self.train.get(key) or 0)
+        n = self._period(key)
         return n > 0 and self.step % n == 0
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -317,8 +321,8 @@ class Trainer:
             if monitor:
                 monitor.close()
         if self.last_saved != self.step or not (self.out / "last").is_dir():
-            self.save(also_step_dir=int(self.train.get("ckpt_every") or 0) > 0)
-        if int(self.train.get("sample_every") or 0) > 0 and first_step < self.step and not self._every("sample_every"):
+            self.save(also_step_dir=self._period("ckpt_every") > 0)
+        if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
             self.sample_grid()  # the final weights' grid too when the run ends between two grids
         return records
 
