@@ -32,8 +32,15 @@ _GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")  # both of 
 _ZIP_HEAD, _LEGACY_MAGIC = b"PK\x03\x04", b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 
+def _legacy_protocol(head: bytes | None) -> int | None:
+    """The pickle protocol of a legacy (pre-zip) torch file from its first bytes; None: not one."""
+    if head is None or head[:1] != b"\x80" or _LEGACY_MAGIC not in head[:32]:
+        return None
+    return head[1]
+
+
 def _looks_like_torch(head: bytes) -> bool:
-    return head.startswith(_ZIP_HEAD) or (head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32])
+    return head.startswith(_ZIP_HEAD) or _legacy_protocol(head) is not None
 
 
 def describe_load_error(err: BaseException, head: bytes | None = None) -> str:
@@ -53,7 +60,7 @@ def describe_load_error(err: BaseException, head: bytes | None = None) -> str:
         return "it is not a torch file (unreadable pickle data)"
     if isinstance(err, EOFError):
         return "the file is empty or truncated"
-    if "Unsupported operand" in text and head is not None and head[:1] == b"\x80" and head[1:2] >= b"\x04":
+    if "Unsupported operand" in text and (_legacy_protocol(head) or 0) >= 4:
         return ("it is a legacy (pre-zip) torch file pickled with protocol 4 or 5, which safe loading cannot "
                 "read; re-save it with torch.save in PyTorch >= 1.6")
     found = _GLOBAL.search(text)
