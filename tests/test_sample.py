@@ -95,6 +95,20 @@ def test_same_samples_whatever_the_batch_size_float32(checkpoint):
     assert (c - b).abs().max() > 1e-2
 
 
+def test_solver_flag_takes_set_options_of_that_solver(checkpoint):
+    """``--solver ddpm --set sample.solver.clip_denoised=true``: the options are checked against ddpm, not the recipe's
+    dpm_solver++ (which has no clip_denoised); the recipe's own solver keeps its options when --solver names it."""
+    for source in (checkpoint, PIXELS):
+        _, recipe, _ = load_model(source, ["sample.solver.clip_denoised=true"], solver="ddpm")
+        assert recipe["sample"]["solver"] == {"type": "ddpm", "clip_denoised": True}
+        _, recipe, _ = load_model(source, ["sample.solver.order=3"], solver="dpm_solver++")
+        assert recipe["sample"]["solver"]["order"] == 3 and recipe["sample"]["solver"]["method"] == "multistep"
+        _, recipe, _ = load_model(source, [], solver="ddpm")  # build_solver swaps it later; the recipe is untouched
+        assert recipe["sample"]["solver"]["type"] == "dpm_solver++"
+    with pytest.raises(UserError, match="unknown parameter 'order' of solver 'ddim'"):
+        load_model(PIXELS, ["sample.solver.order=3"], solver="ddim")
+
+
 def test_class_and_guidance_options(checkpoint):
     model, recipe, _ = load_model(checkpoint)
     _, y = sample_latents(model, recipe, SampleRequest(n=3, class_labels=4, steps=2))

@@ -13,10 +13,11 @@ dtype: a float64 model samples in float64 end to end (``zoo sample --dtype float
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -161,33 +162,52 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
 
 
 def load_model(source: str | Path, overrides: list[str] = (), device="cpu",
-               dtype: torch.dtype | None = None) -> tuple[nn.Module, dict, str]:
+               dtype: torch.dtype | None = None, solver: str | None = None) -> tuple[nn.Module, dict, str]:
     """The model to sample from and its resolved recipe, and a word on where the weights came from.
 
     ``source`` is a checkpoint directory (``config.json`` + weights; EMA weights preferred) or a
     recipe (a freshly initialised model). ``--set`` overrides apply to the recipe's other
     sections; a checkpoint's ``model`` section is fixed by its weights. ``dtype`` casts the model
-    (float64 for parity checks; samples come back in it).
+    (float64 for parity checks; samples come back in it). ``solver`` (``--solver``) becomes the
+    recipe's solver before the overrides apply, so ``--set sample.solver.KEY=...`` reaches its options.
     """
     import zoo
     from zoo.checkpoint import EMA, load_checkpoint, load_recipe_of
 
     path = Path(source)
+    read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
+    overrides = [*_solver_choice(read, solver, overrides), *overrides]
     if path.is_dir():
         if any(o.split("=", 1)[0].strip().startswith("model.") for o in overrides):
             raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                             "--set may change the other sections only")
-        recipe = load_recipe_of(path, overrides)  # a mistake in it names its config.json
+        recipe = read(overrides)  # a mistake in it names its config.json
         weights = "ema" if (path / EMA).is_file() else "model"
         model, _ = load_checkpoint(path, weights=weights, device=device)
         origin = f"{weights} weights of {path}"
     else:
-        recipe = zoo.load_recipe(source, overrides)
+        recipe = read(overrides)
         model = zoo.build_model(recipe).to(device)
         origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), recipe, origin
+
+
+def _solver_choice(read: Callable[[list[str]], dict], name: str | None, overrides: list[str]) -> list[str]:
+    """The override that makes solver ``name`` the recipe's, with its own defaults; none when it already is.
+
+    Only needed when ``--set`` touches ``sample.solver``: otherwise :func:`build_solver` swaps the solver
+    after loading. A recipe that only loads with the user's overrides keeps them as they are.
+    """
+    if name is None or not any(o.split("=", 1)[0].strip().startswith("sample.solver") for o in overrides):
+        return []
+    try:
+        spec = (read([]).get("sample") or {}).get("solver") or {}
+    except UserError:
+        return []
+    current = spec if isinstance(spec, str) else spec.get("type")
+    return [] if current == name else [f"sample.solver={{type: {json.dumps(name)}}}"]
 
 
 def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | None:

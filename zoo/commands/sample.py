@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
     start = time.perf_counter()
     labels = parse_class_labels(args.class_labels)
-    model, recipe, origin = load_model(source, args.overrides, device=device, dtype=getattr(torch, args.dtype))
+    model, recipe, origin = load_model(source, args.overrides, device=device, dtype=getattr(torch, args.dtype),
+                                       solver=args.solver)
     if "NO weights" in origin:
         print(f"zoo sample: warning: {origin}", file=sys.stderr)
     else:
