@@ -109,6 +109,21 @@ def test_cli_end_to_end_and_missing_data_root(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "data.root" in err
 
 
+def test_out_defaults_to_runs_and_the_recipe_name(tmp_path, monkeypatch, capsys):
+    """The mission's literal command, `zoo train recipes/dimr_xl_2r.yaml`, reaches the data check (exit 2, one line
+    naming the latents) instead of an argparse complaint; a recipe that trains writes runs/<recipe name>/."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(repo / "recipes" / "dimr_xl_2r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "zoo prepare-latents" in err and not (tmp_path / "runs").exists()
+    assert main(["train", str(RECIPE), "--steps", "1", "--set", "train.sample_every=0"]) == 0
+    assert (tmp_path / "runs" / "tiny_train" / "last" / "model.safetensors").is_file()
+    assert "runs/tiny_train/last" in capsys.readouterr().out
+    assert main(["train", str(RECIPE), "--steps", "1"]) == 2  # the default directory is never overwritten
+    assert "--resume runs/tiny_train" in capsys.readouterr().err
+
+
 def test_sample_grid_written(tmp_path):
     train(recipe("train.steps=2", "train.sample_every=2", "train.ckpt_every=0"), tmp_path, log=QUIET)
     assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 0

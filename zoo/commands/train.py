@@ -1,10 +1,10 @@
-"""``zoo train RECIPE --out DIR``: train a recipe's model as its ``train`` and ``data`` sections say.
+"""``zoo train RECIPE [--out DIR]``: train a recipe's model as its ``train`` and ``data`` sections say.
 
     zoo train recipes/dit_s_2.yaml --out runs/dit_s --set data.root=/data/latents --set train.batch_size=64
     zoo train recipes/dit_s_2.yaml --out runs/dit_s --resume runs/dit_s/last
     torchrun --nproc_per_node 8 -m zoo train recipes/dimr_xl_2r.yaml --out runs/dimr --set data.root=...
 
-The run directory holds ``step_XXXXXXX/`` per save, ``last/`` (newest), ``log.jsonl``, ``loss.png``,
+The run directory (``--out``; default ``runs/<recipe name>``) holds ``step_XXXXXXX/`` per save, ``last/`` (newest), ``log.jsonl``, ``loss.png``,
 ``tb/`` (TensorBoard), ``samples/`` and, with ``train.eval_every``, ``eval/fd_reference.npz``.
 Ctrl-C saves ``last/`` and exits with 130; a non-finite loss or gradient stops the run with exit
 status 1, ``last/`` still the last finite checkpoint.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from zoo.commands import add_overrides_option
 
@@ -25,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "Under torchrun, one process per GPU (DDP, or FSDP2 with "
                                           "--set train.parallel=fsdp).")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML")
-    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<recipe name>)")
     add_overrides_option(p)
     p.add_argument("--resume", default=None, metavar="DIR", help="checkpoint (or run) directory to continue from")
     p.add_argument("--allow-recipe-change", action="store_true",
@@ -33,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=None, help="train until this step (default: train.steps)")
     p.set_defaults(func=run)
+
+
+def default_run_dir(recipe: str) -> str:
+    """``runs/<recipe file name without .yaml>`` under the working directory: where ``--out`` is not given."""
+    return str(Path("runs") / Path(recipe).stem)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from zoo.guards import check_run_dir, resolve_device
 
     device = str(resolve_device(args.device))
-    check_run_dir(args.out, resuming=args.resume is not None)  # never a file, never another run's last/
+    out = args.out or default_run_dir(args.recipe)
+    check_run_dir(out, resuming=args.resume is not None)  # never a file, never another run's last/
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     try:
-        records = train(recipe, args.out, steps=args.steps, device=device, resume=args.resume,
+        records = train(recipe, out, steps=args.steps, device=device, resume=args.resume,
                         allow_recipe_change=args.allow_recipe_change)
     except NonFiniteError as err:
         print(f"zoo train: error: {err}", file=sys.stderr)
@@ -58,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         last = f"; last loss {records[-1]['loss']:.5f}" if records else ""
-        print(f"zoo train: done; checkpoint {args.out}/last{last}")
+        print(f"zoo train: done; checkpoint {out}/last{last}")
     return 0
