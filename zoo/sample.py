@@ -178,7 +178,7 @@ def load_model(source: str | Path, overrides: list[str] = (), device="cpu",
     read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
     overrides = [*_solver_choice(read, solver, overrides), *overrides]
     if path.is_dir():
-        if any(o.split("=", 1)[0].strip().startswith("model.") for o in overrides):
+        if any(_override_key(o)[0] == "model" for o in overrides):
             raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                             "--set may change the other sections only")
         recipe = read(overrides)  # a mistake in it names its config.json
@@ -194,13 +194,18 @@ def load_model(source: str | Path, overrides: list[str] = (), device="cpu",
     return model.eval(), recipe, origin
 
 
+def _override_key(text: str) -> tuple[str, ...]:
+    """The key path of a ``--set KEY=VALUE`` override: ``"sample.solver.steps=5"`` -> ``("sample", "solver", "steps")``."""
+    return tuple(text.partition("=")[0].strip().split("."))
+
+
 def _solver_choice(read: Callable[[list[str]], dict], name: str | None, overrides: list[str]) -> list[str]:
     """The override that makes solver ``name`` the recipe's, with its own defaults; none when it already is.
 
     Only needed when ``--set`` touches ``sample.solver``: otherwise :func:`build_solver` swaps the solver
     after loading. A recipe that only loads with the user's overrides keeps them as they are.
     """
-    if name is None or not any(o.split("=", 1)[0].strip().startswith("sample.solver") for o in overrides):
+    if name is None or not any(_override_key(o)[:2] == ("sample", "solver") for o in overrides):
         return []
     try:
         spec = (read([]).get("sample") or {}).get("solver") or {}

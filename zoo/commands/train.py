@@ -4,8 +4,9 @@
     zoo train recipes/dit_s_2.yaml --out runs/dit_s --resume runs/dit_s/last
     torchrun --nproc_per_node 8 -m zoo train recipes/dimr_xl_2r.yaml --out runs/dimr --set data.root=...
 
-The run directory (``--out``; default ``runs/<recipe name>``) holds ``step_XXXXXXX/`` per save, ``last/`` (newest), ``log.jsonl``, ``loss.png``,
-``tb/`` (TensorBoard), ``samples/`` and, with ``train.eval_every``, ``eval/fd_reference.npz``.
+The run directory (``--out``; default ``runs/<recipe name>``) holds ``step_XXXXXXX/`` per save,
+``last/`` (newest), ``log.jsonl``, ``loss.png``, ``tb/`` (TensorBoard), ``samples/`` and, with
+``train.eval_every``, ``eval/fd_reference.npz``.
 Ctrl-C saves ``last/`` and exits with 130; a non-finite loss or gradient stops the run with exit
 status 1, ``last/`` still the last finite checkpoint.
 """
