@@ -184,3 +184,41 @@ def test_paper_recipes_without_data_say_what_they_need_in_one_line(tmp_path, cap
     for word in words:
         assert word in err
     assert not (tmp_path / "run" / "last").exists()
+
+
+def test_image_folder_lists_the_files_torchvision_lists_in_its_order(tmp_path):
+    """Nested subfolders, upper-case and .tif suffixes, non-images: index i is torchvision's image i."""
+    from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+    from zoo.training.data import ImageFolder
+
+    pixels = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    for rel in ("b/z.png", "b/a.JPEG", "b/deep/er/x.tif", "b/deep/y.webp", "a/1.jpg", "a/sub/0.bmp",
+                "a/skip.gif", "c/only.ppm"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / rel)
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+
+    ours = ImageFolder(tmp_path, 8)
+    theirs = TorchvisionImageFolder(str(tmp_path), allow_empty=True)
+    assert ours.classes == theirs.classes == ["a", "b", "c", "empty"]
+    assert [(str(f), y) for f, y in ours.items] == theirs.samples
+    assert len(ours) == 7  # the .gif and the .txt are not images to either
+
+
+def test_a_broken_image_read_in_a_worker_is_one_line_naming_it(tmp_path, vae_dir, image_dir, capsys):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    (images / "n01" / "n01_9.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code = main(["prepare-latents", str(images), "--vae", str(vae_dir), "--out", str(tmp_path / "lat"),
+                 "--resolution", str(RES), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("zoo")]
+    assert len(lines) == 1, err  # PIL's own reason in the middle depends on its version
+    assert lines[0].startswith(f"zoo: error: cannot read image {images / 'n01' / 'n01_9.png'}: ")
+    assert lines[0].endswith("(delete or replace the file)")
+    assert "Traceback" not in err and not list((tmp_path / "lat").glob("shard_*"))

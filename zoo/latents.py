@@ -147,7 +147,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     """
     from torch.utils.data import DataLoader, Subset
 
-    from zoo.training.data import ImageFolder
+    from zoo.training.data import ImageFolder, one_line_errors
 
     root, out = Path(image_dir).expanduser(), Path(out).expanduser()
     if not root.is_dir():
@@ -166,20 +166,22 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     todo = [k for k in range(rank, plan["num_shards"], world) if not (out / shard_name(k)).is_file()]
     total = sum(min(shard_size, len(images) - k * shard_size) for k in todo)
     bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
-    for k in todo:
-        start = k * shard_size
-        subset = Subset(images, range(start, min(start + shard_size, len(images))))
-        loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
-        means, stds, labels = [], [], []
-        for x, y in loader:
-            mean, std = encode_moments(vae, x.to(device))
-            means.append(mean.cpu())
-            stds.append(std.cpu())
-            labels.append(y)
-            if bar is not None:
-                bar.update(len(y))
-        write_shard(out / shard_name(k), torch.cat(means), torch.cat(stds), torch.cat(labels), start,
-                    getattr(torch, dtype))
-    if bar is not None:
-        bar.close()
+    try:
+        for k in todo:
+            start = k * shard_size
+            subset = Subset(images, range(start, min(start + shard_size, len(images))))
+            loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+            means, stds, labels = [], [], []
+            for x, y in one_line_errors(iter(loader)):  # a bad image: its one-line message, not a worker's traceback
+                mean, std = encode_moments(vae, x.to(device))
+                means.append(mean.cpu())
+                stds.append(std.cpu())
+                labels.append(y)
+                if bar is not None:
+                    bar.update(len(y))
+            write_shard(out / shard_name(k), torch.cat(means), torch.cat(stds), torch.cat(labels), start,
+                        getattr(torch, dtype))
+    finally:  # the bar's last line ends before any error message is printed
+        if bar is not None:
+            bar.close()
     return finish(out, plan)

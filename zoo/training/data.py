@@ -2,8 +2,9 @@
 
 - ``synthetic``: ``data.size`` deterministic images of the model's input shape (class-coloured,
   smooth), for smoke tests and benchmarks.
-- ``image_folder``: ``root/CLASS/*.png|jpg`` (classes sorted, as torchvision's ImageFolder);
-  ADM's centre crop to ``image_size`` (``zoo.training.crop``), scaled to [−1, 1].
+- ``image_folder``: ``root/CLASS/**/IMAGE`` listed as torchvision's ImageFolder lists it (classes
+  sorted, subfolders walked, its image suffixes); ADM's centre crop to ``image_size``
+  (``zoo.training.crop``), scaled to [−1, 1].
 - ``latents``: ``root/*.safetensors`` shards with ``latents`` (N, C, H, W) and ``labels`` (N,).
   Latents are stored as the VAE encoder gives them and multiplied by ``data.vae_scale`` here,
   unless the shard's metadata says ``{"scaled": "true"}`` (then used as stored).
@@ -15,6 +16,7 @@ run sees exactly the batches an uninterrupted one would. Random flips are drawn 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from zoo.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's, any case
 
 
 def synthetic_dataset(shape: tuple[int, ...], size: int, num_classes: int | None, seed: int = 0) -> TensorDataset:
@@ -40,13 +42,16 @@ def synthetic_dataset(shape: tuple[int, ...], size: int, num_classes: int | None
 
 
 class ImageFolder(Dataset):
-    """``root/CLASS/IMAGE`` → (image in [−1, 1] of ``image_size``², class index)."""
+    """``root/CLASS/**/IMAGE`` → (image in [−1, 1] of ``image_size``², class index).
+
+    Lists the files in torchvision's ImageFolder order (class folders sorted, each walked with
+    its subfolders in sorted order, symlinks followed), so index i is the same image in both.
+    """
 
     def __init__(self, root: Path, image_size: int) -> None:
         try:
             self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-            self.items = [(f, i) for i, c in enumerate(self.classes) for f in sorted((root / c).iterdir())
-                          if f.suffix.lower() in IMAGE_SUFFIXES]
+            self.items = [(f, i) for i, c in enumerate(self.classes) for f in _images_under(root / c)]
         except OSError as err:
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
         self.image_size = image_size
@@ -70,6 +75,15 @@ class ImageFolder(Dataset):
 
         with Image.open(path) as im:
             return to_tensor(adm_center_crop(im.convert("RGB"), self.image_size))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files below ``folder``, walked as torchvision walks a class folder."""
+    def fail(err: OSError) -> None:
+        raise err
+
+    return [Path(top) / name for top, _, names in sorted(os.walk(folder, followlinks=True, onerror=fail))
+            for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES)]
 
 
 def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
@@ -224,10 +238,10 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
     loader = DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global RNG untouched
-    return _one_line_errors(iter(loader))
+    return one_line_errors(iter(loader))
 
 
-def _one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
     """The batches of ``it``; a ``UserError`` raised in a DataLoader worker loses the worker's traceback text."""
     while True:
         try:
