@@ -154,9 +154,46 @@ def test_cli_class_list_respacing_and_float64(checkpoint, tmp_path, capsys):
     assert "'respacing': 'ddim4'" in stdout and "wrote 3 images" in stdout
     assert _png(out)[0] == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2)  # ⌈√3⌉ = 2 columns, 2 rows
     assert main(["sample", str(checkpoint), "--class", "3,x", "--out", str(out)]) == 2
-    assert "comma-separated" in capsys.readouterr().err
+    assert "names no classes (give numbers" in capsys.readouterr().err
     assert main(["sample", str(checkpoint), "--class", "3,7", "--n", "5", "--out", str(out), "--device", "cpu"]) == 2
     assert "give one label or 5" in capsys.readouterr().err
+
+
+def test_classes_by_name_where_the_dataset_names_them(tmp_path):
+    from zoo.sample import parse_class_labels
+    from zoo.training.data import class_names
+    from zoo.training.emoji import CATEGORIES
+
+    assert class_names({"dataset": "emoji32"}) == list(CATEGORIES)
+    for folder in ("n02", "n01", "n03/extra"):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+    assert class_names({"dataset": "image_folder", "root": str(tmp_path / "images")}) == ["n01", "n02", "n03"]
+    assert class_names({"dataset": "imagenet", "root": str(tmp_path / "images")}) == ["n01", "n02", "n03"]
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "manifest.json").write_text('{"classes": ["cat", "dog"]}')
+    assert class_names({"dataset": "imagenet", "latent": True, "root": str(tmp_path / "lat")}) == ["cat", "dog"]
+    # Unknown where the root has gone (a checkpoint sampled on another machine) or was never named.
+    assert class_names({"dataset": "image_folder", "root": str(tmp_path / "moved")}) == []
+    assert class_names({"dataset": "synthetic"}) == class_names({}) == []
+
+    assert parse_class_labels("flags, Smileys & Emotion,3,TRAVEL", CATEGORIES) == [2, 6, 3, 8]
+    assert parse_class_labels("7", ()) == [7] and parse_class_labels(None, CATEGORIES) is None
+    with pytest.raises(UserError, match="'s' matches 'Smileys & Emotion', 'Symbols'"):
+        parse_class_labels("s", CATEGORIES)
+    with pytest.raises(UserError, match=r"'dogs' is not one of its classes \(the classes are 0 Activities, 1 Animals"):
+        parse_class_labels("flags,dogs", CATEGORIES)
+    with pytest.raises(UserError, match="names no classes"):
+        parse_class_labels("flags", ())
+
+
+def test_cli_samples_emoji_categories_by_name(tmp_path, capsys):
+    out = tmp_path / "e.png"
+    emoji = Path(__file__).resolve().parent.parent / "recipes" / "emoji32" / "dimr_2r.yaml"
+    assert main(["sample", str(emoji), "--class", "flags,smileys", "--steps", "1", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    assert main(["sample", str(emoji), "--class", "s", "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    assert "matches 'Smileys & Emotion', 'Symbols'" in capsys.readouterr().err
 
 
 def _png(path):

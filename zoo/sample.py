@@ -116,14 +116,34 @@ class SampleRequest:
         return n
 
 
-def parse_class_labels(text: str | None) -> list[int] | None:
-    """``--class 3`` or ``--class 3,7,207`` as a list of ints (``None`` when not given)."""
+def parse_class_labels(text: str | None, names: Sequence[str] = ()) -> list[int] | None:
+    """``--class 3``, ``--class 3,7,207`` or class names as a list of ints (``None`` when not given).
+
+    A part that is not a number is looked up in ``names`` (the dataset's classes, label order):
+    the whole name or the start of one name, in any case (``flags``, ``smileys``).
+    """
     if text is None:
         return None
+    return [_class_label(part.strip(), text, names) for part in str(text).split(",")]
+
+
+def _class_label(part: str, text: str, names: Sequence[str]) -> int:
     try:
-        return [int(part) for part in str(text).split(",")]
+        return int(part)
     except ValueError:
-        raise UserError(f"--class {text!r} is not a class or a comma-separated list of classes (e.g. 3,7,207)") from None
+        pass
+    if not names:
+        raise UserError(f"--class {text!r}: {part!r} is not a class number, and this model's dataset "
+                        f"names no classes (give numbers, e.g. 3,7,207)")
+    folded = [name.casefold() for name in names]
+    exact = [i for i, name in enumerate(folded) if name == part.casefold()]
+    starts = [i for i, name in enumerate(folded) if part and name.startswith(part.casefold())]
+    found = exact or starts
+    if len(found) == 1:
+        return found[0]
+    what = f"matches {', '.join(repr(names[i]) for i in found)}" if found else "is not one of its classes"
+    shown = ", ".join(f"{i} {name}" for i, name in enumerate(names[:12])) + (", ..." if len(names) > 12 else "")
+    raise UserError(f"--class {text!r}: {part!r} {what}", suggestion=f"the classes are {shown}")
 
 
 def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None, options: Mapping[str, Any] = (),

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale in the recipe's convention (dit: w, 1 = off; uvit: s, 0 = off)")
     p.add_argument("--class", dest="class_labels", default=None, metavar="C[,C...]",
-                   help="class of every image, or one per image: 3,7,207 (default: a random class per image)")
+                   help="class of every image, or one per image: 3,7,207, or the dataset's class names "
+                        "or their first letters (emoji32: flags,smileys; default: a random class per image)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="model and sampling precision (float64 for parity checks; default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -60,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
                             to_images, vae_weights)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
+    from zoo.training.data import class_names
 
     device = str(resolve_device(args.device))
     out = check_png_output(args.out)
     source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
     start = time.perf_counter()
-    labels = parse_class_labels(args.class_labels)
     model, recipe, origin = load_model(source, args.overrides, device=device, dtype=getattr(torch, args.dtype),
                                        solver=args.solver)
     if "NO weights" in origin:
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"zoo sample: {origin}")
     vae_weights(recipe, args.vae)  # a latent model without its VAE fails here, before sampling
+    labels = parse_class_labels(args.class_labels, class_names(recipe.get("data") or {}))
     request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
                             class_labels=labels, batch_size=args.batch_size, respacing=args.respacing)
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)

@@ -50,12 +50,17 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: Path, image_size: int) -> None:
         try:
-            self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+            self.classes = self.class_folders(root)
             self.items = [(f, i) for i, c in enumerate(self.classes) for f in _images_under(root / c)]
         except OSError as err:
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
         self.image_size = image_size
         self.num_classes = len(self.classes)
+
+    @staticmethod
+    def class_folders(root: Path) -> list[str]:
+        """The class names: ``root``'s subfolders, sorted."""
+        return sorted(d.name for d in root.iterdir() if d.is_dir())
 
     def __len__(self) -> int:
         return len(self.items)
@@ -153,6 +158,22 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
                         suggestion="point data.root at a directory with data")
     check_against_model(ds, kind, shape, num_classes)
     return ds
+
+
+def class_names(data: Mapping[str, Any]) -> list[str]:
+    """The names of the classes of a ``data`` section, in label order, where its dataset knows them.
+
+    A dataset entry may carry ``class_names(data) -> list[str]``; an image folder or prepared
+    latents only know theirs while ``data.root`` is still there. ``[]`` when unknown.
+    """
+    from zoo import registry
+
+    kind = data.get("dataset", "synthetic")
+    names = getattr(registry.get("dataset", kind), "class_names", None) if kind in registry.names("dataset") else None
+    try:
+        return [str(name) for name in names(data)] if names else []
+    except (OSError, ValueError, UserError):  # a moved or unreadable root: names unknown, numbers still work
+        return []
 
 
 def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_classes: int | None) -> None:

@@ -8,6 +8,8 @@ A dataset entry is a callable ``(data, shape, num_classes, seed) -> torch Datase
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Mapping
 
 from torch.utils.data import Dataset
@@ -26,11 +28,28 @@ def image_folder(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: i
     return ImageFolder(_root(data, "images"), int(data.get("image_size", shape[-1])))
 
 
+def _folder_classes(data: Mapping[str, Any]) -> list[str]:
+    return ImageFolder.class_folders(Path(data["root"]).expanduser()) if data.get("root") else []
+
+
+image_folder.class_names = _folder_classes  # type: ignore[attr-defined]
+
+
 def latents(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """``zoo prepare-latents`` output (VAE moments, image and flip) or plain ``latents`` shards."""
     from zoo.training.latents import open_latents
 
     return open_latents(_root(data, "latent shards"), float(data.get("vae_scale", 0.18215)))
+
+
+def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
+    from zoo.latents import MANIFEST
+
+    manifest = Path(data["root"]).expanduser() / MANIFEST if data.get("root") else None
+    return json.loads(manifest.read_text()).get("classes", []) if manifest and manifest.is_file() else []
+
+
+latents.class_names = _manifest_classes  # type: ignore[attr-defined]
 
 
 def _needs(data: Mapping[str, Any], shape: tuple[int, ...]) -> str:
@@ -51,3 +70,6 @@ def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int |
     if not data.get("root"):
         raise UserError(f"data.root is not set: {_needs(data, shape)}")
     return (latents if data.get("latent") else image_folder)(data, shape, num_classes, seed)
+
+
+imagenet.class_names = lambda data: (_manifest_classes if data.get("latent") else _folder_classes)(data)  # type: ignore[attr-defined]

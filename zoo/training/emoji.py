@@ -156,3 +156,4 @@ def emoji32(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
 
 
 emoji32.splits = SPLITS  # type: ignore[attr-defined]
+emoji32.class_names = lambda data: CATEGORIES  # type: ignore[attr-defined]
