@@ -60,11 +60,13 @@ def test_adm_center_crop_box_halves_then_bicubic_and_centres():
     assert (cols[:7] == -1).all() and (cols[9:] == 1).all()
 
 
-def test_prepare_latents_shards_manifest_and_moments(tmp_path, vae_dir, image_dir):
+def test_prepare_latents_shards_manifest_and_moments(tmp_path, vae_dir, image_dir, capsys):
     out = tmp_path / "lat"
     args = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),
             "--batch-size", "3", "--shard-size", "4", "--workers", "0"]
     assert main(args) == 0
+    assert (f"zoo prepare-latents: 10 images in 2 classes under {image_dir}; 3 shards of up to 4 in {out}, "
+            f"encoding 3 (10 images) on cpu") in capsys.readouterr().out
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["num_images"] == 10 and manifest["classes"] == ["n01", "n02"]
     assert [s["num_images"] for s in manifest["shards"]] == [4, 4, 2]
@@ -90,6 +92,7 @@ def test_prepare_latents_shards_manifest_and_moments(tmp_path, vae_dir, image_di
     (out / shard_name(1)).unlink()
     (out / MANIFEST).unlink()
     assert main(args) == 0
+    assert "encoding 1 (4 images) on cpu" in capsys.readouterr().out
     assert {k: os.stat(out / shard_name(k)).st_mtime_ns for k in (0, 2)} == kept
     torch.testing.assert_close(load_file(str(out / shard_name(1)))["mean"], shard["mean"], atol=1e-5, rtol=1e-5)
     assert (out / MANIFEST).is_file()

@@ -59,7 +59,8 @@ def load_encoder(vae_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if weights.name == "diffusion_pytorch_model.safetensors" and config.is_file():
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(weights.parent), local_files_only=True)
+        # low_cpu_mem_usage=False: the plain load, without diffusers asking for accelerate on stderr
+        vae = AutoencoderKL.from_pretrained(str(weights.parent), local_files_only=True, low_cpu_mem_usage=False)
     else:
         vae = load_vae(vae_dir).vae
     cfg = vae.config
@@ -140,10 +141,11 @@ def finish(out: Path, plan: dict) -> bool:
 def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path, resolution: int = 256,
                     batch_size: int = 32, shard_size: int = 10000, num_workers: int = 4, dtype: str = "float32",
                     device: str | None = None, rank: int = 0, world: int = 1,
-                    progress: Callable[..., Any] | None = None) -> bool:
+                    progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None) -> bool:
     """Encode the shards of ``image_dir`` that rank ``rank`` of ``world`` owns and are not on disk yet.
 
-    Returns whether the output is complete (``manifest.json`` written).
+    ``log`` gets one line saying what was found and what is left to encode. Returns whether the
+    output is complete (``manifest.json`` written).
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -165,6 +167,12 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     vae = vae.to(device)
     todo = [k for k in range(rank, plan["num_shards"], world) if not (out / shard_name(k)).is_file()]
     total = sum(min(shard_size, len(images) - k * shard_size) for k in todo)
+    if log is not None:
+        n = plan["num_shards"]
+        mine = f"rank {rank} of {world} encodes" if world > 1 else "encoding"
+        left = f"{mine} {len(todo)} ({total} images) on {device}" if todo else "none left to encode"
+        log(f"{len(images)} images in {len(images.classes)} classes under {root}; {n} shard{'s' * (n != 1)} of "
+            f"up to {shard_size} in {out}, {left}")
     bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
     try:
         for k in todo:

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
                                batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
                                dtype=args.dtype, device=device, rank=rank, world=world,
-                               progress=tqdm if rank == 0 else None)
+                               progress=tqdm if rank == 0 else None,
+                               log=lambda line: print(f"zoo prepare-latents: {line}", flush=True))
     if complete:
         print(f"zoo prepare-latents: done; train with --set data.root={args.out}")
     else:
