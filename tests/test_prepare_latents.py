@@ -225,3 +225,25 @@ def test_a_broken_image_read_in_a_worker_is_one_line_naming_it(tmp_path, vae_dir
     assert lines[0].startswith(f"zoo: error: cannot read image {images / 'n01' / 'n01_9.png'}: ")
     assert lines[0].endswith("(delete or replace the file)")
     assert "Traceback" not in err and not list((tmp_path / "lat").glob("shard_*"))
+
+
+def test_prepared_latents_are_checked_against_the_model_and_a_broken_shard_is_named(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    data = {"dataset": "latents", "root": str(out)}
+    assert len(build_dataset(data, (4, 8, 8), 2)) == 10
+    # Two class folders for a one-class model: refused before training, not trained as the null label.
+    with pytest.raises(Exception, match="dataset 'latents' has 2 classes, the model has 1"):
+        build_dataset(data, (4, 8, 8), 1)
+    (out / shard_name(1)).write_bytes((out / shard_name(1)).read_bytes()[:100])  # truncated
+    with pytest.raises(Exception, match=f"cannot read latent shard {out / shard_name(1)}: not a complete safetensors"):
+        build_dataset(data, (4, 8, 8), 2)
+
+
+def test_plain_latent_shards_of_two_shapes_are_refused_naming_the_shard(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"latents": torch.zeros(2, 4, 8, 8), "labels": torch.zeros(2, dtype=torch.int64)}, str(tmp_path / "a.safetensors"))
+    save_file({"latents": torch.zeros(2, 4, 4, 4), "labels": torch.zeros(2, dtype=torch.int64)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(Exception, match=r"b.safetensors holds latents of shape \(4, 4, 4\), the shards before it \(4, 8, 8\)"):
+        build_dataset({"dataset": "latents", "root": str(tmp_path)}, (4, 8, 8), 1)

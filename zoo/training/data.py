@@ -105,9 +105,12 @@ def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
                 scaled = (f.metadata() or {}).get("scaled") == "true"
                 z, y = f.get_tensor("latents"), f.get_tensor("labels")
         except (SafetensorError, OSError) as err:
-            raise UserError(f"cannot read latent shard {shard}: not a complete safetensors file "
-                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            raise unreadable_shard(shard, err) from None
         _check_shard(shard, z, y)
+        if latents and z.shape[1:] != latents[0].shape[1:]:
+            raise UserError(f"latent shard {shard} holds latents of shape {tuple(z.shape[1:])}, the shards before it "
+                            f"{tuple(latents[0].shape[1:])}", suggestion="keep the latents of one VAE and resolution "
+                            "in one directory")
         latents.append(z.float() if scaled else z.float() * vae_scale)
         labels.append(y.long())
     if not latents:
@@ -115,6 +118,13 @@ def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
     ds = TensorDataset(torch.cat(latents), torch.cat(labels))
     ds.sources = [(shard, len(y)) for shard, y in zip(sorted(root.glob("*.safetensors")), labels)]
     return ds
+
+
+def unreadable_shard(shard: Path, err: Exception) -> UserError:
+    """The one-line error for a latent shard that safetensors cannot open (truncated, not safetensors)."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UserError(f"cannot read latent shard {shard}: not a complete safetensors file ({reason})",
+                     suggestion="delete it and write it again (zoo prepare-latents resumes)")
 
 
 def _check_shard(shard: Path, z: Tensor, y: Tensor) -> None:
@@ -195,7 +205,8 @@ def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_clas
     if isinstance(classes, int) and classes > num_classes:
         raise UserError(f"dataset {kind!r} has {classes} classes, the model has {num_classes}",
                         key_path="data.root", suggestion="use a model with as many classes, or fewer class folders")
-    labels = ds.tensors[1] if isinstance(ds, TensorDataset) and len(ds.tensors) > 1 else None
+    labels = ds.tensors[1] if isinstance(ds, TensorDataset) and len(ds.tensors) > 1 else getattr(ds, "labels", None)
+    labels = labels if isinstance(labels, Tensor) else None  # e.g. prepared latents hold theirs as a tensor
     bad = ((labels < 0) | (labels >= num_classes)).nonzero() if labels is not None else ()
     if len(bad):
         index = int(bad[0])

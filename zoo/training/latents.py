@@ -37,10 +37,14 @@ class LatentMoments(Dataset):
         self.shards = manifest["shards"]
         self.starts = [s["start"] for s in self.shards]
         self.labels = torch.tensor(self._read_labels(), dtype=torch.int64)
+        self.num_classes = int(manifest.get("num_classes", 0)) or None  # the class folders it was made from
+        self.sources = [(root / s["file"], int(s["num_images"])) for s in self.shards]  # to name a bad label's shard
         self._open: dict[int, object] = {}
 
     def _read_labels(self) -> list[int]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
+
+        from zoo.training.data import unreadable_shard
 
         labels = []
         for s in self.shards:
@@ -48,8 +52,11 @@ class LatentMoments(Dataset):
             if not path.is_file():
                 raise UserError(f"latent shard {path} is missing (the manifest lists it)",
                                 suggestion="re-run zoo prepare-latents with the same arguments to write it")
-            with safe_open(str(path), framework="pt") as f:
-                labels += f.get_tensor("labels").tolist()
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    labels += f.get_tensor("labels").tolist()
+            except (SafetensorError, OSError) as err:
+                raise unreadable_shard(path, err) from None
         return labels
 
     def __len__(self) -> int:
