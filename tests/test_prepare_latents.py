@@ -247,3 +247,25 @@ def test_plain_latent_shards_of_two_shapes_are_refused_naming_the_shard(tmp_path
     save_file({"latents": torch.zeros(2, 4, 4, 4), "labels": torch.zeros(2, dtype=torch.int64)}, str(tmp_path / "b.safetensors"))
     with pytest.raises(Exception, match=r"b.safetensors holds latents of shape \(4, 4, 4\), the shards before it \(4, 8, 8\)"):
         build_dataset({"dataset": "latents", "root": str(tmp_path)}, (4, 8, 8), 1)
+
+
+def test_prepared_latents_are_not_flipped_a_second_time(tmp_path, vae_dir, image_dir):
+    """They draw the image's or its mirror image's encoding; a latent-space flip on top would be a second flip."""
+    import zoo
+    from safetensors.torch import save_file
+
+    from zoo.training import Trainer
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({"latents": torch.zeros(8, 4, 8, 8), "labels": torch.zeros(8, dtype=torch.int64)},
+              str(plain / "a.safetensors"))
+    flips = {}
+    for name, root in (("prepared", out), ("plain", plain)):
+        recipe = zoo.load_recipe("tests/recipes/tiny_dit_latent.yaml", [
+            "data.dataset=latents", f"data.root={root}", "data.num_classes=2", "data.random_flip=true",
+            "train.batch_size=4"])
+        flips[name] = Trainer(recipe, tmp_path / f"run_{name}", log=lambda *_: None).flip
+    assert flips == {"prepared": False, "plain": True}

@@ -76,6 +76,7 @@ class LatentMoments(Dataset):
         return f.get_slice("mean")[row].float(), f.get_slice("std")[row].float()
 
     keyed_draws = True  # the training sampler passes (index, key): the draw is a function of the key
+    draws_flips = True  # half the draws are the flipped image's encoding: the trainer does not flip these
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
         index, key = item if isinstance(item, tuple) else (item, None)

@@ -125,7 +125,9 @@ class Trainer:
         # Static shapes: a training batch has one shape, and with dynamic ones torch 2.14's inductor
         # fails on DiMR's first step ("cannot determine truth value of Relational").
         self.forward = torch.compile(self.wrapped, dynamic=False) if self.train["compile"] else self.wrapped
-        self.flip = bool(data.get("random_flip", False))
+        # Prepared latents hold the encoding of each image's mirror image and draw it themselves: a
+        # flip of the latent on top would be a second flip, and not a VAE encoding of anything.
+        self.flip = bool(data.get("random_flip", False)) and not getattr(dataset, "draws_flips", False)
         self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
                                pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
         self.conditional = num_classes(recipe) is not None
