@@ -145,3 +145,24 @@ def test_resume_refuses_a_changed_model_or_diffusion_section(tmp_path, capsys):
     assert "model.depth" in capsys.readouterr().err
     assert main([*argv, "--set", "diffusion.schedule.beta_end=0.03", "--allow-recipe-change"]) == 0
     assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def test_resume_keeps_the_moments_and_takes_the_recipes_optimizer_settings(tmp_path, capsys):
+    """A resumed run continues the checkpoint's AdamW moments under the recipe's weight decay and betas;
+    a recipe that groups the parameters differently is refused in one line."""
+    r = [*SMALL, "train.weight_decay=0.0", "train.betas=[0.9, 0.999]"]
+    train(zoo.load_recipe(HERE / "tiny_train.yaml", r), tmp_path, steps=1, log=QUIET)
+    saved = torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["optimizer"]
+    changed = zoo.load_recipe(HERE / "tiny_train.yaml", [*SMALL, "train.weight_decay=0.1", "train.betas=[0.8, 0.95]"])
+    trainer = Trainer(changed, tmp_path / "again", resume=tmp_path, log=QUIET)
+    group = trainer.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.95)
+    moments = trainer.optimizer.state_dict()["state"]
+    assert torch.equal(moments[0]["exp_avg"], saved["state"][0]["exp_avg"])
+
+    argv = ["train", str(HERE / "tiny_train.yaml"), "--out", str(tmp_path / "third"), "--resume", str(tmp_path),
+            "--steps", "2", "--set", "train.sample_every=0", "--set", "train.no_weight_decay_1d=true"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.no_weight_decay_1d differs from the checkpoint's" in err

@@ -149,6 +149,7 @@ class Trainer:
         from zoo.training.fsdp_checkpoint import is_sharded, load_sharded, optimizer_state_by_name
 
         state = load_trainer_state(directory)
+        recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if is_sharded(directory):  # an FSDP run's shards, read onto this run's processes (FSDP or not)
             load_sharded(directory, self.model, self.optimizer, self.ema, state)
         elif self.fsdp:  # a consolidated state, re-sharded onto this run's processes
@@ -159,7 +160,10 @@ class Trainer:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
+            _check_groups(state["optimizer"], self.optimizer, directory)
             self.optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, recipe_groups):
+            group.update(settings)  # the moments are the checkpoint's; weight_decay, betas, eps the recipe's
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -327,6 +331,16 @@ class Trainer:
         if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
             self.sample_grid()  # the final weights' grid too when the run ends between two grids
         return records
+
+
+def _check_groups(saved: dict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The checkpoint's optimizer splits the parameters into groups as this recipe does (one line if not)."""
+    then = [len(g["params"]) for g in saved.get("param_groups", [])]
+    now = [len(g["params"]) for g in optimizer.param_groups]
+    if then != now:
+        raise UserError(f"the optimizer state in {directory} groups the parameters as {then}, this recipe as {now}: "
+                        f"train.no_weight_decay_1d differs from the checkpoint's", key_path="train.no_weight_decay_1d",
+                        suggestion="resume with the checkpoint's setting, or start a new run from its weights")
 
 
 def train(recipe: dict, out: str | Path, steps: int | None = None, device: str | None = None,
