@@ -187,6 +187,34 @@ def test_ctrl_c_saves_last_and_exits_130(tmp_path, monkeypatch, capsys):
     assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
 
 
+def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tmp_path, monkeypatch):
+    """A real SIGINT in the middle of step 3's update (after the optimizer, before the EMA): the
+    step finishes, last/ holds step 3 with step 3's weights, and a resume continues like a clean run."""
+    import os
+    import signal
+
+    base = ["train.ckpt_every=0", "train.sample_every=0", "train.log_every=1"]
+    clean = tmp_path / "clean"
+    train(recipe(*base), clean, steps=4, log=QUIET)
+    real, calls = EMA.update, []
+
+    def update_with_ctrl_c(self):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(self)
+
+    monkeypatch.setattr(EMA, "update", update_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(*base), tmp_path / "cut", steps=4, log=QUIET)
+    monkeypatch.setattr(EMA, "update", real)
+    assert torch.load(tmp_path / "cut" / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+    train(recipe(*base), tmp_path / "cut", steps=4, resume=tmp_path / "cut", log=QUIET)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = ckpt.load_weights(clean / "last" / name), ckpt.load_weights(tmp_path / "cut" / "last" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_bf16_autocast_dimr_with_multiscale_loss(tmp_path):
     r = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dimr_pixels.yaml", [
         "data.dataset=synthetic", "data.size=8", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=0",

@@ -38,6 +38,7 @@ from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate
 from zoo.training.rundir import check_resume_recipe, prune_steps
+from zoo.training.signals import interrupts_after
 
 DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
             "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16,
@@ -299,9 +300,10 @@ class Trainer:
             while self.step < total:
                 x, y = next(self.batches)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                running += self.train_step(x, y)
+                with interrupts_after():  # Ctrl-C lands between steps: the saved step is the weights' step
+                    running += self.train_step(x, y)
+                    self.step += 1
                 count += 1
-                self.step += 1
                 if monitor:
                     monitor.advance()
                 if self._every("log_every"):
