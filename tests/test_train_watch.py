@@ -43,6 +43,25 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     assert all(abs(v - x["loss"]) < 1e-6 * x["loss"] for (_, v), x in zip(logged, records))
 
 
+def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
+    """Resuming at step 2 of a run that logged to step 4 (e.g. after a NaN stop): log.jsonl and
+    TensorBoard hold steps 1..4 once each, the redone steps with the new run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = ["train.sample_every=0", "train.ckpt_every=2", "train.log_every=1", "train.keep_last=0"]
+    first = train(zoo.load_recipe(RECIPE, base), tmp_path, steps=4, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, [*base, "train.lr=0.5"]), tmp_path, steps=4, resume=tmp_path / "step_0000002",
+          log=lambda *_: None)
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[:2] == first[:2] and records[3]["lr"] > 10 * first[3]["lr"]  # steps 3, 4: the new run's
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/lr")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert all(abs(v - r["lr"]) <= 1e-6 * r["lr"] for (_, v), r in zip(logged, records))  # float32 events
+
+
 def test_progress_bar_on_a_terminal(tmp_path, capsys):
     monitor = Monitor(tmp_path, start=0, total=4, log=lambda *_: pytest.fail("a TTY gets the bar, not lines"), tty=True)
     for step in (1, 2):

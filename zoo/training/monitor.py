@@ -95,10 +95,13 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out, self.log = out, log
-        self.records = read_log(out / "log.jsonl")
-        self.records = [r for r in self.records if r.get("step", 0) <= start]  # a resume drops what it redoes
-        self.file = open(out / "log.jsonl", "a")
-        self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+        path = out / "log.jsonl"
+        found = read_log(path)
+        self.records = [r for r in found if r.get("step", 0) <= start]  # a resume drops what it redoes
+        if len(self.records) < len(found):  # ... from the file too, or those steps would be in it twice
+            write_file(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+        self.file = open(path, "a")
+        self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)  # TensorBoard drops them as well
         self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
         self.bar = None
         if sys.stderr.isatty() if tty is None else tty:
