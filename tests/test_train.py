@@ -223,3 +223,9 @@ def test_bf16_autocast_dimr_with_multiscale_loss(tmp_path):
     assert len(records) == 3 and all(0 < x["loss"] < 10 for x in records)
     ema = ckpt.load_weights(tmp_path / "last" / "ema.safetensors")
     assert all(v.dtype == torch.float32 for v in ema.values())
+
+
+def test_the_largest_seed_the_recipe_allows_trains(tmp_path):
+    """train.seed takes any value up to 2**63 - 1 (a time_ns() seed, say): every generator seeded from it works."""
+    train(recipe(f"train.seed={2**63 - 1}", "train.ckpt_every=0", "train.sample_every=0"), tmp_path, steps=2, log=QUIET)
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2

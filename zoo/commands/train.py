@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-recipe-change", action="store_true",
                    help="resume even though the recipe's model or diffusion section differs from the checkpoint's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--steps", type=int, default=None, help="train until this step (default: train.steps)")
+    p.add_argument("--steps", type=int, default=None, help="stop at this step (default: train.steps); the learning-rate schedule still ends at "
+                        "train.steps, so a later --resume continues the same run: set train.steps for a shorter run")
     p.set_defaults(func=run)
 
 

@@ -243,7 +243,7 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[int]:
         epoch, offset = self.epoch, self.offset
         while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed((self.seed * 100003 + epoch) & 0xFFFFFFFFFFFFFFFF))
             chosen = order[offset * self.batch_size: self.per_epoch * self.batch_size].view(-1, self.batch_size)
             indices = chosen[:, self.lo:self.hi].reshape(-1).tolist()
             if self.keyed:
