@@ -229,3 +229,13 @@ def test_the_largest_seed_the_recipe_allows_trains(tmp_path):
     """train.seed takes any value up to 2**63 - 1 (a time_ns() seed, say): every generator seeded from it works."""
     train(recipe(f"train.seed={2**63 - 1}", "train.ckpt_every=0", "train.sample_every=0"), tmp_path, steps=2, log=QUIET)
     assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def test_a_recipe_without_train_steps_is_refused_not_saved_untrained(tmp_path, capsys):
+    pixels = Path(__file__).parent / "recipes" / "tiny_dit_pixels.yaml"  # no train.steps
+    assert main(["train", str(pixels), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.steps is not set (or 0), so there is nothing to train" in err
+    assert "--set train.steps=N" in err and not (tmp_path / "run").exists()
+    with pytest.raises(zoo.errors.UserError, match="key train.sample_n"):
+        recipe("train.sample_n=0")

@@ -57,11 +57,15 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_run_dir(args.recipe)
     check_run_dir(out, resuming=args.resume is not None)  # never a file, never another run's last/
     recipe = zoo.load_recipe(args.recipe, args.overrides)
+    if args.steps is None and not (recipe.get("train") or {}).get("steps"):
+        raise UserError(f"{args.recipe}: train.steps is not set (or 0), so there is nothing to train",
+                        key_path="train.steps", suggestion="set train.steps in the recipe, or --set train.steps=N")
     try:
         records = train(recipe, out, steps=args.steps, device=device, resume=args.resume,
                         allow_recipe_change=args.allow_recipe_change)
     except NonFiniteError as err:
-        print(f"zoo train: error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
+            print(f"zoo train: error: {err}", file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()

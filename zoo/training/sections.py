@@ -81,7 +81,7 @@ TRAIN: dict[str, Any] = {
                                 Doc("eval_every features (default efficientnet_lite0)")],
     "eval_ref": Annotated[str, Doc("eval_every reference: .npz, image folder, dataset[:split]")] | None,
     "log_every": Every,
-    "sample_n": Annotated[int, Range(0, MAX_BATCH)],
+    "sample_n": Annotated[int, Range(1, MAX_BATCH), Doc("images per sample grid")],
     "grad_accum": Annotated[int, Range(1, MAX_BATCH), Doc("micro-batches per step; the global batch stays batch_size")],
     "grad_checkpointing": Annotated[bool, Doc("recompute block activations in backward")],
     "compile": Annotated[bool, Doc("torch.compile the model")],
