@@ -269,3 +269,18 @@ def test_prepared_latents_are_not_flipped_a_second_time(tmp_path, vae_dir, image
             "train.batch_size=4"])
         flips[name] = Trainer(recipe, tmp_path / f"run_{name}", log=lambda *_: None).flip
     assert flips == {"prepared": False, "plain": True}
+
+
+@pytest.mark.parametrize("flag", [None, "cuda"])
+def test_under_torchrun_each_process_encodes_on_its_own_gpu(tmp_path, monkeypatch, flag):
+    import zoo.guards
+    import zoo.latents
+
+    seen = {}
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(zoo.guards, "resolve_device", lambda name: name)  # no GPU here: take the name as given
+    monkeypatch.setattr(zoo.latents, "prepare_latents", lambda *a, device, **k: seen.setdefault("device", device))
+    argv = ["prepare-latents", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "lat")]
+    assert main(argv + (["--device", flag] if flag else [])) == 0
+    assert seen["device"] == "cuda:3"

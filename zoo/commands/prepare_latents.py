@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = None if args.device is None else str(resolve_device(args.device))  # checked: one line, exit 2
     if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # under torchrun each process takes its own GPU, as zoo train does
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
                                batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
                                dtype=args.dtype, device=device, rank=rank, world=world,
