@@ -125,11 +125,17 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(
                  "--set", "train.warmup_steps=0", "--set", "train.ckpt_every=1", "--set", "train.sample_every=0"])
     err = capsys.readouterr().err
     assert code == 1, err
-    assert err.count("\n") == 1 and "not finite at step 2" in err and "last/ holds step 1" in err
+    assert err.count("\n") == 1 and "not finite at step 2" in err and f"{out / 'last'} holds step 1" in err
     state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 1 and not (out / "step_0000002").exists()
     weights = ckpt.load_weights(out / "last" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+    # Resumed into another directory and stopped before a save: the message names the checkpoint it came from.
+    code = main(["train", str(HERE / "tiny_train.yaml"), "--out", str(tmp_path / "again"), "--resume", str(out),
+                 "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.ckpt_every=0",
+                 "--set", "train.sample_every=0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "not finite at step 2" in err and f"{out / 'last'} holds step 1" in err
 
 
 def test_resume_refuses_a_changed_model_or_diffusion_section(tmp_path, capsys):

@@ -50,8 +50,9 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; the weights were not updated with it."""
 
-    def __init__(self, step: int, what: str, last: int | None) -> None:
-        kept = f"last/ holds step {last}, the last finite checkpoint" if last is not None else "no checkpoint was written"
+    def __init__(self, step: int, what: str, last: int | None, where: Path | None = None) -> None:
+        kept = (f"{where or 'last/'} holds step {last}, the last finite checkpoint" if last is not None
+                else "no checkpoint was written")
         super().__init__(f"{what} is not finite at step {step}; stopped without updating the weights ({kept}). "
                          "Lower train.lr, set train.grad_clip, or use precision bf16 instead of fp16")
         self.step = step
@@ -133,6 +134,7 @@ class Trainer:
                                pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
         self.conditional = num_classes(recipe) is not None
         self.last_saved: int | None = self.step if resume is not None else None
+        self.last_dir: Path | None = self._resumed_from if resume is not None else None  # where last_saved is
 
     # -- resume -----------------------------------------------------------------------------------
 
@@ -191,7 +193,7 @@ class Trainer:
                                 state={**state, "optimizer": self.optimizer.state_dict()})
         if self.ctx.main:
             self.created = prune_steps(self.out, self.created, int(self.train["keep_last"]))
-        self.last_saved = self.step
+        self.last_saved, self.last_dir = self.step, last
         self.ctx.barrier()
         return last
 
@@ -255,7 +257,8 @@ class Trainer:
         finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(norm))
         if not finite_loss or (not finite_grad and not self.scaler.is_enabled()):  # fp16: the scaler skips inf steps
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(self.step + 1, "the loss" if not finite_loss else "the gradient norm", self.last_saved)
+            raise NonFiniteError(self.step + 1, "the loss" if not finite_loss else "the gradient norm", self.last_saved,
+                                 self.last_dir)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
