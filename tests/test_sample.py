@@ -189,10 +189,10 @@ def test_classes_by_name_where_the_dataset_names_them(tmp_path):
 def test_cli_samples_emoji_categories_by_name(tmp_path, capsys):
     out = tmp_path / "e.png"
     emoji = Path(__file__).resolve().parent.parent / "recipes" / "emoji32" / "dimr_2r.yaml"
-    assert main(["sample", str(emoji), "--class", "flags,smileys", "--steps", "1", "--out", str(out),
+    assert main(["sample", str(emoji), "--class", "flags,smileys", "--steps", "2", "--out", str(out),
                  "--device", "cpu"]) == 0
     assert "wrote 2 images" in capsys.readouterr().out
-    assert main(["sample", str(emoji), "--class", "s", "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    assert main(["sample", str(emoji), "--class", "s", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 2
     assert "matches 'Smileys & Emotion', 'Symbols'" in capsys.readouterr().err
 
 
