@@ -172,3 +172,14 @@ def test_resume_keeps_the_moments_and_takes_the_recipes_optimizer_settings(tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.no_weight_decay_1d differs from the checkpoint's" in err
+
+
+def test_the_logged_gradient_norm_is_the_norm_before_clipping(tmp_path):
+    _, grads, trainer = one_step_grads(tmp_path, "dit", "train.grad_clip=1e9")  # float64, nothing clipped
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+    torch.testing.assert_close(trainer.grad_norm.double(), norm, rtol=1e-12, atol=0)
+    _, clipped, trainer = one_step_grads(tmp_path / "clip", "dit", "train.grad_clip=1e-3")
+    torch.testing.assert_close(trainer.grad_norm.double(), norm, rtol=1e-12, atol=0)  # still the norm before
+    after = torch.sqrt(sum((g ** 2).sum() for g in clipped.values()))
+    torch.testing.assert_close(after, 1e-3 * norm / (norm + 1e-6), rtol=1e-12, atol=0)  # torch's clip coefficient
+

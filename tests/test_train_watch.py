@@ -32,6 +32,7 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     assert [line.split()[1] for line in lines[4:7]] == ["1", "2", "3"]  # not a TTY: one plain line per record
     records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [1, 2, 3] and all(x["loss"] > 0 for x in records)
+    assert all(x["grad_norm"] > 0 for x in records) and f"grad {records[0]['grad_norm']:.3g}" in lines[4]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "samples" / "step_0000003.png").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

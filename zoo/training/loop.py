@@ -254,6 +254,7 @@ class Trainer:
         clip = self.train.get("grad_clip")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else float("inf"))
         norm = distributed.full_tensor(norm)
+        self.grad_norm = norm.detach()  # before clipping; averaged into the log records
         finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(norm))
         if not finite_loss or (not finite_grad and not self.scaler.is_enabled()):  # fp16: the scaler skips inf steps
             self.optimizer.zero_grad(set_to_none=True)
@@ -297,7 +298,7 @@ class Trainer:
         if self.fd is not None:
             self.fd.prepare()  # the run's FD reference statistics, computed once
         monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
-        records, running, count = [], torch.zeros((), device=self.device), 0
+        records, running, norms, count = [], torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         tick = time.perf_counter()
         try:
             while self.step < total:
@@ -306,18 +307,20 @@ class Trainer:
                 with interrupts_after():  # Ctrl-C lands between steps: the saved step is the weights' step
                     running += self.train_step(x, y)
                     self.step += 1
+                norms += self.grad_norm
                 count += 1
                 if monitor:
                     monitor.advance()
                 if self._every("log_every"):
                     elapsed = time.perf_counter() - tick
                     rec = {"step": self.step, "loss": float(running) / count,
-                           "lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": count / elapsed,
-                           "images_per_s": count * self.batch / elapsed}
+                           "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(norms) / count,
+                           "steps_per_s": count / elapsed, "images_per_s": count * self.batch / elapsed}
                     records.append(rec)
                     if monitor:
                         monitor.record(rec)
-                    running, count, tick = torch.zeros((), device=self.device), 0, time.perf_counter()
+                    running, norms = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+                    count, tick = 0, time.perf_counter()
                 if self._every("ckpt_every"):
                     self.save()
                 if self._every("sample_every"):

@@ -2,7 +2,8 @@
 
 On a terminal a tqdm bar shows step, loss, img/s and ETA, and each log record is printed above
 it; when stderr is not a terminal (a log file, CI) every record is one plain line instead.
-Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
+A training record is ``{step, loss, lr, grad_norm, steps_per_s, images_per_s}`` (means over the
+steps since the previous one). Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
 ``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
 Evaluation records (``train.eval_every``: ``{"step", "fd", "fd_n", "fd_extractor", "fd_seconds"}``) go to the
 same sinks: their own log.jsonl lines, the TensorBoard scalar ``eval/fd``, a second curve in loss.png, one line.
@@ -119,13 +120,15 @@ class Monitor:
         self.records.append(rec)
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        for key in ("loss", "lr", "images_per_s", "steps_per_s"):
-            self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
+        for key in ("loss", "lr", "grad_norm", "images_per_s", "steps_per_s"):
+            if key in rec:
+                self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
         self.writer.flush()
         if time.monotonic() - self.plotted >= PLOT_INTERVAL_S:
             self.plot.draw(self.records)
             self.plotted = time.monotonic()
-        line = (f"step {rec['step']:>7d}  loss {rec['loss']:.5f}  lr {rec['lr']:.3g}  "
+        grad = f"grad {rec['grad_norm']:.3g}  " if "grad_norm" in rec else ""
+        line = (f"step {rec['step']:>7d}  loss {rec['loss']:.5f}  lr {rec['lr']:.3g}  {grad}"
                 f"{rec['steps_per_s']:.2f} steps/s  {rec['images_per_s']:.1f} img/s")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}", refresh=False)
