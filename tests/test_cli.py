@@ -137,6 +137,19 @@ def test_interrupts_missing_files_and_usage_errors(capsys, monkeypatch):
     assert zoo(capsys, "--help")[0] == 0
 
 
+def test_a_directory_or_a_file_in_the_wrong_place_is_one_line_naming_the_path(capsys, monkeypatch, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cases = {lambda args: open(tmp_path): f"{tmp_path}: a directory where a file is needed",
+             lambda args: open(tmp_path / "afile" / "x", "w"): f"{tmp_path / 'afile' / 'x'}: a file where a directory",
+             lambda args: (_ for _ in ()).throw(PermissionError(13, "denied", "/root/x.png")): "/root/x.png: no permission"}
+    for run, words in cases.items():
+        monkeypatch.setattr(list_command, "run", run)
+        assert_one_line_error(*zoo(capsys, "list"), words)
+    monkeypatch.setattr(list_command, "run", lambda args: (_ for _ in ()).throw(PermissionError("no path")))
+    with pytest.raises(PermissionError):  # no path named: zoo's own bug, traceback kept
+        zoo(capsys, "list")
+
+
 def test_a_command_that_fails_to_import_does_not_break_the_others(capsys, monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + ("no_such_command",))
     assert zoo(capsys, "list", "backbone")[0] == 0

@@ -54,6 +54,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+PATH_PROBLEMS = {  # an OS error on a path the user gave, in words, with what to do
+    PermissionError: "no permission to read or write this path (choose another or change its permissions)",
+    IsADirectoryError: "a directory where a file is needed (give a file's path)",
+    NotADirectoryError: "a file where a directory is needed (give a directory, or a path that does not exist yet)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zoo ARGS``; return the exit status."""
     try:
@@ -74,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             message = str(err)
         print(f"zoo: error: {_one_line(message)}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
+        if os.environ.get("ZOO_TRACEBACK") or not err.filename:  # no path named: not a user's path, a bug
+            raise
+        print(f"zoo: error: {err.filename}: {PATH_PROBLEMS[type(err)]}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `zoo list | head -1`: the reader has all it wanted
         _discard_stdout()
