@@ -1,6 +1,7 @@
 """``zoo eval``: the Fréchet distance, IS and precision/recall plumbing, references, shards and resume."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -144,6 +145,28 @@ def test_adm_reference_batch_is_read_as_it_is(tmp_path):
     ref = load_reference(str(tmp_path / "VIRTUAL_tiny_labeled.npz"), extractor, 8, log=lambda _: None)
     np.testing.assert_array_equal(ref.mu, arrays["mu"])
     np.testing.assert_array_equal(ref.sigma, arrays["sigma"])
+
+
+def test_an_unreadable_reference_is_one_line_and_a_damaged_cache_is_recomputed(tmp_path):
+    from zoo.errors import UserError
+
+    extractor = PoolFeatures()
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "objects.npz", arr_0=np.array([{"a": 1}], dtype=object))
+    np.savez(tmp_path / "stats.npz", extractor=np.str_("test_pool"))  # zoo's statistics without mu
+    (tmp_path / "dir.npz").mkdir()
+    for name, words in [("text", "not an .npz (zip) archive"), ("objects", "object arrays (pickled Python objects)"),
+                        ("stats", "mu is not a file in the archive"), ("dir", "is a directory")]:
+        with pytest.raises(UserError, match=re.escape(words)):
+            load_reference(str(tmp_path / f"{name}.npz"), extractor, 8, log=lambda _: None)
+    _adm_npz(tmp_path / "ref.npz")
+    first = load_reference(str(tmp_path / "ref.npz"), extractor, 8, log=lambda _: None)
+    (cached,) = (tmp_path / "cache" / "eval").glob("ref-test_pool-*.npz")
+    cached.write_bytes(cached.read_bytes()[:50])  # truncated
+    lines = []
+    again = load_reference(str(tmp_path / "ref.npz"), extractor, 8, log=lines.append)
+    assert "are unreadable" in lines[0] and "computing them again" in lines[0]
+    np.testing.assert_array_equal(again.mu, first.mu)
 
 
 # --------------------------------------------------------------------------- zoo eval end to end

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -129,6 +130,22 @@ def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Ite
     return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
 
 
+#: What np.load and reading its arrays raise for a file that is not a (complete, pickle-free) .npz.
+NPZ_ERRORS = (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def unreadable_npz(err: Exception, path: Path) -> str:
+    """Why ``path`` could not be read, in words."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        return "not an .npz (zip) archive"
+    if isinstance(err, KeyError):
+        return str(err.args[0]) if err.args else "an array is missing"
+    text = str(err).splitlines()[0] if str(err) else ""
+    if "allow_pickle" in text:
+        return "it holds object arrays (pickled Python objects), which zoo does not load"
+    return text or type(err).__name__
+
+
 def _cache_path(identity: str, extractor) -> Path:
     key = json.dumps({"v": CACHE_VERSION, "source": identity, "extractor": extractor.describe()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -139,9 +156,12 @@ def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Itera
                            log: Callable[[str], None]) -> Reference:
     path = _cache_path(identity, extractor)
     if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
-            labels = f["labels"] if "labels" in f.files else None
-            return Reference(f["mu"], f["sigma"], f["features"], labels, source=source)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                labels = f["labels"] if "labels" in f.files else None
+                return Reference(f["mu"], f["sigma"], f["features"], labels, source=source)
+        except NPZ_ERRORS as err:  # a damaged cache entry is computed again, not an error
+            log(f"zoo eval: cached statistics {path} are unreadable ({unreadable_npz(err, path)}); computing them again")
     log(f"zoo eval: computing reference features of {source} with {extractor.name} (cached in {path})")
     feats = extract(extractor, batches(), device)
     mu, sigma = feature_statistics(feats.features)
@@ -185,8 +205,13 @@ def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, 
     path = Path(spec).expanduser()
     if path.suffix == ".npz":
         if not path.is_file():
-            raise UserError(f"reference file {path} does not exist")
-        return _npz_reference(path, extractor, batch_size, device, log)
+            raise UserError(f"reference file {path} " + ("is a directory" if path.is_dir() else "does not exist"))
+        try:
+            return _npz_reference(path, extractor, batch_size, device, log)
+        except NPZ_ERRORS as err:
+            raise UserError(f"cannot read reference {path}: {unreadable_npz(err, path)}",
+                            suggestion="give an ADM-style .npz (arr_0: uint8 images N x H x W x 3) or statistics "
+                                       "zoo eval wrote") from None
     identity, batches, count = _images_source(spec, image_size)
     if count < 2:
         raise UserError(f"reference {spec} has {count} image(s); statistics need at least 2")

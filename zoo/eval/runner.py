@@ -24,7 +24,8 @@ import torch
 
 from zoo.errors import UserError
 from zoo.eval.metrics import compute_metrics
-from zoo.eval.reference import array_batches, extract, load_reference, save_npz, save_text, to_uint8
+from zoo.eval.reference import (NPZ_ERRORS, array_batches, extract, load_reference, save_npz, save_text, to_uint8,
+                                unreadable_npz)
 
 SHARD = re.compile(r"^shard-(\d{7})-(\d{7})\.npz$")
 
@@ -131,10 +132,14 @@ def sample_batches(directory: Path, n: int, batch: int):
             continue  # a shard of samples already read (shards of two batch sizes may overlap)
         if start > covered:
             break
-        with np.load(path, allow_pickle=False) as f:
-            take = slice(covered - start, min(stop, n) - start)
-            images = f["images"][take]
-            labels = f["labels"][take] if "labels" in f.files else None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                take = slice(covered - start, min(stop, n) - start)
+                images = f["images"][take]
+                labels = f["labels"][take] if "labels" in f.files else None
+        except NPZ_ERRORS as err:
+            raise UserError(f"cannot read sample shard {path}: {unreadable_npz(err, path)}",
+                            suggestion="delete it and run zoo eval again to sample it again") from None
         covered += len(images)
         yield from array_batches(images, labels, batch)
     if covered < n:
