@@ -169,6 +169,39 @@ def test_an_unreadable_reference_is_one_line_and_a_damaged_cache_is_recomputed(t
     np.testing.assert_array_equal(again.mu, first.mu)
 
 
+@pytest.mark.slow
+def test_a_latent_models_vae_is_loaded_once_and_is_part_of_the_protocol(tmp_path, monkeypatch):
+    """One VAE load for all batches; another VAE (or scale) samples into another folder, not onto the cache."""
+    from safetensors.torch import load_file, save_file
+
+    import zoo.vae
+    from zoo.eval.runner import EvalRequest, evaluate
+    from zoo.eval.extractors import sha256_file
+
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_latent.yaml")
+    torch.manual_seed(0)
+    model = zoo.build_model(recipe)
+    save_checkpoint(tmp_path / "latent", model, recipe)
+    torch.manual_seed(0)
+    weights = {k: v.contiguous() for k, v in zoo.vae.build_sd_vae().state_dict().items()}
+    for name, shift in (("vae_a", 0.0), ("vae_b", 1e-3)):
+        (tmp_path / name).mkdir()
+        save_file({k: v + shift if k == "decoder.conv_out.bias" else v for k, v in weights.items()},
+                  str(tmp_path / name / "diffusion_pytorch_model.safetensors"))
+    _adm_npz(tmp_path / "ref.npz", n=8, size=64)
+    loads, real = [], zoo.vae.load_vae
+    monkeypatch.setattr(zoo.vae, "load_vae", lambda *a, **k: loads.append(1) or real(*a, **k))
+    results = [evaluate(EvalRequest(source=str(tmp_path / "latent"), n=4, ref=str(tmp_path / "ref.npz"),
+                                    extractor="test_pool", batch_size=2, steps=2, vae=str(tmp_path / name),
+                                    device="cpu"), log=lambda _: None, progress=False)
+               for name in ("vae_a", "vae_b")]
+    assert len(loads) == 2  # one per evaluation, not one per batch of 2
+    a, b = (r["protocol"]["vae"] for r in results)
+    assert a["weights_sha256"] == sha256_file(tmp_path / "vae_a" / "diffusion_pytorch_model.safetensors")
+    assert a["weights_sha256"] != b["weights_sha256"] and a["scale"] == b["scale"] == pytest.approx(0.18215)
+    assert results[0]["samples"] != results[1]["samples"]
+
+
 # --------------------------------------------------------------------------- zoo eval end to end
 
 

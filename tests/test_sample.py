@@ -324,6 +324,19 @@ def test_cli_decodes_latents_through_the_vae(random_vae_dir, tmp_path):
     assert _png(out) == ((2 * (64 + 2) + 2, 64 + 2 + 2), "RGB")
 
 
+def test_bad_vae_weights_fail_before_any_sampling(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    model, recipe = _trained_like(LATENT)
+    save_checkpoint(tmp_path / "latent", model, recipe)
+    (tmp_path / "notavae").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "notavae" / "diffusion_pytorch_model.safetensors"))
+    monkeypatch.setattr("zoo.sample.sample_latents", lambda *a, **k: pytest.fail("sampled before the VAE was read"))
+    assert main(["sample", str(tmp_path / "latent"), "--n", "2", "--steps", "2", "--vae", str(tmp_path / "notavae"),
+                 "--out", str(tmp_path / "x.png"), "--device", "cpu"]) == 2
+    assert "notavae" in capsys.readouterr().err
+
+
 def test_grid_matches_torchvision_layout(tmp_path):
     from torchvision.utils import make_grid
 

@@ -295,16 +295,28 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
     return find_vae_weights(vae_dir or data.get("vae"))
 
 
-def to_images(x: Tensor, recipe: Mapping[str, Any], vae_dir: str | Path | None, device="cpu") -> Tensor:
-    """Model-space samples → images in [0, 1]: latents through the SD VAE, pixels mapped from [−1, 1]."""
-    data = recipe.get("data") or {}
-    x = x.float()  # samples come in the model's dtype; images and the VAE are float32
-    weights = vae_weights(recipe, vae_dir)
-    if weights is not None:
-        from zoo.vae import SCALE, load_vae
+def load_decoder(recipe: Mapping[str, Any], vae_dir: str | Path | None, device="cpu"):
+    """The SD VAE that turns a latent model's samples into images (``None`` for a pixel model).
 
-        vae = load_vae(weights, device=device, scale=data.get("vae_scale", SCALE))
-        x = vae.decode(x.to(device)).cpu()
+    Load it once before sampling: bad or missing weights then fail before any sampling is done,
+    and a long run decodes every batch with the same copy.
+    """
+    weights = vae_weights(recipe, vae_dir)
+    if weights is None:
+        return None
+    from zoo.vae import SCALE, load_vae
+
+    return load_vae(weights, device=device, scale=(recipe.get("data") or {}).get("vae_scale", SCALE))
+
+
+def to_images(x: Tensor, recipe: Mapping[str, Any], vae_dir: str | Path | None, device="cpu",
+              decoder: nn.Module | None = None) -> Tensor:
+    """Model-space samples → images in [0, 1]: latents through the SD VAE (``decoder``, else loaded
+    from ``vae_dir``), pixels mapped from [−1, 1]."""
+    x = x.float()  # samples come in the model's dtype; images and the VAE are float32
+    decoder = decoder or load_decoder(recipe, vae_dir, device)
+    if decoder is not None:
+        x = decoder.decode(x.to(device)).cpu()
     return ((x.clamp(-1.0, 1.0) + 1.0) / 2.0).float()
 
 

@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from zoo.diffusion.setup import guidance_settings
-    from zoo.sample import (SampleRequest, build_solver, load_model, parse_class_labels, sample_latents, save_grid,
-                            to_images, vae_weights)
+    from zoo.sample import (SampleRequest, build_solver, load_decoder, load_model, parse_class_labels, sample_latents,
+                            save_grid, to_images)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
     from zoo.training.data import class_names
@@ -73,14 +73,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"zoo sample: warning: {origin}", file=sys.stderr)
     else:
         print(f"zoo sample: {origin}")
-    vae_weights(recipe, args.vae)  # a latent model without its VAE fails here, before sampling
+    decoder = load_decoder(recipe, args.vae, device)  # a latent model's VAE: missing or bad weights fail here
     labels = parse_class_labels(args.class_labels, class_names(recipe.get("data") or {}))
     request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
                             class_labels=labels, batch_size=args.batch_size, respacing=args.respacing)
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
     x, _ = sample_latents(model, recipe, request, device=device)
-    images = to_images(x, recipe, args.vae, device=device)
+    images = to_images(x, recipe, args.vae, device=device, decoder=decoder)
     path = save_grid(images, out)
     print(f"zoo sample: wrote {images.shape[0]} images ({images.shape[-1]}x{images.shape[-2]}) to {path} "
           f"in {time.perf_counter() - start:.1f} s")

@@ -73,8 +73,9 @@ def _sha256(path: Path) -> str:
 
 
 def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, stop: int, seed: int, device,
-                  vae: str | None = None):
+                  decoder: torch.nn.Module | None = None):
     """Samples ``start .. stop-1`` as uint8 images (B, 3, H, W) and their labels, with global per-sample seeds.
+    ``decoder``: a latent model's VAE (:func:`zoo.sample.load_decoder`), loaded once by the caller.
 
     ``zoo.sample.sample_latents`` numbers a request's samples from 0 (also the solver noise of a
     given ``x_T``); a range of a larger run needs its noise, labels and solver noise by global index.
@@ -91,7 +92,7 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
                            eps_channels=shape[0])
     generators = solver_generators(seed, start, count)
     x = solver.sample(eps_fn, x_T, schedule=schedule, generator=generators)
-    images = to_images(x.float().cpu(), recipe, vae, device=device)
+    images = to_images(x.float().cpu(), recipe, None, device=device, decoder=decoder)
     return to_uint8(images * 2 - 1), labels
 
 
@@ -152,7 +153,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     from zoo.checkpoint import EMA, MODEL, load_checkpoint, versions
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
-    from zoo.sample import build_solver, load_model, num_classes, vae_weights
+    from zoo.sample import build_solver, load_decoder, load_model, num_classes, vae_weights
 
     if request.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
@@ -168,7 +169,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     else:
         model, recipe, origin = load_model(ckpt, device=device)
         weights_file = ckpt / (EMA if (ckpt / EMA).is_file() else MODEL)
-    vae_weights(recipe, request.vae)  # a latent model without its VAE fails here, before sampling
+    decoder = load_decoder(recipe, request.vae, device)  # a latent model's VAE, loaded once: bad weights fail here
     schedule = build_schedule(recipe)
     solver, solver_spec = build_solver(recipe, request.solver, request.steps, request.solver_options)
     guidance = guidance_settings(recipe, request.cfg)
@@ -181,6 +182,11 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
     }
+    if decoder is not None:  # the images are the VAE's: other VAE weights or scale, other samples
+        from zoo.vae import SCALE
+
+        protocol["vae"] = {"weights_sha256": _sha256(vae_weights(recipe, request.vae)),
+                           "scale": float((recipe.get("data") or {}).get("vae_scale", SCALE))}
     identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     ref_spec = request.ref or _default_ref(recipe)
@@ -198,7 +204,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         with tqdm(total=request.n, initial=done, unit="img", desc="sampling", disable=not progress) as bar:
             for start, stop in todo:
                 images, labels = _sample_range(model, recipe, solver, schedule, guidance, start, stop,
-                                               request.seed, device, request.vae)
+                                               request.seed, device, decoder)
                 extra = {} if labels is None else {"labels": labels.numpy()}
                 save_npz(samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
                          images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
@@ -239,7 +245,7 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.eval.stats import feature_statistics, frechet_distance
-    from zoo.sample import build_solver
+    from zoo.sample import build_solver, load_decoder
 
     device = device or next(model.parameters()).device
     if isinstance(extractor, str):
@@ -251,8 +257,9 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
     model.eval()
     try:
         with torch.no_grad():
-            chunks = [_sample_range(model, recipe, solver, schedule, guidance, a, min(a + batch, n), seed, device, vae)
-                      for a in range(0, n, batch)]
+            decoder = load_decoder(recipe, vae, device)
+            chunks = [_sample_range(model, recipe, solver, schedule, guidance, a, min(a + batch, n), seed, device,
+                                    decoder) for a in range(0, n, batch)]
     finally:
         model.train(training)
     image_size = chunks[0][0].shape[-1]
