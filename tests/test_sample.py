@@ -246,6 +246,19 @@ def test_missing_vae_directory_is_a_user_error(tmp_path):
         find_vae_weights(None)
 
 
+def test_a_vae_folder_with_several_weight_files_takes_the_ema_one_or_asks(tmp_path):
+    from zoo.vae import find_vae_weights
+
+    for name in ("autoencoder_kl.pth", "autoencoder_kl_ema.pth"):  # U-ViT's assets/stable-diffusion/
+        (tmp_path / name).write_bytes(b"")
+    assert find_vae_weights(tmp_path) == tmp_path / "autoencoder_kl_ema.pth"
+    (tmp_path / "other_ema.ckpt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"several weight files \(autoencoder_kl.pth, autoencoder_kl_ema.pth, "
+                                        r"other_ema.ckpt\) \(pass the file itself"):
+        find_vae_weights(tmp_path)
+    assert find_vae_weights(tmp_path / "other_ema.ckpt") == tmp_path / "other_ema.ckpt"
+
+
 @pytest.fixture(scope="module")
 def random_vae_dir(tmp_path_factory):
     from safetensors.torch import save_file

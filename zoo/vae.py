@@ -67,10 +67,13 @@ def find_vae_weights(directory: str | Path) -> Path:
     for name in DIFFUSERS_WEIGHTS:
         if (directory / name).is_file():
             return directory / name
-    for pattern in LDM_PATTERNS:
-        found = sorted(directory.glob(pattern))
-        if found:
-            return found[0]
+    found = [f for pattern in LDM_PATTERNS for f in sorted(directory.glob(pattern))]
+    ema = [f for f in found if "ema" in f.stem.lower()]
+    if len(found) == 1 or len(ema) == 1:  # U-ViT's folder holds autoencoder_kl.pth and the _ema one it uses
+        return (ema or found)[0]
+    if found:
+        raise UserError(f"VAE directory {directory} holds several weight files ({', '.join(f.name for f in found)})",
+                        suggestion="pass the file itself as --vae (or data.vae)")
     raise UserError(f"no VAE weights (.safetensors/.pth/.ckpt/.bin) in {directory}: {_FIX}")
 
 
