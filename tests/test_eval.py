@@ -202,6 +202,17 @@ def test_a_latent_models_vae_is_loaded_once_and_is_part_of_the_protocol(tmp_path
     assert results[0]["samples"] != results[1]["samples"]
 
 
+def test_eval_finds_a_checkpoint_whose_save_was_interrupted(run_dir):
+    """A crash between setting the old last/ aside and installing the new one: eval puts it back, as sample does."""
+    from zoo.eval.runner import locate
+
+    (run_dir / "last").rename(run_dir / "last.old-0123abcd")
+    assert locate(run_dir) == (run_dir / "last", run_dir / "eval")
+    (run_dir / "last").rename(run_dir / "last.old-4567abcd")
+    assert locate(run_dir / "last") == (run_dir / "last", run_dir / "eval")
+    assert not list(run_dir.glob("last.old-*"))
+
+
 # --------------------------------------------------------------------------- zoo eval end to end
 
 

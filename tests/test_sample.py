@@ -350,6 +350,11 @@ def test_bad_vae_weights_fail_before_any_sampling(tmp_path, monkeypatch, capsys)
     assert "notavae" in capsys.readouterr().err
 
 
+def test_a_weights_file_inside_a_checkpoint_points_at_its_directory(checkpoint, capsys):
+    assert main(["sample", str(checkpoint / "ema.safetensors"), "--n", "1"]) == 2
+    assert f"(give the checkpoint directory {checkpoint})" in capsys.readouterr().err
+
+
 def test_grid_matches_torchvision_layout(tmp_path):
     from torchvision.utils import make_grid
 

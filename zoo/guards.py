@@ -106,9 +106,11 @@ def resolve_sample_source(source: str) -> str:
         return str(path)
     if path.is_file():
         if path.suffix.lower() not in RECIPE_SUFFIXES:
+            weights = path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+            hint = (f"give the checkpoint directory {path.parent}" if (path.parent / CONFIG).is_file()
+                    else "convert official weights with zoo convert first" if weights else None)
             raise UserError(f"{path} is neither a checkpoint directory (config.json + weights) nor a recipe .yaml",
-                            suggestion="convert official weights with zoo convert first" if path.suffix.lower()
-                            in (".pt", ".pth", ".ckpt", ".bin", ".safetensors") else None)
+                            suggestion=hint)
         return str(path)
     if looks_like_a_path(source):
         raise UserError(f"{source} does not exist (no checkpoint directory or recipe file there)")

@@ -57,7 +57,11 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     A checkpoint inside a run (``RUN/step_0001000``, ``RUN/last``) evaluates into ``RUN/eval``:
     checkpoint directories are replaced whole when saved, so nothing is written inside them.
     """
-    path = Path(source)
+    from zoo.checkpoint import repair_checkpoint
+
+    path = Path(source).expanduser()
+    repair_checkpoint(path / "last")  # a save interrupted between its two renames: `last` comes back
+    repair_checkpoint(path)
     if (path / "last" / "config.json").is_file():
         return path / "last", path / "eval"
     if not (path / "config.json").is_file():
