@@ -160,3 +160,20 @@ def test_power_schedule_applies_per_sample():
 def test_guidance_without_labels_is_an_error():
     with pytest.raises(ValueError, match="labels"):
         GuidedModel(ToyNet(), lambda t: t, y=None, scale=2.0, null_label=NULL)
+
+
+def test_cfg_on_an_unconditional_model_is_refused_not_printed_and_ignored():
+    import zoo
+    from zoo.diffusion.setup import guidance_settings
+    from zoo.errors import UserError
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    unconditional = zoo.load_recipe(recipes / "uvit_m_4.yaml", ["model.num_classes=0", "diffusion.null_label=null",
+                                                                "sample.cfg={scale: 3.0, convention: uvit}"])
+    with pytest.raises(UserError, match="--cfg 4: this model is unconditional"):
+        guidance_settings(unconditional, 4.0)
+    for scale in (None, 0.0):  # the recipe's own scale, or 'off' given: no guidance, said so
+        settings = guidance_settings(unconditional, scale)
+        assert not settings.active and settings.describe() == "no classifier-free guidance"
+    conditional = zoo.load_recipe(recipes / "uvit_m_4.yaml", ["sample.cfg={scale: 3.0, convention: uvit}"])
+    assert guidance_settings(conditional, 4.0).describe().startswith("cfg s=4 in the uvit convention")

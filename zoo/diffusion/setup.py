@@ -92,8 +92,13 @@ class GuidanceSettings:
         """The DiT-style weight (1 = no guidance)."""
         return None if self.scale is None else to_dit_scale(self.scale, self.convention)
 
+    @property
+    def active(self) -> bool:
+        """Whether guidance changes anything (a scale that is not the convention's 'off')."""
+        return self.scale is not None and not (self.w == 1.0 and self.power is None)
+
     def describe(self) -> str:
-        if self.scale is None or (self.w == 1.0 and self.power is None):
+        if not self.active:
             return "no classifier-free guidance"
         rule = "eps_u + w*(eps_c - eps_u)" if self.convention == "dit" else "eps_c + s*(eps_c - eps_u)"
         name = "w" if self.convention == "dit" else "s"
@@ -103,14 +108,26 @@ class GuidanceSettings:
 
 
 def guidance_settings(recipe: Mapping[str, Any], scale: float | None = None) -> GuidanceSettings:
-    """``sample.cfg`` of the recipe, with ``scale`` (from ``--cfg``) replacing its scale when given."""
+    """``sample.cfg`` of the recipe, with ``scale`` (from ``--cfg``) replacing its scale when given.
+
+    An unconditional model has nothing to guide with: its settings say so, and a ``--cfg`` that
+    would guide is a mistake (one line), not a flag that is printed and then ignored.
+    """
+    from zoo.sample import num_classes
+
     cfg = dict((recipe.get("sample") or {}).get("cfg") or {})
-    return GuidanceSettings(
+    settings = GuidanceSettings(
         scale=scale if scale is not None else cfg.get("scale"),
         convention=cfg.get("convention", "dit"),
         channels=cfg.get("channels"),
         power=cfg.get("power"),
     )
+    if settings.scale is not None and num_classes(recipe) is None:
+        if scale is not None and settings.active:
+            raise UserError(f"--cfg {scale:g}: this model is unconditional, so there is no classifier-free guidance",
+                            suggestion="drop --cfg")
+        settings = GuidanceSettings(convention=settings.convention)
+    return settings
 
 
 def guided_eps_fn(
@@ -123,7 +140,7 @@ def guided_eps_fn(
 ) -> GuidedModel:
     """The solver's ``eps_fn`` for ``model``: time mapped, guided as ``guidance`` says."""
     null = _diffusion(recipe).get("null_label")
-    active = guidance.scale is not None and y is not None and not (guidance.w == 1.0 and guidance.power is None)
+    active = guidance.active and y is not None
     if active and null is None:
         raise UserError("classifier-free guidance needs the null label", key_path="diffusion.null_label",
                         suggestion="set diffusion.null_label, or sample with --cfg 1 (dit) / 0 (uvit)")
