@@ -98,3 +98,13 @@ def test_plot_is_written_whole(tmp_path, capsys):
     assert main(["compare", *TINY, "--no-time", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temporary file left
+
+
+def test_a_plot_path_that_cannot_be_written_is_refused_before_any_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("zoo.compare.measure", lambda *a, **k: pytest.fail("timed before checking --plot"))
+    (tmp_path / "notes.png").write_text("my notes")
+    for plot, words in [(tmp_path / "p.txt", "give a path ending in .png, .svg, .pdf"),
+                        (tmp_path / "notes.png", "exists and is not a PNG image"),
+                        (tmp_path / "notes.png" / "p.svg", "is a file, not a directory")]:
+        assert main(["compare", *TINY, "--plot", str(plot)]) == 2
+        assert words in capsys.readouterr().err

@@ -22,13 +22,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_overrides_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON list: recipe, params, trainable_params, gflops, "
                    "train_step_ms, peak_mem_mb, sample_ms_per_nfe (null when not timed)")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw GFLOPs against params and step time")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw GFLOPs against params and step time (.png, .svg or .pdf)")
     p.add_argument("--batch", type=int, default=4, help="batch size of the timed steps (default 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-time", action="store_true", help="parameters and GFLOPs only")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
     p.set_defaults(func=run)
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_plot_output(path: str) -> None:
+    """``--plot`` names a PNG (replacing only a PNG), SVG or PDF file in a directory that can exist."""
+    from pathlib import Path
+
+    from zoo.errors import UserError
+    from zoo.guards import check_parents, check_png_output
+
+    out = Path(path).expanduser()
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {out}: give a path ending in {', '.join(PLOT_SUFFIXES)}")
+    if out.suffix.lower() == ".png":
+        check_png_output(out, "--plot")
+    elif out.is_dir():
+        raise UserError(f"--plot {out} is a directory; give the file to write")
+    check_parents(out, "--plot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from zoo.guards import resolve_device
 
     device = str(resolve_device(args.device))  # an unknown device or cuda without a GPU: one line, exit 2
+    if args.plot:  # before minutes of timing: a path the plot can be written to
+        check_plot_output(args.plot)
 
     rows = measure(args.recipes, args.overrides, batch=args.batch, device=device, warmup=args.warmup,
                    repeats=args.repeats, time_it=not args.no_time, log=lambda m: print(m, file=sys.stderr))
