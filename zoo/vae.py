@@ -143,8 +143,8 @@ def load_vae(
     from zoo.checkpoint import load_state_dict_strict
 
     path = find_vae_weights(directory)
+    vae = build_sd_vae("meta")  # first: without diffusers installed, this is the one-line error
     state = _to_diffusers_keys(_read_state_dict(path))
-    vae = build_sd_vae("meta")
     with warnings.catch_warnings():  # the strict key check copies into meta tensors (a no-op) ...
         warnings.simplefilter("ignore", UserWarning)
         load_state_dict_strict(vae, state, source=str(path))
