@@ -138,3 +138,28 @@ def test_zoo_convert_writes_a_checkpoint_that_reproduces_the_official_outputs(tm
     with torch.no_grad():
         outputs = model.eval()(inputs["x"], inputs["log_snr"], inputs["y"])
     assert _max_err(outputs, data["outputs"]) <= TOL
+
+
+def test_zoo_convert_refuses_a_recipe_that_differs_from_the_official_config_in_one_line(tmp_path, capsys):
+    """num_heads keeps every tensor's shape, so strict loading cannot see it: the config comparison does."""
+    import yaml
+
+    from zoo.cli import main
+
+    data = torch.load(GOLDEN / FILES[1], weights_only=True)
+    torch.save(data["state_dict"], tmp_path / "official.pt")
+    (tmp_path / "config.json").write_text(json.dumps(data["config"]))
+    recipe = {"model": convert.official_config_to_model_spec(data["config"])}
+    heads = recipe["model"]["branches"][0]["block"]["num_heads"]
+    recipe["model"]["branches"][0]["block"]["num_heads"] = heads * 2
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["convert", "dimr", str(tmp_path / "official.pt"), "--recipe", str(tmp_path / "tiny.yaml"),
+            "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "ckpt")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "key model.branches.0.block.num_heads" in err
+    assert f"the recipe says {heads * 2}, the official config {heads}" in err and not (tmp_path / "ckpt").exists()
+    broken = {k: v for k, v in data["config"].items() if k != "channels"}
+    (tmp_path / "config.json").write_text(json.dumps(broken))
+    assert main(argv) == 2
+    assert "lacks the key 'channels'" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import zoo
 from zoo.checkpoint import build_with_state
-from zoo.convert import default_model_inputs, get_family, infer_family
+from zoo.convert import default_model_inputs, get_family, infer_family, model_spec
 from zoo.errors import UserError
 from zoo.torchfile import torch_load_plain
 
@@ -63,7 +63,7 @@ def load_golden(path: str | Path) -> dict:
 def build_official_model(family: str, config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> nn.Module:
     """The zoo model for an official config, with the converted official weights loaded strictly."""
     converter = get_family(family)
-    spec = converter.official_config_to_model_spec(config)
+    spec = model_spec(converter, config)
     converted = converter.convert_state_dict(state_dict, config)
     model = build_with_state(lambda: zoo.build_model({"model": spec}), converted, source=f"converted {family} state dict")
     return model.eval()

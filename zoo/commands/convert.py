@@ -77,14 +77,20 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoint import build_with_state, save_checkpoint
-    from zoo.convert import get_family, unwrap_state_dict
+    from zoo.convert import check_recipe_matches, get_family, model_spec, unwrap_state_dict
 
     converter = get_family(args.family)
     check_out(args.out, args.force)  # before any work: a refused --out costs nothing
     checkpoint = load_official(args.checkpoint)
     official = unwrap_state_dict(checkpoint, source=str(args.checkpoint), prefer=args.weights)
     recipe = zoo.load_recipe(args.recipe, args.overrides)
-    state = converter.convert_state_dict(official, official_config(args, checkpoint))
+    config = official_config(args, checkpoint)
+    if config is not None:  # settings that keep the tensor shapes (num_heads, ...) are checked here
+        check_recipe_matches(model_spec(converter, config), recipe["model"])
+    try:
+        state = converter.convert_state_dict(official, config)
+    except KeyError as err:
+        raise UserError(f"the official config lacks the key {err.args[0]!r} that converting needs") from None
     source = f"{args.checkpoint} (converted as {args.family})"
     model = build_with_state(lambda: zoo.build_model(recipe), state, source)
     out = save_checkpoint(args.out, model, recipe)

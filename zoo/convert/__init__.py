@@ -66,6 +66,39 @@ def infer_family(config: Mapping[str, Any], hint: str = "") -> str:
     raise UserError(f"cannot tell the model family of {hint or 'this file'}; pass --family {{{','.join(FAMILIES)}}}")
 
 
+def model_spec(family: ModuleType, config: Mapping[str, Any], source: str = "the official config") -> dict:
+    """``family.official_config_to_model_spec(config)``; a missing or malformed key is one line naming it."""
+    try:
+        return family.official_config_to_model_spec(config)
+    except KeyError as err:
+        raise UserError(f"{source} lacks the key {err.args[0]!r} that the official constructor needs") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{source} is malformed: {err}") from None
+
+
+def check_recipe_matches(spec: Any, model: Any, path: str = "model") -> None:
+    """Every setting the official config fixes that the recipe also states must agree with it.
+
+    Strict weight loading catches a different shape; this catches what keeps the shapes, such
+    as ``num_heads`` or ``mlp_ratio``. Keys only one side states are not compared.
+    """
+    if isinstance(spec, Mapping) and isinstance(model, Mapping):
+        for key in spec:
+            if key in model:
+                check_recipe_matches(spec[key], model[key], f"{path}.{key}")
+        return
+    if isinstance(spec, (list, tuple)) and isinstance(model, (list, tuple)):
+        if len(spec) != len(model):
+            raise UserError(f"the recipe's {path} has {len(model)} entries, the official config {len(spec)}",
+                            key_path=path, suggestion="use the recipe of this checkpoint's model")
+        for i, (a, b) in enumerate(zip(spec, model)):
+            check_recipe_matches(a, b, f"{path}.{i}")
+        return
+    if spec != model:
+        raise UserError(f"the recipe says {model!r}, the official config {spec!r}", key_path=path,
+                        suggestion="use the recipe of this checkpoint's model, or --set it")
+
+
 def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None = None) -> dict[str, Tensor]:
     """The state dict inside an official checkpoint: a raw one, or under ``ema`` / ``model`` / ``state_dict``.
 
