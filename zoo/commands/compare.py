@@ -42,12 +42,12 @@ def check_plot_output(path: str) -> None:
     from zoo.guards import check_parents, check_png_output
 
     out = Path(path).expanduser()
+    if out.is_dir():
+        raise UserError(f"--plot {out} is a directory; give the file to write, e.g. {out / 'compare.png'}")
     if out.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot {out}: give a path ending in {', '.join(PLOT_SUFFIXES)}")
     if out.suffix.lower() == ".png":
         check_png_output(out, "--plot")
-    elif out.is_dir():
-        raise UserError(f"--plot {out} is a directory; give the file to write")
     check_parents(out, "--plot")
 
 
