@@ -330,3 +330,34 @@ def test_sections_must_be_mappings_and_the_model_must_exist(tmp_path):
         f"{path}:10: key train: section 'train' must be a mapping, got int"
     empty = write(tmp_path, "train: {steps: 1}\n", "empty.yaml")
     assert "the recipe has no model section" in str(pytest.raises(UserError, zoo.build_model, empty).value)
+
+
+def test_yaml_aliases_are_copies_so_an_override_changes_one_place(tmp_path):
+    path = tmp_path / "alias.yaml"
+    path.write_text(textwrap.dedent("""\
+        _base_: dit_s_2
+        model:
+          mlp: &m {type: mlp, act: gelu_tanh}
+        sample:
+          extra: *m
+        """))
+    data = resolve(path, ["model.mlp.act=gelu"]).data
+    assert data["model"]["mlp"]["act"] == "gelu" and data["sample"]["extra"]["act"] == "gelu_tanh"
+
+
+def test_base_names_a_shipped_recipe_and_a_child_may_refine_or_replace_a_component(tmp_path):
+    (tmp_path / "mine.yaml").write_text("_base_: dit_s_2\nmodel: {depth: 4, block: {qkv_bias: false}}\n")
+    model = resolve(tmp_path / "mine.yaml").data["model"]
+    assert model["depth"] == 4 and model["hidden_size"] == 384  # the shipped dit_s_2 underneath
+    assert model["block"] == {"type": "transformer", "qkv_bias": False}  # the base's bare name, refined
+    (tmp_path / "target.yaml").write_text("_base_: dit_s_2\nmodel: {_target_: zoo.backbones.uvit.UViT, img_size: 32}\n")
+    assert resolve(tmp_path / "target.yaml").data["model"] == {"_target_": "zoo.backbones.uvit.UViT", "img_size": 32}
+    (tmp_path / "typo.yaml").write_text("_base_: dit_s_22\n")
+    with pytest.raises(UserError, match="base recipe not found: 'dit_s_22'.*among the shipped recipes"):
+        resolve(tmp_path / "typo.yaml")
+
+
+def test_overrides_given_as_one_string_and_non_ascii_digits_in_keys():
+    assert zoo.load_recipe("dit_s_2", "model.depth=6")["model"]["depth"] == 6
+    with pytest.raises(UserError, match="²"):
+        zoo.load_recipe("dit_s_2", ["model.²=1"])

@@ -75,11 +75,21 @@ def load_file(path: str | Path, label: str | None = None, _stack: tuple = ()) ->
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read recipe: {err}", file=label) from None
     data, origins = parse_yaml(text, label)
+    data = _unshared(data)  # YAML aliases (*name) become copies: a --set on one place changes that place only
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"a recipe must be a mapping of sections, got {type(data).__name__}", file=label, line=1)
     return _apply_bases(Recipe(data, origins, label), path.parent, _stack + (path.resolve(),))
+
+
+def _unshared(value: Any) -> Any:
+    """``value`` with every mapping and list its own object (``copy.deepcopy`` would keep aliases shared)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
 
 
 def _apply_bases(recipe: Recipe, base_dir: Path, stack: tuple) -> Recipe:
@@ -93,10 +103,16 @@ def _apply_bases(recipe: Recipe, base_dir: Path, stack: tuple) -> Recipe:
         if not isinstance(base, str):
             raise recipe.error(where, f"{BASE_KEY} must be a path or a list of paths, got {base!r}")
         base_path = base_dir / base
+        if not base_path.is_file() and not looks_relative(base):  # `_base_: dit_s_2`: a shipped recipe by name
+            try:
+                base_path = find_recipe(base)
+            except UserError:
+                pass
         if base_path.resolve() in stack:
             raise recipe.error(where, f"{BASE_KEY} {base!r} inherits from itself (cycle)")
         if not base_path.is_file():
-            raise recipe.error(where, f"base recipe not found: {base!r} (looked at {base_path})")
+            raise recipe.error(where, f"base recipe not found: {base!r} (looked at {base_dir / base}, "
+                                      f"and among the shipped recipes)")
         merged = merge(merged, load_file(base_path, os.path.normpath(base_path), stack))
     return merge(merged, recipe)
 
@@ -114,7 +130,9 @@ def _deep_merge(base: dict, over: dict, path: KeyPath, replaced: list) -> dict:
     out = dict(base)
     for key, value in over.items():
         old = out.get(key)
-        same_type = isinstance(old, dict) and isinstance(value, dict) and old.get("type", value.get("type")) == value.get("type", old.get("type"))
+        if isinstance(old, str) and isinstance(value, dict) and "type" not in value and "_target_" not in value:
+            old = {"type": old}  # `block: transformer` in the base, `block: {qkv_bias: false}` here: as --set does
+        same_type = isinstance(old, dict) and isinstance(value, dict) and _same_component(old, value)
         if same_type:
             out[key] = _deep_merge(old, value, path + (key,), replaced)
         else:
@@ -122,6 +140,17 @@ def _deep_merge(base: dict, over: dict, path: KeyPath, replaced: list) -> dict:
             if key in base:
                 replaced.append(path + (key,))
     return out
+
+
+def _same_component(old: dict, new: dict) -> bool:
+    """Whether ``new`` refines the component ``old`` (same ``type`` / ``_target_`` where it names one)."""
+    return all(old.get(k, new.get(k)) == new.get(k, old.get(k)) for k in ("type", "_target_")) and not (
+        ("type" in old and "_target_" in new) or ("_target_" in old and "type" in new))
+
+
+def looks_relative(base: str) -> bool:
+    """Whether a ``_base_`` value is written as a path (``./x.yaml``, ``../x``, ``a/b.yaml``)."""
+    return base.startswith((".", "/", "~"))
 
 
 def parse_override(text: str) -> tuple[KeyPath, Any]:
@@ -133,7 +162,7 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
     if parts[0] == BASE_KEY:
         raise UserError(f"override {text!r}: {BASE_KEY} cannot be overridden; write a recipe that inherits instead")
     parsed, _ = parse_yaml(value, f"--set {text}")
-    return tuple(int(p) if p.isdigit() else p for p in parts), parsed
+    return tuple(int(p) if p.isascii() and p.isdigit() else p for p in parts), parsed
 
 
 def apply_override(recipe: Recipe, text: str) -> None:
@@ -195,6 +224,8 @@ def resolve(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -
     else:
         path = find_recipe(recipe)
         resolved = load_file(path, str(recipe) if Path(recipe).is_file() else str(path))
+    if isinstance(overrides, str):  # one "key=value" given where a list is expected
+        overrides = [overrides]
     for text in overrides:
         apply_override(resolved, text)
     return resolved
