@@ -74,6 +74,21 @@ def objective_spec(value: Any) -> dict:
     return {"type": value} if isinstance(value, str) else dict(value or {"type": "eps_mse"})
 
 
+def _check_multiscale(spec: dict, recipe: Recipe, path: tuple) -> None:
+    """A multi-scale loss needs a model with one output per branch, and one coefficient for each."""
+    model = recipe.data.get("model")
+    model = model if isinstance(model, dict) else {}
+    branches = model.get("branches")
+    if model.get("type") in ("dit", "uvit"):  # one output; a plugin backbone may well return one per branch
+        raise recipe.error(path + ("type",), f"the multiscale objective needs a multi-branch model (DiMR), not "
+                           f"{model['type']}", suggestion="use objective eps_mse for this model")
+    coeffs = spec.get("coeffs")
+    if isinstance(coeffs, list) and isinstance(branches, list) and len(coeffs) != len(branches):
+        raise recipe.error(path + ("coeffs",), f"{len(coeffs)} coefficient{'s' * (len(coeffs) != 1)} for "
+                           f"{len(branches)} branches",
+                           suggestion=f"give one per branch, lowest resolution first ({len(branches)})")
+
+
 def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
     value, path = value or {}, ("diffusion",)
     check_table(recipe, value, DIFFUSION, path, "diffusion")
@@ -86,6 +101,8 @@ def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
         if spec.get("type") not in OBJECTIVES:
             raise domain_error(recipe, tpath, spec.get("type"), Objective)
         check_table(recipe, spec, OBJECTIVES[spec["type"]], opath, f"objective {spec['type']!r}")
+        if spec["type"] == "multiscale":
+            _check_multiscale(spec, recipe, opath)
         if spec["type"] == "hybrid_vlb" and value.get("prediction", "eps") != "eps":
             raise recipe.error(path + ("prediction",), "the hybrid_vlb objective (learned sigma) is defined for "
                                "eps prediction only", suggestion="remove diffusion.prediction or use objective eps_mse")
