@@ -151,3 +151,19 @@ def test_decorator_clashing_with_an_entry_point_names_both():
         assert registry.get("block", "mlp") is ZooMlp
     finally:
         registry.unregister("block", "mlp")
+
+
+def test_a_non_callable_entry_is_refused_every_time_it_is_loaded():
+    from zoo.registry import Entry
+
+    entry = Entry("block", "not_callable", "some-dist", "some_mod:VALUE", lambda: 42)
+    for _ in range(2):
+        with pytest.raises(UserError, match="not a class or callable"):
+            entry.load()
+
+
+def test_register_without_its_arguments_says_how_to_call_it():
+    with pytest.raises(TypeError, match=r"decorate with @zoo.register\(KIND\)"):
+        @zoo.register
+        class Forgot:  # noqa: F841
+            pass

@@ -62,15 +62,16 @@ class Entry:
             )
         if self._loaded is None:
             try:
-                self._loaded = self._loader()
+                loaded = self._loader()
             except Exception as err:  # a plugin may fail in any way; report which one it was
                 raise UserError(
                     f"{self.kind} {self.name!r} could not be loaded from {self.describe()} "
                     f"(entry point {GROUPS[self.kind]}: {self.name} = {self.target}): "
                     f"{type(err).__name__}: {err}"
                 ) from err
-            if not callable(self._loaded):
+            if not callable(loaded):  # checked before it is kept: a second load() must refuse it again
                 raise UserError(f"{self.kind} {self.name!r} from {self.describe()} is not a class or callable")
+            self._loaded = loaded
         return self._loaded
 
     def summary(self) -> str:
@@ -122,6 +123,9 @@ def _table(kind: str) -> dict[str, list[Entry]]:
 
 def check_kind(kind: str) -> str:
     """Return ``kind`` if it is a known kind (plural accepted), else raise a :class:`UserError`."""
+    if not isinstance(kind, str):  # `@zoo.register` without its arguments hands over the class itself
+        raise TypeError(f"the kind must be one of {', '.join(KINDS)}, got {kind!r}; "
+                        f"decorate with @zoo.register(KIND) or @zoo.register(KIND, NAME)")
     if kind not in GROUPS and kind.endswith("s") and kind[:-1] in GROUPS:
         kind = kind[:-1]
     if kind not in GROUPS:
