@@ -136,3 +136,11 @@ def test_building_a_model_does_not_import_timm():
     code = "import sys, zoo; zoo.build_model('dit_s_2'); print('timm' in sys.modules, 'torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_non_finite_options_are_refused_by_name():
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match="NaN and infinities are refused"):
+            zoo_timm.model_overrides({"mlp_ratio": value})
+    assert zoo_timm.model_overrides({"mlp_ratio": 2.5, "block": {"qkv_bias": False}}) == [
+        "model.mlp_ratio=2.5", 'model.block={"qkv_bias": false}']

@@ -62,10 +62,12 @@ def model_overrides(kwargs: dict[str, Any]) -> list[str]:
     texts = []
     for key, value in kwargs.items():
         try:
-            texts.append(f"model.{key}={json.dumps(value)}")  # JSON is YAML: the value reads back unchanged
+            texts.append(f"model.{key}={json.dumps(value, allow_nan=False)}")  # JSON is YAML: read back unchanged
         except TypeError:
             raise UserError(f"{key}={value!r}: a model option must be plain data "
                             "(numbers, strings, lists, dicts)") from None
+        except ValueError:  # NaN or an infinity, which json writes as a string YAML would read back
+            raise UserError(f"{key}={value!r}: NaN and infinities are refused") from None
     return texts
 
 
