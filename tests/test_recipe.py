@@ -371,3 +371,11 @@ def test_a_multiscale_loss_must_fit_the_model_before_training():
     with pytest.raises(UserError, match="needs a multi-branch model \\(DiMR\\), not dit"):
         zoo.load_recipe("dit_s_2", ["diffusion.objective={type: multiscale, coeffs: [1.0]}"])
     assert zoo.load_recipe("dimr_xl_3r")["diffusion"]["objective"]["coeffs"] == [0.0625, 0.25, 1.0]
+
+
+def test_set_under_a_plain_value_says_it_is_a_value_and_blames_the_set():
+    with pytest.raises(UserError, match=r"^--set model.mlp.act.foo=1: cannot set model.mlp.act.foo: model.mlp.act is "
+                                        r"'gelu_tanh', a value rather than a component"):
+        zoo.load_recipe("dit_s_2", ["model.mlp.act.foo=1"])
+    assert zoo.load_recipe("dit_s_2", ["model.block.qkv_bias=false"])["model"]["block"] == {
+        "type": "transformer", "qkv_bias": False}  # a bare component name still takes keys

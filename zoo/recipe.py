@@ -177,7 +177,11 @@ def apply_override(recipe: Recipe, text: str) -> None:
             break
         child = node[part] if _has(node, part) else None
         if isinstance(child, str) and isinstance(node, dict):  # bare component name
+            if not _is_component_name(child):
+                raise UserError(f"cannot set {format_path(path)}: {format_path(path[: i + 1])} is {child!r}, a value "
+                                f"rather than a component, so it has no keys", file=label)
             child = node[part] = {"type": child}
+            recipe.origins[path[: i + 1]] = recipe.origins[path[: i + 1] + ("type",)] = (label, None)  # blame the --set
         elif child is None:
             child = node[part] = {}
         if not isinstance(child, (dict, list)):
@@ -190,6 +194,14 @@ def apply_override(recipe: Recipe, text: str) -> None:
     recipe.origins[path] = (label, None)
     for sub in _paths(value, path):
         recipe.origins[sub] = (label, None)
+
+
+def _is_component_name(text: str) -> bool:
+    """Whether ``text`` names a component: a registered name of any kind, or a diffusion objective."""
+    from zoo import registry
+    from zoo.diffusion.sections import OBJECTIVES
+
+    return text in OBJECTIVES or any(text in registry.names(kind) for kind in registry.KINDS)
 
 
 def _check_index(items: list, part: Any, path: KeyPath, i: int, label: str) -> None:
