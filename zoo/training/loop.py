@@ -67,6 +67,12 @@ def set_grad_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
     switch(enable)
 
 
+def _cpu_has_fast_fp16() -> bool:
+    """Whether this CPU multiplies float16 in hardware (AMX-FP16); without it autocast emulates fp16 slowly."""
+    probe = getattr(torch.cpu, "_is_amx_fp16_supported", None)
+    return bool(probe()) if probe is not None else True  # an unknown torch: no claim either way
+
+
 def _labels_dropped_by_trainer(model: torch.nn.Module) -> None:
     """Label embedders that drop labels themselves (DiT's) stay in eval mode: the trainer drops
     labels per sample instead, at the same rate, so the drops do not depend on the process count."""
@@ -282,6 +288,9 @@ class Trainer:
         self.log(f"zoo train: {self.model_name} with {params:,} parameters; steps {self.step} -> {total}, "
                  f"global batch {self.batch} (grad_accum {self.accum}), precision {self.train['precision']}")
         self.log(f"zoo train: device {self.ctx.describe()}")
+        if self.train["precision"] == "fp16" and self.device.type == "cpu" and not _cpu_has_fast_fp16():
+            self.log("zoo train: note: this CPU has no fast float16 matmuls (AMX-FP16), so fp16 autocast runs several "
+                     "times slower than fp32 here (DiMR emoji demo: 8x); on a CPU use precision bf16 or fp32")
         self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
 
     def run(self, steps: int | None = None) -> list[dict]:
