@@ -120,7 +120,6 @@ CASES = [
     ("sample-missing-recipe-file", "sample {tmp}/dit_s_2.yaml --out {tmp}/out.png", "-", 2, "{tmp}/dit_s_2.yaml"),
     ("sample-a-weights-file", "sample {tmp}/model.safetensors --out {tmp}/out.png", "weights_file", 2,
      "zoo convert"),
-    ("sample-a-run-dir", "sample {tmp} --out {tmp}/out.png", "run_dir", 2, "sample {tmp}/last"),
     ("sample-dir-not-a-checkpoint", "sample {tmp}/out_user --out {tmp}/out.png", "user_dir", 2,
      "{tmp}/out_user is not a zoo checkpoint"),
     ("sample-ckpt-missing-model", "sample {tmp}/ckpt --out {tmp}/out.png", "ckpt_no_model", 2,

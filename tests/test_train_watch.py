@@ -144,4 +144,6 @@ def test_sigkill_at_any_moment_leaves_a_usable_last(tmp_path):
     model, _ = ckpt.load_checkpoint(out / "last", weights="ema")
     assert sum(p.numel() for p in model.parameters()) > 0
     assert main(["sample", str(out / "last"), "--n", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "run.png")]) == 0  # the run: its last/
+    assert (tmp_path / "run.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
     assert not _saving(out)

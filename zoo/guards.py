@@ -93,6 +93,7 @@ def looks_like_a_path(text: str) -> bool:
 def resolve_sample_source(source: str) -> str:
     """A checkpoint directory (repaired if a save was interrupted) or a recipe, checked to exist.
 
+    A run directory of ``zoo train`` stands for its newest checkpoint, ``RUN/last``, as in ``zoo eval``.
     A bare name (``dit_s_2``) may still name a shipped recipe; anything that looks like a path
     must exist, so a mistyped checkpoint path never samples a same-named recipe's random weights.
     """
@@ -100,9 +101,11 @@ def resolve_sample_source(source: str) -> str:
 
     path = Path(source).expanduser()
     repair_checkpoint(path)  # `last` missing after a crash between two renames comes back here
+    if path.is_dir() and not (path / CONFIG).exists():
+        repair_checkpoint(path / "last")
+        if (path / "last" / CONFIG).is_file():  # a run directory: its newest checkpoint
+            return str(path / "last")
     if path.is_dir():
-        if not (path / CONFIG).exists() and (path / "last").is_dir():
-            raise UserError(f"{path} is a run directory, not a checkpoint", suggestion=f"sample {path / 'last'}")
         return str(path)
     if path.is_file():
         if path.suffix.lower() not in RECIPE_SUFFIXES:

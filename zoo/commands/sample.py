@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "independent of --batch-size (deterministic solvers).",
     )
     p.add_argument("source", metavar="CKPT_OR_RECIPE",
-                   help="checkpoint directory (config.json + model/ema.safetensors) or a recipe (random weights)")
+                   help="checkpoint directory (config.json + model/ema.safetensors), a zoo train run directory "
+                   "(its last/ checkpoint) or a recipe (random weights)")
     p.add_argument("--n", type=int, default=None, help="number of images (default: one per --class label, else 16)")
     p.add_argument("--solver", default=None, help="solver name (default: the recipe's sample.solver)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the recipe's)")
