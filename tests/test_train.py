@@ -205,14 +205,44 @@ def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tm
         real(self)
 
     monkeypatch.setattr(EMA, "update", update_with_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe(*base), tmp_path / "cut", steps=4, log=QUIET)
+    # Ctrl-C as in a terminal: a shell that starts a job in the background (`pytest &`) hands it
+    # SIGINT ignored, and then the held signal is rightly dropped (the next test).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(recipe(*base), tmp_path / "cut", steps=4, log=QUIET)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(EMA, "update", real)
     assert torch.load(tmp_path / "cut" / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
     train(recipe(*base), tmp_path / "cut", steps=4, resume=tmp_path / "cut", log=QUIET)
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = ckpt.load_weights(clean / "last" / name), ckpt.load_weights(tmp_path / "cut" / "last" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_sigint_the_process_ignores_stays_ignored_mid_update(tmp_path, monkeypatch):
+    """Under SIG_IGN (nohup, a background job) a SIGINT held during the update is dropped: the run finishes."""
+    import os
+    import signal
+
+    real, calls = EMA.update, []
+
+    def update_with_ctrl_c(self):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(self)
+
+    monkeypatch.setattr(EMA, "update", update_with_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        train(recipe("train.ckpt_every=0", "train.sample_every=0"), tmp_path, steps=3, log=QUIET)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # the process's own choice is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(calls) == 3
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
 
 
 def test_bf16_autocast_dimr_with_multiscale_loss(tmp_path):
