@@ -17,6 +17,7 @@ from zoo.eval import frechet_distance
 from zoo.eval.extractors import Extractor, INCEPTION_FILE
 from zoo.eval.metrics import Features, Reference, compute_metrics, inception_score
 from zoo.eval.reference import load_reference
+from zoo.errors import UserError
 from zoo.eval.stats import feature_statistics
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # DiT on 8x8 pixels, 4 classes, ddim 5 steps
@@ -342,3 +343,12 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / "a.png")
     with pytest.raises(zoo.errors.UserError, match="CLASS/IMAGE"):
         load_reference(str(tmp_path / "flat"), PoolFeatures(), 8)
+
+
+def test_the_default_reference_names_the_held_out_split():
+    """Without --ref a dataset with a holdout split is compared against that split, and says so."""
+    from zoo.eval.runner import _default_ref
+
+    assert _default_ref({"data": {"dataset": "emoji32"}}) == "emoji32:holdout"
+    with pytest.raises(UserError, match="--ref is needed"):
+        _default_ref({"data": {"dataset": "image_folder", "root": "x"}})

@@ -233,7 +233,10 @@ def _default_ref(recipe: dict) -> str:
     if name in (None, "synthetic", "image_folder", "latents", "imagenet"):
         raise UserError("--ref is needed: an .npz (ADM reference batch or zoo statistics), an image folder, "
                         "or a registered dataset name such as emoji32")
-    return name
+    from zoo import registry
+
+    held_out = "holdout" in getattr(registry.get("dataset", name), "splits", ())
+    return f"{name}:holdout" if held_out else name  # said in full: the line and the JSON name the split
 
 
 def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extractor: Any = "efficientnet_lite0",
