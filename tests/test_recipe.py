@@ -379,3 +379,13 @@ def test_set_under_a_plain_value_says_it_is_a_value_and_blames_the_set():
         zoo.load_recipe("dit_s_2", ["model.mlp.act.foo=1"])
     assert zoo.load_recipe("dit_s_2", ["model.block.qkv_bias=false"])["model"]["block"] == {
         "type": "transformer", "qkv_bias": False}  # a bare component name still takes keys
+
+
+def test_a_mistyped_recipe_name_is_matched_in_the_subfolders_too():
+    with pytest.raises(UserError, match=r"did you mean emoji32/dimr_2r\.yaml\?"):  # right name, folder left out
+        zoo.load_recipe("dimr_2r")
+    with pytest.raises(UserError, match=r"did you mean emoji32/dimr_2r\.yaml, "):
+        zoo.load_recipe("emoji32/dimr2r")
+    with pytest.raises(UserError, match=r"did you mean dimr_xl_2r\.yaml, ") as err:
+        zoo.load_recipe("dimr_xl_2")
+    assert "_base_" not in str(err.value)  # shared bases are not recipes to train

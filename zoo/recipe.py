@@ -57,8 +57,26 @@ def find_recipe(path: str | Path) -> Path:
     candidate = shipped.joinpath(str(relative.parent), name)  # dit_s_2, recipes/ablation/row1_uvit_m4.yaml
     if candidate.is_file():  # but never runs/x/dit_s_2.yaml: a missing file is not a shipped recipe's name
         return Path(str(candidate))
-    known = sorted(p.name for p in shipped.iterdir() if p.name.endswith(".yaml"))
-    raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)", suggestion=did_you_mean(name, known))
+    raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)",
+                    suggestion=_closest_recipes(str(relative.parent / name), shipped))
+
+
+def _closest_recipes(wanted: str, shipped: Any) -> str | None:
+    """"did you mean ...?" among the shipped recipes, subfolders included (``emoji32/dimr_2r.yaml``)."""
+    known: list[str] = []
+
+    def walk(folder: Any, prefix: str) -> None:
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.name.startswith(("_", ".")):
+                walk(entry, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(".yaml") and not entry.name.startswith("_"):  # _base_*.yaml are no recipes
+                known.append(prefix + entry.name)
+
+    walk(shipped, "")
+    same_name = sorted(k for k in known if k.rsplit("/", 1)[-1] == wanted.rsplit("/", 1)[-1])  # right name, folder
+    if same_name:
+        return did_you_mean(same_name[0], same_name)
+    return did_you_mean(wanted, sorted(known))
 
 
 def load_file(path: str | Path, label: str | None = None, _stack: tuple = ()) -> Recipe:
