@@ -389,3 +389,10 @@ def test_a_mistyped_recipe_name_is_matched_in_the_subfolders_too():
     with pytest.raises(UserError, match=r"did you mean dimr_xl_2r\.yaml, ") as err:
         zoo.load_recipe("dimr_xl_2")
     assert "_base_" not in str(err.value)  # shared bases are not recipes to train
+
+
+def test_a_learning_rate_decay_cannot_end_above_its_start():
+    with pytest.raises(UserError, match=r"--set train.min_lr=0.1: key train.min_lr: min_lr 0.1 is above lr 0.001"):
+        zoo.load_recipe("emoji32/dimr_2r", ["train.min_lr=0.1"])
+    assert zoo.load_recipe("emoji32/dimr_2r", ["train.min_lr=0.1", "train.lr_schedule=constant"])  # no decay: unused
+    assert zoo.load_recipe("emoji32/dimr_2r", ["train.min_lr=1e-3"])["train"]["min_lr"] == 1e-3  # equal: a flat end

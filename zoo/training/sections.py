@@ -29,7 +29,8 @@ from typing import Annotated, Any
 from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_STEPS, Classes, Decay, Doc, ImageSize, NonNegative, OneOf,
                          Positive, PositiveFloat, Range)
 from zoo import registry
-from zoo.validate import register_section
+from zoo.recipe import Recipe
+from zoo.validate import check_table, register_section
 
 DATASETS = registry.Names("dataset")  # synthetic, image_folder, latents, imagenet, emoji32 and plugins
 EXTRACTORS = registry.Names("extractor")  # efficientnet_lite0, inception and plugins
@@ -91,5 +92,18 @@ TRAIN: dict[str, Any] = {
 }
 
 
+
+
+def validate_train(value: dict | None, recipe: Recipe) -> None:
+    """The ``train`` table, then the rule between its keys: a decay ends at or below where it starts."""
+    check_table(recipe, value, TRAIN, ("train",), "train")
+    value = value or {}
+    lr, floor = value.get("lr"), value.get("min_lr", 0.0)
+    if value.get("lr_schedule", "constant") != "constant" and lr is not None and floor > lr:
+        raise recipe.error(("train", "min_lr"), f"min_lr {floor:g} is above lr {lr:g}: the {value['lr_schedule']} "
+                           "'decay' would raise the learning rate to min_lr by the last step",
+                           suggestion=f"set train.min_lr below {lr:g} (e.g. {lr / 100:g})")
+
+
 register_section("data", DATA)
-register_section("train", TRAIN)
+register_section("train", TRAIN, validate_train)
