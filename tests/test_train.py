@@ -1,5 +1,7 @@
 """``zoo train``: loss goes down, checkpoints are atomic and resumable, EMA math, optimizer groups, CLI."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -172,27 +174,67 @@ def test_data_and_train_typos_name_file_and_line(tmp_path):
         recipe("train.precision=fp8")
 
 
-def test_ctrl_c_saves_last_and_exits_130(tmp_path, monkeypatch, capsys):
-    calls = []
-    real = Trainer.train_step
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as in a terminal: a shell that starts a job in the background (`pytest &`) hands it
+    SIGINT ignored, and then a held Ctrl-C is rightly dropped (test_a_sigint_the_process_ignores_...)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
-    def interrupt(self, x, y):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+
+def _signal_at(calls: list, when: dict, real):
+    """``Trainer.train_step`` that sends itself a signal at the start of the steps in ``when``."""
+    def step(self, x, y):
         calls.append(1)
+        if len(calls) in when:
+            os.kill(os.getpid(), when[len(calls)])
         return real(self, x, y)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupt)
+    return step
+
+
+def test_ctrl_c_finishes_the_step_saves_last_and_exits_130(tmp_path, monkeypatch, capsys, terminal_sigint):
+    calls = []
+    monkeypatch.setattr(Trainer, "train_step", _signal_at(calls, {4: signal.SIGINT}, Trainer.train_step))
     assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0"]) == 130
-    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 4 == len(calls)
+    err = capsys.readouterr()
+    assert "stopping at step 4 (SIGINT)" in err.out and "zoo: interrupted" in err.err
 
 
-def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tmp_path, monkeypatch):
+def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path, monkeypatch, capsys):
+    """SLURM and torchrun send SIGTERM before they kill (preemption): the run saves last/ and exits 143."""
+    calls = []
+    monkeypatch.setattr(Trainer, "train_step", _signal_at(calls, {2: signal.SIGTERM}, Trainer.train_step))
+    assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0"]) == 143
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2 == len(calls)
+    assert "zoo: stopped by SIGTERM at step 2" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives only as long as the run
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, capsys, terminal_sigint):
+    """The first Ctrl-C asks for a stop after the step, the second one (same step) ends the run now:
+    nothing half-updated is saved, and last/ keeps the previous checkpoint (step 2 here)."""
+    calls, real_update = [], EMA.update
+
+    def update_twice_interrupted(self):
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_update(self)
+
+    monkeypatch.setattr(Trainer, "train_step", _signal_at(calls, {3: signal.SIGINT}, Trainer.train_step))
+    monkeypatch.setattr(EMA, "update", update_twice_interrupted)
+    assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=2",
+                 "--set", "train.sample_every=0"]) == 130
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert f"stopped at once; {tmp_path / 'last'} holds step 2" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tmp_path, monkeypatch,
+                                                                               terminal_sigint):
     """A real SIGINT in the middle of step 3's update (after the optimizer, before the EMA): the
     step finishes, last/ holds step 3 with step 3's weights, and a resume continues like a clean run."""
-    import os
-    import signal
-
     base = ["train.ckpt_every=0", "train.sample_every=0", "train.log_every=1"]
     clean = tmp_path / "clean"
     train(recipe(*base), clean, steps=4, log=QUIET)
@@ -205,14 +247,8 @@ def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tm
         real(self)
 
     monkeypatch.setattr(EMA, "update", update_with_ctrl_c)
-    # Ctrl-C as in a terminal: a shell that starts a job in the background (`pytest &`) hands it
-    # SIGINT ignored, and then the held signal is rightly dropped (the next test).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(recipe(*base), tmp_path / "cut", steps=4, log=QUIET)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(*base), tmp_path / "cut", steps=4, log=QUIET)
     monkeypatch.setattr(EMA, "update", real)
     assert torch.load(tmp_path / "cut" / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
     train(recipe(*base), tmp_path / "cut", steps=4, resume=tmp_path / "cut", log=QUIET)
@@ -223,9 +259,6 @@ def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tm
 
 def test_a_sigint_the_process_ignores_stays_ignored_mid_update(tmp_path, monkeypatch):
     """Under SIG_IGN (nohup, a background job) a SIGINT held during the update is dropped: the run finishes."""
-    import os
-    import signal
-
     real, calls = EMA.update, []
 
     def update_with_ctrl_c(self):

@@ -56,3 +56,34 @@ def test_two_processes_and_a_resume_give_the_weights_of_one(tmp_path, single):
     steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # one writer
 
+
+
+SIGTERM_RANK_1 = """
+import os, signal, sys
+from zoo.cli import main
+from zoo.training.ema import EMA
+real, calls = EMA.update, []
+def update(self):  # rank 1 alone gets SIGTERM during step 3's EMA update, after that step's all-reduce
+    calls.append(1)
+    if len(calls) == 3 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    real(self)
+EMA.update = update
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, single):
+    """The stop request rides on the next step's loss all-reduce: rank 0, which got no signal, stops
+    after step 4 with rank 1, both save last/ together, and a resume ends with the weights of one process."""
+    script = tmp_path / "sigterm_rank_1.py"
+    script.write_text(SIGTERM_RANK_1)
+    out = tmp_path / "ddp"
+    proc = torchrun(out, 5, program=(str(script),), check=False)
+    assert proc.returncode != 0  # the workers exit 143; torchrun reports them failed
+    assert "zoo train: stopping at step 4 (a signal to another rank)" in proc.stdout
+    assert ckpt.load_trainer_state(out / "last")["step"] == 4
+    torchrun(out, 5, "--resume", str(out))
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(single, out, name) < 1e-5, name  # as in the test above: float32 summation order only

@@ -70,9 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_:  # --help, or a usage error already printed by argparse
             return exit_.code if isinstance(exit_.code, int) else 2
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("zoo: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; zoo train's StopRequested also after SIGTERM (status 143)
+        status = getattr(err, "exit_status", 130)
+        print("zoo: interrupted" if status == 130 else f"zoo: {err}", file=sys.stderr)
+        return status
     except (UserError, FileNotFoundError) as err:
         if os.environ.get("ZOO_TRACEBACK"):
             raise

@@ -11,13 +11,15 @@ or gradient stops the run before the weights change; AdamW at the warm-up learni
 Every ``log_every`` steps a record (:mod:`.monitor`); every ``ckpt_every`` steps
 ``OUT/step_XXXXXXX/`` (the oldest beyond ``keep_last`` pruned) and ``OUT/last/``, each written
 atomically; every ``sample_every`` steps and at the last step an EMA sample grid; every
-``eval_every`` steps a small FD of the EMA weights (:mod:`.eval_hook`). Ctrl-C saves ``last/``.
+``eval_every`` steps a small FD of the EMA weights (:mod:`.eval_hook`). Ctrl-C or SIGTERM saves
+``last/`` after the step (:mod:`.signals`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,7 +40,7 @@ from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate
 from zoo.training.rundir import check_resume_recipe, prune_steps
-from zoo.training.signals import interrupts_after
+from zoo.training.signals import StopRequested, StopSignals
 
 DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
             "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16,
@@ -141,6 +143,7 @@ class Trainer:
         self.conditional = num_classes(recipe) is not None
         self.last_saved: int | None = self.step if resume is not None else None
         self.last_dir: Path | None = self._resumed_from if resume is not None else None  # where last_saved is
+        self.stops = StopSignals()  # Ctrl-C / SIGTERM requests; handlers installed while run() runs
 
     # -- resume -----------------------------------------------------------------------------------
 
@@ -255,7 +258,10 @@ class Trainer:
                     loss = self.objective(self.forward, xm, ym, draws=d.for_objective())["loss"].sum() / local
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        loss = self.ctx.sum(total) / self.ctx.world
+        # The loss all-reduce also carries each rank's stop request (Ctrl-C, SIGTERM), so every rank
+        # decides from the same sum to stop after this step.
+        reduced = self.ctx.sum(torch.stack([total, total.new_tensor(self.stops.flag)]))
+        loss, self.stop_votes = reduced[0] / self.ctx.world, reduced[1]
         self.scaler.unscale_(self.optimizer)
         clip = self.train.get("grad_clip")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else float("inf"))
@@ -271,6 +277,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
         return loss
+
+    def _stop_asked(self) -> bool:
+        """Whether to stop after this step: one process asks itself; ranks agree by the step's all-reduce."""
+        if not self.ctx.distributed:
+            return self.stops.received is not None
+        return bool(self.stop_votes > 0)
+
+    def _stop_here(self) -> None:
+        """Save ``last/`` and end the run with :class:`StopRequested` (every rank, at the same step)."""
+        signum = self.stops.received or signal.SIGTERM  # a rank without a signal of its own: torchrun's
+        by = signal.Signals(signum).name if self.stops.received else "a signal to another rank"
+        self.log(f"zoo train: stopping at step {self.step} ({by}); saving {self.out / 'last'}")
+        self.save(also_step_dir=False)
+        raise StopRequested(signum, self.step)
 
     def _period(self, key: str) -> int:
         """``train.<key>`` as a number of steps; 0 (or unset) = never."""
@@ -307,15 +327,17 @@ class Trainer:
         if self.fd is not None:
             self.fd.prepare()  # the run's FD reference statistics, computed once
         monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
+        self.stops = StopSignals().__enter__()  # a fresh request state; handlers restored in the finally below
         records, running, norms, count = [], torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         tick = time.perf_counter()
         try:
             while self.step < total:
                 x, y = next(self.batches)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with interrupts_after():  # Ctrl-C lands between steps: the saved step is the weights' step
-                    running += self.train_step(x, y)
-                    self.step += 1
+                running += self.train_step(x, y)
+                self.step += 1
+                if self.step < total and self._stop_asked():  # Ctrl-C or SIGTERM: the saved step is the weights' step
+                    self._stop_here()
                 norms += self.grad_norm
                 count += 1
                 if monitor:
@@ -336,11 +358,14 @@ class Trainer:
                     self.sample_grid()
                 if self._every("eval_every"):
                     tick += evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor)
-        except KeyboardInterrupt:
-            self.log(f"zoo train: interrupted at step {self.step}; saving {self.out / 'last'}")
-            self.save(also_step_dir=False)
+        except StopRequested:
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C: at once, maybe mid-update, so nothing is saved
+            if self.last_saved is not None:
+                self.log(f"zoo train: stopped at once; {self.last_dir} holds step {self.last_saved}")
             raise
         finally:
+            self.stops.restore()
             if monitor:
                 monitor.close()
         if self.last_saved != self.step or not (self.out / "last").is_dir():

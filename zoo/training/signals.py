@@ -1,32 +1,75 @@
-"""Ctrl-C between optimizer steps only, so an interrupted run saves a checkpoint that resumes exactly."""
+"""Ctrl-C and SIGTERM stop a run between optimizer steps, on every rank at the same step.
+
+A step's weight update, EMA update and step count must land together: a signal between them
+would save step S with the weights of step S+1. So a SIGINT (Ctrl-C) or SIGTERM (what SLURM and
+``torchrun`` send before a kill, e.g. on preemption) only asks the run to stop; the loop checks
+the request after each step, saves ``last/`` and ends. Under ``torchrun`` the request travels
+with the step's loss all-reduce, so all ranks stop after the same step even when the signal
+reaches them at different moments. A second signal of the same kind stops at once (no save;
+``last/`` keeps the previous checkpoint). A signal the process ignores (``nohup``, a shell's
+background job) stays ignored.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
-from typing import Iterator
+from types import FrameType, TracebackType
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def interrupts_after() -> Iterator[None]:
-    """Hold a SIGINT that arrives inside the block and act on it when the block ends.
+class StopRequested(KeyboardInterrupt):
+    """The run stopped at a step boundary because of ``signum``, after saving ``last/`` (a KeyboardInterrupt:
+    ``except Exception`` does not swallow it, and Python callers see Ctrl-C as they expect)."""
 
-    A step's weight update, EMA update and step count must land together: a Ctrl-C between
-    them would save step S with the weights of step S+1. Outside the main thread (where Python
-    cannot set handlers) the block runs unguarded.
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by the signal: 130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+class StopSignals:
+    """While active (``with``), SIGINT and SIGTERM set :attr:`received` instead of ending the process.
+
+    Outside the main thread (where Python cannot set handlers) nothing is installed.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in HANDLED:
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @property
+    def flag(self) -> float:
+        """1.0 when a stop was asked for on this process, else 0.0 (summed over ranks by the loop)."""
+        return 0.0 if self.received is None else 1.0
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:  # asked twice: now, the way the process would have stopped without us
+            previous = self._previous.get(signum)
+            self.restore()
             if callable(previous):
-                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
+                previous(signum, frame)  # Python's default SIGINT handler raises KeyboardInterrupt here
+                return
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.received = signum
