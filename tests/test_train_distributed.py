@@ -58,15 +58,16 @@ def test_two_processes_and_a_resume_give_the_weights_of_one(tmp_path, single):
 
 
 
-SIGTERM_RANK_1 = """
+SIGNAL_RANK_1 = """
 import os, signal, sys
 from zoo.cli import main
 from zoo.training.ema import EMA
 real, calls = EMA.update, []
-def update(self):  # rank 1 alone gets SIGTERM during step 3's EMA update, after that step's all-reduce
+def update(self):  # rank 1 alone gets the signals during step 3's EMA update, after that step's all-reduce
     calls.append(1)
     if len(calls) == 3 and os.environ.get("RANK") == "1":
-        os.kill(os.getpid(), signal.SIGTERM)
+        for signum in os.environ["SIGNALS"].split(","):
+            os.kill(os.getpid(), int(signum))
     real(self)
 EMA.update = update
 sys.exit(main(sys.argv[1:]))
@@ -74,11 +75,14 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, single):
+@pytest.mark.parametrize("signals", ["15", "2,2"], ids=["sigterm", "ctrl-c-from-terminal-and-torchrun"])
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, single, monkeypatch, signals):
     """The stop request rides on the next step's loss all-reduce: rank 0, which got no signal, stops
-    after step 4 with rank 1, both save last/ together, and a resume ends with the weights of one process."""
-    script = tmp_path / "sigterm_rank_1.py"
-    script.write_text(SIGTERM_RANK_1)
+    after step 4 with rank 1, both save last/ together, and a resume ends with the weights of one process.
+    A Ctrl-C reaches a worker twice (the terminal, then torchrun's relay): still one orderly stop."""
+    monkeypatch.setenv("SIGNALS", signals)
+    script = tmp_path / "signal_rank_1.py"
+    script.write_text(SIGNAL_RANK_1)
     out = tmp_path / "ddp"
     proc = torchrun(out, 5, program=(str(script),), check=False)
     assert proc.returncode != 0  # the workers exit 143; torchrun reports them failed

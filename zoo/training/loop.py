@@ -327,7 +327,9 @@ class Trainer:
         if self.fd is not None:
             self.fd.prepare()  # the run's FD reference statistics, computed once
         monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
-        self.stops = StopSignals().__enter__()  # a fresh request state; handlers restored in the finally below
+        # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
+        # twice (terminal + relay), so there a second signal is no 'stop now'.
+        self.stops = StopSignals(second_stops_now=not self.ctx.distributed).__enter__()
         records, running, norms, count = [], torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         tick = time.perf_counter()
         try:

@@ -5,9 +5,10 @@ would save step S with the weights of step S+1. So a SIGINT (Ctrl-C) or SIGTERM 
 ``torchrun`` send before a kill, e.g. on preemption) only asks the run to stop; the loop checks
 the request after each step, saves ``last/`` and ends. Under ``torchrun`` the request travels
 with the step's loss all-reduce, so all ranks stop after the same step even when the signal
-reaches them at different moments. A second signal of the same kind stops at once (no save;
-``last/`` keeps the previous checkpoint). A signal the process ignores (``nohup``, a shell's
-background job) stays ignored.
+reaches them at different moments. In one process a second signal stops at once (no save;
+``last/`` keeps the previous checkpoint). Under ``torchrun`` it does not: a Ctrl-C reaches each
+worker twice, from the terminal and relayed by torchrun, and torchrun itself kills workers that
+take too long. A signal the process ignores (``nohup``, a shell's background job) stays ignored.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class StopRequested(KeyboardInterrupt):
 class StopSignals:
     """While active (``with``), SIGINT and SIGTERM set :attr:`received` instead of ending the process.
 
+    ``second_stops_now``: a second signal ends the process at once (one process; not under torchrun).
     Outside the main thread (where Python cannot set handlers) nothing is installed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, second_stops_now: bool = True) -> None:
         self.received: int | None = None
+        self.second_stops_now = second_stops_now
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -65,11 +68,12 @@ class StopSignals:
         return 0.0 if self.received is None else 1.0
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # asked twice: now, the way the process would have stopped without us
+        if self.received is not None and self.second_stops_now:  # now, as the process would have stopped without us
             previous = self._previous.get(signum)
             self.restore()
             if callable(previous):
                 previous(signum, frame)  # Python's default SIGINT handler raises KeyboardInterrupt here
                 return
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        self.received = signum
+        if self.received is None:
+            self.received = signum
