@@ -85,7 +85,10 @@ def evaluate_model(run: Path, n: int, scorer, threshold: float, solver_steps: in
     from zoo.eval.distortion import analyse
     from zoo.eval.runner import EvalRequest, evaluate
 
-    request = EvalRequest(source=str(run), n=n, ref="emoji32", extractor=extractor, steps=solver_steps,
+    # The solver the recorded results were measured with (the recipes' grids now use DDPM 50).
+    request = EvalRequest(source=str(run), n=n, ref="emoji32", extractor=extractor, solver="dpm_solver++",
+                          steps=solver_steps or 20, solver_options={"order": 2, "method": "multistep",
+                                                                    "skip": "time_uniform"},
                           batch_size=36, device=device or "cpu")
     result = evaluate(request, log=lambda line: _log(f"{run.name}: {line}"), progress=False)
     return analyse(result, scorer, threshold, batch_size=64, device=device or "cpu",

@@ -103,7 +103,7 @@ def test_demo_recipes_match_parameters_and_ship_as_package_data():
     counts = {}
     for name in ("dimr_2r", "uvit", "dit"):
         recipe = zoo.load_recipe(f"emoji32/{name}")  # found by name, as zoo build emoji32/dimr_2r does
-        assert recipe["data"]["dataset"] == "emoji32" and recipe["sample"]["solver"]["type"] == "dpm_solver++"
+        assert recipe["data"]["dataset"] == "emoji32" and recipe["sample"]["solver"]["type"] == "ddpm"
         with torch.device("meta"):
             counts[name] = sum(p.numel() for p in zoo.build_model(recipe).parameters())
         comment = (ROOT / "recipes" / "emoji32" / f"{name}.yaml").read_text()
