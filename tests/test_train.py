@@ -184,14 +184,15 @@ def terminal_sigint():
 
 
 def _signal_at(calls: list, when: dict, real):
-    """``Trainer.train_step`` that sends itself a signal at the start of the steps in ``when``."""
-    def step(self, x, y):
+    """The method ``real`` (``Trainer.train_step``, ``EMA.update``: one call a step) sending the process
+    the signal ``when[n]`` at the start of its n-th call."""
+    def method(self, *args):
         calls.append(1)
         if len(calls) in when:
             os.kill(os.getpid(), when[len(calls)])
-        return real(self, x, y)
+        return real(self, *args)
 
-    return step
+    return method
 
 
 def test_ctrl_c_finishes_the_step_saves_last_and_exits_130(tmp_path, monkeypatch, capsys, terminal_sigint):
@@ -216,15 +217,8 @@ def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path, monkeypatch, capsys
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, capsys, terminal_sigint):
     """The first Ctrl-C asks for a stop after the step, the second one (same step) ends the run now:
     nothing half-updated is saved, and last/ keeps the previous checkpoint (step 2 here)."""
-    calls, real_update = [], EMA.update
-
-    def update_twice_interrupted(self):
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        real_update(self)
-
-    monkeypatch.setattr(Trainer, "train_step", _signal_at(calls, {3: signal.SIGINT}, Trainer.train_step))
-    monkeypatch.setattr(EMA, "update", update_twice_interrupted)
+    monkeypatch.setattr(Trainer, "train_step", _signal_at([], {3: signal.SIGINT}, Trainer.train_step))
+    monkeypatch.setattr(EMA, "update", _signal_at([], {3: signal.SIGINT}, EMA.update))  # the second, mid-step
     assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=2",
                  "--set", "train.sample_every=0"]) == 130
     assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
@@ -238,15 +232,8 @@ def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tm
     base = ["train.ckpt_every=0", "train.sample_every=0", "train.log_every=1"]
     clean = tmp_path / "clean"
     train(recipe(*base), clean, steps=4, log=QUIET)
-    real, calls = EMA.update, []
-
-    def update_with_ctrl_c(self):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        real(self)
-
-    monkeypatch.setattr(EMA, "update", update_with_ctrl_c)
+    real = EMA.update
+    monkeypatch.setattr(EMA, "update", _signal_at([], {3: signal.SIGINT}, real))
     with pytest.raises(KeyboardInterrupt):
         train(recipe(*base), tmp_path / "cut", steps=4, log=QUIET)
     monkeypatch.setattr(EMA, "update", real)
@@ -258,16 +245,9 @@ def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tm
 
 
 def test_a_sigint_the_process_ignores_stays_ignored_mid_update(tmp_path, monkeypatch):
-    """Under SIG_IGN (nohup, a background job) a SIGINT held during the update is dropped: the run finishes."""
-    real, calls = EMA.update, []
-
-    def update_with_ctrl_c(self):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        real(self)
-
-    monkeypatch.setattr(EMA, "update", update_with_ctrl_c)
+    """Under SIG_IGN (nohup, a background job) a SIGINT during the update is dropped: the run finishes."""
+    calls = []
+    monkeypatch.setattr(EMA, "update", _signal_at(calls, {2: signal.SIGINT}, EMA.update))
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         train(recipe("train.ckpt_every=0", "train.sample_every=0"), tmp_path, steps=3, log=QUIET)
