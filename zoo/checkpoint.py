@@ -208,6 +208,15 @@ def repair_checkpoint(directory: str | Path) -> Path | None:
     return atomic.repair(directory, CONFIG)
 
 
+def checkpoint_of(path: str | Path) -> Path:
+    """``path``, or for a ``zoo train`` run directory its newest checkpoint ``path/last``; both repaired
+    first if a crash interrupted their save."""
+    path = Path(path)
+    repair_checkpoint(path / "last")  # a save interrupted between its two renames: `last` comes back
+    repair_checkpoint(path)
+    return path / "last" if (path / "last" / CONFIG).is_file() else path
+
+
 def repair_run(directory: str | Path) -> list[Path]:
     """Repair every interrupted checkpoint save in a run directory and delete its temporary files."""
     directory = Path(directory)

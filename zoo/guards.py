@@ -97,14 +97,9 @@ def resolve_sample_source(source: str) -> str:
     A bare name (``dit_s_2``) may still name a shipped recipe; anything that looks like a path
     must exist, so a mistyped checkpoint path never samples a same-named recipe's random weights.
     """
-    from zoo.checkpoint import CONFIG, repair_checkpoint
+    from zoo.checkpoint import CONFIG, checkpoint_of
 
-    path = Path(source).expanduser()
-    repair_checkpoint(path)  # `last` missing after a crash between two renames comes back here
-    if path.is_dir() and not (path / CONFIG).exists():
-        repair_checkpoint(path / "last")
-        if (path / "last" / CONFIG).is_file():  # a run directory: its newest checkpoint
-            return str(path / "last")
+    path = checkpoint_of(Path(source).expanduser())  # repaired; a run directory: its last/
     if path.is_dir():
         return str(path)
     if path.is_file():

@@ -57,12 +57,10 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     A checkpoint inside a run (``RUN/step_0001000``, ``RUN/last``) evaluates into ``RUN/eval``:
     checkpoint directories are replaced whole when saved, so nothing is written inside them.
     """
-    from zoo.checkpoint import repair_checkpoint
+    from zoo.checkpoint import checkpoint_of
 
     path = Path(source).expanduser()
-    repair_checkpoint(path / "last")  # a save interrupted between its two renames: `last` comes back
-    repair_checkpoint(path)
-    if (path / "last" / "config.json").is_file():
+    if checkpoint_of(path) != path:  # a run directory: its last/
         return path / "last", path / "eval"
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run directory (with last/) nor a checkpoint directory (config.json)")

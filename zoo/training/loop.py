@@ -329,7 +329,7 @@ class Trainer:
         monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
         # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
         # twice (terminal + relay), so there a second signal is no 'stop now'.
-        self.stops = StopSignals(second_stops_now=not self.ctx.distributed).__enter__()
+        self.stops = StopSignals(second_stops_now=not self.ctx.distributed).install()
         records, running, norms, count = [], torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         tick = time.perf_counter()
         try:

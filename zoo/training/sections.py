@@ -92,8 +92,6 @@ TRAIN: dict[str, Any] = {
 }
 
 
-
-
 def validate_train(value: dict | None, recipe: Recipe) -> None:
     """The ``train`` table, then the rule between its keys: a decay ends at or below where it starts."""
     check_table(recipe, value, TRAIN, ("train",), "train")

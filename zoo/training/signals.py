@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from types import FrameType, TracebackType
+from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -35,7 +35,7 @@ class StopRequested(KeyboardInterrupt):
 
 
 class StopSignals:
-    """While active (``with``), SIGINT and SIGTERM set :attr:`received` instead of ending the process.
+    """While installed, SIGINT and SIGTERM set :attr:`received` instead of ending the process.
 
     ``second_stops_now``: a second signal ends the process at once (one process; not under torchrun).
     Outside the main thread (where Python cannot set handlers) nothing is installed.
@@ -46,15 +46,13 @@ class StopSignals:
         self.second_stops_now = second_stops_now
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> "StopSignals":
+        """Take over SIGINT and SIGTERM (those the process does not ignore) until :meth:`restore`."""
         if threading.current_thread() is threading.main_thread():
             for signum in HANDLED:
                 if signal.getsignal(signum) != signal.SIG_IGN:
                     self._previous[signum] = signal.signal(signum, self._handle)
         return self
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
-        self.restore()
 
     def restore(self) -> None:
         """Put back the handlers that were there before."""
