@@ -137,6 +137,15 @@ def test_interrupts_missing_files_and_usage_errors(capsys, monkeypatch):
     assert zoo(capsys, "--help")[0] == 0
 
 
+def test_overrides_after_one_set_are_named_with_the_fix(capsys):
+    code, out, err = zoo(capsys, "build", str(RECIPES / "tiny.yaml"), "--set", "model.depth=2", "train.steps=3")
+    assert code == 2 and not out
+    assert err == ("zoo: error: unrecognized arguments: train.steps=3 "
+                   "(each override takes its own --set: --set train.steps=3)\n")
+    code, _, err = zoo(capsys, "build", str(RECIPES / "tiny.yaml"), "--frob")
+    assert code == 2 and err == "zoo: error: unrecognized arguments: --frob\n"
+
+
 def test_a_directory_or_a_file_in_the_wrong_place_is_one_line_naming_the_path(capsys, monkeypatch, tmp_path):
     (tmp_path / "afile").write_text("x")
     cases = {lambda args: open(tmp_path): f"{tmp_path}: a directory where a file is needed",

@@ -54,6 +54,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _unrecognized(extra: Sequence[str]) -> str:
+    """argparse's 'unrecognized arguments', plus the fix when they are overrides without their ``--set``
+    (``--set a=1 b=2``: each KEY=VALUE takes its own ``--set``)."""
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    loose = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    if loose:
+        message += " (each override takes its own --set: " + " ".join(f"--set {arg}" for arg in loose) + ")"
+    return message
+
+
 PATH_PROBLEMS = {  # an OS error on a path the user gave, in words, with what to do
     PermissionError: "no permission to read or write this path (choose another or change its permissions)",
     IsADirectoryError: "a directory where a file is needed (give a file's path)",
@@ -66,9 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
         except SystemExit as exit_:  # --help, or a usage error already printed by argparse
             return exit_.code if isinstance(exit_.code, int) else 2
+        if extra:
+            print(f"zoo: error: {_unrecognized(extra)}", file=sys.stderr)
+            return 2
         return int(args.func(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C; zoo train's StopRequested also after SIGTERM (status 143)
         status = getattr(err, "exit_status", 130)
