@@ -57,6 +57,20 @@ def test_fp16_on_a_cpu_without_fp16_hardware_is_named_slow_in_the_first_lines(tm
     assert bool(note) == warned and all("use precision bf16 or fp32" in line for line in note)
 
 
+def test_logged_speed_leaves_out_checkpoints_and_grids(tmp_path, monkeypatch):
+    """steps/s is the training speed: a save and a grid of 1.5 s each after every step do not show in it.
+    Counted, they would make every record < 1/3 step/s; a step of this tiny model takes milliseconds
+    (the first, with its warm-up, up to a second on a loaded machine), so > 0.5 steps/s holds without them."""
+    from zoo.training.loop import Trainer
+
+    for name in ("save", "sample_grid"):
+        real = getattr(Trainer, name)
+        monkeypatch.setattr(Trainer, name, lambda self, *a, _real=real, **k: (time.sleep(1.5), _real(self, *a, **k))[1])
+    r = zoo.load_recipe(RECIPE, ["train.sample_every=1", "train.ckpt_every=1", "train.log_every=1"])
+    records = train(r, tmp_path, steps=2, log=lambda *_: None)
+    assert len(records) == 2 and all(x["steps_per_s"] > 0.5 for x in records), records
+
+
 def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
     """Resuming at step 2 of a run that logged to step 4 (e.g. after a NaN stop): log.jsonl and
     TensorBoard hold steps 1..4 once each, the redone steps with the new run's values."""

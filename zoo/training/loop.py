@@ -354,10 +354,11 @@ class Trainer:
                         monitor.record(rec)
                     running, norms = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
                     count, tick = 0, time.perf_counter()
+                # Saves, grids and evaluations are left out of the logged steps/s: it is the training speed
                 if self._every("ckpt_every"):
-                    self.save()
+                    tick += _seconds(self.save)
                 if self._every("sample_every"):
-                    self.sample_grid()
+                    tick += _seconds(self.sample_grid)
                 if self._every("eval_every"):
                     tick += evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor)
         except StopRequested:
@@ -375,6 +376,13 @@ class Trainer:
         if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
             self.sample_grid()  # the final weights' grid too when the run ends between two grids
         return records
+
+
+def _seconds(work: Callable[[], object]) -> float:
+    """How long ``work()`` took."""
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def _check_groups(saved: dict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
