@@ -396,18 +396,3 @@ def test_a_learning_rate_decay_cannot_end_above_its_start():
         zoo.load_recipe("emoji32/dimr_2r", ["train.min_lr=0.1"])
     assert zoo.load_recipe("emoji32/dimr_2r", ["train.min_lr=0.1", "train.lr_schedule=constant"])  # no decay: unused
     assert zoo.load_recipe("emoji32/dimr_2r", ["train.min_lr=1e-3"])["train"]["min_lr"] == 1e-3  # equal: a flat end
-
-
-def test_the_data_image_size_must_fit_the_model_at_load():
-    """Images of data.image_size are what the model takes: its input side for pixels, 8 times it for SD-VAE
-    latents (U-ViT names it img_size). Refused at load (zoo build), not at the first batch."""
-    with pytest.raises(UserError, match=r"key data.image_size: image_size 64 does not fit the model, which takes "
-                                        r"32x32 pixels \(set data.image_size: 32, or model.input_size: 64\)"):
-        zoo.load_recipe("emoji32/dimr_2r", ["data.image_size=64"])
-    with pytest.raises(UserError, match=r"which takes 64x64 latents, from 512 px images \(set data.image_size: 512, "
-                                        r"or model.img_size: 32, since the VAE makes 256 px images 32x32 latents\)"):
-        zoo.load_recipe("uvit_h_4", ["data.image_size=256"])
-    with pytest.raises(UserError, match=r"\(set data.image_size: 256\)$"):  # no latent side makes 250 px
-        zoo.load_recipe("dimr_xl_2r", ["data.image_size=250"])
-    assert zoo.load_recipe("emoji32/dimr_2r", ["data.image_size=64", "model.input_size=64"])["data"]["image_size"] == 64
-    assert zoo.load_recipe("uvit_h_4")["data"]["image_size"] == 512

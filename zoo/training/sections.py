@@ -103,31 +103,5 @@ def validate_train(value: dict | None, recipe: Recipe) -> None:
                            suggestion=f"set train.min_lr below {lr:g} (e.g. {lr / 100:g})")
 
 
-VAE_FACTOR = 8  # the SD KL-f8 VAE: a latent of side s decodes to an image of side 8 s
-MODEL_SIDE_KEYS = ("input_size", "img_size")  # DiT/DiMR, U-ViT: the model's spatial input side
-
-
-def validate_data(value: dict | None, recipe: Recipe) -> None:
-    """The ``data`` table, then the rule with the model: images of ``image_size`` are what the model takes
-    (pixels: its input side; latents: 8 times it), checked at load instead of when training starts."""
-    check_table(recipe, value, DATA, ("data",), "data")
-    value, model = value or {}, recipe.data.get("model")
-    size = value.get("image_size")
-    keys = [k for k in MODEL_SIDE_KEYS if isinstance(model, dict) and k in model]
-    side = model[keys[0]] if keys else None
-    if not isinstance(size, int) or not isinstance(side, int) or isinstance(side, bool):
-        return  # a plugin backbone, or the model's side given another way: checked on the first batch
-    factor = VAE_FACTOR if value.get("latent") else 1
-    if size != side * factor:
-        takes = (f"{side}x{side} latents, from {side * factor} px images" if factor > 1 else f"{side}x{side} pixels")
-        fix = f"set data.image_size: {side * factor}"
-        if size % factor == 0:
-            fix += f", or model.{keys[0]}: {size // factor}"
-            if factor > 1:
-                fix += f", since the VAE makes {size} px images {size // factor}x{size // factor} latents"
-        raise recipe.error(("data", "image_size"), f"image_size {size} does not fit the model, which takes {takes}",
-                           suggestion=fix)
-
-
-register_section("data", DATA, validate_data)
+register_section("data", DATA)
 register_section("train", TRAIN, validate_train)
