@@ -160,13 +160,11 @@ def fd_hook(recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Datase
 
 
 def evaluation(hook: FDHook | None, ema_copy: Callable[[], torch.nn.Module | None], step: int, ctx,
-               monitor=None) -> float:
+               monitor=None) -> None:
     """One evaluation on rank 0 (its record to ``monitor.record_eval``); every rank leaves together.
 
     ``ema_copy`` gives rank 0 a plain model with the EMA weights and the others ``None``; every
-    rank calls it (under FSDP each gathers its shards). Returns the seconds the evaluation took,
-    which the caller leaves out of the training throughput."""
-    start = time.perf_counter()
+    rank calls it (under FSDP each gathers its shards)."""
     ema_model = ema_copy()
     if hook is not None and ema_model is not None:
         rec = hook(ema_model, step)
@@ -174,4 +172,3 @@ def evaluation(hook: FDHook | None, ema_copy: Callable[[], torch.nn.Module | Non
             monitor.record_eval(rec)
     del ema_model
     ctx.barrier()
-    return time.perf_counter() - start

@@ -360,7 +360,7 @@ class Trainer:
                 if self._every("sample_every"):
                     tick += _seconds(self.sample_grid)
                 if self._every("eval_every"):
-                    tick += evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor)
+                    tick += _seconds(lambda: evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor))
         except StopRequested:
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: at once, maybe mid-update, so nothing is saved
