@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor, nn
+
+from zoo.domains import Doc, OneOf
+from zoo.errors import UserError
 
 
 class PatchEmbed(nn.Module):  # = timm.layers.PatchEmbed(img_size=None); importing timm adds 2.5-4 s (blocks/mlp.py)
@@ -67,3 +72,28 @@ def xavier_init_linears_(module: nn.Module) -> None:
     for m in module.modules():
         if m is not module and callable(getattr(m, "init_weights", None)):
             m.init_weights()
+
+
+POS_EMBED_INITS = ("normal", "sincos")
+
+#: How a learned position table starts (``pos_embed_init`` of U-ViT and DiMR).
+PosEmbedInit = Annotated[str, OneOf(POS_EMBED_INITS, "pos_embed_init"), Doc(
+    "normal: trunc-normal std 0.02 (released U-ViT/DiMR); sincos: starts from the 2-D sin-cos table, still learned")]
+
+
+def init_pos_embed_(table: Tensor, grid: int, how: str = "normal", extra_tokens: int = 0) -> None:
+    """Initialise a learned position table in place: trunc-normal(0.02) everywhere (the released
+    U-ViT/DiMR init), then for ``how="sincos"`` the ``grid x grid`` patch positions (after
+    ``extra_tokens`` rows such as U-ViT's time and label tokens) start from the 2-D sin-cos table.
+
+    ``table`` is ``(1, extra_tokens + grid**2, dim)`` or ``(1, grid, grid, dim)``.
+    """
+    if how not in POS_EMBED_INITS:
+        raise UserError(f"pos_embed_init must be one of {', '.join(POS_EMBED_INITS)}, got {how!r}")
+    nn.init.trunc_normal_(table, std=0.02)
+    if how == "sincos":
+        dim = table.shape[-1]
+        if dim % 4:
+            raise UserError(f"pos_embed_init: sincos needs a width divisible by 4, got {dim}; use normal")
+        with torch.no_grad():
+            table.view(-1, dim)[extra_tokens:].copy_(sincos_pos_embed_2d(dim, grid, dtype=table.dtype, device=table.device))

@@ -23,6 +23,7 @@ from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_de
 from zoo.domains import MAX_SIZE, Channels, Classes, Depth, Doc, ImageSize, PatchSize, Range, Rule, Width
 from zoo.errors import UserError
 
+from .common import PosEmbedInit, init_pos_embed_
 from .dimr_branch import DiMRBranch
 
 
@@ -129,6 +130,8 @@ class DiMR(nn.Module):
     in every branch (``true``) or in the branches a list of booleans picks, lowest resolution
     first (``[false, true]``: only the high-resolution branch of a 2R model; ``zoo.memory``
     estimates what each choice saves, and benchmarks/paper_recipes.py reports it).
+    ``pos_embed_init``: ``normal`` (the released trunc-normal 0.02) or ``sincos`` (each branch's
+    table starts from the 2-D sin-cos table and is still learned; the emoji32 demo uses it).
     """
 
     constraints = (Rule("branch grids that divide input_size and grow by integer ratios to it",
@@ -146,6 +149,7 @@ class DiMR(nn.Module):
         class_embedding: bool = False,
         detach_handed: bool = False,
         grad_checkpointing: BranchFlags = False,
+        pos_embed_init: PosEmbedInit = "normal",
     ):
         super().__init__()
         branches = [self._check_branch(i, spec) for i, spec in enumerate(branches)]
@@ -156,6 +160,7 @@ class DiMR(nn.Module):
         self.input_size = input_size
         self.num_classes = num_classes
         self.detach_handed = detach_handed
+        self.pos_embed_init = pos_embed_init
         self.branches = nn.ModuleList()
         handed_dim, prev_grid = None, None
         for spec in branches:
@@ -187,15 +192,16 @@ class DiMR(nn.Module):
         return spec
 
     def init_weights(self) -> None:
-        """Trunc-normal(0.02) Linear and Embedding weights, zero biases, PyTorch-default convs, then
-        each submodule's own ``init_weights`` hook (e.g. adaLN-Zero's zero modulation)."""
+        """Trunc-normal(0.02) Linear and Embedding weights, zero biases, PyTorch-default convs,
+        position tables as ``pos_embed_init`` says, then each submodule's own ``init_weights``
+        hook (e.g. adaLN-Zero's zero modulation)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         for branch in self.branches:
-            nn.init.trunc_normal_(branch.pos_embed, std=0.02)
+            init_pos_embed_(branch.pos_embed, branch.grid, self.pos_embed_init)
         for m in self.modules():
             if m is not self and callable(getattr(m, "init_weights", None)):
                 m.init_weights()

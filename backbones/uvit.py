@@ -31,7 +31,7 @@ from zoo.domains import (MAX_CLASSES, Channels, Depth, Divisible, Doc, Heads, Im
                          Width)
 from zoo.errors import UserError
 
-from .common import PatchEmbed, unpatchify
+from .common import PatchEmbed, PosEmbedInit, init_pos_embed_, unpatchify
 
 # Arguments U-ViT passes to every block; a block factory must leave them to U-ViT.
 _BLOCK_ARGS = ("num_heads", "mlp_ratio", "qkv_bias", "norm", "cond_dim")
@@ -56,6 +56,8 @@ class UViT(nn.Module):
         head_norm: the norm before the output Linear (default U-ViT's LayerNorm); e.g.
             ``{type: adaln_zero, gate: false}`` for DiT's modulated head. A gate it returns is unused.
         frequency_dim: sinusoid width of the timestep MLP, used only by embedding conditioners.
+        pos_embed_init: ``normal`` (the released trunc-normal 0.02) or ``sincos`` (the patch
+            positions start from the 2-D sin-cos table and are still learned; the emoji32 demo).
     """
 
     constraints = (Divisible("img_size", "patch_size"), Divisible("embed_dim", "num_heads"))
@@ -78,6 +80,7 @@ class UViT(nn.Module):
         norm: Callable[..., nn.Module] = TimeToken,
         head_norm: Callable[..., nn.Module] = LayerNorm,
         frequency_dim: Width = 256,
+        pos_embed_init: PosEmbedInit = "normal",
     ):
         super().__init__()
         if img_size % patch_size:
@@ -91,6 +94,7 @@ class UViT(nn.Module):
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.grid = img_size // patch_size
+        self.pos_embed_init = pos_embed_init
         self.time_token = adds_time_token(norm)
         self.needs_embedding = needs_embedding(norm) or needs_embedding(head_norm)
         if mlp_time_embed and not self.time_token:
@@ -125,7 +129,8 @@ class UViT(nn.Module):
         self.set_grad_checkpointing(use_checkpoint)
 
     def init_weights(self) -> None:
-        """U-ViT's init: trunc-normal(0.02) Linear weights and position table, zero biases,
+        """U-ViT's init: trunc-normal(0.02) Linear weights and position table (or its sin-cos start,
+        ``pos_embed_init``), zero biases,
         LayerNorm ones/zeros; PyTorch defaults for convs and the label table; then each
         submodule's own ``init_weights`` hook (e.g. adaLN-Zero's zero modulation)."""
         for m in self.modules():
@@ -136,7 +141,7 @@ class UViT(nn.Module):
             elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        init_pos_embed_(self.pos_embed, self.grid, self.pos_embed_init, extra_tokens=self.num_extra_tokens)
         for m in self.modules():
             if m is not self and callable(getattr(m, "init_weights", None)):
                 m.init_weights()
