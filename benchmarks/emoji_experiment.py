@@ -5,10 +5,11 @@
     python benchmarks/emoji_experiment.py --quick --out /tmp/emoji_quick   # every stage at toy sizes (a test)
 
 1. trains each model of ``recipes/emoji32/{dimr_2r,uvit,dit}.yaml`` (matched within 3% in
-   parameters; the recipes' own seed and data, only ``train.steps`` set) for ``--steps`` steps
+   parameters; the recipes' own seed and data; ``train.steps`` set, and ``PINNED``: the trunc-normal
+   position init the recorded results used) for ``--steps`` steps
    into ``OUT/runs/NAME``; a run already at that step is skipped, a shorter one resumed;
 2. trains the emoji32 classifier (``zoo train-classifier``) into ``OUT/classifier``, or reuses it;
-3. evaluates each model with ``zoo eval``'s code (EMA weights, the recipes' sampler: DPM-Solver++
+3. evaluates each model with ``zoo eval``'s code (EMA weights, the recorded results' sampler: DPM-Solver++
    20 steps, CFG 2; ``--n`` samples with per-sample seeds, shards reused on a rerun): FD of
    efficientnet_lite0 features (offline) against the emoji32 holdout split, precision/recall, and the
    distortion share (samples whose own-class probability under the classifier is below ``--threshold``);
@@ -34,6 +35,9 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "emoji_experiment"
 # cosine schedule + Min-SNR weights, 1500-step models still paint the whole frame and the classifier
 # rejects 93-98% of every model's samples, which compares nothing.
 STEPS, N, CLASSIFIER_STEPS, GRID = 3000, 256, 800, 36
+# The position init the recorded results were measured with: the emoji32 recipes now start U-ViT's and
+# DiMR's learned tables from the sin-cos positions (DiT's table is a fixed sin-cos one either way).
+PINNED = {"dimr_2r": ["model.pos_embed_init=normal"], "uvit": ["model.pos_embed_init=normal"]}
 
 
 def _log(text: str) -> None:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = {}
     for label, name in MODELS.items():  # all training first: the classifier and evals reuse nothing of it
         trained[label] = train_model(ROOT / "recipes" / "emoji32" / f"{name}.yaml", out / "runs" / name, steps,
-                                     overrides, args.device)
+                                     [*PINNED.get(name, []), *overrides], args.device)
     cls_dir = classifier(out / "classifier", cls_steps, quick, args.device)
     scorer = build_scorer(str(cls_dir), device=args.device or "cpu")
     real = real_distortion(scorer, args.threshold)
