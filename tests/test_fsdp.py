@@ -98,7 +98,9 @@ def test_a_kill_mid_save_leaves_last_loadable_and_the_resume_equals_the_uninterr
     every = ("--set", "train.ckpt_every=1")
     proc = torchrun(out, 5, *FSDP, *every, "--resume", str(start), program=(str(script),), check=False)
     assert proc.returncode != 0
-    (unsealed,) = out.glob("last.tmp-*")  # the step-4 save of last/: shards written, never sealed
+    left = list(out.glob("last.tmp-*"))
+    assert len(left) == 1, f"the kill did not land in the step-4 save of last/: {left}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    (unsealed,) = left  # the step-4 save of last/: shards written, never sealed
     assert (unsealed / "__1_0.distcp").is_file() and not (unsealed / "config.json").exists()
     assert ckpt.load_trainer_state(out / "last")["step"] == 3  # repaired on read: the step-3 last/ stands
     assert not list(out.glob("last.tmp-*"))
