@@ -149,10 +149,11 @@ def test_latent_data_without_a_reference_is_refused_at_startup(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_evaluate_on_rank_0_only(tmp_path):
-    """torchrun, 2 gloo processes, the real offline extractor: one writer, no deadlock, the 1-process losses."""
+    """torchrun, 2 gloo processes, the real offline extractor and a validation loss: one writer, no deadlock,
+    the 1-process losses."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "zoo", "train", str(RECIPE), "--out", str(tmp_path / "ddp"), "--steps", "4", "--device", "cpu"]
-    for s in SETTINGS + ["train.eval_every=2", "train.eval_n=16"]:
+    for s in SETTINGS + ["train.eval_every=2", "train.eval_n=16", "train.val_every=2", "train.val_n=16"]:
         argv += ["--set", s]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -161,6 +162,7 @@ def test_two_processes_evaluate_on_rank_0_only(tmp_path):
     records = _records(tmp_path / "ddp")
     assert [r["step"] for r in records if "fd" in r] == [2, 4]
     assert all(math.isfinite(r["fd"]) and r["fd_extractor"] == "efficientnet_lite0" for r in records if "fd" in r)
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]  # the validation loss too, once per step
     single = train(zoo.load_recipe(RECIPE, SETTINGS), tmp_path / "one", steps=4, device="cpu", log=lambda *_: None)
     # Same global batch and per-sample draws; only the float32 summation order differs (2 x 8 vs 16 samples).
     losses = [r["loss"] for r in records if "loss" in r]

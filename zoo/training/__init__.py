@@ -1,5 +1,6 @@
 """Training: the loop (``loop``), data streams (``data``), AdamW groups and warm-up (``optim``),
-the fp32 EMA (``ema``) and the ``data``/``train`` recipe-section validators (``sections``).
+the fp32 EMA (``ema``), what a run logs (``monitor``; an FD with ``eval_hook``, a validation loss
+with ``val_loss``) and the ``data``/``train`` recipe-section validators (``sections``).
 
 ``Trainer`` and ``train`` are loaded on first use, so importing the section validators (which
 recipe validation does) does not import torch.

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from zoo.errors import UserError
 
@@ -168,6 +168,24 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
                         suggestion="point data.root at a directory with data")
     check_against_model(ds, kind, shape, num_classes)
     return ds
+
+
+def held_out(data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...], num_classes: int | None,
+             seed: int, limit: int) -> tuple[Dataset, str]:
+    """Images to measure a run on, and what they are: the dataset's ``holdout`` split when it has one
+    (``"emoji32:holdout"``), else a fixed seeded subset of at most ``limit`` of the training images
+    ``dataset`` (``"NAME:train (N images)"``; drawn from its own generator, the global RNG untouched)."""
+    from zoo import registry
+
+    name = data.get("dataset", "synthetic")
+    build = registry.get("dataset", name)
+    if "holdout" in getattr(build, "splits", ()):
+        return build({**data, "split": "holdout"}, shape, num_classes, seed), f"{name}:holdout"
+    count = min(len(dataset), limit)
+    if count < len(dataset):
+        picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+        dataset = Subset(dataset, picked.sort().values.tolist())
+    return dataset, f"{name}:train ({count} images)"
 
 
 def class_names(data: Mapping[str, Any]) -> list[str]:

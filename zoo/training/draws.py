@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-TRAIN_STREAM = 16  # streams 0-2 are the sampler's (noise, labels, solver noise)
+TRAIN_STREAM = 16  # streams 0-2 are the sampler's (noise, labels, solver noise), 17 the datasets' own draws,
+                  # 18-20 the validation loss's (zoo.training.val_loss)
 
 
 @dataclass

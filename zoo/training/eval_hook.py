@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from zoo.errors import UserError
 
@@ -74,21 +74,14 @@ class FDHook:
         """(images to compute the statistics from, or None for ``eval_ref``; a description of them)."""
         if self.ref_spec is not None:
             return None, str(self.ref_spec)
-        from zoo import registry
         from zoo.sample import num_classes
+        from zoo.training.data import held_out
 
-        name = data.get("dataset", "synthetic")
-        build = registry.get("dataset", name)
-        if "holdout" in getattr(build, "splits", ()):
-            return build({**data, "split": "holdout"}, shape, num_classes(recipe), self.seed), f"{name}:holdout"
-        count = min(len(dataset), REF_MAX)
-        if count < 2:
-            raise UserError(f"train.eval_every: the training data hold {len(dataset)} image(s); reference "
-                            "statistics need at least 2 (or set train.eval_ref)", key_path="train.eval_ref")
-        if count < len(dataset):  # a fixed subset, drawn from its own generator (the global RNG is not touched)
-            picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:count]
-            dataset = Subset(dataset, picked.sort().values.tolist())
-        return dataset, f"{name}:train ({count} images)"
+        images, source = held_out(data, dataset, shape, num_classes(recipe), self.seed, limit=REF_MAX)
+        if len(images) < 2:
+            raise UserError(f"train.eval_every: the reference images ({source}) hold {len(images)} image(s); "
+                            "reference statistics need at least 2 (or set train.eval_ref)", key_path="train.eval_ref")
+        return images, source
 
     @property
     def ref_path(self) -> Path:
@@ -159,9 +152,10 @@ def fd_hook(recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Datase
     return hook
 
 
-def evaluation(hook: FDHook | None, ema_copy: Callable[[], torch.nn.Module | None], step: int, ctx,
-               monitor=None) -> None:
-    """One evaluation on rank 0 (its record to ``monitor.record_eval``); every rank leaves together.
+def evaluation(hook: Callable[[torch.nn.Module, int], dict] | None, ema_copy: Callable[[], torch.nn.Module | None],
+               step: int, ctx, monitor=None) -> None:
+    """One evaluation on rank 0 by ``hook`` (an :class:`FDHook` or a validation loss), its record to
+    ``monitor.record_eval``; every rank leaves together.
 
     ``ema_copy`` gives rank 0 a plain model with the EMA weights and the others ``None``; every
     rank calls it (under FSDP each gathers its shards)."""

@@ -41,6 +41,7 @@ from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate
 from zoo.training.rundir import check_resume_recipe, prune_steps
 from zoo.training.signals import StopRequested, StopSignals
+from zoo.training.val_loss import val_hook
 
 DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
             "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16,
@@ -122,6 +123,7 @@ class Trainer:
             self.objective.label_drop = float(model_cfg["class_dropout_prob"])
             if self.objective.null_label is None:
                 self.objective.null_label = int(model_cfg["num_classes"])
+        self.val = val_hook(recipe, self.train, dataset, self.shape, self.objective, self.ctx)  # train.val_every
         self.step, self.created = 0, []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
         if resume is not None:
@@ -361,6 +363,8 @@ class Trainer:
                     tick += _seconds(self.sample_grid)
                 if self._every("eval_every"):
                     tick += _seconds(lambda: evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor))
+                if self._every("val_every"):
+                    tick += _seconds(lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor))
         except StopRequested:
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: at once, maybe mid-update, so nothing is saved

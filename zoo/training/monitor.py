@@ -5,8 +5,10 @@ it; when stderr is not a terminal (a log file, CI) every record is one plain lin
 A training record is ``{step, loss, lr, grad_norm, steps_per_s, images_per_s}`` (means over the
 steps since the previous one). Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
 ``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
-Evaluation records (``train.eval_every``: ``{"step", "fd", "fd_n", "fd_extractor", "fd_seconds"}``) go to the
-same sinks: their own log.jsonl lines, the TensorBoard scalar ``eval/fd``, a second curve in loss.png, one line.
+Evaluation records go to the same sinks, each as its own log.jsonl line and one printed line:
+``train.eval_every``'s ``{"step", "fd", "fd_n", "fd_extractor", "fd_seconds"}`` (TensorBoard ``eval/fd``, a
+second axis in loss.png) and ``train.val_every``'s ``{"step", "val_loss", "val_n", "val_source", "val_seconds"}``
+(TensorBoard ``eval/val_loss``, markers on the loss axis of loss.png).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def _log_scale(values) -> str:
     return "log" if min(values) > 0 and max(values) / min(values) > 10 else "linear"
 
 
+def _points(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the records that hold a finite ``key``."""
+    return [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+
+
 class LossPlot:
     """``loss.png``: loss against step (log-scale once it spans a decade), and the FD of the evaluations on
     a second axis when there are any. One figure kept for the run; each redraw writes a temporary name
@@ -53,7 +60,8 @@ class LossPlot:
         self.path = path
         self.fig = Figure(figsize=(6, 3.5), dpi=100)
         self.ax = self.fig.add_subplot()
-        (self.line,) = self.ax.plot([], [], lw=1.2)
+        (self.line,) = self.ax.plot([], [], lw=1.2, label="training loss")
+        (self.val_line,) = self.ax.plot([], [], "s-", color="tab:green", lw=1.2, ms=3, label="validation loss (EMA)")
         self.ax.set_xlabel("step")
         self.ax.set_ylabel("training loss")
         self.ax.grid(alpha=0.3)
@@ -73,16 +81,20 @@ class LossPlot:
         self.fd_ax.autoscale_view()
 
     def draw(self, records: list[dict]) -> None:
-        points = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-        fd_points = [(r["step"], r["fd"]) for r in records if "fd" in r and math.isfinite(r["fd"])]
-        if not points and not fd_points:
+        points = _points(records, "loss")
+        val_points = _points(records, "val_loss")
+        fd_points = _points(records, "fd")
+        if not points and not val_points and not fd_points:
             return
-        if points:
-            steps, losses = zip(*points)
-            self.line.set_data(steps, losses)
-            self.ax.set_yscale(_log_scale(losses))
+        if points or val_points:
+            for line, pts in ((self.line, points), (self.val_line, val_points)):
+                line.set_data([p[0] for p in pts], [p[1] for p in pts])
+            self.ax.set_yscale(_log_scale([v for _, v in points + val_points]))
             self.ax.relim()
             self.ax.autoscale_view()
+            if val_points:
+                self.ax.set_ylabel("loss")
+                self.ax.legend(loc="upper right", fontsize=8)
         if fd_points:
             self._draw_fd(fd_points)
         write_file(self.path, lambda tmp: self.fig.savefig(tmp, format="png"))
@@ -137,16 +149,23 @@ class Monitor:
             self.log(line)
 
     def record_eval(self, rec: dict) -> None:
-        """An evaluation record (``train.eval_every``): log.jsonl, TensorBoard ``eval/fd``, loss.png, one line."""
+        """An evaluation record (an FD of ``train.eval_every`` or a validation loss of ``train.val_every``):
+        log.jsonl, TensorBoard ``eval/fd`` or ``eval/val_loss``, loss.png, one line."""
         self.records.append(rec)
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        self.writer.add_scalar("eval/fd", rec["fd"], rec["step"])
+        for key in ("fd", "val_loss"):
+            if key in rec:
+                self.writer.add_scalar(f"eval/{key}", rec[key], rec["step"])
         self.writer.flush()
         self.plot.draw(self.records)  # evaluations are rare: always redrawn
         self.plotted = time.monotonic()
-        self.message(f"step {rec['step']:>7d}  fd {rec['fd']:.4f}  ({rec['fd_n']} EMA samples, "
-                     f"{rec['fd_extractor']}, {rec['fd_seconds']:.1f} s)")
+        if "fd" in rec:
+            self.message(f"step {rec['step']:>7d}  fd {rec['fd']:.4f}  ({rec['fd_n']} EMA samples, "
+                         f"{rec['fd_extractor']}, {rec['fd_seconds']:.1f} s)")
+        if "val_loss" in rec:
+            self.message(f"step {rec['step']:>7d}  val_loss {rec['val_loss']:.5f}  ({rec['val_n']} fixed draws on "
+                         f"{rec['val_source']}, EMA, {rec['val_seconds']:.1f} s)")
 
     def message(self, text: str) -> None:
         """A line that must not tear the bar."""

@@ -18,6 +18,7 @@
       precision (fp32 | bf16 | fp16), no_weight_decay_1d, ckpt_every, sample_every, log_every, sample_n,
       grad_accum, grad_checkpointing, compile, tf32, keep_last, parallel (ddp | fsdp)
       eval_every, eval_n, eval_extractor, eval_ref   # a small FD every eval_every steps (zoo.training.eval_hook)
+      val_every, val_n                               # a fixed-draw held-out loss every val_every steps (zoo.training.val_loss)
 
 Importing this module does not import torch.
 """
@@ -81,6 +82,9 @@ TRAIN: dict[str, Any] = {
     "eval_extractor": Annotated[str, OneOf(EXTRACTORS, "extractor"),
                                 Doc("eval_every features (default efficientnet_lite0)")],
     "eval_ref": Annotated[str, Doc("eval_every reference: .npz, image folder, dataset[:split]")] | None,
+    "val_every": Annotated[int, Range(0, MAX_STEPS),
+                           Doc("steps between validation losses of the EMA model (zoo.training.val_loss); 0 = never")],
+    "val_n": Annotated[int, Range(1, MAX_COUNT), Doc("(image, time, noise) triples per validation loss (default 1024)")],
     "log_every": Every,
     "sample_n": Annotated[int, Range(1, MAX_BATCH), Doc("images per sample grid")],
     "grad_accum": Annotated[int, Range(1, MAX_BATCH), Doc("micro-batches per step; the global batch stays batch_size")],
