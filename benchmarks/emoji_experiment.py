@@ -6,7 +6,7 @@
 
 1. trains each model of ``recipes/emoji32/{dimr_2r,uvit,dit}.yaml`` (matched within 3% in
    parameters; the recipes' own seed and data; ``train.steps`` set, and ``PINNED``: the trunc-normal
-   position init and DiMR's learning rate of 1e-3 the recorded results used) for ``--steps`` steps
+   position init and the learning rate of 1e-3 the recorded results used) for ``--steps`` steps
    into ``OUT/runs/NAME``; a run already at that step is skipped, a shorter one resumed;
 2. trains the emoji32 classifier (``zoo train-classifier``) into ``OUT/classifier``, or reuses it;
 3. evaluates each model with ``zoo eval``'s code (EMA weights, the recorded results' sampler: DPM-Solver++
@@ -37,8 +37,9 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "emoji_experiment"
 STEPS, N, CLASSIFIER_STEPS, GRID = 3000, 256, 800, 36
 # The settings the recorded results were measured with: the emoji32 recipes now start U-ViT's and
 # DiMR's learned tables from the sin-cos positions (DiT's table is a fixed sin-cos one either way), and
-# DiMR-2R trains at lr 3e-3 where the table's runs used the base's 1e-3.
-PINNED = {"dimr_2r": ["model.pos_embed_init=normal", "train.lr=1.0e-3"], "uvit": ["model.pos_embed_init=normal"]}
+# train at lr 3e-3 where the table's runs used 1e-3.
+PINNED = {"dimr_2r": ["model.pos_embed_init=normal", "train.lr=1.0e-3"],
+          "uvit": ["model.pos_embed_init=normal", "train.lr=1.0e-3"], "dit": ["train.lr=1.0e-3"]}
 
 
 def _log(text: str) -> None:
