@@ -96,6 +96,39 @@ def test_val_loss_is_the_objective_on_the_documented_draws():
     assert hook(model, step=9)["val_loss"] != rec["val_loss"]
 
 
+class KeyedData(torch.utils.data.Dataset):
+    """A dataset that draws per item, as prepared latents do: from the key it is given, else the global RNG."""
+
+    keyed_draws = True
+
+    def __init__(self):
+        self.keys = []
+
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, item):
+        index, key = item if isinstance(item, tuple) else (item, None)
+        self.keys.append(key)
+        gen = torch.Generator().manual_seed(key) if key is not None else None
+        return torch.randn((3, 8, 8), generator=gen, dtype=torch.float64), index % 4
+
+
+def test_a_dataset_that_draws_gets_fixed_keys_through_the_training_subset():
+    from zoo.diffusion.setup import build_objective
+
+    recipe = zoo.load_recipe(RECIPE, ["train.val_n=20"])
+    torch.manual_seed(0)
+    model = zoo.build_model(recipe).double()
+    data = KeyedData()
+    hook = ValLoss(recipe, recipe["train"], data, (3, 8, 8), build_objective(recipe), torch.device("cpu"))
+    assert hook.source == "synthetic:train (20 images)"  # a subset of the 50
+    first = hook(model, step=0)["val_loss"]
+    torch.manual_seed(123)  # the global RNG elsewhere: the items must not come from it
+    assert hook(model, step=1)["val_loss"] == first
+    assert data.keys and None not in data.keys
+
+
 def test_label_drop_is_never_applied():
     hook, model = _hook(8)
     hook.objective.label_drop = 1.0  # a drop uniform of 1 is never below the rate: every label is kept

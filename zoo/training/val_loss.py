@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from zoo.training.data import held_out
 
@@ -46,14 +46,18 @@ class ValLoss:
         self.images, self.source = held_out(recipe.get("data") or {}, dataset, shape, num_classes(recipe), self.seed,
                                             limit=self.n)
         self.conditional = num_classes(recipe) is not None
-        self.keyed = bool(getattr(self.images, "keyed_draws", False))  # e.g. latents drawn from their moments
+        # A subset reads through to its dataset, so that a dataset that draws (prepared latents: a view and
+        # a sample of the VAE posterior per item) gets the item's fixed key, not the global RNG.
+        self.base, self.index = ((self.images.dataset, list(self.images.indices)) if isinstance(self.images, Subset)
+                                 else (self.images, range(len(self.images))))
+        self.keyed = bool(getattr(self.base, "keyed_draws", False))
         self.times = stratified_times(self.n, objective, self.seed)
 
     def _item(self, j: int) -> tuple[Tensor, int]:
         from zoo.sample import sample_seed
 
-        i = j % len(self.images)
-        return self.images[(i, sample_seed(self.seed, i, VAL_STREAM + 1)) if self.keyed else i]
+        i = j % len(self.index)
+        return self.base[(self.index[i], sample_seed(self.seed, i, VAL_STREAM + 1)) if self.keyed else self.index[i]]
 
     def _batch(self, js: range) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         from zoo.sample import sample_seed
