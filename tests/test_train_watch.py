@@ -57,6 +57,19 @@ def test_fp16_on_a_cpu_without_fp16_hardware_is_named_slow_in_the_first_lines(tm
     assert bool(note) == warned and all("use precision bf16 or fp32" in line for line in note)
 
 
+@pytest.mark.parametrize("precision,avx512_bf16,amx,noted", [("fp32", True, False, True), ("fp32", False, True, True),
+                                                              ("fp32", False, False, False), ("bf16", True, True, False)])
+def test_an_fp32_run_on_a_cpu_with_bf16_hardware_is_told_bf16_may_be_faster(tmp_path, monkeypatch, precision,
+                                                                             avx512_bf16, amx, noted):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    lines = []
+    r = zoo.load_recipe(RECIPE, ["train.ckpt_every=0", "train.sample_every=0", f"train.precision={precision}"])
+    train(r, tmp_path, steps=1, log=lines.append)
+    note = [line for line in lines if "multiplies bfloat16 in hardware" in line]
+    assert bool(note) == noted and all("--set train.precision=bf16" in line for line in note)
+
+
 def test_logged_speed_leaves_out_checkpoints_and_grids(tmp_path, monkeypatch):
     """steps/s is the training speed: a save and a grid of 1.5 s each after every step do not show in it.
     Counted, they would make every record < 1/3 step/s; a step of this tiny model takes milliseconds

@@ -76,6 +76,12 @@ def _cpu_has_fast_fp16() -> bool:
     return bool(probe()) if probe is not None else True  # an unknown torch: no claim either way
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); an unknown torch: no claim."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
 def _labels_dropped_by_trainer(model: torch.nn.Module) -> None:
     """Label embedders that drop labels themselves (DiT's) stay in eval mode: the trainer drops
     labels per sample instead, at the same rate, so the drops do not depend on the process count."""
@@ -313,6 +319,9 @@ class Trainer:
         if self.train["precision"] == "fp16" and self.device.type == "cpu" and not _cpu_has_fast_fp16():
             self.log("zoo train: note: this CPU has no fast float16 matmuls (AMX-FP16), so fp16 autocast runs several "
                      "times slower than fp32 here (DiMR emoji demo: 8x); on a CPU use precision bf16 or fp32")
+        if self.train["precision"] == "fp32" and self.device.type == "cpu" and _cpu_has_fast_bf16():
+            self.log("zoo train: note: this CPU multiplies bfloat16 in hardware (AVX512-BF16/AMX); "
+                     "--set train.precision=bf16 may train faster (DiMR emoji demo: ~18% more steps/s, the same losses)")
         self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
 
     def run(self, steps: int | None = None) -> list[dict]:
