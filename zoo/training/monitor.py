@@ -46,6 +46,18 @@ def _points(records: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
 
 
+def _after_event_files_of_this_second(tb: Path) -> None:
+    """Wait for the next second when ``tb`` already holds an event file named with this one.
+
+    TensorBoard reads a directory's event files in name order, and a name is
+    ``events.out.tfevents.<unix seconds>.<host>.<pid>.<per-process counter>``: a second writer of
+    the same process in the same second can sort before the first (counter ``10`` before ``9``),
+    and then a resumed run's purge of the redone steps is read before the values it purges."""
+    now = time.time()
+    if any(tb.glob(f"events.out.tfevents.{int(now)}.*")):
+        time.sleep(int(now) + 1 - now)
+
+
 class LossPlot:
     """``loss.png``: loss against step (log-scale once it spans a decade), and the FD of the evaluations on
     a second axis when there are any. One figure kept for the run; each redraw writes a temporary name
@@ -114,6 +126,7 @@ class Monitor:
         if len(self.records) < len(found):  # ... from the file too, or those steps would be in it twice
             write_file(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
         self.file = open(path, "a")
+        _after_event_files_of_this_second(out / "tb")
         self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)  # TensorBoard drops them as well
         self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
         self.bar = None
