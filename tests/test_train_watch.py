@@ -46,16 +46,21 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     assert all(abs(v - x["loss"]) < 1e-6 * x["loss"] for (_, v), x in zip(logged, records))
 
 
+def _one_step_lines(out, precision: str) -> list[str]:
+    """The lines zoo train prints for a one-step run of the tiny recipe at ``precision``."""
+    lines = []
+    r = zoo.load_recipe(RECIPE, ["train.ckpt_every=0", "train.sample_every=0", f"train.precision={precision}"])
+    train(r, out, steps=1, log=lines.append)
+    return lines
+
+
 @pytest.mark.parametrize("precision,amx_fp16,warned", [("fp16", False, True), ("fp16", True, False),
                                                         ("bf16", False, False)])
 def test_fp16_on_a_cpu_without_fp16_hardware_is_named_slow_in_the_first_lines(tmp_path, monkeypatch, precision,
                                                                                amx_fp16, warned):
     """On this kind of CPU fp16 autocast measured 8x slower than fp32 (bf16 was not slower): say so up front."""
     monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16, raising=False)
-    lines = []
-    r = zoo.load_recipe(RECIPE, ["train.ckpt_every=0", "train.sample_every=0", f"train.precision={precision}"])
-    train(r, tmp_path, steps=1, log=lines.append)
-    note = [line for line in lines if "no fast float16 matmuls" in line]
+    note = [line for line in _one_step_lines(tmp_path, precision) if "no fast float16 matmuls" in line]
     assert bool(note) == warned and all("use precision bf16 or fp32" in line for line in note)
 
 
@@ -65,10 +70,7 @@ def test_an_fp32_run_on_a_cpu_with_bf16_hardware_is_told_bf16_may_be_faster(tmp_
                                                                              avx512_bf16, amx, noted):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    lines = []
-    r = zoo.load_recipe(RECIPE, ["train.ckpt_every=0", "train.sample_every=0", f"train.precision={precision}"])
-    train(r, tmp_path, steps=1, log=lines.append)
-    note = [line for line in lines if "multiplies bfloat16 in hardware" in line]
+    note = [line for line in _one_step_lines(tmp_path, precision) if "multiplies bfloat16 in hardware" in line]
     assert bool(note) == noted and all("--set train.precision=bf16" in line for line in note)
 
 
@@ -103,6 +105,19 @@ def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("train/lr")]
     assert [step for step, _ in logged] == [1, 2, 3, 4]
     assert all(abs(v - r["lr"]) <= 1e-6 * r["lr"] for (_, v), r in zip(logged, records))  # float32 events
+
+
+def test_a_new_event_file_sorts_after_one_written_in_the_same_second(tmp_path):
+    """TensorBoard reads event files in name order: a resumed run's file must come after the old one,
+    even when both are opened in the same second (a per-process counter 10 sorts before 9)."""
+    import time
+
+    (tmp_path / "tb").mkdir()
+    old = tmp_path / "tb" / f"events.out.tfevents.{int(time.time())}.zzzz.1.9"  # sorts after any host of this second
+    old.write_bytes(b"")
+    Monitor(tmp_path, start=0, total=1, log=lambda *_: None, tty=False).close()
+    new = [f.name for f in (tmp_path / "tb").iterdir() if f != old]
+    assert len(new) == 1 and sorted([old.name, new[0]]) == [old.name, new[0]]
 
 
 def test_progress_bar_on_a_terminal(tmp_path, capsys):
