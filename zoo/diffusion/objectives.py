@@ -31,6 +31,7 @@ from .discrete import DiscreteDiffusion, betas_from_schedule
 from .gaussian import discretized_gaussian_log_likelihood, normal_kl, to_bits_per_dim
 from .labels import drop_labels
 from .time_input import CONTINUOUS_TIME_INPUTS, get_time_input, time_to_index, training_times
+from .time_sampling import UNIFORM, TimeSampling
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -56,7 +57,7 @@ class DiffusionObjective:
     """ε-prediction MSE, L_simple of DDPM eq. 14: mean((ε_θ(x_t, t) − ε)²) per sample.
 
     ``schedule`` is a :mod:`zoo.solvers` schedule. For a discrete one (``schedule.discrete``)
-    the trainer draws the 0-based DDPM index uniformly and forms x_t from the float64 ᾱ table
+    the trainer draws the 0-based DDPM index (uniformly unless ``time_sampling`` says otherwise) and forms x_t from the float64 ᾱ table
     of its β's; for a continuous one (the VP-SDE of U-ViT-M/L) it draws t uniformly in [0, 1]
     as U-ViT's trainer does and uses the schedule's marginals. ``time_input`` names the map from t to
     the backbone's input (:mod:`~zoo.diffusion.time_input`); ``num_steps`` N is the schedule's.
@@ -70,6 +71,7 @@ class DiffusionObjective:
         null_label: int | None = None,
         prediction: str = "eps",
         min_snr_gamma: float | None = None,
+        time_sampling: TimeSampling = UNIFORM,
     ):
         if min_snr_gamma is not None and not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
@@ -90,12 +92,14 @@ class DiffusionObjective:
         self.label_drop = float(label_drop)
         self.null_label = null_label
         self.t_min = 0.0  # continuous models train on t ~ U[0, 1] (U-ViT's VP-SDE ``sample(x0, t_init=0)``)
+        self.time_sampling = time_sampling
         self.discrete = None if self.continuous else DiscreteDiffusion(betas_from_schedule(schedule, self.num_steps))
 
     # -- the forward process --------------------------------------------------------------
 
     def sample_times(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        return training_times(batch_size, self.num_steps, self.continuous, self.t_min, generator, device)
+        return training_times(batch_size, self.num_steps, self.continuous, self.t_min, generator, device,
+                              self.time_sampling)
 
     def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """(α_t, σ_t) per sample, shaped to broadcast over ``like`` and in its dtype."""

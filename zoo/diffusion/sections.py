@@ -6,6 +6,7 @@
       prediction: eps | v     # what the model outputs: ε (default, the papers') or v = α·ε − σ·x_0
       time_input: dit_index | uvit_discrete | uvit_continuous | dimr_log_snr
       min_snr_gamma: 5.0      # Min-SNR-γ loss weighting (Hang et al. 2023); null/absent = unweighted
+      time_sampling: uniform | {type: logit_normal, mean: 0.0, std: 1.0}   # training times (SD3's logit-normal)
       label_drop: 0.1         # P(label → null label) in training
       null_label: 1000        # the unconditional label (also used by guidance)
     sample:
@@ -42,6 +43,14 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 }
 Objective = Annotated[str, OneOf(OBJECTIVES, "objective")]
 
+#: Each training-time sampling's keys (``type`` included); mirrors zoo.diffusion.time_sampling.
+TIME_SAMPLINGS: dict[str, dict[str, Any]] = {
+    "uniform": {"type": str},
+    "logit_normal": {"type": str, "mean": Annotated[float, Range(-10, 10), Doc("location of the logit")],
+                     "std": Annotated[float, Positive, Doc("spread of the logit")]},
+}
+TimeSamplingName = Annotated[str, OneOf(TIME_SAMPLINGS, "time sampling")]
+
 #: The ``diffusion`` section (``objective`` is a name or a mapping checked against OBJECTIVES).
 DIFFUSION: dict[str, Any] = {
     "schedule": Component("schedule"),
@@ -50,6 +59,7 @@ DIFFUSION: dict[str, Any] = {
     "prediction": Annotated[str, OneOf(PREDICTION_NAMES, "prediction"),
                             Doc("model output: eps (default) or v = alpha*eps - sigma*x0")],
     "min_snr_gamma": Annotated[float, Positive, Doc("Min-SNR-gamma loss weight cap; null = unweighted")] | None,
+    "time_sampling": Any,
     "label_drop": Annotated[float, Probability, Doc("P(label -> null label) in training")],
     "null_label": Annotated[int, NonNegative] | None,
 }
@@ -89,18 +99,28 @@ def _check_multiscale(spec: dict, recipe: Recipe, path: tuple) -> None:
                            suggestion=f"give one per branch, lowest resolution first ({len(branches)})")
 
 
+def _check_named_table(recipe: Recipe, value: Any, table: dict[str, dict], name_type: Any, path: tuple,
+                       what: str) -> dict:
+    """A ``NAME`` or ``{type: NAME, ...}`` entry checked against ``table[NAME]``; returns it as a mapping."""
+    if not isinstance(value, (str, dict)):
+        raise recipe.error(path, f"expected {what} name or {{type: NAME, ...}}, got {value!r}")
+    spec = objective_spec(value)
+    tpath = path + ("type",) if isinstance(value, dict) else path
+    if spec.get("type") not in table:
+        raise domain_error(recipe, tpath, spec.get("type"), name_type)
+    check_table(recipe, spec, table[spec["type"]], path, f"{what.split(' ', 1)[1]} {spec['type']!r}")
+    return spec
+
+
 def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
     value, path = value or {}, ("diffusion",)
     check_table(recipe, value, DIFFUSION, path, "diffusion")
+    if value.get("time_sampling") is not None:
+        _check_named_table(recipe, value["time_sampling"], TIME_SAMPLINGS, TimeSamplingName,
+                           path + ("time_sampling",), "a time sampling")
     if "objective" in value:
-        spec, opath = value["objective"], path + ("objective",)
-        if not isinstance(spec, (str, dict)):
-            raise recipe.error(opath, f"expected an objective name or {{type: NAME, ...}}, got {spec!r}")
-        spec = objective_spec(spec)
-        tpath = opath + ("type",) if isinstance(value["objective"], dict) else opath
-        if spec.get("type") not in OBJECTIVES:
-            raise domain_error(recipe, tpath, spec.get("type"), Objective)
-        check_table(recipe, spec, OBJECTIVES[spec["type"]], opath, f"objective {spec['type']!r}")
+        opath = path + ("objective",)
+        spec = _check_named_table(recipe, value["objective"], OBJECTIVES, Objective, opath, "an objective")
         if spec["type"] == "multiscale":
             _check_multiscale(spec, recipe, opath)
         if spec["type"] == "hybrid_vlb" and value.get("prediction", "eps") != "eps":

@@ -17,6 +17,7 @@ from .guidance import GuidedModel, to_dit_scale
 from .objectives import OBJECTIVES, DiffusionObjective
 from .sections import objective_spec
 from .time_input import get_time_input
+from .time_sampling import TimeSampling
 
 DEFAULT_SCHEDULE = {"type": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 
@@ -74,6 +75,7 @@ def build_objective(recipe: Mapping[str, Any], schedule=None) -> DiffusionObject
         null_label=diffusion.get("null_label"),
         prediction=prediction(recipe),
         min_snr_gamma=diffusion.get("min_snr_gamma"),
+        time_sampling=TimeSampling.from_spec(diffusion.get("time_sampling")),
         **options,
     )
 

@@ -17,7 +17,8 @@ what the official sampler feeds its network, and the trainer uses the same map (
   n ∈ {1..N}).
 
 For discrete schedules the trainer draws the 0-based index n uniformly and uses t = (n+1)/N;
-for the continuous VP-SDE it draws t uniformly in [t_min, 1] (U-ViT: t_min = 0).
+for the continuous VP-SDE it draws t uniformly in [t_min, 1] (U-ViT: t_min = 0); a recipe's
+``diffusion.time_sampling`` can draw them otherwise (:mod:`~zoo.diffusion.time_sampling`).
 """
 
 from __future__ import annotations
@@ -94,18 +95,18 @@ def training_times(
     t_min: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    sampling=None,
 ) -> Tensor:
     """Draw the training times t (float64, shape (B,)) the trainer and sampler share.
 
     Discrete models: a 0-based DDPM index n uniform in 0..N−1, returned as its knot (n+1)/N —
     so ``dit_index`` gives n, ``uvit_discrete``/``dimr_log_snr`` the official 1-based step n+1.
     Continuous (VP-SDE) models: t uniform in [t_min, 1] (U-ViT's trainer uses t_min = 0).
+    ``sampling`` (a :class:`~zoo.diffusion.time_sampling.TimeSampling`) replaces the uniform draw.
     """
-    if continuous:
-        u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=device)
-        return t_min + (1.0 - t_min) * u
-    index = torch.randint(0, num_steps, (batch_size,), generator=generator, device=device)
-    return index_to_time(index, num_steps)
+    from .time_sampling import UNIFORM
+
+    return (sampling or UNIFORM).draw((batch_size,), num_steps, continuous, t_min, generator, device)
 
 
 def time_to_index(t: Tensor, num_steps: int) -> Tensor:

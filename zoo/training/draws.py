@@ -33,19 +33,15 @@ class Draws:
         return self.t, self.noise, self.drop
 
 
-def draw(indices: range, seed: int, shape: tuple[int, ...], num_steps: int, continuous: bool,
-         t_min: float = 0.0) -> Draws:
-    """The draws of the samples with global indices ``indices`` (see the module doc)."""
-    from zoo.diffusion.time_input import index_to_time
+def draw(indices: range, seed: int, shape: tuple[int, ...], objective) -> Draws:
+    """The draws of the samples with global indices ``indices`` (see the module doc), times from
+    ``objective``'s schedule and time sampling (a :class:`~zoo.diffusion.objectives.DiffusionObjective`)."""
     from zoo.sample import sample_seed
 
     t, noise, u = [], [], []
     for g in indices:
         gen = torch.Generator().manual_seed(sample_seed(seed, g, TRAIN_STREAM))
-        if continuous:
-            t.append(t_min + (1.0 - t_min) * torch.rand((), generator=gen, dtype=torch.float64))
-        else:
-            t.append(index_to_time(torch.randint(0, num_steps, (), generator=gen), num_steps))
+        t.append(objective.time_sampling.draw((), objective.num_steps, objective.continuous, objective.t_min, gen))
         noise.append(torch.randn(shape, generator=gen))
         u.append(torch.rand(2, generator=gen))
     u = torch.stack(u)

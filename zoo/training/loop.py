@@ -255,8 +255,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(self.accum):
             sl = slice(i * per_micro, (i + 1) * per_micro)
-            d = draw(range(first + sl.start, first + sl.stop), self.seed, self.shape, self.objective.num_steps,
-                     self.objective.continuous, self.objective.t_min)
+            d = draw(range(first + sl.start, first + sl.stop), self.seed, self.shape, self.objective)
             xm, ym = x[sl], (y[sl] if self.conditional else None)
             if self.flip:
                 xm = torch.where((d.flip < 0.5).to(x.device)[:, None, None, None], xm.flip(-1), xm)
