@@ -117,3 +117,8 @@ def test_the_recipe_validator_knows_every_sampling_and_its_keys():
 
     assert {name: set(keys) - {"type"} for name, keys in CHECKED.items()} == \
         {name: set(keys) for name, keys in TIME_SAMPLINGS.items()}
+
+
+def test_an_empty_time_sampling_is_uniform_like_an_empty_objective_is_eps_mse():
+    recipe = zoo.load_recipe(TINY, ["diffusion.time_sampling={}"])
+    assert build_objective(recipe).time_sampling == UNIFORM

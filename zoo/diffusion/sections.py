@@ -100,11 +100,12 @@ def _check_multiscale(spec: dict, recipe: Recipe, path: tuple) -> None:
 
 
 def _check_named_table(recipe: Recipe, value: Any, table: dict[str, dict], name_type: Any, path: tuple,
-                       what: str) -> dict:
-    """A ``NAME`` or ``{type: NAME, ...}`` entry checked against ``table[NAME]``; returns it as a mapping."""
+                       what: str, default: str) -> dict:
+    """A ``NAME`` or ``{type: NAME, ...}`` entry checked against ``table[NAME]``; returns it as a mapping
+    (an empty mapping is ``default``)."""
     if not isinstance(value, (str, dict)):
         raise recipe.error(path, f"expected {what} name or {{type: NAME, ...}}, got {value!r}")
-    spec = objective_spec(value)
+    spec = {"type": value} if isinstance(value, str) else dict(value or {"type": default})
     tpath = path + ("type",) if isinstance(value, dict) else path
     if spec.get("type") not in table:
         raise domain_error(recipe, tpath, spec.get("type"), name_type)
@@ -117,10 +118,11 @@ def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
     check_table(recipe, value, DIFFUSION, path, "diffusion")
     if value.get("time_sampling") is not None:
         _check_named_table(recipe, value["time_sampling"], TIME_SAMPLINGS, TimeSamplingName,
-                           path + ("time_sampling",), "a time sampling")
+                           path + ("time_sampling",), "a time sampling",
+                           "uniform")
     if "objective" in value:
         opath = path + ("objective",)
-        spec = _check_named_table(recipe, value["objective"], OBJECTIVES, Objective, opath, "an objective")
+        spec = _check_named_table(recipe, value["objective"], OBJECTIVES, Objective, opath, "an objective", "eps_mse")
         if spec["type"] == "multiscale":
             _check_multiscale(spec, recipe, opath)
         if spec["type"] == "hybrid_vlb" and value.get("prediction", "eps") != "eps":
