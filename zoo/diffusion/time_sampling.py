@@ -46,7 +46,7 @@ class TimeSampling:
     @classmethod
     def from_spec(cls, spec: str | Mapping[str, Any] | None) -> "TimeSampling":
         """``uniform``, ``{type: logit_normal, mean: 0, std: 1}`` or None (uniform)."""
-        if spec is None or isinstance(spec, str):
+        if not spec or isinstance(spec, str):
             return cls(spec or "uniform")
         return cls(**{k: (v if k == "type" else float(v)) for k, v in spec.items()})
 
@@ -54,15 +54,15 @@ class TimeSampling:
              generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
         """Times t (float64) of ``shape``: one draw from ``generator`` per time (a randint or rand for
         ``uniform``, exactly what the trainer always drew; a randn for ``logit_normal``)."""
-        if self.type == "uniform":
-            if continuous:
-                return t_min + (1.0 - t_min) * torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+        if self.type == "uniform" and not continuous:
             return index_to_time(torch.randint(0, num_steps, shape, generator=generator, device=device), num_steps)
-        z = torch.randn(shape, generator=generator, dtype=torch.float64, device=device)
-        u = torch.sigmoid(self.mean + self.std * z)
+        if self.type == "uniform":
+            u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+        else:
+            u = torch.sigmoid(self.mean + self.std * torch.randn(shape, generator=generator, dtype=torch.float64,
+                                                                   device=device))
         if continuous:
             return t_min + (1.0 - t_min) * u
         return index_to_time((u * num_steps).floor().long().clamp_(0, num_steps - 1), num_steps)
-
 
 UNIFORM = TimeSampling()
