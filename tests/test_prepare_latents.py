@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from zoo.cli import main
+from zoo.errors import UserError
 from zoo.latents import MANIFEST, PLAN, load_encoder, prepare_latents, shard_name
 from zoo.training.crop import adm_center_crop, to_tensor
 from zoo.training.data import build_dataset
@@ -166,7 +168,8 @@ def test_latent_draws_are_keyed_by_the_global_sample_not_the_process(tmp_path, v
 def test_a_latent_recipe_trains_from_prepared_latents(tmp_path, vae_dir, image_dir):
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
-    sets = ["--set", f"data.root={out}", "--set", "data.num_classes=2", "--set", "train.batch_size=4",
+    sets = ["--set", "data.dataset=latents", "--set", f"data.root={out}", "--set", "data.num_classes=2",
+            "--set", "train.batch_size=4",
             "--set", "train.sample_every=0", "--set", "train.ckpt_every=0", "--set", "train.log_every=1"]
     assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run"), "--steps", "3",
                  "--device", "cpu", *sets]) == 0
@@ -201,13 +204,35 @@ def test_image_folder_lists_the_files_torchvision_lists_in_its_order(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(tmp_path / rel)
     (tmp_path / "b" / "notes.txt").write_text("not an image")
-    (tmp_path / "empty").mkdir()
 
     ours = ImageFolder(tmp_path, 8)
-    theirs = TorchvisionImageFolder(str(tmp_path), allow_empty=True)
-    assert ours.classes == theirs.classes == ["a", "b", "c", "empty"]
+    theirs = TorchvisionImageFolder(str(tmp_path))
+    assert ours.classes == theirs.classes == ["a", "b", "c"]
     assert [(str(f), y) for f, y in ours.items] == theirs.samples
     assert len(ours) == 7  # the .gif and the .txt are not images to either
+
+    # A folder with no images would take a label and shift the others': refused by both, naming it.
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError):
+        TorchvisionImageFolder(str(tmp_path))
+    with pytest.raises(UserError, match=r"class folder .*\.ipynb_checkpoints holds no images \(move folders"):
+        ImageFolder(tmp_path, 8)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a mid-grey image comes out white)."""
+    import numpy as np
+
+    from zoo.training.crop import to_rgb
+
+    ramp = (np.arange(256, dtype=np.uint16)[None, :] * 257).repeat(4, axis=0)  # 0..65535: 8-bit value v is v*257
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (4, 256, 3) and (rgb[0, :, 0] == np.arange(256)).all()
+    with Image.open(tmp_path / "g16.png") as im:
+        assert (np.asarray(im.convert("RGB"))[0, 1:, 0] == 255).all()  # what plain PIL gives
 
 
 def test_a_broken_image_read_in_a_worker_is_one_line_naming_it(tmp_path, vae_dir, image_dir, capsys):
@@ -223,7 +248,8 @@ def test_a_broken_image_read_in_a_worker_is_one_line_naming_it(tmp_path, vae_dir
     lines = [line for line in err.splitlines() if line.startswith("zoo")]
     assert len(lines) == 1, err  # PIL's own reason in the middle depends on its version
     assert lines[0].startswith(f"zoo: error: cannot read image {images / 'n01' / 'n01_9.png'}: ")
-    assert lines[0].endswith("(delete or replace the file)")
+    assert lines[0].endswith("(delete or replace the file, then run the same command again: the shards written "
+                             "so far are kept)")
     assert "Traceback" not in err and not list((tmp_path / "lat").glob("shard_*"))
 
 
@@ -284,3 +310,108 @@ def test_under_torchrun_each_process_encodes_on_its_own_gpu(tmp_path, monkeypatc
     argv = ["prepare-latents", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "lat")]
     assert main(argv + (["--device", flag] if flag else [])) == 0
     assert seen["device"] == "cuda:3"
+
+
+def _copy_images(image_dir, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(image_dir, tmp_path / "images"))
+
+
+def _rows(out):
+    """Every row of a finished output as (images.txt line, mean of view 0) in row order."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    lines = (out / manifest["images"]["file"]).read_text().splitlines()
+    means = torch.cat([load_file(str(out / s["file"]))["mean"][:, 0] for s in manifest["shards"]])
+    labels = torch.cat([load_file(str(out / s["file"]))["labels"] for s in manifest["shards"]])
+    assert [int(line.split("\t")[1]) for line in lines] == labels.tolist()
+    return lines, means
+
+
+def test_changed_images_keep_the_shards_of_unchanged_rows_and_re_encode_the_rest(tmp_path, vae_dir, image_dir,
+                                                                                 capsys):
+    """A deleted or added image shifts the rows after it: those shards are encoded again, the ones
+    before it kept, and the result is what a fresh run over the new folder gives."""
+    images, out = _copy_images(image_dir, tmp_path), tmp_path / "lat"
+    kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(images, vae_dir, out, **kw)  # rows: n01_0..4 (label 0), n02_0..4 (label 1)
+    stamp = lambda k: os.stat(out / shard_name(k)).st_mtime_ns  # noqa: E731
+    before = {k: stamp(k) for k in range(3)}
+
+    (images / "n01" / "n01_2.png").unlink()  # row 2: shard 0 holds it, so every shard changes
+    (images / "n02" / "n02_9.png").write_bytes((images / "n02" / "n02_0.png").read_bytes())  # a new last row
+    lines = []
+    assert prepare_latents(images, vae_dir, out, log=lines.append, **kw)
+    assert "changed since" in lines[0] and "encoding 3 (10 images)" in lines[1]
+    assert [stamp(k) != before[k] for k in range(3)] == [True, True, True]
+    fresh = tmp_path / "fresh"
+    prepare_latents(images, vae_dir, fresh, **kw)
+    got, want = _rows(out), _rows(fresh)
+    assert got[0] == want[0] and "n01/n01_2.png\t0" not in got[0] and got[0][-1] == "n02/n02_9.png\t1"
+    # float32 convolutions of batches of another make-up may sum in another order: ~1e-7 relative, values O(1)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+    kept = {k: stamp(k) for k in range(3)}
+    for name in ("n02_9.png", "n02_4.png", "n02_3.JPEG"):  # the last three rows: 7 images, 2 shards
+        (images / "n02" / name).unlink()
+    assert prepare_latents(images, vae_dir, out, log=lines.append, **kw)
+    assert "encoding 1 (3 images)" in lines[-1]  # shard 0 kept, shard 1 re-encoded, shard 2 gone
+    assert stamp(0) == kept[0] and sorted(p.name for p in out.glob("shard_*")) == [shard_name(0), shard_name(1)]
+    assert len(_rows(out)[0]) == json.loads((out / MANIFEST).read_text())["num_images"] == 7
+
+
+def test_resume_removes_a_killed_writes_temporary_file(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    prepare_latents(image_dir, vae_dir, out, **kw)
+    (out / shard_name(1)).unlink()
+    leftover = out / f".{shard_name(1)}.tmp-0123abcd"  # what a SIGKILL inside the shard's write leaves
+    leftover.write_bytes(b"half a shard")
+    assert prepare_latents(image_dir, vae_dir, out, **kw)
+    assert not leftover.exists() and (out / shard_name(1)).is_file()
+
+
+def test_shards_and_checkpoints_are_readable_by_others_as_plain_files_are(tmp_path, vae_dir, image_dir):
+    """safetensors creates its files 0600; zoo gives them the mode open() would (0666 less the umask)."""
+    import stat
+
+    from zoo.checkpoint import save_checkpoint
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    (tmp_path / "plain.txt").write_text("x")
+    want = stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+    save_checkpoint(tmp_path / "ckpt", torch.nn.Linear(2, 2), {"model": {"type": "dit"}})
+    for f in [out / shard_name(0), out / MANIFEST, tmp_path / "ckpt" / "model.safetensors"]:
+        assert stat.S_IMODE(os.stat(f).st_mode) == want, f
+
+
+def test_a_vae_with_other_settings_is_refused_even_with_the_same_weights(tmp_path, vae_dir, image_dir, capsys):
+    import shutil
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    other = Path(shutil.copytree(vae_dir, tmp_path / "vae_other"))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    args = ["prepare-latents", str(image_dir), "--vae", str(other), "--out", str(out), "--resolution", str(RES),
+            "--shard-size", "6", "--workers", "0"]
+    manifest = (out / MANIFEST).read_text()
+    assert main(args) == 2
+    assert "(vae scaling_factor differ)" in capsys.readouterr().err
+    assert (out / MANIFEST).read_text() == manifest  # untouched
+    # A VAE that shifts its latents (SD3, FLUX) cannot be undone by zoo's z / scale: refused up front.
+    (other / "config.json").write_text(json.dumps({**config, "shift_factor": 0.0609}))
+    assert main(args[:4] + ["--out", str(tmp_path / "lat2")] + args[6:]) == 2
+    err = capsys.readouterr().err
+    assert "shift_factor 0.0609" in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_or_image_dir_of_the_wrong_kind_is_one_line(tmp_path, vae_dir, image_dir, capsys):
+    (tmp_path / "file").write_text("x")
+    base = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--resolution", str(RES), "--workers", "0"]
+    assert main(base + ["--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    base[1] = str(tmp_path / "file")
+    assert main(base + ["--out", str(tmp_path / "lat")]) == 2
+    assert f"image folder {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err

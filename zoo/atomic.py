@@ -51,6 +51,25 @@ def _suffix() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; put back at once (module import, before any thread writes)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def plain_mode(path: Path) -> None:
+    """Give a written file the permissions ``open(path, "w")`` would (0666 less the umask).
+
+    Writers that create their output with a private mode (safetensors: 0600) would otherwise
+    leave checkpoints and latent shards that other users of a shared disk cannot read.
+    """
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_UMASK)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file or a directory to disk (directories: where the OS allows opening them)."""
     try:
@@ -99,12 +118,26 @@ def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{_suffix()}")
     try:
         write(tmp)
+        plain_mode(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_path(path.parent)
     return path
+
+
+def remove_file_leftovers(path: str | Path) -> None:
+    """Delete the ``.NAME.tmp-XXXXXXXX`` files a killed :func:`write_file` of ``path`` left beside it.
+
+    Only for a writer that knows no other process is writing ``path`` at the moment.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        if _FILE_LEFTOVER.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -268,6 +301,8 @@ def write_dir(target: str | Path, fill: Callable[[Path], None], record: str,
             fill(tmp)
             files = {}
             for f in sorted(tmp.iterdir()):
+                if f.is_file():
+                    plain_mode(f)
                 fsync_path(f)
                 files[f.name] = f.stat().st_size
             _reached("seal", tmp)

@@ -8,12 +8,16 @@ trainer multiplies by ``data.vae_scale``), and ``labels`` (N,) from the sorted c
 The ``latents`` dataset draws z = mean + std·ε from a random view at every step.
 
 Layout of ``OUT``: ``shard_XXXXX.safetensors`` (``shard_size`` images each, in folder order),
+``images.txt`` (one line per row: the image's path under IMAGE_DIR, a tab, its label),
 ``prepare.json`` (the plan: written first, checked on resume) and ``manifest.json`` (the plan
 plus the shard list: written last, once every shard exists). Every file is written to a
 temporary name and renamed, so an interrupted run leaves only whole shards, and running the
-same command again encodes only the missing ones. Under ``torchrun`` rank r encodes shards
-r, r+world, ...; the rank that finds all shards present writes the manifest (every rank
-writes the same bytes, atomically).
+same command again encodes only the missing ones. Each shard records a digest of its rows'
+lines of ``images.txt``: if images were added or removed since (a broken file deleted), the
+shards whose rows are still the same images are kept and the others encoded again; other
+settings (resolution, VAE, dtype, shard size) must match. Under ``torchrun`` rank r encodes
+shards r, r+world, ...; the rank that finds all shards present writes the manifest (every
+rank writes the same bytes, atomically).
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from torch import Tensor, nn
 from zoo.errors import UserError
 
 FORMAT = "zoo-latent-moments"
-FORMAT_VERSION = 1
-PLAN, MANIFEST = "prepare.json", "manifest.json"
+FORMAT_VERSION = 2  # 2: images.txt and a digest of its rows in every shard
+PLAN, MANIFEST, IMAGES = "prepare.json", "manifest.json", "images.txt"
+# What fixes every shard's contents: a resumed run must agree on all of these (the image list may change).
+SETTINGS = ("format", "version", "resolution", "latent_shape", "views", "dtype", "shard_size", "crop")
+VAE_IDENTITY = ("sha256", "scaling_factor", "shift_factor", "latent_channels", "downsample")
 VIEWS = ("image", "hflip")
 
 
@@ -64,8 +71,14 @@ def load_encoder(vae_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     else:
         vae = load_vae(vae_dir).vae
     cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None)
+    if shift:  # SD3 / FLUX VAEs: z = (E(x) - shift) * scale, which zoo's latent codec (z / scale) cannot undo
+        raise UserError(f"the VAE in {weights.parent} has shift_factor {shift}; zoo's latent recipes use a VAE "
+                        "that only scales (z = scaling_factor * E(x), the Stable Diffusion VAE)",
+                        suggestion="use the SD VAE, e.g. stabilityai/sd-vae-ft-ema")
     identity = {"weights": str(weights.resolve()), "sha256": _sha256(weights),
                 "scaling_factor": float(getattr(cfg, "scaling_factor", None) or SCALE),
+                "shift_factor": float(shift or 0.0),
                 "latent_channels": int(cfg.latent_channels), "downsample": 2 ** (len(cfg.block_out_channels) - 1)}
     return vae.eval().requires_grad_(False), identity
 
@@ -83,14 +96,32 @@ def encode_moments(vae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return views(posterior.mean), views(posterior.std)
 
 
-def make_plan(classes: list[str], num_images: int, resolution: int, shard_size: int, identity: dict,
+def image_lines(root: Path, items: list[tuple[Path, int]]) -> list[str]:
+    """One ``images.txt`` line per row: the image's path under ``root`` (POSIX), a tab, its label."""
+    return [f"{Path(path).relative_to(root).as_posix()}\t{label}\n" for path, label in items]
+
+
+def rows_digest(lines: list[str]) -> str:
+    """The sha256 of some rows' ``images.txt`` lines: a shard is current if it holds the same rows."""
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def make_plan(classes: list[str], lines: list[str], resolution: int, shard_size: int, identity: dict,
               dtype: str) -> dict[str, Any]:
-    """Everything that fixes the output's contents; a resumed run must agree with it."""
+    """Everything that fixes the output's contents: the ``SETTINGS`` and the image list."""
     c, f = identity["latent_channels"], identity["downsample"]
+    num_images = len(lines)
     return {"format": FORMAT, "version": FORMAT_VERSION, "num_images": num_images, "resolution": resolution,
             "latent_shape": [c, resolution // f, resolution // f], "views": list(VIEWS), "dtype": dtype,
             "shard_size": shard_size, "num_shards": -(-num_images // shard_size), "vae": identity,
-            "crop": "adm_center_crop", "num_classes": len(classes), "classes": classes}
+            "crop": "adm_center_crop", "num_classes": len(classes), "classes": classes,
+            "images": {"file": IMAGES, "sha256": rows_digest(lines)}}
+
+
+def shard_digests(plan: dict, lines: list[str]) -> list[str]:
+    """The rows digest every shard of ``plan`` must carry."""
+    size = plan["shard_size"]
+    return [rows_digest(lines[k * size:(k + 1) * size]) for k in range(plan["num_shards"])]
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -99,41 +130,72 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
-def check_or_write_plan(out: Path, plan: dict) -> None:
-    """Write ``prepare.json``, or check that an existing one (an interrupted run) asks for the same output."""
+def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
+    """Write ``prepare.json`` and ``images.txt``, or check an existing plan (an interrupted or finished
+    run) against this one. Other settings are refused; another image list replaces the old one (and
+    the manifest, which no longer describes the output). Returns whether the image list changed."""
+    from zoo.atomic import write_text
+
     existing = out / PLAN
-    if existing.is_file():
-        old = json.loads(existing.read_text())
-        diff = [k for k in plan if k != "vae" and old.get(k) != plan[k]]
-        if old.get("vae", {}).get("sha256") != plan["vae"]["sha256"]:
-            diff.append("vae")
+    old = json.loads(existing.read_text()) if existing.is_file() else None
+    if old is not None:
+        diff = [k for k in SETTINGS if old.get(k) != plan[k]]
+        old_vae = old.get("vae") or {}
+        diff += [f"vae {k}" for k in VAE_IDENTITY if old_vae.get(k, 0.0 if k == "shift_factor" else None) != plan["vae"][k]]
         if diff:
             raise UserError(f"{out} holds latents prepared with other settings ({', '.join(diff)} differ)",
-                            suggestion="use a new --out directory, or the same images, VAE and options as before")
-        return
+                            suggestion="use a new --out directory, or the same VAE and options as before")
+        if old.get("images") == plan["images"]:
+            return False
+        (out / MANIFEST).unlink(missing_ok=True)
+    write_text(out / IMAGES, "".join(lines))
     _write_json(existing, plan)
+    return old is not None
 
 
-def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: int, dtype: torch.dtype) -> None:
+def shard_is_current(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a whole shard holding the rows whose digest is ``digest``."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("rows_sha256") == digest
+    except (SafetensorError, OSError):
+        return False
+
+
+def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: int, dtype: torch.dtype,
+                digest: str) -> None:
     """One shard, atomically (a temporary name, then a rename)."""
     from safetensors.torch import save_file
 
     from zoo.atomic import write_file
 
     tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous(), "labels": labels.long()}
-    meta = {"format": FORMAT, "start": str(start), "scaled": "false"}
+    meta = {"format": FORMAT, "start": str(start), "scaled": "false", "rows_sha256": digest}
     write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def finish(out: Path, plan: dict) -> bool:
-    """Write ``manifest.json`` if every shard is on disk; return whether it is complete."""
+def finish(out: Path, plan: dict, digests: list[str]) -> bool:
+    """Write ``manifest.json`` if every shard is on disk and current; return whether it is complete.
+
+    Shards past the plan's last one (the image list shrank) are deleted first.
+    """
+    from zoo.atomic import remove_file_leftovers
+
     shards = []
     for k in range(plan["num_shards"]):
-        if not (out / shard_name(k)).is_file():
+        if not shard_is_current(out / shard_name(k), digests[k]):
             return False
         start = k * plan["shard_size"]
         shards.append({"file": shard_name(k), "start": start,
                        "num_images": min(plan["shard_size"], plan["num_images"] - start)})
+    for path in out.glob("shard_*.safetensors"):
+        if path.name not in {s["file"] for s in shards}:
+            path.unlink(missing_ok=True)
+            remove_file_leftovers(path)
     _write_json(out / MANIFEST, {**plan, "shards": shards})
     return True
 
@@ -149,28 +211,43 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     """
     from torch.utils.data import DataLoader, Subset
 
+    from zoo.atomic import remove_file_leftovers
     from zoo.training.data import ImageFolder, one_line_errors
 
     root, out = Path(image_dir).expanduser(), Path(out).expanduser()
     if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist", suggestion="pass IMAGE_DIR laid out as IMAGE_DIR/CLASS/*.JPEG")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UserError(f"image folder {root} {what}", suggestion="pass IMAGE_DIR laid out as IMAGE_DIR/CLASS/*.JPEG")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file", suggestion="give a directory for the shards (new or an earlier --out)")
     images = ImageFolder(root, resolution)
     if len(images) == 0:
         raise UserError(f"{root} holds no images in class subfolders", suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG")
     vae, identity = load_encoder(vae_dir)
     if resolution % identity["downsample"]:
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling {identity['downsample']}")
-    plan = make_plan(images.classes, len(images), resolution, shard_size, identity, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    check_or_write_plan(out, plan)
+    lines = image_lines(root, images.items)
+    plan = make_plan(images.classes, lines, resolution, shard_size, identity, dtype)
+    digests = shard_digests(plan, lines)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out}: {err.strerror}") from None
+    changed = check_or_write_plan(out, plan, lines)
     device = torch.device(device or "cpu")
     vae = vae.to(device)
-    todo = [k for k in range(rank, plan["num_shards"], world) if not (out / shard_name(k)).is_file()]
+    mine = range(rank, plan["num_shards"], world)
+    todo = [k for k in mine if not shard_is_current(out / shard_name(k), digests[k])]
     total = sum(min(shard_size, len(images) - k * shard_size) for k in todo)
+    for k in todo:  # no other process writes this rank's shards: what a killed run left is stale
+        remove_file_leftovers(out / shard_name(k))
     if log is not None:
         n = plan["num_shards"]
-        mine = f"rank {rank} of {world} encodes" if world > 1 else "encoding"
-        left = f"{mine} {len(todo)} ({total} images) on {device}" if todo else "none left to encode"
+        if changed:
+            log(f"the images under {root} changed since {out} was started: the shards whose images are the same "
+                "are kept, the others encoded again")
+        who = f"rank {rank} of {world} encodes" if world > 1 else "encoding"
+        left = f"{who} {len(todo)} ({total} images) on {device}" if todo else "none left to encode"
         log(f"{len(images)} images in {len(images.classes)} classes under {root}; {n} shard{'s' * (n != 1)} of "
             f"up to {shard_size} in {out}, {left}")
     bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
@@ -180,7 +257,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
             subset = Subset(images, range(start, min(start + shard_size, len(images))))
             loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
             means, stds, labels = [], [], []
-            for x, y in one_line_errors(iter(loader)):  # a bad image: its one-line message, not a worker's traceback
+            for x, y in _resumable_errors(one_line_errors(iter(loader))):  # one line, not a worker's traceback
                 mean, std = encode_moments(vae, x.to(device))
                 means.append(mean.cpu())
                 stds.append(std.cpu())
@@ -188,8 +265,21 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
                 if bar is not None:
                     bar.update(len(y))
             write_shard(out / shard_name(k), torch.cat(means), torch.cat(stds), torch.cat(labels), start,
-                        getattr(torch, dtype))
+                        getattr(torch, dtype), digests[k])
     finally:  # the bar's last line ends before any error message is printed
         if bar is not None:
             bar.close()
-    return finish(out, plan)
+    return finish(out, plan, digests)
+
+
+def _resumable_errors(batches):
+    """The batches; an unreadable image's error also says that the shards written so far are kept."""
+    from zoo.training.data import BAD_IMAGE_HINT
+
+    try:
+        yield from batches
+    except UserError as err:
+        if err.message.startswith("cannot read image"):  # from a worker, the hint came inside the message
+            err.message = err.message.removesuffix(f" ({BAD_IMAGE_HINT})")
+            err.suggestion = f"{BAD_IMAGE_HINT}, then run the same command again: the shards written so far are kept"
+        raise
