@@ -186,6 +186,16 @@ def test_classes_by_name_where_the_dataset_names_them(tmp_path):
         parse_class_labels("flags", ())
 
 
+def test_a_number_is_a_label_even_where_a_class_folder_has_another_numbers_name(capsys):
+    from zoo.sample import parse_class_labels
+
+    names = ["10", "2", "Dog", "cat"]  # torchvision's order of folders 10, 2, Dog, cat
+    assert parse_class_labels("2,1", names) == [2, 1]
+    err = capsys.readouterr().err
+    assert err == "zoo: warning: --class 2 is label 2 ('Dog'); the class named '2' is label 1 (--class 1)\n"
+    assert parse_class_labels("cat", names) == [3] and capsys.readouterr().err == ""
+
+
 def test_cli_samples_emoji_categories_by_name(tmp_path, capsys):
     out = tmp_path / "e.png"
     emoji = Path(__file__).resolve().parent.parent / "recipes" / "emoji32" / "dimr_2r.yaml"

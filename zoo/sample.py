@@ -129,9 +129,18 @@ def parse_class_labels(text: str | None, names: Sequence[str] = ()) -> list[int]
 
 def _class_label(part: str, text: str, names: Sequence[str]) -> int:
     try:
-        return int(part)
+        label = int(part)
     except ValueError:
         pass
+    else:  # numbers are labels; say so where a class folder is named like another label's number
+        named = [i for i, name in enumerate(names) if name == part and i != label]
+        if named:
+            import sys
+
+            shown = f" ({names[label]!r})" if 0 <= label < len(names) else ""
+            print(f"zoo: warning: --class {part} is label {part}{shown}; the class named {part!r} is label "
+                  f"{named[0]} (--class {named[0]})", file=sys.stderr)
+        return label
     if not names:
         raise UserError(f"--class {text!r}: {part!r} is not a class number, and this model's dataset "
                         f"names no classes (give numbers, e.g. 3,7,207)")
@@ -178,7 +187,13 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
         return None
     null = (recipe.get("diffusion") or {}).get("null_label")
     data = (recipe.get("data") or {}).get("num_classes")
-    return data or null or declared
+    embedded = null if null is not None else declared  # labels 0..embedded-1 have an embedding of their own
+    if data and embedded and data > embedded:
+        where = "diffusion.null_label" if null is not None else "model.num_classes"
+        raise UserError(f"data.num_classes is {data}, but the model embeds only {embedded} classes ({where})",
+                        key_path="data.num_classes", suggestion=f"set data.num_classes to at most {embedded}, or "
+                        f"give the model more classes ({where})")
+    return data or embedded
 
 
 def load_model(source: str | Path, overrides: list[str] = (), device="cpu",

@@ -21,6 +21,23 @@ def adm_center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
+def to_rgb(image):
+    """``image`` (a PIL image of any mode) as 8-bit RGB.
+
+    16-bit grayscale (modes ``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits:
+    PIL's own conversion clips it, which turns most such images white.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+        from PIL import Image
+
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values * (255 / 65535)
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    return image.convert("RGB")
+
+
 def to_tensor(image) -> Tensor:
     """An RGB PIL image as float (3, H, W) in [-1, 1]."""
     rgb = image.convert("RGB")

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from zoo.errors import UserError
 
+BAD_IMAGE_HINT = "delete or replace the file"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's, any case
 
 
@@ -54,6 +55,13 @@ class ImageFolder(Dataset):
             self.items = [(f, i) for i, c in enumerate(self.classes) for f in _images_under(root / c)]
         except OSError as err:
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
+        found = {label for _, label in self.items}
+        empty = [c for i, c in enumerate(self.classes) if i not in found]
+        if self.items and empty:  # each would take a label (and shift the others'), as torchvision refuses too
+            names = ", ".join(str(root / c) for c in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+            raise UserError(f"class folder{'s' * (len(empty) > 1)} {names} hold{'s' * (len(empty) == 1)} no images",
+                            suggestion="move folders that are not classes (e.g. .ipynb_checkpoints, __MACOSX) out "
+                            "of the image folder")
         self.image_size = image_size
         self.num_classes = len(self.classes)
 
@@ -73,13 +81,15 @@ class ImageFolder(Dataset):
             return self._read(path, Image), label
         except (OSError, ValueError, Image.DecompressionBombError) as err:  # truncated, not an image, unreadable
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-            raise UserError(f"cannot read image {path}: {reason}", suggestion="delete or replace the file") from None
+            raise UserError(f"cannot read image {path}: {reason}", suggestion=BAD_IMAGE_HINT) from None
 
     def _read(self, path: Path, Image) -> Tensor:
         from zoo.training.crop import adm_center_crop, to_tensor
 
+        from zoo.training.crop import to_rgb
+
         with Image.open(path) as im:
-            return to_tensor(adm_center_crop(im.convert("RGB"), self.image_size))
+            return to_tensor(adm_center_crop(to_rgb(im), self.image_size))
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -160,6 +170,11 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
     if data.get("split", "train") not in splits:
         raise UserError(f"dataset {kind!r} has no {data['split']!r} split; it has {', '.join(splits)}",
                         key_path="data.split", suggestion="remove data.split or pick one of those")
+    if data.get("root") and getattr(builder, "ignores_root", False):
+        raise UserError(f"data.root is set, but dataset {kind!r}{' (the default)' * ('dataset' not in data)} "
+                        "reads no root", key_path="data.dataset",
+                        suggestion="--set data.dataset=image_folder (root/CLASS/*.png) or latents "
+                        "(zoo prepare-latents output)")
     ds = builder(data, shape, num_classes, seed)
     if len(ds) == 0:
         latent = kind == "latents" or (kind == "imagenet" and data.get("latent"))

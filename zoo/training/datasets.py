@@ -2,7 +2,9 @@
 
 A dataset entry is a callable ``(data, shape, num_classes, seed) -> torch Dataset`` of
 ``(x, label)`` pairs: ``data`` is the recipe's ``data`` section, ``shape`` the model's input
-(C, H, W). Plugins register their own under the same group. ``emoji32`` lives in
+(C, H, W). Plugins register their own under the same group. Optional attributes of an entry:
+``splits`` (names for ``data.split``), ``class_names(data)``, and ``ignores_root = True`` for
+one that reads no ``data.root`` (a recipe that sets one then gets an error, not silent data). ``emoji32`` lives in
 :mod:`zoo.training.emoji`.
 """
 
@@ -21,6 +23,9 @@ from zoo.training.data import ImageFolder, _root, synthetic_dataset
 def synthetic(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """``data.size`` deterministic class-coloured smooth images of the model's input shape."""
     return synthetic_dataset(shape, int(data.get("size", 64)), num_classes, seed)
+
+
+synthetic.ignores_root = True  # type: ignore[attr-defined]  # a data.root beside it is a mistake (see build_dataset)
 
 
 def image_folder(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
