@@ -91,3 +91,75 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, sin
     torchrun(out, 5, "--resume", str(out))
     for name in ("model.safetensors", "ema.safetensors"):
         assert max_diff(single, out, name) < 1e-5, name  # as in the test above: float32 summation order only
+
+
+FAIL_ON_RANK_1 = """
+import os, sys
+from zoo.cli import main
+from zoo.errors import UserError
+import zoo.training.loop as loop
+from zoo.training.ema import EMA
+if os.environ["FAIL_AT"] == "setup":  # a file only rank 1 cannot read, say
+    real_build = loop.build_dataset
+    def build_dataset(*args, **kwargs):
+        if os.environ.get("RANK") == "1":
+            raise UserError("cannot read image /data/x.png: truncated (delete or replace the file)")
+        return real_build(*args, **kwargs)
+    loop.build_dataset = build_dataset
+else:  # an image that rank 1 reads at step 2
+    real_update, calls = EMA.update, []
+    def update(self):
+        calls.append(1)
+        if len(calls) == 2 and os.environ.get("RANK") == "1":
+            raise UserError("cannot read image /data/y.png: truncated (delete or replace the file)")
+        real_update(self)
+    EMA.update = update
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _zoo_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("zoo")]
+
+
+def _zoo_frames(proc: subprocess.CompletedProcess) -> list[str]:
+    """Traceback lines that point into zoo (a worker's traceback; torchrun's own has none)."""
+    return [line for line in proc.stderr.splitlines() if 'File "' in line and f"{os.sep}zoo{os.sep}" in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, expected", [
+    (("--set", "train.batch_size=3"), "train.batch_size 3 is not divisible by 2 processes"),  # in the trainer
+    (("--set", "model.depht=3"), "did you mean depth?"),  # before the process group
+])
+def test_a_mistake_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, expected):
+    proc = torchrun(tmp_path / "run", 2, *extra, check=False)
+    errors = [line for line in _zoo_lines(proc) if "error" in line]
+    assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+    assert not _zoo_frames(proc)
+
+
+@pytest.mark.slow
+def test_a_mistake_on_one_rank_in_setup_stops_both_with_one_line_naming_the_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIL_AT", "setup")
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    proc = torchrun(tmp_path / "run", 3, program=(str(script),), check=False)
+    errors = [line for line in _zoo_lines(proc) if "error" in line]
+    assert errors == ["zoo: error: rank 1: cannot read image /data/x.png: truncated (delete or replace the file)"], \
+        proc.stderr[-3000:]
+    assert not _zoo_frames(proc)  # torchrun prints its own ChildFailedError traceback; none from zoo
+
+
+@pytest.mark.slow
+def test_a_mistake_on_one_rank_mid_run_is_its_line_and_one_line_from_the_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIL_AT", "step")
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    proc = torchrun(tmp_path / "run", 4, program=(str(script),), check=False)
+    errors = sorted(line for line in _zoo_lines(proc) if "error" in line)
+    assert proc.returncode != 0 and len(errors) <= 2, proc.stderr[-3000:]
+    assert "zoo: error: cannot read image /data/y.png: truncated (delete or replace the file)" in errors
+    # rank 0 either lost its peer in the next all-reduce (one line) or was stopped by torchrun first (none)
+    assert all(e.startswith("zoo: error: cannot read") or "rank 0 stopped: another process" in e for e in errors)
+    assert not _zoo_frames(proc)

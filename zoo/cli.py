@@ -90,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as err:
         if os.environ.get("ZOO_TRACEBACK"):
             raise
+        if getattr(err, "quiet", False):  # another process of the run printed it
+            return 2
         if isinstance(err, FileNotFoundError):
             message = f"file not found: {err.filename}" if err.filename else str(err)
         else:

@@ -34,6 +34,8 @@ class UserError(Exception):
         self.key_path = key_path
         self.suggestion = suggestion
 
+    quiet = False  # True: already reported by another process (torchrun's rank 0); the CLI prints nothing
+
     def locate(self, file: str | None = None, line: int | None = None, key_path: str | None = None) -> "UserError":
         """Fill in the parts of the location that are still unknown; returns ``self`` to re-raise."""
         if self.file is None and self.line is None:

@@ -43,16 +43,14 @@ def default_run_dir(recipe: str) -> str:
     return str(Path("runs") / Path(recipe).stem)
 
 
-def run(args: argparse.Namespace) -> int:
+def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
+    """The run directory, the recipe and the device, after the checks that need no process group."""
     import zoo
     from zoo.errors import UserError
-    from zoo.training import distributed
-    from zoo.training.loop import NonFiniteError, train
+    from zoo.guards import check_run_dir, resolve_device
 
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps must be >= 0, got {args.steps}")
-    from zoo.guards import check_run_dir, resolve_device
-
     device = str(resolve_device(args.device))
     out = args.out or default_run_dir(args.recipe)
     check_run_dir(out, resuming=args.resume is not None)  # never a file, never another run's last/
@@ -60,16 +58,36 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is None and not (recipe.get("train") or {}).get("steps"):
         raise UserError(f"{args.recipe}: train.steps is not set (or 0), so there is nothing to train",
                         key_path="train.steps", suggestion="set train.steps in the recipe, or --set train.steps=N")
+    return out, recipe, device
+
+
+def run(args: argparse.Namespace) -> int:
+    from zoo.errors import UserError
+    from zoo.training import distributed
+    from zoo.training.loop import NonFiniteError, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:  # the same arguments and files on every rank: the same mistake, which rank 0 reports
+        out, recipe, device = _checked_arguments(args)
+    except UserError as err:
+        err.quiet = rank != 0
+        raise
     try:
         records = train(recipe, out, steps=args.steps, device=device, resume=args.resume,
                         allow_recipe_change=args.allow_recipe_change)
     except NonFiniteError as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
+        if rank == 0:  # every rank stops; one says why
             print(f"zoo train: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not distributed.peer_lost(err) or os.environ.get("ZOO_TRACEBACK"):
+            raise
+        print(f"zoo train: error: rank {rank} stopped: another process of the run stopped first "
+              "(its own message says why)", file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         last = f"; last loss {records[-1]['loss']:.5f}" if records else ""
         print(f"zoo train: done; checkpoint {out}/last{last}")
     return 0

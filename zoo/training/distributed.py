@@ -10,13 +10,16 @@ FSDP every rank also writes its shards (:mod:`zoo.training.fsdp_checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from zoo.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,62 @@ def init(device: str | None = None) -> Context:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None)
     return Context(rank=rank, world=world, device=torch.device("cuda", local) if cuda else torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def agreement(ctx: Context) -> Iterator[None]:
+    """Run a block that has no collectives inside on every rank, and stop every rank if it failed on any.
+
+    A mistake in a run's setup (a recipe value, a missing data root, a bad checkpoint) usually
+    fails on every rank alike, sometimes on one only (a file one rank cannot read). Without this,
+    torchrun showed the same line once per rank, and ranks that got past the mistake died later
+    in a collective with a connection traceback. Here the ranks compare notes once: rank 0
+    raises the mistake (each distinct message once, naming the ranks where not all failed); the
+    other ranks raise a quiet :class:`UserError` the CLI does not print; a bug (any other
+    exception) keeps its traceback on its own rank.
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  (every rank must reach the gather below)
+        error = err
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return
+    notes: list[Any] = [None] * ctx.world
+    if error is not None:  # what the other ranks need to know: a mistake's line, or a bug's type
+        note = (str(error), False) if isinstance(error, UserError) else (type(error).__name__, True)
+    else:
+        note = None
+    dist.all_gather_object(notes, note)
+    failed = [(rank, n) for rank, n in enumerate(notes) if n is not None]
+    if not failed:
+        return
+    if error is not None and not isinstance(error, UserError):
+        raise error
+    if not ctx.main:
+        quiet = UserError(f"rank {ctx.rank}: stopped with the run (rank 0 reports why)")
+        quiet.quiet = True
+        raise quiet
+    distinct = list(dict.fromkeys(n for _, n in failed))
+    if len(distinct) == 1 and len(failed) == ctx.world and isinstance(error, UserError):
+        raise error  # the same mistake everywhere: rank 0's own error, with its file, key and hint
+    parts = []
+    for text, bug in distinct:
+        ranks = [rank for rank, n in failed if n == (text, bug)]
+        where = f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}"
+        parts.append(f"{where}: a {text} (its traceback is above)" if bug else f"{where}: {text}")
+    raise UserError("; ".join(parts))
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "NCCL communicator was aborted", "remote process exited")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank of the run has stopped."""
+    return dist.is_initialized() and (isinstance(err, dist.DistError) or any(s in str(err) for s in _PEER_GONE))
 
 
 def shutdown() -> None:

@@ -134,22 +134,12 @@ def fd_hook(recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Datase
     """Rank 0's :class:`FDHook` when ``train.eval_every`` asks for one (``None`` elsewhere).
 
     A setting that cannot work (extractor weights, VAE or reference missing) is a :class:`UserError`
-    now, on every rank, rather than at step ``eval_every``.
+    now rather than at step ``eval_every``; the trainer builds this inside
+    :func:`zoo.training.distributed.agreement`, so the other ranks stop with rank 0.
     """
-    if not int(train.get("eval_every") or 0):
+    if not int(train.get("eval_every") or 0) or not ctx.main:
         return None
-    hook, problem = None, None
-    if ctx.main:
-        try:
-            hook = FDHook(recipe, train, dataset, shape, out, ctx.device, log)
-        except UserError as err:
-            problem = err
-    message = ctx.broadcast(None if problem is None else str(problem))
-    if problem is not None:
-        raise problem
-    if message is not None:
-        raise UserError(message)
-    return hook
+    return FDHook(recipe, train, dataset, shape, out, ctx.device, log)
 
 
 def evaluation(hook: Callable[[torch.nn.Module, int], dict] | None, ema_copy: Callable[[], torch.nn.Module | None],

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import Dataset
 
 import zoo
 from zoo.checkpoint import (load_state_dict_strict, load_trainer_state, load_weights, read_config, repair_run,
@@ -100,6 +101,31 @@ class Trainer:
         self.ctx = distributed.init(device)
         self.recipe, self.out = recipe, Path(out)
         self.log = log if self.ctx.main else (lambda *_: None)
+        with distributed.agreement(self.ctx):  # a mistake on any rank stops all of them, with one message
+            dataset = self._set_up(recipe, resume, allow_recipe_change)
+        data = recipe.get("data") or {}
+        self.fsdp = self.ctx.distributed and self.train["parallel"] == "fsdp"
+        self.wrapped = distributed.wrap(self.model, self.ctx, self.train["parallel"], self.train["precision"])
+        self.ema = EMA(self.model, self.train["ema_decay"])  # after sharding: FSDP keeps it sharded too
+        self.optimizer = build_optimizer(self.model, self.train)
+        if resume is not None:
+            self._load_state(self._resumed_from)
+        # Static shapes: a training batch has one shape, and with dynamic ones torch 2.14's inductor
+        # fails on DiMR's first step ("cannot determine truth value of Relational").
+        self.forward = torch.compile(self.wrapped, dynamic=False) if self.train["compile"] else self.wrapped
+        # Prepared latents hold the encoding of each image's mirror image and draw it themselves: a
+        # flip of the latent on top would be a second flip, and not a VAE encoding of anything.
+        self.flip = bool(data.get("random_flip", False)) and not getattr(dataset, "draws_flips", False)
+        self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
+                               pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
+        self.conditional = num_classes(recipe) is not None
+        self.last_saved: int | None = self.step if resume is not None else None
+        self.last_dir: Path | None = self._resumed_from if resume is not None else None  # where last_saved is
+        self.stops = StopSignals()  # Ctrl-C / SIGTERM requests; handlers installed while run() runs
+
+    def _set_up(self, recipe: dict, resume: str | Path | None, allow_recipe_change: bool) -> Dataset:
+        """Settings, data, hooks, model, objective and resumed weights: everything before the first
+        collective, and every check that can refuse the run; returns the dataset."""
         self.train = {**DEFAULTS, **(recipe.get("train") or {})}
         self.device = self.ctx.device
         self.batch, self.accum = int(self.train["batch_size"]), int(self.train["grad_accum"])
@@ -134,24 +160,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
         if resume is not None:
             self._load(Path(resume), allow_recipe_change)
-        self.fsdp = self.ctx.distributed and self.train["parallel"] == "fsdp"
-        self.wrapped = distributed.wrap(self.model, self.ctx, self.train["parallel"], self.train["precision"])
-        self.ema = EMA(self.model, self.train["ema_decay"])  # after sharding: FSDP keeps it sharded too
-        self.optimizer = build_optimizer(self.model, self.train)
-        if resume is not None:
-            self._load_state(self._resumed_from)
-        # Static shapes: a training batch has one shape, and with dynamic ones torch 2.14's inductor
-        # fails on DiMR's first step ("cannot determine truth value of Relational").
-        self.forward = torch.compile(self.wrapped, dynamic=False) if self.train["compile"] else self.wrapped
-        # Prepared latents hold the encoding of each image's mirror image and draw it themselves: a
-        # flip of the latent on top would be a second flip, and not a VAE encoding of anything.
-        self.flip = bool(data.get("random_flip", False)) and not getattr(dataset, "draws_flips", False)
-        self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
-                               pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
-        self.conditional = num_classes(recipe) is not None
-        self.last_saved: int | None = self.step if resume is not None else None
-        self.last_dir: Path | None = self._resumed_from if resume is not None else None  # where last_saved is
-        self.stops = StopSignals()  # Ctrl-C / SIGTERM requests; handlers installed while run() runs
+        return dataset
 
     # -- resume -----------------------------------------------------------------------------------
 
