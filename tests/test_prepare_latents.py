@@ -415,3 +415,13 @@ def test_out_or_image_dir_of_the_wrong_kind_is_one_line(tmp_path, vae_dir, image
     base[1] = str(tmp_path / "file")
     assert main(base + ["--out", str(tmp_path / "lat")]) == 2
     assert f"image folder {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_under_torchrun_a_setup_mistake_is_reported_by_rank_0_only(tmp_path, vae_dir, capsys, monkeypatch):
+    """Every rank lists the same folder: N identical lines said nothing more than rank 0's one."""
+    argv = ["prepare-latents", str(tmp_path / "none"), "--vae", str(vae_dir), "--out", str(tmp_path / "lat")]
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(argv) == 2
+        assert len(capsys.readouterr().err.splitlines()) == lines

@@ -212,28 +212,15 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     from torch.utils.data import DataLoader, Subset
 
     from zoo.atomic import remove_file_leftovers
-    from zoo.training.data import ImageFolder, one_line_errors
 
+    try:  # every rank lists the same folder and reads the same VAE: rank 0 alone reports a mistake here
+        images, vae, plan, lines, changed = _plan(Path(image_dir).expanduser(), vae_dir, Path(out).expanduser(),
+                                                  resolution, shard_size, dtype)
+    except UserError as err:
+        err.quiet = rank != 0
+        raise
     root, out = Path(image_dir).expanduser(), Path(out).expanduser()
-    if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise UserError(f"image folder {root} {what}", suggestion="pass IMAGE_DIR laid out as IMAGE_DIR/CLASS/*.JPEG")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file", suggestion="give a directory for the shards (new or an earlier --out)")
-    images = ImageFolder(root, resolution)
-    if len(images) == 0:
-        raise UserError(f"{root} holds no images in class subfolders", suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG")
-    vae, identity = load_encoder(vae_dir)
-    if resolution % identity["downsample"]:
-        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling {identity['downsample']}")
-    lines = image_lines(root, images.items)
-    plan = make_plan(images.classes, lines, resolution, shard_size, identity, dtype)
     digests = shard_digests(plan, lines)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {out}: {err.strerror}") from None
-    changed = check_or_write_plan(out, plan, lines)
     device = torch.device(device or "cpu")
     vae = vae.to(device)
     mine = range(rank, plan["num_shards"], world)
@@ -257,7 +244,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
             subset = Subset(images, range(start, min(start + shard_size, len(images))))
             loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
             means, stds, labels = [], [], []
-            for x, y in _resumable_errors(one_line_errors(iter(loader))):  # one line, not a worker's traceback
+            for x, y in _resumable_errors(iter(loader)):  # one line, not a worker's traceback
                 mean, std = encode_moments(vae, x.to(device))
                 means.append(mean.cpu())
                 stds.append(std.cpu())
@@ -272,12 +259,38 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     return finish(out, plan, digests)
 
 
+def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_size: int, dtype: str):
+    """The images, the VAE, the plan and ``images.txt`` lines of a run, and whether the image list
+    changed since ``out`` was started; every check that can refuse the run before encoding."""
+    from zoo.training.data import ImageFolder
+
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UserError(f"image folder {root} {what}", suggestion="pass IMAGE_DIR laid out as IMAGE_DIR/CLASS/*.JPEG")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file", suggestion="give a directory for the shards (new or an earlier --out)")
+    images = ImageFolder(root, resolution)
+    if len(images) == 0:
+        raise UserError(f"{root} holds no images in class subfolders", suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG")
+    vae, identity = load_encoder(vae_dir)
+    if resolution % identity["downsample"]:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling {identity['downsample']}")
+    lines = image_lines(root, images.items)
+    plan = make_plan(images.classes, lines, resolution, shard_size, identity, dtype)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out}: {err.strerror}") from None
+    changed = check_or_write_plan(out, plan, lines)
+    return images, vae, plan, lines, changed
+
+
 def _resumable_errors(batches):
     """The batches; an unreadable image's error also says that the shards written so far are kept."""
-    from zoo.training.data import BAD_IMAGE_HINT
+    from zoo.training.data import BAD_IMAGE_HINT, one_line_errors
 
     try:
-        yield from batches
+        yield from one_line_errors(batches)
     except UserError as err:
         if err.message.startswith("cannot read image"):  # from a worker, the hint came inside the message
             err.message = err.message.removesuffix(f" ({BAD_IMAGE_HINT})")
