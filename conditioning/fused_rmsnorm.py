@@ -59,8 +59,16 @@ def scaled_rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
     """``x / (‖x‖₂/√C + eps) · γ`` with ``γ`` of shape ``(C,)`` or per sample ``(B, C)``.
 
     The fused function when autograd is recording; the plain expression otherwise (same values).
+    Half-precision inputs (fp16/bf16 autocast) are normalised in float32 and the result cast back,
+    as LLaMA's and T5's RMS norms do: in fp16 ``eps = 1e-8`` rounds to 0 and the backward's ``r²``
+    overflows (65504) once a row's RMS falls below ~4e-3, which made every fp16 step of a small
+    DiMR non-finite.
     """
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    xc, gc = (x.float(), gamma.float()) if low else (x, gamma)
     if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad):
-        return _ScaledRMSNorm.apply(x, gamma, eps)
-    _, r = rms_scale(x, eps)
-    return x * r * per_sample(gamma, x)
+        y = _ScaledRMSNorm.apply(xc, gc, eps)
+    else:
+        _, r = rms_scale(xc, eps)
+        y = xc * r * per_sample(gc, xc)
+    return y.to(x.dtype) if low else y

@@ -62,7 +62,7 @@ def test_previous_last_survives_a_failure_mid_save(tmp_path, monkeypatch):
         trainer.save(also_step_dir=False)
     assert (tmp_path / "last" / "model.safetensors").read_bytes() == before
     assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "log.jsonl", "tb"]  # no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "log.jsonl", "loss.png", "tb"]  # no temp dirs left
 
 
 def test_ema_math_and_fp32_shadow_of_a_bf16_model():

@@ -105,6 +105,64 @@ def test_fp16_with_grad_scaler_trains_and_resumes(tmp_path):
     assert [x["step"] for x in more] == [4]
 
 
+def test_fp16_steps_that_are_all_skipped_stop_the_run_instead_of_finishing_untrained(tmp_path, capsys):
+    """The scaler skips a step whose gradient overflows and halves its scale; when every step
+    overflows (scale below 1 after 17 skips), the run stops (exit 1) rather than ending 'done'
+    with its initial weights."""
+    import zoo.training.loop as loop
+
+    real = loop.Trainer._set_up
+
+    def set_up(self, *args, **kwargs):
+        dataset = real(self, *args, **kwargs)
+        for p in (p for p in self.model.parameters() if p.requires_grad):  # an fp16 forward that always overflows
+            p.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return dataset
+
+    loop.Trainer._set_up = set_up
+    try:
+        code = main(["train", str(HERE / "tiny_train.yaml"), "--out", str(tmp_path / "run"), "--set",
+                     "train.precision=fp16", "--set", "train.steps=40", "--set", "train.sample_every=0", "--set", "train.grad_clip=1.0",
+                     "--set", "train.ckpt_every=0", "--set", "train.batch_size=4"])
+    finally:
+        loop.Trainer._set_up = real
+    err = capsys.readouterr().err
+    assert code == 1 and "not finite at step 17" in err and "loss scale below 1" in err, err
+    assert "use precision bf16 (or fp32) instead of fp16" in err and "set train.grad_clip" not in err  # clip 1.0 is set
+
+
+def test_the_rms_norm_in_fp16_is_computed_in_float32():
+    """fp16 rows with an RMS below 4e-3 overflowed r**2 in the norm's backward (every step non-finite)."""
+    from conditioning.fused_rmsnorm import scaled_rms_norm
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 16, 96, dtype=torch.float64) * 1e-3).requires_grad_()
+    gamma = (1 + 0.1 * torch.randn(4, 96, dtype=torch.float64)).requires_grad_()
+    x16, g16 = x.detach().half().requires_grad_(), gamma.detach().half().requires_grad_()
+    y, y16 = scaled_rms_norm(x, gamma, 1e-8), scaled_rms_norm(x16, g16, 1e-8)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    y16.backward(upstream.half())
+    assert y16.dtype == torch.float16 and torch.isfinite(x16.grad).all() and torch.isfinite(g16.grad).all()
+    # fp16 in and out: ~2**-11 relative rounding of inputs, outputs and gradients (values O(1), grads O(1e3))
+    torch.testing.assert_close(y16.double(), y, rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(x16.grad.double(), x.grad, rtol=1e-2, atol=1e-2 * x.grad.abs().max().item())
+
+
+def test_the_last_partial_log_window_is_logged(tmp_path, capsys):
+    """7 steps at log_every 5: a record at step 5 and one for steps 6-7, and a run shorter than
+    log_every still logs (log.jsonl, loss.png) instead of leaving them empty."""
+    import json
+
+    r = zoo.load_recipe(HERE / "tiny_train.yaml", ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=5"])
+    records = train(r, tmp_path / "a", steps=7, log=QUIET)
+    assert [x["step"] for x in records] == [5, 7]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert logged == [5, 7]
+    assert [x["step"] for x in train(r, tmp_path / "b", steps=3, log=QUIET)] == [3]
+    assert (tmp_path / "b" / "loss.png").is_file()
+
+
 def test_keep_last_prunes_only_the_runs_own_step_dirs(tmp_path):
     (tmp_path / "step_0000001").mkdir(parents=True)  # not the run's: kept
     (tmp_path / "step_0000001" / "notes.txt").write_text("mine")

@@ -54,12 +54,24 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; the weights were not updated with it."""
 
-    def __init__(self, step: int, what: str, last: int | None, where: Path | None = None) -> None:
+    def __init__(self, step: int, what: str, last: int | None, where: Path | None = None,
+                 train: dict | None = None) -> None:
         kept = (f"{where or 'last/'} holds step {last}, the last finite checkpoint" if last is not None
                 else "no checkpoint was written")
         super().__init__(f"{what} is not finite at step {step}; stopped without updating the weights ({kept}). "
-                         "Lower train.lr, set train.grad_clip, or use precision bf16 instead of fp16")
+                         f"{_remedies(train or {})}")
         self.step = step
+
+
+def _remedies(train: dict) -> str:
+    """What to try after a non-finite step, given what the run already does."""
+    tries = ["lower train.lr"]
+    if not train.get("grad_clip"):
+        tries.append("set train.grad_clip")
+    if train.get("precision") == "fp16":
+        tries.append("use precision bf16 (or fp32) instead of fp16")
+    text = ", ".join(tries[:-1]) + " or " + tries[-1] if len(tries) > 1 else tries[0]
+    return text[0].upper() + text[1:]
 
 
 def set_grad_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
@@ -287,9 +299,15 @@ class Trainer:
         if not finite_loss or (not finite_grad and not self.scaler.is_enabled()):  # fp16: the scaler skips inf steps
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(self.step + 1, "the loss" if not finite_loss else "the gradient norm", self.last_saved,
-                                 self.last_dir)
+                                 self.last_dir, self.train)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < 1.0:
+            # Each skipped step halves the scale (65536 at the start): below 1 the gradients overflow even
+            # unscaled, i.e. the fp16 forward or backward itself is not finite; the steps were all skipped.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(self.step + 1, "the fp16 gradient (loss scale below 1, every recent step skipped)",
+                                 self.last_saved, self.last_dir, self.train)
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
         return loss
@@ -357,13 +375,13 @@ class Trainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 running += self.train_step(x, y)
                 self.step += 1
-                if self.step < total and self._stop_asked():  # Ctrl-C or SIGTERM: the saved step is the weights' step
-                    self._stop_here()
                 norms += self.grad_norm
                 count += 1
                 if monitor:
                     monitor.advance()
-                if self._every("log_every"):
+                stop = self.step < total and self._stop_asked()  # Ctrl-C or SIGTERM: the saved step is the weights' step
+                if self._every("log_every") or ((stop or self.step == total) and self._period("log_every") > 0):
+                    # the last window too, when the run ends or stops between two log steps
                     elapsed = time.perf_counter() - tick
                     rec = {"step": self.step, "loss": float(running) / count,
                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(norms) / count,
@@ -373,6 +391,8 @@ class Trainer:
                         monitor.record(rec)
                     running, norms = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
                     count, tick = 0, time.perf_counter()
+                if stop:
+                    self._stop_here()
                 # Saves, grids and evaluations are left out of the logged steps/s: it is the training speed
                 if self._every("ckpt_every"):
                     tick += _seconds(self.save)
