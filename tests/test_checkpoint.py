@@ -219,10 +219,11 @@ def test_half_written_record_and_half_deleted_old_copy_are_repaired(tmp_path, mo
 
 def test_repair_touches_only_protocol_names(tmp_path):
     ckpt.save_checkpoint(tmp_path / "last", _model(), RECIPE, state={"step": 1})
-    keep = ["last.tmp-notes", "last.old-123", "last.backup", "last.tmp-0123abcdx", "other.txt"]
+    keep = ["last.tmp-notes", "last.old-123", "last.backup", "last.tmp-0123abcdx", "other.txt",
+            "notes.old-0123abcd", ".notes.txt.tmp-0123abcd"]  # protocol forms, but of names zoo train never writes
     for name in keep:
         (tmp_path / name).write_text("user data")
-    (tmp_path / ".grid.png.tmp-0123abcd").write_bytes(b"half a png")
+    (tmp_path / ".loss.png.tmp-0123abcd").write_bytes(b"half a png")
     (tmp_path / "last.tmp-89abcdef").mkdir()  # an unsealed copy: an interrupted save
     (tmp_path / ".step_0000010.del-0123abcd").mkdir()  # a delete_dir a crash interrupted
     (tmp_path / ".step_0000010.del-0123abcd" / "model.safetensors").write_bytes(b"half")

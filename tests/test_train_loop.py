@@ -241,3 +241,65 @@ def test_the_logged_gradient_norm_is_the_norm_before_clipping(tmp_path):
     after = torch.sqrt(sum((g ** 2).sum() for g in clipped.values()))
     torch.testing.assert_close(after, 1e-3 * norm / (norm + 1e-6), rtol=1e-12, atol=0)  # torch's clip coefficient
 
+
+
+def _args(out, *extra):
+    return ["train", str(HERE / "tiny_train.yaml"), "--out", str(out), "--set", "train.sample_every=0",
+            "--set", "train.ckpt_every=2", *extra]
+
+
+def test_resuming_another_run_into_a_run_directory_is_refused(tmp_path, capsys):
+    """--out A --resume B would have replaced A's checkpoints and cut A's log at B's step."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_args(a, "--steps", "4")) == 0 and main(_args(b, "--steps", "2")) == 0
+    before = (a / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main(_args(a, "--resume", str(b), "--steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {a} already holds a run (last/), and --resume {b} is another run's checkpoint" in err
+    assert (a / "log.jsonl").read_text() == before
+    # Resuming A itself (its directory, last/ or a step) and forking B into a new directory still work.
+    assert main(_args(a, "--resume", str(a / "step_0000002"), "--steps", "5")) == 0
+    assert main(_args(tmp_path / "fork", "--resume", str(b / "last"), "--steps", "3")) == 0
+
+
+def test_a_run_without_last_is_still_a_run(tmp_path, capsys):
+    """With last/ deleted, a new run there would have wiped the log and step directories; --resume points at them."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "4")) == 0
+    shutil.rmtree(out / "last")
+    capsys.readouterr()
+    assert main(_args(out, "--steps", "4")) == 2
+    assert "already holds a run (step_0000004/)" in capsys.readouterr().err
+    assert main(_args(out, "--resume", str(out), "--steps", "5")) == 2
+    assert f"has no last/ checkpoint (resume from its newest, --resume {out / 'step_0000004'})" in capsys.readouterr().err
+    assert (out / "log.jsonl").is_file() and (out / "step_0000004").is_dir()
+
+
+def test_resume_says_when_the_learning_rate_schedule_changes_and_tilde_paths_expand(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cosine = ["--set", "train.lr_schedule=cosine", "--set", "train.warmup_steps=0"]
+    assert main(_args("~/run", "--set", "train.steps=4", *cosine)) == 0
+    assert (tmp_path / "run" / "last").is_dir() and not (tmp_path / "~").exists()
+    capsys.readouterr()
+    assert main(_args("~/run", "--resume", "~/run", "--set", "train.steps=8", *cosine)) == 0
+    out = capsys.readouterr().out
+    assert "note: the learning rate at step 5 is" in out and "train.steps 4 -> 8" in out
+    assert main(_args("~/run", "--resume", "~/run", "--set", "train.steps=10", *cosine, "--steps", "9")) == 0
+    assert "note: the learning rate" in capsys.readouterr().out  # 8 -> 10 changes it again
+    assert main(_args("~/run", "--resume", "~/run", "--set", "train.steps=10", *cosine)) == 0
+    assert "note: the learning rate" not in capsys.readouterr().out  # the same schedule: nothing to say
+
+
+def test_repairing_a_directory_that_is_not_a_run_leaves_its_files(tmp_path, capsys):
+    """--resume of a folder that is not a checkpoint: the error, and its notes.old-0123abcd still there."""
+    folder = tmp_path / "mine"
+    (folder / "notes.old-0123abcd").mkdir(parents=True)
+    (folder / "notes.old-0123abcd" / "a.txt").write_text("hi")
+    (folder / ".draft.txt.tmp-deadbeef").write_text("draft")
+    assert main(_args(tmp_path / "out", "--resume", str(folder))) == 2
+    assert "not a zoo checkpoint" in capsys.readouterr().err
+    assert (folder / "notes.old-0123abcd" / "a.txt").read_text() == "hi" and (folder / ".draft.txt.tmp-deadbeef").exists()

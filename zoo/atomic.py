@@ -263,17 +263,22 @@ def repair(target: str | Path, record: str) -> Path | None:
     return target if target.exists() else None
 
 
-def repair_all(directory: str | Path, record: str) -> list[Path]:
-    """:func:`repair` every interrupted directory save and delete temporary files in ``directory``."""
+def repair_all(directory: str | Path, record: str, ours: Callable[[str], bool] = lambda name: True) -> list[Path]:
+    """:func:`repair` every interrupted directory save and delete temporary files in ``directory``.
+
+    ``ours(NAME)`` limits both to the names the caller writes there (``last``, ``log.jsonl``): a
+    folder that also holds a user's ``notes.old-0123abcd`` keeps it.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
     repaired = []
     with locked(directory):
         for p in sorted(directory.iterdir()):
-            if _FILE_LEFTOVER.match(p.name) and (p.is_file() or ".del-" in p.name):
+            m = _FILE_LEFTOVER.match(p.name)
+            if m and ours(m["name"]) and (p.is_file() or ".del-" in p.name):
                 _remove(p)
-        names = {m["name"] for p in directory.iterdir() if (m := _LEFTOVER.match(p.name))}
+        names = {m["name"] for p in directory.iterdir() if (m := _LEFTOVER.match(p.name)) and ours(m["name"])}
         for name in sorted(names):
             if _repair_unlocked(directory / name, record) is not None:
                 repaired.append(directory / name)

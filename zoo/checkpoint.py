@@ -217,12 +217,17 @@ def checkpoint_of(path: str | Path) -> Path:
     return path / "last" if (path / "last" / CONFIG).is_file() else path
 
 
+RUN_NAMES = re.compile(r"last|step_\d{7}|log\.jsonl|loss\.png")  # what zoo train writes in a run directory
+GRID_NAMES = re.compile(r"step_\d{7}\.png")  # and in its samples/
+
+
 def repair_run(directory: str | Path) -> list[Path]:
-    """Repair every interrupted checkpoint save in a run directory and delete its temporary files."""
+    """Repair every interrupted checkpoint save in a run directory and delete its temporary files
+    (only of the names zoo train writes there: a directory that is not a run keeps its files)."""
     directory = Path(directory)
-    repaired = atomic.repair_all(directory, CONFIG)
+    repaired = atomic.repair_all(directory, CONFIG, ours=RUN_NAMES.fullmatch)
     if (directory / "samples").is_dir():
-        atomic.repair_all(directory / "samples", CONFIG)
+        atomic.repair_all(directory / "samples", CONFIG, ours=GRID_NAMES.fullmatch)
     return repaired
 
 

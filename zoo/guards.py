@@ -71,16 +71,43 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
-def check_run_dir(out: str | Path, resuming: bool, option: str = "--out") -> Path:
-    """``path`` for a training run: not a file, and not another run's directory unless resuming it."""
+def holds_a_run(directory: Path) -> str | None:
+    """What shows that ``directory`` holds a ``zoo train`` run (``"last/"``, ``"step_0000500/"``,
+    ``"log.jsonl"``), or ``None``."""
+    from zoo.checkpoint import RUN_NAMES
+
+    if (directory / "last").exists():
+        return "last/"
+    if directory.is_dir():
+        steps = sorted(p.name for p in directory.iterdir() if p.is_dir() and RUN_NAMES.fullmatch(p.name))
+        if steps:
+            return f"{steps[-1]}/"
+    return "log.jsonl" if (directory / "log.jsonl").is_file() else None
+
+
+def run_of(checkpoint: Path) -> Path:
+    """The run directory a ``--resume`` path belongs to: itself if it is one, else a checkpoint's parent."""
+    return checkpoint if holds_a_run(checkpoint) else checkpoint.parent
+
+
+def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "--out") -> Path:
+    """``out`` (``~`` expanded) for a training run: not a file, and not another run's directory
+    unless resuming that run (``resuming``: the ``--resume`` path, or ``True``/``False``)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file; zoo train writes a run directory there",
                         suggestion="choose a directory path")
     check_parents(out, option)
-    if not resuming and (out / "last").exists():
-        raise UserError(f"{option} {out} already holds a run (last/); a new run there would replace its checkpoints",
-                        suggestion=f"continue it with --resume {out}, or choose another {option}")
+    found = holds_a_run(out)
+    if found and not resuming:
+        raise UserError(f"{option} {out} already holds a run ({found}); a new run there would replace its "
+                        "checkpoints and log", suggestion=f"continue it with --resume {out}, or choose another {option}")
+    if found and isinstance(resuming, (str, Path)):
+        source = Path(resuming).expanduser()
+        if source.exists() and run_of(source).resolve() != out.resolve():
+            raise UserError(f"{option} {out} already holds a run ({found}), and --resume {resuming} is another "
+                            f"run's checkpoint: continuing it there would replace {out}'s checkpoints and log",
+                            suggestion=f"continue {resuming} into a new {option}, or resume {out} itself")
     return out
 
 

@@ -52,8 +52,10 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps must be >= 0, got {args.steps}")
     device = str(resolve_device(args.device))
-    out = args.out or default_run_dir(args.recipe)
-    check_run_dir(out, resuming=args.resume is not None)  # never a file, never another run's last/
+    if args.resume is not None:
+        args.resume = str(Path(args.resume).expanduser())
+    # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)
+    out = str(check_run_dir(args.out or default_run_dir(args.recipe), resuming=args.resume or False))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     if args.steps is None and not (recipe.get("train") or {}).get("steps"):
         raise UserError(f"{args.recipe}: train.steps is not set (or 0), so there is nothing to train",

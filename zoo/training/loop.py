@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.checkpoint import (load_state_dict_strict, load_trainer_state, load_weights, read_config, repair_run,
-                            save_checkpoint)
+from zoo.checkpoint import (CONFIG, load_state_dict_strict, load_trainer_state, load_weights, read_config,
+                            repair_run, save_checkpoint)
 from zoo.diffusion.setup import build_objective, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
@@ -181,6 +181,11 @@ class Trainer:
         repair_run(directory)  # a save interrupted in that run directory: the newest complete checkpoint wins
         if (directory / "last").is_dir():
             directory = directory / "last"
+        elif not (directory / CONFIG).is_file():
+            steps = sorted(d for d in directory.glob("step_*") if (d / CONFIG).is_file())
+            if steps:  # a run whose last/ was deleted: its step directories are checkpoints too
+                raise UserError(f"{directory} has no last/ checkpoint", suggestion=f"resume from its newest, "
+                                f"--resume {steps[-1]}")
         if not allow_recipe_change:
             check_resume_recipe(read_config(directory), self.recipe, directory)
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
@@ -210,6 +215,23 @@ class Trainer:
         self.step = int(state["step"])
         self.created = [int(s) for s in state.get("created", [])]
         self.log(f"zoo train: resumed from {directory} at step {self.step}")
+        self._resume_notes(directory)
+
+    def _resume_notes(self, directory: Path) -> None:
+        """Say what a resume changes that the user may not expect: a learning-rate schedule stretched
+        over another ``train.steps``, and checkpoints of a continuation this run branches away from."""
+        then = {**DEFAULTS, **(read_config(directory).get("train") or {})}
+        lr_then, lr_now = learning_rate(then, self.step), learning_rate(self.train, self.step)
+        if abs(lr_now - lr_then) > 1e-3 * max(lr_then, 1e-30):
+            self.log(f"zoo train: note: the learning rate at step {self.step + 1} is {lr_now:.3g}, where the "
+                     f"checkpoint's recipe would give {lr_then:.3g} (train.steps {then.get('steps')} -> "
+                     f"{self.train['steps']}, lr {then.get('lr')} -> {self.train['lr']}: the {self.train.get('lr_schedule', 'constant')} "
+                     "schedule is recomputed for the new settings)")
+        later = sorted(d.name for d in self.out.glob("step_*") if d.is_dir() and d.name[5:].isdigit()
+                       and int(d.name[5:]) > self.step)
+        if later:
+            self.log(f"zoo train: note: {', '.join(later)} in {self.out} come after step {self.step}, from the run "
+                     "this one branches away from; they are kept (and not pruned) until this run saves those steps")
 
     # -- checkpoints and samples ---------------------------------------------------------------
 
