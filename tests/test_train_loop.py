@@ -303,3 +303,14 @@ def test_repairing_a_directory_that_is_not_a_run_leaves_its_files(tmp_path, caps
     assert main(_args(tmp_path / "out", "--resume", str(folder))) == 2
     assert "not a zoo checkpoint" in capsys.readouterr().err
     assert (folder / "notes.old-0123abcd" / "a.txt").read_text() == "hi" and (folder / ".draft.txt.tmp-deadbeef").exists()
+
+
+def test_resume_accepts_a_recipe_that_means_the_same(tmp_path, capsys):
+    """A default spelled out, a component by name or as {type: NAME}: the same model and loss."""
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "2")) == 0
+    same = ["--set", "model.frequency_dim=256", "--set", "diffusion.objective={type: eps_mse}"]
+    assert main(_args(out, "--resume", str(out), "--steps", "3", *same)) == 0
+    capsys.readouterr()
+    assert main(_args(out, "--resume", str(out), "--steps", "4", "--set", "model.frequency_dim=128")) == 2
+    assert "model.frequency_dim differs from the checkpoint's (256 there, 128 now)" in capsys.readouterr().err  # step 3 spelled it out

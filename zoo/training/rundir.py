@@ -12,11 +12,25 @@ from zoo.errors import UserError
 FIXED_SECTIONS = ("model", "diffusion")  # what the weights and the loss mean; a resume may not change them
 
 
-def first_difference(a: Any, b: Any, path: str) -> str | None:
-    """The first key path (``model.depth``, ``model.branches.1.dim``) where ``a`` and ``b`` differ."""
+def _same_component(a: Any, b: Any) -> bool:
+    """``"eps_mse"`` and ``{type: eps_mse}`` name the same component (the recipes' shorthand)."""
+    return (isinstance(a, str) and b == {"type": a}) or (isinstance(b, str) and a == {"type": b})
+
+
+def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None = None) -> str | None:
+    """The first key path (``model.depth``, ``model.branches.1.dim``) where ``a`` and ``b`` differ.
+
+    A component given by name equals one given as ``{type: NAME}``; a key that one side leaves out
+    equals the other side's value if that is ``defaults[key]`` (the constructor's default).
+    """
+    if _same_component(a, b):
+        return None
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
+                given = a[key] if key in a else b[key]
+                if defaults is not None and key in defaults and given == defaults[key]:
+                    continue
                 return f"{path}.{key}"
             found = first_difference(a[key], b[key], f"{path}.{key}")
             if found:
@@ -35,12 +49,41 @@ def check_resume_recipe(stored: dict, recipe: dict, source: Path) -> None:
     """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's."""
     current = json.loads(json.dumps(recipe))  # the form config.json stores (tuples become lists)
     for section in FIXED_SECTIONS:
-        path = first_difference(stored.get(section), current.get(section), section)
+        then, now = stored.get(section), current.get(section)
+        defaults = _constructor_defaults(now) if section == "model" else None
+        path = first_difference(then, now, section, defaults)
         if path:
             raise UserError(f"--resume {source}: the recipe's {path} differs from the checkpoint's "
                             f"({_value(stored, path)} there, {_value(current, path)} now)",
                             key_path=path, suggestion="resume with the checkpoint's recipe, or pass "
                             "--allow-recipe-change if the change is intended")
+
+
+def _constructor_defaults(model: Any) -> dict[str, Any]:
+    """The defaults of the registered backbone's constructor (JSON values), ``{}`` if unknown."""
+    import inspect
+
+    from zoo import registry
+    from zoo.introspect import signature
+
+    if not isinstance(model, dict) or not isinstance(model.get("type"), str):
+        return {}
+    try:
+        sig = signature(registry.get("backbone", model["type"]))
+    except UserError:
+        return {}
+    if sig is None:
+        return {}
+    return {name: json.loads(json.dumps(p.default)) for name, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty and _plain(p.default)}
+
+
+def _plain(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _value(recipe: dict, path: str) -> str:
