@@ -314,3 +314,18 @@ def test_resume_accepts_a_recipe_that_means_the_same(tmp_path, capsys):
     capsys.readouterr()
     assert main(_args(out, "--resume", str(out), "--steps", "4", "--set", "model.frequency_dim=128")) == 2
     assert "model.frequency_dim differs from the checkpoint's (256 there, 128 now)" in capsys.readouterr().err  # step 3 spelled it out
+
+
+def test_small_messages_name_the_fix(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "2")) == 0
+    capsys.readouterr()
+    assert main(_args(out, "--resume", str(out), "--steps", "2")) == 0
+    assert "note: already at step 2, nothing to train (stops at step 2)" in capsys.readouterr().out
+    (tmp_path / "tab.yaml").write_text("model:\n\ttype: dit\n")
+    assert main(["build", str(tmp_path / "tab.yaml")]) == 2
+    assert "replace the tab on that line with spaces" in capsys.readouterr().err
+    recipe = zoo.load_recipe(HERE / "tiny_train.yaml")
+    ckpt.save_checkpoint(tmp_path / "converted", zoo.build_model(recipe), recipe)  # weights only, as zoo convert
+    assert main(_args(tmp_path / "b", "--resume", str(tmp_path / "converted"))) == 2
+    assert "converted or exported weights hold no optimizer state" in capsys.readouterr().err

@@ -334,7 +334,9 @@ def load_trainer_state(directory: str | Path, map_location: str | torch.device =
     directory = _checkpoint_dir(directory)
     path = directory / TRAINER_STATE
     if not path.is_file():
-        raise UserError(f"{directory} has no trainer state ({TRAINER_STATE}); it cannot be resumed")
+        raise UserError(f"{directory} has no trainer state ({TRAINER_STATE}); it cannot be resumed",
+                        suggestion="resume from a checkpoint zoo train wrote (RUN, RUN/last or RUN/step_*); "
+                        "converted or exported weights hold no optimizer state to continue")
     state = torch_load_plain(path, "trainer state", map_location=map_location)
     if not isinstance(state, dict):
         raise UserError(f"trainer state {path} holds a {type(state).__name__}, not a dict")

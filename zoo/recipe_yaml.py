@@ -145,7 +145,10 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[KeyPath, Origin]]:
         problem = err.problem or err.context
         if "nesting depth" in str(problem):  # PyYAML >= 6.0.4's parser has a depth limit of its own
             raise UserError(f"refused: nesting deeper than {MAX_DEPTH} levels", file=file, line=line) from None
-        raise UserError(f"invalid YAML: {problem}", file=file, line=line) from None
+        hint = None
+        if line is not None and "\t" in (text.splitlines()[line - 1:line] or [""])[0]:
+            hint = "YAML indents with spaces only: replace the tab on that line with spaces"
+        raise UserError(f"invalid YAML: {problem}", file=file, line=line, suggestion=hint) from None
     except yaml.YAMLError as err:
         raise UserError(f"invalid YAML: {err}", file=file) from None
     finally:

@@ -178,8 +178,10 @@ def emoji32(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
     """Twemoji PNGs on white, 9 emoji categories as labels (train 1709 / holdout 189 images)."""
     size = int(data.get("image_size", shape[-1]))
     if tuple(shape) != (3, size, size):
+        fix = (f"set the model's input size to {size} too (model.input_size, or model.img_size for U-ViT)"
+               if shape[0] == 3 else f"emoji32 is RGB pixels: give the model 3 input channels and size {size}")
         raise UserError(f"dataset emoji32 gives RGB images of {size}x{size} but the model takes {tuple(shape)}",
-                        key_path="data.image_size", suggestion="set model input to 3 channels and data.image_size")
+                        key_path="data.image_size", suggestion=fix)
     if num_classes is not None and num_classes < len(CATEGORIES):
         raise UserError(f"dataset emoji32 has {len(CATEGORIES)} classes but the recipe declares {num_classes}",
                         key_path="data.num_classes", suggestion=f"use num_classes: {len(CATEGORIES)}")

@@ -383,6 +383,9 @@ class Trainer:
             repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
         self.ctx.barrier()
         self.banner(total)
+        if self.step >= total:
+            self.log(f"zoo train: note: already at step {self.step}, nothing to train (stops at step {total}); "
+                     "raise train.steps (or --steps) to go on")
         if self.fd is not None:
             self.fd.prepare()  # the run's FD reference statistics, computed once
         monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
