@@ -133,7 +133,7 @@ def test_fp16_steps_that_are_all_skipped_stop_the_run_instead_of_finishing_untra
 
 def test_the_rms_norm_in_fp16_is_computed_in_float32():
     """fp16 rows with an RMS below 4e-3 overflowed r**2 in the norm's backward (every step non-finite)."""
-    from conditioning.fused_rmsnorm import scaled_rms_norm
+    from zoo.conditioning.fused_rmsnorm import scaled_rms_norm
 
     torch.manual_seed(0)
     x = (torch.randn(4, 16, 96, dtype=torch.float64) * 1e-3).requires_grad_()
