@@ -425,3 +425,38 @@ def test_under_torchrun_a_setup_mistake_is_reported_by_rank_0_only(tmp_path, vae
         monkeypatch.setenv("WORLD_SIZE", "2")
         assert main(argv) == 2
         assert len(capsys.readouterr().err.splitlines()) == lines
+
+
+def test_a_file_name_that_is_not_utf8_is_encoded_and_listed(tmp_path, vae_dir, image_dir):
+    import sys
+
+    if sys.platform == "darwin":  # APFS refuses names that are not UTF-8
+        pytest.skip("the filesystem holds UTF-8 names only")
+    images, out = _copy_images(image_dir, tmp_path), tmp_path / "lat"
+    os.rename(images / "n01" / "n01_0.png", os.fsencode(images / "n01") + b"/caf\xe9.png")
+    kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(images, vae_dir, out, **kw)
+    assert b"n01/caf\xe9.png\t0\n" in (out / "images.txt").read_bytes()
+    assert prepare_latents(images, vae_dir, out, **kw)  # the rerun finds every shard current
+
+
+def test_an_output_of_another_format_version_is_named_as_such(tmp_path, vae_dir, image_dir, capsys):
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    plan = json.loads((out / PLAN).read_text())
+    (out / PLAN).write_text(json.dumps({**plan, "version": 1}))
+    assert main(["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution",
+                 str(RES), "--shard-size", "6", "--workers", "0"]) == 2
+    assert "written by another version of zoo prepare-latents (format version 1" in capsys.readouterr().err
+
+
+def test_a_killed_write_of_a_shard_the_plan_no_longer_has_is_removed(tmp_path, vae_dir, image_dir):
+    images, out = _copy_images(image_dir, tmp_path), tmp_path / "lat"
+    kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    prepare_latents(images, vae_dir, out, **kw)
+    leftover = out / f".{shard_name(2)}.tmp-0123abcd"
+    leftover.write_bytes(b"half a shard")
+    for name in ("n02_3.JPEG", "n02_4.png"):  # 8 images: shards 0 and 1 only
+        (images / "n02" / name).unlink()
+    assert prepare_latents(images, vae_dir, out, **kw)
+    assert not leftover.exists() and not (out / shard_name(2)).exists()

@@ -329,3 +329,17 @@ def test_small_messages_name_the_fix(tmp_path, capsys):
     ckpt.save_checkpoint(tmp_path / "converted", zoo.build_model(recipe), recipe)  # weights only, as zoo convert
     assert main(_args(tmp_path / "b", "--resume", str(tmp_path / "converted"))) == 2
     assert "converted or exported weights hold no optimizer state" in capsys.readouterr().err
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_can_start_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--steps", "3")) == 1
+    assert (out / "log.jsonl").exists() and not (out / "last").exists()
+    assert main(_args(out, "--steps", "2")) == 0
+
+
+def test_resuming_the_run_through_a_symlink_is_resuming_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "2")) == 0
+    (tmp_path / "latest").symlink_to(out / "last")
+    assert main(_args(out, "--resume", str(tmp_path / "latest"), "--steps", "3")) == 0

@@ -72,21 +72,24 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
 
 
 def holds_a_run(directory: Path) -> str | None:
-    """What shows that ``directory`` holds a ``zoo train`` run (``"last/"``, ``"step_0000500/"``,
-    ``"log.jsonl"``), or ``None``."""
+    """The checkpoint that shows ``directory`` holds a ``zoo train`` run (``"last/"``, else its newest
+    ``"step_0000500/"``), or ``None``: a run that stopped before its first checkpoint may start again."""
     from zoo.checkpoint import RUN_NAMES
 
     if (directory / "last").exists():
         return "last/"
     if directory.is_dir():
-        steps = sorted(p.name for p in directory.iterdir() if p.is_dir() and RUN_NAMES.fullmatch(p.name))
+        steps = sorted(p.name for p in directory.iterdir()
+                       if p.is_dir() and p.name != "last" and RUN_NAMES.fullmatch(p.name))
         if steps:
             return f"{steps[-1]}/"
-    return "log.jsonl" if (directory / "log.jsonl").is_file() else None
+    return None
 
 
 def run_of(checkpoint: Path) -> Path:
-    """The run directory a ``--resume`` path belongs to: itself if it is one, else a checkpoint's parent."""
+    """The run directory a ``--resume`` path belongs to (symlinks resolved): itself if it is one,
+    else a checkpoint's parent."""
+    checkpoint = checkpoint.resolve()
     return checkpoint if holds_a_run(checkpoint) else checkpoint.parent
 
 
@@ -104,7 +107,7 @@ def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "-
                         "checkpoints and log", suggestion=f"continue it with --resume {out}, or choose another {option}")
     if found and isinstance(resuming, (str, Path)):
         source = Path(resuming).expanduser()
-        if source.exists() and run_of(source).resolve() != out.resolve():
+        if source.is_dir() and run_of(source) != out.resolve():  # a file: the resume's own error names it
             raise UserError(f"{option} {out} already holds a run ({found}), and --resume {resuming} is another "
                             f"run's checkpoint: continuing it there would replace {out}'s checkpoints and log",
                             suggestion=f"continue {resuming} into a new {option}, or resume {out} itself")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -101,9 +102,14 @@ def image_lines(root: Path, items: list[tuple[Path, int]]) -> list[str]:
     return [f"{Path(path).relative_to(root).as_posix()}\t{label}\n" for path, label in items]
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8; a file name that is not UTF-8 keeps its own bytes (``surrogateescape``)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def rows_digest(lines: list[str]) -> str:
     """The sha256 of some rows' ``images.txt`` lines: a shard is current if it holds the same rows."""
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_utf8("".join(lines))).hexdigest()
 
 
 def make_plan(classes: list[str], lines: list[str], resolution: int, shard_size: int, identity: dict,
@@ -134,11 +140,15 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     """Write ``prepare.json`` and ``images.txt``, or check an existing plan (an interrupted or finished
     run) against this one. Other settings are refused; another image list replaces the old one (and
     the manifest, which no longer describes the output). Returns whether the image list changed."""
-    from zoo.atomic import write_text
+    from zoo.atomic import write_file
 
     existing = out / PLAN
     old = json.loads(existing.read_text()) if existing.is_file() else None
     if old is not None:
+        if old.get("format") == FORMAT and old.get("version") != FORMAT_VERSION:
+            raise UserError(f"{out} was written by another version of zoo prepare-latents (format version "
+                            f"{old.get('version')}, this one writes {FORMAT_VERSION})",
+                            suggestion="encode into a new --out directory (or delete that one)")
         diff = [k for k in SETTINGS if old.get(k) != plan[k]]
         old_vae = old.get("vae") or {}
         diff += [f"vae {k}" for k in VAE_IDENTITY if old_vae.get(k, 0.0 if k == "shift_factor" else None) != plan["vae"][k]]
@@ -148,7 +158,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
         if old.get("images") == plan["images"]:
             return False
         (out / MANIFEST).unlink(missing_ok=True)
-    write_text(out / IMAGES, "".join(lines))
+    write_file(out / IMAGES, lambda tmp: tmp.write_bytes(_utf8("".join(lines))))
     _write_json(existing, plan)
     return old is not None
 
@@ -195,7 +205,9 @@ def finish(out: Path, plan: dict, digests: list[str]) -> bool:
     for path in out.glob("shard_*.safetensors"):
         if path.name not in {s["file"] for s in shards}:
             path.unlink(missing_ok=True)
-            remove_file_leftovers(path)
+    for k in {int(m[1]) for p in out.glob(".shard_*") if (m := re.match(r"\.shard_(\d+)\.safetensors\.tmp-", p.name))}:
+        if k >= plan["num_shards"]:  # a killed write of a shard the plan no longer has: nobody writes it now
+            remove_file_leftovers(out / shard_name(k))
     _write_json(out / MANIFEST, {**plan, "shards": shards})
     return True
 
