@@ -335,6 +335,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_can_start_again(tmp_path
     out = tmp_path / "run"
     assert main(_args(out, "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--steps", "3")) == 1
     assert (out / "log.jsonl").exists() and not (out / "last").exists()
+    (out / "step_0000001").mkdir()  # a folder of the user's own, named like a step: not a checkpoint
     assert main(_args(out, "--steps", "2")) == 0
 
 

@@ -74,13 +74,13 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
 def holds_a_run(directory: Path) -> str | None:
     """The checkpoint that shows ``directory`` holds a ``zoo train`` run (``"last/"``, else its newest
     ``"step_0000500/"``), or ``None``: a run that stopped before its first checkpoint may start again."""
-    from zoo.checkpoint import RUN_NAMES
+    from zoo.checkpoint import CONFIG, RUN_NAMES
 
     if (directory / "last").exists():
         return "last/"
-    if directory.is_dir():
-        steps = sorted(p.name for p in directory.iterdir()
-                       if p.is_dir() and p.name != "last" and RUN_NAMES.fullmatch(p.name))
+    if directory.is_dir():  # a step_* folder counts when it is a checkpoint (a user's own one does not)
+        steps = sorted(p.name for p in directory.iterdir() if p.name != "last" and RUN_NAMES.fullmatch(p.name)
+                       and (p / CONFIG).is_file())
         if steps:
             return f"{steps[-1]}/"
     return None
