@@ -151,7 +151,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
                             suggestion="encode into a new --out directory (or delete that one)")
         diff = [k for k in SETTINGS if old.get(k) != plan[k]]
         old_vae = old.get("vae") or {}
-        diff += [f"vae {k}" for k in VAE_IDENTITY if old_vae.get(k, 0.0 if k == "shift_factor" else None) != plan["vae"][k]]
+        diff += [f"vae {k}" for k in VAE_IDENTITY if old_vae.get(k) != plan["vae"][k]]  # not its path: dirs move
         if diff:
             raise UserError(f"{out} holds latents prepared with other settings ({', '.join(diff)} differ)",
                             suggestion="use a new --out directory, or the same VAE and options as before")
