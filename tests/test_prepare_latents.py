@@ -460,3 +460,10 @@ def test_a_killed_write_of_a_shard_the_plan_no_longer_has_is_removed(tmp_path, v
         (images / "n02" / name).unlink()
     assert prepare_latents(images, vae_dir, out, **kw)
     assert not leftover.exists() and not (out / shard_name(2)).exists()
+
+
+def test_more_processes_than_shards_get_a_hint_for_the_shard_size(tmp_path, vae_dir, image_dir):
+    lines = []
+    assert prepare_latents(image_dir, vae_dir, tmp_path / "lat", resolution=RES, batch_size=5, num_workers=0,
+                           rank=0, world=4, log=lines.append)  # 10 images, one shard of up to 10000
+    assert lines[-1] == "note: 1 shard for 4 processes, so 3 of them have nothing to encode; --shard-size 3 gives each process one"

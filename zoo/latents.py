@@ -249,6 +249,9 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
         left = f"{who} {len(todo)} ({total} images) on {device}" if todo else "none left to encode"
         log(f"{len(images)} images in {len(images.classes)} classes under {root}; {n} shard{'s' * (n != 1)} of "
             f"up to {shard_size} in {out}, {left}")
+        if rank == 0 and world > n and not any(out.glob("shard_*.safetensors")):  # a fresh output only
+            log(f"note: {n} shard{'s' * (n != 1)} for {world} processes, so {world - n} of them have nothing to "
+                f"encode; --shard-size {-(-len(images) // world)} gives each process one")
     bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
     try:
         for k in todo:
