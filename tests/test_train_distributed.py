@@ -118,8 +118,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _zoo_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("zoo")]
+def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """zoo's error lines from all ranks, in the order printed."""
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("zoo") and "error" in line]
+
+
+def _fail_on_rank_1(tmp_path: Path, monkeypatch, when: str, steps: int) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """2-process ``zoo train`` whose rank 1 alone hits a mistake at ``when`` (setup | step); its error lines."""
+    monkeypatch.setenv("FAIL_AT", when)
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    proc = torchrun(tmp_path / "run", steps, program=(str(script),), check=False)
+    return proc, _error_lines(proc)
 
 
 def _zoo_frames(proc: subprocess.CompletedProcess) -> list[str]:
@@ -134,18 +144,14 @@ def _zoo_frames(proc: subprocess.CompletedProcess) -> list[str]:
 ])
 def test_a_mistake_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, expected):
     proc = torchrun(tmp_path / "run", 2, *extra, check=False)
-    errors = [line for line in _zoo_lines(proc) if "error" in line]
+    errors = _error_lines(proc)
     assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
     assert not _zoo_frames(proc)
 
 
 @pytest.mark.slow
 def test_a_mistake_on_one_rank_in_setup_stops_both_with_one_line_naming_the_rank(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAIL_AT", "setup")
-    script = tmp_path / "fail_on_rank_1.py"
-    script.write_text(FAIL_ON_RANK_1)
-    proc = torchrun(tmp_path / "run", 3, program=(str(script),), check=False)
-    errors = [line for line in _zoo_lines(proc) if "error" in line]
+    proc, errors = _fail_on_rank_1(tmp_path, monkeypatch, "setup", steps=3)
     assert errors == ["zoo: error: rank 1: cannot read image /data/x.png: truncated (delete or replace the file)"], \
         proc.stderr[-3000:]
     assert not _zoo_frames(proc)  # torchrun prints its own ChildFailedError traceback; none from zoo
@@ -153,11 +159,7 @@ def test_a_mistake_on_one_rank_in_setup_stops_both_with_one_line_naming_the_rank
 
 @pytest.mark.slow
 def test_a_mistake_on_one_rank_mid_run_is_its_line_and_one_line_from_the_other(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAIL_AT", "step")
-    script = tmp_path / "fail_on_rank_1.py"
-    script.write_text(FAIL_ON_RANK_1)
-    proc = torchrun(tmp_path / "run", 4, program=(str(script),), check=False)
-    errors = sorted(line for line in _zoo_lines(proc) if "error" in line)
+    proc, errors = _fail_on_rank_1(tmp_path, monkeypatch, "step", steps=4)
     assert proc.returncode != 0 and len(errors) <= 2, proc.stderr[-3000:]
     assert "zoo: error: cannot read image /data/y.png: truncated (delete or replace the file)" in errors
     # rank 0 either lost its peer in the next all-reduce (one line) or was stopped by torchrun first (none)
