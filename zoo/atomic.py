@@ -127,17 +127,25 @@ def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def file_leftovers(directory: str | Path) -> dict[str, list[Path]]:
+    """The ``.NAME.tmp-XXXXXXXX`` files killed :func:`write_file` calls left in ``directory``, by NAME."""
+    found: dict[str, list[Path]] = {}
+    directory = Path(directory)
+    if directory.is_dir():
+        for p in sorted(directory.glob(".*.tmp-*")):
+            if (m := _FILE_LEFTOVER.match(p.name)) and p.is_file():
+                found.setdefault(m["name"], []).append(p)
+    return found
+
+
 def remove_file_leftovers(path: str | Path) -> None:
     """Delete the ``.NAME.tmp-XXXXXXXX`` files a killed :func:`write_file` of ``path`` left beside it.
 
     Only for a writer that knows no other process is writing ``path`` at the moment.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        return
-    for p in path.parent.glob(f".{path.name}.tmp-*"):
-        if _FILE_LEFTOVER.match(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
+    for p in file_leftovers(path.parent).get(path.name, []):
+        p.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:

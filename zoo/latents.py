@@ -42,6 +42,9 @@ VAE_IDENTITY = ("sha256", "scaling_factor", "shift_factor", "latent_channels", "
 VIEWS = ("image", "hflip")
 
 
+SHARD_NAME = re.compile(r"shard_\d{5,}\.safetensors")
+
+
 def shard_name(k: int) -> str:
     return f"shard_{k:05d}.safetensors"
 
@@ -193,7 +196,7 @@ def finish(out: Path, plan: dict, digests: list[str]) -> bool:
 
     Shards past the plan's last one (the image list shrank) are deleted first.
     """
-    from zoo.atomic import remove_file_leftovers
+    from zoo.atomic import file_leftovers, remove_file_leftovers
 
     shards = []
     for k in range(plan["num_shards"]):
@@ -202,12 +205,11 @@ def finish(out: Path, plan: dict, digests: list[str]) -> bool:
         start = k * plan["shard_size"]
         shards.append({"file": shard_name(k), "start": start,
                        "num_images": min(plan["shard_size"], plan["num_images"] - start)})
-    for path in out.glob("shard_*.safetensors"):
-        if path.name not in {s["file"] for s in shards}:
-            path.unlink(missing_ok=True)
-    for k in {int(m[1]) for p in out.glob(".shard_*") if (m := re.match(r"\.shard_(\d+)\.safetensors\.tmp-", p.name))}:
-        if k >= plan["num_shards"]:  # a killed write of a shard the plan no longer has: nobody writes it now
-            remove_file_leftovers(out / shard_name(k))
+    # Shards the plan no longer has, and killed writes of them: no process writes those now.
+    written = {p.name for p in out.glob("shard_*.safetensors")} | set(file_leftovers(out))
+    for name in {n for n in written if SHARD_NAME.fullmatch(n)} - {s["file"] for s in shards}:
+        (out / name).unlink(missing_ok=True)
+        remove_file_leftovers(out / name)
     _write_json(out / MANIFEST, {**plan, "shards": shards})
     return True
 
@@ -225,13 +227,12 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
 
     from zoo.atomic import remove_file_leftovers
 
+    root, out = Path(image_dir).expanduser(), Path(out).expanduser()
     try:  # every rank lists the same folder and reads the same VAE: rank 0 alone reports a mistake here
-        images, vae, plan, lines, changed = _plan(Path(image_dir).expanduser(), vae_dir, Path(out).expanduser(),
-                                                  resolution, shard_size, dtype)
+        images, vae, plan, lines, changed = _plan(root, vae_dir, out, resolution, shard_size, dtype)
     except UserError as err:
         err.quiet = rank != 0
         raise
-    root, out = Path(image_dir).expanduser(), Path(out).expanduser()
     digests = shard_digests(plan, lines)
     device = torch.device(device or "cpu")
     vae = vae.to(device)

@@ -186,8 +186,9 @@ class Trainer:
             if steps:  # a run whose last/ was deleted: its step directories are checkpoints too
                 raise UserError(f"{directory} has no last/ checkpoint", suggestion=f"resume from its newest, "
                                 f"--resume {steps[-1]}")
+        self._resumed_recipe = read_config(directory)  # also read by _resume_notes
         if not allow_recipe_change:
-            check_resume_recipe(read_config(directory), self.recipe, directory)
+            check_resume_recipe(self._resumed_recipe, self.recipe, directory)
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
         self._resumed_from = directory
 
@@ -215,12 +216,12 @@ class Trainer:
         self.step = int(state["step"])
         self.created = [int(s) for s in state.get("created", [])]
         self.log(f"zoo train: resumed from {directory} at step {self.step}")
-        self._resume_notes(directory)
+        self._resume_notes()
 
-    def _resume_notes(self, directory: Path) -> None:
+    def _resume_notes(self) -> None:
         """Say what a resume changes that the user may not expect: a learning-rate schedule stretched
         over another ``train.steps``, and checkpoints of a continuation this run branches away from."""
-        then = {**DEFAULTS, **(read_config(directory).get("train") or {})}
+        then = {**DEFAULTS, **(self._resumed_recipe.get("train") or {})}
         lr_then, lr_now = learning_rate(then, self.step), learning_rate(self.train, self.step)
         if abs(lr_now - lr_then) > 1e-3 * max(lr_then, 1e-30):
             self.log(f"zoo train: note: the learning rate at step {self.step + 1} is {lr_now:.3g}, where the "
