@@ -51,13 +51,18 @@ class ODESolver(Solver):
         model = ScheduledModel(eps_fn, schedule)
         work_dtype = torch.promote_types(x_T.dtype, torch.float32)
 
+        t_start, t_end = self.time_range(schedule)
+        lam_end = torch.tensor(point(schedule, t_end).lam, dtype=torch.float64)
+
         def velocity(lam: Tensor, x: Tensor) -> Tensor:
             sigma2 = torch.sigmoid(-2.0 * lam)
-            t = schedule.inverse_lambda(lam.detach().to("cpu", torch.float64)).item()
+            # An adaptive step may evaluate past the end, where t(λ) can reach σ(t) = 0 (no noise
+            # level to give the network): the network sees the end's time there instead.
+            lam_net = torch.minimum(lam.detach().to("cpu", torch.float64), lam_end)
+            t = schedule.inverse_lambda(lam_net).item()
             eps = model.eps(x.to(x_T.dtype), point(schedule, t)).to(x.dtype)
             return sigma2 * x - sigma2.sqrt() * eps
 
-        t_start, t_end = self.time_range(schedule)
         if self.fixed_grid:
             times = time_grid(schedule, self.skip, t_start, t_end, self.steps)
             lams = [point(schedule, t).lam for t in times]

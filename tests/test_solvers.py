@@ -65,6 +65,23 @@ def test_ode_reference_matches_the_closed_form_flow(sched, gauss):
     assert solver.nfe > 100
 
 
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine_discrete"])
+def test_ode_network_never_sees_a_time_past_the_end(schedule):
+    """dopri5 steps over the end and interpolates back; its evaluations past λ(t_end) used to
+    reach t(λ) ≈ 1e-4, and on a model predicting v, σ(t) = 0 there (math domain error)."""
+    sched, seen = build_schedule(schedule), []
+
+    def eps(x, t):
+        seen.append(float(t.flatten()[0]))
+        return -10.0 * x  # a steep field: the last adaptive step overshoots the end
+
+    solver = build_solver("ode", rtol=1e-2, atol=1e-2)
+    out = solver.sample(eps, torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0)), sched)
+    t_start, t_end = solver.time_range(sched)
+    assert torch.isfinite(out).all()
+    assert t_end - 1e-12 <= min(seen) and max(seen) <= t_start + 1e-12
+
 # (name, kwargs) -> the error must fall as the NFE (10, 20, 50) grows; heun gets NFE/2 steps.
 CONVERGING = [
     ("ddim_grid", {}), ("euler", {}), ("heun", {}),
