@@ -118,6 +118,9 @@ def test_class_and_guidance_options(checkpoint):
     off, _ = sample_latents(model, recipe, SampleRequest(n=2, cfg=1.0, steps=2))
     on, _ = sample_latents(model, recipe, SampleRequest(n=2, cfg=4.0, steps=2))
     assert (off - on).abs().max() > 1e-3
+    for bad in (float("nan"), float("inf"), -5.0, 1001.0):  # --cfg of zoo sample / zoo eval: NaN gave black images
+        with pytest.raises(UserError, match=r"guidance scale must be in \[0, 1000\]"):
+            sample_latents(model, recipe, SampleRequest(n=1, cfg=bad, steps=2))
 
 
 def test_per_sample_labels_and_given_noise_float64():

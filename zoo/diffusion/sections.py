@@ -64,11 +64,14 @@ DIFFUSION: dict[str, Any] = {
     "null_label": Annotated[int, NonNegative] | None,
 }
 
+#: The guidance scales a recipe's ``sample.cfg.scale`` or a ``--cfg`` may give.
+GUIDANCE_SCALE = Range(0, 1000)
+
 #: The ``sample`` section.
 SAMPLE: dict[str, Any] = {
     "solver": Component("solver"),
     "cfg": {
-        "scale": Annotated[float, Range(0, 1000)] | None,
+        "scale": Annotated[float, GUIDANCE_SCALE] | None,
         "convention": Annotated[str, OneOf(CONVENTIONS, "guidance convention")],
         "channels": Annotated[int, Range(1, MAX_WIDTH), Doc("guided channels; null = all")] | None,
         "power": Annotated[float, Positive] | None,

@@ -6,6 +6,7 @@ schedule, the backbone's time input or the null label.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -15,7 +16,7 @@ from zoo.errors import UserError
 
 from .guidance import GuidedModel, to_dit_scale
 from .objectives import OBJECTIVES, DiffusionObjective
-from .sections import objective_spec
+from .sections import GUIDANCE_SCALE, objective_spec
 from .time_input import get_time_input
 from .time_sampling import TimeSampling
 
@@ -117,6 +118,9 @@ def guidance_settings(recipe: Mapping[str, Any], scale: float | None = None) -> 
     """
     from zoo.sample import num_classes
 
+    if scale is not None and not (math.isfinite(scale) and GUIDANCE_SCALE.contains(scale)):
+        raise UserError(f"--cfg {scale:g}: a guidance scale must be {GUIDANCE_SCALE.describe()}",
+                        suggestion="e.g. --cfg 1.5; 1 is no guidance in the dit convention, 0 in the uvit one")
     cfg = dict((recipe.get("sample") or {}).get("cfg") or {})
     settings = GuidanceSettings(
         scale=scale if scale is not None else cfg.get("scale"),
