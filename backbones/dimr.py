@@ -159,6 +159,7 @@ class DiMR(nn.Module):
         self.in_channels = in_channels
         self.input_size = input_size
         self.num_classes = num_classes
+        self.num_labels = max(num_classes, 0)  # rows of the label table, the null label's included
         self.detach_handed = detach_handed
         self.pos_embed_init = pos_embed_init
         self.branches = nn.ModuleList()

@@ -98,6 +98,7 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.patch_size = patch_size
         self.num_classes = num_classes
+        self.num_labels = num_classes + int(class_dropout_prob > 0)  # rows of the label table: the null label is the last
         self.learn_sigma = learn_sigma
         self.grid = input_size // patch_size
 

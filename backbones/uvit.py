@@ -93,6 +93,7 @@ class UViT(nn.Module):
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.num_classes = num_classes
+        self.num_labels = max(num_classes, 0)  # rows of the label table, the null label's included
         self.grid = img_size // patch_size
         self.pos_embed_init = pos_embed_init
         self.time_token = adds_time_token(norm)

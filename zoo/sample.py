@@ -187,13 +187,15 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
         return None
     null = (recipe.get("diffusion") or {}).get("null_label")
     data = (recipe.get("data") or {}).get("num_classes")
-    embedded = null if null is not None else declared  # labels 0..embedded-1 have an embedding of their own
-    if data and embedded and data > embedded:
-        where = "diffusion.null_label" if null is not None else "model.num_classes"
-        raise UserError(f"data.num_classes is {data}, but the model embeds only {embedded} classes ({where})",
-                        key_path="data.num_classes", suggestion=f"set data.num_classes to at most {embedded}, or "
-                        f"give the model more classes ({where})")
-    return data or embedded
+    if data and null is not None and data > null:  # null 0 included: it would be a real label
+        raise UserError(f"data.num_classes is {data}, but diffusion.null_label {null} is one of its labels "
+                        f"0..{data - 1}", key_path="diffusion.null_label", suggestion=f"set diffusion.null_label "
+                        f"to {data} (a label of its own), or data.num_classes to at most {null}")
+    if data and null is None and declared and data > declared:
+        raise UserError(f"data.num_classes is {data}, but the model embeds only {declared} classes (model.num_classes)",
+                        key_path="data.num_classes", suggestion=f"set data.num_classes to at most {declared}, or "
+                        "give the model more classes (model.num_classes)")
+    return data or (null if null is not None else declared)  # labels 0..null-1 have an embedding of their own
 
 
 def load_model(source: str | Path, overrides: list[str] = (), device="cpu",

@@ -136,6 +136,19 @@ def guidance_settings(recipe: Mapping[str, Any], scale: float | None = None) -> 
     return settings
 
 
+def check_null_label(model: nn.Module, null_label: int | None) -> None:
+    """Refuse a null label the model has no embedding for (it failed at the first dropped label,
+    an IndexError deep inside a training step or a guided sample). Backbones say how many labels
+    they embed in ``num_labels``; one that does not is not checked."""
+    rows = getattr(model, "num_labels", None)
+    if null_label is None or not rows or null_label < rows:
+        return
+    raise UserError(f"diffusion.null_label is {null_label}, but the model embeds labels 0..{rows - 1} only",
+                    key_path="diffusion.null_label",
+                    suggestion=f"U-ViT and DiMR count the null label in model.num_classes (set it to "
+                    f"{null_label + 1}); DiT embeds it as label model.num_classes when class_dropout_prob > 0")
+
+
 def guided_eps_fn(
     model: nn.Module,
     recipe: Mapping[str, Any],
@@ -150,6 +163,8 @@ def guided_eps_fn(
     if active and null is None:
         raise UserError("classifier-free guidance needs the null label", key_path="diffusion.null_label",
                         suggestion="set diffusion.null_label, or sample with --cfg 1 (dit) / 0 (uvit)")
+    if active:
+        check_null_label(model, null)
     return GuidedModel(
         model,
         time_map(recipe, schedule),

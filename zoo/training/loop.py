@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 import zoo
 from zoo.checkpoint import (CONFIG, load_state_dict_strict, load_trainer_state, load_weights, read_config,
                             repair_run, save_checkpoint)
-from zoo.diffusion.setup import build_objective, model_drops_labels
+from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.sample import num_classes
@@ -167,6 +167,8 @@ class Trainer:
             self.objective.label_drop = float(model_cfg["class_dropout_prob"])
             if self.objective.null_label is None:
                 self.objective.null_label = int(model_cfg["num_classes"])
+        if self.objective.label_drop > 0:
+            check_null_label(meta_model, self.objective.null_label)
         self.val = val_hook(recipe, self.train, dataset, self.shape, self.objective, self.ctx)  # train.val_every
         self.step, self.created = 0, []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")

@@ -1,0 +1,49 @@
+"""The null label (classifier-free guidance's "no class") must be a label the model embeds and
+not one of the data's: checked before training or sampling, not found by an IndexError mid-run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.diffusion.setup import check_null_label
+from zoo.errors import UserError
+from zoo.sample import SampleRequest, num_classes, sample_latents
+
+RECIPES = Path(__file__).parent / "recipes"
+EMOJI = Path(__file__).parents[1] / "recipes" / "emoji32"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("recipe", [RECIPES / "tiny_train.yaml", RECIPES / "tiny_dimr_pixels.yaml", EMOJI / "uvit.yaml"],
+                         ids=["dit", "dimr", "uvit"])
+def test_num_labels_is_the_label_table_of_every_backbone(recipe):
+    """``num_labels`` is what the model's forward accepts: label num_labels - 1 runs, num_labels fails."""
+    model = zoo.build_model(zoo.load_recipe(recipe)).eval()
+    x, t, _ = model.example_inputs(1)
+    rows = model.num_labels
+    with torch.no_grad():
+        model(x, t, torch.tensor([rows - 1]))
+        with pytest.raises(IndexError):
+            model(x, t, torch.tensor([rows]))
+    with pytest.raises(UserError, match=rf"null_label is {rows}, but the model embeds labels 0..{rows - 1} only"):
+        check_null_label(model, rows)
+    check_null_label(model, rows - 1)
+
+
+def test_a_guided_sample_with_a_null_label_beyond_the_table_is_one_line():
+    recipe = zoo.load_recipe(EMOJI / "uvit.yaml", ["model.num_classes=9", "data.num_classes=9"])  # null 9: no row
+    model = zoo.build_model(recipe).eval()
+    with pytest.raises(UserError, match="U-ViT and DiMR count the null label in model.num_classes"):
+        sample_latents(model, recipe, SampleRequest(n=1, steps=1, cfg=2.0))
+
+
+@pytest.mark.parametrize("null", [0, 2])
+def test_a_null_label_among_the_data_labels_is_refused(null):
+    """0 used to pass (a falsy value skipped the check): class 0 then doubled as "no class"."""
+    recipe = {"model": {"type": "dit", "num_classes": 4}, "diffusion": {"null_label": null}, "data": {"num_classes": 4}}
+    with pytest.raises(UserError, match=f"diffusion.null_label {null} is one of its labels 0..3"):
+        num_classes(recipe)
+    assert num_classes({**recipe, "diffusion": {"null_label": 4}}) == 4
