@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def test_inception_score_and_precision_recall_on_known_cases():
     assert 1.0 < scored["is_mean"] < 4.0 and "precision" not in scored  # 10 splits of 4: uneven class mixes
     flat = compute_metrics(Features(real, logits=np.zeros((40, 4))), Reference(*feature_statistics(real)))
     assert flat["is_mean"] == pytest.approx(1.0, abs=1e-12)
+    # 8 samples (zoo eval --n 8): 4 splits of 2, not 8 splits of one sample each, which scored exactly 1
+    few = inception_score(confident[:8])
+    assert few == inception_score(confident[:8], splits=4) and few[0] > 1.5
 
 
 def test_per_class_fd_uses_each_class_alone():
@@ -282,6 +286,12 @@ def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir):
                  "--extractor", "test_pool", "--batch-size", "16"]) == 0
     result = json.loads(next((run_dir / "eval").glob("last-test_pool-n16-*.json")).read_text())
     assert fd == pytest.approx(result["metrics"]["fd"], rel=1e-9)
+    # The same samples against a second reference: both results are kept (one file per reference).
+    shutil.copy(run_dir.parent / "ref.npz", run_dir.parent / "ref2.npz")
+    assert main(["eval", str(run_dir), "--n", "16", "--ref", str(run_dir.parent / "ref2.npz"),
+                 "--extractor", "test_pool", "--batch-size", "16"]) == 0
+    results = [json.loads(p.read_text()) for p in (run_dir / "eval").glob("last-test_pool-n16-*.json")]
+    assert sorted(Path(r["reference"]["spec"]).name for r in results) == ["ref.npz", "ref2.npz"]
 
 
 def test_missing_inception_weights_is_one_clear_error(run_dir, capsys, tmp_path):
@@ -339,6 +349,14 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
     monkeypatch.setattr("zoo.eval.reference.extract", lambda *a, **k: pytest.fail("the cache was not used"))
     again = load_reference(str(tmp_path / "ref"), PoolFeatures(), 8, log=lambda _: None)
     np.testing.assert_array_equal(again.mu, first.mu)
+    monkeypatch.undo()
+    # Another resolution, or other labels (a renamed class folder), is another reference: not the cache's.
+    other_size = load_reference(str(tmp_path / "ref"), PoolFeatures(), 12, log=lambda _: None)
+    assert not np.allclose(other_size.mu, first.mu)
+    (tmp_path / "ref" / "cats").rename(tmp_path / "ref" / "zebras")
+    relabelled = load_reference(str(tmp_path / "ref"), PoolFeatures(), 8, log=lambda _: None)
+    np.testing.assert_array_equal(relabelled.features[:3], first.features[3:])  # dogs are class 0 now
+    assert relabelled.labels.tolist() == [0, 0, 0, 1, 1, 1]
     (tmp_path / "flat").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / "a.png")
     with pytest.raises(zoo.errors.UserError, match="CLASS/IMAGE"):

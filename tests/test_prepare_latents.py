@@ -219,6 +219,22 @@ def test_image_folder_lists_the_files_torchvision_lists_in_its_order(tmp_path):
         ImageFolder(tmp_path, 8)
 
 
+def test_a_symlink_loop_in_a_class_folder_is_not_followed(tmp_path):
+    """torchvision follows a link back up the tree until the path is too long (here 12 images became
+    hundreds, the other class's among them under this label); a link to another folder is kept."""
+    from zoo.training.data import ImageFolder
+
+    pixels = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    for rel in ("cat/0.png", "cat/1.png", "dog/0.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / rel)
+    (tmp_path / "cat" / "up").symlink_to("..")
+    (tmp_path / "cat" / "self").symlink_to(".")
+    (tmp_path / "cat" / "dogs").symlink_to("../dog")
+    items = [(str(f.relative_to(tmp_path)), y) for f, y in ImageFolder(tmp_path, 8).items]
+    assert items == [("cat/0.png", 0), ("cat/1.png", 0), ("cat/dogs/0.png", 0), ("dog/0.png", 1)]
+
+
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     """PIL's convert("RGB") clips 16-bit values at 255 (a mid-grey image comes out white)."""
     import numpy as np

@@ -42,11 +42,12 @@ class Reference:
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """Mean and std of the Inception Score over ``splits`` (at most one per sample); torch-fidelity's formula."""
+    """Mean and std of the Inception Score over ``splits``, torch-fidelity's formula; fewer splits when
+    there are under two samples per split (a one-sample split is its own marginal: IS exactly 1)."""
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
     out = isc_features_to_metric(torch.from_numpy(np.asarray(logits, dtype=np.float32)),
-                                 splits=max(1, min(splits, len(logits))))
+                                 splits=max(1, min(splits, len(logits) // 2)))
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 

@@ -13,7 +13,8 @@
 * a registered dataset name, optionally with a split: ``emoji32`` (its ``holdout`` split when it
   has one), ``emoji32:train``.
 
-Features of images are computed once per (source, resolution, extractor and its weights) and
+Features of images are computed once per (source, resolution, extractor and its weights; for a
+folder: its files, their labels, sizes and times) and
 cached as ``.npz`` in the ADM layout (``mu``, ``sigma``) plus ``features`` and ``labels``, under
 ``<cache>/eval/``, written atomically.
 """
@@ -110,8 +111,7 @@ def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Ite
         if not dataset.items:
             raise UserError(f"reference folder {path} holds no class subfolders with images "
                             f"({', '.join(IMAGE_SUFFIXES)}); lay it out as {path}/CLASS/IMAGE")
-        stamp = max(f.stat().st_mtime_ns for f, _ in dataset.items)
-        identity = f"folder:{path.resolve()}:{len(dataset.items)}:{stamp}"
+        identity = f"folder:{path.resolve()}:{image_size}:{_listing_digest(path, dataset.items)}"
         return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
     from zoo import registry
 
@@ -128,6 +128,18 @@ def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Ite
     dataset = build(data, (3, image_size, image_size), None, 0)
     identity = f"dataset:{name}:{split}:{image_size}"
     return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
+
+
+def _listing_digest(root: Path, items: list[tuple[Path, int]]) -> str:
+    """sha256 of every image's path under ``root``, label, size and mtime: statistics cached for a
+    folder are reused only while the same files carry the same labels (a renamed class folder
+    relabels its images, a replaced file changes its stamp)."""
+    digest = hashlib.sha256()
+    for file, label in items:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 #: What np.load and reading its arrays raise for a file that is not a (complete, pickle-free) .npz.

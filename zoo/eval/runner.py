@@ -6,7 +6,7 @@ run with the same protocol samples only the indices no shard holds yet, and samp
 same image however the work was split (its noise, label and solver noise come from its own
 seeds, ``zoo.sample.sample_seed``). The result, with the full protocol (checkpoint and weights
 hash, EMA or raw weights, solver, steps, guidance, N, seeds, extractor and its weights hash,
-reference, zoo version), goes to ``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>.json``.
+reference, zoo version), goes to ``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>-ref<hash of --ref>.json``.
 """
 
 from __future__ import annotations
@@ -219,10 +219,18 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
                                                                else int(len(reference.features))},
               "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime())}
-    out = eval_dir / f"{ckpt.name}-{extractor.name}-n{request.n}-{key}.json"
+    out = eval_dir / f"{ckpt.name}-{extractor.name}-n{request.n}-{key}-ref{_reference_key(ref_spec)}.json"
     save_text(out, json.dumps(result, indent=2) + "\n")
     result["path"] = str(out)
     return result
+
+
+def _reference_key(spec: str) -> str:
+    """A short name for ``--ref`` in a result's file name: one checkpoint scored against two
+    references keeps both results."""
+    path = Path(spec).expanduser()
+    name = str(path.resolve()) if path.exists() else spec
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:6]
 
 
 def _default_ref(recipe: dict) -> str:

@@ -93,12 +93,24 @@ class ImageFolder(Dataset):
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """The image files below ``folder``, walked as torchvision walks a class folder."""
+    """The image files below ``folder``, walked as torchvision walks a class folder, except that a
+    symlink back to a folder it is inside (a loop) is not followed: torchvision lists such a tree
+    over and over until the path is too long, with other classes' images under this label."""
     def fail(err: OSError) -> None:
         raise err
 
-    return [Path(top) / name for top, _, names in sorted(os.walk(folder, followlinks=True, onerror=fail))
+    walked = []
+    for top, dirs, names in os.walk(folder, followlinks=True, onerror=fail):
+        here = os.path.realpath(top)
+        dirs[:] = [d for d in dirs if not _contains(os.path.realpath(os.path.join(top, d)), here)]
+        walked.append((top, names))
+    return [Path(top) / name for top, names in sorted(walked)
             for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """``inner`` is ``outer`` or below it (both real paths)."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def latent_dataset(root: Path, vae_scale: float) -> TensorDataset:
