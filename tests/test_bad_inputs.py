@@ -221,7 +221,7 @@ CASES = [
     ("train-images-wrong-size", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.image_size=16", "images", 2,
      "gives samples of shape (3, 16, 16), the model takes (3, 8, 8)"),
     ("train-images-into-a-latent-model", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set model.in_channels=4",
-     "images", 2, "the model takes (4, 8, 8) (a latent model needs latents"),
+     "images", 2, "the model takes (4, 8, 8) (the images load with 3 channels: a pixel model takes in_channels 3; a latent model trains on dataset: latents"),
     ("train-latents-garbage-shard", f"train {TRAIN} --out {{tmp}}/out {LATENT}", "latents_garbage", 2,
      "{tmp}/latents/0.safetensors"),
     ("train-latents-truncated-shard", f"train {TRAIN} --out {{tmp}}/out {LATENT}", "latents_truncated", 2,
@@ -238,6 +238,8 @@ CASES = [
      "{tmp}/latents/0.safetensors: 'labels'"),
     ("train-latents-nan", f"train {TRAIN} --out {{tmp}}/out {LATENT}", "latents_nan", 2,
      "{tmp}/latents/0.safetensors holds NaN"),
+    ("train-latents-wrong-size", f"train {TRAIN} --out {{tmp}}/out {LATENT}", "latents_16px", 2,
+     "prepare latents of 8x8: zoo prepare-latents --resolution 64"),
     ("train-latents-wrong-rank", f"train {TRAIN} --out {{tmp}}/out {LATENT}", "latents_3d", 2,
      "{tmp}/latents/0.safetensors: 'latents'"),
     ("train-latents-wrong-channels", f"train {TRAIN} --out {{tmp}}/out {LATENT} --set model.in_channels=3",
@@ -446,6 +448,7 @@ SETUPS = {
     "latents_label_count": _latents(labels=torch.tensor([0, 1, 2])),
     "latents_nan": _latents(latents=torch.full((4, 4, 8, 8), float("nan"))),
     "latents_3d": _latents(latents=torch.randn(4, 8, 8)),
+    "latents_16px": _latents(latents=torch.randn(4, 4, 16, 16)),
 }
 
 

@@ -188,12 +188,12 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
                         suggestion="--set data.dataset=image_folder (root/CLASS/*.png) or latents "
                         "(zoo prepare-latents output)")
     ds = builder(data, shape, num_classes, seed)
+    latent = kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
     if len(ds) == 0:
-        latent = kind == "latents" or (kind == "imagenet" and data.get("latent"))
         what = "*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png)"
         raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
                         suggestion="point data.root at a directory with data")
-    check_against_model(ds, kind, shape, num_classes)
+    check_against_model(ds, kind, shape, num_classes, latent)
     return ds
 
 
@@ -231,7 +231,8 @@ def class_names(data: Mapping[str, Any]) -> list[str]:
         return []
 
 
-def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_classes: int | None) -> None:
+def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_classes: int | None,
+                        latent: bool = False) -> None:
     """Fail before training when the data cannot feed the model: the first sample's shape, the labels' range.
 
     Labels are checked in full where the dataset holds them (latent shards, tensors) and by the
@@ -239,9 +240,14 @@ def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_clas
     """
     x, _ = ds[0]
     if tuple(x.shape) != tuple(shape):
-        hint = ("a latent model needs latents: use dataset: latents" if x.shape[0] != shape[0] and kind != "latents"
-                else "make the data at the model's input size" if kind == "latents"
-                else "set data.image_size to the model's input size")
+        if latent:
+            hint = (f"prepare latents of {shape[-2]}x{shape[-1]}: zoo prepare-latents --resolution "
+                    f"{8 * shape[-1]} with an f8 VAE (SD's)")
+        elif x.shape[0] != shape[0]:
+            hint = (f"the images load with {x.shape[0]} channels: a pixel model takes in_channels {x.shape[0]}; "
+                    "a latent model trains on dataset: latents (made by zoo prepare-latents)")
+        else:
+            hint = f"set data.image_size to {shape[-1]}, the model's input size"
         raise UserError(f"dataset {kind!r} gives samples of shape {tuple(x.shape)}, the model takes {tuple(shape)}",
                         key_path="data", suggestion=hint)
     if num_classes is None:
