@@ -165,7 +165,7 @@ def test_latent_draws_are_keyed_by_the_global_sample_not_the_process(tmp_path, v
 
 
 @pytest.mark.slow
-def test_a_latent_recipe_trains_from_prepared_latents(tmp_path, vae_dir, image_dir):
+def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_vae(tmp_path, vae_dir, image_dir, capsys):
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
     sets = ["--set", "data.dataset=latents", "--set", f"data.root={out}", "--set", "data.num_classes=2",
@@ -175,6 +175,11 @@ def test_a_latent_recipe_trains_from_prepared_latents(tmp_path, vae_dir, image_d
                  "--device", "cpu", *sets]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
+    # The run samples through the same VAE, built from its own config (2x down here, not SD's 8x).
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "run"), "--n", "2", "--vae", str(vae_dir), "--solver", "ddim", "--steps", "2",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert f"wrote 2 images ({RES}x{RES})" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("recipe, words", [

@@ -66,14 +66,7 @@ def load_encoder(vae_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from zoo.vae import SCALE, find_vae_weights, load_vae
 
     weights = find_vae_weights(vae_dir)
-    config = weights.parent / "config.json"
-    if weights.name == "diffusion_pytorch_model.safetensors" and config.is_file():
-        from diffusers import AutoencoderKL
-
-        # low_cpu_mem_usage=False: the plain load, without diffusers asking for accelerate on stderr
-        vae = AutoencoderKL.from_pretrained(str(weights.parent), local_files_only=True, low_cpu_mem_usage=False)
-    else:
-        vae = load_vae(vae_dir).vae
+    vae = load_vae(weights).vae  # the decoder of zoo sample and the training grids is built the same way
     cfg = vae.config
     shift = getattr(cfg, "shift_factor", None)
     if shift:  # SD3 / FLUX VAEs: z = (E(x) - shift) * scale, which zoo's latent codec (z / scale) cannot undo

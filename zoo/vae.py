@@ -1,7 +1,8 @@
 """Stable Diffusion's KL-f8 VAE (4 latent channels, ×8 down) for latent models; never downloads.
 
 The network is diffusers' ``AutoencoderKL`` built offline from the SD config below (83,653,863
-parameters); weights come from a LOCAL directory the user gives (``--vae DIR`` or the recipe's
+parameters), or from the ``config.json`` of a diffusers directory (any ``AutoencoderKL``: what
+prepare-latents encoded with, the sampler decodes with); weights come from a LOCAL directory the user gives (``--vae DIR`` or the recipe's
 ``data.vae``): a diffusers snapshot (``diffusion_pytorch_model.safetensors``, also under
 ``vae/``), a single ``.safetensors`` file, or an LDM/U-ViT-style state dict
 (``autoencoder_kl*.pth``, ``*.ckpt``; read with ``weights_only=True`` and renamed with
@@ -45,14 +46,38 @@ _FIX = (
 )
 
 
-def build_sd_vae(device: torch.device | str | None = None) -> nn.Module:
-    """The SD KL-f8 ``AutoencoderKL`` with diffusers' random init (on ``meta`` it allocates nothing)."""
+def build_sd_vae(device: torch.device | str | None = None, config: dict | None = None) -> nn.Module:
+    """The SD KL-f8 ``AutoencoderKL`` (or the one ``config`` describes) with diffusers' random init
+    (on ``meta`` it allocates nothing)."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:  # pragma: no cover - depends on the install
         raise UserError(f"the VAE needs diffusers ({err}); install it with pip install 'zoo-diffusion[vae]'") from None
     with torch.device(device or "cpu"):
-        return AutoencoderKL(**SD_VAE_CONFIG)
+        return AutoencoderKL(**SD_VAE_CONFIG) if config is None else AutoencoderKL.from_config(config)
+
+
+def vae_config(weights: Path) -> dict | None:
+    """The ``config.json`` of the diffusers directory ``weights`` is in (its own architecture), or
+    ``None`` for weights without one (read as the SD KL-f8 VAE)."""
+    import json
+
+    config = weights.parent / "config.json"
+    if weights.name != "diffusion_pytorch_model.safetensors" or not config.is_file():
+        return None
+    try:
+        loaded = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read the VAE config {config}: {err}") from None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("block_out_channels"), list):
+        raise UserError(f"{config} is not an AutoencoderKL config (no block_out_channels)")
+    return loaded
+
+
+def vae_downsample(weights: Path) -> int:
+    """How many pixels one latent spans per side: 8 for the SD VAE."""
+    config = vae_config(weights)
+    return 2 ** (len((config or SD_VAE_CONFIG)["block_out_channels"]) - 1)
 
 
 def find_vae_weights(directory: str | Path) -> Path:
@@ -139,11 +164,15 @@ def load_vae(
     scale: float = SCALE,
     chunk_size: int = 8,
 ) -> LatentVAE:
-    """Build the SD VAE on ``meta`` and load the local weights strictly (no random init, no download)."""
+    """Build the VAE on ``meta`` and load the local weights strictly (no random init, no download).
+
+    A diffusers directory is built from its own ``config.json`` (any ``AutoencoderKL``); other
+    weights are read as the SD KL-f8 VAE.
+    """
     from zoo.checkpoint import load_state_dict_strict
 
     path = find_vae_weights(directory)
-    vae = build_sd_vae("meta")  # first: without diffusers installed, this is the one-line error
+    vae = build_sd_vae("meta", vae_config(path))  # first: without diffusers installed, this is the one-line error
     state = _to_diffusers_keys(_read_state_dict(path))
     with warnings.catch_warnings():  # the strict key check copies into meta tensors (a no-op) ...
         warnings.simplefilter("ignore", UserWarning)

@@ -156,6 +156,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.sample import build_solver, load_decoder, load_model, num_classes, vae_weights
+    from zoo.vae import SCALE, vae_downsample
 
     if request.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
@@ -175,7 +176,8 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     schedule = build_schedule(recipe)
     solver, solver_spec = build_solver(recipe, request.solver, request.steps, request.solver_options)
     guidance = guidance_settings(recipe, request.cfg)
-    image_size = int(model.example_inputs(1)[0].shape[-1]) * (8 if (recipe.get("data") or {}).get("latent") else 1)
+    factor = vae_downsample(vae_weights(recipe, request.vae)) if decoder is not None else 1  # pixels per latent
+    image_size = int(model.example_inputs(1)[0].shape[-1]) * factor
     protocol = {
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": _sha256(weights_file), "solver": solver_spec,
@@ -185,8 +187,6 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
     }
     if decoder is not None:  # the images are the VAE's: other VAE weights or scale, other samples
-        from zoo.vae import SCALE
-
         protocol["vae"] = {"weights_sha256": _sha256(vae_weights(recipe, request.vae)),
                            "scale": float((recipe.get("data") or {}).get("vae_scale", SCALE))}
     identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
