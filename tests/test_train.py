@@ -165,6 +165,26 @@ def test_image_folder_and_latent_shards_load(tmp_path):
         build_dataset({"dataset": "latents", "root": str(tmp_path / "empty")}, (4, 2, 2), 5)
 
 
+def test_a_relative_data_root_is_stored_absolute_so_the_run_samples_from_anywhere(tmp_path, monkeypatch, capsys):
+    """config.json used to keep data.root=img as typed: from another directory `--class dog` found no
+    class names (or a same-named folder there supplied other ones)."""
+    import json
+
+    from PIL import Image
+
+    for c in ("cat", "dog", "eel", "fox"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(tmp_path / "img" / c / "a.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(RECIPE), "--out", "run", "--steps", "1", "--set", "data.dataset=image_folder",
+                 "--set", "data.root=img", "--set", "train.batch_size=4", "--set", "train.sample_every=0"]) == 0
+    assert json.loads((tmp_path / "run" / "last" / "config.json").read_text())["recipe"]["data"]["root"] == str(tmp_path / "img")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["sample", "../run", "--n", "1", "--class", "dog", "--out", "g.png"]) == 0
+
+
 def test_data_and_train_typos_name_file_and_line(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text(f"_base_: {RECIPE}\ndata:\n  random_flp: true\n")

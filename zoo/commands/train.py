@@ -43,6 +43,22 @@ def default_run_dir(recipe: str) -> str:
     return str(Path("runs") / Path(recipe).stem)
 
 
+#: Recipe keys that name files or folders.
+PATH_KEYS = (("data", "root"), ("data", "vae"), ("data", "cache"), ("train", "eval_ref"))
+
+
+def _absolute_paths(recipe: dict) -> None:
+    """Relative paths that exist are made absolute against this working directory, so the run's
+    config.json names the same data and VAE when zoo sample, zoo eval or --resume runs elsewhere
+    (a same-named folder there would silently stand in for them). Paths that do not exist are
+    left as typed: the error about them names them as the user wrote them."""
+    for section, key in PATH_KEYS:
+        table = recipe.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+            table[key] = os.path.abspath(os.path.expanduser(value))
+
+
 def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     """The run directory, the recipe and the device, after the checks that need no process group."""
     import zoo
@@ -57,6 +73,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)
     out = str(check_run_dir(args.out or default_run_dir(args.recipe), resuming=args.resume or False))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
+    _absolute_paths(recipe)
     if args.steps is None and not (recipe.get("train") or {}).get("steps"):
         raise UserError(f"{args.recipe}: train.steps is not set (or 0), so there is nothing to train",
                         key_path="train.steps", suggestion="set train.steps in the recipe, or --set train.steps=N")
