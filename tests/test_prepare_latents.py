@@ -62,6 +62,22 @@ def test_adm_center_crop_box_halves_then_bicubic_and_centres():
     assert (cols[:7] == -1).all() and (cols[9:] == 1).all()
 
 
+def test_a_very_thin_image_is_cropped_without_resizing_all_of_it(monkeypatch):
+    """ADM resizes the whole image first: 1x20000 at 256 would be a 4 GB image. The centre square of
+    a smooth strip comes out as the full resize's crop would (within PIL's rounding)."""
+    import numpy as np
+
+    ramp = np.linspace(0, 255, 3000)[:, None, None] * np.ones((1, 2, 3))
+    strip = Image.fromarray(ramp.astype(np.uint8))  # 2 wide, 3000 tall
+    full = strip.resize((16, 24000), resample=Image.BICUBIC).crop((0, 11992, 16, 12008))
+    asked = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: asked.append(size) or resize(self, size, *a, **k))
+    out = adm_center_crop(strip, 16)
+    assert out.size == (16, 16) and max(max(s) for s in asked) == 16
+    assert np.abs(np.asarray(out, dtype=int) - np.asarray(full, dtype=int)).max() <= 1
+
+
 def test_prepare_latents_shards_manifest_and_moments(tmp_path, vae_dir, image_dir, capsys):
     out = tmp_path / "lat"
     args = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),

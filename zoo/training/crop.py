@@ -8,16 +8,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: Beyond this ratio of the resized long side to the target, only the centre square is resampled.
+LONG_SIDE_LIMIT = 8
+
 
 def adm_center_crop(image, size: int):
-    """A ``size``×``size`` PIL image cut from the centre of ``image`` (a PIL image) the ADM way."""
+    """A ``size``×``size`` PIL image cut from the centre of ``image`` (a PIL image) the ADM way.
+
+    ADM resizes the whole image before it crops: a 1×20000 strip at 256 would become 256×5,120,000
+    pixels (~4 GB). Past ``LONG_SIDE_LIMIT`` the same bicubic resampling is asked for the centre
+    square only (PIL's ``box``), which gives the same crop up to the rounding of PIL's two passes.
+    """
     from PIL import Image
 
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
+    width, height = (round(s * scale) for s in image.size)
+    left, top = (width - size) // 2, (height - size) // 2
+    if max(width, height) > LONG_SIDE_LIMIT * size:
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return image.resize((size, size), resample=Image.BICUBIC, box=box)
+    image = image.resize((width, height), resample=Image.BICUBIC)
     return image.crop((left, top, left + size, top + size))
 
 
