@@ -306,14 +306,30 @@ def test_repairing_a_directory_that_is_not_a_run_leaves_its_files(tmp_path, caps
 
 
 def test_resume_accepts_a_recipe_that_means_the_same(tmp_path, capsys):
-    """A default spelled out, a component by name or as {type: NAME}: the same model and loss."""
+    """A default spelled out (model or diffusion), a component by name or as {type: NAME}, recomputation
+    switched on: the same model and loss."""
     out = tmp_path / "run"
     assert main(_args(out, "--steps", "2")) == 0
-    same = ["--set", "model.frequency_dim=256", "--set", "diffusion.objective={type: eps_mse}"]
+    same = ["--set", "model.frequency_dim=256", "--set", "diffusion.objective={type: eps_mse}",
+            "--set", "diffusion.prediction=eps", "--set", "diffusion.min_snr_gamma=null"]
     assert main(_args(out, "--resume", str(out), "--steps", "3", *same)) == 0
     capsys.readouterr()
     assert main(_args(out, "--resume", str(out), "--steps", "4", "--set", "model.frequency_dim=128")) == 2
     assert "model.frequency_dim differs from the checkpoint's (256 there, 128 now)" in capsys.readouterr().err  # step 3 spelled it out
+    assert main(_args(out, "--resume", str(out), "--steps", "4", "--set", "diffusion.prediction=v")) == 2
+    assert "diffusion.prediction differs from the checkpoint's" in capsys.readouterr().err
+
+
+def test_resume_may_switch_recomputation():
+    """model.grad_checkpointing (DiMR) / use_checkpoint (U-ViT) trade memory for time; the weights mean the same."""
+    from zoo.training.rundir import check_resume_recipe
+
+    stored = {"model": {"type": "dimr", "grad_checkpointing": [False, True]}, "diffusion": {"time_input": "dimr_log_snr"}}
+    check_resume_recipe(stored, {**stored, "model": {"type": "dimr"}}, Path("ckpt"))
+    check_resume_recipe({**stored, "model": {"type": "uvit", "use_checkpoint": True}}, {**stored, "model": {"type": "uvit"}},
+                        Path("ckpt"))
+    with pytest.raises(zoo.errors.UserError, match="model.depth differs"):
+        check_resume_recipe(stored, {**stored, "model": {"type": "dimr", "depth": 3}}, Path("ckpt"))
 
 
 def test_small_messages_name_the_fix(tmp_path, capsys):

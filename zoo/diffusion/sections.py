@@ -51,6 +51,13 @@ TIME_SAMPLINGS: dict[str, dict[str, Any]] = {
 }
 TimeSamplingName = Annotated[str, OneOf(TIME_SAMPLINGS, "time sampling")]
 
+#: What an absent key of the ``diffusion`` section means (``schedule``: DDPM's linear betas).
+DIFFUSION_DEFAULTS: dict[str, Any] = {
+    "schedule": {"type": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+    "objective": "eps_mse", "prediction": "eps", "min_snr_gamma": None, "time_sampling": "uniform",
+    "label_drop": 0.0, "null_label": None,
+}
+
 #: The ``diffusion`` section (``objective`` is a name or a mapping checked against OBJECTIVES).
 DIFFUSION: dict[str, Any] = {
     "schedule": Component("schedule"),

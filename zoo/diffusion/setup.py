@@ -16,11 +16,11 @@ from zoo.errors import UserError
 
 from .guidance import GuidedModel, to_dit_scale
 from .objectives import OBJECTIVES, DiffusionObjective
-from .sections import GUIDANCE_SCALE, objective_spec
+from .sections import DIFFUSION_DEFAULTS, GUIDANCE_SCALE, objective_spec
 from .time_input import get_time_input
 from .time_sampling import TimeSampling
 
-DEFAULT_SCHEDULE = {"type": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+DEFAULT_SCHEDULE = DIFFUSION_DEFAULTS["schedule"]
 
 
 def _diffusion(recipe: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -52,7 +52,7 @@ def time_map(recipe: Mapping[str, Any], schedule) -> Callable[[Tensor], Tensor]:
 
 def prediction(recipe: Mapping[str, Any]) -> str:
     """What the backbone outputs, ``diffusion.prediction``: ``eps`` (default) or ``v``."""
-    return _diffusion(recipe).get("prediction", "eps")
+    return _diffusion(recipe).get("prediction", DIFFUSION_DEFAULTS["prediction"])
 
 
 def model_drops_labels(recipe: Mapping[str, Any]) -> bool:

@@ -10,6 +10,8 @@ from zoo import atomic
 from zoo.errors import UserError
 
 FIXED_SECTIONS = ("model", "diffusion")  # what the weights and the loss mean; a resume may not change them
+#: Model keys that change only memory and time (recomputation), never the weights' meaning.
+RUNTIME_MODEL_KEYS = frozenset({"grad_checkpointing", "use_checkpoint"})
 
 
 def _same_component(a: Any, b: Any) -> bool:
@@ -29,7 +31,8 @@ def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None 
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
                 given = a[key] if key in a else b[key]
-                if defaults is not None and key in defaults and given == defaults[key]:
+                if defaults is not None and key in defaults and (given == defaults[key]
+                                                                 or _same_component(given, defaults[key])):
                     continue
                 return f"{path}.{key}"
             found = first_difference(a[key], b[key], f"{path}.{key}")
@@ -47,16 +50,25 @@ def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None 
 
 def check_resume_recipe(stored: dict, recipe: dict, source: Path) -> None:
     """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's."""
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+
     current = json.loads(json.dumps(recipe))  # the form config.json stores (tuples become lists)
     for section in FIXED_SECTIONS:
         then, now = stored.get(section), current.get(section)
-        defaults = _constructor_defaults(now) if section == "model" else None
+        if section == "model":
+            then, now = _without_runtime_keys(then), _without_runtime_keys(now)
+        defaults = _constructor_defaults(now) if section == "model" else DIFFUSION_DEFAULTS
         path = first_difference(then, now, section, defaults)
         if path:
             raise UserError(f"--resume {source}: the recipe's {path} differs from the checkpoint's "
                             f"({_value(stored, path)} there, {_value(current, path)} now)",
                             key_path=path, suggestion="resume with the checkpoint's recipe, or pass "
                             "--allow-recipe-change if the change is intended")
+
+
+def _without_runtime_keys(model: Any) -> Any:
+    """``model`` without the recomputation switches: a resume may turn them on or off."""
+    return {k: v for k, v in model.items() if k not in RUNTIME_MODEL_KEYS} if isinstance(model, dict) else model
 
 
 def _constructor_defaults(model: Any) -> dict[str, Any]:
