@@ -1,7 +1,8 @@
 """``train.parallel: fsdp`` on 2 CPU processes (gloo): a resume from a one-process checkpoint,
 sharded checkpoints written with torch.distributed.checkpoint, which a SIGKILL mid-save leaves
 loadable, a resume from them that continues the uninterrupted run exactly, consolidated weights
-equal to one process's, and the shards resumed on one process and under DDP."""
+equal to one process's, and the shards resumed on one process and under DDP; a one-process
+checkpoint at step 0 resumed under FSDP, and one this recipe groups differently (refused)."""
 
 import os
 import pickle
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_distributed import RECIPE, SETTINGS, max_diff, single, torchrun  # noqa: F401 - single: fixture
+from test_train_distributed import (RECIPE, SETTINGS, _error_lines, _zoo_frames, max_diff,  # noqa: F401 - single: fixture
+                                    single, torchrun)
 
 import zoo
 import zoo.checkpoint as ckpt
@@ -132,6 +134,28 @@ def test_fsdp_shards_resume_under_ddp(tmp_path, whole, single):
     for name in WEIGHTS:
         assert max_diff(single, out, name) < 1e-5, name
     assert not is_sharded(out / "last")
+
+
+@pytest.mark.slow
+def test_a_step_0_checkpoint_resumed_under_fsdp_trains_as_one_process(tmp_path, single):
+    """A step-0 checkpoint holds no AdamW moments: the FSDP resume starts them fresh, as one process does
+    (not from a state made by a zero-gradient step, whose step count would shift every bias correction)."""
+    zero = tmp_path / "zero"
+    train(zoo.load_recipe(RECIPE, SETTINGS), zero, steps=0, device="cpu", log=lambda *_: None)
+    out = tmp_path / "fsdp"
+    torchrun(out, 5, *FSDP, "--resume", str(zero))
+    for name in WEIGHTS:  # tolerance of the 1-vs-2-process comparisons above
+        assert max_diff(single, out, name) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_a_consolidated_checkpoint_grouped_otherwise_is_refused_under_fsdp_in_one_line(tmp_path, start):
+    proc = torchrun(tmp_path / "run", 3, *FSDP, "--set", "train.no_weight_decay_1d=true", "--resume", str(start),
+                    check=False)
+    errors = _error_lines(proc)
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "train.no_weight_decay_1d differs from the checkpoint's" in errors[0]
+    assert not _zoo_frames(proc)
 
 
 class _Payload:

@@ -141,6 +141,7 @@ def _zoo_frames(proc: subprocess.CompletedProcess) -> list[str]:
 @pytest.mark.parametrize("extra, expected", [
     (("--set", "train.batch_size=3"), "train.batch_size 3 is not divisible by 2 processes"),  # in the trainer
     (("--set", "model.depht=3"), "did you mean depth?"),  # before the process group
+    (("--set", "train.batch_size=128"), "the dataset has 64 samples, fewer than train.batch_size=128"),  # the data
 ])
 def test_a_mistake_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, expected):
     proc = torchrun(tmp_path / "run", 2, *extra, check=False)

@@ -285,11 +285,17 @@ class EpochSampler(Sampler):
                  keyed: bool = False) -> None:
         self.n, self.batch_size, self.seed, self.keyed = n, batch_size, seed, keyed
         self.lo, self.hi = rank * batch_size // world, (rank + 1) * batch_size // world  # this rank's slice
-        self.per_epoch = n // batch_size
-        if self.per_epoch == 0:
+        self.per_epoch = self.batches_per_epoch(n, batch_size)
+        self.epoch, self.offset = divmod(start_step, self.per_epoch)
+
+    @staticmethod
+    def batches_per_epoch(n: int, batch_size: int) -> int:
+        """Whole batches in one pass over ``n`` samples; the trainer calls it during setup too, where
+        all ranks agree on one message, since a dataset smaller than one batch is a recipe mistake."""
+        if n < batch_size:
             raise UserError(f"the dataset has {n} samples, fewer than train.batch_size={batch_size}",
                             key_path="train.batch_size", suggestion=f"use a batch size <= {n}")
-        self.epoch, self.offset = divmod(start_step, self.per_epoch)
+        return n // batch_size
 
     def __iter__(self) -> Iterator[int]:
         epoch, offset = self.epoch, self.offset

@@ -35,11 +35,11 @@ from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.sample import num_classes
 from zoo.training import distributed
-from zoo.training.data import batches, build_dataset
+from zoo.training.data import EpochSampler, batches, build_dataset
 from zoo.training.draws import draw
 from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.ema import EMA
-from zoo.training.optim import build_optimizer, learning_rate
+from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
 from zoo.training.rundir import check_resume_recipe, prune_steps
 from zoo.training.signals import StopRequested, StopSignals
 from zoo.training.val_loss import val_hook
@@ -116,7 +116,6 @@ class Trainer:
         with distributed.agreement(self.ctx):  # a mistake on any rank stops all of them, with one message
             dataset = self._set_up(recipe, resume, allow_recipe_change)
         data = recipe.get("data") or {}
-        self.fsdp = self.ctx.distributed and self.train["parallel"] == "fsdp"
         self.wrapped = distributed.wrap(self.model, self.ctx, self.train["parallel"], self.train["precision"])
         self.ema = EMA(self.model, self.train["ema_decay"])  # after sharding: FSDP keeps it sharded too
         self.optimizer = build_optimizer(self.model, self.train)
@@ -139,6 +138,7 @@ class Trainer:
         """Settings, data, hooks, model, objective and resumed weights: everything before the first
         collective, and every check that can refuse the run; returns the dataset."""
         self.train = {**DEFAULTS, **(recipe.get("train") or {})}
+        self.fsdp = self.ctx.distributed and self.train["parallel"] == "fsdp"
         self.device = self.ctx.device
         self.batch, self.accum = int(self.train["batch_size"]), int(self.train["grad_accum"])
         if self.batch % (self.ctx.world * self.accum):
@@ -151,6 +151,7 @@ class Trainer:
             meta_model = zoo.build_model(recipe)
             self.shape = tuple(meta_model.example_inputs(1)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
+        EpochSampler.batches_per_epoch(len(dataset), self.batch)  # here, not when batches() starts: one message
         require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum))
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if self.device.type == "cuda":
@@ -179,7 +180,10 @@ class Trainer:
     # -- resume -----------------------------------------------------------------------------------
 
     def _load(self, directory: Path, allow_recipe_change: bool) -> None:
-        """Weights and step of a checkpoint (optimizer and EMA follow once they exist)."""
+        """Weights of a checkpoint, and its trainer state read and checked against this recipe
+        (:meth:`_load_state` loads the optimizer, EMA and step once they exist, with collectives)."""
+        from zoo.training.fsdp_checkpoint import is_sharded, optimizer_state_by_name
+
         repair_run(directory)  # a save interrupted in that run directory: the newest complete checkpoint wins
         if (directory / "last").is_dir():
             directory = directory / "last"
@@ -192,26 +196,39 @@ class Trainer:
         if not allow_recipe_change:
             check_resume_recipe(self._resumed_recipe, self.recipe, directory)
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
+        sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
+        state = load_trainer_state(directory, required=() if sharded else ("optimizer",))
+        if not sharded:
+            now = [len(g["params"]) for g in recipe_groups(self.model, self.train)]
+            _check_groups(state["optimizer"], now, directory)
+            if self.fsdp:  # FSDP loads a whole optimizer state keyed by name
+                state["optimizer"] = optimizer_state_by_name(state["optimizer"])
+        self._resumed_state = state
         self._resumed_from = directory
 
     def _load_state(self, directory: Path) -> None:
-        from zoo.training.fsdp_checkpoint import is_sharded, load_sharded, optimizer_state_by_name
+        """The optimizer moments, EMA, scaler and step of the checkpoint :meth:`_load` read (every rank calls)."""
+        from zoo.training.fsdp_checkpoint import is_sharded, load_sharded
 
-        state = load_trainer_state(directory)
-        recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        state = self._resumed_state
+        del self._resumed_state  # the moments are copied into the optimizer: not kept twice
+        settings_now = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if is_sharded(directory):  # an FSDP run's shards, read onto this run's processes (FSDP or not)
             load_sharded(directory, self.model, self.optimizer, self.ema, state)
         elif self.fsdp:  # a consolidated state, re-sharded onto this run's processes
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state_by_name(state["optimizer"]),
-                                     options=StateDictOptions(full_state_dict=True))
+            # An empty state (a step-0 checkpoint) is a fresh optimizer, which this one already is;
+            # loading it would first step every parameter once at lr 0 to create the state, and the
+            # step counts left at 1 would change the bias corrections of the next updates.
+            if state["optimizer"]["state"]:
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
         else:
             self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
-            _check_groups(state["optimizer"], self.optimizer, directory)
             self.optimizer.load_state_dict(state["optimizer"])
-        for group, settings in zip(self.optimizer.param_groups, recipe_groups):
+        for group, settings in zip(self.optimizer.param_groups, settings_now):
             group.update(settings)  # the moments are the checkpoint's; weight_decay, betas, eps the recipe's
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -454,10 +471,10 @@ def _seconds(work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _check_groups(saved: dict, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """The checkpoint's optimizer splits the parameters into groups as this recipe does (one line if not)."""
+def _check_groups(saved: dict, now: list[int], directory: Path) -> None:
+    """The checkpoint's optimizer splits the parameters into groups of the sizes ``now`` this recipe's
+    does (one line if not: the moments would belong to other parameters, or FSDP fail to match them)."""
     then = [len(g["params"]) for g in saved.get("param_groups", [])]
-    now = [len(g["params"]) for g in optimizer.param_groups]
     if then != now:
         raise UserError(f"the optimizer state in {directory} groups the parameters as {then}, this recipe as {now}: "
                         f"train.no_weight_decay_1d differs from the checkpoint's", key_path="train.no_weight_decay_1d",

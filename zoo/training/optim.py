@@ -32,10 +32,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool = Fals
     ]
 
 
+def recipe_groups(model: nn.Module, train: Mapping[str, Any]) -> list[dict]:
+    """The non-empty parameter groups AdamW gets for ``train``; a resume compares a checkpoint's with them."""
+    groups = param_groups(model, float(train.get("weight_decay", 0.0)), bool(train.get("no_weight_decay_1d", False)))
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.AdamW:
     """AdamW (fused where this torch supports it for the parameters' device)."""
-    groups = param_groups(model, float(train.get("weight_decay", 0.0)), bool(train.get("no_weight_decay_1d", False)))
-    groups = [g for g in groups if g["params"]]
+    groups = recipe_groups(model, train)
     kwargs = dict(lr=float(train["lr"]), betas=tuple(train.get("betas", (0.9, 0.999))))
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
