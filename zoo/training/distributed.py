@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -148,6 +149,10 @@ def wrap(model: nn.Module, ctx: Context, parallel: str = "ddp", precision: str =
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # A depthwise convolution's weight gradient (C, 1, k, k) from channels-last inputs has another
+    # stride on its size-1 axis than the bucket: the same elements in the same order, which DDP
+    # copies into the bucket as it copies every gradient. Its warning, once per rank, says nothing.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
     return DistributedDataParallel(model, device_ids=ids)
 
 
