@@ -58,14 +58,14 @@ class FDHook:
         self.recipe, self.out, self.device, self.log = recipe, Path(out), device, log
         self.n, self.seed = int(train.get("eval_n") or EVAL_N), int(train.get("seed") or 0)
         data = recipe.get("data") or {}
-        weights = vae_weights(recipe, None)  # a latent model without local VAE weights fails now, not at step eval_every
-        self.image_size = int(shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
         self.ref_spec = train.get("eval_ref")
         self.data = {k: v for k, v in data.items() if k != "num_workers"}  # what the reference depends on
         if self.ref_spec is None and data.get("latent"):
             raise UserError("train.eval_every on latent data needs reference images: set train.eval_ref to an ADM "
                             "reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder",
                             key_path="train.eval_ref")
+        weights = vae_weights(recipe, None)  # a latent model without local VAE weights fails now, not at step eval_every
+        self.image_size = int(shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
         with _rng_kept(device):  # building a network draws its initial weights
             self.extractor = build_extractor(str(train.get("eval_extractor") or EXTRACTOR), device=device)
         self.dataset, self.source = self._reference_dataset(data, dataset, shape, recipe)
