@@ -177,8 +177,10 @@ def test_a_relative_data_root_is_stored_absolute_so_the_run_samples_from_anywher
         Image.new("RGB", (8, 8), (40, 80, 120)).save(tmp_path / "img" / c / "a.png")
     monkeypatch.chdir(tmp_path)
     assert main(["train", str(RECIPE), "--out", "run", "--steps", "1", "--set", "data.dataset=image_folder",
-                 "--set", "data.root=img", "--set", "train.batch_size=4", "--set", "train.sample_every=0"]) == 0
-    assert json.loads((tmp_path / "run" / "last" / "config.json").read_text())["recipe"]["data"]["root"] == str(tmp_path / "img")
+                 "--set", "data.root=img", "--set", "train.batch_size=4", "--set", "train.sample_every=0",
+                 "--set", "data.cache=cache"]) == 0
+    data = json.loads((tmp_path / "run" / "last" / "config.json").read_text())["recipe"]["data"]
+    assert data["root"] == str(tmp_path / "img") and data["cache"] == str(tmp_path / "cache")  # a cache yet to be made too
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()

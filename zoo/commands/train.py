@@ -48,15 +48,18 @@ PATH_KEYS = (("data", "root"), ("data", "vae"), ("data", "cache"), ("train", "ev
 
 
 def _absolute_paths(recipe: dict) -> None:
-    """Relative paths that exist are made absolute against this working directory, so the run's
-    config.json names the same data and VAE when zoo sample, zoo eval or --resume runs elsewhere
-    (a same-named folder there would silently stand in for them). Paths that do not exist are
-    left as typed: the error about them names them as the user wrote them."""
+    """Relative paths are made absolute against this working directory, so the run's config.json
+    names the same data, VAE and cache when zoo sample, zoo eval or --resume runs elsewhere (a
+    same-named folder there would silently stand in for them). ``train.eval_ref`` may also name a
+    dataset (``emoji32``): it becomes a path only where such a file or folder exists."""
     for section, key in PATH_KEYS:
         table = recipe.get(section)
         value = table.get(key) if isinstance(table, dict) else None
-        if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
-            table[key] = os.path.abspath(os.path.expanduser(value))
+        if not isinstance(value, str) or not value:
+            continue
+        path = os.path.expanduser(value)
+        if key != "eval_ref" or os.path.exists(path):
+            table[key] = os.path.abspath(path)
 
 
 def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
