@@ -274,7 +274,7 @@ def test_eval_end_to_end_writes_the_protocol_and_resumes_from_shards(run_dir, ca
     assert time.process_time() >= 0 and time.perf_counter() - start < 120
 
 
-def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir):
+def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir, capsys):
     from zoo.eval import quick_fd
     from zoo.sample import load_model
 
@@ -292,6 +292,13 @@ def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir):
                  "--extractor", "test_pool", "--batch-size", "16"]) == 0
     results = [json.loads(p.read_text()) for p in (run_dir / "eval").glob("last-test_pool-n16-*.json")]
     assert sorted(Path(r["reference"]["spec"]).name for r in results) == ["ref.npz", "ref2.npz"]
+    assert "sampling" not in capsys.readouterr().err  # no progress bar where stderr is not a terminal
+
+
+def test_a_dataset_reference_has_one_name_with_or_without_its_default_split():
+    from zoo.eval.runner import _reference_key
+
+    assert _reference_key("emoji32") == _reference_key("emoji32:holdout") != _reference_key("emoji32:train")
 
 
 def test_missing_inception_weights_is_one_clear_error(run_dir, capsys, tmp_path):

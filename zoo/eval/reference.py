@@ -101,6 +101,22 @@ def array_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int
         yield chunk, None if labels is None else labels[start:start + batch_size]
 
 
+def dataset_reference(spec: str) -> tuple[str, str]:
+    """(dataset, split) that ``--ref NAME[:SPLIT]`` means: a dataset's ``holdout`` split when it has
+    one and none is named, so ``emoji32`` and ``emoji32:holdout`` are one reference."""
+    from zoo import registry
+
+    name, _, split = spec.partition(":")
+    if name not in registry.names("dataset"):
+        raise UserError(f"--ref {spec!r} is neither an .npz file, an image folder nor a registered dataset "
+                        f"({', '.join(registry.names('dataset'))})")
+    splits = getattr(registry.get("dataset", name), "splits", ())
+    split = split or ("holdout" if "holdout" in splits else "")
+    if split and split not in splits:
+        raise UserError(f"dataset {name} has no split {split!r}; its splits are {', '.join(splits) or 'none'}")
+    return name, split
+
+
 def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Iterator], int]:
     """(identity for the cache key, batches(batch_size), count) of a folder or dataset reference."""
     path = Path(spec).expanduser()
@@ -115,15 +131,8 @@ def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Ite
         return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
     from zoo import registry
 
-    name, _, split = spec.partition(":")
-    if name not in registry.names("dataset"):
-        raise UserError(f"--ref {spec!r} is neither an .npz file, an image folder nor a registered dataset "
-                        f"({', '.join(registry.names('dataset'))})")
+    name, split = dataset_reference(spec)
     build = registry.get("dataset", name)
-    splits = getattr(build, "splits", ())
-    split = split or ("holdout" if "holdout" in splits else "")
-    if split and split not in splits:
-        raise UserError(f"dataset {name} has no split {split!r}; its splits are {', '.join(splits) or 'none'}")
     data = {"dataset": name, "image_size": image_size, **({"split": split} if split else {})}
     dataset = build(data, (3, image_size, image_size), None, 0)
     identity = f"dataset:{name}:{split}:{image_size}"

@@ -203,7 +203,8 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         from tqdm import tqdm
 
         samples_dir.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=request.n, initial=done, unit="img", desc="sampling", disable=not progress) as bar:
+        with tqdm(total=request.n, initial=done, unit="img", desc="sampling",
+                  disable=None if progress else True) as bar:  # None: no bar where stderr is not a terminal
             for start, stop in todo:
                 images, labels = _sample_range(model, recipe, solver, schedule, guidance, start, stop,
                                                request.seed, device, decoder)
@@ -228,8 +229,10 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
 def _reference_key(spec: str) -> str:
     """A short name for ``--ref`` in a result's file name: one checkpoint scored against two
     references keeps both results."""
+    from zoo.eval.reference import dataset_reference
+
     path = Path(spec).expanduser()
-    name = str(path.resolve()) if path.exists() else spec
+    name = str(path.resolve()) if path.exists() else ":".join(dataset_reference(spec))  # emoji32 = emoji32:holdout
     return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:6]
 
 
