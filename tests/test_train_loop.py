@@ -332,6 +332,22 @@ def test_resume_may_switch_recomputation():
         check_resume_recipe(stored, {**stored, "model": {"type": "dimr", "depth": 3}}, Path("ckpt"))
 
 
+def test_resume_resolves_the_defaults_of_nested_components():
+    """A block or norm default spelled out, or a norm by name against {type: NAME, eps: its default}."""
+    from zoo.training.rundir import check_resume_recipe
+
+    block = {"type": "transformer", "num_heads": 2, "norm": "td_rmsnorm"}
+    stored = {"model": {"type": "dimr", "branches": [{"dim": 32, "block": block}]},
+              "diffusion": {"schedule": {"type": "linear"}}}
+    spelled = {"model": {"type": "dimr", "branches": [{"dim": 32, "block": {
+        **block, "mlp_ratio": 4.0, "norm": {"type": "td_rmsnorm", "eps": 1e-8}}}]},
+        "diffusion": {"schedule": {"type": "linear", "num_steps": 1000}}}
+    check_resume_recipe(stored, spelled, Path("ckpt"))
+    spelled["model"]["branches"][0]["block"]["norm"]["eps"] = 1e-6
+    with pytest.raises(zoo.errors.UserError, match=r"model.branches.0.block.norm.eps differs"):
+        check_resume_recipe(stored, spelled, Path("ckpt"))
+
+
 def test_small_messages_name_the_fix(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(out, "--steps", "2")) == 0

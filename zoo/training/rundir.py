@@ -19,15 +19,28 @@ def _same_component(a: Any, b: Any) -> bool:
     return (isinstance(a, str) and b == {"type": a}) or (isinstance(b, str) and a == {"type": b})
 
 
+def _as_table(a: Any, b: Any) -> tuple[Any, Any]:
+    """A component given by name beside one given as a table: both as tables (``NAME`` is ``{type: NAME}``)."""
+    if isinstance(a, str) and isinstance(b, dict) and b.get("type") == a:
+        return {"type": a}, b
+    if isinstance(b, str) and isinstance(a, dict) and a.get("type") == b:
+        return a, {"type": b}
+    return a, b
+
+
 def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None = None) -> str | None:
     """The first key path (``model.depth``, ``model.branches.1.dim``) where ``a`` and ``b`` differ.
 
     A component given by name equals one given as ``{type: NAME}``; a key that one side leaves out
-    equals the other side's value if that is ``defaults[key]`` (the constructor's default).
+    equals the other side's value if that is ``defaults[key]``: the given defaults, else those of
+    the registered block, conditioner, schedule or solver both sides name (``type``).
     """
     if _same_component(a, b):
         return None
+    a, b = _as_table(a, b)
     if isinstance(a, dict) and isinstance(b, dict):
+        if defaults is None and a.get("type") == b.get("type"):
+            defaults = _component_defaults(a.get("type"))
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
                 given = a[key] if key in a else b[key]
@@ -73,20 +86,35 @@ def _without_runtime_keys(model: Any) -> Any:
 
 def _constructor_defaults(model: Any) -> dict[str, Any]:
     """The defaults of the registered backbone's constructor (JSON values), ``{}`` if unknown."""
+    if not isinstance(model, dict):
+        return {}
+    return _component_defaults(model.get("type"), kinds=("backbone",))
+
+
+#: The kinds a component inside the model or diffusion section may be.
+NESTED_KINDS = ("block", "conditioner", "schedule", "solver")
+
+
+def _component_defaults(name: Any, kinds: tuple[str, ...] = NESTED_KINDS) -> dict[str, Any] | None:
+    """The constructor defaults (JSON values) of the component ``name`` registers in exactly one of
+    ``kinds``; ``None`` when it is unknown or ambiguous (then a left-out key counts as a change)."""
     import inspect
 
     from zoo import registry
     from zoo.introspect import signature
 
-    if not isinstance(model, dict) or not isinstance(model.get("type"), str):
-        return {}
+    if not isinstance(name, str):
+        return None
+    found = [kind for kind in kinds if name in registry.Names(kind)]
+    if len(found) != 1:
+        return None
     try:
-        sig = signature(registry.get("backbone", model["type"]))
+        sig = signature(registry.get(found[0], name))
     except UserError:
-        return {}
+        return None
     if sig is None:
-        return {}
-    return {name: json.loads(json.dumps(p.default)) for name, p in sig.parameters.items()
+        return None
+    return {key: json.loads(json.dumps(p.default)) for key, p in sig.parameters.items()
             if p.default is not inspect.Parameter.empty and _plain(p.default)}
 
 
