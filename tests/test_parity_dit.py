@@ -162,3 +162,19 @@ def test_parity_command_fails_above_tolerance(tmp_path, golden, capsys):
     out = capsys.readouterr().out
     # The shift plus or minus the unshifted error, which is <= the 1e-4 threshold on any CPU.
     assert "FAIL" in out and 0.9e-3 <= float(out.strip().splitlines()[-1].split()[3]) <= 1.1e-3
+    # NaN fails too (max(0.0, nan) is 0.0: NaN outputs used to pass with error 0)
+    torch.save(dict(golden, outputs=golden["outputs"] * float("nan")), tmp_path / "golden_dit_nan.pt")
+    assert main(["parity", str(tmp_path / "golden_dit_nan.pt")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_golden_inputs_that_do_not_fit_the_model_are_one_line(tmp_path, golden, capsys):
+    from zoo.cli import main
+
+    inputs = golden["inputs"]
+    for name, bad in (("label", dict(inputs, y=inputs["y"] + 5)), ("channels", dict(inputs, x=inputs["x"][:, :3])),
+                      ("list", [1, 2])):
+        torch.save(dict(golden, inputs=bad), tmp_path / f"golden_dit_{name}.pt")
+        assert main(["parity", str(tmp_path / f"golden_dit_{name}.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"golden_dit_{name}.pt" in err, err

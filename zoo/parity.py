@@ -7,6 +7,7 @@ and load the state dict strictly, run the forward and report the errors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,7 +83,8 @@ def compare(actual: Any, expected: Any) -> tuple[float, float]:
     for a, e in zip(actual, expected):
         if a.shape != e.shape:
             raise UserError(f"output shape {tuple(a.shape)} differs from the golden {tuple(e.shape)}")
-        max_abs = max(max_abs, (a.to(e.dtype) - e).abs().max().item())
+        error = (a.to(e.dtype) - e).abs().max().item()
+        max_abs = max(max_abs, error if math.isfinite(error) else math.inf)  # max(0.0, nan) is 0.0: NaN must fail
         scale = max(scale, e.abs().max().item())
     return max_abs, max_abs / scale if scale > 0 else max_abs
 
@@ -96,9 +98,17 @@ def run_parity(path: str | Path, family: str | None = None, dtype: torch.dtype =
     model_inputs = getattr(get_family(family), "model_inputs", default_model_inputs)
     try:
         inputs = model_inputs(golden["inputs"])
-    except (KeyError, TypeError, AttributeError) as err:
+    except KeyError as err:
         raise UserError(f"{path} is not a {family} golden file: its inputs lack {err}") from None
+    except (TypeError, AttributeError) as err:
+        raise UserError(f"{path} is not a {family} golden file: its inputs are not the mapping of tensors the "
+                        f"family reads ({err})") from None
     args = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
     expected = golden["outputs_fp64"] if dtype == torch.float64 and "outputs_fp64" in golden else golden["outputs"]
-    max_abs, max_rel = compare(model(*args), expected)
+    try:
+        outputs = model(*args)
+    except (IndexError, RuntimeError, ValueError) as err:  # e.g. a label past the table, 3 channels for 4
+        raise UserError(f"{path}: its inputs do not fit the model its config builds "
+                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    max_abs, max_rel = compare(outputs, expected)
     return ParityResult(family, max_abs, max_rel)
