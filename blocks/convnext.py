@@ -12,7 +12,7 @@ from zoo.conditioning.base import Conditioning, add_gated
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.domains import OneOf, Range, Ratio, Rule, Width
 
-from .mlp import Mlp
+from .mlp import Mlp, mlp_width
 
 VARIANTS = ("dimr", "standard")
 
@@ -66,7 +66,7 @@ class ConvNeXtBlock(nn.Module):
         self.conv_norm = norm(dim, cond_dim=cond_dim) if normed_conv else None
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = norm(dim, cond_dim=cond_dim)
-        self.mlp = mlp(dim, hidden_features=round(dim * mlp_ratio))
+        self.mlp = mlp(dim, hidden_features=mlp_width(dim, mlp_ratio))
         self.layer_scale = None if layer_scale_init is None else nn.Parameter(torch.full((dim,), layer_scale_init))
 
     def depthwise(self, x: Tensor) -> Tensor:

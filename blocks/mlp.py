@@ -13,6 +13,7 @@ from typing import Annotated
 from torch import Tensor, nn
 
 from zoo.domains import OneOf, Width
+from zoo.errors import UserError
 
 from .geglu import APPROXIMATE, geglu_gate
 
@@ -22,6 +23,16 @@ ACTIVATIONS = {
     "silu": lambda: nn.SiLU(),
 }
 Activation = Annotated[str, OneOf(ACTIVATIONS, "activation")]
+
+
+def mlp_width(dim: int, mlp_ratio: float) -> int:
+    """The hidden width ``round(dim · mlp_ratio)`` of a block's MLP; a ratio that rounds it to 0 is a
+    mistake (the MLPs used to take 0 as "not given" and build their default width instead)."""
+    hidden = round(dim * mlp_ratio)
+    if hidden < 1:
+        raise UserError(f"mlp_ratio {mlp_ratio:g} gives a block of width {dim} an MLP of {hidden} features",
+                        suggestion=f"use mlp_ratio >= {1 / dim:.3g}")
+    return hidden
 
 
 def make_activation(name: str) -> nn.Module:
@@ -36,7 +47,7 @@ class Mlp(nn.Module):  # = timm.layers.Mlp; not subclassed: importing timm adds 
 
     def __init__(self, dim: Width, hidden_features: Width | None = None, act: Activation = "gelu", bias: bool = True):
         super().__init__()
-        hidden_features = hidden_features or 4 * dim
+        hidden_features = 4 * dim if hidden_features is None else hidden_features
         self.fc1 = nn.Linear(dim, hidden_features, bias=bias)
         self.act = make_activation(act)
         self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
@@ -54,7 +65,7 @@ class GeGluMlp(nn.Module):  # = timm.layers.GluMlp(gate_last=False, 2·hidden); 
 
     def __init__(self, dim: Width, hidden_features: Width | None = None, act: Activation = "gelu", bias: bool = True):
         super().__init__()
-        hidden_features = hidden_features or 2 * dim
+        hidden_features = 2 * dim if hidden_features is None else hidden_features
         self.fc1 = nn.Linear(dim, 2 * hidden_features, bias=bias)
         self.act = make_activation(act)
         self.act_name = act

@@ -11,7 +11,7 @@ from zoo.conditioning.layernorm import LayerNorm
 from zoo.domains import Divisible, Heads, Ratio, Width
 
 from .attention import Attention
-from .mlp import Mlp
+from .mlp import Mlp, mlp_width
 
 
 class TransformerBlock(nn.Module):
@@ -40,7 +40,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = norm(dim, cond_dim=cond_dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
         self.norm2 = norm(dim, cond_dim=cond_dim)
-        self.mlp = mlp(dim, hidden_features=round(dim * mlp_ratio))
+        self.mlp = mlp(dim, hidden_features=mlp_width(dim, mlp_ratio))
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         h, gate = self.norm1(x, cond)

@@ -53,6 +53,8 @@ CASES = [
     ("build-path-named-like-a-shipped-recipe", "build nowhere/dit_s_2.yaml", "-", 2,
      "recipe file not found: nowhere/dit_s_2.yaml"),
     ("build-recipe-is-dir", "build {tmp}", "-", 2, "{tmp}"),
+    ("build-mlp-ratio-rounds-to-zero", "build dit_s_2 --set model.mlp_ratio=0.001", "-", 2,
+     "mlp_ratio 0.001 gives a block of width 384 an MLP of 0 features (use mlp_ratio >= 0.0026)"),
     ("build-broken-yaml", "build {tmp}/r.yaml", "yaml_broken", 2, "{tmp}/r.yaml:2"),
     ("build-binary-recipe", "build {tmp}/r.yaml", "yaml_binary", 2, "{tmp}/r.yaml"),
     ("build-empty-recipe", "build {tmp}/r.yaml", "yaml_empty", 2, "{tmp}/r.yaml"),
