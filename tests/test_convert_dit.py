@@ -85,6 +85,17 @@ def test_corrupt_key_is_a_clear_error(tmp_path, official_sd, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["nan", "complex", "int"])
+def test_weights_no_model_can_use_are_refused(tmp_path, official_sd, capsys, kind):
+    """NaN weights converted and then sampled black images with exit 0; complex and integer ones were cast."""
+    bad = dict(official_sd)
+    w = bad["blocks.0.attn.qkv.weight"]
+    bad["blocks.0.attn.qkv.weight"] = {"nan": w * float("nan"), "complex": w.to(torch.complex64), "int": w.long()}[kind]
+    status, out = convert(tmp_path, bad)
+    err = capsys.readouterr().err
+    assert status == 2 and "tensor blocks.0.attn.qkv.weight" in err and not out.exists()
+
+
 def test_missing_and_misshaped_keys_are_listed(tmp_path, official_sd, capsys):
     bad = dict(official_sd)
     del bad["blocks.1.mlp.fc2.bias"]

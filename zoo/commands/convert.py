@@ -77,12 +77,13 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoint import build_with_state, save_checkpoint
-    from zoo.convert import check_recipe_matches, get_family, model_spec, unwrap_state_dict
+    from zoo.convert import check_recipe_matches, check_weights, get_family, model_spec, unwrap_state_dict
 
     converter = get_family(args.family)
     check_out(args.out, args.force)  # before any work: a refused --out costs nothing
     checkpoint = load_official(args.checkpoint)
     official = unwrap_state_dict(checkpoint, source=str(args.checkpoint), prefer=args.weights)
+    check_weights(official, str(args.checkpoint))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     config = official_config(args, checkpoint)
     if config is not None:  # settings that keep the tensor shapes (num_heads, ...) are checked here

@@ -21,6 +21,7 @@ import importlib
 from types import ModuleType
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor
 
 from zoo.errors import UserError
@@ -116,6 +117,18 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None =
             return dict(inner)
     found = ", ".join(sorted(map(str, obj))[:8])
     raise UserError(f"{source} holds no state dict under {' / '.join(keys)} (top-level keys: {found})")
+
+
+def check_weights(state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse weights no model can use: NaN/inf, complex or integer tensors (loading would cast
+    them silently, and a NaN weight samples black images)."""
+    for key, value in state.items():
+        if value.is_complex() or not value.is_floating_point():
+            raise UserError(f"{source}: tensor {key} is {str(value.dtype).removeprefix('torch.')}; "
+                            "the official weights are floating point", suggestion="check that this is the right file")
+        if not bool(torch.isfinite(value).all()):
+            raise UserError(f"{source}: tensor {key} holds NaN or inf values",
+                            suggestion="convert a checkpoint saved before the run diverged (an earlier or the EMA copy)")
 
 
 def default_model_inputs(inputs: Mapping[str, Any]) -> tuple:
