@@ -248,6 +248,16 @@ def test_cli_from_a_recipe_warns_and_errors_are_one_line(tmp_path, capsys, check
     assert main(["sample", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
 
 
+def test_weights_that_cannot_fit_are_refused_before_they_are_allocated(monkeypatch, checkpoint):
+    """zoo sample built the weights first: an allocator traceback, or the OOM killer on a large enough model."""
+    import zoo.memory
+
+    monkeypatch.setattr(zoo.memory, "available_bytes", lambda device: 1000)  # 1000 bytes free
+    for source in (PIXELS, checkpoint):  # a recipe's fresh model and a checkpoint's
+        with pytest.raises(UserError, match=r"parameters need \d+ MiB of weights but the cpu device has 0 MiB free"):
+            load_model(source)
+
+
 def test_missing_vae_directory_is_a_user_error(tmp_path):
     from zoo.vae import find_vae_weights
 

@@ -186,6 +186,23 @@ def require_training_memory(meta_model: nn.Module, train: dict, data: dict, devi
                           half_precision=train.get("precision") in ("bf16", "fp16"), extra_bytes=extra)
 
 
+def require_weights_memory(recipe: dict, device: torch.device | str, bytes_per_param: int = 4) -> None:
+    """Before a model is built or loaded for sampling: its weights alone must fit in ``device``'s free
+    memory (counted on the meta device), else one line instead of an allocator traceback or the OOM killer."""
+    import zoo
+
+    device = torch.device(device)
+    free = available_bytes(device)
+    if free is None:
+        return
+    with torch.device("meta"):
+        params = sum(p.numel() for p in zoo.build_model(recipe).parameters())
+    if params * bytes_per_param > free:
+        raise UserError(f"the model's {params:,} parameters need {gib(params * bytes_per_param)} of weights but the "
+                        f"{device.type} device has {gib(free)} free", suggestion="use a smaller model or a device "
+                        "with more memory")
+
+
 def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int, guided: bool) -> Estimate:
     """:func:`require_memory` for sampling a loaded model (its weights are already out of the free memory)."""
     import zoo

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
 from zoo.errors import UserError
-from zoo.memory import require_sampling_memory
+from zoo.memory import require_sampling_memory, require_weights_memory
 
 def _mix64(x: int) -> int:
     """SplitMix64's finaliser: a bijective scramble of a 64-bit integer."""
@@ -219,16 +219,23 @@ def load_model(source: str | Path, overrides: list[str] = (), device="cpu",
             raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                             "--set may change the other sections only")
         recipe = read(overrides)  # a mistake in it names its config.json
+        require_weights_memory(recipe, device, _bytes_per_param(dtype))
         weights = "ema" if (path / EMA).is_file() else "model"
         model, _ = load_checkpoint(path, weights=weights, device=device)
         origin = f"{weights} weights of {path}"
     else:
         recipe = read(overrides)
+        require_weights_memory(recipe, device, _bytes_per_param(dtype))
         model = zoo.build_model(recipe).to(device)
         origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), recipe, origin
+
+
+def _bytes_per_param(dtype: torch.dtype | None) -> int:
+    """Bytes of one weight while it is built (float32) and after a cast to ``dtype``, whichever is more."""
+    return max(4, torch.empty(0, dtype=dtype).element_size()) if dtype is not None else 4
 
 
 def _override_key(text: str) -> tuple[str, ...]:
