@@ -96,6 +96,13 @@ def test_weights_no_model_can_use_are_refused(tmp_path, official_sd, capsys, kin
     assert status == 2 and "tensor blocks.0.attn.qkv.weight" in err and not out.exists()
 
 
+def test_a_null_label_the_model_cannot_embed_is_refused_before_writing(tmp_path, official_sd, capsys):
+    """It converted, and then every guided sample was refused (DiT-XL/2 embeds labels 0..1000)."""
+    status, out = convert(tmp_path, official_sd, "official.pt", "--set", "diffusion.null_label=1001")
+    assert status == 2 and "null_label is 1001, but the model embeds labels 0..1000" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_missing_and_misshaped_keys_are_listed(tmp_path, official_sd, capsys):
     bad = dict(official_sd)
     del bad["blocks.1.mlp.fc2.bias"]

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoint import build_with_state, save_checkpoint
     from zoo.convert import check_recipe_matches, check_weights, get_family, model_spec, unwrap_state_dict
+    from zoo.diffusion.setup import check_null_label
 
     converter = get_family(args.family)
     check_out(args.out, args.force)  # before any work: a refused --out costs nothing
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the official config lacks the key {err.args[0]!r} that converting needs") from None
     source = f"{args.checkpoint} (converted as {args.family})"
     model = build_with_state(lambda: zoo.build_model(recipe), state, source)
+    check_null_label(model, (recipe.get("diffusion") or {}).get("null_label"))  # else it converts, then cannot sample
     out = save_checkpoint(args.out, model, recipe)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({len(official)} official tensors, {n:,} parameters)")
