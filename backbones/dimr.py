@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from zoo.conditioning.base import Conditioning, as_time_vector
+from zoo.conditioning.base import Conditioning, as_time_vector, time_blind
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
 from zoo.domains import MAX_SIZE, Channels, Classes, Depth, Doc, ImageSize, PatchSize, Range, Rule, Width
 from zoo.errors import UserError
@@ -174,6 +174,9 @@ class DiMR(nn.Module):
             )
             self.branches.append(branch)
             handed_dim, prev_grid = branch.handed_dim, grid
+        if time_blind(self):
+            raise UserError("with these norms no layer of the DiMR sees the time t (plain norms in every block and "
+                            "branch)", suggestion="use td_rmsnorm or td_layernorm (DiMR's own), or adaln_zero")
         self.init_weights()
         self.set_grad_checkpointing(grad_checkpointing)
 

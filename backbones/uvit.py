@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from zoo.blocks.skip_stack import LongSkipStack
 from zoo.blocks.transformer import TransformerBlock
-from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, needs_embedding
+from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, needs_embedding, time_blind
 from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.conditioning.time_token import TimeToken
@@ -126,6 +126,9 @@ class UViT(nn.Module):
         self.norm = head_norm(embed_dim, cond_dim=cond_dim)
         self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
         self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        if time_blind(self):
+            raise UserError("with these norms no layer of the U-ViT sees the time t (plain norms and no time token)",
+                            suggestion="use norm: time_token (U-ViT's own), adaln_zero, td_layernorm or td_rmsnorm")
         self.init_weights()
         self.set_grad_checkpointing(use_checkpoint)
 

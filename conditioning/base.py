@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,14 @@ def needs_embedding(factory: Callable[..., Any]) -> bool:
 def adds_time_token(factory: Callable[..., Any]) -> bool:
     """Whether this conditioner asks the backbone to prepend a time token."""
     return bool(getattr(conditioner_class(factory), "adds_time_token", False))
+
+
+def time_blind(module: nn.Module) -> bool:
+    """True when every conditioner inside ``module`` declares ``ignores_time`` (the plain norms):
+    then the time reaches no layer and the network predicts the same at every noise level.
+    A conditioner that does not declare it (every other, plugins included) counts as reading time."""
+    kinds = [type(m) for m in module.modules() if hasattr(type(m), "needs_embedding")]
+    return bool(kinds) and all(getattr(k, "ignores_time", False) for k in kinds)
 
 
 def as_time_vector(t: Tensor | float, batch: int, device: torch.device) -> Tensor:

@@ -14,6 +14,7 @@ class LayerNorm(nn.LayerNorm):
 
     needs_embedding = False
     adds_time_token = False
+    ignores_time = True  # neither t nor an embedding reaches it
 
     def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-5, affine: bool = True):
         super().__init__(dim, eps=eps, elementwise_affine=affine)
@@ -27,6 +28,7 @@ class RMSNorm(nn.RMSNorm):
 
     needs_embedding = False
     adds_time_token = False
+    ignores_time = True  # neither t nor an embedding reaches it
 
     def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-6, affine: bool = True):
         super().__init__(dim, eps=eps, elementwise_affine=affine)

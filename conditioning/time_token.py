@@ -25,3 +25,4 @@ class TimeToken(LayerNorm):
 
     needs_embedding = False
     adds_time_token = True
+    ignores_time = False  # the time enters as the token it asks for

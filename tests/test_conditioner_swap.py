@@ -89,3 +89,21 @@ def test_swap_is_a_one_line_recipe_change():
     assert params(swapped) - params(base) == blocks * (adaln - td_rms) + timestep_mlp
     outputs = swapped(*swapped.example_inputs(2))
     assert tuple(outputs[-1].shape) == (2, 3, 64, 64)
+
+
+def test_a_model_whose_norms_all_ignore_time_is_refused():
+    """U-ViT with plain LayerNorm and no time token, or a DiMR with plain norms everywhere, built and
+    predicted the same at every noise level. One branch with a time-dependent norm is enough."""
+    import pytest
+
+    tiny_dimr = Path(__file__).parent / "recipes" / "tiny_dimr_pixels.yaml"
+    plain = ["model.norm=layernorm", "model.branches.0.block.norm=layernorm"]
+    with pytest.raises(zoo.UserError, match="no layer of the DiMR sees the time t"):
+        zoo.build_model(zoo.load_recipe(tiny_dimr, [*plain, "model.branches.1.block.norm=rmsnorm"]))
+    model = zoo.build_model(zoo.load_recipe(tiny_dimr, plain)).eval()  # branch 1 keeps td_rmsnorm
+    _perturb(model)
+    x, t, y = model.example_inputs(2)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, y)[-1], model(x, t + 1.0, y)[-1])
+    with pytest.raises(zoo.UserError, match="no layer of the U-ViT sees the time t"):
+        zoo.build_model(zoo.load_recipe(RECIPES / "emoji32" / "uvit.yaml", ["model.norm=layernorm"]))
