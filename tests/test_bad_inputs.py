@@ -218,6 +218,13 @@ CASES = [
      "images", 2, "data.root is set, but dataset 'synthetic' reads no root (--set data.dataset=image_folder"),
     ("train-data-classes-beyond-the-model", f"train {TRAIN} --out {{tmp}}/out --set data.num_classes=9 {FAST}", "-",
      2, "data.num_classes is 9, but diffusion.null_label 4 is one of its labels 0..8"),
+    ("train-hybrid-objective-without-learned-sigma", f"train {TRAIN} --out {{tmp}}/out --set diffusion.objective=hybrid_vlb "
+     f"{FAST}", "-", 2, "key diffusion.objective: the hybrid objective needs a learned-sigma output with 6 channels"),
+    ("train-learned-sigma-under-plain-mse", f"train {TRAIN} --out {{tmp}}/out --set model.learn_sigma=true {FAST}", "-", 2,
+     "a learned-sigma model needs objective type 'hybrid_vlb'"),
+    ("train-continuous-time-input-on-a-discrete-schedule",
+     f"train {TRAIN} --out {{tmp}}/out --set diffusion.time_input=uvit_continuous {FAST}", "-", 2,
+     "key diffusion: time input 'uvit_continuous' does not fit a discrete schedule"),
     ("train-null-label-beyond-the-table", f"train {TRAIN} --out {{tmp}}/out --set diffusion.null_label=5 {FAST}", "-",
      2, "diffusion.null_label is 5, but the model embeds labels 0..4 only"),
     ("train-images-wrong-size", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.image_size=16", "images", 2,

@@ -290,6 +290,12 @@ def test_bf16_autocast_dimr_with_multiscale_loss(tmp_path):
     assert all(v.dtype == torch.float32 for v in ema.values())
 
 
+def test_whole_number_betas_train(tmp_path):
+    """YAML reads `betas: [0.9, 0]` as a float and an int, which torch's AdamW refused with a traceback."""
+    records = train(recipe("train.betas=[0.9, 0]", "train.steps=2"), tmp_path, log=QUIET)
+    assert len(records) >= 1 and all(r["loss"] > 0 for r in records)
+
+
 def test_the_largest_seed_the_recipe_allows_trains(tmp_path):
     """train.seed takes any value up to 2**63 - 1 (a time_ns() seed, say): every generator seeded from it works."""
     train(recipe(f"train.seed={2**63 - 1}", "train.ckpt_every=0", "train.sample_every=0"), tmp_path, steps=2, log=QUIET)

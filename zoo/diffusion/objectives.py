@@ -166,14 +166,18 @@ class DiffusionObjective:
 
     # -- scoring --------------------------------------------------------------------------
 
-    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def check_output(self, out, noise_shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` if the model's output cannot be scored (the trainer asks once, on the meta device)."""
         if isinstance(out, (list, tuple)):
             raise ValueError("the model returns one prediction per branch: use objective type 'multiscale'")
-        if out.shape != noise.shape:
+        if tuple(out.shape) != tuple(noise_shape):
             raise ValueError(
-                f"model output {tuple(out.shape)} does not match the noise {tuple(noise.shape)}"
+                f"model output {tuple(out.shape)} does not match the noise {tuple(noise_shape)}"
                 " (a learned-sigma model needs objective type 'hybrid_vlb')"
             )
+
+    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        self.check_output(out, noise.shape)
         out, target = _loss_precision(out, self.target(x0, noise, t))
         mse = mean_flat((out - target) ** 2)
         return {"loss": self.weighted(mse, t), "mse": mse.detach()}
@@ -209,11 +213,16 @@ class HybridVLBObjective(DiffusionObjective):
         nll = to_bits_per_dim(-discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar))
         return torch.where(index == 0, nll, kl)
 
-    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
-        c = noise.shape[1]
+    def check_output(self, out, noise_shape: tuple[int, ...]) -> None:
+        c = noise_shape[1]
         if isinstance(out, (list, tuple)) or out.shape[1] != 2 * c:
             shape = [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else tuple(out.shape)
-            raise ValueError(f"the hybrid objective needs a learned-sigma output with {2 * c} channels, got {shape}")
+            raise ValueError(f"the hybrid objective needs a learned-sigma output with {2 * c} channels, got {shape}"
+                             " (DiT: model.learn_sigma: true)")
+
+    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        self.check_output(out, noise.shape)
+        c = noise.shape[1]
         out, x0, x_t, noise = _loss_precision(out, x0, x_t, noise)
         eps, v = out[:, :c], out[:, c:]
         mse = mean_flat((eps - noise) ** 2)
@@ -231,13 +240,16 @@ class MultiScaleObjective(DiffusionObjective):
         super().__init__(*args, **kwargs)
         self.coeffs = [float(c) for c in coeffs]
 
-    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
-        from .multiscale import multiscale_loss
-
+    def check_output(self, out, noise_shape: tuple[int, ...]) -> None:
         if not isinstance(out, (list, tuple)):
             raise ValueError("the multi-scale objective needs a model that returns one prediction per branch")
         if len(out) != len(self.coeffs):
             raise ValueError(f"{len(out)} branch outputs but {len(self.coeffs)} loss coefficients")
+
+    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+        from .multiscale import multiscale_loss
+
+        self.check_output(out, noise.shape)
         *out, target = _loss_precision(*out, self.target(x0, noise, t))
         loss = multiscale_loss(out, target, self.coeffs)
         last = mean_flat((out[-1] - target) ** 2)

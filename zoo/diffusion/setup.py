@@ -69,16 +69,19 @@ def build_objective(recipe: Mapping[str, Any], schedule=None) -> DiffusionObject
     options = {k: v for k, v in spec.items() if k != "type"}
     label_drop = 0.0 if model_drops_labels(recipe) else float(diffusion.get("label_drop", 0.0))
     time_map(recipe, schedule)  # a missing time_input is a UserError, not a default
-    return OBJECTIVES[spec["type"]](
-        schedule,
-        time_input=diffusion["time_input"],
-        label_drop=label_drop,
-        null_label=diffusion.get("null_label"),
-        prediction=prediction(recipe),
-        min_snr_gamma=diffusion.get("min_snr_gamma"),
-        time_sampling=TimeSampling.from_spec(diffusion.get("time_sampling")),
-        **options,
-    )
+    try:
+        return OBJECTIVES[spec["type"]](
+            schedule,
+            time_input=diffusion["time_input"],
+            label_drop=label_drop,
+            null_label=diffusion.get("null_label"),
+            prediction=prediction(recipe),
+            min_snr_gamma=diffusion.get("min_snr_gamma"),
+            time_sampling=TimeSampling.from_spec(diffusion.get("time_sampling")),
+            **options,
+        )
+    except ValueError as err:  # a time input, schedule and objective that do not fit together
+        raise UserError(str(err), key_path="diffusion") from None
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,7 @@ class Trainer:
                 self.objective.null_label = int(model_cfg["num_classes"])
         if self.objective.label_drop > 0:
             check_null_label(meta_model, self.objective.null_label)
+        _check_output(meta_model, self.objective)
         self.val = val_hook(recipe, self.train, dataset, self.shape, self.objective, self.ctx)  # train.val_every
         self.step, self.created = 0, []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
@@ -469,6 +470,18 @@ def _seconds(work: Callable[[], object]) -> float:
     start = time.perf_counter()
     work()
     return time.perf_counter() - start
+
+
+def _check_output(meta_model: torch.nn.Module, objective) -> None:
+    """The objective can score what the model returns (one output or one per branch, learned σ or
+    not): asked once on the meta device, before the run directory fills, not at step 1."""
+    with torch.no_grad():
+        x, t, y = meta_model.example_inputs(1)
+        out = meta_model(x, t, y)
+    try:
+        objective.check_output(out, tuple(x.shape))
+    except ValueError as err:
+        raise UserError(str(err), key_path="diffusion.objective") from None
 
 
 def _check_groups(saved: dict, now: list[int], directory: Path) -> None:

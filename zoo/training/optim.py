@@ -41,7 +41,7 @@ def recipe_groups(model: nn.Module, train: Mapping[str, Any]) -> list[dict]:
 def build_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.AdamW:
     """AdamW (fused where this torch supports it for the parameters' device)."""
     groups = recipe_groups(model, train)
-    kwargs = dict(lr=float(train["lr"]), betas=tuple(train.get("betas", (0.9, 0.999))))
+    kwargs = dict(lr=float(train["lr"]), betas=tuple(float(b) for b in train.get("betas", (0.9, 0.999))))  # YAML 0 is an int
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):
