@@ -2,6 +2,7 @@
 scaler, pruning of old checkpoints, a stop on non-finite losses, and resume refusing a changed model."""
 
 import importlib
+import math
 import os
 from pathlib import Path
 
@@ -129,6 +130,20 @@ def test_fp16_steps_that_are_all_skipped_stop_the_run_instead_of_finishing_untra
     err = capsys.readouterr().err
     assert code == 1 and "not finite at step 17" in err and "loss scale below 1" in err, err
     assert "use precision bf16 (or fp32) instead of fp16" in err and "set train.grad_clip" not in err  # clip 1.0 is set
+
+
+def test_fp16_skipped_steps_are_counted_and_log_jsonl_stays_strict_json(tmp_path):
+    """A skipped step's gradient norm is inf: it made the window's mean inf, written as Infinity (not JSON)."""
+    import json
+
+    out = tmp_path / "run"
+    assert main(_args(out, "--set", "train.precision=fp16", "--set", "train.lr=5", "--set", "train.log_every=1",
+                      "--set", "train.steps=6")) == 0
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+               for line in (out / "log.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r.get("skipped_steps")]
+    assert skipped and all("grad_norm" not in r for r in skipped)  # each window here is one skipped step
+    assert all(math.isfinite(r["grad_norm"]) for r in records if "grad_norm" in r)
 
 
 def test_the_rms_norm_in_fp16_is_computed_in_float32():

@@ -413,7 +413,8 @@ class Trainer:
         # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
         # twice (terminal + relay), so there a second signal is no 'stop now'.
         self.stops = StopSignals(second_stops_now=not self.ctx.distributed).install()
-        records, running, norms, count = [], torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+        records, running, count = [], torch.zeros((), device=self.device), 0
+        norms, finite = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         tick = time.perf_counter()
         try:
             while self.step < total:
@@ -421,7 +422,9 @@ class Trainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 running += self.train_step(x, y)
                 self.step += 1
-                norms += self.grad_norm
+                ok = torch.isfinite(self.grad_norm)  # fp16: a step the gradient scaler skipped has an inf norm
+                norms += torch.where(ok, self.grad_norm, 0.0)
+                finite += ok
                 count += 1
                 if monitor:
                     monitor.advance()
@@ -429,13 +432,16 @@ class Trainer:
                 if self._every("log_every") or ((stop or self.step == total) and self._period("log_every") > 0):
                     # the last window too, when the run ends or stops between two log steps
                     elapsed = time.perf_counter() - tick
-                    rec = {"step": self.step, "loss": float(running) / count,
-                           "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(norms) / count,
-                           "steps_per_s": count / elapsed, "images_per_s": count * self.batch / elapsed}
+                    rec = {"step": self.step, "loss": float(running) / count, "lr": self.optimizer.param_groups[0]["lr"]}
+                    if int(finite):  # the mean over the steps that updated the weights
+                        rec["grad_norm"] = float(norms) / int(finite)
+                    if int(finite) < count:
+                        rec["skipped_steps"] = count - int(finite)
+                    rec.update(steps_per_s=count / elapsed, images_per_s=count * self.batch / elapsed)
                     records.append(rec)
                     if monitor:
                         monitor.record(rec)
-                    running, norms = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+                    running, norms, finite = (torch.zeros((), device=self.device) for _ in range(3))
                     count, tick = 0, time.perf_counter()
                 if stop:
                     self._stop_here()

@@ -3,7 +3,9 @@
 On a terminal a tqdm bar shows step, loss, img/s and ETA, and each log record is printed above
 it; when stderr is not a terminal (a log file, CI) every record is one plain line instead.
 A training record is ``{step, loss, lr, grad_norm, steps_per_s, images_per_s}`` (means over the
-steps since the previous one). Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
+steps since the previous one; under fp16, ``grad_norm`` over the steps the gradient scaler did
+not skip, and ``skipped_steps`` counts the others). log.jsonl is strict JSON: a value that is not
+finite is written as null. Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
 ``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
 Evaluation records go to the same sinks, each as its own log.jsonl line and one printed line:
 ``train.eval_every``'s ``{"step", "fd", "fd_n", "fd_extractor", "fd_seconds"}`` (TensorBoard ``eval/fd``, a
@@ -112,6 +114,12 @@ class LossPlot:
         write_file(self.path, lambda tmp: self.fig.savefig(tmp, format="png"))
 
 
+def _json_line(rec: dict) -> str:
+    """One strict JSON line: NaN and inf (not JSON) become null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()},
+                      allow_nan=False) + "\n"
+
+
 class Monitor:
     """Progress bar / plain lines, ``log.jsonl``, TensorBoard and ``loss.png`` of one run."""
 
@@ -143,7 +151,7 @@ class Monitor:
     def record(self, rec: dict) -> None:
         """A log record: written to every sink, shown above the bar or as one line."""
         self.records.append(rec)
-        self.file.write(json.dumps(rec) + "\n")
+        self.file.write(_json_line(rec))
         self.file.flush()
         for key in ("loss", "lr", "grad_norm", "images_per_s", "steps_per_s"):
             if key in rec:
@@ -153,6 +161,7 @@ class Monitor:
             self.plot.draw(self.records)
             self.plotted = time.monotonic()
         grad = f"grad {rec['grad_norm']:.3g}  " if "grad_norm" in rec else ""
+        grad += f"({rec['skipped_steps']} skipped)  " if rec.get("skipped_steps") else ""
         line = (f"step {rec['step']:>7d}  loss {rec['loss']:.5f}  lr {rec['lr']:.3g}  {grad}"
                 f"{rec['steps_per_s']:.2f} steps/s  {rec['images_per_s']:.1f} img/s")
         if self.bar is not None:
@@ -165,7 +174,7 @@ class Monitor:
         """An evaluation record (an FD of ``train.eval_every`` or a validation loss of ``train.val_every``):
         log.jsonl, TensorBoard ``eval/fd`` or ``eval/val_loss``, loss.png, one line."""
         self.records.append(rec)
-        self.file.write(json.dumps(rec) + "\n")
+        self.file.write(_json_line(rec))
         self.file.flush()
         for key in ("fd", "val_loss"):
             if key in rec:
