@@ -225,6 +225,8 @@ CASES = [
     ("train-continuous-time-input-on-a-discrete-schedule",
      f"train {TRAIN} --out {{tmp}}/out --set diffusion.time_input=uvit_continuous {FAST}", "-", 2,
      "key diffusion: time input 'uvit_continuous' does not fit a discrete schedule"),
+    ("train-steps-past-the-decay", f"train {TRAIN} --out {{tmp}}/out --set train.lr_schedule=cosine --steps 40", "-", 2,
+     "--steps 40 is past train.steps 30, where the cosine decay ends"),
     ("train-null-label-beyond-the-table", f"train {TRAIN} --out {{tmp}}/out --set diffusion.null_label=5 {FAST}", "-",
      2, "diffusion.null_label is 5, but the model embeds labels 0..4 only"),
     ("train-images-wrong-size", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.image_size=16", "images", 2,

@@ -77,6 +77,13 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     out = str(check_run_dir(args.out or default_run_dir(args.recipe), resuming=args.resume or False))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     _absolute_paths(recipe)
+    train = recipe.get("train") or {}
+    decays = train.get("lr_schedule", "constant") in ("cosine", "linear")
+    if args.steps is not None and decays and args.steps > int(train.get("steps") or 0):
+        raise UserError(f"--steps {args.steps} is past train.steps {train.get('steps')}, where the {train['lr_schedule']} "
+                        "decay ends (the steps after it would all run at train.min_lr)", key_path="train.steps",
+                        suggestion=f"--set train.steps={args.steps} to decay over {args.steps} steps; --steps "
+                        "stops a run part-way")
     if args.steps is None and not (recipe.get("train") or {}).get("steps"):
         raise UserError(f"{args.recipe}: train.steps is not set (or 0), so there is nothing to train",
                         key_path="train.steps", suggestion="set train.steps in the recipe, or --set train.steps=N")
