@@ -168,9 +168,14 @@ def test_a_dataset_with_a_holdout_split_is_measured_on_it(monkeypatch):
     try:
         images, source = held_out({"dataset": "test_split_data"}, synthetic_dataset((3, 8, 8), 50, 4), (3, 8, 8), 4,
                                   seed=0, limit=20)
+        # A run trained on the holdout split is measured on (a subset of) what it trains on, and says so:
+        # it used to report the same images as "holdout".
+        trained, own = held_out({"dataset": "test_split_data", "split": "holdout"},
+                                synthetic_dataset((3, 8, 8), 50, 4), (3, 8, 8), 4, seed=0, limit=20)
     finally:
         zoo.registry.unregister("dataset", "test_split_data")
     assert made == ["holdout"] and source == "test_split_data:holdout" and len(images) == 5
+    assert own == "test_split_data:holdout (20 images)" and len(trained) == 20
 
 
 @pytest.mark.parametrize("setting", ["train.val_n=0", "train.val_every=-1"])

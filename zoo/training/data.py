@@ -200,19 +200,20 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
 def held_out(data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...], num_classes: int | None,
              seed: int, limit: int) -> tuple[Dataset, str]:
     """Images to measure a run on, and what they are: the dataset's ``holdout`` split when it has one
-    (``"emoji32:holdout"``), else a fixed seeded subset of at most ``limit`` of the training images
-    ``dataset`` (``"NAME:train (N images)"``; drawn from its own generator, the global RNG untouched)."""
+    and the run does not train on it (``"emoji32:holdout"``), else a fixed seeded subset of at most
+    ``limit`` of the training images ``dataset`` (``"NAME:SPLIT (N images)"``, SPLIT the one trained
+    on; drawn from its own generator, the global RNG untouched)."""
     from zoo import registry
 
-    name = data.get("dataset", "synthetic")
+    name, trained_on = data.get("dataset", "synthetic"), data.get("split") or "train"
     build = registry.get("dataset", name)
-    if "holdout" in getattr(build, "splits", ()):
+    if "holdout" in getattr(build, "splits", ()) and trained_on != "holdout":
         return build({**data, "split": "holdout"}, shape, num_classes, seed), f"{name}:holdout"
     count = min(len(dataset), limit)
     if count < len(dataset):
         picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
         dataset = Subset(dataset, picked.sort().values.tolist())
-    return dataset, f"{name}:train ({count} images)"
+    return dataset, f"{name}:{trained_on} ({count} images)"
 
 
 def class_names(data: Mapping[str, Any]) -> list[str]:
