@@ -227,6 +227,8 @@ CASES = [
      "key diffusion: time input 'uvit_continuous' does not fit a discrete schedule"),
     ("train-steps-past-the-decay", f"train {TRAIN} --out {{tmp}}/out --set train.lr_schedule=cosine --steps 40", "-", 2,
      "--steps 40 is past train.steps 30, where the cosine decay ends"),
+    ("train-min-snr-gamma-underflows", f"train {TRAIN} --out {{tmp}}/out --set diffusion.min_snr_gamma=1e-300", "-", 2,
+     "min_snr_gamma must be a number >= 0.001"),
     ("train-null-label-beyond-the-table", f"train {TRAIN} --out {{tmp}}/out --set diffusion.null_label=5 {FAST}", "-",
      2, "diffusion.null_label is 5, but the model embeds labels 0..4 only"),
     ("train-images-wrong-size", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.image_size=16", "images", 2,

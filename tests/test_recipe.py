@@ -371,6 +371,8 @@ def test_a_multiscale_loss_must_fit_the_model_before_training():
     with pytest.raises(UserError, match="needs a multi-branch model \\(DiMR\\), not dit"):
         zoo.load_recipe("dit_s_2", ["diffusion.objective={type: multiscale, coeffs: [1.0]}"])
     assert zoo.load_recipe("dimr_xl_3r")["diffusion"]["objective"]["coeffs"] == [0.0625, 0.25, 1.0]
+    with pytest.raises(UserError, match="every coefficient is 0: the loss would be 0"):  # it trained nothing, exit 0
+        zoo.load_recipe("emoji32/dimr_2r", ["diffusion.objective.coeffs=[0, 0]"])
 
 
 def test_set_under_a_plain_value_says_it_is_a_value_and_blames_the_set():

@@ -65,7 +65,8 @@ DIFFUSION: dict[str, Any] = {
     "time_input": Annotated[str, OneOf(TIME_INPUT_NAMES, "time_input")],
     "prediction": Annotated[str, OneOf(PREDICTION_NAMES, "prediction"),
                             Doc("model output: eps (default) or v = alpha*eps - sigma*x0")],
-    "min_snr_gamma": Annotated[float, Positive, Doc("Min-SNR-gamma loss weight cap; null = unweighted")] | None,
+    # Below ~1e-3 the weights min(SNR, gamma) / (SNR + 1) fall towards float32's underflow and the loss to 0.
+    "min_snr_gamma": Annotated[float, Range(1e-3, None), Doc("Min-SNR-gamma loss weight cap; null = unweighted")] | None,
     "time_sampling": Any,
     "label_drop": Annotated[float, Probability, Doc("P(label -> null label) in training")],
     "null_label": Annotated[int, NonNegative] | None,
@@ -107,6 +108,9 @@ def _check_multiscale(spec: dict, recipe: Recipe, path: tuple) -> None:
         raise recipe.error(path + ("coeffs",), f"{len(coeffs)} coefficient{'s' * (len(coeffs) != 1)} for "
                            f"{len(branches)} branches",
                            suggestion=f"give one per branch, lowest resolution first ({len(branches)})")
+    if isinstance(coeffs, list) and coeffs and not any(coeffs):
+        raise recipe.error(path + ("coeffs",), "every coefficient is 0: the loss would be 0 and nothing would train",
+                           suggestion="DiMR's own: [0.25, 1.0] for two branches (lowest resolution first)")
 
 
 def _check_named_table(recipe: Recipe, value: Any, table: dict[str, dict], name_type: Any, path: tuple,
