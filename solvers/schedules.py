@@ -214,7 +214,9 @@ class CosineSchedule(NoiseSchedule):
 
     def marginal_log_mean_coeff(self, t: Tensor | float) -> Tensor:
         t = _as_time(t)
-        return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._log_alpha_0
+        log_alpha = torch.log(torch.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._log_alpha_0
+        # At t ≲ 1e-16 the two logs round to log α = +1e-20, and σ = √(1 − α²) to NaN: α ≤ 1 always.
+        return log_alpha.clamp(max=0.0)
 
     def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
         return torch.arccos(torch.exp(log_alpha + self._log_alpha_0)) * 2.0 * (1.0 + self.s) / math.pi - self.s

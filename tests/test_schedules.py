@@ -93,6 +93,10 @@ def test_cosine_closed_form():
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     assert_near(sched.marginal_alpha(t) ** 2, f / math.cos(s / (1 + s) * math.pi / 2) ** 2)
     assert sched.T == 0.9946 and sched.eps == 1e-3
+    # Training draws t down to 0 (a logit-normal time reaches 1e-17): σ there is 0, not NaN (the two
+    # logs rounded to log α = +1e-20 and σ = √(1 − α²) to NaN, a NaN loss at a random step).
+    tiny = torch.tensor([0.0, 1e-17, 1e-16], dtype=F64)
+    assert torch.equal(sched.marginal_std(tiny).abs(), torch.zeros(3, dtype=F64))
 
 
 @pytest.mark.parametrize("name", ALL)
