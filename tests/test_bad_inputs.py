@@ -229,6 +229,8 @@ CASES = [
      "--steps 40 is past train.steps 30, where the cosine decay ends"),
     ("train-min-snr-gamma-underflows", f"train {TRAIN} --out {{tmp}}/out --set diffusion.min_snr_gamma=1e-300", "-", 2,
      "min_snr_gamma must be a number >= 0.001"),
+    ("train-synthetic-at-another-size", f"train {TRAIN} --out {{tmp}}/out --set data.image_size=2 {FAST}", "-", 2,
+     "data.image_size is 2, but the synthetic images take the model's input size 8"),
     ("train-null-label-beyond-the-table", f"train {TRAIN} --out {{tmp}}/out --set diffusion.null_label=5 {FAST}", "-",
      2, "diffusion.null_label is 5, but the model embeds labels 0..4 only"),
     ("train-images-wrong-size", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.image_size=16", "images", 2,

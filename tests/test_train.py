@@ -290,6 +290,21 @@ def test_bf16_autocast_dimr_with_multiscale_loss(tmp_path):
     assert all(v.dtype == torch.float32 for v in ema.values())
 
 
+def test_a_data_key_the_dataset_does_not_read_gets_a_note(tmp_path, capsys):
+    """data.size beside image_folder (a recipe switched from synthetic by --set) was silently ignored."""
+    from PIL import Image
+
+    for c in ("a", "b", "c", "d"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(tmp_path / "img" / c / "0.png")
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.batch_size=4",
+                 "--set", "data.dataset=image_folder", "--set", f"data.root={tmp_path / 'img'}",
+                 "--set", "train.sample_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "note: data.size is set, but dataset 'image_folder' does not read it" in out
+    assert "data.image_size is set" not in out  # image folders read it
+
+
 def test_whole_number_betas_train(tmp_path):
     """YAML reads `betas: [0.9, 0]` as a float and an int, which torch's AdamW refused with a traceback."""
     records = train(recipe("train.betas=[0.9, 0]", "train.steps=2"), tmp_path, log=QUIET)

@@ -172,6 +172,19 @@ def _root(data: Mapping[str, Any], kind: str) -> Path:
     return path
 
 
+#: ``data`` keys only some datasets read; a dataset entry lists those it reads in ``reads``.
+OPTIONAL_KEYS = ("size", "image_size", "cache")
+
+
+def unread_data_keys(data: Mapping[str, Any]) -> list[str]:
+    """The keys of ``data`` its dataset does not read (``data.size`` beside emoji32, say: a note, not
+    an error, as a recipe switched to another dataset by ``--set`` keeps its old settings)."""
+    from zoo import registry
+
+    reads = getattr(registry.get("dataset", data.get("dataset", "synthetic")), "reads", None)
+    return [] if reads is None else [key for key in OPTIONAL_KEYS if key in data and key not in reads]
+
+
 def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """The dataset the ``data`` section names (a ``dataset`` registry entry); ``shape`` is the model's (C, H, W)."""
     from zoo import registry

@@ -3,7 +3,8 @@
 A dataset entry is a callable ``(data, shape, num_classes, seed) -> torch Dataset`` of
 ``(x, label)`` pairs: ``data`` is the recipe's ``data`` section, ``shape`` the model's input
 (C, H, W). Plugins register their own under the same group. Optional attributes of an entry:
-``splits`` (names for ``data.split``), ``class_names(data)``, and ``ignores_root = True`` for
+``splits`` (names for ``data.split``), ``class_names(data)``, ``reads`` (which of ``data.size``,
+``image_size``, ``cache`` it reads: another one set gets a note), and ``ignores_root = True`` for
 one that reads no ``data.root`` (a recipe that sets one then gets an error, not silent data). ``emoji32`` lives in
 :mod:`zoo.training.emoji`.
 """
@@ -22,9 +23,14 @@ from zoo.training.data import ImageFolder, _root, synthetic_dataset
 
 def synthetic(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """``data.size`` deterministic class-coloured smooth images of the model's input shape."""
+    size = data.get("image_size")
+    if size is not None and int(size) != shape[-1]:
+        raise UserError(f"data.image_size is {size}, but the synthetic images take the model's input size {shape[-1]}",
+                        key_path="data.image_size", suggestion=f"set it to {shape[-1]} or remove it")
     return synthetic_dataset(shape, int(data.get("size", 64)), num_classes, seed)
 
 
+synthetic.reads = ("size", "image_size")  # type: ignore[attr-defined]
 synthetic.ignores_root = True  # type: ignore[attr-defined]  # a data.root beside it is a mistake (see build_dataset)
 
 
@@ -37,6 +43,7 @@ def _folder_classes(data: Mapping[str, Any]) -> list[str]:
     return ImageFolder.class_folders(Path(data["root"]).expanduser()) if data.get("root") else []
 
 
+image_folder.reads = ("image_size",)  # type: ignore[attr-defined]
 image_folder.class_names = _folder_classes  # type: ignore[attr-defined]
 
 
@@ -54,6 +61,7 @@ def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
     return json.loads(manifest.read_text()).get("classes", []) if manifest and manifest.is_file() else []
 
 
+latents.reads = ()  # type: ignore[attr-defined]
 latents.class_names = _manifest_classes  # type: ignore[attr-defined]
 
 
@@ -77,4 +85,5 @@ def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int |
     return (latents if data.get("latent") else image_folder)(data, shape, num_classes, seed)
 
 
+imagenet.reads = ("image_size",)  # type: ignore[attr-defined]
 imagenet.class_names = lambda data: (_manifest_classes if data.get("latent") else _folder_classes)(data)  # type: ignore[attr-defined]

@@ -194,4 +194,5 @@ def emoji32(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
 
 emoji32.splits = SPLITS  # type: ignore[attr-defined]
 emoji32.ignores_root = True  # type: ignore[attr-defined]  # built from the installed wheel (data.cache: where to)
+emoji32.reads = ("image_size", "cache")  # type: ignore[attr-defined]
 emoji32.class_names = lambda data: CATEGORIES  # type: ignore[attr-defined]

@@ -35,7 +35,7 @@ from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.sample import num_classes
 from zoo.training import distributed
-from zoo.training.data import EpochSampler, batches, build_dataset
+from zoo.training.data import EpochSampler, batches, build_dataset, unread_data_keys
 from zoo.training.draws import draw
 from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.ema import EMA
@@ -386,6 +386,10 @@ class Trainer:
                  f"global batch {self.batch} (grad_accum {self.accum}), precision {self.train['precision']}")
         self.log(f"zoo train: device {self.ctx.describe()}")
         self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
+        data = self.recipe.get("data") or {}
+        for key in unread_data_keys(data):
+            self.log(f"zoo train: note: data.{key} is set, but dataset {data.get('dataset', 'synthetic')!r} "
+                     "does not read it")
         if self.train["precision"] == "fp16" and self.device.type == "cpu" and not _cpu_has_fast_fp16():
             self.log("zoo train: note: this CPU has no fast float16 matmuls (AMX-FP16), so fp16 autocast runs several "
                      "times slower than fp32 here (DiMR emoji demo: 8x); on a CPU use precision bf16 or fp32")
