@@ -305,6 +305,14 @@ def test_a_data_key_the_dataset_does_not_read_gets_a_note(tmp_path, capsys):
     assert "data.image_size is set" not in out  # image folders read it
 
 
+def test_learning_rate_settings_that_do_nothing_get_a_note(tmp_path, capsys):
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.warmup_steps=40",
+                 "--set", "train.min_lr=1e-5", "--set", "train.sample_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "note: train.warmup_steps 40 >= train.steps 30: the learning rate never reaches train.lr" in out
+    assert "note: train.min_lr is set, but lr_schedule is constant" in out
+
+
 def test_whole_number_betas_train(tmp_path):
     """YAML reads `betas: [0.9, 0]` as a float and an int, which torch's AdamW refused with a traceback."""
     records = train(recipe("train.betas=[0.9, 0]", "train.steps=2"), tmp_path, log=QUIET)
