@@ -309,7 +309,7 @@ def test_learning_rate_settings_that_do_nothing_get_a_note(tmp_path, capsys):
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.warmup_steps=40",
                  "--set", "train.min_lr=1e-5", "--set", "train.sample_every=0"]) == 0
     out = capsys.readouterr().out
-    assert "note: train.warmup_steps 40 >= train.steps 30: the learning rate never reaches train.lr" in out
+    assert "note: train.warmup_steps 40 is not below the run's last step 1: the learning rate never reaches" in out
     assert "note: train.min_lr is set, but lr_schedule is constant" in out
 
 

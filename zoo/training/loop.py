@@ -387,9 +387,10 @@ class Trainer:
         self.log(f"zoo train: device {self.ctx.describe()}")
         self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
         given = self.recipe.get("train") or {}
-        if int(self.train.get("warmup_steps") or 0) >= int(self.train["steps"]):
-            self.log(f"zoo train: note: train.warmup_steps {self.train['warmup_steps']} >= train.steps "
-                     f"{self.train['steps']}: the learning rate never reaches train.lr")
+        warmup = int(self.train.get("warmup_steps") or 0)
+        if warmup and warmup >= total:
+            self.log(f"zoo train: note: train.warmup_steps {warmup} is not below the run's last step {total}: the "
+                     "learning rate never reaches train.lr")
         if given.get("min_lr") and self.train.get("lr_schedule", "constant") == "constant":
             self.log("zoo train: note: train.min_lr is set, but lr_schedule is constant: min_lr is where a cosine "
                      "or linear decay ends")
