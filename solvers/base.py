@@ -63,6 +63,12 @@ def point(schedule: NoiseSchedule, t: float) -> Point:
     return Point(float(t), log_alpha, math.exp(log_alpha), sigma, log_alpha - math.log(sigma))
 
 
+def _noisy(schedule: NoiseSchedule, t: float) -> bool:
+    """σ(t) > 0 at ``t``, where λ and the solvers' steps are defined."""
+    log_alpha = schedule.marginal_log_mean_coeff(torch.tensor(float(t), dtype=torch.float64)).item()
+    return log_alpha < 0.0
+
+
 def time_grid(
     schedule: NoiseSchedule, skip: str, t_start: float, t_end: float, n: int, rho: float = 7.0
 ) -> list[float]:
@@ -159,6 +165,12 @@ class Solver:
         t_end = schedule.eps if self.t_end is None else float(self.t_end)
         if not 0.0 < t_end < t_start:
             raise UserError(f"need 0 < t_end < t_start, got t_start={t_start}, t_end={t_end}")
+        if t_start > schedule.T:  # past T the schedule's alpha vanishes (cosine) or is extrapolated
+            raise UserError(f"t_start {t_start} is past the end of {schedule!r} (T = {schedule.T})",
+                            key_path="sample.solver.t_start", suggestion=f"use t_start <= {schedule.T} or leave it unset")
+        if t_end < schedule.eps and not _noisy(schedule, t_end):  # sigma(t_end) = 0: no noise level to stop at
+            raise UserError(f"t_end {t_end} is below the first noise level of {schedule!r} (t = {schedule.eps})",
+                            key_path="sample.solver.t_end", suggestion=f"use t_end >= {schedule.eps} or leave it unset")
         return t_start, t_end
 
     def grid(self, schedule: NoiseSchedule, n: int | None = None) -> list[Point]:

@@ -512,3 +512,16 @@ def test_registry_builds_each_solver():
     assert type(build_solver("dpm_solver++")) is DPMSolverPlusPlus
     for name in ("ddpm", "ddim", "ddim_grid", "euler", "heun", "ode"):
         assert callable(build_solver(name).sample)
+
+
+@pytest.mark.parametrize("name", ["dpm_solver++", "euler", "ddim_grid", "heun"])
+def test_times_outside_the_schedule_are_one_line(name):
+    """Below ~1e-4 the discrete linear schedule's interpolated log α turns positive and σ = √(1 − α²) raised
+    a math domain error; past the cosine schedule's T (0.9946) samples blew up to ~1e15 without an error."""
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"t_end 0.0001 is below the first noise level .*use t_end >= 0.001"):
+        build_solver(name, steps=4, t_end=1e-4).sample(lambda x, t: 0.1 * x, x, build_schedule("linear"))
+    with pytest.raises(UserError, match=r"t_start 1.0 is past the end of CosineSchedule.*T = 0.9946"):
+        build_solver(name, steps=4, t_start=1.0).sample(lambda x, t: 0.1 * x, x, build_schedule("cosine"))
+    out = build_solver(name, steps=4, t_end=1e-4).sample(lambda x, t: 0.1 * x, x, build_schedule("vp_linear"))
+    assert torch.isfinite(out).all()  # a continuous schedule has noise below its eps: allowed
