@@ -39,6 +39,10 @@ class ODESolver(Solver):
         check_choice("ode method", method, ADAPTIVE_METHODS + FIXED_GRID_METHODS)
         if method in FIXED_GRID_METHODS and steps is None:
             raise UserError(f"ode method {method!r} steps on a fixed grid: give steps")
+        if method in ADAPTIVE_METHODS and steps is not None:  # it would be ignored: the tolerances set the steps
+            raise UserError(f"ode method {method!r} is adaptive: rtol and atol set its steps, not steps={steps}",
+                            suggestion=f"drop --steps, or pick a fixed-grid method ({', '.join(FIXED_GRID_METHODS[:5])}, ...)"
+                            " with --set sample.solver.method=rk4")
         super().__init__(steps=steps or 1, skip=skip, t_start=t_start, t_end=t_end)
         self.method, self.rtol, self.atol = method, rtol, atol
         self.fixed_grid = method in FIXED_GRID_METHODS

@@ -525,3 +525,10 @@ def test_times_outside_the_schedule_are_one_line(name):
         build_solver(name, steps=4, t_start=1.0).sample(lambda x, t: 0.1 * x, x, build_schedule("cosine"))
     out = build_solver(name, steps=4, t_end=1e-4).sample(lambda x, t: 0.1 * x, x, build_schedule("vp_linear"))
     assert torch.isfinite(out).all()  # a continuous schedule has noise below its eps: allowed
+
+
+def test_steps_given_to_an_adaptive_ode_method_are_refused():
+    """--solver ode --steps 3 and --steps 50 drew the same pixels: dopri5 ignores steps."""
+    with pytest.raises(UserError, match="ode method 'dopri5' is adaptive: rtol and atol set its steps, not steps=3"):
+        build_solver("ode", steps=3)
+    assert build_solver("ode", method="rk4", steps=3).steps == 3
