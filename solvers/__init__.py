@@ -48,17 +48,19 @@ from typing import Any
 
 
 def build_solver(name: str, **kwargs: Any):
-    """The solver registered as ``name`` (kind ``solver``), built with ``kwargs``."""
-    from zoo import registry
+    """The solver registered as ``name`` (kind ``solver``), built with ``kwargs`` checked as a recipe's
+    ``sample.solver`` is (an unknown option, NaN or a value out of its domain is a one-line UserError)."""
+    import zoo
 
-    return registry.get("solver", name)(**kwargs)
+    return zoo.build_component("solver", {"type": name, **kwargs})
 
 
 def build_schedule(name: str, **kwargs: Any):
-    """The noise schedule registered as ``name`` (kind ``schedule``), built with ``kwargs``."""
-    from zoo import registry
+    """The noise schedule registered as ``name`` (kind ``schedule``), built with ``kwargs`` checked as a
+    recipe's ``diffusion.schedule`` is."""
+    import zoo
 
-    return registry.get("schedule", name)(**kwargs)
+    return zoo.build_component("schedule", {"type": name, **kwargs})
 
 
 __all__ = ["build_solver", "build_schedule"]

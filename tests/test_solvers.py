@@ -532,3 +532,12 @@ def test_steps_given_to_an_adaptive_ode_method_are_refused():
     with pytest.raises(UserError, match="ode method 'dopri5' is adaptive: rtol and atol set its steps, not steps=3"):
         build_solver("ode", steps=3)
     assert build_solver("ode", method="rk4", steps=3).steps == 3
+
+
+def test_the_python_builders_check_options_as_recipes_do():
+    """build_schedule("linear", beta_end=1.5) sampled NaN; build_solver("ddim", eta=nan) dropped the noise."""
+    for build in (lambda: build_schedule("linear", beta_end=1.5), lambda: build_schedule("linear", num_steps=0),
+                  lambda: build_solver("ddim", eta=float("nan")), lambda: build_solver("ode", rtol=-1.0),
+                  lambda: build_solver("ddim", bogus=1)):
+        with pytest.raises(UserError):
+            build()
