@@ -81,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
     x, _ = sample_latents(model, recipe, request, device=device)
+    bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
+    if bad:  # a NaN image saves as black: say so instead of writing it
+        raise UserError(f"{bad} of the {x.shape[0]} samples hold NaN or inf (the model's outputs, or the solver "
+                        f"with these settings, are not finite); {out} not written",
+                        suggestion="check the weights (zoo parity / a newer checkpoint) or try --solver ddpm")
     images = to_images(x, recipe, args.vae, device=device, decoder=decoder)
     path = save_grid(images, out)
     print(f"zoo sample: wrote {images.shape[0]} images ({images.shape[-1]}x{images.shape[-2]}) to {path} "
