@@ -53,9 +53,11 @@ def time_build(recipe: Path, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zoo.cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipes", nargs="*", type=Path, help="recipe files (default: the §4 recipes)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=1)
     args = parser.parse_args(argv)
     recipes = args.recipes or [ROOT / "recipes" / f"{name}.yaml" for name in PAPER_RECIPES]
 

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from zoo.cli import positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is sys.path[0]; imported, appended
     sys.path.append(str(Path(__file__).resolve().parent))
@@ -217,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute", nargs="+", default=["off", "on"], metavar="MODE", help="off, on, 0,1 ...")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 autocast on CUDA")
-    parser.add_argument("--batch", type=int, help="batch for every recipe (default: per-GPU on CUDA, reduced on CPU)")
+    parser.add_argument("--batch", type=positive_int, help="batch for every recipe (default: per-GPU on CUDA, reduced on CPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--warmup", type=int, help="untimed steps before the memory-measured one (default 1)")
-    parser.add_argument("--steps", type=int, help="timed steps (default 5, --quick 2)")
+    parser.add_argument("--steps", type=positive_int, help="timed steps (default 5, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="smaller CPU batches, 2 timed steps")
     parser.add_argument("--gemm-n", type=int, help="side of the peak matmul (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--estimate-only", action="store_true", help="only the memory estimates (seconds a recipe)")

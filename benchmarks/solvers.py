@@ -71,9 +71,12 @@ def make_oracles(schedule):
 
 
 def main() -> None:
+    from zoo import registry
+    from zoo.cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schedule", default="linear", help="linear, scaled_linear, vp_linear or cosine")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--schedule", default="linear", choices=registry.names("schedule"))
+    parser.add_argument("--batch", type=positive_int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     start = time.perf_counter()

@@ -79,12 +79,14 @@ def launch(recipe: str, args: argparse.Namespace, gpus: int) -> dict | None:
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def main() -> int:
+    from zoo.cli import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=positive_int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch", type=int, default=None, help="per-process batch (default: the recipe's)")
-    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: the recipe's)")
+    p.add_argument("--batch", type=positive_int, default=None, help="per-process batch (default: the recipe's)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
     p.add_argument("--paper", action="store_true", help="also the paper recipes, DDP on every GPU")
     p.add_argument("--only", default=None, help="one recipe name")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -101,14 +103,20 @@ def main() -> None:
         else:
             runs += [(str(ROOT / "recipes" / f"{name}.yaml"), torch.cuda.device_count()) for name in PAPER]
     if args.only:
+        known = [Path(r).stem for r, _ in runs]
+        if args.only not in known:
+            p.error(f"--only {args.only}: not one of {', '.join(known)}")
         runs = [(r, g) for r, g in runs if Path(r).stem == args.only]
     print(f"{'recipe':<12} {'device':<34} {'params':>13} {'batch':>6} {'prec':>5} {'steps/s':>8} {'img/s':>9} {'peak GiB':>9}")
+    failed = 0
     for recipe, gpus in runs:
         r = launch(recipe, args, gpus)
+        failed += r is None
         if r:
             print(f"{r['recipe']:<12} {r['device']:<34} {r['params']:>13,} {r['batch']:>6} {r['precision']:>5} "
                   f"{r['steps_per_s']:>8.2f} {r['images_per_s']:>9.1f} {r['peak_gib']:>9.2f}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

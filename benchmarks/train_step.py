@@ -28,6 +28,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from zoo.cli import positive_int
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +164,13 @@ def _batches(specs: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for spec in specs:
         name, _, n = spec.rpartition("=")
+        if name and name not in CONFIGS:
+            raise SystemExit(f"train_step.py: error: --batch {spec}: no config {name!r} (configs: {', '.join(CONFIGS)})")
+        try:
+            if int(n) < 1:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"train_step.py: error: --batch {spec}: the batch must be a positive integer") from None
         for config in [name] if name else CONFIGS:
             out[config] = int(n)
     return out
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch size for all configs, or per config (default: §8's)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (§8: 2)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--adamw", choices=sorted(ADAMW), default="fused", help="AdamW implementation (default fused)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
@@ -223,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_config(args.child, args)))
         return 0
+    _batches(args.batch)  # a bad --batch stops here, not once per config in the children
     results = []
     for name in args.only or list(CONFIGS):
         proc = subprocess.run(_child_command(name, args), cwd=ROOT, capture_output=True, text=True)

@@ -35,6 +35,18 @@ def _broken_command(subparsers: argparse._SubParsersAction, name: str, err: Exce
     p.set_defaults(func=run)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (steps, batches, repeats): argparse's one-line usage error
+    instead of an empty table or a traceback from deep inside for 0 or a negative number."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zoo", description="A registry-driven architecture zoo for diffusion backbones (DiMR, U-ViT, DiT)."
