@@ -63,7 +63,7 @@ def load_encoder(vae_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     A diffusers directory (``config.json`` beside the weights, also under ``vae/``) is built from
     its own config; anything else is read as the Stable Diffusion KL-f8 VAE (:func:`zoo.vae.load_vae`).
     """
-    from zoo.vae import SCALE, find_vae_weights, load_vae
+    from zoo.vae import SCALE, find_vae_weights, load_vae, vae_downsample
 
     weights = find_vae_weights(vae_dir)
     vae = load_vae(weights).vae  # the decoder of zoo sample and the training grids is built the same way
@@ -76,7 +76,7 @@ def load_encoder(vae_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     identity = {"weights": str(weights.resolve()), "sha256": _sha256(weights),
                 "scaling_factor": float(getattr(cfg, "scaling_factor", None) or SCALE),
                 "shift_factor": float(shift or 0.0),
-                "latent_channels": int(cfg.latent_channels), "downsample": 2 ** (len(cfg.block_out_channels) - 1)}
+                "latent_channels": int(cfg.latent_channels), "downsample": vae_downsample(weights)}
     return vae.eval().requires_grad_(False), identity
 
 

@@ -235,7 +235,7 @@ def load_model(source: str | Path, overrides: list[str] = (), device="cpu",
 
 def _bytes_per_param(dtype: torch.dtype | None) -> int:
     """Bytes of one weight while it is built (float32) and after a cast to ``dtype``, whichever is more."""
-    return max(4, torch.empty(0, dtype=dtype).element_size()) if dtype is not None else 4
+    return max(4, dtype.itemsize) if dtype is not None else 4
 
 
 def _override_key(text: str) -> tuple[str, ...]:

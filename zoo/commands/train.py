@@ -84,7 +84,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
                         "decay ends (the steps after it would all run at train.min_lr)", key_path="train.steps",
                         suggestion=f"--set train.steps={args.steps} to decay over {args.steps} steps; --steps "
                         "stops a run part-way")
-    if args.steps is None and not (recipe.get("train") or {}).get("steps"):
+    if args.steps is None and not train.get("steps"):
         raise UserError(f"{args.recipe}: train.steps is not set (or 0), so there is nothing to train",
                         key_path="train.steps", suggestion="set train.steps in the recipe, or --set train.steps=N")
     return out, recipe, device

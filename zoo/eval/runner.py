@@ -176,8 +176,8 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     schedule = build_schedule(recipe)
     solver, solver_spec = build_solver(recipe, request.solver, request.steps, request.solver_options)
     guidance = guidance_settings(recipe, request.cfg)
-    factor = vae_downsample(vae_weights(recipe, request.vae)) if decoder is not None else 1  # pixels per latent
-    image_size = int(model.example_inputs(1)[0].shape[-1]) * factor
+    vae_file = vae_weights(recipe, request.vae) if decoder is not None else None  # the images are the VAE's
+    image_size = int(model.example_inputs(1)[0].shape[-1]) * (vae_downsample(vae_file) if vae_file else 1)
     protocol = {
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": _sha256(weights_file), "solver": solver_spec,
@@ -186,8 +186,8 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
     }
-    if decoder is not None:  # the images are the VAE's: other VAE weights or scale, other samples
-        protocol["vae"] = {"weights_sha256": _sha256(vae_weights(recipe, request.vae)),
+    if vae_file is not None:  # other VAE weights or scale, other samples
+        protocol["vae"] = {"weights_sha256": _sha256(vae_file),
                            "scale": float((recipe.get("data") or {}).get("vae_scale", SCALE))}
     identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -84,9 +84,7 @@ class ImageFolder(Dataset):
             raise UserError(f"cannot read image {path}: {reason}", suggestion=BAD_IMAGE_HINT) from None
 
     def _read(self, path: Path, Image) -> Tensor:
-        from zoo.training.crop import adm_center_crop, to_tensor
-
-        from zoo.training.crop import to_rgb
+        from zoo.training.crop import adm_center_crop, to_rgb, to_tensor
 
         with Image.open(path) as im:
             return to_tensor(adm_center_crop(to_rgb(im), self.image_size))

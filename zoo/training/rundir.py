@@ -35,9 +35,7 @@ def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None 
     equals the other side's value if that is ``defaults[key]``: the given defaults, else those of
     the registered block, conditioner, schedule or solver both sides name (``type``).
     """
-    if _same_component(a, b):
-        return None
-    a, b = _as_table(a, b)
+    a, b = _as_table(a, b)  # NAME beside {type: NAME, ...}: compared as tables
     if isinstance(a, dict) and isinstance(b, dict):
         if defaults is None and a.get("type") == b.get("type"):
             defaults = _component_defaults(a.get("type"))
