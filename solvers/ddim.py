@@ -54,7 +54,7 @@ class DDIMSolver(ChainSolver):
     default_steps = 50
 
     def __init__(self, steps: SolverSteps | None = None, respacing: str | int | None = None, eta: Eta = 0.0,
-                 clip_denoised: bool = False, skip: Skip = "time_uniform", t_start: Time | None = None,
+                 clip_denoised: bool = False, skip: Skip | None = None, t_start: Time | None = None,
                  t_end: Time | None = None):
         super().__init__(steps=steps, respacing=respacing, clip_denoised=clip_denoised, skip=skip,
                          t_start=t_start, t_end=t_end)

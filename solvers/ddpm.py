@@ -43,7 +43,7 @@ class DDPMSolver(ChainSolver):
 
     def __init__(self, steps: SolverSteps | None = None, respacing: str | int | None = None,
                  variance: Annotated[str, OneOf(VARIANCES, "variance")] = "fixed_small",
-                 clip_denoised: bool = False, skip: Skip = "time_uniform", t_start: Time | None = None,
+                 clip_denoised: bool = False, skip: Skip | None = None, t_start: Time | None = None,
                  t_end: Time | None = None):
         super().__init__(steps=steps, respacing=respacing, clip_denoised=clip_denoised, skip=skip,
                          t_start=t_start, t_end=t_end)

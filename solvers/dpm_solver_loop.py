@@ -65,13 +65,18 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
 class DPMSolverBase(Solver):
     """Options and loops of DPM-Solver(++); subclasses give ``model_output`` and the updates."""
 
-    def __init__(self, steps: SolverSteps = 20, order: Annotated[int, Range(1, 3)] = 2, skip: Skip = "time_uniform",
+    def __init__(self, steps: SolverSteps | None = None, order: Annotated[int, Range(1, 3)] = 2, skip: Skip = "time_uniform",
                  method: Annotated[str, OneOf(METHODS, "method")] = "multistep",
                  lower_order_final: bool = True, t_start: Time | None = None, t_end: Time | None = None,
                  denoise_to_zero: bool = False, solver_type: Annotated[str, OneOf(SOLVER_TYPES, "solver_type")] = "dpmsolver",
                  atol: PositiveFloat = 0.0078, rtol: PositiveFloat = 0.05):
-        super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
         check_choice("method", method, METHODS)
+        if method == "adaptive" and steps is not None:  # it would be ignored: atol and rtol set the steps
+            raise UserError(f"adaptive DPM-Solver: atol and rtol set its steps, not steps={steps}",
+                            key_path="sample.solver.steps",
+                            suggestion="drop steps, or use method multistep / singlestep for a fixed number of steps")
+        steps = 20 if steps is None else steps
+        super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
         check_choice("order", order, (2, 3) if method == "adaptive" else (1, 2, 3))
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         if method == "multistep" and steps < order:

@@ -77,20 +77,23 @@ class ChainSolver(Solver):
 
     On a discrete schedule the chain is the respaced training chain: ``respacing`` (a string
     above) or ``steps`` (= ``respacing=str(steps)``). On a continuous schedule it is ``steps``
-    points of the solver's ``skip`` grid between t_end and t_start, with ᾱ = α(t)².
+    points of the solver's ``skip`` grid (default time_uniform) between t_end and t_start, with
+    ᾱ = α(t)²; a discrete chain has no grid, so ``skip`` there is refused, not ignored.
     ``clip_denoised`` clamps x̂0 to [−1, 1] (ADM's option; DiT samples latents with it off).
     """
 
     default_steps = 50
 
     def __init__(self, steps: int | None = None, respacing: str | int | None = None, clip_denoised: bool = False,
-                 skip: str = "time_uniform", t_start: float | None = None, t_end: float | None = None):
+                 skip: str | None = None, t_start: float | None = None, t_end: float | None = None):
         if respacing is not None:
             count = respacing_count(respacing)
             if steps is not None and steps != count:
                 raise UserError(f"steps={steps} disagrees with respacing {str(respacing)!r} ({count} steps); give one of them")
             steps, respacing = count, str(respacing)
-        super().__init__(steps=self.default_steps if steps is None else steps, skip=skip, t_start=t_start, t_end=t_end)
+        super().__init__(steps=self.default_steps if steps is None else steps, skip=skip or "time_uniform",
+                         t_start=t_start, t_end=t_end)
+        self._skip_given = skip is not None
         self.respacing, self.clip_denoised = respacing, bool(clip_denoised)
 
     def chain(self, schedule: NoiseSchedule) -> tuple[list[float], list[float]]:
@@ -100,6 +103,10 @@ class ChainSolver(Solver):
             if self.t_start is not None or self.t_end is not None:
                 raise UserError(f"{name} on a discrete schedule walks the respaced training chain; drop t_start/t_end "
                                 "(choose the kept steps with respacing)")
+            if self._skip_given:
+                raise UserError(f"{name} on a discrete schedule walks the respaced training chain; skip={self.skip!r} "
+                                "would be ignored", key_path="sample.solver.skip",
+                                suggestion="drop skip (choose the kept steps with respacing, e.g. 'ddim25')")
             n = schedule.num_steps
             kept = space_timesteps(n, self.respacing or str(self.steps))
             return [(k + 1) / n for k in kept], [schedule.alphas_cumprod[k].item() for k in kept]

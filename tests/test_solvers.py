@@ -534,6 +534,27 @@ def test_steps_given_to_an_adaptive_ode_method_are_refused():
     assert build_solver("ode", method="rk4", steps=3).steps == 3
 
 
+def test_steps_given_to_adaptive_dpm_solver_are_refused():
+    """method adaptive sets its steps from atol/rtol: steps=3 and steps=50 drew the same samples."""
+    for name in ("dpm_solver", "dpm_solver++"):
+        with pytest.raises(UserError, match="adaptive DPM-Solver: atol and rtol set its steps, not steps=3"):
+            build_solver(name, order=3, method="adaptive", steps=3)
+    assert build_solver("dpm_solver", order=2).steps == 20  # the default when steps is not given
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_skip_on_a_discrete_chain_is_refused_not_ignored(name, sched):
+    """On a discrete schedule ddpm/ddim walk the respaced chain: skip='logSNR' drew time_uniform's samples."""
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=f"{name.upper()}Solver on a discrete schedule .* skip='logSNR' would be ignored"):
+        build_solver(name, steps=4, skip="logSNR").sample(lambda x, t: 0.1 * x, x, sched)
+    assert torch.isfinite(build_solver(name, steps=4).sample(lambda x, t: 0.1 * x, x, sched)).all()
+    continuous = build_schedule("vp_linear")  # there skip picks the grid, and two skips give two chains
+    uniform = build_solver(name, steps=4).chain(continuous)[0]
+    log_snr = build_solver(name, steps=4, skip="logSNR").chain(continuous)[0]
+    assert uniform != log_snr
+
+
 def test_the_python_builders_check_options_as_recipes_do():
     """build_schedule("linear", beta_end=1.5) sampled NaN; build_solver("ddim", eta=nan) dropped the noise."""
     for build in (lambda: build_schedule("linear", beta_end=1.5), lambda: build_schedule("linear", num_steps=0),
