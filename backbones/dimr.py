@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, as_time_vector, time_blind
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
-from zoo.domains import MAX_SIZE, Channels, Classes, Depth, Doc, ImageSize, PatchSize, Range, Rule, Width
+from zoo.domains import (MAX_SIZE, Calls, Channels, Classes, ConditionerFactory, Depth, Doc, ImageSize, PatchSize, Range,
+                         Rule, Width)
 from zoo.errors import UserError
 
 from .common import PosEmbedInit, init_pos_embed_
@@ -42,7 +43,7 @@ class BranchConfig:
 
     dim: Width
     depth: Depth
-    block: Callable[..., nn.Module]
+    block: Annotated[Callable[..., nn.Module], Calls(1, ("cond_dim",))]
     patch_size: PatchSize = 1
     downsample: Annotated[int, Range(1, MAX_SIZE)] = 1
     head_kernel_size: Annotated[int, Range(1, 31)] = 3
@@ -145,7 +146,7 @@ class DiMR(nn.Module):
         input_size: ImageSize = 32,
         num_classes: Classes = 1001,
         branches: Sequence[BranchConfig] = (),
-        norm: Callable[..., nn.Module] = TimeDependentLayerNorm,
+        norm: ConditionerFactory = TimeDependentLayerNorm,
         class_embedding: bool = False,
         detach_handed: bool = False,
         grad_checkpointing: BranchFlags = False,

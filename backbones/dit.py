@@ -19,7 +19,8 @@ from zoo.blocks.transformer import TransformerBlock
 from zoo.conditioning.adaln_zero import AdaLNZero
 from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder
-from zoo.domains import Channels, Classes, Depth, Divisible, Heads, ImageSize, PatchSize, Range, Ratio, Rule, Width
+from zoo.domains import (Calls, Channels, Classes, ConditionerFactory, Depth, Divisible, Heads, ImageSize, MlpFactory,
+                         PatchSize, Range, Ratio, Rule, Width)
 from zoo.errors import UserError
 
 from .common import PatchEmbed, sincos_pos_embed_2d, unpatchify, xavier_init_linears_
@@ -80,9 +81,9 @@ class DiT(nn.Module):
         class_dropout_prob: Annotated[float, Range(0, 1, hi_open=True)] = 0.1,
         num_classes: Classes = 1000,
         learn_sigma: bool = True,
-        block: Callable[..., nn.Module] = TransformerBlock,
-        norm: Callable[..., nn.Module] = AdaLNZero,
-        mlp: Callable[..., nn.Module] = partial(Mlp, act="gelu_tanh"),
+        block: Annotated[Callable[..., nn.Module], Calls(1, _BLOCK_ARGS)] = TransformerBlock,
+        norm: ConditionerFactory = AdaLNZero,
+        mlp: MlpFactory = partial(Mlp, act="gelu_tanh"),
         frequency_dim: Width = 256,
     ):
         super().__init__()

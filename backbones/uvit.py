@@ -27,8 +27,8 @@ from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector,
 from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.conditioning.time_token import TimeToken
-from zoo.domains import (MAX_CLASSES, Channels, Depth, Divisible, Doc, Heads, ImageSize, PatchSize, Range, Ratio,
-                         Width)
+from zoo.domains import (MAX_CLASSES, Calls, Channels, ConditionerFactory, Depth, Divisible, Doc, Heads, ImageSize,
+                         PatchSize, Range, Ratio, Width)
 from zoo.errors import UserError
 
 from .common import PatchEmbed, PosEmbedInit, init_pos_embed_, unpatchify
@@ -76,9 +76,9 @@ class UViT(nn.Module):
         num_classes: Annotated[int, Range(-1, MAX_CLASSES), Doc("<= 0: unconditional")] = -1,
         use_checkpoint: bool = False,
         conv: bool = True,
-        block: Callable[..., nn.Module] = TransformerBlock,
-        norm: Callable[..., nn.Module] = TimeToken,
-        head_norm: Callable[..., nn.Module] = LayerNorm,
+        block: Annotated[Callable[..., nn.Module], Calls(1, _BLOCK_ARGS)] = TransformerBlock,
+        norm: ConditionerFactory = TimeToken,
+        head_norm: ConditionerFactory = LayerNorm,
         frequency_dim: Width = 256,
         pos_embed_init: PosEmbedInit = "normal",
     ):

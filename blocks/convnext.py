@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, add_gated
 from zoo.conditioning.layernorm import LayerNorm
-from zoo.domains import OneOf, Range, Ratio, Rule, Width
+from zoo.domains import ConditionerFactory, MlpFactory, OneOf, Range, Ratio, Rule, Width
 
 from .mlp import Mlp, mlp_width
 
@@ -49,8 +49,8 @@ class ConvNeXtBlock(nn.Module):
         cond_dim: Width | None = None,
         kernel_size: Annotated[int, Range(1, 31)] = 7,
         mlp_ratio: Ratio = 4.0,
-        norm: Callable[..., nn.Module] = LayerNorm,
-        mlp: Callable[..., nn.Module] = Mlp,
+        norm: ConditionerFactory = LayerNorm,
+        mlp: MlpFactory = Mlp,
         variant: Annotated[str, OneOf(VARIANTS, "variant")] = "dimr",
         layer_scale_init: float | None = None,
         normed_conv: bool = False,

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, add_gated
 from zoo.conditioning.layernorm import LayerNorm
-from zoo.domains import Divisible, Heads, Ratio, Width
+from zoo.domains import ConditionerFactory, Divisible, Heads, MlpFactory, Ratio, Width
 
 from .attention import Attention
 from .mlp import Mlp, mlp_width
@@ -32,8 +32,8 @@ class TransformerBlock(nn.Module):
         mlp_ratio: Ratio = 4.0,
         qkv_bias: bool = True,
         proj_bias: bool = True,
-        norm: Callable[..., nn.Module] = LayerNorm,
-        mlp: Callable[..., nn.Module] = Mlp,
+        norm: ConditionerFactory = LayerNorm,
+        mlp: MlpFactory = Mlp,
         cond_dim: Width | None = None,
     ):
         super().__init__()

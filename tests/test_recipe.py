@@ -305,6 +305,68 @@ def test_build_component_checks_like_a_recipe():
         zoo.build_component("block", "transformer", dim=8)
 
 
+def test_build_component_checks_what_the_parent_passes_too():
+    """dim=16.0 was a TypeError deep in torch, dim=-3 a negative-dimension RuntimeError, and
+    num_heads 5 for dim 384 a ValueError: the parent's plain values are checked as a recipe's."""
+    for kind, spec, parent, message in [
+            ("conditioner", "layernorm", dict(dim=16.0), "key dim: expected int, got float 16.0"),
+            ("conditioner", "layernorm", dict(dim=-3), "dim must be a positive integer"),
+            ("block", {"type": "transformer", "num_heads": 5}, dict(dim=384), "dim=384 must be divisible by num_heads=5"),
+            ("block", {"type": "transformer", "num_heads": 2}, dict(dim=8, num_heads=2), "num_heads is given both")]:
+        with pytest.raises(UserError, match=message):
+            zoo.build_component(kind, spec, **parent)
+    from zoo.conditioning.layernorm import RMSNorm  # a factory is passed through, not checked as data
+    block = zoo.build_component("block", "transformer", dim=8, num_heads=2, norm=RMSNorm)
+    assert type(block.norm1) is RMSNorm
+
+
+@pytest.mark.parametrize("model, override, message", [
+    # DiMR builds its blocks as block(dim, cond_dim=...): a Transformer block needs its own num_heads
+    # (it was a TypeError traceback, because num_heads counted as passed by every parent)
+    ("dimr_m_3r", "model.branches.2.block=transformer",
+     "key model.branches.2.block: block 'transformer' .* needs num_heads"),
+    # DiT and U-ViT pass num_heads (U-ViT also qkv_bias) to every block: a ConvNeXt block takes neither
+    ("dit_s_2", "model.block=convnext", r"does not fit here: it is built as block\(dim, num_heads=\.\.\., "
+     r"mlp_ratio=\.\.\., norm=\.\.\., mlp=\.\.\., cond_dim=\.\.\.\), and it does not take num_heads"),
+    ("uvit_m_4", "model.block=convnext", "does not take num_heads, qkv_bias"),
+])
+def test_a_block_that_cannot_serve_its_backbone_is_refused_at_check_time(model, override, message):
+    with pytest.raises(UserError, match=message):
+        zoo.load_recipe(model, [override])
+
+
+def test_a_block_taking_what_its_backbone_passes_builds_and_a_conditioner_must_take_cond_dim():
+    """A plugin block with required norm/mlp (DiT passes both) was refused as "needs norm, mlp";
+    a conditioner without cond_dim failed while building with an unexpected-keyword TypeError."""
+    import torch
+
+    @zoo.register("block")
+    class StrictBlock(torch.nn.Module):
+        def __init__(self, dim, num_heads, norm, mlp, mlp_ratio=4.0, cond_dim=None):
+            super().__init__()
+            self.norm, self.linear = norm(dim, cond_dim=cond_dim), torch.nn.Linear(dim, dim)
+
+        def forward(self, x, cond):
+            h, _ = self.norm(x, cond)
+            return x + self.linear(h)
+
+    @zoo.register("conditioner")
+    class NoCondNorm(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+
+    dit = dict(type="dit", input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2)
+    try:
+        model = zoo.build_model({**dit, "block": "strict_block"})
+        assert type(model.blocks[0]).__name__ == "StrictBlock"
+        with pytest.raises(UserError, match="key model.norm: conditioner 'no_cond_norm' .* does not fit here: it is "
+                                            r"built as norm\(dim, cond_dim=\.\.\.\), and it does not take cond_dim"):
+            zoo.build_model({**dit, "norm": "no_cond_norm"})
+    finally:
+        registry.unregister("block", "strict_block")
+        registry.unregister("conditioner", "no_cond_norm")
+
+
 # --- sections -------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from . import registry
+from .errors import UserError
 from .recipe import Recipe, resolve
 from .validate import TARGET_KEY, model_factory, resolve_component, validate_recipe
 
@@ -45,10 +46,32 @@ def build_component(kind: str, spec: str | dict, **parent_kwargs: Any) -> Any:
     """Build one component from a spec (``NAME`` or ``{type: NAME, ...}``) plus what a parent would pass.
 
     Example: ``build_component("block", {"type": "transformer", "num_heads": 6}, dim=384)``.
+    The parent's plain values (numbers, strings, lists) are checked with the spec, as a recipe's are
+    (``dim=-3`` or a ``num_heads`` that does not divide ``dim`` is a UserError); factories and
+    tensors are passed through.
     """
+    kind = registry.check_kind(kind)
+    fields = {"type": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else spec
+    plain = {k: v for k, v in parent_kwargs.items() if _is_data(v)}
+    if isinstance(fields, dict):
+        clash = sorted(plain.keys() & fields.keys())
+        if clash:
+            raise UserError(f"{clash[0]} is given both in the {kind} spec and as an argument",
+                            suggestion=f"give {clash[0]} once")
+        fields = {**fields, **plain}
+    else:
+        plain = {}
     recipe = Recipe({}, source=f"<{kind} spec>")
-    factory = resolve_component(recipe, registry.check_kind(kind), spec, (), supplied=parent_kwargs)
-    return factory(**parent_kwargs)
+    passed = {k: v for k, v in parent_kwargs.items() if k not in plain}
+    factory = resolve_component(recipe, kind, fields, (), supplied=passed)
+    return factory(**passed)
+
+
+def _is_data(value: Any) -> bool:
+    """Whether ``value`` is recipe-like data (checked against the domains), not an object to pass through."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def get_component(kind: str, name: str) -> Any:

@@ -132,6 +132,30 @@ class Doc:
     text: str
 
 
+@dataclass(frozen=True)
+class Calls:
+    """A factory parameter's call: the parent passes ``positional`` leading arguments and ``keywords``.
+
+    A component given for it may leave exactly these out of the recipe, and must accept them:
+    ``block: Annotated[Callable[..., nn.Module], Calls(1, ("num_heads", "cond_dim"))]`` refuses
+    a ConvNeXt block (no ``num_heads``) at check time, not with a TypeError while building.
+    """
+
+    positional: int = 1
+    keywords: tuple[str, ...] = ()
+
+    def call_text(self) -> str:
+        """The call's arguments as a listing shows them: ``dim, cond_dim=...``."""
+        leading = ["dim"] * min(self.positional, 1) + ["..."] * (self.positional > 1)
+        return ", ".join(leading + [f"{k}=..." for k in self.keywords])
+
+
+#: A conditioner factory as every block calls it: ``norm(dim, cond_dim=...)``.
+ConditionerFactory = Annotated[Callable[..., Any], Calls(1, ("cond_dim",))]
+#: An MLP factory as the blocks call it: ``mlp(dim, hidden_features=...)``.
+MlpFactory = Annotated[Callable[..., Any], Calls(1, ("hidden_features",))]
+
+
 class _Required:
     def __repr__(self) -> str:
         return "Required"
@@ -378,6 +402,7 @@ def domain_text(ann: Any) -> str:
     if span is not None and span.describe():
         parts.append(span.describe(strip(base) is int))
     parts += [m.text for m in meta if isinstance(m, Doc)]
+    parts += [f"called with ({m.call_text()})" for m in meta if isinstance(m, Calls)]
     if not parts and typing.get_origin(base) in (typing.Union, types.UnionType, list, tuple):
         inner = [domain_text(a) for a in typing.get_args(base) if a is not Ellipsis]
         parts = sorted({p for p in inner if p})

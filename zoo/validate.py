@@ -8,8 +8,10 @@ silently ignored option.
 
 What is valid becomes a tree of :class:`Factory` objects (``functools.partial`` of the
 registered class): nested components stay factories for their parent to call with what
-only the parent knows (``dim``, ``num_heads``, ``cond_dim``, ``hidden_features`` may
-therefore be missing from them); the caller instantiates the top one.
+only the parent knows; the caller instantiates the top one. A parameter annotated with
+:class:`~zoo.domains.Calls` says what its parent passes: those arguments may be missing from
+the component and must be ones it takes. Without it, ``dim``, ``num_heads``, ``cond_dim`` and
+``hidden_features`` may be missing.
 
 Which kind a nested value is: a parameter named ``block`` or ``mlp`` takes a block;
 ``norm``, ``conditioner`` or ``*_norm`` a conditioner; ``schedule`` and ``solver`` their
@@ -26,7 +28,7 @@ import importlib
 from typing import Any, Callable, Iterable
 
 from . import registry
-from .domains import OneOf, Required, constraints_of, describe, fits, non_finite, split
+from .domains import Calls, OneOf, Required, constraints_of, describe, fits, non_finite, split
 from .errors import UserError, did_you_mean
 from .introspect import (check_type, constructor_annotations, dataclass_in, is_factory_type, item_annotation,
                          positional_names, signature, type_name)
@@ -80,11 +82,12 @@ def kind_of_param(name: str) -> str | None:
 
 
 def resolve_component(recipe: Recipe, kind: str | None, spec: Any, path: KeyPath,
-                      supplied: Iterable[str] = PARENT_SUPPLIED) -> Factory:
+                      supplied: Iterable[str] | Calls = PARENT_SUPPLIED) -> Factory:
     """Check one component spec (``NAME`` or ``{type: NAME, ...}``) and return its factory.
 
     ``kind=None`` looks the name up across kinds. Required constructor parameters may be
-    missing only if named in ``supplied`` (what the caller will pass).
+    missing only if the caller passes them: named in ``supplied``, or, for a :class:`Calls`,
+    among its leading positional and keyword arguments (which the class must then accept).
     """
     if isinstance(spec, str):
         name, kwargs, name_path = spec, {}, path
@@ -106,9 +109,32 @@ def resolve_component(recipe: Recipe, kind: str | None, spec: Any, path: KeyPath
     except UserError as err:
         raise err.locate(*recipe.origin(name_path), format_path(name_path))
     what = f"{kind} {name!r} ({entry.target})"
-    factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, what, frozenset(supplied)))
+    factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, what, _supplied(recipe, cls, supplied, path, what)))
     factory.key_path, factory.origin = format_path(path), recipe.origin(path)
     return factory
+
+
+def _supplied(recipe: Recipe, cls: Any, supplied: Iterable[str] | Calls, path: KeyPath, what: str) -> frozenset:
+    """The arguments the caller passes to ``cls``; a :class:`Calls` the class cannot take is the recipe's error."""
+    if not isinstance(supplied, Calls):
+        return frozenset(supplied)
+    sig = signature(cls)
+    if sig is None:
+        return frozenset(supplied.keywords)
+    params = sig.parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    takes_more = any(p.kind is p.VAR_POSITIONAL for p in params)
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    parent = next((str(p) for p in reversed(path) if isinstance(p, str)), "component")
+    call = supplied.call_text()
+    unknown = [] if takes_any else [k for k in supplied.keywords if k not in named]
+    if unknown or (len(positional) < supplied.positional and not takes_more):
+        lacks = (f"does not take {', '.join(unknown)}" if unknown
+                 else f"takes fewer than {supplied.positional} positional arguments")
+        raise recipe.error(path, f"{what} does not fit here: it is built as {parent}({call}), and it {lacks}",
+                           suggestion=f"use a {parent} that takes {', '.join(unknown) or 'them'}")
+    return frozenset(positional[:supplied.positional]) | frozenset(supplied.keywords)
 
 
 def resolve_kwargs(recipe: Recipe, cls: Any, kwargs: dict, path: KeyPath, what: str,
@@ -217,7 +243,8 @@ def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: 
     kind = kind_of_param(name) if name else None
     if value is not None and (kind or is_component_spec(value)
                               or (isinstance(value, str) and is_factory_type(ann))):
-        return resolve_component(recipe, kind, value, path)
+        calls = next((m for m in split(ann)[1] if isinstance(m, Calls)), None)
+        return resolve_component(recipe, kind, value, path, supplied=PARENT_SUPPLIED if calls is None else calls)
     record = dataclass_in(ann)
     if record is not None and isinstance(value, dict):
         return _build_record(recipe, record, value, path)
@@ -278,7 +305,7 @@ def is_component_spec(value: Any) -> bool:
 
 
 def resolve_target(recipe: Recipe, kind: str | None, spec: dict, path: KeyPath,
-                   supplied: Iterable[str] = PARENT_SUPPLIED) -> Factory:
+                   supplied: Iterable[str] | Calls = PARENT_SUPPLIED) -> Factory:
     """``{_target_: pkg.module.Class, ...}`` (Hydra style): import the module, check the class and its kwargs.
 
     The class must be an ``nn.Module`` or a registered component; its arguments are checked exactly
@@ -301,8 +328,8 @@ def resolve_target(recipe: Recipe, kind: str | None, spec: dict, path: KeyPath,
             e.target == registered for k in registry.KINDS for e in registry.entries(k)):
         raise recipe.error(target_path, f"{TARGET_KEY} {target!r} is not an nn.Module subclass nor a registered component")
     kwargs = {k: v for k, v in spec.items() if k != TARGET_KEY}
-    factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, f"{kind or 'component'} {target!r}",
-                                            frozenset(supplied)))
+    what = f"{kind or 'component'} {target!r}"
+    factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, what, _supplied(recipe, cls, supplied, path, what)))
     factory.key_path, factory.origin = format_path(path), recipe.origin(path)
     return factory
 
