@@ -40,7 +40,9 @@ class _Geglu(torch.autograd.Function):
 
 def geglu_gate(h: Tensor, act: str = "gelu") -> Tensor:
     """``act(a) · b`` for ``h = [a | b]`` on the last dim (the first half is gated)."""
-    if torch.is_grad_enabled() and h.requires_grad:
+    if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
+        # Under torch.compile the plain expression below is traced and fused instead: the Function's
+        # backward writes into strided views (out=), which dynamo cannot trace.
         return _Geglu.apply(h, APPROXIMATE[act])
     a, b = h.chunk(2, dim=-1)
     return F.gelu(a, approximate=APPROXIMATE[act]) * b

@@ -74,17 +74,23 @@ def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(tmp_path, 
     assert_same_grads(g0, g1, rtol=1e-12)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["dit", "dimr"])
-def test_compiled_model_gives_the_eager_loss(tmp_path, monkeypatch, name):
-    """DiMR compiles too: with dynamic shapes torch 2.14's inductor failed on its first step
-    ("cannot determine truth value of Relational"); the loop compiles for static shapes."""
+@pytest.fixture
+def inductor(monkeypatch):
+    """A fresh dynamo cache, and inductor's C++ code scalar where ATen is forced to be."""
     torch._dynamo.reset()
     if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
         # torch 2.14's inductor still emits at::vec code when ATen is forced to scalar kernels, and
         # its precompiled header then lacks at::vec (C++ compile error); simdlen 1 = scalar codegen.
         inductor_config = importlib.import_module("torch._inductor.config")
         monkeypatch.setattr(inductor_config.cpp, "simdlen", 1)
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dit", "dimr"])
+def test_compiled_model_gives_the_eager_loss(tmp_path, inductor, name):
+    """The training loop's torch.compile (static shapes) gives the eager losses."""
     path, base = BACKBONES[name]
     tiny = [*base, *SMALL, "train.batch_size=8", *(["model.depth=1"] if name == "dit" else [])]
     eager = train(zoo.load_recipe(path, tiny), tmp_path / "a", steps=2, log=QUIET)
@@ -94,6 +100,29 @@ def test_compiled_model_gives_the_eager_loss(tmp_path, monkeypatch, name):
     a = ckpt.load_weights(tmp_path / "a" / "last" / "model.safetensors")
     b = ckpt.load_weights(tmp_path / "b" / "last" / "model.safetensors")
     assert a.keys() == b.keys()  # the compiled wrapper does not leak into the checkpoint's keys
+
+
+@pytest.mark.slow
+def test_a_dimr_compiled_with_dynamic_shapes_trains_like_eager(inductor):
+    """torch.compile(model) in a user's own loop: the GeGLU autograd Function's backward writes into
+    strided views, dynamo broke the graph there, recompiled for dynamic shapes and inductor failed
+    ("cannot determine truth value of Relational"). Under compile the plain GeGLU is traced instead."""
+    torch.manual_seed(0)
+    model = zoo.build_model(dict(type="dimr", in_channels=3, input_size=8, num_classes=6, branches=[
+        dict(dim=32, depth=3, patch_size=2, block=dict(type="transformer", num_heads=2, norm="td_rmsnorm", mlp="geglu_mlp")),
+        dict(dim=16, depth=1, patch_size=1, block=dict(type="convnext", norm="td_rmsnorm", mlp="geglu_mlp"))]))
+    compiled = torch.compile(model)
+    for batch in (4, 6):  # the second batch size is what recompiles with dynamic shapes
+        x, t, y = torch.randn(batch, 3, 8, 8), torch.rand(batch) * 8 - 4, torch.arange(batch) % 5
+        losses = [sum(o.square().mean() for o in m(x, t, y)) for m in (model, compiled)]
+        grads = []
+        for loss in losses:
+            model.zero_grad()
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        # float32: inductor fuses and reorders a few dozen ops; ~1e-6 relative each
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
 
 
 def test_fp16_with_grad_scaler_trains_and_resumes(tmp_path):
