@@ -79,6 +79,26 @@ def test_yaml_is_safe_and_reads_exponents_as_floats():
         parse_yaml("a: !!python/object/apply:os.system ['true']", "f.yaml")
 
 
+def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(tmp_path):
+    """PyYAML's YAML 1.1 read 010 as 8, 10:00 as 600, 1:30.5 as 90.5 and yes/on as true, silently."""
+    text = "a: 010\nb: 0o10\nc: 0x10\nd: -7\ne: 10:00\nf: 1:30.5\ng: yes\nh: off\ni: True\nj: -.5\nk: 2024-01-01\n"
+    assert parse_yaml(text, "f")[0] == {"a": 10, "b": 8, "c": 16, "d": -7, "e": "10:00", "f": "1:30.5", "g": "yes",
+                                        "h": "off", "i": True, "j": -0.5, "k": "2024-01-01"}
+    assert parse_yaml("a: !!int 010\nb: !!float 1\n", "f")[0] == {"a": 10, "b": 1.0}
+    for tagged in ("!!int 10:00", "!!float 1:30", "!!bool yes"):  # were a ValueError / KeyError traceback
+        with pytest.raises(UserError, match=r"^f:1: invalid YAML: '.*' is not "):
+            parse_yaml(f"a: {tagged}\n", "f")
+    path = write(tmp_path, "model: {type: typed_net, count: 010, flag: true}\n")
+    assert resolve_recipe(path, ["model.maybe=010"])["model"] == {"type": "typed_net", "count": 10, "flag": True,
+                                                                  "maybe": 10}
+    with pytest.raises(UserError, match=r"^--set model.count=10:00: key model.count: expected int, got str '10:00'"):
+        zoo.load_recipe(path, ["model.count=10:00"])
+    with pytest.raises(UserError, match=r"^--set model.flag=yes: key model.flag: expected bool, got str 'yes'"):
+        zoo.load_recipe(path, ["model.flag=yes"])
+    with pytest.raises(UserError, match=r"r\.yaml:1: key model.rate: expected float, got str '1:30.5'"):
+        zoo.load_recipe(write(tmp_path, "model: {type: typed_net, count: 1, rate: 1:30.5}\n"))
+
+
 def test_broken_yaml_and_duplicate_keys_are_reported_with_their_line():
     with pytest.raises(UserError) as info:
         parse_yaml("model:\n  type: dit\n  depth: [1, 2\ntrain: {}\n", "bad.yaml")

@@ -1,11 +1,12 @@
 """Recipes: YAML files with ``_base_`` inheritance and ``a.b.c=VALUE`` overrides.
 
-A recipe is read with PyYAML's safe loader (plus one fix: ``1e-4`` is a float, as in YAML
-1.2) within bounds on size, depth and alias expansion (:mod:`zoo.recipe_yaml`), keeping the file and line of every key so that a mistake found later can be reported
-as ``FILE:LINE: key a.b.c: ...``. ``_base_: PATH`` (or a list of paths, relative to the
-file) names recipes this one inherits from: mappings merge key by key, everything else is
-replaced, and a component whose ``type`` differs from its base's replaces it whole (so a
-base's DiT options never leak into a U-ViT). Overrides from ``--set`` apply last.
+A recipe is read with PyYAML's safe loader (plain scalars resolved as in YAML 1.2: ``1e-4`` is a
+float, ``010`` is 10, ``10:00`` and ``yes`` are strings) within bounds on size, depth and alias
+expansion (:mod:`zoo.recipe_yaml`), keeping the file and line of every key so that a mistake
+found later can be reported as ``FILE:LINE: key a.b.c: ...``. ``_base_: PATH`` (or a list of
+paths, relative to the file) names recipes this one inherits from: mappings merge key by key,
+everything else is replaced, and a component whose ``type`` differs from its base's replaces it
+whole (so a base's DiT options never leak into a U-ViT). Overrides from ``--set`` apply last.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Reading one recipe's YAML: safe, bounded, and keeping the line of every key.
 
-``yaml.safe_load`` semantics (plus ``1e-4`` read as a float, as in YAML 1.2), with limits a
-hostile file cannot get around: the size, the nesting depth and the number of nodes *with
-aliases expanded* are checked while the YAML is composed into nodes, before any Python object
-is built. A 1 kB alias bomb ("billion laughs") expands to 10^9 nodes; 20,000-deep nesting
-would overflow the composer's recursion; a 5,000-digit integer is a ValueError in Python.
-Real recipes are a few kB, a few hundred nodes, nested ~6 deep. Events come from libyaml when
-PyYAML has it (the pure-Python scanner takes seconds on a long line), else from PyYAML itself.
+``yaml.safe_load`` semantics, except that plain scalars resolve as in the YAML 1.2 core schema
+(PyYAML follows YAML 1.1, where ``010`` is 8, ``10:00`` is 600, ``yes`` is true and ``1e-4`` a
+string; digits grouped as ``1_000`` are still read), with limits a hostile file cannot get
+around: the size, the nesting depth and the number of nodes *with aliases expanded* are checked
+while the YAML is composed into nodes, before any Python object is built. A 1 kB alias bomb
+("billion laughs") expands to 10^9 nodes; 20,000-deep nesting would overflow the composer's
+recursion; a 5,000-digit integer is a ValueError in Python. Real recipes are a few kB, a few
+hundred nodes, nested ~6 deep. Events come from libyaml when PyYAML has it (the pure-Python
+scanner takes seconds on a long line), else from PyYAML itself.
 """
 
 from __future__ import annotations
@@ -114,11 +116,50 @@ class RecipeLoader(Composer, SafeConstructor, Resolver, _EventParser, *_PURE):
             raise self._refuse(f"a {kind} of {len(node.value):,} characters (at most {limit:,})", node.start_mark)
 
 
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+_INT = re.compile(r"[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*")
+_FLOAT = re.compile(r"[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_BOOL_RE = re.compile("|".join(_BOOL))
+
+# The YAML 1.2 core schema's plain scalars, in place of PyYAML's YAML 1.1 ones (no sexagesimal
+# 10:00, no 0-prefixed octal, no yes/no/on/off, no dates); << merge keys and 1_000 are kept.
+RecipeLoader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("bool", _BOOL_RE, "tTfF"),
+    ("int", _INT, "-+0123456789"),
+    ("float", _FLOAT, "-+0123456789."),
+    ("null", re.compile(r"null|Null|NULL|~|"), ["n", "N", "~", ""]),
+    ("merge", re.compile(r"<<"), "<"),
+):
+    RecipeLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(rf"^(?:{_pattern.pattern})$"), list(_first))
+
+
+def _scalar(loader: RecipeLoader, node: yaml.ScalarNode, pattern: re.Pattern, what: str) -> str:
+    """The text of a plain or explicitly tagged (``!!int x``) scalar, which must be ``what``."""
+    value = loader.construct_scalar(node)
+    if not pattern.fullmatch(value):
+        raise yaml.constructor.ConstructorError(None, None, f"{value!r} is not {what}", node.start_mark)
+    return value
+
+
+def _construct_int(loader: RecipeLoader, node: yaml.ScalarNode) -> int:
+    value = _scalar(loader, node, _INT, "an integer (decimal, 0o octal or 0x hex)").replace("_", "")
+    return int(value[2:], 8 if value[1] == "o" else 16) if value.startswith(("0o", "0x")) else int(value, 10)
+
+
+def _construct_float(loader: RecipeLoader, node: yaml.ScalarNode) -> float:
+    _scalar(loader, node, _FLOAT, "a number")
+    return loader.construct_yaml_float(node)
+
+
+def _construct_bool(loader: RecipeLoader, node: yaml.ScalarNode) -> bool:
+    return _BOOL[_scalar(loader, node, _BOOL_RE, "true or false")]
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+RecipeLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 
 
 def _line(mark: Any) -> int | None:
