@@ -164,6 +164,28 @@ def test_overrides_parse_yaml_values_and_record_their_origin():
     assert model.blocks[0].mlp.act.approximate == "tanh"
 
 
+def test_a_set_that_creates_a_mapping_is_blamed_for_it(tmp_path):
+    """A typo above the leaf key was blamed on the recipe file (``trian``) or a base's line (``train.foo``)."""
+    path = write(tmp_path, "model: {type: typed_net, count: 1}\ntrain:\n  steps: 1\n")
+    for override, message in [
+        ("trian.lr=1e-3", "--set trian.lr=1e-3: key trian: unknown section 'trian'"),
+        ("train.foo.bar=1", "--set train.foo.bar=1: key train.foo: unknown key 'foo' in train"),
+        ("model.stuff.x=1", "--set model.stuff.x=1: key model.stuff: unknown parameter 'stuff'"),
+    ]:
+        with pytest.raises(UserError) as info:
+            zoo.load_recipe(path, [override])
+        assert str(info.value).startswith(message)
+    with pytest.raises(UserError) as info:  # head_norm is not written: its default (None here) is used
+        zoo.load_recipe(path, ["model.head_norm.eps=1e-6"])
+    assert str(info.value) == ("--set model.head_norm.eps=1e-6: cannot set model.head_norm.eps: model.head_norm is not "
+                               "written in the recipe (its default is used), so it has no keys to set (give it whole: "
+                               '--set "model.head_norm={type: NAME, eps: 1e-6}")')
+    assert zoo.load_recipe(path, ["model.head_norm.type=layernorm", "model.head_norm.eps=1e-6"])
+    with pytest.raises(UserError) as info:  # the default's registered name goes into the example
+        zoo.load_recipe("emoji32/uvit", ["model.head_norm.eps=1e-6"])
+    assert str(info.value).endswith('(give it whole: --set "model.head_norm={type: layernorm, eps: 1e-6}")')
+
+
 def test_list_items_can_be_overridden_by_index(tmp_path):
     path = write(tmp_path, "model: {type: typed_net, count: 1, sizes: [1, 2, 3]}\n")
     assert resolve_recipe(path, ["model.sizes.1=7"])["model"]["sizes"] == [1, 7, 3]

@@ -189,6 +189,7 @@ def apply_override(recipe: Recipe, text: str) -> None:
     path, value = parse_override(text)
     label = f"--set {text}"
     node: Any = recipe.data
+    created = False
     for i, part in enumerate(path):
         if isinstance(node, list):
             _check_index(node, part, path, i, label)
@@ -202,7 +203,11 @@ def apply_override(recipe: Recipe, text: str) -> None:
             child = node[part] = {"type": child}
             recipe.origins[path[: i + 1]] = recipe.origins[path[: i + 1] + ("type",)] = (label, None)  # blame the --set
         elif child is None:
+            if not created:  # below a mapping this --set creates, the first one is the mistake to report
+                _refuse_a_component_by_parts(node, path, i, text)
+            created = True
             child = node[part] = {}
+            recipe.origins[path[: i + 1]] = (label, None)  # a section or mapping this --set creates: blame the --set
         if not isinstance(child, (dict, list)):
             raise UserError(f"cannot set {format_path(path)}: {format_path(path[: i + 1])} is {child!r}, not a mapping",
                             file=label)
@@ -213,6 +218,47 @@ def apply_override(recipe: Recipe, text: str) -> None:
     recipe.origins[path] = (label, None)
     for sub in _paths(value, path):
         recipe.origins[sub] = (label, None)
+
+
+def _refuse_a_component_by_parts(owner: Any, path: KeyPath, i: int, text: str) -> None:
+    """``--set model.head_norm.eps=1e-6`` where the recipe writes no ``head_norm``: a component
+    made of some of its keys has no name, so the whole component has to be given."""
+    part = path[i]
+    if not isinstance(part, str) or path[i + 1:] in (("type",), ("_target_",)):
+        return
+    takes, default = _component_parameter(owner, part)
+    if not takes:  # not a component the owner takes: the recipe check names what is wrong
+        return
+    where = format_path(path[: i + 1])
+    keys = f"{path[-1]}: {text.partition('=')[2].strip()}"
+    for key in reversed(path[i + 1:-1]):
+        keys = f"{key}: {{{keys}}}"
+    state = "null" if _has(owner, part) else "not written in the recipe (its default is used)"
+    raise UserError(f"cannot set {format_path(path)}: {where} is {state}, so it has no keys to set",
+                    file=f"--set {text}", suggestion=f'give it whole: --set "{where}={{type: {default or "NAME"}, {keys}}}"')
+
+
+def _component_parameter(owner: Any, param: str) -> tuple[bool, str | None]:
+    """Whether the component ``owner`` (``{type: NAME, ...}``) takes a component as ``param``, and
+    the registered name of its default there, if it has one."""
+    from zoo import registry
+    from zoo.introspect import signature
+    from zoo.validate import kind_of_param
+
+    name = owner.get("type") if isinstance(owner, dict) else None
+    kinds = [k for k in registry.KINDS if isinstance(name, str) and name in registry.names(k)]
+    kind = kind_of_param(param)
+    if len(kinds) != 1 or kind is None:
+        return False, None
+    try:
+        sig = signature(registry.get(kinds[0], name))
+    except UserError:  # a plugin that does not load: the recipe check reports it
+        return False, None
+    if sig is None or param not in sig.parameters:
+        return False, None
+    default = sig.parameters[param].default
+    target = f"{getattr(default, '__module__', '')}:{getattr(default, '__qualname__', '')}"
+    return True, next((e.name for e in registry.entries(kind) if e.target == target), None)
 
 
 def _is_component_name(text: str) -> bool:
