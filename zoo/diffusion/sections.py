@@ -105,9 +105,10 @@ def _check_multiscale(spec: dict, recipe: Recipe, path: tuple) -> None:
                            f"{model['type']}", suggestion="use objective eps_mse for this model")
     coeffs = spec.get("coeffs")
     if isinstance(coeffs, list) and isinstance(branches, list) and len(coeffs) != len(branches):
+        n = len(branches)
         raise recipe.error(path + ("coeffs",), f"{len(coeffs)} coefficient{'s' * (len(coeffs) != 1)} for "
-                           f"{len(branches)} branches",
-                           suggestion=f"give one per branch, lowest resolution first ({len(branches)})")
+                           f"{n} branch{'es' * (n != 1)}",
+                           suggestion=f"give {n} coefficient{'s' * (n != 1)}, one per branch, lowest resolution first")
     if isinstance(coeffs, list) and coeffs and not any(coeffs):
         raise recipe.error(path + ("coeffs",), "every coefficient is 0: the loss would be 0 and nothing would train",
                            suggestion="DiMR's own: [0.25, 1.0] for two branches (lowest resolution first)")
