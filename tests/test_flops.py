@@ -138,6 +138,18 @@ def test_dit_tiny_matches_closed_form():
     assert report.params == params and report.trainable_params == params - T * D  # pos table frozen
 
 
+def test_table_rows_add_up_to_the_total_parameters():
+    """DiT's pos_embed is a parameter of the model itself: an (other) row holds it though it costs no FLOPs."""
+    model = _tiny_model("dit", "meta")
+    report = count_flops(model, max_depth=1)
+    rows = {line.split()[0]: line.split() for line in report.table().splitlines()[1:]}
+    T, D = (16 // 2) ** 2, 64
+    assert rows["(other)"][1:3] == [f"{T * D:,}", "0.000"]
+    assert sum(int(r[1].replace(",", "")) for name, r in rows.items() if name != "total") == report.params
+    stack = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))  # everything inside its submodules: no (other) row
+    assert "(other)" not in count_flops(stack, (torch.randn(3, 8),)).table()
+
+
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_meta_and_cpu_counts_agree(family):
     meta = count_flops(_tiny_model(family, "meta"), max_depth=9)  # meta: cached kernels, memoised blocks

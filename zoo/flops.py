@@ -103,8 +103,9 @@ class FlopReport:
     def table(self, max_depth: int | None = None) -> str:
         """A printable table: module path (indented by depth), params, GFLOPs, share of total.
 
-        A row ``(other)`` under the total holds what runs outside any top-level submodule
-        (e.g. the sub-pixel upsampling a backbone does in its own ``forward``).
+        A row ``(other)`` under the total holds what is outside any top-level submodule, so that
+        the top-level rows add up to the total: the work a backbone does in its own ``forward``
+        (e.g. sub-pixel upsampling) and parameters it holds itself (e.g. DiT's ``pos_embed``).
         """
         depth = self.max_depth if max_depth is None else max_depth
         rows = [("total", self.params, self.gflops)]
@@ -113,8 +114,10 @@ class FlopReport:
                 rows.append(("  " * path.count(".") + "  " + path, self.params_by_module.get(path, 0), g))
         top = [p for p in self.by_module if "." not in p]
         other = self.gflops - sum(self.by_module[p] for p in top)
-        if top and abs(other) > 5e-7 * max(self.gflops, 1e-12):
-            rows.append(("  (other)", self.params - sum(self.params_by_module.get(p, 0) for p in top), other))
+        other = other if abs(other) > 5e-7 * max(self.gflops, 1e-12) else 0.0  # not rounding's -0.000
+        other_params = self.params - sum(self.params_by_module.get(p, 0) for p in top)
+        if top and (other or other_params):
+            rows.append(("  (other)", other_params, other))
         width = max(len(r[0]) for r in rows)
         lines = [f"{'module':<{width}}  {'params':>14}  {'GFLOPs':>10}  {'share':>6}"]
         for name, p, g in rows:
