@@ -86,6 +86,19 @@ def test_parity_command_path(name):
     assert result.family == "dimr" and result.passed and result.max_abs <= TOL
 
 
+def test_parity_fp64_says_when_the_file_has_no_fp64_outputs(capsys):
+    """These files hold float32 outputs only: --fp64 compared with them and said nothing."""
+    from zoo.cli import main
+
+    assert run_parity(GOLDEN / FILES[0], dtype=torch.float64).reference == "outputs"
+    assert main(["parity", str(GOLDEN / FILES[0]), "--fp64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"--fp64: {FILES[0]} holds no outputs_fp64; the float64 run was compared with its outputs "
+                        "instead") and lines[2].startswith("max abs error")
+    assert main(["parity", str(GOLDEN / FILES[0])]) == 0
+    assert "outputs_fp64" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name, params", [("dimr_xl_2r", 505_046_408), ("dimr_g_2r", 1_056_352_904)])
 def test_released_checkpoint_keys_load_strictly(name, params):
     """The official key list converts into exactly the state dict of the zoo model built from the

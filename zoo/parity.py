@@ -30,12 +30,14 @@ class ParityResult:
     """Errors of the zoo forward against the official outputs.
 
     ``max_rel`` is ``max_abs`` divided by the largest absolute official output (an element-wise
-    ratio is meaningless where outputs cross zero).
+    ratio is meaningless where outputs cross zero). ``reference`` names the golden entry compared
+    against: ``outputs_fp64`` for a float64 run of a file that holds it, else ``outputs``.
     """
 
     family: str
     max_abs: float
     max_rel: float
+    reference: str = "outputs"
 
     @property
     def passed(self) -> bool:
@@ -91,7 +93,8 @@ def compare(actual: Any, expected: Any) -> tuple[float, float]:
 
 @torch.no_grad()
 def run_parity(path: str | Path, family: str | None = None, dtype: torch.dtype = torch.float32) -> ParityResult:
-    """Build, convert, run a golden file; ``dtype=torch.float64`` compares against ``outputs_fp64``."""
+    """Build, convert, run a golden file; ``dtype=torch.float64`` compares against ``outputs_fp64``
+    where the file holds it (else against ``outputs``, as :attr:`ParityResult.reference` says)."""
     golden = load_golden(path)
     family = family or infer_family(golden["config"], hint=Path(path).name)
     model = build_official_model(family, golden["config"], golden["state_dict"]).to(dtype)
@@ -104,11 +107,12 @@ def run_parity(path: str | Path, family: str | None = None, dtype: torch.dtype =
         raise UserError(f"{path} is not a {family} golden file: its inputs are not the mapping of tensors the "
                         f"family reads ({err})") from None
     args = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
-    expected = golden["outputs_fp64"] if dtype == torch.float64 and "outputs_fp64" in golden else golden["outputs"]
+    reference = "outputs_fp64" if dtype == torch.float64 and "outputs_fp64" in golden else "outputs"
+    expected = golden[reference]
     try:
         outputs = model(*args)
     except (IndexError, RuntimeError, ValueError) as err:  # e.g. a label past the table, 3 channels for 4
         raise UserError(f"{path}: its inputs do not fit the model its config builds "
                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     max_abs, max_rel = compare(outputs, expected)
-    return ParityResult(family, max_abs, max_rel)
+    return ParityResult(family, max_abs, max_rel, reference)
