@@ -23,6 +23,33 @@ class PatchEmbed(nn.Module):  # = timm.layers.PatchEmbed(img_size=None); importi
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def check_inputs(model: str, x: Tensor, y: Tensor | None, channels: int, size: int, num_labels: int) -> None:
+    """Refuse inputs a backbone cannot take, in one line naming what it takes, before they reach a layer.
+
+    ``x`` must be ``(B, channels, size, size)`` and ``y`` ``None`` or ``B`` integer labels in
+    ``0 .. num_labels − 1`` (an unconditional model, ``num_labels == 0``, takes none). Label values
+    are checked on the CPU only: on an accelerator that read would wait for the device every call,
+    and under ``torch.compile`` it would break the graph.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise UserError(f"{model} takes x of shape (B, {channels}, {size}, {size}), got {got}")
+    if y is None:
+        return
+    if num_labels == 0:
+        raise UserError(f"this {model} is unconditional (no label table): it cannot take labels y",
+                        suggestion="call it without y, or build it with num_classes")
+    if (not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool
+            or tuple(y.shape) != (x.shape[0],)):
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise UserError(f"{model} takes y as {x.shape[0]} integer labels (a LongTensor of shape ({x.shape[0]},)), got {got}")
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_labels:
+            raise UserError(f"label {low if low < 0 else high} is out of range: this {model} has labels 0..{num_labels - 1}"
+                            " (the null label included)")
+
+
 def unpatchify(x: Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> Tensor:
     """Tokens ``(B, h·w, p·p·C)`` back to an image ``(B, C, h·p, w·p)``.
 

@@ -18,13 +18,13 @@ from typing import Annotated, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from zoo.conditioning.base import Conditioning, as_time_vector, time_blind
+from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, time_blind
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
 from zoo.domains import (MAX_SIZE, Calls, Channels, Classes, ConditionerFactory, Depth, Doc, ImageSize, PatchSize, Range,
                          Rule, Width)
 from zoo.errors import UserError
 
-from .common import PosEmbedInit, init_pos_embed_
+from .common import PosEmbedInit, check_inputs, init_pos_embed_
 from .dimr_branch import DiMRBranch
 
 
@@ -153,6 +153,10 @@ class DiMR(nn.Module):
         pos_embed_init: PosEmbedInit = "normal",
     ):
         super().__init__()
+        if adds_time_token(norm):
+            raise UserError("model.norm serves DiMR's hand-on and head norms, which see feature maps, not the token "
+                            "sequence a time token joins: there time_token would be a plain LayerNorm",
+                            suggestion="use time_token as a Transformer block's norm; here td_layernorm (DiMR's) or adaln_zero")
         branches = [self._check_branch(i, spec) for i, spec in enumerate(branches)]
         problem = branch_layout_problem(input_size, branches)
         if problem:
@@ -178,8 +182,25 @@ class DiMR(nn.Module):
         if time_blind(self):
             raise UserError("with these norms no layer of the DiMR sees the time t (plain norms in every block and "
                             "branch)", suggestion="use td_rmsnorm or td_layernorm (DiMR's own), or adaln_zero")
+        self._check_label_path(class_embedding)
         self.init_weights()
         self.set_grad_checkpointing(grad_checkpointing)
+
+    def _check_label_path(self, class_embedding: bool) -> None:
+        """The label reaches a DiMR through a Transformer branch's class token, or through
+        ``class_embedding`` into the timestep embedding of embedding conditioners (adaLN-Zero):
+        a class-conditional DiMR with neither, or a ``class_embedding`` nothing reads, is refused
+        (label dropout and guidance would silently do nothing)."""
+        embeds = [b for b in self.branches if getattr(b, "y_embedder", None) is not None]
+        if class_embedding and not embeds:
+            raise UserError("class_embedding adds the label to the timestep embedding of embedding conditioners "
+                            "(adaln_zero); no norm of this DiMR uses one, so it would do nothing",
+                            key_path="model.class_embedding", suggestion="drop class_embedding, or use adaln_zero norms")
+        if self.num_classes > 1 and not embeds and all(b.class_embed is None for b in self.branches):
+            raise UserError(f"model.num_classes is {self.num_classes}, but no layer of this DiMR sees the label: it "
+                            "enters through a Transformer branch's class token or class_embedding with adaln_zero norms",
+                            key_path="model.num_classes", suggestion="add a Transformer branch, set class_embedding: "
+                            "true with adaln_zero norms, or num_classes: 1 for an unconditional model")
 
     @staticmethod
     def _check_branch(i: int, spec: BranchConfig | Mapping[str, Any]) -> BranchConfig:
@@ -234,6 +255,7 @@ class DiMR(nn.Module):
         return self._run(x, t, y, last_features=False)[0]
 
     def _run(self, x: Tensor, t: Tensor, y: Tensor | None, last_features: bool) -> tuple[list[Tensor], list[Tensor]]:
+        check_inputs("DiMR", x, y, self.in_channels, self.input_size, self.num_labels)
         if y is None and self.num_classes > 0:  # unconditional: the null label (the last one)
             y = torch.full((x.shape[0],), self.num_classes - 1, dtype=torch.long, device=x.device)
         cond = Conditioning(t=as_time_vector(t, x.shape[0], x.device), y=y)

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from zoo.blocks.skip_stack import LongSkipStack
-from zoo.conditioning.base import Conditioning, conditioner_class, needs_embedding
+from zoo.conditioning.base import Conditioning, conditioner_class, needs_embedding, without_gate
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm
 from zoo.errors import UserError
@@ -86,8 +86,9 @@ class DiMRBranch(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid, self.grid, dim))
         self.blocks = LongSkipStack(dim, depth, partial(block, dim, cond_dim=dim))
         self.handed_dim = dim * (len(self.blocks) + 1)  # stack input + every block output
-        self.upsample = None if handed_dim is None else FeatureUpsample(handed_dim, dim, upsample_ratio, norm)
-        self.head_norm = norm(dim, cond_dim=dim)
+        plain_norm = without_gate(norm)  # the hand-on and head norms drop any gate: none is allocated
+        self.upsample = None if handed_dim is None else FeatureUpsample(handed_dim, dim, upsample_ratio, plain_norm)
+        self.head_norm = plain_norm(dim, cond_dim=dim)
         self.head = nn.Conv2d(dim, in_channels, head_kernel_size, padding=head_kernel_size // 2)
 
         blocks_need_emb, time_token = _flags(self.blocks)

@@ -23,7 +23,7 @@ from zoo.domains import (Calls, Channels, Classes, ConditionerFactory, Depth, Di
                          PatchSize, Range, Ratio, Rule, Width)
 from zoo.errors import UserError
 
-from .common import PatchEmbed, sincos_pos_embed_2d, unpatchify, xavier_init_linears_
+from .common import PatchEmbed, check_inputs, sincos_pos_embed_2d, unpatchify, xavier_init_linears_
 
 # Arguments DiT passes to every block; a block factory must leave them to DiT.
 _BLOCK_ARGS = ("num_heads", "mlp_ratio", "norm", "mlp", "cond_dim")
@@ -51,7 +51,7 @@ class DiT(nn.Module):
 
     ``forward(x, t, y)`` takes ``t`` as the integer DDPM index 0..999 (the official input) and
     class labels ``y`` (``num_classes`` is the null label when ``class_dropout_prob > 0``;
-    ``y=None`` means unconditional). It returns ``(B, 2C, H, W) = [eps | v]`` when
+    ``y=None`` means unconditional, which needs that null label). It returns ``(B, 2C, H, W) = [eps | v]`` when
     ``learn_sigma`` else ``(B, C, H, W)``.
 
     ``block`` is a block factory called as ``block(hidden_size, num_heads=, mlp_ratio=, norm=,
@@ -135,10 +135,13 @@ class DiT(nn.Module):
     def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
         """``c = t_emb + y_emb`` (labels dropped at random in training mode)."""
         if y is None:
+            if not self.y_embedder.has_null_label:
+                raise UserError("this DiT has no null label (class_dropout_prob 0): pass labels y")
             y = self.y_embedder.null_labels(t.shape[0], device=t.device)
         return self.t_embedder(t) + self.y_embedder(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        check_inputs("DiT", x, y, self.in_channels, self.input_size, self.num_labels)
         t = as_time_vector(t, x.shape[0], x.device)
         cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
         h = self.x_embedder(x) + self.pos_embed

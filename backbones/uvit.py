@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from zoo.blocks.skip_stack import LongSkipStack
 from zoo.blocks.transformer import TransformerBlock
-from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, needs_embedding, time_blind
+from zoo.conditioning.base import (Conditioning, adds_time_token, as_time_vector, needs_embedding, time_blind,
+                                   without_gate)
 from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.conditioning.time_token import TimeToken
@@ -31,7 +32,7 @@ from zoo.domains import (MAX_CLASSES, Calls, Channels, ConditionerFactory, Depth
                          PatchSize, Range, Ratio, Width)
 from zoo.errors import UserError
 
-from .common import PatchEmbed, PosEmbedInit, init_pos_embed_, unpatchify
+from .common import PatchEmbed, PosEmbedInit, check_inputs, init_pos_embed_, unpatchify
 
 # Arguments U-ViT passes to every block; a block factory must leave them to U-ViT.
 _BLOCK_ARGS = ("num_heads", "mlp_ratio", "qkv_bias", "norm", "cond_dim")
@@ -55,7 +56,7 @@ class UViT(nn.Module):
         norm: the blocks' conditioner factory (default :class:`TimeToken`).
         head_norm: the norm before the output Linear (default U-ViT's LayerNorm); e.g.
             ``{type: adaln_zero, gate: false}`` for DiT's modulated head. A gate it returns is unused.
-        frequency_dim: sinusoid width of the timestep MLP, used only by embedding conditioners.
+        frequency_dim: sinusoid width of the timestep MLP (256) of embedding conditioners; refused without one.
         pos_embed_init: ``normal`` (the released trunc-normal 0.02) or ``sincos`` (the patch
             positions start from the 2-D sin-cos table and are still learned; the emoji32 demo).
     """
@@ -79,7 +80,7 @@ class UViT(nn.Module):
         block: Annotated[Callable[..., nn.Module], Calls(1, _BLOCK_ARGS)] = TransformerBlock,
         norm: ConditionerFactory = TimeToken,
         head_norm: ConditionerFactory = LayerNorm,
-        frequency_dim: Width = 256,
+        frequency_dim: Width | None = None,
         pos_embed_init: PosEmbedInit = "normal",
     ):
         super().__init__()
@@ -96,8 +97,16 @@ class UViT(nn.Module):
         self.num_labels = max(num_classes, 0)  # rows of the label table, the null label's included
         self.grid = img_size // patch_size
         self.pos_embed_init = pos_embed_init
+        if adds_time_token(head_norm):
+            raise UserError("time_token as head_norm would be a plain LayerNorm: the time token joins the blocks' "
+                            "sequence only", key_path="model.head_norm", suggestion="use layernorm (U-ViT's) or adaln_zero")
+        head_norm = without_gate(head_norm)  # its gate would be discarded: allocate none
         self.time_token = adds_time_token(norm)
         self.needs_embedding = needs_embedding(norm) or needs_embedding(head_norm)
+        if frequency_dim is not None and not self.needs_embedding:
+            raise UserError("frequency_dim sizes the timestep MLP of embedding conditioners (adaln_zero); this U-ViT "
+                            "has none, so it would do nothing", key_path="model.frequency_dim",
+                            suggestion="drop frequency_dim")
         if mlp_time_embed and not self.time_token:
             raise UserError("mlp_time_embed acts on the time token; this conditioner adds none (set it false)")
         self.label_token = num_classes > 0 and not self.needs_embedding
@@ -112,7 +121,7 @@ class UViT(nn.Module):
                 else nn.Identity()
             )
         if self.needs_embedding:
-            self.t_embedder = TimestepEmbedder(embed_dim, frequency_dim)
+            self.t_embedder = TimestepEmbedder(embed_dim, frequency_dim or 256)
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)  # a token, or added into c
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extra_tokens + self.grid**2, embed_dim))
@@ -172,6 +181,7 @@ class UViT(nn.Module):
         return y
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        check_inputs("U-ViT", x, y, self.in_chans, self.img_size, self.num_labels)
         t = as_time_vector(t, x.shape[0], x.device)
         cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
         h = self.patch_embed(x)

@@ -24,10 +24,13 @@ Conditioner classes declare what the backbone must provide through class attribu
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from zoo.introspect import signature
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,19 @@ def conditioner_class(factory: Callable[..., Any]) -> type:
     while hasattr(factory, "func"):
         factory = factory.func
     return factory  # type: ignore[return-value]
+
+
+def without_gate(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """The factory with the residual gate switched off (``gate=False``) where the conditioner has one.
+
+    For norms whose gate nothing reads (DiMR's hand-on and head norms, U-ViT's head norm): with
+    adaLN-Zero there they would otherwise allocate a third of their modulation Linear that never
+    gets a gradient and still counts as parameters. A ``gate`` the recipe sets is kept.
+    """
+    sig = signature(conditioner_class(factory))
+    if sig is None or "gate" not in sig.parameters or "gate" in getattr(factory, "keywords", {}):
+        return factory
+    return partial(factory, gate=False)
 
 
 def needs_embedding(factory: Callable[..., Any]) -> bool:

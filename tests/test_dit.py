@@ -132,7 +132,7 @@ def test_dit_options_learn_sigma_and_no_null_row():
     torch.nn.init.normal_(model.final_layer.linear.weight)
     x, t, y = model.example_inputs(2)
     assert model(x, t, y).shape == (2, 4, 8, 8)
-    with pytest.raises(ValueError, match="null class"):
+    with pytest.raises(UserError, match=r"this DiT has no null label \(class_dropout_prob 0\): pass labels y"):
         model(x, t, None)
 
 

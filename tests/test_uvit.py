@@ -109,8 +109,9 @@ def test_label_token_only_when_class_conditional(num_classes, extra):
     x, t, y = _inputs()
     out = model(x, t, y if num_classes > 0 else None)
     assert out.shape == x.shape and torch.isfinite(out).all()
-    if num_classes <= 0:  # unconditional: labels are ignored
-        torch.testing.assert_close(model(x, t, y), out, rtol=0, atol=0)
+    if num_classes <= 0:  # unconditional: labels are refused (they were ignored without a word)
+        with pytest.raises(UserError, match="this U-ViT is unconditional"):
+            model(x, t, y)
 
 
 def test_output_depends_on_time_label_and_every_pixel_shape():

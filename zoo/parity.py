@@ -111,7 +111,7 @@ def run_parity(path: str | Path, family: str | None = None, dtype: torch.dtype =
     expected = golden[reference]
     try:
         outputs = model(*args)
-    except (IndexError, RuntimeError, ValueError) as err:  # e.g. a label past the table, 3 channels for 4
+    except (UserError, IndexError, RuntimeError, ValueError) as err:  # e.g. a label past the table, 3 channels for 4
         raise UserError(f"{path}: its inputs do not fit the model its config builds "
                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     max_abs, max_rel = compare(outputs, expected)
