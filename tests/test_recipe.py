@@ -347,6 +347,19 @@ def test_build_component_checks_like_a_recipe():
         zoo.build_component("block", "transformer", dim=8)
 
 
+@pytest.mark.parametrize("override", ["model.norm=null", "model.block=null", "model.mlp=null"])
+def test_null_for_a_component_is_refused_at_its_key(override):
+    """--set model.norm=null was "'NoneType' object is not callable" while building, exit 1."""
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"key {key}: {key.split('.')[-1]} takes a (conditioner|block); null leaves none"):
+        zoo.load_recipe("dit_s_2", [override])
+
+
+def test_build_model_of_something_that_is_not_a_recipe_says_what_it_takes():
+    with pytest.raises(UserError, match="a recipe is a path, a recipe name or a dict, got NoneType"):
+        zoo.build_model(None)
+
+
 def test_build_component_checks_what_the_parent_passes_too():
     """dim=16.0 was a TypeError deep in torch, dim=-3 a negative-dimension RuntimeError, and
     num_heads 5 for dim 384 a ValueError: the parent's plain values are checked as a recipe's."""

@@ -298,6 +298,9 @@ def resolve(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -
         resolved = Recipe(copy.deepcopy(recipe.data), dict(recipe.origins), recipe.source)
     elif isinstance(recipe, dict):
         resolved = _apply_bases(Recipe(copy.deepcopy(recipe)), Path.cwd(), ())
+    elif not isinstance(recipe, (str, Path)):
+        raise UserError(f"a recipe is a path, a recipe name or a dict, got {type(recipe).__name__}",
+                        suggestion="e.g. zoo.build_model('dit_s_2') or zoo.build_model({'type': 'dit', ...})")
     else:
         path = find_recipe(recipe)
         resolved = load_file(path, str(recipe) if Path(recipe).is_file() else str(path))

@@ -28,7 +28,7 @@ import importlib
 from typing import Any, Callable, Iterable
 
 from . import registry
-from .domains import Calls, OneOf, Required, constraints_of, describe, fits, non_finite, split
+from .domains import Calls, OneOf, Required, constraints_of, describe, fits, non_finite, options, split, strip
 from .errors import UserError, did_you_mean
 from .introspect import (check_type, constructor_annotations, dataclass_in, is_factory_type, item_annotation,
                          positional_names, signature, type_name)
@@ -241,6 +241,8 @@ def table_rows(table: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]
 def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: KeyPath) -> Any:
     """One constructor argument: a component, a dataclass, a list of either, or plain checked data."""
     kind = kind_of_param(name) if name else None
+    if value is None and kind and type(None) not in map(strip, options(ann)):
+        raise recipe.error(path, f"{name} takes a {kind}; null leaves none", suggestion=f"give a {kind} name (zoo list {kind})")
     if value is not None and (kind or is_component_spec(value)
                               or (isinstance(value, str) and is_factory_type(ann))):
         calls = next((m for m in split(ann)[1] if isinstance(m, Calls)), None)
