@@ -109,6 +109,11 @@ class ScheduledModel:
     """``eps_fn`` bound to a schedule: evaluates it at schedule points and counts the calls."""
 
     def __init__(self, eps_fn: EpsFn, schedule: NoiseSchedule):
+        if not hasattr(schedule, "discrete"):  # duck-typed: a plugin schedule need not subclass NoiseSchedule
+            raise UserError(f"a solver samples on a NoiseSchedule, got {type(schedule).__name__} {schedule!r}"[:160],
+                            suggestion="build one with zoo.solvers.build_schedule('linear'), or pass the recipe's")
+        if not callable(eps_fn):
+            raise UserError(f"eps_fn must be callable as eps_fn(x, t), got {type(eps_fn).__name__}")
         self.eps_fn, self.schedule, self.nfe = eps_fn, schedule, 0
 
     def at(self, t: float) -> Point:

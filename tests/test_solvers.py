@@ -555,6 +555,15 @@ def test_skip_on_a_discrete_chain_is_refused_not_ignored(name, sched):
     assert uniform != log_snr
 
 
+def test_sample_with_a_schedule_name_instead_of_a_schedule_says_how_to_build_one():
+    """schedule="linear" was AttributeError: 'str' object has no attribute 'discrete'."""
+    x = torch.zeros(2, 3, dtype=F64)
+    with pytest.raises(UserError, match=r"a solver samples on a NoiseSchedule, got str 'linear'.*build_schedule"):
+        build_solver("ddim", steps=3).sample(lambda x, t: x, x, schedule="linear")
+    with pytest.raises(UserError, match="eps_fn must be callable"):
+        build_solver("euler", steps=3).sample(None, x, build_schedule("linear"))
+
+
 def test_the_python_builders_check_options_as_recipes_do():
     """build_schedule("linear", beta_end=1.5) sampled NaN; build_solver("ddim", eta=nan) dropped the noise."""
     for build in (lambda: build_schedule("linear", beta_end=1.5), lambda: build_schedule("linear", num_steps=0),
