@@ -117,3 +117,15 @@ def test_gpu_suite_without_a_gpu_says_so_and_exits_0():
     assert proc.stdout.splitlines() == [
         "gpu_suite: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing to run"
     ]
+
+
+def test_a_zip_torch_file_cut_anywhere_is_truncated_or_corrupt(tmp_path: Path):
+    """A cut that leaves the archive's local headers readable makes torch seek past the end
+    (OSError 22, "Invalid argument"): it reads as truncated like every other cut."""
+    torch.save({"w": torch.randn(64, 64), "b": torch.randn(64)}, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    for cut in (100, 1000, 5000, 10000, len(data) - 100):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(UserError) as info:
+            torch_load_plain(tmp_path / "cut.pt", "checkpoint")
+        assert str(info.value).endswith("it is truncated or corrupt (its zip archive cannot be read)"), (cut, info.value)

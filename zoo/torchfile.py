@@ -71,6 +71,8 @@ def describe_load_error(err: BaseException, head: bytes | None = None) -> str:
     if isinstance(err, _GARBAGE_PICKLE) or "Weights only load failed" in text or "magic number" in text:
         return "it is not a torch file (unreadable pickle data)"
     if isinstance(err, OSError):
+        if head is not None and head.startswith(_ZIP_HEAD):  # torch seeks past the end of a cut archive (EINVAL)
+            return "it is truncated or corrupt (its zip archive cannot be read)"
         return err.strerror or type(err).__name__
     first = text.splitlines()[0] if text else type(err).__name__
     return first[:200]
