@@ -87,6 +87,36 @@ def test_ema_math_and_fp32_shadow_of_a_bf16_model():
     torch.testing.assert_close(shadow, torch.full_like(shadow, expected))
 
 
+def test_ema_loads_strictly_with_one_line_naming_the_tensor():
+    ema = EMA(nn.Linear(4, 4), decay=0.9)
+    good = {k: v.clone() for k, v in ema.state_dict().items()}
+    cases = {  # a (1,) tensor was broadcast by copy_, an extra key ignored, a missing one a bare KeyError
+        "wrong shape keys: bias (1,) (model: (4,))": {**good, "bias": torch.zeros(1)},
+        "unexpected keys: extra": {**good, "extra": torch.zeros(4)},
+        "missing keys: weight": {"bias": good["bias"]},
+    }
+    for words, state in cases.items():
+        with pytest.raises(zoo.errors.UserError) as info:
+            ema.load_state_dict(state, "ckpt/ema.safetensors")
+        assert str(info.value).startswith("ckpt/ema.safetensors does not match the model") and words in str(info.value)
+    ema.load_state_dict(good)
+
+
+def test_resume_refuses_an_ema_file_that_does_not_match_the_model(tmp_path, capsys):
+    r = recipe("train.sample_every=0", "train.ckpt_every=0")
+    train(r, tmp_path / "a", steps=2, log=QUIET)
+    last = tmp_path / "a" / "last"
+    ema = ckpt.load_weights(last / "ema.safetensors")
+    ema["final_layer.linear.bias"] = ema["final_layer.linear.bias"][:1]
+    state = torch.load(last / "trainer_state.pt", weights_only=True)
+    ckpt.save_checkpoint(tmp_path / "bad", ckpt.load_weights(last / "model.safetensors"), r, ema=ema, state=state)
+    capsys.readouterr()
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ema.safetensors does not match the model" in err, err
+    assert "final_layer.linear.bias (1,)" in err and not (tmp_path / "b").exists()
+
+
 def test_no_decay_on_time_dependent_gates_and_frozen_table_not_optimized():
     dimr = zoo.build_model(Path(__file__).parent / "recipes" / "tiny_dimr_pixels.yaml")
     opt = build_optimizer(dimr, {"lr": 1e-3, "weight_decay": 0.03})

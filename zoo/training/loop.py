@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.checkpoint import (CONFIG, load_state_dict_strict, load_trainer_state, load_weights, read_config,
+from zoo.checkpoint import (CONFIG, _check_keys, load_state_dict_strict, load_trainer_state, load_weights, read_config,
                             repair_run, save_checkpoint)
 from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
@@ -198,6 +198,9 @@ class Trainer:
             check_resume_recipe(self._resumed_recipe, self.recipe, directory)
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
         sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
+        if not sharded:  # read and checked here, where a mistake stops every rank with one line
+            self._resumed_ema = load_weights(directory / "ema.safetensors")
+            _check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
         state = load_trainer_state(directory, required=() if sharded else ("optimizer",))
         if not sharded:
             now = [len(g["params"]) for g in recipe_groups(self.model, self.train)]
@@ -219,7 +222,7 @@ class Trainer:
         elif self.fsdp:  # a consolidated state, re-sharded onto this run's processes
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
+            self._load_ema(directory)
             # An empty state (a step-0 checkpoint) is a fresh optimizer, which this one already is;
             # loading it would first step every parameter once at lr 0 to create the state, and the
             # step counts left at 1 would change the bias corrections of the next updates.
@@ -227,7 +230,7 @@ class Trainer:
                 set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                          options=StateDictOptions(full_state_dict=True))
         else:
-            self.ema.load_state_dict(load_weights(directory / "ema.safetensors"))
+            self._load_ema(directory)
             self.optimizer.load_state_dict(state["optimizer"])
         for group, settings in zip(self.optimizer.param_groups, settings_now):
             group.update(settings)  # the moments are the checkpoint's; weight_decay, betas, eps the recipe's
@@ -237,6 +240,11 @@ class Trainer:
         self.created = [int(s) for s in state.get("created", [])]
         self.log(f"zoo train: resumed from {directory} at step {self.step}")
         self._resume_notes()
+
+    def _load_ema(self, directory: Path) -> None:
+        """The EMA shadows :meth:`_load` read, loaded strictly (a wrong shape is never broadcast)."""
+        self.ema.load_state_dict(self._resumed_ema, str(directory / "ema.safetensors"))
+        del self._resumed_ema
 
     def _resume_notes(self) -> None:
         """Say what a resume changes that the user may not expect: a learning-rate schedule stretched
