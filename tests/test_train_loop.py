@@ -220,6 +220,18 @@ def test_keep_last_prunes_only_the_runs_own_step_dirs(tmp_path):
     assert not list(tmp_path.glob("*.old-*")) and not list(tmp_path.glob("*.tmp-*"))
 
 
+def test_keep_last_keeps_a_step_dir_holding_a_users_files(tmp_path):
+    r = zoo.load_recipe(HERE / "tiny_train.yaml", [*SMALL, "train.ckpt_every=2", "train.keep_last=1"])
+    train(r, tmp_path, steps=2, log=QUIET)
+    (tmp_path / "step_0000002" / "NOTES.txt").write_text("mine")
+    notes = []
+    train(r, tmp_path, steps=6, resume=tmp_path, log=notes.append)
+    assert (tmp_path / "step_0000002" / "NOTES.txt").read_text() == "mine"
+    assert not (tmp_path / "step_0000004").exists() and (tmp_path / "step_0000006").is_dir()  # the rest pruned
+    said = [n for n in notes if "step_0000002" in n and "not pruned" in n]
+    assert len(said) == 1 and "NOTES.txt" in said[0], notes  # once: no longer counted as the run's
+
+
 def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
     # lr 1e30: step 1 is finite and moves the weights to ~1e30, so step 2's loss overflows.
     out = tmp_path / "run"

@@ -185,6 +185,11 @@ def is_checkpoint(directory: str | Path) -> bool:
     return all(_known(p.name) for p in directory.iterdir())
 
 
+def foreign_files(directory: str | Path) -> list[str]:
+    """The names in ``directory`` that zoo does not write into a checkpoint (a user's files), sorted."""
+    return sorted(p.name for p in Path(directory).iterdir() if not _known(p.name))
+
+
 def check_replaceable(target: str | Path, what: str = "checkpoint directory") -> None:
     """Refuse to replace anything but a zoo checkpoint (or an empty directory) at ``target``."""
     target = Path(target)
@@ -196,7 +201,7 @@ def check_replaceable(target: str | Path, what: str = "checkpoint directory") ->
     if is_checkpoint(target) or not any(target.iterdir()):
         return
     if (atomic.read_record(target, CONFIG) or {}).get("format") == FORMAT:
-        foreign = sorted(p.name for p in target.iterdir() if not _known(p.name))
+        foreign = foreign_files(target)
         raise UserError(f"{what} {target} also holds files zoo did not write ({', '.join(foreign[:5])}); "
                         "zoo will not replace it", suggestion="move them away or choose another path")
     raise UserError(f"{what} {target} exists and is not a zoo checkpoint; zoo will not replace it",

@@ -281,7 +281,7 @@ class Trainer:
                 save_checkpoint(target, self.model, self.recipe, ema=self.ema.state_dict(),
                                 state={**state, "optimizer": self.optimizer.state_dict()})
         if self.ctx.main:
-            self.created = prune_steps(self.out, self.created, int(self.train["keep_last"]))
+            self.created = prune_steps(self.out, self.created, int(self.train["keep_last"]), self.log)
         self.last_saved, self.last_dir = self.step, last
         self.ctx.barrier()
         return last

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from zoo import atomic
 from zoo.errors import UserError
@@ -136,16 +136,28 @@ def _value(recipe: dict, path: str) -> str:
     return json.dumps(node)
 
 
-def prune_steps(out: Path, created: list[int], keep: int) -> list[int]:
+def prune_steps(out: Path, created: list[int], keep: int, log: Callable[[str], None] = print) -> list[int]:
     """Delete the oldest ``step_*`` directories this run created beyond the newest ``keep``; never ``last/``.
 
     Each is renamed aside first (:func:`zoo.atomic.delete_dir`), so a crash mid-delete leaves a
-    leftover the next start removes, never half a checkpoint under a step name. Returns the steps still kept.
+    leftover the next start removes, never half a checkpoint under a step name. A directory that
+    also holds files zoo did not write (a user's notes) is kept, with a note naming them, and no
+    longer counted as the run's. Returns the steps still kept.
     """
+    from zoo.checkpoint import foreign_files, is_checkpoint
+
     if keep <= 0 or len(created) <= keep:
         return created
     for step in created[:-keep]:
         directory = out / f"step_{step:07d}"
+        if not directory.is_dir():
+            continue
+        if not is_checkpoint(directory):
+            foreign = foreign_files(directory)
+            why = (f"it also holds files zoo did not write ({', '.join(foreign[:5])})" if foreign
+                   else "it is no longer a zoo checkpoint")
+            log(f"zoo train: note: {directory} is kept, not pruned by train.keep_last: {why}")
+            continue
         atomic.delete_dir(directory)
     return created[-keep:]
 
