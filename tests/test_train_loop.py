@@ -319,6 +319,20 @@ def test_resuming_another_run_into_a_run_directory_is_refused(tmp_path, capsys):
     assert main(_args(tmp_path / "fork", "--resume", str(b / "last"), "--steps", "3")) == 0
 
 
+def test_out_may_not_be_a_checkpoint_or_inside_one(tmp_path, capsys):
+    """--out J/last --resume J/last nested a whole run inside J's checkpoint (exit 0)."""
+    j = tmp_path / "j"
+    assert main(_args(j, "--steps", "2")) == 0
+    before = sorted(p.name for p in (j / "last").iterdir())
+    capsys.readouterr()
+    assert main(_args(j / "last", "--resume", str(j / "last"), "--steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert err == f"zoo: error: --out {j / 'last'} is a checkpoint, not a run directory (give its run directory {j})\n"
+    assert main(_args(j / "last" / "sub", "--resume", str(j / "last"), "--steps", "3")) == 2
+    assert f"is inside the checkpoint directory {j / 'last'}" in capsys.readouterr().err
+    assert sorted(p.name for p in (j / "last").iterdir()) == before
+
+
 def test_a_run_without_last_is_still_a_run(tmp_path, capsys):
     """With last/ deleted, a new run there would have wiped the log and step directories; --resume points at them."""
     import shutil

@@ -93,14 +93,45 @@ def run_of(checkpoint: Path) -> Path:
     return checkpoint if holds_a_run(checkpoint) else checkpoint.parent
 
 
+def enclosing_checkpoint(path: str | Path) -> Path | None:
+    """The zoo checkpoint directory ``path`` is, or lies inside (its nearest one), else ``None``.
+
+    Checkpoint directories are replaced whole when saved, and a save refuses to replace one that
+    holds anything else: a file written into one would make every later save of it fail.
+    """
+    from zoo import atomic
+    from zoo.checkpoint import CONFIG, FORMAT
+
+    path = Path(path).expanduser()
+    above = [] if path.is_absolute() else list(Path.cwd().parents)  # "." is the last of a relative path's parents
+    for directory in (path, *path.parents, *above):
+        if directory.is_dir() and (atomic.read_record(directory, CONFIG) or {}).get("format") == FORMAT:
+            return directory
+    return None
+
+
+def _named(path: Path) -> Path:
+    """``path`` as a message shows it: the working directory by name rather than as ``.``."""
+    return Path.cwd() if str(path) == "." else path
+
+
 def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "--out") -> Path:
-    """``out`` (``~`` expanded) for a training run: not a file, and not another run's directory
-    unless resuming that run (``resuming``: the ``--resume`` path, or ``True``/``False``)."""
+    """``out`` (``~`` expanded) for a training run: not a file, not a checkpoint directory (or inside
+    one), and not another run's directory unless resuming that run (``resuming``: the ``--resume``
+    path, or ``True``/``False``)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file; zoo train writes a run directory there",
                         suggestion="choose a directory path")
     check_parents(out, option)
+    found = enclosing_checkpoint(out)
+    if found is not None:
+        if found == out:
+            hint = (f"give its run directory {_named(out.parent)}" if holds_a_run(out.parent)
+                    else "choose a directory outside it")
+            raise UserError(f"{option} {out} is a checkpoint, not a run directory", suggestion=hint)
+        raise UserError(f"{option} {out} is inside the checkpoint directory {_named(found)}, not a run directory",
+                        suggestion="choose a directory outside it")
     found = holds_a_run(out)
     if found and not resuming:
         raise UserError(f"{option} {out} already holds a run ({found}); a new run there would replace its "
