@@ -153,5 +153,5 @@ class DiMRBranch(nn.Module):
             return out, None
         features = torch.cat(features, dim=-1)
         if not self.spatial:
-            features = features[:, self.num_extra_tokens :].reshape(B, g, g, -1)
+            features = features[:, self.num_extra_tokens :].reshape(B, g, g, features.shape[-1])
         return out, features

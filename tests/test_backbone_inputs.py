@@ -35,6 +35,14 @@ def test_inputs_that_fit_run_and_the_last_label_row_is_a_label(built):
         model(x, t, torch.tensor([0, rows - 1]))
 
 
+def test_an_empty_batch_gives_empty_outputs(built):
+    """DiMR raised "cannot reshape tensor of 0 elements" (an ambiguous -1) where DiT and U-ViT ran."""
+    name, model, channels, size, rows = built
+    with torch.no_grad():
+        out = model(torch.randn(0, channels, size, size), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert all(o.shape[0] == 0 for o in (out if isinstance(out, list) else [out]))
+
+
 @pytest.mark.parametrize("case", ["size", "channels", "rank"])
 def test_an_image_of_the_wrong_shape_names_the_shape_the_model_takes(built, case):
     """Before: "The size of tensor a (64) must match the size of tensor b (16)" from a position table."""
