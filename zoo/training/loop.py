@@ -198,11 +198,11 @@ class Trainer:
             check_resume_recipe(self._resumed_recipe, self.recipe, directory)
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
         sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
-        if not sharded:  # read and checked here, where a mistake stops every rank with one line
-            self._resumed_ema = load_weights(directory / "ema.safetensors")
-            _check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
         state = load_trainer_state(directory, required=() if sharded else ("optimizer",))
         if not sharded:
+            # read and checked here, where a mistake stops every rank with one line
+            self._resumed_ema = load_weights(directory / "ema.safetensors")
+            _check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
             now = [len(g["params"]) for g in recipe_groups(self.model, self.train)]
             _check_groups(state["optimizer"], now, directory)
             if self.fsdp:  # FSDP loads a whole optimizer state keyed by name
