@@ -103,8 +103,12 @@ def test_plot_is_written_whole(tmp_path, capsys):
 def test_a_plot_path_that_cannot_be_written_is_refused_before_any_timing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("zoo.compare.measure", lambda *a, **k: pytest.fail("timed before checking --plot"))
     (tmp_path / "notes.png").write_text("my notes")
+    from zoo.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", torch.nn.Linear(1, 1), {})  # a plot in it would fail its next save
     for plot, words in [(tmp_path / "p.txt", "give a path ending in .png, .svg, .pdf"),
                         (tmp_path / "notes.png", "exists and is not a PNG image"),
-                        (tmp_path / "notes.png" / "p.svg", "is a file, not a directory")]:
+                        (tmp_path / "notes.png" / "p.svg", "is a file, not a directory"),
+                        (tmp_path / "ckpt" / "p.svg", "is inside the checkpoint directory")]:
         assert main(["compare", *TINY, "--plot", str(plot)]) == 2
         assert words in capsys.readouterr().err

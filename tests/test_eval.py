@@ -240,6 +240,17 @@ def _eval(run, *extra):
                  "--batch-size", "32", *extra])
 
 
+def test_out_in_a_checkpoint_directory_is_refused_before_sampling(run_dir, capsys):
+    """Shards and results written into last/ made every later save of it fail (also Ctrl-C's)."""
+    before = sorted(p.name for p in (run_dir / "last").iterdir())
+    for out in (run_dir / "last", run_dir / "last" / "eval"):
+        assert _eval(run_dir, "--out", str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out} is" in err and "checkpoint directory" in err, err
+        assert f"(write to the run directory {run_dir}, or elsewhere)" in err
+    assert sorted(p.name for p in (run_dir / "last").iterdir()) == before
+
+
 @pytest.mark.slow
 def test_eval_end_to_end_writes_the_protocol_and_resumes_from_shards(run_dir, capsys):
     start = time.perf_counter()

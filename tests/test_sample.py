@@ -230,6 +230,15 @@ def test_cli_writes_the_grid(checkpoint, tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, no leftovers
 
 
+def test_out_inside_a_checkpoint_directory_is_refused(checkpoint, capsys):
+    """A grid written into a checkpoint made every later save of it fail (also Ctrl-C's save of last/)."""
+    before = sorted(p.name for p in checkpoint.iterdir())
+    assert main(["sample", str(checkpoint), "--n", "1", "--steps", "1", "--out", str(checkpoint / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {checkpoint / 'grid.png'} is inside the checkpoint directory" in err
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
 def test_cli_from_a_recipe_warns_and_errors_are_one_line(tmp_path, capsys, checkpoint):
     out = tmp_path / "r.png"
     assert main(["sample", str(PIXELS), "--n", "2", "--steps", "2", "--out", str(out), "--device", "cpu",

@@ -333,6 +333,25 @@ def test_out_may_not_be_a_checkpoint_or_inside_one(tmp_path, capsys):
     assert sorted(p.name for p in (j / "last").iterdir()) == before
 
 
+def test_a_resume_refuses_at_startup_a_checkpoint_it_could_not_save_over(tmp_path, monkeypatch, capsys):
+    """A file of the user's in last/ (or a step_* the run will save) made the save fail at the end, also
+    the save on Ctrl-C or SIGTERM, losing every step since: the run now refuses before its first step."""
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "2")) == 0
+    steps = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, *a: steps.append(1))
+    for target in (out / "last" / "grid.png", out / "step_0000004" / "notes.txt"):
+        target.parent.mkdir(exist_ok=True)
+        target.write_text("mine")
+        capsys.readouterr()
+        assert main(_args(out, "--resume", str(out), "--steps", "4")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"zoo: error: checkpoint directory {target.parent} ") and err.count("\n") == 1, err
+        assert steps == [] and target.read_text() == "mine"
+        if target.parent.name == "last":
+            target.unlink()  # last/ whole again: the step directory is refused on its own
+
+
 def test_a_run_without_last_is_still_a_run(tmp_path, capsys):
     """With last/ deleted, a new run there would have wiped the log and step directories; --resume points at them."""
     import shutil

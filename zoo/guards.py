@@ -58,6 +58,7 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
         raise UserError(f"{option} {path} is a directory; give the PNG file to write, e.g. {path / 'grid.png'}")
     if path.suffix.lower() != ".png":
         raise UserError(f"{option} {path}: the grid is written as PNG; give a path ending in .png")
+    check_outside_checkpoints(path, option)
     if path.exists():
         try:
             with open(path, "rb") as f:
@@ -113,6 +114,20 @@ def enclosing_checkpoint(path: str | Path) -> Path | None:
 def _named(path: Path) -> Path:
     """``path`` as a message shows it: the working directory by name rather than as ``.``."""
     return Path.cwd() if str(path) == "." else path
+
+
+def check_outside_checkpoints(path: str | Path, option: str = "--out") -> None:
+    """Refuse an output path that is, or lies inside, a zoo checkpoint directory (written into one,
+    a file would make the next save of that checkpoint fail: zoo never replaces a user's files)."""
+    found = enclosing_checkpoint(path)
+    if found is None:
+        return
+    run = _named(found.parent) if holds_a_run(found.parent) else None
+    where = f"the run directory {run}, or elsewhere" if run is not None else "a path outside it"
+    what = ("is a checkpoint directory" if found == Path(path).expanduser()
+            else f"is inside the checkpoint directory {_named(found)}")
+    raise UserError(f"{option} {path} {what}: a file of yours there would make its next save fail",
+                    suggestion=f"write to {where}")
 
 
 def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "--out") -> Path:

@@ -39,7 +39,7 @@ def check_plot_output(path: str) -> None:
     from pathlib import Path
 
     from zoo.errors import UserError
-    from zoo.guards import check_parents, check_png_output
+    from zoo.guards import check_outside_checkpoints, check_parents, check_png_output
 
     out = Path(path).expanduser()
     if out.is_dir():
@@ -49,6 +49,7 @@ def check_plot_output(path: str) -> None:
     if out.suffix.lower() == ".png":
         check_png_output(out, "--plot")
     check_parents(out, "--plot")
+    check_outside_checkpoints(out, "--plot")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:  # before any sampling: --out is (or can become) a directory
         from pathlib import Path
 
-        from zoo.guards import check_parents
+        from zoo.guards import check_outside_checkpoints, check_parents
 
         out = Path(args.out).expanduser()
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; zoo eval writes samples and results into a directory",
                             suggestion="choose a directory path")
         check_parents(out, "--out")
+        check_outside_checkpoints(out, "--out")
     from zoo.eval.distortion import analyse
     from zoo.eval.distortion_cli import scorer_for
 

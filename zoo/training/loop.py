@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import signal
 import time
 from pathlib import Path
@@ -28,8 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.checkpoint import (CONFIG, _check_keys, load_state_dict_strict, load_trainer_state, load_weights, read_config,
-                            repair_run, save_checkpoint)
+from zoo.checkpoint import (CONFIG, _check_keys, check_replaceable, load_state_dict_strict, load_trainer_state,
+                            load_weights, read_config, repair_run, save_checkpoint)
 from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
@@ -49,6 +50,7 @@ DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_
             "grad_accum": 1, "grad_checkpointing": False, "compile": False, "tf32": True, "keep_last": 0,
             "parallel": "ddp"}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+STEP_DIR = re.compile(r"step_\d{7}")
 
 
 class NonFiniteError(RuntimeError):
@@ -286,6 +288,22 @@ class Trainer:
         self.ctx.barrier()
         return last
 
+    def _check_save_targets(self, total: int) -> None:
+        """Refuse now what a save would refuse later: ``last/`` and the ``step_*`` directories this
+        run will save over must be zoo checkpoints holding nothing else. Found at the end instead,
+        a file of the user's there would fail the save on Ctrl-C or SIGTERM and lose every step since."""
+        every = self._period("ckpt_every")
+        first = self.step if self.last_saved is None else self.step + 1
+        targets = [self.out / "last"]
+        if every > 0 and self.out.is_dir():
+            for d in sorted(self.out.iterdir()):
+                if STEP_DIR.fullmatch(d.name) and first <= int(d.name[5:]) <= total:
+                    step = int(d.name[5:])
+                    if step % every == 0 or step == total:
+                        targets.append(d)
+        for target in targets:
+            check_replaceable(target)
+
     def ema_copy(self) -> torch.nn.Module | None:
         """A plain model with the EMA weights on rank 0 (``None`` elsewhere) for grids and evaluations.
         Under FSDP every rank must call: each gathers its EMA shards into rank 0's model."""
@@ -423,6 +441,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
         self.ctx.barrier()
+        with distributed.agreement(self.ctx):
+            self._check_save_targets(total)
         self.banner(total)
         if self.step >= total:
             self.log(f"zoo train: note: already at step {self.step}, nothing to train (stops at step {total}); "
