@@ -107,6 +107,23 @@ def test_tied_and_non_contiguous_tensors(tmp_path):
     assert torch.equal(dst.t, src.t) and torch.equal(dst.part, src.part)
 
 
+def test_the_same_state_saves_to_the_same_bytes(tmp_path):
+    """safetensors wrote __metadata__ in hash-map order, which changes between saves (and processes):
+    one state gave two files and two sha256, and zoo eval keys its samples by that sha256."""
+    state = Tied().state_dict()
+    saved = set()
+    for i in range(12):
+        ckpt.save_weights(tmp_path / f"w{i}.safetensors", state)
+        saved.add((tmp_path / f"w{i}.safetensors").read_bytes())
+    assert len(saved) == 1
+    loaded = ckpt.load_weights(tmp_path / "w0.safetensors")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w0.safetensors"), framework="pt") as f:
+        assert f.metadata().keys() == {"aliases", "format"} and f.metadata()["format"] == "pt"
+
+
 def test_strict_loading_names_the_problem(tmp_path):
     model = _model()
     ckpt.save_checkpoint(tmp_path / "c", model, RECIPE)

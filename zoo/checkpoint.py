@@ -71,9 +71,35 @@ def _tensors_for_safetensors(state: Mapping[str, Tensor]) -> tuple[dict[str, Ten
 
 
 def save_weights(path: str | Path, state: Mapping[str, Tensor]) -> None:
-    """Write a state dict as safetensors, handling tied and non-contiguous tensors."""
+    """Write a state dict as safetensors, handling tied and non-contiguous tensors.
+
+    The same state gives the same bytes (so the same sha256, which ``zoo eval`` keys its samples by).
+    """
     tensors, aliases = _tensors_for_safetensors(state)
     save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    sort_metadata(path)
+
+
+def sort_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's ``__metadata__`` with its keys sorted, in place.
+
+    safetensors writes the metadata from a hash map whose order changes from one process to the
+    next, so one state saved twice gave two files. The rewritten header has the same length (the
+    same keys and values, reordered; padded with spaces as safetensors pads it), so the tensor
+    data after it does not move.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # (not expected: the same JSON values, reordered)
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:
