@@ -285,6 +285,26 @@ def test_eval_end_to_end_writes_the_protocol_and_resumes_from_shards(run_dir, ca
     assert time.process_time() >= 0 and time.perf_counter() - start < 120
 
 
+def test_samples_of_the_same_weights_under_another_diffusion_section_are_not_reused(run_dir, capsys):
+    """The sample cache was keyed by the weights' sha256 and the solver: the same weights re-saved with
+    another noise schedule reused the first schedule's samples, and their FD."""
+    from zoo.sample import load_model
+
+    args = ["eval", str(run_dir), "--n", "16", "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
+            "--batch-size", "16", "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    model, recipe, _ = load_model(run_dir / "last")
+    recipe["diffusion"]["schedule"]["beta_end"] = 0.03
+    save_checkpoint(run_dir / "last", model, recipe, ema=model)  # the same weights: the same sha256
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["protocol"]["weights_sha256"] == first["protocol"]["weights_sha256"]
+    assert second["samples"] != first["samples"] and second["metrics"]["fd"] != first["metrics"]["fd"]
+    assert second["protocol"]["diffusion"]["schedule"]["beta_end"] == 0.03
+    assert second["protocol"]["model"] == first["protocol"]["model"] == recipe["model"]
+
+
 def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir, capsys):
     from zoo.eval import quick_fd
     from zoo.sample import load_model

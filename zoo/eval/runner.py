@@ -5,8 +5,9 @@ images N×H×W×3, labels, sample indices), each written atomically after its ba
 run with the same protocol samples only the indices no shard holds yet, and sample i is the
 same image however the work was split (its noise, label and solver noise come from its own
 seeds, ``zoo.sample.sample_seed``). The result, with the full protocol (checkpoint and weights
-hash, EMA or raw weights, solver, steps, guidance, N, seeds, extractor and its weights hash,
-reference, zoo version), goes to ``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>-ref<hash of --ref>.json``.
+hash, the recipe's model and diffusion sections, EMA or raw weights, solver, steps, guidance, N,
+seeds, extractor and its weights hash, reference, zoo version), goes to
+``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>-ref<hash of --ref>.json``.
 """
 
 from __future__ import annotations
@@ -185,6 +186,9 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
                 "channels": guidance.channels, "power": guidance.power},
         "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
+        # what the weights mean: the same file sampled under another schedule, prediction, time input or
+        # null label gives other images
+        "model": recipe.get("model"), "diffusion": recipe.get("diffusion"),
     }
     if vae_file is not None:  # other VAE weights or scale, other samples
         protocol["vae"] = {"weights_sha256": _sha256(vae_file),
