@@ -124,6 +124,33 @@ def test_the_same_state_saves_to_the_same_bytes(tmp_path):
         assert f.metadata().keys() == {"aliases", "format"} and f.metadata()["format"] == "pt"
 
 
+def test_a_full_disk_while_saving_is_an_oserror_naming_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch.save to a path reported a full disk as 'unexpected pos' (a RuntimeError, exit 1): the
+    trainer state's short write is now an OSError(ENOSPC) naming the checkpoint, which zoo's CLI
+    turns into one line; the previous checkpoint stays and no temporary directory is left."""
+    import errno
+    import io
+
+    class FullAfter(io.FileIO):
+        budget = 100  # bytes the disk takes: one short write, then ENOSPC
+
+        def write(self, data):
+            if FullAfter.budget <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            n = min(len(memoryview(data).cast("B")), FullAfter.budget)
+            FullAfter.budget -= n
+            return super().write(memoryview(data).cast("B")[:n])
+
+    model = _model()
+    ckpt.save_checkpoint(tmp_path / "c", model, RECIPE, state={"step": 1})
+    monkeypatch.setattr(ckpt, "open", lambda path, mode, buffering=-1: FullAfter(path, mode.replace("b", "")),
+                        raising=False)
+    with pytest.raises(OSError) as info:
+        ckpt.save_checkpoint(tmp_path / "c", model, RECIPE, state={"step": 2, "big": torch.zeros(1000)})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "c")
+    assert ckpt.load_trainer_state(tmp_path / "c")["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
 def test_strict_loading_names_the_problem(tmp_path):
     model = _model()
     ckpt.save_checkpoint(tmp_path / "c", model, RECIPE)

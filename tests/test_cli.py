@@ -164,3 +164,47 @@ def test_a_command_that_fails_to_import_does_not_break_the_others(capsys, monkey
     assert zoo(capsys, "list", "backbone")[0] == 0
     with pytest.raises(ModuleNotFoundError):
         cli.main(["no_such_command"])
+
+
+def test_a_read_only_or_full_disk_is_one_line_naming_what_was_written(capsys, monkeypatch, tmp_path):
+    """EROFS and ENOSPC were a traceback and exit 1. The writer's own error names a temporary file
+    (or none): the line names the file zoo was writing, and nothing half-written is left."""
+    import errno
+
+    from zoo import atomic
+
+    real_replace = os.replace
+
+    def read_only(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(errno.EROFS, "Read-only file system", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", read_only)
+    out = tmp_path / "grid.png"
+    code, _, err = zoo(capsys, "sample", RECIPES / "tiny_dit_pixels.yaml", "--n", "1", "--steps", "2", "--out", out)
+    assert code == 2 and "Traceback" not in err  # (a warning line first: a recipe samples random weights)
+    assert err.splitlines()[-1] == f"zoo: error: {out}: the file system is read-only (write somewhere else)"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+
+    def half_then_full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")  # as file.write raises it: no file named
+
+    def rust_full(tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")  # safetensors
+
+    cases = {lambda args: atomic.write_file(tmp_path / "a.txt", half_then_full): tmp_path / "a.txt",
+             lambda args: atomic.write_dir(tmp_path / "ckpt", rust_full, "config.json", {}): tmp_path / "ckpt"}
+    for run, path in cases.items():
+        monkeypatch.setattr(list_command, "run", run)
+        assert_one_line_error(*zoo(capsys, "list"), f"{path}: the disk is full, so it was not written "
+                              "(nothing half-written is left; free some space, or write somewhere else)")
+        assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(list_command, "run", lambda args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    assert_one_line_error(*zoo(capsys, "list"), "the disk is full (No space; free some space")
+    monkeypatch.setattr(list_command, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O", "/x")))
+    with pytest.raises(OSError):  # another OS error: its traceback is kept
+        zoo(capsys, "list")

@@ -120,6 +120,38 @@ def test_a_new_event_file_sorts_after_one_written_in_the_same_second(tmp_path):
     assert len(new) == 1 and sorted([old.name, new[0]]) == [old.name, new[0]]
 
 
+def test_a_full_disk_leaves_no_torn_line_in_log_jsonl_and_names_it(tmp_path):
+    """A record cut short by a full disk stayed in log.jsonl, and the next record, appended to it,
+    was lost with it; the error named no file."""
+    import errno
+
+    monitor = Monitor(tmp_path, start=0, total=2, log=lambda *_: None, tty=False)
+    rec = {"step": 1, "loss": 1.0, "lr": 1e-3, "steps_per_s": 1.0, "images_per_s": 16.0}
+    monitor.record(rec)
+    real = monitor.file
+
+    class Full:  # takes 10 bytes, then the disk is full
+        def __init__(self):
+            self.taken = False
+
+        def write(self, data):
+            if self.taken:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.taken = True
+            return real.write(data[:10])
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monitor.file = Full()
+    with pytest.raises(OSError) as info:
+        monitor.record({**rec, "step": 2})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "log.jsonl")
+    monitor.file = real
+    monitor.close()
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [rec]
+
+
 def test_progress_bar_on_a_terminal(tmp_path, capsys):
     monitor = Monitor(tmp_path, start=0, total=4, log=lambda *_: pytest.fail("a TTY gets the bar, not lines"), tty=True)
     for step in (1, 2):

@@ -29,6 +29,7 @@ repair never deletes the half-written directory of a trainer saving next to it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -41,6 +42,23 @@ from typing import Any, Callable, Iterator, Mapping
 _LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
 _FILE_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|del)-[0-9a-f]{8}$")
 FILES_KEY, STAMP_KEY = "files", "written_ns"
+
+
+#: Errors of where a file goes, not of what it holds: a full disk, a used-up quota, a read-only file system.
+DISK_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if code)
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors words the OS error under its own
+
+
+def disk_error(err: BaseException, target: str | Path) -> OSError | None:
+    """``err`` as an ``OSError`` naming ``target`` if it is a full or read-only disk (also as
+    safetensors or torch wrap it), else ``None``. A writer's own message names its temporary file,
+    which is gone by then, or no file at all."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and (found := _RUST_OS_ERROR.search(str(err))):
+        code = int(found[1])
+    if code not in DISK_ERRNOS:
+        return None
+    return OSError(code, os.strerror(code), str(target))
 
 
 def _reached(step: str, path: Path) -> None:
@@ -121,8 +139,13 @@ def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
         plain_mode(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if (named := disk_error(err, path)) is not None:
+            raise named from err
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.lexists(tmp):  # (unlinking a name that is not there fails on a read-only file system)
+            tmp.unlink(missing_ok=True)  # nothing half-written is left
     fsync_path(path.parent)
     return path
 
@@ -193,6 +216,8 @@ def _stamp(directory: Path, record: str) -> int:
 
 
 def _remove(path: Path) -> None:
+    if not os.path.lexists(path):  # (unlinking a name that is not there fails on a read-only file system)
+        return
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -323,8 +348,10 @@ def write_dir(target: str | Path, fill: Callable[[Path], None], record: str,
             (tmp / record).write_text(json.dumps(sealed, indent=2) + "\n", encoding="utf-8")
             fsync_path(tmp / record)
             fsync_path(tmp)
-        except BaseException:
+        except BaseException as err:
             _remove(tmp)  # not sealed: the save never happened
+            if (named := disk_error(err, target)) is not None:
+                raise named from err
             raise
         try:  # sealed: from here on an interruption rolls forward (repair installs tmp)
             old = None

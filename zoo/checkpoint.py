@@ -262,6 +262,41 @@ def repair_run(directory: str | Path) -> list[Path]:
     return repaired
 
 
+class _WholeWrites:
+    """A file for ``torch.save`` whose ``write`` writes every byte or raises, and keeps what it raised:
+    torch reports a failed write (a full disk) as 'unexpected pos', a RuntimeError that does not
+    say why; :func:`_torch_save` raises the ``OSError`` instead."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += self.raw.write(view[done:])
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, with a failed write (a full disk) raised as its ``OSError``."""
+    with open(path, "wb", buffering=0) as f:
+        writer = _WholeWrites(f)
+        try:
+            torch.save(obj, writer)
+        except Exception:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
 def save_checkpoint(
     directory: str | Path,
     model: nn.Module | Mapping[str, Tensor],
@@ -287,7 +322,7 @@ def save_checkpoint(
         if ema is not None:
             save_weights(tmp / EMA, ema.state_dict() if isinstance(ema, nn.Module) else ema)
         if state is not None:
-            torch.save(dict(state), tmp / TRAINER_STATE)
+            _torch_save(dict(state), tmp / TRAINER_STATE)
 
     payload = {"format": FORMAT, "versions": versions(), "recipe": dict(config)}
     json.dumps(payload)  # a recipe that is not JSON fails here, before anything is written

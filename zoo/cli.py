@@ -2,8 +2,8 @@
 
 Each module in :data:`COMMANDS` has ``register(subparsers)`` (adds its parser and sets
 ``func=run``) and ``run(args) -> int``. A :class:`~zoo.errors.UserError` (or a missing user
-file) is printed as one line on stderr with exit status 2 and no traceback; set
-``ZOO_TRACEBACK=1`` to see the traceback anyway. Ctrl-C exits with 130.
+file, a full disk, a read-only file system) is printed as one line on stderr with exit status 2
+and no traceback; set ``ZOO_TRACEBACK=1`` to see the traceback anyway. Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -83,6 +83,21 @@ PATH_PROBLEMS = {  # an OS error on a path the user gave, in words, with what to
 }
 
 
+def _disk_problem(err: OSError) -> str:
+    """A full or read-only disk in words, naming what was being written (zoo's writes are atomic:
+    a file is written under a temporary name and renamed, so nothing half-written is left)."""
+    import errno
+
+    what = f"{err.filename}: " if err.filename else ""
+    if err.errno == errno.EROFS:
+        return f"{what}the file system is read-only (write somewhere else)"
+    full = "your disk quota is used up" if err.errno == getattr(errno, "EDQUOT", None) else "the disk is full"
+    if not err.filename:
+        return f"{full} ({err.strerror}; free some space, or write somewhere else)"
+    return (f"{what}{full}, so it was not written (nothing half-written is left; free some space, "
+            "or write somewhere else)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zoo ARGS``; return the exit status."""
     try:
@@ -118,6 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `zoo list | head -1`: the reader has all it wanted
         _discard_stdout()
         return 0
+    except OSError as err:  # a full or read-only disk: not a bug, nothing to fix in what was given but where
+        from zoo.atomic import DISK_ERRNOS
+
+        if os.environ.get("ZOO_TRACEBACK") or err.errno not in DISK_ERRNOS:
+            raise
+        print(f"zoo: error: {_disk_problem(err)}", file=sys.stderr)
+        return 2
 
 
 def _discard_stdout() -> None:

@@ -15,6 +15,7 @@ second axis in loss.png) and ``train.val_every``'s ``{"step", "val_loss", "val_n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -133,7 +134,8 @@ class Monitor:
         self.records = [r for r in found if r.get("step", 0) <= start]  # a resume drops what it redoes
         if len(self.records) < len(found):  # ... from the file too, or those steps would be in it twice
             write_file(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
-        self.file = open(path, "a")
+        self.log_path = path
+        self.file = open(path, "ab", buffering=0)
         _after_event_files_of_this_second(out / "tb")
         self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)  # TensorBoard drops them as well
         self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
@@ -151,8 +153,7 @@ class Monitor:
     def record(self, rec: dict) -> None:
         """A log record: written to every sink, shown above the bar or as one line."""
         self.records.append(rec)
-        self.file.write(_json_line(rec))
-        self.file.flush()
+        self._append(_json_line(rec))
         for key in ("loss", "lr", "grad_norm", "images_per_s", "steps_per_s"):
             if key in rec:
                 self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
@@ -174,8 +175,7 @@ class Monitor:
         """An evaluation record (an FD of ``train.eval_every`` or a validation loss of ``train.val_every``):
         log.jsonl, TensorBoard ``eval/fd`` or ``eval/val_loss``, loss.png, one line."""
         self.records.append(rec)
-        self.file.write(_json_line(rec))
-        self.file.flush()
+        self._append(_json_line(rec))
         for key in ("fd", "val_loss"):
             if key in rec:
                 self.writer.add_scalar(f"eval/{key}", rec[key], rec["step"])
@@ -188,6 +188,23 @@ class Monitor:
         if "val_loss" in rec:
             self.message(f"step {rec['step']:>7d}  val_loss {rec['val_loss']:.5f}  ({rec['val_n']} fixed draws on "
                          f"{rec['val_source']}, EMA, {rec['val_seconds']:.1f} s)")
+
+    def _append(self, line: str) -> None:
+        """Add one line to log.jsonl whole, or not at all: a full disk leaves no torn line (the next
+        record would be glued to it and lost), and its error names the file."""
+        from zoo.atomic import disk_error
+
+        data, start = line.encode("utf-8"), self.file.seek(0, 2)
+        try:
+            written = 0
+            while written < len(data):
+                written += self.file.write(data[written:])
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                self.file.truncate(start)
+            if (named := disk_error(err, self.log_path)) is not None:
+                raise named from err
+            raise
 
     def message(self, text: str) -> None:
         """A line that must not tear the bar."""
