@@ -239,6 +239,20 @@ def test_out_inside_a_checkpoint_directory_is_refused(checkpoint, capsys):
     assert sorted(p.name for p in checkpoint.iterdir()) == before
 
 
+@pytest.mark.parametrize("command", [
+    lambda ckpt, out: ["export", "diffusers", str(ckpt), "--out", str(out)],
+    lambda ckpt, out: ["prepare-latents", str(ckpt.parent / "no-images"), "--vae", str(ckpt.parent / "no-vae"),
+                       "--out", str(out)],
+    lambda ckpt, out: ["train-classifier", "emoji32", "--out", str(out)],
+], ids=["export", "prepare-latents", "train-classifier"])
+def test_other_writers_refuse_an_out_inside_a_checkpoint_too(checkpoint, capsys, command):
+    before = sorted(p.name for p in checkpoint.iterdir())
+    assert main(command(checkpoint, checkpoint / "sub")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {checkpoint / 'sub'} is inside the checkpoint directory" in err, err
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
 def test_cli_from_a_recipe_warns_and_errors_are_one_line(tmp_path, capsys, checkpoint):
     out = tmp_path / "r.png"
     assert main(["sample", str(PIXELS), "--n", "2", "--steps", "2", "--out", str(out), "--device", "cpu",

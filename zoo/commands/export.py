@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint.is_dir():
         raise UserError(f"{args.checkpoint} is not a checkpoint directory",
                         suggestion="pass a directory written by zoo train or zoo convert")
+    from zoo.guards import check_outside_checkpoints
+
+    check_outside_checkpoints(args.out)
     try:
         from zoo.integrations.diffusers import export
     except ImportError as err:

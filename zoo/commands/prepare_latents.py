@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    from zoo.guards import resolve_device
+    from zoo.guards import check_outside_checkpoints, resolve_device
+
+    check_outside_checkpoints(args.out)
 
     device = None if args.device is None else str(resolve_device(args.device))  # checked: one line, exit 2
     if device is None:

@@ -51,13 +51,14 @@ def run(args: argparse.Namespace) -> int:
     from zoo.classifier import check_out, save_classifier
     from zoo.classifier_train import load_data, train_classifier
     from zoo.errors import UserError
-    from zoo.guards import resolve_device
+    from zoo.guards import check_outside_checkpoints, resolve_device
 
     if args.steps < 1 or args.batch_size < 1:
         raise UserError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
     if len(args.dims) != len(args.depths):
         raise UserError(f"--dims {args.dims} and --depths {args.depths} need the same number of entries")
     device = str(resolve_device(args.device))
+    check_outside_checkpoints(args.out)
     out = check_out(args.out)  # before the data are read and the steps spent
     data = load_data(args.source, args.image_size, args.overrides, args.seed)
     log = (lambda _: None) if args.json else print
