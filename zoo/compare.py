@@ -111,10 +111,16 @@ class Bench:
         from zoo.sample import num_classes
         from zoo.training.optim import build_optimizer
 
+        from zoo.training.loop import AUTOCAST, set_grad_checkpointing
+
         self.recipe = zoo.load_recipe(recipe, list(overrides))
+        train = self.recipe.get("train") or {}
         torch.manual_seed(seed)
         self.model = zoo.build_model(self.recipe).to(device).train()
-        self.optimizer = build_optimizer(self.model, {"lr": 1e-4, **(self.recipe.get("train") or {})})
+        if train.get("grad_checkpointing"):  # the step the recipe trains: with its recomputation and precision
+            set_grad_checkpointing(self.model, True)
+        self.autocast = AUTOCAST.get(train.get("precision", "fp32"))
+        self.optimizer = build_optimizer(self.model, {"lr": 1e-4, **train})
         self.objective = build_objective(self.recipe)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         x, t, y = self.model.example_inputs(batch)
@@ -124,8 +130,9 @@ class Bench:
         self.y_model = y if self.y is None else self.y  # what the bare model call gets
 
     def step(self) -> None:
-        """Forward, the objective, backward, AdamW step."""
-        loss = self.objective(self.model, self.x, self.y, self.generator)["loss"].mean()
+        """Forward, the objective (under the recipe's autocast precision), backward, AdamW step."""
+        with torch.autocast(self.x.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            loss = self.objective(self.model, self.x, self.y, self.generator)["loss"].mean()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
