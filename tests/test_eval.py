@@ -118,6 +118,21 @@ def test_per_class_fd_uses_each_class_alone():
     out = compute_metrics(Features(gen, labels=labels), Reference(*feature_statistics(ref), ref, labels))
     per_class = out["per_class_fd"]
     assert per_class["0"] < 1e-9 and per_class["1"] < 1e-9 and per_class["2"] == pytest.approx(75.0, rel=1e-9)
+    assert compute_metrics(Features(gen, labels=labels), Reference(*feature_statistics(ref), ref, labels),
+                           num_classes=3)["per_class_fd"] == per_class
+
+
+@pytest.mark.parametrize("model_classes", [4, 2])
+def test_no_per_class_fd_against_a_reference_whose_classes_are_not_the_models(model_classes):
+    """A 4-class model scored against 3-class emoji-like data gave a 'per-class FD' pairing its
+    label c with the reference's unrelated class c; now it is left out, with a note."""
+    rng = np.random.default_rng(5)
+    ref, labels = rng.normal(size=(60, 3)), np.arange(60) % 3
+    out = compute_metrics(Features(ref, labels=labels), Reference(*feature_statistics(ref), ref, labels),
+                          num_classes=model_classes)
+    assert "per_class_fd" not in out
+    assert out["per_class_fd_skipped"] == f"the reference has 3 classes, the model {model_classes}: " \
+                                          "its labels are not the model's classes"
 
 
 # --------------------------------------------------------------------------- references
@@ -408,3 +423,24 @@ def test_the_default_reference_names_the_held_out_split():
     assert _default_ref({"data": {"dataset": "emoji32"}}) == "emoji32:holdout"
     with pytest.raises(UserError, match="--ref is needed"):
         _default_ref({"data": {"dataset": "image_folder", "root": "x"}})
+
+
+def test_a_dataset_reference_the_run_trains_on_is_its_own_data_and_others_say_what_to_pass():
+    """--ref synthetic was built from defaults (64 images, all label 0) whatever the run trained on,
+    and --ref image_folder asked for --set data.root, which zoo eval does not take."""
+    from zoo.errors import UserError
+    from zoo.eval.reference import _images_source, to_uint8
+    from zoo.training.data import build_dataset
+
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml", ["data.size=24"])
+    identity, batches, count = _images_source("synthetic", 8, recipe)
+    images, labels = (torch.cat(parts) for parts in zip(*batches(8)))
+    trained = build_dataset(recipe["data"], (3, 8, 8), 4, recipe["train"]["seed"])
+    assert count == 24 and torch.equal(images, to_uint8(trained.tensors[0]))  # the run's own images
+    assert torch.equal(labels, trained.tensors[1]) and set(labels.tolist()) == {0, 1, 2, 3}  # (all 0 before)
+    other = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml", ["data.size=32"])
+    assert _images_source("synthetic", 8, other)[0] != identity  # other data, other cached statistics
+    with pytest.raises(UserError, match="synthetic images are made from a recipe's data section"):
+        _images_source("synthetic", 8, None)
+    with pytest.raises(UserError, match=r"--ref image_folder reads its images from a data.root.*--ref /path/to/images"):
+        _images_source("image_folder", 8, recipe)

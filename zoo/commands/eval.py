@@ -54,6 +54,8 @@ def _summary(result: dict) -> str:
         parts.append(f"precision {m['precision']:.3f}  recall {m['recall']:.3f}")
     if "per_class_fd_mean" in m:
         parts.append(f"per-class FD (mean of {len(m['per_class_fd'])}) {m['per_class_fd_mean']:.3f}")
+    if "per_class_fd_skipped" in m:
+        parts.append(f"no per-class FD ({m['per_class_fd_skipped']})")
     ext = result["extractor"]["name"]
     return f"zoo eval: {result['n']} samples, {ext} features vs {result['reference']['spec']}: " + "  ".join(parts)
 

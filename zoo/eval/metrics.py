@@ -63,9 +63,20 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = NEIGHBOUR
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
-def per_class_fd(generated: Features, reference: Reference) -> dict[int, float]:
-    """FD per class between generated and reference features of that class (classes with >= 2 on each side)."""
-    if generated.labels is None or reference.labels is None or reference.features is None:
+def classes_match(reference: Reference, num_classes: int | None) -> bool:
+    """Whether the reference's labels are the model's classes: as many classes, each below ``num_classes``
+    (``None``: not known, taken as matching). Label c of a 4-class model is not class c of emoji32."""
+    if num_classes is None or reference.labels is None:
+        return True
+    present = np.unique(reference.labels)
+    return len(present) == num_classes and int(present.max()) < num_classes
+
+
+def per_class_fd(generated: Features, reference: Reference, num_classes: int | None = None) -> dict[int, float]:
+    """FD per class between generated and reference features of that class (classes with >= 2 on each side);
+    none when the reference's classes are not the model's (:func:`classes_match`)."""
+    if (generated.labels is None or reference.labels is None or reference.features is None
+            or not classes_match(reference, num_classes)):
         return {}
     out = {}
     for c in sorted(set(generated.labels.tolist()) & set(reference.labels.tolist())):
@@ -75,14 +86,20 @@ def per_class_fd(generated: Features, reference: Reference) -> dict[int, float]:
     return out
 
 
-def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOURHOOD) -> dict:
-    """Every metric the inputs allow: ``fd``, ``is_mean``/``is_std``, ``precision``/``recall``, ``per_class_fd``."""
+def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOURHOOD,
+                    num_classes: int | None = None) -> dict:
+    """Every metric the inputs allow: ``fd``, ``is_mean``/``is_std``, ``precision``/``recall``, and
+    ``per_class_fd`` where the reference's classes are the model's ``num_classes`` (else a note says why not)."""
     out: dict = {"fd": frechet_distance(*feature_statistics(generated.features), reference.mu, reference.sigma)}
     if generated.logits is not None:
         out["is_mean"], out["is_std"] = inception_score(generated.logits)
     if reference.features is not None and min(len(generated.features), len(reference.features)) > k:
         out["precision"], out["recall"] = precision_recall(generated.features, reference.features, k)
-    classes = per_class_fd(generated, reference)
+    classes = per_class_fd(generated, reference, num_classes)
+    if generated.labels is not None and reference.labels is not None and not classes_match(reference, num_classes):
+        found = len(np.unique(reference.labels))
+        out["per_class_fd_skipped"] = (f"the reference has {found} classes, the model {num_classes}: "
+                                       "its labels are not the model's classes")
     if classes:
         out["per_class_fd"] = {str(c): v for c, v in classes.items()}
         out["per_class_fd_mean"] = float(np.mean(list(classes.values())))

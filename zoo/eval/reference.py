@@ -26,7 +26,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -117,8 +117,14 @@ def dataset_reference(spec: str) -> tuple[str, str]:
     return name, split
 
 
-def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Iterator], int]:
-    """(identity for the cache key, batches(batch_size), count) of a folder or dataset reference."""
+def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
+                   ) -> tuple[str, Callable[[int], Iterator], int]:
+    """(identity for the cache key, batches(batch_size), count) of a folder or dataset reference.
+
+    A dataset the model's ``recipe`` trains on is built from its data section (its root, size,
+    classes and seed: ``--ref synthetic`` is the run's own synthetic images); another one from its
+    name alone, which a dataset that reads a root or is made per recipe cannot be.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
         from zoo.training.data import IMAGE_SUFFIXES, ImageFolder
@@ -133,9 +139,25 @@ def _images_source(spec: str, image_size: int) -> tuple[str, Callable[[int], Ite
 
     name, split = dataset_reference(spec)
     build = registry.get("dataset", name)
-    data = {"dataset": name, "image_size": image_size, **({"split": split} if split else {})}
-    dataset = build(data, (3, image_size, image_size), None, 0)
+    own = dict((recipe or {}).get("data") or {})
+    own = own if own.get("dataset", "synthetic") == name else {}
+    if name == "synthetic" and not own:
+        raise UserError(f"--ref {spec}: synthetic images are made from a recipe's data section, and this model's "
+                        "recipe trains on other data", suggestion="pass an image folder, an .npz or emoji32")
+    if not own.get("root") and not getattr(build, "ignores_root", False):
+        raise UserError(f"--ref {spec} reads its images from a data.root, and this model's recipe sets none for it",
+                        suggestion="pass the image folder itself: --ref /path/to/images (CLASS/IMAGE inside)")
+    data = {**own, "dataset": name, "image_size": image_size, **({"split": split} if split else {})}
+    if name == "synthetic":
+        data.pop("image_size")  # the synthetic images take the model's input size, given as the shape
+    from zoo.sample import num_classes
+
+    classes, seed = (num_classes(recipe), int(((recipe or {}).get("train") or {}).get("seed", 0))) if own else (None, 0)
+    dataset = build(data, (3, image_size, image_size), classes, seed)
     identity = f"dataset:{name}:{split}:{image_size}"
+    if own:  # the run's own data: the cache key holds what made it
+        identity += ":" + hashlib.sha256(json.dumps([own, classes, seed], sort_keys=True, default=str)
+                                         .encode()).hexdigest()[:16]
     return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
 
 
@@ -221,8 +243,9 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log) -> Refer
 
 
 def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, device="cpu",
-                   log: Callable[[str], None] = print) -> Reference:
-    """The :class:`Reference` for ``--ref`` (see the module docstring), from the cache when it is there."""
+                   log: Callable[[str], None] = print, recipe: Mapping[str, Any] | None = None) -> Reference:
+    """The :class:`Reference` for ``--ref`` (see the module docstring), from the cache when it is there;
+    ``recipe``: the model's, whose data section builds a dataset reference it trains on."""
     path = Path(spec).expanduser()
     if path.suffix == ".npz":
         if not path.is_file():
@@ -233,7 +256,7 @@ def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, 
             raise UserError(f"cannot read reference {path}: {unreadable_npz(err, path)}",
                             suggestion="give an ADM-style .npz (arr_0: uint8 images N x H x W x 3) or statistics "
                                        "zoo eval wrote") from None
-    identity, batches, count = _images_source(spec, image_size)
+    identity, batches, count = _images_source(spec, image_size, recipe)
     if count < 2:
         raise UserError(f"reference {spec} has {count} image(s); statistics need at least 2")
     return _from_cache_or_compute(identity, extractor, lambda: batches(batch_size), device, spec, log)

@@ -196,7 +196,8 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     ref_spec = request.ref or _default_ref(recipe)
-    reference = load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log)  # before sampling
+    reference = load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log,  # before sampling
+                               recipe=recipe)
     samples_dir = eval_dir / f"samples-{ckpt.name}-{key}"
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
     todo = missing_ranges(request.n, existing_shards(samples_dir), batch)
@@ -217,7 +218,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
                          images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
                 bar.update(stop - start)
     feats = extract(extractor, sample_batches(samples_dir, request.n, batch), device)
-    metrics = compute_metrics(feats, reference)
+    metrics = compute_metrics(feats, reference, num_classes=num_classes(recipe))
     result = {"metrics": metrics, "n": request.n, "protocol": protocol, "samples": str(samples_dir),
               "extractor": extractor.describe(), "reference": {"spec": ref_spec, "source": reference.source,
                                                                "count": None if reference.features is None
@@ -284,5 +285,6 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
         model.train(training)
     image_size = chunks[0][0].shape[-1]
     feats = extract(extractor, ((images, None) for images, _ in chunks), device)
-    reference = load_reference(ref or _default_ref(recipe), extractor, image_size, batch, device, log=lambda _: None)
+    reference = load_reference(ref or _default_ref(recipe), extractor, image_size, batch, device, log=lambda _: None,
+                               recipe=recipe)
     return frechet_distance(*feature_statistics(feats.features), reference.mu, reference.sigma)

@@ -107,7 +107,8 @@ class FDHook:
         batch = int((self.recipe.get("sample") or {}).get("batch_size") or 32)
         with _rng_kept(self.device), torch.no_grad():
             if self.dataset is None:
-                ref = load_reference(self.ref_spec, self.extractor, self.image_size, batch, self.device, self.log)
+                ref = load_reference(self.ref_spec, self.extractor, self.image_size, batch, self.device, self.log,
+                                     recipe=self.recipe)
                 mu, sigma = ref.mu, ref.sigma
             else:
                 feats = extract(self.extractor, _dataset_batches(self.dataset, batch), self.device)
