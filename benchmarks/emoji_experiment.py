@@ -2,13 +2,15 @@
 
     python benchmarks/emoji_experiment.py                    # ~55 min on a quiet 2-core CPU (see the README)
     python benchmarks/emoji_experiment.py --steps 10000 --n 512 --out runs/emoji_long   # the demo's own budget
-    python benchmarks/emoji_experiment.py --quick --out /tmp/emoji_quick   # every stage at toy sizes (a test)
+    python benchmarks/emoji_experiment.py --quick   # every stage at toy sizes (a test), into a new temporary directory
 
 1. trains each model of ``recipes/emoji32/{dimr_2r,uvit,dit}.yaml`` (matched within 3% in
    parameters; the recipes' own seed and data; ``train.steps`` set, and ``PINNED``: the trunc-normal
    position init and the learning rate of 1e-3 the recorded results used) for ``--steps`` steps
-   into ``OUT/runs/NAME``; a run already at that step is skipped, a shorter one resumed;
-2. trains the emoji32 classifier (``zoo train-classifier``) into ``OUT/classifier``, or reuses it;
+   into ``OUT/runs/NAME``; a run already at that step is skipped, an interrupted one resumed;
+2. trains the emoji32 classifier (``zoo train-classifier``) into ``OUT/classifier``, or reuses it.
+   ``OUT/settings.json`` records what defines each run and the classifier (--quick, steps, batch,
+   architecture, overrides); a rerun whose settings differ is refused rather than resuming or reusing them;
 3. evaluates each model with ``zoo eval``'s code (EMA weights, the recorded results' sampler: DPM-Solver++
    20 steps, CFG 2; ``--n`` samples with per-sample seeds, shards reused on a rerun): FD of
    efficientnet_lite0 features (offline) against the emoji32 holdout split, precision/recall, and the
@@ -24,12 +26,15 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"DiMR-2R": "dimr_2r", "U-ViT/2": "uvit", "DiT/2": "dit"}
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "emoji_experiment"
+SETTINGS = "settings.json"  # in OUT: what each run and the classifier were made with
+QUICK_CLASSIFIER = {"dims": [8], "depths": [1]}
 # Defaults measured 2026-12-03 on a quiet 2-core CPU: 55 min (training 19 / 14 / 11 min for DiMR-2R /
 # U-ViT / DiT at batch 16, 256 samples each, classifier 1 min). 3000 steps, not fewer: under the recipes'
 # cosine schedule + Min-SNR weights, 1500-step models still paint the whole frame and the classifier
@@ -53,17 +58,93 @@ def finished_step(run: Path) -> int | None:
     return int(load_trainer_state(run / "last")["step"]) if (run / "last" / "config.json").is_file() else None
 
 
+def run_recipe(recipe_file: Path, steps: int, overrides: list[str]) -> dict:
+    """The recipe a run of ``steps`` steps trains with."""
+    import zoo
+
+    return zoo.load_recipe(str(recipe_file), [f"train.steps={steps}", "train.sample_every=0",
+                                              f"train.ckpt_every={max(1, steps // 4)}", *overrides])
+
+
+def run_settings(recipe_file: Path, steps: int, overrides: list[str], quick: bool) -> dict:
+    """What defines a run's training: resuming or skipping a run made with other settings would mix them."""
+    recipe = run_recipe(recipe_file, steps, overrides)
+    return {"quick": quick, "steps": steps, "batch_size": recipe["train"].get("batch_size"),
+            "recipe": recipe_file.relative_to(ROOT).as_posix(), "overrides": list(overrides),
+            "model": json.loads(json.dumps(recipe["model"], default=str))}
+
+
+def classifier_settings(steps: int, quick: bool) -> dict:
+    """What defines the classifier: reusing one trained with other settings would score with it."""
+    return {"quick": quick, "steps": steps, "arch": QUICK_CLASSIFIER if quick else "ConvNeXtClassifier defaults"}
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+
+
+def check_settings(out: Path, wanted: dict[str, dict], present: set[str]) -> None:
+    """Refuse when a run or the classifier already in ``out`` (``present``, keyed as in ``wanted``: runs/NAME,
+    classifier) was made with other settings than ``wanted``, or with unrecorded ones."""
+    from zoo.errors import UserError
+
+    recorded = _read_settings(out)
+    for key in wanted:
+        if key not in present:
+            continue
+        then = recorded.get(key)
+        if not isinstance(then, dict):
+            raise UserError(f"--out {out}: {key} there has no recorded settings ({out / SETTINGS} lacks it), so it "
+                            f"cannot be safely resumed or reused; give another --out (or delete {out / key})")
+        found = _difference(then, wanted[key])
+        if found:
+            name, was, now = found
+            raise UserError(f"--out {out}: {key} there was made with {name} {_show(was)}, this run asks for "
+                            f"{_show(now)}; give another --out (or delete {out / key})")
+
+
+def _difference(then, now, path: str = ""):
+    """The first ``(dotted key, then, now)`` where two JSON values differ, or None."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for name in [*now, *(k for k in then if k not in now)]:
+            found = _difference(then.get(name), now.get(name), f"{path}.{name}" if path else name)
+            if found:
+                return found
+        return None
+    return None if then == now else (path, then, now)
+
+
+def _read_settings(out: Path) -> dict:
+    from zoo.errors import UserError
+
+    path = out / SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--out {out}: {path} is unreadable ({err}); give another --out") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--out {out}: {path} is not a settings record; give another --out")
+    return data
+
+
+def record_settings(out: Path, wanted: dict[str, dict]) -> None:
+    """Write ``wanted`` into ``out/settings.json`` before anything is trained (an interrupted run resumes)."""
+    from zoo.atomic import write_text
+
+    write_text(out / SETTINGS, json.dumps({**_read_settings(out), **wanted}, indent=2) + "\n")
+
+
 def train_model(recipe_file: Path, run: Path, steps: int, overrides: list[str], device: str | None) -> dict:
     """Train (or resume, or skip) one model; the time spent here and the step reached."""
-    import zoo
     from zoo.training.loop import train
 
     done = finished_step(run)
     if done is not None and done >= steps:
         _log(f"{run.name}: finished at step {done}; skipped")
         return {"step": done, "seconds": None}
-    recipe = zoo.load_recipe(str(recipe_file), [f"train.steps={steps}", "train.sample_every=0",
-                                                f"train.ckpt_every={max(1, steps // 4)}", *overrides])
+    recipe = run_recipe(recipe_file, steps, overrides)
     start = time.perf_counter()
     train(recipe, run, steps=steps, device=device, resume=run if done is not None else None,
           log=lambda line: _log(f"{run.name}: {line}"))
@@ -76,9 +157,9 @@ def classifier(out: Path, steps: int, quick: bool, device: str | None) -> Path:
     from zoo.classifier_train import load_data, train_classifier
 
     if (out / "config.json").is_file() and read_classifier_config(out)["train"]["steps"] == steps:
-        _log(f"classifier: reusing {out}")
+        _log(f"classifier: reusing {out}")  # its other settings were checked against OUT/settings.json
         return out
-    arch = {"dims": [8], "depths": [1]} if quick else None
+    arch = dict(QUICK_CLASSIFIER) if quick else None
     model, record = train_classifier(load_data("emoji32"), steps=steps, device=device or "cpu", arch=arch,
                                      log=lambda line: _log(line))
     save_classifier(out, model, {**record, "source": "emoji32"})
@@ -158,9 +239,27 @@ def table(rows: list[dict], classes: list[str], real: dict | None = None) -> str
     return "\n".join(lines)
 
 
+def output_dir(out: Path | None, quick: bool) -> Path:
+    """``--out``, or its default: the recorded results' folder, or for --quick a new temporary directory (its
+    toy numbers must not replace the recorded ones, nor its toy runs be resumed by a full run there)."""
+    from zoo.errors import UserError
+
+    if out is None and not quick:
+        return DEFAULT_OUT
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="emoji_experiment_quick_"))
+        _log(f"--quick without --out: writing to {out}")
+        return out
+    if quick and out.resolve() == DEFAULT_OUT.resolve():
+        raise UserError(f"--out {out}: that folder holds the recorded results, which --quick's toy numbers would "
+                        f"replace; give another --out, or none for a new temporary directory")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output directory (default {DEFAULT_OUT}; with --quick a new temporary directory)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per model (default {STEPS})")
     p.add_argument("--n", type=int, default=None, help=f"samples per model for the metrics (default {N})")
     p.add_argument("--classifier-steps", type=int, default=None, help=f"default {CLASSIFIER_STEPS}")
@@ -182,13 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.eval.distortion import build_scorer
     from zoo.training.emoji import CATEGORIES
 
-    out = args.out
+    out = output_dir(args.out, quick)
+    recipes = {name: ROOT / "recipes" / "emoji32" / f"{name}.yaml" for name in MODELS.values()}
+    wanted = {f"runs/{name}": run_settings(recipes[name], steps, [*PINNED.get(name, []), *overrides], quick)
+              for name in MODELS.values()}
+    wanted["classifier"] = classifier_settings(cls_steps, quick)
+    present = {f"runs/{name}" for name in MODELS.values() if finished_step(out / "runs" / name) is not None}
+    present |= {"classifier"} if (out / "classifier" / "config.json").is_file() else set()
+    check_settings(out, wanted, present)  # before anything is trained: a mismatch is found in seconds
     out.mkdir(parents=True, exist_ok=True)
+    record_settings(out, wanted)
     state_file = out / "results.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
     trained = {}
     for label, name in MODELS.items():  # all training first: the classifier and evals reuse nothing of it
-        trained[label] = train_model(ROOT / "recipes" / "emoji32" / f"{name}.yaml", out / "runs" / name, steps,
+        trained[label] = train_model(recipes[name], out / "runs" / name, steps,
                                      [*PINNED.get(name, []), *overrides], args.device)
     cls_dir = classifier(out / "classifier", cls_steps, quick, args.device)
     scorer = build_scorer(str(cls_dir), device=args.device or "cpu")

