@@ -42,7 +42,8 @@ def time_build(recipe: Path, repeats: int) -> dict:
     times, out, err = [], None, ""
     for _ in range(repeats):
         start = time.perf_counter()
-        proc = subprocess.run(zoo_command() + ["build", str(recipe), "--flops", "--json"],
+        # Absolute: the command runs in ROOT, where a path relative to the caller's directory names nothing.
+        proc = subprocess.run(zoo_command() + ["build", str(recipe.resolve()), "--flops", "--json"],
                               cwd=ROOT, capture_output=True, text=True)
         times.append(time.perf_counter() - start)
         if proc.returncode:

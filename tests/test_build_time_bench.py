@@ -1,0 +1,30 @@
+"""benchmarks/build_time.py: the recipes a user names are the ones built, wherever it is run from."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("build_time", ROOT / "benchmarks" / "build_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_recipe_path_relative_to_the_callers_directory_is_built(bench, tmp_path, monkeypatch, capsys):
+    """The builds run in the repository root: a relative path is passed resolved (it was 'recipe file not found')."""
+    shutil.copyfile(ROOT / "tests" / "recipes" / "tiny_dit_pixels.yaml", tmp_path / "mydit.yaml")
+    monkeypatch.chdir(tmp_path)
+    bench.main(["mydit.yaml"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("mydit ") and "42,968" in row and "FAILED" not in row, row
