@@ -144,3 +144,6 @@ def test_a_saved_classifier_must_be_whole(tmp_path):
         load_classifier(out)
     with pytest.raises(UserError, match="does not exist"):
         load_classifier(tmp_path / "none")
+    (tmp_path / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(UserError, match=r"grid.png is a file; a classifier is the directory `zoo train-classifier"):
+        load_classifier(tmp_path / "grid.png")

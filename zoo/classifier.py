@@ -118,6 +118,9 @@ def read_classifier_config(directory: str | Path) -> dict:
     from zoo import atomic
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"classifier {directory} is a file; a classifier is the directory `zoo train-classifier "
+                        f"--out DIR` writes (its config.json and model.safetensors): give that directory")
     if not directory.is_dir():
         raise UserError(f"classifier directory {directory} does not exist; train one with "
                         f"`zoo train-classifier emoji32 --out {directory}`")
