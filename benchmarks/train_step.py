@@ -29,8 +29,11 @@ from pathlib import Path
 
 import torch
 
-from zoo.cli import positive_int
 import torch.nn.functional as F
+
+from zoo.cli import positive_int
+from zoo.errors import UserError
+from zoo.guards import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (recipe, §8 batch, official step ms, official utilisation)
@@ -44,6 +47,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fused: one kernel over all parameters (CPU and CUDA); for-loop: PyTorch's CPU default, 6-8
 # passes over memory and temporaries per parameter (what the official §8 runs used).
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type`` for --warmup: 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def _sync(device: torch.device) -> None:
@@ -160,17 +174,17 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
 
 
 def _batches(specs: list[str]) -> dict[str, int]:
-    """``["64"]`` -> every config 64; ``["dit_s_2=64", "uvit_m_4=32"]`` -> per config."""
+    """``["64"]`` -> every config 64; ``["dit_s_2=64", "uvit_m_4=32"]`` -> per config (ValueError: a bad one)."""
     out: dict[str, int] = {}
     for spec in specs:
         name, _, n = spec.rpartition("=")
         if name and name not in CONFIGS:
-            raise SystemExit(f"train_step.py: error: --batch {spec}: no config {name!r} (configs: {', '.join(CONFIGS)})")
+            raise ValueError(f"--batch {spec}: no config {name!r} (configs: {', '.join(CONFIGS)})")
         try:
             if int(n) < 1:
                 raise ValueError
         except ValueError:
-            raise SystemExit(f"train_step.py: error: --batch {spec}: the batch must be a positive integer") from None
+            raise ValueError(f"--batch {spec}: the batch must be a positive integer") from None
         for config in [name] if name else CONFIGS:
             out[config] = int(n)
     return out
@@ -218,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = autocast, fp32 master weights")
     parser.add_argument("--batch", nargs="+", default=[], metavar="N|CONFIG=N",
                         help="batch size for all configs, or per config (default: §8's)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (§8: 2)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads on CPU (§8: 2)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--adamw", choices=sorted(ADAMW), default="fused", help="AdamW implementation (default fused)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -229,10 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    # A bad option stops here, as argparse's one-line error (exit 2), not as a failed row per config.
+    try:
+        _batches(args.batch)
+        resolve_device(args.device)
+    except (ValueError, UserError) as err:
+        parser.error(" ".join(str(err).split()))
     if args.child:
         print(json.dumps(run_config(args.child, args)))
         return 0
-    _batches(args.batch)  # a bad --batch stops here, not once per config in the children
     results = []
     for name in args.only or list(CONFIGS):
         proc = subprocess.run(_child_command(name, args), cwd=ROOT, capture_output=True, text=True)
