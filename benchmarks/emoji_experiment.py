@@ -257,12 +257,14 @@ def output_dir(out: Path | None, quick: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zoo.cli import positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None,
                    help=f"output directory (default {DEFAULT_OUT}; with --quick a new temporary directory)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per model (default {STEPS})")
-    p.add_argument("--n", type=int, default=None, help=f"samples per model for the metrics (default {N})")
-    p.add_argument("--classifier-steps", type=int, default=None, help=f"default {CLASSIFIER_STEPS}")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"training steps per model (default {STEPS})")
+    p.add_argument("--n", type=positive_int, default=None, help=f"samples per model for the metrics (default {N})")
+    p.add_argument("--classifier-steps", type=positive_int, default=None, help=f"default {CLASSIFIER_STEPS}")
     p.add_argument("--threshold", type=float, default=0.5, help="distortion: own-class probability below this")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--extractor", default="efficientnet_lite0", help="registered feature extractor for FD")

@@ -110,3 +110,10 @@ def test_quick_without_out_writes_a_new_temporary_directory_not_the_recorded_res
     with pytest.raises(UserError, match="holds the recorded results"):
         experiment.main(["--quick", "--out", str(tracked)])
     assert not any(tracked.iterdir())
+
+
+@pytest.mark.parametrize("option", ["--steps", "--n", "--classifier-steps"])
+def test_a_count_of_0_is_refused_not_replaced_by_the_default(option, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _script().main(["--quick", option, "0"])
+    assert exit_.value.code == 2 and f"argument {option}: 0 is not a positive integer" in capsys.readouterr().err
