@@ -355,6 +355,18 @@ def test_null_for_a_component_is_refused_at_its_key(override):
         zoo.load_recipe("dit_s_2", [override])
 
 
+def test_a_recipe_dict_with_numpy_scalars_reads_as_yaml_would_give_it():
+    """A sweep built with numpy (depth=np.int64(2)) was refused: "expected int, got int64"."""
+    import numpy as np
+
+    spec = dict(type="dit", input_size=np.int64(8), patch_size=2, in_channels=4, hidden_size=np.int32(32),
+                depth=np.int64(2), num_heads=2, mlp_ratio=np.float64(2.0), learn_sigma=np.bool_(False), num_classes=5)
+    model = zoo.build_model(spec)
+    assert len(model.blocks) == 2 and model.out_channels == 4
+    recipe = zoo.load_recipe({"model": spec, "train": {"betas": (np.float32(0.5), 0.99)}})
+    assert type(recipe["model"]["depth"]) is int and recipe["train"]["betas"] == [0.5, 0.99]
+
+
 def test_build_model_of_something_that_is_not_a_recipe_says_what_it_takes():
     with pytest.raises(UserError, match="a recipe is a path, a recipe name or a dict, got NoneType"):
         zoo.build_model(None)

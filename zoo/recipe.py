@@ -292,12 +292,24 @@ def _paths(value: Any, path: KeyPath) -> Iterable[KeyPath]:
         yield from _paths(sub, path + (key,))
 
 
+def _plain(value: Any) -> Any:
+    """A recipe dict built in Python with numpy scalars (a sweep over ``np.arange``) as YAML would give it:
+    ``np.int64(4)`` -> ``4``, ``np.float32(0.1)`` -> ``0.1``, ``np.bool_`` -> ``bool``, tuples as lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return _plain(value.item())
+    return value
+
+
 def resolve(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> Recipe:
     """Load a recipe (path, dict or :class:`Recipe`), apply its bases and the overrides."""
     if isinstance(recipe, Recipe):
         resolved = Recipe(copy.deepcopy(recipe.data), dict(recipe.origins), recipe.source)
     elif isinstance(recipe, dict):
-        resolved = _apply_bases(Recipe(copy.deepcopy(recipe)), Path.cwd(), ())
+        resolved = _apply_bases(Recipe(_plain(copy.deepcopy(recipe))), Path.cwd(), ())
     elif not isinstance(recipe, (str, Path)):
         raise UserError(f"a recipe is a path, a recipe name or a dict, got {type(recipe).__name__}",
                         suggestion="e.g. zoo.build_model('dit_s_2') or zoo.build_model({'type': 'dit', ...})")
