@@ -31,7 +31,7 @@ import torch
 
 import torch.nn.functional as F
 
-from zoo.cli import positive_int
+from zoo.cli import non_negative_int, positive_int
 from zoo.errors import UserError
 from zoo.guards import resolve_device
 
@@ -47,17 +47,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fused: one kernel over all parameters (CPU and CUDA); for-loop: PyTorch's CPU default, 6-8
 # passes over memory and temporaries per parameter (what the official §8 runs used).
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse ``type`` for --warmup: 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def _sync(device: torch.device) -> None:

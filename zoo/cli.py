@@ -35,16 +35,25 @@ def _broken_command(subparsers: argparse._SubParsersAction, name: str, err: Exce
     p.set_defaults(func=run)
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type`` for counts (steps, batches, repeats): argparse's one-line usage error
-    instead of an empty table or a traceback from deep inside for 0 or a negative number."""
+def _int_at_least(text: str, lowest: int, words: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"{value} {words}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (steps, batches, repeats): argparse's one-line usage error
+    instead of an empty table or a traceback from deep inside for 0 or a negative number."""
+    return _int_at_least(text, 1, "is not a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type`` for counts that may be 0 (warm-up steps)."""
+    return _int_at_least(text, 0, "is negative")
 
 
 def build_parser() -> argparse.ArgumentParser:
