@@ -1,6 +1,5 @@
 """benchmarks/emoji_experiment.py --quick end to end: three trained models, a classifier, FD, P/R, distortion, grids."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import torch.nn.functional as F
 import zoo
 from zoo.errors import UserError
 from zoo.eval.extractors import Extractor
+
+from benchmark_scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "emoji_experiment.py"
 
@@ -29,10 +30,7 @@ class PoolFeatures(Extractor):
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("emoji_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("emoji_experiment")
 
 
 def test_quick_runs_every_stage_and_a_rerun_skips_the_finished_runs(tmp_path, monkeypatch, capsys):

@@ -1,18 +1,15 @@
 """benchmarks/paper_recipes.py: every paper recipe has its published per-GPU batch, and a real
 (small) step measured with and without recomputation agrees with zoo.memory's estimate."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("paper_recipes", ROOT / "benchmarks" / "paper_recipes.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["paper_recipes"] = bench
-_spec.loader.exec_module(bench)
+bench = load_benchmark("paper_recipes")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
