@@ -61,6 +61,15 @@ def disk_error(err: BaseException, target: str | Path) -> OSError | None:
     return OSError(code, os.strerror(code), str(target))
 
 
+def write_all(raw: Any, data: bytes | memoryview) -> int:
+    """Write every byte of ``data`` to an unbuffered file, whose ``write`` may take fewer, or raise."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += raw.write(view[done:])
+    return done
+
+
 def _reached(step: str, path: Path) -> None:
     """Called as the directory protocol reaches each step; tests replace it to stop a save there."""
 

@@ -271,15 +271,11 @@ class _WholeWrites:
         self.raw, self.error = raw, None
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
         try:
-            while done < len(view):
-                done += self.raw.write(view[done:])
+            return atomic.write_all(self.raw, data)
         except OSError as err:
             self.error = self.error or err
             raise
-        return done
 
     def flush(self) -> None:
         pass

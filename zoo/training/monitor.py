@@ -192,13 +192,11 @@ class Monitor:
     def _append(self, line: str) -> None:
         """Add one line to log.jsonl whole, or not at all: a full disk leaves no torn line (the next
         record would be glued to it and lost), and its error names the file."""
-        from zoo.atomic import disk_error
+        from zoo.atomic import disk_error, write_all
 
-        data, start = line.encode("utf-8"), self.file.seek(0, 2)
+        start = self.file.seek(0, 2)
         try:
-            written = 0
-            while written < len(data):
-                written += self.file.write(data[written:])
+            write_all(self.file, line.encode("utf-8"))
         except OSError as err:
             with contextlib.suppress(OSError):
                 self.file.truncate(start)
