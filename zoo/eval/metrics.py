@@ -72,11 +72,9 @@ def classes_match(reference: Reference, num_classes: int | None) -> bool:
     return len(present) == num_classes and int(present.max()) < num_classes
 
 
-def per_class_fd(generated: Features, reference: Reference, num_classes: int | None = None) -> dict[int, float]:
-    """FD per class between generated and reference features of that class (classes with >= 2 on each side);
-    none when the reference's classes are not the model's (:func:`classes_match`)."""
-    if (generated.labels is None or reference.labels is None or reference.features is None
-            or not classes_match(reference, num_classes)):
+def per_class_fd(generated: Features, reference: Reference) -> dict[int, float]:
+    """FD per class between generated and reference features of that class (classes with >= 2 on each side)."""
+    if generated.labels is None or reference.labels is None or reference.features is None:
         return {}
     out = {}
     for c in sorted(set(generated.labels.tolist()) & set(reference.labels.tolist())):
@@ -95,11 +93,14 @@ def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOU
         out["is_mean"], out["is_std"] = inception_score(generated.logits)
     if reference.features is not None and min(len(generated.features), len(reference.features)) > k:
         out["precision"], out["recall"] = precision_recall(generated.features, reference.features, k)
-    classes = per_class_fd(generated, reference, num_classes)
-    if generated.labels is not None and reference.labels is not None and not classes_match(reference, num_classes):
-        found = len(np.unique(reference.labels))
-        out["per_class_fd_skipped"] = (f"the reference has {found} classes, the model {num_classes}: "
-                                       "its labels are not the model's classes")
+    if classes_match(reference, num_classes):
+        classes = per_class_fd(generated, reference)
+    else:  # (labels c of the two sides are different classes)
+        classes = {}
+        if generated.labels is not None:
+            found = len(np.unique(reference.labels))
+            out["per_class_fd_skipped"] = (f"the reference has {found} classes, the model {num_classes}: "
+                                           "its labels are not the model's classes")
     if classes:
         out["per_class_fd"] = {str(c): v for c, v in classes.items()}
         out["per_class_fd_mean"] = float(np.mean(list(classes.values())))

@@ -297,10 +297,9 @@ class Trainer:
         targets = [self.out / "last"]
         if every > 0 and self.out.is_dir():
             for d in sorted(self.out.iterdir()):
-                if STEP_DIR.fullmatch(d.name) and first <= int(d.name[5:]) <= total:
-                    step = int(d.name[5:])
-                    if step % every == 0 or step == total:
-                        targets.append(d)
+                step = int(d.name[5:]) if STEP_DIR.fullmatch(d.name) else -1
+                if first <= step <= total and (step % every == 0 or step == total):
+                    targets.append(d)
         for target in targets:
             check_replaceable(target)
 
