@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from zoo.blocks.skip_stack import LongSkipStack
-from zoo.conditioning.base import Conditioning, conditioner_class, needs_embedding, without_gate
+from zoo.conditioning.base import Conditioning, conditioner_class, needs_embedding, norm_and_gate, without_gate
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm
 from zoo.errors import UserError
@@ -49,9 +49,9 @@ class FeatureUpsample(nn.Module):
         self.norm_out = norm(dim, cond_dim=dim)
 
     def forward(self, features: Tensor, cond: Conditioning) -> Tensor:
-        h, _ = self.norm_in(features, cond)
+        h, _ = norm_and_gate(self.norm_in, features, cond)
         h = rearrange(self.proj(h), "b h w (r1 r2 c) -> b (h r1) (w r2) c", r1=self.ratio, r2=self.ratio)
-        h, _ = self.norm_out(h, cond)
+        h, _ = norm_and_gate(self.norm_out, h, cond)
         return h
 
 
@@ -147,7 +147,7 @@ class DiMRBranch(nn.Module):
             h = self.extra_tokens(h.reshape(B, g * g, C), cond)
         h, features = self.blocks(h, cond, return_features=hand_on)
         h = h[:, self.num_extra_tokens :].reshape(B, g, g, C) if not self.spatial else h
-        h, _ = self.head_norm(h, cond)
+        h, _ = norm_and_gate(self.head_norm, h, cond)
         out = self.head(h.permute(0, 3, 1, 2)).contiguous()
         if not hand_on:
             return out, None

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.blocks.mlp import Mlp
 from zoo.blocks.transformer import TransformerBlock
 from zoo.conditioning.adaln_zero import AdaLNZero
-from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector
+from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, norm_and_gate
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder
 from zoo.domains import (Calls, Channels, Classes, ConditionerFactory, Depth, Divisible, Heads, ImageSize, MlpFactory,
                          PatchSize, Range, Ratio, Rule, Width)
@@ -42,7 +42,7 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
-        h, _ = self.norm(x, cond)
+        h, _ = norm_and_gate(self.norm, x, cond)
         return self.linear(h)
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from zoo.blocks.skip_stack import LongSkipStack
 from zoo.blocks.transformer import TransformerBlock
 from zoo.conditioning.base import (Conditioning, adds_time_token, as_time_vector, needs_embedding, time_blind,
-                                   without_gate)
+                                   norm_and_gate, without_gate)
 from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.conditioning.time_token import TimeToken
@@ -193,7 +193,7 @@ class UViT(nn.Module):
         if extra:
             h = torch.cat([*extra, h], dim=1)
         h, _ = self.blocks(h + self.pos_embed, cond)
-        h, _ = self.norm(h, cond)
+        h, _ = norm_and_gate(self.norm, h, cond)
         h = self.decoder_pred(h[:, self.num_extra_tokens :])
         return self.final_layer(unpatchify(h, self.patch_size, self.in_chans, (self.grid, self.grid)))
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.conditioning.base import Conditioning, add_gated
+from zoo.conditioning.base import Conditioning, add_gated, norm_and_gate
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.domains import ConditionerFactory, MlpFactory, OneOf, Range, Ratio, Rule, Width
 
@@ -82,11 +82,11 @@ class ConvNeXtBlock(nn.Module):
             if self.conv_norm is None:
                 x = x + self.depthwise(x)
             else:
-                h, gate = self.conv_norm(x, cond)
+                h, gate = norm_and_gate(self.conv_norm, x, cond)
                 x = add_gated(x, self.depthwise(h), gate)
-            h, gate = self.norm(x, cond)
+            h, gate = norm_and_gate(self.norm, x, cond)
         else:
-            h, gate = self.norm(self.depthwise(x), cond)
+            h, gate = norm_and_gate(self.norm, self.depthwise(x), cond)
         h = self.mlp(h)
         if self.layer_scale is not None:
             h = h * self.layer_scale

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from zoo.conditioning.base import Conditioning, add_gated
+from zoo.conditioning.base import Conditioning, add_gated, norm_and_gate
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.domains import ConditionerFactory, Divisible, Heads, MlpFactory, Ratio, Width
 
@@ -43,7 +43,7 @@ class TransformerBlock(nn.Module):
         self.mlp = mlp(dim, hidden_features=mlp_width(dim, mlp_ratio))
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
-        h, gate = self.norm1(x, cond)
+        h, gate = norm_and_gate(self.norm1, x, cond)
         x = add_gated(x, self.attn(h), gate)
-        h, gate = self.norm2(x, cond)
+        h, gate = norm_and_gate(self.norm2, x, cond)
         return add_gated(x, self.mlp(h), gate)

@@ -69,6 +69,22 @@ def add_gated(x: Tensor, h: Tensor, gate: Tensor | None) -> Tensor:
     return x + h if gate is None else torch.addcmul(x, per_sample(gate, h), h)
 
 
+def norm_and_gate(norm: nn.Module, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
+    """``norm(x, cond)``, checked to be the ``(h, gate)`` pair the conditioner contract promises.
+
+    A plugin conditioner that returns a bare tensor would otherwise be unpacked along its batch
+    dimension: a confusing unpack error, or at batch 2 a silently wrong ``h`` and ``gate``.
+    """
+    out = norm(x, cond)
+    if type(out) is not tuple or len(out) != 2 or not (out[1] is None or isinstance(out[1], Tensor)):
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise TypeError(
+            f"conditioner {type(norm).__name__} returned {got}; a conditioner's forward(x, cond) must return "
+            "(h, gate): the normalised x and None or a per-sample gate for the residual branch"
+        )
+    return out
+
+
 def conditioner_class(factory: Callable[..., Any]) -> type:
     """The class behind a conditioner factory (a class or a ``functools.partial`` of one)."""
     while hasattr(factory, "func"):

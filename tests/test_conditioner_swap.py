@@ -107,3 +107,31 @@ def test_a_model_whose_norms_all_ignore_time_is_refused():
         assert not torch.allclose(model(x, t, y)[-1], model(x, t + 1.0, y)[-1])
     with pytest.raises(zoo.UserError, match="no layer of the U-ViT sees the time t"):
         zoo.build_model(zoo.load_recipe(RECIPES / "emoji32" / "uvit.yaml", ["model.norm=layernorm"]))
+
+
+class _BareTensorNorm(torch.nn.Module):
+    """A plugin conditioner that breaks the contract: returns ``h`` alone, not ``(h, gate)``."""
+
+    def __init__(self, dim: int, cond_dim: int | None = None):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.norm(x)
+
+
+def test_a_conditioner_returning_a_bare_tensor_is_named_not_unpacked():
+    """At batch 2 ``h, gate = norm(x, cond)`` unpacked the tensor's batch dimension into h and gate
+    and ran on with both wrong; at any other batch it was 'too many values to unpack'."""
+    import pytest
+
+    cond = Conditioning(t=torch.tensor([1.0, 2.0]))
+    blocks = [(TransformerBlock(8, 2, norm=_BareTensorNorm), torch.randn(2, 5, 8)),
+              (ConvNeXtBlock(8, norm=_BareTensorNorm), torch.randn(2, 3, 3, 8))]
+    for block, x in blocks:
+        with pytest.raises(TypeError, match=r"conditioner _BareTensorNorm returned Tensor; .* must return \(h, gate\)"):
+            block(x, cond)
+    dit = zoo.build_model({"type": "dit", "input_size": 4, "patch_size": 2, "in_channels": 3, "hidden_size": 8,
+                           "depth": 1, "num_heads": 2, "num_classes": 4, "norm": {"_target_": f"{__name__}._BareTensorNorm"}})
+    with pytest.raises(TypeError, match="conditioner _BareTensorNorm returned Tensor"):
+        dit(*dit.example_inputs(2))

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from zoo.blocks.attention import Attention
 from zoo.blocks.mlp import Mlp
-from zoo.conditioning.base import Conditioning, apply_gate
+from zoo.conditioning.base import Conditioning, apply_gate, norm_and_gate
 from zoo.conditioning.layernorm import LayerNorm
 
 
@@ -33,6 +33,6 @@ class ParallelTransformerBlock(nn.Module):
         self.mlp = mlp(dim, hidden_features=round(dim * mlp_ratio))
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
-        h1, gate1 = self.norm1(x, cond)
-        h2, gate2 = self.norm2(x, cond)
+        h1, gate1 = norm_and_gate(self.norm1, x, cond)   # = self.norm1(x, cond), checked to be (h, gate)
+        h2, gate2 = norm_and_gate(self.norm2, x, cond)
         return x + apply_gate(self.attn(h1), gate1) + apply_gate(self.mlp(h2), gate2)
