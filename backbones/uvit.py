@@ -56,7 +56,8 @@ class UViT(nn.Module):
         norm: the blocks' conditioner factory (default :class:`TimeToken`).
         head_norm: the norm before the output Linear (default U-ViT's LayerNorm); e.g.
             ``{type: adaln_zero, gate: false}`` for DiT's modulated head. A gate it returns is unused.
-        frequency_dim: sinusoid width of the timestep MLP (256) of embedding conditioners; refused without one.
+        frequency_dim: sinusoid width of the timestep MLP of embedding conditioners (DiT's 256); another
+            value without such a conditioner is refused, as it would do nothing.
         pos_embed_init: ``normal`` (the released trunc-normal 0.02) or ``sincos`` (the patch
             positions start from the 2-D sin-cos table and are still learned; the emoji32 demo).
     """
@@ -80,7 +81,7 @@ class UViT(nn.Module):
         block: Annotated[Callable[..., nn.Module], Calls(1, _BLOCK_ARGS)] = TransformerBlock,
         norm: ConditionerFactory = TimeToken,
         head_norm: ConditionerFactory = LayerNorm,
-        frequency_dim: Width | None = None,
+        frequency_dim: Width = 256,
         pos_embed_init: PosEmbedInit = "normal",
     ):
         super().__init__()
@@ -103,7 +104,7 @@ class UViT(nn.Module):
         head_norm = without_gate(head_norm)  # its gate would be discarded: allocate none
         self.time_token = adds_time_token(norm)
         self.needs_embedding = needs_embedding(norm) or needs_embedding(head_norm)
-        if frequency_dim is not None and not self.needs_embedding:
+        if frequency_dim != 256 and not self.needs_embedding:
             raise UserError("frequency_dim sizes the timestep MLP of embedding conditioners (adaln_zero); this U-ViT "
                             "has none, so it would do nothing", key_path="model.frequency_dim",
                             suggestion="drop frequency_dim")
@@ -121,7 +122,7 @@ class UViT(nn.Module):
                 else nn.Identity()
             )
         if self.needs_embedding:
-            self.t_embedder = TimestepEmbedder(embed_dim, frequency_dim or 256)
+            self.t_embedder = TimestepEmbedder(embed_dim, frequency_dim)
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)  # a token, or added into c
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extra_tokens + self.grid**2, embed_dim))

@@ -5,6 +5,7 @@ a model that silently ignores its labels, its time or its parameters."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,17 @@ def test_frequency_dim_without_an_embedding_conditioner_is_refused():
         zoo.build_model({**UVIT, "frequency_dim": 64})
     model = zoo.build_model({**UVIT, "norm": "adaln_zero", "frequency_dim": 64})
     assert model.t_embedder.mlp[0].in_features == 64
+
+
+def test_frequency_dims_default_spelled_out_is_no_change():
+    """The default is 256 (it was None, so a U-ViT recipe that spelled 256 out was refused on --resume
+    as 'model.frequency_dim differs (None there, 256 now)', and 256 without adaln_zero was refused)."""
+    from zoo.training.rundir import check_resume_recipe
+
+    spelled = {**UVIT, "frequency_dim": 256}
+    zoo.build_model(spelled)
+    check_resume_recipe({"model": UVIT}, {"model": spelled}, Path("run/last"))
+    check_resume_recipe({"model": {**UVIT, "norm": "adaln_zero"}}, {"model": {**spelled, "norm": "adaln_zero"}},
+                        Path("run/last"))
+    with pytest.raises(UserError, match=r"model.frequency_dim differs from the checkpoint's \(256 there, 128 now\)"):
+        check_resume_recipe({"model": spelled}, {"model": {**UVIT, "frequency_dim": 128}}, Path("run/last"))
