@@ -377,15 +377,21 @@ def load_checkpoint(
         raise UserError(f"weights must be 'model' or 'ema', not {weights!r}")
     directory = Path(directory)
     config = load_recipe_of(directory)
-    state = load_weights(directory / MODEL)
-    if weights == "ema":
-        ema = load_weights(directory / EMA)
-        with torch.device("meta"):
-            params = {k for k, _ in zoo.build_model(config).named_parameters()}
-        state = {**state, **ema} if set(ema) == params else ema  # parameters only: buffers from the model
-    source = str(directory / (EMA if weights == "ema" else MODEL))
-    model = build_with_state(lambda: zoo.build_model(config), state, source)
+    with torch.device("meta"):
+        params = {k for k, _ in zoo.build_model(config).named_parameters()}
+    state, source = checkpoint_weights(directory, weights, params)
+    model = build_with_state(lambda: zoo.build_model(config), state, str(source))
     return model.to(device), config
+
+
+def checkpoint_weights(directory: Path, weights: str, params: set[str]) -> tuple[dict[str, Tensor], Path]:
+    """A checkpoint's ``model`` or ``ema`` state dict and the file it came from. An EMA file holding
+    exactly the parameters ``params`` takes the model's buffers from ``model.safetensors``."""
+    state = load_weights(directory / MODEL)
+    if weights == "model":
+        return state, directory / MODEL
+    ema = load_weights(directory / EMA)
+    return ({**state, **ema} if set(ema) == params else ema), directory / EMA  # parameters only: buffers from the model
 
 
 def load_trainer_state(directory: str | Path, map_location: str | torch.device = "cpu",

@@ -44,7 +44,7 @@ def default_run_dir(recipe: str) -> str:
 
 
 #: Recipe keys that name files or folders.
-PATH_KEYS = (("data", "root"), ("data", "vae"), ("data", "cache"), ("train", "eval_ref"))
+PATH_KEYS = (("data", "root"), ("data", "vae"), ("data", "cache"), ("train", "eval_ref"), ("train", "init_from"))
 
 
 def _absolute_paths(recipe: dict) -> None:

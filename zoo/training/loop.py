@@ -178,7 +178,27 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
         if resume is not None:
             self._load(Path(resume), allow_recipe_change)
+        elif self.train.get("init_from"):
+            self._init_from(Path(self.train["init_from"]))
         return dataset
+
+    def _init_from(self, path: Path) -> None:
+        """``train.init_from``: a new run (step 0, fresh optimizer and schedule) whose model starts from a
+        checkpoint's weights, its EMA if it has one (released and converted weights are EMA weights), and
+        whose EMA starts as their copy. The weights must fit this recipe's model exactly (strict)."""
+        from zoo.checkpoint import EMA as EMA_FILE
+        from zoo.checkpoint import checkpoint_of, checkpoint_weights
+
+        directory = checkpoint_of(path)
+        try:
+            read_config(directory)  # a checkpoint directory, complete (an interrupted save repaired)
+            params = {name for name, _ in self.model.named_parameters()}
+            weights = "ema" if (directory / EMA_FILE).is_file() else "model"
+            state, source = checkpoint_weights(directory, weights, params)
+            load_state_dict_strict(self.model, state, str(source))  # another model: one line naming the tensors
+        except UserError as err:
+            raise err.locate(key_path="train.init_from") from None
+        self.log(f"zoo train: the model starts from {source} (train.init_from; step 0, a fresh optimizer)")
 
     # -- resume -----------------------------------------------------------------------------------
 
@@ -539,7 +559,8 @@ def _check_groups(saved: dict, now: list[int], directory: Path) -> None:
     if then != now:
         raise UserError(f"the optimizer state in {directory} groups the parameters as {then}, this recipe as {now}: "
                         f"train.no_weight_decay_1d differs from the checkpoint's", key_path="train.no_weight_decay_1d",
-                        suggestion="resume with the checkpoint's setting, or start a new run from its weights")
+                        suggestion="resume with the checkpoint's setting, or start a new run from its weights "
+                        f"with --set train.init_from={directory}")
 
 
 def train(recipe: dict, out: str | Path, steps: int | None = None, device: str | None = None,

@@ -17,6 +17,7 @@
       steps, batch_size, lr, lr_schedule (constant | cosine | linear), min_lr, weight_decay, betas, warmup_steps, ema_decay, grad_clip, seed,
       precision (fp32 | bf16 | fp16), no_weight_decay_1d, ckpt_every, sample_every, log_every, sample_n,
       grad_accum, grad_checkpointing, compile, tf32, keep_last, parallel (ddp | fsdp)
+      init_from: RUN/last                            # a new run from a checkpoint's (EMA) weights
       eval_every, eval_n, eval_extractor, eval_ref   # a small FD every eval_every steps (zoo.training.eval_hook)
       val_every, val_n                               # a fixed-draw held-out loss every val_every steps (zoo.training.val_loss)
 
@@ -92,6 +93,7 @@ TRAIN: dict[str, Any] = {
     "compile": Annotated[bool, Doc("torch.compile the model")],
     "tf32": Annotated[bool, Doc("TF32 matmuls on CUDA (default true)")],
     "keep_last": Annotated[int, Range(0, MAX_STEPS), Doc("keep the newest K step_* directories; 0 = all")],
+    "init_from": Annotated[str, Doc("a new run starts from this checkpoint's (EMA) weights: fine-tuning")] | None,
     "parallel": Annotated[str, OneOf(PARALLEL, "parallel"), Doc("under torchrun: ddp or fsdp")],
 }
 
