@@ -62,14 +62,38 @@ def test_adm_center_crop_box_halves_then_bicubic_and_centres():
     assert (cols[:7] == -1).all() and (cols[9:] == 1).all()
 
 
-def test_a_very_thin_image_is_cropped_without_resizing_all_of_it(monkeypatch):
-    """ADM resizes the whole image first: 1x20000 at 256 would be a 4 GB image. The centre square of
-    a smooth strip comes out as the full resize's crop would (within PIL's rounding)."""
+def _adm_reference(image, size):
+    """guided-diffusion's center_crop_arr as written there: BOX-halve, bicubic-resize the whole image, crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+@pytest.mark.parametrize("wh, size", [((9, 499), 32), ((499, 9), 32), ((21, 787), 16), ((300, 40), 16), ((64, 64), 16)])
+def test_adm_center_crop_is_adms_pixel_for_pixel_thin_images_included(wh, size):
+    """Noise is the hard case: a 9x499 strip at 32 came out up to 17 levels off when zoo resampled
+    only the centre square of anything past 8:1 (PIL orders its two passes by the output size)."""
     import numpy as np
 
+    pixels = np.random.default_rng(0).integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    assert np.array_equal(np.asarray(adm_center_crop(image, size)), np.asarray(_adm_reference(image, size)))
+
+
+def test_a_huge_strip_is_cropped_without_resizing_all_of_it(monkeypatch):
+    """ADM resizes the whole image first: 1x20000 at 256 would be a 4 GB image. Past the pixel budget
+    only the centre square is resampled; for a smooth strip that is the full resize's crop within 1 level."""
+    import numpy as np
+
+    import zoo.training.crop as crop
+
+    monkeypatch.setattr(crop, "MAX_RESIZED_PIXELS", 16 * 16 * 8)  # a 2x3000 strip at 16 (16x24000) is past it
     ramp = np.linspace(0, 255, 3000)[:, None, None] * np.ones((1, 2, 3))
     strip = Image.fromarray(ramp.astype(np.uint8))  # 2 wide, 3000 tall
-    full = strip.resize((16, 24000), resample=Image.BICUBIC).crop((0, 11992, 16, 12008))
+    full = _adm_reference(strip, 16)
     asked = []
     resize = Image.Image.resize
     monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: asked.append(size) or resize(self, size, *a, **k))

@@ -8,16 +8,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Beyond this ratio of the resized long side to the target, only the centre square is resampled.
-LONG_SIDE_LIMIT = 8
+#: Past this many pixels the resized image is not made whole: only its centre square is resampled.
+MAX_RESIZED_PIXELS = 1 << 24
 
 
 def adm_center_crop(image, size: int):
     """A ``size``×``size`` PIL image cut from the centre of ``image`` (a PIL image) the ADM way.
 
-    ADM resizes the whole image before it crops: a 1×20000 strip at 256 would become 256×5,120,000
-    pixels (~4 GB). Past ``LONG_SIDE_LIMIT`` the same bicubic resampling is asked for the centre
-    square only (PIL's ``box``), which gives the same crop up to the rounding of PIL's two passes.
+    ADM resizes the whole image before it crops, which zoo does exactly (pixel for pixel) up to
+    ``MAX_RESIZED_PIXELS`` (a 256:1 strip at 256): a 1×20000 strip at 256 would become
+    256×5,120,000 pixels (~4 GB). Past it the same bicubic resampling is asked for the centre
+    square only (PIL's ``box``): the same crop up to PIL's choice of which of its two passes runs
+    first, a few levels of 255 on high-frequency content.
     """
     from PIL import Image
 
@@ -26,7 +28,7 @@ def adm_center_crop(image, size: int):
     scale = size / min(image.size)
     width, height = (round(s * scale) for s in image.size)
     left, top = (width - size) // 2, (height - size) // 2
-    if max(width, height) > LONG_SIDE_LIMIT * size:
+    if width * height > MAX_RESIZED_PIXELS:
         sx, sy = image.width / width, image.height / height
         box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
         return image.resize((size, size), resample=Image.BICUBIC, box=box)
