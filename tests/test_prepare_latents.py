@@ -314,6 +314,27 @@ def test_a_broken_image_read_in_a_worker_is_one_line_naming_it(tmp_path, vae_dir
     assert "Traceback" not in err and not list((tmp_path / "lat").glob("shard_*"))
 
 
+def test_a_png_with_a_broken_chunk_is_one_line_not_a_syntax_error(tmp_path):
+    """PIL reports a chunk length that runs into the next chunk as SyntaxError('broken PNG file'),
+    which escaped as a traceback from prepare-latents and from image_folder training."""
+    import io
+    import struct
+
+    import numpy as np
+
+    from zoo.training.data import ImageFolder
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT") - 4
+    data[at:at + 4] = struct.pack(">I", struct.unpack(">I", data[at:at + 4])[0] - 100)  # IDAT 100 bytes short
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "broken.png").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"cannot read image .*broken\.png: broken PNG file"):
+        ImageFolder(tmp_path, 16)[0]
+
+
 def test_prepared_latents_are_checked_against_the_model_and_a_broken_shard_is_named(tmp_path, vae_dir, image_dir):
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)

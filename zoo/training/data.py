@@ -17,6 +17,7 @@ run sees exactly the batches an uninterrupted one would. Random flips are drawn 
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -79,8 +80,11 @@ class ImageFolder(Dataset):
         path, label = self.items[index]
         try:
             return self._read(path, Image), label
-        except (OSError, ValueError, Image.DecompressionBombError) as err:  # truncated, not an image, unreadable
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        # truncated, not an image, unreadable; PIL's decoders also raise SyntaxError (a broken PNG
+        # chunk), EOFError and struct.error on damaged data
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else (str(err).splitlines() or [""])[0]
+            reason = reason or type(err).__name__
             raise UserError(f"cannot read image {path}: {reason}", suggestion=BAD_IMAGE_HINT) from None
 
     def _read(self, path: Path, Image) -> Tensor:
