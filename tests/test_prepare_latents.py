@@ -442,6 +442,39 @@ def test_changed_images_keep_the_shards_of_unchanged_rows_and_re_encode_the_rest
     assert len(_rows(out)[0]) == json.loads((out / MANIFEST).read_text())["num_images"] == 7
 
 
+def test_another_image_folder_into_a_finished_output_is_refused_and_a_moved_one_is_not(tmp_path, vae_dir,
+                                                                                        image_dir):
+    """`... val --out lat` typed for `... train --out lat` deleted the manifest and every shard of the
+    train images it did not share; it is refused now, the output untouched. The same images under
+    a new path (a moved folder) are the same output."""
+    import shutil
+
+    images, out = _copy_images(image_dir, tmp_path), tmp_path / "lat"
+    kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(images, vae_dir, out, **kw)
+    other = tmp_path / "val"
+    (other / "n01").mkdir(parents=True)
+    shutil.copy(images / "n01" / "n01_0.png", other / "n01")
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(UserError, match=f"{out} holds the latents of {images}, not of {other} "
+                                        r"\(another image list\) \(pass .* or use a new --out; if the folder moved"):
+        prepare_latents(other, vae_dir, out, **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
+
+    moved = Path(shutil.move(images, tmp_path / "moved"))
+    lines = []
+    assert prepare_latents(moved, vae_dir, out, log=lines.append, **kw)  # same rows: nothing to encode
+    assert "none left to encode" in lines[-1] and json.loads((out / PLAN).read_text())["root"] == str(moved)
+    assert all(p.stat().st_mtime_ns == files[p.name] for p in out.glob("shard_*"))
+    again = Path(shutil.move(moved, tmp_path / "again"))
+    (again / "n02" / "n02_0.png").unlink()  # moved and changed: the plan's folder is let go of by hand
+    with pytest.raises(UserError, match=f"holds the latents of {moved}, not of {again}"):
+        prepare_latents(again, vae_dir, out, **kw)
+    (out / PLAN).unlink()
+    assert prepare_latents(again, vae_dir, out, log=lines.append, **kw)
+    assert "encoding 2 (" in lines[-1]  # shard 0 (rows before the deleted image) kept
+
+
 def test_resume_removes_a_killed_writes_temporary_file(tmp_path, vae_dir, image_dir):
     out = tmp_path / "lat"
     kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)

@@ -108,15 +108,15 @@ def rows_digest(lines: list[str]) -> str:
     return hashlib.sha256(_utf8("".join(lines))).hexdigest()
 
 
-def make_plan(classes: list[str], lines: list[str], resolution: int, shard_size: int, identity: dict,
+def make_plan(root: Path, classes: list[str], lines: list[str], resolution: int, shard_size: int, identity: dict,
               dtype: str) -> dict[str, Any]:
-    """Everything that fixes the output's contents: the ``SETTINGS`` and the image list."""
+    """Everything that fixes the output's contents: the ``SETTINGS``, the image folder and its image list."""
     c, f = identity["latent_channels"], identity["downsample"]
     num_images = len(lines)
     return {"format": FORMAT, "version": FORMAT_VERSION, "num_images": num_images, "resolution": resolution,
             "latent_shape": [c, resolution // f, resolution // f], "views": list(VIEWS), "dtype": dtype,
             "shard_size": shard_size, "num_shards": -(-num_images // shard_size), "vae": identity,
-            "crop": "adm_center_crop", "num_classes": len(classes), "classes": classes,
+            "crop": "adm_center_crop", "root": str(root.resolve()), "num_classes": len(classes), "classes": classes,
             "images": {"file": IMAGES, "sha256": rows_digest(lines)}}
 
 
@@ -152,7 +152,13 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
             raise UserError(f"{out} holds latents prepared with other settings ({', '.join(diff)} differ)",
                             suggestion="use a new --out directory, or the same VAE and options as before")
         if old.get("images") == plan["images"]:
+            if old.get("root") != plan["root"]:  # the same images in a moved folder: the plan follows them
+                _write_json(existing, plan)
             return False
+        if old.get("root") not in (None, plan["root"]):  # a mistyped IMAGE_DIR would replace the whole output
+            raise UserError(f"{out} holds the latents of {old['root']}, not of {plan['root']} (another image list)",
+                            suggestion=f"pass {old['root']} to finish or update it, or use a new --out; if "
+                            f"the folder moved, delete {out / PLAN} and its shards of the same images are kept")
         (out / MANIFEST).unlink(missing_ok=True)
     write_file(out / IMAGES, lambda tmp: tmp.write_bytes(_utf8("".join(lines))))
     _write_json(existing, plan)
@@ -285,7 +291,7 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
     if resolution % identity["downsample"]:
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling {identity['downsample']}")
     lines = image_lines(root, images.items)
-    plan = make_plan(images.classes, lines, resolution, shard_size, identity, dtype)
+    plan = make_plan(root, images.classes, lines, resolution, shard_size, identity, dtype)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
