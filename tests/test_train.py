@@ -256,6 +256,31 @@ def test_ctrl_c_finishes_the_step_saves_last_and_exits_130(tmp_path, monkeypatch
     assert "stopping at step 4 (SIGINT)" in err.out and "zoo: interrupted" in err.err
 
 
+def test_a_stop_on_a_checkpoint_step_keeps_that_steps_directory(tmp_path, monkeypatch, terminal_sigint):
+    """Ctrl-C landing on step 4 with ckpt_every 2 saved last/ only: step_0000004 was never written."""
+    monkeypatch.setattr(Trainer, "train_step", _signal_at([], {4: signal.SIGINT}, Trainer.train_step))
+    assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=2",
+                 "--set", "train.sample_every=0"]) == 130
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002", "step_0000004"]
+    assert torch.load(tmp_path / "step_0000004" / "trainer_state.pt", weights_only=True)["step"] == 4
+
+
+def test_a_sigterm_during_the_final_save_lets_it_finish(tmp_path, monkeypatch):
+    """The stop handlers were put back before the run's last save, so a SIGTERM there (a preemption
+    during a long save) killed the process and left no checkpoint at all."""
+    real = Trainer.save
+
+    def save(self, *args, **kwargs):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save", save)
+    train(recipe("train.ckpt_every=0", "train.sample_every=0"), tmp_path, steps=3, log=QUIET)
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path, monkeypatch, capsys):
     """SLURM and torchrun send SIGTERM before they kill (preemption): the run saves last/ and exits 143."""
     calls = []
@@ -339,7 +364,7 @@ def test_learning_rate_settings_that_do_nothing_get_a_note(tmp_path, capsys):
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.warmup_steps=40",
                  "--set", "train.min_lr=1e-5", "--set", "train.sample_every=0"]) == 0
     out = capsys.readouterr().out
-    assert "note: train.warmup_steps 40 is not below the run's last step 1: the learning rate never reaches" in out
+    assert "note: train.warmup_steps 40 is past the run's last step 1: the learning rate never reaches" in out
     assert "note: train.min_lr is set, but lr_schedule is constant" in out
 
 

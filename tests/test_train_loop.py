@@ -2,6 +2,7 @@
 scaler, pruning of old checkpoints, a stop on non-finite losses, and resume refusing a changed model."""
 
 import importlib
+import json
 import math
 import os
 from pathlib import Path
@@ -244,6 +245,9 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(
     assert state["step"] == 1 and not (out / "step_0000002").exists()
     weights = ckpt.load_weights(out / "last" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+    # the finite step before it is logged (log_every 5 would otherwise drop it): its huge loss says why
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["loss"])
     # Resumed into another directory and stopped before a save: the message names the checkpoint it came from.
     code = main(["train", str(HERE / "tiny_train.yaml"), "--out", str(tmp_path / "again"), "--resume", str(out),
                  "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.ckpt_every=0",

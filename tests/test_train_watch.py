@@ -223,3 +223,22 @@ def test_sigkill_at_any_moment_leaves_a_usable_last(tmp_path):
     assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "run.png")]) == 0  # the run: its last/
     assert (tmp_path / "run.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
     assert not _saving(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_process_group_with_data_workers_still_saves_last(tmp_path, sig, code):
+    """A terminal's Ctrl-C, torchrun and SLURM signal the whole process group. The DataLoader
+    workers died of it, and the trainer's save on that signal failed ('DataLoader worker exited
+    unexpectedly', exit 1): every step since the last checkpoint was lost."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "zoo", "train", str(RECIPE), "--out", str(out), "--steps", "100000",
+            "--set", "train.ckpt_every=0", "--set", "train.log_every=1", "--set", "train.sample_every=0",
+            "--set", "data.num_workers=1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for(lambda: (out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 0, proc)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err.decode()
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] >= 1

@@ -342,8 +342,19 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
                            keyed=getattr(dataset, "keyed_draws", False))
     loader = DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global RNG untouched
+                        generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
+                        worker_init_fn=workers_ignore_stop_signals)
     return one_line_errors(iter(loader))
+
+
+def workers_ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGINT and SIGTERM. A terminal's Ctrl-C, torchrun
+    and SLURM signal the whole process group; a worker that died of it made the main process's save
+    on that signal fail ('DataLoader worker exited unexpectedly'). The main process ends its workers."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:

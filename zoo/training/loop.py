@@ -411,7 +411,7 @@ class Trainer:
         signum = self.stops.received or signal.SIGTERM  # a rank without a signal of its own: torchrun's
         by = signal.Signals(signum).name if self.stops.received else "a signal to another rank"
         self.log(f"zoo train: stopping at step {self.step} ({by}); saving {self.out / 'last'}")
-        self.save(also_step_dir=False)
+        self.save(also_step_dir=self._every("ckpt_every"))  # a stop on a checkpoint step keeps its step_*
         raise StopRequested(signum, self.step)
 
     def _period(self, key: str) -> int:
@@ -433,8 +433,8 @@ class Trainer:
         self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
         given = self.recipe.get("train") or {}
         warmup = int(self.train.get("warmup_steps") or 0)
-        if warmup and warmup >= total:
-            self.log(f"zoo train: note: train.warmup_steps {warmup} is not below the run's last step {total}: the "
+        if warmup and warmup > total:
+            self.log(f"zoo train: note: train.warmup_steps {warmup} is past the run's last step {total}: the "
                      "learning rate never reaches train.lr")
         if given.get("min_lr") and self.train.get("lr_schedule", "constant") == "constant":
             self.log("zoo train: note: train.min_lr is set, but lr_schedule is constant: min_lr is where a cosine "
@@ -475,6 +475,23 @@ class Trainer:
         records, running, count = [], torch.zeros((), device=self.device), 0
         norms, finite = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         tick = time.perf_counter()
+
+        def log_window() -> None:
+            """One record of the steps since the last: mean loss and gradient norm, speeds."""
+            nonlocal running, norms, finite, count, tick
+            elapsed = time.perf_counter() - tick
+            rec = {"step": self.step, "loss": float(running) / count, "lr": self.optimizer.param_groups[0]["lr"]}
+            if int(finite):  # the mean over the steps that updated the weights
+                rec["grad_norm"] = float(norms) / int(finite)
+            if int(finite) < count:
+                rec["skipped_steps"] = count - int(finite)
+            rec.update(steps_per_s=count / elapsed, images_per_s=count * self.batch / elapsed)
+            records.append(rec)
+            if monitor:
+                monitor.record(rec)
+            running, norms, finite = (torch.zeros((), device=self.device) for _ in range(3))
+            count, tick = 0, time.perf_counter()
+
         try:
             while self.step < total:
                 x, y = next(self.batches)
@@ -489,19 +506,7 @@ class Trainer:
                     monitor.advance()
                 stop = self.step < total and self._stop_asked()  # Ctrl-C or SIGTERM: the saved step is the weights' step
                 if self._every("log_every") or ((stop or self.step == total) and self._period("log_every") > 0):
-                    # the last window too, when the run ends or stops between two log steps
-                    elapsed = time.perf_counter() - tick
-                    rec = {"step": self.step, "loss": float(running) / count, "lr": self.optimizer.param_groups[0]["lr"]}
-                    if int(finite):  # the mean over the steps that updated the weights
-                        rec["grad_norm"] = float(norms) / int(finite)
-                    if int(finite) < count:
-                        rec["skipped_steps"] = count - int(finite)
-                    rec.update(steps_per_s=count / elapsed, images_per_s=count * self.batch / elapsed)
-                    records.append(rec)
-                    if monitor:
-                        monitor.record(rec)
-                    running, norms, finite = (torch.zeros((), device=self.device) for _ in range(3))
-                    count, tick = 0, time.perf_counter()
+                    log_window()  # the last window too, when the run ends or stops between two log steps
                 if stop:
                     self._stop_here()
                 # Saves, grids and evaluations are left out of the logged steps/s: it is the training speed
@@ -513,7 +518,16 @@ class Trainer:
                     tick += _seconds(lambda: evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor))
                 if self._every("val_every"):
                     tick += _seconds(lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor))
+            # Still under the stop handlers: a SIGTERM during the final save lets it finish instead of killing it.
+            if self.last_saved != self.step or not (self.out / "last").is_dir():
+                self.save(also_step_dir=self._period("ckpt_every") > 0)
+            if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
+                self.sample_grid()  # the final weights' grid too when the run ends between two grids
         except StopRequested:
+            raise
+        except NonFiniteError:
+            if count and self._period("log_every") > 0:
+                log_window()  # the finite steps since the last record, the losses that led up to it
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: at once, maybe mid-update, so nothing is saved
             if self.last_saved is not None:
@@ -523,10 +537,6 @@ class Trainer:
             self.stops.restore()
             if monitor:
                 monitor.close()
-        if self.last_saved != self.step or not (self.out / "last").is_dir():
-            self.save(also_step_dir=self._period("ckpt_every") > 0)
-        if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
-            self.sample_grid()  # the final weights' grid too when the run ends between two grids
         return records
 
 
