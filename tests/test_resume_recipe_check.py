@@ -1,0 +1,99 @@
+"""Which recipe changes ``zoo train --resume`` refuses: component defaults spelled out are not changes."""
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+import zoo
+from zoo import registry
+from zoo.cli import main
+from zoo.errors import UserError
+from zoo.training.rundir import check_resume_recipe
+
+HERE = Path(__file__).parent / "recipes"
+DIFFUSION = {"time_input": "dit_index"}
+
+
+def check(then: dict, now: dict) -> None:
+    """Both directions: the checkpoint spells it and the recipe leaves it out, and the reverse."""
+    check_resume_recipe({"model": then, "diffusion": DIFFUSION}, {"model": now, "diffusion": DIFFUSION}, Path("ckpt"))
+    check_resume_recipe({"model": now, "diffusion": DIFFUSION}, {"model": then, "diffusion": DIFFUSION}, Path("ckpt"))
+
+
+def refused(then: dict, now: dict) -> str:
+    """The one-line message refusing ``now`` against the checkpoint's ``then``."""
+    with pytest.raises(UserError) as err:
+        check_resume_recipe({"model": then, "diffusion": DIFFUSION}, {"model": now, "diffusion": DIFFUSION}, Path("ckpt"))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("spelled", [
+    {"norm": "adaln_zero"}, {"norm": {"type": "adaln_zero"}}, {"block": "transformer"},
+    {"block": {"type": "transformer", "qkv_bias": True}}, {"mlp": {"type": "mlp", "act": "gelu_tanh"}},
+    {"mlp": {"type": "mlp", "act": "gelu_tanh", "bias": True, "hidden_features": None}},
+])
+def test_dits_component_defaults_spelled_out_are_no_change(spelled):
+    check({"type": "dit", "depth": 2}, {"type": "dit", "depth": 2, **spelled})
+
+
+@pytest.mark.parametrize("changed, path", [
+    ({"mlp": "mlp"}, "model.mlp"),  # Mlp's own act is gelu; DiT's default is gelu_tanh
+    ({"norm": "layernorm"}, "model.norm"),
+    ({"mlp": {"type": "mlp", "act": "gelu_tanh", "bias": False}}, "model.mlp"),
+])
+def test_a_component_other_than_the_default_is_still_a_change(changed, path):
+    assert f"the recipe's {path} differs" in refused({"type": "dit"}, {"type": "dit", **changed})
+    assert f"the recipe's {path} differs" in refused({"type": "dit", **changed}, {"type": "dit"})
+
+
+def test_nested_defaults_of_a_dimr_branch_spelled_out_are_no_change():
+    block = {"type": "transformer", "num_heads": 2}
+    then = {"type": "dimr", "branches": [{"dim": 32, "depth": 2, "block": block}]}
+    check(then, {"type": "dimr", "norm": "td_layernorm", "branches": [
+        {"dim": 32, "depth": 2, "patch_size": 1, "block": {**block, "norm": {"type": "layernorm", "eps": 1e-5},
+                                                            "mlp": "mlp"}}]})
+    message = refused(then, {"type": "dimr", "branches": [{"dim": 32, "depth": 2, "block": {**block, "norm": "rmsnorm"}}]})
+    assert "model.branches.0.block.norm differs" in message
+
+
+class Unlisted(nn.Module):
+    """A block class no registry lists."""
+
+
+class DefaultsNet(nn.Module):
+    """A backbone whose defaults have no recipe form."""
+
+    def __init__(self, block=Unlisted, mlp=partial(zoo.registry.get("block", "mlp"), 4)):
+        super().__init__()
+
+
+def test_a_default_without_a_recipe_form_counts_a_spelled_value_as_a_change():
+    zoo.register("backbone", "defaults_net")(DefaultsNet)
+    try:
+        assert "model.block differs" in refused({"type": "defaults_net"}, {"type": "defaults_net", "block": "transformer"})
+        assert "model.mlp differs" in refused({"type": "defaults_net"}, {"type": "defaults_net", "mlp": "mlp"})
+    finally:
+        registry.unregister("backbone", "defaults_net")
+
+
+def test_another_backbone_or_component_type_is_named_as_the_type():
+    message = refused({"type": "dit", "depth": 2}, {"type": "uvit", "block": {"type": "transformer"}, "depth": 2})
+    assert "the recipe's model.type differs from the checkpoint's (\"dit\" there, \"uvit\" now)" in message
+    branch = {"dim": 32, "depth": 2, "block": "transformer"}
+    message = refused({"type": "dimr", "branches": [branch]},
+                      {"type": "dimr", "branches": [{**branch, "block": {"type": "convnext", "kernel_size": 7}}]})
+    assert "model.branches.0.block.type differs from the checkpoint's (\"transformer\" there, \"convnext\" now)" in message
+
+
+def test_resume_with_dits_default_norm_spelled_out(tmp_path, capsys):
+    """The audit's repro, through the CLI."""
+    args = ["train", str(HERE / "tiny_train.yaml"), "--out", str(tmp_path), "--set", "train.sample_every=0"]
+    assert main([*args, "--set", "train.steps=2"]) == 0
+    for spelled in ("model.norm=adaln_zero", "model.block=transformer", "model.mlp={type: mlp, act: gelu_tanh}"):
+        assert main([*args, "--resume", str(tmp_path), "--set", "train.steps=3", "--set", spelled]) == 0, spelled
+    capsys.readouterr()
+    assert main([*args, "--resume", str(tmp_path), "--set", "train.steps=4", "--set", "model.mlp=mlp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.mlp differs from the checkpoint's" in err
