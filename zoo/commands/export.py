@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ZooTransformer2DModel.from_pretrained loads and diffusers' DiTPipeline samples with a diffusers scheduler.",
     )
     p.add_argument("format", choices=FORMATS, help="target layout")
-    p.add_argument("checkpoint", type=Path, help="zoo checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("checkpoint", type=Path, help="zoo checkpoint directory (config.json + model.safetensors), "
+                   "or a zoo train run directory (its newest checkpoint, RUN/last)")
     p.add_argument("--out", required=True, type=Path, help="directory to write (a new path, or an empty directory)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="which weights to export (default: ema if the checkpoint has them, else model)")
@@ -27,8 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.checkpoint.is_dir():
-        raise UserError(f"{args.checkpoint} is not a checkpoint directory",
+    from zoo.checkpoint import checkpoint_of
+
+    checkpoint = checkpoint_of(args.checkpoint.expanduser())  # repaired; a run directory: its last/, as zoo sample
+    if not checkpoint.is_dir():
+        raise UserError(f"{checkpoint} is not a checkpoint directory",
                         suggestion="pass a directory written by zoo train or zoo convert")
     from zoo.guards import check_outside_checkpoints
 
@@ -37,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
         from zoo.integrations.diffusers import export
     except ImportError as err:
         raise UserError(f"zoo export diffusers needs diffusers ({err})", suggestion='pip install -e ".[vae]"') from None
-    out = export(args.checkpoint, args.out, use_ema=args.weights == "ema", force=args.force)
-    print(f"wrote {out} (diffusers ZooTransformer2DModel from {args.checkpoint})")
+    out = export(checkpoint, args.out, use_ema=args.weights == "ema", force=args.force)
+    print(f"wrote {out} (diffusers ZooTransformer2DModel from {checkpoint})")
     return 0

@@ -1,0 +1,43 @@
+"""``zoo export diffusers RUN`` takes a zoo train run directory as its newest checkpoint, as sample and eval do."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from zoo.checkpoint import EMA, MODEL  # noqa: E402
+from zoo.cli import main  # noqa: E402
+from zoo.integrations.diffusers import ZooTransformer2DModel  # noqa: E402
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+
+
+def exported(out: Path) -> dict[str, torch.Tensor]:
+    return ZooTransformer2DModel.from_pretrained(out).backbone.state_dict()
+
+
+def test_export_of_a_run_directory_writes_its_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(RECIPE), "--out", str(run), "--set", "train.steps=2", "--set", "train.sample_every=0"]) == 0
+    model, ema = load_file(run / "last" / MODEL), load_file(run / "last" / EMA)
+    assert any(not torch.equal(v, model[k]) for k, v in ema.items())  # so the two choices can be told apart
+    capsys.readouterr()
+    assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert f"from {run / 'last'}" in capsys.readouterr().out
+    weights = exported(tmp_path / "hf")
+    assert weights.keys() == model.keys()
+    assert all(torch.equal(v, ema.get(k, model[k])) for k, v in weights.items())  # EMA by default, as for a checkpoint
+    assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf"), "--weights", "model", "--force"]) == 0
+    assert all(torch.equal(v, model[k]) for k, v in exported(tmp_path / "hf").items())
+
+
+def test_export_of_a_directory_that_is_neither_is_still_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "diffusers", str(tmp_path / "empty"), "--out", str(tmp_path / "hf")]) == 2
+    assert main(["export", "diffusers", str(tmp_path / "missing"), "--out", str(tmp_path / "hf")]) == 2
+    assert "is not a checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
