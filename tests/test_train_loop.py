@@ -469,3 +469,17 @@ def test_resuming_the_run_through_a_symlink_is_resuming_the_run(tmp_path):
     assert main(_args(out, "--steps", "2")) == 0
     (tmp_path / "latest").symlink_to(out / "last")
     assert main(_args(out, "--resume", str(tmp_path / "latest"), "--steps", "3")) == 0
+
+
+def test_a_save_a_kill_interrupted_still_marks_the_directory_as_a_run(tmp_path, capsys):
+    """A SIGKILL between sealing the first last.tmp-X and renaming it to last/ leaves a checkpoint
+    under that name only; a new run there (no --resume) rolled it forward and then saved over it."""
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "1", "--set", "train.ckpt_every=0")) == 0
+    (out / "last").rename(out / "last.tmp-deadbeef")
+    capsys.readouterr()
+    assert main(_args(out, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (last/ (a save a kill interrupted))" in err and f"--resume {out}" in err
+    assert main(_args(out, "--resume", str(out), "--steps", "2")) == 0  # the resume rolls it forward
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] == 2

@@ -242,3 +242,22 @@ def test_a_signal_to_the_process_group_with_data_workers_still_saves_last(tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err.decode()
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] >= 1
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, capsys):
+    """Two zoo train into one --out (the second with --resume, or both started before either saved)
+    both trained and both said done, replacing each other's checkpoints and interleaving log.jsonl."""
+    out = tmp_path / "run"
+    proc = _zoo_train(out)  # ckpt_every 1: last/ appears after step 1
+    try:
+        _wait_for(lambda: (out / "last" / "config.json").is_file(), proc)
+        code = main(["train", str(RECIPE), "--out", str(out), "--resume", str(out), "--steps", "100000"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"another zoo train (pid {proc.pid}) is writing {out}" in err
+    finally:
+        proc.kill()
+        proc.wait()
+    # the lock goes with its process, however it ended: the run resumes now
+    assert main(["train", str(RECIPE), "--out", str(out), "--resume", str(out), "--set", "train.sample_every=0"]) == 0

@@ -254,6 +254,12 @@ def leftovers(target: Path) -> list[Path]:
                   if (m := _LEFTOVER.match(p.name)) and m["name"] == target.name)
 
 
+def saved_name(path: Path) -> str:
+    """The directory a save's leftover ``DIR.tmp-X`` / ``DIR.old-Y`` stands for (``DIR``), else ``path``'s own name."""
+    m = _LEFTOVER.match(path.name)
+    return m["name"] if m else path.name
+
+
 def _kind(path: Path) -> str:
     return _LEFTOVER.match(path.name)["kind"]
 

@@ -74,17 +74,22 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
 
 def holds_a_run(directory: Path) -> str | None:
     """The checkpoint that shows ``directory`` holds a ``zoo train`` run (``"last/"``, else its newest
-    ``"step_0000500/"``), or ``None``: a run that stopped before its first checkpoint may start again."""
+    ``"step_0000500/"``), or ``None``: a run that stopped before its first checkpoint may start again.
+    A save a kill interrupted (``last.tmp-X`` holding a checkpoint, which the next start rolls forward
+    into ``last/``) counts as the checkpoint it was writing."""
+    from zoo.atomic import saved_name
     from zoo.checkpoint import CONFIG, RUN_NAMES
 
     if (directory / "last").exists():
         return "last/"
-    if directory.is_dir():  # a step_* folder counts when it is a checkpoint (a user's own one does not)
-        steps = sorted(p.name for p in directory.iterdir() if p.name != "last" and RUN_NAMES.fullmatch(p.name)
-                       and (p / CONFIG).is_file())
-        if steps:
-            return f"{steps[-1]}/"
-    return None
+    if not directory.is_dir():
+        return None
+    # a step_* folder counts when it is a checkpoint (a user's own one does not)
+    found = {saved_name(p) for p in directory.iterdir() if RUN_NAMES.fullmatch(saved_name(p)) and (p / CONFIG).is_file()}
+    if "last" in found:
+        return "last/ (a save a kill interrupted)"
+    steps = sorted(found)
+    return f"{steps[-1]}/" if steps else None
 
 
 def run_of(checkpoint: Path) -> Path:

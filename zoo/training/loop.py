@@ -42,6 +42,7 @@ from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
 from zoo.training.rundir import check_resume_recipe, prune_steps
+from zoo.training.runlock import RunLock
 from zoo.training.signals import StopRequested, StopSignals
 from zoo.training.val_loss import val_hook
 
@@ -452,22 +453,35 @@ class Trainer:
 
     def run(self, steps: int | None = None) -> list[dict]:
         """Train until ``steps`` (default ``train.steps``) in all; return the records logged by this call."""
+        total = int(steps if steps is not None else self.train["steps"])
+        lock = RunLock(self.out)
+        with distributed.agreement(self.ctx):  # a mistake on rank 0 here stops every rank with one line
+            if self.ctx.main:
+                try:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise UserError(f"cannot create the run directory {self.out}: {err.strerror}") from None
+                lock.acquire()  # one zoo train at a time in a run directory
+                repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
+        try:
+            return self._run(total)
+        finally:
+            lock.release()
+
+    def _run(self, total: int) -> list[dict]:
+        """:meth:`run` once the run directory is this run's."""
         from zoo.training.monitor import Monitor
 
-        total = int(steps if steps is not None else self.train["steps"])
         first_step = self.step
-        if self.ctx.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
-        self.ctx.barrier()
         with distributed.agreement(self.ctx):
             self._check_save_targets(total)
         self.banner(total)
         if self.step >= total:
             self.log(f"zoo train: note: already at step {self.step}, nothing to train (stops at step {total}); "
                      "raise train.steps (or --steps) to go on")
-        if self.fd is not None:
-            self.fd.prepare()  # the run's FD reference statistics, computed once
+        with distributed.agreement(self.ctx):  # an unreadable eval_ref: one line, not one per rank
+            if self.fd is not None:
+                self.fd.prepare()  # the run's FD reference statistics, computed once
         monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
         # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
         # twice (terminal + relay), so there a second signal is no 'stop now'.

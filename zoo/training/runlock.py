@@ -1,0 +1,66 @@
+"""One ``zoo train`` at a time in a run directory.
+
+Two runs started into the same ``--out`` both trained and both reported success, while their
+checkpoints replaced each other and their records interleaved in ``log.jsonl``. Rank 0 of a run
+holds an exclusive ``flock`` on ``RUN/.zoo-train.lock`` while it runs; a second run stops at its
+start with the first one's process id. The file is deleted when the run ends; the kernel drops the
+lock when the process ends however it ends (a SIGKILL included), so a file a killed run left behind
+never blocks a later run. Where ``fcntl`` does not exist (Windows) there is no lock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from zoo.errors import UserError
+
+LOCK_FILE = ".zoo-train.lock"
+
+
+class RunLock:
+    """The exclusive lock of one run directory, held from :meth:`acquire` to :meth:`release`."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`UserError` naming the process that holds it."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"another zoo train (pid {holder}) is writing {self.path.parent}; two runs there "
+                                "would replace each other's checkpoints and mix their logs",
+                                suggestion="wait for it to end, or choose another --out") from None
+            except OSError:  # a file system without flock (some network mounts): run unlocked
+                os.close(fd)
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file the previous holder unlinked as this process opened it
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+
+    def release(self) -> None:
+        """Delete the file, then drop the lock (a run waiting on the old file then sees it gone and retries)."""
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
