@@ -483,3 +483,16 @@ def test_a_save_a_kill_interrupted_still_marks_the_directory_as_a_run(tmp_path, 
     assert "already holds a run (last/ (a save a kill interrupted))" in err and f"--resume {out}" in err
     assert main(_args(out, "--resume", str(out), "--steps", "2")) == 0  # the resume rolls it forward
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def test_a_dataset_smaller_than_the_batch_is_told_a_batch_size_that_is_accepted():
+    """With 2 processes, 15 samples and batch 16 the hint said 'batch size <= 15', which the next
+    run refused as not divisible by 2 processes."""
+    from zoo.training.data import EpochSampler
+
+    with pytest.raises(zoo.UserError, match=r"use train.batch_size=14 \(the largest multiple of 2"):
+        EpochSampler.batches_per_epoch(15, 16, 2)
+    with pytest.raises(zoo.UserError, match=r"use a batch size <= 15\)"):
+        EpochSampler.batches_per_epoch(15, 16)
+    with pytest.raises(zoo.UserError, match="use more data: 8 processes x grad_accum need at least 8 samples"):
+        EpochSampler.batches_per_epoch(5, 16, 8)

@@ -305,12 +305,18 @@ class EpochSampler(Sampler):
         self.epoch, self.offset = divmod(start_step, self.per_epoch)
 
     @staticmethod
-    def batches_per_epoch(n: int, batch_size: int) -> int:
+    def batches_per_epoch(n: int, batch_size: int, multiple: int = 1) -> int:
         """Whole batches in one pass over ``n`` samples; the trainer calls it during setup too, where
-        all ranks agree on one message, since a dataset smaller than one batch is a recipe mistake."""
+        all ranks agree on one message, since a dataset smaller than one batch is a recipe mistake.
+        ``multiple`` (processes × grad_accum) is what the batch size must divide by: the hint names
+        the largest batch size that fits and is accepted."""
         if n < batch_size:
+            fits = n // multiple * multiple
+            hint = (f"use a batch size <= {n}" if multiple == 1 else f"use train.batch_size={fits} (the largest "
+                    f"multiple of {multiple}, processes x grad_accum, that fits)" if fits else
+                    f"use more data: {multiple} processes x grad_accum need at least {multiple} samples")
             raise UserError(f"the dataset has {n} samples, fewer than train.batch_size={batch_size}",
-                            key_path="train.batch_size", suggestion=f"use a batch size <= {n}")
+                            key_path="train.batch_size", suggestion=hint)
         return n // batch_size
 
     def __iter__(self) -> Iterator[int]:

@@ -154,7 +154,7 @@ class Trainer:
             meta_model = zoo.build_model(recipe)
             self.shape = tuple(meta_model.example_inputs(1)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
-        EpochSampler.batches_per_epoch(len(dataset), self.batch)  # here, not when batches() starts: one message
+        EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum))
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if self.device.type == "cuda":
