@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C; zoo train's StopRequested also after SIGTERM (status 143)
         status = getattr(err, "exit_status", 130)
-        print("zoo: interrupted" if status == 130 else f"zoo: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops alike: one line says so
+            print("zoo: interrupted" if status == 130 else f"zoo: {err}", file=sys.stderr)
         return status
     except (UserError, FileNotFoundError) as err:
         if os.environ.get("ZOO_TRACEBACK"):
