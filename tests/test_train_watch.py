@@ -163,6 +163,19 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys):
     assert "step       2  loss 0.50000" in err
 
 
+@pytest.mark.parametrize("stdout_tty, bar", [(True, True), (False, False)])
+def test_the_bar_needs_both_streams_on_a_terminal(tmp_path, monkeypatch, stdout_tty, bar):
+    """`zoo train ... | tee run.txt` (stderr a terminal, stdout a pipe) drew the bar on stderr and wrote
+    every record line there too: none reached the file."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty)
+    lines = []
+    monitor = Monitor(tmp_path, start=0, total=2, log=lines.append)
+    monitor.record({"step": 1, "loss": 0.5, "lr": 1e-3, "steps_per_s": 2.0, "images_per_s": 64.0})
+    monitor.close()
+    assert (monitor.bar is not None) == bar and (lines == []) == bar
+
+
 def _zoo_train(out: Path, *extra: str) -> subprocess.Popen:
     argv = [sys.executable, "-m", "zoo", "train", str(RECIPE), "--out", str(out), "--steps", "100000",
             "--set", "train.ckpt_every=1", "--set", "train.log_every=1", "--set", "train.sample_every=0",

@@ -140,7 +140,8 @@ class Monitor:
         self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)  # TensorBoard drops them as well
         self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
         self.bar = None
-        if sys.stderr.isatty() if tty is None else tty:
+        # A bar only where both streams are a terminal: `zoo train ... | tee log` keeps every record line in the file
+        if (sys.stderr.isatty() and sys.stdout.isatty()) if tty is None else tty:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
