@@ -40,14 +40,13 @@ def test_the_model_and_its_ema_start_from_the_checkpoints_ema_weights(tmp_path, 
     ema = ckpt.load_weights(trained / "last" / "ema.safetensors")
     model = ckpt.load_weights(trained / "last" / "model.safetensors")
     assert any(not torch.equal(ema[k], model[k]) for k in ema)  # the test can tell them apart
-    lines = []
-    trainer = Trainer(_recipe(f"train.init_from={trained}", "train.lr=1e-2"), tmp_path, log=lines.append)
+    trainer = Trainer(_recipe(f"train.init_from={trained}", "train.lr=1e-2"), tmp_path, log=QUIET)
     assert trainer.step == 0 and trainer.optimizer.state_dict()["state"] == {}
     expected = {**model, **ema}  # the EMA file's parameters, the buffers (DiT's position table) of the model file
     _assert_state(trainer.model, expected)
     for name, shadow in trainer.ema.state_dict().items():
         assert torch.equal(shadow, expected[name]), name
-    assert any(f"starts from {trained / 'last' / 'ema.safetensors'}" in line for line in lines)
+    assert any(f"starts from {trained / 'last' / 'ema.safetensors'}" in line for line in trainer.after_banner)
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-2  # the new recipe's settings, from step 0
     # ... and trains from there: one step's loss is the loss of those weights, not of a fresh init
     fresh = Trainer(_recipe(), tmp_path / "fresh", log=QUIET)

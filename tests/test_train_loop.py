@@ -496,3 +496,20 @@ def test_a_dataset_smaller_than_the_batch_is_told_a_batch_size_that_is_accepted(
         EpochSampler.batches_per_epoch(15, 16)
     with pytest.raises(zoo.UserError, match="use more data: 8 processes x grad_accum need at least 8 samples"):
         EpochSampler.batches_per_epoch(5, 16, 8)
+
+
+def test_a_resume_without_out_continues_the_run_it_names_and_the_banner_comes_first(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`--resume RUN` alone forked into ./runs/<recipe> with only the new records, and 'resumed from'
+    came before the line naming the run directory."""
+    run = tmp_path / "run"
+    assert main(_args(run, "--steps", "2")) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    argv = ["train", str(HERE / "tiny_train.yaml"), "--set", "train.sample_every=0", "--set", "train.ckpt_every=2"]
+    assert main([*argv, "--resume", str(run / "step_0000002"), "--steps", "4"]) == 0
+    assert not (tmp_path / "runs").exists()
+    assert torch.load(run / "last" / "trainer_state.pt", weights_only=True)["step"] == 4
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"zoo train: run directory {run.resolve()}"
+    assert out.index(f"zoo train: resumed from {run / 'step_0000002'} at step 2") > 3

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "Under torchrun, one process per GPU (DDP, or FSDP2 with "
                                           "--set train.parallel=fsdp).")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML")
-    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: the run --resume names, else runs/<recipe name>)")
     add_overrides_option(p)
     p.add_argument("--resume", default=None, metavar="DIR", help="checkpoint (or run) directory to continue from")
     p.add_argument("--allow-recipe-change", action="store_true",
@@ -62,6 +62,17 @@ def _absolute_paths(recipe: dict) -> None:
             table[key] = os.path.abspath(path)
 
 
+def _resumed_run(resume: str | None) -> str | None:
+    """The run directory ``--resume`` names (itself, or the run of its ``last/`` or ``step_*/``): where a
+    resume without ``--out`` continues, rather than forking into ``runs/<recipe name>``."""
+    from zoo.guards import holds_a_run, run_of
+
+    if resume is None or not Path(resume).is_dir():
+        return None
+    run = run_of(Path(resume))
+    return str(run) if holds_a_run(run) else None
+
+
 def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     """The run directory, the recipe and the device, after the checks that need no process group."""
     import zoo
@@ -74,7 +85,8 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     if args.resume is not None:
         args.resume = str(Path(args.resume).expanduser())
     # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)
-    out = str(check_run_dir(args.out or default_run_dir(args.recipe), resuming=args.resume or False))
+    out = args.out or _resumed_run(args.resume) or default_run_dir(args.recipe)
+    out = str(check_run_dir(out, resuming=args.resume or False))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     _absolute_paths(recipe)
     train = recipe.get("train") or {}

@@ -116,6 +116,7 @@ class Trainer:
         self.ctx = distributed.init(device)
         self.recipe, self.out = recipe, Path(out)
         self.log = log if self.ctx.main else (lambda *_: None)
+        self.after_banner: list[str] = []  # lines of the setup that follow the run's first lines
         with distributed.agreement(self.ctx):  # a mistake on any rank stops all of them, with one message
             dataset = self._set_up(recipe, resume, allow_recipe_change)
         data = recipe.get("data") or {}
@@ -199,7 +200,8 @@ class Trainer:
             load_state_dict_strict(self.model, state, str(source))  # another model: one line naming the tensors
         except UserError as err:
             raise err.locate(key_path="train.init_from") from None
-        self.log(f"zoo train: the model starts from {source} (train.init_from; step 0, a fresh optimizer)")
+        self.after_banner.append(f"zoo train: the model starts from {source} (train.init_from; step 0, "
+                                 "a fresh optimizer)")
 
     # -- resume -----------------------------------------------------------------------------------
 
@@ -261,7 +263,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.created = [int(s) for s in state.get("created", [])]
-        self.log(f"zoo train: resumed from {directory} at step {self.step}")
+        self.after_banner.append(f"zoo train: resumed from {directory} at step {self.step}")
         self._resume_notes()
 
     def _load_ema(self, directory: Path) -> None:
@@ -275,15 +277,17 @@ class Trainer:
         then = {**DEFAULTS, **(self._resumed_recipe.get("train") or {})}
         lr_then, lr_now = learning_rate(then, self.step), learning_rate(self.train, self.step)
         if abs(lr_now - lr_then) > 1e-3 * max(lr_then, 1e-30):
-            self.log(f"zoo train: note: the learning rate at step {self.step + 1} is {lr_now:.3g}, where the "
-                     f"checkpoint's recipe would give {lr_then:.3g} (train.steps {then.get('steps')} -> "
-                     f"{self.train['steps']}, lr {then.get('lr')} -> {self.train['lr']}: the {self.train.get('lr_schedule', 'constant')} "
-                     "schedule is recomputed for the new settings)")
+            schedule = self.train.get("lr_schedule", "constant")
+            self.after_banner.append(
+                f"zoo train: note: the learning rate at step {self.step + 1} is {lr_now:.3g}, where the checkpoint's "
+                f"recipe would give {lr_then:.3g} (train.steps {then.get('steps')} -> {self.train['steps']}, lr "
+                f"{then.get('lr')} -> {self.train['lr']}: the {schedule} schedule is recomputed for the new settings)")
         later = sorted(d.name for d in self.out.glob("step_*") if d.is_dir() and d.name[5:].isdigit()
                        and int(d.name[5:]) > self.step)
         if later:
-            self.log(f"zoo train: note: {', '.join(later)} in {self.out} come after step {self.step}, from the run "
-                     "this one branches away from; they are kept (and not pruned) until this run saves those steps")
+            self.after_banner.append(
+                f"zoo train: note: {', '.join(later)} in {self.out} come after step {self.step}, from the run this "
+                "one branches away from; they are kept (and not pruned) until this run saves those steps")
 
     # -- checkpoints and samples ---------------------------------------------------------------
 
@@ -432,6 +436,9 @@ class Trainer:
                  f"global batch {self.batch} (grad_accum {self.accum}), precision {self.train['precision']}")
         self.log(f"zoo train: device {self.ctx.describe()}")
         self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
+        for line in self.after_banner:  # where the weights came from (a resume, train.init_from) and its notes
+            self.log(line)
+        self.after_banner.clear()
         given = self.recipe.get("train") or {}
         warmup = int(self.train.get("warmup_steps") or 0)
         if warmup and warmup > total:
