@@ -513,3 +513,24 @@ def test_a_resume_without_out_continues_the_run_it_names_and_the_banner_comes_fi
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"zoo train: run directory {run.resolve()}"
     assert out.index(f"zoo train: resumed from {run / 'step_0000002'} at step 2") > 3
+
+
+def test_a_users_log_jsonl_or_loss_png_in_out_is_not_replaced(tmp_path, capsys):
+    """zoo train into a folder holding a log.jsonl of the user's rewrote it with its own records."""
+    import json as json_
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 100, "note": "mine"}\n')
+    assert main(_args(out, "--steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds log.jsonl that zoo train did not write" in err and err.count("\n") == 1
+    assert (out / "log.jsonl").read_text() == '{"step": 100, "note": "mine"}\n'
+    (out / "log.jsonl").unlink()
+    (out / "loss.png").write_bytes(b"my plot")
+    assert main(_args(out, "--steps", "1")) == 2 and "holds loss.png that zoo train" in capsys.readouterr().err
+    # a zoo run that stopped before its first checkpoint may start again over its own log
+    (out / "loss.png").unlink()
+    (out / "log.jsonl").write_text(json_.dumps({"step": 5, "loss": 0.5, "lr": 1e-3}) + "\n")
+    assert main(_args(out, "--steps", "1")) == 0
+    assert [json_.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1]

@@ -95,6 +95,13 @@ def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
 
     base = ["train.sample_every=0", "train.ckpt_every=2", "train.log_every=1", "train.keep_last=0"]
     first = train(zoo.load_recipe(RECIPE, base), tmp_path, steps=4, log=lambda *_: None)
+    history = {name: (tmp_path / name).read_bytes() for name in ("log.jsonl", "loss.png")}
+    events = sorted(p.name for p in (tmp_path / "tb").iterdir())
+    # A resume from step 2 that trains nothing (here --steps 2; or one that fails before its first
+    # record) dropped steps 3 and 4 from log.jsonl and TensorBoard all the same.
+    train(zoo.load_recipe(RECIPE, base), tmp_path, steps=2, resume=tmp_path / "step_0000002", log=lambda *_: None)
+    assert {name: (tmp_path / name).read_bytes() for name in history} == history
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == events
     train(zoo.load_recipe(RECIPE, [*base, "train.lr=0.5"]), tmp_path, steps=4, resume=tmp_path / "step_0000002",
           log=lambda *_: None)
     records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -115,7 +122,9 @@ def test_a_new_event_file_sorts_after_one_written_in_the_same_second(tmp_path):
     (tmp_path / "tb").mkdir()
     old = tmp_path / "tb" / f"events.out.tfevents.{int(time.time())}.zzzz.1.9"  # sorts after any host of this second
     old.write_bytes(b"")
-    Monitor(tmp_path, start=0, total=1, log=lambda *_: None, tty=False).close()
+    monitor = Monitor(tmp_path, start=0, total=1, log=lambda *_: None, tty=False)
+    monitor.record({"step": 1, "loss": 0.5, "lr": 1e-3, "steps_per_s": 2.0, "images_per_s": 64.0})  # opens tb/
+    monitor.close()
     new = [f.name for f in (tmp_path / "tb").iterdir() if f != old]
     assert len(new) == 1 and sorted([old.name, new[0]]) == [old.name, new[0]]
 

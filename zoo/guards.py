@@ -92,6 +92,27 @@ def holds_a_run(directory: Path) -> str | None:
     return f"{steps[-1]}/" if steps else None
 
 
+def files_not_from_zoo_train(directory: Path) -> list[str]:
+    """``log.jsonl`` / ``loss.png`` in ``directory`` that a run there would replace but zoo train did not
+    write: a log with a line that is not one of its records, a plot beside no such log. (A run that
+    stopped before its first checkpoint left a log of its own records: it may start again.)"""
+    import json
+
+    log, plot = directory / "log.jsonl", directory / "loss.png"
+    ours = False
+    if log.is_file():
+        try:
+            lines = log.read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            records = [None]
+        ours = all(isinstance(r, dict) and isinstance(r.get("step"), int)
+                   and any(k in r for k in ("loss", "fd", "val_loss")) for r in records)
+        if not ours:
+            return ["log.jsonl"]
+    return ["loss.png"] if plot.exists() and not ours else []
+
+
 def run_of(checkpoint: Path) -> Path:
     """The run directory a ``--resume`` path belongs to (symlinks resolved): itself if it is one,
     else a checkpoint's parent."""
@@ -153,6 +174,9 @@ def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "-
         raise UserError(f"{option} {out} is inside the checkpoint directory {_named(found)}, not a run directory",
                         suggestion="choose a directory outside it")
     found = holds_a_run(out)
+    if not found and (mine := files_not_from_zoo_train(out)):
+        raise UserError(f"{option} {out} holds {' and '.join(mine)} that zoo train did not write; the run would "
+                        "replace it", suggestion=f"choose another {option}, or move {mine[0]} away")
     if found and not resuming:
         raise UserError(f"{option} {out} already holds a run ({found}); a new run there would replace its "
                         "checkpoints and log", suggestion=f"continue it with --resume {out}, or choose another {option}")

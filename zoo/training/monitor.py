@@ -126,18 +126,15 @@ class Monitor:
 
     def __init__(self, out: Path, start: int, total: int, log: Callable[[str], None] = print,
                  tty: bool | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.out, self.log = out, log
-        path = out / "log.jsonl"
-        found = read_log(path)
+        self.out, self.log, self.start = out, log, start
+        self.log_path = out / "log.jsonl"
+        found = read_log(self.log_path)
         self.records = [r for r in found if r.get("step", 0) <= start]  # a resume drops what it redoes
-        if len(self.records) < len(found):  # ... from the file too, or those steps would be in it twice
-            write_file(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
-        self.log_path = path
-        self.file = open(path, "ab", buffering=0)
-        _after_event_files_of_this_second(out / "tb")
-        self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)  # TensorBoard drops them as well
+        # ... from log.jsonl and TensorBoard too, but only once this run logs a step of its own: a resume
+        # from an older step_* that stops (or fails) before its first record leaves the history whole
+        self.dropped = len(found) - len(self.records)
+        self.file = None
+        self._writer = None
         self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
         self.bar = None
         # A bar only where both streams are a terminal: `zoo train ... | tee log` keeps every record line in the file
@@ -145,6 +142,17 @@ class Monitor:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    @property
+    def writer(self):
+        """The TensorBoard writer, opened with this run's first record: its purge of the steps after
+        ``start`` (the ones a resume redoes) takes effect only then."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            _after_event_files_of_this_second(self.out / "tb")
+            self._writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start + 1)
+        return self._writer
 
     def advance(self) -> None:
         """One step done."""
@@ -195,6 +203,11 @@ class Monitor:
         record would be glued to it and lost), and its error names the file."""
         from zoo.atomic import disk_error, write_all
 
+        if self.file is None:  # this run's first record: the redone steps leave the file, then append
+            if self.dropped:
+                write_file(self.log_path, lambda tmp: tmp.write_text(
+                    "".join(json.dumps(r) + "\n" for r in self.records if r.get("step", 0) <= self.start)))
+            self.file = open(self.log_path, "ab", buffering=0)
         start = self.file.seek(0, 2)
         try:
             write_all(self.file, line.encode("utf-8"))
@@ -213,9 +226,11 @@ class Monitor:
             self.log(text)
 
     def close(self) -> None:
-        if self.plotted < time.monotonic():  # the final curve, whatever the rate limit skipped
+        if self.file is not None and self.plotted < time.monotonic():  # the final curve the rate limit skipped
             self.plot.draw(self.records)
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
-        self.file.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self.file is not None:
+            self.file.close()
