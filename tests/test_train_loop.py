@@ -534,3 +534,15 @@ def test_a_users_log_jsonl_or_loss_png_in_out_is_not_replaced(tmp_path, capsys):
     (out / "log.jsonl").write_text(json_.dumps({"step": 5, "loss": 0.5, "lr": 1e-3}) + "\n")
     assert main(_args(out, "--steps", "1")) == 0
     assert [json_.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_auto_starts_a_run_and_continues_it(tmp_path, capsys):
+    """One command line for the first start and every restart (torchrun --max-restarts, a requeued
+    SLURM job): `--resume` alone could not start a run, and no --resume refused to restart one."""
+    out = tmp_path / "run"
+    argv = _args(out, "--resume", "auto")
+    assert main([*argv, "--steps", "2"]) == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert main([*argv, "--steps", "4"]) == 0
+    assert f"resumed from {out / 'last'} at step 2" in capsys.readouterr().out
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] == 4

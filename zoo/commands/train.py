@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: the run --resume names, else runs/<recipe name>)")
     add_overrides_option(p)
-    p.add_argument("--resume", default=None, metavar="DIR", help="checkpoint (or run) directory to continue from")
+    p.add_argument("--resume", default=None, metavar="DIR", help="checkpoint (or run) directory to continue from; "
+                   "'auto': continue --out if it holds a run, else start it (for requeued jobs and torchrun "
+                   "--max-restarts)")
     p.add_argument("--allow-recipe-change", action="store_true",
                    help="resume even though the recipe's model or diffusion section differs from the checkpoint's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -62,6 +64,9 @@ def _absolute_paths(recipe: dict) -> None:
             table[key] = os.path.abspath(path)
 
 
+AUTO = "auto"  # --resume auto
+
+
 def _resumed_run(resume: str | None) -> str | None:
     """The run directory ``--resume`` names (itself, or the run of its ``last/`` or ``step_*/``): where a
     resume without ``--out`` continues, rather than forking into ``runs/<recipe name>``."""
@@ -82,6 +87,11 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps must be >= 0, got {args.steps}")
     device = str(resolve_device(args.device))
+    if args.resume == AUTO:  # one command line for the first start and every restart of the job
+        from zoo.guards import holds_a_run
+
+        args.out = args.out or default_run_dir(args.recipe)
+        args.resume = args.out if holds_a_run(Path(args.out).expanduser()) else None
     if args.resume is not None:
         args.resume = str(Path(args.resume).expanduser())
     # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)
