@@ -22,9 +22,12 @@ rank writes the same bytes, atomically).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -222,8 +225,6 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     ``log`` gets one line saying what was found and what is left to encode. Returns whether the
     output is complete (``manifest.json`` written).
     """
-    from torch.utils.data import DataLoader, Subset
-
     from zoo.atomic import remove_file_leftovers
 
     root, out = Path(image_dir).expanduser(), Path(out).expanduser()
@@ -254,24 +255,77 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
                 f"encode; --shard-size {-(-len(images) // world)} gives each process one")
     bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
     try:
-        for k in todo:
-            start = k * shard_size
-            subset = Subset(images, range(start, min(start + shard_size, len(images))))
-            loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
-            means, stds, labels = [], [], []
-            for x, y in _resumable_errors(iter(loader)):  # one line, not a worker's traceback
-                mean, std = encode_moments(vae, x.to(device))
-                means.append(mean.cpu())
-                stds.append(std.cpu())
-                labels.append(y)
-                if bar is not None:
-                    bar.update(len(y))
-            write_shard(out / shard_name(k), torch.cat(means), torch.cat(stds), torch.cat(labels), start,
-                        getattr(torch, dtype), digests[k])
+        _encode(images, vae, device, out, todo, digests, shard_size, batch_size, num_workers,
+                getattr(torch, dtype), bar)
     finally:  # the bar's last line ends before any error message is printed
         if bar is not None:
             bar.close()
     return finish(out, plan, digests)
+
+
+def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[int], digests: list[str],
+            shard_size: int, batch_size: int, num_workers: int, dtype: torch.dtype, bar) -> None:
+    """Encode and write shards ``todo``, each when its last batch arrives.
+
+    One DataLoader reads them all, its batches never crossing a shard, so the workers are forked
+    once: a Ctrl-C that landed while the next shard's workers forked was lost (the run went on).
+    The workers ignore SIGINT and SIGTERM (the process group's signal): one that died of it was a
+    'DataLoader worker exited unexpectedly' traceback instead of the main process's clean stop.
+    """
+    from torch.utils.data import DataLoader
+
+    from zoo.training.data import workers_ignore_stop_signals
+
+    batches, ends = [], {}  # ends: the index of each shard's last batch -> the shard
+    for k in todo:
+        start, stop = k * shard_size, min((k + 1) * shard_size, len(images))
+        batches += [range(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
+        ends[len(batches) - 1] = k
+    if not batches:
+        return
+    loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers,
+                        worker_init_fn=workers_ignore_stop_signals)
+    it, means, stds, labels = None, [], [], []
+    try:
+        with _interrupts_held():
+            it = iter(loader)  # forks the workers
+        for i, (x, y) in enumerate(_resumable_errors(it)):  # one line, not a worker's traceback
+            mean, std = encode_moments(vae, x.to(device))
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+            labels.append(y)
+            if bar is not None:
+                bar.update(len(y))
+            if i in ends:
+                k = ends[i]
+                write_shard(out / shard_name(k), torch.cat(means), torch.cat(stds), torch.cat(labels),
+                            k * shard_size, dtype, digests[k])
+                means, stds, labels = [], [], []
+    finally:  # end the workers now, not when the iterator is collected: an error's traceback keeps it
+        # (a cycle), and at exit multiprocessing's SIGTERM (which they ignore) and join() then hung
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold a Ctrl-C (SIGINT) that comes during the block and deliver it after.
+
+    While a DataLoader forks its workers, a KeyboardInterrupt raised in an at-fork hook (logging's)
+    was printed as 'Exception ignored' and lost, and a child it reached before its
+    ``worker_init_fn`` ran died of it; a child inherits this handler, which only records.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_size: int, dtype: str):
