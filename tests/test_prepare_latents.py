@@ -635,6 +635,32 @@ def test_ctrl_c_with_workers_is_one_line_and_the_rerun_finishes(tmp_path, vae_di
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
 
 
+def test_file_names_with_tabs_newlines_and_backslashes_are_one_escaped_line_each(tmp_path, vae_dir, image_dir):
+    """A newline in a name split its row in two and every later row named the wrong file."""
+    import re
+    import sys
+
+    from zoo.training.data import ImageFolder
+
+    if sys.platform == "win32":
+        pytest.skip("no such file names")
+    images, out = _copy_images(image_dir, tmp_path), tmp_path / "lat"
+    for old, new in (("n01_0.png", "a\nb.png"), ("n01_1.JPEG", "a\tb.JPEG"), ("n01_2.png", "a\\b\r.png")):
+        (images / "n01" / old).rename(images / "n01" / new)
+    kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(images, vae_dir, out, **kw)
+    lines = (out / "images.txt").read_text().split("\n")[:-1]
+    assert lines[:3] == ["n01/a\\tb.JPEG\t0", "n01/a\\nb.png\t0", "n01/a\\\\b\\r.png\t0"]
+    assert lines[3:6] == ["n01/n01_3.JPEG\t0", "n01/n01_4.png\t0", "n02/n02_0.png\t1"]  # other names as before
+    unescape = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+    for line, (path, label) in zip(lines, ImageFolder(images, RES).items, strict=True):
+        name, y = line.split("\t")
+        assert images / re.sub(r"\\(.)", lambda m: unescape[m[1]], name) == path and int(y) == label
+    lines = []
+    assert prepare_latents(images, vae_dir, out, log=lines.append, **kw)
+    assert lines[-1].endswith("none left to encode")  # the rows' digests are those the shards carry
+
+
 def test_the_workers_are_forked_once_for_all_shards(tmp_path, vae_dir, image_dir, monkeypatch):
     """A DataLoader per shard forked its workers again for every shard: each fork was a moment
     where a Ctrl-C could be lost."""

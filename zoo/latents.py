@@ -8,7 +8,8 @@ trainer multiplies by ``data.vae_scale``), and ``labels`` (N,) from the sorted c
 The ``latents`` dataset draws z = mean + std·ε from a random view at every step.
 
 Layout of ``OUT``: ``shard_XXXXX.safetensors`` (``shard_size`` images each, in folder order),
-``images.txt`` (one line per row: the image's path under IMAGE_DIR, a tab, its label),
+``images.txt`` (one line per row: the image's path under IMAGE_DIR, a tab, its label; in the
+path a backslash, tab, newline or carriage return is written ``\\\\``, ``\\t``, ``\\n``, ``\\r``),
 ``prepare.json`` (the plan: written first, checked on resume) and ``manifest.json`` (the plan
 plus the shard list: written last, once every shard exists). Every file is written to a
 temporary name and renamed, so an interrupted run leaves only whole shards, and running the
@@ -96,9 +97,14 @@ def encode_moments(vae: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return views(posterior.mean), views(posterior.std)
 
 
+# A file name may hold a tab or a line break: escaped, each row stays one line of two fields.
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
 def image_lines(root: Path, items: list[tuple[Path, int]]) -> list[str]:
-    """One ``images.txt`` line per row: the image's path under ``root`` (POSIX), a tab, its label."""
-    return [f"{Path(path).relative_to(root).as_posix()}\t{label}\n" for path, label in items]
+    """One ``images.txt`` line per row: the image's path under ``root`` (POSIX, ``\\``, tab, newline
+    and carriage return escaped as ``\\\\``, ``\\t``, ``\\n``, ``\\r``), a tab, its label."""
+    return [f"{Path(path).relative_to(root).as_posix().translate(_ESCAPES)}\t{label}\n" for path, label in items]
 
 
 def _utf8(text: str) -> bytes:
