@@ -661,6 +661,36 @@ def test_file_names_with_tabs_newlines_and_backslashes_are_one_escaped_line_each
     assert lines[-1].endswith("none left to encode")  # the rows' digests are those the shards carry
 
 
+@pytest.mark.parametrize("where", ["latents", "n01/deep/latents", ".", "link/latents"])
+def test_an_out_inside_the_image_folder_is_refused_before_anything_is_written(tmp_path, vae_dir, image_dir,
+                                                                              where, capsys):
+    """The first run worked, and its rerun (the resume) read IMAGE_DIR/latents as a class folder
+    without images and stopped."""
+    images = _copy_images(image_dir, tmp_path)
+    (tmp_path / "link").symlink_to(images)
+    out = (images if where != "link/latents" else tmp_path) / where
+    before = sorted(images.rglob("*"))
+    argv = ["prepare-latents", str(images), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),
+            "--workers", "0"]
+    assert main(argv) == 2
+    why = ("is the image folder: the shards would lie among its class folders" if where == "." else
+           f"is inside the image folder {images}: a rerun would list it with the images (as a class folder)")
+    assert capsys.readouterr().err == f"zoo: error: --out {out} {why} (give an --out outside the image folder)\n"
+    assert sorted(images.rglob("*")) == before
+
+
+def test_an_earlier_out_inside_the_image_folder_is_told_to_move_out(tmp_path, vae_dir, image_dir, capsys):
+    images = _copy_images(image_dir, tmp_path)
+    outside = tmp_path / "lat"
+    prepare_latents(images, vae_dir, outside, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    inside = outside.rename(images / "lat")  # as an earlier zoo left it
+    argv = ["prepare-latents", str(images), "--vae", str(vae_dir), "--out", str(inside), "--resolution", str(RES),
+            "--shard-size", "6", "--workers", "0"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.endswith(f"(give an --out outside the image folder (move {inside} there to keep "
+                                            "its shards))\n")
+
+
 def test_the_workers_are_forked_once_for_all_shards(tmp_path, vae_dir, image_dir, monkeypatch):
     """A DataLoader per shard forked its workers again for every shard: each fork was a moment
     where a Ctrl-C could be lost."""

@@ -344,6 +344,7 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
         raise UserError(f"image folder {root} {what}", suggestion="pass IMAGE_DIR laid out as IMAGE_DIR/CLASS/*.JPEG")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file", suggestion="give a directory for the shards (new or an earlier --out)")
+    _check_outside(root, out)
     images = ImageFolder(root, resolution)
     if len(images) == 0:
         raise UserError(f"{root} holds no images in class subfolders", suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG")
@@ -358,6 +359,20 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
         raise UserError(f"cannot create --out {out}: {err.strerror}") from None
     changed = check_or_write_plan(out, plan, lines)
     return images, vae, plan, lines, changed
+
+
+def _check_outside(root: Path, out: Path) -> None:
+    """Refuse an ``out`` that is ``root`` or inside it: the first run worked, but its rerun (the
+    resume) listed the shards' folder as a class folder without images and stopped."""
+    real_root, real_out = root.resolve(), out.resolve()
+    if real_out != real_root and real_root not in real_out.parents:
+        return
+    if real_out == real_root:
+        why, move = "is the image folder: the shards would lie among its class folders", ""
+    else:
+        why = f"is inside the image folder {root}: a rerun would list it with the images (as a class folder)"
+        move = f" (move {out} there to keep its shards)" if (out / PLAN).is_file() else ""
+    raise UserError(f"--out {out} {why}", suggestion=f"give an --out outside the image folder{move}")
 
 
 def _resumable_errors(batches):
