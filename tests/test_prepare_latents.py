@@ -141,6 +141,7 @@ def test_prepare_latents_shards_manifest_and_moments(tmp_path, vae_dir, image_di
 
     # Other settings into the same directory: refused, nothing written.
     assert main(args[:-6] + ["--resolution", "8", "--shard-size", "4", "--workers", "0"]) == 2
+    assert "(resolution, latent_shape differ)" in capsys.readouterr().err
 
 
 def test_ranks_split_the_shards_and_the_last_one_writes_the_manifest(tmp_path, vae_dir, image_dir):
@@ -260,8 +261,35 @@ def test_image_folder_lists_the_files_torchvision_lists_in_its_order(tmp_path):
     (tmp_path / ".ipynb_checkpoints").mkdir()
     with pytest.raises(FileNotFoundError):
         TorchvisionImageFolder(str(tmp_path))
-    with pytest.raises(UserError, match=r"class folder .*\.ipynb_checkpoints holds no images \(move folders"):
+    with pytest.raises(UserError, match=r"class folder .*\.ipynb_checkpoints holds no images: no files there; "
+                                        r".* \(move folders"):
         ImageFolder(tmp_path, 8)
+
+
+def test_a_class_folder_of_other_formats_says_what_is_read_and_what_was_skipped(tmp_path, vae_dir, capsys):
+    """'class folder X holds no images' beside a folder of .gif files: the user saw no reason."""
+    from zoo.training.data import ImageFolder
+
+    pixels = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "0.png")
+    for rel in ("gifs/0.gif", "gifs/1.gif", "gifs/more/2.gif"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / rel)
+    reads = ".jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp in any case"
+    with pytest.raises(UserError) as err:
+        ImageFolder(tmp_path, 8)
+    assert str(err.value) == (f"class folder {tmp_path / 'gifs'} holds no images: 3 files with other suffixes "
+                              f"skipped there; images are files ending {reads} (convert those files to one of "
+                              "these formats, or move folders that are not classes (e.g. .ipynb_checkpoints, "
+                              "__MACOSX) out of the image folder)")
+    # Only .gif class folders: nothing to encode, said the same way by prepare-latents.
+    (tmp_path / "a" / "0.png").rename(tmp_path / "a" / "0.gif")
+    argv = ["prepare-latents", str(tmp_path), "--vae", str(vae_dir), "--out", str(tmp_path.parent / "lat")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"zoo: error: the 2 class folders under {tmp_path} hold no images: 4 files "
+                                       f"with other suffixes skipped there; images are files ending {reads} "
+                                       "(convert them to one of these formats)\n")
 
 
 def test_a_symlink_loop_in_a_class_folder_is_not_followed(tmp_path):
@@ -517,7 +545,7 @@ def test_a_vae_with_other_settings_is_refused_even_with_the_same_weights(tmp_pat
             "--shard-size", "6", "--workers", "0"]
     manifest = (out / MANIFEST).read_text()
     assert main(args) == 2
-    assert "(vae scaling_factor differ)" in capsys.readouterr().err
+    assert "(vae scaling_factor differs)" in capsys.readouterr().err
     assert (out / MANIFEST).read_text() == manifest  # untouched
     # A VAE that shifts its latents (SD3, FLUX) cannot be undone by zoo's z / scale: refused up front.
     (other / "config.json").write_text(json.dumps({**config, "shift_factor": 0.0609}))
@@ -689,6 +717,16 @@ def test_an_earlier_out_inside_the_image_folder_is_told_to_move_out(tmp_path, va
     assert main(argv) == 2
     assert capsys.readouterr().err.endswith(f"(give an --out outside the image folder (move {inside} there to keep "
                                             "its shards))\n")
+
+
+def test_counts_of_one_are_singular(tmp_path, vae_dir, image_dir):
+    (tmp_path / "n01").mkdir()
+    (tmp_path / "n01" / "a.png").write_bytes((image_dir / "n01" / "n01_0.png").read_bytes())
+    lines = []
+    assert prepare_latents(tmp_path, vae_dir, tmp_path.parent / f"{tmp_path.name}_lat", resolution=RES,
+                           num_workers=0, log=lines.append)
+    assert lines == [f"1 image in 1 class under {tmp_path}; 1 shard of up to 10000 in "
+                     f"{tmp_path.parent / f'{tmp_path.name}_lat'}, encoding 1 (1 image) on cpu"]
 
 
 def test_the_workers_are_forked_once_for_all_shards(tmp_path, vae_dir, image_dir, monkeypatch):

@@ -158,7 +158,8 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
         old_vae = old.get("vae") or {}
         diff += [f"vae {k}" for k in VAE_IDENTITY if old_vae.get(k) != plan["vae"][k]]  # not its path: dirs move
         if diff:
-            raise UserError(f"{out} holds latents prepared with other settings ({', '.join(diff)} differ)",
+            raise UserError(f"{out} holds latents prepared with other settings ({', '.join(diff)} "
+                            f"differ{'s' * (len(diff) == 1)})",
                             suggestion="use a new --out directory, or the same VAE and options as before")
         if old.get("images") == plan["images"]:
             if old.get("root") != plan["root"]:  # the same images in a moved folder: the plan follows them
@@ -253,11 +254,11 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
             log(f"the images under {root} changed since {out} was started: the shards whose images are the same "
                 "are kept, the others encoded again")
         who = f"rank {rank} of {world} encodes" if world > 1 else "encoding"
-        left = f"{who} {len(todo)} ({total} images) on {device}" if todo else "none left to encode"
-        log(f"{len(images)} images in {len(images.classes)} classes under {root}; {n} shard{'s' * (n != 1)} of "
-            f"up to {shard_size} in {out}, {left}")
+        left = f"{who} {len(todo)} ({_count(total, 'image')}) on {device}" if todo else "none left to encode"
+        log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
+            f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
         if rank == 0 and world > n and not any(out.glob("shard_*.safetensors")):  # a fresh output only
-            log(f"note: {n} shard{'s' * (n != 1)} for {world} processes, so {world - n} of them have nothing to "
+            log(f"note: {_count(n, 'shard')} for {world} processes, so {world - n} of them have nothing to "
                 f"encode; --shard-size {-(-len(images) // world)} gives each process one")
     bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
     try:
@@ -347,7 +348,12 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
     _check_outside(root, out)
     images = ImageFolder(root, resolution)
     if len(images) == 0:
-        raise UserError(f"{root} holds no images in class subfolders", suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG")
+        if not images.classes:
+            raise UserError(f"{root} has no class subfolders", suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG")
+        n, others = len(images.classes), sum(ImageFolder.other_files(root / c) for c in images.classes)
+        raise UserError(f"the {_count(n, 'class folder')} under {root} hold{'s' * (n == 1)} no images: "
+                        f"{ImageFolder.skipped(others, 'there')}", suggestion="convert them to one of these formats"
+                        if others else "lay it out as IMAGE_DIR/CLASS/*.JPEG")
     vae, identity = load_encoder(vae_dir)
     if resolution % identity["downsample"]:
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downsampling {identity['downsample']}")
@@ -373,6 +379,11 @@ def _check_outside(root: Path, out: Path) -> None:
         why = f"is inside the image folder {root}: a rerun would list it with the images (as a class folder)"
         move = f" (move {out} there to keep its shards)" if (out / PLAN).is_file() else ""
     raise UserError(f"--out {out} {why}", suggestion=f"give an --out outside the image folder{move}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 image", "3 images", "2 classes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def _resumable_errors(batches):

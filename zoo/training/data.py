@@ -60,11 +60,31 @@ class ImageFolder(Dataset):
         empty = [c for i, c in enumerate(self.classes) if i not in found]
         if self.items and empty:  # each would take a label (and shift the others'), as torchvision refuses too
             names = ", ".join(str(root / c) for c in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
-            raise UserError(f"class folder{'s' * (len(empty) > 1)} {names} hold{'s' * (len(empty) == 1)} no images",
-                            suggestion="move folders that are not classes (e.g. .ipynb_checkpoints, __MACOSX) out "
-                            "of the image folder")
+            others = sum(self.other_files(root / c) for c in empty)
+            raise UserError(f"class folder{'s' * (len(empty) > 1)} {names} hold{'s' * (len(empty) == 1)} no images: "
+                            f"{self.skipped(others, 'there' if len(empty) == 1 else 'in them')}",
+                            suggestion="convert those files to one of these formats, or " * (others > 0) +
+                            "move folders that are not classes (e.g. .ipynb_checkpoints, __MACOSX) out of the "
+                            "image folder")
         self.image_size = image_size
         self.num_classes = len(self.classes)
+
+    @staticmethod
+    def other_files(folder: Path) -> int:
+        """How many files there are below ``folder`` (walked as the images are), for an error about
+        a folder without images: all of them have other suffixes."""
+        count = 0
+        for top, dirs, names in os.walk(folder, followlinks=True):
+            here = os.path.realpath(top)
+            dirs[:] = [d for d in dirs if not _contains(os.path.realpath(os.path.join(top, d)), here)]
+            count += len(names)
+        return count
+
+    @staticmethod
+    def skipped(count: int, where: str) -> str:
+        """What the "holds no images" errors add: the files skipped ``where`` and the suffixes read."""
+        files = f"{count} file{'s' * (count != 1)} with other suffixes skipped" if count else "no files"
+        return f"{files} {where}; images are files ending {', '.join(IMAGE_SUFFIXES)} in any case"
 
     @staticmethod
     def class_folders(root: Path) -> list[str]:
