@@ -283,3 +283,25 @@ def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, capsys)
         proc.wait()
     # the lock goes with its process, however it ended: the run resumes now
     assert main(["train", str(RECIPE), "--out", str(out), "--resume", str(out), "--set", "train.sample_every=0"]) == 0
+
+
+KEEP_TRAINER = """
+import sys
+import zoo
+from zoo.training import Trainer
+recipe = zoo.load_recipe(sys.argv[1], ["data.num_workers=1", "train.steps=2", "train.sample_every=0"])
+trainer = Trainer(recipe, sys.argv[2], log=lambda *_: None)
+trainer.run()
+print("trained")
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_keeps_its_trainer_exits(tmp_path):
+    """Workers that ignore SIGTERM outlived multiprocessing's exit handler (terminate, then join): a
+    script holding its Trainer (or an error's traceback holding the data stream) never exited."""
+    script = tmp_path / "keep.py"
+    script.write_text(KEEP_TRAINER)
+    proc = subprocess.run([sys.executable, str(script), str(RECIPE), str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr

@@ -16,8 +16,10 @@ run sees exactly the batches an uninterrupted one would. Random flips are drawn 
 
 from __future__ import annotations
 
+import atexit
 import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -370,17 +372,41 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
                         worker_init_fn=workers_ignore_stop_signals)
-    return one_line_errors(iter(loader))
+    return one_line_errors(ended_at_exit(iter(loader)))
 
 
 def workers_ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a worker ignores SIGINT and SIGTERM. A terminal's Ctrl-C, torchrun
     and SLURM signal the whole process group; a worker that died of it made the main process's save
-    on that signal fail ('DataLoader worker exited unexpectedly'). The main process ends its workers."""
+    on that signal fail ('DataLoader worker exited unexpectedly'). The main process ends its workers
+    (see :func:`ended_at_exit`)."""
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+
+_LIVE_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def ended_at_exit(it: Iterator) -> Iterator:
+    """``it``, a DataLoader iterator, whose workers are ended when the interpreter exits if it is still alive then.
+
+    Workers that ignore SIGTERM (:func:`workers_ignore_stop_signals`) outlive multiprocessing's own exit
+    handler, which terminates and then joins them: a process holding a Trainer (or an error's traceback
+    holding its data stream) hung at exit. This exit handler, registered after multiprocessing's and so
+    run before it, asks them to end the DataLoader's own way.
+    """
+    if hasattr(it, "_shutdown_workers"):  # a multiprocessing iterator (num_workers > 0)
+        if not _LIVE_WORKERS:
+            atexit.register(_end_live_workers)  # once per process is enough; a second is harmless
+        _LIVE_WORKERS.add(it)
+    return it
+
+
+def _end_live_workers() -> None:
+    for it in list(_LIVE_WORKERS):
+        it._shutdown_workers()
 
 
 def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
