@@ -227,7 +227,8 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
     ds = builder(data, shape, num_classes, seed)
     latent = kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
     if len(ds) == 0:
-        what = "*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png)"
+        what = ("*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png; files "
+                f"ending {', '.join(IMAGE_SUFFIXES)} in any case are images)")
         raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
                         suggestion="point data.root at a directory with data")
     check_against_model(ds, kind, shape, num_classes, latent)
