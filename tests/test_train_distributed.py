@@ -151,6 +151,25 @@ def test_a_mistake_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, expec
     assert not _zoo_frames(proc)
 
 
+SLOW_RANK_0 = """
+import os, sys, time
+if os.environ.get("RANK") == "0":
+    time.sleep(3)  # rank 0 reaches the recipe's mistake last (a loaded machine)
+from zoo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_mistake_rank_0_reaches_last_is_still_printed(tmp_path):
+    """Rank 1 failed first and quietly; torchrun then ended rank 0 before it printed: no message at all."""
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(SLOW_RANK_0)
+    proc = torchrun(tmp_path / "run", 2, "--set", "model.depht=3", program=(str(script),), check=False)
+    errors = _error_lines(proc)
+    assert proc.returncode != 0 and len(errors) == 1 and "did you mean depth?" in errors[0], proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_mistake_on_one_rank_in_setup_stops_both_with_one_line_naming_the_rank(tmp_path, monkeypatch):
     proc, errors = _fail_on_rank_1(tmp_path, monkeypatch, "setup", steps=3)

@@ -16,6 +16,8 @@ from typing import Sequence
 
 from .errors import UserError
 
+QUIET_RANK_WAIT_S = 10.0  # how long a rank whose mistake rank 0 reports waits for rank 0 to print it
+
 COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity", "sample", "train", "compare", "eval", "export",
                             "prepare_latents", "train_classifier")
 
@@ -127,7 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as err:
         if os.environ.get("ZOO_TRACEBACK"):
             raise
-        if getattr(err, "quiet", False):  # another process of the run printed it
+        if getattr(err, "quiet", False):  # rank 0 of the run prints it
+            # ... unless torchrun, seeing this rank fail first, ends rank 0 before it has printed:
+            # then the user saw no message at all. torchrun ends this wait when rank 0 exits.
+            import time
+
+            time.sleep(QUIET_RANK_WAIT_S)
             return 2
         if isinstance(err, FileNotFoundError):
             message = f"file not found: {err.filename}" if err.filename else str(err)
