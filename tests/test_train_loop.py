@@ -546,3 +546,23 @@ def test_resume_auto_starts_a_run_and_continues_it(tmp_path, capsys):
     assert main([*argv, "--steps", "4"]) == 0
     assert f"resumed from {out / 'last'} at step 2" in capsys.readouterr().out
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] == 4
+
+
+def test_a_refused_resume_of_a_live_run_touches_none_of_its_files(tmp_path, capsys):
+    """The resume's checkpoint repair ran before the lock was asked for and deleted the live run's
+    half-written .loss.png.tmp-X, whose rename then failed and ended that run."""
+    from zoo.training.runlock import RunLock
+
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "2")) == 0
+    writing = out / ".loss.png.tmp-0123abcd"  # what the live run's write_file has in flight
+    writing.write_bytes(b"half a png")
+    live = RunLock(out)
+    live.acquire()
+    try:
+        capsys.readouterr()
+        assert main(_args(out, "--resume", str(out), "--steps", "4")) == 2
+        assert "another zoo train" in capsys.readouterr().err
+        assert writing.read_bytes() == b"half a png"
+    finally:
+        live.release()
