@@ -16,6 +16,7 @@ import zoo
 import zoo.checkpoint as ckpt
 from zoo.cli import main
 from zoo.training import train
+from zoo.training.loop import NonFiniteError
 from zoo.training.monitor import Monitor
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
@@ -112,6 +113,31 @@ def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("train/lr")]
     assert [step for step, _ in logged] == [1, 2, 3, 4]
     assert all(abs(v - r["lr"]) <= 1e-6 * r["lr"] for (_, v), r in zip(logged, records))  # float32 events
+
+
+def _tb_steps(run: Path, tag: str = "train/lr") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_the_log_follows_last_not_a_branch_that_never_saved(tmp_path):
+    """A resume from step 2 that hit a NaN before saving cut log.jsonl and TensorBoard to steps 1..3
+    while last/ still held step 4; one with log_every 0 that did save kept the old branch's 3 and 4."""
+    base = ["train.sample_every=0", "train.ckpt_every=2", "train.log_every=1", "train.warmup_steps=0"]
+    train(zoo.load_recipe(RECIPE, base), tmp_path, steps=4, log=lambda *_: None)
+    log = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(NonFiniteError):  # lr 1e30: step 3 finite, step 4 overflows
+        train(zoo.load_recipe(RECIPE, [*base, "train.lr=1e30"]), tmp_path, steps=4,
+              resume=tmp_path / "step_0000002", log=lambda *_: None)
+    assert (tmp_path / "log.jsonl").read_text() == log and _tb_steps(tmp_path) == [1, 2, 3, 4]
+    assert ckpt.load_trainer_state(tmp_path / "last")["step"] == 4
+    train(zoo.load_recipe(RECIPE, [*base, "train.log_every=0", "train.lr=0.5"]), tmp_path, steps=4,
+          resume=tmp_path / "step_0000002", log=lambda *_: None)  # a new branch 3..4, saved, nothing logged
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert _tb_steps(tmp_path) == [1, 2]
 
 
 def test_a_new_event_file_sorts_after_one_written_in_the_same_second(tmp_path):

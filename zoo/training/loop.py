@@ -117,6 +117,7 @@ class Trainer:
         self.recipe, self.out = recipe, Path(out)
         self.log = log if self.ctx.main else (lambda *_: None)
         self.after_banner: list[str] = []  # lines of the setup that follow the run's first lines
+        self.monitor = None  # rank 0's, while run() runs
         with distributed.agreement(self.ctx):  # a mistake on any rank stops all of them, with one message
             dataset = self._set_up(recipe, resume, allow_recipe_change)
         data = recipe.get("data") or {}
@@ -316,6 +317,8 @@ class Trainer:
         if self.ctx.main:
             self.created = prune_steps(self.out, self.created, int(self.train["keep_last"]), self.log)
         self.last_saved, self.last_dir = self.step, last
+        if self.monitor is not None:
+            self.monitor.branch_saved()  # last/ is this run's now: so are log.jsonl and TensorBoard
         self.ctx.barrier()
         return last
 
@@ -495,7 +498,7 @@ class Trainer:
         with distributed.agreement(self.ctx):  # an unreadable eval_ref: one line, not one per rank
             if self.fd is not None:
                 self.fd.prepare()  # the run's FD reference statistics, computed once
-        monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
+        monitor = self.monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
         # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
         # twice (terminal + relay), so there a second signal is no 'stop now'.
         self.stops = StopSignals(second_stops_now=not self.ctx.distributed).install()
@@ -564,6 +567,7 @@ class Trainer:
             self.stops.restore()
             if monitor:
                 monitor.close()
+            self.monitor = None
         return records
 
 

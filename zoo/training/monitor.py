@@ -25,6 +25,8 @@ from typing import Callable
 
 from zoo.atomic import write_file
 
+#: TensorBoard scalars by group: the training records' and the evaluations' keys.
+SCALARS = {"train": ("loss", "lr", "grad_norm", "images_per_s", "steps_per_s"), "eval": ("fd", "val_loss")}
 PLOT_INTERVAL_S = 5.0  # loss.png is redrawn with a log record at most this often (a redraw costs ~0.1 s)
 
 
@@ -130,9 +132,10 @@ class Monitor:
         self.log_path = out / "log.jsonl"
         found = read_log(self.log_path)
         self.records = [r for r in found if r.get("step", 0) <= start]  # a resume drops what it redoes
-        # ... from log.jsonl and TensorBoard too, but only once this run logs a step of its own: a resume
-        # from an older step_* that stops (or fails) before its first record leaves the history whole
-        self.dropped = len(found) - len(self.records)
+        # ... from log.jsonl and TensorBoard too, but only once this run saves a checkpoint: until then
+        # last/ still holds the branch the later records describe (a resume from an older step_* that
+        # stops, fails or hits a NaN before its first save). This run's records wait in `pending`.
+        self.pending: list[dict] | None = [] if len(self.records) < len(found) else None
         self.file = None
         self._writer = None
         self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
@@ -145,8 +148,8 @@ class Monitor:
 
     @property
     def writer(self):
-        """The TensorBoard writer, opened with this run's first record: its purge of the steps after
-        ``start`` (the ones a resume redoes) takes effect only then."""
+        """The TensorBoard writer, opened with this run's first written record: its purge of the steps
+        after ``start`` (the ones a resume redoes) takes effect only then."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -159,14 +162,34 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(1)
 
+    def _write(self, rec: dict) -> None:
+        """One record to log.jsonl and TensorBoard (``train/...``, ``eval/...``), or to ``pending``."""
+        if self.pending is not None:
+            self.pending.append(rec)
+            return
+        self._append(_json_line(rec))
+        for group, keys in SCALARS.items():
+            for key in keys:
+                if key in rec:
+                    self.writer.add_scalar(f"{group}/{key}", rec[key], rec["step"])
+        self.writer.flush()
+
+    def branch_saved(self) -> None:
+        """This run saved a checkpoint: the records after ``start`` of the run it branched from leave
+        log.jsonl and TensorBoard (the writer's purge), and this run's own records are written."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        write_file(self.log_path, lambda tmp: tmp.write_text(
+            "".join(json.dumps(r) + "\n" for r in self.records if r.get("step", 0) <= self.start)))
+        self.writer  # opened now: its purge of the later steps takes effect even when nothing is logged
+        for rec in pending:
+            self._write(rec)
+
     def record(self, rec: dict) -> None:
         """A log record: written to every sink, shown above the bar or as one line."""
         self.records.append(rec)
-        self._append(_json_line(rec))
-        for key in ("loss", "lr", "grad_norm", "images_per_s", "steps_per_s"):
-            if key in rec:
-                self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
-        self.writer.flush()
+        self._write(rec)
         if time.monotonic() - self.plotted >= PLOT_INTERVAL_S:
             self.plot.draw(self.records)
             self.plotted = time.monotonic()
@@ -184,11 +207,7 @@ class Monitor:
         """An evaluation record (an FD of ``train.eval_every`` or a validation loss of ``train.val_every``):
         log.jsonl, TensorBoard ``eval/fd`` or ``eval/val_loss``, loss.png, one line."""
         self.records.append(rec)
-        self._append(_json_line(rec))
-        for key in ("fd", "val_loss"):
-            if key in rec:
-                self.writer.add_scalar(f"eval/{key}", rec[key], rec["step"])
-        self.writer.flush()
+        self._write(rec)
         self.plot.draw(self.records)  # evaluations are rare: always redrawn
         self.plotted = time.monotonic()
         if "fd" in rec:
@@ -203,10 +222,7 @@ class Monitor:
         record would be glued to it and lost), and its error names the file."""
         from zoo.atomic import disk_error, write_all
 
-        if self.file is None:  # this run's first record: the redone steps leave the file, then append
-            if self.dropped:
-                write_file(self.log_path, lambda tmp: tmp.write_text(
-                    "".join(json.dumps(r) + "\n" for r in self.records if r.get("step", 0) <= self.start)))
+        if self.file is None:
             self.file = open(self.log_path, "ab", buffering=0)
         start = self.file.seek(0, 2)
         try:
@@ -226,7 +242,10 @@ class Monitor:
             self.log(text)
 
     def close(self) -> None:
-        if self.file is not None and self.plotted < time.monotonic():  # the final curve the rate limit skipped
+        if self.pending is not None:  # a branch that never saved: the plot goes back to what log.jsonl holds
+            if self.plotted > -math.inf:
+                self.plot.draw(read_log(self.log_path))
+        elif self.file is not None and self.plotted < time.monotonic():  # the final curve the rate limit skipped
             self.plot.draw(self.records)
         if self.bar is not None:
             self.bar.close()
