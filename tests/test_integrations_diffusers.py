@@ -40,7 +40,8 @@ DIMR = {
     "data": {"num_classes": 10},
     "sample": SAMPLE,
 }
-RECIPES = {"dit": DIT, "dimr": DIMR}
+DIMR_V = {**DIMR, "diffusion": {**DIMR["diffusion"], "prediction": "v"}}  # the emoji32 recipes' prediction
+RECIPES = {"dit": DIT, "dimr": DIMR, "dimr_v": DIMR_V}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,9 +101,11 @@ def test_save_pretrained_round_trip_is_json_and_strict(tmp_path):
         ZooTransformer2DModel.from_pretrained(tmp_path / "hf")
 
 
-@pytest.mark.parametrize("family", ["dit", "dimr"])
+@pytest.mark.parametrize("family", ["dit", "dimr", "dimr_v"])
 def test_dit_pipeline_gives_zoo_samples(family):
     """DiTPipeline + DPMSolverMultistepScheduler (DPM-Solver++(2M), 9 steps to ᾱ_0) = zoo's dpm_solver++ sampler.
+
+    For a v-predicting model the scheduler make_scheduler builds is told so (it sampled v as ε).
 
     Same x_T (the pipeline draws sample i from zoo's per-sample seed), same labels, same CFG.
     Tolerance: diffusers computes its scheduler in float32; the largest rounding is σ at the last

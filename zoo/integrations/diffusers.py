@@ -47,11 +47,14 @@ class ZooTransformer2DModel(ModelMixin, ConfigMixin):
         null_label: the backbone's unconditional label, −1 if it has none.
         class_conditional: whether the backbone takes class labels.
         sample_size, in_channels, out_channels: the backbone's input side and channels, its output channels.
+        prediction: the recipe's ``diffusion.prediction``, what the output is: ``eps`` (ε) or ``v``
+            (α·ε − σ·x₀); :meth:`make_scheduler` tells the scheduler (diffusers' ``v_prediction``).
     """
 
     @register_to_config
     def __init__(self, model: dict, time_input: str, schedule: dict, null_label: int = -1,
-                 class_conditional: bool = True, sample_size: int = 32, in_channels: int = 4, out_channels: int = 4):
+                 class_conditional: bool = True, sample_size: int = 32, in_channels: int = 4, out_channels: int = 4,
+                 prediction: str = "eps"):
         super().__init__()
         from zoo.diffusion.denoiser import Denoiser
         from zoo.diffusion.setup import num_steps, time_map
@@ -64,7 +67,8 @@ class ZooTransformer2DModel(ModelMixin, ConfigMixin):
 
     def forward(self, hidden_states: Tensor, timestep: Tensor | int, class_labels: Tensor | None = None,
                 return_dict: bool = True) -> Transformer2DModelOutput | tuple[Tensor]:
-        """ε (or [ε | v]) for ``hidden_states`` at integer DDPM ``timestep`` (scalar or per sample).
+        """ε or v (``prediction``; with learned σ, [ε | σ channels]) for ``hidden_states`` at integer DDPM
+        ``timestep`` (scalar or per sample).
 
         Step k has noise level ᾱ_k: zoo's continuous time (k + 1)/N, mapped to the backbone's input
         by the same :class:`~zoo.diffusion.denoiser.Denoiser` call as zoo's trainer and sampler.
@@ -82,10 +86,12 @@ class ZooTransformer2DModel(ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def make_scheduler(self, scheduler_class: Any = None, **kwargs: Any) -> Any:
-        """A diffusers scheduler (default ``DPMSolverMultistepScheduler``) on this model's training betas."""
+        """A diffusers scheduler (default ``DPMSolverMultistepScheduler``) on this model's training betas,
+        told what the model predicts (``prediction_type``: a v model sampled as ε gives wrong images)."""
         if scheduler_class is None:
             from diffusers import DPMSolverMultistepScheduler as scheduler_class
-        return scheduler_class(**{**scheduler_kwargs(self.config.schedule), **kwargs})
+        predicts = {"eps": "epsilon", "v": "v_prediction"}[self.config.prediction]
+        return scheduler_class(**{**scheduler_kwargs(self.config.schedule), "prediction_type": predicts, **kwargs})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
@@ -140,6 +146,7 @@ def diffusers_config(model: nn.Module, recipe: Mapping[str, Any]) -> dict[str, A
         "sample_size": int(x.shape[-1]),
         "in_channels": int(x.shape[1]),
         "out_channels": int(out.shape[1]),
+        "prediction": str(diffusion.get("prediction", "eps")),
     }
     json.dumps(config)  # a recipe is YAML data; anything else is a bug to see here, not in save_pretrained
     return config
