@@ -94,6 +94,17 @@ def test_checkpoint_path_loads_a_zoo_checkpoint_directory(checkpoint):
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
+def test_checkpoint_path_takes_a_run_directory_as_its_last(checkpoint, tmp_path):
+    """A zoo train run directory (RUN/last/config.json) went to timm's own loader: a bare FileNotFoundError."""
+    import shutil
+
+    directory, _, ema = checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(directory, run / "last")
+    model = timm.create_model("zoo_dit_s_2", checkpoint_path=str(run), **TINY)
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+
+
 def test_checkpoint_path_is_strict_and_names_the_recipe_difference(checkpoint):
     directory, _, _ = checkpoint
     with pytest.raises(UserError) as info:

@@ -566,3 +566,17 @@ def test_a_refused_resume_of_a_live_run_touches_none_of_its_files(tmp_path, caps
         assert writing.read_bytes() == b"half a png"
     finally:
         live.release()
+
+
+def test_resume_auto_continues_a_run_whose_last_is_gone_from_its_newest_step(tmp_path, capsys):
+    """A kill between a step_* save and last/'s (or a deleted last/) stopped every requeue of
+    `--resume auto` with 'has no last/ checkpoint'."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "4")) == 0
+    shutil.rmtree(out / "last")
+    capsys.readouterr()
+    assert main(_args(out, "--resume", "auto", "--steps", "6")) == 0
+    assert f"resumed from {out / 'step_0000004'} at step 4" in capsys.readouterr().out
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] == 6

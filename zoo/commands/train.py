@@ -91,7 +91,9 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
         from zoo.guards import holds_a_run
 
         args.out = args.out or default_run_dir(args.recipe)
-        args.resume = args.out if holds_a_run(Path(args.out).expanduser()) else None
+        found = holds_a_run(Path(args.out).expanduser())
+        # a run whose last/ is gone (killed between a step_* save and last/'s): its newest step_*
+        args.resume = None if not found else str(Path(args.out) / found[:-1]) if found.startswith("step_") else args.out
     if args.resume is not None:
         args.resume = str(Path(args.resume).expanduser())
     # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)

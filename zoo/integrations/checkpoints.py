@@ -11,9 +11,11 @@ def load_preferred(directory: str | Path, use_ema: bool = True) -> tuple[nn.Modu
     """``(model, recipe, "ema" | "model")``: the EMA weights if ``use_ema`` and saved, else the model's.
 
     EMA first, as ``zoo sample`` and timm's ``load_checkpoint(use_ema=True)`` do; loading is strict.
+    A ``zoo train`` run directory stands for its newest checkpoint ``last/``, as in ``zoo sample``.
     """
-    from zoo.checkpoint import EMA, load_checkpoint
+    from zoo.checkpoint import EMA, checkpoint_of, load_checkpoint
 
+    directory = checkpoint_of(directory)
     weights = "ema" if use_ema and (Path(directory) / EMA).is_file() else "model"
     model, recipe = load_checkpoint(directory, weights=weights)
     return model, recipe, weights

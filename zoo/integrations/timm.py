@@ -109,10 +109,12 @@ def _differences(saved: Any, built: Any, path: str = "model") -> list[str]:
 
 
 def is_zoo_checkpoint(path: Any) -> bool:
-    """Whether ``path`` is a directory holding a zoo checkpoint's ``config.json``."""
+    """Whether ``path`` is a directory holding a zoo checkpoint's ``config.json`` (a run directory: in its ``last/``)."""
     from zoo.checkpoint import CONFIG
 
-    return isinstance(path, (str, Path)) and Path(path).is_dir() and (Path(path) / CONFIG).is_file()
+    if not (isinstance(path, (str, Path)) and Path(path).is_dir()):
+        return False
+    return (Path(path) / CONFIG).is_file() or (Path(path) / "last" / CONFIG).is_file()
 
 
 def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool = True) -> None:

@@ -181,6 +181,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
         if resume is not None:
             self._load(Path(resume), allow_recipe_change)
+            if self.train.get("init_from"):
+                self.after_banner.append("zoo train: note: train.init_from is not read on a resume: the weights "
+                                         "are the checkpoint's")
         elif self.train.get("init_from"):
             self._init_from(Path(self.train["init_from"]))
         return dataset

@@ -41,8 +41,9 @@ class RunLock:
                 raise UserError(f"another zoo train (pid {holder}) is writing {self.path.parent}; two runs there "
                                 "would replace each other's checkpoints and mix their logs",
                                 suggestion="wait for it to end, or choose another --out") from None
-            except OSError:  # a file system without flock (some network mounts): run unlocked
+            except OSError:  # a file system without flock (some network mounts): run unlocked, leave no file
                 os.close(fd)
+                self.path.unlink(missing_ok=True)
                 return
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
