@@ -311,18 +311,20 @@ def repair(target: str | Path, record: str) -> Path | None:
     return target if target.exists() else None
 
 
-def repair_all(directory: str | Path, record: str, ours: Callable[[str], bool] = lambda name: True) -> list[Path]:
+def repair_all(directory: str | Path, record: str, ours: Callable[[str], bool] = lambda name: True,
+               files: bool = True) -> list[Path]:
     """:func:`repair` every interrupted directory save and delete temporary files in ``directory``.
 
     ``ours(NAME)`` limits both to the names the caller writes there (``last``, ``log.jsonl``): a
-    folder that also holds a user's ``notes.old-0123abcd`` keeps it.
+    folder that also holds a user's ``notes.old-0123abcd`` keeps it. ``files=False`` leaves the
+    temporary files alone (another process may be writing them: :func:`write_file` takes no lock).
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
     repaired = []
     with locked(directory):
-        for p in sorted(directory.iterdir()):
+        for p in sorted(directory.iterdir()) if files else ():
             m = _FILE_LEFTOVER.match(p.name)
             if m and ours(m["name"]) and (p.is_file() or ".del-" in p.name):
                 _remove(p)

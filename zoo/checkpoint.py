@@ -252,12 +252,14 @@ RUN_NAMES = re.compile(r"last|step_\d{7}|log\.jsonl|loss\.png")  # what zoo trai
 GRID_NAMES = re.compile(r"step_\d{7}\.png")  # and in its samples/
 
 
-def repair_run(directory: str | Path) -> list[Path]:
+def repair_run(directory: str | Path, files: bool = True) -> list[Path]:
     """Repair every interrupted checkpoint save in a run directory and delete its temporary files
-    (only of the names zoo train writes there: a directory that is not a run keeps its files)."""
+    (only of the names zoo train writes there: a directory that is not a run keeps its files).
+    ``files=False``: the checkpoints only, for a reader that does not own the run (its temporary
+    files may be a live run's half-written loss.png)."""
     directory = Path(directory)
-    repaired = atomic.repair_all(directory, CONFIG, ours=RUN_NAMES.fullmatch)
-    if (directory / "samples").is_dir():
+    repaired = atomic.repair_all(directory, CONFIG, ours=RUN_NAMES.fullmatch, files=files)
+    if files and (directory / "samples").is_dir():
         atomic.repair_all(directory / "samples", CONFIG, ours=GRID_NAMES.fullmatch)
     return repaired
 

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 import zoo
 from zoo.checkpoint import (CONFIG, _check_keys, check_replaceable, load_state_dict_strict, load_trainer_state,
-                            load_weights, read_config, repair_checkpoint, repair_run, save_checkpoint)
+                            load_weights, read_config, repair_run, save_checkpoint)
 from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
@@ -214,13 +214,9 @@ class Trainer:
         (:meth:`_load_state` loads the optimizer, EMA and step once they exist, with collectives)."""
         from zoo.training.fsdp_checkpoint import is_sharded, optimizer_state_by_name
 
-        # A save a kill interrupted: the newest complete checkpoint wins. Only the checkpoint itself: the
-        # run's other leftovers (a half-written loss.png) may be a live run's, whose lock run() asks for.
-        from zoo.atomic import saved_name
-
-        for name in sorted({"last"} | {saved_name(p) for p in directory.glob("step_*")}):
-            repair_checkpoint(directory / name)
-        repair_checkpoint(directory)
+        # A save a kill interrupted: the newest complete checkpoint wins. Only the checkpoints: the run's
+        # temporary files (a half-written loss.png) may be a live run's, whose lock run() asks for.
+        repair_run(directory, files=False)
         if (directory / "last").is_dir():
             directory = directory / "last"
         elif not (directory / CONFIG).is_file():
