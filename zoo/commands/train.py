@@ -91,9 +91,13 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
         from zoo.guards import holds_a_run
 
         args.out = args.out or default_run_dir(args.recipe)
-        found = holds_a_run(Path(args.out).expanduser())
-        # a run whose last/ is gone (killed between a step_* save and last/'s): its newest step_*
-        args.resume = None if not found else str(Path(args.out) / found[:-1]) if found.startswith("step_") else args.out
+        found = holds_a_run(Path(args.out).expanduser())  # "last/", "step_0000500/" or None
+        if not found:
+            args.resume = None
+        elif found.startswith("step_"):  # last/ is gone (killed between a step_* save and last/'s)
+            args.resume = str(Path(args.out) / found.rstrip("/"))
+        else:
+            args.resume = args.out
     if args.resume is not None:
         args.resume = str(Path(args.resume).expanduser())
     # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)
