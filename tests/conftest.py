@@ -8,14 +8,22 @@ Float32 sinusoids differ between CPUs: another CPU's ``exp`` may round a frequen
 other way, which moves ``t * f`` by about one ulp of the argument. ``ZOO_SIN_ULP`` makes this
 machine behave like such a CPU, so a float32 tolerance derived in a test can be checked
 against the error it is meant to cover (see tests/numerics.py).
+
+The suite checks CPU arithmetic, so it hides any GPU from itself and from the processes it starts
+(``zoo train`` would otherwise pick CUDA, with TF32 matmuls, and two test ranks would share one
+GPU): every tolerance here is derived for the CPU. The GPU checks are ``benchmarks/gpu_suite.sh``.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Before anything initialises CUDA: torch reads these when it first looks for a device.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["HIP_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
