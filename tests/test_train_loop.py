@@ -13,7 +13,9 @@ import torch
 import zoo
 import zoo.checkpoint as ckpt
 from zoo.cli import main
+from zoo.errors import UserError
 from zoo.training import Trainer, train
+from zoo.training.compile_check import check_compile_toolchain
 
 HERE = Path(__file__).parent / "recipes"
 QUIET = lambda *_: None  # noqa: E731
@@ -77,7 +79,12 @@ def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(tmp_path, 
 
 @pytest.fixture
 def inductor(monkeypatch):
-    """A fresh dynamo cache, and inductor's C++ code scalar where ATen is forced to be."""
+    """A fresh dynamo cache, and inductor's C++ code scalar where ATen is forced to be; skips where
+    inductor has no C++ compiler (a slim container): what a user gets there is tested below."""
+    try:
+        check_compile_toolchain(torch.device("cpu"))
+    except UserError as err:
+        pytest.skip(str(err))
     torch._dynamo.reset()
     if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
         # torch 2.14's inductor still emits at::vec code when ATen is forced to scalar kernels, and
@@ -86,6 +93,19 @@ def inductor(monkeypatch):
         monkeypatch.setattr(inductor_config.cpp, "simdlen", 1)
     yield
     torch._dynamo.reset()
+
+
+def test_compile_without_a_cxx_compiler_is_one_message_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    """Inductor on the CPU needs a C++ compiler; without one the first step was a long traceback."""
+    inductor_config = importlib.import_module("torch._inductor.config")
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    out = tmp_path / "run"
+    assert main(["train", str(HERE / "tiny_train.yaml"), "--out", str(out), "--steps", "1",
+                 "--set", "train.compile=true"]) == 2
+    err = capsys.readouterr().err
+    assert "key train.compile: compiling on the CPU needs a C++ compiler" in err and "no-such-g++" in err, err
+    assert "train.compile=false" in err and "Traceback" not in err
+    assert not out.exists()  # refused before the run directory was made
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.sample import num_classes
 from zoo.training import distributed
+from zoo.training.compile_check import check_compile_toolchain
 from zoo.training.data import EpochSampler, batches, build_dataset, unread_data_keys
 from zoo.training.draws import draw
 from zoo.training.eval_hook import evaluation, fd_hook
@@ -159,6 +160,8 @@ class Trainer:
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum))
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
+        if self.train["compile"]:
+            check_compile_toolchain(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.train["tf32"])
         torch.manual_seed(self.seed)
