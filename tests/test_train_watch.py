@@ -331,3 +331,66 @@ def test_a_process_that_keeps_its_trainer_exits(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(RECIPE), str(tmp_path / "run")], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        raise zoo.errors.UserError(f"cannot read item {i}")
+
+
+def test_a_worker_error_ends_the_workers_at_once():
+    """A data error in a worker stops the run, and its workers end with it: the error's traceback keeps
+    the stream alive, and when the garbage collector freed it later its stop could be lost, leaving
+    an idle worker that hung the test suite's exit (seen on a loaded machine)."""
+    import multiprocessing
+
+    from zoo.training.data import batches
+
+    before = set(multiprocessing.active_children())
+    stream = batches(_Unreadable(), 4, seed=0, num_workers=1)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 1
+    with pytest.raises(zoo.errors.UserError, match="cannot read item") as caught:
+        next(stream)
+    assert caught.value is not None  # the traceback, and with it the stream, is still held here
+    assert not any(w.is_alive() for w in workers)
+
+
+LOST_STOP = """
+from torch.utils.data import DataLoader, TensorDataset
+import torch
+from zoo.training.data import ended_at_exit, workers_ignore_stop_signals
+loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2, num_workers=1, persistent_workers=True,
+                    worker_init_fn=workers_ignore_stop_signals)
+it = ended_at_exit(iter(loader))
+next(it)
+it._index_queues[0]._close()  # the queue's finalizer: the garbage collector runs it first when it frees the iterator in a cycle
+it._shutdown_workers()       # so the DataLoader's stop never reaches the worker; its SIGTERM is ignored
+print("worker alive:", it._workers[0].is_alive(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_whose_worker_missed_its_stop_still_exits(tmp_path):
+    """The exit handler kills a worker the DataLoader's own shutdown left alive (its stop lost)."""
+    script = tmp_path / "lost_stop.py"
+    script.write_text(LOST_STOP)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "worker alive: True" in proc.stdout, proc.stderr
+
+
+def test_closing_a_trainer_ends_its_data_workers(tmp_path):
+    """Trainer.close() (train() calls it) ends the workers while the Trainer is still referenced."""
+    from zoo.training import Trainer
+
+    recipe = zoo.load_recipe(RECIPE, ["data.num_workers=1", "train.sample_every=0", "train.ckpt_every=0"])
+    trainer = Trainer(recipe, tmp_path / "run", log=lambda *_: None)
+    workers = list(trainer.batches.gi_frame.f_locals["it"]._workers)
+    trainer.run(1)
+    assert all(w.is_alive() for w in workers)  # persistent between run() calls
+    trainer.close()
+    assert not any(w.is_alive() for w in workers)

@@ -281,7 +281,7 @@ def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[
     """
     from torch.utils.data import DataLoader
 
-    from zoo.training.data import workers_ignore_stop_signals
+    from zoo.training.data import end_workers, workers_ignore_stop_signals
 
     batches, ends = [], {}  # ends: the index of each shard's last batch -> the shard
     for k in todo:
@@ -310,8 +310,7 @@ def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[
                 means, stds, labels = [], [], []
     finally:  # end the workers now, not when the iterator is collected: an error's traceback keeps it
         # (a cycle), and at exit multiprocessing's SIGTERM (which they ignore) and join() then hung
-        if hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        end_workers(it)
 
 
 @contextlib.contextmanager

@@ -387,40 +387,68 @@ def workers_ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-_LIVE_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+_LIVE_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with worker processes
+_WORKER_PROCESSES: "weakref.WeakSet" = weakref.WeakSet()  # their processes (multiprocessing holds them while alive)
 
 
 def ended_at_exit(it: Iterator) -> Iterator:
-    """``it``, a DataLoader iterator, whose workers are ended when the interpreter exits if it is still alive then.
+    """``it``, a DataLoader iterator, whose workers are ended when the interpreter exits if they are still alive then.
 
     Workers that ignore SIGTERM (:func:`workers_ignore_stop_signals`) outlive multiprocessing's own exit
     handler, which terminates and then joins them: a process holding a Trainer (or an error's traceback
     holding its data stream) hung at exit. This exit handler, registered after multiprocessing's and so
-    run before it, asks them to end the DataLoader's own way.
+    run before it, asks them to end the DataLoader's own way, and kills those that did not.
     """
     if hasattr(it, "_shutdown_workers"):  # a multiprocessing iterator (num_workers > 0)
-        if not _LIVE_WORKERS:
+        if not _LIVE_WORKERS and not _WORKER_PROCESSES:
             atexit.register(_end_live_workers)  # once per process is enough; a second is harmless
         _LIVE_WORKERS.add(it)
+        _WORKER_PROCESSES.update(getattr(it, "_workers", ()))
     return it
+
+
+def end_workers(it: Iterator) -> None:
+    """End the worker processes of DataLoader iterator ``it`` now (nothing for a single-process one).
+
+    The DataLoader's own shutdown sends each worker a stop and, after 5 s, SIGTERM, which these
+    workers ignore. That stop can also be lost: when the garbage collector frees an iterator caught
+    in a reference cycle (an error's traceback), multiprocessing closes its queues before the
+    DataLoader sends the stop, and the idle worker waited for it until the interpreter's exit hung
+    on it. A worker still alive after the DataLoader's shutdown is killed (it only reads data).
+    """
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()  # also takes the workers off the DataLoader's SIGCHLD watch: a kill is not an error
+        _kill_live(getattr(it, "_workers", ()))
+
+
+def _kill_live(processes) -> None:
+    for w in list(processes):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
 
 
 def _end_live_workers() -> None:
     for it in list(_LIVE_WORKERS):
-        it._shutdown_workers()
+        end_workers(it)
+    _kill_live(_WORKER_PROCESSES)  # workers of iterators already freed whose stop was lost (see end_workers)
 
 
 def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-    """The batches of ``it``; a ``UserError`` raised in a DataLoader worker loses the worker's traceback text."""
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except UserError as err:
-            text = str(err)
-            if "Traceback" not in text:
-                raise
-            last = [line for line in text.splitlines() if line.strip()][-1]
-            raise UserError(last.split("UserError: ", 1)[-1]) from None
-        yield batch
+    """The batches of ``it``; a ``UserError`` raised in a DataLoader worker loses the worker's traceback text.
+    The workers of ``it`` end when this generator ends: on an error, or when it is closed."""
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserError as err:
+                text = str(err)
+                if "Traceback" not in text:
+                    raise
+                last = [line for line in text.splitlines() if line.strip()][-1]
+                raise UserError(last.split("UserError: ", 1)[-1]) from None
+            yield batch
+    finally:  # an error, the end, or close(): the workers end now, not whenever the iterator is freed
+        end_workers(it)

@@ -486,6 +486,11 @@ class Trainer:
         finally:
             lock.release()
 
+    def close(self) -> None:
+        """End the data workers now (``data.num_workers``) rather than when the Trainer is freed; it
+        cannot :meth:`run` after this. :func:`train` calls it, however the run ended."""
+        self.batches.close()
+
     def _run(self, total: int) -> list[dict]:
         """:meth:`run` once the run directory is this run's."""
         from zoo.training.monitor import Monitor
@@ -610,4 +615,8 @@ def train(recipe: dict, out: str | Path, steps: int | None = None, device: str |
           resume: str | Path | None = None, log: Callable[[str], None] = print,
           allow_recipe_change: bool = False) -> list[dict]:
     """Build a :class:`Trainer` for ``recipe`` and run it; return the logged records."""
-    return Trainer(recipe, out, device=device, resume=resume, log=log, allow_recipe_change=allow_recipe_change).run(steps)
+    trainer = Trainer(recipe, out, device=device, resume=resume, log=log, allow_recipe_change=allow_recipe_change)
+    try:
+        return trainer.run(steps)
+    finally:
+        trainer.close()
