@@ -78,7 +78,7 @@ def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(tmp_path, 
 
 
 @pytest.fixture
-def inductor(monkeypatch):
+def inductor():
     """A fresh dynamo cache, and inductor's C++ code scalar where ATen is forced to be; skips where
     inductor has no C++ compiler (a slim container): what a user gets there is tested below."""
     try:
@@ -90,18 +90,20 @@ def inductor(monkeypatch):
         # torch 2.14's inductor still emits at::vec code when ATen is forced to scalar kernels, and
         # its precompiled header then lacks at::vec (C++ compile error); simdlen 1 = scalar codegen.
         inductor_config = importlib.import_module("torch._inductor.config")
-        monkeypatch.setattr(inductor_config.cpp, "simdlen", 1)
-    yield
+        with inductor_config.patch({"cpp.simdlen": 1}):  # not monkeypatch: under pytest 9.2 its undo hides the setting
+            yield
+    else:
+        yield
     torch._dynamo.reset()
 
 
-def test_compile_without_a_cxx_compiler_is_one_message_before_the_run_starts(tmp_path, monkeypatch, capsys):
+def test_compile_without_a_cxx_compiler_is_one_message_before_the_run_starts(tmp_path, capsys):
     """Inductor on the CPU needs a C++ compiler; without one the first step was a long traceback."""
     inductor_config = importlib.import_module("torch._inductor.config")
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     out = tmp_path / "run"
-    assert main(["train", str(HERE / "tiny_train.yaml"), "--out", str(out), "--steps", "1",
-                 "--set", "train.compile=true"]) == 2
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        assert main(["train", str(HERE / "tiny_train.yaml"), "--out", str(out), "--steps", "1",
+                     "--set", "train.compile=true"]) == 2
     err = capsys.readouterr().err
     assert "key train.compile: compiling on the CPU needs a C++ compiler" in err and "no-such-g++" in err, err
     assert "train.compile=false" in err and "Traceback" not in err
