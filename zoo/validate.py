@@ -66,8 +66,17 @@ class Factory(functools.partial):
         try:
             return super().__call__(*args, **kwargs)
         except Exception as err:
-            err.add_note(f"while building {self.key_path} from {file}" + (f":{line}" if line else ""))
+            add_note(err, f"while building {self.key_path} from {file}" + (f":{line}" if line else ""))
             raise
+
+
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)``; on Python 3.10, which has no add_note, the same ``__notes__`` list by hand
+    (3.10's tracebacks do not print it)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:
+        err.__notes__ = [*getattr(err, "__notes__", []), note]
 
 
 def kind_of_param(name: str) -> str | None:
