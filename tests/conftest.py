@@ -3,6 +3,7 @@
     ZOO_DETERMINISTIC=1 pytest        # torch.use_deterministic_algorithms(True) for the whole run
     ZOO_SIN_ULP=1 pytest              # every float32 sin/cos argument moved 1 ulp up (-1: down)
     ATEN_CPU_CAPABILITY=default pytest   # (torch's own switch) scalar kernels instead of AVX2/AVX-512
+    ZOO_MP_START=forkserver pytest    # DataLoader workers started as Python 3.14 starts them on Linux
 
 Float32 sinusoids differ between CPUs: another CPU's ``exp`` may round a frequency one ulp the
 other way, which moves ``t * f`` by about one ulp of the argument. ``ZOO_SIN_ULP`` makes this
@@ -29,13 +30,18 @@ import torch  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("ZOO_DETERMINISTIC", "") not in ("", "0"):
         torch.use_deterministic_algorithms(True)
+    if os.environ.get("ZOO_MP_START"):  # fork (Linux up to Python 3.13), forkserver (3.14), spawn (macOS)
+        import multiprocessing
+
+        multiprocessing.set_start_method(os.environ["ZOO_MP_START"], force=True)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"deterministic {torch.are_deterministic_algorithms_enabled()}, "
-        f"float32 sin/cos arguments shifted {os.environ.get('ZOO_SIN_ULP', '0')} ulp"
+        f"float32 sin/cos arguments shifted {os.environ.get('ZOO_SIN_ULP', '0')} ulp, "
+        f"processes started by {__import__('multiprocessing').get_start_method()}"
     ]
 
 
