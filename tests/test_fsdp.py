@@ -4,6 +4,7 @@ loadable, a resume from them that continues the uninterrupted run exactly, conso
 equal to one process's, and the shards resumed on one process and under DDP; a one-process
 checkpoint at step 0 resumed under FSDP, and one this recipe groups differently (refused)."""
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -179,3 +180,15 @@ def test_a_shard_index_listing_objects_is_refused(tmp_path):
     dcp.save({"w": torch.ones(2), "extra": {"lr": 0.1}}, checkpoint_id=tmp_path)
     with pytest.raises(UserError, match=r"lists objects \(extra"):
         shard_reader(tmp_path).read_metadata()
+
+
+@pytest.mark.parametrize("module", ["pathlib", "pathlib._local"])
+def test_a_shard_index_pickled_by_any_python_is_read(module):
+    """Python 3.13 pickles pathlib's classes as pathlib._local.PosixPath, which the index reader refused
+    (every FSDP resume failed on 3.13), and which an older Python cannot import."""
+    from zoo.training.fsdp_checkpoint import _MetadataUnpickler
+
+    data = f"c{module}\nPosixPath\n(X".encode() + len(b"ckpt").to_bytes(4, "little") + b"ckptt" + b"R."
+    assert _MetadataUnpickler(io.BytesIO(data)).load() == Path("ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="os.system is not part of a checkpoint index"):
+        _MetadataUnpickler(io.BytesIO(b"cos\nsystem\n(X\x02\x00\x00\x00lst" + b"R.")).load()

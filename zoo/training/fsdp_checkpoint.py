@@ -184,6 +184,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's index and nothing else: any other global is refused before it is looked up."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "pathlib._local":  # where Python 3.13+ pickles pathlib's classes: older Pythons lack it
+            module = "pathlib"
         if name in _METADATA_CLASSES.get(module, ()) or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
