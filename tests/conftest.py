@@ -17,6 +17,7 @@ GPU): every tolerance here is derived for the CPU. The GPU checks are ``benchmar
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 # Before anything initialises CUDA: torch reads these when it first looks for a device.
@@ -31,8 +32,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("ZOO_DETERMINISTIC", "") not in ("", "0"):
         torch.use_deterministic_algorithms(True)
     if os.environ.get("ZOO_MP_START"):  # fork (Linux up to Python 3.13), forkserver (3.14), spawn (macOS)
-        import multiprocessing
-
         multiprocessing.set_start_method(os.environ["ZOO_MP_START"], force=True)
 
 
@@ -41,7 +40,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"deterministic {torch.are_deterministic_algorithms_enabled()}, "
         f"float32 sin/cos arguments shifted {os.environ.get('ZOO_SIN_ULP', '0')} ulp, "
-        f"processes started by {__import__('multiprocessing').get_start_method()}"
+        f"processes started by {multiprocessing.get_start_method()}"
     ]
 
 
