@@ -18,9 +18,9 @@ SETTINGS = ["train.log_every=1", "train.sample_every=0", "train.ckpt_every=0"]
 
 
 def torchrun(out: Path, steps: int, *extra: str, program: tuple[str, ...] = ("-m", "zoo"),
-             check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 PROGRAM train`` of the tiny recipe (``check``: it must succeed)."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             check: bool = True, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 [LAUNCHER] PROGRAM train`` of the tiny recipe (``check``: it must succeed)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launcher,
             *program, "train", str(RECIPE), "--out", str(out), "--steps", str(steps), "--device", "cpu"]
     for s in SETTINGS:
         argv += ["--set", s]
@@ -92,6 +92,40 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, sin
     torchrun(out, 5, "--resume", str(out))
     for name in ("model.safetensors", "ema.safetensors"):
         assert max_diff(single, out, name) < 1e-5, name  # as in the test above: float32 summation order only
+
+
+KILL_RANK_1_ONCE = """
+import os, signal, sys
+from zoo.cli import main
+from zoo.training.ema import EMA
+real, calls = EMA.update, []
+def update(self):  # the first attempt's rank 1 dies in step 4, after step 3's checkpoint
+    calls.append(1)
+    if len(calls) == 4 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self)
+EMA.update = update
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_with_resume_auto_continues_after_a_killed_rank(tmp_path, single):
+    """One command line, as on a cluster: a rank dies (OOM killer, lost node), torchrun restarts every
+    rank and `--resume auto` continues from last/. The restarted ranks used to read the dead ones'
+    addresses from torchrun's store and never connected; now the run ends with the weights of one process."""
+    script = tmp_path / "kill_rank_1_once.py"
+    script.write_text(KILL_RANK_1_ONCE)
+    out = tmp_path / "ddp"
+    proc = torchrun(out, 5, "--resume", "auto", "--set", "train.ckpt_every=3", program=(str(script),),
+                    launcher=("--max-restarts", "1"), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("zoo train: run directory") == 2  # the first attempt and the restart
+    assert f"resumed from {out / 'last'} at step 3" in proc.stdout
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # rank 0 may have logged step 4 before its peer died: once
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(single, out, name) < 1e-5, name  # as above: float32 summation order only
 
 
 FAIL_ON_RANK_1 = """

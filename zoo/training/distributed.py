@@ -75,8 +75,26 @@ def init(device: str | None = None) -> Context:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None,
+                                store=restart_safe_store(), rank=rank, world_size=world)
     return Context(rank=rank, world=world, device=torch.device("cuda", local) if cuda else torch.device("cpu"))
+
+
+def restart_safe_store() -> dist.Store | None:
+    """The store of this attempt of a ``torchrun --max-restarts`` run, or None where torch's own is fine.
+
+    torchrun's agent serves one store for the whole job (``TORCHELASTIC_USE_AGENT_STORE``), and the
+    processes of a restart joined it under the same keys as the processes they replace: a restarted
+    rank read a dead rank's address or NCCL id and failed to connect (gloo: "connectFullMesh failed
+    ... Connection refused"), so no restart ever trained. Each attempt gets its own key prefix
+    (restart count and world size: the agent raises the count after a failure, and a change of
+    membership changes the world)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # plain env:// (a store of this attempt's own), or torchrun with the agent store off
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=dist.constants.default_pg_timeout)
+    attempt = f"zoo/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/world_{os.environ['WORLD_SIZE']}"
+    return dist.PrefixStore(attempt, store)
 
 
 @contextlib.contextmanager
