@@ -194,6 +194,11 @@ def shard_fsdp(model: nn.Module, precision: str = "fp32") -> nn.Module:
     for block in blocks_of(model):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if dist.get_backend() == "gloo":
+        # gloo's reduce-scatter took ReduceOp.AVG for SUM before torch 2.9: FSDP's gradients came out N
+        # times too large. A sum, then FSDP's own division by N, is right on every version.
+        for module in (*blocks_of(model), model):
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 
