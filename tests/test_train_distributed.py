@@ -24,8 +24,10 @@ def torchrun(out: Path, steps: int, *extra: str, program: tuple[str, ...] = ("-m
             *program, "train", str(RECIPE), "--out", str(out), "--steps", str(steps), "--device", "cpu"]
     for s in SETTINGS:
         argv += ["--set", s]
+    tmp = out.parent / "tmp"  # torchrun leaves an empty torchelastic_* folder in $TMPDIR per run
+    tmp.mkdir(exist_ok=True)
     proc = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
     assert not check or proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -155,8 +155,8 @@ def test_two_processes_evaluate_on_rank_0_only(tmp_path):
             "-m", "zoo", "train", str(RECIPE), "--out", str(tmp_path / "ddp"), "--steps", "4", "--device", "cpu"]
     for s in SETTINGS + ["train.eval_every=2", "train.eval_n=16", "train.val_every=2", "train.val_n=16"]:
         argv += ["--set", s]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,  # TMPDIR: torchrun's leftover folder
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("reference statistics") == 1
     records = _records(tmp_path / "ddp")
