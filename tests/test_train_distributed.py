@@ -112,15 +112,17 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_torchrun_max_restarts_with_resume_auto_continues_after_a_killed_rank(tmp_path, single):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_max_restarts_with_resume_auto_continues_after_a_killed_rank(tmp_path, single, parallel):
     """One command line, as on a cluster: a rank dies (OOM killer, lost node), torchrun restarts every
-    rank and `--resume auto` continues from last/. The restarted ranks used to read the dead ones'
-    addresses from torchrun's store and never connected; now the run ends with the weights of one process."""
+    rank and `--resume auto` continues from last/ (FSDP: from its shards). The restarted ranks used to read
+    the dead ones' addresses from torchrun's store and never connected; now the run ends with the weights
+    of one process."""
     script = tmp_path / "kill_rank_1_once.py"
     script.write_text(KILL_RANK_1_ONCE)
-    out = tmp_path / "ddp"
-    proc = torchrun(out, 5, "--resume", "auto", "--set", "train.ckpt_every=3", program=(str(script),),
-                    launcher=("--max-restarts", "1"), check=False)
+    out = tmp_path / parallel
+    proc = torchrun(out, 5, "--resume", "auto", "--set", "train.ckpt_every=3", "--set", f"train.parallel={parallel}",
+                    program=(str(script),), launcher=("--max-restarts", "1"), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("zoo train: run directory") == 2  # the first attempt and the restart
     assert f"resumed from {out / 'last'} at step 3" in proc.stdout
