@@ -564,14 +564,25 @@ def test_out_or_image_dir_of_the_wrong_kind_is_one_line(tmp_path, vae_dir, image
     assert f"image folder {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 
 
-def test_under_torchrun_a_setup_mistake_is_reported_by_rank_0_only(tmp_path, vae_dir, capsys, monkeypatch):
-    """Every rank lists the same folder: N identical lines said nothing more than rank 0's one."""
+@pytest.mark.parametrize("mistake", ["folder", "gpus"])
+def test_under_torchrun_a_setup_mistake_is_reported_by_rank_0_only(tmp_path, vae_dir, capsys, monkeypatch, mistake):
+    """Every rank lists the same folder, or sees the same too few GPUs: N identical lines said nothing
+    more than rank 0's one. More processes than GPUs was a CUDA traceback from the ranks past the last."""
+    import zoo.cli
+
+    monkeypatch.setattr(zoo.cli, "QUIET_RANK_WAIT_S", 0.0)  # the wait for rank 0's line under torchrun
     argv = ["prepare-latents", str(tmp_path / "none"), "--vae", str(vae_dir), "--out", str(tmp_path / "lat")]
+    if mistake == "gpus":
+        monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+        monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     for rank, lines in (("1", 0), ("0", 1)):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("WORLD_SIZE", "2")
         assert main(argv) == 2
-        assert len(capsys.readouterr().err.splitlines()) == lines
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == lines
+    assert ("this node has 1 CUDA GPU" in err) == (mistake == "gpus")
 
 
 def test_a_file_name_that_is_not_utf8_is_encoded_and_listed(tmp_path, vae_dir, image_dir):

@@ -224,3 +224,26 @@ def test_a_mistake_on_one_rank_mid_run_is_its_line_and_one_line_from_the_other(t
     # rank 0 either lost its peer in the next all-reduce (one line) or was stopped by torchrun first (none)
     assert all(e.startswith("zoo: error: cannot read") or "rank 0 stopped: another process" in e for e in errors)
     assert not _zoo_frames(proc)
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("cuda", "torchrun --nproc_per_node 2: this node has 1 CUDA GPU, and every process runs on a GPU of its own"
+             " (use --nproc_per_node 1 (or fewer), or --device cpu)"),
+    ("mps", "--device mps: under torchrun zoo trains on CUDA GPUs (NCCL) or on the CPU (gloo) "
+            "(use --device cuda or --device cpu)"),
+])
+def test_a_launch_the_node_cannot_run_is_one_line_before_any_rank_joins(tmp_path, monkeypatch, capsys, device, expected):
+    """torchrun --nproc_per_node 2 on a 1-GPU node: rank 1's set_device was a CUDA traceback while rank 0
+    waited for it; --device mps under torchrun trained on the CPU without a word."""
+    import torch
+
+    from zoo.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for key, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--device", device]) == 2
+    assert capsys.readouterr().err == f"zoo: error: {expected}\n"
+    assert not (tmp_path / "run").exists()

@@ -35,25 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from zoo.errors import UserError
     from zoo.latents import prepare_latents
 
-    for name in ("resolution", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    from zoo.guards import check_outside_checkpoints, resolve_device
-
-    check_outside_checkpoints(args.out)
-
-    device = None if args.device is None else str(resolve_device(args.device))  # checked: one line, exit 2
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # the same arguments on every rank: the same mistake, which rank 0 reports
+        device = _checked_device(args)
+    except UserError as err:
+        err.quiet = rank != 0
+        raise
     if device == "cuda":  # under torchrun each process takes its own GPU, as zoo train does
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
@@ -66,3 +58,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"zoo prepare-latents: rank {rank} done; the rank that finishes last writes {args.out}/manifest.json")
     return 0
+
+
+def _checked_device(args: argparse.Namespace) -> str:
+    """The device to encode on, after the checks of the arguments that need no files read."""
+    import torch
+
+    from zoo.errors import UserError
+    from zoo.guards import check_outside_checkpoints, resolve_device
+    from zoo.training.distributed import check_gpus_per_node
+
+    for name in ("resolution", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    check_outside_checkpoints(args.out)
+    device = None if args.device is None else str(resolve_device(args.device))  # checked: one line, exit 2
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_gpus_per_node(torch.device(device))  # under torchrun: a GPU per process of the node
+    return device

@@ -83,10 +83,13 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     import zoo
     from zoo.errors import UserError
     from zoo.guards import check_run_dir, resolve_device
+    from zoo.training import distributed
 
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps must be >= 0, got {args.steps}")
-    device = str(resolve_device(args.device))
+    device = resolve_device(args.device)
+    distributed.check_launch(device)
+    device = str(device)
     if args.resume == AUTO:  # one command line for the first start and every restart of the job
         from zoo.guards import holds_a_run
 

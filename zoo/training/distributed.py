@@ -64,6 +64,28 @@ class Context:
         return f"{self.world} processes ({dist.get_backend()}), rank 0 on {self.device}"
 
 
+def check_launch(device: torch.device) -> None:
+    """Under torchrun: a device a process group trains on, and no more processes per node than GPUs.
+
+    Every rank checks before any joins the group, so the mistake is one line (rank 0's), not a
+    CUDA error from the ranks beyond the last GPU while the others wait for them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {device}: under torchrun zoo trains on CUDA GPUs (NCCL) or on the CPU (gloo)",
+                        suggestion="use --device cuda or --device cpu")
+    check_gpus_per_node(device)
+
+
+def check_gpus_per_node(device: torch.device) -> None:
+    """Under torchrun on CUDA, each process of a node takes the GPU of its ``LOCAL_RANK``: there must be as many."""
+    per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and per_node > gpus:
+        raise UserError(f"torchrun --nproc_per_node {per_node}: this node has {gpus} CUDA GPU{'s' * (gpus != 1)}, "
+                        "and every process runs on a GPU of its own",
+                        suggestion=f"use --nproc_per_node {gpus} (or fewer), or --device cpu")
+
+
 def init(device: str | None = None) -> Context:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
