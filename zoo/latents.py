@@ -315,7 +315,7 @@ def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[
 
 @contextlib.contextmanager
 def _interrupts_held():
-    """Hold a Ctrl-C (SIGINT) that comes during the block and deliver it after.
+    """Hold a Ctrl-C (SIGINT) or SIGTERM that comes during the block and deliver it after.
 
     While a DataLoader forks its workers, a KeyboardInterrupt raised in an at-fork hook (logging's)
     was printed as 'Exception ignored' and lost, and a child it reached before its
@@ -324,14 +324,16 @@ def _interrupts_held():
     if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
         yield
         return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if held:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(held[0])
 
 
 def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_size: int, dtype: str):

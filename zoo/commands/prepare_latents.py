@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from zoo.errors import UserError
     from zoo.latents import prepare_latents
+    from zoo.training.signals import sigterm_raises
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:  # the same arguments on every rank: the same mistake, which rank 0 reports
@@ -48,11 +49,13 @@ def run(args: argparse.Namespace) -> int:
         raise
     if device == "cuda":  # under torchrun each process takes its own GPU, as zoo train does
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
-                               batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
-                               dtype=args.dtype, device=device, rank=rank, world=world,
-                               progress=tqdm if rank == 0 else None,
-                               log=lambda line: print(f"zoo prepare-latents: {line}", flush=True))
+    # SIGTERM (SLURM, torchrun) stops like Ctrl-C: the workers end with the process, the shards written stay
+    with sigterm_raises("; the shards written are kept, and the same command encodes the rest"):
+        complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
+                                   batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+                                   dtype=args.dtype, device=device, rank=rank, world=world,
+                                   progress=tqdm if rank == 0 else None,
+                                   log=lambda line: print(f"zoo prepare-latents: {line}", flush=True))
     if complete:
         print(f"zoo prepare-latents: done; train with --set data.root={args.out}")
     else:

@@ -13,9 +13,11 @@ take too long. A signal the process ignores (``nohup``, a shell's background job
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
+from typing import Iterator
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -32,6 +34,37 @@ class StopRequested(KeyboardInterrupt):
     def exit_status(self) -> int:
         """The shell's status for a process ended by the signal: 130 for Ctrl-C, 143 for SIGTERM."""
         return 128 + self.signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, for commands whose work is safe to stop anywhere (prepare-latents): their
+    ``finally`` blocks run (data workers end with the process) and the status is 143, as for the signal."""
+
+    exit_status = 128 + signal.SIGTERM
+
+    def __init__(self, what: str = "") -> None:
+        super().__init__(f"stopped by SIGTERM{what}")
+
+
+@contextlib.contextmanager
+def sigterm_raises(what: str = "") -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` (its message ends with ``what``) in the main thread.
+
+    By default SIGTERM ended the process at once: its DataLoader workers, which ignore the signal
+    so that a process group's Ctrl-C cannot kill them, outlived it by seconds. A SIGTERM the process
+    ignores (``nohup``) stays ignored; outside the main thread nothing is installed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(what)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopSignals:
