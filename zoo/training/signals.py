@@ -52,7 +52,7 @@ def sigterm_raises(what: str = "") -> Iterator[None]:
 
     By default SIGTERM ended the process at once: its DataLoader workers, which ignore the signal
     so that a process group's Ctrl-C cannot kill them, outlived it by seconds. A SIGTERM the process
-    ignores (``nohup``) stays ignored; outside the main thread nothing is installed."""
+    was started ignoring stays ignored; outside the main thread nothing is installed."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
         yield
         return
