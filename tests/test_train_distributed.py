@@ -247,3 +247,28 @@ def test_a_launch_the_node_cannot_run_is_one_line_before_any_rank_joins(tmp_path
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--device", device]) == 2
     assert capsys.readouterr().err == f"zoo: error: {expected}\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_each_attempt_on_one_node_has_its_own_keys_in_torchruns_store(monkeypatch):
+    """Restarted processes read the dead ones' keys from torchrun's one store. On one node the prefix is
+    the agent's restart count; on several nodes the agents' counts differ (an agent whose processes were
+    healthy restarts them uncounted: seen with two agents), so there torch's store stays and a note says
+    what to set."""
+    import torch.distributed as dist
+
+    from zoo.training.distributed import restart_note, restart_safe_store
+
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # what torchrun's agent serves
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent.port),
+           "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_MAX_RESTARTS": "3", "GROUP_WORLD_SIZE": "1",
+           "WORLD_SIZE": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    restart_safe_store().set("rank_1", "10.0.0.2:4242")
+    assert agent.get("zoo/restart_1/rank_1") == b"10.0.0.2:4242" and not agent.check(["rank_1"])
+    assert restart_note() is None
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # two nodes
+    assert restart_safe_store() is None
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_note()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that setting gives: a fresh store per attempt
+    assert restart_safe_store() is None and restart_note() is None

@@ -103,20 +103,31 @@ def init(device: str | None = None) -> Context:
 
 
 def restart_safe_store() -> dist.Store | None:
-    """The store of this attempt of a ``torchrun --max-restarts`` run, or None where torch's own is fine.
+    """The store of this attempt of a one-node ``torchrun --max-restarts`` run, or None for torch's own.
 
     torchrun's agent serves one store for the whole job (``TORCHELASTIC_USE_AGENT_STORE``), and the
     processes of a restart joined it under the same keys as the processes they replace: a restarted
     rank read a dead rank's address or NCCL id and failed to connect (gloo: "connectFullMesh failed
-    ... Connection refused"), so no restart ever trained. Each attempt gets its own key prefix
-    (restart count and world size: the agent raises the count after a failure, and a change of
-    membership changes the world)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None  # plain env:// (a store of this attempt's own), or torchrun with the agent store off
+    ... Connection refused"), so no restart ever trained. On one node each attempt gets its own key
+    prefix, the agent's restart count, which all its processes share. Across nodes the agents count
+    differently (an agent whose processes were still healthy restarts them for the others without
+    counting), so no prefix is agreed there: torch's store is kept and :func:`restart_note` says what
+    to set instead."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        return None  # plain env:// (a store of this attempt's own), the agent store off, or several nodes
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=dist.constants.default_pg_timeout)
-    attempt = f"zoo/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/world_{os.environ['WORLD_SIZE']}"
-    return dist.PrefixStore(attempt, store)
+    return dist.PrefixStore(f"zoo/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def restart_note() -> str | None:
+    """What to set for ``torchrun --max-restarts`` across nodes, where :func:`restart_safe_store` cannot help."""
+    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        return ("torchrun --max-restarts on several nodes: restarted processes read the dead ones' addresses from "
+                "torchrun's shared store and cannot connect (a torch bug); run torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node for restarts that work")
+    return None
 
 
 @contextlib.contextmanager

@@ -465,6 +465,8 @@ class Trainer:
         if self.train["precision"] == "fp16" and self.device.type == "cpu" and not _cpu_has_fast_fp16():
             self.log("zoo train: note: this CPU has no fast float16 matmuls (AMX-FP16), so fp16 autocast runs several "
                      "times slower than fp32 here (DiMR emoji demo: 8x); on a CPU use precision bf16 or fp32")
+        if note := distributed.restart_note():
+            self.log(f"zoo train: note: {note}")
         if self.train["precision"] == "fp32" and self.device.type == "cpu" and _cpu_has_fast_bf16():
             self.log("zoo train: note: this CPU multiplies bfloat16 in hardware (AVX512-BF16/AMX); "
                      "--set train.precision=bf16 may train faster (DiMR emoji demo: ~18% more steps/s, the same losses)")
