@@ -419,7 +419,7 @@ def test_under_torchrun_each_process_encodes_on_its_own_gpu(tmp_path, monkeypatc
     seen = {}
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(zoo.guards, "resolve_device", lambda name: name)  # no GPU here: take the name as given
+    monkeypatch.setattr(zoo.guards, "resolve_device", lambda name: torch.device(name or "cuda"))  # no GPU here
     monkeypatch.setattr(zoo.latents, "prepare_latents", lambda *a, device, **k: seen.setdefault("device", device))
     argv = ["prepare-latents", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "lat")]
     assert main(argv + (["--device", flag] if flag else [])) == 0

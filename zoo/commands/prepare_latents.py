@@ -65,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked_device(args: argparse.Namespace) -> str:
     """The device to encode on, after the checks of the arguments that need no files read."""
-    import torch
-
     from zoo.errors import UserError
     from zoo.guards import check_outside_checkpoints, resolve_device
     from zoo.training.distributed import check_gpus_per_node
@@ -77,8 +75,6 @@ def _checked_device(args: argparse.Namespace) -> str:
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     check_outside_checkpoints(args.out)
-    device = None if args.device is None else str(resolve_device(args.device))  # checked: one line, exit 2
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_gpus_per_node(torch.device(device))  # under torchrun: a GPU per process of the node
-    return device
+    device = resolve_device(args.device)  # default: cuda if there is one; checked: one line, exit 2
+    check_gpus_per_node(device)  # under torchrun: a GPU per process of the node
+    return str(device)

@@ -113,7 +113,7 @@ def restart_safe_store() -> dist.Store | None:
     differently (an agent whose processes were still healthy restarts them for the others without
     counting), so no prefix is agreed there: torch's store is kept and :func:`restart_note` says what
     to set instead."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+    if not _shares_agent_store() or _nodes() > 1:
         return None  # plain env:// (a store of this attempt's own), the agent store off, or several nodes
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=dist.constants.default_pg_timeout)
@@ -122,12 +122,21 @@ def restart_safe_store() -> dist.Store | None:
 
 def restart_note() -> str | None:
     """What to set for ``torchrun --max-restarts`` across nodes, where :func:`restart_safe_store` cannot help."""
-    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1
-            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and _nodes() > 1 and _shares_agent_store():
         return ("torchrun --max-restarts on several nodes: restarted processes read the dead ones' addresses from "
                 "torchrun's shared store and cannot connect (a torch bug); run torchrun with "
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node for restarts that work")
     return None
+
+
+def _shares_agent_store() -> bool:
+    """Whether torchrun's agent hands its own store, kept across restarts, to the processes."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _nodes() -> int:
+    """How many torchrun agents (nodes) the run has."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1"))
 
 
 @contextlib.contextmanager
