@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from zoo import atomic
 from zoo.errors import UserError
+from zoo.jsonfile import read_json_object
 
 CONFIG, MODEL, EMA, TRAINER_STATE = "config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt"
 FORMAT = "zoo-checkpoint/1"
@@ -347,11 +348,8 @@ def read_config(directory: str | Path) -> dict:
     path = directory / CONFIG
     if not path.is_file():
         raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
+    payload = read_json_object(path, "checkpoint config")
+    if payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
         raise UserError(f"{path} is not a {FORMAT} config (a JSON object with format and recipe)")
     return payload["recipe"]
 

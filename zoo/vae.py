@@ -60,16 +60,13 @@ def build_sd_vae(device: torch.device | str | None = None, config: dict | None =
 def vae_config(weights: Path) -> dict | None:
     """The ``config.json`` of the diffusers directory ``weights`` is in (its own architecture), or
     ``None`` for weights without one (read as the SD KL-f8 VAE)."""
-    import json
+    from zoo.jsonfile import read_json_object
 
     config = weights.parent / "config.json"
     if weights.name != "diffusion_pytorch_model.safetensors" or not config.is_file():
         return None
-    try:
-        loaded = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read the VAE config {config}: {err}") from None
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("block_out_channels"), list):
+    loaded = read_json_object(config, "VAE config")
+    if not isinstance(loaded.get("block_out_channels"), list):
         raise UserError(f"{config} is not an AutoencoderKL config (no block_out_channels)")
     return loaded
 

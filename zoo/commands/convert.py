@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from zoo.commands import add_overrides_option
 from zoo.errors import UserError
+from zoo.jsonfile import read_json_object
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,10 +60,7 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
     if args.config is not None:
         if not args.config.is_file():
             raise UserError(f"official config {args.config} does not exist")
-        try:
-            config = json.loads(args.config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{args.config} is not valid JSON ({err})") from None
+        config = read_json_object(args.config, "official config", "give a JSON object of constructor kwargs")
         for key in ("config", "_config"):  # a keys file (tests/golden/keys) carries it beside the keys
             if isinstance(config, dict) and isinstance(config.get(key), dict):
                 config = config[key]
