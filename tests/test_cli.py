@@ -208,3 +208,14 @@ def test_a_read_only_or_full_disk_is_one_line_naming_what_was_written(capsys, mo
     monkeypatch.setattr(list_command, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O", "/x")))
     with pytest.raises(OSError):  # another OS error: its traceback is kept
         zoo(capsys, "list")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["prepare-latents", "imgs", "--vae", "v", "--out", ""], "--out"),
+    (["train", "x.yaml", "--out="], "--out"),
+    (["build", ""], "an argument"),
+])
+def test_an_empty_argument_is_refused_not_read_as_the_working_directory(capsys, argv, named):
+    """`--out ""` wrote prepare-latents' shards into the working directory; `zoo train --out ""` its default run."""
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"zoo: error: {named} is empty (give a value)\n"

@@ -109,9 +109,26 @@ def _disk_problem(err: OSError) -> str:
             "or write somewhere else)")
 
 
+def _empty_argument(argv: Sequence[str]) -> str | None:
+    """The option given an empty value (``--out ""``, ``--vae=``), or "an argument" for an empty
+    positional one; ``None`` if none is empty. argparse takes them, and a path that is empty is the
+    working directory: ``--out ""`` wrote shards there, ``zoo train --out ""`` its default run."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+            return arg[:-1]
+        if arg == "":
+            before = argv[i - 1] if i else ""
+            return before if before.startswith("-") and "=" not in before else "an argument"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zoo ARGS``; return the exit status."""
     try:
+        empty = _empty_argument(sys.argv[1:] if argv is None else list(argv))
+        if empty is not None:
+            print(f"zoo: error: {empty} is empty (give a value)", file=sys.stderr)
+            return 2
         parser = build_parser()
         try:
             args, extra = parser.parse_known_args(argv)
@@ -124,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C; zoo train's StopRequested also after SIGTERM (status 143)
         status = getattr(err, "exit_status", 130)
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops alike: one line says so
-            print("zoo: interrupted" if status == 130 else f"zoo: {err}", file=sys.stderr)
+            print("zoo: interrupted" if status == 130 and not str(err).startswith("interrupted") else f"zoo: {err}",
+                  file=sys.stderr)
         return status
     except (UserError, FileNotFoundError) as err:
         if os.environ.get("ZOO_TRACEBACK"):
