@@ -189,6 +189,18 @@ def test_classes_by_name_where_the_dataset_names_them(tmp_path):
         parse_class_labels("flags", ())
 
 
+def test_class_names_match_across_unicode_forms_and_may_hold_a_comma():
+    """A folder named on macOS is stored decomposed (NFD): 'café' typed (NFC) was not one of the classes;
+    a class named 'dogs, wild' could not be picked by name."""
+    import unicodedata
+
+    from zoo.sample import parse_class_labels
+
+    names = ["bird", unicodedata.normalize("NFD", "café"), "dogs, wild", "dogs"]
+    assert parse_class_labels("café", names) == [1] and parse_class_labels("CAFÉ,bird", names) == [1, 0]
+    assert parse_class_labels("dogs, wild", names) == [2] and parse_class_labels("dogs,bird", names) == [3, 0]
+
+
 def test_a_number_is_a_label_even_where_a_class_folder_has_another_numbers_name(capsys):
     from zoo.sample import parse_class_labels
 

@@ -120,11 +120,23 @@ def parse_class_labels(text: str | None, names: Sequence[str] = ()) -> list[int]
     """``--class 3``, ``--class 3,7,207`` or class names as a list of ints (``None`` when not given).
 
     A part that is not a number is looked up in ``names`` (the dataset's classes, label order):
-    the whole name or the start of one name, in any case (``flags``, ``smileys``).
+    the whole name or the start of one name, in any case and Unicode normalisation (a folder named
+    on macOS is stored decomposed: ``café`` as ``cafe`` + accent); a whole ``text`` that is one
+    name is that class even when the name holds a comma (``dogs, wild``).
     """
     if text is None:
         return None
+    whole = [i for i, name in enumerate(names) if _fold(name) == _fold(str(text).strip())]
+    if "," in str(text) and len(whole) == 1:
+        return whole
     return [_class_label(part.strip(), text, names) for part in str(text).split(",")]
+
+
+def _fold(name: str) -> str:
+    """``name`` for matching: NFC-normalised and case-folded."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _class_label(part: str, text: str, names: Sequence[str]) -> int:
@@ -144,9 +156,9 @@ def _class_label(part: str, text: str, names: Sequence[str]) -> int:
     if not names:
         raise UserError(f"--class {text!r}: {part!r} is not a class number, and this model's dataset "
                         f"names no classes (give numbers, e.g. 3,7,207)")
-    folded = [name.casefold() for name in names]
-    exact = [i for i, name in enumerate(folded) if name == part.casefold()]
-    starts = [i for i, name in enumerate(folded) if part and name.startswith(part.casefold())]
+    folded, wanted = [_fold(name) for name in names], _fold(part)
+    exact = [i for i, name in enumerate(folded) if name == wanted]
+    starts = [i for i, name in enumerate(folded) if part and name.startswith(wanted)]
     found = exact or starts
     if len(found) == 1:
         return found[0]
@@ -314,9 +326,12 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
     data = recipe.get("data") or {}
     if not data.get("latent"):
         return None
+    from zoo.latents import check_decoder_fits
     from zoo.vae import find_vae_weights
 
-    return find_vae_weights(vae_dir or data.get("vae"))
+    weights = find_vae_weights(vae_dir or data.get("vae"))
+    check_decoder_fits(weights, data)
+    return weights
 
 
 def load_decoder(recipe: Mapping[str, Any], vae_dir: str | Path | None, device="cpu"):
