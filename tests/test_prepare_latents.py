@@ -653,7 +653,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status, line", [
-    (2, 130, "zoo: interrupted"),
+    (2, 130, "zoo: interrupted; the shards written are kept, and the same command encodes the rest"),
     (15, 143, "zoo: stopped by SIGTERM; the shards written are kept, and the same command encodes the rest"),
 ], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_with_workers_is_one_line_and_the_rerun_finishes(tmp_path, vae_dir, image_dir, signum, status, line):
@@ -799,3 +799,147 @@ def test_a_ctrl_c_while_the_workers_fork_is_delivered_after(tmp_path, vae_dir, i
     with pytest.raises(KeyboardInterrupt):
         prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=3, shard_size=4, num_workers=1)
     assert not list(out.glob("shard_*")) and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_out_holding_shard_files_zoo_did_not_write_is_refused_and_kept(tmp_path, vae_dir, image_dir, capsys):
+    """A directory of the user's own latent shards given as --out: shard_00000 was replaced and the
+    others past the plan's last shard deleted, exit 0."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    for k in (0, 7):
+        save_file({"latents": torch.zeros(3, 4, 2, 2), "labels": torch.zeros(3, dtype=torch.long)}, str(out / shard_name(k)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),
+            "--workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds shard_00000.safetensors, shard_00007.safetensors, which zoo prepare-latents did not " \
+           "write" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Someone else's images.txt alone is refused too; the same list (a run killed before its plan) is not.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "images.txt").write_text("mine\t0\n")
+    into = lambda d: argv[:5] + [str(d)] + argv[6:]  # noqa: E731
+    assert main(into(other)) == 2
+    assert "holds images.txt, which zoo prepare-latents did not write" in capsys.readouterr().err
+    done = tmp_path / "done"
+    assert main(into(done)) == 0
+    (other / "images.txt").write_bytes((done / "images.txt").read_bytes())
+    assert main(into(other)) == 0
+    (done / PLAN).unlink()  # the folder moved: its plan deleted, its own shards, manifest and list are reused
+    capsys.readouterr()
+    assert main(into(done)) == 0
+    assert "none left to encode" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, words", [
+    ('{"format": ', "is not valid JSON"),
+    ("[1, 2]", "is not a JSON object (it holds a list)"),
+])
+def test_a_damaged_plan_or_manifest_is_one_line_naming_it(tmp_path, vae_dir, image_dir, capsys, damage, words):
+    out = tmp_path / "lat"
+    argv = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),
+            "--workers", "0"]
+    assert main(argv) == 0
+    (out / MANIFEST).write_text(damage)
+    run = ["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run"), "--steps", "1",
+           "--set", "data.dataset=latents", "--set", f"data.root={out}", "--set", "data.num_classes=2"]
+    capsys.readouterr()
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert f"the latent manifest {out / MANIFEST} {words}" in err and "prepare-latents command" in err
+    assert len(err.splitlines()) == 1
+    (out / PLAN).write_text(damage)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the prepare-latents plan {out / PLAN} {words}" in err and len(err.splitlines()) == 1
+    (out / PLAN).unlink()  # as the message says: the run starts again, keeping the shards of the same images
+    assert main(argv) == 0
+    assert "none left to encode" in capsys.readouterr().out
+
+
+def test_a_manifest_without_a_shard_list_is_one_line(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["shards"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="has no valid shard list"):
+        build_dataset({"dataset": "latents", "root": str(out)}, (4, 8, 8), 2)
+
+
+def test_non_finite_moments_are_refused_naming_the_image_or_the_shard(tmp_path, vae_dir, image_dir, monkeypatch):
+    """A shard damaged on disk trained until the loss was NaN, and the error advised a lower lr."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, shard_size=4, num_workers=0)
+    shard = load_file(str(out / shard_name(1)))
+    shard["mean"][2, 1, 0, 0, 0] = float("nan")
+    save_file(shard, str(out / shard_name(1)), metadata={"format": "zoo-latent-moments"})
+    ds = build_dataset({"dataset": "latents", "root": str(out)}, (4, 8, 8), 2)
+    ds[0], ds[5]  # other rows read fine  # noqa: B018
+    with pytest.raises(UserError, match=rf"latent shard {out / shard_name(1)} holds NaN or infinite moments \(row 6"
+                                        r"|row 2\)"):
+        for _ in range(20):  # view 1 of row 6 (shard 1, row 2) is drawn half the time
+            ds[6]
+    # At encoding: a VAE whose output overflows is named with the image.
+    import zoo.latents as latents
+
+    real = latents.encode_moments
+    monkeypatch.setattr(latents, "encode_moments", lambda vae, x: tuple(t * float("inf") for t in real(vae, x)))
+    with pytest.raises(UserError, match=r"the VAE gave NaN or infinite latents for image .*n01_0\.png"):
+        prepare_latents(image_dir, vae_dir, tmp_path / "lat2", resolution=RES, num_workers=0)
+    assert not list((tmp_path / "lat2").glob("shard_*"))
+
+
+def test_a_vae_of_another_shape_than_the_latents_is_refused_for_decoding(tmp_path, vae_dir, image_dir):
+    """Latents of a 2x VAE decoded by an 8x one (or vice versa) gave images of the wrong size, exit 0."""
+    from diffusers import AutoencoderKL
+
+    from zoo.sample import vae_weights
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)
+    other = tmp_path / "vae4x"
+    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                  block_out_channels=[4, 4, 4], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=RES).save_pretrained(str(other))
+    recipe = {"data": {"latent": True, "root": str(out)}}
+    assert vae_weights(recipe, vae_dir).name == "diffusion_pytorch_model.safetensors"
+    with pytest.raises(UserError, match=rf"the VAE .* does not fit the latents in {out} \(downsample 4, not 2: "):
+        vae_weights(recipe, other)
+    assert vae_weights({"data": {"latent": True, "root": str(tmp_path / "gone")}}, other)  # no manifest: unchecked
+
+
+def test_a_recipe_pointed_at_the_other_kind_of_data_says_so(tmp_path, vae_dir, image_dir):
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)
+    with pytest.raises(UserError, match=rf"it is an image folder, and this recipe trains on VAE latents: make them "
+                                        rf"with zoo prepare-latents {image_dir} --vae VAE_DIR"):
+        build_dataset({"dataset": "latents", "root": str(image_dir)}, (4, 8, 8), 2)
+    with pytest.raises(UserError, match="it holds latent shards, and this recipe trains on pixels"):
+        build_dataset({"dataset": "image_folder", "root": str(out)}, (3, 16, 16), 2)
+
+
+def test_macos_appledouble_files_are_not_images(tmp_path):
+    """A tar made on a Mac holds ._NAME beside every image: each stopped a run as an unreadable image."""
+    from zoo.training.data import ImageFolder
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07" + bytes(100))
+    assert [p.name for p, _ in ImageFolder(tmp_path, 8).items] == ["x.png"]
+
+
+def test_a_float_tiff_in_0_1_is_scaled_not_black(tmp_path):
+    import numpy as np
+
+    from zoo.training.crop import to_rgb
+
+    values = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    got = np.asarray(to_rgb(Image.fromarray(values, mode="F")))[..., 0]
+    assert got.tolist() == np.rint(values * 255).astype(int).tolist()

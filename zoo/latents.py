@@ -30,12 +30,13 @@ import re
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from zoo.errors import UserError
+from zoo.jsonfile import read_json_object
 
 FORMAT = "zoo-latent-moments"
 FORMAT_VERSION = 2  # 2: images.txt and a digest of its rows in every shard
@@ -82,6 +83,28 @@ def load_encoder(vae_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                 "shift_factor": float(shift or 0.0),
                 "latent_channels": int(cfg.latent_channels), "downsample": vae_downsample(weights)}
     return vae.eval().requires_grad_(False), identity
+
+
+def check_decoder_fits(weights: Path, data: Mapping[str, Any]) -> None:
+    """Refuse VAE ``weights`` whose latents differ in shape from those ``data.root`` was prepared with
+    (another downsampling or channel count): they decoded the samples at another size without a word.
+    Another VAE of the same shape (SD's ft-EMA for ft-MSE) decodes them, as DiT samples with either.
+    Nothing is checked when ``data.root`` is no ``zoo prepare-latents`` output (or is gone)."""
+    from zoo.vae import SD_VAE_CONFIG, vae_config, vae_downsample
+
+    manifest = Path(str(data.get("root") or "")).expanduser() / MANIFEST
+    if not data.get("root") or not manifest.is_file():
+        return
+    made = read_json_object(manifest, "latent manifest").get("vae")
+    if not isinstance(made, dict):
+        return
+    have = {"downsample": vae_downsample(weights),
+            "latent_channels": int((vae_config(weights) or SD_VAE_CONFIG)["latent_channels"])}
+    diff = [f"{key} {have[key]}, not {made[key]}" for key in have if key in made and made[key] != have[key]]
+    if diff:
+        raise UserError(f"the VAE {weights} does not fit the latents in {manifest.parent} ({'; '.join(diff)}: "
+                        f"they were encoded with {made.get('weights', 'another VAE')})",
+                        suggestion="pass that VAE as --vae (or data.vae)")
 
 
 @torch.no_grad()
@@ -148,7 +171,12 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     from zoo.atomic import write_file
 
     existing = out / PLAN
-    old = json.loads(existing.read_text()) if existing.is_file() else None
+    old = None
+    if existing.is_file():
+        old = read_json_object(existing, "prepare-latents plan", suggestion=f"delete it and run the same command "
+                               "again: the shards of the same images are kept")
+    else:
+        _refuse_foreign_files(out, _utf8("".join(lines)))
     if old is not None:
         if old.get("format") == FORMAT and old.get("version") != FORMAT_VERSION:
             raise UserError(f"{out} was written by another version of zoo prepare-latents (format version "
@@ -173,6 +201,39 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     write_file(out / IMAGES, lambda tmp: tmp.write_bytes(_utf8("".join(lines))))
     _write_json(existing, plan)
     return old is not None
+
+
+def _refuse_foreign_files(out: Path, text: bytes) -> None:
+    """Refuse an ``out`` without a plan that holds shards, a manifest or an image list zoo prepare-latents
+    did not write: the run would replace or delete them. Its own files (a plan deleted to move the
+    image folder, then perhaps damaged) are kept and reused; ``text`` is the ``images.txt`` this run
+    writes (the same bytes replace nothing: a run killed before it wrote its plan)."""
+    from safetensors import SafetensorError, safe_open
+
+    def our_shard(path: Path) -> bool:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("format") == FORMAT
+        except (SafetensorError, OSError):  # a damaged shard of ours: encoded again
+            return True
+
+    def our_manifest(path: Path) -> bool:
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # damaged: written again at the end
+            return True
+        return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+    shards = sorted(p for p in out.glob("shard_*.safetensors") if SHARD_NAME.fullmatch(p.name))
+    foreign = [p.name for p in shards if not our_shard(p)]
+    if len(foreign) == len(shards):  # no shard of ours here to vouch for the manifest and the list
+        manifest, images = out / MANIFEST, out / IMAGES
+        foreign += [MANIFEST] * (manifest.is_file() and not our_manifest(manifest))
+        foreign += [IMAGES] * (images.is_file() and images.read_bytes() != text)
+    if foreign:
+        names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out} holds {names}, which zoo prepare-latents did not write (and no {PLAN}); "
+                        "encoding there would replace them", suggestion="give a new or empty --out directory")
 
 
 def shard_is_current(path: Path, digest: str) -> bool:
@@ -235,6 +296,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     from zoo.atomic import remove_file_leftovers
 
     root, out = Path(image_dir).expanduser(), Path(out).expanduser()
+    fresh = not any(out.glob("shard_*.safetensors"))  # before any rank can have written one
     try:  # every rank lists the same folder and reads the same VAE: rank 0 alone reports a mistake here
         images, vae, plan, lines, changed = _plan(root, vae_dir, out, resolution, shard_size, dtype)
     except UserError as err:
@@ -257,7 +319,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
         left = f"{who} {len(todo)} ({_count(total, 'image')}) on {device}" if todo else "none left to encode"
         log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
             f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
-        if rank == 0 and world > n and not any(out.glob("shard_*.safetensors")):  # a fresh output only
+        if rank == 0 and world > n and fresh:
             log(f"note: {_count(n, 'shard')} for {world} processes, so {world - n} of them have nothing to "
                 f"encode; --shard-size {-(-len(images) // world)} gives each process one")
     bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
@@ -298,6 +360,7 @@ def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[
             it = iter(loader)  # forks the workers
         for i, (x, y) in enumerate(_resumable_errors(it)):  # one line, not a worker's traceback
             mean, std = encode_moments(vae, x.to(device))
+            _check_finite(mean, std, dtype, [images.items[j][0] for j in batches[i]])
             means.append(mean.cpu())
             stds.append(std.cpu())
             labels.append(y)
@@ -311,6 +374,17 @@ def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[
     finally:  # end the workers now, not when the iterator is collected: an error's traceback keeps it
         # (a cycle), and at exit multiprocessing's SIGTERM (which they ignore) and join() then hung
         end_workers(it)
+
+
+def _check_finite(mean: Tensor, std: Tensor, dtype: torch.dtype, paths: list[Path]) -> None:
+    """Refuse moments that are NaN or infinite once stored in ``dtype``: training on them stopped
+    later with a non-finite loss that named the learning rate, not the image."""
+    finite = torch.isfinite(mean.to(dtype)).flatten(1).all(1) & torch.isfinite(std.to(dtype)).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = paths[int((~finite).nonzero()[0])]
+        raise UserError(f"the VAE gave NaN or infinite latents for image {bad}" + " (stored as "
+                        f"{str(dtype).removeprefix('torch.')})" * (dtype != torch.float32),
+                        suggestion="check that image and the VAE weights; with --dtype float16, try float32")
 
 
 @contextlib.contextmanager

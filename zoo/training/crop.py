@@ -40,15 +40,19 @@ def to_rgb(image):
     """``image`` (a PIL image of any mode) as 8-bit RGB.
 
     16-bit grayscale (modes ``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits:
-    PIL's own conversion clips it, which turns most such images white.
+    PIL's own conversion clips it, which turns most such images white. Floating-point grayscale
+    (mode ``F``, a float TIFF) whose values lie in [0, 1] is scaled by 255; PIL's conversion made
+    it black.
     """
-    if image.mode.startswith("I;16") or image.mode == "I":
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         import numpy as np
         from PIL import Image
 
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
             values = values * (255 / 65535)
+        elif image.mode == "F" and values.max(initial=0) <= 1:
+            values = values * 255
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
     return image.convert("RGB")
 

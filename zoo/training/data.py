@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import os
 import struct
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -112,14 +113,18 @@ class ImageFolder(Dataset):
     def _read(self, path: Path, Image) -> Tensor:
         from zoo.training.crop import adm_center_crop, to_rgb, to_tensor
 
-        with Image.open(path) as im:
-            return to_tensor(adm_center_crop(to_rgb(im), self.image_size))
+        with warnings.catch_warnings():  # PIL warns above 89 MP (and refuses above 179 MP): the run's own data
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return to_tensor(adm_center_crop(to_rgb(im), self.image_size))
 
 
 def _images_under(folder: Path) -> list[Path]:
     """The image files below ``folder``, walked as torchvision walks a class folder, except that a
     symlink back to a folder it is inside (a loop) is not followed: torchvision lists such a tree
-    over and over until the path is too long, with other classes' images under this label."""
+    over and over until the path is too long, with other classes' images under this label; and
+    that macOS's ``._NAME`` files (AppleDouble metadata that a tar or zip made on a Mac holds beside
+    each image, never an image) are skipped: each stopped a run as an unreadable image."""
     def fail(err: OSError) -> None:
         raise err
 
@@ -129,7 +134,7 @@ def _images_under(folder: Path) -> list[Path]:
         dirs[:] = [d for d in dirs if not _contains(os.path.realpath(os.path.join(top, d)), here)]
         walked.append((top, names))
     return [Path(top) / name for top, names in sorted(walked)
-            for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES)]
+            for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("._")]
 
 
 def _contains(outer: str, inner: str) -> bool:
@@ -230,9 +235,22 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
         what = ("*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png; files "
                 f"ending {', '.join(IMAGE_SUFFIXES)} in any case are images)")
         raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
-                        suggestion="point data.root at a directory with data")
+                        suggestion=_other_data_hint(Path(data["root"]).expanduser(), latent, shape))
     check_against_model(ds, kind, shape, num_classes, latent)
     return ds
+
+
+def _other_data_hint(root: Path, latent: bool, shape: tuple[int, ...]) -> str:
+    """What to do when ``data.root`` holds no data of the recipe's kind: it may hold the other kind."""
+    if latent and ImageFolder.class_folders(root) and any(
+            _images_under(root / c) for c in ImageFolder.class_folders(root)[:10]):
+        return (f"it is an image folder, and this recipe trains on VAE latents: make them with zoo prepare-latents "
+                f"{root} --vae VAE_DIR --out LATENT_DIR --resolution {8 * shape[-1]} and pass "
+                "--set data.root=LATENT_DIR")
+    if not latent and (any(root.glob("*.safetensors")) or (root / "manifest.json").is_file()):
+        return ("it holds latent shards, and this recipe trains on pixels: point data.root at the image folder "
+                "(root/CLASS/*.png), or train a latent recipe on these")
+    return "point data.root at a directory with data"
 
 
 def held_out(data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...], num_classes: int | None,

@@ -11,7 +11,6 @@ one that reads no ``data.root`` (a recipe that sets one then gets an error, not 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,10 +54,14 @@ def latents(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
 
 
 def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
+    from zoo.jsonfile import read_json_object
     from zoo.latents import MANIFEST
 
     manifest = Path(data["root"]).expanduser() / MANIFEST if data.get("root") else None
-    return json.loads(manifest.read_text()).get("classes", []) if manifest and manifest.is_file() else []
+    if manifest is None or not manifest.is_file():
+        return []
+    classes = read_json_object(manifest, "latent manifest").get("classes")
+    return classes if isinstance(classes, list) else []
 
 
 latents.reads = ()  # type: ignore[attr-defined]

@@ -15,7 +15,6 @@ Without a manifest the directory holds plain ``latents``/``labels`` shards
 from __future__ import annotations
 
 import bisect
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from zoo.errors import UserError
+from zoo.jsonfile import read_json_object
 from zoo.latents import FORMAT, MANIFEST, PLAN
 
 
@@ -30,11 +30,17 @@ class LatentMoments(Dataset):
     """``(z, label)`` with z sampled from the stored posterior moments of a random view."""
 
     def __init__(self, root: Path, vae_scale: float) -> None:
-        manifest = json.loads((root / MANIFEST).read_text())
+        rerun = "run the zoo prepare-latents command that made it again: it rewrites the manifest"
+        manifest = read_json_object(root / MANIFEST, "latent manifest", suggestion=rerun)
         if manifest.get("format") != FORMAT:
             raise UserError(f"{root / MANIFEST} is not a zoo prepare-latents manifest (format {manifest.get('format')!r})")
         self.root, self.manifest, self.vae_scale = root, manifest, float(vae_scale)
-        self.shards = manifest["shards"]
+        self.shards = manifest.get("shards")
+        if not isinstance(self.shards, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("start"), int)
+                and isinstance(s.get("num_images"), int) for s in self.shards):
+            raise UserError(f"the latent manifest {root / MANIFEST} has no valid shard list ('shards': "
+                            "[{file, start, num_images}, ...])", suggestion=rerun)
         self.starts = [s["start"] for s in self.shards]
         self.labels = torch.tensor(self._read_labels(), dtype=torch.int64)
         self.num_classes = int(manifest.get("num_classes", 0)) or None  # the class folders it was made from
@@ -84,6 +90,11 @@ class LatentMoments(Dataset):
         mean, std = self.moments(index)
         view = int(torch.randint(2, (), generator=gen))
         z = mean[view] + std[view] * torch.randn(mean.shape[1:], generator=gen)
+        if not bool(torch.isfinite(z).all()):  # else the run stops later on a non-finite loss, blaming the lr
+            k = bisect.bisect_right(self.starts, index) - 1
+            raise UserError(f"latent shard {self.root / self.shards[k]['file']} holds NaN or infinite moments "
+                            f"(row {index - self.starts[k]})", suggestion="delete that shard and run the zoo "
+                            "prepare-latents command that made it again: it encodes the missing shard")
         return z * self.vae_scale, int(self.labels[index])
 
     def __getstate__(self) -> dict:  # safetensors handles do not pickle; workers reopen
@@ -96,7 +107,8 @@ def open_latents(root: Path, vae_scale: float) -> Dataset:
 
     if (root / MANIFEST).is_file():
         dataset = LatentMoments(root, vae_scale)
-        scale = dataset.manifest.get("vae", {}).get("scaling_factor")
+        vae = dataset.manifest.get("vae")
+        scale = vae.get("scaling_factor") if isinstance(vae, dict) else None
         if scale is not None and abs(scale - vae_scale) > 1e-6 * scale:
             raise UserError(f"the latents in {root} come from a VAE with scaling factor {scale}, "
                             f"the recipe's data.vae_scale is {vae_scale}", key_path="data.vae_scale",
