@@ -291,6 +291,79 @@ def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path, monkeypatch, capsys
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives only as long as the run
 
 
+@pytest.mark.parametrize("phase, keys", [
+    ("the sample grid", ["train.sample_every=2"]),
+    ("the validation loss", ["train.sample_every=0", "train.val_every=2", "train.val_n=64"]),
+])
+def test_a_stop_during_a_grid_or_evaluation_cuts_it_short_and_saves_after_the_next_step(
+        tmp_path, monkeypatch, capsys, terminal_sigint, phase, keys):
+    """A grid or an evaluation ran to its end before the stop was looked at: under torchrun, whose
+    SIGTERM gives 30 s before its kill, rank 0 was killed mid-grid and last/ not saved."""
+    import zoo.training.loop as loop
+
+    real, signalled = loop.Trainer.ema_copy, []
+
+    def ema_copy(self):  # the signal comes as rank 0 starts the grid or evaluation of step 2
+        model = real(self)
+        if self.step == 2 and not signalled:
+            signalled.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return model
+
+    monkeypatch.setattr(loop.Trainer, "ema_copy", ema_copy)
+    argv = ["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0", "--set", "train.steps=10"]
+    assert main(argv + [x for k in keys for x in ("--set", k)]) == 130
+    out = capsys.readouterr().out
+    assert f"zoo train: {phase} of step 2 was cut short by SIGINT; the run stops after step 3" in out
+    assert "stopping at step 3 (SIGINT)" in out
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert not (tmp_path / "samples" / "step_0000002.png").exists()
+    assert '"val_loss"' not in (tmp_path / "log.jsonl").read_text()
+
+
+def test_an_evaluation_cut_short_on_rank_0_still_meets_the_other_ranks():
+    """The other ranks wait at the barrier after rank 0's evaluation: rank 0 must reach it however it ends."""
+    from zoo.training.eval_hook import evaluation
+    from zoo.training.signals import CutShort
+
+    met = []
+
+    class Ctx:
+        def barrier(self):
+            met.append(1)
+
+    def hook(model, step):
+        raise CutShort(signal.SIGTERM)
+
+    with pytest.raises(CutShort):
+        evaluation(hook, lambda: torch.nn.Linear(1, 1), 5, Ctx())
+    assert met == [1]
+
+
+def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_differs(tmp_path, capsys):
+    """The README's resume line gives no data.root: the run stopped with 'data.root is not set'."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (12, 12), (60 * i, 200 * (c == "a"), 30)).save(tmp_path / "img" / c / f"{i}.png")
+    base = ["--set", "data.dataset=image_folder", "--set", "train.sample_every=0", "--set", "train.batch_size=4",
+            "--set", "train.steps=4"]
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "2", *base,
+                 "--set", f"data.root={tmp_path / 'img'}"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), *base, "--set", "train.lr=5e-4"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: data.root is the checkpoint's, {tmp_path / 'img'}" in out
+    assert "note: the recipe differs from the checkpoint's in train.lr (0.001 -> 0.0005); the run goes on" in out
+    assert torch.load(tmp_path / "run" / "last" / "trainer_state.pt", weights_only=True)["step"] == 4
+    # a root given again is the one read
+    assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), *base, "--set", "train.steps=5",
+                 "--set", f"data.root={tmp_path / 'gone'}"]) == 2
+    assert f"data.root {tmp_path / 'gone'} is not a directory" in capsys.readouterr().err
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, capsys, terminal_sigint):
     """The first Ctrl-C asks for a stop after the step, the second one (same step) ends the run now:
     nothing half-updated is saved, and last/ keeps the previous checkpoint (step 2 here)."""
@@ -362,10 +435,15 @@ def test_a_data_key_the_dataset_does_not_read_gets_a_note(tmp_path, capsys):
 
 def test_learning_rate_settings_that_do_nothing_get_a_note(tmp_path, capsys):
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.warmup_steps=40",
-                 "--set", "train.min_lr=1e-5", "--set", "train.sample_every=0"]) == 0
+                 "--set", "train.steps=30", "--set", "train.min_lr=1e-5", "--set", "train.sample_every=0"]) == 0
     out = capsys.readouterr().out
-    assert "note: train.warmup_steps 40 is past the run's last step 1: the learning rate never reaches" in out
+    assert ("note: train.warmup_steps 40 is past the run's last step 30 (train.steps): the learning rate never "
+            "reaches") in out
     assert "note: train.min_lr is set, but lr_schedule is constant" in out
+    # --steps stops a part of the run: a warm-up past it but within train.steps is reached on resume
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run2"), "--steps", "1", "--set", "train.warmup_steps=5",
+                 "--set", "train.steps=30", "--set", "train.sample_every=0"]) == 0
+    assert "warmup_steps" not in capsys.readouterr().out
 
 
 def test_whole_number_betas_train(tmp_path):

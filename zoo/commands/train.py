@@ -64,6 +64,32 @@ def _absolute_paths(recipe: dict) -> None:
             table[key] = os.path.abspath(path)
 
 
+#: Paths a run is usually given with ``--set`` (a paper recipe names no data): a resume that leaves
+#: them out takes the checkpoint's, so the README's ``--resume`` line continues the run as it was.
+RESUMED_PATH_KEYS = (("data", "root"), ("data", "vae"), ("train", "eval_ref"))
+
+
+def _paths_of_the_resumed_run(recipe: dict, resume: str) -> list[str]:
+    """Fill the ``RESUMED_PATH_KEYS`` the recipe leaves unset from the checkpoint ``resume`` names;
+    return a note for each. A path given again (another copy of the data) is the one used. A
+    checkpoint that cannot be read here is left to the trainer, whose error names it."""
+    from zoo.checkpoint import checkpoint_of, read_config
+    from zoo.errors import UserError
+
+    try:
+        then = read_config(checkpoint_of(Path(resume)))
+    except (UserError, OSError):
+        return []
+    notes = []
+    for section, key in RESUMED_PATH_KEYS:
+        old = (then.get(section) or {}).get(key) if isinstance(then.get(section), dict) else None
+        if isinstance(old, str) and old and not (recipe.get(section) or {}).get(key):
+            recipe[section] = {**(recipe.get(section) or {}), key: old}
+            notes.append(f"zoo train: note: {section}.{key} is the checkpoint's, {old} (--set {section}.{key}=... "
+                         "to read another)")
+    return notes
+
+
 AUTO = "auto"  # --resume auto
 
 
@@ -78,8 +104,9 @@ def _resumed_run(resume: str | None) -> str | None:
     return str(run) if holds_a_run(run) else None
 
 
-def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
-    """The run directory, the recipe and the device, after the checks that need no process group."""
+def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[str]]:
+    """The run directory, the recipe, the device and notes for the run's first lines, after the checks
+    that need no process group."""
     import zoo
     from zoo.errors import UserError
     from zoo.guards import check_run_dir, resolve_device
@@ -108,6 +135,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     out = str(check_run_dir(out, resuming=args.resume or False))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     _absolute_paths(recipe)
+    notes = _paths_of_the_resumed_run(recipe, args.resume) if args.resume is not None else []
     train = recipe.get("train") or {}
     decays = train.get("lr_schedule", "constant") in ("cosine", "linear")
     if args.steps is not None and decays and args.steps > int(train.get("steps") or 0):
@@ -118,7 +146,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str]:
     if args.steps is None and not train.get("steps"):
         raise UserError(f"{args.recipe}: train.steps is not set (or 0), so there is nothing to train",
                         key_path="train.steps", suggestion="set train.steps in the recipe, or --set train.steps=N")
-    return out, recipe, device
+    return out, recipe, device, notes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,13 +156,13 @@ def run(args: argparse.Namespace) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     try:  # the same arguments and files on every rank: the same mistake, which rank 0 reports
-        out, recipe, device = _checked_arguments(args)
+        out, recipe, device, notes = _checked_arguments(args)
     except UserError as err:
         err.quiet = rank != 0
         raise
     try:
         records = train(recipe, out, steps=args.steps, device=device, resume=args.resume,
-                        allow_recipe_change=args.allow_recipe_change)
+                        allow_recipe_change=args.allow_recipe_change, notes=notes)
     except NonFiniteError as err:
         if rank == 0:  # every rank stops; one says why
             print(f"zoo train: error: {err}", file=sys.stderr)

@@ -152,9 +152,11 @@ def evaluation(hook: Callable[[torch.nn.Module, int], dict] | None, ema_copy: Ca
     ``ema_copy`` gives rank 0 a plain model with the EMA weights and the others ``None``; every
     rank calls it (under FSDP each gathers its shards)."""
     ema_model = ema_copy()
-    if hook is not None and ema_model is not None:
-        rec = hook(ema_model, step)
-        if monitor is not None:
-            monitor.record_eval(rec)
-    del ema_model
-    ctx.barrier()
+    try:
+        if hook is not None and ema_model is not None:
+            rec = hook(ema_model, step)
+            if monitor is not None:
+                monitor.record_eval(rec)
+    finally:  # also when rank 0's evaluation is cut short by a stop request: the others wait here
+        del ema_model
+        ctx.barrier()

@@ -23,7 +23,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -44,7 +44,7 @@ from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
 from zoo.training.rundir import check_resume_recipe, prune_steps
 from zoo.training.runlock import RunLock
-from zoo.training.signals import StopRequested, StopSignals
+from zoo.training.signals import CutShort, StopRequested, StopSignals
 from zoo.training.val_loss import val_hook
 
 DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
@@ -291,6 +291,12 @@ class Trainer:
                 f"zoo train: note: the learning rate at step {self.step + 1} is {lr_now:.3g}, where the checkpoint's "
                 f"recipe would give {lr_then:.3g} (train.steps {then.get('steps')} -> {self.train['steps']}, lr "
                 f"{then.get('lr')} -> {self.train['lr']}: the {schedule} schedule is recomputed for the new settings)")
+        changed = _changed_keys(self._resumed_recipe, self.recipe, ("train", "data"))
+        if changed:  # e.g. a `--set` of the first start not given again
+            self.after_banner.append(
+                "zoo train: note: the recipe differs from the checkpoint's in " + ", ".join(
+                    f"{key} ({old!r} -> {new!r})" for key, old, new in changed[:6])
+                + f" and {len(changed) - 6} more" * (len(changed) > 6) + "; the run goes on with the recipe's")
         later = sorted(d.name for d in self.out.glob("step_*") if d.is_dir() and d.name[5:].isdigit()
                        and int(d.name[5:]) > self.step)
         if later:
@@ -346,11 +352,14 @@ class Trainer:
             from zoo.training.fsdp_checkpoint import ema_model
 
             model = ema_model(self.recipe, self.model, self.ema, self.ctx)
+            if model is not None:
+                self.stops.cut_short_when_asked(model)
             return None if model is None else model.to(self.device)
         if not self.ctx.main:
             return None
         model = copy.deepcopy(self.model)
         self.ema.copy_to(model)
+        self.stops.cut_short_when_asked(model)
         return model
 
     def sample_grid(self) -> Path | None:
@@ -430,6 +439,14 @@ class Trainer:
         self.save(also_step_dir=self._every("ckpt_every"))  # a stop on a checkpoint step keeps its step_*
         raise StopRequested(signum, self.step)
 
+    def _unless_stopped(self, work: Callable[[], object], what: str) -> None:
+        """Run ``work`` (rank 0's grid or evaluation); a stop asked for during it drops the rest of it."""
+        try:
+            work()
+        except CutShort as cut:
+            ends = f"after step {self.step + 1}" if self.step < self.total else "now"
+            self.log(f"zoo train: {what} of step {self.step} was cut short by {cut}; the run stops {ends}")
+
     def _period(self, key: str) -> int:
         """``train.<key>`` as a number of steps; 0 (or unset) = never."""
         return int(self.train.get(key) or 0)
@@ -451,10 +468,10 @@ class Trainer:
             self.log(line)
         self.after_banner.clear()
         given = self.recipe.get("train") or {}
-        warmup = int(self.train.get("warmup_steps") or 0)
-        if warmup and warmup > total:
-            self.log(f"zoo train: note: train.warmup_steps {warmup} is past the run's last step {total}: the "
-                     "learning rate never reaches train.lr")
+        warmup, last = int(self.train.get("warmup_steps") or 0), int(self.train["steps"])  # --steps: a part of it
+        if warmup and warmup > last:
+            self.log(f"zoo train: note: train.warmup_steps {warmup} is past the run's last step {last} "
+                     "(train.steps): the learning rate never reaches train.lr")
         if given.get("min_lr") and self.train.get("lr_schedule", "constant") == "constant":
             self.log("zoo train: note: train.min_lr is set, but lr_schedule is constant: min_lr is where a cosine "
                      "or linear decay ends")
@@ -497,7 +514,7 @@ class Trainer:
         """:meth:`run` once the run directory is this run's."""
         from zoo.training.monitor import Monitor
 
-        first_step = self.step
+        first_step, self.total = self.step, total
         with distributed.agreement(self.ctx):
             self._check_save_targets(total)
         self.banner(total)
@@ -551,17 +568,20 @@ class Trainer:
                 # Saves, grids and evaluations are left out of the logged steps/s: it is the training speed
                 if self._every("ckpt_every"):
                     tick += _seconds(self.save)
+                # Rank 0 alone: a stop asked for meanwhile cuts them short, and the run stops after the next step
                 if self._every("sample_every"):
-                    tick += _seconds(self.sample_grid)
+                    tick += _seconds(lambda: self._unless_stopped(self.sample_grid, "the sample grid"))
                 if self._every("eval_every"):
-                    tick += _seconds(lambda: evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor))
+                    tick += _seconds(lambda: self._unless_stopped(
+                        lambda: evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor), "the FD evaluation"))
                 if self._every("val_every"):
-                    tick += _seconds(lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor))
+                    tick += _seconds(lambda: self._unless_stopped(
+                        lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor), "the validation loss"))
             # Still under the stop handlers: a SIGTERM during the final save lets it finish instead of killing it.
             if self.last_saved != self.step or not (self.out / "last").is_dir():
                 self.save(also_step_dir=self._period("ckpt_every") > 0)
             if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
-                self.sample_grid()  # the final weights' grid too when the run ends between two grids
+                self._unless_stopped(self.sample_grid, "the sample grid")  # the final weights' too, between two grids
         except StopRequested:
             raise
         except NonFiniteError:
@@ -578,6 +598,19 @@ class Trainer:
                 monitor.close()
             self.monitor = None
         return records
+
+
+def _changed_keys(then: dict, now: dict, sections: Sequence[str]) -> list[tuple[str, object, object]]:
+    """``(section.key, then, now)`` for the top-level keys of ``sections`` whose values differ
+    (``train`` keys compared with their defaults filled in)."""
+    changed = []
+    for section in sections:
+        fill = DEFAULTS if section == "train" else {}
+        a = {**fill, **(then.get(section) or {})}
+        b = {**fill, **(now.get(section) or {})}
+        changed += [(f"{section}.{key}", a.get(key), b.get(key)) for key in sorted(set(a) | set(b))
+                    if a.get(key) != b.get(key)]
+    return changed
 
 
 def _seconds(work: Callable[[], object]) -> float:
@@ -615,9 +648,11 @@ def _check_groups(saved: dict, now: list[int], directory: Path) -> None:
 
 def train(recipe: dict, out: str | Path, steps: int | None = None, device: str | None = None,
           resume: str | Path | None = None, log: Callable[[str], None] = print,
-          allow_recipe_change: bool = False) -> list[dict]:
-    """Build a :class:`Trainer` for ``recipe`` and run it; return the logged records."""
+          allow_recipe_change: bool = False, notes: Sequence[str] = ()) -> list[dict]:
+    """Build a :class:`Trainer` for ``recipe`` and run it; return the logged records. ``notes`` are
+    printed with the run's first lines."""
     trainer = Trainer(recipe, out, device=device, resume=resume, log=log, allow_recipe_change=allow_recipe_change)
+    trainer.after_banner[:0] = notes
     try:
         return trainer.run(steps)
     finally:

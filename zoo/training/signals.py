@@ -46,13 +46,34 @@ class Terminated(KeyboardInterrupt):
         super().__init__(f"stopped by SIGTERM{what}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that says what was kept: the CLI prints its message (``interrupted{what}``), status 130."""
+
+    exit_status = 128 + signal.SIGINT
+
+    def __init__(self, what: str = "") -> None:
+        super().__init__(f"interrupted{what}")
+
+
 @contextlib.contextmanager
 def sigterm_raises(what: str = "") -> Iterator[None]:
-    """While active, SIGTERM raises :class:`Terminated` (its message ends with ``what``) in the main thread.
+    """While active, SIGTERM raises :class:`Terminated` (its message ends with ``what``) in the main thread,
+    and a Ctrl-C's KeyboardInterrupt leaves it as :class:`Interrupted` with the same ending.
 
     By default SIGTERM ended the process at once: its DataLoader workers, which ignore the signal
     so that a process group's Ctrl-C cannot kill them, outlived it by seconds. A SIGTERM the process
     was started ignoring stays ignored; outside the main thread nothing is installed."""
+    try:
+        with _sigterm_handler(what):
+            yield
+    except KeyboardInterrupt as err:
+        if type(err) is not KeyboardInterrupt:  # Terminated, or a StopRequested that already says what it saved
+            raise
+        raise Interrupted(what) from None
+
+
+@contextlib.contextmanager
+def _sigterm_handler(what: str) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
         yield
         return
@@ -65,6 +86,16 @@ def sigterm_raises(what: str = "") -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class CutShort(Exception):
+    """A stop was asked for while rank 0 alone sampled a grid or evaluated: that work is dropped so the run
+    reaches its save within the grace torchrun and SLURM give before they kill (torchrun: 30 s; a grid or
+    an FD of 256 samples takes longer), rather than being killed mid-way without saving."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class StopSignals:
@@ -92,6 +123,15 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def cut_short_when_asked(self, model) -> None:
+        """Make every forward of ``model`` (a copy that samples or evaluates) raise :class:`CutShort`
+        once a stop was asked for."""
+        def check(module, args) -> None:
+            if self.received is not None:
+                raise CutShort(self.received)
+
+        model.register_forward_pre_hook(check)
 
     @property
     def flag(self) -> float:
