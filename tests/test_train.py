@@ -466,3 +466,76 @@ def test_a_recipe_without_train_steps_is_refused_not_saved_untrained(tmp_path, c
     assert "--set train.steps=N" in err and not (tmp_path / "run").exists()
     with pytest.raises(zoo.errors.UserError, match="key train.sample_n"):
         recipe("train.sample_n=0")
+
+
+def test_a_sample_solver_that_cannot_work_is_refused_before_the_first_step(tmp_path, capsys):
+    """It stopped the run at its first evaluation without saving, or made every grid a warning."""
+    for keys in (["train.sample_every=2"], ["train.sample_every=0", "train.eval_every=2", "train.eval_n=8"]):
+        argv = ["train", str(RECIPE), "--out", str(tmp_path / "run"), "--set", "sample.solver={type: dpm_solver++, steps: 1}"]
+        assert main(argv + [x for k in keys for x in ("--set", k)]) == 2
+        err = capsys.readouterr().err
+        assert err == "zoo: error: key sample.solver: multistep DPM-Solver of order 2 needs steps >= 2, got 1\n"
+        assert not (tmp_path / "run").exists()
+    # no grids and no evaluations: the sample section is not the run's business
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.sample_every=0",
+                 "--set", "sample.solver={type: dpm_solver++, steps: 1}"]) == 0
+
+
+def _step_of(directory):
+    return torch.load(directory / "trainer_state.pt", weights_only=True)["step"]
+
+
+def test_a_resume_takes_a_step_dir_saved_after_last_or_complete_where_last_is_not(tmp_path, capsys):
+    """last/ is saved after step_N/: a kill between them resumed from the older last/. A truncated
+    last/ stopped every `--resume auto` restart, with no word of the complete step_*/ beside it."""
+    import shutil
+
+    run = tmp_path / "run"
+    base = ["train", str(RECIPE), "--out", str(run), "--set", "train.ckpt_every=2", "--set", "train.sample_every=0",
+            "--set", "train.steps=6"]
+    assert main(base + ["--steps", "4"]) == 0
+    # the state of a kill after step_0000004 was sealed and before last/ was: last/ still holds step 2
+    shutil.rmtree(run / "last")
+    shutil.copytree(run / "step_0000002", run / "last")
+    capsys.readouterr()
+    assert main(base + ["--resume", "auto", "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: step_0000004 was saved after last/ (the run was stopped between the two saves): resuming from " \
+           f"{run / 'step_0000004'}" in out and "resumed from" in out and _step_of(run / "last") == 5
+    # a truncated last/: the newest complete step_*/ is taken, and an explicit --resume RUN/last names it
+    with open(run / "last" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert main(base + ["--resume", str(run / "last")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {run / 'last'} is incomplete: model.safetensors has 100 bytes" in err
+    assert f"({run / 'step_0000005'} is the run's newest complete checkpoint)" in err  # --steps 5 saved it too
+    assert main(base + ["--resume", "auto"]) == 0
+    assert f"{run / 'last'} is incomplete (model.safetensors has 100 bytes" in capsys.readouterr().out
+    assert _step_of(run / "last") == 6
+
+
+def test_a_last_that_is_not_a_checkpoint_is_no_run_and_is_not_replaced(tmp_path, capsys):
+    """`last` holding the user's notes was 'a run (last/) ... continue it with --resume', which then failed."""
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "notes.txt").write_text("mine")
+    assert main(["train", str(RECIPE), "--out", str(tmp_path), "--steps", "1", "--set", "train.sample_every=0"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" not in err and f"{tmp_path / 'last'}" in err and "not a zoo checkpoint" in err
+    assert (tmp_path / "last" / "notes.txt").read_text() == "mine"
+
+
+def test_weights_an_update_made_infinite_are_not_saved(tmp_path, capsys):
+    """A learning rate near float32's range: the loss and gradient of step 1 were finite, the update was
+    not, and last/ 'the last finite checkpoint' held 40k infinite weights."""
+    argv = ["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.lr=1e39", "--set", "train.warmup_steps=0",
+            "--set", "train.ckpt_every=1", "--set", "train.sample_every=0", "--set", "train.steps=3"]
+    assert main(argv) == 1
+    assert ("a weight is not finite at step 1; stopped without saving it (no checkpoint was written)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "last").exists()
+
+
+def test_a_directory_given_as_the_recipe_is_named_as_such(tmp_path, capsys):
+    assert main(["train", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"zoo: error: recipe {tmp_path} is a directory, not a recipe file "
+                                       "(give a recipe's .yaml file)\n")

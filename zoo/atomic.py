@@ -218,7 +218,8 @@ def is_sealed(directory: Path, record: str) -> bool:
     return directory.is_dir() and missing_or_truncated(directory, record) == []
 
 
-def _stamp(directory: Path, record: str) -> int:
+def sealed_at(directory: Path, record: str) -> int:
+    """When :func:`write_dir` sealed ``directory`` (ns since the epoch), or -1 if it did not."""
     payload = read_record(directory, record) or {}
     stamp = payload.get(STAMP_KEY)
     return stamp if isinstance(stamp, int) else -1
@@ -265,7 +266,7 @@ def _kind(path: Path) -> str:
 
 
 def _newest(paths: list[Path], record: str) -> Path | None:
-    return max(paths, key=lambda p: (_stamp(p, record), p.name)) if paths else None
+    return max(paths, key=lambda p: (sealed_at(p, record), p.name)) if paths else None
 
 
 def _choose(target: Path, found: list[Path], record: str) -> Path | None:

@@ -250,6 +250,7 @@ def checkpoint_of(path: str | Path) -> Path:
 
 
 RUN_NAMES = re.compile(r"last|step_\d{7}|log\.jsonl|loss\.png")  # what zoo train writes in a run directory
+STEP_NAME = re.compile(r"step_\d{7}")
 GRID_NAMES = re.compile(r"step_\d{7}\.png")  # and in its samples/
 
 
@@ -338,8 +339,38 @@ def _checkpoint_dir(directory: str | Path) -> Path:
         raise UserError(f"{directory} is a file, not a checkpoint directory ({CONFIG} + {MODEL})")
     problems = atomic.missing_or_truncated(directory, CONFIG)
     if problems:
-        raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}")
+        newest = _newest_step(directory.parent) if directory.name == "last" else None
+        raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}",
+                        suggestion=f"{newest} is the run's newest complete checkpoint" if newest else None)
     return directory
+
+
+def _newest_step(run: Path) -> Path | None:
+    """The ``step_*`` checkpoint of ``run`` sealed last among the complete ones."""
+    steps = [d for d in run.glob("step_*") if STEP_NAME.fullmatch(d.name) and atomic.is_sealed(d, CONFIG)]
+    return max(steps, key=lambda d: atomic.sealed_at(d, CONFIG), default=None)
+
+
+def resume_point(run: Path) -> tuple[Path, str | None]:
+    """The checkpoint a resume of run directory ``run`` continues from, and a note when it is not ``last/``.
+
+    ``last/`` is saved after the step's ``step_*/``: a kill between the two left a ``step_*/`` newer than
+    ``last/``, which is taken instead; so is the newest complete ``step_*/`` where ``last/`` is
+    incomplete (a file truncated or missing), which otherwise stopped every restart of the job.
+    """
+    last, newest = run / "last", _newest_step(run)
+    if newest is None:
+        return last, None
+    if atomic.is_sealed(last, CONFIG):
+        if atomic.sealed_at(newest, CONFIG) > atomic.sealed_at(last, CONFIG):
+            return newest, (f"{newest.name} was saved after last/ (the run was stopped between the two saves): "
+                            f"resuming from {newest}")
+        return last, None
+    problems = atomic.missing_or_truncated(last, CONFIG)
+    if problems:
+        return newest, (f"{last} is incomplete ({'; '.join(problems)}): resuming from {newest}, the newest "
+                        "complete checkpoint")
+    return last, None  # not a checkpoint at all: reading it says so
 
 
 def read_config(directory: str | Path) -> dict:

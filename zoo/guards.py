@@ -80,7 +80,7 @@ def holds_a_run(directory: Path) -> str | None:
     from zoo.atomic import saved_name
     from zoo.checkpoint import CONFIG, RUN_NAMES
 
-    if (directory / "last").exists():
+    if (directory / "last" / CONFIG).is_file():  # a `last` of the user's (a file, a folder of notes) is no run
         return "last/"
     if not directory.is_dir():
         return None

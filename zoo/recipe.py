@@ -50,6 +50,8 @@ def find_recipe(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a directory, not a recipe file", suggestion="give a recipe's .yaml file")
     if path.is_absolute():
         raise UserError(f"recipe file not found: {path}")
     shipped = resources.files("zoo.recipes")

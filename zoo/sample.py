@@ -287,6 +287,18 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
 
 
 @torch.no_grad()
+def check_sample_section(recipe: Mapping[str, Any]) -> None:
+    """Build the recipe's solver and guidance as :func:`sample_latents` will: a training run
+    that samples grids or evaluates checks them before its first step (a solver option that cannot
+    work stopped the run at its first evaluation, without saving, or turned every grid into a warning)."""
+    for key, check in (("sample.solver", lambda: build_solver(recipe, None, None)),
+                       ("sample.cfg", lambda: guidance_settings(recipe, None))):
+        try:
+            check()
+        except UserError as err:
+            raise err.locate(key_path=key) from None
+
+
 def sample_latents(
     model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor | None]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 import signal
 import time
 from pathlib import Path
@@ -29,12 +28,12 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.checkpoint import (CONFIG, _check_keys, check_replaceable, load_state_dict_strict, load_trainer_state,
-                            load_weights, read_config, repair_run, save_checkpoint)
+from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, load_state_dict_strict,
+                            load_trainer_state, load_weights, read_config, repair_run, resume_point, save_checkpoint)
 from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
-from zoo.sample import num_classes
+from zoo.sample import check_sample_section, num_classes
 from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
 from zoo.training.data import EpochSampler, batches, build_dataset, unread_data_keys
@@ -52,18 +51,16 @@ DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_
             "grad_accum": 1, "grad_checkpointing": False, "compile": False, "tf32": True, "keep_last": 0,
             "parallel": "ddp"}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-STEP_DIR = re.compile(r"step_\d{7}")
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; the weights were not updated with it."""
 
     def __init__(self, step: int, what: str, last: int | None, where: Path | None = None,
-                 train: dict | None = None) -> None:
+                 train: dict | None = None, stopped: str = "stopped without updating the weights") -> None:
         kept = (f"{where or 'last/'} holds step {last}, the last finite checkpoint" if last is not None
                 else "no checkpoint was written")
-        super().__init__(f"{what} is not finite at step {step}; stopped without updating the weights ({kept}). "
-                         f"{_remedies(train or {})}")
+        super().__init__(f"{what} is not finite at step {step}; {stopped} ({kept}). {_remedies(train or {})}")
         self.step = step
 
 
@@ -160,6 +157,8 @@ class Trainer:
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum))
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
+        if int(self.train.get("sample_every") or 0) or int(self.train.get("eval_every") or 0):
+            check_sample_section(recipe)  # the grids' and evaluations' solver: now, not at their first step
         if self.train["compile"]:
             check_compile_toolchain(self.device)
         if self.device.type == "cuda":
@@ -221,7 +220,9 @@ class Trainer:
         # temporary files (a half-written loss.png) may be a live run's, whose lock run() asks for.
         repair_run(directory, files=False)
         if (directory / "last").is_dir():
-            directory = directory / "last"
+            directory, note = resume_point(directory)  # last/, or a step_*/ saved after it or complete where it is not
+            if note:
+                self.after_banner.append(f"zoo train: note: {note}")
         elif not (directory / CONFIG).is_file():
             steps = sorted(d for d in directory.glob("step_*") if (d / CONFIG).is_file())
             if steps:  # a run whose last/ was deleted: its step directories are checkpoints too
@@ -307,7 +308,15 @@ class Trainer:
     # -- checkpoints and samples ---------------------------------------------------------------
 
     def save(self, also_step_dir: bool = True) -> Path:
-        """``last/`` (and ``step_XXXXXXX/``): every rank takes part, rank 0 writes (FSDP: each rank its shards)."""
+        """``last/`` (and ``step_XXXXXXX/``): every rank takes part, rank 0 writes (FSDP: each rank its shards).
+
+        Weights that one update with a finite loss and gradient made infinite (a learning rate near
+        float32's range) are not saved: the run stops, ``last/`` still the last finite checkpoint."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]  # FSDP: shards
+        bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
+        if self.ctx.sum(bad) > 0:
+            raise NonFiniteError(self.step, "a weight", self.last_saved, self.last_dir, self.train,
+                                 stopped="stopped without saving it")
         if self.ctx.main and also_step_dir and self.step not in self.created:
             self.created.append(self.step)
         state = {"step": self.step, "created": list(self.created)}
@@ -339,7 +348,7 @@ class Trainer:
         targets = [self.out / "last"]
         if every > 0 and self.out.is_dir():
             for d in sorted(self.out.iterdir()):
-                step = int(d.name[5:]) if STEP_DIR.fullmatch(d.name) else -1
+                step = int(d.name[5:]) if STEP_NAME.fullmatch(d.name) else -1
                 if first <= step <= total and (step % every == 0 or step == total):
                     targets.append(d)
         for target in targets:
