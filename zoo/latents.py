@@ -208,14 +208,9 @@ def _refuse_foreign_files(out: Path, text: bytes) -> None:
     did not write: the run would replace or delete them. Its own files (a plan deleted to move the
     image folder, then perhaps damaged) are kept and reused; ``text`` is the ``images.txt`` this run
     writes (the same bytes replace nothing: a run killed before it wrote its plan)."""
-    from safetensors import SafetensorError, safe_open
-
     def our_shard(path: Path) -> bool:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() or {}).get("format") == FORMAT
-        except (SafetensorError, OSError):  # a damaged shard of ours: encoded again
-            return True
+        meta = _shard_metadata(path)
+        return meta is None or meta.get("format") == FORMAT  # None: a damaged shard of ours, encoded again
 
     def our_manifest(path: Path) -> bool:
         try:
@@ -236,17 +231,21 @@ def _refuse_foreign_files(out: Path, text: bytes) -> None:
                         "encoding there would replace them", suggestion="give a new or empty --out directory")
 
 
-def shard_is_current(path: Path, digest: str) -> bool:
-    """Whether ``path`` is a whole shard holding the rows whose digest is ``digest``."""
+def _shard_metadata(path: Path) -> dict[str, str] | None:
+    """The safetensors metadata of shard ``path``, or ``None`` where it is missing or not whole."""
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("rows_sha256") == digest
+            return f.metadata() or {}
     except (SafetensorError, OSError):
-        return False
+        return None
+
+
+def shard_is_current(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a whole shard holding the rows whose digest is ``digest``."""
+    meta = _shard_metadata(path) if path.is_file() else None
+    return meta is not None and meta.get("rows_sha256") == digest
 
 
 def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: int, dtype: torch.dtype,

@@ -242,12 +242,13 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
 
 def _other_data_hint(root: Path, latent: bool, shape: tuple[int, ...]) -> str:
     """What to do when ``data.root`` holds no data of the recipe's kind: it may hold the other kind."""
-    if latent and ImageFolder.class_folders(root) and any(
-            _images_under(root / c) for c in ImageFolder.class_folders(root)[:10]):
+    from zoo.latents import MANIFEST
+
+    if latent and any(_images_under(root / c) for c in ImageFolder.class_folders(root)[:10]):
         return (f"it is an image folder, and this recipe trains on VAE latents: make them with zoo prepare-latents "
                 f"{root} --vae VAE_DIR --out LATENT_DIR --resolution {8 * shape[-1]} and pass "
                 "--set data.root=LATENT_DIR")
-    if not latent and (any(root.glob("*.safetensors")) or (root / "manifest.json").is_file()):
+    if not latent and (any(root.glob("*.safetensors")) or (root / MANIFEST).is_file()):
         return ("it holds latent shards, and this recipe trains on pixels: point data.root at the image folder "
                 "(root/CLASS/*.png), or train a latent recipe on these")
     return "point data.root at a directory with data"

@@ -75,10 +75,15 @@ class LatentMoments(Dataset):
             self._open[k] = safe_open(str(self.root / self.shards[k]["file"]), framework="pt")
         return self._open[k]
 
+    def _where(self, index: int) -> tuple[int, int]:
+        """The shard and the row in it that hold item ``index``."""
+        k = bisect.bisect_right(self.starts, index) - 1
+        return k, index - self.starts[k]
+
     def moments(self, index: int) -> tuple[Tensor, Tensor]:
         """``mean`` and ``std`` (2, C, h, w) of item ``index`` (view 0 the image, 1 its flip), unscaled."""
-        k = bisect.bisect_right(self.starts, index) - 1
-        f, row = self._shard(k), index - self.starts[k]
+        k, row = self._where(index)
+        f = self._shard(k)
         return f.get_slice("mean")[row].float(), f.get_slice("std")[row].float()
 
     keyed_draws = True  # the training sampler passes (index, key): the draw is a function of the key
@@ -91,9 +96,9 @@ class LatentMoments(Dataset):
         view = int(torch.randint(2, (), generator=gen))
         z = mean[view] + std[view] * torch.randn(mean.shape[1:], generator=gen)
         if not bool(torch.isfinite(z).all()):  # else the run stops later on a non-finite loss, blaming the lr
-            k = bisect.bisect_right(self.starts, index) - 1
+            k, row = self._where(index)
             raise UserError(f"latent shard {self.root / self.shards[k]['file']} holds NaN or infinite moments "
-                            f"(row {index - self.starts[k]})", suggestion="delete that shard and run the zoo "
+                            f"(row {row})", suggestion="delete that shard and run the zoo "
                             "prepare-latents command that made it again: it encodes the missing shard")
         return z * self.vae_scale, int(self.labels[index])
 
