@@ -4,7 +4,7 @@ Each build runs as a fresh subprocess, exactly as a user types it (interpreter s
 recipe validation, meta-device build, FLOP count), ``--repeats`` times; the table shows the
 median, the GFLOPs and params the command printed (``--json``), and whether it met the limit.
 
-    python benchmarks/build_time.py                 # the §4 recipes
+    python benchmarks/build_time.py                 # the paper recipes
     python benchmarks/build_time.py recipes/dit_*.yaml --repeats 3
 """
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.cli import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipes", nargs="*", type=Path, help="recipe files (default: the §4 recipes)")
+    parser.add_argument("recipes", nargs="*", type=Path, help="recipe files (default: the paper recipes)")
     parser.add_argument("--repeats", type=positive_int, default=1)
     args = parser.parse_args(argv)
     recipes = args.recipes or [ROOT / "recipes" / f"{name}.yaml" for name in PAPER_RECIPES]

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One short GPU check (< 4 min): training-step speed of the §8 configs on CUDA in fp32 and bf16.
+# One short GPU check (< 4 min): training-step speed of the speed-anchor configs (DiT-S/2, U-ViT-M/4, DiMR-M/3R) on CUDA in fp32 and bf16.
 #
 #   bash benchmarks/gpu_suite.sh            # from the repository root, on a machine with a GPU
 #
 # Uses only what the machine has (torch, einops, timm, yaml, safetensors); if `zoo` is not
 # importable with its entry points, the project is installed editable with no dependencies and
-# no index. Batches are larger than §8's CPU batches so the GPU has work: DiT-S/2 64,
+# no index. Batches are larger than the anchors' CPU batches so the GPU has work: DiT-S/2 64,
 # U-ViT-M/4 32, DiMR-M/3R 32. bf16 is autocast with fp32 master weights. Utilisation is against
 # a 2048³ matmul of the same dtype (fp32 with TF32 off, PyTorch's default).
 # Writes the results as JSON lines to $OUT/gpu_suite.jsonl when $OUT is set.

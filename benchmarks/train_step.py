@@ -10,7 +10,7 @@ Each config runs in its own subprocess, so peak memory is that config's alone: o
 ``ru_maxrss`` growth over the steps (activations, gradients, optimiser state; weights
 excluded), on CUDA ``torch.cuda.max_memory_allocated`` (everything).
 
-    python benchmarks/train_step.py                       # CPU, fp32, 2 threads, the §8 configs
+    python benchmarks/train_step.py                       # CPU, fp32, 2 threads, the speed-anchor configs
     python benchmarks/train_step.py --device cuda --dtype bf16 --batch 64
     python benchmarks/train_step.py --only dimr_m_3r --profile   # + torch.profiler top ops
 """
@@ -36,7 +36,7 @@ from zoo.errors import UserError
 from zoo.guards import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (recipe, §8 batch, official step ms, official utilisation)
+# name -> (recipe, anchor batch, official step ms, official utilisation)
 CONFIGS = {
     "dit_s_2": ("recipes/dit_s_2.yaml", 8, 1956.0, 0.86),
     "uvit_m_4": ("recipes/uvit_m_4.yaml", 4, 5004.0, 0.97),
@@ -45,7 +45,7 @@ CONFIGS = {
 TARGETS = {"dit_s_2": 0.86, "uvit_m_4": 0.95, "dimr_m_3r": 0.87}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fused: one kernel over all parameters (CPU and CUDA); for-loop: PyTorch's CPU default, 6-8
-# passes over memory and temporaries per parameter (what the official §8 runs used).
+# passes over memory and temporaries per parameter (what the official anchor runs used).
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
@@ -194,7 +194,7 @@ def _fmt(value: float) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    """The §8 table: ours beside the official figures (shown only for the §8 setting itself)."""
+    """The anchor table: ours beside the official figures (shown only for the anchor setting itself)."""
     head = (f"{'config':<10} {'dev':<4} {'dtype':<5} {'batch':>5} {'step ms':>9} {'util':>6} {'(cpu)':>6} {'target':>6} "
             f"{'official ms':>11} {'off. util':>9} {'GEMM GFLOP/s':>12} {'peak MiB':>9}")
     lines = [head, "-" * len(head)]
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = autocast, fp32 master weights")
     parser.add_argument("--batch", nargs="+", default=[], metavar="N|CONFIG=N",
-                        help="batch size for all configs, or per config (default: §8's)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads on CPU (§8: 2)")
+                        help="batch size for all configs, or per config (default: the anchors')")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads on CPU (anchors: 2)")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--adamw", choices=sorted(ADAMW), default="fused", help="AdamW implementation (default fused)")

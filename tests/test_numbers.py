@@ -3,7 +3,7 @@ official implementations (the paper's for the unreleased M/L/XL-3R).
 
 Params are exact (``sum(p.numel())``); GFLOPs (MACs, attention included) within 0.1% of the
 precise number. A missing recipe fails here on purpose: the table is the contract. DiT
-recipes beyond §4 (``dit_{s,b,l,xl}_{2,4,8}[_512]``) are checked against DiT's closed form.
+recipes without an official count (``dit_{s,b,l,xl}_{2,4,8}[_512]``) are checked against DiT's closed form.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from zoo.flops import count_recipe_flops
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TOLERANCE = 1e-3  # relative, on GFLOPs
 
-# recipe, params (exact), GFLOPs (the precise §4 number)
+# recipe, params (exact), GFLOPs (the official implementation's precise number)
 PAPER = [
     ("dit_xl_2", 675_129_632, 118.6),
     ("dit_xl_2_512", 676_014_368, 524.6),
@@ -80,7 +80,7 @@ def test_recipe_params_and_gflops(name, params, gflops):
 
 @pytest.mark.parametrize("name", ["dit_xl_2", "dit_s_2", "dit_xl_4"])
 def test_dit_closed_form_matches_paper_rows(name):
-    """The closed form above is itself right: it reproduces §4's DiT rows."""
+    """The closed form above is itself right: it reproduces the official DiT rows."""
     row = next(r for r in PAPER if r[0] == name)
     match = DIT_NAME.match(name)
     depth, width = DIT_VARIANTS[match[1]]

@@ -1,4 +1,4 @@
-"""Each row of the README's solver table: an official sampling call against the zoo pipeline.
+"""Each row of the solver table in docs/sampling.md: an official sampling call against the zoo pipeline.
 
 zoo side: what a user runs — the shipped recipe's ``sample`` section (plus the row's CLI options),
 ``sample_latents`` with given x_T and per-sample labels, on the network the converter builds from
