@@ -35,11 +35,22 @@ class DiscreteDiffusion:
         self.posterior_mean_coef_x0 = betas * prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef_xt = (1.0 - prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
         self.log_betas = torch.log(betas)
+        self._moved: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}  # (table, its copy) per device
 
-    @staticmethod
-    def _take(table: Tensor, index: Tensor, like: Tensor) -> Tensor:
+    def _on(self, table: Tensor, device: torch.device) -> Tensor:
+        """``table`` on ``device``, copied there once: a copy from the CPU waits for everything queued on
+        the GPU, and a training step gathers from these tables up to ten times (the hybrid loss)."""
+        if table.device == device:
+            return table
+        key = (id(table), device)
+        kept = self._moved.get(key)
+        if kept is None or kept[0] is not table:  # (the identity check: an id is reused once its tensor is gone)
+            kept = self._moved[key] = (table, table.to(device))
+        return kept[1]
+
+    def _take(self, table: Tensor, index: Tensor, like: Tensor) -> Tensor:
         """``table[index]`` shaped (B, 1, ..., 1) to broadcast over ``like``, in its dtype/device."""
-        v = table.to(like.device)[index.to(like.device)]
+        v = self._on(table, like.device)[index.to(like.device)]
         return v.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
     def q_sample(self, x0: Tensor, index: Tensor, noise: Tensor) -> Tensor:

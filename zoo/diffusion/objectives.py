@@ -150,9 +150,10 @@ class DiffusionObjective:
         from ``generator``, or are given as ``draws = (t, noise, u)`` (the trainer draws them per sample)."""
         drop = None
         if draws is None:
-            t = self.sample_times(x0.shape[0], generator, device=generator.device if generator else x0.device)
-            t = t.to(x0.device)
-            noise = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
+            # Drawn where the generator lives, then moved: a CPU generator cannot draw on a GPU (it raises).
+            where = generator.device if generator is not None else x0.device
+            t = self.sample_times(x0.shape[0], generator, device=where).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
             if y is not None and self.label_drop > 0:
                 drop = drop_labels(y, self.label_drop, self.null_label, generator) == self.null_label
         else:

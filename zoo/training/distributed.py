@@ -86,6 +86,13 @@ def check_gpus_per_node(device: torch.device) -> None:
                         suggestion=f"use --nproc_per_node {gpus} (or fewer), or --device cpu")
 
 
+# How long a rank waits in a collective for the others. Rank 0 alone computes the FD reference (inside
+# the setup's agreement), evaluates, draws grids and writes DDP checkpoints while the other ranks wait in
+# a barrier or all-gather: on the CPU (gloo, torch's 30 min) that wait was fine, but NCCL's default is
+# 10 min, past which its watchdog kills the whole run. One timeout for both backends: gloo's.
+COLLECTIVE_TIMEOUT = dist.default_pg_timeout
+
+
 def init(device: str | None = None) -> Context:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -98,7 +105,7 @@ def init(device: str | None = None) -> Context:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None,
-                                store=restart_safe_store(), rank=rank, world_size=world)
+                                store=restart_safe_store(), rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     return Context(rank=rank, world=world, device=torch.device("cuda", local) if cuda else torch.device("cpu"))
 
 

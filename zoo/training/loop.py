@@ -409,15 +409,20 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         # The loss all-reduce also carries each rank's stop request (Ctrl-C, SIGTERM), so every rank
-        # decides from the same sum to stop after this step.
-        reduced = self.ctx.sum(torch.stack([total, total.new_tensor(self.stops.flag)]))
-        loss, self.stop_votes = reduced[0] / self.ctx.world, reduced[1]
+        # decides from the same sum to stop after this step. The flag is filled in on the device: a
+        # tensor made from a Python number (new_tensor) is a copy that waits for the GPU's queue.
+        reduced = self.ctx.sum(torch.stack([total, torch.full_like(total, self.stops.flag)]))
+        loss, votes = reduced[0] / self.ctx.world, reduced[1]
         self.scaler.unscale_(self.optimizer)
         clip = self.train.get("grad_clip")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else float("inf"))
         norm = distributed.full_tensor(norm)
         self.grad_norm = norm.detach()  # before clipping; averaged into the log records
-        finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(norm))
+        # The step's one read from the device (it waits for the backward): the NaN check and the stop
+        # votes together, so the optimizer step and the EMA update queued below run while the CPU
+        # fetches the next batch, instead of a second read at the end of the step waiting for them.
+        finite_loss, finite_grad, self.stop_votes = torch.stack(
+            [torch.isfinite(loss), torch.isfinite(norm), votes > 0]).tolist()
         if not finite_loss or (not finite_grad and not self.scaler.is_enabled()):  # fp16: the scaler skips inf steps
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(self.step + 1, "the loss" if not finite_loss else "the gradient norm", self.last_saved,
@@ -438,7 +443,7 @@ class Trainer:
         """Whether to stop after this step: one process asks itself; ranks agree by the step's all-reduce."""
         if not self.ctx.distributed:
             return self.stops.received is not None
-        return bool(self.stop_votes > 0)
+        return self.stop_votes  # read with the step's NaN check (train_step): no read of the device here
 
     def _stop_here(self) -> None:
         """Save ``last/`` and end the run with :class:`StopRequested` (every rank, at the same step)."""

@@ -1,0 +1,145 @@
+"""What a run on CUDA GPUs does differently, checked on the CPU.
+
+No GPU runs these tests: each one stands in for what CUDA would do. A read of a tensor's value into
+Python (``bool``, ``item``, ``tolist``, a tensor made from a Python number) waits for everything
+queued on the GPU, so the tests count them; the ``meta`` device stands in for the GPU where a CPU
+tensor or generator meets a device tensor; NCCL's settings are read off ``init_process_group``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+import zoo
+from zoo.training import Trainer, distributed, loop
+from zoo.training.distributed import Context
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+SMALL = ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=1", "train.warmup_steps=0",
+         "train.batch_size=8"]
+QUIET = lambda *_: None  # noqa: E731
+
+
+class HostReads(TorchFunctionMode):
+    """Records the reads of a tensor's value into Python (and tensors made from Python numbers, a copy
+    to the device) made directly by the code of ``filename``: on CUDA each one waits for the GPU."""
+
+    READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "new_tensor"}
+
+    def __init__(self, filename: str) -> None:
+        super().__init__()
+        self.filename, self.names = filename, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS and sys._getframe(1).f_code.co_filename == self.filename:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class TwoRanks(Context):
+    """Rank 0 of two whose collectives sum two equal halves (what an all-reduce of two such ranks gives)."""
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value.detach().clone() * 2
+
+
+def test_a_training_step_under_torchrun_waits_for_the_gpu_once(tmp_path):
+    """The stop vote was a second read at the end of each step (``bool(stop_votes > 0)``), after the
+    optimizer step and the EMA update were queued, so the CPU waited for them instead of fetching the
+    next batch meanwhile; and the stop flag went to the device as ``new_tensor``, a copy that waits
+    for the backward. Now the NaN check and the stop vote are one read."""
+    trainer = Trainer(zoo.load_recipe(RECIPE, SMALL), tmp_path, log=QUIET)
+    try:
+        trainer.ctx = TwoRanks(rank=0, world=2)
+        x, y = next(trainer.batches)
+        with HostReads(loop.__file__) as reads:
+            trainer.train_step(x[:4], y[:4])
+            assert trainer._stop_asked() is False
+        assert reads.names == ["tolist"]
+        trainer.stops.received = signal.SIGTERM  # this rank's Ctrl-C or SIGTERM: every rank stops after the step
+        trainer.train_step(x[:4], y[:4])
+        assert trainer._stop_asked() is True
+    finally:
+        trainer.close()
+
+
+def test_nccl_waits_as_long_as_gloo_while_rank_0_works_alone(monkeypatch):
+    """Rank 0 alone computes the FD reference, evaluates and writes DDP checkpoints while the others wait
+    in a collective: gloo waits 30 min, NCCL's default was 10, past which its watchdog ended the run."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    for key, value in {"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3"}.items():
+        monkeypatch.setenv(key, value)
+    ctx = distributed.init("cuda")
+    assert ctx.device == torch.device("cuda", 3)
+    (args, kwargs), = calls
+    assert args == ("nccl",) and kwargs["device_id"] == torch.device("cuda", 3)
+    assert kwargs["timeout"] >= timedelta(minutes=30) == dist.default_pg_timeout
+
+
+class MovesOf(TorchFunctionMode):
+    """Counts ``Tensor.to`` calls on the given tensors (copies to another device)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__()
+        self.tensors, self.count = tensors, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "to" and any(args[0] is t for t in self.tensors):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_schedule_tables_go_to_the_device_once():
+    """The float64 tables (ᾱ, posterior coefficients) were copied from the CPU at every gather: up to
+    ten copies per micro-batch with the hybrid loss, each waiting for the GPU's queue."""
+    from zoo.diffusion.discrete import DiscreteDiffusion
+
+    d = DiscreteDiffusion(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    x0 = torch.empty(4, 3, 8, 8, device="meta")  # stands in for the GPU
+    index = torch.tensor([0, 5, 999, 500], device="meta")
+    with MovesOf(d.alphas_cumprod, d.posterior_mean_coef_x0, d.posterior_mean_coef_xt) as moves:
+        for _ in range(3):
+            d.q_sample(x0, index, x0)
+            d.posterior(x0, x0, index)
+    assert moves.count == 3  # each table once
+    cpu = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(d.q_sample(cpu, index.new_tensor([0, 5, 999, 500], device="cpu"), cpu),
+                               d.alphas_cumprod[[0, 5, 999, 500]].sqrt().view(-1, 1, 1, 1) * cpu
+                               + (1 - d.alphas_cumprod[[0, 5, 999, 500]]).sqrt().view(-1, 1, 1, 1) * cpu)
+
+
+class GeneratorDevices(TorchFunctionMode):
+    """Raises as CUDA does when a generator is asked to draw on a device of another type."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        generator, device = kwargs.get("generator"), kwargs.get("device")
+        if generator is not None and device is not None and torch.device(device).type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator but found "
+                               f"'{generator.device.type}'")
+        return func(*args, **kwargs)
+
+
+def test_the_objective_draws_with_a_cpu_generator_for_data_on_the_gpu():
+    """``objective(model, x0_on_gpu, generator=cpu_generator)`` drew the noise with
+    ``torch.randn(..., generator=cpu_generator, device='cuda')``, which raises on CUDA."""
+    from zoo.diffusion.setup import build_objective
+
+    objective = build_objective(zoo.load_recipe(RECIPE, []))
+    x0 = torch.empty(4, 4, 8, 8, device="meta")  # stands in for the GPU
+    with GeneratorDevices():
+        out = objective(lambda x, t, y: torch.zeros_like(x), x0, generator=torch.Generator().manual_seed(0))
+    assert out["loss"].shape == (4,) and out["loss"].device.type == "meta"
