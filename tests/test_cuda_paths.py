@@ -143,3 +143,37 @@ def test_the_objective_draws_with_a_cpu_generator_for_data_on_the_gpu():
     with GeneratorDevices():
         out = objective(lambda x, t, y: torch.zeros_like(x), x0, generator=torch.Generator().manual_seed(0))
     assert out["loss"].shape == (4,) and out["loss"].device.type == "meta"
+
+
+def test_fsdp_on_gpus_checks_each_gpu_for_its_share_of_the_weights(tmp_path, monkeypatch):
+    """Each GPU of an FSDP run holds 1/N of the weights, gradients, AdamW state and EMA, but the memory
+    check before the run counted them whole: a model too big for one GPU, the reason to use FSDP, was
+    refused. Processes on one CPU share its memory, so there the check stays as it was."""
+    import contextlib
+
+    import pytest
+
+    from zoo.errors import UserError
+    from zoo.memory import estimate, require_memory
+
+    with torch.device("meta"):
+        model = zoo.build_model(zoo.load_recipe(RECIPE, []))
+    whole = estimate(model)
+    free = whole.fixed // 4 + whole.per_sample  # a quarter of the state and one sample's activations
+    assert require_memory(model, "cuda", 1, available=free, shards=8).fixed == whole.fixed // 8
+    with pytest.raises(UserError, match="this run needs about"):
+        require_memory(model, "cuda", 1, available=free)
+
+    seen = []
+
+    def stop_here(*args, shards: int = 1, **kwargs):
+        seen.append(shards)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(loop, "require_training_memory", stop_here)
+    monkeypatch.setattr(distributed, "init", lambda device: Context(rank=0, world=8, device=torch.device(device)))
+    monkeypatch.setattr(distributed, "agreement", lambda ctx: contextlib.nullcontext())
+    for parallel, device in [("fsdp", "cuda"), ("ddp", "cuda"), ("fsdp", "cpu")]:
+        with pytest.raises(UserError, match="stop here"):
+            Trainer(zoo.load_recipe(RECIPE, [*SMALL, f"train.parallel={parallel}"]), tmp_path, device=device, log=QUIET)
+    assert seen == [8, 1, 1]

@@ -107,12 +107,13 @@ def activation_bytes(model: nn.Module, training: bool = True) -> int:
 
 
 def estimate(model: nn.Module, training: bool = True, half_precision: bool = False,
-             extra_bytes: int = 0, ema: bool = True) -> Estimate:
+             extra_bytes: int = 0, ema: bool = True, shards: int = 1) -> Estimate:
     """What a run of the meta-device ``model`` needs (see the module docstring); ``ema=False``
-    leaves out the EMA copy (a bare optimizer step, as benchmarks time it)."""
+    leaves out the EMA copy (a bare optimizer step, as benchmarks time it); ``shards``: the FSDP
+    processes that each hold that part of the weights, gradients, AdamW state and EMA."""
     params = sum(p.numel() for p in model.parameters())
     per_param = (STEP_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM * ema) if training else 4
-    fixed = params * per_param + extra_bytes
+    fixed = params * per_param // max(1, shards) + extra_bytes
     per_sample = activation_bytes(model, training)
     if half_precision:  # bf16/fp16 autocast keeps most activations in 2 bytes
         per_sample //= 2
@@ -147,21 +148,22 @@ def gib(n: float) -> str:
 
 def require_memory(model: nn.Module, device: torch.device | str, batch: int, training: bool = True,
                    half_precision: bool = False, extra_bytes: int = 0, batch_key: str = "train.batch_size",
-                   available: int | None = None) -> Estimate:
+                   available: int | None = None, shards: int = 1) -> Estimate:
     """Raise a :class:`UserError` if a run of the meta-device ``model`` at ``batch`` cannot fit on ``device``.
 
-    ``available`` overrides the measured free memory (tests). Returns the estimate.
+    ``available`` overrides the measured free memory (tests); ``shards``: see :func:`estimate`.
+    Returns the estimate.
     """
     device = torch.device(device)
     free = available_bytes(device) if available is None else available
     if free is None:  # nothing to compare with: measure nothing
         return Estimate(0, 0, 0)
-    est = estimate(model, training, half_precision, extra_bytes)
+    est = estimate(model, training, half_precision, extra_bytes, shards=shards)
     need = est.total(batch)
     if need <= free:
         return est
     what = "weights, gradients, AdamW state and EMA" if training else "weights"
-    parts = f"{gib(est.fixed)} for {est.params:,} parameters' {what}"
+    parts = f"{gib(est.fixed)} for {est.params:,} parameters' {what}" + (f" (its 1/{shards} share)" if shards > 1 else "")
     if extra_bytes:
         parts += f" (incl. {gib(extra_bytes)} of data)"
     fits = (free - est.fixed) // est.per_sample if est.per_sample and free > est.fixed else 0
@@ -173,8 +175,9 @@ def require_memory(model: nn.Module, device: torch.device | str, batch: int, tra
 
 
 def require_training_memory(meta_model: nn.Module, train: dict, data: dict, device: torch.device,
-                            micro_batch: int) -> Estimate:
-    """:func:`require_memory` for ``zoo train``: the recipe's precision, checkpointing and in-memory data."""
+                            micro_batch: int, shards: int = 1) -> Estimate:
+    """:func:`require_memory` for ``zoo train``: the recipe's precision, checkpointing and in-memory data;
+    ``shards``: the processes FSDP shards the weights and their state over, each with a GPU of its own."""
     if train.get("grad_checkpointing") and callable(getattr(meta_model, "set_grad_checkpointing", None)):
         meta_model.set_grad_checkpointing(True)
     extra = 0
@@ -183,7 +186,7 @@ def require_training_memory(meta_model: nn.Module, train: dict, data: dict, devi
             x = meta_model.example_inputs(1)[0]
         extra = int(data.get("size", 64)) * (x[0].numel() * 4 + 8)
     return require_memory(meta_model, device, micro_batch, training=True,
-                          half_precision=train.get("precision") in ("bf16", "fp16"), extra_bytes=extra)
+                          half_precision=train.get("precision") in ("bf16", "fp16"), extra_bytes=extra, shards=shards)
 
 
 def require_weights_memory(recipe: dict, device: torch.device | str, bytes_per_param: int = 4) -> None:

@@ -155,7 +155,11 @@ class Trainer:
             self.shape = tuple(meta_model.example_inputs(1)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
-        require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum))
+        # FSDP on GPUs: each GPU holds 1/world of the weights, gradients, AdamW state and EMA (checked whole, a
+        # model that needs FSDP was refused). Processes on one CPU share its memory: checked as before there.
+        shards = self.ctx.world if self.fsdp and self.device.type == "cuda" else 1
+        require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum),
+                                shards=shards)
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if int(self.train.get("sample_every") or 0) or int(self.train.get("eval_every") or 0):
             check_sample_section(recipe)  # the grids' and evaluations' solver: now, not at their first step
