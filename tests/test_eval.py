@@ -444,3 +444,29 @@ def test_a_dataset_reference_the_run_trains_on_is_its_own_data_and_others_say_wh
         _images_source("synthetic", 8, None)
     with pytest.raises(UserError, match=r"--ref image_folder reads its images from a data.root.*--ref /path/to/images"):
         _images_source("image_folder", 8, recipe)
+
+
+def test_bf16_samples_are_their_own_protocol_and_fp32_keeps_the_earlier_samples(run_dir, capsys):
+    """--precision changes the arithmetic, so the samples: bf16 gets its own shards and a protocol key;
+    fp32 (and tf32, which is fp32 on a CPU) adds no key, so samples written before the option existed
+    stay valid."""
+    args = ["eval", str(run_dir), "--n", "16", "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
+            "--batch-size", "16", "--json"]
+    results = {}
+    for precision in (None, "fp32", "tf32", "bf16"):
+        assert main(args + ([] if precision is None else ["--precision", precision])) == 0
+        results[precision] = json.loads(capsys.readouterr().out)
+    assert results["fp32"]["samples"] == results["tf32"]["samples"] == results[None]["samples"]
+    assert "precision" not in results[None]["protocol"] and "precision" not in results["tf32"]["protocol"]
+    bf16 = results["bf16"]
+    assert bf16["protocol"]["precision"] == "bf16" and bf16["samples"] != results[None]["samples"]
+    images = [np.concatenate([np.load(s)["images"] for s in sorted(Path(r["samples"]).glob("shard-*.npz"))])
+              for r in (results[None], bf16)]
+    assert not np.array_equal(*images)  # the model really ran under bf16 autocast
+
+
+def test_a_float64_model_refuses_a_lower_precision(run_dir, capsys):
+    assert main(["sample", str(run_dir), "--n", "2", "--dtype", "float64", "--precision", "bf16",
+                 "--out", str(run_dir.parent / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "a float64 model samples in float64" in err and "--precision fp32" in err and "Traceback" not in err

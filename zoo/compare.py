@@ -111,7 +111,8 @@ class Bench:
         from zoo.sample import num_classes
         from zoo.training.optim import build_optimizer
 
-        from zoo.training.loop import AUTOCAST, set_grad_checkpointing
+        from zoo.precision import autocast_dtype
+        from zoo.training.loop import set_grad_checkpointing
 
         self.recipe = zoo.load_recipe(recipe, list(overrides))
         train = self.recipe.get("train") or {}
@@ -119,7 +120,7 @@ class Bench:
         self.model = zoo.build_model(self.recipe).to(device).train()
         if train.get("grad_checkpointing"):  # the step the recipe trains: with its recomputation and precision
             set_grad_checkpointing(self.model, True)
-        self.autocast = AUTOCAST.get(train.get("precision", "fp32"))
+        self.autocast = autocast_dtype(train.get("precision", "fp32"))
         self.optimizer = build_optimizer(self.model, {"lr": 1e-4, **train})
         self.objective = build_objective(self.recipe)
         self.generator = torch.Generator(device=device).manual_seed(seed)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
 from zoo.errors import UserError
 from zoo.memory import require_sampling_memory, require_weights_memory
+from zoo.precision import PRECISIONS, inference_precision
 
 def _mix64(x: int) -> int:
     """SplitMix64's finaliser: a bijective scramble of a 64-bit integer."""
@@ -76,6 +77,8 @@ class SampleRequest:
     sample). ``x_T``: the starting noise (n, C, H, W) instead of the seeded one. ``n`` defaults to
     the number of ``x_T`` rows or of labels, else 16. ``respacing``: the respaced chain of
     ``ddpm``/``ddim`` ("250", "10,15,20", "ddim25"); it replaces the recipe's ``steps``.
+    ``precision``: the model calls' arithmetic (:mod:`zoo.precision`; default the recipe's
+    ``sample.precision``, else fp32).
     """
 
     n: int | None = None
@@ -88,6 +91,7 @@ class SampleRequest:
     solver_options: dict = field(default_factory=dict)
     respacing: str | None = None
     x_T: Tensor | None = None
+    precision: str | None = None
 
     def label_list(self) -> list[int] | None:
         """``class_labels`` as a list of ints (``None`` if not given)."""
@@ -287,6 +291,21 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
 
 
 @torch.no_grad()
+def sampling_precision(recipe: Mapping[str, Any], given: str | None, dtype: torch.dtype) -> str | None:
+    """The precision to sample at: ``given`` (``--precision``), else the recipe's ``sample.precision``, else
+    ``None`` (the process's own settings: PyTorch's defaults, or ``train.tf32`` inside ``zoo train``).
+    A float64 model (``--dtype float64``, for parity checks) samples in float64 only."""
+    precision = given or (recipe.get("sample") or {}).get("precision")
+    if precision is None:
+        return None
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}", suggestion=f"use one of {', '.join(PRECISIONS)}")
+    if dtype == torch.float64 and precision != "fp32":
+        raise UserError(f"a float64 model samples in float64; precision {precision} would compute in less",
+                        suggestion="leave out --dtype float64, or sample with --precision fp32")
+    return precision
+
+
 def check_sample_section(recipe: Mapping[str, Any]) -> None:
     """Build the recipe's solver and guidance as :func:`sample_latents` will: a training run
     that samples grids or evaluates checks them before its first step (a solver option that cannot
@@ -316,6 +335,7 @@ def sample_latents(
     if request.x_T is not None and tuple(request.x_T.shape[1:]) != shape:
         raise UserError(f"x_T has samples of shape {tuple(request.x_T.shape[1:])}; this model samples {shape}")
     labels = _labels(request, n, num_classes(recipe))
+    precision = sampling_precision(recipe, request.precision, dtype)
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or n
     require_sampling_memory(recipe, device, min(batch, n), guided=labels is not None and guidance.scale is not None)
     out = []
@@ -326,7 +346,8 @@ def sample_latents(
         y = None if labels is None else labels[start : start + size].to(device)
         eps_fn = guided_eps_fn(model, recipe, schedule, y, guidance, eps_channels=shape[0])
         generators = solver_generators(request.seed, start, size)
-        out.append(solver.sample(eps_fn, x_T, schedule=schedule, generator=generators).cpu())
+        with inference_precision(precision, device):
+            out.append(solver.sample(eps_fn, x_T, schedule=schedule, generator=generators).cpu())
     return torch.cat(out), labels
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from zoo.precision import PRECISIONS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -38,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=None, metavar="DIR", help="local SD VAE weights (latent models)")
     p.add_argument("--out", default=None, metavar="DIR", help="eval directory (default: RUN/eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="model calls while sampling: fp32, tf32 (CUDA), bf16 or fp16 autocast "
+                        "(default: the recipe's sample.precision, else fp32)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     from zoo.eval.distortion_cli import add_options
 
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     request = EvalRequest(source=args.source, n=args.n, ref=args.ref, extractor=args.extractor,
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,
                           cfg=args.cfg, batch_size=args.batch_size, seed=args.seed, weights=args.weights,
-                          out=args.out, vae=args.vae, device=device)
+                          out=args.out, vae=args.vae, device=device, precision=args.precision)
     result = evaluate(request, log=(lambda _: None) if args.json else print, progress=not args.json)
     if scorer is not None:
         result = analyse(result, scorer, args.threshold, args.batch_size or 64, device,

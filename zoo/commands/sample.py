@@ -13,6 +13,7 @@ import sys
 import time
 
 from zoo.commands import add_overrides_option
+from zoo.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=None, metavar="DIR",
                    help="local directory of the SD KL-f8 VAE weights (latent models; default: the recipe's data.vae)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="model calls: fp32, tf32 (CUDA), bf16 or fp16 autocast (default: the recipe's "
+                        "sample.precision, else fp32)")
     add_overrides_option(p)
     p.set_defaults(func=run)
 
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     decoder = load_decoder(recipe, args.vae, device)  # a latent model's VAE: missing or bad weights fail here
     labels = parse_class_labels(args.class_labels, class_names(recipe.get("data") or {}))
     request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
-                            class_labels=labels, batch_size=args.batch_size, respacing=args.respacing)
+                            class_labels=labels, batch_size=args.batch_size, respacing=args.respacing,
+                            precision=args.precision)
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
     x, _ = sample_latents(model, recipe, request, device=device)

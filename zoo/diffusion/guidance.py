@@ -129,10 +129,11 @@ class GuidedModel:
     def full_output(self, x: Tensor, t: Tensor) -> Tensor:
         """The (guided) model output with all its channels ([ε | v] for learned-σ models)."""
         t = as_time_vector(t, x.shape[0], x.device)
+        # .to(x.dtype): under bf16/fp16 autocast (zoo.precision) the solver and the guidance still add in float32
         if not self.guided:
-            return _last(self.denoiser(x, t, self.y))
+            return _last(self.denoiser(x, t, self.y)).to(x.dtype)
         drop = torch.arange(2 * x.shape[0], device=x.device) >= x.shape[0]  # the second half unconditional
-        out = _last(self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, self.y]), drop))
+        out = _last(self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, self.y]), drop)).to(x.dtype)
         cond, uncond = out.chunk(2, dim=0)
         c = self.eps_channels if self.eps_channels is not None else cond.shape[1]
         k = c if self.channels is None else min(self.channels, c)

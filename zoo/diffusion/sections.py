@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_WIDTH, Doc, NonEmpty, NonNegative, OneOf, Positive, Probability,
                          Range, Required)
+from zoo.precision import PRECISIONS
 from zoo.recipe import Recipe
 from zoo.validate import Component, check_table, domain_error, register_section
 
@@ -87,6 +88,8 @@ SAMPLE: dict[str, Any] = {
     "num_samples": Annotated[int, Range(1, MAX_COUNT)],
     "batch_size": Annotated[int, Range(1, MAX_BATCH)],
     "seed": Annotated[int, Range(0, 2**63 - 1)],
+    "precision": Annotated[str, OneOf(PRECISIONS, "precision"),
+                           Doc("model calls while sampling: fp32 (default), tf32 (CUDA), bf16 or fp16 autocast")],
 }
 
 

@@ -50,6 +50,7 @@ class EvalRequest:
     vae: str | None = None
     device: str | None = None
     solver_options: dict = field(default_factory=dict)
+    precision: str | None = None
 
 
 def locate(source: str | Path) -> tuple[Path, Path]:
@@ -76,14 +77,16 @@ def _sha256(path: Path) -> str:
 
 
 def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, stop: int, seed: int, device,
-                  decoder: torch.nn.Module | None = None):
+                  decoder: torch.nn.Module | None = None, precision: str | None = None):
     """Samples ``start .. stop-1`` as uint8 images (B, 3, H, W) and their labels, with global per-sample seeds.
-    ``decoder``: a latent model's VAE (:func:`zoo.sample.load_decoder`), loaded once by the caller.
+    ``decoder``: a latent model's VAE (:func:`zoo.sample.load_decoder`), loaded once by the caller;
+    ``precision``: the model calls' arithmetic (:mod:`zoo.precision`).
 
     ``zoo.sample.sample_latents`` numbers a request's samples from 0 (also the solver noise of a
     given ``x_T``); a range of a larger run needs its noise, labels and solver noise by global index.
     """
     from zoo.diffusion.setup import guided_eps_fn
+    from zoo.precision import inference_precision
     from zoo.sample import initial_noise, num_classes, sample_labels, solver_generators, to_images
 
     x_example = model.example_inputs(1)[0]
@@ -94,7 +97,8 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     eps_fn = guided_eps_fn(model, recipe, schedule, None if labels is None else labels.to(device), guidance,
                            eps_channels=shape[0])
     generators = solver_generators(seed, start, count)
-    x = solver.sample(eps_fn, x_T, schedule=schedule, generator=generators)
+    with inference_precision(precision, device):
+        x = solver.sample(eps_fn, x_T, schedule=schedule, generator=generators)
     images = to_images(x.float().cpu(), recipe, None, device=device, decoder=decoder)
     return to_uint8(images * 2 - 1), labels
 
@@ -156,7 +160,8 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     from zoo.checkpoint import EMA, MODEL, load_checkpoint, versions
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
-    from zoo.sample import build_solver, load_decoder, load_model, num_classes, vae_weights
+    from zoo.precision import effective_precision
+    from zoo.sample import build_solver, load_decoder, load_model, num_classes, sampling_precision, vae_weights
     from zoo.vae import SCALE, vae_downsample
 
     if request.n < 2:
@@ -190,6 +195,9 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         # null label gives other images
         "model": recipe.get("model"), "diffusion": recipe.get("diffusion"),
     }
+    precision = sampling_precision(recipe, request.precision, next(model.parameters()).dtype)
+    if effective_precision(precision, device) not in (None, "fp32"):  # other arithmetic, other samples (no key
+        protocol["precision"] = effective_precision(precision, device)  # otherwise: earlier samples stay valid)
     if vae_file is not None:  # other VAE weights or scale, other samples
         protocol["vae"] = {"weights_sha256": _sha256(vae_file),
                            "scale": float((recipe.get("data") or {}).get("vae_scale", SCALE))}
@@ -212,7 +220,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
                   disable=None if progress else True) as bar:  # None: no bar where stderr is not a terminal
             for start, stop in todo:
                 images, labels = _sample_range(model, recipe, solver, schedule, guidance, start, stop,
-                                               request.seed, device, decoder)
+                                               request.seed, device, decoder, precision)
                 extra = {} if labels is None else {"labels": labels.numpy()}
                 save_npz(samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
                          images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
@@ -266,7 +274,7 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.eval.stats import feature_statistics, frechet_distance
-    from zoo.sample import build_solver, load_decoder
+    from zoo.sample import build_solver, load_decoder, sampling_precision
 
     device = device or next(model.parameters()).device
     if isinstance(extractor, str):
@@ -279,8 +287,9 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
     try:
         with torch.no_grad():
             decoder = load_decoder(recipe, vae, device)
+            precision = sampling_precision(recipe, None, next(model.parameters()).dtype)
             chunks = [_sample_range(model, recipe, solver, schedule, guidance, a, min(a + batch, n), seed, device,
-                                    decoder) for a in range(0, n, batch)]
+                                    decoder, precision) for a in range(0, n, batch)]
     finally:
         model.train(training)
     image_size = chunks[0][0].shape[-1]

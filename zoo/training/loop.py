@@ -33,6 +33,7 @@ from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, l
 from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
+from zoo.precision import autocast_dtype
 from zoo.sample import check_sample_section, num_classes
 from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
@@ -50,7 +51,6 @@ DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_
             "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16,
             "grad_accum": 1, "grad_checkpointing": False, "compile": False, "tf32": True, "keep_last": 0,
             "parallel": "ddp"}
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteError(RuntimeError):
@@ -398,7 +398,7 @@ class Trainer:
             group["lr"] = learning_rate(self.train, self.step)
         local, per_micro = x.shape[0], x.shape[0] // self.accum
         first = self.step * self.batch + self.ctx.rank * local  # global index of this slice's first sample
-        dtype = AUTOCAST.get(self.train["precision"])
+        dtype = autocast_dtype(self.train["precision"])
         total = torch.zeros((), device=self.device)
         for i in range(self.accum):
             sl = slice(i * per_micro, (i + 1) * per_micro)
