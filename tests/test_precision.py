@@ -89,3 +89,13 @@ def test_a_misspelt_sample_precision_in_a_recipe_is_one_line(capsys):
     assert main(["build", TINY, "--set", "sample.precision=bf61"]) == 2
     err = capsys.readouterr().err
     assert "sample.precision" in err and "bf16" in err and "Traceback" not in err
+
+
+def test_a_float64_model_samples_in_float64_whatever_the_recipe_says(tmp_path, capsys):
+    """The DiT recipes sample with TF32, as DiT's sample.py does; a float64 parity run of them still works."""
+    model, recipe = _nudged_model()
+    recipe = zoo.load_recipe(TINY, ["sample.precision=bf16"])
+    x, _ = sample_latents(model.double(), recipe, SampleRequest(n=2, seed=1))
+    exact, _ = sample_latents(model.double(), zoo.load_recipe(TINY), SampleRequest(n=2, seed=1))
+    assert x.dtype == torch.float64 and torch.equal(x, exact)
+    assert zoo.load_recipe("dit_s_2")["sample"]["precision"] == "tf32"

@@ -294,16 +294,16 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
 def sampling_precision(recipe: Mapping[str, Any], given: str | None, dtype: torch.dtype) -> str | None:
     """The precision to sample at: ``given`` (``--precision``), else the recipe's ``sample.precision``, else
     ``None`` (the process's own settings: PyTorch's defaults, or ``train.tf32`` inside ``zoo train``).
-    A float64 model (``--dtype float64``, for parity checks) samples in float64 only."""
-    precision = given or (recipe.get("sample") or {}).get("precision")
-    if precision is None:
+    A float64 model (``--dtype float64``, for parity checks) samples in float64 whatever the recipe says
+    (TF32 and autocast leave float64 alone); a lower ``given`` precision for it is refused."""
+    if given is not None and given not in PRECISIONS:
+        raise UserError(f"unknown precision {given!r}", suggestion=f"use one of {', '.join(PRECISIONS)}")
+    if dtype == torch.float64:
+        if given not in (None, "fp32"):
+            raise UserError(f"a float64 model samples in float64; precision {given} would compute in less",
+                            suggestion="leave out --dtype float64, or sample with --precision fp32")
         return None
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}", suggestion=f"use one of {', '.join(PRECISIONS)}")
-    if dtype == torch.float64 and precision != "fp32":
-        raise UserError(f"a float64 model samples in float64; precision {precision} would compute in less",
-                        suggestion="leave out --dtype float64, or sample with --precision fp32")
-    return precision
+    return given or (recipe.get("sample") or {}).get("precision")
 
 
 def check_sample_section(recipe: Mapping[str, Any]) -> None:
