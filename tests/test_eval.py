@@ -470,3 +470,45 @@ def test_a_float64_model_refuses_a_lower_precision(run_dir, capsys):
                  "--out", str(run_dir.parent / "g.png")]) == 2
     err = capsys.readouterr().err
     assert "a float64 model samples in float64" in err and "--precision fp32" in err and "Traceback" not in err
+
+
+EVAL_WITH_TEST_POOL = """
+import sys
+sys.path.insert(0, {tests!r})
+import zoo
+from test_eval import PoolFeatures
+from zoo.cli import main
+zoo.register("extractor", "test_pool")(PoolFeatures)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_sampling_and_give_the_result_of_one(run_dir, capsys, tmp_path):
+    """torchrun -m zoo eval: each rank samples every other missing shard, rank 0 alone scores and prints;
+    the shards and the FD are those of one process. --num-samples because torchrun's parser takes --n."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["eval", str(run_dir), "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
+            "--batch-size", "8", "--device", "cpu", "--json"]
+    assert main([*args, "--num-samples", "40", "--out", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    program = tmp_path / "eval_program.py"
+    program.write_text(EVAL_WITH_TEST_POOL.format(tests=str(Path(__file__).parent)))
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(program), *args, "--num-samples", "40", "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1  # rank 0 reports, rank 1 only samples
+    two = printed[0]
+    assert two["metrics"]["fd"] == one["metrics"]["fd"] and two["protocol"] == {**one["protocol"]}
+    shards = sorted(Path(two["samples"]).glob("shard-*.npz"))
+    assert len(shards) == 5  # 40 samples in batches of 8, written by both ranks
+    ones = sorted(Path(one["samples"]).glob("shard-*.npz"))
+    for a, b in zip(shards, ones, strict=True):
+        np.testing.assert_array_equal(np.load(a)["images"], np.load(b)["images"])

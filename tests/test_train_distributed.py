@@ -229,7 +229,7 @@ def test_a_mistake_on_one_rank_mid_run_is_its_line_and_one_line_from_the_other(t
 @pytest.mark.parametrize("device, expected", [
     ("cuda", "torchrun --nproc_per_node 2: this node has 1 CUDA GPU, and every process runs on a GPU of its own"
              " (use --nproc_per_node 1 (or fewer), or --device cpu)"),
-    ("mps", "--device mps: under torchrun zoo trains on CUDA GPUs (NCCL) or on the CPU (gloo) "
+    ("mps", "--device mps: under torchrun zoo runs on CUDA GPUs (NCCL) or on the CPU (gloo) "
             "(use --device cuda or --device cpu)"),
 ])
 def test_a_launch_the_node_cannot_run_is_one_line_before_any_rank_joins(tmp_path, monkeypatch, capsys, device, expected):

@@ -4,6 +4,8 @@
     zoo eval ckpt/dit_xl_2 --n 50000 --ref VIRTUAL_imagenet256_labeled.npz --extractor inception \\
         --extractor-weights pt_inception-2015-12-05-6726825d.pth --vae VAE_DIR
 
+    torchrun --nproc_per_node 8 -m zoo eval ckpt/dit_xl_2 --num-samples 50000 ...   # 8 GPUs share the sampling
+
 Samples are written in shards under RUN/eval/ and reused by the next run with the same protocol
 (an interrupted eval resumes); the result with its protocol goes to RUN/eval/*.json.
 """
@@ -22,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample N images (EMA weights, the recipe's sample section; per-sample seeds; resumable shards "
         "in RUN/eval/) and score them against reference statistics with a registered feature extractor.")
     p.add_argument("source", metavar="RUN_OR_CKPT", help="run directory (its last/) or checkpoint directory")
-    p.add_argument("--n", type=int, required=True, help="number of samples (papers: 50000)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, required=True,
+                   help="number of samples (papers: 50000); under torchrun write --num-samples (torchrun's own "
+                        "parser takes --n for its --nnodes)")
     p.add_argument("--ref", default=None, metavar="DATASET_OR_NPZ",
                    help="reference: an .npz (ADM reference batch or zoo statistics), an image folder, or a "
                    "registered dataset[:split] (default: the recipe's data.dataset, its holdout split)")
@@ -96,7 +100,14 @@ def run(args: argparse.Namespace) -> int:
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,
                           cfg=args.cfg, batch_size=args.batch_size, seed=args.seed, weights=args.weights,
                           out=args.out, vae=args.vae, device=device, precision=args.precision)
-    result = evaluate(request, log=(lambda _: None) if args.json else print, progress=not args.json)
+    from zoo.training.distributed import shutdown
+
+    try:
+        result = evaluate(request, log=(lambda _: None) if args.json else print, progress=not args.json)
+    finally:
+        shutdown()  # under torchrun: leave the process group (a no-op in one process)
+    if result is None:  # another rank than 0 under torchrun: its shards are written, rank 0 reports
+        return 0
     if scorer is not None:
         result = analyse(result, scorer, args.threshold, args.batch_size or 64, device,
                          log=(lambda _: None) if args.json else print)

@@ -154,22 +154,85 @@ def sample_batches(directory: Path, n: int, batch: int):
         raise UserError(f"{directory} lacks samples from index {covered} on; run zoo eval again to sample them")
 
 
-def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Sample (or resume), extract, score; write the JSON result and return it."""
+def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress: bool = True) -> dict | None:
+    """Sample (or resume), extract, score; write the JSON result and return it.
+
+    Under ``torchrun`` each process samples every N-th missing shard on its own GPU, then rank 0
+    extracts the features and scores while the others return ``None``: the samples and the result
+    are those of one process (each sample has its own seeds).
+    """
+    from zoo.training import distributed
+
+    if request.n < 2:
+        raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
+    ckpt, eval_dir = locate(request.source)
+    eval_dir = Path(request.out) if request.out else eval_dir
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    distributed.check_launch(device)
+    ctx = distributed.init(str(device))
+    if not ctx.main:
+        log, progress = (lambda _: None), False
+    with distributed.agreement(ctx):  # a mistake on any rank: one line from rank 0, every rank stops
+        setup = _set_up(request, ckpt, eval_dir, ctx.device, log, main=ctx.main)
+    todo = ctx.broadcast(missing_ranges(request.n, existing_shards(setup.samples_dir), setup.batch) if ctx.main else None)
+    done = request.n - sum(b - a for a, b in todo)
+    shared = f"; {ctx.world} processes share the rest" if ctx.distributed and todo else ""
+    log(f"zoo eval: {setup.origin}; {request.n} samples in {setup.samples_dir} ({done} already there{shared}); "
+        f"solver {setup.protocol['solver']}; {setup.guidance.describe()}")
+    mine = todo[ctx.rank::ctx.world]
+    if mine:
+        from tqdm import tqdm
+
+        setup.samples_dir.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=sum(b - a for a, b in mine), unit="img", desc="sampling" + (" (rank 0)" if shared else ""),
+                  disable=None if progress else True) as bar:  # None: no bar where stderr is not a terminal
+            for start, stop in mine:
+                images, labels = _sample_range(setup.model, setup.recipe, setup.solver, setup.schedule, setup.guidance,
+                                               start, stop, request.seed, ctx.device, setup.decoder, setup.precision)
+                extra = {} if labels is None else {"labels": labels.numpy()}
+                save_npz(setup.samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
+                         images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
+                bar.update(stop - start)
+    ctx.barrier()  # every rank's shards are written
+    if not ctx.main:
+        return None
+    return _score(request, setup, ckpt, eval_dir, ctx.device)
+
+
+@dataclass
+class _Setup:
+    """What :func:`evaluate` builds before sampling (``extractor`` and ``reference`` on rank 0 only)."""
+
+    model: torch.nn.Module
+    recipe: dict
+    origin: str
+    decoder: torch.nn.Module | None
+    schedule: Any
+    solver: Any
+    guidance: Any
+    precision: str | None
+    protocol: dict
+    key: str
+    samples_dir: Path
+    batch: int
+    ref_spec: str
+    extractor: Any = None
+    reference: Any = None
+
+
+def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.device, log: Callable[[str], None],
+            main: bool = True) -> _Setup:
+    """Model, solver, protocol and sample directory; on the main process also the extractor and the
+    reference statistics, so a wrong ``--ref`` or missing extractor weights fail before any sampling."""
     import zoo
-    from zoo.checkpoint import EMA, MODEL, load_checkpoint, versions
+    from zoo.checkpoint import EMA, MODEL, load_checkpoint
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.precision import effective_precision
     from zoo.sample import build_solver, load_decoder, load_model, num_classes, sampling_precision, vae_weights
     from zoo.vae import SCALE, vae_downsample
 
-    if request.n < 2:
-        raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
-    ckpt, eval_dir = locate(request.source)
-    eval_dir = Path(request.out) if request.out else eval_dir
-    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = build_extractor(request.extractor, request.extractor_weights, device)  # fails before sampling
+    extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
     if request.weights not in ("ema", "raw"):
         raise UserError(f"--weights must be ema or raw, not {request.weights!r}")
     if request.weights == "raw":
@@ -204,36 +267,28 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     ref_spec = request.ref or _default_ref(recipe)
-    reference = load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log,  # before sampling
-                               recipe=recipe)
-    samples_dir = eval_dir / f"samples-{ckpt.name}-{key}"
+    reference = (load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log,  # before sampling
+                                recipe=recipe) if main else None)
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
-    todo = missing_ranges(request.n, existing_shards(samples_dir), batch)
-    done = request.n - sum(b - a for a, b in todo)
-    log(f"zoo eval: {origin}; {request.n} samples in {samples_dir} ({done} already there); solver {solver_spec}; "
-        f"{guidance.describe()}")
-    if todo:
-        from tqdm import tqdm
+    return _Setup(model, recipe, origin, decoder, schedule, solver, guidance, precision, protocol, key,
+                  eval_dir / f"samples-{ckpt.name}-{key}", batch, ref_spec, extractor, reference)
 
-        samples_dir.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=request.n, initial=done, unit="img", desc="sampling",
-                  disable=None if progress else True) as bar:  # None: no bar where stderr is not a terminal
-            for start, stop in todo:
-                images, labels = _sample_range(model, recipe, solver, schedule, guidance, start, stop,
-                                               request.seed, device, decoder, precision)
-                extra = {} if labels is None else {"labels": labels.numpy()}
-                save_npz(samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
-                         images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
-                bar.update(stop - start)
-    feats = extract(extractor, sample_batches(samples_dir, request.n, batch), device)
-    metrics = compute_metrics(feats, reference, num_classes=num_classes(recipe))
-    result = {"metrics": metrics, "n": request.n, "protocol": protocol, "samples": str(samples_dir),
-              "extractor": extractor.describe(), "reference": {"spec": ref_spec, "source": reference.source,
-                                                               "count": None if reference.features is None
-                                                               else int(len(reference.features))},
+
+def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, device: torch.device) -> dict:
+    """Features of the samples on disk, the metrics against the reference, the JSON result written."""
+    from zoo.checkpoint import versions
+    from zoo.sample import num_classes
+
+    feats = extract(setup.extractor, sample_batches(setup.samples_dir, request.n, setup.batch), device)
+    metrics = compute_metrics(feats, setup.reference, num_classes=num_classes(setup.recipe))
+    reference = setup.reference
+    result = {"metrics": metrics, "n": request.n, "protocol": setup.protocol, "samples": str(setup.samples_dir),
+              "extractor": setup.extractor.describe(), "reference": {"spec": setup.ref_spec, "source": reference.source,
+                                                                     "count": None if reference.features is None
+                                                                     else int(len(reference.features))},
               "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime())}
-    out = eval_dir / f"{ckpt.name}-{extractor.name}-n{request.n}-{key}-ref{_reference_key(ref_spec)}.json"
+    out = eval_dir / f"{ckpt.name}-{setup.extractor.name}-n{request.n}-{setup.key}-ref{_reference_key(setup.ref_spec)}.json"
     save_text(out, json.dumps(result, indent=2) + "\n")
     result["path"] = str(out)
     return result

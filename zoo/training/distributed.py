@@ -72,7 +72,7 @@ def check_launch(device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     if device.type not in ("cuda", "cpu"):
-        raise UserError(f"--device {device}: under torchrun zoo trains on CUDA GPUs (NCCL) or on the CPU (gloo)",
+        raise UserError(f"--device {device}: under torchrun zoo runs on CUDA GPUs (NCCL) or on the CPU (gloo)",
                         suggestion="use --device cuda or --device cpu")
     check_gpus_per_node(device)
 
