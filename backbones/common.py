@@ -23,26 +23,36 @@ class PatchEmbed(nn.Module):  # = timm.layers.PatchEmbed(img_size=None); importi
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def check_inputs(model: str, x: Tensor, y: Tensor | None, channels: int, size: int, num_labels: int) -> None:
+def check_inputs(model: str, x: Tensor, y: Tensor | None, channels: int, size: int, num_labels: int,
+                 weight: Tensor | None = None) -> None:
     """Refuse inputs a backbone cannot take, in one line naming what it takes, before they reach a layer.
 
-    ``x`` must be ``(B, channels, size, size)`` and ``y`` ``None`` or ``B`` integer labels in
-    ``0 .. num_labels − 1`` (an unconditional model, ``num_labels == 0``, takes none). Label values
-    are checked on the CPU only: on an accelerator that read would wait for the device every call,
-    and under ``torch.compile`` it would break the graph.
+    ``x`` must be ``(B, channels, size, size)`` floating point, of ``weight``'s dtype (the first layer's)
+    unless autocast is on, and ``y`` ``None`` or ``B`` int64/int32 labels (what ``nn.Embedding`` indexes
+    with) in ``0 .. num_labels − 1`` (an unconditional model, ``num_labels == 0``, takes none). Label
+    values are checked on the CPU only: on an accelerator that read would wait for the device every
+    call, and under ``torch.compile`` it would break the graph.
     """
     if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise UserError(f"{model} takes x of shape (B, {channels}, {size}, {size}), got {got}")
+    if not x.dtype.is_floating_point:
+        raise UserError(f"{model} takes x as floating point (images or latents scaled to about [-1, 1]), got {x.dtype}",
+                        suggestion="convert it, e.g. x.float() / 127.5 - 1 for uint8 pixels")
+    if (weight is not None and type(weight) is nn.Parameter and x.dtype != weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)):
+        raise UserError(f"{model} has {weight.dtype} weights but x is {x.dtype}",
+                        suggestion=f"pass x.to({weight.dtype}), convert the model, or run under torch.autocast")
     if y is None:
         return
     if num_labels == 0:
         raise UserError(f"this {model} is unconditional (no label table): it cannot take labels y",
                         suggestion="call it without y, or build it with num_classes")
-    if (not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool
-            or tuple(y.shape) != (x.shape[0],)):
+    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32) or tuple(y.shape) != (x.shape[0],):
         got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
-        raise UserError(f"{model} takes y as {x.shape[0]} integer labels (a LongTensor of shape ({x.shape[0]},)), got {got}")
+        hint = "y.long()" if isinstance(y, Tensor) and tuple(y.shape) == (x.shape[0],) else None
+        raise UserError(f"{model} takes y as {x.shape[0]} integer labels (int64 or int32, shape ({x.shape[0]},)), "
+                        f"got {got}", suggestion=hint and f"pass {hint}")
     if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_labels:

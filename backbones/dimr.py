@@ -255,7 +255,7 @@ class DiMR(nn.Module):
         return self._run(x, t, y, last_features=False)[0]
 
     def _run(self, x: Tensor, t: Tensor, y: Tensor | None, last_features: bool) -> tuple[list[Tensor], list[Tensor]]:
-        check_inputs("DiMR", x, y, self.in_channels, self.input_size, self.num_labels)
+        check_inputs("DiMR", x, y, self.in_channels, self.input_size, self.num_labels, self.branches[0].patch_embed.weight)
         if y is None and self.num_classes > 0:  # unconditional: the null label (the last one)
             y = torch.full((x.shape[0],), self.num_classes - 1, dtype=torch.long, device=x.device)
         cond = Conditioning(t=as_time_vector(t, x.shape[0], x.device), y=y)

@@ -141,7 +141,7 @@ class DiT(nn.Module):
         return self.t_embedder(t) + self.y_embedder(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        check_inputs("DiT", x, y, self.in_channels, self.input_size, self.num_labels)
+        check_inputs("DiT", x, y, self.in_channels, self.input_size, self.num_labels, self.x_embedder.proj.weight)
         t = as_time_vector(t, x.shape[0], x.device)
         cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
         h = self.x_embedder(x) + self.pos_embed

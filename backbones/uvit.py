@@ -182,7 +182,7 @@ class UViT(nn.Module):
         return y
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        check_inputs("U-ViT", x, y, self.in_chans, self.img_size, self.num_labels)
+        check_inputs("U-ViT", x, y, self.in_chans, self.img_size, self.num_labels, self.patch_embed.proj.weight)
         t = as_time_vector(t, x.shape[0], x.device)
         cond = Conditioning(t=t, emb=self.embed(t, y), y=y)
         h = self.patch_embed(x)

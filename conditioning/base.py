@@ -124,8 +124,22 @@ def time_blind(module: nn.Module) -> bool:
 
 
 def as_time_vector(t: Tensor | float, batch: int, device: torch.device) -> Tensor:
-    """Time as a float ``(B,)`` tensor, whether given as a scalar or per sample."""
-    t = torch.as_tensor(t, device=device)
-    if t.ndim == 0:
-        t = t.expand(batch)
-    return t
+    """Time as a ``(B,)`` tensor: a number, a 0-dim or one-element tensor is every sample's time, and ``B``
+    values (``(B,)`` or ``(B, 1)``) are one per sample. Anything else is a :class:`UserError` naming
+    what was given (it used to surface as a broadcast error deep in a layer, or ran in one backbone
+    and failed in another)."""
+    from zoo.errors import UserError
+
+    given = t
+    try:
+        t = torch.as_tensor(t, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"t must be a number or a tensor of {batch} times, got {type(given).__name__}") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise UserError(f"t must be real numbers, got {t.dtype}")
+    if t.numel() == 1:
+        return t.reshape(()).expand(batch)
+    if t.numel() != batch or (t.ndim > 1 and max(t.shape) != batch):
+        raise UserError(f"t must be one time or {batch} times (shape ({batch},)) for a batch of {batch}, "
+                        f"got shape {tuple(t.shape)}")
+    return t.reshape(batch)

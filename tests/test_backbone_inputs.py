@@ -70,6 +70,61 @@ def test_labels_the_model_cannot_embed_are_one_line(built, labels, message):
         model(x, t, labels(rows))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16])
+def test_labels_of_an_integer_type_embedding_cannot_index_are_one_line(built, dtype):
+    """Before: "Expected tensor for argument #1 'indices' to have one of the following scalar types:
+    Long, Int" from inside nn.Embedding, though the check had passed them as integer labels."""
+    name, model, channels, size, rows = built
+    x, t = torch.randn(2, channels, size, size), torch.full((2,), 0.5)
+    with pytest.raises(UserError, match=rf"{name} takes y as 2 integer labels \(int64 or int32.*got {dtype} .*y.long"):
+        model(x, t, torch.tensor([0, 1], dtype=dtype))
+    with torch.no_grad():
+        out, out32 = model(x, t, torch.tensor([0, 1])), model(x, t, torch.tensor([0, 1], dtype=torch.int32))
+    for a, b in zip(*(o if isinstance(o, list) else [o] for o in (out, out32))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_image_of_another_dtype_names_both_dtypes(built):
+    """Before: "Input type (double) and bias type (float) should be the same" from the patch conv,
+    and "Input type (unsigned char) ..." for uint8 pixels. Under autocast another dtype is fine."""
+    name, model, channels, size, rows = built
+    x, t, y = torch.randn(2, channels, size, size), torch.full((2,), 0.5), torch.tensor([0, 1])
+    with pytest.raises(UserError, match=f"{name} takes x as floating point .* got torch.uint8"):
+        model(x.to(torch.uint8), t, y)
+    with pytest.raises(UserError, match=f"{name} has torch.float32 weights but x is torch.float64 .*autocast"):
+        model(x.double(), t, y)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x.bfloat16(), t, y)
+
+
+@pytest.mark.parametrize("t, message", [
+    (None, "t must be a number or a tensor of 2 times, got NoneType"),
+    ("0.5", "t must be a number or a tensor of 2 times, got str"),
+    (torch.full((3,), 0.5), r"t must be one time or 2 times .* got shape \(3,\)"),
+    (torch.full((2, 2), 0.5), r"got shape \(2, 2\)"),
+    (torch.ones(2, dtype=torch.bool), "t must be real numbers, got torch.bool"),
+])
+def test_times_the_model_cannot_take_are_one_line(built, t, message):
+    """Before: "The size of tensor a (3) must match the size of tensor b (2)" from inside a layer,
+    "Could not infer dtype of NoneType", "new(): invalid data type 'str'"."""
+    name, model, channels, size, rows = built
+    with pytest.raises(UserError, match=message):
+        model(torch.randn(2, channels, size, size), t, torch.tensor([0, 1]))
+
+
+def test_one_time_for_the_batch_is_taken_in_every_form_by_every_backbone(built):
+    """A number, a 0-dim, a one-element and a (B, 1) tensor all mean what (B,) means: U-ViT refused
+    a (1,) time with a torch.cat size error where DiT and DiMR broadcast it."""
+    name, model, channels, size, rows = built
+    x, y = torch.randn(2, channels, size, size), torch.tensor([0, 1])
+    with torch.no_grad():
+        ref = model(x, torch.full((2,), 0.5), y)
+        for t in (0.5, torch.tensor(0.5), torch.tensor([0.5]), torch.full((2, 1), 0.5)):
+            out = model(x, t, y)
+            for a, b in zip(*(o if isinstance(o, list) else [o] for o in (out, ref))):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_an_unconditional_model_refuses_labels_instead_of_ignoring_them():
     model = zoo.build_model({**UVIT, "num_classes": -1}).eval()
     x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 500.0)
