@@ -17,8 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from zoo.blocks.mlp import Mlp
 from zoo.blocks.transformer import TransformerBlock
 from zoo.conditioning.adaln_zero import AdaLNZero
-from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, norm_and_gate
+from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, bind_unset, norm_and_gate
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder
+from zoo.conditioning.time_dependent import STEP_TIME_SCALE
 from zoo.domains import (Calls, Channels, Classes, ConditionerFactory, Depth, Divisible, Heads, ImageSize, MlpFactory,
                          PatchSize, Range, Ratio, Rule, Width)
 from zoo.errors import UserError
@@ -56,8 +57,9 @@ class DiT(nn.Module):
 
     ``block`` is a block factory called as ``block(hidden_size, num_heads=, mlp_ratio=, norm=,
     mlp=, cond_dim=)``; ``norm`` the conditioner factory of every block (adaLN-Zero in DiT; any
-    conditioner works, e.g. TD-LN). The time/class embedding is always built: the head's adaLN
-    uses it even when the blocks' conditioner does not.
+    conditioner works, e.g. TD-LN, whose ``time_scale`` defaults to ``STEP_TIME_SCALE`` here). The
+    time/class embedding is always built: the head's adaLN uses it even when the blocks' conditioner
+    does not.
     """
 
     grad_checkpointing: bool = False
@@ -94,6 +96,7 @@ class DiT(nn.Module):
         bound = set(getattr(block, "keywords", {})) & set(_BLOCK_ARGS)
         if bound:
             raise UserError(f"set {sorted(bound)} on the DiT, not on its block: DiT passes them to every block")
+        norm = bind_unset(norm, "time_scale", STEP_TIME_SCALE)  # TD norms: t is the DDPM step, not DiMR's log-SNR
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.input_size = input_size

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from zoo.blocks.skip_stack import LongSkipStack
 from zoo.blocks.transformer import TransformerBlock
-from zoo.conditioning.base import (Conditioning, adds_time_token, as_time_vector, needs_embedding, time_blind,
-                                   norm_and_gate, without_gate)
+from zoo.conditioning.base import (Conditioning, adds_time_token, as_time_vector, bind_unset, needs_embedding,
+                                   norm_and_gate, time_blind, without_gate)
 from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
+from zoo.conditioning.time_dependent import STEP_TIME_SCALE
 from zoo.conditioning.time_token import TimeToken
 from zoo.domains import (MAX_CLASSES, Calls, Channels, ConditionerFactory, Depth, Divisible, Doc, Heads, ImageSize,
                          PatchSize, Range, Ratio, Width)
@@ -53,7 +54,8 @@ class UViT(nn.Module):
         conv: a final Conv2d(C->C, 3, pad 1) on the unpatchified output.
         block: block factory, called as ``block(embed_dim, num_heads=, mlp_ratio=, qkv_bias=,
             norm=, cond_dim=)``; U-ViT's is the pre-norm Transformer block with exact GELU.
-        norm: the blocks' conditioner factory (default :class:`TimeToken`).
+        norm: the blocks' conditioner factory (default :class:`TimeToken`); time-dependent norms get
+            ``time_scale = STEP_TIME_SCALE`` unless it is set (``t`` here spans 0..1000).
         head_norm: the norm before the output Linear (default U-ViT's LayerNorm); e.g.
             ``{type: adaln_zero, gate: false}`` for DiT's modulated head. A gate it returns is unused.
         frequency_dim: sinusoid width of the timestep MLP of embedding conditioners (DiT's 256); another
@@ -102,6 +104,8 @@ class UViT(nn.Module):
             raise UserError("time_token as head_norm would be a plain LayerNorm: the time token joins the blocks' "
                             "sequence only", key_path="model.head_norm", suggestion="use layernorm (U-ViT's) or adaln_zero")
         head_norm = without_gate(head_norm)  # its gate would be discarded: allocate none
+        # TD norms: t is the DDPM step (or 999·t), not DiMR's log-SNR
+        norm, head_norm = (bind_unset(f, "time_scale", STEP_TIME_SCALE) for f in (norm, head_norm))
         self.time_token = adds_time_token(norm)
         self.needs_embedding = needs_embedding(norm) or needs_embedding(head_norm)
         if frequency_dim != 256 and not self.needs_embedding:

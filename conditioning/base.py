@@ -92,6 +92,20 @@ def conditioner_class(factory: Callable[..., Any]) -> type:
     return factory  # type: ignore[return-value]
 
 
+def bind_unset(factory: Callable[..., Any], name: str, value: Any) -> Callable[..., Any]:
+    """The factory with ``name=value`` bound where its conditioner takes ``name`` and no one set it yet
+    (a value the recipe set, at any depth of nested partials, is kept)."""
+    sig = signature(conditioner_class(factory))
+    if sig is None or name not in sig.parameters:
+        return factory
+    f = factory
+    while hasattr(f, "func"):
+        if name in (getattr(f, "keywords", None) or {}):
+            return factory
+        f = f.func
+    return partial(factory, **{name: value})
+
+
 def without_gate(factory: Callable[..., Any]) -> Callable[..., Any]:
     """The factory with the residual gate switched off (``gate=False``) where the conditioner has one.
 
@@ -99,10 +113,7 @@ def without_gate(factory: Callable[..., Any]) -> Callable[..., Any]:
     adaLN-Zero there they would otherwise allocate a third of their modulation Linear that never
     gets a gradient and still counts as parameters. A ``gate`` the recipe sets is kept.
     """
-    sig = signature(conditioner_class(factory))
-    if sig is None or "gate" not in sig.parameters or "gate" in getattr(factory, "keywords", {}):
-        return factory
-    return partial(factory, gate=False)
+    return bind_unset(factory, "gate", False)
 
 
 def needs_embedding(factory: Callable[..., Any]) -> bool:

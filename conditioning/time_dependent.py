@@ -7,8 +7,9 @@ A time-dependent parameter interpolates between two learned vectors with a sigmo
 (the paper's eq. 5-6 with ``s(τ) = σ((1 + w)·τ + b)``). The released DiMR code makes the gate
 per channel (``w``, ``b`` of width C, both initialised to 0, so the slope starts at 1) and feeds
 ``τ = log_snr / 4`` — ``t`` is the backbone's time input (DiMR's ``log_snr`` = 8n/1000 − 4), hence
-``time_scale = 0.25``. The paper's TD-LN uses one scalar gate per parameter instead
-(``PaperTimeDependentLayerNorm``). ``w`` and ``b`` get no weight decay: their names are in
+``time_scale = 0.25``; DiT and U-ViT, whose time input is the DDPM step (0..999), bind
+:data:`STEP_TIME_SCALE` unless a recipe sets ``time_scale``. The paper's TD-LN uses one scalar gate
+per parameter instead (``PaperTimeDependentLayerNorm``). ``w`` and ``b`` get no weight decay: their names are in
 ``TimeDependentParameter.no_weight_decay`` and :func:`no_weight_decay_names` lists them for a model.
 
 θ(τ) is evaluated once per forward per parameter (shape ``(B, C)``, or ``(C,)`` for a scalar t),
@@ -25,6 +26,12 @@ from zoo.domains import Eps, Width
 
 from .base import Conditioning, per_sample
 from .fused_rmsnorm import scaled_rms_norm
+
+
+#: ``time_scale`` of time-dependent norms in backbones whose time input is a DDPM step 0..999 (DiT, U-ViT).
+#: τ = t/500 spans [0, 2) over the chain, as DiMR's τ = log_snr/4 spans [−1, 1): with DiMR's 0.25 the
+#: gate σ(τ) would be 1 to float precision from t ≈ 50 on, a time-blind norm whose w, b get no gradient.
+STEP_TIME_SCALE = 1 / 500
 
 
 class TimeDependentParameter(nn.Module):

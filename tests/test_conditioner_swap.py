@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import zoo
@@ -135,3 +136,31 @@ def test_a_conditioner_returning_a_bare_tensor_is_named_not_unpacked():
                            "depth": 1, "num_heads": 2, "num_classes": 4, "norm": {"_target_": f"{__name__}._BareTensorNorm"}})
     with pytest.raises(TypeError, match="conditioner _BareTensorNorm returned Tensor"):
         dit(*dit.example_inputs(2))
+
+
+@pytest.mark.parametrize("spec, norms", [
+    ({"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 1,
+      "num_heads": 2, "num_classes": 5}, ("norm",)),
+    ({"type": "uvit", "img_size": 8, "patch_size": 2, "in_chans": 3, "embed_dim": 32, "depth": 1, "num_heads": 2},
+     ("norm", "head_norm")),
+])
+@pytest.mark.parametrize("conditioner", ["td_layernorm", "td_rmsnorm", "td_layernorm_paper"])
+def test_time_dependent_norms_follow_the_whole_chain_in_backbones_fed_the_ddpm_step(spec, norms, conditioner):
+    """DiT and U-ViT take t in 0..999; with DiMR's time_scale 0.25 (made for log_snr in [-4, 4]) the
+    gate sigma(t/4) was 1 to float precision from t ~ 50 on: the norm gave the same output at t = 100
+    and t = 900, and its w, b got no gradient. A time_scale the recipe sets is kept; DiMR keeps 0.25."""
+    from zoo.conditioning.time_dependent import STEP_TIME_SCALE, _TimeDependentNorm
+
+    model = zoo.build_model({**spec, **{key: conditioner for key in norms}})
+    found = [m for m in model.modules() if isinstance(m, _TimeDependentNorm)]
+    assert found and all(m.time_scale == STEP_TIME_SCALE for m in found)
+    norm = found[0]
+    with torch.no_grad():
+        norm.weight.p0.fill_(2.0), norm.weight.p1.fill_(0.5)
+    x = torch.randn(2, 5, 32)
+    early, late = (norm(x, Conditioning(t=torch.full((2,), t)))[0] for t in (100.0, 900.0))
+    assert (early - late).abs().max() > 0.1
+    kept = zoo.build_model({**spec, norms[0]: {"type": conditioner, "time_scale": 0.25}})
+    assert {m.time_scale for m in kept.modules() if isinstance(m, _TimeDependentNorm) and m in
+            set(kept.blocks.modules())} == {0.25}
+    assert {m.time_scale for m in _tiny("td_rmsnorm").modules() if isinstance(m, _TimeDependentNorm)} == {0.25}
