@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.domains import Eps, Width
+from zoo.errors import UserError
 
 from .base import Conditioning, per_sample
 
@@ -42,8 +43,13 @@ class AdaLNZero(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
-        if cond.emb is None:
-            raise ValueError("AdaLNZero needs the time/class embedding (Conditioning.emb is None)")
+        if cond.emb is None or cond.emb.shape[-1] != self.linear.in_features:
+            got = "none (Conditioning.emb is None)" if cond.emb is None else f"one of shape {tuple(cond.emb.shape)}"
+            raise UserError(f"AdaLNZero(dim={self.dim}) reads a (B, {self.linear.in_features}) time/class embedding "
+                            f"from Conditioning.emb, got {got}",
+                            suggestion="pass Conditioning(t=t, emb=emb) with emb of width cond_dim, or build it with "
+                            "cond_dim = your embedding's width (zoo's backbones build one for conditioners that "
+                            "set needs_embedding)")
         mod = self.linear(self.act(cond.emb))
         if self.has_gate:
             shift, scale, gate = mod.chunk(3, dim=-1)

@@ -164,3 +164,17 @@ def test_time_dependent_norms_follow_the_whole_chain_in_backbones_fed_the_ddpm_s
     assert {m.time_scale for m in kept.modules() if isinstance(m, _TimeDependentNorm) and m in
             set(kept.blocks.modules())} == {0.25}
     assert {m.time_scale for m in _tiny("td_rmsnorm").modules() if isinstance(m, _TimeDependentNorm)} == {0.25}
+
+
+def test_adaln_zero_without_an_embedding_of_its_width_says_what_it_reads():
+    """In a model of one's own: no emb was a bare ValueError without the fix, and an emb of another
+    width "mat1 and mat2 shapes cannot be multiplied (2x32 and 16x96)" from the modulation Linear."""
+    from zoo.errors import UserError
+
+    block = TransformerBlock(32, num_heads=2, norm=AdaLNZero, cond_dim=16)
+    x, t = torch.randn(2, 5, 32), torch.tensor([1.0, 2.0])
+    with pytest.raises(UserError, match=r"AdaLNZero\(dim=32\) reads a \(B, 16\) .* got none .*cond_dim"):
+        block(x, Conditioning(t=t))
+    with pytest.raises(UserError, match=r"reads a \(B, 16\) .* got one of shape \(2, 32\)"):
+        block(x, Conditioning(t=t, emb=torch.randn(2, 32)))
+    assert block(x, Conditioning(t=t, emb=torch.randn(2, 16))).shape == x.shape
