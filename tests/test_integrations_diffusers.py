@@ -159,3 +159,12 @@ def test_export_cli_writes_the_diffusers_layout_atomically(tmp_path):
 def test_to_diffusers_of_a_module_needs_its_recipe():
     with pytest.raises(UserError, match="recipe"):
         to_diffusers(_model(DIT))
+
+
+def test_to_diffusers_of_a_module_built_from_another_recipe_says_which_recipe_to_pass():
+    """Before: "the zoo model does not match the model; missing keys: ..." (which two models?)."""
+    model = _model(DIT)
+    other = {**DIT, "model": {**DIT["model"], "depth": 1}}
+    with pytest.raises(UserError, match=r"the model given to to_diffusers does not match the model its recipe builds; "
+                                        r"unexpected keys: blocks.1.* \(pass the recipe it was built from"):
+        to_diffusers(model, recipe=other)

@@ -171,7 +171,15 @@ def to_diffusers(source: nn.Module | str | Path, recipe: str | Path | dict | Non
     wrapper = ZooTransformer2DModel.from_config(diffusers_config(model, full))
     from zoo.checkpoint import load_state_dict_strict
 
-    load_state_dict_strict(wrapper.backbone, model.state_dict(), "the zoo model")
+    try:
+        load_state_dict_strict(wrapper.backbone, model.state_dict(), "the model given to to_diffusers")
+    except UserError as err:
+        if recipe is None:
+            raise
+        err.message = err.message.replace("does not match the model", "does not match the model its recipe builds")
+        err.args, err.suggestion = (err.message,), ("pass the recipe it was built from, with its overrides: "
+                                                    "recipe=zoo.load_recipe(NAME, [\"model.KEY=VALUE\", ...])")
+        raise
     dtype = next(model.parameters()).dtype
     return (wrapper if dtype == wrapper.dtype else wrapper.to(dtype=dtype)).eval()
 
