@@ -110,6 +110,15 @@ def test_unknown_name_suggests_close_matches_and_says_where_plugins_come_from():
     assert registry.check_kind("blocks") == "block"
 
 
+def test_a_name_of_another_kind_says_which_kind_it_is():
+    """``build_component("block", "adaln_zero")`` listed the known blocks only; the name is a conditioner."""
+    with pytest.raises(UserError, match=r"unknown block 'adaln_zero'.*\('adaln_zero' is a conditioner, not a block\)"):
+        registry.get("block", "adaln_zero")
+    with pytest.raises(UserError, match=r"key model.block: unknown block 'td_rmsnorm'.*is a conditioner, not a block"):
+        zoo.build_model({"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32,
+                         "depth": 1, "num_heads": 2, "block": "td_rmsnorm"})
+
+
 def test_decorator_registers_in_process():
     @zoo.register("block")
     class PlainDoubleBlock:

@@ -165,10 +165,11 @@ def find(kind: str, name: str) -> Entry:
     table = _table(kind)
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
+        other = [k for k in KINDS if k != kind and name in _table(k)]  # adaln_zero asked for as a block
         raise UserError(
             f"unknown {kind} {name!r}; known {kind}s: {known}. Plugins add {kind}s through the "
             f"entry-point group {GROUPS[kind]!r} (or zoo.register({kind!r}) in the running process)",
-            suggestion=did_you_mean(name, table),
+            suggestion=f"{name!r} is a {other[0]}, not a {kind}" if other else did_you_mean(name, table),
         )
     return table[name][0]
 
