@@ -33,13 +33,21 @@ def build_model(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = (
     model section alone: ``{"type": "dimr", ...}`` or ``{"_target_": "pkg.module.Class", ...}``).
 
     Only the model section is checked and built; build under ``torch.device("meta")`` to
-    count parameters of a large model without allocating it.
+    count parameters of a large model without allocating it (in a fraction of a second: there
+    PyTorch's ``nn.init`` would import Dynamo, 1-3 s, which :func:`zoo.meta.without_dynamo` avoids).
     """
     if isinstance(recipe, dict) and ("type" in recipe or TARGET_KEY in recipe):
         recipe = {"model": recipe}  # a bare model section: zoo.build_model({"type": "dimr", ...})
     resolved = resolve(recipe, overrides)
     validate_recipe(resolved, sections=())  # top-level section names only; the model is checked next
-    return model_factory(resolved)()
+    factory = model_factory(resolved)
+    import torch
+
+    if torch.get_default_device().type == "meta":  # nothing random is drawn there: a rerun changes nothing
+        from .meta import without_dynamo
+
+        return without_dynamo(factory)
+    return factory()
 
 
 def build_component(kind: str, spec: str | dict, **parent_kwargs: Any) -> Any:
