@@ -44,10 +44,14 @@ Importing this package imports nothing heavy; solver modules load when built.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the package imports nothing heavy (module doc)
+    from .base import Solver
+    from .schedules import NoiseSchedule
 
 
-def build_solver(name: str, **kwargs: Any):
+def build_solver(name: str, **kwargs: Any) -> "Solver":
     """The solver registered as ``name`` (kind ``solver``), built with ``kwargs`` checked as a recipe's
     ``sample.solver`` is (an unknown option, NaN or a value out of its domain is a one-line UserError)."""
     import zoo
@@ -55,7 +59,7 @@ def build_solver(name: str, **kwargs: Any):
     return zoo.build_component("solver", {"type": name, **kwargs})
 
 
-def build_schedule(name: str, **kwargs: Any):
+def build_schedule(name: str, **kwargs: Any) -> "NoiseSchedule":
     """The noise schedule registered as ``name`` (kind ``schedule``), built with ``kwargs`` checked as a
     recipe's ``diffusion.schedule`` is."""
     import zoo

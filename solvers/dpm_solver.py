@@ -16,6 +16,7 @@ Taylor-coefficient variant of the reference implementation. Loops and options:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import exp, expm1
 
 from torch import Tensor
@@ -35,7 +36,8 @@ class DPMSolver(DPMSolverBase):
         h = t.lam - s.lam
         return exp(t.log_alpha - s.log_alpha) * x - t.sigma * expm1(h) * m_s
 
-    def second_update(self, model, x, s, t, r1, m_s):
+    def second_update(self, model: ScheduledModel, x: Tensor, s: Point, t: Point, r1: float,
+                      m_s: Tensor) -> tuple[Tensor, Tensor]:
         """Singlestep DPM-Solver-2 via s1 at λ_s + r1·h; returns (x_t, ε̂_s1)."""
         h = t.lam - s.lam
         s1 = model.at_lambda(s.lam + r1 * h)
@@ -48,7 +50,8 @@ class DPMSolver(DPMSolverBase):
             x_t = x_t - (1.0 / r1) * t.sigma * (expm1(h) / h - 1.0) * (m_s1 - m_s)
         return x_t, m_s1
 
-    def third_update(self, model, x, s, t, r1, r2, m_s, m_s1=None):
+    def third_update(self, model: ScheduledModel, x: Tensor, s: Point, t: Point, r1: float, r2: float,
+                     m_s: Tensor, m_s1: Tensor | None = None) -> Tensor:
         """Singlestep DPM-Solver-3 via s1, s2 at λ_s + r1·h, λ_s + r2·h."""
         h = t.lam - s.lam
         s1, s2 = model.at_lambda(s.lam + r1 * h), model.at_lambda(s.lam + r2 * h)
@@ -68,7 +71,8 @@ class DPMSolver(DPMSolverBase):
         d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
         return x_t - t.sigma * phi_2 * d1 - t.sigma * (phi_2 / h - 0.5) * d2
 
-    def multistep_update(self, x, history, points, t, order):
+    def multistep_update(self, x: Tensor, history: Sequence[Tensor], points: Sequence[Point], t: Point,
+                         order: int) -> Tensor:
         """Multistep DPM-Solver of ``order`` from points[-1] to t, using the last model values."""
         p0, m0 = points[-1], history[-1]
         if order == 1:
@@ -100,7 +104,8 @@ class DPMSolverPlusPlus(DPMSolverBase):
         h = t.lam - s.lam
         return (t.sigma / s.sigma) * x - t.alpha * expm1(-h) * m_s
 
-    def second_update(self, model, x, s, t, r1, m_s):
+    def second_update(self, model: ScheduledModel, x: Tensor, s: Point, t: Point, r1: float,
+                      m_s: Tensor) -> tuple[Tensor, Tensor]:
         """Singlestep DPM-Solver++(2S) via s1 at λ_s + r1·h; returns (x_t, x̂0_s1)."""
         h = t.lam - s.lam
         s1 = model.at_lambda(s.lam + r1 * h)
@@ -113,7 +118,8 @@ class DPMSolverPlusPlus(DPMSolverBase):
             x_t = x_t + (1.0 / r1) * t.alpha * (expm1(-h) / h + 1.0) * (m_s1 - m_s)
         return x_t, m_s1
 
-    def third_update(self, model, x, s, t, r1, r2, m_s, m_s1=None):
+    def third_update(self, model: ScheduledModel, x: Tensor, s: Point, t: Point, r1: float, r2: float,
+                     m_s: Tensor, m_s1: Tensor | None = None) -> Tensor:
         """Singlestep DPM-Solver++(3S) via s1, s2 at λ_s + r1·h, λ_s + r2·h."""
         h = t.lam - s.lam
         s1, s2 = model.at_lambda(s.lam + r1 * h), model.at_lambda(s.lam + r2 * h)
@@ -133,7 +139,8 @@ class DPMSolverPlusPlus(DPMSolverBase):
         d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
         return x_t + t.alpha * phi_2 * d1 - t.alpha * (phi_2 / h - 0.5) * d2
 
-    def multistep_update(self, x, history, points, t, order):
+    def multistep_update(self, x: Tensor, history: Sequence[Tensor], points: Sequence[Point], t: Point,
+                         order: int) -> Tensor:
         """Multistep DPM-Solver++ (2M, 3M) of ``order`` from points[-1] to t."""
         p0, m0 = points[-1], history[-1]
         if order == 1:

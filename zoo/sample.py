@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,9 @@ from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_setti
 from zoo.errors import UserError
 from zoo.memory import require_sampling_memory, require_weights_memory
 from zoo.precision import PRECISIONS, inference_precision
+
+if TYPE_CHECKING:
+    from zoo.solvers.base import Solver
 
 def _mix64(x: int) -> int:
     """SplitMix64's finaliser: a bijective scramble of a 64-bit integer."""
@@ -172,7 +175,7 @@ def _class_label(part: str, text: str, names: Sequence[str]) -> int:
 
 
 def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None, options: Mapping[str, Any] = (),
-                 respacing: str | None = None):
+                 respacing: str | None = None) -> tuple["Solver", dict[str, Any]]:
     """The recipe's ``sample.solver`` with ``name``/``steps``/``respacing`` replacing its own.
 
     Another solver type drops the recipe's options; ``steps`` replaces a recipe's ``respacing``
@@ -214,7 +217,7 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
     return data or (null if null is not None else declared)  # labels 0..null-1 have an embedding of their own
 
 
-def load_model(source: str | Path, overrides: list[str] = (), device="cpu",
+def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None, solver: str | None = None) -> tuple[nn.Module, dict, str]:
     """The model to sample from and its resolved recipe, and a word on where the weights came from.
 
@@ -367,7 +370,8 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
     return weights
 
 
-def load_decoder(recipe: Mapping[str, Any], vae_dir: str | Path | None, device="cpu"):
+def load_decoder(recipe: Mapping[str, Any], vae_dir: str | Path | None,
+                 device: torch.device | str = "cpu") -> nn.Module | None:
     """The SD VAE that turns a latent model's samples into images (``None`` for a pixel model).
 
     Load it once before sampling: bad or missing weights then fail before any sampling is done,
@@ -381,7 +385,7 @@ def load_decoder(recipe: Mapping[str, Any], vae_dir: str | Path | None, device="
     return load_vae(weights, device=device, scale=(recipe.get("data") or {}).get("vae_scale", SCALE))
 
 
-def to_images(x: Tensor, recipe: Mapping[str, Any], vae_dir: str | Path | None, device="cpu",
+def to_images(x: Tensor, recipe: Mapping[str, Any], vae_dir: str | Path | None, device: torch.device | str = "cpu",
               decoder: nn.Module | None = None) -> Tensor:
     """Model-space samples → images in [0, 1]: latents through the SD VAE (``decoder``, else loaded
     from ``vae_dir``), pixels mapped from [−1, 1]."""

@@ -6,8 +6,13 @@ float64 (as the official code keeps them) and gathered per sample, then cast to 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from zoo.solvers.schedules import NoiseSchedule
 
 
 class DiscreteDiffusion:
@@ -78,7 +83,7 @@ class DiscreteDiffusion:
         return frac * max_log + (1.0 - frac) * min_log
 
 
-def betas_from_schedule(schedule, num_steps: int) -> Tensor:
+def betas_from_schedule(schedule: "NoiseSchedule", num_steps: int) -> Tensor:
     """The float64 β_1..β_N of a discrete schedule object.
 
     Uses the schedule's own ``betas`` when it exposes them; otherwise recovers them from

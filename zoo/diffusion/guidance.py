@@ -24,7 +24,7 @@ The conditional and unconditional passes run as ONE forward on the batch [x; x] 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from zoo.conditioning.base import as_time_vector
 
 from .denoiser import Denoiser
 from .objectives import v_to_eps
+
+if TYPE_CHECKING:
+    from zoo.solvers.schedules import NoiseSchedule
 
 CONVENTIONS = ("dit", "uvit")
 
@@ -105,7 +108,7 @@ class GuidedModel:
         channels: int | None = None,
         power: float | None = None,
         eps_channels: int | None = None,
-        v_schedule=None,
+        v_schedule: "NoiseSchedule | None" = None,
     ):
         self.model = model
         self.v_schedule = v_schedule

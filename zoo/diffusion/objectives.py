@@ -23,6 +23,8 @@ DiT recipes keep ``diffusion.label_drop: 0``; U-ViT/DiMR have no such dropout an
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence, Union
+
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +34,12 @@ from .gaussian import discretized_gaussian_log_likelihood, normal_kl, to_bits_pe
 from .labels import drop_labels
 from .time_input import CONTINUOUS_TIME_INPUTS, get_time_input, time_to_index, training_times
 from .time_sampling import UNIFORM, TimeSampling
+
+if TYPE_CHECKING:
+    from zoo.solvers.schedules import NoiseSchedule
+
+#: What a backbone returns: one prediction, or one per branch (DiMR, lowest resolution first).
+ModelOutput = Union[Tensor, Sequence[Tensor]]
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -65,7 +73,7 @@ class DiffusionObjective:
 
     def __init__(
         self,
-        schedule,
+        schedule: "NoiseSchedule",
         time_input: str = "dit_index",
         label_drop: float = 0.0,
         null_label: int | None = None,
@@ -97,7 +105,8 @@ class DiffusionObjective:
 
     # -- the forward process --------------------------------------------------------------
 
-    def sample_times(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    def sample_times(self, batch_size: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> Tensor:
         return training_times(batch_size, self.num_steps, self.continuous, self.t_min, generator, device,
                               self.time_sampling)
 
@@ -167,7 +176,7 @@ class DiffusionObjective:
 
     # -- scoring --------------------------------------------------------------------------
 
-    def check_output(self, out, noise_shape: tuple[int, ...]) -> None:
+    def check_output(self, out: ModelOutput, noise_shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` if the model's output cannot be scored (the trainer asks once, on the meta device)."""
         if isinstance(out, (list, tuple)):
             raise ValueError("the model returns one prediction per branch: use objective type 'multiscale'")
@@ -177,7 +186,7 @@ class DiffusionObjective:
                 " (a learned-sigma model needs objective type 'hybrid_vlb')"
             )
 
-    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def loss_terms(self, out: ModelOutput, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
         self.check_output(out, noise.shape)
         out, target = _loss_precision(out, self.target(x0, noise, t))
         mse = mean_flat((out - target) ** 2)
@@ -214,14 +223,14 @@ class HybridVLBObjective(DiffusionObjective):
         nll = to_bits_per_dim(-discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar))
         return torch.where(index == 0, nll, kl)
 
-    def check_output(self, out, noise_shape: tuple[int, ...]) -> None:
+    def check_output(self, out: ModelOutput, noise_shape: tuple[int, ...]) -> None:
         c = noise_shape[1]
         if isinstance(out, (list, tuple)) or out.shape[1] != 2 * c:
             shape = [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else tuple(out.shape)
             raise ValueError(f"the hybrid objective needs a learned-sigma output with {2 * c} channels, got {shape}"
                              " (DiT: model.learn_sigma: true)")
 
-    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def loss_terms(self, out: ModelOutput, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
         self.check_output(out, noise.shape)
         c = noise.shape[1]
         out, x0, x_t, noise = _loss_precision(out, x0, x_t, noise)
@@ -241,13 +250,13 @@ class MultiScaleObjective(DiffusionObjective):
         super().__init__(*args, **kwargs)
         self.coeffs = [float(c) for c in coeffs]
 
-    def check_output(self, out, noise_shape: tuple[int, ...]) -> None:
+    def check_output(self, out: ModelOutput, noise_shape: tuple[int, ...]) -> None:
         if not isinstance(out, (list, tuple)):
             raise ValueError("the multi-scale objective needs a model that returns one prediction per branch")
         if len(out) != len(self.coeffs):
             raise ValueError(f"{len(out)} branch outputs but {len(self.coeffs)} loss coefficients")
 
-    def loss_terms(self, out, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def loss_terms(self, out: ModelOutput, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
         from .multiscale import multiscale_loss
 
         self.check_output(out, noise.shape)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from torch import Tensor, nn
 
@@ -20,6 +20,9 @@ from .sections import DIFFUSION_DEFAULTS, GUIDANCE_SCALE, objective_spec
 from .time_input import get_time_input
 from .time_sampling import TimeSampling
 
+if TYPE_CHECKING:
+    from zoo.solvers.schedules import NoiseSchedule
+
 DEFAULT_SCHEDULE = DIFFUSION_DEFAULTS["schedule"]
 
 
@@ -27,19 +30,19 @@ def _diffusion(recipe: Mapping[str, Any]) -> Mapping[str, Any]:
     return recipe.get("diffusion") or {}
 
 
-def build_schedule(recipe: Mapping[str, Any]):
+def build_schedule(recipe: Mapping[str, Any]) -> "NoiseSchedule":
     """The recipe's ``diffusion.schedule`` (DDPM's linear betas if it names none)."""
     import zoo
 
     return zoo.build_component("schedule", _diffusion(recipe).get("schedule") or DEFAULT_SCHEDULE)
 
 
-def num_steps(schedule) -> int:
+def num_steps(schedule: "NoiseSchedule") -> int:
     """N of a discrete schedule; 1000 for continuous ones (the maps that need N assume it)."""
     return int(getattr(schedule, "num_steps", 1000))
 
 
-def time_map(recipe: Mapping[str, Any], schedule) -> Callable[[Tensor], Tensor]:
+def time_map(recipe: Mapping[str, Any], schedule: "NoiseSchedule") -> Callable[[Tensor], Tensor]:
     """Continuous solver time t → the backbone's time input, as ``diffusion.time_input`` names it."""
     name = _diffusion(recipe).get("time_input")
     if name is None:
@@ -61,7 +64,7 @@ def model_drops_labels(recipe: Mapping[str, Any]) -> bool:
     return isinstance(model, Mapping) and (model.get("class_dropout_prob") or 0) > 0
 
 
-def build_objective(recipe: Mapping[str, Any], schedule=None) -> DiffusionObjective:
+def build_objective(recipe: Mapping[str, Any], schedule: "NoiseSchedule | None" = None) -> DiffusionObjective:
     """The training objective of ``diffusion.objective`` (ε-MSE if none is named)."""
     diffusion = _diffusion(recipe)
     schedule = schedule if schedule is not None else build_schedule(recipe)
@@ -155,7 +158,7 @@ def check_null_label(model: nn.Module, null_label: int | None) -> None:
 def guided_eps_fn(
     model: nn.Module,
     recipe: Mapping[str, Any],
-    schedule,
+    schedule: "NoiseSchedule",
     y: Tensor | None,
     guidance: GuidanceSettings,
     eps_channels: int,

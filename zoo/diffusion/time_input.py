@@ -23,10 +23,13 @@ for the continuous VP-SDE it draws t uniformly in [t_min, 1] (U-ViT: t_min = 0);
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .time_sampling import TimeSampling
 
 TimeMap = Callable[[Tensor, int], Tensor]
 
@@ -95,7 +98,7 @@ def training_times(
     t_min: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-    sampling=None,
+    sampling: "TimeSampling | None" = None,
 ) -> Tensor:
     """Draw the training times t (float64, shape (B,)) the trainer and sampler share.
 
