@@ -156,3 +156,17 @@ def test_public_functions_of_the_library_modules_have_type_hints():
     for path in files:
         visit(ast.parse(path.read_text(encoding="utf-8")), str(path.relative_to(root)))
     assert missing == [], "\n".join(missing)
+
+
+def test_overrides_may_be_a_dict_of_key_paths():
+    """``zoo.build_model("dit_s_2", {"model.depth": 2})`` said "override 'model.depth' must look like
+    key.path=VALUE" (the dict was read key by key); a dict now means what the same --set texts mean."""
+    as_texts = zoo.load_recipe("dit_s_2", ["model.depth=2", "model.mlp_ratio=2.5", "model.norm=td_layernorm"])
+    as_dict = zoo.load_recipe("dit_s_2", {"model.depth": 2, "model.mlp_ratio": 2.5, "model.norm": "td_layernorm"})
+    assert as_dict == as_texts
+    with torch.device("meta"):
+        assert len(zoo.build_model("dit_s_2", {"model.depth": 2}).blocks) == 2
+    with pytest.raises(UserError, match="key model.depht: unknown parameter 'depht'"):
+        zoo.load_recipe("dit_s_2", {"model.depht": 2})
+    with pytest.raises(UserError, match="NaN and infinities are refused"):
+        zoo.load_recipe("dit_s_2", {"model.mlp_ratio": float("nan")})

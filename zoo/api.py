@@ -8,7 +8,7 @@ weight is allocated. Importing this module does not import torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from . import registry
 from .errors import UserError
@@ -21,18 +21,21 @@ if TYPE_CHECKING:
 register = registry.register
 
 
-def load_recipe(path: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """The resolved recipe (``_base_`` merged, ``key=VALUE`` overrides applied) as plain data, validated."""
+def load_recipe(path: str | Path | dict | Recipe,
+                overrides: Iterable[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The resolved recipe (``_base_`` merged, overrides applied: ``["model.depth=6"]`` as ``--set`` takes
+    them, or ``{"model.depth": 6}``) as plain data, validated."""
     recipe = resolve(path, overrides)
     validate_recipe(recipe)
     return recipe.data
 
 
-def build_model(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> "nn.Module":
+def build_model(recipe: str | Path | dict | Recipe,
+                overrides: Iterable[str] | Mapping[str, Any] = ()) -> "nn.Module":
     """Build the ``model`` section of a recipe (a path, a full recipe dict, a :class:`Recipe`, or the
     model section alone: ``{"type": "dimr", ...}`` or ``{"_target_": "pkg.module.Class", ...}``).
 
-    Only the model section is checked and built; build under ``torch.device("meta")`` to
+    ``overrides`` as in :func:`load_recipe`. Only the model section is checked and built; build under ``torch.device("meta")`` to
     count parameters of a large model without allocating it (in a fraction of a second: there
     PyTorch's ``nn.init`` would import Dynamo, 1-3 s, which :func:`zoo.meta.without_dynamo` avoids).
     """

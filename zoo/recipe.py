@@ -12,11 +12,12 @@ whole (so a base's DiT options never leak into a U-ViT). Overrides from ``--set`
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .errors import UserError, did_you_mean
 from .recipe_yaml import MAX_FILE_BYTES, KeyPath, Origin, format_path, parse_yaml
@@ -306,8 +307,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def resolve(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> Recipe:
-    """Load a recipe (path, dict or :class:`Recipe`), apply its bases and the overrides."""
+def mapping_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"model.depth": 6}`` -> ``["model.depth=6"]``: plain values as ``--set`` overrides (each key after
+    ``prefix``). Values are written as JSON, which YAML reads back unchanged; objects and NaN are refused."""
+
+    texts = []
+    for key, value in values.items():
+        try:
+            texts.append(f"{prefix}{key}={json.dumps(value, allow_nan=False)}")
+        except TypeError:
+            raise UserError(f"{key}={value!r}: an override must be plain data "
+                            "(numbers, strings, lists, dicts)") from None
+        except ValueError:  # NaN or an infinity, which json writes as a string YAML would read back
+            raise UserError(f"{key}={value!r}: NaN and infinities are refused") from None
+    return texts
+
+
+def resolve(recipe: str | Path | dict | Recipe,
+            overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
+    """Load a recipe (path, dict or :class:`Recipe`), apply its bases and the overrides
+    (``["model.depth=6"]`` as ``--set`` takes them, or ``{"model.depth": 6}``)."""
     if isinstance(recipe, Recipe):
         resolved = Recipe(copy.deepcopy(recipe.data), dict(recipe.origins), recipe.source)
     elif isinstance(recipe, dict):
@@ -320,6 +339,8 @@ def resolve(recipe: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -
         resolved = load_file(path, str(recipe) if Path(recipe).is_file() else str(path))
     if isinstance(overrides, str):  # one "key=value" given where a list is expected
         overrides = [overrides]
+    elif isinstance(overrides, Mapping):  # {"model.depth": 6}: each key was read as a "key=VALUE" text
+        overrides = mapping_overrides(overrides)
     for text in overrides:
         apply_override(resolved, text)
     return resolved

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import nn
 import zoo
 from zoo.errors import UserError
 from zoo.integrations.checkpoints import load_preferred
-from zoo.recipe import resolve
+from zoo.recipe import mapping_overrides, resolve
 
 PREFIX = "zoo_"
 
@@ -59,16 +58,7 @@ def shipped_recipes() -> dict[str, str]:
 
 def model_overrides(kwargs: dict[str, Any]) -> list[str]:
     """``{"depth": 6}`` -> ``["model.depth=6"]``: keyword arguments as ``--set`` overrides of the model section."""
-    texts = []
-    for key, value in kwargs.items():
-        try:
-            texts.append(f"model.{key}={json.dumps(value, allow_nan=False)}")  # JSON is YAML: read back unchanged
-        except TypeError:
-            raise UserError(f"{key}={value!r}: a model option must be plain data "
-                            "(numbers, strings, lists, dicts)") from None
-        except ValueError:  # NaN or an infinity, which json writes as a string YAML would read back
-            raise UserError(f"{key}={value!r}: NaN and infinities are refused") from None
-    return texts
+    return mapping_overrides(kwargs, prefix="model.")
 
 
 def create(name: str, recipe: str, pretrained: bool = False, pretrained_cfg: Any = None,
