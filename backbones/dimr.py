@@ -179,7 +179,7 @@ class DiMR(nn.Module):
             )
             self.branches.append(branch)
             handed_dim, prev_grid = branch.handed_dim, grid
-        if time_blind(self):
+        if time_blind(self, norm, *(getattr(spec.block, "keywords", {}).get("norm") for spec in branches)):
             raise UserError("with these norms no layer of the DiMR sees the time t (plain norms in every block and "
                             "branch)", suggestion="use td_rmsnorm or td_layernorm (DiMR's own), or adaln_zero")
         self._check_label_path(class_embedding)

@@ -140,7 +140,7 @@ class UViT(nn.Module):
         self.norm = head_norm(embed_dim, cond_dim=cond_dim)
         self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
         self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
-        if time_blind(self):
+        if time_blind(self, norm, head_norm):
             raise UserError("with these norms no layer of the U-ViT sees the time t (plain norms and no time token)",
                             suggestion="use norm: time_token (U-ViT's own), adaln_zero, td_layernorm or td_rmsnorm")
         self.init_weights()

@@ -126,11 +126,14 @@ def adds_time_token(factory: Callable[..., Any]) -> bool:
     return bool(getattr(conditioner_class(factory), "adds_time_token", False))
 
 
-def time_blind(module: nn.Module) -> bool:
+def time_blind(module: nn.Module, *norms: Callable[..., Any] | None) -> bool:
     """True when every conditioner inside ``module`` declares ``ignores_time`` (the plain norms):
     then the time reaches no layer and the network predicts the same at every noise level.
-    A conditioner that does not declare it (every other, plugins included) counts as reading time."""
-    kinds = [type(m) for m in module.modules() if hasattr(type(m), "needs_embedding")]
+    Conditioners are the modules whose class declares ``needs_embedding`` (zoo's own) or is the class
+    of one of the ``norms`` factories the backbone was given (a plugin's need declare nothing); one
+    that does not declare ``ignores_time`` (every other, plugins included) counts as reading time."""
+    given = {conditioner_class(f) for f in norms if f is not None}
+    kinds = [type(m) for m in module.modules() if hasattr(type(m), "needs_embedding") or type(m) in given]
     return bool(kinds) and all(getattr(k, "ignores_time", False) for k in kinds)
 
 

@@ -178,3 +178,35 @@ def test_adaln_zero_without_an_embedding_of_its_width_says_what_it_reads():
     with pytest.raises(UserError, match=r"reads a \(B, 16\) .* got one of shape \(2, 32\)"):
         block(x, Conditioning(t=t, emb=torch.randn(2, 32)))
     assert block(x, Conditioning(t=t, emb=torch.randn(2, 16))).shape == x.shape
+
+
+class _PlainTimeNorm(torch.nn.Module):
+    """A plugin conditioner as README describes one (``norm(dim, cond_dim=...)`` returning ``(h, gate)``),
+    reading ``cond.t`` and declaring none of zoo's class attributes."""
+
+    def __init__(self, dim: int, cond_dim: int | None = None):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.slope = torch.nn.Parameter(torch.full((dim,), 0.01))
+
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, None]:
+        t = torch.as_tensor(cond.t, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return self.norm(x) * (1 + self.slope * t), None
+
+
+def test_a_plugin_conditioner_that_reads_time_is_not_refused_as_time_blind():
+    """U-ViT with such a conditioner, or a DiMR with it in every branch, was refused with "no layer of the
+    U-ViT sees the time t": only classes declaring needs_embedding counted as conditioners."""
+    zoo.register("conditioner", "plain_time_norm")(_PlainTimeNorm)
+    try:
+        uvit = zoo.build_model({"type": "uvit", "img_size": 8, "patch_size": 2, "in_chans": 3, "embed_dim": 32,
+                                "depth": 1, "num_heads": 2, "norm": "plain_time_norm"}).eval()
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert not torch.allclose(uvit(x, torch.full((2,), 100.0)), uvit(x, torch.full((2,), 900.0)))
+        dimr = _tiny("plain_time_norm", norm="layernorm")
+        assert any(isinstance(m, _PlainTimeNorm) for m in dimr.modules())
+        with pytest.raises(zoo.UserError, match="no layer of the DiMR sees the time t"):
+            _tiny("layernorm", norm="layernorm")
+    finally:
+        zoo.registry.unregister("conditioner", "plain_time_norm")
