@@ -96,12 +96,27 @@ def time_grid(
 
 
 def split_model_output(out: "Tensor | Sequence[Tensor]", x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(eps, v)`` from a model output: a pair, a 2C-channel tensor ``[eps | v]``, or eps alone."""
+    """``(eps, v)`` from a model output: a pair, a 2C-channel tensor ``[eps | v]``, or eps alone.
+
+    Anything else is a :class:`UserError`: a DiMR called as ``eps_fn`` returns one prediction per
+    branch, whose first (lowest-resolution) one used to be taken as ε̂ and fail in a broadcast.
+    """
     if isinstance(out, (tuple, list)):
-        return out[0], out[1]
-    if out.dim() >= 2 and x.dim() >= 2 and out.shape[1] == 2 * x.shape[1]:
+        if len(out) == 2 and all(isinstance(o, Tensor) for o in out) and out[0].shape == x.shape:
+            return out[0], out[1]
+        shapes = ", ".join(str(tuple(o.shape)) if isinstance(o, Tensor) else type(o).__name__ for o in out)
+        raise UserError(f"eps_fn returned a {type(out).__name__} of {len(out)} ({shapes}); it must return ε̂ "
+                        f"shaped like x {tuple(x.shape)}, or the pair (ε̂, v)",
+                        suggestion="a DiMR returns one prediction per branch, lowest resolution first: "
+                        "return its last, out[-1]")
+    if not isinstance(out, Tensor):
+        raise UserError(f"eps_fn returned {type(out).__name__}; it must return ε̂ shaped like x {tuple(x.shape)}")
+    if out.dim() >= 2 and x.dim() >= 2 and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
         eps, v = out.chunk(2, dim=1)
         return eps, v
+    if out.shape != x.shape:
+        raise UserError(f"eps_fn returned shape {tuple(out.shape)}; it must return ε̂ shaped like x {tuple(x.shape)} "
+                        f"(or [ε̂ | v] with {2 * x.shape[1] if x.dim() >= 2 else '2C'} channels)")
     return out, None
 
 

@@ -571,3 +571,19 @@ def test_the_python_builders_check_options_as_recipes_do():
                   lambda: build_solver("ddim", bogus=1)):
         with pytest.raises(UserError):
             build()
+
+
+@pytest.mark.parametrize("name", ["dpm_solver++", "ddpm", "euler"])
+def test_an_eps_fn_returning_per_branch_predictions_is_named_not_broadcast(name):
+    """A DiMR passed as eps_fn returns [low-res, full-res]: its low-resolution prediction was taken as
+    ε̂ and its full-resolution one as v, and the step failed with "The size of tensor a (8) must match
+    the size of tensor b (4)"."""
+    sched = build_schedule("linear")
+    x = torch.randn(2, 3, 8, 8)
+    branches = lambda x, t: [torch.zeros(2, 3, 4, 4), torch.zeros_like(x)]  # noqa: E731
+    with pytest.raises(UserError, match=r"eps_fn returned a list of 2 \(\(2, 3, 4, 4\), \(2, 3, 8, 8\)\).*out\[-1\]"):
+        build_solver(name, steps=2).sample(branches, x, schedule=sched)
+    with pytest.raises(UserError, match=r"eps_fn returned shape \(2, 3, 4, 4\); it must return ε̂ shaped like x"):
+        build_solver(name, steps=2).sample(lambda x, t: torch.zeros(2, 3, 4, 4), x, schedule=sched)
+    out = build_solver(name, steps=2).sample(lambda x, t: branches(x, t)[-1], x, schedule=sched)
+    assert out.shape == x.shape
