@@ -102,11 +102,12 @@ def run_one(recipe: Path, mode: str, args: argparse.Namespace) -> dict:
     import zoo
     from zoo.compare import Bench, _step_peak_bytes, static_row
     from zoo.memory import EMA_BYTES_PER_PARAM, available_bytes, estimate
+    from zoo.precision import set_tf32
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # zoo train's default
+        set_tf32(True)  # zoo train's default
     else:
         torch.set_num_threads(args.threads)
     flags = parse_mode(mode)

@@ -38,6 +38,16 @@ def effective_precision(precision: str | None, device: "torch.device | str") -> 
     return "fp32" if precision == "tf32" and torch.device(device).type != "cuda" else precision
 
 
+def set_tf32(enabled: bool) -> tuple[bool, bool]:
+    """Switch TF32 for CUDA matmuls and cuDNN convolutions together; returns the previous (matmul, cuDNN)
+    switches. Process-wide flags (settable without a GPU)."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    return before
+
+
 @contextmanager
 def inference_precision(precision: str | None, device: "torch.device | str") -> Iterator[None]:
     """Run the model calls inside at ``precision`` on ``device``, restoring the TF32 switches after.
@@ -59,8 +69,7 @@ def inference_precision(precision: str | None, device: "torch.device | str") -> 
             with torch.autocast(device.type, dtype=dtype):
                 yield
         return
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    matmul, cudnn = set_tf32(precision != "fp32")
     try:
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             yield

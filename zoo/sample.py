@@ -81,7 +81,7 @@ class SampleRequest:
     the number of ``x_T`` rows or of labels, else 16. ``respacing``: the respaced chain of
     ``ddpm``/``ddim`` ("250", "10,15,20", "ddim25"); it replaces the recipe's ``steps``.
     ``precision``: the model calls' arithmetic (:mod:`zoo.precision`; default the recipe's
-    ``sample.precision``, else fp32).
+    ``sample.precision``, else the process's own settings).
     """
 
     n: int | None = None
@@ -293,7 +293,6 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
     return torch.tensor(given * n if len(given) == 1 else given, dtype=torch.long)
 
 
-@torch.no_grad()
 def sampling_precision(recipe: Mapping[str, Any], given: str | None, dtype: torch.dtype) -> str | None:
     """The precision to sample at: ``given`` (``--precision``), else the recipe's ``sample.precision``, else
     ``None`` (the process's own settings: PyTorch's defaults, or ``train.tf32`` inside ``zoo train``).
@@ -321,6 +320,7 @@ def check_sample_section(recipe: Mapping[str, Any]) -> None:
             raise err.locate(key_path=key) from None
 
 
+@torch.no_grad()
 def sample_latents(
     model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor | None]:

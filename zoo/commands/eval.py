@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="model calls while sampling: fp32, tf32 (CUDA), bf16 or fp16 autocast "
-                        "(default: the recipe's sample.precision, else fp32)")
+                        "(default: the recipe's sample.precision, else PyTorch's defaults)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     from zoo.eval.distortion_cli import add_options
 

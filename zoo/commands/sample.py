@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="model calls: fp32, tf32 (CUDA), bf16 or fp16 autocast (default: the recipe's "
-                        "sample.precision, else fp32)")
+                        "sample.precision, else PyTorch's defaults)")
     add_overrides_option(p)
     p.set_defaults(func=run)
 

@@ -89,7 +89,7 @@ SAMPLE: dict[str, Any] = {
     "batch_size": Annotated[int, Range(1, MAX_BATCH)],
     "seed": Annotated[int, Range(0, 2**63 - 1)],
     "precision": Annotated[str, OneOf(PRECISIONS, "precision"),
-                           Doc("model calls while sampling: fp32 (default), tf32 (CUDA), bf16 or fp16 autocast")],
+                           Doc("model calls while sampling: fp32, tf32 (CUDA), bf16 or fp16 autocast; unset: PyTorch's defaults")],
 }
 
 

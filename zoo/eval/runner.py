@@ -259,8 +259,9 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
         "model": recipe.get("model"), "diffusion": recipe.get("diffusion"),
     }
     precision = sampling_precision(recipe, request.precision, next(model.parameters()).dtype)
-    if effective_precision(precision, device) not in (None, "fp32"):  # other arithmetic, other samples (no key
-        protocol["precision"] = effective_precision(precision, device)  # otherwise: earlier samples stay valid)
+    computed = effective_precision(precision, device)
+    if computed not in (None, "fp32"):  # other arithmetic, other samples (no key otherwise: earlier samples stay valid)
+        protocol["precision"] = computed
     if vae_file is not None:  # other VAE weights or scale, other samples
         protocol["vae"] = {"weights_sha256": _sha256(vae_file),
                            "scale": float((recipe.get("data") or {}).get("vae_scale", SCALE))}

@@ -33,7 +33,7 @@ from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, l
 from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
-from zoo.precision import autocast_dtype
+from zoo.precision import autocast_dtype, set_tf32
 from zoo.sample import check_sample_section, num_classes
 from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
@@ -166,7 +166,7 @@ class Trainer:
         if self.train["compile"]:
             check_compile_toolchain(self.device)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.train["tf32"])
+            set_tf32(bool(self.train["tf32"]))
         torch.manual_seed(self.seed)
         self.model = zoo.build_model(recipe).to(self.device).train()
         self.model_name = type(self.model).__name__  # FSDP2 renames the class it shards
