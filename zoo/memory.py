@@ -29,6 +29,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from zoo.errors import UserError
+from zoo.meta import without_dynamo
 
 STEP_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq
 EMA_BYTES_PER_PARAM = 4  # the fp32 EMA copy a training run keeps beside them
@@ -86,21 +87,28 @@ def activation_bytes(model: nn.Module, training: bool = True) -> int:
     ``model`` is on the meta device and has ``example_inputs(batch)``; nothing is allocated.
     """
     params = {id(p) for p in model.parameters()}
-    storages: dict[int, int] = {}
-    keep: list[torch.Tensor] = []
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        base = tensor._base if tensor._base is not None else tensor
-        if id(base) not in params and id(tensor) not in params:
-            storage = tensor.untyped_storage()
-            storages[storage._cdata] = max(storages.get(storage._cdata, 0), storage.nbytes())
-            keep.append(tensor)  # so no storage address is reused while counting
-        return tensor
+    def count() -> dict[int, int]:
+        storages: dict[int, int] = {}
+        keep: list[torch.Tensor] = []
 
-    with torch.device("meta"):
-        inputs = model.example_inputs(1)
-    with saved_tensors_hooks(pack, lambda t: t), _fused_attention(), torch.enable_grad():
-        model(*inputs)
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            base = tensor._base if tensor._base is not None else tensor
+            if id(base) not in params and id(tensor) not in params:
+                storage = tensor.untyped_storage()
+                storages[storage._cdata] = max(storages.get(storage._cdata, 0), storage.nbytes())
+                keep.append(tensor)  # so no storage address is reused while counting
+            return tensor
+
+        with torch.device("meta"):
+            inputs = model.example_inputs(1)
+        with saved_tensors_hooks(pack, lambda t: t), _fused_attention(), torch.enable_grad():
+            model(*inputs)
+        return storages
+
+    # Meta kernels written in Python (torch.arange's, say) would import Dynamo, 2-3 s of every
+    # `zoo train` start-up and of every torchrun process, for nothing the count needs.
+    storages = without_dynamo(count)
     if training:
         return sum(storages.values())
     return SAMPLE_ACTIVATION_COPIES * max(storages.values(), default=0)
