@@ -348,13 +348,14 @@ def test_a_dataset_reference_has_one_name_with_or_without_its_default_split():
 
 
 def test_missing_inception_weights_is_one_clear_error(run_dir, capsys, tmp_path):
-    assert main(["eval", str(run_dir), "--n", "4", "--extractor", "inception"]) == 2
+    assert main(["eval", str(run_dir), "--n", "4", "--extractor", "inception", "--ref", "emoji32"]) == 2
     err = capsys.readouterr().err
     assert INCEPTION_FILE in err and "--extractor-weights" in err and "ZOO_INCEPTION_WEIGHTS" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     wrong = tmp_path / INCEPTION_FILE
     wrong.write_bytes(b"not the weights")
-    assert main(["eval", str(run_dir), "--n", "4", "--extractor", "inception", "--extractor-weights", str(wrong)]) == 2
+    assert main(["eval", str(run_dir), "--n", "4", "--extractor", "inception", "--extractor-weights", str(wrong),
+                 "--ref", "emoji32"]) == 2
     assert "sha256" in capsys.readouterr().err
     assert not (run_dir / "eval").exists()  # nothing was sampled
 
@@ -414,6 +415,19 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / "a.png")
     with pytest.raises(zoo.errors.UserError, match="CLASS/IMAGE"):
         load_reference(str(tmp_path / "flat"), PoolFeatures(), 8)
+
+
+def test_a_missing_ref_is_said_before_the_extractor_is_built(run_dir, capsys, monkeypatch):
+    """The extractor imports timm and torchvision (seconds) and may load weights: not for a missing flag."""
+    import zoo.eval.extractors as extractors
+
+    def never(*args, **kwargs):
+        raise AssertionError("the extractor was built")
+
+    monkeypatch.setattr(extractors, "build_extractor", never)
+    assert main(["eval", str(run_dir), "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--ref is needed" in err and err.count("\n") == 1
 
 
 def test_the_default_reference_names_the_held_out_split():

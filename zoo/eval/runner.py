@@ -225,16 +225,18 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     """Model, solver, protocol and sample directory; on the main process also the extractor and the
     reference statistics, so a wrong ``--ref`` or missing extractor weights fail before any sampling."""
     import zoo
-    from zoo.checkpoint import EMA, MODEL, load_checkpoint
+    from zoo.checkpoint import EMA, MODEL, load_checkpoint, load_recipe_of
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.precision import effective_precision
     from zoo.sample import build_solver, load_decoder, load_model, num_classes, sampling_precision, vae_weights
     from zoo.vae import SCALE, vae_downsample
 
-    extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
     if request.weights not in ("ema", "raw"):
         raise UserError(f"--weights must be ema or raw, not {request.weights!r}")
+    # A missing --ref is said before the extractor (timm, torchvision: seconds to import) and the model load.
+    ref_spec = request.ref or _default_ref(load_recipe_of(ckpt))
+    extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
     if request.weights == "raw":
         model, config = load_checkpoint(ckpt, weights="model", device=device)
         model, recipe, origin, weights_file = model.eval(), zoo.load_recipe(config), f"raw weights of {ckpt}", ckpt / MODEL
@@ -267,7 +269,6 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
                            "scale": float((recipe.get("data") or {}).get("vae_scale", SCALE))}
     identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    ref_spec = request.ref or _default_ref(recipe)
     reference = (load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log,  # before sampling
                                 recipe=recipe) if main else None)
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
