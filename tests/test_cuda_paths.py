@@ -121,6 +121,34 @@ def test_the_schedule_tables_go_to_the_device_once():
                                + (1 - d.alphas_cumprod[[0, 5, 999, 500]]).sqrt().view(-1, 1, 1, 1) * cpu)
 
 
+def test_the_draws_go_to_the_gpu_from_pinned_memory_without_waiting(monkeypatch):
+    """Each micro-batch's draws (times, noise, label-drop and flip uniforms) are made on the CPU. They
+    went to the GPU as four copies from pageable memory, each of which first waits for the GPU's queue:
+    the CPU could not prepare the next micro-batch meanwhile. Now each goes from pinned memory,
+    non-blocking; on the CPU nothing is copied."""
+    from zoo.diffusion.setup import build_objective
+    from zoo.training.draws import draw
+
+    d = draw(range(8, 12), 0, (4, 8, 8), build_objective(zoo.load_recipe(RECIPE, [])))
+    assert d.to(torch.device("cpu")) is d
+    pinned, moves = [], []
+
+    def pin_memory(self):
+        pinned.append(self)
+        return self
+
+    def to(self, *args, **kwargs):  # no GPU here: records the copy and stays on the CPU
+        moves.append((self, torch.device(args[0]), kwargs.get("non_blocking", False)))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    d.to(torch.device("cuda", 0))
+    fields = [d.t, d.noise, d.drop, d.flip]
+    assert [id(t) for t in pinned] == [id(t) for t in fields]
+    assert [(id(t), dev.type, nb) for t, dev, nb in moves] == [(id(t), "cuda", True) for t in fields]
+
+
 class GeneratorDevices(TorchFunctionMode):
     """Raises as CUDA does when a generator is asked to draw on a device of another type."""
 

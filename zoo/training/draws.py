@@ -22,7 +22,7 @@ TRAIN_STREAM = 16  # streams 0-2 are the sampler's (noise, labels, solver noise)
 
 @dataclass
 class Draws:
-    """Per-sample draws of a (micro-)batch, on the CPU: time t (float64), noise, and two uniforms."""
+    """Per-sample draws of a (micro-)batch, made on the CPU: time t (float64), noise, and two uniforms."""
 
     t: Tensor
     noise: Tensor
@@ -31,6 +31,16 @@ class Draws:
 
     def for_objective(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.t, self.noise, self.drop
+
+    def to(self, device: torch.device) -> Draws:
+        """The draws on ``device``. To a GPU they go from pinned memory without waiting: a copy from
+        ordinary (pageable) memory first waits for everything already queued on the GPU, so the CPU
+        could not prepare the next micro-batch while the GPU still works on the last one."""
+        if device.type == "cpu":
+            return self
+        pinned = device.type == "cuda"
+        fields = (self.t, self.noise, self.drop, self.flip)
+        return Draws(*((v.pin_memory() if pinned else v).to(device, non_blocking=pinned) for v in fields))
 
 
 def draw(indices: range, seed: int, shape: tuple[int, ...], objective) -> Draws:

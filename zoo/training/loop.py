@@ -402,10 +402,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(self.accum):
             sl = slice(i * per_micro, (i + 1) * per_micro)
-            d = draw(range(first + sl.start, first + sl.stop), self.seed, self.shape, self.objective)
+            d = draw(range(first + sl.start, first + sl.stop), self.seed, self.shape, self.objective).to(x.device)
             xm, ym = x[sl], (y[sl] if self.conditional else None)
             if self.flip:
-                xm = torch.where((d.flip < 0.5).to(x.device)[:, None, None, None], xm.flip(-1), xm)
+                xm = torch.where((d.flip < 0.5)[:, None, None, None], xm.flip(-1), xm)
             sync = i == self.accum - 1 or not hasattr(self.wrapped, "no_sync")
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
