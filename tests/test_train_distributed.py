@@ -57,7 +57,12 @@ def test_two_processes_and_a_resume_give_the_weights_of_one(tmp_path, single):
         assert max_diff(single, out, name) < 1e-5, name
     steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # one writer
+    # `python -m zoo` ends without interpreter teardown: TensorBoard's writer must still have written everything
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
 
 
 SIGNAL_RANK_1 = """
