@@ -76,15 +76,16 @@ class ValLoss:
         start = time.perf_counter()
         was_training = ema_model.training
         ema_model.eval()
-        total, dtype = 0.0, next(ema_model.parameters()).dtype
+        dtype = next(ema_model.parameters()).dtype
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end: no wait per batch
         with torch.random.fork_rng(devices=[]):
             for first in range(0, self.n, VAL_BATCH):
                 x, y, draws = self._batch(range(first, min(first + VAL_BATCH, self.n)))
                 x = x.to(self.device, dtype)
                 y = y.to(self.device) if self.conditional else None
-                total += float(self.objective(ema_model, x, y, draws=draws)["loss"].double().sum())
+                total += self.objective(ema_model, x, y, draws=draws)["loss"].double().sum()
         ema_model.train(was_training)
-        return {"step": step, "val_loss": total / self.n, "val_n": self.n, "val_source": self.source,
+        return {"step": step, "val_loss": float(total) / self.n, "val_n": self.n, "val_source": self.source,
                 "val_seconds": time.perf_counter() - start}
 
 
