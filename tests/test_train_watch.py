@@ -292,6 +292,24 @@ def test_a_signal_to_the_process_group_with_data_workers_still_saves_last(tmp_pa
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] >= 1
 
 
+def test_a_resume_into_a_running_runs_directory_is_refused_before_it_reads_a_checkpoint(tmp_path, monkeypatch):
+    """The resume read the live run's checkpoints (and repaired its saves) before it asked for the
+    lock: while the live run pruned a step directory it named, the refusal was "file not found"."""
+    import zoo.training.loop as loop
+    from zoo.training.runlock import RunLock
+
+    recipe = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.log_every=0"])
+    train(recipe, tmp_path, steps=1, log=lambda *_: None)
+    live = RunLock(tmp_path)
+    live.acquire()  # stands in for the live run: a lock taken through another open file
+    try:
+        monkeypatch.setattr(loop.Trainer, "_load", lambda *a: pytest.fail("read the checkpoint"))
+        with pytest.raises(zoo.errors.UserError, match=f"another zoo train \\(pid {os.getpid()}\\) is writing"):
+            train(recipe, tmp_path, steps=2, resume=tmp_path, log=lambda *_: None)
+    finally:
+        live.release()
+
+
 @pytest.mark.slow
 def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, capsys):
     """Two zoo train into one --out (the second with --resume, or both started before either saved)

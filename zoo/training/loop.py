@@ -43,7 +43,7 @@ from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
 from zoo.training.rundir import check_resume_recipe, prune_steps
-from zoo.training.runlock import RunLock
+from zoo.training.runlock import RunLock, check_unlocked
 from zoo.training.signals import CutShort, StopRequested, StopSignals
 from zoo.training.val_loss import val_hook
 
@@ -186,6 +186,8 @@ class Trainer:
         self.step, self.created = 0, []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
         if resume is not None:
+            if self.ctx.main:
+                check_unlocked(self.out)  # not while a live run there replaces the checkpoints _load reads
             self._load(Path(resume), allow_recipe_change)
             if self.train.get("init_from"):
                 self.after_banner.append("zoo train: note: train.init_from is not read on a resume: the weights "

@@ -36,11 +36,9 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                err = _held(fd, self.path)
                 os.close(fd)
-                raise UserError(f"another zoo train (pid {holder}) is writing {self.path.parent}; two runs there "
-                                "would replace each other's checkpoints and mix their logs",
-                                suggestion="wait for it to end, or choose another --out") from None
+                raise err from None
             except OSError:  # a file system without flock (some network mounts): run unlocked, leave no file
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
@@ -65,3 +63,34 @@ class RunLock:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+def check_unlocked(out: Path) -> None:
+    """Raise what :meth:`RunLock.acquire` would if a run holds ``out``'s lock now, taking nothing.
+
+    For a ``--resume`` into ``out``, before it reads checkpoints: a live run there may be replacing
+    them meanwhile (a step directory pruned under the reader), which gave "file not found" instead."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = Path(out) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: no run holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped again when fd closes
+    except BlockingIOError:
+        raise _held(fd, path) from None
+    except OSError:  # a file system without flock
+        pass
+    finally:
+        os.close(fd)
+
+
+def _held(fd: int, path: Path) -> UserError:
+    holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+    return UserError(f"another zoo train (pid {holder}) is writing {path.parent}; two runs there "
+                     "would replace each other's checkpoints and mix their logs",
+                     suggestion="wait for it to end, or choose another --out")
