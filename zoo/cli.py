@@ -24,7 +24,6 @@ COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity", "sample", "tr
                             "prepare_latents", "train_classifier")
 
 
-
 def _broken_command(subparsers: argparse._SubParsersAction, name: str, err: Exception) -> None:
     """Keep a command that fails to import from taking the others down: running it re-raises."""
 

@@ -106,8 +106,8 @@ def activation_bytes(model: nn.Module, training: bool = True) -> int:
             model(*inputs)
         return storages
 
-    # Meta kernels written in Python (torch.arange's, say) would import Dynamo, 2-3 s of every
-    # `zoo train` start-up and of every torchrun process, for nothing the count needs.
+    # Meta kernels written in Python (torch.arange's, say) would import Dynamo: 2-3 s of every
+    # `zoo sample`, for nothing the count needs.
     storages = without_dynamo(count)
     if training:
         return sum(storages.values())
