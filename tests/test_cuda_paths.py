@@ -28,17 +28,19 @@ QUIET = lambda *_: None  # noqa: E731
 
 class HostReads(TorchFunctionMode):
     """Records the reads of a tensor's value into Python (and tensors made from Python numbers, a copy
-    to the device) made directly by the code of ``filename``: on CUDA each one waits for the GPU."""
+    to the device) made directly by the code of ``filename`` (in its ``function`` only, if given): on
+    CUDA each one waits for the GPU."""
 
     READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "new_tensor"}
 
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: str, function: str | None = None) -> None:
         super().__init__()
-        self.filename, self.names = filename, []
+        self.filename, self.function, self.names = filename, function, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in self.READS and sys._getframe(1).f_code.co_filename == self.filename:
+        caller = sys._getframe(1).f_code
+        if name in self.READS and caller.co_filename == self.filename and self.function in (None, caller.co_name):
             self.names.append(name)
         return func(*args, **(kwargs or {}))
 

@@ -203,24 +203,10 @@ def test_loss_png_draws_the_val_loss_on_the_loss_axis(tmp_path):
 def test_the_validation_loss_is_read_from_the_device_once():
     """Each batch's loss was read into Python as it came (``float``), a wait for the GPU per batch of
     the 512 triples; now the sum stays on the device until the end."""
-    import sys
-
-    from torch.overrides import TorchFunctionMode
-
     import zoo.training.val_loss as module
     from test_cuda_paths import HostReads
 
-    class DeviceReads(TorchFunctionMode):  # in __call__ only: the batches' labels are read on the CPU, from the dataset
-        names: list[str] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            caller = sys._getframe(1).f_code
-            if getattr(func, "__name__", "") in HostReads.READS and (caller.co_filename, caller.co_name) == (
-                    module.__file__, "__call__"):
-                self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     hook, model = _hook(3 * module.VAL_BATCH)
-    with DeviceReads() as reads:
+    with HostReads(module.__file__, "__call__") as reads:  # not _batch: it reads the dataset's labels, on the CPU
         hook(model, step=1)
     assert reads.names == ["__float__"]
