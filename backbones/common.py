@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Callable
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,22 @@ def check_inputs(model: str, x: Tensor, y: Tensor | None, channels: int, size: i
         if low < 0 or high >= num_labels:
             raise UserError(f"label {low if low < 0 else high} is out of range: this {model} has labels 0..{num_labels - 1}"
                             " (the null label included)")
+
+
+def refuse_block_settings(block: Callable[..., nn.Module], passed: tuple[str, ...], model: str) -> None:
+    """A block recipe that sets what the backbone passes to every block: say where it goes instead.
+
+    ``cond_dim`` is the backbone's own width (nothing to set anywhere); the rest are the backbone's
+    arguments. The recipe check only says the parent passes them, not where they belong.
+    """
+    bound = sorted(set(getattr(block, "keywords", {})) & set(passed))
+    if "cond_dim" in bound:
+        raise UserError(f"cond_dim is set by the {model} (its width) for every block; the recipe may not set it",
+                        key_path="model.block.cond_dim", suggestion="remove cond_dim from the block")
+    if bound:
+        raise UserError(f"set {', '.join(bound)} on the {model}, not on its block: the {model} passes "
+                        f"{'it' if len(bound) == 1 else 'them'} to every block", key_path=f"model.block.{bound[0]}",
+                        suggestion=f"move {bound[0]} up one level, beside block:")
 
 
 def unpatchify(x: Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> Tensor:

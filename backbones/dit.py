@@ -20,11 +20,12 @@ from zoo.conditioning.adaln_zero import AdaLNZero
 from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, bind_unset, norm_and_gate
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder
 from zoo.conditioning.time_dependent import STEP_TIME_SCALE
-from zoo.domains import (Calls, Channels, Classes, ConditionerFactory, Depth, Divisible, Heads, ImageSize, MlpFactory,
-                         PatchSize, Range, Ratio, Rule, Width)
+from zoo.domains import (Calls, Channels, Classes, ConditionerFactory, Depth, Divisible, FrequencyWidth, Heads, ImageSize,
+                         MlpFactory, PatchSize, Range, Ratio, Rule, Width)
 from zoo.errors import UserError
 
-from .common import PatchEmbed, check_inputs, sincos_pos_embed_2d, unpatchify, xavier_init_linears_
+from .common import (PatchEmbed, check_inputs, refuse_block_settings, sincos_pos_embed_2d, unpatchify,
+                     xavier_init_linears_)
 
 # Arguments DiT passes to every block; a block factory must leave them to DiT.
 _BLOCK_ARGS = ("num_heads", "mlp_ratio", "norm", "mlp", "cond_dim")
@@ -86,16 +87,14 @@ class DiT(nn.Module):
         block: Annotated[Callable[..., nn.Module], Calls(1, _BLOCK_ARGS)] = TransformerBlock,
         norm: ConditionerFactory = AdaLNZero,
         mlp: MlpFactory = partial(Mlp, act="gelu_tanh"),
-        frequency_dim: Width = 256,
+        frequency_dim: FrequencyWidth = 256,
     ):
         super().__init__()
         if input_size % patch_size:
             raise UserError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if adds_time_token(norm):
             raise UserError("DiT conditions through its norms; a time-token conditioner belongs in U-ViT")
-        bound = set(getattr(block, "keywords", {})) & set(_BLOCK_ARGS)
-        if bound:
-            raise UserError(f"set {sorted(bound)} on the DiT, not on its block: DiT passes them to every block")
+        refuse_block_settings(block, _BLOCK_ARGS, "DiT")
         norm = bind_unset(norm, "time_scale", STEP_TIME_SCALE)  # TD norms: t is the DDPM step, not DiMR's log-SNR
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels

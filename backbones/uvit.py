@@ -29,11 +29,11 @@ from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.conditioning.time_dependent import STEP_TIME_SCALE
 from zoo.conditioning.time_token import TimeToken
-from zoo.domains import (MAX_CLASSES, Calls, Channels, ConditionerFactory, Depth, Divisible, Doc, Heads, ImageSize,
-                         PatchSize, Range, Ratio, Width)
+from zoo.domains import (MAX_CLASSES, Calls, Channels, ConditionerFactory, Depth, Divisible, Doc, FrequencyWidth, Heads,
+                         ImageSize, PatchSize, Range, Ratio, Width)
 from zoo.errors import UserError
 
-from .common import PatchEmbed, PosEmbedInit, check_inputs, init_pos_embed_, unpatchify
+from .common import PatchEmbed, PosEmbedInit, check_inputs, init_pos_embed_, refuse_block_settings, unpatchify
 
 # Arguments U-ViT passes to every block; a block factory must leave them to U-ViT.
 _BLOCK_ARGS = ("num_heads", "mlp_ratio", "qkv_bias", "norm", "cond_dim")
@@ -83,15 +83,13 @@ class UViT(nn.Module):
         block: Annotated[Callable[..., nn.Module], Calls(1, _BLOCK_ARGS)] = TransformerBlock,
         norm: ConditionerFactory = TimeToken,
         head_norm: ConditionerFactory = LayerNorm,
-        frequency_dim: Width = 256,
+        frequency_dim: FrequencyWidth = 256,
         pos_embed_init: PosEmbedInit = "normal",
     ):
         super().__init__()
         if img_size % patch_size:
             raise UserError(f"U-ViT img_size {img_size} is not divisible by patch_size {patch_size}")
-        bound = set(getattr(block, "keywords", {})) & set(_BLOCK_ARGS)
-        if bound:
-            raise UserError(f"set {sorted(bound)} on the U-ViT, not on its block: U-ViT passes them to every block")
+        refuse_block_settings(block, _BLOCK_ARGS, "U-ViT")
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.domains import Eps, Width
+from zoo.domains import Eps, TimeScale, Width
 
 from .base import Conditioning, per_sample
 from .fused_rmsnorm import scaled_rms_norm
@@ -97,7 +97,7 @@ class TimeDependentLayerNorm(_TimeDependentNorm):
     Used around DiMR's upsample and in each branch's output head (LayerNorm eps 1e-5).
     """
 
-    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-5, time_scale: float = 0.25):
+    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-5, time_scale: TimeScale = 0.25):
         super().__init__(dim, eps, time_scale)
         self.weight = TimeDependentParameter(dim, 1.0)
         self.bias = TimeDependentParameter(dim, 0.0)
@@ -117,7 +117,7 @@ class TimeDependentRMSNorm(_TimeDependentNorm):
     Note ``eps`` is added to the RMS, not inside the square root (as released).
     """
 
-    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-8, time_scale: float = 0.25):
+    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-8, time_scale: TimeScale = 0.25):
         super().__init__(dim, eps, time_scale)
         self.weight = TimeDependentParameter(dim, 1.0)
 
@@ -132,7 +132,7 @@ class PaperTimeDependentLayerNorm(TimeDependentLayerNorm):
     parameters). ``w`` is stored as an offset from 1, as in the released per-channel form.
     """
 
-    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-5, time_scale: float = 0.25):
+    def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-5, time_scale: TimeScale = 0.25):
         _TimeDependentNorm.__init__(self, dim, eps, time_scale)
         self.weight = TimeDependentParameter(dim, 1.0, per_channel_gate=False)
         self.bias = TimeDependentParameter(dim, 0.0, per_channel_gate=False)

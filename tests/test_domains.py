@@ -59,6 +59,10 @@ def line_of(text: str, needle: str) -> int:
     ("dataset: synthetic", "dataset: synthtic", "key data.dataset: dataset must be one of"),
     ("objective: eps_mse", "objective: eps_mes", "objective must be one of eps_mse, hybrid_vlb, multiscale, got "
      "'eps_mes' (did you mean eps_mse?)"),
+    # values that left the model blind to the time (an all-zero sinusoid, a norm constant in time)
+    ("num_heads: 2", "frequency_dim: 1\n  num_heads: 2", "key model.frequency_dim: frequency_dim must be an integer in [2, "),
+    ("num_heads: 2", "norm: {type: td_layernorm, time_scale: 0}\n  num_heads: 2",
+     "key model.norm.time_scale: time_scale must be a positive number, got 0"),
     # integers >= 0 with a meaning for 0
     ("ckpt_every: 10", "ckpt_every: -1", "key train.ckpt_every: ckpt_every must be an integer in [0, 1e9] (0 = never)"),
 ])  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,10 @@ def test_broken_yaml_and_duplicate_keys_are_reported_with_their_line():
         parse_yaml("model:\n  depth: 1\n  width: 2\n  depth: 3\n", "dup.yaml")
     assert str(info.value) == "dup.yaml:4: key model.depth: duplicate key 'depth' (first at line 2)"
     assert parse_yaml("a: &x {k: 1}\nb:\n  <<: *x\n  k: 2\n", "f")[0]["b"] == {"k": 2}  # a merge key is no duplicate
+    # nor is one merged from a mapping written in place, which was refused as a duplicate
+    assert parse_yaml("b:\n  <<: {k: 1, j: 3}\n  k: 2\n", "f")[0]["b"] == {"k": 2, "j": 3}
+    with pytest.raises(UserError, match="^f:4: key b.k: duplicate key 'k' \\(first at line 3\\)"):
+        parse_yaml("b:\n  <<: {k: 1}\n  k: 2\n  k: 3\n", "f")
 
 
 # --- inheritance ----------------------------------------------------------------------------------
@@ -338,6 +343,30 @@ def test_constructor_errors_keep_their_traceback_with_a_note_naming_the_key(tmp_
     assert info.value.__notes__ == [f"while building model.block from {path}:6", f"while building model from {path}:1"]
 
 
+def test_a_constructors_refusal_names_the_file_and_line_of_the_key_it_is_about(tmp_path):
+    """A UserError raised inside a backbone's or block's constructor came out with no file, line or key."""
+    text = "model:\n  type: dit\n  input_size: 8\n  patch_size: 2\n  hidden_size: 32\n  depth: 1\n" \
+           "  num_heads: 2\n  num_classes: 4\n  mlp_ratio: 0.001\n"
+    path = write(tmp_path, text)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:1: key model: mlp_ratio 0.001 gives a block"):
+        zoo.build_model(path)
+    text = ("model:\n  type: dimr\n  input_size: 8\n  num_classes: 5\n  branches:\n"
+            "    - {dim: 16, depth: 1, patch_size: 1, block: {type: convnext, norm: td_rmsnorm}}\n")
+    path = write(tmp_path, text)  # the error names model.num_classes: its own line, not the model's
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:4: key model.num_classes: model.num_classes is 5"):
+        zoo.build_model(path)
+
+
+@pytest.mark.parametrize("block, expected", [
+    ("{type: transformer, cond_dim: 16}", "key model.block.cond_dim: cond_dim is set by the DiT (its width) for every "
+     "block; the recipe may not set it (remove cond_dim from the block)"),  # it said: set it on the DiT (no such key)
+    ("{type: transformer, num_heads: 4}", "key model.block.num_heads: set num_heads on the DiT, not on its block"),
+])
+def test_a_block_setting_what_the_backbone_passes_says_where_it_belongs(block, expected):
+    with pytest.raises(UserError, match=re.escape(expected)):
+        zoo.build_model("dit_s_2", [f"model.block={block}"])
+
+
 def test_build_component_checks_like_a_recipe():
     block = zoo.build_component("block", {"type": "transformer", "num_heads": 2, "norm": "rmsnorm"}, dim=8)
     assert type(block.norm1).__name__ == "RMSNorm" and block.attn.num_heads == 2
@@ -504,6 +533,9 @@ def test_a_multiscale_loss_must_fit_the_model_before_training():
     assert zoo.load_recipe("dimr_xl_3r")["diffusion"]["objective"]["coeffs"] == [0.0625, 0.25, 1.0]
     with pytest.raises(UserError, match="every coefficient is 0: the loss would be 0"):  # it trained nothing, exit 0
         zoo.load_recipe("emoji32/dimr_2r", ["diffusion.objective.coeffs=[0, 0]"])
+    # the model is checked first: its own mistake is named, not the coefficients that follow from it
+    with pytest.raises(UserError, match="key model.branches: DiMR needs at least one branch in model.branches$"):
+        zoo.load_recipe("emoji32/dimr_2r", ["model.branches=[]"])
 
 
 def test_set_under_a_plain_value_says_it_is_a_value_and_blames_the_set():

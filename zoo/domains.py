@@ -179,6 +179,8 @@ SolverSteps = Annotated[int, Range(1, MAX_SOLVER_STEPS)]
 Time = Annotated[float, Range(0, 1, lo_open=True)]  # a diffusion time in (0, 1]
 Eps = Annotated[float, Range(0, 1, lo_open=True)]
 PositiveFloat = Annotated[float, Positive]
+FrequencyWidth = Annotated[int, Range(2, MAX_WIDTH)]  # a sinusoid needs a sin/cos pair: 1 was all zero padding
+TimeScale = PositiveFloat  # tau = t * time_scale: 0 made a time-dependent norm constant in time
 
 # --- rules between arguments ------------------------------------------------------------------------
 

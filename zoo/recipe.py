@@ -40,6 +40,18 @@ class Recipe:
                 return self.origins[path[:n]]
         return (self.source, None)
 
+    def origin_of(self, key_path: str) -> Origin | None:
+        """File and line of a dotted key path (``model.branches.0.dim``) or of its nearest written
+        ancestor; ``None`` if no part of it is in the recipe."""
+        keys = tuple(int(k) if k.isdigit() else k for k in key_path.split("."))
+        found = [keys[:n] for n in range(len(keys), 0, -1) if keys[:n] in self.origins]
+        return self.origins[found[0]] if found else None
+
+    def locate(self, err: UserError) -> UserError:
+        """``err`` with the file and line of its key path filled in where it names none; to re-raise."""
+        where = self.origin_of(err.key_path) if err.key_path else None
+        return err.locate(*where) if where else err
+
     def error(self, path: KeyPath, message: str, suggestion: str | None = None) -> UserError:
         """A :class:`UserError` located at ``path`` (to raise)."""
         file, line = self.origin(path)

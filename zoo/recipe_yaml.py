@@ -68,6 +68,14 @@ class RecipeLoader(Composer, SafeConstructor, Resolver, _EventParser, *_PURE):
         self._depth = 0
         self._count = 0  # nodes so far, an alias counting as the nodes it stands for
         self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, levels), aliases expanded
+        self.merged: set[int] = set()  # id() of the key nodes a << merge key brought into a mapping
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """PyYAML's merge (``<<``), remembering which keys it brought in: those are not duplicates
+        of the keys written beside it, which override them."""
+        own = {id(key) for key, _ in node.value}
+        super().flatten_mapping(node)
+        self.merged.update(id(key) for key, _ in node.value if id(key) not in own)
 
     def _refuse(self, problem: str, mark: Any) -> RecipeTooLarge:
         return RecipeTooLarge(None, None, problem, mark)
@@ -203,7 +211,7 @@ def _record_lines(loader: RecipeLoader, node: yaml.Node, path: KeyPath, file: st
         for key_node, value_node in node.value:  # merge keys (<<) are already flattened in here
             key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
             line = key_node.start_mark.line + 1
-            if key_node.start_mark.index >= node.start_mark.index:  # written here, not merged from an anchor
+            if id(key_node) not in loader.merged:  # written here, not merged in by <<
                 if key in seen:  # safe_load would silently keep the last one
                     raise UserError(f"duplicate key {key!r} (first at line {seen[key]})",
                                     file=file, line=line, key_path=format_path(path + (key,)))

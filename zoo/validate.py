@@ -56,6 +56,7 @@ class Factory(functools.partial):
 
     key_path: str = "<unknown>"
     origin: tuple = ("<unknown>", None)
+    locate_key: Callable[[str], tuple] | None = None  # the recipe's file and line of a key path, where known
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         file, line = self.origin
@@ -65,9 +66,21 @@ class Factory(functools.partial):
                             file=file, line=line, key_path=self.key_path, suggestion=f"remove {clash[0]} here")
         try:
             return super().__call__(*args, **kwargs)
+        except UserError as err:  # a constructor's refusal: point at the recipe line it is about
+            where = self.locate_key(err.key_path) if self.locate_key and err.key_path else None
+            where = where or self.origin
+            if err.file is None and err.line is None and not str(where[0]).startswith("<"):  # a file or a --set
+                err.locate(*where, self.key_path or None)
+            raise
         except Exception as err:
             add_note(err, f"while building {self.key_path} from {file}" + (f":{line}" if line else ""))
             raise
+
+
+def _place(factory: Factory, recipe: Recipe, path: KeyPath) -> None:
+    """Tell ``factory`` which recipe key it builds, and how to find the line of any other key."""
+    factory.key_path, factory.origin = format_path(path), recipe.origin(path)
+    factory.locate_key = recipe.origin_of
 
 
 def add_note(err: BaseException, note: str) -> None:
@@ -119,7 +132,7 @@ def resolve_component(recipe: Recipe, kind: str | None, spec: Any, path: KeyPath
         raise err.locate(*recipe.origin(name_path), format_path(name_path))
     what = f"{kind} {name!r} ({entry.target})"
     factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, what, _supplied(recipe, cls, supplied, path, what)))
-    factory.key_path, factory.origin = format_path(path), recipe.origin(path)
+    _place(factory, recipe, path)
     return factory
 
 
@@ -341,7 +354,7 @@ def resolve_target(recipe: Recipe, kind: str | None, spec: dict, path: KeyPath,
     kwargs = {k: v for k, v in spec.items() if k != TARGET_KEY}
     what = f"{kind or 'component'} {target!r}"
     factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, what, _supplied(recipe, cls, supplied, path, what)))
-    factory.key_path, factory.origin = format_path(path), recipe.origin(path)
+    _place(factory, recipe, path)
     return factory
 
 
@@ -394,7 +407,8 @@ def validate_recipe(recipe: Recipe, sections: Iterable[str] | None = None) -> No
         if key not in allowed:
             raise recipe.error((key,), f"unknown section {key!r}; sections are {', '.join(allowed)}",
                                suggestion=did_you_mean(key, allowed))
-    for key, value in recipe.data.items():
+    for key, value in sorted(recipe.data.items(), key=lambda item: item[0] != "model"):  # model first: the
+        # other sections' checks read it (a coefficient per DiMR branch), so its own mistake is the one to name
         if sections is not None and key not in sections:
             continue
         if key != "model" and value is not None and not isinstance(value, dict):
