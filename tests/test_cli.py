@@ -103,6 +103,29 @@ def test_build_on_cpu_counts_the_same(capsys, plugins):
     assert code == 0 and "built on cpu" in out and f"parameters: {params:,} (trainable {params:,})" in out
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("diffusion.null_label=7", "key diffusion.null_label: diffusion.null_label is 7, but the model embeds labels 0..4"),
+    ("model.num_classes=2", "key diffusion.null_label: diffusion.null_label is 4, but the model embeds labels 0..2"),
+    ("diffusion.objective=hybrid_vlb", "key diffusion.objective: the hybrid objective needs a learned-sigma output"),
+    ("model.input_size=16", "tiny_train.yaml:25: key data.image_size: data.image_size is 8, but the synthetic images "
+     "take the model's input size 16"),
+    ("sample.cfg.channels=7", "key sample.cfg.channels: sample.cfg.channels is 7, but the model has 3 channels"),
+])
+def test_build_refuses_what_train_would_refuse_against_the_model(capsys, override, expected):
+    """zoo build said OK (exit 0) to recipes that zoo train then refused before its first step."""
+    assert_one_line_error(*zoo(capsys, "build", RECIPES / "tiny_train.yaml", "--set", override), expected)
+
+
+def test_build_on_cpu_of_a_model_beyond_memory_is_one_line_before_allocating(capsys, monkeypatch):
+    """It was the allocator's RuntimeError traceback (exit 1) after trying to allocate ~100 GB."""
+    from zoo import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 100 << 20)  # 100 MiB free, whatever the machine
+    code, out, err = zoo(capsys, "build", "dit_s_2", "--device", "cpu")
+    assert_one_line_error(code, out, err, "the model's 32,963,360 parameters need 126 MiB of weights but the cpu "
+                          "device has 100 MiB free")
+
+
 def test_print_recipe_prints_the_resolved_recipe(capsys, plugins):
     code, out, _ = zoo(capsys, "build", RECIPES / "sub" / "scale.yaml", "--print-recipe", "--set", "train.steps=3")
     assert code == 0

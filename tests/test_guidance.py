@@ -177,3 +177,17 @@ def test_cfg_on_an_unconditional_model_is_refused_not_printed_and_ignored():
         assert not settings.active and settings.describe() == "no classifier-free guidance"
     conditional = zoo.load_recipe(recipes / "uvit_m_4.yaml", ["sample.cfg={scale: 3.0, convention: uvit}"])
     assert guidance_settings(conditional, 4.0).describe().startswith("cfg s=4 in the uvit convention")
+
+
+def test_guiding_more_channels_than_the_model_has_is_refused():
+    """sample.cfg.channels: 7 on a 3-channel model was printed ('only the first 7 channels') and all 3 were guided."""
+    from zoo.diffusion.setup import GuidanceSettings, build_schedule, guided_eps_fn
+    from zoo.errors import UserError
+
+    recipe = {"diffusion": {"time_input": "dit_index", "null_label": NULL}}
+    y = torch.tensor([1, 2])
+    for channels in (3, None):  # as many as the model has, or all: fine
+        guided_eps_fn(ToyNet(), recipe, build_schedule(recipe), y, GuidanceSettings(4.0, channels=channels), 3)
+    with pytest.raises(UserError, match=r"key sample.cfg.channels: sample.cfg.channels is 7, but the model has 3 "
+                                        r"channels \(at most 3, or remove it to guide every channel\)"):
+        guided_eps_fn(ToyNet(), recipe, build_schedule(recipe), y, GuidanceSettings(4.0, channels=7), 3)

@@ -61,8 +61,17 @@ def run(args: argparse.Namespace) -> int:
 
         model = build_on_meta(factory)  # also keeps Dynamo's import (1-3 s) out of the build
     else:
+        from zoo.memory import require_weights_memory
+
+        require_weights_memory(recipe.data, args.device)  # one line, not an allocator traceback
         with torch.device(args.device):
             model = factory()
+    from zoo.training.fit import check_recipe_fits_model
+
+    try:
+        check_recipe_fits_model(recipe.data, model)  # what zoo train would refuse, it refuses too
+    except UserError as err:
+        raise recipe.locate(err) from None
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report = None

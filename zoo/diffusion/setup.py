@@ -142,6 +142,14 @@ def guidance_settings(recipe: Mapping[str, Any], scale: float | None = None) -> 
     return settings
 
 
+def check_guidance_channels(guidance: GuidanceSettings, channels: int) -> None:
+    """Refuse ``sample.cfg.channels`` beyond the model's channels (it was printed, then guided all)."""
+    if guidance.channels is not None and guidance.channels > channels:
+        raise UserError(f"sample.cfg.channels is {guidance.channels}, but the model has {channels} channels",
+                        key_path="sample.cfg.channels",
+                        suggestion=f"at most {channels}, or remove it to guide every channel")
+
+
 def check_null_label(model: nn.Module, null_label: int | None) -> None:
     """Refuse a null label the model has no embedding for (it failed at the first dropped label,
     an IndexError deep inside a training step or a guided sample). Backbones say how many labels
@@ -171,6 +179,7 @@ def guided_eps_fn(
                         suggestion="set diffusion.null_label, or sample with --cfg 1 (dit) / 0 (uvit)")
     if active:
         check_null_label(model, null)
+        check_guidance_channels(guidance, eps_channels)
     return GuidedModel(
         model,
         time_map(recipe, schedule),

@@ -22,7 +22,7 @@ import struct
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -216,6 +216,23 @@ def unread_data_keys(data: Mapping[str, Any]) -> list[str]:
 
 def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """The dataset the ``data`` section names (a ``dataset`` registry entry); ``shape`` is the model's (C, H, W)."""
+    kind = data.get("dataset", "synthetic")
+    builder = check_data_section(data, shape, num_classes)
+    ds = builder(data, shape, num_classes, seed)
+    latent = kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
+    if len(ds) == 0:
+        what = ("*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png; files "
+                f"ending {', '.join(IMAGE_SUFFIXES)} in any case are images)")
+        raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
+                        suggestion=_other_data_hint(Path(data["root"]).expanduser(), latent, shape))
+    check_against_model(ds, kind, shape, num_classes, latent)
+    return ds
+
+
+def check_data_section(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None) -> Callable:
+    """What can be checked of ``data`` against the model without reading any data (``zoo build`` runs
+    this too): the split, a root the dataset would ignore, and the dataset's own ``check(data, shape,
+    num_classes)`` where it has one (e.g. a fixed image size). Returns the dataset's builder."""
     from zoo import registry
 
     kind = data.get("dataset", "synthetic")
@@ -229,15 +246,10 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
                         "reads no root", key_path="data.dataset",
                         suggestion="--set data.dataset=image_folder (root/CLASS/*.png) or latents "
                         "(zoo prepare-latents output)")
-    ds = builder(data, shape, num_classes, seed)
-    latent = kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
-    if len(ds) == 0:
-        what = ("*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png; files "
-                f"ending {', '.join(IMAGE_SUFFIXES)} in any case are images)")
-        raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
-                        suggestion=_other_data_hint(Path(data["root"]).expanduser(), latent, shape))
-    check_against_model(ds, kind, shape, num_classes, latent)
-    return ds
+    check = getattr(builder, "check", None)
+    if check is not None:
+        check(data, shape, num_classes)
+    return builder
 
 
 def _other_data_hint(root: Path, latent: bool, shape: tuple[int, ...]) -> str:
@@ -251,6 +263,9 @@ def _other_data_hint(root: Path, latent: bool, shape: tuple[int, ...]) -> str:
     if not latent and (any(root.glob("*.safetensors")) or (root / MANIFEST).is_file()):
         return ("it holds latent shards, and this recipe trains on pixels: point data.root at the image folder "
                 "(root/CLASS/*.png), or train a latent recipe on these")
+    if not latent and _images_under(root):
+        return ("its images lie in data.root itself: an image folder takes each image's label from its subfolder, "
+                f"so move them into one (e.g. {root / 'all'}/ for one class)")
     return "point data.root at a directory with data"
 
 

@@ -22,14 +22,19 @@ from zoo.training.data import ImageFolder, _root, synthetic_dataset
 
 def synthetic(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """``data.size`` deterministic class-coloured smooth images of the model's input shape."""
+    _synthetic_size(data, shape, num_classes)
+    return synthetic_dataset(shape, int(data.get("size", 64)), num_classes, seed)
+
+
+def _synthetic_size(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None) -> None:
     size = data.get("image_size")
     if size is not None and int(size) != shape[-1]:
         raise UserError(f"data.image_size is {size}, but the synthetic images take the model's input size {shape[-1]}",
                         key_path="data.image_size", suggestion=f"set it to {shape[-1]} or remove it")
-    return synthetic_dataset(shape, int(data.get("size", 64)), num_classes, seed)
 
 
 synthetic.reads = ("size", "image_size")  # type: ignore[attr-defined]
+synthetic.check = _synthetic_size  # type: ignore[attr-defined]  # also run by zoo build
 synthetic.ignores_root = True  # type: ignore[attr-defined]  # a data.root beside it is a mistake (see build_dataset)
 
 

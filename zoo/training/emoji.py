@@ -176,6 +176,16 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
 
 def emoji32(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> TensorDataset:
     """Twemoji PNGs on white, 9 emoji categories as labels (train 1709 / holdout 189 images)."""
+    size = _check_fits(data, shape, num_classes)
+    tensors = load_emoji(size, data)
+    split = data.get("split", "train")
+    keep = tensors["holdout"].bool() == (split == "holdout")
+    images = tensors["images"][keep].float() / 127.5 - 1.0
+    return TensorDataset(images, tensors["labels"][keep])
+
+
+def _check_fits(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None) -> int:
+    """The image size emoji32 will give, refused unless the model takes it and has a label per category."""
     size = int(data.get("image_size", shape[-1]))
     if tuple(shape) != (3, size, size):
         fix = (f"set the model's input size to {size} too (model.input_size, or model.img_size for U-ViT)"
@@ -185,14 +195,11 @@ def emoji32(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
     if num_classes is not None and num_classes < len(CATEGORIES):
         raise UserError(f"dataset emoji32 has {len(CATEGORIES)} classes but the recipe declares {num_classes}",
                         key_path="data.num_classes", suggestion=f"use num_classes: {len(CATEGORIES)}")
-    tensors = load_emoji(size, data)
-    split = data.get("split", "train")
-    keep = tensors["holdout"].bool() == (split == "holdout")
-    images = tensors["images"][keep].float() / 127.5 - 1.0
-    return TensorDataset(images, tensors["labels"][keep])
+    return size
 
 
 emoji32.splits = SPLITS  # type: ignore[attr-defined]
 emoji32.ignores_root = True  # type: ignore[attr-defined]  # built from the installed wheel (data.cache: where to)
 emoji32.reads = ("image_size", "cache")  # type: ignore[attr-defined]
+emoji32.check = _check_fits  # type: ignore[attr-defined]  # also run by zoo build
 emoji32.class_names = lambda data: CATEGORIES  # type: ignore[attr-defined]

@@ -30,7 +30,6 @@ from torch.utils.data import Dataset
 import zoo
 from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, load_state_dict_strict,
                             load_trainer_state, load_weights, read_config, repair_run, resume_point, save_checkpoint)
-from zoo.diffusion.setup import build_objective, check_null_label, model_drops_labels
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.precision import autocast_dtype, set_tf32
@@ -40,6 +39,7 @@ from zoo.training.compile_check import check_compile_toolchain
 from zoo.training.data import EpochSampler, batches, build_dataset, unread_data_keys
 from zoo.training.draws import draw
 from zoo.training.eval_hook import evaluation, fd_hook
+from zoo.training.fit import training_objective
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
 from zoo.training.rundir import check_resume_recipe, prune_steps
@@ -173,15 +173,7 @@ class Trainer:
         _labels_dropped_by_trainer(self.model)
         if self.train["grad_checkpointing"]:
             set_grad_checkpointing(self.model)
-        self.objective = build_objective(recipe)
-        if model_drops_labels(recipe):
-            model_cfg = recipe["model"]
-            self.objective.label_drop = float(model_cfg["class_dropout_prob"])
-            if self.objective.null_label is None:
-                self.objective.null_label = int(model_cfg["num_classes"])
-        if self.objective.label_drop > 0:
-            check_null_label(meta_model, self.objective.null_label)
-        _check_output(meta_model, self.objective)
+        self.objective = training_objective(recipe, meta_model)
         self.val = val_hook(recipe, self.train, dataset, self.shape, self.objective, self.ctx)  # train.val_every
         self.step, self.created = 0, []
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train["precision"] == "fp16")
@@ -638,21 +630,6 @@ def _seconds(work: Callable[[], object]) -> float:
     start = time.perf_counter()
     work()
     return time.perf_counter() - start
-
-
-def _check_output(meta_model: torch.nn.Module, objective) -> None:
-    """The objective can score what the model returns (one output or one per branch, learned σ or
-    not): asked once on the meta device, before the run directory fills, not at step 1."""
-    try:
-        with torch.no_grad():
-            x, t, y = meta_model.example_inputs(1)
-            out = meta_model(x, t, y)
-    except Exception:  # noqa: BLE001 - a plugin backbone that cannot run on meta: its first step checks instead
-        return
-    try:
-        objective.check_output(out, tuple(x.shape))
-    except ValueError as err:
-        raise UserError(str(err), key_path="diffusion.objective") from None
 
 
 def _check_groups(saved: dict, now: list[int], directory: Path) -> None:
