@@ -141,18 +141,16 @@ def test_decorator_registers_in_process():
         registry.get("block", "plain_double_block")
 
 
-def test_decorator_clashing_with_an_entry_point_names_both():
+def test_decorator_clashing_with_an_entry_point_is_refused_at_once_naming_both():
+    """It used to be accepted, and then broke that name for every recipe in the process."""
     class Mlp:
         """Not zoo's Mlp."""
 
-    zoo.register("block", "mlp")(Mlp)
-    try:
-        with pytest.raises(UserError) as info:
-            registry.get("block", "mlp")
-        assert "zoo-diffusion (zoo.blocks.mlp:Mlp)" in str(info.value)
-        assert f"in-process ({__name__}) ({__name__}:" in str(info.value)
-    finally:
-        registry.unregister("block", "mlp")
+    with pytest.raises(UserError) as info:
+        zoo.register("block", "mlp")(Mlp)
+    assert "block 'mlp' is already registered by distribution zoo-diffusion (zoo.blocks.mlp:Mlp)" in str(info.value)
+    assert f"{__name__}:" in str(info.value) and "pick another name" in str(info.value)
+    assert registry.get("block", "mlp").__module__ == "zoo.blocks.mlp"  # still zoo's
     from zoo.blocks.mlp import Mlp as ZooMlp
 
     zoo.register("block", "mlp")(ZooMlp)  # decorating the entry point's own class is not a clash
@@ -176,3 +174,4 @@ def test_register_without_its_arguments_says_how_to_call_it():
         @zoo.register
         class Forgot:  # noqa: F841
             pass
+

@@ -5,9 +5,9 @@ Built-in components are declared in ``pyproject.toml`` under the entry-point gro
 same way and nothing is imported until a name is resolved. :func:`register` adds
 components defined in the running process (a script, a notebook, a test).
 
-There are no scopes: a name means one class per kind. A name claimed twice (two
-distributions, or a decorator and an entry point) is an error naming both sources when it
-is used; a plugin that fails to import is reported by name when it is resolved, and does
+There are no scopes: a name means one class per kind. A name claimed twice is an error naming
+both sources: at once for a decorator on an installed name, when it is used for two
+distributions (or a plugin installed after the decorator ran); a plugin that fails to import is reported by name when it is resolved, and does
 not affect any other name.
 """
 
@@ -187,8 +187,9 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
     """Class decorator registering a component of ``kind`` in this process.
 
     ``name`` defaults to the class name in snake case (``MyBlock`` -> ``my_block``).
-    A name that an installed distribution already uses is reported as a conflict when the
-    name is resolved; registering the same class again (a module reload) is fine.
+    A name that an installed distribution (zoo itself included) already uses for another class
+    is refused here, naming both: registered anyway, it would break that name for every recipe
+    in the process. Registering the same class again (a module reload) is fine.
     """
     kind = check_kind(kind)
 
@@ -202,6 +203,11 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
                 suggestion="pick another name",
             )
         source = f"in-process ({obj.__module__})"  # type: ignore[attr-defined]
+        taken = [e for e in _discover()[kind].get(key, []) if e.target != target]
+        if taken:
+            raise UserError(f"{kind} {key!r} is already registered by {taken[0].describe()}; {target} cannot "
+                            f"take its name", suggestion=f"pick another name, e.g. @zoo.register({kind!r}, "
+                            f"'my_{key}')")
         _in_process[kind][key] = Entry(kind, key, source, target, lambda: obj)
         return obj
 
