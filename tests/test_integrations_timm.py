@@ -76,6 +76,16 @@ def test_pretrained_is_a_clear_error_not_a_download():
         timm.create_model("zoo_dit_s_2", depth=torch.tensor(1))
 
 
+def test_a_missing_checkpoint_path_is_one_line_and_the_model_carries_a_pretrained_cfg(tmp_path):
+    """timm printed 'No checkpoint found' and raised a FileNotFoundError with no message; timm's
+    data-config helpers read model.pretrained_cfg, which zoo models lacked (AttributeError)."""
+    with pytest.raises(UserError, match=r"checkpoint_path .*nowhere does not exist \(pass a zoo checkpoint directory"):
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "nowhere"), **TINY)
+    model = timm.create_model("zoo_dit_s_2", **TINY)
+    assert model.pretrained_cfg["architecture"] == "zoo_dit_s_2"
+    assert timm.data.resolve_model_data_config(model)["input_size"] == (4, 8, 8)
+
+
 @pytest.fixture
 def checkpoint(tmp_path) -> tuple[Path, dict, dict]:
     """A zoo checkpoint of the tiny DiT-S/2 whose model and EMA weights differ."""

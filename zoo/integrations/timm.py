@@ -77,6 +77,11 @@ def create(name: str, recipe: str, pretrained: bool = False, pretrained_cfg: Any
     except UserError as err:
         raise _relabel(err, name, overrides, options)
     model._zoo_model_section = resolved.data["model"]  # compared with a checkpoint's recipe when one is loaded
+    example = getattr(model, "example_inputs", None)
+    # what timm's own models carry (timm.data.resolve_model_data_config reads it); no mean/std: zoo models
+    # take [-1, 1] pixels or VAE latents, not ImageNet-normalised images
+    model.pretrained_cfg = {"architecture": name, "input_size": tuple(example(1)[0].shape[1:]) if example else None,
+                            "num_classes": getattr(model, "num_classes", None), "source": f"zoo recipe {recipe}"}
     return model if dtype is None else model.to(dtype)
 
 
@@ -134,6 +139,9 @@ def _wrap_timm_loader() -> None:
 
     @functools.wraps(original)
     def load_checkpoint(model: nn.Module, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(checkpoint_path, (str, Path)) and not Path(checkpoint_path).expanduser().exists():
+            raise UserError(f"checkpoint_path {checkpoint_path} does not exist",  # timm: FileNotFoundError, no message
+                            suggestion="pass a zoo checkpoint directory (zoo train and zoo convert write one)")
         if not is_zoo_checkpoint(checkpoint_path):
             return original(model, checkpoint_path, *args, **kwargs)
         load_zoo_checkpoint(model, checkpoint_path, use_ema=kwargs.get("use_ema", args[0] if args else True))
