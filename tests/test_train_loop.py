@@ -341,6 +341,10 @@ def test_resuming_another_run_into_a_run_directory_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out {a} already holds a run (last/), and --resume {b} is another run's checkpoint" in err
     assert (a / "log.jsonl").read_text() == before
+    # a --resume that is no checkpoint at all (a typo, an image folder) is named as that, not as another run's
+    (tmp_path / "images").mkdir()
+    assert main(_args(a, "--resume", str(tmp_path / "images"), "--steps", "3")) == 2
+    assert capsys.readouterr().err == f"zoo: error: {tmp_path / 'images'} is not a zoo checkpoint (no config.json)\n"
     # Resuming A itself (its directory, last/ or a step) and forking B into a new directory still work.
     assert main(_args(a, "--resume", str(a / "step_0000002"), "--steps", "5")) == 0
     assert main(_args(tmp_path / "fork", "--resume", str(b / "last"), "--steps", "3")) == 0
@@ -557,6 +561,33 @@ def test_a_users_log_jsonl_or_loss_png_in_out_is_not_replaced(tmp_path, capsys):
     (out / "log.jsonl").write_text(json_.dumps({"step": 5, "loss": 0.5, "lr": 1e-3}) + "\n")
     assert main(_args(out, "--steps", "1")) == 0
     assert [json_.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_users_sample_grid_or_fd_reference_in_out_is_not_replaced(tmp_path, capsys):
+    """samples/step_*.png and eval/fd_reference.npz of the user's were silently replaced by the run's."""
+    from PIL import Image
+
+    out = tmp_path / "mine"
+    (out / "samples").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(out / "samples" / "step_0000002.png")
+    mine = (out / "samples" / "step_0000002.png").read_bytes()
+    assert main(_args(out, "--steps", "2", "--set", "train.sample_every=2")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds samples/step_0000002.png that zoo train did not write" in err and err.count("\n") == 1
+    assert (out / "samples" / "step_0000002.png").read_bytes() == mine
+    (out / "samples" / "step_0000002.png").unlink()
+    (out / "eval").mkdir()
+    (out / "eval" / "fd_reference.npz").write_bytes(b"my statistics")
+    assert main(_args(out, "--steps", "1")) == 2
+    assert "holds eval/fd_reference.npz that zoo train" in capsys.readouterr().err
+    # zoo's own grids (a run stopped before its first checkpoint, logging nothing) do not stop a new start
+    (out / "eval" / "fd_reference.npz").unlink()
+    assert main(_args(out, "--steps", "2", "--set", "train.sample_every=2", "--set", "train.log_every=0",
+                      "--set", "train.ckpt_every=0")) == 0
+    import shutil
+
+    shutil.rmtree(out / "last")
+    assert main(_args(out, "--steps", "2", "--set", "train.sample_every=2", "--set", "train.log_every=0")) == 0
 
 
 def test_resume_auto_starts_a_run_and_continues_it(tmp_path, capsys):

@@ -93,24 +93,55 @@ def holds_a_run(directory: Path) -> str | None:
 
 
 def files_not_from_zoo_train(directory: Path) -> list[str]:
-    """``log.jsonl`` / ``loss.png`` in ``directory`` that a run there would replace but zoo train did not
-    write: a log with a line that is not one of its records, a plot beside no such log. (A run that
-    stopped before its first checkpoint left a log of its own records: it may start again.)"""
+    """Files in ``directory`` that a run there would replace but zoo train did not write: a
+    ``log.jsonl`` with a line that is not one of its records, a ``loss.png`` beside no such log, a
+    ``samples/step_*.png`` that is not one of its grids, an ``eval/fd_reference.npz`` that is not
+    its FD reference. (A run that stopped before its first checkpoint left a log of its own
+    records: it may start again.)"""
     import json
 
     log, plot = directory / "log.jsonl", directory / "loss.png"
-    ours = False
     if log.is_file():
         try:
             lines = log.read_text(encoding="utf-8").splitlines()
             records = [json.loads(line) for line in lines if line.strip()]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             records = [None]
-        ours = all(isinstance(r, dict) and isinstance(r.get("step"), int)
-                   and any(k in r for k in ("loss", "fd", "val_loss")) for r in records)
-        if not ours:
-            return ["log.jsonl"]
-    return ["loss.png"] if plot.exists() and not ours else []
+        if all(isinstance(r, dict) and isinstance(r.get("step"), int)
+               and any(k in r for k in ("loss", "fd", "val_loss")) for r in records):
+            return []
+        return ["log.jsonl"]
+    found = ["loss.png"] if plot.exists() else []
+    grids = [p for p in sorted((directory / "samples").glob("step_*.png")) if not _a_zoo_grid(p)]
+    found += [f"samples/{grids[0].name}"] if grids else []
+    reference = directory / "eval" / "fd_reference.npz"
+    return found + (["eval/fd_reference.npz"] if reference.exists() and not _a_zoo_reference(reference) else [])
+
+
+def _a_zoo_grid(path: Path) -> bool:
+    """A PNG zoo wrote (its text chunk says so; PIL reads it with the header, not the pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from zoo.sample import GRID_SOFTWARE
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Software") == GRID_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def _a_zoo_reference(path: Path) -> bool:
+    """An FD reference zoo train wrote: an npz with its ``identity`` entry."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return "identity" in npz.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def run_of(checkpoint: Path) -> Path:
@@ -182,7 +213,8 @@ def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "-
                         "checkpoints and log", suggestion=f"continue it with --resume {out}, or choose another {option}")
     if found and isinstance(resuming, (str, Path)):
         source = Path(resuming).expanduser()
-        if source.is_dir() and run_of(source) != out.resolve():  # a file: the resume's own error names it
+        checkpoint = source.is_dir() and (holds_a_run(source) or enclosing_checkpoint(source) == source)
+        if checkpoint and run_of(source) != out.resolve():  # not a checkpoint: the resume's own error names it
             raise UserError(f"{option} {out} already holds a run ({found}), and --resume {resuming} is another "
                             f"run's checkpoint: continuing it there would replace {out}'s checkpoints and log",
                             suggestion=f"continue {resuming} into a new {option}, or resume {out} itself")

@@ -409,6 +409,9 @@ def image_grid(images: Tensor, nrow: int, padding: int = 2, pad_value: float = 1
     return grid
 
 
+GRID_SOFTWARE = "zoo"
+
+
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Write images (B, C, H, W) in [0, 1] as one 8-bit PNG grid, atomically; nrow defaults to ⌈√B⌉."""
     from PIL import Image
@@ -417,5 +420,9 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
 
     grid = image_grid(images.float().clamp(0.0, 1.0), nrow or math.ceil(math.sqrt(images.shape[0])))
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    from PIL.PngImagePlugin import PngInfo
+
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    return write_file(path, lambda tmp: image.save(tmp, format="PNG"))
+    info = PngInfo()
+    info.add_text("Software", GRID_SOFTWARE)  # how zoo train tells its grids from a user's files of the same name
+    return write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
