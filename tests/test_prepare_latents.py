@@ -211,11 +211,21 @@ def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_va
     prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
     sets = ["--set", "data.dataset=latents", "--set", f"data.root={out}", "--set", "data.num_classes=2",
             "--set", "train.batch_size=4",
-            "--set", "train.sample_every=0", "--set", "train.ckpt_every=0", "--set", "train.log_every=1"]
+            "--set", "train.sample_every=2", "--set", "train.ckpt_every=0", "--set", "train.log_every=1"]
+    capsys.readouterr()
     assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run"), "--steps", "3",
                  "--device", "cpu", *sets]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
+    # No VAE in the recipe: said once among the first lines, with the fix zoo train takes (it said
+    # 'pass --vae', which zoo train refuses, at every grid)
+    out_lines = capsys.readouterr().out.splitlines()
+    warned = [i for i, line in enumerate(out_lines) if "this run draws no sample grids" in line]
+    assert len(warned) == 1 and warned[0] < 8 and "--set data.vae=DIR" in out_lines[warned[0]]
+    assert not (tmp_path / "run" / "samples").exists()
+    assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run2"), "--steps", "2",
+                 "--device", "cpu", *sets, "--set", f"data.vae={vae_dir}"]) == 0
+    assert (tmp_path / "run2" / "samples" / "step_0000002.png").is_file()
     # The run samples through the same VAE, built from its own config (2x down here, not SD's 8x).
     capsys.readouterr()
     assert main(["sample", str(tmp_path / "run"), "--n", "2", "--vae", str(vae_dir), "--solver", "ddim", "--steps", "2",
@@ -923,6 +933,13 @@ def test_a_recipe_pointed_at_the_other_kind_of_data_says_so(tmp_path, vae_dir, i
         build_dataset({"dataset": "latents", "root": str(image_dir)}, (4, 8, 8), 2)
     with pytest.raises(UserError, match="it holds latent shards, and this recipe trains on pixels"):
         build_dataset({"dataset": "image_folder", "root": str(out)}, (3, 16, 16), 2)
+    flat = tmp_path / "flat"  # images straight in the root: 'point data.root at a directory with data' was no help
+    flat.mkdir()
+    for i, source in enumerate(sorted(image_dir.rglob("*.png"))[:2]):
+        (flat / f"{i}.png").write_bytes(source.read_bytes())
+    with pytest.raises(UserError, match=rf"its images lie in data.root itself: an image folder takes each image's "
+                                        rf"label from its subfolder, so move them into one \(e.g. {flat / 'all'}/"):
+        build_dataset({"dataset": "image_folder", "root": str(flat)}, (3, 16, 16), 2)
 
 
 def test_macos_appledouble_files_are_not_images(tmp_path):

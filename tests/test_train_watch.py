@@ -31,7 +31,7 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     params = sum(p.numel() for p in zoo.build_model(r).parameters())
     assert lines[0] == f"zoo train: run directory {tmp_path.resolve()}"
     assert f"{params:,} parameters" in lines[1] and "device cpu" in lines[2]
-    assert f"tensorboard --logdir {tmp_path / 'tb'}" in lines[3]
+    assert lines[3].endswith(f"tensorboard --logdir {tmp_path / 'tb'}` (loss.png, log.jsonl, samples/)")
     assert [line.split()[1] for line in lines[4:7]] == ["1", "2", "3"]  # not a TTY: one plain line per record
     records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [1, 2, 3] and all(x["loss"] > 0 for x in records)
@@ -45,6 +45,15 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in logged] == [1, 2, 3]
     assert all(abs(v - x["loss"]) < 1e-6 * x["loss"] for (_, v), x in zip(logged, records))
+
+
+def test_a_run_that_logs_nothing_does_not_point_at_files_it_never_writes(tmp_path):
+    """With train.log_every 0 the first lines still said 'watch with tensorboard (loss.png, log.jsonl)'."""
+    lines = []
+    r = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=0"])
+    train(r, tmp_path, steps=1, log=lines.append)
+    assert "zoo train: train.log_every is 0: nothing is logged (no log.jsonl, loss.png or TensorBoard events)" in lines
+    assert not any("tensorboard --logdir" in line for line in lines) and not (tmp_path / "log.jsonl").exists()
 
 
 def _one_step_lines(out, precision: str) -> list[str]:

@@ -104,7 +104,7 @@ def check_decoder_fits(weights: Path, data: Mapping[str, Any]) -> None:
     if diff:
         raise UserError(f"the VAE {weights} does not fit the latents in {manifest.parent} ({'; '.join(diff)}: "
                         f"they were encoded with {made.get('weights', 'another VAE')})",
-                        suggestion="pass that VAE as --vae (or data.vae)")
+                        suggestion="give that VAE as data.vae (--set data.vae=DIR, or --vae)")
 
 
 @torch.no_grad()

@@ -40,7 +40,8 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytor
 LDM_PATTERNS = ("*.safetensors", "*.pth", "*.ckpt", "*.pt", "*.bin")
 
 _FIX = (
-    "pass --vae DIR (or set data.vae in the recipe) to a local copy of the Stable Diffusion KL-f8 VAE, "
+    "give a local copy of the Stable Diffusion KL-f8 VAE as data.vae (--set data.vae=DIR; zoo sample and "
+    "zoo eval also take --vae DIR), "
     "e.g. the files of huggingface.co/stabilityai/sd-vae-ft-ema (diffusion_pytorch_model.safetensors) "
     "or U-ViT's assets/stable-diffusion/autoencoder_kl_ema.pth; zoo never downloads weights"
 )
@@ -95,7 +96,7 @@ def find_vae_weights(directory: str | Path) -> Path:
         return (ema or found)[0]
     if found:
         raise UserError(f"VAE directory {directory} holds several weight files ({', '.join(f.name for f in found)})",
-                        suggestion="pass the file itself as --vae (or data.vae)")
+                        suggestion="give the file itself as data.vae (or --vae)")
     raise UserError(f"no VAE weights (.safetensors/.pth/.ckpt/.bin) in {directory}: {_FIX}")
 
 

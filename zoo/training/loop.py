@@ -33,7 +33,7 @@ from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, l
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.precision import autocast_dtype, set_tf32
-from zoo.sample import check_sample_section, num_classes
+from zoo.sample import check_sample_section, num_classes, vae_weights
 from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
 from zoo.training.data import EpochSampler, batches, build_dataset, unread_data_keys
@@ -163,6 +163,13 @@ class Trainer:
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if int(self.train.get("sample_every") or 0) or int(self.train.get("eval_every") or 0):
             check_sample_section(recipe)  # the grids' and evaluations' solver: now, not at their first step
+        self.grids = bool(int(self.train.get("sample_every") or 0))
+        if self.grids:
+            try:  # a latent model's VAE: said once now, not as a warning at every grid
+                vae_weights(recipe, None)
+            except UserError as err:
+                self.grids = False
+                self.after_banner.append(f"zoo train: warning: this run draws no sample grids: {err}")
         if self.train["compile"]:
             check_compile_toolchain(self.device)
         if self.device.type == "cuda":
@@ -372,6 +379,8 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
 
+        if not self.grids:  # said at the start (every rank agrees: under FSDP ema_copy is collective)
+            return None
         model = self.ema_copy()
         if model is None:
             return None
@@ -475,7 +484,12 @@ class Trainer:
         self.log(f"zoo train: {self.model_name} with {params:,} parameters; steps {self.step} -> {total}, "
                  f"global batch {self.batch} (grad_accum {self.accum}), precision {self.train['precision']}")
         self.log(f"zoo train: device {self.ctx.describe()}")
-        self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl, samples/)")
+        if self._period("log_every") > 0:
+            grids = ", samples/" if self.grids else ""
+            self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl{grids})")
+        else:
+            self.log("zoo train: train.log_every is 0: nothing is logged (no log.jsonl, loss.png or TensorBoard "
+                     "events)")
         for line in self.after_banner:  # where the weights came from (a resume, train.init_from) and its notes
             self.log(line)
         self.after_banner.clear()
