@@ -56,8 +56,8 @@ def check_inputs(model: str, x: Tensor, y: Tensor | None, channels: int, size: i
     if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_labels:
-            raise UserError(f"label {low if low < 0 else high} is out of range: this {model} has labels 0..{num_labels - 1}"
-                            " (the null label included)")
+            raise UserError(f"label {low if low < 0 else high} is out of range: this {model} embeds labels "
+                            f"0..{num_labels - 1} (a null label for guidance among them, where it has one)")
 
 
 def refuse_block_settings(block: Callable[..., nn.Module], passed: tuple[str, ...], model: str) -> None:

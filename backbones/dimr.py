@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, time_blind
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
-from zoo.domains import (MAX_SIZE, Calls, Channels, Classes, ConditionerFactory, Depth, Doc, ImageSize, PatchSize, Range,
-                         Rule, Width)
+from zoo.domains import (MAX_CLASSES, MAX_SIZE, Calls, Channels, ConditionerFactory, Depth, Doc, ImageSize, PatchSize,
+                         Range, Rule, Width)
 from zoo.errors import UserError
 
 from .common import PosEmbedInit, check_inputs, init_pos_embed_
@@ -144,7 +144,7 @@ class DiMR(nn.Module):
         self,
         in_channels: Channels = 4,
         input_size: ImageSize = 32,
-        num_classes: Classes = 1001,
+        num_classes: Annotated[int, Range(1, MAX_CLASSES), Doc("1 = unconditional: the null label only")] = 1001,
         branches: Sequence[BranchConfig] = (),
         norm: ConditionerFactory = TimeDependentLayerNorm,
         class_embedding: bool = False,

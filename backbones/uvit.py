@@ -29,7 +29,7 @@ from zoo.conditioning.embeddings import TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.conditioning.time_dependent import STEP_TIME_SCALE
 from zoo.conditioning.time_token import TimeToken
-from zoo.domains import (MAX_CLASSES, Calls, Channels, ConditionerFactory, Depth, Divisible, Doc, FrequencyWidth, Heads,
+from zoo.domains import (MAX_CLASSES, MAX_DEPTH, Calls, Channels, ConditionerFactory, Divisible, Doc, FrequencyWidth, Heads,
                          ImageSize, PatchSize, Range, Ratio, Width)
 from zoo.errors import UserError
 
@@ -72,7 +72,8 @@ class UViT(nn.Module):
         patch_size: PatchSize = 16,
         in_chans: Channels = 3,
         embed_dim: Width = 768,
-        depth: Depth = 12,
+        depth: Annotated[int, Range(1, MAX_DEPTH), Doc("blocks: depth // 2 in, 1 mid, depth // 2 out, as the official "
+                                                       "U-ViT builds them (depth 12: 13 blocks; 2 and 3: 3)")] = 12,
         num_heads: Heads = 12,
         mlp_ratio: Ratio = 4.0,
         qkv_bias: bool = False,

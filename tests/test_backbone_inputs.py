@@ -55,7 +55,7 @@ def test_an_image_of_the_wrong_shape_names_the_shape_the_model_takes(built, case
 
 
 @pytest.mark.parametrize("labels, message", [
-    (lambda rows: torch.tensor([0, rows]), "label {rows} is out of range: this {name} has labels 0..{last}"),
+    (lambda rows: torch.tensor([0, rows]), "label {rows} is out of range: this {name} embeds labels 0..{last}"),
     (lambda rows: torch.tensor([-1, 0]), "label -1 is out of range"),
     (lambda rows: [0, 1], "takes y as 2 integer labels .*, got list"),
     (lambda rows: torch.tensor([0.0, 1.0]), r"got torch.float32 of shape \(2,\)"),

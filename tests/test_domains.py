@@ -138,6 +138,7 @@ def test_rules_between_arguments(tmp_path, old, new, key, expected):
     ("model.branches.0.block.num_heads=3", "model.branches.0.block", "dim=32 must be divisible by the block's num_heads=3"),
     ("model.branches.1.head_kernel_size=4", "model.branches.1.head_kernel_size", "needs head_kernel_size odd"),
     ("model.branches.1.block.kernel_size=4", "model.branches.1.block.kernel_size", "needs kernel_size odd"),
+    ("model.num_classes=0", "model.num_classes", "(1 = unconditional: the null label only), got 0"),  # U-ViT's is <= 0
 ])  # fmt: skip
 def test_dimr_branch_grids_and_blocks(override, key, expected):
     with pytest.raises(UserError) as info:
@@ -167,6 +168,12 @@ def test_listings_show_types_defaults_domains_and_rules(capsys):
     depth = next(line for line in out.splitlines() if line.split()[:1] == ["depth"])
     assert depth.split() == ["depth", "int", "28", "in", "[1,", "1024]"]
     assert "rules: input_size divisible by patch_size; hidden_size divisible by num_heads" in out
+    assert main(["list", "backbone", "dimr"]) == 0  # the keys of a branch, which the listing left out
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("  branches: each item a mapping of")
+    assert [line.split()[:3] for line in lines[start + 2:start + 4]] == [["dim", "int", "required"],
+                                                                         ["depth", "int", "required"]]
+    assert any(line.split()[:1] == ["head_kernel_size"] for line in lines[start:])
     assert main(["build", "--help-component", "dpm_solver++"]) == 0
     out = capsys.readouterr().out
     assert "one of multistep, singlestep, singlestep_fixed, adaptive" in out and "rules: t_end < t_start" in out

@@ -121,6 +121,9 @@ def test_count_restores_training_mode_and_rejects_bad_counters():
         meta = _Convs()
     with pytest.raises(UserError, match="real tensors"):
         count_flops(meta, (torch.randn(1, 3, 8, 8, device="meta"),), counter="fvcore")
+    # no inputs and no example_inputs: the fix names both ways (it said "pass inputs=", which the CLI cannot)
+    with pytest.raises(UserError, match=r"_Convs has no example_inputs\(batch\) method, .*count_flops\(model, inputs="):
+        count_flops(model)
 
 
 def test_dit_tiny_matches_closed_form():

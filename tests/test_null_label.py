@@ -26,7 +26,7 @@ def test_num_labels_is_the_label_table_of_every_backbone(recipe):
     rows = model.num_labels
     with torch.no_grad():
         model(x, t, torch.tensor([rows - 1]))
-        with pytest.raises(UserError, match=rf"label {rows} is out of range: this .* has labels 0..{rows - 1}"):
+        with pytest.raises(UserError, match=rf"label {rows} is out of range: this .* embeds labels 0..{rows - 1}"):
             model(x, t, torch.tensor([rows]))  # an IndexError from the embedding before forward checked labels
     tables = [m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     assert tables and set(tables) == {rows}  # the check's range is the label tables' own

@@ -134,7 +134,9 @@ def _as_args(inputs: Any) -> tuple:
 
 def _default_inputs(model: nn.Module) -> tuple:
     if not hasattr(model, "example_inputs"):
-        raise UserError(f"{type(model).__name__} has no example_inputs(); pass inputs= explicitly")
+        raise UserError(f"{type(model).__name__} has no example_inputs(batch) method, so zoo cannot make its inputs",
+                        suggestion="give the class example_inputs(batch) returning its forward's arguments (zoo build "
+                        "--flops), or call zoo.flops.count_flops(model, inputs=...)")
     return model.example_inputs(1)
 
 

@@ -48,7 +48,25 @@ def component_details(entry: registry.Entry, indent: str = "      ") -> str:
     rules = rule_texts(obj)
     if rules:
         text += f"\n{indent}rules: " + "; ".join(rules)
+    for name, record in _records(obj):  # DiMR's branches: the keys each list item takes
+        sub = parameter_rows(record, from_parent=False)
+        text += f"\n{indent}{name}: each item a mapping of\n" + format_table(
+            [("key", "type", "default", "allowed")] + sub, indent + "  ")
+        if rule_texts(record):
+            text += f"\n{indent}  rules: " + "; ".join(rule_texts(record))
     return text
+
+
+def _records(obj: Any) -> list[tuple[str, type]]:
+    """The parameters of ``obj`` that take a dataclass (or a list of them), with that dataclass."""
+    from zoo.introspect import constructor_annotations, dataclass_in, item_annotation
+
+    found = []
+    for name, ann in constructor_annotations(obj).items():
+        record = dataclass_in(ann) or dataclass_in(item_annotation(ann))
+        if record is not None:
+            found.append((name, record))
+    return found
 
 
 def find_entry(kind: str | None, name: str) -> registry.Entry:
@@ -98,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parameter_rows(obj: Any) -> list[tuple[str, str, str, str]]:
+def parameter_rows(obj: Any, from_parent: bool = True) -> list[tuple[str, str, str, str]]:
     """``(name, type, default, domain)`` of each constructor parameter of ``obj``, for listings.
 
-    The default is ``required``, or ``(from parent)`` for what an enclosing component passes.
+    The default is ``required``, or ``(from parent)`` for what an enclosing component passes
+    (``from_parent``: ``obj`` is a component a parent builds, not a plain record of settings).
     """
     from zoo.domains import domain_text
     from zoo.introspect import constructor_annotations, signature, type_name
@@ -122,7 +141,7 @@ def parameter_rows(obj: Any) -> list[tuple[str, str, str, str]]:
         if p.default is not p.empty:
             default = _short(p.default)
         else:
-            default = "(from parent)" if name in PARENT_SUPPLIED else "required"
+            default = "(from parent)" if from_parent and name in PARENT_SUPPLIED else "required"
         rows.append((name, type_text, default, domain_text(ann)))
     return rows
 
