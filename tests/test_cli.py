@@ -126,6 +126,15 @@ def test_build_on_cpu_of_a_model_beyond_memory_is_one_line_before_allocating(cap
                           "device has 100 MiB free")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--depth", "3"], "--depth 3: it sets the depth of the --flops table"),  # was silently ignored
+    (["--flops", "--depth", "-1"], "--depth -1: a depth is 0 or more"),
+    (["--json", "--print-recipe"], "--print-recipe prints the recipe and stops; it does not combine with --json"),
+])
+def test_build_flags_that_would_be_ignored_are_refused(capsys, flags, expected):
+    assert_one_line_error(*zoo(capsys, "build", "dit_s_2", *flags), expected)
+
+
 def test_print_recipe_prints_the_resolved_recipe(capsys, plugins):
     code, out, _ = zoo(capsys, "build", RECIPES / "sub" / "scale.yaml", "--print-recipe", "--set", "train.steps=3")
     assert code == 0

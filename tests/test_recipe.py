@@ -517,6 +517,10 @@ def test_base_names_a_shipped_recipe_and_a_child_may_refine_or_replace_a_compone
 
 def test_overrides_given_as_one_string_and_non_ascii_digits_in_keys():
     assert zoo.load_recipe("dit_s_2", "model.depth=6")["model"]["depth"] == 6
+    # (key, value) pairs, as dict(overrides).items() gives them: an AttributeError ('partition') before
+    assert zoo.load_recipe("dit_s_2", [("model.depth", 6), ("model.num_heads", 3)])["model"]["num_heads"] == 3
+    with pytest.raises(UserError, match=r"^an override is 'key=VALUE' text, got 6 "):
+        zoo.load_recipe("dit_s_2", [6])
     with pytest.raises(UserError, match="²"):
         zoo.load_recipe("dit_s_2", ["model.²=1"])
 
@@ -562,3 +566,14 @@ def test_a_learning_rate_decay_cannot_end_above_its_start():
         zoo.load_recipe("emoji32/dimr_2r", [lr, "train.min_lr=0.1"])
     assert zoo.load_recipe("emoji32/dimr_2r", [lr, "train.min_lr=0.1", "train.lr_schedule=constant"])  # no decay: unused
     assert zoo.load_recipe("emoji32/dimr_2r", [lr, "train.min_lr=1e-3"])["train"]["min_lr"] == 1e-3  # equal: a flat end
+
+
+def test_a_home_relative_recipe_and_base_are_expanded_and_a_special_file_is_no_recipe(tmp_path, monkeypatch):
+    """zoo.build_model("~/r.yaml") and `_base_: ~/r.yaml` said "recipe file not found" (only a shell expands ~)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, TINY, "base.yaml")
+    write(tmp_path, "_base_: ~/base.yaml\nmodel: {depth: 3}\n", "child.yaml")
+    assert zoo.load_recipe("~/base.yaml")["model"]["depth"] == 2
+    assert zoo.load_recipe("~/child.yaml")["model"]["depth"] == 3
+    with pytest.raises(UserError, match=r"^recipe /dev/null is not a regular file"):  # it said "not found"
+        zoo.load_recipe("/dev/null")

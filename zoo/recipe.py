@@ -60,11 +60,13 @@ class Recipe:
 
 def find_recipe(path: str | Path) -> Path:
     """``path`` itself, or else the shipped recipe at that place in ``zoo.recipes`` (a bare name, or ``recipes/...``)."""
-    path = Path(path)
+    path = Path(path).expanduser()  # "~/r.yaml" from Python or a _base_: the shell expands only its own words
     if path.is_file():
         return path
     if path.is_dir():
         raise UserError(f"recipe {path} is a directory, not a recipe file", suggestion="give a recipe's .yaml file")
+    if path.exists():  # /dev/null, a FIFO: there, but no file to read
+        raise UserError(f"recipe {path} is not a regular file", suggestion="give a recipe's .yaml file")
     if path.is_absolute():
         raise UserError(f"recipe file not found: {path}")
     shipped = resources.files("zoo.recipes")
@@ -136,7 +138,7 @@ def _apply_bases(recipe: Recipe, base_dir: Path, stack: tuple) -> Recipe:
         where = (BASE_KEY, i) if isinstance(bases, list) else (BASE_KEY,)
         if not isinstance(base, str):
             raise recipe.error(where, f"{BASE_KEY} must be a path or a list of paths, got {base!r}")
-        base_path = base_dir / base
+        base_path = base_dir / Path(base).expanduser()  # "~/bases/x.yaml" is the home directory's
         if not base_path.is_file() and not looks_relative(base):  # `_base_: dit_s_2`: a shipped recipe by name
             try:
                 base_path = find_recipe(base)
@@ -354,6 +356,11 @@ def resolve(recipe: str | Path | dict | Recipe,
     elif isinstance(overrides, Mapping):  # {"model.depth": 6}: each key was read as a "key=VALUE" text
         overrides = mapping_overrides(overrides)
     for text in overrides:
+        if isinstance(text, tuple) and len(text) == 2 and isinstance(text[0], str):  # ("model.depth", 6)
+            text = mapping_overrides(dict([text]))[0]
+        if not isinstance(text, str):
+            raise UserError(f"an override is 'key=VALUE' text, got {text!r}",
+                            suggestion="e.g. ['model.depth=6'] or {'model.depth': 6}")
         apply_override(resolved, text)
     return resolved
 

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_overrides_option(p)
     p.add_argument("--print-recipe", action="store_true", help="print the resolved, validated recipe as YAML and stop")
     p.add_argument("--flops", action="store_true", help="count GFLOPs of one forward pass (batch 1) per module")
-    p.add_argument("--depth", type=int, default=2, help="module depth of the --flops table (default 2)")
+    p.add_argument("--depth", type=int, default=None, help="module depth of the --flops table (default 2)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: params, trainable_params, gflops, by_module")
     p.add_argument("--device", choices=("meta", "cpu"), default="meta",
@@ -45,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise UserError("zoo build needs a recipe (a file or a shipped name such as dit_s_2)",
                         suggestion="or --help-component NAME to describe a component")
+    if args.depth is not None and (args.depth < 0 or not (args.flops or args.json)):
+        raise UserError(f"--depth {args.depth}: " + ("a depth is 0 or more" if args.depth < 0 else
+                        "it sets the depth of the --flops table"), suggestion="e.g. --flops --depth 3")
+    if args.print_recipe and (args.json or args.flops):
+        raise UserError("--print-recipe prints the recipe and stops; it does not combine with --json or --flops",
+                        suggestion="run them as two commands")
+    depth = 2 if args.depth is None else args.depth
     recipe = resolve(args.recipe, args.overrides)
     validate_recipe(recipe)  # every section, before anything is built
     if args.print_recipe:
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.flops or args.json:
         from zoo.flops import count_flops
 
-        report = count_flops(model, max_depth=args.depth)
+        report = count_flops(model, max_depth=depth)
 
     if args.json:
         out = {"recipe": args.recipe, "model": recipe.data["model"].get("type", recipe.data["model"].get("_target_")) if isinstance(recipe.data["model"], dict)
@@ -91,5 +98,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"parameters: {params:,} (trainable {trainable:,})")
     if report is not None:
         print(f"GFLOPs (multiply-adds, batch 1): {report.gflops:.2f}\n")
-        print(report.table(args.depth))
+        print(report.table(depth))
     return 0

@@ -45,8 +45,8 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
     objective and null label, the guidance channels and the data section's image size."""
     from zoo.training.data import check_data_section
 
-    if not recipe.get("diffusion"):  # a model recipe alone (a plugin's, a _target_ module): nothing to fit
-        return
+    if not (recipe.get("diffusion") or {}).get("time_input"):  # a model recipe alone (a plugin's, a _target_
+        return  # module), or a diffusion section not (yet) for training or sampling: nothing to fit
     training_objective(recipe, meta_model)
     example = getattr(meta_model, "example_inputs", None)
     if example is None:
