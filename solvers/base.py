@@ -199,6 +199,13 @@ class Solver:
         times = time_grid(schedule, self.skip, t_start, t_end, self.steps if n is None else n, rho=self.rho)
         return [point(schedule, t) for t in times]
 
+    @property
+    def batch_coupled(self) -> bool:
+        """True when the samples of one batch share step sizes chosen from all of them (adaptive step
+        control, as in the official DPM-Solver and torchdiffeq): each image then depends on the
+        others in its batch, so on the batch size. Fixed-grid solvers are False."""
+        return False
+
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
                generator: Generators = None) -> Tensor:
         """Integrate from ``x_T`` at t_start to t_end; ``generator`` (one, or one per sample) drives stochastic solvers."""

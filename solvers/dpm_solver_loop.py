@@ -86,6 +86,10 @@ class DPMSolverBase(Solver):
         self.order, self.method, self.lower_order_final = order, method, lower_order_final
         self.denoise_to_zero, self.solver_type, self.atol, self.rtol = denoise_to_zero, solver_type, atol, rtol
 
+    @property
+    def batch_coupled(self) -> bool:
+        return self.method == "adaptive"  # the official rule: the largest error in the batch sets the step
+
     # -- supplied by the noise / data form -------------------------------------------------
     def model_output(self, model: ScheduledModel, x: Tensor, p: Point) -> Tensor:
         raise NotImplementedError

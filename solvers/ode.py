@@ -47,6 +47,10 @@ class ODESolver(Solver):
         self.method, self.rtol, self.atol = method, rtol, atol
         self.fixed_grid = method in FIXED_GRID_METHODS
 
+    @property
+    def batch_coupled(self) -> bool:
+        return not self.fixed_grid  # torchdiffeq: one error norm, so one step size, for the whole batch
+
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
                generator: Generators = None) -> Tensor:

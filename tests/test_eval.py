@@ -297,6 +297,12 @@ def test_eval_end_to_end_writes_the_protocol_and_resumes_from_shards(run_dir, ca
     other = sorted((run_dir.parent / "other").glob("samples-last-*/shard-*.npz"))
     again = np.concatenate([np.load(s)["images"] for s in other])
     np.testing.assert_array_equal(again, np.concatenate([first[k] for k in sorted(first)]))
+    # a shard holding fewer images than its name says is named, with the fix (a rerun trusted the name)
+    with np.load(shards[1]) as f:
+        np.savez(shards[1], images=f["images"][:2], indices=f["indices"][:2])
+    capsys.readouterr()
+    assert _eval(run_dir) == 2
+    assert f"sample shard {shards[1]} holds 2 images, its name says 32 (delete it" in capsys.readouterr().err
     assert time.process_time() >= 0 and time.perf_counter() - start < 120
 
 
@@ -390,6 +396,24 @@ def test_stochastic_solver_samples_do_not_depend_on_the_batch_size(run_dir):
     np.testing.assert_array_equal(images[0], images[1])
 
 
+def test_an_adaptive_solvers_batch_size_is_part_of_its_protocol(run_dir, capsys):
+    """Adaptive steps are chosen for a whole batch: batch sizes 8 and 4 gave other images under one
+    protocol hash, so a resume with another --batch-size mixed two sample sets. A fixed-grid solver's
+    images do not depend on the batch, and its protocol names no batch size."""
+    args = ["eval", str(run_dir), "--n", "8", "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
+            "--json", "--solver", "ode"]
+    results = []
+    for batch in ("8", "4"):
+        assert main(args + ["--batch-size", batch]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert [r["protocol"]["batch_size"] for r in results] == [8, 4] and results[0]["samples"] != results[1]["samples"]
+    images = [np.concatenate([np.load(s)["images"] for s in sorted(Path(r["samples"]).glob("shard-*.npz"))])
+              for r in results]
+    assert not np.array_equal(*images)  # why they are kept apart
+    assert main(args[:-1] + ["ddim", "--steps", "3", "--batch-size", "4"]) == 0
+    assert "batch_size" not in json.loads(capsys.readouterr().out)["protocol"]
+
+
 def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatch):
     from PIL import Image
 
@@ -411,10 +435,17 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
     relabelled = load_reference(str(tmp_path / "ref"), PoolFeatures(), 8, log=lambda _: None)
     np.testing.assert_array_equal(relabelled.features[:3], first.features[3:])  # dogs are class 0 now
     assert relabelled.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # A folder of images without class folders (as pytorch-fid and torch-fidelity take one) was refused:
+    # its images are the reference, unlabelled
     (tmp_path / "flat").mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / "a.png")
-    with pytest.raises(zoo.errors.UserError, match="CLASS/IMAGE"):
-        load_reference(str(tmp_path / "flat"), PoolFeatures(), 8)
+    for c, name in enumerate(("dogs", "zebras")):
+        for i in range(3):
+            (tmp_path / "flat" / f"{c}{i}.png").write_bytes((tmp_path / "ref" / name / f"{i}.png").read_bytes())
+    flat = load_reference(str(tmp_path / "flat"), PoolFeatures(), 8, log=lambda _: None)
+    np.testing.assert_array_equal(flat.features, relabelled.features)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(zoo.errors.UserError, match="holds no images .* neither in itself nor in class subfolders"):
+        load_reference(str(tmp_path / "empty"), PoolFeatures(), 8)
 
 
 def test_a_missing_ref_is_said_before_the_extractor_is_built(run_dir, capsys, monkeypatch):

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sample",
         help="sample an image grid from a checkpoint (or a recipe's untrained model)",
         description="Sample N images and write them as one PNG grid. Reproducible for a seed and "
-        "independent of --batch-size (deterministic solvers).",
+        "independent of --batch-size, except for adaptive solvers (ode with dopri5 and the other "
+        "adaptive methods, dpm_solver method adaptive), whose step sizes are chosen for the whole batch.",
     )
     p.add_argument("source", metavar="CKPT_OR_RECIPE",
                    help="checkpoint directory (config.json + model/ema.safetensors), a zoo train run directory "
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
                             class_labels=labels, batch_size=args.batch_size, respacing=args.respacing,
                             precision=args.precision)
+    _check_grid_memory(model, recipe, args.n, args.vae)
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
     x, _ = sample_latents(model, recipe, request, device=device)
@@ -96,3 +98,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"zoo sample: wrote {images.shape[0]} images ({images.shape[-1]}x{images.shape[-2]}) to {path} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _check_grid_memory(model, recipe: dict, n: int, vae: str | None) -> None:
+    """Every sample is kept, decoded and tiled into one PNG in host memory: refuse an --n that cannot be
+    (it sampled for hours, then met the OOM killer); about 12 bytes per pixel (float images, the grid)."""
+    import torch
+
+    from zoo.errors import UserError
+    from zoo.memory import available_bytes, gib
+    from zoo.sample import vae_weights
+    from zoo.vae import vae_downsample
+
+    weights = vae_weights(recipe, vae)
+    side = int(model.example_inputs(1)[0].shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
+    need, free = 12 * 3 * side * side * n, available_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise UserError(f"--n {n} images of {side}x{side} need about {gib(need)} of memory for one grid, and "
+                        f"{gib(free)} is free", suggestion=f"use --n {max(free // (36 * side * side), 1)} or less")
+

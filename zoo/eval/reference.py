@@ -130,9 +130,12 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
         from zoo.training.data import IMAGE_SUFFIXES, ImageFolder
 
         dataset = ImageFolder(path, image_size)
+        if not dataset.items:  # no class folders: the images in the folder itself, as pytorch-fid reads one
+            dataset = ImageFolder(path, image_size, flat=True)
         if not dataset.items:
-            raise UserError(f"reference folder {path} holds no class subfolders with images "
-                            f"({', '.join(IMAGE_SUFFIXES)}); lay it out as {path}/CLASS/IMAGE")
+            raise UserError(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}), neither in "
+                            f"itself nor in class subfolders", suggestion=f"lay it out as {path}/IMAGE or "
+                            f"{path}/CLASS/IMAGE")
         identity = f"folder:{path.resolve()}:{image_size}:{_listing_digest(path, dataset.items)}"
         return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
     from zoo import registry

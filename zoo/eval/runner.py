@@ -148,6 +148,9 @@ def sample_batches(directory: Path, n: int, batch: int):
         except NPZ_ERRORS as err:
             raise UserError(f"cannot read sample shard {path}: {unreadable_npz(err, path)}",
                             suggestion="delete it and run zoo eval again to sample it again") from None
+        if len(images) != min(stop, n) - covered:  # its name claims indices it lacks: a rerun would trust the name
+            raise UserError(f"sample shard {path} holds {covered - start + len(images)} images, its name says "
+                            f"{stop - start}", suggestion="delete it and run zoo eval again to sample it again")
         covered += len(images)
         yield from array_batches(images, labels, batch)
     if covered < n:
@@ -252,14 +255,19 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     protocol = {
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": _sha256(weights_file), "solver": solver_spec,
-        "cfg": {"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
-                "channels": guidance.channels, "power": guidance.power},
+        # guidance that changes nothing (w = 1) is the unguided protocol: the same images, not sampled again
+        "cfg": ({"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
+                 "channels": guidance.channels, "power": guidance.power} if guidance.active else
+                {"scale": None, "convention": "dit", "w": None, "channels": None, "power": None}),
         "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
         # what the weights mean: the same file sampled under another schedule, prediction, time input or
         # null label gives other images
         "model": recipe.get("model"), "diffusion": recipe.get("diffusion"),
     }
+    batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
+    if solver.batch_coupled:  # adaptive steps: an image depends on its batch-mates, so samples of another
+        protocol["batch_size"] = batch  # batch size are other samples (kept apart, never mixed on a resume)
     precision = sampling_precision(recipe, request.precision, next(model.parameters()).dtype)
     computed = effective_precision(precision, device)
     if computed not in (None, "fp32"):  # other arithmetic, other samples (no key otherwise: earlier samples stay valid)
@@ -271,7 +279,6 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     reference = (load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log,  # before sampling
                                 recipe=recipe) if main else None)
-    batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
     return _Setup(model, recipe, origin, decoder, schedule, solver, guidance, precision, protocol, key,
                   eval_dir / f"samples-{ckpt.name}-{key}", batch, ref_spec, extractor, reference)
 

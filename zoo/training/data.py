@@ -53,10 +53,14 @@ class ImageFolder(Dataset):
     its subfolders in sorted order, symlinks followed), so index i is the same image in both.
     """
 
-    def __init__(self, root: Path, image_size: int) -> None:
+    def __init__(self, root: Path, image_size: int, flat: bool = False) -> None:
         try:
-            self.classes = self.class_folders(root)
-            self.items = [(f, i) for i, c in enumerate(self.classes) for f in _images_under(root / c)]
+            if flat:  # no labels: the images directly in root (an FD reference as pytorch-fid reads it), label 0
+                self.classes = []
+                self.items = [(f, 0) for f in sorted(root.iterdir()) if f.is_file() and _is_image_name(f.name)]
+            else:
+                self.classes = self.class_folders(root)
+                self.items = [(f, i) for i, c in enumerate(self.classes) for f in _images_under(root / c)]
         except OSError as err:
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
         found = {label for _, label in self.items}
@@ -133,8 +137,11 @@ def _images_under(folder: Path) -> list[Path]:
         here = os.path.realpath(top)
         dirs[:] = [d for d in dirs if not _contains(os.path.realpath(os.path.join(top, d)), here)]
         walked.append((top, names))
-    return [Path(top) / name for top, names in sorted(walked)
-            for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("._")]
+    return [Path(top) / name for top, names in sorted(walked) for name in sorted(names) if _is_image_name(name)]
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("._")
 
 
 def _contains(outer: str, inner: str) -> bool:
