@@ -23,7 +23,7 @@ from typing import Annotated, Callable
 import torch
 from torch import Tensor
 
-from zoo.domains import NonNegative, SolverSteps, Time
+from zoo.domains import Range, SolverSteps, Time
 from zoo.errors import UserError
 
 from .base import EpsFn, Generators, ScheduledModel, Skip, Solver, gaussian_noise, point
@@ -32,8 +32,8 @@ from .schedules import NoiseSchedule
 
 
 def _check_eta(eta: float) -> float:
-    if not isinstance(eta, (int, float)) or eta < 0:
-        raise UserError(f"ddim eta must be a number >= 0, got {eta!r}")
+    if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise UserError(f"ddim eta must be a number in [0, 1] (0: deterministic, 1: DDPM's variance), got {eta!r}")
     return float(eta)
 
 
@@ -45,7 +45,9 @@ def ddim_step(x0: Tensor, eps: Tensor, abar: float, abar_prev: float, eta: float
     return x + c * noise() if c > 0 else x
 
 
-Eta = Annotated[float, NonNegative]  # DDIM's η: 0 is deterministic, 1 is DDPM-like
+# DDIM's η: 0 is deterministic, 1 DDPM's posterior variance; above 1 the noise would exceed what the
+# step leaves (sqrt of a negative, NaN in ADM's code; a silent clamp here before)
+Eta = Annotated[float, Range(0, 1)]
 
 
 class DDIMSolver(ChainSolver):

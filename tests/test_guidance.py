@@ -191,3 +191,12 @@ def test_guiding_more_channels_than_the_model_has_is_refused():
     with pytest.raises(UserError, match=r"key sample.cfg.channels: sample.cfg.channels is 7, but the model has 3 "
                                         r"channels \(at most 3, or remove it to guide every channel\)"):
         guided_eps_fn(ToyNet(), recipe, build_schedule(recipe), y, GuidanceSettings(4.0, channels=7), 3)
+
+
+def test_a_guidance_weight_of_one_is_no_guidance_with_or_without_a_power_schedule():
+    """DiMR's 1 + (w - 1)·decay is 1 for w = 1, yet a power made it 'active': every step ran the model on a
+    doubled batch for the unguided result."""
+    from zoo.diffusion.setup import GuidanceSettings
+
+    assert not GuidanceSettings(1.0, power=2.0).active and not GuidanceSettings(0.0, "uvit", power=1.0).active
+    assert GuidanceSettings(1.5, power=2.0).active and GuidanceSettings(1.5).active

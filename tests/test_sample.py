@@ -324,7 +324,7 @@ def test_a_vae_folder_with_several_weight_files_takes_the_ema_one_or_asks(tmp_pa
     assert find_vae_weights(tmp_path) == tmp_path / "autoencoder_kl_ema.pth"
     (tmp_path / "other_ema.ckpt").write_bytes(b"")
     with pytest.raises(UserError, match=r"several weight files \(autoencoder_kl.pth, autoencoder_kl_ema.pth, "
-                                        r"other_ema.ckpt\) \(pass the file itself"):
+                                        r"other_ema.ckpt\) \(give the file itself"):
         find_vae_weights(tmp_path)
     assert find_vae_weights(tmp_path / "other_ema.ckpt") == tmp_path / "other_ema.ckpt"
 
@@ -439,3 +439,37 @@ def test_grid_matches_torchvision_layout(tmp_path):
         pixels = torch.from_numpy(__import__("numpy").asarray(im).copy()).permute(2, 0, 1)
     expected = (image_grid(images, cols) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
     assert torch.equal(pixels, expected)  # torchvision's save_image rounding
+
+
+def test_a_vae_for_a_pixel_model_is_refused_not_ignored(tmp_path, capsys):
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    argv = ["sample", str(recipe), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    assert main(argv + ["--vae", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.endswith(f"zoo: error: --vae {tmp_path}: this model samples pixels (its recipe's "
+                                            "data.latent is not set), so there is nothing to decode (drop --vae)\n")
+    assert not (tmp_path / "g.png").exists() and main(argv) == 0
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "0"], "zoo: error: --steps 0: key sample.solver.steps: steps must be a positive integer"),
+    (["--solver", "bogus"], "zoo: error: --solver bogus: key sample.solver.type: unknown solver 'bogus'"),
+    (["--solver", "dpm_solver++", "--respacing", "10,15"], "(--respacing walks ADM's respaced chain: solvers ddpm and "
+     "ddim)"),
+])
+def test_a_bad_solver_option_names_the_option_not_an_internal_spec(tmp_path, capsys, flags, expected):
+    """The messages began '<solver spec>: key steps:', naming no option the user typed."""
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    assert main(["sample", str(recipe), "--n", "2", "--out", str(tmp_path / "g.png"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "<solver spec>" not in err
+
+
+def test_an_n_whose_grid_cannot_fit_in_memory_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    """Every sample is kept and tiled into one PNG: --n 100000000 sampled on until the OOM killer came."""
+    from zoo import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)  # 1 MiB free, whatever the machine
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    assert main(["sample", str(recipe), "--n", "1000", "--out", str(tmp_path / "g.png")]) == 2
+    assert ("zoo: error: --n 1000 images of 8x8 need about 2 MiB of memory for one grid, and 1 MiB is free "
+            "(use --n 455 or less)") in capsys.readouterr().err

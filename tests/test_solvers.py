@@ -587,3 +587,15 @@ def test_an_eps_fn_returning_per_branch_predictions_is_named_not_broadcast(name)
         build_solver(name, steps=2).sample(lambda x, t: torch.zeros(2, 3, 4, 4), x, schedule=sched)
     out = build_solver(name, steps=2).sample(lambda x, t: branches(x, t)[-1], x, schedule=sched)
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddim_grid"])
+def test_ddim_eta_above_one_is_refused_not_clamped(solver):
+    """Past 1 the noise exceeds what the step leaves: ADM's formula takes a negative square root (NaN);
+    zoo clamped it to 0 silently and sampled something else (|x| of 4e4 at eta 100)."""
+    import zoo
+    from zoo.errors import UserError
+
+    assert zoo.build_component("solver", {"type": solver, "eta": 1.0}).eta == 1.0
+    with pytest.raises(UserError, match=r"eta must be a number in \[0, 1\], got 1.5"):
+        zoo.build_component("solver", {"type": solver, "eta": 1.5})

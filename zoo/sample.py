@@ -195,7 +195,17 @@ def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None,
             spec.pop("steps", None)
         spec["respacing"] = str(respacing)
     spec.update(options)
-    return zoo.build_component("solver", spec), spec
+    try:
+        return zoo.build_component("solver", spec), spec
+    except UserError as err:  # name the option that set the key, not the "<solver spec>" it was built from
+        key = (err.key_path or "").split(".")[0]
+        given = {"type": ("--solver", name), "steps": ("--steps", steps), "respacing": ("--respacing", respacing)}
+        flag, value = given.get(key, (None, None))
+        err.file, err.line = (f"{flag} {value}" if value is not None else None), None
+        err.key_path = "sample.solver" + (f".{key}" if key else "")
+        if key == "respacing" and "unknown parameter" in err.message:
+            err.suggestion = "--respacing walks ADM's respaced chain: solvers ddpm and ddim"
+        raise
 
 
 def num_classes(recipe: Mapping[str, Any]) -> int | None:
@@ -361,6 +371,9 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
     """
     data = recipe.get("data") or {}
     if not data.get("latent"):
+        if vae_dir is not None:  # it was accepted and ignored
+            raise UserError(f"--vae {vae_dir}: this model samples pixels (its recipe's data.latent is not set), "
+                            "so there is nothing to decode", suggestion="drop --vae")
         return None
     from zoo.latents import check_decoder_fits
     from zoo.vae import find_vae_weights

@@ -104,7 +104,7 @@ class GuidanceSettings:
     @property
     def active(self) -> bool:
         """Whether guidance changes anything (a scale that is not the convention's 'off')."""
-        return self.scale is not None and not (self.w == 1.0 and self.power is None)
+        return self.scale is not None and self.w != 1.0  # w = 1: 1 + (w - 1)·decay is 1 under DiMR's power too
 
     def describe(self) -> str:
         if not self.active:
