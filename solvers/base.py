@@ -30,6 +30,15 @@ Skip = Annotated[str, OneOf(SKIP_TYPES, "skip")]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
+def refuse_unused(options: dict, why: str, fix: str) -> None:
+    """Refuse the options of ``options`` that were given (not ``None``) but would be ignored: an option that
+    changes nothing was accepted and the samples were not what the recipe said."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise UserError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} unused here: {why}",
+                        key_path=given[0], suggestion=fix)
+
+
 def gaussian_noise(like: Tensor, generator: Generators = None) -> Tensor:
     """Standard normal noise shaped like ``like`` for a stochastic solver step.
 

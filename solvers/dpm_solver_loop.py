@@ -31,7 +31,7 @@ from torch import Tensor
 from zoo.domains import OneOf, PositiveFloat, Range, SolverSteps, Time
 from zoo.errors import UserError
 
-from .base import EpsFn, Generators, Point, ScheduledModel, Skip, Solver, check_choice, time_grid
+from .base import EpsFn, Generators, Point, ScheduledModel, Skip, Solver, check_choice, refuse_unused, time_grid
 from .schedules import NoiseSchedule
 
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
@@ -67,10 +67,18 @@ class DPMSolverBase(Solver):
 
     def __init__(self, steps: SolverSteps | None = None, order: Annotated[int, Range(1, 3)] = 2, skip: Skip = "time_uniform",
                  method: Annotated[str, OneOf(METHODS, "method")] = "multistep",
-                 lower_order_final: bool = True, t_start: Time | None = None, t_end: Time | None = None,
+                 lower_order_final: bool | None = None, t_start: Time | None = None, t_end: Time | None = None,
                  denoise_to_zero: bool = False, solver_type: Annotated[str, OneOf(SOLVER_TYPES, "solver_type")] = "dpmsolver",
-                 atol: PositiveFloat = 0.0078, rtol: PositiveFloat = 0.05):
+                 atol: PositiveFloat | None = None, rtol: PositiveFloat | None = None):
+        """``lower_order_final`` (default true) is multistep's; ``atol``/``rtol`` (0.0078, 0.05) adaptive's."""
         check_choice("method", method, METHODS)
+        if method != "adaptive":
+            refuse_unused({"atol": atol, "rtol": rtol},
+                          f"the tolerances set the steps of method adaptive only, not {method}'s",
+                          "drop them, or set method: adaptive")
+        if method != "multistep":
+            refuse_unused({"lower_order_final": lower_order_final}, f"it shapes only method multistep's last steps, "
+                          f"not {method}'s", "drop it, or set method: multistep")
         if method == "adaptive" and steps is not None:  # it would be ignored: atol and rtol set the steps
             raise UserError(f"adaptive DPM-Solver: atol and rtol set its steps, not steps={steps}",
                             key_path="sample.solver.steps",
@@ -83,8 +91,10 @@ class DPMSolverBase(Solver):
             raise UserError(f"multistep DPM-Solver of order {order} needs steps >= {order}, got {steps}")
         if method == "singlestep_fixed" and steps < order:
             raise UserError(f"singlestep_fixed of order {order} needs steps >= {order}, got {steps}")
-        self.order, self.method, self.lower_order_final = order, method, lower_order_final
-        self.denoise_to_zero, self.solver_type, self.atol, self.rtol = denoise_to_zero, solver_type, atol, rtol
+        self.order, self.method = order, method
+        self.lower_order_final = True if lower_order_final is None else lower_order_final
+        self.denoise_to_zero, self.solver_type = denoise_to_zero, solver_type
+        self.atol, self.rtol = 0.0078 if atol is None else atol, 0.05 if rtol is None else rtol
 
     @property
     def batch_coupled(self) -> bool:

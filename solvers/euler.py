@@ -18,7 +18,7 @@ from torch import Tensor
 
 from zoo.domains import PositiveFloat, SolverSteps, Time
 
-from .base import EpsFn, Generators, ScheduledModel, Skip, Solver
+from .base import EpsFn, Generators, ScheduledModel, Skip, Solver, refuse_unused
 from .schedules import NoiseSchedule
 
 
@@ -28,9 +28,12 @@ class EulerSolver(Solver):
     heun = False
 
     def __init__(self, steps: SolverSteps = 50, skip: Skip = "karras", t_start: Time | None = None,
-                 t_end: Time | None = None, rho: PositiveFloat = 7.0):
+                 t_end: Time | None = None, rho: PositiveFloat | None = None):
+        """``rho`` (default 7) shapes the karras grid only."""
+        if skip != "karras":
+            refuse_unused({"rho": rho}, f"it shapes only skip karras's grid, not {skip}'s", "drop it, or set skip: karras")
         super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
-        self.rho = rho
+        self.rho = 7.0 if rho is None else rho
 
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,

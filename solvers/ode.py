@@ -22,7 +22,7 @@ from torch import Tensor
 from zoo.domains import OneOf, PositiveFloat, SolverSteps, Time
 from zoo.errors import UserError
 
-from .base import EpsFn, Generators, ScheduledModel, Skip, Solver, check_choice, point, time_grid
+from .base import EpsFn, Generators, ScheduledModel, Skip, Solver, check_choice, point, refuse_unused, time_grid
 from .schedules import NoiseSchedule
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -33,10 +33,14 @@ class ODESolver(Solver):
     """Black-box ODE solve (torchdiffeq ``odeint``) of the probability-flow ODE in λ."""
 
     def __init__(self, method: Annotated[str, OneOf(ADAPTIVE_METHODS + FIXED_GRID_METHODS, "method")] = "dopri5",
-                 rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5, steps: SolverSteps | None = None,
+                 rtol: PositiveFloat | None = None, atol: PositiveFloat | None = None, steps: SolverSteps | None = None,
                  skip: Skip = "logSNR", t_start: Time | None = None, t_end: Time | None = None):
-        """``steps`` and ``skip`` set the grid of fixed-grid methods; adaptive methods ignore them."""
+        """``steps`` and ``skip`` set the grid of fixed-grid methods, ``rtol``/``atol`` (1e-5) the steps of
+        adaptive ones."""
         check_choice("ode method", method, ADAPTIVE_METHODS + FIXED_GRID_METHODS)
+        if method in FIXED_GRID_METHODS:
+            refuse_unused({"rtol": rtol, "atol": atol}, f"ode method {method!r} steps on a fixed grid",
+                          "drop them, or pick an adaptive method (dopri5, ...)")
         if method in FIXED_GRID_METHODS and steps is None:
             raise UserError(f"ode method {method!r} steps on a fixed grid: give steps")
         if method in ADAPTIVE_METHODS and steps is not None:  # it would be ignored: the tolerances set the steps
@@ -44,7 +48,7 @@ class ODESolver(Solver):
                             suggestion=f"drop --steps, or pick a fixed-grid method ({', '.join(FIXED_GRID_METHODS[:5])}, ...)"
                             " with --set sample.solver.method=rk4")
         super().__init__(steps=steps or 1, skip=skip, t_start=t_start, t_end=t_end)
-        self.method, self.rtol, self.atol = method, rtol, atol
+        self.method, self.rtol, self.atol = method, 1e-5 if rtol is None else rtol, 1e-5 if atol is None else atol
         self.fixed_grid = method in FIXED_GRID_METHODS
 
     @property

@@ -7,6 +7,7 @@ the NFE of every method, ADM's respacing rule and its DDPM/DDIM loops written fr
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -599,3 +600,32 @@ def test_ddim_eta_above_one_is_refused_not_clamped(solver):
     assert zoo.build_component("solver", {"type": solver, "eta": 1.0}).eta == 1.0
     with pytest.raises(UserError, match=r"eta must be a number in \[0, 1\], got 1.5"):
         zoo.build_component("solver", {"type": solver, "eta": 1.5})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "dpm_solver++", "atol": 0.5}, "atol is unused here: the tolerances set the steps of method adaptive only"),
+    ({"type": "dpm_solver", "method": "singlestep", "rtol": 0.5}, "rtol is unused here"),
+    ({"type": "dpm_solver++", "method": "singlestep", "lower_order_final": False},
+     "lower_order_final is unused here: it shapes only method multistep's last steps, not singlestep's"),
+    ({"type": "ode", "method": "rk4", "steps": 3, "rtol": 1e-3}, "rtol is unused here: ode method 'rk4' steps on a fixed"),
+    ({"type": "euler", "skip": "logSNR", "rho": 3.0}, "rho is unused here: it shapes only skip karras's grid"),
+    ({"type": "heun", "skip": "time_uniform", "rho": 3.0}, "rho is unused here"),
+])
+def test_an_option_the_solver_would_ignore_is_refused(spec, message):
+    """Each was accepted and changed nothing (the samples bit-identical with and without it)."""
+    import zoo
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        zoo.build_component("solver", spec)
+
+
+def test_the_same_options_where_they_act_are_taken_with_the_old_defaults():
+    import zoo
+
+    adaptive = zoo.build_component("solver", {"type": "dpm_solver++", "method": "adaptive", "atol": 0.01})
+    assert (adaptive.atol, adaptive.rtol) == (0.01, 0.05)
+    multistep = zoo.build_component("solver", {"type": "dpm_solver++"})
+    assert multistep.lower_order_final is True and (multistep.atol, multistep.rtol) == (0.0078, 0.05)
+    assert zoo.build_component("solver", {"type": "euler", "rho": 3.0}).rho == 3.0
+    assert zoo.build_component("solver", {"type": "euler"}).rho == 7.0
+    assert (zoo.build_component("solver", "ode").rtol, zoo.build_component("solver", "ode").atol) == (1e-5, 1e-5)

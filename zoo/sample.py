@@ -198,7 +198,7 @@ def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None,
     try:
         return zoo.build_component("solver", spec), spec
     except UserError as err:  # name the option that set the key, not the "<solver spec>" it was built from
-        key = (err.key_path or "").split(".")[0]
+        key = (err.key_path or "").removeprefix("sample.solver").lstrip(".").split(".")[0]
         given = {"type": ("--solver", name), "steps": ("--steps", steps), "respacing": ("--respacing", respacing)}
         flag, value = given.get(key, (None, None))
         err.file, err.line = (f"{flag} {value}" if value is not None else None), None

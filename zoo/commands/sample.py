@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
                             class_labels=labels, batch_size=args.batch_size, respacing=args.respacing,
                             precision=args.precision)
-    _check_grid_memory(model, recipe, args.n, args.vae)
+    _check_grid_memory(model, recipe, request.count(), args.vae)
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
     x, _ = sample_latents(model, recipe, request, device=device)
