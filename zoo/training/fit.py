@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from zoo.diffusion.objectives import DiffusionObjective
-from zoo.diffusion.setup import build_objective, check_guidance_channels, check_null_label, guidance_settings, model_drops_labels
+from zoo.diffusion.setup import (build_objective, check_guidance_channels, check_null_label, guidance_settings,
+                                 model_drops_labels)
 from zoo.errors import UserError
 from zoo.meta import MetaShapeCache, without_dynamo
 from zoo.sample import num_classes
