@@ -270,7 +270,7 @@ def _other_data_hint(root: Path, latent: bool, shape: tuple[int, ...]) -> str:
     if not latent and (any(root.glob("*.safetensors")) or (root / MANIFEST).is_file()):
         return ("it holds latent shards, and this recipe trains on pixels: point data.root at the image folder "
                 "(root/CLASS/*.png), or train a latent recipe on these")
-    if not latent and _images_under(root):
+    if not latent and ImageFolder(root, shape[-1], flat=True).items:  # the images of a flat folder, as --ref reads one
         return ("its images lie in data.root itself: an image folder takes each image's label from its subfolder, "
                 f"so move them into one (e.g. {root / 'all'}/ for one class)")
     return "point data.root at a directory with data"

@@ -163,7 +163,7 @@ class Trainer:
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if int(self.train.get("sample_every") or 0) or int(self.train.get("eval_every") or 0):
             check_sample_section(recipe)  # the grids' and evaluations' solver: now, not at their first step
-        self.grids = bool(int(self.train.get("sample_every") or 0))
+        self.grids = self._period("sample_every") > 0
         if self.grids:
             try:  # a latent model's VAE: said once now, not as a warning at every grid
                 vae_weights(recipe, None)
