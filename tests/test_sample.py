@@ -107,6 +107,11 @@ def test_solver_flag_takes_set_options_of_that_solver(checkpoint):
         assert recipe["sample"]["solver"]["type"] == "dpm_solver++"
     with pytest.raises(UserError, match="unknown parameter 'order' of solver 'ddim'"):
         load_model(PIXELS, ["sample.solver.order=3"], solver="ddim")
+    # --solver and a --set that names another solver: one would be dropped silently, so neither is taken
+    with pytest.raises(UserError, match="--solver ddim and --set sample.solver \\(type ddpm\\) name two solvers"):
+        load_model(PIXELS, ["sample.solver={type: ddpm, clip_denoised: true}"], solver="ddim")
+    _, recipe, _ = load_model(PIXELS, ["sample.solver={type: ddim, eta: 0.5}"], solver="ddim")
+    assert recipe["sample"]["solver"] == {"type": "ddim", "eta": 0.5}
 
 
 def test_class_and_guidance_options(checkpoint):

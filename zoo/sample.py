@@ -243,10 +243,19 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
     path = Path(source)
     read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
     overrides = [*_solver_choice(read, solver, overrides), *overrides]
+    if solver is not None and any(_override_key(o)[:2] == ("sample", "solver") for o in overrides):
+        _require_same_solver(read(overrides), solver)
     if path.is_dir():
         if any(_override_key(o)[0] == "model" for o in overrides):
             raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                             "--set may change the other sections only")
+        trained = [o.partition("=")[0].strip() for o in overrides if _override_key(o)[0] == "diffusion"
+                   and (len(_override_key(o)) == 1 or _override_key(o)[1] in TRAINED_DIFFUSION_KEYS)]
+        if trained:
+            fixed = ", ".join(f"diffusion.{key}" for key in TRAINED_DIFFUSION_KEYS)
+            raise UserError(f"{path} is a checkpoint: --set {trained[0]} would change what its weights were "
+                            f"trained to predict ({fixed} are fixed by its training)",
+                            suggestion="sample with the checkpoint's own; change them for a new run with zoo train --set")
         recipe = read(overrides)  # a mistake in it names its config.json
         require_weights_memory(recipe, device, _bytes_per_param(dtype))
         weights = "ema" if (path / EMA).is_file() else "model"
@@ -262,6 +271,10 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
     return model.eval(), recipe, origin
 
 
+#: The ``diffusion`` keys a checkpoint's weights were trained under: what its outputs mean at each time.
+TRAINED_DIFFUSION_KEYS = ("schedule", "prediction", "time_input", "null_label")
+
+
 def _bytes_per_param(dtype: torch.dtype | None) -> int:
     """Bytes of one weight while it is built (float32) and after a cast to ``dtype``, whichever is more."""
     return max(4, dtype.itemsize) if dtype is not None else 4
@@ -270,6 +283,16 @@ def _bytes_per_param(dtype: torch.dtype | None) -> int:
 def _override_key(text: str) -> tuple[str, ...]:
     """The key path of a ``--set KEY=VALUE`` override: ``"sample.solver.steps=5"`` -> ``("sample", "solver", "steps")``."""
     return tuple(text.partition("=")[0].strip().split("."))
+
+
+def _require_same_solver(recipe: Mapping[str, Any], name: str) -> None:
+    """Refuse ``--solver NAME`` when ``--set sample.solver...`` names another type: one of the two would be dropped."""
+    spec = (recipe.get("sample") or {}).get("solver") or {}
+    chosen = spec if isinstance(spec, str) else spec.get("type")
+    if chosen is not None and chosen != name:
+        raise UserError(f"--solver {name} and --set sample.solver (type {chosen}) name two solvers",
+                        suggestion=f"give one: --solver {name} with --set sample.solver.KEY=VALUE for its options, "
+                                   f"or --set sample.solver={{type: {chosen}, ...}} alone")
 
 
 def _solver_choice(read: Callable[[list[str]], dict], name: str | None, overrides: list[str]) -> list[str]:
