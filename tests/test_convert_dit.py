@@ -139,3 +139,13 @@ def test_strict_loader_message_lists_everything():
     model = torch.nn.Linear(2, 3)
     with pytest.raises(UserError, match=r"missing keys: bias; unexpected keys: b; wrong shape keys: weight \(2, 2\)"):
         load_state_dict_strict(model, {"weight": torch.zeros(2, 2), "b": torch.zeros(3)})
+
+
+def test_a_recipe_of_another_family_is_named_as_such(tmp_path, official_sd, capsys):
+    """It listed every official key as missing from the U-ViT; the family mismatch is the one line to read."""
+    src, out = tmp_path / "official.pt", tmp_path / "ckpt"
+    torch.save(official_sd, src)
+    status = main(["convert", "dit", str(src), "--recipe", str(RECIPE.parent / "uvit_m_4.yaml"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and not out.exists()
+    assert f"{src} is converted as dit, but the recipe builds a uvit model" in err

@@ -74,7 +74,8 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoint import build_with_state, save_checkpoint
-    from zoo.convert import check_recipe_matches, check_weights, get_family, model_spec, unwrap_state_dict
+    from zoo.convert import (check_recipe_family, check_recipe_matches, check_weights, get_family, model_spec,
+                             unwrap_state_dict)
     from zoo.diffusion.setup import check_null_label
 
     converter = get_family(args.family)
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     official = unwrap_state_dict(checkpoint, source=str(args.checkpoint), prefer=args.weights)
     check_weights(official, str(args.checkpoint))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
+    check_recipe_family(args.family, converter, recipe["model"], str(args.checkpoint))
     config = official_config(args, checkpoint)
     if config is not None:  # settings that keep the tensor shapes (num_heads, ...) are checked here
         check_recipe_matches(model_spec(converter, config), recipe["model"])

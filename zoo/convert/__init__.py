@@ -10,7 +10,8 @@ A family is a module beside this one that defines:
 * optionally ``model_inputs(inputs: dict) -> tuple``: a golden file's ``inputs`` as the
   arguments of ``model(x, t, y)`` (default ``(x, t, y)``);
 * optionally ``matches_config(config: dict) -> bool``: whether an official config is of this
-  family (lets ``zoo parity`` infer the family).
+  family (lets ``zoo parity`` infer the family);
+* optionally ``MODEL_TYPE``: the recipe ``model.type`` it converts into (default: the family's name).
 
 Families are listed in :data:`FAMILIES` (name -> module) and imported only when used.
 """
@@ -65,6 +66,16 @@ def infer_family(config: Mapping[str, Any], hint: str = "") -> str:
     if len(matching) == 1:
         return matching[0]
     raise UserError(f"cannot tell the model family of {hint or 'this file'}; pass --family {{{','.join(FAMILIES)}}}")
+
+
+def check_recipe_family(family_name: str, family: ModuleType, model: Any, source: str) -> None:
+    """The recipe must build the family's model: else strict loading would list every key as missing."""
+    expected = getattr(family, "MODEL_TYPE", family_name)
+    given = model.get("type") if isinstance(model, Mapping) else None
+    if given != expected:
+        raise UserError(f"{source} is converted as {family_name}, but the recipe builds a {given} model",
+                        key_path="model.type", suggestion=f"give a {expected} recipe (--recipe), or the family of "
+                        f"this checkpoint as the first argument")
 
 
 def model_spec(family: ModuleType, config: Mapping[str, Any], source: str = "the official config") -> dict:
