@@ -489,6 +489,9 @@ def test_a_dataset_reference_the_run_trains_on_is_its_own_data_and_others_say_wh
         _images_source("synthetic", 8, None)
     with pytest.raises(UserError, match=r"--ref image_folder reads its images from a data.root.*--ref /path/to/images"):
         _images_source("image_folder", 8, recipe)
+    latent = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_latent.yaml")  # its data: synthetic latents
+    with pytest.raises(UserError, match="--ref synthetic: this model's synthetic training data are latents, not images"):
+        _images_source("synthetic", 64, latent)  # they were 3-channel noise patterns at the decoded size
 
 
 def test_bf16_samples_are_their_own_protocol_and_fp32_keeps_the_earlier_samples(run_dir, capsys):

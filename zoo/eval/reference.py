@@ -147,6 +147,9 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     if name == "synthetic" and not own:
         raise UserError(f"--ref {spec}: synthetic images are made from a recipe's data section, and this model's "
                         "recipe trains on other data", suggestion="pass an image folder, an .npz or emoji32")
+    if own.get("latent"):  # its items are latents: nothing in it is an image the decoded samples could match
+        raise UserError(f"--ref {spec}: this model's {name} training data are latents, not images",
+                        suggestion="pass the images they were made from: --ref /path/to/images, or an .npz")
     if not own.get("root") and not getattr(build, "ignores_root", False):
         raise UserError(f"--ref {spec} reads its images from a data.root, and this model's recipe sets none for it",
                         suggestion="pass the image folder itself: --ref /path/to/images (CLASS/IMAGE inside)")
