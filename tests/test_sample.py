@@ -114,6 +114,20 @@ def test_solver_flag_takes_set_options_of_that_solver(checkpoint):
     assert recipe["sample"]["solver"] == {"type": "ddim", "eta": 0.5}
 
 
+def test_sampling_hands_the_model_back_in_its_modes():
+    """sample_latents left a model it was given in training in eval mode, so a user's training loop that
+    sampled a preview stopped DiT's in-model label dropout from then on; a frozen part stays in eval."""
+    recipe = zoo.load_recipe(RECIPES / "tiny_train.yaml")
+    model = zoo.build_model(recipe).train()
+    model.y_embedder.eval()  # a part the caller keeps frozen
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    sample_latents(model, recipe, SampleRequest(n=2, steps=2))
+    assert seen and not any(seen)  # it sampled in eval mode
+    assert model.training and not model.y_embedder.training
+    assert all(m.training for name, m in model.named_modules() if not name.startswith("y_embedder"))
+
+
 def test_class_and_guidance_options(checkpoint):
     model, recipe, _ = load_model(checkpoint)
     _, y = sample_latents(model, recipe, SampleRequest(n=3, class_labels=4, steps=2))

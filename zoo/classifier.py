@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import UserError
+from zoo.modes import evaluating
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 KIND = "zoo-classifier"
@@ -154,14 +155,10 @@ def uint8_to_unit(images: Tensor) -> Tensor:
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on float images in [-1, 1] (no augmentation); the model's mode is restored."""
-    training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         device = next(model.parameters()).device
         correct = sum(int((model(images[i:i + batch_size].to(device)).argmax(1).cpu() == labels[i:i + batch_size])
                           .sum()) for i in range(0, len(images), batch_size))
-    finally:
-        model.train(training)
     return correct / max(1, len(images))
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
 from zoo.errors import UserError
 from zoo.memory import require_sampling_memory, require_weights_memory
+from zoo.modes import evaluating
 from zoo.precision import PRECISIONS, inference_precision
 
 if TYPE_CHECKING:
@@ -360,8 +361,14 @@ def sample_latents(
     """Sample ``request.count()`` model-space tensors (latents or pixels in [−1, 1]) and their labels.
 
     The samples are on the CPU in the model's dtype (a float64 model samples in float64 throughout).
+    The model runs in eval mode and comes back in the modes it had.
     """
-    model.eval()
+    with evaluating(model):
+        return _sample_latents(model, recipe, request, device)
+
+
+def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest,
+                    device: torch.device | str) -> tuple[Tensor, Tensor | None]:
     schedule = build_schedule(recipe)
     solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)

@@ -338,6 +338,7 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.eval.stats import feature_statistics, frechet_distance
+    from zoo.modes import evaluating
     from zoo.sample import build_solver, load_decoder, sampling_precision
 
     device = device or next(model.parameters()).device
@@ -346,16 +347,11 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
     schedule, guidance = build_schedule(recipe), guidance_settings(recipe)
     solver, _ = build_solver(recipe, None, None)
     batch = batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            decoder = load_decoder(recipe, vae, device)
-            precision = sampling_precision(recipe, None, next(model.parameters()).dtype)
-            chunks = [_sample_range(model, recipe, solver, schedule, guidance, a, min(a + batch, n), seed, device,
-                                    decoder, precision) for a in range(0, n, batch)]
-    finally:
-        model.train(training)
+    with evaluating(model), torch.no_grad():
+        decoder = load_decoder(recipe, vae, device)
+        precision = sampling_precision(recipe, None, next(model.parameters()).dtype)
+        chunks = [_sample_range(model, recipe, solver, schedule, guidance, a, min(a + batch, n), seed, device,
+                                decoder, precision) for a in range(0, n, batch)]
     image_size = chunks[0][0].shape[-1]
     feats = extract(extractor, ((images, None) for images, _ in chunks), device)
     reference = load_reference(ref or _default_ref(recipe), extractor, image_size, batch, device, log=lambda _: None,

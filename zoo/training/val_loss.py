@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from zoo.modes import evaluating
 from zoo.training.data import held_out
 
 VAL_N = 1024  # (image, time, noise) triples per evaluation unless train.val_n says otherwise
@@ -74,17 +75,14 @@ class ValLoss:
     def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
         """The validation record at ``step`` of ``ema_model``, a copy of the model holding the EMA weights."""
         start = time.perf_counter()
-        was_training = ema_model.training
-        ema_model.eval()
         dtype = next(ema_model.parameters()).dtype
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end: no wait per batch
-        with torch.random.fork_rng(devices=[]):
+        with evaluating(ema_model), torch.random.fork_rng(devices=[]):
             for first in range(0, self.n, VAL_BATCH):
                 x, y, draws = self._batch(range(first, min(first + VAL_BATCH, self.n)))
                 x = x.to(self.device, dtype)
                 y = y.to(self.device) if self.conditional else None
                 total += self.objective(ema_model, x, y, draws=draws)["loss"].double().sum()
-        ema_model.train(was_training)
         return {"step": step, "val_loss": float(total) / self.n, "val_n": self.n, "val_source": self.source,
                 "val_seconds": time.perf_counter() - start}
 
