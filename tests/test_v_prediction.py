@@ -132,3 +132,23 @@ def test_recipe_validation_names_a_bad_prediction(change, message):
     with pytest.raises(UserError, match=message) as err:
         zoo.load_recipe(str(Path(__file__).parents[1] / "recipes/emoji32/dimr_2r.yaml"), ["diffusion.prediction=v", change])
     assert "diffusion" in str(err.value)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, None])  # None: DiT's default, which learns sigma
+def test_v_prediction_of_a_learned_sigma_model_is_refused_by_the_recipe(tmp_path, learn_sigma):
+    """It validated, and zoo sample then failed in v_to_eps on the 2C-channel [v | sigma] output."""
+    import yaml
+
+    import zoo
+    from zoo.errors import UserError
+
+    spec = yaml.safe_load((Path(__file__).parent / "recipes" / "tiny_dit_pixels.yaml").read_text())
+    spec["model"].pop("learn_sigma")
+    if learn_sigma is not None:
+        spec["model"]["learn_sigma"] = learn_sigma
+    spec["diffusion"].update(prediction="v", objective="eps_mse")
+    recipe = tmp_path / "v.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=r"key diffusion.prediction: a learned-sigma model .* eps prediction only"):
+        zoo.load_recipe(str(recipe))
+    assert zoo.load_recipe(str(recipe), ["model.learn_sigma=false"])["diffusion"]["prediction"] == "v"

@@ -131,6 +131,23 @@ def _check_named_table(recipe: Recipe, value: Any, table: dict[str, dict], name_
     return spec
 
 
+def _learns_sigma(model: Any) -> bool:
+    """Whether the model section outputs a learned variance: its ``learn_sigma``, else its backbone's default."""
+    if not isinstance(model, dict):
+        return False
+    if "learn_sigma" in model:
+        return model["learn_sigma"] is True
+    from zoo import registry
+    from zoo.introspect import signature
+
+    try:
+        sig = signature(registry.get("backbone", model.get("type")))
+    except Exception:  # noqa: BLE001 - a _target_ or plugin model: its own forward decides
+        return False
+    default = sig.parameters.get("learn_sigma") if sig is not None else None
+    return default is not None and default.default is True
+
+
 def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
     value, path = value or {}, ("diffusion",)
     check_table(recipe, value, DIFFUSION, path, "diffusion")
@@ -146,6 +163,10 @@ def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
         if spec["type"] == "hybrid_vlb" and value.get("prediction", "eps") != "eps":
             raise recipe.error(path + ("prediction",), "the hybrid_vlb objective (learned sigma) is defined for "
                                "eps prediction only", suggestion="remove diffusion.prediction or use objective eps_mse")
+    if value.get("prediction", "eps") != "eps" and _learns_sigma(recipe.data.get("model")):
+        raise recipe.error(path + ("prediction",), "a learned-sigma model ([eps | v] output, model.learn_sigma) "
+                           "trains with the hybrid_vlb objective, which is defined for eps prediction only",
+                           suggestion="remove diffusion.prediction, or set model.learn_sigma: false")
     drop = value.get("label_drop", 0.0)
     if drop > 0 and value.get("null_label") is None:
         raise recipe.error(path + ("label_drop",), "label_drop > 0 needs the null label",
