@@ -24,9 +24,11 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from zoo.domains import Range, Rule, SolverSteps
+from zoo.domains import MAX_SOLVER_STEPS, Doc, Range, Rule
 
 Beta = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a DDPM β_n
+# One step leaves a sampler no span of time to integrate over (t runs from 1/N to 1).
+TableSteps = Annotated[int, Range(2, MAX_SOLVER_STEPS), Doc("steps of the discrete table (at least 2)")]
 BETAS_GROW = Rule("beta_start <= beta_end", lambda beta_start, beta_end: beta_start <= beta_end,
                   ("beta_start", "beta_end"))
 
@@ -133,7 +135,7 @@ class LinearSchedule(DiscreteSchedule):
 
     constraints = (BETAS_GROW,)
 
-    def __init__(self, num_steps: SolverSteps = 1000, beta_start: Beta = 1e-4, beta_end: Beta = 0.02):
+    def __init__(self, num_steps: TableSteps = 1000, beta_start: Beta = 1e-4, beta_end: Beta = 0.02):
         betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         super().__init__(torch.cumprod(1.0 - betas, dim=0))
         self.beta_start, self.beta_end = beta_start, beta_end
@@ -144,7 +146,7 @@ class ScaledLinearSchedule(DiscreteSchedule):
 
     constraints = (BETAS_GROW,)
 
-    def __init__(self, num_steps: SolverSteps = 1000, beta_start: Beta = 0.00085, beta_end: Beta = 0.012):
+    def __init__(self, num_steps: TableSteps = 1000, beta_start: Beta = 0.00085, beta_end: Beta = 0.012):
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
         super().__init__(torch.cumprod(1.0 - betas, dim=0))
         self.beta_start, self.beta_end = beta_start, beta_end
@@ -161,7 +163,7 @@ class CosineDiscreteSchedule(DiscreteSchedule):
     from pure noise; it is not truncated.
     """
 
-    def __init__(self, num_steps: SolverSteps = 1000, s: Annotated[float, Range(0, 1)] = 0.008,
+    def __init__(self, num_steps: TableSteps = 1000, s: Annotated[float, Range(0, 1)] = 0.008,
                  max_beta: Beta = 0.999):
         tau = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((tau + s) / (1.0 + s) * math.pi / 2.0) ** 2

@@ -59,6 +59,22 @@ def test_cosine_discrete_reproduces_iddpm_table():
     assert (sigma > 0.96).double().mean().item() == pytest.approx(0.183, abs=1e-3)
 
 
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine_discrete"])
+def test_a_one_step_table_is_refused_and_two_steps_sample(name):
+    """A 1-step table was accepted and then failed inside the DDIM/DDPM solvers (an empty knot segment)."""
+    from zoo.errors import UserError
+    from zoo.solvers import build_solver
+
+    with pytest.raises(UserError, match=r"key num_steps: num_steps must be an integer in \[2, 100000\]"):
+        build_schedule(name, num_steps=1)
+    sched = build_schedule(name, num_steps=2)
+    x = torch.randn(2, 3, dtype=F64)
+    for solver in ("ddim", "ddpm"):
+        out = build_solver(solver, steps=2).sample(lambda x, t: torch.zeros_like(x), x, schedule=sched,
+                                                   generator=torch.Generator().manual_seed(0))
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 def test_discrete_time_is_piecewise_linear_log_alpha_between_knots():
     sched = LinearSchedule(num_steps=10)
     n = torch.arange(10)
