@@ -242,3 +242,32 @@ def test_repeated_block_memo_changes_no_count(monkeypatch):
     slow = count_flops(model, max_depth=9)
     assert fast.gflops == slow.gflops and fast.by_module == slow.by_module
     assert len(fast.by_module) > 300  # every block's sub-modules are there
+
+
+def test_repeated_block_memo_tells_blocks_apart_by_settings_that_are_not_plain():
+    """Two blocks that differed only in a dict setting were taken for repeats on meta: 512 MACs, not 1536."""
+    import enum
+
+    class Times(enum.Enum):
+        ONCE, FIVE = 1, 5
+
+    class LoopBlock(torch.nn.Module):  # a plugin's block keeping its settings in a dict and an enum
+        def __init__(self, n: int, how: Times):
+            super().__init__()
+            self.lin, self.cfg, self.how = torch.nn.Linear(16, 16, bias=False), {"n": n}, how
+
+        def forward(self, x):
+            for _ in range(self.cfg["n"] * self.how.value):
+                x = self.lin(x)
+            return x
+
+    def build():
+        return torch.nn.Sequential(LoopBlock(1, Times.ONCE), LoopBlock(5, Times.ONCE), LoopBlock(1, Times.FIVE),
+                                   LoopBlock(1, Times.ONCE))
+
+    x = torch.zeros(2, 16)
+    expected = 2 * 16 * 16 * (1 + 5 + 5 + 1) / 1e9
+    assert count_flops(build(), (x,)).gflops == pytest.approx(expected, rel=1e-12)
+    with torch.device("meta"):
+        on_meta = build()
+    assert count_flops(on_meta, (x.to("meta"),)).gflops == pytest.approx(expected, rel=1e-12)

@@ -36,6 +36,7 @@ from torch import nn
 
 from zoo.errors import UserError
 from zoo.meta import MetaShapeCache, RepeatedBlockMemo, build_on_meta, without_dynamo
+from zoo.modes import evaluating
 
 COUNTERS = ("torch", "fvcore")
 # fvcore handles for elementwise ops we do not count (the convention counts matmuls/convs only).
@@ -229,17 +230,11 @@ def count_flops(
         if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
             raise UserError("the fvcore counter needs real tensors; build the model on cpu (or use counter='torch')")
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            if counter == "torch":  # (meta: example inputs are made inside, away from Dynamo's import)
-                total, counted = without_dynamo(_count_torch, model, inputs)
-            else:
-                total, counted = _count_fvcore(model, args, sdpa_handle=fvcore_sdpa_handle)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with evaluating(model), torch.no_grad():
+        if counter == "torch":  # (meta: example inputs are made inside, away from Dynamo's import)
+            total, counted = without_dynamo(_count_torch, model, inputs)
+        else:
+            total, counted = _count_fvcore(model, args, sdpa_handle=fvcore_sdpa_handle)
 
     paths = _module_paths(model, max_depth)
     return FlopReport(

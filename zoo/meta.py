@@ -133,17 +133,35 @@ class MetaShapeCache(TorchDispatchMode):
         )
 
 
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _setting_key(value: Any) -> Any:
+    """A hashable stand-in for one attribute of a module: equal only where the settings are equal.
+
+    Plain values stand for themselves; containers, dataclasses and tensors are taken apart; anything
+    else (an enum, a NumPy integer, a plugin's config object) by its ``repr``, so two blocks that
+    differ only in such a setting are never taken for repeats.
+    """
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *map(_setting_key, value))
+    if isinstance(value, dict):
+        return ("dict", *sorted(((repr(k), _setting_key(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value), *(_setting_key(getattr(value, f.name)) for f in dataclasses.fields(value)))
+    return (type(value), repr(value))
+
+
 def _structure(module: nn.Module) -> tuple:
-    """What decides a module's output shapes and FLOPs: its classes, tensor shapes and plain settings."""
-    plain = (int, float, bool, str, type(None))
+    """What decides a module's output shapes and FLOPs: its classes, tensor shapes and settings."""
     parts = []
     for path, sub in module.named_modules():
-        settings = tuple(
-            (k, v if isinstance(v, plain) else tuple(v))
-            for k, v in sorted(vars(sub).items())
-            if not k.startswith("_") and k != "training"
-            and (isinstance(v, plain) or (isinstance(v, (tuple, list)) and all(isinstance(x, plain) for x in v)))
-        )
+        settings = tuple((k, _setting_key(v)) for k, v in sorted(vars(sub).items())
+                         if not k.startswith("_") and k != "training")
         parts.append((path, type(sub), settings))
     tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()])
     return (*parts, tensors)
