@@ -147,6 +147,7 @@ def init_pos_embed_(table: Tensor, grid: int, how: str = "normal", extra_tokens:
     if how == "sincos":
         dim = table.shape[-1]
         if dim % 4:
-            raise UserError(f"pos_embed_init: sincos needs a width divisible by 4, got {dim}; use normal")
+            raise UserError(f"pos_embed_init: sincos needs a width divisible by 4, got {dim}",
+                            key_path="model.pos_embed_init", suggestion="use normal, or a width divisible by 4")
         with torch.no_grad():
             table.view(-1, dim)[extra_tokens:].copy_(sincos_pos_embed_2d(dim, grid, dtype=table.dtype, device=table.device))

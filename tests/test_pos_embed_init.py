@@ -61,3 +61,16 @@ def test_normal_is_the_default_released_init(spec):
 def test_bad_pos_embed_init_is_a_user_error(spec, message):
     with pytest.raises(UserError, match=message):
         build(spec)
+
+
+def test_a_sincos_width_error_points_at_the_recipe_line_of_pos_embed_init(tmp_path):
+    """It pointed at the model section's first line (key model), not at the setting to change."""
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {**UVIT, "embed_dim": 30, "num_heads": 3, "pos_embed_init": "sincos"}},
+                                     sort_keys=False))
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "pos_embed_init" in text)
+    with pytest.raises(UserError) as err:
+        zoo.build_model(recipe)
+    assert (err.value.key_path, err.value.file, err.value.line) == ("model.pos_embed_init", str(recipe), line)
