@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from zoo.cli import main
@@ -843,6 +844,48 @@ def test_an_out_holding_shard_files_zoo_did_not_write_is_refused_and_kept(tmp_pa
     capsys.readouterr()
     assert main(into(done)) == 0
     assert "none left to encode" in capsys.readouterr().out
+    # With a plan, a shard of the user's inside the plan's range was encoded over, and one past it deleted.
+    for k in (5, 0):
+        mine = {"latents": torch.zeros(2, 4, 2, 2), "labels": torch.zeros(2, dtype=torch.long)}
+        if k == 0:
+            (done / shard_name(0)).unlink()
+        save_file(mine, str(done / shard_name(k)), metadata={"note": "mine"})
+        before = (done / shard_name(k)).read_bytes()
+        assert main(into(done)) == 2
+        assert f"holds {shard_name(k)}, which zoo prepare-latents did not write; encoding there would replace or " \
+               "delete it" in capsys.readouterr().err
+        assert (done / shard_name(k)).read_bytes() == before
+        (done / shard_name(k)).unlink()
+    assert main(into(done)) == 0 and (done / shard_name(0)).is_file()
+
+
+def test_shards_of_another_vae_are_encoded_again_once_the_plan_is_deleted(tmp_path, vae_dir, image_dir):
+    """Deleting prepare.json (as for a moved folder) and running with another VAE or resolution kept every
+    shard of the same rows: the manifest named the new VAE over the old VAE's latents (or their shape)."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    out, kw = tmp_path / "lat", dict(batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(image_dir, vae_dir, out, resolution=RES, **kw)
+    first = {p.name: p.read_bytes() for p in out.glob("shard_*")}
+    other = Path(shutil.copytree(vae_dir, tmp_path / "vae2"))
+    weights = next(p for p in other.iterdir() if p.suffix == ".safetensors")
+    vae = AutoencoderKL.from_pretrained(str(other))
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.mul_(1.5)
+    weights.unlink()
+    vae.save_pretrained(str(other))
+    for vae_used, resolution in ((other, RES), (other, 2 * RES)):
+        (out / PLAN).unlink()
+        lines = []
+        assert prepare_latents(image_dir, vae_used, out, resolution=resolution, log=lines.append, **kw)
+        assert "encoding 3 (10 images)" in lines[-1]  # every shard again, none kept
+        manifest = json.loads((out / MANIFEST).read_text())
+        with safe_open(str(out / shard_name(0)), framework="pt") as f:
+            assert list(f.get_slice("mean").get_shape()[2:]) == manifest["latent_shape"]
+    assert all((out / name).read_bytes() != data for name, data in first.items())
 
 
 @pytest.mark.parametrize("damage, words", [

@@ -14,9 +14,10 @@ path a backslash, tab, newline or carriage return is written ``\\\\``, ``\\t``, 
 plus the shard list: written last, once every shard exists). Every file is written to a
 temporary name and renamed, so an interrupted run leaves only whole shards, and running the
 same command again encodes only the missing ones. Each shard records a digest of its rows'
-lines of ``images.txt``: if images were added or removed since (a broken file deleted), the
-shards whose rows are still the same images are kept and the others encoded again; other
-settings (resolution, VAE, dtype, shard size) must match. Under ``torchrun`` rank r encodes
+lines of ``images.txt`` and one of the settings it was made with (resolution, VAE, dtype, shard
+size): if images were added or removed since (a broken file deleted), the shards whose rows are
+still the same images are kept and the others encoded again; other settings must match the
+plan, and a shard made under other ones (its plan deleted) is encoded again. Under ``torchrun`` rank r encodes
 shards r, r+world, ...; the rank that finds all shards present writes the manifest (every
 rank writes the same bytes, atomically).
 """
@@ -152,10 +153,16 @@ def make_plan(root: Path, classes: list[str], lines: list[str], resolution: int,
             "images": {"file": IMAGES, "sha256": rows_digest(lines)}}
 
 
-def shard_digests(plan: dict, lines: list[str]) -> list[str]:
-    """The rows digest every shard of ``plan`` must carry."""
-    size = plan["shard_size"]
-    return [rows_digest(lines[k * size:(k + 1) * size]) for k in range(plan["num_shards"])]
+def settings_digest(plan: dict) -> str:
+    """The sha256 of what fixes a shard's contents besides its rows: the ``SETTINGS`` and the VAE's identity."""
+    fixed = {**{k: plan[k] for k in SETTINGS}, "vae": {k: plan["vae"][k] for k in VAE_IDENTITY}}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
+
+def shard_digests(plan: dict, lines: list[str]) -> list[tuple[str, str]]:
+    """The (rows, settings) digests every shard of ``plan`` must carry."""
+    size, settings = plan["shard_size"], settings_digest(plan)
+    return [(rows_digest(lines[k * size:(k + 1) * size]), settings) for k in range(plan["num_shards"])]
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -175,8 +182,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     if existing.is_file():
         old = read_json_object(existing, "prepare-latents plan", suggestion=f"delete it and run the same command "
                                "again: the shards of the same images are kept")
-    else:
-        _refuse_foreign_files(out, _utf8("".join(lines)))
+    _refuse_foreign_files(out, _utf8("".join(lines)), planned=old is not None)
     if old is not None:
         if old.get("format") == FORMAT and old.get("version") != FORMAT_VERSION:
             raise UserError(f"{out} was written by another version of zoo prepare-latents (format version "
@@ -203,11 +209,12 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     return old is not None
 
 
-def _refuse_foreign_files(out: Path, text: bytes) -> None:
-    """Refuse an ``out`` without a plan that holds shards, a manifest or an image list zoo prepare-latents
-    did not write: the run would replace or delete them. Its own files (a plan deleted to move the
-    image folder, then perhaps damaged) are kept and reused; ``text`` is the ``images.txt`` this run
-    writes (the same bytes replace nothing: a run killed before it wrote its plan)."""
+def _refuse_foreign_files(out: Path, text: bytes, planned: bool) -> None:
+    """Refuse an ``out`` that holds shards zoo prepare-latents did not write (with or without a plan:
+    the run would replace or delete them) or, without a plan, a manifest or image list it did not
+    write. Its own files (a plan deleted to move the image folder, then perhaps damaged) are kept
+    and reused; ``text`` is the ``images.txt`` this run writes (the same bytes replace nothing: a
+    run killed before it wrote its plan)."""
     def our_shard(path: Path) -> bool:
         meta = _shard_metadata(path)
         return meta is None or meta.get("format") == FORMAT  # None: a damaged shard of ours, encoded again
@@ -221,14 +228,16 @@ def _refuse_foreign_files(out: Path, text: bytes) -> None:
 
     shards = sorted(p for p in out.glob("shard_*.safetensors") if SHARD_NAME.fullmatch(p.name))
     foreign = [p.name for p in shards if not our_shard(p)]
-    if len(foreign) == len(shards):  # no shard of ours here to vouch for the manifest and the list
+    if not planned and len(foreign) == len(shards):  # no shard of ours here to vouch for the manifest and the list
         manifest, images = out / MANIFEST, out / IMAGES
         foreign += [MANIFEST] * (manifest.is_file() and not our_manifest(manifest))
         foreign += [IMAGES] * (images.is_file() and images.read_bytes() != text)
     if foreign:
         names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"--out {out} holds {names}, which zoo prepare-latents did not write (and no {PLAN}); "
-                        "encoding there would replace them", suggestion="give a new or empty --out directory")
+        raise UserError(f"--out {out} holds {names}, which zoo prepare-latents did not write"
+                        f"{'' if planned else f' (and no {PLAN})'}; encoding there would replace or delete "
+                        f"{'them' if len(foreign) > 1 else 'it'}", suggestion="move them out of --out, or give a new "
+                        "or empty --out directory")
 
 
 def _shard_metadata(path: Path) -> dict[str, str] | None:
@@ -242,25 +251,27 @@ def _shard_metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
-def shard_is_current(path: Path, digest: str) -> bool:
-    """Whether ``path`` is a whole shard holding the rows whose digest is ``digest``."""
+def shard_is_current(path: Path, digest: tuple[str, str]) -> bool:
+    """Whether ``path`` is a whole shard holding the rows and made with the settings of ``digest``
+    (:func:`shard_digests`): a plan deleted and a rerun with another VAE kept the old latents."""
     meta = _shard_metadata(path) if path.is_file() else None
-    return meta is not None and meta.get("rows_sha256") == digest
+    return meta is not None and (meta.get("rows_sha256"), meta.get("settings_sha256")) == tuple(digest)
 
 
 def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: int, dtype: torch.dtype,
-                digest: str) -> None:
+                digest: tuple[str, str]) -> None:
     """One shard, atomically (a temporary name, then a rename)."""
     from safetensors.torch import save_file
 
     from zoo.atomic import write_file
 
     tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous(), "labels": labels.long()}
-    meta = {"format": FORMAT, "start": str(start), "scaled": "false", "rows_sha256": digest}
+    meta = {"format": FORMAT, "start": str(start), "scaled": "false", "rows_sha256": digest[0],
+            "settings_sha256": digest[1]}
     write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def finish(out: Path, plan: dict, digests: list[str]) -> bool:
+def finish(out: Path, plan: dict, digests: list[tuple[str, str]]) -> bool:
     """Write ``manifest.json`` if every shard is on disk and current; return whether it is complete.
 
     Shards past the plan's last one (the image list shrank) are deleted first.
@@ -331,7 +342,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     return finish(out, plan, digests)
 
 
-def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[int], digests: list[str],
+def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[int], digests: list[tuple[str, str]],
             shard_size: int, batch_size: int, num_workers: int, dtype: torch.dtype, bar) -> None:
     """Encode and write shards ``todo``, each when its last batch arrives.
 
