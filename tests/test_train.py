@@ -364,6 +364,47 @@ def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_dif
     assert f"data.root {tmp_path / 'gone'} is not a directory" in capsys.readouterr().err
 
 
+def test_an_image_that_cannot_be_read_mid_run_keeps_the_steps_trained_before_it(tmp_path, monkeypatch, capsys):
+    """The run stopped with the file named and no last/: every step since the last checkpoint was lost
+    (with the default ckpt_every, the whole run)."""
+    from PIL import Image
+
+    def write_images(broken: bool) -> None:
+        for c in ("a", "b"):
+            (tmp_path / "img" / c).mkdir(parents=True, exist_ok=True)
+            for i in range(4):
+                path = tmp_path / "img" / c / f"{i}.png"
+                if broken:
+                    path.write_bytes(b"\x89PNG\r\n\x1a\n broken")  # damaged
+                else:
+                    Image.new("RGB", (12, 12), (60 * i, 200 * (c == "a"), 30)).save(path)
+
+    write_images(broken=False)
+    real = Trainer.train_step
+
+    def break_the_images_in_step_3(self, x, y):
+        loss = real(self, x, y)
+        if self.step == 2:  # step 3 trained (the step counter moves on after this call)
+            write_images(broken=True)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", break_the_images_in_step_3)
+    run = tmp_path / "run"
+    base = ["--set", "data.dataset=image_folder", "--set", f"data.root={tmp_path / 'img'}", "--set",
+            "data.num_workers=0", "--set", "train.batch_size=4", "--set", "train.sample_every=0", "--set",
+            "train.ckpt_every=0", "--set", "train.steps=5"]
+    assert main(["train", str(RECIPE), "--out", str(run), *base]) == 2
+    out, err = capsys.readouterr()
+    assert f"stopping at step 3 (the data could not be read); saving {run / 'last'}" in out
+    assert err.startswith("zoo: error: cannot read image ") and err.count("\n") == 1
+    assert err.rstrip().endswith(f"(delete or replace the file; then go on with --resume {run})")
+    assert torch.load(run / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", real)
+    write_images(broken=False)
+    assert main(["train", str(RECIPE), "--resume", str(run), *base]) == 0
+    assert torch.load(run / "last" / "trainer_state.pt", weights_only=True)["step"] == 5
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, capsys, terminal_sigint):
     """The first Ctrl-C asks for a stop after the step, the second one (same step) ends the run now:
     nothing half-updated is saved, and last/ keeps the previous checkpoint (step 2 here)."""

@@ -460,6 +460,16 @@ class Trainer:
         self.save(also_step_dir=self._every("ckpt_every"))  # a stop on a checkpoint step keeps its step_*
         raise StopRequested(signum, self.step)
 
+    def _keep_steps_before(self, err: UserError, first_step: int) -> None:
+        """Save ``last/`` before a data error ends the run, so the steps trained since the last save are
+        kept and ``--resume`` goes on once the file is fixed. One process only: under torchrun the
+        error is one rank's, and torchrun ends the others before they could save together."""
+        if self.ctx.distributed or self.step in (first_step, self.last_saved):
+            return
+        self.log(f"zoo train: stopping at step {self.step} (the data could not be read); saving {self.out / 'last'}")
+        self.save(also_step_dir=False)
+        err.suggestion = "; ".join(filter(None, [err.suggestion, f"then go on with --resume {self.out}"]))
+
     def _unless_stopped(self, work: Callable[[], object], what: str) -> None:
         """Run ``work`` (rank 0's grid or evaluation); a stop asked for during it drops the rest of it."""
         try:
@@ -576,7 +586,13 @@ class Trainer:
 
         try:
             while self.step < total:
-                x, y = next(self.batches)
+                try:
+                    x, y = next(self.batches)
+                except UserError as err:  # a file the data cannot read, found mid-run
+                    if count and self._period("log_every") > 0:
+                        log_window()
+                    self._keep_steps_before(err, first_step)
+                    raise
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 running += self.train_step(x, y)
                 self.step += 1
