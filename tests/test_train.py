@@ -553,6 +553,16 @@ def test_a_resume_takes_a_step_dir_saved_after_last_or_complete_where_last_is_no
     assert main(base + ["--resume", "auto"]) == 0
     assert f"{run / 'last'} is incomplete (model.safetensors has 100 bytes" in capsys.readouterr().out
     assert _step_of(run / "last") == 6
+    # last/ without its config.json (deleted by hand): "not a zoo checkpoint", with no way on; now the
+    # newest complete step_*/ is named, and last/ (which zoo cannot tell from a user's) is left to the user
+    (run / "last" / "config.json").unlink()
+    assert main(base + ["--resume", str(run), "--set", "train.steps=7"]) == 2
+    assert f"{run / 'last'} has no config.json, so it is no complete checkpoint ({run / 'step_0000006'} is the " \
+           f"run's newest complete checkpoint) (move {run / 'last'} away and resume with --resume " \
+           f"{run / 'step_0000006'})" in capsys.readouterr().err
+    shutil.move(run / "last", tmp_path / "old_last")
+    assert main(base + ["--resume", str(run / "step_0000006"), "--set", "train.steps=7"]) == 0
+    assert _step_of(run / "last") == 7
 
 
 def test_a_last_that_is_not_a_checkpoint_is_no_run_and_is_not_replaced(tmp_path, capsys):

@@ -367,6 +367,11 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
                             f"resuming from {newest}")
         return last, None
     problems = atomic.missing_or_truncated(last, CONFIG)
+    if not (last / CONFIG).exists() and any((last / name).is_file() for name in (MODEL, EMA, TRAINER_STATE)):
+        # No save leaves this (config.json seals a renamed directory): a hand deleted it; the save after
+        # a resume would have to replace last/, which without its config.json zoo cannot tell from a user's
+        raise UserError(f"{last} has no {CONFIG}, so it is no complete checkpoint ({newest} is the run's newest "
+                        "complete checkpoint)", suggestion=f"move {last} away and resume with --resume {newest}")
     if problems:
         return newest, (f"{last} is incomplete ({'; '.join(problems)}): resuming from {newest}, the newest "
                         "complete checkpoint")
