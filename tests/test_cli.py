@@ -251,3 +251,18 @@ def test_an_empty_argument_is_refused_not_read_as_the_working_directory(capsys, 
     """`--out ""` wrote prepare-latents' shards into the working directory; `zoo train --out ""` its default run."""
     assert cli.main(argv) == 2
     assert capsys.readouterr().err == f"zoo: error: {named} is empty (give a value)\n"
+
+
+@pytest.mark.parametrize("value, shown", [("1", True), ("yes", True), ("0", False), ("false", False), ("", False)])
+def test_zoo_traceback_0_keeps_the_one_line(capsys, monkeypatch, value, shown):
+    """ZOO_TRACEBACK=0 counted as set: a user error came as a traceback, exit 1."""
+    from zoo.errors import UserError
+    from zoo.cli import main as cli_main
+
+    monkeypatch.setenv("ZOO_TRACEBACK", value)
+    if shown:
+        with pytest.raises(UserError):
+            cli_main(["build", "no_such_recipe_anywhere"])
+    else:
+        assert cli_main(["build", "no_such_recipe_anywhere"]) == 2
+        assert capsys.readouterr().err.startswith("zoo: error: ")

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import NoReturn, Sequence
 
-from .errors import UserError
+from .errors import UserError, tracebacks_wanted
 
 QUIET_RANK_WAIT_S = 10.0  # how long a rank whose mistake rank 0 reports waits for rank 0 to print it
 
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         return status
     except (UserError, FileNotFoundError) as err:
-        if os.environ.get("ZOO_TRACEBACK"):
+        if tracebacks_wanted():
             raise
         if getattr(err, "quiet", False):  # rank 0 of the run prints it
             # ... unless torchrun, seeing this rank fail first, ends rank 0 before it has printed:
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zoo: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
-        if os.environ.get("ZOO_TRACEBACK") or not err.filename:  # no path named: not a user's path, a bug
+        if tracebacks_wanted() or not err.filename:  # no path named: not a user's path, a bug
             raise
         print(f"zoo: error: {err.filename}: {PATH_PROBLEMS[type(err)]}", file=sys.stderr)
         return 2
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a full or read-only disk: not a bug, nothing to fix in what was given but where
         from zoo.atomic import DISK_ERRNOS
 
-        if os.environ.get("ZOO_TRACEBACK") or err.errno not in DISK_ERRNOS:
+        if tracebacks_wanted() or err.errno not in DISK_ERRNOS:
             raise
         print(f"zoo: error: {_disk_problem(err)}", file=sys.stderr)
         return 2

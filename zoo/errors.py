@@ -7,6 +7,7 @@ traceback); every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Iterable
 
 
@@ -61,3 +62,8 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     if len(close) == 1:
         return f"did you mean {close[0]}?"
     return f"did you mean {', '.join(close[:-1])} or {close[-1]}?"
+
+
+def tracebacks_wanted() -> bool:
+    """Whether ``ZOO_TRACEBACK`` asks for tracebacks of user errors: set and not 0/false/no/off."""
+    return os.environ.get("ZOO_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")

@@ -150,7 +150,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoo.errors import UserError
+    from zoo.errors import UserError, tracebacks_wanted
     from zoo.training import distributed
     from zoo.training.loop import NonFiniteError, train
 
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"zoo train: error: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:
-        if not distributed.peer_lost(err) or os.environ.get("ZOO_TRACEBACK"):
+        if not distributed.peer_lost(err) or tracebacks_wanted():
             raise
         print(f"zoo train: error: rank {rank} stopped: another process of the run stopped first "
               "(its own message says why)", file=sys.stderr)
