@@ -149,3 +149,18 @@ def test_a_recipe_of_another_family_is_named_as_such(tmp_path, official_sd, caps
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and not out.exists()
     assert f"{src} is converted as dit, but the recipe builds a uvit model" in err
+
+
+def test_a_recipe_zoo_build_refuses_is_refused_before_writing(tmp_path, capsys):
+    """It converted (exit 0) a checkpoint whose data.num_classes made diffusion.null_label a real label,
+    which zoo sample and zoo export then refused."""
+    golden = torch.load(Path(__file__).parent / "golden" / "golden_dit_tiny.pt", weights_only=True)
+    src, out = tmp_path / "official.pt", tmp_path / "ckpt"
+    torch.save(golden["state_dict"], src)
+    tiny = ["--set", "model.input_size=16", "--set", "model.hidden_size=64", "--set", "model.depth=2", "--set",
+            "model.num_heads=2", "--set", "model.num_classes=10", "--set", "diffusion.null_label=10"]
+    status = main(["convert", "dit", str(src), "--recipe", "dit_s_2", *tiny, "--out", str(out)])
+    assert status == 2 and not out.exists()
+    assert "data.num_classes is 1000, but diffusion.null_label 10 is one of its labels" in capsys.readouterr().err
+    assert main(["convert", "dit", str(src), "--recipe", "dit_s_2", *tiny, "--set", "data.num_classes=10",
+                 "--out", str(out)]) == 0

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from zoo.convert import (check_recipe_family, check_recipe_matches, check_weights, get_family, model_spec,
                              unwrap_state_dict)
     from zoo.diffusion.setup import check_null_label
+    from zoo.meta import build_on_meta
+    from zoo.training.fit import check_recipe_fits_model
 
     converter = get_family(args.family)
     check_out(args.out, args.force)  # before any work: a refused --out costs nothing
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     check_weights(official, str(args.checkpoint))
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     check_recipe_family(args.family, converter, recipe["model"], str(args.checkpoint))
+    check_recipe_fits_model(recipe, build_on_meta(lambda: zoo.build_model(recipe)))  # as zoo build and train do
     config = official_config(args, checkpoint)
     if config is not None:  # settings that keep the tensor shapes (num_heads, ...) are checked here
         check_recipe_matches(model_spec(converter, config), recipe["model"])
