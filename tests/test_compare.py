@@ -114,6 +114,12 @@ def test_plot_is_written_whole(tmp_path, capsys):
     assert main(["compare", *TINY, "--no-time", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temporary file left
+    assert main(["compare", *TINY, "--no-time", "--plot", str(out)]) == 0  # zoo's own plot: replaced on a rerun
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "mine.png")  # a user's picture is not
+    assert main(["compare", *TINY, "--no-time", "--plot", str(tmp_path / "mine.png")]) == 2
+    assert "mine.png exists and is a PNG zoo did not write" in capsys.readouterr().err
 
 
 def test_a_plot_path_that_cannot_be_written_is_refused_before_any_timing(tmp_path, capsys, monkeypatch):

@@ -259,7 +259,10 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     fig.tight_layout()
     fmt = path.suffix.lstrip(".") or "png"
     try:
-        write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+        from zoo.sample import GRID_SOFTWARE
+
+        tag = {"metadata": {"Software": GRID_SOFTWARE}} if fmt == "png" else {}  # a rerun may replace it
+        write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, **tag))
     finally:
         plt.close(fig)
     return path
