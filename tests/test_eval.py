@@ -448,15 +448,17 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
         load_reference(str(tmp_path / "empty"), PoolFeatures(), 8)
 
 
-def test_a_missing_ref_is_said_before_the_extractor_is_built(run_dir, capsys, monkeypatch):
+def test_a_missing_ref_is_said_before_the_extractor_is_built(tmp_path, capsys, monkeypatch):
     """The extractor imports timm and torchvision (seconds) and may load weights: not for a missing flag."""
     import zoo.eval.extractors as extractors
 
     def never(*args, **kwargs):
         raise AssertionError("the extractor was built")
 
+    recipe = zoo.load_recipe(RECIPE, ["data.dataset=image_folder", f"data.root={tmp_path}"])  # no default reference
+    save_checkpoint(tmp_path / "run" / "last", zoo.build_model(recipe), recipe)
     monkeypatch.setattr(extractors, "build_extractor", never)
-    assert main(["eval", str(run_dir), "--n", "4"]) == 2
+    assert main(["eval", str(tmp_path / "run"), "--n", "4"]) == 2
     err = capsys.readouterr().err
     assert "--ref is needed" in err and err.count("\n") == 1
 
@@ -468,6 +470,10 @@ def test_the_default_reference_names_the_held_out_split():
     assert _default_ref({"data": {"dataset": "emoji32"}}) == "emoji32:holdout"
     with pytest.raises(UserError, match="--ref is needed"):
         _default_ref({"data": {"dataset": "image_folder", "root": "x"}})
+    # synthetic images are made from the run's own recipe: the README's tiny run needed --ref synthetic
+    assert _default_ref({"data": {"dataset": "synthetic"}}) == _default_ref({"data": {}}) == "synthetic"
+    with pytest.raises(UserError, match="--ref is needed"):
+        _default_ref({"data": {"latent": True}})  # synthetic latents are no images
 
 
 def test_a_dataset_reference_the_run_trains_on_is_its_own_data_and_others_say_what_to_pass():

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "parser takes --n for its --nnodes)")
     p.add_argument("--ref", default=None, metavar="DATASET_OR_NPZ",
                    help="reference: an .npz (ADM reference batch or zoo statistics), an image folder, or a "
-                   "registered dataset[:split] (default: the recipe's data.dataset, its holdout split)")
+                   "registered dataset[:split] (default: the recipe's data.dataset where it is registered and made of "
+                   "images, e.g. emoji32 (its holdout split) or synthetic; image folders and latents need --ref)")
     p.add_argument("--extractor", default="efficientnet_lite0",
                    help="registered feature extractor (default efficientnet_lite0, offline; inception = the FID network)")
     p.add_argument("--extractor-weights", default=None, metavar="FILE",

@@ -315,8 +315,10 @@ def _reference_key(spec: str) -> str:
 
 def _default_ref(recipe: dict) -> str:
     data = recipe.get("data") or {}
-    name = data.get("dataset")
-    if name in (None, "synthetic", "image_folder", "latents", "imagenet"):
+    name = data.get("dataset", "synthetic")
+    if name == "synthetic" and not data.get("latent"):  # the run's own synthetic images, made from its recipe
+        return name
+    if name in ("synthetic", "image_folder", "latents", "imagenet"):
         raise UserError("--ref is needed: an .npz (ADM reference batch or zoo statistics), an image folder, "
                         "or a registered dataset name such as emoji32")
     from zoo import registry
