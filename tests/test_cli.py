@@ -165,7 +165,11 @@ def test_interrupts_missing_files_and_usage_errors(capsys, monkeypatch):
     assert zoo(capsys, "list")[::2] == (130, "zoo: interrupted\n")
     monkeypatch.setattr(list_command, "run", missing)
     assert_one_line_error(*zoo(capsys, "list"), "file not found: /no/such/file.bin")
-    assert zoo(capsys, "frobnicate")[0] == 2  # argparse usage error
+    assert_one_line_error(*zoo(capsys, "frobnicate"), "argument COMMAND: invalid choice: 'frobnicate'")
+    # argparse printed its usage (3-6 lines) above its error; now one line, as every zoo error
+    assert_one_line_error(*zoo(capsys, "train"), "train: the following arguments are required: RECIPE "
+                          "(`zoo train --help` shows the usage)")
+    assert_one_line_error(*zoo(capsys, "sample", "x", "--n", "abc"), "sample: argument --n: invalid int value: 'abc'")
     assert zoo(capsys, "--help")[0] == 0
 
 

@@ -56,8 +56,18 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "is negative")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (``zoo: error: ...``), like every other zoo error; the
+    usage it printed above them (up to six lines) is one ``--help`` away."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("zoo").strip()
+        self.exit(2, f"zoo: error: {command + ': ' if command else ''}{_one_line(message)} "
+                     f"(`{self.prog} --help` shows the usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="zoo", description="A registry-driven architecture zoo for diffusion backbones (DiMR, U-ViT, DiT)."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
