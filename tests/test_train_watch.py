@@ -301,7 +301,8 @@ def test_a_signal_to_the_process_group_with_data_workers_still_saves_last(tmp_pa
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] >= 1
 
 
-def test_a_resume_into_a_running_runs_directory_is_refused_before_it_reads_a_checkpoint(tmp_path, monkeypatch):
+def test_a_resume_into_a_running_runs_directory_is_refused_before_it_reads_a_checkpoint(tmp_path, monkeypatch,
+                                                                                         capsys):
     """The resume read the live run's checkpoints (and repaired its saves) before it asked for the
     lock: while the live run pruned a step directory it named, the refusal was "file not found"."""
     import zoo.training.loop as loop
@@ -315,6 +316,10 @@ def test_a_resume_into_a_running_runs_directory_is_refused_before_it_reads_a_che
         monkeypatch.setattr(loop.Trainer, "_load", lambda *a: pytest.fail("read the checkpoint"))
         with pytest.raises(zoo.errors.UserError, match=f"another zoo train \\(pid {os.getpid()}\\) is writing"):
             train(recipe, tmp_path, steps=2, resume=tmp_path, log=lambda *_: None)
+        # a new run (no --resume) into it was told "already holds a run: continue it with --resume", which
+        # the lock then refused: the live run is what to say
+        assert main(["train", str(RECIPE), "--out", str(tmp_path), "--steps", "2"]) == 2
+        assert f"another zoo train (pid {os.getpid()}) is writing {tmp_path}" in capsys.readouterr().err
     finally:
         live.release()
 

@@ -211,6 +211,10 @@ def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "-
     if not found and (mine := files_not_from_zoo_train(out)):
         raise UserError(f"{option} {out} holds {' and '.join(mine)} that zoo train did not write; the run would "
                         "replace it", suggestion=f"choose another {option}, or move {mine[0]} away")
+    if found:  # a live run there is the thing to say first: its pid, not "--resume it"
+        from zoo.training.runlock import check_unlocked
+
+        check_unlocked(out)
     if found and not resuming:
         raise UserError(f"{option} {out} already holds a run ({found}); a new run there would replace its "
                         "checkpoints and log", suggestion=f"continue it with --resume {out}, or choose another {option}")
