@@ -156,7 +156,7 @@ CASES = [
     ("sample-trained-diffusion-override-on-checkpoint", "sample {tmp}/ckpt --out {tmp}/out.png "
      "--set diffusion.null_label=7", "ckpt", 2, "--set diffusion.null_label would change what its weights were trained"),
     ("sample-schedule-override-on-checkpoint", "sample {tmp}/ckpt --out {tmp}/out.png "
-     "--set diffusion.schedule.num_steps=500", "ckpt", 2, "--set diffusion.schedule.num_steps would change"),
+     "--set diffusion.schedule.num_steps=500", "ckpt", 2, "--set diffusion.schedule would change"),
     ("sample-missing-vae", f"sample {LATENT_RECIPE} --out {{tmp}}/out.png --n 1 --vae {{tmp}}/vae", "-", 2,
      "VAE directory {tmp}/vae does not exist"),
     ("sample-garbage-vae", f"sample {LATENT_RECIPE} --out {{tmp}}/out.png --n 1 --vae {{tmp}}/vae.safetensors",

@@ -114,6 +114,23 @@ def test_solver_flag_takes_set_options_of_that_solver(checkpoint):
     assert recipe["sample"]["solver"] == {"type": "ddim", "eta": 0.5}
 
 
+def test_a_checkpoint_keeps_its_trained_diffusion_keys_and_may_be_given_a_missing_one(checkpoint, tmp_path):
+    """--set diffusion.null_label=7 sampled with another null label than the weights learnt; the same value
+    is no change, and a model-only checkpoint (no time_input, as zoo convert may write) needs one to sample."""
+    own = zoo.load_recipe(PIXELS)["diffusion"]
+    for change, key in (("null_label=7", "null_label"),
+                        ("time_input=uvit_discrete", "time_input"), ("schedule.num_steps=500", "schedule")):
+        with pytest.raises(UserError, match=f"--set diffusion.{key} would change what its weights were trained"):
+            load_model(checkpoint, [f"diffusion.{change}"])
+    _, recipe, _ = load_model(checkpoint, [f"diffusion.null_label={own['null_label']}", "diffusion.min_snr_gamma=5"])
+    assert recipe["diffusion"]["min_snr_gamma"] == 5  # training-only keys change nothing in sampling
+    model_only = zoo.load_recipe({"model": zoo.load_recipe(PIXELS)["model"]})
+    save_checkpoint(tmp_path / "ckpt", zoo.build_model(model_only), model_only)
+    _, recipe, _ = load_model(tmp_path / "ckpt", [f"diffusion.time_input={own['time_input']}",
+                                                  "diffusion.label_drop=0.1", f"diffusion.null_label={own['null_label']}"])
+    assert recipe["diffusion"]["time_input"] == own["time_input"]
+
+
 def test_sampling_hands_the_model_back_in_its_modes():
     """sample_latents left a model it was given in training in eval mode, so a user's training loop that
     sampled a preview stopped DiT's in-model label dropout from then on; a frozen part stays in eval."""

@@ -243,21 +243,18 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
 
     path = Path(source)
     read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
-    overrides = [*_solver_choice(read, solver, overrides), *overrides]
-    if solver is not None and any(_override_key(o)[:2] == ("sample", "solver") for o in overrides):
+    given = list(overrides)
+    overrides = [*_solver_choice(read, solver, given), *given]
+    if solver is not None and any(_override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
+                                  for o in given):
         _require_same_solver(read(overrides), solver)
     if path.is_dir():
         if any(_override_key(o)[0] == "model" for o in overrides):
             raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                             "--set may change the other sections only")
-        trained = [o.partition("=")[0].strip() for o in overrides if _override_key(o)[0] == "diffusion"
-                   and (len(_override_key(o)) == 1 or _override_key(o)[1] in TRAINED_DIFFUSION_KEYS)]
-        if trained:
-            fixed = ", ".join(f"diffusion.{key}" for key in TRAINED_DIFFUSION_KEYS)
-            raise UserError(f"{path} is a checkpoint: --set {trained[0]} would change what its weights were "
-                            f"trained to predict ({fixed} are fixed by its training)",
-                            suggestion="sample with the checkpoint's own; change them for a new run with zoo train --set")
         recipe = read(overrides)  # a mistake in it names its config.json
+        if any(_override_key(o)[0] == "diffusion" for o in given):
+            _refuse_trained_changes(path, read, recipe)
         require_weights_memory(recipe, device, _bytes_per_param(dtype))
         weights = "ema" if (path / EMA).is_file() else "model"
         model, _ = load_checkpoint(path, weights=weights, device=device)
@@ -274,6 +271,25 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
 
 #: The ``diffusion`` keys a checkpoint's weights were trained under: what its outputs mean at each time.
 TRAINED_DIFFUSION_KEYS = ("schedule", "prediction", "time_input", "null_label")
+
+
+def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recipe: Mapping[str, Any]) -> None:
+    """Refuse ``--set`` values that change a ``diffusion`` key checkpoint ``path`` was trained under.
+
+    The same value is no change, and a key the checkpoint does not set (a model-only recipe's
+    ``time_input``) may be given: only then can such a checkpoint sample at all.
+    """
+    try:
+        own = read([]).get("diffusion") or {}
+    except UserError:  # it loads only with the user's overrides: they are what makes it usable
+        return
+    now = recipe.get("diffusion") or {}
+    for key in TRAINED_DIFFUSION_KEYS:
+        if own.get(key) is not None and now.get(key) != own[key]:
+            fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
+            raise UserError(f"{path} is a checkpoint: --set diffusion.{key} would change what its weights were "
+                            f"trained to predict ({fixed} are fixed by its training)",
+                            suggestion="sample with the checkpoint's own; change them for a new run with zoo train --set")
 
 
 def _bytes_per_param(dtype: torch.dtype | None) -> int:
