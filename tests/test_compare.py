@@ -115,6 +115,9 @@ def test_plot_is_written_whole(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temporary file left
     assert main(["compare", *TINY, "--no-time", "--plot", str(out)]) == 0  # zoo's own plot: replaced on a rerun
+    upper = tmp_path / "CMP.PNG"  # any case of the suffix is a PNG, and tagged as zoo's
+    assert main(["compare", *TINY, "--no-time", "--plot", str(upper)]) == 0
+    assert main(["compare", *TINY, "--no-time", "--plot", str(upper)]) == 0
     from PIL import Image
 
     Image.new("RGB", (4, 4)).save(tmp_path / "mine.png")  # a user's picture is not

@@ -257,7 +257,7 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
         ax.set_ylabel("GFLOPs (multiply-adds, batch 1)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fmt = path.suffix.lstrip(".") or "png"
+    fmt = path.suffix.lstrip(".").lower() or "png"
     try:
         from zoo.sample import GRID_SOFTWARE
 

@@ -70,7 +70,8 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
                             suggestion="choose another path")
         if not _a_zoo_png(path):
             raise UserError(f"{option} {path} exists and is a PNG zoo did not write (no 'Software: zoo' text "
-                            "chunk); zoo will not replace it", suggestion="move it away or choose another path")
+                            "chunk: a user's picture, or one from a zoo older than that chunk); zoo will not replace "
+                            "it", suggestion="move it away or choose another path")
     check_parents(path, option)
     return path
 
