@@ -403,6 +403,20 @@ def test_an_image_that_cannot_be_read_mid_run_keeps_the_steps_trained_before_it(
     write_images(broken=False)
     assert main(["train", str(RECIPE), "--resume", str(run), *base]) == 0
     assert torch.load(run / "last" / "trainer_state.pt", weights_only=True)["step"] == 5
+    # the validation loss reads images too (here a fixed subset of the training images): the same save
+    def break_the_images_in_step_2(self, x, y):
+        loss = real(self, x, y)
+        if self.step == 1:
+            write_images(broken=True)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", break_the_images_in_step_2)
+    write_images(broken=False)
+    other = tmp_path / "val_run"
+    assert main(["train", str(RECIPE), "--out", str(other), *base, "--set", "train.val_every=2",
+                 "--set", "train.val_n=8"]) == 2
+    assert "stopping at step 2 (the data could not be read)" in capsys.readouterr().out
+    assert torch.load(other / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, capsys, terminal_sigint):

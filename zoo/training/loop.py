@@ -464,11 +464,14 @@ class Trainer:
         """Save ``last/`` before a data error ends the run, so the steps trained since the last save are
         kept and ``--resume`` goes on once the file is fixed. One process only: under torchrun the
         error is one rank's, and torchrun ends the others before they could save together."""
-        if self.ctx.distributed or self.step in (first_step, self.last_saved):
+        if self.ctx.distributed:
             return
-        self.log(f"zoo train: stopping at step {self.step} (the data could not be read); saving {self.out / 'last'}")
-        self.save(also_step_dir=False)
-        err.suggestion = "; ".join(filter(None, [err.suggestion, f"then go on with --resume {self.out}"]))
+        if self.step not in (first_step, self.last_saved):
+            self.log(f"zoo train: stopping at step {self.step} (the data could not be read); saving "
+                     f"{self.out / 'last'}")
+            self.save(also_step_dir=False)
+        if self.last_saved is not None:  # a checkpoint to go on from (this save, an earlier one, the resumed one)
+            err.suggestion = "; ".join(filter(None, [err.suggestion, f"then go on with --resume {self.out}"]))
 
     def _unless_stopped(self, work: Callable[[], object], what: str) -> None:
         """Run ``work`` (rank 0's grid or evaluation); a stop asked for during it drops the rest of it."""
@@ -617,8 +620,13 @@ class Trainer:
                     tick += _seconds(lambda: self._unless_stopped(
                         lambda: evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor), "the FD evaluation"))
                 if self._every("val_every"):
-                    tick += _seconds(lambda: self._unless_stopped(
-                        lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor), "the validation loss"))
+                    try:  # it reads held-out images: one damaged mid-run is a data error like a batch's
+                        tick += _seconds(lambda: self._unless_stopped(
+                            lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor),
+                            "the validation loss"))
+                    except UserError as err:
+                        self._keep_steps_before(err, first_step)
+                        raise
             # Still under the stop handlers: a SIGTERM during the final save lets it finish instead of killing it.
             if self.last_saved != self.step or not (self.out / "last").is_dir():
                 self.save(also_step_dir=self._period("ckpt_every") > 0)
