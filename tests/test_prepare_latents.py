@@ -888,6 +888,42 @@ def test_shards_of_another_vae_are_encoded_again_once_the_plan_is_deleted(tmp_pa
     assert all((out / name).read_bytes() != data for name, data in first.items())
 
 
+def test_shards_from_before_the_settings_digest_are_kept_under_their_plan(tmp_path, vae_dir, image_dir):
+    """Shards written before they carried settings_sha256 were all encoded again on a resume (hours on
+    ImageNet) although the plan beside them vouched for their settings; without that plan they are."""
+    from safetensors.torch import save_file
+
+    out, kw = tmp_path / "lat", dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(image_dir, vae_dir, out, **kw)
+    with safe_open(str(out / shard_name(1)), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    del meta["settings_sha256"]
+    save_file(tensors, str(out / shard_name(1)), metadata=meta)  # as an earlier zoo wrote it
+    (out / shard_name(2)).unlink()
+    lines = []
+    assert prepare_latents(image_dir, vae_dir, out, log=lines.append, **kw)
+    assert "encoding 1 (2 images)" in lines[-1]  # shard 2 only
+    (out / PLAN).unlink()
+    manifest = out / MANIFEST
+    assert prepare_latents(image_dir, vae_dir, out, log=lines.append, **kw)
+    assert "encoding 1 (4 images)" in lines[-1] and manifest.is_file()  # shard 1: nothing vouches for it now
+
+
+def test_a_manifest_is_deleted_until_the_shards_are_checked_when_there_is_no_plan(tmp_path, vae_dir, image_dir,
+                                                                                    monkeypatch):
+    """A rerun without prepare.json with another VAE, interrupted, left the old manifest over a mix of
+    old and new shards, and the trainer read them as one output."""
+    import zoo.latents as latents
+
+    out, kw = tmp_path / "lat", dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(image_dir, vae_dir, out, **kw)
+    (out / PLAN).unlink()
+    monkeypatch.setattr(latents, "_encode", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_latents(image_dir, vae_dir, out, resolution=2 * RES, batch_size=4, shard_size=4, num_workers=0)
+    assert not (out / MANIFEST).exists() and (out / PLAN).is_file()
+
+
 @pytest.mark.parametrize("damage, words", [
     ('{"format": ', "is not valid JSON"),
     ("[1, 2]", "is not a JSON object (it holds a list)"),

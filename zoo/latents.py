@@ -171,10 +171,12 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
-def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
+def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> tuple[bool, bool]:
     """Write ``prepare.json`` and ``images.txt``, or check an existing plan (an interrupted or finished
     run) against this one. Other settings are refused; another image list replaces the old one (and
-    the manifest, which no longer describes the output). Returns whether the image list changed."""
+    the manifest, which no longer describes the output). Returns whether the image list changed and
+    whether a plan of these settings was there (else a manifest left there is deleted: until the
+    shards are checked it may describe latents of other settings)."""
     from zoo.atomic import write_file
 
     existing = out / PLAN
@@ -198,15 +200,15 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
         if old.get("images") == plan["images"]:
             if old.get("root") != plan["root"]:  # the same images in a moved folder: the plan follows them
                 _write_json(existing, plan)
-            return False
+            return False, True
         if old.get("root") not in (None, plan["root"]):  # a mistyped IMAGE_DIR would replace the whole output
             raise UserError(f"{out} holds the latents of {old['root']}, not of {plan['root']} (another image list)",
                             suggestion=f"pass {old['root']} to finish or update it, or use a new --out; if "
                             f"the folder moved, delete {out / PLAN} and its shards of the same images are kept")
-        (out / MANIFEST).unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     write_file(out / IMAGES, lambda tmp: tmp.write_bytes(_utf8("".join(lines))))
     _write_json(existing, plan)
-    return old is not None
+    return old is not None, old is not None
 
 
 def _refuse_foreign_files(out: Path, text: bytes, planned: bool) -> None:
@@ -251,11 +253,18 @@ def _shard_metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
-def shard_is_current(path: Path, digest: tuple[str, str]) -> bool:
+def shard_is_current(path: Path, digest: tuple[str, str], planned: bool = False) -> bool:
     """Whether ``path`` is a whole shard holding the rows and made with the settings of ``digest``
-    (:func:`shard_digests`): a plan deleted and a rerun with another VAE kept the old latents."""
+    (:func:`shard_digests`): a plan deleted and a rerun with another VAE kept the old latents.
+
+    A shard from before shards carried their settings is taken on its rows where the plan it was
+    written under is still there (``planned``: its settings were checked against this run's).
+    """
     meta = _shard_metadata(path) if path.is_file() else None
-    return meta is not None and (meta.get("rows_sha256"), meta.get("settings_sha256")) == tuple(digest)
+    if meta is None or meta.get("rows_sha256") != digest[0]:
+        return False
+    settings = meta.get("settings_sha256")
+    return settings == digest[1] or (settings is None and planned)
 
 
 def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: int, dtype: torch.dtype,
@@ -271,7 +280,7 @@ def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: in
     write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def finish(out: Path, plan: dict, digests: list[tuple[str, str]]) -> bool:
+def finish(out: Path, plan: dict, digests: list[tuple[str, str]], planned: bool = False) -> bool:
     """Write ``manifest.json`` if every shard is on disk and current; return whether it is complete.
 
     Shards past the plan's last one (the image list shrank) are deleted first.
@@ -280,7 +289,7 @@ def finish(out: Path, plan: dict, digests: list[tuple[str, str]]) -> bool:
 
     shards = []
     for k in range(plan["num_shards"]):
-        if not shard_is_current(out / shard_name(k), digests[k]):
+        if not shard_is_current(out / shard_name(k), digests[k], planned):
             return False
         start = k * plan["shard_size"]
         shards.append({"file": shard_name(k), "start": start,
@@ -308,7 +317,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     root, out = Path(image_dir).expanduser(), Path(out).expanduser()
     fresh = not any(out.glob("shard_*.safetensors"))  # before any rank can have written one
     try:  # every rank lists the same folder and reads the same VAE: rank 0 alone reports a mistake here
-        images, vae, plan, lines, changed = _plan(root, vae_dir, out, resolution, shard_size, dtype)
+        images, vae, plan, lines, changed, planned = _plan(root, vae_dir, out, resolution, shard_size, dtype)
     except UserError as err:
         err.quiet = rank != 0
         raise
@@ -316,7 +325,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     device = torch.device(device or "cpu")
     vae = vae.to(device)
     mine = range(rank, plan["num_shards"], world)
-    todo = [k for k in mine if not shard_is_current(out / shard_name(k), digests[k])]
+    todo = [k for k in mine if not shard_is_current(out / shard_name(k), digests[k], planned)]
     total = sum(min(shard_size, len(images) - k * shard_size) for k in todo)
     for k in todo:  # no other process writes this rank's shards: what a killed run left is stale
         remove_file_leftovers(out / shard_name(k))
@@ -339,7 +348,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     finally:  # the bar's last line ends before any error message is printed
         if bar is not None:
             bar.close()
-    return finish(out, plan, digests)
+    return finish(out, plan, digests, planned)
 
 
 def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[int], digests: list[tuple[str, str]],
@@ -421,8 +430,9 @@ def _interrupts_held():
 
 
 def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_size: int, dtype: str):
-    """The images, the VAE, the plan and ``images.txt`` lines of a run, and whether the image list
-    changed since ``out`` was started; every check that can refuse the run before encoding."""
+    """The images, the VAE, the plan and ``images.txt`` lines of a run, whether the image list changed
+    since ``out`` was started and whether its plan was there; every check that can refuse the run
+    before encoding."""
     from zoo.training.data import ImageFolder
 
     if not root.is_dir():
@@ -448,8 +458,8 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create --out {out}: {err.strerror}") from None
-    changed = check_or_write_plan(out, plan, lines)
-    return images, vae, plan, lines, changed
+    changed, planned = check_or_write_plan(out, plan, lines)
+    return images, vae, plan, lines, changed, planned
 
 
 def _check_outside(root: Path, out: Path) -> None:
