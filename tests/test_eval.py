@@ -493,6 +493,8 @@ def test_a_dataset_reference_the_run_trains_on_is_its_own_data_and_others_say_wh
     assert _images_source("synthetic", 8, other)[0] != identity  # other data, other cached statistics
     with pytest.raises(UserError, match="synthetic images are made from a recipe's data section"):
         _images_source("synthetic", 8, None)
+    bare = {"model": recipe["model"], "diffusion": recipe["diffusion"]}  # no data section: synthetic data
+    assert _images_source("synthetic", 8, bare)[2] == 64  # the synthetic dataset's default size
     with pytest.raises(UserError, match=r"--ref image_folder reads its images from a data.root.*--ref /path/to/images"):
         _images_source("image_folder", 8, recipe)
     latent = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_latent.yaml")  # its data: synthetic latents

@@ -143,8 +143,9 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     name, split = dataset_reference(spec)
     build = registry.get("dataset", name)
     own = dict((recipe or {}).get("data") or {})
-    own = own if own.get("dataset", "synthetic") == name else {}
-    if name == "synthetic" and not own:
+    trains_on = recipe is not None and own.get("dataset", "synthetic") == name  # (no data section: synthetic)
+    own = own if trains_on else {}
+    if name == "synthetic" and not trains_on:
         raise UserError(f"--ref {spec}: synthetic images are made from a recipe's data section, and this model's "
                         "recipe trains on other data", suggestion="pass an image folder, an .npz or emoji32")
     if own.get("latent"):  # its items are latents: nothing in it is an image the decoded samples could match
@@ -158,10 +159,12 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
         data.pop("image_size")  # the synthetic images take the model's input size, given as the shape
     from zoo.sample import num_classes
 
-    classes, seed = (num_classes(recipe), int(((recipe or {}).get("train") or {}).get("seed", 0))) if own else (None, 0)
+    classes, seed = (None, 0)
+    if trains_on:
+        classes, seed = num_classes(recipe), int((recipe.get("train") or {}).get("seed", 0))
     dataset = build(data, (3, image_size, image_size), classes, seed)
     identity = f"dataset:{name}:{split}:{image_size}"
-    if own:  # the run's own data: the cache key holds what made it
+    if trains_on:  # the run's own data: the cache key holds what made it
         identity += ":" + hashlib.sha256(json.dumps([own, classes, seed], sort_keys=True, default=str)
                                          .encode()).hexdigest()[:16]
     return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
