@@ -123,6 +123,14 @@ def test_plot_is_written_whole(tmp_path, capsys):
     Image.new("RGB", (4, 4)).save(tmp_path / "mine.png")  # a user's picture is not
     assert main(["compare", *TINY, "--no-time", "--plot", str(tmp_path / "mine.png")]) == 2
     assert "mine.png exists and is a PNG zoo did not write" in capsys.readouterr().err
+    for suffix in ("svg", "pdf"):  # the same for the other formats: zoo's plot replaced, a user's file kept
+        plot = tmp_path / f"cmp.{suffix}"
+        assert main(["compare", *TINY, "--no-time", "--plot", str(plot)]) == 0
+        assert main(["compare", *TINY, "--no-time", "--plot", str(plot)]) == 0
+        (tmp_path / f"mine.{suffix}").write_text("my figure")
+        assert main(["compare", *TINY, "--no-time", "--plot", str(tmp_path / f"mine.{suffix}")]) == 2
+        assert f"mine.{suffix} exists and is a file zoo did not write" in capsys.readouterr().err
+        assert (tmp_path / f"mine.{suffix}").read_text() == "my figure"
 
 
 def test_a_plot_path_that_cannot_be_written_is_refused_before_any_timing(tmp_path, capsys, monkeypatch):

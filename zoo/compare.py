@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+PLOT_CREATOR = "zoo compare"  # the Creator of zoo's SVG and PDF plots: what lets a rerun replace them
 KEYS = ("recipe", "params", "trainable_params", "gflops", "train_step_ms", "peak_mem_mb", "sample_ms_per_nfe")
 
 # DiMR paper, Table 2: parameters (millions) of the ablation rows, by recipe name (recipes/ablation/).
@@ -261,7 +262,8 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     try:
         from zoo.sample import GRID_SOFTWARE
 
-        tag = {"metadata": {"Software": GRID_SOFTWARE}} if fmt == "png" else {}  # a rerun may replace it
+        # what tells zoo's plot from a user's file, so that a rerun replaces it and nothing else
+        tag = {"metadata": {"Software": GRID_SOFTWARE} if fmt == "png" else {"Creator": PLOT_CREATOR}}
         write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, **tag))
     finally:
         plt.close(fig)

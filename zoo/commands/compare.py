@@ -35,9 +35,10 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def check_plot_output(path: str) -> None:
-    """``--plot`` names a PNG (replacing only a PNG), SVG or PDF file in a directory that can exist."""
+    """``--plot`` names a PNG, SVG or PDF file in a directory that can exist, replacing only a plot zoo wrote."""
     from pathlib import Path
 
+    from zoo.compare import PLOT_CREATOR
     from zoo.errors import UserError
     from zoo.guards import check_outside_checkpoints, check_parents, check_png_output
 
@@ -48,6 +49,9 @@ def check_plot_output(path: str) -> None:
         raise UserError(f"--plot {out}: give a path ending in {', '.join(PLOT_SUFFIXES)}")
     if out.suffix.lower() == ".png":
         check_png_output(out, "--plot")
+    elif out.is_file() and PLOT_CREATOR.encode() not in out.read_bytes():  # a user's SVG or PDF
+        raise UserError(f"--plot {out} exists and is a file zoo did not write; zoo will not replace it",
+                        suggestion="move it away or choose another path")
     check_parents(out, "--plot")
     check_outside_checkpoints(out, "--plot")
 
