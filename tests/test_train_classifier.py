@@ -64,8 +64,8 @@ def test_shift_translates_each_image_by_its_own_offset_with_edge_padding():
 def test_the_learning_rate_warms_up_then_follows_its_schedule(kind, middle):
     """The shared schedule of zoo train and the classifier: warm-up, then decay to min_lr at `steps`."""
     train = {"lr": 1.0, "steps": 100, "warmup_steps": 10, "lr_schedule": kind}
-    assert learning_rate(train, 0) == pytest.approx(0.1)
-    assert learning_rate(train, 9) == pytest.approx(1.0)
+    # U-ViT's and DiMR's LambdaLR(min(step / warmup, 1)): the first update at lr 0, full lr from step 10 on
+    assert [learning_rate(train, s) for s in (0, 1, 9)] == pytest.approx([0.0, 0.1, 0.9])
     assert learning_rate(train, 10) == pytest.approx(1.0)
     assert learning_rate(train, 55) == pytest.approx(middle)
     assert learning_rate(train, 100) == pytest.approx(0.0 if kind != "constant" else 1.0, abs=1e-12)
@@ -86,7 +86,7 @@ def _easy(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_training_beats_chance_on_an_easy_case_and_reports_its_holdout_accuracy():
     (tx, ty), (hx, hy) = _easy(128, 0), _easy(40, 1)
     data = ClassifierData(tx, ty, hx, hy, 4, {"dataset": "hand-made"}, "separate draw")
-    model, record = train_classifier(data, steps=30, batch_size=32, lr=3e-3, pixels=0,
+    model, record = train_classifier(data, steps=45, batch_size=32, lr=3e-3, pixels=0,  # 1.0 at seeds 0-2
                                      arch={"dims": [16], "depths": [1]}, log=lambda _: None)
     assert record["holdout_accuracy"] == accuracy(model, hx, hy)
     assert record["holdout_accuracy"] >= 0.9  # chance: 0.25

@@ -49,11 +49,16 @@ def build_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.A
 
 
 def learning_rate(train: Mapping[str, Any], step: int) -> float:
-    """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then ``lr_schedule``: constant,
-    or a cosine / linear decay from ``lr`` at the end of warm-up to ``min_lr`` at step ``steps``."""
+    """Linear warm-up over ``warmup_steps``, then ``lr_schedule``: constant, or a cosine / linear decay
+    from ``lr`` at the end of warm-up to ``min_lr`` at step ``steps``.
+
+    The update of step ``step`` (0 = the first) runs at ``lr * step / warmup_steps`` during warm-up, as
+    U-ViT's and DiMR's ``LambdaLR(min(step / warmup, 1))``: the first update has lr 0 (AdamW's moments
+    take in the first gradient, the weights stay).
+    """
     lr, warmup = float(train["lr"]), int(train.get("warmup_steps", 0) or 0)
     if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * step / warmup
     kind, total = train.get("lr_schedule", "constant"), int(train.get("steps", 0) or 0)
     if kind == "constant" or total <= warmup:
         return lr
