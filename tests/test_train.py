@@ -604,3 +604,13 @@ def test_a_directory_given_as_the_recipe_is_named_as_such(tmp_path, capsys):
     assert main(["train", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"zoo: error: recipe {tmp_path} is a directory, not a recipe file "
                                        "(give a recipe's .yaml file)\n")
+
+
+def test_flipping_plain_latents_is_said_at_the_start(tmp_path, capsys):
+    """data.random_flip on latent shards without mirrored encodings flipped the latents silently."""
+    latent = Path(__file__).parent / "recipes" / "tiny_dit_latent.yaml"
+    base = ["--steps", "1", "--set", "train.sample_every=0", "--set", "data.image_size=8"]  # synthetic latents
+    for flip, said in (("true", True), ("false", False)):
+        assert main(["train", str(latent), "--out", str(tmp_path / flip), *base, "--set",
+                     f"data.random_flip={flip}"]) == 0
+        assert ("note: data.random_flip mirrors the latents themselves" in capsys.readouterr().out) == said

@@ -17,8 +17,10 @@ weighted by min(SNR_t, γ), i.e. min(SNR, γ)/SNR on the ε loss and min(SNR, γ
 which the paper measured to converge several times faster; γ = 5 is its default. ``loss`` carries
 the weight, ``mse`` stays the unweighted error.
 
-Note on label dropping: DiT drops labels inside its own label embedder in training mode, so
-DiT recipes keep ``diffusion.label_drop: 0``; U-ViT/DiMR have no such dropout and rely on it here.
+Note on label dropping: DiT drops labels inside its own label embedder in training mode
+(``class_dropout_prob``); a recipe states the same rate as ``diffusion.label_drop``, and zoo train
+then draws the drops itself, per sample, with the embedder's dropout off (so labels are not dropped
+twice). U-ViT/DiMR have no such dropout and rely on ``label_drop`` alone.
 """
 
 from __future__ import annotations

@@ -130,6 +130,10 @@ class Trainer:
         # Prepared latents hold the encoding of each image's mirror image and draw it themselves: a
         # flip of the latent on top would be a second flip, and not a VAE encoding of anything.
         self.flip = bool(data.get("random_flip", False)) and not getattr(dataset, "draws_flips", False)
+        if self.flip and data.get("latent"):
+            self.after_banner.append("zoo train: note: data.random_flip mirrors the latents themselves (these shards "
+                                     "hold no encoding of the mirrored images): close to, not equal to, the flipped "
+                                     "image's latent; zoo prepare-latents stores both, or set data.random_flip: false")
         self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
                                pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
         self.conditional = num_classes(recipe) is not None
