@@ -120,6 +120,14 @@ def test_per_class_fd_uses_each_class_alone():
     assert per_class["0"] < 1e-9 and per_class["1"] < 1e-9 and per_class["2"] == pytest.approx(75.0, rel=1e-9)
     assert compute_metrics(Features(gen, labels=labels), Reference(*feature_statistics(ref), ref, labels),
                            num_classes=3)["per_class_fd"] == per_class
+    assert out["per_class_counts"] == {"0": [20, 20], "1": [20, 20], "2": [20, 20]}
+    assert "per_class_fd_left_out" not in out
+    # a class sampled once has no covariance: it was dropped from the mean without a word
+    once = labels.copy()
+    once[np.flatnonzero(labels == 2)[1:]] = 0
+    out = compute_metrics(Features(gen, labels=once), Reference(*feature_statistics(ref), ref, labels))
+    assert set(out["per_class_fd"]) == {"0", "1"} and out["per_class_counts"]["0"] == [39, 20]
+    assert out["per_class_fd_left_out"] == "1 sampled class has fewer than 2 samples on a side"
 
 
 @pytest.mark.parametrize("model_classes", [4, 2])

@@ -59,7 +59,8 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = NEIGHBOUR
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples on each side")
     out = prc_features_to_metric(torch.from_numpy(np.asarray(generated, dtype=np.float32)),
                                  torch.from_numpy(np.asarray(real, dtype=np.float32)),
-                                 prc_neighborhood=k, save_cpu_ram=False, verbose=False)
+                                 prc_neighborhood=k, save_cpu_ram=True, verbose=False)  # row blocks, the
+    # same values: the whole-matrix path held a 50k x 50k float32 distance matrix (10 GB) at 50k samples
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
@@ -74,13 +75,18 @@ def classes_match(reference: Reference, num_classes: int | None) -> bool:
 
 def per_class_fd(generated: Features, reference: Reference) -> dict[int, float]:
     """FD per class between generated and reference features of that class (classes with >= 2 on each side)."""
+    return {c: fd for c, (fd, _, _) in _per_class(generated, reference).items()}
+
+
+def _per_class(generated: Features, reference: Reference) -> dict[int, tuple[float, int, int]]:
+    """(FD, generated count, reference count) of each class with >= 2 samples on each side."""
     if generated.labels is None or reference.labels is None or reference.features is None:
         return {}
     out = {}
     for c in sorted(set(generated.labels.tolist()) & set(reference.labels.tolist())):
         gen, ref = generated.features[generated.labels == c], reference.features[reference.labels == c]
         if len(gen) >= MIN_PER_CLASS and len(ref) >= MIN_PER_CLASS:
-            out[int(c)] = frechet_distance(*feature_statistics(gen), *feature_statistics(ref))
+            out[int(c)] = (frechet_distance(*feature_statistics(gen), *feature_statistics(ref)), len(gen), len(ref))
     return out
 
 
@@ -94,14 +100,20 @@ def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOU
     if reference.features is not None and min(len(generated.features), len(reference.features)) > k:
         out["precision"], out["recall"] = precision_recall(generated.features, reference.features, k)
     if classes_match(reference, num_classes):
-        classes = per_class_fd(generated, reference)
+        classes = _per_class(generated, reference)
     else:  # (labels c of the two sides are different classes)
         classes = {}
         if generated.labels is not None:
             found = len(np.unique(reference.labels))
             out["per_class_fd_skipped"] = (f"the reference has {found} classes, the model {num_classes}: "
                                            "its labels are not the model's classes")
-    if classes:
-        out["per_class_fd"] = {str(c): v for c, v in classes.items()}
-        out["per_class_fd_mean"] = float(np.mean(list(classes.values())))
+    if classes:  # a class's FD is biased upwards at small counts: the counts say how far to trust each
+        out["per_class_fd"] = {str(c): fd for c, (fd, _, _) in classes.items()}
+        out["per_class_fd_mean"] = float(np.mean([fd for fd, _, _ in classes.values()]))
+        out["per_class_counts"] = {str(c): [n_gen, n_ref] for c, (_, n_gen, n_ref) in classes.items()}
+        sampled = len(np.unique(generated.labels)) if generated.labels is not None else len(classes)
+        if len(classes) < sampled:
+            n = sampled - len(classes)
+            out["per_class_fd_left_out"] = (f"{n} sampled class{'es have' if n != 1 else ' has'} fewer than "
+                                            f"{MIN_PER_CLASS} samples on a side")
     return out
