@@ -126,8 +126,9 @@ def test_a_checkpoint_keeps_its_trained_diffusion_keys_and_may_be_given_a_missin
     assert recipe["diffusion"]["min_snr_gamma"] == 5  # training-only keys change nothing in sampling
     model_only = zoo.load_recipe({"model": zoo.load_recipe(PIXELS)["model"]})
     save_checkpoint(tmp_path / "ckpt", zoo.build_model(model_only), model_only)
-    _, recipe, _ = load_model(tmp_path / "ckpt", [f"diffusion.time_input={own['time_input']}",
-                                                  "diffusion.label_drop=0.1", f"diffusion.null_label={own['null_label']}"])
+    given = [f"diffusion.time_input={own['time_input']}", "diffusion.label_drop=0.1",
+             f"diffusion.null_label={own['null_label']}"]
+    _, recipe, _ = load_model(tmp_path / "ckpt", given)
     assert recipe["diffusion"]["time_input"] == own["time_input"]
 
 

@@ -289,7 +289,8 @@ def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recip
             fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
             raise UserError(f"{path} is a checkpoint: --set diffusion.{key} would change what its weights were "
                             f"trained to predict ({fixed} are fixed by its training)",
-                            suggestion="sample with the checkpoint's own; change them for a new run with zoo train --set")
+                            suggestion="sample with the checkpoint's own; change them for a new run with "
+                                       "zoo train --set")
 
 
 def _bytes_per_param(dtype: torch.dtype | None) -> int:

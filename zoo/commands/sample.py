@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="model and sampling precision (float64 for parity checks; default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png); replaces only a PNG zoo wrote")
+    p.add_argument("--out", default="samples.png",
+                   help="output PNG (default samples.png); replaces only a PNG zoo wrote")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default: the recipe's)")
     p.add_argument("--vae", default=None, metavar="DIR",
                    help="local directory of the SD KL-f8 VAE weights (latent models; default: the recipe's data.vae)")
