@@ -245,23 +245,21 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
     read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
     given = list(overrides)
     overrides = [*_solver_choice(read, solver, given), *given]
+    if path.is_dir() and any(_override_key(o)[0] == "model" for o in overrides):
+        raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
+                        "--set may change the other sections only")
+    recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
     if solver is not None and any(_override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
                                   for o in given):
-        _require_same_solver(read(overrides), solver)
+        _require_same_solver(recipe, solver)
+    if path.is_dir() and any(_override_key(o)[0] == "diffusion" for o in given):
+        _refuse_trained_changes(path, read, recipe)
+    require_weights_memory(recipe, device, _bytes_per_param(dtype))
     if path.is_dir():
-        if any(_override_key(o)[0] == "model" for o in overrides):
-            raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
-                            "--set may change the other sections only")
-        recipe = read(overrides)  # a mistake in it names its config.json
-        if any(_override_key(o)[0] == "diffusion" for o in given):
-            _refuse_trained_changes(path, read, recipe)
-        require_weights_memory(recipe, device, _bytes_per_param(dtype))
         weights = "ema" if (path / EMA).is_file() else "model"
         model, _ = load_checkpoint(path, weights=weights, device=device)
         origin = f"{weights} weights of {path}"
     else:
-        recipe = read(overrides)
-        require_weights_memory(recipe, device, _bytes_per_param(dtype))
         model = zoo.build_model(recipe).to(device)
         origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
     if dtype is not None:
