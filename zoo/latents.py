@@ -171,12 +171,12 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
-def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> tuple[bool, bool]:
+def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     """Write ``prepare.json`` and ``images.txt``, or check an existing plan (an interrupted or finished
     run) against this one. Other settings are refused; another image list replaces the old one (and
-    the manifest, which no longer describes the output). Returns whether the image list changed and
-    whether a plan of these settings was there (else a manifest left there is deleted: until the
-    shards are checked it may describe latents of other settings)."""
+    the manifest, which no longer describes the output; without a plan a manifest left there is
+    deleted too: until the shards are checked it may describe latents of other settings). Returns
+    whether the image list changed."""
     from zoo.atomic import write_file
 
     existing = out / PLAN
@@ -200,7 +200,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> tuple[bool, 
         if old.get("images") == plan["images"]:
             if old.get("root") != plan["root"]:  # the same images in a moved folder: the plan follows them
                 _write_json(existing, plan)
-            return False, True
+            return False
         if old.get("root") not in (None, plan["root"]):  # a mistyped IMAGE_DIR would replace the whole output
             raise UserError(f"{out} holds the latents of {old['root']}, not of {plan['root']} (another image list)",
                             suggestion=f"pass {old['root']} to finish or update it, or use a new --out; if "
@@ -208,7 +208,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> tuple[bool, 
     (out / MANIFEST).unlink(missing_ok=True)
     write_file(out / IMAGES, lambda tmp: tmp.write_bytes(_utf8("".join(lines))))
     _write_json(existing, plan)
-    return old is not None, old is not None
+    return old is not None
 
 
 def _refuse_foreign_files(out: Path, text: bytes, planned: bool) -> None:
@@ -458,7 +458,8 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create --out {out}: {err.strerror}") from None
-    changed, planned = check_or_write_plan(out, plan, lines)
+    planned = (out / PLAN).is_file()  # a plan there that check_or_write_plan accepts has these settings
+    changed = check_or_write_plan(out, plan, lines)
     return images, vae, plan, lines, changed, planned
 
 
