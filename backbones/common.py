@@ -7,6 +7,7 @@ from typing import Annotated, Callable
 import torch
 from torch import Tensor, nn
 
+from zoo.conditioning.base import conditioner_class
 from zoo.domains import Doc, OneOf
 from zoo.errors import UserError
 
@@ -66,6 +67,11 @@ def refuse_block_settings(block: Callable[..., nn.Module], passed: tuple[str, ..
     ``cond_dim`` is the backbone's own width (nothing to set anywhere); the rest are the backbone's
     arguments. The recipe check only says the parent passes them, not where they belong.
     """
+    cls = conditioner_class(block)
+    if getattr(cls, "spatial_input", False):  # e.g. ConvNeXt: takes (B, H, W, C) maps
+        raise UserError(f"block {getattr(cls, '__name__', cls)} takes 2-D maps (spatial_input = True) and the {model} "
+                        "passes token sequences (B, L, C)", key_path="model.block",
+                        suggestion="use a token block (transformer) here, or the map block in a DiMR branch")
     bound = sorted(set(getattr(block, "keywords", {})) & set(passed))
     if "cond_dim" in bound:
         raise UserError(f"cond_dim is set by the {model} (its width) for every block; the recipe may not set it",

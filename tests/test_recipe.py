@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import pytest
+import torch
 from fake_plugins import on_sys_path
 
 import zoo
@@ -39,10 +40,11 @@ class TypedNet:
         self.__dict__.update(locals())
 
 
-class NeedsWidth:
+class NeedsWidth(torch.nn.Module):
     """A block with a required argument no parent supplies."""
 
     def __init__(self, dim: int, width: int):
+        super().__init__()
         self.dim, self.width = dim, width
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 from fake_plugins import on_sys_path, write_distribution
 
 import zoo
@@ -121,10 +122,11 @@ def test_a_name_of_another_kind_says_which_kind_it_is():
 
 def test_decorator_registers_in_process():
     @zoo.register("block")
-    class PlainDoubleBlock:
+    class PlainDoubleBlock(torch.nn.Module):
         """Doubles its width (a decorator-registered test block)."""
 
         def __init__(self, dim: int, factor: int = 2):
+            super().__init__()
             self.width = dim * factor
 
     try:
@@ -175,3 +177,37 @@ def test_register_without_its_arguments_says_how_to_call_it():
         class Forgot:  # noqa: F841
             pass
 
+
+
+class _PlainBlock:
+    """Takes a block's arguments but is no nn.Module: PyTorch would refuse it deep in the build."""
+
+    def __init__(self, dim, num_heads=1, mlp_ratio=4.0, norm=None, mlp=None, cond_dim=None, qkv_bias=True):
+        self.dim = dim
+
+
+class _MapBlock(torch.nn.Module):
+    """A block on (B, H, W, C) maps that also takes the token blocks' arguments."""
+
+    spatial_input = True
+
+    def __init__(self, dim, num_heads=1, mlp_ratio=4.0, norm=None, mlp=None, cond_dim=None, qkv_bias=True):
+        super().__init__()
+
+
+@pytest.mark.parametrize("spec", ["plain_block_for_test", {"_target_": f"{__name__}._PlainBlock"}])
+def test_a_registered_class_that_is_no_module_is_one_line_naming_it(spec, capsys):
+    zoo.register("block", "plain_block_for_test")(_PlainBlock)
+    try:
+        with pytest.raises(UserError, match=r"_PlainBlock.*is a class but not an nn.Module subclass"):
+            zoo.build_model("dit_s_2", {"model.block": spec})
+        assert main(["build", "dit_s_2", "--set", "model.block=plain_block_for_test"]) == 2
+        assert "derive _PlainBlock from torch.nn.Module" in capsys.readouterr().err
+    finally:
+        registry.unregister("block", "plain_block_for_test")
+
+
+@pytest.mark.parametrize("recipe", ["dit_s_2", "uvit_m_4"])
+def test_a_map_block_in_a_token_backbone_is_refused_before_any_forward(recipe):
+    with pytest.raises(UserError, match=r"key model.block: block _MapBlock takes 2-D maps .* passes token sequences"):
+        zoo.build_model(recipe, {"model.block": {"_target_": f"{__name__}._MapBlock"}})

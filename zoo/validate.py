@@ -128,12 +128,27 @@ def resolve_component(recipe: Recipe, kind: str | None, spec: Any, path: KeyPath
         kind = kind or _kind_of_name(name)
         entry = registry.find(kind, name)
         cls = entry.load()
+        _require_module_class(kind, cls, f"{kind} {name!r} from {entry.describe()}")
     except UserError as err:
         raise err.locate(*recipe.origin(name_path), format_path(name_path))
     what = f"{kind} {name!r} ({entry.target})"
     factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, what, _supplied(recipe, cls, supplied, path, what)))
     _place(factory, recipe, path)
     return factory
+
+
+# Kinds whose components become submodules of a backbone: a class registered there must be an nn.Module
+# (a function returning one is taken as it is).
+MODULE_KINDS = ("block", "conditioner")
+
+
+def _require_module_class(kind: str | None, cls: Any, what: str) -> None:
+    """A class of a module kind that is not an ``nn.Module``: refused now, not by PyTorch mid-build."""
+    from torch import nn
+
+    if kind in MODULE_KINDS and isinstance(cls, type) and not issubclass(cls, nn.Module):
+        raise UserError(f"{what} is a class but not an nn.Module subclass; a {kind} becomes a submodule of the model",
+                        suggestion=f"derive {cls.__qualname__} from torch.nn.Module")
 
 
 def _supplied(recipe: Recipe, cls: Any, supplied: Iterable[str] | Calls, path: KeyPath, what: str) -> frozenset:
@@ -351,6 +366,10 @@ def resolve_target(recipe: Recipe, kind: str | None, spec: dict, path: KeyPath,
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and not any(
             e.target == registered for k in registry.KINDS for e in registry.entries(k)):
         raise recipe.error(target_path, f"{TARGET_KEY} {target!r} is not an nn.Module subclass nor a registered component")
+    try:
+        _require_module_class(kind, cls, f"{TARGET_KEY} {target!r}")
+    except UserError as err:
+        raise err.locate(*recipe.origin(target_path), format_path(target_path))
     kwargs = {k: v for k, v in spec.items() if k != TARGET_KEY}
     what = f"{kind or 'component'} {target!r}"
     factory = Factory(cls, **resolve_kwargs(recipe, cls, kwargs, path, what, _supplied(recipe, cls, supplied, path, what)))
