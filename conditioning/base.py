@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from zoo.errors import ContractError
 from zoo.introspect import signature
 
 
@@ -78,10 +79,10 @@ def norm_and_gate(norm: nn.Module, x: Tensor, cond: Conditioning) -> tuple[Tenso
     out = norm(x, cond)
     if type(out) is not tuple or len(out) != 2 or not (out[1] is None or isinstance(out[1], Tensor)):
         got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
-        raise TypeError(
-            f"conditioner {type(norm).__name__} returned {got}; a conditioner's forward(x, cond) must return "
-            "(h, gate): the normalised x and None or a per-sample gate for the residual branch"
-        )
+        raise ContractError(
+            f"conditioner {type(norm).__name__} ({type(norm).__module__}) returned {got}; a conditioner's "
+            "forward(x, cond) must return (h, gate): the normalised x and None or a per-sample gate for the "
+            "residual branch", suggestion="return (h, None) from a conditioner without a gate")
     return out
 
 

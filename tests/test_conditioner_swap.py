@@ -130,12 +130,13 @@ def test_a_conditioner_returning_a_bare_tensor_is_named_not_unpacked():
     blocks = [(TransformerBlock(8, 2, norm=_BareTensorNorm), torch.randn(2, 5, 8)),
               (ConvNeXtBlock(8, norm=_BareTensorNorm), torch.randn(2, 3, 3, 8))]
     for block, x in blocks:
-        with pytest.raises(TypeError, match=r"conditioner _BareTensorNorm returned Tensor; .* must return \(h, gate\)"):
+        with pytest.raises(TypeError, match=r"conditioner _BareTensorNorm \(.*\) returned Tensor; .* must return \(h, gate\)"):
             block(x, cond)
     dit = zoo.build_model({"type": "dit", "input_size": 4, "patch_size": 2, "in_channels": 3, "hidden_size": 8,
                            "depth": 1, "num_heads": 2, "num_classes": 4, "norm": {"_target_": f"{__name__}._BareTensorNorm"}})
-    with pytest.raises(TypeError, match="conditioner _BareTensorNorm returned Tensor"):
+    with pytest.raises(zoo.UserError, match="conditioner _BareTensorNorm") as info:  # the CLI: one line, exit 2
         dit(*dit.example_inputs(2))
+    assert isinstance(info.value, TypeError) and "return (h, None)" in str(info.value)
 
 
 @pytest.mark.parametrize("spec, norms", [

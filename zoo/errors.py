@@ -54,6 +54,11 @@ class UserError(Exception):
         return f"{where}{key}{self.message}{hint}"
 
 
+class ContractError(UserError, TypeError):
+    """A component (usually a plugin's) that breaks the interface its parent calls it through: the
+    plugin's code to fix, said in one line like any user error (and still a ``TypeError``)."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """``"did you mean X?"`` for the closest matches of ``word`` among ``candidates``, or ``None``."""
     close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=3, cutoff=0.6)
