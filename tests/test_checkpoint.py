@@ -363,3 +363,24 @@ def test_sample_and_resume_repair_a_run_stopped_between_the_two_renames(tmp_path
     assert main(["train", recipe, "--out", str(resumable), "--resume", str(resumable), "--steps", "3", *fast]) == 0
     assert f"resumed from {resumable / 'last'} at step 2" in capsys.readouterr().out
     assert [n for n in _names(resumable) if n.startswith("last")] == ["last"] and _step_of(resumable / "last") == 3
+
+
+def test_a_checkpoint_names_the_plugin_it_needs_when_that_plugin_is_gone(tmp_path):
+    """A run of a plugin's block, loaded where the plugin is not installed: the unknown name says
+    which distribution (and version) the checkpoint was written with."""
+    import json as json_module
+
+    import zoo
+    from fake_plugins import on_sys_path
+
+    recipe = {"model": {"type": "fake_net", "in_features": 3, "dim": 8, "depth": 1,
+                        "block": {"type": "fake_block", "norm": "rmsnorm"}}}
+    with on_sys_path():
+        ckpt.save_checkpoint(tmp_path / "run", zoo.build_model(recipe), recipe)
+        assert ckpt.load_checkpoint(tmp_path / "run")[1]["model"]["type"] == "fake_net"  # loads while installed
+    config = json_module.loads((tmp_path / "run" / ckpt.CONFIG).read_text())
+    assert config["plugins"] == {"zoo-fake-plugin": "0.1"}  # rmsnorm is zoo's own: not listed
+    with pytest.raises(UserError, match=r"unknown backbone 'fake_net'.*pip install zoo-fake-plugin==0\.1"):
+        ckpt.load_checkpoint(tmp_path / "run")
+    ckpt.save_checkpoint(tmp_path / "plain", _model(), RECIPE)
+    assert "plugins" not in json_module.loads((tmp_path / "plain" / ckpt.CONFIG).read_text())

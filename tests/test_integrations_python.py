@@ -174,3 +174,24 @@ def test_overrides_may_be_a_dict_of_key_paths():
         zoo.load_recipe("dit_s_2", {"model.depht": 2})
     with pytest.raises(UserError, match="NaN and infinities are refused"):
         zoo.load_recipe("dit_s_2", {"model.mlp_ratio": float("nan")})
+
+
+def test_from_checkpoint_gives_the_ema_model_of_a_run_in_eval_mode(tmp_path):
+    from zoo.checkpoint import save_checkpoint
+
+    recipe = zoo.load_recipe({"model": DIMR})
+    torch.manual_seed(0)
+    model, ema = zoo.build_model(recipe), zoo.build_model(recipe)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.25)  # the EMA weights differ from the model's everywhere
+    save_checkpoint(tmp_path / "run" / "last", model, recipe, ema=ema.state_dict())
+    loaded, loaded_recipe = zoo.from_checkpoint(tmp_path / "run")  # a run directory: its last/
+    assert not loaded.training and loaded_recipe["model"] == recipe["model"]
+    for name, p in loaded.state_dict().items():
+        assert torch.equal(p, ema.state_dict()[name]), name
+    raw, _ = zoo.from_checkpoint(tmp_path / "run" / "last", use_ema=False)
+    assert all(torch.equal(p, model.state_dict()[n]) for n, p in raw.state_dict().items())
+    for wrong in (tmp_path / "run", tmp_path / "run" / "last" / "config.json"):  # a checkpoint is not a recipe
+        with pytest.raises(UserError, match=r"is a zoo checkpoint, not a recipe file \(zoo.from_checkpoint\("):
+            zoo.build_model(wrong)

@@ -16,6 +16,7 @@ from .recipe import Recipe, resolve
 from .validate import TARGET_KEY, model_factory, resolve_component, validate_recipe
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 register = registry.register
@@ -51,6 +52,21 @@ def build_model(recipe: str | Path | dict | Recipe,
 
         return without_dynamo(factory)
     return factory()
+
+
+def from_checkpoint(path: str | Path, *, use_ema: bool = True,
+                    device: "str | torch.device" = "cpu") -> "tuple[nn.Module, dict[str, Any]]":
+    """The model of a zoo checkpoint directory and its resolved recipe: ``model, recipe =
+    zoo.from_checkpoint("runs/demo")`` (a run directory stands for its newest checkpoint ``last/``).
+
+    EMA weights when the checkpoint has them and ``use_ema`` (as ``zoo sample`` loads them), loaded
+    strictly into the model its ``config.json`` describes; returned in eval mode (``.train()`` to go
+    on training it). A component of an uninstalled plugin is an error naming that plugin.
+    """
+    from .integrations.checkpoints import load_preferred
+
+    model, recipe, _ = load_preferred(path, use_ema, device)
+    return model.eval(), recipe
 
 
 def build_component(kind: str, spec: str | dict, **parent_kwargs: Any) -> Any:

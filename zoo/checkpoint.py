@@ -324,7 +324,12 @@ def save_checkpoint(
         if state is not None:
             _torch_save(dict(state), tmp / TRAINER_STATE)
 
+    from zoo.registry import plugins_named
+
     payload = {"format": FORMAT, "versions": versions(), "recipe": dict(config)}
+    plugins = plugins_named(payload["recipe"])
+    if plugins:  # what loading it needs besides zoo, said when a name of theirs is unknown
+        payload["plugins"] = plugins
     json.dumps(payload)  # a recipe that is not JSON fails here, before anything is written
     return atomic.write_dir(directory, fill, CONFIG, payload, replace=check_replaceable)
 
@@ -380,6 +385,10 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
 
 def read_config(directory: str | Path) -> dict:
     """The recipe stored in a checkpoint directory (after repairing an interrupted save of it)."""
+    return _read_payload(directory)["recipe"]
+
+
+def _read_payload(directory: str | Path) -> dict:
     directory = _checkpoint_dir(directory)
     path = directory / CONFIG
     if not path.is_file():
@@ -387,16 +396,37 @@ def read_config(directory: str | Path) -> dict:
     payload = read_json_object(path, "checkpoint config")
     if payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
         raise UserError(f"{path} is not a {FORMAT} config (a JSON object with format and recipe)")
-    return payload["recipe"]
+    return payload
 
 
 def load_recipe_of(directory: str | Path, overrides: list[str] = ()) -> dict:
-    """A checkpoint's recipe, validated; a mistake in it names its ``config.json``."""
+    """A checkpoint's recipe, validated; a mistake in it names its ``config.json``, and a component
+    name that is unknown here names the plugin distributions the checkpoint was written with."""
     import zoo
     from zoo.recipe import Recipe
 
-    path = Path(directory) / CONFIG
-    return zoo.load_recipe(Recipe(read_config(directory), source=str(path)), overrides)
+    payload = _read_payload(directory)
+    try:
+        return zoo.load_recipe(Recipe(payload["recipe"], source=str(Path(directory) / CONFIG)), overrides)
+    except UserError as err:
+        missing = _missing_plugins(payload.get("plugins"))
+        if err.message.startswith("unknown ") and missing:
+            err.suggestion = ("it was written with the plugin " + ", ".join(missing) + " installed: "
+                              "pip install " + " ".join(missing))
+        raise
+
+
+def _missing_plugins(plugins: object) -> list[str]:
+    """``["dist==version", ...]`` of a checkpoint's plugin distributions that are not installed here."""
+    if not isinstance(plugins, dict):
+        return []
+    missing = []
+    for name, version in plugins.items():
+        try:
+            metadata.version(str(name))
+        except metadata.PackageNotFoundError:
+            missing.append(f"{name}=={version}" if version not in (None, "unknown") else str(name))
+    return missing
 
 
 def load_checkpoint(

@@ -61,6 +61,12 @@ class Recipe:
 def find_recipe(path: str | Path) -> Path:
     """``path`` itself, or else the shipped recipe at that place in ``zoo.recipes`` (a bare name, or ``recipes/...``)."""
     path = Path(path).expanduser()  # "~/r.yaml" from Python or a _base_: the shell expands only its own words
+    checkpoint = path if path.is_dir() else path.parent
+    if (checkpoint / "config.json").is_file() or (checkpoint / "last" / "config.json").is_file():
+        if path.is_dir() or path.name == "config.json":  # its config.json holds the recipe inside a wrapper
+            raise UserError(f"{path} is a zoo checkpoint, not a recipe file", suggestion=(
+                f"zoo.from_checkpoint({str(checkpoint)!r}) builds its model with its weights; zoo sample, eval "
+                "and export take the directory as it is"))
     if path.is_file():
         return path
     if path.is_dir():

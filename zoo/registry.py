@@ -31,6 +31,7 @@ GROUPS: dict[str, str] = {
     "extractor": "zoo.extractors",
 }
 KINDS: tuple[str, ...] = tuple(GROUPS)
+OWN_DISTRIBUTION = "zoo-diffusion"  # the built-in components are this distribution's entry points
 
 T = TypeVar("T")
 
@@ -172,6 +173,33 @@ def find(kind: str, name: str) -> Entry:
             suggestion=f"{name!r} is a {other[0]}, not a {kind}" if other else did_you_mean(name, table),
         )
     return table[name][0]
+
+
+def plugins_named(data: Any) -> dict[str, str]:
+    """``{distribution: version}`` of the installed plugins whose registered names occur in ``data`` (a
+    recipe): what a checkpoint of it needs besides zoo. zoo's own names and in-process ones are left out."""
+    from importlib import metadata
+
+    words: set[str] = set()
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            words.add(item)
+    found: dict[str, str] = {}
+    for kind in KINDS:
+        for name, claims in _discover()[kind].items():
+            for entry in claims if name in words else ():
+                if entry.source not in (OWN_DISTRIBUTION, "unknown distribution"):
+                    try:
+                        found[entry.source] = metadata.version(entry.source)
+                    except metadata.PackageNotFoundError:
+                        found[entry.source] = "unknown"
+    return dict(sorted(found.items()))
 
 
 def get(kind: str, name: str) -> Any:
