@@ -196,6 +196,30 @@ def test_a_full_disk_leaves_no_torn_line_in_log_jsonl_and_names_it(tmp_path):
     assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [rec]
 
 
+def test_a_resumed_branch_replaces_the_log_in_one_write(tmp_path, monkeypatch):
+    """A resume from step 2 of a 4-step log holds its records back until its first save, then drops
+    the old steps 3-4 and writes its own. That was two writes: a kill between them lost the new
+    records for good (the save is past them). Appending anything during the swap is now a failure."""
+    rec = {"loss": 1.0, "lr": 1e-3, "steps_per_s": 1.0, "images_per_s": 16.0}
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({**rec, "step": s}) + "\n" for s in (1, 2, 3, 4)))
+    monitor = Monitor(tmp_path, start=2, total=4, log=lambda *_: None, tty=False)
+    for step in (3, 4):
+        monitor.record({**rec, "step": step, "loss": 0.5})
+    assert [r["loss"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1.0] * 4
+
+    def killed(line):  # the old second write: where a SIGKILL fell
+        raise RuntimeError("killed between the two writes")
+
+    monkeypatch.setattr(monitor, "_append", killed)
+    monitor.branch_saved()
+    monkeypatch.undo()
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in logged] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5)]
+    monitor.record({**rec, "step": 5, "loss": 0.25})  # appended after the swap, to the new file
+    monitor.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
 def test_progress_bar_on_a_terminal(tmp_path, capsys):
     monitor = Monitor(tmp_path, start=0, total=4, log=lambda *_: pytest.fail("a TTY gets the bar, not lines"), tty=True)
     for step in (1, 2):

@@ -168,6 +168,9 @@ class Monitor:
             self.pending.append(rec)
             return
         self._append(_json_line(rec))
+        self._scalars(rec)
+
+    def _scalars(self, rec: dict) -> None:
         for group, keys in SCALARS.items():
             for key in keys:
                 if key in rec:
@@ -176,15 +179,20 @@ class Monitor:
 
     def branch_saved(self) -> None:
         """This run saved a checkpoint: the records after ``start`` of the run it branched from leave
-        log.jsonl and TensorBoard (the writer's purge), and this run's own records are written."""
+        log.jsonl and TensorBoard (the writer's purge), and this run's own records are written.
+
+        log.jsonl is replaced in one atomic write holding both the kept records and this run's: a
+        kill between dropping the old ones and adding the new ones would lose the new ones for good
+        (the checkpoint just saved is past them, so no resume redoes them)."""
         if self.pending is None:
             return
         pending, self.pending = self.pending, None
-        write_file(self.log_path, lambda tmp: tmp.write_text(
-            "".join(json.dumps(r) + "\n" for r in self.records if r.get("step", 0) <= self.start)))
+        new = {id(r) for r in pending}
+        lines = [_json_line(r) for r in self.records if id(r) not in new] + [_json_line(r) for r in pending]
+        write_file(self.log_path, lambda tmp: tmp.write_text("".join(lines)))
         self.writer  # opened now: its purge of the later steps takes effect even when nothing is logged
         for rec in pending:
-            self._write(rec)
+            self._scalars(rec)
 
     def record(self, rec: dict) -> None:
         """A log record: written to every sink, shown above the bar or as one line."""
