@@ -1039,3 +1039,18 @@ def test_a_float_tiff_in_0_1_is_scaled_not_black(tmp_path):
     values = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
     got = np.asarray(to_rgb(Image.fromarray(values, mode="F")))[..., 0]
     assert got.tolist() == np.rint(values * 255).astype(int).tolist()
+
+
+def test_a_shard_written_twice_is_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in a hash map's order, which changes from one write to the
+    next: a resumed run's shards had other bytes than an uninterrupted run's (same tensors)."""
+    from zoo.latents import write_shard
+
+    mean, std, labels = torch.randn(3, 4, 2, 2), torch.rand(3, 4, 2, 2), torch.tensor([0, 2, 1])
+    for name in ("a", "b", "c"):
+        write_shard(tmp_path / f"{name}.safetensors", mean, std, labels, 96, torch.float32, ("rows", "settings"))
+    data = [(tmp_path / f"{name}.safetensors").read_bytes() for name in ("a", "b", "c")]
+    assert data[0] == data[1] == data[2]
+    size = int.from_bytes(data[0][:8], "little")
+    metadata = json.loads(data[0][8:8 + size])["__metadata__"]
+    assert list(metadata) == sorted(metadata) and metadata["start"] == "96"

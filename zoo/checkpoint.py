@@ -77,7 +77,12 @@ def save_weights(path: str | Path, state: Mapping[str, Tensor]) -> None:
     The same state gives the same bytes (so the same sha256, which ``zoo eval`` keys its samples by).
     """
     tensors, aliases = _tensors_for_safetensors(state)
-    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_reproducibly(path, tensors, {"format": "pt", "aliases": json.dumps(aliases)})
+
+
+def save_reproducibly(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """``safetensors.torch.save_file`` whose bytes depend on the tensors and metadata only (see :func:`sort_metadata`)."""
+    save_file(dict(tensors), str(path), metadata=dict(metadata))
     sort_metadata(path)
 
 

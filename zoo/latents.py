@@ -270,14 +270,13 @@ def shard_is_current(path: Path, digest: tuple[str, str], planned: bool = False)
 def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: int, dtype: torch.dtype,
                 digest: tuple[str, str]) -> None:
     """One shard, atomically (a temporary name, then a rename)."""
-    from safetensors.torch import save_file
-
     from zoo.atomic import write_file
+    from zoo.checkpoint import save_reproducibly
 
     tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous(), "labels": labels.long()}
     meta = {"format": FORMAT, "start": str(start), "scaled": "false", "rows_sha256": digest[0],
             "settings_sha256": digest[1]}
-    write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_file(path, lambda tmp: save_reproducibly(tmp, tensors, meta))  # a resumed run: the same bytes
 
 
 def finish(out: Path, plan: dict, digests: list[tuple[str, str]], planned: bool = False) -> bool:

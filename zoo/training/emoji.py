@@ -157,9 +157,8 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
     and again whenever the file is damaged or was built from other versions of the source packages)."""
     import sys
 
-    from safetensors.torch import save_file
-
     from zoo.atomic import write_file
+    from zoo.checkpoint import save_reproducibly
 
     path = cache_path(size, data)
     if path.is_file() and (cached := _read_cache(path, size)) is not None:
@@ -167,7 +166,7 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
     tensors = build_emoji(size)
     meta = {"categories": json.dumps(CATEGORIES), "version": str(VERSION), "sources": _sources_versions()}
     try:
-        write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        write_file(path, lambda tmp: save_reproducibly(tmp, tensors, meta))
     except OSError as err:  # a read-only cache still trains, just without the cache
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank builds; one says so
             print(f"zoo: warning: cannot write the emoji cache {path}: {err}", file=sys.stderr)
