@@ -219,7 +219,10 @@ CASES = [
     ("train-image-corrupt-in-a-worker", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.num_workers=1",
      "images_corrupt_later", 2, "{tmp}/images/b/1.png"),
     ("train-images-more-classes-than-model", f"train {TRAIN} --out {{tmp}}/out {IMAGES}", "images_five_classes",
-     2, "5 classes, the model has 4"),
+     2, "key data.num_classes: dataset 'image_folder' has 5 classes, data.num_classes is 4"),  # = the model's
+    ("train-images-more-classes-than-data-num-classes", f"train {TRAIN} --out {{tmp}}/out {IMAGES} "
+     "--set data.num_classes=3", "images_five_classes", 2, "key data.num_classes: dataset 'image_folder' has 5 "
+     "classes, data.num_classes is 3 (set data.num_classes to 5 where the model has as many (model.num_classes)"),
     ("train-data-root-beside-synthetic", f"train {TRAIN} --out {{tmp}}/out --set data.root={{tmp}}/images {FAST}",
      "images", 2, "data.root is set, but dataset 'synthetic' reads no root (--set data.dataset=image_folder"),
     ("train-data-classes-beyond-the-model", f"train {TRAIN} --out {{tmp}}/out --set data.num_classes=9 {FAST}", "-",

@@ -232,7 +232,7 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
                 f"ending {', '.join(IMAGE_SUFFIXES)} in any case are images)")
         raise UserError(f"data.root {data.get('root')} holds no {what}", key_path="data.root",
                         suggestion=_other_data_hint(Path(data["root"]).expanduser(), latent, shape))
-    check_against_model(ds, kind, shape, num_classes, latent)
+    check_against_model(ds, kind, shape, num_classes, latent, from_data=bool(data.get("num_classes")))
     return ds
 
 
@@ -312,8 +312,9 @@ def class_names(data: Mapping[str, Any]) -> list[str]:
 
 
 def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_classes: int | None,
-                        latent: bool = False) -> None:
-    """Fail before training when the data cannot feed the model: the first sample's shape, the labels' range.
+                        latent: bool = False, from_data: bool = False) -> None:
+    """Fail before training when the data cannot feed the model: the first sample's shape, the labels' range
+    (``num_classes`` labels; ``from_data``: that count is the recipe's ``data.num_classes``).
 
     Labels are checked in full where the dataset holds them (latent shards, tensors) and by the
     class count of an image folder; a sample read later that is broken names its own file.
@@ -333,6 +334,10 @@ def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_clas
     if num_classes is None:
         return
     classes = getattr(ds, "num_classes", None)
+    if isinstance(classes, int) and classes > num_classes and from_data:
+        raise UserError(f"dataset {kind!r} has {classes} classes, data.num_classes is {num_classes}",
+                        key_path="data.num_classes", suggestion=f"set data.num_classes to {classes} where the model "
+                        "has as many (model.num_classes), or use fewer class folders")
     if isinstance(classes, int) and classes > num_classes:
         raise UserError(f"dataset {kind!r} has {classes} classes, the model has {num_classes}",
                         key_path="data.root", suggestion="use a model with as many classes, or fewer class folders")
