@@ -454,6 +454,12 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
     (tmp_path / "empty").mkdir()
     with pytest.raises(zoo.errors.UserError, match="holds no images .* neither in itself nor in class subfolders"):
         load_reference(str(tmp_path / "empty"), PoolFeatures(), 8)
+    # zoo prepare-latents output (shards + manifest): the reference is the images it was made from
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "latents" / "manifest.json").write_text(json.dumps({"root": str(tmp_path / "ref")}))
+    with pytest.raises(zoo.errors.UserError, match=r"holds latents \(zoo prepare-latents output\), not images "
+                       rf"\(pass the images they were made from: --ref {re.escape(str(tmp_path / 'ref'))}\)"):
+        load_reference(str(tmp_path / "latents"), PoolFeatures(), 8)
 
 
 def test_a_missing_ref_is_said_before_the_extractor_is_built(tmp_path, capsys, monkeypatch):

@@ -89,6 +89,21 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.float().clamp(-1, 1) + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+def _latents_made_from(path: Path) -> str | None:
+    """The image folder a ``zoo prepare-latents`` output at ``path`` was made from, ``None`` if it is none."""
+    from zoo.jsonfile import read_json_object
+    from zoo.latents import MANIFEST, PLAN
+
+    for name in (MANIFEST, PLAN):
+        if (path / name).is_file():
+            try:
+                root = read_json_object(path / name, "latent manifest").get("root")
+            except UserError:
+                continue
+            return str(root) if root else "IMAGE_DIR"
+    return None
+
+
 def _dataset_batches(dataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in loader:
@@ -133,6 +148,10 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
         if not dataset.items:  # no class folders: the images in the folder itself, as pytorch-fid reads one
             dataset = ImageFolder(path, image_size, flat=True)
         if not dataset.items:
+            made_from = _latents_made_from(path)
+            if made_from is not None:  # zoo prepare-latents output: the reference is the images it encoded
+                raise UserError(f"reference folder {path} holds latents (zoo prepare-latents output), not images",
+                                suggestion=f"pass the images they were made from: --ref {made_from}")
             raise UserError(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}), neither in "
                             f"itself nor in class subfolders", suggestion=f"lay it out as {path}/IMAGE or "
                             f"{path}/CLASS/IMAGE")
