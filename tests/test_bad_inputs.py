@@ -218,6 +218,11 @@ CASES = [
      "{tmp}/images/b/1.png"),
     ("train-image-corrupt-in-a-worker", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.num_workers=1",
      "images_corrupt_later", 2, "{tmp}/images/b/1.png"),
+    ("train-image-corrupt-mid-run-says-how-to-go-on", f"train {TRAIN} --out {{tmp}}/out {IMAGES}",
+     "images_corrupt_later", 2, "(delete or replace the file; then go on with --resume {tmp}/out)"),
+    ("train-image-corrupt-in-a-worker-says-the-same", f"train {TRAIN} --out {{tmp}}/out {IMAGES} "
+     "--set data.num_workers=1", "images_corrupt_later", 2,
+     "(delete or replace the file; then go on with --resume {tmp}/out)"),
     ("train-images-more-classes-than-model", f"train {TRAIN} --out {{tmp}}/out {IMAGES}", "images_five_classes",
      2, "key data.num_classes: dataset 'image_folder' has 5 classes, data.num_classes is 4"),  # = the model's
     ("train-images-more-classes-than-data-num-classes", f"train {TRAIN} --out {{tmp}}/out {IMAGES} "

@@ -488,7 +488,6 @@ def _resumable_errors(batches):
     try:
         yield from one_line_errors(batches)
     except UserError as err:
-        if err.message.startswith("cannot read image"):  # from a worker, the hint came inside the message
-            err.message = err.message.removesuffix(f" ({BAD_IMAGE_HINT})")
+        if err.message.startswith("cannot read image"):
             err.suggestion = f"{BAD_IMAGE_HINT}, then run the same command again: the shards written so far are kept"
         raise

@@ -493,8 +493,10 @@ def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tenso
                 text = str(err)
                 if "Traceback" not in text:
                     raise
-                last = [line for line in text.splitlines() if line.strip()][-1]
-                raise UserError(last.split("UserError: ", 1)[-1]) from None
+                last = [line for line in text.splitlines() if line.strip()][-1].split("UserError: ", 1)[-1]
+                hint = f" ({BAD_IMAGE_HINT})"  # the worker's error came as text: its known hint is a hint again
+                raise UserError(last.removesuffix(hint), suggestion=BAD_IMAGE_HINT if last.endswith(hint) else None
+                                ) from None
             yield batch
     finally:  # an error, the end, or close(): the workers end now, not whenever the iterator is freed
         end_workers(it)
