@@ -1,6 +1,7 @@
 """``zoo sample``: per-sample seeding, batch-size independence, the PNG grid, checkpoints, the VAE."""
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -349,8 +350,12 @@ def test_missing_vae_directory_is_a_user_error(tmp_path):
         find_vae_weights(tmp_path / "nope")
     with pytest.raises(UserError, match="no VAE weights"):
         find_vae_weights(tmp_path)
-    with pytest.raises(UserError, match="--vae DIR"):
+    with pytest.raises(UserError, match="--vae DIR to zoo prepare-latents, sample and eval, data.vae in a recipe"):
         find_vae_weights(None)
+    (tmp_path / "config.json").write_text("{}")  # the diffusers folder's config, given for the folder
+    with pytest.raises(UserError, match=rf"config.json is a config file, not VAE weights \(give the folder that "
+                       rf"holds it and the weights, {re.escape(str(tmp_path))}\)"):
+        find_vae_weights(tmp_path / "config.json")
 
 
 def test_a_vae_folder_with_several_weight_files_takes_the_ema_one_or_asks(tmp_path):

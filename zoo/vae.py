@@ -40,8 +40,8 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytor
 LDM_PATTERNS = ("*.safetensors", "*.pth", "*.ckpt", "*.pt", "*.bin")
 
 _FIX = (
-    "give a local copy of the Stable Diffusion KL-f8 VAE as data.vae (--set data.vae=DIR; zoo sample and "
-    "zoo eval also take --vae DIR), "
+    "give a local copy of the Stable Diffusion KL-f8 VAE: --vae DIR to zoo prepare-latents, sample and eval, "
+    "data.vae in a recipe (--set data.vae=DIR), "
     "e.g. the files of huggingface.co/stabilityai/sd-vae-ft-ema (diffusion_pytorch_model.safetensors) "
     "or U-ViT's assets/stable-diffusion/autoencoder_kl_ema.pth; zoo never downloads weights"
 )
@@ -83,6 +83,9 @@ def find_vae_weights(directory: str | Path) -> Path:
     if directory is None or str(directory) == "":
         raise UserError(f"this model works in the SD-VAE latent space and needs the VAE weights: {_FIX}")
     directory = Path(directory).expanduser()
+    if directory.is_file() and directory.suffix == ".json":  # a diffusers folder's config.json, say
+        raise UserError(f"{directory} is a config file, not VAE weights",
+                        suggestion=f"give the folder that holds it and the weights, {directory.parent}")
     if directory.is_file():
         return directory
     if not directory.is_dir():
