@@ -151,6 +151,36 @@ def test_a_recipe_of_another_family_is_named_as_such(tmp_path, official_sd, caps
     assert f"{src} is converted as dit, but the recipe builds a uvit model" in err
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_a_ddp_or_compiled_models_key_prefix_is_dropped(tmp_path, official_sd, prefix):
+    """A DDP (or torch.compile) training script's state dict was 'unexpected key module.pos_embed'."""
+    wrapped = {prefix + k: v for k, v in official_sd.items()}
+    status, out = convert(tmp_path, {"ema": wrapped, "opt": {}})
+    assert status == 0
+    assert torch.equal(load_checkpoint(out)[0].state_dict()["pos_embed"], official_sd["pos_embed"])
+    assert list(unwrap_state_dict({"module.a": torch.zeros(1), "b": torch.zeros(1)})) == ["module.a", "b"]  # not all
+
+
+@pytest.mark.parametrize("dtype, how", [(torch.float16, "exactly"), (torch.float64, "rounded")])
+def test_weights_of_another_precision_are_said_to_be_cast(tmp_path, official_sd, capsys, dtype, how):
+    status, out = convert(tmp_path, {k: v.to(dtype) for k, v in official_sd.items()})
+    assert status == 0 and load_checkpoint(out)[0].state_dict()["pos_embed"].dtype == torch.float32
+    name = str(dtype).removeprefix("torch.")
+    printed = capsys.readouterr().out
+    assert f"the official tensors are {name}; the checkpoint holds them as the model's float32 ({how})" in printed
+    assert "note: model.depth changed the recipe's model; a setting that keeps every tensor's shape" in printed
+
+
+def test_weights_of_another_family_name_the_family_to_convert_as(tmp_path, capsys):
+    """A U-ViT file converted as dit: 'unexpected key patch_embed.proj.weight', naming no fix."""
+    uvit = {k: torch.zeros(v) for k, v in json.loads((KEYS.parent / "uvit_m_4.json").read_text()).items()
+            if not k.startswith("_")}
+    status, out = convert(tmp_path, uvit, "nnet_ema.pth")
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and not out.exists()
+    assert f"{tmp_path / 'nnet_ema.pth'} holds uvit weights, not dit ones (zoo convert uvit " in err
+
+
 def test_a_recipe_zoo_build_refuses_is_refused_before_writing(tmp_path, capsys):
     """It converted (exit 0) a checkpoint whose data.num_classes made diffusion.null_label a real label,
     which zoo sample and zoo export then refused."""

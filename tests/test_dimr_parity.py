@@ -1,6 +1,7 @@
 """DiMR against the official implementation: golden tiny models and the released key lists."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,39 @@ def test_zoo_convert_writes_a_checkpoint_that_reproduces_the_official_outputs(tm
     with torch.no_grad():
         outputs = model.eval()(inputs["x"], inputs["log_snr"], inputs["y"])
     assert _max_err(outputs, data["outputs"]) <= TOL
+
+
+@pytest.mark.parametrize("golden", FILES)
+def test_zoo_convert_without_config_reads_the_layout_from_the_recipe(tmp_path, golden, capsys):
+    """The released DiMR checkpoints hold no config, and the key lists with one were not installed:
+    the recipe of the same model gives each stage's block kind and depth, strict loading the rest."""
+    import yaml
+
+    from zoo.checkpoint import load_checkpoint
+    from zoo.cli import main
+
+    data = torch.load(GOLDEN / golden, weights_only=True)
+    torch.save(data["state_dict"], tmp_path / "official.pt")
+    recipe = {"model": convert.official_config_to_model_spec(data["config"])}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["convert", "dimr", str(tmp_path / "official.pt"), "--recipe", str(tmp_path / "tiny.yaml")]
+    assert main([*argv, "--out", str(tmp_path / "ckpt")]) == 0
+    model, _ = load_checkpoint(tmp_path / "ckpt")
+    inputs = data["inputs"]
+    with torch.no_grad():
+        outputs = model.eval()(inputs["x"], inputs["log_snr"], inputs["y"])
+    assert _max_err(outputs, data["outputs"]) <= TOL
+    shallow = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
+    shallow["model"]["branches"][0]["depth"] -= 2  # another model: its keys do not fit, said in one line
+    (tmp_path / "shallow.yaml").write_text(yaml.safe_dump(shallow))
+    capsys.readouterr()
+    argv[-1] = str(tmp_path / "shallow.yaml")
+    assert main([*argv, "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not (tmp_path / "other").exists()
+    depth = shallow["model"]["branches"][0]["depth"]
+    assert re.search(rf"is block \d+ of stage 0, which has {2 * (depth // 2) + 1} blocks for num_blocks {depth} "
+                     r"\(branch 0's depth\) \(use the recipe \(or --config\)", err)
 
 
 def test_zoo_convert_refuses_a_recipe_that_differs_from_the_official_config_in_one_line(tmp_path, capsys):

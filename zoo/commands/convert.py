@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_overrides_option(p)
     p.add_argument("--config", type=Path, default=None,
                    help="JSON file with the official constructor kwargs, for families whose converter needs "
-                   "them (DiMR); default: the checkpoint's own 'config' entry, if any")  # fmt: skip
+                   "them (DiMR); default: the checkpoint's own 'config' entry, else read from --recipe")  # fmt: skip
     p.add_argument("--weights", choices=("ema", "model"), default=None,
                    help="which weights of a training checkpoint to take (default: ema if present)")  # fmt: skip
     p.set_defaults(func=run)
@@ -74,8 +74,8 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoint import build_with_state, save_checkpoint
-    from zoo.convert import (check_recipe_family, check_recipe_matches, check_weights, get_family, model_spec,
-                             unwrap_state_dict)
+    from zoo.convert import (check_recipe_family, check_recipe_matches, check_weights, get_family, guess_family,
+                             model_spec, unwrap_state_dict)
     from zoo.diffusion.setup import check_null_label
     from zoo.meta import build_on_meta
     from zoo.training.fit import check_recipe_fits_model
@@ -85,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = load_official(args.checkpoint)
     official = unwrap_state_dict(checkpoint, source=str(args.checkpoint), prefer=args.weights)
     check_weights(official, str(args.checkpoint))
+    looks = guess_family(official)
+    if looks not in (None, args.family):  # else every key is 'unexpected', naming none of the fix
+        raise UserError(f"{args.checkpoint} holds {looks} weights, not {args.family} ones",
+                        suggestion=f"zoo convert {looks} {args.checkpoint} --recipe A_{looks.upper()}_RECIPE ...")
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     check_recipe_family(args.family, converter, recipe["model"], str(args.checkpoint))
     check_recipe_fits_model(recipe, build_on_meta(lambda: zoo.build_model(recipe)))  # as zoo build and train do
     config = official_config(args, checkpoint)
     if config is not None:  # settings that keep the tensor shapes (num_heads, ...) are checked here
         check_recipe_matches(model_spec(converter, config), recipe["model"])
+    elif hasattr(converter, "config_from_recipe"):  # DiMR's key layout, from the recipe of the same model
+        config = converter.config_from_recipe(recipe["model"])
     try:
         state = converter.convert_state_dict(official, config)
     except KeyError as err:
@@ -101,4 +107,13 @@ def run(args: argparse.Namespace) -> int:
     out = save_checkpoint(args.out, model, recipe)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({len(official)} official tensors, {n:,} parameters)")
+    changed = [o.partition("=")[0].strip() for o in args.overrides if o.strip().startswith("model.")]
+    if changed and config is None:  # no official config to compare with: shapes are all strict loading sees
+        print(f"zoo convert: note: {', '.join(changed)} changed the recipe's model; a setting that keeps every "
+              "tensor's shape (num_heads, an activation) cannot be checked against the weights: set it only as "
+              "the checkpoint was trained")
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in official.values()} - {"float32"})
+    if dtypes:  # float16/bfloat16 widen exactly; float64 is rounded
+        print(f"zoo convert: note: the official tensors are {', '.join(dtypes)}; the checkpoint holds them as the "
+              "model's float32" + (" (rounded)" if "float64" in dtypes else " (exactly)"))
     return 0

@@ -35,6 +35,17 @@ FAMILIES: dict[str, str] = {
 
 # Wrappers the official training scripts put around a state dict, in order of preference.
 _WRAPPER_KEYS = ("ema", "model", "state_dict")
+# Prefixes a training wrapper adds to every key: DistributedDataParallel, torch.compile.
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+# A key each family's official state dict has and the others' do not: names the family of a file.
+_SIGNATURE_KEYS = {"dit": "x_embedder.proj.weight", "uvit": "mid_block.norm1.weight",
+                   "dimr": "stages.0.input_layer.1.weight"}
+
+
+def guess_family(state: Mapping[str, Any]) -> str | None:
+    """The family whose official keys ``state`` has, ``None`` when it looks like none of them."""
+    found = [name for name, key in _SIGNATURE_KEYS.items() if key in state]
+    return found[0] if len(found) == 1 else None
 
 
 def get_family(name: str) -> ModuleType:
@@ -120,14 +131,27 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None =
     if not isinstance(obj, Mapping):
         raise UserError(f"{source} does not hold a state dict (found {type(obj).__name__})")
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return dict(obj)
+        return _without_wrapper_prefixes(obj)
     keys = (prefer,) if prefer else _WRAPPER_KEYS
     for key in keys:
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-            return dict(inner)
+            return _without_wrapper_prefixes(inner)
     found = ", ".join(sorted(map(str, obj))[:8])
     raise UserError(f"{source} holds no state dict under {' / '.join(keys)} (top-level keys: {found})")
+
+
+def _without_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix that every key carries."""
+    state = dict(state)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _KEY_PREFIXES:
+            if all(str(k).startswith(prefix) for k in state):
+                state = {str(k)[len(prefix):]: v for k, v in state.items()}
+                stripped = True
+    return state
 
 
 def check_weights(state: Mapping[str, Tensor], source: str) -> None:

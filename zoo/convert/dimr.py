@@ -85,6 +85,24 @@ def official_config_to_model_spec(config: Mapping[str, Any]) -> dict:
     }  # fmt: skip
 
 
+_BLOCK_TYPES = {"transformer": "TransformerBlock", "convnext": "ConvNeXtBlock"}
+
+
+def config_from_recipe(model: Mapping[str, Any]) -> dict:
+    """The part of the official config the key layout depends on (each stage's block kind and
+    ``num_blocks``), read from a recipe's ``model`` section: the released checkpoints hold no config,
+    and the recipe names the same model. Strict loading checks everything else by shape."""
+    stages = []
+    for i, branch in enumerate(model.get("branches") or []):
+        block = branch.get("block") if isinstance(branch, Mapping) else None
+        kind = block if isinstance(block, str) else block.get("type") if isinstance(block, Mapping) else None
+        if kind not in _BLOCK_TYPES or not isinstance(branch.get("depth"), int):
+            raise UserError(f"the recipe's model.branches.{i} is not an official DiMR stage (block {kind!r})",
+                            suggestion="pass the official MRModel kwargs as --config FILE (JSON)")
+        stages.append({"block_type": _BLOCK_TYPES[kind], "num_blocks": branch["depth"]})
+    return {"stage_configs": stages}
+
+
 def _block_prefix(j: int, num_blocks: int) -> str:
     """Official flat block index → zoo long-skip stack path."""
     half = num_blocks // 2
@@ -136,6 +154,11 @@ def zoo_key(key: str, config: Mapping[str, Any]) -> tuple[str, int | None]:
         if mm := pattern.fullmatch(rest):
             return f"branches.{i}.{name(mm, stage)}", None
     if mm := _BLOCK_RE.fullmatch(rest):
+        blocks = 2 * (stage["num_blocks"] // 2) + 1  # the long-skip stack: in, mid, out
+        if int(mm[1]) >= blocks:
+            raise UserError(f"the checkpoint's key {key!r} is block {mm[1]} of stage {i}, which has {blocks} "
+                            f"blocks for num_blocks {stage['num_blocks']} (branch {i}'s depth)",
+                            suggestion="use the recipe (or --config) of this checkpoint's model")
         prefix = f"branches.{i}.blocks.{_block_prefix(int(mm[1]), stage['num_blocks'])}"
         if mlp := _MLP_RE.fullmatch(mm[2]):
             part = int(mlp[1])
@@ -155,8 +178,8 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, An
     if not isinstance(config, Mapping) or "stage_configs" not in config:
         raise UserError(
             "converting a DiMR checkpoint needs the official constructor config (its stage_configs): "
-            "pass --config FILE, a JSON object of the MRModel kwargs (the key lists in "
-            "tests/golden/keys/dimr_*.json carry the released ones under '_config')"
+            "config_from_recipe(recipe['model']) reads it from the recipe of the checkpoint's model (zoo convert "
+            "does), or pass --config FILE, a JSON object of the MRModel kwargs"
         )
     out: dict[str, Tensor] = {}
     halves: dict[str, dict[int, Tensor]] = {}
