@@ -221,7 +221,10 @@ def test_recipes_carry_the_published_protocols():
     assert m4["diffusion"]["time_input"] == "uvit_continuous" and m4["diffusion"]["label_drop"] == 0.0
     assert (m4["train"]["lr"], m4["train"]["weight_decay"], m4["train"]["betas"]) == (3e-4, 0.03, [0.99, 0.99])
     assert (m4["train"]["batch_size"], m4["train"]["warmup_steps"], m4["train"]["ema_decay"]) == (1024, 5000, 0.9999)
-    assert m4["sample"]["solver"]["steps"] == 50 and "cfg" not in m4["sample"]
+    assert m4["sample"]["solver"]["steps"] == 50 and m4["sample"]["cfg"] == {"scale": 0, "convention": "uvit"}
+    from zoo.diffusion.setup import guidance_settings
+
+    assert not guidance_settings(m4).active  # the 64-px models sample unguided: one pass per step
 
     l2 = zoo.load_recipe(RECIPES / "uvit_l_2.yaml")
     assert l2["diffusion"]["label_drop"] == 0.15 and l2["diffusion"]["null_label"] == 1000
