@@ -195,10 +195,15 @@ def looks_relative(base: str) -> bool:
     return base.startswith((".", "/", "~"))
 
 
+def override_key(text: str) -> tuple[str, ...]:
+    """The key path an override names, unparsed: ``"sample.solver.steps=5"`` -> ``("sample", "solver", "steps")``."""
+    return tuple(text.partition("=")[0].strip().split("."))
+
+
 def parse_override(text: str) -> tuple[KeyPath, Any]:
     """``"model.depth=12"`` -> ``(("model", "depth"), 12)``; the value is parsed as YAML."""
-    key, sep, value = text.partition("=")
-    parts = key.strip().split(".")
+    sep, value = text.partition("=")[1:]
+    parts = override_key(text)
     if not sep or not all(parts):
         raise UserError(f"override {text!r} must look like key.path=VALUE (e.g. model.depth=12)")
     if parts[0] == BASE_KEY:

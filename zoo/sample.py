@@ -27,6 +27,7 @@ from zoo.errors import UserError
 from zoo.memory import require_sampling_memory, require_weights_memory
 from zoo.modes import evaluating
 from zoo.precision import PRECISIONS, inference_precision
+from zoo.recipe import override_key
 
 if TYPE_CHECKING:
     from zoo.solvers.base import Solver
@@ -245,14 +246,14 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
     read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
     given = list(overrides)
     overrides = [*_solver_choice(read, solver, given), *given]
-    if path.is_dir() and any(_override_key(o)[0] == "model" for o in overrides):
+    if path.is_dir() and any(override_key(o)[0] == "model" for o in overrides):
         raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                         "--set may change the other sections only")
     recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
-    if solver is not None and any(_override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
+    if solver is not None and any(override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
                                   for o in given):
         _require_same_solver(recipe, solver)
-    if path.is_dir() and any(_override_key(o)[0] == "diffusion" for o in given):
+    if path.is_dir() and any(override_key(o)[0] == "diffusion" for o in given):
         _refuse_trained_changes(path, read, recipe)
     require_weights_memory(recipe, device, _bytes_per_param(dtype))
     if path.is_dir():
@@ -296,11 +297,6 @@ def _bytes_per_param(dtype: torch.dtype | None) -> int:
     return max(4, dtype.itemsize) if dtype is not None else 4
 
 
-def _override_key(text: str) -> tuple[str, ...]:
-    """The key path of a ``--set KEY=VALUE`` override: ``"sample.solver.steps=5"`` -> ``("sample", "solver", "steps")``."""
-    return tuple(text.partition("=")[0].strip().split("."))
-
-
 def _require_same_solver(recipe: Mapping[str, Any], name: str) -> None:
     """Refuse ``--solver NAME`` when ``--set sample.solver...`` names another type: one of the two would be dropped."""
     spec = (recipe.get("sample") or {}).get("solver") or {}
@@ -317,7 +313,7 @@ def _solver_choice(read: Callable[[list[str]], dict], name: str | None, override
     Only needed when ``--set`` touches ``sample.solver``: otherwise :func:`build_solver` swaps the solver
     after loading. A recipe that only loads with the user's overrides keeps them as they are.
     """
-    if name is None or not any(_override_key(o)[:2] == ("sample", "solver") for o in overrides):
+    if name is None or not any(override_key(o)[:2] == ("sample", "solver") for o in overrides):
         return []
     try:
         spec = (read([]).get("sample") or {}).get("solver") or {}

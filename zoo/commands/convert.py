@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from zoo.convert import (check_recipe_family, check_recipe_matches, check_weights, get_family, guess_family,
                              model_spec, unwrap_state_dict)
     from zoo.diffusion.setup import check_null_label
+    from zoo.recipe import override_key
     from zoo.meta import build_on_meta
     from zoo.training.fit import check_recipe_fits_model
 
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     out = save_checkpoint(args.out, model, recipe)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({len(official)} official tensors, {n:,} parameters)")
-    changed = [o.partition("=")[0].strip() for o in args.overrides if o.strip().startswith("model.")]
+    changed = [".".join(key) for key in map(override_key, args.overrides) if key[0] == "model"]
     if changed and config is None:  # no official config to compare with: shapes are all strict loading sees
         print(f"zoo convert: note: {', '.join(changed)} changed the recipe's model; a setting that keeps every "
               "tensor's shape (num_heads, an activation) cannot be checked against the weights: set it only as "
