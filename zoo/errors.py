@@ -7,6 +7,7 @@ traceback); every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from typing import Iterable
 
@@ -57,6 +58,51 @@ class UserError(Exception):
 class ContractError(UserError, TypeError):
     """A component (usually a plugin's) that breaks the interface its parent calls it through: the
     plugin's code to fix, said in one line like any user error (and still a ``TypeError``)."""
+
+
+class CarriedUserError(UserError):
+    """A :class:`UserError` crossing from a DataLoader worker to the main process whole.
+
+    A worker passes an exception on as its type and its traceback text only, and the main process
+    rebuilds it as ``type(text)``. Raised in the worker (:meth:`for_transport`), this error's text is its
+    fields as JSON behind a marker; rebuilt from the traceback text, it reads them back, so the user sees
+    the worker's one line with its file, key and hint, and callers can still change the hint.
+    """
+
+    _MARK = "zoo-user-error-fields="
+
+    def __init__(self, message: str, **where: object):
+        fields = None if where or self._MARK not in message else _fields_after(message, self._MARK)
+        if fields is None:
+            super().__init__(message, **where)  # type: ignore[arg-type]
+        else:
+            super().__init__(fields.pop("message"), **fields)
+        self._in_transport = False
+
+    @classmethod
+    def for_transport(cls, err: UserError) -> "CarriedUserError":
+        """``err`` as the worker raises it: its text carries its fields."""
+        carried = cls(err.message, file=err.file, line=err.line, key_path=err.key_path, suggestion=err.suggestion)
+        carried._in_transport = True
+        return carried
+
+    def __str__(self) -> str:
+        if self._in_transport:
+            fields = {"message": self.message, "file": self.file, "line": self.line, "key_path": self.key_path,
+                      "suggestion": self.suggestion}
+            return self._MARK + json.dumps(fields)
+        return super().__str__()
+
+
+def _fields_after(text: str, mark: str) -> dict | None:
+    """The JSON object on the line after the last ``mark`` in ``text``, or ``None`` when it does not read."""
+    line = text.rsplit(mark, 1)[1].split("\n", 1)[0]
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return None
+    keys = {"message", "file", "line", "key_path", "suggestion"}
+    return fields if isinstance(fields, dict) and set(fields) == keys and isinstance(fields["message"], str) else None
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:

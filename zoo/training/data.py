@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from zoo.errors import UserError
+from zoo.training.worker_errors import user_errors_cross_workers
 
 BAD_IMAGE_HINT = "delete or replace the file"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's, any case
@@ -101,6 +102,7 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @user_errors_cross_workers
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         from PIL import Image
 
@@ -481,7 +483,10 @@ def _end_live_workers() -> None:
 
 
 def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-    """The batches of ``it``; a ``UserError`` raised in a DataLoader worker loses the worker's traceback text.
+    """The batches of ``it``; a ``UserError`` from a DataLoader worker is one line again.
+
+    zoo's datasets send theirs whole (:mod:`zoo.training.worker_errors`); any other dataset's
+    arrives as the worker's traceback text, of which the error's own last line is kept.
     The workers of ``it`` end when this generator ends: on an error, or when it is closed."""
     try:
         while True:
@@ -493,10 +498,8 @@ def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tenso
                 text = str(err)
                 if "Traceback" not in text:
                     raise
-                last = [line for line in text.splitlines() if line.strip()][-1].split("UserError: ", 1)[-1]
-                hint = f" ({BAD_IMAGE_HINT})"  # the worker's error came as text: its known hint is a hint again
-                raise UserError(last.removesuffix(hint), suggestion=BAD_IMAGE_HINT if last.endswith(hint) else None
-                                ) from None
+                last = [line for line in text.splitlines() if line.strip()][-1]
+                raise UserError(last.split(f"{type(err).__qualname__}: ", 1)[-1]) from None
             yield batch
     finally:  # an error, the end, or close(): the workers end now, not whenever the iterator is freed
         end_workers(it)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from zoo.errors import UserError
 from zoo.jsonfile import read_json_object
 from zoo.latents import FORMAT, MANIFEST, PLAN
+from zoo.training.worker_errors import user_errors_cross_workers
 
 
 class LatentMoments(Dataset):
@@ -89,6 +90,7 @@ class LatentMoments(Dataset):
     keyed_draws = True  # the training sampler passes (index, key): the draw is a function of the key
     draws_flips = True  # half the draws are the flipped image's encoding: the trainer does not flip these
 
+    @user_errors_cross_workers
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
         index, key = item if isinstance(item, tuple) else (item, None)
         gen = torch.Generator().manual_seed(key) if key is not None else None  # None: torch's global RNG
