@@ -150,6 +150,15 @@ if os.environ["FAIL_AT"] == "setup":  # a file only rank 1 cannot read, say
             raise UserError("cannot read image /data/x.png: truncated (delete or replace the file)")
         return real_build(*args, **kwargs)
     loop.build_dataset = build_dataset
+elif os.environ["FAIL_AT"] == "data":  # an image in rank 1's slice of step 3's batch
+    real_batches = loop.batches
+    def batches(*args, **kwargs):
+        stream = real_batches(*args, **kwargs)
+        for n, batch in enumerate(stream):
+            if n == 2 and os.environ.get("RANK") == "1":
+                raise UserError("cannot read image /data/z.png: truncated", suggestion="delete or replace the file")
+            yield batch
+    loop.batches = batches
 else:  # an image that rank 1 reads at step 2
     real_update, calls = EMA.update, []
     def update(self):
@@ -229,6 +238,24 @@ def test_a_mistake_on_one_rank_mid_run_is_its_line_and_one_line_from_the_other(t
     # rank 0 either lost its peer in the next all-reduce (one line) or was stopped by torchrun first (none)
     assert all(e.startswith("zoo: error: cannot read") or "rank 0 stopped: another process" in e for e in errors)
     assert not _zoo_frames(proc)
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_on_one_rank_keeps_the_steps_before_it(tmp_path, monkeypatch, single):
+    """Rank 1 cannot read its slice of step 3: both ranks drop that step together (rank 1 on a stand-in
+    batch, so the step's collectives complete), save step 2 as last/, and rank 1 alone says what to fix
+    and how to go on. Going on gives the weights of an uninterrupted single process."""
+    proc, errors = _fail_on_rank_1(tmp_path, monkeypatch, "data", steps=5)
+    out = tmp_path / "run"
+    assert proc.returncode != 0 and errors == [
+        f"zoo: error: cannot read image /data/z.png: truncated (delete or replace the file; then go on with "
+        f"--resume {out})"], proc.stderr[-3000:]
+    assert "zoo train: stopping at step 2 (the data could not be read)" in proc.stdout
+    assert ckpt.load_trainer_state(out / "last")["step"] == 2
+    assert not _zoo_frames(proc)
+    torchrun(out, 5, "--resume", str(out))
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(single, out, name) < 1e-5, name  # the dropped step left no trace (summation order only)
 
 
 @pytest.mark.parametrize("device, expected", [

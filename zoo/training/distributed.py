@@ -179,9 +179,7 @@ def agreement(ctx: Context) -> Iterator[None]:
     if error is not None and not isinstance(error, UserError):
         raise error
     if not ctx.main:
-        quiet = UserError(f"rank {ctx.rank}: stopped with the run (rank 0 reports why)")
-        quiet.quiet = True
-        raise quiet
+        raise quiet_stop(ctx, "rank 0 reports why")
     distinct = list(dict.fromkeys(n for _, n in failed))
     if len(distinct) == 1 and len(failed) == ctx.world and isinstance(error, UserError):
         raise error  # the same mistake everywhere: rank 0's own error, with its file, key and hint
@@ -191,6 +189,13 @@ def agreement(ctx: Context) -> Iterator[None]:
         where = f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}"
         parts.append(f"{where}: a {text} (its traceback is above)" if bug else f"{where}: {text}")
     raise UserError("; ".join(parts))
+
+
+def quiet_stop(ctx: Context, why: str) -> UserError:
+    """The error a rank stops with when another rank reports the reason: the CLI prints nothing for it."""
+    quiet = UserError(f"rank {ctx.rank}: stopped with the run ({why})")
+    quiet.quiet = True
+    return quiet
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",

@@ -64,6 +64,10 @@ class NonFiniteError(RuntimeError):
         self.step = step
 
 
+class _UnreadOnARank(Exception):
+    """A rank could not read its slice of this step's batch: every rank drops the step and stops."""
+
+
 def _remedies(train: dict) -> str:
     """What to try after a non-finite step, given what the run already does."""
     tries = ["lower train.lr"]
@@ -399,8 +403,11 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on this rank's slice (x, y) of the global batch; returns the global mean loss."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, unread: bool = False) -> torch.Tensor:
+        """One optimizer step on this rank's slice (x, y) of the global batch; returns the global mean loss.
+
+        ``unread``: this rank could not read its slice and (x, y) stands in for it, so that the step's
+        collectives complete; every rank then drops the step (:class:`_UnreadOnARank`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.train, self.step)
         local, per_micro = x.shape[0], x.shape[0] // self.accum
@@ -419,11 +426,12 @@ class Trainer:
                     loss = self.objective(self.forward, xm, ym, draws=d.for_objective())["loss"].sum() / local
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        # The loss all-reduce also carries each rank's stop request (Ctrl-C, SIGTERM), so every rank
-        # decides from the same sum to stop after this step. The flag is filled in on the device: a
-        # tensor made from a Python number (new_tensor) is a copy that waits for the GPU's queue.
-        reduced = self.ctx.sum(torch.stack([total, torch.full_like(total, self.stops.flag)]))
-        loss, votes = reduced[0] / self.ctx.world, reduced[1]
+        # The loss all-reduce also carries each rank's stop request (Ctrl-C, SIGTERM) and whether it read
+        # its data, so every rank decides from the same sums to stop after this step. The flags are filled
+        # in on the device: a tensor made from a Python number (new_tensor) is a copy that waits for the GPU.
+        reduced = self.ctx.sum(torch.stack([total, torch.full_like(total, self.stops.flag),
+                                            torch.full_like(total, float(unread))]))
+        loss, votes, unread_votes = reduced[0] / self.ctx.world, reduced[1], reduced[2]
         self.scaler.unscale_(self.optimizer)
         clip = self.train.get("grad_clip")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else float("inf"))
@@ -432,8 +440,11 @@ class Trainer:
         # The step's one read from the device (it waits for the backward): the NaN check and the stop
         # votes together, so the optimizer step and the EMA update queued below run while the CPU
         # fetches the next batch, instead of a second read at the end of the step waiting for them.
-        finite_loss, finite_grad, self.stop_votes = torch.stack(
-            [torch.isfinite(loss), torch.isfinite(norm), votes > 0]).tolist()
+        finite_loss, finite_grad, self.stop_votes, some_unread = torch.stack(
+            [torch.isfinite(loss), torch.isfinite(norm), votes > 0, unread_votes > 0]).tolist()
+        if some_unread:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise _UnreadOnARank()
         if not finite_loss or (not finite_grad and not self.scaler.is_enabled()):  # fp16: the scaler skips inf steps
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(self.step + 1, "the loss" if not finite_loss else "the gradient norm", self.last_saved,
@@ -456,6 +467,11 @@ class Trainer:
             return self.stops.received is not None
         return self.stop_votes  # read with the step's NaN check (train_step): no read of the device here
 
+    def _stand_in_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros in the shape of this rank's slice of a batch: a step on it is dropped (see ``train_step``)."""
+        local = self.batch // self.ctx.world
+        return torch.zeros(local, *self.shape), torch.zeros(local, dtype=torch.long)
+
     def _stop_here(self) -> None:
         """Save ``last/`` and end the run with :class:`StopRequested` (every rank, at the same step)."""
         signum = self.stops.received or signal.SIGTERM  # a rank without a signal of its own: torchrun's
@@ -464,17 +480,19 @@ class Trainer:
         self.save(also_step_dir=self._every("ckpt_every"))  # a stop on a checkpoint step keeps its step_*
         raise StopRequested(signum, self.step)
 
-    def _keep_steps_before(self, err: UserError, first_step: int) -> None:
+    def _keep_steps_before(self, err: UserError | None, first_step: int, every_rank: bool = False) -> None:
         """Save ``last/`` before a data error ends the run, so the steps trained since the last save are
-        kept and ``--resume`` goes on once the file is fixed. One process only: under torchrun the
-        error is one rank's, and torchrun ends the others before they could save together."""
-        if self.ctx.distributed:
+        kept and ``--resume`` goes on once the file is fixed. Under torchrun only when ``every_rank``
+        knows of the error (a batch's, agreed in the step's all-reduce); ``err`` is ``None`` on the ranks
+        that read their data."""
+        if self.ctx.distributed and not every_rank:
             return
         if self.step not in (first_step, self.last_saved):
             self.log(f"zoo train: stopping at step {self.step} (the data could not be read); saving "
                      f"{self.out / 'last'}")
             self.save(also_step_dir=False)
-        if self.last_saved is not None:  # a checkpoint to go on from (this save, an earlier one, the resumed one)
+        # a checkpoint to go on from (this save, an earlier one, the resumed one); said by the rank that failed
+        if err is not None and self.last_saved is not None:
             err.suggestion = "; ".join(filter(None, [err.suggestion, f"then go on with --resume {self.out}"]))
 
     def _unless_stopped(self, work: Callable[[], object], what: str) -> None:
@@ -593,15 +611,24 @@ class Trainer:
 
         try:
             while self.step < total:
+                unread = None
                 try:
                     x, y = next(self.batches)
                 except UserError as err:  # a file the data cannot read, found mid-run
+                    if not self.ctx.distributed:
+                        if count and self._period("log_every") > 0:
+                            log_window()
+                        self._keep_steps_before(err, first_step)
+                        raise
+                    unread, (x, y) = err, self._stand_in_batch()  # the other ranks are in this step already
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                try:
+                    running += self.train_step(x, y, unread=unread is not None)
+                except _UnreadOnARank:
                     if count and self._period("log_every") > 0:
                         log_window()
-                    self._keep_steps_before(err, first_step)
-                    raise
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                running += self.train_step(x, y)
+                    self._keep_steps_before(unread, first_step, every_rank=True)
+                    raise unread or distributed.quiet_stop(self.ctx, "another rank could not read its data") from None
                 self.step += 1
                 ok = torch.isfinite(self.grad_norm)  # fp16: a step the gradient scaler skipped has an inf norm
                 norms += torch.where(ok, self.grad_norm, 0.0)
