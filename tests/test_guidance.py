@@ -202,15 +202,19 @@ def test_a_guidance_weight_of_one_is_no_guidance_with_or_without_a_power_schedul
     assert GuidanceSettings(1.5, power=2.0).active and GuidanceSettings(1.5).active
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")
-                                        if not p.stem.startswith("_")))
-def test_cfg_is_read_in_the_official_codes_convention_by_every_paper_recipe(name):
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("name", sorted(p.relative_to(RECIPES).with_suffix("").as_posix()
+                                        for p in RECIPES.rglob("*.yaml") if not p.stem.startswith("_")))
+def test_cfg_is_read_in_the_official_codes_convention_by_every_recipe(name):
     """--cfg 0.4 on a 64-px DiMR was DiT's w = 0.4 (weaker than unguided) while on DiMR-XL/2R it is
-    DiMR's s = 0.4 (w = 1.4): the 64-px recipes' `cfg: null` had dropped the convention."""
+    DiMR's s = 0.4 (w = 1.4): the 64-px recipes' `cfg: null` had dropped the convention. The emoji32
+    demo's U-ViT and DiMR had DiT's convention from the data and sample settings the three share."""
     import zoo
     from zoo.diffusion.setup import guidance_settings
 
-    recipe = zoo.load_recipe(name)
-    expected = "dit" if name.startswith("dit_") else "uvit"
+    recipe = zoo.load_recipe(RECIPES / f"{name}.yaml")
+    expected = "dit" if recipe["model"]["type"] == "dit" else "uvit"
     assert guidance_settings(recipe).convention == expected
     assert guidance_settings(recipe, 0.4).w == pytest.approx(0.4 if expected == "dit" else 1.4)
