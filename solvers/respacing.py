@@ -108,8 +108,16 @@ class ChainSolver(Solver):
                                 "would be ignored", key_path="sample.solver.skip",
                                 suggestion="drop skip (choose the kept steps with respacing, e.g. 'ddim25')")
             n = schedule.num_steps
-            kept = space_timesteps(n, self.respacing or str(self.steps))
-            return [(k + 1) / n for k in kept], [schedule.alphas_cumprod[k].item() for k in kept]
+            spec = self.respacing or str(self.steps)
+            kept = space_timesteps(n, spec)
+            abars = [schedule.alphas_cumprod[k].item() for k in kept]
+            if abars[-1] > 0.5:  # x_T ~ N(0, I) at a step that is mostly signal: the model returns the noise
+                raise UserError(
+                    f"{name} with respacing {spec!r} starts at training step {kept[-1]} of {n}, where ᾱ = "
+                    f"{abars[-1]:.4g} is mostly signal: started from pure noise there, the chain returns the noise "
+                    "(ADM's respacing keeps only step 0 for one step)",
+                    suggestion="use 2 or more steps, or --solver ddim_grid (a time grid from pure noise) for one")
+            return [(k + 1) / n for k in kept], abars
         if self.respacing is not None:
             raise UserError(f"respacing needs a discrete schedule; {schedule!r} is continuous: give steps (and skip)")
         t_start, t_end = self.time_range(schedule)

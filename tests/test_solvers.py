@@ -358,6 +358,19 @@ def test_respacing_follows_adm_space_timesteps():
         space_timesteps(10, "6,6")
 
 
+@pytest.mark.parametrize("solver", ["ddpm", "ddim"])
+@pytest.mark.parametrize("spec", [{"steps": 1}, {"respacing": "5" + ",0" * 9}])
+def test_a_chain_that_starts_where_the_image_is_mostly_signal_is_refused(solver, spec):
+    """ADM's respacing keeps step 0 alone for one step (and steps 0-99 only for "5,0,...,0" in ten sections):
+    started from pure noise at ᾱ > 0.5, the chain handed the noise back as the sample, silently."""
+    sched = build_schedule("linear")
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"starts at training step \d+ of 1000, where ᾱ = 0\.\d+ is mostly signal"):
+        build_solver(solver, **spec).sample(lambda x, t: torch.zeros_like(x), x_T, sched)
+    two = build_solver(solver, steps=2).sample(lambda x, t: torch.zeros_like(x), x_T, sched)
+    assert two.shape == x_T.shape  # steps 0 and 999: the chain starts from noise where noise belongs
+
+
 def _adm_chain_loop(sched, eps_fn, x_T, kept, step, generator):
     """ADM's sampling loop on a respaced chain, written from its equations (float64)."""
     abar = sched.alphas_cumprod[kept].tolist()
