@@ -148,7 +148,7 @@ CASES = [
     ("sample-meta-device", "sample {tmp}/ckpt --out {tmp}/out.png --device meta", "ckpt", 2, "--device 'meta'"),
     pytest.param("sample-cuda-without-gpu", "sample {tmp}/ckpt --out {tmp}/out.png --device cuda", "ckpt", 2,
                  "no CUDA GPU", marks=pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")),
-    ("sample-class-out-of-range", "sample {tmp}/ckpt --out {tmp}/out.png --class 99", "ckpt", 2, "--class 99"),
+    ("sample-class-out-of-range", "sample {tmp}/ckpt --out {tmp}/out.png --class 99", "ckpt", 2, "class label 99 (--class)"),
     ("sample-zero-images", "sample {tmp}/ckpt --out {tmp}/out.png --n 0", "ckpt", 2, "--n"),
     ("sample-unknown-solver", "sample {tmp}/ckpt --out {tmp}/out.png --solver eulr", "ckpt", 2, "eulr"),
     ("sample-model-override-on-checkpoint", "sample {tmp}/ckpt --out {tmp}/out.png --set model.depth=3", "ckpt",

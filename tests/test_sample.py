@@ -161,6 +161,21 @@ def test_class_and_guidance_options(checkpoint):
             sample_latents(model, recipe, SampleRequest(n=1, cfg=bad, steps=2))
 
 
+def test_class_labels_of_any_integer_type_and_nothing_else():
+    """numpy's integers raised a TypeError, 2.7 became class 2, batch_size 0 meant the recipe's."""
+    import numpy as np
+
+    assert SampleRequest(class_labels=np.int64(3)).label_list() == [3]
+    assert SampleRequest(class_labels=np.array([1, 2])).label_list() == [1, 2]
+    assert SampleRequest(class_labels=torch.tensor(5)).label_list() == [5]
+    assert SampleRequest(class_labels=(4, np.int32(0))).label_list() == [4, 0]
+    for bad in (2.7, [1, 2.0], np.array([0.5]), torch.tensor([1.0]), "3"):
+        with pytest.raises(UserError, match="class labels are integers"):
+            SampleRequest(class_labels=bad).label_list()
+    with pytest.raises(UserError, match=r"batch_size \(--batch-size\) must be at least 1, got 0"):
+        SampleRequest(n=2, batch_size=0).count()
+
+
 def test_per_sample_labels_and_given_noise_float64():
     """DiT's sample.py samples a list of labels from given noise: sample i depends only on (x_T[i], y[i])."""
     model, recipe = _trained_like(PIXELS)
@@ -180,7 +195,7 @@ def test_per_sample_labels_and_given_noise_float64():
     for request, match in [(SampleRequest(n=4, class_labels=[1, 2, 3], steps=2), "give one label or 4"),
                            (SampleRequest(n=2, x_T=x_T, steps=2), "x_T gives 3 samples"),
                            (SampleRequest(x_T=x_T[:, :2], steps=2), "shape"),
-                           (SampleRequest(class_labels=[1, 12], steps=2), "--class 12")]:
+                           (SampleRequest(class_labels=[1, 12], steps=2), r"class label 12 \(--class\)")]:
         with pytest.raises(UserError, match=match):
             sample_latents(model, recipe, request)
     f32, _ = sample_latents(model.float(), recipe, SampleRequest(class_labels=[3, 7, 1], x_T=x_T, steps=3))

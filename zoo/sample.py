@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -103,9 +104,19 @@ class SampleRequest:
         given = self.class_labels
         if given is None:
             return None
-        if torch.is_tensor(given):
-            given = given.reshape(-1).tolist()
-        return [int(given)] if isinstance(given, int) else [int(v) for v in given]
+        if torch.is_tensor(given) or hasattr(given, "__array__") and hasattr(given, "shape"):  # tensor, numpy array
+            if len(given.shape) == 0:
+                given = given.item()
+            else:
+                given = list(given.reshape(-1).tolist())
+        values = [given] if not isinstance(given, Sequence) or isinstance(given, str) else list(given)
+        labels = []
+        for v in values:
+            try:
+                labels.append(operator.index(v))  # int, numpy and torch integers; not 2.7 (or "3")
+            except TypeError:
+                raise UserError(f"class labels are integers, got {v!r}") from None
+        return labels
 
     def count(self) -> int:
         """How many samples: ``n``, else the rows of ``x_T`` or the number of labels, else 16."""
@@ -114,14 +125,16 @@ class SampleRequest:
             implied["x_T"] = self.x_T.shape[0]
         labels = self.label_list()
         if labels is not None and len(labels) > 1:
-            implied["--class"] = len(labels)
+            implied["the class labels (--class)"] = len(labels)
         n = self.n if self.n is not None else next(iter(implied.values()), DEFAULT_N)
         for what, count in implied.items():
             if count != n:
-                raise UserError(f"{what} gives {count} samples but {n} were asked for; "
-                                f"give {'one label or ' if what == '--class' else ''}{n}, or drop --n")
+                raise UserError(f"{what} give{'s' * (what == 'x_T')} {count} samples but n = {n} were asked for; "
+                                f"give {'one label or ' if what != 'x_T' else ''}{n}, or leave n (--n) out")
         if n < 1:
-            raise UserError(f"--n must be at least 1, got {n}")
+            raise UserError(f"n (--n) must be at least 1, got {n}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"batch_size (--batch-size) must be at least 1, got {self.batch_size}")
         return n
 
 
@@ -328,13 +341,13 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
     given = request.label_list()
     if classes is None:
         if given is not None:
-            raise UserError("--class was given but this model is unconditional")
+            raise UserError("class labels (--class) were given but this model is unconditional")
         return None
     if given is None:
         return sample_labels(n, classes, request.seed)
     bad = [v for v in given if not 0 <= v < classes]
     if bad:
-        raise UserError(f"--class {bad[0]} is not a class of this model (0..{classes - 1})")
+        raise UserError(f"class label {bad[0]} (--class) is not a class of this model (0..{classes - 1})")
     return torch.tensor(given * n if len(given) == 1 else given, dtype=torch.long)
 
 
