@@ -73,6 +73,18 @@ def classes_match(reference: Reference, num_classes: int | None) -> bool:
     return len(present) == num_classes and int(present.max()) < num_classes
 
 
+def _classes_differ(labels: np.ndarray, num_classes: int) -> str:
+    """Why a reference's labels are not taken as the model's classes (see :func:`classes_match`)."""
+    present = np.unique(labels)
+    if int(present.min()) < 0 or int(present.max()) >= num_classes:
+        return (f"the reference's labels run from {int(present.min())} to {int(present.max())}, the model's classes "
+                f"from 0 to {num_classes - 1}: its labels are not the model's classes")
+    missing = sorted(set(range(num_classes)) - set(present.tolist()))
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    return (f"the reference's labels cover {len(present)} of the model's {num_classes} classes (missing {shown}): "
+            "per-class FD needs a reference of the model's classes, each of them")
+
+
 def per_class_fd(generated: Features, reference: Reference) -> dict[int, float]:
     """FD per class between generated and reference features of that class (classes with >= 2 on each side)."""
     return {c: fd for c, (fd, _, _) in _per_class(generated, reference).items()}
@@ -104,9 +116,7 @@ def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOU
     else:  # (labels c of the two sides are different classes)
         classes = {}
         if generated.labels is not None:
-            found = len(np.unique(reference.labels))
-            out["per_class_fd_skipped"] = (f"the reference has {found} classes, the model {num_classes}: "
-                                           "its labels are not the model's classes")
+            out["per_class_fd_skipped"] = _classes_differ(reference.labels, num_classes)
     if classes:  # a class's FD is biased upwards at small counts: the counts say how far to trust each
         out["per_class_fd"] = {str(c): fd for c, (fd, _, _) in classes.items()}
         out["per_class_fd_mean"] = float(np.mean([fd for fd, _, _ in classes.values()]))
