@@ -565,9 +565,10 @@ def test_two_processes_share_the_sampling_and_give_the_result_of_one(run_dir, ca
     import sys
 
     args = ["eval", str(run_dir), "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
-            "--batch-size", "8", "--device", "cpu", "--json"]
+            "--batch-size", "8", "--device", "cpu", "--json", "--set", "sample.solver.eta=0.5"]  # per-rank step noise
     assert main([*args, "--num-samples", "40", "--out", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out)
+    assert one["protocol"]["solver"] == {"type": "ddim", "steps": 5, "eta": 0.5}
     program = tmp_path / "eval_program.py"
     program.write_text(EVAL_WITH_TEST_POOL.format(tests=str(Path(__file__).parent)))
     (tmp_path / "tmp").mkdir()
@@ -585,3 +586,94 @@ def test_two_processes_share_the_sampling_and_give_the_result_of_one(run_dir, ca
     ones = sorted(Path(one["samples"]).glob("shard-*.npz"))
     for a, b in zip(shards, ones, strict=True):
         np.testing.assert_array_equal(np.load(a)["images"], np.load(b)["images"])
+
+
+# --------------------------------------------------------------------------- zoo eval --set / --respacing
+
+
+def _eval_json(capsys, run, *extra, n="8"):
+    code = main(["eval", str(run), "--n", n, "--ref", str(run.parent / "ref.npz"), "--extractor", "test_pool",
+                 "--batch-size", "8", "--json", *extra])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else err)
+
+
+def _images(result):
+    return np.concatenate([np.load(s)["images"] for s in sorted(Path(result["samples"]).glob("shard-*.npz"))])
+
+
+def test_set_reaches_the_eval_solver_and_its_samples_are_their_own_protocol(run_dir, capsys):
+    """The adaptive-ode error said to pick a method with --set sample.solver.method=rk4, which zoo eval
+    did not take: options zoo sample has could not be evaluated. They now reach the solver spec, which
+    names the samples' directory, and the result records them."""
+    from zoo.eval.runner import EvalRequest, evaluate
+
+    code, err = _eval_json(capsys, run_dir, "--solver", "ode", "--steps", "3")
+    assert code == 2 and "--set sample.solver.method=rk4" in err and err.count("\n") == 1
+    code, rk4 = _eval_json(capsys, run_dir, "--solver", "ode", "--steps", "3", "--set", "sample.solver.method=rk4")
+    assert code == 0, rk4
+    assert rk4["protocol"]["solver"] == {"type": "ode", "method": "rk4", "steps": 3}
+    assert rk4["protocol"]["overrides"] == ["sample.solver.method=rk4"]
+    assert "batch_size" not in rk4["protocol"]  # a fixed grid: the images do not depend on the batch
+    assert json.loads(Path(rk4["path"]).read_text())["protocol"] == rk4["protocol"]  # the file holds them too
+    code, dopri5 = _eval_json(capsys, run_dir, "--solver", "ode")
+    assert code == 0 and dopri5["protocol"]["solver"] == {"type": "ode"}
+    assert dopri5["samples"] != rk4["samples"] and Path(dopri5["path"]) != Path(rk4["path"])
+    assert not np.array_equal(_images(rk4), _images(dopri5))
+    # EvalRequest.solver_options (Python callers) is the same spec: the same samples, reused, not sampled again
+    shards = {p: p.stat().st_mtime_ns for p in Path(rk4["samples"]).glob("shard-*.npz")}
+    api = evaluate(EvalRequest(str(run_dir), 8, ref=str(run_dir.parent / "ref.npz"), extractor="test_pool",
+                               solver="ode", steps=3, batch_size=8, solver_options={"method": "rk4"}),
+                   log=lambda _: None, progress=False)
+    assert api["samples"] == rk4["samples"] and api["metrics"]["fd"] == rk4["metrics"]["fd"]
+    assert "overrides" not in api["protocol"]
+    assert {p: p.stat().st_mtime_ns for p in Path(rk4["samples"]).glob("shard-*.npz")} == shards
+
+
+def test_respacing_and_ddim_eta_are_part_of_the_eval_protocol(run_dir, capsys):
+    """DiT's create_diffusion("ddim25") protocol: --respacing as zoo sample takes it; DDIM eta > 0 with --set.
+    Each is its own sample directory, and a spelling of the same spec shares it."""
+    code, base = _eval_json(capsys, run_dir)  # the recipe's ddim, 5 steps
+    assert code == 0 and base["protocol"]["solver"] == {"type": "ddim", "steps": 5}
+    code, respaced = _eval_json(capsys, run_dir, "--solver", "ddim", "--respacing", "ddim4")
+    assert code == 0, respaced
+    assert respaced["protocol"]["solver"] == {"type": "ddim", "respacing": "ddim4"}
+    assert respaced["samples"] != base["samples"] and not np.array_equal(_images(respaced), _images(base))
+    code, eta = _eval_json(capsys, run_dir, "--set", "sample.solver.eta=1.0")
+    assert code == 0 and eta["protocol"]["solver"] == {"type": "ddim", "steps": 5, "eta": 1.0}
+    assert eta["samples"] not in (base["samples"], respaced["samples"])
+    assert not np.array_equal(_images(eta), _images(base))
+    # the same spec written as a whole table: the same samples (the overrides are recorded, not hashed)
+    code, table = _eval_json(capsys, run_dir, "--set", "sample.solver={type: ddim, steps: 5, eta: 1.0}")
+    assert code == 0 and table["samples"] == eta["samples"] and table["protocol"]["overrides"] != eta["protocol"]["overrides"]
+    code, err = _eval_json(capsys, run_dir, "--solver", "ode", "--respacing", "ddim4")
+    assert code == 2 and "--respacing" in err and "solvers ddpm and ddim" in err and err.count("\n") == 1
+
+
+def test_eval_refuses_the_overrides_zoo_sample_refuses_before_anything_is_built(run_dir, capsys, monkeypatch):
+    """A checkpoint's model section and trained diffusion keys are fixed; --solver and a --set of another
+    solver type contradict each other. One line, exit 2, before the extractor or any sampling."""
+    import zoo.eval.extractors as extractors
+
+    monkeypatch.setattr(extractors, "build_extractor", lambda *a, **k: pytest.fail("the extractor was built"))
+    for extra, said in ((["--set", "model.depth=3"], "its model section is fixed by its weights"),
+                        (["--set", "diffusion.schedule.beta_end=0.03"], "--set diffusion.schedule would change"),
+                        (["--solver", "ddim", "--set", "sample.solver.type=ode"], "name two solvers")):
+        code, err = _eval_json(capsys, run_dir, *extra)
+        assert code == 2 and said in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+    assert not (run_dir / "eval").exists()
+
+
+def test_torchrun_passes_the_sampling_options_to_every_rank():
+    """torchrun's own parser takes abbreviations of its options (--n for --nnodes): --set and --respacing
+    reach zoo eval as they are, so every rank parses the same options."""
+    from torch.distributed.run import get_args_parser
+
+    from zoo.cli import build_parser
+
+    zoo_args = ["eval", "run", "--num-samples", "8", "--solver", "ddim", "--respacing", "ddim25",
+                "--set", "sample.solver.eta=1.0", "--set=sample.batch_size=4"]
+    launched = get_args_parser().parse_args(["--standalone", "--nproc_per_node", "2", "-m", "zoo", *zoo_args])
+    assert launched.training_script_args == zoo_args
+    args = build_parser().parse_args(launched.training_script_args)
+    assert args.respacing == "ddim25" and args.overrides == ["sample.solver.eta=1.0", "sample.batch_size=4"]

@@ -243,7 +243,8 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
 
 
 def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None, solver: str | None = None) -> tuple[nn.Module, dict, str]:
+               dtype: torch.dtype | None = None, solver: str | None = None,
+               weights: str | None = None) -> tuple[nn.Module, dict, str]:
     """The model to sample from and its resolved recipe, and a word on where the weights came from.
 
     ``source`` is a checkpoint directory (``config.json`` + weights; EMA weights preferred) or a
@@ -251,9 +252,33 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
     sections; a checkpoint's ``model`` section is fixed by its weights. ``dtype`` casts the model
     (float64 for parity checks; samples come back in it). ``solver`` (``--solver``) becomes the
     recipe's solver before the overrides apply, so ``--set sample.solver.KEY=...`` reaches its options.
+    ``weights``: a checkpoint's ``"ema"`` or ``"model"`` (raw) weights (default: EMA where it has them).
     """
     import zoo
-    from zoo.checkpoint import EMA, load_checkpoint, load_recipe_of
+    from zoo.checkpoint import EMA, load_checkpoint
+
+    path = Path(source)
+    recipe = sample_recipe(source, overrides, solver)
+    require_weights_memory(recipe, device, _bytes_per_param(dtype))
+    if path.is_dir():
+        weights = weights or ("ema" if (path / EMA).is_file() else "model")
+        model, _ = load_checkpoint(path, weights=weights, device=device)
+        origin = f"{weights} weights of {path}"
+    else:
+        model = zoo.build_model(recipe).to(device)
+        origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), recipe, origin
+
+
+def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str | None = None) -> dict:
+    """The recipe :func:`load_model` samples ``source`` with: ``--set`` overrides applied as ``zoo sample``
+    and ``zoo eval`` allow them (a checkpoint's ``model`` section and the ``diffusion`` keys its weights
+    were trained under are refused; ``solver`` with ``--set sample.solver.KEY=...`` as in :func:`load_model`).
+    Reads no weights: cheap enough to check a command's options before anything slow."""
+    import zoo
+    from zoo.checkpoint import load_recipe_of
 
     path = Path(source)
     read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
@@ -268,17 +293,7 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
         _require_same_solver(recipe, solver)
     if path.is_dir() and any(override_key(o)[0] == "diffusion" for o in given):
         _refuse_trained_changes(path, read, recipe)
-    require_weights_memory(recipe, device, _bytes_per_param(dtype))
-    if path.is_dir():
-        weights = "ema" if (path / EMA).is_file() else "model"
-        model, _ = load_checkpoint(path, weights=weights, device=device)
-        origin = f"{weights} weights of {path}"
-    else:
-        model = zoo.build_model(recipe).to(device)
-        origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval(), recipe, origin
+    return recipe
 
 
 #: The ``diffusion`` keys a checkpoint's weights were trained under: what its outputs mean at each time.

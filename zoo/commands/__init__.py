@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+OVERRIDES_HELP = "override a recipe value, e.g. --set model.depth=12 (VALUE is YAML; repeatable)"
 
-def add_overrides_option(parser: argparse.ArgumentParser) -> None:
+
+def add_overrides_option(parser: argparse.ArgumentParser, help: str = OVERRIDES_HELP) -> None:
     """The repeatable ``--set KEY=VALUE`` recipe override every recipe-taking command accepts."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set model.depth=12 (VALUE is YAML; repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_respacing_option(parser: argparse.ArgumentParser) -> None:
+    """``--respacing SPEC``: the respaced ``ddpm``/``ddim`` chain of the sampling commands (``zoo.sample.build_solver``)."""
+    parser.add_argument("--respacing", default=None, metavar="SPEC",
+                        help="ddpm/ddim chain as ADM/DiT name it: '250', '10,15,20' or 'ddim25' (replaces --steps)")

@@ -4,6 +4,8 @@
     zoo eval ckpt/dit_xl_2 --n 50000 --ref VIRTUAL_imagenet256_labeled.npz --extractor inception \\
         --extractor-weights pt_inception-2015-12-05-6726825d.pth --vae VAE_DIR
 
+    zoo eval ckpt/dit_xl_2 --n 50000 --solver ddim --respacing ddim25 --cfg 1.5 ...  # DiT's create_diffusion("ddim25")
+    zoo eval runs/emoji_dit --n 1024 --solver ode --steps 8 --set sample.solver.method=rk4  # any zoo sample option
     torchrun --nproc_per_node 8 -m zoo eval ckpt/dit_xl_2 --num-samples 50000 ...   # 8 GPUs share the sampling
 
 Samples are written in shards under RUN/eval/ and reused by the next run with the same protocol
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from zoo.commands import add_overrides_option, add_respacing_option
 from zoo.precision import PRECISIONS
 
 
@@ -38,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "or $ZOO_INCEPTION_WEIGHTS)")
     p.add_argument("--solver", default=None, help="solver name (default: the recipe's sample.solver)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the recipe's)")
+    add_respacing_option(p)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale in the recipe's convention")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-sample seeds (default 0)")
@@ -49,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="model calls while sampling: fp32, tf32 (CUDA), bf16 or fp16 autocast "
                         "(default: the recipe's sample.precision, else PyTorch's defaults)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_overrides_option(p, help="override a sampling value of the checkpoint's recipe, as zoo sample takes it, "
+                         "e.g. --set sample.solver.method=rk4 or --set sample.solver.eta=1.0 (VALUE is YAML; "
+                         "repeatable; the model section and the diffusion keys its weights were trained under are "
+                         "fixed); the values it changes are part of the protocol")
     from zoo.eval.distortion_cli import add_options
 
     add_options(p)
@@ -100,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     request = EvalRequest(source=args.source, n=args.n, ref=args.ref, extractor=args.extractor,
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,
                           cfg=args.cfg, batch_size=args.batch_size, seed=args.seed, weights=args.weights,
-                          out=args.out, vae=args.vae, device=device, precision=args.precision)
+                          out=args.out, vae=args.vae, device=device, precision=args.precision,
+                          respacing=args.respacing, overrides=args.overrides)
     from zoo.training.distributed import shutdown
 
     try:

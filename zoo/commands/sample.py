@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from zoo.commands import add_overrides_option
+from zoo.commands import add_overrides_option, add_respacing_option
 from zoo.precision import PRECISIONS
 
 
@@ -31,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="number of images (default: one per label when --class lists several, else 16)")
     p.add_argument("--solver", default=None, help="solver name (default: the recipe's sample.solver)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the recipe's)")
-    p.add_argument("--respacing", default=None, metavar="SPEC",
-                   help="ddpm/ddim chain as ADM/DiT name it: '250', '10,15,20' or 'ddim25' (replaces --steps)")
+    add_respacing_option(p)
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale in the recipe's convention (dit: w, 1 = off; uvit: s, 0 = off)")
     p.add_argument("--class", dest="class_labels", default=None, metavar="C[,C...]",

@@ -5,8 +5,9 @@ images N×H×W×3, labels, sample indices), each written atomically after its ba
 run with the same protocol samples only the indices no shard holds yet, and sample i is the
 same image however the work was split (its noise, label and solver noise come from its own
 seeds, ``zoo.sample.sample_seed``). The result, with the full protocol (checkpoint and weights
-hash, the recipe's model and diffusion sections, EMA or raw weights, solver, steps, guidance, N,
-seeds, extractor and its weights hash, reference, zoo version), goes to
+hash, the recipe's model and diffusion sections, EMA or raw weights, solver with its steps or
+respacing and options, guidance, N, seeds, extractor and its weights hash, reference, zoo version,
+the ``--set`` overrides), goes to
 ``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>-ref<hash of --ref>.json``.
 """
 
@@ -33,7 +34,14 @@ SHARD = re.compile(r"^shard-(\d{7})-(\d{7})\.npz$")
 
 @dataclass
 class EvalRequest:
-    """What ``zoo eval`` was asked (``None``: the recipe's ``sample`` section or a default decides)."""
+    """What ``zoo eval`` was asked (``None``: the recipe's ``sample`` section or a default decides).
+
+    ``overrides``: ``--set KEY=VALUE`` on the checkpoint's recipe, allowed as ``zoo sample`` allows them
+    (:func:`zoo.sample.sample_recipe`); ``respacing``: the ``ddpm``/``ddim`` chain ("250", "ddim25"),
+    replacing ``steps``; ``solver_options``: solver keys set on top (Python callers; the CLI's
+    ``--set sample.solver.KEY=VALUE`` reaches the same spec). All of them land in the solver spec or the
+    other protocol keys that name the samples, so two requests share shards only when they sample alike.
+    """
 
     source: str
     n: int
@@ -51,6 +59,8 @@ class EvalRequest:
     device: str | None = None
     solver_options: dict = field(default_factory=dict)
     precision: str | None = None
+    respacing: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
 
 def locate(source: str | Path) -> tuple[Path, Path]:
@@ -227,28 +237,31 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
             main: bool = True) -> _Setup:
     """Model, solver, protocol and sample directory; on the main process also the extractor and the
     reference statistics, so a wrong ``--ref`` or missing extractor weights fail before any sampling."""
-    import zoo
-    from zoo.checkpoint import EMA, MODEL, load_checkpoint, load_recipe_of
+    from zoo.checkpoint import EMA, MODEL
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.precision import effective_precision
-    from zoo.sample import build_solver, load_decoder, load_model, num_classes, sampling_precision, vae_weights
+    from zoo.sample import (build_solver, load_decoder, load_model, num_classes, sample_recipe, sampling_precision,
+                            vae_weights)
     from zoo.vae import SCALE, vae_downsample
 
     if request.weights not in ("ema", "raw"):
         raise UserError(f"--weights must be ema or raw, not {request.weights!r}")
-    # A missing --ref is said before the extractor (timm, torchvision: seconds to import) and the model load.
-    ref_spec = request.ref or _default_ref(load_recipe_of(ckpt))
+    # A missing --ref or a --set that cannot apply is said before the extractor (timm, torchvision: seconds
+    # to import) and the model load.
+    recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
+    ref_spec = request.ref or _default_ref(recipe)
     extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
+    model, recipe, origin = load_model(ckpt, request.overrides, device=device, solver=request.solver,
+                                       weights="model" if request.weights == "raw" else None)  # EMA where saved
     if request.weights == "raw":
-        model, config = load_checkpoint(ckpt, weights="model", device=device)
-        model, recipe, origin, weights_file = model.eval(), zoo.load_recipe(config), f"raw weights of {ckpt}", ckpt / MODEL
+        origin, weights_file = f"raw weights of {ckpt}", ckpt / MODEL
     else:
-        model, recipe, origin = load_model(ckpt, device=device)
         weights_file = ckpt / (EMA if (ckpt / EMA).is_file() else MODEL)
     decoder = load_decoder(recipe, request.vae, device)  # a latent model's VAE, loaded once: bad weights fail here
     schedule = build_schedule(recipe)
-    solver, solver_spec = build_solver(recipe, request.solver, request.steps, request.solver_options)
+    solver, solver_spec = build_solver(recipe, request.solver, request.steps, request.solver_options,
+                                       request.respacing)
     guidance = guidance_settings(recipe, request.cfg)
     vae_file = vae_weights(recipe, request.vae) if decoder is not None else None  # the images are the VAE's
     image_size = int(model.example_inputs(1)[0].shape[-1]) * (vae_downsample(vae_file) if vae_file else 1)
@@ -275,7 +288,11 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     if vae_file is not None:  # other VAE weights or scale, other samples
         protocol["vae"] = {"weights_sha256": _sha256(vae_file),
                            "scale": float((recipe.get("data") or {}).get("vae_scale", SCALE))}
-    identity = {k: v for k, v in protocol.items() if k != "checkpoint"}  # the weights' sha256 names the checkpoint
+    if request.overrides:  # recorded; what they change is keyed above by its resolved value (solver, cfg, ...)
+        protocol["overrides"] = list(request.overrides)
+    # the weights' sha256 names the checkpoint; overrides are keyed by what they resolve to, so spelling one
+    # option two ways (or setting a training-only key) does not sample again
+    identity = {k: v for k, v in protocol.items() if k not in ("checkpoint", "overrides")}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     reference = (load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log,  # before sampling
                                 recipe=recipe) if main else None)
