@@ -1,4 +1,5 @@
-"""``zoo export diffusers CKPT --out DIR``: a zoo checkpoint in another library's layout."""
+"""``zoo export diffusers CKPT --out DIR``: a zoo checkpoint in another library's layout;
+``zoo export npz SAMPLES --out FILE``: zoo eval's samples as the ADM evaluator's sample batch."""
 
 from __future__ import annotations
 
@@ -7,27 +8,37 @@ from pathlib import Path
 
 from zoo.errors import UserError
 
-FORMATS = ("diffusers",)
+FORMATS = ("diffusers", "npz")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write a zoo checkpoint as a diffusers model directory",
-        description="Write CKPT as a diffusers model (config.json + diffusion_pytorch_model.safetensors) that "
-        "ZooTransformer2DModel.from_pretrained loads and diffusers' DiTPipeline samples with a diffusers scheduler.",
+        help="write a checkpoint as a diffusers model, or zoo eval's samples as an ADM-style .npz",
+        description="diffusers: write CKPT as a diffusers model (config.json + diffusion_pytorch_model.safetensors) "
+        "that ZooTransformer2DModel.from_pretrained loads and diffusers' DiTPipeline samples with a diffusers "
+        "scheduler. npz: write the samples of a zoo eval (RUN/eval/samples-...) as one .npz with arr_0 (uint8 "
+        "N x H x W x 3) and arr_1 (labels), the sample batch of the official ADM evaluation suite.",
     )
     p.add_argument("format", choices=FORMATS, help="target layout")
-    p.add_argument("checkpoint", type=Path, help="zoo checkpoint directory (config.json + model.safetensors), "
-                   "or a zoo train run directory (its newest checkpoint, RUN/last)")
-    p.add_argument("--out", required=True, type=Path, help="directory to write (a new path, or an empty directory)")
+    p.add_argument("checkpoint", type=Path, metavar="SOURCE",
+                   help="diffusers: a zoo checkpoint directory (config.json + model.safetensors) or a zoo train run "
+                   "directory (its newest checkpoint, RUN/last); npz: a samples-* directory of zoo eval, or the "
+                   "run or eval directory holding exactly one")
+    p.add_argument("--out", required=True, type=Path,
+                   help="diffusers: directory to write (a new path, or an empty directory); npz: the .npz file")
+    p.add_argument("--n", type=int, default=None, help="npz: samples 0..N-1 (default: every sample there)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="which weights to export (default: ema if the checkpoint has them, else model)")
-    p.add_argument("--force", action="store_true", help="replace --out if it already is a zoo diffusers export")
+    p.add_argument("--force", action="store_true", help="replace --out if it already is a zoo export (diffusers directory, npz file)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "npz":
+        return _export_npz(args)
+    if args.n is not None:
+        raise UserError("--n is an option of zoo export npz (how many samples), not of diffusers")
     from zoo.checkpoint import checkpoint_of
 
     checkpoint = checkpoint_of(args.checkpoint.expanduser())  # repaired; a run directory: its last/, as zoo sample
@@ -43,4 +54,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"zoo export diffusers needs diffusers ({err})", suggestion='pip install -e ".[vae]"') from None
     out = export(checkpoint, args.out, use_ema=args.weights == "ema", force=args.force)
     print(f"wrote {out} (diffusers ZooTransformer2DModel from {checkpoint})")
+    return 0
+
+
+def _export_npz(args: argparse.Namespace) -> int:
+    from zoo.eval.adm_npz import export_adm_npz
+    from zoo.guards import check_outside_checkpoints
+
+    if args.out.suffix != ".npz":
+        raise UserError(f"--out {args.out}: the sample batch is an .npz file", suggestion="give a path ending in .npz")
+    check_outside_checkpoints(args.out)
+    out, n, shape, labelled = export_adm_npz(args.checkpoint, args.out, args.n, force=args.force)
+    what = "arr_0 images" + (", arr_1 labels" if labelled else "")
+    print(f"wrote {out} ({n} samples {shape[0]}x{shape[1]}: {what}; the ADM evaluator's sample batch)")
     return 0

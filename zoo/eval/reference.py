@@ -242,7 +242,7 @@ def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Itera
     return Reference(mu, sigma, feats.features.astype(np.float32), feats.labels, source=source)
 
 
-def _npz_reference(path: Path, extractor, batch_size: int, device, log) -> Reference:
+def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_size: int) -> Reference:
     with np.load(path, allow_pickle=False) as f:
         keys = set(f.files)
         made_by = str(f["extractor"]) if "extractor" in keys else None
@@ -261,6 +261,10 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log) -> Refer
         adm_stats = (f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise UserError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
+    if images.shape[1:3] != (image_size, image_size):  # folders are cropped to the samples' size; arrays are as given
+        log(f"zoo eval: warning: the reference's images are {images.shape[1]}x{images.shape[2]}, the samples "
+            f"{image_size}x{image_size}: the extractor resizes both, but an FD across resolutions also measures "
+            "the resolution (use a reference made at the samples' size)")
     stat = path.stat()
     identity = f"npz:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     ref = _from_cache_or_compute(identity, extractor, lambda: array_batches(images, labels, batch_size), device,
@@ -279,7 +283,7 @@ def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, 
         if not path.is_file():
             raise UserError(f"reference file {path} " + ("is a directory" if path.is_dir() else "does not exist"))
         try:
-            return _npz_reference(path, extractor, batch_size, device, log)
+            return _npz_reference(path, extractor, batch_size, device, log, image_size)
         except NPZ_ERRORS as err:
             raise UserError(f"cannot read reference {path}: {unreadable_npz(err, path)}",
                             suggestion="give an ADM-style .npz (arr_0: uint8 images N x H x W x 3) or statistics "
