@@ -133,6 +133,17 @@ def test_a_checkpoint_keeps_its_trained_diffusion_keys_and_may_be_given_a_missin
     assert recipe["diffusion"]["time_input"] == own["time_input"]
 
 
+def test_a_checkpoints_unwritten_prediction_is_the_eps_it_was_trained_to_predict(tmp_path):
+    """--set diffusion.prediction=v passed on a checkpoint whose recipe left prediction at its default:
+    the eps-trained weights were read as v. An explicit eps is no change."""
+    recipe = zoo.load_recipe(RECIPES / "tiny_train.yaml")
+    assert "prediction" not in recipe["diffusion"]
+    save_checkpoint(tmp_path / "ckpt", zoo.build_model(recipe), recipe)
+    with pytest.raises(UserError, match="--set diffusion.prediction would change what its weights were trained"):
+        load_model(tmp_path / "ckpt", ["diffusion.prediction=v"])
+    assert load_model(tmp_path / "ckpt", ["diffusion.prediction=eps"])[1]["diffusion"]["prediction"] == "eps"
+
+
 def test_sampling_hands_the_model_back_in_its_modes():
     """sample_latents left a model it was given in training in eval mode, so a user's training loop that
     sampled a preview stopped DiT's in-model label dropout from then on; a frozen part stays in eval."""

@@ -304,13 +304,21 @@ def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recip
     """Refuse ``--set`` values that change a ``diffusion`` key checkpoint ``path`` was trained under.
 
     The same value is no change, and a key the checkpoint does not set (a model-only recipe's
-    ``time_input``) may be given: only then can such a checkpoint sample at all.
+    ``time_input``) may be given: only then can such a checkpoint sample at all. Where the checkpoint
+    has a ``diffusion`` section, its absent ``schedule`` and ``prediction`` are the defaults it was
+    trained under (DDPM's linear betas, eps), as fixed as written ones.
     """
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+
     try:
-        own = read([]).get("diffusion") or {}
+        own = dict(read([]).get("diffusion") or {})
     except UserError:  # it loads only with the user's overrides: they are what makes it usable
         return
-    now = recipe.get("diffusion") or {}
+    now = dict(recipe.get("diffusion") or {})
+    if own:
+        for key in ("schedule", "prediction"):
+            own.setdefault(key, DIFFUSION_DEFAULTS[key])
+            now.setdefault(key, DIFFUSION_DEFAULTS[key])
     for key in TRAINED_DIFFUSION_KEYS:
         if own.get(key) is not None and now.get(key) != own[key]:
             fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
