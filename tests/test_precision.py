@@ -99,3 +99,20 @@ def test_a_float64_model_samples_in_float64_whatever_the_recipe_says(tmp_path, c
     exact, _ = sample_latents(model.double(), zoo.load_recipe(TINY), SampleRequest(n=2, seed=1))
     assert x.dtype == torch.float64 and torch.equal(x, exact)
     assert zoo.load_recipe("dit_s_2")["sample"]["precision"] == "tf32"
+
+
+def test_samples_are_keyed_by_what_the_process_switches_compute_on_cuda():
+    """An eval on CUDA with no precision ran its convolutions in TF32 (PyTorch's cuDNN default) yet shared
+    its samples with an exact --precision fp32 eval. (The switches are plain flags: no GPU needed.)"""
+    from zoo.precision import arithmetic_key
+
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for m, c, unset in ((False, True, "tf32-convolutions"), (True, True, "tf32"), (False, False, None),
+                            (True, False, "tf32-matmuls")):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
+            assert arithmetic_key(None, "cuda") == unset
+            assert arithmetic_key("fp32", "cuda") is None and arithmetic_key("tf32", "cuda") == "tf32"
+            assert arithmetic_key(None, "cpu") is None and arithmetic_key("bf16", "cpu") == "bf16"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

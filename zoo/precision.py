@@ -38,6 +38,20 @@ def effective_precision(precision: str | None, device: "torch.device | str") -> 
     return "fp32" if precision == "tf32" and torch.device(device).type != "cuda" else precision
 
 
+def arithmetic_key(precision: str | None, device: "torch.device | str") -> str | None:
+    """How the model calls at ``precision`` on ``device`` compute, for keying samples: ``None`` for exact
+    float32, else the precision. ``None`` on CUDA reads the process's TF32 switches: PyTorch's default
+    leaves matmuls exact but lets cuDNN convolutions use TF32 (``tf32-convolutions``)."""
+    import torch
+
+    computed = effective_precision(precision, device)
+    if computed is None:
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        computed = ("tf32" if matmul and cudnn else "tf32-convolutions" if cudnn else "tf32-matmuls" if matmul
+                    else "fp32")
+    return None if computed == "fp32" else computed
+
+
 def set_tf32(enabled: bool) -> tuple[bool, bool]:
     """Switch TF32 for CUDA matmuls and cuDNN convolutions together; returns the previous (matmul, cuDNN)
     switches. Process-wide flags (settable without a GPU)."""

@@ -240,7 +240,7 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     from zoo.checkpoint import EMA, MODEL
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
-    from zoo.precision import effective_precision
+    from zoo.precision import arithmetic_key
     from zoo.sample import (build_solver, load_decoder, load_model, num_classes, sample_recipe, sampling_precision,
                             vae_weights)
     from zoo.vae import SCALE, vae_downsample
@@ -282,8 +282,8 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     if solver.batch_coupled:  # adaptive steps: an image depends on its batch-mates, so samples of another
         protocol["batch_size"] = batch  # batch size are other samples (kept apart, never mixed on a resume)
     precision = sampling_precision(recipe, request.precision, next(model.parameters()).dtype)
-    computed = effective_precision(precision, device)
-    if computed not in (None, "fp32"):  # other arithmetic, other samples (no key otherwise: earlier samples stay valid)
+    computed = arithmetic_key(precision, device)
+    if computed is not None:  # other arithmetic, other samples (no key for exact float32: earlier samples stay valid)
         protocol["precision"] = computed
     if vae_file is not None:  # other VAE weights or scale, other samples
         protocol["vae"] = {"weights_sha256": _sha256(vae_file),
