@@ -425,6 +425,22 @@ def test_an_adaptive_solvers_batch_size_is_part_of_its_protocol(run_dir, capsys)
     assert "batch_size" not in json.loads(capsys.readouterr().out)["protocol"]
 
 
+def test_an_adaptive_solver_samples_whole_batches_so_a_larger_n_extends_alike(run_dir, capsys):
+    """--n 6 at batch 4 sampled 4..5 as a batch of two, and a later --n 8 added 6..7 as another: images
+    4..5 then had other batch-mates, other step sizes, than in a fresh --n 8 run."""
+    args = ["eval", str(run_dir), "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool", "--json",
+            "--solver", "ode", "--batch-size", "4"]
+    assert main(args + ["--n", "6"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in Path(first["samples"]).glob("shard-*.npz")) == [
+        "shard-0000000-0000004.npz", "shard-0000004-0000008.npz"]
+    assert main(args + ["--n", "8", "--out", str(run_dir / "fresh")]) == 0
+    fresh = json.loads(capsys.readouterr().out)
+    images = [np.concatenate([np.load(s)["images"] for s in sorted(Path(r["samples"]).glob("shard-*.npz"))])
+              for r in (first, fresh)]
+    np.testing.assert_array_equal(images[0], images[1])
+
+
 def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -187,8 +187,11 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         log, progress = (lambda _: None), False
     with distributed.agreement(ctx):  # a mistake on any rank: one line from rank 0, every rank stops
         setup = _set_up(request, ckpt, eval_dir, ctx.device, log, main=ctx.main)
-    todo = ctx.broadcast(missing_ranges(request.n, existing_shards(setup.samples_dir), setup.batch) if ctx.main else None)
-    done = request.n - sum(b - a for a, b in todo)
+    upto = request.n
+    if setup.solver.batch_coupled:  # whole batches only: a later, larger --n then finds the batches a fresh run
+        upto = -(-request.n // setup.batch) * setup.batch  # samples, not a short last batch of other batch-mates
+    todo = ctx.broadcast(missing_ranges(upto, existing_shards(setup.samples_dir), setup.batch) if ctx.main else None)
+    done = upto - sum(b - a for a, b in todo)
     shared = f"; {ctx.world} processes share the rest" if ctx.distributed and todo else ""
     log(f"zoo eval: {setup.origin}; {request.n} samples in {setup.samples_dir} ({done} already there{shared}); "
         f"solver {setup.protocol['solver']}; {setup.guidance.describe()}")
