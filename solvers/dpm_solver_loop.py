@@ -88,9 +88,11 @@ class DPMSolverBase(Solver):
         check_choice("order", order, (2, 3) if method == "adaptive" else (1, 2, 3))
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         if method == "multistep" and steps < order:
-            raise UserError(f"multistep DPM-Solver of order {order} needs steps >= {order}, got {steps}")
+            raise UserError(f"multistep DPM-Solver of order {order} needs steps >= {order}, got {steps}",
+                            suggestion=f"--set sample.solver.order={steps} for {steps} step{'s' * (steps > 1)}")
         if method == "singlestep_fixed" and steps < order:
-            raise UserError(f"singlestep_fixed of order {order} needs steps >= {order}, got {steps}")
+            raise UserError(f"singlestep_fixed of order {order} needs steps >= {order}, got {steps}",
+                            suggestion=f"--set sample.solver.order={steps} for {steps} step{'s' * (steps > 1)}")
         self.order, self.method = order, method
         self.lower_order_final = True if lower_order_final is None else lower_order_final
         self.denoise_to_zero, self.solver_type = denoise_to_zero, solver_type

@@ -529,7 +529,8 @@ def test_a_sample_solver_that_cannot_work_is_refused_before_the_first_step(tmp_p
         argv = ["train", str(RECIPE), "--out", str(tmp_path / "run"), "--set", "sample.solver={type: dpm_solver++, steps: 1}"]
         assert main(argv + [x for k in keys for x in ("--set", k)]) == 2
         err = capsys.readouterr().err
-        assert err == "zoo: error: key sample.solver: multistep DPM-Solver of order 2 needs steps >= 2, got 1\n"
+        assert err == ("zoo: error: key sample.solver: multistep DPM-Solver of order 2 needs steps >= 2, got 1 "
+                       "(--set sample.solver.order=1 for 1 step)\n")
         assert not (tmp_path / "run").exists()
     # no grids and no evaluations: the sample section is not the run's business
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.sample_every=0",
