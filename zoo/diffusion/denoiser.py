@@ -1,7 +1,8 @@
 """The backbone as the diffusion process sees it: one call shared by the trainer and the sampler.
 
 ``Denoiser(model, time_map, null_label)(x, t, y, drop)`` maps continuous diffusion time ``t``
-to the backbone's own time input (in float64, so integer DDPM steps stay exact), replaces the
+to the backbone's own time input (in float64: a float64 ``t`` maps to exact integer DDPM steps; a
+float32 one carries its rounding, ~3e-5 of a step at 1000 steps), replaces the
 labels marked in ``drop`` by the null label (classifier-free guidance: label dropout in
 training, the unconditional half of a guided batch in sampling) and calls ``model(x, t_in, y)``.
 The objectives (:mod:`~zoo.diffusion.objectives`) and guidance (:mod:`~zoo.diffusion.guidance`)
