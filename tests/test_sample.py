@@ -285,6 +285,24 @@ def test_cli_samples_emoji_categories_by_name(tmp_path, capsys):
     assert "matches 'Smileys & Emotion', 'Symbols'" in capsys.readouterr().err
 
 
+def test_shipped_recipes_are_found_by_their_recipes_path_from_anywhere(tmp_path, monkeypatch, capsys):
+    """zoo build and train found recipes/emoji32/dimr_2r.yaml from any directory, zoo sample did not;
+    a path that is no shipped recipe's whole name is still a missing checkpoint, not a recipe."""
+    monkeypatch.chdir(tmp_path)
+    for source in ("recipes/emoji32/dimr_2r.yaml", "emoji32/dimr_2r"):
+        assert main(["sample", source, "--n", "1", "--steps", "2", "--out", "e.png", "--device", "cpu"]) == 0
+        assert "wrote 1 image (32x32)" in capsys.readouterr().out
+    assert main(["sample", "runs/emoji32/dimr_2r", "--out", "e.png"]) == 2
+    assert "runs/emoji32/dimr_2r does not exist" in capsys.readouterr().err
+
+
+def test_progress_is_told_after_every_model_call():
+    model, recipe = _trained_like(PIXELS)
+    calls = []
+    sample_latents(model, recipe, SampleRequest(n=3, batch_size=2, steps=4, solver="ddim", cfg=2.0), progress=calls.append)
+    assert calls == [1] * 8  # 4 steps x 2 batches; the guided pair is one batched call
+
+
 def _png(path):
     with Image.open(path) as im:
         return im.size, im.mode

@@ -403,19 +403,34 @@ def check_sample_section(recipe: Mapping[str, Any]) -> None:
 
 @torch.no_grad()
 def sample_latents(
-    model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest, device: torch.device | str = "cpu"
+    model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest, device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sample ``request.count()`` model-space tensors (latents or pixels in [−1, 1]) and their labels.
 
     The samples are on the CPU in the model's dtype (a float64 model samples in float64 throughout).
-    The model runs in eval mode and comes back in the modes it had.
+    The model runs in eval mode and comes back in the modes it had. ``progress(1)`` is called after
+    each model call (a progress bar's ``update``).
     """
     with evaluating(model):
-        return _sample_latents(model, recipe, request, device)
+        return _sample_latents(model, recipe, request, device, progress)
+
+
+def _counted(eps_fn: Callable[[Tensor, Tensor], Tensor], progress: Callable[[int], None] | None):
+    if progress is None:
+        return eps_fn
+
+    def call(x: Tensor, t: Tensor) -> Tensor:
+        out = eps_fn(x, t)
+        progress(1)
+        return out
+
+    return call
 
 
 def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest,
-                    device: torch.device | str) -> tuple[Tensor, Tensor | None]:
+                    device: torch.device | str, progress: Callable[[int], None] | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
     schedule = build_schedule(recipe)
     solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)
@@ -434,7 +449,7 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
         x_T = initial_noise(size, shape, request.seed, start) if request.x_T is None else request.x_T[start : start + size]
         x_T = x_T.to(device=device, dtype=dtype)
         y = None if labels is None else labels[start : start + size].to(device)
-        eps_fn = guided_eps_fn(model, recipe, schedule, y, guidance, eps_channels=shape[0])
+        eps_fn = _counted(guided_eps_fn(model, recipe, schedule, y, guidance, eps_channels=shape[0]), progress)
         generators = solver_generators(request.seed, start, size)
         with inference_precision(precision, device):
             out.append(solver.sample(eps_fn, x_T, schedule=schedule, generator=generators).cpu())

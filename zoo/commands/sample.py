@@ -88,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     _check_grid_memory(model, recipe, request.count(), args.vae)
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
-    x, _ = sample_latents(model, recipe, request, device=device)
+    from tqdm import tqdm
+
+    with tqdm(unit=" model calls", desc="zoo sample", disable=None, leave=False) as bar:  # no bar off a terminal
+        x, _ = sample_latents(model, recipe, request, device=device, progress=bar.update)
     bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
     if bad:  # a NaN image saves as black: say so instead of writing it
         raise UserError(f"{bad} of the {x.shape[0]} samples hold NaN or inf (the model's outputs, or the solver "
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                         suggestion="check the weights (zoo parity / a newer checkpoint) or try --solver ddpm")
     images = to_images(x, recipe, args.vae, device=device, decoder=decoder)
     path = save_grid(images, out)
-    print(f"zoo sample: wrote {images.shape[0]} images ({images.shape[-1]}x{images.shape[-2]}) to {path} "
+    count = f"{images.shape[0]} image{'s' * (images.shape[0] != 1)}"
+    print(f"zoo sample: wrote {count} ({images.shape[-1]}x{images.shape[-2]}) to {path} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 
