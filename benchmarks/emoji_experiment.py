@@ -342,8 +342,8 @@ def report(rows: list[dict], cls: dict, steps: int, n: int, args, quick: bool, r
                       for r in rows)
     return (f"# emoji32: DiMR-2R vs U-ViT vs DiT{' (--quick: toy sizes, numbers mean nothing)' if quick else ''}\n\n"
             f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}): {steps} training steps per model "
-            f"(batch and seed of the recipes), {n} samples each (EMA, the recipes' sampler), FD of "
-            f"{args.extractor} features against the {cls['holdout_size']}-image emoji32 holdout, "
+            f"(batch and seed of the recipes), {n} samples each (EMA, DPM-Solver++ 20 steps, CFG w = 2), FD "
+            f"of {args.extractor} features against the {cls['holdout_size']}-image emoji32 holdout, "
             f"distortion = own-class probability < {args.threshold:g} under the emoji32 ConvNeXt classifier "
             f"(holdout accuracy {cls['holdout_accuracy']:.3f}; majority class {cls['majority_baseline']:.3f}).\n\n"
             f"{table(rows, list(CATEGORIES), real)}\n\nGrids:\n{grids}\n")
