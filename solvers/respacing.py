@@ -111,7 +111,9 @@ class ChainSolver(Solver):
             spec = self.respacing or str(self.steps)
             kept = space_timesteps(n, spec)
             abars = [schedule.alphas_cumprod[k].item() for k in kept]
-            if abars[-1] > 0.5:  # x_T ~ N(0, I) at a step that is mostly signal: the model returns the noise
+            # The respacing dropped every noisy step (a schedule that ends there is the schedule's own):
+            # x_T ~ N(0, I) given at a step that is mostly signal comes back as the sample.
+            if kept[-1] < n - 1 and abars[-1] > 0.5:
                 raise UserError(
                     f"{name} with respacing {spec!r} starts at training step {kept[-1]} of {n}, where ᾱ = "
                     f"{abars[-1]:.4g} is mostly signal: started from pure noise there, the chain returns the noise "
