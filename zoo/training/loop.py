@@ -623,7 +623,7 @@ class Trainer:
                     unread, (x, y) = err, self._stand_in_batch()  # the other ranks are in this step already
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 try:
-                    running += self.train_step(x, y, unread=unread is not None)
+                    running += self.train_step(x, y) if unread is None else self.train_step(x, y, unread=True)
                 except _UnreadOnARank:
                     if count and self._period("log_every") > 0:
                         log_window()
