@@ -296,6 +296,22 @@ def test_shipped_recipes_are_found_by_their_recipes_path_from_anywhere(tmp_path,
     assert "runs/emoji32/dimr_2r does not exist" in capsys.readouterr().err
 
 
+def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(checkpoint, monkeypatch, capsys, tmp_path):
+    """--respacing 1001 and float64 with bf16 were refused only after the weights had loaded (seconds for a
+    paper model): the recipe alone says so."""
+    import zoo.sample
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(zoo.sample, "load_model", no_load)
+    for extra, words in ((["--solver", "ddpm", "--respacing", "1001"], "cannot keep 1001 steps of a section of 1000"),
+                         (["--steps", "1", "--solver", "ddim"], "is mostly signal"),
+                         (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64")):
+        assert main(["sample", str(checkpoint), "--out", str(tmp_path / "x.png"), *extra]) == 2
+        assert words in capsys.readouterr().err
+
+
 def test_progress_is_told_after_every_model_call():
     model, recipe = _trained_like(PIXELS)
     calls = []
@@ -355,7 +371,7 @@ def test_cli_from_a_recipe_warns_and_errors_are_one_line(tmp_path, capsys, check
     assert "NO weights" in captured.err and "no classifier-free guidance" in captured.out
     assert "'type': 'ddim'" in captured.out
     assert _png(out)[0] == (2 * (8 + 2) + 2, 8 + 2 + 2)
-    assert main(["sample", str(LATENT), "--n", "1", "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    assert main(["sample", str(LATENT), "--n", "1", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zoo: error")]
     assert len(errors) == 1 and "--vae" in errors[0]
     assert main(["sample", str(checkpoint), "--set", "model.depth=3", "--out", str(out)]) == 2

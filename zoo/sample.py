@@ -374,6 +374,18 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
     return torch.tensor(given * n if len(given) == 1 else given, dtype=torch.long)
 
 
+def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: int | None, respacing: str | None,
+                         precision: str | None, dtype: torch.dtype | None) -> None:
+    """Refuse from the recipe alone what sampling would refuse after the weights load (seconds for a
+    paper model): a solver that cannot walk the schedule (``--respacing 1001`` of 1000 steps, one
+    step kept where the image is mostly signal) or a precision the dtype cannot take."""
+    built, _ = build_solver(recipe, solver, steps, respacing=respacing)
+    chain = getattr(built, "chain", None)  # ddpm/ddim: the respaced chain of the recipe's schedule
+    if callable(chain):
+        chain(build_schedule(recipe))
+    sampling_precision(recipe, precision, dtype or torch.float32)
+
+
 def sampling_precision(recipe: Mapping[str, Any], given: str | None, dtype: torch.dtype) -> str | None:
     """The precision to sample at: ``given`` (``--precision``), else the recipe's ``sample.precision``, else
     ``None`` (the process's own settings: PyTorch's defaults, or ``train.tf32`` inside ``zoo train``).
