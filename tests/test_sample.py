@@ -304,7 +304,7 @@ def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(check
     def no_load(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
-    monkeypatch.setattr(zoo.sample, "load_model", no_load)
+    monkeypatch.setattr(zoo.sample, "model_for", no_load)
     for extra, words in ((["--solver", "ddpm", "--respacing", "1001"], "cannot keep 1001 steps of a section of 1000"),
                          (["--steps", "1", "--solver", "ddim"], "is mostly signal"),
                          (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64")):

@@ -254,11 +254,19 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
     recipe's solver before the overrides apply, so ``--set sample.solver.KEY=...`` reaches its options.
     ``weights``: a checkpoint's ``"ema"`` or ``"model"`` (raw) weights (default: EMA where it has them).
     """
+    recipe = sample_recipe(source, overrides, solver)
+    model, origin = model_for(source, recipe, device, dtype, weights)
+    return model, recipe, origin
+
+
+def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.device | str = "cpu",
+              dtype: torch.dtype | None = None, weights: str | None = None) -> tuple[nn.Module, str]:
+    """The model of :func:`load_model` for a recipe :func:`sample_recipe` already resolved, and where its
+    weights came from: commands that check the recipe first read it once."""
     import zoo
     from zoo.checkpoint import EMA, load_checkpoint
 
     path = Path(source)
-    recipe = sample_recipe(source, overrides, solver)
     require_weights_memory(recipe, device, _bytes_per_param(dtype))
     if path.is_dir():
         weights = weights or ("ema" if (path / EMA).is_file() else "model")
@@ -269,7 +277,7 @@ def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.
         origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
     if dtype is not None:
         model = model.to(dtype)
-    return model.eval(), recipe, origin
+    return model.eval(), origin
 
 
 def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str | None = None) -> dict:

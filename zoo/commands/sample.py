@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from zoo.diffusion.setup import guidance_settings
-    from zoo.sample import (SampleRequest, build_solver, check_before_weights, load_decoder, load_model,
+    from zoo.sample import (SampleRequest, build_solver, check_before_weights, load_decoder, model_for,
                             parse_class_labels, sample_latents, sample_recipe, save_grid, to_images)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
@@ -74,10 +74,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_png_output(args.out)
     source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
     start = time.perf_counter()
-    check_before_weights(sample_recipe(source, args.overrides, args.solver), args.solver, args.steps, args.respacing,
-                         args.precision, getattr(torch, args.dtype))
-    model, recipe, origin = load_model(source, args.overrides, device=device, dtype=getattr(torch, args.dtype),
-                                       solver=args.solver)
+    recipe = sample_recipe(source, args.overrides, args.solver)
+    check_before_weights(recipe, args.solver, args.steps, args.respacing, args.precision, getattr(torch, args.dtype))
+    model, origin = model_for(source, recipe, device=device, dtype=getattr(torch, args.dtype))
     if "NO weights" in origin:
         print(f"zoo sample: warning: {origin}", file=sys.stderr)
     else:

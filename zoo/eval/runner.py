@@ -244,7 +244,7 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.precision import arithmetic_key
-    from zoo.sample import (build_solver, load_decoder, load_model, num_classes, sample_recipe, sampling_precision,
+    from zoo.sample import (build_solver, load_decoder, model_for, num_classes, sample_recipe, sampling_precision,
                             vae_weights)
     from zoo.vae import SCALE, vae_downsample
 
@@ -255,8 +255,8 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
     ref_spec = request.ref or _default_ref(recipe)
     extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
-    model, recipe, origin = load_model(ckpt, request.overrides, device=device, solver=request.solver,
-                                       weights="model" if request.weights == "raw" else None)  # EMA where saved
+    model, origin = model_for(ckpt, recipe, device=device,
+                              weights="model" if request.weights == "raw" else None)  # EMA where saved
     if request.weights == "raw":
         origin, weights_file = f"raw weights of {ckpt}", ckpt / MODEL
     else:
