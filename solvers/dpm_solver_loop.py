@@ -87,11 +87,9 @@ class DPMSolverBase(Solver):
         super().__init__(steps=steps, skip=skip, t_start=t_start, t_end=t_end)
         check_choice("order", order, (2, 3) if method == "adaptive" else (1, 2, 3))
         check_choice("solver_type", solver_type, SOLVER_TYPES)
-        if method == "multistep" and steps < order:
-            raise UserError(f"multistep DPM-Solver of order {order} needs steps >= {order}, got {steps}",
-                            suggestion=f"--set sample.solver.order={steps} for {steps} step{'s' * (steps > 1)}")
-        if method == "singlestep_fixed" and steps < order:
-            raise UserError(f"singlestep_fixed of order {order} needs steps >= {order}, got {steps}",
+        if method in ("multistep", "singlestep_fixed") and steps < order:
+            what = "multistep DPM-Solver" if method == "multistep" else "singlestep_fixed"
+            raise UserError(f"{what} of order {order} needs steps >= {order}, got {steps}",
                             suggestion=f"--set sample.solver.order={steps} for {steps} step{'s' * (steps > 1)}")
         self.order, self.method = order, method
         self.lower_order_final = True if lower_order_final is None else lower_order_final

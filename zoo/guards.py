@@ -255,13 +255,13 @@ def resolve_sample_source(source: str) -> str:
             raise UserError(f"{path} is neither a checkpoint directory (config.json + weights) nor a recipe .yaml",
                             suggestion=hint)
         return str(path)
-    if looks_like_a_path(source) and not path.is_absolute():
-        from zoo.recipe import find_recipe
-
-        try:  # recipes/emoji32/dimr_2r.yaml or emoji32/dimr_2r from anywhere, as zoo build and train find it
-            return str(find_recipe(source))
-        except UserError:  # only a shipped recipe's whole relative name matches: never runs/x/dit_s_2
-            pass
     if looks_like_a_path(source):
+        if not path.is_absolute():
+            from zoo.recipe import find_recipe
+
+            try:  # recipes/emoji32/dimr_2r.yaml or emoji32/dimr_2r from anywhere, as zoo build and train find it
+                return str(find_recipe(source))
+            except UserError:  # only a shipped recipe's whole relative name matches: never runs/x/dit_s_2
+                pass
         raise UserError(f"{source} does not exist (no checkpoint directory or recipe file there)")
     return source  # a bare name: the shipped recipe of that name, if there is one
