@@ -142,6 +142,11 @@ def test_a_checkpoints_unwritten_prediction_is_the_eps_it_was_trained_to_predict
     with pytest.raises(UserError, match="--set diffusion.prediction would change what its weights were trained"):
         load_model(tmp_path / "ckpt", ["diffusion.prediction=v"])
     assert load_model(tmp_path / "ckpt", ["diffusion.prediction=eps"])[1]["diffusion"]["prediction"] == "eps"
+    # the unwritten schedule is DDPM's linear betas: naming it, or its table, is no change; other betas are
+    for same in ("diffusion.schedule=linear", "diffusion.schedule={type: linear, beta_end: 0.02}"):
+        load_model(tmp_path / "ckpt", [same])
+    with pytest.raises(UserError, match="--set diffusion.schedule would change what its weights were trained"):
+        load_model(tmp_path / "ckpt", ["diffusion.schedule={type: linear, beta_end: 0.03}"])
 
 
 def test_sampling_hands_the_model_back_in_its_modes():

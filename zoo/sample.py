@@ -317,6 +317,7 @@ def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recip
     trained under (DDPM's linear betas, eps), as fixed as written ones.
     """
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+    from zoo.training.rundir import first_difference
 
     try:
         own = dict(read([]).get("diffusion") or {})
@@ -327,8 +328,9 @@ def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recip
         for key in ("schedule", "prediction"):
             own.setdefault(key, DIFFUSION_DEFAULTS[key])
             now.setdefault(key, DIFFUSION_DEFAULTS[key])
-    for key in TRAINED_DIFFUSION_KEYS:
-        if own.get(key) is not None and now.get(key) != own[key]:
+    for key in TRAINED_DIFFUSION_KEYS:  # a schedule by name equals its table with the constructor defaults
+        if own.get(key) is not None and first_difference(own[key], now.get(key), f"diffusion.{key}",
+                                                         kinds=("schedule",)):
             fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
             raise UserError(f"{path} is a checkpoint: --set diffusion.{key} would change what its weights were "
                             f"trained to predict ({fixed} are fixed by its training)",
