@@ -481,6 +481,23 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
         load_reference(str(tmp_path / "latents"), PoolFeatures(), 8)
 
 
+def test_an_unwritable_cache_keeps_the_reference_just_computed(tmp_path, monkeypatch):
+    """The features of a 50k-image reference were computed, then thrown away with an exit 2 because the
+    cache directory could not be written: they are used uncached, with a warning naming the path."""
+    from PIL import Image
+
+    (tmp_path / "ref").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "ref" / f"{i}.png")
+    (tmp_path / "afile").write_text("not a directory")
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "afile" / "sub"))
+    said = []
+    ref = load_reference(str(tmp_path / "ref"), PoolFeatures(), 8, log=said.append)
+    assert ref.features.shape == (3, 12)
+    assert any(line.startswith("zoo: warning: cannot cache the reference statistics at "
+                               f"{tmp_path / 'afile' / 'sub'}") for line in said), said
+
+
 def test_a_missing_ref_is_said_before_the_extractor_is_built(tmp_path, capsys, monkeypatch):
     """The extractor imports timm and torchvision (seconds) and may load weights: not for a missing flag."""
     import zoo.eval.extractors as extractors

@@ -237,8 +237,13 @@ def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Itera
     feats = extract(extractor, batches(), device)
     mu, sigma = feature_statistics(feats.features)
     extras = {} if feats.labels is None else {"labels": feats.labels}
-    save_npz(path, mu=mu, sigma=sigma, features=feats.features.astype(np.float32), extractor=np.str_(extractor.name),
-             weights_sha256=np.str_(extractor.weights_sha256 or ""), source=np.str_(source), **extras)
+    try:
+        save_npz(path, mu=mu, sigma=sigma, features=feats.features.astype(np.float32),
+                 extractor=np.str_(extractor.name), weights_sha256=np.str_(extractor.weights_sha256 or ""),
+                 source=np.str_(source), **extras)
+    except (OSError, UserError) as err:  # an unwritable cache must not throw away features just computed
+        log(f"zoo: warning: cannot cache the reference statistics at {path} ({err}); they are used uncached "
+            "(set ZOO_CACHE to a writable directory to keep them)")
     return Reference(mu, sigma, feats.features.astype(np.float32), feats.labels, source=source)
 
 
