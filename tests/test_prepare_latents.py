@@ -950,6 +950,26 @@ def test_a_damaged_plan_or_manifest_is_one_line_naming_it(tmp_path, vae_dir, ima
     assert "none left to encode" in capsys.readouterr().out
 
 
+def test_a_plan_another_tool_wrote_and_a_flat_folder_are_named_as_such(tmp_path, vae_dir, image_dir, capsys):
+    """An unrelated prepare.json in --out read as "latents prepared with other settings"; a folder of images
+    without class folders was told to lay itself out as IMAGE_DIR/CLASS without saying its images were found."""
+    out = tmp_path / "lat"
+    out.mkdir()
+    (out / PLAN).write_text(json.dumps({"name": "my own plan"}))
+    argv = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out / PLAN} is not a zoo prepare-latents plan" in err and "move that file out" in err
+    assert json.loads((out / PLAN).read_text()) == {"name": "my own plan"}  # the user's file is untouched
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted(image_dir.glob("*/*"))[:3]:
+        (flat / image.name).write_bytes(image.read_bytes())
+    assert main(["prepare-latents", str(flat), "--vae", str(vae_dir), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flat} has no class subfolders: its 3 images lie in it" in err and str(flat / "all") in err
+
+
 def test_a_manifest_without_a_shard_list_is_one_line(tmp_path, vae_dir, image_dir):
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)

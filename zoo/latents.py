@@ -182,8 +182,12 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     existing = out / PLAN
     old = None
     if existing.is_file():
-        old = read_json_object(existing, "prepare-latents plan", suggestion=f"delete it and run the same command "
-                               "again: the shards of the same images are kept")
+        old = read_json_object(existing, "prepare-latents plan", suggestion=f"if zoo prepare-latents wrote it, delete "
+                               "it and run the same command again (the shards of the same images are kept); "
+                               "otherwise use a new --out directory")
+        if old.get("format") != FORMAT:  # a file of the same name that another tool wrote: not ours to judge
+            raise UserError(f"{existing} is not a zoo prepare-latents plan (no format {FORMAT!r} in it)",
+                            suggestion="use a new --out directory, or move that file out of this one")
     _refuse_foreign_files(out, _utf8("".join(lines)), planned=old is not None)
     if old is not None:
         if old.get("format") == FORMAT and old.get("version") != FORMAT_VERSION:
@@ -333,14 +337,16 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
         if changed:
             log(f"the images under {root} changed since {out} was started: the shards whose images are the same "
                 "are kept, the others encoded again")
-        who = f"rank {rank} of {world} encodes" if world > 1 else "encoding"
-        left = f"{who} {len(todo)} ({_count(total, 'image')}) on {device}" if todo else "none left to encode"
+        who = f"rank {rank} of {world}: " if world > 1 else ""
+        left = (f"{who}encoding {len(todo)} ({_count(total, 'image')}) on {device}" if todo
+                else f"{who}none left to encode")
         log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
             f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
         if rank == 0 and world > n and fresh:
-            log(f"note: {_count(n, 'shard')} for {world} processes, so {world - n} of them have nothing to "
-                f"encode; --shard-size {-(-len(images) // world)} gives each process one")
-    bar = progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode") if progress else None
+            log(f"note: {_count(n, 'shard')} for {world} processes, so {world - n} of them {'has' if world - n == 1 else 'have'} "
+                f"nothing to encode; --shard-size {-(-len(images) // world)} gives each process one")
+    bar = (progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode")
+           if progress and total else None)  # no empty bar for a finished output
     try:
         _encode(images, vae, device, out, todo, digests, shard_size, batch_size, num_workers,
                 getattr(torch, dtype), bar)
@@ -443,7 +449,10 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
     images = ImageFolder(root, resolution)
     if len(images) == 0:
         if not images.classes:
-            raise UserError(f"{root} has no class subfolders", suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG")
+            flat = ImageFolder(root, resolution, flat=True).items  # images in IMAGE_DIR itself
+            raise UserError(f"{root} has no class subfolders" + (f": its {_count(len(flat), 'image')} lie in it" if flat
+                            else ""), suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG" + (
+                                f" (for one class, move them into e.g. {root / 'all'}/)" if flat else ""))
         n, others = len(images.classes), sum(ImageFolder.other_files(root / c) for c in images.classes)
         raise UserError(f"the {_count(n, 'class folder')} under {root} hold{'s' * (n == 1)} no images: "
                         f"{ImageFolder.skipped(others, 'there')}", suggestion="convert them to one of these formats"
