@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,25 @@ def test_image_folder_lists_the_files_torchvision_lists_in_its_order(tmp_path):
     with pytest.raises(UserError, match=r"class folder .*\.ipynb_checkpoints holds no images: no files there; "
                                         r".* \(move folders"):
         ImageFolder(tmp_path, 8)
+
+
+def test_a_folder_of_dataset_splits_is_not_taken_for_classes(tmp_path):
+    """imagenet/ (train/ and val/) given for imagenet/train listed two "classes" and would encode or train on
+    them for hours; a dataset whose classes merely include a split's name is read as before."""
+    from zoo.training.data import ImageFolder
+
+    pixels = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    for rel in ("val/n01/0.png", "Train/n01/0.png", "Train/n02/1.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / rel)
+    with pytest.raises(UserError, match=rf"the subfolders of {re.escape(str(tmp_path))} \(Train, val\) are the "
+                                        rf"splits of a dataset, not its classes \(pass one split's folder, e.g. "
+                                        rf"{re.escape(str(tmp_path / 'Train'))}\)"):
+        ImageFolder(tmp_path, 8)
+    assert ImageFolder(tmp_path / "Train", 8).classes == ["n01", "n02"]
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "cat" / "0.png")
+    assert ImageFolder(tmp_path, 8).classes == ["Train", "cat", "val"]
 
 
 def test_a_class_folder_of_other_formats_says_what_is_read_and_what_was_skipped(tmp_path, vae_dir, capsys):

@@ -47,6 +47,11 @@ def synthetic_dataset(shape: tuple[int, ...], size: int, num_classes: int | None
     return TensorDataset((colours[labels] + smooth).clamp(-1, 1), labels)
 
 
+#: Folder names that are a dataset's splits: an image folder whose subfolders are all these was given one
+#: level too high (``imagenet/`` for ``imagenet/train``), which would train on two "classes".
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "holdout"})
+
+
 class ImageFolder(Dataset):
     """``root/CLASS/**/IMAGE`` → (image in [−1, 1] of ``image_size``², class index).
 
@@ -74,6 +79,12 @@ class ImageFolder(Dataset):
                             suggestion="convert those files to one of these formats, or " * (others > 0) +
                             "move folders that are not classes (e.g. .ipynb_checkpoints, __MACOSX) out of the "
                             "image folder")
+        # imagenet/ given for imagenet/train would encode or train for hours on two "classes"
+        splits = [c for c in self.classes if c.lower() in SPLIT_NAMES]
+        if len(splits) >= 2 and len(splits) == len(self.classes):
+            split = next((c for c in splits if c.lower() in ("train", "training")), splits[0])
+            raise UserError(f"the subfolders of {root} ({', '.join(splits)}) are the splits of a dataset, not its "
+                            "classes", suggestion=f"pass one split's folder, e.g. {root / split}")
         self.image_size = image_size
         self.num_classes = len(self.classes)
 
