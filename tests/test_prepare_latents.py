@@ -209,22 +209,32 @@ def test_latent_draws_are_keyed_by_the_global_sample_not_the_process(tmp_path, v
 
 @pytest.mark.slow
 def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_vae(tmp_path, vae_dir, image_dir, capsys):
+    import shutil
+
+    vae_copy = tmp_path / "vae"
+    shutil.copytree(vae_dir, vae_copy)
     out = tmp_path / "lat"
-    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    prepare_latents(image_dir, vae_copy, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
     sets = ["--set", "data.dataset=latents", "--set", f"data.root={out}", "--set", "data.num_classes=2",
             "--set", "train.batch_size=4",
             "--set", "train.sample_every=2", "--set", "train.ckpt_every=0", "--set", "train.log_every=1"]
     capsys.readouterr()
+    # No data.vae: the grids decode through the VAE the manifest says the latents were made with
     assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run"), "--steps", "3",
                  "--device", "cpu", *sets]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
-    # No VAE in the recipe: said once among the first lines, with the fix zoo train takes (it said
-    # 'pass --vae', which zoo train refuses, at every grid)
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    assert "draws no sample grids" not in capsys.readouterr().out
+    # That VAE gone and none in the recipe: said once among the first lines, with the fix zoo train takes
+    # (it said 'pass --vae', which zoo train refuses, at every grid)
+    shutil.rmtree(vae_copy)
+    assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run1"), "--steps", "2",
+                 "--device", "cpu", *sets]) == 0
     out_lines = capsys.readouterr().out.splitlines()
     warned = [i for i, line in enumerate(out_lines) if "this run draws no sample grids" in line]
     assert len(warned) == 1 and warned[0] < 8 and "--set data.vae=DIR" in out_lines[warned[0]]
-    assert not (tmp_path / "run" / "samples").exists()
+    assert not (tmp_path / "run1" / "samples").exists()
     assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run2"), "--steps", "2",
                  "--device", "cpu", *sets, "--set", f"data.vae={vae_dir}"]) == 0
     assert (tmp_path / "run2" / "samples" / "step_0000002.png").is_file()

@@ -86,6 +86,24 @@ def load_encoder(vae_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return vae.eval().requires_grad_(False), identity
 
 
+def _manifest_vae(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The VAE identity the manifest of ``data.root`` records; ``None`` where ``data.root`` is no
+    ``zoo prepare-latents`` output (or is gone)."""
+    manifest = Path(str(data.get("root") or "")).expanduser() / MANIFEST
+    if not data.get("root") or not manifest.is_file():
+        return None
+    made = read_json_object(manifest, "latent manifest").get("vae")
+    return made if isinstance(made, dict) else None
+
+
+def prepared_with_vae(data: Mapping[str, Any]) -> Path | None:
+    """The VAE weights file ``data.root``'s latents were encoded with, where it still lies where
+    ``zoo prepare-latents`` read it: the decoder a run on them needs when ``data.vae`` is not given."""
+    made = _manifest_vae(data)
+    weights = Path(made["weights"]) if made and isinstance(made.get("weights"), str) else None
+    return weights if weights is not None and weights.is_file() else None
+
+
 def check_decoder_fits(weights: Path, data: Mapping[str, Any]) -> None:
     """Refuse VAE ``weights`` whose latents differ in shape from those ``data.root`` was prepared with
     (another downsampling or channel count): they decoded the samples at another size without a word.
@@ -93,12 +111,10 @@ def check_decoder_fits(weights: Path, data: Mapping[str, Any]) -> None:
     Nothing is checked when ``data.root`` is no ``zoo prepare-latents`` output (or is gone)."""
     from zoo.vae import SD_VAE_CONFIG, vae_config, vae_downsample
 
-    manifest = Path(str(data.get("root") or "")).expanduser() / MANIFEST
-    if not data.get("root") or not manifest.is_file():
+    made = _manifest_vae(data)
+    if made is None:
         return
-    made = read_json_object(manifest, "latent manifest").get("vae")
-    if not isinstance(made, dict):
-        return
+    manifest = Path(str(data["root"])).expanduser() / MANIFEST
     have = {"downsample": vae_downsample(weights),
             "latent_channels": int((vae_config(weights) or SD_VAE_CONFIG)["latent_channels"])}
     diff = [f"{key} {have[key]}, not {made[key]}" for key in have if key in made and made[key] != have[key]]

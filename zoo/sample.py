@@ -479,7 +479,8 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
 
 
 def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path | None:
-    """The VAE weights a latent model decodes with (``--vae`` or ``data.vae``); ``None`` for pixel models.
+    """The VAE weights a latent model decodes with (``--vae``, else ``data.vae``, else the VAE that
+    ``data.root``'s latents were prepared with, where it still lies); ``None`` for pixel models.
 
     Called before sampling, so a missing VAE is reported before any compute is spent.
     """
@@ -489,10 +490,10 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
             raise UserError(f"--vae {vae_dir}: this model samples pixels (its recipe's data.latent is not set), "
                             "so there is nothing to decode", suggestion="drop --vae")
         return None
-    from zoo.latents import check_decoder_fits
+    from zoo.latents import check_decoder_fits, prepared_with_vae
     from zoo.vae import find_vae_weights
 
-    weights = find_vae_weights(vae_dir or data.get("vae"))
+    weights = find_vae_weights(vae_dir or data.get("vae") or prepared_with_vae(data))
     check_decoder_fits(weights, data)
     return weights
 
