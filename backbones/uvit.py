@@ -206,6 +206,6 @@ class UViT(nn.Module):
         sinusoid input in [0, 999), labels (``None`` when unconditional)."""
         w = self.patch_embed.proj.weight
         x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=w.device, dtype=w.dtype)
-        t = torch.rand(batch_size, device=w.device) * 999
+        t = torch.empty(batch_size, device=w.device).uniform_(0, 999)  # not rand * 999: a scalar op on meta imports Dynamo (2 s)
         y = torch.randint(0, self.num_classes, (batch_size,), device=w.device) if self.num_classes > 0 else None
         return x, t, y
