@@ -53,7 +53,7 @@ def convert(tmp_path: Path, payload, name: str = "official.pt", *extra: str) -> 
     return main([*argv, *extra]), out
 
 
-def test_convert_cli_round_trip(tmp_path, official_sd):
+def test_convert_cli_round_trip(tmp_path, official_sd, capsys):
     # Official training checkpoints wrap the weights: {'model', 'ema', 'opt', 'args'}; EMA is taken.
     noise = {k: v + 1 for k, v in official_sd.items()}
     args = argparse.Namespace(model="DiT-XL/2", global_batch_size=256)
@@ -74,6 +74,11 @@ def test_convert_cli_round_trip(tmp_path, official_sd):
     status, out = convert(tmp_path, {"model": noise, "ema": official_sd}, "train.pt", "--weights", "model", "--force")
     assert status == 0
     assert torch.equal(load_checkpoint(out)[0].state_dict()["pos_embed"], noise["pos_embed"])
+    # Written inside that checkpoint, it made the checkpoint's next save (a resumed run's) fail
+    argv = ["convert", "dit", str(tmp_path / "train.pt"), "--recipe", str(RECIPE), "--set", f"model.depth={DEPTH}"]
+    assert main([*argv, "--out", str(out / "sub"), "--force"]) == 2
+    assert f"--out {out / 'sub'} is inside the checkpoint directory {out}" in capsys.readouterr().err
+    assert not (out / "sub").exists()
 
 
 def test_corrupt_key_is_a_clear_error(tmp_path, official_sd, capsys):

@@ -47,9 +47,12 @@ def load_official(path: Path) -> object:
 def check_out(out: Path, force: bool) -> None:
     """``--out`` may be new or an empty directory; an existing zoo checkpoint only with ``--force``."""
     from zoo.checkpoint import check_replaceable, is_checkpoint
-    from zoo.guards import check_parents
+    from zoo.guards import check_outside_checkpoints, check_parents, enclosing_checkpoint
 
     check_parents(out, "--out")
+    found = enclosing_checkpoint(out)
+    if found is not None and found != out.expanduser():  # out itself is the checkpoint --force replaces
+        check_outside_checkpoints(out)
     check_replaceable(out, "--out")  # a file, or a directory that is not a zoo checkpoint: never replaced
     if is_checkpoint(out) and not force:
         raise UserError(f"--out {out} is already a zoo checkpoint", suggestion="pass --force to replace it")
