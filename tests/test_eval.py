@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.checkpoint import save_checkpoint
+from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.cli import main
 from zoo.eval import frechet_distance
 from zoo.eval.extractors import Extractor, INCEPTION_FILE
@@ -691,10 +691,24 @@ def test_eval_refuses_the_overrides_zoo_sample_refuses_before_anything_is_built(
     monkeypatch.setattr(extractors, "build_extractor", lambda *a, **k: pytest.fail("the extractor was built"))
     for extra, said in ((["--set", "model.depth=3"], "its model section is fixed by its weights"),
                         (["--set", "diffusion.schedule.beta_end=0.03"], "--set diffusion.schedule would change"),
-                        (["--solver", "ddim", "--set", "sample.solver.type=ode"], "name two solvers")):
+                        (["--solver", "ddim", "--set", "sample.solver.type=ode"], "name two solvers"),
+                        (["--solver", "ddpm", "--steps", "1"], "mostly signal")):  # it left an empty samples folder
         code, err = _eval_json(capsys, run_dir, *extra)
         assert code == 2 and said in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
     assert not (run_dir / "eval").exists()
+
+
+def test_non_finite_samples_are_refused_not_scored_as_black_images(run_dir, capsys):
+    """A diverged checkpoint's NaN samples were clamped to black images and given an FD, exit 0."""
+    model, recipe = load_checkpoint(run_dir / "last")
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("nan"))
+    save_checkpoint(run_dir.parent / "nan" / "last", model, recipe, ema=model)
+    code, err = _eval_json(capsys, run_dir.parent / "nan")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "8 of samples 0..7 hold NaN or inf" in err and "no shard written for them, and no score" in err
+    assert not list((run_dir.parent / "nan" / "eval").rglob("*.npz"))
+    assert not list((run_dir.parent / "nan" / "eval").glob("*.json"))
 
 
 def test_torchrun_passes_the_sampling_options_to_every_rank():

@@ -385,15 +385,25 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
 
 
 def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: int | None, respacing: str | None,
-                         precision: str | None, dtype: torch.dtype | None) -> None:
+                         precision: str | None, dtype: torch.dtype | None, options: Mapping[str, Any] = ()) -> None:
     """Refuse from the recipe alone what sampling would refuse after the weights load (seconds for a
     paper model): a solver that cannot walk the schedule (``--respacing 1001`` of 1000 steps, one
     step kept where the image is mostly signal) or a precision the dtype cannot take."""
-    built, _ = build_solver(recipe, solver, steps, respacing=respacing)
+    built, _ = build_solver(recipe, solver, steps, options, respacing=respacing)
     chain = getattr(built, "chain", None)  # ddpm/ddim: the respaced chain of the recipe's schedule
     if callable(chain):
         chain(build_schedule(recipe))
     sampling_precision(recipe, precision, dtype or torch.float32)
+
+
+def refuse_non_finite(x: Tensor, what: str, kept: str) -> None:
+    """Refuse samples ``x`` (B, ...) that hold NaN or inf: saved, they read as black images (a grid
+    that looks dark, an FD that scores them). ``what`` names the samples, ``kept`` what is not written."""
+    bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
+    if bad:
+        raise UserError(f"{bad} of {what} hold NaN or inf (the model's outputs, or the solver with these "
+                        f"settings, are not finite); {kept}",
+                        suggestion="check the weights (zoo parity / a newer checkpoint) or try --solver ddpm")
 
 
 def sampling_precision(recipe: Mapping[str, Any], given: str | None, dtype: torch.dtype) -> str | None:

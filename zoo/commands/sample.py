@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     from zoo.diffusion.setup import guidance_settings
     from zoo.sample import (SampleRequest, build_solver, check_before_weights, load_decoder, model_for,
-                            parse_class_labels, sample_latents, sample_recipe, save_grid, to_images)
+                            parse_class_labels, refuse_non_finite, sample_latents, sample_recipe, save_grid,
+                            to_images)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
     from zoo.training.data import class_names
@@ -93,11 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     with tqdm(unit=" model calls", desc="zoo sample", disable=None, leave=False) as bar:  # no bar off a terminal
         x, _ = sample_latents(model, recipe, request, device=device, progress=bar.update)
-    bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
-    if bad:  # a NaN image saves as black: say so instead of writing it
-        raise UserError(f"{bad} of the {x.shape[0]} samples hold NaN or inf (the model's outputs, or the solver "
-                        f"with these settings, are not finite); {out} not written",
-                        suggestion="check the weights (zoo parity / a newer checkpoint) or try --solver ddpm")
+    refuse_non_finite(x, f"the {x.shape[0]} samples", f"{out} not written")  # a NaN image saves as black
     images = to_images(x, recipe, args.vae, device=device, decoder=decoder)
     path = save_grid(images, out)
     count = f"{images.shape[0]} image{'s' * (images.shape[0] != 1)}"

@@ -97,7 +97,8 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     """
     from zoo.diffusion.setup import guided_eps_fn
     from zoo.precision import inference_precision
-    from zoo.sample import initial_noise, num_classes, sample_labels, solver_generators, to_images
+    from zoo.sample import (initial_noise, num_classes, refuse_non_finite, sample_labels, solver_generators,
+                            to_images)
 
     x_example = model.example_inputs(1)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
@@ -109,6 +110,7 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     generators = solver_generators(seed, start, count)
     with inference_precision(precision, device):
         x = solver.sample(eps_fn, x_T, schedule=schedule, generator=generators)
+    refuse_non_finite(x, f"samples {start}..{stop - 1}", "no shard written for them, and no score")
     images = to_images(x.float().cpu(), recipe, None, device=device, decoder=decoder)
     return to_uint8(images * 2 - 1), labels
 
@@ -196,19 +198,21 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     log(f"zoo eval: {setup.origin}; {request.n} samples in {setup.samples_dir} ({done} already there{shared}); "
         f"solver {setup.protocol['solver']}; {setup.guidance.describe()}")
     mine = todo[ctx.rank::ctx.world]
-    if mine:
-        from tqdm import tqdm
+    with distributed.agreement(ctx):  # non-finite samples on one rank: one line from rank 0, every rank stops
+        if mine:
+            from tqdm import tqdm
 
-        setup.samples_dir.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=sum(b - a for a, b in mine), unit="img", desc="sampling" + (" (rank 0)" if shared else ""),
-                  disable=None if progress else True) as bar:  # None: no bar where stderr is not a terminal
-            for start, stop in mine:
-                images, labels = _sample_range(setup.model, setup.recipe, setup.solver, setup.schedule, setup.guidance,
-                                               start, stop, request.seed, ctx.device, setup.decoder, setup.precision)
-                extra = {} if labels is None else {"labels": labels.numpy()}
-                save_npz(setup.samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
-                         images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
-                bar.update(stop - start)
+            with tqdm(total=sum(b - a for a, b in mine), unit="img", desc="sampling" + (" (rank 0)" if shared else ""),
+                      disable=None if progress else True) as bar:  # None: no bar where stderr is not a terminal
+                for start, stop in mine:
+                    images, labels = _sample_range(setup.model, setup.recipe, setup.solver, setup.schedule,
+                                                   setup.guidance, start, stop, request.seed, ctx.device,
+                                                   setup.decoder, setup.precision)
+                    extra = {} if labels is None else {"labels": labels.numpy()}
+                    setup.samples_dir.mkdir(parents=True, exist_ok=True)  # not before a first shard to put there
+                    save_npz(setup.samples_dir / f"shard-{start:07d}-{stop:07d}.npz",
+                             images=images.permute(0, 2, 3, 1).numpy(), indices=np.arange(start, stop), **extra)
+                    bar.update(stop - start)
     ctx.barrier()  # every rank's shards are written
     if not ctx.main:
         return None
@@ -244,8 +248,8 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.precision import arithmetic_key
-    from zoo.sample import (build_solver, load_decoder, model_for, num_classes, sample_recipe, sampling_precision,
-                            vae_weights)
+    from zoo.sample import (build_solver, check_before_weights, load_decoder, model_for, num_classes, sample_recipe,
+                            sampling_precision, vae_weights)
     from zoo.vae import SCALE, vae_downsample
 
     if request.weights not in ("ema", "raw"):
@@ -253,6 +257,8 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     # A missing --ref or a --set that cannot apply is said before the extractor (timm, torchvision: seconds
     # to import) and the model load.
     recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
+    check_before_weights(recipe, request.solver, request.steps, request.respacing, request.precision, None,
+                         request.solver_options)  # a respacing or precision sampling would refuse: said now
     ref_spec = request.ref or _default_ref(recipe)
     extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
     model, origin = model_for(ckpt, recipe, device=device,
