@@ -119,8 +119,9 @@ def test_a_checkpoint_keeps_its_trained_diffusion_keys_and_may_be_given_a_missin
     """--set diffusion.null_label=7 sampled with another null label than the weights learnt; the same value
     is no change, and a model-only checkpoint (no time_input, as zoo convert may write) needs one to sample."""
     own = zoo.load_recipe(PIXELS)["diffusion"]
-    for change, key in (("null_label=7", "null_label"),
-                        ("time_input=uvit_discrete", "time_input"), ("schedule.num_steps=500", "schedule")):
+    for change, key in (("null_label=7", "null_label"), ("time_input=uvit_discrete", "time_input"),
+                        ("schedule.num_steps=500", "schedule"),
+                        ("schedule.type=cosine", "schedule")):  # said "unknown parameter 'num_steps'" of its config.json
         with pytest.raises(UserError, match=f"--set diffusion.{key} would change what its weights were trained"):
             load_model(checkpoint, [f"diffusion.{change}"])
     _, recipe, _ = load_model(checkpoint, [f"diffusion.null_label={own['null_label']}", "diffusion.min_snr_gamma=5"])

@@ -295,7 +295,12 @@ def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str
     if path.is_dir() and any(override_key(o)[0] == "model" for o in overrides):
         raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                         "--set may change the other sections only")
-    recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
+    try:
+        recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
+    except UserError:
+        if path.is_dir():  # schedule.type=cosine beside the trained schedule's betas: a change, not a typo
+            _refuse_unreadable_trained_change(path, read, given, overrides)
+        raise
     if solver is not None and any(override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
                                   for o in given):
         _require_same_solver(recipe, solver)
@@ -311,31 +316,62 @@ TRAINED_DIFFUSION_KEYS = ("schedule", "prediction", "time_input", "null_label")
 def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recipe: Mapping[str, Any]) -> None:
     """Refuse ``--set`` values that change a ``diffusion`` key checkpoint ``path`` was trained under.
 
-    The same value is no change, and a key the checkpoint does not set (a model-only recipe's
-    ``time_input``) may be given: only then can such a checkpoint sample at all. Where the checkpoint
-    has a ``diffusion`` section, its absent ``schedule`` and ``prediction`` are the defaults it was
-    trained under (DDPM's linear betas, eps), as fixed as written ones.
+    The same value is no change (a schedule by name equals its table with the constructor defaults),
+    and a key the checkpoint does not set (a model-only recipe's ``time_input``) may be given: only
+    then can such a checkpoint sample at all.
     """
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
     from zoo.training.rundir import first_difference
 
+    own = _trained_diffusion(read)
+    now = dict(recipe.get("diffusion") or {})
+    if recipe.get("diffusion"):
+        for key in ("schedule", "prediction"):
+            now.setdefault(key, DIFFUSION_DEFAULTS[key])
+    for key in TRAINED_DIFFUSION_KEYS:
+        if own.get(key) is not None and first_difference(own[key], now.get(key), f"diffusion.{key}",
+                                                         kinds=("schedule",)):
+            raise _trained_change(path, key)
+
+
+def _refuse_unreadable_trained_change(path: Path, read: Callable[[list[str]], dict], given: Sequence[str],
+                                      overrides: Sequence[str]) -> None:
+    """Where checkpoint ``path`` fails to read with ``overrides``, and reads without the ones ``given``
+    for its trained ``diffusion`` keys, those changed what it was trained under: say that, not what the
+    half-changed table lacks (``schedule.type=cosine`` left the linear betas' ``num_steps`` unknown)."""
+    own = _trained_diffusion(read)
+    trained = [o for o in given if (key := override_key(o))[0] == "diffusion" and len(key) > 1
+               and own.get(key[1]) is not None]
+    if not trained:
+        return
+    try:
+        read([o for o in overrides if o not in trained])
+    except UserError:
+        return  # another override is wrong too: that error stands
+    raise _trained_change(path, override_key(trained[0])[1])
+
+
+def _trained_diffusion(read: Callable[[list[str]], dict]) -> dict[str, Any]:
+    """The trained ``diffusion`` keys of a checkpoint (``read([])``: its recipe). Where it has a
+    ``diffusion`` section, its absent ``schedule`` and ``prediction`` are the defaults it was trained
+    under (DDPM's linear betas, eps), as fixed as written ones; ``{}`` if it loads only with overrides."""
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+
     try:
         own = dict(read([]).get("diffusion") or {})
     except UserError:  # it loads only with the user's overrides: they are what makes it usable
-        return
-    now = dict(recipe.get("diffusion") or {})
+        return {}
     if own:
         for key in ("schedule", "prediction"):
             own.setdefault(key, DIFFUSION_DEFAULTS[key])
-            now.setdefault(key, DIFFUSION_DEFAULTS[key])
-    for key in TRAINED_DIFFUSION_KEYS:  # a schedule by name equals its table with the constructor defaults
-        if own.get(key) is not None and first_difference(own[key], now.get(key), f"diffusion.{key}",
-                                                         kinds=("schedule",)):
-            fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
-            raise UserError(f"{path} is a checkpoint: --set diffusion.{key} would change what its weights were "
-                            f"trained to predict ({fixed} are fixed by its training)",
-                            suggestion="sample with the checkpoint's own; change them for a new run with "
-                                       "zoo train --set")
+    return {key: own.get(key) for key in TRAINED_DIFFUSION_KEYS}
+
+
+def _trained_change(path: Path, key: str) -> UserError:
+    fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
+    return UserError(f"{path} is a checkpoint: --set diffusion.{key} would change what its weights were "
+                     f"trained to predict ({fixed} are fixed by its training)",
+                     suggestion="sample with the checkpoint's own; change them for a new run with zoo train --set")
 
 
 def _bytes_per_param(dtype: torch.dtype | None) -> int:
