@@ -72,6 +72,8 @@ def test_mistakes_are_one_line_and_no_file_is_replaced(tmp_path, capsys):
         ([str(tmp_path), "--out", str(tmp_path / "x.npz")], "holds no zoo eval samples"),
         ([str(run / "eval" / "samples-last-a"), "--out", str(tmp_path / "x.png")], "the sample batch is an .npz file"),
         ([str(run / "eval" / "samples-last-a"), "--out", str(user_file)], f"--out {user_file} exists"),
+        ([str(run / "eval" / "samples-last-a"), "--out", str(tmp_path / "x.npz"), "--weights", "model"],
+         "--weights is an option of zoo export diffusers, not of npz"),  # it was accepted and ignored
         ([str(run / "eval" / "samples-last-a"), "--out", str(user_file), "--force"],
          "is not a sample batch zoo export wrote"),
     ]

@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path,
                    help="diffusers: directory to write (a new path, or an empty directory); npz: the .npz file")
     p.add_argument("--n", type=int, default=None, help="npz: samples 0..N-1 (default: every sample there)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="which weights to export (default: ema if the checkpoint has them, else model)")
+    p.add_argument("--weights", choices=("ema", "model"), default=None,
+                   help="diffusers: which weights to export (default: ema if the checkpoint has them, else model)")
     p.add_argument("--force", action="store_true", help="replace --out if it already is a zoo export (diffusers directory, npz file)")
     p.set_defaults(func=run)
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         from zoo.integrations.diffusers import export
     except ImportError as err:
         raise UserError(f"zoo export diffusers needs diffusers ({err})", suggestion='pip install -e ".[vae]"') from None
-    out = export(checkpoint, args.out, use_ema=args.weights == "ema", force=args.force)
+    out = export(checkpoint, args.out, use_ema=args.weights != "model", force=args.force)
     print(f"wrote {out} (diffusers ZooTransformer2DModel from {checkpoint})")
     return 0
 
@@ -61,6 +61,9 @@ def _export_npz(args: argparse.Namespace) -> int:
     from zoo.eval.adm_npz import export_adm_npz
     from zoo.guards import check_outside_checkpoints
 
+    if args.weights is not None:  # the samples were drawn with the weights zoo eval --weights chose
+        raise UserError("--weights is an option of zoo export diffusers, not of npz (the samples' weights were "
+                        "chosen by zoo eval --weights)", suggestion="drop --weights")
     if args.out.suffix != ".npz":
         raise UserError(f"--out {args.out}: the sample batch is an .npz file", suggestion="give a path ending in .npz")
     check_outside_checkpoints(args.out)

@@ -72,7 +72,7 @@ def export_adm_npz(source: Path, out: Path, n: int | None = None,
     (out, n, image shape H×W×3, whether labels were written). ``force`` replaces an earlier export."""
     if out.exists() and not (force and written_by_zoo(out)):
         raise UserError(f"--out {out} exists" + (" and is not a sample batch zoo export wrote" if force else ""),
-                        suggestion="choose another path" + ("" if force else " (or --force to replace an export)"))
+                        suggestion="choose another path" + ("" if force else ", or pass --force to replace an export"))
     directory = samples_directory(source)
     available = contiguous_count(directory)
     n = available if n is None else n
