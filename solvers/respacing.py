@@ -54,15 +54,23 @@ def space_timesteps(num_steps: int, spec: str | int) -> list[int]:
         for stride in range(1, num_steps):
             if len(range(0, num_steps, stride)) == counts[0]:
                 return list(range(0, num_steps, stride))
+        if counts[0] > num_steps:
+            hint = f"keep at most {num_steps} ('ddim{num_steps}' keeps every step)"
+        elif counts[0] < 2:  # one kept step is step 0, where the image is mostly signal
+            hint = "keep 2 or more steps, or use --solver ddim_grid (a time grid from pure noise) for one"
+        else:
+            hint = f"use {counts[0]} (evenly spaced with a fractional stride) instead"
         raise UserError(f"respacing {spec!r}: no integer stride keeps exactly {counts[0]} of {num_steps} steps",
-                        suggestion=f"use {counts[0]} (evenly spaced with a fractional stride) instead")
+                        suggestion=hint)
     size_per, extra = divmod(num_steps, len(counts))
     kept, start = [], 0
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
             raise UserError(f"respacing {spec!r}: cannot keep {count} steps of a section of {size} "
-                            f"({num_steps} training steps in {len(counts)} sections)")
+                            f"({num_steps} training steps in {len(counts)} section{'s' * (len(counts) > 1)})",
+                            suggestion=f"keep at most {size} per section" if len(counts) > 1
+                            else f"keep at most {num_steps}")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
         position = 0.0
         for _ in range(count):

@@ -311,7 +311,12 @@ def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(check
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(zoo.sample, "model_for", no_load)
-    for extra, words in ((["--solver", "ddpm", "--respacing", "1001"], "cannot keep 1001 steps of a section of 1000"),
+    for extra, words in ((["--solver", "ddpm", "--respacing", "1001"], "cannot keep 1001 steps of a section of 1000 "
+                          "(1000 training steps in 1 section) (keep at most 1000)"),
+                         # the hints named 1001 and 1, refused as well
+                         (["--solver", "ddim", "--respacing", "ddim1001"], "(keep at most 1000 ('ddim1000' keeps"),
+                         (["--solver", "ddim", "--respacing", "ddim1"], "(keep 2 or more steps, or use --solver ddim_grid"),
+                         (["--solver", "ddim", "--respacing", "ddim300"], "(use 300 (evenly spaced with a fractional"),
                          (["--steps", "1", "--solver", "ddim"], "is mostly signal"),
                          (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64")):
         assert main(["sample", str(checkpoint), "--out", str(tmp_path / "x.png"), *extra]) == 2
