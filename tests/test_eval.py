@@ -470,6 +470,7 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
             (tmp_path / "flat" / f"{c}{i}.png").write_bytes((tmp_path / "ref" / name / f"{i}.png").read_bytes())
     flat = load_reference(str(tmp_path / "flat"), PoolFeatures(), 8, log=lambda _: None)
     np.testing.assert_array_equal(flat.features, relabelled.features)
+    assert flat.labels is None  # not all class 0: a per-class FD said it covered 1 of the model's classes
     (tmp_path / "empty").mkdir()
     with pytest.raises(zoo.errors.UserError, match="holds no images .* neither in itself nor in class subfolders"):
         load_reference(str(tmp_path / "empty"), PoolFeatures(), 8)

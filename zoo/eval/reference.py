@@ -104,10 +104,10 @@ def _latents_made_from(path: Path) -> str | None:
     return None
 
 
-def _dataset_batches(dataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+def _dataset_batches(dataset, batch_size: int, labelled: bool = True) -> Iterator[tuple[Tensor, Tensor | None]]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in loader:
-        yield to_uint8(x), torch.as_tensor(y)
+        yield to_uint8(x), torch.as_tensor(y) if labelled else None
 
 
 def array_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int):
@@ -155,8 +155,10 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
             raise UserError(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}), neither in "
                             f"itself nor in class subfolders", suggestion=f"lay it out as {path}/IMAGE or "
                             f"{path}/CLASS/IMAGE")
-        identity = f"folder:{path.resolve()}:{image_size}:{_listing_digest(path, dataset.items)}"
-        return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
+        flat = not dataset.classes  # its images have no labels: no per-class FD against them
+        identity = (f"folder{'-flat' * flat}:{path.resolve()}:{image_size}:"
+                    f"{_listing_digest(path, dataset.items)}")
+        return identity, lambda b: _dataset_batches(dataset, b, labelled=not flat), len(dataset)
     from zoo import registry
 
     name, split = dataset_reference(spec)
