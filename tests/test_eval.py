@@ -362,6 +362,13 @@ def test_a_dataset_reference_has_one_name_with_or_without_its_default_split():
     from zoo.eval.runner import _reference_key
 
     assert _reference_key("emoji32") == _reference_key("emoji32:holdout") != _reference_key("emoji32:train")
+    from zoo.eval.reference import dataset_reference
+
+    with pytest.raises(UserError, match=r"dataset emoji32 has no split 'val'; its splits are train, holdout "
+                                        r"\(--ref emoji32:train\)"):
+        dataset_reference("emoji32:val")
+    with pytest.raises(UserError, match=r"dataset synthetic has no split 'holdout' \(it has none\) \(--ref synthetic\)"):
+        dataset_reference("synthetic:holdout")  # it said "its splits are none"
 
 
 def test_missing_inception_weights_is_one_clear_error(run_dir, capsys, tmp_path):

@@ -128,7 +128,8 @@ def dataset_reference(spec: str) -> tuple[str, str]:
     splits = getattr(registry.get("dataset", name), "splits", ())
     split = split or ("holdout" if "holdout" in splits else "")
     if split and split not in splits:
-        raise UserError(f"dataset {name} has no split {split!r}; its splits are {', '.join(splits) or 'none'}")
+        raise UserError(f"dataset {name} has no split {split!r}" + (f"; its splits are {', '.join(splits)}" if splits
+                        else " (it has none)"), suggestion=f"--ref {name}" + (f":{splits[0]}" if splits else ""))
     return name, split
 
 
