@@ -266,6 +266,16 @@ def _eval(run, *extra):
                  "--batch-size", "32", *extra])
 
 
+def test_a_run_without_its_last_names_its_newest_step_and_a_missing_path_says_so(run_dir, capsys):
+    (run_dir / "last").rename(run_dir / "step_0000004")
+    assert _eval(run_dir) == 2
+    assert f"(its newest checkpoint is {run_dir / 'step_0000004'}: pass that)" in capsys.readouterr().err
+    assert main(["sample", str(run_dir), "--n", "1", "--out", str(run_dir.parent / "x.png")]) == 2
+    assert f"(its newest checkpoint is {run_dir / 'step_0000004'}: pass that)" in capsys.readouterr().err
+    assert _eval(run_dir.parent / "nothing") == 2
+    assert f"zoo: error: {run_dir.parent / 'nothing'} does not exist (pass a run" in capsys.readouterr().err
+
+
 def test_out_in_a_checkpoint_directory_is_refused_before_sampling(run_dir, capsys):
     """Shards and results written into last/ made every later save of it fail (also Ctrl-C's)."""
     before = sorted(p.name for p in (run_dir / "last").iterdir())

@@ -349,14 +349,14 @@ def _checkpoint_dir(directory: str | Path) -> Path:
         raise UserError(f"{directory} is a file, not a checkpoint directory ({CONFIG} + {MODEL})")
     problems = atomic.missing_or_truncated(directory, CONFIG)
     if problems:
-        newest = _newest_step(directory.parent) if directory.name == "last" else None
+        newest = newest_step(directory.parent) if directory.name == "last" else None
         raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}",
                         suggestion=f"{newest} is the run's newest complete checkpoint" if newest else None)
     return directory
 
 
-def _newest_step(run: Path) -> Path | None:
-    """The ``step_*`` checkpoint of ``run`` sealed last among the complete ones."""
+def newest_step(run: Path) -> Path | None:
+    """The ``step_*`` checkpoint of ``run`` sealed last among the complete ones (``None``: there is none)."""
     steps = [d for d in run.glob("step_*") if STEP_NAME.fullmatch(d.name) and atomic.is_sealed(d, CONFIG)]
     return max(steps, key=lambda d: atomic.sealed_at(d, CONFIG), default=None)
 
@@ -368,7 +368,7 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
     ``last/``, which is taken instead; so is the newest complete ``step_*/`` where ``last/`` is
     incomplete (a file truncated or missing), which otherwise stopped every restart of the job.
     """
-    last, newest = run / "last", _newest_step(run)
+    last, newest = run / "last", newest_step(run)
     if newest is None:
         return last, None
     if atomic.is_sealed(last, CONFIG):
@@ -397,7 +397,9 @@ def _read_payload(directory: str | Path) -> dict:
     directory = _checkpoint_dir(directory)
     path = directory / CONFIG
     if not path.is_file():
-        raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})")
+        newest = newest_step(directory)  # a run without its last/
+        raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})",
+                        suggestion=f"its newest checkpoint is {newest}: pass that" if newest else None)
     payload = read_json_object(path, "checkpoint config")
     if payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
         raise UserError(f"{path} is not a {FORMAT} config (a JSON object with format and recipe)")
