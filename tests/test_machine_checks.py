@@ -108,6 +108,20 @@ def test_output_into_a_pipe_closed_early_ends_quietly(args: list[str]):
     assert proc.wait(timeout=120) == 0 and err == "", err[-2000:]
 
 
+def test_a_command_that_leaves_a_thread_pool_running_still_exits():
+    """A first (uncached) train.compile leaves inductor's ThreadPoolExecutor workers waiting for work:
+    the exit joined them without telling the pool to stop, and `zoo train` hung forever after 'done'."""
+    code = ("import concurrent.futures, threading\n"
+            "from zoo.cli import _exit_without_teardown\n"
+            "pool = concurrent.futures.ThreadPoolExecutor(2)\n"
+            "assert pool.submit(lambda: 1).result() == 1\n"
+            "done = threading.Thread(target=lambda: None); done.start()  # a plain non-daemon thread is joined\n"
+            "import atexit; atexit.register(print, 'atexit ran')\n"
+            "_exit_without_teardown(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and proc.stdout == "atexit ran\n", proc.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_gpu_suite_without_a_gpu_says_so_and_exits_0():
     env = {**os.environ, "PYTHON": sys.executable}

@@ -215,9 +215,19 @@ def _exit_without_teardown(code: int) -> NoReturn:
     of every command (of `zoo build --flops`, of each torchrun worker) and writes nothing: every
     file zoo writes is closed, and renamed into place, before ``main`` returns.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter does first at exit: tell pools to stop (concurrent.futures' workers, which
+    # inductor starts on a cold compile, are non-daemon threads that end only when told), then join the
+    # non-daemon threads; joining them without the telling waited forever after `zoo train` said done.
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:  # pragma: no cover - every CPython 3.10-3.14 has it
+        import concurrent.futures.thread
+
+        concurrent.futures.thread._python_exit()
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
