@@ -193,6 +193,24 @@ def test_a_set_that_creates_a_mapping_is_blamed_for_it(tmp_path):
     assert str(info.value).endswith('(give it whole: --set "model.head_norm={type: layernorm, eps: 1e-6}")')
 
 
+def test_a_set_that_changes_a_components_type_replaces_it_whole_as_a_merge_does():
+    """--set model.branches.0.block.type=convnext kept the transformer's num_heads ('unknown parameter
+    num_heads of block convnext'); the same type keeps the component's other keys."""
+    recipe = resolve(RECIPES / "tiny.yaml", ["model.block.norm.eps=1e-6", "sample.solver={type: ddim, steps: 20}"])
+    assert resolve(RECIPES / "tiny.yaml", ["model.block.norm.eps=1e-6", "model.block.norm.type=layernorm"]
+                   ).data["model"]["block"]["norm"] == {"type": "layernorm", "eps": 1e-6}
+    changed = resolve(RECIPES / "tiny.yaml", ["model.block.norm.eps=1e-6", "model.block.norm.type=rmsnorm",
+                                              "sample.solver={type: ddim, steps: 20}", "sample.solver.type=ddpm"])
+    assert changed.data["model"]["block"]["norm"] == {"type": "rmsnorm"}
+    assert changed.data["sample"]["solver"] == {"type": "ddpm"}
+    assert changed.origin(("model", "block", "norm", "type")) == ("--set model.block.norm.type=rmsnorm", None)
+    assert ("sample", "solver", "steps") not in changed.origins and recipe.data["sample"]["solver"]["steps"] == 20
+    from zoo.recipe import find_recipe
+
+    dimr = resolve(find_recipe("dimr_m_3r"), ["model.branches.0.block.type=convnext"]).data
+    assert dimr["model"]["branches"][0]["block"] == {"type": "convnext"}
+
+
 def test_list_items_can_be_overridden_by_index(tmp_path):
     path = write(tmp_path, "model: {type: typed_net, count: 1, sizes: [1, 2, 3]}\n")
     assert resolve_recipe(path, ["model.sizes.1=7"])["model"]["sizes"] == [1, 7, 3]

@@ -213,7 +213,8 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
 
 
 def apply_override(recipe: Recipe, text: str) -> None:
-    """Set one ``key.path=VALUE`` in place (a bare component name becomes ``{type: NAME}``)."""
+    """Set one ``key.path=VALUE`` in place (a bare component name becomes ``{type: NAME}``; a changed
+    ``type`` or ``_target_`` replaces the component whole, its other keys dropped, as a ``_base_`` merge does)."""
     path, value = parse_override(text)
     label = f"--set {text}"
     node: Any = recipe.data
@@ -240,6 +241,12 @@ def apply_override(recipe: Recipe, text: str) -> None:
             raise UserError(f"cannot set {format_path(path)}: {format_path(path[: i + 1])} is {child!r}, not a mapping",
                             file=label)
         node = child
+    if (path[-1] in ("type", "_target_") and isinstance(node, dict) and path[-1] in node
+            and node[path[-1]] != value):  # another component: replaced whole, as in a _base_ merge
+        for key in [k for k in node if k != path[-1]]:
+            del node[key]
+        for p in [p for p in recipe.origins if p[: len(path) - 1] == path[:-1] and len(p) >= len(path)]:
+            del recipe.origins[p]
     node[path[-1]] = value
     for p in [p for p in recipe.origins if p[: len(path)] == path]:
         del recipe.origins[p]
