@@ -292,6 +292,9 @@ def test_resume_refuses_a_changed_model_or_diffusion_section(tmp_path, capsys):
     assert "model.depth" in capsys.readouterr().err
     assert main([*argv, "--set", "diffusion.schedule.beta_end=0.03", "--allow-recipe-change"]) == 0
     assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+    # allowed, and said (it resumed without a word): the weights now go on under another noise schedule
+    assert ("zoo train: note: --allow-recipe-change: the recipe's diffusion.schedule.beta_end (0.02 -> 0.03) "
+            "differs from the checkpoint's" in capsys.readouterr().out)
 
 
 def test_resume_keeps_the_moments_and_takes_the_recipes_optimizer_settings(tmp_path, capsys):

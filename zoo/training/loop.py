@@ -42,7 +42,7 @@ from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.fit import training_objective
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
-from zoo.training.rundir import check_resume_recipe, prune_steps
+from zoo.training.rundir import check_resume_recipe, fixed_section_changes, prune_steps
 from zoo.training.runlock import RunLock, check_unlocked
 from zoo.training.signals import CutShort, StopRequested, StopSignals
 from zoo.training.val_loss import val_hook
@@ -244,6 +244,13 @@ class Trainer:
         self._resumed_recipe = read_config(directory)  # also read by _resume_notes
         if not allow_recipe_change:
             check_resume_recipe(self._resumed_recipe, self.recipe, directory)
+        else:  # allowed, and still said: the weights now mean something else
+            changes = fixed_section_changes(self._resumed_recipe, self.recipe)
+            if changes:
+                self.after_banner.append(
+                    "zoo train: note: --allow-recipe-change: the recipe's " + ", ".join(
+                        f"{path} ({then} -> {now})" for path, then, now in changes)
+                    + " differ" + "s" * (len(changes) == 1) + " from the checkpoint's; its weights go on under the recipe's")
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
         sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
         state = load_trainer_state(directory, required=() if sharded else ("optimizer",))

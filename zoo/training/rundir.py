@@ -59,11 +59,13 @@ def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None 
     return None if a == b else path
 
 
-def check_resume_recipe(stored: dict, recipe: dict, source: Path) -> None:
-    """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's."""
+def fixed_section_changes(stored: dict, recipe: dict) -> list[tuple[str, str, str]]:
+    """``(key path, value there, value now)`` of the first difference in each of the ``model`` and
+    ``diffusion`` sections between a checkpoint's recipe ``stored`` and ``recipe``."""
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
 
     current = json.loads(json.dumps(recipe))  # the form config.json stores (tuples become lists)
+    changes = []
     for section in FIXED_SECTIONS:
         then, now = stored.get(section), current.get(section)
         if section == "model":
@@ -72,10 +74,17 @@ def check_resume_recipe(stored: dict, recipe: dict, source: Path) -> None:
         else:
             path = first_difference(then, now, section, DIFFUSION_DEFAULTS)
         if path:
-            raise UserError(f"--resume {source}: the recipe's {path} differs from the checkpoint's "
-                            f"({_value(stored, path)} there, {_value(current, path)} now)",
-                            key_path=path, suggestion="resume with the checkpoint's recipe, or pass "
-                            "--allow-recipe-change if the change is intended")
+            changes.append((path, _value(stored, path), _value(current, path)))
+    return changes
+
+
+def check_resume_recipe(stored: dict, recipe: dict, source: Path) -> None:
+    """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's."""
+    for path, then, now in fixed_section_changes(stored, recipe)[:1]:
+        raise UserError(f"--resume {source}: the recipe's {path} differs from the checkpoint's "
+                        f"({then} there, {now} now)",
+                        key_path=path, suggestion="resume with the checkpoint's recipe, or pass "
+                        "--allow-recipe-change if the change is intended")
 
 
 def _without_runtime_keys(model: Any) -> Any:
