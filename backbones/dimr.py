@@ -169,19 +169,26 @@ class DiMR(nn.Module):
         self.pos_embed_init = pos_embed_init
         self.branches = nn.ModuleList()
         handed_dim, prev_grid = None, None
-        for spec in branches:
+        for index, spec in enumerate(branches):
             grid = input_size // spec.downsample // spec.patch_size
             ratio = 1 if prev_grid is None else grid // prev_grid
-            branch = DiMRBranch(
-                in_channels, input_size, num_classes, norm=norm, handed_dim=handed_dim, upsample_ratio=ratio,
-                class_embedding=class_embedding,
-                **{f.name: getattr(spec, f.name) for f in fields(spec)},
-            )
+            try:
+                branch = DiMRBranch(
+                    in_channels, input_size, num_classes, norm=norm, handed_dim=handed_dim, upsample_ratio=ratio,
+                    class_embedding=class_embedding,
+                    **{f.name: getattr(spec, f.name) for f in fields(spec)},
+                )
+            except UserError as err:  # said of the branch it is about, not of the whole model section
+                here = f"model.branches.{index}"
+                if not (err.key_path or "").startswith("model."):  # a branch's own keys are relative to it
+                    err.key_path = f"{here}.{err.key_path}" if err.key_path else here
+                raise err from None
             self.branches.append(branch)
             handed_dim, prev_grid = branch.handed_dim, grid
         if time_blind(self, norm, *(getattr(spec.block, "keywords", {}).get("norm") for spec in branches)):
             raise UserError("with these norms no layer of the DiMR sees the time t (plain norms in every block and "
-                            "branch)", suggestion="use td_rmsnorm or td_layernorm (DiMR's own), or adaln_zero")
+                            "branch)", key_path="model.norm",
+                            suggestion="use td_rmsnorm or td_layernorm (DiMR's own), or adaln_zero")
         self._check_label_path(class_embedding)
         self.init_weights()
         self.set_grad_checkpointing(grad_checkpointing)

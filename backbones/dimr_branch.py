@@ -95,7 +95,8 @@ class DiMRBranch(nn.Module):
         if time_token and self.spatial:
             raise UserError(
                 f"a time-token conditioner cannot serve {conditioner_class(block).__name__} (it takes 2-D "
-                "maps, not a token sequence); use td_rmsnorm, td_layernorm or adaln_zero as its norm"
+                "maps, not a token sequence)", key_path="block.norm",  # DiMR prefixes its branch
+                suggestion="use td_rmsnorm, td_layernorm or adaln_zero as its norm"
             )
         self.time_token = time_token
         self.class_embed = None

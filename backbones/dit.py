@@ -93,7 +93,8 @@ class DiT(nn.Module):
         if input_size % patch_size:
             raise UserError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if adds_time_token(norm):
-            raise UserError("DiT conditions through its norms; a time-token conditioner belongs in U-ViT")
+            raise UserError("DiT conditions through its norms; a time-token conditioner belongs in U-ViT",
+                            key_path="model.norm", suggestion="use adaln_zero (DiT's own), td_layernorm or td_rmsnorm")
         refuse_block_settings(block, _BLOCK_ARGS, "DiT")
         norm = bind_unset(norm, "time_scale", STEP_TIME_SCALE)  # TD norms: t is the DDPM step, not DiMR's log-SNR
         self.in_channels = in_channels

@@ -141,6 +141,7 @@ class UViT(nn.Module):
         self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
         if time_blind(self, norm, head_norm):
             raise UserError("with these norms no layer of the U-ViT sees the time t (plain norms and no time token)",
+                            key_path="model.norm",
                             suggestion="use norm: time_token (U-ViT's own), adaln_zero, td_layernorm or td_rmsnorm")
         self.init_weights()
         self.set_grad_checkpointing(use_checkpoint)

@@ -156,8 +156,9 @@ def test_unknown_branch_key_is_reported_with_its_path():
 def test_time_token_on_a_convnext_branch_is_a_clear_error():
     spec = tiny_spec()
     spec["branches"][1] = {**spec["branches"][1], "block": {**CONVNEXT, "norm": "time_token"}}
-    with pytest.raises(UserError, match="time-token conditioner cannot serve ConvNeXtBlock"):
+    with pytest.raises(UserError, match="time-token conditioner cannot serve ConvNeXtBlock") as err:
         build(spec)
+    assert err.value.key_path == "model.branches.1.block.norm"  # it said "key model", the whole section
 
 
 def test_time_token_on_the_transformer_branch_adds_one_token():
