@@ -107,10 +107,10 @@ def test_a_model_whose_norms_all_ignore_time_is_refused():
     with torch.no_grad():
         assert not torch.allclose(model(x, t, y)[-1], model(x, t + 1.0, y)[-1])
     with pytest.raises(zoo.UserError, match="no layer of the U-ViT sees the time t") as err:
-        zoo.load_recipe(RECIPES / "emoji32" / "uvit.yaml", ["model.norm=layernorm"])  # the recipe check builds it
+        zoo.build_model(RECIPES / "emoji32" / "uvit.yaml", ["model.norm=layernorm"])
     assert str(err.value).startswith("--set model.norm=layernorm: key model.norm: ")  # it said "key model"
     with pytest.raises(zoo.UserError) as err:
-        zoo.load_recipe("dit_s_2", ["model.norm=time_token"])
+        zoo.build_model("dit_s_2", ["model.norm=time_token"])
     assert str(err.value).startswith("--set model.norm=time_token: key model.norm: DiT conditions through its norms")
 
 
