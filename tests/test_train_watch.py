@@ -84,6 +84,31 @@ def test_an_fp32_run_on_a_cpu_with_bf16_hardware_is_told_bf16_may_be_faster(tmp_
     assert bool(note) == noted and all("--set train.precision=bf16" in line for line in note)
 
 
+def test_logged_speed_leaves_out_the_first_steps_warm_up(tmp_path, monkeypatch):
+    """A first compiled step (tens of seconds) made the first record read 0.02 steps/s. Here the first
+    step takes 3 s more: a record of it and a later step shows the later one's speed (> 1 step/s where
+    this tiny model's step takes milliseconds; 2 steps in 3 s would be 0.67); a record of the first
+    step alone still times it."""
+    from zoo.training.loop import Trainer
+
+    real, calls = Trainer.train_step, []
+
+    def slow_first(self, x, y, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3)
+        return real(self, x, y, **kw)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_first)
+    r = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=2"])
+    records = train(r, tmp_path / "a", steps=4, log=lambda *_: None)
+    assert [x["step"] for x in records] == [2, 4] and records[0]["steps_per_s"] > 1, records
+    calls.clear()
+    r = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=1"])
+    records = train(r, tmp_path / "b", steps=2, log=lambda *_: None)
+    assert records[0]["steps_per_s"] < 1 / 3, records  # one step, and it was the slow one
+
+
 def test_logged_speed_leaves_out_checkpoints_and_grids(tmp_path, monkeypatch):
     """steps/s is the training speed: a save and a grid of 1.5 s each after every step do not show in it.
     Counted, they would make every record < 1/3 step/s; a step of this tiny model takes milliseconds

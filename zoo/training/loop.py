@@ -599,17 +599,22 @@ class Trainer:
         records, running, count = [], torch.zeros((), device=self.device), 0
         norms, finite = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         tick = time.perf_counter()
+        warm_up = None  # seconds of this process's first step (compilation, Dynamo's import, first allocations)
 
         def log_window() -> None:
-            """One record of the steps since the last: mean loss and gradient norm, speeds."""
-            nonlocal running, norms, finite, count, tick
-            elapsed = time.perf_counter() - tick
+            """One record of the steps since the last: mean loss and gradient norm, speeds (of the
+            steps after this process's first, where the window has others: that one compiles and warms up)."""
+            nonlocal running, norms, finite, count, tick, warm_up
+            elapsed, timed = time.perf_counter() - tick, count
+            if warm_up is not None and count > 1:
+                elapsed, timed = elapsed - warm_up, count - 1
+            warm_up = None
             rec = {"step": self.step, "loss": float(running) / count, "lr": self.optimizer.param_groups[0]["lr"]}
             if int(finite):  # the mean over the steps that updated the weights
                 rec["grad_norm"] = float(norms) / int(finite)
             if int(finite) < count:
                 rec["skipped_steps"] = count - int(finite)
-            rec.update(steps_per_s=count / elapsed, images_per_s=count * self.batch / elapsed)
+            rec.update(steps_per_s=timed / elapsed, images_per_s=timed * self.batch / elapsed)
             records.append(rec)
             if monitor:
                 monitor.record(rec)
@@ -629,6 +634,7 @@ class Trainer:
                         raise
                     unread, (x, y) = err, self._stand_in_batch()  # the other ranks are in this step already
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                started = time.perf_counter() if self.step == first_step else None
                 try:
                     running += self.train_step(x, y) if unread is None else self.train_step(x, y, unread=True)
                 except _UnreadOnARank:
@@ -637,6 +643,8 @@ class Trainer:
                     self._keep_steps_before(unread, first_step, every_rank=True)
                     raise unread or distributed.quiet_stop(self.ctx, "another rank could not read its data") from None
                 self.step += 1
+                if started is not None:
+                    warm_up = time.perf_counter() - started
                 ok = torch.isfinite(self.grad_norm)  # fp16: a step the gradient scaler skipped has an inf norm
                 norms += torch.where(ok, self.grad_norm, 0.0)
                 finite += ok
