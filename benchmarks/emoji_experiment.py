@@ -270,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extractor", default="efficientnet_lite0", help="registered feature extractor for FD")
     p.add_argument("--quick", action="store_true", help="toy sizes (2 steps, 8 samples, 2 solver steps): a test")
     args = p.parse_args(argv)
+    from zoo.errors import UserError
+    from zoo.guards import resolve_device
+
+    try:  # one device for every stage (training, classifier, evaluation), checked before anything is written
+        args.device = str(resolve_device(args.device))
+    except UserError as err:
+        p.error(str(err))
     quick = args.quick
     steps = args.steps or (2 if quick else STEPS)
     n = args.n or (8 if quick else N)

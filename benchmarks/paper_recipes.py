@@ -45,7 +45,9 @@ from pathlib import Path
 
 import torch
 
-from zoo.cli import positive_int
+from zoo.cli import non_negative_int, positive_int
+from zoo.errors import UserError
+from zoo.guards import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is sys.path[0]; imported, appended
@@ -221,16 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 autocast on CUDA")
     parser.add_argument("--batch", type=positive_int, help="batch for every recipe (default: per-GPU on CUDA, reduced on CPU)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    parser.add_argument("--warmup", type=int, help="untimed steps before the memory-measured one (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads on CPU")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed steps before the memory-measured one (default 1)")
     parser.add_argument("--steps", type=positive_int, help="timed steps (default 5, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="smaller CPU batches, 2 timed steps")
-    parser.add_argument("--gemm-n", type=int, help="side of the peak matmul (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--gemm-n", type=positive_int, help="side of the peak matmul (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--estimate-only", action="store_true", help="only the memory estimates (seconds a recipe)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as a JSON list")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:  # a missing GPU: one line now, not a failed row for every recipe and mode
+        resolve_device(args.device)
+    except UserError as err:
+        parser.error(str(err))
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.warmup = 1 if args.warmup is None else args.warmup
     args.steps = args.steps or (2 if args.quick else 5)

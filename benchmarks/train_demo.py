@@ -74,17 +74,17 @@ def launch(recipe: str, args: argparse.Namespace, gpus: int) -> dict | None:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
-        print(f"{Path(recipe).stem}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"{Path(recipe).stem}: failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}", file=sys.stderr)
         return None
     return json.loads(lines[-1])
 
 
 def main() -> int:
-    from zoo.cli import positive_int
+    from zoo.cli import non_negative_int, positive_int
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=positive_int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--batch", type=positive_int, default=None, help="per-process batch (default: the recipe's)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
     p.add_argument("--paper", action="store_true", help="also the paper recipes, DDP on every GPU")

@@ -238,15 +238,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zoo.cli import non_negative_int, positive_int
+    from zoo.errors import UserError
+    from zoo.guards import resolve_device
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official", type=Path, help="path of an official checkout (DiT, U-ViT or DiMR)")
     parser.add_argument("--model", choices=sorted(MODELS), default="dimr_m_3r")
-    parser.add_argument("--batch", type=int, help="batch size (default: 8 DiT-S/2, 4 U-ViT-M/4 and DiMR-M/3R, 2 XL/2R)")
-    parser.add_argument("--pairs", type=int, default=8,
+    parser.add_argument("--batch", type=positive_int, help="batch size (default: 8 DiT-S/2, 4 U-ViT-M/4 and DiMR-M/3R, 2 XL/2R)")
+    parser.add_argument("--pairs", type=positive_int, default=8,
                         help="timed official/zoo pairs after warm-up (rounded up to even: each order equally often)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps of each side first")
     parser.add_argument("--recompute", action="store_true", help="activation recomputation on both sides")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads on CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
@@ -259,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vs_official: --official {args.official} is not a directory; give the path of a git clone "
               f"of {MODELS[args.model][1]}", file=sys.stderr)
         return 2
+    args.official = args.official.resolve()  # the memory subprocesses run from the repository root
+    try:
+        resolve_device(args.device)
+    except UserError as err:
+        parser.error(str(err))
     args.batch = args.batch or MODELS[args.model][2]
     args.pairs = max(2, args.pairs + args.pairs % 2)  # an odd count would favour the order that ran once more
     if args.device == "cpu":
@@ -281,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                                   capture_output=True, text=True, cwd=ROOT)
             lines = proc.stdout.strip().splitlines()
             result[f"{side}_peak_mib"] = json.loads(lines[-1])["peak_mib"] if proc.returncode == 0 and lines else None
+            if result[f"{side}_peak_mib"] is None:  # said, not only shown as "-"
+                why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"vs_official: the {side} peak-memory run failed: {why}", file=sys.stderr)
     mem = lambda v: "-" if v is None else f"{v:.0f} MiB"  # noqa: E731
     print(f"{args.model} batch {args.batch} {args.device} fp32 threads {result['threads']} "
           f"recompute {'on' if args.recompute else 'off'} params {result['params']:,} (equal)")

@@ -25,6 +25,33 @@ def test_missing_directory_is_one_line_exit_2(bench, tmp_path, capsys):
     assert len(err) == 1 and "facebookresearch/DiT" in err[0]
 
 
+def test_a_relative_checkout_path_reaches_the_memory_runs_and_a_missing_gpu_is_one_line(bench, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """`--official DiT` after a git clone: the peak-memory subprocesses (run from the repository root)
+    looked for ROOT/DiT, failed, and the table showed '-' without a word."""
+    import subprocess
+    import types
+
+    (tmp_path / "DiT").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "run", lambda args: {"threads": 1, "params": 1, "official_ms": 2.0, "zoo_ms": 1.0,
+                                                    "ratio": 2.0, "ratios": [2.0, 2.0], "load_avg": (1.0, 1.0, 1.0)})
+    commands = []
+
+    def child(cmd, **kwargs):
+        commands.append(cmd)
+        return types.SimpleNamespace(returncode=0, stdout='{"peak_mib": 5}', stderr="")
+
+    monkeypatch.setattr(subprocess, "run", child)
+    assert bench.main(["--official", "DiT", "--model", "dit_s_2"]) == 0
+    assert len(commands) == 2 and all(cmd[cmd.index("--official") + 1] == str(tmp_path / "DiT") for cmd in commands)
+    assert "peak memory: official 5 MiB, zoo 5 MiB" in capsys.readouterr().out
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--official", "DiT", "--model", "dit_s_2", "--device", "cuda"])
+        assert exit_.value.code == 2 and "no CUDA GPU is available" in capsys.readouterr().err
+
+
 def test_unequal_parameter_counts_refuse_to_time(bench, tmp_path, capsys, monkeypatch):
     """A checkout whose model differs from the recipe is refused before any step is timed."""
     (tmp_path / "models.py").write_text(
