@@ -86,6 +86,9 @@ def test_wrong_type_and_missing_file_exit_2(capsys, plugins):
                           "zoo: error: --set model.depth=abc: key model.depth: expected int, got str 'abc'")
     assert_one_line_error(*zoo(capsys, "build", "no/such/recipe.yaml"), "recipe file not found: no/such/recipe.yaml")
     assert_one_line_error(*zoo(capsys, "list", "blok"), "unknown kind 'blok'", "(did you mean block?)")
+    # the name in another case: difflib alone scores DiT against dit 0.33, too far to suggest
+    assert_one_line_error(*zoo(capsys, "build", "--help-component", "DiT"), "no registered component is called 'DiT'",
+                          "(did you mean dit?)")
 
 
 def test_build_prints_counts_and_a_flops_table(capsys, plugins):

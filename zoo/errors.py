@@ -107,7 +107,9 @@ def _fields_after(text: str, mark: str) -> dict | None:
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """``"did you mean X?"`` for the closest matches of ``word`` among ``candidates``, or ``None``."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=3, cutoff=0.6)
+    names = [str(c) for c in candidates]
+    close = [c for c in names if c.lower() == str(word).lower()]  # DiT for dit: difflib scores it 0.33
+    close = close or difflib.get_close_matches(str(word), names, n=3, cutoff=0.6)
     if not close:
         return None
     if len(close) == 1:
