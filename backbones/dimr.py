@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, time_blind
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
-from zoo.domains import (MAX_CLASSES, MAX_SIZE, Calls, Channels, ConditionerFactory, Depth, Doc, ImageSize, PatchSize,
-                         Range, Rule, Width)
+from zoo.domains import (MAX_CLASSES, MAX_SIZE, Calls, Channels, ConditionerFactory, Depth, Doc, ImageSize, NonEmpty,
+                         PatchSize, Range, Rule, Width)
 from zoo.errors import UserError
 
 from .common import PosEmbedInit, check_inputs, init_pos_embed_
@@ -145,7 +145,7 @@ class DiMR(nn.Module):
         in_channels: Channels = 4,
         input_size: ImageSize = 32,
         num_classes: Annotated[int, Range(1, MAX_CLASSES), Doc("1 = unconditional: the null label only")] = 1001,
-        branches: Sequence[BranchConfig] = (),
+        branches: Annotated[Sequence[BranchConfig], NonEmpty, Doc("lowest resolution first")] = (),
         norm: ConditionerFactory = TimeDependentLayerNorm,
         class_embedding: bool = False,
         detach_handed: bool = False,
