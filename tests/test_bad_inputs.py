@@ -137,7 +137,7 @@ CASES = [
     ("sample-ckpt-bad-recipe", "sample {tmp}/ckpt --out {tmp}/out.png", "ckpt_json_bad_recipe", 2,
      "{tmp}/ckpt/config.json"),
     ("sample-ckpt-wrong-shapes", "sample {tmp}/ckpt --out {tmp}/out.png", "ckpt_json_other_model", 2,
-     "does not match the model"),
+     "(the model section of {tmp}/ckpt/config.json does not describe these weights"),
     ("sample-out-is-a-dir", "sample {tmp}/ckpt --out {tmp}", "ckpt", 2, "is a directory"),
     ("sample-out-not-png", "sample {tmp}/ckpt --out {tmp}/out.jpg", "ckpt", 2, "{tmp}/out.jpg"),
     ("sample-out-would-replace-a-user-file", "sample {tmp}/ckpt --out {tmp}/out.png", "ckpt+out_png_not_png", 2,

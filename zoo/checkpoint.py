@@ -134,7 +134,8 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str) -> None:
+def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str,
+                suggestion: str | None = None) -> None:
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
@@ -145,10 +146,10 @@ def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor]
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                more = f", ... ({len(items)} in all)" if len(items) > 10 else ""
-                parts.append(f"{label} keys: {', '.join(items[:10])}{more}")
-        raise UserError(f"{source} does not match the model; " + "; ".join(parts))
+            if items:  # the first few say what differs; hundreds of names would bury the line
+                more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
+                parts.append(f"{label} keys: {', '.join(items[:3])}{more}")
+        raise UserError(f"{source} does not match the model; " + "; ".join(parts), suggestion=suggestion)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict") -> None:
@@ -158,7 +159,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], s
 
 
 def build_with_state(
-    build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: str = "state dict"
+    build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: str = "state dict",
+    suggestion: str | None = None,
 ) -> nn.Module:
     """``build()`` a model and load ``state`` into it strictly, without initialising weights twice.
 
@@ -171,10 +173,11 @@ def build_with_state(
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):
         model = build()
-        load_state_dict_strict(model, state, source)
+        _check_keys(model.state_dict(), state, source, suggestion)
+        model.load_state_dict(state, strict=True)
         return model
     expected = model.state_dict()
-    _check_keys(expected, state, source)
+    _check_keys(expected, state, source, suggestion)
     cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model
@@ -453,7 +456,9 @@ def load_checkpoint(
     with torch.device("meta"):
         params = {k for k, _ in zoo.build_model(config).named_parameters()}
     state, source = checkpoint_weights(directory, weights, params)
-    model = build_with_state(lambda: zoo.build_model(config), state, str(source))
+    model = build_with_state(lambda: zoo.build_model(config), state, str(source),
+                             suggestion=f"the model section of {directory / CONFIG} does not describe these weights: "
+                             "restore the recipe they were trained with")
     return model.to(device), config
 
 
