@@ -318,7 +318,9 @@ def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(check
                          (["--solver", "ddim", "--respacing", "ddim1"], "(keep 2 or more steps, or use --solver ddim_grid"),
                          (["--solver", "ddim", "--respacing", "ddim300"], "(use 300 (evenly spaced with a fractional"),
                          (["--steps", "1", "--solver", "ddim"], "is mostly signal"),
-                         (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64")):
+                         (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64"),
+                         (["--class", "99"], "class label 99 (--class) is not a class of this model"),
+                         (["--cfg", "5000"], "5000")):
         assert main(["sample", str(checkpoint), "--out", str(tmp_path / "x.png"), *extra]) == 2
         assert words in capsys.readouterr().err
 

@@ -421,15 +421,20 @@ def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | Non
 
 
 def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: int | None, respacing: str | None,
-                         precision: str | None, dtype: torch.dtype | None, options: Mapping[str, Any] = ()) -> None:
+                         precision: str | None, dtype: torch.dtype | None, options: Mapping[str, Any] = (),
+                         request: SampleRequest | None = None) -> None:
     """Refuse from the recipe alone what sampling would refuse after the weights load (seconds for a
     paper model): a solver that cannot walk the schedule (``--respacing 1001`` of 1000 steps, one
-    step kept where the image is mostly signal) or a precision the dtype cannot take."""
+    step kept where the image is mostly signal), a precision the dtype cannot take, and the
+    ``request``'s class labels and guidance scale where it is given."""
     built, _ = build_solver(recipe, solver, steps, options, respacing=respacing)
     chain = getattr(built, "chain", None)  # ddpm/ddim: the respaced chain of the recipe's schedule
     if callable(chain):
         chain(build_schedule(recipe))
     sampling_precision(recipe, precision, dtype or torch.float32)
+    if request is not None:
+        _labels(request, request.count(), num_classes(recipe))
+        guidance_settings(recipe, request.cfg)
 
 
 def refuse_non_finite(x: Tensor, what: str, kept: str) -> None:

@@ -76,17 +76,18 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
     start = time.perf_counter()
     recipe = sample_recipe(source, args.overrides, args.solver)
-    check_before_weights(recipe, args.solver, args.steps, args.respacing, args.precision, getattr(torch, args.dtype))
+    labels = parse_class_labels(args.class_labels, class_names(recipe.get("data") or {}))
+    request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
+                            class_labels=labels, batch_size=args.batch_size, respacing=args.respacing,
+                            precision=args.precision)
+    check_before_weights(recipe, args.solver, args.steps, args.respacing, args.precision, getattr(torch, args.dtype),
+                         request=request)
     model, origin = model_for(source, recipe, device=device, dtype=getattr(torch, args.dtype))
     if "NO weights" in origin:
         print(f"zoo sample: warning: {origin}", file=sys.stderr)
     else:
         print(f"zoo sample: {origin}")
     decoder = load_decoder(recipe, args.vae, device)  # a latent model's VAE: missing or bad weights fail here
-    labels = parse_class_labels(args.class_labels, class_names(recipe.get("data") or {}))
-    request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
-                            class_labels=labels, batch_size=args.batch_size, respacing=args.respacing,
-                            precision=args.precision)
     _check_grid_memory(model, recipe, request.count(), args.vae)
     _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
