@@ -79,6 +79,10 @@ def test_convert_cli_round_trip(tmp_path, official_sd, capsys):
     assert main([*argv, "--out", str(out / "sub"), "--force"]) == 2
     assert f"--out {out / 'sub'} is inside the checkpoint directory {out}" in capsys.readouterr().err
     assert not (out / "sub").exists()
+    # a zoo checkpoint's own weights file: no 'unexpected key' list, but what it is
+    assert main(["convert", "dit", str(out / "model.safetensors"), "--recipe", str(RECIPE), "--out",
+                 str(tmp_path / "again")]) == 2
+    assert f"is a weights file of the zoo checkpoint {out}, already in zoo's layout" in capsys.readouterr().err
 
 
 def test_corrupt_key_is_a_clear_error(tmp_path, official_sd, capsys):

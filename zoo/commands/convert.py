@@ -74,6 +74,18 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
     return config if isinstance(config, dict) else None
 
 
+def _refuse_zoo_weights(path: Path) -> None:
+    """A weights file of a zoo checkpoint (``RUN/last/ema.safetensors``) needs no conversion: every
+    key read as an 'unexpected key' of the official layout, naming none of this."""
+    from zoo.checkpoint import checkpoint_of, is_checkpoint
+
+    folder = path.expanduser().parent
+    if is_checkpoint(folder):
+        run = folder.parent if checkpoint_of(folder.parent) == folder else folder
+        raise UserError(f"{path} is a weights file of the zoo checkpoint {folder}, already in zoo's layout",
+                        suggestion=f"pass {run} to zoo sample, eval or export; zoo convert reads official checkpoints")
+
+
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoint import build_with_state, save_checkpoint
@@ -86,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     converter = get_family(args.family)
     check_out(args.out, args.force)  # before any work: a refused --out costs nothing
+    _refuse_zoo_weights(args.checkpoint)
     checkpoint = load_official(args.checkpoint)
     official = unwrap_state_dict(checkpoint, source=str(args.checkpoint), prefer=args.weights)
     check_weights(official, str(args.checkpoint))
