@@ -297,11 +297,13 @@ def test_a_folder_of_dataset_splits_is_not_taken_for_classes(tmp_path):
     for rel in ("val/n01/0.png", "Train/n01/0.png", "Train/n02/1.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(tmp_path / rel)
-    with pytest.raises(UserError, match=rf"the subfolders of {re.escape(str(tmp_path))} \(Train, val\) are the "
+    (tmp_path / "test").mkdir()  # an empty split: still said as splits, not as an empty class folder
+    with pytest.raises(UserError, match=rf"the subfolders of {re.escape(str(tmp_path))} \(Train, test, val\) are the "
                                         rf"splits of a dataset, not its classes \(pass one split's folder, e.g. "
                                         rf"{re.escape(str(tmp_path / 'Train'))}\)"):
         ImageFolder(tmp_path, 8)
     assert ImageFolder(tmp_path / "Train", 8).classes == ["n01", "n02"]
+    (tmp_path / "test").rmdir()
     (tmp_path / "cat").mkdir()
     Image.fromarray(pixels).save(tmp_path / "cat" / "0.png")
     assert ImageFolder(tmp_path, 8).classes == ["Train", "cat", "val"]

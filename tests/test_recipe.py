@@ -193,18 +193,22 @@ def test_a_set_that_creates_a_mapping_is_blamed_for_it(tmp_path):
     assert str(info.value).endswith('(give it whole: --set "model.head_norm={type: layernorm, eps: 1e-6}")')
 
 
-def test_a_set_that_changes_a_components_type_replaces_it_whole_as_a_merge_does():
+def test_a_set_that_changes_a_components_type_drops_the_recipes_keys_as_a_merge_does():
     """--set model.branches.0.block.type=convnext kept the transformer's num_heads ('unknown parameter
-    num_heads of block convnext'); the same type keeps the component's other keys."""
-    recipe = resolve(RECIPES / "tiny.yaml", ["model.block.norm.eps=1e-6", "sample.solver={type: ddim, steps: 20}"])
-    assert resolve(RECIPES / "tiny.yaml", ["model.block.norm.eps=1e-6", "model.block.norm.type=layernorm"]
-                   ).data["model"]["block"]["norm"] == {"type": "layernorm", "eps": 1e-6}
-    changed = resolve(RECIPES / "tiny.yaml", ["model.block.norm.eps=1e-6", "model.block.norm.type=rmsnorm",
-                                              "sample.solver={type: ddim, steps: 20}", "sample.solver.type=ddpm"])
-    assert changed.data["model"]["block"]["norm"] == {"type": "rmsnorm"}
-    assert changed.data["sample"]["solver"] == {"type": "ddpm"}
-    assert changed.origin(("model", "block", "norm", "type")) == ("--set model.block.norm.type=rmsnorm", None)
-    assert ("sample", "solver", "steps") not in changed.origins and recipe.data["sample"]["solver"]["steps"] == 20
+    num_heads of block convnext'). The recipe's keys for the old component go; the same type keeps them,
+    and keys another --set gave stay, in either order."""
+    same = resolve(RECIPES / "tiny.yaml", ["model.block.mlp.type=mlp"]).data
+    assert same["model"]["block"]["mlp"] == {"type": "mlp", "act": "gelu"}
+    changed = resolve(RECIPES / "tiny.yaml", ["model.block.mlp.type=geglu_mlp"])
+    assert changed.data["model"]["block"]["mlp"] == {"type": "geglu_mlp"}  # the recipe's act: gelu went with mlp
+    assert changed.origin(("model", "block", "mlp", "type")) == ("--set model.block.mlp.type=geglu_mlp", None)
+    assert ("model", "block", "mlp", "act") not in changed.origins
+    for sets in (["model.block.mlp.act=gelu_tanh", "model.block.mlp.type=geglu_mlp"],
+                 ["model.block.mlp.type=geglu_mlp", "model.block.mlp.act=gelu_tanh"]):
+        assert resolve(RECIPES / "tiny.yaml", sets).data["model"]["block"]["mlp"] == {"type": "geglu_mlp",
+                                                                                      "act": "gelu_tanh"}
+    assert resolve(RECIPES / "tiny.yaml", ["sample.solver={type: ddim, steps: 20}", "sample.solver.type=ddpm"]
+                   ).data["sample"]["solver"] == {"type": "ddpm", "steps": 20}
     from zoo.recipe import find_recipe
 
     dimr = resolve(find_recipe("dimr_m_3r"), ["model.branches.0.block.type=convnext"]).data

@@ -124,6 +124,8 @@ def test_a_checkpoint_keeps_its_trained_diffusion_keys_and_may_be_given_a_missin
                         ("schedule.type=cosine", "schedule")):  # said "unknown parameter 'num_steps'" of its config.json
         with pytest.raises(UserError, match=f"--set diffusion.{key} would change what its weights were trained"):
             load_model(checkpoint, [f"diffusion.{change}"])
+    with pytest.raises(UserError, match=r"did you mean eps\?"):  # a typo is a typo, not a change of training
+        load_model(checkpoint, ["diffusion.prediction=epss"])
     _, recipe, _ = load_model(checkpoint, [f"diffusion.null_label={own['null_label']}", "diffusion.min_snr_gamma=5"])
     assert recipe["diffusion"]["min_snr_gamma"] == 5  # training-only keys change nothing in sampling
     model_only = zoo.load_recipe({"model": zoo.load_recipe(PIXELS)["model"]})

@@ -214,7 +214,8 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
 
 def apply_override(recipe: Recipe, text: str) -> None:
     """Set one ``key.path=VALUE`` in place (a bare component name becomes ``{type: NAME}``; a changed
-    ``type`` or ``_target_`` replaces the component whole, its other keys dropped, as a ``_base_`` merge does)."""
+    ``type`` or ``_target_`` drops the keys the recipe gave the old component, as a ``_base_`` merge
+    replaces it whole, and keeps those other ``--set`` overrides gave)."""
     path, value = parse_override(text)
     label = f"--set {text}"
     node: Any = recipe.data
@@ -242,17 +243,23 @@ def apply_override(recipe: Recipe, text: str) -> None:
                             file=label)
         node = child
     if (path[-1] in ("type", "_target_") and isinstance(node, dict) and path[-1] in node
-            and node[path[-1]] != value):  # another component: replaced whole, as in a _base_ merge
-        for key in [k for k in node if k != path[-1]]:
-            del node[key]
-        for p in [p for p in recipe.origins if p[: len(path) - 1] == path[:-1] and len(p) >= len(path)]:
-            del recipe.origins[p]
+            and node[path[-1]] != value):  # another component: the recipe's keys for the old one go, as in a
+        for key in [k for k in node if k != path[-1] and not _set_by_override(recipe, path[:-1] + (k,))]:
+            del node[key]  # _base_ merge; keys an earlier --set gave stay, whatever the order of the --sets
+            for p in [p for p in recipe.origins if p[: len(path)] == path[:-1] + (key,)]:
+                del recipe.origins[p]
     node[path[-1]] = value
     for p in [p for p in recipe.origins if p[: len(path)] == path]:
         del recipe.origins[p]
     recipe.origins[path] = (label, None)
     for sub in _paths(value, path):
         recipe.origins[sub] = (label, None)
+
+
+def _set_by_override(recipe: Recipe, path: KeyPath) -> bool:
+    """Whether the value at ``path`` was given by a ``--set`` (not by the recipe file or its bases)."""
+    label = recipe.origins.get(path, (None, None))[0]
+    return isinstance(label, str) and label.startswith("--set ")
 
 
 def _refuse_a_component_by_parts(owner: Any, path: KeyPath, i: int, text: str) -> None:

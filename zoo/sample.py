@@ -295,12 +295,7 @@ def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str
     if path.is_dir() and any(override_key(o)[0] == "model" for o in overrides):
         raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                         "--set may change the other sections only")
-    try:
-        recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
-    except UserError:
-        if path.is_dir():  # schedule.type=cosine beside the trained schedule's betas: a change, not a typo
-            _refuse_unreadable_trained_change(path, read, given, overrides)
-        raise
+    recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
     if solver is not None and any(override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
                                   for o in given):
         _require_same_solver(recipe, solver)
@@ -332,23 +327,6 @@ def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recip
         if own.get(key) is not None and first_difference(own[key], now.get(key), f"diffusion.{key}",
                                                          kinds=("schedule",)):
             raise _trained_change(path, key)
-
-
-def _refuse_unreadable_trained_change(path: Path, read: Callable[[list[str]], dict], given: Sequence[str],
-                                      overrides: Sequence[str]) -> None:
-    """Where checkpoint ``path`` fails to read with ``overrides``, and reads without the ones ``given``
-    for its trained ``diffusion`` keys, those changed what it was trained under: say that, not what the
-    half-changed table lacks (``schedule.type=cosine`` left the linear betas' ``num_steps`` unknown)."""
-    own = _trained_diffusion(read)
-    trained = [o for o in given if (key := override_key(o))[0] == "diffusion" and len(key) > 1
-               and own.get(key[1]) is not None]
-    if not trained:
-        return
-    try:
-        read([o for o in overrides if o not in trained])
-    except UserError:
-        return  # another override is wrong too: that error stands
-    raise _trained_change(path, override_key(trained[0])[1])
 
 
 def _trained_diffusion(read: Callable[[list[str]], dict]) -> dict[str, Any]:

@@ -69,6 +69,12 @@ class ImageFolder(Dataset):
                 self.items = [(f, i) for i, c in enumerate(self.classes) for f in _images_under(root / c)]
         except OSError as err:
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
+        # imagenet/ given for imagenet/train would encode or train for hours on two "classes"
+        splits = [c for c in self.classes if c.lower() in SPLIT_NAMES]
+        if len(splits) >= 2 and len(splits) == len(self.classes):
+            split = next((c for c in splits if c.lower() in ("train", "training")), splits[0])
+            raise UserError(f"the subfolders of {root} ({', '.join(splits)}) are the splits of a dataset, not its "
+                            "classes", suggestion=f"pass one split's folder, e.g. {root / split}")
         found = {label for _, label in self.items}
         empty = [c for i, c in enumerate(self.classes) if i not in found]
         if self.items and empty:  # each would take a label (and shift the others'), as torchvision refuses too
@@ -79,12 +85,6 @@ class ImageFolder(Dataset):
                             suggestion="convert those files to one of these formats, or " * (others > 0) +
                             "move folders that are not classes (e.g. .ipynb_checkpoints, __MACOSX) out of the "
                             "image folder")
-        # imagenet/ given for imagenet/train would encode or train for hours on two "classes"
-        splits = [c for c in self.classes if c.lower() in SPLIT_NAMES]
-        if len(splits) >= 2 and len(splits) == len(self.classes):
-            split = next((c for c in splits if c.lower() in ("train", "training")), splits[0])
-            raise UserError(f"the subfolders of {root} ({', '.join(splits)}) are the splits of a dataset, not its "
-                            "classes", suggestion=f"pass one split's folder, e.g. {root / split}")
         self.image_size = image_size
         self.num_classes = len(self.classes)
 
