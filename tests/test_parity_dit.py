@@ -162,10 +162,15 @@ def test_parity_command_fails_above_tolerance(tmp_path, golden, capsys):
     out = capsys.readouterr().out
     # The shift plus or minus the unshifted error, which is <= the 1e-4 threshold on any CPU.
     assert "FAIL" in out and 0.9e-3 <= float(out.strip().splitlines()[-1].split()[3]) <= 1.1e-3
-    # NaN fails too (max(0.0, nan) is 0.0: NaN outputs used to pass with error 0)
-    torch.save(dict(golden, outputs=golden["outputs"] * float("nan")), tmp_path / "golden_dit_nan.pt")
-    assert main(["parity", str(tmp_path / "golden_dit_nan.pt")]) == 1
+    # NaN outputs fail too (max(0.0, nan) is 0.0: NaN outputs used to pass with error 0)
+    weights = {k: v * float("nan") if k == "final_layer.linear.bias" else v for k, v in golden["state_dict"].items()}
+    torch.save(dict(golden, state_dict=weights), tmp_path / "golden_dit_nan_model.pt")
+    assert main(["parity", str(tmp_path / "golden_dit_nan_model.pt")]) == 1
     assert "FAIL" in capsys.readouterr().out
+    # NaN expected outputs are a broken golden file, not a failed comparison ("max abs error inf")
+    torch.save(dict(golden, outputs=golden["outputs"] * float("nan")), tmp_path / "golden_dit_nan.pt")
+    assert main(["parity", str(tmp_path / "golden_dit_nan.pt")]) == 2
+    assert "the golden file's expected outputs hold NaN or inf" in capsys.readouterr().err
 
 
 def test_golden_inputs_that_do_not_fit_the_model_are_one_line(tmp_path, golden, capsys):

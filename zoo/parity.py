@@ -85,6 +85,9 @@ def compare(actual: Any, expected: Any) -> tuple[float, float]:
     for a, e in zip(actual, expected):
         if a.shape != e.shape:
             raise UserError(f"output shape {tuple(a.shape)} differs from the golden {tuple(e.shape)}")
+        if not torch.isfinite(e).all():  # every error against it would read inf or NaN, naming no cause
+            raise UserError("the golden file's expected outputs hold NaN or inf: there is nothing to compare with",
+                            suggestion="write the golden file again from the official model")
         error = (a.to(e.dtype) - e).abs().max().item()
         max_abs = max(max_abs, error if math.isfinite(error) else math.inf)  # max(0.0, nan) is 0.0: NaN must fail
         scale = max(scale, e.abs().max().item())
