@@ -152,9 +152,10 @@ def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor]
         raise UserError(f"{source} does not match the model; " + "; ".join(parts), suggestion=suggestion)
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict") -> None:
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict",
+                           suggestion: str | None = None) -> None:
     """``model.load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
-    _check_keys(model.state_dict(), state_dict, source)
+    _check_keys(model.state_dict(), state_dict, source, suggestion)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -173,8 +174,7 @@ def build_with_state(
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):
         model = build()
-        _check_keys(model.state_dict(), state, source, suggestion)
-        model.load_state_dict(state, strict=True)
+        load_state_dict_strict(model, state, source, suggestion)
         return model
     expected = model.state_dict()
     _check_keys(expected, state, source, suggestion)
@@ -352,16 +352,22 @@ def _checkpoint_dir(directory: str | Path) -> Path:
         raise UserError(f"{directory} is a file, not a checkpoint directory ({CONFIG} + {MODEL})")
     problems = atomic.missing_or_truncated(directory, CONFIG)
     if problems:
-        newest = newest_step(directory.parent) if directory.name == "last" else None
+        newest = _newest_step(directory.parent) if directory.name == "last" else None
         raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}",
                         suggestion=f"{newest} is the run's newest complete checkpoint" if newest else None)
     return directory
 
 
-def newest_step(run: Path) -> Path | None:
+def _newest_step(run: Path) -> Path | None:
     """The ``step_*`` checkpoint of ``run`` sealed last among the complete ones (``None``: there is none)."""
     steps = [d for d in run.glob("step_*") if STEP_NAME.fullmatch(d.name) and atomic.is_sealed(d, CONFIG)]
     return max(steps, key=lambda d: atomic.sealed_at(d, CONFIG), default=None)
+
+
+def newest_step_hint(run: Path) -> str | None:
+    """What to pass instead of a run directory without its ``last/``: its newest step checkpoint."""
+    newest = _newest_step(run)
+    return f"its newest checkpoint is {newest}: pass that" if newest else None
 
 
 def resume_point(run: Path) -> tuple[Path, str | None]:
@@ -371,7 +377,7 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
     ``last/``, which is taken instead; so is the newest complete ``step_*/`` where ``last/`` is
     incomplete (a file truncated or missing), which otherwise stopped every restart of the job.
     """
-    last, newest = run / "last", newest_step(run)
+    last, newest = run / "last", _newest_step(run)
     if newest is None:
         return last, None
     if atomic.is_sealed(last, CONFIG):
@@ -400,9 +406,7 @@ def _read_payload(directory: str | Path) -> dict:
     directory = _checkpoint_dir(directory)
     path = directory / CONFIG
     if not path.is_file():
-        newest = newest_step(directory)  # a run without its last/
-        raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})",
-                        suggestion=f"its newest checkpoint is {newest}: pass that" if newest else None)
+        raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})", suggestion=newest_step_hint(directory))
     payload = read_json_object(path, "checkpoint config")
     if payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
         raise UserError(f"{path} is not a {FORMAT} config (a JSON object with format and recipe)")

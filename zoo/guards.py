@@ -177,11 +177,12 @@ def _named(path: Path) -> Path:
     return Path.cwd() if str(path) == "." else path
 
 
-def check_outside_checkpoints(path: str | Path, option: str = "--out") -> None:
+def check_outside_checkpoints(path: str | Path, option: str = "--out", itself: bool = False) -> None:
     """Refuse an output path that is, or lies inside, a zoo checkpoint directory (written into one,
-    a file would make the next save of that checkpoint fail: zoo never replaces a user's files)."""
+    a file would make the next save of that checkpoint fail: zoo never replaces a user's files).
+    ``itself``: the checkpoint directory itself is allowed (one a command replaces whole with --force)."""
     found = enclosing_checkpoint(path)
-    if found is None:
+    if found is None or (itself and found == Path(path).expanduser()):
         return
     run = _named(found.parent) if holds_a_run(found.parent) else None
     where = f"the run directory {run}, or elsewhere" if run is not None else "a path outside it"

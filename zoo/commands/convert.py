@@ -47,12 +47,10 @@ def load_official(path: Path) -> object:
 def check_out(out: Path, force: bool) -> None:
     """``--out`` may be new or an empty directory; an existing zoo checkpoint only with ``--force``."""
     from zoo.checkpoint import check_replaceable, is_checkpoint
-    from zoo.guards import check_outside_checkpoints, check_parents, enclosing_checkpoint
+    from zoo.guards import check_outside_checkpoints, check_parents
 
     check_parents(out, "--out")
-    found = enclosing_checkpoint(out)
-    if found is not None and found != out.expanduser():  # out itself is the checkpoint --force replaces
-        check_outside_checkpoints(out)
+    check_outside_checkpoints(out, itself=True)  # out itself is a checkpoint --force replaces
     check_replaceable(out, "--out")  # a file, or a directory that is not a zoo checkpoint: never replaced
     if is_checkpoint(out) and not force:
         raise UserError(f"--out {out} is already a zoo checkpoint", suggestion="pass --force to replace it")

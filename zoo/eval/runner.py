@@ -69,7 +69,7 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     A checkpoint inside a run (``RUN/step_0001000``, ``RUN/last``) evaluates into ``RUN/eval``:
     checkpoint directories are replaced whole when saved, so nothing is written inside them.
     """
-    from zoo.checkpoint import checkpoint_of, newest_step
+    from zoo.checkpoint import checkpoint_of, newest_step_hint
 
     path = Path(source).expanduser()
     if checkpoint_of(path) != path:  # a run directory: its last/
@@ -78,9 +78,8 @@ def locate(source: str | Path) -> tuple[Path, Path]:
         raise UserError(f"{path} does not exist", suggestion="pass a run directory (its last/ is evaluated) or a "
                         "checkpoint directory")
     if not (path / "config.json").is_file():
-        newest = newest_step(path)  # a run without its last/
         raise UserError(f"{path} is neither a run directory (with last/) nor a checkpoint directory (config.json)",
-                        suggestion=f"its newest checkpoint is {newest}: pass that" if newest else None)
+                        suggestion=newest_step_hint(path))  # a run without its last/: its newest step
     run = path.parent if (path.parent / "last").is_dir() or (path.parent / "log.jsonl").is_file() else path
     return path, (run / "eval" if run != path else path.parent / f"{path.name}-eval")
 
