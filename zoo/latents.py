@@ -206,7 +206,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
                             suggestion="use a new --out directory, or move that file out of this one")
     _refuse_foreign_files(out, _utf8("".join(lines)), planned=old is not None)
     if old is not None:
-        if old.get("format") == FORMAT and old.get("version") != FORMAT_VERSION:
+        if old.get("version") != FORMAT_VERSION:  # its format is ours: checked above
             raise UserError(f"{out} was written by another version of zoo prepare-latents (format version "
                             f"{old.get('version')}, this one writes {FORMAT_VERSION})",
                             suggestion="encode into a new --out directory (or delete that one)")
@@ -359,7 +359,8 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
         log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
             f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
         if rank == 0 and world > n and fresh:
-            log(f"note: {_count(n, 'shard')} for {world} processes, so {world - n} of them {'has' if world - n == 1 else 'have'} "
+            idle = world - n
+            log(f"note: {_count(n, 'shard')} for {world} processes, so {idle} of them {'has' if idle == 1 else 'have'} "
                 f"nothing to encode; --shard-size {-(-len(images) // world)} gives each process one")
     bar = (progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode")
            if progress and total else None)  # no empty bar for a finished output

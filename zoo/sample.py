@@ -313,43 +313,30 @@ def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recip
 
     The same value is no change (a schedule by name equals its table with the constructor defaults),
     and a key the checkpoint does not set (a model-only recipe's ``time_input``) may be given: only
-    then can such a checkpoint sample at all.
+    then can such a checkpoint sample at all. Where the checkpoint has a ``diffusion`` section, its
+    absent ``schedule`` and ``prediction`` are the defaults it was trained under (DDPM's linear betas,
+    eps), as fixed as written ones.
     """
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
     from zoo.training.rundir import first_difference
 
-    own = _trained_diffusion(read)
+    try:
+        own = dict(read([]).get("diffusion") or {})
+    except UserError:  # it loads only with the user's overrides: they are what makes it usable
+        return
     now = dict(recipe.get("diffusion") or {})
-    if recipe.get("diffusion"):
+    if own:
         for key in ("schedule", "prediction"):
+            own.setdefault(key, DIFFUSION_DEFAULTS[key])
             now.setdefault(key, DIFFUSION_DEFAULTS[key])
     for key in TRAINED_DIFFUSION_KEYS:
         if own.get(key) is not None and first_difference(own[key], now.get(key), f"diffusion.{key}",
                                                          kinds=("schedule",)):
-            raise _trained_change(path, key)
-
-
-def _trained_diffusion(read: Callable[[list[str]], dict]) -> dict[str, Any]:
-    """The trained ``diffusion`` keys of a checkpoint (``read([])``: its recipe). Where it has a
-    ``diffusion`` section, its absent ``schedule`` and ``prediction`` are the defaults it was trained
-    under (DDPM's linear betas, eps), as fixed as written ones; ``{}`` if it loads only with overrides."""
-    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
-
-    try:
-        own = dict(read([]).get("diffusion") or {})
-    except UserError:  # it loads only with the user's overrides: they are what makes it usable
-        return {}
-    if own:
-        for key in ("schedule", "prediction"):
-            own.setdefault(key, DIFFUSION_DEFAULTS[key])
-    return {key: own.get(key) for key in TRAINED_DIFFUSION_KEYS}
-
-
-def _trained_change(path: Path, key: str) -> UserError:
-    fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
-    return UserError(f"{path} is a checkpoint: --set diffusion.{key} would change what its weights were "
-                     f"trained to predict ({fixed} are fixed by its training)",
-                     suggestion="sample with the checkpoint's own; change them for a new run with zoo train --set")
+            fixed = ", ".join(f"diffusion.{k}" for k in TRAINED_DIFFUSION_KEYS)
+            raise UserError(f"{path} is a checkpoint: --set diffusion.{key} would change what its weights were "
+                            f"trained to predict ({fixed} are fixed by its training)",
+                            suggestion="sample with the checkpoint's own; change them for a new run with "
+                                       "zoo train --set")
 
 
 def _bytes_per_param(dtype: torch.dtype | None) -> int:

@@ -80,7 +80,9 @@ def fixed_section_changes(stored: dict, recipe: dict) -> list[tuple[str, str, st
 
 def check_resume_recipe(stored: dict, recipe: dict, source: Path) -> None:
     """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's."""
-    for path, then, now in fixed_section_changes(stored, recipe)[:1]:
+    changes = fixed_section_changes(stored, recipe)
+    if changes:
+        path, then, now = changes[0]
         raise UserError(f"--resume {source}: the recipe's {path} differs from the checkpoint's "
                         f"({then} there, {now} now)",
                         key_path=path, suggestion="resume with the checkpoint's recipe, or pass "
