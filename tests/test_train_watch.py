@@ -26,16 +26,17 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     lines = []
     r = zoo.load_recipe(RECIPE, ["train.sample_every=3", "train.ckpt_every=0", "train.log_every=1"])
     train(r, tmp_path, steps=3, log=lines.append)
-    notes = [line for line in lines[4:] if line.startswith("zoo train: note:")]  # e.g. bf16 hardware: machine-dependent
-    lines = lines[:4] + lines[4 + len(notes):]
+    notes = [line for line in lines[5:] if line.startswith("zoo train: note:")]  # e.g. bf16 hardware: machine-dependent
+    lines = lines[:5] + lines[5 + len(notes):]
     params = sum(p.numel() for p in zoo.build_model(r).parameters())
     assert lines[0] == f"zoo train: run directory {tmp_path.resolve()}"
     assert f"{params:,} parameters" in lines[1] and "device cpu" in lines[2]
-    assert lines[3].endswith(f"tensorboard --logdir {tmp_path / 'tb'}` (loss.png, log.jsonl, samples/)")
-    assert [line.split()[1] for line in lines[4:7]] == ["1", "2", "3"]  # not a TTY: one plain line per record
+    assert lines[3] == "zoo train: data synthetic:train, 64 images of 3x8x8"
+    assert lines[4].endswith(f"tensorboard --logdir {tmp_path / 'tb'}` (loss.png, log.jsonl, samples/)")
+    assert [line.split()[1] for line in lines[5:8]] == ["1", "2", "3"]  # not a TTY: one plain line per record
     records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [1, 2, 3] and all(x["loss"] > 0 for x in records)
-    assert all(x["grad_norm"] > 0 for x in records) and f"grad {records[0]['grad_norm']:.3g}" in lines[4]
+    assert all(x["grad_norm"] > 0 for x in records) and f"grad {records[0]['grad_norm']:.3g}" in lines[5]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "samples" / "step_0000003.png").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -45,6 +46,16 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in logged] == [1, 2, 3]
     assert all(abs(v - x["loss"]) < 1e-6 * x["loss"] for (_, v), x in zip(logged, records))
+
+
+def test_a_recipe_without_a_dataset_says_in_its_first_lines_that_it_trains_on_synthetic_images(tmp_path):
+    """`--set data=null` (or a recipe with no data section) trained on synthetic colours without a word."""
+    lines = []
+    r = zoo.load_recipe(RECIPE, ["data=null", "train.sample_every=0", "train.ckpt_every=0"])
+    train(r, tmp_path, steps=1, log=lines.append)
+    said = [line for line in lines if line.startswith("zoo train: data ")]
+    assert said == ["zoo train: data synthetic:train, 64 images of 3x8x8 (the recipe sets no data.dataset: synthetic "
+                    "class-coloured images; set data.dataset and data.root to train on real data)"]
 
 
 def test_a_run_that_logs_nothing_does_not_point_at_files_it_never_writes(tmp_path):

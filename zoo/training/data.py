@@ -249,6 +249,19 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
     return ds
 
 
+def data_line(data: Mapping[str, Any], count: int, shape: tuple[int, ...]) -> str:
+    """What a run trains on, for its first lines: ``"emoji32:train, 3,421 images of 3x32x32"``. A recipe
+    that names no dataset trains on synthetic images: said there, as that is rarely what was meant."""
+    kind = data.get("dataset", "synthetic")
+    latent = kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
+    line = (f"{kind}:{data.get('split') or 'train'}, {count:,} {'latents' if latent else 'images'} of "
+            f"{'x'.join(map(str, shape))}")
+    if "dataset" not in data:
+        line += (" (the recipe sets no data.dataset: synthetic class-coloured images; set data.dataset and "
+                 "data.root to train on real data)")
+    return line
+
+
 def check_data_section(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None) -> Callable:
     """What can be checked of ``data`` against the model without reading any data (``zoo build`` runs
     this too): the split, a root the dataset would ignore, and the dataset's own ``check(data, shape,

@@ -36,7 +36,7 @@ from zoo.precision import autocast_dtype, set_tf32
 from zoo.sample import check_sample_section, num_classes, vae_weights
 from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
-from zoo.training.data import EpochSampler, batches, build_dataset, unread_data_keys
+from zoo.training.data import EpochSampler, batches, build_dataset, data_line, unread_data_keys
 from zoo.training.draws import draw
 from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.fit import training_objective
@@ -163,6 +163,7 @@ class Trainer:
             self.shape = tuple(meta_model.example_inputs(1)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
+        self.data_line = data_line(data, len(dataset), self.shape)
         # FSDP on GPUs: each GPU holds 1/world of the weights, gradients, AdamW state and EMA (checked whole, a
         # model that needs FSDP was refused). Processes on one CPU share its memory: checked as before there.
         shards = self.ctx.world if self.fsdp and self.device.type == "cuda" else 1
@@ -526,6 +527,7 @@ class Trainer:
         self.log(f"zoo train: {self.model_name} with {params:,} parameters; steps {self.step} -> {total}, "
                  f"global batch {self.batch} (grad_accum {self.accum}), precision {self.train['precision']}")
         self.log(f"zoo train: device {self.ctx.describe()}")
+        self.log(f"zoo train: data {self.data_line}")
         if self._period("log_every") > 0:
             grids = ", samples/" if self.grids else ""
             self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl{grids})")
