@@ -158,6 +158,19 @@ def test_ranks_split_the_shards_and_the_last_one_writes_the_manifest(tmp_path, v
     assert len(json.loads((out / MANIFEST).read_text())["shards"]) == 4
 
 
+def test_an_image_size_other_than_the_latents_resolution_is_refused(tmp_path, vae_dir, image_dir):
+    """`--set data.image_size=512` beside latents made at 256 trained on them without a word (the latent shapes
+    match a model of the same latent size): the recipe then says one thing and trains on another."""
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    data = {"dataset": "imagenet", "latent": True, "root": str(out), "vae_scale": 0.18215}
+    assert len(build_dataset({**data, "image_size": RES}, (4, 8, 8), 2)) == 10
+    with pytest.raises(UserError, match=f"data.image_size is {2 * RES}, but the latents in .* were made from "
+                       f"{RES}x{RES} images") as err:
+        build_dataset({**data, "image_size": 2 * RES}, (4, 8, 8), 2)
+    assert err.value.key_path == "data.image_size" and f"set data.image_size to {RES}" in err.value.suggestion
+
+
 def test_latent_dataset_draws_from_the_posterior_of_a_random_view(tmp_path, vae_dir, image_dir):
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)

@@ -90,7 +90,17 @@ def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int |
     """ImageNet as the paper recipes read it: ``latents`` if ``data.latent``, else ``image_folder``."""
     if not data.get("root"):
         raise UserError(f"data.root is not set: {_needs(data, shape)}")
-    return (latents if data.get("latent") else image_folder)(data, shape, num_classes, seed)
+    if not data.get("latent"):
+        return image_folder(data, shape, num_classes, seed)
+    dataset = latents(data, shape, num_classes, seed)
+    made_at = getattr(dataset, "manifest", {}).get("resolution")  # zoo prepare-latents output says its size
+    if data.get("image_size") and made_at and int(data["image_size"]) != int(made_at):
+        raise UserError(f"data.image_size is {data['image_size']}, but the latents in {data['root']} were made "
+                        f"from {made_at}x{made_at} images (zoo prepare-latents --resolution {made_at})",
+                        key_path="data.image_size",
+                        suggestion=f"set data.image_size to {made_at}, or prepare latents with --resolution "
+                        f"{data['image_size']}")
+    return dataset
 
 
 imagenet.reads = ("image_size",)  # type: ignore[attr-defined]
