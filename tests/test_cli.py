@@ -91,6 +91,20 @@ def test_wrong_type_and_missing_file_exit_2(capsys, plugins):
                           "(did you mean dit?)")
 
 
+def test_a_dataset_shows_the_data_keys_it_reads(capsys, plugins):
+    """--help-component emoji32 printed one line of description: a dataset takes no constructor arguments,
+    its settings are the recipe's data keys, and which of them it reads differs by dataset."""
+    code, out, _ = zoo(capsys, "build", "--help-component", "emoji32")
+    keys = [line.split()[0] for line in out.splitlines()[2:]]
+    assert code == 0 and keys == ["data.split", "data.num_classes", "data.random_flip", "data.num_workers",
+                                  "data.image_size", "data.cache"]  # no root: emoji32 is built in
+    assert "data.split        one of train, holdout" in out
+    _, out, _ = zoo(capsys, "list", "dataset", "imagenet")
+    keys = [line.split()[0] for line in out.splitlines()[2:]]
+    assert keys[0] == "data.root" and keys[-3:] == ["data.latent", "data.vae_scale", "data.vae"]
+    assert "data.size" not in keys and "data.cache" not in keys
+
+
 def test_build_prints_counts_and_a_flops_table(capsys, plugins):
     code, out, err = zoo(capsys, "build", RECIPES / "tiny.yaml", "--flops", "--depth", "1")
     assert code == 0 and err == ""

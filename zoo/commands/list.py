@@ -41,7 +41,9 @@ def component_details(entry: registry.Entry, indent: str = "      ") -> str:
         obj = entry.load()
     except UserError as err:
         return f"{indent}error: {err}"
-    if not isinstance(obj, type):  # a plain function (e.g. a dataset builder) takes no recipe arguments
+    if entry.kind == "dataset":  # a builder function: what it takes is the recipe's data keys it reads
+        return dataset_details(obj, indent)
+    if not isinstance(obj, type):  # another plain function takes no recipe arguments
         return ""
     rows = parameter_rows(obj)
     text = format_table([("argument", "type", "default", "allowed")] + rows, indent) if rows else ""
@@ -55,6 +57,26 @@ def component_details(entry: registry.Entry, indent: str = "      ") -> str:
         if rule_texts(record):
             text += f"\n{indent}  rules: " + "; ".join(rule_texts(record))
     return text
+
+
+#: The ``data`` keys every dataset reads (``zoo train`` and ``zoo eval`` read them whatever the dataset).
+COMMON_DATA_KEYS = ("root", "split", "num_classes", "random_flip", "num_workers")
+
+
+def dataset_details(builder: Any, indent: str = "      ") -> str:
+    """The ``data`` section keys a dataset builder reads, with what each allows (its own splits, no
+    ``root`` where it reads none, ``latent_keys`` where it gives latents); a builder without a ``reads``
+    list is shown every optional key."""
+    from zoo.training.data import OPTIONAL_KEYS
+    from zoo.training.sections import DATA
+    from zoo.validate import table_rows
+
+    reads = getattr(builder, "reads", None)
+    keys = [k for k in COMMON_DATA_KEYS if not (k == "root" and getattr(builder, "ignores_root", False))]
+    keys += [k for k in OPTIONAL_KEYS if reads is None or k in reads] + list(getattr(builder, "latent_keys", ()))
+    rows = dict(table_rows({k: DATA[k] for k in keys}))
+    rows["split"] = "one of " + ", ".join(getattr(builder, "splits", ("train",)))
+    return format_table([("data key", "allowed")] + [(f"data.{k}", v) for k, v in rows.items()], indent)
 
 
 def _records(obj: Any) -> list[tuple[str, type]]:

@@ -70,6 +70,7 @@ def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
 
 
 latents.reads = ()  # type: ignore[attr-defined]
+latents.latent_keys = ("vae_scale", "vae")  # type: ignore[attr-defined]  # listed by zoo list / --help-component
 latents.class_names = _manifest_classes  # type: ignore[attr-defined]
 
 
@@ -104,4 +105,5 @@ def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int |
 
 
 imagenet.reads = ("image_size",)  # type: ignore[attr-defined]
+imagenet.latent_keys = ("latent", "vae_scale", "vae")  # type: ignore[attr-defined]
 imagenet.class_names = lambda data: (_manifest_classes if data.get("latent") else _folder_classes)(data)  # type: ignore[attr-defined]
