@@ -558,6 +558,22 @@ def test_grid_matches_torchvision_layout(tmp_path):
     assert torch.equal(pixels, expected)  # torchvision's save_image rounding
 
 
+@pytest.mark.parametrize("channels", [2, 4, 5])
+def test_a_grid_of_other_than_one_or_three_channels_shows_each_channel_as_a_grey_tile(tmp_path, channels):
+    """Four channels were written as RGBA (the fourth drawn as transparency), five failed in PIL."""
+    from zoo.sample import image_grid, save_grid
+
+    images = torch.rand(3, channels, 4, 5)
+    save_grid(images, tmp_path / "g.png")  # 3 samples: 2 per row, each a row of its channels
+    assert _png(tmp_path / "g.png") == ((2 * channels * 7 + 2, 2 * 6 + 2), "L")
+    with Image.open(tmp_path / "g.png") as im:
+        pixels = torch.from_numpy(__import__("numpy").asarray(im).copy())
+    tiles = image_grid(images.reshape(3 * channels, 1, 4, 5), 2 * channels)[0]
+    assert torch.equal(pixels, (tiles * 255 + 0.5).clamp(0, 255).to(torch.uint8))
+    second_sample_last_channel = pixels[2:6, 2 + (2 * channels - 1) * 7: 2 + (2 * channels - 1) * 7 + 5]
+    assert torch.equal(second_sample_last_channel, (images[1, -1] * 255 + 0.5).to(torch.uint8))
+
+
 def test_a_vae_for_a_pixel_model_is_refused_not_ignored(tmp_path, capsys):
     recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
     argv = ["sample", str(recipe), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]

@@ -557,12 +557,20 @@ GRID_SOFTWARE = "zoo"
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write images (B, C, H, W) in [0, 1] as one 8-bit PNG grid, atomically; nrow defaults to ⌈√B⌉."""
+    """Write images (B, C, H, W) in [0, 1] as one 8-bit PNG grid, atomically; nrow defaults to ⌈√B⌉.
+
+    One or three channels are grey or RGB; any other count (a pixel model on 4-channel data, say) is
+    drawn one grey tile per channel, a sample's channels side by side, not read as RGBA or refused.
+    """
     from PIL import Image
 
     from zoo.atomic import write_file
 
-    grid = image_grid(images.float().clamp(0.0, 1.0), nrow or math.ceil(math.sqrt(images.shape[0])))
+    b, c = images.shape[:2]
+    nrow = nrow or math.ceil(math.sqrt(b))
+    if c not in (1, 3):
+        images, nrow = images.reshape(b * c, 1, *images.shape[2:]), nrow * c
+    grid = image_grid(images.float().clamp(0.0, 1.0), nrow)
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     from PIL.PngImagePlugin import PngInfo
 
