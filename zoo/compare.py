@@ -109,6 +109,7 @@ class Bench:
     def __init__(self, recipe: str, overrides: Sequence[str], batch: int, device: torch.device, seed: int = 0):
         import zoo
         from zoo.diffusion.setup import build_objective
+        from zoo.meta import example_inputs
         from zoo.sample import num_classes
         from zoo.training.optim import build_optimizer
 
@@ -125,7 +126,7 @@ class Bench:
         self.optimizer = build_optimizer(self.model, {"lr": 1e-4, **train})
         self.objective = build_objective(self.recipe)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        x, t, y = self.model.example_inputs(batch)
+        x, t, y = example_inputs(self.model, batch)
         classes = num_classes(self.recipe)
         self.x, self.t = x, t
         self.y = None if classes is None else torch.randint(0, classes, (batch,), device=device)

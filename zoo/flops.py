@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from zoo.errors import UserError
-from zoo.meta import MetaShapeCache, RepeatedBlockMemo, build_on_meta, without_dynamo
+from zoo.meta import (MetaShapeCache, NotOnMeta, RepeatedBlockMemo, build_on_meta, example_inputs, meta_forward,
+                      without_dynamo)
 from zoo.modes import evaluating
 
 COUNTERS = ("torch", "fvcore")
@@ -134,11 +135,11 @@ def _as_args(inputs: Any) -> tuple:
 
 
 def _default_inputs(model: nn.Module) -> tuple:
-    if not hasattr(model, "example_inputs"):
-        raise UserError(f"{type(model).__name__} has no example_inputs(batch) method, so zoo cannot make its inputs",
-                        suggestion="give the class example_inputs(batch) returning its forward's arguments (zoo build "
-                        "--flops), or call zoo.flops.count_flops(model, inputs=...)")
-    return model.example_inputs(1)
+    try:
+        return example_inputs(model)
+    except UserError as err:
+        raise UserError(str(err), suggestion=f"{err.suggestion}, or call zoo.flops.count_flops(model, inputs=...)"
+                        ) from None
 
 
 def _module_paths(model: nn.Module, max_depth: int) -> list[str]:
@@ -171,7 +172,10 @@ def _count_torch(model: nn.Module, inputs: Any) -> tuple[float, dict[str, float]
     with MetaShapeCache() if on_meta else contextlib.nullcontext():
         with FlopCounterMode(display=False, custom_mapping=_torch_custom_mapping()) as counter:
             with RepeatedBlockMemo(model, counter) if on_meta else contextlib.nullcontext():
-                model(*args)
+                if on_meta:
+                    _meta_count_forward(model, args)
+                else:
+                    model(*args)
     counts = counter.get_flop_counts()
     total = sum(counts.get("Global", {}).values()) / 2 / 1e9
     counted = {}
@@ -180,6 +184,14 @@ def _count_torch(model: nn.Module, inputs: Any) -> tuple[float, dict[str, float]
             continue  # the root module is keyed by its class name; its total is Global's
         counted[name.split(".", 1)[1]] = sum(ops.values()) / 2 / 1e9
     return total, counted
+
+
+def _meta_count_forward(model: nn.Module, args: tuple) -> None:
+    try:
+        meta_forward(model, *args)
+    except NotOnMeta as err:
+        raise UserError(str(err), suggestion="count on real tensors: zoo build --flops --device cpu (or build the "
+                        "model on cpu before count_flops)") from None
 
 
 def fvcore_attention_handle(inputs: list[Any], outputs: list[Any]) -> int:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from zoo.errors import UserError
-from zoo.meta import without_dynamo
+from zoo.meta import NotOnMeta, example_inputs, meta_forward, without_dynamo
 
 STEP_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq
 EMA_BYTES_PER_PARAM = 4  # the fp32 EMA copy a training run keeps beside them
@@ -44,6 +44,7 @@ class Estimate:
     params: int
     fixed: int
     per_sample: int
+    unmeasured: str = ""  # why the activations could not be measured (a model that cannot run on meta)
 
     def total(self, batch: int) -> int:
         return self.fixed + self.per_sample * batch
@@ -84,7 +85,8 @@ def _fused_attention() -> Iterator[None]:
 def activation_bytes(model: nn.Module, training: bool = True) -> int:
     """Per sample: bytes autograd saves for backward (``training``) or the largest activation (not).
 
-    ``model`` is on the meta device and has ``example_inputs(batch)``; nothing is allocated.
+    ``model`` is on the meta device and has ``example_inputs(batch)``; nothing is allocated. A model
+    whose forward cannot run on meta tensors raises :class:`~zoo.meta.NotOnMeta`.
     """
     params = {id(p) for p in model.parameters()}
 
@@ -101,9 +103,9 @@ def activation_bytes(model: nn.Module, training: bool = True) -> int:
             return tensor
 
         with torch.device("meta"):
-            inputs = model.example_inputs(1)
+            inputs = example_inputs(model)
         with saved_tensors_hooks(pack, lambda t: t), _fused_attention(), torch.enable_grad():
-            model(*inputs)
+            meta_forward(model, *inputs)
         return storages
 
     # Meta kernels written in Python (torch.arange's, say) would import Dynamo: 2-3 s of every
@@ -166,7 +168,10 @@ def require_memory(model: nn.Module, device: torch.device | str, batch: int, tra
     free = available_bytes(device) if available is None else available
     if free is None:  # nothing to compare with: measure nothing
         return Estimate(0, 0, 0)
-    est = estimate(model, training, half_precision, extra_bytes, shards=shards)
+    try:
+        est = estimate(model, training, half_precision, extra_bytes, shards=shards)
+    except NotOnMeta as err:  # a plugin's data-dependent code: the model may well run on real tensors
+        return Estimate(0, 0, 0, unmeasured=str(err))
     need = est.total(batch)
     if need <= free:
         return est
@@ -191,7 +196,7 @@ def require_training_memory(meta_model: nn.Module, train: dict, data: dict, devi
     extra = 0
     if data.get("dataset", "synthetic") == "synthetic":  # held in memory as float32 images + int64 labels
         with torch.device("meta"):
-            x = meta_model.example_inputs(1)[0]
+            x = example_inputs(meta_model)[0]
         extra = int(data.get("size", 64)) * (x[0].numel() * 4 + 8)
     return require_memory(meta_model, device, micro_batch, training=True,
                           half_precision=train.get("precision") in ("bf16", "fp16"), extra_bytes=extra, shards=shards)
@@ -220,7 +225,10 @@ def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int
 
     with torch.device("meta"):
         meta_model = zoo.build_model(recipe)
-    est = estimate(meta_model, training=False)
+    try:
+        est = estimate(meta_model, training=False)
+    except NotOnMeta as err:
+        return Estimate(0, 0, 0, unmeasured=str(err))
     free = available_bytes(torch.device(device))
     rows = batch * (2 if guided else 1)  # guidance runs the conditional and unconditional halves together
     if free is None or est.per_sample * rows <= free:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
+import traceback
 import types
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from zoo.errors import UserError
 
 T = TypeVar("T")
 
@@ -87,6 +91,41 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
             return factory()
 
     return without_dynamo(build)
+
+
+def example_inputs(model: nn.Module, batch: int = 1) -> tuple:
+    """``model.example_inputs(batch)``: the forward's arguments zoo runs a model on without data (the
+    FLOP count, the memory estimate, the shapes of training data and samples). A model class without
+    the method (a ``_target_`` backbone, say) is one message saying what to add."""
+    if not callable(getattr(model, "example_inputs", None)):
+        raise UserError(f"{type(model).__name__} has no example_inputs(batch) method, so zoo cannot make its inputs",
+                        suggestion="give the class example_inputs(batch) returning its forward's arguments (x, t, y) "
+                        "for a batch of that size")
+    return tuple(model.example_inputs(batch))
+
+
+class NotOnMeta(Exception):
+    """A model's forward failed on the meta device (data-dependent code: ``.item()``, ``bool(x)``, numpy)."""
+
+    def __init__(self, model: nn.Module, err: BaseException) -> None:
+        first = (str(err).strip().splitlines() or [""])[0]
+        torch_dir = os.path.dirname(torch.__file__)
+        frames = [f for f in traceback.extract_tb(err.__traceback__)  # the model's own line: not torch's, not ours here
+                  if not f.filename.startswith(torch_dir) and f.filename != __file__]
+        where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+        super().__init__(f"{type(model).__name__} cannot run on the meta device ({type(err).__name__}{where}: "
+                         f"{first})")
+
+
+def meta_forward(model: nn.Module, *inputs: Any) -> Any:
+    """``model(*inputs)`` on meta tensors; a failure of the model's own code is :class:`NotOnMeta`
+    (callers skip what they measure, or say how to measure on a real device), a :class:`UserError` stays one."""
+    try:
+        return model(*inputs)
+    except (UserError, NeedsDynamo, ImportError):  # ours, or without_dynamo's cue to run it again
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of user code on meta tensors
+        raise NotOnMeta(model, err) from err
 
 
 class MetaShapeCache(TorchDispatchMode):

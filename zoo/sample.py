@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
 from zoo.errors import UserError
 from zoo.memory import require_sampling_memory, require_weights_memory
+from zoo.meta import example_inputs
 from zoo.modes import evaluating
 from zoo.precision import PRECISIONS, inference_precision
 from zoo.recipe import override_key
@@ -472,7 +473,7 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
     schedule = build_schedule(recipe)
     solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)
-    x_example = model.example_inputs(1)[0]
+    x_example = example_inputs(model)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
     n = request.count()
     if request.x_T is not None and tuple(request.x_T.shape[1:]) != shape:

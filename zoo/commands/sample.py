@@ -111,11 +111,12 @@ def _check_grid_memory(model, recipe: dict, n: int, vae: str | None) -> None:
 
     from zoo.errors import UserError
     from zoo.memory import available_bytes, gib
+    from zoo.meta import example_inputs
     from zoo.sample import vae_weights
     from zoo.vae import vae_downsample
 
     weights = vae_weights(recipe, vae)
-    side = int(model.example_inputs(1)[0].shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
+    side = int(example_inputs(model)[0].shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
     need, free = 12 * 3 * side * side * n, available_bytes(torch.device("cpu"))
     if free is not None and need > free:
         raise UserError(f"--n {n} images of {side}x{side} need about {gib(need)} of memory for one grid, and "

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from zoo.errors import UserError
+from zoo.meta import example_inputs
 from zoo.eval.metrics import compute_metrics
 from zoo.eval.reference import (NPZ_ERRORS, array_batches, extract, load_reference, save_npz, save_text, to_uint8,
                                 unreadable_npz)
@@ -104,7 +105,7 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     from zoo.sample import (initial_noise, num_classes, refuse_non_finite, sample_labels, solver_generators,
                             to_images)
 
-    x_example = model.example_inputs(1)[0]
+    x_example = example_inputs(model)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
     count, classes = stop - start, num_classes(recipe)
     x_T = initial_noise(count, shape, seed, start).to(device=device, dtype=dtype)
@@ -277,7 +278,7 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
                                        request.respacing)
     guidance = guidance_settings(recipe, request.cfg)
     vae_file = vae_weights(recipe, request.vae) if decoder is not None else None  # the images are the VAE's
-    image_size = int(model.example_inputs(1)[0].shape[-1]) * (vae_downsample(vae_file) if vae_file else 1)
+    image_size = int(example_inputs(model)[0].shape[-1]) * (vae_downsample(vae_file) if vae_file else 1)
     protocol = {
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": _sha256(weights_file), "solver": solver_spec,

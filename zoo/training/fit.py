@@ -19,7 +19,7 @@ from zoo.diffusion.objectives import DiffusionObjective
 from zoo.diffusion.setup import (build_objective, check_guidance_channels, check_null_label, guidance_settings,
                                  model_drops_labels)
 from zoo.errors import UserError
-from zoo.meta import MetaShapeCache, without_dynamo
+from zoo.meta import MetaShapeCache, example_inputs, without_dynamo
 from zoo.sample import num_classes
 
 
@@ -68,7 +68,7 @@ def _check_output(meta_model: nn.Module, objective: DiffusionObjective) -> None:
             return meta_model(x, t, y)
 
     try:
-        x, t, y = meta_model.example_inputs(1)
+        x, t, y = example_inputs(meta_model)
         out = without_dynamo(forward)
     except Exception:  # noqa: BLE001 - a plugin backbone that cannot run on meta: its first step checks instead
         return

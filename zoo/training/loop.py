@@ -32,6 +32,7 @@ from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, l
                             load_trainer_state, load_weights, read_config, repair_run, resume_point, save_checkpoint)
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
+from zoo.meta import example_inputs
 from zoo.precision import autocast_dtype, set_tf32
 from zoo.sample import check_sample_section, num_classes, vae_weights
 from zoo.training import distributed
@@ -160,15 +161,17 @@ class Trainer:
         data = recipe.get("data") or {}
         with torch.device("meta"):  # the data and the memory are checked before any weights are allocated
             meta_model = zoo.build_model(recipe)
-            self.shape = tuple(meta_model.example_inputs(1)[0].shape[1:])
+            self.shape = tuple(example_inputs(meta_model)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         self.data_line = data_line(data, len(dataset), self.shape)
         # FSDP on GPUs: each GPU holds 1/world of the weights, gradients, AdamW state and EMA (checked whole, a
         # model that needs FSDP was refused). Processes on one CPU share its memory: checked as before there.
         shards = self.ctx.world if self.fsdp and self.device.type == "cuda" else 1
-        require_training_memory(meta_model, self.train, data, self.device, self.batch // (self.ctx.world * self.accum),
-                                shards=shards)
+        est = require_training_memory(meta_model, self.train, data, self.device,
+                                      self.batch // (self.ctx.world * self.accum), shards=shards)
+        if est.unmeasured:
+            self.after_banner.append(f"zoo train: note: memory not checked before the first step: {est.unmeasured}")
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if int(self.train.get("sample_every") or 0) or int(self.train.get("eval_every") or 0):
             check_sample_section(recipe)  # the grids' and evaluations' solver: now, not at their first step

@@ -1,0 +1,102 @@
+"""Models from another codebase (``_target_`` classes) through zoo's commands: zoo measures a model on the
+meta device (memory before a run, FLOPs), and a model that cannot run there, or has no example inputs,
+gets one line instead of a traceback."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import zoo
+from zoo.cli import main
+
+TINY = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+
+PLUGIN = '''
+import torch
+from torch import nn
+
+
+class AssertBlock(nn.Module):
+    """A block that checks its input for NaN: data-dependent, so it cannot run on meta tensors."""
+
+    def __init__(self, dim, num_heads=1, mlp_ratio=4.0, norm=None, mlp=None, cond_dim=None):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x, cond):
+        assert not torch.isnan(x).any(), "NaN in block input"
+        return x + self.fc(x)
+
+
+class PlainNet(nn.Module):
+    """A backbone with forward(x, t, y) and nothing else zoo's own backbones have."""
+
+    def __init__(self, in_channels=3, input_size=8, num_classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+
+    def forward(self, x, t, y=None):
+        return self.conv(x)
+'''
+ASSERT_LINE = next(i for i, line in enumerate(PLUGIN.splitlines(), 1) if "assert not" in line)
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    (tmp_path / "lab_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _recipe(directory: Path, model: str) -> Path:
+    path = directory / "r.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        _base_: {TINY}
+        model: {model}
+        train: {{steps: 2, sample_every: 0, ckpt_every: 0, log_every: 1}}
+        """))
+    return path
+
+
+def test_a_block_that_cannot_run_on_meta_trains_and_samples_and_its_flop_count_names_its_line(plugin, capsys):
+    """The memory estimate's meta forward ended zoo train and zoo sample with a traceback from the
+    plugin's `assert`, though the model runs on real tensors."""
+    recipe = _recipe(plugin, "{block: {_target_: lab_plugin.AssertBlock}}")
+    assert main(["train", str(recipe), "--out", str(plugin / "run")]) == 0
+    out = capsys.readouterr().out
+    assert ("zoo train: note: memory not checked before the first step: DiT cannot run on the meta device "
+            f"(RuntimeError at lab_plugin.py:{ASSERT_LINE}: ") in out
+    assert (plugin / "run" / "last" / "ema.safetensors").is_file()
+    assert main(["sample", str(plugin / "run"), "--n", "2", "--steps", "2", "--out", str(plugin / "g.png")]) == 0
+    assert (plugin / "g.png").is_file()
+    capsys.readouterr()
+    assert main(["build", str(recipe), "--flops"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"DiT cannot run on the meta device (RuntimeError at lab_plugin.py:{ASSERT_LINE}" in err
+    assert "(count on real tensors: zoo build --flops --device cpu" in err
+    assert main(["build", str(recipe), "--flops", "--device", "cpu"]) == 0
+
+
+def test_a_backbone_without_example_inputs_is_one_line_in_train_and_sample(plugin, capsys):
+    recipe = _recipe(plugin, "{_target_: lab_plugin.PlainNet, in_channels: 3, input_size: 8, num_classes: 4}")
+    expected = ("zoo: error: PlainNet has no example_inputs(batch) method, so zoo cannot make its inputs (give the "
+                "class example_inputs(batch) returning its forward's arguments (x, t, y) for a batch of that size)\n")
+    for argv in (["train", str(recipe), "--out", str(plugin / "run")],
+                 ["sample", str(recipe), "--n", "2", "--steps", "2", "--out", str(plugin / "g.png")]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.endswith(expected)
+    assert not (plugin / "g.png").exists()
+
+
+def test_the_memory_estimate_of_a_model_that_cannot_run_on_meta_is_skipped_not_raised(plugin):
+    import torch
+
+    from zoo.memory import require_memory
+
+    with torch.device("meta"):
+        model = zoo.build_model(zoo.load_recipe(_recipe(plugin, "{block: {_target_: lab_plugin.AssertBlock}}")))
+    est = require_memory(model, "cpu", 4, available=1)  # 1 byte free: any measured estimate would refuse
+    assert est.total(4) == 0 and est.unmeasured.startswith("DiT cannot run on the meta device")
