@@ -146,6 +146,19 @@ def test_dimr_branch_grids_and_blocks(override, key, expected):
     assert f"key {key}: " in str(info.value) and expected in str(info.value)
 
 
+@pytest.mark.parametrize("value, got", [("convnext", "str 'convnext'"), ("null", "null"), ("5", "int 5"),
+                                        ("[1]", "list [1]")])
+def test_a_dimr_branch_that_is_not_a_mapping_is_named_not_a_traceback(value, got):
+    """`--set model.branches.1=convnext` reached the branch-grid rule, which read `.downsample` of a str."""
+    with pytest.raises(UserError) as info:
+        zoo.load_recipe(ROOT / "tests" / "recipes" / "tiny_dimr_pixels.yaml", [f"model.branches.1={value}"])
+    assert str(info.value) == (f"--set model.branches.1={value}: key model.branches.1: expected a mapping of dim, "
+                               f"depth, block, patch_size, downsample, head_kernel_size, got {got} (give one as "
+                               "{dim: ..., depth: ..., block: ...})")
+    with pytest.raises(UserError, match=r"key model.branches: expected list of mappings, got dict \{'dim': 8\}"):
+        zoo.load_recipe(ROOT / "tests" / "recipes" / "tiny_dimr_pixels.yaml", ["model.branches={dim: 8}"])
+
+
 def test_domain_primitives():
     from typing import Annotated
     decay = Annotated[float, Decay]

@@ -87,6 +87,10 @@ def type_name(ann: Any) -> str:
         return "null"
     if typing.get_origin(ann) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if isinstance(ann, type) and dataclasses.is_dataclass(ann):  # a record of settings, e.g. one DiMR branch
+        return "mapping"
+    if dataclass_in(item_annotation(ann)):
+        return "list of mappings"
     if isinstance(ann, type) and typing.get_origin(ann) is None:
         return ann.__name__
     return str(ann).replace("typing.", "")

@@ -287,6 +287,15 @@ def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: 
     record = dataclass_in(ann)
     if record is not None and isinstance(value, dict):
         return _build_record(recipe, record, value, path)
+    nullable = type(None) in map(strip, options(ann))
+    if record is not None and not isinstance(value, record) and not (value is None and nullable):  # e.g. a branch
+        keys = ", ".join(f.name for f in dataclasses.fields(record))
+        got = "null" if value is None else f"{type(value).__name__} {_show(value)}"
+        needed = [f.name for f in dataclasses.fields(record)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise recipe.error(path, f"expected a mapping of {keys}, got {got}",
+                           suggestion="give one as {" + ", ".join(f"{k}: ..." for k in needed or [keys.split(", ")[0]])
+                           + "}")
     if isinstance(value, list):
         item_ann = item_annotation(ann)
         if dataclass_in(item_ann) or any(is_component_spec(v) for v in value):
