@@ -215,6 +215,18 @@ def test_a_set_that_changes_a_components_type_drops_the_recipes_keys_as_a_merge_
     assert dimr["model"]["branches"][0]["block"] == {"type": "convnext"}
 
 
+def test_a_set_between_type_and_target_replaces_the_component_as_a_type_change_does():
+    """--set model.block.mlp._target_=... beside the recipe's `type: mlp` (and back) kept both keys: 'give type or
+    _target_, not both', blamed on the recipe's line, though a _base_ merge of the same change worked."""
+    to_target = resolve(RECIPES / "tiny.yaml", ["model.block.mlp._target_=zoo.blocks.mlp.GeGluMlp"])
+    assert to_target.data["model"]["block"]["mlp"] == {"_target_": "zoo.blocks.mlp.GeGluMlp"}
+    back = resolve(RECIPES / "tiny.yaml", ["model.block.mlp._target_=zoo.blocks.mlp.GeGluMlp",
+                                           "model.block.mlp.type=mlp"])
+    assert back.data["model"]["block"]["mlp"] == {"type": "mlp"}
+    same = resolve(RECIPES / "tiny.yaml", ["model.block.mlp.act=gelu_tanh", "model.block.mlp._target_=x.Y"])
+    assert same.data["model"]["block"]["mlp"] == {"_target_": "x.Y", "act": "gelu_tanh"}  # a --set's key stays
+
+
 def test_list_items_can_be_overridden_by_index(tmp_path):
     path = write(tmp_path, "model: {type: typed_net, count: 1, sizes: [1, 2, 3]}\n")
     assert resolve_recipe(path, ["model.sizes.1=7"])["model"]["sizes"] == [1, 7, 3]

@@ -242,9 +242,11 @@ def apply_override(recipe: Recipe, text: str) -> None:
             raise UserError(f"cannot set {format_path(path)}: {format_path(path[: i + 1])} is {child!r}, not a mapping",
                             file=label)
         node = child
-    if (path[-1] in ("type", "_target_") and isinstance(node, dict) and path[-1] in node
-            and node[path[-1]] != value):  # another component: the recipe's keys for the old one go, as in a
-        for key in [k for k in node if k != path[-1] and not _set_by_override(recipe, path[:-1] + (k,))]:
+    names = ("type", "_target_")  # one slot: a class path may replace a registered name, and back
+    if (path[-1] in names and isinstance(node, dict) and any(k in node for k in names)
+            and node.get(path[-1]) != value):  # another component: the recipe's keys for the old one go, as in a
+        dropped = [k for k in node if k != path[-1] and (k in names or not _set_by_override(recipe, path[:-1] + (k,)))]
+        for key in dropped:
             del node[key]  # _base_ merge; keys an earlier --set gave stay, whatever the order of the --sets
             for p in [p for p in recipe.origins if p[: len(path)] == path[:-1] + (key,)]:
                 del recipe.origins[p]
