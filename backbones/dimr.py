@@ -156,6 +156,7 @@ class DiMR(nn.Module):
         if adds_time_token(norm):
             raise UserError("model.norm serves DiMR's hand-on and head norms, which see feature maps, not the token "
                             "sequence a time token joins: there time_token would be a plain LayerNorm",
+                            key_path="model.norm",
                             suggestion="use time_token as a Transformer block's norm; here td_layernorm (DiMR's) or adaln_zero")
         branches = [self._check_branch(i, spec) for i, spec in enumerate(branches)]
         problem = branch_layout_problem(input_size, branches)

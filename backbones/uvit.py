@@ -112,7 +112,8 @@ class UViT(nn.Module):
                             "has none, so it would do nothing", key_path="model.frequency_dim",
                             suggestion="drop frequency_dim")
         if mlp_time_embed and not self.time_token:
-            raise UserError("mlp_time_embed acts on the time token; this conditioner adds none (set it false)")
+            raise UserError("mlp_time_embed acts on the time token; this conditioner adds none",
+                            key_path="model.mlp_time_embed", suggestion="set it false, or use the time_token norm")
         self.label_token = num_classes > 0 and not self.needs_embedding
         self.num_extra_tokens = int(self.label_token) + int(self.time_token)
         cond_dim = embed_dim if self.needs_embedding else None

@@ -160,15 +160,18 @@ def test_class_embedding_without_an_embedding_conditioner_is_refused():
         zoo.build_model({**DIMR, "class_embedding": True})
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({**DIMR, "norm": "time_token"}, "model.norm serves DiMR's hand-on and head norms"),
-    ({**UVIT, "norm": "layernorm", "head_norm": "time_token"}, "time_token as head_norm would be a plain LayerNorm"),
+@pytest.mark.parametrize("spec, message, key", [
+    ({**DIMR, "norm": "time_token"}, "model.norm serves DiMR's hand-on and head norms", "model.norm"),
+    ({**UVIT, "norm": "layernorm", "head_norm": "time_token"}, "time_token as head_norm would be a plain LayerNorm",
+     "model.head_norm"),
 ])
-def test_time_token_where_no_token_is_added_is_refused(spec, message):
+def test_time_token_where_no_token_is_added_is_refused(spec, message, key):
     """Used as DiMR's model.norm or U-ViT's head_norm, time_token normalised like a plain LayerNorm:
-    with plain block norms the model gave the same output at every t (the time-blind check missed it)."""
-    with pytest.raises(UserError, match=message):
+    with plain block norms the model gave the same output at every t (the time-blind check missed it).
+    The refusal names the key (DiMR's blamed the model section's first line)."""
+    with pytest.raises(UserError, match=message) as err:
         zoo.build_model(spec)
+    assert f"key {key}: " in str(err.value)
 
 
 def test_norms_whose_gate_is_discarded_allocate_none_and_every_parameter_learns():

@@ -174,8 +174,9 @@ def test_mistakes_are_user_errors():
         UViT(**{**TINY, "img_size": 15})
     with pytest.raises(UserError, match="not on its block"):
         UViT(**TINY, block=partial(TransformerBlock, num_heads=4))
-    with pytest.raises(UserError, match="mlp_time_embed"):
+    with pytest.raises(UserError, match="mlp_time_embed") as err:
         UViT(**TINY, mlp_time_embed=True, norm=AdaLNZero)
+    assert err.value.key_path == "model.mlp_time_embed"  # the recipe's line of it, not the model section's
     model = UViT(**TINY)
     with pytest.raises(UserError, match="pass labels y"):
         model(*_inputs()[:2])
