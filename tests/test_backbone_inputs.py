@@ -212,3 +212,25 @@ def test_frequency_dims_default_spelled_out_is_no_change():
                         Path("run/last"))
     with pytest.raises(UserError, match=r"model.frequency_dim differs from the checkpoint's \(256 there, 128 now\)"):
         check_resume_recipe({"model": spelled}, {"model": {**UVIT, "frequency_dim": 128}}, Path("run/last"))
+
+
+@pytest.mark.parametrize("spec, tokens", [
+    (UVIT, 16 + 2),                                                  # time token + label token
+    ({**UVIT, "num_classes": 0}, 16 + 1),                           # unconditional: the time token only
+    ({**UVIT, "norm": "td_layernorm"}, 16 + 1),                     # no time token; the label token stays
+    ({**UVIT, "norm": "adaln_zero"}, 16),                           # the label rides in the embedding
+    (DIMR, 16 + 1),                                                  # the 4x4 Transformer branch: label token
+    ({**DIMR, "num_classes": 1}, 16 + 1),                           # unconditional: the null label's token
+    ({**DIMR, "branches": [{**TRANSFORMER, "block": {**TRANSFORMER["block"], "norm": "time_token"}}, CONVNEXT]},
+     16 + 2),
+])  # fmt: skip
+def test_the_token_count_a_block_sees_is_the_one_models_md_states(spec, tokens):
+    """Authors of token-mixing blocks read L from the docs: U-ViT with TD-LN keeps its label token."""
+    seen = []
+    model = zoo.build_model(spec).eval()
+    blocks = [m for m in model.modules() if type(m).__name__ == "TransformerBlock"]
+    for block in blocks:
+        block.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    x, t, y = model.example_inputs(2)
+    model(x, t, y)
+    assert blocks and set(seen) == {tokens}
