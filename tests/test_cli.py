@@ -105,6 +105,25 @@ def test_a_dataset_shows_the_data_keys_it_reads(capsys, plugins):
     assert "data.size" not in keys and "data.cache" not in keys
 
 
+def test_help_component_shows_every_kind_that_has_the_name(capsys, plugins):
+    """A plugin's conditioner named like a block: --help-component showed the block alone."""
+    from torch import nn
+
+    from zoo import registry
+
+    @registry.register("conditioner", "mlp")
+    class SharedName(nn.Module):  # noqa: F841
+        def __init__(self, dim: int, cond_dim: int | None = None):
+            super().__init__()
+
+    try:
+        code, out, _ = zoo(capsys, "build", "--help-component", "mlp")
+        heads = [line.split(" (")[0] for line in out.splitlines() if line and not line.startswith(" ")]
+        assert code == 0 and heads == ["block mlp", "conditioner mlp"]
+    finally:
+        registry._in_process["conditioner"].pop("mlp")
+
+
 def test_build_prints_counts_and_a_flops_table(capsys, plugins):
     code, out, err = zoo(capsys, "build", RECIPES / "tiny.yaml", "--flops", "--depth", "1")
     assert code == 0 and err == ""

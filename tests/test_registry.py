@@ -179,6 +179,15 @@ def test_register_without_its_arguments_says_how_to_call_it():
 
 
 
+@pytest.mark.parametrize("name", [5, "", " my_block", ["a"]])
+def test_a_name_that_is_no_plain_string_is_refused_at_registration(name):
+    """register('block', 5) was accepted, then every names('block') sort failed with a TypeError far away;
+    '' silently fell back to the class name."""
+    with pytest.raises(UserError, match=r"a component's name is a non-empty string without surrounding spaces"):
+        zoo.register("block", name)
+    assert all(isinstance(n, str) for n in zoo.registry.names("block"))
+
+
 class _PlainBlock:
     """Takes a block's arguments but is no nn.Module: PyTorch would refuse it deep in the build."""
 

@@ -220,6 +220,10 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
     in the process. Registering the same class again (a module reload) is fine.
     """
     kind = check_kind(kind)
+    if name is not None and (not isinstance(name, str) or not name.strip() or name != name.strip()):
+        raise UserError(f"zoo.register({kind!r}, {name!r}): a component's name is a non-empty string without "
+                        "surrounding spaces (recipes name it)", suggestion="pass a name like 'my_block', or none for "
+                        "the class name in snake case")
 
     def decorator(obj: T) -> T:
         key = name or _snake_case(obj.__name__)  # type: ignore[attr-defined]

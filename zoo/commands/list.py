@@ -103,10 +103,15 @@ def find_entry(kind: str | None, name: str) -> registry.Entry:
 
 
 def show_component(kind: str | None, name: str) -> str:
-    entry = find_entry(kind, name)
-    head = f"{entry.kind} {entry.name} ({entry.describe()}): {entry.summary()}"
-    details = component_details(entry, "  ")
-    return head + ("\n" + details if details else "")
+    """One component's description and arguments; without ``kind``, every kind's component of that name
+    (a plugin's conditioner may share a block's name)."""
+    kinds = [kind] if kind else [k for k in registry.KINDS if name in registry.names(k)] or [None]
+    parts = []
+    for entry in (find_entry(k, name) for k in kinds):
+        head = f"{entry.kind} {entry.name} ({entry.describe()}): {entry.summary()}"
+        details = component_details(entry, "  ")
+        parts.append(head + ("\n" + details if details else ""))
+    return "\n\n".join(parts)
 
 
 def section_details() -> str:
