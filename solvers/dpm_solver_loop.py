@@ -96,6 +96,20 @@ class DPMSolverBase(Solver):
         self.denoise_to_zero, self.solver_type = denoise_to_zero, solver_type
         self.atol, self.rtol = 0.0078 if atol is None else atol, 0.05 if rtol is None else rtol
 
+    def time_range(self, schedule: NoiseSchedule) -> tuple[float, float]:
+        """As every solver's, except that an unset ``t_start`` is the schedule's :meth:`stable_start`: a
+        discrete table reaching below λ = −5.1 (``cosine_discrete``, λ ≈ −10 at t = 1) is started where the
+        reference's truncated table ends, else singlestep order 3 and adaptive steps blow up there."""
+        if self.t_start is not None:
+            return super().time_range(schedule)
+        t_end = super().time_range(schedule)[1]
+        t_start = schedule.stable_start()
+        if t_end >= t_start:
+            raise UserError(f"t_end {t_end} is not below where DPM-Solver starts on {schedule!r} "
+                            f"(t = {t_start}, λ = −5.1)", key_path="sample.solver.t_end",
+                            suggestion=f"use t_end < {t_start}, or set t_start")
+        return t_start, t_end
+
     @property
     def batch_coupled(self) -> bool:
         return self.method == "adaptive"  # the official rule: the largest error in the batch sets the step

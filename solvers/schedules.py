@@ -8,9 +8,12 @@ Every schedule gives ``marginal_log_mean_coeff`` (log α_t), ``marginal_alpha``,
 
 Discrete-time models trained on n = 0..N−1 live at t_n = (n + 1)/N, and log α(t) is the
 piecewise-linear interpolation of ½·log ᾱ_n between these knots (linear extrapolation outside),
-so sampling runs from t = 1 to t = 1/N. DPM-Solver's latest release also truncates discrete
-schedules whose λ falls below −5.1 (cosine-like tables); DDPM's linear table ends at λ = −5.06,
-iDDPM's discrete cosine (``cosine_discrete``) at λ ≈ −10, and no schedule here is truncated.
+so sampling runs from t = 1 to t = 1/N. DPM-Solver's latest release truncates discrete tables
+whose λ falls below −5.1 (cosine-like ones): at λ ≈ −10 the first steps of its higher-order
+updates blow up. :meth:`NoiseSchedule.stable_start` gives the knot where that truncated table ends;
+the DPM-Solver family starts there by default (DDPM's linear table ends at λ = −5.06 and is not
+cut; iDDPM's discrete cosine, ``cosine_discrete``, ends at λ ≈ −10 and is). The tables themselves
+are never cut: DDPM/DDIM on the respaced chain and the other solvers start at t = 1.
 
 All functions are vectorised and keep the dtype of a floating ``t`` (float64 works end to end);
 tables are float64 and are moved to ``t``'s device and dtype on use.
@@ -27,6 +30,7 @@ from torch import Tensor
 from zoo.domains import MAX_SOLVER_STEPS, Doc, Range, Rule
 
 Beta = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a DDPM β_n
+STABLE_LAMBDA = -5.1  # DPM-Solver's reference starts a discrete table no lower in λ (numerical_clip_alpha)
 # One step leaves a sampler no span of time to integrate over (t runs from 1/N to 1).
 TableSteps = Annotated[int, Range(2, MAX_SOLVER_STEPS), Doc("steps of the discrete table (at least 2)")]
 BETAS_GROW = Rule("beta_start <= beta_end", lambda beta_start, beta_end: beta_start <= beta_end,
@@ -97,6 +101,11 @@ class NoiseSchedule:
         """The t with λ_t = lam (λ is decreasing in t)."""
         return self._t_from_log_alpha(log_alpha_from_lambda(_as_time(lam)))
 
+    def stable_start(self, min_lambda: float = STABLE_LAMBDA) -> float:
+        """Where DPM-Solver starts by default: ``T``, or for a discrete table whose λ falls below
+        ``min_lambda`` the last knot at or above it (the end of the reference's truncated table)."""
+        return self.T
+
 
 class DiscreteSchedule(NoiseSchedule):
     """A discrete-time table ᾱ_0..ᾱ_{N−1} seen in continuous time (knots t_n = (n + 1)/N)."""
@@ -125,6 +134,12 @@ class DiscreteSchedule(NoiseSchedule):
 
     def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
         return self._t_of_log_alpha(log_alpha)
+
+    def stable_start(self, min_lambda: float = STABLE_LAMBDA) -> float:
+        log_alpha = 0.5 * torch.log(self.alphas_cumprod)
+        lam = log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+        kept = int((lam >= min_lambda).sum())  # λ falls with n: the knots below come last
+        return self.T if kept in (0, self.num_steps) else kept / self.num_steps
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_steps={self.num_steps})"
@@ -159,8 +174,8 @@ class CosineDiscreteSchedule(DiscreteSchedule):
     β_n = min(1 − ᾱ((n + 1)/N)/ᾱ(n/N), max_beta). Against DDPM's linear table it spends far
     fewer of the N steps at noise levels where nothing but the class mean is left (at 32x32 the
     linear table has σ > 0.96 for half its steps; this one for about a fifth), which is what
-    pixel models at low resolution need. Its last ᾱ is ~2e-9 (λ ≈ −10): start a sampler there
-    from pure noise; it is not truncated.
+    pixel models at low resolution need. Its last ᾱ is ~2e-9 (λ ≈ −10): DDPM starts there from
+    pure noise; DPM-Solver at λ = −5.1 (:meth:`stable_start`), as its reference does.
     """
 
     def __init__(self, num_steps: TableSteps = 1000, s: Annotated[float, Range(0, 1)] = 0.008,

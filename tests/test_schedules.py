@@ -59,6 +59,19 @@ def test_cosine_discrete_reproduces_iddpm_table():
     assert (sigma > 0.96).double().mean().item() == pytest.approx(0.183, abs=1e-3)
 
 
+def test_dpm_solver_starts_a_table_reaching_below_lambda_minus_5_1_where_the_reference_cuts_it():
+    """The reference's NoiseScheduleVP drops the last knots with λ < −5.1: iDDPM's cosine table loses 4 of
+    1000 (λ(t=1) = −9.9), DDPM's linear one (λ = −5.06) and Stable Diffusion's none."""
+    cosine = build_schedule("cosine_discrete")
+    log_alpha = 0.5 * cosine.alphas_cumprod.log()
+    lam = log_alpha - 0.5 * torch.log(1 - cosine.alphas_cumprod)
+    cut = int((lam < -5.1).sum())
+    assert cut == 4 and bool((lam[-cut:] < -5.1).all()) and lam[-cut - 1] >= -5.1
+    assert cosine.stable_start() == (1000 - cut) / 1000 == 0.996  # the knot of step 995, the cut table's end
+    assert build_schedule("linear").stable_start() == build_schedule("scaled_linear").stable_start() == 1.0
+    assert build_schedule("cosine").stable_start() == build_schedule("cosine").T  # continuous: its own T
+
+
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine_discrete"])
 def test_a_one_step_table_is_refused_and_two_steps_sample(name):
     """A 1-step table was accepted and then failed inside the DDIM/DDPM solvers (an empty knot segment)."""
