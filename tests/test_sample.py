@@ -606,3 +606,19 @@ def test_an_n_whose_grid_cannot_fit_in_memory_is_refused_before_sampling(tmp_pat
     assert main(["sample", str(recipe), "--n", "1000", "--out", str(tmp_path / "g.png")]) == 2
     assert ("zoo: error: --n 1000 images of 8x8 need about 2 MiB of memory for one grid, and 1 MiB is free "
             "(use --n 455 or less)") in capsys.readouterr().err
+
+
+def test_the_checks_before_the_weights_draw_no_labels(monkeypatch, capsys, tmp_path):
+    """The early label check drew every sample's random class (a generator each) before the grid's memory
+    was checked: --n 100000000 ran ~40 min to its one-line refusal. Given labels are still checked early."""
+    import zoo.sample as sampling
+
+    def no_draws(*args, **kwargs):
+        raise AssertionError("labels drawn before sampling")
+
+    monkeypatch.setattr(sampling, "sample_labels", no_draws)
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml")
+    sampling.check_before_weights(recipe, None, None, None, None, None, request=SampleRequest(n=10**8))
+    with pytest.raises(UserError, match=r"class label 9 \(--class\) is not a class of this model \(0..3\)"):
+        sampling.check_before_weights(recipe, None, None, None, None, None,
+                                      request=SampleRequest(n=10**8, class_labels=[9]))

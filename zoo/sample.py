@@ -371,18 +371,25 @@ def _solver_choice(read: Callable[[list[str]], dict], name: str | None, override
     return [] if current == name else [f"sample.solver={{type: {json.dumps(name)}}}"]
 
 
+def _check_labels(request: SampleRequest, classes: int | None) -> list[int] | None:
+    """The request's own labels (``None``: random ones, or none for an unconditional model), refused
+    where the model cannot take them; nothing drawn (a --n of millions costs nothing here)."""
+    given = request.label_list()
+    if classes is None and given is not None:
+        raise UserError("class labels (--class) were given but this model is unconditional")
+    bad = [v for v in given or () if not 0 <= v < classes]
+    if bad:
+        raise UserError(f"class label {bad[0]} (--class) is not a class of this model (0..{classes - 1})")
+    return given
+
+
 def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | None:
     """One label per sample: the request's (one for all, or one each) or seeded random classes."""
-    given = request.label_list()
+    given = _check_labels(request, classes)
     if classes is None:
-        if given is not None:
-            raise UserError("class labels (--class) were given but this model is unconditional")
         return None
     if given is None:
         return sample_labels(n, classes, request.seed)
-    bad = [v for v in given if not 0 <= v < classes]
-    if bad:
-        raise UserError(f"class label {bad[0]} (--class) is not a class of this model (0..{classes - 1})")
     return torch.tensor(given * n if len(given) == 1 else given, dtype=torch.long)
 
 
@@ -399,7 +406,7 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
         chain(build_schedule(recipe))
     sampling_precision(recipe, precision, dtype or torch.float32)
     if request is not None:
-        _labels(request, request.count(), num_classes(recipe))
+        _check_labels(request, num_classes(recipe))
         guidance_settings(recipe, request.cfg)
 
 
