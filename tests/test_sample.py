@@ -622,3 +622,16 @@ def test_the_checks_before_the_weights_draw_no_labels(monkeypatch, capsys, tmp_p
     with pytest.raises(UserError, match=r"class label 9 \(--class\) is not a class of this model \(0..3\)"):
         sampling.check_before_weights(recipe, None, None, None, None, None,
                                       request=SampleRequest(n=10**8, class_labels=[9]))
+
+
+def test_guided_eps_fn_is_called_as_sampling_md_writes_it():
+    """docs/sampling.md names guided_eps_fn(model, recipe, schedule, y, guidance); it needed a sixth argument."""
+    from zoo.diffusion.setup import build_schedule, guidance_settings, guided_eps_fn
+
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml")
+    model = zoo.build_model(recipe).eval().double()
+    schedule, y = build_schedule(recipe), torch.tensor([1, 2])
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([0.5, 0.9], dtype=torch.float64)
+    documented = guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe))
+    explicit = guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe), eps_channels=3)
+    assert torch.equal(documented(x, t), explicit(x, t))

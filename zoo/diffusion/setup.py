@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from zoo.errors import UserError
@@ -169,9 +170,15 @@ def guided_eps_fn(
     schedule: "NoiseSchedule",
     y: Tensor | None,
     guidance: GuidanceSettings,
-    eps_channels: int,
+    eps_channels: int | None = None,
 ) -> GuidedModel:
-    """The solver's ``eps_fn`` for ``model``: time mapped, guided as ``guidance`` says."""
+    """The solver's ``eps_fn`` for ``model``: time mapped, guided as ``guidance`` says. ``eps_channels``:
+    the channels of the data (default: those of the model's example input)."""
+    if eps_channels is None:
+        from zoo.meta import example_inputs
+
+        with torch.device("meta"):
+            eps_channels = int(example_inputs(model)[0].shape[1])
     null = _diffusion(recipe).get("null_label")
     active = guidance.active and y is not None
     if active and null is None:
