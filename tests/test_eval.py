@@ -178,6 +178,19 @@ def test_adm_reference_batch_is_read_as_it_is(tmp_path):
     np.testing.assert_array_equal(ref.sigma, arrays["sigma"])
 
 
+@pytest.mark.parametrize("n", [0, 1])
+def test_an_adm_npz_of_fewer_than_two_images_is_named_before_extraction(tmp_path, n):
+    """One image said 'cannot read reference: need features of shape (N >= 2, D)' after extracting it,
+    blaming the format; none said 'no images to extract features from' without naming the file."""
+    from zoo.errors import UserError
+
+    _adm_npz(tmp_path / "ref.npz", n=n)
+    with pytest.raises(UserError) as err:
+        load_reference(str(tmp_path / "ref.npz"), PoolFeatures(), 8, log=lambda _: None)
+    assert str(err.value) == f"reference {tmp_path / 'ref.npz'} has {n} image(s); statistics need at least 2"
+    assert not (tmp_path / "cache" / "eval").exists()  # nothing extracted or cached
+
+
 def test_an_unreadable_reference_is_one_line_and_a_damaged_cache_is_recomputed(tmp_path):
     from zoo.errors import UserError
 

@@ -269,6 +269,8 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
         adm_stats = (f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise UserError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
+    if len(images) < 2:  # before extracting: a covariance needs two
+        raise UserError(f"reference {path} has {len(images)} image(s); statistics need at least 2")
     if images.shape[1:3] != (image_size, image_size):  # folders are cropped to the samples' size; arrays are as given
         log(f"zoo eval: warning: the reference's images are {images.shape[1]}x{images.shape[2]}, the samples "
             f"{image_size}x{image_size}: the extractor resizes both, but an FD across resolutions also measures "
