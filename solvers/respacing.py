@@ -116,6 +116,10 @@ class ChainSolver(Solver):
                                 "would be ignored", key_path="sample.solver.skip",
                                 suggestion="drop skip (choose the kept steps with respacing, e.g. 'ddim25')")
             n = schedule.num_steps
+            if self.respacing is None and self.steps > n:  # said as the steps asked for, not as a respacing
+                raise UserError(f"{self.steps} steps are more than the schedule's {n} training steps ({name} walks "
+                                "a subset of them)",
+                                key_path="sample.solver.steps", suggestion=f"use steps <= {n}")
             spec = self.respacing or str(self.steps)
             kept = space_timesteps(n, spec)
             abars = [schedule.alphas_cumprod[k].item() for k in kept]

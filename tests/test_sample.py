@@ -320,6 +320,9 @@ def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(check
                          (["--solver", "ddim", "--respacing", "ddim1"], "(keep 2 or more steps, or use --solver ddim_grid"),
                          (["--solver", "ddim", "--respacing", "ddim300"], "(use 300 (evenly spaced with a fractional"),
                          (["--steps", "1", "--solver", "ddim"], "is mostly signal"),
+                         # a count was said as "respacing '1001'", naming no option
+                         (["--steps", "1001", "--solver", "ddpm"], "zoo: error: --steps 1001: key sample.solver.steps: "
+                          "1001 steps are more than the schedule's 1000 training steps"),
                          (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64"),
                          (["--class", "99"], "class label 99 (--class) is not a class of this model"),
                          (["--cfg", "5000"], "5000")):

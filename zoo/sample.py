@@ -213,15 +213,21 @@ def build_solver(recipe: Mapping[str, Any], name: str | None, steps: int | None,
     spec.update(options)
     try:
         return zoo.build_component("solver", spec), spec
-    except UserError as err:  # name the option that set the key, not the "<solver spec>" it was built from
-        key = (err.key_path or "").removeprefix("sample.solver").lstrip(".").split(".")[0]
-        given = {"type": ("--solver", name), "steps": ("--steps", steps), "respacing": ("--respacing", respacing)}
-        flag, value = given.get(key, (None, None))
-        err.file, err.line = (f"{flag} {value}" if value is not None else None), None
-        err.key_path = "sample.solver" + (f".{key}" if key else "")
-        if key == "respacing" and "unknown parameter" in err.message:
-            err.suggestion = "--respacing walks ADM's respaced chain: solvers ddpm and ddim"
+    except UserError as err:
+        _name_the_option(err, name, steps, respacing)
         raise
+
+
+def _name_the_option(err: UserError, solver: str | None, steps: int | None, respacing: str | None) -> None:
+    """Point a solver's error at the command-line option that set its key (``--steps 1001: key
+    sample.solver.steps: ...``), not at the "<solver spec>" it was built from."""
+    key = (err.key_path or "").removeprefix("sample.solver").lstrip(".").split(".")[0]
+    given = {"type": ("--solver", solver), "steps": ("--steps", steps), "respacing": ("--respacing", respacing)}
+    flag, value = given.get(key, (None, None))
+    err.file, err.line = (f"{flag} {value}" if value is not None else None), None
+    err.key_path = "sample.solver" + (f".{key}" if key else "")
+    if key == "respacing" and "unknown parameter" in err.message:
+        err.suggestion = "--respacing walks ADM's respaced chain: solvers ddpm and ddim"
 
 
 def num_classes(recipe: Mapping[str, Any]) -> int | None:
@@ -403,7 +409,12 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
     built, _ = build_solver(recipe, solver, steps, options, respacing=respacing)
     chain = getattr(built, "chain", None)  # ddpm/ddim: the respaced chain of the recipe's schedule
     if callable(chain):
-        chain(build_schedule(recipe))
+        try:
+            chain(build_schedule(recipe))
+        except UserError as err:
+            if err.key_path and err.key_path.startswith("sample.solver"):
+                _name_the_option(err, solver, steps, respacing)
+            raise
     sampling_precision(recipe, precision, dtype or torch.float32)
     if request is not None:
         _check_labels(request, num_classes(recipe))
