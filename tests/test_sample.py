@@ -325,6 +325,7 @@ def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(check
                           "1001 steps are more than the schedule's 1000 training steps"),
                          (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64"),
                          (["--class", "99"], "class label 99 (--class) is not a class of this model"),
+
                          (["--cfg", "5000"], "5000")):
         assert main(["sample", str(checkpoint), "--out", str(tmp_path / "x.png"), *extra]) == 2
         assert words in capsys.readouterr().err
@@ -591,6 +592,9 @@ def test_a_vae_for_a_pixel_model_is_refused_not_ignored(tmp_path, capsys):
     (["--solver", "bogus"], "zoo: error: --solver bogus: key sample.solver.type: unknown solver 'bogus'"),
     (["--solver", "dpm_solver++", "--respacing", "10,15"], "(--respacing walks ADM's respaced chain: solvers ddpm and "
      "ddim)"),
+    # found at the first model call, in Python-API words ("needs eps_fn to return (eps, v)")
+    (["--solver", "ddpm", "--set", "sample.solver.variance=learned"], "key sample.solver.variance: ddpm variance "
+     "'learned' reads the model's variance output, and this model has none (model.learn_sigma is false)"),
 ])
 def test_a_bad_solver_option_names_the_option_not_an_internal_spec(tmp_path, capsys, flags, expected):
     """The messages began '<solver spec>: key steps:', naming no option the user typed."""

@@ -415,10 +415,26 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
             if err.key_path and err.key_path.startswith("sample.solver"):
                 _name_the_option(err, solver, steps, respacing)
             raise
+    if getattr(built, "variance", None) == "learned":
+        _check_learned_variance(recipe)
     sampling_precision(recipe, precision, dtype or torch.float32)
     if request is not None:
         _check_labels(request, num_classes(recipe))
         guidance_settings(recipe, request.cfg)
+
+
+def _check_learned_variance(recipe: Mapping[str, Any]) -> None:
+    """DDPM's ``variance: learned`` reads the model's variance output: refused for a model that has none
+    (a registered backbone's ``learn_sigma`` says; a ``_target_`` model's output decides at its first call)."""
+    from zoo import registry
+    from zoo.diffusion.sections import learns_sigma
+
+    model = recipe.get("model")
+    known = isinstance(model, dict) and ("learn_sigma" in model or model.get("type") in registry.names("backbone"))
+    if known and not learns_sigma(model):
+        raise UserError("ddpm variance 'learned' reads the model's variance output, and this model has none "
+                        "(model.learn_sigma is false)", key_path="sample.solver.variance",
+                        suggestion="use variance fixed_small (DDPM's, the default) or fixed_large")
 
 
 def refuse_non_finite(x: Tensor, what: str, kept: str) -> None:

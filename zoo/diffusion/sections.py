@@ -131,7 +131,7 @@ def _check_named_table(recipe: Recipe, value: Any, table: dict[str, dict], name_
     return spec
 
 
-def _learns_sigma(model: Any) -> bool:
+def learns_sigma(model: Any) -> bool:
     """Whether the model section outputs a learned variance: its ``learn_sigma``, else its backbone's default."""
     if not isinstance(model, dict):
         return False
@@ -163,7 +163,7 @@ def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
         if spec["type"] == "hybrid_vlb" and value.get("prediction", "eps") != "eps":
             raise recipe.error(path + ("prediction",), "the hybrid_vlb objective (learned sigma) is defined for "
                                "eps prediction only", suggestion="remove diffusion.prediction or use objective eps_mse")
-    if value.get("prediction", "eps") != "eps" and _learns_sigma(recipe.data.get("model")):
+    if value.get("prediction", "eps") != "eps" and learns_sigma(recipe.data.get("model")):
         raise recipe.error(path + ("prediction",), "a learned-sigma model ([eps | v] output, model.learn_sigma) "
                            "trains with the hybrid_vlb objective, which is defined for eps prediction only",
                            suggestion="remove diffusion.prediction, or set model.learn_sigma: false")
