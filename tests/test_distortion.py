@@ -180,8 +180,11 @@ def test_a_missing_or_mismatched_classifier_is_one_line_before_sampling(checkpoi
         base + " --distortion --classifier {tmp}/cls5", tmp_path, capsys)
     _classifier(tmp_path / "cls16", size=16)
     assert "takes 16x16 images" in _bad(base + " --distortion --classifier {tmp}/cls16", tmp_path, capsys)
-    assert "--classifier and --classifier-weights go with --distortion" in _bad(
+    assert "zoo: error: --classifier goes with --distortion (add --distortion" in _bad(
         base + " --classifier {tmp}/cls5", tmp_path, capsys)
+    assert "zoo: error: --threshold goes with --distortion" in _bad(base + " --threshold 7", tmp_path, capsys)  # was ignored
+    assert "--classifier, --classifier-weights and --threshold go with --distortion" in _bad(
+        base + " --classifier x --classifier-weights y --threshold 0.3", tmp_path, capsys)
     assert "--threshold must be in (0, 1]" in _bad(
         base + " --distortion --classifier {tmp}/cls5 --threshold 0", tmp_path, capsys)
     assert "needs its weights as a local file" in _bad(

@@ -17,16 +17,22 @@ def add_options(parser) -> None:
                         help="a zoo train-classifier directory, or timm:NAME with --classifier-weights")
     parser.add_argument("--classifier-weights", default=None, metavar="FILE",
                         help="local weights of a timm:NAME classifier (.safetensors or .pth state dict)")
-    parser.add_argument("--threshold", type=float, default=0.5,
+    parser.add_argument("--threshold", type=float, default=None,
                         help="a sample is rejected when its own-class probability is below this (default 0.5)")
 
 
 def scorer_for(args, device: Any) -> Any:
     """The classifier ``zoo eval --distortion`` asked for, checked against the checkpoint before any sampling."""
     if not args.distortion:
-        if args.classifier or args.classifier_weights:
-            raise UserError("--classifier and --classifier-weights go with --distortion")
+        given = [flag for flag, value in (("--classifier", args.classifier), ("--classifier-weights",
+                 args.classifier_weights), ("--threshold", args.threshold)) if value is not None]
+        if given:  # else ignored without a word
+            named = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+            raise UserError(f"{named} {'go' if len(given) > 1 else 'goes'} with --distortion",
+                            suggestion="add --distortion (with --classifier) to score the samples")
         return None
+    if args.threshold is None:
+        args.threshold = 0.5
     if not 0.0 < args.threshold <= 1.0:
         raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
     from zoo.checkpoint import read_config
