@@ -563,6 +563,31 @@ def test_another_image_folder_into_a_finished_output_is_refused_and_a_moved_one_
     assert "encoding 2 (" in lines[-1]  # shard 0 (rows before the deleted image) kept
 
 
+def test_a_split_with_the_same_file_names_is_not_taken_for_a_moved_folder(tmp_path, vae_dir, image_dir):
+    """train/ and val/ holding the same names (other pixels): `... val --out lat` after `... train --out lat`
+    passed as a move, encoded nothing and rewrote the manifest's root to val/. A copy with the same bytes
+    (the old folder still there) is still the same output."""
+    import shutil
+
+    from zoo.latents import MANIFEST
+
+    train, out = _copy_images(image_dir, tmp_path), tmp_path / "lat"
+    kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)
+    assert prepare_latents(train, vae_dir, out, **kw)
+    val = Path(shutil.copytree(train, tmp_path / "val"))
+    last = sorted(val.glob("n02/*"))[-1]
+    with Image.open(last) as im:
+        flipped = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(last)  # one file of ten differs: the probes reach the list's last row
+    with pytest.raises(UserError, match=f"{out} holds the latents of {train}, not of {val}: the file names are the "
+                                        f"same, but n02/{last.name} differs between them"):
+        prepare_latents(val, vae_dir, out, **kw)
+    assert json.loads((out / MANIFEST).read_text())["root"] == str(train)
+    copy = Path(shutil.copytree(train, tmp_path / "copy"))  # the same bytes: a copy, followed
+    assert prepare_latents(copy, vae_dir, out, **kw)
+    assert json.loads((out / PLAN).read_text())["root"] == str(copy)
+
+
 def test_resume_removes_a_killed_writes_temporary_file(tmp_path, vae_dir, image_dir):
     out = tmp_path / "lat"
     kw = dict(resolution=RES, batch_size=4, shard_size=4, num_workers=0)

@@ -218,7 +218,8 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
                             f"differ{'s' * (len(diff) == 1)})",
                             suggestion="use a new --out directory, or the same VAE and options as before")
         if old.get("images") == plan["images"]:
-            if old.get("root") != plan["root"]:  # the same images in a moved folder: the plan follows them
+            if old.get("root") != plan["root"]:  # the same images in a moved (or copied) folder: the plan follows
+                _refuse_another_folder(out, Path(str(old.get("root"))), Path(plan["root"]), lines)
                 _write_json(existing, plan)
             return False
         if old.get("root") not in (None, plan["root"]):  # a mistyped IMAGE_DIR would replace the whole output
@@ -229,6 +230,30 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     write_file(out / IMAGES, lambda tmp: tmp.write_bytes(_utf8("".join(lines))))
     _write_json(existing, plan)
     return old is not None
+
+
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def _path_of(line: str) -> str:
+    """The image path of an ``images.txt`` line, its escapes undone."""
+    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m.group(1), m.group(1)), line.rsplit("\t", 1)[0])
+
+
+def _refuse_another_folder(out: Path, old_root: Path, new_root: Path, lines: list[str], probes: int = 8) -> None:
+    """The same file names under another IMAGE_DIR are the same images moved or copied only if the old
+    folder is gone or its files hold the same bytes: ``train/`` and ``val/`` splits with equal names
+    would otherwise pass as a move and the manifest name the wrong folder. Compares ``probes`` files
+    spread over the list."""
+    if not old_root.is_dir():
+        return  # moved
+    for i in sorted({round(k * (len(lines) - 1) / max(probes - 1, 1)) for k in range(probes)}):
+        rel = _path_of(lines[i])
+        before, now = old_root / rel, new_root / rel
+        if before.is_file() and (before.stat().st_size != now.stat().st_size or _sha256(before) != _sha256(now)):
+            raise UserError(f"{out} holds the latents of {old_root}, not of {new_root}: the file names are the "
+                            f"same, but {rel} differs between them (another folder, not a move)",
+                            suggestion=f"use a new --out for {new_root}, or pass {old_root} to finish or update it")
 
 
 def _refuse_foreign_files(out: Path, text: bytes, planned: bool) -> None:
