@@ -362,6 +362,13 @@ def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_dif
     assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), *base, "--set", "train.steps=5",
                  "--set", f"data.root={tmp_path / 'gone'}"]) == 2
     assert f"data.root {tmp_path / 'gone'} is not a directory" in capsys.readouterr().err
+    # a recipe naming no dataset (the first start's --set data.dataset not given again) took the checkpoint's
+    # root and then refused it: 'data.root is set, but dataset synthetic reads no root'
+    assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), "--set", "data=null", *base[2:]]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"zoo: error: key data.dataset: the checkpoint in {tmp_path / 'run'} trained on data.dataset 'image_folder' "
+        f"(data.root {tmp_path / 'img'}), and this recipe names no dataset (the default is 'synthetic') (give the "
+        "first start's --set options again, e.g. --set data.dataset=image_folder)\n")
 
 
 def test_an_image_that_cannot_be_read_mid_run_keeps_the_steps_trained_before_it(tmp_path, monkeypatch, capsys):

@@ -80,8 +80,19 @@ def _paths_of_the_resumed_run(recipe: dict, resume: str) -> list[str]:
         then = read_config(checkpoint_of(Path(resume)))
     except (UserError, OSError):
         return []
+    data_then = then.get("data") if isinstance(then.get("data"), dict) else {}
+    data_now = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    dataset_then, dataset_now = data_then.get("dataset", "synthetic"), data_now.get("dataset", "synthetic")
+    if dataset_then != dataset_now and "dataset" not in data_now:  # a --set of the first start not given again
+        raise UserError(f"the checkpoint in {resume} trained on data.dataset {dataset_then!r}"
+                        + (f" (data.root {data_then['root']})" if data_then.get("root") else "")
+                        + f", and this recipe names no dataset (the default is {dataset_now!r})",
+                        key_path="data.dataset", suggestion=f"give the first start's --set options again, "
+                        f"e.g. --set data.dataset={dataset_then}")
     notes = []
     for section, key in RESUMED_PATH_KEYS:
+        if section == "data" and dataset_then != dataset_now:  # another kind of data: the old root is not its
+            continue
         old = (then.get(section) or {}).get(key) if isinstance(then.get(section), dict) else None
         if isinstance(old, str) and old and not (recipe.get(section) or {}).get(key):
             recipe[section] = {**(recipe.get(section) or {}), key: old}
