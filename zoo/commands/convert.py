@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the official config lacks the key {err.args[0]!r} that converting needs") from None
     source = f"{args.checkpoint} (converted as {args.family})"
     model = build_with_state(lambda: zoo.build_model(recipe), state, source)
-    check_null_label(model, (recipe.get("diffusion") or {}).get("null_label"))  # else it converts, then cannot sample
+    check_null_label(model, (recipe.get("diffusion") or {}).get("null_label"),  # else it converts, then cannot sample
+                     (recipe.get("data") or {}).get("num_classes"))
     out = save_checkpoint(args.out, model, recipe)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({len(official)} official tensors, {n:,} parameters)")

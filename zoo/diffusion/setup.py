@@ -151,17 +151,21 @@ def check_guidance_channels(guidance: GuidanceSettings, channels: int) -> None:
                         suggestion=f"at most {channels}, or remove it to guide every channel")
 
 
-def check_null_label(model: nn.Module, null_label: int | None) -> None:
+def check_null_label(model: nn.Module, null_label: int | None, data_classes: int | None = None) -> None:
     """Refuse a null label the model has no embedding for (it failed at the first dropped label,
     an IndexError deep inside a training step or a guided sample). Backbones say how many labels
-    they embed in ``num_labels``; one that does not is not checked."""
+    they embed in ``num_labels``; one that does not is not checked. ``data_classes``: the recipe's
+    ``data.num_classes``, which the fix must keep below the null label too (said in one message)."""
     rows = getattr(model, "num_labels", None)
     if null_label is None or not rows or null_label < rows:
         return
+    fix = f"--set diffusion.null_label={rows - 1}"
+    if data_classes is not None and data_classes > rows - 1:
+        fix += f" --set data.num_classes={rows - 1}"
     raise UserError(f"diffusion.null_label is {null_label}, but the model embeds labels 0..{rows - 1} only",
                     key_path="diffusion.null_label",
-                    suggestion=f"U-ViT and DiMR count the null label in model.num_classes (set it to "
-                    f"{null_label + 1}); DiT embeds it as label model.num_classes when class_dropout_prob > 0")
+                    suggestion=f"{fix}: its last label row, where DiT, U-ViT and DiMR keep the null label (or give "
+                    "the model more classes: DiT embeds model.num_classes + 1 rows, U-ViT and DiMR model.num_classes)")
 
 
 def guided_eps_fn(
@@ -185,7 +189,7 @@ def guided_eps_fn(
         raise UserError("classifier-free guidance needs the null label", key_path="diffusion.null_label",
                         suggestion="set diffusion.null_label, or sample with --cfg 1 (dit) / 0 (uvit)")
     if active:
-        check_null_label(model, null)
+        check_null_label(model, null, (recipe.get("data") or {}).get("num_classes"))
         check_guidance_channels(guidance, eps_channels)
     return GuidedModel(
         model,

@@ -36,7 +36,7 @@ def training_objective(recipe: Mapping[str, Any], meta_model: nn.Module) -> Diff
         if objective.null_label is None:
             objective.null_label = int(model_cfg["num_classes"])
     if objective.label_drop > 0:
-        check_null_label(meta_model, objective.null_label)
+        check_null_label(meta_model, objective.null_label, (recipe.get("data") or {}).get("num_classes"))
     _check_output(meta_model, objective)
     return objective
 
