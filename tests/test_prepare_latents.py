@@ -163,12 +163,13 @@ def test_an_image_size_other_than_the_latents_resolution_is_refused(tmp_path, va
     match a model of the same latent size): the recipe then says one thing and trains on another."""
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
-    data = {"dataset": "imagenet", "latent": True, "root": str(out), "vae_scale": 0.18215}
-    assert len(build_dataset({**data, "image_size": RES}, (4, 8, 8), 2)) == 10
-    with pytest.raises(UserError, match=f"data.image_size is {2 * RES}, but the latents in .* were made from "
-                       f"{RES}x{RES} images") as err:
-        build_dataset({**data, "image_size": 2 * RES}, (4, 8, 8), 2)
-    assert err.value.key_path == "data.image_size" and f"set data.image_size to {RES}" in err.value.suggestion
+    for data in ({"dataset": "imagenet", "latent": True, "root": str(out), "vae_scale": 0.18215},
+                 {"dataset": "latents", "root": str(out)}):  # the same manifest, the same check
+        assert len(build_dataset({**data, "image_size": RES}, (4, 8, 8), 2)) == 10
+        with pytest.raises(UserError, match=f"data.image_size is {2 * RES}, but the latents in .* were made from "
+                           f"{RES}x{RES} images") as err:
+            build_dataset({**data, "image_size": 2 * RES}, (4, 8, 8), 2)
+        assert err.value.key_path == "data.image_size" and f"set data.image_size to {RES}" in err.value.suggestion
 
 
 def test_latent_dataset_draws_from_the_posterior_of_a_random_view(tmp_path, vae_dir, image_dir):
@@ -229,7 +230,7 @@ def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_va
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_copy, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
     sets = ["--set", "data.dataset=latents", "--set", f"data.root={out}", "--set", "data.num_classes=2",
-            "--set", "train.batch_size=4",
+            "--set", f"data.image_size={RES}", "--set", "train.batch_size=4",
             "--set", "train.sample_every=2", "--set", "train.ckpt_every=0", "--set", "train.log_every=1"]
     capsys.readouterr()
     # No data.vae: the grids decode through the VAE the manifest says the latents were made with
@@ -462,7 +463,7 @@ def test_prepared_latents_are_not_flipped_a_second_time(tmp_path, vae_dir, image
     for name, root in (("prepared", out), ("plain", plain)):
         recipe = zoo.load_recipe("tests/recipes/tiny_dit_latent.yaml", [
             "data.dataset=latents", f"data.root={root}", "data.num_classes=2", "data.random_flip=true",
-            "train.batch_size=4"])
+            f"data.image_size={RES}", "train.batch_size=4"])
         flips[name] = Trainer(recipe, tmp_path / f"run_{name}", log=lambda *_: None).flip
     assert flips == {"prepared": False, "plain": True}
 

@@ -55,7 +55,15 @@ def latents(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
     """``zoo prepare-latents`` output (VAE moments, image and flip) or plain ``latents`` shards."""
     from zoo.training.latents import open_latents
 
-    return open_latents(_root(data, "latent shards"), float(data.get("vae_scale", 0.18215)))
+    dataset = open_latents(_root(data, "latent shards"), float(data.get("vae_scale", 0.18215)))
+    made_at = getattr(dataset, "manifest", {}).get("resolution")  # zoo prepare-latents output says its size
+    if data.get("image_size") and made_at and int(data["image_size"]) != int(made_at):
+        raise UserError(f"data.image_size is {data['image_size']}, but the latents in {data['root']} were made "
+                        f"from {made_at}x{made_at} images (zoo prepare-latents --resolution {made_at})",
+                        key_path="data.image_size",
+                        suggestion=f"set data.image_size to {made_at}, or prepare latents with --resolution "
+                        f"{data['image_size']}")
+    return dataset
 
 
 def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
@@ -69,7 +77,7 @@ def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
     return classes if isinstance(classes, list) else []
 
 
-latents.reads = ()  # type: ignore[attr-defined]
+latents.reads = ("image_size",)  # type: ignore[attr-defined]  # checked against the resolution they were made at
 latents.latent_keys = ("vae_scale", "vae")  # type: ignore[attr-defined]  # listed by zoo list / --help-component
 latents.class_names = _manifest_classes  # type: ignore[attr-defined]
 
@@ -91,17 +99,7 @@ def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int |
     """ImageNet as the paper recipes read it: ``latents`` if ``data.latent``, else ``image_folder``."""
     if not data.get("root"):
         raise UserError(f"data.root is not set: {_needs(data, shape)}")
-    if not data.get("latent"):
-        return image_folder(data, shape, num_classes, seed)
-    dataset = latents(data, shape, num_classes, seed)
-    made_at = getattr(dataset, "manifest", {}).get("resolution")  # zoo prepare-latents output says its size
-    if data.get("image_size") and made_at and int(data["image_size"]) != int(made_at):
-        raise UserError(f"data.image_size is {data['image_size']}, but the latents in {data['root']} were made "
-                        f"from {made_at}x{made_at} images (zoo prepare-latents --resolution {made_at})",
-                        key_path="data.image_size",
-                        suggestion=f"set data.image_size to {made_at}, or prepare latents with --resolution "
-                        f"{data['image_size']}")
-    return dataset
+    return (latents if data.get("latent") else image_folder)(data, shape, num_classes, seed)
 
 
 imagenet.reads = ("image_size",)  # type: ignore[attr-defined]
