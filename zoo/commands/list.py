@@ -17,7 +17,7 @@ from zoo.errors import UserError, did_you_mean
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "list",
-        help="list registered blocks, conditioners, backbones, solvers and schedules",
+        help="list registered " + ", ".join(f"{kind}s" for kind in registry.KINDS[:-1]) + f" and {registry.KINDS[-1]}s",
         description="List registered components: name, where it comes from (distribution or in-process), "
         "and the first line of its docstring. Components that fail to load are listed with the error. "
         "--verbose (or KIND NAME) also shows every argument: type, default and allowed values.",
