@@ -306,3 +306,16 @@ def test_zoo_traceback_0_keeps_the_one_line(capsys, monkeypatch, value, shown):
     else:
         assert cli_main(["build", "no_such_recipe_anywhere"]) == 2
         assert capsys.readouterr().err.startswith("zoo: error: ")
+
+
+@pytest.mark.parametrize("command, raw_word", [("eval", "raw"), ("export", "model"), ("convert", "model")])
+def test_weights_takes_raw_and_model_alike_in_every_command(command, raw_word):
+    """eval took ema|raw, export and convert ema|model: a flag copied from one command failed in the next."""
+    from zoo.cli import build_parser
+
+    parser = build_parser()
+    positional = {"eval": ["RUN", "--n", "4"], "export": ["diffusers", "CKPT", "--out", "o"],
+                  "convert": ["dit", "x.pt", "--recipe", "dit_s_2", "--out", "o"]}[command]
+    for word in ("raw", "model"):
+        assert parser.parse_args([command, *positional, "--weights", word]).weights == raw_word
+    assert parser.parse_args([command, *positional, "--weights", "ema"]).weights == "ema"

@@ -33,6 +33,9 @@ def test_export_of_a_run_directory_writes_its_last_checkpoint(tmp_path, capsys):
     assert all(torch.equal(v, ema.get(k, model[k])) for k, v in weights.items())  # EMA by default, as for a checkpoint
     assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf"), "--weights", "model", "--force"]) == 0
     assert all(torch.equal(v, model[k]) for k, v in exported(tmp_path / "hf").items())
+    # zoo eval's word for them works here too (it was 'invalid choice: raw (choose from ema, model)')
+    assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf2"), "--weights", "raw"]) == 0
+    assert all(torch.equal(v, model[k]) for k, v in exported(tmp_path / "hf2").items())
 
 
 def test_export_of_a_directory_that_is_neither_is_still_refused(tmp_path, capsys):

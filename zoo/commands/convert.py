@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zoo.commands import add_overrides_option
+from zoo.commands import add_overrides_option, add_weights_option
 from zoo.errors import UserError
 from zoo.jsonfile import read_json_object
 
@@ -28,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="JSON file with the official constructor kwargs, for families whose converter needs "
                    "them (DiMR); default: the checkpoint's own 'config' entry, else read from --recipe")  # fmt: skip
-    p.add_argument("--weights", choices=("ema", "model"), default=None,
-                   help="which weights of a training checkpoint to take (default: ema if present)")  # fmt: skip
+    add_weights_option(p, "model", "which weights of a training checkpoint to take (default: ema if present)")
     p.set_defaults(func=run)
 
 

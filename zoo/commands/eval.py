@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from zoo.commands import add_overrides_option, add_respacing_option
+from zoo.commands import add_overrides_option, add_respacing_option, add_weights_option
 from zoo.precision import PRECISIONS
 
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale in the recipe's convention")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-sample seeds (default 0)")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    add_weights_option(p, "raw", "EMA (default) or raw weights", default="ema")
     p.add_argument("--vae", default=None, metavar="DIR", help="local SD VAE weights (latent models)")
     p.add_argument("--out", default=None, metavar="DIR", help="eval directory (default: RUN/eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zoo.commands import add_weights_option
 from zoo.errors import UserError
 
 FORMATS = ("diffusers", "npz")
@@ -28,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path,
                    help="diffusers: directory to write (a new path, or an empty directory); npz: the .npz file")
     p.add_argument("--n", type=int, default=None, help="npz: samples 0..N-1 (default: every sample there)")
-    p.add_argument("--weights", choices=("ema", "model"), default=None,
-                   help="diffusers: which weights to export (default: ema if the checkpoint has them, else model)")
+    add_weights_option(p, "model", "diffusers: which weights to export (default: ema if the checkpoint has them, "
+                       "else the raw ones)")
     p.add_argument("--force", action="store_true", help="replace --out if it already is a zoo export (diffusers directory, npz file)")
     p.set_defaults(func=run)
 
