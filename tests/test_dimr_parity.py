@@ -169,6 +169,12 @@ def test_zoo_convert_without_config_reads_the_layout_from_the_recipe(tmp_path, g
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     argv = ["convert", "dimr", str(tmp_path / "official.pt"), "--recipe", str(tmp_path / "tiny.yaml")]
     assert main([*argv, "--out", str(tmp_path / "ckpt")]) == 0
+    assert "changed the recipe's model" not in capsys.readouterr().out
+    # a shape-keeping --set without an official config is noted, as for DiT (the layout read from the
+    # recipe holds block kinds and depths only: num_heads went unchecked and unsaid)
+    assert main([*argv, "--out", str(tmp_path / "heads"), "--set", "model.branches.0.block.num_heads=1"]) == 0
+    assert ("zoo convert: note: model.branches.0.block.num_heads changed the recipe's model; a setting that keeps "
+            "every tensor's shape") in capsys.readouterr().out
     model, _ = load_checkpoint(tmp_path / "ckpt")
     inputs = data["inputs"]
     with torch.no_grad():

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     check_recipe_family(args.family, converter, recipe["model"], str(args.checkpoint))
     check_recipe_fits_model(recipe, build_on_meta(lambda: zoo.build_model(recipe)))  # as zoo build and train do
     config = official_config(args, checkpoint)
-    if config is not None:  # settings that keep the tensor shapes (num_heads, ...) are checked here
+    checked = config is not None  # an official config: settings that keep tensor shapes are compared with it
+    if checked:
         check_recipe_matches(model_spec(converter, config), recipe["model"])
     elif hasattr(converter, "config_from_recipe"):  # DiMR's key layout, from the recipe of the same model
         config = converter.config_from_recipe(recipe["model"])
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({len(official)} official tensors, {n:,} parameters)")
     changed = [".".join(key) for key in map(override_key, args.overrides) if key[0] == "model"]
-    if changed and config is None:  # no official config to compare with: shapes are all strict loading sees
+    if changed and not checked:  # no official config to compare with: shapes are all strict loading sees
+        # (DiMR's config_from_recipe holds only the key layout: block kinds and depths)
         print(f"zoo convert: note: {', '.join(changed)} changed the recipe's model; a setting that keeps every "
               "tensor's shape (num_heads, an activation) cannot be checked against the weights: set it only as "
               "the checkpoint was trained")
