@@ -130,6 +130,10 @@ def test_unknown_keys_and_options_are_user_errors():
         convert.convert_state_dict(state, data["config"])
     with pytest.raises(zoo.errors.UserError, match="--config FILE"):  # zoo convert without --config
         convert.convert_state_dict(data["state_dict"], None)
+    # MRModel builds LayerNorms where its config names no norm_type: said so, not read as TDRMSN (whose
+    # keys then read as 'unexpected', questioning whether the file was official)
+    with pytest.raises(zoo.errors.UserError, match=r"DiMR norm_type 'LN' is not supported; zoo converts \['TDRMSN'\]"):
+        convert.official_config_to_model_spec({k: v for k, v in data["config"].items() if k != "norm_type"})
 
 
 def test_zoo_convert_writes_a_checkpoint_that_reproduces_the_official_outputs(tmp_path):

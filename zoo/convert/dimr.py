@@ -62,7 +62,7 @@ def official_config_to_model_spec(config: Mapping[str, Any]) -> dict:
     unknown = sorted(set(config) - set(OFFICIAL_ARGS))
     if unknown:
         raise UserError(f"unknown DiMR config keys {unknown}; the official MRModel takes {', '.join(OFFICIAL_ARGS)}")
-    norm_type = config.get("norm_type", "TDRMSN")
+    norm_type = config.get("norm_type", "LN")  # MRModel's own default where its config names none
     if norm_type not in _NORMS:
         raise UserError(f"DiMR norm_type {norm_type!r} is not supported; zoo converts {sorted(_NORMS)}")
     branches, input_size = [], None
