@@ -279,3 +279,16 @@ def test_converter_rejects_what_it_cannot_represent():
     assert converted["blocks.skip_linears.1.weight"] is official["out_blocks.1.skip_linear.weight"]
     assert converted["blocks.out_blocks.0.attn.qkv.weight"] is official["out_blocks.0.attn.qkv.weight"]
     assert len(converted) == len(official)
+
+
+@pytest.mark.parametrize("official, recipe", [(-1, 0), (0, -1), (-1, -1)])
+def test_an_unconditional_num_classes_matches_any_other_unconditional_one(official, recipe):
+    """The official U-ViT is unconditional for num_classes <= 0 (its configs say -1), as zoo's is; a recipe's 0
+    against a config's -1 was refused ('the recipe says 0, the official config -1')."""
+    from zoo.convert import check_recipe_matches
+
+    config = {**load("golden_uvit_tiny.pt")["config"], "num_classes": official}
+    spec = official_config_to_model_spec(config)
+    check_recipe_matches(spec, {**spec, "num_classes": recipe})
+    with pytest.raises(UserError, match="the recipe says 10, the official config"):
+        check_recipe_matches(spec, {**spec, "num_classes": 10})

@@ -117,9 +117,15 @@ def check_recipe_matches(spec: Any, model: Any, path: str = "model") -> None:
         for i, (a, b) in enumerate(zip(spec, model)):
             check_recipe_matches(a, b, f"{path}.{i}")
         return
+    if path.endswith(".num_classes") and _unconditional(spec) and _unconditional(model):
+        return  # U-ViT: any num_classes <= 0 is unconditional (the official -1, a recipe's 0)
     if spec != model:
         raise UserError(f"the recipe says {model!r}, the official config {spec!r}", key_path=path,
                         suggestion="use the recipe of this checkpoint's model, or --set it")
+
+
+def _unconditional(num_classes: Any) -> bool:
+    return isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= 0
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None = None) -> dict[str, Tensor]:
