@@ -216,6 +216,15 @@ def test_zoo_convert_refuses_a_recipe_that_differs_from_the_official_config_in_o
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "key model.branches.0.block.num_heads" in err
     assert f"the recipe says {heads * 2}, the official config {heads}" in err and not (tmp_path / "ckpt").exists()
+    # a setting the recipe leaves at the backbone's default is compared too: block_grad_to_lowres went unseen
+    recipe["model"]["branches"][0]["block"]["num_heads"] = heads
+    recipe["model"].pop("detach_handed", None)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "config.json").write_text(json.dumps({**data["config"], "block_grad_to_lowres": True}))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.endswith("key model.detach_handed: the recipe leaves model.detach_handed at its "
+                                            "default False, the official config says True (--set "
+                                            "model.detach_handed=true)\n")
     broken = {k: v for k, v in data["config"].items() if k != "channels"}
     (tmp_path / "config.json").write_text(json.dumps(broken))
     assert main(argv) == 2

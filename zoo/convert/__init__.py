@@ -19,6 +19,7 @@ Families are listed in :data:`FAMILIES` (name -> module) and imported only when 
 from __future__ import annotations
 
 import importlib
+import json
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -100,15 +101,22 @@ def model_spec(family: ModuleType, config: Mapping[str, Any], source: str = "the
 
 
 def check_recipe_matches(spec: Any, model: Any, path: str = "model") -> None:
-    """Every setting the official config fixes that the recipe also states must agree with it.
+    """Every setting the official config fixes must agree with the recipe's: stated there, or left at
+    the backbone's default (DiMR's ``block_grad_to_lowres`` against a recipe that leaves
+    ``detach_handed`` out, say).
 
     Strict weight loading catches a different shape; this catches what keeps the shapes, such
-    as ``num_heads`` or ``mlp_ratio``. Keys only one side states are not compared.
+    as ``num_heads`` or ``mlp_ratio``. Below the top level, keys only one side states are not compared.
     """
     if isinstance(spec, Mapping) and isinstance(model, Mapping):
+        defaults = _backbone_defaults(model) if path == "model" else {}
         for key in spec:
             if key in model:
                 check_recipe_matches(spec[key], model[key], f"{path}.{key}")
+            elif key in defaults and not _same_setting(key, spec[key], defaults[key]):
+                raise UserError(f"the recipe leaves {path}.{key} at its default {defaults[key]!r}, the official "
+                                f"config says {spec[key]!r}", key_path=f"{path}.{key}",
+                                suggestion=f"--set {path}.{key}={json.dumps(spec[key])}")
         return
     if isinstance(spec, (list, tuple)) and isinstance(model, (list, tuple)):
         if len(spec) != len(model):
@@ -117,15 +125,33 @@ def check_recipe_matches(spec: Any, model: Any, path: str = "model") -> None:
         for i, (a, b) in enumerate(zip(spec, model)):
             check_recipe_matches(a, b, f"{path}.{i}")
         return
-    if path.endswith(".num_classes") and _unconditional(spec) and _unconditional(model):
-        return  # U-ViT: any num_classes <= 0 is unconditional (the official -1, a recipe's 0)
-    if spec != model:
+    if not _same_setting(path.rsplit(".", 1)[-1], spec, model):
         raise UserError(f"the recipe says {model!r}, the official config {spec!r}", key_path=path,
                         suggestion="use the recipe of this checkpoint's model, or --set it")
 
 
 def _unconditional(num_classes: Any) -> bool:
     return isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= 0
+
+
+def _same_setting(key: str, official: Any, ours: Any) -> bool:
+    """Equal, or both unconditional: U-ViT's any ``num_classes <= 0`` (the official -1, a recipe's 0)."""
+    return official == ours or (key == "num_classes" and _unconditional(official) and _unconditional(ours))
+
+
+def _backbone_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor defaults of the recipe's registered backbone (plain values only)."""
+    from zoo import registry
+    from zoo.introspect import signature
+
+    try:
+        sig = signature(registry.get("backbone", model.get("type")))
+    except Exception:  # noqa: BLE001 - a _target_ or unknown type: nothing to compare with here
+        return {}
+    if sig is None:
+        return {}
+    return {name: p.default for name, p in sig.parameters.items()
+            if p.default is not p.empty and isinstance(p.default, (bool, int, float, str))}
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None = None) -> dict[str, Tensor]:
