@@ -289,6 +289,19 @@ def test_a_run_without_its_last_names_its_newest_step_and_a_missing_path_says_so
     assert f"zoo: error: {run_dir.parent / 'nothing'} does not exist (pass a run" in capsys.readouterr().err
 
 
+def test_a_pixel_model_of_other_than_three_channels_is_refused_before_sampling(tmp_path, capsys):
+    """A converted 4-channel pixel DiT sampled every image, wrote its shards, then failed in the extractor
+    with a conv2d traceback."""
+    recipe = zoo.load_recipe(RECIPE, ["model.in_channels=4"])
+    save_checkpoint(tmp_path / "run" / "last", zoo.build_model(recipe), recipe)
+    _adm_npz(tmp_path / "ref.npz", n=64)
+    assert _eval(tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("zoo eval scores RGB images, and this pixel model samples 4-channel ones "
+                                      "(model input 4x8x8, data.latent not set)") in err
+    assert not (tmp_path / "run" / "eval").exists()  # no shard sampled
+
+
 def test_out_in_a_checkpoint_directory_is_refused_before_sampling(run_dir, capsys):
     """Shards and results written into last/ made every later save of it fail (also Ctrl-C's)."""
     before = sorted(p.name for p in (run_dir / "last").iterdir())

@@ -279,6 +279,12 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     guidance = guidance_settings(recipe, request.cfg)
     vae_file = vae_weights(recipe, request.vae) if decoder is not None else None  # the images are the VAE's
     image_size = int(example_inputs(model)[0].shape[-1]) * (vae_downsample(vae_file) if vae_file else 1)
+    channels = int(example_inputs(model)[0].shape[1])
+    if decoder is None and channels != 3:  # the extractors take RGB: else a traceback after all the sampling
+        raise UserError(f"zoo eval scores RGB images, and this pixel model samples {channels}-channel ones "
+                        f"(model input {channels}x{image_size}x{image_size}, data.latent not set)",
+                        suggestion="evaluate a model of 3-channel images; a latent model's samples are decoded "
+                        "to RGB by its VAE (data.latent: true, --vae)")
     protocol = {
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": _sha256(weights_file), "solver": solver_spec,
