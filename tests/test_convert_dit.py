@@ -85,6 +85,22 @@ def test_convert_cli_round_trip(tmp_path, official_sd, capsys):
     assert f"is a weights file of the zoo checkpoint {out}, already in zoo's layout" in capsys.readouterr().err
 
 
+def test_a_safetensors_state_dict_converts_and_a_cut_one_is_said_so(tmp_path, official_sd, capsys):
+    """A .safetensors file converted only because torch 2.14's torch.load reads one by its name; a cut one
+    read 'it is not a torch file (unreadable pickle data)'."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "official.safetensors"
+    save_file({k: v.contiguous() for k, v in official_sd.items()}, str(src))
+    argv = ["convert", "dit", str(src), "--recipe", str(RECIPE), "--set", f"model.depth={DEPTH}"]
+    assert main([*argv, "--out", str(tmp_path / "ckpt")]) == 0
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt")[0].state_dict()["pos_embed"], official_sd["pos_embed"])
+    src.write_bytes(src.read_bytes()[:3000])
+    assert main([*argv, "--out", str(tmp_path / "cut")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read weights file {src}: not a complete safetensors file" in err and "torch file" not in err
+
+
 def test_corrupt_key_is_a_clear_error(tmp_path, official_sd, capsys):
     bad = dict(official_sd)
     bad["blocks.0.attn.qkvv.weight"] = bad.pop("blocks.0.attn.qkv.weight")

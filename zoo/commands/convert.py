@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "layout, load it strictly into the recipe's model and save a checkpoint directory.",
     )
     p.add_argument("family", help="model family of the official checkpoint (dit, uvit, dimr)")
-    p.add_argument("checkpoint", type=Path, help="official checkpoint (.pt / .pth)")
+    p.add_argument("checkpoint", type=Path, help="official checkpoint (.pt / .pth, or a .safetensors state dict)")
     p.add_argument("--recipe", required=True, help="zoo recipe whose model matches the checkpoint")
     p.add_argument("--out", required=True, type=Path,
                    help="checkpoint directory to write (a new path, or an empty directory)")
@@ -37,9 +37,15 @@ def load_official(path: Path) -> object:
 
     DiT's training checkpoints also store the script's ``argparse.Namespace`` under ``args``;
     that class (plain attributes, no code) is the only one allowed besides tensors and containers.
+    A ``.safetensors`` file is read as such (a cut one is "not a complete safetensors file", not
+    "not a torch file", whatever the installed torch.load makes of it).
     """
     from zoo.torchfile import torch_load_plain
 
+    if path.suffix == ".safetensors" and path.is_file():
+        from zoo.checkpoint import load_weights
+
+        return load_weights(path)
     return torch_load_plain(path, "checkpoint", allowed=[argparse.Namespace])
 
 
