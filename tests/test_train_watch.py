@@ -386,6 +386,26 @@ def test_a_resume_into_a_running_runs_directory_is_refused_before_it_reads_a_che
         live.release()
 
 
+def test_a_run_that_ended_while_a_new_one_started_in_its_directory_is_not_replaced(tmp_path):
+    """The --out check runs seconds before the lock is taken: a run there without a checkpoint yet that
+    finished in between had its last/ replaced and log.jsonl cut by the new run, both exiting 0."""
+    from zoo.training import Trainer
+
+    recipe = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=1"])
+    late = Trainer(recipe, tmp_path, log=lambda *_: None)  # checked and built; not yet locked
+    train(recipe, tmp_path, steps=2, log=lambda *_: None)  # meanwhile another run finishes there
+    log = (tmp_path / "log.jsonl").read_text()
+    try:
+        with pytest.raises(zoo.errors.UserError, match=r"now holds a run \(last/\), which ended while this one "
+                                                       r"started; .* \(continue it with --resume"):
+            late.run(3)
+    finally:
+        late.close()
+    assert (tmp_path / "log.jsonl").read_text() == log
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+    train(recipe, tmp_path, steps=3, resume=tmp_path, log=lambda *_: None)  # the lock was given back
+
+
 @pytest.mark.slow
 def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, capsys):
     """Two zoo train into one --out (the second with --resume, or both started before either saved)

@@ -142,6 +142,7 @@ class Trainer:
         self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
                                pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
         self.conditional = num_classes(recipe) is not None
+        self.fresh = resume is None  # a new run: its directory must still hold none when run() locks it
         self.last_saved: int | None = self.step if resume is not None else None
         self.last_dir: Path | None = self._resumed_from if resume is not None else None  # where last_saved is
         self.stops = StopSignals()  # Ctrl-C / SIGTERM requests; handlers installed while run() runs
@@ -572,11 +573,26 @@ class Trainer:
                 except OSError as err:
                     raise UserError(f"cannot create the run directory {self.out}: {err.strerror}") from None
                 lock.acquire()  # one zoo train at a time in a run directory
+                self._refuse_a_run_finished_meanwhile(lock)
                 repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
+        self.fresh = False  # a later run() continues this run's own checkpoints
         try:
             return self._run(total)
         finally:
             lock.release()
+
+    def _refuse_a_run_finished_meanwhile(self, lock: RunLock) -> None:
+        """zoo train checks its ``--out`` when it starts, seconds before the model and data are built and
+        the directory is locked: a run there that finished in between (no checkpoint when checked, its
+        ``last/`` written since) would be replaced, its log cut short. Checked again under the lock."""
+        from zoo.guards import holds_a_run
+
+        found = holds_a_run(self.out) if self.fresh else None
+        if found:
+            lock.release()
+            raise UserError(f"{self.out} now holds a run ({found}), which ended while this one started; a new run "
+                            "there would replace its checkpoints and log",
+                            suggestion=f"continue it with --resume {self.out}, or choose another --out")
 
     def close(self) -> None:
         """End the data workers now (``data.num_workers``) rather than when the Trainer is freed; it
