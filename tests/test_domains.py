@@ -242,6 +242,12 @@ def test_a_batch_that_cannot_fit_says_how_much_it_needs():
     message = str(info.value)  # 5,600 B of state + 160,000 B of activations; 999 samples fit
     assert message.startswith("key train.batch_size: this run needs about 0 MiB (0 MiB for 280 parameters'")
     assert "at batch 1000) but the cpu device has 0 MiB free (use train.batch_size <= 999" in message
+    # 1000 per micro-batch of a step of 16 (2 processes x grad_accum 8): the hint is for train.batch_size itself,
+    # not the micro-batch (following 'train.batch_size <= 999' with grad_accum 8 was the next error)
+    with pytest.raises(UserError) as info:
+        require_memory(model, "cpu", 1000, available=need - 1, per_step=16)
+    assert ("at micro-batch 1000, train.batch_size 16000 in 16 parts (processes x train.grad_accum)) but the cpu "
+            "device has 0 MiB free (use train.batch_size <= 15984") in str(info.value)
 
 
 def test_zoo_train_refuses_a_run_that_cannot_fit_before_allocating(tmp_path, monkeypatch, capsys):

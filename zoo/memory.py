@@ -158,11 +158,12 @@ def gib(n: float) -> str:
 
 def require_memory(model: nn.Module, device: torch.device | str, batch: int, training: bool = True,
                    half_precision: bool = False, extra_bytes: int = 0, batch_key: str = "train.batch_size",
-                   available: int | None = None, shards: int = 1) -> Estimate:
+                   available: int | None = None, shards: int = 1, per_step: int = 1) -> Estimate:
     """Raise a :class:`UserError` if a run of the meta-device ``model`` at ``batch`` cannot fit on ``device``.
 
-    ``available`` overrides the measured free memory (tests); ``shards``: see :func:`estimate`.
-    Returns the estimate.
+    ``available`` overrides the measured free memory (tests); ``shards``: see :func:`estimate`;
+    ``per_step``: the micro-batches of ``batch`` in one ``batch_key`` (processes x gradient
+    accumulation), so that the hint names the key's own value. Returns the estimate.
     """
     device = torch.device(device)
     free = available_bytes(device) if available is None else available
@@ -180,17 +181,21 @@ def require_memory(model: nn.Module, device: torch.device | str, batch: int, tra
     if extra_bytes:
         parts += f" (incl. {gib(extra_bytes)} of data)"
     fits = (free - est.fixed) // est.per_sample if est.per_sample and free > est.fixed else 0
-    hint = (f"use {batch_key} <= {fits}" + (" or train.grad_accum / train.grad_checkpointing" if training else "")
+    hint = (f"use {batch_key} <= {fits * per_step}" + (" or train.grad_accum / train.grad_checkpointing" if training
+                                                         else "")
             if fits >= 1 else "use a smaller model or a device with more memory")
+    at = (f"batch {batch}" if per_step == 1 else
+          f"micro-batch {batch}, {batch_key} {batch * per_step} in {per_step} parts (processes x train.grad_accum)")
     raise UserError(f"this run needs about {gib(need)} ({parts} + {gib(est.per_sample * batch)} of activations at "
-                    f"batch {batch}) but the {device.type} device has {gib(free)} free",
+                    f"{at}) but the {device.type} device has {gib(free)} free",
                     key_path=batch_key if fits >= 1 else None, suggestion=hint)
 
 
 def require_training_memory(meta_model: nn.Module, train: dict, data: dict, device: torch.device,
-                            micro_batch: int, shards: int = 1) -> Estimate:
+                            micro_batch: int, shards: int = 1, per_step: int = 1) -> Estimate:
     """:func:`require_memory` for ``zoo train``: the recipe's precision, checkpointing and in-memory data;
-    ``shards``: the processes FSDP shards the weights and their state over, each with a GPU of its own."""
+    ``shards``: the processes FSDP shards the weights and their state over, each with a GPU of its own;
+    ``per_step``: micro-batches per optimizer step (processes x ``train.grad_accum``)."""
     if train.get("grad_checkpointing") and callable(getattr(meta_model, "set_grad_checkpointing", None)):
         meta_model.set_grad_checkpointing(True)
     extra = 0
@@ -199,7 +204,8 @@ def require_training_memory(meta_model: nn.Module, train: dict, data: dict, devi
             x = example_inputs(meta_model)[0]
         extra = int(data.get("size", 64)) * (x[0].numel() * 4 + 8)
     return require_memory(meta_model, device, micro_batch, training=True,
-                          half_precision=train.get("precision") in ("bf16", "fp16"), extra_bytes=extra, shards=shards)
+                          half_precision=train.get("precision") in ("bf16", "fp16"), extra_bytes=extra, shards=shards,
+                          per_step=per_step)
 
 
 def require_weights_memory(recipe: dict, device: torch.device | str, bytes_per_param: int = 4) -> None:
