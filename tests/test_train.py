@@ -622,3 +622,21 @@ def test_flipping_plain_latents_is_said_at_the_start(tmp_path, capsys):
         assert main(["train", str(latent), "--out", str(tmp_path / flip), *base, "--set",
                      f"data.random_flip={flip}"]) == 0
         assert ("note: data.random_flip mirrors the latents themselves" in capsys.readouterr().out) == said
+
+
+def test_a_resume_that_spells_out_a_default_reports_no_change_and_a_real_change_from_the_default(tmp_path):
+    """A checkpoint that never set lr_schedule or min_lr read as None: spelling out the defaults on a resume
+    was noted as 'train.lr_schedule (None -> 'constant'), train.min_lr (None -> 0)'."""
+    recipe = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.log_every=1"])
+    train(recipe, tmp_path, steps=1, log=lambda *_: None)
+    lines = []
+    spelled = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.log_every=1", "train.lr_schedule=constant",
+                                       "train.min_lr=0"])
+    train(spelled, tmp_path, steps=2, resume=tmp_path, log=lines.append)
+    assert not [line for line in lines if "differs from the checkpoint's" in line]
+    lines.clear()
+    decaying = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.log_every=1", "train.lr_schedule=linear",
+                                        "train.min_lr=1e-5"])
+    train(decaying, tmp_path, steps=3, resume=tmp_path, log=lines.append)
+    (note,) = [line for line in lines if "differs from the checkpoint's" in line]
+    assert "train.lr_schedule ('constant' -> 'linear'), train.min_lr (0 -> 1e-05)" in note

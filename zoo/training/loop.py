@@ -54,6 +54,12 @@ DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_
             "parallel": "ddp"}
 
 
+#: What the optimizer and schedule read for ``train`` keys a recipe leaves out: a resume that spells one out
+#: (``lr_schedule: constant``) changes nothing, and its note must not say ``None -> 'constant'``.
+UNSET_MEANS = {"lr_schedule": "constant", "min_lr": 0.0, "warmup_steps": 0, "betas": [0.9, 0.999],
+               "no_weight_decay_1d": False}
+
+
 class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; the weights were not updated with it."""
 
@@ -723,7 +729,7 @@ def _changed_keys(then: dict, now: dict, sections: Sequence[str]) -> list[tuple[
     (``train`` keys compared with their defaults filled in)."""
     changed = []
     for section in sections:
-        fill = DEFAULTS if section == "train" else {}
+        fill = {**DEFAULTS, **UNSET_MEANS} if section == "train" else {}
         a = {**fill, **(then.get(section) or {})}
         b = {**fill, **(now.get(section) or {})}
         changed += [(f"{section}.{key}", a.get(key), b.get(key)) for key in sorted(set(a) | set(b))
