@@ -33,6 +33,12 @@ def test_export_of_a_run_directory_writes_its_last_checkpoint(tmp_path, capsys):
     assert all(torch.equal(v, ema.get(k, model[k])) for k, v in weights.items())  # EMA by default, as for a checkpoint
     assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf"), "--weights", "model", "--force"]) == 0
     assert all(torch.equal(v, model[k]) for k, v in exported(tmp_path / "hf").items())
+    # asked for EMA weights a checkpoint does not have, it exported the raw ones under that name
+    (run / "last" / EMA).rename(tmp_path / "ema.safetensors")
+    assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf3"), "--weights", "ema"]) == 2
+    assert f"--weights ema: {run / 'last'} has no EMA weights" in capsys.readouterr().err
+    assert not (tmp_path / "hf3").exists()
+    (tmp_path / "ema.safetensors").rename(run / "last" / EMA)
     # zoo eval's word for them works here too (it was 'invalid choice: raw (choose from ema, model)')
     assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf2"), "--weights", "raw"]) == 0
     assert all(torch.equal(v, model[k]) for k, v in exported(tmp_path / "hf2").items())

@@ -46,8 +46,12 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint.is_dir():
         raise UserError(f"{checkpoint} is not a checkpoint directory",
                         suggestion="pass a directory written by zoo train or zoo convert")
+    from zoo.checkpoint import EMA
     from zoo.guards import check_outside_checkpoints
 
+    if args.weights == "ema" and not (checkpoint / EMA).is_file():  # else the raw ones went out as asked-for EMA
+        raise UserError(f"--weights ema: {checkpoint} has no EMA weights ({EMA})",
+                        suggestion="drop --weights (the raw weights of a checkpoint without EMA), or --weights raw")
     check_outside_checkpoints(args.out)
     try:
         from zoo.integrations.diffusers import export
