@@ -122,8 +122,10 @@ def test_count_restores_training_mode_and_rejects_bad_counters():
     with pytest.raises(UserError, match="real tensors"):
         count_flops(meta, (torch.randn(1, 3, 8, 8, device="meta"),), counter="fvcore")
     # no inputs and no example_inputs: the fix names both ways (it said "pass inputs=", which the CLI cannot)
-    with pytest.raises(UserError, match=r"_Convs has no example_inputs\(batch\) method, .*count_flops\(model, inputs="):
+    with pytest.raises(UserError,
+                       match=r"_Convs has no example_inputs\(batch\) method, .*count_flops\(model, inputs=") as err:
         count_flops(model)
+    assert str(err.value).count("give the class example_inputs(batch)") == 1  # the hint once, not inside itself
 
 
 def test_dit_tiny_matches_closed_form():

@@ -138,8 +138,8 @@ def _default_inputs(model: nn.Module) -> tuple:
     try:
         return example_inputs(model)
     except UserError as err:
-        raise UserError(str(err), suggestion=f"{err.suggestion}, or call zoo.flops.count_flops(model, inputs=...)"
-                        ) from None
+        raise UserError(err.message, suggestion=f"{err.suggestion}, or call zoo.flops.count_flops(model, "
+                        "inputs=...)") from None
 
 
 def _module_paths(model: nn.Module, max_depth: int) -> list[str]:
