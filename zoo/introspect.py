@@ -26,6 +26,18 @@ def signature(obj: Any) -> inspect.Signature | None:
         return None
 
 
+def backbone_defaults(model: Any) -> dict[str, Any]:
+    """The constructor defaults of a recipe ``model`` section's registered backbone: what a key the
+    section leaves out means. ``{}`` for a ``_target_`` model, an unknown type or one that fails to load."""
+    from zoo import registry
+
+    try:
+        sig = signature(registry.get("backbone", model.get("type")))
+    except Exception:  # noqa: BLE001 - a _target_ or plugin model: nothing known here
+        return {}
+    return {} if sig is None else {name: p.default for name, p in sig.parameters.items() if p.default is not p.empty}
+
+
 def positional_names(obj: Any, count: int) -> list[str]:
     sig = signature(obj)
     if sig is None or not count:

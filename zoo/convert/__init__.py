@@ -109,11 +109,14 @@ def check_recipe_matches(spec: Any, model: Any, path: str = "model") -> None:
     as ``num_heads`` or ``mlp_ratio``. Below the top level, keys only one side states are not compared.
     """
     if isinstance(spec, Mapping) and isinstance(model, Mapping):
-        defaults = _backbone_defaults(model) if path == "model" else {}
+        from zoo.introspect import backbone_defaults
+
+        defaults = backbone_defaults(model) if path == "model" else {}
         for key in spec:
             if key in model:
                 check_recipe_matches(spec[key], model[key], f"{path}.{key}")
-            elif key in defaults and not _same_setting(key, spec[key], defaults[key]):
+            elif (key in defaults and isinstance(defaults[key], (bool, int, float, str))  # plain settings only
+                  and not _same_setting(key, spec[key], defaults[key])):
                 raise UserError(f"the recipe leaves {path}.{key} at its default {defaults[key]!r}, the official "
                                 f"config says {spec[key]!r}", key_path=f"{path}.{key}",
                                 suggestion=f"--set {path}.{key}={json.dumps(spec[key])}")
@@ -137,21 +140,6 @@ def _unconditional(num_classes: Any) -> bool:
 def _same_setting(key: str, official: Any, ours: Any) -> bool:
     """Equal, or both unconditional: U-ViT's any ``num_classes <= 0`` (the official -1, a recipe's 0)."""
     return official == ours or (key == "num_classes" and _unconditional(official) and _unconditional(ours))
-
-
-def _backbone_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The constructor defaults of the recipe's registered backbone (plain values only)."""
-    from zoo import registry
-    from zoo.introspect import signature
-
-    try:
-        sig = signature(registry.get("backbone", model.get("type")))
-    except Exception:  # noqa: BLE001 - a _target_ or unknown type: nothing to compare with here
-        return {}
-    if sig is None:
-        return {}
-    return {name: p.default for name, p in sig.parameters.items()
-            if p.default is not p.empty and isinstance(p.default, (bool, int, float, str))}
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None = None) -> dict[str, Tensor]:

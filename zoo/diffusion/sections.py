@@ -137,15 +137,9 @@ def learns_sigma(model: Any) -> bool:
         return False
     if "learn_sigma" in model:
         return model["learn_sigma"] is True
-    from zoo import registry
-    from zoo.introspect import signature
+    from zoo.introspect import backbone_defaults
 
-    try:
-        sig = signature(registry.get("backbone", model.get("type")))
-    except Exception:  # noqa: BLE001 - a _target_ or plugin model: its own forward decides
-        return False
-    default = sig.parameters.get("learn_sigma") if sig is not None else None
-    return default is not None and default.default is True
+    return backbone_defaults(model).get("learn_sigma") is True  # a _target_ model: its own forward decides
 
 
 def validate_diffusion(value: dict | None, recipe: Recipe) -> None:

@@ -278,8 +278,9 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
                                        request.respacing)
     guidance = guidance_settings(recipe, request.cfg)
     vae_file = vae_weights(recipe, request.vae) if decoder is not None else None  # the images are the VAE's
-    image_size = int(example_inputs(model)[0].shape[-1]) * (vae_downsample(vae_file) if vae_file else 1)
-    channels = int(example_inputs(model)[0].shape[1])
+    x_example = example_inputs(model)[0]
+    channels, image_size = int(x_example.shape[1]), int(x_example.shape[-1]) * (vae_downsample(vae_file) if vae_file
+                                                                               else 1)
     if decoder is None and channels != 3:  # the extractors take RGB: else a traceback after all the sampling
         raise UserError(f"zoo eval scores RGB images, and this pixel model samples {channels}-channel ones "
                         f"(model input {channels}x{image_size}x{image_size}, data.latent not set)",
