@@ -781,6 +781,7 @@ def test_file_names_with_tabs_newlines_and_backslashes_are_one_escaped_line_each
     import re
     import sys
 
+    from zoo.latents import _path_of
     from zoo.training.data import ImageFolder
 
     if sys.platform == "win32":
@@ -797,6 +798,7 @@ def test_file_names_with_tabs_newlines_and_backslashes_are_one_escaped_line_each
     for line, (path, label) in zip(lines, ImageFolder(images, RES).items, strict=True):
         name, y = line.split("\t")
         assert images / re.sub(r"\\(.)", lambda m: unescape[m[1]], name) == path and int(y) == label
+        assert images / _path_of(f"{line}\n") == path  # what the moved-folder check reads back
     lines = []
     assert prepare_latents(images, vae_dir, out, log=lines.append, **kw)
     assert lines[-1].endswith("none left to encode")  # the rows' digests are those the shards carry

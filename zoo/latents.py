@@ -232,7 +232,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     return old is not None
 
 
-_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+_UNESCAPES = {escaped[1]: chr(char) for char, escaped in _ESCAPES.items()}  # "t" -> tab, ... (image_lines' inverse)
 
 
 def _path_of(line: str) -> str:

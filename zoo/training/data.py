@@ -236,10 +236,9 @@ def unread_data_keys(data: Mapping[str, Any]) -> list[str]:
 
 def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """The dataset the ``data`` section names (a ``dataset`` registry entry); ``shape`` is the model's (C, H, W)."""
-    kind = data.get("dataset", "synthetic")
     builder = check_data_section(data, shape, num_classes)
     ds = builder(data, shape, num_classes, seed)
-    latent = kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
+    kind, latent = data.get("dataset", "synthetic"), gives_latents(data)
     if len(ds) == 0:
         what = ("*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png; files "
                 f"ending {', '.join(IMAGE_SUFFIXES)} in any case are images)")
@@ -249,11 +248,16 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
     return ds
 
 
+def gives_latents(data: Mapping[str, Any]) -> bool:
+    """Whether the ``data`` section's dataset yields VAE latents (``latents``, or ``imagenet`` with ``latent``)."""
+    kind = data.get("dataset", "synthetic")
+    return kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
+
+
 def data_line(data: Mapping[str, Any], count: int, shape: tuple[int, ...]) -> str:
     """What a run trains on, for its first lines: ``"emoji32:train, 3,421 images of 3x32x32"``. A recipe
     that names no dataset trains on synthetic images: said there, as that is rarely what was meant."""
-    kind = data.get("dataset", "synthetic")
-    latent = kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
+    kind, latent = data.get("dataset", "synthetic"), gives_latents(data)
     line = (f"{kind}:{data.get('split') or 'train'}, {count:,} {'latents' if latent else 'images'} of "
             f"{'x'.join(map(str, shape))}")
     if "dataset" not in data:
