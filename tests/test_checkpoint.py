@@ -39,6 +39,9 @@ def test_round_trip_with_ema_and_trainer_state(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "ema.safetensors", "model.safetensors", "trainer_state.pt"]
     payload = json.loads((out / "config.json").read_text())
     assert payload["recipe"] == RECIPE and payload["versions"]["torch"] == torch.__version__ and "zoo" in payload["versions"]
+    assert "classes" not in payload and ckpt.read_classes(out) == []  # none given: unknown, not an empty list stored
+    named = ckpt.save_checkpoint(tmp_path / "named", model, RECIPE, classes=("n01", "n02"))
+    assert ckpt.read_classes(named) == ["n01", "n02"]
 
     loaded, config = ckpt.load_checkpoint(out)
     assert config == RECIPE

@@ -371,6 +371,39 @@ def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_dif
         "first start's --set options again, e.g. --set data.dataset=image_folder)\n")
 
 
+def test_checkpoints_record_the_class_names_a_class_folder_added_later_cannot_shift(tmp_path, capsys):
+    """A class folder added to an image folder after training (Jupyter's .ipynb_checkpoints, a new class
+    sorting first) shifted every later label: --class NAME sampled another class and --resume
+    retrained the class embeddings under new labels, both without a word."""
+    from PIL import Image
+
+    from zoo.sample import label_names
+
+    def add_class(name: str) -> None:
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (12, 12), (60 * i, 200 * (name == "a"), 30)).save(tmp_path / "img" / name / f"{i}.png")
+
+    add_class("a"), add_class("b")
+    run = tmp_path / "run"
+    base = ["--set", "data.dataset=image_folder", "--set", f"data.root={tmp_path / 'img'}", "--set",
+            "train.sample_every=0", "--set", "train.batch_size=4", "--set", "train.steps=4"]
+    assert main(["train", str(RECIPE), "--out", str(run), "--steps", "2", *base]) == 0
+    assert ckpt.read_classes(run / "last") == ["a", "b"] == ckpt.read_classes(run / "step_0000002")
+    add_class("A_new")  # sorts first: a becomes label 1, b label 2
+    assert label_names(run / "last", ckpt.read_config(run / "last")) == ["a", "b"]  # --class b is still label 1
+    assert label_names(RECIPE, recipe(*base[1::2])) == ["A_new", "a", "b"]  # a recipe: the folder as it is
+    capsys.readouterr()
+    assert main(["train", str(RECIPE), "--resume", str(run), *base]) == 2
+    assert capsys.readouterr().err == (
+        f"zoo: error: key data.root: the data's classes differ from those {run / 'last'} was trained with (2 then, "
+        "3 now: 1 new (A_new); a was label 0, is now 1) (restore the data as it was (move added folders such as "
+        ".ipynb_checkpoints out), or pass --allow-recipe-change to go on with the new labels)\n")
+    assert main(["train", str(RECIPE), "--resume", str(run), "--allow-recipe-change", *base]) == 0
+    assert "note: --allow-recipe-change: the data's classes differ" in capsys.readouterr().out
+    assert ckpt.read_classes(run / "last") == ["A_new", "a", "b"]  # from now on, the new labelling
+
+
 def test_an_image_that_cannot_be_read_mid_run_keeps_the_steps_trained_before_it(tmp_path, monkeypatch, capsys):
     """The run stopped with the file named and no last/: every step since the last checkpoint was lost
     (with the default ckpt_every, the whole run)."""

@@ -16,7 +16,7 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -312,12 +312,14 @@ def save_checkpoint(
     ema: nn.Module | Mapping[str, Tensor] | None = None,
     state: Mapping[str, Any] | None = None,
     also: Callable[[Path], None] | None = None,
+    classes: Sequence[str] = (),
 ) -> Path:
     """Write a checkpoint directory crash-safely (replacing an existing checkpoint) and return its path.
 
     ``model`` is a model or its state dict, ``config`` the resolved recipe (JSON-serialisable),
     ``ema`` an EMA model or its state dict, ``state`` the trainer state (step, optimizer, RNG...)
-    as plain data; ``also(tmp)`` writes more files (an FSDP run's shards) before these. An existing
+    as plain data; ``also(tmp)`` writes more files (an FSDP run's shards) before these; ``classes``
+    the names of the labels the model was trained with, in label order (see :func:`read_classes`). An existing
     ``directory`` that is not a zoo checkpoint is never replaced (:class:`UserError`).
     """
     if state is not None:
@@ -338,6 +340,8 @@ def save_checkpoint(
     plugins = plugins_named(payload["recipe"])
     if plugins:  # what loading it needs besides zoo, said when a name of theirs is unknown
         payload["plugins"] = plugins
+    if classes:
+        payload["classes"] = [str(name) for name in classes]
     json.dumps(payload)  # a recipe that is not JSON fails here, before anything is written
     return atomic.write_dir(directory, fill, CONFIG, payload, replace=check_replaceable)
 
@@ -400,6 +404,16 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
 def read_config(directory: str | Path) -> dict:
     """The recipe stored in a checkpoint directory (after repairing an interrupted save of it)."""
     return _read_payload(directory)["recipe"]
+
+
+def read_classes(directory: str | Path) -> list[str]:
+    """The class names a checkpoint's model was trained with, label 0 first (``[]`` when not recorded).
+
+    An image folder's labels are its sorted subfolders at the time of training: a class folder
+    added since then would shift every later label, so sampling by name and resuming read these.
+    """
+    classes = _read_payload(directory).get("classes")
+    return [str(name) for name in classes] if isinstance(classes, list) else []
 
 
 def _read_payload(directory: str | Path) -> dict:

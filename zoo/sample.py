@@ -139,6 +139,17 @@ class SampleRequest:
         return n
 
 
+def label_names(source: str | Path, recipe: Mapping[str, Any]) -> list[str]:
+    """The class names ``--class NAME`` resolves against, in label order: those a checkpoint recorded
+    when it was trained, else its data's as they are now (a recipe's, or a checkpoint that predates
+    the record); ``[]`` when neither knows them."""
+    from zoo.checkpoint import read_classes
+    from zoo.training.data import class_names
+
+    recorded = read_classes(source) if Path(source).is_dir() else []
+    return recorded or class_names(recipe.get("data") or {})
+
+
 def parse_class_labels(text: str | None, names: Sequence[str] = ()) -> list[int] | None:
     """``--class 3``, ``--class 3,7,207`` or class names as a list of ints (``None`` when not given).
 

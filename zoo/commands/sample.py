@@ -65,18 +65,17 @@ def run(args: argparse.Namespace) -> int:
 
     from zoo.diffusion.setup import guidance_settings
     from zoo.sample import (SampleRequest, build_solver, check_before_weights, load_decoder, model_for,
-                            parse_class_labels, refuse_non_finite, sample_latents, sample_recipe, save_grid,
+                            label_names, parse_class_labels, refuse_non_finite, sample_latents, sample_recipe, save_grid,
                             to_images)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
-    from zoo.training.data import class_names
 
     device = str(resolve_device(args.device))
     out = check_png_output(args.out)
     source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
     start = time.perf_counter()
     recipe = sample_recipe(source, args.overrides, args.solver)
-    labels = parse_class_labels(args.class_labels, class_names(recipe.get("data") or {}))
+    labels = parse_class_labels(args.class_labels, label_names(source, recipe))
     request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
                             class_labels=labels, batch_size=args.batch_size, respacing=args.respacing,
                             precision=args.precision)

@@ -20,7 +20,7 @@ import functools
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +68,10 @@ def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
 
 
 def save_sharded(directory: str | Path, ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 ema: EMA, config: Mapping[str, Any], trainer_state: Mapping[str, Any]) -> Path:
-    """Write an FSDP run's checkpoint ``directory`` crash-safely; every rank calls it.
+                 ema: EMA, config: Mapping[str, Any], trainer_state: Mapping[str, Any],
+                 classes: Sequence[str] = ()) -> Path:
+    """Write an FSDP run's checkpoint ``directory`` crash-safely; every rank calls it (``classes`` as
+    :func:`zoo.checkpoint.save_checkpoint` records them).
 
     ``trainer_state`` (step, scaler, ...) is what rank 0 stores in ``trainer_state.pt``; the
     optimizer's moments go into the shards instead.
@@ -98,7 +100,7 @@ def save_sharded(directory: str | Path, ctx: Context, model: nn.Module, optimize
     state = {**trainer_state, "sharded_optimizer": with_optimizer}
     try:
         return save_checkpoint(directory, model_full, config, ema=ema_full, state=state,
-                               also=write_shards)
+                               also=write_shards, classes=classes)
     except BaseException:
         if not started and ctx.distributed:
             ctx.broadcast(None)  # the other ranks wait for a directory: tell them there is none

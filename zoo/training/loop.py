@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 import zoo
 from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, load_state_dict_strict,
-                            load_trainer_state, load_weights, read_config, repair_run, resume_point, save_checkpoint)
+                            load_trainer_state, load_weights, read_classes, read_config, repair_run, resume_point,
+                            save_checkpoint)
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.meta import example_inputs
@@ -37,7 +38,7 @@ from zoo.precision import autocast_dtype, set_tf32
 from zoo.sample import check_sample_section, num_classes, vae_weights
 from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
-from zoo.training.data import EpochSampler, batches, build_dataset, data_line, unread_data_keys
+from zoo.training.data import EpochSampler, batches, build_dataset, class_names, data_line, unread_data_keys
 from zoo.training.draws import draw
 from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.fit import training_objective
@@ -172,6 +173,7 @@ class Trainer:
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         self.data_line = data_line(data, len(dataset), self.shape)
+        self.classes = class_names(data)  # recorded in each checkpoint: the labels' meaning, as trained
         # FSDP on GPUs: each GPU holds 1/world of the weights, gradients, AdamW state and EMA (checked whole, a
         # model that needs FSDP was refused). Processes on one CPU share its memory: checked as before there.
         shards = self.ctx.world if self.fsdp and self.device.type == "cuda" else 1
@@ -263,6 +265,7 @@ class Trainer:
                     "zoo train: note: --allow-recipe-change: the recipe's " + ", ".join(
                         f"{path} ({then} -> {now})" for path, then, now in changes)
                     + " differ" + "s" * (len(changes) == 1) + " from the checkpoint's; its weights go on under the recipe's")
+        self._check_classes(read_classes(directory), directory, allow_recipe_change)
         load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
         sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
         state = load_trainer_state(directory, required=() if sharded else ("optimizer",))
@@ -276,6 +279,29 @@ class Trainer:
                 state["optimizer"] = optimizer_state_by_name(state["optimizer"])
         self._resumed_state = state
         self._resumed_from = directory
+
+    def _check_classes(self, then: list[str], directory: Path, allow_recipe_change: bool) -> None:
+        """Refuse a resume whose data names its labels otherwise than the checkpoint's training did: a
+        class folder added to an image folder shifts every later label, silently retargeting the
+        class embeddings (``--allow-recipe-change`` goes on, with a note)."""
+        if not then or not self.classes or then == self.classes:
+            return
+        added = [c for c in self.classes if c not in then]
+        removed = [c for c in then if c not in self.classes]
+        moved = next((c for c in then if c in self.classes and then.index(c) != self.classes.index(c)), None)
+        what = "; ".join(filter(None, [
+            f"{len(added)} new ({', '.join(added[:3])}{', ...' * (len(added) > 3)})" if added else "",
+            f"{len(removed)} gone ({', '.join(removed[:3])}{', ...' * (len(removed) > 3)})" if removed else "",
+            f"{moved} was label {then.index(moved)}, is now {self.classes.index(moved)}" if moved else ""]))
+        message = (f"the data's classes differ from those {directory} was trained with ({len(then)} then, "
+                   f"{len(self.classes)} now: {what})")
+        if allow_recipe_change:
+            self.after_banner.append(f"zoo train: note: --allow-recipe-change: {message}; training goes on "
+                                     "with the data's labels")
+            return
+        raise UserError(message, key_path="data.root",
+                        suggestion="restore the data as it was (move added folders such as .ipynb_checkpoints "
+                        "out), or pass --allow-recipe-change to go on with the new labels")
 
     def _load_state(self, directory: Path) -> None:
         """The optimizer moments, EMA, scaler and step of the checkpoint :meth:`_load` read (every rank calls)."""
@@ -359,10 +385,11 @@ class Trainer:
             if self.fsdp:  # sharded model, EMA and optimizer moments + the consolidated weights
                 from zoo.training.fsdp_checkpoint import save_sharded
 
-                save_sharded(target, self.ctx, self.model, self.optimizer, self.ema, self.recipe, state)
+                save_sharded(target, self.ctx, self.model, self.optimizer, self.ema, self.recipe, state,
+                             classes=self.classes)
             elif self.ctx.main:
                 save_checkpoint(target, self.model, self.recipe, ema=self.ema.state_dict(),
-                                state={**state, "optimizer": self.optimizer.state_dict()})
+                                state={**state, "optimizer": self.optimizer.state_dict()}, classes=self.classes)
         if self.ctx.main:
             self.created = prune_steps(self.out, self.created, int(self.train["keep_last"]), self.log)
         self.last_saved, self.last_dir = self.step, last
