@@ -146,6 +146,22 @@ def test_no_per_class_fd_against_a_reference_whose_classes_are_not_the_models(mo
            "model's classes"}[model_classes]
 
 
+def test_no_per_class_fd_against_a_reference_whose_class_names_are_not_the_models():
+    """A reference folder with as many classes as the model, under other names (val/ missing one class
+    and holding another), paired label c with another class: the recorded names are compared too."""
+    rng = np.random.default_rng(6)
+    ref, labels = rng.normal(size=(60, 3)), np.arange(60) % 3
+    reference = Reference(*feature_statistics(ref), ref, labels, classes=["cat", "dog", "owl"])
+    same = compute_metrics(Features(ref, labels=labels), reference, num_classes=3, class_names=["cat", "dog", "owl"])
+    assert set(same["per_class_fd"]) == {"0", "1", "2"}
+    out = compute_metrics(Features(ref, labels=labels), reference, num_classes=3, class_names=["ant", "cat", "dog"])
+    assert "per_class_fd" not in out
+    assert out["per_class_fd_skipped"] == ("the reference's classes are not those the model was trained with (3 "
+                                           "against 3; label 0 is 'cat' there and 'ant' here)")
+    # names unknown on either side (a converted checkpoint, an .npz): the label count decides, as before
+    assert "per_class_fd" in compute_metrics(Features(ref, labels=labels), reference, num_classes=3)
+
+
 # --------------------------------------------------------------------------- references
 
 
@@ -514,6 +530,14 @@ def test_image_folder_reference_is_computed_once_and_cached(tmp_path, monkeypatc
     flat = load_reference(str(tmp_path / "flat"), PoolFeatures(), 8, log=lambda _: None)
     np.testing.assert_array_equal(flat.features, relabelled.features)
     assert flat.labels is None  # not all class 0: a per-class FD said it covered 1 of the model's classes
+    assert relabelled.classes == ["dogs", "zebras"] and flat.classes is None  # the names of labels 0, 1
+    # Images of its own beside a subfolder (thumbs/): the 6 were dropped for the subfolder's 2, silently
+    (tmp_path / "flat" / "thumbs").mkdir()
+    for i in range(2):
+        (tmp_path / "flat" / "thumbs" / f"{i}.png").write_bytes((tmp_path / "flat" / f"0{i}.png").read_bytes())
+    with pytest.raises(zoo.errors.UserError, match=r"reference folder .*flat holds 6 images of its own and 2 in "
+                       r"subfolders \(thumbs\): a reference is either a folder of images .* or of class folders, not both"):
+        load_reference(str(tmp_path / "flat"), PoolFeatures(), 8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(zoo.errors.UserError, match="holds no images .* neither in itself nor in class subfolders"):
         load_reference(str(tmp_path / "empty"), PoolFeatures(), 8)
@@ -578,7 +602,7 @@ def test_a_dataset_reference_the_run_trains_on_is_its_own_data_and_others_say_wh
     from zoo.training.data import build_dataset
 
     recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml", ["data.size=24"])
-    identity, batches, count = _images_source("synthetic", 8, recipe)
+    identity, batches, count, _ = _images_source("synthetic", 8, recipe)
     images, labels = (torch.cat(parts) for parts in zip(*batches(8)))
     trained = build_dataset(recipe["data"], (3, 8, 8), 4, recipe["train"]["seed"])
     assert count == 24 and torch.equal(images, to_uint8(trained.tensors[0]))  # the run's own images

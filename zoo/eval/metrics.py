@@ -39,6 +39,7 @@ class Reference:
     features: np.ndarray | None = None
     labels: np.ndarray | None = None
     source: str = ""
+    classes: list[str] | None = None  # the names of labels 0, 1, ... where the reference knows them
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
@@ -64,18 +65,27 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = NEIGHBOUR
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
-def classes_match(reference: Reference, num_classes: int | None) -> bool:
+def classes_match(reference: Reference, num_classes: int | None, names: list[str] | None = None) -> bool:
     """Whether the reference's labels are the model's classes: as many classes, each below ``num_classes``
-    (``None``: not known, taken as matching). Label c of a 4-class model is not class c of emoji32."""
+    (``None``: not known, taken as matching), and the same names in the same order where both sides know
+    them (``names``: the model's). Label c of a 4-class model is not class c of emoji32."""
+    if reference.classes and names and list(reference.classes) != list(names):
+        return False
     if num_classes is None or reference.labels is None:
         return True
     present = np.unique(reference.labels)
     return len(present) == num_classes and int(present.max()) < num_classes
 
 
-def _classes_differ(labels: np.ndarray, num_classes: int) -> str:
+def _classes_differ(reference: Reference, num_classes: int, names: list[str] | None = None) -> str:
     """Why a reference's labels are not taken as the model's classes (see :func:`classes_match`)."""
-    present = np.unique(labels)
+    if reference.classes and names and list(reference.classes) != list(names):
+        label = next((i for i, (a, b) in enumerate(zip(reference.classes, names)) if a != b),
+                     min(len(names), len(reference.classes)))
+        there, here = (repr(c[label]) if label < len(c) else "none" for c in (reference.classes, names))
+        return (f"the reference's classes are not those the model was trained with ({len(reference.classes)} "
+                f"against {len(names)}; label {label} is {there} there and {here} here)")
+    present = np.unique(reference.labels)
     if int(present.min()) < 0 or int(present.max()) >= num_classes:
         return (f"the reference's labels run from {int(present.min())} to {int(present.max())}, the model's classes "
                 f"from 0 to {num_classes - 1}: its labels are not the model's classes")
@@ -103,20 +113,21 @@ def _per_class(generated: Features, reference: Reference) -> dict[int, tuple[flo
 
 
 def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOURHOOD,
-                    num_classes: int | None = None) -> dict:
+                    num_classes: int | None = None, class_names: list[str] | None = None) -> dict:
     """Every metric the inputs allow: ``fd``, ``is_mean``/``is_std``, ``precision``/``recall``, and
-    ``per_class_fd`` where the reference's classes are the model's ``num_classes`` (else a note says why not)."""
+    ``per_class_fd`` where the reference's classes are the model's ``num_classes`` (named ``class_names``
+    where its checkpoint recorded them; else a note says why not)."""
     out: dict = {"fd": frechet_distance(*feature_statistics(generated.features), reference.mu, reference.sigma)}
     if generated.logits is not None:
         out["is_mean"], out["is_std"] = inception_score(generated.logits)
     if reference.features is not None and min(len(generated.features), len(reference.features)) > k:
         out["precision"], out["recall"] = precision_recall(generated.features, reference.features, k)
-    if classes_match(reference, num_classes):
+    if classes_match(reference, num_classes, class_names):
         classes = _per_class(generated, reference)
     else:  # (labels c of the two sides are different classes)
         classes = {}
         if generated.labels is not None:
-            out["per_class_fd_skipped"] = _classes_differ(reference.labels, num_classes)
+            out["per_class_fd_skipped"] = _classes_differ(reference, num_classes, class_names)
     if classes:  # a class's FD is biased upwards at small counts: the counts say how far to trust each
         out["per_class_fd"] = {str(c): fd for c, (fd, _, _) in classes.items()}
         out["per_class_fd_mean"] = float(np.mean([fd for fd, _, _ in classes.values()]))

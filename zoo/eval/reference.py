@@ -134,8 +134,9 @@ def dataset_reference(spec: str) -> tuple[str, str]:
 
 
 def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
-                   ) -> tuple[str, Callable[[int], Iterator], int]:
-    """(identity for the cache key, batches(batch_size), count) of a folder or dataset reference.
+                   ) -> tuple[str, Callable[[int], Iterator], int, list[str]]:
+    """(identity for the cache key, batches(batch_size), count, class names or ``[]``) of a folder or
+    dataset reference.
 
     A dataset the model's ``recipe`` trains on is built from its data section (its root, size,
     classes and seed: ``--ref synthetic`` is the run's own synthetic images); another one from its
@@ -145,9 +146,16 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     if path.is_dir():
         from zoo.training.data import IMAGE_SUFFIXES, ImageFolder
 
-        dataset = ImageFolder(path, image_size)
+        dataset, loose = ImageFolder(path, image_size), ImageFolder(path, image_size, flat=True)
+        if dataset.items and loose.items:  # which of the two is the reference? Neither is dropped silently
+            shown = ", ".join(dataset.classes[:3]) + (", ..." if len(dataset.classes) > 3 else "")
+            raise UserError(f"reference folder {path} holds {len(loose.items)} images of its own and "
+                            f"{len(dataset.items)} in subfolders ({shown}): a reference is either a folder of "
+                            "images (as pytorch-fid reads one) or of class folders, not both",
+                            suggestion=f"move the subfolders out of {path} to score against its own images, or "
+                            "its own images into a class folder")
         if not dataset.items:  # no class folders: the images in the folder itself, as pytorch-fid reads one
-            dataset = ImageFolder(path, image_size, flat=True)
+            dataset = loose
         if not dataset.items:
             made_from = _latents_made_from(path)
             if made_from is not None:  # zoo prepare-latents output: the reference is the images it encoded
@@ -159,7 +167,7 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
         flat = not dataset.classes  # its images have no labels: no per-class FD against them
         identity = (f"folder{'-flat' * flat}:{path.resolve()}:{image_size}:"
                     f"{_listing_digest(path, dataset.items)}")
-        return identity, lambda b: _dataset_batches(dataset, b, labelled=not flat), len(dataset)
+        return identity, lambda b: _dataset_batches(dataset, b, labelled=not flat), len(dataset), dataset.classes
     from zoo import registry
 
     name, split = dataset_reference(spec)
@@ -189,7 +197,8 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     if trains_on:  # the run's own data: the cache key holds what made it
         identity += ":" + hashlib.sha256(json.dumps([own, classes, seed], sort_keys=True, default=str)
                                          .encode()).hexdigest()[:16]
-    return identity, lambda b: _dataset_batches(dataset, b), len(dataset)
+    names = getattr(build, "class_names", None)
+    return identity, lambda b: _dataset_batches(dataset, b), len(dataset), list(names(data)) if names else []
 
 
 def _listing_digest(root: Path, items: list[tuple[Path, int]]) -> str:
@@ -298,7 +307,9 @@ def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, 
             raise UserError(f"cannot read reference {path}: {unreadable_npz(err, path)}",
                             suggestion="give an ADM-style .npz (arr_0: uint8 images N x H x W x 3) or statistics "
                                        "zoo eval wrote") from None
-    identity, batches, count = _images_source(spec, image_size, recipe)
+    identity, batches, count, classes = _images_source(spec, image_size, recipe)
     if count < 2:
         raise UserError(f"reference {spec} has {count} image(s); statistics need at least 2")
-    return _from_cache_or_compute(identity, extractor, lambda: batches(batch_size), device, spec, log)
+    reference = _from_cache_or_compute(identity, extractor, lambda: batches(batch_size), device, spec, log)
+    reference.classes = classes or None
+    return reference

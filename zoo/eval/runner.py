@@ -323,11 +323,12 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
 
 def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, device: torch.device) -> dict:
     """Features of the samples on disk, the metrics against the reference, the JSON result written."""
-    from zoo.checkpoint import versions
+    from zoo.checkpoint import read_classes, versions
     from zoo.sample import num_classes
 
     feats = extract(setup.extractor, sample_batches(setup.samples_dir, request.n, setup.batch), device)
-    metrics = compute_metrics(feats, setup.reference, num_classes=num_classes(setup.recipe))
+    metrics = compute_metrics(feats, setup.reference, num_classes=num_classes(setup.recipe),
+                              class_names=read_classes(ckpt) or None)
     reference = setup.reference
     result = {"metrics": metrics, "n": request.n, "protocol": setup.protocol, "samples": str(setup.samples_dir),
               "extractor": setup.extractor.describe(), "reference": {"spec": setup.ref_spec, "source": reference.source,
