@@ -252,6 +252,31 @@ def test_repeated_block_memo_changes_no_count(monkeypatch):
     assert len(fast.by_module) > 300  # every block's sub-modules are there
 
 
+def test_output_check_runs_each_repeated_block_once_and_still_refuses_a_wrong_shape(monkeypatch):
+    """zoo build / zoo train's output check ran all 12 blocks of DiT-S on meta (the XL recipes' 30-40 per branch):
+    with the memo in its counter-free mode the first block runs and the other 11 reuse its output shape."""
+    from zoo.blocks.transformer import TransformerBlock
+    from zoo.meta import build_on_meta
+    from zoo.training.fit import training_objective
+
+    calls = []
+    forward = TransformerBlock.forward
+    monkeypatch.setattr(TransformerBlock, "forward", lambda self, *a, **k: calls.append(self) or forward(self, *a, **k))
+    recipe = zoo.load_recipe("dit_s_2")
+    model = build_on_meta(lambda: zoo.build_model(recipe))
+    training_objective(recipe, model)
+    assert len(model.blocks) == 12 and calls == [model.blocks[0]]
+    assert not any("forward" in vars(block) for block in model.blocks)  # the memo's wrappers are gone
+
+    calls.clear()
+    recipe = zoo.load_recipe("dit_s_2", ["model.learn_sigma=false"])  # 4 channels out: hybrid_vlb needs 8
+    model = build_on_meta(lambda: zoo.build_model(recipe))
+    with pytest.raises(UserError, match="the hybrid objective needs a learned-sigma output with 8 channels, got "
+                       r"\(1, 4, 32, 32\)"):
+        training_objective(recipe, model)
+    assert calls == [model.blocks[0]]
+
+
 def test_repeated_block_memo_tells_blocks_apart_by_settings_that_are_not_plain():
     """Two blocks that differed only in a dict setting were taken for repeats on meta: 512 MACs, not 1536."""
     import enum

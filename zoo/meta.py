@@ -7,7 +7,7 @@ the meta device two costs dominate, and both are PyTorch overhead rather than ou
   (1–3 s) only to mark a function "not to be compiled" (:func:`no_dynamo_import`);
 * many meta kernels are Python (prims/refs, ~1 ms each) and a deep backbone repeats the same
   op on the same shapes in every block (:class:`MetaShapeCache` caches op results,
-  :class:`RepeatedBlockMemo` skips repeated blocks while counting FLOPs).
+  :class:`RepeatedBlockMemo` skips repeated blocks while counting FLOPs or checking shapes).
 """
 
 from __future__ import annotations
@@ -217,23 +217,25 @@ def _input_key(value: Any) -> Any:
 
 
 class RepeatedBlockMemo:
-    """Run each distinct block of a ``ModuleList`` / ``Sequential`` once while counting FLOPs on meta.
+    """Run each distinct block of a ``ModuleList`` / ``Sequential`` once in a forward on meta.
 
     A block with the same structure (:func:`_structure`) called on inputs with the same
-    metadata as an earlier one does the same FLOPs and returns tensors of the same shapes:
-    instead of running it again, its recorded per-op counts are added to the
-    ``FlopCounterMode`` under its own path, its sub-modules' paths and its callers', and fresh
-    empty meta tensors are returned. Only for meta inputs; a block whose outputs are not
-    tensors runs normally.
+    metadata as an earlier one returns tensors of the same shapes (and does the same FLOPs):
+    instead of running it again, fresh empty meta tensors of the shapes it gave before are
+    returned. With a ``FlopCounterMode`` as ``counter`` its recorded per-op counts are also added
+    under its own path, its sub-modules' paths and its callers'; without one (``counter=None``)
+    only the shapes are reused, for checks that need the output's shape alone. Only for meta
+    inputs; a block whose outputs are not tensors runs normally.
     """
 
-    def __init__(self, model: nn.Module, counter: Any):
+    def __init__(self, model: nn.Module, counter: Any = None):
         self.model, self.counter = model, counter
         self.records: dict[Any, Any] = {}
         self.patched: list[tuple[nn.Module, Any]] = []
 
     def __enter__(self) -> "RepeatedBlockMemo":
-        if not hasattr(self.counter, "flop_counts") or not hasattr(self.counter, "mod_tracker"):
+        if self.counter is not None and not (hasattr(self.counter, "flop_counts")
+                                             and hasattr(self.counter, "mod_tracker")):
             return self  # a PyTorch whose FlopCounterMode differs: count everything
         root = type(self.model).__name__
         for path, parent in self.model.named_modules():
@@ -252,7 +254,7 @@ class RepeatedBlockMemo:
 
     def _wrap(self, block: nn.Module, name: str, structure: tuple) -> Callable[..., Any]:
         forward = block.__dict__.get("forward") or type(block).forward.__get__(block)
-        counts = self.counter.flop_counts
+        counts = self.counter.flop_counts if self.counter is not None else {}
 
         def memo_forward(*args: Any, **kwargs: Any) -> Any:
             leaves = pytree.arg_tree_leaves(*args, **kwargs)
@@ -276,10 +278,11 @@ class RepeatedBlockMemo:
             for suffix, ops in delta.items():
                 for op, v in ops.items():
                     counts[name + suffix][op] += v
-            for caller in self.counter.mod_tracker.parents:
-                if caller != name:
-                    for op, v in delta.get("", {}).items():
-                        counts[caller][op] += v
+            if self.counter is not None:
+                for caller in self.counter.mod_tracker.parents:
+                    if caller != name:
+                        for op, v in delta.get("", {}).items():
+                            counts[caller][op] += v
             return pytree.tree_map_only(
                 tuple, lambda s: torch.empty_strided(s[0], s[1], dtype=s[2], device="meta"), spec,
                 is_leaf=MetaShapeCache._is_spec,

@@ -9,7 +9,6 @@ that builds is one that trains (data files aside: they are read by ``zoo train``
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Mapping
 
 import torch
@@ -19,7 +18,7 @@ from zoo.diffusion.objectives import DiffusionObjective
 from zoo.diffusion.setup import (build_objective, check_guidance_channels, check_null_label, guidance_settings,
                                  model_drops_labels)
 from zoo.errors import UserError
-from zoo.meta import MetaShapeCache, example_inputs, without_dynamo
+from zoo.meta import MetaShapeCache, RepeatedBlockMemo, example_inputs, without_dynamo
 from zoo.sample import num_classes
 
 
@@ -63,8 +62,12 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
 def _check_output(meta_model: nn.Module, objective: DiffusionObjective) -> None:
     """The objective can score what the model returns (one output or one per branch, learned σ or
     not): asked once on the meta device, before the run directory fills, not at step 1."""
-    def forward() -> Any:  # on meta: each op's shape once per input shape, and no Dynamo import (seconds)
-        with torch.no_grad(), MetaShapeCache() if x.is_meta else contextlib.nullcontext():
+    def forward() -> Any:  # on meta: each op's shape once per input shape, each repeated block once (the
+        # XL recipes' 30-40 identical blocks per branch), and no Dynamo import (seconds)
+        if not x.is_meta:
+            with torch.no_grad():
+                return meta_model(x, t, y)
+        with torch.no_grad(), MetaShapeCache(), RepeatedBlockMemo(meta_model):
             return meta_model(x, t, y)
 
     try:
