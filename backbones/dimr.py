@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, time_blind
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
-from zoo.domains import (MAX_CLASSES, MAX_SIZE, Calls, Channels, ConditionerFactory, Depth, Doc, ImageSize, NonEmpty,
+from zoo.domains import (MAX_CLASSES, MAX_DEPTH, MAX_SIZE, Calls, Channels, ConditionerFactory, Depth, Doc, ImageSize, NonEmpty,
                          PatchSize, Range, Rule, Width)
 from zoo.errors import UserError
 
@@ -34,7 +34,8 @@ class BranchConfig:
 
     Attributes:
         dim: width C of the branch.
-        depth: the official ``num_blocks``: builds 2⌊depth/2⌋+1 blocks with U-ViT long skips.
+        depth: the official ``num_blocks``: builds 2⌊depth/2⌋+1 blocks with U-ViT long skips (0 and 1:
+            one block, as the official constructor builds).
         block: block factory, called as ``block(dim, cond_dim=dim)`` (Transformer or ConvNeXt, with its norm).
         patch_size: Conv2d patchify kernel = stride.
         downsample: area-downsample factor of the input before patchifying.
@@ -42,7 +43,7 @@ class BranchConfig:
     """
 
     dim: Width
-    depth: Depth
+    depth: Annotated[int, Range(0, MAX_DEPTH)]
     block: Annotated[Callable[..., nn.Module], Calls(1, ("cond_dim",))]
     patch_size: PatchSize = 1
     downsample: Annotated[int, Range(1, MAX_SIZE)] = 1
@@ -221,8 +222,10 @@ class DiMR(nn.Module):
         if not callable(spec.block):
             raise UserError(f"model.branches[{i}].block must be a block component such as {{type: convnext}}")
         for name in ("dim", "depth", "patch_size", "downsample", "head_kernel_size"):
-            if getattr(spec, name) < 1:
-                raise UserError(f"model.branches[{i}].{name} must be a positive integer, got {getattr(spec, name)}")
+            low = 0 if name == "depth" else 1  # depth 0 builds one block, as the official num_blocks 0 does
+            if getattr(spec, name) < low:
+                raise UserError(f"model.branches[{i}].{name} must be an integer of at least {low}, got "
+                                f"{getattr(spec, name)}")
         return spec
 
     def init_weights(self) -> None:

@@ -137,12 +137,23 @@ def _convnext(patch_size: int, downsample: int = 1) -> dict:
         ({"branches": [_convnext(1), _convnext(2)]}, "integer multiple"),  # 16x16 then 8x8: wrong order
         ({"input_size": 24, "branches": [_convnext(3), _convnext(2), _convnext(1)]}, "integer multiple"),  # 8 -> 12
         ({"branches": [_convnext(3), _convnext(1)]}, "divisible"),  # 16 px in 3x3 patches
-        ({"branches": [{**_convnext(1), "depth": 0}]}, "positive"),
+        ({"branches": [{**_convnext(1), "depth": -1}]}, r"depth must be an integer in \[0, 1024\], got -1"),
     ],
 )  # fmt: skip
 def test_bad_branch_layouts_are_user_errors(change, message):
     with pytest.raises(UserError, match=message):
         build(tiny_spec(**change))
+
+
+def test_depth_0_builds_one_block_as_the_official_num_blocks_0():
+    """The official constructor builds 2*(num_blocks // 2) + 1 blocks, one for num_blocks 0; zoo refused
+    depth 0, so such a checkpoint could not be converted."""
+    spec = tiny_spec()
+    shallow = [build({**spec, "branches": [{**spec["branches"][0], "depth": d}, *spec["branches"][1:]]})
+               for d in (0, 1)]
+    assert [list(m.state_dict()) for m in shallow][0] == list(shallow[1].state_dict())
+    stack = shallow[0].branches[0].blocks
+    assert len(stack.in_blocks) == len(stack.out_blocks) == 0 and stack.mid_block is not None  # one block
 
 
 def test_unknown_branch_key_is_reported_with_its_path():
