@@ -114,7 +114,9 @@ class UViT(nn.Module):
         if mlp_time_embed and not self.time_token:
             raise UserError("mlp_time_embed acts on the time token; this conditioner adds none",
                             key_path="model.mlp_time_embed", suggestion="set it false, or use the time_token norm")
-        self.label_token = num_classes > 0 and not self.needs_embedding
+        # the blocks' conditioner decides: a head norm alone that embeds the label (adaLN-Zero) would
+        # otherwise take the label token out of every block, leaving the label to the last norm only
+        self.label_token = num_classes > 0 and not needs_embedding(norm)
         self.num_extra_tokens = int(self.label_token) + int(self.time_token)
         cond_dim = embed_dim if self.needs_embedding else None
 

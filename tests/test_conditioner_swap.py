@@ -215,3 +215,20 @@ def test_a_plugin_conditioner_that_reads_time_is_not_refused_as_time_blind():
             _tiny("layernorm", norm="layernorm")
     finally:
         zoo.registry.unregister("conditioner", "plain_time_norm")
+
+
+@pytest.mark.parametrize("norm", ["time_token", "td_layernorm"])
+def test_a_uvit_head_norm_that_embeds_the_label_keeps_the_label_token_in_the_blocks(norm):
+    """head_norm adaln_zero alone (blocks on the time token or TD-LN) took the label token out of the
+    sequence: the label then reached only the last norm's shift and scale, without a word."""
+    spec = {"type": "uvit", "img_size": 8, "patch_size": 2, "in_chans": 3, "embed_dim": 32, "depth": 2,
+            "num_heads": 2, "num_classes": 5, "norm": norm}
+    plain, embedding_head = (zoo.build_model({**spec, "head_norm": head}) for head in ("layernorm", "adaln_zero"))
+    assert embedding_head.label_token and embedding_head.num_extra_tokens == plain.num_extra_tokens
+    assert embedding_head.pos_embed.shape == plain.pos_embed.shape
+    x, t, _ = embedding_head.example_inputs(2)
+    seen = {}
+    embedding_head.blocks.mid_block.register_forward_hook(lambda m, i, o: seen.setdefault(len(seen), o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        embedding_head(x, t, torch.tensor([0, 0])), embedding_head(x, t, torch.tensor([3, 3]))
+    assert (seen[0] - seen[1]).abs().max() > 1e-3  # the label changes what the blocks compute
