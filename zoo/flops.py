@@ -21,12 +21,14 @@ i.e. they also hold fvcore's LayerNorm count (5 FLOPs per element); ours leave n
 read 0.06–0.1% lower (U-ViT-M/4: 35.236), inside the 0.1% the table is checked to.
 
 On the meta device the count runs under :mod:`zoo.meta`'s helpers (no Dynamo import, cached
-meta kernels), so ``zoo build --flops`` stays within seconds for the largest recipes.
+meta kernels, each repeated block run once), and the counter's module is imported without Triton,
+so ``zoo build --flops`` stays within seconds for the largest recipes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -36,7 +38,7 @@ from torch import nn
 
 from zoo.errors import UserError
 from zoo.meta import (MetaShapeCache, NotOnMeta, RepeatedBlockMemo, build_on_meta, example_inputs, meta_forward,
-                      without_dynamo)
+                      no_triton_import, without_dynamo)
 from zoo.modes import evaluating
 
 COUNTERS = ("torch", "fvcore")
@@ -164,9 +166,22 @@ def _fill_containers(model: nn.Module, counted: dict[str, float], paths: list[st
     return {p: total(p) for p in paths}
 
 
-def _count_torch(model: nn.Module, inputs: Any) -> tuple[float, dict[str, float]]:
-    from torch.utils.flop_counter import FlopCounterMode
+def _flop_counter_mode() -> type:
+    """``FlopCounterMode``, its module imported without Triton (:func:`~zoo.meta.no_triton_import`; 0.2-0.5 s
+    of each ``zoo build --flops``) and without its "triton not found" warning. Where that import is the
+    first, ``register_flop_formula`` then refuses Triton kernels in this process (zoo's models hold none)."""
+    log = logging.getLogger("torch.utils.flop_counter")
+    disabled, log.disabled = log.disabled, True
+    try:
+        with no_triton_import():
+            from torch.utils.flop_counter import FlopCounterMode
+    finally:
+        log.disabled = disabled
+    return FlopCounterMode
 
+
+def _count_torch(model: nn.Module, inputs: Any) -> tuple[float, dict[str, float]]:
+    FlopCounterMode = _flop_counter_mode()
     args = _as_args(_default_inputs(model) if inputs is None else inputs)
     on_meta = any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
     with MetaShapeCache() if on_meta else contextlib.nullcontext():

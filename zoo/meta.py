@@ -4,7 +4,8 @@
 the meta device two costs dominate, and both are PyTorch overhead rather than our work:
 
 * the first ``nn.init`` / elementwise op / dispatch mode imports all of Dynamo and sympy
-  (1–3 s) only to mark a function "not to be compiled" (:func:`no_dynamo_import`);
+  (1–3 s) only to mark a function "not to be compiled" (:func:`no_dynamo_import`), and the
+  FLOP counter imports Triton for kernels zoo's models do not hold (:func:`no_triton_import`);
 * many meta kernels are Python (prims/refs, ~1 ms each) and a deep backbone repeats the same
   op on the same shapes in every block (:class:`MetaShapeCache` caches op results,
   :class:`RepeatedBlockMemo` skips repeated blocks while counting FLOPs or checking shapes).
@@ -69,6 +70,26 @@ def no_dynamo_import() -> Iterator[None]:
             del torch._dynamo
         for fn in marked:  # torch._disable_dynamo caches its result as fn.__dynamo_disable
             getattr(fn, "__dict__", {}).pop("__dynamo_disable", None)
+
+
+@contextlib.contextmanager
+def no_triton_import() -> Iterator[None]:
+    """Make ``import triton`` fail inside this context, as where Triton is not installed.
+
+    ``torch.utils.flop_counter`` imports Triton (0.2 s CPU, more from a cold disk) only so that
+    ``register_flop_formula`` accepts Triton kernels, which zoo's models do not hold. Inside this
+    context ``sys.modules["triton"]`` is ``None`` (an import raises ``ImportError``); on exit the
+    entry is removed again. A no-op when ``triton`` is already in ``sys.modules``.
+    """
+    if "triton" in sys.modules:
+        yield
+        return
+    sys.modules["triton"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "triton" in sys.modules and sys.modules["triton"] is None:
+            del sys.modules["triton"]
 
 
 def without_dynamo(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
