@@ -52,3 +52,18 @@ def test_a_null_label_among_the_data_labels_is_refused(null):
     with pytest.raises(UserError, match=f"diffusion.null_label {null} is one of its labels 0..3"):
         num_classes(recipe)
     assert num_classes({**recipe, "diffusion": {"null_label": 4}}) == 4
+
+
+def test_an_unconditional_dimr_is_told_a_fix_that_trains(tmp_path, capsys):
+    """model.num_classes 1 (the null row only) was told --set data.num_classes=0, which is refused; and
+    with the null label 0 and no data classes, every label fell outside 'the model's classes 0..-1'."""
+    from zoo.cli import main
+
+    recipe, out = str(RECIPES / "tiny_dimr_pixels.yaml"), str(tmp_path / "run")
+    base = ["--out", out, "--steps", "1", "--set", "model.num_classes=1", "--set", "data.dataset=synthetic",
+            "--set", "train.sample_every=0", "--set", "train.batch_size=2"]
+    assert main(["train", recipe, *base]) == 2
+    fix = "--set diffusion.null_label=0 --set data.num_classes=null"
+    assert f"({fix}: its last label row" in capsys.readouterr().err
+    assert main(["train", recipe, *base, *fix.split()]) == 0
+    assert num_classes(zoo.load_recipe(recipe, ["model.num_classes=1", *fix.replace("--set ", "").split()])) is None

@@ -257,7 +257,8 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
         raise UserError(f"data.num_classes is {data}, but the model embeds only {declared} classes (model.num_classes)",
                         key_path="data.num_classes", suggestion=f"set data.num_classes to at most {declared}, or "
                         "give the model more classes (model.num_classes)")
-    return data or (null if null is not None else declared)  # labels 0..null-1 have an embedding of their own
+    # labels 0..null-1 have an embedding of their own; null label 0 leaves none: unconditional
+    return (data or (null if null is not None else declared)) or None
 
 
 def load_model(source: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu",

@@ -160,8 +160,8 @@ def check_null_label(model: nn.Module, null_label: int | None, data_classes: int
     if null_label is None or not rows or null_label < rows:
         return
     fix = f"--set diffusion.null_label={rows - 1}"
-    if data_classes is not None and data_classes > rows - 1:
-        fix += f" --set data.num_classes={rows - 1}"
+    if data_classes is not None and data_classes > rows - 1:  # none left beside the null row: unconditional
+        fix += f" --set data.num_classes={rows - 1 or 'null'}"
     raise UserError(f"diffusion.null_label is {null_label}, but the model embeds labels 0..{rows - 1} only",
                     key_path="diffusion.null_label",
                     suggestion=f"{fix}: its last label row, where DiT, U-ViT and DiMR keep the null label (or give "

@@ -46,7 +46,7 @@ DATA: dict[str, Any] = {
     "dataset": Annotated[str, OneOf(DATASETS, "dataset")],
     "root": Path | None,
     "image_size": ImageSize,
-    "num_classes": Classes,
+    "num_classes": Classes | None,  # null: as left out (an unconditional model)
     "random_flip": bool,
     "latent": bool,
     "vae_scale": PositiveFloat,
