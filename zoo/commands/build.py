@@ -11,8 +11,6 @@ import json
 
 from zoo.commands import add_overrides_option
 from zoo.errors import UserError
-from zoo.recipe import resolve
-from zoo.validate import model_factory, validate_recipe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoo.recipe import resolve  # here, not at the top: zoo --help and the other commands' parsers skip them
+    from zoo.validate import model_factory, validate_recipe
+
     if args.help_component:
         from zoo.commands.list import show_component
 
