@@ -54,15 +54,28 @@ class TimeSampling:
              generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
         """Times t (float64) of ``shape``: one draw from ``generator`` per time (a randint or rand for
         ``uniform``, exactly what the trainer always drew; a randn for ``logit_normal``)."""
+        return self.to_time(self.draw_raw(shape, num_steps, continuous, generator, device), num_steps, continuous,
+                            t_min)
+
+    def draw_raw(self, shape: tuple[int, ...], num_steps: int, continuous: bool,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+        """The random part of :meth:`draw`: the DDPM index (int64) for a discrete ``uniform``, else u in [0, 1]
+        (float64). Draws made one at a time (a generator per sample) are stacked and mapped by :meth:`to_time` at
+        once, which gives the same bits: what it does is exact elementwise arithmetic."""
         if self.type == "uniform" and not continuous:
-            return index_to_time(torch.randint(0, num_steps, shape, generator=generator, device=device), num_steps)
+            return torch.randint(0, num_steps, shape, generator=generator, device=device)
         if self.type == "uniform":
-            u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
-        else:
-            u = torch.sigmoid(self.mean + self.std * torch.randn(shape, generator=generator, dtype=torch.float64,
-                                                                   device=device))
+            return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+        return torch.sigmoid(self.mean + self.std * torch.randn(shape, generator=generator, dtype=torch.float64,
+                                                                device=device))
+
+    def to_time(self, raw: Tensor, num_steps: int, continuous: bool, t_min: float = 0.0) -> Tensor:
+        """Times t (float64) of :meth:`draw_raw`'s values: in [t_min, 1], or the knot of a DDPM index."""
         if continuous:
-            return t_min + (1.0 - t_min) * u
-        return index_to_time((u * num_steps).floor().long().clamp_(0, num_steps - 1), num_steps)
+            return t_min + (1.0 - t_min) * raw
+        if self.type != "uniform":
+            raw = (raw * num_steps).floor().long().clamp_(0, num_steps - 1)
+        return index_to_time(raw, num_steps)
+
 
 UNIFORM = TimeSampling()
