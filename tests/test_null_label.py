@@ -67,3 +67,24 @@ def test_an_unconditional_dimr_is_told_a_fix_that_trains(tmp_path, capsys):
     assert f"({fix}: its last label row" in capsys.readouterr().err
     assert main(["train", recipe, *base, *fix.split()]) == 0
     assert num_classes(zoo.load_recipe(recipe, ["model.num_classes=1", *fix.replace("--set ", "").split()])) is None
+
+
+@pytest.mark.parametrize("recipe, overrides, count, key", [
+    (RECIPES / "tiny_train.yaml", ["model.num_classes=2", "model.class_dropout_prob=0", "diffusion.label_drop=0"],
+     4, "data.num_classes"),
+    (RECIPES / "tiny_dimr_pixels.yaml", ["model.num_classes=1", "diffusion.label_drop=0"], 10, "data.num_classes"),
+    (RECIPES / "tiny_train.yaml", ["model.num_classes=2", "model.class_dropout_prob=0", "diffusion.label_drop=0",
+                                   "data.num_classes=null"], 4, "diffusion.null_label"),
+], ids=["dit", "dimr", "dit-null-only"])
+def test_classes_beyond_the_label_table_are_refused_before_the_run_without_label_dropout(recipe, overrides, count, key):
+    """With no label dropout nothing compared the data's classes with the label table: zoo build passed
+    and zoo train failed at step 1 on an out-of-range label, leaving an empty run directory."""
+    from zoo.training.fit import check_recipe_fits_model
+
+    resolved = zoo.load_recipe(recipe, overrides)
+    with torch.device("meta"):
+        model = zoo.build_model(resolved)
+    with pytest.raises(UserError, match=rf"{key} is {count}: labels 0..{count - 1} are classes, but the model "
+                       rf"embeds labels 0..{model.num_labels - 1} only") as err:
+        check_recipe_fits_model(resolved, model)
+    assert err.value.key_path == key

@@ -168,6 +168,19 @@ def check_null_label(model: nn.Module, null_label: int | None, data_classes: int
                     "the model more classes: DiT embeds model.num_classes + 1 rows, U-ViT and DiMR model.num_classes)")
 
 
+def check_label_rows(model: nn.Module, classes: int | None, from_data: bool) -> None:
+    """Refuse class labels ``0..classes-1`` that the model has no embedding rows for (``from_data``:
+    the count is ``data.num_classes``, else the null label's). Without label dropout nothing else
+    compares them before the first step or sample fails on an out-of-range label."""
+    rows = getattr(model, "num_labels", None)
+    if not classes or not rows or classes <= rows:
+        return
+    key = "data.num_classes" if from_data else "diffusion.null_label"
+    raise UserError(f"{key} is {classes}: labels 0..{classes - 1} are classes, but the model embeds labels "
+                    f"0..{rows - 1} only", key_path=key,
+                    suggestion=f"set {key} to at most {rows}, or give the model more classes (model.num_classes)")
+
+
 def guided_eps_fn(
     model: nn.Module,
     recipe: Mapping[str, Any],

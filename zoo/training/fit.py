@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from zoo.diffusion.objectives import DiffusionObjective
-from zoo.diffusion.setup import (build_objective, check_guidance_channels, check_null_label, guidance_settings,
-                                 model_drops_labels)
+from zoo.diffusion.setup import (build_objective, check_guidance_channels, check_label_rows, check_null_label,
+                                 guidance_settings, model_drops_labels)
 from zoo.errors import UserError
 from zoo.meta import MetaShapeCache, RepeatedBlockMemo, example_inputs, without_dynamo
 from zoo.sample import num_classes
@@ -34,8 +34,10 @@ def training_objective(recipe: Mapping[str, Any], meta_model: nn.Module) -> Diff
         objective.label_drop = float(model_cfg["class_dropout_prob"])
         if objective.null_label is None:
             objective.null_label = int(model_cfg["num_classes"])
+    data_classes = (recipe.get("data") or {}).get("num_classes")
     if objective.label_drop > 0:
-        check_null_label(meta_model, objective.null_label, (recipe.get("data") or {}).get("num_classes"))
+        check_null_label(meta_model, objective.null_label, data_classes)
+    check_label_rows(meta_model, num_classes(recipe), from_data=bool(data_classes))
     _check_output(meta_model, objective)
     return objective
 
