@@ -181,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         if not distributed.peer_lost(err) or tracebacks_wanted():
             raise
-        print(f"zoo train: error: rank {rank} stopped: another process of the run stopped first "
-              "(its own message says why)", file=sys.stderr)
+        distributed.say_peer_lost(rank)  # (said already where the loop saw it)
         return 1
     finally:
         distributed.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -205,6 +206,20 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 def peer_lost(err: BaseException) -> bool:
     """Whether ``err`` is a collective failing because another rank of the run has stopped."""
     return dist.is_initialized() and (isinstance(err, dist.DistError) or any(s in str(err) for s in _PEER_GONE))
+
+
+_said_peer_lost = False
+
+
+def say_peer_lost(rank: int) -> None:
+    """Print, once per process, that this rank stopped because another one did (whose own message says
+    why). The loop says it while its stop handlers still hold a SIGTERM: torchrun terminates the other
+    ranks as soon as one exits, which killed a rank mid-unwinding before the CLI could say it."""
+    global _said_peer_lost
+    if not _said_peer_lost:
+        _said_peer_lost = True
+        print(f"zoo train: error: rank {rank} stopped: another process of the run stopped first "
+              "(its own message says why)", file=sys.stderr, flush=True)
 
 
 def shutdown() -> None:

@@ -743,6 +743,10 @@ class Trainer:
             if self.last_saved is not None:
                 self.log(f"zoo train: stopped at once; {self.last_dir} holds step {self.last_saved}")
             raise
+        except RuntimeError as err:  # said while the handlers below still hold torchrun's SIGTERM
+            if distributed.peer_lost(err):
+                distributed.say_peer_lost(self.ctx.rank)
+            raise
         finally:
             self.stops.restore()
             if monitor:
