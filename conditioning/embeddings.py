@@ -6,6 +6,7 @@ U-ViT's time token reuses :func:`timestep_sinusoid` (with dim D, no MLP); DiT fe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,12 +24,33 @@ def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tenso
     """
     t = torch.as_tensor(t).reshape(-1).float()
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = _frequencies(half, float(max_period), t.device)
     angles = t[:, None] * freqs[None]
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def _frequency_table(half: int, max_period: float, device: torch.device) -> Tensor:
+    """``f_k = exp(-ln(max_period) * k / half)``, ``k = 0..half-1``, float32."""
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_frequency_table(half: int, max_period: float, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # an ordinary tensor even when first asked under inference mode
+        return _frequency_table(half, max_period, device)
+
+
+def _frequencies(half: int, max_period: float, device: torch.device) -> Tensor:
+    """The sinusoid's frequency table, built once per (size, period, device): three small ops (and on a GPU three
+    kernel launches) less in every forward. Built afresh where a cached tensor would be wrong or escape: while
+    Dynamo compiles or ``torch.jit.trace`` records (the ops belong in the graph), and under a dispatch mode (a
+    ``FakeTensorMode`` would leave a fake tensor in the cache)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack():
+        return _frequency_table(half, max_period, device)
+    return _cached_frequency_table(half, max_period, device)
 
 
 class TimestepEmbedder(nn.Module):

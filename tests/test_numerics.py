@@ -48,3 +48,40 @@ def test_propagated_bound_covers_the_model_output_of_shifted_features():
             assert (moved <= bound).all()
             assert moved.max() > 1e-7  # the shift does reach the output
     assert bound.max() < 1e-2  # and the budget stays small against outputs of size ~1
+
+
+
+def test_sinusoid_frequency_table_is_cached_bit_identically_and_never_as_a_fake_tensor():
+    """timestep_sinusoid built its frequency table (3 ops) every call; it is built once per (size, period, device),
+    with the same bits, and afresh under a dispatch mode (a FakeTensorMode's tensor must not stay in the cache)
+    and while Dynamo compiles."""
+    import math
+
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zoo.conditioning.embeddings import _cached_frequency_table
+
+    def formula(t, dim, max_period=10000.0):
+        t = torch.as_tensor(t).reshape(-1).float()
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        angles = t[:, None] * freqs[None]
+        return F.pad(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1), (0, dim % 2))
+
+    t = torch.tensor([0, 1, 17, 999])
+    for dim, period in ((256, 10000.0), (257, 10000.0), (384, 1000)):
+        for times in (t, t.double() / 7):
+            hits = _cached_frequency_table.cache_info().hits
+            assert torch.equal(timestep_sinusoid(times, dim, period), formula(times, dim, period))
+        assert _cached_frequency_table.cache_info().hits == hits + 1  # the second call found the table
+    with torch.inference_mode():
+        timestep_sinusoid(t, 250)
+    assert not _cached_frequency_table(125, 10000.0, torch.device("cpu")).is_inference()  # usable outside it
+    assert timestep_sinusoid(t.to("meta"), 256).shape == (4, 256)
+    size = _cached_frequency_table.cache_info().currsize
+    with FakeTensorMode():
+        timestep_sinusoid(torch.zeros(4), 62)
+    assert _cached_frequency_table.cache_info().currsize == size
+    compiled = torch.compile(lambda x: timestep_sinusoid(x, 66), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(t.float()), formula(t, 66))
