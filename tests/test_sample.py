@@ -642,3 +642,15 @@ def test_guided_eps_fn_is_called_as_sampling_md_writes_it():
     documented = guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe))
     explicit = guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe), eps_channels=3)
     assert torch.equal(documented(x, t), explicit(x, t))
+
+
+def test_zoo_sample_under_torchrun_is_one_line_pointing_to_zoo_eval(monkeypatch, capsys):
+    """Under torchrun every process sampled the whole grid and wrote the same file."""
+    for rank, expected in (("0", "zoo: error: zoo sample runs in one process"), ("1", "")):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert main(["sample", "dit_s_2", "--steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(expected) and err.count("\n") == (rank == "0")
+        if rank == "0":
+            assert err.rstrip().endswith("torchrun ... -m zoo eval CHECKPOINT --num-samples N)")
