@@ -210,6 +210,18 @@ def test_stock_fvcore_gives_5_46_for_dit_s2_because_it_drops_sdpa():
     assert count_flops(model, inputs, counter="fvcore").gflops == pytest.approx(ours.gflops, rel=1e-9)
 
 
+def run_in_fresh_python(code: str) -> str:
+    """``python -c code`` in a new interpreter at the repository root (what it imports is the point), which
+    must print ``ok`` last; its stderr."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stderr
+    return result.stderr
+
+
 def test_meta_count_leaves_dynamo_unimported_and_usable():
     """zoo.meta keeps Dynamo's 1–3 s import out of `zoo build --flops`, and undoes itself."""
     code = (
@@ -228,12 +240,7 @@ def test_meta_count_leaves_dynamo_unimported_and_usable():
         "assert callable(torch._dynamo.disable) and torch._dynamo.is_compiling() is False\n"
         "print('ok')\n"
     )
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stderr
+    run_in_fresh_python(code)
 
 
 def test_flop_counter_is_imported_without_triton_and_quietly():
@@ -249,13 +256,7 @@ def test_flop_counter_is_imported_without_triton_and_quietly():
         "assert 'torch.utils.flop_counter' in sys.modules and not any(k.split('.')[0] == 'triton' for k in sys.modules)\n"
         "print('ok')\n"
     )
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stderr
-    assert "triton" not in result.stderr
+    assert "triton" not in run_in_fresh_python(code)
 
 
 def test_no_triton_import_restores_sys_modules(monkeypatch):
