@@ -76,7 +76,8 @@ class DPMSolverBase(Solver):
             refuse_unused({"atol": atol, "rtol": rtol},
                           f"the tolerances set the steps of method adaptive only, not {method}'s",
                           "drop them, or set method: adaptive")
-        if method != "multistep":
+        if method != "multistep" and lower_order_final is False:  # its default, true, is what a call copied
+            # from DPM-Solver's sample() spells out for every method: it asks for nothing that would not happen
             refuse_unused({"lower_order_final": lower_order_final}, f"it shapes only method multistep's last steps, "
                           f"not {method}'s", "drop it, or set method: multistep")
         if method == "adaptive" and steps is not None:  # it would be ignored: atol and rtol set the steps

@@ -635,6 +635,9 @@ def test_an_option_the_solver_would_ignore_is_refused(spec, message):
 def test_the_same_options_where_they_act_are_taken_with_the_old_defaults():
     import zoo
 
+    # lower_order_final's default, true, spelled out for singlestep as DPM-Solver's sample() takes it
+    assert zoo.build_component("solver", {"type": "dpm_solver++", "method": "singlestep", "lower_order_final": True})
+
     adaptive = zoo.build_component("solver", {"type": "dpm_solver++", "method": "adaptive", "atol": 0.01})
     assert (adaptive.atol, adaptive.rtol) == (0.01, 0.05)
     multistep = zoo.build_component("solver", {"type": "dpm_solver++"})
