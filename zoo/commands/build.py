@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--help-component", metavar="NAME",
                    help="show one registered component's arguments (type, default, allowed values) and stop")
     add_overrides_option(p)
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved, validated recipe as YAML and stop")
+    p.add_argument("--print-recipe", action="store_true",
+                   help="print the resolved, validated recipe as YAML (then, as comments, what the keys it leaves "
+                        "out mean) and stop")
     p.add_argument("--flops", action="store_true", help="count GFLOPs of one forward pass (batch 1) per module")
     p.add_argument("--depth", type=int, default=None, help="module depth of the --flops table (default 2)")
     p.add_argument("--json", action="store_true",
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         import yaml
 
         print(yaml.safe_dump(recipe.data, sort_keys=False, default_flow_style=None), end="")
+        print(_defaults_left_out(recipe.data), end="")
         return 0
 
     import torch
@@ -101,3 +104,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"GFLOPs (multiply-adds, batch 1): {report.gflops:.2f}\n")
         print(report.table(depth))
     return 0
+
+
+def _defaults_left_out(data: dict) -> str:
+    """YAML comment lines naming what the ``model`` (plain values), ``diffusion`` and ``train`` keys a
+    recipe leaves out mean (``ema_decay`` 0.9999 changes results as much as a written key), for the
+    sections it has."""
+    import yaml
+
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+    from zoo.training.sections import TRAIN_DEFAULTS, UNSET_MEANS
+
+    from zoo.introspect import backbone_defaults
+
+    plain = (bool, int, float, str, type(None))
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    lines = []
+    for section, defaults in (("model", backbone_defaults(model)), ("diffusion", DIFFUSION_DEFAULTS),
+                              ("train", {**TRAIN_DEFAULTS, **UNSET_MEANS})):
+        if not isinstance(data.get(section), dict):
+            continue
+        unset = {key: value for key, value in defaults.items() if key not in data[section]
+                 and (isinstance(value, plain) or isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value))}
+        if unset:
+            text = yaml.safe_dump({section: unset}, sort_keys=True, default_flow_style=None, width=1000)
+            lines += [f"# {line}" for line in text.splitlines()]
+    if not lines:
+        return ""
+    return "# left out, and read as:\n" + "\n".join(lines) + "\n"

@@ -46,19 +46,10 @@ from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
 from zoo.training.rundir import check_resume_recipe, fixed_section_changes, prune_steps
 from zoo.training.runlock import RunLock, check_unlocked
+from zoo.training.sections import TRAIN_DEFAULTS as DEFAULTS
+from zoo.training.sections import UNSET_MEANS
 from zoo.training.signals import CutShort, StopRequested, StopSignals
 from zoo.training.val_loss import val_hook
-
-DEFAULTS = {"lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
-            "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16,
-            "grad_accum": 1, "grad_checkpointing": False, "compile": False, "tf32": True, "keep_last": 0,
-            "parallel": "ddp"}
-
-
-#: What the optimizer and schedule read for ``train`` keys a recipe leaves out: a resume that spells one out
-#: (``lr_schedule: constant``) changes nothing, and its note must not say ``None -> 'constant'``.
-UNSET_MEANS = {"lr_schedule": "constant", "min_lr": 0.0, "warmup_steps": 0, "betas": [0.9, 0.999],
-               "no_weight_decay_1d": False}
 
 
 class NonFiniteError(RuntimeError):

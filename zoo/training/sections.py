@@ -60,6 +60,18 @@ DATA: dict[str, Any] = {
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
+#: What ``zoo train`` reads for ``train`` keys a recipe leaves out.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4, "batch_size": 32, "steps": 0, "weight_decay": 0.0, "ema_decay": 0.9999, "seed": 0,
+    "precision": "fp32", "ckpt_every": 0, "sample_every": 0, "log_every": 100, "sample_n": 16,
+    "grad_accum": 1, "grad_checkpointing": False, "compile": False, "tf32": True, "keep_last": 0,
+    "parallel": "ddp"}
+
+#: What the optimizer and schedule read for ``train`` keys a recipe leaves out: a resume that spells one out
+#: (``lr_schedule: constant``) changes nothing, and its note must not say ``None -> 'constant'``.
+UNSET_MEANS: dict[str, Any] = {"lr_schedule": "constant", "min_lr": 0.0, "warmup_steps": 0, "betas": [0.9, 0.999],
+                               "no_weight_decay_1d": False}
+
 #: The ``train`` section: key → type and domain (a new key is one line).
 TRAIN: dict[str, Any] = {
     "steps": Annotated[int, Range(0, MAX_STEPS)],
