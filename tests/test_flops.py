@@ -210,6 +210,109 @@ def test_stock_fvcore_gives_5_46_for_dit_s2_because_it_drops_sdpa():
     assert count_flops(model, inputs, counter="fvcore").gflops == pytest.approx(ours.gflops, rel=1e-9)
 
 
+class _FvcoreCounted(nn.Module):
+    """The ops fvcore's default handles count beyond multiply-adds (U-ViT's and DiMR's convention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.ln_plain = nn.LayerNorm(8, elementwise_affine=False)
+        self.gn = nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        x = self.gn(self.conv(x))
+        x = self.ln_plain(self.ln(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = F.interpolate(x, scale_factor=2, mode="nearest") + F.interpolate(x, scale_factor=2, mode="bilinear")
+        return F.adaptive_avg_pool2d(x, 4)
+
+
+def _stock_fvcore(model, inputs) -> float:
+    """fvcore's own count (default handles) plus an SDPA handle: how U-ViT and DiMR report GFLOPs."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from zoo.flops import fvcore_attention_handle
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(model, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        analysis.set_op_handle(**{"aten::scaled_dot_product_attention": fvcore_attention_handle})
+        return analysis.total() / 1e9
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_official_convention_counts_what_stock_fvcore_counts(device):
+    with torch.device(device):
+        model = _FvcoreCounted()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    conv = 2 * 8 * 64 * 27
+    norms = 2 * 8 * 64 * (5 + 5 + 4)  # GroupNorm, LayerNorm (affine), LayerNorm (no affine)
+    upsample = 2 * 8 * 256 * (1 + 4)  # nearest 1, bilinear 4 per output element
+    pool = 2 * 8 * 256  # 1 per input element
+    assert count_flops(model, (x,)).gflops * 1e9 == conv
+    official = count_flops(model, (x,), convention="official").gflops * 1e9
+    assert official == pytest.approx(conv + norms + upsample + pool, abs=1e-3)
+    if device == "cpu":
+        assert official == pytest.approx(_stock_fvcore(model, (x,)) * 1e9, abs=1e-3)
+
+
+def test_official_convention_of_tiny_uvit_is_stock_fvcore_plus_attention():
+    model = _tiny_model("uvit", "cpu")
+    inputs = model.example_inputs(1)
+    official = count_flops(model, inputs, convention="official").gflops
+    assert official > count_flops(model, inputs).gflops
+    assert official == pytest.approx(_stock_fvcore(model, inputs), rel=1e-12)
+    meta = count_flops(_tiny_model("uvit", "meta"), convention="official").gflops
+    assert meta == pytest.approx(official, rel=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_official_convention_counts_dimr_td_layernorm_as_affine(batch, monkeypatch):
+    """The official TD-LN is an affine LayerNorm (5 per element) whenever the batch shares one time; zoo's
+    takes the plain one plus a per-sample addcmul for a batch of times: counted as the official one. A
+    branch's downsampled input (official: area interpolation, fvcore 1 per input element) is counted too."""
+    from zoo.conditioning.time_dependent import TimeDependentLayerNorm
+
+    model = _tiny_model("dimr", "meta")
+    inputs = model.example_inputs(batch)
+    elements = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: elements.append(args[0].numel()))
+             for m in model.modules() if isinstance(m, TimeDependentLayerNorm)]
+    pooled = []
+    avg_pool2d = F.avg_pool2d
+
+    def spy(x, *args, **kwargs):
+        pooled.append(x.numel())
+        return avg_pool2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "avg_pool2d", spy)
+    try:
+        count_flops(model, inputs)  # collects the TD-LN and downsampling input sizes
+    finally:
+        monkeypatch.undo()
+        for h in hooks:
+            h.remove()
+    assert elements and pooled
+    macs = count_flops(model, inputs).gflops
+    official = count_flops(model, inputs, convention="official").gflops
+    assert (official - macs) * 1e9 == pytest.approx(5 * sum(elements) + sum(pooled), abs=1e-3)
+
+
+def test_official_convention_of_dit_is_multiply_adds():
+    """DiT's published figures are multiply-adds: stock fvcore (LayerNorm at 4 per element) reads DiT-S/2
+    as 6.07, the paper 6.06."""
+    from zoo.backbones.dit import DiT
+
+    with torch.device("meta"):
+        model = DiT(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6)
+    assert count_flops(model, convention="official").gflops == count_flops(model).gflops
+    with pytest.raises(UserError, match="convention"):
+        count_flops(model, convention="paper")
+    with pytest.raises(UserError, match="torch counter"):
+        count_flops(_tiny_model("uvit", "cpu"), counter="fvcore", convention="official")
+
+
 def run_in_fresh_python(code: str) -> str:
     """``python -c code`` in a new interpreter at the repository root (what it imports is the point), which
     must print ``ok`` last; its stderr."""

@@ -78,6 +78,26 @@ def test_recipe_params_and_gflops(name, params, gflops):
     assert report.gflops == pytest.approx(gflops, rel=TOLERANCE), f"{name}: {report.gflops:.3f} GFLOPs, expected {gflops}"
 
 
+# zoo's default count (multiply-adds), to 3 decimals: --convention official leaves it as it was
+MACS = {"dit_xl_2": 118.621, "dit_xl_2_512": 524.538, "dit_l_2": 80.698, "dit_b_2": 23.005, "dit_s_2": 6.056,
+        "dit_xl_4": 29.044, "uvit_m_4": 35.236, "uvit_l_4": 76.473, "uvit_h_2": 133.197, "uvit_h_4": 133.225,
+        "dimr_m_3r": 53.531, "dimr_l_3r": 110.596, "dimr_xl_2r": 160.176, "dimr_xl_3r": 206.072, "dimr_g_2r": 331.095}
+
+
+@pytest.mark.parametrize("name, params, gflops", PAPER, ids=lambda v: str(v))
+def test_official_convention_gives_the_official_figures(name, params, gflops):
+    """`zoo build --flops --convention official`: U-ViT's and DiMR's precise official figures (stock fvcore +
+    attention, LayerNorm included) to the 2nd decimal; DiT's are multiply-adds, the default count."""
+    path = RECIPES / f"{name}.yaml"
+    default = count_recipe_flops(path).gflops
+    official = count_recipe_flops(path, convention="official").gflops
+    assert round(default, 3) == MACS[name]
+    if name.startswith("dit_"):
+        assert official == default
+    else:
+        assert f"{official:.2f}" == f"{gflops:.2f}", f"{name}: {official:.4f} GFLOPs, official {gflops}"
+
+
 @pytest.mark.parametrize("name", ["dit_xl_2", "dit_s_2", "dit_xl_4"])
 def test_dit_closed_form_matches_paper_rows(name):
     """The closed form above is itself right: it reproduces the official DiT rows."""

@@ -16,9 +16,18 @@ Two counters:
   6.06 GFLOPs); we give it a handle with the same formula, and switch off its norm handles
   (fvcore counts LayerNorm/GroupNorm as elementwise FLOPs, which the convention leaves out).
 
-The precise official U-ViT numbers (35.27, 133.28, ...) are stock fvcore plus attention,
-i.e. they also hold fvcore's LayerNorm count (5 FLOPs per element); ours leave norms out and
-read 0.06–0.1% lower (U-ViT-M/4: 35.236), inside the 0.1% the table is checked to.
+The precise official U-ViT and DiMR numbers (35.27, 133.28, 160.23, ...) are stock fvcore plus
+attention, i.e. they also hold fvcore's LayerNorm count (5 FLOPs per element) and the like; the
+default convention leaves those out and reads 0.02–0.1% lower (U-ViT-M/4: 35.236).
+``convention="official"`` (``zoo build --flops --convention official``) adds, on the torch counter,
+formulas for the aten ops fvcore's default handles count, as each family's authors counted: U-ViT,
+DiMR (and models zoo does not know) get fvcore's handles, DiT none (its published figures are
+multiply-adds: stock fvcore reads DiT-S/2 as 6.07, the paper 6.06). Where zoo's modules call other
+ops than the official ones for the same math, the official op is counted: DiMR's TD-LN as the affine
+LayerNorm, its ``avg_pool2d`` downsampling as area interpolation (``adaptive_avg_pool2d``); its
+TD-RMSNorm is elementwise ops in both, uncounted. Official figures, all matched to 2 decimals:
+U-ViT-M/4 35.27, L/4 76.53, H/2 133.28, H/4 133.31, DiMR M/3R 53.58, L/3R 110.68, XL/2R 160.23,
+XL/3R 206.19, G/2R 331.19 (fvcore on the official code: U-ViT-M/4 35.270484, DiMR-XL/2R 160.231663).
 
 On the meta device the count runs under :mod:`zoo.meta`'s helpers (no Dynamo import, cached
 meta kernels, each repeated block run once), and the counter's module is imported without Triton,
@@ -42,6 +51,7 @@ from zoo.meta import (MetaShapeCache, NotOnMeta, RepeatedBlockMemo, build_on_met
 from zoo.modes import evaluating
 
 COUNTERS = ("torch", "fvcore")
+CONVENTIONS = ("macs", "official")
 # fvcore handles for elementwise ops we do not count (the convention counts matmuls/convs only).
 _FVCORE_ELEMENTWISE = (
     "aten::batch_norm", "aten::group_norm", "aten::layer_norm", "aten::instance_norm",
@@ -62,12 +72,133 @@ def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=
     return 2 * attention_macs(query_shape, key_shape, value_shape)
 
 
-def _torch_custom_mapping() -> dict[Any, Any]:
+def _torch_custom_mapping(convention: str = "macs") -> dict[Any, Any]:
     mapping = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = _cpu_flash_sdpa_flops
+    if convention == "fvcore":
+        mapping.update(_fvcore_elementwise_mapping())
     return mapping
+
+
+# --- the "official" convention: fvcore's default elementwise handles, as formulas on aten ops ----------
+#
+# FlopCounterMode reports 2 FLOPs per MAC and we halve its total, so each formula below returns twice
+# what fvcore's handle counts. fvcore (0.1.5, flop_count._DEFAULT_SUPPORTED_OPS, jit_handles):
+# layer_norm / group_norm 5 per input element with an affine weight, 4 without; batch_norm in eval
+# 2 per element with affine, 1 without (as layer_norm when training); upsample_nearest2d 1 per output
+# element, upsample_bilinear2d and grid_sampler 4; adaptive_avg_pool2d 1 per input element.
+
+_AFFINE_LAYER_NORM = [0]  # > 0 while a module whose official counterpart is an affine LayerNorm runs
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _layer_norm_flops(x_shape, normalized_shape, weight_shape=None, *args, out_shape=None, **kwargs) -> int:
+    affine = weight_shape is not None or _AFFINE_LAYER_NORM[0] > 0
+    return 2 * _numel(x_shape) * (5 if affine else 4)
+
+
+def _group_norm_flops(x_shape, weight_shape=None, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(x_shape) * (5 if weight_shape is not None else 4)
+
+
+def _batch_norm_eval_flops(x_shape, weight_shape=None, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(x_shape) * (2 if weight_shape is not None else 1)
+
+
+def _batch_norm_flops(x_shape, weight_shape=None, bias_shape=None, mean_shape=None, var_shape=None,
+                      training=False, *args, out_shape=None, **kwargs) -> int:
+    if training:
+        return 2 * _numel(x_shape) * (5 if weight_shape is not None else 4)
+    return _batch_norm_eval_flops(x_shape, weight_shape)
+
+
+def _per_output(scale: int):
+    def formula(*args, out_shape=None, **kwargs) -> int:
+        return 2 * scale * _numel(out_shape)
+    return formula
+
+
+def _per_input(scale: int):
+    def formula(x_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * scale * _numel(x_shape)
+    return formula
+
+
+def _fvcore_elementwise_mapping() -> dict[Any, Any]:
+    aten = torch.ops.aten
+    table = {
+        "native_layer_norm": _layer_norm_flops,
+        "native_group_norm": _group_norm_flops,
+        "_native_batch_norm_legit_no_training": _batch_norm_eval_flops,
+        "native_batch_norm": _batch_norm_flops,
+        "upsample_nearest2d": _per_output(1),
+        "_upsample_nearest_exact2d": _per_output(1),
+        "upsample_bilinear2d": _per_output(4),
+        "grid_sampler_2d": _per_output(4),
+        "_adaptive_avg_pool2d": _per_input(1),
+        # zoo's DiMR branch downsamples its input by an integer factor with avg_pool2d; the official
+        # EvenDownInterpolate calls F.interpolate(mode="area"), i.e. adaptive_avg_pool2d: 1 per input element
+        "avg_pool2d": _per_input(1),
+    }
+    mapping = {}
+    for name, formula in table.items():
+        packet = getattr(aten, name, None)
+        if packet is None:
+            continue
+        # keyed by each overload too: FlopCounterMode decomposes an overload it has no key for (before
+        # looking up its packet), and upsample_nearest2d.default decomposes into index ops, uncounted
+        mapping[packet] = formula
+        mapping.update({getattr(packet, overload): formula for overload in packet.overloads()})
+    return mapping
+
+
+@contextlib.contextmanager
+def _official_affine_layer_norms(model: nn.Module):
+    """While a TD-LN runs, its LayerNorm counts as affine (5 per element).
+
+    zoo's :class:`~zoo.conditioning.time_dependent.TimeDependentLayerNorm` calls the affine
+    ``F.layer_norm`` only when the whole batch shares one time (a 0-d ``t``) and otherwise a plain
+    LayerNorm followed by a per-sample ``addcmul``. The official DiMR LayerNorm takes the affine call
+    whenever every sample of the batch has the same time (always at batch 1), which fvcore counts at
+    5 per element.
+    """
+    from zoo.conditioning.time_dependent import TimeDependentLayerNorm
+
+    def enter(module, args):
+        _AFFINE_LAYER_NORM[0] += 1
+
+    def leave(module, args, output):
+        _AFFINE_LAYER_NORM[0] -= 1
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, TimeDependentLayerNorm):
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _AFFINE_LAYER_NORM[0] = 0
+
+
+def official_convention(model: nn.Module) -> str:
+    """The counting rule of the figures a model's authors published: ``"macs"`` or ``"fvcore"``.
+
+    DiT's published GFLOPs (6.06, 118.6, 524.6, ...) are multiply-adds alone: stock fvcore, which also
+    counts its LayerNorms (4 FLOPs per element, no affine), reads 6.07 for DiT-S/2 and 118.69 for
+    DiT-XL/2. U-ViT's and DiMR's (35.27, 133.28, 160.23, ...) are stock fvcore plus an attention
+    handle, so they also hold fvcore's elementwise handles (LayerNorm 5 per element, DiMR's area
+    downsampling 1 per input element). A model zoo does not know is counted as U-ViT's and DiMR's are.
+    """
+    from zoo.backbones.dit import DiT
+
+    return "macs" if isinstance(model, DiT) else "fvcore"
 
 
 @dataclass
@@ -83,6 +214,7 @@ class FlopReport:
         params_by_module: parameter count for the same paths.
         counter: ``"torch"`` or ``"fvcore"``.
         max_depth: the depth of ``by_module`` and the default depth of :meth:`table`.
+        convention: ``"macs"`` (multiply-adds only) or ``"official"`` (as the model's authors counted).
     """
 
     gflops: float
@@ -92,6 +224,7 @@ class FlopReport:
     params_by_module: dict[str, int] = field(default_factory=dict)
     counter: str = "torch"
     max_depth: int = 2
+    convention: str = "macs"
 
     def to_dict(self, with_modules: bool = False) -> dict[str, Any]:
         """A JSON-ready dict: ``params``, ``trainable_params``, ``gflops`` (+ ``by_module``)."""
@@ -180,12 +313,14 @@ def _flop_counter_mode() -> type:
     return FlopCounterMode
 
 
-def _count_torch(model: nn.Module, inputs: Any) -> tuple[float, dict[str, float]]:
+def _count_torch(model: nn.Module, inputs: Any, rule: str = "macs") -> tuple[float, dict[str, float]]:
     FlopCounterMode = _flop_counter_mode()
     args = _as_args(_default_inputs(model) if inputs is None else inputs)
     on_meta = any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
-    with MetaShapeCache() if on_meta else contextlib.nullcontext():
-        with FlopCounterMode(display=False, custom_mapping=_torch_custom_mapping()) as counter:
+    fvcore_rule = rule == "fvcore"
+    with MetaShapeCache() if on_meta else contextlib.nullcontext(), \
+            _official_affine_layer_norms(model) if fvcore_rule else contextlib.nullcontext():
+        with FlopCounterMode(display=False, custom_mapping=_torch_custom_mapping(rule)) as counter:
             with RepeatedBlockMemo(model, counter) if on_meta else contextlib.nullcontext():
                 if on_meta:
                     _meta_count_forward(model, args)
@@ -241,6 +376,7 @@ def count_flops(
     max_depth: int = 2,
     counter: str = "torch",
     fvcore_sdpa_handle: bool = True,
+    convention: str = "macs",
 ) -> FlopReport:
     """Parameters and GFLOPs (GMACs) of one forward pass ``model(*inputs)``.
 
@@ -249,9 +385,18 @@ def count_flops(
     eval mode under ``no_grad`` and its training flags are restored. ``counter="fvcore"``
     needs real (non-meta) tensors; ``fvcore_sdpa_handle=False`` reproduces fvcore's own
     behaviour of dropping SDPA (for tests and to explain published 5.46-vs-6.06 gaps).
+
+    ``convention="official"`` counts as the model's authors did for their published figures
+    (:func:`official_convention`): DiT's are multiply-adds alone, U-ViT's and DiMR's add fvcore's
+    elementwise handles (LayerNorm 5 FLOPs per element, ...); torch counter only.
     """
     if counter not in COUNTERS:
         raise UserError(f"unknown FLOP counter {counter!r}; choose one of {COUNTERS}")
+    if convention not in CONVENTIONS:
+        raise UserError(f"unknown FLOP convention {convention!r}; choose one of {CONVENTIONS}")
+    if convention == "official" and counter != "torch":
+        raise UserError("the official convention is counted by the torch counter", suggestion="counter='torch'")
+    rule = official_convention(model) if convention == "official" else "macs"
     if counter == "fvcore":
         args = _as_args(_default_inputs(model) if inputs is None else inputs)
         if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
@@ -259,7 +404,7 @@ def count_flops(
 
     with evaluating(model), torch.no_grad():
         if counter == "torch":  # (meta: example inputs are made inside, away from Dynamo's import)
-            total, counted = without_dynamo(_count_torch, model, inputs)
+            total, counted = without_dynamo(_count_torch, model, inputs, rule)
         else:
             total, counted = _count_fvcore(model, args, sdpa_handle=fvcore_sdpa_handle)
 
@@ -272,12 +417,14 @@ def count_flops(
         params_by_module=_param_counts(model, paths),
         counter=counter,
         max_depth=max_depth,
+        convention=convention,
     )
 
 
-def count_recipe_flops(recipe: Any, overrides: Sequence[str] = (), *, max_depth: int = 2) -> FlopReport:
+def count_recipe_flops(recipe: Any, overrides: Sequence[str] = (), *, max_depth: int = 2,
+                       convention: str = "macs") -> FlopReport:
     """Build a recipe's model on the ``meta`` device (no weights allocated) and count it."""
     import zoo
 
     model = build_on_meta(lambda: zoo.build_model(recipe, list(overrides)))
-    return count_flops(model, max_depth=max_depth)
+    return count_flops(model, max_depth=max_depth, convention=convention)

@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "out mean) and stop")
     p.add_argument("--flops", action="store_true", help="count GFLOPs of one forward pass (batch 1) per module")
     p.add_argument("--depth", type=int, default=None, help="module depth of the --flops table (default 2)")
+    p.add_argument("--convention", choices=("macs", "official"), default=None,
+                   help="how --flops counts: macs (default) = multiply-adds of matmuls, convolutions and attention; "
+                        "official = as the model's authors counted their published figures (U-ViT, DiMR: stock fvcore "
+                        "+ attention, which adds LayerNorm at 5 FLOPs per element and the like; DiT: multiply-adds)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: params, trainable_params, gflops, by_module")
     p.add_argument("--device", choices=("meta", "cpu"), default="meta",
@@ -54,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_recipe and (args.json or args.flops):
         raise UserError("--print-recipe prints the recipe and stops; it does not combine with --json or --flops",
                         suggestion="run them as two commands")
+    if args.convention is not None and not (args.flops or args.json):
+        raise UserError(f"--convention {args.convention}: it sets how --flops counts",
+                        suggestion=f"e.g. --flops --convention {args.convention}")
     depth = 2 if args.depth is None else args.depth
+    convention = args.convention or "macs"
     recipe = resolve(args.recipe, args.overrides)
     validate_recipe(recipe)  # every section, before anything is built
     if args.print_recipe:
@@ -87,23 +95,32 @@ def run(args: argparse.Namespace) -> int:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report = None
     if args.flops or args.json:
-        from zoo.flops import count_flops
+        from zoo.flops import count_flops, official_convention
 
-        report = count_flops(model, max_depth=depth)
+        report = count_flops(model, max_depth=depth, convention=convention)
 
     if args.json:
         out = {"recipe": args.recipe, "model": recipe.data["model"].get("type", recipe.data["model"].get("_target_")) if isinstance(recipe.data["model"], dict)
                else recipe.data["model"], "params": params, "trainable_params": trainable,
                "gflops": float(report.gflops), "by_module": {k: float(v) for k, v in report.by_module.items()}}
+        if convention != "macs":
+            out["convention"] = convention
         print(json.dumps(out))
         return 0
     name = f"{type(model).__module__}.{type(model).__qualname__}"
     print(f"{args.recipe}: {name} built on {args.device}")
     print(f"parameters: {params:,} (trainable {trainable:,})")
     if report is not None:
-        print(f"GFLOPs (multiply-adds, batch 1): {report.gflops:.2f}\n")
+        if convention == "macs":
+            print(f"GFLOPs (multiply-adds, batch 1): {report.gflops:.2f}\n")
+        else:
+            print(f"GFLOPs (official: {_OFFICIAL_RULES[official_convention(model)]}, batch 1): "
+                  f"{report.gflops:.2f}\n")
         print(report.table(depth))
     return 0
+
+
+_OFFICIAL_RULES = {"macs": "multiply-adds, as DiT's paper", "fvcore": "fvcore + attention, LayerNorm included"}
 
 
 def _defaults_left_out(data: dict) -> str:
