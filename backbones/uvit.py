@@ -52,6 +52,7 @@ class UViT(nn.Module):
         num_classes: label table size; ``<= 0`` is unconditional (no label token).
         use_checkpoint: recompute block activations in the backward pass (memory for compute).
         conv: a final Conv2d(C->C, 3, pad 1) on the unpatchified output.
+        skip: the long skips (concat + Linear(2D->D) before each out-block); ``false`` chains the blocks.
         block: block factory, called as ``block(embed_dim, num_heads=, mlp_ratio=, qkv_bias=,
             norm=, cond_dim=)``; U-ViT's is the pre-norm Transformer block with exact GELU.
         norm: the blocks' conditioner factory (default :class:`TimeToken`); time-dependent norms get
@@ -81,6 +82,7 @@ class UViT(nn.Module):
         num_classes: Annotated[int, Range(-1, MAX_CLASSES), Doc("<= 0: unconditional")] = -1,
         use_checkpoint: bool = False,
         conv: bool = True,
+        skip: Annotated[bool, Doc("long skips from in- to out-blocks (false: the official skip=False ablation)")] = True,
         block: Annotated[Callable[..., nn.Module], Calls(1, _BLOCK_ARGS)] = TransformerBlock,
         norm: ConditionerFactory = TimeToken,
         head_norm: ConditionerFactory = LayerNorm,
@@ -138,6 +140,7 @@ class UViT(nn.Module):
             lambda: block(
                 embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm=norm, cond_dim=cond_dim
             ),
+            long_skips=skip,
         )
         self.norm = head_norm(embed_dim, cond_dim=cond_dim)
         self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)

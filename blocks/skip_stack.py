@@ -19,17 +19,18 @@ class LongSkipStack(nn.Module):
     ``block`` is a factory called with no arguments (the parent binds width and conditioning
     width). Blocks see tensors with channels last, so the stack serves tokens ``(B, L, C)``
     and feature maps ``(B, H, W, C)`` alike. Set ``grad_checkpointing`` to recompute each
-    block's activations in the backward pass instead of storing them.
+    block's activations in the backward pass instead of storing them. ``long_skips=False``
+    chains the blocks plainly (the official U-ViT's ``skip=False`` ablation): no skip linears.
     """
 
     grad_checkpointing: bool = False
 
-    def __init__(self, dim: int, depth: int, block: Callable[[], nn.Module]):
+    def __init__(self, dim: int, depth: int, block: Callable[[], nn.Module], long_skips: bool = True):
         super().__init__()
         half = depth // 2
         self.in_blocks = nn.ModuleList(block() for _ in range(half))
         self.mid_block = block()
-        self.skip_linears = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(half))
+        self.skip_linears = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(half if long_skips else 0))
         self.out_blocks = nn.ModuleList(block() for _ in range(half))
 
     def __len__(self) -> int:
@@ -52,8 +53,10 @@ class LongSkipStack(nn.Module):
         x = self._block(self.mid_block, x, cond)
         if return_features:
             features.append(x)
-        for skip_linear, blk in zip(self.skip_linears, self.out_blocks):
-            x = self._block(blk, skip_linear(torch.cat([x, skips.pop()], dim=-1)), cond)
+        for i, blk in enumerate(self.out_blocks):
+            if self.skip_linears:
+                x = self.skip_linears[i](torch.cat([x, skips.pop()], dim=-1))
+            x = self._block(blk, x, cond)
             if return_features:
                 features.append(x)
         return x, features

@@ -20,10 +20,12 @@ from zoo.errors import UserError
 # Official constructor kwargs that map 1:1 onto zoo's UViT.
 OFFICIAL_ARGS = (
     "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-    "qkv_bias", "mlp_time_embed", "num_classes", "use_checkpoint", "conv",
+    "qkv_bias", "mlp_time_embed", "num_classes", "use_checkpoint", "conv", "skip",
 )  # fmt: skip
-# Official kwargs accepted only at the value zoo implements (checked below), then dropped.
-_FIXED_ARGS = ("skip", "qk_scale", "norm_layer", "name")
+# Official kwargs accepted only at the value zoo implements (checked below), then dropped. The official
+# attention computes with F.scaled_dot_product_attention's own scale whenever PyTorch 2 is installed (its
+# 'flash' mode), so a qk_scale never reaches its outputs: dropped too, as the model ran.
+_FIXED_ARGS = ("qk_scale", "norm_layer", "name")
 
 _SAME = re.compile(
     r"pos_embed|patch_embed\.proj\.(weight|bias)|label_emb\.weight|time_embed\.[02]\.(weight|bias)"
@@ -40,17 +42,10 @@ def matches_config(config: Mapping[str, Any]) -> bool:
 
 
 def _check_fixed(config: Mapping[str, Any]) -> None:
-    if not config.get("skip", True):
-        raise UserError("U-ViT with skip=False (no long skips) is not supported; zoo's U-ViT always has them")
     if config.get("name", "uvit") != "uvit":
         raise UserError(
             f"config name {config['name']!r} is not the plain U-ViT ('uvit'); text-to-image U-ViT is not supported"
         )
-    qk_scale = config.get("qk_scale")
-    if qk_scale is not None:
-        head_dim = config.get("embed_dim", 768) // config.get("num_heads", 12)
-        if abs(qk_scale - head_dim**-0.5) > 1e-12:
-            raise UserError(f"qk_scale={qk_scale} is not supported; zoo's attention scales by head_dim**-0.5")
     norm_layer = config.get("norm_layer")
     if norm_layer is not None and getattr(norm_layer, "__name__", norm_layer) not in ("LayerNorm", "nn.LayerNorm"):
         raise UserError(f"norm_layer={norm_layer!r} is not supported; U-ViT's is nn.LayerNorm")
@@ -64,7 +59,10 @@ def official_config_to_model_spec(config: Mapping[str, Any]) -> dict:
             f"unknown U-ViT config keys {unknown}; the official U-ViT takes {', '.join(OFFICIAL_ARGS + _FIXED_ARGS)}"
         )
     _check_fixed(config)
-    return {"type": "uvit", **{k: v for k, v in config.items() if k in OFFICIAL_ARGS}}
+    spec = {"type": "uvit", **{k: v for k, v in config.items() if k in OFFICIAL_ARGS}}
+    if spec.get("skip", True):
+        spec.pop("skip", None)  # the default: recipes and configs without the key stay alike
+    return spec
 
 
 def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
