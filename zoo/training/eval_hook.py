@@ -33,8 +33,9 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.errors import UserError
+from zoo.training.sections import UNSET_MEANS
 
-EVAL_N = 256  # samples per evaluation unless train.eval_n says otherwise
+EVAL_N = UNSET_MEANS["eval_n"]  # samples per evaluation unless train.eval_n says otherwise
 EXTRACTOR = "efficientnet_lite0"  # the offline default (its weights come with a dependency)
 REF_MAX = 10_000  # training images in the reference statistics at most
 REF_FILE = Path("eval") / "fd_reference.npz"

@@ -29,8 +29,9 @@ from torch.utils.data import Dataset, Subset
 
 from zoo.modes import evaluating
 from zoo.training.data import held_out
+from zoo.training.sections import UNSET_MEANS
 
-VAL_N = 1024  # (image, time, noise) triples per evaluation unless train.val_n says otherwise
+VAL_N = UNSET_MEANS["val_n"]  # (image, time, noise) triples per evaluation unless train.val_n says otherwise
 VAL_STREAM = 18  # the generator stream of the triples' noise and time order (see zoo.training.draws)
 VAL_BATCH = 64  # triples per forward pass: bounded memory whatever val_n is
 
