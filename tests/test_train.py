@@ -402,6 +402,13 @@ def test_checkpoints_record_the_class_names_a_class_folder_added_later_cannot_sh
     assert main(["train", str(RECIPE), "--resume", str(run), "--allow-recipe-change", *base]) == 0
     assert "note: --allow-recipe-change: the data's classes differ" in capsys.readouterr().out
     assert ckpt.read_classes(run / "last") == ["A_new", "a", "b"]  # from now on, the new labelling
+    # An unconditional model reads no labels: nothing recorded, and a folder added later changes nothing
+    dimr = str(Path(__file__).parent / "recipes" / "tiny_dimr_pixels.yaml")
+    uncond = [*base, "--set", "model.num_classes=1", "--set", "diffusion.null_label=0", "--set", "data.num_classes=null"]
+    assert main(["train", dimr, "--out", str(tmp_path / "uncond"), "--steps", "2", *uncond]) == 0
+    assert ckpt.read_classes(tmp_path / "uncond" / "last") == []
+    add_class("B_new")
+    assert main(["train", dimr, "--resume", str(tmp_path / "uncond"), *uncond]) == 0
 
 
 def test_an_image_that_cannot_be_read_mid_run_keeps_the_steps_trained_before_it(tmp_path, monkeypatch, capsys):

@@ -164,7 +164,8 @@ class Trainer:
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         self.data_line = data_line(data, len(dataset), self.shape)
-        self.classes = class_names(data)  # recorded in each checkpoint: the labels' meaning, as trained
+        # recorded in each checkpoint: the labels' meaning, as trained (an unconditional model reads none)
+        self.classes = class_names(data) if num_classes(recipe) is not None else []
         # FSDP on GPUs: each GPU holds 1/world of the weights, gradients, AdamW state and EMA (checked whole, a
         # model that needs FSDP was refused). Processes on one CPU share its memory: checked as before there.
         shards = self.ctx.world if self.fsdp and self.device.type == "cuda" else 1
@@ -736,7 +737,7 @@ class Trainer:
             raise
         except RuntimeError as err:  # said while the handlers below still hold torchrun's SIGTERM
             if distributed.peer_lost(err):
-                distributed.say_peer_lost(self.ctx.rank)
+                distributed.say_peer_lost(self.ctx.rank, err)
             raise
         finally:
             self.stops.restore()
