@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         if not distributed.peer_lost(err) or tracebacks_wanted():
             raise
-        distributed.say_peer_lost(rank)  # (said already where the loop saw it)
+        distributed.say_peer_lost(rank, err)  # (said already where the loop saw it)
         return 1
     finally:
         distributed.shutdown()

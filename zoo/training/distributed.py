@@ -208,16 +208,12 @@ def peer_lost(err: BaseException) -> bool:
     return dist.is_initialized() and (isinstance(err, dist.DistError) or any(s in str(err) for s in _PEER_GONE))
 
 
-_said_peer_lost = False
-
-
-def say_peer_lost(rank: int) -> None:
-    """Print, once per process, that this rank stopped because another one did (whose own message says
+def say_peer_lost(rank: int, err: BaseException) -> None:
+    """Print, once per error, that this rank stopped because another one did (whose own message says
     why). The loop says it while its stop handlers still hold a SIGTERM: torchrun terminates the other
     ranks as soon as one exits, which killed a rank mid-unwinding before the CLI could say it."""
-    global _said_peer_lost
-    if not _said_peer_lost:
-        _said_peer_lost = True
+    if not getattr(err, "zoo_peer_lost_said", False):
+        err.zoo_peer_lost_said = True  # type: ignore[attr-defined]
         print(f"zoo train: error: rank {rank} stopped: another process of the run stopped first "
               "(its own message says why)", file=sys.stderr, flush=True)
 
