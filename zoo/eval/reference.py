@@ -197,8 +197,9 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     if trains_on:  # the run's own data: the cache key holds what made it
         identity += ":" + hashlib.sha256(json.dumps([own, classes, seed], sort_keys=True, default=str)
                                          .encode()).hexdigest()[:16]
-    names = getattr(build, "class_names", None)
-    return identity, lambda b: _dataset_batches(dataset, b), len(dataset), list(names(data)) if names else []
+    from zoo.training.data import class_names
+
+    return identity, lambda b: _dataset_batches(dataset, b), len(dataset), class_names(data)
 
 
 def _listing_digest(root: Path, items: list[tuple[Path, int]]) -> str:
