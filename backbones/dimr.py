@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, adds_time_token, as_time_vector, time_blind
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm, no_weight_decay_names
-from zoo.domains import (MAX_CLASSES, MAX_DEPTH, MAX_SIZE, Calls, Channels, ConditionerFactory, Depth, Doc, ImageSize, NonEmpty,
+from zoo.domains import (MAX_CLASSES, MAX_DEPTH, MAX_SIZE, Calls, Channels, ConditionerFactory, Doc, ImageSize, NonEmpty,
                          PatchSize, Range, Rule, Width)
 from zoo.errors import UserError
 

@@ -231,6 +231,7 @@ def test_help_imports_no_numpy_and_no_recipe_machinery_and_the_api_still_loads()
         " if m in sys.modules]\n"
         "assert not loaded, loaded\n"
         "import zoo\n"
+        "assert {'build_model', 'register', 'registry', 'load_recipe'} <= set(dir(zoo))\n"  # tab completion
         "from zoo import build_model, load_recipe\n"
         "from zoo.eval import frechet_distance\n"
         "assert zoo.build_model is build_model and zoo.register is zoo.registry.register and zoo.recipe.resolve\n"

@@ -34,3 +34,8 @@ def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """What ``dir(zoo)`` and tab completion list: the lazily loaded API and modules too."""
+    return sorted({*globals(), *_API, *_SUBMODULES})
