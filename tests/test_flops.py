@@ -422,6 +422,26 @@ def test_output_check_runs_each_repeated_block_once_and_still_refuses_a_wrong_sh
     assert calls == [model.blocks[0]]
 
 
+def test_repeated_block_memo_tells_blocks_apart_by_private_settings():
+    """Blocks differing only in a private attribute (``self._keep``) shared one memo entry: the second
+    block's output took the first one's shape, which zoo build's output check relies on."""
+    from zoo.meta import RepeatedBlockMemo
+
+    class Slice(torch.nn.Module):
+        def __init__(self, keep: int):
+            super().__init__()
+            self.lin, self._keep = torch.nn.Linear(4, 4), keep
+
+        def forward(self, x):
+            return self.lin(x)[..., : self._keep]
+
+    model = torch.nn.ModuleList([Slice(4), Slice(3)]).to("meta")
+    x = torch.zeros(2, 4, device="meta")
+    with RepeatedBlockMemo(model, None):
+        shapes = [tuple(block(x).shape) for block in model]
+    assert shapes == [(2, 4), (2, 3)]
+
+
 def test_repeated_block_memo_tells_blocks_apart_by_settings_that_are_not_plain():
     """Two blocks that differed only in a dict setting were taken for repeats on meta: 512 MACs, not 1536."""
     import enum

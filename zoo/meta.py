@@ -220,8 +220,10 @@ def _structure(module: nn.Module) -> tuple:
     """What decides a module's output shapes and FLOPs: its classes, tensor shapes and settings."""
     parts = []
     for path, sub in module.named_modules():
+        # private settings count too (a block slicing by its ``self._index``); nn.Module's own ``_``
+        # dicts of parameters, buffers, submodules and hooks are covered by the paths and tensors
         settings = tuple((k, _setting_key(v)) for k, v in sorted(vars(sub).items())
-                         if not k.startswith("_") and k != "training")
+                         if k != "training" and (not k.startswith("_") or isinstance(v, (bool, int, float, str))))
         parts.append((path, type(sub), settings))
     tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()])
     return (*parts, tensors)
