@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.official.is_dir():
         print(f"vs_official: --official {args.official} is not a directory; give the path of a git clone "
-              f"of {MODELS[args.model][1]}", file=sys.stderr)
+              f"of {MODELS[args.model][1]} (git clone https://github.com/{MODELS[args.model][1]})", file=sys.stderr)
         return 2
     args.official = args.official.resolve()  # the memory subprocesses run from the repository root
     try:
