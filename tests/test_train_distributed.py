@@ -195,11 +195,15 @@ def _zoo_frames(proc: subprocess.CompletedProcess) -> list[str]:
     (("--set", "train.batch_size=3"), "train.batch_size 3 is not divisible by 2 processes"),  # in the trainer
     (("--set", "model.depht=3"), "did you mean depth?"),  # before the process group
     (("--set", "train.batch_size=128"), "the dataset has 64 samples, fewer than train.batch_size=128"),  # the data
+    # rank 0's work alone: it read 'rank 0: reference file ...', as if one process lacked the file
+    (("--set", "train.eval_every=1", "--set", "train.eval_ref=/no/such/ref.npz"),
+     "zoo: error: reference file /no/such/ref.npz does not exist"),
 ])
 def test_a_mistake_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, expected):
     proc = torchrun(tmp_path / "run", 2, *extra, check=False)
     errors = _error_lines(proc)
     assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+    assert "rank 0" not in errors[0]
     assert not _zoo_frames(proc)
 
 

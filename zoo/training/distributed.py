@@ -155,7 +155,8 @@ def agreement(ctx: Context) -> Iterator[None]:
     fails on every rank alike, sometimes on one only (a file one rank cannot read). Without this,
     torchrun showed the same line once per rank, and ranks that got past the mistake died later
     in a collective with a connection traceback. Here the ranks compare notes once: rank 0
-    raises the mistake (each distinct message once, naming the ranks where not all failed); the
+    raises the mistake (each distinct message once, naming the ranks where not all failed, unless
+    only rank 0 did: mostly work that rank 0 alone does, such as the FD reference); the
     other ranks raise a quiet :class:`UserError` the CLI does not print; a bug (any other
     exception) keeps its traceback on its own rank.
     """
@@ -182,8 +183,11 @@ def agreement(ctx: Context) -> Iterator[None]:
     if not ctx.main:
         raise quiet_stop(ctx, "rank 0 reports why")
     distinct = list(dict.fromkeys(n for _, n in failed))
-    if len(distinct) == 1 and len(failed) == ctx.world and isinstance(error, UserError):
-        raise error  # the same mistake everywhere: rank 0's own error, with its file, key and hint
+    # the same mistake everywhere, or on rank 0 alone (mostly work only rank 0 does: a reference, the run
+    # directory): rank 0's own error, with its file, key and hint, and no rank named as if it were special
+    if len(distinct) == 1 and isinstance(error, UserError) and (len(failed) == ctx.world or failed[0][0] == 0
+                                                                 and len(failed) == 1):
+        raise error
     parts = []
     for text, bug in distinct:
         ranks = [rank for rank, n in failed if n == (text, bug)]
