@@ -130,9 +130,8 @@ def _defaults_left_out(data: dict) -> str:
     import yaml
 
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
-    from zoo.training.sections import TRAIN_DEFAULTS, UNSET_MEANS
-
     from zoo.introspect import backbone_defaults
+    from zoo.training.sections import TRAIN_DEFAULTS, UNSET_MEANS
 
     plain = (bool, int, float, str, type(None))
     model = data.get("model") if isinstance(data.get("model"), dict) else {}

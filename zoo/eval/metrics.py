@@ -69,7 +69,7 @@ def classes_match(reference: Reference, num_classes: int | None, names: list[str
     """Whether the reference's labels are the model's classes: as many classes, each below ``num_classes``
     (``None``: not known, taken as matching), and the same names in the same order where both sides know
     them (``names``: the model's). Label c of a 4-class model is not class c of emoji32."""
-    if reference.classes and names and list(reference.classes) != list(names):
+    if _names_differ(reference, names):
         return False
     if num_classes is None or reference.labels is None:
         return True
@@ -77,9 +77,14 @@ def classes_match(reference: Reference, num_classes: int | None, names: list[str
     return len(present) == num_classes and int(present.max()) < num_classes
 
 
+def _names_differ(reference: Reference, names: list[str] | None) -> bool:
+    """Whether both sides name their classes, and not alike."""
+    return bool(reference.classes and names and list(reference.classes) != list(names))
+
+
 def _classes_differ(reference: Reference, num_classes: int, names: list[str] | None = None) -> str:
     """Why a reference's labels are not taken as the model's classes (see :func:`classes_match`)."""
-    if reference.classes and names and list(reference.classes) != list(names):
+    if _names_differ(reference, names):
         label = next((i for i, (a, b) in enumerate(zip(reference.classes, names)) if a != b),
                      min(len(names), len(reference.classes)))
         there, here = (repr(c[label]) if label < len(c) else "none" for c in (reference.classes, names))
