@@ -200,6 +200,11 @@ def test_a_guidance_weight_of_one_is_no_guidance_with_or_without_a_power_schedul
 
     assert not GuidanceSettings(1.0, power=2.0).active and not GuidanceSettings(0.0, "uvit", power=1.0).active
     assert GuidanceSettings(1.5, power=2.0).active and GuidanceSettings(1.5).active
+    # The model wrapper agrees: one pass on the un-doubled batch (it used to run [x; x] with a power).
+    net, x, y = ToyNet(channels=3), torch.randn(3, 3, 4, 4), torch.tensor([0, 1, 2])
+    guided = GuidedModel(net, lambda t: t, y=y, scale=1.0, convention="dit", null_label=NULL, power=2.0)
+    guided(x, torch.full((3,), 0.5))
+    assert not guided.guided and [c[0] for c in net.calls] == [3]
 
 
 RECIPES = Path(__file__).parents[1] / "recipes"

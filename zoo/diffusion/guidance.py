@@ -116,8 +116,8 @@ class GuidedModel:
         self.denoiser = Denoiser(model, time_map, null_label)
         self.y = y
         self.w = None if scale is None else to_dit_scale(scale, convention)
-        if self.w is not None and self.w == 1.0 and power is None:
-            self.w = None  # w = 1 is exactly the conditional prediction: skip the extra pass
+        if self.w is not None and self.w == 1.0:
+            self.w = None  # w = 1 (also 1 + 0·decay under a power) is the conditional prediction: one pass
         if self.w is not None and (y is None or null_label is None):
             raise ValueError("classifier-free guidance needs class labels and the null label")
         self.null_label = null_label
