@@ -119,7 +119,37 @@ def test_checkpoint_path_is_strict_and_names_the_recipe_difference(checkpoint):
     directory, _, _ = checkpoint
     with pytest.raises(UserError) as info:
         timm.create_model("zoo_dit_s_2", checkpoint_path=str(directory), **{**TINY, "depth": 2})
-    assert "missing keys: blocks.1." in str(info.value) and "model.depth: 1 in the checkpoint, 2 here" in str(info.value)
+    assert "missing keys: blocks.1." in str(info.value)
+    assert "model.depth is 1 in its recipe, 2 in this model's" in str(info.value)
+
+
+def test_checkpoint_path_refuses_settings_that_keep_the_shapes_but_not_the_function(tmp_path):
+    """num_heads=4 on a 2-head checkpoint loaded (the tensors fit) and computed something else, with only a
+    warning that also listed keys the run's recipe left at their defaults (block, norm, mlp) as differences."""
+    import warnings
+
+    recipe = zoo.load_recipe(str(Path(__file__).parent / "recipes" / "tiny_train.yaml"))
+    save_checkpoint(tmp_path / "ckpt", zoo.build_model(recipe), recipe)
+    same = {"input_size": 8, "in_channels": 3, "hidden_size": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
+            "num_classes": 4, "learn_sigma": False, "class_dropout_prob": 0.1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same model written another way: no warning, no error
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "ckpt"), **same)
+    with pytest.raises(UserError) as info:
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "ckpt"), **{**same, "num_heads": 4})
+    assert info.value.message.startswith(f"checkpoint_path {tmp_path / 'ckpt'}: model.num_heads is 2 in its recipe, "
+                                         "4 in this model's")
+    assert "with the checkpoint's num_heads" in info.value.suggestion
+
+
+def test_checkpoint_path_of_a_run_without_last_names_its_newest_step(checkpoint, tmp_path):
+    """timm printed 'No checkpoint found' and raised FileNotFoundError('') for a run whose last/ is gone."""
+    import shutil
+
+    directory, _, _ = checkpoint
+    shutil.copytree(directory, tmp_path / "run" / "step_0000030")
+    with pytest.raises(UserError, match=r"step_0000030"):
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "run"), **TINY)
 
 
 def test_timm_files_still_load_through_timm(tmp_path):

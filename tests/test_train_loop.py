@@ -444,13 +444,17 @@ def test_resume_accepts_a_recipe_that_means_the_same(tmp_path, capsys):
 
 
 def test_resume_may_switch_recomputation():
-    """model.grad_checkpointing (DiMR) / use_checkpoint (U-ViT) trade memory for time; the weights mean the same."""
+    """model.grad_checkpointing (DiMR) / use_checkpoint (U-ViT) trade memory for time, pos_embed_init only starts a
+    table the checkpoint replaces: the weights mean the same."""
     from zoo.training.rundir import check_resume_recipe
 
     stored = {"model": {"type": "dimr", "grad_checkpointing": [False, True]}, "diffusion": {"time_input": "dimr_log_snr"}}
     check_resume_recipe(stored, {**stored, "model": {"type": "dimr"}}, Path("ckpt"))
     check_resume_recipe({**stored, "model": {"type": "uvit", "use_checkpoint": True}}, {**stored, "model": {"type": "uvit"}},
                         Path("ckpt"))
+    # how a learned position table starts: the checkpoint's table replaces it
+    check_resume_recipe({**stored, "model": {"type": "uvit", "pos_embed_init": "sincos"}},
+                        {**stored, "model": {"type": "uvit"}}, Path("ckpt"))
     with pytest.raises(zoo.errors.UserError, match="model.depth differs"):
         check_resume_recipe(stored, {**stored, "model": {"type": "dimr", "depth": 3}}, Path("ckpt"))
 

@@ -337,7 +337,7 @@ def _refuse_trained_changes(path: Path, read: Callable[[list[str]], dict], recip
     eps), as fixed as written ones.
     """
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
-    from zoo.training.rundir import first_difference
+    from zoo.recipe_diff import first_difference
 
     try:
         own = dict(read([]).get("diffusion") or {})

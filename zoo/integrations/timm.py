@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -93,42 +92,44 @@ def _relabel(err: UserError, name: str, overrides: list[str], options: dict[str,
     return err
 
 
-def _differences(saved: Any, built: Any, path: str = "model") -> list[str]:
-    """Where two model sections differ, as ``"model.depth: 6 in the checkpoint, 12 here"``."""
-    if isinstance(saved, dict) and isinstance(built, dict):
-        return [d for key in sorted(set(saved) | set(built), key=str)
-                for d in _differences(saved.get(key), built.get(key), f"{path}.{key}")]
-    if isinstance(saved, list) and isinstance(built, list) and len(saved) == len(built):
-        return [d for i, (a, b) in enumerate(zip(saved, built)) for d in _differences(a, b, f"{path}.{i}")]
-    return [] if saved == built else [f"{path}: {saved!r} in the checkpoint, {built!r} here"]
-
-
 def is_zoo_checkpoint(path: Any) -> bool:
-    """Whether ``path`` is a directory holding a zoo checkpoint's ``config.json`` (a run directory: in its ``last/``)."""
+    """Whether ``path`` is a directory holding a zoo checkpoint's ``config.json``, or a run directory (one in
+    its ``last/`` or its ``step_*/``: without ``last/``, loading it names the newest step to pass)."""
     from zoo.checkpoint import CONFIG
 
     if not (isinstance(path, (str, Path)) and Path(path).is_dir()):
         return False
-    return (Path(path) / CONFIG).is_file() or (Path(path) / "last" / CONFIG).is_file()
+    run = Path(path)
+    return (run / CONFIG).is_file() or (run / "last" / CONFIG).is_file() or any(
+        (step / CONFIG).is_file() for step in run.glob("step_*"))
 
 
 def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool = True) -> None:
-    """Load a zoo checkpoint directory into ``model`` strictly (EMA weights if ``use_ema`` and present)."""
+    """Load a zoo checkpoint directory into ``model`` strictly (EMA weights if ``use_ema`` and present).
+
+    Strict twice over: the tensors must match, and so must the recipe settings that keep the shapes but
+    change what the weights compute (``num_heads``, an activation): a model built with ``num_heads=4``
+    takes a 2-head checkpoint's tensors and gives other outputs."""
     from zoo.checkpoint import load_state_dict_strict
+    from zoo.recipe_diff import model_difference, value_at
 
     saved, config, weights = load_preferred(directory, use_ema)
     built = getattr(model, "_zoo_model_section", None)
-    differences = _differences(config.get("model"), built) if built is not None else []
+    path = model_difference(config.get("model"), built) if built is not None else None
+    differs = "" if path is None else (f"{path} is {value_at(config, path)} in its recipe, "
+                                       f"{value_at({'model': built}, path)} in this model's")
     try:
         load_state_dict_strict(model, saved.state_dict(), f"{directory} ({weights} weights)")
     except UserError as err:
-        if differences:
-            err.message += "; the checkpoint was written for another model: " + "; ".join(differences[:5])
+        if differs:
+            err.message += "; the checkpoint was written for another model: " + differs
             err.args = (err.message,)
         raise
-    if differences:
-        warnings.warn(f"{directory} loaded, but its recipe differs from this model's: " + "; ".join(differences[:5]),
-                      stacklevel=3)
+    if differs:
+        raise UserError(f"checkpoint_path {directory}: {differs}; its weights fit this model's tensors but "
+                        "would compute something else", key_path=path,
+                        suggestion=f"create the model with the checkpoint's {path.split('.', 1)[1]}, or without "
+                                   "that keyword")
 
 
 def _wrap_timm_loader() -> None:
