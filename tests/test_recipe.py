@@ -152,6 +152,25 @@ def test_missing_base_and_cycles_are_errors_at_the_base_key(tmp_path):
         resolve(tmp_path / "a.yaml")
 
 
+def test_a_base_is_read_beside_its_recipe_or_among_the_shipped_ones_never_from_the_current_directory(
+        tmp_path, monkeypatch):
+    """`_base_: mybase.yaml` not beside the recipe was read from the current directory: the same recipe built
+    from one directory and was "not found" from another."""
+    write(tmp_path, "_base_: mybase.yaml\nmodel: {depth: 2}\n", "rec/r.yaml")
+    write(tmp_path, "_base_: dit_s_2\nmodel: {hidden_size: 96, num_heads: 2}\n", "work/mybase.yaml")
+    write(tmp_path, "model: {type: typed_net, count: 7}\n", "work/dit_s_2.yaml")  # no shadow of the shipped one
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(UserError, match=r"r.yaml:1: key _base_: base recipe not found: 'mybase.yaml' \(looked at "):
+        resolve(Path("../rec/r.yaml"))
+    for base in ("dit_s_2.yaml", "_base_dit", "emoji32/_base_emoji32", "recipes/dit_s_2.yaml"):
+        write(tmp_path, f"_base_: {base}\nmodel: {{depth: 3}}\n", "rec/named.yaml")
+        model = resolve(tmp_path / "rec" / "named.yaml").data["model"]
+        assert model["depth"] == 3 and model.get("type") in ("dit", None) and "count" not in model, base
+    write(tmp_path, "model: {type: typed_net, count: 5}\n", "rec/dit_s_2.yaml")  # beside the recipe: that one
+    write(tmp_path, "_base_: dit_s_2.yaml\n", "rec/named.yaml")
+    assert resolve(tmp_path / "rec" / "named.yaml").data["model"] == {"type": "typed_net", "count": 5}
+
+
 # --- overrides ------------------------------------------------------------------------------------
 
 

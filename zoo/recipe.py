@@ -75,14 +75,29 @@ def find_recipe(path: str | Path) -> Path:
         raise UserError(f"recipe {path} is not a regular file", suggestion="give a recipe's .yaml file")
     if path.is_absolute():
         raise UserError(f"recipe file not found: {path}")
-    shipped = resources.files("zoo.recipes")
+    shipped = shipped_recipe(path)
+    if shipped is not None:  # but never runs/x/dit_s_2.yaml: a missing file is not a shipped recipe's name
+        return shipped
+    wanted = _shipped_name(path)
+    raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)",
+                    suggestion=_closest_recipes(wanted, resources.files("zoo.recipes")))
+
+
+def _shipped_name(path: Path) -> str:
+    """Where ``path`` would be among the shipped recipes: ``recipes/emoji32/dit`` -> ``emoji32/dit.yaml``."""
     name = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
     relative = Path(*path.parts[1:]) if path.parts[:1] == ("recipes",) else path
-    candidate = shipped.joinpath(str(relative.parent), name)  # dit_s_2, recipes/ablation/row1_uvit_m4.yaml
-    if candidate.is_file():  # but never runs/x/dit_s_2.yaml: a missing file is not a shipped recipe's name
-        return Path(str(candidate))
-    raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)",
-                    suggestion=_closest_recipes(str(relative.parent / name), shipped))
+    return str(relative.parent / name)
+
+
+def shipped_recipe(path: str | Path) -> Path | None:
+    """The shipped recipe ``path`` names (``dit_s_2``, ``emoji32/_base_emoji32``,
+    ``recipes/ablation/row1_uvit_m4.yaml``), or ``None``; the current directory is never looked at."""
+    path = Path(path)
+    if path.is_absolute():
+        return None
+    candidate = resources.files("zoo.recipes").joinpath(_shipped_name(path))
+    return Path(str(candidate)) if candidate.is_file() else None
 
 
 def _closest_recipes(wanted: str, shipped: Any) -> str | None:
@@ -145,11 +160,8 @@ def _apply_bases(recipe: Recipe, base_dir: Path, stack: tuple) -> Recipe:
         if not isinstance(base, str):
             raise recipe.error(where, f"{BASE_KEY} must be a path or a list of paths, got {base!r}")
         base_path = base_dir / Path(base).expanduser()  # "~/bases/x.yaml" is the home directory's
-        if not base_path.is_file() and not looks_relative(base):  # `_base_: dit_s_2`: a shipped recipe by name
-            try:
-                base_path = find_recipe(base)
-            except UserError:
-                pass
+        if not base_path.is_file() and not looks_relative(base):  # `_base_: dit_s_2`: a shipped recipe by name,
+            base_path = shipped_recipe(base) or base_path  # never a file of that name in the current directory
         if base_path.resolve() in stack:
             raise recipe.error(where, f"{BASE_KEY} {base!r} inherits from itself (cycle)")
         if not base_path.is_file():
