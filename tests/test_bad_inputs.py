@@ -138,6 +138,8 @@ CASES = [
      "{tmp}/ckpt/config.json"),
     ("sample-ckpt-wrong-shapes", "sample {tmp}/ckpt --out {tmp}/out.png", "ckpt_json_other_model", 2,
      "(the model section of {tmp}/ckpt/config.json does not describe these weights"),
+    ("sample-ckpt-no-model-section", "sample {tmp}/ckpt --out {tmp}/out.png", "ckpt_json_no_model_section", 2,
+     "{tmp}/ckpt/config.json: its recipe has no model section"),
     ("sample-out-is-a-dir", "sample {tmp}/ckpt --out {tmp}", "ckpt", 2, "is a directory"),
     ("sample-out-not-png", "sample {tmp}/ckpt --out {tmp}/out.jpg", "ckpt", 2, "{tmp}/out.jpg"),
     ("sample-out-would-replace-a-user-file", "sample {tmp}/ckpt --out {tmp}/out.png", "ckpt+out_png_not_png", 2,
@@ -346,6 +348,12 @@ def _other_model(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(payload))
 
 
+def _no_model_section(d: Path) -> None:
+    payload = json.loads((d / "config.json").read_text())
+    del payload["recipe"]["model"]
+    (d / "config.json").write_text(json.dumps(payload))
+
+
 def _images(layout: dict[str, list[bytes | None]]):
     """``{class: [png bytes or None for a good 12x10 image]}`` under ``{tmp}/images``."""
     def setup(tmp: Path) -> None:
@@ -456,6 +464,7 @@ SETUPS = {
     "ckpt_json_list": _ckpt(_config([1, 2, 3])),
     "ckpt_json_bad_recipe": _ckpt(_bad_recipe),
     "ckpt_json_other_model": _ckpt(_other_model),
+    "ckpt_json_no_model_section": _ckpt(_no_model_section),
     "ckpt_hostile_state": _ckpt(lambda d: _hostile_pickle(d / "trainer_state.pt"), reseal=True),
     "ckpt_truncated_state": _ckpt(lambda d: (d / "trainer_state.pt").write_bytes(
         (d / "trainer_state.pt").read_bytes()[:300]), reseal=True),

@@ -101,3 +101,23 @@ def test_the_refused_no_weight_decay_1d_change_names_init_from_and_it_works(tmp_
     err = capsys.readouterr().err
     assert f"start a new run from its weights with --set train.init_from={trained / 'last'}" in err
     assert main([*argv, "--out", str(tmp_path / "b"), "--set", f"train.init_from={trained / 'last'}"]) == 0
+
+
+def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path, trained, capsys):
+    """A NaN written into a checkpoint after it was saved (zoo never saves one) started a run that stopped
+    at step 1 blaming its learning rate, and `zoo export diffusers` exported it with exit 0."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for name in ("ema.safetensors", "model.safetensors"):
+        state = ckpt.load_weights(run / "last" / name)
+        state["final_layer.linear.weight"][0, 0] = float("nan")  # same size: the seal's byte counts still hold
+        ckpt.save_weights(run / "last" / name, state)
+    said = "ema.safetensors: tensor final_layer.linear.weight holds NaN or inf values"
+    with pytest.raises(zoo.errors.UserError, match=said):
+        zoo.from_checkpoint(run)
+    argv = ["train", str(HERE / "tiny_train.yaml"), *[a for s in SMALL for a in ("--set", s)], "--steps", "1"]
+    for extra in (["--out", str(tmp_path / "a"), "--set", f"train.init_from={run}"], ["--out", str(run), "--resume", str(run)]):
+        assert main([*argv, *extra]) == 2
+        assert said.replace("ema.", "model." if "--resume" in extra else "ema.") in capsys.readouterr().err
+    assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf")]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "hf").exists()

@@ -434,8 +434,13 @@ def load_recipe_of(directory: str | Path, overrides: list[str] = ()) -> dict:
     from zoo.recipe import Recipe
 
     payload = _read_payload(directory)
+    source = str(Path(directory) / CONFIG)
     try:
-        return zoo.load_recipe(Recipe(payload["recipe"], source=str(Path(directory) / CONFIG)), overrides)
+        recipe = zoo.load_recipe(Recipe(payload["recipe"], source=source), overrides)
+        if not isinstance(recipe.get("model"), dict):  # a recipe file may lack it, a checkpoint's cannot
+            raise UserError(f"{source}: its recipe has no model section, so the weights cannot be built",
+                            suggestion="restore the model section the checkpoint was written with")
+        return recipe
     except UserError as err:
         missing = _missing_plugins(payload.get("plugins"))
         if err.message.startswith("unknown ") and missing:
@@ -481,13 +486,26 @@ def load_checkpoint(
 
 
 def checkpoint_weights(directory: Path, weights: str, params: set[str]) -> tuple[dict[str, Tensor], Path]:
-    """A checkpoint's ``model`` or ``ema`` state dict and the file it came from. An EMA file holding
-    exactly the parameters ``params`` takes the model's buffers from ``model.safetensors``."""
+    """A checkpoint's ``model`` or ``ema`` state dict and the file it came from, checked to be finite. An
+    EMA file holding exactly the parameters ``params`` takes the model's buffers from ``model.safetensors``."""
     state = load_weights(directory / MODEL)
     if weights == "model":
+        check_finite(state, str(directory / MODEL))
         return state, directory / MODEL
     ema = load_weights(directory / EMA)
+    check_finite(ema, str(directory / EMA))
     return ({**state, **ema} if set(ema) == params else ema), directory / EMA  # parameters only: buffers from the model
+
+
+def check_finite(state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: they sample black images, and a
+    run started from them stops at step 1 blaming its learning rate. zoo never saves them (a diverged
+    run stops before its save), so here they mean a file changed after it was written or a foreign one."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{source}: tensor {key} holds NaN or inf values",
+                            suggestion="use a checkpoint saved before the run diverged (an earlier step_* or "
+                                       "the EMA copy)")
 
 
 def load_trainer_state(directory: str | Path, map_location: str | torch.device = "cpu",

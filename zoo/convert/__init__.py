@@ -177,13 +177,13 @@ def _without_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def check_weights(state: Mapping[str, Tensor], source: str) -> None:
     """Refuse weights no model can use: NaN/inf, complex or integer tensors (loading would cast
     them silently, and a NaN weight samples black images)."""
+    from zoo.checkpoint import check_finite
+
     for key, value in state.items():
         if value.is_complex() or not value.is_floating_point():
             raise UserError(f"{source}: tensor {key} is {str(value.dtype).removeprefix('torch.')}; "
                             "the official weights are floating point", suggestion="check that this is the right file")
-        if not bool(torch.isfinite(value).all()):
-            raise UserError(f"{source}: tensor {key} holds NaN or inf values",
-                            suggestion="convert a checkpoint saved before the run diverged (an earlier or the EMA copy)")
+    check_finite(state, source)
 
 
 def default_model_inputs(inputs: Mapping[str, Any]) -> tuple:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_replaceable, load_state_dict_strict,
+from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_finite, check_replaceable, load_state_dict_strict,
                             load_trainer_state, load_weights, read_classes, read_config, repair_run, resume_point,
                             save_checkpoint)
 from zoo.errors import UserError
@@ -258,12 +258,15 @@ class Trainer:
                         f"{path} ({then} -> {now})" for path, then, now in changes)
                     + " differ" + "s" * (len(changes) == 1) + " from the checkpoint's; its weights go on under the recipe's")
         self._check_classes(read_classes(directory), directory, allow_recipe_change)
-        load_state_dict_strict(self.model, load_weights(directory / "model.safetensors"), str(directory))
+        weights = load_weights(directory / "model.safetensors")
+        check_finite(weights, str(directory / "model.safetensors"))  # a file changed since: not "lower train.lr"
+        load_state_dict_strict(self.model, weights, str(directory))
         sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
         state = load_trainer_state(directory, required=() if sharded else ("optimizer",))
         if not sharded:
             # read and checked here, where a mistake stops every rank with one line
             self._resumed_ema = load_weights(directory / "ema.safetensors")
+            check_finite(self._resumed_ema, str(directory / "ema.safetensors"))
             _check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
             now = [len(g["params"]) for g in recipe_groups(self.model, self.train)]
             _check_groups(state["optimizer"], now, directory)
