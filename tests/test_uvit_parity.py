@@ -189,6 +189,7 @@ def test_parity_api_and_cli(name, capsys):
     assert "max abs error" in last and float(last.split()[3]) <= 1e-5
     assert run_parity(GOLDEN / name, family="uvit").passed  # our own sinusoid: within the 1e-4 contract
     assert infer_family(load(name)["config"]) == "uvit"  # from the config alone
+    assert infer_family(load(name)["config"], hint="dit_baseline.pt") == "uvit"  # the config over the file name
 
 
 # -- options beyond the golden config ----------------------------------------------------------

@@ -62,11 +62,8 @@ def get_family(name: str) -> ModuleType:
 
 
 def infer_family(config: Mapping[str, Any], hint: str = "") -> str:
-    """A family from a file name (``golden_dit_tiny.pt``) or, failing that, from an official config."""
-    tokens = set(hint.lower().replace("-", "_").replace(".", "_").split("_"))
-    named = [name for name in FAMILIES if name in tokens]
-    if len(named) == 1:
-        return named[0]
+    """A family from an official config or, where no single family's config matches, from a file name
+    (``golden_dit_tiny.pt``). The config first: a U-ViT golden file copied to ``dit_baseline.pt`` is U-ViT."""
     matching = []
     for name in FAMILIES:
         try:
@@ -77,6 +74,10 @@ def infer_family(config: Mapping[str, Any], hint: str = "") -> str:
             matching.append(name)
     if len(matching) == 1:
         return matching[0]
+    tokens = set(hint.lower().replace("-", "_").replace(".", "_").split("_"))
+    named = [name for name in FAMILIES if name in tokens]
+    if len(named) == 1:
+        return named[0]
     raise UserError(f"cannot tell the model family of {hint or 'this file'}; pass --family {{{','.join(FAMILIES)}}}")
 
 
