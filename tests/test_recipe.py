@@ -615,6 +615,14 @@ def test_a_mistyped_recipe_name_is_matched_in_the_subfolders_too():
     assert "_base_" not in str(err.value)  # shared bases are not recipes to train
 
 
+def test_a_missing_absolute_recipe_path_names_the_closest_shipped_recipes(tmp_path):
+    """/nonexistent/dit_s_3.yaml said only "recipe file not found", though docs/errors.md promises the closest."""
+    with pytest.raises(UserError) as err:
+        zoo.load_recipe(tmp_path / "runs" / "dit_s_3.yaml")
+    assert str(err.value) == (f"recipe file not found: {tmp_path / 'runs' / 'dit_s_3.yaml'} "
+                              "(did you mean dit_s_8.yaml, dit_s_4.yaml or dit_s_2.yaml?)")
+
+
 def test_a_learning_rate_decay_cannot_end_above_its_start():
     lr = "train.lr=1e-3"  # set here, so that tuning a recipe's rate cannot move this test's edge cases
     with pytest.raises(UserError, match=r"--set train.min_lr=0.1: key train.min_lr: min_lr 0.1 is above lr 0.001"):

@@ -73,19 +73,21 @@ def find_recipe(path: str | Path) -> Path:
         raise UserError(f"recipe {path} is a directory, not a recipe file", suggestion="give a recipe's .yaml file")
     if path.exists():  # /dev/null, a FIFO: there, but no file to read
         raise UserError(f"recipe {path} is not a regular file", suggestion="give a recipe's .yaml file")
-    if path.is_absolute():
-        raise UserError(f"recipe file not found: {path}")
     shipped = shipped_recipe(path)
     if shipped is not None:  # but never runs/x/dit_s_2.yaml: a missing file is not a shipped recipe's name
         return shipped
-    wanted = _shipped_name(path)
-    raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)",
-                    suggestion=_closest_recipes(wanted, resources.files("zoo.recipes")))
+    closest = _closest_recipes(_shipped_name(path), resources.files("zoo.recipes"))
+    if path.is_absolute():
+        raise UserError(f"recipe file not found: {path}", suggestion=closest)
+    raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)", suggestion=closest)
 
 
 def _shipped_name(path: Path) -> str:
-    """Where ``path`` would be among the shipped recipes: ``recipes/emoji32/dit`` -> ``emoji32/dit.yaml``."""
+    """Where ``path`` would be among the shipped recipes: ``recipes/emoji32/dit`` -> ``emoji32/dit.yaml``
+    (an absolute path by its name alone)."""
     name = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
+    if path.is_absolute():
+        return name
     relative = Path(*path.parts[1:]) if path.parts[:1] == ("recipes",) else path
     return str(relative.parent / name)
 
