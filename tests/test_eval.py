@@ -194,6 +194,14 @@ def test_adm_reference_batch_is_read_as_it_is(tmp_path):
     np.testing.assert_array_equal(ref.sigma, arrays["sigma"])
 
 
+def test_an_npz_reference_with_an_upper_case_suffix_is_read_as_an_npz(tmp_path):
+    """--ref REF8.NPZ was said to be neither an .npz file, an image folder nor a registered dataset."""
+    _adm_npz(tmp_path / "ref.npz")
+    (tmp_path / "ref.npz").rename(tmp_path / "REF.NPZ")
+    ref = load_reference(str(tmp_path / "REF.NPZ"), PoolFeatures(), 8, log=lambda _: None)
+    assert ref.features.shape == (40, 12) and ref.source == str(tmp_path / "REF.NPZ")
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_an_adm_npz_of_fewer_than_two_images_is_named_before_extraction(tmp_path, n):
     """One image said 'cannot read reference: need features of shape (N >= 2, D)' after extracting it,

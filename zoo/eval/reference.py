@@ -299,7 +299,7 @@ def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, 
     """The :class:`Reference` for ``--ref`` (see the module docstring), from the cache when it is there;
     ``recipe``: the model's, whose data section builds a dataset reference it trains on."""
     path = Path(spec).expanduser()
-    if path.suffix == ".npz":
+    if path.suffix.lower() == ".npz":  # REF.NPZ too: the suffix's case says nothing about the format
         if not path.is_file():
             raise UserError(f"reference file {path} " + ("is a directory" if path.is_dir() else "does not exist"))
         try:
