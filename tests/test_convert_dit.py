@@ -101,6 +101,33 @@ def test_a_safetensors_state_dict_converts_and_a_cut_one_is_said_so(tmp_path, of
     assert f"cannot read weights file {src}: not a complete safetensors file" in err and "torch file" not in err
 
 
+def test_a_safetensors_file_named_pt_converts_and_a_folder_names_the_files_in_it(tmp_path, official_sd, capsys):
+    """A safetensors file named .pt read 'not a torch file'; U-ViT's checkpoint folder (300000.ckpt/ holding
+    nnet.pth and nnet_ema.pth) read 'it is a directory, not a file' with no file to pass instead."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in official_sd.items()}, str(tmp_path / "weights.pt"))
+    argv = ["--recipe", str(RECIPE), "--set", f"model.depth={DEPTH}"]
+    assert main(["convert", "dit", str(tmp_path / "weights.pt"), *argv, "--out", str(tmp_path / "ckpt")]) == 0
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt")[0].state_dict()["pos_embed"], official_sd["pos_embed"])
+    folder = tmp_path / "300000.ckpt"
+    folder.mkdir()
+    for name in ("nnet.pth", "nnet_ema.pth", "optimizer.pth"):
+        (folder / name).write_bytes(b"x")
+    assert main(["convert", "dit", str(folder), *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory, not a weights file; it holds nnet_ema.pth, nnet.pth, optimizer.pth" in err
+    assert f"pass {folder / 'nnet_ema.pth'}" in err
+
+
+def test_an_empty_ema_entry_is_not_silently_replaced_by_the_raw_weights():
+    """{'ema': {}, 'model': sd} converted the raw weights with exit 0, where the default promises the EMA."""
+    state = {"w": torch.zeros(2)}
+    with pytest.raises(UserError, match=r"x.pt has an empty 'ema' entry \(pass --weights raw"):
+        unwrap_state_dict({"ema": {}, "model": state}, "x.pt")
+    assert unwrap_state_dict({"ema": {}, "model": state}, "x.pt", prefer="model") == state
+
+
 def test_corrupt_key_is_a_clear_error(tmp_path, official_sd, capsys):
     bad = dict(official_sd)
     bad["blocks.0.attn.qkvv.weight"] = bad.pop("blocks.0.attn.qkv.weight")

@@ -42,11 +42,36 @@ def load_official(path: Path) -> object:
     """
     from zoo.torchfile import torch_load_plain
 
-    if path.suffix == ".safetensors" and path.is_file():
+    if path.is_dir():
+        _refuse_a_folder(path)
+    if path.is_file() and (path.suffix == ".safetensors" or _starts_like_safetensors(path)):
         from zoo.checkpoint import load_weights
 
         return load_weights(path)
     return torch_load_plain(path, "checkpoint", allowed=[argparse.Namespace])
+
+
+def _starts_like_safetensors(path: Path) -> bool:
+    """Whether a file (whatever its suffix: ``weights.pt``) starts as safetensors does: an 8-byte
+    little-endian header length that fits the file, then the JSON header's ``{``."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _refuse_a_folder(path: Path) -> None:
+    """A folder is not a checkpoint file; name the weights files in it (U-ViT saves ``300000.ckpt/``, a folder
+    holding ``nnet.pth`` and ``nnet_ema.pth``), the EMA ones first."""
+    found = sorted((f for f in path.iterdir() if f.is_file() and f.suffix in (".pt", ".pth", ".safetensors")),
+                   key=lambda f: ("ema" not in f.name, f.name))
+    if not found:
+        raise UserError(f"checkpoint {path} is a directory holding no .pt, .pth or .safetensors file",
+                        suggestion="pass the official weights file itself")
+    raise UserError(f"checkpoint {path} is a directory, not a weights file; it holds "
+                    + ", ".join(f.name for f in found[:5]), suggestion=f"pass {found[0]}")
 
 
 def check_out(out: Path, force: bool) -> None:

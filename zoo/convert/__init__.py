@@ -154,6 +154,10 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint", prefer: str | None =
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
         return _without_wrapper_prefixes(obj)
     keys = (prefer,) if prefer else _WRAPPER_KEYS
+    if not prefer and "ema" in obj and not (isinstance(obj["ema"], Mapping) and obj["ema"]):
+        # else the raw weights would be converted in place of the EMA ones the default promises
+        raise UserError(f"{source} has an empty 'ema' entry",
+                        suggestion="pass --weights raw to convert its 'model' weights, if that is what you want")
     for key in keys:
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
