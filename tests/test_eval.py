@@ -202,6 +202,22 @@ def test_an_npz_reference_with_an_upper_case_suffix_is_read_as_an_npz(tmp_path):
     assert ref.features.shape == (40, 12) and ref.source == str(tmp_path / "REF.NPZ")
 
 
+def test_inception_statistics_without_images_suggest_the_inception_extractor(tmp_path):
+    """pytorch-fid's mu/sigma with the default extractor said 'has no images (arr_0) and no efficientnet_lite0
+    statistics' and stopped there: the fix is --extractor inception or a reference with images."""
+    np.savez(tmp_path / "fid_stats.npz", mu=np.zeros(12), sigma=np.eye(12))
+    with pytest.raises(UserError) as err:
+        load_reference(str(tmp_path / "fid_stats.npz"), PoolFeatures(), 8, log=lambda _: None)
+    assert err.value.message == (f"{tmp_path / 'fid_stats.npz'} holds mu/sigma and no images (arr_0): Inception "
+                                 "statistics (pytorch-fid, ADM), which only --extractor inception uses")
+    assert err.value.suggestion == (f"--extractor inception --extractor-weights {INCEPTION_FILE}, or a reference "
+                                    "with images: an .npz with arr_0, an image folder or a dataset")
+    np.savez(tmp_path / "neither.npz", images=np.zeros((4, 8, 8, 3), np.uint8))  # neither images nor statistics
+    with pytest.raises(UserError) as err:
+        load_reference(str(tmp_path / "neither.npz"), PoolFeatures(), 8, log=lambda _: None)
+    assert "has no images (arr_0) and no test_pool statistics" in str(err.value) and err.value.suggestion
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_an_adm_npz_of_fewer_than_two_images_is_named_before_extraction(tmp_path, n):
     """One image said 'cannot read reference: need features of shape (N >= 2, D)' after extracting it,

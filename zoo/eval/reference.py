@@ -34,6 +34,7 @@ from torch import Tensor
 
 from zoo.atomic import write_file, write_text
 from zoo.errors import UserError
+from zoo.eval.extractors import INCEPTION_FILE
 from zoo.eval.metrics import Features, Reference
 from zoo.eval.stats import feature_statistics
 
@@ -214,6 +215,9 @@ def _listing_digest(root: Path, items: list[tuple[Path, int]]) -> str:
     return digest.hexdigest()
 
 
+#: The .npz references zoo reads, said where a file is none of them.
+NPZ_FORMATS = "give an ADM-style .npz (arr_0: uint8 images N x H x W x 3) or statistics zoo eval wrote"
+
 #: What np.load and reading its arrays raise for a file that is not a (complete, pickle-free) .npz.
 NPZ_ERRORS = (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile)
 
@@ -273,7 +277,13 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
         if "arr_0" not in keys:
             if {"mu", "sigma"} <= keys and extractor.name == "inception":
                 return Reference(f["mu"], f["sigma"], None, None, source=str(path))
-            raise UserError(f"{path} has no images (arr_0) and no {extractor.name} statistics")
+            if {"mu", "sigma"} <= keys:  # pytorch-fid's or ADM's statistics: of Inception features, nothing else's
+                raise UserError(f"{path} holds mu/sigma and no images (arr_0): Inception statistics (pytorch-fid, "
+                                "ADM), which only --extractor inception uses",
+                                suggestion=f"--extractor inception --extractor-weights {INCEPTION_FILE}, or a "
+                                "reference with images: an .npz with arr_0, an image folder or a dataset")
+            raise UserError(f"{path} has no images (arr_0) and no {extractor.name} statistics",
+                            suggestion=NPZ_FORMATS)
         images = f["arr_0"]
         labels = f["arr_1"] if "arr_1" in keys and f["arr_1"].shape == (len(images),) else None
         adm_stats = (f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" else None
@@ -306,8 +316,7 @@ def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, 
             return _npz_reference(path, extractor, batch_size, device, log, image_size)
         except NPZ_ERRORS as err:
             raise UserError(f"cannot read reference {path}: {unreadable_npz(err, path)}",
-                            suggestion="give an ADM-style .npz (arr_0: uint8 images N x H x W x 3) or statistics "
-                                       "zoo eval wrote") from None
+                            suggestion=NPZ_FORMATS) from None
     identity, batches, count, classes = _images_source(spec, image_size, recipe)
     if count < 2:
         raise UserError(f"reference {spec} has {count} image(s); statistics need at least 2")
