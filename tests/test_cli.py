@@ -352,3 +352,18 @@ def test_weights_takes_raw_and_model_alike_in_every_command(command, raw_word):
     for word in ("raw", "model"):
         assert parser.parse_args([command, *positional, "--weights", word]).weights == raw_word
     assert parser.parse_args([command, *positional, "--weights", "ema"]).weights == "ema"
+
+
+def test_print_recipe_quotes_every_string_zoo_would_read_back_as_another_value(capsys):
+    """--set 'data.root="1e5"' printed `root: 1e5`, which zoo's YAML 1.2 loader reads back as 100000.0 (PyYAML's
+    1.1 rules, which the printer followed, read it as a string): the printed recipe was refused."""
+    from zoo.recipe_yaml import parse_yaml
+
+    for text in ("1e5", "0o17", "+.5", "1.e3", "3e-4", "0x1F", "1_000", ".5", "-.inf", ".NaN", "TRUE", "Null", "~",
+                 "yes", "010", "10:00", "<<"):
+        overrides = [f"data.root={json.dumps(text)}", f"train.init_from={json.dumps(text)}"]
+        code, out, _ = zoo(capsys, "build", "emoji32/dit", "--print-recipe", *(a for s in overrides for a in ("--set", s)))
+        assert code == 0
+        printed, _ = parse_yaml(out, "printed")
+        assert printed == resolve_recipe("emoji32/dit", overrides), text
+        assert printed["data"]["root"] == printed["train"]["init_from"] == text

@@ -170,6 +170,22 @@ RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 RecipeLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 
 
+class RecipeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string :class:`RecipeLoader` would read back as another value
+    (``"1e5"``, ``"0o17"``, ``"+.5"`` are numbers in YAML 1.2, plain strings to PyYAML's 1.1 rules), and,
+    as before, those a YAML 1.1 reader would (``"yes"``, ``"010"``): a printed recipe reads back the same."""
+
+
+RecipeDumper.yaml_implicit_resolvers = {
+    first: RecipeLoader.yaml_implicit_resolvers.get(first, []) + yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])
+    for first in {*RecipeLoader.yaml_implicit_resolvers, *yaml.SafeDumper.yaml_implicit_resolvers}}
+
+
+def dump_yaml(data: Any, **options: Any) -> str:
+    """``data`` as YAML text that :func:`parse_yaml` reads back equal (``options`` as ``yaml.safe_dump`` takes)."""
+    return yaml.dump(data, Dumper=RecipeDumper, **options)
+
+
 def _line(mark: Any) -> int | None:
     return mark.line + 1 if mark is not None else None
 

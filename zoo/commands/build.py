@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
     recipe = resolve(args.recipe, args.overrides)
     validate_recipe(recipe)  # every section, before anything is built
     if args.print_recipe:
-        import yaml
+        from zoo.recipe_yaml import dump_yaml
 
-        print(yaml.safe_dump(recipe.data, sort_keys=False, default_flow_style=None), end="")
+        print(dump_yaml(recipe.data, sort_keys=False, default_flow_style=None), end="")
         print(_defaults_left_out(recipe.data), end="")
         return 0
 
@@ -127,10 +127,9 @@ def _defaults_left_out(data: dict) -> str:
     """YAML comment lines naming what the ``model`` (plain values), ``diffusion`` and ``train`` keys a
     recipe leaves out mean (``ema_decay`` 0.9999 changes results as much as a written key), for the
     sections it has."""
-    import yaml
-
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
     from zoo.introspect import backbone_defaults
+    from zoo.recipe_yaml import dump_yaml
     from zoo.training.sections import TRAIN_DEFAULTS, UNSET_MEANS
 
     plain = (bool, int, float, str, type(None))
@@ -143,7 +142,7 @@ def _defaults_left_out(data: dict) -> str:
         unset = {key: value for key, value in defaults.items() if key not in data[section]
                  and (isinstance(value, plain) or isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value))}
         if unset:
-            text = yaml.safe_dump({section: unset}, sort_keys=True, default_flow_style=None, width=1000)
+            text = dump_yaml({section: unset}, sort_keys=True, default_flow_style=None, width=1000)
             lines += [f"# {line}" for line in text.splitlines()]
     if not lines:
         return ""
