@@ -218,6 +218,35 @@ def test_inception_statistics_without_images_suggest_the_inception_extractor(tmp
     assert "has no images (arr_0) and no test_pool statistics" in str(err.value) and err.value.suggestion
 
 
+def test_statistics_of_another_feature_dimension_are_refused_when_loaded(tmp_path, run_dir, capsys):
+    """Statistics of 10 features against an extractor of 12 (zoo's own file; pytorch-fid's --dims 768 under
+    inception) were accepted; every sample was drawn, then 'feature dimensions differ' was a traceback."""
+    stats = tmp_path / "stats10.npz"
+    np.savez(stats, mu=np.zeros(10), sigma=np.eye(10), features=np.zeros((5, 10), np.float32),
+             extractor=np.str_("test_pool"))
+    with pytest.raises(UserError) as err:
+        load_reference(str(stats), PoolFeatures(), 8, log=lambda _: None)
+    assert err.value.message == f"{stats} holds statistics of 10 features; the test_pool extractor gives 12"
+    inception = PoolFeatures()
+    inception.name = "inception"
+    np.savez(tmp_path / "fid768.npz", mu=np.zeros(768), sigma=np.eye(768))  # pytorch-fid --dims 768
+    arrays = _adm_npz(tmp_path / "adm768.npz")
+    np.savez(tmp_path / "adm768.npz", **{**arrays, "mu": np.zeros(768), "sigma": np.eye(768)})
+    for name in ("fid768", "adm768"):
+        with pytest.raises(UserError) as err:
+            load_reference(str(tmp_path / f"{name}.npz"), inception, 8, log=lambda _: None)
+        assert err.value.message == f"{tmp_path / name}.npz holds statistics of 768 features; the inception " \
+                                    "extractor gives 12"
+    np.savez(tmp_path / "flat.npz", mu=np.zeros(12), sigma=np.zeros(12))  # sigma not D x D
+    with pytest.raises(UserError, match=re.escape("mu must be (D,) and sigma (D, D), got (12,) and (12,)")):
+        load_reference(str(tmp_path / "flat.npz"), inception, 8, log=lambda _: None)
+    # the CLI: one line, exit 2, before any sample is drawn
+    assert main(["eval", str(run_dir), "--n", "4", "--ref", str(stats), "--extractor", "test_pool"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds statistics of 10 features" in err and "Traceback" not in err
+    assert not list((run_dir / "eval").glob("samples-*/shard-*"))
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_an_adm_npz_of_fewer_than_two_images_is_named_before_extraction(tmp_path, n):
     """One image said 'cannot read reference: need features of shape (N >= 2, D)' after extracting it,

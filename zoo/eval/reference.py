@@ -264,7 +264,35 @@ def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Itera
     return Reference(mu, sigma, feats.features.astype(np.float32), feats.labels, source=source)
 
 
+@torch.no_grad()
+def feature_dimension(extractor, image_size: int, device="cpu") -> int:
+    """D of the extractor's features (B, D), from one black image at the samples' size (the extractor
+    interface says D only through its output, and a plugin's extractor need not name it)."""
+    features, _ = extractor(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device))
+    return int(features.shape[-1])
+
+
+def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray | None, extractor,
+                        dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``mu`` (D,), ``sigma`` (D, D) and ``features`` (N, D) of a statistics file, D the extractor's ``dim``:
+    said when the reference is loaded, not as a traceback of the FD after every sample was drawn."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (features is not None and
+                                                              (features.ndim != 2 or features.shape[1] != len(mu))):
+        got = f"{mu.shape} and {sigma.shape}" + ("" if features is None else f" and features {features.shape}")
+        raise UserError(f"{path}: mu must be (D,) and sigma (D, D)" + (", features (N, D)" if features is not None
+                        else "") + f", got {got}", suggestion=NPZ_FORMATS)
+    if len(mu) != dim:
+        raise UserError(f"{path} holds statistics of {len(mu)} features; the {extractor.name} extractor gives {dim}",
+                        suggestion=f"pass statistics of {extractor.name}'s {dim} features, or a reference with "
+                        "images to compute them from")
+    return mu, sigma, features
+
+
 def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_size: int) -> Reference:
+    def statistics(mu, sigma, features=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return _checked_statistics(path, mu, sigma, features, extractor,
+                                   feature_dimension(extractor, image_size, device))
+
     with np.load(path, allow_pickle=False) as f:
         keys = set(f.files)
         made_by = str(f["extractor"]) if "extractor" in keys else None
@@ -272,11 +300,11 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
             if made_by != extractor.name:
                 raise UserError(f"{path} holds {made_by} statistics; evaluate with --extractor {made_by}")
             labels = f["labels"] if "labels" in keys else None
-            return Reference(f["mu"], f["sigma"], f["features"] if "features" in keys else None, labels,
-                             source=str(path))
+            return Reference(*statistics(f["mu"], f["sigma"], f["features"] if "features" in keys else None),
+                             labels, source=str(path))
         if "arr_0" not in keys:
             if {"mu", "sigma"} <= keys and extractor.name == "inception":
-                return Reference(f["mu"], f["sigma"], None, None, source=str(path))
+                return Reference(*statistics(f["mu"], f["sigma"]), None, None, source=str(path))
             if {"mu", "sigma"} <= keys:  # pytorch-fid's or ADM's statistics: of Inception features, nothing else's
                 raise UserError(f"{path} holds mu/sigma and no images (arr_0): Inception statistics (pytorch-fid, "
                                 "ADM), which only --extractor inception uses",
@@ -286,7 +314,8 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
                             suggestion=NPZ_FORMATS)
         images = f["arr_0"]
         labels = f["arr_1"] if "arr_1" in keys and f["arr_1"].shape == (len(images),) else None
-        adm_stats = (f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" else None
+        adm_stats = statistics(f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" \
+            else None  # (checked before extracting every image: the file's mu/sigma replace theirs)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise UserError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
     if len(images) < 2:  # before extracting: a covariance needs two
@@ -300,7 +329,7 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
     ref = _from_cache_or_compute(identity, extractor, lambda: array_batches(images, labels, batch_size), device,
                                  str(path), log)
     if adm_stats is not None:  # the ADM evaluator's own statistics, as they are
-        ref.mu, ref.sigma = adm_stats
+        ref.mu, ref.sigma, _ = adm_stats
     return ref
 
 
