@@ -521,6 +521,33 @@ def test_a_block_taking_what_its_backbone_passes_builds_and_a_conditioner_must_t
 # --- sections -------------------------------------------------------------------------------------
 
 
+def test_a_parameter_named_like_a_norm_takes_what_its_annotation_says():
+    """A plugin block's `qk_norm: bool = False` was taken for a conditioner by its name: --set
+    model.block.qk_norm=true was "expected a conditioner name". The annotation wins; the name only where it is silent."""
+    from zoo.blocks.transformer import TransformerBlock
+
+    @zoo.register("block", "qk_block")
+    class QKBlock(TransformerBlock):
+        def __init__(self, dim, num_heads, mlp_ratio=4.0, norm=None, mlp=None, cond_dim=None,
+                     qk_norm: bool = False, out_norm: Literal["none", "rms"] | None = None, pre_norm=None):
+            super().__init__(dim, num_heads, mlp_ratio, cond_dim=cond_dim,
+                             **{k: v for k, v in (("norm", norm), ("mlp", mlp)) if v is not None})
+            self.qk_norm, self.out_norm, self.pre_norm = qk_norm, out_norm, pre_norm
+
+    dit = dict(type="dit", input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2)
+    try:
+        block = zoo.build_model({**dit, "block": {"type": "qk_block", "qk_norm": True, "out_norm": "rms"}}).blocks[0]
+        assert block.qk_norm is True and block.out_norm == "rms"
+        with pytest.raises(UserError, match=r"key model.block.qk_norm: expected bool, got str 'layernorm'"):
+            zoo.build_model({**dit, "block": {"type": "qk_block", "qk_norm": "layernorm"}})
+        block = zoo.build_model({**dit, "block": {"type": "qk_block", "pre_norm": "layernorm"}}).blocks[0]
+        assert isinstance(block.pre_norm, Factory)  # unannotated: its name says it is a conditioner
+        with pytest.raises(UserError, match=r"key model.block.pre_norm: expected a conditioner name"):
+            zoo.build_model({**dit, "block": {"type": "qk_block", "pre_norm": True}})
+    finally:
+        registry.unregister("block", "qk_block")
+
+
 def test_section_validators_are_a_hook_for_other_modules(tmp_path, monkeypatch):
     def check_train(section, recipe):
         if section.get("steps", 0) < 0:

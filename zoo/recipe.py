@@ -300,19 +300,22 @@ def _component_parameter(owner: Any, param: str) -> tuple[bool, str | None]:
     """Whether the component ``owner`` (``{type: NAME, ...}``) takes a component as ``param``, and
     the registered name of its default there, if it has one."""
     from zoo import registry
-    from zoo.introspect import signature
+    from zoo.introspect import constructor_annotations, signature
     from zoo.validate import kind_of_param
 
     name = owner.get("type") if isinstance(owner, dict) else None
     kinds = [k for k in registry.KINDS if isinstance(name, str) and name in registry.names(k)]
-    kind = kind_of_param(param)
-    if len(kinds) != 1 or kind is None:
+    if len(kinds) != 1 or kind_of_param(param) is None:
         return False, None
     try:
-        sig = signature(registry.get(kinds[0], name))
+        cls = registry.get(kinds[0], name)
+        sig = signature(cls)
     except UserError:  # a plugin that does not load: the recipe check reports it
         return False, None
     if sig is None or param not in sig.parameters:
+        return False, None
+    kind = kind_of_param(param, constructor_annotations(cls).get(param, Any))
+    if kind is None:  # qk_norm: bool
         return False, None
     default = sig.parameters[param].default
     target = f"{getattr(default, '__module__', '')}:{getattr(default, '__qualname__', '')}"

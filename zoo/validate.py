@@ -15,7 +15,8 @@ the component and must be ones it takes. Without it, ``dim``, ``num_heads``, ``c
 
 Which kind a nested value is: a parameter named ``block`` or ``mlp`` takes a block;
 ``norm``, ``conditioner`` or ``*_norm`` a conditioner; ``schedule`` and ``solver`` their
-kinds; any other mapping with ``type:`` is looked up across kinds (the name must be unique).
+kinds, unless its annotation says plain data (``qk_norm: bool`` takes a bool); any other
+mapping with ``type:`` is looked up across kinds (the name must be unique).
 A list whose items have ``type:`` is a list of components; a mapping (or list of mappings)
 for a parameter annotated with a dataclass is checked against its fields and becomes one.
 """
@@ -25,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Any, Callable, Iterable
+import typing
+from typing import Any, Callable, Iterable, Literal
 
 from . import registry
 from .domains import Calls, OneOf, Required, constraints_of, describe, fits, non_finite, options, split, strip
@@ -92,8 +94,22 @@ def add_note(err: BaseException, note: str) -> None:
         err.__notes__ = [*getattr(err, "__notes__", []), note]
 
 
-def kind_of_param(name: str) -> str | None:
-    """The registry kind a parameter named ``name`` takes, if its name says so."""
+PLAIN_DATA = (bool, int, float, str, list, tuple, dict)
+
+
+def takes_plain_data(ann: Any) -> bool:
+    """Whether the annotation ``ann`` (domains and ``None`` aside) takes only plain data: ``bool``,
+    ``int | None``, ``Literal["a", "b"]``, ``list[int]``; not ``Any``, a factory or a class."""
+    members = [strip(a) for a in options(ann) if strip(a) is not type(None)]
+    return bool(members) and all(typing.get_origin(a) is Literal or (typing.get_origin(a) or a) in PLAIN_DATA
+                                 for a in members)
+
+
+def kind_of_param(name: str, ann: Any = Any) -> str | None:
+    """The registry kind a parameter named ``name`` takes, if its name says so and its annotation
+    ``ann`` does not say otherwise (a plugin's ``qk_norm: bool`` is a switch, not a conditioner)."""
+    if takes_plain_data(ann):
+        return None
     if name in ("block", "mlp"):
         return "block"
     if name in ("norm", "conditioner") or name.endswith("_norm"):
@@ -277,7 +293,7 @@ def table_rows(table: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]
 
 def resolve_value(recipe: Recipe, name: str | None, value: Any, ann: Any, path: KeyPath) -> Any:
     """One constructor argument: a component, a dataclass, a list of either, or plain checked data."""
-    kind = kind_of_param(name) if name else None
+    kind = kind_of_param(name, ann) if name else None
     if value is None and kind and type(None) not in map(strip, options(ann)):
         raise recipe.error(path, f"{name} takes a {kind}; null leaves none", suggestion=f"give a {kind} name (zoo list {kind})")
     if value is not None and (kind or is_component_spec(value)
