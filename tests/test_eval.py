@@ -247,6 +247,37 @@ def test_statistics_of_another_feature_dimension_are_refused_when_loaded(tmp_pat
     assert not list((run_dir / "eval").glob("samples-*/shard-*"))
 
 
+def test_a_statistics_file_records_its_resolution_and_warns_at_another(tmp_path):
+    """zoo's statistics of 16x16 images used for 8x8 samples gave no warning, where the images' .npz gave one."""
+    _adm_npz(tmp_path / "big.npz", size=16)
+    load_reference(str(tmp_path / "big.npz"), PoolFeatures(), 16, log=lambda _: None)
+    (stats,) = (tmp_path / "cache" / "eval").glob("ref-test_pool-*.npz")
+    np.testing.assert_array_equal(np.load(stats)["resolution"], [16, 16])
+    lines = []
+    load_reference(str(stats), PoolFeatures(), 8, log=lines.append)
+    assert lines == ["zoo eval: warning: the reference's images are 16x16, the samples 8x8: the extractor resizes "
+                     "both, but an FD across resolutions also measures the resolution (use a reference made at the "
+                     "samples' size)"]
+    lines.clear()
+    load_reference(str(stats), PoolFeatures(), 16, log=lines.append)
+    assert lines == []
+    old = dict(np.load(stats))
+    del old["resolution"]  # written before zoo recorded it: read as before, without a word
+    np.savez(tmp_path / "old_stats.npz", **old)
+    ref = load_reference(str(tmp_path / "old_stats.npz"), PoolFeatures(), 8, log=lines.append)
+    assert lines == [] and ref.features.shape == (40, 12)
+    # a folder's statistics are of images cropped to the samples' size
+    folder = tmp_path / "folder" / "a"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        from PIL import Image
+
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    load_reference(str(tmp_path / "folder"), PoolFeatures(), 8, log=lambda _: None)
+    resolutions = sorted(np.load(p)["resolution"].tolist() for p in (tmp_path / "cache" / "eval").glob("*.npz"))
+    assert resolutions == [[8, 8], [16, 16]]
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_an_adm_npz_of_fewer_than_two_images_is_named_before_extraction(tmp_path, n):
     """One image said 'cannot read reference: need features of shape (N >= 2, D)' after extracting it,

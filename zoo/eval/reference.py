@@ -7,7 +7,8 @@
   features and the spatial ``mu_s``/``sigma_s``), read as it is: with the ``inception`` extractor
   its ``mu``/``sigma`` are used unchanged; features for precision/recall (and, with any other
   extractor, the statistics) come from its images. A statistics file written by zoo has the
-  same ``mu``/``sigma`` keys plus ``features``, ``labels`` and the extractor that made them;
+  same ``mu``/``sigma`` keys plus ``features``, ``labels``, the extractor that made them and the
+  ``resolution`` (H, W) of its images;
 * an image folder (``root/CLASS/*.png|jpg``, classes sorted: the labels), read and centre-cropped
   to the generated resolution as the training data are;
 * a registered dataset name, optionally with a split: ``emoji32`` (its ``holdout`` split when it
@@ -240,8 +241,18 @@ def _cache_path(identity: str, extractor) -> Path:
     return cache_root() / "eval" / f"ref-{extractor.name}-{digest}.npz"
 
 
+def _warn_resolution(height: int, width: int, image_size: int, log: Callable[[str], None]) -> None:
+    """A reference of another resolution than the samples is used as given, with this warning."""
+    if (height, width) != (image_size, image_size):
+        log(f"zoo eval: warning: the reference's images are {height}x{width}, the samples "
+            f"{image_size}x{image_size}: the extractor resizes both, but an FD across resolutions also measures "
+            "the resolution (use a reference made at the samples' size)")
+
+
 def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Iterable], device, source: str,
-                           log: Callable[[str], None]) -> Reference:
+                           log: Callable[[str], None], resolution: tuple[int, int]) -> Reference:
+    """The reference from its cached statistics, else computed and cached with the ``resolution`` (H, W) of
+    its images, so the file used as ``--ref`` later warns at other samples' size as the images do."""
     path = _cache_path(identity, extractor)
     if path.is_file():
         try:
@@ -257,7 +268,7 @@ def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Itera
     try:
         save_npz(path, mu=mu, sigma=sigma, features=feats.features.astype(np.float32),
                  extractor=np.str_(extractor.name), weights_sha256=np.str_(extractor.weights_sha256 or ""),
-                 source=np.str_(source), **extras)
+                 source=np.str_(source), resolution=np.array(resolution, dtype=np.int64), **extras)
     except (OSError, UserError) as err:  # an unwritable cache must not throw away features just computed
         log(f"zoo: warning: cannot cache the reference statistics at {path} ({err}); they are used uncached "
             "(set ZOO_CACHE to a writable directory to keep them)")
@@ -300,8 +311,11 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
             if made_by != extractor.name:
                 raise UserError(f"{path} holds {made_by} statistics; evaluate with --extractor {made_by}")
             labels = f["labels"] if "labels" in keys else None
-            return Reference(*statistics(f["mu"], f["sigma"], f["features"] if "features" in keys else None),
-                             labels, source=str(path))
+            checked = statistics(f["mu"], f["sigma"], f["features"] if "features" in keys else None)
+            if "resolution" in keys:  # (files written before zoo recorded it: used without the check)
+                height, width = f["resolution"].tolist()
+                _warn_resolution(height, width, image_size, log)
+            return Reference(*checked, labels, source=str(path))
         if "arr_0" not in keys:
             if {"mu", "sigma"} <= keys and extractor.name == "inception":
                 return Reference(*statistics(f["mu"], f["sigma"]), None, None, source=str(path))
@@ -320,14 +334,11 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
         raise UserError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
     if len(images) < 2:  # before extracting: a covariance needs two
         raise UserError(f"reference {path} has {len(images)} image(s); statistics need at least 2")
-    if images.shape[1:3] != (image_size, image_size):  # folders are cropped to the samples' size; arrays are as given
-        log(f"zoo eval: warning: the reference's images are {images.shape[1]}x{images.shape[2]}, the samples "
-            f"{image_size}x{image_size}: the extractor resizes both, but an FD across resolutions also measures "
-            "the resolution (use a reference made at the samples' size)")
+    _warn_resolution(images.shape[1], images.shape[2], image_size, log)  # (folders are cropped to the samples')
     stat = path.stat()
     identity = f"npz:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     ref = _from_cache_or_compute(identity, extractor, lambda: array_batches(images, labels, batch_size), device,
-                                 str(path), log)
+                                 str(path), log, images.shape[1:3])
     if adm_stats is not None:  # the ADM evaluator's own statistics, as they are
         ref.mu, ref.sigma, _ = adm_stats
     return ref
@@ -349,6 +360,7 @@ def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, 
     identity, batches, count, classes = _images_source(spec, image_size, recipe)
     if count < 2:
         raise UserError(f"reference {spec} has {count} image(s); statistics need at least 2")
-    reference = _from_cache_or_compute(identity, extractor, lambda: batches(batch_size), device, spec, log)
+    reference = _from_cache_or_compute(identity, extractor, lambda: batches(batch_size), device, spec, log,
+                                       (image_size, image_size))  # (cropped to the samples' size)
     reference.classes = classes or None
     return reference
