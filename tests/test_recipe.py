@@ -384,11 +384,17 @@ def test_nested_components_become_factories_and_the_model_is_built():
 
 
 def test_a_recipe_may_not_set_what_the_parent_passes(tmp_path):
+    """The error named the component's line, also where a --set had added the key (emoji32/dimr_2r.yaml:21 for
+    --set model.branches.0.block.cond_dim=8): it names where the key was given."""
     path = write(tmp_path, TINY.replace("mlp_ratio: 2.0", "num_heads: 4"))
     with pytest.raises(UserError) as info:
         zoo.build_model(path)
-    assert str(info.value) == (f"{path}:6: key model.block: num_heads is set by the component that builds this one; "
+    assert str(info.value) == (f"{path}:8: key model.block: num_heads is set by the component that builds this one; "
                                "the recipe may not set it (remove num_heads here)")
+    for override in ("model.branches.0.block.cond_dim=8", "model.branches.1.block.dim=8"):
+        with pytest.raises(UserError) as info:
+            zoo.build_model("emoji32/dimr_2r", [override])
+        assert str(info.value).startswith(f"--set {override}: key {override.rsplit('.', 1)[0]}: ")
 
 
 def test_constructor_errors_keep_their_traceback_with_a_note_naming_the_key(tmp_path):

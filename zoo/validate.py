@@ -63,9 +63,10 @@ class Factory(functools.partial):
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         file, line = self.origin
         clash = sorted(set(kwargs).union(positional_names(self.func, len(args))) & self.keywords.keys())
-        if clash:
+        if clash:  # located where the key was given: its own line, or the --set that added it
+            where = (self.locate_key and self.locate_key(f"{self.key_path}.{clash[0]}")) or self.origin
             raise UserError(f"{', '.join(clash)} is set by the component that builds this one; the recipe may not set it",
-                            file=file, line=line, key_path=self.key_path, suggestion=f"remove {clash[0]} here")
+                            file=where[0], line=where[1], key_path=self.key_path, suggestion=f"remove {clash[0]} here")
         try:
             return super().__call__(*args, **kwargs)
         except UserError as err:  # a constructor's refusal: point at the recipe line it is about
