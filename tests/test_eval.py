@@ -162,6 +162,44 @@ def test_no_per_class_fd_against_a_reference_whose_class_names_are_not_the_model
     assert "per_class_fd" in compute_metrics(Features(ref, labels=labels), reference, num_classes=3)
 
 
+def test_every_metric_left_out_says_why():
+    """--n 3 dropped precision/recall from the result without a word, as did classes of one sample each and a
+    class-conditional model against an unlabelled reference for per-class FD (docs: 'the result says why')."""
+    rng = np.random.default_rng(7)
+    real, labels = rng.normal(size=(40, 3)), np.arange(40) % 4
+    reference = Reference(*feature_statistics(real), real, labels)
+    few = compute_metrics(Features(real[:3], labels=labels[:3]), reference, num_classes=4)
+    assert "precision" not in few and few["precision_recall_skipped"] == (
+        "the k = 3 nearest neighbours need more than 3 samples on each side: 3 generated, 40 reference")
+    assert "per_class_fd" not in few and few["per_class_fd_skipped"] == (
+        "all 3 sampled classes have fewer than 2 samples on a side")
+    unlabelled = compute_metrics(Features(real, labels=labels), Reference(*feature_statistics(real), real),
+                                 num_classes=4)
+    assert "precision" in unlabelled and "per_class_fd" not in unlabelled
+    assert unlabelled["per_class_fd_skipped"] == ("the reference has no labels (an .npz without arr_1, a folder of "
+                                                  "images without class folders)")
+    stats_only = compute_metrics(Features(real, labels=labels), Reference(*feature_statistics(real)), num_classes=4)
+    assert stats_only["precision_recall_skipped"] == stats_only["per_class_fd_skipped"] == (
+        "the reference is statistics only (mu, sigma), without per-image features")
+    no_logits = compute_metrics(Features(real), reference)
+    assert "is_mean" not in no_logits and no_logits["is_skipped"] == "the extractor gives no class logits"
+    # an unconditional model has no per-class FD to leave out; all computed: no note at all
+    assert "per_class_fd_skipped" not in no_logits
+    full = compute_metrics(Features(real, np.zeros((40, 4)), labels), reference, num_classes=4)
+    assert not [key for key in full if key.endswith("_skipped")]
+
+
+def test_zoo_eval_says_which_metrics_it_left_out(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--n", "3", "--ref", str(run_dir.parent / "ref.npz"), "--extractor",
+                 "test_pool"]) == 0
+    summary = capsys.readouterr().out.splitlines()[-2]
+    assert "no precision/recall (the k = 3 nearest neighbours need more than 3 samples on each side: 3 generated, " \
+           "64 reference)" in summary and "no per-class FD (" in summary
+    (written,) = (run_dir / "eval").glob("*.json")
+    metrics = json.loads(written.read_text())["metrics"]
+    assert {"precision_recall_skipped", "per_class_fd_skipped"} <= set(metrics) and "precision" not in metrics
+
+
 # --------------------------------------------------------------------------- references
 
 

@@ -68,8 +68,12 @@ def _summary(result: dict) -> str:
     parts = [f"FD {m['fd']:.3f}"]
     if "is_mean" in m:
         parts.append(f"IS {m['is_mean']:.3f} ± {m['is_std']:.3f}")
+    if "is_skipped" in m:
+        parts.append(f"no IS ({m['is_skipped']})")
     if "precision" in m:
         parts.append(f"precision {m['precision']:.3f}  recall {m['recall']:.3f}")
+    if "precision_recall_skipped" in m:
+        parts.append(f"no precision/recall ({m['precision_recall_skipped']})")
     if "per_class_fd_mean" in m:
         parts.append(f"per-class FD (mean of {len(m['per_class_fd'])}) {m['per_class_fd_mean']:.3f}")
     if "per_class_fd_skipped" in m:

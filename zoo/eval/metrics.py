@@ -117,18 +117,46 @@ def _per_class(generated: Features, reference: Reference) -> dict[int, tuple[flo
     return out
 
 
+STATISTICS_ONLY = "the reference is statistics only (mu, sigma), without per-image features"
+
+
+def _no_per_class_fd(generated: Features, reference: Reference) -> str:
+    """Why labelled samples get no per-class FD against a reference whose labels are not ruled out."""
+    if reference.features is None:
+        return STATISTICS_ONLY
+    if reference.labels is None:
+        return "the reference has no labels (an .npz without arr_1, a folder of images without class folders)"
+    sampled = np.unique(generated.labels)
+    if not set(sampled.tolist()) & set(reference.labels.tolist()):
+        return "none of the sampled classes is among the reference's labels"
+    n = len(sampled)
+    return (f"{'the' if n == 1 else 'all'} {n} sampled class{'es have' if n != 1 else ' has'} fewer than "
+            f"{MIN_PER_CLASS} samples on a side")
+
+
 def compute_metrics(generated: Features, reference: Reference, k: int = NEIGHBOURHOOD,
                     num_classes: int | None = None, class_names: list[str] | None = None) -> dict:
     """Every metric the inputs allow: ``fd``, ``is_mean``/``is_std``, ``precision``/``recall``, and
     ``per_class_fd`` where the reference's classes are the model's ``num_classes`` (named ``class_names``
-    where its checkpoint recorded them; else a note says why not)."""
+    where its checkpoint recorded them). A metric left out says why in ``<metric>_skipped``
+    (``is_skipped``, ``precision_recall_skipped``, ``per_class_fd_skipped``): a missing key is never silent."""
     out: dict = {"fd": frechet_distance(*feature_statistics(generated.features), reference.mu, reference.sigma)}
     if generated.logits is not None:
         out["is_mean"], out["is_std"] = inception_score(generated.logits)
-    if reference.features is not None and min(len(generated.features), len(reference.features)) > k:
+    else:
+        out["is_skipped"] = "the extractor gives no class logits"
+    if reference.features is None:
+        out["precision_recall_skipped"] = STATISTICS_ONLY
+    elif min(len(generated.features), len(reference.features)) > k:
         out["precision"], out["recall"] = precision_recall(generated.features, reference.features, k)
+    else:
+        out["precision_recall_skipped"] = (f"the k = {k} nearest neighbours need more than {k} samples on each "
+                                           f"side: {len(generated.features)} generated, {len(reference.features)} "
+                                           "reference")
     if classes_match(reference, num_classes, class_names):
         classes = _per_class(generated, reference)
+        if not classes and generated.labels is not None:
+            out["per_class_fd_skipped"] = _no_per_class_fd(generated, reference)
     else:  # (labels c of the two sides are different classes)
         classes = {}
         if generated.labels is not None:
