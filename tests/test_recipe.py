@@ -234,6 +234,23 @@ def test_a_set_that_changes_a_components_type_drops_the_recipes_keys_as_a_merge_
     assert dimr["model"]["branches"][0]["block"] == {"type": "convnext"}
 
 
+def test_a_bare_name_set_keeps_what_other_sets_put_inside_the_component_in_either_order():
+    """--set model.branches.1.block.kernel_size=3 --set model.branches.1.block=convnext silently dropped kernel_size
+    (the other order kept it). The recipe's keys still go, whatever the type, and so does a whole component an
+    earlier --set gave."""
+    key, inside = "model.branches.1.block", "model.branches.1.block.kernel_size=3"
+    for sets in ([inside, f"{key}=convnext"], [f"{key}=convnext", inside]):
+        recipe = resolve("emoji32/dimr_2r", sets)
+        assert recipe.data["model"]["branches"][1]["block"] == {"type": "convnext", "kernel_size": 3}, sets
+        assert recipe.origin(("model", "branches", 1, "block", "kernel_size")) == (f"--set {inside}", None)
+    assert resolve("emoji32/dimr_2r", [f"{key}=convnext"]).data["model"]["branches"][1]["block"] == "convnext"
+    whole = [f"{key}={{type: transformer, num_heads: 2}}", f"{key}=convnext"]
+    assert resolve("emoji32/dimr_2r", whole).data["model"]["branches"][1]["block"] == "convnext"
+    norm = resolve("emoji32/dimr_2r", ["model.branches.0.block.norm.eps=1e-3", "model.branches.0.block=transformer"])
+    assert norm.data["model"]["branches"][0]["block"] == {"type": "transformer", "norm": {"type": "td_rmsnorm",
+                                                                                           "eps": 1e-3}}
+
+
 def test_a_set_between_type_and_target_replaces_the_component_as_a_type_change_does():
     """--set model.block.mlp._target_=... beside the recipe's `type: mlp` (and back) kept both keys: 'give type or
     _target_, not both', blamed on the recipe's line, though a _base_ merge of the same change worked."""

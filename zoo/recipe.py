@@ -229,7 +229,8 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
 def apply_override(recipe: Recipe, text: str) -> None:
     """Set one ``key.path=VALUE`` in place (a bare component name becomes ``{type: NAME}``; a changed
     ``type`` or ``_target_`` drops the keys the recipe gave the old component, as a ``_base_`` merge
-    replaces it whole, and keeps those other ``--set`` overrides gave)."""
+    replaces it whole, and keeps those other ``--set`` overrides gave; a bare name given for a component,
+    ``block=convnext``, drops the recipe's keys whatever the type, and keeps those too)."""
     path, value = parse_override(text)
     label = f"--set {text}"
     node: Any = recipe.data
@@ -264,12 +265,30 @@ def apply_override(recipe: Recipe, text: str) -> None:
             del node[key]  # _base_ merge; keys an earlier --set gave stay, whatever the order of the --sets
             for p in [p for p in recipe.origins if p[: len(path)] == path[:-1] + (key,)]:
                 del recipe.origins[p]
-    node[path[-1]] = value
+    old = node[path[-1]] if _has(node, path[-1]) else None
+    kept: dict = {}
+    if isinstance(value, str) and isinstance(old, dict) and any(k in old for k in names) and _is_component_name(value):
+        # `block=convnext` replaces the component whole, yet keeps what --sets put inside it, as `.type=` does
+        kept = {k: v for k, v in old.items() if k not in names and _set_inside(recipe, path + (k,), path)}
+    kept_origins = {p: o for p, o in recipe.origins.items() if len(p) > len(path) and p[len(path)] in kept
+                    and p[: len(path)] == path}
+    node[path[-1]] = value = {"type": value, **kept} if kept else value
     for p in [p for p in recipe.origins if p[: len(path)] == path]:
         del recipe.origins[p]
     recipe.origins[path] = (label, None)
     for sub in _paths(value, path):
         recipe.origins[sub] = (label, None)
+    recipe.origins.update(kept_origins)
+
+
+def _set_inside(recipe: Recipe, path: KeyPath, component: KeyPath) -> bool:
+    """Whether the value at ``path`` was given by a ``--set`` of a key inside ``component``
+    (``--set model.block.kernel_size=3``), not by the recipe nor by a ``--set`` of the whole component."""
+    label = recipe.origins.get(path, (None, None))[0]
+    if not (isinstance(label, str) and label.startswith("--set ")):
+        return False
+    keys = override_key(label[len("--set "):])
+    return len(keys) > len(component) and keys[: len(component)] == tuple(str(p) for p in component)
 
 
 def _set_by_override(recipe: Recipe, path: KeyPath) -> bool:
