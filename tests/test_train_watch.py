@@ -95,6 +95,24 @@ def test_an_fp32_run_on_a_cpu_with_bf16_hardware_is_told_bf16_may_be_faster(tmp_
     assert bool(note) == noted and all("--set train.precision=bf16" in line for line in note)
 
 
+@pytest.mark.parametrize("ignored", [(), (signal.SIGINT,), (signal.SIGINT, signal.SIGTERM)])
+def test_a_run_started_ignoring_a_stop_signal_says_how_to_stop_it(tmp_path, ignored):
+    """`zoo train ... &` from a script ignores SIGINT: Ctrl-C and kill -INT did nothing, without a word."""
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
+    try:
+        note = [line for line in _one_step_lines(tmp_path, "fp32") if "this process ignores" in line]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if not ignored:
+        assert note == []
+    elif len(ignored) == 1:
+        assert note == [f"zoo train: note: this process ignores SIGINT (a background job of a script: Ctrl-C and "
+                        f"kill -INT do nothing); stop it with kill -TERM {os.getpid()}, which saves last/ first"]
+    else:
+        assert len(note) == 1 and "only SIGKILL stops it" in note[0]
+
+
 def test_logged_speed_leaves_out_the_first_steps_warm_up(tmp_path, monkeypatch):
     """A first compiled step (tens of seconds) made the first record read 0.02 steps/s. Here the first
     step takes 5 s more: a record of it and a later step times the later step only. Counting the 5 s,

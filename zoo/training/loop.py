@@ -48,7 +48,7 @@ from zoo.training.rundir import check_resume_recipe, fixed_section_changes, prun
 from zoo.training.runlock import RunLock, check_unlocked
 from zoo.training.sections import TRAIN_DEFAULTS as DEFAULTS
 from zoo.training.sections import UNSET_MEANS
-from zoo.training.signals import CutShort, StopRequested, StopSignals
+from zoo.training.signals import CutShort, StopRequested, StopSignals, ignored_stop_note
 from zoo.training.val_loss import val_hook
 
 
@@ -586,6 +586,8 @@ class Trainer:
             self.log("zoo train: note: this CPU has no fast float16 matmuls (AMX-FP16), so fp16 autocast runs several "
                      "times slower than fp32 here (DiMR emoji demo: 8x); on a CPU use precision bf16 or fp32")
         if note := distributed.restart_note():
+            self.log(f"zoo train: note: {note}")
+        if note := ignored_stop_note():
             self.log(f"zoo train: note: {note}")
         if self.train["precision"] == "fp32" and self.device.type == "cpu" and _cpu_has_fast_bf16():
             self.log("zoo train: note: this CPU multiplies bfloat16 in hardware (AVX512-BF16/AMX); "

@@ -14,6 +14,7 @@ take too long. A signal the process ignores (``nohup``, a shell's background job
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from types import FrameType
@@ -86,6 +87,23 @@ def _sigterm_handler(what: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def ignored_stop_note() -> str | None:
+    """What to say when the process was started ignoring a stop signal (a shell's ``cmd &`` in a script ignores
+    SIGINT; ``nohup`` does not): Ctrl-C and ``kill -INT`` then do nothing, and a user waits on a run that never
+    heard them. ``None`` when both are heard, or outside the main thread (nothing is installed there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    ignored = [s.name for s in HANDLED if signal.getsignal(s) == signal.SIG_IGN]
+    if not ignored:
+        return None
+    if len(ignored) == len(HANDLED):
+        return ("this process ignores SIGINT and SIGTERM (its parent started it so): only SIGKILL stops it, "
+                "losing the steps since the last checkpoint")
+    heard = next(s.name for s in HANDLED if s.name not in ignored)
+    return (f"this process ignores {ignored[0]} (a background job of a script: Ctrl-C and kill -INT do nothing); "
+            f"stop it with kill -{heard.removeprefix('SIG')} {os.getpid()}, which saves last/ first")
 
 
 class CutShort(Exception):
