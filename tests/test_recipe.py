@@ -681,6 +681,22 @@ def test_a_learning_rate_decay_cannot_end_above_its_start():
     assert zoo.load_recipe("emoji32/dimr_2r", [lr, "train.min_lr=1e-3"])["train"]["min_lr"] == 1e-3  # equal: a flat end
 
 
+def test_every_section_key_says_what_it_must_be_as_a_noun():
+    """A str key's Doc is what "KEY must be ..." says: init_from read "must be a new run starts from this
+    checkpoint's (EMA) weights: fine-tuning or null", eval_ref "must be eval_every reference: .npz, ..."."""
+    from zoo.validate import SECTION_TABLES, _load_section_validators, table_rows
+
+    _load_section_validators()
+    for section, table in SECTION_TABLES.items():
+        for key, text in table_rows(table):
+            assert text == "Any" or text.startswith(("a ", "an ", "one of ", "true or false")), (section, key, text)
+    for key, text in [("init_from", "a checkpoint whose (EMA) weights a new run starts from (fine-tuning)"),
+                      ("eval_ref", "a reference for the eval_every FDs (an .npz, an image folder or dataset[:split])")]:
+        with pytest.raises(UserError) as err:
+            zoo.load_recipe("emoji32/dit", [f"train.{key}=3"])
+        assert str(err.value) == f"--set train.{key}=3: key train.{key}: {key} must be {text} or null, got 3"
+
+
 def test_a_home_relative_recipe_and_base_are_expanded_and_a_special_file_is_no_recipe(tmp_path, monkeypatch):
     """zoo.build_model("~/r.yaml") and `_base_: ~/r.yaml` said "recipe file not found" (only a shell expands ~)."""
     monkeypatch.setenv("HOME", str(tmp_path))

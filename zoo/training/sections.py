@@ -38,7 +38,7 @@ DATASETS = registry.Names("dataset")  # synthetic, image_folder, latents, imagen
 EXTRACTORS = registry.Names("extractor")  # efficientnet_lite0, inception and plugins
 PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
-Path = Annotated[str, Doc("a path")]
+Path = Annotated[str, Doc("a path")]  # the Doc of a str is what it must be: "root must be a path", so a noun
 Every = Annotated[int, Range(0, MAX_STEPS), Doc("0 = never")]
 
 #: The ``data`` section: key → type and domain (a new key is one line).
@@ -95,7 +95,8 @@ TRAIN: dict[str, Any] = {
     "eval_n": Annotated[int, Range(2, MAX_COUNT), Doc("samples per eval_every FD (default 256)")],
     "eval_extractor": Annotated[str, OneOf(EXTRACTORS, "extractor"),
                                 Doc("eval_every features (default efficientnet_lite0)")],
-    "eval_ref": Annotated[str, Doc("eval_every reference: .npz, image folder, dataset[:split]")] | None,
+    "eval_ref": Annotated[str, Doc("a reference for the eval_every FDs (an .npz, an image folder or "
+                                   "dataset[:split])")] | None,
     "val_every": Annotated[int, Range(0, MAX_STEPS),
                            Doc("steps between validation losses of the EMA model (zoo.training.val_loss); 0 = never")],
     "val_n": Annotated[int, Range(1, MAX_COUNT), Doc("(image, time, noise) triples per validation loss (default 1024)")],
@@ -106,7 +107,7 @@ TRAIN: dict[str, Any] = {
     "compile": Annotated[bool, Doc("torch.compile the model")],
     "tf32": Annotated[bool, Doc("TF32 matmuls on CUDA (default true)")],
     "keep_last": Annotated[int, Range(0, MAX_STEPS), Doc("keep the newest K step_* directories; 0 = all")],
-    "init_from": Annotated[str, Doc("a new run starts from this checkpoint's (EMA) weights: fine-tuning")] | None,
+    "init_from": Annotated[str, Doc("a checkpoint whose (EMA) weights a new run starts from (fine-tuning)")] | None,
     "parallel": Annotated[str, OneOf(PARALLEL, "parallel"), Doc("under torchrun: ddp or fsdp")],
 }
 
