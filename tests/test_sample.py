@@ -654,3 +654,13 @@ def test_zoo_sample_under_torchrun_is_one_line_pointing_to_zoo_eval(monkeypatch,
         assert err.startswith(expected) and err.count("\n") == (rank == "0")
         if rank == "0":
             assert err.rstrip().endswith("torchrun ... -m zoo eval CHECKPOINT --num-samples N)")
+
+
+def test_the_solver_line_names_the_steps_a_switched_solver_takes(checkpoint, tmp_path, capsys):
+    """--solver ddpm drops the recipe's steps (another solver's options); the line read "solver {'type': 'ddpm'}",
+    leaving the user to wonder why sampling took five times as long."""
+    assert main(["sample", str(checkpoint), "--n", "1", "--solver", "euler", "--out", str(tmp_path / "a.png")]) == 0
+    assert "zoo sample: solver {'type': 'euler'} (50 steps, its default);" in capsys.readouterr().out
+    assert main(["sample", str(checkpoint), "--n", "1", "--solver", "euler", "--steps", "3",
+                 "--out", str(tmp_path / "b.png")]) == 0
+    assert "zoo sample: solver {'type': 'euler', 'steps': 3};" in capsys.readouterr().out

@@ -95,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"zoo sample: {origin}")
     decoder = load_decoder(recipe, args.vae, device)  # a latent model's VAE: missing or bad weights fail here
     _check_grid_memory(model, recipe, request.count(), args.vae)
-    _, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
-    print(f"zoo sample: solver {spec}; {guidance_settings(recipe, args.cfg).describe()}")
+    solver, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
+    unsaid = "steps" not in spec and "respacing" not in spec and isinstance(getattr(solver, "steps", None), int)
+    default = f" ({solver.steps} steps, its default)" if unsaid else ""  # --solver ddpm drops the recipe's steps
+    print(f"zoo sample: solver {spec}{default}; {guidance_settings(recipe, args.cfg).describe()}")
     from tqdm import tqdm
 
     with tqdm(unit=" model calls", desc="zoo sample", disable=None, leave=False) as bar:  # no bar off a terminal
