@@ -472,6 +472,13 @@ def test_a_recipe_dict_with_numpy_scalars_reads_as_yaml_would_give_it():
     assert len(model.blocks) == 2 and model.out_channels == 4
     recipe = zoo.load_recipe({"model": spec, "train": {"betas": (np.float32(0.5), 0.99)}})
     assert type(recipe["model"]["depth"]) is int and recipe["train"]["betas"] == [0.5, 0.99]
+    # the same values as overrides: "an override must be plain data" before
+    overrides = {"model.depth": np.int64(3), "model.mlp_ratio": np.float32(1.5), "model.learn_sigma": np.bool_(True),
+                 "train.betas": (np.float64(0.5), np.float32(0.25))}
+    recipe = zoo.load_recipe({"model": spec}, overrides)
+    assert recipe["model"]["depth"] == 3 and type(recipe["model"]["depth"]) is int and recipe["model"]["mlp_ratio"] == 1.5
+    assert recipe["model"]["learn_sigma"] is True and recipe["train"]["betas"] == [0.5, 0.25]
+    assert len(zoo.build_model(spec, [("model.depth", np.int64(1))]).blocks) == 1
 
 
 def test_build_model_of_something_that_is_not_a_recipe_says_what_it_takes():

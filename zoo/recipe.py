@@ -386,10 +386,12 @@ def _plain(value: Any) -> Any:
 
 def mapping_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
     """``{"model.depth": 6}`` -> ``["model.depth=6"]``: plain values as ``--set`` overrides (each key after
-    ``prefix``). Values are written as JSON, which YAML reads back unchanged; objects and NaN are refused."""
+    ``prefix``). Values are written as JSON, which YAML reads back unchanged; numpy scalars count as the
+    numbers they hold (a sweep over ``np.arange``), as in a recipe dict; objects and NaN are refused."""
 
     texts = []
     for key, value in values.items():
+        value = _plain(value)
         try:
             texts.append(f"{prefix}{key}={json.dumps(value, allow_nan=False)}")
         except TypeError:
