@@ -915,3 +915,14 @@ def test_torchrun_passes_the_sampling_options_to_every_rank():
     assert launched.training_script_args == zoo_args
     args = build_parser().parse_args(launched.training_script_args)
     assert args.respacing == "ddim25" and args.overrides == ["sample.solver.eta=1.0", "sample.batch_size=4"]
+
+
+def test_a_dataset_reference_is_named_with_its_split_however_it_was_given(tmp_path):
+    """`--ref emoji32` printed 'vs emoji32' and the default 'vs emoji32:holdout' for the one reference (the same
+    result file, written over)."""
+    from zoo.eval.runner import _said_in_full
+
+    assert _said_in_full("emoji32") == _said_in_full("emoji32:holdout") == "emoji32:holdout"
+    assert _said_in_full("emoji32:train") == "emoji32:train" and _said_in_full("synthetic") == "synthetic"
+    (tmp_path / "emoji32").mkdir()  # a folder of that name is a folder
+    assert _said_in_full(str(tmp_path / "emoji32")) == str(tmp_path / "emoji32")

@@ -264,7 +264,7 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
     check_before_weights(recipe, request.solver, request.steps, request.respacing, request.precision, None,
                          request.solver_options)  # a respacing or precision sampling would refuse: said now
-    ref_spec = request.ref or _default_ref(recipe)
+    ref_spec = _said_in_full(request.ref) if request.ref else _default_ref(recipe)
     extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
     model, origin = model_for(ckpt, recipe, device=device,
                               weights="model" if request.weights == "raw" else None)  # EMA where saved
@@ -360,10 +360,19 @@ def _default_ref(recipe: dict) -> str:
     if name in ("synthetic", "image_folder", "latents", "imagenet"):
         raise UserError("--ref is needed: an .npz (ADM reference batch or zoo statistics), an image folder, "
                         "or a registered dataset name such as emoji32")
-    from zoo import registry
+    return _said_in_full(name)
 
-    held_out = "holdout" in getattr(registry.get("dataset", name), "splits", ())
-    return f"{name}:holdout" if held_out else name  # said in full: the line and the JSON name the split
+
+def _said_in_full(spec: str) -> str:
+    """A dataset reference with the split it means (``emoji32`` is ``emoji32:holdout``), so the summary line
+    and the result's JSON name one reference one way; a path, or anything else, as given."""
+    from zoo import registry
+    from zoo.eval.reference import dataset_reference
+
+    if Path(spec).expanduser().exists() or spec.partition(":")[0] not in registry.names("dataset"):
+        return spec
+    name, split = dataset_reference(spec)
+    return f"{name}:{split}" if split else name
 
 
 def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extractor: Any = "efficientnet_lite0",
