@@ -481,6 +481,24 @@ def test_a_recipe_dict_with_numpy_scalars_reads_as_yaml_would_give_it():
     assert len(zoo.build_model(spec, [("model.depth", np.int64(1))]).blocks) == 1
 
 
+def test_an_override_given_from_python_is_named_as_given_not_as_a_set():
+    """zoo.build_model("emoji32/dit", {"model.depth": 0}) said "--set model.depth=0: ...", though no --set was used."""
+    import numpy as np
+
+    for overrides, message in [
+            ({"model.depth": np.int64(0)}, "override {'model.depth': 0}: key model.depth: depth must be a positive "),
+            ([("model.depth.x", 1)], "override {'model.depth.x': 1}: cannot set model.depth.x: model.depth is 4,"),
+            ({"model.norm.cond_dim": 8}, "override {'model.norm.cond_dim': 8}: key model.norm: cond_dim is set by"),
+            ({"train.min_lr": 1.0}, "override {'train.min_lr': 1.0}: key train.min_lr: min_lr 1 is above lr"),
+            (["model.depth=0"], "--set model.depth=0: key model.depth: ")]:  # a --set text stays one
+        with pytest.raises(UserError) as err:
+            zoo.load_recipe("emoji32/dit", overrides)  # every section checked,
+            zoo.build_model("emoji32/dit", overrides)  # then the model built (a clash shows only there)
+        assert str(err.value).startswith(message), overrides
+    recipe = resolve("emoji32/dit", {"model.depth": 2})  # within, a --set all the same: type changes keep it
+    assert recipe.origins[("model", "depth")] == ("--set model.depth=2", None)
+
+
 def test_build_model_of_something_that_is_not_a_recipe_says_what_it_takes():
     with pytest.raises(UserError, match="a recipe is a path, a recipe name or a dict, got NoneType"):
         zoo.build_model(None)

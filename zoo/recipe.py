@@ -32,12 +32,15 @@ class Recipe:
     data: dict[str, Any]
     origins: dict[KeyPath, Origin] = field(default_factory=dict)
     source: str = "<recipe dict>"
+    # how an origin's label reads in errors: an override given from Python, {"model.depth": 0}, is
+    # "override {'model.depth': 0}" there, and "--set model.depth=0" in origins (which tell --sets apart)
+    shown: dict[str, str] = field(default_factory=dict)
 
     def origin(self, path: KeyPath) -> Origin:
         """File and line of ``path``, or of its nearest ancestor that has one."""
         for n in range(len(path), 0, -1):
             if path[:n] in self.origins:
-                return self.origins[path[:n]]
+                return self._shown(self.origins[path[:n]])
         return (self.source, None)
 
     def origin_of(self, key_path: str) -> Origin | None:
@@ -45,7 +48,10 @@ class Recipe:
         ancestor; ``None`` if no part of it is in the recipe."""
         keys = tuple(int(k) if k.isdigit() else k for k in key_path.split("."))
         found = [keys[:n] for n in range(len(keys), 0, -1) if keys[:n] in self.origins]
-        return self.origins[found[0]] if found else None
+        return self._shown(self.origins[found[0]]) if found else None
+
+    def _shown(self, origin: Origin) -> Origin:
+        return (self.shown.get(origin[0], origin[0]), origin[1])
 
     def locate(self, err: UserError) -> UserError:
         """``err`` with the file and line of its key path filled in where it names none; to re-raise."""
@@ -407,7 +413,7 @@ def resolve(recipe: str | Path | dict | Recipe,
     """Load a recipe (path, dict or :class:`Recipe`), apply its bases and the overrides
     (``["model.depth=6"]`` as ``--set`` takes them, or ``{"model.depth": 6}``)."""
     if isinstance(recipe, Recipe):
-        resolved = Recipe(copy.deepcopy(recipe.data), dict(recipe.origins), recipe.source)
+        resolved = Recipe(copy.deepcopy(recipe.data), dict(recipe.origins), recipe.source, dict(recipe.shown))
     elif isinstance(recipe, dict):
         resolved = _apply_bases(Recipe(_plain(copy.deepcopy(recipe))), Path.cwd(), ())
     elif not isinstance(recipe, (str, Path)):
@@ -419,14 +425,20 @@ def resolve(recipe: str | Path | dict | Recipe,
     if isinstance(overrides, str):  # one "key=value" given where a list is expected
         overrides = [overrides]
     elif isinstance(overrides, Mapping):  # {"model.depth": 6}: each key was read as a "key=VALUE" text
-        overrides = mapping_overrides(overrides)
+        overrides = list(overrides.items())
     for text in overrides:
         if isinstance(text, tuple) and len(text) == 2 and isinstance(text[0], str):  # ("model.depth", 6)
-            text = mapping_overrides(dict([text]))[0]
+            key, value = text
+            text = mapping_overrides({key: value})[0]
+            resolved.shown[f"--set {text}"] = f"override {{{key!r}: {_plain(value)!r}}}"  # no --set was given
         if not isinstance(text, str):
             raise UserError(f"an override is 'key=VALUE' text, got {text!r}",
                             suggestion="e.g. ['model.depth=6'] or {'model.depth': 6}")
-        apply_override(resolved, text)
+        try:
+            apply_override(resolved, text)
+        except UserError as err:
+            err.file = resolved.shown.get(err.file, err.file)
+            raise
     return resolved
 
 
