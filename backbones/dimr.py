@@ -43,7 +43,7 @@ class BranchConfig:
     """
 
     dim: Width
-    depth: Annotated[int, Range(0, MAX_DEPTH)]
+    depth: Annotated[int, Range(0, MAX_DEPTH), Doc("the official num_blocks: 2*(depth//2)+1 blocks, so 0 builds one")]
     block: Annotated[Callable[..., nn.Module], Calls(1, ("cond_dim",))]
     patch_size: PatchSize = 1
     downsample: Annotated[int, Range(1, MAX_SIZE)] = 1

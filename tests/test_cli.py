@@ -367,3 +367,11 @@ def test_print_recipe_quotes_every_string_zoo_would_read_back_as_another_value(c
         printed, _ = parse_yaml(out, "printed")
         assert printed == resolve_recipe("emoji32/dit", overrides), text
         assert printed["data"]["root"] == printed["train"]["init_from"] == text
+
+
+def test_list_says_what_a_dimr_branch_depth_of_0_builds(capsys):
+    """`zoo list backbone dimr` showed depth `in [0, 1024]` without saying that 0 builds one block (as the
+    official num_blocks 0 does), not an empty branch."""
+    code, out, _ = zoo(capsys, "list", "backbone", "dimr")
+    depth = next(line for line in out.splitlines() if line.split()[:1] == ["depth"])
+    assert code == 0 and depth.rstrip().endswith("in [0, 1024]; the official num_blocks: 2*(depth//2)+1 blocks, so 0 builds one")
