@@ -592,6 +592,10 @@ def test_a_parameter_named_like_a_norm_takes_what_its_annotation_says():
         assert isinstance(block.pre_norm, Factory)  # unannotated: its name says it is a conditioner
         with pytest.raises(UserError, match=r"key model.block.pre_norm: expected a conditioner name"):
             zoo.build_model({**dit, "block": {"type": "qk_block", "pre_norm": True}})
+        from zoo.commands.list import parameter_rows  # zoo list block qk_block: the same reading
+
+        kinds = {name: kind for name, kind, _, _ in parameter_rows(QKBlock)}
+        assert kinds["qk_norm"] == "bool" and kinds["pre_norm"] == "conditioner component"
     finally:
         registry.unregister("block", "qk_block")
 

@@ -92,11 +92,16 @@ def _component(name: Any, kinds: tuple[str, ...]) -> Any:
         return None
 
 
-def _param_kinds(key: Any) -> tuple[str, ...]:
-    """The kinds a component given as parameter ``key`` may be (its name says, else any nested kind)."""
+def _param_kinds(key: Any, owner: Any = None) -> tuple[str, ...]:
+    """The kinds a component given as parameter ``key`` (of class ``owner``, when known) may be: what its name
+    says unless its annotation says plain data, else any nested kind."""
+    from zoo.introspect import constructor_annotations
     from zoo.validate import kind_of_param
 
-    kind = kind_of_param(key) if isinstance(key, str) else None
+    if not isinstance(key, str):
+        return NESTED_KINDS
+    ann = constructor_annotations(owner).get(key, Any) if owner is not None else Any
+    kind = kind_of_param(key, ann)
     return (kind,) if kind else NESTED_KINDS
 
 
@@ -110,7 +115,7 @@ def _child(cls: Any, key: Any) -> dict[str, Any]:
         ann = constructor_annotations(cls).get(key)
         if ann is not None:
             owner = dataclass_in(ann) or dataclass_in(item_annotation(ann))
-    return {"kinds": _param_kinds(key), "owner": owner}
+    return {"kinds": _param_kinds(key, cls), "owner": owner}
 
 
 def _recipe_defaults(cls: Any) -> dict[str, Any]:
@@ -125,7 +130,7 @@ def _recipe_defaults(cls: Any) -> dict[str, Any]:
     out = {}
     for key, p in sig.parameters.items():
         if p.default is not inspect.Parameter.empty:
-            value = _recipe_form(p.default, _param_kinds(key))
+            value = _recipe_form(p.default, _param_kinds(key, cls))
             if value is not _UNKNOWN:
                 out[key] = value
     return out

@@ -163,7 +163,7 @@ def parameter_rows(obj: Any, from_parent: bool = True) -> list[tuple[str, str, s
             rows.append((("*" if p.kind is p.VAR_POSITIONAL else "**") + name, "any", "", ""))
             continue
         ann = hints.get(name, Any)
-        kind = kind_of_param(name)
+        kind = kind_of_param(name, ann)  # qk_norm: bool is a switch, not a conditioner
         type_text = f"{kind} component" if kind else type_name(ann)
         if p.default is not p.empty:
             default = _short(p.default)
