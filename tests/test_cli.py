@@ -196,6 +196,9 @@ def test_dit_s_2_json_and_shipped_recipe_lookup(capsys, monkeypatch, tmp_path):
     printed = yaml.safe_load(out)
     assert said["train"]["precision"] == "fp32" and said["train"]["grad_accum"] == 1
     assert not set(said["train"]) & set(printed["train"]) and not set(said["model"]) & set(printed["model"])
+    from zoo.training.sections import TRAIN  # every train key is printed or said (eval_extractor was neither)
+
+    assert set(said["train"]) | set(printed["train"]) == set(TRAIN)
 
 
 def test_interrupts_missing_files_and_usage_errors(capsys, monkeypatch):

@@ -36,7 +36,6 @@ from zoo.errors import UserError
 from zoo.training.sections import UNSET_MEANS
 
 EVAL_N = UNSET_MEANS["eval_n"]  # samples per evaluation unless train.eval_n says otherwise
-EXTRACTOR = "efficientnet_lite0"  # the offline default (its weights come with a dependency)
 REF_MAX = 10_000  # training images in the reference statistics at most
 REF_FILE = Path("eval") / "fd_reference.npz"
 
@@ -68,7 +67,8 @@ class FDHook:
         weights = vae_weights(recipe, None)  # a latent model without local VAE weights fails now, not at step eval_every
         self.image_size = int(shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
         with _rng_kept(device):  # building a network draws its initial weights
-            self.extractor = build_extractor(str(train.get("eval_extractor") or EXTRACTOR), device=device)
+            self.extractor = build_extractor(str(train.get("eval_extractor") or UNSET_MEANS["eval_extractor"]),
+                                             device=device)
         self.dataset, self.source = self._reference_dataset(data, dataset, shape, recipe)
 
     def _reference_dataset(self, data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...],

@@ -71,7 +71,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 #: (``lr_schedule: constant``) changes nothing, and its note must not say ``None -> 'constant'``.
 UNSET_MEANS: dict[str, Any] = {"lr_schedule": "constant", "min_lr": 0.0, "warmup_steps": 0, "betas": [0.9, 0.999],
                                "no_weight_decay_1d": False, "grad_clip": None, "val_every": 0, "val_n": 1024,
-                               "eval_every": 0, "eval_n": 256, "eval_ref": None}
+                               "eval_every": 0, "eval_n": 256, "eval_ref": None,
+                               "eval_extractor": "efficientnet_lite0",  # offline: its weights come with a dependency
+                               "init_from": None}
 
 #: The ``train`` section: key → type and domain (a new key is one line).
 TRAIN: dict[str, Any] = {
