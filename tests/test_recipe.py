@@ -735,3 +735,25 @@ def test_a_home_relative_recipe_and_base_are_expanded_and_a_special_file_is_no_r
     assert zoo.load_recipe("~/child.yaml")["model"]["depth"] == 3
     with pytest.raises(UserError, match=r"^recipe /dev/null is not a regular file"):  # it said "not found"
         zoo.load_recipe("/dev/null")
+
+
+def test_a_binary_file_given_as_a_recipe_is_named_for_what_it_is(tmp_path):
+    """`zoo build grid.png` said 'refused: a recipe of 428,623 bytes (at most 262,144)', as if the recipe were
+    merely too long; a text file with one stray byte keeps the reader's message, which names its position."""
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (600, 600)).save(png, format="PNG")
+    (tmp_path / "grid.png").write_bytes(png.getvalue() + bytes(300_000))  # past the size limit too
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    (tmp_path / "noise.yaml").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "latin1.yaml").write_bytes(b"model:\n  type: dit  # caf\xe9\n")
+    for name, said in (("grid.png", "a PNG image"), ("weights.pt", "a zip archive (a torch checkpoint?)"),
+                       ("noise.yaml", "binary data")):
+        with pytest.raises(UserError) as err:
+            zoo.load_recipe(tmp_path / name)
+        assert err.value.message == f"not a YAML recipe: it is {said}" and err.value.file == str(tmp_path / name)
+    with pytest.raises(UserError, match=r"cannot read recipe: 'utf-8' codec can't decode byte 0xe9 in position 25"):
+        zoo.load_recipe(tmp_path / "latin1.yaml")

@@ -132,6 +132,7 @@ def load_file(path: str | Path, label: str | None = None, _stack: tuple = ()) ->
     label = label or str(path)
     try:
         size = path.stat().st_size
+        _refuse_binary(path, label)  # an image or a checkpoint given as the recipe: said as such, whatever its size
         if size > MAX_FILE_BYTES:
             raise UserError(f"refused: a recipe of {size:,} bytes (at most {MAX_FILE_BYTES:,})", file=label)
         text = path.read_text(encoding="utf-8")
@@ -146,6 +147,33 @@ def load_file(path: str | Path, label: str | None = None, _stack: tuple = ()) ->
     if not isinstance(data, dict):
         raise UserError(f"a recipe must be a mapping of sections, got {type(data).__name__}", file=label, line=1)
     return _apply_bases(Recipe(data, origins, label), path.parent, _stack + (path.resolve(),))
+
+
+#: How common files that are not recipes start, to name what was given instead.
+_BINARY_KINDS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a zip archive (a torch "
+                 "checkpoint?)"), (b"\x93NUMPY", "a NumPy array"), (b"\x80", "a pickle (a torch checkpoint?)"))
+
+
+def _refuse_binary(path: Path, label: str) -> None:
+    """Refuse a file whose first 4 KiB are binary (NUL bytes, or a known binary format's start that UTF-8 cannot
+    decode), naming what it looks like: ``zoo build grid.png`` said 'a recipe of 428,623 bytes (at most 262,144)'."""
+    import codecs
+
+    with path.open("rb") as f:
+        head = f.read(4096)
+    kind = next((name for magic, name in _BINARY_KINDS if head.startswith(magic)), None)
+    if kind is None and b"\x00" in head:
+        kind = "binary data"
+    if kind is None:  # text; a stray non-UTF-8 byte is left to the reader, whose message names its position
+        return
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at 4096 is fine
+        binary = b"\x00" in head
+    except UnicodeDecodeError:
+        binary = True
+    if binary:
+        raise UserError(f"not a YAML recipe: it is {kind}", file=label,
+                        suggestion="pass a recipe .yaml file, or a shipped recipe by name such as dimr_xl_2r")
 
 
 def _unshared(value: Any) -> Any:
