@@ -137,7 +137,9 @@ def _convnext(patch_size: int, downsample: int = 1) -> dict:
         ({"branches": [_convnext(1), _convnext(2)]}, "integer multiple"),  # 16x16 then 8x8: wrong order
         ({"input_size": 24, "branches": [_convnext(3), _convnext(2), _convnext(1)]}, "integer multiple"),  # 8 -> 12
         ({"branches": [_convnext(3), _convnext(1)]}, "divisible"),  # 16 px in 3x3 patches
-        ({"branches": [{**_convnext(1), "depth": -1}]}, r"depth must be an integer in \[0, 1024\], got -1"),
+        ({"branches": [{**_convnext(1), "depth": -1}]},
+         r"depth must be an integer in \[0, 1024\] \(the official num_blocks: 2\*\(depth//2\)\+1 blocks, so 0 builds "
+         r"one\), got -1"),
     ],
 )  # fmt: skip
 def test_bad_branch_layouts_are_user_errors(change, message):
