@@ -318,6 +318,26 @@ def test_a_read_only_or_full_disk_is_one_line_naming_what_was_written(capsys, mo
         zoo(capsys, "list")
 
 
+def test_a_file_size_limit_is_one_line_naming_the_checkpoint(tmp_path):
+    """Under `ulimit -f` (EFBIG) a checkpoint save was a traceback and exit 1 (torch's and safetensors' writers),
+    where a full disk was one line, exit 2. A real limit on a real run, in a child process."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    done = subprocess.run([sys.executable, "-m", "zoo", "train", str(RECIPES / "tiny_train.yaml"), "--out", "run",
+                           "--steps", "2", "--set", "train.sample_every=0"], cwd=tmp_path, preexec_fn=limit,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "zoo: error: run/step_0000002: the file would be larger than this process may write (a file size limit: "
+        "`ulimit -f`, or the file system's largest file), so it was not written (nothing half-written is left)")
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name or p.name.startswith("step_")]
+
+
 @pytest.mark.parametrize("argv, named", [
     (["prepare-latents", "imgs", "--vae", "v", "--out", ""], "--out"),
     (["train", "x.yaml", "--out="], "--out"),

@@ -44,8 +44,10 @@ _FILE_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|del)-[0-9a-f]{8}$")
 FILES_KEY, STAMP_KEY = "files", "written_ns"
 
 
-#: Errors of where a file goes, not of what it holds: a full disk, a used-up quota, a read-only file system.
-DISK_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if code)
+#: Errors of where a file goes, not of what it holds: a full disk, a used-up quota, a read-only file system,
+#: a file size limit (``ulimit -f``, or the file system's largest file).
+DISK_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EFBIG)
+                        if code)
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors words the OS error under its own
 
 

@@ -110,6 +110,9 @@ def _disk_problem(err: OSError) -> str:
     what = f"{err.filename}: " if err.filename else ""
     if err.errno == errno.EROFS:
         return f"{what}the file system is read-only (write somewhere else)"
+    if err.errno == errno.EFBIG:
+        return (f"{what}the file would be larger than this process may write (a file size limit: `ulimit -f`, or "
+                "the file system's largest file), so it was not written (nothing half-written is left)")
     full = "your disk quota is used up" if err.errno == getattr(errno, "EDQUOT", None) else "the disk is full"
     if not err.filename:
         return f"{full} ({err.strerror}; free some space, or write somewhere else)"
