@@ -154,6 +154,32 @@ def test_a_full_disk_while_saving_is_an_oserror_naming_the_checkpoint_and_keeps_
     assert ckpt.load_trainer_state(tmp_path / "c")["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
+def test_an_interrupt_inside_the_trainer_states_write_stays_an_interrupt(tmp_path, monkeypatch):
+    """torch turns a KeyboardInterrupt raised by its writer into RuntimeError('unexpected pos'): a second Ctrl-C
+    landing in the trainer state's write was a traceback and exit 1, not 'stopped at once' (130). It is raised as
+    itself, and the previous checkpoint stays."""
+    from zoo import atomic
+    from zoo.training.signals import Terminated
+
+    model = _model()
+    ckpt.save_checkpoint(tmp_path / "c", model, RECIPE, state={"step": 1})
+    real = atomic.write_all
+    for stop in (KeyboardInterrupt(), Terminated()):
+        calls = []
+
+        def interrupted(raw, data):
+            calls.append(1)
+            if len(calls) == 3:  # mid-file: torch has written its first records
+                raise stop
+            return real(raw, data)
+
+        monkeypatch.setattr(atomic, "write_all", interrupted)
+        with pytest.raises(type(stop)):
+            ckpt.save_checkpoint(tmp_path / "c", model, RECIPE, state={"step": 2, "big": torch.zeros(1000)})
+        assert len(calls) == 3
+        assert ckpt.load_trainer_state(tmp_path / "c")["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
 def test_strict_loading_names_the_problem(tmp_path):
     model = _model()
     ckpt.save_checkpoint(tmp_path / "c", model, RECIPE)

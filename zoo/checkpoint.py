@@ -277,7 +277,8 @@ def repair_run(directory: str | Path, files: bool = True) -> list[Path]:
 class _WholeWrites:
     """A file for ``torch.save`` whose ``write`` writes every byte or raises, and keeps what it raised:
     torch reports a failed write (a full disk) as 'unexpected pos', a RuntimeError that does not
-    say why; :func:`_torch_save` raises the ``OSError`` instead."""
+    say why, and turns a Ctrl-C or SIGTERM that lands in a write into the same RuntimeError;
+    :func:`_torch_save` raises the ``OSError`` or the interrupt instead."""
 
     def __init__(self, raw) -> None:
         self.raw, self.error = raw, None
@@ -285,7 +286,7 @@ class _WholeWrites:
     def write(self, data) -> int:
         try:
             return atomic.write_all(self.raw, data)
-        except OSError as err:
+        except (OSError, KeyboardInterrupt, SystemExit) as err:  # Terminated and StopRequested are interrupts too
             self.error = self.error or err
             raise
 
@@ -294,7 +295,8 @@ class _WholeWrites:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)``, with a failed write (a full disk) raised as its ``OSError``."""
+    """``torch.save(obj, path)``, with a failed write (a full disk) raised as its ``OSError``, and an interrupt
+    during a write as itself (a second Ctrl-C mid-save then stops at once, exit 130, not with a traceback)."""
     with open(path, "wb", buffering=0) as f:
         writer = _WholeWrites(f)
         try:
