@@ -80,6 +80,30 @@ def test_dataset_splits_from_the_cache(emoji_cache, monkeypatch):
     assert not any(bytes(im.numpy()) in train_images for im in cached["images"][cached["holdout"] == 1][:20])
 
 
+def test_a_killed_writes_leftover_is_removed_once_stale_and_a_live_ones_kept(emoji_cache, monkeypatch):
+    """A SIGKILL mid-write left '.emoji32_v1_32px.safetensors.tmp-*' (2.9 MB) in the cache for good: a valid
+    cache is never rewritten, and write_file only cleaned up after itself. A file another process may be
+    writing right now (its mtime recent) is left alone."""
+    import time
+
+    from zoo import atomic
+
+    path = emoji.cache_path(32)
+    stale, live = path.with_name(f".{path.name}.tmp-0badf00d"), path.with_name(f".{path.name}.tmp-5eedcafe")
+    for leftover in (stale, live):
+        leftover.write_bytes(b"half")
+    old = time.time() - atomic.STALE_AFTER_S - 1
+    os.utime(stale, (old, old))
+    monkeypatch.setattr(emoji, "build_emoji", lambda size: pytest.fail("the cache should have been used"))
+    emoji.load_emoji(32)
+    assert not stale.exists() and live.exists()
+    os.utime(live, (old, old))
+    atomic.write_file(path.with_name("other.txt"), lambda tmp: tmp.write_text("x"))  # another file's write: not it
+    assert live.exists()
+    atomic.write_file(path, lambda tmp: tmp.write_bytes(path.read_bytes()))  # its own next write removes it
+    assert not live.exists()
+
+
 def test_cache_location_and_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("ZOO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -144,6 +144,7 @@ def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     if path.is_dir():
         raise UserError(f"{path} is a directory; give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_file_leftovers(path, untouched_for=STALE_AFTER_S)  # a killed earlier write's; never a live one's
     tmp = path.with_name(f".{path.name}.tmp-{_suffix()}")
     try:
         write(tmp)
@@ -172,14 +173,25 @@ def file_leftovers(directory: str | Path) -> dict[str, list[Path]]:
     return found
 
 
-def remove_file_leftovers(path: str | Path) -> None:
+#: How long a ``.NAME.tmp-*`` file must have been left untouched to count as a killed write's: a live writer
+#: touches its file as it writes, and even fsync of a large file on a slow network file system ends sooner.
+STALE_AFTER_S = 15 * 60
+
+
+def remove_file_leftovers(path: str | Path, untouched_for: float = 0.0) -> None:
     """Delete the ``.NAME.tmp-XXXXXXXX`` files a killed :func:`write_file` of ``path`` left beside it.
 
-    Only for a writer that knows no other process is writing ``path`` at the moment.
+    With ``untouched_for=0`` only for a writer that knows no other process is writing ``path`` at the
+    moment; else only the files not modified for that many seconds (caches several processes may fill).
     """
     path = Path(path)
+    now = time.time()
     for p in file_leftovers(path.parent).get(path.name, []):
-        p.unlink(missing_ok=True)
+        try:
+            if untouched_for <= 0 or now - p.stat().st_mtime >= untouched_for:
+                p.unlink(missing_ok=True)
+        except OSError:  # gone meanwhile, or not ours to delete (a read-only cache): left as it is
+            continue
 
 
 def write_text(path: str | Path, text: str) -> Path:

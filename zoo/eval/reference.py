@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zoo.atomic import write_file, write_text
+from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file, write_text
 from zoo.errors import UserError
 from zoo.eval.extractors import INCEPTION_FILE
 from zoo.eval.metrics import Features, Reference
@@ -254,6 +254,7 @@ def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Itera
     """The reference from its cached statistics, else computed and cached with the ``resolution`` (H, W) of
     its images, so the file used as ``--ref`` later warns at other samples' size as the images do."""
     path = _cache_path(identity, extractor)
+    remove_file_leftovers(path, untouched_for=STALE_AFTER_S)  # writes killed long ago (a valid cache is not rewritten)
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as f:

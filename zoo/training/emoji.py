@@ -157,10 +157,11 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
     and again whenever the file is damaged or was built from other versions of the source packages)."""
     import sys
 
-    from zoo.atomic import write_file
+    from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file
     from zoo.checkpoint import save_reproducibly
 
     path = cache_path(size, data)
+    remove_file_leftovers(path, untouched_for=STALE_AFTER_S)  # writes killed long ago (a valid cache is not rewritten)
     if path.is_file() and (cached := _read_cache(path, size)) is not None:
         return cached
     tensors = build_emoji(size)
