@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -413,3 +414,20 @@ def test_a_checkpoint_names_the_plugin_it_needs_when_that_plugin_is_gone(tmp_pat
         ckpt.load_checkpoint(tmp_path / "run")
     ckpt.save_checkpoint(tmp_path / "plain", _model(), RECIPE)
     assert "plugins" not in json_module.loads((tmp_path / "plain" / ckpt.CONFIG).read_text())
+
+
+def test_an_unreadable_weights_file_is_said_so_not_missing(tmp_path, monkeypatch):
+    """safetensors reports EACCES as 'No such file', so a chmod 000 model.safetensors read 'not a complete
+    safetensors file (No such file or directory ...)' beside a file that is there and whole."""
+    ckpt.save_checkpoint(tmp_path / "c", _model(), RECIPE)
+    real_open = Path.open
+
+    def no_access(self, mode="r", *args, **kwargs):  # chmod 000 as a user without root's override
+        if self.name == "model.safetensors":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_access)
+    with pytest.raises(UserError) as err:
+        ckpt.load_weights(tmp_path / "c" / "model.safetensors")
+    assert err.value.message == f"cannot read weights file {tmp_path / 'c' / 'model.safetensors'}: permission denied"

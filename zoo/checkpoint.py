@@ -119,6 +119,11 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist" if not path.exists() else f"weights file {path} is not a file")
     try:
+        path.open("rb").close()  # safetensors says 'No such file' for a file it may not read
+    except PermissionError:
+        raise UserError(f"cannot read weights file {path}: permission denied",
+                        suggestion="make it readable (chmod), or run as its owner") from None
+    try:
         state = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
