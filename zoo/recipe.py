@@ -162,16 +162,13 @@ def _refuse_binary(path: Path, label: str) -> None:
     with path.open("rb") as f:
         head = f.read(4096)
     kind = next((name for magic, name in _BINARY_KINDS if head.startswith(magic)), None)
-    if kind is None and b"\x00" in head:
-        kind = "binary data"
-    if kind is None:  # text; a stray non-UTF-8 byte is left to the reader, whose message names its position
-        return
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at 4096 is fine
-        binary = b"\x00" in head
-    except UnicodeDecodeError:
-        binary = True
-    if binary:
+        text = True
+    except UnicodeDecodeError:  # a stray byte in a text file is left to the reader, whose message names its place
+        text = False
+    if b"\x00" in head or (kind is not None and not text):
+        kind = kind or "binary data"
         raise UserError(f"not a YAML recipe: it is {kind}", file=label,
                         suggestion="pass a recipe .yaml file, or a shipped recipe by name such as dimr_xl_2r")
 
