@@ -140,6 +140,16 @@ def test_checkpoint_path_refuses_settings_that_keep_the_shapes_but_not_the_funct
     assert info.value.message.startswith(f"checkpoint_path {tmp_path / 'ckpt'}: model.num_heads is 2 in its recipe, "
                                          "4 in this model's")
     assert "with the checkpoint's num_heads" in info.value.suggestion
+    # a training-only rate is no difference (zoo train drops labels itself; eval outputs are the same)
+    timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "ckpt"), **{**same, "class_dropout_prob": 0.2})
+    # a difference the recipe's default makes, not a keyword: the fix is to pass the checkpoint's value
+    recipe["model"] = {**recipe["model"], "hidden_size": 48}
+    save_checkpoint(tmp_path / "wide", zoo.build_model(recipe), recipe)
+    unsaid = {k: v for k, v in same.items() if k != "num_heads"}
+    with pytest.raises(UserError) as info:
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "wide"), **{**unsaid, "hidden_size": 48})
+    assert "model.num_heads is 2 in its recipe, 6 in this model's" in info.value.message
+    assert info.value.suggestion.startswith("pass num_heads=2")
 
 
 def test_checkpoint_path_of_a_run_without_last_names_its_newest_step(checkpoint, tmp_path):

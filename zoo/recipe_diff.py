@@ -13,8 +13,10 @@ from typing import Any
 from zoo.errors import UserError
 
 #: Model keys that leave what trained weights compute unchanged: the recomputation switches (memory and
-#: time only) and how a learned position table starts (the checkpoint's table replaces it).
-NEUTRAL_MODEL_KEYS = frozenset({"grad_checkpointing", "use_checkpoint", "pos_embed_init"})
+#: time only), how a learned position table starts (the checkpoint's table replaces it) and DiT's label
+#: dropout rate (a training setting, which zoo train replaces by diffusion.label_drop; whether it is 0, which
+#: decides the null label's row, is a tensor shape strict loading checks).
+NEUTRAL_MODEL_KEYS = frozenset({"grad_checkpointing", "use_checkpoint", "pos_embed_init", "class_dropout_prob"})
 
 
 def model_difference(then: Any, now: Any) -> str | None:

@@ -76,6 +76,7 @@ def create(name: str, recipe: str, pretrained: bool = False, pretrained_cfg: Any
     except UserError as err:
         raise _relabel(err, name, overrides, options)
     model._zoo_model_section = resolved.data["model"]  # compared with a checkpoint's recipe when one is loaded
+    model._zoo_keywords = set(options)  # which of its settings the caller gave (the rest: the recipe's)
     example = getattr(model, "example_inputs", None)
     # what timm's own models carry (timm.data.resolve_model_data_config reads it); no mean/std: zoo models
     # take [-1, 1] pixels or VAE latents, not ImageNet-normalised images
@@ -126,10 +127,12 @@ def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool =
             err.args = (err.message,)
         raise
     if differs:
+        key = path.split(".", 1)[1]
+        given = key in getattr(model, "_zoo_keywords", ()) or key.split(".")[0] in getattr(model, "_zoo_keywords", ())
         raise UserError(f"checkpoint_path {directory}: {differs}; its weights fit this model's tensors but "
                         "would compute something else", key_path=path,
-                        suggestion=f"create the model with the checkpoint's {path.split('.', 1)[1]}, or without "
-                                   "that keyword")
+                        suggestion=f"create the model with the checkpoint's {key}, or without that keyword" if given
+                        else f"pass {key}={value_at(config, path)} (the recipe's own value is not the checkpoint's)")
 
 
 def _wrap_timm_loader() -> None:
