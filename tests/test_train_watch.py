@@ -95,7 +95,7 @@ def test_an_fp32_run_on_a_cpu_with_bf16_hardware_is_told_bf16_may_be_faster(tmp_
     assert bool(note) == noted and all("--set train.precision=bf16" in line for line in note)
 
 
-@pytest.mark.parametrize("ignored", [(), (signal.SIGINT,), (signal.SIGINT, signal.SIGTERM)])
+@pytest.mark.parametrize("ignored", [(), (signal.SIGINT,), (signal.SIGTERM,), (signal.SIGINT, signal.SIGTERM)])
 def test_a_run_started_ignoring_a_stop_signal_says_how_to_stop_it(tmp_path, ignored):
     """`zoo train ... &` from a script ignores SIGINT: Ctrl-C and kill -INT did nothing, without a word."""
     before = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
@@ -106,9 +106,12 @@ def test_a_run_started_ignoring_a_stop_signal_says_how_to_stop_it(tmp_path, igno
             signal.signal(s, handler)
     if not ignored:
         assert note == []
-    elif len(ignored) == 1:
+    elif ignored == (signal.SIGINT,):
         assert note == [f"zoo train: note: this process ignores SIGINT (a background job of a script: Ctrl-C and "
                         f"kill -INT do nothing); stop it with kill -TERM {os.getpid()}, which saves last/ first"]
+    elif ignored == (signal.SIGTERM,):
+        assert note == [f"zoo train: note: this process ignores SIGTERM (its parent started it so: kill and kill "
+                        f"-TERM do nothing); stop it with kill -INT {os.getpid()}, which saves last/ first"]
     else:
         assert len(note) == 1 and "only SIGKILL stops it" in note[0]
 

@@ -102,7 +102,9 @@ def ignored_stop_note() -> str | None:
         return ("this process ignores SIGINT and SIGTERM (its parent started it so): only SIGKILL stops it, "
                 "losing the steps since the last checkpoint")
     heard = next(s.name for s in HANDLED if s.name not in ignored)
-    return (f"this process ignores {ignored[0]} (a background job of a script: Ctrl-C and kill -INT do nothing); "
+    why = ("a background job of a script: Ctrl-C and kill -INT do nothing" if ignored[0] == "SIGINT"
+           else "its parent started it so: kill and kill -TERM do nothing")
+    return (f"this process ignores {ignored[0]} ({why}); "
             f"stop it with kill -{heard.removeprefix('SIG')} {os.getpid()}, which saves last/ first")
 
 
