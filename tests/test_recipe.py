@@ -757,3 +757,6 @@ def test_a_binary_file_given_as_a_recipe_is_named_for_what_it_is(tmp_path):
         assert err.value.message == f"not a YAML recipe: it is {said}" and err.value.file == str(tmp_path / name)
     with pytest.raises(UserError, match=r"cannot read recipe: 'utf-8' codec can't decode byte 0xe9 in position 25"):
         zoo.load_recipe(tmp_path / "latin1.yaml")
+    (tmp_path / "utf16.yaml").write_text("model:\n  type: dit\n", encoding="utf-16")  # Windows editors: NULs, text
+    with pytest.raises(UserError, match=r"the recipe is UTF-16 or UTF-32 text; zoo reads UTF-8 \(save it as UTF-8"):
+        zoo.load_recipe(tmp_path / "utf16.yaml")

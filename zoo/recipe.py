@@ -161,6 +161,9 @@ def _refuse_binary(path: Path, label: str) -> None:
 
     with path.open("rb") as f:
         head = f.read(4096)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # UTF-16 (and -32) text: NULs, yet text
+        raise UserError("the recipe is UTF-16 or UTF-32 text; zoo reads UTF-8", file=label,
+                        suggestion="save it as UTF-8 (without a byte-order mark)")
     kind = next((name for magic, name in _BINARY_KINDS if head.startswith(magic)), None)
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at 4096 is fine
