@@ -431,3 +431,24 @@ def test_an_unreadable_weights_file_is_said_so_not_missing(tmp_path, monkeypatch
     with pytest.raises(UserError) as err:
         ckpt.load_weights(tmp_path / "c" / "model.safetensors")
     assert err.value.message == f"cannot read weights file {tmp_path / 'c' / 'model.safetensors'}: permission denied"
+
+
+def test_a_write_whose_temporary_file_another_writer_took_for_stale_says_so(tmp_path):
+    """A writer paused 15 minutes (Ctrl-Z, a sleeping laptop) can have its temporary file removed by another
+    writer of the same path as a killed write's leftover; it died with a FileNotFoundError naming the temporary."""
+    import os
+    import time
+
+    from zoo import atomic
+
+    path = tmp_path / "x.npz"
+
+    def paused(tmp):
+        tmp.write_text("x")
+        old = time.time() - atomic.STALE_AFTER_S - 1
+        os.utime(tmp, (old, old))  # untouched for longer than the limit
+        atomic.write_file(path, lambda t: t.write_text("y"))  # meanwhile, another writer of the same file
+
+    with pytest.raises(UserError, match=r"x.npz was not written: its temporary file \.x\.npz\.tmp-\w+ was removed"):
+        atomic.write_file(path, paused)
+    assert path.read_text() == "y"

@@ -146,14 +146,20 @@ def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_file_leftovers(path, untouched_for=STALE_AFTER_S)  # a killed earlier write's; never a live one's
     tmp = path.with_name(f".{path.name}.tmp-{_suffix()}")
+    written = False
     try:
         write(tmp)
+        written = True
         plain_mode(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
     except Exception as err:
         if (named := disk_error(err, path)) is not None:
             raise named from err
+        if written and isinstance(err, FileNotFoundError) and not os.path.lexists(tmp):
+            raise UserError(f"{path} was not written: its temporary file {tmp.name} was removed meanwhile (another "
+                            f"process takes one untouched for {STALE_AFTER_S // 60} minutes for a killed write's)",
+                            suggestion="run again") from None
         raise
     finally:
         if os.path.lexists(tmp):  # (unlinking a name that is not there fails on a read-only file system)

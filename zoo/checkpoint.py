@@ -504,15 +504,20 @@ def checkpoint_weights(directory: Path, weights: str, params: set[str]) -> tuple
     return ({**state, **ema} if set(ema) == params else ema), directory / EMA  # parameters only: buffers from the model
 
 
-def check_finite(state: Mapping[str, Tensor], source: str) -> None:
+def check_finite(state: Mapping[str, Tensor], source: str,
+                 suggestion: str = "use a checkpoint saved before the run diverged (an earlier step_*)") -> None:
     """Refuse weights holding NaN or inf, naming the first such tensor: they sample black images, and a
     run started from them stops at step 1 blaming its learning rate. zoo never saves them (a diverged
     run stops before its save), so here they mean a file changed after it was written or a foreign one."""
     for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise UserError(f"{source}: tensor {key} holds NaN or inf values",
-                            suggestion="use a checkpoint saved before the run diverged (an earlier step_* or "
-                                       "the EMA copy)")
+        if not value.is_floating_point():
+            continue
+        try:
+            finite = bool(torch.isfinite(value).all())
+        except (NotImplementedError, RuntimeError):  # float8 has no isfinite kernel
+            finite = bool(torch.isfinite(value.float()).all())
+        if not finite:
+            raise UserError(f"{source}: tensor {key} holds NaN or inf values", suggestion=suggestion)
 
 
 def load_trainer_state(directory: str | Path, map_location: str | torch.device = "cpu",

@@ -188,7 +188,8 @@ def check_weights(state: Mapping[str, Tensor], source: str) -> None:
         if value.is_complex() or not value.is_floating_point():
             raise UserError(f"{source}: tensor {key} is {str(value.dtype).removeprefix('torch.')}; "
                             "the official weights are floating point", suggestion="check that this is the right file")
-    check_finite(state, source)
+    check_finite(state, source, suggestion="convert a checkpoint saved before the run diverged (an earlier or the "
+                                           "EMA copy)")
 
 
 def default_model_inputs(inputs: Mapping[str, Any]) -> tuple:
