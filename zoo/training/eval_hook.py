@@ -106,17 +106,19 @@ class FDHook:
         self.log(f"zoo train: FD reference statistics of {self.source} with {self.extractor.name} "
                  f"-> {self.ref_path} (once per run)")
         batch = int((self.recipe.get("sample") or {}).get("batch_size") or 32)
+        extras = {}
         with _rng_kept(self.device), torch.no_grad():
-            if self.dataset is None:
+            if self.dataset is None:  # (an .npz of another size was warned about here; its size is not known)
                 ref = load_reference(self.ref_spec, self.extractor, self.image_size, batch, self.device, self.log,
                                      recipe=self.recipe)
                 mu, sigma = ref.mu, ref.sigma
-            else:
+            else:  # the run's own images, at the samples' size: recorded, as zoo eval's statistics files do
                 feats = extract(self.extractor, _dataset_batches(self.dataset, batch), self.device)
                 mu, sigma = feature_statistics(feats.features)
+                extras["resolution"] = np.array((self.image_size, self.image_size), dtype=np.int64)
         save_npz(self.ref_path, mu=mu, sigma=sigma, extractor=np.str_(self.extractor.name),
                  weights_sha256=np.str_(self.extractor.weights_sha256 or ""), source=np.str_(self.source),
-                 identity=np.str_(identity))
+                 identity=np.str_(identity), **extras)
         return self.ref_path
 
     def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
