@@ -128,7 +128,8 @@ def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool =
         raise
     if differs:
         key = path.split(".", 1)[1]
-        given = key in getattr(model, "_zoo_keywords", ()) or key.split(".")[0] in getattr(model, "_zoo_keywords", ())
+        keywords = getattr(model, "_zoo_keywords", set())  # "branches.0.depth" may come as itself or in "branches"
+        given = key in keywords or key.split(".")[0] in keywords
         raise UserError(f"checkpoint_path {directory}: {differs}; its weights fit this model's tensors but "
                         "would compute something else", key_path=path,
                         suggestion=f"create the model with the checkpoint's {key}, or without that keyword" if given
