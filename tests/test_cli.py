@@ -179,6 +179,15 @@ def test_print_recipe_prints_the_resolved_recipe(capsys, plugins):
     assert printed["model"]["block"] == {"type": "fake_block", "init": 0.25} and printed["train"]["steps"] == 3
 
 
+
+def test_print_recipe_refuses_what_build_refuses(capsys):
+    """--print-recipe printed (exit 0) recipes that zoo build and zoo train refuse by the checks run on the
+    built model (a data root for a dataset that reads none); a printed recipe is now one build accepts."""
+    args = ("build", "emoji32/dit", "--set", "data.root=/data/images")
+    for extra in ((), ("--print-recipe",)):
+        code, out, err = zoo(capsys, *args, *extra)
+        assert code == 2 and out == "" and "dataset 'emoji32' reads no root" in err
+
 @needs_dit
 def test_dit_s_2_json_and_shipped_recipe_lookup(capsys, monkeypatch, tmp_path):
     code, out, _ = zoo(capsys, "build", DIT_S_2, "--json")
@@ -384,7 +393,7 @@ def test_print_recipe_quotes_every_string_zoo_would_read_back_as_another_value(c
 
     for text in ("1e5", "0o17", "+.5", "1.e3", "3e-4", "0x1F", "1_000", ".5", "-.inf", ".NaN", "TRUE", "Null", "~",
                  "yes", "010", "10:00", "<<"):
-        overrides = [f"data.root={json.dumps(text)}", f"train.init_from={json.dumps(text)}"]
+        overrides = ["data.dataset=image_folder", f"data.root={json.dumps(text)}", f"train.init_from={json.dumps(text)}"]
         code, out, _ = zoo(capsys, "build", "emoji32/dit", "--print-recipe", *(a for s in overrides for a in ("--set", s)))
         assert code == 0
         printed, _ = parse_yaml(out, "printed")

@@ -65,17 +65,11 @@ def run(args: argparse.Namespace) -> int:
     convention = args.convention or "macs"
     recipe = resolve(args.recipe, args.overrides)
     validate_recipe(recipe)  # every section, before anything is built
-    if args.print_recipe:
-        from zoo.recipe_yaml import dump_yaml
-
-        print(dump_yaml(recipe.data, sort_keys=False, default_flow_style=None), end="")
-        print(_defaults_left_out(recipe.data), end="")
-        return 0
 
     import torch
 
     factory = model_factory(recipe)
-    if args.device == "meta":
+    if args.device == "meta" or args.print_recipe:  # what it prints, zoo build would accept: checked on meta
         from zoo.meta import build_on_meta
 
         model = build_on_meta(factory)  # also keeps Dynamo's import (1-3 s) out of the build
@@ -91,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
         check_recipe_fits_model(recipe.data, model)  # what zoo train would refuse, it refuses too
     except UserError as err:
         raise recipe.locate(err) from None
+    if args.print_recipe:
+        from zoo.recipe_yaml import dump_yaml
+
+        print(dump_yaml(recipe.data, sort_keys=False, default_flow_style=None), end="")
+        print(_defaults_left_out(recipe.data), end="")
+        return 0
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report = None
