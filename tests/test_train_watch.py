@@ -144,6 +144,23 @@ def test_logged_speed_leaves_out_the_first_steps_warm_up(tmp_path, monkeypatch):
     assert records[0]["steps_per_s"] < 1 / 5, records  # one step, and it was the slow one
 
 
+
+@pytest.mark.parametrize("gamma", [None, 1e12, 0.01])
+def test_the_unweighted_error_is_logged_beside_a_weighted_loss(tmp_path, gamma):
+    """Under Min-SNR (the emoji32 demo's) the loss is weighted; the docs promised that the plain error is
+    logged too, and no record had it. ε prediction: the weight min(SNR, γ)/SNR is 1 for a γ above every
+    SNR (mse = loss) and below 1 for a small γ (mse > loss); without a weight there is one number only."""
+    over = ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=1", "train.batch_size=8"]
+    r = zoo.load_recipe(RECIPE, over + ([] if gamma is None else [f"diffusion.min_snr_gamma={gamma}"]))
+    train(r, tmp_path, steps=2, log=lambda *_: None)
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    if gamma is None:
+        assert all("mse" not in x for x in records)
+    elif gamma > 1:  # float32 sums of the same 8 numbers, one of them multiplied by 1.0
+        assert all(x["mse"] == pytest.approx(x["loss"], rel=1e-6) for x in records)
+    else:
+        assert all(x["mse"] > 1.2 * x["loss"] for x in records), records
+
 def test_logged_speed_leaves_out_checkpoints_and_grids(tmp_path, monkeypatch):
     """steps/s is the training speed: a save and a grid of 1.5 s each after every step do not show in it.
     Counted, they would make every record < 1/3 step/s; a step of this tiny model takes milliseconds

@@ -15,7 +15,7 @@ Samplers convert v back to ε (:func:`v_to_eps`), so every solver works with eit
 weighted by min(SNR_t, γ), i.e. min(SNR, γ)/SNR on the ε loss and min(SNR, γ)/(SNR + 1) on the v loss
 (SNR = α²/σ²). Low-noise steps, whose gradients dominate and conflict with the others, are capped,
 which the paper measured to converge several times faster; γ = 5 is its default. ``loss`` carries
-the weight, ``mse`` stays the unweighted error.
+the weight, ``mse`` stays the unweighted error (zoo train logs it beside the loss).
 
 Note on label dropping: DiT drops labels inside its own label embedder in training mode
 (``class_dropout_prob``); a recipe states the same rate as ``diffusion.label_drop``, and zoo train
@@ -144,6 +144,12 @@ class DiffusionObjective:
         capped = snr.clamp(max=self.min_snr_gamma)
         return capped / snr if self.prediction == "eps" else capped / (snr + 1.0)
 
+    @property
+    def loss_is_mse(self) -> bool:
+        """Whether ``loss`` is ``mse`` itself (no Min-SNR weight, no other term): the trainer logs ``mse`` beside
+        the loss only where they differ."""
+        return self.min_snr_gamma is None
+
     def weighted(self, mse: Tensor, t: Tensor) -> Tensor:
         """``mse`` (B,) times the Min-SNR weight (unchanged without one)."""
         weight = self.loss_weight(t, mse)
@@ -214,6 +220,10 @@ class HybridVLBObjective(DiffusionObjective):
             raise ValueError("the hybrid (learned-sigma) objective needs a discrete schedule")
         self.vlb_weight = float(vlb_weight)
 
+    @property
+    def loss_is_mse(self) -> bool:
+        return False  # L_simple + L_vlb
+
     def vlb_terms(self, eps: Tensor, v: Tensor, *, x0: Tensor, x_t: Tensor, index: Tensor) -> Tensor:
         """L_vlb per sample in bits/dim (KL for n > 0, decoder NLL for n = 0)."""
         d = self.discrete
@@ -251,6 +261,10 @@ class MultiScaleObjective(DiffusionObjective):
     def __init__(self, *args, coeffs: list[float] | tuple[float, ...], **kwargs):
         super().__init__(*args, **kwargs)
         self.coeffs = [float(c) for c in coeffs]
+
+    @property
+    def loss_is_mse(self) -> bool:
+        return False  # every scale's error, where ``mse`` is the finest one's
 
     def check_output(self, out: ModelOutput, noise_shape: tuple[int, ...]) -> None:
         if not isinstance(out, (list, tuple)):

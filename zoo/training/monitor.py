@@ -3,7 +3,8 @@
 On a terminal a tqdm bar shows step, loss, img/s and ETA, and each log record is printed above
 it; when stderr is not a terminal (a log file, CI) every record is one plain line instead.
 A training record is ``{step, loss, lr, grad_norm, steps_per_s, images_per_s}`` (means over the
-steps since the previous one; under fp16, ``grad_norm`` over the steps the gradient scaler did
+steps since the previous one), with ``mse``, the unweighted error, after ``loss`` where the loss is
+another number (Min-SNR weighted, learned σ, multi-scale); under fp16, ``grad_norm`` over the steps the gradient scaler did
 not skip, and ``skipped_steps`` counts the others). log.jsonl is strict JSON: a value that is not
 finite is written as null. Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
 ``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
@@ -26,7 +27,7 @@ from typing import Callable
 from zoo.atomic import write_file
 
 #: TensorBoard scalars by group: the training records' and the evaluations' keys.
-SCALARS = {"train": ("loss", "lr", "grad_norm", "images_per_s", "steps_per_s"), "eval": ("fd", "val_loss")}
+SCALARS = {"train": ("loss", "mse", "lr", "grad_norm", "images_per_s", "steps_per_s"), "eval": ("fd", "val_loss")}
 PLOT_INTERVAL_S = 5.0  # loss.png is redrawn with a log record at most this often (a redraw costs ~0.1 s)
 
 
