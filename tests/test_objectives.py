@@ -60,6 +60,11 @@ def _reference_log_likelihood(x: float, mean: float, log_scale: float) -> float:
         (0.8, -0.6, -3.5),  # far tail (naive difference of CDFs underflows to 0)
         (-0.8, 0.6, -3.5),  # far tail on the other side
         (2 / 255 - 1, -1.0, -6.0),  # second bin, very narrow Gaussian centred on the first
+        # continuous values (DiT scores VAE latents) between 1 - 1/255 and iDDPM's/DiT's edge 0.999: an interior
+        # bin there, as in the official code (zoo's edge had been 1 - 1/256 = 0.9961, an edge bin)
+        (0.998, 0.998, -5.0),
+        (-0.9975, -0.99, -4.0),
+        (0.9995, 0.998, -5.0),  # past the edge: the open top bin
     ],
 )
 def test_discretized_gaussian_log_likelihood_matches_integral(x, mean, log_scale):

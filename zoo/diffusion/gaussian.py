@@ -44,7 +44,9 @@ def discretized_gaussian_log_likelihood(
     log_big = torch.special.log_ndtr(upper_side)
     log_small = torch.special.log_ndtr(lower_side)
     log_mid = log_big + torch.log1p(-torch.exp(log_small - log_big).clamp(max=1.0 - 1e-12))
-    edge = 1.0 - 1.0 / num_bins  # iDDPM's ±0.999 for 8-bit data: below the first / above the last bin centre
+    # iDDPM's and DiT's edge, ±0.999 at 256 bins (between the last two bin centres of 8-bit data, where any edge
+    # gives the same result; on continuous VAE latents, which DiT scores too, values in (0.996, 0.999] tell edges apart)
+    edge = 1.0 - 0.255 / (num_bins - 1)
     return torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_sf_lower, log_mid))
 
 
