@@ -326,6 +326,9 @@ def test_the_logged_gradient_norm_is_the_norm_before_clipping(tmp_path):
     torch.testing.assert_close(trainer.grad_norm.double(), norm, rtol=1e-12, atol=0)  # still the norm before
     after = torch.sqrt(sum((g ** 2).sum() for g in clipped.values()))
     torch.testing.assert_close(after, 1e-3 * norm / (norm + 1e-6), rtol=1e-12, atol=0)  # torch's clip coefficient
+    _, unclipped, trainer = one_step_grads(tmp_path / "none", "dit")  # no grad_clip: the norm alone is computed
+    torch.testing.assert_close(trainer.grad_norm.double(), norm, rtol=1e-12, atol=0)
+    assert_same_grads(unclipped, grads, rtol=0)
 
 
 
