@@ -17,7 +17,8 @@
       seed: 0
 
 A model that drops labels itself (DiT's ``class_dropout_prob``) must state the same rate as
-``diffusion.label_drop``; the objective then leaves the dropping to the model.
+``diffusion.label_drop``; zoo train then draws the drops itself, per sample, with the model's own
+dropout off (labels are not dropped twice).
 Importing this module does not import torch.
 """
 
@@ -169,8 +170,8 @@ def validate_diffusion(value: dict | None, recipe: Recipe) -> None:
     inside = model.get("class_dropout_prob") if isinstance(model, dict) else None
     if isinstance(inside, (int, float)) and inside > 0 and inside != drop:
         raise recipe.error(path + ("label_drop",), f"the model drops labels itself with class_dropout_prob={inside} "
-                           f"but diffusion.label_drop is {drop}; they must agree (the objective then leaves the "
-                           "dropping to the model)", suggestion=f"set label_drop: {inside}")
+                           f"but diffusion.label_drop is {drop}; they must agree (zoo train draws the drops "
+                           "itself, with the model's own dropout off)", suggestion=f"set label_drop: {inside}")
 
 
 register_section("diffusion", DIFFUSION, validate_diffusion)
