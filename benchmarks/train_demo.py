@@ -38,16 +38,14 @@ def one(recipe: str, steps: int, warmup: int, batch: int | None, precision: str 
         overrides += [f"train.batch_size={batch * int(os.environ.get('WORLD_SIZE', '1'))}"]
     if precision:
         overrides += [f"train.precision={precision}"]
-    r = zoo.load_recipe(recipe, overrides)
-    if r.get("data", {}).get("dataset") in ("imagenet", "latents", "image_folder"):
-        size = int(r["train"]["batch_size"]) * 2
-        r = zoo.load_recipe(recipe, [*overrides, "data.dataset=synthetic", f"data.size={size}", "data.root=null"])
+    r = zoo.load_recipe(recipe, overrides + synthetic_data(recipe, overrides))
     trainer = Trainer(r, out, log=lambda *_: None)
     trainer.run(warmup)
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    trainer.save = lambda *a, **k: None  # the end of run() saves last/ (GBs at XL sizes): not a training step
     start = time.perf_counter()
     trainer.run(warmup + steps)
     if cuda:
@@ -60,6 +58,21 @@ def one(recipe: str, steps: int, warmup: int, batch: int | None, precision: str 
                           "batch": trainer.batch, "precision": trainer.train["precision"],
                           "steps_per_s": steps / seconds, "images_per_s": steps * trainer.batch / seconds,
                           "peak_gib": peak / 2**30}), flush=True)
+
+
+def synthetic_data(recipe: str, overrides: list[str]) -> list[str]:
+    """The ``--set``s that swap a recipe's files (ImageNet latents, an image folder) for synthetic data of
+    its model's input shape (a latent recipe's ``data.image_size`` is the pixel size: 256, not 32)."""
+    import zoo
+    from zoo.meta import build_on_meta, example_inputs
+
+    data = zoo.load_recipe(recipe, overrides).get("data", {})
+    if data.get("dataset") not in ("imagenet", "latents", "image_folder"):
+        return []
+    model = build_on_meta(lambda: zoo.build_model(recipe, overrides))
+    size = example_inputs(model, 1)[0].shape[-1]
+    batch = int(zoo.load_recipe(recipe, overrides)["train"]["batch_size"])
+    return ["data.dataset=synthetic", f"data.size={2 * batch}", "data.root=null", f"data.image_size={size}"]
 
 
 def launch(recipe: str, args: argparse.Namespace, gpus: int) -> dict | None:
