@@ -19,7 +19,8 @@ from zoo.eval.extractors import Extractor, INCEPTION_FILE
 from zoo.eval.metrics import Features, Reference, compute_metrics, inception_score
 from zoo.eval.reference import load_reference
 from zoo.errors import UserError
-from zoo.eval.stats import feature_statistics
+import zoo.eval.stats
+from zoo.eval.stats import feature_statistics, frechet_distance_of_features
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # DiT on 8x8 pixels, 4 classes, ddim 5 steps
 
@@ -84,6 +85,54 @@ def test_fd_of_singular_covariances_is_real_finite_and_exact():
     assert value == pytest.approx(3 + (2 - 1) ** 2 + 9, rel=1e-12)
     with pytest.raises(ValueError, match="finite"):
         frechet_distance(np.zeros(2), np.diag([np.nan, 1.0]), np.zeros(2), np.eye(2))
+
+
+def _features_along(rng, n, directions, scales, mean):
+    """n features whose covariance is exactly Σ scale² qqᵀ over the columns q of ``directions``."""
+    centred = rng.normal(size=(n, len(scales)))
+    basis, _ = np.linalg.qr(centred - centred.mean(axis=0))  # orthonormal columns, each orthogonal to the ones
+    return mean + np.sqrt(n - 1) * (basis * scales) @ directions.T
+
+
+def test_fd_of_few_features_in_their_own_space_is_the_exact_fd():
+    """Fewer samples than dimensions (a class's features) take the N₁ × N₂ singular values, not D × D eigh."""
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.normal(size=(256, 256)))
+    a, b = rng.uniform(0.5, 3, size=20), rng.uniform(0.5, 3, size=10)
+    mu1, mu2 = rng.normal(size=256), rng.normal(size=256)
+    x = _features_along(rng, 30, q[:, :20], a, mu1)  # rank 20 of 256
+    y = _features_along(rng, 12, q[:, 15:25], b, mu2)  # rank 10, sharing 5 directions with x
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum(a**2) + np.sum(b**2) - 2 * np.sum(a[15:] * b[:5])
+    assert frechet_distance_of_features(x, y) == pytest.approx(exact, rel=1e-12)
+    # the D × D way adds √|rounding| of each of the ~240 null eigenvalues of √Σ₁Σ₂√Σ₁ (~1e-13 at λ ~ 10):
+    # ~√1e-13 · 240 ~ 1e-4 absolute at most, so it agrees only to ~1e-6 relative
+    assert frechet_distance(*feature_statistics(x), *feature_statistics(y)) == pytest.approx(exact, rel=1e-6)
+    for n1, n2, d in ((30, 12, 256), (2, 2, 16), (7, 40, 64)):  # random features: both ways, same tolerance
+        x = rng.normal(size=(n1, d)) * rng.uniform(0.1, 3, size=d)
+        y = rng.normal(size=(n2, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + 0.3
+        expected = frechet_distance(*feature_statistics(x), *feature_statistics(y))
+        assert frechet_distance_of_features(x, y) == pytest.approx(expected, rel=1e-6)
+        assert frechet_distance_of_features(x, x) < 1e-12 * np.sum(np.var(x, axis=0))
+    more = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)) + 1.0  # N₁ + N₂ > D: the statistics' way
+    assert frechet_distance_of_features(*more) == frechet_distance(*feature_statistics(more[0]),
+                                                                   *feature_statistics(more[1]))
+    with pytest.raises(ValueError, match="N >= 2"):
+        frechet_distance_of_features(rng.normal(size=(1, 16)), rng.normal(size=(5, 16)))
+    with pytest.raises(ValueError, match="finite"):
+        frechet_distance_of_features(np.full((3, 16), np.nan), rng.normal(size=(5, 16)))
+
+
+def test_per_class_fd_of_few_samples_is_unchanged_and_skips_the_d_by_d_decomposition(monkeypatch):
+    rng = np.random.default_rng(6)
+    labels, ref_labels = np.arange(90) % 3, np.arange(36) % 3
+    gen, ref = rng.normal(size=(90, 128)), rng.normal(size=(36, 128)) * 1.5
+    expected = {str(c): frechet_distance(*feature_statistics(gen[labels == c]),
+                                         *feature_statistics(ref[ref_labels == c])) for c in range(3)}
+    calls = []
+    monkeypatch.setattr(zoo.eval.stats, "_psd_sqrt", lambda m, f=zoo.eval.stats._psd_sqrt: calls.append(1) or f(m))
+    out = compute_metrics(Features(gen, labels=labels), Reference(*feature_statistics(ref), ref, ref_labels))
+    assert out["per_class_fd"] == pytest.approx(expected, rel=1e-6)  # the D × D way's rounding, as above
+    assert len(calls) == 1  # the overall FD's; a class's was one more each (~8 s at D = 2048)
 
 
 # --------------------------------------------------------------------------- IS, precision/recall

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from zoo.eval.stats import feature_statistics, frechet_distance
+from zoo.eval.stats import feature_statistics, frechet_distance, frechet_distance_of_features
 
 NEIGHBOURHOOD = 3  # k of the k-NN manifolds (Kynkäänniemi et al.; torch-fidelity's default)
 MIN_PER_CLASS = 2  # a covariance needs two samples
@@ -113,7 +113,7 @@ def _per_class(generated: Features, reference: Reference) -> dict[int, tuple[flo
     for c in sorted(set(generated.labels.tolist()) & set(reference.labels.tolist())):
         gen, ref = generated.features[generated.labels == c], reference.features[reference.labels == c]
         if len(gen) >= MIN_PER_CLASS and len(ref) >= MIN_PER_CLASS:
-            out[int(c)] = (frechet_distance(*feature_statistics(gen), *feature_statistics(ref)), len(gen), len(ref))
+            out[int(c)] = (frechet_distance_of_features(gen, ref), len(gen), len(ref))
     return out
 
 
