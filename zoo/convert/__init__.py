@@ -108,12 +108,19 @@ def check_recipe_matches(spec: Any, model: Any, path: str = "model") -> None:
 
     Strict weight loading catches a different shape; this catches what keeps the shapes, such
     as ``num_heads`` or ``mlp_ratio``. Below the top level, keys only one side states are not compared.
+    A component given by name equals ``{type: NAME}``; settings that leave what the weights compute
+    unchanged (U-ViT's ``use_checkpoint``, which every released config sets) are not compared.
     """
+    from zoo.recipe_diff import NEUTRAL_MODEL_KEYS, _as_table
+
+    spec, model = _as_table(spec, model)  # NAME beside {type: NAME, ...}
     if isinstance(spec, Mapping) and isinstance(model, Mapping):
         from zoo.introspect import backbone_defaults
 
         defaults = backbone_defaults(model) if path == "model" else {}
         for key in spec:
+            if path == "model" and key in NEUTRAL_MODEL_KEYS:
+                continue
             if key in model:
                 check_recipe_matches(spec[key], model[key], f"{path}.{key}")
             elif (key in defaults and isinstance(defaults[key], (bool, int, float, str))  # plain settings only

@@ -169,6 +169,31 @@ def zoo_key(key: str, config: Mapping[str, Any]) -> tuple[str, int | None]:
     raise UserError(f"unexpected key {key!r} in the DiMR state dict (is this an official DiMR checkpoint?)")
 
 
+# A key only one kind of stage has in each block: names the block kind of a checkpoint's stage.
+_KIND_KEYS = {"TransformerBlock": "block1.query_key_value.weight", "ConvNeXtBlock": "block1.1.weight"}
+_KIND_NAMES = {"TransformerBlock": "transformer", "ConvNeXtBlock": "ConvNeXt"}
+
+
+def check_layout(state_dict: Mapping[str, Tensor], stages: list) -> None:
+    """The checkpoint's number of stages and each stage's block kind against the recipe's branches: an official
+    checkpoint of another model says so, not "unexpected key 'stages.2...'" (is this DiMR at all?)."""
+    n = max((int(m[1]) + 1 for key in state_dict if (m := re.match(r"stages\.(\d+)\.", key))), default=0)
+    if n > len(stages):  # fewer: strict loading names the missing stages' keys
+        raise UserError(f"the checkpoint has {n} stages (stages.0 to stages.{n - 1}) and the recipe {len(stages)} "
+                        "branches", key_path="model.branches", suggestion=f"use a recipe with {n} branches, such as "
+                        f"the shipped dimr_*_{n}r ones, with the checkpoint's official config as --config if you "
+                        "have it")  # fmt: skip
+    for i, stage in enumerate(stages):
+        kinds = {kind for kind, tail in _KIND_KEYS.items()
+                 if any(re.fullmatch(rf"stages\.{i}\.blocks\.\d+\.{re.escape(tail)}", k) for k in state_dict)}
+        if len(kinds) == 1 and stage.get("block_type") not in kinds:
+            ours = _KIND_NAMES.get(stage.get("block_type"), stage.get("block_type"))
+            raise UserError(f"stage {i} of the checkpoint holds {_KIND_NAMES[kinds.pop()]} blocks while the recipe's "
+                            f"branch {i} is a {ours} branch",
+                            key_path=f"model.branches.{i}.block", suggestion="use the recipe of this checkpoint's "
+                            "model, with its official config as --config if you have it")
+
+
 def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None) -> dict[str, Tensor]:
     """Rename an official DiMR state dict into zoo's layout; fuses GeGLU ``w0``/``w1`` into ``fc1``.
 
@@ -181,6 +206,7 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, An
             "config_from_recipe(recipe['model']) reads it from the recipe of the checkpoint's model (zoo convert "
             "does), or pass --config FILE, a JSON object of the MRModel kwargs"
         )
+    check_layout(state_dict, config["stage_configs"])
     out: dict[str, Tensor] = {}
     halves: dict[str, dict[int, Tensor]] = {}
     for key, value in state_dict.items():

@@ -240,7 +240,8 @@ class HybridVLBObjective(DiffusionObjective):
         if isinstance(out, (list, tuple)) or out.shape[1] != 2 * c:
             shape = [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else tuple(out.shape)
             raise ValueError(f"the hybrid objective needs a learned-sigma output with {2 * c} channels, got {shape}"
-                             " (DiT: model.learn_sigma: true)")
+                             " (to learn sigma: DiT's model.learn_sigma: true; for a model without one, as"
+                             " weights trained with learn_sigma false: diffusion.objective: eps_mse)")
 
     def loss_terms(self, out: ModelOutput, *, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> dict[str, Tensor]:
         self.check_output(out, noise.shape)

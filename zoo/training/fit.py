@@ -44,12 +44,14 @@ def training_objective(recipe: Mapping[str, Any], meta_model: nn.Module) -> Diff
 
 def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) -> None:
     """Every check of ``zoo train`` and ``zoo sample`` against the model that reads no file: the
-    objective and null label, the guidance channels and the data section's image size."""
+    objective and null label, the sampler's learned variance, the guidance channels and the data
+    section's image size."""
     from zoo.training.data import check_data_section
 
     if not (recipe.get("diffusion") or {}).get("time_input"):  # a model recipe alone (a plugin's, a _target_
         return  # module), or a diffusion section not (yet) for training or sampling: nothing to fit
     training_objective(recipe, meta_model)
+    _check_sample_variance(recipe)
     example = getattr(meta_model, "example_inputs", None)
     if example is None:
         return
@@ -59,6 +61,20 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
     except UserError as err:
         raise err.locate(key_path="sample.cfg.channels") from None
     check_data_section(recipe.get("data") or {}, shape, num_classes(recipe))
+
+
+def _check_sample_variance(recipe: Mapping[str, Any]) -> None:
+    """The recipe's DDPM ``variance: learned`` needs a model that outputs one: else zoo sample refuses it once the
+    weights load, and zoo convert wrote such a checkpoint (a learn_sigma false DiT on a DiT recipe) without a word."""
+    from zoo.sample import _check_learned_variance
+
+    solver = (recipe.get("sample") or {}).get("solver")
+    if isinstance(solver, Mapping) and solver.get("variance") == "learned":
+        try:
+            _check_learned_variance(recipe)
+        except UserError as err:
+            err.suggestion = "--set sample.solver.variance=fixed_small (DDPM's own), or fixed_large"
+            raise
 
 
 def _check_output(meta_model: nn.Module, objective: DiffusionObjective) -> None:
