@@ -75,12 +75,14 @@ class ODESolver(Solver):
             eps = model.eps(x.to(x_T.dtype), point(schedule, t)).to(x.dtype)
             return sigma2 * x - sigma2.sqrt() * eps
 
-        if self.fixed_grid:
+        options = None
+        if self.fixed_grid:  # step on the grid, output only its ends: not (steps + 1) states held to the end
             times = time_grid(schedule, self.skip, t_start, t_end, self.steps)
-            lams = [point(schedule, t).lam for t in times]
-        else:
-            lams = [point(schedule, t_start).lam, point(schedule, t_end).lam]
-        lams = torch.tensor(lams, dtype=work_dtype, device=x_T.device)
-        path = odeint(velocity, x_T.to(work_dtype), lams, rtol=self.rtol, atol=self.atol, method=self.method)
+            grid = torch.tensor([point(schedule, t).lam for t in times], dtype=work_dtype, device=x_T.device)
+            options = {"grid_constructor": lambda func, y0, t: grid}
+        lams = torch.tensor([point(schedule, t_start).lam, point(schedule, t_end).lam], dtype=work_dtype,
+                            device=x_T.device)
+        path = odeint(velocity, x_T.to(work_dtype), lams, rtol=self.rtol, atol=self.atol, method=self.method,
+                      options=options)
         self.nfe = model.nfe
         return path[-1].to(x_T.dtype)
