@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib
 import os
 import sys
@@ -22,6 +23,18 @@ QUIET_RANK_WAIT_S = 10.0  # how long a rank whose mistake rank 0 reports waits f
 
 COMMANDS: tuple[str, ...] = ("list", "build", "convert", "parity", "sample", "train", "compare", "eval", "export",
                             "prepare_latents", "train_classifier")
+
+# Commands whose work is the files they write, not what they print: a reader of their stdout that goes
+# away (`zoo train ... | head -1`) must not end the work. What stderr says when it does:
+GOES_ON_WITHOUT_STDOUT = {
+    "train": "the run goes on, its records are in log.jsonl",
+    "prepare-latents": "the encoding goes on",
+    "eval": "the evaluation goes on, its result is in the JSON file it writes",
+    "sample": "sampling goes on",
+    "train-classifier": "training goes on",
+    "convert": "the conversion goes on",
+    "export": "the export goes on",
+}
 
 
 def _broken_command(subparsers: argparse._SubParsersAction, name: str, err: Exception) -> None:
@@ -148,7 +161,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:
             print(f"zoo: error: {_unrecognized(extra)}", file=sys.stderr)
             return 2
-        return int(args.func(args) or 0)
+        if args.command not in GOES_ON_WITHOUT_STDOUT:
+            return int(args.func(args) or 0)
+        stdout = sys.stdout
+        sys.stdout = _ReaderMayLeave(stdout, f"zoo {args.command}: stdout was closed; "
+                                             f"{GOES_ON_WITHOUT_STDOUT[args.command]}")
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            sys.stdout = stdout
     except KeyboardInterrupt as err:  # Ctrl-C; zoo train's StopRequested also after SIGTERM (status 143)
         status = getattr(err, "exit_status", 130)
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops alike: one line says so
@@ -195,12 +216,66 @@ def _discard_stdout() -> None:
     os.close(devnull)
 
 
+class _ReaderMayLeave:
+    """``sys.stdout`` of a long command: once its reader has gone (a broken pipe), what it prints goes to
+    /dev/null and the work goes on, with one ``note`` on stderr, instead of the run ending unsaved."""
+
+    def __init__(self, stream, note: str) -> None:
+        self._stream, self._note = stream, note
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_left()
+
+    def _reader_left(self) -> None:
+        _discard_stdout()
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()  # what is still buffered goes to /dev/null now
+        if self._note is not None:
+            with contextlib.suppress(OSError, ValueError):
+                print(self._note, file=sys.stderr, flush=True)
+            self._note = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _open_std_streams() -> None:
+    """Give a closed stdin, stdout or stderr (``zoo list >&-``) /dev/null: Python leaves ``sys.stdout``
+    None (an AttributeError at the first print), and the first file zoo opened would take fd 1, where
+    torch's own writes to stdout would land in it. Text no encoding can show (``LC_ALL=C`` and a ``±``)
+    is escaped rather than a UnicodeEncodeError after the work was done."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False, encoding="utf-8"))
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def console_main() -> None:
     """Entry point of the ``zoo`` console script: ``main()``, then exit with its status.
 
     Output piped into a reader that closes early (``zoo list | head -1``) ends quietly with
     status 0: a pipe's buffered output is written only here, at the final flush.
     """
+    _open_std_streams()
     code = main()
     try:
         sys.stdout.flush()
@@ -234,7 +309,7 @@ def _exit_without_teardown(code: int) -> NoReturn:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            stream.flush()  # (never None: console_main opened /dev/null for a closed one)
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
             pass
     os._exit(code)
