@@ -216,3 +216,34 @@ def test_a_timm_classifier_from_a_local_file_resizes_crops_and_normalises_as_tim
         build_scorer("timm:test_resnet", str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="no_such_net"):
         build_scorer("timm:no_such_net", str(weights))
+
+
+class NaNScorer(PixelScorer):
+    """A classifier whose outputs are NaN for samples 3 and 4 (own-class bytes 130 and 0), as NaN weights make them."""
+
+    def forward(self, images):
+        out = super().forward(images)
+        out[(images[:, 0, 0, 0] == 130) | (images[:, 0, 0, 0] == 0)] = float("nan")
+        return out
+
+
+def test_nan_probabilities_are_refused_not_counted_as_kept(tmp_path):
+    """`NaN < threshold` is False: a classifier scoring NaN rejected no sample and reported distortion 0.0000."""
+    images, labels = _images(PROBS, LABELS), np.array(LABELS)
+    with pytest.raises(UserError, match=r"NaN or inf probabilities for sample 3 \(2 of the 3 scored together\)"):
+        own_class_probabilities(NaNScorer(), [(images[i:i + 3], labels[i:i + 3]) for i in range(0, 10, 3)], 0.5)
+    with pytest.raises(UserError, match="NaN or inf probabilities"):
+        distortion_share(np.array([0.2, np.nan]), np.array([0, 1]), 0.5, 2)
+    with pytest.raises(UserError, match="NaN or inf probabilities"):
+        analyse(_samples_result(tmp_path), NaNScorer(), log=lambda _: None)
+
+
+def test_a_classifier_with_nan_weights_is_refused_when_loaded(tmp_path):
+    from zoo.classifier import load_classifier
+
+    net = ConvNeXtClassifier(4, image_size=8, dims=(8,), depths=(1,))
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    out = save_classifier(tmp_path / "cls", net, {})
+    with pytest.raises(UserError, match=r"model.safetensors: tensor \S+ holds NaN or inf values.*zoo train-classifier"):
+        load_classifier(out)

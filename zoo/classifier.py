@@ -137,13 +137,16 @@ def read_classifier_config(directory: str | Path) -> dict:
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ConvNeXtClassifier, dict]:
-    """A saved classifier in eval mode on ``device`` (weights loaded strictly) and its config."""
-    from zoo.checkpoint import load_state_dict_strict, load_weights
+    """A saved classifier in eval mode on ``device`` (weights loaded strictly, and finite: NaN weights score
+    every sample NaN) and its config."""
+    from zoo.checkpoint import check_finite, load_state_dict_strict, load_weights
 
     payload = read_classifier_config(directory)
     model = ConvNeXtClassifier(**payload["arch"])
     path = Path(directory) / WEIGHTS
-    load_state_dict_strict(model, load_weights(path), str(path))
+    state = load_weights(path)
+    check_finite(state, str(path), suggestion="train the classifier again (zoo train-classifier)")
+    load_state_dict_strict(model, state, str(path))
     return model.eval().requires_grad_(False).to(device), payload
 
 

@@ -176,6 +176,7 @@ def own_class_probabilities(scorer: Callable[[Tensor], Tensor], batches: Iterabl
             raise UserError("the samples have no labels; the distortion analysis needs class-conditional samples")
         y = np.asarray(y, dtype=np.int64)
         p = scorer(images.to(device)).double().cpu().numpy()
+        _check_finite_probabilities(p, offset)
         own = p[np.arange(len(y)), y]
         probs.append(own)
         labels.append(y)
@@ -193,9 +194,21 @@ def own_class_probabilities(scorer: Callable[[Tensor], Tensor], batches: Iterabl
     return np.concatenate(probs), np.concatenate(labels), empty if kept is None else kept, kept_i
 
 
+def _check_finite_probabilities(p: np.ndarray, offset: int = 0) -> None:
+    """Refuse NaN or inf probabilities: ``NaN < threshold`` is False, so every such sample counted as kept and
+    a broken classifier reported a distortion of 0."""
+    bad = np.flatnonzero(~np.isfinite(p).reshape(len(p), -1).all(axis=1))
+    if len(bad):
+        raise UserError(f"the classifier gave NaN or inf probabilities for sample {offset + bad[0]} ({len(bad)} of "
+                        f"the {len(p)} scored together), so no distortion share can be taken",
+                        suggestion="use a classifier whose weights and outputs are finite (train it again with "
+                        "zoo train-classifier)")
+
+
 def distortion_share(own: np.ndarray, labels: np.ndarray, threshold: float, num_classes: int) -> dict:
     """Share of samples with own-class probability below ``threshold``, overall and per class (classes with samples)."""
     own, labels = np.asarray(own, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    _check_finite_probabilities(own)
     rejected = own < threshold
     per_class = {}
     for c in range(num_classes):
