@@ -51,6 +51,25 @@ class _Elementwise(nn.Module):
         return self.act(self.norm(x)) + x * 2
 
 
+class _CpuInputsNet(nn.Module):
+    """A plugin backbone whose example_inputs take no device (one says cpu outright)."""
+
+    def __init__(self, dim: int = 12):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x, t, y=None):
+        return self.lin(x.flatten(1)).view_as(x)
+
+    def example_inputs(self, batch):
+        return torch.randn(batch, 3, 2, 2, device="cpu"), torch.rand(batch), torch.zeros(batch, dtype=torch.long)
+
+
+class _ItemInputsNet(_CpuInputsNet):
+    def example_inputs(self, batch):
+        return torch.randn(batch, 3, 2, 2), torch.full((batch,), torch.rand(()).item()), None
+
+
 def _tiny_model(family: str, device: str) -> nn.Module:
     from zoo.convert import get_family
 
@@ -469,3 +488,35 @@ def test_repeated_block_memo_tells_blocks_apart_by_settings_that_are_not_plain()
     with torch.device("meta"):
         on_meta = build()
     assert count_flops(on_meta, (x.to("meta"),)).gflops == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_plugin_whose_example_inputs_are_on_cpu_is_counted_on_meta(tmp_path, capsys):
+    """zoo build --flops built it on meta and ran it on the cpu inputs: a torch traceback, exit 1."""
+    from zoo.cli import main
+    from zoo.meta import build_on_meta
+
+    expected = count_flops(_CpuInputsNet())
+    assert count_flops(build_on_meta(_CpuInputsNet)).gflops == expected.gflops == pytest.approx(12 * 12 / 1e9)
+    recipe = tmp_path / "net.yaml"
+    recipe.write_text(f"model: {{_target_: {__name__}._CpuInputsNet}}\n")
+    assert main(["build", str(recipe), "--flops", "--json"]) == 0
+    assert '"gflops": 1.44e-07' in capsys.readouterr().out
+    # example_inputs that cannot run on meta: the one line the model's own forward gets there
+    with pytest.raises(UserError, match=r"_ItemInputsNet cannot run on the meta device \(RuntimeError at "
+                       r"test_flops.py:\d+: .*\(count on real tensors: zoo build --flops --device cpu"):
+        count_flops(build_on_meta(_ItemInputsNet))
+    assert count_flops(_ItemInputsNet()).gflops == expected.gflops
+
+
+def test_inputs_and_model_on_meta_and_off_it_are_named_as_such():
+    model = _Convs()
+    with pytest.raises(UserError, match=r"^the inputs are on meta and the model on cpu: .*\(make the inputs on "):
+        count_flops(model, torch.randn(1, 3, 8, 8, device="meta"))
+    with pytest.raises(UserError, match=r"^the inputs are on cpu and the model on meta: .*\(move the inputs to meta"):
+        count_flops(model.to("meta"), torch.randn(1, 3, 8, 8))
+
+
+def test_fvcore_refuses_a_compiled_model_in_one_line():
+    model = torch.compile(_Convs())  # jit.trace of Dynamo's frames: a RuntimeError from deep inside fvcore
+    with pytest.raises(UserError, match=r"fvcore counter cannot trace a torch.compile'd model .*counter='torch'"):
+        count_flops(model, torch.randn(1, 3, 8, 8), counter="fvcore")

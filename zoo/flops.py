@@ -37,6 +37,7 @@ so ``zoo build --flops`` stays within seconds for the largest recipes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -46,11 +47,12 @@ import torch
 from torch import nn
 
 from zoo.errors import UserError
-from zoo.meta import (MetaShapeCache, NotOnMeta, RepeatedBlockMemo, build_on_meta, example_inputs, meta_forward,
-                      no_triton_import, without_dynamo)
+from zoo.meta import (MetaShapeCache, NeedsDynamo, NotOnMeta, RepeatedBlockMemo, build_on_meta, example_inputs,
+                      meta_forward, no_triton_import, without_dynamo)
 from zoo.modes import evaluating
 
 COUNTERS = ("torch", "fvcore")
+_COUNT_ON_CPU = "count on real tensors: zoo build --flops --device cpu (or build the model on cpu before count_flops)"
 CONVENTIONS = ("macs", "official")
 # fvcore handles for elementwise ops we do not count (the convention counts matmuls/convs only).
 _FVCORE_ELEMENTWISE = (
@@ -277,6 +279,40 @@ def _default_inputs(model: nn.Module) -> tuple:
                         "inputs=...)") from None
 
 
+def _model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (or buffer); None for a model that holds neither."""
+    return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
+
+
+def _inputs(model: nn.Module, inputs: Any) -> tuple:
+    """The forward's arguments: ``inputs``, or ``example_inputs(1)`` made under the model's device (the
+    "current device" of docs/integrations.md) and moved there where made elsewhere (an explicit cpu).
+    Given inputs on meta and a model off it, or the other way round, are one message naming both."""
+    device = _model_device(model)
+    if inputs is None:
+        if device is None:
+            return _as_args(_default_inputs(model))
+        with torch.device(device):
+            try:
+                args = _as_args(_default_inputs(model))
+            except (UserError, NeedsDynamo, ImportError):
+                raise
+            except Exception as err:  # noqa: BLE001 - the model's own example_inputs, on meta
+                if device.type != "meta":
+                    raise
+                raise UserError(str(NotOnMeta(model, err)), suggestion=_COUNT_ON_CPU) from None
+        return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    args = _as_args(inputs)
+    places = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+    if device is not None and places and "meta" in places | {device.type} and places != {device.type}:
+        raise UserError(f"the inputs are on {' and '.join(sorted(places))} and the model on {device.type}: "
+                        "one forward pass needs both on one device",
+                        suggestion="make the inputs on the model's device, or build the model on meta "
+                        "(zoo.meta.build_on_meta) to count without weights" if device.type != "meta" else
+                        "move the inputs to meta (a.to('meta') for each), or build the model on cpu")
+    return args
+
+
 def _module_paths(model: nn.Module, max_depth: int) -> list[str]:
     return [n for n, _ in model.named_modules() if n and n.count(".") + 1 <= max_depth]
 
@@ -315,7 +351,7 @@ def _flop_counter_mode() -> type:
 
 def _count_torch(model: nn.Module, inputs: Any, rule: str = "macs") -> tuple[float, dict[str, float]]:
     FlopCounterMode = _flop_counter_mode()
-    args = _as_args(_default_inputs(model) if inputs is None else inputs)
+    args = _inputs(model, inputs)
     on_meta = any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
     fvcore_rule = rule == "fvcore"
     with MetaShapeCache() if on_meta else contextlib.nullcontext(), \
@@ -340,8 +376,7 @@ def _meta_count_forward(model: nn.Module, args: tuple) -> None:
     try:
         meta_forward(model, *args)
     except NotOnMeta as err:
-        raise UserError(str(err), suggestion="count on real tensors: zoo build --flops --device cpu (or build the "
-                        "model on cpu before count_flops)") from None
+        raise UserError(str(err), suggestion=_COUNT_ON_CPU) from None
 
 
 def fvcore_attention_handle(inputs: list[Any], outputs: list[Any]) -> int:
@@ -398,7 +433,10 @@ def count_flops(
         raise UserError("the official convention is counted by the torch counter", suggestion="counter='torch'")
     rule = official_convention(model) if convention == "official" else "macs"
     if counter == "fvcore":
-        args = _as_args(_default_inputs(model) if inputs is None else inputs)
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            raise UserError("the fvcore counter cannot trace a torch.compile'd model (jit.trace refuses Dynamo's "
+                            "frames)", suggestion="counter='torch' counts it, or pass the model before torch.compile")
+        args = _inputs(model, inputs)
         if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
             raise UserError("the fvcore counter needs real tensors; build the model on cpu (or use counter='torch')")
 
