@@ -158,11 +158,11 @@ def test_a_null_label_the_model_cannot_embed_is_refused_before_writing(tmp_path,
 def test_missing_and_misshaped_keys_are_listed(tmp_path, official_sd, capsys):
     bad = dict(official_sd)
     del bad["blocks.1.mlp.fc2.bias"]
-    bad["pos_embed"] = torch.zeros(1, 64, 1152)
+    bad["blocks.0.mlp.fc1.bias"] = torch.zeros(1152)  # (a pos_embed of another length names the input size)
     status, _ = convert(tmp_path, bad)
     err = capsys.readouterr().err
     assert status == 2 and "missing keys: blocks.1.mlp.fc2.bias" in err
-    assert "pos_embed (1, 64, 1152) (model: (1, 256, 1152))" in err
+    assert "blocks.0.mlp.fc1.bias (1152,) (model: (4608,))" in err
 
 
 def test_unreadable_and_empty_inputs(tmp_path, capsys):

@@ -111,3 +111,78 @@ def test_dit_without_learned_sigma_is_told_both_settings_it_needs(tmp_path, caps
         "fixed_large)")
     assert convert(tmp_path, "dit", official, recipe_file, "--set", "diffusion.objective=eps_mse",
                    "--set", "sample.solver.variance=fixed_small") == 0
+
+
+# -- keys that do not fit, named as the official file names them -------------------------------------------
+
+
+def released_keys(name: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    data = json.loads((GOLDEN / "keys" / f"{name}.json").read_text())
+    shapes, config = data.get("keys", data), data.get("_config")
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items() if not k.startswith("_")}, config
+
+
+@pytest.mark.parametrize("family, source", [
+    ("dit", "dit_tiny"), ("uvit", "uvit_tiny"), ("dimr", "dimr_tiny_r2"), ("dimr", "dimr_tiny_r3"),
+    ("dit", "keys:dit_xl_2"), ("uvit", "keys:uvit_m_4"), ("dimr", "keys:dimr_xl_2r"), ("dimr", "keys:dimr_g_2r"),
+])  # fmt: skip
+def test_official_keys_inverts_the_conversion(family, source):
+    """Every zoo key names exactly the official keys it is converted from (a DiT adaLN half its whole, DiMR's fused
+    fc1 both GeGLU halves)."""
+    from zoo.convert import get_family
+
+    converter = get_family(family)
+    if source.startswith("keys:"):
+        state, config = released_keys(source[5:])
+    else:
+        g = golden(source)
+        state, config = g["state_dict"], g["config"]
+    sources: dict[str, set[str]] = {}
+    for key, value in state.items():
+        if family == "dimr":  # one GeGLU half alone does not convert
+            sources.setdefault(converter.zoo_key(key, config)[0], set()).add(key)
+        else:
+            for name in converter.convert_state_dict({key: value}, config):
+                sources.setdefault(name, set()).add(key)
+    assert {name: set(converter.official_keys(name, config)) for name in sources} == sources
+
+
+@pytest.mark.parametrize("source, drop, named", [
+    ("uvit_tiny", "out_blocks.0.skip_linear.weight", "missing keys: out_blocks.0.skip_linear.weight ("),
+    ("dit_tiny", "blocks.0.adaLN_modulation.1.weight", "missing keys: blocks.0.adaLN_modulation.1.weight ("),
+    ("dimr_tiny_r2", "stages.0.blocks.0.block1.norm.scale.nodecay_bias",
+     "missing keys: stages.0.blocks.0.block1.norm.scale.nodecay_bias ("),
+])  # fmt: skip
+def test_a_missing_official_key_is_named_as_in_the_file(tmp_path, capsys, source, drop, named):
+    """They were named by zoo's keys (blocks.skip_linears.0.weight; a DiT adaLN as two norm keys), not in the file."""
+    family, model = {"uvit_tiny": ("uvit", UVIT_MODEL), "dit_tiny": ("dit", golden("dit_tiny")["config"]),
+                     "dimr_tiny_r2": ("dimr", DIMR_R2_MODEL)}[source]  # fmt: skip
+    sections = {"data": UVIT_DATA} if family == "uvit" else LABELS
+    state = {k: v for k, v in golden(source)["state_dict"].items() if k != drop}
+    assert convert(tmp_path, family, state, recipe(tmp_path, family, model, **sections)) == 2
+    err = last_error(capsys)
+    assert named in err and "use the recipe of this checkpoint's model, or pass its official config as --config" in err
+
+
+def test_a_mis_shaped_key_names_the_official_key_and_the_converted_one(tmp_path, capsys):
+    g = golden("dimr_tiny_r2")
+    model = {**DIMR_R2_MODEL, "in_channels": 3}
+    assert convert(tmp_path, "dimr", g["state_dict"], recipe(tmp_path, "dimr", model, **LABELS)) == 2
+    assert ("wrong shape keys: stages.0.input_layer.1.weight → branches.0.patch_embed.weight (32, 4, 2, 2) "
+            "(model: (32, 3, 2, 2))") in last_error(capsys)
+
+
+def test_a_dit_of_another_resolution_is_told_its_input_size(tmp_path, capsys):
+    """DiT's sin-cos table is saved (a frozen parameter): its length is the checkpoint's token count."""
+    from backbones.common import sincos_pos_embed_2d
+
+    g = golden("dit_tiny")  # input_size 16, patch 2: 64 positions
+    state = {**g["state_dict"], "pos_embed": sincos_pos_embed_2d(64, 16).reshape(1, 256, 64).float()}
+    recipe_file = recipe(tmp_path, "dit", g["config"], **LABELS)
+    assert convert(tmp_path, "dit", state, recipe_file) == 2
+    assert last_error(capsys) == (
+        "zoo: error: key model.input_size: the checkpoint's pos_embed has 256 positions and the model 64: it is a DiT "
+        "for model.input_size 32 (16x16 patches of 2, 256px images) (--set model.input_size=32 --set "
+        "data.image_size=256)")
+    assert convert(tmp_path, "dit", state, recipe_file, "--set", "model.input_size=32",
+                   "--set", "data.image_size=256") == 0

@@ -140,14 +140,21 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str,
-                suggestion: str | None = None) -> None:
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} (model: {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
+                suggestion: str | None = None, rename: Callable[[str], list[str]] | None = None) -> None:
+    """Raise one line listing missing, unexpected and mis-shaped keys. ``rename`` gives the names to show for a
+    key (a converted checkpoint's official ones, which the user can find in the file; several zoo keys may share
+    one); a mis-shaped key it renames shows both names, as its shapes are the converted ones."""
+    def names(keys: list[str]) -> list[str]:
+        return list(dict.fromkeys(n for k in keys for n in rename(k))) if rename else keys
+
+    def shape_of(k: str, v: Tensor) -> str:
+        shown = " / ".join(rename(k)) if rename else k
+        return f"{shown}{'' if shown == k else f' → {k}'} {tuple(state_dict[k].shape)} (model: {tuple(v.shape)})"
+
+    missing = names([k for k in expected if k not in state_dict])
+    unexpected = names([k for k in state_dict if k not in expected])
+    mismatched = [shape_of(k, v) for k, v in expected.items()
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
@@ -158,31 +165,33 @@ def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor]
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict",
-                           suggestion: str | None = None) -> None:
-    """``model.load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
-    _check_keys(model.state_dict(), state_dict, source, suggestion)
+                           suggestion: str | None = None, rename: Callable[[str], list[str]] | None = None) -> None:
+    """``model.load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys
+    (named by ``rename``, see :func:`_check_keys`)."""
+    _check_keys(model.state_dict(), state_dict, source, suggestion, rename)
     model.load_state_dict(state_dict, strict=True)
 
 
 def build_with_state(
     build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: str = "state dict",
-    suggestion: str | None = None,
+    suggestion: str | None = None, rename: Callable[[str], list[str]] | None = None,
 ) -> nn.Module:
     """``build()`` a model and load ``state`` into it strictly, without initialising weights twice.
 
     The model is built on the ``meta`` device and the loaded tensors are assigned to it (cast
     to each parameter's dtype), so loading a large checkpoint costs no random init and no
     second copy. Models with non-persistent buffers (not in any state dict) are built normally.
+    ``suggestion`` and ``rename`` shape a key mismatch's message (see :func:`_check_keys`).
     """
     with torch.device("meta"):
         model = build()
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):
         model = build()
-        load_state_dict_strict(model, state, source, suggestion)
+        load_state_dict_strict(model, state, source, suggestion, rename)
         return model
     expected = model.state_dict()
-    _check_keys(expected, state, source, suggestion)
+    _check_keys(expected, state, source, suggestion, rename)
     cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model

@@ -114,6 +114,14 @@ def _refuse_zoo_weights(path: Path) -> None:
                         suggestion=f"pass {run} to zoo sample, eval or export; zoo convert reads official checkpoints")
 
 
+def _mismatch_hint(checked: bool) -> str:
+    """What to do when the converted weights do not fit the recipe's model."""
+    if checked:  # the recipe agrees with the official config: the file is not that model, or not all of it
+        return "check that --config is this checkpoint's config and that the file is complete"
+    return ("the recipe's model differs from the checkpoint's, or the file is incomplete: use the recipe of this "
+            "checkpoint's model, or pass its official config as --config to see which setting differs")
+
+
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.checkpoint import build_with_state, save_checkpoint
@@ -136,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                         suggestion=f"zoo convert {looks} {args.checkpoint} --recipe A_{looks.upper()}_RECIPE ...")
     recipe = zoo.load_recipe(args.recipe, args.overrides)
     check_recipe_family(args.family, converter, recipe["model"], str(args.checkpoint))
-    check_recipe_fits_model(recipe, build_on_meta(lambda: zoo.build_model(recipe)))  # as zoo build and train do
+    meta_model = build_on_meta(lambda: zoo.build_model(recipe))
+    check_recipe_fits_model(recipe, meta_model)  # as zoo build and train do
     config = official_config(args, checkpoint)
     checked = config is not None  # an official config: settings that keep tensor shapes are compared with it
     if checked:
@@ -147,8 +156,12 @@ def run(args: argparse.Namespace) -> int:
         state = converter.convert_state_dict(official, config)
     except KeyError as err:
         raise UserError(f"the official config lacks the key {err.args[0]!r} that converting needs") from None
+    if hasattr(converter, "explain_shapes"):  # a shape that says which setting differs (DiT's pos_embed length)
+        converter.explain_shapes(state, meta_model.state_dict(), recipe)
     source = f"{args.checkpoint} (converted as {args.family})"
-    model = build_with_state(lambda: zoo.build_model(recipe), state, source)
+    names = getattr(converter, "official_keys", None)  # mismatched keys named as in the official file
+    model = build_with_state(lambda: zoo.build_model(recipe), state, source, suggestion=_mismatch_hint(checked),
+                             rename=(lambda key: names(key, config)) if names else None)
     check_null_label(model, (recipe.get("diffusion") or {}).get("null_label"),  # else it converts, then cannot sample
                      (recipe.get("data") or {}).get("num_classes"))
     out = save_checkpoint(args.out, model, recipe)

@@ -169,6 +169,50 @@ def zoo_key(key: str, config: Mapping[str, Any]) -> tuple[str, int | None]:
     raise UserError(f"unexpected key {key!r} in the DiMR state dict (is this an official DiMR checkpoint?)")
 
 
+# zoo name inside a branch → official name inside a stage (prefixes; a time-dependent parameter's last part
+# p0/p1/w/b is renamed apart), for messages: the inverse of _RULES and _IN_BLOCK.
+_BACK = [(re.compile(a), b) for a, b in (
+    (r"patch_embed\.", "input_layer.1."), (r"pos_embed$", "input_layer.3.position_embeddings.weight"),
+    (r"class_embed\.", "class_embeds."), (r"blocks\.skip_linears\.", "skip_denses."),
+    (r"head_norm\.", "output_layer.0."), (r"head\.", "output_layer.2."), (r"upsample\.norm_in\.", "upsample.0."),
+    (r"upsample\.proj\.", "upsample.1.kernel."), (r"upsample\.norm_out\.", "upsample.2."),
+)]  # fmt: skip
+_BLOCK_BACK = [(re.compile(a), b) for a, b in (
+    (r"norm1\.weight\.", "block1.norm.scale."), (r"attn\.qkv\.", "block1.query_key_value."),
+    (r"attn\.proj\.", "block1.dense."), (r"norm2?\.weight\.", "block2.norm.scale."), (r"dwconv\.", "block1.1."),
+    (r"mlp\.fc2\.", "block2.w2."), (r"mlp\.fc1\.", "block2.w0."),
+)]  # fmt: skip
+_BACK_TDP = {v: k for k, v in _TDP.items()}
+_STACK_RE = re.compile(r"blocks\.(?:in_blocks\.(\d+)|(mid_block)|out_blocks\.(\d+))\.(.+)")
+
+
+def official_keys(name: str, config: Mapping[str, Any]) -> list[str]:
+    """The official key(s) a zoo key is converted from (``mlp.fc1`` from both GeGLU halves), for messages."""
+    m = re.fullmatch(r"branches\.(\d+)\.(.+)", name)
+    stages = config.get("stage_configs") or []
+    if not m or int(m[1]) >= len(stages):
+        return [name]
+    i, rest = int(m[1]), m[2]
+    rest = re.sub(r"\.(p0|p1|w|b)$", lambda t: f".{_BACK_TDP[t[1]]}", rest)
+    if block := _STACK_RE.fullmatch(rest):
+        half = stages[i].get("num_blocks", 0) // 2
+        j = int(block[1]) if block[1] else half if block[2] else half + 1 + int(block[3])
+        rest = f"blocks.{j}.{_first_sub(_BLOCK_BACK, block[4])}"
+        if ".block2.w0." in rest:
+            return [f"stages.{i}.{rest}", f"stages.{i}.{rest.replace('.block2.w0.', '.block2.w1.')}"]
+    else:
+        rest = _first_sub(_BACK, rest)
+    return [f"stages.{i}.{rest}"]
+
+
+def _first_sub(rules: list, text: str) -> str:
+    """``text`` with the first rule whose pattern starts it applied (unchanged if none does)."""
+    for pattern, repl in rules:
+        if pattern.match(text):
+            return pattern.sub(repl, text, count=1)
+    return text
+
+
 # A key only one kind of stage has in each block: names the block kind of a checkpoint's stage.
 _KIND_KEYS = {"TransformerBlock": "block1.query_key_value.weight", "ConvNeXtBlock": "block1.1.weight"}
 _KIND_NAMES = {"TransformerBlock": "transformer", "ConvNeXtBlock": "ConvNeXt"}

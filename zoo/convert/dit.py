@@ -64,6 +64,33 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, An
     return out
 
 
+_ADALN_BACK = re.compile(r"^(?:(blocks\.\d+)\.norm[12]\.linear\.|final_layer\.norm\.linear\.)")
+
+
+def official_keys(name: str, config: Mapping[str, Any] | None = None) -> list[str]:
+    """The official key(s) a zoo key is converted from (both halves of a block's adaLN come from one), for messages."""
+    return [_ADALN_BACK.sub(lambda m: f"{m[1] or 'final_layer'}.adaLN_modulation.1.", name, count=1)]
+
+
+def explain_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], recipe: Mapping[str, Any]) -> None:
+    """A ``pos_embed`` of another length is a checkpoint for another resolution: say which ``model.input_size``
+    fits (the table is the fixed sin-cos one, saved as a frozen parameter: its length is the token count)."""
+    ours, theirs = expected.get("pos_embed"), state.get("pos_embed")
+    if ours is None or theirs is None or theirs.dim() != 3 or theirs.shape[1] == ours.shape[1]:
+        return
+    grid, patch = int(round(theirs.shape[1] ** 0.5)), recipe["model"].get("patch_size", 2)
+    if grid * grid != theirs.shape[1] or not isinstance(patch, int):
+        return
+    size = grid * patch
+    latent = bool((recipe.get("data") or {}).get("latent"))
+    pixels = size * 8 if latent else size  # the SD VAE's 8x downsampling
+    also = ", or the dit_xl_2_512 recipe" if latent and size == 64 else ""
+    raise UserError(f"the checkpoint's pos_embed has {theirs.shape[1]} positions and the model {ours.shape[1]}: "
+                    f"it is a DiT for model.input_size {size} ({grid}x{grid} patches of {patch}, {pixels}px images)",
+                    key_path="model.input_size",
+                    suggestion=f"--set model.input_size={size} --set data.image_size={pixels}{also}")
+
+
 def model_inputs(inputs: Mapping[str, Any]) -> tuple:
     """A golden file's inputs as ``model(x, t, y)`` arguments (``t`` is the DDPM index)."""
     return inputs["x"], inputs["t"], inputs.get("y")

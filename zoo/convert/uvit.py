@@ -80,6 +80,13 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, An
     return out
 
 
+def official_keys(name: str, config: Mapping[str, Any] | None = None) -> list[str]:
+    """The official key a zoo key is converted from, for messages."""
+    if m := re.fullmatch(r"blocks\.skip_linears\.(\d+)\.(.+)", name):
+        return [f"out_blocks.{m[1]}.skip_linear.{m[2]}"]
+    return [name.removeprefix("blocks.")]
+
+
 def model_inputs(inputs: Mapping[str, Any]) -> tuple:
     """A golden file's inputs as ``model(x, t, y)`` arguments (``t`` is the raw sinusoid input)."""
     return inputs["x"], inputs["t"], inputs.get("y")
