@@ -11,7 +11,11 @@ A family is a module beside this one that defines:
   arguments of ``model(x, t, y)`` (default ``(x, t, y)``);
 * optionally ``matches_config(config: dict) -> bool``: whether an official config is of this
   family (lets ``zoo parity`` infer the family);
-* optionally ``MODEL_TYPE``: the recipe ``model.type`` it converts into (default: the family's name).
+* optionally ``MODEL_TYPE``: the recipe ``model.type`` it converts into (default: the family's name);
+* optionally ``official_keys(name: str, config) -> list[str]``: the official key(s) a zoo key comes from,
+  so that ``zoo convert`` names a missing or mis-shaped tensor as the official file does;
+* optionally ``explain_shapes(state, expected, recipe)``: raise a clearer error than a key list where a
+  shape says which setting differs (DiT's ``pos_embed`` length: the input size).
 
 Families are listed in :data:`FAMILIES` (name -> module) and imported only when used.
 """
