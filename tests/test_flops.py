@@ -508,6 +508,16 @@ def test_a_plugin_whose_example_inputs_are_on_cpu_is_counted_on_meta(tmp_path, c
     assert count_flops(_ItemInputsNet()).gflops == expected.gflops
 
 
+
+def test_every_user_of_example_inputs_gets_them_on_the_models_device():
+    """The FLOP count alone made them under the model's device: zoo train's output check (and the memory
+    estimate) ran a meta model on the plugin's cpu inputs, failed, and skipped the check without a word."""
+    from zoo.meta import build_on_meta, example_inputs
+
+    x, t, y = example_inputs(build_on_meta(_CpuInputsNet), 2)
+    assert x.is_meta and t.is_meta and y.is_meta and tuple(x.shape) == (2, 3, 2, 2)
+    assert not example_inputs(_CpuInputsNet(), 2)[0].is_meta
+
 def test_inputs_and_model_on_meta_and_off_it_are_named_as_such():
     model = _Convs()
     with pytest.raises(UserError, match=r"^the inputs are on meta and the model on cpu: .*\(make the inputs on "):

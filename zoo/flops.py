@@ -290,18 +290,14 @@ def _inputs(model: nn.Module, inputs: Any) -> tuple:
     Given inputs on meta and a model off it, or the other way round, are one message naming both."""
     device = _model_device(model)
     if inputs is None:
-        if device is None:
-            return _as_args(_default_inputs(model))
-        with torch.device(device):
-            try:
-                args = _as_args(_default_inputs(model))
-            except (UserError, NeedsDynamo, ImportError):
+        try:
+            return _as_args(_default_inputs(model))  # made under the model's device, moved there
+        except (UserError, NeedsDynamo, ImportError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the model's own example_inputs, on meta
+            if device is None or device.type != "meta":
                 raise
-            except Exception as err:  # noqa: BLE001 - the model's own example_inputs, on meta
-                if device.type != "meta":
-                    raise
-                raise UserError(str(NotOnMeta(model, err)), suggestion=_COUNT_ON_CPU) from None
-        return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            raise UserError(str(NotOnMeta(model, err)), suggestion=_COUNT_ON_CPU) from None
     args = _as_args(inputs)
     places = {a.device.type for a in args if isinstance(a, torch.Tensor)}
     if device is not None and places and "meta" in places | {device.type} and places != {device.type}:

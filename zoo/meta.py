@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 import traceback
@@ -117,12 +118,21 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 def example_inputs(model: nn.Module, batch: int = 1) -> tuple:
     """``model.example_inputs(batch)``: the forward's arguments zoo runs a model on without data (the
     FLOP count, the memory estimate, the shapes of training data and samples). A model class without
-    the method (a ``_target_`` backbone, say) is one message saying what to add."""
+    the method (a ``_target_`` backbone, say) is one message saying what to add.
+
+    Made under the model's device (the "current device" plugins are told to use, meta included) and moved
+    there where the method names another (``torch.randn(..., device="cpu")``): a forward on a meta model
+    with cpu inputs fails."""
     if not callable(getattr(model, "example_inputs", None)):
         raise UserError(f"{type(model).__name__} has no example_inputs(batch) method, so zoo cannot make its inputs",
                         suggestion="give the class example_inputs(batch) returning its forward's arguments (x, t, y) "
                         "for a batch of that size")
-    return tuple(model.example_inputs(batch))
+    device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
+    if device is None:
+        return tuple(model.example_inputs(batch))
+    with torch.device(device):
+        args = tuple(model.example_inputs(batch))
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) and a.device != device else a for a in args)
 
 
 class NotOnMeta(Exception):
