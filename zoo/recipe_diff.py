@@ -29,7 +29,7 @@ def without_neutral_keys(model: Any) -> Any:
     return {k: v for k, v in model.items() if k not in NEUTRAL_MODEL_KEYS} if isinstance(model, dict) else model
 
 
-def _as_table(a: Any, b: Any) -> tuple[Any, Any]:
+def as_table(a: Any, b: Any) -> tuple[Any, Any]:
     """A component given by name beside one given as a table: both as tables (``NAME`` is ``{type: NAME}``)."""
     if isinstance(a, str) and isinstance(b, dict) and "type" in b:
         return {"type": a}, b
@@ -47,7 +47,7 @@ def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None 
     default there: ``defaults[key]``, else the constructor default of the registered component the
     table names (``type``, one of ``kinds``), or of ``owner`` for a table without a type (a DiMR branch).
     """
-    a, b = _as_table(a, b)  # NAME beside {type: NAME, ...}: compared as tables
+    a, b = as_table(a, b)  # NAME beside {type: NAME, ...}: compared as tables
     if isinstance(a, dict) and isinstance(b, dict):
         if a.get("type") != b.get("type"):
             return f"{path}.type"

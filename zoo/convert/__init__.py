@@ -115,9 +115,9 @@ def check_recipe_matches(spec: Any, model: Any, path: str = "model") -> None:
     A component given by name equals ``{type: NAME}``; settings that leave what the weights compute
     unchanged (U-ViT's ``use_checkpoint``, which every released config sets) are not compared.
     """
-    from zoo.recipe_diff import NEUTRAL_MODEL_KEYS, _as_table
+    from zoo.recipe_diff import NEUTRAL_MODEL_KEYS, as_table
 
-    spec, model = _as_table(spec, model)  # NAME beside {type: NAME, ...}
+    spec, model = as_table(spec, model)  # NAME beside {type: NAME, ...}
     if isinstance(spec, Mapping) and isinstance(model, Mapping):
         from zoo.introspect import backbone_defaults
 
