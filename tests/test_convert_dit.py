@@ -118,6 +118,18 @@ def test_a_safetensors_file_named_pt_converts_and_a_folder_names_the_files_in_it
     err = capsys.readouterr().err
     assert "is a directory, not a weights file; it holds nnet_ema.pth, nnet.pth, optimizer.pth" in err
     assert f"pass {folder / 'nnet_ema.pth'}" in err
+    # a zoo checkpoint folder, or a run directory: named as such (its weights file, which it had suggested, is
+    # refused as already in zoo's layout)
+    for given in (tmp_path / "ckpt", tmp_path / "run"):
+        if given.name == "run":
+            (given / "last").parent.mkdir()
+            (tmp_path / "ckpt").rename(given / "last")
+        assert main(["convert", "dit", str(given), *argv, "--out", str(tmp_path / "o")]) == 2
+        kind = "checkpoint" if given.name == "ckpt" else "run directory"
+        assert f"{given} is a zoo {kind}, already in zoo's layout (pass {given} to zoo sample" in capsys.readouterr().err
+    assert main(["convert", "dit", str(tmp_path / "weights.pt"), *argv, "--config", str(folder),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"official config {folder} is a directory (pass the official config's JSON file)" in capsys.readouterr().err
 
 
 def test_an_empty_ema_entry_is_not_silently_replaced_by_the_raw_weights():

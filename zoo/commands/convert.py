@@ -64,7 +64,14 @@ def _starts_like_safetensors(path: Path) -> bool:
 
 def _refuse_a_folder(path: Path) -> None:
     """A folder is not a checkpoint file; name the weights files in it (U-ViT saves ``300000.ckpt/``, a folder
-    holding ``nnet.pth`` and ``nnet_ema.pth``), the EMA ones first."""
+    holding ``nnet.pth`` and ``nnet_ema.pth``), the EMA ones first. A zoo checkpoint or run directory needs no
+    conversion: naming its weights file would lead to that file's refusal."""
+    from zoo.checkpoint import is_checkpoint
+
+    if is_checkpoint(path) or is_checkpoint(path / "last"):
+        raise UserError(f"{path} is a zoo {'checkpoint' if is_checkpoint(path) else 'run directory'}, already in "
+                        "zoo's layout", suggestion=f"pass {path} to zoo sample, eval or export; zoo convert reads "
+                        "official checkpoints")
     found = sorted((f for f in path.iterdir() if f.is_file() and f.suffix in (".pt", ".pth", ".safetensors")),
                    key=lambda f: ("ema" not in f.name, f.name))
     if not found:
@@ -90,7 +97,8 @@ def official_config(args: argparse.Namespace, checkpoint: object) -> dict | None
     """The official constructor kwargs: ``--config FILE``, else the checkpoint's ``config`` entry, else None."""
     if args.config is not None:
         if not args.config.is_file():
-            raise UserError(f"official config {args.config} does not exist")
+            raise UserError(f"official config {args.config} " + ("is a directory" if args.config.is_dir() else
+                            "does not exist"), suggestion="pass the official config's JSON file")
         config = read_json_object(args.config, "official config", "give a JSON object of constructor kwargs")
         for key in ("config", "_config"):  # a keys file (tests/golden/keys) carries it beside the keys
             if isinstance(config, dict) and isinstance(config.get(key), dict):
