@@ -9,7 +9,7 @@ from torch import nn
 
 import zoo
 from zoo.classifier import ConvNeXtClassifier, accuracy, load_classifier, save_classifier
-from zoo.classifier_train import ClassifierData, load_data, shift, train_classifier
+from zoo.classifier_train import ClassifierData, ClassifierDiverged, load_data, shift, train_classifier
 from zoo.training.optim import learning_rate
 from zoo.cli import main
 from zoo.errors import UserError
@@ -123,6 +123,12 @@ def test_emoji32_trains_on_its_train_split_and_scores_on_its_holdout():
     ("train-classifier {recipe} --out {tmp}/file", "--out {tmp}/file is a file"),
     ("train-classifier {recipe} --out {tmp}/user", "--out {tmp}/user holds files that are not a zoo classifier"),
     ("train-classifier {recipe} --out {tmp}/cls --steps 0", "--steps"),
+    ("train-classifier {recipe} --out {tmp}/cls --lr nan", "argument --lr: nan is not a positive finite number"),
+    ("train-classifier {recipe} --out {tmp}/cls --lr -1", "argument --lr: -1 is not a positive finite number"),
+    ("train-classifier {recipe} --out {tmp}/cls --lr inf", "argument --lr: inf is not a positive finite number"),
+    ("train-classifier {recipe} --out {tmp}/cls --lr 0", "argument --lr: 0 is not a positive finite number"),
+    ("train-classifier {recipe} --out {tmp}/cls --image-size -8", "argument --image-size: -8 is not a positive integer"),
+    ("train-classifier {recipe} --out {tmp}/cls --image-size 0", "argument --image-size: 0 is not a positive integer"),
     ("train-classifier {recipe} --out {tmp}/cls --dims 8,16 --depths 1", "--dims [8, 16] and --depths [1]"),
 ])
 def test_bad_inputs_are_one_line_and_exit_2(argv, expected, tmp_path, capsys):
@@ -147,3 +153,30 @@ def test_a_saved_classifier_must_be_whole(tmp_path):
     (tmp_path / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(UserError, match=r"grid.png is a file; a classifier is the directory `zoo train-classifier"):
         load_classifier(tmp_path / "grid.png")
+
+
+@pytest.mark.parametrize("steps, said", [(1, "the weights hold NaN or inf after step 1"), (2, "the loss is nan at step 2")])
+def test_training_that_goes_to_nan_stops_and_returns_no_classifier(steps, said):
+    """--lr inf trained to NaN and saved an all-NaN classifier with exit 0: a non-finite loss stops it, and so do
+    weights the last step left non-finite (lr inf x 0 warm-up is NaN at step 1)."""
+    (tx, ty), (hx, hy) = _easy(16, 0), _easy(8, 1)
+    data = ClassifierData(tx, ty, hx, hy, 4, {"dataset": "hand-made"}, "separate draw")
+    with pytest.raises(ClassifierDiverged, match=f"{said}; stopped, nothing saved \\(try a lower --lr than inf\\)"):
+        train_classifier(data, steps=steps, batch_size=4, lr=float("inf"), arch={"dims": [8], "depths": [1]},
+                         log=lambda _: None)
+
+
+def test_the_command_stops_on_a_nan_loss_with_one_line_exit_1_and_saves_nothing(tmp_path, capsys, monkeypatch):
+    import zoo.classifier_train as classifier_train
+
+    (tx, ty), (hx, hy) = _easy(16, 0), _easy(8, 1)
+    tx[3] = float("nan")  # (one bad image: the first batch's loss is NaN)
+    monkeypatch.setattr(classifier_train, "load_data",
+                        lambda *_: ClassifierData(tx, ty, hx, hy, 4, {"dataset": "hand-made"}, "separate draw"))
+    out = tmp_path / "cls"
+    assert main(["train-classifier", str(RECIPE), "--out", str(out), "--steps", "3", "--batch-size", "16",
+                 "--dims", "8", "--depths", "1", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("zoo train-classifier: error: the loss is nan at step 1; stopped, nothing saved "
+                   "(try a lower --lr than 0.002)\n")
+    assert not out.exists()

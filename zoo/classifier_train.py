@@ -12,6 +12,7 @@ up to ``shift`` pixels (edge padding; no flips: emoji and text are not mirror-sy
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,13 @@ def shift(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
     return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> NCHW
 
 
+class ClassifierDiverged(RuntimeError):
+    """Training went to NaN or inf; the classifier is not saved."""
+
+    def __init__(self, what: str, lr: float) -> None:
+        super().__init__(f"{what}; stopped, nothing saved (try a lower --lr than {lr:g})")
+
+
 def train_classifier(data: ClassifierData, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
                      weight_decay: float = 0.05, seed: int = 0, pixels: int = 2, device: str = "cpu",
                      arch: dict[str, Any] | None = None, log: Callable[[str], None] = print,
@@ -127,14 +135,19 @@ def train_classifier(data: ClassifierData, steps: int = 1500, batch_size: int = 
         loss = F.cross_entropy(model(x), data.train_y[idx].to(device), label_smoothing=0.1)
         for group in opt.param_groups:
             group["lr"] = learning_rate(schedule, step)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise ClassifierDiverged(f"the loss is {loss_value} at step {step + 1}", lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += loss.item()
+        loss_sum += loss_value
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             log(f"zoo train-classifier: step {step + 1}/{steps}  loss {loss_sum / ((step % log_every) + 1):.4f}  "
                 f"{(step + 1) / (time.perf_counter() - start):.1f} steps/s")
             loss_sum = 0.0
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step's update
+        raise ClassifierDiverged(f"the weights hold NaN or inf after step {steps}", lr)
     model.eval()
     counts = torch.bincount(data.holdout_y, minlength=data.num_classes)
     record = {

@@ -64,6 +64,18 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "is not a positive integer")
 
 
+def positive_float(text: str) -> float:
+    """An argparse ``type`` for rates and scales (a learning rate): argparse's one-line usage error for
+    0, a negative number, nan or inf, which otherwise crash deep inside or train to NaN."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """An argparse ``type`` for counts that may be 0 (warm-up steps)."""
     return _int_at_least(text, 0, "is negative")

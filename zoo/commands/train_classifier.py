@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from zoo.cli import positive_float, positive_int
 from zoo.commands import add_overrides_option
 
 
@@ -35,11 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="RECIPE_OR_DATASET", help="recipe YAML (its data section) or a dataset name")
     p.add_argument("--out", required=True, metavar="DIR", help="classifier directory (config.json, model.safetensors)")
     add_overrides_option(p)
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init, batches, augmentation (and split)")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default: the data's, else 32)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the data's, else 32)")
     p.add_argument("--dims", type=_ints, default=[32, 64], help="channels per resolution (default 32,64)")
     p.add_argument("--depths", type=_ints, default=[2, 2], help="convnext blocks per resolution (default 2,2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -49,12 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zoo.classifier import check_out, save_classifier
-    from zoo.classifier_train import load_data, train_classifier
+    from zoo.classifier_train import ClassifierDiverged, load_data, train_classifier
     from zoo.errors import UserError
     from zoo.guards import check_outside_checkpoints, resolve_device
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise UserError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
     if len(args.dims) != len(args.depths):
         raise UserError(f"--dims {args.dims} and --depths {args.depths} need the same number of entries")
     device = str(resolve_device(args.device))
@@ -64,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda _: None) if args.json else print
     log(f"zoo train-classifier: {len(data.train_y)} training, {len(data.holdout_y)} holdout images "
         f"({data.holdout}), {data.num_classes} classes, {tuple(data.train_x.shape[1:])}")
-    model, record = train_classifier(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                     device=device, arch={"dims": args.dims, "depths": args.depths}, log=log)
+    try:
+        model, record = train_classifier(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                         seed=args.seed, device=device, arch={"dims": args.dims, "depths": args.depths},
+                                         log=log)
+    except ClassifierDiverged as err:  # as zoo train's NonFiniteError: exit 1, nothing saved
+        print(f"zoo train-classifier: error: {err}", file=sys.stderr)
+        return 1
     from zoo.checkpoint import versions
 
     record["source"], record["versions"] = args.source, versions()
