@@ -3,6 +3,7 @@ loss.png, and a ``last/`` that survives SIGKILL at any moment (a real ``zoo trai
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     assert lines[0] == f"zoo train: run directory {tmp_path.resolve()}"
     assert f"{params:,} parameters" in lines[1] and "device cpu" in lines[2]
     assert lines[3] == "zoo train: data synthetic:train, 64 images of 3x8x8"
-    assert lines[4].endswith(f"tensorboard --logdir {tmp_path / 'tb'}` (loss.png, log.jsonl, samples/)")
+    assert lines[4].endswith(f"tensorboard --logdir {shlex.quote(str(tmp_path / 'tb'))}` (loss.png, log.jsonl, samples/)")
     assert [line.split()[1] for line in lines[5:8]] == ["1", "2", "3"]  # not a TTY: one plain line per record
     records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [1, 2, 3] and all(x["loss"] > 0 for x in records)
@@ -56,6 +57,27 @@ def test_a_recipe_without_a_dataset_says_in_its_first_lines_that_it_trains_on_sy
     said = [line for line in lines if line.startswith("zoo train: data ")]
     assert said == ["zoo train: data synthetic:train, 64 images of 3x8x8 (the recipe sets no data.dataset: synthetic "
                     "class-coloured images; set data.dataset and data.root to train on real data)"]
+
+
+def test_the_tensorboard_command_it_prints_can_be_pasted_into_a_shell(tmp_path):
+    """`tensorboard --logdir runs/my run/tb` split at the space: the path is shell-quoted."""
+    lines = []
+    out = tmp_path / "my run"
+    train(zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.ckpt_every=0"]), out, steps=1, log=lines.append)
+    watch = next(line for line in lines if "tensorboard --logdir" in line)
+    assert f"`tensorboard --logdir '{out / 'tb'}'`" in watch
+    assert shlex.split(watch.split("`")[1]) == ["tensorboard", "--logdir", str(out / "tb")]
+
+
+def test_a_run_directory_that_is_not_utf8_is_refused_before_any_step(tmp_path, capsys):
+    """`--out $'runs/r\\xfcn'` trained its steps, then failed in TensorBoard's writer at the first log record
+    (a UnicodeEncodeError traceback), with no last/."""
+    out = tmp_path / os.fsdecode(b"r\xfcn")
+    assert main(["train", str(RECIPE), "--out", str(out), "--steps", "6", "--set", "train.sample_every=0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"zoo: error: the run directory {tmp_path}/r\\xfcn is not a valid UTF-8 path (TensorBoard cannot "
+                   "write there) (choose a UTF-8 path for --out)\n")
+    assert not (out / "last").exists() and not (out / "log.jsonl").exists()
 
 
 def test_a_run_that_logs_nothing_does_not_point_at_files_it_never_writes(tmp_path):

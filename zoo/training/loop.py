@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -109,6 +110,17 @@ def _labels_dropped_by_trainer(model: torch.nn.Module) -> None:
             m.eval()
 
 
+def _check_utf8_path(out: Path) -> None:
+    """Refuse a run directory whose name is not UTF-8 (``runs/r\\xfcn`` in a Latin-1 shell): TensorBoard's
+    writer fails on it at the first log record, after steps were trained and before any was saved."""
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(out).encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise UserError(f"the run directory {shown} is not a valid UTF-8 path (TensorBoard cannot write there)",
+                        suggestion="choose a UTF-8 path for --out") from None
+
+
 class Trainer:
     """One run: model, EMA, optimizer, data stream and the run directory ``out``."""
 
@@ -120,6 +132,7 @@ class Trainer:
         self.after_banner: list[str] = []  # lines of the setup that follow the run's first lines
         self.monitor = None  # rank 0's, while run() runs
         with distributed.agreement(self.ctx):  # a mistake on any rank stops all of them, with one message
+            _check_utf8_path(self.out)
             dataset = self._set_up(recipe, resume, allow_recipe_change)
         data = recipe.get("data") or {}
         self.wrapped = distributed.wrap(self.model, self.ctx, self.train["parallel"], self.train["precision"])
@@ -569,7 +582,8 @@ class Trainer:
         self.log(f"zoo train: data {self.data_line}")
         if self._period("log_every") > 0:
             grids = ", samples/" if self.grids else ""
-            self.log(f"zoo train: watch with `tensorboard --logdir {self.out / 'tb'}` (loss.png, log.jsonl{grids})")
+            self.log(f"zoo train: watch with `tensorboard --logdir {shlex.quote(str(self.out / 'tb'))}` "
+                     f"(loss.png, log.jsonl{grids})")
         else:
             self.log("zoo train: train.log_every is 0: nothing is logged (no log.jsonl, loss.png or TensorBoard "
                      "events)")
