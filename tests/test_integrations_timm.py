@@ -205,3 +205,19 @@ def test_non_finite_options_are_refused_by_name():
             zoo_timm.model_overrides({"mlp_ratio": value})
     assert zoo_timm.model_overrides({"mlp_ratio": 2.5, "block": {"qkv_bias": False}}) == [
         "model.mlp_ratio=2.5", 'model.block={"qkv_bias": false}']
+
+
+def test_timms_data_config_gives_zoos_input_range_not_imagenets():
+    """resolve_model_data_config filled in ImageNet's mean/std where zoo left them out: a timm transform fed a
+    pixel model normalised images instead of mapping them to [-1, 1]; a latent model is not normalised."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    pixel = resolve_model_data_config(timm.create_model("zoo_emoji32_dit"))
+    assert pixel["mean"] == pixel["std"] == (0.5, 0.5, 0.5) and pixel["crop_pct"] == 1.0
+    from PIL import Image
+
+    white = create_transform(**pixel)(Image.new("RGB", (40, 32), "white"))
+    assert white.shape == (3, 32, 32) and torch.equal(white, torch.ones_like(white))  # 255 -> 1.0, as zoo's data
+    with torch.device("meta"):
+        latent = resolve_model_data_config(timm.create_model("zoo_dit_s_2"))
+    assert latent["mean"] == (0.0,) * 4 and latent["std"] == (1.0,) * 4

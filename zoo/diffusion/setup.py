@@ -50,8 +50,18 @@ def time_map(recipe: Mapping[str, Any], schedule: "NoiseSchedule") -> Callable[[
         raise UserError("the recipe does not say how the backbone receives time",
                         key_path="diffusion.time_input",
                         suggestion="add diffusion.time_input: dit_index, uvit_discrete, uvit_continuous or dimr_log_snr")
-    fn, n = get_time_input(name), num_steps(schedule)
-    return lambda t: fn(t, n)
+    return _TimeMap(get_time_input(name), num_steps(schedule))
+
+
+@dataclass(frozen=True)
+class _TimeMap:
+    """``fn(t, num_steps)`` with ``num_steps`` fixed: picklable, unlike a lambda (a pickled diffusers wrapper)."""
+
+    fn: Callable[[Tensor, int], Tensor]
+    num_steps: int
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return self.fn(t, self.num_steps)
 
 
 def prediction(recipe: Mapping[str, Any]) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+import torch
 from torch import Tensor, nn
 
 import zoo
@@ -124,15 +125,22 @@ def scheduler_kwargs(schedule: Mapping[str, Any]) -> dict[str, Any]:
 def diffusers_config(model: nn.Module, recipe: Mapping[str, Any]) -> dict[str, Any]:
     """The wrapper's config for ``model`` built from ``recipe`` (JSON data only)."""
     from zoo.diffusion.setup import DEFAULT_SCHEDULE
-    from zoo.meta import build_on_meta
+    from zoo.meta import NotOnMeta, build_on_meta, example_inputs, meta_forward
     from zoo.sample import num_classes
 
     diffusion = recipe.get("diffusion") or {}
     if diffusion.get("time_input") is None:
         raise UserError("the recipe does not say how the backbone receives time", key_path="diffusion.time_input")
     meta = build_on_meta(lambda: zoo.build_model({"model": recipe["model"]}))
-    x, t, y = meta.example_inputs(1)
-    out = meta(x, t, y)
+    x, t, y = example_inputs(meta)  # one message for a backbone without the method
+    try:
+        with torch.no_grad():
+            out = meta_forward(meta, x, t, y)
+    except NotOnMeta:  # a backbone whose forward needs real values (.item()): asked once on the cpu instead
+        real = zoo.build_model({"model": recipe["model"]})
+        x, t, y = example_inputs(real)
+        with torch.no_grad():
+            out = real(x, t, y)
     out = out[-1] if isinstance(out, (list, tuple)) else out
     if x.ndim != 4 or x.shape[2] != x.shape[3]:
         raise UserError(f"diffusers' pipelines need square (B, C, H, H) inputs; this model takes {tuple(x.shape)}")

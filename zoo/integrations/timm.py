@@ -78,10 +78,16 @@ def create(name: str, recipe: str, pretrained: bool = False, pretrained_cfg: Any
     model._zoo_model_section = resolved.data["model"]  # compared with a checkpoint's recipe when one is loaded
     model._zoo_keywords = set(options)  # which of its settings the caller gave (the rest: the recipe's)
     example = getattr(model, "example_inputs", None)
-    # what timm's own models carry (timm.data.resolve_model_data_config reads it); no mean/std: zoo models
-    # take [-1, 1] pixels or VAE latents, not ImageNet-normalised images
-    model.pretrained_cfg = {"architecture": name, "input_size": tuple(example(1)[0].shape[1:]) if example else None,
+    shape = tuple(example(1)[0].shape[1:]) if example else None
+    # what timm's own models carry (timm.data.resolve_model_data_config reads it). zoo models take [-1, 1]
+    # pixels (mean = std = 0.5 on [0, 1] images) or VAE latents (no normalisation): left out, timm would fill
+    # in ImageNet's mean and std
+    model.pretrained_cfg = {"architecture": name, "input_size": shape,
                             "num_classes": getattr(model, "num_classes", None), "source": f"zoo recipe {recipe}"}
+    if shape is not None:
+        latent = bool((resolved.data.get("data") or {}).get("latent"))
+        model.pretrained_cfg.update(mean=(0.0 if latent else 0.5,) * shape[0], std=(1.0 if latent else 0.5,) * shape[0],
+                                    crop_pct=1.0)  # the whole centre square, as zoo's image folders and ADM crop
     return model if dtype is None else model.to(dtype)
 
 
