@@ -407,3 +407,18 @@ def test_list_says_what_a_dimr_branch_depth_of_0_builds(capsys):
     code, out, _ = zoo(capsys, "list", "backbone", "dimr")
     depth = next(line for line in out.splitlines() if line.split()[:1] == ["depth"])
     assert code == 0 and depth.rstrip().endswith("in [0, 1024]; the official num_blocks: 2*(depth//2)+1 blocks, so 0 builds one")
+
+
+def test_compare_refuses_a_batch_that_cannot_fit_before_building_any_model(capsys, monkeypatch):
+    """`zoo compare --batch 99999999` was an allocator traceback: the memory check zoo train and zoo sample make."""
+    from zoo import compare, memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(compare, "Bench", lambda *a, **k: pytest.fail("a model was built"))
+    recipe = str(RECIPES / "tiny_train.yaml")
+    code, out, err = zoo(capsys, "compare", recipe, "--batch", "99999999", "--device", "cpu")
+    assert_one_line_error(code, out, err, f"timing {recipe} at --batch 99999999 needs about ",
+                          "but the cpu device has 1.0 GiB free (use --batch ", " or less, or --no-time)")
+    from zoo.commands.compare import check_memory
+
+    check_memory([recipe], [], 4, "cpu")  # what fits passes

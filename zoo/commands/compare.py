@@ -56,6 +56,38 @@ def check_plot_output(path: str) -> None:
     check_outside_checkpoints(out, "--plot")
 
 
+def check_memory(recipes: list[str], overrides: list[str], batch: int, device: str) -> None:
+    """Each recipe's timed training step at ``batch`` must fit on ``device`` (as zoo train and zoo sample
+    check theirs): one line instead of an allocator traceback or the OOM killer."""
+    import torch
+
+    import zoo
+    from zoo.errors import UserError
+    from zoo.memory import available_bytes, estimate, gib
+    from zoo.meta import NotOnMeta
+
+    free = available_bytes(torch.device(device))
+    if free is None:  # nothing to compare with
+        return
+    for recipe in recipes:
+        resolved = zoo.load_recipe(recipe, list(overrides))
+        with torch.device("meta"):
+            model = zoo.build_model(resolved)
+        half = (resolved.get("train") or {}).get("precision") in ("bf16", "fp16")
+        try:
+            est = estimate(model, training=True, half_precision=half, ema=False)
+        except NotOnMeta:  # a plugin's data-dependent code: it may well run on real tensors
+            continue
+        if est.total(batch) <= free:
+            continue
+        fits = (free - est.fixed) // est.per_sample if est.per_sample and free > est.fixed else 0
+        raise UserError(f"timing {recipe} at --batch {batch} needs about {gib(est.total(batch))} ({gib(est.fixed)} "
+                        f"of weights, gradients and AdamW state + {gib(est.per_sample * batch)} of activations) but "
+                        f"the {torch.device(device).type} device has {gib(free)} free",
+                        suggestion=f"use --batch {fits} or less, or --no-time" if fits >= 1
+                        else "use --no-time, or a device with more memory")
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -70,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:  # before minutes of timing: a path the plot can be written to
         check_plot_output(args.plot)
 
+    if not args.no_time:  # before any model is built: an allocator traceback or the OOM killer otherwise
+        check_memory(args.recipes, args.overrides, args.batch, device)
     rows = measure(args.recipes, args.overrides, batch=args.batch, device=device, warmup=args.warmup,
                    repeats=args.repeats, time_it=not args.no_time, log=lambda m: print(m, file=sys.stderr))
     if args.plot:
