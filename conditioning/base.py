@@ -74,8 +74,13 @@ def norm_and_gate(norm: nn.Module, x: Tensor, cond: Conditioning) -> tuple[Tenso
     """``norm(x, cond)``, checked to be the ``(h, gate)`` pair the conditioner contract promises.
 
     A plugin conditioner that returns a bare tensor would otherwise be unpacked along its batch
-    dimension: a confusing unpack error, or at batch 2 a silently wrong ``h`` and ``gate``.
+    dimension: a confusing unpack error, or at batch 2 a silently wrong ``h`` and ``gate``. A ``cond`` that
+    is not a :class:`Conditioning` (a bare time tensor, from a block used on its own) is named here too:
+    its ``.t`` is the tensor's transpose method.
     """
+    if cond is not None and not isinstance(cond, Conditioning):
+        raise ContractError(f"a block's cond must be a Conditioning, got {type(cond).__name__}",
+                            suggestion="pass Conditioning(t=t) (conditioning.base; emb= and y= as its conditioners need)")
     out = norm(x, cond)
     if type(out) is not tuple or len(out) != 2 or not (out[1] is None or isinstance(out[1], Tensor)):
         got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__

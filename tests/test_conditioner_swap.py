@@ -232,3 +232,14 @@ def test_a_uvit_head_norm_that_embeds_the_label_keeps_the_label_token_in_the_blo
     with torch.no_grad():
         embedding_head(x, t, torch.tensor([0, 0])), embedding_head(x, t, torch.tensor([3, 3]))
     assert (seen[0] - seen[1]).abs().max() > 1e-3  # the label changes what the blocks compute
+
+
+def test_a_block_given_a_bare_time_tensor_as_cond_names_conditioning():
+    """A block used on its own with cond=t: a time-dependent norm read t.t (the transpose method) and raised
+    'Could not infer dtype of builtin_function_or_method'; adaLN-Zero raised an AttributeError on .emb."""
+    from zoo.errors import ContractError
+
+    for norm in ("td_layernorm", "adaln_zero", "layernorm"):
+        block = zoo.build_component("block", {"type": "transformer", "num_heads": 4, "norm": norm}, dim=32, cond_dim=32)
+        with pytest.raises(ContractError, match=r"^a block's cond must be a Conditioning, got Tensor"):
+            block(torch.randn(2, 5, 32), torch.rand(2))
