@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,6 +65,10 @@ def test_build_model_takes_a_bare_model_section():
     typo = r"key model.branches.0.depht: unknown parameter 'depht' of BranchConfig.*did you mean depth"
     with pytest.raises(UserError, match=typo):
         zoo.build_model({**DIMR, "branches": [{**DIMR["branches"][0], "depht": 1}, DIMR["branches"][1]]})
+    # a bare section without its type read as a recipe of unknown sections, with no hint
+    untyped = {k: v for k, v in DIMR.items() if k != "type"}
+    with pytest.raises(UserError, match=r"unknown section .*\(a model section alone names its backbone: add type: "):
+        zoo.build_model(untyped)
 
 
 def test_target_paths_build_the_same_model_as_registered_names(tmp_path):
@@ -191,7 +197,18 @@ def test_from_checkpoint_gives_the_ema_model_of_a_run_in_eval_mode(tmp_path):
     for name, p in loaded.state_dict().items():
         assert torch.equal(p, ema.state_dict()[name]), name
     raw, _ = zoo.from_checkpoint(tmp_path / "run" / "last", use_ema=False)
+    with pytest.raises(UserError, match=r"^device= 'gpu' is not a device"):  # torch's RuntimeError after reading
+        zoo.from_checkpoint(tmp_path / "run", device="gpu")
     assert all(torch.equal(p, model.state_dict()[n]) for n, p in raw.state_dict().items())
     for wrong in (tmp_path / "run", tmp_path / "run" / "last" / "config.json"):  # a checkpoint is not a recipe
         with pytest.raises(UserError, match=r"is a zoo checkpoint, not a recipe file \(zoo.from_checkpoint\("):
             zoo.build_model(wrong)
+
+
+def test_train_takes_a_recipe_file(tmp_path):
+    """zoo.training.train took a resolved recipe only: a path raised AttributeError: 'str' has no 'get'."""
+    from zoo.training import train
+
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    records = train(str(recipe), tmp_path / "run", steps=2, log=lambda *_: None)
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file() and records[-1]["step"] == 2

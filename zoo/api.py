@@ -63,8 +63,13 @@ def from_checkpoint(path: str | Path, *, use_ema: bool = True,
     strictly into the model its ``config.json`` describes; returned in eval mode (``.train()`` to go
     on training it). A component of an uninstalled plugin is an error naming that plugin.
     """
+    import torch
+
+    from .guards import resolve_device
     from .integrations.checkpoints import load_preferred
 
+    if not isinstance(device, torch.device):  # 'gpu', or cuda without one: said before any file is read
+        device = resolve_device(device, option="device=")
     model, recipe, _ = load_preferred(path, use_ema, device)
     return model.eval(), recipe
 

@@ -450,8 +450,10 @@ def validate_recipe(recipe: Recipe, sections: Iterable[str] | None = None) -> No
     allowed = list(SECTIONS) + [s for s in SECTION_VALIDATORS if s not in SECTIONS]
     for key in recipe.data:
         if key not in allowed:
-            raise recipe.error((key,), f"unknown section {key!r}; sections are {', '.join(allowed)}",
-                               suggestion=did_you_mean(key, allowed))
+            hint = did_you_mean(key, allowed)
+            if not hint and not recipe.data.keys() & set(allowed):  # {"input_size": 8, ...}: a model section alone
+                hint = "a model section alone names its backbone: add type: NAME (zoo list backbone) or _target_"
+            raise recipe.error((key,), f"unknown section {key!r}; sections are {', '.join(allowed)}", suggestion=hint)
     for key, value in sorted(recipe.data.items(), key=lambda item: item[0] != "model"):  # model first: the
         # other sections' checks read it (a coefficient per DiMR branch), so its own mistake is the one to name
         if sections is not None and key not in sections:

@@ -808,11 +808,15 @@ def _check_groups(saved: dict, now: list[int], directory: Path) -> None:
                         f"with --set train.init_from={directory}")
 
 
-def train(recipe: dict, out: str | Path, steps: int | None = None, device: str | None = None,
+def train(recipe: dict | str | Path, out: str | Path, steps: int | None = None, device: str | None = None,
           resume: str | Path | None = None, log: Callable[[str], None] = print,
           allow_recipe_change: bool = False, notes: Sequence[str] = ()) -> list[dict]:
-    """Build a :class:`Trainer` for ``recipe`` and run it; return the logged records. ``notes`` are
-    printed with the run's first lines."""
+    """Build a :class:`Trainer` for ``recipe`` (a resolved recipe, or a recipe file / shipped name) and run
+    it; return the logged records. ``notes`` are printed with the run's first lines."""
+    if not isinstance(recipe, dict):
+        import zoo
+
+        recipe = zoo.load_recipe(recipe)
     trainer = Trainer(recipe, out, device=device, resume=resume, log=log, allow_recipe_change=allow_recipe_change)
     trainer.after_banner[:0] = notes
     try:
