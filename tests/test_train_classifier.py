@@ -127,7 +127,8 @@ def test_emoji32_trains_on_its_train_split_and_scores_on_its_holdout():
     ("train-classifier {recipe} --out {tmp}/cls --lr -1", "argument --lr: -1 is not a positive finite number"),
     ("train-classifier {recipe} --out {tmp}/cls --lr inf", "argument --lr: inf is not a positive finite number"),
     ("train-classifier {recipe} --out {tmp}/cls --lr 0", "argument --lr: 0 is not a positive finite number"),
-    ("train-classifier {recipe} --out {tmp}/cls --image-size -8", "argument --image-size: -8 is not a positive integer"),
+    ("train-classifier {recipe} --out {tmp}/cls --image-size -8",
+     "argument --image-size: -8 is not a positive integer"),
     ("train-classifier {recipe} --out {tmp}/cls --image-size 0", "argument --image-size: 0 is not a positive integer"),
     ("train-classifier {recipe} --out {tmp}/cls --dims 8,16 --depths 1", "--dims [8, 16] and --depths [1]"),
 ])
@@ -155,7 +156,8 @@ def test_a_saved_classifier_must_be_whole(tmp_path):
         load_classifier(tmp_path / "grid.png")
 
 
-@pytest.mark.parametrize("steps, said", [(1, "the weights hold NaN or inf after step 1"), (2, "the loss is nan at step 2")])
+@pytest.mark.parametrize("steps, said", [(1, "the weights hold NaN or inf after step 1"),
+                                         (2, "the loss is nan at step 2")])
 def test_training_that_goes_to_nan_stops_and_returns_no_classifier(steps, said):
     """--lr inf trained to NaN and saved an all-NaN classifier with exit 0: a non-finite loss stops it, and so do
     weights the last step left non-finite (lr inf x 0 warm-up is NaN at step 1)."""

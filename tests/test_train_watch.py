@@ -33,7 +33,8 @@ def test_first_lines_logs_tensorboard_and_loss_plot(tmp_path):
     assert lines[0] == f"zoo train: run directory {tmp_path.resolve()}"
     assert f"{params:,} parameters" in lines[1] and "device cpu" in lines[2]
     assert lines[3] == "zoo train: data synthetic:train, 64 images of 3x8x8"
-    assert lines[4].endswith(f"tensorboard --logdir {shlex.quote(str(tmp_path / 'tb'))}` (loss.png, log.jsonl, samples/)")
+    tb = shlex.quote(str(tmp_path / "tb"))
+    assert lines[4].endswith(f"tensorboard --logdir {tb}` (loss.png, log.jsonl, samples/)")
     assert [line.split()[1] for line in lines[5:8]] == ["1", "2", "3"]  # not a TTY: one plain line per record
     records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [1, 2, 3] and all(x["loss"] > 0 for x in records)
