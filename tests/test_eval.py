@@ -975,3 +975,21 @@ def test_a_dataset_reference_is_named_with_its_split_however_it_was_given(tmp_pa
     assert _said_in_full("emoji32:train") == "emoji32:train" and _said_in_full("synthetic") == "synthetic"
     (tmp_path / "emoji32").mkdir()  # a folder of that name is a folder
     assert _said_in_full(str(tmp_path / "emoji32")) == str(tmp_path / "emoji32")
+
+
+def test_weights_ema_asked_for_by_name_is_refused_on_a_checkpoint_without_ema(tmp_path, capsys, monkeypatch):
+    """`zoo eval --weights ema` on a checkpoint without EMA quietly sampled the raw weights (and recorded them as
+    raw), where `zoo export diffusers --weights ema` refuses; left out, --weights still falls back to the raw ones."""
+    import zoo.eval.runner as runner
+
+    recipe = zoo.load_recipe(RECIPE)
+    ckpt = save_checkpoint(tmp_path / "ckpt", zoo.build_model(recipe), recipe)  # no EMA
+    requests = []
+    monkeypatch.setattr(runner, "evaluate", lambda request, **_: requests.append(request))  # None: nothing to report
+    assert main(["eval", str(ckpt), "--n", "4", "--weights", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"zoo: error: --weights ema: {ckpt} has no EMA weights (ema.safetensors) (drop --weights (the raw "
+                   "weights of a checkpoint without EMA), or --weights raw)\n")
+    assert requests == []
+    assert main(["eval", str(ckpt), "--n", "4"]) == 0 and main(["eval", str(ckpt), "--n", "4", "--weights", "raw"]) == 0
+    assert [r.weights for r in requests] == ["ema", "raw"]  # "ema": EMA where saved, as before

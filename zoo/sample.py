@@ -52,6 +52,16 @@ def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     return (_mix64((int(seed) << 8) ^ stream) + int(index)) & 0xFFFFFFFF
 
 
+SEEDS = 2**56  # sample_seed keeps the seed's low 56 bits (8 go to the stream): larger ones alias smaller ones
+
+
+def check_seed(seed: int, what: str = "--seed") -> None:
+    """Refuse a seed outside [0, 2^56): seed + 2^56 (or a negative one) drew the images of another seed."""
+    if not 0 <= seed < SEEDS:
+        raise UserError(f"{what} {seed} is outside 0..{SEEDS - 1} (a seed outside draws the images of one inside)",
+                        suggestion="give a seed in that range")
+
+
 def _generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(sample_seed(seed, index, stream))
 
@@ -134,6 +144,7 @@ class SampleRequest:
                                 f"give {'one label or ' if what != 'x_T' else ''}{n}, or leave n (--n) out")
         if n < 1:
             raise UserError(f"n (--n) must be at least 1, got {n}")
+        check_seed(int(self.seed), "seed (--seed)")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"batch_size (--batch-size) must be at least 1, got {self.batch_size}")
         return n

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale in the recipe's convention")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-sample seeds (default 0)")
-    add_weights_option(p, "raw", "EMA (default) or raw weights", default="ema")
+    add_weights_option(p, "raw", "EMA or raw weights (default: EMA where the checkpoint has them, else raw)")
     p.add_argument("--vae", default=None, metavar="DIR", help="local SD VAE weights (latent models)")
     p.add_argument("--out", default=None, metavar="DIR", help="eval directory (default: RUN/eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be at least 2, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from zoo.sample import check_seed
+
+    check_seed(args.seed)
     from zoo.eval.runner import EvalRequest, evaluate
     from zoo.guards import resolve_device
 
@@ -104,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
                             suggestion="choose a directory path")
         check_parents(out, "--out")
         check_outside_checkpoints(out, "--out")
+    if args.weights == "ema":  # asked for by name: not the raw weights in its place, as zoo export diffusers says
+        from zoo.checkpoint import EMA
+        from zoo.eval.runner import locate
+
+        ckpt, _ = locate(args.source)
+        if not (ckpt / EMA).is_file():
+            raise UserError(f"--weights ema: {ckpt} has no EMA weights ({EMA})",
+                            suggestion="drop --weights (the raw weights of a checkpoint without EMA), or --weights raw")
     from zoo.eval.distortion import analyse
     from zoo.eval.distortion_cli import scorer_for
 
@@ -111,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = EvalRequest(source=args.source, n=args.n, ref=args.ref, extractor=args.extractor,
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,
-                          cfg=args.cfg, batch_size=args.batch_size, seed=args.seed, weights=args.weights,
+                          cfg=args.cfg, batch_size=args.batch_size, seed=args.seed, weights=args.weights or "ema",
                           out=args.out, vae=args.vae, device=device, precision=args.precision,
                           respacing=args.respacing, overrides=args.overrides)
     from zoo.training.distributed import shutdown

@@ -69,7 +69,7 @@ def _export_npz(args: argparse.Namespace) -> int:
     if args.weights is not None:  # the samples were drawn with the weights zoo eval --weights chose
         raise UserError("--weights is an option of zoo export diffusers, not of npz (the samples' weights were "
                         "chosen by zoo eval --weights)", suggestion="drop --weights")
-    if args.out.suffix != ".npz":
+    if args.out.suffix.lower() != ".npz":  # s.NPZ too, as zoo sample takes g.PNG
         raise UserError(f"--out {args.out}: the sample batch is an .npz file", suggestion="give a path ending in .npz")
     check_outside_checkpoints(args.out)
     out, n, shape, labelled = export_adm_npz(args.checkpoint, args.out, args.n, force=args.force)

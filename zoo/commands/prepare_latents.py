@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from tqdm import tqdm
 
     from zoo.errors import UserError
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         complete = prepare_latents(args.image_dir, args.vae, args.out, resolution=args.resolution,
                                    batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
                                    dtype=args.dtype, device=device, rank=rank, world=world,
-                                   progress=tqdm if rank == 0 else None,
+                                   progress=partial(tqdm, disable=None) if rank == 0 else None,  # no bar off a terminal
                                    log=lambda line: print(f"zoo prepare-latents: {line}", flush=True))
     if complete:
         print(f"zoo prepare-latents: done; train with --set data.root={args.out}")
