@@ -71,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from zoo.diffusion.setup import guidance_settings
-    from zoo.sample import (SampleRequest, build_solver, check_before_weights, load_decoder, model_for,
+    from zoo.sample import (SampleRequest, build_solver, check_before_weights, check_seed, load_decoder, model_for,
                             label_names, parse_class_labels, refuse_non_finite, sample_latents, sample_recipe, save_grid,
                             to_images)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
 
+    check_seed(args.seed)  # before the model is built and its weights read
     device = str(resolve_device(args.device))
     out = check_png_output(args.out)
     source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
