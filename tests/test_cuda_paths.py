@@ -207,3 +207,14 @@ def test_fsdp_on_gpus_checks_each_gpu_for_its_share_of_the_weights(tmp_path, mon
         with pytest.raises(UserError, match="stop here"):
             Trainer(zoo.load_recipe(RECIPE, [*SMALL, f"train.parallel={parallel}"]), tmp_path, device=device, log=QUIET)
     assert seen == [8, 1, 1]
+
+
+def test_free_gpu_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """mem_get_info is the driver's free memory: after a few training steps PyTorch's cache holds the freed
+    activations, so the sample grid's memory check saw a nearly full GPU and every grid became a warning."""
+    from zoo import memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 20, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 << 30)
+    assert memory.available_bytes(torch.device("cuda:0")) == (100 << 20) + (10 << 30)

@@ -133,8 +133,10 @@ def estimate(model: nn.Module, training: bool = True, half_precision: bool = Fal
 def available_bytes(device: torch.device) -> int | None:
     """Free memory of ``device`` in bytes, or ``None`` where it cannot be told."""
     if device.type == "cuda":
-        try:
-            return torch.cuda.mem_get_info(device)[0]
+        try:  # the driver's free memory plus what PyTorch's caching allocator holds unused (a run's freed
+            # activations, which a sample grid between training steps reuses)
+            return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+                torch.cuda.memory_allocated(device)
         except Exception:
             return None
     if device.type != "cpu":
