@@ -110,6 +110,21 @@ def test_compile_without_a_cxx_compiler_is_one_message_before_the_run_starts(tmp
     assert not out.exists()  # refused before the run directory was made
 
 
+
+def test_compile_for_cuda_without_a_c_compiler_is_refused_before_the_run(monkeypatch, tmp_path):
+    """Triton builds its kernel launcher with a C compiler; the CUDA check asked only for Triton, so a slim CUDA
+    image passed it and failed with a traceback at the first step."""
+    import torch.utils._triton as triton_utils
+
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: True)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler here
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(UserError, match=r"compiling for CUDA needs a C compiler .* \(install gcc or clang or point "):
+        check_compile_toolchain(torch.device("cuda"))
+    (tmp_path / "gcc").write_text("#!/bin/sh\n")
+    (tmp_path / "gcc").chmod(0o755)
+    check_compile_toolchain(torch.device("cuda"))
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dit"])  # DiMR under compile: the dynamic-shapes test below (losses and gradients)
 def test_compiled_model_gives_the_eager_loss(tmp_path, inductor, name):

@@ -7,6 +7,9 @@ long traceback; this check says it in one line, with the fix, before any work is
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 
 from zoo.errors import UserError
@@ -25,6 +28,10 @@ def check_compile_toolchain(device: torch.device) -> None:
             raise UserError("compiling for CUDA needs Triton (inductor's GPU code generator), "
                             "which is not installed", key_path="train.compile",
                             suggestion=f"pip install triton (PyTorch's Linux CUDA wheels bring it), {_FIX_OFF}")
+        if not _c_compiler():
+            raise UserError("compiling for CUDA needs a C compiler (Triton builds its kernel launcher with one), "
+                            "and none is on PATH ($CC, cc, gcc or clang)", key_path="train.compile",
+                            suggestion=f"install gcc or clang or point $CC at one, {_FIX_OFF}")
         return
     if device.type != "cpu":
         return
@@ -42,3 +49,8 @@ def check_compile_toolchain(device: torch.device) -> None:
                         f"to C++), and none works here (tried: {names or 'none configured'})",
                         key_path="train.compile",
                         suggestion=f"install g++ or clang++ or point $CXX at one, {_FIX_OFF}") from None
+
+
+def _c_compiler() -> str | None:
+    """The C compiler Triton would find: ``$CC``, else cc, gcc or clang on PATH."""
+    return shutil.which(os.environ.get("CC") or "") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
