@@ -247,3 +247,27 @@ def test_a_classifier_with_nan_weights_is_refused_when_loaded(tmp_path):
     out = save_classifier(tmp_path / "cls", net, {})
     with pytest.raises(UserError, match=r"model.safetensors: tensor \S+ holds NaN or inf values.*zoo train-classifier"):
         load_classifier(out)
+
+
+@pytest.mark.parametrize("rank, expected", [("0", "cuda"), ("1", "cpu")])
+def test_under_torchrun_only_rank_0_puts_the_classifier_on_the_gpu(monkeypatch, capsys, rank, expected):
+    """Every rank built the classifier on 'cuda' before the process group set each rank's device, so all N
+    copies (and N CUDA contexts) landed on GPU 0; only rank 0 scores, the others check it on the cpu."""
+    import torch
+
+    import zoo.eval.distortion_cli as distortion_cli
+    import zoo.guards
+    from zoo.cli import main
+    from zoo.errors import UserError
+
+    seen = []
+
+    def record(args, device):
+        seen.append(str(device))
+        raise UserError("stop here")
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(zoo.guards, "resolve_device", lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(distortion_cli, "scorer_for", record)
+    assert main(["eval", "runs/x", "--n", "4", "--distortion", "--classifier", "c"]) == 2
+    assert seen == [expected]

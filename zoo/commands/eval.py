@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from zoo.commands import add_overrides_option, add_respacing_option, add_weights_option
 from zoo.precision import PRECISIONS
@@ -118,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     from zoo.eval.distortion import analyse
     from zoo.eval.distortion_cli import scorer_for
 
-    scorer = scorer_for(args, device)  # a missing or mismatched classifier fails before sampling
+    # a missing or mismatched classifier fails before sampling, on every rank; rank 0 alone scores the samples,
+    # so the others check it on the cpu (under torchrun 'cuda' is still cuda:0 here: N copies on GPU 0)
+    scorer = scorer_for(args, device if os.environ.get("RANK", "0") == "0" else "cpu")
 
     request = EvalRequest(source=args.source, n=args.n, ref=args.ref, extractor=args.extractor,
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,
