@@ -44,3 +44,4 @@ def test_paper_recipes_train_on_synthetic_data_of_their_models_shape(tmp_path, c
     bench.one(str(root / "dit_s_8.yaml"), steps=1, warmup=0, batch=2, precision=None, out=str(tmp_path))
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert row["recipe"] == "dit_s_8" and row["batch"] == 2 and row["steps_per_s"] > 0 and row["peak_gib"] > 0
+    assert not (tmp_path / "last").exists()  # no checkpoint written (GBs per paper recipe on the GPU machine)
