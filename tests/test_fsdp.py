@@ -192,3 +192,36 @@ def test_a_shard_index_pickled_by_any_python_is_read(module):
     assert _MetadataUnpickler(io.BytesIO(data)).load() == Path("ckpt")
     with pytest.raises(pickle.UnpicklingError, match="os.system is not part of a checkpoint index"):
         _MetadataUnpickler(io.BytesIO(b"cos\nsystem\n(X\x02\x00\x00\x00lst" + b"R.")).load()
+
+
+TIME_SEEN = """
+import sys, torch, zoo
+from zoo.training import distributed
+ctx = distributed.init("cpu")
+model = zoo.build_model(zoo.load_recipe(sys.argv[1], []))
+seen = []
+model.t_embedder.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+distributed.shard_fsdp(model, "bf16")
+t = torch.tensor([997.0, 501.0])
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    model(torch.randn(2, 3, 8, 8), t, torch.tensor([1, 2]))
+if ctx.main:
+    print(seen[0].dtype, seen[0].tolist())
+distributed.shutdown()
+"""
+
+
+def test_fsdp_bf16_keeps_the_time_input_exact(tmp_path):
+    """FSDP2's mixed-precision policy cast every forward input to bf16, the time too: the model trained on
+    997 -> 996 and 501 -> 500 (1000 DDPM steps on ~507 values), times sampling never gives it; DDP kept them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "time_seen.py"
+    script.write_text(TIME_SEEN)
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(RECIPE)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "torch.float32 [997.0, 501.0]"
