@@ -174,7 +174,7 @@ def test_a_mis_shaped_key_names_the_official_key_and_the_converted_one(tmp_path,
 
 def test_a_dit_of_another_resolution_is_told_its_input_size(tmp_path, capsys):
     """DiT's sin-cos table is saved (a frozen parameter): its length is the checkpoint's token count."""
-    from backbones.common import sincos_pos_embed_2d
+    from zoo.backbones.common import sincos_pos_embed_2d
 
     g = golden("dit_tiny")  # input_size 16, patch 2: 64 positions
     state = {**g["state_dict"], "pos_embed": sincos_pos_embed_2d(64, 16).reshape(1, 256, 64).float()}
