@@ -363,6 +363,33 @@ def test_a_symlink_loop_in_a_class_folder_is_not_followed(tmp_path):
     (tmp_path / "cat" / "dogs").symlink_to("../dog")
     items = [(str(f.relative_to(tmp_path)), y) for f, y in ImageFolder(tmp_path, 8).items]
     assert items == [("cat/0.png", 0), ("cat/1.png", 0), ("cat/dogs/0.png", 0), ("dog/0.png", 1)]
+    # a loop through two links (dog/cats -> cat, whose dogs -> dog): each class once, not 20 times each
+    (tmp_path / "dog" / "cats").symlink_to("../cat")
+    items = [(str(f.relative_to(tmp_path)), y) for f, y in ImageFolder(tmp_path, 8).items]
+    assert items == [("cat/0.png", 0), ("cat/1.png", 0), ("cat/dogs/0.png", 0), ("dog/0.png", 1),
+                     ("dog/cats/0.png", 1), ("dog/cats/1.png", 1)]
+
+
+def test_a_pil_warning_comes_once_not_once_per_image_read(tmp_path, monkeypatch):
+    """Each read reset Python's once-per-place warning record (catch_warnings per read): a palette PNG with
+    transparency warned again for every image, every epoch, in training, prepare-latents and eval."""
+    import warnings
+
+    import zoo.training.data as data
+    from zoo.training.data import ImageFolder
+
+    (tmp_path / "c").mkdir()
+    for i in range(4):  # PIL: "Palette images with Transparency expressed in bytes should be converted to RGBA"
+        Image.new("RGB", (8, 8), (10, 60 * i, 30)).convert("P").save(tmp_path / "c" / f"{i}.png",
+                                                                      transparency=b"\x00\x80\xff")
+    ds = ImageFolder(tmp_path, 8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # once per place, as Python shows a warning unless told otherwise
+        monkeypatch.setattr(data, "_SIZE_WARNING_QUIET", False)  # as in a fresh process
+        for _ in range(2):
+            for i in range(len(ds)):
+                ds[i]
+    assert len([w for w in seen if "Palette images with Transparency" in str(w.message)]) == 1
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):

@@ -130,25 +130,43 @@ class ImageFolder(Dataset):
     def _read(self, path: Path, Image) -> Tensor:
         from zoo.training.crop import adm_center_crop, to_rgb, to_tensor
 
-        with warnings.catch_warnings():  # PIL warns above 89 MP (and refuses above 179 MP): the run's own data
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return to_tensor(adm_center_crop(to_rgb(im), self.image_size))
+        _quiet_size_warning(Image)
+        with Image.open(path) as im:
+            return to_tensor(adm_center_crop(to_rgb(im), self.image_size))
+
+
+_SIZE_WARNING_QUIET = False
+
+
+def _quiet_size_warning(Image) -> None:
+    """PIL warns above 89 MP (and refuses above 179 MP): the run's own data, read without the warning. Set
+    once per process: changing the filters (a catch_warnings() per read) resets Python's once-per-place
+    record, so each palette PNG's or EXIF warning came again for every image, every epoch."""
+    global _SIZE_WARNING_QUIET
+    if not _SIZE_WARNING_QUIET:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _SIZE_WARNING_QUIET = True
 
 
 def _images_under(folder: Path) -> list[Path]:
     """The image files below ``folder``, walked as torchvision walks a class folder, except that a
-    symlink back to a folder it is inside (a loop) is not followed: torchvision lists such a tree
-    over and over until the path is too long, with other classes' images under this label; and
+    symlink back to a folder on the way down to it (a loop, through one link or several) is not
+    followed: torchvision lists such a tree over and over until the path is too long, with other
+    classes' images under this label; and
     that macOS's ``._NAME`` files (AppleDouble metadata that a tar or zip made on a Mac holds beside
     each image, never an image) are skipped: each stopped a run as an unreadable image."""
     def fail(err: OSError) -> None:
         raise err
 
-    walked = []
+    walked, above = [], {str(folder): frozenset()}  # the real folders on the walk down to each folder
     for top, dirs, names in os.walk(folder, followlinks=True, onerror=fail):
-        here = os.path.realpath(top)
-        dirs[:] = [d for d in dirs if not _contains(os.path.realpath(os.path.join(top, d)), here)]
+        chain = above.pop(top, frozenset()) | {os.path.realpath(top)}
+        keep = []
+        for d in dirs:  # a link back to any folder on the way down (c0/toc1/toc0: a loop through two) is not followed
+            if not any(_contains(os.path.realpath(os.path.join(top, d)), real) for real in chain):
+                keep.append(d)
+                above[os.path.join(top, d)] = chain
+        dirs[:] = keep
         walked.append((top, names))
     return [Path(top) / name for top, names in sorted(walked) for name in sorted(names) if _is_image_name(name)]
 
