@@ -681,3 +681,25 @@ def test_a_resume_that_spells_out_a_default_reports_no_change_and_a_real_change_
     train(decaying, tmp_path, steps=3, resume=tmp_path, log=lines.append)
     (note,) = [line for line in lines if "differs from the checkpoint's" in line]
     assert "train.lr_schedule ('constant' -> 'linear'), train.min_lr (0 -> 1e-05)" in note
+
+
+def test_a_folder_of_fewer_classes_than_the_model_records_the_trained_ones(tmp_path, capsys):
+    """A 2-class folder under a 4-class recipe trained labels 0..1 only, silently; zoo eval then drew half its
+    samples from labels no image carried and zoo sample --class 3 was accepted. The run says so and records
+    data.num_classes 2, which sampling and evaluation draw from; the caller's recipe is left as given."""
+    from PIL import Image
+
+    from zoo.checkpoint import read_config
+
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (12, 12), (60 * i, 200 * (c == "a"), 30)).save(tmp_path / "img" / c / f"{i}.png")
+    r = recipe("data.dataset=image_folder", f"data.root={tmp_path / 'img'}", "train.sample_every=0",
+               "train.batch_size=4")
+    lines = []
+    train(r, tmp_path / "run", steps=1, log=lines.append)
+    assert "zoo train: note: the data has 2 classes and the model 4: labels 2..3 are never trained" in "\n".join(lines)
+    assert read_config(tmp_path / "run" / "last")["data"]["num_classes"] == 2 and r["data"]["num_classes"] == 4
+    assert main(["sample", str(tmp_path / "run"), "--class", "3", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
+    assert "class label 3 (--class) is not a class of this model (0..1)" in capsys.readouterr().err

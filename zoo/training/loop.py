@@ -127,6 +127,7 @@ class Trainer:
     def __init__(self, recipe: dict, out: str | Path, device: str | None = None, resume: str | Path | None = None,
                  log: Callable[[str], None] = print, allow_recipe_change: bool = False) -> None:
         self.ctx = distributed.init(device)
+        recipe = {**recipe}  # the run may record what its data holds (data.num_classes); the caller's stays as given
         self.recipe, self.out = recipe, Path(out)
         self.log = log if self.ctx.main else (lambda *_: None)
         self.after_banner: list[str] = []  # lines of the setup that follow the run's first lines
@@ -158,6 +159,19 @@ class Trainer:
         self.last_dir: Path | None = self._resumed_from if resume is not None else None  # where last_saved is
         self.stops = StopSignals()  # Ctrl-C / SIGTERM requests; handlers installed while run() runs
 
+    def _record_trained_classes(self, recipe: dict, dataset: Dataset) -> dict:
+        """Data of fewer classes (N) than the model embeds (an image folder of 5 classes under a 10-class
+        recipe) trains labels 0..N-1 only: the run records ``data.num_classes: N``, so its grids and FD, and
+        zoo sample and zoo eval of its checkpoints, draw those labels, not ones no image ever carried.
+        Returns the data section."""
+        have, declared = getattr(dataset, "num_classes", None), num_classes(recipe)
+        if isinstance(have, int) and declared is not None and 0 < have < declared:
+            recipe["data"] = {**(recipe.get("data") or {}), "num_classes": have}
+            self.after_banner.append(f"zoo train: note: the data has {have} classes and the model {declared}: labels "
+                                     f"{have}..{declared - 1} are never trained, so this run records data.num_classes "
+                                     f"{have} (its grids, zoo sample and zoo eval draw labels 0..{have - 1})")
+        return recipe.get("data") or {}
+
     def _set_up(self, recipe: dict, resume: str | Path | None, allow_recipe_change: bool) -> Dataset:
         """Settings, data, hooks, model, objective and resumed weights: everything before the first
         collective, and every check that can refuse the run; returns the dataset."""
@@ -175,6 +189,7 @@ class Trainer:
             meta_model = zoo.build_model(recipe)
             self.shape = tuple(example_inputs(meta_model)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
+        data = self._record_trained_classes(recipe, dataset)
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         self.data_line = data_line(data, len(dataset), self.shape)
         # recorded in each checkpoint: the labels' meaning, as trained (an unconditional model reads none)
