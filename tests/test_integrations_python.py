@@ -69,6 +69,10 @@ def test_build_model_takes_a_bare_model_section():
     untyped = {k: v for k, v in DIMR.items() if k != "type"}
     with pytest.raises(UserError, match=r"unknown section .*\(a model section alone names its backbone: add type: "):
         zoo.build_model(untyped)
+    # overrides None are none; a number is named (both were TypeErrors from inside the recipe code)
+    assert sum(p.numel() for p in zoo.build_model(DIMR, None).parameters()) == sum(p.numel() for p in bare.parameters())
+    with pytest.raises(UserError, match=r"^overrides are a list of 'key=VALUE' texts or a mapping, got int"):
+        zoo.build_model(DIMR, 5)
 
 
 def test_target_paths_build_the_same_model_as_registered_names(tmp_path):

@@ -638,11 +638,18 @@ def test_guided_eps_fn_is_called_as_sampling_md_writes_it():
 
     recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml")
     model = zoo.build_model(recipe).eval().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # off adaLN-Zero's zero init, which outputs 0 whatever the scale
     schedule, y = build_schedule(recipe), torch.tensor([1, 2])
     x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([0.5, 0.9], dtype=torch.float64)
     documented = guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe))
     explicit = guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe), eps_channels=3)
     assert torch.equal(documented(x, t), explicit(x, t))
+    # a scale alone (it raised AttributeError: 'float' object has no attribute 'active')
+    by_scale = guided_eps_fn(model, recipe, schedule, y, 2.5)
+    assert torch.equal(by_scale(x, t), guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe, 2.5))(x, t))
+    assert not torch.equal(by_scale(x, t), documented(x, t))  # the recipe's own scale is another
 
 
 def test_zoo_sample_under_torchrun_is_one_line_pointing_to_zoo_eval(monkeypatch, capsys):

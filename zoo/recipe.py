@@ -437,7 +437,7 @@ def mapping_overrides(values: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 
 def resolve(recipe: str | Path | dict | Recipe,
-            overrides: Iterable[str] | Mapping[str, Any] = ()) -> Recipe:
+            overrides: Iterable[str] | Mapping[str, Any] | None = ()) -> Recipe:
     """Load a recipe (path, dict or :class:`Recipe`), apply its bases and the overrides
     (``["model.depth=6"]`` as ``--set`` takes them, or ``{"model.depth": 6}``)."""
     if isinstance(recipe, Recipe):
@@ -450,8 +450,13 @@ def resolve(recipe: str | Path | dict | Recipe,
     else:
         path = find_recipe(recipe)
         resolved = load_file(path, str(recipe) if Path(recipe).is_file() else str(path))
-    if isinstance(overrides, str):  # one "key=value" given where a list is expected
+    if overrides is None:
+        overrides = ()
+    elif isinstance(overrides, str):  # one "key=value" given where a list is expected
         overrides = [overrides]
+    elif not isinstance(overrides, (Mapping, Iterable)):  # build_model("dit_s_2", 5): not "'int' is not iterable"
+        raise UserError(f"overrides are a list of 'key=VALUE' texts or a mapping, got {type(overrides).__name__}",
+                        suggestion="e.g. ['model.depth=6'] or {'model.depth': 6}")
     elif isinstance(overrides, Mapping):  # {"model.depth": 6}: each key was read as a "key=VALUE" text
         overrides = list(overrides.items())
     for text in overrides:

@@ -196,11 +196,14 @@ def guided_eps_fn(
     recipe: Mapping[str, Any],
     schedule: "NoiseSchedule",
     y: Tensor | None,
-    guidance: GuidanceSettings,
+    guidance: GuidanceSettings | float,
     eps_channels: int | None = None,
 ) -> GuidedModel:
-    """The solver's ``eps_fn`` for ``model``: time mapped, guided as ``guidance`` says. ``eps_channels``:
+    """The solver's ``eps_fn`` for ``model``: time mapped, guided as ``guidance`` says (a
+    :class:`GuidanceSettings`, or a number: the scale, with the recipe's other settings). ``eps_channels``:
     the channels of the data (default: those of the model's example input)."""
+    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):  # guided_eps_fn(..., 1.5)
+        guidance = guidance_settings(recipe, float(guidance))
     if eps_channels is None:
         from zoo.meta import example_inputs
 
