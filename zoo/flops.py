@@ -37,7 +37,6 @@ so ``zoo build --flops`` stays within seconds for the largest recipes.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from torch import nn
 
 from zoo.errors import UserError
 from zoo.meta import (MetaShapeCache, NeedsDynamo, NotOnMeta, RepeatedBlockMemo, build_on_meta, example_inputs,
-                      meta_forward, no_triton_import, without_dynamo)
+                      meta_forward, model_device, no_triton_import, without_dynamo)
 from zoo.modes import evaluating
 
 COUNTERS = ("torch", "fvcore")
@@ -279,16 +278,11 @@ def _default_inputs(model: nn.Module) -> tuple:
                         "inputs=...)") from None
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    """The device of the model's first parameter (or buffer); None for a model that holds neither."""
-    return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
-
-
 def _inputs(model: nn.Module, inputs: Any) -> tuple:
     """The forward's arguments: ``inputs``, or ``example_inputs(1)`` made under the model's device (the
     "current device" of docs/integrations.md) and moved there where made elsewhere (an explicit cpu).
     Given inputs on meta and a model off it, or the other way round, are one message naming both."""
-    device = _model_device(model)
+    device = model_device(model)
     if inputs is None:
         try:
             return _as_args(_default_inputs(model))  # made under the model's device, moved there

@@ -115,6 +115,11 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     return without_dynamo(build)
 
 
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (or buffer); None for a model that holds neither."""
+    return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
+
+
 def example_inputs(model: nn.Module, batch: int = 1) -> tuple:
     """``model.example_inputs(batch)``: the forward's arguments zoo runs a model on without data (the
     FLOP count, the memory estimate, the shapes of training data and samples). A model class without
@@ -127,7 +132,7 @@ def example_inputs(model: nn.Module, batch: int = 1) -> tuple:
         raise UserError(f"{type(model).__name__} has no example_inputs(batch) method, so zoo cannot make its inputs",
                         suggestion="give the class example_inputs(batch) returning its forward's arguments (x, t, y) "
                         "for a batch of that size")
-    device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
+    device = model_device(model)
     if device is None:
         return tuple(model.example_inputs(batch))
     with torch.device(device):
