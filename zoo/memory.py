@@ -49,6 +49,10 @@ class Estimate:
     def total(self, batch: int) -> int:
         return self.fixed + self.per_sample * batch
 
+    def largest_batch(self, free: int) -> int:
+        """The largest batch that fits in ``free`` bytes (0: not even one sample)."""
+        return (free - self.fixed) // self.per_sample if self.per_sample and free > self.fixed else 0
+
 
 class _FusedAttention(torch.autograd.Function):
     """Stands in for SDPA while measuring: saves what a fused kernel saves (q, k, v, out)."""
@@ -182,7 +186,7 @@ def require_memory(model: nn.Module, device: torch.device | str, batch: int, tra
     parts = f"{gib(est.fixed)} for {est.params:,} parameters' {what}" + (f" (its 1/{shards} share)" if shards > 1 else "")
     if extra_bytes:
         parts += f" (incl. {gib(extra_bytes)} of data)"
-    fits = (free - est.fixed) // est.per_sample if est.per_sample and free > est.fixed else 0
+    fits = est.largest_batch(free)
     hint = (f"use {batch_key} <= {fits * per_step}" + (" or train.grad_accum / train.grad_checkpointing" if training
                                                          else "")
             if fits >= 1 else "use a smaller model or a device with more memory")

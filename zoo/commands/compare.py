@@ -80,7 +80,7 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
             continue
         if est.total(batch) <= free:
             continue
-        fits = (free - est.fixed) // est.per_sample if est.per_sample and free > est.fixed else 0
+        fits = est.largest_batch(free)
         raise UserError(f"timing {recipe} at --batch {batch} needs about {gib(est.total(batch))} ({gib(est.fixed)} "
                         f"of weights, gradients and AdamW state + {gib(est.per_sample * batch)} of activations) but "
                         f"the {torch.device(device).type} device has {gib(free)} free",
