@@ -37,6 +37,24 @@ BETAS_GROW = Rule("beta_start <= beta_end", lambda beta_start, beta_end: beta_st
                   ("beta_start", "beta_end"))
 
 
+def _alpha_bar_underflow(alphas_cumprod: Tensor) -> str | None:
+    """Where ᾱ leaves float64's normal range (β rebuilt from it goes wrong, then λ is −inf), said."""
+    small = (alphas_cumprod < torch.finfo(torch.float64).tiny).nonzero()
+    if not small.numel():
+        return None
+    return (f"ᾱ falls below float64's smallest normal number at step {int(small[0])} of "
+            f"{alphas_cumprod.numel()}: too many steps for these betas (use fewer num_steps or a "
+            "smaller beta_end)")
+
+
+def _alpha_bar_stays_normal(make_betas) -> Rule:
+    """The recipe check of :func:`_alpha_bar_underflow` for a table built by ``make_betas``."""
+    def test(num_steps: int, beta_start: float, beta_end: float) -> str | None:
+        return _alpha_bar_underflow(torch.cumprod(1.0 - make_betas(num_steps, beta_start, beta_end), 0))
+    return Rule("ᾱ above float64's smallest normal number at every step", test,
+                ("num_steps", "beta_start", "beta_end"))
+
+
 def _as_time(t: Tensor | float) -> Tensor:
     """``t`` as a floating tensor: floating tensors keep their dtype, anything else becomes float64."""
     if isinstance(t, Tensor) and t.is_floating_point():
@@ -112,9 +130,13 @@ class DiscreteSchedule(NoiseSchedule):
 
     discrete = True
 
-    def __init__(self, alphas_cumprod: Tensor):
+    def __init__(self, alphas_cumprod: Tensor, betas: Tensor | None = None):
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        problem = _alpha_bar_underflow(alphas_cumprod)
+        if problem:
+            raise ValueError(problem)
         self.alphas_cumprod = alphas_cumprod
+        self._betas = None if betas is None else torch.as_tensor(betas, dtype=torch.float64)
         self.num_steps = alphas_cumprod.numel()
         self.T = 1.0
         self.eps = 1.0 / self.num_steps
@@ -125,7 +147,9 @@ class DiscreteSchedule(NoiseSchedule):
 
     @property
     def betas(self) -> Tensor:
-        """β_n = 1 − ᾱ_n/ᾱ_{n−1} (ᾱ_{−1} = 1)."""
+        """β_n: the table's own when it was built from betas, else 1 − ᾱ_n/ᾱ_{n−1} (ᾱ_{−1} = 1)."""
+        if self._betas is not None:
+            return self._betas
         previous = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
         return 1.0 - self.alphas_cumprod / previous
 
@@ -148,22 +172,30 @@ class DiscreteSchedule(NoiseSchedule):
 class LinearSchedule(DiscreteSchedule):
     """DDPM's linear betas (Ho et al. 2020): β_n linear from beta_start to beta_end, ᾱ_n = Π(1 − β)."""
 
-    constraints = (BETAS_GROW,)
+    @staticmethod
+    def make_betas(num_steps: int, beta_start: float, beta_end: float) -> Tensor:
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+
+    constraints = (BETAS_GROW, _alpha_bar_stays_normal(make_betas))
 
     def __init__(self, num_steps: TableSteps = 1000, beta_start: Beta = 1e-4, beta_end: Beta = 0.02):
-        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
-        super().__init__(torch.cumprod(1.0 - betas, dim=0))
+        betas = self.make_betas(num_steps, beta_start, beta_end)
+        super().__init__(torch.cumprod(1.0 - betas, dim=0), betas)
         self.beta_start, self.beta_end = beta_start, beta_end
 
 
 class ScaledLinearSchedule(DiscreteSchedule):
     """Stable Diffusion's betas: √β_n linear from √beta_start to √beta_end (LDM, U-ViT-H, DiMR)."""
 
-    constraints = (BETAS_GROW,)
+    @staticmethod
+    def make_betas(num_steps: int, beta_start: float, beta_end: float) -> Tensor:
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+
+    constraints = (BETAS_GROW, _alpha_bar_stays_normal(make_betas))
 
     def __init__(self, num_steps: TableSteps = 1000, beta_start: Beta = 0.00085, beta_end: Beta = 0.012):
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
-        super().__init__(torch.cumprod(1.0 - betas, dim=0))
+        betas = self.make_betas(num_steps, beta_start, beta_end)
+        super().__init__(torch.cumprod(1.0 - betas, dim=0), betas)
         self.beta_start, self.beta_end = beta_start, beta_end
 
 
@@ -183,7 +215,7 @@ class CosineDiscreteSchedule(DiscreteSchedule):
         tau = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((tau + s) / (1.0 + s) * math.pi / 2.0) ** 2
         betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
-        super().__init__(torch.cumprod(1.0 - betas, dim=0))
+        super().__init__(torch.cumprod(1.0 - betas, dim=0), betas)
         self.s, self.max_beta = s, max_beta
 
 

@@ -88,6 +88,24 @@ def test_a_one_step_table_is_refused_and_two_steps_sample(name):
         assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["linear", "scaled_linear"])
+def test_a_table_whose_alpha_bar_underflows_is_refused_and_one_just_inside_keeps_its_exact_betas(name):
+    """DDPM's betas over 72000 steps take ᾱ below float64's normal range at step 70999: β rebuilt from
+    ᾱ was off by 2.7e-6 there (0 past ~75000 steps, refused with a wrong reason about the betas)."""
+    from zoo.errors import UserError
+
+    cls = LinearSchedule if name == "linear" else ScaledLinearSchedule
+    with pytest.raises(UserError, match=r"key num_steps: ᾱ falls below float64's smallest normal number at step"):
+        build_schedule(name, num_steps=100000, beta_start=1e-4, beta_end=0.02)
+    with pytest.raises(ValueError, match="too many steps for these betas"):  # the class itself, without a recipe
+        cls(100000, 1e-4, 0.02)
+    # 70000 steps end at ᾱ = 2.6e-308: β recovered from ᾱ was off by 1e-12 relative; the table keeps its own.
+    sched = build_schedule(name, num_steps=70000, beta_start=1e-4, beta_end=0.02)
+    power = 1.0 if name == "linear" else 2.0
+    betas = np.linspace(1e-4 ** (1 / power), 0.02 ** (1 / power), 70000) ** power
+    np.testing.assert_allclose(sched.betas.numpy(), betas, rtol=1e-14, atol=0)
+
+
 def test_discrete_time_is_piecewise_linear_log_alpha_between_knots():
     sched = LinearSchedule(num_steps=10)
     n = torch.arange(10)

@@ -7,7 +7,7 @@ tensors of shape (B,): ``loss`` (what to average and back-propagate) and its ter
 
 The model predicts ε (``prediction="eps"``, the papers' choice) or v = α_t·ε − σ_t·x_0
 (``prediction="v"``, Salimans & Ho 2022): v keeps the implied x̂_0 = α_t·x_t − σ_t·v accurate at
-high noise, where an ε model's x̂_0 = (x_t − σ_t·ε̂)/α_t multiplies its error by 1/α_t (156 at the
+high noise, where an ε model's x̂_0 = (x_t − σ_t·ε̂)/α_t multiplies its error by 1/α_t (157 at the
 last step of DDPM's linear schedule), which is what a young model trained for minutes needs.
 Samplers convert v back to ε (:func:`v_to_eps`), so every solver works with either.
 
