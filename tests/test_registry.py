@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,124 @@ def test_a_registered_class_that_is_no_module_is_one_line_naming_it(spec, capsys
 def test_a_map_block_in_a_token_backbone_is_refused_before_any_forward(recipe):
     with pytest.raises(UserError, match=r"key model.block: block _MapBlock takes 2-D maps .* passes token sequences"):
         zoo.build_model(recipe, {"model.block": {"_target_": f"{__name__}._MapBlock"}})
+
+
+REEXPORT = Path(__file__).resolve().parent / "fake_plugins" / "reexport"
+TINY_DIT = {"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 1,
+            "num_heads": 2, "num_classes": 10}
+
+
+@pytest.fixture
+def reexport_plugin():
+    """The plugin whose entry points name classes its package re-exports from a submodule."""
+    with on_sys_path(REEXPORT):
+        try:
+            yield
+        finally:
+            registry.unregister("block", "reexp_block")
+            for name in [m for m in sys.modules if m.split(".")[0] == "zoo_reexp_plugin"]:
+                del sys.modules[name]
+
+
+def test_a_class_reached_by_its_package_and_its_module_is_one_registration(reexport_plugin):
+    """Entry ``pkg:ReexpBlock`` and ``@zoo.register`` in pkg.blocks were compared as "module:qualname"
+    strings: importing the package raised 'already registered by distribution ...; pkg.blocks:ReexpBlock
+    cannot take its name', so the plugin could not be loaded at all."""
+    import zoo_reexp_plugin
+
+    cls = zoo_reexp_plugin.ReexpBlock
+    assert registry.get("block", "reexp_block") is cls
+    assert [e.source for e in registry.entries("block") if e.name == "reexp_block"] == ["zoo-reexp-plugin"]
+    model = zoo.build_model({**TINY_DIT, "block": "reexp_block"})
+    assert type(model.blocks[0]) is cls
+    model = zoo.build_model({**TINY_DIT, "block": {"_target_": "zoo_reexp_plugin.blocks.ReexpBlock"}})
+    assert type(model.blocks[0]) is cls
+
+
+def test_loading_the_re_exported_class_through_its_entry_point_first_works(reexport_plugin):
+    model = zoo.build_model({**TINY_DIT, "block": "reexp_block"})
+    assert type(model.blocks[0]).__module__ == "zoo_reexp_plugin.blocks"
+    assert len([e for e in registry.entries("block") if e.name == "reexp_block"]) == 1
+
+
+def test_a_target_naming_a_registered_class_by_its_module_is_known_as_registered(reexport_plugin):
+    """The _target_ check compared strings too: the entry point's ``pkg:PlainBlock`` beside the class's
+    ``pkg.blocks:PlainBlock`` called a registered component 'not ... a registered component'."""
+    registry.get("block", "reexp_plain")
+    with pytest.raises(UserError, match=r"PlainBlock.*is a class but not an nn.Module subclass"):
+        zoo.build_model({**TINY_DIT, "block": {"_target_": "zoo_reexp_plugin.blocks.PlainBlock"}})
+
+
+def _nameless_distribution(folder: Path) -> Path:
+    """An installed distribution whose METADATA has no Name (its entry point names zoo's own block)."""
+    info = folder / "nameless-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[zoo.blocks]\nnameless_block = zoo.blocks.transformer:TransformerBlock\n")
+    return folder
+
+
+def test_a_distribution_without_a_name_is_listed_as_unknown_and_works(tmp_path, capsys):
+    """ep.dist.name is None there: zoo list crashed (len of None) and naming the block raised
+    AttributeError (None.startswith)."""
+    with on_sys_path(_nameless_distribution(tmp_path)):
+        assert main(["list", "block"]) == 0
+        rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+        assert "unknown distribution" in rows["nameless_block"]
+        assert main(["list", "block", "nameless_block"]) == 0
+        assert "block nameless_block (unknown distribution (zoo.blocks" in capsys.readouterr().out
+        model = zoo.build_model({**TINY_DIT, "block": "nameless_block"})
+        assert type(model.blocks[0]).__name__ == "TransformerBlock"
+        assert registry.plugins_named({"block": "nameless_block"}) == {}
+
+
+class _Dist:
+    """A distribution whose name cannot be read (newer importlib.metadata raise KeyError)."""
+
+    @property
+    def name(self):
+        raise KeyError("Name")
+
+
+@pytest.mark.parametrize("dist", [None, _Dist(), type("NoName", (), {"name": None})()])
+def test_a_distribution_name_that_cannot_be_read_is_unknown(dist):
+    ep = type("EP", (), {"dist": dist})()
+    assert registry.distribution_name(ep) == "unknown distribution"
+    assert registry.distribution_version("surely-not-installed-zoo-dist") is None
+
+
+def test_a_plugin_installed_after_the_first_lookup_is_found_without_refresh(tmp_path):
+    """The entry points were scanned once: a notebook's ``pip install`` mid-session stayed 'unknown block'."""
+    with pytest.raises(UserError, match="unknown block 'late_block'"):
+        zoo.build_model({**TINY_DIT, "block": "late_block"})
+    write_distribution(tmp_path, "zoo-late-plugin", "[zoo.blocks]\nlate_block = zoo.blocks.transformer:TransformerBlock\n")
+    sys.path.insert(0, str(tmp_path))  # what pip does: no registry.refresh()
+    try:
+        model = zoo.build_model({**TINY_DIT, "block": "late_block"})
+        assert type(model.blocks[0]).__name__ == "TransformerBlock"
+        assert registry.find("block", "late_block").source == "zoo-late-plugin"
+    finally:
+        sys.path.remove(str(tmp_path))
+        registry.refresh()
+
+
+@pytest.mark.parametrize("argv", [["list", "block", "broken_block"], ["build", "--help-component", "broken_block"]])
+def test_describing_a_broken_component_is_its_error_once_and_exit_2(argv, capsys):
+    """It printed the load error twice (as the description and as the arguments) and exited 0."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("frobnicate") == 1
+
+
+def test_a_clashing_name_is_counted_once_and_described_with_every_source(tmp_path, capsys):
+    """'blocks: N' counted entries (a clash is one row per source), and ``zoo list block NAME`` named only
+    the first source."""
+    write_distribution(tmp_path, "zoo-dup-plugin", "[zoo.blocks]\nmlp = zoo_fake_plugin:ScaleBlock\n")
+    with on_sys_path(tmp_path):
+        assert main(["list", "block"]) == 0
+        out = capsys.readouterr().out
+        assert f"blocks (zoo.blocks): {len(registry.names('block'))}\n" in out
+        assert len(registry.entries("block")) == len(registry.names("block")) + 1
+        assert main(["list", "block", "mlp"]) == 2
+        err = capsys.readouterr().err
+        assert "zoo-diffusion (zoo.blocks.mlp:Mlp)" in err and "zoo-dup-plugin (zoo_fake_plugin:ScaleBlock)" in err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Collection, Iterator, TypeVar
@@ -50,7 +51,8 @@ class Entry:
 
     def describe(self) -> str:
         """``"distribution zoo-diffusion (zoo.blocks.mlp:Mlp)"``: a source for error messages."""
-        where = self.source if self.source.startswith("in-process") else f"distribution {self.source}"
+        plain = self.source.startswith("in-process") or self.source == UNKNOWN_DISTRIBUTION
+        where = self.source if plain else f"distribution {self.source}"
         return f"{where} ({self.target})"
 
     def load(self) -> Any:
@@ -95,6 +97,30 @@ def refresh() -> None:
     importlib.invalidate_caches()
 
 
+UNKNOWN_DISTRIBUTION = "unknown distribution"
+
+
+def distribution_name(ep: Any) -> str:
+    """The name of the distribution declaring entry point ``ep``; :data:`UNKNOWN_DISTRIBUTION` when its
+    METADATA has none (``None`` on Python 3.11, a ``KeyError`` on newer ones): listing must not crash."""
+    try:
+        name = ep.dist.name if ep.dist is not None else None
+    except Exception:  # a broken METADATA may fail in any way
+        name = None
+    return name if isinstance(name, str) and name else UNKNOWN_DISTRIBUTION
+
+
+def distribution_version(name: str) -> str | None:
+    """The installed version of distribution ``name``; ``None`` when it is not installed or has none."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version(name)
+    except Exception:  # not installed, or a METADATA without Version
+        return None
+    return version if isinstance(version, str) and version else None
+
+
 def _discover() -> dict[str, dict[str, list[Entry]]]:
     global _discovered
     if _discovered is None:
@@ -102,10 +128,38 @@ def _discover() -> dict[str, dict[str, list[Entry]]]:
         for kind, group in GROUPS.items():
             table: dict[str, list[Entry]] = found.setdefault(kind, {})
             for ep in entry_points(group=group):
-                source = ep.dist.name if ep.dist is not None else "unknown distribution"
-                table.setdefault(ep.name, []).append(Entry(kind, ep.name, source, ep.value, ep.load))
+                entry = Entry(kind, ep.name, distribution_name(ep), ep.value, ep.load)
+                table.setdefault(ep.name, []).append(entry)
         _discovered = found
     return _discovered
+
+
+_MISSING = object()
+
+
+def _imported_object(target: str) -> Any:
+    """The object ``"module:attr.path"`` names if its module is already imported, else :data:`_MISSING`
+    (imports nothing: the module may be the one being imported right now)."""
+    module_name, _, attrs = target.partition(":")
+    obj = sys.modules.get(module_name, _MISSING)
+    for attr in attrs.split(".") if attrs else ():
+        obj = getattr(obj, attr, _MISSING)
+    return obj
+
+
+def _resolved_object(target: str) -> Any:
+    """The object ``target`` names, importing its module if needed; :data:`_MISSING` when that fails."""
+    try:
+        importlib.import_module(target.partition(":")[0])
+    except Exception:  # a broken plugin: load() reports it
+        return _MISSING
+    return _imported_object(target)
+
+
+def _same_object(entry: Entry, obj: Any, target: str) -> bool:
+    """Whether ``entry`` names ``obj`` (whose ``module:qualname`` is ``target``): a class re-exported by its
+    package (``pkg:Block`` beside ``pkg.blocks:Block``) is one object reached by two paths, not two."""
+    return entry.target == target or _resolved_object(entry.target) is obj
 
 
 def _table(kind: str) -> dict[str, list[Entry]]:
@@ -114,7 +168,8 @@ def _table(kind: str) -> dict[str, list[Entry]]:
     table = {name: list(entries) for name, entries in _discover()[kind].items()}
     for name, entry in _in_process[kind].items():
         claims = table.setdefault(name, [])
-        if all(e.target != entry.target for e in claims):  # the decorator on an entry point's own class is fine
+        obj = entry._loader()
+        if not any(_same_object(e, obj, entry.target) for e in claims):  # decorating an entry point's class is fine
             claims.append(entry)
     for claims in table.values():
         for entry in claims:
@@ -162,8 +217,14 @@ def entries(kind: str) -> list[Entry]:
 
 
 def find(kind: str, name: str) -> Entry:
-    """The entry for ``name`` (imports nothing); unknown names raise with close matches."""
+    """The entry for ``name`` (imports nothing); unknown names raise with close matches.
+
+    A miss rescans the installed distributions once first: a plugin ``pip install``-ed after the first
+    lookup (in a notebook) is found without restarting; names that are found cost no rescan."""
     table = _table(kind)
+    if name not in table:
+        refresh()
+        table = _table(kind)
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
         other = [k for k in KINDS if k != kind and name in _table(k)]  # adaln_zero asked for as a block
@@ -194,11 +255,8 @@ def plugins_named(data: Any) -> dict[str, str]:
     for kind in KINDS:
         for name, claims in _discover()[kind].items():
             for entry in claims if name in words else ():
-                if entry.source not in (OWN_DISTRIBUTION, "unknown distribution"):
-                    try:
-                        found[entry.source] = metadata.version(entry.source)
-                    except metadata.PackageNotFoundError:
-                        found[entry.source] = "unknown"
+                if entry.source not in (OWN_DISTRIBUTION, UNKNOWN_DISTRIBUTION):
+                    found[entry.source] = distribution_version(entry.source) or "unknown"
     return dict(sorted(found.items()))
 
 
@@ -229,13 +287,13 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
         key = name or _snake_case(obj.__name__)  # type: ignore[attr-defined]
         target = f"{obj.__module__}:{obj.__qualname__}"  # type: ignore[attr-defined]
         old = _in_process[kind].get(key)
-        if old is not None and old.target != target:
+        if old is not None and old.target != target and old._loader() is not obj:
             raise UserError(
                 f"{kind} {key!r} is registered twice in this process: by {old.target} and by {target}",
                 suggestion="pick another name",
             )
         source = f"in-process ({obj.__module__})"  # type: ignore[attr-defined]
-        taken = [e for e in _discover()[kind].get(key, []) if e.target != target]
+        taken = [e for e in _discover()[kind].get(key, []) if _claimed_by_another(e, obj, target)]
         if taken:
             raise UserError(f"{kind} {key!r} is already registered by {taken[0].describe()}; {target} cannot "
                             f"take its name", suggestion=f"pick another name, e.g. @zoo.register({kind!r}, "
@@ -244,6 +302,35 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
         return obj
 
     return decorator
+
+
+def _claimed_by_another(entry: Entry, obj: Any, target: str) -> bool:
+    """Whether entry point ``entry`` names an object other than ``obj``, decided now where it can be.
+
+    A module that is being imported (``pkg/__init__.py`` importing the decorated class to re-export
+    it) cannot be asked yet: that case is left to lookup time, where :func:`_table` compares objects."""
+    if entry.target == target:
+        return False
+    module_name = entry.target.partition(":")[0]
+    found = _imported_object(entry.target)
+    if found is _MISSING and module_name in sys.modules:
+        return False  # partly imported: decided at lookup
+    if found is _MISSING:
+        found = _resolved_object(entry.target)
+    return found is not obj
+
+
+def is_registered(obj: Any) -> bool:
+    """Whether ``obj`` is a registered component, by identity (a class may be named by its package or its
+    module); imports nothing beyond what is already imported."""
+    target = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
+    for kind in KINDS:
+        for entry in _discover()[kind].values():
+            if any(e.target == target or _imported_object(e.target) is obj for e in entry):
+                return True
+        if any(e._loader() is obj for e in _in_process[kind].values()):
+            return True
+    return False
 
 
 def unregister(kind: str, name: str) -> None:

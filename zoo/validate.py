@@ -388,9 +388,7 @@ def resolve_target(recipe: Recipe, kind: str | None, spec: dict, path: KeyPath,
         raise recipe.error(target_path, f"cannot import {TARGET_KEY} {target!r}: {type(err).__name__}: {err}") from None
     from torch import nn
 
-    registered = f"{getattr(cls, '__module__', '')}:{getattr(cls, '__qualname__', '')}"
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and not any(
-            e.target == registered for k in registry.KINDS for e in registry.entries(k)):
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and not registry.is_registered(cls):
         raise recipe.error(target_path, f"{TARGET_KEY} {target!r} is not an nn.Module subclass nor a registered component")
     try:
         _require_module_class(kind, cls, f"{TARGET_KEY} {target!r}")
