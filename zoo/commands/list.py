@@ -104,10 +104,12 @@ def find_entry(kind: str | None, name: str) -> registry.Entry:
 
 def show_component(kind: str | None, name: str) -> str:
     """One component's description and arguments; without ``kind``, every kind's component of that name
-    (a plugin's conditioner may share a block's name)."""
+    (a plugin's conditioner may share a block's name). One that cannot be loaded, or that two sources
+    claim, raises its error (naming every source) instead of being listed with it twice."""
     kinds = [kind] if kind else [k for k in registry.KINDS if name in registry.names(k)] or [None]
     parts = []
     for entry in (find_entry(k, name) for k in kinds):
+        entry.load()
         head = f"{entry.kind} {entry.name} ({entry.describe()}): {entry.summary()}"
         details = component_details(entry, "  ")
         parts.append(head + ("\n" + details if details else ""))
@@ -129,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     kinds = [registry.check_kind(args.kind)] if args.kind else list(registry.KINDS)
     for i, kind in enumerate(kinds):
-        entries = registry.entries(kind)
-        print(("\n" if i else "") + f"{kind}s ({registry.GROUPS[kind]}): {len(entries)}")
+        entries = registry.entries(kind)  # a name two sources claim is one row per source, counted once
+        print(("\n" if i else "") + f"{kind}s ({registry.GROUPS[kind]}): {len({e.name for e in entries})}")
         if entries and not args.verbose:
             print(format_table([(e.name, e.source, e.summary()) for e in entries]))
         for entry in entries if args.verbose else ():
