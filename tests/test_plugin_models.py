@@ -100,3 +100,65 @@ def test_the_memory_estimate_of_a_model_that_cannot_run_on_meta_is_skipped_not_r
         model = zoo.build_model(zoo.load_recipe(_recipe(plugin, "{block: {_target_: lab_plugin.AssertBlock}}")))
     est = require_memory(model, "cpu", 4, available=1)  # 1 byte free: any measured estimate would refuse
     assert est.total(4) == 0 and est.unmeasured.startswith("DiT cannot run on the meta device")
+
+
+def _labnet_distribution(folder: Path, version: str = "0.1") -> Path:
+    """An installed distribution ``zoo-labnet`` providing the package ``labnet`` (no entry points)."""
+    (folder / "labnet").mkdir(parents=True)
+    (folder / "labnet" / "__init__.py").write_text(PLUGIN)
+    info = folder / f"zoo_labnet-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: zoo-labnet\nVersion: {version}\n")
+    (info / "top_level.txt").write_text("labnet\n")
+    return folder
+
+
+@pytest.fixture
+def labnet(tmp_path, monkeypatch):
+    import sys
+
+    from zoo import registry
+
+    monkeypatch.syspath_prepend(str(_labnet_distribution(tmp_path / "site")))
+    registry.refresh()
+    yield tmp_path
+    sys.modules.pop("labnet", None)
+    registry.refresh()
+
+
+def test_a_checkpoint_of_a_target_model_records_the_distribution_providing_it(labnet):
+    """Only registered names were recorded: a ``_target_: labnet.PlainNet`` run loaded elsewhere said
+    'cannot import' with no word of the distribution it needs."""
+    import json
+
+    from zoo import checkpoint as ckpt
+
+    recipe = {"model": {"_target_": "labnet.PlainNet", "in_channels": 3}}
+    ckpt.save_checkpoint(labnet / "run", zoo.build_model(recipe), recipe)
+    config = json.loads((labnet / "run" / ckpt.CONFIG).read_text())
+    assert config["plugins"] == {"zoo-labnet": "0.1"}
+    ckpt.save_checkpoint(labnet / "own", zoo.build_model({"model": {"_target_": "zoo.backbones.dit.DiT",
+                         "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 1,
+                         "num_heads": 2}}), {"model": {"_target_": "zoo.backbones.dit.DiT", "input_size": 8,
+                         "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}})
+    assert "plugins" not in json.loads((labnet / "own" / ckpt.CONFIG).read_text())  # zoo's own: not listed
+
+
+def test_a_checkpoint_written_with_another_plugin_version_says_both_versions(labnet):
+    """The hint was given for a plugin that is not installed only: one installed at another version, whose
+    class is gone, failed with no word of the version the checkpoint was written with."""
+    import json
+
+    from zoo import checkpoint as ckpt
+    from zoo.errors import UserError
+
+    recipe = {"model": {"_target_": "labnet.PlainNet", "in_channels": 3}}
+    ckpt.save_checkpoint(labnet / "run", zoo.build_model(recipe), recipe)
+    config_path = labnet / "run" / ckpt.CONFIG
+    config = json.loads(config_path.read_text())
+    config["plugins"] = {"zoo-labnet": "0.3"}
+    config["recipe"]["model"]["_target_"] = "labnet.OldNet"  # what 0.3 had, 0.1 has not
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"cannot import _target_ 'labnet.OldNet'.*\(it was written with "
+                       r"zoo-labnet==0\.3 and 0\.1 is installed: pip install zoo-labnet==0\.3\)"):
+        ckpt.load_checkpoint(labnet / "run")

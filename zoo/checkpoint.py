@@ -458,24 +458,42 @@ def load_recipe_of(directory: str | Path, overrides: list[str] = ()) -> dict:
                             suggestion="restore the model section the checkpoint was written with")
         return recipe
     except UserError as err:
-        missing = _missing_plugins(payload.get("plugins"))
-        if err.message.startswith("unknown ") and missing:
-            err.suggestion = ("it was written with the plugin " + ", ".join(missing) + " installed: "
-                              "pip install " + " ".join(missing))
+        add_plugin_hint(err, payload.get("plugins"))
         raise
 
 
-def _missing_plugins(plugins: object) -> list[str]:
-    """``["dist==version", ...]`` of a checkpoint's plugin distributions that are not installed here."""
-    if not isinstance(plugins, dict):
-        return []
-    missing = []
-    for name, version in plugins.items():
-        try:
-            metadata.version(str(name))
-        except metadata.PackageNotFoundError:
-            missing.append(f"{name}=={version}" if version not in (None, "unknown") else str(name))
-    return missing
+def add_plugin_hint(err: UserError, plugins: object) -> None:
+    """Say in ``err``'s hint which recorded plugin (``{dist: version}``) a saved model was written with, when
+    that explains ``err``: one not installed here for an unknown name, one installed at another version
+    for any failure."""
+    missing, changed = _plugin_differences(plugins)
+    hints = []
+    if missing and err.message.startswith("unknown "):
+        hints.append("it was written with the plugin " + ", ".join(missing) + " installed: pip install "
+                     + " ".join(missing))
+    if changed:
+        hints.append("it was written with " + ", ".join(f"{pin} and {now} is installed" for pin, now in changed)
+                     + ": pip install " + " ".join(pin for pin, _ in changed))
+    if hints:
+        keep = [err.suggestion] if err.suggestion and not err.message.startswith("unknown ") else []
+        err.suggestion = "; ".join(keep + hints)
+
+
+def _plugin_differences(plugins: object) -> tuple[list[str], list[tuple[str, str]]]:
+    """The recorded plugins not installed here (``"dist==version"``), and those installed at another
+    version (``("dist==version", installed)``)."""
+    from zoo.registry import distribution_version
+
+    missing, changed = [], []
+    for name, version in plugins.items() if isinstance(plugins, dict) else ():
+        pinned = version not in (None, "unknown")
+        pin = f"{name}=={version}" if pinned else str(name)
+        installed = distribution_version(str(name))
+        if installed is None:
+            missing.append(pin)
+        elif pinned and installed != str(version):
+            changed.append((pin, installed))
+    return missing, changed
 
 
 def load_checkpoint(

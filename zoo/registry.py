@@ -237,27 +237,47 @@ def find(kind: str, name: str) -> Entry:
 
 
 def plugins_named(data: Any) -> dict[str, str]:
-    """``{distribution: version}`` of the installed plugins whose registered names occur in ``data`` (a
-    recipe): what a checkpoint of it needs besides zoo. zoo's own names and in-process ones are left out."""
-    from importlib import metadata
+    """``{distribution: version}`` of the installed plugins ``data`` (a recipe) uses: those whose registered
+    names occur in it, and those providing the top-level package of a ``_target_`` in it. That is what a
+    checkpoint of it needs besides zoo; zoo's own names and in-process ones are left out."""
+    words, targets = _recipe_strings(data)
+    sources = {entry.source for kind in KINDS for name, claims in _discover()[kind].items() if name in words
+               for entry in claims}
+    sources |= _target_distributions(targets)
+    sources -= {OWN_DISTRIBUTION, UNKNOWN_DISTRIBUTION}
+    return {source: distribution_version(source) or "unknown" for source in sorted(sources)}
 
+
+def _recipe_strings(data: Any) -> tuple[set[str], set[str]]:
+    """Every string in ``data`` (nested mappings and lists), and the ``_target_`` values among them."""
     words: set[str] = set()
+    targets: set[str] = set()
     stack = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             stack.extend(item.values())
+            if isinstance(item.get("_target_"), str):
+                targets.add(item["_target_"])
         elif isinstance(item, list):
             stack.extend(item)
         elif isinstance(item, str):
             words.add(item)
-    found: dict[str, str] = {}
-    for kind in KINDS:
-        for name, claims in _discover()[kind].items():
-            for entry in claims if name in words else ():
-                if entry.source not in (OWN_DISTRIBUTION, UNKNOWN_DISTRIBUTION):
-                    found[entry.source] = distribution_version(entry.source) or "unknown"
-    return dict(sorted(found.items()))
+    return words, targets
+
+
+def _target_distributions(targets: set[str]) -> set[str]:
+    """The distributions providing the top-level packages of ``_target_`` paths (``labplug.ConvNet``)."""
+    if not targets:
+        return set()
+    from importlib.metadata import packages_distributions
+
+    try:
+        provided = packages_distributions()
+    except Exception:  # a broken installed distribution must not stop a checkpoint being written
+        return set()
+    tops = {target.replace(":", ".").split(".")[0] for target in targets}
+    return {dist for top in tops for dist in provided.get(top, ()) if isinstance(dist, str) and dist}
 
 
 def get(kind: str, name: str) -> Any:
