@@ -218,3 +218,39 @@ def test_the_wrapper_pickles():
     with torch.no_grad():
         assert torch.equal(again(x, t, class_labels=torch.tensor([1, 2])).sample,
                            wrapper(x, t, class_labels=torch.tensor([1, 2])).sample)
+
+
+def test_an_export_names_the_plugin_it_needs_when_that_plugin_is_gone(tmp_path):
+    """The export recorded no plugin: loaded without it, the folder said '<recipe dict>: key model.block.type:
+    unknown block ...' with no install hint, where the zoo checkpoint names the plugin and its version."""
+    import sys
+    from pathlib import Path
+
+    from fake_plugins import on_sys_path
+
+    recipe = {**DIT, "model": {**DIT["model"], "block": "plug_block"}}
+    with on_sys_path(Path(__file__).parent / "fake_plugins" / "dit_block"):
+        try:
+            save_checkpoint(tmp_path / "ckpt", _model(recipe), zoo.load_recipe(recipe))
+            assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+            loaded = ZooTransformer2DModel.from_pretrained(tmp_path / "hf")
+            assert type(loaded.backbone.blocks[0]).__name__ == "PlugBlock"
+        finally:
+            sys.modules.pop("zoo_dit_block_plugin", None)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["plugins"] == {"zoo-dit-block-plugin": "0.3"}
+    with pytest.raises(UserError) as info:
+        ZooTransformer2DModel.from_pretrained(tmp_path / "hf")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'hf' / 'config.json'}: key model.block") and "unknown block 'plug_block'" in message
+    assert message.endswith("(it was written with the plugin zoo-dit-block-plugin==0.3 installed: "
+                            "pip install zoo-dit-block-plugin==0.3)")
+
+
+def test_a_folder_exported_before_plugins_were_recorded_still_loads(tmp_path):
+    model = _model(DIT)
+    to_diffusers(model, recipe=DIT).save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config.pop("plugins") == {}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = ZooTransformer2DModel.from_pretrained(tmp_path / "old")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.backbone.state_dict().items())

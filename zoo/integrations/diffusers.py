@@ -8,8 +8,9 @@
     pipe = DiTPipeline(transformer, vae, transformer.make_scheduler(DPMSolverMultistepScheduler))
 
 The wrapper's config is JSON: the recipe's model section, the backbone's time input, the training
-noise schedule and what ``DiTPipeline`` reads (``sample_size``, ``in_channels``, ``out_channels``;
-learned σ when ``out_channels == 2 * in_channels``). ``forward(hidden_states, timestep,
+noise schedule, what ``DiTPipeline`` reads (``sample_size``, ``in_channels``, ``out_channels``;
+learned σ when ``out_channels == 2 * in_channels``) and the plugin distributions its components come
+from (named, with their versions, when a folder is loaded without them). ``forward(hidden_states, timestep,
 class_labels)`` takes diffusers' integer DDPM timesteps k ∈ 0..N−1, whose noise level is
 ᾱ_k, and gives the backbone what it was trained on for that level (DiT: k; DiMR: 8(k+1)/1000 − 4),
 through the same time maps zoo's trainer and sampler use. DiMR's output is its last,
@@ -36,6 +37,7 @@ from zoo.errors import UserError
 PIPELINE_NULL_LABEL = 1000  # the label DiTPipeline passes for the unconditional half
 EXPORT_RECORD, EXPORT_FORMAT = "zoo_export.json", "zoo-diffusers-export/1"  # written last: the export is complete
 NAMED_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear"}  # zoo name -> diffusers beta_schedule
+CONFIG_SOURCE = "<diffusers config>"  # where a mistake in the config is; from_pretrained names the file instead
 
 
 class ZooTransformer2DModel(ModelMixin, ConfigMixin):
@@ -50,19 +52,20 @@ class ZooTransformer2DModel(ModelMixin, ConfigMixin):
         sample_size, in_channels, out_channels: the backbone's input side and channels, its output channels.
         prediction: the recipe's ``diffusion.prediction``, what the output is: ``eps`` (ε) or ``v``
             (α·ε − σ·x₀); :meth:`make_scheduler` tells the scheduler (diffusers' ``v_prediction``).
+        plugins: ``{distribution: version}`` of the plugins the model's components come from, named when
+            they are missing here (``None`` in folders exported before it was recorded).
     """
 
     @register_to_config
     def __init__(self, model: dict, time_input: str, schedule: dict, null_label: int = -1,
                  class_conditional: bool = True, sample_size: int = 32, in_channels: int = 4, out_channels: int = 4,
-                 prediction: str = "eps"):
+                 prediction: str = "eps", plugins: dict | None = None):
         super().__init__()
         from zoo.diffusion.denoiser import Denoiser
         from zoo.diffusion.setup import num_steps, time_map
 
-        sched = zoo.build_component("schedule", dict(schedule))
+        self.backbone, sched = _build_parts(model, schedule, plugins)
         self._num_steps = num_steps(sched)
-        self.backbone = zoo.build_model({"model": model})
         null = null_label if null_label >= 0 else None
         self._denoiser = Denoiser(self.backbone, time_map({"diffusion": {"time_input": time_input}}, sched), null)
 
@@ -98,12 +101,31 @@ class ZooTransformer2DModel(ModelMixin, ConfigMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
         """diffusers' ``from_pretrained``, strict: a missing or unexpected weight is an error, not a random init."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except UserError as err:
+            if err.file == CONFIG_SOURCE:  # the mistake is in this folder's config.json
+                err.file = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "", "config.json")
+            raise
         problems = [f"{key.replace('_', ' ')}: {', '.join(map(str, info[key][:10]))}"
                     for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
         if problems:
             raise UserError(f"{pretrained_model_name_or_path} does not match its config: " + "; ".join(problems))
         return (model, info) if want_info else model
+
+
+def _build_parts(model: dict, schedule: dict, plugins: dict | None) -> tuple[nn.Module, Any]:
+    """The backbone and the schedule a config describes; an unknown name says which recorded plugin
+    (and version) the folder was exported with, as a zoo checkpoint's does."""
+    from zoo.checkpoint import add_plugin_hint
+    from zoo.recipe import Recipe
+
+    try:
+        backbone = zoo.build_model(Recipe({"model": model}, source=CONFIG_SOURCE))
+        return backbone, zoo.build_component("schedule", dict(schedule))
+    except UserError as err:
+        add_plugin_hint(err, plugins)
+        raise
 
 
 def scheduler_kwargs(schedule: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +148,7 @@ def diffusers_config(model: nn.Module, recipe: Mapping[str, Any]) -> dict[str, A
     """The wrapper's config for ``model`` built from ``recipe`` (JSON data only)."""
     from zoo.diffusion.setup import DEFAULT_SCHEDULE
     from zoo.meta import NotOnMeta, build_on_meta, example_inputs, meta_forward
+    from zoo.registry import plugins_named
     from zoo.sample import num_classes
 
     diffusion = recipe.get("diffusion") or {}
@@ -156,6 +179,7 @@ def diffusers_config(model: nn.Module, recipe: Mapping[str, Any]) -> dict[str, A
         "out_channels": int(out.shape[1]),
         "prediction": str(diffusion.get("prediction", "eps")),
     }
+    config["plugins"] = plugins_named({"model": config["model"], "schedule": config["schedule"]})
     json.dumps(config)  # a recipe is YAML data; anything else is a bug to see here, not in save_pretrained
     return config
 
