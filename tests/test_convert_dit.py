@@ -199,6 +199,20 @@ def test_official_config_maps_one_to_one():
         convert_dit.official_config_to_model_spec({**config, "use_checkpoint": True})
 
 
+def test_a_fractional_mlp_ratio_truncates_the_width_as_the_official_constructors_do():
+    """DiT and U-ViT build int(width · mlp_ratio) features: 384 · 2.7 = 1036.8 gives 1036. zoo rounded to
+    1037, so an official checkpoint with that ratio failed to convert (fc1 (1036, 384) vs (1037, 384))."""
+    from zoo.blocks.mlp import mlp_width
+
+    assert mlp_width(384, 2.7) == 1036 and mlp_width(8, 2.7) == 21 and mlp_width(1152, 4.0) == 4608
+    assert mlp_width(768, 2048 / 768) == 2048 and mlp_width(49, 1 / 49 * 49) == 49  # hidden/dim ratios stay exact
+    dit = zoo.build_model({"model": {"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4,
+                                     "hidden_size": 384, "depth": 1, "num_heads": 6, "mlp_ratio": 2.7}})
+    uvit = zoo.build_model({"model": {"type": "uvit", "img_size": 8, "patch_size": 2, "in_chans": 3,
+                                      "embed_dim": 384, "depth": 1, "num_heads": 6, "mlp_ratio": 2.7}})
+    assert dit.blocks[0].mlp.fc1.weight.shape == uvit.blocks.mid_block.mlp.fc1.weight.shape == (1036, 384)
+
+
 def test_strict_loader_message_lists_everything():
     model = torch.nn.Linear(2, 3)
     with pytest.raises(UserError, match=r"missing keys: bias; unexpected keys: b; wrong shape keys: weight \(2, 2\)"):

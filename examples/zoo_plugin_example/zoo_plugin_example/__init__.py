@@ -15,7 +15,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from zoo.blocks.attention import Attention
-from zoo.blocks.mlp import Mlp
+from zoo.blocks.mlp import Mlp, mlp_width
 from zoo.conditioning.base import Conditioning, apply_gate, norm_and_gate
 from zoo.conditioning.layernorm import LayerNorm
 
@@ -30,7 +30,7 @@ class ParallelTransformerBlock(nn.Module):
         self.norm1 = norm(dim, cond_dim=cond_dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm(dim, cond_dim=cond_dim)
-        self.mlp = mlp(dim, hidden_features=round(dim * mlp_ratio))
+        self.mlp = mlp(dim, hidden_features=mlp_width(dim, mlp_ratio))
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         h1, gate1 = norm_and_gate(self.norm1, x, cond)   # = self.norm1(x, cond), checked to be (h, gate)
