@@ -221,3 +221,20 @@ def test_timms_data_config_gives_zoos_input_range_not_imagenets():
     with torch.device("meta"):
         latent = resolve_model_data_config(timm.create_model("zoo_dit_s_2"))
     assert latent["mean"] == (0.0,) * 4 and latent["std"] == (1.0,) * 4
+
+
+def test_a_setting_the_checkpoint_left_at_its_default_is_shown_with_that_default(tmp_path):
+    """'model.block.qkv_bias is absent in its recipe, false in this model's': the run used the block's
+    default (true), which the message must say."""
+    recipe = zoo.load_recipe(str(Path(__file__).parent / "recipes" / "tiny_train.yaml"), ["model.block=transformer"])
+    save_checkpoint(tmp_path / "ckpt", zoo.build_model(recipe), recipe)
+    same = {"input_size": 8, "in_channels": 3, "hidden_size": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
+            "num_classes": 4, "learn_sigma": False}
+    with pytest.raises(UserError) as info:
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "ckpt"), **same, **{"block.qkv_bias": False})
+    assert "model.block.qkv_bias is true (the default) in its recipe, false in this model's" in info.value.message
+    with pytest.raises(UserError) as info:  # the model's side left at its default, the checkpoint's set
+        recipe["model"]["block"] = {"type": "transformer", "qkv_bias": False}
+        save_checkpoint(tmp_path / "nobias", zoo.build_model(recipe), recipe)
+        timm.create_model("zoo_dit_s_2", checkpoint_path=str(tmp_path / "nobias"), **same)
+    assert "model.block.qkv_bias is false in its recipe, true (the default) in this model's" in info.value.message

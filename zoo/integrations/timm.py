@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -118,13 +119,13 @@ def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool =
     change what the weights compute (``num_heads``, an activation): a model built with ``num_heads=4``
     takes a 2-head checkpoint's tensors and gives other outputs."""
     from zoo.checkpoint import load_state_dict_strict
-    from zoo.recipe_diff import model_difference, value_at
+    from zoo.recipe_diff import model_difference
 
     saved, config, weights = load_preferred(directory, use_ema)
     built = getattr(model, "_zoo_model_section", None)
     path = model_difference(config.get("model"), built) if built is not None else None
-    differs = "" if path is None else (f"{path} is {value_at(config, path)} in its recipe, "
-                                       f"{value_at({'model': built}, path)} in this model's")
+    differs = "" if path is None else (f"{path} is {shown_value(config, path)} in its recipe, "
+                                       f"{shown_value({'model': built}, path)} in this model's")
     try:
         load_state_dict_strict(model, saved.state_dict(), f"{directory} ({weights} weights)")
     except UserError as err:
@@ -139,7 +140,50 @@ def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool =
         raise UserError(f"checkpoint_path {directory}: {differs}; its weights fit this model's tensors but "
                         "would compute something else", key_path=path,
                         suggestion=f"create the model with the checkpoint's {key}, or without that keyword" if given
-                        else f"pass {key}={value_at(config, path)} (the recipe's own value is not the checkpoint's)")
+                        else f"pass {key}={shown_value(config, path).removesuffix(' (the default)')} (the recipe's own value is not the checkpoint's)")
+
+
+_NO_DEFAULT = object()
+
+
+def shown_value(recipe: dict, path: str) -> str:
+    """The value at ``path`` (``model.block.qkv_bias``) as JSON; a key the recipe leaves out is its
+    component's default, said as such (``true (the default)``): 'absent' read as if it were unset."""
+    from zoo.recipe_diff import value_at
+
+    shown = value_at(recipe, path)
+    if shown != "absent":
+        return shown
+    default = _default_at(recipe.get("model"), path.split(".")[1:])
+    return shown if default is _NO_DEFAULT else f"{json.dumps(default)} (the default)"
+
+
+def _default_at(model: Any, keys: list[str]) -> Any:
+    """The constructor default of the last of ``keys`` in the component the ``model`` section builds
+    there; :data:`_NO_DEFAULT` when it has none or cannot be told."""
+    from zoo.recipe_diff import _child, _component, _recipe_defaults
+
+    if not isinstance(model, dict) or not keys:
+        return _NO_DEFAULT
+    node, cls, item_cls = model, _component(model.get("type"), ("backbone",)), None
+    for key in keys[:-1]:
+        if isinstance(node, list):  # a list of records (DiMR's branches): each item is one
+            node = node[int(key)] if key.isdigit() and int(key) < len(node) else None
+            cls = item_cls
+            continue
+        child = _child(cls, key)
+        value = node.get(key) if key in node else _recipe_defaults(cls).get(key)
+        value = {"type": value} if isinstance(value, str) else value  # a component given by its name
+        if isinstance(value, list):
+            node, item_cls = value, child["owner"]
+        elif isinstance(value, dict):
+            node = value
+            cls = _component(value["type"], child["kinds"]) if "type" in value else child["owner"]
+        else:
+            return _NO_DEFAULT
+    if not isinstance(node, dict) or cls is None:
+        return _NO_DEFAULT
+    return _recipe_defaults(cls).get(keys[-1], _NO_DEFAULT)
 
 
 def _wrap_timm_loader() -> None:
