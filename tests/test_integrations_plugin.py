@@ -95,3 +95,17 @@ def test_example_plugin_pip_installs_and_works(tmp_path):
     assert (target / "zoo_plugin_example-0.1.0.dist-info" / "entry_points.txt").is_file()
     with on_path(target):
         _check_plugin_block()
+
+
+@pytest.mark.parametrize("recipe", ["dit_s_2", "uvit_m_4"])
+def test_the_block_line_the_example_advertises_builds(tmp_path, recipe):
+    """pyproject.toml said any recipe can say `block: {type: parallel_transformer, num_heads: 6}`, which DiT
+    and U-ViT refuse (the backbone passes num_heads): the advertised line must build as written."""
+    text = (EXAMPLE / "pyproject.toml").read_text()
+    line = re.search(r"any recipe can say `block: ([^`]+)`", text).group(1)
+    import yaml
+
+    write_distribution(tmp_path, "zoo-plugin-example", _entry_points_txt())
+    with on_path(EXAMPLE, tmp_path), torch.device("meta"):
+        model = zoo.build_model(recipe, {"model.block": yaml.safe_load(line)})
+    assert any(type(m).__name__ == "ParallelTransformerBlock" for m in model.modules())
