@@ -40,9 +40,26 @@ def test_a_guided_sample_with_a_null_label_beyond_the_table_is_one_line():
     model = zoo.build_model(recipe).eval()
     with pytest.raises(UserError) as err:
         sample_latents(model, recipe, SampleRequest(n=1, steps=1, cfg=2.0))
-    # one fix for both keys (a DiT's was told 'set model.num_classes to 1001', which its weights cannot take,
-    # and data.num_classes came up as a second error)
-    assert err.value.suggestion.startswith("--set diffusion.null_label=8 --set data.num_classes=8: its last label row")
+    # Every row is a class: the fix is no guidance, or a null row before training; moving the null label onto
+    # class 8 (one fix for both keys: a DiT's was told 'set model.num_classes to 1001', which its weights
+    # cannot take) is said last, as what it is. U-ViT's "no guidance" is scale 0.
+    assert "none is left for the null label" in err.value.message
+    assert err.value.suggestion.startswith("sample without guidance (--cfg 0, or sample.cfg.scale: 0 in the recipe), "
+                                           "or give the model a row for it before training")
+    assert err.value.suggestion.endswith("--set diffusion.null_label=8 --set data.num_classes=8 would make class 8 "
+                                         "the null label")
+
+
+def test_zoo_build_refuses_what_zoo_sample_would_for_a_dit_without_a_null_row(capsys):
+    """class_dropout_prob 0 builds a DiT with no null row: zoo build passed it, and zoo sample's guided default
+    was then refused with the advice to make class 8 the null label."""
+    from zoo.cli import main
+
+    tiny = ["--set", "model.class_dropout_prob=0", "--set", "diffusion.label_drop=0"]
+    assert main(["build", str(EMOJI / "dit.yaml"), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "key diffusion.null_label" in err and "(sample without guidance (--cfg 1, or sample.cfg.scale: 1" in err
+    assert main(["build", str(EMOJI / "dit.yaml"), *tiny, "--set", "sample.cfg.scale=1"]) == 0
 
 
 @pytest.mark.parametrize("null", [0, 2])

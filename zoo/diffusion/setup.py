@@ -161,17 +161,30 @@ def check_guidance_channels(guidance: GuidanceSettings, channels: int) -> None:
                         suggestion=f"at most {channels}, or remove it to guide every channel")
 
 
-def check_null_label(model: nn.Module, null_label: int | None, data_classes: int | None = None) -> None:
+def check_null_label(model: nn.Module, null_label: int | None, data_classes: int | None = None,
+                     guidance: GuidanceSettings | None = None) -> None:
     """Refuse a null label the model has no embedding for (it failed at the first dropped label,
     an IndexError deep inside a training step or a guided sample). Backbones say how many labels
     they embed in ``num_labels``; one that does not is not checked. ``data_classes``: the recipe's
-    ``data.num_classes``, which the fix must keep below the null label too (said in one message)."""
+    ``data.num_classes``, which the fix must keep below the null label too (said in one message).
+    ``guidance``: the label is needed to sample with these settings (else: to drop labels in training),
+    which a model whose every row is a class can do without."""
     rows = getattr(model, "num_labels", None)
     if null_label is None or not rows or null_label < rows:
         return
     fix = f"--set diffusion.null_label={rows - 1}"
     if data_classes is not None and data_classes > rows - 1:  # none left beside the null row: unconditional
         fix += f" --set data.num_classes={rows - 1 or 'null'}"
+    if rows > 1 and data_classes is not None and data_classes >= rows:  # every row is a class: moving the
+        off = 1 if guidance is None or guidance.convention == "dit" else 0  # the convention's "no guidance"
+        without = (f"sample without guidance (--cfg {off}, or sample.cfg.scale: {off} in the recipe)" if guidance
+                   else "--set diffusion.label_drop=0")
+        raise UserError(  # null label onto one would turn a class into "no class"
+            f"diffusion.null_label is {null_label}, but the model's label rows 0..{rows - 1} are all classes "
+            f"(data.num_classes {data_classes}): none is left for the null label", key_path="diffusion.null_label",
+            suggestion=f"{without}, or give the model a row for it before training (DiT: model.class_dropout_prob "
+            f"> 0 adds one; U-ViT and DiMR: model.num_classes {rows + 1}); {fix} would make class {rows - 1} "
+            "the null label")
     raise UserError(f"diffusion.null_label is {null_label}, but the model embeds labels 0..{rows - 1} only",
                     key_path="diffusion.null_label",
                     suggestion=f"{fix}: its last label row, where DiT, U-ViT and DiMR keep the null label (or give "
@@ -215,7 +228,7 @@ def guided_eps_fn(
         raise UserError("classifier-free guidance needs the null label", key_path="diffusion.null_label",
                         suggestion="set diffusion.null_label, or sample with --cfg 1 (dit) / 0 (uvit)")
     if active:
-        check_null_label(model, null, (recipe.get("data") or {}).get("num_classes"))
+        check_null_label(model, null, (recipe.get("data") or {}).get("num_classes"), guidance)
         check_guidance_channels(guidance, eps_channels)
     return GuidedModel(
         model,

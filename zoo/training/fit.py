@@ -56,10 +56,14 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
     if example is None:
         return
     shape = tuple(example(1)[0].shape[1:])
+    guidance = guidance_settings(recipe)
     try:
-        check_guidance_channels(guidance_settings(recipe), shape[0])
+        check_guidance_channels(guidance, shape[0])
     except UserError as err:
         raise err.locate(key_path="sample.cfg.channels") from None
+    if guidance.active and num_classes(recipe):  # zoo sample's guided default needs the null label's row
+        check_null_label(meta_model, (recipe.get("diffusion") or {}).get("null_label"),
+                         (recipe.get("data") or {}).get("num_classes"), guidance)
     check_data_section(recipe.get("data") or {}, shape, num_classes(recipe))
 
 
