@@ -66,6 +66,16 @@ CASES = [
     ("build-depth-zero", f"build {TRAIN} --set model.depth=0", "-", 2, "model.depth"),
     ("build-depth-huge", f"build {TRAIN} --set model.depth=1000000000000", "-", 2, "model.depth"),
     ("build-heads-not-dividing", f"build {TRAIN} --set model.num_heads=3", "-", 2, "num_heads"),
+    # pixel ImageNet and image folders load RGB at data.image_size: refused by build, not at zoo train's first image
+    ("build-imagenet-pixels-other-size", "build dimr_m_3r --set model.input_size=48", "-", 2,
+     "key data.image_size: data.image_size is 64, but the model takes 48x48 images (set data.image_size to 48"),
+    ("build-imagenet-pixels-one-channel", "build dimr_m_3r --set model.in_channels=1", "-", 2,
+     "key data: image folders give RGB images, but the model takes 1 input channels"),
+    ("build-image-folder-other-size", f"build {TRAIN} --set data.dataset=image_folder --set data.root={{tmp}} "
+     "--set data.image_size=16", "-", 2, "data.image_size is 16, but the model takes 8x8 images"),
+    # the --set under a file's mapping is named, not the line of the mapping ('dimr_m_3r.yaml:9: key ...block')
+    ("build-nested-heads-not-dividing", "build dimr_m_3r --set model.branches.0.block.num_heads=7", "-", 2,
+     "--set model.branches.0.block.num_heads=7: key model.branches.0.block.num_heads: dim=768 must be divisible"),
     ("build-nan-lr", f"build {TRAIN} --set train.lr=.nan", "-", 2, "train.lr"),
     ("build-negative-lr", f"build {TRAIN} --set train.lr=-1", "-", 2, "train.lr"),
     ("build-ema-decay-one", f"build {TRAIN} --set train.ema_decay=1.5", "-", 2, "train.ema_decay"),

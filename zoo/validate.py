@@ -225,14 +225,17 @@ def check_constraints(recipe: Recipe, cls: Any, args: dict, given: Iterable[str]
         problem = rule.check(args)
         if problem:
             keys = [f for f in rule.fields if f in given]
-            overridden = [f for f in keys if _from_override(recipe, path + (f,))]
-            key = (overridden or keys or [None])[0]
+            overridden = [where for f in keys if (where := _override_under(recipe, path + (f,)))]
+            if overridden:  # the --set itself (model.branches.0.block.num_heads=7, not the file's block: line)
+                raise recipe.error(overridden[0], problem)
+            key = (keys or [None])[0]
             raise recipe.error(path + ((key,) if key is not None else ()), problem)
 
 
-def _from_override(recipe: Recipe, path: KeyPath) -> bool:
-    """Whether ``path`` or a key under it was set by ``--set`` (the likelier culprit of a broken rule)."""
-    return any(key[:len(path)] == path and str(origin[0]).startswith("--set") for key, origin in recipe.origins.items())
+def _override_under(recipe: Recipe, path: KeyPath) -> KeyPath | None:
+    """The key at or under ``path`` that ``--set`` gave (the likelier culprit of a broken rule), if any."""
+    return next((key for key, origin in recipe.origins.items()
+                 if key[:len(path)] == path and str(origin[0]).startswith("--set")), None)
 
 
 # --- section tables -------------------------------------------------------------------------------

@@ -47,7 +47,23 @@ def _folder_classes(data: Mapping[str, Any]) -> list[str]:
     return ImageFolder.class_folders(Path(data["root"]).expanduser()) if data.get("root") else []
 
 
+def _image_folder_fits(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None) -> None:
+    """Image folders load RGB at ``data.image_size``: refused before any file is read where the model
+    takes another size or channel count (else zoo build passed and zoo train failed on the first image)."""
+    size = int(data.get("image_size", shape[-1]))
+    if tuple(shape) == (3, size, size):
+        return
+    if shape[0] != 3:
+        raise UserError(f"image folders give RGB images, but the model takes {shape[0]} input channels",
+                        key_path="data", suggestion="give the model 3 input channels (model.in_channels, or "
+                        "model.in_chans for U-ViT), or train a latent recipe on zoo prepare-latents output")
+    raise UserError(f"data.image_size is {size}, but the model takes {shape[-2]}x{shape[-1]} images",
+                    key_path="data.image_size", suggestion=f"set data.image_size to {shape[-1]}, or the model's "
+                    f"input size to {size} (model.input_size, or model.img_size for U-ViT)")
+
+
 image_folder.reads = ("image_size",)  # type: ignore[attr-defined]
+image_folder.check = _image_folder_fits  # type: ignore[attr-defined]  # also run by zoo build
 image_folder.class_names = _folder_classes  # type: ignore[attr-defined]
 
 
@@ -103,5 +119,7 @@ def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int |
 
 
 imagenet.reads = ("image_size",)  # type: ignore[attr-defined]
+imagenet.check = lambda data, shape, num_classes: (  # type: ignore[attr-defined]  # pixels: as an image folder
+    None if data.get("latent") else _image_folder_fits(data, shape, num_classes))
 imagenet.latent_keys = ("latent", "vae_scale", "vae")  # type: ignore[attr-defined]
 imagenet.class_names = lambda data: (_manifest_classes if data.get("latent") else _folder_classes)(data)  # type: ignore[attr-defined]
