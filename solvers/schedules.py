@@ -39,6 +39,8 @@ BETAS_GROW = Rule("beta_start <= beta_end", lambda beta_start, beta_end: beta_st
 
 def _alpha_bar_underflow(alphas_cumprod: Tensor) -> str | None:
     """Where ᾱ leaves float64's normal range (β rebuilt from it goes wrong, then λ is −inf), said."""
+    if alphas_cumprod.is_meta:  # a table made on meta (no values): nothing to check
+        return None
     small = (alphas_cumprod < torch.finfo(torch.float64).tiny).nonzero()
     if not small.numel():
         return None
@@ -131,16 +133,17 @@ class DiscreteSchedule(NoiseSchedule):
     discrete = True
 
     def __init__(self, alphas_cumprod: Tensor, betas: Tensor | None = None):
-        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        device = alphas_cumprod.device if isinstance(alphas_cumprod, Tensor) else "cpu"  # not a torch.device()'s
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64, device=device)
         problem = _alpha_bar_underflow(alphas_cumprod)
         if problem:
             raise ValueError(problem)
         self.alphas_cumprod = alphas_cumprod
-        self._betas = None if betas is None else torch.as_tensor(betas, dtype=torch.float64)
+        self._betas = None if betas is None else torch.as_tensor(betas, dtype=torch.float64, device=device)
         self.num_steps = alphas_cumprod.numel()
         self.T = 1.0
         self.eps = 1.0 / self.num_steps
-        t_knots = torch.arange(1, self.num_steps + 1, dtype=torch.float64) / self.num_steps
+        t_knots = torch.arange(1, self.num_steps + 1, dtype=torch.float64, device=alphas_cumprod.device) / self.num_steps
         log_alpha_knots = 0.5 * torch.log(alphas_cumprod)
         self._log_alpha_of_t = PiecewiseLinear(t_knots, log_alpha_knots)
         self._t_of_log_alpha = PiecewiseLinear(log_alpha_knots.flip(0), t_knots.flip(0))
@@ -174,7 +177,7 @@ class LinearSchedule(DiscreteSchedule):
 
     @staticmethod
     def make_betas(num_steps: int, beta_start: float, beta_end: float) -> Tensor:
-        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
 
     constraints = (BETAS_GROW, _alpha_bar_stays_normal(make_betas))
 
@@ -189,7 +192,7 @@ class ScaledLinearSchedule(DiscreteSchedule):
 
     @staticmethod
     def make_betas(num_steps: int, beta_start: float, beta_end: float) -> Tensor:
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64, device="cpu") ** 2
 
     constraints = (BETAS_GROW, _alpha_bar_stays_normal(make_betas))
 
@@ -212,7 +215,7 @@ class CosineDiscreteSchedule(DiscreteSchedule):
 
     def __init__(self, num_steps: TableSteps = 1000, s: Annotated[float, Range(0, 1)] = 0.008,
                  max_beta: Beta = 0.999):
-        tau = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        tau = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps
         f = torch.cos((tau + s) / (1.0 + s) * math.pi / 2.0) ** 2
         betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
         super().__init__(torch.cumprod(1.0 - betas, dim=0), betas)
