@@ -142,6 +142,9 @@ def test_a_checkpoint_of_a_target_model_records_the_distribution_providing_it(la
                          "num_heads": 2}}), {"model": {"_target_": "zoo.backbones.dit.DiT", "input_size": 8,
                          "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}})
     assert "plugins" not in json.loads((labnet / "own" / ckpt.CONFIG).read_text())  # zoo's own: not listed
+    from zoo.registry import plugins_named  # nor zoo's dependencies (torch, timm): installed with zoo itself
+    assert plugins_named({"model": {"block": {"_target_": "torch.nn.Identity"}, "x": {"_target_": "timm.layers.Mlp"}},
+                          "y": {"_target_": "labnet.PlainNet"}}) == {"zoo-labnet": "0.1"}
 
 
 def test_a_checkpoint_written_with_another_plugin_version_says_both_versions(labnet):

@@ -13,6 +13,7 @@ not affect any other name.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import sys
@@ -277,7 +278,25 @@ def _target_distributions(targets: set[str]) -> set[str]:
     except Exception:  # a broken installed distribution must not stop a checkpoint being written
         return set()
     tops = {target.replace(":", ".").split(".")[0] for target in targets}
-    return {dist for top in tops for dist in provided.get(top, ()) if isinstance(dist, str) and dist}
+    found = {dist for top in tops for dist in provided.get(top, ()) if isinstance(dist, str) and dist}
+    return {dist for dist in found if _normalised(dist) not in _own_requirements()}
+
+
+def _normalised(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503: case and runs of -_. do not matter)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.lru_cache(maxsize=1)
+def _own_requirements() -> frozenset[str]:
+    """zoo's own dependencies (torch, timm, ...): a ``_target_: torch.nn.X`` needs no plugin besides zoo."""
+    from importlib.metadata import requires
+
+    try:
+        wanted = requires(OWN_DISTRIBUTION) or []
+    except Exception:  # zoo run from a source tree without its metadata
+        return frozenset()
+    return frozenset(_normalised(re.split(r"[\s;<>=!~\[(]", spec, maxsplit=1)[0]) for spec in wanted)
 
 
 def get(kind: str, name: str) -> Any:
