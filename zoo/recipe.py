@@ -370,9 +370,8 @@ def _component_parameter(owner: Any, param: str) -> tuple[bool, str | None]:
     kind = kind_of_param(param, constructor_annotations(cls).get(param, Any))
     if kind is None:  # qk_norm: bool
         return False, None
-    default = sig.parameters[param].default
-    target = f"{getattr(default, '__module__', '')}:{getattr(default, '__qualname__', '')}"
-    return True, next((e.name for e in registry.entries(kind) if e.target == target), None)
+    names = registry.names_of(sig.parameters[param].default, (kind,))
+    return True, min(names) if names else None
 
 
 def _is_component_name(text: str) -> bool:

@@ -163,17 +163,7 @@ def _registered_name(obj: Any, kinds: tuple[str, ...]) -> str | None:
     """The one name ``obj`` is registered under among ``kinds``; ``None`` if none or several."""
     from zoo import registry
 
-    target = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
-    found = set()
-    for kind in kinds:
-        for entry in registry.entries(kind):
-            if entry.target != target:
-                continue
-            try:
-                if entry.load() is obj:
-                    found.add(entry.name)
-            except UserError:
-                continue
+    found = registry.names_of(obj, kinds)
     return found.pop() if len(found) == 1 else None
 
 

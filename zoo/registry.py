@@ -359,17 +359,22 @@ def _claimed_by_another(entry: Entry, obj: Any, target: str) -> bool:
     return found is not obj
 
 
-def is_registered(obj: Any) -> bool:
-    """Whether ``obj`` is a registered component, by identity (a class may be named by its package or its
-    module); imports nothing beyond what is already imported."""
+def names_of(obj: Any, kinds: Collection[str] = KINDS) -> set[str]:
+    """The names ``obj`` is registered under among ``kinds``, by identity (a class may be named by its
+    package or its module); imports nothing beyond what is already imported."""
     target = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
-    for kind in KINDS:
-        for entry in _discover()[kind].values():
-            if any(e.target == target or _imported_object(e.target) is obj for e in entry):
-                return True
-        if any(e._loader() is obj for e in _in_process[kind].values()):
-            return True
-    return False
+    found = set()
+    for kind in kinds:
+        for name, claims in _discover()[kind].items():
+            if any(e.target == target or _imported_object(e.target) is obj for e in claims):
+                found.add(name)
+        found |= {name for name, e in _in_process[kind].items() if e._loader() is obj}
+    return found
+
+
+def is_registered(obj: Any) -> bool:
+    """Whether ``obj`` is a registered component of any kind (see :func:`names_of`)."""
+    return bool(names_of(obj))
 
 
 def unregister(kind: str, name: str) -> None:
