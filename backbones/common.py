@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from zoo.conditioning.base import conditioner_class
 from zoo.domains import Doc, OneOf
 from zoo.errors import UserError
+from zoo.tracing import under_func_transform
 
 
 class PatchEmbed(nn.Module):  # = timm.layers.PatchEmbed(img_size=None); importing timm adds 2.5-4 s (blocks/mlp.py)
@@ -54,7 +55,7 @@ def check_inputs(model: str, x: Tensor, y: Tensor | None, channels: int, size: i
         hint = "y.long()" if isinstance(y, Tensor) and tuple(y.shape) == (x.shape[0],) else None
         raise UserError(f"{model} takes y as {x.shape[0]} integer labels (int64 or int32, shape ({x.shape[0]},)), "
                         f"got {got}", suggestion=hint and f"pass {hint}")
-    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() and not under_func_transform():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_labels:
             raise UserError(f"label {low if low < 0 else high} is out of range: this {model} embeds labels "

@@ -18,6 +18,7 @@ from zoo.conditioning.base import Conditioning, conditioner_class, needs_embeddi
 from zoo.conditioning.embeddings import LabelEmbedder, TimestepEmbedder, timestep_sinusoid
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm
 from zoo.errors import UserError
+from zoo.tracing import under_func_transform
 
 
 def ddpm_step_from_log_snr(t: Tensor) -> Tensor:
@@ -140,7 +141,8 @@ class DiMRBranch(nn.Module):
         if self.downsample > 1:
             x = F.avg_pool2d(x, self.downsample)  # = area interpolation for an integer factor
         # channels_last input: the conv writes (B, g, g, C)-contiguous maps, the layout every later op wants
-        h = self.patch_embed(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1) + self.pos_embed
+        x = x if under_func_transform() else x.contiguous(memory_format=torch.channels_last)  # (NYI under vmap)
+        h = self.patch_embed(x).permute(0, 2, 3, 1) + self.pos_embed
         if self.upsample is not None:
             h = h + self.upsample(handed, cond)
         B, g, _, C = h.shape

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from zoo.conditioning.base import Conditioning, add_gated, norm_and_gate
 from zoo.conditioning.layernorm import LayerNorm
 from zoo.domains import ConditionerFactory, MlpFactory, OneOf, Range, Ratio, Rule, Width
+from zoo.tracing import under_func_transform
 
 from .mlp import Mlp, mlp_width
 
@@ -72,7 +73,7 @@ class ConvNeXtBlock(nn.Module):
     def depthwise(self, x: Tensor) -> Tensor:
         """The k×k depthwise conv of a ``(B, H, W, C)`` map, returned in the same layout."""
         y = x.permute(0, 3, 1, 2)  # NCHW view with channels_last strides: no copy
-        if not y.is_contiguous(memory_format=torch.channels_last):
+        if not under_func_transform() and not y.is_contiguous(memory_format=torch.channels_last):  # (NYI under vmap)
             y = y.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(y, self.dwconv.weight, self.dwconv.bias, padding=self.dwconv.padding, groups=self.dwconv.groups)
         return y.permute(0, 2, 3, 1)

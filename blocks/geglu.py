@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from zoo.tracing import under_func_transform
+
 APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}  # activations with an in-place backward here
 
 
@@ -40,9 +42,10 @@ class _Geglu(torch.autograd.Function):
 
 def geglu_gate(h: Tensor, act: str = "gelu") -> Tensor:
     """``act(a) · b`` for ``h = [a | b]`` on the last dim (the first half is gated)."""
-    if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling() and not under_func_transform():
         # Under torch.compile the plain expression below is traced and fused instead: the Function's
-        # backward writes into strided views (out=), which dynamo cannot trace.
+        # backward writes into strided views (out=), which dynamo cannot trace; torch.func.grad/vmap
+        # differentiate the plain expression themselves.
         return _Geglu.apply(h, APPROXIMATE[act])
     a, b = h.chunk(2, dim=-1)
     return F.gelu(a, approximate=APPROXIMATE[act]) * b

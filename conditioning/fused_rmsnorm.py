@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from zoo.tracing import under_func_transform
+
 from .base import per_sample
 
 
@@ -58,7 +60,8 @@ class _ScaledRMSNorm(torch.autograd.Function):
 def scaled_rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
     """``x / (‖x‖₂/√C + eps) · γ`` with ``γ`` of shape ``(C,)`` or per sample ``(B, C)``.
 
-    The fused function when autograd is recording; the plain expression otherwise (same values).
+    The fused function when autograd is recording; the plain expression otherwise (same values), and
+    under ``torch.func`` transforms, which differentiate it themselves.
     Half-precision inputs (fp16/bf16 autocast) are normalised in float32 and the result cast back,
     as LLaMA's and T5's RMS norms do: in fp16 ``eps = 1e-8`` rounds to 0 and the backward's ``r²``
     overflows (65504) once a row's RMS falls below ~4e-3, which made every fp16 step of a small
@@ -66,7 +69,7 @@ def scaled_rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
     """
     low = x.dtype in (torch.float16, torch.bfloat16)
     xc, gc = (x.float(), gamma.float()) if low else (x, gamma)
-    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad) and not under_func_transform():
         y = _ScaledRMSNorm.apply(xc, gc, eps)
     else:
         _, r = rms_scale(xc, eps)
