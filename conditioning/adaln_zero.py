@@ -43,8 +43,9 @@ class AdaLNZero(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
-        if cond.emb is None or cond.emb.shape[-1] != self.linear.in_features:
-            got = "none (Conditioning.emb is None)" if cond.emb is None else f"one of shape {tuple(cond.emb.shape)}"
+        emb = None if cond is None else cond.emb
+        if emb is None or emb.shape[-1] != self.linear.in_features:
+            got = "none (Conditioning.emb is None)" if emb is None else f"one of shape {tuple(emb.shape)}"
             raise UserError(f"AdaLNZero(dim={self.dim}) reads a (B, {self.linear.in_features}) time/class embedding "
                             f"from Conditioning.emb, got {got}",
                             suggestion="pass Conditioning(t=t, emb=emb) with emb of width cond_dim, or build it with "

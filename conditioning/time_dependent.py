@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.domains import Eps, TimeScale, Width
+from zoo.errors import UserError
 
 from .base import Conditioning, per_sample
 from .fused_rmsnorm import scaled_rms_norm
@@ -85,6 +86,10 @@ class _TimeDependentNorm(nn.Module):
 
     def tau(self, cond: Conditioning) -> Tensor:
         """τ = t · time_scale, one value per sample (or a scalar)."""
+        if cond is None or cond.t is None:  # a block used on its own: was "'NoneType' object has no attribute 't'"
+            raise UserError(f"{type(self).__name__}(dim={self.dim}) reads the time from Conditioning.t, got "
+                            f"{'no cond' if cond is None else 'Conditioning.t None'}",
+                            suggestion="pass Conditioning(t=t) with t the backbone's time input, (B,) or a scalar")
         return torch.as_tensor(cond.t) * self.time_scale
 
     def extra_repr(self) -> str:

@@ -243,3 +243,17 @@ def test_a_block_given_a_bare_time_tensor_as_cond_names_conditioning():
         block = zoo.build_component("block", {"type": "transformer", "num_heads": 4, "norm": norm}, dim=32, cond_dim=32)
         with pytest.raises(ContractError, match=r"^a block's cond must be a Conditioning, got Tensor"):
             block(torch.randn(2, 5, 32), torch.rand(2))
+
+
+@pytest.mark.parametrize("norm, reads", [("td_layernorm", r"reads the time from Conditioning\.t"),
+                                         ("td_rmsnorm", r"reads the time from Conditioning\.t"),
+                                         ("adaln_zero", r"Conditioning\.emb is None")])
+def test_a_block_given_no_cond_or_no_time_says_what_its_conditioner_reads(norm, reads):
+    """A block used on its own with cond=None: the time-dependent norms raised "'NoneType' object has no
+    attribute 't'", adaLN-Zero the same for 'emb'."""
+    from zoo.errors import UserError
+
+    block = zoo.build_component("block", {"type": "transformer", "num_heads": 4, "norm": norm}, dim=32, cond_dim=32)
+    for cond in (None, Conditioning(t=None)):
+        with pytest.raises(UserError, match=reads):
+            block(torch.randn(2, 5, 32), cond)
