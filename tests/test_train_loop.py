@@ -414,9 +414,58 @@ def test_a_run_without_last_is_still_a_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(_args(out, "--steps", "4")) == 2
     assert "already holds a run (step_0000004/)" in capsys.readouterr().err
-    assert main(_args(out, "--resume", str(out), "--steps", "5")) == 2
-    assert f"has no last/ checkpoint (resume from its newest, --resume {out / 'step_0000004'})" in capsys.readouterr().err
-    assert (out / "log.jsonl").is_file() and (out / "step_0000004").is_dir()
+    assert main(_args(out, "--resume", str(out), "--steps", "5")) == 0  # as --resume auto: its newest step
+    assert (f"note: {out} has no last/: resuming from {out / 'step_0000004'}, its newest complete checkpoint"
+            in capsys.readouterr().out)
+    assert (out / "log.jsonl").is_file() and (out / "step_0000004").is_dir() and (out / "last").is_dir()
+
+
+def test_a_truncated_last_is_saved_again_when_its_step_has_nothing_left_to_train(tmp_path, capsys):
+    """The resume fell back to step_0000004, found nothing to train and said 'done; checkpoint .../last' with
+    last/ still truncated: zoo sample of the run then refused it as incomplete."""
+    from zoo.atomic import is_sealed
+    from zoo.checkpoint import CONFIG
+
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "4")) == 0
+    with open(out / "last" / "ema.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert not is_sealed(out / "last", CONFIG)
+    assert main(_args(out, "--resume", str(out), "--steps", "4")) == 0
+    assert is_sealed(out / "last", CONFIG)
+    assert main(["sample", str(out), "--n", "1", "--steps", "2", "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_a_resume_from_the_newest_checkpoint_logs_at_once_and_keeps_what_it_logged_before_a_nan(tmp_path, capsys):
+    """After a SIGKILL past last/ (records 5-6 in log.jsonl, last/ at step 4), the resumed run held its
+    records back until its next save: a NaN at step 6 then lost the step-5 record that led up to it."""
+    import json
+
+    out, every = tmp_path / "run", ["--set", "train.log_every=1"]
+    assert main(_args(out, "--steps", "4", *every)) == 0
+    killed = [dict(json.loads(line), step=s) for s, line in zip((5, 6), (out / "log.jsonl").read_text().splitlines())]
+    with open(out / "log.jsonl", "a") as f:  # what the killed process had logged past its last save
+        f.writelines(json.dumps(r) + "\n" for r in killed)
+    capsys.readouterr()
+    assert main(_args(out, "--resume", "auto", "--steps", "8", *every, "--set", "train.lr=1e36",
+                      "--set", "train.warmup_steps=0", "--set", "train.grad_clip=null")) == 1
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5] and logged[-1]["lr"] == 1e36
+
+
+def test_a_run_without_last_resumes_from_the_step_saved_last_not_the_highest(tmp_path, capsys):
+    """After a resume from an older step_*/, the higher step directories are the branch left behind: with
+    last/ gone, --resume auto continued that old step_0000004 (and the hint named it) instead of step_0000003."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "4")) == 0
+    assert main(_args(out, "--resume", str(out / "step_0000002"), "--steps", "3")) == 0  # the branch: step 3
+    assert (out / "step_0000004").is_dir() and (out / "step_0000003").is_dir()
+    shutil.rmtree(out / "last")
+    capsys.readouterr()
+    assert main(_args(out, "--resume", "auto", "--steps", "5")) == 0
+    assert f"resumed from {out / 'step_0000003'} at step 3" in capsys.readouterr().out
 
 
 def test_resume_says_when_the_learning_rate_schedule_changes_and_tilde_paths_expand(tmp_path, monkeypatch, capsys):

@@ -296,13 +296,27 @@ def test_a_full_disk_leaves_no_torn_line_in_log_jsonl_and_names_it(tmp_path):
     assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [rec]
 
 
+def test_records_a_killed_process_wrote_past_the_newest_checkpoint_go_at_once(tmp_path):
+    """Resumed from the newest checkpoint (step 2) after a SIGKILL at step 4, records 3-4 are no
+    checkpoint's: they went only at the next save (50000 steps apart in the paper recipes), and until then
+    log.jsonl and TensorBoard showed the killed process's records and none of this run's."""
+    rec = {"loss": 1.0, "lr": 1e-3, "steps_per_s": 1.0, "images_per_s": 16.0}
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({**rec, "step": s}) + "\n" for s in (1, 2, 3, 4)))
+    monitor = Monitor(tmp_path, start=2, total=6, log=lambda *_: None, tty=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    monitor.record({**rec, "step": 3, "loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [
+        (1, 1.0), (2, 1.0), (3, 0.5)]
+    monitor.close()
+
+
 def test_a_resumed_branch_replaces_the_log_in_one_write(tmp_path, monkeypatch):
     """A resume from step 2 of a 4-step log holds its records back until its first save, then drops
     the old steps 3-4 and writes its own. That was two writes: a kill between them lost the new
     records for good (the save is past them). Appending anything during the swap is now a failure."""
     rec = {"loss": 1.0, "lr": 1e-3, "steps_per_s": 1.0, "images_per_s": 16.0}
     (tmp_path / "log.jsonl").write_text("".join(json.dumps({**rec, "step": s}) + "\n" for s in (1, 2, 3, 4)))
-    monitor = Monitor(tmp_path, start=2, total=4, log=lambda *_: None, tty=False)
+    monitor = Monitor(tmp_path, start=2, total=4, log=lambda *_: None, tty=False, branching=True)
     for step in (3, 4):
         monitor.record({**rec, "step": step, "loss": 0.5})
     assert [r["loss"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1.0] * 4

@@ -372,13 +372,13 @@ def _checkpoint_dir(directory: str | Path) -> Path:
         raise UserError(f"{directory} is a file, not a checkpoint directory ({CONFIG} + {MODEL})")
     problems = atomic.missing_or_truncated(directory, CONFIG)
     if problems:
-        newest = _newest_step(directory.parent) if directory.name == "last" else None
+        newest = newest_step(directory.parent) if directory.name == "last" else None
         raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}",
                         suggestion=f"{newest} is the run's newest complete checkpoint" if newest else None)
     return directory
 
 
-def _newest_step(run: Path) -> Path | None:
+def newest_step(run: Path) -> Path | None:
     """The ``step_*`` checkpoint of ``run`` sealed last among the complete ones (``None``: there is none)."""
     steps = [d for d in run.glob("step_*") if STEP_NAME.fullmatch(d.name) and atomic.is_sealed(d, CONFIG)]
     return max(steps, key=lambda d: atomic.sealed_at(d, CONFIG), default=None)
@@ -386,7 +386,7 @@ def _newest_step(run: Path) -> Path | None:
 
 def newest_step_hint(run: Path) -> str | None:
     """What to pass instead of a run directory without its ``last/``: its newest step checkpoint."""
-    newest = _newest_step(run)
+    newest = newest_step(run)
     return f"its newest checkpoint is {newest}: pass that" if newest else None
 
 
@@ -397,7 +397,7 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
     ``last/``, which is taken instead; so is the newest complete ``step_*/`` where ``last/`` is
     incomplete (a file truncated or missing), which otherwise stopped every restart of the job.
     """
-    last, newest = run / "last", _newest_step(run)
+    last, newest = run / "last", newest_step(run)
     if newest is None:
         return last, None
     if atomic.is_sealed(last, CONFIG):

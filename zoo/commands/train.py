@@ -133,12 +133,8 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
 
         args.out = args.out or default_run_dir(args.recipe)
         found = holds_a_run(Path(args.out).expanduser())  # "last/", "step_0000500/" or None
-        if not found:
-            args.resume = None
-        elif found.startswith("step_"):  # last/ is gone (killed between a step_* save and last/'s)
-            args.resume = str(Path(args.out) / found.rstrip("/"))
-        else:
-            args.resume = args.out
+        # the run directory: its last/, or where that is gone or incomplete its newest complete step_*/
+        args.resume = args.out if found else None
     if args.resume is not None:
         args.resume = str(Path(args.resume).expanduser())
     # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)

@@ -29,9 +29,10 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
+from zoo.atomic import is_sealed, sealed_at
 from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_finite, check_replaceable, load_state_dict_strict,
-                            load_trainer_state, load_weights, read_classes, read_config, repair_run, resume_point,
-                            save_checkpoint)
+                            load_trainer_state, load_weights, newest_step, read_classes, read_config, repair_run,
+                            resume_point, save_checkpoint)
 from zoo.errors import UserError
 from zoo.memory import require_training_memory
 from zoo.meta import example_inputs
@@ -271,10 +272,11 @@ class Trainer:
             if note:
                 self.after_banner.append(f"zoo train: note: {note}")
         elif not (directory / CONFIG).is_file():
-            steps = sorted(d for d in directory.glob("step_*") if (d / CONFIG).is_file())
-            if steps:  # a run whose last/ was deleted: its step directories are checkpoints too
-                raise UserError(f"{directory} has no last/ checkpoint", suggestion=f"resume from its newest, "
-                                f"--resume {steps[-1]}")
+            newest = newest_step(directory)  # by when it was sealed: a higher step may be a branch left behind
+            if newest is not None:  # a run whose last/ was deleted: its step directories are checkpoints too
+                self.after_banner.append(f"zoo train: note: {directory} has no last/: resuming from {newest}, "
+                                         "its newest complete checkpoint")
+                directory = newest
         self._resumed_recipe = read_config(directory)  # also read by _resume_notes
         if not allow_recipe_change:
             check_resume_recipe(self._resumed_recipe, self.recipe, directory)
@@ -385,6 +387,16 @@ class Trainer:
             self.after_banner.append(
                 f"zoo train: note: {', '.join(later)} in {self.out} come after step {self.step}, from the run this "
                 "one branches away from; they are kept (and not pruned) until this run saves those steps")
+
+    def _branches_away(self) -> bool:
+        """Whether this run continues a checkpoint of its directory older than the newest one there (a
+        step_*/ before last/): the newest still holds the continuation that log.jsonl's later records
+        describe. Resumed from the newest, those records are a killed process's, no checkpoint's."""
+        start = getattr(self, "_resumed_from", None)
+        if start is None or start.resolve().parent != self.out.resolve():
+            return False
+        when = sealed_at(start, CONFIG)
+        return any(sealed_at(d, CONFIG) > when for d in [self.out / "last", *self.out.glob("step_*")] if d != start)
 
     # -- checkpoints and samples ---------------------------------------------------------------
 
@@ -679,7 +691,8 @@ class Trainer:
         with distributed.agreement(self.ctx):  # an unreadable eval_ref: one line, not one per rank
             if self.fd is not None:
                 self.fd.prepare()  # the run's FD reference statistics, computed once
-        monitor = self.monitor = Monitor(self.out, self.step, total, self.log) if self.ctx.main else None
+        monitor = self.monitor = (Monitor(self.out, self.step, total, self.log, branching=self._branches_away())
+                                  if self.ctx.main else None)
         # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
         # twice (terminal + relay), so there a second signal is no 'stop now'.
         self.stops = StopSignals(second_stops_now=not self.ctx.distributed).install()
@@ -766,7 +779,8 @@ class Trainer:
                         self._keep_steps_before(err, first_step)
                         raise
             # Still under the stop handlers: a SIGTERM during the final save lets it finish instead of killing it.
-            if self.last_saved != self.step or not (self.out / "last").is_dir():
+            if self.last_saved != self.step or not is_sealed(self.out / "last", CONFIG):  # (gone or truncated: resumed
+                # from a step_*/ with nothing left to train, it still has to hold this step)
                 self.save(also_step_dir=self._period("ckpt_every") > 0)
             if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
                 self._unless_stopped(self.sample_grid, "the sample grid")  # the final weights' too, between two grids

@@ -128,17 +128,21 @@ class Monitor:
     """Progress bar / plain lines, ``log.jsonl``, TensorBoard and ``loss.png`` of one run."""
 
     def __init__(self, out: Path, start: int, total: int, log: Callable[[str], None] = print,
-                 tty: bool | None = None) -> None:
+                 tty: bool | None = None, branching: bool = False) -> None:
         self.out, self.log, self.start = out, log, start
         self.log_path = out / "log.jsonl"
         found = read_log(self.log_path)
         self.records = [r for r in found if r.get("step", 0) <= start]  # a resume drops what it redoes
-        # ... from log.jsonl and TensorBoard too, but only once this run saves a checkpoint: until then
-        # last/ still holds the branch the later records describe (a resume from an older step_* that
-        # stops, fails or hits a NaN before its first save). This run's records wait in `pending`.
+        # ... from log.jsonl and TensorBoard too. ``branching`` (a resume from an older step_*/ than the
+        # run's newest checkpoint): only once this run saves one, since until then last/ still holds the
+        # branch the later records describe (a resume that stops, fails or hits a NaN before its first
+        # save); this run's records wait in `pending`. Else the later records are a killed process's,
+        # which no checkpoint holds: they go now, and this run's records are written as they come.
         self.pending: list[dict] | None = [] if len(self.records) < len(found) else None
         self.file = None
         self._writer = None
+        if self.pending is not None and not branching:
+            self.branch_saved()
         self.plot, self.plotted = LossPlot(out / "loss.png"), -math.inf
         self.bar = None
         # A bar only where both streams are a terminal: `zoo train ... | tee log` keeps every record line in the file
