@@ -260,9 +260,10 @@ CASES = [
     ("train-null-label-beyond-the-table", f"train {TRAIN} --out {{tmp}}/out --set diffusion.null_label=5 {FAST}", "-",
      2, "diffusion.null_label is 5, but the model embeds labels 0..4 only"),
     ("train-images-wrong-size", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set data.image_size=16", "images", 2,
-     "gives samples of shape (3, 16, 16), the model takes (3, 8, 8)"),
+     "key data.image_size: data.image_size is 16, but the model takes 8x8 images (set data.image_size to 8"),
     ("train-images-into-a-latent-model", f"train {TRAIN} --out {{tmp}}/out {IMAGES} --set model.in_channels=4",
-     "images", 2, "the model takes (4, 8, 8) (the images load with 3 channels: a pixel model takes in_channels 3; a latent model trains on dataset: latents"),
+     "images", 2, "image folders give RGB images, but the model takes 4 input channels (give the model 3 input "
+     "channels (model.in_channels, or model.in_chans for U-ViT), or train a latent recipe on zoo prepare-latents output)"),
     ("train-latents-garbage-shard", f"train {TRAIN} --out {{tmp}}/out {LATENT}", "latents_garbage", 2,
      "{tmp}/latents/0.safetensors"),
     ("train-latents-truncated-shard", f"train {TRAIN} --out {{tmp}}/out {LATENT}", "latents_truncated", 2,
