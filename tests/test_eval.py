@@ -281,6 +281,22 @@ def test_adm_reference_batch_is_read_as_it_is(tmp_path):
     np.testing.assert_array_equal(ref.sigma, arrays["sigma"])
 
 
+def test_inception_statistics_without_images_are_used_unchanged(tmp_path):
+    """pytorch-fid's / ADM's mu and sigma alone under --extractor inception: a TypeError ('multiple values for
+    argument source') instead of an FD."""
+    inception = PoolFeatures()
+    inception.name = "inception"
+    mu, sigma = np.full(12, 0.25), np.eye(12) * 0.5
+    np.savez(tmp_path / "fid_stats.npz", mu=mu, sigma=sigma)
+    ref = load_reference(str(tmp_path / "fid_stats.npz"), inception, 8, log=lambda _: None)
+    np.testing.assert_array_equal(ref.mu, mu)
+    np.testing.assert_array_equal(ref.sigma, sigma)
+    assert ref.features is None and ref.labels is None and ref.source == str(tmp_path / "fid_stats.npz")
+    feats = Features(np.random.default_rng(0).normal(size=(20, 12)), None)
+    metrics = compute_metrics(feats, ref)
+    assert metrics["fd"] > 0 and "precision" not in metrics
+
+
 def test_an_npz_reference_with_an_upper_case_suffix_is_read_as_an_npz(tmp_path):
     """--ref REF8.NPZ was said to be neither an .npz file, an image folder nor a registered dataset."""
     _adm_npz(tmp_path / "ref.npz")
@@ -918,6 +934,12 @@ def test_respacing_and_ddim_eta_are_part_of_the_eval_protocol(run_dir, capsys):
     # the same spec written as a whole table: the same samples (the overrides are recorded, not hashed)
     code, table = _eval_json(capsys, run_dir, "--set", "sample.solver={type: ddim, steps: 5, eta: 1.0}")
     assert code == 0 and table["samples"] == eta["samples"] and table["protocol"]["overrides"] != eta["protocol"]["overrides"]
+    # a default written out, in either number form, is the recipe's own protocol: the same samples (each had
+    # sampled everything again; at 50000 ImageNet samples, hours)
+    for spelled in ("sample.solver.eta=0", "sample.solver.eta=0.0"):
+        code, default = _eval_json(capsys, run_dir, "--set", spelled)
+        assert code == 0 and default["samples"] == base["samples"], spelled
+        assert default["protocol"]["solver"] == {"type": "ddim", "steps": 5, "eta": 0}  # recorded as written
     code, err = _eval_json(capsys, run_dir, "--solver", "ode", "--respacing", "ddim4")
     assert code == 2 and "--respacing" in err and "solvers ddpm and ddim" in err and err.count("\n") == 1
 

@@ -53,7 +53,7 @@ def first_difference(a: Any, b: Any, path: str, defaults: dict[str, Any] | None 
             return f"{path}.type"
         cls = _component(a["type"], kinds or NESTED_KINDS) if "type" in a else owner
         if defaults is None:
-            defaults = _recipe_defaults(cls)
+            defaults = recipe_defaults(cls)
         for key in sorted(set(a) | set(b), key=str):
             child = _child(cls, key)
             if key not in a or key not in b:
@@ -120,7 +120,7 @@ def _child(cls: Any, key: Any) -> dict[str, Any]:
     return {"kinds": _param_kinds(key, cls), "owner": owner}
 
 
-def _recipe_defaults(cls: Any) -> dict[str, Any]:
+def recipe_defaults(cls: Any) -> dict[str, Any]:
     """The constructor defaults of ``cls`` as a recipe writes them; ``{}`` if ``cls`` is unknown."""
     import inspect
 

@@ -319,7 +319,7 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
             return Reference(*checked, labels, source=str(path))
         if "arr_0" not in keys:
             if {"mu", "sigma"} <= keys and extractor.name == "inception":
-                return Reference(*statistics(f["mu"], f["sigma"]), None, None, source=str(path))
+                return Reference(*statistics(f["mu"], f["sigma"]), None, source=str(path))  # (no labels)
             if {"mu", "sigma"} <= keys:  # pytorch-fid's or ADM's statistics: of Inception features, nothing else's
                 raise UserError(f"{path} holds mu/sigma and no images (arr_0): Inception statistics (pytorch-fid, "
                                 "ADM), which only --extractor inception uses",

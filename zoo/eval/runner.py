@@ -314,6 +314,7 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
     # the weights' sha256 names the checkpoint; overrides are keyed by what they resolve to, so spelling one
     # option two ways (or setting a training-only key) does not sample again
     identity = {k: v for k, v in protocol.items() if k not in ("checkpoint", "overrides")}
+    identity["solver"] = _resolved_solver(solver_spec)  # the spec as written stays in the record
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     reference = (load_reference(ref_spec, extractor, image_size, request.batch_size or 32, device, log,  # before sampling
                                 recipe=recipe) if main else None)
@@ -350,6 +351,17 @@ def _reference_key(spec: str) -> str:
     path = Path(spec).expanduser()
     name = str(path.resolve()) if path.exists() else ":".join(dataset_reference(spec))  # emoji32 = emoji32:holdout
     return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def _resolved_solver(spec: dict) -> dict:
+    """The solver settings as they sample, for the samples' key: its defaults filled in and numbers as
+    floats, so ``eta: 0``, ``eta: 0.0`` and no ``eta`` at all key the same samples (each had sampled
+    everything again)."""
+    from zoo import registry
+    from zoo.recipe_diff import recipe_defaults
+
+    full = {**recipe_defaults(registry.get("solver", spec["type"])), **spec}
+    return {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in full.items()}
 
 
 def _default_ref(recipe: dict) -> str:

@@ -161,7 +161,7 @@ def shown_value(recipe: dict, path: str) -> str:
 def _default_at(model: Any, keys: list[str]) -> Any:
     """The constructor default of the last of ``keys`` in the component the ``model`` section builds
     there; :data:`_NO_DEFAULT` when it has none or cannot be told."""
-    from zoo.recipe_diff import _child, _component, _recipe_defaults
+    from zoo.recipe_diff import _child, _component, recipe_defaults
 
     if not isinstance(model, dict) or not keys:
         return _NO_DEFAULT
@@ -172,7 +172,7 @@ def _default_at(model: Any, keys: list[str]) -> Any:
             cls = item_cls
             continue
         child = _child(cls, key)
-        value = node.get(key) if key in node else _recipe_defaults(cls).get(key)
+        value = node.get(key) if key in node else recipe_defaults(cls).get(key)
         value = {"type": value} if isinstance(value, str) else value  # a component given by its name
         if isinstance(value, list):
             node, item_cls = value, child["owner"]
@@ -183,7 +183,7 @@ def _default_at(model: Any, keys: list[str]) -> Any:
             return _NO_DEFAULT
     if not isinstance(node, dict) or cls is None:
         return _NO_DEFAULT
-    return _recipe_defaults(cls).get(keys[-1], _NO_DEFAULT)
+    return recipe_defaults(cls).get(keys[-1], _NO_DEFAULT)
 
 
 def _wrap_timm_loader() -> None:
