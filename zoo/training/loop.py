@@ -58,15 +58,23 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; the weights were not updated with it."""
 
     def __init__(self, step: int, what: str, last: int | None, where: Path | None = None,
-                 train: dict | None = None, stopped: str = "stopped without updating the weights") -> None:
+                 train: dict | None = None, stopped: str = "stopped without updating the weights",
+                 remedy: str | None = None) -> None:
         kept = (f"{where or 'last/'} holds step {last}, the last finite checkpoint" if last is not None
                 else "no checkpoint was written")
-        super().__init__(f"{what} is not finite at step {step}; {stopped} ({kept}). {_remedies(train or {})}")
+        super().__init__(f"{what} is not finite at step {step}; {stopped} ({kept}). "
+                         f"{remedy or _remedies(train or {})}")
         self.step = step
 
 
 class _UnreadOnARank(Exception):
     """A rank could not read its slice of this step's batch: every rank drops the step and stops."""
+
+
+# The skipped steps changed no weight, and grad_clip acts on gradients the scaler has already found infinite:
+# neither a lower lr nor clipping brings them back into fp16's range.
+FP16_OVERFLOW = ("Use precision bf16 (or fp32) instead of fp16: this model's fp16 forward or backward overflows "
+                 "even unscaled (train.lr and train.grad_clip act only on steps that were taken)")
 
 
 def _remedies(train: dict) -> str:
@@ -543,7 +551,7 @@ class Trainer:
             # unscaled, i.e. the fp16 forward or backward itself is not finite; the steps were all skipped.
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(self.step + 1, "the fp16 gradient (loss scale below 1, every recent step skipped)",
-                                 self.last_saved, self.last_dir, self.train)
+                                 self.last_saved, self.last_dir, self.train, remedy=FP16_OVERFLOW)
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
         return loss
