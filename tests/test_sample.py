@@ -325,6 +325,8 @@ def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(check
                           "1001 steps are more than the schedule's 1000 training steps"),
                          (["--dtype", "float64", "--precision", "bf16"], "a float64 model samples in float64"),
                          (["--class", "99"], "class label 99 (--class) is not a class of this model"),
+                         # a label list of another length than --n was refused only after the weights had loaded
+                         (["--class", "1,2", "--n", "5"], "the class labels (--class) give 2 samples but n = 5"),
 
                          (["--cfg", "5000"], "5000")):
         assert main(["sample", str(checkpoint), "--out", str(tmp_path / "x.png"), *extra]) == 2
@@ -650,6 +652,20 @@ def test_guided_eps_fn_is_called_as_sampling_md_writes_it():
     by_scale = guided_eps_fn(model, recipe, schedule, y, 2.5)
     assert torch.equal(by_scale(x, t), guided_eps_fn(model, recipe, schedule, y, guidance_settings(recipe, 2.5))(x, t))
     assert not torch.equal(by_scale(x, t), documented(x, t))  # the recipe's own scale is another
+    for wrong in (None, True, "1.5"):  # an AttributeError on .active
+        with pytest.raises(UserError, match=r"^guidance is a GuidanceSettings or a number \(the scale\), got"):
+            guided_eps_fn(model, recipe, schedule, y, wrong)
+
+
+@pytest.mark.parametrize("fields, said", [
+    ({"class_labels": []}, "class_labels is empty"),  # it reached the model: "DiT takes y as 2 integer labels"
+    ({"n": 2.0}, "SampleRequest.n must be an integer, got 2.0"),  # range() raised a TypeError
+    ({"batch_size": 1.5}, "SampleRequest.batch_size must be an integer, got 1.5"),
+    ({"seed": 1.5}, "SampleRequest.seed must be an integer, got 1.5"),  # seed 1's images, silently
+])
+def test_a_sample_request_of_the_wrong_kind_is_named(fields, said):
+    with pytest.raises(UserError, match=re.escape(said)):
+        SampleRequest(**{"n": 2, **fields}).count()
 
 
 def test_zoo_sample_under_torchrun_is_one_line_pointing_to_zoo_eval(monkeypatch, capsys):
@@ -672,3 +688,6 @@ def test_the_solver_line_names_the_steps_a_switched_solver_takes(checkpoint, tmp
     assert main(["sample", str(checkpoint), "--n", "1", "--solver", "euler", "--steps", "3",
                  "--out", str(tmp_path / "b.png")]) == 0
     assert "zoo sample: solver {'type': 'euler', 'steps': 3};" in capsys.readouterr().out
+    # adaptive solvers have no step count: it said "(1 steps, its default)" for ode's dopri5
+    assert main(["sample", str(checkpoint), "--n", "1", "--solver", "ode", "--out", str(tmp_path / "c.png")]) == 0
+    assert "zoo sample: solver {'type': 'ode'} (adaptive: rtol and atol set its steps);" in capsys.readouterr().out

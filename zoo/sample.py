@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,10 +128,17 @@ class SampleRequest:
                 labels.append(operator.index(v))  # int, numpy and torch integers; not 2.7 (or "3")
             except TypeError:
                 raise UserError(f"class labels are integers, got {v!r}") from None
+        if not labels:  # [] reached the model as a y of shape (0,), named as the model's input
+            raise UserError("class_labels is empty", suggestion="give one label for every sample, one per sample, "
+                            "or None for random classes")
         return labels
 
     def count(self) -> int:
         """How many samples: ``n``, else the rows of ``x_T`` or the number of labels, else 16."""
+        for name in ("n", "seed", "batch_size"):  # 2.0 reached range() as a TypeError; a seed of 1.5 drew seed 1's
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise UserError(f"SampleRequest.{name} must be an integer, got {value!r}")
         implied = {}
         if self.x_T is not None:
             implied["x_T"] = self.x_T.shape[0]
@@ -442,6 +450,7 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
         _check_learned_variance(recipe)
     sampling_precision(recipe, precision, dtype or torch.float32)
     if request is not None:
+        request.count()  # a --class list of another length than --n, before a paper model's weights load
         _check_labels(request, num_classes(recipe))
         guidance_settings(recipe, request.cfg)
 

@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     solver, spec = build_solver(recipe, args.solver, args.steps, respacing=args.respacing)
     unsaid = "steps" not in spec and "respacing" not in spec and isinstance(getattr(solver, "steps", None), int)
     default = f" ({solver.steps} steps, its default)" if unsaid else ""  # --solver ddpm drops the recipe's steps
+    if getattr(solver, "batch_coupled", False):  # adaptive: its `steps` is a placeholder no step count follows
+        default = " (adaptive: rtol and atol set its steps)"
     print(f"zoo sample: solver {spec}{default}; {guidance_settings(recipe, args.cfg).describe()}")
     from tqdm import tqdm
 

@@ -217,6 +217,9 @@ def guided_eps_fn(
     the channels of the data (default: those of the model's example input)."""
     if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):  # guided_eps_fn(..., 1.5)
         guidance = guidance_settings(recipe, float(guidance))
+    if not isinstance(guidance, GuidanceSettings):  # None, True, "1.5": an AttributeError on .active
+        raise UserError(f"guidance is a GuidanceSettings or a number (the scale), got {guidance!r}",
+                        suggestion="pass guidance_settings(recipe) for the recipe's settings, or a scale in its convention")
     if eps_channels is None:
         from zoo.meta import example_inputs
 
