@@ -221,6 +221,37 @@ def test_latent_draws_are_keyed_by_the_global_sample_not_the_process(tmp_path, v
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_random_flip_false_draws_the_images_own_encoding_only(tmp_path, vae_dir, image_dir):
+    """data.random_flip: false was ignored on prepared latents: about half the draws (49 of 120) were the
+    flipped image's encoding, for data that must not be mirrored (the emoji recipes' reason for false)."""
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    spec = {"dataset": "latents", "root": str(out), "vae_scale": 0.18215}
+    plain, flipping = (build_dataset({**spec, "random_flip": flip}, (4, 8, 8), 2) for flip in (False, True))
+    views = []
+    for key in range(24):
+        index = key % len(plain)
+        gen = torch.Generator().manual_seed(key)
+        view = int(torch.randint(2, (), generator=gen))
+        noise = torch.randn(plain.moments(index)[0].shape[1:], generator=gen)
+        mean, std = plain.moments(index)
+        for ds, used in ((plain, 0), (flipping, view)):
+            expected = (mean[used] + std[used] * noise) * 0.18215
+            torch.testing.assert_close(ds[(index, key)][0], expected, rtol=0, atol=0)
+        views.append(view)
+    assert 0 < sum(views) < len(views)  # the flipping dataset did take both views
+
+
+def test_latents_of_another_size_name_the_resolution_for_the_vae_that_made_them(tmp_path, vae_dir, image_dir):
+    """The hint assumed SD's f8 VAE ('--resolution 128' for 16x16 latents) whatever VAE the manifest records:
+    with this f2 VAE, 128 gives 64x64 latents; 32 gives 16x16."""
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
+    with pytest.raises(UserError) as err:  # (the dataset is checked against the model as it is built)
+        build_dataset({"dataset": "latents", "root": str(out), "vae_scale": 0.18215, "latent": True}, (4, 16, 16), 2)
+    assert err.value.suggestion == "prepare latents of 16x16: zoo prepare-latents --resolution 32 with this f2 VAE"
+
+
 @pytest.mark.slow
 def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_vae(tmp_path, vae_dir, image_dir, capsys):
     import shutil
@@ -1174,3 +1205,21 @@ def test_a_shard_written_twice_is_the_same_bytes(tmp_path):
     size = int.from_bytes(data[0][:8], "little")
     metadata = json.loads(data[0][8:8 + size])["__metadata__"]
     assert list(metadata) == sorted(metadata) and metadata["start"] == "96"
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"_class_name": "UNet2DConditionModel"}, "config.json is not an AutoencoderKL config (_class_name "
+     "UNet2DConditionModel)"),  # SD's unet/ given as --vae: a diffusers ValueError with a traceback
+    ({"down_block_types": ["Bogus", "Bogus"]}, "config.json describes no AutoencoderKL diffusers can build: "
+     "Bogus does not exist"),
+])
+def test_a_folder_that_is_no_vae_is_one_line(tmp_path, vae_dir, image_dir, capsys, change, said):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(vae_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, **change}))
+    assert main(["prepare-latents", str(image_dir), "--vae", str(other), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"zoo: error: {other / 'config.json'}") and said in err and err.count("\n") == 1

@@ -71,7 +71,8 @@ def latents(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
     """``zoo prepare-latents`` output (VAE moments, image and flip) or plain ``latents`` shards."""
     from zoo.training.latents import open_latents
 
-    dataset = open_latents(_root(data, "latent shards"), float(data.get("vae_scale", 0.18215)))
+    dataset = open_latents(_root(data, "latent shards"), float(data.get("vae_scale", 0.18215)),
+                           flip=bool(data.get("random_flip", False)))  # the trainer's default too
     made_at = getattr(dataset, "manifest", {}).get("resolution")  # zoo prepare-latents output says its size
     if data.get("image_size") and made_at and int(data["image_size"]) != int(made_at):
         raise UserError(f"data.image_size is {data['image_size']}, but the latents in {data['root']} were made "

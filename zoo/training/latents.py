@@ -28,14 +28,15 @@ from zoo.training.worker_errors import user_errors_cross_workers
 
 
 class LatentMoments(Dataset):
-    """``(z, label)`` with z sampled from the stored posterior moments of a random view."""
+    """``(z, label)`` with z sampled from the stored posterior moments of a random view (the image's or
+    its flip's; ``flip`` False: always the image's, as ``data.random_flip: false`` asks)."""
 
-    def __init__(self, root: Path, vae_scale: float) -> None:
+    def __init__(self, root: Path, vae_scale: float, flip: bool = True) -> None:
         rerun = "run the zoo prepare-latents command that made it again: it rewrites the manifest"
         manifest = read_json_object(root / MANIFEST, "latent manifest", suggestion=rerun)
         if manifest.get("format") != FORMAT:
             raise UserError(f"{root / MANIFEST} is not a zoo prepare-latents manifest (format {manifest.get('format')!r})")
-        self.root, self.manifest, self.vae_scale = root, manifest, float(vae_scale)
+        self.root, self.manifest, self.vae_scale, self.flip = root, manifest, float(vae_scale), bool(flip)
         self.shards = manifest.get("shards")
         if not isinstance(self.shards, list) or not all(
                 isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("start"), int)
@@ -88,14 +89,15 @@ class LatentMoments(Dataset):
         return f.get_slice("mean")[row].float(), f.get_slice("std")[row].float()
 
     keyed_draws = True  # the training sampler passes (index, key): the draw is a function of the key
-    draws_flips = True  # half the draws are the flipped image's encoding: the trainer does not flip these
+    draws_flips = True  # the flips are drawn here (the flipped image's encoding): the trainer does not flip these
 
     @user_errors_cross_workers
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
         index, key = item if isinstance(item, tuple) else (item, None)
         gen = torch.Generator().manual_seed(key) if key is not None else None  # None: torch's global RNG
         mean, std = self.moments(index)
-        view = int(torch.randint(2, (), generator=gen))
+        view = int(torch.randint(2, (), generator=gen))  # drawn either way: the same noise with or without flips
+        view = view if self.flip else 0
         z = mean[view] + std[view] * torch.randn(mean.shape[1:], generator=gen)
         if not bool(torch.isfinite(z).all()):  # else the run stops later on a non-finite loss, blaming the lr
             k, row = self._where(index)
@@ -108,12 +110,13 @@ class LatentMoments(Dataset):
         return {**self.__dict__, "_open": {}}
 
 
-def open_latents(root: Path, vae_scale: float) -> Dataset:
-    """A ``zoo prepare-latents`` output directory, or a directory of plain latent shards."""
+def open_latents(root: Path, vae_scale: float, flip: bool = True) -> Dataset:
+    """A ``zoo prepare-latents`` output directory, or a directory of plain latent shards; ``flip``: draw the
+    flipped image's encoding half the time (prepared latents; the trainer mirrors plain shards itself)."""
     from zoo.training.data import latent_dataset
 
     if (root / MANIFEST).is_file():
-        dataset = LatentMoments(root, vae_scale)
+        dataset = LatentMoments(root, vae_scale, flip)
         vae = dataset.manifest.get("vae")
         scale = vae.get("scaling_factor") if isinstance(vae, dict) else None
         if scale is not None and abs(scale - vae_scale) > 1e-6 * scale:
