@@ -47,15 +47,22 @@ _FIX = (
 )
 
 
-def build_sd_vae(device: torch.device | str | None = None, config: dict | None = None) -> nn.Module:
-    """The SD KL-f8 ``AutoencoderKL`` (or the one ``config`` describes) with diffusers' random init
-    (on ``meta`` it allocates nothing)."""
+def build_sd_vae(device: torch.device | str | None = None, config: dict | None = None,
+                 source: str | Path = "config.json") -> nn.Module:
+    """The SD KL-f8 ``AutoencoderKL`` (or the one ``config`` describes, read from ``source``) with
+    diffusers' random init (on ``meta`` it allocates nothing)."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:  # pragma: no cover - depends on the install
         raise UserError(f"the VAE needs diffusers ({err}); install it with pip install 'zoo-diffusion[vae]'") from None
     with torch.device(device or "cpu"):
-        return AutoencoderKL(**SD_VAE_CONFIG) if config is None else AutoencoderKL.from_config(config)
+        if config is None:
+            return AutoencoderKL(**SD_VAE_CONFIG)
+        try:
+            return AutoencoderKL.from_config(config)
+        except (ValueError, TypeError, KeyError) as err:  # diffusers' own check of the config's values
+            raise UserError(f"{source} describes no AutoencoderKL diffusers can build: {err}",
+                            suggestion="give the VAE's own folder, with its config.json as diffusers saved it") from None
 
 
 def vae_config(weights: Path) -> dict | None:
@@ -67,8 +74,12 @@ def vae_config(weights: Path) -> dict | None:
     if weights.name != "diffusion_pytorch_model.safetensors" or not config.is_file():
         return None
     loaded = read_json_object(config, "VAE config")
-    if not isinstance(loaded.get("block_out_channels"), list):
-        raise UserError(f"{config} is not an AutoencoderKL config (no block_out_channels)")
+    kind = loaded.get("_class_name")
+    if kind not in (None, "AutoencoderKL") or not isinstance(loaded.get("block_out_channels"), list) \
+            or not isinstance(loaded.get("latent_channels"), int):  # SD's unet/ has block_out_channels too
+        said = f"_class_name {kind}" if kind not in (None, "AutoencoderKL") else "no block_out_channels/latent_channels"
+        raise UserError(f"{config} is not an AutoencoderKL config ({said})",
+                        suggestion="give the VAE's own folder (Stable Diffusion's vae/, or sd-vae-ft-ema)")
     return loaded
 
 
@@ -173,7 +184,8 @@ def load_vae(
     from zoo.checkpoint import load_state_dict_strict
 
     path = find_vae_weights(directory)
-    vae = build_sd_vae("meta", vae_config(path))  # first: without diffusers installed, this is the one-line error
+    # first: without diffusers installed, this is the one-line error
+    vae = build_sd_vae("meta", vae_config(path), source=path.parent / "config.json")
     state = _to_diffusers_keys(_read_state_dict(path))
     with warnings.catch_warnings():  # the strict key check copies into meta tensors (a no-op) ...
         warnings.simplefilter("ignore", UserWarning)

@@ -370,8 +370,11 @@ def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_clas
     x, _ = ds[0]
     if tuple(x.shape) != tuple(shape):
         if latent:
+            vae = (getattr(ds, "manifest", None) or {}).get("vae")  # the VAE these latents were made with
+            factor = vae.get("downsample") if isinstance(vae, dict) else None
             hint = (f"prepare latents of {shape[-2]}x{shape[-1]}: zoo prepare-latents --resolution "
-                    f"{8 * shape[-1]} with an f8 VAE (SD's)")
+                    + (f"{factor * shape[-1]} with this f{factor} VAE" if isinstance(factor, int) and factor > 0
+                       else f"{8 * shape[-1]} with an f8 VAE (SD's)"))
         elif x.shape[0] != shape[0]:
             hint = (f"the images load with {x.shape[0]} channels: a pixel model takes in_channels {x.shape[0]}; "
                     "a latent model trains on dataset: latents (made by zoo prepare-latents)")
