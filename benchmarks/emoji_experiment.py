@@ -273,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.errors import UserError
     from zoo.guards import resolve_device
 
-    try:  # one device for every stage (training, classifier, evaluation), checked before anything is written
+    from zoo import registry
+    from zoo.eval.distortion import check_threshold
+
+    try:  # one device, threshold and extractor for every stage, checked before anything is trained
         args.device = str(resolve_device(args.device))
+        check_threshold(args.threshold)
+        registry.get("extractor", args.extractor)
     except UserError as err:
         p.error(str(err))
     quick = args.quick

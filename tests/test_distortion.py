@@ -122,6 +122,7 @@ def test_analyse_writes_the_share_the_grid_and_the_probabilities_into_the_eval_j
             return F.one_hot(images[:, 1, 0, 0].long(), 4).double()
 
     assert analyse(result, Sure(), threshold=0.5, log=lambda _: None)["distortion"]["grid"] is None
+    assert not Path(d["grid"]).exists()  # the first classifier's rejections were left beside "none rejected"
 
 
 # --------------------------------------------------------------------------- through the command line

@@ -110,6 +110,15 @@ def test_quick_without_out_writes_a_new_temporary_directory_not_the_recorded_res
     assert not any(tracked.iterdir())
 
 
+@pytest.mark.parametrize("argv, said", [(["--threshold", "0"], "--threshold must be in (0, 1], got 0.0"),
+                                        (["--extractor", "nosuch"], "unknown extractor 'nosuch'")])
+def test_a_bad_threshold_or_extractor_is_refused_before_anything_is_trained(tmp_path, capsys, argv, said):
+    """Both were refused after the three models and the classifier had trained (~55 minutes at the defaults)."""
+    with pytest.raises(SystemExit) as exit_:
+        _script().main(["--quick", "--out", str(tmp_path / "exp"), *argv])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err and not (tmp_path / "exp").exists()
+
+
 @pytest.mark.parametrize("option", ["--steps", "--n", "--classifier-steps"])
 def test_a_count_of_0_is_refused_not_replaced_by_the_default(option, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -131,6 +131,11 @@ def test_emoji32_trains_on_its_train_split_and_scores_on_its_holdout():
      "argument --image-size: -8 is not a positive integer"),
     ("train-classifier {recipe} --out {tmp}/cls --image-size 0", "argument --image-size: 0 is not a positive integer"),
     ("train-classifier {recipe} --out {tmp}/cls --dims 8,16 --depths 1", "--dims [8, 16] and --depths [1]"),
+    # both were ignored without a word (a 32 px classifier for --set data.image_size=16; the train split)
+    ("train-classifier emoji32 --out {tmp}/cls --set data.image_size=16", "--set applies to a recipe, and emoji32 "
+     "is a dataset name"),
+    ("train-classifier {recipe} --out {tmp}/cls --set data.split=holdout", "key data.split: data.split is "
+     "'holdout': the classifier trains on the train split"),
 ])
 def test_bad_inputs_are_one_line_and_exit_2(argv, expected, tmp_path, capsys):
     (tmp_path / "file").write_text("keep")

@@ -64,13 +64,20 @@ def load_data(source: str, image_size: int | None = None, overrides: list[str] =
             raise UserError(f"{source} trains on VAE latents; the classifier needs pixels: for ImageNet use "
                             f"zoo eval --distortion --classifier timm:NAME --classifier-weights FILE")
     elif source in registry.names("dataset"):
+        if overrides:  # they were ignored without a word (--set data.image_size=16 trained at 32)
+            raise UserError(f"--set applies to a recipe, and {source} is a dataset name",
+                            suggestion=f"give a recipe file whose data section names dataset {source} "
+                            "(--image-size sets the size)")
         data, classes = {"dataset": source}, None
     else:
         raise UserError(f"{source} is neither a recipe file nor a registered dataset "
                         f"({', '.join(registry.names('dataset'))})")
     size = int(image_size or data.get("image_size") or 32)
     data["image_size"] = size
-    data.pop("split", None)
+    if data.pop("split", "train") != "train":  # a recipe's holdout split: the classifier is scored on it, not trained
+        raise UserError(f"data.split is {recipe['data']['split']!r}: the classifier trains on the train split and is "
+                        "scored on the held-out images itself", key_path="data.split",
+                        suggestion="remove data.split (or --set data.split=train)")
     builder = registry.get("dataset", data.get("dataset", "synthetic"))
     shape = (3, size, size)
     if "holdout" in getattr(builder, "splits", ()):

@@ -68,7 +68,7 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
         if head != PNG_MAGIC:
             raise UserError(f"{option} {path} exists and is not a PNG image; zoo will not replace it",
                             suggestion="choose another path")
-        if not _a_zoo_png(path):
+        if not a_zoo_png(path):
             raise UserError(f"{option} {path} exists and is a PNG zoo did not write (no 'Software: zoo' text "
                             "chunk: a user's picture, or one from a zoo older than that chunk); zoo will not replace "
                             "it", suggestion="move it away or choose another path")
@@ -116,13 +116,13 @@ def files_not_from_zoo_train(directory: Path) -> list[str]:
             return []
         return ["log.jsonl"]
     found = ["loss.png"] if plot.exists() else []
-    grids = [p for p in sorted((directory / "samples").glob("step_*.png")) if not _a_zoo_png(p)]
+    grids = [p for p in sorted((directory / "samples").glob("step_*.png")) if not a_zoo_png(p)]
     found += [f"samples/{grids[0].name}"] if grids else []
     reference = directory / "eval" / "fd_reference.npz"
     return found + (["eval/fd_reference.npz"] if reference.exists() and not _a_zoo_reference(reference) else [])
 
 
-def _a_zoo_png(path: Path) -> bool:
+def a_zoo_png(path: Path) -> bool:
     """A PNG zoo wrote (its text chunk says so; PIL reads it with the header, not the pixels)."""
     from PIL import Image, UnidentifiedImageError
 

@@ -222,15 +222,21 @@ def distortion_share(own: np.ndarray, labels: np.ndarray, threshold: float, num_
             "per_class": per_class}
 
 
+def check_threshold(threshold: float) -> None:
+    """The own-class probability below which a sample counts as distorted: in (0, 1]."""
+    if not 0.0 < threshold <= 1.0:  # (nan fails this too)
+        raise UserError(f"--threshold must be in (0, 1], got {threshold}")
+
+
 def analyse(result: dict, scorer: Scorer, threshold: float = 0.5, batch_size: int = 64,
             device: str | torch.device = "cpu", grid_limit: int = 64, log: Callable[[str], None] = print) -> dict:
     """Score the samples of a ``zoo eval`` result; write probabilities, the rejected grid and the updated JSON."""
     from zoo.eval.reference import save_npz, save_text
+    from zoo.guards import a_zoo_png
     from zoo.eval.runner import sample_batches
     from zoo.sample import save_grid
 
-    if not 0.0 < threshold <= 1.0:
-        raise UserError(f"--threshold must be in (0, 1], got {threshold}")
+    check_threshold(threshold)
     json_path = Path(result["path"])
     stem = json_path.with_suffix("")
     own, labels, rejected_images, rejected_idx = own_class_probabilities(
@@ -238,9 +244,11 @@ def analyse(result: dict, scorer: Scorer, threshold: float = 0.5, batch_size: in
     out = distortion_share(own, labels, threshold, scorer.num_classes)
     save_npz(Path(f"{stem}-own-class-prob.npz"), own_class_probability=own, labels=labels,
              classifier_sha256=np.str_(scorer.describe().get("weights_sha256") or ""))
-    grid = None
+    grid, grid_path = None, Path(f"{stem}-rejected-p{threshold:g}.png")
     if len(rejected_images):
-        grid = save_grid(rejected_images.float() / 255.0, Path(f"{stem}-rejected-p{threshold:g}.png"))
+        grid = save_grid(rejected_images.float() / 255.0, grid_path)
+    elif a_zoo_png(grid_path):  # an earlier classifier's rejections beside a result that rejects none
+        grid_path.unlink()
     out.update({"classifier": scorer.describe(), "grid": None if grid is None else str(grid),
                 "grid_indices": [int(i) for i in rejected_idx], "probabilities": f"{stem}-own-class-prob.npz"})
     result = {k: v for k, v in result.items() if k != "path"}

@@ -33,10 +33,10 @@ def scorer_for(args, device: Any) -> Any:
         return None
     if args.threshold is None:
         args.threshold = 0.5
-    if not 0.0 < args.threshold <= 1.0:
-        raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
     from zoo.checkpoint import read_config
-    from zoo.eval.distortion import build_scorer, check_classes
+    from zoo.eval.distortion import build_scorer, check_classes, check_threshold
+
+    check_threshold(args.threshold)
     from zoo.eval.runner import locate
     from zoo.sample import num_classes
 
