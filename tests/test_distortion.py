@@ -212,6 +212,13 @@ def test_a_timm_classifier_from_a_local_file_resizes_crops_and_normalises_as_tim
         got = scorer(images)
     assert got.dtype == torch.float64 and torch.allclose(got, expected, atol=1e-12, rtol=0)
     assert scorer(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)).shape == (1, 1000)  # other sizes resize
+    # a classifier fine-tuned on 9 classes: timm builds 1000, and the weights were refused as not matching
+    nine = timm.create_model("test_resnet", pretrained=False, num_classes=9).eval()
+    save_file({k: v.contiguous() for k, v in nine.state_dict().items()}, str(tmp_path / "nine.safetensors"))
+    scorer = build_scorer("timm:test_resnet", str(tmp_path / "nine.safetensors"))
+    with torch.no_grad():
+        expected = torch.softmax(nine(x).double(), dim=-1)
+    assert scorer.num_classes == 9 and torch.allclose(scorer(images), expected, atol=1e-12, rtol=0)
     save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="does not match the model"):
         build_scorer("timm:test_resnet", str(tmp_path / "other.safetensors"))

@@ -73,6 +73,16 @@ class ZooClassifierScorer(Scorer):
                 "holdout_accuracy": self.config.get("holdout_accuracy"), "data": self.config.get("data")}
 
 
+def _fit_head(net: nn.Module, state: dict) -> None:
+    """Give a timm model the class count of the weights' own head (timm builds 1000 classes: a classifier
+    fine-tuned on 9 emoji categories was refused as not matching, so no timm classifier fit a 9-class model)."""
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    prefix = next((name for name, module in net.named_modules() if module is head and name), None)
+    weight = state.get(f"{prefix}.weight") if prefix is not None else None
+    if isinstance(weight, Tensor) and weight.ndim >= 1 and weight.shape[0] != getattr(net, "num_classes", None):
+        net.reset_classifier(int(weight.shape[0]))
+
+
 class TimmScorer(Scorer):
     """Any timm classifier from a local weights file, with the model's own resize and normalisation."""
 
@@ -92,6 +102,7 @@ class TimmScorer(Scorer):
             raise UserError(f"--classifier timm:{name}: {str(err).splitlines()[0]} (see timm.list_models())") from None
         path = Path(weights)
         state = _read_state(path)
+        _fit_head(self.net, state)
         from zoo.checkpoint import load_state_dict_strict
 
         load_state_dict_strict(self.net, state, f"--classifier-weights {path} (timm {name})")
