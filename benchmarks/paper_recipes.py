@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.cli import non_negative_int, positive_int
+from zoo.cli import positive_int
 from zoo.errors import UserError
 from zoo.guards import resolve_device
 
@@ -155,7 +155,7 @@ def run_one(recipe: Path, mode: str, args: argparse.Namespace) -> dict:
                 nfe()
 
         bench.objective, bench.nfe = autocast_objective, autocast_nfe
-    for _ in range(max(1, args.warmup)):  # AdamW state exists before the measured step
+    for _ in range(args.warmup):  # (at least 1: AdamW state exists before the measured step)
         bench.step()
         bench.nfe()
     tensors = bench.resident_bytes() + _step_peak_bytes(bench, device)  # a steady-state step (AdamW state exists)
@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 autocast on CUDA")
     parser.add_argument("--batch", type=positive_int, help="batch for every recipe (default: per-GPU on CUDA, reduced on CPU)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads on CPU")
-    parser.add_argument("--warmup", type=non_negative_int, help="untimed steps before the memory-measured one (default 1)")
+    parser.add_argument("--warmup", type=positive_int,
+                        help="untimed steps before the memory-measured one (default 1; the optimizer state exists "
+                        "only after one)")
     parser.add_argument("--steps", type=positive_int, help="timed steps (default 5, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="smaller CPU batches, 2 timed steps")
     parser.add_argument("--gemm-n", type=positive_int, help="side of the peak matmul (default 2048 on CPU, 8192 on CUDA)")
