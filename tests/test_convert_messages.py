@@ -40,7 +40,7 @@ def last_error(capsys) -> str:
 
 UVIT_MODEL = {"img_size": 16, "patch_size": 2, "in_chans": 4, "embed_dim": 64, "depth": 4, "num_heads": 2,
               "num_classes": 11}  # fmt: skip
-UVIT_DATA = {"num_classes": 10, "image_size": 16}
+UVIT_DATA = {"num_classes": 10, "image_size": 128, "latent": True}  # 4 channels: latents of 128 px images
 DIMR_R2_MODEL = {"in_channels": 4, "input_size": 16, "num_classes": 11, "branches": [
     {"dim": 32, "depth": 3, "patch_size": 2, "block": {"type": "transformer", "num_heads": 4, "mlp_ratio": 2.0,
                                                        "qkv_bias": False, "norm": "td_rmsnorm", "mlp": "geglu_mlp"}},

@@ -132,10 +132,11 @@ def test_rules_between_arguments(tmp_path, old, new, key, expected):
 
 
 @pytest.mark.parametrize("override, key, expected", [
-    ("model.branches.0.patch_size=3", "model.branches", "input_size 16 is not divisible by downsample x patch_size"),
-    ("model.branches.1.patch_size=2", "model.branches", "the last branch works on a 8x8 grid but must work at the input "
+    # a rule across a branch's keys names the key the --set changed (it named the branches list or the block)
+    ("model.branches.0.patch_size=3", "model.branches.0.patch_size", "input_size 16 is not divisible by downsample x patch_size"),
+    ("model.branches.1.patch_size=2", "model.branches.1.patch_size", "the last branch works on a 8x8 grid but must work at the input "
      "resolution 16"),
-    ("model.branches.0.block.num_heads=3", "model.branches.0.block", "dim=32 must be divisible by the block's num_heads=3"),
+    ("model.branches.0.block.num_heads=3", "model.branches.0.block.num_heads", "dim=32 must be divisible by the block's num_heads=3"),
     ("model.branches.1.head_kernel_size=4", "model.branches.1.head_kernel_size", "needs head_kernel_size odd"),
     ("model.branches.1.block.kernel_size=4", "model.branches.1.block.kernel_size", "needs kernel_size odd"),
     ("model.num_classes=0", "model.num_classes", "(1 = unconditional: the null label only), got 0"),  # U-ViT's is <= 0

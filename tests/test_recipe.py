@@ -760,3 +760,18 @@ def test_a_binary_file_given_as_a_recipe_is_named_for_what_it_is(tmp_path):
     (tmp_path / "utf16.yaml").write_text("model:\n  type: dit\n", encoding="utf-16")  # Windows editors: NULs, text
     with pytest.raises(UserError, match=r"the recipe is UTF-16 or UTF-32 text; zoo reads UTF-8 \(save it as UTF-8"):
         zoo.load_recipe(tmp_path / "utf16.yaml")
+
+
+def test_a_broken_rule_is_blamed_on_the_file_that_set_its_key_not_the_base(tmp_path, capsys):
+    """num_heads: 5 in a child of dit_s_2 was blamed on the shipped file's hidden_size line, naming a file the
+    user did not write; a --set that changed a block's type was blamed on the file's block: line."""
+    from zoo.cli import main
+
+    (tmp_path / "child.yaml").write_text("_base_: dit_s_2\nmodel:\n  num_heads: 5\n")
+    assert main(["build", str(tmp_path / "child.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"zoo: error: {tmp_path / 'child.yaml'}:3: key model.num_heads: "
+                                              "hidden_size=384 must be divisible by num_heads=5")
+    tiny = Path(__file__).parent / "recipes" / "tiny_dimr_pixels.yaml"
+    assert main(["build", str(tiny), "--set", "model.branches.1.block.type=transformer"]) == 2
+    assert capsys.readouterr().err.startswith("zoo: error: --set model.branches.1.block.type=transformer: key "
+                                              "model.branches.1.block: block 'transformer'")

@@ -299,6 +299,7 @@ def apply_override(recipe: Recipe, text: str) -> None:
             del node[key]  # _base_ merge; keys an earlier --set gave stay, whatever the order of the --sets
             for p in [p for p in recipe.origins if p[: len(path)] == path[:-1] + (key,)]:
                 del recipe.origins[p]
+        recipe.origins[path[:-1]] = (label, None)  # the component is this --set's now: what it lacks is blamed on it
     old = node[path[-1]] if _has(node, path[-1]) else None
     kept: dict = {}
     if isinstance(value, str) and isinstance(old, dict) and any(k in old for k in names) and _is_component_name(value):

@@ -228,7 +228,10 @@ def check_constraints(recipe: Recipe, cls: Any, args: dict, given: Iterable[str]
             overridden = [where for f in keys if (where := _override_under(recipe, path + (f,)))]
             if overridden:  # the --set itself (model.branches.0.block.num_heads=7, not the file's block: line)
                 raise recipe.error(overridden[0], problem)
-            key = (keys or [None])[0]
+            # else the key the recipe file itself writes, before one it inherits from a _base_ (num_heads: 5 in
+            # a child of dit_s_2 was blamed on the shipped file's hidden_size line)
+            own = [f for f in keys if recipe.origins.get(path + (f,), ("",))[0] == recipe.source]
+            key = (own or keys or [None])[0]
             raise recipe.error(path + ((key,) if key is not None else ()), problem)
 
 
