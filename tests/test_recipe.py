@@ -645,8 +645,12 @@ def test_base_names_a_shipped_recipe_and_a_child_may_refine_or_replace_a_compone
     (tmp_path / "target.yaml").write_text("_base_: dit_s_2\nmodel: {_target_: zoo.backbones.uvit.UViT, img_size: 32}\n")
     assert resolve(tmp_path / "target.yaml").data["model"] == {"_target_": "zoo.backbones.uvit.UViT", "img_size": 32}
     (tmp_path / "typo.yaml").write_text("_base_: dit_s_22\n")
-    with pytest.raises(UserError, match="base recipe not found: 'dit_s_22'.*among the shipped recipes"):
+    with pytest.raises(UserError, match="base recipe not found: 'dit_s_22'.*among the shipped recipes") as info:
         resolve(tmp_path / "typo.yaml")
+    assert "did you mean dit_s_2.yaml" in info.value.suggestion  # a typo'd name is matched as a missing recipe is
+    (tmp_path / "sub.yaml").write_text("_base_: emoji32/dimr2r\n")  # subfolder and all
+    with pytest.raises(UserError, match="did you mean emoji32/dimr_2r.yaml"):
+        resolve(tmp_path / "sub.yaml")
 
 
 def test_overrides_given_as_one_string_and_non_ascii_digits_in_keys():

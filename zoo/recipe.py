@@ -201,8 +201,10 @@ def _apply_bases(recipe: Recipe, base_dir: Path, stack: tuple) -> Recipe:
         if base_path.resolve() in stack:
             raise recipe.error(where, f"{BASE_KEY} {base!r} inherits from itself (cycle)")
         if not base_path.is_file():
+            closest = None if looks_relative(base) else _closest_recipes(_shipped_name(Path(base)),
+                                                                         resources.files("zoo.recipes"))
             raise recipe.error(where, f"base recipe not found: {base!r} (looked at {base_dir / base}, "
-                                      f"and among the shipped recipes)")
+                                      f"and among the shipped recipes)", suggestion=closest)
         merged = merge(merged, load_file(base_path, os.path.normpath(base_path), stack))
     return merge(merged, recipe)
 
