@@ -141,6 +141,41 @@ def test_building_under_the_meta_device_does_not_import_dynamo():
     assert out == ["32963360", "False", "True", "False"]
 
 
+def test_the_meta_import_shortcuts_stand_aside_in_a_threaded_process():
+    """Building on meta kept torch._dynamo (and triton) out of sys.modules, which every thread shares: another
+    thread's torch.compile failed with "No module named 'torch._dynamo.backends'" while a model was built."""
+    import subprocess
+    import sys
+
+    code = ("import sys, threading, torch\n"
+            "from zoo.meta import no_dynamo_import, no_triton_import\n"
+            "with no_dynamo_import(), no_triton_import():\n"
+            "    print(type(sys.modules['torch._dynamo']).__name__, 'triton' in sys.modules)\n"
+            "done = threading.Event(); other = threading.Thread(target=done.wait); other.start()\n"
+            "with no_dynamo_import(), no_triton_import():\n"
+            "    import torch._dynamo.backends\n"  # what torch.compile imports: the real package
+            "    print(type(sys.modules['torch._dynamo']).__name__, sys.modules.get('triton', 0) is None)\n"
+            "done.set(); other.join()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["_StandIn", "True", "module", "False"]
+
+
+@pytest.mark.parametrize("recipe", ["emoji32/dit", "emoji32/uvit", "emoji32/dimr_2r"])
+def test_example_inputs_and_flop_counts_leave_the_global_random_state_alone(recipe):
+    """A user who seeds, builds an eps_fn (guided_eps_fn reads the model's example inputs) and draws x_T got
+    other noise than the seed gives: the example inputs were drawn from the global generator."""
+    from zoo.flops import count_flops
+    from zoo.meta import example_inputs
+
+    model = zoo.build_model(recipe)
+    torch.manual_seed(0)
+    expected = torch.randn(4)
+    torch.manual_seed(0)
+    example_inputs(model, 2)
+    count_flops(model)
+    assert torch.equal(torch.randn(4), expected)
+
+
 def test_public_functions_of_the_library_modules_have_type_hints():
     """The modules other codebases import (README "Use from your code", "Solvers") annotate every
     public function: zoo.solvers.build_solver/build_schedule, the DPM-Solver updates, zoo.sample's
@@ -204,6 +239,15 @@ def test_from_checkpoint_gives_the_ema_model_of_a_run_in_eval_mode(tmp_path):
     with pytest.raises(UserError, match=r"^device= 'gpu' is not a device"):  # torch's RuntimeError after reading
         zoo.from_checkpoint(tmp_path / "run", device="gpu")
     assert all(torch.equal(p, model.state_dict()[n]) for n, p in raw.state_dict().items())
+    # a torch.device is checked as its text is: meta returned a model of no weights, and cuda without a GPU
+    # (or cuda:7 on a machine with fewer) was torch's "Found no NVIDIA driver" RuntimeError
+    with pytest.raises(UserError, match="zoo runs on cpu, cuda or mps, not meta"):
+        zoo.from_checkpoint(tmp_path / "run", device=torch.device("meta"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU is available") as info:
+            zoo.from_checkpoint(tmp_path / "run", device=torch.device("cuda"))
+        assert info.value.suggestion == "use device='cpu'"  # Python's spelling, not the CLI's --device cpu
+    assert next(zoo.from_checkpoint(tmp_path / "run", device=torch.device("cpu"))[0].parameters()).device.type == "cpu"
     for wrong in (tmp_path / "run", tmp_path / "run" / "last" / "config.json"):  # a checkpoint is not a recipe
         with pytest.raises(UserError, match=r"is a zoo checkpoint, not a recipe file \(zoo.from_checkpoint\("):
             zoo.build_model(wrong)

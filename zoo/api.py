@@ -68,8 +68,8 @@ def from_checkpoint(path: str | Path, *, use_ema: bool = True,
     from .guards import resolve_device
     from .integrations.checkpoints import load_preferred
 
-    if not isinstance(device, torch.device):  # 'gpu', or cuda without one: said before any file is read
-        device = resolve_device(device, option="device=")
+    # 'gpu', cuda without one, or meta (no weights would load): said before any file is read, str or torch.device
+    device = resolve_device(str(device) if isinstance(device, torch.device) else device, option="device=")
     model, recipe, _ = load_preferred(path, use_ema, device)
     return model.eval(), recipe
 

@@ -18,7 +18,8 @@ NOT_A_SOURCE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json"
 
 
 def resolve_device(name: str | None, option: str = "--device") -> torch.device:
-    """The device a ``--device`` value names (default: cuda if available, else cpu), checked to exist here."""
+    """The device a ``--device`` value (or a ``torch.device``) names (default: cuda if available, else cpu),
+    checked to exist here; ``option`` is how the caller spelled the argument, for the messages."""
     if name is None or str(name).strip() == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -27,16 +28,17 @@ def resolve_device(name: str | None, option: str = "--device") -> torch.device:
         raise UserError(f"{option} {name!r} is not a device", suggestion="use cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return device
+    to_cpu = f"use {option} cpu" if option.startswith("--") else f"use {option}'cpu'"  # the CLI's or Python's spelling
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"{option} {name}: no CUDA GPU is available on this machine", suggestion="use --device cpu")
+            raise UserError(f"{option} {name}: no CUDA GPU is available on this machine", suggestion=to_cpu)
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise UserError(f"{option} {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
         return device
     if device.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"{option} {name}: Apple MPS is not available on this machine", suggestion="use --device cpu")
+            raise UserError(f"{option} {name}: Apple MPS is not available on this machine", suggestion=to_cpu)
         return device
     raise UserError(f"{option} {name!r}: zoo runs on cpu, cuda or mps, not {device.type}",
                     suggestion="use cpu, cuda or cuda:N")

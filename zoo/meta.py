@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import os
 import sys
+import threading
 import traceback
 import types
 from typing import Any, Callable, Iterator, TypeVar
@@ -45,9 +46,11 @@ def no_dynamo_import() -> Iterator[None]:
     ``torch._dynamo.disable(fn)``. Inside this context ``import torch._dynamo`` finds a stand-in
     whose ``disable(fn)`` returns ``fn`` unchanged; anything else raises :class:`NeedsDynamo`.
     On exit the stand-in and the marks it left on functions are removed, so a later real
-    import (and ``torch.compile``) is unaffected. A no-op when Dynamo is already imported.
+    import (and ``torch.compile``) is unaffected. A no-op when Dynamo is already imported, and
+    in a process with more than one thread: ``sys.modules`` is shared, and another thread's
+    ``torch.compile`` must find the real Dynamo (it then costs this thread the import).
     """
-    if "torch._dynamo" in sys.modules:
+    if "torch._dynamo" in sys.modules or threading.active_count() > 1:
         yield
         return
     marked: list[Any] = []
@@ -80,9 +83,10 @@ def no_triton_import() -> Iterator[None]:
     ``torch.utils.flop_counter`` imports Triton (0.2 s CPU, more from a cold disk) only so that
     ``register_flop_formula`` accepts Triton kernels, which zoo's models do not hold. Inside this
     context ``sys.modules["triton"]`` is ``None`` (an import raises ``ImportError``); on exit the
-    entry is removed again. A no-op when ``triton`` is already in ``sys.modules``.
+    entry is removed again. A no-op when ``triton`` is already in ``sys.modules``, and in a process with
+    more than one thread (another thread may be importing Triton for its own kernels).
     """
-    if "triton" in sys.modules:
+    if "triton" in sys.modules or threading.active_count() > 1:
         yield
         return
     sys.modules["triton"] = None  # type: ignore[assignment]
@@ -127,17 +131,30 @@ def example_inputs(model: nn.Module, batch: int = 1) -> tuple:
 
     Made under the model's device (the "current device" plugins are told to use, meta included) and moved
     there where the method names another (``torch.randn(..., device="cpu")``): a forward on a meta model
-    with cpu inputs fails."""
+    with cpu inputs fails. The global random state is left as it was."""
     if not callable(getattr(model, "example_inputs", None)):
         raise UserError(f"{type(model).__name__} has no example_inputs(batch) method, so zoo cannot make its inputs",
                         suggestion="give the class example_inputs(batch) returning its forward's arguments (x, t, y) "
                         "for a batch of that size")
     device = model_device(model)
-    if device is None:
-        return tuple(model.example_inputs(batch))
-    with torch.device(device):
-        args = tuple(model.example_inputs(batch))
+    with _rng_untouched(device):  # the inputs' noise is not the caller's: seed, build an eps_fn, draw x_T as usual
+        if device is None:
+            return tuple(model.example_inputs(batch))
+        with torch.device(device):
+            args = tuple(model.example_inputs(batch))
     return tuple(a.to(device) if isinstance(a, torch.Tensor) and a.device != device else a for a in args)
+
+
+def _rng_untouched(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """The global random state as it was, after drawing on ``device`` (and the CPU) inside."""
+    if device is not None and device.type == "meta":
+        return contextlib.nullcontext()  # meta draws no numbers
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index], device_type="cuda")
+    if device is not None and device.type == "mps":
+        return torch.random.fork_rng(devices=[0], device_type="mps")
+    return torch.random.fork_rng(devices=[])
 
 
 class NotOnMeta(Exception):

@@ -166,8 +166,9 @@ def _same_object(entry: Entry, obj: Any, target: str) -> bool:
 def _table(kind: str) -> dict[str, list[Entry]]:
     """Every name of ``kind`` with the entries claiming it (more than one is a conflict)."""
     kind = check_kind(kind)
-    table = {name: list(entries) for name, entries in _discover()[kind].items()}
-    for name, entry in _in_process[kind].items():
+    # snapshots: another thread may register or unregister meanwhile (iterating a dict that changes size raises)
+    table = {name: list(entries) for name, entries in list(_discover()[kind].items())}
+    for name, entry in list(_in_process[kind].items()):
         claims = table.setdefault(name, [])
         obj = entry._loader()
         if not any(_same_object(e, obj, entry.target) for e in claims):  # decorating an entry point's class is fine
@@ -368,7 +369,7 @@ def names_of(obj: Any, kinds: Collection[str] = KINDS) -> set[str]:
         for name, claims in _discover()[kind].items():
             if any(e.target == target or _imported_object(e.target) is obj for e in claims):
                 found.add(name)
-        found |= {name for name, e in _in_process[kind].items() if e._loader() is obj}
+        found |= {name for name, e in list(_in_process[kind].items()) if e._loader() is obj}
     return found
 
 
