@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,20 @@ def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path, monkeypatch, capsys
     assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2 == len(calls)
     assert "zoo: stopped by SIGTERM at step 2" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives only as long as the run
+
+
+def test_a_stop_said_while_the_bar_is_on_screen_gets_its_own_line(tmp_path, monkeypatch, capsys):
+    """On a terminal the stop line was printed onto the end of the progress bar's line (and a stale copy of
+    the bar left under it): "... loss=0.2108]zoo train: stopping at step 261 (SIGTERM); saving ..."."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(Trainer, "train_step", _signal_at([], {2: signal.SIGTERM}, Trainer.train_step))
+    assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0",
+                 "--set", "train.sample_every=0"]) == 143
+    out, err = capsys.readouterr()
+    assert "stopping at step 2" not in out  # not printed to stdout past the bar's back
+    lines = err.replace("\r", "\n").splitlines()  # tqdm redraws with \r; a written line starts after one
+    assert any(line.startswith("zoo train: stopping at step 2 (SIGTERM); saving") for line in lines), err
 
 
 @pytest.mark.parametrize("phase, keys", [

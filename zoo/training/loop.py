@@ -138,7 +138,7 @@ class Trainer:
         self.ctx = distributed.init(device)
         recipe = {**recipe}  # the run may record what its data holds (data.num_classes); the caller's stays as given
         self.recipe, self.out = recipe, Path(out)
-        self.log = log if self.ctx.main else (lambda *_: None)
+        self.print = log if self.ctx.main else (lambda *_: None)
         self.after_banner: list[str] = []  # lines of the setup that follow the run's first lines
         self.monitor = None  # rank 0's, while run() runs
         with distributed.agreement(self.ctx):  # a mistake on any rank stops all of them, with one message
@@ -608,6 +608,14 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def log(self, text: str) -> None:
+        """One line for the person watching (rank 0 only): above the progress bar while there is one, so a
+        stop or a warning mid-run is not glued onto the bar's line."""
+        if self.monitor is not None:
+            self.monitor.message(text)
+        else:
+            self.print(text)
+
     def banner(self, total: int) -> None:
         params = sum(p.numel() for p in self.model.parameters())  # a DTensor's numel is its full size
         self.log(f"zoo train: run directory {self.out.resolve()}")
@@ -699,7 +707,7 @@ class Trainer:
         with distributed.agreement(self.ctx):  # an unreadable eval_ref: one line, not one per rank
             if self.fd is not None:
                 self.fd.prepare()  # the run's FD reference statistics, computed once
-        monitor = self.monitor = (Monitor(self.out, self.step, total, self.log, branching=self._branches_away())
+        monitor = self.monitor = (Monitor(self.out, self.step, total, self.print, branching=self._branches_away())
                                   if self.ctx.main else None)
         # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
         # twice (terminal + relay), so there a second signal is no 'stop now'.
