@@ -147,10 +147,34 @@ def test_build_on_cpu_counts_the_same(capsys, plugins):
     ("model.input_size=16", "tiny_train.yaml:25: key data.image_size: data.image_size is 8, but the synthetic images "
      "take the model's input size 16"),
     ("sample.cfg.channels=7", "key sample.cfg.channels: sample.cfg.channels is 7, but the model has 3 channels"),
+    # solvers that cannot walk the schedule: zoo sample refused them, zoo build passed and every grid was a warning
+    ("sample.solver={type: ddpm, steps: 2000}", "key sample.solver.steps: 2000 steps are more than the schedule's "
+     "1000 training steps"),
+    ("sample.solver={type: ddim, respacing: 'ddim999'}", "key sample.solver: respacing 'ddim999': no integer stride "
+     "keeps exactly 999 of 1000 steps"),
+    ("sample.solver={type: ddpm, steps: 10, t_start: 0.5}", "key sample.solver: DDPMSolver on a discrete schedule "
+     "walks the respaced training chain; drop t_start/t_end"),
 ])
 def test_build_refuses_what_train_would_refuse_against_the_model(capsys, override, expected):
     """zoo build said OK (exit 0) to recipes that zoo train then refused before its first step."""
     assert_one_line_error(*zoo(capsys, "build", RECIPES / "tiny_train.yaml", "--set", override), expected)
+
+
+def test_build_of_a_recipe_to_train_without_a_time_input_names_it(capsys, tmp_path):
+    """With no diffusion.time_input zoo build skipped every recipe-to-model check and said OK (a wrong
+    sample.cfg.channels or data.image_size among them); zoo train and zoo sample then refused the recipe."""
+    text = (RECIPES / "tiny_train.yaml").read_text()
+    assert "time_input:" in text
+    (tmp_path / "r.yaml").write_text("".join(line + "\n" for line in text.splitlines() if "time_input" not in line))
+    assert_one_line_error(*zoo(capsys, "build", tmp_path / "r.yaml"), "key diffusion.time_input: the recipe does "
+                          "not say how the backbone receives time")
+    import yaml
+
+    from zoo.api import load_recipe
+
+    model_only = tmp_path / "model.yaml"  # a model recipe alone is only built: it needs no time input
+    model_only.write_text(yaml.safe_dump({"model": load_recipe(RECIPES / "tiny_train.yaml")["model"]}))
+    assert zoo(capsys, "build", model_only)[0] == 0
 
 
 def test_build_on_cpu_of_a_model_beyond_memory_is_one_line_before_allocating(capsys, monkeypatch):

@@ -437,15 +437,12 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
     paper model): a solver that cannot walk the schedule (``--respacing 1001`` of 1000 steps, one
     step kept where the image is mostly signal), a precision the dtype cannot take, and the
     ``request``'s class labels and guidance scale where it is given."""
-    built, _ = build_solver(recipe, solver, steps, options, respacing=respacing)
-    chain = getattr(built, "chain", None)  # ddpm/ddim: the respaced chain of the recipe's schedule
-    if callable(chain):
-        try:
-            chain(build_schedule(recipe))
-        except UserError as err:
-            if err.key_path and err.key_path.startswith("sample.solver"):
-                _name_the_option(err, solver, steps, respacing)
-            raise
+    try:
+        built = check_solver_walks(recipe, solver, steps, options, respacing)
+    except UserError as err:
+        if err.key_path and err.key_path.startswith("sample.solver"):
+            _name_the_option(err, solver, steps, respacing)
+        raise
     if getattr(built, "variance", None) == "learned":
         _check_learned_variance(recipe)
     sampling_precision(recipe, precision, dtype or torch.float32)
@@ -453,6 +450,18 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
         request.count()  # a --class list of another length than --n, before a paper model's weights load
         _check_labels(request, num_classes(recipe))
         guidance_settings(recipe, request.cfg)
+
+
+def check_solver_walks(recipe: Mapping[str, Any], solver: str | None = None, steps: int | None = None,
+                       options: Mapping[str, Any] = (), respacing: str | None = None) -> Any:
+    """The solver the recipe (and the given options) build, checked to walk the recipe's schedule: a DDPM/DDIM
+    chain respaced to more steps than the schedule has (``steps: 2000`` of 1000, ``respacing: ddim999``), or
+    one that keeps a single step where the image is mostly signal, is refused from the recipe alone."""
+    built, _ = build_solver(recipe, solver, steps, options, respacing=respacing)
+    chain = getattr(built, "chain", None)  # ddpm/ddim: the respaced chain of the recipe's schedule
+    if callable(chain):
+        chain(build_schedule(recipe))
+    return built
 
 
 def _check_learned_variance(recipe: Mapping[str, Any]) -> None:
@@ -498,7 +507,7 @@ def check_sample_section(recipe: Mapping[str, Any]) -> None:
     """Build the recipe's solver and guidance as :func:`sample_latents` will: a training run
     that samples grids or evaluates checks them before its first step (a solver option that cannot
     work stopped the run at its first evaluation, without saving, or turned every grid into a warning)."""
-    for key, check in (("sample.solver", lambda: build_solver(recipe, None, None)),
+    for key, check in (("sample.solver", lambda: check_solver_walks(recipe)),
                        ("sample.cfg", lambda: guidance_settings(recipe, None))):
         try:
             check()

@@ -45,12 +45,17 @@ def num_steps(schedule: "NoiseSchedule") -> int:
 
 def time_map(recipe: Mapping[str, Any], schedule: "NoiseSchedule") -> Callable[[Tensor], Tensor]:
     """Continuous solver time t → the backbone's time input, as ``diffusion.time_input`` names it."""
+    return _TimeMap(get_time_input(time_input_name(recipe)), num_steps(schedule))
+
+
+def time_input_name(recipe: Mapping[str, Any]) -> str:
+    """``diffusion.time_input``; a recipe that gives none is refused by name (training and sampling need it)."""
     name = _diffusion(recipe).get("time_input")
     if name is None:
         raise UserError("the recipe does not say how the backbone receives time",
                         key_path="diffusion.time_input",
                         suggestion="add diffusion.time_input: dit_index, uvit_discrete, uvit_continuous or dimr_log_snr")
-    return _TimeMap(get_time_input(name), num_steps(schedule))
+    return name
 
 
 @dataclass(frozen=True)

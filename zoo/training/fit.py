@@ -16,10 +16,10 @@ from torch import nn
 
 from zoo.diffusion.objectives import DiffusionObjective
 from zoo.diffusion.setup import (build_objective, check_guidance_channels, check_label_rows, check_null_label,
-                                 guidance_settings, model_drops_labels)
+                                 guidance_settings, model_drops_labels, time_input_name)
 from zoo.errors import UserError
 from zoo.meta import MetaShapeCache, RepeatedBlockMemo, example_inputs, without_dynamo
-from zoo.sample import num_classes
+from zoo.sample import check_solver_walks, num_classes
 
 
 def training_objective(recipe: Mapping[str, Any], meta_model: nn.Module) -> DiffusionObjective:
@@ -49,9 +49,15 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
     from zoo.training.data import check_data_section
 
     if not (recipe.get("diffusion") or {}).get("time_input"):  # a model recipe alone (a plugin's, a _target_
-        return  # module), or a diffusion section not (yet) for training or sampling: nothing to fit
+        if recipe.get("sample") or recipe.get("data"):  # module): nothing to fit; one that says how it samples or
+            time_input_name(recipe)  # what it trains on is checked as zoo sample and train check it: refused here
+        return
     training_objective(recipe, meta_model)
     _check_sample_variance(recipe)
+    try:
+        check_solver_walks(recipe)  # a respacing the schedule cannot take: every grid would be a warning
+    except UserError as err:
+        raise err.locate(key_path="sample.solver") from None
     example = getattr(meta_model, "example_inputs", None)
     if example is None:
         return
