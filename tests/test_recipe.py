@@ -680,6 +680,18 @@ def test_a_multiscale_loss_must_fit_the_model_before_training():
         zoo.load_recipe("emoji32/dimr_2r", ["model.branches=[]"])
 
 
+@pytest.mark.parametrize("key, keys", [("objective", "type, vlb_weight, coeffs"), ("time_sampling", "type, mean, std")])
+def test_a_typo_in_an_objective_or_time_sampling_without_a_type_is_named(tmp_path, key, keys):
+    """{tpye: eps_mse} said "type must be one of eps_mse, hybrid_vlb, multiscale, got None": a type the
+    user never wrote, and not the key they did."""
+    model = "{type: dit, input_size: 8, patch_size: 2, in_channels: 3, hidden_size: 32, depth: 2, num_heads: 2}"
+    (tmp_path / "r.yaml").write_text(f"model: {model}\ndiffusion:\n  {key}: {{tpye: x}}\n")
+    with pytest.raises(UserError) as info:
+        zoo.load_recipe(tmp_path / "r.yaml")
+    assert info.value.key_path == f"diffusion.{key}.tpye" and info.value.suggestion == "did you mean type?"
+    assert info.value.message.endswith(f"its keys are {keys}")
+
+
 def test_set_under_a_plain_value_says_it_is_a_value_and_blames_the_set():
     with pytest.raises(UserError, match=r"^--set model.mlp.act.foo=1: cannot set model.mlp.act.foo: model.mlp.act is "
                                         r"'gelu_tanh', a value rather than a component"):
