@@ -692,6 +692,20 @@ def test_a_typo_in_an_objective_or_time_sampling_without_a_type_is_named(tmp_pat
     assert info.value.message.endswith(f"its keys are {keys}")
 
 
+def test_a_set_on_a_list_item_is_blamed_for_the_list_and_needs_a_written_list(tmp_path):
+    """--set train.betas.1=1.5 was reported at the shipped file's betas line; --set train.betas.0=0.8 on a
+    recipe that writes no betas made a mapping {0: 0.8} and said "got {0: 0.8}"."""
+    with pytest.raises(UserError) as info:
+        zoo.load_recipe("emoji32/dimr_2r", ["train.betas.1=1.5"])
+    assert (info.value.file, info.value.key_path) == ("--set train.betas.1=1.5", "train.betas")
+    assert zoo.load_recipe("emoji32/dimr_2r", ["train.betas.1=0.99"])["train"]["betas"][1] == 0.99
+    (tmp_path / "r.yaml").write_text("model: {type: dit, input_size: 8, patch_size: 2, in_channels: 3, "
+                                     "hidden_size: 32, depth: 2, num_heads: 2}\ntrain: {lr: 0.001}\n")
+    with pytest.raises(UserError, match=r"the recipe writes no train.betas, so it has no item 0") as info:
+        zoo.load_recipe(tmp_path / "r.yaml", ["train.betas.0=0.8"])
+    assert info.value.suggestion == 'give the whole list: --set "train.betas=[...]"'
+
+
 def test_set_under_a_plain_value_says_it_is_a_value_and_blames_the_set():
     with pytest.raises(UserError, match=r"^--set model.mlp.act.foo=1: cannot set model.mlp.act.foo: model.mlp.act is "
                                         r"'gelu_tanh', a value rather than a component"):
