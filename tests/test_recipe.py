@@ -678,6 +678,9 @@ def test_a_multiscale_loss_must_fit_the_model_before_training():
     # the model is checked first: its own mistake is named, not the coefficients that follow from it
     with pytest.raises(UserError, match="key model.branches: DiMR needs at least one branch in model.branches$"):
         zoo.load_recipe("emoji32/dimr_2r", ["model.branches=[]"])
+    # none written: it was blamed on model.input_size, the one key of the layout rule the recipe wrote
+    with pytest.raises(UserError, match=r"key model: backbone 'dimr' \(zoo.backbones.dimr:DiMR\) needs branches"):
+        zoo.load_recipe({"model": {"type": "dimr", "input_size": 32, "in_channels": 3, "num_classes": 10}})
 
 
 @pytest.mark.parametrize("key, keys", [("objective", "type, vlb_weight, coeffs"), ("time_sampling", "type, mean, std")])

@@ -30,7 +30,7 @@ import typing
 from typing import Any, Callable, Iterable, Literal
 
 from . import registry
-from .domains import Calls, OneOf, Required, constraints_of, describe, fits, non_finite, options, split, strip
+from .domains import Calls, NonEmpty, OneOf, Required, constraints_of, describe, fits, non_finite, options, split, strip
 from .errors import UserError, did_you_mean
 from .introspect import (check_type, constructor_annotations, dataclass_in, is_factory_type, item_annotation,
                          positional_names, signature, type_name)
@@ -207,13 +207,18 @@ def resolve_kwargs(recipe: Recipe, cls: Any, kwargs: dict, path: KeyPath, what: 
             raise recipe.error(path + (key,), f"unknown parameter {key!r} of {what}; its parameters are "
                                f"{', '.join(named) or 'none'}", suggestion=did_you_mean(key, named))
         out[key] = resolve_value(recipe, key, value, hints.get(key, Any), path + (key,))
-    missing = [n for n, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               and n not in kwargs and n not in supplied]
+    missing = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in kwargs
+               and n not in supplied and (p.default is p.empty or _empty_default_of_non_empty(p.default, hints.get(n)))]
     if missing:
         raise recipe.error(path, f"{what} needs {', '.join(missing)}", suggestion=f"add {missing[0]}: VALUE")
     check_constraints(recipe, cls, {n: p.default for n, p in params.items() if p.default is not p.empty} | out,
                       kwargs, path)
     return out
+
+
+def _empty_default_of_non_empty(default: Any, annotation: Any) -> bool:
+    """A default that its own annotation refuses (DiMR's ``branches=()``, ``NonEmpty``): the recipe must give it."""
+    return annotation is not None and NonEmpty in split(annotation)[1] and not default
 
 
 def check_constraints(recipe: Recipe, cls: Any, args: dict, given: Iterable[str], path: KeyPath) -> None:
