@@ -114,6 +114,10 @@ def test_broken_yaml_and_duplicate_keys_are_reported_with_their_line():
     assert parse_yaml("b:\n  <<: {k: 1, j: 3}\n  k: 2\n", "f")[0]["b"] == {"k": 2, "j": 3}
     with pytest.raises(UserError, match="^f:4: key b.k: duplicate key 'k' \\(first at line 3\\)"):
         parse_yaml("b:\n  <<: {k: 1}\n  k: 2\n  k: 3\n", "f")
+    # two merge keys in one mapping: safe_load kept the second silently (depth 4 of 3 and 4)
+    with pytest.raises(UserError, match=r"^f:3: invalid YAML: duplicate merge key << \(first at line 2\)"):
+        parse_yaml("b:\n  <<: {depth: 3}\n  <<: {depth: 4}\n", "f")
+    assert parse_yaml("b:\n  <<: [{k: 1}, {j: 2}]\n", "f")[0]["b"] == {"k": 1, "j": 2}  # one key, a list: fine
 
 
 # --- inheritance ----------------------------------------------------------------------------------

@@ -74,6 +74,11 @@ class RecipeLoader(Composer, SafeConstructor, Resolver, _EventParser, *_PURE):
         """PyYAML's merge (``<<``), remembering which keys it brought in: those are not duplicates
         of the keys written beside it, which override them."""
         own = {id(key) for key, _ in node.value}
+        merges = [key for key, _ in node.value if key.tag == "tag:yaml.org,2002:merge"]
+        if len(merges) > 1:  # safe_load keeps the last, silently, as for any other duplicate key
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate merge key << (first at line {merges[0].start_mark.line + 1}); merge "
+                "several mappings with one: <<: [*a, *b]", merges[1].start_mark)
         super().flatten_mapping(node)
         self.merged.update(id(key) for key, _ in node.value if id(key) not in own)
 
