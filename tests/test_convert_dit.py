@@ -177,6 +177,23 @@ def test_missing_and_misshaped_keys_are_listed(tmp_path, official_sd, capsys):
     assert "blocks.0.mlp.fc1.bias (1152,) (model: (4608,))" in err
 
 
+def test_a_dit_of_another_patch_or_width_is_named_with_its_recipe(tmp_path, official_sd, capsys):
+    """DiT-S/4 weights under dit_s_2 were said to be a DiT "for model.input_size 16 (8x8 patches of 2, 128px)",
+    the recipe's patch taken for the checkpoint's: that fix failed again on the patch embedding's shape."""
+    src = tmp_path / "official.pt"
+    torch.save(official_sd, src)
+    argv = ["convert", "dit", str(src), "--recipe", "dit_xl_4", "--set", f"model.depth={DEPTH}",
+            "--out", str(tmp_path / "ckpt")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo: error: key model: the checkpoint is a DiT of hidden_size 1152, depth 2, patch_size 2 "
+                          "for model.input_size 32 (16x16 patches of 2, 256px images); the recipe builds hidden_size "
+                          "1152, depth 2, patch_size 4"), err
+    assert convert_dit._shipped_dit(384, 12, 4, 32) == "dit_s_4"  # the shipped recipe of the checkpoint's model
+    assert convert_dit._shipped_dit(1152, 28, 2, 64) == "dit_xl_2_512"
+    assert convert_dit._shipped_dit(1152, 2, 2, 32) is None
+
+
 def test_unreadable_and_empty_inputs(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert main(["convert", "dit", str(tmp_path / "junk.pt"), "--recipe", str(RECIPE), "--out", str(tmp_path / "o")]) == 2

@@ -108,18 +108,25 @@ def shipped_recipe(path: str | Path) -> Path | None:
     return Path(str(candidate)) if candidate.is_file() else None
 
 
-def _closest_recipes(wanted: str, shipped: Any) -> str | None:
-    """"did you mean ...?" among the shipped recipes, subfolders included (``emoji32/dimr_2r.yaml``)."""
+def shipped_recipe_names(shipped: Any = None) -> list[str]:
+    """The shipped recipes' names, subfolders included (``dit_s_2.yaml``, ``emoji32/dimr_2r.yaml``), sorted;
+    ``_base_*.yaml`` files are bases, not recipes."""
     known: list[str] = []
 
     def walk(folder: Any, prefix: str) -> None:
         for entry in folder.iterdir():
             if entry.is_dir() and not entry.name.startswith(("_", ".")):
                 walk(entry, f"{prefix}{entry.name}/")
-            elif entry.name.endswith(".yaml") and not entry.name.startswith("_"):  # _base_*.yaml are no recipes
+            elif entry.name.endswith(".yaml") and not entry.name.startswith("_"):
                 known.append(prefix + entry.name)
 
-    walk(shipped, "")
+    walk(resources.files("zoo.recipes") if shipped is None else shipped, "")
+    return sorted(known)
+
+
+def _closest_recipes(wanted: str, shipped: Any) -> str | None:
+    """"did you mean ...?" among the shipped recipes, subfolders included (``emoji32/dimr_2r.yaml``)."""
+    known = shipped_recipe_names(shipped)
     same_name = sorted(k for k in known if k.rsplit("/", 1)[-1] == wanted.rsplit("/", 1)[-1])  # right name, folder
     if same_name:
         return did_you_mean(same_name[0], same_name)

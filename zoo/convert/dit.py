@@ -72,23 +72,54 @@ def official_keys(name: str, config: Mapping[str, Any] | None = None) -> list[st
     return [_ADALN_BACK.sub(lambda m: f"{m[1] or 'final_layer'}.adaLN_modulation.1.", name, count=1)]
 
 
+def _architecture(state: Mapping[str, Tensor]) -> tuple[int, int, int, int] | None:
+    """(hidden_size, depth, patch_size, tokens) a DiT state dict's shapes say, or None where they cannot."""
+    pos, proj = state.get("pos_embed"), state.get("x_embedder.proj.weight")
+    if pos is None or proj is None or pos.dim() != 3 or proj.dim() != 4:
+        return None
+    depth = 1 + max((int(k.split(".")[1]) for k in state if re.match(r"blocks\.\d+\.", k)), default=-1)
+    return int(pos.shape[2]), depth, int(proj.shape[-1]), int(pos.shape[1])
+
+
 def explain_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], recipe: Mapping[str, Any]) -> None:
-    """A ``pos_embed`` of another length is a checkpoint for another resolution: say which ``model.input_size``
-    fits (the table is the fixed sin-cos one, saved as a frozen parameter: its length is the token count)."""
-    ours, theirs = expected.get("pos_embed"), state.get("pos_embed")
-    if ours is None or theirs is None or theirs.dim() != 3 or theirs.shape[1] == ours.shape[1]:
+    """A checkpoint of another DiT: say which one its shapes say (width, depth, patch, and the ``model.input_size``
+    the length of its fixed sin-cos ``pos_embed`` gives) and the shipped recipe of that model, where there is one."""
+    theirs, ours = _architecture(state), _architecture(expected)
+    if theirs is None or ours is None or theirs == ours:
         return
-    grid, patch = int(round(theirs.shape[1] ** 0.5)), recipe["model"].get("patch_size", 2)
-    if grid * grid != theirs.shape[1] or not isinstance(patch, int):
+    width, depth, patch, tokens = theirs
+    grid = int(round(tokens ** 0.5))
+    if grid * grid != tokens:
         return
     size = grid * patch
     latent = bool((recipe.get("data") or {}).get("latent"))
     pixels = size * 8 if latent else size  # the SD VAE's 8x downsampling
-    also = ", or the dit_xl_2_512 recipe" if latent and size == 64 else ""
-    raise UserError(f"the checkpoint's pos_embed has {theirs.shape[1]} positions and the model {ours.shape[1]}: "
-                    f"it is a DiT for model.input_size {size} ({grid}x{grid} patches of {patch}, {pixels}px images)",
-                    key_path="model.input_size",
-                    suggestion=f"--set model.input_size={size} --set data.image_size={pixels}{also}")
+    where = f"model.input_size {size} ({grid}x{grid} patches of {patch}, {pixels}px images)"
+    if (width, depth, patch) == ours[:3]:  # the same model at another resolution
+        also = ", or the dit_xl_2_512 recipe" if latent and size == 64 and width == 1152 else ""
+        raise UserError(f"the checkpoint's pos_embed has {tokens} positions and the model {ours[3]}: it is a DiT "
+                        f"for {where}", key_path="model.input_size",
+                        suggestion=f"--set model.input_size={size} --set data.image_size={pixels}{also}")
+    shipped = _shipped_dit(width, depth, patch, size)
+    raise UserError(f"the checkpoint is a DiT of hidden_size {width}, depth {depth}, patch_size {patch} for {where}; "
+                    f"the recipe builds hidden_size {ours[0]}, depth {ours[1]}, patch_size {ours[2]}",
+                    key_path="model",
+                    suggestion=f"use --recipe {shipped}" if shipped else
+                    f"use a recipe with those settings (num_heads as the checkpoint was trained)")
+
+
+def _shipped_dit(width: int, depth: int, patch: int, size: int) -> str | None:
+    """The shipped DiT recipe of that model (``dit_s_4``), or None."""
+    import zoo
+    from zoo.recipe import shipped_recipe_names
+
+    for name in shipped_recipe_names():
+        if name.startswith("dit_"):
+            model = zoo.load_recipe(name)["model"]
+            if (model["hidden_size"], model["depth"], model["patch_size"], model["input_size"]) == (
+                    width, depth, patch, size):
+                return name.removesuffix(".yaml")
+    return None
 
 
 def model_inputs(inputs: Mapping[str, Any]) -> tuple:
