@@ -186,3 +186,19 @@ def test_a_dit_of_another_resolution_is_told_its_input_size(tmp_path, capsys):
         "data.image_size=256)")
     assert convert(tmp_path, "dit", state, recipe_file, "--set", "model.input_size=32",
                    "--set", "data.image_size=256") == 0
+
+
+def test_paths_given_with_a_tilde_are_under_home(tmp_path, capsys, monkeypatch):
+    """bash leaves `--out=~/c` and `--config=~/config.json` as they are: IN, --config and --out are expanded."""
+    g = golden("uvit_tiny")
+    torch.save(g["state_dict"], tmp_path / "official.pt")
+    (tmp_path / "config.json").write_text(json.dumps(g["config"]))
+    recipe_file = recipe(tmp_path, "uvit", UVIT_MODEL, data=UVIT_DATA)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "uvit", "~/official.pt", "--recipe", str(recipe_file), "--config=~/config.json",
+                 "--out=~/ckpt"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "config.json").is_file() and not (tmp_path / "~").exists()
+    (tmp_path / "afile.txt").write_text("keep")
+    assert main(["convert", "uvit", "~/official.pt", "--recipe", str(recipe_file), "--out=~/afile.txt/c"]) == 2
+    assert f"{tmp_path / 'afile.txt'} is a file, not a directory" in last_error(capsys)

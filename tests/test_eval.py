@@ -1015,3 +1015,32 @@ def test_weights_ema_asked_for_by_name_is_refused_on_a_checkpoint_without_ema(tm
     assert requests == []
     assert main(["eval", str(ckpt), "--n", "4"]) == 0 and main(["eval", str(ckpt), "--n", "4", "--weights", "raw"]) == 0
     assert [r.weights for r in requests] == ["ema", "raw"]  # "ema": EMA where saved, as before
+
+
+def test_an_eval_directory_no_file_can_be_made_in_is_refused_before_sampling(run_dir, capsys, monkeypatch):
+    """A read-only --out (or RUN/eval) sampled a batch first, then stopped."""
+    import errno
+
+    import zoo.eval.runner
+    import zoo.guards
+
+    def read_only(directory):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(zoo.guards, "_probe", read_only)
+    monkeypatch.setattr(zoo.eval.runner, "_sample_range", lambda *a, **k: pytest.fail("it sampled"))
+    assert _eval(run_dir, "--out", str(run_dir.parent / "ev")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {run_dir.parent / 'ev'}: cannot write in {run_dir.parent}" in err, err
+    assert _eval(run_dir) == 2
+    err = capsys.readouterr().err
+    assert f"eval directory {run_dir / 'eval'}: cannot write in {run_dir} (Read-only" in err and "give --out" in err
+
+
+def test_an_out_given_with_a_tilde_is_written_under_home(run_dir, capsys, monkeypatch):
+    """bash leaves `--out=~/ev` as it is: zoo eval checked ~/ev, then wrote ./~/ev."""
+    monkeypatch.setenv("HOME", str(run_dir.parent))
+    monkeypatch.chdir(run_dir)
+    assert main(["eval", str(run_dir), "--n", "8", "--ref", str(run_dir.parent / "ref.npz"), "--extractor",
+                 "test_pool", "--out=~/ev"]) == 0
+    assert list((run_dir.parent / "ev").glob("*.json")) and not (run_dir / "~").exists()

@@ -76,6 +76,8 @@ def test_mistakes_are_one_line_and_no_file_is_replaced(tmp_path, capsys):
          "--weights is an option of zoo export diffusers, not of npz"),  # it was accepted and ignored
         ([str(run / "eval" / "samples-last-a"), "--out", str(user_file), "--force"],
          "is not a sample batch zoo export wrote"),
+        ([str(run / "eval" / "samples-last-a"), "--out", str(user_file / "s.npz")],  # a FileExistsError traceback
+         f"--out {user_file / 's.npz'}: {user_file} is a file, not a directory"),
     ]
     for argv, words in cases:
         assert main(["export", "npz", *argv]) == 2
@@ -127,3 +129,12 @@ def test_a_reference_batch_of_another_resolution_is_said(tmp_path, isolated_eval
         lines = []
         load_reference(str(tmp_path / "batch.npz"), MeanRGB(), size, log=lines.append)
         assert [line[:len(expected[0])] for line in lines if "warning" in line] == expected
+
+
+def test_out_and_source_given_with_a_tilde_are_under_home(tmp_path, monkeypatch, capsys):
+    """bash leaves `--out=~/s.npz` as it is: it was written to ./~/s.npz."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _shards(tmp_path / "samples-last-a", [(0, 2)])
+    assert main(["export", "npz", "~/samples-last-a", "--out=~/s.npz"]) == 0
+    assert (tmp_path / "s.npz").is_file() and not (tmp_path / "~").exists()

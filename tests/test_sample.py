@@ -691,3 +691,24 @@ def test_the_solver_line_names_the_steps_a_switched_solver_takes(checkpoint, tmp
     # adaptive solvers have no step count: it said "(1 steps, its default)" for ode's dopri5
     assert main(["sample", str(checkpoint), "--n", "1", "--solver", "ode", "--out", str(tmp_path / "c.png")]) == 0
     assert "zoo sample: solver {'type': 'ode'} (adaptive: rtol and atol set its steps);" in capsys.readouterr().out
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    """A read-only output directory ran the whole sampler, then stopped with 'read-only'."""
+    import errno
+
+    import zoo.guards
+    import zoo.sample
+
+    monkeypatch.setattr(zoo.sample, "sample_latents", lambda *a, **k: pytest.fail("it sampled"))
+    (tmp_path / "afile.txt").write_text("keep")
+    assert main(["sample", str(PIXELS), "--n", "1", "--out", str(tmp_path / "afile.txt" / "g.png")]) == 2
+    assert f"{tmp_path / 'afile.txt'} is a file, not a directory" in capsys.readouterr().err
+
+    def read_only(directory):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(zoo.guards, "_probe", read_only)
+    assert main(["sample", str(PIXELS), "--n", "1", "--out", str(tmp_path / "ro" / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'ro' / 'g.png'}: cannot write in {tmp_path} (Read-only" in err

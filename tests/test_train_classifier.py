@@ -187,3 +187,42 @@ def test_the_command_stops_on_a_nan_loss_with_one_line_exit_1_and_saves_nothing(
     assert err == ("zoo train-classifier: error: the loss is nan at step 1; stopped, nothing saved "
                    "(try a lower --lr than 0.002)\n")
     assert not out.exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_data_are_read(tmp_path, capsys, monkeypatch):
+    """A file among --out's parents, or a read-only disk: the steps were all spent, then a traceback."""
+    import errno
+
+    import zoo.classifier_train
+    import zoo.guards
+
+    monkeypatch.setattr(zoo.classifier_train, "load_data", lambda *a, **k: pytest.fail("the data were read"))
+    (tmp_path / "afile.txt").write_text("keep")
+    assert main(["train-classifier", str(RECIPE), "--out", str(tmp_path / "afile.txt" / "cls")]) == 2
+    assert f"{tmp_path / 'afile.txt'} is a file, not a directory" in capsys.readouterr().err
+
+    def read_only(directory):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(zoo.guards, "_probe", read_only)
+    assert main(["train-classifier", str(RECIPE), "--out", str(tmp_path / "cls")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'cls'}: cannot write in {tmp_path} (Read-only file system)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+def test_a_classifier_replacement_a_kill_interrupted_is_repaired_before_it_is_looked_for(tmp_path):
+    """Killed between its two renames, only cls.old-* and cls.tmp-* are there: not 'does not exist'."""
+    old = save_classifier(tmp_path / "old", ConvNeXtClassifier(3, image_size=8, dims=(8,), depths=(1,)), {"n": 1})
+    new = save_classifier(tmp_path / "new", ConvNeXtClassifier(3, image_size=8, dims=(8,), depths=(1,)), {"n": 2})
+    old.rename(tmp_path / "cls.old-0123abcd")
+    new.rename(tmp_path / "cls.tmp-4567cdef")  # sealed: the save passed its commit point
+    _, payload = load_classifier(tmp_path / "cls")
+    assert payload["n"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["cls"]
+
+
+def test_a_classifier_directory_given_with_a_tilde_is_found_at_home(tmp_path, monkeypatch):
+    """bash leaves `--classifier=~/cls` as it is: zoo expands it (it said 'does not exist; train one')."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_classifier(tmp_path / "cls", ConvNeXtClassifier(3, image_size=8, dims=(8,), depths=(1,)), {"n": 3})
+    assert load_classifier("~/cls")[1]["n"] == 3

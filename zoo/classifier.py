@@ -91,10 +91,12 @@ class ConvNeXtClassifier(nn.Module):
 def check_out(directory: str | Path) -> Path:
     """``directory`` if a classifier may be written there: new, empty, or a zoo classifier (replaced whole)."""
     from zoo import atomic
+    from zoo.guards import check_writable
 
     directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--out {directory} is a file; give a directory for the classifier")
+    check_writable(directory)  # before the steps are spent: it is written beside itself, then renamed
     if directory.is_dir() and any(directory.iterdir()) and \
             (atomic.read_record(directory, CONFIG) or {}).get("kind") != KIND:
         raise UserError(f"--out {directory} holds files that are not a zoo classifier; choose a new directory")
@@ -118,14 +120,14 @@ def read_classifier_config(directory: str | Path) -> dict:
     """The ``config.json`` of a saved classifier, checked to be a complete zoo classifier directory."""
     from zoo import atomic
 
-    directory = Path(directory)
+    directory = Path(directory).expanduser()  # --classifier=~/x: the shell leaves that ~ to us
+    atomic.repair(directory, CONFIG)  # first: a replacement a kill interrupted leaves only DIR.old-*/DIR.tmp-*
     if directory.exists() and not directory.is_dir():
         raise UserError(f"classifier {directory} is a file; a classifier is the directory `zoo train-classifier "
                         f"--out DIR` writes (its config.json and model.safetensors): give that directory")
     if not directory.is_dir():
         raise UserError(f"classifier directory {directory} does not exist; train one with "
                         f"`zoo train-classifier emoji32 --out {directory}`")
-    atomic.repair(directory, CONFIG)
     payload = atomic.read_record(directory, CONFIG)
     if payload is None or payload.get("kind") != KIND:
         raise UserError(f"{directory} is not a zoo classifier (no {CONFIG} of kind {KIND}); "
@@ -143,7 +145,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
 
     payload = read_classifier_config(directory)
     model = ConvNeXtClassifier(**payload["arch"])
-    path = Path(directory) / WEIGHTS
+    path = Path(directory).expanduser() / WEIGHTS
     state = load_weights(path)
     check_finite(state, str(path), suggestion="train the classifier again (zoo train-classifier)")
     load_state_dict_strict(model, state, str(path))

@@ -6,11 +6,15 @@ are what keeps the promise that no command deletes or replaces anything it did n
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from zoo.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: the CLI's parser, which takes user_path, needs none
+    import torch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -20,6 +24,8 @@ NOT_A_SOURCE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json"
 def resolve_device(name: str | None, option: str = "--device") -> torch.device:
     """The device a ``--device`` value (or a ``torch.device``) names (default: cuda if available, else cpu),
     checked to exist here; ``option`` is how the caller spelled the argument, for the messages."""
+    import torch
+
     if name is None or str(name).strip() == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -53,6 +59,32 @@ def check_parents(path: Path, option: str) -> None:
             return
 
 
+def user_path(text: str | Path) -> Path:
+    """A path option's value with ``~`` expanded (an argparse ``type``): bash leaves ``--out=~/x`` as it is.
+    (``os.path``'s: a ``~user`` that does not exist stays as written, for the path's own error.)"""
+    return Path(os.path.expanduser(text))
+
+
+def check_writable(path: Path, option: str = "--out", into: bool = False, suggestion: str | None = None) -> None:
+    """Refuse, before any work is spent, an output ``path`` zoo could not write: a file among its
+    parents, or a nearest existing directory where no file can be made (a read-only file system, no
+    permission); ``into``: files go inside ``path`` itself where it is a directory. Probed by
+    making a temporary file, deleted again."""
+    check_parents(path, option)
+    where = path if into and path.is_dir() else next((p for p in path.parents if p.is_dir()), Path("."))
+    try:
+        _probe(where)
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write in {_named(where)} ({err.strerror})",
+                        suggestion=suggestion or f"choose another {option}") from None
+
+
+def _probe(directory: Path) -> None:
+    """Make and delete a file in ``directory`` (raises the OSError of a directory that takes none)."""
+    with tempfile.TemporaryFile(dir=directory, prefix=".zoo-probe-"):
+        pass
+
+
 def check_png_output(path: str | Path, option: str = "--out") -> Path:
     """``path`` for a PNG grid: not a directory, ends in .png, and replaces only a PNG zoo wrote."""
     path = Path(path).expanduser()
@@ -74,7 +106,7 @@ def check_png_output(path: str | Path, option: str = "--out") -> Path:
             raise UserError(f"{option} {path} exists and is a PNG zoo did not write (no 'Software: zoo' text "
                             "chunk: a user's picture, or one from a zoo older than that chunk); zoo will not replace "
                             "it", suggestion="move it away or choose another path")
-    check_parents(path, option)
+    check_writable(path, option)  # before the sampler runs, not after
     return path
 
 

@@ -90,7 +90,7 @@ def torch_load_plain(
     ``what`` names the file for the message (``"golden file"``, ``"VAE weights"``); ``allowed``
     are extra plain classes to accept (e.g. ``argparse.Namespace`` in DiT's checkpoints).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"{what} {path} does not exist")
     try:

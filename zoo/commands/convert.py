@@ -7,6 +7,7 @@ from pathlib import Path
 
 from zoo.commands import add_overrides_option, add_weights_option
 from zoo.errors import UserError
+from zoo.guards import user_path
 from zoo.jsonfile import read_json_object
 
 
@@ -18,14 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "layout, load it strictly into the recipe's model and save a checkpoint directory.",
     )
     p.add_argument("family", help="model family of the official checkpoint (dit, uvit, dimr)")
-    p.add_argument("checkpoint", type=Path, help="official checkpoint (.pt / .pth, or a .safetensors state dict)")
+    p.add_argument("checkpoint", type=user_path, help="official checkpoint (.pt / .pth, or a .safetensors state dict)")
     p.add_argument("--recipe", required=True, help="zoo recipe whose model matches the checkpoint")
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=user_path,
                    help="checkpoint directory to write (a new path, or an empty directory)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it already is a zoo checkpoint (nothing else is ever replaced)")
     add_overrides_option(p)
-    p.add_argument("--config", type=Path, default=None,
+    p.add_argument("--config", type=user_path, default=None,
                    help="JSON file with the official constructor kwargs, for families whose converter needs "
                    "them (DiMR); default: the checkpoint's own 'config' entry, else read from --recipe")  # fmt: skip
     add_weights_option(p, "model", "which weights of a training checkpoint to take (default: ema if present)")
@@ -84,9 +85,9 @@ def _refuse_a_folder(path: Path) -> None:
 def check_out(out: Path, force: bool) -> None:
     """``--out`` may be new or an empty directory; an existing zoo checkpoint only with ``--force``."""
     from zoo.checkpoint import check_replaceable, is_checkpoint
-    from zoo.guards import check_outside_checkpoints, check_parents
+    from zoo.guards import check_outside_checkpoints, check_writable
 
-    check_parents(out, "--out")
+    check_writable(out, "--out")  # a file among its parents, or a read-only disk: before the weights are read
     check_outside_checkpoints(out, itself=True)  # out itself is a checkpoint --force replaces
     check_replaceable(out, "--out")  # a file, or a directory that is not a zoo checkpoint: never replaced
     if is_checkpoint(out) and not force:
@@ -115,7 +116,7 @@ def _refuse_zoo_weights(path: Path) -> None:
     key read as an 'unexpected key' of the official layout, naming none of this."""
     from zoo.checkpoint import checkpoint_of, is_checkpoint
 
-    folder = path.expanduser().parent
+    folder = path.parent
     if is_checkpoint(folder):
         run = folder.parent if checkpoint_of(folder.parent) == folder else folder
         raise UserError(f"{path} is a weights file of the zoo checkpoint {folder}, already in zoo's layout",

@@ -19,6 +19,7 @@ import json
 import os
 
 from zoo.commands import add_overrides_option, add_respacing_option, add_weights_option
+from zoo.guards import user_path
 from zoo.precision import PRECISIONS
 
 
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-sample seeds (default 0)")
     add_weights_option(p, "raw", "EMA or raw weights (default: EMA where the checkpoint has them, else raw)")
     p.add_argument("--vae", default=None, metavar="DIR", help="local SD VAE weights (latent models)")
-    p.add_argument("--out", default=None, metavar="DIR", help="eval directory (default: RUN/eval)")
+    p.add_argument("--out", default=None, type=user_path, metavar="DIR", help="eval directory (default: RUN/eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="model calls while sampling: fp32, tf32 (CUDA), bf16 or fp16 autocast "
@@ -98,11 +99,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))  # an unknown device or cuda without a GPU: one line, exit 2
     if args.out is not None:  # before any sampling: --out is (or can become) a directory
-        from pathlib import Path
-
         from zoo.guards import check_outside_checkpoints, check_parents
 
-        out = Path(args.out).expanduser()
+        out = args.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; zoo eval writes samples and results into a directory",
                             suggestion="choose a directory path")

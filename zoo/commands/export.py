@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from zoo.commands import add_weights_option
 from zoo.errors import UserError
+from zoo.guards import user_path
 
 FORMATS = ("diffusers", "npz")
 
@@ -22,11 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "N x H x W x 3) and arr_1 (labels), the sample batch of the official ADM evaluation suite.",
     )
     p.add_argument("format", choices=FORMATS, help="target layout")
-    p.add_argument("checkpoint", type=Path, metavar="SOURCE",
+    p.add_argument("checkpoint", type=user_path, metavar="SOURCE",
                    help="diffusers: a zoo checkpoint directory (config.json + model.safetensors) or a zoo train run "
                    "directory (its newest checkpoint, RUN/last); npz: a samples-* directory of zoo eval, or the "
                    "run or eval directory holding exactly one")
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=user_path,
                    help="diffusers: directory to write (a new path, or an empty directory); npz: the .npz file")
     p.add_argument("--n", type=int, default=None, help="npz: samples 0..N-1 (default: every sample there)")
     add_weights_option(p, "model", "diffusers: which weights to export (default: ema if the checkpoint has them, "
@@ -42,17 +42,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--n is an option of zoo export npz (how many samples), not of diffusers")
     from zoo.checkpoint import checkpoint_of
 
-    checkpoint = checkpoint_of(args.checkpoint.expanduser())  # repaired; a run directory: its last/, as zoo sample
+    checkpoint = checkpoint_of(args.checkpoint)  # repaired; a run directory: its last/, as zoo sample
     if not checkpoint.is_dir():
         raise UserError(f"{checkpoint} is not a checkpoint directory",
                         suggestion="pass a directory written by zoo train or zoo convert")
     from zoo.checkpoint import EMA
-    from zoo.guards import check_outside_checkpoints
+    from zoo.guards import check_outside_checkpoints, check_writable
 
     if args.weights == "ema" and not (checkpoint / EMA).is_file():  # else the raw ones went out as asked-for EMA
         raise UserError(f"--weights ema: {checkpoint} has no EMA weights ({EMA})",
                         suggestion="drop --weights (the raw weights of a checkpoint without EMA), or --weights raw")
     check_outside_checkpoints(args.out)
+    check_writable(args.out)  # written beside itself, then renamed: afile.txt/d is one line, not a traceback
     try:
         from zoo.integrations.diffusers import export
     except ImportError as err:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_npz(args: argparse.Namespace) -> int:
     from zoo.eval.adm_npz import export_adm_npz
-    from zoo.guards import check_outside_checkpoints
+    from zoo.guards import check_outside_checkpoints, check_writable
 
     if args.weights is not None:  # the samples were drawn with the weights zoo eval --weights chose
         raise UserError("--weights is an option of zoo export diffusers, not of npz (the samples' weights were "
@@ -72,6 +73,7 @@ def _export_npz(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".npz":  # s.NPZ too, as zoo sample takes g.PNG
         raise UserError(f"--out {args.out}: the sample batch is an .npz file", suggestion="give a path ending in .npz")
     check_outside_checkpoints(args.out)
+    check_writable(args.out)
     out, n, shape, labelled = export_adm_npz(args.checkpoint, args.out, args.n, force=args.force)
     what = "arr_0 images" + (", arr_1 labels" if labelled else "")
     print(f"wrote {out} ({n} samples {shape[0]}x{shape[1]}: {what}; the ADM evaluator's sample batch)")

@@ -92,6 +92,7 @@ class TimmScorer(Scorer):
 
         from zoo.eval.extractors import sha256_file
 
+        weights = weights and str(Path(weights).expanduser())  # --classifier-weights=~/w.pth: the shell leaves it
         if not weights or not Path(weights).is_file():
             given = f"{weights} does not exist; " if weights else ""
             raise UserError(f"{given}--classifier timm:{name} needs its weights as a local file: pass "

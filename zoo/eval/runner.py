@@ -181,18 +181,22 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     extracts the features and scores while the others return ``None``: the samples and the result
     are those of one process (each sample has its own seeds).
     """
+    from zoo.guards import check_writable
     from zoo.training import distributed
 
     if request.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
     ckpt, eval_dir = locate(request.source)
-    eval_dir = Path(request.out) if request.out else eval_dir
+    eval_dir = Path(request.out).expanduser() if request.out else eval_dir
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     distributed.check_launch(device)
     ctx = distributed.init(str(device))
     if not ctx.main:
         log, progress = (lambda _: None), False
     with distributed.agreement(ctx):  # a mistake on any rank: one line from rank 0, every rank stops
+        if ctx.main:  # an eval directory no file can be made in: said now, not after a batch is sampled
+            check_writable(eval_dir, "--out" if request.out else "eval directory", into=True,
+                           suggestion=None if request.out else "give --out DIR elsewhere")
         setup = _set_up(request, ckpt, eval_dir, ctx.device, log, main=ctx.main)
     upto = request.n
     if setup.solver.batch_coupled:  # whole batches only: a later, larger --n then finds the batches a fresh run
