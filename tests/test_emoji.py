@@ -180,3 +180,17 @@ def test_demo_recipe_trains_with_no_other_setting(emoji_cache, tmp_path):
                  "--set", "train.log_every=1", "--set", "train.sample_every=0", "--set", "train.ckpt_every=0"]) == 0
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_that_says_what_to_do(emoji_cache, tmp_path, monkeypatch, capsys):
+    """It said only '[Errno 20] Not a directory': not that training goes on, nor how to keep the cache."""
+    good = emoji.load_emoji(32)  # from the session cache
+    monkeypatch.setattr(emoji, "build_emoji", lambda size: good)
+    (tmp_path / "afile.txt").write_text("keep")
+    for cache in (tmp_path / "afile.txt", tmp_path / "folder"):  # a file in the cache's place, a folder in the file's
+        if cache.name == "folder":
+            (cache / emoji.cache_path(32, {"cache": str(cache)}).name).mkdir(parents=True)
+        assert emoji.load_emoji(32, {"cache": str(cache)}) is good
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "going on without it (the images are rendered again on every run): set " \
+            "data.cache or ZOO_CACHE to a writable directory to keep them" in err, err

@@ -168,9 +168,12 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
     meta = {"categories": json.dumps(CATEGORIES), "version": str(VERSION), "sources": _sources_versions()}
     try:
         write_file(path, lambda tmp: save_reproducibly(tmp, tensors, meta))
-    except OSError as err:  # a read-only cache still trains, just without the cache
+    except (OSError, UserError) as err:  # a read-only cache (or a folder in its place) still trains, uncached
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank builds; one says so
-            print(f"zoo: warning: cannot write the emoji cache {path}: {err}", file=sys.stderr)
+            why = getattr(err, "strerror", None) or err
+            print(f"zoo: warning: cannot write the emoji cache {path} ({why}); going on without it "
+                  "(the images are rendered again on every run): set data.cache or ZOO_CACHE to a writable "
+                  "directory to keep them", file=sys.stderr)
     return tensors
 
 
