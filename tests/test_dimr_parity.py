@@ -128,6 +128,14 @@ def test_unknown_keys_and_options_are_user_errors():
     state = {k: v for k, v in data["state_dict"].items() if not k.endswith("block2.w1.weight")}
     with pytest.raises(zoo.errors.UserError, match="w0 and w1"):
         convert.convert_state_dict(state, data["config"])
+    # damaged tensors were reshape/cat RuntimeErrors (a traceback, exit 1)
+    pos = "stages.0.input_layer.3.position_embeddings.weight"
+    for table in (data["state_dict"][pos][:60], data["state_dict"][pos].reshape(1, 8, 8, 32)):
+        with pytest.raises(zoo.errors.UserError, match=r"has shape .* a square number of positions"):
+            convert.convert_state_dict({**data["state_dict"], pos: table}, data["config"])
+    w1 = "stages.0.blocks.0.block2.w1.weight"
+    with pytest.raises(zoo.errors.UserError, match=r"w0 \(64, 32\) and w1 \(64, 30\) differ in shape"):
+        convert.convert_state_dict({**data["state_dict"], w1: data["state_dict"][w1][:, :30]}, data["config"])
     with pytest.raises(zoo.errors.UserError, match="--config FILE"):  # zoo convert without --config
         convert.convert_state_dict(data["state_dict"], None)
     # MRModel builds LayerNorms where its config names no norm_type: said so, not read as TDRMSN (whose

@@ -258,13 +258,19 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], config: Mapping[str, An
         if half is not None:
             halves.setdefault(name, {})[half] = value
         elif name.endswith("pos_embed"):
-            grid = int(round(value.shape[0] ** 0.5))
+            grid = int(round(value.shape[0] ** 0.5)) if value.dim() == 2 else 0
+            if grid * grid != value.shape[0] or value.dim() != 2:  # the official table is (grid², dim)
+                raise UserError(f"{key} has shape {tuple(value.shape)}; an official position table is "
+                                "(positions, dim) with a square number of positions (is the file damaged?)")
             out[name] = value.reshape(1, grid, grid, value.shape[1])
         else:
             out[name] = value
     for name, parts in halves.items():
         if set(parts) != {0, 1}:
             raise UserError(f"GeGLU weights for {name} need both w0 and w1; the state dict has only w{min(parts)}")
+        if parts[0].shape != parts[1].shape:
+            raise UserError(f"GeGLU weights for {name}: w0 {tuple(parts[0].shape)} and w1 {tuple(parts[1].shape)} "
+                            "differ in shape (is the file damaged?)")
         out[name] = torch.cat([parts[0], parts[1]], dim=0)
     return out
 
