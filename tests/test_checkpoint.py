@@ -452,3 +452,19 @@ def test_a_write_whose_temporary_file_another_writer_took_for_stale_says_so(tmp_
     with pytest.raises(UserError, match=r"x.npz was not written: its temporary file \.x\.npz\.tmp-\w+ was removed"):
         atomic.write_file(path, paused)
     assert path.read_text() == "y"
+
+
+def test_a_temporary_file_removed_at_once_is_not_said_to_be_15_minutes_old(tmp_path):
+    """A writer that removes leftovers whatever their age (zoo prepare-latents, for its own shards) took a live
+    write's; the message claimed a 15-minute rule that was not applied."""
+    from zoo import atomic
+
+    path = tmp_path / "shard.safetensors"
+
+    def removed(tmp):
+        tmp.write_text("x")
+        atomic.remove_file_leftovers(path)  # untouched_for=0
+
+    with pytest.raises(UserError) as err:
+        atomic.write_file(path, removed)
+    assert "was removed meanwhile by another process" in str(err.value) and "minutes" not in str(err.value)

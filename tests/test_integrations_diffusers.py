@@ -156,6 +156,33 @@ def test_export_cli_writes_the_diffusers_layout_atomically(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_an_export_a_kill_interrupted_is_repaired_by_loading_and_by_the_next_export(tmp_path, capsys, monkeypatch):
+    """Killed between its renames only hf.old-*/hf.tmp-* are there: from_pretrained found no config.json, and a
+    rerun was refused before anything removed the copies a kill left."""
+    import shutil
+
+    save_checkpoint(tmp_path / "ckpt", _model(DIT), zoo.load_recipe(DIT))
+    out = tmp_path / "hf"
+    assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    shutil.copytree(out, tmp_path / "hf.tmp-0123abcd")  # the new copy, sealed
+    out.rename(tmp_path / "hf.old-4567cdef")  # the old one set aside; the kill came before the install
+    ZooTransformer2DModel.from_pretrained(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+    (tmp_path / "hf.tmp-89abcdef").mkdir()  # a kill while filling: unsealed, a weights copy's worth of disk
+    (tmp_path / "hf.tmp-89abcdef" / "config.json").write_text("{}")
+    assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(out)]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+    (tmp_path / "afile.txt").write_text("keep")  # under a file: a FileExistsError traceback
+    assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(tmp_path / "afile.txt" / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'afile.txt'} is a file, not a directory" in err, err
+    monkeypatch.setenv("HOME", str(tmp_path))  # bash leaves `--out=~/hf2` as it is: it went to ./~/hf2
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "diffusers", "~/ckpt", "--out=~/hf2"]) == 0
+    assert (tmp_path / "hf2" / "zoo_export.json").is_file() and not (tmp_path / "~").exists()
+
+
 def test_to_diffusers_of_a_module_needs_its_recipe():
     with pytest.raises(UserError, match="recipe"):
         to_diffusers(_model(DIT))

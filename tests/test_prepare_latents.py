@@ -1223,3 +1223,40 @@ def test_a_folder_that_is_no_vae_is_one_line(tmp_path, vae_dir, image_dir, capsy
     assert main(["prepare-latents", str(image_dir), "--vae", str(other), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"zoo: error: {other / 'config.json'}") and said in err and err.count("\n") == 1
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_the_ranks_of_one_run_are_not(tmp_path, vae_dir, image_dir):
+    """Two runs into one --out removed each other's temporary shard files (each took them for a killed run's);
+    the ranks of one torchrun run write disjoint shards and must not refuse each other."""
+    import subprocess
+    import sys
+
+    from zoo.latents import LOCK
+
+    out = tmp_path / "lat"
+    kw = dict(resolution=RES, batch_size=4, shard_size=3, num_workers=0)  # 4 shards
+    out.mkdir()
+    holder = subprocess.Popen(  # rank 0 of 2 of another run, writing shards 0 and 2
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "[fcntl.lockf(fd, fcntl.LOCK_EX, 1, k) for k in (0, 2)]; print('ready', flush=True); sys.stdin.read()",
+         str(out / LOCK)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        assert prepare_latents(image_dir, vae_dir, out, rank=1, world=2, **kw) is False  # its own run's rank 1
+        live = out / f".{shard_name(0)}.tmp-0123abcd"  # the other run's write in progress
+        live.write_bytes(b"half a shard")
+        with pytest.raises(UserError, match=f"another zoo prepare-latents is writing {re.escape(str(out))}") as err:
+            prepare_latents(image_dir, vae_dir, out, **kw)
+        assert err.value.suggestion == "wait for it to end, or choose another --out"
+        assert live.exists() and not (out / shard_name(0)).exists()
+    finally:
+        holder.communicate("")
+    live.unlink()
+    assert prepare_latents(image_dir, vae_dir, out, **kw) is True  # the locks went with the process
+
+
+def test_the_done_line_quotes_the_out_for_the_shell(tmp_path, vae_dir, image_dir, capsys):
+    out = tmp_path / "lat ü"
+    assert main(["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution",
+                 str(RES), "--workers", "0"]) == 0
+    assert f"done; train with --set 'data.root={out}'\n" in capsys.readouterr().out

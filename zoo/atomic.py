@@ -157,9 +157,9 @@ def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
         if (named := disk_error(err, path)) is not None:
             raise named from err
         if written and isinstance(err, FileNotFoundError) and not os.path.lexists(tmp):
-            raise UserError(f"{path} was not written: its temporary file {tmp.name} was removed meanwhile (another "
-                            f"process takes one untouched for {STALE_AFTER_S // 60} minutes for a killed write's)",
-                            suggestion="run again") from None
+            raise UserError(f"{path} was not written: its temporary file {tmp.name} was removed meanwhile by another "
+                            "process (one that took it for a killed write's leftover, or that writes the same file)",
+                            suggestion="run again, with no other process writing there") from None
         raise
     finally:
         if os.path.lexists(tmp):  # (unlinking a name that is not there fails on a read-only file system)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import signal
 import threading
@@ -371,31 +372,33 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     mine = range(rank, plan["num_shards"], world)
     todo = [k for k in mine if not shard_is_current(out / shard_name(k), digests[k], planned)]
     total = sum(min(shard_size, len(images) - k * shard_size) for k in todo)
-    for k in todo:  # no other process writes this rank's shards: what a killed run left is stale
-        remove_file_leftovers(out / shard_name(k))
-    if log is not None:
-        n = plan["num_shards"]
-        if changed:
-            log(f"the images under {root} changed since {out} was started: the shards whose images are the same "
-                "are kept, the others encoded again")
-        who = f"rank {rank} of {world}: " if world > 1 else ""
-        left = (f"{who}encoding {len(todo)} ({_count(total, 'image')}) on {device}" if todo
-                else f"{who}none left to encode")
-        log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
-            f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
-        if rank == 0 and world > n and fresh:
-            idle = world - n
-            log(f"note: {_count(n, 'shard')} for {world} processes, so {idle} of them {'has' if idle == 1 else 'have'} "
-                f"nothing to encode; --shard-size {-(-len(images) // world)} gives each process one")
-    bar = (progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode")
-           if progress and total else None)  # no empty bar for a finished output
-    try:
-        _encode(images, vae, device, out, todo, digests, shard_size, batch_size, num_workers,
-                getattr(torch, dtype), bar)
-    finally:  # the bar's last line ends before any error message is printed
-        if bar is not None:
-            bar.close()
-    return finish(out, plan, digests, planned)
+    with _shards_locked(out, todo):  # held to the end: another run writing the same shards stops here
+        for k in todo:  # locked: no other process writes these shards, so what a killed run left is stale
+            remove_file_leftovers(out / shard_name(k))
+        if log is not None:
+            n = plan["num_shards"]
+            if changed:
+                log(f"the images under {root} changed since {out} was started: the shards whose images are the same "
+                    "are kept, the others encoded again")
+            who = f"rank {rank} of {world}: " if world > 1 else ""
+            left = (f"{who}encoding {len(todo)} ({_count(total, 'image')}) on {device}" if todo
+                    else f"{who}none left to encode")
+            log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
+                f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
+            if rank == 0 and world > n and fresh:
+                idle = world - n
+                log(f"note: {_count(n, 'shard')} for {world} processes, so {idle} of them "
+                    f"{'has' if idle == 1 else 'have'} nothing to encode; --shard-size {-(-len(images) // world)} "
+                    "gives each process one")
+        bar = (progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode")
+               if progress and total else None)  # no empty bar for a finished output
+        try:
+            _encode(images, vae, device, out, todo, digests, shard_size, batch_size, num_workers,
+                    getattr(torch, dtype), bar)
+        finally:  # the bar's last line ends before any error message is printed
+            if bar is not None:
+                bar.close()
+        return finish(out, plan, digests, planned)
 
 
 def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[int], digests: list[tuple[str, str]],
@@ -474,6 +477,41 @@ def _interrupts_held():
             signal.signal(signum, handler)
         if held:
             signal.raise_signal(held[0])
+
+
+LOCK = ".zoo-prepare-latents.lock"  # byte k locked: a process is writing shard k
+
+
+@contextlib.contextmanager
+def _shards_locked(out: Path, shards: list[int]):
+    """Hold a POSIX record lock on byte k of ``OUT/.zoo-prepare-latents.lock`` for each shard k to write.
+
+    Two runs into one ``--out`` deleted each other's temporary shard files (each takes what it
+    finds for a killed run's). The ranks of one torchrun run write disjoint shards, so they never
+    meet here; another run writing any of them is refused. The kernel drops the locks when the
+    process ends however it ends; the file stays (deleting it would let a third run lock another
+    file while this one still writes). Without ``fcntl``, or on a file system without locks, unlocked.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666) if shards else None
+    except (ImportError, OSError):
+        fd = None
+    try:
+        for k in shards if fd is not None else ():
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
+            except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds shard k
+                raise UserError(f"another zoo prepare-latents is writing {out} ({shard_name(k)}); two runs there "
+                                "would delete each other's shards as they are written",
+                                suggestion="wait for it to end, or choose another --out") from None
+            except OSError:  # a file system without record locks (some network mounts): run unlocked
+                break
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # drops every lock this process holds on the file
 
 
 def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_size: int, dtype: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                                    progress=partial(tqdm, disable=None) if rank == 0 else None,  # no bar off a terminal
                                    log=lambda line: print(f"zoo prepare-latents: {line}", flush=True))
     if complete:
-        print(f"zoo prepare-latents: done; train with --set data.root={args.out}")
+        print(f"zoo prepare-latents: done; train with --set {shlex.quote(f'data.root={args.out}')}")
     else:
         print(f"zoo prepare-latents: rank {rank} done; the rank that finishes last writes {args.out}/manifest.json")
     return 0

@@ -100,7 +100,11 @@ class ZooTransformer2DModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
         """diffusers' ``from_pretrained``, strict: a missing or unexpected weight is an error, not a random init."""
+        from zoo import atomic
+
         want_info = kwargs.pop("output_loading_info", False)
+        # an export a kill interrupted between its renames is only hf.old-*/hf.tmp-*: put it back first
+        atomic.repair(Path(pretrained_model_name_or_path, kwargs.get("subfolder") or ""), EXPORT_RECORD)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except UserError as err:
@@ -236,6 +240,7 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = True, force:
             raise UserError(f"{target} already holds an export", suggestion="pass --force to replace it")
 
     out = Path(out)
+    atomic.repair(out, EXPORT_RECORD)  # a killed export's copies (DIR.tmp-*, DIR.old-*) go even if this one is refused
     if out.exists():
         replace(out)  # refuse before the model is loaded
     from zoo.integrations.checkpoints import load_preferred
