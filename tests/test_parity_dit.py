@@ -50,6 +50,17 @@ def test_parity_fp32():
     assert result.family == "dit" and result.passed, result  # max abs 1e-6 here, 6e-5 with sin/cos 1 ulp off
 
 
+def test_a_golden_file_of_another_family_and_a_ddp_prefix(tmp_path, golden):
+    """--family uvit on a DiT golden file said "unknown U-ViT config keys [...]", and a golden file saved from a
+    DDP model ('module.pos_embed') was refused as unexpected keys, which zoo convert strips."""
+    with pytest.raises(UserError, match="holds dit weights, not uvit ones") as info:
+        run_parity(GOLDEN, family="uvit")
+    assert info.value.suggestion == "pass --family dit, or leave --family out"
+    wrapped = {**golden, "state_dict": {f"module.{k}": v for k, v in golden["state_dict"].items()}}
+    torch.save(wrapped, tmp_path / "golden_dit_ddp.pt")
+    assert run_parity(tmp_path / "golden_dit_ddp.pt").max_abs == run_parity(GOLDEN).max_abs
+
+
 def test_parity_fp64(golden, model, budget):
     assert run_parity(GOLDEN, "dit", dtype=torch.float64).passed
     features, bound = budget

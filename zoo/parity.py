@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import zoo
 from zoo.checkpoint import build_with_state
-from zoo.convert import default_model_inputs, get_family, infer_family, model_spec
+from zoo.convert import default_model_inputs, get_family, guess_family, infer_family, model_spec, unwrap_state_dict
 from zoo.errors import UserError
 from zoo.torchfile import torch_load_plain
 
@@ -99,8 +99,13 @@ def run_parity(path: str | Path, family: str | None = None, dtype: torch.dtype =
     """Build, convert, run a golden file; ``dtype=torch.float64`` compares against ``outputs_fp64``
     where the file holds it (else against ``outputs``, as :attr:`ParityResult.reference` says)."""
     golden = load_golden(path)
+    state = unwrap_state_dict(golden["state_dict"], f"{path}'s state_dict")  # a DDP or compiled model's prefixes
+    looks = guess_family(state)
+    if family is not None and looks not in (None, family):  # else its config keys read as unknown, naming no fix
+        raise UserError(f"{path} holds {looks} weights, not {family} ones",
+                        suggestion=f"pass --family {looks}, or leave --family out")
     family = family or infer_family(golden["config"], hint=Path(path).name)
-    model = build_official_model(family, golden["config"], golden["state_dict"]).to(dtype)
+    model = build_official_model(family, golden["config"], state).to(dtype)
     model_inputs = getattr(get_family(family), "model_inputs", default_model_inputs)
     try:
         inputs = model_inputs(golden["inputs"])
