@@ -118,6 +118,21 @@ def test_a_safetensors_file_named_pt_converts_and_a_folder_names_the_files_in_it
     err = capsys.readouterr().err
     assert "is a directory, not a weights file; it holds nnet_ema.pth, nnet.pth, optimizer.pth" in err
     assert f"pass {folder / 'nnet_ema.pth'}" in err
+    assert main(["sample", str(folder), "--out", str(tmp_path / "g.png")]) == 2  # it said only "no config.json"
+    assert capsys.readouterr().err.endswith("is not a zoo checkpoint (no config.json) (it holds weights files: "
+                                            "convert official weights with zoo convert first)\n")
+    dit_folder = tmp_path / "checkpoints"  # DiT's training folder: the newest checkpoint (it named the oldest)
+    dit_folder.mkdir()
+    for name in ("0050000.pt", "0400000.pt", "0100000.pt"):
+        (dit_folder / name).write_bytes(b"x")
+    assert main(["convert", "dit", str(dit_folder), *argv, "--out", str(tmp_path / "o")]) == 2
+    assert f"it holds 0400000.pt, 0100000.pt, 0050000.pt (pass {dit_folder / '0400000.pt'})" in capsys.readouterr().err
+    args = argparse.Namespace(data_path=Path("/data/imagenet/train"), model="DiT-XL/2")  # a Path in the args: data
+    torch.save({"ema": official_sd, "args": args}, tmp_path / "train.pt")  # (it was refused as a pickled object)
+    assert main(["convert", "dit", str(tmp_path / "train.pt"), *argv, "--out", str(tmp_path / "p")]) == 0
+    torch.save(official_sd, tmp_path / "torch.safetensors")  # a torch file named .safetensors is read as one
+    assert main(["convert", "dit", str(tmp_path / "torch.safetensors"), *argv, "--out", str(tmp_path / "t")]) == 0
+    assert torch.equal(load_checkpoint(tmp_path / "t")[0].state_dict()["pos_embed"], official_sd["pos_embed"])
     # a zoo checkpoint folder, or a run directory: named as such (its weights file, which it had suggested, is
     # refused as already in zoo's layout)
     for given in (tmp_path / "ckpt", tmp_path / "run"):

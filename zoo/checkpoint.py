@@ -436,7 +436,11 @@ def _read_payload(directory: str | Path) -> dict:
     directory = _checkpoint_dir(directory)
     path = directory / CONFIG
     if not path.is_file():
-        raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})", suggestion=newest_step_hint(directory))
+        official = directory.is_dir() and any(f.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+                                              for f in directory.iterdir())  # U-ViT's 300000.ckpt/ of nnet*.pth
+        raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})", suggestion=newest_step_hint(directory)
+                        or ("it holds weights files: convert official weights with zoo convert first" if official
+                            else None))
     payload = read_json_object(path, "checkpoint config")
     if payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
         raise UserError(f"{path} is not a {FORMAT} config (a JSON object with format and recipe)")

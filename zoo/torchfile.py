@@ -96,6 +96,9 @@ def torch_load_plain(
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for a file we refuse anyway
+            if path.suffix == ".safetensors":  # torch.load reads a path of that name as safetensors: a torch file
+                with path.open("rb") as f:  # misnamed so (the caller sniffed its zip) is read from its bytes
+                    return torch.load(f, map_location=map_location, weights_only=True)
             return torch.load(path, map_location=map_location, weights_only=True)
     except MemoryError:
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 from pathlib import Path
 
 from zoo.commands import add_overrides_option, add_weights_option
@@ -37,7 +38,8 @@ def load_official(path: Path) -> object:
     """An official checkpoint file, read with ``weights_only=True``.
 
     DiT's training checkpoints also store the script's ``argparse.Namespace`` under ``args``;
-    that class (plain attributes, no code) is the only one allowed besides tensors and containers.
+    that class (plain attributes, no code) and pathlib's paths are the only ones allowed besides
+    tensors and containers.
     A ``.safetensors`` file is read as such (a cut one is "not a complete safetensors file", not
     "not a torch file", whatever the installed torch.load makes of it).
     """
@@ -45,11 +47,14 @@ def load_official(path: Path) -> object:
 
     if path.is_dir():
         _refuse_a_folder(path)
-    if path.is_file() and (path.suffix == ".safetensors" or _starts_like_safetensors(path)):
+    if path.is_file() and ((path.suffix == ".safetensors" and not _starts_like_torch(path))
+                           or _starts_like_safetensors(path)):  # a torch file named .safetensors is read as one
         from zoo.checkpoint import load_weights
 
         return load_weights(path)
-    return torch_load_plain(path, "checkpoint", allowed=[argparse.Namespace])
+    # paths inside args (a training script's --data-path as a pathlib.Path) are plain data too
+    return torch_load_plain(path, "checkpoint", allowed=[argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
+                                                          pathlib.PurePosixPath, pathlib.PureWindowsPath])
 
 
 def _starts_like_safetensors(path: Path) -> bool:
@@ -63,6 +68,16 @@ def _starts_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+def _starts_like_torch(path: Path) -> bool:
+    """Whether a file starts as torch.save writes (a zip archive, or a legacy pickle), whatever its suffix."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith((b"PK\x03\x04", b"\x80"))
+
+
 def _refuse_a_folder(path: Path) -> None:
     """A folder is not a checkpoint file; name the weights files in it (U-ViT saves ``300000.ckpt/``, a folder
     holding ``nnet.pth`` and ``nnet_ema.pth``), the EMA ones first. A zoo checkpoint or run directory needs no
@@ -74,7 +89,8 @@ def _refuse_a_folder(path: Path) -> None:
                         "zoo's layout", suggestion=f"pass {path} to zoo sample, eval or export; zoo convert reads "
                         "official checkpoints")
     found = sorted((f for f in path.iterdir() if f.is_file() and f.suffix in (".pt", ".pth", ".safetensors")),
-                   key=lambda f: ("ema" not in f.name, f.name))
+                   key=lambda f: ("ema" not in f.name, -int(f.stem) if f.stem.isdigit() else 0, f.name))
+    # EMA weights first, then the newest of numbered ones (DiT's checkpoints/0400000.pt), then by name
     if not found:
         raise UserError(f"checkpoint {path} is a directory holding no .pt, .pth or .safetensors file",
                         suggestion="pass the official weights file itself")
