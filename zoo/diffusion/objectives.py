@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .denoiser import Denoiser
 from .discrete import DiscreteDiffusion, betas_from_schedule
-from .gaussian import discretized_gaussian_log_likelihood, normal_kl, to_bits_per_dim
+from .gaussian import DECODER_CDFS, discretized_gaussian_log_likelihood, normal_kl, to_bits_per_dim
 from .labels import drop_labels
 from .time_input import CONTINUOUS_TIME_INPUTS, get_time_input, time_to_index, training_times
 from .time_sampling import UNIFORM, TimeSampling
@@ -209,11 +209,16 @@ class HybridVLBObjective(DiffusionObjective):
     discretized Gaussian decoder NLL −log p_θ(x_0|x_1) for n = 0 (0-based index). p_θ has mean
     μ̃(x̂_0(ε_θ), x_n) with ε_θ **detached** (the bound trains only the variance, as in iDDPM) and
     log-variance v·log β_n + (1 − v)·log β̃_n after v ← (v + 1)/2 (eq. 15). As in DiT's
-    ``loss_type=MSE`` the bound is not rescaled by N/1000 (iDDPM's ``RESCALED_MSE`` is).
+    ``loss_type=MSE`` the bound is not rescaled by N/1000 (iDDPM's ``RESCALED_MSE`` is). The decoder term
+    computes Φ as DiT does (``decoder_cdf: tanh``, its approximation and 1e-12 floor) unless
+    ``decoder_cdf: exact`` asks for the exact CDF (it then scores a badly placed mean without DiT's floor).
     """
 
-    def __init__(self, *args, vlb_weight: float = 1.0, **kwargs):
+    def __init__(self, *args, vlb_weight: float = 1.0, decoder_cdf: str = "tanh", **kwargs):
         super().__init__(*args, **kwargs)
+        if decoder_cdf not in DECODER_CDFS:
+            raise ValueError(f"decoder_cdf {decoder_cdf!r}: one of {', '.join(DECODER_CDFS)}")
+        self.decoder_cdf = decoder_cdf
         if self.prediction != "eps":
             raise ValueError("the hybrid (learned-sigma) objective is defined for ε prediction only")
         if self.discrete is None:
@@ -232,7 +237,8 @@ class HybridVLBObjective(DiffusionObjective):
         model_mean, _ = d.posterior(x0_pred, x_t, index)
         model_logvar = d.model_log_variance(v, index)
         kl = to_bits_per_dim(normal_kl(true_mean, true_logvar, model_mean, model_logvar))
-        nll = to_bits_per_dim(-discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar))
+        nll = to_bits_per_dim(-discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar,
+                                                                   cdf=self.decoder_cdf))
         return torch.where(index == 0, nll, kl)
 
     def check_output(self, out: ModelOutput, noise_shape: tuple[int, ...]) -> None:

@@ -2,7 +2,7 @@
 
     diffusion:
       schedule: {type: linear, num_steps: 1000, beta_start: 1.0e-4, beta_end: 0.02}   # a `schedule`
-      objective: {type: eps_mse | hybrid_vlb | multiscale, coeffs: [...], vlb_weight: 1.0}
+      objective: {type: eps_mse | hybrid_vlb | multiscale, coeffs: [...], vlb_weight: 1.0, decoder_cdf: tanh}
       prediction: eps | v     # what the model outputs: ε (default, the papers') or v = α·ε − σ·x_0
       time_input: dit_index | uvit_discrete | uvit_continuous | dimr_log_snr
       min_snr_gamma: 5.0      # Min-SNR-γ loss weighting (Hang et al. 2023); null/absent = unweighted
@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_WIDTH, Doc, NonEmpty, NonNegative, OneOf, Positive, Probability,
                          Range, Required)
+from zoo.diffusion.gaussian import DECODER_CDFS
 from zoo.precision import PRECISIONS
 from zoo.recipe import Recipe
 from zoo.validate import Component, check_table, domain_error, register_section
@@ -39,7 +40,9 @@ CONVENTIONS = ("dit", "uvit")
 #: Each objective's keys (``type`` included); a new objective is one entry.
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "eps_mse": {"type": str},
-    "hybrid_vlb": {"type": str, "vlb_weight": Annotated[float, NonNegative]},
+    "hybrid_vlb": {"type": str, "vlb_weight": Annotated[float, NonNegative],
+                   "decoder_cdf": Annotated[str, OneOf(DECODER_CDFS, "decoder CDF"),
+                                            Doc("tanh: DiT's approximation with its 1e-12 floor (default); exact")]},
     "multiscale": {"type": str, "coeffs": Annotated[list[Annotated[float, NonNegative]], NonEmpty, Required,
                                                     Doc("one per branch, lowest resolution first")]},
 }
