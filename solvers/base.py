@@ -130,15 +130,19 @@ def split_model_output(out: "Tensor | Sequence[Tensor]", x: Tensor) -> tuple[Ten
 
 
 class ScheduledModel:
-    """``eps_fn`` bound to a schedule: evaluates it at schedule points and counts the calls."""
+    """``eps_fn`` bound to a schedule: evaluates it at schedule points and counts the calls.
 
-    def __init__(self, eps_fn: EpsFn, schedule: NoiseSchedule):
+    ``exact_time``: t is given in float64 whatever x's dtype. The chain solvers (DDPM, DDIM) walk the
+    training steps, t = (n+1)/N: in float32, 8 of DiT's 250 kept steps reached the model as 7.9999995 or
+    502.00003 where DiT feeds the integer step."""
+
+    def __init__(self, eps_fn: EpsFn, schedule: NoiseSchedule, exact_time: bool = False):
         if not hasattr(schedule, "discrete"):  # duck-typed: a plugin schedule need not subclass NoiseSchedule
             raise UserError(f"a solver samples on a NoiseSchedule, got {type(schedule).__name__} {schedule!r}"[:160],
                             suggestion="build one with zoo.solvers.build_schedule('linear'), or pass the recipe's")
         if not callable(eps_fn):
             raise UserError(f"eps_fn must be callable as eps_fn(x, t), got {type(eps_fn).__name__}")
-        self.eps_fn, self.schedule, self.nfe = eps_fn, schedule, 0
+        self.eps_fn, self.schedule, self.nfe, self.exact_time = eps_fn, schedule, 0, exact_time
 
     def at(self, t: float) -> Point:
         return point(self.schedule, t)
@@ -150,7 +154,7 @@ class ScheduledModel:
     def eps_and_v(self, x: Tensor, p: Point) -> tuple[Tensor, Tensor | None]:
         """The model's noise prediction at ``p`` (and its variance output, if it has one)."""
         self.nfe += 1
-        t_dtype = torch.promote_types(x.dtype, torch.float32)  # never feed time in half precision
+        t_dtype = torch.float64 if self.exact_time else torch.promote_types(x.dtype, torch.float32)  # never half
         t = torch.full((x.shape[0],), p.t, dtype=t_dtype, device=x.device)
         return split_model_output(self.eps_fn(x, t), x)
 

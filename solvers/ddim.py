@@ -65,7 +65,7 @@ class DDIMSolver(ChainSolver):
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
                generator: Generators = None) -> Tensor:
-        model = ScheduledModel(eps_fn, schedule)
+        model = ScheduledModel(eps_fn, schedule, exact_time=True)  # the chain's steps, as integers
         times, abar = self.chain(schedule)
         x = x_T
         for i in reversed(range(len(times))):

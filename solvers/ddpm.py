@@ -53,7 +53,7 @@ class DDPMSolver(ChainSolver):
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: Tensor, schedule: NoiseSchedule,
                generator: Generators = None) -> Tensor:
-        model = ScheduledModel(eps_fn, schedule)
+        model = ScheduledModel(eps_fn, schedule, exact_time=True)  # the chain's steps, as integers
         times, abar = self.chain(schedule)
         abar_prev = [1.0] + abar[:-1]
         betas = [1.0 - a / ap for a, ap in zip(abar, abar_prev)]

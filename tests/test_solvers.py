@@ -535,6 +535,24 @@ def test_float32_sampling_keeps_dtype_and_feeds_float32_time(sched, gauss):
     assert rms(out.double(), exact) < 0.02
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_chain_solvers_feed_the_kept_steps_exactly_whatever_the_dtype(gauss, name):
+    """The chain walks training steps t = (n+1)/N: given in float32, 8 of DiT's 250 kept steps reached the model
+    as 7.9999995 or 502.00003 where DiT feeds the integer step (its index map, 1000·(t − 1/N), on float32 t)."""
+    oracle, x_T, _ = gauss
+    linear = build_schedule("linear", num_steps=1000)
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append(t)
+        return oracle.eps(x.double(), t.double()).to(x.dtype)
+
+    build_solver(name, respacing="250").sample(eps_fn, x_T.float(), linear)
+    steps = torch.cat([1000.0 * (t.double() - 1.0 / 1000) for t in seen])
+    assert len(seen) == 250 and (steps - steps.round()).abs().max() < 1e-9
+    assert set(steps.round().long().tolist()) == set(space_timesteps(1000, "250"))
+
+
 @pytest.mark.parametrize("name,kwargs,match", [
     ("dpm_solver", dict(method="multistpe"), "multistep"),
     ("dpm_solver++", dict(order=4), "order"),
