@@ -127,6 +127,9 @@ def test_a_safetensors_file_named_pt_converts_and_a_folder_names_the_files_in_it
         (dit_folder / name).write_bytes(b"x")
     assert main(["convert", "dit", str(dit_folder), *argv, "--out", str(tmp_path / "o")]) == 2
     assert f"it holds 0400000.pt, 0100000.pt, 0050000.pt (pass {dit_folder / '0400000.pt'})" in capsys.readouterr().err
+    (dit_folder / "².pt").write_bytes(b"x")  # a digit int() cannot read: it was a ValueError traceback
+    assert main(["convert", "dit", str(dit_folder), *argv, "--out", str(tmp_path / "o")]) == 2
+    assert f"(pass {dit_folder / '0400000.pt'})" in capsys.readouterr().err
     args = argparse.Namespace(data_path=Path("/data/imagenet/train"), model="DiT-XL/2")  # a Path in the args: data
     torch.save({"ema": official_sd, "args": args}, tmp_path / "train.pt")  # (it was refused as a pickled object)
     assert main(["convert", "dit", str(tmp_path / "train.pt"), *argv, "--out", str(tmp_path / "p")]) == 0

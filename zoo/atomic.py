@@ -271,8 +271,11 @@ def leftovers(target: Path) -> list[Path]:
     parent = target.parent
     if not parent.is_dir():
         return []
-    return sorted(p for p in parent.iterdir()
-                  if (m := _LEFTOVER.match(p.name)) and m["name"] == target.name)
+    try:
+        names = list(parent.iterdir())
+    except PermissionError:  # a folder one may enter but not list (a shared home, 711): none to see or repair
+        return []
+    return sorted(p for p in names if (m := _LEFTOVER.match(p.name)) and m["name"] == target.name)
 
 
 def saved_name(path: Path) -> str:

@@ -53,6 +53,9 @@ def resolve_device(name: str | None, option: str = "--device") -> torch.device:
 def check_parents(path: Path, option: str) -> None:
     """The nearest existing ancestor of ``path`` must be a directory (so it can be created there)."""
     for parent in path.parents:
+        if parent.is_symlink() and not parent.exists():  # a link to nothing: mkdir there says "File exists"
+            raise UserError(f"{option} {path}: {parent} is a symbolic link to {os.readlink(parent)}, which does not "
+                            "exist", suggestion="create its target, or choose another path")
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{option} {path}: {parent} is a file, not a directory")
@@ -61,8 +64,11 @@ def check_parents(path: Path, option: str) -> None:
 
 def user_path(text: str | Path) -> Path:
     """A path option's value with ``~`` expanded (an argparse ``type``): bash leaves ``--out=~/x`` as it is.
-    (``os.path``'s: a ``~user`` that does not exist stays as written, for the path's own error.)"""
-    return Path(os.path.expanduser(text))
+    (``os.path``'s: a ``~user`` that does not exist stays as written, for the path's own error.) A ``~`` that
+    stays (``./~/x``, a folder of that name) is anchored to the current directory: ``Path`` drops the ``./``,
+    and a later ``expanduser`` would take the home directory for it."""
+    path = Path(os.path.expanduser(text))
+    return Path.cwd() / path if path.parts and path.parts[0].startswith("~") else path
 
 
 def check_writable(path: Path, option: str = "--out", into: bool = False, suggestion: str | None = None) -> None:

@@ -89,7 +89,7 @@ def _refuse_a_folder(path: Path) -> None:
                         "zoo's layout", suggestion=f"pass {path} to zoo sample, eval or export; zoo convert reads "
                         "official checkpoints")
     found = sorted((f for f in path.iterdir() if f.is_file() and f.suffix in (".pt", ".pth", ".safetensors")),
-                   key=lambda f: ("ema" not in f.name, -int(f.stem) if f.stem.isdigit() else 0, f.name))
+                   key=lambda f: ("ema" not in f.name, -int(f.stem) if f.stem.isascii() and f.stem.isdigit() else 0, f.name))
     # EMA weights first, then the newest of numbered ones (DiT's checkpoints/0400000.pt), then by name
     if not found:
         raise UserError(f"checkpoint {path} is a directory holding no .pt, .pth or .safetensors file",
