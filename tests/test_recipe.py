@@ -6,13 +6,14 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import pytest
 import torch
 from fake_plugins import on_sys_path
 
 import zoo
+from zoo.domains import NonEmpty
 from zoo import registry
 from zoo.errors import UserError
 from zoo.recipe import parse_yaml, resolve, resolve_recipe
@@ -36,7 +37,8 @@ class TypedNet:
     def __init__(self, count: int, rate: float = 1.0, flag: bool = False, name: str = "a",
                  sizes: list[int] | None = None, extra: dict | None = None, mode: Literal["a", "b"] = "a",
                  stages: list[Stage] | None = None, parts: list | None = None, maybe: int | None = None,
-                 head_norm: Callable | None = None, block: Callable | None = None):
+                 head_norm: Callable | None = None, block: Callable | None = None,
+                 picks: Annotated[list[int] | None, NonEmpty] = None):
         self.__dict__.update(locals())
 
 
@@ -687,7 +689,8 @@ def test_a_multiscale_loss_must_fit_the_model_before_training():
         zoo.load_recipe({"model": {"type": "dimr", "input_size": 32, "in_channels": 3, "num_classes": 10}})
 
 
-@pytest.mark.parametrize("key, keys", [("objective", "type, vlb_weight, coeffs"), ("time_sampling", "type, mean, std")])
+@pytest.mark.parametrize("key, keys", [("objective", "type, vlb_weight, decoder_cdf, coeffs"),
+                                       ("time_sampling", "type, mean, std")])
 def test_a_typo_in_an_objective_or_time_sampling_without_a_type_is_named(tmp_path, key, keys):
     """{tpye: eps_mse} said "type must be one of eps_mse, hybrid_vlb, multiscale, got None": a type the
     user never wrote, and not the key they did."""
@@ -697,20 +700,28 @@ def test_a_typo_in_an_objective_or_time_sampling_without_a_type_is_named(tmp_pat
         zoo.load_recipe(tmp_path / "r.yaml")
     assert info.value.key_path == f"diffusion.{key}.tpye" and info.value.suggestion == "did you mean type?"
     assert info.value.message.endswith(f"its keys are {keys}")
+    (tmp_path / "r.yaml").write_text(f"model: {model}\ndiffusion:\n  {key}: {{{keys.split(', ')[1]}: 1.0}}\n")
+    with pytest.raises(UserError, match=r"type must be one of .* got None"):  # a real key, no type: not "must be null"
+        zoo.load_recipe(tmp_path / "r.yaml")
 
 
-def test_a_set_on_a_list_item_is_blamed_for_the_list_and_needs_a_written_list(tmp_path):
-    """--set train.betas.1=1.5 was reported at the shipped file's betas line; --set train.betas.0=0.8 on a
-    recipe that writes no betas made a mapping {0: 0.8} and said "got {0: 0.8}"."""
+def test_a_non_empty_parameter_whose_default_is_none_stays_optional(tmp_path):
+    """DiMR's branches=() (NonEmpty) must be given; an optional NonEmpty list whose default is None was made
+    required too ("needs picks"), though picks: null, its own default, built."""
+    assert "picks" not in zoo.load_recipe(write(tmp_path, "model: {type: typed_net, count: 1}\n"))["model"]
+    with pytest.raises(UserError, match="picks"):
+        zoo.load_recipe(write(tmp_path, "model: {type: typed_net, count: 1, picks: []}\n"))
+
+
+def test_a_set_on_a_list_item_is_blamed_for_the_list():
+    """--set train.betas.1=1.5 was reported at the shipped file's betas line."""
     with pytest.raises(UserError) as info:
         zoo.load_recipe("emoji32/dimr_2r", ["train.betas.1=1.5"])
     assert (info.value.file, info.value.key_path) == ("--set train.betas.1=1.5", "train.betas")
     assert zoo.load_recipe("emoji32/dimr_2r", ["train.betas.1=0.99"])["train"]["betas"][1] == 0.99
-    (tmp_path / "r.yaml").write_text("model: {type: dit, input_size: 8, patch_size: 2, in_channels: 3, "
-                                     "hidden_size: 32, depth: 2, num_heads: 2}\ntrain: {lr: 0.001}\n")
-    with pytest.raises(UserError, match=r"the recipe writes no train.betas, so it has no item 0") as info:
-        zoo.load_recipe(tmp_path / "r.yaml", ["train.betas.0=0.8"])
-    assert info.value.suggestion == 'give the whole list: --set "train.betas=[...]"'
+    # a typo'd key before the index is still named as one (a refusal of the index had hidden it)
+    with pytest.raises(UserError, match=r"unknown key 'beta' in train.*did you mean betas"):
+        zoo.load_recipe("emoji32/dimr_2r", ["train.beta.1=0.95"])
 
 
 def test_set_under_a_plain_value_says_it_is_a_value_and_blames_the_set():

@@ -291,10 +291,6 @@ def apply_override(recipe: Recipe, text: str) -> None:
             child = node[part] = {"type": child}
             recipe.origins[path[: i + 1]] = recipe.origins[path[: i + 1] + ("type",)] = (label, None)  # blame the --set
         elif child is None:
-            if isinstance(path[i + 1], int):  # an item of a list the recipe does not write: it made {0: 0.8}
-                raise UserError(f"cannot set {format_path(path)}: the recipe writes no {format_path(path[: i + 1])}, "
-                                f"so it has no item {path[i + 1]}", file=label,
-                                suggestion=f"give the whole list: --set \"{format_path(path[: i + 1])}=[...]\"")
             if not created:  # below a mapping this --set creates, the first one is the mistake to report
                 _refuse_a_component_by_parts(node, path, i, text)
             created = True

@@ -218,7 +218,7 @@ def resolve_kwargs(recipe: Recipe, cls: Any, kwargs: dict, path: KeyPath, what: 
 
 def _empty_default_of_non_empty(default: Any, annotation: Any) -> bool:
     """A default that its own annotation refuses (DiMR's ``branches=()``, ``NonEmpty``): the recipe must give it."""
-    return annotation is not None and NonEmpty in split(annotation)[1] and not default
+    return annotation is not None and NonEmpty in split(annotation)[1] and default is not None and not default
 
 
 def check_constraints(recipe: Recipe, cls: Any, args: dict, given: Iterable[str], path: KeyPath) -> None:

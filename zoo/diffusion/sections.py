@@ -130,7 +130,7 @@ def _check_named_table(recipe: Recipe, value: Any, table: dict[str, dict], name_
     spec = {"type": value} if isinstance(value, str) else dict(value or {"type": default})
     tpath = path + ("type",) if isinstance(value, dict) else path
     if "type" not in spec:  # {tpye: eps_mse}: the typo is the mistake, not the type it left out
-        known = {"type": None, **{key: None for keys in table.values() for key in keys}}
+        known = {"type": Any, **{key: Any for keys in table.values() for key in keys}}  # names only: values below
         check_table(recipe, spec, known, path, what.split(" ", 1)[1])
     if spec.get("type") not in table:
         raise domain_error(recipe, tpath, spec.get("type"), name_type)
