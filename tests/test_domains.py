@@ -249,6 +249,26 @@ def test_a_batch_that_cannot_fit_says_how_much_it_needs():
         require_memory(model, "cpu", 1000, available=need - 1, per_step=16)
     assert ("at micro-batch 1000, train.batch_size 16000 in 16 parts (processes x train.grad_accum)) but the cpu "
             "device has 0 MiB free (use train.batch_size <= 15984") in str(info.value)
+    # 2 DDP processes on one CPU share its memory: each checked the whole of it, and together needed twice that
+    assert require_memory(model, "cpu", 500, available=need).per_sample == 160
+    with pytest.raises(UserError, match=r"(1/2 for each of the 2 processes on it)"):
+        require_memory(model, "cpu", 500, available=need, sharing=2)
+
+
+def test_a_sampling_batch_of_one_that_cannot_fit_is_not_told_to_use_batch_one(monkeypatch):
+    """It said "use --batch-size 1 or less" where a batch of 1 did not fit either."""
+    from zoo.memory import require_sampling_memory
+
+    with torch.device("meta"):
+        model = zoo.build_model(zoo.load_recipe("emoji32/dit"))
+    per_sample = estimate(model, training=False).per_sample
+    monkeypatch.setattr("zoo.memory.available_bytes", lambda device: per_sample)  # one row, not a guided pair
+    with pytest.raises(UserError) as info:
+        require_sampling_memory(zoo.load_recipe("emoji32/dit"), "cpu", 1, guided=True)
+    assert info.value.suggestion == "use a smaller model or a device with more memory"
+    with pytest.raises(UserError) as info:
+        require_sampling_memory(zoo.load_recipe("emoji32/dit"), "cpu", 4, guided=False)
+    assert info.value.suggestion == "use --batch-size 1 or less"
 
 
 def test_zoo_train_refuses_a_run_that_cannot_fit_before_allocating(tmp_path, monkeypatch, capsys):

@@ -40,6 +40,11 @@ class Context:
     def distributed(self) -> bool:
         return self.world > 1
 
+    @property
+    def on_this_machine(self) -> int:
+        """The run's processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``): on a CPU they share its memory."""
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if self.distributed else 1
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -204,11 +204,12 @@ class Trainer:
         # recorded in each checkpoint: the labels' meaning, as trained (an unconditional model reads none)
         self.classes = class_names(data) if num_classes(recipe) is not None else []
         # FSDP on GPUs: each GPU holds 1/world of the weights, gradients, AdamW state and EMA (checked whole, a
-        # model that needs FSDP was refused). Processes on one CPU share its memory: checked as before there.
+        # model that needs FSDP was refused). Processes on one CPU share its memory: each gets its part of it.
         shards = self.ctx.world if self.fsdp and self.device.type == "cuda" else 1
         per_step = self.ctx.world * self.accum  # micro-batches of one optimizer step
+        sharing = self.ctx.on_this_machine if self.device.type == "cpu" else 1
         est = require_training_memory(meta_model, self.train, data, self.device, self.batch // per_step,
-                                      shards=shards, per_step=per_step)
+                                      shards=shards, per_step=per_step, sharing=sharing)
         if est.unmeasured:
             self.after_banner.append(f"zoo train: note: memory not checked before the first step: {est.unmeasured}")
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
