@@ -712,3 +712,11 @@ def test_an_out_that_cannot_be_written_is_refused_before_sampling(tmp_path, caps
     assert main(["sample", str(PIXELS), "--n", "1", "--out", str(tmp_path / "ro" / "g.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {tmp_path / 'ro' / 'g.png'}: cannot write in {tmp_path} (Read-only" in err
+
+
+def test_the_weights_memory_check_counts_a_widening_cast_whole():
+    """--dtype float64 was checked at 8 bytes a weight; the loaded float32 weights and their float64 copy are
+    both alive during the cast (a DiT-L/2 peaked at 12)."""
+    from zoo.sample import _bytes_per_param
+
+    assert [_bytes_per_param(d) for d in (None, torch.float32, torch.bfloat16, torch.float64)] == [4, 4, 4, 12]
