@@ -241,14 +241,19 @@ def test_a_batch_that_cannot_fit_says_how_much_it_needs():
     with pytest.raises(UserError) as info:
         require_memory(model, "cpu", 1000, available=need - 1)
     message = str(info.value)  # 5,600 B of state + 160,000 B of activations; 999 samples fit
-    assert message.startswith("key train.batch_size: this run needs about 0 MiB (0 MiB for 280 parameters'")
-    assert "at batch 1000) but the cpu device has 0 MiB free (use train.batch_size <= 999" in message
+    # need and free in as many decimals as tell them apart (up to 3): "needs about 0 MiB ... has 0 MiB free" before
+    assert message.startswith("key train.batch_size: this run needs about 0.158 MiB (0 MiB for 280 parameters'")
+    assert "at batch 1000) but the cpu device has 0.158 MiB free (use train.batch_size <= 999" in message
     # 1000 per micro-batch of a step of 16 (2 processes x grad_accum 8): the hint is for train.batch_size itself,
     # not the micro-batch (following 'train.batch_size <= 999' with grad_accum 8 was the next error)
     with pytest.raises(UserError) as info:
         require_memory(model, "cpu", 1000, available=need - 1, per_step=16)
     assert ("at micro-batch 1000, train.batch_size 16000 in 16 parts (processes x train.grad_accum)) but the cpu "
-            "device has 0 MiB free (use train.batch_size <= 15984") in str(info.value)
+            "device has 0.158 MiB free (use train.batch_size <= 15984") in str(info.value)
+    from zoo.memory import gib_apart
+
+    assert gib_apart(0.32 * 2**30, 0.34 * 2**30) == ("0.32 GiB", "0.34 GiB")  # was "0.3 GiB ... 0.3 GiB free"
+    assert gib_apart(5 * 2**30, 3 * 2**30) == ("5.0 GiB", "3.0 GiB")
     # 2 DDP processes on one CPU share its memory: each checked the whole of it, and together needed twice that
     assert require_memory(model, "cpu", 500, available=need).per_sample == 160
     with pytest.raises(UserError, match=r"(1/2 for each of the 2 processes on it)"):

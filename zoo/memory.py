@@ -194,6 +194,15 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
 
 
+def gib_apart(need: float, free: float) -> tuple[str, str]:
+    """``need`` and ``free`` in one unit and as many decimals (up to 3) as it takes to read apart: a
+    refusal said "needs about 0.3 GiB ... has 0.3 GiB free"."""
+    scale, unit, digits = (2**30, "GiB", 1) if max(need, free) >= 2**28 else (2**20, "MiB", 0)
+    while digits < 3 and round(need / scale, digits) == round(free / scale, digits):
+        digits += 1
+    return f"{need / scale:.{digits}f} {unit}", f"{free / scale:.{digits}f} {unit}"
+
+
 def require_memory(model: nn.Module, device: torch.device | str, batch: int, training: bool = True,
                    half_precision: bool = False, extra_bytes: int = 0, batch_key: str = "train.batch_size",
                    available: int | None = None, shards: int = 1, per_step: int = 1, sharing: int = 1) -> Estimate:
@@ -228,8 +237,9 @@ def require_memory(model: nn.Module, device: torch.device | str, batch: int, tra
     at = (f"batch {batch}" if per_step == 1 else
           f"micro-batch {batch}, {batch_key} {batch * per_step} in {per_step} parts (processes x train.grad_accum)")
     share = f" (1/{sharing} for each of the {sharing} processes on it)" if sharing > 1 else ""
-    raise UserError(f"this run needs about {gib(need)} ({parts} + {gib(est.per_sample * batch)} of activations at "
-                    f"{at}) but the {device.type} device has {gib(free)} free{share}",
+    needed, freed = gib_apart(need, free)
+    raise UserError(f"this run needs about {needed} ({parts} + {gib(est.per_sample * batch)} of activations at "
+                    f"{at}) but the {device.type} device has {freed} free{share}",
                     key_path=batch_key if fits >= 1 else None, suggestion=hint)
 
 
@@ -263,9 +273,9 @@ def require_weights_memory(recipe: dict, device: torch.device | str, bytes_per_p
     with torch.device("meta"):
         params = sum(p.numel() for p in zoo.build_model(recipe).parameters())
     if params * bytes_per_param > free:
-        raise UserError(f"the model's {params:,} parameters need {gib(params * bytes_per_param)} of weights but the "
-                        f"{device.type} device has {gib(free)} free", suggestion="use a smaller model or a device "
-                        "with more memory")
+        needed, freed = gib_apart(params * bytes_per_param, free)
+        raise UserError(f"the model's {params:,} parameters need {needed} of weights but the {device.type} device "
+                        f"has {freed} free", suggestion="use a smaller model or a device with more memory")
 
 
 def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int, guided: bool) -> Estimate:
@@ -283,7 +293,8 @@ def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int
     if free is None or est.per_sample * rows <= free:
         return est
     fits = free // (est.per_sample * (2 if guided else 1))
+    needed, freed = gib_apart(est.per_sample * rows, free)
     raise UserError(f"sampling {batch} images per batch{' with guidance' if guided else ''} needs about "
-                    f"{gib(est.per_sample * rows)} of activations but the {torch.device(device).type} device has "
-                    f"{gib(free)} free", suggestion=f"use --batch-size {fits} or less" if fits >= 1 and fits < batch
+                    f"{needed} of activations but the {torch.device(device).type} device has {freed} free",
+                    suggestion=f"use --batch-size {fits} or less" if fits >= 1 and fits < batch
                     else "use a smaller model or a device with more memory")
