@@ -82,7 +82,7 @@ def find_recipe(path: str | Path) -> Path:
     shipped = shipped_recipe(path)
     if shipped is not None:  # but never runs/x/dit_s_2.yaml: a missing file is not a shipped recipe's name
         return shipped
-    closest = _closest_recipes(_shipped_name(path), resources.files("zoo.recipes"))
+    closest = _closest_recipes(_shipped_name(path))
     if path.is_absolute():
         raise UserError(f"recipe file not found: {path}", suggestion=closest)
     raise UserError(f"recipe file not found: {path} (nor among the shipped recipes)", suggestion=closest)
@@ -108,7 +108,7 @@ def shipped_recipe(path: str | Path) -> Path | None:
     return Path(str(candidate)) if candidate.is_file() else None
 
 
-def shipped_recipe_names(shipped: Any = None) -> list[str]:
+def shipped_recipe_names() -> list[str]:
     """The shipped recipes' names, subfolders included (``dit_s_2.yaml``, ``emoji32/dimr_2r.yaml``), sorted;
     ``_base_*.yaml`` files are bases, not recipes."""
     known: list[str] = []
@@ -120,13 +120,13 @@ def shipped_recipe_names(shipped: Any = None) -> list[str]:
             elif entry.name.endswith(".yaml") and not entry.name.startswith("_"):
                 known.append(prefix + entry.name)
 
-    walk(resources.files("zoo.recipes") if shipped is None else shipped, "")
+    walk(resources.files("zoo.recipes"), "")
     return sorted(known)
 
 
-def _closest_recipes(wanted: str, shipped: Any) -> str | None:
+def _closest_recipes(wanted: str) -> str | None:
     """"did you mean ...?" among the shipped recipes, subfolders included (``emoji32/dimr_2r.yaml``)."""
-    known = shipped_recipe_names(shipped)
+    known = shipped_recipe_names()
     same_name = sorted(k for k in known if k.rsplit("/", 1)[-1] == wanted.rsplit("/", 1)[-1])  # right name, folder
     if same_name:
         return did_you_mean(same_name[0], same_name)
@@ -208,8 +208,7 @@ def _apply_bases(recipe: Recipe, base_dir: Path, stack: tuple) -> Recipe:
         if base_path.resolve() in stack:
             raise recipe.error(where, f"{BASE_KEY} {base!r} inherits from itself (cycle)")
         if not base_path.is_file():
-            closest = None if looks_relative(base) else _closest_recipes(_shipped_name(Path(base)),
-                                                                         resources.files("zoo.recipes"))
+            closest = None if looks_relative(base) else _closest_recipes(_shipped_name(Path(base)))
             raise recipe.error(where, f"base recipe not found: {base!r} (looked at {base_dir / base}, "
                                       f"and among the shipped recipes)", suggestion=closest)
         merged = merge(merged, load_file(base_path, os.path.normpath(base_path), stack))

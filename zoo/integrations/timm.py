@@ -33,7 +33,7 @@ from torch import nn
 import zoo
 from zoo.errors import UserError
 from zoo.integrations.checkpoints import load_preferred
-from zoo.recipe import mapping_overrides, resolve
+from zoo.recipe import mapping_overrides, resolve, shipped_recipe_names
 
 PREFIX = "zoo_"
 
@@ -41,18 +41,12 @@ PREFIX = "zoo_"
 def shipped_recipes() -> dict[str, str]:
     """``{timm name: recipe file}`` for every recipe shipped in ``zoo.recipes`` (``_base_*`` excluded)."""
     found: dict[str, str] = {}
-
-    def walk(folder: Any, parts: tuple[str, ...]) -> None:
-        for item in sorted(folder.iterdir(), key=lambda p: p.name):
-            if item.is_dir() and not item.name.startswith(("_", ".")):
-                walk(item, parts + (item.name,))
-            elif item.name.endswith(".yaml") and not item.name.startswith("_base_"):
-                name = PREFIX + "_".join(parts + (item.name[: -len(".yaml")],))
-                if name in found:
-                    raise RuntimeError(f"recipes {found[name]} and {item} would both be timm model {name}")
-                found[name] = str(item)
-
-    walk(resources.files("zoo.recipes"), ())
+    shipped = resources.files("zoo.recipes")
+    for recipe in shipped_recipe_names():  # emoji32/dit.yaml -> zoo_emoji32_dit
+        name, path = PREFIX + recipe[: -len(".yaml")].replace("/", "_"), str(shipped.joinpath(recipe))
+        if name in found:
+            raise RuntimeError(f"recipes {found[name]} and {path} would both be timm model {name}")
+        found[name] = path
     return found
 
 
