@@ -436,7 +436,9 @@ def _read_payload(directory: str | Path) -> dict:
     directory = _checkpoint_dir(directory)
     path = directory / CONFIG
     if not path.is_file():
-        official = directory.is_dir() and any(f.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+        from zoo.guards import WEIGHTS_SUFFIXES
+
+        official = directory.is_dir() and any(f.suffix in WEIGHTS_SUFFIXES
                                               for f in directory.iterdir())  # U-ViT's 300000.ckpt/ of nnet*.pth
         raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})", suggestion=newest_step_hint(directory)
                         or ("it holds weights files: convert official weights with zoo convert first" if official

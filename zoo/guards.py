@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # torch is imported where a device is resolved: the CLI's par
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RECIPE_SUFFIXES = (".yaml", ".yml")
-NOT_A_SOURCE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json", ".png", ".jpg")
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")  # weights files, official or not
+NOT_A_SOURCE_SUFFIXES = (*WEIGHTS_SUFFIXES, ".json", ".png", ".jpg")
 
 
 def resolve_device(name: str | None, option: str = "--device") -> torch.device:
@@ -290,7 +291,7 @@ def resolve_sample_source(source: str) -> str:
         return str(path)
     if path.is_file():
         if path.suffix.lower() not in RECIPE_SUFFIXES:
-            weights = path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+            weights = path.suffix.lower() in WEIGHTS_SUFFIXES
             hint = (f"give the checkpoint directory {path.parent}" if (path.parent / CONFIG).is_file()
                     else "convert official weights with zoo convert first" if weights else None)
             raise UserError(f"{path} is neither a checkpoint directory (config.json + weights) nor a recipe .yaml",

@@ -43,6 +43,12 @@ def _looks_like_torch(head: bytes) -> bool:
     return head.startswith(_ZIP_HEAD) or _legacy_protocol(head) is not None
 
 
+def starts_like_torch(path: Path) -> bool:
+    """Whether a file starts as ``torch.save`` writes (a zip archive, or a legacy pickle), whatever its suffix."""
+    head = _head(path)
+    return head is not None and _looks_like_torch(head)
+
+
 def describe_load_error(err: BaseException, head: bytes | None = None) -> str:
     """What a ``torch.load(weights_only=True)`` failure means, in a few words (no PyTorch advice).
 

@@ -43,11 +43,11 @@ def load_official(path: Path) -> object:
     A ``.safetensors`` file is read as such (a cut one is "not a complete safetensors file", not
     "not a torch file", whatever the installed torch.load makes of it).
     """
-    from zoo.torchfile import torch_load_plain
+    from zoo.torchfile import starts_like_torch, torch_load_plain
 
     if path.is_dir():
         _refuse_a_folder(path)
-    if path.is_file() and ((path.suffix == ".safetensors" and not _starts_like_torch(path))
+    if path.is_file() and ((path.suffix == ".safetensors" and not starts_like_torch(path))
                            or _starts_like_safetensors(path)):  # a torch file named .safetensors is read as one
         from zoo.checkpoint import load_weights
 
@@ -66,16 +66,6 @@ def _starts_like_safetensors(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def _starts_like_torch(path: Path) -> bool:
-    """Whether a file starts as torch.save writes (a zip archive, or a legacy pickle), whatever its suffix."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def _refuse_a_folder(path: Path) -> None:
