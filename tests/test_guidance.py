@@ -223,3 +223,51 @@ def test_cfg_is_read_in_the_official_codes_convention_by_every_recipe(name):
     expected = "dit" if recipe["model"]["type"] == "dit" else "uvit"
     assert guidance_settings(recipe).convention == expected
     assert guidance_settings(recipe, 0.4).w == pytest.approx(0.4 if expected == "dit" else 1.4)
+
+
+def test_guidance_asked_of_the_python_api_without_labels_or_as_text_is_refused():
+    """guided_eps_fn(model, recipe, schedule, None, 1.5) switched guidance off and returned the null label's
+    (unconditional) prediction; SampleRequest(cfg="1.5") reached math.isfinite as a TypeError."""
+    from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
+    from zoo.errors import UserError
+
+    recipe = {"diffusion": {"time_input": "dit_index", "null_label": NULL}, "data": {"num_classes": NULL}}
+    schedule = build_schedule(recipe)
+    with pytest.raises(UserError, match="needs class labels, and y is None") as err:
+        guided_eps_fn(ToyNet(), recipe, schedule, None, GuidanceSettings(1.5), 4)
+    assert "guidance_settings(recipe, 1) for no guidance" in err.value.suggestion
+    assert not guided_eps_fn(ToyNet(), recipe, schedule, None, GuidanceSettings(1.0), 4).guided  # 'off': fine
+    for scale in ("1.5", [1.5], True):
+        with pytest.raises(UserError, match="the guidance scale is a number"):
+            guidance_settings(recipe, scale)
+
+
+def test_guidance_without_a_null_label_is_refused_from_the_recipe_before_the_weights_load():
+    """It was refused only once the model was built (25 s for U-ViT-M/4), with 'sample with --cfg 1 (dit) /
+    0 (uvit)' as the fix: the very flag a uvit-convention user had typed."""
+    import zoo
+    from zoo.errors import UserError
+    from zoo.sample import SampleRequest, check_before_weights
+
+    recipe = zoo.load_recipe(RECIPES / "uvit_m_4.yaml", ["diffusion.null_label=null", "diffusion.label_drop=0"])
+    with pytest.raises(UserError, match=r"scale 1, uvit convention\) needs the null label") as err:
+        check_before_weights(recipe, None, None, None, None, None, request=SampleRequest(n=1, cfg=1.0))
+    assert err.value.key_path == "diffusion.null_label" and "--cfg 0" in err.value.suggestion
+    check_before_weights(recipe, None, None, None, None, None, request=SampleRequest(n=1, cfg=0.0))  # off: fine
+    dit = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_pixels.yaml", ["sample.cfg.channels=5"])
+    with pytest.raises(UserError, match="sample.cfg.channels is 5, but the model has 3 channels"):
+        check_before_weights(dit, None, None, None, None, None, request=SampleRequest(n=1))
+
+
+def test_unguided_sampling_checks_memory_for_one_pass_not_a_doubled_batch(monkeypatch):
+    """A conditional model sampled at w = 1 runs one forward of the batch; the memory check counted two
+    (U-ViT-M/4 at batch 1200 was refused for 28 GiB, half of what fit suggested)."""
+    import zoo
+    import zoo.sample as sample
+
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_pixels.yaml")
+    model, seen = zoo.build_model(recipe), []
+    monkeypatch.setattr(sample, "require_sampling_memory", lambda *a, guided: seen.append(guided))
+    for cfg in (1.0, 1.5):
+        sample.sample_latents(model, recipe, sample.SampleRequest(n=2, steps=2, cfg=cfg))
+    assert seen == [False, True]

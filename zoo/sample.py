@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from zoo.diffusion.setup import GuidanceSettings, build_schedule, guidance_settings, guided_eps_fn
+from zoo.diffusion.setup import (GuidanceSettings, build_schedule, check_guidance_channels, guidance_settings,
+                                 guided_eps_fn, require_null_label)
 from zoo.errors import UserError
 from zoo.memory import require_sampling_memory, require_weights_memory
 from zoo.meta import example_inputs
@@ -450,7 +451,23 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
     if request is not None:
         request.count()  # a --class list of another length than --n, before a paper model's weights load
         _check_labels(request, num_classes(recipe))
-        guidance_settings(recipe, request.cfg)
+        guidance = guidance_settings(recipe, request.cfg)
+        require_null_label(recipe, guidance)
+        channels = _data_channels(recipe)
+        if channels is not None:
+            check_guidance_channels(guidance, channels)
+
+
+def _data_channels(recipe: Mapping[str, Any]) -> int | None:
+    """The channels a registered backbone samples (``model.in_channels`` or its default); ``None``
+    for a ``_target_`` model, whose channels are known once it is built."""
+    from zoo.introspect import backbone_defaults
+
+    model = recipe.get("model")
+    if not isinstance(model, Mapping):
+        return None
+    channels = model.get("in_channels", backbone_defaults(model).get("in_channels"))
+    return channels if isinstance(channels, int) and not isinstance(channels, bool) else None
 
 
 def check_solver_walks(recipe: Mapping[str, Any], solver: str | None = None, steps: int | None = None,
@@ -557,7 +574,7 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
     labels = _labels(request, n, num_classes(recipe))
     precision = sampling_precision(recipe, request.precision, dtype)
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or n
-    require_sampling_memory(recipe, device, min(batch, n), guided=labels is not None and guidance.scale is not None)
+    require_sampling_memory(recipe, device, min(batch, n), guided=labels is not None and guidance.active)
     out = []
     for start in range(0, n, batch):
         size = min(batch, n - start)

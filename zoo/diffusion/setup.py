@@ -140,6 +140,9 @@ def guidance_settings(recipe: Mapping[str, Any], scale: float | None = None) -> 
     """
     from zoo.sample import num_classes
 
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise UserError(f"the guidance scale is a number, got {scale!r}",
+                        suggestion="e.g. cfg=1.5; 1 is no guidance in the dit convention, 0 in the uvit one")
     if scale is not None and not (math.isfinite(scale) and GUIDANCE_SCALE.contains(scale)):
         raise UserError(f"--cfg {scale:g}: a guidance scale must be {GUIDANCE_SCALE.describe()}",
                         suggestion="e.g. --cfg 1.5; 1 is no guidance in the dit convention, 0 in the uvit one")
@@ -156,6 +159,18 @@ def guidance_settings(recipe: Mapping[str, Any], scale: float | None = None) -> 
                             suggestion="drop --cfg")
         settings = GuidanceSettings(convention=settings.convention)
     return settings
+
+
+def require_null_label(recipe: Mapping[str, Any], guidance: GuidanceSettings) -> None:
+    """Refuse guidance for a recipe without ``diffusion.null_label``: the unconditional half of a
+    guided batch is the model's prediction for that label. Checked from the recipe alone, so before
+    a paper model's weights load."""
+    if guidance.active and _diffusion(recipe).get("null_label") is None:
+        off = 1 if guidance.convention == "dit" else 0
+        raise UserError(f"classifier-free guidance (scale {guidance.scale:g}, {guidance.convention} convention) "
+                        "needs the null label, and this recipe has none", key_path="diffusion.null_label",
+                        suggestion=f"sample without guidance (--cfg {off}), or, if the model was trained with "
+                        "label dropout, set diffusion.null_label to the label it dropped to")
 
 
 def check_guidance_channels(guidance: GuidanceSettings, channels: int) -> None:
@@ -231,10 +246,13 @@ def guided_eps_fn(
         with torch.device("meta"):
             eps_channels = int(example_inputs(model)[0].shape[1])
     null = _diffusion(recipe).get("null_label")
-    active = guidance.active and y is not None
-    if active and null is None:
-        raise UserError("classifier-free guidance needs the null label", key_path="diffusion.null_label",
-                        suggestion="set diffusion.null_label, or sample with --cfg 1 (dit) / 0 (uvit)")
+    active = guidance.active
+    if active and y is None:  # guidance compares the labels' prediction with the null label's
+        raise UserError(f"classifier-free guidance (scale {guidance.scale:g}, {guidance.convention} convention) "
+                        "needs class labels, and y is None",
+                        suggestion="pass the labels to guide toward as y, or guidance_settings(recipe, "
+                        f"{1 if guidance.convention == 'dit' else 0}) for no guidance")
+    require_null_label(recipe, guidance)
     if active:
         check_null_label(model, null, (recipe.get("data") or {}).get("num_classes"), guidance)
         check_guidance_channels(guidance, eps_channels)
