@@ -13,7 +13,8 @@ They expose ``marginal_log_mean_coeff`` (log α_t), ``marginal_alpha``, ``margin
 t = (n + 1)/N and sampling runs from t = 1 to t = 1/N.
 
 The model contract: ``eps_fn(x, t)`` gets ``x`` (B, ...) and continuous ``t`` as a (B,) tensor
-(float32, float64 when x is), and returns the noise prediction ε̂ (B, ...). The model wrapper maps
+(float32, float64 when x is; always float64 from ``ddpm`` and ``ddim``, whose kept training steps
+float32 cannot hold exactly), and returns the noise prediction ε̂ (B, ...), cast to x's dtype. The model wrapper maps
 t to the backbone's own time input (DiT: 1000·(t − 1/N); classifier-free guidance happens there
 too). A model with a learned variance may return ``(eps, v)`` or one tensor with 2C channels
 ``[eps | v]`` (v in [−1, 1], iDDPM's interpolation weight); ``ddpm`` with ``variance="learned"``

@@ -1,7 +1,9 @@
 """What every solver shares: the options, the time grids, model calls on a schedule, the NFE count.
 
 Solvers never see the backbone: ``eps_fn(x, t) -> eps`` takes continuous schedule time ``t`` as a
-(B,) tensor (float32 at least, float64 when ``x`` is) and returns the noise prediction. A model with
+(B,) tensor (float32 at least, float64 when ``x`` is; always float64 from ``ddpm`` and ``ddim``, whose
+kept training steps float32 cannot hold exactly) and returns the noise prediction, which is cast to
+``x``'s dtype (the state keeps its dtype whatever the model's arithmetic). A model with
 a learned variance returns ``(eps, v)`` or one tensor with 2C channels ``[eps | v]``; every solver
 but DDPM with ``variance="learned"`` uses ``eps`` only.
 
@@ -156,7 +158,8 @@ class ScheduledModel:
         self.nfe += 1
         t_dtype = torch.float64 if self.exact_time else torch.promote_types(x.dtype, torch.float32)  # never half
         t = torch.full((x.shape[0],), p.t, dtype=t_dtype, device=x.device)
-        return split_model_output(self.eps_fn(x, t), x)
+        eps, v = split_model_output(self.eps_fn(x, t), x)  # a float64 t may promote a float32 model's ε̂
+        return eps.to(x.dtype), None if v is None else v.to(x.dtype)
 
     def eps(self, x: Tensor, p: Point) -> Tensor:
         return self.eps_and_v(x, p)[0]

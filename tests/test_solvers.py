@@ -553,6 +553,41 @@ def test_chain_solvers_feed_the_kept_steps_exactly_whatever_the_dtype(gauss, nam
     assert set(steps.round().long().tolist()) == set(space_timesteps(1000, "250"))
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_a_float32_model_given_float64_time_keeps_the_chain_float32(name):
+    """The chain's float64 t promoted a float32 model's ε̂ (α_t·net(x) in float64): the state turned float64
+    after one step, and a float32 network then failed on it ('mat1 and mat2 must have the same dtype')."""
+    sched = build_schedule("linear")
+    net = torch.nn.Linear(4, 4)
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append(x.dtype)
+        a, s = sched.marginal_alpha(t)[:, None], sched.marginal_std(t)[:, None]
+        return (x - a * net(x)) / s
+
+    out = build_solver(name, steps=10).sample(eps_fn, torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
+                                              schedule=sched, generator=torch.Generator().manual_seed(1))
+    assert out.dtype == torch.float32 and set(seen) == {torch.float32} and len(seen) == 10
+
+
+@pytest.mark.parametrize("schedule,skip", [("vp_linear", "logSNR"), ("vp_linear", "karras"), ("linear", "karras"),
+                                           ("cosine", "karras"), ("cosine", "time_uniform")])
+def test_a_fixed_step_ode_samples_in_float64_on_every_grid(gauss, schedule, skip):
+    """The grid's λ went through λ → t → λ and its ends missed those of the interval by an ulp: torchdiffeq
+    asserted (a traceback) for every float64 rk4 run on U-ViT's schedule (vp_linear, logSNR grid)."""
+    sched = build_schedule(schedule)
+    oracle = GaussianOracle(sched, gauss[0].mean, gauss[0].std)
+    x_T = gauss[1]
+    exact = oracle.flow(x_T, sched.T, sched.eps)
+    errors = []
+    for steps in (1, 40, 80):
+        out = build_solver("ode", method="rk4", steps=steps, skip=skip).sample(oracle.eps, x_T, sched)
+        assert out.dtype == F64
+        errors.append(rms(out, exact))
+    assert errors[1] / errors[2] > 8  # rk4 is fourth order: 16x per doubling (measured 12-16.6; second order gives 4)
+
+
 @pytest.mark.parametrize("name,kwargs,match", [
     ("dpm_solver", dict(method="multistpe"), "multistep"),
     ("dpm_solver++", dict(order=4), "order"),
