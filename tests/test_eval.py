@@ -1044,3 +1044,35 @@ def test_an_out_given_with_a_tilde_is_written_under_home(run_dir, capsys, monkey
     assert main(["eval", str(run_dir), "--n", "8", "--ref", str(run_dir.parent / "ref.npz"), "--extractor",
                  "test_pool", "--out=~/ev"]) == 0
     assert list((run_dir.parent / "ev").glob("*.json")) and not (run_dir / "~").exists()
+
+
+def test_the_recipes_sample_count_and_seed_are_the_defaults_of_n_and_seed(run_dir, capsys):
+    """sample.num_samples (50000 in the paper recipes) and sample.seed were validated and then read by nothing:
+    zoo eval required --n, and a recipe's seed 7 sampled seed 0's images."""
+    def eval_json(*extra):
+        code = main(["eval", str(run_dir), "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
+                     "--batch-size", "8", "--json", *extra])
+        out, err = capsys.readouterr()
+        return code, (json.loads(out) if code == 0 else err)
+
+    code, err = eval_json()
+    assert code == 2 and "has no sample.num_samples" in err and "--n 50000" in err and err.count("\n") == 1
+    code, by_recipe = eval_json("--set", "sample.num_samples=8", "--set", "sample.seed=7")
+    assert code == 0, by_recipe
+    assert by_recipe["n"] == 8 and by_recipe["protocol"]["seed"] == 7
+    code, by_flag = eval_json("--n", "8", "--seed", "7")
+    assert code == 0 and np.array_equal(_images(by_flag), _images(by_recipe))
+    code, flag_first = eval_json("--n", "8", "--seed", "3", "--set", "sample.seed=7")
+    assert code == 0 and flag_first["protocol"]["seed"] == 3
+
+
+def test_building_an_extractor_leaves_the_callers_random_state_alone():
+    """quick_fd(model, recipe, ...) built its extractor with random initialisation before loading its weights:
+    a training loop that evaluated drew other noise than one that did not."""
+    from zoo.eval.extractors import build_extractor
+
+    torch.manual_seed(123)
+    build_extractor("efficientnet_lite0")
+    after = torch.randn(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.randn(3))

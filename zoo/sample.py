@@ -47,14 +47,22 @@ def _mix64(x: int) -> int:
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """The 32-bit generator seed of sample ``index`` (PyTorch's CPU generator keeps only 32 bits).
 
-    ``(scramble(seed, stream) + index) mod 2³²``: distinct for every index of one run, and runs
-    with different seeds start at unrelated offsets. ``stream`` separates independent draws
-    (noise, labels, solver noise) of the same sample.
+    ``(scramble(seed, stream) + index) mod 2³²``: distinct for every index of one run (below 2³²
+    samples). Two seeds start at pseudo-random offsets in the 2³² generator seeds, so two runs of N
+    samples each share a stretch of draws, shifted, with probability about 2N/2³² (1 in ~20 for
+    two DiT-XL/2 training runs of 10⁸ samples; their data order differs, so a sample's image and
+    its noise still pair differently). ``stream`` separates independent draws (noise, labels, solver
+    noise) of the same sample.
     """
     return (_mix64((int(seed) << 8) ^ stream) + int(index)) & 0xFFFFFFFF
 
 
 SEEDS = 2**56  # sample_seed keeps the seed's low 56 bits (8 go to the stream): larger ones alias smaller ones
+
+
+def recipe_seed(recipe: Mapping[str, Any], seed: int | None) -> int:
+    """The sampling seed: ``seed`` (``--seed``) where given, else the recipe's ``sample.seed``, else 0."""
+    return seed if seed is not None else int((recipe.get("sample") or {}).get("seed") or 0)
 
 
 def check_seed(seed: int, what: str = "--seed") -> None:
@@ -311,8 +319,11 @@ def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.devic
         weights = weights or ("ema" if (path / EMA).is_file() else "model")
         model, _ = load_checkpoint(path, weights=weights, device=device)
         origin = f"{weights} weights of {path}"
-    else:
-        model = zoo.build_model(recipe).to(device)
+    else:  # initialised as zoo train initialises it (torch.manual_seed(train.seed)): the same weights each time
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int((recipe.get("train") or {}).get("seed") or 0))
+            model = zoo.build_model(recipe)
+        model = model.to(device)
         origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
     if dtype is not None:
         model = model.to(dtype)

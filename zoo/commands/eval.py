@@ -29,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample N images (EMA weights, the recipe's sample section; per-sample seeds; resumable shards "
         "in RUN/eval/) and score them against reference statistics with a registered feature extractor.")
     p.add_argument("source", metavar="RUN_OR_CKPT", help="run directory (its last/) or checkpoint directory")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, required=True,
-                   help="number of samples (papers: 50000); under torchrun write --num-samples (torchrun's own "
-                        "parser takes --n for its --nnodes)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help="number of samples (default: the recipe's sample.num_samples, 50000 in the paper recipes); "
+                        "under torchrun write --num-samples (torchrun's own parser takes --n for its --nnodes)")
     p.add_argument("--ref", default=None, metavar="DATASET_OR_NPZ",
                    help="reference: an .npz (ADM reference batch or zoo statistics), an image folder, or a "
                    "registered dataset[:split] (default: the recipe's data.dataset where it is registered and made of "
@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_respacing_option(p)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale in the recipe's convention")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-sample seeds (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the per-sample seeds (default: the recipe's sample.seed, else 0)")
     add_weights_option(p, "raw", "EMA or raw weights (default: EMA where the checkpoint has them, else raw)")
     p.add_argument("--vae", default=None, metavar="DIR", help="local SD VAE weights (latent models)")
     p.add_argument("--out", default=None, type=user_path, metavar="DIR", help="eval directory (default: RUN/eval)")
@@ -87,13 +88,14 @@ def _summary(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from zoo.errors import UserError
 
-    if args.n < 2:
+    if args.n is not None and args.n < 2:
         raise UserError(f"--n must be at least 2, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     from zoo.sample import check_seed
 
-    check_seed(args.seed)
+    if args.seed is not None:
+        check_seed(args.seed)
     from zoo.eval.runner import EvalRequest, evaluate
     from zoo.guards import resolve_device
 

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or their first letters (emoji32: flags,smileys; default: a random class per image)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="model and sampling precision (float64 for parity checks; default float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's sample.seed, else 0)")
     p.add_argument("--out", default="samples.png",
                    help="output PNG (default samples.png); replaces only a PNG zoo wrote")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default: the recipe's)")
@@ -72,19 +72,20 @@ def run(args: argparse.Namespace) -> int:
 
     from zoo.diffusion.setup import guidance_settings
     from zoo.sample import (SampleRequest, build_solver, check_before_weights, check_seed, load_decoder, model_for,
-                            label_names, parse_class_labels, refuse_non_finite, sample_latents, sample_recipe, save_grid,
-                            to_images)
+                            label_names, parse_class_labels, recipe_seed, refuse_non_finite, sample_latents, sample_recipe,
+                            save_grid, to_images)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
 
-    check_seed(args.seed)  # before the model is built and its weights read
+    if args.seed is not None:
+        check_seed(args.seed)  # before the model is built and its weights read
     device = str(resolve_device(args.device))
     out = check_png_output(args.out)
     source = resolve_sample_source(args.source)  # a path that does not exist never falls back to a shipped recipe
     start = time.perf_counter()
     recipe = sample_recipe(source, args.overrides, args.solver)
     labels = parse_class_labels(args.class_labels, label_names(source, recipe))
-    request = SampleRequest(n=args.n, seed=args.seed, solver=args.solver, steps=args.steps, cfg=args.cfg,
+    request = SampleRequest(n=args.n, seed=recipe_seed(recipe, args.seed), solver=args.solver, steps=args.steps, cfg=args.cfg,
                             class_labels=labels, batch_size=args.batch_size, respacing=args.respacing,
                             precision=args.precision)
     check_before_weights(recipe, args.solver, args.steps, args.respacing, args.precision, getattr(torch, args.dtype),

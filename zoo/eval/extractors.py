@@ -158,5 +158,6 @@ def build_extractor(name: str, weights: str | None = None, device: str | torch.d
     from zoo import registry
 
     cls = registry.get("extractor", name)
-    extractor = cls(weights=weights) if weights is not None else cls()
+    with torch.random.fork_rng(devices=[]):  # its initialisation, replaced by the weights, is not the caller's draws
+        extractor = cls(weights=weights) if weights is not None else cls()
     return extractor.eval().requires_grad_(False).to(device)

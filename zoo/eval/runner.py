@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +45,7 @@ class EvalRequest:
     """
 
     source: str
-    n: int
+    n: int | None = None
     ref: str | None = None
     extractor: str = "efficientnet_lite0"
     extractor_weights: str | None = None
@@ -53,7 +53,7 @@ class EvalRequest:
     steps: int | None = None
     cfg: float | None = None
     batch_size: int | None = None
-    seed: int = 0
+    seed: int | None = None
     weights: str = "ema"
     out: str | None = None
     vae: str | None = None
@@ -184,9 +184,10 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     from zoo.guards import check_writable
     from zoo.training import distributed
 
+    ckpt, eval_dir = locate(request.source)
+    request = _with_recipe_defaults(request, ckpt)
     if request.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
-    ckpt, eval_dir = locate(request.source)
     eval_dir = Path(request.out).expanduser() if request.out else eval_dir
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     distributed.check_launch(device)
@@ -226,6 +227,21 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     if not ctx.main:
         return None
     return _score(request, setup, ckpt, eval_dir, ctx.device)
+
+
+def _with_recipe_defaults(request: EvalRequest, ckpt: Path) -> EvalRequest:
+    """``request`` with an unset ``n`` and ``seed`` taken from the recipe's ``sample.num_samples`` and
+    ``sample.seed`` (the seed defaulting to 0); no sample count anywhere is a mistake."""
+    from zoo.sample import recipe_seed, sample_recipe
+
+    if request.n is not None and request.seed is not None:
+        return request
+    recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
+    n = request.n if request.n is not None else (recipe.get("sample") or {}).get("num_samples")
+    if n is None:
+        raise UserError(f"how many samples to score? {ckpt}'s recipe has no sample.num_samples",
+                        suggestion="give --n (--num-samples under torchrun), e.g. --n 50000 for the papers' FID-50K")
+    return replace(request, n=n, seed=recipe_seed(recipe, request.seed))
 
 
 @dataclass
