@@ -328,7 +328,8 @@ def test_image_folder_lists_the_files_torchvision_lists_in_its_order(tmp_path):
     (tmp_path / ".ipynb_checkpoints").mkdir()
     with pytest.raises(FileNotFoundError):
         TorchvisionImageFolder(str(tmp_path))
-    with pytest.raises(UserError, match=r"class folder .*\.ipynb_checkpoints holds no images: no files there; "
+    with pytest.raises(UserError, match=r"class folder .*\.ipynb_checkpoints holds no images: no files with other "
+                                        r"suffixes there; "
                                         r".* \(move folders"):
         ImageFolder(tmp_path, 8)
 
@@ -352,6 +353,33 @@ def test_a_folder_of_dataset_splits_is_not_taken_for_classes(tmp_path):
     (tmp_path / "cat").mkdir()
     Image.fromarray(pixels).save(tmp_path / "cat" / "0.png")
     assert ImageFolder(tmp_path, 8).classes == ["Train", "cat", "val"]
+
+
+def test_a_dataset_root_holding_one_split_is_not_one_class(tmp_path):
+    """imagenet/ with train/ alone (val/ not unpacked yet) was read as one class, 'train': every image label 0."""
+    from zoo.training.data import ImageFolder
+
+    for rel in ("train/n01/0.png", "train/n02/1.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()).save(tmp_path / rel)
+    with pytest.raises(UserError, match=r"\(train\) are the splits of a dataset, not its classes") as err:
+        ImageFolder(tmp_path, 8)
+    assert str(tmp_path / "train") in err.value.suggestion
+
+
+def test_a_macos_metadata_folder_is_not_said_to_hold_files_to_convert(tmp_path):
+    """__MACOSX/cls/._0.png (an AppleDouble file) was counted as '1 file with other suffixes skipped', with
+    'convert those files' as the fix: it is metadata, and the fix is to move __MACOSX out."""
+    from zoo.training.data import ImageFolder
+
+    (tmp_path / "cls").mkdir()
+    Image.fromarray(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()).save(tmp_path / "cls" / "0.png")
+    (tmp_path / "__MACOSX" / "cls").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cls" / "._0.png").write_bytes(b"\0\5\26\7junk")
+    (tmp_path / "__MACOSX" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(UserError, match=r"__MACOSX holds no images: no files with other suffixes there") as err:
+        ImageFolder(tmp_path, 8)
+    assert "convert" not in err.value.suggestion and "__MACOSX" in err.value.suggestion
 
 
 def test_a_class_folder_of_other_formats_says_what_is_read_and_what_was_skipped(tmp_path, vae_dir, capsys):

@@ -71,7 +71,7 @@ class ImageFolder(Dataset):
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
         # imagenet/ given for imagenet/train would encode or train for hours on two "classes"
         splits = [c for c in self.classes if c.lower() in SPLIT_NAMES]
-        if len(splits) >= 2 and len(splits) == len(self.classes):
+        if splits and len(splits) == len(self.classes):  # imagenet/ holding train/ alone (val/ not unpacked yet) too
             split = next((c for c in splits if c.lower() in ("train", "training")), splits[0])
             raise UserError(f"the subfolders of {root} ({', '.join(splits)}) are the splits of a dataset, not its "
                             "classes", suggestion=f"pass one split's folder, e.g. {root / split}")
@@ -91,18 +91,19 @@ class ImageFolder(Dataset):
     @staticmethod
     def other_files(folder: Path) -> int:
         """How many files there are below ``folder`` (walked as the images are), for an error about
-        a folder without images: all of them have other suffixes."""
+        a folder without images: all of them have other suffixes. macOS metadata (``._*`` AppleDouble
+        files, ``.DS_Store``) is not counted: no conversion makes those images."""
         count = 0
         for top, dirs, names in os.walk(folder, followlinks=True):
             here = os.path.realpath(top)
             dirs[:] = [d for d in dirs if not _contains(os.path.realpath(os.path.join(top, d)), here)]
-            count += len(names)
+            count += sum(not (n.startswith("._") or n == ".DS_Store") for n in names)
         return count
 
     @staticmethod
     def skipped(count: int, where: str) -> str:
         """What the "holds no images" errors add: the files skipped ``where`` and the suffixes read."""
-        files = f"{count} file{'s' * (count != 1)} with other suffixes skipped" if count else "no files"
+        files = f"{count} file{'s' * (count != 1)} with other suffixes skipped" if count else "no files with other suffixes"
         return f"{files} {where}; images are files ending {', '.join(IMAGE_SUFFIXES)} in any case"
 
     @staticmethod
