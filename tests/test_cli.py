@@ -447,3 +447,15 @@ def test_compare_refuses_a_batch_that_cannot_fit_before_building_any_model(capsy
     from zoo.commands.compare import check_memory
 
     check_memory([recipe], [], 4, "cpu")  # what fits passes
+
+
+def test_version_flag_and_attribute_name_the_installed_versions(capsys):
+    """There was no zoo --version (exit 2: 'COMMAND is required') and no zoo.__version__."""
+    from importlib import metadata
+
+    import zoo
+
+    assert zoo.__version__ == metadata.version("zoo-diffusion") and "__version__" in dir(zoo)
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == (f"zoo {zoo.__version__} (torch {metadata.version('torch')}, "
+                                       f"Python {sys.version.split()[0]})\n")

@@ -23,8 +23,22 @@ _API = frozenset(__all__) - {"UserError"}
 _SUBMODULES = frozenset({"api", "domains", "introspect", "recipe", "recipe_yaml", "registry", "validate"})
 
 
+def _version() -> str:
+    """The installed distribution's version (``unknown`` for a source tree that was never installed)."""
+    from importlib import metadata
+
+    from .registry import OWN_DISTRIBUTION
+
+    try:
+        return metadata.version(OWN_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def __getattr__(name: str) -> Any:
-    """``zoo.build_model`` and the other API functions, and the modules above, imported on first use."""
+    """``zoo.build_model`` and the other API functions, the modules above and ``__version__``, on first use."""
+    if name == "__version__":
+        return _version()
     if name in _API:
         from . import api
 
@@ -38,4 +52,4 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     """What ``dir(zoo)`` and tab completion list: the lazily loaded API and modules too."""
-    return sorted({*globals(), *_API, *_SUBMODULES})
+    return sorted({*globals(), *_API, *_SUBMODULES, "__version__"})

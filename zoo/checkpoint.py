@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+import zoo
 from zoo import atomic
 from zoo.errors import UserError
 from zoo.jsonfile import read_json_object
@@ -34,11 +34,7 @@ _PLAIN = (Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.d
 
 def versions() -> dict[str, str]:
     """Versions of the packages that define what a checkpoint means."""
-    try:
-        zoo_version = metadata.version("zoo-diffusion")
-    except metadata.PackageNotFoundError:
-        zoo_version = "unknown"
-    return {"zoo": zoo_version, "torch": torch.__version__, "python": sys.version.split()[0]}
+    return {"zoo": zoo.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
 # ----------------------------------------------------------------------------- weights

@@ -15,7 +15,7 @@ import importlib
 import os
 import sys
 import threading
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from .errors import UserError, tracebacks_wanted
 
@@ -91,10 +91,32 @@ class OneLineParser(argparse.ArgumentParser):
                      f"(`{self.prog} --help` shows the usage)\n")
 
 
+class _VersionAction(argparse.Action):
+    """``zoo --version``: zoo's and torch's installed versions, read from their metadata when asked
+    (``import torch`` would cost seconds)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:
+        from importlib import metadata
+
+        import zoo
+
+        try:
+            torch_version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            torch_version = "not installed"
+        print(f"zoo {zoo.__version__} (torch {torch_version}, Python {sys.version.split()[0]})")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="zoo", description="A registry-driven architecture zoo for diffusion backbones (DiMR, U-ViT, DiT)."
     )
+    parser.add_argument("--version", action=_VersionAction, help="show zoo's and torch's versions and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from zoo.integrations.diffusers import export
     except ImportError as err:
-        raise UserError(f"zoo export diffusers needs diffusers ({err})", suggestion='pip install -e ".[vae]"') from None
+        raise UserError(f"zoo export diffusers needs diffusers ({err})", suggestion="pip install 'zoo-diffusion[vae]'") from None
     out = export(checkpoint, args.out, use_ema=args.weights != "model", force=args.force)
     print(f"wrote {out} (diffusers ZooTransformer2DModel from {checkpoint})")
     return 0
