@@ -384,6 +384,13 @@ def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_dif
         f"zoo: error: key data.dataset: the checkpoint in {tmp_path / 'run'} trained on data.dataset 'image_folder' "
         f"(data.root {tmp_path / 'img'}), and this recipe names no dataset (the default is 'synthetic') (give the "
         "first start's --set options again, e.g. --set data.dataset=image_folder)\n")
+    # a recipe naming another dataset that reads a root (a paper recipe's imagenet): not its 'data.root is not
+    # set: ... make ImageNet latents', which sent the user to hours of encoding
+    assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), "--set", "data.dataset=latents",
+                 *base[2:]]) == 2
+    err = capsys.readouterr().err
+    assert (f"trained on data.dataset 'image_folder' (data.root {tmp_path / 'img'}), and this recipe's is 'latents', "
+            "with no data.root") in err and "--set data.dataset=image_folder" in err
 
 
 def test_checkpoints_record_the_class_names_a_class_folder_added_later_cannot_shift(tmp_path, capsys):

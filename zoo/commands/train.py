@@ -89,6 +89,12 @@ def _paths_of_the_resumed_run(recipe: dict, resume: str) -> list[str]:
                         + f", and this recipe names no dataset (the default is {dataset_now!r})",
                         key_path="data.dataset", suggestion=f"give the first start's --set options again, "
                         f"e.g. --set data.dataset={dataset_then}")
+    if dataset_then != dataset_now and data_then.get("root") and not data_now.get("root") and _reads_a_root(dataset_now):
+        # a paper recipe's imagenet where the run trained on --set data.dataset=image_folder: not "make ImageNet latents"
+        raise UserError(f"the checkpoint in {resume} trained on data.dataset {dataset_then!r} (data.root "
+                        f"{data_then['root']}), and this recipe's is {dataset_now!r}, with no data.root",
+                        key_path="data.dataset", suggestion=f"give the first start's --set options again, e.g. "
+                        f"--set data.dataset={dataset_then}, or --set data.root=... for {dataset_now!r}")
     notes = []
     for section, key in RESUMED_PATH_KEYS:
         if section == "data" and dataset_then != dataset_now:  # another kind of data: the old root is not its
@@ -99,6 +105,18 @@ def _paths_of_the_resumed_run(recipe: dict, resume: str) -> list[str]:
             notes.append(f"zoo train: note: {section}.{key} is the checkpoint's, {old} (--set {section}.{key}=... "
                          "to read another)")
     return notes
+
+
+def _reads_a_root(dataset: str) -> bool:
+    """Whether the registered dataset reads ``data.root`` (synthetic and emoji32 do not; an unknown
+    name is left to the trainer, whose error names it)."""
+    from zoo import registry
+    from zoo.errors import UserError
+
+    try:
+        return not getattr(registry.get("dataset", dataset), "ignores_root", False)
+    except UserError:
+        return False
 
 
 AUTO = "auto"  # --resume auto
