@@ -9,7 +9,9 @@ are dropped too, leaving 1898 images. Each is composited on white and resized wi
 Lanczos antialiasing to ``size``² (32 by default, 64 on request).
 
 A fixed split, stratified by category with seed :data:`SPLIT_SEED`, holds out 10% of every
-category (``data.split: holdout``) for evaluation. The images are built once into a cache
+category (``data.split: holdout``) for evaluation. Some distinct emoji share their artwork
+(Twemoji draws the family emoji alike, and flags such as NO/SJ and FR/CP/MF are the same
+picture): those always train, so no held-out image is also a training image. The images are built once into a cache
 file (``<cache>/emoji32_v<VERSION>_<size>px.safetensors``, written atomically) and read from
 it afterwards (rebuilt if it is damaged or was built from other versions of the two packages);
 the cache directory is ``data.cache``, else ``$ZOO_CACHE``, else
@@ -29,7 +31,7 @@ from torch.utils.data import TensorDataset
 
 from zoo.errors import UserError
 
-VERSION = 1  # bump when the images, labels or split change: old cache files are then ignored
+VERSION = 2  # bump when the images, labels or split change: old cache files are then ignored
 SPLIT_SEED = 0
 HOLDOUT_FRACTION = 0.1
 SKIN_TONES = frozenset({"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"})
@@ -96,15 +98,38 @@ def render(path: Path, size: int) -> Tensor:
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
-def holdout_mask(labels: Tensor, fraction: float = HOLDOUT_FRACTION, seed: int = SPLIT_SEED) -> Tensor:
-    """Boolean mask: ``round(fraction * n_c)`` (at least 1) seeded picks of every class c are held out."""
+def holdout_mask(labels: Tensor, fraction: float = HOLDOUT_FRACTION, seed: int = SPLIT_SEED,
+                 shared: Tensor | None = None) -> Tensor:
+    """Boolean mask: ``round(fraction * n_c)`` (at least 1) seeded picks of every class c are held out.
+
+    ``shared``: the images whose artwork another image shares, never picked (the next in the seeded
+    order is, so the other picks and the counts stay those of the plain split)."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().flatten()
-        pick = members[torch.randperm(len(members), generator=g)[: max(1, round(fraction * len(members)))]]
-        mask[pick] = True
+        order = members[torch.randperm(len(members), generator=g)]
+        if shared is not None:
+            order = order[~shared[order]]
+        mask[order[: max(1, round(fraction * len(members)))]] = True
     return mask
+
+
+def shared_artwork(paths: list[Path]) -> Tensor:
+    """Boolean per path: its RGBA pixels are those of another path too (one picture, several emoji)."""
+    import hashlib
+    from collections import Counter
+
+    from PIL import Image
+
+    def key(path: Path) -> bytes:
+        with Image.open(path) as im:
+            rgba = im.convert("RGBA")
+        return hashlib.sha256(repr(rgba.size).encode() + rgba.tobytes()).digest()
+
+    keys = [key(p) for p in paths]
+    counts = Counter(keys)
+    return torch.tensor([counts[k] > 1 for k in keys], dtype=torch.bool)
 
 
 def build_emoji(size: int) -> dict[str, Tensor]:
@@ -112,7 +137,8 @@ def build_emoji(size: int) -> dict[str, Tensor]:
     sources = emoji_sources()
     labels = torch.tensor([label for _, label in sources], dtype=torch.int64)
     images = torch.stack([render(path, size) for path, _ in sources])
-    return {"images": images, "labels": labels, "holdout": holdout_mask(labels).to(torch.uint8)}
+    holdout = holdout_mask(labels, shared=shared_artwork([path for path, _ in sources]))
+    return {"images": images, "labels": labels, "holdout": holdout.to(torch.uint8)}
 
 
 def cache_path(size: int, data: Mapping[str, Any] | None = None) -> Path:
