@@ -725,3 +725,33 @@ def test_a_folder_of_fewer_classes_than_the_model_records_the_trained_ones(tmp_p
     assert read_config(tmp_path / "run" / "last")["data"]["num_classes"] == 2 and r["data"]["num_classes"] == 4
     assert main(["sample", str(tmp_path / "run"), "--class", "3", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
     assert "class label 3 (--class) is not a class of this model (0..1)" in capsys.readouterr().err
+
+
+def test_a_data_worker_the_system_kills_stops_the_run_in_one_line_with_last_saved(tmp_path, monkeypatch, capsys):
+    """A DataLoader worker killed by the out-of-memory killer ended the run with PyTorch's SIGCHLD traceback
+    ('DataLoader worker (pid N) is killed by signal: Killed'), raised wherever the main process was, exit 1,
+    and the steps since the last save were lost."""
+    import multiprocessing
+    import os
+    import signal
+
+    from zoo.training.loop import Trainer
+
+    real = Trainer.train_step
+
+    def kill_a_worker_in_step_2(self, x, y):
+        loss = real(self, x, y)
+        if self.step == 1:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", kill_a_worker_in_step_2)
+    run = tmp_path / "run"
+    assert main(["train", str(RECIPE), "--out", str(run), "--set", "data.num_workers=1", "--set",
+                 "train.sample_every=0", "--set", "train.ckpt_every=0", "--set", "train.steps=50"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("zoo: error: a data-loading worker died (pid ") and "killed by SIGKILL" in err, err
+    assert err.count("\n") == 1 and "lower data.num_workers" in err and f"then go on with --resume {run}" in err
+    step = torch.load(run / "last" / "trainer_state.pt", weights_only=True)["step"]
+    assert 2 <= step < 50 and f"stopping at step {step} (the data could not be read)" in out

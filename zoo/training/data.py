@@ -471,7 +471,26 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
                         worker_init_fn=workers_ignore_stop_signals)
-    return one_line_errors(ended_at_exit(iter(loader)))
+    it = iter(loader)
+    if num_workers > 0:
+        worker_deaths_surface_at_the_next_batch()
+    return one_line_errors(ended_at_exit(it))
+
+
+def worker_deaths_surface_at_the_next_batch() -> None:
+    """Take back SIGCHLD from PyTorch's DataLoader handler, which raises 'DataLoader worker (pid N) is killed
+    by signal' wherever the main process is when a worker dies (the out-of-memory killer): mid-step or
+    mid-save, a traceback and no ``last/``. Without it the death surfaces at the next batch (the DataLoader
+    checks its workers every 5 s while it waits), where :func:`one_line_errors` says it in one line and the
+    training loop saves ``last/`` first. Another handler (not PyTorch's) is left alone."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if getattr(handler, "__module__", None) == "torch.utils.data._utils.signal_handling":
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def workers_ignore_stop_signals(worker_id: int) -> None:
@@ -515,8 +534,25 @@ def end_workers(it: Iterator) -> None:
     on it. A worker still alive after the DataLoader's shutdown is killed (it only reads data).
     """
     if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()  # also takes the workers off the DataLoader's SIGCHLD watch: a kill is not an error
+        try:
+            it._shutdown_workers()  # also takes the workers off the DataLoader's SIGCHLD watch: a kill is not an error
+        except RuntimeError:  # that watch, on a worker the system killed meanwhile: said by one_line_errors
+            if dead_worker(it) is None:
+                raise
         _kill_live(getattr(it, "_workers", ()))
+
+
+def dead_worker(it: Iterator) -> str | None:
+    """``pid N, killed by SIGKILL`` for a worker of DataLoader iterator ``it`` that died (the system's
+    out-of-memory killer, say); ``None`` while they live or when ``it`` has none."""
+    import signal
+
+    for worker in getattr(it, "_workers", ()):
+        code = worker.exitcode
+        if code:
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            return f"pid {worker.pid}, {how}"
+    return None
 
 
 def _kill_live(processes) -> None:
@@ -550,6 +586,13 @@ def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tenso
                     raise
                 last = [line for line in text.splitlines() if line.strip()][-1]
                 raise UserError(last.split(f"{type(err).__qualname__}: ", 1)[-1]) from None
+            except Exception as err:  # a worker killed mid-run breaks the DataLoader's pipes (reset, EOF, ...)
+                died = dead_worker(it)
+                if died is None:
+                    raise
+                raise UserError(f"a data-loading worker died ({died})",
+                                suggestion="a worker killed by SIGKILL was most likely the system out of memory: "
+                                "lower data.num_workers (0 reads in the training process) or free memory") from None
             yield batch
     finally:  # an error, the end, or close(): the workers end now, not whenever the iterator is freed
         end_workers(it)
