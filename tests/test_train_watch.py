@@ -421,11 +421,13 @@ def test_sigkill_at_any_moment_leaves_a_usable_last(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129),
+                                       (signal.SIGUSR1, 138)])
 def test_a_signal_to_the_process_group_with_data_workers_still_saves_last(tmp_path, sig, code):
     """A terminal's Ctrl-C, torchrun and SLURM signal the whole process group. The DataLoader
     workers died of it, and the trainer's save on that signal failed ('DataLoader worker exited
-    unexpectedly', exit 1): every step since the last checkpoint was lost."""
+    unexpectedly', exit 1): every step since the last checkpoint was lost. A closed terminal's SIGHUP
+    and SLURM's --signal=USR1@SECONDS ended the run at once, with no save."""
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "zoo", "train", str(RECIPE), "--out", str(out), "--steps", "100000",
             "--set", "train.ckpt_every=0", "--set", "train.log_every=1", "--set", "train.sample_every=0",
@@ -437,6 +439,17 @@ def test_a_signal_to_the_process_group_with_data_workers_still_saves_last(tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err.decode()
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] >= 1
+    if sig != signal.SIGINT:
+        assert f"zoo: stopped by {signal.Signals(sig).name} at step" in err.decode()
+
+
+def test_a_rank_stopped_by_another_ranks_signal_does_not_name_a_signal_it_never_got():
+    """Rank 0 said 'stopped by SIGTERM' when only rank 1 had been sent a signal (SIGINT, say)."""
+    from zoo.training.signals import StopRequested
+
+    assert str(StopRequested(None, 80)) == "stopped with another rank, which was signalled, at step 80"
+    assert StopRequested(None, 80).exit_status == 143 and StopRequested(signal.SIGHUP, 3).exit_status == 129
+    assert str(StopRequested(signal.SIGUSR1, 3)) == "stopped by SIGUSR1 at step 3"
 
 
 def test_a_resume_into_a_running_runs_directory_is_refused_before_it_reads_a_checkpoint(tmp_path, monkeypatch,

@@ -494,13 +494,15 @@ def worker_deaths_surface_at_the_next_batch() -> None:
 
 
 def workers_ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a worker ignores SIGINT and SIGTERM. A terminal's Ctrl-C, torchrun
-    and SLURM signal the whole process group; a worker that died of it made the main process's save
-    on that signal fail ('DataLoader worker exited unexpectedly'). The main process ends its workers
-    (see :func:`ended_at_exit`)."""
+    """DataLoader ``worker_init_fn``: a worker ignores the signals that stop a run (SIGINT, SIGTERM, SIGHUP,
+    SIGUSR1/2). A terminal's Ctrl-C or hang-up, torchrun and SLURM signal the whole process group; a worker
+    that died of it made the main process's save on that signal fail ('DataLoader worker exited
+    unexpectedly'). The main process ends its workers (see :func:`ended_at_exit`)."""
     import signal
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    from zoo.training.signals import STOPS_A_RUN
+
+    for sig in STOPS_A_RUN:
         signal.signal(sig, signal.SIG_IGN)
 
 

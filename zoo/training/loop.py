@@ -570,8 +570,8 @@ class Trainer:
 
     def _stop_here(self) -> None:
         """Save ``last/`` and end the run with :class:`StopRequested` (every rank, at the same step)."""
-        signum = self.stops.received or signal.SIGTERM  # a rank without a signal of its own: torchrun's
-        by = signal.Signals(signum).name if self.stops.received else "a signal to another rank"
+        signum = self.stops.received  # None: a rank without a signal of its own, stopping with the others
+        by = signal.Signals(signum).name if signum is not None else "a signal to another rank"
         self.log(f"zoo train: stopping at step {self.step} ({by}); saving {self.out / 'last'}")
         self.save(also_step_dir=self._every("ckpt_every"))  # a stop on a checkpoint step keeps its step_*
         raise StopRequested(signum, self.step)
@@ -810,6 +810,9 @@ class Trainer:
         except KeyboardInterrupt:  # a second Ctrl-C: at once, maybe mid-update, so nothing is saved
             if self.last_saved is not None:
                 self.log(f"zoo train: stopped at once; {self.last_dir} holds step {self.last_saved}")
+            elif self.ctx.main and (newest := newest_step(self.out)) is not None:  # mid-save: its step_*/ was sealed
+                self.log(f"zoo train: stopped at once; {newest} holds the run so far (--resume {self.out} goes on "
+                         "from it)")
             raise
         except RuntimeError as err:  # said while the handlers below still hold torchrun's SIGTERM
             if distributed.peer_lost(err):

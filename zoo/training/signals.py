@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM stop a run between optimizer steps, on every rank at the same step.
+"""Ctrl-C, SIGTERM, SIGHUP and SIGUSR1/2 stop a run between optimizer steps, on every rank at the same step.
 
 A step's weight update, EMA update and step count must land together: a signal between them
 would save step S with the weights of step S+1. So a SIGINT (Ctrl-C) or SIGTERM (what SLURM and
@@ -9,6 +9,8 @@ reaches them at different moments. In one process a second signal stops at once 
 ``last/`` keeps the previous checkpoint). Under ``torchrun`` it does not: a Ctrl-C reaches each
 worker twice, from the terminal and relayed by torchrun, and torchrun itself kills workers that
 take too long. A signal the process ignores (``nohup``, a shell's background job) stays ignored.
+SIGHUP (the terminal closed) and SIGUSR1/SIGUSR2 (SLURM's ``--signal=USR1@SECONDS`` before a
+job's time runs out) end a process at once by default: a run saves on them as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,21 +22,26 @@ import threading
 from types import FrameType
 from typing import Iterator
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM)  # the stop signals a user sends (said when the process ignores one)
+#: every signal that stops a run after saving: those above, a closed terminal's and SLURM's pre-emption warnings
+STOPS_A_RUN = HANDLED + tuple(getattr(signal, name) for name in ("SIGHUP", "SIGUSR1", "SIGUSR2")
+                              if hasattr(signal, name))
 
 
 class StopRequested(KeyboardInterrupt):
     """The run stopped at a step boundary because of ``signum``, after saving ``last/`` (a KeyboardInterrupt:
     ``except Exception`` does not swallow it, and Python callers see Ctrl-C as they expect)."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+    def __init__(self, signum: int | None, step: int) -> None:
+        by = f"by {signal.Signals(signum).name}" if signum is not None else "with another rank, which was signalled,"
+        super().__init__(f"stopped {by} at step {step}")
         self.signum, self.step = signum, step
 
     @property
     def exit_status(self) -> int:
-        """The shell's status for a process ended by the signal: 130 for Ctrl-C, 143 for SIGTERM."""
-        return 128 + self.signum
+        """The shell's status for a process ended by the signal: 130 for Ctrl-C, 143 for SIGTERM (also on a
+        rank that stopped because another rank was signalled, as torchrun's SIGTERM would end it)."""
+        return 128 + (self.signum if self.signum is not None else signal.SIGTERM)
 
 
 class Terminated(KeyboardInterrupt):
@@ -119,7 +126,7 @@ class CutShort(Exception):
 
 
 class StopSignals:
-    """While installed, SIGINT and SIGTERM set :attr:`received` instead of ending the process.
+    """While installed, the signals of :data:`STOPS_A_RUN` set :attr:`received` instead of ending the process.
 
     ``second_stops_now``: a second signal ends the process at once (one process; not under torchrun).
     Outside the main thread (where Python cannot set handlers) nothing is installed.
@@ -131,9 +138,9 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignals":
-        """Take over SIGINT and SIGTERM (those the process does not ignore) until :meth:`restore`."""
+        """Take over the signals of :data:`STOPS_A_RUN` (those the process does not ignore) until :meth:`restore`."""
         if threading.current_thread() is threading.main_thread():
-            for signum in HANDLED:
+            for signum in STOPS_A_RUN:
                 if signal.getsignal(signum) != signal.SIG_IGN:
                     self._previous[signum] = signal.signal(signum, self._handle)
         return self
