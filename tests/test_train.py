@@ -755,3 +755,14 @@ def test_a_data_worker_the_system_kills_stops_the_run_in_one_line_with_last_save
     assert err.count("\n") == 1 and "lower data.num_workers" in err and f"then go on with --resume {run}" in err
     step = torch.load(run / "last" / "trainer_state.pt", weights_only=True)["step"]
     assert 2 <= step < 50 and f"stopping at step {step} (the data could not be read)" in out
+
+
+def test_the_seed_a_run_used_is_in_its_config_even_when_the_recipe_left_it_out(tmp_path):
+    """config.json keeps the recipe as given: a recipe without train.seed stored none, so reproducing a run
+    from its directory relied on the default never changing."""
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_pixels.yaml",
+                             ["train.sample_every=0", "train.batch_size=4"])
+    assert "seed" not in recipe["train"]
+    train(recipe, tmp_path / "run", steps=1, log=lambda *_: None)
+    assert ckpt.read_config(tmp_path / "run" / "last")["train"]["seed"] == 0
+    assert "seed" not in recipe["train"]  # the caller's recipe is not changed

@@ -544,17 +544,24 @@ def end_workers(it: Iterator) -> None:
         _kill_live(getattr(it, "_workers", ()))
 
 
-def dead_worker(it: Iterator) -> str | None:
+def dead_worker(it: Iterator, wait: float = 0.0) -> str | None:
     """``pid N, killed by SIGKILL`` for a worker of DataLoader iterator ``it`` that died (the system's
-    out-of-memory killer, say); ``None`` while they live or when ``it`` has none."""
+    out-of-memory killer, say); ``None`` while they live or when ``it`` has none. ``wait``: seconds to
+    give a dying worker to be reaped (its pipes close, which the caller saw, just before it exits)."""
     import signal
+    import time
 
-    for worker in getattr(it, "_workers", ()):
-        code = worker.exitcode
-        if code:
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            return f"pid {worker.pid}, {how}"
-    return None
+    workers = list(getattr(it, "_workers", ()))
+    deadline = time.monotonic() + wait
+    while True:
+        for worker in workers:
+            code = worker.exitcode
+            if code:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+                return f"pid {worker.pid}, {how}"
+        if not workers or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
 
 
 def _kill_live(processes) -> None:
@@ -588,8 +595,8 @@ def one_line_errors(it: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tenso
                     raise
                 last = [line for line in text.splitlines() if line.strip()][-1]
                 raise UserError(last.split(f"{type(err).__qualname__}: ", 1)[-1]) from None
-            except Exception as err:  # a worker killed mid-run breaks the DataLoader's pipes (reset, EOF, ...)
-                died = dead_worker(it)
+            except Exception:  # a worker killed mid-run breaks the DataLoader's pipes (reset, EOF, ...)
+                died = dead_worker(it, wait=2.0)
                 if died is None:
                     raise
                 raise UserError(f"a data-loading worker died ({died})",

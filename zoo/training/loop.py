@@ -193,6 +193,8 @@ class Trainer:
                             f"train.grad_accum {self.accum}", key_path="train.batch_size",
                             suggestion=f"use a multiple of {self.ctx.world * self.accum}")
         self.seed = int(self.train["seed"])
+        if "seed" not in (recipe.get("train") or {}):  # spelled out in config.json: the run is reproducible from its
+            self.recipe = {**self.recipe, "train": {**(self.recipe.get("train") or {}), "seed": self.seed}}  # dir
         data = recipe.get("data") or {}
         with torch.device("meta"):  # the data and the memory are checked before any weights are allocated
             meta_model = zoo.build_model(recipe)
