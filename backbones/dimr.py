@@ -136,6 +136,9 @@ class DiMR(nn.Module):
     table starts from the 2-D sin-cos table and is still learned; the emoji32 demo uses it).
     """
 
+    #: the ``diffusion.time_input`` this backbone reads as it was built to (log-SNR-like, −4..4)
+    time_inputs = ("dimr_log_snr",)
+
     constraints = (Rule("branch grids that divide input_size and grow by integer ratios to it",
                         branch_layout_problem, ("input_size", "branches")),
                    Rule("grad_checkpointing true, false or one boolean per branch", _flags_problem,

@@ -64,6 +64,8 @@ class DiT(nn.Module):
     """
 
     grad_checkpointing: bool = False
+    #: the ``diffusion.time_input`` values this backbone reads as it was built to (a DDPM step, 0..1000)
+    time_inputs = ("dit_index", "uvit_discrete", "uvit_continuous")
 
     constraints = (
         Divisible("input_size", "patch_size"),

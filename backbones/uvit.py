@@ -65,6 +65,9 @@ class UViT(nn.Module):
             positions start from the 2-D sin-cos table and are still learned; the emoji32 demo).
     """
 
+    #: the ``diffusion.time_input`` values this backbone reads as it was built to (a DDPM step, 0..1000)
+    time_inputs = ("uvit_continuous", "uvit_discrete", "dit_index")
+
     constraints = (Divisible("img_size", "patch_size"), Divisible("embed_dim", "num_heads"))
 
     def __init__(

@@ -69,6 +69,19 @@ class _TimeMap:
         return self.fn(t, self.num_steps)
 
 
+def check_time_input(recipe: Mapping[str, Any], model: nn.Module) -> None:
+    """Refuse a ``diffusion.time_input`` on another scale than the backbone's time handling was built for
+    (its ``time_inputs``; a model that lists none is not checked): DiMR's time-dependent norms read τ =
+    input/4 and its adaLN-Zero the DDPM step back from a log-SNR, so a DDPM index of 0..999 saturated them,
+    and U-ViT's and DiT's norms scale a step by 1/500, which turned a log-SNR into almost no time at all."""
+    accepted = getattr(model, "time_inputs", None)
+    name = time_input_name(recipe)
+    if accepted and name not in accepted:
+        raise UserError(f"diffusion.time_input {name} feeds {type(model).__name__} a time on another scale than "
+                        f"it reads (it takes {', '.join(accepted[:-1]) + ' or ' * (len(accepted) > 1) + accepted[-1]})", key_path="diffusion.time_input",
+                        suggestion=f"--set diffusion.time_input={accepted[0]}")
+
+
 def prediction(recipe: Mapping[str, Any]) -> str:
     """What the backbone outputs, ``diffusion.prediction``: ``eps`` (default) or ``v``."""
     return _diffusion(recipe).get("prediction", DIFFUSION_DEFAULTS["prediction"])
@@ -245,6 +258,7 @@ def guided_eps_fn(
 
         with torch.device("meta"):
             eps_channels = int(example_inputs(model)[0].shape[1])
+    check_time_input(recipe, model)
     null = _diffusion(recipe).get("null_label")
     active = guidance.active
     if active and y is None:  # guidance compares the labels' prediction with the null label's

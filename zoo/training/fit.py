@@ -16,7 +16,8 @@ from torch import nn
 
 from zoo.diffusion.objectives import DiffusionObjective
 from zoo.diffusion.setup import (build_objective, check_guidance_channels, check_label_rows, check_null_label,
-                                 guidance_settings, model_drops_labels, time_input_name)
+                                 check_time_input, guidance_settings, model_drops_labels,
+                                 time_input_name)
 from zoo.errors import UserError
 from zoo.meta import MetaShapeCache, RepeatedBlockMemo, example_inputs, without_dynamo
 from zoo.sample import check_solver_walks, num_classes
@@ -29,6 +30,7 @@ def training_objective(recipe: Mapping[str, Any], meta_model: nn.Module) -> Diff
     its rate and to its null label (``num_classes``) unless ``diffusion.null_label`` names one.
     """
     objective = build_objective(recipe)
+    check_time_input(recipe, meta_model)
     if model_drops_labels(recipe):
         model_cfg = recipe["model"]
         objective.label_drop = float(model_cfg["class_dropout_prob"])
