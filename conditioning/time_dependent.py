@@ -65,8 +65,15 @@ class TimeDependentParameter(nn.Module):
 
     def forward(self, tau: Tensor) -> Tensor:
         """θ at ``tau`` of shape ``(B,)`` -> ``(B, dim)``, or a scalar -> ``(dim,)``."""
-        s = torch.sigmoid(torch.addcmul(self.b, tau.to(self.p0.dtype).unsqueeze(-1), 1 + self.w))
-        return torch.lerp(self.p1, self.p0, s)  # p1 + s·(p0 − p1)
+        return self.at(self.gate(tau))
+
+    def gate(self, tau: Tensor) -> Tensor:
+        """``s(τ) = σ((1 + w)·τ + b)``: ``(B, gates)`` for ``tau`` of shape ``(B,)``, ``(gates,)`` for a scalar."""
+        return torch.sigmoid(torch.addcmul(self.b, tau.to(self.p0.dtype).unsqueeze(-1), 1 + self.w))
+
+    def at(self, s: Tensor) -> Tensor:
+        """``p1 + s·(p0 − p1)`` for a gate value ``s`` (this parameter's, or another's it shares)."""
+        return torch.lerp(self.p1, self.p0, s)
 
     def extra_repr(self) -> str:
         return f"dim={self.p0.shape[0]}, init={self.init}, per_channel_gate={self.per_channel_gate}"
@@ -109,11 +116,14 @@ class TimeDependentLayerNorm(_TimeDependentNorm):
 
     def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, None]:
         tau = self.tau(cond)
-        gamma, beta = self.weight(tau), self.bias(tau)
-        if tau.ndim == 0:  # one time for the whole batch: the fused affine LayerNorm
-            return F.layer_norm(x, (self.dim,), gamma, beta, self.eps), None
+        return self._affine_norm(x, self.weight(tau), self.bias(tau)), None
+
+    def _affine_norm(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        """``LN(x)·γ + β`` with ``γ``, ``β`` of shape ``(dim,)`` (one time) or ``(B, dim)`` (one per sample)."""
+        if gamma.ndim == 1:  # one time for the whole batch: the fused affine LayerNorm
+            return F.layer_norm(x, (self.dim,), gamma, beta, self.eps)
         h = F.layer_norm(x, (self.dim,), eps=self.eps)
-        return torch.addcmul(per_sample(beta, h), h, per_sample(gamma, h)), None
+        return torch.addcmul(per_sample(beta, h), h, per_sample(gamma, h))
 
 
 class TimeDependentRMSNorm(_TimeDependentNorm):
@@ -131,16 +141,41 @@ class TimeDependentRMSNorm(_TimeDependentNorm):
 
 
 class PaperTimeDependentLayerNorm(TimeDependentLayerNorm):
-    """TD-LN as the paper writes it (eq. 5-7): a scalar gate ``s(τ) = σ(w·τ + b)`` per parameter.
+    """TD-LN as the paper writes it (eq. 5-7): one scalar gate ``s(τ) = σ(w·τ + b)`` for both parameters.
 
-    ``γ(τ) = s·p_1 + (1 − s)·p_2`` and ``β(τ)`` likewise with its own pair and gate (4C + 4
-    parameters). ``w`` is stored as an offset from 1, as in the released per-channel form.
+    ``γ(τ) = s·p_1 + (1 − s)·p_2`` and ``β(τ) = s·p_3 + (1 − s)·p_4`` with the same ``s`` ("β(t) is
+    formulated similarly with another two parameters p3 and p4": 4C + 2 parameters). ``w`` is stored
+    as an offset from 1, as in the released per-channel form; the gate is ``weight.w``, ``weight.b``.
     """
 
     def __init__(self, dim: Width, cond_dim: Width | None = None, eps: Eps = 1e-5, time_scale: TimeScale = 0.25):
         _TimeDependentNorm.__init__(self, dim, eps, time_scale)
-        self.weight = TimeDependentParameter(dim, 1.0, per_channel_gate=False)
-        self.bias = TimeDependentParameter(dim, 0.0, per_channel_gate=False)
+        self.weight = TimeDependentParameter(dim, 1.0, per_channel_gate=False)  # p1, p2 and the one gate
+        self.bias = InterpolatedPair(dim, 0.0)  # p3, p4, read at the weight's gate
+
+    def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, None]:
+        s = self.weight.gate(self.tau(cond))
+        return self._affine_norm(x, self.weight.at(s), self.bias.at(s)), None
+
+
+class InterpolatedPair(nn.Module):
+    """``p1 + s·(p0 − p1)`` for a gate ``s`` another parameter owns (the paper's β(t), which shares γ's)."""
+
+    def __init__(self, dim: int, init: float = 0.0):
+        super().__init__()
+        self.init = init
+        self.p0 = nn.Parameter(torch.full((dim,), float(init)))
+        self.p1 = nn.Parameter(torch.full((dim,), float(init)))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.p0, self.init)
+        nn.init.constant_(self.p1, self.init)
+
+    def at(self, s: Tensor) -> Tensor:
+        return torch.lerp(self.p1, self.p0, s)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.p0.shape[0]}, init={self.init}"
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

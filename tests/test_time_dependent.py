@@ -33,7 +33,7 @@ def test_parameter_formula_and_init():
 
 
 @pytest.mark.parametrize(
-    "cls, per_dim, extra", [(TimeDependentLayerNorm, 8, 0), (TimeDependentRMSNorm, 4, 0), (PaperTimeDependentLayerNorm, 4, 4)]
+    "cls, per_dim, extra", [(TimeDependentLayerNorm, 8, 0), (TimeDependentRMSNorm, 4, 0), (PaperTimeDependentLayerNorm, 4, 2)]
 )
 def test_parameter_counts(cls, per_dim, extra):
     assert sum(p.numel() for p in cls(24).parameters()) == per_dim * 24 + extra
@@ -64,16 +64,21 @@ def test_rmsnorm_adds_eps_to_the_rms_and_takes_maps():
     torch.testing.assert_close(h, expected, rtol=0, atol=1e-6)
 
 
-def test_paper_form_uses_one_scalar_gate_per_parameter():
-    norm = PaperTimeDependentLayerNorm(6)
-    assert norm.weight.w.shape == (1,) and norm.bias.b.shape == (1,)
+def test_paper_form_shares_one_scalar_gate_between_gamma_and_beta():
+    """Eq. 5-7: s(t) = σ(w·t + b), γ(t) = s·p1 + (1 − s)·p2, and β(t) 'formulated similarly with another two
+    parameters p3 and p4': the same s. It had a second gate for β (4C + 4 parameters)."""
+    norm = PaperTimeDependentLayerNorm(6).double()
+    assert norm.weight.w.shape == (1,) and not hasattr(norm.bias, "w")
     _perturb(norm)
-    x, t = torch.randn(2, 3, 6), torch.tensor([-1.0, 2.0])
-    s = torch.sigmoid((1 + norm.weight.w) * t[:, None] * 0.25 + norm.weight.b)  # (B, 1)
+    x, t = torch.randn(2, 3, 6, dtype=torch.float64), torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    s = torch.sigmoid((1 + norm.weight.w) * t[:, None] * 0.25 + norm.weight.b)  # eq. 5, (B, 1)
     gamma = s * norm.weight.p0 + (1 - s) * norm.weight.p1  # eq. 6
+    beta = s * norm.bias.p0 + (1 - s) * norm.bias.p1
     h, _ = norm(x, Conditioning(t=t))
-    expected = F.layer_norm(x, (6,), eps=1e-5) * gamma[:, None] + norm.bias(t * 0.25)[:, None]
-    torch.testing.assert_close(h, expected, rtol=0, atol=1e-5)
+    expected = F.layer_norm(x, (6,), eps=1e-5) * gamma[:, None] + beta[:, None]  # eq. 7
+    torch.testing.assert_close(h, expected, rtol=0, atol=1e-12)
+    shared, _ = norm(x, Conditioning(t=torch.tensor(2.0, dtype=torch.float64)))  # one time: the fused path
+    torch.testing.assert_close(shared[1], h[1], rtol=0, atol=1e-12)
 
 
 def test_time_changes_the_output_only_through_the_gates():
