@@ -561,13 +561,30 @@ def test_learning_rate_settings_that_do_nothing_get_a_note(tmp_path, capsys):
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.warmup_steps=40",
                  "--set", "train.steps=30", "--set", "train.min_lr=1e-5", "--set", "train.sample_every=0"]) == 0
     out = capsys.readouterr().out
-    assert ("note: train.warmup_steps 40 is past the run's last step 30 (train.steps): the learning rate never "
-            "reaches") in out
+    assert ("note: train.warmup_steps 40 is not below the run's last step 30: the learning rate never reaches "
+            "train.lr (its last update runs at 0.72 x lr)") in out
     assert "note: train.min_lr is set, but lr_schedule is constant" in out
     # --steps stops a part of the run: a warm-up past it but within train.steps is reached on resume
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "run2"), "--steps", "1", "--set", "train.warmup_steps=5",
                  "--set", "train.steps=30", "--set", "train.sample_every=0"]) == 0
     assert "warmup_steps" not in capsys.readouterr().out
+    # update k runs at lr·k/warmup: 5 steps of a 5-step warm-up never reach lr (said), and a constant schedule run
+    # past train.steps with --steps does (it was told it never would)
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run3"), "--steps", "5", "--set", "train.warmup_steps=5",
+                 "--set", "train.steps=5", "--set", "train.sample_every=0"]) == 0
+    assert "train.warmup_steps 5 is not below the run's last step 5" in capsys.readouterr().out
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run4"), "--steps", "8", "--set", "train.warmup_steps=5",
+                 "--set", "train.steps=3", "--set", "train.sample_every=0"]) == 0
+    assert "warmup_steps" not in capsys.readouterr().out
+
+
+def test_a_min_lr_above_the_default_lr_is_refused_as_above_a_written_one():
+    """min_lr 1e-3 with lr left to its default (1e-4) made a cosine 'decay' climb from 1e-4 to 9.8e-4; written out,
+    the same lr was refused."""
+    with pytest.raises(zoo.errors.UserError, match=r"min_lr 0.001 is above lr 0.0001"):
+        zoo.load_recipe({"model": {"type": "dit", "input_size": 8, "patch_size": 2, "hidden_size": 32, "depth": 1,
+                                   "num_heads": 2},
+                         "train": {"lr_schedule": "cosine", "min_lr": 1e-3, "steps": 10}})
 
 
 def test_whole_number_betas_train(tmp_path):
@@ -666,8 +683,9 @@ def test_weights_an_update_made_infinite_are_not_saved(tmp_path, capsys):
     argv = ["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.lr=1e39", "--set", "train.warmup_steps=0",
             "--set", "train.ckpt_every=1", "--set", "train.sample_every=0", "--set", "train.steps=3"]
     assert main(argv) == 1
-    assert ("a weight is not finite at step 1; stopped without saving it (no checkpoint was written)"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "a weight is not finite at step 1; stopped without saving it (no checkpoint was written)" in err
+    assert "Lower train.lr (clipping cannot help" in err and "set train.grad_clip" not in err  # it cannot bound a step
     assert not (tmp_path / "last").exists()
 
 

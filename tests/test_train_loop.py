@@ -479,7 +479,13 @@ def test_resume_says_when_the_learning_rate_schedule_changes_and_tilde_paths_exp
     capsys.readouterr()
     assert main(_args("~/run", "--resume", "~/run", "--set", "train.steps=8", *cosine)) == 0
     out = capsys.readouterr().out
-    assert "note: the learning rate at step 5 is" in out and "train.steps 4 -> 8" in out
+    assert "note: the learning rate at step 5 is" in out and "(train.steps 4 -> 8: the cosine schedule" in out
+    # only what changed is named (it said 'train.steps 8 -> 8, lr 0.001 -> 0.001' when the warm-up had changed)
+    assert main(_args("~/part", "--set", "train.steps=8", *cosine, "--steps", "2")) == 0
+    capsys.readouterr()
+    assert main(_args("~/part", "--resume", "~/part", "--set", "train.steps=8", "--set", "train.lr_schedule=cosine",
+                      "--set", "train.warmup_steps=4", "--steps", "3")) == 0
+    assert "(train.warmup_steps 0 -> 4: the cosine schedule" in capsys.readouterr().out
     assert main(_args("~/run", "--resume", "~/run", "--set", "train.steps=10", *cosine, "--steps", "9")) == 0
     assert "note: the learning rate" in capsys.readouterr().out  # 8 -> 10 changes it again
     assert main(_args("~/run", "--resume", "~/run", "--set", "train.steps=10", *cosine)) == 0

@@ -382,10 +382,14 @@ class Trainer:
         lr_then, lr_now = learning_rate(then, self.step), learning_rate(self.train, self.step)
         if abs(lr_now - lr_then) > 1e-3 * max(lr_then, 1e-30):
             schedule = self.train.get("lr_schedule", "constant")
+            unset = {**DEFAULTS, **UNSET_MEANS}
+            causes = [f"train.{key} {then.get(key, unset[key])} -> {self.train.get(key, unset[key])}"
+                      for key in ("lr", "steps", "warmup_steps", "lr_schedule", "min_lr")
+                      if then.get(key, unset[key]) != self.train.get(key, unset[key])]
             self.after_banner.append(
                 f"zoo train: note: the learning rate at step {self.step + 1} is {lr_now:.3g}, where the checkpoint's "
-                f"recipe would give {lr_then:.3g} (train.steps {then.get('steps')} -> {self.train['steps']}, lr "
-                f"{then.get('lr')} -> {self.train['lr']}: the {schedule} schedule is recomputed for the new settings)")
+                f"recipe would give {lr_then:.3g} ({', '.join(causes)}: the {schedule} schedule is recomputed for the "
+                "new settings)")
         changed = _changed_keys(self._resumed_recipe, self.recipe, ("train", "data"))
         if changed:  # e.g. a `--set` of the first start not given again
             self.after_banner.append(
@@ -420,7 +424,9 @@ class Trainer:
         bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
         if self.ctx.sum(bad) > 0:
             raise NonFiniteError(self.step, "a weight", self.last_saved, self.last_dir, self.train,
-                                 stopped="stopped without saving it")
+                                 stopped="stopped without saving it",  # an AdamW update is ~lr whatever the gradient
+                                 remedy="Lower train.lr (clipping cannot help: an AdamW step is about lr in size, "
+                                 "whatever the gradient's)")
         if self.ctx.main and also_step_dir and self.step not in self.created:
             self.created.append(self.step)
         state = {"step": self.step, "created": list(self.created)}
@@ -637,10 +643,11 @@ class Trainer:
             self.log(line)
         self.after_banner.clear()
         given = self.recipe.get("train") or {}
-        warmup, last = int(self.train.get("warmup_steps") or 0), int(self.train["steps"])  # --steps: a part of it
-        if warmup and warmup > last:
-            self.log(f"zoo train: note: train.warmup_steps {warmup} is past the run's last step {last} "
-                     "(train.steps): the learning rate never reaches train.lr")
+        # --steps below train.steps is a part of the run (a resume goes on); above it (a constant schedule) its end
+        warmup, last = int(self.train.get("warmup_steps") or 0), max(total, int(self.train["steps"]))
+        if warmup and warmup >= last:  # update k (0-based) runs at lr·k/warmup: lr is first reached at k = warmup
+            self.log(f"zoo train: note: train.warmup_steps {warmup} is not below the run's last step {last}: the "
+                     f"learning rate never reaches train.lr (its last update runs at {(last - 1) / warmup:.2g} x lr)")
         if given.get("min_lr") and self.train.get("lr_schedule", "constant") == "constant":
             self.log("zoo train: note: train.min_lr is set, but lr_schedule is constant: min_lr is where a cosine "
                      "or linear decay ends")

@@ -118,8 +118,8 @@ def validate_train(value: dict | None, recipe: Recipe) -> None:
     """The ``train`` table, then the rule between its keys: a decay ends at or below where it starts."""
     check_table(recipe, value, TRAIN, ("train",), "train")
     value = value or {}
-    lr, floor = value.get("lr"), value.get("min_lr", 0.0)
-    if value.get("lr_schedule", "constant") != "constant" and lr is not None and floor > lr:
+    lr, floor = value.get("lr", TRAIN_DEFAULTS["lr"]), value.get("min_lr", 0.0)
+    if value.get("lr_schedule", "constant") != "constant" and floor > lr:
         raise recipe.error(("train", "min_lr"), f"min_lr {floor:g} is above lr {lr:g}: the {value['lr_schedule']} "
                            "'decay' would raise the learning rate to min_lr by the last step",
                            suggestion=f"set train.min_lr below {lr:g} (e.g. {lr / 100:g})")
