@@ -7,6 +7,11 @@ backward and an AdamW step with the recipe's parameter groups, at batch B: media
 timed steps after warm-up), ``peak_mem_mb`` and ``sample_ms_per_nfe`` (one model call at batch
 B under ``no_grad`` in eval mode; classifier-free guidance makes a guided NFE two rows per sample).
 
+Each call runs in the arithmetic its command runs it in: a training step with the recipe's
+``train.tf32`` (on CUDA, as ``zoo train`` sets it) and ``train.precision`` autocast, an NFE at the
+recipe's ``sample.precision`` (as ``zoo sample`` runs it); the process's TF32 switches are restored
+after each call.
+
 Every recipe's model lives in the one process and the timed calls go round-robin
 (A, B, C, A, B, C, ...), so a change of machine load hits all recipes alike and their ratios
 hold on a shared machine.
@@ -23,14 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import statistics
 import sys
 import time
+import unicodedata
+import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+
+from zoo.precision import inference_precision
 
 PLOT_CREATOR = "zoo compare"  # the Creator of zoo's SVG and PDF plots: what lets a rerun replace them
 KEYS = ("recipe", "params", "trainable_params", "gflops", "train_step_ms", "peak_mem_mb", "sample_ms_per_nfe")
@@ -68,6 +78,18 @@ def paper_params_m(recipe: str) -> float | None:
     return PAPER_TABLE2_PARAMS_M.get(Path(recipe).stem)
 
 
+def check_not_a_base_file(recipe: str, resolved_data: Mapping) -> None:
+    """A ``_``-named file without a model (``_base_emoji32.yaml``, which other recipes include): say so, and
+    to leave it out, instead of "the recipe has no model section" (a ``recipes/emoji32/*.yaml`` glob picks it up)."""
+    from zoo.errors import UserError
+
+    path = Path(recipe)
+    if path.name.startswith("_") and resolved_data.get("model") is None:
+        raise UserError(f"{recipe} is a base file (its name starts with '_': other recipes include it through "
+                        "_base_), not a recipe with a model to compare",
+                        suggestion=f"leave it out, e.g. {path.parent / ('[!_]*' + path.suffix)}")
+
+
 def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
     """Parameters and GFLOPs on the meta device (no weights allocated)."""
     from zoo.flops import count_flops
@@ -76,6 +98,7 @@ def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
     from zoo.validate import model_factory, validate_recipe
 
     resolved = resolve(recipe, list(overrides))
+    check_not_a_base_file(recipe, resolved.data)
     validate_recipe(resolved)  # as zoo build does: every section, and the components imported outside the meta build
     report = count_flops(build_on_meta(model_factory(resolved)), max_depth=1)
     return Row(recipe, int(report.params), int(report.trainable_params), float(report.gflops))
@@ -114,16 +137,18 @@ class Bench:
         from zoo.training.optim import build_optimizer
 
         from zoo.precision import autocast_dtype
+        from zoo.sample import sampling_precision
         from zoo.training.loop import set_grad_checkpointing
+        from zoo.training.sections import TRAIN_DEFAULTS
 
         self.recipe = zoo.load_recipe(recipe, list(overrides))
-        train = self.recipe.get("train") or {}
+        train = {**TRAIN_DEFAULTS, **(self.recipe.get("train") or {})}  # what zoo train reads
         torch.manual_seed(seed)
         self.model = zoo.build_model(self.recipe).to(device).train()
         if train.get("grad_checkpointing"):  # the step the recipe trains: with its recomputation and precision
             set_grad_checkpointing(self.model, True)
         self.autocast = autocast_dtype(train.get("precision", "fp32"))
-        self.optimizer = build_optimizer(self.model, {"lr": 1e-4, **train})
+        self.optimizer = build_optimizer(self.model, train)
         self.objective = build_objective(self.recipe)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         x, t, y = example_inputs(self.model, batch)
@@ -131,21 +156,35 @@ class Bench:
         self.x, self.t = x, t
         self.y = None if classes is None else torch.randint(0, classes, (batch,), device=device)
         self.y_model = y if self.y is None else self.y  # what the bare model call gets
+        # the TF32 switch zoo train sets from train.tf32 on CUDA (its autocast is self.autocast), and the
+        # precision zoo sample calls the model at: fp32 arithmetic would time neither
+        self.train_precision = "tf32" if train["tf32"] else "fp32"
+        self.sample_precision = sampling_precision(self.recipe, None, x.dtype)
 
     def step(self) -> None:
         """Forward, the objective (under the recipe's autocast precision), backward, AdamW step."""
-        with torch.autocast(self.x.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            loss = self.objective(self.model, self.x, self.y, self.generator)["loss"].mean()
-        loss.backward()
-        self.optimizer.step()
+        device = self.x.device
+        with inference_precision(self.train_precision, device):  # the TF32 switch for forward and backward alike
+            with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+                loss = self.objective(self.model, self.x, self.y, self.generator)["loss"].mean()
+            loss.backward()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def nfe(self) -> None:
-        """One model call at batch B, no_grad, eval mode."""
-        self.model.eval()
-        with torch.no_grad():
+        """One model call at batch B under ``no_grad`` at the recipe's sampling precision (the model is put
+        in eval mode once by :meth:`evaluating`, outside the timed calls)."""
+        with torch.no_grad(), inference_precision(self.sample_precision, self.x.device):
             self.model(self.x, self.t, self.y_model)
-        self.model.train()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The model in eval mode inside, back in training mode after."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
 
     def resident_bytes(self) -> int:
         """Parameters, buffers and optimizer state (after a step, when AdamW's state exists)."""
@@ -206,7 +245,10 @@ def measure(recipes: Sequence[str], overrides: Sequence[str] = (), batch: int = 
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     log(f"zoo compare: timing {len(recipes)} recipe(s) at batch {batch} on {dev}, interleaved")
     steps = time_interleaved({str(i): b.step for i, b in enumerate(benches)}, warmup, repeats, sync)
-    nfes = time_interleaved({str(i): b.nfe for i, b in enumerate(benches)}, warmup, repeats, sync)
+    with contextlib.ExitStack() as stack:  # eval mode once, outside the timed calls: not a walk over every module
+        for bench in benches:
+            stack.enter_context(bench.evaluating())
+        nfes = time_interleaved({str(i): b.nfe for i, b in enumerate(benches)}, warmup, repeats, sync)
     for i, (row, bench) in enumerate(zip(rows, benches)):
         row.train_step_ms = statistics.median(steps[str(i)]) * 1e3
         row.sample_ms_per_nfe = statistics.median(nfes[str(i)]) * 1e3
@@ -214,11 +256,21 @@ def measure(recipes: Sequence[str], overrides: Sequence[str] = (), batch: int = 
     return rows
 
 
+def display_width(text: str) -> int:
+    """Terminal columns of ``text``: East Asian wide and full-width characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` terminal columns (``str.ljust`` counts characters, not columns)."""
+    return text + " " * (width - display_width(text))
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """A printable table; a ``paper`` column appears when a recipe has the paper's Table 2 count."""
     paper = [paper_params_m(r.recipe) for r in rows]
-    width = max(len("recipe"), *(len(r.recipe) for r in rows))
-    head = f"{'recipe':<{width}}  {'params':>15}  {'trainable':>15}  {'GFLOPs':>8}"
+    width = max(len("recipe"), *(display_width(r.recipe) for r in rows))
+    head = f"{_pad('recipe', width)}  {'params':>15}  {'trainable':>15}  {'GFLOPs':>8}"
     if any(p is not None for p in paper):
         head += f"  {'paper (T2)':>10}"
     head += f"  {'step ms':>9}  {'peak MB':>9}  {'ms/NFE':>8}"
@@ -229,13 +281,72 @@ def format_table(rows: Sequence[Row]) -> str:
 
     for row, p in zip(rows, paper):
         gflops = f"{row.gflops:>8.2f}" if row.gflops >= 1 else f"{row.gflops:>8.4f}"
-        line = f"{row.recipe:<{width}}  {row.params:>15,}  {row.trainable_params:>15,}  {gflops}"
+        line = f"{_pad(row.recipe, width)}  {row.params:>15,}  {row.trainable_params:>15,}  {gflops}"
         if any(q is not None for q in paper):
             line += f"  {'-':>10}" if p is None else f"  {f'{p:.1f}M':>10}"
         line += (f"  {num(row.train_step_ms, '.1f', 9)}  {num(row.peak_mem_mb, '.1f', 9)}"
                  f"  {num(row.sample_ms_per_nfe, '.2f', 8)}")
         lines.append(line)
     return "\n".join(lines)
+
+
+def plot_labels(recipes: Sequence[str]) -> list[str]:
+    """Short point labels that tell the recipes apart: the file stem, with as many parent folders as it
+    takes (``emoji32/dit`` and ``imagenet/dit``, where the stems alone would both read ``dit``)."""
+    parts = [Path(r).with_suffix("").parts if Path(r).suffix else Path(r).parts for r in recipes]
+
+    def label(i: int) -> str:
+        for n in range(1, len(parts[i]) + 1):
+            tail = parts[i][-n:]
+            if all(other[-n:] != tail for j, other in enumerate(parts) if j != i and other != parts[i]):
+                return "/".join(tail)
+        return "/".join(parts[i])
+
+    return [label(i) for i in range(len(recipes))]
+
+
+def a_zoo_plot(path: Path) -> bool:
+    """Whether ``path`` is a plot zoo compare wrote, by its creator metadata field: PNG's Software text chunk,
+    SVG's ``<dc:creator>`` title, PDF's ``/Creator`` in the trailer's info dictionary (not the text anywhere)."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        from zoo.guards import a_zoo_png
+
+        return a_zoo_png(path)
+    try:
+        if suffix == ".svg":
+            return _svg_creator(path) == PLOT_CREATOR
+        if suffix == ".pdf":
+            return _pdf_creator(path.read_bytes()) == PLOT_CREATOR.encode()
+    except (OSError, ElementTree.ParseError):
+        return False
+    return False
+
+
+_DC, _CC, _SVG = "{http://purl.org/dc/elements/1.1/}", "{http://creativecommons.org/ns#}", "{http://www.w3.org/2000/svg}"
+
+
+def _svg_creator(path: Path) -> str | None:
+    """The creator matplotlib writes into an SVG's metadata (``metadata/RDF/Work/creator/Agent/title``)."""
+    for _, element in ElementTree.iterparse(path):
+        if element.tag == f"{_DC}creator":
+            title = element.find(f"{_CC}Agent/{_DC}title")
+            return None if title is None else title.text
+        if element.tag == f"{_SVG}metadata":  # the metadata ended without a creator
+            return None
+    return None
+
+
+def _pdf_creator(data: bytes) -> bytes | None:
+    """The ``/Creator`` string of a PDF's info dictionary (the one the last trailer's ``/Info`` names)."""
+    trailers = re.findall(rb"trailer\s*<<(.*?)>>", data, flags=re.S)
+    info = re.search(rb"/Info\s+(\d+)\s+(\d+)\s+R", trailers[-1]) if trailers else None
+    if info is None:
+        return None
+    number, generation = info.groups()
+    obj = re.search(rb"(?:^|[\r\n])" + number + rb"\s+" + generation + rb"\s+obj\s*<<(.*?)>>\s*endobj", data, flags=re.S)
+    creator = re.search(rb"/Creator\s*\(((?:[^()\\]|\\.)*)\)", obj.group(1)) if obj else None
+    return None if creator is None else creator.group(1)
 
 
 def plot(rows: Sequence[Row], path: str | Path) -> Path:
@@ -252,9 +363,9 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.5), squeeze=False)
     panels = [("params (M)", lambda r: r.params / 1e6)] + ([("train step (ms)", lambda r: r.train_step_ms)] if timed else [])
     for ax, (label, x) in zip(axes[0], panels):
-        for r in rows:
+        for r, name in zip(rows, plot_labels([r.recipe for r in rows])):
             ax.scatter(x(r), r.gflops)
-            ax.annotate(Path(r.recipe).stem, (x(r), r.gflops), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(name, (x(r), r.gflops), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("GFLOPs (multiply-adds, batch 1)")
         ax.grid(alpha=0.3)

@@ -1,7 +1,7 @@
 """``zoo compare RECIPE...``: recipes side by side (params, GFLOPs, step time, peak memory, ms per NFE).
 
     zoo compare recipes/dimr_*.yaml --no-time                  # sizes and GFLOPs only, on the meta device: seconds
-    zoo compare recipes/emoji32/*.yaml --batch 8 --json        # + interleaved timing of every recipe
+    zoo compare recipes/emoji32/{dimr_2r,uvit,dit}.yaml --batch 8 --json  # + interleaved timing of every recipe
     zoo compare recipes/ablation/*.yaml --no-time              # with the paper's Table 2 parameter counts
 """
 
@@ -38,9 +38,9 @@ def check_plot_output(path: str) -> None:
     """``--plot`` names a PNG, SVG or PDF file in a directory that can exist, replacing only a plot zoo wrote."""
     from pathlib import Path
 
-    from zoo.compare import PLOT_CREATOR
+    from zoo.compare import a_zoo_plot
     from zoo.errors import UserError
-    from zoo.guards import check_outside_checkpoints, check_parents, check_png_output
+    from zoo.guards import check_outside_checkpoints, check_png_output, check_writable
 
     out = Path(path).expanduser()
     if out.is_dir():
@@ -48,44 +48,68 @@ def check_plot_output(path: str) -> None:
     if out.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot {out}: give a path ending in {', '.join(PLOT_SUFFIXES)}")
     if out.suffix.lower() == ".png":
-        check_png_output(out, "--plot")
-    elif out.is_file() and PLOT_CREATOR.encode() not in out.read_bytes():  # a user's SVG or PDF
+        check_png_output(out, "--plot")  # its parents, checkpoints, owner and a writable directory
+        return
+    if out.is_file() and not a_zoo_plot(out):  # a user's SVG or PDF (its creator field is not zoo compare)
         raise UserError(f"--plot {out} exists and is a file zoo did not write; zoo will not replace it",
                         suggestion="move it away or choose another path")
-    check_parents(out, "--plot")
+    check_writable(out, "--plot")  # before the timing, not after it
     check_outside_checkpoints(out, "--plot")
 
 
 def check_memory(recipes: list[str], overrides: list[str], batch: int, device: str) -> None:
-    """Each recipe's timed training step at ``batch`` must fit on ``device`` (as zoo train and zoo sample
-    check theirs): one line instead of an allocator traceback or the OOM killer."""
+    """The timed training steps at ``batch`` must fit on ``device`` (as zoo train and zoo sample check theirs):
+    one line instead of an allocator traceback or the OOM killer. Every recipe's weights and AdamW state stay
+    resident together (the timing is interleaved); one step at a time adds its gradients and activations, with
+    the recipe's grad checkpointing as the timed step runs it."""
     import torch
 
     import zoo
     from zoo.errors import UserError
     from zoo.memory import available_bytes, estimate, gib
     from zoo.meta import NotOnMeta
+    from zoo.training.loop import set_grad_checkpointing
 
     free = available_bytes(torch.device(device))
     if free is None:  # nothing to compare with
         return
+    sized = []  # (recipe, resident bytes, a step's gradient bytes, activation bytes per sample)
     for recipe in recipes:
         resolved = zoo.load_recipe(recipe, list(overrides))
+        train = resolved.get("train") or {}
         with torch.device("meta"):
             model = zoo.build_model(resolved)
-        half = (resolved.get("train") or {}).get("precision") in ("bf16", "fp16")
+        if train.get("grad_checkpointing"):  # as Bench trains it: only the blocks' inputs are kept
+            set_grad_checkpointing(model, True)
         try:
-            est = estimate(model, training=True, half_precision=half, ema=False)
+            est = estimate(model, training=True, half_precision=train.get("precision") in ("bf16", "fp16"), ema=False)
         except NotOnMeta:  # a plugin's data-dependent code: it may well run on real tensors
             continue
-        if est.total(batch) <= free:
-            continue
-        fits = est.largest_batch(free)
-        raise UserError(f"timing {recipe} at --batch {batch} needs about {gib(est.total(batch))} ({gib(est.fixed)} "
-                        f"of weights, gradients and AdamW state + {gib(est.per_sample * batch)} of activations) but "
-                        f"the {torch.device(device).type} device has {gib(free)} free",
+        grads = est.params * 4  # fp32 gradients: there during a step only (zero_grad(set_to_none=True))
+        sized.append((recipe, est.fixed - grads, grads, est.per_sample))  # resident: weights and AdamW's moments
+    if not sized:
+        return
+    resident = sum(r for _, r, _, _ in sized)
+    name, _, grads, per_sample = max(sized, key=lambda s: s[2] + s[3] * batch)  # the largest step
+    need = resident + grads + per_sample * batch
+    if need <= free:
+        return
+    room = [(free - resident - g) // p if p else (batch if free >= resident + g else 0) for _, _, g, p in sized]
+    fits = min(room)  # the largest batch at which every recipe's step fits beside all the resident state
+    dev = torch.device(device).type
+    if len(sized) == 1:
+        raise UserError(f"timing {name} at --batch {batch} needs about {gib(need)} ({gib(resident + grads)} "
+                        f"of weights, gradients and AdamW state + {gib(per_sample * batch)} of activations) but "
+                        f"the {dev} device has {gib(free)} free",
                         suggestion=f"use --batch {fits} or less, or --no-time" if fits >= 1
                         else "use --no-time, or a device with more memory")
+    fewer = "compare fewer recipes at a time"
+    raise UserError(f"timing {', '.join(r for r, _, _, _ in sized)} together at --batch {batch} needs about "
+                    f"{gib(need)} ({gib(resident)} of the {len(sized)} models' weights and AdamW state, all resident "
+                    f"at once, + {gib(grads + per_sample * batch)} of gradients and activations in the largest step, "
+                    f"{name}'s) but the {dev} device has {gib(free)} free",
+                    suggestion=f"{fewer}, use --batch {fits} or less, or --no-time" if fits >= 1
+                    else f"{fewer}, or --no-time")
 
 
 def run(args: argparse.Namespace) -> int:
