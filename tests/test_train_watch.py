@@ -447,7 +447,7 @@ def test_a_rank_stopped_by_another_ranks_signal_does_not_name_a_signal_it_never_
     """Rank 0 said 'stopped by SIGTERM' when only rank 1 had been sent a signal (SIGINT, say)."""
     from zoo.training.signals import StopRequested
 
-    assert str(StopRequested(None, 80)) == "stopped with another rank, which was signalled, at step 80"
+    assert str(StopRequested(None, 80)) == "stopped at step 80: another rank was signalled"
     assert StopRequested(None, 80).exit_status == 143 and StopRequested(signal.SIGHUP, 3).exit_status == 129
     assert str(StopRequested(signal.SIGUSR1, 3)) == "stopped by SIGUSR1 at step 3"
 

@@ -33,8 +33,8 @@ class StopRequested(KeyboardInterrupt):
     ``except Exception`` does not swallow it, and Python callers see Ctrl-C as they expect)."""
 
     def __init__(self, signum: int | None, step: int) -> None:
-        by = f"by {signal.Signals(signum).name}" if signum is not None else "with another rank, which was signalled,"
-        super().__init__(f"stopped {by} at step {step}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}" if signum is not None
+                         else f"stopped at step {step}: another rank was signalled")
         self.signum, self.step = signum, step
 
     @property
