@@ -597,3 +597,37 @@ def test_closing_a_trainer_ends_its_data_workers(tmp_path):
     assert all(w.is_alive() for w in workers)  # persistent between run() calls
     trainer.close()
     assert not any(w.is_alive() for w in workers)
+
+
+@pytest.mark.slow
+def test_a_terminal_that_hangs_up_still_gets_last_saved(tmp_path):
+    """SIGHUP asked the run to save, but every later write to the closed terminal failed with EIO: the next log
+    line ended the run with a traceback, exit 1 and no last/. Run on a pseudo-terminal that is its controlling
+    terminal, whose closing sends the hang-up as a real terminal's does."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    out = tmp_path / "run"
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv = [sys.executable, "-m", "zoo", "train", str(RECIPE), "--out", str(out), "--steps", "100000",
+            "--set", "train.ckpt_every=0", "--set", "train.log_every=1", "--set", "train.sample_every=0"]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 0):
+            assert proc.poll() is None and time.monotonic() < deadline
+            if select.select([master], [], [], 0.2)[0]:
+                os.read(master, 65536)  # a terminal reads what the run prints
+    finally:
+        os.close(master)  # the terminal closes: the kernel hangs up the session
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] >= 1

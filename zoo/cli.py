@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -197,18 +198,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command not in GOES_ON_WITHOUT_STDOUT:
             return int(args.func(args) or 0)
-        stdout = sys.stdout
+        stdout, stderr = sys.stdout, sys.stderr
         sys.stdout = _ReaderMayLeave(stdout, f"zoo {args.command}: stdout was closed; "
                                              f"{GOES_ON_WITHOUT_STDOUT[args.command]}")
+        sys.stderr = _ReaderMayLeave(stderr, None)  # the progress bar's stream: a closed terminal's too
         try:
             return int(args.func(args) or 0)
         finally:
-            sys.stdout = stdout
+            sys.stdout, sys.stderr = stdout, stderr
     except KeyboardInterrupt as err:  # Ctrl-C; zoo train's StopRequested also after SIGTERM (status 143)
         status = getattr(err, "exit_status", 130)
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops alike: one line says so
-            print("zoo: interrupted" if status == 130 and not str(err).startswith("interrupted") else f"zoo: {err}",
-                  file=sys.stderr)
+            with contextlib.suppress(OSError):  # a hung-up terminal (SIGHUP) has nowhere to show it
+                print("zoo: interrupted" if status == 130 and not str(err).startswith("interrupted")
+                      else f"zoo: {err}", file=sys.stderr)
         return status
     except (UserError, FileNotFoundError) as err:
         if tracebacks_wanted():
@@ -243,35 +246,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _discard_stdout() -> None:
-    """Point stdout at /dev/null, so that flushing what is still buffered at exit cannot fail again."""
+def _discard_stdout(stream=None) -> None:
+    """Point stdout (or ``stream``'s file descriptor) at /dev/null, so that flushing what is still buffered
+    at exit cannot fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, (stream or sys.stdout).fileno())
     os.close(devnull)
 
 
-class _ReaderMayLeave:
-    """``sys.stdout`` of a long command: once its reader has gone (a broken pipe), what it prints goes to
-    /dev/null and the work goes on, with one ``note`` on stderr, instead of the run ending unsaved."""
+#: a write's errno when its reader has gone: a closed pipe (``| head``), or a terminal that hung up (EIO)
+READER_GONE = (errno.EPIPE, errno.EIO)
 
-    def __init__(self, stream, note: str) -> None:
+
+class _ReaderMayLeave:
+    """``sys.stdout`` (or ``sys.stderr``) of a long command: once its reader has gone (a broken pipe, a
+    closed terminal), what it prints goes to /dev/null and the work goes on, with one ``note`` on stderr,
+    instead of the run ending unsaved (a terminal's hang-up asks zoo train to save: its next line failed)."""
+
+    def __init__(self, stream, note: str | None) -> None:
         self._stream, self._note = stream, note
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError as err:
+            if err.errno not in READER_GONE:
+                raise
             self._reader_left()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError as err:
+            if err.errno not in READER_GONE:
+                raise
             self._reader_left()
 
     def _reader_left(self) -> None:
-        _discard_stdout()
+        _discard_stdout(self._stream)
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()  # what is still buffered goes to /dev/null now
         if self._note is not None:
