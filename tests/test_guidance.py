@@ -257,6 +257,9 @@ def test_guidance_without_a_null_label_is_refused_from_the_recipe_before_the_wei
     dit = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_pixels.yaml", ["sample.cfg.channels=5"])
     with pytest.raises(UserError, match="sample.cfg.channels is 5, but the model has 3 channels"):
         check_before_weights(dit, None, None, None, None, None, request=SampleRequest(n=1))
+    uvit = zoo.load_recipe(RECIPES / "emoji32" / "uvit.yaml", ["sample.cfg={scale: 0.4, convention: uvit, channels: 9}"])
+    with pytest.raises(UserError, match="sample.cfg.channels is 9, but the model has 3 channels"):  # its in_chans
+        check_before_weights(uvit, None, None, None, None, None, request=SampleRequest(n=1))
 
 
 def test_unguided_sampling_checks_memory_for_one_pass_not_a_doubled_batch(monkeypatch):

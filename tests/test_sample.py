@@ -745,3 +745,12 @@ def test_sampling_a_recipe_is_reproducible_and_starts_from_zoo_trains_initial_we
     capsys.readouterr()
     assert np.array_equal(grids[0], grids[1]) and np.array_equal(grids[0], grids[2])
     assert not np.array_equal(grids[0], grids[3])  # seed 0, the default without sample.seed
+
+
+def test_a_python_request_without_a_seed_takes_the_recipes_sample_seed():
+    """SampleRequest.seed defaulted to 0, so sample_latents ignored sample.seed, which zoo sample and zoo eval read."""
+    model, recipe = _trained_like(PIXELS)
+    seeded = {**recipe, "sample": {**recipe["sample"], "seed": 4}}
+    by_recipe, _ = sample_latents(model, seeded, SampleRequest(n=2, steps=2))
+    assert torch.equal(by_recipe, sample_latents(model, recipe, SampleRequest(n=2, steps=2, seed=4))[0])
+    assert not torch.equal(by_recipe, sample_latents(model, recipe, SampleRequest(n=2, steps=2))[0])  # seed 0

@@ -17,7 +17,7 @@ import json
 import math
 import numbers
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -109,7 +109,7 @@ class SampleRequest:
     """
 
     n: int | None = None
-    seed: int = 0
+    seed: int | None = None  # None: the recipe's sample.seed, else 0
     solver: str | None = None
     steps: int | None = None
     cfg: float | None = None
@@ -161,7 +161,8 @@ class SampleRequest:
                                 f"give {'one label or ' if what != 'x_T' else ''}{n}, or leave n (--n) out")
         if n < 1:
             raise UserError(f"n (--n) must be at least 1, got {n}")
-        check_seed(int(self.seed), "seed (--seed)")
+        if self.seed is not None:  # None: the recipe's sample.seed (its schema checks it)
+            check_seed(int(self.seed), "seed (--seed)")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"batch_size (--batch-size) must be at least 1, got {self.batch_size}")
         return n
@@ -320,8 +321,10 @@ def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.devic
         model, _ = load_checkpoint(path, weights=weights, device=device)
         origin = f"{weights} weights of {path}"
     else:  # initialised as zoo train initialises it (torch.manual_seed(train.seed)): the same weights each time
+        from zoo.training.sections import TRAIN_DEFAULTS
+
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int((recipe.get("train") or {}).get("seed") or 0))
+            torch.manual_seed(int((recipe.get("train") or {}).get("seed", TRAIN_DEFAULTS["seed"])))
             model = zoo.build_model(recipe)
         model = model.to(device)
         origin = "NO weights: a freshly initialised model (pass a checkpoint directory for real samples)"
@@ -464,21 +467,18 @@ def check_before_weights(recipe: Mapping[str, Any], solver: str | None, steps: i
         _check_labels(request, num_classes(recipe))
         guidance = guidance_settings(recipe, request.cfg)
         require_null_label(recipe, guidance)
-        channels = _data_channels(recipe)
-        if channels is not None:
-            check_guidance_channels(guidance, channels)
+        if guidance.active and guidance.channels is not None:
+            check_guidance_channels(guidance, _data_channels(recipe))
 
 
-def _data_channels(recipe: Mapping[str, Any]) -> int | None:
-    """The channels a registered backbone samples (``model.in_channels`` or its default); ``None``
-    for a ``_target_`` model, whose channels are known once it is built."""
-    from zoo.introspect import backbone_defaults
+def _data_channels(recipe: Mapping[str, Any]) -> int:
+    """The channels the recipe's model samples, from its example input built on the meta device (no
+    weights: U-ViT names them ``in_chans``, DiT and DiMR ``in_channels``, a ``_target_`` model anything)."""
+    import zoo
+    from zoo.meta import example_inputs
 
-    model = recipe.get("model")
-    if not isinstance(model, Mapping):
-        return None
-    channels = model.get("in_channels", backbone_defaults(model).get("in_channels"))
-    return channels if isinstance(channels, int) and not isinstance(channels, bool) else None
+    with torch.device("meta"):
+        return int(example_inputs(zoo.build_model(recipe))[0].shape[1])
 
 
 def check_solver_walks(recipe: Mapping[str, Any], solver: str | None = None, steps: int | None = None,
@@ -577,6 +577,8 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
     schedule = build_schedule(recipe)
     solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)
+    request.count()  # a seed that is no integer: one line, before it is read below
+    request = replace(request, seed=recipe_seed(recipe, request.seed))
     x_example = example_inputs(model)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
     n = request.count()
