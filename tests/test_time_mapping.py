@@ -108,9 +108,9 @@ def test_maps_are_linear_in_t():
     assert math.isclose(TIME_INPUTS["dimr_log_snr"](torch.tensor(0.5), N).item(), 0.0, abs_tol=1e-6)
 
 
-@pytest.mark.parametrize("recipe, wrong, fix", [("dimr_m_3r", "dit_index", "dimr_log_snr"),
-                                                ("uvit_h_2", "dimr_log_snr", "uvit_continuous"),
-                                                ("dit_s_2", "dimr_log_snr", "dit_index")])
+@pytest.mark.parametrize("recipe, wrong, fix", [("dimr_m_3r", "dit_index", "dimr_log_snr)"),
+                                                ("uvit_h_2", "dimr_log_snr", "uvit_continuous, ...)"),
+                                                ("dit_s_2", "dimr_log_snr", "dit_index, ...)")])
 def test_a_time_input_on_another_scale_than_the_backbone_reads_is_refused(recipe, wrong, fix, capsys):
     """DiMR's time-dependent norms read τ = input/4: a DDPM index 0..999 (dit_index) saturated them (outputs at
     steps 500 and 900 differed by 9e-4 where log_snr gives 0.45); U-ViT's and DiT's scale a step by 1/500,
@@ -120,4 +120,5 @@ def test_a_time_input_on_another_scale_than_the_backbone_reads_is_refused(recipe
     assert main(["build", recipe, "--set", f"diffusion.time_input={wrong}"]) == 2
     err = capsys.readouterr().err
     assert f"key diffusion.time_input: diffusion.time_input {wrong} feeds " in err and err.count("\n") == 1
-    assert f"(--set diffusion.time_input={fix})" in err
+    assert f"(set diffusion.time_input to the one its weights were trained with (--set diffusion.time_input={fix})" \
+        in err and "it takes " in err

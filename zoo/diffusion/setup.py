@@ -79,7 +79,8 @@ def check_time_input(recipe: Mapping[str, Any], model: nn.Module) -> None:
     if accepted and name not in accepted:
         raise UserError(f"diffusion.time_input {name} feeds {type(model).__name__} a time on another scale than "
                         f"it reads (it takes {', '.join(accepted[:-1]) + ' or ' * (len(accepted) > 1) + accepted[-1]})", key_path="diffusion.time_input",
-                        suggestion=f"--set diffusion.time_input={accepted[0]}")
+                        suggestion="set diffusion.time_input to the one its weights were trained with "
+                        f"(--set diffusion.time_input={accepted[0]}{', ...' * (len(accepted) > 1)})")
 
 
 def prediction(recipe: Mapping[str, Any]) -> str:
