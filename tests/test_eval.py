@@ -1064,6 +1064,8 @@ def test_the_recipes_sample_count_and_seed_are_the_defaults_of_n_and_seed(run_di
     assert code == 0 and np.array_equal(_images(by_flag), _images(by_recipe))
     code, flag_first = eval_json("--n", "8", "--seed", "3", "--set", "sample.seed=7")
     assert code == 0 and flag_first["protocol"]["seed"] == 3
+    code, err = eval_json("--set", "sample.num_samples=1")  # the recipe's count is named, not a --n never given
+    assert code == 2 and "sample.num_samples must be at least 2" in err and "--n" not in err.split("(")[0]
 
 
 def test_building_an_extractor_leaves_the_callers_random_state_alone():

@@ -126,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:  # before minutes of timing: a path the plot can be written to
         check_plot_output(args.plot)
 
+    from zoo.compare import check_not_a_base_file
+    from zoo.recipe import resolve
+
+    for recipe in args.recipes:  # a glob's _base_*.yaml: named as a base file, timed or not
+        check_not_a_base_file(recipe, resolve(recipe, list(args.overrides)).data)
     if not args.no_time:  # before any model is built: an allocator traceback or the OOM killer otherwise
         check_memory(args.recipes, args.overrides, args.batch, device)
     rows = measure(args.recipes, args.overrides, batch=args.batch, device=device, warmup=args.warmup,

@@ -185,9 +185,11 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     from zoo.training import distributed
 
     ckpt, eval_dir = locate(request.source)
+    given = request.n
     request = _with_recipe_defaults(request, ckpt)
     if request.n < 2:
-        raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {request.n}")
+        raise UserError(f"{'--n' if given is not None else 'sample.num_samples'} must be at least 2 (a covariance "
+                        f"needs two samples), got {request.n}")
     eval_dir = Path(request.out).expanduser() if request.out else eval_dir
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     distributed.check_launch(device)
