@@ -35,7 +35,30 @@ from .fused_rmsnorm import scaled_rms_norm
 STEP_TIME_SCALE = 1 / 500
 
 
-class TimeDependentParameter(nn.Module):
+class InterpolatedPair(nn.Module):
+    """``p1 + s·(p0 − p1)`` for a gate value ``s``: what every time-dependent parameter interpolates
+    (``p0 = p1 = init`` at first, so it starts time-independent). On its own it reads a gate another
+    parameter owns (the paper's β(t), which shares γ's)."""
+
+    def __init__(self, dim: int, init: float = 0.0):
+        super().__init__()
+        self.init = init
+        self.p0 = nn.Parameter(torch.full((dim,), float(init)))
+        self.p1 = nn.Parameter(torch.full((dim,), float(init)))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.p0, self.init)
+        nn.init.constant_(self.p1, self.init)
+
+    def at(self, s: Tensor) -> Tensor:
+        """``p1 + s·(p0 − p1)`` at gate value ``s``."""
+        return torch.lerp(self.p1, self.p0, s)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.p0.shape[0]}, init={self.init}"
+
+
+class TimeDependentParameter(InterpolatedPair):
     """``θ(τ) = p1 + σ((1 + w)·τ + b)·(p0 − p1)`` for a vector parameter of width ``dim``.
 
     Args:
@@ -47,19 +70,14 @@ class TimeDependentParameter(nn.Module):
     no_weight_decay = ("w", "b")
 
     def __init__(self, dim: int, init: float = 1.0, per_channel_gate: bool = True):
-        super().__init__()
-        self.init = init
+        super().__init__(dim, init)  # p0, p1 first: the parameter order optimizer states were saved in
         self.per_channel_gate = per_channel_gate
-        self.p0 = nn.Parameter(torch.empty(dim))
-        self.p1 = nn.Parameter(torch.empty(dim))
         gate = dim if per_channel_gate else 1
-        self.w = nn.Parameter(torch.empty(gate))
-        self.b = nn.Parameter(torch.empty(gate))
-        self.reset_parameters()
+        self.w = nn.Parameter(torch.zeros(gate))
+        self.b = nn.Parameter(torch.zeros(gate))
 
     def reset_parameters(self) -> None:
-        nn.init.constant_(self.p0, self.init)
-        nn.init.constant_(self.p1, self.init)
+        super().reset_parameters()
         nn.init.zeros_(self.w)
         nn.init.zeros_(self.b)
 
@@ -71,12 +89,8 @@ class TimeDependentParameter(nn.Module):
         """``s(τ) = σ((1 + w)·τ + b)``: ``(B, gates)`` for ``tau`` of shape ``(B,)``, ``(gates,)`` for a scalar."""
         return torch.sigmoid(torch.addcmul(self.b, tau.to(self.p0.dtype).unsqueeze(-1), 1 + self.w))
 
-    def at(self, s: Tensor) -> Tensor:
-        """``p1 + s·(p0 − p1)`` for a gate value ``s`` (this parameter's, or another's it shares)."""
-        return torch.lerp(self.p1, self.p0, s)
-
     def extra_repr(self) -> str:
-        return f"dim={self.p0.shape[0]}, init={self.init}, per_channel_gate={self.per_channel_gate}"
+        return f"{super().extra_repr()}, per_channel_gate={self.per_channel_gate}"
 
 
 class _TimeDependentNorm(nn.Module):
@@ -156,26 +170,6 @@ class PaperTimeDependentLayerNorm(TimeDependentLayerNorm):
     def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, None]:
         s = self.weight.gate(self.tau(cond))
         return self._affine_norm(x, self.weight.at(s), self.bias.at(s)), None
-
-
-class InterpolatedPair(nn.Module):
-    """``p1 + s·(p0 − p1)`` for a gate ``s`` another parameter owns (the paper's β(t), which shares γ's)."""
-
-    def __init__(self, dim: int, init: float = 0.0):
-        super().__init__()
-        self.init = init
-        self.p0 = nn.Parameter(torch.full((dim,), float(init)))
-        self.p1 = nn.Parameter(torch.full((dim,), float(init)))
-
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self.p0, self.init)
-        nn.init.constant_(self.p1, self.init)
-
-    def at(self, s: Tensor) -> Tensor:
-        return torch.lerp(self.p1, self.p0, s)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.p0.shape[0]}, init={self.init}"
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
