@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 
 class UserError(Exception):
@@ -103,6 +103,11 @@ def _fields_after(text: str, mark: str) -> dict | None:
         return None
     keys = {"message", "file", "line", "key_path", "suggestion"}
     return fields if isinstance(fields, dict) and set(fields) == keys and isinstance(fields["message"], str) else None
+
+
+def one_of(words: Sequence[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``: alternatives as a message names them."""
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from zoo.errors import UserError
+from zoo.errors import UserError, one_of
 
 from .guidance import GuidedModel, to_dit_scale
 from .objectives import OBJECTIVES, DiffusionObjective
@@ -78,7 +78,7 @@ def check_time_input(recipe: Mapping[str, Any], model: nn.Module) -> None:
     name = time_input_name(recipe)
     if accepted and name not in accepted:
         raise UserError(f"diffusion.time_input {name} feeds {type(model).__name__} a time on another scale than "
-                        f"it reads (it takes {', '.join(accepted[:-1]) + ' or ' * (len(accepted) > 1) + accepted[-1]})", key_path="diffusion.time_input",
+                        f"it reads (it takes {one_of(accepted)})", key_path="diffusion.time_input",
                         suggestion="set diffusion.time_input to the one its weights were trained with "
                         f"(--set diffusion.time_input={accepted[0]}{', ...' * (len(accepted) > 1)})")
 

@@ -33,7 +33,7 @@ from zoo.atomic import is_sealed, sealed_at
 from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_finite, check_replaceable, load_state_dict_strict,
                             load_trainer_state, load_weights, newest_step, read_classes, read_config, repair_run,
                             resume_point, save_checkpoint)
-from zoo.errors import UserError
+from zoo.errors import UserError, one_of
 from zoo.memory import require_training_memory
 from zoo.meta import example_inputs
 from zoo.precision import autocast_dtype, set_tf32
@@ -84,7 +84,7 @@ def _remedies(train: dict) -> str:
         tries.append("set train.grad_clip")
     if train.get("precision") == "fp16":
         tries.append("use precision bf16 (or fp32) instead of fp16")
-    text = ", ".join(tries[:-1]) + " or " + tries[-1] if len(tries) > 1 else tries[0]
+    text = one_of(tries)
     return text[0].upper() + text[1:]
 
 
