@@ -184,9 +184,12 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     from zoo.guards import check_writable
     from zoo.training import distributed
 
+    from zoo.sample import sample_recipe
+
     ckpt, eval_dir = locate(request.source)
     given = request.n
-    request = _with_recipe_defaults(request, ckpt)
+    recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
+    request = _with_recipe_defaults(request, recipe, ckpt)
     if request.n < 2:
         raise UserError(f"{'--n' if given is not None else 'sample.num_samples'} must be at least 2 (a covariance "
                         f"needs two samples), got {request.n}")
@@ -200,7 +203,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
         if ctx.main:  # an eval directory no file can be made in: said now, not after a batch is sampled
             check_writable(eval_dir, "--out" if request.out else "eval directory", into=True,
                            suggestion=None if request.out else "give --out DIR elsewhere")
-        setup = _set_up(request, ckpt, eval_dir, ctx.device, log, main=ctx.main)
+        setup = _set_up(request, recipe, ckpt, eval_dir, ctx.device, log, main=ctx.main)
     upto = request.n
     if setup.solver.batch_coupled:  # whole batches only: a later, larger --n then finds the batches a fresh run
         upto = -(-request.n // setup.batch) * setup.batch  # samples, not a short last batch of other batch-mates
@@ -231,14 +234,11 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     return _score(request, setup, ckpt, eval_dir, ctx.device)
 
 
-def _with_recipe_defaults(request: EvalRequest, ckpt: Path) -> EvalRequest:
-    """``request`` with an unset ``n`` and ``seed`` taken from the recipe's ``sample.num_samples`` and
-    ``sample.seed`` (the seed defaulting to 0); no sample count anywhere is a mistake."""
-    from zoo.sample import recipe_seed, sample_recipe
+def _with_recipe_defaults(request: EvalRequest, recipe: dict, ckpt: Path) -> EvalRequest:
+    """``request`` with an unset ``n`` and ``seed`` taken from ``ckpt``'s ``recipe`` (``sample.num_samples``
+    and ``sample.seed``, the seed defaulting to 0); no sample count anywhere is a mistake."""
+    from zoo.sample import recipe_seed
 
-    if request.n is not None and request.seed is not None:
-        return request
-    recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
     n = request.n if request.n is not None else (recipe.get("sample") or {}).get("num_samples")
     if n is None:
         raise UserError(f"how many samples to score? {ckpt}'s recipe has no sample.num_samples",
@@ -267,15 +267,16 @@ class _Setup:
     reference: Any = None
 
 
-def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.device, log: Callable[[str], None],
-            main: bool = True) -> _Setup:
-    """Model, solver, protocol and sample directory; on the main process also the extractor and the
-    reference statistics, so a wrong ``--ref`` or missing extractor weights fail before any sampling."""
+def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, device: torch.device,
+            log: Callable[[str], None], main: bool = True) -> _Setup:
+    """Model, solver, protocol and sample directory for ``ckpt`` sampled with ``recipe`` (its
+    :func:`zoo.sample.sample_recipe`); on the main process also the extractor and the reference
+    statistics, so a wrong ``--ref`` or missing extractor weights fail before any sampling."""
     from zoo.checkpoint import EMA, MODEL
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.precision import arithmetic_key
-    from zoo.sample import (build_solver, check_before_weights, load_decoder, model_for, num_classes, sample_recipe,
+    from zoo.sample import (build_solver, check_before_weights, load_decoder, model_for, num_classes,
                             sampling_precision, vae_weights)
     from zoo.vae import SCALE, vae_downsample
 
@@ -283,7 +284,6 @@ def _set_up(request: EvalRequest, ckpt: Path, eval_dir: Path, device: torch.devi
         raise UserError(f"--weights must be ema or raw, not {request.weights!r}")
     # A missing --ref or a --set that cannot apply is said before the extractor (timm, torchvision: seconds
     # to import) and the model load.
-    recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
     check_before_weights(recipe, request.solver, request.steps, request.respacing, request.precision, None,
                          request.solver_options)  # a respacing or precision sampling would refuse: said now
     ref_spec = _said_in_full(request.ref) if request.ref else _default_ref(recipe)
