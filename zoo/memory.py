@@ -32,7 +32,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from zoo.errors import UserError
 from zoo.meta import NotOnMeta, example_inputs, meta_forward, without_dynamo
 
-STEP_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq
+GRAD_BYTES_PER_PARAM = 4  # an fp32 gradient, there during a step only (zero_grad(set_to_none=True))
+STEP_BYTES_PER_PARAM = 4 + GRAD_BYTES_PER_PARAM + 8  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq
 EMA_BYTES_PER_PARAM = 4  # the fp32 EMA copy a training run keeps beside them
 TRAIN_BYTES_PER_PARAM = STEP_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM
 SAMPLE_ACTIVATION_COPIES = 4  # live tensors around the largest one in a no-grad forward

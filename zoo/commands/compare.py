@@ -66,7 +66,7 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
 
     import zoo
     from zoo.errors import UserError
-    from zoo.memory import available_bytes, estimate, gib
+    from zoo.memory import GRAD_BYTES_PER_PARAM, available_bytes, estimate, gib
     from zoo.meta import NotOnMeta
     from zoo.training.loop import set_grad_checkpointing
 
@@ -85,7 +85,7 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
             est = estimate(model, training=True, half_precision=train.get("precision") in ("bf16", "fp16"), ema=False)
         except NotOnMeta:  # a plugin's data-dependent code: it may well run on real tensors
             continue
-        grads = est.params * 4  # fp32 gradients: there during a step only (zero_grad(set_to_none=True))
+        grads = est.params * GRAD_BYTES_PER_PARAM  # there during a step only
         sized.append((recipe, est.fixed - grads, grads, est.per_sample))  # resident: weights and AdamW's moments
     if not sized:
         return
