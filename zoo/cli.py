@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zoo: error: {err.filename}: {PATH_PROBLEMS[type(err)]}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `zoo list | head -1`: the reader has all it wanted
-        _discard_stdout()
+        _discard(sys.stdout)
         return 0
     except OSError as err:  # a full or read-only disk: not a bug, nothing to fix in what was given but where
         from zoo.atomic import DISK_ERRNOS
@@ -246,11 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _discard_stdout(stream=None) -> None:
-    """Point stdout (or ``stream``'s file descriptor) at /dev/null, so that flushing what is still buffered
-    at exit cannot fail again."""
+def _discard(stream) -> None:
+    """Point ``stream``'s file descriptor (stdout, stderr) at /dev/null, so that flushing what is still
+    buffered at exit cannot fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, (stream or sys.stdout).fileno())
+    os.dup2(devnull, stream.fileno())
     os.close(devnull)
 
 
@@ -284,7 +284,7 @@ class _ReaderMayLeave:
             self._reader_left()
 
     def _reader_left(self) -> None:
-        _discard_stdout(self._stream)
+        _discard(self._stream)
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()  # what is still buffered goes to /dev/null now
         if self._note is not None:
@@ -327,7 +327,7 @@ def console_main() -> None:
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _discard_stdout()
+        _discard(sys.stdout)
         code = 0
     _exit_without_teardown(code)
 

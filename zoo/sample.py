@@ -577,8 +577,7 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
     schedule = build_schedule(recipe)
     solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)
-    request.count()  # a seed that is no integer: one line, before it is read below
-    request = replace(request, seed=recipe_seed(recipe, request.seed))
+    request = replace(request, seed=recipe_seed(recipe, request.seed))  # a given seed as it is: count() checks it
     x_example = example_inputs(model)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
     n = request.count()
