@@ -338,6 +338,25 @@ def test_incomplete_or_corrupt_checkpoint_files_are_named(tmp_path):
         ckpt.load_weights(tmp_path / "w.safetensors")
 
 
+
+def test_a_checkpoint_deleted_while_it_is_read_is_not_called_incomplete(tmp_path, monkeypatch):
+    """A running zoo train prunes an old step_* (keep_last) after a reader opened its record: the reader
+    is told that, not that the save was broken."""
+    import shutil
+
+    step = ckpt.save_checkpoint(tmp_path / "run" / "step_0000002", _model(), RECIPE, state={"step": 2})
+    real = atomic.read_record
+
+    def record_then_pruned(directory, record):
+        payload = real(directory, record)
+        shutil.rmtree(directory)
+        return payload
+
+    monkeypatch.setattr(atomic, "read_record", record_then_pruned)
+    with pytest.raises(UserError, match=r"step_0000002 was deleted while it was being read") as err:
+        ckpt.load_checkpoint(step)
+    assert "train.keep_last" in err.value.suggestion and "incomplete" not in err.value.message
+
 @pytest.mark.slow
 def test_a_process_killed_between_the_two_renames_leaves_a_repairable_state(tmp_path):
     """The stop-at-step tests raise; here the process really dies (os._exit) with DIR renamed away."""

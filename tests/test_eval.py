@@ -482,6 +482,57 @@ def _eval(run, *extra):
                  "--batch-size", "32", *extra])
 
 
+def _save_over(last: Path, model, recipe, scale: float) -> None:
+    """What a running ``zoo train`` does to ``last/``: a new save replaces it (other weights)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    save_checkpoint(last, model, recipe, ema=model)
+
+
+def test_eval_hashes_the_weights_it_loaded_when_a_save_replaces_last_meanwhile(run_dir, monkeypatch):
+    """A save landing between the load and the hash: loaded again, so the recorded sha256 (which keys the
+    samples) names the weights sampled, not a newer file."""
+    import zoo.sample
+    from zoo.eval.runner import EvalRequest, _hashed_model
+    from zoo.eval.extractors import sha256_file
+
+    recipe, last = zoo.load_recipe(RECIPE), run_dir / "last"
+    real, calls = zoo.sample.model_for, []
+
+    def loads_then_a_save_lands(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out[0])
+        if len(calls) == 1:
+            _save_over(last, load_checkpoint(last)[0], recipe, 2.0)
+        return out
+
+    monkeypatch.setattr(zoo.sample, "model_for", loads_then_a_save_lands)
+    model, _, weights_file, digest = _hashed_model(EvalRequest(source=str(run_dir)), recipe, last, torch.device("cpu"))
+    assert len(calls) == 2 and model is calls[1]
+    assert digest == sha256_file(last / "ema.safetensors")
+    saved = load_checkpoint(last)[0].state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_eval_of_a_checkpoint_replaced_at_every_read_says_so(run_dir, monkeypatch):
+    import zoo.sample
+    from zoo.eval.runner import EvalRequest, _hashed_model
+
+    recipe, last = zoo.load_recipe(RECIPE), run_dir / "last"
+    real = zoo.sample.model_for
+
+    def always_a_save(*args, **kwargs):
+        out = real(*args, **kwargs)
+        _save_over(last, load_checkpoint(last)[0], recipe, 1.5)
+        return out
+
+    monkeypatch.setattr(zoo.sample, "model_for", always_a_save)
+    with pytest.raises(UserError, match="replaced by a newer save each of 3 times") as err:
+        _hashed_model(EvalRequest(source=str(run_dir)), recipe, last, torch.device("cpu"))
+    assert "step_*" in err.value.suggestion
+
+
 def test_a_run_without_its_last_names_its_newest_step_and_a_missing_path_says_so(run_dir, capsys):
     (run_dir / "last").rename(run_dir / "step_0000004")
     assert _eval(run_dir) == 2

@@ -253,18 +253,20 @@ def check_replaceable(target: str | Path, what: str = "checkpoint directory") ->
                     suggestion="choose another path")
 
 
-def repair_checkpoint(directory: str | Path) -> Path | None:
-    """Finish or undo an interrupted save of ``directory`` (see :mod:`zoo.atomic`); ``directory`` if it exists."""
-    return atomic.repair(directory, CONFIG)
+def repair_checkpoint(directory: str | Path, in_place: bool = False) -> Path | None:
+    """Finish or undo an interrupted save of ``directory`` (see :mod:`zoo.atomic`); ``directory`` if it exists.
+    ``in_place``: where that is refused (a read-only copy), the save that would replace it, left where it is."""
+    return atomic.repair(directory, CONFIG, in_place=in_place)
 
 
 def checkpoint_of(path: str | Path) -> Path:
     """``path``, or for a ``zoo train`` run directory its newest checkpoint ``path/last``; both repaired
-    first if a crash interrupted their save."""
+    first if a crash interrupted their save (on a read-only copy, the newer save is read where it is)."""
     path = Path(path)
-    repair_checkpoint(path / "last")  # a save interrupted between its two renames: `last` comes back
-    repair_checkpoint(path)
-    return path / "last" if (path / "last" / CONFIG).is_file() else path
+    # a save interrupted between its two renames: `last` comes back
+    last = repair_checkpoint(path / "last", in_place=True) or path / "last"
+    here = repair_checkpoint(path, in_place=True) or path
+    return last if (last / CONFIG).is_file() else here
 
 
 RUN_NAMES = re.compile(r"last|step_\d{7}|log\.jsonl|loss\.png")  # what zoo train writes in a run directory
@@ -367,11 +369,28 @@ def _checkpoint_dir(directory: str | Path) -> Path:
     if not directory.is_dir():
         raise UserError(f"{directory} is a file, not a checkpoint directory ({CONFIG} + {MODEL})")
     problems = atomic.missing_or_truncated(directory, CONFIG)
+    if problems and not directory.exists():  # its record was read, then it went: not a broken save
+        raise UserError(f"checkpoint {directory} was deleted while it was being read",
+                        suggestion="a running zoo train deletes its older step_* checkpoints (train.keep_last): "
+                        "read last/ or a newer step_*")
     if problems:
         newest = newest_step(directory.parent) if directory.name == "last" else None
         raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}",
                         suggestion=f"{newest} is the run's newest complete checkpoint" if newest else None)
     return directory
+
+
+def saved_files_identity(directory: Path) -> tuple:
+    """Device, inode, size and mtime of a checkpoint's files: a save that replaces the directory (or any
+    of them) changes it, so equal values before and after a read mean the read saw one save."""
+    def identity(path: Path) -> tuple[int, int, int, int] | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    return tuple(identity(directory / name) for name in (CONFIG, MODEL, EMA))
 
 
 def newest_step(run: Path) -> Path | None:

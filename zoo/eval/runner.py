@@ -91,6 +91,30 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+def _hashed_model(request: EvalRequest, recipe: dict, ckpt: Path, device: torch.device,
+                  tries: int = 3) -> tuple[torch.nn.Module, str, Path, str]:
+    """The model of ``ckpt`` with the file its weights came from and that file's sha256, both from one
+    save: a run saving into ``ckpt`` meanwhile (its ``last/``) would have the samples keyed by the hash
+    of other weights than they were drawn from, and a later eval of those weights reuse them."""
+    from zoo.checkpoint import EMA, MODEL, saved_files_identity
+    from zoo.sample import model_for
+
+    for _ in range(tries):
+        before = saved_files_identity(ckpt)
+        model, origin = model_for(ckpt, recipe, device=device,
+                                  weights="model" if request.weights == "raw" else None)  # EMA where saved
+        if request.weights == "raw":
+            origin, weights_file = f"raw weights of {ckpt}", ckpt / MODEL
+        else:
+            weights_file = ckpt / (EMA if (ckpt / EMA).is_file() else MODEL)
+        digest = _sha256(weights_file)
+        if saved_files_identity(ckpt) == before:
+            return model, origin, weights_file, digest
+    raise UserError(f"checkpoint {ckpt} was replaced by a newer save each of {tries} times it was read "
+                    "(a running zoo train saving there)",
+                    suggestion="evaluate one of the run's step_* checkpoints, or wait for the run to end")
+
+
 def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, stop: int, seed: int, device,
                   decoder: torch.nn.Module | None = None, precision: str | None = None):
     """Samples ``start .. stop-1`` as uint8 images (B, 3, H, W) and their labels, with global per-sample seeds.
@@ -204,6 +228,11 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
             check_writable(eval_dir, "--out" if request.out else "eval directory", into=True,
                            suggestion=None if request.out else "give --out DIR elsewhere")
         setup = _set_up(request, recipe, ckpt, eval_dir, ctx.device, log, main=ctx.main)
+    with distributed.agreement(ctx):  # every process samples the weights rank 0 hashed
+        if ctx.broadcast(setup.protocol["weights_sha256"]) != setup.protocol["weights_sha256"]:
+            raise UserError(f"checkpoint {ckpt} was replaced by a newer save while the processes read it "
+                            "(a running zoo train saving there)",
+                            suggestion="evaluate one of the run's step_* checkpoints, or wait for the run to end")
     upto = request.n
     if setup.solver.batch_coupled:  # whole batches only: a later, larger --n then finds the batches a fresh run
         upto = -(-request.n // setup.batch) * setup.batch  # samples, not a short last batch of other batch-mates
@@ -272,11 +301,11 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
     """Model, solver, protocol and sample directory for ``ckpt`` sampled with ``recipe`` (its
     :func:`zoo.sample.sample_recipe`); on the main process also the extractor and the reference
     statistics, so a wrong ``--ref`` or missing extractor weights fail before any sampling."""
-    from zoo.checkpoint import EMA, MODEL
+    from zoo.checkpoint import EMA
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.precision import arithmetic_key
-    from zoo.sample import (build_solver, check_before_weights, load_decoder, model_for, num_classes,
+    from zoo.sample import (build_solver, check_before_weights, load_decoder, num_classes,
                             sampling_precision, vae_weights)
     from zoo.vae import SCALE, vae_downsample
 
@@ -288,12 +317,7 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
                          request.solver_options)  # a respacing or precision sampling would refuse: said now
     ref_spec = _said_in_full(request.ref) if request.ref else _default_ref(recipe)
     extractor = build_extractor(request.extractor, request.extractor_weights, device) if main else None
-    model, origin = model_for(ckpt, recipe, device=device,
-                              weights="model" if request.weights == "raw" else None)  # EMA where saved
-    if request.weights == "raw":
-        origin, weights_file = f"raw weights of {ckpt}", ckpt / MODEL
-    else:
-        weights_file = ckpt / (EMA if (ckpt / EMA).is_file() else MODEL)
+    model, origin, weights_file, weights_sha256 = _hashed_model(request, recipe, ckpt, device)
     decoder = load_decoder(recipe, request.vae, device)  # a latent model's VAE, loaded once: bad weights fail here
     schedule = build_schedule(recipe)
     solver, solver_spec = build_solver(recipe, request.solver, request.steps, request.solver_options,
@@ -310,7 +334,7 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
                         "to RGB by its VAE (data.latent: true, --vae)")
     protocol = {
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
-        "weights_sha256": _sha256(weights_file), "solver": solver_spec,
+        "weights_sha256": weights_sha256, "solver": solver_spec,
         # guidance that changes nothing (w = 1) is the unguided protocol: the same images, not sampled again
         "cfg": ({"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
                  "channels": guidance.channels, "power": guidance.power} if guidance.active else
