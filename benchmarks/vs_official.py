@@ -1,6 +1,7 @@
 """zoo's training step against the official code's, same configuration, same process, interleaved.
 
-    python benchmarks/vs_official.py --official ~/src/DiMR --model dimr_m_3r [--batch 4] [--pairs 9] [--recompute]
+    python benchmarks/vs_official.py --official ~/src/DiMR --model dimr_m_3r [--batch 4] [--pairs 9]
+        [--recompute | --as-released]
 
 Nothing of the official code is bundled (their licences differ: DiT CC BY-NC, U-ViT MIT,
 DiMR Apache-2.0): give the path of your own checkout; without one this prints how to get it.
@@ -19,6 +20,13 @@ state, weights excluded).
 ``--recompute`` recomputes block activations in backward on both sides (zoo:
 ``set_grad_checkpointing``; official U-ViT: ``use_checkpoint``; official DiMR always
 recomputes as released, and without ``--recompute`` its blocks are called directly here).
+Neither flag: no recomputation on either side (the like-for-like comparison).
+
+``--as-released`` times each side as its own training configuration runs it: the official
+code as released (DiMR's blocks recompute through their own ``torch.utils.checkpoint`` call;
+U-ViT's released configs set ``use_checkpoint=True``; DiT has none) against zoo as its recipe
+trains (``train.grad_checkpointing``: on for U-ViT, off for DiT and DiMR). The step then differs
+in work done as well as in code, so read the peak memory beside the times.
 """
 
 from __future__ import annotations
@@ -76,11 +84,14 @@ def _dimr_stages(name: str) -> list[dict]:
     return [tf(960, 39, 16, 2, 16), cnx(480, 20, 32, 1)]
 
 
-def build_official(name: str, path: Path, recompute: bool) -> torch.nn.Module:
-    """The official model class from the checkout at ``path``, configured as zoo's recipe."""
+def build_official(name: str, path: Path, recompute: bool, as_released: bool = False) -> torch.nn.Module:
+    """The official model class from the checkout at ``path``, configured as zoo's recipe.
+
+    ``as_released``: the recomputation the released training runs use, whatever ``recompute`` says.
+    """
     sys.path.insert(0, str(path))
     if name == "dit_s_2":
-        if recompute:
+        if recompute and not as_released:
             raise BenchError("the official DiT has no activation recomputation; drop --recompute")
         import models  # the official DiT models.py
 
@@ -89,13 +100,16 @@ def build_official(name: str, path: Path, recompute: bool) -> torch.nn.Module:
         from libs.uvit import UViT
 
         return UViT(img_size=64, patch_size=4, in_chans=3, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4,
-                    qkv_bias=False, mlp_time_embed=False, num_classes=1000, use_checkpoint=recompute)
+                    qkv_bias=False, mlp_time_embed=False, num_classes=1000, use_checkpoint=recompute or as_released)
     from libs.core import blocks  # the official DiMR
 
     warnings.filterwarnings("ignore", message="Using slower tdp_torch")  # once per norm per step on CPU
 
-    for cls in (blocks.TransformerBlock, blocks.ConvNeXtBlock):  # runtime shim: recompute as asked
-        cls.forward = _recomputing_forward if recompute else _direct_forward
+    warnings.filterwarnings("ignore", message="torch.utils.checkpoint: the use_reentrant parameter")  # released call
+    warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")  # the no_grad shape probe
+    if not as_released:  # the released forward always recomputes; a runtime shim does as asked
+        for cls in (blocks.TransformerBlock, blocks.ConvNeXtBlock):
+            cls.forward = _recomputing_forward if recompute else _direct_forward
     in_ch = 3 if name == "dimr_m_3r" else 4
     config = types.SimpleNamespace(channels=in_ch, num_classes=1001, block_grad_to_lowres=False, norm_type="TDRMSN",
                                    stage_configs=[types.SimpleNamespace(**s) for s in _dimr_stages(name)])
@@ -111,12 +125,35 @@ def _recomputing_forward(self, x, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(self._forward, x, *args, use_reentrant=False, **kwargs)
 
 
-def build_zoo(name: str, recompute: bool) -> torch.nn.Module:
+def build_zoo(name: str, recompute: bool, as_released: bool = False) -> torch.nn.Module:
+    """zoo's model of the recipe; ``as_released``: recomputing as the recipe's ``train.grad_checkpointing`` says."""
     import zoo
 
     model = zoo.build_model(ROOT / MODELS[name][0])
-    model.set_grad_checkpointing(recompute)
+    model.set_grad_checkpointing(_recipe_recomputes(name) if as_released else recompute)
     return model
+
+
+def build_side(side: str, args: argparse.Namespace) -> torch.nn.Module:
+    """The official or zoo model as ``args`` configure it."""
+    if side == "official":
+        return build_official(args.model, Path(args.official), args.recompute, args.as_released)
+    return build_zoo(args.model, args.recompute, args.as_released)
+
+
+def recompute_label(args: argparse.Namespace) -> str:
+    """How each side recomputes activations in this run, for the printed header."""
+    if not args.as_released:
+        return f"recompute {'on' if args.recompute else 'off'} (both sides)"
+    on_off = lambda flag: "on" if flag else "off"  # noqa: E731
+    return (f"as released: official recompute {on_off(args.model != 'dit_s_2')}, "
+            f"zoo recompute {on_off(_recipe_recomputes(args.model))} (its recipe's train.grad_checkpointing)")
+
+
+def _recipe_recomputes(name: str) -> bool:
+    import zoo
+
+    return bool(zoo.load_recipe(ROOT / MODELS[name][0])["train"].get("grad_checkpointing", False))
 
 
 def make_inputs(name: str, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,8 +202,7 @@ def _timed(step) -> float:
 def measure_memory(args: argparse.Namespace, side: str) -> float:
     """Peak MiB of one training step of one side, in this (fresh) process."""
     device = torch.device(args.device)
-    model = (build_official(args.model, Path(args.official), args.recompute) if side == "official"
-             else build_zoo(args.model, args.recompute)).to(device)
+    model = build_side(side, args).to(device)
     step = make_step(args.model, model, side == "official", args.batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -206,16 +242,16 @@ def _rss_growth(fn) -> int:
 def _child_args(args: argparse.Namespace) -> list[str]:
     out = ["--official", str(args.official), "--model", args.model, "--batch", str(args.batch),
            "--threads", str(args.threads), "--device", args.device]
-    return out + ["--recompute"] * args.recompute
+    return out + ["--recompute"] * args.recompute + ["--as-released"] * args.as_released
 
 
 def run(args: argparse.Namespace) -> dict:
     """Build both, check the counts, time interleaved pairs; the figures as a dict."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    official = build_official(args.model, Path(args.official), args.recompute).to(device)
+    official = build_side("official", args).to(device)
     torch.manual_seed(0)
-    ours = build_zoo(args.model, args.recompute).to(device)
+    ours = build_side("zoo", args).to(device)
     n_off, n_zoo = (sum(p.numel() for p in m.parameters()) for m in (official, ours))
     if n_off != n_zoo:
         raise BenchError(f"parameter counts differ: official {n_off:,}, zoo {n_zoo:,}; not timing (is --official a "
@@ -230,7 +266,8 @@ def run(args: argparse.Namespace) -> dict:
         for side in (("official", "zoo") if i % 2 == 0 else ("zoo", "official")):
             times[side].append(_timed(steps[side]))
     ratios = [a / b for a, b in zip(times["official"], times["zoo"])]
-    return {"model": args.model, "batch": args.batch, "recompute": args.recompute, "params": n_zoo,
+    return {"model": args.model, "batch": args.batch, "recompute": args.recompute, "as_released": args.as_released,
+            "params": n_zoo,
             "threads": torch.get_num_threads(), "device": args.device, "pairs": args.pairs,
             "official_ms": statistics.median(times["official"]) * 1e3, "zoo_ms": statistics.median(times["zoo"]) * 1e3,
             "ratio": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios],
@@ -249,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=positive_int, default=8,
                         help="timed official/zoo pairs after warm-up (rounded up to even: each order equally often)")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps of each side first")
-    parser.add_argument("--recompute", action="store_true", help="activation recomputation on both sides")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--recompute", action="store_true", help="activation recomputation on both sides")
+    mode.add_argument("--as-released", action="store_true",
+                      help="each side recomputing as it trains: the official code as released, zoo as its recipe")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads on CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -295,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"vs_official: the {side} peak-memory run failed: {why}", file=sys.stderr)
     mem = lambda v: "-" if v is None else f"{v:.0f} MiB"  # noqa: E731
     print(f"{args.model} batch {args.batch} {args.device} fp32 threads {result['threads']} "
-          f"recompute {'on' if args.recompute else 'off'} params {result['params']:,} (equal)")
+          f"{recompute_label(args)}; params {result['params']:,} (equal)")
     print(f"  official {result['official_ms']:.0f} ms   zoo {result['zoo_ms']:.0f} ms   "
           f"official/zoo {result['ratio']:.3f} (median of {args.pairs} pairs: {result['ratios']})")
     if not args.no_memory:

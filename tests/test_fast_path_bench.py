@@ -79,3 +79,19 @@ def test_dimr_stage_configs_match_the_recipes(bench):
     xl = bench._dimr_stages("dimr_xl_2r")
     assert [(s["dim"], s["hidden_dim"], s["num_blocks"]) for s in xl] == [(960, 1920, 39), (480, 960, 20)]
     assert xl[0]["num_attention_heads"] == 16
+
+
+def test_as_released_recomputes_on_zoos_side_as_the_recipe_trains_and_excludes_recompute(bench, capsys):
+    """--as-released: zoo's side recomputes exactly when its recipe's train.grad_checkpointing says so
+    (U-ViT-M/4 on, as the official config; DiMR-M/3R off), and it cannot be combined with --recompute."""
+    import torch
+
+    assert bench._recipe_recomputes("uvit_m_4") and not bench._recipe_recomputes("dimr_m_3r")
+    with torch.device("meta"):
+        uvit = bench.build_zoo("uvit_m_4", recompute=False, as_released=True)
+        dimr = bench.build_zoo("dimr_m_3r", recompute=True, as_released=True)
+    assert uvit.blocks.grad_checkpointing is True
+    assert dimr.grad_checkpointing == [False, False, False]
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--official", ".", "--recompute", "--as-released"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
