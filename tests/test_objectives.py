@@ -313,6 +313,18 @@ def test_objective_drops_labels_before_the_model():
         DiffusionObjective(LINEAR, "uvit_discrete", label_drop=0.1)
 
 
+def test_given_draws_drop_exactly_the_labels_whose_uniform_is_below_label_drop():
+    """The trainer's path (``draws = (t, noise, u)``): sample i is unconditional iff u_i < label_drop."""
+    n = 4000
+    x0 = torch.zeros(n, 1, 1, 1)
+    model = Oracle(lambda x, t: x)
+    obj = DiffusionObjective(LINEAR, "uvit_discrete", label_drop=0.25, null_label=7)
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    t = index_to_time(torch.randint(0, N, (n,), generator=torch.Generator().manual_seed(0)), N)
+    obj(model, x0, torch.zeros(n, dtype=torch.long), draws=(t, torch.zeros(x0.shape), u))
+    assert torch.equal(model.seen[2] == 7, u < 0.25)
+
+
 # ----------------------------------------------------------------------------- Min-SNR-γ weighting
 
 

@@ -716,3 +716,27 @@ def test_resume_auto_continues_a_run_whose_last_is_gone_from_its_newest_step(tmp
     assert main(_args(out, "--resume", "auto", "--steps", "6")) == 0
     assert f"resumed from {out / 'step_0000004'} at step 4" in capsys.readouterr().out
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.parametrize("random_flip", [True, False])
+def test_random_flip_mirrors_exactly_the_samples_whose_draw_says_so(tmp_path, random_flip):
+    """data.random_flip: sample i reaches the objective mirrored iff its per-sample draw ``flip`` < 0.5."""
+    from zoo.training.draws import draw
+
+    recipe = zoo.load_recipe(HERE / "tiny_train.yaml", [*SMALL, "train.batch_size=8",
+                                                         f"data.random_flip={str(random_flip).lower()}"])
+    trainer = Trainer(recipe, tmp_path, log=QUIET)
+    objective, seen = trainer.objective, []
+    add_noise = objective.add_noise
+
+    def recording(x0, t, noise):  # what the objective noises: the batch as the loop hands it over
+        seen.append(x0.clone())
+        return add_noise(x0, t, noise)
+
+    objective.add_noise = recording
+    x, y = next(trainer.batches)
+    trainer.train_step(x, y)
+    mirrored = draw(range(8), trainer.seed, trainer.shape, objective).flip < 0.5
+    assert 0 < int(mirrored.sum()) < 8 and not torch.equal(x.flip(-1), x)  # both kinds, and a flip shows
+    expected = torch.where(mirrored[:, None, None, None], x.flip(-1), x) if random_flip else x
+    assert torch.equal(seen[0], expected)
