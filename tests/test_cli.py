@@ -272,6 +272,7 @@ def test_help_imports_no_numpy_and_no_recipe_machinery_and_the_api_still_loads()
         "from zoo import build_model, load_recipe\n"
         "from zoo.eval import frechet_distance\n"
         "assert zoo.build_model is build_model and zoo.register is zoo.registry.register and zoo.recipe.resolve\n"
+        "assert callable(zoo.flops.count_flops)\n"  # docs/models.md: zoo.flops.count_flops(model) after import zoo
         "assert load_recipe('dit_s_2')['model']['depth'] == 12 and callable(frechet_distance)\n"
         "print('ok')\n"
     )

@@ -183,11 +183,11 @@ def test_a_base_is_read_beside_its_recipe_or_among_the_shipped_ones_never_from_t
 def test_overrides_parse_yaml_values_and_record_their_origin():
     recipe = resolve(RECIPES / "tiny.yaml", ["model.depth=5", "model.block.norm.eps=1e-6", "train.betas=[0.9, 0.99]",
                                              "sample.solver={type: ddim, steps: 20}", "model.block.mlp.act=gelu_tanh",
-                                             "model.bias=null", "data.name=emoji"])
+                                             "model.bias=null", "data.split=holdout"])
     data = recipe.data
     assert data["model"]["depth"] == 5 and data["model"]["bias"] is None
     assert data["model"]["block"]["norm"] == {"type": "layernorm", "eps": 1e-6}  # a bare name became {type: NAME}
-    assert data["train"]["betas"] == [0.9, 0.99] and data["data"] == {"name": "emoji"}
+    assert data["train"]["betas"] == [0.9, 0.99] and data["data"] == {"split": "holdout"}
     assert data["sample"]["solver"] == {"type": "ddim", "steps": 20}
     assert recipe.origin(("model", "depth")) == ("--set model.depth=5", None)
     assert recipe.origin(("sample", "solver", "steps")) == ("--set sample.solver={type: ddim, steps: 20}", None)

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from . import api, domains, introspect, recipe, recipe_yaml, registry, validate
+    from . import api, domains, flops, introspect, recipe, recipe_yaml, registry, validate
     from .api import build_component, build_model, from_checkpoint, get_component, load_recipe, register
 
 __all__ = ["build_component", "build_model", "from_checkpoint", "get_component", "load_recipe", "register",
            "UserError"]
 _API = frozenset(__all__) - {"UserError"}
 # the modules an eager import of the API bound as attributes of zoo: ``import zoo; zoo.registry`` still works
-_SUBMODULES = frozenset({"api", "domains", "introspect", "recipe", "recipe_yaml", "registry", "validate"})
+_SUBMODULES = frozenset({"api", "domains", "flops", "introspect", "recipe", "recipe_yaml", "registry", "validate"})
 
 
 def _version() -> str:

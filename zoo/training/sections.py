@@ -53,7 +53,6 @@ DATA: dict[str, Any] = {
     "vae": Path | None,
     "size": Annotated[int, Range(1, MAX_COUNT), Doc("synthetic: number of images")],
     "num_workers": Annotated[int, Range(0, 256)],
-    "name": str,
     "split": Annotated[str, OneOf(("train", "holdout"), "split"), Doc("emoji32: train or holdout")],
     "cache": Path | None,
 }
