@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps (default 1500)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init, batches, augmentation (and split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init, batches, augmentation (and split); default 0")
     p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the data's, else 32)")
     p.add_argument("--dims", type=_ints, default=[32, 64], help="channels per resolution (default 32,64)")
     p.add_argument("--depths", type=_ints, default=[2, 2], help="convnext blocks per resolution (default 2,2)")
