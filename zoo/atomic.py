@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -53,14 +54,33 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors words the 
 
 def disk_error(err: BaseException, target: str | Path) -> OSError | None:
     """``err`` as an ``OSError`` naming ``target`` if it is a full or read-only disk (also as
-    safetensors or torch wrap it), else ``None``. A writer's own message names its temporary file,
+    safetensors or torch wrap it, or as the error a writer's clean-up raised while handling it:
+    matplotlib's PDF writer), else ``None``. A writer's own message names its temporary file,
     which is gone by then, or no file at all."""
-    code = err.errno if isinstance(err, OSError) else None
-    if code is None and (found := _RUST_OS_ERROR.search(str(err))):
-        code = int(found[1])
-    if code not in DISK_ERRNOS:
-        return None
-    return OSError(code, os.strerror(code), str(target))
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        code = cause.errno if isinstance(cause, OSError) else None
+        if code is None and (found := _RUST_OS_ERROR.search(str(cause))):
+            code = int(found[1])
+        if code in DISK_ERRNOS:
+            return OSError(code, os.strerror(code), str(target))
+        if not isinstance(err, Exception):  # an interrupt in a handler is an interrupt, not the disk
+            return None
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors_named(target: str | Path) -> Iterator[None]:
+    """Re-raise a full or read-only disk under the block as :func:`disk_error` names it (``target``)."""
+    try:
+        yield
+    except OSError as err:
+        if (named := disk_error(err, target)) is not None:
+            raise named from err
+        raise
 
 
 def write_all(raw: Any, data: bytes | memoryview) -> int:
@@ -304,17 +324,30 @@ def _choose(target: Path, found: list[Path], record: str) -> Path | None:
     return _newest([p for p in previous if is_sealed(p, record)] or previous, record)
 
 
-def _repair_unlocked(target: Path, record: str) -> Path | None:
+#: A rename a reader is refused: a read-only copy of a run, or a directory that is not the reader's to change.
+_REFUSED_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_NOTED: set[tuple[Path, Path]] = set()
+
+
+def _repair_unlocked(target: Path, record: str, in_place: bool = False) -> Path | None:
     found = leftovers(target)
     if not found:
         return None
     winner = _choose(target, found, record)
     if winner is not None and winner != target:
-        if target.exists():
-            aside = target.with_name(f"{target.name}.old-{_suffix()}")
-            os.replace(target, aside)
-            found.append(aside)
-        os.replace(winner, target)
+        aside = None
+        try:
+            if target.exists():
+                name = target.with_name(f"{target.name}.old-{_suffix()}")
+                os.replace(target, name)
+                found.append(aside := name)
+            os.replace(winner, target)
+        except OSError as err:
+            if not in_place or err.errno not in _REFUSED_ERRNOS:
+                raise
+            if aside is not None:  # the first rename was allowed, the second not: undone
+                os.replace(aside, target)
+            return winner  # read where it is: nothing renamed, nothing deleted
         fsync_path(target.parent)
         found.remove(winner)
     for p in found:
@@ -322,16 +355,24 @@ def _repair_unlocked(target: Path, record: str) -> Path | None:
     return target if target.exists() else None
 
 
-def repair(target: str | Path, record: str) -> Path | None:
+def repair(target: str | Path, record: str, in_place: bool = False) -> Path | None:
     """Finish or undo an interrupted :func:`write_dir` of ``target``; return ``target`` if it exists after.
 
     Without leftovers this only lists the parent directory. ``record`` is the sealing file's name.
+    ``in_place`` (a reader's repair): where the renames are refused (a read-only copy of a run), nothing
+    is changed and the directory the repair would have installed is returned to be read where it is.
     """
     target = Path(target)
     if not leftovers(target):
         return target if target.exists() else None
     with locked(target.parent):
-        _repair_unlocked(target, record)
+        chosen = _repair_unlocked(target, record, in_place)
+    if chosen is not None and chosen != target:
+        if (target, chosen) not in _NOTED:
+            _NOTED.add((target, chosen))
+            print(f"zoo: note: {target} cannot be repaired here (its file system refuses the rename): reading "
+                  f"{chosen.name}, the save that would replace it, where it is", file=sys.stderr)
+        return chosen
     return target if target.exists() else None
 
 

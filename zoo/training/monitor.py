@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from zoo.atomic import write_file
+from zoo.atomic import disk_errors_named, write_file
 
 #: TensorBoard scalars by group: the training records' and the evaluations' keys.
 SCALARS = {"train": ("loss", "mse", "lr", "grad_norm", "images_per_s", "steps_per_s"), "eval": ("fd", "val_loss")}
@@ -50,6 +50,30 @@ def _log_scale(values) -> str:
 def _points(records: list[dict], key: str) -> list[tuple[int, float]]:
     """(step, value) of the records that hold a finite ``key``."""
     return [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+
+
+def _quiet_tensorboard_thread() -> None:
+    """Keep the traceback of TensorBoard's writer thread off stderr (once per process).
+
+    The thread keeps the error that ended it (a full disk) for the next ``add_scalar``, ``flush`` or
+    ``close`` of the main thread to raise, and also lets it reach :func:`threading.excepthook`, which
+    printed "Exception in thread ..." with a traceback: that print only is dropped."""
+    import threading
+
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another TensorBoard: its print stays
+        return
+    previous = threading.excepthook
+    if getattr(previous, "zoo_quiet_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and args.thread.exception is args.exc_value):
+            previous(args)
+
+    hook.zoo_quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def _after_event_files_of_this_second(tb: Path) -> None:
@@ -158,9 +182,15 @@ class Monitor:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_tensorboard_thread()
             _after_event_files_of_this_second(self.out / "tb")
-            self._writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start + 1)
+            with self._tb_errors():
+                self._writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start + 1)
         return self._writer
+
+    def _tb_errors(self) -> contextlib.AbstractContextManager:
+        """A full or read-only disk under TensorBoard's writer as an error naming ``RUN/tb``."""
+        return disk_errors_named(self.out / "tb")
 
     def advance(self) -> None:
         """One step done."""
@@ -176,11 +206,12 @@ class Monitor:
         self._scalars(rec)
 
     def _scalars(self, rec: dict) -> None:
-        for group, keys in SCALARS.items():
-            for key in keys:
-                if key in rec:
-                    self.writer.add_scalar(f"{group}/{key}", rec[key], rec["step"])
-        self.writer.flush()
+        with self._tb_errors():
+            for group, keys in SCALARS.items():
+                for key in keys:
+                    if key in rec:
+                        self.writer.add_scalar(f"{group}/{key}", rec[key], rec["step"])
+            self.writer.flush()
 
     def branch_saved(self) -> None:
         """This run saved a checkpoint: the records after ``start`` of the run it branched from leave
@@ -233,19 +264,18 @@ class Monitor:
     def _append(self, line: str) -> None:
         """Add one line to log.jsonl whole, or not at all: a full disk leaves no torn line (the next
         record would be glued to it and lost), and its error names the file."""
-        from zoo.atomic import disk_error, write_all
+        from zoo.atomic import write_all
 
         if self.file is None:
             self.file = open(self.log_path, "ab", buffering=0)
         start = self.file.seek(0, 2)
-        try:
-            write_all(self.file, line.encode("utf-8"))
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                self.file.truncate(start)
-            if (named := disk_error(err, self.log_path)) is not None:
-                raise named from err
-            raise
+        with disk_errors_named(self.log_path):
+            try:
+                write_all(self.file, line.encode("utf-8"))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self.file.truncate(start)
+                raise
 
     def message(self, text: str) -> None:
         """A line that must not tear the bar."""
@@ -262,7 +292,10 @@ class Monitor:
             self.plot.draw(self.records)
         if self.bar is not None:
             self.bar.close()
-        if self._writer is not None:
-            self._writer.close()
-        if self.file is not None:
-            self.file.close()
+        try:
+            if self._writer is not None:
+                with self._tb_errors():  # its final flush: where the writer thread's error comes out last
+                    self._writer.close()
+        finally:
+            if self.file is not None:
+                self.file.close()

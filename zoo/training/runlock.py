@@ -10,9 +10,11 @@ never blocks a later run. Where ``fcntl`` does not exist (Windows) there is no l
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+from zoo.atomic import disk_errors_named
 from zoo.errors import UserError
 
 LOCK_FILE = ".zoo-train.lock"
@@ -50,8 +52,15 @@ class RunLock:
             if same:  # not a file the previous holder unlinked as this process opened it
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        with disk_errors_named(self.path):  # a full disk: a line naming the file, and no file left behind
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self.path.unlink(missing_ok=True)
+                os.close(fd)
+                raise
         self.fd = fd
 
     def release(self) -> None:
