@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import threading
@@ -248,6 +249,45 @@ def test_a_read_only_run_is_read_from_the_sealed_save_in_place(tmp_path, monkeyp
     with pytest.raises(OSError) as raised:
         ckpt.repair_run(run)
     assert raised.value.errno == errno.EROFS
+
+
+def test_zoo_eval_of_a_read_only_run_reads_the_sealed_save_in_place(tmp_path, monkeypatch):
+    """eval's locate named run/last whatever the repair had found: the older weights, or on a really
+    read-only mount the repair's rename failure."""
+    from zoo.eval.runner import locate
+
+    run, sealed, _ = _read_only_run_killed_before_install(tmp_path)
+    _refuse_renames(monkeypatch)
+    assert locate(run) == (sealed, run / "eval")
+    assert locate(run / "last") == (sealed, run / "eval")  # the checkpoint named: its newer save, too
+
+
+def test_a_resume_from_a_read_only_run_into_another_out_continues_from_its_sealed_save(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """--resume RO_RUN --out NEW stopped with "RO_RUN/last: the file system is read-only": the resume
+    repaired the run it only reads like the run it writes."""
+    small = ["--set", "train.ckpt_every=0", "--set", "train.sample_every=0", "--set", "train.log_every=1"]
+    first, later = tmp_path / "first", tmp_path / "later"
+    assert _cli(capsys, "train", RECIPES / "tiny_train.yaml", "--out", first, "--steps", "2", *small)[0] == 0
+    assert _cli(capsys, "train", RECIPES / "tiny_train.yaml", "--resume", first, "--out", later, "--steps", "4",
+                *small)[0] == 0
+    sealed = first / "last.tmp-0123abcd"  # killed between sealing step 4 and installing it as last/
+    shutil.copytree(later / "last", sealed)
+    real_replace = os.replace
+
+    def read_only_first(src, dst):
+        if Path(src).parent == first:
+            raise OSError(errno.EROFS, "Read-only file system", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", read_only_first)
+    code, err = _cli(capsys, "train", RECIPES / "tiny_train.yaml", "--resume", first, "--out", tmp_path / "again",
+                     "--steps", "5", *small)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "again" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5]  # one step after the sealed step 4, not three after last/'s 2
+    assert ckpt.load_trainer_state(tmp_path / "again" / "last")["step"] == 5
+    assert sealed.is_dir() and (first / "last").is_dir()  # nothing of the read-only run renamed
 
 
 def test_a_writable_run_is_still_repaired_by_a_reader(tmp_path):

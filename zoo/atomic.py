@@ -325,7 +325,7 @@ def _choose(target: Path, found: list[Path], record: str) -> Path | None:
 
 
 #: A rename a reader is refused: a read-only copy of a run, or a directory that is not the reader's to change.
-_REFUSED_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+REFUSED_RENAME_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 _NOTED: set[tuple[Path, Path]] = set()
 
 
@@ -343,7 +343,7 @@ def _repair_unlocked(target: Path, record: str, in_place: bool = False) -> Path 
                 found.append(aside := name)
             os.replace(winner, target)
         except OSError as err:
-            if not in_place or err.errno not in _REFUSED_ERRNOS:
+            if not in_place or err.errno not in REFUSED_RENAME_ERRNOS:
                 raise
             if aside is not None:  # the first rename was allowed, the second not: undone
                 os.replace(aside, target)

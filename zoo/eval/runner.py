@@ -73,8 +73,10 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     from zoo.checkpoint import checkpoint_of, newest_step_hint
 
     path = Path(source).expanduser()
-    if checkpoint_of(path) != path:  # a run directory: its last/
-        return path / "last", path / "eval"
+    found = checkpoint_of(path)
+    if found.parent == path:  # a run directory: its last/ (on a read-only copy, maybe the save replacing it)
+        return found, path / "eval"
+    path = found  # a checkpoint, or on a read-only copy the newer save of it, read where it lies
     if not path.exists():
         raise UserError(f"{path} does not exist", suggestion="pass a run directory (its last/ is evaluated) or a "
                         "checkpoint directory")

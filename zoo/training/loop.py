@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.atomic import is_sealed, sealed_at
-from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_finite, check_replaceable, load_state_dict_strict,
-                            load_trainer_state, load_weights, newest_step, read_classes, read_config, repair_run,
-                            resume_point, save_checkpoint)
+from zoo.atomic import REFUSED_RENAME_ERRNOS, is_sealed, sealed_at
+from zoo.checkpoint import (CONFIG, STEP_NAME, _check_keys, check_finite, check_replaceable, checkpoint_of,
+                            load_state_dict_strict, load_trainer_state, load_weights, newest_step, read_classes,
+                            read_config, repair_run, resume_point, save_checkpoint)
 from zoo.errors import UserError, one_of
 from zoo.memory import require_training_memory
 from zoo.meta import example_inputs
@@ -277,7 +277,12 @@ class Trainer:
 
         # A save a kill interrupted: the newest complete checkpoint wins. Only the checkpoints: the run's
         # temporary files (a half-written loss.png) may be a live run's, whose lock run() asks for.
-        repair_run(directory, files=False)
+        try:
+            repair_run(directory, files=False)
+        except OSError as err:  # a read-only copy of a run, resumed into another --out: read as it is
+            if err.errno not in REFUSED_RENAME_ERRNOS:
+                raise
+            directory = checkpoint_of(directory)  # its newest save, where it lies
         if (directory / "last").is_dir():
             directory, note = resume_point(directory)  # last/, or a step_*/ saved after it or complete where it is not
             if note:
