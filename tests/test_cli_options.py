@@ -74,3 +74,18 @@ def test_a_recipe_seed_past_56_bits_is_refused(section):
     zoo.load_recipe(RECIPE, [f"{section}.seed={SEEDS - 1}"])
     with pytest.raises(UserError, match=f"{section}.seed"):
         zoo.load_recipe(RECIPE, [f"{section}.seed={SEEDS}"])
+
+
+def test_prepare_latents_workers_default_to_the_cpus_this_process_may_use(monkeypatch):
+    """It took os.cpu_count(): 8 decoding processes on a job pinned to one CPU (taskset, a container)."""
+    import argparse
+    import os
+
+    from zoo.commands import prepare_latents
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    parser = argparse.ArgumentParser()
+    prepare_latents.register(parser.add_subparsers())
+    args = parser.parse_args(["prepare-latents", "imgs", "--vae", "v", "--out", "o"])
+    assert args.workers == 1

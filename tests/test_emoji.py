@@ -123,6 +123,8 @@ def test_cache_location_and_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("ZOO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert emoji.cache_path(32) == tmp_path / "xdg" / "zoo" / "emoji32_v2_32px.safetensors"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")  # ignored, as the XDG spec says: it moves with the cwd
+    assert emoji.cache_path(32).parent == Path.home() / ".cache" / "zoo"
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "env"))
     assert emoji.cache_path(64).parent == tmp_path / "env"
     assert emoji.cache_path(32, {"cache": str(tmp_path / "mine")}).parent == tmp_path / "mine"
@@ -199,8 +201,8 @@ def test_demo_recipe_trains_with_no_other_setting(emoji_cache, tmp_path):
 
 def test_a_cache_that_cannot_be_written_is_a_warning_that_says_what_to_do(emoji_cache, tmp_path, monkeypatch, capsys):
     """It said only '[Errno 20] Not a directory': not that training goes on, nor how to keep the cache."""
-    good = emoji.load_emoji(32)  # from the session cache
-    monkeypatch.setattr(emoji, "build_emoji", lambda size: good)
+    good, builds = emoji.load_emoji(32), []  # from the session cache
+    monkeypatch.setattr(emoji, "build_emoji", lambda size: builds.append(size) or good)
     (tmp_path / "afile.txt").write_text("keep")
     for cache in (tmp_path / "afile.txt", tmp_path / "folder"):  # a file in the cache's place, a folder in the file's
         if cache.name == "folder":
@@ -209,3 +211,6 @@ def test_a_cache_that_cannot_be_written_is_a_warning_that_says_what_to_do(emoji_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "going on without it (the images are rendered again on every run): set " \
             "data.cache or ZOO_CACHE to a writable directory to keep them" in err, err
+        # the holdout split of the same run (val_every) loads them again: not rendered nor warned twice
+        assert emoji.load_emoji(32, {"cache": str(cache)}) is good and capsys.readouterr().err == ""
+    assert len(builds) == 2

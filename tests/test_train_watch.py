@@ -73,11 +73,11 @@ def test_the_tensorboard_command_it_prints_can_be_pasted_into_a_shell(tmp_path):
 def test_a_run_directory_that_is_not_utf8_is_refused_before_any_step(tmp_path, capsys):
     """`--out $'runs/r\\xfcn'` trained its steps, then failed in TensorBoard's writer at the first log record
     (a UnicodeEncodeError traceback), with no last/."""
-    out = tmp_path / os.fsdecode(b"r\xfcn")
+    out = tmp_path / "café" / os.fsdecode(b"r\xfcn")  # only the invalid byte is shown escaped
     assert main(["train", str(RECIPE), "--out", str(out), "--steps", "6", "--set", "train.sample_every=0"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"zoo: error: the run directory {tmp_path}/r\\xfcn is not a valid UTF-8 path (TensorBoard cannot "
-                   "write there) (choose a UTF-8 path for --out)\n")
+    assert err == (f"zoo: error: the run directory {tmp_path}/café/r\\xfcn is not a valid UTF-8 path (TensorBoard "
+                   "cannot write there) (choose a UTF-8 path for --out)\n")
     assert not (out / "last").exists() and not (out / "log.jsonl").exists()
 
 
@@ -631,3 +631,19 @@ def test_a_terminal_that_hangs_up_still_gets_last_saved(tmp_path):
         os.close(master)  # the terminal closes: the kernel hangs up the session
     assert proc.wait(timeout=120) == 128 + signal.SIGHUP
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] >= 1
+
+
+def test_an_unwritable_matplotlib_config_directory_prints_nothing(tmp_path):
+    """A read-only HOME: matplotlib's own 'mkdir -p failed' and 'created a temporary cache directory'
+    lines appeared among zoo train's (zoo reads no matplotlib configuration; loss.png is drawn anyway)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a_file").write_text("")
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "a_file" / "matplotlib")}  # cannot be made
+    plain = "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot"
+    ours = "from zoo.plotting import agg_matplotlib; agg_matplotlib(); import matplotlib.pyplot"
+    said = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            for code in (plain, ours)]
+    assert "mkdir -p failed" in said[0].stderr  # what the unfiltered import prints there
+    assert said[1].returncode == 0 and said[1].stderr == ""

@@ -351,9 +351,9 @@ def _pdf_creator(data: bytes) -> bytes | None:
 
 def plot(rows: Sequence[Row], path: str | Path) -> Path:
     """GFLOPs against parameters (and against step time when timed), one labelled point per recipe; atomic write."""
-    import matplotlib
+    from zoo.plotting import agg_matplotlib
 
-    matplotlib.use("Agg")
+    agg_matplotlib()
     import matplotlib.pyplot as plt
 
     from zoo.atomic import write_file

@@ -16,6 +16,14 @@ import os
 import shlex
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (``taskset``, a container's CPU set), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prepare-latents", help="encode an ImageNet-style image folder into VAE latents",
                               description="Encode IMAGE_DIR/CLASS/* into SD-VAE posterior moments (image and "
@@ -27,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=256, help="image side after the ADM centre crop (default 256)")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE batch (default 32)")
     p.add_argument("--shard-size", type=int, default=10000, help="images per shard file (default 10000)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="image-decoding processes (default: up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, usable_cpus()),
+                   help="image-decoding processes (default: the CPUs this process may use, up to 8)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="storage type of the moments (default float32; float16 halves the disk)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: this rank's GPU if there is one)")

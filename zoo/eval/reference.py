@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -37,18 +36,10 @@ from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file, write_t
 from zoo.errors import UserError
 from zoo.eval.extractors import INCEPTION_FILE
 from zoo.eval.metrics import Features, Reference
+from zoo.cache import cache_root
 from zoo.eval.stats import feature_statistics
 
 CACHE_VERSION = 1
-
-
-def cache_root() -> Path:
-    """``$ZOO_CACHE``, else ``$XDG_CACHE_HOME/zoo``, else ``~/.cache/zoo``."""
-    explicit = os.environ.get("ZOO_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "zoo"
 
 
 def save_npz(path: Path, **arrays) -> Path:

@@ -41,12 +41,11 @@ SPLITS = ("train", "holdout")
 
 
 def cache_dir(data: Mapping[str, Any] | None = None) -> Path:
-    """Where built datasets are cached: ``data.cache``, ``$ZOO_CACHE``, ``$XDG_CACHE_HOME/zoo``, ``~/.cache/zoo``."""
-    explicit = (data or {}).get("cache") or os.environ.get("ZOO_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "zoo"
+    """Where built datasets are cached: ``data.cache``, else :func:`zoo.cache.cache_root`."""
+    from zoo.cache import cache_root
+
+    explicit = (data or {}).get("cache")
+    return Path(explicit).expanduser() if explicit else cache_root()
 
 
 def _codepoints(name: str) -> str:
@@ -178,6 +177,10 @@ def _read_cache(path: Path, size: int) -> dict[str, Tensor] | None:
     return tensors
 
 
+#: Tensors this process built and could not cache, by cache path (6 MB at 32 px).
+_UNCACHED: dict[Path, dict[str, Tensor]] = {}
+
+
 def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """The emoji tensors at ``size``, from the cache file (built and written atomically on first use,
     and again whenever the file is damaged or was built from other versions of the source packages)."""
@@ -187,6 +190,8 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
     from zoo.checkpoint import save_reproducibly
 
     path = cache_path(size, data)
+    if path in _UNCACHED:  # built by this process already, where the cache cannot be written
+        return _UNCACHED[path]
     remove_file_leftovers(path, untouched_for=STALE_AFTER_S)  # writes killed long ago (a valid cache is not rewritten)
     if path.is_file() and (cached := _read_cache(path, size)) is not None:
         return cached
@@ -200,6 +205,7 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
             print(f"zoo: warning: cannot write the emoji cache {path} ({why}); going on without it "
                   "(the images are rendered again on every run): set data.cache or ZOO_CACHE to a writable "
                   "directory to keep them", file=sys.stderr)
+        _UNCACHED[path] = tensors  # the holdout split of the same run (val_every, eval_every): not built again
     return tensors
 
 

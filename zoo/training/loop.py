@@ -125,7 +125,7 @@ def _check_utf8_path(out: Path) -> None:
     try:
         str(out).encode("utf-8")
     except UnicodeEncodeError:
-        shown = str(out).encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        shown = str(out).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise UserError(f"the run directory {shown} is not a valid UTF-8 path (TensorBoard cannot write there)",
                         suggestion="choose a UTF-8 path for --out") from None
 

@@ -94,9 +94,9 @@ class LossPlot:
     and renames it, so a reader never sees half a PNG."""
 
     def __init__(self, path: Path) -> None:
-        import matplotlib
+        from zoo.plotting import agg_matplotlib
 
-        matplotlib.use("Agg")
+        agg_matplotlib()
         from matplotlib.figure import Figure
 
         self.path = path
