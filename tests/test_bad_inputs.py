@@ -2,8 +2,8 @@
 
 Every row of :data:`CASES` is one case: ``(id, argv, setup, code, expected)``.
 
-- ``argv``: the command line after ``zoo``, split on spaces; ``{tmp}`` is the case's own empty
-  directory, ``{recipes}`` this folder's ``recipes/``.
+- ``argv``: the command line after ``zoo``, split on spaces before ``{tmp}`` (the case's own empty
+  directory) and ``{recipes}`` (this folder's ``recipes/``) are filled in, so a path may hold spaces.
 - ``setup``: names a function in :data:`SETUPS` that writes the bad input into ``{tmp}`` first
   (``ckpt`` = a good checkpoint at ``{tmp}/ckpt``; ``-`` = nothing).
 - ``code``: the exit status (2: a user mistake).
@@ -126,7 +126,8 @@ CASES = [
     ("convert-invalid-config", f"convert dit {{tmp}}/official.pt --recipe {TRAIN} --out {{tmp}}/out "
      "--config {tmp}/c.json", "official+json_broken", 2, "{tmp}/c.json"),
     # -- sample: sources, checkpoints, outputs, devices
-    ("sample-missing-path", "sample {tmp}/runs/dit_s_2", "-", 2, "{tmp}/runs/dit_s_2 does not exist"),
+    ("sample-missing-path", "sample {tmp}/runs/dit_s_2 --out {tmp}/out.png", "-", 2,
+     "{tmp}/runs/dit_s_2 does not exist"),  # --out: the default samples.png is checked in the current directory
     ("sample-path-named-like-a-shipped-recipe", "sample nowhere/dit_s_2 --out {tmp}/out.png", "-", 2,
      "nowhere/dit_s_2 does not exist"),
     ("sample-missing-recipe-file", "sample {tmp}/dit_s_2.yaml --out {tmp}/out.png", "-", 2, "{tmp}/dit_s_2.yaml"),
@@ -525,6 +526,11 @@ def _expand(text: str, tmp: Path) -> str:
     return text.replace("{tmp}", str(tmp)).replace("{recipes}", str(RECIPES))
 
 
+def _argv(template: str, tmp: Path) -> list[str]:
+    """The command line: split on the template's spaces first, so a path with a space stays one argument."""
+    return [_expand(part, tmp) for part in template.split()]
+
+
 def _check_result(code: int, err: str, tmp: Path, before: dict, expected_code: int, expected: str) -> None:
     assert code == expected_code, err
     assert "Traceback" not in err and "weights_only=False" not in err, err
@@ -550,7 +556,7 @@ def test_bad_input(case, argv, setup, code, expected, tmp_path, good_checkpoint,
     _setup(setup, tmp_path, good_checkpoint)
     before = _tree(tmp_path)
     start = time.perf_counter()
-    result = main(_expand(argv, tmp_path).split())
+    result = main(_argv(argv, tmp_path))
     elapsed = time.perf_counter() - start
     _, err = capsys.readouterr()
     _check_result(result, err, tmp_path, before, code, expected)
@@ -564,7 +570,7 @@ def test_bad_input_in_a_real_process(case, tmp_path, good_checkpoint):
     _setup(setup, tmp_path, good_checkpoint)
     before = _tree(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "ZOO_TRACEBACK"}
-    proc = subprocess.run([sys.executable, "-m", "zoo", *_expand(argv, tmp_path).split()], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "zoo", *_argv(argv, tmp_path)], capture_output=True,
                           text=True, timeout=TIME_LIMIT_S * 3, env=env, cwd=tmp_path)
     _check_result(proc.returncode, proc.stderr, tmp_path, before, code, expected)
 

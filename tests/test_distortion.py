@@ -144,9 +144,10 @@ def _classifier(path: Path, classes: int = 4, size: int = 8) -> Path:
 
 def test_zoo_eval_distortion_end_to_end(checkpoint, tmp_path, capsys):
     cls = _classifier(tmp_path / "cls")
-    argv = f"eval {checkpoint} --n 8 --ref synthetic --extractor {PoolFeatures.name} --batch-size 4 --distortion " \
-           f"--classifier {cls} --threshold 0.3 --json"
-    assert main(argv.split()) == 0
+    argv = f"eval {{ckpt}} --n 8 --ref synthetic --extractor {PoolFeatures.name} --batch-size 4 --distortion " \
+           "--classifier {cls} --threshold 0.3 --json"
+    # split before the paths go in: a path with a space stays one argument
+    assert main([a.replace("{ckpt}", str(checkpoint)).replace("{cls}", str(cls)) for a in argv.split()]) == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads(Path(printed["path"]).read_text())
     d = saved["distortion"]
@@ -164,7 +165,7 @@ def test_zoo_eval_distortion_end_to_end(checkpoint, tmp_path, capsys):
 
 
 def _bad(argv: str, tmp_path: Path, capsys) -> str:
-    assert main(argv.replace("{tmp}", str(tmp_path)).split()) == 2
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv.split()]) == 2  # a path with a space: one argument
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "eval").exists() and not (tmp_path / "ckpt-eval").exists()  # failed before sampling

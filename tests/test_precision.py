@@ -1,5 +1,7 @@
 """zoo.precision: the arithmetic of model calls while sampling (fp32, TF32, bf16/fp16 autocast)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from zoo.diffusion.guidance import GuidedModel
 from zoo.precision import effective_precision, inference_precision
 from zoo.sample import SampleRequest, sample_latents
 
-TINY = "tests/recipes/tiny_train.yaml"
+TINY = str(Path(__file__).parent / "recipes" / "tiny_train.yaml")
 
 
 def _nudged_model():

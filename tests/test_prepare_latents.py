@@ -21,6 +21,7 @@ from zoo.training.crop import adm_center_crop, to_tensor
 from zoo.training.data import build_dataset
 
 RES = 16
+LATENT_RECIPE = str(Path(__file__).parent / "recipes" / "tiny_dit_latent.yaml")  # not the current directory's
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +266,7 @@ def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_va
             "--set", "train.sample_every=2", "--set", "train.ckpt_every=0", "--set", "train.log_every=1"]
     capsys.readouterr()
     # No data.vae: the grids decode through the VAE the manifest says the latents were made with
-    assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run"), "--steps", "3",
+    assert main(["train", LATENT_RECIPE, "--out", str(tmp_path / "run"), "--steps", "3",
                  "--device", "cpu", *sets]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
@@ -274,13 +275,13 @@ def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_va
     # That VAE gone and none in the recipe: said once among the first lines, with the fix zoo train takes
     # (it said 'pass --vae', which zoo train refuses, at every grid)
     shutil.rmtree(vae_copy)
-    assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run1"), "--steps", "2",
+    assert main(["train", LATENT_RECIPE, "--out", str(tmp_path / "run1"), "--steps", "2",
                  "--device", "cpu", *sets]) == 0
     out_lines = capsys.readouterr().out.splitlines()
     warned = [i for i, line in enumerate(out_lines) if "this run draws no sample grids" in line]
     assert len(warned) == 1 and warned[0] < 8 and "--set data.vae=DIR" in out_lines[warned[0]]
     assert not (tmp_path / "run1" / "samples").exists()
-    assert main(["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run2"), "--steps", "2",
+    assert main(["train", LATENT_RECIPE, "--out", str(tmp_path / "run2"), "--steps", "2",
                  "--device", "cpu", *sets, "--set", f"data.vae={vae_dir}"]) == 0
     assert (tmp_path / "run2" / "samples" / "step_0000002.png").is_file()
     # The run samples through the same VAE, built from its own config (2x down here, not SD's 8x).
@@ -547,7 +548,7 @@ def test_prepared_latents_are_not_flipped_a_second_time(tmp_path, vae_dir, image
               str(plain / "a.safetensors"))
     flips = {}
     for name, root in (("prepared", out), ("plain", plain)):
-        recipe = zoo.load_recipe("tests/recipes/tiny_dit_latent.yaml", [
+        recipe = zoo.load_recipe(LATENT_RECIPE, [
             "data.dataset=latents", f"data.root={root}", "data.num_classes=2", "data.random_flip=true",
             f"data.image_size={RES}", "train.batch_size=4"])
         flips[name] = Trainer(recipe, tmp_path / f"run_{name}", log=lambda *_: None).flip
@@ -1093,7 +1094,7 @@ def test_a_damaged_plan_or_manifest_is_one_line_naming_it(tmp_path, vae_dir, ima
             "--workers", "0"]
     assert main(argv) == 0
     (out / MANIFEST).write_text(damage)
-    run = ["train", "tests/recipes/tiny_dit_latent.yaml", "--out", str(tmp_path / "run"), "--steps", "1",
+    run = ["train", LATENT_RECIPE, "--out", str(tmp_path / "run"), "--steps", "1",
            "--set", "data.dataset=latents", "--set", f"data.root={out}", "--set", "data.num_classes=2"]
     capsys.readouterr()
     assert main(run) == 2

@@ -545,8 +545,8 @@ def test_bad_vae_weights_fail_before_any_sampling(tmp_path, monkeypatch, capsys)
     assert "notavae" in capsys.readouterr().err
 
 
-def test_a_weights_file_inside_a_checkpoint_points_at_its_directory(checkpoint, capsys):
-    assert main(["sample", str(checkpoint / "ema.safetensors"), "--n", "1"]) == 2
+def test_a_weights_file_inside_a_checkpoint_points_at_its_directory(checkpoint, tmp_path, capsys):
+    assert main(["sample", str(checkpoint / "ema.safetensors"), "--n", "1", "--out", str(tmp_path / "s.png")]) == 2
     assert f"(give the checkpoint directory {checkpoint})" in capsys.readouterr().err
 
 

@@ -142,7 +142,7 @@ def test_bad_inputs_are_one_line_and_exit_2(argv, expected, tmp_path, capsys):
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "notes.txt").write_text("keep")
     fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{recipe}", str(RECIPE))  # noqa: E731
-    assert main(fill(argv).split()) == 2
+    assert main([fill(a) for a in argv.split()]) == 2  # split first: a path with a space stays one argument
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and fill(expected) in err, err
     assert (tmp_path / "file").read_text() == "keep" and (tmp_path / "user" / "notes.txt").read_text() == "keep"
