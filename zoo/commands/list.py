@@ -67,12 +67,12 @@ def dataset_details(builder: Any, indent: str = "      ") -> str:
     """The ``data`` section keys a dataset builder reads, with what each allows (its own splits, no
     ``root`` where it reads none, ``latent_keys`` where it gives latents); a builder without a ``reads``
     list is shown every optional key."""
-    from zoo.training.data import OPTIONAL_KEYS
+    from zoo.training.data import OPTIONAL_KEYS, reads_root
     from zoo.training.sections import DATA
     from zoo.validate import table_rows
 
     reads = getattr(builder, "reads", None)
-    keys = [k for k in COMMON_DATA_KEYS if not (k == "root" and getattr(builder, "ignores_root", False))]
+    keys = [k for k in COMMON_DATA_KEYS if k != "root" or reads_root(builder)]
     keys += [k for k in OPTIONAL_KEYS if reads is None or k in reads] + list(getattr(builder, "latent_keys", ()))
     rows = dict(table_rows({k: DATA[k] for k in keys}))
     rows["split"] = "one of " + ", ".join(getattr(builder, "splits", ("train",)))

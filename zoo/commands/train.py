@@ -112,9 +112,10 @@ def _reads_a_root(dataset: str) -> bool:
     name is left to the trainer, whose error names it)."""
     from zoo import registry
     from zoo.errors import UserError
+    from zoo.training.data import reads_root
 
     try:
-        return not getattr(registry.get("dataset", dataset), "ignores_root", False)
+        return reads_root(registry.get("dataset", dataset))
     except UserError:
         return False
 

@@ -162,6 +162,7 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
                     f"{_listing_digest(path, dataset.items)}")
         return identity, lambda b: _dataset_batches(dataset, b, labelled=not flat), len(dataset), dataset.classes
     from zoo import registry
+    from zoo.training.data import reads_root
 
     name, split = dataset_reference(spec)
     build = registry.get("dataset", name)
@@ -174,7 +175,7 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     if own.get("latent"):  # its items are latents: nothing in it is an image the decoded samples could match
         raise UserError(f"--ref {spec}: this model's {name} training data are latents, not images",
                         suggestion="pass the images they were made from: --ref /path/to/images, or an .npz")
-    if not own.get("root") and not getattr(build, "ignores_root", False):
+    if not own.get("root") and reads_root(build):
         raise UserError(f"--ref {spec} reads its images from a data.root, and this model's recipe sets none for it",
                         suggestion="pass the image folder itself: --ref /path/to/images (CLASS/IMAGE inside)")
     data = {**own, "dataset": name, "image_size": image_size, **({"split": split} if split else {})}

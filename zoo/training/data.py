@@ -253,6 +253,12 @@ def unread_data_keys(data: Mapping[str, Any]) -> list[str]:
     return [] if reads is None else [key for key in OPTIONAL_KEYS if key in data and key not in reads]
 
 
+def reads_root(builder: Callable[..., Any]) -> bool:
+    """Whether a registered dataset builder reads ``data.root`` (``ignores_root = True`` on those that
+    make their images: synthetic, emoji32)."""
+    return not getattr(builder, "ignores_root", False)
+
+
 def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
     """The dataset the ``data`` section names (a ``dataset`` registry entry); ``shape`` is the model's (C, H, W)."""
     builder = check_data_section(data, shape, num_classes)
@@ -297,7 +303,7 @@ def check_data_section(data: Mapping[str, Any], shape: tuple[int, ...], num_clas
     if data.get("split", "train") not in splits:
         raise UserError(f"dataset {kind!r} has no {data['split']!r} split; it has {', '.join(splits)}",
                         key_path="data.split", suggestion="remove data.split or pick one of those")
-    if data.get("root") and getattr(builder, "ignores_root", False):
+    if data.get("root") and not reads_root(builder):
         raise UserError(f"data.root is set, but dataset {kind!r}{' (the default)' * ('dataset' not in data)} "
                         "reads no root", key_path="data.dataset",
                         suggestion="--set data.dataset=image_folder (root/CLASS/*.png) or latents "
