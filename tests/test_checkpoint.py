@@ -487,3 +487,49 @@ def test_a_temporary_file_removed_at_once_is_not_said_to_be_15_minutes_old(tmp_p
     with pytest.raises(UserError) as err:
         atomic.write_file(path, removed)
     assert "was removed meanwhile by another process" in str(err.value) and "minutes" not in str(err.value)
+
+
+def test_a_checkpoint_holding_a_retired_key_loads_with_a_note(tmp_path, capsys):
+    """data.name was accepted (and read by nothing) until 2026-12-07: runs trained with it stayed
+    unreadable ('unknown key name in data') once it became unknown."""
+    model = _model()
+    out = ckpt.save_checkpoint(tmp_path / "c", model, RECIPE)
+    payload = json.loads((out / "config.json").read_text())
+    payload["recipe"]["data"] = {"name": "mydata", "dataset": "synthetic"}
+    (out / "config.json").write_text(json.dumps(payload))
+    loaded, recipe = ckpt.load_checkpoint(out)
+    assert recipe["data"] == {"dataset": "synthetic"}
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    assert "data.name ignored (read by nothing" in capsys.readouterr().err
+    with pytest.raises(UserError, match="unknown key 'name' in data"):  # a new recipe is still refused it
+        import zoo
+
+        zoo.load_recipe({**RECIPE, "data": {"name": "mydata"}})
+
+
+@pytest.mark.parametrize("change", ["shared_gate", "mlp_width"])
+def test_weights_of_an_earlier_construction_name_the_change(tmp_path, change):
+    """Such a checkpoint was told 'restore the recipe they were trained with', though its recipe was unchanged."""
+    import zoo
+    from safetensors.torch import save_file
+
+    tiny_dimr = Path(__file__).parent / "recipes" / "tiny_dimr_pixels.yaml"
+    recipe = {"model": {**RECIPE["model"], "mlp_ratio": 2.7}} if change == "mlp_width" else {
+        "model": zoo.load_recipe(tiny_dimr, ["model.norm=td_layernorm_paper",
+                                             "model.branches.0.block.norm=td_layernorm_paper"])["model"]}
+    out = ckpt.save_checkpoint(tmp_path / "c", zoo.build_model(recipe), recipe)
+    state = ckpt.load_weights(out / ckpt.MODEL)
+    if change == "shared_gate":  # the shift's own gate, as saved before 2026-12-07
+        for key in [k for k in state if k.endswith(".bias.p0")]:
+            state[key[:-3] + ".w"], state[key[:-3] + ".b"] = torch.zeros(1), torch.zeros(1)
+    else:  # one feature more than int(width x mlp_ratio), as rounding to the nearest gave for some widths
+        for key in [k for k in state if k.endswith("fc1.weight")]:
+            state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, str(out / ckpt.MODEL))
+    payload = json.loads((out / "config.json").read_text())
+    payload["files"][ckpt.MODEL] = (out / ckpt.MODEL).stat().st_size
+    (out / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(UserError) as err:
+        ckpt.load_checkpoint(out)
+    expected = {"shared_gate": "td_layernorm_paper shares one gate", "mlp_width": "int(width x mlp_ratio)"}[change]
+    assert expected in err.value.suggestion and "load them with a zoo from before then" in err.value.suggestion

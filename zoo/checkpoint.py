@@ -464,6 +464,30 @@ def _read_payload(directory: str | Path) -> dict:
     return payload
 
 
+#: Keys earlier zoo versions accepted and nothing read: a checkpoint's recipe may still hold them.
+RETIRED_KEYS = {("data", "name"): "read by nothing, no longer a recipe key"}
+_RETIRED_NOTED: set[str] = set()
+
+
+def _without_retired_keys(recipe: Any, source: str) -> Any:
+    """``recipe`` without the :data:`RETIRED_KEYS` (a copy; one note per checkpoint): they changed nothing
+    when it was trained, so the run stays readable; new recipes are refused them as unknown keys."""
+    if not isinstance(recipe, dict):
+        return recipe
+    found = [(section, key) for section, key in RETIRED_KEYS
+             if isinstance(recipe.get(section), dict) and key in recipe[section]]
+    if not found:
+        return recipe
+    recipe = {**recipe, **{section: dict(recipe[section]) for section, _ in found}}
+    for section, key in found:
+        del recipe[section][key]
+    if source not in _RETIRED_NOTED:
+        _RETIRED_NOTED.add(source)
+        print(f"zoo: note: {source}: " + "; ".join(f"{s}.{k} ignored ({RETIRED_KEYS[s, k]})" for s, k in found),
+              file=sys.stderr)
+    return recipe
+
+
 def load_recipe_of(directory: str | Path, overrides: list[str] = ()) -> dict:
     """A checkpoint's recipe, validated; a mistake in it names its ``config.json``, and a component
     name that is unknown here names the plugin distributions the checkpoint was written with."""
@@ -473,7 +497,7 @@ def load_recipe_of(directory: str | Path, overrides: list[str] = ()) -> dict:
     payload = _read_payload(directory)
     source = str(Path(directory) / CONFIG)
     try:
-        recipe = zoo.load_recipe(Recipe(payload["recipe"], source=source), overrides)
+        recipe = zoo.load_recipe(Recipe(_without_retired_keys(payload["recipe"], source), source=source), overrides)
         if not isinstance(recipe.get("model"), dict):  # a recipe file may lack it, a checkpoint's cannot
             raise UserError(f"{source}: its recipe has no model section, so the weights cannot be built",
                             suggestion="restore the model section the checkpoint was written with")
@@ -532,12 +556,32 @@ def load_checkpoint(
     directory = Path(directory)
     config = load_recipe_of(directory)
     with torch.device("meta"):
-        params = {k for k, _ in zoo.build_model(config).named_parameters()}
+        skeleton = zoo.build_model(config)
+    expected, params = skeleton.state_dict(), {k for k, _ in skeleton.named_parameters()}
     state, source = checkpoint_weights(directory, weights, params)
     model = build_with_state(lambda: zoo.build_model(config), state, str(source),
-                             suggestion=f"the model section of {directory / CONFIG} does not describe these weights: "
-                             "restore the recipe they were trained with")
+                             suggestion=_construction_change(state, expected) or
+                             f"the model section of {directory / CONFIG} does not describe these weights: "
+                             "it was edited after the save (restore the recipe they were trained with), or an "
+                             "earlier zoo that built this model otherwise wrote them (load them with that version)")
     return model.to(device), config
+
+
+def _construction_change(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str | None:
+    """What changed in how zoo builds a model, where ``state`` fits the earlier construction exactly."""
+    unexpected = set(state) - set(expected)
+    shared_gate = [k for k in unexpected if k.endswith((".bias.w", ".bias.b"))
+                   and k.rsplit(".", 1)[0] + ".p0" in expected and k.rsplit(".", 2)[0] + ".weight.w" in expected]
+    if shared_gate and len(shared_gate) == len(unexpected):
+        return ("td_layernorm_paper shares one gate between its scale and shift since zoo of 2026-12-07 (eq. 5-7); "
+                "these weights have the earlier separate gate of the shift: load them with a zoo from before then")
+    wider = [k for k, v in state.items() if k.endswith("fc1.weight") and k in expected
+             and v.shape[1:] == expected[k].shape[1:] and v.shape[0] == expected[k].shape[0] + 1]
+    if wider:
+        return ("the MLP width is int(width x mlp_ratio) since zoo of 2026-12-06, as the official constructors "
+                "build it (it was rounded to the nearest before): these weights have the rounded width; load "
+                "them with a zoo from before then")
+    return None
 
 
 def checkpoint_weights(directory: Path, weights: str, params: set[str]) -> tuple[dict[str, Tensor], Path]:
