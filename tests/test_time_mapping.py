@@ -120,8 +120,9 @@ def test_a_time_input_on_another_scale_than_the_backbone_reads_is_refused(recipe
     assert main(["build", recipe, "--set", f"diffusion.time_input={wrong}"]) == 2
     err = capsys.readouterr().err
     assert f"key diffusion.time_input: diffusion.time_input {wrong} feeds " in err and err.count("\n") == 1
-    assert f"(set diffusion.time_input to the one its weights were trained with (--set diffusion.time_input={fix})" \
-        in err and "it takes " in err
+    assert f"(train with one it reads (--set diffusion.time_input={fix}; weights trained under {wrong} (zoo before " \
+        "2026-12-07 accepted it) mean something only under it: sample them with that version)" in err
+    assert "it takes " in err
 
 
 @pytest.mark.parametrize("n", [50, 999, 1000, 4000])

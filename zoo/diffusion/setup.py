@@ -79,8 +79,9 @@ def check_time_input(recipe: Mapping[str, Any], model: nn.Module) -> None:
     if accepted and name not in accepted:
         raise UserError(f"diffusion.time_input {name} feeds {type(model).__name__} a time on another scale than "
                         f"it reads (it takes {one_of(accepted)})", key_path="diffusion.time_input",
-                        suggestion="set diffusion.time_input to the one its weights were trained with "
-                        f"(--set diffusion.time_input={accepted[0]}{', ...' * (len(accepted) > 1)})")
+                        suggestion=f"train with one it reads (--set diffusion.time_input={accepted[0]}"
+                        f"{', ...' * (len(accepted) > 1)}); weights trained under {name} (zoo before 2026-12-07 "
+                        "accepted it) mean something only under it: sample them with that version")
 
 
 def prediction(recipe: Mapping[str, Any]) -> str:
