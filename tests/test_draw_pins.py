@@ -184,7 +184,7 @@ def test_half_precision_estimate_halves_the_activations():
 # --- 7. time_quadratic grid -----------------------------------------------------------------------
 
 def test_time_quadratic_grid_is_uniform_in_sqrt_t():
-    from solvers.base import time_grid
+    from zoo.solvers.base import time_grid
 
     # sqrt: 1, 0.7, 0.4, 0.1 -> t: 1, 0.49, 0.16, 0.01
     assert time_grid(None, "time_quadratic", 1.0, 0.01, 3) == pytest.approx([1.0, 0.49, 0.16, 0.01], abs=1e-12)
