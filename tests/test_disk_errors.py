@@ -213,14 +213,17 @@ def _read_only_run_killed_before_install(tmp_path: Path) -> tuple[Path, Path, to
     return run, sealed, newer
 
 
-def _refuse_renames(monkeypatch) -> list:
-    tried = []
+def _refuse_renames(monkeypatch, refused=lambda src: True, code: int = errno.EROFS) -> list:
+    """zoo's renames of the paths ``refused`` picks fail with ``code``; the others happen. The refused tries."""
+    tried, real_replace = [], os.replace
 
-    def read_only(src, dst):
+    def replace(src, dst):
+        if not refused(Path(src)):
+            return real_replace(src, dst)
         tried.append((src, dst))
-        raise OSError(errno.EROFS, "Read-only file system", str(src))
+        raise OSError(code, os.strerror(code), str(src))
 
-    monkeypatch.setattr(atomic.os, "replace", read_only)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     return tried
 
 
@@ -273,14 +276,7 @@ def test_a_resume_from_a_read_only_run_into_another_out_continues_from_its_seale
                 *small)[0] == 0
     sealed = first / "last.tmp-0123abcd"  # killed between sealing step 4 and installing it as last/
     shutil.copytree(later / "last", sealed)
-    real_replace = os.replace
-
-    def read_only_first(src, dst):
-        if Path(src).parent == first:
-            raise OSError(errno.EROFS, "Read-only file system", str(src))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", read_only_first)
+    _refuse_renames(monkeypatch, lambda src: src.parent == first)
     code, err = _cli(capsys, "train", RECIPES / "tiny_train.yaml", "--resume", first, "--out", tmp_path / "again",
                      "--steps", "5", *small)
     assert code == 0, err
@@ -302,13 +298,6 @@ def test_a_reader_refused_only_the_second_rename_puts_the_first_back(tmp_path, m
     """A sticky directory may allow moving last/ aside but not the other's copy into place."""
     run, sealed, _ = _read_only_run_killed_before_install(tmp_path)
     before = _tree(run)
-    real_replace = os.replace
-
-    def second_refused(src, dst):
-        if ".tmp-" in str(src):
-            raise OSError(errno.EPERM, "Operation not permitted", str(src))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", second_refused)
+    _refuse_renames(monkeypatch, lambda src: ".tmp-" in src.name, errno.EPERM)
     assert ckpt.checkpoint_of(run) == sealed
     assert _tree(run) == before

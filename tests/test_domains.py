@@ -223,6 +223,18 @@ class TwoLayer(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
+def test_half_precision_estimate_halves_the_activations():
+    from zoo.memory import estimate
+
+    with torch.device("meta"):
+        model = TwoLayer()
+    full = estimate(model).per_sample
+    half = estimate(model, half_precision=True).per_sample
+    assert full == 4 * (8 + 16 + 16)  # 160 bytes in float32
+    assert half == 2 * (8 + 16 + 16)  # 80 bytes in 2-byte floats
+    assert estimate(model, half_precision=True).fixed == estimate(model).fixed  # the weights' state is not halved
+
+
 def test_the_estimate_counts_saved_activations_and_training_state():
     with torch.device("meta"):
         model = TwoLayer()

@@ -10,7 +10,6 @@
 * ``EpochSampler`` draws a fresh permutation each epoch (the epoch enters the seed);
 * ADM's centre crop rounds an odd excess down (``(width - size) // 2``), checked on ramps whose
   pixel values are their column / row, so a one-pixel shift shows;
-* the half-precision activation estimate is exactly half the float32 one;
 * the ``time_quadratic`` grid is uniform in sqrt(t) (DDIM / DPM-Solver's ``get_time_steps``).
 
 Every expectation is derived by hand or from an independent formula, not read back from the code.
@@ -22,7 +21,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import zoo
 from zoo.sample import initial_noise, sample_labels, sample_seed, solver_generators
@@ -153,35 +151,7 @@ def test_adm_center_crop_odd_excess_rounds_down():
     assert [out.getpixel((0, y)) for y in range(16)] == [y * 7 for y in range(9, 25)]
 
 
-# --- 6. the half-precision activation estimate -----------------------------------------------------
-
-class _TwoLayer(nn.Module):
-    """fc2(gelu(fc1(x))) on (B, 8): autograd saves x (8), fc1(x) (16), gelu(fc1(x)) (16) floats per sample."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
-
-    def example_inputs(self, batch: int) -> tuple[torch.Tensor]:
-        return (torch.zeros(batch, 8),)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
-
-
-def test_half_precision_estimate_halves_the_activations():
-    from zoo.memory import estimate
-
-    with torch.device("meta"):
-        model = _TwoLayer()
-    full = estimate(model).per_sample
-    half = estimate(model, half_precision=True).per_sample
-    assert full == 4 * (8 + 16 + 16)  # 160 bytes in float32
-    assert half == 2 * (8 + 16 + 16)  # 80 bytes in 2-byte floats
-    assert estimate(model, half_precision=True).fixed == estimate(model).fixed  # the weights' state is not halved
-
-
-# --- 7. time_quadratic grid -----------------------------------------------------------------------
+# --- 6. time_quadratic grid -----------------------------------------------------------------------
 
 def test_time_quadratic_grid_is_uniform_in_sqrt_t():
     from zoo.solvers.base import time_grid
