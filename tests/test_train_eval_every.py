@@ -15,21 +15,13 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.cli import main
-from zoo.eval.extractors import Extractor
 from zoo.training import train
+
+from pool_extractors import Pool4
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # DiT on 8x8 synthetic pixels, 4 classes, ddim 5
 SETTINGS = ["train.log_every=1", "train.sample_every=0", "train.ckpt_every=0"]
 EVAL = ["train.eval_every=2", "train.eval_n=16", "train.eval_extractor=test_pool4"]
-
-
-class Pool4(Extractor):
-    """A fast stand-in extractor: 4x4-pooled pixels (48 features), no logits."""
-
-    name = "test_pool4"
-
-    def forward(self, images):
-        return F.adaptive_avg_pool2d(images.float() / 255.0, 4).flatten(1), None
 
 
 class Pool2(Pool4):

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,6 +26,9 @@ import zoo
 from zoo import atomic
 from zoo.errors import UserError
 from zoo.jsonfile import read_json_object
+
+if TYPE_CHECKING:
+    from zoo.recipe import Recipe
 
 CONFIG, MODEL, EMA, TRAINER_STATE = "config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt"
 FORMAT = "zoo-checkpoint/1"
@@ -488,16 +491,24 @@ def _without_retired_keys(recipe: Any, source: str) -> Any:
     return recipe
 
 
+def checkpoint_recipe(directory: str | Path, payload: dict | None = None) -> Recipe:
+    """A checkpoint's recipe as written (retired keys dropped), named by its ``config.json``; not validated."""
+    from zoo.recipe import Recipe
+
+    payload = _read_payload(directory) if payload is None else payload
+    source = str(Path(directory) / CONFIG)
+    return Recipe(_without_retired_keys(payload["recipe"], source), source=source)
+
+
 def load_recipe_of(directory: str | Path, overrides: list[str] = ()) -> dict:
     """A checkpoint's recipe, validated; a mistake in it names its ``config.json``, and a component
     name that is unknown here names the plugin distributions the checkpoint was written with."""
     import zoo
-    from zoo.recipe import Recipe
 
     payload = _read_payload(directory)
     source = str(Path(directory) / CONFIG)
     try:
-        recipe = zoo.load_recipe(Recipe(_without_retired_keys(payload["recipe"], source), source=source), overrides)
+        recipe = zoo.load_recipe(checkpoint_recipe(directory, payload), overrides)
         if not isinstance(recipe.get("model"), dict):  # a recipe file may lack it, a checkpoint's cannot
             raise UserError(f"{source}: its recipe has no model section, so the weights cannot be built",
                             suggestion="restore the model section the checkpoint was written with")

@@ -1,4 +1,5 @@
-"""``zoo compare``: recipes side by side — size, FLOPs, training-step time, peak memory, sampling cost.
+"""``zoo compare``: recipes side by side — size, FLOPs, training-step time, peak memory, sampling cost —
+and trained runs beside them, with what they reached (step, loss, validation loss, FD).
 
 Columns (the ``--json`` contract, in this order): ``recipe``, ``params``, ``trainable_params``,
 ``gflops`` (multiply-adds of one forward pass at batch 1, counted on the meta device as
@@ -15,6 +16,10 @@ after each call.
 Every recipe's model lives in the one process and the timed calls go round-robin
 (A, B, C, A, B, C, ...), so a change of machine load hits all recipes alike and their ratios
 hold on a shared machine.
+
+A run or checkpoint directory is compared as its checkpoint's recipe, and its row adds ``run``
+(:class:`zoo.run_summary.RunSummary`: the step, the loss over its last 10% of steps, the newest
+validation loss and FD it recorded).
 
 ``peak_mem_mb`` is the recipe's own training-step footprint: its resident tensors (parameters,
 buffers, AdamW state; exact byte counts) plus the peak of what one training step allocates on top
@@ -36,11 +41,15 @@ import unicodedata
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from zoo.precision import inference_precision
+from zoo.run_summary import RunSummary
+
+if TYPE_CHECKING:
+    from zoo.recipe import Recipe
 
 PLOT_CREATOR = "zoo compare"  # the Creator of zoo's SVG and PDF plots: what lets a rerun replace them
 KEYS = ("recipe", "params", "trainable_params", "gflops", "train_step_ms", "peak_mem_mb", "sample_ms_per_nfe")
@@ -66,11 +75,12 @@ class Row:
     train_step_ms: float | None = None
     peak_mem_mb: float | None = None
     sample_ms_per_nfe: float | None = None
+    run: RunSummary | None = None  # a run or checkpoint directory's training figures
 
     def to_json(self) -> dict:
-        """The ``--json`` object: exactly :data:`KEYS`, in that order."""
+        """The ``--json`` object: exactly :data:`KEYS`, in that order, and ``run`` for a run's row."""
         data = asdict(self)
-        return {key: data[key] for key in KEYS}
+        return {key: data[key] for key in KEYS} | ({"run": self.run.to_json()} if self.run is not None else {})
 
 
 def paper_params_m(recipe: str) -> float | None:
@@ -90,6 +100,18 @@ def check_not_a_base_file(recipe: str, resolved_data: Mapping) -> None:
                         suggestion=f"leave it out, e.g. {path.parent / ('[!_]*' + path.suffix)}")
 
 
+def recipe_source(recipe: str) -> str | Recipe:
+    """What one ``zoo compare`` argument names: a recipe file or shipped name as it is; a run directory
+    (its ``last/``) or a checkpoint directory as the recipe stored in that checkpoint."""
+    from zoo.run_summary import checkpoint_dir, is_run_or_checkpoint
+
+    if not is_run_or_checkpoint(recipe):
+        return recipe
+    from zoo.checkpoint import checkpoint_recipe
+
+    return checkpoint_recipe(checkpoint_dir(recipe))
+
+
 def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
     """Parameters and GFLOPs on the meta device (no weights allocated)."""
     from zoo.flops import count_flops
@@ -97,7 +119,7 @@ def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
     from zoo.recipe import resolve
     from zoo.validate import model_factory, validate_recipe
 
-    resolved = resolve(recipe, list(overrides))
+    resolved = resolve(recipe_source(recipe), list(overrides))
     check_not_a_base_file(recipe, resolved.data)
     validate_recipe(resolved)  # as zoo build does: every section, and the components imported outside the meta build
     report = count_flops(build_on_meta(model_factory(resolved)), max_depth=1)
@@ -141,7 +163,7 @@ class Bench:
         from zoo.training.loop import set_grad_checkpointing
         from zoo.training.sections import TRAIN_DEFAULTS
 
-        self.recipe = zoo.load_recipe(recipe, list(overrides))
+        self.recipe = zoo.load_recipe(recipe_source(recipe), list(overrides))
         train = {**TRAIN_DEFAULTS, **(self.recipe.get("train") or {})}  # what zoo train reads
         torch.manual_seed(seed)
         self.model = zoo.build_model(self.recipe).to(device).train()
@@ -236,8 +258,14 @@ def _step_peak_bytes(bench: Bench, device: torch.device) -> int:
 def measure(recipes: Sequence[str], overrides: Sequence[str] = (), batch: int = 4, device: str | None = None,
             warmup: int = 2, repeats: int = 5, time_it: bool = True,
             log: Callable[[str], None] = lambda _: None) -> list[Row]:
-    """One :class:`Row` per recipe; with ``time_it``, the timed columns from interleaved runs."""
+    """One :class:`Row` per recipe (a run's with its :class:`RunSummary`); with ``time_it``, the timed
+    columns from interleaved runs."""
+    from zoo.run_summary import is_run_or_checkpoint, summarize
+
     rows = [static_row(r, overrides) for r in recipes]
+    for row in rows:
+        if is_run_or_checkpoint(row.recipe):
+            row.run = summarize(row.recipe)
     if not time_it:
         return rows
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -267,13 +295,17 @@ def _pad(text: str, width: int) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """A printable table; a ``paper`` column appears when a recipe has the paper's Table 2 count."""
+    """A printable table; a ``paper`` column appears when a recipe has the paper's Table 2 count, and
+    ``step``, ``loss``, ``val loss``, ``FD`` columns when a row is a run."""
     paper = [paper_params_m(r.recipe) for r in rows]
     width = max(len("recipe"), *(display_width(r.recipe) for r in rows))
     head = f"{_pad('recipe', width)}  {'params':>15}  {'trainable':>15}  {'GFLOPs':>8}"
     if any(p is not None for p in paper):
         head += f"  {'paper (T2)':>10}"
     head += f"  {'step ms':>9}  {'peak MB':>9}  {'ms/NFE':>8}"
+    runs = any(r.run is not None for r in rows)
+    if runs:
+        head += f"  {'step':>8}  {'loss':>8}  {'val loss':>8}  {'FD':>8}  {'FD n':>6}"
     lines = [head, "-" * len(head)]
 
     def num(value: float | None, fmt: str, w: int) -> str:
@@ -286,6 +318,10 @@ def format_table(rows: Sequence[Row]) -> str:
             line += f"  {'-':>10}" if p is None else f"  {f'{p:.1f}M':>10}"
         line += (f"  {num(row.train_step_ms, '.1f', 9)}  {num(row.peak_mem_mb, '.1f', 9)}"
                  f"  {num(row.sample_ms_per_nfe, '.2f', 8)}")
+        if runs:
+            run = row.run or RunSummary(checkpoint="")
+            line += (f"  {num(run.step, 'd', 8)}  {num(run.loss, '.4f', 8)}  {num(run.val_loss, '.4f', 8)}"
+                     f"  {num(run.fd, '.2f', 8)}  {num(run.fd_n, 'd', 6)}")
         lines.append(line)
     return "\n".join(lines)
 

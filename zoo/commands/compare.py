@@ -1,8 +1,10 @@
-"""``zoo compare RECIPE...``: recipes side by side (params, GFLOPs, step time, peak memory, ms per NFE).
+"""``zoo compare RECIPE...``: recipes side by side (params, GFLOPs, step time, peak memory, ms per NFE),
+and trained runs with what they reached (step, loss, validation loss, FD).
 
     zoo compare recipes/dimr_*.yaml --no-time                  # sizes and GFLOPs only, on the meta device: seconds
     zoo compare recipes/emoji32/{dimr_2r,uvit,dit}.yaml --batch 8 --json  # + interleaved timing of every recipe
     zoo compare recipes/ablation/*.yaml --no-time              # with the paper's Table 2 parameter counts
+    zoo compare runs/dimr runs/uvit runs/dit --no-time         # three trained runs: + step, loss, val loss, FD
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from zoo.commands import add_overrides_option
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "compare", help="recipes side by side: params, GFLOPs, training-step time, peak memory, ms per NFE",
+        "compare", help="recipes (and trained runs) side by side: params, GFLOPs, step time, peak memory, ms per NFE, "
+        "a run's step, loss, val loss and FD",
         description="One row per recipe. Timing runs every recipe in this process, round-robin, so ratios hold on "
-        "a busy machine; --no-time keeps to parameters and GFLOPs (meta device, nothing allocated).")
-    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files or shipped recipe names")
+        "a busy machine; --no-time keeps to parameters and GFLOPs (meta device, nothing allocated). A zoo train "
+        "run directory (its last/) or a checkpoint directory is compared as its recipe, with what the run "
+        "recorded: its step, the loss over its last 10%% of steps, the newest val_loss and FD.")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files, shipped recipe names, zoo train run "
+                   "directories or checkpoint directories")
     add_overrides_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON list: recipe, params, trainable_params, gflops, "
-                   "train_step_ms, peak_mem_mb, sample_ms_per_nfe (null when not timed)")
+                   "train_step_ms, peak_mem_mb, sample_ms_per_nfe (null when not timed), and run for a run")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw GFLOPs against params and step time (.png, .svg or .pdf)")
     p.add_argument("--batch", type=int, default=4, help="batch size of the timed steps (default 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -65,6 +71,7 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
     import torch
 
     import zoo
+    from zoo.compare import recipe_source
     from zoo.errors import UserError
     from zoo.memory import GRAD_BYTES_PER_PARAM, available_bytes, estimate, gib
     from zoo.meta import NotOnMeta
@@ -75,7 +82,7 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
         return
     sized = []  # (recipe, resident bytes, a step's gradient bytes, activation bytes per sample)
     for recipe in recipes:
-        resolved = zoo.load_recipe(recipe, list(overrides))
+        resolved = zoo.load_recipe(recipe_source(recipe), list(overrides))
         train = resolved.get("train") or {}
         with torch.device("meta"):
             model = zoo.build_model(resolved)
@@ -112,6 +119,19 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
                     else f"{fewer}, or --no-time")
 
 
+def note_fd_protocols(rows: list) -> None:
+    """One note when the runs' FDs were measured with different sample counts, extractors or references:
+    such FDs are not comparable (a smaller N alone raises FD)."""
+    import sys
+
+    measured = {row.recipe: (row.run.fd_n, row.run.fd_extractor, row.run.fd_reference)
+                for row in rows if row.run is not None and row.run.fd is not None}
+    if len(set(measured.values())) > 1:
+        how = "; ".join(f"{name}: n={n} {extractor}, reference {ref}" for name, (n, extractor, ref) in measured.items())
+        print(f"zoo compare: note: the FDs were measured differently ({how}); compare FDs of one protocol only "
+              "(zoo eval RUN --n N --ref REF for each run)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -126,15 +146,16 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:  # before minutes of timing: a path the plot can be written to
         check_plot_output(args.plot)
 
-    from zoo.compare import check_not_a_base_file
+    from zoo.compare import check_not_a_base_file, recipe_source
     from zoo.recipe import resolve
 
     for recipe in args.recipes:  # a glob's _base_*.yaml: named as a base file, timed or not
-        check_not_a_base_file(recipe, resolve(recipe, list(args.overrides)).data)
+        check_not_a_base_file(recipe, resolve(recipe_source(recipe), list(args.overrides)).data)
     if not args.no_time:  # before any model is built: an allocator traceback or the OOM killer otherwise
         check_memory(args.recipes, args.overrides, args.batch, device)
     rows = measure(args.recipes, args.overrides, batch=args.batch, device=device, warmup=args.warmup,
                    repeats=args.repeats, time_it=not args.no_time, log=lambda m: print(m, file=sys.stderr))
+    note_fd_protocols(rows)
     if args.plot:
         path = plot(rows, args.plot)
         print(f"zoo compare: wrote {path}", file=sys.stderr)

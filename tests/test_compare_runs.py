@@ -1,0 +1,122 @@
+"""``zoo compare RUN...``: trained runs beside recipes, with the step, loss, validation loss and FD they recorded."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import zoo
+from zoo.cli import main
+from zoo.compare import format_table, measure
+from zoo.training import train
+
+from pool_extractors import Pool4
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # DiT on 8x8 synthetic pixels, 4 classes, ddim 5
+SETTINGS = ["train.log_every=1", "train.sample_every=0", "train.ckpt_every=10", "train.val_every=5", "train.val_n=8",
+            "train.eval_every=5", "train.eval_n=8", "train.eval_extractor=test_pool4"]
+
+
+@pytest.fixture(autouse=True)
+def _setup(isolated_eval, one_thread, register_extractor):
+    register_extractor("test_pool4", Pool4)
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    out = tmp_path / "run"
+    train(zoo.load_recipe(RECIPE, SETTINGS), out, steps=20, log=lambda *_: None)
+    return out
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _compare_json(capsys, *args: str) -> tuple[list[dict], str]:
+    """The --json rows of ``zoo compare ARGS --no-time`` and what it wrote to stderr."""
+    assert main(["compare", *args, "--no-time", "--json"]) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+def test_a_run_is_its_recipe_plus_the_figures_its_log_recorded(run, capsys):
+    (recipe_row, run_row), _ = _compare_json(capsys, str(RECIPE), str(run))
+    assert run_row["params"] == recipe_row["params"] == sum(p.numel() for p in zoo.build_model(RECIPE).parameters())
+    assert "run" not in recipe_row  # a recipe's row keeps exactly the contract keys
+    records = _records(run)
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    vals = [r for r in records if "val_loss" in r]
+    fds = [r for r in records if "fd" in r]
+    assert [r["step"] for r in vals] == [r["step"] for r in fds] == [5, 10, 15, 20]
+    summary = run_row["run"]
+    assert summary["checkpoint"] == str(run / "last") and summary["step"] == 20
+    assert summary["loss"] == pytest.approx((losses[19] + losses[20]) / 2, rel=1e-12)  # steps 18 < s <= 20
+    assert summary["val_loss"] == vals[-1]["val_loss"]
+    assert (summary["fd"], summary["fd_n"], summary["fd_extractor"]) == (fds[-1]["fd"], 8, "test_pool4")
+    assert summary["fd_reference"] == "train.eval_every" and "(step 20)" in summary["fd_source"]
+
+
+def test_a_step_checkpoint_is_compared_at_its_own_step(run, capsys):
+    (row,), _ = _compare_json(capsys, str(run / "step_0000010"))
+    records = _records(run)
+    summary = row["run"]
+    assert summary["step"] == 10
+    assert summary["loss"] == next(r["loss"] for r in records if r["step"] == 10 and "loss" in r)  # 9 < s <= 10
+    assert summary["val_loss"] == next(r["val_loss"] for r in records if r["step"] == 10 and "val_loss" in r)
+    assert summary["fd"] == next(r["fd"] for r in records if r["step"] == 10 and "fd" in r)
+
+
+def test_a_zoo_eval_result_of_these_weights_is_preferred_and_one_of_older_weights_is_not(run, capsys):
+    assert main(["eval", str(run), "--n", "8", "--ref", "synthetic", "--extractor", "test_pool4", "--seed", "3"]) == 0
+    assert main(["eval", str(run), "--n", "12", "--ref", "synthetic", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    results = sorted((run / "eval").glob("last-*.json"))
+    by_n = {json.loads(p.read_text())["n"]: p for p in results}
+    assert set(by_n) == {8, 12}
+    (row,), _ = _compare_json(capsys, str(run))
+    summary = row["run"]
+    best = json.loads(by_n[12].read_text())
+    assert (summary["fd"], summary["fd_n"], summary["fd_source"]) == (best["metrics"]["fd"], 12, str(by_n[12]))
+    assert summary["fd_reference"] == "synthetic"
+
+    # Two more steps replace last/: the results were of its earlier weights, so the log's FD stands
+    train(zoo.load_recipe(RECIPE, SETTINGS), run, steps=22, resume=run, log=lambda *_: None)
+    (row,), _ = _compare_json(capsys, str(run))
+    fds = [r for r in _records(run) if "fd" in r]
+    assert row["run"]["step"] == 22 and row["run"]["fd"] == fds[-1]["fd"] and "(step 20)" in row["run"]["fd_source"]
+
+
+def test_fds_of_different_protocols_get_a_note(run, tmp_path, capsys):
+    other = tmp_path / "other"
+    train(zoo.load_recipe(RECIPE, SETTINGS), other, steps=5, log=lambda *_: None)
+    # both: the log's FD at n=8 with test_pool4
+    assert "the FDs were measured differently" not in _compare_json(capsys, str(run), str(other))[1]
+    assert main(["eval", str(other), "--n", "12", "--ref", "synthetic", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    err = _compare_json(capsys, str(run), str(other))[1]
+    assert "the FDs were measured differently" in err and "n=12" in err and "n=8" in err
+
+
+def test_the_table_adds_the_run_columns_only_when_a_row_is_a_run(run):
+    rows = measure([str(RECIPE), str(run)], time_it=False)
+    table = format_table(rows)
+    head, _, recipe_line, run_line = table.splitlines()
+    assert head.split()[-7:] == ["step", "loss", "val", "loss", "FD", "FD", "n"]
+    assert run_line.split()[-5:] == ["20", f"{rows[1].run.loss:.4f}", f"{rows[1].run.val_loss:.4f}",
+                                     f"{rows[1].run.fd:.2f}", "8"]
+    assert recipe_line.split()[-5:] == ["-"] * 5
+    assert "val loss" not in format_table(rows[:1])
+    assert math.isfinite(rows[1].run.loss)
+
+
+def test_a_directory_that_is_no_run_says_what_it_needs(tmp_path, run, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compare", str(empty), "--no-time"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a zoo train run (with last/) nor a checkpoint" in err and "Traceback" not in err
+    # a folder of runs: they are named, to be passed one by one
+    assert main(["compare", str(run.parent), "--no-time"]) == 2
+    assert f"it holds the runs run: pass them, e.g. {run.parent / '*'}/" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""What a trained run reached, read from what it wrote: for ``zoo compare RUN...``.
+
+A run directory (``zoo train --out``) is compared at its ``last/`` checkpoint, a checkpoint
+directory (``RUN/step_0005000``, a converted or exported one) as it is. The figures come from the
+run's own records, nothing is recomputed:
+
+* ``step``: the checkpoint's training step (``step_N``: N; ``last/``: the newest step log.jsonl records).
+* ``loss``: the mean of the logged training losses over the last 10% of the steps up to ``step``
+  (one log record is a mean over ``train.log_every`` steps, so single records are noisy).
+* ``val_loss``: the newest ``train.val_every`` record up to ``step`` (the same fixed draws every time).
+* ``fd``: a ``zoo eval`` result of exactly these weights (its recorded sha256 must be that of the
+  checkpoint's weights file; of several, the one with the most samples, then the newest), else the
+  newest ``train.eval_every`` record up to ``step``. Its sample count, extractor and reference come
+  with it: FDs measured with other N or another reference are not comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint
+from zoo.errors import UserError
+
+LOSS_WINDOW = 0.1  # the share of a run's last steps whose logged losses are averaged
+
+
+@dataclass
+class RunSummary:
+    """One checkpoint's training figures; ``None`` where the run did not record one."""
+
+    checkpoint: str
+    step: int | None = None
+    loss: float | None = None
+    val_loss: float | None = None
+    fd: float | None = None
+    fd_n: int | None = None
+    fd_extractor: str | None = None
+    fd_reference: str | None = None
+    fd_source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_run_or_checkpoint(arg: str | Path) -> bool:
+    """Whether a command-line argument names a directory (a run or a checkpoint), not a recipe."""
+    return Path(arg).expanduser().is_dir()
+
+
+def checkpoint_dir(arg: str | Path) -> Path:
+    """The checkpoint a directory argument is compared at: a run's ``last/``, or the checkpoint itself."""
+    given = Path(arg).expanduser()
+    path = checkpoint_of(given)
+    if not (path / CONFIG).is_file():
+        runs = sorted(d.name for d in given.iterdir() if d.is_dir() and (d / "last" / CONFIG).is_file())
+        raise UserError(f"{arg} is a directory, but neither a zoo train run (with last/) nor a checkpoint "
+                        f"({CONFIG}, {MODEL})",
+                        suggestion=newest_step_hint(given)
+                        or (f"it holds the runs {', '.join(runs[:5])}{', ...' * (len(runs) > 5)}: pass them, "
+                            f"e.g. {given / '*'}/" if runs else None)
+                        or "give a recipe's .yaml file, a run directory or a checkpoint directory")
+    return path
+
+
+def _run_dir(ckpt: Path) -> Path | None:
+    """The run a checkpoint belongs to (its parent holds log.jsonl or last/), else ``None``."""
+    parent = ckpt.parent
+    return parent if (parent / "log.jsonl").is_file() or (parent / "last").is_dir() else None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _records(run: Path | None) -> list[dict]:
+    from zoo.training.monitor import read_log
+
+    if run is None:
+        return []
+    return [r for r in read_log(run / "log.jsonl") if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
+def _step_of(ckpt: Path, records: list[dict]) -> int | None:
+    if STEP_NAME.fullmatch(ckpt.name):
+        return int(ckpt.name.removeprefix("step_"))
+    steps = [r["step"] for r in records if "loss" in r]
+    return max(steps, default=None)
+
+
+def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
+    """The ``zoo eval`` results of ``ckpt``'s current weights (their sha256 checked) in ``eval_dir``."""
+    from zoo.eval.extractors import sha256_file
+
+    pattern = re.compile(re.escape(ckpt.name) + r"-.+-n\d+-[0-9a-f]+-ref[0-9a-f]+\.json")
+    hashes: dict[str, str | None] = {}
+    found = []
+    for path in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
+        if not pattern.fullmatch(path.name):
+            continue
+        try:
+            result = json.loads(path.read_text())
+            protocol, metrics = result["protocol"], result["metrics"]
+            weights, sha, fd = protocol["weights"], protocol["weights_sha256"], metrics["fd"]
+        except (OSError, ValueError, KeyError, TypeError):  # not a result zoo eval wrote
+            continue
+        file = {"ema": EMA, "raw": MODEL}.get(weights)
+        if file is None or not _finite(fd):
+            continue
+        if file not in hashes:
+            hashes[file] = sha256_file(ckpt / file) if (ckpt / file).is_file() else None
+        if hashes[file] == sha:  # an earlier save of last/ was evaluated otherwise
+            found.append({**result, "_path": path})
+    return found
+
+
+def summarize(arg: str | Path) -> RunSummary:
+    """The figures a run (its ``last/``) or a checkpoint directory recorded; see the module docstring."""
+    from zoo.eval.runner import locate
+
+    ckpt = checkpoint_dir(arg)
+    ckpt, eval_dir = locate(ckpt)
+    run = _run_dir(ckpt)
+    records = _records(run)
+    step = _step_of(ckpt, records)
+    upto = [r for r in records if step is None or r["step"] <= step]
+    summary = RunSummary(checkpoint=str(ckpt), step=step)
+    losses = [r for r in upto if _finite(r.get("loss"))]
+    if losses:
+        last = losses[-1]["step"]
+        window = [r["loss"] for r in losses if r["step"] > last * (1 - LOSS_WINDOW)] or [losses[-1]["loss"]]
+        summary.loss = sum(window) / len(window)
+    vals = [r for r in upto if _finite(r.get("val_loss"))]
+    if vals:
+        summary.val_loss = float(vals[-1]["val_loss"])
+    results = _eval_results(ckpt, eval_dir)
+    if results:
+        best = max(results, key=lambda r: (r.get("n") or 0, str(r.get("time") or "")))
+        reference = best.get("reference") or {}
+        summary.fd, summary.fd_n = float(best["metrics"]["fd"]), best.get("n")
+        summary.fd_extractor = (best.get("extractor") or {}).get("name")
+        summary.fd_reference = reference.get("spec") if isinstance(reference, dict) else None
+        summary.fd_source = str(best["_path"])
+        return summary
+    fds = [r for r in upto if _finite(r.get("fd"))]
+    if fds:
+        rec = fds[-1]
+        summary.fd, summary.fd_n, summary.fd_extractor = float(rec["fd"]), rec.get("fd_n"), rec.get("fd_extractor")
+        summary.fd_reference = "train.eval_every"
+        summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
+    return summary
