@@ -431,17 +431,25 @@ def test_a_symlink_loop_in_a_class_folder_is_not_followed(tmp_path):
 
 
 def test_a_pil_warning_comes_once_not_once_per_image_read(tmp_path, monkeypatch):
-    """Each read reset Python's once-per-place warning record (catch_warnings per read): a palette PNG with
-    transparency warned again for every image, every epoch, in training, prepare-latents and eval."""
+    """Each read reset Python's once-per-place warning record (catch_warnings per read): a warning PIL gives
+    about a file's content (it was a palette PNG's transparency) came again for every image, every epoch,
+    in training, prepare-latents and eval."""
     import warnings
 
+    import zoo.training.crop as crop
     import zoo.training.data as data
     from zoo.training.data import ImageFolder
 
     (tmp_path / "c").mkdir()
-    for i in range(4):  # PIL: "Palette images with Transparency expressed in bytes should be converted to RGBA"
-        Image.new("RGB", (8, 8), (10, 60 * i, 30)).convert("P").save(tmp_path / "c" / f"{i}.png",
-                                                                      transparency=b"\x00\x80\xff")
+    for i in range(4):
+        Image.new("RGB", (8, 8), (10, 60 * i, 30)).save(tmp_path / "c" / f"{i}.png")
+    to_rgb = crop.to_rgb
+
+    def warning_decoder(image):  # one place that warns on every image, as PIL's decoders do
+        warnings.warn("a decoder's warning about this file", UserWarning)
+        return to_rgb(image)
+
+    monkeypatch.setattr(crop, "to_rgb", warning_decoder)
     ds = ImageFolder(tmp_path, 8)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")  # once per place, as Python shows a warning unless told otherwise
@@ -449,7 +457,7 @@ def test_a_pil_warning_comes_once_not_once_per_image_read(tmp_path, monkeypatch)
         for _ in range(2):
             for i in range(len(ds)):
                 ds[i]
-    assert len([w for w in seen if "Palette images with Transparency" in str(w.message)]) == 1
+    assert len([w for w in seen if "a decoder's warning" in str(w.message)]) == 1
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
@@ -1289,3 +1297,17 @@ def test_the_done_line_quotes_the_out_for_the_shell(tmp_path, vae_dir, image_dir
     assert main(["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution",
                  str(RES), "--workers", "0"]) == 0
     assert f"done; train with --set 'data.root={out}'\n" in capsys.readouterr().out
+
+
+def test_files_of_other_suffixes_are_named_in_a_note(tmp_path, vae_dir, image_dir, capsys):
+    """A GIF beside the images was skipped unsaid: the run's image count was all that showed it."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    Image.new("RGB", (8, 8)).save(images / "n01" / "extra.gif")
+    args = ["prepare-latents", str(images), "--vae", str(vae_dir), "--out", str(tmp_path / "lat"), "--resolution",
+            str(RES), "--workers", "0"]
+    assert main(args) == 0
+    assert (f"zoo prepare-latents: note: 1 file with other suffixes in the class folders is not read (e.g. "
+            f"{images / 'n01' / 'extra.gif'})") in capsys.readouterr().out

@@ -385,6 +385,8 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
                     else f"{who}none left to encode")
             log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
                 f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
+            if rank == 0 and images.skipped_note():
+                log(f"note: {images.skipped_note()}")
             if rank == 0 and world > n and fresh:
                 idle = world - n
                 log(f"note: {_count(n, 'shard')} for {world} processes, so {idle} of them "

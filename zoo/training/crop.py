@@ -37,24 +37,60 @@ def adm_center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
+#: Float (mode ``F``) images whose values stay at or below this are read as [0, 1]: a float TIFF in [0, 1]
+#: resampled with a bicubic filter overshoots 1 a little, and read as [0, 255] it was black.
+FLOAT_UNIT_MAX = 2.0
+
+
+def on_white(image):
+    """``image`` (a PIL image with an alpha channel or a transparent palette entry) composited on white, as RGB.
+
+    Dropping the alpha instead showed whatever colour the file keeps under its transparent pixels:
+    black in most RGBA PNGs, the palette's entry (dark green in Twemoji's) in palette PNGs."""
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _decoded_from_16_bit(image) -> bool:
+    """Whether PIL decodes ``image`` (not loaded yet) from 16-bit samples into its mode ``I``: a 16-bit
+    PNG in older PIL, a PGM/PPM with a maximum value above 255 (scaled to 16 bits by its decoder)."""
+    for tile in getattr(image, "tile", None) or ():
+        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
+        if tile.codec_name == "ppm" or (args and isinstance(args[0], str) and args[0].startswith("I;16")):
+            return True
+    return False
+
+
+def has_alpha(image) -> bool:
+    """Whether ``image`` has transparency: an alpha channel or a transparent colour (``info['transparency']``)."""
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
 def to_rgb(image):
     """``image`` (a PIL image of any mode) as 8-bit RGB.
 
-    16-bit grayscale (modes ``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits:
-    PIL's own conversion clips it, which turns most such images white. Floating-point grayscale
-    (mode ``F``, a float TIFF) whose values lie in [0, 1] is scaled by 255; PIL's conversion made
-    it black.
+    Transparent pixels are composited on white (:func:`on_white`, as emoji32 renders its PNGs).
+    16-bit grayscale (modes ``I;16*``, mode ``I`` decoded from 16-bit samples, and other ``I`` images
+    holding values above 255) is scaled to 8 bits: PIL's own conversion clips it, which turns most
+    such images white. Floating-point grayscale (mode ``F``, a float TIFF) whose values stay at or below
+    :data:`FLOAT_UNIT_MAX` is read as [0, 1] and scaled by 255 (PIL's conversion made it black), others
+    as [0, 255]; both are clipped.
     """
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         import numpy as np
         from PIL import Image
 
+        sixteen = image.mode.startswith("I;16") or (image.mode == "I" and _decoded_from_16_bit(image))
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        if sixteen or (image.mode == "I" and values.max(initial=0) > 255):
             values = values * (255 / 65535)
-        elif image.mode == "F" and values.max(initial=0) <= 1:
+        elif image.mode == "F" and values.max(initial=0) <= FLOAT_UNIT_MAX:
             values = values * 255
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    if has_alpha(image):
+        return on_white(image)
     return image.convert("RGB")
 
 

@@ -61,12 +61,15 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: Path, image_size: int, flat: bool = False) -> None:
         try:
+            self.skipped_files: list[Path] = []  # files with other suffixes in the class folders (not metadata)
             if flat:  # no labels: the images directly in root (an FD reference as pytorch-fid reads it), label 0
                 self.classes = []
                 self.items = [(f, 0) for f in sorted(root.iterdir()) if f.is_file() and _is_image_name(f.name)]
             else:
                 self.classes = self.class_folders(root)
-                self.items = [(f, i) for i, c in enumerate(self.classes) for f in _images_under(root / c)]
+                _refuse_links_to_the_root(root, self.classes)
+                self.items = [(f, i) for i, c in enumerate(self.classes)
+                              for f in _images_under(root / c, self.skipped_files)]
         except OSError as err:
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
         # imagenet/ given for imagenet/train would encode or train for hours on two "classes"
@@ -105,6 +108,15 @@ class ImageFolder(Dataset):
         """What the "holds no images" errors add: the files skipped ``where`` and the suffixes read."""
         files = f"{count} file{'s' * (count != 1)} with other suffixes skipped" if count else "no files with other suffixes"
         return f"{files} {where}; images are files ending {', '.join(IMAGE_SUFFIXES)} in any case"
+
+    def skipped_note(self) -> str | None:
+        """One line on the class folders' files that are not read (a GIF, an AVIF, a PNG without its suffix):
+        the run trains on fewer images than the folder holds, which only the image count showed."""
+        if not self.skipped_files:
+            return None
+        n = len(self.skipped_files)
+        return (f"{n} file{'s' * (n != 1)} with other suffixes in the class folders {'are' if n != 1 else 'is'} not "
+                f"read (e.g. {self.skipped_files[0]}); images are files ending {', '.join(IMAGE_SUFFIXES)} in any case")
 
     @staticmethod
     def class_folders(root: Path) -> list[str]:
@@ -149,13 +161,14 @@ def _quiet_size_warning(Image) -> None:
         _SIZE_WARNING_QUIET = True
 
 
-def _images_under(folder: Path) -> list[Path]:
+def _images_under(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
     """The image files below ``folder``, walked as torchvision walks a class folder, except that a
     symlink back to a folder on the way down to it (a loop, through one link or several) is not
     followed: torchvision lists such a tree over and over until the path is too long, with other
     classes' images under this label; and
     that macOS's ``._NAME`` files (AppleDouble metadata that a tar or zip made on a Mac holds beside
-    each image, never an image) are skipped: each stopped a run as an unreadable image."""
+    each image, never an image) are skipped: each stopped a run as an unreadable image. ``skipped`` gets the
+    files with other suffixes (not hidden files such as ``.DS_Store``)."""
     def fail(err: OSError) -> None:
         raise err
 
@@ -169,7 +182,21 @@ def _images_under(folder: Path) -> list[Path]:
                 above[os.path.join(top, d)] = chain
         dirs[:] = keep
         walked.append((top, names))
+    if skipped is not None:
+        skipped += [Path(top) / name for top, names in sorted(walked) for name in sorted(names)
+                    if not _is_image_name(name) and not name.startswith(".")]
     return [Path(top) / name for top, names in sorted(walked) for name in sorted(names) if _is_image_name(name)]
+
+
+def _refuse_links_to_the_root(root: Path, classes: list[str]) -> None:
+    """A class folder that is a link to the image folder itself (``self -> .``) or to a folder above it
+    would be one more class holding every image under another label: one line instead."""
+    real_root = os.path.realpath(root)
+    for c in classes:
+        if _contains(os.path.realpath(root / c), real_root):
+            raise UserError(f"class folder {root / c} is a link to {os.path.realpath(root / c)}, which holds the "
+                            f"image folder {root} itself: its images would train twice, once under the label {c!r}",
+                            suggestion=f"remove the link {root / c}")
 
 
 def _is_image_name(name: str) -> bool:

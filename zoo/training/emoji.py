@@ -88,10 +88,10 @@ def render(path: Path, size: int) -> Tensor:
     """One emoji as uint8 (3, size, size): alpha-composited on white, Lanczos-resized (antialiased)."""
     from PIL import Image
 
+    from zoo.training.crop import on_white
+
     with Image.open(path) as im:
-        rgba = im.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        rgb = on_white(im)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.LANCZOS)
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)

@@ -203,6 +203,9 @@ class Trainer:
         data = self._record_trained_classes(recipe, dataset)
         EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
         self.data_line = data_line(data, len(dataset), self.shape)
+        skipped = getattr(dataset, "skipped_note", lambda: None)()  # an image folder's files of other suffixes
+        if skipped:
+            self.after_banner.append(f"zoo train: note: {skipped}")
         # recorded in each checkpoint: the labels' meaning, as trained (an unconditional model reads none)
         self.classes = class_names(data) if num_classes(recipe) is not None else []
         # FSDP on GPUs: each GPU holds 1/world of the weights, gradients, AdamW state and EMA (checked whole, a
