@@ -39,7 +39,7 @@ from zoo.eval.metrics import Features, Reference
 from zoo.cache import cache_root
 from zoo.eval.stats import feature_statistics
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: image folders composite transparency on white and read 16-bit PGMs and float TIFFs at scale
 
 
 def save_npz(path: Path, **arrays) -> Path:
