@@ -342,3 +342,11 @@ def test_a_base_recipe_file_is_named_as_one(capsys):
     import zoo.commands.compare
 
     assert "recipes/emoji32/*.yaml" not in zoo.commands.compare.__doc__
+
+
+def test_a_recipe_zoo_build_refuses_against_its_model_is_refused_too(capsys):
+    """static_row validated the sections but not the recipe against the model: a DiMR fed DiT's time index
+    got a row, though zoo build, train and sample refuse it."""
+    assert main(["compare", TINY[1], "--set", "diffusion.time_input=dit_index", "--no-time"]) == 2
+    err = capsys.readouterr().err
+    assert "key diffusion.time_input" in err and "feeds DiMR a time on another scale" in err

@@ -79,13 +79,23 @@ def test_a_zoo_eval_result_of_these_weights_is_preferred_and_one_of_older_weight
     summary = row["run"]
     best = json.loads(by_n[12].read_text())
     assert (summary["fd"], summary["fd_n"], summary["fd_source"]) == (best["metrics"]["fd"], 12, str(by_n[12]))
-    assert summary["fd_reference"] == "synthetic"
+    assert summary["fd_reference"] == "synthetic" and summary["fd_weights"] == "ema"
+    assert summary["fd_sampler"] == "ddim clip_denoised=False eta=0 steps=5, no guidance"  # the recipe's sampler
+    # step_0000020 holds the same weights as last/ (same bytes): the result of last/ is its result too
+    (step,), _ = _compare_json(capsys, str(run / "step_0000020"))
+    assert step["run"]["fd"] == best["metrics"]["fd"] and step["run"]["step"] == 20
+    # raw weights scored with more samples: an EMA result still comes first
+    assert main(["eval", str(run), "--n", "16", "--ref", "synthetic", "--extractor", "test_pool4", "--weights", "raw"]) == 0
+    capsys.readouterr()
+    (row,), _ = _compare_json(capsys, str(run))
+    assert (row["run"]["fd"], row["run"]["fd_n"], row["run"]["fd_weights"]) == (best["metrics"]["fd"], 12, "ema")
 
     # Two more steps replace last/: the results were of its earlier weights, so the log's FD stands
     train(zoo.load_recipe(RECIPE, SETTINGS), run, steps=22, resume=run, log=lambda *_: None)
     (row,), _ = _compare_json(capsys, str(run))
     fds = [r for r in _records(run) if "fd" in r]
     assert row["run"]["step"] == 22 and row["run"]["fd"] == fds[-1]["fd"] and "(step 20)" in row["run"]["fd_source"]
+    assert row["run"]["fd_sampler"] == summary["fd_sampler"]  # the eval_every FD sampled as zoo eval's default does
 
 
 def test_fds_of_different_protocols_get_a_note(run, tmp_path, capsys):
@@ -97,6 +107,11 @@ def test_fds_of_different_protocols_get_a_note(run, tmp_path, capsys):
     capsys.readouterr()
     err = _compare_json(capsys, str(run), str(other))[1]
     assert "the FDs were measured differently" in err and "n=12" in err and "n=8" in err
+    # the same N by another sampler: still not comparable
+    assert main(["eval", str(run), "--n", "12", "--ref", "synthetic", "--extractor", "test_pool4", "--steps", "3"]) == 0
+    capsys.readouterr()
+    err = _compare_json(capsys, str(run), str(other))[1]
+    assert "the FDs were measured differently" in err and "steps=3, no guidance" in err and "steps=5" in err
 
 
 def test_the_table_adds_the_run_columns_only_when_a_row_is_a_run(run):
@@ -120,3 +135,11 @@ def test_a_directory_that_is_no_run_says_what_it_needs(tmp_path, run, capsys):
     # a folder of runs: they are named, to be passed one by one
     assert main(["compare", str(run.parent), "--no-time"]) == 2
     assert f"it holds the runs run: pass them, e.g. {run.parent / '*'}/" in capsys.readouterr().err
+
+
+def test_a_runs_model_section_is_not_overridden(run, capsys):
+    """--set model.depth=3 made the run's row describe another model than its weights, beside its own loss and FD."""
+    assert main(["compare", str(run), "--set", "model.depth=3", "--no-time"]) == 2
+    err = capsys.readouterr().err
+    assert "is a run or checkpoint: its model section is fixed by its weights" in err and "Traceback" not in err
+    assert main(["compare", str(RECIPE), str(run), "--set", "train.precision=bf16", "--no-time"]) == 0  # others apply

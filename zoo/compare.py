@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from zoo.errors import UserError
 from zoo.precision import inference_precision
 from zoo.run_summary import RunSummary
 
@@ -91,8 +92,6 @@ def paper_params_m(recipe: str) -> float | None:
 def check_not_a_base_file(recipe: str, resolved_data: Mapping) -> None:
     """A ``_``-named file without a model (``_base_emoji32.yaml``, which other recipes include): say so, and
     to leave it out, instead of "the recipe has no model section" (a ``recipes/emoji32/*.yaml`` glob picks it up)."""
-    from zoo.errors import UserError
-
     path = Path(recipe)
     if path.name.startswith("_") and resolved_data.get("model") is None:
         raise UserError(f"{recipe} is a base file (its name starts with '_': other recipes include it through "
@@ -100,15 +99,21 @@ def check_not_a_base_file(recipe: str, resolved_data: Mapping) -> None:
                         suggestion=f"leave it out, e.g. {path.parent / ('[!_]*' + path.suffix)}")
 
 
-def recipe_source(recipe: str) -> str | Recipe:
+def recipe_source(recipe: str, overrides: Sequence[str] = ()) -> str | Recipe:
     """What one ``zoo compare`` argument names: a recipe file or shipped name as it is; a run directory
-    (its ``last/``) or a checkpoint directory as the recipe stored in that checkpoint."""
+    (its ``last/``) or a checkpoint directory as the recipe stored in that checkpoint, whose ``model``
+    section ``overrides`` may not change (the row would describe another model than the run's weights)."""
     from zoo.run_summary import checkpoint_dir, is_run_or_checkpoint
 
     if not is_run_or_checkpoint(recipe):
         return recipe
     from zoo.checkpoint import checkpoint_recipe
+    from zoo.recipe import override_key
 
+    if any(override_key(o)[0] == "model" for o in overrides):
+        raise UserError(f"{recipe} is a run or checkpoint: its model section is fixed by its weights, and --set "
+                        "applies to every RECIPE given", suggestion="compare the run without --set model.*, and "
+                        "the changed model as a recipe in a compare of its own")
     return checkpoint_recipe(checkpoint_dir(recipe))
 
 
@@ -117,12 +122,18 @@ def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
     from zoo.flops import count_flops
     from zoo.meta import build_on_meta
     from zoo.recipe import resolve
+    from zoo.training.fit import check_recipe_fits_model
     from zoo.validate import model_factory, validate_recipe
 
-    resolved = resolve(recipe_source(recipe), list(overrides))
+    resolved = resolve(recipe_source(recipe, overrides), list(overrides))
     check_not_a_base_file(recipe, resolved.data)
     validate_recipe(resolved)  # as zoo build does: every section, and the components imported outside the meta build
-    report = count_flops(build_on_meta(model_factory(resolved)), max_depth=1)
+    model = build_on_meta(model_factory(resolved))
+    try:
+        check_recipe_fits_model(resolved.data, model)  # and what zoo train and zoo sample refuse against the model
+    except UserError as err:
+        raise resolved.locate(err) from None
+    report = count_flops(model, max_depth=1)
     return Row(recipe, int(report.params), int(report.trainable_params), float(report.gflops))
 
 
@@ -163,7 +174,7 @@ class Bench:
         from zoo.training.loop import set_grad_checkpointing
         from zoo.training.sections import TRAIN_DEFAULTS
 
-        self.recipe = zoo.load_recipe(recipe_source(recipe), list(overrides))
+        self.recipe = zoo.load_recipe(recipe_source(recipe, overrides), list(overrides))
         train = {**TRAIN_DEFAULTS, **(self.recipe.get("train") or {})}  # what zoo train reads
         torch.manual_seed(seed)
         self.model = zoo.build_model(self.recipe).to(device).train()

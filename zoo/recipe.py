@@ -72,7 +72,7 @@ def find_recipe(path: str | Path) -> Path:
         if path.is_dir() or path.name == "config.json":  # its config.json holds the recipe inside a wrapper
             raise UserError(f"{path} is a zoo checkpoint, not a recipe file", suggestion=(
                 f"zoo.from_checkpoint({str(checkpoint)!r}) builds its model with its weights; zoo sample, eval "
-                "and export take the directory as it is"))
+                "export and compare take the directory as it is"))
     if path.is_file():
         return path
     if path.is_dir():

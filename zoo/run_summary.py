@@ -9,9 +9,10 @@ run's own records, nothing is recomputed:
   (one log record is a mean over ``train.log_every`` steps, so single records are noisy).
 * ``val_loss``: the newest ``train.val_every`` record up to ``step`` (the same fixed draws every time).
 * ``fd``: a ``zoo eval`` result of exactly these weights (its recorded sha256 must be that of the
-  checkpoint's weights file; of several, the one with the most samples, then the newest), else the
-  newest ``train.eval_every`` record up to ``step``. Its sample count, extractor and reference come
-  with it: FDs measured with other N or another reference are not comparable.
+  checkpoint's weights file, whichever checkpoint it was run on; of several, EMA before raw weights,
+  then the most samples, then the newest), else the newest ``train.eval_every`` record up to ``step``
+  (EMA weights, the recipe's sampler). Its sample count, extractor, reference, weights and sampler
+  come with it: FDs measured otherwise are not comparable.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint
 from zoo.errors import UserError
@@ -41,6 +42,8 @@ class RunSummary:
     fd_n: int | None = None
     fd_extractor: str | None = None
     fd_reference: str | None = None
+    fd_weights: str | None = None  # "ema" or "raw"
+    fd_sampler: str | None = None  # the solver with its settings, and the guidance
     fd_source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -92,20 +95,53 @@ def _step_of(ckpt: Path, records: list[dict]) -> int | None:
     return max(steps, default=None)
 
 
+RESULT_NAME = re.compile(r".+-n\d+-[0-9a-f]+-ref[0-9a-f]+\.json")  # zoo eval's CHECKPOINT-EXTRACTOR-nN-HASH-refHASH.json
+
+
+def sampler_text(solver: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> str:
+    """``solver`` (a solver spec) with its defaults filled in, and the guidance weight: one text that is
+    equal for two FDs exactly when they were sampled alike (``"ddim clip_denoised=False eta=0 steps=5, no guidance"``)."""
+    from zoo.eval.runner import _resolved_solver
+
+    full = _resolved_solver(dict(solver))
+    settings = " ".join(f"{k}={full[k]:g}" if isinstance(full[k], float) else f"{k}={full[k]}"
+                        for k in sorted(full) if k != "type" and full[k] is not None)
+    w = (cfg or {}).get("w")
+    guidance = "no guidance" if w is None else f"cfg w={float(w):g}" + "".join(
+        f" {k}={cfg[k]}" for k in ("channels", "power") if cfg.get(k) is not None)
+    return f"{full['type']} {settings}".strip() + f", {guidance}"
+
+
+def _recipe_sampler(ckpt: Path) -> str | None:
+    """The sampler ``train.eval_every`` used: the checkpoint recipe's ``sample`` section, as zoo eval reads it."""
+    from zoo.checkpoint import load_recipe_of
+    from zoo.diffusion.setup import guidance_settings
+    from zoo.sample import build_solver
+
+    try:
+        recipe = load_recipe_of(ckpt)
+        _, spec = build_solver(recipe, None, None)
+        guidance = guidance_settings(recipe)
+    except UserError:  # a recipe this zoo cannot sample: its FD says no more than its numbers
+        return None
+    return sampler_text(spec, {"w": guidance.w, "channels": guidance.channels, "power": guidance.power}
+                        if guidance.active else None)
+
+
 def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
-    """The ``zoo eval`` results of ``ckpt``'s current weights (their sha256 checked) in ``eval_dir``."""
+    """The ``zoo eval`` results in ``eval_dir`` of ``ckpt``'s current weights (their sha256 checked)."""
     from zoo.eval.extractors import sha256_file
 
-    pattern = re.compile(re.escape(ckpt.name) + r"-.+-n\d+-[0-9a-f]+-ref[0-9a-f]+\.json")
     hashes: dict[str, str | None] = {}
     found = []
     for path in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
-        if not pattern.fullmatch(path.name):
+        if not RESULT_NAME.fullmatch(path.name):
             continue
         try:
             result = json.loads(path.read_text())
             protocol, metrics = result["protocol"], result["metrics"]
             weights, sha, fd = protocol["weights"], protocol["weights_sha256"], metrics["fd"]
+            protocol["solver"]["type"]
         except (OSError, ValueError, KeyError, TypeError):  # not a result zoo eval wrote
             continue
         file = {"ema": EMA, "raw": MODEL}.get(weights)
@@ -139,17 +175,19 @@ def summarize(arg: str | Path) -> RunSummary:
         summary.val_loss = float(vals[-1]["val_loss"])
     results = _eval_results(ckpt, eval_dir)
     if results:
-        best = max(results, key=lambda r: (r.get("n") or 0, str(r.get("time") or "")))
-        reference = best.get("reference") or {}
+        best = max(results, key=lambda r: (r["protocol"]["weights"] == "ema", r.get("n") or 0, str(r.get("time") or "")))
+        reference, protocol = best.get("reference") or {}, best["protocol"]
         summary.fd, summary.fd_n = float(best["metrics"]["fd"]), best.get("n")
         summary.fd_extractor = (best.get("extractor") or {}).get("name")
         summary.fd_reference = reference.get("spec") if isinstance(reference, dict) else None
+        summary.fd_weights, summary.fd_sampler = protocol["weights"], sampler_text(protocol["solver"], protocol.get("cfg"))
         summary.fd_source = str(best["_path"])
         return summary
     fds = [r for r in upto if _finite(r.get("fd"))]
     if fds:
         rec = fds[-1]
         summary.fd, summary.fd_n, summary.fd_extractor = float(rec["fd"]), rec.get("fd_n"), rec.get("fd_extractor")
-        summary.fd_reference = "train.eval_every"
+        summary.fd_reference, summary.fd_weights = "train.eval_every", "ema"
+        summary.fd_sampler = _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
     return summary

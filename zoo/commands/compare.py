@@ -82,7 +82,7 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
         return
     sized = []  # (recipe, resident bytes, a step's gradient bytes, activation bytes per sample)
     for recipe in recipes:
-        resolved = zoo.load_recipe(recipe_source(recipe), list(overrides))
+        resolved = zoo.load_recipe(recipe_source(recipe, overrides), list(overrides))
         train = resolved.get("train") or {}
         with torch.device("meta"):
             model = zoo.build_model(resolved)
@@ -120,16 +120,17 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
 
 
 def note_fd_protocols(rows: list) -> None:
-    """One note when the runs' FDs were measured with different sample counts, extractors or references:
-    such FDs are not comparable (a smaller N alone raises FD)."""
+    """One note when the runs' FDs were measured differently (sample count, extractor, reference, EMA or raw
+    weights, sampler): such FDs are not comparable (a smaller N alone raises FD)."""
     import sys
 
-    measured = {row.recipe: (row.run.fd_n, row.run.fd_extractor, row.run.fd_reference)
-                for row in rows if row.run is not None and row.run.fd is not None}
+    measured = {row.recipe: (row.run.fd_n, row.run.fd_extractor, row.run.fd_reference, row.run.fd_weights,
+                             row.run.fd_sampler) for row in rows if row.run is not None and row.run.fd is not None}
     if len(set(measured.values())) > 1:
-        how = "; ".join(f"{name}: n={n} {extractor}, reference {ref}" for name, (n, extractor, ref) in measured.items())
-        print(f"zoo compare: note: the FDs were measured differently ({how}); compare FDs of one protocol only "
-              "(zoo eval RUN --n N --ref REF for each run)", file=sys.stderr)
+        how = "".join(f"\n  {name}: n={n} {extractor}, reference {ref}, {weights} weights, {sampler}"
+                      for name, (n, extractor, ref, weights, sampler) in measured.items())
+        print("zoo compare: note: the FDs were measured differently, so they are not comparable (zoo eval RUN --n N "
+              f"--ref REF with one sampler for each run makes them so):{how}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from zoo.recipe import resolve
 
     for recipe in args.recipes:  # a glob's _base_*.yaml: named as a base file, timed or not
-        check_not_a_base_file(recipe, resolve(recipe_source(recipe), list(args.overrides)).data)
+        check_not_a_base_file(recipe, resolve(recipe_source(recipe, args.overrides), list(args.overrides)).data)
     if not args.no_time:  # before any model is built: an allocator traceback or the OOM killer otherwise
         check_memory(args.recipes, args.overrides, args.batch, device)
     rows = measure(args.recipes, args.overrides, batch=args.batch, device=device, warmup=args.warmup,
