@@ -9,7 +9,8 @@ pytest.importorskip("diffusers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from zoo.checkpoint import EMA, MODEL  # noqa: E402
+import zoo  # noqa: E402
+from zoo.checkpoint import EMA, MODEL, save_checkpoint  # noqa: E402
 from zoo.cli import main  # noqa: E402
 from zoo.integrations.diffusers import ZooTransformer2DModel  # noqa: E402
 
@@ -34,10 +35,15 @@ def test_export_of_a_run_directory_writes_its_last_checkpoint(tmp_path, capsys):
     assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf"), "--weights", "model", "--force"]) == 0
     assert all(torch.equal(v, model[k]) for k, v in exported(tmp_path / "hf").items())
     # asked for EMA weights a checkpoint does not have, it exported the raw ones under that name
+    ckpt = save_checkpoint(tmp_path / "no_ema", zoo.build_model(zoo.load_recipe(RECIPE)), zoo.load_recipe(RECIPE))
+    assert main(["export", "diffusers", str(ckpt), "--out", str(tmp_path / "hf3"), "--weights", "ema"]) == 2
+    assert f"--weights ema: {ckpt} has no EMA weights" in capsys.readouterr().err
+    assert not (tmp_path / "hf3").exists()
+    # one whose EMA file went missing is incomplete: 'drop --weights, or --weights raw' would not have helped
     (run / "last" / EMA).rename(tmp_path / "ema.safetensors")
     assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf3"), "--weights", "ema"]) == 2
-    assert f"--weights ema: {run / 'last'} has no EMA weights" in capsys.readouterr().err
-    assert not (tmp_path / "hf3").exists()
+    assert capsys.readouterr().err == (f"zoo: error: checkpoint {run / 'last'} is incomplete: ema.safetensors is "
+                                       f"missing ({run / 'step_0000002'} is the run's newest complete checkpoint)\n")
     (tmp_path / "ema.safetensors").rename(run / "last" / EMA)
     # zoo eval's word for them works here too (it was 'invalid choice: raw (choose from ema, model)')
     assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf2"), "--weights", "raw"]) == 0

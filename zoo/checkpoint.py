@@ -383,6 +383,15 @@ def _checkpoint_dir(directory: str | Path) -> Path:
     return directory
 
 
+def require_ema(directory: str | Path) -> None:
+    """``--weights ema``: a complete checkpoint (else the message says what is missing) that holds EMA weights;
+    asked for by name, the raw weights never go in their place."""
+    directory = _checkpoint_dir(directory)
+    if not (directory / EMA).is_file():
+        raise UserError(f"--weights ema: {directory} has no EMA weights ({EMA})",
+                        suggestion="drop --weights (the raw weights of a checkpoint without EMA), or --weights raw")
+
+
 def saved_files_identity(directory: Path) -> tuple:
     """Device, inode, size and mtime of a checkpoint's files: a save that replaces the directory (or any
     of them) changes it, so equal values before and after a read mean the read saw one save."""

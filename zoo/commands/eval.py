@@ -110,13 +110,10 @@ def run(args: argparse.Namespace) -> int:
         check_parents(out, "--out")
         check_outside_checkpoints(out, "--out")
     if args.weights == "ema":  # asked for by name: not the raw weights in its place, as zoo export diffusers says
-        from zoo.checkpoint import EMA
+        from zoo.checkpoint import require_ema
         from zoo.eval.runner import locate
 
-        ckpt, _ = locate(args.source)
-        if not (ckpt / EMA).is_file():
-            raise UserError(f"--weights ema: {ckpt} has no EMA weights ({EMA})",
-                            suggestion="drop --weights (the raw weights of a checkpoint without EMA), or --weights raw")
+        require_ema(locate(args.source)[0])
     from zoo.eval.distortion import analyse
     from zoo.eval.distortion_cli import scorer_for
 

@@ -46,12 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint.is_dir():
         raise UserError(f"{checkpoint} is not a checkpoint directory",
                         suggestion="pass a directory written by zoo train or zoo convert")
-    from zoo.checkpoint import EMA
+    from zoo.checkpoint import require_ema
     from zoo.guards import check_outside_checkpoints, check_writable
 
-    if args.weights == "ema" and not (checkpoint / EMA).is_file():  # else the raw ones went out as asked-for EMA
-        raise UserError(f"--weights ema: {checkpoint} has no EMA weights ({EMA})",
-                        suggestion="drop --weights (the raw weights of a checkpoint without EMA), or --weights raw")
+    if args.weights == "ema":  # else the raw ones went out as asked-for EMA
+        require_ema(checkpoint)
     check_outside_checkpoints(args.out)
     check_writable(args.out)  # written beside itself, then renamed: afile.txt/d is one line, not a traceback
     try:
