@@ -784,3 +784,47 @@ def test_the_seed_a_run_used_is_in_its_config_even_when_the_recipe_left_it_out(t
     train(recipe, tmp_path / "run", steps=1, log=lambda *_: None)
     assert ckpt.read_config(tmp_path / "run" / "last")["train"]["seed"] == 0
     assert "seed" not in recipe["train"]  # the caller's recipe is not changed
+
+
+def test_a_sample_grid_is_the_one_zoo_sample_draws_from_that_checkpoint(tmp_path):
+    """The grids drew with seed 0 whatever the recipe's sample.seed, which zoo sample reads: a run's grid
+    could not be drawn again from its checkpoint."""
+    import numpy as np
+    from PIL import Image
+
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    out = tmp_path / "run"
+    args = ["train", str(recipe), "--out", str(out), "--steps", "2", "--set", "train.sample_every=2",
+            "--set", "train.sample_n=4", "--set", "train.ckpt_every=2", "--set", "sample.seed=7"]
+    assert main(args) == 0
+    assert main(["sample", str(out / "step_0000002"), "--n", "4", "--out", str(tmp_path / "again.png")]) == 0
+    assert main(["sample", str(out / "step_0000002"), "--n", "4", "--seed", "0", "--out", str(tmp_path / "s0.png")]) == 0
+    grid, again, seed0 = (np.asarray(Image.open(p)) for p in (out / "samples" / "step_0000002.png",
+                                                               tmp_path / "again.png", tmp_path / "s0.png"))
+    assert (grid == again).all() and not (grid == seed0).all()
+
+
+def test_a_sampler_its_checkpoints_could_not_use_is_refused_before_the_first_step(tmp_path, capsys):
+    """A learned variance on a model without one, or guidance without a null label, trained on with a warning
+    at every grid (no grid drawn), and zoo sample then refused the run's checkpoints; zoo build refused them."""
+    base = ["--set", "train.sample_every=2", "--set", "train.steps=2"]
+    for extra, words in ((["--set", "sample.solver={type: ddpm, steps: 5, variance: learned}"],
+                          "key sample.solver.variance: ddpm variance 'learned' reads the model's variance output"),
+                         (["--set", "model.class_dropout_prob=0", "--set", "diffusion.label_drop=0",
+                           "--set", "diffusion.null_label=null", "--set", "sample.cfg={scale: 1.5}"],
+                          "key diffusion.null_label: classifier-free guidance (scale 1.5, dit convention) needs the "
+                          "null label")):
+        for command in (["train", str(RECIPE), "--out", str(tmp_path / "run"), *base], ["build", str(RECIPE)]):
+            assert main(command + extra) == 2
+            assert words in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_without_a_model_is_named_by_its_file_in_train_and_sample(tmp_path, capsys):
+    """zoo train and zoo sample said '<recipe dict>: key model: ...' of a file without a model section."""
+    base = tmp_path / "no_model.yaml"
+    base.write_text("train: {steps: 1}\n")
+    for argv in (["train", str(base), "--out", str(tmp_path / "run")], ["sample", str(base), "--n", "1"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (f"zoo: error: {base}: key model: the recipe has no model section "
+                                           "(add model: {type: NAME, ...})\n")

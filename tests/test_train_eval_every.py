@@ -196,3 +196,19 @@ def test_loss_png_draws_the_fd_on_a_second_axis(tmp_path):
     steps, fds = monitor.plot.fd_line.get_data()
     assert list(steps) == [2, 4] and list(fds) == [50.0, 25.0]
     assert list(monitor.plot.line.get_data()[0]) == [1, 2, 3, 4]  # the loss curve skips the FD records
+
+
+def test_the_logged_fd_is_the_one_zoo_eval_gives_for_that_checkpoint(tmp_path, capsys):
+    """The evaluations drew from train.seed while zoo eval draws from sample.seed: a logged FD could not be
+    reproduced. Now `zoo eval RUN/step_N --n eval_n --ref RUN/eval/fd_reference.npz` gives it."""
+    out = tmp_path / "run"
+    recipe = zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["train.seed=5", "sample.seed=3", "train.ckpt_every=4"])
+    train(recipe, out, steps=4, log=lambda *_: None)
+    logged = [r for r in _records(out) if "fd" in r][-1]
+    assert logged["step"] == 4
+    assert main(["eval", str(out / "step_0000004"), "--n", "16", "--ref", str(out / "eval" / "fd_reference.npz"),
+                 "--extractor", "test_pool4"]) == 0
+    result = json.loads(next((out / "eval").glob("step_0000004-test_pool4-n16-*.json")).read_text())
+    assert result["protocol"]["seed"] == 3
+    # the same images (per-sample seeds), scored in batches of another size: float32 feature sums in another order
+    assert result["metrics"]["fd"] == pytest.approx(logged["fd"], rel=1e-4)

@@ -25,9 +25,21 @@ register = registry.register
 def load_recipe(path: str | Path | dict | Recipe,
                 overrides: Iterable[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
     """The resolved recipe (``_base_`` merged, overrides applied: ``["model.depth=6"]`` as ``--set`` takes
-    them, or ``{"model.depth": 6}``) as plain data, validated."""
+    them, or ``{"model.depth": 6}``) as plain data, validated section by section. What is checked against
+    the model it builds (a DiMR's time input, a learned variance, guidance's null label) is checked where the
+    model is built: ``zoo build``, ``train``, ``sample`` (:func:`zoo.training.fit.check_recipe_fits_model`)."""
     recipe = resolve(path, overrides)
     validate_recipe(recipe)
+    return recipe.data
+
+
+def load_model_recipe(path: str | Path | dict | Recipe,
+                      overrides: Iterable[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
+    """:func:`load_recipe` for a command that builds the recipe's model (train, sample, convert): one
+    without a ``model`` section (a ``_base_`` file) is refused naming its file, not ``<recipe dict>``."""
+    recipe = resolve(path, overrides)
+    validate_recipe(recipe)
+    model_factory(recipe)  # the model section is there and names a known backbone
     return recipe.data
 
 

@@ -338,11 +338,11 @@ def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str
     and ``zoo eval`` allow them (a checkpoint's ``model`` section and the ``diffusion`` keys its weights
     were trained under are refused; ``solver`` with ``--set sample.solver.KEY=...`` as in :func:`load_model`).
     Reads no weights: cheap enough to check a command's options before anything slow."""
-    import zoo
+    from zoo.api import load_model_recipe
     from zoo.checkpoint import load_recipe_of
 
     path = Path(source)
-    read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: zoo.load_recipe(source, o))
+    read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: load_model_recipe(source, o))
     given = list(overrides)
     overrides = [*_solver_choice(read, solver, given), *given]
     if path.is_dir() and any(override_key(o)[0] == "model" for o in overrides):
@@ -533,15 +533,40 @@ def sampling_precision(recipe: Mapping[str, Any], given: str | None, dtype: torc
 
 
 def check_sample_section(recipe: Mapping[str, Any]) -> None:
-    """Build the recipe's solver and guidance as :func:`sample_latents` will: a training run
-    that samples grids or evaluates checks them before its first step (a solver option that cannot
-    work stopped the run at its first evaluation, without saving, or turned every grid into a warning)."""
+    """Build the recipe's solver and guidance as :func:`sample_latents` will: a training run that
+    draws grids or evaluates checks them before its first step (a solver option that cannot work
+    stopped the run at its first evaluation, without saving, or turned every grid into a warning): a
+    learned variance needs a model that outputs one, and guidance the null label (else the run drew
+    no grid, and zoo sample refused its checkpoints with the recipe's own settings)."""
+    def guidance() -> None:
+        settings = guidance_settings(recipe, None)
+        try:
+            require_null_label(recipe, settings)
+        except UserError as err:
+            off = 1 if settings.convention == "dit" else 0
+            err.suggestion = (f"set sample.cfg.scale to {off} (no guidance), or train with label dropout "
+                              "(diffusion.label_drop and diffusion.null_label) so that guidance has a null label")
+            raise
+
     for key, check in (("sample.solver", lambda: check_solver_walks(recipe)),
-                       ("sample.cfg", lambda: guidance_settings(recipe, None))):
+                       ("sample.solver.variance", lambda: _check_sample_variance(recipe)),
+                       ("sample.cfg", guidance)):
         try:
             check()
         except UserError as err:
-            raise err.locate(key_path=key) from None
+            raise err.locate(key_path=err.key_path or key) from None
+
+
+def _check_sample_variance(recipe: Mapping[str, Any]) -> None:
+    """The recipe's DDPM ``variance: learned`` needs a model that outputs one: else zoo sample refuses it once the
+    weights load, and zoo convert wrote such a checkpoint (a learn_sigma false DiT on a DiT recipe) without a word."""
+    solver = (recipe.get("sample") or {}).get("solver")
+    if isinstance(solver, Mapping) and solver.get("variance") == "learned":
+        try:
+            _check_learned_variance(recipe)
+        except UserError as err:
+            err.suggestion = "--set sample.solver.variance=fixed_small (DDPM's own), or fixed_large"
+            raise
 
 
 @torch.no_grad()

@@ -139,6 +139,7 @@ def _mismatch_hint(checked: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import zoo
+    from zoo.api import load_model_recipe
     from zoo.checkpoint import build_with_state, save_checkpoint
     from zoo.convert import (check_recipe_family, check_recipe_matches, check_weights, get_family, guess_family,
                              model_spec, unwrap_state_dict)
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if looks not in (None, args.family):  # else every key is 'unexpected', naming none of the fix
         raise UserError(f"{args.checkpoint} holds {looks} weights, not {args.family} ones",
                         suggestion=f"zoo convert {looks} {args.checkpoint} --recipe A_{looks.upper()}_RECIPE ...")
-    recipe = zoo.load_recipe(args.recipe, args.overrides)
+    recipe = load_model_recipe(args.recipe, args.overrides)
     check_recipe_family(args.family, converter, recipe["model"], str(args.checkpoint))
     meta_model = build_on_meta(lambda: zoo.build_model(recipe))
     check_recipe_fits_model(recipe, meta_model)  # as zoo build and train do

@@ -138,6 +138,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
     """The run directory, the recipe, the device and notes for the run's first lines, after the checks
     that need no process group."""
     import zoo
+    from zoo.api import load_model_recipe
     from zoo.errors import UserError
     from zoo.guards import check_run_dir, resolve_device
     from zoo.training import distributed
@@ -159,7 +160,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
     # never a file, never another run's directory; `~` expanded (the shell leaves --out=~/x alone)
     out = args.out or _resumed_run(args.resume) or default_run_dir(args.recipe)
     out = str(check_run_dir(out, resuming=args.resume or False))
-    recipe = zoo.load_recipe(args.recipe, args.overrides)
+    recipe = load_model_recipe(args.recipe, args.overrides)
     _absolute_paths(recipe)
     notes = _paths_of_the_resumed_run(recipe, args.resume) if args.resume is not None else []
     train = recipe.get("train") or {}

@@ -3,8 +3,8 @@
 Every ``eval_every`` steps rank 0 samples ``train.eval_n`` images from a copy of the model that
 holds the EMA weights, the way ``zoo eval`` and the sample grids do (:func:`zoo.eval.quick_fd`:
 the recipe's ``sample`` section sets solver, steps, guidance and batch size). Sample i has the
-same noise, label and solver noise at every evaluation (per-sample seeds from ``train.seed``),
-so successive values differ only because the weights did. Its features (``train.eval_extractor``,
+same noise, label and solver noise at every evaluation (per-sample seeds from ``sample.seed``, as
+``zoo eval`` draws them), so successive values differ only because the weights did. Its features (``train.eval_extractor``,
 default the offline ``efficientnet_lite0``) are compared with reference statistics from
 
 * ``train.eval_ref`` when set (what ``zoo eval --ref`` takes: an ``.npz``, an image folder, a
@@ -124,12 +124,13 @@ class FDHook:
     def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
         """The FD record at ``step`` of ``ema_model``, a copy of the model holding the EMA weights."""
         from zoo.eval import quick_fd
+        from zoo.sample import recipe_seed
 
         start = time.perf_counter()
         ref = self.prepare()
         with _rng_kept(self.device):
-            fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor, seed=self.seed,
-                          device=self.device)
+            fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor,
+                          seed=recipe_seed(self.recipe, None), device=self.device)
         return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name,
                 "fd_seconds": time.perf_counter() - start}
 

@@ -20,7 +20,7 @@ from zoo.diffusion.setup import (build_objective, check_guidance_channels, check
                                  time_input_name)
 from zoo.errors import UserError
 from zoo.meta import MetaShapeCache, RepeatedBlockMemo, example_inputs, without_dynamo
-from zoo.sample import check_solver_walks, num_classes
+from zoo.sample import check_sample_section, num_classes
 
 
 def training_objective(recipe: Mapping[str, Any], meta_model: nn.Module) -> DiffusionObjective:
@@ -55,11 +55,7 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
             time_input_name(recipe)  # what it trains on is checked as zoo sample and train check it: refused here
         return
     training_objective(recipe, meta_model)
-    _check_sample_variance(recipe)
-    try:
-        check_solver_walks(recipe)  # a respacing the schedule cannot take: every grid would be a warning
-    except UserError as err:
-        raise err.locate(key_path="sample.solver") from None
+    check_sample_section(recipe)  # a respacing the schedule cannot take, a learned variance, guidance's null label
     example = getattr(meta_model, "example_inputs", None)
     if example is None:
         return
@@ -73,20 +69,6 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
         check_null_label(meta_model, (recipe.get("diffusion") or {}).get("null_label"),
                          (recipe.get("data") or {}).get("num_classes"), guidance)
     check_data_section(recipe.get("data") or {}, shape, num_classes(recipe))
-
-
-def _check_sample_variance(recipe: Mapping[str, Any]) -> None:
-    """The recipe's DDPM ``variance: learned`` needs a model that outputs one: else zoo sample refuses it once the
-    weights load, and zoo convert wrote such a checkpoint (a learn_sigma false DiT on a DiT recipe) without a word."""
-    from zoo.sample import _check_learned_variance
-
-    solver = (recipe.get("sample") or {}).get("solver")
-    if isinstance(solver, Mapping) and solver.get("variance") == "learned":
-        try:
-            _check_learned_variance(recipe)
-        except UserError as err:
-            err.suggestion = "--set sample.solver.variance=fixed_small (DDPM's own), or fixed_large"
-            raise
 
 
 def _check_output(meta_model: nn.Module, objective: DiffusionObjective) -> None:

@@ -219,7 +219,8 @@ class Trainer:
             self.after_banner.append(f"zoo train: note: memory not checked before the first step: {est.unmeasured}")
         self.fd = fd_hook(recipe, self.train, dataset, self.shape, self.out, self.ctx, self.log)  # train.eval_every
         if int(self.train.get("sample_every") or 0) or int(self.train.get("eval_every") or 0):
-            check_sample_section(recipe)  # the grids' and evaluations' solver: now, not at their first step
+            check_sample_section(recipe)  # the grids' and evaluations' solver, variance and guidance: now, not at
+            # their first step (a run that draws neither keeps its sample section to zoo sample's options)
         self.grids = self._period("sample_every") > 0
         if self.grids:
             try:  # a latent model's VAE: said once now, not as a warning at every grid
@@ -499,7 +500,7 @@ class Trainer:
         if model is None:
             return None
         try:
-            x, _ = sample_latents(model, self.recipe, SampleRequest(n=int(self.train["sample_n"]), seed=0),
+            x, _ = sample_latents(model, self.recipe, SampleRequest(n=int(self.train["sample_n"])),
                                   device=self.device)
             images = to_images(x, self.recipe, None, device=self.device)
         except UserError as err:  # e.g. a latent model without local VAE weights
