@@ -143,3 +143,14 @@ def test_a_runs_model_section_is_not_overridden(run, capsys):
     err = capsys.readouterr().err
     assert "is a run or checkpoint: its model section is fixed by its weights" in err and "Traceback" not in err
     assert main(["compare", str(RECIPE), str(run), "--set", "train.precision=bf16", "--no-time"]) == 0  # others apply
+
+
+def test_a_run_killed_after_its_last_save_is_compared_at_that_save(run, capsys):
+    """last/ is saved every ckpt_every steps and the log every log_every: a run killed at step 25 logged five
+    steps its last/ (step 20) does not hold, and the row gave step 25 and their losses beside last/'s FD."""
+    (expected,), _ = _compare_json(capsys, str(run))
+    with open(run / "log.jsonl", "a") as log:
+        for step in range(21, 26):
+            log.write(json.dumps({"step": step, "loss": 100.0, "lr": 1e-3}) + "\n")
+    (row,), _ = _compare_json(capsys, str(run))
+    assert row["run"]["step"] == 20 and row["run"]["loss"] == expected["run"]["loss"]

@@ -12,6 +12,7 @@ that lists them; a missing, truncated or corrupt file is an error that names it.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -390,6 +391,25 @@ def require_ema(directory: str | Path) -> None:
     if not (directory / EMA).is_file():
         raise UserError(f"--weights ema: {directory} has no EMA weights ({EMA})",
                         suggestion="drop --weights (the raw weights of a checkpoint without EMA), or --weights raw")
+
+
+def trained_step(directory: str | Path) -> int | None:
+    """The step a ``zoo train`` checkpoint was saved at, from its trainer state memory-mapped (the optimizer
+    moments, gigabytes for an XL model, are not read); ``None`` where it has none (a converted or exported
+    checkpoint) or it cannot be read."""
+    import warnings
+
+    path = Path(directory) / TRAINER_STATE
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):  # damaged: the caller goes without
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 
 def saved_files_identity(directory: Path) -> tuple:

@@ -4,7 +4,8 @@ A run directory (``zoo train --out``) is compared at its ``last/`` checkpoint, a
 directory (``RUN/step_0005000``, a converted or exported one) as it is. The figures come from the
 run's own records, nothing is recomputed:
 
-* ``step``: the checkpoint's training step (``step_N``: N; ``last/``: the newest step log.jsonl records).
+* ``step``: the checkpoint's training step (its trainer state's; without one, N of ``step_N``, else the
+  newest step log.jsonl records).
 * ``loss``: the mean of the logged training losses over the last 10% of the steps up to ``step``
   (one log record is a mean over ``train.log_every`` steps, so single records are noisy).
 * ``val_loss``: the newest ``train.val_every`` record up to ``step`` (the same fixed draws every time).
@@ -89,10 +90,16 @@ def _records(run: Path | None) -> list[dict]:
 
 
 def _step_of(ckpt: Path, records: list[dict]) -> int | None:
-    if STEP_NAME.fullmatch(ckpt.name):
-        return int(ckpt.name.removeprefix("step_"))
-    steps = [r["step"] for r in records if "loss" in r]
-    return max(steps, default=None)
+    """The checkpoint's step: its trainer state's (a run killed after its last save logged steps past it),
+    else its ``step_N`` name, else the newest step the log records."""
+    from zoo.checkpoint import trained_step
+
+    step = trained_step(ckpt)
+    if step is None and STEP_NAME.fullmatch(ckpt.name):
+        step = int(ckpt.name.removeprefix("step_"))
+    if step is None:
+        step = max((r["step"] for r in records if "loss" in r), default=None)
+    return step
 
 
 RESULT_NAME = re.compile(r".+-n\d+-[0-9a-f]+-ref[0-9a-f]+\.json")  # zoo eval's CHECKPOINT-EXTRACTOR-nN-HASH-refHASH.json
