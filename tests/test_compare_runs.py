@@ -55,7 +55,7 @@ def test_a_run_is_its_recipe_plus_the_figures_its_log_recorded(run, capsys):
     assert summary["loss"] == pytest.approx((losses[19] + losses[20]) / 2, rel=1e-12)  # steps 18 < s <= 20
     assert summary["val_loss"] == vals[-1]["val_loss"]
     assert (summary["fd"], summary["fd_n"], summary["fd_extractor"]) == (fds[-1]["fd"], 8, "test_pool4")
-    assert summary["fd_reference"] == "train.eval_every" and "(step 20)" in summary["fd_source"]
+    assert summary["fd_reference"] == "synthetic:train (64 images)" and "(step 20)" in summary["fd_source"]
 
 
 def test_a_step_checkpoint_is_compared_at_its_own_step(run, capsys):
@@ -154,3 +154,88 @@ def test_a_run_killed_after_its_last_save_is_compared_at_that_save(run, capsys):
             log.write(json.dumps({"step": step, "loss": 100.0, "lr": 1e-3}) + "\n")
     (row,), _ = _compare_json(capsys, str(run))
     assert row["run"]["step"] == 20 and row["run"]["loss"] == expected["run"]["loss"]
+
+
+def test_checkpoints_of_an_abandoned_branch_get_no_losses_of_the_new_one(run, capsys):
+    """A resume from step_0000010 keeps the old branch's step_0000020 on disk and drops its records from the
+    log: that checkpoint was given the new branch's loss (steps 11-12) as its own."""
+    train(zoo.load_recipe(RECIPE, SETTINGS + ["train.lr=3e-3"]), run, steps=12, resume=run / "step_0000010",
+          log=lambda *_: None, allow_recipe_change=True)
+    (new, old), _ = _compare_json(capsys, str(run), str(run / "step_0000020"))
+    records = _records(run)
+    assert max(r["step"] for r in records) == 12
+    assert new["run"]["step"] == 12 and new["run"]["loss"] == pytest.approx(
+        sum(r["loss"] for r in records if r["step"] in (11, 12) and "loss" in r) / 2, rel=1e-12)  # 10.8 < s <= 12
+    assert new["run"]["val_loss"] == next(r["val_loss"] for r in records if r["step"] == 10 and "val_loss" in r)
+    assert old["run"]["step"] == 20 and (old["run"]["loss"], old["run"]["val_loss"], old["run"]["fd"]) == (None,) * 3
+
+
+def test_the_eval_every_reference_is_named_and_two_of_them_get_the_note(run, tmp_path, capsys):
+    """Both rows said 'train.eval_every' for FDs against different references (271 against 68), unnoted."""
+    (row,), _ = _compare_json(capsys, str(run))
+    fd_record = [r for r in _records(run) if "fd" in r][-1]
+    assert row["run"]["fd_reference"] == fd_record["fd_ref"] == "synthetic:train (64 images)"
+    other = tmp_path / "other"
+    ref = run / "eval" / "fd_reference.npz"
+    train(zoo.load_recipe(RECIPE, SETTINGS + [f"train.eval_ref={ref}"]), other, steps=5, log=lambda *_: None)
+    (_, second), err = _compare_json(capsys, str(run), str(other))
+    assert second["run"]["fd_reference"] == str(ref) and "the FDs were measured differently" in err
+    # a log written before the records named their reference: the recipe says what it was
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    (run / "log.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fd_ref"}) + "\n"
+                                           for r in lines))
+    (row,), _ = _compare_json(capsys, str(run))
+    assert row["run"]["fd_reference"] == "synthetic (the run's own data: its holdout split, else its training images)"
+
+
+def test_lines_of_a_log_that_are_not_records_are_skipped_by_compare_and_resume(run, capsys):
+    """A line that was not UTF-8 was a UnicodeDecodeError traceback in compare and resume; a JSON line that
+    was no object an AttributeError in resume."""
+    from zoo.training.monitor import read_log
+
+    (expected,), _ = _compare_json(capsys, str(run))
+    with open(run / "log.jsonl", "ab") as log:
+        log.write(b"\xff\xfe garbage\n[1, 2]\n{\"step\": true, \"loss\": 3}\n{\"loss\": 3}\n")
+    assert len(read_log(run / "log.jsonl")) == len(_records_text_only(run))
+    (row,), _ = _compare_json(capsys, str(run))
+    assert row["run"] == expected["run"]
+    assert main(["train", str(RECIPE), "--resume", str(run), "--out", str(run), "--steps", "21",
+                 *[x for s in SETTINGS for x in ("--set", s)]]) == 0
+
+
+def _records_text_only(run: Path) -> list[dict]:
+    """The log's lines that are JSON objects with an integer step, read independently of read_log."""
+    out = []
+    for raw in (run / "log.jsonl").read_bytes().splitlines():
+        try:
+            rec = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(rec, dict) and type(rec.get("step")) is int:
+            out.append(rec)
+    return out
+
+
+def test_a_step_checkpoint_deleted_after_the_shell_listed_it_is_named_as_such(run, capsys):
+    """A live run's train.keep_last deleted a step_* the glob had named: 'recipe file not found'."""
+    assert main(["compare", str(run / "step_0000030"), "--no-time"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {run / 'step_0000030'} does not exist (a running zoo train deletes its older step_* " \
+           f"checkpoints (train.keep_last); its newest checkpoint is" in err
+
+
+def test_a_run_of_a_plugin_that_is_gone_names_the_plugin(tmp_path, capsys):
+    """compare said 'unknown block' with no hint, where sample and eval name the plugin and its version."""
+    import sys
+
+    from fake_plugins import on_sys_path
+
+    with on_sys_path(Path(__file__).parent / "fake_plugins" / "dit_block"):
+        try:
+            train(zoo.load_recipe(RECIPE, ["model.block=plug_block", "train.sample_every=0"]), tmp_path / "run",
+                  steps=1, log=lambda *_: None)
+        finally:
+            sys.modules.pop("zoo_dit_block_plugin", None)
+    assert main(["compare", str(tmp_path / "run"), "--no-time"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(it was written with the plugin zoo-dit-block-plugin==0.3 "
+                                                     "installed: pip install zoo-dit-block-plugin==0.3)")

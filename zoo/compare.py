@@ -107,14 +107,16 @@ def recipe_source(recipe: str, overrides: Sequence[str] = ()) -> str | Recipe:
 
     if not is_run_or_checkpoint(recipe):
         return recipe
-    from zoo.checkpoint import checkpoint_recipe
+    from zoo.checkpoint import checkpoint_recipe, load_recipe_of
     from zoo.recipe import override_key
 
     if any(override_key(o)[0] == "model" for o in overrides):
         raise UserError(f"{recipe} is a run or checkpoint: its model section is fixed by its weights, and --set "
                         "applies to every RECIPE given", suggestion="compare the run without --set model.*, and "
                         "the changed model as a recipe in a compare of its own")
-    return checkpoint_recipe(checkpoint_dir(recipe))
+    checkpoint = checkpoint_dir(recipe)
+    load_recipe_of(checkpoint)  # its mistakes name its config.json, an unknown name the plugins it was written with
+    return checkpoint_recipe(checkpoint)
 
 
 def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:

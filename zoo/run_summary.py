@@ -7,13 +7,18 @@ run's own records, nothing is recomputed:
 * ``step``: the checkpoint's training step (its trainer state's; without one, N of ``step_N``, else the
   newest step log.jsonl records).
 * ``loss``: the mean of the logged training losses over the last 10% of the steps up to ``step``
-  (one log record is a mean over ``train.log_every`` steps, so single records are noisy).
-* ``val_loss``: the newest ``train.val_every`` record up to ``step`` (the same fixed draws every time).
+  (at least the last ``train.log_every`` steps; one log record is a mean over them, so single records
+  are noisy).
+* ``val_loss``: the ``train.val_every`` record of the last ``val_every`` steps up to ``step`` (the same
+  fixed draws every time).
 * ``fd``: a ``zoo eval`` result of exactly these weights (its recorded sha256 must be that of the
   checkpoint's weights file, whichever checkpoint it was run on; of several, EMA before raw weights,
-  then the most samples, then the newest), else the newest ``train.eval_every`` record up to ``step``
-  (EMA weights, the recipe's sampler). Its sample count, extractor, reference, weights and sampler
+  then the most samples, then the newest), else the ``train.eval_every`` record of the last
+  ``eval_every`` steps up to ``step`` (EMA weights, the recipe's sampler). Its sample count, extractor, reference, weights and sampler
   come with it: FDs measured otherwise are not comparable.
+
+Records older than those windows are not taken: after a resume from an older ``step_*`` the log holds
+the new branch only, and the abandoned branch's later checkpoints have no records of their own.
 """
 
 from __future__ import annotations
@@ -52,13 +57,19 @@ class RunSummary:
 
 
 def is_run_or_checkpoint(arg: str | Path) -> bool:
-    """Whether a command-line argument names a directory (a run or a checkpoint), not a recipe."""
-    return Path(arg).expanduser().is_dir()
+    """Whether a command-line argument names a directory (a run or a checkpoint), not a recipe: also a
+    ``RUN/step_N`` that a live run's ``train.keep_last`` deleted after the shell listed it."""
+    path = Path(arg).expanduser()
+    return path.is_dir() or bool(STEP_NAME.fullmatch(path.name) and (path.parent / "log.jsonl").is_file())
 
 
 def checkpoint_dir(arg: str | Path) -> Path:
     """The checkpoint a directory argument is compared at: a run's ``last/``, or the checkpoint itself."""
     given = Path(arg).expanduser()
+    if not given.exists():
+        hint = newest_step_hint(given.parent)
+        raise UserError(f"checkpoint {arg} does not exist", suggestion="a running zoo train deletes its older "
+                        "step_* checkpoints (train.keep_last)" + (f"; {hint}" if hint else ""))
     path = checkpoint_of(given)
     if not (path / CONFIG).is_file():
         runs = sorted(d.name for d in given.iterdir() if d.is_dir() and (d / "last" / CONFIG).is_file())
@@ -84,9 +95,23 @@ def _finite(value: Any) -> bool:
 def _records(run: Path | None) -> list[dict]:
     from zoo.training.monitor import read_log
 
-    if run is None:
-        return []
-    return [r for r in read_log(run / "log.jsonl") if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    return [] if run is None else read_log(run / "log.jsonl")
+
+
+def _train_section(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint recipe's ``train`` section with zoo train's defaults (its log, val and eval periods)."""
+    from zoo.checkpoint import read_config
+    from zoo.training.sections import TRAIN_DEFAULTS
+
+    train = read_config(ckpt).get("train")
+    return {**TRAIN_DEFAULTS, **(train if isinstance(train, dict) else {})}
+
+
+def _newest_within(records: list[dict], key: str, step: int, period: Any) -> dict | None:
+    """The newest record with a finite ``key`` in the last ``period`` steps up to ``step``."""
+    period = period if isinstance(period, int) and not isinstance(period, bool) and period > 0 else 1
+    found = [r for r in records if step - period < r["step"] <= step and _finite(r.get(key))]
+    return found[-1] if found else None
 
 
 def _step_of(ckpt: Path, records: list[dict]) -> int | None:
@@ -110,7 +135,10 @@ def sampler_text(solver: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> st
     equal for two FDs exactly when they were sampled alike (``"ddim clip_denoised=False eta=0 steps=5, no guidance"``)."""
     from zoo.eval.runner import _resolved_solver
 
-    full = _resolved_solver(dict(solver))
+    try:
+        full = _resolved_solver(dict(solver))
+    except UserError:  # a solver this process has not registered (a notebook's): its settings as recorded
+        full = dict(solver)
     settings = " ".join(f"{k}={full[k]:g}" if isinstance(full[k], float) else f"{k}={full[k]}"
                         for k in sorted(full) if k != "type" and full[k] is not None)
     w = (cfg or {}).get("w")
@@ -148,8 +176,12 @@ def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
             result = json.loads(path.read_text())
             protocol, metrics = result["protocol"], result["metrics"]
             weights, sha, fd = protocol["weights"], protocol["weights_sha256"], metrics["fd"]
-            protocol["solver"]["type"]
-        except (OSError, ValueError, KeyError, TypeError):  # not a result zoo eval wrote
+            if not (isinstance(protocol["solver"], dict) and isinstance(protocol["solver"].get("type"), str)
+                    and isinstance(protocol.get("cfg") or {}, dict) and isinstance(result.get("n"), int)
+                    and not isinstance(result["n"], bool) and isinstance(result.get("extractor") or {}, dict)
+                    and isinstance(result.get("reference") or {}, dict)):
+                continue
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result zoo eval wrote
             continue
         file = {"ema": EMA, "raw": MODEL}.get(weights)
         if file is None or not _finite(fd):
@@ -170,31 +202,42 @@ def summarize(arg: str | Path) -> RunSummary:
     run = _run_dir(ckpt)
     records = _records(run)
     step = _step_of(ckpt, records)
-    upto = [r for r in records if step is None or r["step"] <= step]
     summary = RunSummary(checkpoint=str(ckpt), step=step)
-    losses = [r for r in upto if _finite(r.get("loss"))]
-    if losses:
-        last = losses[-1]["step"]
-        window = [r["loss"] for r in losses if r["step"] > last * (1 - LOSS_WINDOW)] or [losses[-1]["loss"]]
-        summary.loss = sum(window) / len(window)
-    vals = [r for r in upto if _finite(r.get("val_loss"))]
-    if vals:
-        summary.val_loss = float(vals[-1]["val_loss"])
+    train = _train_section(ckpt) if step is not None else {}
+    if step is not None:
+        log_every = train.get("log_every") if isinstance(train.get("log_every"), int) else 1
+        lower = min(step * (1 - LOSS_WINDOW), step - max(log_every, 1))
+        window = [r["loss"] for r in records if lower < r["step"] <= step and _finite(r.get("loss"))]
+        summary.loss = sum(window) / len(window) if window else None
+        val = _newest_within(records, "val_loss", step, train.get("val_every"))
+        summary.val_loss = float(val["val_loss"]) if val else None
     results = _eval_results(ckpt, eval_dir)
     if results:
-        best = max(results, key=lambda r: (r["protocol"]["weights"] == "ema", r.get("n") or 0, str(r.get("time") or "")))
+        best = max(results, key=lambda r: (r["protocol"]["weights"] == "ema", r["n"], str(r.get("time") or "")))
         reference, protocol = best.get("reference") or {}, best["protocol"]
-        summary.fd, summary.fd_n = float(best["metrics"]["fd"]), best.get("n")
+        summary.fd, summary.fd_n = float(best["metrics"]["fd"]), best["n"]
         summary.fd_extractor = (best.get("extractor") or {}).get("name")
-        summary.fd_reference = reference.get("spec") if isinstance(reference, dict) else None
+        summary.fd_reference = reference.get("spec")
         summary.fd_weights, summary.fd_sampler = protocol["weights"], sampler_text(protocol["solver"], protocol.get("cfg"))
         summary.fd_source = str(best["_path"])
         return summary
-    fds = [r for r in upto if _finite(r.get("fd"))]
-    if fds:
-        rec = fds[-1]
+    rec = _newest_within(records, "fd", step, train.get("eval_every")) if step is not None else None
+    if rec:
         summary.fd, summary.fd_n, summary.fd_extractor = float(rec["fd"]), rec.get("fd_n"), rec.get("fd_extractor")
-        summary.fd_reference, summary.fd_weights = "train.eval_every", "ema"
-        summary.fd_sampler = _recipe_sampler(ckpt)
+        summary.fd_reference = rec.get("fd_ref") or _eval_every_reference(ckpt)
+        summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
     return summary
+
+
+def _eval_every_reference(ckpt: Path) -> str:
+    """What ``train.eval_every`` compared with, for a log written before its records named it: the recipe's
+    ``train.eval_ref``, else the run's own data (its holdout split where it has one)."""
+    from zoo.checkpoint import read_config
+
+    recipe = read_config(ckpt)
+    train, data = recipe.get("train") or {}, recipe.get("data") or {}
+    if isinstance(train, dict) and train.get("eval_ref"):
+        return str(train["eval_ref"])
+    dataset = data.get("dataset", "synthetic") if isinstance(data, dict) else "synthetic"
+    return f"{dataset} (the run's own data: its holdout split, else its training images)"

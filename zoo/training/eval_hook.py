@@ -131,7 +131,7 @@ class FDHook:
         with _rng_kept(self.device):
             fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor,
                           seed=recipe_seed(self.recipe, None), device=self.device)
-        return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name,
+        return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name, "fd_ref": self.source,
                 "fd_seconds": time.perf_counter() - start}
 
 

@@ -9,7 +9,7 @@ not skip, and ``skipped_steps`` counts the others). log.jsonl is strict JSON: a 
 finite is written as null. Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
 ``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
 Evaluation records go to the same sinks, each as its own log.jsonl line and one printed line:
-``train.eval_every``'s ``{"step", "fd", "fd_n", "fd_extractor", "fd_seconds"}`` (TensorBoard ``eval/fd``, a
+``train.eval_every``'s ``{"step", "fd", "fd_n", "fd_extractor", "fd_ref", "fd_seconds"}`` (TensorBoard ``eval/fd``, a
 second axis in loss.png) and ``train.val_every``'s ``{"step", "val_loss", "val_n", "val_source", "val_seconds"}``
 (TensorBoard ``eval/val_loss``, markers on the loss axis of loss.png).
 """
@@ -32,14 +32,18 @@ PLOT_INTERVAL_S = 5.0  # loss.png is redrawn with a log record at most this ofte
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of an existing ``log.jsonl`` (a resumed run continues its curve); bad lines skipped."""
+    """The records of an existing ``log.jsonl`` (a resumed run continues its curve): JSON objects with an
+    integer ``step``; other lines (torn, not UTF-8, not an object, a hand's edit) skipped."""
     records = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().splitlines():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool):
+                records.append(record)
     return records
 
 
