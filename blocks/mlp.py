@@ -68,7 +68,8 @@ class GeGluMlp(nn.Module):  # = timm.layers.GluMlp(gate_last=False, 2·hidden); 
     """GeGLU feed-forward (Shazeer 2020): ``W2(GELU(W0 u) * W1 u)``, as in DiMR.
 
     ``W0`` and ``W1`` are fused into one ``fc1`` of width ``2 * hidden`` (one GEMM instead of
-    two); the first half of its output is the gated (GELU) half.
+    two); the first half of its output is the gated (GELU) half. ``hidden_features`` defaults to
+    ``2 * dim``, DiMR's GeGLU ratio 2.
     """
 
     def __init__(self, dim: Width, hidden_features: Width | None = None, act: Activation = "gelu", bias: bool = True):
