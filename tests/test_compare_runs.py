@@ -239,3 +239,20 @@ def test_a_run_of_a_plugin_that_is_gone_names_the_plugin(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "run"), "--no-time"]) == 2
     assert capsys.readouterr().err.rstrip().endswith("(it was written with the plugin zoo-dit-block-plugin==0.3 "
                                                      "installed: pip install zoo-dit-block-plugin==0.3)")
+
+
+def test_a_run_stopped_and_resumed_shows_the_loss_of_the_uninterrupted_run(tmp_path, capsys):
+    """A resumed run logs one shorter record where it stopped (steps 16-18, then 19-20, where the uninterrupted
+    run logs 16-20 once): the plain mean of the records differed although the weights were bit-identical."""
+    settings = SETTINGS + ["train.log_every=5", "train.eval_every=0", "train.val_every=0"]
+    train(zoo.load_recipe(RECIPE, settings), tmp_path / "straight", steps=20, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, settings), tmp_path / "resumed", steps=18, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, settings), tmp_path / "resumed", steps=20, resume=tmp_path / "resumed",
+          log=lambda *_: None)
+    assert [r["step"] for r in _records(tmp_path / "resumed") if "loss" in r] == [5, 10, 15, 18, 20]
+    (straight, resumed), _ = _compare_json(capsys, str(tmp_path / "straight"), str(tmp_path / "resumed"))
+    step20 = next(r["loss"] for r in _records(tmp_path / "straight") if r["step"] == 20 and "loss" in r)
+    # the window is at least the last log_every steps, (15, 20]: the one record of steps 16-20 here
+    assert straight["run"]["loss"] == step20
+    # the same per-step losses, summed in another order: float32 running sums, rounding only
+    assert resumed["run"]["loss"] == pytest.approx(step20, rel=1e-6)

@@ -6,9 +6,9 @@ run's own records, nothing is recomputed:
 
 * ``step``: the checkpoint's training step (its trainer state's; without one, N of ``step_N``, else the
   newest step log.jsonl records).
-* ``loss``: the mean of the logged training losses over the last 10% of the steps up to ``step``
-  (at least the last ``train.log_every`` steps; one log record is a mean over them, so single records
-  are noisy).
+* ``loss``: the mean training loss over the last 10% of the steps up to ``step`` (at least the last
+  ``train.log_every`` steps), each log record weighed by the steps it covers (a record is the mean over
+  the steps since the one before it).
 * ``val_loss``: the ``train.val_every`` record of the last ``val_every`` steps up to ``step`` (the same
   fixed draws every time).
 * ``fd``: a ``zoo eval`` result of exactly these weights (its recorded sha256 must be that of the
@@ -105,6 +105,22 @@ def _train_section(ckpt: Path) -> dict[str, Any]:
 
     train = read_config(ckpt).get("train")
     return {**TRAIN_DEFAULTS, **(train if isinstance(train, dict) else {})}
+
+
+def _mean_loss(records: list[dict], lower: int, upper: int) -> float | None:
+    """The mean training loss over steps (lower, upper]: each record is the mean of the steps since the record
+    before it, so it weighs as many steps as it covers in the window (a run stopped and resumed logs one
+    more, shorter record there, and a plain mean of the records differed from the uninterrupted run's)."""
+    total = steps = 0.0
+    previous = 0
+    for record in records:
+        if "loss" not in record or record["step"] > upper:
+            continue
+        covered = record["step"] - max(previous, lower)
+        if covered > 0 and _finite(record["loss"]):
+            total, steps = total + record["loss"] * covered, steps + covered
+        previous = record["step"]
+    return total / steps if steps else None
 
 
 def _newest_within(records: list[dict], key: str, step: int, period: Any) -> dict | None:
@@ -206,9 +222,7 @@ def summarize(arg: str | Path) -> RunSummary:
     train = _train_section(ckpt) if step is not None else {}
     if step is not None:
         log_every = train.get("log_every") if isinstance(train.get("log_every"), int) else 1
-        lower = min(step * (1 - LOSS_WINDOW), step - max(log_every, 1))
-        window = [r["loss"] for r in records if lower < r["step"] <= step and _finite(r.get("loss"))]
-        summary.loss = sum(window) / len(window) if window else None
+        summary.loss = _mean_loss(records, min(math.floor(step * (1 - LOSS_WINDOW)), step - max(log_every, 1)), step)
         val = _newest_within(records, "val_loss", step, train.get("val_every"))
         summary.val_loss = float(val["val_loss"]) if val else None
     results = _eval_results(ckpt, eval_dir)
