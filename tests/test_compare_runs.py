@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import zoo
 from zoo.cli import main
@@ -256,3 +257,63 @@ def test_a_run_stopped_and_resumed_shows_the_loss_of_the_uninterrupted_run(tmp_p
     assert straight["run"]["loss"] == step20
     # the same per-step losses, summed in another order: float32 running sums, rounding only
     assert resumed["run"]["loss"] == pytest.approx(step20, rel=1e-6)
+
+
+def test_a_checkpoint_of_a_branch_the_log_no_longer_reaches_has_no_figures(run, capsys):
+    """Resumed from step_0000010 to 19, the log's step 19 fell inside step_0000020's window: the abandoned
+    checkpoint took the new branch's loss."""
+    train(zoo.load_recipe(RECIPE, SETTINGS + ["train.lr=3e-3"]), run, steps=19, resume=run / "step_0000010",
+          log=lambda *_: None, allow_recipe_change=True)
+    (old,), _ = _compare_json(capsys, str(run / "step_0000020"))
+    assert old["run"]["step"] == 20 and (old["run"]["loss"], old["run"]["val_loss"], old["run"]["fd"]) == (None,) * 3
+
+
+def test_a_link_to_a_checkpoint_is_read_with_its_run(run, tmp_path, capsys):
+    """A link best -> RUN/step_0000020 took the link's folder for the run: no log, no losses."""
+    (tmp_path / "best").symlink_to(run / "step_0000020")
+    (linked, direct), _ = _compare_json(capsys, str(tmp_path / "best"), str(run / "step_0000020"))
+    assert linked["run"]["checkpoint"] == str(tmp_path / "best")
+    assert {k: v for k, v in linked["run"].items() if k != "checkpoint"} == \
+        {k: v for k, v in direct["run"].items() if k != "checkpoint"} and linked["run"]["loss"] is not None
+
+
+def test_one_ref_spec_resolved_in_two_folders_is_two_references(run, tmp_path, capsys, monkeypatch):
+    """'zoo eval A --ref ref' run in x/ and 'zoo eval B --ref ref' in y/ scored against two folders, and both
+    rows said reference 'ref' with no note: the comparison now uses the resolved reference."""
+    other = tmp_path / "other"
+    train(zoo.load_recipe(RECIPE, SETTINGS), other, steps=20, log=lambda *_: None)
+    for folder, colour, target in (("x", (200, 0, 0), run), ("y", (0, 0, 200), other)):
+        for c in ("a", "b"):
+            (tmp_path / folder / "ref" / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), tuple(v + 10 * i for v in colour)).save(tmp_path / folder / "ref" / c / f"{i}.png")
+        monkeypatch.chdir(tmp_path / folder)
+        assert main(["eval", str(target), "--n", "8", "--ref", "ref", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    (a, b), err = _compare_json(capsys, str(run), str(other))
+    assert a["run"]["fd_reference"] == b["run"]["fd_reference"] == "ref"
+    assert a["run"]["fd_reference_key"] != b["run"]["fd_reference_key"]
+    assert "the FDs were measured differently" in err and f"reference ref ({a['run']['fd_reference_key']})" in err
+
+
+@pytest.mark.parametrize("damage", [{"weights": ["ema"]}, {"cfg": {"w": "x"}}])
+def test_an_eval_result_with_damaged_fields_is_skipped(run, capsys, damage):
+    """A result with weights ["ema"] or a guidance weight "x" was a TypeError or ValueError traceback."""
+    assert main(["eval", str(run), "--n", "8", "--ref", "synthetic", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    (path,) = (run / "eval").glob("last-*.json")
+    result = json.loads(path.read_text())
+    result["protocol"].update(damage)
+    path.write_text(json.dumps(result))
+    (row,), _ = _compare_json(capsys, str(run))
+    assert row["run"]["fd_source"].startswith(str(run / "log.jsonl"))  # the log's FD, the result skipped
+
+
+def test_a_run_that_trained_is_compared_though_its_sample_section_would_not_sample(tmp_path, capsys):
+    """A run without grids may keep a sample section zoo sample needs options for (guidance without a null
+    label): zoo compare refused the run, naming neither it nor its config.json."""
+    no_null = ["model.class_dropout_prob=0", "diffusion.label_drop=0", "diffusion.null_label=null",
+               "sample.cfg={scale: 4}", "train.sample_every=0"]
+    train(zoo.load_recipe(RECIPE, no_null), tmp_path / "run", steps=2, log=lambda *_: None)
+    (row,), _ = _compare_json(capsys, str(tmp_path / "run"))
+    assert row["run"]["step"] == 2 and row["params"] > 0

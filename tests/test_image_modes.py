@@ -120,3 +120,23 @@ def test_files_of_other_suffixes_in_class_folders_are_named_in_a_note(tmp_path, 
     assert main(args) == 0
     note = f"note: 2 files with other suffixes in the class folders are not read (e.g. {root / 'a' / '1.gif'})"
     assert f"zoo train: {note}" in capsys.readouterr().out
+
+
+def test_a_plain_text_pgm_and_a_transparent_16_bit_png_are_read_at_scale(tmp_path):
+    """A plain (P2) PGM of maximum value 65535 was read as 8-bit (its decoder is ppm_plain, not ppm), and a
+    16-bit PNG's transparent grey level came out black, where every other mode's transparency is white."""
+    (tmp_path / "p2.pgm").write_text("P2\n3 1\n65535\n200 65535 0\n")
+    (tmp_path / "p5.pgm").write_bytes(b"P5\n3 1\n65535\n" + np.array([200, 65535, 0], ">u2").tobytes())
+    assert (_rgb(tmp_path / "p2.pgm") == _rgb(tmp_path / "p5.pgm")).all()
+    assert _rgb(tmp_path / "p2.pgm")[0, :, 0].tolist() == [1, 255, 0]  # 200 * 255 / 65535 = 0.78
+    Image.fromarray(np.array([[0, 1000, 65535]], np.uint16)).save(tmp_path / "t16.png", transparency=0)
+    assert _rgb(tmp_path / "t16.png")[0, :, 0].tolist() == [255, 4, 255]  # transparent 0: white; 1000: 3.9
+
+
+def test_tiles_as_plain_tuples_are_read_as_older_pillow_gives_them(tmp_path):
+    """Pillow before 11 gives a tile as a plain 4-tuple, not a named one: reading .codec_name was an
+    AttributeError (a traceback for every mode-I image)."""
+    (tmp_path / "d.pgm").write_bytes(b"P5\n2 1\n65535\n" + np.array([200, 65535], ">u2").tobytes())
+    with Image.open(tmp_path / "d.pgm") as im:
+        im.tile = [tuple(tile) for tile in im.tile]
+        assert np.asarray(to_rgb(im))[0, :, 0].tolist() == [1, 255]

@@ -425,6 +425,12 @@ def saved_files_identity(directory: Path) -> tuple:
     return tuple(identity(directory / name) for name in (CONFIG, MODEL, EMA))
 
 
+def run_of(checkpoint: Path) -> Path | None:
+    """The ``zoo train`` run directory a checkpoint lies in (its parent holds ``last/`` or ``log.jsonl``), else None."""
+    parent = Path(checkpoint).parent
+    return parent if (parent / "last").is_dir() or (parent / "log.jsonl").is_file() else None
+
+
 def newest_step(run: Path) -> Path | None:
     """The ``step_*`` checkpoint of ``run`` sealed last among the complete ones (``None``: there is none)."""
     steps = [d for d in run.glob("step_*") if STEP_NAME.fullmatch(d.name) and atomic.is_sealed(d, CONFIG)]

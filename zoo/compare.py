@@ -18,8 +18,8 @@ Every recipe's model lives in the one process and the timed calls go round-robin
 hold on a shared machine.
 
 A run or checkpoint directory is compared as its checkpoint's recipe, and its row adds ``run``
-(:class:`zoo.run_summary.RunSummary`: the step, the loss over its last 10% of steps, the newest
-validation loss and FD it recorded).
+(:class:`zoo.run_summary.RunSummary`: the step, the loss over its last 10% of steps, the validation
+loss and FD it recorded at that step).
 
 ``peak_mem_mb`` is the recipe's own training-step footprint: its resident tensors (parameters,
 buffers, AdamW state; exact byte counts) plus the peak of what one training step allocates on top
@@ -41,7 +41,7 @@ import unicodedata
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -49,8 +49,7 @@ from zoo.errors import UserError
 from zoo.precision import inference_precision
 from zoo.run_summary import RunSummary
 
-if TYPE_CHECKING:
-    from zoo.recipe import Recipe
+from zoo.recipe import Recipe
 
 PLOT_CREATOR = "zoo compare"  # the Creator of zoo's SVG and PDF plots: what lets a rerun replace them
 KEYS = ("recipe", "params", "trainable_params", "gflops", "train_step_ms", "peak_mem_mb", "sample_ms_per_nfe")
@@ -127,14 +126,16 @@ def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
     from zoo.training.fit import check_recipe_fits_model
     from zoo.validate import model_factory, validate_recipe
 
-    resolved = resolve(recipe_source(recipe, overrides), list(overrides))
+    source = recipe_source(recipe, overrides)
+    resolved = resolve(source, list(overrides))
     check_not_a_base_file(recipe, resolved.data)
     validate_recipe(resolved)  # as zoo build does: every section, and the components imported outside the meta build
     model = build_on_meta(model_factory(resolved))
-    try:
-        check_recipe_fits_model(resolved.data, model)  # and what zoo train and zoo sample refuse against the model
-    except UserError as err:
-        raise resolved.locate(err) from None
+    if not isinstance(source, Recipe):  # a run is compared as it was trained
+        try:
+            check_recipe_fits_model(resolved.data, model)  # what zoo build refuses against the model
+        except UserError as err:
+            raise resolved.locate(err) from None
     report = count_flops(model, max_depth=1)
     return Row(recipe, int(report.params), int(report.trainable_params), float(report.gflops))
 

@@ -17,20 +17,22 @@ run's own records, nothing is recomputed:
   ``eval_every`` steps up to ``step`` (EMA weights, the recipe's sampler). Its sample count, extractor, reference, weights and sampler
   come with it: FDs measured otherwise are not comparable.
 
-Records older than those windows are not taken: after a resume from an older ``step_*`` the log holds
-the new branch only, and the abandoned branch's later checkpoints have no records of their own.
+Records older than those windows are not taken, nor a log that stops short of the checkpoint's step:
+after a resume from an older ``step_*`` the log holds the new branch only, and the abandoned branch's
+later checkpoints have no records of their own (once the new branch has logged past their step, its
+records are taken for theirs: the log does not say which branch a step was trained in).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint
+from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint, run_of
 from zoo.errors import UserError
 
 LOSS_WINDOW = 0.1  # the share of a run's last steps whose logged losses are averaged
@@ -47,7 +49,8 @@ class RunSummary:
     fd: float | None = None
     fd_n: int | None = None
     fd_extractor: str | None = None
-    fd_reference: str | None = None
+    fd_reference: str | None = None  # as zoo eval's --ref was given, or what train.eval_every compared with
+    fd_reference_key: str | None = None  # zoo eval's hash of the reference it resolved (paths made absolute)
     fd_weights: str | None = None  # "ema" or "raw"
     fd_sampler: str | None = None  # the solver with its settings, and the guidance
     fd_source: str | None = None
@@ -80,12 +83,6 @@ def checkpoint_dir(arg: str | Path) -> Path:
                             f"e.g. {given / '*'}/" if runs else None)
                         or "give a recipe's .yaml file, a run directory or a checkpoint directory")
     return path
-
-
-def _run_dir(ckpt: Path) -> Path | None:
-    """The run a checkpoint belongs to (its parent holds log.jsonl or last/), else ``None``."""
-    parent = ckpt.parent
-    return parent if (parent / "log.jsonl").is_file() or (parent / "last").is_dir() else None
 
 
 def _finite(value: Any) -> bool:
@@ -143,9 +140,6 @@ def _step_of(ckpt: Path, records: list[dict]) -> int | None:
     return step
 
 
-RESULT_NAME = re.compile(r".+-n\d+-[0-9a-f]+-ref[0-9a-f]+\.json")  # zoo eval's CHECKPOINT-EXTRACTOR-nN-HASH-refHASH.json
-
-
 def sampler_text(solver: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> str:
     """``solver`` (a solver spec) with its defaults filled in, and the guidance weight: one text that is
     equal for two FDs exactly when they were sampled alike (``"ddim clip_denoised=False eta=0 steps=5, no guidance"``)."""
@@ -182,23 +176,28 @@ def _recipe_sampler(ckpt: Path) -> str | None:
 def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
     """The ``zoo eval`` results in ``eval_dir`` of ``ckpt``'s current weights (their sha256 checked)."""
     from zoo.eval.extractors import sha256_file
+    from zoo.eval.runner import RESULT_NAME
 
     hashes: dict[str, str | None] = {}
     found = []
     for path in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
-        if not RESULT_NAME.fullmatch(path.name):
+        name = RESULT_NAME.fullmatch(path.name)
+        if not name:
             continue
         try:
             result = json.loads(path.read_text())
             protocol, metrics = result["protocol"], result["metrics"]
             weights, sha, fd = protocol["weights"], protocol["weights_sha256"], metrics["fd"]
-            if not (isinstance(protocol["solver"], dict) and isinstance(protocol["solver"].get("type"), str)
-                    and isinstance(protocol.get("cfg") or {}, dict) and isinstance(result.get("n"), int)
+            cfg = protocol.get("cfg") or {}
+            if not (isinstance(weights, str) and isinstance(protocol["solver"], dict)
+                    and isinstance(protocol["solver"].get("type"), str) and isinstance(cfg, dict)
+                    and (cfg.get("w") is None or _finite(cfg["w"])) and isinstance(result.get("n"), int)
                     and not isinstance(result["n"], bool) and isinstance(result.get("extractor") or {}, dict)
                     and isinstance(result.get("reference") or {}, dict)):
                 continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result zoo eval wrote
             continue
+        result["_reference_key"] = name["ref"]
         file = {"ema": EMA, "raw": MODEL}.get(weights)
         if file is None or not _finite(fd):
             continue
@@ -213,13 +212,17 @@ def summarize(arg: str | Path) -> RunSummary:
     """The figures a run (its ``last/``) or a checkpoint directory recorded; see the module docstring."""
     from zoo.eval.runner import locate
 
-    ckpt = checkpoint_dir(arg)
-    ckpt, eval_dir = locate(ckpt)
-    run = _run_dir(ckpt)
+    given = checkpoint_dir(arg)
+    ckpt, eval_dir = locate(Path(os.path.realpath(given)))  # a link to RUN/step_N: its run's log and results
+    run = run_of(ckpt)
     records = _records(run)
     step = _step_of(ckpt, records)
-    summary = RunSummary(checkpoint=str(ckpt), step=step)
+    summary = RunSummary(checkpoint=str(given), step=step)
     train = _train_section(ckpt) if step is not None else {}
+    # A log that stops short of the step is another branch's (a resume from an older step_* rewrote it):
+    # none of its records describe this checkpoint.
+    if step is not None and max((r["step"] for r in records if "loss" in r), default=-1) < step:
+        records = []
     if step is not None:
         log_every = train.get("log_every") if isinstance(train.get("log_every"), int) else 1
         summary.loss = _mean_loss(records, min(math.floor(step * (1 - LOSS_WINDOW)), step - max(log_every, 1)), step)
@@ -231,7 +234,7 @@ def summarize(arg: str | Path) -> RunSummary:
         reference, protocol = best.get("reference") or {}, best["protocol"]
         summary.fd, summary.fd_n = float(best["metrics"]["fd"]), best["n"]
         summary.fd_extractor = (best.get("extractor") or {}).get("name")
-        summary.fd_reference = reference.get("spec")
+        summary.fd_reference, summary.fd_reference_key = reference.get("spec"), best["_reference_key"]
         summary.fd_weights, summary.fd_sampler = protocol["weights"], sampler_text(protocol["solver"], protocol.get("cfg"))
         summary.fd_source = str(best["_path"])
         return summary
@@ -239,6 +242,7 @@ def summarize(arg: str | Path) -> RunSummary:
     if rec:
         summary.fd, summary.fd_n, summary.fd_extractor = float(rec["fd"]), rec.get("fd_n"), rec.get("fd_extractor")
         summary.fd_reference = rec.get("fd_ref") or _eval_every_reference(ckpt)
+        summary.fd_reference_key = summary.fd_reference
         summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
     return summary

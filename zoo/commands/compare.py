@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="One row per recipe. Timing runs every recipe in this process, round-robin, so ratios hold on "
         "a busy machine; --no-time keeps to parameters and GFLOPs (meta device, nothing allocated). A zoo train "
         "run directory (its last/) or a checkpoint directory is compared as its recipe, with what the run "
-        "recorded: its step, the loss over its last 10%% of steps, the newest val_loss and FD.")
+        "recorded: its step, the loss over its last 10%% of steps, the val_loss and FD at that step.")
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files, shipped recipe names, zoo train run "
                    "directories or checkpoint directories")
     add_overrides_option(p)
@@ -124,11 +124,13 @@ def note_fd_protocols(rows: list) -> None:
     weights, sampler): such FDs are not comparable (a smaller N alone raises FD)."""
     import sys
 
-    measured = {row.recipe: (row.run.fd_n, row.run.fd_extractor, row.run.fd_reference, row.run.fd_weights,
-                             row.run.fd_sampler) for row in rows if row.run is not None and row.run.fd is not None}
-    if len(set(measured.values())) > 1:
-        how = "".join(f"\n  {name}: n={n} {extractor}, reference {ref}, {weights} weights, {sampler}"
-                      for name, (n, extractor, ref, weights, sampler) in measured.items())
+    runs = [row for row in rows if row.run is not None and row.run.fd is not None]
+    protocols = {(r.run.fd_n, r.run.fd_extractor, r.run.fd_reference_key, r.run.fd_weights, r.run.fd_sampler)
+                 for r in runs}  # the reference as resolved: "--ref ref" run in two folders is two references
+    if len(protocols) > 1:
+        how = "".join(f"\n  {r.recipe}: n={r.run.fd_n} {r.run.fd_extractor}, reference {r.run.fd_reference}"
+                      + (f" ({r.run.fd_reference_key})" if r.run.fd_reference_key != r.run.fd_reference else "")
+                      + f", {r.run.fd_weights} weights, {r.run.fd_sampler}" for r in runs)
         print("zoo compare: note: the FDs were measured differently, so they are not comparable (zoo eval RUN --n N "
               f"--ref REF with one sampler for each run makes them so):{how}", file=sys.stderr)
 

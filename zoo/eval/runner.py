@@ -70,7 +70,7 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     A checkpoint inside a run (``RUN/step_0001000``, ``RUN/last``) evaluates into ``RUN/eval``:
     checkpoint directories are replaced whole when saved, so nothing is written inside them.
     """
-    from zoo.checkpoint import checkpoint_of, newest_step_hint
+    from zoo.checkpoint import checkpoint_of, newest_step_hint, run_of
 
     path = Path(source).expanduser()
     found = checkpoint_of(path)
@@ -83,8 +83,8 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run directory (with last/) nor a checkpoint directory (config.json)",
                         suggestion=newest_step_hint(path))  # a run without its last/: its newest step
-    run = path.parent if (path.parent / "last").is_dir() or (path.parent / "log.jsonl").is_file() else path
-    return path, (run / "eval" if run != path else path.parent / f"{path.name}-eval")
+    run = run_of(path)
+    return path, (run / "eval" if run is not None else path.parent / f"{path.name}-eval")
 
 
 def _sha256(path: Path) -> str:
@@ -385,10 +385,19 @@ def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, devi
                                                                      else int(len(reference.features))},
               "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime())}
-    out = eval_dir / f"{ckpt.name}-{setup.extractor.name}-n{request.n}-{setup.key}-ref{_reference_key(setup.ref_spec)}.json"
+    out = eval_dir / result_name(ckpt.name, setup.extractor.name, request.n, setup.key, _reference_key(setup.ref_spec))
     save_text(out, json.dumps(result, indent=2) + "\n")
     result["path"] = str(out)
     return result
+
+
+#: What :func:`result_name` writes: CHECKPOINT-EXTRACTOR-nN-PROTOCOL-refREFERENCE.json.
+RESULT_NAME = re.compile(r"(?P<checkpoint>.+)-(?P<extractor>.+)-n(?P<n>\d+)-(?P<key>[0-9a-f]+)-ref(?P<ref>[0-9a-f]+)\.json")
+
+
+def result_name(checkpoint: str, extractor: str, n: int, key: str, ref_key: str) -> str:
+    """The file name of one eval result (matched by :data:`RESULT_NAME`)."""
+    return f"{checkpoint}-{extractor}-n{n}-{key}-ref{ref_key}.json"
 
 
 def _reference_key(spec: str) -> str:
@@ -436,21 +445,23 @@ def _said_in_full(spec: str) -> str:
 
 
 def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extractor: Any = "efficientnet_lite0",
-             seed: int = 0, batch_size: int | None = None, device: str | torch.device | None = None,
+             seed: int | None = None, batch_size: int | None = None, device: str | torch.device | None = None,
              vae: str | None = None) -> float:
     """FD of ``n`` samples of ``model`` (pass the EMA copy) against ``ref`` (default: the recipe's dataset).
 
     For ``train.eval_every``: no shards, no files but the cached reference statistics. The
     recipe's ``sample`` section sets solver, guidance and batch size; ``extractor`` is a
     registered name or an extractor built once by the caller (cheaper when called often).
+    ``seed``: the per-sample seeds, by default the recipe's ``sample.seed`` (as zoo eval draws them).
     The model's train/eval mode is restored.
     """
     from zoo.diffusion.setup import build_schedule, guidance_settings
     from zoo.eval.extractors import build_extractor
     from zoo.eval.stats import feature_statistics, frechet_distance
     from zoo.modes import evaluating
-    from zoo.sample import build_solver, load_decoder, sampling_precision
+    from zoo.sample import build_solver, load_decoder, recipe_seed, sampling_precision
 
+    seed = recipe_seed(recipe, seed)
     device = device or next(model.parameters()).device
     if isinstance(extractor, str):
         extractor = build_extractor(extractor, device=device)

@@ -55,10 +55,11 @@ def on_white(image):
 
 def _decoded_from_16_bit(image) -> bool:
     """Whether PIL decodes ``image`` (not loaded yet) from 16-bit samples into its mode ``I``: a 16-bit
-    PNG in older PIL, a PGM/PPM with a maximum value above 255 (scaled to 16 bits by its decoder)."""
-    for tile in getattr(image, "tile", None) or ():
-        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
-        if tile.codec_name == "ppm" or (args and isinstance(args[0], str) and args[0].startswith("I;16")):
+    PNG in older PIL, a binary or plain PGM/PPM with a maximum value above 255 (its decoder scales it to
+    16 bits). A tile is a 4-tuple (a named one in newer PIL): (codec, extents, offset, args)."""
+    for codec, _extents, _offset, args in getattr(image, "tile", None) or ():
+        args = args if isinstance(args, tuple) else (args,)
+        if codec in ("ppm", "ppm_plain") or (args and isinstance(args[0], str) and args[0].startswith("I;16")):
             return True
     return False
 
@@ -84,10 +85,14 @@ def to_rgb(image):
 
         sixteen = image.mode.startswith("I;16") or (image.mode == "I" and _decoded_from_16_bit(image))
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        transparent = image.info.get("transparency")  # a 16-bit PNG's transparent grey level
+        clear = values == transparent if isinstance(transparent, int) and not isinstance(transparent, bool) else None
         if sixteen or (image.mode == "I" and values.max(initial=0) > 255):
             values = values * (255 / 65535)
         elif image.mode == "F" and values.max(initial=0) <= FLOAT_UNIT_MAX:
             values = values * 255
+        if clear is not None:
+            values[clear] = 255  # on white, as on_white composites the other modes
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
     if has_alpha(image):
         return on_white(image)

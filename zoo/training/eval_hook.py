@@ -90,8 +90,10 @@ class FDHook:
         return self.out / REF_FILE
 
     def _identity(self) -> str:
+        from zoo.eval.reference import CACHE_VERSION  # how images are read: statistics of older pixels are not these
+
         return json.dumps({"source": self.source, "data": self.data, "image_size": self.image_size, "seed": self.seed,
-                           "extractor": self.extractor.describe()}, sort_keys=True, default=str)
+                           "extractor": self.extractor.describe(), "v": CACHE_VERSION}, sort_keys=True, default=str)
 
     def prepare(self) -> Path:
         """The run's reference statistics: read back when this run computed them already, else computed now."""
@@ -124,13 +126,12 @@ class FDHook:
     def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
         """The FD record at ``step`` of ``ema_model``, a copy of the model holding the EMA weights."""
         from zoo.eval import quick_fd
-        from zoo.sample import recipe_seed
 
         start = time.perf_counter()
         ref = self.prepare()
         with _rng_kept(self.device):
             fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor,
-                          seed=recipe_seed(self.recipe, None), device=self.device)
+                          device=self.device)  # seeded by sample.seed, as zoo eval
         return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name, "fd_ref": self.source,
                 "fd_seconds": time.perf_counter() - start}
 
