@@ -535,7 +535,7 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
             raise UserError(f"{root} has no class subfolders" + (f": its {_count(len(flat), 'image')} lie in it" if flat
                             else ""), suggestion="lay it out as IMAGE_DIR/CLASS/*.JPEG" + (
                                 f" (for one class, move them into e.g. {root / 'all'}/)" if flat else ""))
-        n, others = len(images.classes), sum(ImageFolder.other_files(root / c) for c in images.classes)
+        n, others = len(images.classes), len(images.skipped_files)
         raise UserError(f"the {_count(n, 'class folder')} under {root} hold{'s' * (n == 1)} no images: "
                         f"{ImageFolder.skipped(others, 'there')}", suggestion="convert them to one of these formats"
                         if others else "lay it out as IMAGE_DIR/CLASS/*.JPEG")

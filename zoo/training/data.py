@@ -62,14 +62,18 @@ class ImageFolder(Dataset):
     def __init__(self, root: Path, image_size: int, flat: bool = False) -> None:
         try:
             self.skipped_files: list[Path] = []  # files with other suffixes in the class folders (not metadata)
+            self.items: list[tuple[Path, int]] = []
+            skipped_in: dict[str, int] = {}  # per class folder
             if flat:  # no labels: the images directly in root (an FD reference as pytorch-fid reads it), label 0
                 self.classes = []
                 self.items = [(f, 0) for f in sorted(root.iterdir()) if f.is_file() and _is_image_name(f.name)]
             else:
                 self.classes = self.class_folders(root)
                 _refuse_links_to_the_root(root, self.classes)
-                self.items = [(f, i) for i, c in enumerate(self.classes)
-                              for f in _images_under(root / c, self.skipped_files)]
+                for i, c in enumerate(self.classes):
+                    before = len(self.skipped_files)
+                    self.items += [(f, i) for f in _images_under(root / c, self.skipped_files)]
+                    skipped_in[c] = len(self.skipped_files) - before
         except OSError as err:
             raise UserError(f"cannot list the image folder {err.filename or root}: {err.strerror}") from None
         # imagenet/ given for imagenet/train would encode or train for hours on two "classes"
@@ -82,7 +86,7 @@ class ImageFolder(Dataset):
         empty = [c for i, c in enumerate(self.classes) if i not in found]
         if self.items and empty:  # each would take a label (and shift the others'), as torchvision refuses too
             names = ", ".join(str(root / c) for c in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
-            others = sum(self.other_files(root / c) for c in empty)
+            others = sum(skipped_in[c] for c in empty)
             raise UserError(f"class folder{'s' * (len(empty) > 1)} {names} hold{'s' * (len(empty) == 1)} no images: "
                             f"{self.skipped(others, 'there' if len(empty) == 1 else 'in them')}",
                             suggestion="convert those files to one of these formats, or " * (others > 0) +
@@ -90,18 +94,6 @@ class ImageFolder(Dataset):
                             "image folder")
         self.image_size = image_size
         self.num_classes = len(self.classes)
-
-    @staticmethod
-    def other_files(folder: Path) -> int:
-        """How many files there are below ``folder`` (walked as the images are), for an error about
-        a folder without images: all of them have other suffixes. macOS metadata (``._*`` AppleDouble
-        files, ``.DS_Store``) is not counted: no conversion makes those images."""
-        count = 0
-        for top, dirs, names in os.walk(folder, followlinks=True):
-            here = os.path.realpath(top)
-            dirs[:] = [d for d in dirs if not _contains(os.path.realpath(os.path.join(top, d)), here)]
-            count += sum(not (n.startswith("._") or n == ".DS_Store") for n in names)
-        return count
 
     @staticmethod
     def skipped(count: int, where: str) -> str:
@@ -168,7 +160,8 @@ def _images_under(folder: Path, skipped: list[Path] | None = None) -> list[Path]
     classes' images under this label; and
     that macOS's ``._NAME`` files (AppleDouble metadata that a tar or zip made on a Mac holds beside
     each image, never an image) are skipped: each stopped a run as an unreadable image. ``skipped`` gets the
-    files with other suffixes (not hidden files such as ``.DS_Store``)."""
+    files with other suffixes (not hidden files such as ``.DS_Store`` or ``._NAME``: no conversion makes
+    those images)."""
     def fail(err: OSError) -> None:
         raise err
 
