@@ -187,6 +187,7 @@ def test_the_eval_every_reference_is_named_and_two_of_them_get_the_note(run, tmp
                                            for r in lines))
     (row,), _ = _compare_json(capsys, str(run))
     assert row["run"]["fd_reference"] == "synthetic (the run's own data: its holdout split, else its training images)"
+    assert row["run"]["fd_reference_key"].endswith(", images read as before 2026-12-07")  # such a log's zoo may have
 
 
 def test_lines_of_a_log_that_are_not_records_are_skipped_by_compare_and_resume(run, capsys):
@@ -317,3 +318,21 @@ def test_a_run_that_trained_is_compared_though_its_sample_section_would_not_samp
     train(zoo.load_recipe(RECIPE, no_null), tmp_path / "run", steps=2, log=lambda *_: None)
     (row,), _ = _compare_json(capsys, str(tmp_path / "run"))
     assert row["run"]["step"] == 2 and row["params"] > 0
+
+
+def test_an_eval_result_of_a_zoo_that_read_images_otherwise_is_another_protocol(run, tmp_path, capsys):
+    """Results of a zoo that read a folder's transparency otherwise sat beside today's with no note (FD 149
+    against 225 for the same samples)."""
+    other = tmp_path / "other"
+    train(zoo.load_recipe(RECIPE, SETTINGS), other, steps=20, log=lambda *_: None)
+    for target in (run, other):
+        assert main(["eval", str(target), "--n", "8", "--ref", "synthetic", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    assert "measured differently" not in _compare_json(capsys, str(run), str(other))[1]
+    (path,) = (run / "eval").glob("last-*.json")
+    result = json.loads(path.read_text())
+    del result["reference"]["image_decoding"]  # as results written before the record
+    path.write_text(json.dumps(result))
+    (row, _), err = _compare_json(capsys, str(run), str(other))
+    assert row["run"]["fd_reference_key"].endswith(", images read as before 2026-12-07")
+    assert "the FDs were measured differently" in err

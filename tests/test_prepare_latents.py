@@ -1311,3 +1311,19 @@ def test_files_of_other_suffixes_are_named_in_a_note(tmp_path, vae_dir, image_di
     assert main(args) == 0
     assert (f"zoo prepare-latents: note: 1 file with other suffixes in the class folders is not read (e.g. "
             f"{images / 'n01' / 'extra.gif'})") in capsys.readouterr().out
+
+
+def test_an_output_started_before_todays_image_reading_is_named(tmp_path, vae_dir, image_dir, capsys):
+    """Shards encoded when transparency, 16-bit PGMs and float TIFFs were read another way were resumed and
+    trained on without a word; the plan now records the image reading, and an older plan gets a note."""
+    out = tmp_path / "lat"
+    args = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),
+            "--workers", "0"]
+    assert main(args) == 0
+    plan = json.loads((out / PLAN).read_text())
+    assert plan["image_decoding"] == 2
+    assert "read images another way" not in capsys.readouterr().out
+    del plan["image_decoding"]  # as a zoo before the record wrote it
+    (out / PLAN).write_text(json.dumps(plan))
+    assert main(args) == 0
+    assert f"note: {out} was started by a zoo that read images another way" in capsys.readouterr().out

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from zoo.errors import UserError
 from zoo.jsonfile import read_json_object
+from zoo.training.crop import IMAGE_DECODING
 
 FORMAT = "zoo-latent-moments"
 FORMAT_VERSION = 2  # 2: images.txt and a digest of its rows in every shard
@@ -158,6 +159,15 @@ def rows_digest(lines: list[str]) -> str:
     return hashlib.sha256(_utf8("".join(lines))).hexdigest()
 
 
+def _plan_decoding(out: Path) -> int:
+    """The image reading ``out``'s plan was made with (1 where its plan is older than the record)."""
+    try:
+        decoding = json.loads((out / PLAN).read_text()).get("image_decoding", 1)
+    except (OSError, ValueError, AttributeError):
+        return IMAGE_DECODING
+    return decoding if isinstance(decoding, int) else 1
+
+
 def make_plan(root: Path, classes: list[str], lines: list[str], resolution: int, shard_size: int, identity: dict,
               dtype: str) -> dict[str, Any]:
     """Everything that fixes the output's contents: the ``SETTINGS``, the image folder and its image list."""
@@ -167,7 +177,7 @@ def make_plan(root: Path, classes: list[str], lines: list[str], resolution: int,
             "latent_shape": [c, resolution // f, resolution // f], "views": list(VIEWS), "dtype": dtype,
             "shard_size": shard_size, "num_shards": -(-num_images // shard_size), "vae": identity,
             "crop": "adm_center_crop", "root": str(root.resolve()), "num_classes": len(classes), "classes": classes,
-            "images": {"file": IMAGES, "sha256": rows_digest(lines)}}
+            "images": {"file": IMAGES, "sha256": rows_digest(lines)}, "image_decoding": IMAGE_DECODING}
 
 
 def settings_digest(plan: dict) -> str:
@@ -387,6 +397,11 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
                 f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
             if rank == 0 and images.skipped_note():
                 log(f"note: {images.skipped_note()}")
+            decoded = _plan_decoding(out)
+            if rank == 0 and decoded != IMAGE_DECODING:
+                log(f"note: {out} was started by a zoo that read images another way (before 2026-12-07: "
+                    "transparency, 16-bit PGMs and float TIFFs): its shards keep those pixels; encode into a new "
+                    "--out if the folder holds such images")
             if rank == 0 and world > n and fresh:
                 idle = world - n
                 log(f"note: {_count(n, 'shard')} for {world} processes, so {idle} of them "

@@ -34,8 +34,10 @@ from typing import Any, Mapping
 
 from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint, run_of
 from zoo.errors import UserError
+from zoo.training.crop import IMAGE_DECODING
 
 LOSS_WINDOW = 0.1  # the share of a run's last steps whose logged losses are averaged
+OLDER_READING = "images read as before 2026-12-07"  # an FD of a zoo that read a folder's transparency otherwise
 
 
 @dataclass
@@ -235,6 +237,8 @@ def summarize(arg: str | Path) -> RunSummary:
         summary.fd, summary.fd_n = float(best["metrics"]["fd"]), best["n"]
         summary.fd_extractor = (best.get("extractor") or {}).get("name")
         summary.fd_reference, summary.fd_reference_key = reference.get("spec"), best["_reference_key"]
+        if reference.get("image_decoding") != IMAGE_DECODING:  # images (of a folder) may have been read otherwise
+            summary.fd_reference_key += f", {OLDER_READING}"
         summary.fd_weights, summary.fd_sampler = protocol["weights"], sampler_text(protocol["solver"], protocol.get("cfg"))
         summary.fd_source = str(best["_path"])
         return summary
@@ -242,7 +246,8 @@ def summarize(arg: str | Path) -> RunSummary:
     if rec:
         summary.fd, summary.fd_n, summary.fd_extractor = float(rec["fd"]), rec.get("fd_n"), rec.get("fd_extractor")
         summary.fd_reference = rec.get("fd_ref") or _eval_every_reference(ckpt)
-        summary.fd_reference_key = summary.fd_reference
+        # records that name their reference came with today's image reading; older ones may have read it otherwise
+        summary.fd_reference_key = summary.fd_reference + ("" if rec.get("fd_ref") else f", {OLDER_READING}")
         summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
     return summary

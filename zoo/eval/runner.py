@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from zoo.errors import UserError
+from zoo.training.crop import IMAGE_DECODING
 from zoo.meta import example_inputs
 from zoo.eval.metrics import compute_metrics
 from zoo.eval.reference import (NPZ_ERRORS, array_batches, extract, load_reference, save_npz, save_text, to_uint8,
@@ -382,7 +383,8 @@ def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, devi
     result = {"metrics": metrics, "n": request.n, "protocol": setup.protocol, "samples": str(setup.samples_dir),
               "extractor": setup.extractor.describe(), "reference": {"spec": setup.ref_spec, "source": reference.source,
                                                                      "count": None if reference.features is None
-                                                                     else int(len(reference.features))},
+                                                                     else int(len(reference.features)),
+                                                                     "image_decoding": IMAGE_DECODING},
               "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime())}
     out = eval_dir / result_name(ckpt.name, setup.extractor.name, request.n, setup.key, _reference_key(setup.ref_spec))

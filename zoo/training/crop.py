@@ -37,6 +37,10 @@ def adm_center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
+#: How :func:`to_rgb` reads images, recorded with what is made from them: 1, PIL's ``convert("RGB")``;
+#: 2 (2026-12-07), transparency on white, 16-bit PGMs and float TIFFs at their scale.
+IMAGE_DECODING = 2
+
 #: Float (mode ``F``) images whose values stay at or below this are read as [0, 1]: a float TIFF in [0, 1]
 #: resampled with a bicubic filter overshoots 1 a little, and read as [0, 255] it was black.
 FLOAT_UNIT_MAX = 2.0

@@ -100,13 +100,18 @@ class FDHook:
         from zoo.eval.reference import _dataset_batches, extract, load_reference, save_npz
         from zoo.eval.stats import feature_statistics
 
-        identity = self._identity()
+        identity, earlier = self._identity(), None
         with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent or unreadable: redo
             with np.load(self.ref_path, allow_pickle=False) as f:
-                if "identity" in f.files and str(f["identity"]) == identity:
+                earlier = str(f["identity"]) if "identity" in f.files else ""
+                if earlier == identity:
                     return self.ref_path
         self.log(f"zoo train: FD reference statistics of {self.source} with {self.extractor.name} "
                  f"-> {self.ref_path} (once per run)")
+        if earlier is not None:  # a resumed run whose settings, or zoo's way of reading images, changed since
+            self.log("zoo train: note: the run's earlier FD reference statistics were made otherwise (other data, "
+                     "extractor or reference, or an earlier zoo's image reading): FDs from here on are not "
+                     "comparable with the run's earlier ones")
         batch = int((self.recipe.get("sample") or {}).get("batch_size") or 32)
         extras = {}
         with _rng_kept(self.device), torch.no_grad():
@@ -126,6 +131,7 @@ class FDHook:
     def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
         """The FD record at ``step`` of ``ema_model``, a copy of the model holding the EMA weights."""
         from zoo.eval import quick_fd
+        from zoo.sample import recipe_seed
 
         start = time.perf_counter()
         ref = self.prepare()
@@ -133,6 +139,7 @@ class FDHook:
             fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor,
                           device=self.device)  # seeded by sample.seed, as zoo eval
         return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name, "fd_ref": self.source,
+                "fd_seed": recipe_seed(self.recipe, None),
                 "fd_seconds": time.perf_counter() - start}
 
 
