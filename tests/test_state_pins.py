@@ -208,3 +208,18 @@ def test_pixel_dit_of_another_resolution_suggests_its_pixel_image_size():
     with pytest.raises(UserError) as err:
         explain_shapes(state(16), state(4), {"data": {"latent": True}})  # latents: the SD VAE's 8x
     assert err.value.suggestion == "--set model.input_size=8 --set data.image_size=64"
+
+
+def test_step_folders_past_ten_million_steps_are_checkpoints(tmp_path):
+    """step_10000000 (8 digits, as f"step_{step:07d}" writes it from step 1e7 on, and train.steps may be 1e9)
+    matched no 7-digit pattern: resume, newest_step and the guard against reusing a run folder skipped it."""
+    import zoo
+    from zoo.checkpoint import newest_step, save_checkpoint
+    from zoo.guards import holds_a_run
+
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_train.yaml")
+    model = zoo.build_model(recipe)
+    save_checkpoint(tmp_path / "step_9999999", model, recipe)
+    save_checkpoint(tmp_path / "step_10000000", model, recipe)  # sealed last
+    assert holds_a_run(tmp_path) == "step_10000000/"
+    assert newest_step(tmp_path) == tmp_path / "step_10000000"

@@ -273,9 +273,10 @@ def checkpoint_of(path: str | Path) -> Path:
     return last if (last / CONFIG).is_file() else here
 
 
-RUN_NAMES = re.compile(r"last|step_\d{7}|log\.jsonl|loss\.png")  # what zoo train writes in a run directory
-STEP_NAME = re.compile(r"step_\d{7}")
-GRID_NAMES = re.compile(r"step_\d{7}\.png")  # and in its samples/
+# Steps are written with at least 7 digits (step_0000500): step 10,000,000 on takes 8 (train.steps may be 1e9)
+RUN_NAMES = re.compile(r"last|step_\d{7,}|log\.jsonl|loss\.png")  # what zoo train writes in a run directory
+STEP_NAME = re.compile(r"step_\d{7,}")
+GRID_NAMES = re.compile(r"step_\d{7,}\.png")  # and in its samples/
 
 
 def repair_run(directory: str | Path, files: bool = True) -> list[Path]:

@@ -133,7 +133,7 @@ def holds_a_run(directory: Path) -> str | None:
     found = {saved_name(p) for p in directory.iterdir() if RUN_NAMES.fullmatch(saved_name(p)) and (p / CONFIG).is_file()}
     if "last" in found:
         return "last/ (a save a kill interrupted)"
-    steps = sorted(found)
+    steps = sorted(found, key=lambda name: int(name.removeprefix("step_")))  # step_10000000 after step_9999999
     return f"{steps[-1]}/" if steps else None
 
 

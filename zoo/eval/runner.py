@@ -31,7 +31,7 @@ from zoo.eval.metrics import compute_metrics
 from zoo.eval.reference import (NPZ_ERRORS, array_batches, extract, load_reference, save_npz, save_text, to_uint8,
                                 unreadable_npz)
 
-SHARD = re.compile(r"^shard-(\d{7})-(\d{7})\.npz$")
+SHARD = re.compile(r"^shard-(\d{7,})-(\d{7,})\.npz$")  # 8 digits from sample 10,000,000 on
 
 
 @dataclass

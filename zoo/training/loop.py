@@ -405,8 +405,8 @@ class Trainer:
                 "zoo train: note: the recipe differs from the checkpoint's in " + ", ".join(
                     f"{key} ({old!r} -> {new!r})" for key, old, new in changed[:6])
                 + f" and {len(changed) - 6} more" * (len(changed) > 6) + "; the run goes on with the recipe's")
-        later = sorted(d.name for d in self.out.glob("step_*") if d.is_dir() and d.name[5:].isdigit()
-                       and int(d.name[5:]) > self.step)
+        later = sorted((d.name for d in self.out.glob("step_*") if d.is_dir() and d.name[5:].isdigit()
+                        and int(d.name[5:]) > self.step), key=lambda name: int(name[5:]))
         if later:
             self.after_banner.append(
                 f"zoo train: note: {', '.join(later)} in {self.out} come after step {self.step}, from the run this "
