@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import zoo
 from zoo import atomic
+from zoo.domains import is_int
 from zoo.errors import UserError
 from zoo.jsonfile import read_json_object
 
@@ -410,7 +411,7 @@ def trained_step(directory: str | Path) -> int | None:
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):  # damaged: the caller goes without
         return None
     step = state.get("step") if isinstance(state, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    return step if is_int(step) and step >= 0 else None
 
 
 def saved_files_identity(directory: Path) -> tuple:

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint, run_of
+from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint, read_config, run_of
+from zoo.domains import is_int, is_number
 from zoo.errors import UserError
 from zoo.training.crop import IMAGE_DECODING
 
@@ -88,7 +89,7 @@ def checkpoint_dir(arg: str | Path) -> Path:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _records(run: Path | None) -> list[dict]:
@@ -97,12 +98,11 @@ def _records(run: Path | None) -> list[dict]:
     return [] if run is None else read_log(run / "log.jsonl")
 
 
-def _train_section(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint recipe's ``train`` section with zoo train's defaults (its log, val and eval periods)."""
-    from zoo.checkpoint import read_config
+def _train_section(stored: dict) -> dict[str, Any]:
+    """A checkpoint recipe's ``train`` section with zoo train's defaults (its log, val and eval periods)."""
     from zoo.training.sections import TRAIN_DEFAULTS
 
-    train = read_config(ckpt).get("train")
+    train = stored.get("train")
     return {**TRAIN_DEFAULTS, **(train if isinstance(train, dict) else {})}
 
 
@@ -124,22 +124,20 @@ def _mean_loss(records: list[dict], lower: int, upper: int) -> float | None:
 
 def _newest_within(records: list[dict], key: str, step: int, period: Any) -> dict | None:
     """The newest record with a finite ``key`` in the last ``period`` steps up to ``step``."""
-    period = period if isinstance(period, int) and not isinstance(period, bool) and period > 0 else 1
+    period = period if is_int(period) and period > 0 else 1
     found = [r for r in records if step - period < r["step"] <= step and _finite(r.get(key))]
     return found[-1] if found else None
 
 
-def _step_of(ckpt: Path, records: list[dict]) -> int | None:
+def _step_of(ckpt: Path, logged: int | None) -> int | None:
     """The checkpoint's step: its trainer state's (a run killed after its last save logged steps past it),
-    else its ``step_N`` name, else the newest step the log records."""
+    else its ``step_N`` name, else ``logged``, the newest step the log records."""
     from zoo.checkpoint import trained_step
 
     step = trained_step(ckpt)
     if step is None and STEP_NAME.fullmatch(ckpt.name):
         step = int(ckpt.name.removeprefix("step_"))
-    if step is None:
-        step = max((r["step"] for r in records if "loss" in r), default=None)
-    return step
+    return logged if step is None else step
 
 
 def sampler_text(solver: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> str:
@@ -193,8 +191,8 @@ def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
             cfg = protocol.get("cfg") or {}
             if not (isinstance(weights, str) and isinstance(protocol["solver"], dict)
                     and isinstance(protocol["solver"].get("type"), str) and isinstance(cfg, dict)
-                    and (cfg.get("w") is None or _finite(cfg["w"])) and isinstance(result.get("n"), int)
-                    and not isinstance(result["n"], bool) and isinstance(result.get("extractor") or {}, dict)
+                    and (cfg.get("w") is None or _finite(cfg["w"])) and is_int(result.get("n"))
+                    and isinstance(result.get("extractor") or {}, dict)
                     and isinstance(result.get("reference") or {}, dict)):
                 continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result zoo eval wrote
@@ -218,15 +216,17 @@ def summarize(arg: str | Path) -> RunSummary:
     ckpt, eval_dir = locate(Path(os.path.realpath(given)))  # a link to RUN/step_N: its run's log and results
     run = run_of(ckpt)
     records = _records(run)
-    step = _step_of(ckpt, records)
+    logged = max((r["step"] for r in records if "loss" in r), default=None)
+    step = _step_of(ckpt, logged)
     summary = RunSummary(checkpoint=str(given), step=step)
-    train = _train_section(ckpt) if step is not None else {}
+    stored = read_config(ckpt)
+    train = _train_section(stored)
     # A log that stops short of the step is another branch's (a resume from an older step_* rewrote it):
     # none of its records describe this checkpoint.
-    if step is not None and max((r["step"] for r in records if "loss" in r), default=-1) < step:
+    if step is not None and (logged is None or logged < step):
         records = []
     if step is not None:
-        log_every = train.get("log_every") if isinstance(train.get("log_every"), int) else 1
+        log_every = train["log_every"] if is_int(train["log_every"]) else 1
         summary.loss = _mean_loss(records, min(math.floor(step * (1 - LOSS_WINDOW)), step - max(log_every, 1)), step)
         val = _newest_within(records, "val_loss", step, train.get("val_every"))
         summary.val_loss = float(val["val_loss"]) if val else None
@@ -245,7 +245,7 @@ def summarize(arg: str | Path) -> RunSummary:
     rec = _newest_within(records, "fd", step, train.get("eval_every")) if step is not None else None
     if rec:
         summary.fd, summary.fd_n, summary.fd_extractor = float(rec["fd"]), rec.get("fd_n"), rec.get("fd_extractor")
-        summary.fd_reference = rec.get("fd_ref") or _eval_every_reference(ckpt)
+        summary.fd_reference = rec.get("fd_ref") or _eval_every_reference(stored)
         # records that name their reference came with today's image reading; older ones may have read it otherwise
         summary.fd_reference_key = summary.fd_reference + ("" if rec.get("fd_ref") else f", {OLDER_READING}")
         summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
@@ -253,13 +253,10 @@ def summarize(arg: str | Path) -> RunSummary:
     return summary
 
 
-def _eval_every_reference(ckpt: Path) -> str:
-    """What ``train.eval_every`` compared with, for a log written before its records named it: the recipe's
-    ``train.eval_ref``, else the run's own data (its holdout split where it has one)."""
-    from zoo.checkpoint import read_config
-
-    recipe = read_config(ckpt)
-    train, data = recipe.get("train") or {}, recipe.get("data") or {}
+def _eval_every_reference(stored: dict) -> str:
+    """What ``train.eval_every`` compared with, for a log written before its records named it: the stored
+    recipe's ``train.eval_ref``, else the run's own data (its holdout split where it has one)."""
+    train, data = stored.get("train") or {}, stored.get("data") or {}
     if isinstance(train, dict) and train.get("eval_ref"):
         return str(train["eval_ref"])
     dataset = data.get("dataset", "synthetic") if isinstance(data, dict) else "synthetic"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from zoo.atomic import disk_errors_named, write_file
+from zoo.domains import is_int
 
 #: TensorBoard scalars by group: the training records' and the evaluations' keys.
 SCALARS = {"train": ("loss", "mse", "lr", "grad_norm", "images_per_s", "steps_per_s"), "eval": ("fd", "val_loss")}
@@ -42,7 +43,7 @@ def read_log(path: Path) -> list[dict]:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             step = record.get("step") if isinstance(record, dict) else None
-            if isinstance(step, int) and not isinstance(step, bool):
+            if is_int(step):
                 records.append(record)
     return records
 
