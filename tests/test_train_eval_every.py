@@ -122,6 +122,33 @@ def test_a_resumed_run_reads_the_reference_back(tmp_path, monkeypatch):
                for line in lines)
 
 
+def test_a_resume_whose_fds_draw_from_another_seed_says_so(tmp_path):
+    """The FDs of a run are drawn from sample.seed (fd_seed in each record). A resume that draws them from
+    another seed says so: a step in the curve there is partly the draw's. A record without fd_seed is an
+    earlier zoo's, which drew from train.seed."""
+    out, lines = tmp_path / "run", []
+    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=3"]), out, steps=2, log=lambda *_: None)
+    assert [r["fd_seed"] for r in _records(out) if "fd" in r] == [3]
+    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=3"]), out, steps=4, resume=out, log=lines.append)
+    assert not any("draw their samples from seed" in line for line in lines)  # the same seed: nothing to say
+
+    lines.clear()
+    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=5"]), out, steps=6, resume=out, log=lines.append)
+    notes = [line for line in lines if "draw their samples from seed" in line]
+    assert len(notes) == 1 and "seed 5" in notes[0] and "up to step 4 from seed 3" in notes[0], lines
+    assert "sample.seed changed" in notes[0]
+
+    # a log of an earlier zoo: no fd_seed, drawn from train.seed (7 here), while sample.seed is 5
+    records = _records(out)
+    (out / "log.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fd_seed"}) + "\n"
+                                           for r in records))
+    lines.clear()
+    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=5", "train.seed=7"]), out, steps=8, resume=out,
+          log=lines.append, allow_recipe_change=True)
+    notes = [line for line in lines if "draw their samples from seed" in line]
+    assert len(notes) == 1 and "up to step 6 from seed" in notes[0] and "from train.seed" in notes[0], lines
+
+
 def test_missing_extractor_weights_is_one_line_before_any_step(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", str(RECIPE), "--out", str(out), "--steps", "4", "--set", "train.eval_every=2",

@@ -143,6 +143,32 @@ class FDHook:
                 "fd_seconds": time.perf_counter() - start}
 
 
+def fd_seed_note(run: Path, then: Mapping[str, Any], now: Mapping[str, Any], step: int) -> str | None:
+    """A resume's note when its FDs draw from another seed than the run's FDs up to ``step`` did.
+
+    ``run`` is the directory whose ``log.jsonl`` holds those FDs, ``then`` the checkpoint's recipe, ``now``
+    the resumed one. An FD record without ``fd_seed`` was drawn from ``train.seed`` (zoo before
+    2026-12-07; from then on grids and FDs draw from ``sample.seed``, as ``zoo sample``/``zoo eval``)."""
+    from zoo.domains import is_int
+    from zoo.sample import recipe_seed
+    from zoo.training.monitor import read_log
+
+    fds = [r for r in read_log(run / "log.jsonl") if "fd" in r and r["step"] <= step]
+    if not fds:
+        return None
+    earlier = fds[-1].get("fd_seed")
+    legacy = not is_int(earlier)
+    if legacy:
+        earlier = int((then.get("train") or {}).get("seed") or 0)
+    seed = recipe_seed(now, None)
+    if earlier == seed:
+        return None
+    why = ("zoo drew them from train.seed then; grids and FDs now draw from sample.seed, as zoo sample and zoo eval"
+           if legacy else "sample.seed changed")
+    return (f"zoo train: note: train.eval_every's FDs from here on draw their samples from seed {seed}, the run's "
+            f"FDs up to step {step} from seed {earlier} ({why}): a change between them is partly the draw's")
+
+
 def fd_hook(recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...],
             out: Path, ctx, log: Callable[[str], None]) -> FDHook | None:
     """Rank 0's :class:`FDHook` when ``train.eval_every`` asks for one (``None`` elsewhere).

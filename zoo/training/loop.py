@@ -42,7 +42,7 @@ from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
 from zoo.training.data import EpochSampler, batches, build_dataset, class_names, data_line, unread_data_keys
 from zoo.training.draws import draw
-from zoo.training.eval_hook import evaluation, fd_hook
+from zoo.training.eval_hook import evaluation, fd_hook, fd_seed_note
 from zoo.training.fit import training_objective
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, recipe_groups
@@ -405,6 +405,10 @@ class Trainer:
                 "zoo train: note: the recipe differs from the checkpoint's in " + ", ".join(
                     f"{key} ({old!r} -> {new!r})" for key, old, new in changed[:6])
                 + f" and {len(changed) - 6} more" * (len(changed) > 6) + "; the run goes on with the recipe's")
+        if self.fd is not None:
+            note = fd_seed_note(self._resumed_from.parent, self._resumed_recipe, self.recipe, self.step)
+            if note:
+                self.after_banner.append(note)
         later = sorted((d.name for d in self.out.glob("step_*") if d.is_dir() and d.name[5:].isdigit()
                         and int(d.name[5:]) > self.step), key=lambda name: int(name[5:]))
         if later:
