@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -1327,3 +1328,18 @@ def test_an_output_started_before_todays_image_reading_is_named(tmp_path, vae_di
     (out / PLAN).write_text(json.dumps(plan))
     assert main(args) == 0
     assert f"note: {out} was started by a zoo that read images another way" in capsys.readouterr().out
+
+    # another image list rewrites the plan and keeps the shards of unchanged rows: still the older reading
+    folder = tmp_path / "more"
+    shutil.copytree(image_dir, folder)
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "n02" / "n02_9.png")
+    assert main(["prepare-latents", str(folder), *args[2:]]) == 2  # another folder: refused, nothing rewritten
+    capsys.readouterr()
+    plan["root"] = str(folder.resolve())  # as after the user's move of the folder
+    (out / PLAN).write_text(json.dumps(plan))
+    assert main(["prepare-latents", str(folder), *args[2:]]) == 0
+    printed = capsys.readouterr().out
+    assert "the images under" in printed and "changed since" in printed  # the list changed: shards kept
+    assert f"note: {out} was started by a zoo that read images another way" in printed
+    assert json.loads((out / PLAN).read_text())["image_decoding"] == 1
+    assert json.loads((out / MANIFEST).read_text())["image_decoding"] == 1

@@ -228,6 +228,8 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
             raise UserError(f"{out} holds latents prepared with other settings ({', '.join(diff)} "
                             f"differ{'s' * (len(diff) == 1)})",
                             suggestion="use a new --out directory, or the same VAE and options as before")
+        earlier = old.get("image_decoding", 1)  # the kept shards' reading: a rewritten plan must not claim a newer one
+        plan["image_decoding"] = min(earlier if isinstance(earlier, int) else 1, plan["image_decoding"])
         if old.get("images") == plan["images"]:
             if old.get("root") != plan["root"]:  # the same images in a moved (or copied) folder: the plan follows
                 _refuse_another_folder(out, Path(str(old.get("root"))), Path(plan["root"]), lines)
