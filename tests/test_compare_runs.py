@@ -183,11 +183,42 @@ def test_the_eval_every_reference_is_named_and_two_of_them_get_the_note(run, tmp
     assert second["run"]["fd_reference"] == str(ref) and "the FDs were measured differently" in err
     # a log written before the records named their reference: the recipe says what it was
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    (run / "log.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fd_ref"}) + "\n"
-                                           for r in lines))
+    (run / "log.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("fd_ref", "fd_ref_key")})
+                                           + "\n" for r in lines))
     (row,), _ = _compare_json(capsys, str(run))
     assert row["run"]["fd_reference"] == "synthetic (the run's own data: its holdout split, else its training images)"
     assert row["run"]["fd_reference_key"].endswith(", images read as before 2026-12-07")  # such a log's zoo may have
+
+
+def test_eval_every_references_of_one_description_but_other_images_get_the_note(run, tmp_path, capsys):
+    """Two runs on two image folders both compared with "image_folder:train (16 images)": the words are
+    equal, the statistics not, and their FDs were set side by side unnoted. Each record carries a hash of
+    how its statistics were made (data, image size, subset seed, extractor)."""
+    same, seeded = tmp_path / "same", tmp_path / "seeded"
+    train(zoo.load_recipe(RECIPE, SETTINGS), same, steps=5, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, SETTINGS + ["train.seed=1"]), seeded, steps=5, log=lambda *_: None)  # other images
+    rows, err = _compare_json(capsys, str(run), str(same))
+    assert rows[0]["run"]["fd_reference_key"] == rows[1]["run"]["fd_reference_key"]
+    assert rows[0]["run"]["fd_reference_key"].startswith("statistics ") and "measured differently" not in err
+    rows, err = _compare_json(capsys, str(run), str(seeded))
+    assert rows[0]["run"]["fd_reference"] == rows[1]["run"]["fd_reference"] == "synthetic:train (64 images)"
+    assert rows[0]["run"]["fd_reference_key"] != rows[1]["run"]["fd_reference_key"]
+    assert "the FDs were measured differently" in err and "(statistics " in err
+
+
+@pytest.mark.parametrize("field, value", [("fd_n", "8"), ("fd_n", 0), ("fd_ref", 7), ("fd_extractor", ["x"]),
+                                          ("fd_ref_key", 3)])
+def test_an_fd_record_of_damaged_types_is_skipped(run, capsys, field, value):
+    """A hand-edited "fd_n": "8" was a ValueError traceback (exit 1) in the table, "fd_ref": 7 a TypeError:
+    such a record is skipped like an unreadable line, and the one before it in the window is taken."""
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    last = max(r["step"] for r in lines if "fd" in r)
+    (run / "log.jsonl").write_text("".join(json.dumps({**r, field: value} if "fd" in r and r["step"] == last else r)
+                                           + "\n" for r in lines))
+    assert main(["compare", str(run), "--no-time"]) == 0  # the table, as the JSON
+    capsys.readouterr()
+    (row,), _ = _compare_json(capsys, str(run))
+    assert row["run"]["fd"] is None  # the window of train.eval_every (5 steps) held that record only
 
 
 def test_lines_of_a_log_that_are_not_records_are_skipped_by_compare_and_resume(run, capsys):

@@ -129,6 +129,12 @@ def _newest_within(records: list[dict], key: str, step: int, period: Any) -> dic
     return found[-1] if found else None
 
 
+def _well_formed_fd(record: dict) -> bool:
+    """Whether an FD record's fields have the types train.eval_every writes (a hand's edit is skipped)."""
+    return (all(isinstance(record.get(k), (str, type(None))) for k in ("fd_ref", "fd_ref_key", "fd_extractor"))
+            and (record.get("fd_n") is None or (is_int(record["fd_n"]) and record["fd_n"] > 0)))
+
+
 def _step_of(ckpt: Path, logged: int | None) -> int | None:
     """The checkpoint's step: its trainer state's (a run killed after its last save logged steps past it),
     else its ``step_N`` name, else ``logged``, the newest step the log records."""
@@ -242,12 +248,15 @@ def summarize(arg: str | Path) -> RunSummary:
         summary.fd_weights, summary.fd_sampler = protocol["weights"], sampler_text(protocol["solver"], protocol.get("cfg"))
         summary.fd_source = str(best["_path"])
         return summary
-    rec = _newest_within(records, "fd", step, train.get("eval_every")) if step is not None else None
+    fds = [r for r in records if _well_formed_fd(r)]
+    rec = _newest_within(fds, "fd", step, train.get("eval_every")) if step is not None else None
     if rec:
         summary.fd, summary.fd_n, summary.fd_extractor = float(rec["fd"]), rec.get("fd_n"), rec.get("fd_extractor")
         summary.fd_reference = rec.get("fd_ref") or _eval_every_reference(stored)
         # records that name their reference came with today's image reading; older ones may have read it otherwise
-        summary.fd_reference_key = summary.fd_reference + ("" if rec.get("fd_ref") else f", {OLDER_READING}")
+        # (the statistics' hash, where recorded, tells two folders or subsets of one description apart)
+        summary.fd_reference_key = (f"statistics {rec['fd_ref_key']}" if rec.get("fd_ref_key")
+                                    else summary.fd_reference + ("" if rec.get("fd_ref") else f", {OLDER_READING}"))
         summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
     return summary

@@ -22,6 +22,7 @@ at a barrier while rank 0 evaluates.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 import zipfile
@@ -95,6 +96,12 @@ class FDHook:
         return json.dumps({"source": self.source, "data": self.data, "image_size": self.image_size, "seed": self.seed,
                            "extractor": self.extractor.describe(), "v": CACHE_VERSION}, sort_keys=True, default=str)
 
+    @property
+    def reference_key(self) -> str:
+        """A short hash of the statistics' identity: ``fd_ref`` names the images in words ("image_folder:train
+        (16 images)"), which two folders, image sizes or subsets share; FDs of two keys are not comparable."""
+        return hashlib.sha256(self._identity().encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
     def prepare(self) -> Path:
         """The run's reference statistics: read back when this run computed them already, else computed now."""
         from zoo.eval.reference import _dataset_batches, extract, load_reference, save_npz
@@ -139,7 +146,7 @@ class FDHook:
             fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor,
                           device=self.device)  # seeded by sample.seed, as zoo eval
         return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name, "fd_ref": self.source,
-                "fd_seed": recipe_seed(self.recipe, None),
+                "fd_ref_key": self.reference_key, "fd_seed": recipe_seed(self.recipe, None),
                 "fd_seconds": time.perf_counter() - start}
 
 
