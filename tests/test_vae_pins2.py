@@ -1,0 +1,70 @@
+"""Pins on the latent VAE that a sixth round of mutation testing could change unseen: encode multiplies by
+the latent scale (decode divides), load_vae brings weights stored in another dtype (fp16 on disk) to the
+dtype asked for, and an LDM ``.ckpt`` whose tensors sit under ``state_dict`` is read. A tiny random
+diffusers AutoencoderKL built here stands in for the SD VAE (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.vae import LatentVAE, _read_state_dict, load_vae
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=8)
+
+
+def test_encode_multiplies_the_sampled_latent_by_the_scale_decode_divides():
+    """Latents are z * scale (LDM's 0.18215): dividing gave latents 30x the size a model was trained on, and
+    encode then decode stopped agreeing with the VAE's own round trip."""
+    vae = _tiny_vae().double().eval()
+    codec = LatentVAE(vae, scale=0.25, chunk_size=2)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    z = codec.encode(x, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)  # the same draws, chunk by chunk
+    with torch.no_grad():
+        raw = torch.cat([vae.encode(chunk).latent_dist.sample(g) for chunk in x.split(2)])
+    assert z.shape == (3, 4, 4, 4)
+    torch.testing.assert_close(z, raw * 0.25, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        expected = vae.decode(z / 0.25).sample.clamp(-1, 1).float()  # decode hands back float32 images
+    torch.testing.assert_close(codec.decode(z), expected, rtol=0, atol=1e-6)
+
+
+def test_weights_stored_in_fp16_are_loaded_in_the_dtype_asked_for(tmp_path):
+    """assign=True keeps the file's dtype: without the cast an fp16 VAE on disk ran in fp16 on the CPU (and a
+    float64 request got float32)."""
+    vae = _tiny_vae()
+    vae.half().save_pretrained(str(tmp_path / "fp16"))
+    codec = load_vae(tmp_path / "fp16")
+    assert {p.dtype for p in codec.vae.parameters()} == {torch.float32}
+    for name, p in codec.vae.state_dict().items():
+        torch.testing.assert_close(p, vae.state_dict()[name].float(), rtol=0, atol=0)
+    codec64 = load_vae(tmp_path / "fp16", dtype=torch.float64)
+    assert {p.dtype for p in codec64.vae.parameters()} == {torch.float64}
+
+
+def test_an_ldm_checkpoint_is_read_from_its_state_dict_entry(tmp_path):
+    """LDM/SD ``.ckpt`` files hold {"state_dict": {...}, "global_step": ...}: not unwrapping it refused every
+    such VAE file as "not a state dict of tensors"."""
+    from zoo.errors import UserError
+
+    state = {"encoder.conv_in.weight": torch.randn(8, 3, 3, 3), "decoder.conv_out.bias": torch.randn(3)}
+    torch.save({"state_dict": state, "global_step": 470000}, tmp_path / "kl-f8.ckpt")
+    read = _read_state_dict(tmp_path / "kl-f8.ckpt")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    torch.save(state, tmp_path / "plain.pth")
+    assert _read_state_dict(tmp_path / "plain.pth").keys() == state.keys()
+    torch.save({"state_dict": state, "step": "x", "extra": [1]}, tmp_path / "other.ckpt")
+    assert _read_state_dict(tmp_path / "other.ckpt").keys() == state.keys()
+    torch.save({"weights": state}, tmp_path / "nested.pth")
+    with pytest.raises(UserError, match="do not hold a state dict of tensors"):
+        _read_state_dict(tmp_path / "nested.pth")
