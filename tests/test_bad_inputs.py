@@ -245,6 +245,10 @@ CASES = [
      "images", 2, "data.root is set, but dataset 'synthetic' reads no root (--set data.dataset=image_folder"),
     ("train-data-classes-beyond-the-model", f"train {TRAIN} --out {{tmp}}/out --set data.num_classes=9 {FAST}", "-",
      2, "data.num_classes is 9, but diffusion.null_label 4 is one of its labels 0..8"),
+    ("build-objective-type-a-list", f"build {TRAIN} --set diffusion.objective={{\"type\":[\"eps_mse\"]}}", "-", 2,
+     "key diffusion.objective.type: type must be one of eps_mse, hybrid_vlb, multiscale, got ['eps_mse']"),
+    ("build-time-sampling-type-a-mapping", f"build {TRAIN} --set diffusion.time_sampling={{\"type\":{{}}}}", "-", 2,
+     "key diffusion.time_sampling.type: type must be one of uniform, logit_normal, got {}"),
     ("train-hybrid-objective-without-learned-sigma", f"train {TRAIN} --out {{tmp}}/out --set diffusion.objective=hybrid_vlb "
      f"{FAST}", "-", 2, "key diffusion.objective: the hybrid objective needs a learned-sigma output with 6 channels"),
     ("train-learned-sigma-under-plain-mse", f"train {TRAIN} --out {{tmp}}/out --set model.learn_sigma=true {FAST}", "-", 2,

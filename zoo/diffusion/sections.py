@@ -132,7 +132,7 @@ def _check_named_table(recipe: Recipe, value: Any, table: dict[str, dict], name_
     if "type" not in spec:  # {tpye: eps_mse}: the typo is the mistake, not the type it left out
         known = {"type": Any, **{key: Any for keys in table.values() for key in keys}}  # names only: values below
         check_table(recipe, spec, known, path, what.split(" ", 1)[1])
-    if spec.get("type") not in table:
+    if not isinstance(spec.get("type"), str) or spec["type"] not in table:  # a list: unhashable, not a name
         raise domain_error(recipe, tpath, spec.get("type"), name_type)
     check_table(recipe, spec, table[spec["type"]], path, f"{what.split(' ', 1)[1]} {spec['type']!r}")
     return spec
