@@ -70,12 +70,14 @@ def test_a_step_checkpoint_is_compared_at_its_own_step(run, capsys):
 
 
 def test_a_zoo_eval_result_of_these_weights_is_preferred_and_one_of_older_weights_is_not(run, capsys):
-    assert main(["eval", str(run), "--n", "8", "--ref", "synthetic", "--extractor", "test_pool4", "--seed", "3"]) == 0
     assert main(["eval", str(run), "--n", "12", "--ref", "synthetic", "--extractor", "test_pool4"]) == 0
+    assert main(["eval", str(run), "--n", "8", "--ref", "synthetic", "--extractor", "test_pool4", "--seed", "3"]) == 0
     capsys.readouterr()
     results = sorted((run / "eval").glob("last-*.json"))
     by_n = {json.loads(p.read_text())["n"]: p for p in results}
     assert set(by_n) == {8, 12}
+    smaller = json.loads(by_n[8].read_text())  # the newer one: only "the most samples" picks n=12
+    by_n[8].write_text(json.dumps({**smaller, "time": "2999-01-01T00:00:00Z"}))
     (row,), _ = _compare_json(capsys, str(run))
     summary = row["run"]
     best = json.loads(by_n[12].read_text())
@@ -204,6 +206,18 @@ def test_eval_every_references_of_one_description_but_other_images_get_the_note(
     assert rows[0]["run"]["fd_reference"] == rows[1]["run"]["fd_reference"] == "synthetic:train (64 images)"
     assert rows[0]["run"]["fd_reference_key"] != rows[1]["run"]["fd_reference_key"]
     assert "the FDs were measured differently" in err and "(statistics " in err
+
+
+def test_records_older_than_their_period_before_the_checkpoint_are_not_taken(run, capsys):
+    """The step-20 checkpoint's val loss and FD are those of step 20 (val_every = eval_every = 5): when that
+    evaluation failed (logged as null), step 15's is 5 steps older than the weights, not theirs."""
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    (run / "log.jsonl").write_text("".join(json.dumps({**r, **{k: None for k in ("fd", "val_loss") if k in r}}
+                                                      if r["step"] == 20 else r) + "\n" for r in lines))
+    (row,), _ = _compare_json(capsys, str(run))
+    assert (row["run"]["step"], row["run"]["val_loss"], row["run"]["fd"]) == (20, None, None)
+    (row,), _ = _compare_json(capsys, str(run / "step_0000010"))  # its own records, within the window
+    assert row["run"]["val_loss"] is not None and row["run"]["fd"] is not None
 
 
 @pytest.mark.parametrize("field, value", [("fd_n", "8"), ("fd_n", 0), ("fd_ref", 7), ("fd_extractor", ["x"]),

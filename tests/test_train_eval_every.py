@@ -127,26 +127,30 @@ def test_a_resume_whose_fds_draw_from_another_seed_says_so(tmp_path):
     another seed says so: a step in the curve there is partly the draw's. A record without fd_seed is an
     earlier zoo's, which drew from train.seed."""
     out, lines = tmp_path / "run", []
-    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=3"]), out, steps=2, log=lambda *_: None)
+    seeded = SETTINGS + EVAL + ["train.seed=7"]
+    train(zoo.load_recipe(RECIPE, seeded + ["sample.seed=3"]), out, steps=2, log=lambda *_: None)
     assert [r["fd_seed"] for r in _records(out) if "fd" in r] == [3]
-    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=3"]), out, steps=4, resume=out, log=lines.append)
+    train(zoo.load_recipe(RECIPE, seeded + ["sample.seed=3"]), out, steps=4, resume=out, log=lines.append)
     assert not any("draw their samples from seed" in line for line in lines)  # the same seed: nothing to say
 
     lines.clear()
-    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=5"]), out, steps=6, resume=out, log=lines.append)
+    train(zoo.load_recipe(RECIPE, seeded + ["sample.seed=5"]), out, steps=6, resume=out, log=lines.append)
     notes = [line for line in lines if "draw their samples from seed" in line]
-    assert len(notes) == 1 and "seed 5" in notes[0] and "up to step 4 from seed 3" in notes[0], lines
+    assert len(notes) == 1 and "from seed 5" in notes[0] and "up to step 4 from seed 3" in notes[0], lines
     assert "sample.seed changed" in notes[0]
 
-    # a log of an earlier zoo: no fd_seed, drawn from train.seed (7 here), while sample.seed is 5
+    # a log of an earlier zoo: no fd_seed, so drawn from the checkpoint's train.seed, 7, while sample.seed is 5
     records = _records(out)
     (out / "log.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fd_seed"}) + "\n"
                                            for r in records))
     lines.clear()
-    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["sample.seed=5", "train.seed=7"]), out, steps=8, resume=out,
-          log=lines.append, allow_recipe_change=True)
+    train(zoo.load_recipe(RECIPE, seeded + ["sample.seed=5"]), out, steps=8, resume=out, log=lines.append)
     notes = [line for line in lines if "draw their samples from seed" in line]
-    assert len(notes) == 1 and "up to step 6 from seed" in notes[0] and "from train.seed" in notes[0], lines
+    assert len(notes) == 1 and "up to step 6 from seed 7" in notes[0] and "from train.seed" in notes[0], lines
+    lines.clear()  # the records since carry their seed: the same seed, nothing to say
+    train(zoo.load_recipe(RECIPE, SETTINGS + EVAL + ["train.seed=5", "sample.seed=5"]), out, steps=10, resume=out,
+          log=lines.append, allow_recipe_change=True)
+    assert not any("draw their samples from seed" in line for line in lines)
 
 
 def test_missing_extractor_weights_is_one_line_before_any_step(tmp_path, capsys):
@@ -212,6 +216,30 @@ def test_a_damaged_or_foreign_reference_file_is_computed_again(tmp_path):
     other = FDHook({**recipe, "data": {**recipe["data"], "size": 32}}, recipe["train"],
                    synthetic_dataset((3, 8, 8), 32, 4), (3, 8, 8), tmp_path, torch.device("cpu"), print)
     assert not np.array_equal(stats(other.prepare())[0], mu)  # other training data: other statistics
+
+
+def test_statistics_of_an_earlier_image_reading_are_computed_again_with_a_note(tmp_path, monkeypatch):
+    """A run's reference statistics record how zoo read the images (the eval cache version): statistics of an
+    earlier reading (before transparency, 16-bit and float images were read as today) were reused on resume,
+    and the FDs after it compared with pixels the samples no longer match."""
+    from zoo.eval import reference
+    from zoo.training.data import synthetic_dataset
+    from zoo.training.eval_hook import FDHook
+
+    recipe, lines = zoo.load_recipe(RECIPE, SETTINGS + EVAL), []
+    hook = FDHook(recipe, recipe["train"], synthetic_dataset((3, 8, 8), 64, 4), (3, 8, 8), tmp_path,
+                  torch.device("cpu"), lines.append)
+    monkeypatch.setattr(reference, "CACHE_VERSION", reference.CACHE_VERSION - 1)  # a zoo of the earlier reading
+    path = hook.prepare()
+    before = path.stat().st_mtime_ns, path.read_bytes()
+    monkeypatch.undo()
+    lines.clear()
+    hook.prepare()
+    assert (path.stat().st_mtime_ns, path.read_bytes()) != before  # computed again
+    assert any("earlier FD reference statistics were made otherwise" in line for line in lines), lines
+    lines.clear()
+    hook.prepare()  # read back from here on
+    assert lines == []
 
 
 def test_loss_png_draws_the_fd_on_a_second_axis(tmp_path):
