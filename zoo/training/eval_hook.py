@@ -39,6 +39,7 @@ from zoo.training.sections import UNSET_MEANS
 EVAL_N = UNSET_MEANS["eval_n"]  # samples per evaluation unless train.eval_n says otherwise
 REF_MAX = 10_000  # training images in the reference statistics at most
 REF_FILE = Path("eval") / "fd_reference.npz"
+NOT_REFERENCE_DATA = ("random_flip", "cache")  # data keys that change no reference image (flips are the trainer's)
 
 
 def _rng_kept(device: torch.device):
@@ -98,9 +99,17 @@ class FDHook:
 
     @property
     def reference_key(self) -> str:
-        """A short hash of the statistics' identity: ``fd_ref`` names the images in words ("image_folder:train
-        (16 images)"), which two folders, image sizes or subsets share; FDs of two keys are not comparable."""
-        return hashlib.sha256(self._identity().encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        """A short hash of what the reference statistics are of: ``fd_ref`` names the images in words
+        ("image_folder:train (16 images)"), which two folders, image sizes or subsets share; FDs of two keys
+        are not comparable. Unlike the cache's identity, settings that leave the images as they are (flips,
+        the cache file's place) are left out: two runs that differ there compare."""
+        data = {k: v for k, v in self.data.items() if k not in NOT_REFERENCE_DATA} if self.dataset is not None else {}
+        what = json.loads(self._identity())
+        what["data"] = data
+        if self.dataset is None:  # eval_ref: the subset seed picks nothing
+            del what["seed"]
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
+                              ).hexdigest()[:12]
 
     def prepare(self) -> Path:
         """The run's reference statistics: read back when this run computed them already, else computed now."""
