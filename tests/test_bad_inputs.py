@@ -249,6 +249,9 @@ CASES = [
      "key diffusion.objective.type: type must be one of eps_mse, hybrid_vlb, multiscale, got ['eps_mse']"),
     ("build-time-sampling-type-a-mapping", f"build {TRAIN} --set diffusion.time_sampling={{\"type\":{{}}}}", "-", 2,
      "key diffusion.time_sampling.type: type must be one of uniform, logit_normal, got {}"),
+    ("train-fd-of-one-channel-pixels", f"train {TRAIN} --out {{tmp}}/out --set model.in_channels=1 "
+     f"--set train.eval_every=1 {FAST}", "-", 2,
+     "key train.eval_every: its FD scores RGB images, and this pixel model samples 1-channel ones"),
     ("train-hybrid-objective-without-learned-sigma", f"train {TRAIN} --out {{tmp}}/out --set diffusion.objective=hybrid_vlb "
      f"{FAST}", "-", 2, "key diffusion.objective: the hybrid objective needs a learned-sigma output with 6 channels"),
     ("train-learned-sigma-under-plain-mse", f"train {TRAIN} --out {{tmp}}/out --set model.learn_sigma=true {FAST}", "-", 2,

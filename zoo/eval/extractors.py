@@ -55,6 +55,16 @@ def _checked(path: Path, expected: str, what: str) -> str:
     return actual
 
 
+def require_rgb_samples(channels: int, image_size: int, who: str, suggestion: str,
+                        key_path: str | None = None) -> None:
+    """Refuse to score a pixel model's non-RGB samples (the extractors take RGB): said before any
+    sampling, not as a convolution's traceback after it."""
+    if channels != 3:
+        raise UserError(f"{who} scores RGB images, and this pixel model samples {channels}-channel ones "
+                        f"(model input {channels}x{image_size}x{image_size}, data.latent not set)",
+                        suggestion=suggestion, key_path=key_path)
+
+
 class Extractor(nn.Module):
     """uint8 images (B, 3, H, W) -> (features (B, D), logits (B, K) | None), both float32."""
 

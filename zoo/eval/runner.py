@@ -306,7 +306,7 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
     statistics, so a wrong ``--ref`` or missing extractor weights fail before any sampling."""
     from zoo.checkpoint import EMA
     from zoo.diffusion.setup import build_schedule, guidance_settings
-    from zoo.eval.extractors import build_extractor
+    from zoo.eval.extractors import build_extractor, require_rgb_samples
     from zoo.precision import arithmetic_key
     from zoo.sample import (build_solver, check_before_weights, load_decoder, num_classes,
                             sampling_precision, vae_weights)
@@ -330,11 +330,9 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
     x_example = example_inputs(model)[0]
     channels, image_size = int(x_example.shape[1]), int(x_example.shape[-1]) * (vae_downsample(vae_file) if vae_file
                                                                                else 1)
-    if decoder is None and channels != 3:  # the extractors take RGB: else a traceback after all the sampling
-        raise UserError(f"zoo eval scores RGB images, and this pixel model samples {channels}-channel ones "
-                        f"(model input {channels}x{image_size}x{image_size}, data.latent not set)",
-                        suggestion="evaluate a model of 3-channel images; a latent model's samples are decoded "
-                        "to RGB by its VAE (data.latent: true, --vae)")
+    if decoder is None:  # the extractors take RGB: else a traceback after all the sampling
+        require_rgb_samples(channels, image_size, "zoo eval", "evaluate a model of 3-channel images; a latent "
+                            "model's samples are decoded to RGB by its VAE (data.latent: true, --vae)")
     protocol = {
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": weights_sha256, "solver": solver_spec,

@@ -53,7 +53,7 @@ class FDHook:
 
     def __init__(self, recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Dataset,
                  shape: tuple[int, ...], out: Path, device: torch.device, log: Callable[[str], None]) -> None:
-        from zoo.eval.extractors import build_extractor
+        from zoo.eval.extractors import build_extractor, require_rgb_samples
         from zoo.sample import vae_weights
         from zoo.vae import vae_downsample
 
@@ -68,6 +68,10 @@ class FDHook:
                             key_path="train.eval_ref")
         weights = vae_weights(recipe, None)  # a latent model without local VAE weights fails now, not at step eval_every
         self.image_size = int(shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
+        if weights is None:
+            require_rgb_samples(int(shape[0]), self.image_size, "its FD",
+                                "set train.eval_every to 0; train.val_every gives a validation loss of any images",
+                                key_path="train.eval_every")
         with _rng_kept(device):  # building a network draws its initial weights
             self.extractor = build_extractor(str(train.get("eval_extractor") or UNSET_MEANS["eval_extractor"]),
                                              device=device)
