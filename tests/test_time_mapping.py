@@ -44,6 +44,30 @@ def test_knots_map_to_official_training_steps():
     assert torch.equal(time_to_index(t, N), index)
 
 
+@pytest.mark.parametrize("steps", [10, 100, 4000])
+def test_another_schedule_length_keeps_the_range_the_network_was_built_for(steps):
+    """The official models use N = 1000. DiMR's 8·n/1000 − 4 reached 28 at iDDPM's N = 4000 (its
+    time-dependent norms, scaled for [−4, 4], saturated from the middle of the chain on) and covered only
+    −3.92..−3.2 at N = 100, a nearly time-blind model; U-ViT's step reached 4000. Like dit_index, the
+    discrete maps give the 1000-step range for every N."""
+    index = torch.arange(steps)
+    t = index_to_time(index, steps)
+    n = index.double() + 1
+    assert torch.allclose(model_time("dimr_log_snr", t, steps), 8 * n / steps - 4, atol=1e-12)
+    assert torch.allclose(model_time("uvit_discrete", t, steps), 1000 * n / steps, atol=1e-9)
+    assert model_time("dimr_log_snr", t, steps)[-1].item() == pytest.approx(4.0, abs=1e-12)
+    assert model_time("uvit_discrete", t, steps)[-1].item() == pytest.approx(1000.0, abs=1e-9)
+    assert model_time("dit_index", t, steps)[-1].item() == pytest.approx(1000 - 1000 / steps, abs=1e-9)
+
+
+def test_the_official_schedule_length_gives_the_official_values_to_the_bit():
+    """At N = 1000 the maps are the official samplers' arithmetic exactly: N·t (U-ViT), N·t/1000·8 − 4 (DiMR)."""
+    for dtype in (torch.float32, torch.float64):
+        t = torch.rand(4096, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        assert torch.equal(model_time("uvit_discrete", t, N), N * t)
+        assert torch.equal(model_time("dimr_log_snr", t, N), (N * t) / 1000.0 * 8.0 - 4.0)
+
+
 def test_dimr_map_matches_golden_log_snr():
     """The golden file's official inputs: log_snr = 8n/1000 − 4 for its DDPM steps n in 1..1000."""
     g = torch.load(GOLDEN / "golden_dimr_tiny_r2.pt", weights_only=True)

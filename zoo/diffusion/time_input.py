@@ -16,6 +16,12 @@ what the official sampler feeds its network, and the trainer uses the same map (
   sampler computes ``t = t_continuous * N`` then ``t/1000·8 − 4``, its trainer the same on
   n ∈ {1..N}).
 
+The official models all use N = 1000. For another N (iDDPM's 4000, a short schedule of 100) the
+discrete maps keep the range the network and its time-dependent norms were built for, as
+``dit_index`` does: ``uvit_discrete`` gives ``1000·n/N`` ∈ (0, 1000] and ``dimr_log_snr``
+``8·n/N − 4`` ∈ (−4, 4] (``8·n/1000 − 4`` reached 28 at N = 4000 and only −3.2 at N = 100).
+With N = 1000 each is the official value to the bit.
+
 For discrete schedules the trainer draws the 0-based index n uniformly and uses t = (n+1)/N;
 for the continuous VP-SDE it draws t uniformly in [t_min, 1] (U-ViT: t_min = 0); a recipe's
 ``diffusion.time_sampling`` can draw them otherwise (:mod:`~zoo.diffusion.time_sampling`).
@@ -40,8 +46,9 @@ def dit_index(t: Tensor, num_steps: int) -> Tensor:
 
 
 def uvit_discrete(t: Tensor, num_steps: int) -> Tensor:
-    """U-ViT discrete-time step n = N·t (1 at t = 1/N, N at t = 1)."""
-    return num_steps * t
+    """U-ViT discrete-time step n = N·t on the scale of 1000 steps: 1000·n/N (1 at t = 1/N, 1000 at t = 1 for
+    N = 1000)."""
+    return (num_steps * t) * (1000.0 / num_steps)
 
 
 def uvit_continuous(t: Tensor, num_steps: int) -> Tensor:
@@ -50,8 +57,8 @@ def uvit_continuous(t: Tensor, num_steps: int) -> Tensor:
 
 
 def dimr_log_snr(t: Tensor, num_steps: int) -> Tensor:
-    """DiMR's ``log_snr`` input 8·n/1000 − 4 with n = N·t (−3.992 at n = 1, 4 at n = 1000)."""
-    return (num_steps * t) / 1000.0 * 8.0 - 4.0
+    """DiMR's ``log_snr`` input 8·n/N − 4 with n = N·t (−3.992 at n = 1, 4 at n = N = 1000)."""
+    return (num_steps * t) / float(num_steps) * 8.0 - 4.0
 
 
 TIME_INPUTS: dict[str, TimeMap] = {
