@@ -236,6 +236,24 @@ def test_an_fd_record_of_damaged_types_is_skipped(run, capsys, field, value):
     assert row["run"]["fd"] is None  # the window of train.eval_every (5 steps) held that record only
 
 
+def test_losses_of_other_diffusion_settings_get_a_note(run, tmp_path, capsys):
+    """DiMR's multiscale loss (a sum over its branches, ~2) sat beside ε-MSEs (~1) unnoted: a run's losses
+    are of its objective, prediction, Min-SNR weighting, time sampling and schedule, and runs that differ
+    in one are said to be incomparable by loss."""
+    weighted = tmp_path / "weighted"
+    train(zoo.load_recipe(RECIPE, SETTINGS + ["diffusion.min_snr_gamma=5"]), weighted, steps=5, log=lambda *_: None)
+    rows, err = _compare_json(capsys, str(run), str(weighted))
+    assert rows[0]["run"]["loss_settings"] == {
+        "objective": {"type": "eps_mse"}, "prediction": "eps", "min_snr_gamma": None, "time_sampling": {"type": "uniform"},
+        "schedule": {"type": "linear", "num_steps": 1000, "beta_start": 0.0001, "beta_end": 0.02}}
+    assert rows[1]["run"]["loss_settings"]["min_snr_gamma"] == 5
+    assert "losses and val losses were computed under different diffusion settings" in err
+    assert f"{run}: diffusion.min_snr_gamma=null\n  {weighted}: diffusion.min_snr_gamma=5" in err
+    assert "diffusion.objective" not in err  # only what differs
+    _, err = _compare_json(capsys, str(run), str(run / "step_0000010"))
+    assert "diffusion settings" not in err
+
+
 def test_lines_of_a_log_that_are_not_records_are_skipped_by_compare_and_resume(run, capsys):
     """A line that was not UTF-8 was a UnicodeDecodeError traceback in compare and resume; a JSON line that
     was no object an AttributeError in resume."""

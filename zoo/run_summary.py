@@ -38,6 +38,7 @@ from zoo.errors import UserError
 from zoo.training.crop import IMAGE_DECODING
 
 LOSS_WINDOW = 0.1  # the share of a run's last steps whose logged losses are averaged
+LOSS_SETTINGS = ("objective", "prediction", "min_snr_gamma", "time_sampling", "schedule")  # what a loss is of
 OLDER_READING = "images read as before 2026-12-07"  # an FD of a zoo that read a folder's transparency otherwise
 
 
@@ -57,6 +58,7 @@ class RunSummary:
     fd_weights: str | None = None  # "ema" or "raw"
     fd_sampler: str | None = None  # the solver with its settings, and the guidance
     fd_source: str | None = None
+    loss_settings: dict[str, Any] | None = None  # the diffusion settings its losses were computed under
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +129,20 @@ def _newest_within(records: list[dict], key: str, step: int, period: Any) -> dic
     period = period if is_int(period) and period > 0 else 1
     found = [r for r in records if step - period < r["step"] <= step and _finite(r.get(key))]
     return found[-1] if found else None
+
+
+def loss_settings(stored: dict) -> dict[str, Any]:
+    """The diffusion settings a training (and validation) loss depends on, defaults filled in: losses of
+    runs that differ in one are not comparable (DiMR's multiscale sum is ~2x an ε-MSE at equal quality)."""
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+
+    diffusion = stored.get("diffusion")
+    diffusion = diffusion if isinstance(diffusion, dict) else {}
+    settings = {key: diffusion.get(key, DIFFUSION_DEFAULTS[key]) for key in LOSS_SETTINGS}
+    for key in ("objective", "time_sampling"):  # a name is its {type: name}
+        if isinstance(settings[key], str):
+            settings[key] = {"type": settings[key]}
+    return settings
 
 
 def _well_formed_fd(record: dict) -> bool:
@@ -236,6 +252,7 @@ def summarize(arg: str | Path) -> RunSummary:
         summary.loss = _mean_loss(records, min(math.floor(step * (1 - LOSS_WINDOW)), step - max(log_every, 1)), step)
         val = _newest_within(records, "val_loss", step, train.get("val_every"))
         summary.val_loss = float(val["val_loss"]) if val else None
+        summary.loss_settings = loss_settings(stored)
     results = _eval_results(ckpt, eval_dir)
     if results:
         best = max(results, key=lambda r: (r["protocol"]["weights"] == "ema", r["n"], str(r.get("time") or "")))

@@ -135,6 +135,33 @@ def note_fd_protocols(rows: list) -> None:
               f"--ref REF with one sampler for each run makes them so):{how}", file=sys.stderr)
 
 
+def note_loss_settings(rows: list) -> None:
+    """One note when the runs' losses were computed under different diffusion settings (objective,
+    prediction, weighting, time sampling, schedule): such losses are not comparable, their FDs are."""
+    import json
+    import sys
+
+    from zoo.run_summary import LOSS_SETTINGS
+
+    runs = [row for row in rows if row.run is not None and row.run.loss_settings is not None]
+    differ = [key for key in LOSS_SETTINGS
+              if len({json.dumps(r.run.loss_settings[key], sort_keys=True, default=str) for r in runs}) > 1]
+    if differ:
+        how = "".join(f"\n  {r.recipe}: " + ", ".join(f"diffusion.{key}={_flow(r.run.loss_settings[key])}"
+                                                      for key in differ) for r in runs)
+        print("zoo compare: note: the runs' losses and val losses were computed under different diffusion settings, "
+              "so they are not comparable (their FDs are, measured alike):" + how, file=sys.stderr)
+
+
+def _flow(value) -> str:
+    """A setting as a recipe writes it in one line ({type: multiscale, coeffs: [0.25, 1.0]})."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -159,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     rows = measure(args.recipes, args.overrides, batch=args.batch, device=device, warmup=args.warmup,
                    repeats=args.repeats, time_it=not args.no_time, log=lambda m: print(m, file=sys.stderr))
     note_fd_protocols(rows)
+    note_loss_settings(rows)
     if args.plot:
         path = plot(rows, args.plot)
         print(f"zoo compare: wrote {path}", file=sys.stderr)
