@@ -252,6 +252,8 @@ CASES = [
     ("train-fd-of-one-channel-pixels", f"train {TRAIN} --out {{tmp}}/out --set model.in_channels=1 "
      f"--set train.eval_every=1 {FAST}", "-", 2,
      "key train.eval_every: its FD scores RGB images, and this pixel model samples 1-channel ones"),
+    ("build-null-label-the-only-class", f"build {TRAIN} --set data.num_classes=1 --set diffusion.null_label=0", "-", 2,
+     "data.num_classes to null (a model whose only label is the null label is unconditional)"),  # not 'at most 0'
     ("train-hybrid-objective-without-learned-sigma", f"train {TRAIN} --out {{tmp}}/out --set diffusion.objective=hybrid_vlb "
      f"{FAST}", "-", 2, "key diffusion.objective: the hybrid objective needs a learned-sigma output with 6 channels"),
     ("train-learned-sigma-under-plain-mse", f"train {TRAIN} --out {{tmp}}/out --set model.learn_sigma=true {FAST}", "-", 2,

@@ -281,7 +281,9 @@ def num_classes(recipe: Mapping[str, Any]) -> int | None:
     if data and null is not None and data > null:  # null 0 included: it would be a real label
         raise UserError(f"data.num_classes is {data}, but diffusion.null_label {null} is one of its labels "
                         f"0..{data - 1}", key_path="diffusion.null_label", suggestion=f"set diffusion.null_label "
-                        f"to {data} (a label of its own), or data.num_classes to at most {null}")
+                        f"to {data} (a label of its own), or data.num_classes to "
+                        + (f"at most {null}" if null else "null (a model whose only label is the null label is "
+                           "unconditional)"))
     if data and null is None and declared and data > declared:
         raise UserError(f"data.num_classes is {data}, but the model embeds only {declared} classes (model.num_classes)",
                         key_path="data.num_classes", suggestion=f"set data.num_classes to at most {declared}, or "
