@@ -1,0 +1,49 @@
+"""Pins on what zoo.training.monitor writes for a person watching a run that no other test held: log.jsonl
+stays strict JSON when a loss diverges (NaN and inf written as null, the run not stopped by its own log),
+and the progress line says how many steps the fp16 gradient scaler skipped."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from zoo.training.monitor import Monitor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rec(step: int, **kw) -> dict:
+    return {"step": step, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.0, "steps_per_s": 2.0, "images_per_s": 64.0, **kw}
+
+
+def test_a_non_finite_loss_is_logged_as_null_in_strict_json(tmp_path):
+    """A diverged step (loss NaN, grad_norm inf) is one log.jsonl line with nulls: writing NaN verbatim is not
+    JSON (jq and pandas refuse the file), and json.dumps(allow_nan=False) on it would crash the run."""
+    lines: list[str] = []
+    monitor = Monitor(tmp_path, start=0, total=4, log=lines.append, tty=False)
+    try:
+        monitor.record(_rec(1))
+        monitor.record(_rec(2, loss=math.nan, grad_norm=math.inf))
+    finally:
+        monitor.close()
+    text = (tmp_path / "log.jsonl").read_text()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for line in text.splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None and records[1]["lr"] == 1e-3
+    assert len(lines) == 2 and "nan" in lines[1]  # the printed line shows the value as it is
+
+
+def test_the_progress_line_counts_the_steps_the_gradient_scaler_skipped(tmp_path):
+    """Under fp16 a record with skipped_steps says `(N skipped)` on its line; dropping it hides a scaler that
+    skips most steps (an lr too high for fp16) from the person watching."""
+    lines: list[str] = []
+    monitor = Monitor(tmp_path, start=0, total=4, log=lines.append, tty=False)
+    try:
+        monitor.record(_rec(1, skipped_steps=3))
+        monitor.record(_rec(2, skipped_steps=0))
+    finally:
+        monitor.close()
+    assert "(3 skipped)" in lines[0]
+    assert "skipped" not in lines[1]
