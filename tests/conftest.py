@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 
 # Before anything initialises CUDA: torch reads these when it first looks for a device.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -33,6 +34,11 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.use_deterministic_algorithms(True)
     if os.environ.get("ZOO_MP_START"):  # fork (Linux up to Python 3.13), forkserver (3.14), spawn (macOS)
         multiprocessing.set_start_method(os.environ["ZOO_MP_START"], force=True)
+    # A suite started as a script's background job (`pytest &`, nohup) ignores SIGINT, and the runs it
+    # starts would inherit that: the tests that stop a run with Ctrl-C's signal test zoo, not the shell.
+    for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, handler)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

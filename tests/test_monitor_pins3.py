@@ -1,6 +1,6 @@
 """Pins on what zoo.training.monitor writes for a person watching a run that no other test held: log.jsonl
 stays strict JSON when a loss diverges (NaN and inf written as null, the run not stopped by its own log),
-and the progress line says how many steps the fp16 gradient scaler skipped."""
+the progress line says how many steps the fp16 gradient scaler skipped, and loss.png ends with the last record."""
 
 from __future__ import annotations
 
@@ -47,3 +47,22 @@ def test_the_progress_line_counts_the_steps_the_gradient_scaler_skipped(tmp_path
         monitor.close()
     assert "(3 skipped)" in lines[0]
     assert "skipped" not in lines[1]
+
+
+def test_loss_png_holds_the_last_records_after_close(tmp_path, monkeypatch):
+    """loss.png is redrawn at most every few seconds while a run logs; the records after the last redraw
+    are drawn when the run ends. Without that final redraw the curve of a short run stopped at its first
+    record, and a long run's lost its last minutes."""
+    import zoo.training.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "PLOT_INTERVAL_S", 3600.0)  # however slow the machine: one redraw, the first
+    monitor = Monitor(tmp_path, start=0, total=4, log=lambda *_: None, tty=False)
+    try:
+        for step in (1, 2, 3, 4):
+            monitor.record(_rec(step, loss=1.0 / step))
+        assert list(monitor.plot.line.get_data()[0]) == [1]
+    finally:
+        monitor.close()
+    steps, losses = monitor.plot.line.get_data()
+    assert list(steps) == [1, 2, 3, 4] and list(losses) == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert (tmp_path / "loss.png").stat().st_size > 0
