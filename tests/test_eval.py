@@ -627,6 +627,32 @@ def test_samples_of_the_same_weights_under_another_diffusion_section_are_not_reu
     assert second["protocol"]["model"] == first["protocol"]["model"] == recipe["model"]
 
 
+def test_json_output_keeps_the_warnings_on_stderr(run_dir, tmp_path, capsys):
+    """--json (a script's use) dropped every log line, the warning that the reference is at another resolution
+    than the samples with them: an FD across resolutions came back unremarked. stdout stays the JSON alone."""
+    _adm_npz(tmp_path / "big.npz", size=16)
+    args = ["eval", str(run_dir), "--n", "4", "--ref", str(tmp_path / "big.npz"), "--extractor", "test_pool",
+            "--batch-size", "4", "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 4
+    assert captured.err == ("zoo eval: warning: the reference's images are 16x16, the samples 8x8: the extractor "
+                            "resizes both, but an FD across resolutions also measures the resolution (use a reference "
+                            "made at the samples' size)\n")
+
+
+@pytest.mark.parametrize("labels", [np.arange(40)[:, None] % 4, np.arange(39) % 4, (np.arange(40) % 4) + 0.5])
+def test_an_adm_npz_whose_arr_1_is_no_label_per_image_is_refused(run_dir, tmp_path, capsys, labels):
+    """arr_1 of shape (N, 1), of N − 1 labels or of floats was dropped without a word, and the per-class FD
+    was then left out 'as the reference has no labels (an .npz without arr_1)', which it had."""
+    arrays = _adm_npz(tmp_path / "ref.npz", labels=False)
+    np.savez(tmp_path / "ref.npz", arr_0=arrays["arr_0"], arr_1=labels)
+    assert main(["eval", str(run_dir), "--n", "4", "--ref", str(tmp_path / "ref.npz"), "--extractor", "test_pool"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "arr_1 must hold the class labels of arr_0's 40 images" in err
+    assert f"got {labels.dtype} {labels.shape}" in err
+
+
 def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir, capsys):
     from zoo.eval import quick_fd
     from zoo.sample import load_model

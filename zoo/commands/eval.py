@@ -85,6 +85,15 @@ def _summary(result: dict) -> str:
     return f"zoo eval: {result['n']} samples, {ext} features vs {result['reference']['spec']}: " + "  ".join(parts)
 
 
+def _json_log(line: str) -> None:
+    """Under --json, stdout is the result alone: progress lines are dropped, warnings and notes (a reference
+    at another resolution than the samples) go to stderr, where a script still sees them."""
+    import sys
+
+    if "warning:" in line or "note:" in line:
+        print(line, file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from zoo.errors import UserError
 
@@ -129,14 +138,14 @@ def run(args: argparse.Namespace) -> int:
     from zoo.training.distributed import shutdown
 
     try:
-        result = evaluate(request, log=(lambda _: None) if args.json else print, progress=not args.json)
+        result = evaluate(request, log=_json_log if args.json else print, progress=not args.json)
     finally:
         shutdown()  # under torchrun: leave the process group (a no-op in one process)
     if result is None:  # another rank than 0 under torchrun: its shards are written, rank 0 reports
         return 0
     if scorer is not None:
         result = analyse(result, scorer, args.threshold, args.batch_size or 64, device,
-                         log=(lambda _: None) if args.json else print)
+                         log=_json_log if args.json else print)
     if args.json:
         print(json.dumps(result))
     else:

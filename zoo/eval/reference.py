@@ -320,7 +320,12 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
             raise UserError(f"{path} has no images (arr_0) and no {extractor.name} statistics",
                             suggestion=NPZ_FORMATS)
         images = f["arr_0"]
-        labels = f["arr_1"] if "arr_1" in keys and f["arr_1"].shape == (len(images),) else None
+        labels = f["arr_1"] if "arr_1" in keys else None
+        if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
+            raise UserError(f"{path}: arr_1 must hold the class labels of arr_0's {len(images)} images (integers, "
+                            f"shape ({len(images)},)), got {labels.dtype} {labels.shape}",
+                            suggestion="save the labels as a 1-D integer array beside arr_0 (ADM's layout), or "
+                            "leave arr_1 out for a reference without classes")
         adm_stats = statistics(f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" \
             else None  # (checked before extracting every image: the file's mu/sigma replace theirs)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
