@@ -557,8 +557,13 @@ class Trainer:
         # The step's one read from the device (it waits for the backward): the NaN check and the stop
         # votes together, so the optimizer step and the EMA update queued below run while the CPU
         # fetches the next batch, instead of a second read at the end of the step waiting for them.
-        finite_loss, finite_grad, self.stop_votes, some_unread = torch.stack(
-            [torch.isfinite(loss), torch.isfinite(norm), votes > 0, unread_votes > 0]).tolist()
+        read = [torch.isfinite(loss), torch.isfinite(norm), votes > 0, unread_votes > 0]
+        if self.scaler.is_enabled():  # fp16: the loss scale before this step's update, in the same read
+            read.append(self.scaler._get_scale_async().reshape(()))
+        finite_loss, finite_grad, self.stop_votes, some_unread, *scale = torch.stack(
+            [value.to(torch.float32) for value in read]).tolist()
+        finite_loss, finite_grad, self.stop_votes, some_unread = map(bool, (finite_loss, finite_grad, self.stop_votes,
+                                                                           some_unread))
         if some_unread:
             self.optimizer.zero_grad(set_to_none=True)
             raise _UnreadOnARank()
@@ -568,9 +573,11 @@ class Trainer:
                                  self.last_dir, self.train)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.scaler.is_enabled() and self.scaler.get_scale() < 1.0:
+        if scale and not finite_grad and scale[0] * self.scaler.get_backoff_factor() < 1.0:
             # Each skipped step halves the scale (65536 at the start): below 1 the gradients overflow even
             # unscaled, i.e. the fp16 forward or backward itself is not finite; the steps were all skipped.
+            # (Only a skipped step lowers the scale: known from the read above, without GradScaler.get_scale's
+            # second wait for the device.)
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(self.step + 1, "the fp16 gradient (loss scale below 1, every recent step skipped)",
                                  self.last_saved, self.last_dir, self.train, remedy=FP16_OVERFLOW)
