@@ -51,8 +51,15 @@ def gaussian_noise(like: Tensor, generator: Generators = None) -> Tensor:
     if isinstance(generator, Sequence):
         if len(generator) != like.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
-        noise = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in generator]
-        return torch.stack(noise).to(like.device)
+        home = {g.device for g in generator}
+        home = home.pop() if len(home) == 1 else torch.device("cpu")
+        # Each sample's rows filled in place; CPU draws for a CUDA batch go through pinned memory without
+        # blocking, so a solver step does not wait for the model call queued before it.
+        pinned = home.type == "cpu" and like.device.type == "cuda"
+        noise = torch.empty(like.shape, dtype=like.dtype, device=home, pin_memory=pinned)
+        for i, g in enumerate(generator):
+            torch.randn(like.shape[1:], generator=g, out=noise[i])
+        return noise.to(like.device, non_blocking=pinned)
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
