@@ -154,7 +154,9 @@ class DiMRBranch(nn.Module):
         out = self.head(h.permute(0, 3, 1, 2)).contiguous()
         if not hand_on:
             return out, None
-        features = torch.cat(features, dim=-1)
-        if not self.spatial:
-            features = features[:, self.num_extra_tokens :].reshape(B, g, g, features.shape[-1])
-        return out, features
+        if self.spatial:
+            return out, torch.cat(features, dim=-1)
+        # the extra tokens sliced off before the concatenation: it writes the (B, g, g, ·) map once, contiguous
+        # (sliced after it, the next layer norm copied the whole map again)
+        features = torch.cat([f[:, self.num_extra_tokens :] for f in features], dim=-1)
+        return out, features.view(B, g, g, features.shape[-1])
