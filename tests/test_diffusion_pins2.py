@@ -120,3 +120,28 @@ def test_a_model_with_its_own_class_dropout_off_takes_any_label_drop():
     assert recipe["diffusion"]["label_drop"] == 0.2 and recipe["model"]["class_dropout_prob"] == 0
     with pytest.raises(zoo.errors.UserError, match="class_dropout_prob=0.1 but diffusion.label_drop is 0.2"):
         zoo.load_recipe(RECIPES / "tiny_train.yaml", ["diffusion.label_drop=0.2"])
+
+
+@pytest.mark.parametrize("schedule", [{"type": "cosine_discrete", "num_steps": 1000},
+                                      {"type": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}])
+def test_fp32_noise_levels_are_the_float64_values_rounded_once(schedule):
+    """σ_n = √(1 − ᾱ_n) taken after ᾱ was cast to fp32 cancelled at the first steps (2.6e-4 relative at n = 0
+    under iDDPM's cosine table, 8e-5 under the linear one; the Min-SNR weight 5e-4 off). iDDPM keeps √ᾱ,
+    √(1 − ᾱ), √(1/ᾱ) and √(1/ᾱ − 1) as float64 tables and casts the gathered values: one rounding each."""
+    from zoo.diffusion.setup import build_objective
+
+    obj = build_objective({"diffusion": {"schedule": schedule, "objective": "eps_mse", "time_input": "dit_index"}})
+    d, index = obj.discrete, torch.arange(5)
+    t = (index.double() + 1) / 1000
+    like = torch.zeros(5, 3, 2, 2)
+    abar = d.alphas_cumprod[index]
+    alpha, sigma = obj.coefficients(t, like)
+    assert alpha.dtype == sigma.dtype == torch.float32
+    assert torch.equal(sigma.flatten(), (1 - abar).sqrt().float())  # rounded once, from float64
+    assert torch.equal(alpha.flatten(), abar.sqrt().float())
+    x0, eps = torch.randn(5, 3, 2, 2, dtype=torch.float64), torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    x_t = d.q_sample(x0.float(), index, eps.float()).double()
+    exact = abar.sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps
+    assert (x_t - exact).abs().max() < 4 * 2**-24 * exact.abs().max()  # fp32 rounding of the inputs and 2 products
+    back = d.predict_x0(x_t.float(), index, eps.float()).double()
+    assert torch.allclose(back, x0, rtol=0, atol=1e-4)  # √(1/ᾱ − 1)·ε subtracted from float64 coefficients

@@ -115,8 +115,9 @@ class DiffusionObjective:
     def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """(α_t, σ_t) per sample, shaped to broadcast over ``like`` and in its dtype."""
         if self.discrete is not None:
-            abar = self.discrete._take(self.discrete.alphas_cumprod, time_to_index(t, self.num_steps), like)
-            return abar.sqrt(), (1.0 - abar).sqrt()
+            index = time_to_index(t, self.num_steps)  # float64 tables: 1 − ᾱ cancels in fp32 at small n
+            return (self.discrete._take(self.discrete.sqrt_alphas_cumprod, index, like),
+                    self.discrete._take(self.discrete.sqrt_one_minus_alphas_cumprod, index, like))
         view = (-1,) + (1,) * (like.ndim - 1)
         return (self.schedule.marginal_alpha(t).to(like).view(view),
                 self.schedule.marginal_std(t).to(like).view(view))
