@@ -599,12 +599,18 @@ def test_a_dataset_smaller_than_the_batch_is_told_a_batch_size_that_is_accepted(
     run refused as not divisible by 2 processes."""
     from zoo.training.data import EpochSampler
 
-    with pytest.raises(zoo.UserError, match=r"use train.batch_size=14 \(the largest multiple of 2"):
+    with pytest.raises(zoo.UserError, match=r"use train.batch_size=14 \(the largest multiple of 2, 2 processes x "
+                       r"grad_accum 1, that fits\)"):
         EpochSampler.batches_per_epoch(15, 16, 2)
     with pytest.raises(zoo.UserError, match=r"use a batch size <= 15\)"):
         EpochSampler.batches_per_epoch(15, 16)
-    with pytest.raises(zoo.UserError, match="use more data: 8 processes x grad_accum need at least 8 samples"):
+    with pytest.raises(zoo.UserError, match=r"use more data: 8 processes x grad_accum 1 = 8 micro-batches need at "
+                       r"least 8 samples\)"):
         EpochSampler.batches_per_epoch(5, 16, 8)
+    # one process accumulating 4 micro-batches was called "4 processes x grad_accum"
+    with pytest.raises(zoo.UserError, match=r"use more data: 1 process x grad_accum 4 = 4 micro-batches need at least "
+                       r"4 samples, or a smaller train.grad_accum\)"):
+        EpochSampler.batches_per_epoch(3, 4, 1, 4)
 
 
 def test_a_resume_without_out_continues_the_run_it_names_and_the_banner_comes_first(tmp_path, monkeypatch,

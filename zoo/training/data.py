@@ -452,16 +452,19 @@ class EpochSampler(Sampler):
         self.epoch, self.offset = divmod(start_step, self.per_epoch)
 
     @staticmethod
-    def batches_per_epoch(n: int, batch_size: int, multiple: int = 1) -> int:
+    def batches_per_epoch(n: int, batch_size: int, processes: int = 1, accum: int = 1) -> int:
         """Whole batches in one pass over ``n`` samples; the trainer calls it during setup too, where
         all ranks agree on one message, since a dataset smaller than one batch is a recipe mistake.
-        ``multiple`` (processes × grad_accum) is what the batch size must divide by: the hint names
-        the largest batch size that fits and is accepted."""
+        The batch size must divide by ``processes`` × ``accum`` (train.grad_accum): the hint names the
+        largest batch size that fits and is accepted."""
         if n < batch_size:
+            multiple = processes * accum
             fits = n // multiple * multiple
+            split = f"{processes} process{'es' * (processes != 1)} x grad_accum {accum}"
             hint = (f"use a batch size <= {n}" if multiple == 1 else f"use train.batch_size={fits} (the largest "
-                    f"multiple of {multiple}, processes x grad_accum, that fits)" if fits else
-                    f"use more data: {multiple} processes x grad_accum need at least {multiple} samples")
+                    f"multiple of {multiple}, {split}, that fits)" if fits else
+                    f"use more data: {split} = {multiple} micro-batches need at least {multiple} samples"
+                    + (", or a smaller train.grad_accum" if accum > 1 else ""))
             raise UserError(f"the dataset has {n} samples, fewer than train.batch_size={batch_size}",
                             key_path="train.batch_size", suggestion=hint)
         return n // batch_size

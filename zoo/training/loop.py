@@ -201,7 +201,7 @@ class Trainer:
             self.shape = tuple(example_inputs(meta_model)[0].shape[1:])
         dataset = build_dataset(data, self.shape, num_classes(recipe), self.seed)  # missing data: the first error
         data = self._record_trained_classes(recipe, dataset)
-        EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world * self.accum)  # here, not when batches() starts: one message
+        EpochSampler.batches_per_epoch(len(dataset), self.batch, self.ctx.world, self.accum)  # here, not when batches() starts: one message
         self.data_line = data_line(data, len(dataset), self.shape)
         skipped = getattr(dataset, "skipped_note", lambda: None)()  # an image folder's files of other suffixes
         if skipped:
