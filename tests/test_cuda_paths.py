@@ -112,11 +112,12 @@ def test_the_schedule_tables_go_to_the_device_once():
     d = DiscreteDiffusion(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
     x0 = torch.empty(4, 3, 8, 8, device="meta")  # stands in for the GPU
     index = torch.tensor([0, 5, 999, 500], device="meta")
-    with MovesOf(d.alphas_cumprod, d.posterior_mean_coef_x0, d.posterior_mean_coef_xt) as moves:
+    with MovesOf(d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod, d.posterior_mean_coef_x0,
+                 d.posterior_mean_coef_xt) as moves:
         for _ in range(3):
             d.q_sample(x0, index, x0)
             d.posterior(x0, x0, index)
-    assert moves.count == 3  # each table once
+    assert moves.count == 4  # each table once
     cpu = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(d.q_sample(cpu, index.new_tensor([0, 5, 999, 500], device="cpu"), cpu),
                                d.alphas_cumprod[[0, 5, 999, 500]].sqrt().view(-1, 1, 1, 1) * cpu
