@@ -242,6 +242,33 @@ def test_statistics_of_an_earlier_image_reading_are_computed_again_with_a_note(t
     assert lines == []
 
 
+def test_the_reference_key_holds_the_seed_only_where_it_picked_the_images(tmp_path):
+    """fd_ref_key tells FDs of other reference images apart. train.seed picks synthetic images and a subset
+    of a large dataset, but no image of a small folder (or emoji32's fixed holdout): a seed sweep there was
+    marked 'not comparable' against identical statistics."""
+    from PIL import Image
+
+    from zoo.training.data import build_dataset
+    from zoo.training.eval_hook import FDHook
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 100 if c == "a" else 200, 7)).save(tmp_path / "imgs" / c / f"{i}.png")
+
+    def key(*settings):
+        recipe = zoo.load_recipe(RECIPE, SETTINGS + EVAL + list(settings))
+        shape = (3, recipe["model"]["input_size"], recipe["model"]["input_size"])
+        dataset = build_dataset(recipe["data"], shape, 4, int(recipe["train"].get("seed") or 0))
+        return FDHook(recipe, recipe["train"], dataset, shape, tmp_path / "run", torch.device("cpu"),
+                      lambda *_: None).reference_key
+
+    folder = ["data.dataset=image_folder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=2"]
+    assert key(*folder, "train.seed=0") == key(*folder, "train.seed=1")  # the whole folder, whatever the seed
+    assert key(*folder) != key(*folder, "data.image_size=4", "model.input_size=4")  # other pixels
+    assert key("train.seed=0") != key("train.seed=1")  # synthetic images are drawn from the seed
+
+
 def test_loss_png_draws_the_fd_on_a_second_axis(tmp_path):
     from zoo.training.monitor import Monitor
 

@@ -34,6 +34,7 @@ def _synthetic_size(data: Mapping[str, Any], shape: tuple[int, ...], num_classes
 
 
 synthetic.reads = ("size", "image_size")  # type: ignore[attr-defined]
+synthetic.seeded_images = True  # type: ignore[attr-defined]  # train.seed draws the images themselves
 synthetic.check = _synthetic_size  # type: ignore[attr-defined]  # also run by zoo build
 synthetic.ignores_root = True  # type: ignore[attr-defined]  # a data.root beside it is a mistake (see build_dataset)
 
@@ -62,6 +63,7 @@ def _image_folder_fits(data: Mapping[str, Any], shape: tuple[int, ...], num_clas
                     f"input size to {size} (model.input_size, or model.img_size for U-ViT)")
 
 
+image_folder.seeded_images = False  # type: ignore[attr-defined]  # train.seed picks none of them
 image_folder.reads = ("image_size",)  # type: ignore[attr-defined]
 image_folder.check = _image_folder_fits  # type: ignore[attr-defined]  # also run by zoo build
 image_folder.class_names = _folder_classes  # type: ignore[attr-defined]
@@ -94,6 +96,7 @@ def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
     return classes if isinstance(classes, list) else []
 
 
+latents.seeded_images = False  # type: ignore[attr-defined]  # train.seed picks none of them
 latents.reads = ("image_size",)  # type: ignore[attr-defined]  # checked against the resolution they were made at
 latents.latent_keys = ("vae_scale", "vae")  # type: ignore[attr-defined]  # listed by zoo list / --help-component
 latents.class_names = _manifest_classes  # type: ignore[attr-defined]
@@ -119,6 +122,7 @@ def imagenet(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int |
     return (latents if data.get("latent") else image_folder)(data, shape, num_classes, seed)
 
 
+imagenet.seeded_images = False  # type: ignore[attr-defined]  # train.seed picks none of them
 imagenet.reads = ("image_size",)  # type: ignore[attr-defined]
 imagenet.check = lambda data, shape, num_classes: (  # type: ignore[attr-defined]  # pixels: as an image folder
     None if data.get("latent") else _image_folder_fits(data, shape, num_classes))

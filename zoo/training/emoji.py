@@ -234,6 +234,7 @@ def _check_fits(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: in
 
 
 emoji32.splits = SPLITS  # type: ignore[attr-defined]
+emoji32.seeded_images = False  # type: ignore[attr-defined]  # its split is fixed, whatever train.seed
 emoji32.ignores_root = True  # type: ignore[attr-defined]  # built from the installed wheel (data.cache: where to)
 emoji32.reads = ("image_size", "cache")  # type: ignore[attr-defined]
 emoji32.check = _check_fits  # type: ignore[attr-defined]  # also run by zoo build

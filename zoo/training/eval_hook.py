@@ -80,12 +80,18 @@ class FDHook:
     def _reference_dataset(self, data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...],
                            recipe: Mapping[str, Any]) -> tuple[Dataset | None, str]:
         """(images to compute the statistics from, or None for ``eval_ref``; a description of them)."""
+        self.seed_picks = False  # whether train.seed chose the reference images (a subset, synthetic data)
         if self.ref_spec is not None:
             return None, str(self.ref_spec)
+        from torch.utils.data import Subset
+
+        from zoo import registry
         from zoo.sample import num_classes
         from zoo.training.data import held_out
 
         images, source = held_out(data, dataset, shape, num_classes(recipe), self.seed, limit=REF_MAX)
+        builder = registry.get("dataset", data.get("dataset", "synthetic"))
+        self.seed_picks = isinstance(images, Subset) or getattr(builder, "seeded_images", True)  # a plugin: maybe
         if len(images) < 2:
             raise UserError(f"train.eval_every: the reference images ({source}) hold {len(images)} image(s); "
                             "reference statistics need at least 2 (or set train.eval_ref)", key_path="train.eval_ref")
@@ -105,12 +111,14 @@ class FDHook:
     def reference_key(self) -> str:
         """A short hash of what the reference statistics are of: ``fd_ref`` names the images in words
         ("image_folder:train (16 images)"), which two folders, image sizes or subsets share; FDs of two keys
-        are not comparable. Unlike the cache's identity, settings that leave the images as they are (flips,
-        the cache file's place) are left out: two runs that differ there compare."""
+        are not comparable. Unlike the cache's identity, what leaves the images as they are is left out, so
+        two runs that differ there compare: flips, the cache file's place, train.seed where it picked no
+        image (a holdout split, a whole folder), the extractor weights' path (their sha256 stays)."""
         data = {k: v for k, v in self.data.items() if k not in NOT_REFERENCE_DATA} if self.dataset is not None else {}
         what = json.loads(self._identity())
         what["data"] = data
-        if self.dataset is None:  # eval_ref: the subset seed picks nothing
+        what["extractor"] = {k: v for k, v in what["extractor"].items() if k != "weights"}
+        if not self.seed_picks:
             del what["seed"]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
                               ).hexdigest()[:12]
