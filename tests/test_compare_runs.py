@@ -254,6 +254,30 @@ def test_losses_of_other_diffusion_settings_get_a_note(run, tmp_path, capsys):
     assert "diffusion settings" not in err
 
 
+def test_loss_settings_written_otherwise_but_equal_get_no_note(capsys):
+    """A schedule written {type: linear} beside the same schedule written out, min_snr_gamma 5 beside 5.0 and
+    coeffs [0.25, 1] beside [0.25, 1.0] were 'not comparable' (their JSON text differed); a real difference
+    still is."""
+    from types import SimpleNamespace
+
+    from zoo.commands.compare import note_loss_settings
+    from zoo.run_summary import loss_settings
+
+    def row(name, diffusion):
+        return SimpleNamespace(recipe=name, run=SimpleNamespace(loss_settings=loss_settings({"diffusion": diffusion})))
+
+    full = {"type": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    note_loss_settings([row("a", {"schedule": {"type": "linear"}, "min_snr_gamma": 5,
+                                  "objective": {"type": "multiscale", "coeffs": [0.25, 1]}}),
+                        row("b", {"schedule": full, "min_snr_gamma": 5.0,
+                                  "objective": {"type": "multiscale", "coeffs": [0.25, 1.0]}}),
+                        row("c", {"min_snr_gamma": 5.0, "objective": {"type": "multiscale", "coeffs": [0.25, 1.0]}})])
+    assert capsys.readouterr().err == ""
+    note_loss_settings([row("a", {"schedule": {"type": "linear"}}), row("b", {"schedule": {**full, "beta_end": 0.03}})])
+    err = capsys.readouterr().err
+    assert "different diffusion settings" in err and "b: diffusion.schedule={type: linear, num_steps: 1000" in err
+
+
 def test_lines_of_a_log_that_are_not_records_are_skipped_by_compare_and_resume(run, capsys):
     """A line that was not UTF-8 was a UnicodeDecodeError traceback in compare and resume; a JSON line that
     was no object an AttributeError in resume."""

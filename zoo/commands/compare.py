@@ -138,14 +138,17 @@ def note_fd_protocols(rows: list) -> None:
 def note_loss_settings(rows: list) -> None:
     """One note when the runs' losses were computed under different diffusion settings (objective,
     prediction, weighting, time sampling, schedule): such losses are not comparable, their FDs are."""
-    import json
     import sys
 
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+    from zoo.recipe_diff import first_difference
     from zoo.run_summary import LOSS_SETTINGS
 
     runs = [row for row in rows if row.run is not None and row.run.loss_settings is not None]
-    differ = [key for key in LOSS_SETTINGS
-              if len({json.dumps(r.run.loss_settings[key], sort_keys=True, default=str) for r in runs}) > 1]
+    # compared as the resume check compares them: a schedule's left-out keys are its defaults, 5 is 5.0
+    differ = [key for key in LOSS_SETTINGS if any(
+        first_difference({key: r.run.loss_settings[key]}, {key: runs[0].run.loss_settings[key]}, "diffusion",
+                         DIFFUSION_DEFAULTS) for r in runs[1:])]
     if differ:
         how = "".join(f"\n  {r.recipe}: " + ", ".join(f"diffusion.{key}={_flow(r.run.loss_settings[key])}"
                                                       for key in differ) for r in runs)
