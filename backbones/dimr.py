@@ -120,7 +120,7 @@ class DiMR(nn.Module):
     ``num_classes`` counts the null label (1001 for ImageNet); a Transformer branch prepends
     the class token.
 
-    ``forward(x, t, y)`` takes ``t`` = DiMR's ``log_snr`` input (8n/1000 − 4 for DDPM step n)
+    ``forward(x, t, y)`` takes ``t`` = DiMR's ``log_snr`` input (8n/N − 4 for DDPM step n of N, 8n/1000 − 4 as released)
     and returns the R noise predictions, lowest resolution first (the last is the model's);
     ``y=None`` means the null label ``num_classes − 1`` (unconditional).
     A branch whose conditioners need an embedding (adaLN-Zero) gets its own timestep MLP

@@ -22,7 +22,8 @@ from zoo.tracing import under_func_transform
 
 
 def ddpm_step_from_log_snr(t: Tensor) -> Tensor:
-    """DiMR's time input ``8n/1000 − 4`` back to the DDPM step n (the scale embeddings expect)."""
+    """DiMR's time input ``8n/N − 4`` back to the step on the 1000-step scale, 1000·n/N (n itself for the
+    released N = 1000), which the scale embeddings expect."""
     return (t.float() + 4.0) * 125.0
 
 

@@ -10,9 +10,9 @@ what the official sampler feeds its network, and the trainer uses the same map (
 * ``dit_index``       — DiT: the DDPM index 0..N−1, ``1000·(t − 1/N)`` (DPM-Solver's
   ``model_wrapper`` for discrete models; with N = 1000 the knot t_n gives exactly n).
 * ``uvit_discrete``   — U-ViT discrete-time models (latent U-ViT-H): the 1-based step
-  ``N·t`` ∈ 1..N (its sampler: ``t = t_continuous * N``; its trainer draws n ∈ {1..N}).
+  ``N·t`` ∈ 1..N for N = 1000 (its sampler: ``t = t_continuous * N``; its trainer draws n ∈ {1..N}).
 * ``uvit_continuous`` — U-ViT VP-SDE models (U-ViT-M/L): ``999·t`` for t ∈ (0, 1].
-* ``dimr_log_snr``    — DiMR: ``8·n/1000 − 4`` with n = N·t ∈ 1..N (not a real log-SNR; its
+* ``dimr_log_snr``    — DiMR: ``8·n/1000 − 4`` with n = N·t ∈ 1..N = 1000 (not a real log-SNR; its
   sampler computes ``t = t_continuous * N`` then ``t/1000·8 − 4``, its trainer the same on
   n ∈ {1..N}).
 

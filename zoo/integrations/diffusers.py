@@ -12,7 +12,7 @@ noise schedule, what ``DiTPipeline`` reads (``sample_size``, ``in_channels``, ``
 learned σ when ``out_channels == 2 * in_channels``) and the plugin distributions its components come
 from (named, with their versions, when a folder is loaded without them). ``forward(hidden_states, timestep,
 class_labels)`` takes diffusers' integer DDPM timesteps k ∈ 0..N−1, whose noise level is
-ᾱ_k, and gives the backbone what it was trained on for that level (DiT: k; DiMR: 8(k+1)/1000 − 4),
+ᾱ_k, and gives the backbone what it was trained on for that level (DiT: k; DiMR: 8(k+1)/N − 4),
 through the same time maps zoo's trainer and sampler use. DiMR's output is its last,
 full-resolution prediction. ``DiTPipeline`` asks for the unconditional pass with label 1000;
 a model whose null label is another number gets its own.
