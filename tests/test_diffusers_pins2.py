@@ -16,6 +16,7 @@ import zoo  # noqa: E402
 from zoo.checkpoint import save_checkpoint  # noqa: E402
 from zoo.errors import UserError  # noqa: E402
 from zoo.integrations.diffusers import ZooTransformer2DModel, export, to_diffusers  # noqa: E402
+from test_integrations_diffusers import _model  # noqa: E402  # a tiny model moved off its zero init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,16 +28,6 @@ UNCOND = {  # a U-ViT with no label table: labels given to it are an error
 }
 DIT_MODEL = {"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 16, "depth": 1,
              "num_heads": 2, "num_classes": 10, "class_dropout_prob": 0.1, "learn_sigma": False}
-
-
-def _model(recipe: dict) -> torch.nn.Module:
-    """A tiny model with every weight moved off its init (adaLN-Zero's zeros)."""
-    torch.manual_seed(0)
-    model = zoo.build_model(recipe).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
 
 
 def _checkpoint(tmp_path) -> tuple[torch.nn.Module, dict]:
