@@ -158,11 +158,9 @@ def note_loss_settings(rows: list) -> None:
 
 def _flow(value) -> str:
     """A setting as a recipe writes it in one line ({type: multiscale, coeffs: [0.25, 1.0]})."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_flow(v) for v in value) + "]"
-    return "null" if value is None else str(value)
+    from zoo.recipe_yaml import dump_yaml
+
+    return dump_yaml(value, default_flow_style=True, sort_keys=False, width=1 << 30).removesuffix("...\n").strip()
 
 
 def run(args: argparse.Namespace) -> int:
