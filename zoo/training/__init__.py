@@ -1,4 +1,5 @@
-"""Training: the loop (``loop``), data streams (``data``), AdamW groups and warm-up (``optim``),
+"""Training: the loop (``loop``), where its weights come from on ``--resume`` or ``train.init_from``
+(``resume``), data streams (``data``), AdamW groups and warm-up (``optim``),
 the fp32 EMA (``ema``), what a run logs (``monitor``; an FD with ``eval_hook``, a validation loss
 with ``val_loss``) and the ``data``/``train`` recipe-section validators (``sections``).
 
