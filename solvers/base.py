@@ -207,7 +207,11 @@ class Solver:
         t_start = schedule.T if self.t_start is None else float(self.t_start)
         t_end = schedule.eps if self.t_end is None else float(self.t_end)
         if not 0.0 < t_end < t_start:
-            raise UserError(f"need 0 < t_end < t_start, got t_start={t_start}, t_end={t_end}")
+            key = "t_start" if self.t_start is not None and (self.t_end is None or t_start <= 0.0) else "t_end"
+            raise UserError(f"need 0 < t_end < t_start, got t_start={t_start}, t_end={t_end}",
+                            key_path=f"sample.solver.{key}",
+                            suggestion=f"{repr(schedule)} runs from t = {schedule.eps} to {schedule.T}: choose "
+                            "t_end < t_start within it, or leave them unset")
         if t_start > schedule.T:  # past T the schedule's alpha vanishes (cosine) or is extrapolated
             raise UserError(f"t_start {t_start} is past the end of {schedule!r} (T = {schedule.T})",
                             key_path="sample.solver.t_start", suggestion=f"use t_start <= {schedule.T} or leave it unset")

@@ -154,6 +154,9 @@ def test_build_on_cpu_counts_the_same(capsys, plugins):
      "keeps exactly 999 of 1000 steps"),
     ("sample.solver={type: ddpm, steps: 10, t_start: 0.5}", "key sample.solver: DDPMSolver on a discrete schedule "
      "walks the respaced training chain; drop t_start/t_end"),
+    # a time grid that starts below the schedule's first noise level (t = 1/1000): refused once the weights had loaded
+    ("sample.solver={type: dpm_solver++, steps: 10, t_start: 0.0001}", "key sample.solver.t_start: need 0 < t_end < "
+     "t_start, got t_start=0.0001, t_end=0.001"),
 ])
 def test_build_refuses_what_train_would_refuse_against_the_model(capsys, override, expected):
     """zoo build said OK (exit 0) to recipes that zoo train then refused before its first step."""

@@ -492,6 +492,8 @@ def check_solver_walks(recipe: Mapping[str, Any], solver: str | None = None, ste
     chain = getattr(built, "chain", None)  # ddpm/ddim: the respaced chain of the recipe's schedule
     if callable(chain):
         chain(build_schedule(recipe))
+    elif callable(getattr(built, "time_range", None)):  # a time grid: t_start/t_end within the schedule
+        built.time_range(build_schedule(recipe))
     return built
 
 
