@@ -653,6 +653,16 @@ def test_an_adm_npz_whose_arr_1_is_no_label_per_image_is_refused(run_dir, tmp_pa
     assert f"got {labels.dtype} {labels.shape}" in err
 
 
+@pytest.mark.parametrize("images", [np.array(5, dtype=np.uint8), np.zeros((4, 8, 8), dtype=np.uint8)])
+def test_an_adm_npz_whose_arr_0_is_no_image_batch_is_refused_beside_arr_1(run_dir, tmp_path, capsys, images):
+    """A 0-d arr_0 beside an arr_1 was a TypeError traceback (len() of unsized object), exit 1: the labels were
+    checked against arr_0's length before arr_0 was checked to be images."""
+    np.savez(tmp_path / "ref.npz", arr_0=images, arr_1=np.arange(3))
+    assert main(["eval", str(run_dir), "--n", "4", "--ref", str(tmp_path / "ref.npz"), "--extractor", "test_pool"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"arr_0 must be uint8 images N x H x W x 3, got uint8 {images.shape}" in err
+
+
 def test_quick_fd_is_the_fd_zoo_eval_reports(run_dir, capsys):
     from zoo.eval import quick_fd
     from zoo.sample import load_model

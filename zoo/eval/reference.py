@@ -320,6 +320,8 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
             raise UserError(f"{path} has no images (arr_0) and no {extractor.name} statistics",
                             suggestion=NPZ_FORMATS)
         images = f["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:  # before arr_1 is checked against it
+            raise UserError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
         labels = f["arr_1"] if "arr_1" in keys else None
         if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
             raise UserError(f"{path}: arr_1 must hold the class labels of arr_0's {len(images)} images (integers, "
@@ -328,8 +330,6 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
                             "leave arr_1 out for a reference without classes")
         adm_stats = statistics(f["mu"], f["sigma"]) if {"mu", "sigma"} <= keys and extractor.name == "inception" \
             else None  # (checked before extracting every image: the file's mu/sigma replace theirs)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {images.dtype} {images.shape}")
     if len(images) < 2:  # before extracting: a covariance needs two
         raise UserError(f"reference {path} has {len(images)} image(s); statistics need at least 2")
     _warn_resolution(images.shape[1], images.shape[2], image_size, log)  # (folders are cropped to the samples')
