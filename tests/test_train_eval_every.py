@@ -269,6 +269,65 @@ def test_the_reference_key_holds_the_seed_only_where_it_picked_the_images(tmp_pa
     assert key("train.seed=0") != key("train.seed=1")  # synthetic images are drawn from the seed
 
 
+def _hook(tmp_path, settings=(), log=lambda *_: None):
+    from zoo.training.data import build_dataset
+    from zoo.training.eval_hook import FDHook
+
+    recipe = zoo.load_recipe(RECIPE, SETTINGS + EVAL + list(settings))
+    shape = (3, recipe["model"]["input_size"], recipe["model"]["input_size"])
+    dataset = build_dataset(recipe["data"], shape, 4, int(recipe["train"].get("seed") or 0))
+    return FDHook(recipe, recipe["train"], dataset, shape, tmp_path / "run", torch.device("cpu"), log)
+
+
+def test_the_reference_key_ignores_data_settings_that_leave_the_images_as_they_are(tmp_path):
+    """A default written out (data.split: train), a latent setting beside image data
+    (latent: false, vae_scale) or the flips gave another fd_ref_key for the same images, and zoo compare
+    called two runs' FDs against identical statistics 'measured differently'."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 100 if c == "a" else 200, 7)).save(tmp_path / "imgs" / c / f"{i}.png")
+    folder = ["data.dataset=image_folder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=2"]
+    plain = _hook(tmp_path, folder).reference_key
+    for same in (["data.split=train"], ["data.latent=false", "data.vae_scale=0.5"], ["data.random_flip=false"]):
+        assert _hook(tmp_path, folder + same).reference_key == plain, same
+    (tmp_path / "imgs" / "b" / "3.png").write_bytes((tmp_path / "imgs" / "b" / "0.png").read_bytes())
+    assert _hook(tmp_path, [*folder[:1], f"data.root={tmp_path}", *folder[2:]]).reference_key != plain  # another root
+
+    synthetic = _hook(tmp_path).reference_key
+    assert _hook(tmp_path, ["data.split=train", "data.random_flip=false"]).reference_key == synthetic
+    assert _hook(tmp_path, ["data.size=32"]).reference_key != synthetic  # fewer images
+
+
+def test_the_reference_key_holds_the_extractor_weights_by_content_not_place(tmp_path):
+    """The same weights file at another path (another machine, another virtual environment) is the same
+    extractor; weights of other content are another one."""
+    first, moved = _hook(tmp_path), _hook(tmp_path)
+    for hook in (first, moved):
+        hook.extractor.weights_sha256 = "ab" * 32
+    first.extractor.weights_file, moved.extractor.weights_file = "/one/lite0.pth", "/two/lite0.pth"
+    assert first.reference_key == moved.reference_key
+    moved.extractor.weights_sha256 = "cd" * 32
+    assert first.reference_key != moved.reference_key
+
+
+def test_a_resume_that_recomputes_the_same_reference_says_nothing_about_comparability(tmp_path):
+    """Flips turned off at a resume recompute the statistics (the cache's identity holds every data setting)
+    of the same images: the resume said the FDs from there on were not comparable, while zoo compare, reading
+    their fd_ref_key, rightly compared them."""
+    lines = []
+    path = _hook(tmp_path).prepare()
+    before = path.read_bytes()
+    _hook(tmp_path, ["data.random_flip=false"], lines.append).prepare()
+    assert path.read_bytes() != before and any("FD reference statistics of" in line for line in lines)
+    assert not any("made otherwise" in line for line in lines), lines
+    lines.clear()
+    _hook(tmp_path, ["data.size=32"], lines.append).prepare()  # other images: said
+    assert any("made otherwise" in line and "not comparable" in line for line in lines), lines
+
+
 def test_loss_png_draws_the_fd_on_a_second_axis(tmp_path):
     from zoo.training.monitor import Monitor
 

@@ -39,7 +39,10 @@ from zoo.training.sections import UNSET_MEANS
 EVAL_N = UNSET_MEANS["eval_n"]  # samples per evaluation unless train.eval_n says otherwise
 REF_MAX = 10_000  # training images in the reference statistics at most
 REF_FILE = Path("eval") / "fd_reference.npz"
-NOT_REFERENCE_DATA = ("random_flip", "cache")  # data keys that change no reference image (flips are the trainer's)
+#: ``data`` keys that change no reference image: flips are the trainer's, the split and size are in the
+#: reference's description ("emoji32:holdout", "image_folder:train (16 images)"), the image size is the
+#: samples' (recorded apart), the latent keys are another reference's (latent data needs train.eval_ref).
+NOT_REFERENCE_DATA = ("random_flip", "cache", "num_workers", "split", "image_size", "latent", "vae", "vae_scale")
 
 
 def _rng_kept(device: torch.device):
@@ -76,11 +79,13 @@ class FDHook:
             self.extractor = build_extractor(str(train.get("eval_extractor") or UNSET_MEANS["eval_extractor"]),
                                              device=device)
         self.dataset, self.source = self._reference_dataset(data, dataset, shape, recipe)
+        self.ref_data = self._reference_data(data, recipe) if self.dataset is not None else {}
 
     def _reference_dataset(self, data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...],
                            recipe: Mapping[str, Any]) -> tuple[Dataset | None, str]:
         """(images to compute the statistics from, or None for ``eval_ref``; a description of them)."""
         self.seed_picks = False  # whether train.seed chose the reference images (a subset, synthetic data)
+        self.training_images = dataset
         if self.ref_spec is not None:
             return None, str(self.ref_spec)
         from torch.utils.data import Subset
@@ -97,6 +102,26 @@ class FDHook:
                             "reference statistics need at least 2 (or set train.eval_ref)", key_path="train.eval_ref")
         return images, source
 
+    def _reference_data(self, data: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict:
+        """The ``data`` settings the reference images depend on, with the defaults filled in: the dataset,
+        its root where it reads one, the classes of images drawn per class (synthetic), the size of a dataset
+        a subset was drawn from. A default written out (``split: train``) or a setting of latent data beside
+        image data (``latent: false``) leaves the images as they are."""
+        from zoo import registry
+        from zoo.sample import num_classes
+        from zoo.training.data import reads_root
+
+        name = data.get("dataset", "synthetic")
+        builder = registry.get("dataset", name)
+        described = {"dataset": name}
+        if reads_root(builder) and data.get("root") is not None:
+            described["root"] = data["root"]
+        if self.seed_picks:  # images drawn from the seed (per class), or a subset of so many
+            described.update(num_classes=num_classes(recipe), of=len(self.training_images))
+        if getattr(builder, "reads", None) is None:  # a plugin: whatever else it may read
+            described.update({k: v for k, v in data.items() if k not in NOT_REFERENCE_DATA and k not in described})
+        return described
+
     @property
     def ref_path(self) -> Path:
         return self.out / REF_FILE
@@ -112,11 +137,11 @@ class FDHook:
         """A short hash of what the reference statistics are of: ``fd_ref`` names the images in words
         ("image_folder:train (16 images)"), which two folders, image sizes or subsets share; FDs of two keys
         are not comparable. Unlike the cache's identity, what leaves the images as they are is left out, so
-        two runs that differ there compare: flips, the cache file's place, train.seed where it picked no
-        image (a holdout split, a whole folder), the extractor weights' path (their sha256 stays)."""
-        data = {k: v for k, v in self.data.items() if k not in NOT_REFERENCE_DATA} if self.dataset is not None else {}
+        two runs that differ there compare: flips, the cache file's place, defaults written out, train.seed
+        where it picked no image (a holdout split, a whole folder), the extractor weights' path (their
+        sha256 stays)."""
         what = json.loads(self._identity())
-        what["data"] = data
+        what["data"] = self.ref_data
         what["extractor"] = {k: v for k, v in what["extractor"].items() if k != "weights"}
         if not self.seed_picks:
             del what["seed"]
@@ -128,15 +153,18 @@ class FDHook:
         from zoo.eval.reference import _dataset_batches, extract, load_reference, save_npz
         from zoo.eval.stats import feature_statistics
 
-        identity, earlier = self._identity(), None
+        identity, key, earlier, earlier_key = self._identity(), self.reference_key, None, None
         with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent or unreadable: redo
             with np.load(self.ref_path, allow_pickle=False) as f:
                 earlier = str(f["identity"]) if "identity" in f.files else ""
+                earlier_key = str(f["key"]) if "key" in f.files else None
                 if earlier == identity:
                     return self.ref_path
         self.log(f"zoo train: FD reference statistics of {self.source} with {self.extractor.name} "
                  f"-> {self.ref_path} (once per run)")
-        if earlier is not None:  # a resumed run whose settings, or zoo's way of reading images, changed since
+        # A resumed run whose reference, or zoo's way of reading images, changed since. (Flips, a cache's
+        # place or a default written out recompute the statistics, of the same images: no note.)
+        if earlier is not None and earlier_key != key:
             self.log("zoo train: note: the run's earlier FD reference statistics were made otherwise (other data, "
                      "extractor or reference, or an earlier zoo's image reading): FDs from here on are not "
                      "comparable with the run's earlier ones")
@@ -153,7 +181,7 @@ class FDHook:
                 extras["resolution"] = np.array((self.image_size, self.image_size), dtype=np.int64)
         save_npz(self.ref_path, mu=mu, sigma=sigma, extractor=np.str_(self.extractor.name),
                  weights_sha256=np.str_(self.extractor.weights_sha256 or ""), source=np.str_(self.source),
-                 identity=np.str_(identity), **extras)
+                 identity=np.str_(identity), key=np.str_(key), **extras)
         return self.ref_path
 
     def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
