@@ -278,6 +278,27 @@ def test_loss_settings_written_otherwise_but_equal_get_no_note(capsys):
     assert "different diffusion settings" in err and "b: diffusion.schedule={type: linear, num_steps: 1000" in err
 
 
+def test_an_objective_or_time_sampling_with_its_defaults_written_out_gets_no_note(capsys):
+    """logit_normal beside {type: logit_normal, mean: 0.0, std: 1.0} (and hybrid_vlb beside its decoder_cdf tanh
+    written out) train alike, yet the note called the runs' equal losses 'not comparable'; another mean still is."""
+    from types import SimpleNamespace
+
+    from zoo.commands.compare import note_loss_settings
+    from zoo.run_summary import loss_settings
+
+    def row(name, diffusion):
+        return SimpleNamespace(recipe=name, run=SimpleNamespace(loss_settings=loss_settings({"diffusion": diffusion})))
+
+    note_loss_settings([row("a", {"time_sampling": "logit_normal", "objective": "hybrid_vlb"}),
+                        row("b", {"time_sampling": {"type": "logit_normal", "mean": 0.0, "std": 1.0},
+                                  "objective": {"type": "hybrid_vlb", "decoder_cdf": "tanh", "vlb_weight": 1}})])
+    assert capsys.readouterr().err == ""
+    note_loss_settings([row("a", {"time_sampling": "logit_normal"}),
+                        row("b", {"time_sampling": {"type": "logit_normal", "mean": 0.5}})])
+    err = capsys.readouterr().err
+    assert "different diffusion settings" in err and "b: diffusion.time_sampling={type: logit_normal, mean: 0.5" in err
+
+
 def test_lines_of_a_log_that_are_not_records_are_skipped_by_compare_and_resume(run, capsys):
     """A line that was not UTF-8 was a UnicodeDecodeError traceback in compare and resume; a JSON line that
     was no object an AttributeError in resume."""

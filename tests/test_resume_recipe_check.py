@@ -48,6 +48,31 @@ def test_a_component_other_than_the_default_is_still_a_change(changed, path):
     assert f"the recipe's {path} differs" in refused({"type": "dit", **changed}, {"type": "dit"})
 
 
+@pytest.mark.parametrize("named, spelled", [
+    ("logit_normal", {"type": "logit_normal", "mean": 0.0, "std": 1.0}), ("uniform", {"type": "uniform"}),
+])
+def test_a_time_sampling_with_its_defaults_spelled_out_is_no_change(named, spelled):
+    """A run trained with time_sampling logit_normal was refused on resume with {type: logit_normal, mean: 0.0,
+    std: 1.0} (the same draws): 'diffusion.time_sampling.mean differs (absent there, 0.0 now)'."""
+    for then, now in ((named, spelled), (spelled, named)):
+        check_resume_recipe({"diffusion": {**DIFFUSION, "time_sampling": then}},
+                            {"diffusion": {**DIFFUSION, "time_sampling": now}}, Path("ckpt"))
+    with pytest.raises(UserError, match="diffusion.time_sampling.mean differs"):
+        check_resume_recipe({"diffusion": {**DIFFUSION, "time_sampling": "logit_normal"}},
+                            {"diffusion": {**DIFFUSION, "time_sampling": {"type": "logit_normal", "mean": 1.0}}},
+                            Path("ckpt"))
+
+
+def test_an_objective_with_its_defaults_spelled_out_is_no_change():
+    check_resume_recipe({"diffusion": {**DIFFUSION, "objective": "hybrid_vlb"}},
+                        {"diffusion": {**DIFFUSION, "objective": {"type": "hybrid_vlb", "vlb_weight": 1.0,
+                                                                  "decoder_cdf": "tanh"}}}, Path("ckpt"))
+    with pytest.raises(UserError, match="diffusion.objective.decoder_cdf differs"):
+        check_resume_recipe({"diffusion": {**DIFFUSION, "objective": "hybrid_vlb"}},
+                            {"diffusion": {**DIFFUSION, "objective": {"type": "hybrid_vlb", "decoder_cdf": "exact"}}},
+                            Path("ckpt"))
+
+
 def test_nested_defaults_of_a_dimr_branch_spelled_out_are_no_change():
     block = {"type": "transformer", "num_heads": 2}
     then = {"type": "dimr", "branches": [{"dim": 32, "depth": 2, "block": block}]}

@@ -102,6 +102,30 @@ def objective_spec(value: Any) -> dict:
     return {"type": value} if isinstance(value, str) else dict(value or {"type": "eps_mse"})
 
 
+def with_defaults(key: str, value: Any) -> Any:
+    """``diffusion.objective`` or ``diffusion.time_sampling`` (``key``) as ``{type: NAME, ...}`` with every key
+    it leaves out at its default: ``logit_normal`` and ``{type: logit_normal, mean: 0.0, std: 1.0}`` train
+    alike, so a resume or zoo compare must read them alike. Anything else is returned as it is."""
+    if value is None:
+        value = DIFFUSION_DEFAULTS[key]
+    spec = {"type": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        return value
+    if key == "time_sampling":
+        from zoo.diffusion.time_sampling import TIME_SAMPLINGS as DEFAULTS_OF
+        defaults = DEFAULTS_OF.get(spec["type"], {})
+    elif key == "objective" and spec["type"] in OBJECTIVES:
+        import inspect
+
+        from zoo.diffusion.objectives import OBJECTIVES as CLASSES
+        params = inspect.signature(CLASSES[spec["type"]].__init__).parameters
+        defaults = {k: params[k].default for k in OBJECTIVES[spec["type"]]
+                    if k in params and params[k].default is not inspect.Parameter.empty}
+    else:
+        return value
+    return {"type": spec["type"], **defaults, **spec}
+
+
 def _check_multiscale(spec: dict, recipe: Recipe, path: tuple) -> None:
     """A multi-scale loss needs a model with one output per branch, and one coefficient for each."""
     model = recipe.data.get("model")
