@@ -51,7 +51,7 @@ def test_t_end_where_alpha_rounds_to_one_is_refused():
     schedule = build_schedule("cosine")
     with pytest.raises(UserError, match="below the first noise level"):
         Solver(steps=2, t_end=1e-17).time_range(schedule)
-    assert Solver(steps=2, t_end=1e-12).time_range(schedule) [1] == 1e-12  # still noisy there: allowed
+    assert Solver(steps=2, t_end=1e-12).time_range(schedule)[1] == 1e-12  # still noisy there: allowed
 
 
 @pytest.mark.parametrize("dtype, t_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
