@@ -301,18 +301,6 @@ def test_the_reference_key_ignores_data_settings_that_leave_the_images_as_they_a
     assert _hook(tmp_path, ["data.size=32"]).reference_key != synthetic  # fewer images
 
 
-def test_the_reference_key_holds_the_extractor_weights_by_content_not_place(tmp_path):
-    """The same weights file at another path (another machine, another virtual environment) is the same
-    extractor; weights of other content are another one."""
-    first, moved = _hook(tmp_path), _hook(tmp_path)
-    for hook in (first, moved):
-        hook.extractor.weights_sha256 = "ab" * 32
-    first.extractor.weights_file, moved.extractor.weights_file = "/one/lite0.pth", "/two/lite0.pth"
-    assert first.reference_key == moved.reference_key
-    moved.extractor.weights_sha256 = "cd" * 32
-    assert first.reference_key != moved.reference_key
-
-
 def test_a_resume_that_recomputes_the_same_reference_says_nothing_about_comparability(tmp_path):
     """Flips turned off at a resume recompute the statistics (the cache's identity holds every data setting)
     of the same images: the resume said the FDs from there on were not comparable, while zoo compare, reading
