@@ -129,7 +129,8 @@ def _check_utf8_path(out: Path) -> None:
 
 
 class Trainer(Resuming):
-    """One run: model, EMA, optimizer, data stream and the run directory ``out``."""
+    """One run: model, EMA, optimizer, data stream and the run directory ``out`` (its weights from a
+    checkpoint on ``--resume`` or ``train.init_from``: :class:`~zoo.training.resume.Resuming`)."""
 
     def __init__(self, recipe: dict, out: str | Path, device: str | None = None, resume: str | Path | None = None,
                  log: Callable[[str], None] = print, allow_recipe_change: bool = False) -> None:
