@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.errors import UserError
+from zoo.errors import ContractError, UserError
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -72,9 +72,14 @@ class Extractor(nn.Module):
     weights_file: str | None = None
     weights_sha256: str | None = None
 
+    plugin: str | None = None  # "DISTRIBUTION VERSION" of a plugin's extractor (set by build_extractor)
+
     def describe(self) -> dict:
-        """What a result records about the extractor."""
-        return {"name": self.name, "weights": self.weights_file, "weights_sha256": self.weights_sha256}
+        """What a result records about the extractor (and what its reference statistics are cached by)."""
+        out = {"name": self.name, "weights": self.weights_file, "weights_sha256": self.weights_sha256}
+        if self.plugin:  # another version of a plugin may compute other features
+            out["plugin"] = self.plugin
+        return out
 
 
 class InceptionV3(Extractor):
@@ -164,10 +169,53 @@ class EfficientNetLite0(Extractor):
 
 
 def build_extractor(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Extractor:
-    """The registered extractor ``name``, in eval mode on ``device`` (``weights``: a local file, if it takes one)."""
+    """The registered extractor ``name``, in eval mode on ``device`` (``weights``: a local file, if it takes one).
+
+    Its ``name`` is the registered one (what results, reference statistics and their caches are keyed
+    by: two plugin classes that kept the base's ``name`` shared a cache, and one's statistics scored the
+    other's features), and a plugin's distribution and version are recorded with it (``plugin``)."""
+    import inspect
+
     from zoo import registry
 
-    cls = registry.get("extractor", name)
+    entry = registry.find("extractor", name)
+    cls = entry.load()
+    if weights is not None:
+        owner = next((k for k in getattr(cls, "__mro__", ()) if "__init__" in vars(k)), None)
+        try:  # nn.Module's own __init__ takes **kwargs only to refuse them
+            params = {} if owner is nn.Module else inspect.signature(cls).parameters
+        except (TypeError, ValueError):  # no signature to read: let the call decide
+            params = {"weights": None}
+        if "weights" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise UserError(f"extractor {name!r} ({entry.describe()}) takes no weights file",
+                            suggestion="drop --extractor-weights for it")
     with torch.random.fork_rng(devices=[]):  # its initialisation, replaced by the weights, is not the caller's draws
         extractor = cls(weights=weights) if weights is not None else cls()
+    if not isinstance(extractor, Extractor):  # results and caches record what describe() says
+        raise UserError(f"extractor {name!r} ({entry.describe()}) is a {type(extractor).__name__}, not an Extractor",
+                        suggestion="subclass zoo.eval.extractors.Extractor: forward(uint8 images (B, 3, H, W)) -> "
+                        "(features (B, D), logits (B, K) or None)")
+    extractor.name = name
+    if entry.source not in (registry.OWN_DISTRIBUTION, registry.UNKNOWN_DISTRIBUTION) \
+            and not entry.source.startswith("in-process"):
+        extractor.plugin = f"{entry.source} {registry.distribution_version(entry.source) or 'unknown'}"
     return extractor.eval().requires_grad_(False).to(device)
+
+
+def extractor_output(extractor: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``extractor(images)``, checked to be the ``(features (B, D), logits (B, K) or None)`` pair every
+    extractor returns: a plugin's bare tensor was unpacked along its batch (a traceback, or at batch 2
+    its two rows taken as features and logits)."""
+    out = extractor(images)
+    ok = (type(out) is tuple and len(out) == 2 and isinstance(out[0], Tensor) and out[0].ndim == 2
+          and out[0].shape[0] == len(images) and (out[1] is None or (isinstance(out[1], Tensor)
+                                                                     and out[1].shape[0] == len(images))))
+    if not ok:
+        got = (f"a tuple of {len(out)}" if isinstance(out, tuple) and len(out) != 2 else
+               f"shapes {[tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in out]}"
+               if isinstance(out, tuple) else f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        raise ContractError(f"extractor {getattr(extractor, 'name', '?')} ({type(extractor).__module__}."
+                            f"{type(extractor).__name__}) returned {got} for {len(images)} images; an extractor "
+                            "returns (features (B, D), logits (B, K) or None)",
+                            suggestion="return (features, None) from an extractor without logits")
+    return out

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file, write_text
 from zoo.errors import UserError
-from zoo.eval.extractors import INCEPTION_FILE
+from zoo.eval.extractors import INCEPTION_FILE, extractor_output
 from zoo.eval.metrics import Features, Reference
 from zoo.cache import cache_root
 from zoo.eval.stats import feature_statistics
@@ -63,7 +63,7 @@ def extract(extractor, batches: Iterable[tuple[Tensor, Tensor | None]], device: 
     """Run ``extractor`` over batches of (uint8 images (B, 3, H, W), labels (B,) or None)."""
     feats, logits, labels = [], [], []
     for images, y in batches:
-        f, l = extractor(images.to(device))
+        f, l = extractor_output(extractor, images.to(device))
         feats.append(f.double().cpu().numpy())
         if l is not None:
             logits.append(l.double().cpu().numpy())

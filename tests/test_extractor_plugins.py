@@ -1,0 +1,106 @@
+"""Feature extractors from plugins: named by their registered name, keyed by their distribution's
+version, refused with one line where they break the contract (no weights argument, a bare tensor
+for ``(features, logits)``, not an :class:`~zoo.eval.extractors.Extractor`)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.errors import UserError
+from zoo.eval.extractors import Extractor, build_extractor, extractor_output
+from zoo.eval.reference import _cache_path
+
+from fake_plugins import on_sys_path, write_distribution
+
+
+class _Means(Extractor):
+    """Channel means; keeps the base's ``name``, as a plugin author may."""
+
+    def forward(self, images):
+        return images.float().mean(dim=(2, 3)), None
+
+
+class _Extremes(Extractor):
+    """Channel maxima and minima; keeps the base's ``name`` too."""
+
+    def forward(self, images):
+        x = images.float().flatten(2)
+        return torch.cat([x.amax(-1), x.amin(-1)], 1), None
+
+
+class _Bare(Extractor):
+    """Breaks the contract: features alone."""
+
+    def forward(self, images):
+        return F.adaptive_avg_pool2d(images.float(), 1).flatten(1)
+
+
+class _NotAnExtractor(nn.Module):
+    def forward(self, images):
+        return images.float().mean(dim=(2, 3)), None
+
+
+@pytest.fixture(autouse=True)
+def _setup(one_thread, register_extractor):
+    for name, cls in (("feat_means", _Means), ("feat_extremes", _Extremes), ("feat_bare", _Bare),
+                      ("feat_module", _NotAnExtractor)):
+        register_extractor(name, cls)
+
+
+def test_extractors_that_keep_the_base_name_are_told_apart_by_their_registered_name():
+    """Both classes were named 'extractor': their reference statistics shared one cache file, so the
+    second extractor's FD was computed against the first one's statistics (1.5 where 0.003 was right)."""
+    means, extremes = build_extractor("feat_means"), build_extractor("feat_extremes")
+    assert (means.name, extremes.name) == ("feat_means", "feat_extremes")
+    assert means.describe()["name"] == "feat_means"
+    assert _cache_path("folder:x", means) != _cache_path("folder:x", extremes)
+
+
+def test_a_weights_file_for_an_extractor_without_one_is_one_line():
+    """It was a TypeError traceback (unexpected keyword argument 'weights'), exit 1."""
+    with pytest.raises(UserError, match="extractor 'feat_means' .* takes no weights file") as err:
+        build_extractor("feat_means", weights="w.bin")
+    assert "drop --extractor-weights" in str(err.value)
+
+
+def test_an_extractor_that_returns_a_bare_tensor_is_named():
+    """A bare (B, D) tensor was unpacked along its batch: a ValueError for 3 images, and for 2 images
+    its rows silently taken as features and logits."""
+    bare = build_extractor("feat_bare")
+    for n in (2, 3):
+        with pytest.raises(UserError, match=r"extractor feat_bare \(.*_Bare\) returned Tensor \(%d, 3\)" % n):
+            extractor_output(bare, torch.zeros(n, 3, 8, 8, dtype=torch.uint8))
+    features, logits = extractor_output(build_extractor("feat_means"), torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert features.shape == (2, 3) and logits is None
+
+
+def test_an_extractor_that_is_no_extractor_subclass_is_refused_when_built():
+    """It failed at the first result written (no describe()), after every sample had been drawn."""
+    with pytest.raises(UserError, match="is a _NotAnExtractor, not an Extractor"):
+        build_extractor("feat_module")
+
+
+def test_a_plugins_distribution_and_version_key_its_statistics(tmp_path):
+    """Another version of a plugin may compute other features from the same images: its statistics were
+    cached under the name alone, and an upgrade reused the old version's."""
+    module = tmp_path / "zoo_feat_plugin.py"
+    module.write_text("from zoo.eval.extractors import Extractor\n\n"
+                      "class Feat(Extractor):\n"
+                      "    def forward(self, images):\n"
+                      "        return images.float().mean(dim=(2, 3)), None\n")
+    write_distribution(tmp_path, "zoo-feat-plugin", "[zoo.extractors]\nfeat_plugin = zoo_feat_plugin:Feat\n")
+    try:
+        with on_sys_path(tmp_path):
+            feat = build_extractor("feat_plugin")
+            assert feat.name == "feat_plugin" and feat.describe()["plugin"] == "zoo-feat-plugin 0.1"
+            first = _cache_path("folder:x", feat)
+            feat.plugin = "zoo-feat-plugin 0.2"
+            assert _cache_path("folder:x", feat) != first
+    finally:
+        sys.modules.pop("zoo_feat_plugin", None)
+    assert "plugin" not in build_extractor("feat_means").describe()  # in-process: nothing to record
