@@ -435,6 +435,15 @@ def test_a_checkpoint_names_the_plugin_it_needs_when_that_plugin_is_gone(tmp_pat
     assert "plugins" not in json_module.loads((tmp_path / "plain" / ckpt.CONFIG).read_text())
 
 
+def test_a_recorded_plugins_dataset_name_gets_the_install_hint_too():
+    """An unknown name in a key with a list of choices ('dataset must be one of ..., got lab_data') got no
+    'pip install' hint, where unknown blocks and solvers did."""
+    err = UserError("key data.dataset: dataset must be one of emoji32, image_folder, synthetic, got 'lab_data'")
+    ckpt.add_plugin_hint(err, {"zoo-not-installed-plugin": "0.2"})
+    assert err.suggestion == ("it was written with the plugin zoo-not-installed-plugin==0.2 installed: pip install "
+                              "zoo-not-installed-plugin==0.2")
+
+
 def test_an_unreadable_weights_file_is_said_so_not_missing(tmp_path, monkeypatch):
     """safetensors reports EACCES as 'No such file', so a chmod 000 model.safetensors read 'not a complete
     safetensors file (No such file or directory ...)' beside a file that is there and whole."""

@@ -12,8 +12,10 @@ from zoo.blocks.transformer import TransformerBlock
 from zoo.conditioning.adaln_zero import AdaLNZero
 from zoo.conditioning.base import Conditioning
 from zoo.conditioning.time_dependent import TimeDependentLayerNorm
+from zoo.domains import Divisible
 
 RECIPES = Path(__file__).parents[1] / "recipes"
+TEST_RECIPES = Path(__file__).parent / "recipes"
 
 
 def _perturb(module: torch.nn.Module) -> None:
@@ -215,6 +217,34 @@ def test_a_plugin_conditioner_that_reads_time_is_not_refused_as_time_blind():
             _tiny("layernorm", norm="layernorm")
     finally:
         zoo.registry.unregister("conditioner", "plain_time_norm")
+
+
+class _GroupTimeNorm(_PlainTimeNorm):
+    """A plugin GroupNorm conditioner declaring its rule on the width its block gives it."""
+
+    constraints = (Divisible("dim", "groups"),)
+
+    def __init__(self, dim: int, groups: int = 4, cond_dim: int | None = None):
+        super().__init__(dim, cond_dim)
+        self.groups = groups
+
+
+def test_a_plugin_conditioners_rule_on_a_width_its_block_gives_is_checked_when_built(capsys):
+    """The recipe's check skips a rule whose field the parent supplies (dim): groups 5 on a width of 32 built
+    silently here (a GroupNorm's own ValueError, where it had one, came out as a traceback, exit 1)."""
+    from zoo.cli import main
+
+    zoo.register("conditioner", "group_time_norm")(_GroupTimeNorm)
+    try:
+        model = zoo.build_model(zoo.load_recipe(TEST_RECIPES / "tiny_train.yaml", ["model.norm={type: group_time_norm, groups: 8}"]))
+        assert {m.groups for m in model.modules() if isinstance(m, _GroupTimeNorm)} == {8}
+        args = ["build", str(TEST_RECIPES / "tiny_train.yaml"), "--set", "model.norm={type: group_time_norm, groups: 5}"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "key model.norm: dim=32 must be divisible by groups=5 (dim set by the " \
+            "component that builds this one)" in err
+    finally:
+        zoo.registry.unregister("conditioner", "group_time_norm")
 
 
 @pytest.mark.parametrize("norm", ["time_token", "td_layernorm"])

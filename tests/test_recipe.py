@@ -420,11 +420,27 @@ def test_a_recipe_may_not_set_what_the_parent_passes(tmp_path):
         assert str(info.value).startswith(f"--set {override}: key {override.rsplit('.', 1)[0]}: ")
 
 
-def test_constructor_errors_keep_their_traceback_with_a_note_naming_the_key(tmp_path):
-    path = write(tmp_path, TINY.replace("dim: 16", "dim: 15"))
-    with pytest.raises(ValueError, match="not divisible by num_heads=2") as info:
+def test_constructor_errors_keep_their_traceback_with_a_note_naming_the_key(tmp_path, monkeypatch):
+    from zoo.blocks.mlp import Mlp
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a bug in a constructor")
+
+    monkeypatch.setattr(Mlp, "__init__", broken)  # not a user's mistake: its traceback is kept, with notes
+    path = write(tmp_path, TINY)
+    with pytest.raises(RuntimeError, match="a bug in a constructor") as info:
         zoo.build_model(path)
     assert info.value.__notes__ == [f"while building model.block from {path}:6", f"while building model from {path}:1"]
+
+
+def test_a_blocks_rule_on_widths_its_backbone_gives_is_one_line_naming_the_block(tmp_path):
+    """A plugin backbone's width of 15 for blocks of 2 heads broke the Transformer block's declared rule (dim
+    divisible by num_heads), which the recipe's check skips while the parent supplies both: it was the
+    attention's ValueError traceback, exit 1."""
+    path = write(tmp_path, TINY.replace("dim: 16", "dim: 15"))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:6: key model.block: dim=15 must be divisible by "
+                                        r"num_heads=2 \(dim, num_heads set by the component that builds this one\)"):
+        zoo.build_model(path)
 
 
 def test_a_constructors_refusal_names_the_file_and_line_of_the_key_it_is_about(tmp_path):

@@ -561,7 +561,8 @@ def add_plugin_hint(err: UserError, plugins: object) -> None:
     for any failure."""
     missing, changed = _plugin_differences(plugins)
     hints = []
-    if missing and err.message.startswith("unknown "):
+    # an unknown registry name: "unknown block 'x'", or a recipe key's "dataset must be one of ..., got 'x'"
+    if missing and (err.message.startswith("unknown ") or " must be one of " in err.message):
         hints.append("it was written with the plugin " + ", ".join(missing) + " installed: pip install "
                      + " ".join(missing))
     if changed:

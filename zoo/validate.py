@@ -67,6 +67,7 @@ class Factory(functools.partial):
             where = (self.locate_key and self.locate_key(f"{self.key_path}.{clash[0]}")) or self.origin
             raise UserError(f"{', '.join(clash)} is set by the component that builds this one; the recipe may not set it",
                             file=where[0], line=where[1], key_path=self.key_path, suggestion=f"remove {clash[0]} here")
+        self._check_constraints(args, kwargs)
         try:
             return super().__call__(*args, **kwargs)
         except UserError as err:  # a constructor's refusal: point at the recipe line it is about
@@ -78,6 +79,25 @@ class Factory(functools.partial):
         except Exception as err:
             add_note(err, f"while building {self.key_path} from {file}" + (f":{line}" if line else ""))
             raise
+
+
+    def _check_constraints(self, args: tuple, kwargs: dict) -> None:
+        """The component's declared rules (``constraints``) once the parent's arguments are known too: the
+        recipe's check skipped a rule of a parent-supplied field (``Divisible("dim", "groups")`` of a plugin
+        norm), and a value breaking it was the constructor's traceback, or built something else silently."""
+        given = {**self.keywords, **kwargs, **dict(zip(positional_names(self.func, len(args)), args))}
+        for rule in constraints_of(self.func):
+            problem = rule.check(given)
+            if problem:
+                parent = [f for f in rule.fields if f not in self.keywords]
+                where = (self.locate_key and next(filter(None, (self.locate_key(f"{self.key_path}.{f}")
+                                                                for f in rule.fields if f in self.keywords)), None))
+                where = where or self.origin
+                raise UserError(problem + (f" ({', '.join(parent)} set by the component that builds this one)"
+                                           if parent else ""),
+                                file=None if str(where[0]).startswith("<") else where[0], line=where[1],
+                                key_path=self.key_path, suggestion=f"rules of {self.key_path}: "
+                                + "; ".join(r.describe() for r in constraints_of(self.func)))
 
 
 def _place(factory: Factory, recipe: Recipe, path: KeyPath) -> None:
