@@ -461,6 +461,21 @@ def test_repeated_block_memo_tells_blocks_apart_by_private_settings():
         shapes = [tuple(block(x).shape) for block in model]
     assert shapes == [(2, 4), (2, 3)]
 
+    class Repeat(torch.nn.Module):  # a private setting that is no plain value: a tuple
+        def __init__(self, reps: int):
+            super().__init__()
+            self.lin, self._plan = torch.nn.Linear(16, 16, bias=False), (reps,)
+
+        def forward(self, x):
+            for _ in range(self._plan[0]):
+                x = self.lin(x)
+            return x
+
+    expected = 2 * 16 * 16 * (1 + 5) / 1e9  # taken for one block repeated: 1024 multiply-adds, not 3072
+    with torch.device("meta"):
+        on_meta = torch.nn.Sequential(Repeat(1), Repeat(5))
+    assert count_flops(on_meta, (torch.zeros(2, 16, device="meta"),)).gflops == pytest.approx(expected, rel=1e-12)
+
 
 def test_repeated_block_memo_tells_blocks_apart_by_settings_that_are_not_plain():
     """Two blocks that differed only in a dict setting were taken for repeats on meta: 512 MACs, not 1536."""

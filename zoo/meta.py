@@ -226,6 +226,8 @@ class MetaShapeCache(TorchDispatchMode):
 
 
 _PLAIN = (int, float, bool, str, type(None))
+#: What every nn.Module holds (parameters, buffers, submodules, hooks): covered by the paths and tensors.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _setting_key(value: Any) -> Any:
@@ -252,10 +254,10 @@ def _structure(module: nn.Module) -> tuple:
     """What decides a module's output shapes and FLOPs: its classes, tensor shapes and settings."""
     parts = []
     for path, sub in module.named_modules():
-        # private settings count too (a block slicing by its ``self._index``); nn.Module's own ``_``
-        # dicts of parameters, buffers, submodules and hooks are covered by the paths and tensors
-        settings = tuple((k, _setting_key(v)) for k, v in sorted(vars(sub).items())
-                         if k != "training" and (not k.startswith("_") or isinstance(v, (bool, int, float, str))))
+        # private settings count too (a block slicing by its ``self._index``, repeating by its ``self._plan``
+        # tuple); nn.Module's own dicts of parameters, buffers, submodules and hooks are covered by the
+        # paths and tensors
+        settings = tuple((k, _setting_key(v)) for k, v in sorted(vars(sub).items()) if k not in _MODULE_INTERNALS)
         parts.append((path, type(sub), settings))
     tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()])
     return (*parts, tensors)
