@@ -754,3 +754,21 @@ def test_a_python_request_without_a_seed_takes_the_recipes_sample_seed():
     by_recipe, _ = sample_latents(model, seeded, SampleRequest(n=2, steps=2))
     assert torch.equal(by_recipe, sample_latents(model, recipe, SampleRequest(n=2, steps=2, seed=4))[0])
     assert not torch.equal(by_recipe, sample_latents(model, recipe, SampleRequest(n=2, steps=2))[0])  # seed 0
+
+
+def test_a_checkpoint_whose_recorded_solver_is_not_installed_samples_with_another(tmp_path, capsys):
+    """A run trained with a plugin's solver in its sample section could not be sampled where that plugin is
+    gone, even with --solver or --set sample.solver naming a built-in one: its recorded recipe was
+    validated whole before the model was built (the model section alone builds the weights)."""
+    import json
+
+    recipe = zoo.load_recipe(RECIPES / "tiny_train.yaml")
+    save_checkpoint(tmp_path / "ckpt", zoo.build_model(recipe), recipe)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["recipe"]["sample"]["solver"] = {"type": "uninstalled_solver", "steps": 3}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    for flags in (["--solver", "ddim", "--steps", "3"], ["--set", "sample.solver={type: ddim, steps: 3}"]):
+        assert main(["sample", str(tmp_path / "ckpt"), "--n", "2", "--out", str(tmp_path / "s.png"), *flags]) == 0
+        assert "solver {'type': 'ddim', 'steps': 3}" in capsys.readouterr().out
+    assert main(["sample", str(tmp_path / "ckpt"), "--n", "2", "--out", str(tmp_path / "s.png")]) == 2
+    assert "key sample.solver.type: unknown solver 'uninstalled_solver'" in capsys.readouterr().err

@@ -591,19 +591,22 @@ def _plugin_differences(plugins: object) -> tuple[list[str], list[tuple[str, str
 
 
 def load_checkpoint(
-    directory: str | Path, weights: str = "model", device: str | torch.device = "cpu"
+    directory: str | Path, weights: str = "model", device: str | torch.device = "cpu",
+    recipe: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Build the checkpoint's model from its recipe and load its weights strictly.
 
     ``weights="ema"`` loads ``ema.safetensors``; an EMA file holding only parameters takes its
-    buffers from ``model.safetensors``.
+    buffers from ``model.safetensors``. ``recipe``: the checkpoint's recipe as the caller already
+    resolved it (its ``model`` section the checkpoint's; other sections may differ, e.g. a sampler
+    replacing a recorded plugin solver that is not installed here).
     """
     import zoo
 
     if weights not in ("model", "ema"):
         raise UserError(f"weights must be 'model' or 'ema', not {weights!r}")
     directory = Path(directory)
-    config = load_recipe_of(directory)
+    config = dict(recipe) if recipe is not None else load_recipe_of(directory)
     with torch.device("meta"):
         skeleton = zoo.build_model(config)
     expected, params = skeleton.state_dict(), {k for k, _ in skeleton.named_parameters()}

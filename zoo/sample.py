@@ -320,7 +320,7 @@ def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.devic
     require_weights_memory(recipe, device, _bytes_per_param(dtype))
     if path.is_dir():
         weights = weights or ("ema" if (path / EMA).is_file() else "model")
-        model, _ = load_checkpoint(path, weights=weights, device=device)
+        model, _ = load_checkpoint(path, weights=weights, device=device, recipe=recipe)  # read once, with overrides
         origin = f"{weights} weights of {path}"
     else:  # initialised as zoo train initialises it (torch.manual_seed(train.seed)): the same weights each time
         from zoo.training.sections import TRAIN_DEFAULTS
@@ -416,11 +416,14 @@ def _solver_choice(read: Callable[[list[str]], dict], name: str | None, override
     Only needed when ``--set`` touches ``sample.solver``: otherwise :func:`build_solver` swaps the solver
     after loading. A recipe that only loads with the user's overrides keeps them as they are.
     """
-    if name is None or not any(override_key(o)[:2] == ("sample", "solver") for o in overrides):
+    if name is None:
         return []
     try:
         spec = (read([]).get("sample") or {}).get("solver") or {}
-    except UserError:
+    except UserError as err:  # a recorded solver unknown here (an uninstalled plugin's): --solver replaces it
+        return [f"sample.solver={{type: {json.dumps(name)}}}"] if (err.key_path or "").startswith("sample.solver") \
+            else []
+    if not any(override_key(o)[:2] == ("sample", "solver") for o in overrides):
         return []
     current = spec if isinstance(spec, str) else spec.get("type")
     return [] if current == name else [f"sample.solver={{type: {json.dumps(name)}}}"]
