@@ -238,6 +238,18 @@ def test_dit_s_2_json_and_shipped_recipe_lookup(capsys, monkeypatch, tmp_path):
     assert set(said["train"]) | set(printed["train"]) == set(TRAIN)
 
 
+def test_print_recipe_says_the_defaults_of_a_section_set_to_null(capsys, tmp_path):
+    """docs/models.md: a child's `train: null` means that section's defaults, which --print-recipe shows;
+    it showed none (the section was skipped as no mapping)."""
+    (tmp_path / "child.yaml").write_text(f"_base_: {RECIPES / 'tiny_train.yaml'}\ntrain: null\n")
+    code, out, _ = zoo(capsys, "build", tmp_path / "child.yaml", "--print-recipe")
+    said = yaml.safe_load("\n".join(line[2:] for line in out[out.index("# left out, and read as:\n"):].splitlines()[1:]))
+    from zoo.training.sections import TRAIN_DEFAULTS
+
+    assert code == 0 and yaml.safe_load(out)["train"] is None
+    assert said["train"]["ema_decay"] == TRAIN_DEFAULTS["ema_decay"] and set(TRAIN_DEFAULTS) <= set(said["train"])
+
+
 def test_interrupts_missing_files_and_usage_errors(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt

@@ -126,7 +126,7 @@ _OFFICIAL_RULES = {"macs": "multiply-adds, as DiT's paper", "fvcore": "fvcore + 
 def _defaults_left_out(data: dict) -> str:
     """YAML comment lines naming what the ``model`` (plain values), ``diffusion`` and ``train`` keys a
     recipe leaves out mean (``ema_decay`` 0.9999 changes results as much as a written key), for the
-    sections it has."""
+    sections it has (a section set to null is all defaults)."""
     from zoo.diffusion.sections import DIFFUSION_DEFAULTS
     from zoo.introspect import backbone_defaults
     from zoo.recipe_yaml import dump_yaml
@@ -137,9 +137,12 @@ def _defaults_left_out(data: dict) -> str:
     lines = []
     for section, defaults in (("model", backbone_defaults(model)), ("diffusion", DIFFUSION_DEFAULTS),
                               ("train", {**TRAIN_DEFAULTS, **UNSET_MEANS})):
-        if not isinstance(data.get(section), dict):
+        given = data.get(section)
+        if section in data and given is None:  # `train: null`: every default
+            given = {}
+        if not isinstance(given, dict):
             continue
-        unset = {key: value for key, value in defaults.items() if key not in data[section]
+        unset = {key: value for key, value in defaults.items() if key not in given
                  and (isinstance(value, plain) or isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value))}
         if unset:
             text = dump_yaml({section: unset}, sort_keys=True, default_flow_style=None, width=1000)
