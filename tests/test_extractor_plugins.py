@@ -68,13 +68,21 @@ def test_a_weights_file_for_an_extractor_without_one_is_one_line():
     assert "drop --extractor-weights" in str(err.value)
 
 
-def test_an_extractor_that_returns_a_bare_tensor_is_named():
+def test_an_extractor_that_returns_a_bare_tensor_is_named(tmp_path):
     """A bare (B, D) tensor was unpacked along its batch: a ValueError for 3 images, and for 2 images
-    its rows silently taken as features and logits."""
+    its rows silently taken as features and logits; against a statistics file the file was blamed
+    ('cannot read reference stats.npz: not enough values to unpack')."""
+    import numpy as np
+
+    from zoo.eval.reference import extract, load_reference
+
     bare = build_extractor("feat_bare")
     for n in (2, 3):
         with pytest.raises(UserError, match=r"extractor feat_bare \(.*_Bare\) returned Tensor \(%d, 3\)" % n):
-            extractor_output(bare, torch.zeros(n, 3, 8, 8, dtype=torch.uint8))
+            extract(bare, [(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), None)])
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(3), sigma=np.eye(3), extractor=np.str_("feat_bare"))
+    with pytest.raises(UserError, match=r"^extractor feat_bare \(.*_Bare\) returned Tensor \(1, 3\)"):
+        load_reference(str(tmp_path / "stats.npz"), bare, 8)
     features, logits = extractor_output(build_extractor("feat_means"), torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     assert features.shape == (2, 3) and logits is None
 

@@ -272,7 +272,8 @@ def _from_cache_or_compute(identity: str, extractor, batches: Callable[[], Itera
 def feature_dimension(extractor, image_size: int, device="cpu") -> int:
     """D of the extractor's features (B, D), from one black image at the samples' size (the extractor
     interface says D only through its output, and a plugin's extractor need not name it)."""
-    features, _ = extractor(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device))
+    black = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device)
+    features, _ = extractor_output(extractor, black)  # a broken extractor named, not the file it is checked against
     return int(features.shape[-1])
 
 
