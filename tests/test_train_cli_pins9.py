@@ -1,0 +1,71 @@
+"""Pins on ``zoo train``'s argument checks that run before any step (``zoo/commands/train.py``): ``--steps 0``
+is a run that saves its initial weights, ``--steps`` may equal a decaying schedule's ``train.steps``, a
+dataset name given as ``train.eval_ref`` is not turned into a path, and a resume onto another dataset
+does not carry the old run's ``data.root`` over. Each is called directly (no step is trained), so the
+checks cost milliseconds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoo.checkpoint import save_checkpoint
+from zoo.commands.train import _absolute_paths, _checked_arguments, _paths_of_the_resumed_run
+from zoo.errors import UserError
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # train.steps 30
+
+
+def _args(tmp_path: Path, *overrides: str, steps: int | None = None) -> argparse.Namespace:
+    return argparse.Namespace(recipe=str(RECIPE), out=str(tmp_path / "run"), overrides=list(overrides), resume=None,
+                              allow_recipe_change=False, device="cpu", steps=steps)
+
+
+def test_steps_0_is_accepted_it_saves_the_initial_weights(tmp_path, monkeypatch):
+    """``--steps 0`` writes step_0000000/ (the initial weights, to evaluate or compare against): a check of
+    ``--steps < 1`` refused it, against the documented ``--steps must be >= 0``."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out, recipe, device, notes = _checked_arguments(_args(tmp_path, steps=0))
+    assert Path(out) == tmp_path / "run" and device == "cpu" and recipe["train"]["steps"] == 30 and notes == []
+    with pytest.raises(UserError, match=r"--steps must be >= 0, got -1"):
+        _checked_arguments(_args(tmp_path, steps=-1))
+
+
+def test_steps_equal_to_a_cosine_schedules_train_steps_is_not_past_it(tmp_path, monkeypatch):
+    """``--steps N`` with ``train.steps N`` runs the whole decay; ``>=`` in place of ``>`` refused the
+    plainest spelling of a full run, while one step more must still be refused."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cosine = "train.lr_schedule=cosine"
+    _checked_arguments(_args(tmp_path, cosine, steps=30))
+    with pytest.raises(UserError, match=r"--steps 31 is past train.steps 30, where the cosine decay ends"):
+        _checked_arguments(_args(tmp_path, cosine, steps=31))
+
+
+def test_eval_ref_naming_a_dataset_stays_a_name_while_relative_paths_become_absolute(tmp_path, monkeypatch):
+    """``train.eval_ref: emoji32`` names a dataset: made absolute (``/cwd/emoji32``) it became a path that does
+    not exist, and the run's FD reference failed. A relative eval_ref that is a file, and data.root, are
+    made absolute (config.json must name the same files wherever zoo eval or --resume runs)."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {"data": {"root": "latents"}, "train": {"eval_ref": "emoji32"}}
+    _absolute_paths(recipe)
+    assert recipe == {"data": {"root": str(tmp_path / "latents")}, "train": {"eval_ref": "emoji32"}}
+    (tmp_path / "ref.npz").write_bytes(b"")
+    recipe = {"train": {"eval_ref": "ref.npz"}}
+    _absolute_paths(recipe)
+    assert recipe["train"]["eval_ref"] == str(tmp_path / "ref.npz")
+
+
+def test_a_resume_onto_another_dataset_does_not_take_the_old_data_root(tmp_path):
+    """A resume that names another dataset (``--set data.dataset=synthetic``) must not inherit the checkpoint's
+    image-folder ``data.root`` (synthetic then refused 'data.root is set', or another dataset read the wrong
+    folder); train.eval_ref, which is not data, is still taken over with its note."""
+    save_checkpoint(tmp_path / "ck", {"w": torch.zeros(1)},
+                    {"data": {"dataset": "image_folder", "root": "/old/img"}, "train": {"eval_ref": "/refs/r.npz"}})
+    recipe = {"data": {"dataset": "synthetic"}}
+    notes = _paths_of_the_resumed_run(recipe, str(tmp_path / "ck"))
+    assert recipe == {"data": {"dataset": "synthetic"}, "train": {"eval_ref": "/refs/r.npz"}}
+    assert notes == ["zoo train: note: train.eval_ref is the checkpoint's, /refs/r.npz (--set train.eval_ref=... "
+                     "to read another)"]
