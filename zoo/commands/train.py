@@ -166,8 +166,9 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
     train = recipe.get("train") or {}
     decays = train.get("lr_schedule", "constant") in ("cosine", "linear")
     if args.steps is not None and decays and args.steps > int(train.get("steps") or 0):
-        raise UserError(f"--steps {args.steps} is past train.steps {train.get('steps')}, where the {train['lr_schedule']} "
-                        "decay ends (the steps after it would all run at train.min_lr)", key_path="train.steps",
+        raise UserError(f"--steps {args.steps} is past train.steps {train.get('steps') or '(unset: 0)'}, where the "
+                        f"{train['lr_schedule']} decay ends (the steps after it would all run at train.min_lr)",
+                        key_path="train.steps",
                         suggestion=f"--set train.steps={args.steps} to decay over {args.steps} steps; --steps "
                         "stops a run part-way")
     if args.steps is None and not train.get("steps"):
