@@ -58,14 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=1)
     args = parser.parse_args(argv)
     recipes = args.recipes or [ROOT / "recipes" / f"{name}.yaml" for name in PAPER_RECIPES]
+    missing = [str(r) for r in recipes if not r.is_file()]
+    if missing:
+        parser.error(f"no recipe file {', '.join(missing)}")
 
     print(f"{'recipe':<14} {'seconds':>8} {'params':>15} {'GFLOPs':>9}  status", flush=True)
     failed = 0
     for recipe in recipes:
-        if not recipe.is_file():
-            print(f"{recipe.stem:<14} {'-':>8} {'-':>15} {'-':>9}  MISSING {recipe}", flush=True)
-            failed += 1
-            continue
         r = time_build(recipe, args.repeats)
         if r["error"]:
             status, params, gflops = f"FAILED: {r['error']}", "-", "-"

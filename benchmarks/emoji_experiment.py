@@ -168,12 +168,13 @@ def classifier(out: Path, steps: int, quick: bool, device: str | None) -> Path:
 
 
 def evaluate_model(run: Path, n: int, scorer, threshold: float, solver_steps: int | None, device: str | None,
-                   extractor: str = "efficientnet_lite0") -> dict:
+                   extractor: str = "efficientnet_lite0", extractor_weights: str | None = None) -> dict:
     from zoo.eval.distortion import analyse
     from zoo.eval.runner import EvalRequest, evaluate
 
     # The solver the recorded results were measured with (the recipes' grids now use DDPM 50).
-    request = EvalRequest(source=str(run), n=n, ref="emoji32", extractor=extractor, solver="dpm_solver++",
+    request = EvalRequest(source=str(run), n=n, ref="emoji32", extractor=extractor, extractor_weights=extractor_weights,
+                          solver="dpm_solver++",
                           steps=solver_steps or 20, solver_options={"order": 2, "method": "multistep",
                                                                     "skip": "time_uniform"},
                           batch_size=36, device=device or "cpu")
@@ -250,6 +251,8 @@ def output_dir(out: Path | None, quick: bool) -> Path:
         out = Path(tempfile.mkdtemp(prefix="emoji_experiment_quick_"))
         _log(f"--quick without --out: writing to {out}")
         return out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory (new, or one this script wrote)")
     if quick and out.resolve() == DEFAULT_OUT.resolve():
         raise UserError(f"--out {out}: that folder holds the recorded results, which --quick's toy numbers would "
                         f"replace; give another --out, or none for a new temporary directory")
@@ -268,18 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.5, help="distortion: own-class probability below this")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--extractor", default="efficientnet_lite0", help="registered feature extractor for FD")
+    p.add_argument("--extractor-weights", default=None, metavar="FILE",
+                   help="the extractor's weights file (inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--quick", action="store_true", help="toy sizes (2 steps, 8 samples, 2 solver steps): a test")
     args = p.parse_args(argv)
     from zoo.errors import UserError
     from zoo.guards import resolve_device
 
-    from zoo import registry
     from zoo.eval.distortion import check_threshold
+    from zoo.eval.extractors import build_extractor
 
     try:  # one device, threshold and extractor for every stage, checked before anything is trained
         args.device = str(resolve_device(args.device))
         check_threshold(args.threshold)
-        registry.get("extractor", args.extractor)
+        build_extractor(args.extractor, args.extractor_weights)  # its weights file too: not after the training
     except UserError as err:
         p.error(str(err))
     quick = args.quick
@@ -317,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, name in MODELS.items():
         run = out / "runs" / name
-        result = evaluate_model(run, n, scorer, args.threshold, 2 if quick else None, args.device, args.extractor)
+        result = evaluate_model(run, n, scorer, args.threshold, 2 if quick else None, args.device, args.extractor,
+                                args.extractor_weights)
         with torch.device("meta"):
             params = sum(p.numel() for p in zoo.build_model(read_config(run / "last")).parameters())
         seconds = trained[label]["seconds"]
@@ -354,7 +360,8 @@ def report(rows: list[dict], cls: dict, steps: int, n: int, args, quick: bool, r
                       for r in rows)
     return (f"# emoji32: DiMR-2R vs U-ViT vs DiT{' (--quick: toy sizes, numbers mean nothing)' if quick else ''}\n\n"
             f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}): {steps} training steps per model "
-            f"(batch and seed of the recipes), {n} samples each (EMA, DPM-Solver++ 20 steps, CFG w = 2), FD "
+            f"({'batch 4' if quick else 'batch'} and seed of the recipes), {n} samples each (EMA, DPM-Solver++ "
+            f"{2 if quick else 20} steps, CFG w = 2), FD "
             f"of {args.extractor} features against the {cls['holdout_size']}-image emoji32 holdout, "
             f"distortion = own-class probability < {args.threshold:g} under the emoji32 ConvNeXt classifier "
             f"(holdout accuracy {cls['holdout_accuracy']:.3f}; majority class {cls['majority_baseline']:.3f}).\n\n"

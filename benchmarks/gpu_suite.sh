@@ -13,11 +13,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
+# A Python without torch is a broken environment (exit 1, its error shown), not a machine without a GPU.
+if ! $PY -c "import torch" >/dev/null; then
+  echo "gpu_suite: $PY cannot import torch (above); install the project first (pip install -e .)" >&2
+  exit 1
+fi
 # Without a CUDA GPU there is nothing to measure: say so in one line, and it is not a failure.
-if ! gpu=$($PY -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())" 2>/dev/null); then
+if [ "$($PY -c "import torch; print(torch.cuda.is_available())")" != "True" ]; then
   echo "gpu_suite: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing to run"
   exit 0
 fi
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name())") || { echo "gpu_suite: CUDA is there but its device cannot be read (above)" >&2; exit 1; }
 if ! $PY -c "import zoo.backbones, importlib.metadata as m; assert m.entry_points(group='zoo.backbones')" 2>/dev/null; then
   $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
     || { echo "could not install the project (pip install --no-deps -e .)"; exit 1; }

@@ -235,8 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:  # a missing GPU: one line now, not a failed row for every recipe and mode
+    try:  # a missing GPU or an unwritable --json: one line now, not after every recipe has been measured
         resolve_device(args.device)
+        if args.json:
+            from zoo.guards import check_writable
+
+            if Path(args.json).is_dir():
+                raise UserError(f"--json {args.json} is a directory; give a file path")
+            check_writable(Path(args.json), "--json")
     except UserError as err:
         parser.error(str(err))
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")

@@ -4,7 +4,7 @@
         [--recompute | --as-released]
 
 Nothing of the official code is bundled (their licences differ: DiT CC BY-NC, U-ViT MIT,
-DiMR Apache-2.0): give the path of your own checkout; without one this prints how to get it.
+DiMR Apache-2.0): give the path of your own checkout; without one this says how to get it (exit 2).
 The official model class is imported from that checkout and built with the zoo recipe's
 configuration; the two parameter counts must be exactly equal or nothing is timed.
 
@@ -296,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
     parser.add_argument("--memory-child", choices=("official", "zoo"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.official is None:
-        print(HOW_TO)
-        return 0
+    if args.official is None:  # a mistake (exit 2), with how to get the checkout
+        print(f"vs_official: error: --official CHECKOUT is required\n{HOW_TO}", file=sys.stderr)
+        return 2
     if not args.official.is_dir():
         print(f"vs_official: --official {args.official} is not a directory; give the path of a git clone "
               f"of {MODELS[args.model][1]} (git clone https://github.com/{MODELS[args.model][1]})", file=sys.stderr)

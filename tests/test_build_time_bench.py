@@ -26,3 +26,10 @@ def test_a_recipe_path_relative_to_the_callers_directory_is_built(bench, tmp_pat
     bench.main(["mydit.yaml"])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith("mydit ") and "42,968" in row and "FAILED" not in row, row
+
+
+def test_a_missing_recipe_file_is_one_line_exit_2(bench, tmp_path, capsys):
+    """It was a table row 'MISSING' and exit 1, after the other recipes had been timed."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([str(tmp_path / "nope.yaml")])
+    assert exit_.value.code == 2 and f"error: no recipe file {tmp_path / 'nope.yaml'}" in capsys.readouterr().err

@@ -12,11 +12,13 @@ def bench():
     return load_benchmark("vs_official")
 
 
-def test_without_checkout_prints_how_to_get_one(bench, capsys):
-    assert bench.main([]) == 0
-    out = capsys.readouterr().out
+def test_without_checkout_is_a_mistake_that_says_how_to_get_one(bench, capsys):
+    """Exit 0 with the how-to on stdout read as a passed benchmark to a script; it is exit 2 on stderr."""
+    assert bench.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("vs_official: error: --official CHECKOUT is required\n")
     for repo in ("facebookresearch/DiT", "baofff/U-ViT", "qihao067/DiMR"):
-        assert f"git clone https://github.com/{repo}" in out
+        assert f"git clone https://github.com/{repo}" in err
 
 
 def test_missing_directory_is_one_line_exit_2(bench, tmp_path, capsys):
