@@ -6,25 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from zoo.errors import UserError
 
+from test_domains import TwoLayer  # fc2(gelu(fc1(x))) on (B, 8) vectors
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class TwoLayer(nn.Module):
-    """fc2(gelu(fc1(x))) on (B, 8) vectors."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
-
-    def example_inputs(self, batch: int) -> tuple[torch.Tensor]:
-        return (torch.zeros(batch, 8),)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
 def test_synthetic_data_counts_its_float_images_and_int64_labels(monkeypatch):

@@ -134,14 +134,12 @@ def _newest_within(records: list[dict], key: str, step: int, period: Any) -> dic
 def loss_settings(stored: dict) -> dict[str, Any]:
     """The diffusion settings a training (and validation) loss depends on, defaults filled in: losses of
     runs that differ in one are not comparable (DiMR's multiscale sum is ~2x an ε-MSE at equal quality)."""
-    from zoo.diffusion.sections import DIFFUSION_DEFAULTS, with_defaults
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS, with_component_defaults
 
     diffusion = stored.get("diffusion")
     diffusion = diffusion if isinstance(diffusion, dict) else {}
-    settings = {key: diffusion.get(key, DIFFUSION_DEFAULTS[key]) for key in LOSS_SETTINGS}
-    for key in ("objective", "time_sampling"):  # a name is its {type: name, every key at its default}
-        settings[key] = with_defaults(key, settings[key])
-    return settings
+    # a name is its {type: name, every key at its default}
+    return with_component_defaults({key: diffusion.get(key, DIFFUSION_DEFAULTS[key]) for key in LOSS_SETTINGS})
 
 
 def _well_formed_fd(record: dict) -> bool:

@@ -413,8 +413,9 @@ def _require_same_solver(recipe: Mapping[str, Any], name: str) -> None:
 def _solver_choice(read: Callable[[list[str]], dict], name: str | None, overrides: list[str]) -> list[str]:
     """The override that makes solver ``name`` the recipe's, with its own defaults; none when it already is.
 
-    Only needed when ``--set`` touches ``sample.solver``: otherwise :func:`build_solver` swaps the solver
-    after loading. A recipe that only loads with the user's overrides keeps them as they are.
+    Only needed when ``--set`` touches ``sample.solver``, or the recorded solver cannot be read here (an
+    uninstalled plugin's): otherwise :func:`build_solver` swaps the solver after loading. A recipe that only
+    loads with the user's overrides keeps them as they are.
     """
     if name is None:
         return []

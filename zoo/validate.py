@@ -80,7 +80,6 @@ class Factory(functools.partial):
             add_note(err, f"while building {self.key_path} from {file}" + (f":{line}" if line else ""))
             raise
 
-
     def _check_constraints(self, args: tuple, kwargs: dict) -> None:
         """The component's declared rules (``constraints``) once the parent's arguments are known too: the
         recipe's check skipped a rule of a parent-supplied field (``Divisible("dim", "groups")`` of a plugin

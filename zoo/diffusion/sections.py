@@ -126,6 +126,13 @@ def with_defaults(key: str, value: Any) -> Any:
     return {"type": spec["type"], **defaults, **spec}
 
 
+def with_component_defaults(diffusion: dict) -> dict:
+    """A ``diffusion`` section whose ``objective`` and ``time_sampling`` (where given) have their defaults
+    filled in (:func:`with_defaults`)."""
+    filled = {key: with_defaults(key, diffusion[key]) for key in ("objective", "time_sampling") if key in diffusion}
+    return {**diffusion, **filled}
+
+
 def _check_multiscale(spec: dict, recipe: Recipe, path: tuple) -> None:
     """A multi-scale loss needs a model with one output per branch, and one coefficient for each."""
     model = recipe.data.get("model")

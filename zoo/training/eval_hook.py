@@ -79,13 +79,12 @@ class FDHook:
             self.extractor = build_extractor(str(train.get("eval_extractor") or UNSET_MEANS["eval_extractor"]),
                                              device=device)
         self.dataset, self.source = self._reference_dataset(data, dataset, shape, recipe)
-        self.ref_data = self._reference_data(data, recipe) if self.dataset is not None else {}
+        self.ref_data = self._reference_data(data, recipe, dataset) if self.dataset is not None else {}
 
     def _reference_dataset(self, data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...],
                            recipe: Mapping[str, Any]) -> tuple[Dataset | None, str]:
         """(images to compute the statistics from, or None for ``eval_ref``; a description of them)."""
         self.seed_picks = False  # whether train.seed chose the reference images (a subset, synthetic data)
-        self.training_images = dataset
         if self.ref_spec is not None:
             return None, str(self.ref_spec)
         from torch.utils.data import Subset
@@ -102,11 +101,11 @@ class FDHook:
                             "reference statistics need at least 2 (or set train.eval_ref)", key_path="train.eval_ref")
         return images, source
 
-    def _reference_data(self, data: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict:
+    def _reference_data(self, data: Mapping[str, Any], recipe: Mapping[str, Any], dataset: Dataset) -> dict:
         """The ``data`` settings the reference images depend on, with the defaults filled in: the dataset,
-        its root where it reads one, the classes of images drawn per class (synthetic), the size of a dataset
-        a subset was drawn from. A default written out (``split: train``) or a setting of latent data beside
-        image data (``latent: false``) leaves the images as they are."""
+        its root where it reads one, the classes of images drawn per class (synthetic), the size of the dataset
+        (``dataset``, the training images) a subset was drawn from. A default written out (``split: train``)
+        or a setting of latent data beside image data (``latent: false``) leaves the images as they are."""
         from zoo import registry
         from zoo.sample import num_classes
         from zoo.training.data import reads_root
@@ -117,7 +116,7 @@ class FDHook:
         if reads_root(builder) and data.get("root") is not None:
             described["root"] = data["root"]
         if self.seed_picks:  # images drawn from the seed (per class), or a subset of so many
-            described.update(num_classes=num_classes(recipe), of=len(self.training_images))
+            described.update(num_classes=num_classes(recipe), of=len(dataset))
         if getattr(builder, "reads", None) is None:  # a plugin: whatever else it may read
             described.update({k: v for k, v in data.items() if k not in NOT_REFERENCE_DATA and k not in described})
         return described

@@ -16,7 +16,7 @@ FIXED_SECTIONS = ("model", "diffusion")  # what the weights and the loss mean; a
 def fixed_section_changes(stored: dict, recipe: dict) -> list[tuple[str, str, str]]:
     """``(key path, value there, value now)`` of the first difference in each of the ``model`` and
     ``diffusion`` sections between a checkpoint's recipe ``stored`` and ``recipe``."""
-    from zoo.diffusion.sections import DIFFUSION_DEFAULTS, with_defaults
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS, with_component_defaults
 
     current = json.loads(json.dumps(recipe))  # the form config.json stores (tuples become lists)
     changes = []
@@ -25,8 +25,8 @@ def fixed_section_changes(stored: dict, recipe: dict) -> list[tuple[str, str, st
         if section == "model":
             path = model_difference(then, now)
         else:
-            filled = [{**d, **{k: with_defaults(k, d[k]) for k in ("objective", "time_sampling") if k in d}}
-                      if isinstance(d, dict) else d for d in (then, now)]  # logit_normal = its {type, mean, std}
+            # logit_normal is its {type, mean, std}: a default written out is no change
+            filled = [with_component_defaults(d) if isinstance(d, dict) else d for d in (then, now)]
             path = first_difference(*filled, section, DIFFUSION_DEFAULTS)
         if path:
             changes.append((path, value_at(stored, path), value_at(current, path)))
