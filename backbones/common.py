@@ -22,7 +22,9 @@ class PatchEmbed(nn.Module):  # = timm.layers.PatchEmbed(img_size=None); importi
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # one copy here, token-major: the transposed view would pass its strides on to every residual sum
+        # after it, and each LayerNorm would copy its input to make it contiguous (DiT-S/2: 50 copies a step)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def check_inputs(model: str, x: Tensor, y: Tensor | None, channels: int, size: int, num_labels: int,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import zoo
+
 from zoo.blocks.geglu import geglu_gate
 from zoo.blocks.mlp import GeGluMlp
 from zoo.conditioning.base import Conditioning, per_sample
@@ -87,3 +89,32 @@ def test_geglu_mlp_float32_bit_identical_to_chunked_autograd(act):
         results.append([out.detach(), xa.grad, mlp.fc1.weight.grad.clone(), mlp.fc1.bias.grad.clone()])
     for ours, ref in zip(*results):
         assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("recipe", ["dit", "uvit"])
+def test_token_stream_is_contiguous_so_norms_do_not_copy(recipe):
+    """The patch embedding hands on a token-major contiguous stream: a transposed view would make every
+    residual sum inherit its strides and every LayerNorm copy its input (DiT-S/2: 50 copies a step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from zoo.backbones.common import PatchEmbed
+
+    class NormInputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[bool] = []  # per LayerNorm call: was its input contiguous
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.native_layer_norm.default:
+                self.seen.append(args[0].is_contiguous())
+            return func(*args, **(kwargs or {}))
+
+    tokens = PatchEmbed(4, 8, 2)(torch.randn(2, 4, 8, 8))
+    assert tokens.shape == (2, 16, 8) and tokens.is_contiguous()
+    model = zoo.build_model({"model": {"type": recipe, "depth": 2, "num_heads": 2, "num_classes": 3,
+                                       **({"input_size": 8, "hidden_size": 8, "patch_size": 2, "in_channels": 4}
+                                          if recipe == "dit" else
+                                          {"img_size": 8, "embed_dim": 8, "patch_size": 2, "in_chans": 4})}})
+    with NormInputs() as mode:
+        model(torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2]))
+    assert len(mode.seen) >= 4 and all(mode.seen)
