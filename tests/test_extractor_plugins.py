@@ -5,6 +5,7 @@ for ``(features, logits)``, not an :class:`~zoo.eval.extractors.Extractor`)."""
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -40,6 +41,26 @@ class _Bare(Extractor):
         return F.adaptive_avg_pool2d(images.float(), 1).flatten(1)
 
 
+class _Pair(NamedTuple):
+    features: torch.Tensor
+    logits: torch.Tensor | None
+
+
+class _Named(Extractor):
+    """Keeps the contract with a named tuple, as torchvision-style outputs are."""
+
+    def forward(self, images):
+        return _Pair(images.float().mean(dim=(2, 3)), None)
+
+
+class _FlatLogits(Extractor):
+    """Breaks the contract: one logit per image as a 1-D tensor."""
+
+    def forward(self, images):
+        features = images.float().mean(dim=(2, 3))
+        return features, features.sum(1)
+
+
 class _NotAnExtractor(nn.Module):
     def forward(self, images):
         return images.float().mean(dim=(2, 3)), None
@@ -48,7 +69,7 @@ class _NotAnExtractor(nn.Module):
 @pytest.fixture(autouse=True)
 def _setup(one_thread, register_extractor):
     for name, cls in (("feat_means", _Means), ("feat_extremes", _Extremes), ("feat_bare", _Bare),
-                      ("feat_module", _NotAnExtractor)):
+                      ("feat_module", _NotAnExtractor), ("feat_named", _Named), ("feat_flat", _FlatLogits)):
         register_extractor(name, cls)
 
 
@@ -85,6 +106,26 @@ def test_an_extractor_that_returns_a_bare_tensor_is_named(tmp_path):
         load_reference(str(tmp_path / "stats.npz"), bare, 8)
     features, logits = extractor_output(build_extractor("feat_means"), torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     assert features.shape == (2, 3) and logits is None
+
+
+def test_a_named_tuple_keeps_the_contract_and_one_dimensional_logits_break_it():
+    """A named tuple (features, logits) was refused as 'shapes [(4, 3), 'NoneType']', the right shapes;
+    1-D logits passed the check and failed in torch-fidelity's Inception Score (a traceback after every
+    sample was drawn)."""
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    features, logits = extractor_output(build_extractor("feat_named"), images)
+    assert features.shape == (4, 3) and logits is None
+    with pytest.raises(UserError, match=r"extractor feat_flat \(.*_FlatLogits\) returned shapes \[\(4, 3\), \(4,\)\]"):
+        extractor_output(build_extractor("feat_flat"), images)
+
+
+def test_a_missing_weights_file_of_a_built_in_extractor_is_one_line(tmp_path):
+    """efficientnet_lite0 with a --extractor-weights path that is not there was a FileNotFoundError
+    traceback from the Python API and benchmarks/emoji_experiment.py (zoo eval only caught it generically)."""
+    for path, said in ((tmp_path / "none.pth", "do not exist"), (tmp_path, "is a directory")):
+        with pytest.raises(UserError, match=f"extractor weights {path} {said}") as err:
+            build_extractor("efficientnet_lite0", weights=str(path))
+        assert "--extractor-weights" in err.value.suggestion
 
 
 def test_an_extractor_that_is_no_extractor_subclass_is_refused_when_built():

@@ -301,6 +301,52 @@ def test_the_reference_key_ignores_data_settings_that_leave_the_images_as_they_a
     assert _hook(tmp_path, ["data.size=32"]).reference_key != synthetic  # fewer images
 
 
+def _folder(root: Path, shade: int = 0) -> list[str]:
+    """Two class folders of three 8x8 images under ``root`` (``shade`` changes every pixel, not the count)."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i + shade, 100 if c == "a" else 200, 7)).save(root / c / f"{i}.png")
+    return ["data.dataset=image_folder", f"data.root={root}", "data.num_classes=2"]
+
+
+def test_the_reference_key_names_a_folder_one_way_and_tells_others_apart(tmp_path, monkeypatch):
+    """fd_ref_key kept data.root and train.eval_ref as typed: imgs, ./imgs/ and the absolute path were three
+    keys for one folder (a resume said its FDs were not comparable, zoo compare 'measured differently'), and
+    a second folder, or synthetic images of another class count, were told apart by nothing but their count."""
+    folder = _folder(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    spellings = (tmp_path / "imgs", f"{tmp_path / 'imgs'}/", "imgs", "./imgs/", tmp_path / "imgs" / ".." / "imgs")
+    keys = {_hook(tmp_path, [folder[0], f"data.root={root}", folder[2]]).reference_key for root in spellings}
+    assert len(keys) == 1, keys
+    other = _folder(tmp_path / "other", shade=20)  # as many images, other pixels
+    assert _hook(tmp_path, other).reference_key not in keys
+    refs = {_hook(tmp_path, [f"train.eval_ref={spec}"]).reference_key for spec in ("imgs", tmp_path / "imgs")}
+    assert len(refs) == 1 and refs != {_hook(tmp_path, ["train.eval_ref=other"]).reference_key}
+    assert _hook(tmp_path, ["data.num_classes=2"]).reference_key != _hook(tmp_path).reference_key  # synthetic
+
+
+@pytest.mark.parametrize("where", ["data.root", "train.eval_ref"])
+def test_reference_images_replaced_in_place_are_measured_again_with_a_note(tmp_path, where):
+    """The run's statistics were keyed by the folder's path and image count alone: a resume after its images
+    were replaced (same names, same count) scored its FDs against the old images' statistics, silently."""
+    folder = _folder(tmp_path / "imgs")
+    settings = folder if where == "data.root" else [f"train.eval_ref={tmp_path / 'imgs'}"]
+    path = _hook(tmp_path, settings).prepare()
+    before = np.load(path)["mu"]
+    lines = []
+    _hook(tmp_path, settings, lines.append).prepare()
+    assert lines == []  # nothing changed: read back
+    _folder(tmp_path / "imgs", shade=30)
+    for png in (tmp_path / "imgs").rglob("*.png"):
+        os.utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))
+    _hook(tmp_path, settings, lines.append).prepare()
+    assert not np.allclose(np.load(path)["mu"], before)
+    assert any("changed on disk" in line for line in lines) and not any("made otherwise" in line for line in lines)
+
+
 def test_a_resume_that_recomputes_the_same_reference_says_nothing_about_comparability(tmp_path):
     """Flips turned off at a resume recompute the statistics (the cache's identity holds every data setting)
     of the same images: the resume said the FDs from there on were not comparable, while zoo compare, reading

@@ -49,6 +49,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _checked(path: Path, expected: str, what: str) -> str:
+    """``path``'s sha256, checked to be ``expected`` (``what`` the file should be)."""
+    if not path.is_file():
+        raise UserError(f"extractor weights {path} " + ("is a directory" if path.is_dir() else "do not exist"),
+                        suggestion=f"pass {what} with --extractor-weights PATH")
     actual = sha256_file(path)
     if actual != expected:
         raise UserError(f"{path} is not {what}: its sha256 is {actual[:16]}..., expected {expected[:16]}...")
@@ -207,8 +211,8 @@ def extractor_output(extractor: nn.Module, images: Tensor) -> tuple[Tensor, Tens
     extractor returns: a plugin's bare tensor was unpacked along its batch (a traceback, or at batch 2
     its two rows taken as features and logits)."""
     out = extractor(images)
-    ok = (type(out) is tuple and len(out) == 2 and isinstance(out[0], Tensor) and out[0].ndim == 2
-          and out[0].shape[0] == len(images) and (out[1] is None or (isinstance(out[1], Tensor)
+    ok = (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor) and out[0].ndim == 2
+          and out[0].shape[0] == len(images) and (out[1] is None or (isinstance(out[1], Tensor) and out[1].ndim == 2
                                                                      and out[1].shape[0] == len(images))))
     if not ok:
         got = (f"a tuple of {len(out)}" if isinstance(out, tuple) and len(out) != 2 else

@@ -126,6 +126,37 @@ def dataset_reference(spec: str) -> tuple[str, str]:
     return name, split
 
 
+def reference_name(spec: str) -> str:
+    """One name per reference ``spec`` (``--ref``, ``train.eval_ref``): an existing path resolved (``imgs``,
+    ``./imgs/`` and its absolute path are one folder), a dataset with its split (``emoji32`` = ``emoji32:holdout``)."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else ":".join(dataset_reference(spec))
+
+
+def files_stamp(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None) -> str:
+    """What a reference's files are now: an .npz's size and time, a folder's listing (every image's name,
+    label, size and time); ``""`` for a dataset name, whose images zoo makes (or reads through its recipe's
+    root, stamped by :func:`items_stamp` where the caller holds the dataset)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return _images_source(spec, image_size, recipe)[0] if path.is_dir() else ""
+
+
+def items_stamp(dataset: Any) -> str:
+    """:func:`files_stamp` of a dataset's images where it reads them from files (an image folder, or a
+    subset of one); ``""`` for images made in memory."""
+    from torch.utils.data import Subset
+
+    base, picked = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    items = getattr(base, "items", None)
+    if not isinstance(items, list) or not all(isinstance(i, tuple) and isinstance(i[0], Path) for i in items):
+        return ""
+    chosen = items if picked is None else [items[i] for i in picked]
+    return _listing_digest(Path("/"), [(file.resolve(), label) for file, label in chosen])
+
+
 def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
                    ) -> tuple[str, Callable[[int], Iterator], int, list[str]]:
     """(identity for the cache key, batches(batch_size), count, class names or ``[]``) of a folder or

@@ -403,11 +403,9 @@ def result_name(checkpoint: str, extractor: str, n: int, key: str, ref_key: str)
 def _reference_key(spec: str) -> str:
     """A short name for ``--ref`` in a result's file name: one checkpoint scored against two
     references keeps both results."""
-    from zoo.eval.reference import dataset_reference
+    from zoo.eval.reference import reference_name
 
-    path = Path(spec).expanduser()
-    name = str(path.resolve()) if path.exists() else ":".join(dataset_reference(spec))  # emoji32 = emoji32:holdout
-    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:6]
+    return hashlib.sha256(reference_name(spec).encode("utf-8", "surrogateescape")).hexdigest()[:6]
 
 
 def _resolved_solver(spec: dict) -> dict:

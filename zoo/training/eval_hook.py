@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -65,6 +66,9 @@ class FDHook:
         data = recipe.get("data") or {}
         self.ref_spec = train.get("eval_ref")
         self.data = {k: v for k, v in data.items() if k != "num_workers"}  # what the reference depends on
+        if self.data.get("root") is not None:  # data/imgs, ./data/imgs/ and its absolute path are one folder
+            self.data["root"] = os.path.realpath(os.path.expanduser(str(self.data["root"])))
+        self._stamp: str | None = None  # the reference files' stamp, taken once per process (prepare)
         if self.ref_spec is None and data.get("latent"):
             raise UserError("train.eval_every on latent data needs reference images: set train.eval_ref to an ADM "
                             "reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder",
@@ -113,8 +117,8 @@ class FDHook:
         name = data.get("dataset", "synthetic")
         builder = registry.get("dataset", name)
         described = {"dataset": name}
-        if reads_root(builder) and data.get("root") is not None:
-            described["root"] = data["root"]
+        if reads_root(builder) and self.data.get("root") is not None:
+            described["root"] = self.data["root"]
         if self.seed_picks:  # images drawn from the seed (per class), or a subset of so many
             described.update(num_classes=num_classes(recipe), of=len(dataset))
         if getattr(builder, "reads", None) is None:  # a plugin: whatever else it may read
@@ -127,9 +131,22 @@ class FDHook:
 
     def _identity(self) -> str:
         from zoo.eval.reference import CACHE_VERSION  # how images are read: statistics of older pixels are not these
+        from zoo.eval.reference import reference_name
 
-        return json.dumps({"source": self.source, "data": self.data, "image_size": self.image_size, "seed": self.seed,
-                           "extractor": self.extractor.describe(), "v": CACHE_VERSION}, sort_keys=True, default=str)
+        source = self.source if self.ref_spec is None else reference_name(str(self.ref_spec))
+        return json.dumps({"source": source, "data": self.data, "image_size": self.image_size, "seed": self.seed,
+                           "extractor": self.extractor.describe(), "v": CACHE_VERSION, "files": self._files()},
+                          sort_keys=True, default=str)
+
+    def _files(self) -> str:
+        """The reference files' stamp (names, labels, sizes, times; ``""`` for images zoo makes): a folder whose
+        images were replaced since the statistics were made is measured again. Taken once per process."""
+        from zoo.eval.reference import files_stamp, items_stamp
+
+        if self._stamp is None:
+            self._stamp = (items_stamp(self.dataset) if self.dataset is not None else
+                           files_stamp(str(self.ref_spec), self.image_size, self.recipe))
+        return self._stamp
 
     @property
     def reference_key(self) -> str:
@@ -142,6 +159,7 @@ class FDHook:
         what = json.loads(self._identity())
         what["data"] = self.ref_data
         what["extractor"] = {k: v for k, v in what["extractor"].items() if k != "weights"}
+        del what["files"]  # times change with a copy of the same images: a change of them has its own note
         if not self.seed_picks:
             del what["seed"]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
@@ -167,6 +185,10 @@ class FDHook:
             self.log("zoo train: note: the run's earlier FD reference statistics were made otherwise (other data, "
                      "extractor or reference, or an earlier zoo's image reading): FDs from here on are not "
                      "comparable with the run's earlier ones")
+        elif _recorded(earlier, "files", self._files()) != self._files():
+            self.log(f"zoo train: note: the reference images ({self.source}) changed on disk since the run's earlier "
+                     "FD reference statistics (files replaced, added or removed, or copied anew): FDs from here on "
+                     "may not be comparable with the run's earlier ones")
         batch = int((self.recipe.get("sample") or {}).get("batch_size") or 32)
         extras = {}
         with _rng_kept(self.device), torch.no_grad():
@@ -196,6 +218,13 @@ class FDHook:
         return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name, "fd_ref": self.source,
                 "fd_ref_key": self.reference_key, "fd_seed": recipe_seed(self.recipe, None),
                 "fd_seconds": time.perf_counter() - start}
+
+
+def _recorded(identity: str | None, key: str, default: Any) -> Any:
+    """``key`` of a statistics file's recorded identity; ``default`` where it holds none (an earlier zoo's)."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return json.loads(identity or "{}").get(key, default)
+    return default
 
 
 def fd_seed_note(run: Path, then: Mapping[str, Any], now: Mapping[str, Any], step: int) -> str | None:
