@@ -771,4 +771,6 @@ def test_a_checkpoint_whose_recorded_solver_is_not_installed_samples_with_anothe
         assert main(["sample", str(tmp_path / "ckpt"), "--n", "2", "--out", str(tmp_path / "s.png"), *flags]) == 0
         assert "solver {'type': 'ddim', 'steps': 3}" in capsys.readouterr().out
     assert main(["sample", str(tmp_path / "ckpt"), "--n", "2", "--out", str(tmp_path / "s.png")]) == 2
-    assert "key sample.solver.type: unknown solver 'uninstalled_solver'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "key sample.solver.type: unknown solver 'uninstalled_solver'" in err
+    assert err.rstrip().endswith("(sample with one of the known solvers: --solver NAME)")  # what to do now

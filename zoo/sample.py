@@ -350,7 +350,13 @@ def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str
     if path.is_dir() and any(override_key(o)[0] == "model" for o in overrides):
         raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                         "--set may change the other sections only")
-    recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
+    try:
+        recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
+    except UserError as err:  # a recorded solver not installed here: another one samples the same weights
+        if path.is_dir() and solver is None and (err.key_path or "").startswith("sample.solver"):
+            other = "sample with one of the known solvers: --solver NAME"
+            err.suggestion = f"{err.suggestion}; or {other}" if err.suggestion else other
+        raise
     if solver is not None and any(override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
                                   for o in given):
         _require_same_solver(recipe, solver)
