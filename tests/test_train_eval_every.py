@@ -328,6 +328,22 @@ def test_the_reference_key_names_a_folder_one_way_and_tells_others_apart(tmp_pat
     assert _hook(tmp_path, ["data.num_classes=2"]).reference_key != _hook(tmp_path).reference_key  # synthetic
 
 
+def test_a_run_keyed_by_its_typed_paths_resumes_without_a_note(tmp_path, monkeypatch):
+    """Runs started before the key resolved paths recorded the key of ./imgs/ as typed: their resume with the
+    same spelling must not say its FDs are not comparable (a key of other images still does)."""
+    folder = _folder(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    typed = [folder[0], "data.root=./imgs/", folder[2]]
+    hook = _hook(tmp_path, typed)
+    assert hook._key(as_typed=True) != hook.reference_key
+    for key, noted in ((hook._key(as_typed=True), False), ("0123456789ab", True)):
+        (tmp_path / "run" / "eval").mkdir(parents=True, exist_ok=True)
+        np.savez(hook.ref_path, mu=np.zeros(3), sigma=np.eye(3), identity=np.str_("{}"), key=np.str_(key))
+        lines = []
+        _hook(tmp_path, typed, lines.append).prepare()
+        assert any("made otherwise" in line for line in lines) is noted, (key, lines)
+
+
 @pytest.mark.parametrize("where", ["data.root", "train.eval_ref"])
 def test_reference_images_replaced_in_place_are_measured_again_with_a_note(tmp_path, where):
     """The run's statistics were keyed by the folder's path and image count alone: a resume after its images

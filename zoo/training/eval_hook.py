@@ -155,13 +155,22 @@ class FDHook:
         are not comparable. Unlike the cache's identity, what leaves the images as they are is left out, so
         two runs that differ there compare: flips, the cache file's place, defaults written out, train.seed
         where it picked no image (a holdout split, a whole folder), the extractor weights' path (their
-        sha256 stays)."""
+        sha256 stays), how a path is spelled."""
+        return self._key()
+
+    def _key(self, as_typed: bool = False) -> str:
+        """:attr:`reference_key`; ``as_typed``: with the paths as the recipe spells them, the key of a run
+        started before 2026-12-07 (a resume of it with the same spelling has the same reference)."""
         what = json.loads(self._identity())
-        what["data"] = self.ref_data
+        what["data"] = dict(self.ref_data)
         what["extractor"] = {k: v for k, v in what["extractor"].items() if k != "weights"}
         del what["files"]  # times change with a copy of the same images: a change of them has its own note
         if not self.seed_picks:
             del what["seed"]
+        if as_typed:
+            what["source"] = self.source
+            if "root" in what["data"]:
+                what["data"]["root"] = (self.recipe.get("data") or {}).get("root")
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
                               ).hexdigest()[:12]
 
@@ -181,7 +190,7 @@ class FDHook:
                  f"-> {self.ref_path} (once per run)")
         # A resumed run whose reference, or zoo's way of reading images, changed since. (Flips, a cache's
         # place or a default written out recompute the statistics, of the same images: no note.)
-        if earlier is not None and earlier_key != key:
+        if earlier is not None and earlier_key not in (key, self._key(as_typed=True)):
             self.log("zoo train: note: the run's earlier FD reference statistics were made otherwise (other data, "
                      "extractor or reference, or an earlier zoo's image reading): FDs from here on are not "
                      "comparable with the run's earlier ones")
