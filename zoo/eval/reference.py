@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -130,7 +131,9 @@ def reference_name(spec: str) -> str:
     """One name per reference ``spec`` (``--ref``, ``train.eval_ref``): an existing path resolved (``imgs``,
     ``./imgs/`` and its absolute path are one folder), a dataset with its split (``emoji32`` = ``emoji32:holdout``)."""
     path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else ":".join(dataset_reference(spec))
+    if path.exists() or path.suffix.lower() == ".npz" or os.sep in spec:  # (a missing file: refused where read)
+        return str(path.resolve())
+    return ":".join(dataset_reference(spec))
 
 
 def files_stamp(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None) -> str:
