@@ -328,6 +328,24 @@ def test_the_reference_key_names_a_folder_one_way_and_tells_others_apart(tmp_pat
     assert _hook(tmp_path, ["data.num_classes=2"]).reference_key != _hook(tmp_path).reference_key  # synthetic
 
 
+@pytest.mark.parametrize("ref, said", [
+    ("nosuch", "train.eval_ref 'nosuch' is neither an .npz file, an image folder nor a registered dataset"),
+    ("emoji32:nosplit", "dataset emoji32 has no split 'nosplit'"),
+    ("/no/such/ref.npz", "reference file /no/such/ref.npz does not exist"),
+])
+def test_a_bad_eval_ref_is_named_as_the_recipe_key(tmp_path, ref, said):
+    """The reference's refusals spoke of zoo eval's --ref ("--ref 'nosuch' is neither ...", "(--ref
+    emoji32:train)") to a user who had set train.eval_ref in a recipe."""
+    from zoo.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        _hook(tmp_path, [f"train.eval_ref={ref}"]).prepare()
+    assert err.value.message.startswith(said), err.value.message
+    assert "--ref" not in str(err.value)
+    if ref == "emoji32:nosplit":
+        assert err.value.suggestion == "--set train.eval_ref=emoji32:train"
+
+
 def test_a_run_keyed_by_its_typed_paths_resumes_without_a_note(tmp_path, monkeypatch):
     """Runs started before the key resolved paths recorded the key of ./imgs/ as typed: their resume with the
     same spelling must not say its FDs are not comparable (a key of other images still does)."""

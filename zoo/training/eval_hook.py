@@ -176,6 +176,16 @@ class FDHook:
 
     def prepare(self) -> Path:
         """The run's reference statistics: read back when this run computed them already, else computed now."""
+        try:
+            return self._prepare()
+        except UserError as err:  # zoo eval's words for its --ref: here the recipe's train.eval_ref said it
+            if self.ref_spec is not None:
+                if err.message.startswith("--ref "):
+                    err.message = "train.eval_ref " + err.message[len("--ref "):]
+                err.suggestion = err.suggestion and err.suggestion.replace("--ref ", "--set train.eval_ref=")
+            raise
+
+    def _prepare(self) -> Path:
         from zoo.eval.reference import _dataset_batches, extract, load_reference, save_npz
         from zoo.eval.stats import feature_statistics
 
