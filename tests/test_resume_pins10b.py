@@ -10,27 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 
-import zoo
 import zoo.checkpoint as ckpt
 from zoo.errors import UserError
 from zoo.training import Trainer
 from zoo.training.resume import Resuming
 
-RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # a tiny class-conditional DiT on 8x8 pixels
-QUIET = lambda *_: None  # noqa: E731
-PLAIN = ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=0", "train.warmup_steps=0",
-         "train.batch_size=4"]
+from tiny_run import QUIET, plain_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _recipe(*overrides):
-    return zoo.load_recipe(RECIPE, [*PLAIN, *overrides])
-
-
 def _saved(out: Path, *overrides, step: int = 0, steps_dirs: bool = False) -> Trainer:
     """A run directory whose last/ (and step_*/ when ``steps_dirs``) holds a checkpoint at ``step``."""
-    trainer = Trainer(_recipe(*overrides), out, log=QUIET)
+    trainer = Trainer(plain_recipe(*overrides), out, log=QUIET)
     out.mkdir(parents=True, exist_ok=True)
     trainer.step = step
     trainer.save(also_step_dir=steps_dirs)
@@ -45,7 +37,7 @@ def test_a_resume_restores_the_fp16_gradient_scalers_state(tmp_path):
     first.scaler.load_state_dict({"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                   "growth_interval": 2000, "_growth_tracker": 7})
     first.save(also_step_dir=False)
-    resumed = Trainer(_recipe("train.precision=fp16"), tmp_path / "run", resume=tmp_path / "run", log=QUIET)
+    resumed = Trainer(plain_recipe("train.precision=fp16"), tmp_path / "run", resume=tmp_path / "run", log=QUIET)
     state = resumed.scaler.state_dict()
     assert (state["scale"], state["_growth_tracker"]) == (1024.0, 7)
 
@@ -69,7 +61,7 @@ def test_a_resume_refuses_an_ema_file_holding_nan(tmp_path):
     state["final_layer.linear.weight"][0, 0] = float("nan")  # same size: the seal's byte counts still hold
     ckpt.save_weights(path, state)
     with pytest.raises(UserError, match="ema.safetensors: tensor final_layer.linear.weight holds NaN or inf"):
-        Trainer(_recipe(), tmp_path / "run", resume=tmp_path / "run", log=QUIET)
+        Trainer(plain_recipe(), tmp_path / "run", resume=tmp_path / "run", log=QUIET)
 
 
 def test_the_branch_note_names_only_the_steps_after_the_resumed_one(tmp_path):
@@ -78,6 +70,6 @@ def test_the_branch_note_names_only_the_steps_after_the_resumed_one(tmp_path):
     out = tmp_path / "run"
     _saved(out, step=4, steps_dirs=True)
     _saved(out, step=2, steps_dirs=True)  # last/ is step 2 now, as after a resume from step_0000002
-    resumed = Trainer(_recipe(), out, resume=out / "last", log=QUIET)
+    resumed = Trainer(plain_recipe(), out, resume=out / "last", log=QUIET)
     said = [line for line in resumed.after_banner if "come after step" in line]
     assert len(said) == 1 and "step_0000004 in" in said[0] and "step_0000002" not in said[0], resumed.after_banner

@@ -6,32 +6,22 @@ startup refusal of a ``step_*`` the final save would write over. Each test names
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-import zoo
 from zoo.errors import UserError
 from zoo.training import Trainer, train
 
-RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"  # a tiny class-conditional DiT on 8x8 pixels
-QUIET = lambda *_: None  # noqa: E731
-PLAIN = ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=0", "train.warmup_steps=0",
-         "train.batch_size=4"]
+from tiny_run import QUIET, plain_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _recipe(*overrides):
-    return zoo.load_recipe(RECIPE, [*PLAIN, *overrides])
 
 
 def test_a_batch_size_grad_accum_does_not_divide_is_refused():
     """batch_size 6 over grad_accum 4 is micro-batches of 6 // 4 = 1: without the refusal a step trains on
     4 of its 6 samples, silently, and the logged global batch is not the one trained."""
     with pytest.raises(UserError, match="train.batch_size 6 is not divisible by 1 processes x train.grad_accum 4"):
-        Trainer(_recipe("train.batch_size=6", "train.grad_accum=4"), "unused-out", log=QUIET)
+        Trainer(plain_recipe("train.batch_size=6", "train.grad_accum=4"), "unused-out", log=QUIET)
 
 
 def test_each_micro_batch_draws_from_its_global_sample_indices(tmp_path, monkeypatch):
@@ -48,7 +38,7 @@ def test_each_micro_batch_draws_from_its_global_sample_indices(tmp_path, monkeyp
         return real(indices, *args, **kwargs)
 
     monkeypatch.setattr(loop, "draw", recording)
-    trainer = Trainer(_recipe("train.grad_accum=2"), tmp_path, log=QUIET)
+    trainer = Trainer(plain_recipe("train.grad_accum=2"), tmp_path, log=QUIET)
     for _ in range(2):
         x, y = next(trainer.batches)
         trainer.train_step(x, y)
@@ -61,7 +51,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_weights_chang
     alone lets AdamW write NaN into every weight it touches, and the run goes on training NaNs."""
     from zoo.training.loop import NonFiniteError
 
-    trainer = Trainer(_recipe(), tmp_path, log=QUIET)
+    trainer = Trainer(plain_recipe(), tmp_path, log=QUIET)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     first = next(p for p in trainer.model.parameters() if p.requires_grad)
     first.register_hook(lambda g: torch.full_like(g, float("inf")))
@@ -75,7 +65,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_weights_chang
 def test_each_step_updates_the_ema_toward_the_new_weights(tmp_path):
     """After a step the EMA is d * (its value before) + (1 - d) * (the updated weights): a step that leaves
     the EMA out keeps it at the initial weights, and every grid, FD and released checkpoint is untrained."""
-    trainer = Trainer(_recipe("train.ema_decay=0.5", "train.lr=0.05"), tmp_path, log=QUIET)
+    trainer = Trainer(plain_recipe("train.ema_decay=0.5", "train.lr=0.05"), tmp_path, log=QUIET)
     before = {n: s.clone() for n, s in trainer.ema.state_dict().items()}
     x, y = next(trainer.batches)
     trainer.train_step(x, y)
@@ -110,7 +100,7 @@ def test_a_log_record_holds_the_mean_loss_of_its_window(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", fixed)
     monkeypatch.setattr("zoo.training.monitor.Monitor", _NoMonitor)  # the records alone: no TensorBoard import
-    records = train(_recipe("train.log_every=2"), tmp_path, steps=2, log=QUIET)
+    records = train(plain_recipe("train.log_every=2"), tmp_path, steps=2, log=QUIET)
     assert [(r["step"], r["loss"]) for r in records] == [(2, 1.5)]
     assert "skipped_steps" not in records[0]  # only where the fp16 scaler skipped steps: not 0 in every record
 
@@ -123,7 +113,7 @@ def test_data_with_as_many_classes_as_the_model_gets_no_never_trained_note(tmp_p
     for c in range(4):
         (tmp_path / "img" / f"c{c}").mkdir(parents=True)
         Image.new("RGB", (8, 8), (60 * c, 20, 30)).save(tmp_path / "img" / f"c{c}" / "0.png")
-    trainer = Trainer(_recipe("data.dataset=image_folder", f"data.root={tmp_path / 'img'}"), tmp_path / "run",
+    trainer = Trainer(plain_recipe("data.dataset=image_folder", f"data.root={tmp_path / 'img'}"), tmp_path / "run",
                       log=QUIET)
     assert trainer.classes == ["c0", "c1", "c2", "c3"]
     assert not [line for line in trainer.after_banner if "never trained" in line], trainer.after_banner
@@ -133,21 +123,21 @@ def test_a_step_dir_at_the_final_step_holding_a_users_file_is_refused_before_tra
     """The run's last step is saved as step_* too (ckpt_every 2, steps 3: step_0000003). A file of the user's
     there was found only by that save, after the steps trained (and on Ctrl-C too); it is refused at startup."""
     out = tmp_path / "run"
-    train(_recipe("train.ckpt_every=2"), out, steps=2, log=QUIET)
+    train(plain_recipe("train.ckpt_every=2"), out, steps=2, log=QUIET)
     (out / "step_0000003").mkdir()
     (out / "step_0000003" / "notes.txt").write_text("mine")
     trained = []
     real = Trainer.train_step
     monkeypatch.setattr(Trainer, "train_step", lambda self, *a, **k: trained.append(self.step) or real(self, *a, **k))
     with pytest.raises(UserError, match="step_0000003"):
-        train(_recipe("train.ckpt_every=2"), out, steps=3, resume=out, log=QUIET)
+        train(plain_recipe("train.ckpt_every=2"), out, steps=3, resume=out, log=QUIET)
     assert trained == [] and (out / "step_0000003" / "notes.txt").read_text() == "mine"
 
 
 def test_a_second_run_call_continues_the_runs_own_checkpoints(tmp_path):
     """Trainer.run may be called again to go on (run(2), then run(4)): the second call found its own last/
     and refused the directory as 'a run that ended while this one started'."""
-    trainer = Trainer(_recipe("train.log_every=1"), tmp_path / "run", log=QUIET)
+    trainer = Trainer(plain_recipe("train.log_every=1"), tmp_path / "run", log=QUIET)
     try:
         assert [r["step"] for r in trainer.run(2)] == [1, 2]
         assert [r["step"] for r in trainer.run(4)] == [3, 4]
