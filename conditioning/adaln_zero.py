@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from zoo.domains import Eps, Width
 from zoo.errors import UserError
 
-from .base import Conditioning, per_sample
+from .base import Conditioning, check_conditioning, per_sample
 
 
 class AdaLNZero(nn.Module):
@@ -43,6 +43,7 @@ class AdaLNZero(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
+        check_conditioning(cond, "AdaLNZero's cond")
         emb = None if cond is None else cond.emb
         if emb is None or emb.shape[-1] != self.linear.in_features:
             got = "none (Conditioning.emb is None)" if emb is None else f"one of shape {tuple(emb.shape)}"

@@ -70,6 +70,18 @@ def add_gated(x: Tensor, h: Tensor, gate: Tensor | None) -> Tensor:
     return x + h if gate is None else torch.addcmul(x, per_sample(gate, h), h)
 
 
+def check_conditioning(cond: Any, what: str) -> None:
+    """Refuse a ``cond`` that is neither ``None`` nor a :class:`Conditioning`.
+
+    A bare time tensor passed where a :class:`Conditioning` belongs (a block or conditioner used on
+    its own) would otherwise fail far away: its ``.t`` is the tensor's transpose method and it has
+    no ``.emb``.
+    """
+    if cond is not None and not isinstance(cond, Conditioning):
+        raise ContractError(f"{what} must be a Conditioning, got {type(cond).__name__}",
+                            suggestion="pass Conditioning(t=t) (conditioning.base; emb= and y= as its conditioners need)")
+
+
 def norm_and_gate(norm: nn.Module, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor | None]:
     """``norm(x, cond)``, checked to be the ``(h, gate)`` pair the conditioner contract promises.
 
@@ -78,9 +90,7 @@ def norm_and_gate(norm: nn.Module, x: Tensor, cond: Conditioning) -> tuple[Tenso
     is not a :class:`Conditioning` (a bare time tensor, from a block used on its own) is named here too:
     its ``.t`` is the tensor's transpose method.
     """
-    if cond is not None and not isinstance(cond, Conditioning):
-        raise ContractError(f"a block's cond must be a Conditioning, got {type(cond).__name__}",
-                            suggestion="pass Conditioning(t=t) (conditioning.base; emb= and y= as its conditioners need)")
+    check_conditioning(cond, "a block's cond")
     out = norm(x, cond)
     if type(out) is not tuple or len(out) != 2 or not (out[1] is None or isinstance(out[1], Tensor)):
         got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__

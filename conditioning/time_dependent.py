@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from zoo.domains import Eps, TimeScale, Width
 from zoo.errors import UserError
 
-from .base import Conditioning, per_sample
+from .base import Conditioning, check_conditioning, per_sample
 from .fused_rmsnorm import scaled_rms_norm
 
 
@@ -107,6 +107,7 @@ class _TimeDependentNorm(nn.Module):
 
     def tau(self, cond: Conditioning) -> Tensor:
         """τ = t · time_scale, one value per sample (or a scalar)."""
+        check_conditioning(cond, f"{type(self).__name__}'s cond")
         if cond is None or cond.t is None:  # a block used on its own: was "'NoneType' object has no attribute 't'"
             raise UserError(f"{type(self).__name__}(dim={self.dim}) reads the time from Conditioning.t, got "
                             f"{'no cond' if cond is None else 'Conditioning.t None'}",

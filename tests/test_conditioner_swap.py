@@ -275,6 +275,22 @@ def test_a_block_given_a_bare_time_tensor_as_cond_names_conditioning():
             block(torch.randn(2, 5, 32), torch.rand(2))
 
 
+@pytest.mark.parametrize("name, who", [("td_layernorm", "TimeDependentLayerNorm"), ("td_rmsnorm", "TimeDependentRMSNorm"),
+                                       ("td_layernorm_paper", None), ("adaln_zero", "AdaLNZero")])
+def test_a_conditioner_given_a_bare_time_tensor_as_cond_names_conditioning(name, who):
+    """A conditioner used on its own with cond=t (no block around it to check): the time-dependent norms
+    read t.t, the transpose method ('Could not infer dtype of builtin_function_or_method'), adaLN-Zero
+    raised "'Tensor' object has no attribute 'emb'"."""
+    from zoo.errors import ContractError
+
+    norm = zoo.build_component("conditioner", name, dim=8, cond_dim=8)
+    who = who or type(norm).__name__
+    with pytest.raises(ContractError, match=rf"^{who}'s cond must be a Conditioning, got Tensor"):
+        norm(torch.randn(2, 5, 8), torch.tensor([0.1, 0.2]))
+    h, _ = norm(torch.randn(2, 5, 8), Conditioning(t=torch.tensor([0.1, 0.2]), emb=torch.randn(2, 8)))
+    assert h.shape == (2, 5, 8)
+
+
 @pytest.mark.parametrize("norm, reads", [("td_layernorm", r"reads the time from Conditioning\.t"),
                                          ("td_rmsnorm", r"reads the time from Conditioning\.t"),
                                          ("adaln_zero", r"Conditioning\.emb is None")])
