@@ -239,6 +239,24 @@ def test_a_reference_folder_image_replaced_by_one_of_the_same_size_is_read_again
     assert not np.allclose(fresh.features[4], first.features[4])
 
 
+def test_a_dataset_reference_reading_the_recipes_root_is_read_again_after_its_images_change(tmp_path, monkeypatch):
+    """``--ref image_folder`` reads the recipe's data.root: its cache key held the data section alone, so
+    after the folder's images were replaced (and one added) zoo eval scored against the old images'
+    statistics, silently, while ``--ref`` of the same folder by path computed them again."""
+    from PIL import Image
+
+    ref = _class_folder(tmp_path / "ref")
+    recipe = zoo.load_recipe(RECIPE, ["data.dataset=image_folder", f"data.root={ref}", "data.num_classes=2"])
+    first, computed = _load("image_folder", Pool4(), 8, recipe=recipe)
+    assert computed
+    assert not _load("image_folder", Pool4(), 8, recipe=recipe)[1]  # unchanged: read back
+    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(ref / "cats" / "3.bmp")
+    second, computed = _load("image_folder", Pool4(), 8, recipe=recipe)
+    assert computed, "the changed folder's stale statistics were read from the cache"
+    assert len(second.features) == len(first.features) + 1
+    _assert_same(second, _fresh(monkeypatch, tmp_path, "fresh", "image_folder", Pool4(), 8, recipe=recipe))
+
+
 def test_an_npz_reference_rewritten_with_other_pixels_of_the_same_size_is_read_again(tmp_path, monkeypatch):
     """Mutation: the .npz key drops its mtime. ref.npz rewritten with other pixels of the same shape (np.savez
     of the same shapes and dtypes: the same byte size) and a new mtime: its features are extracted again,

@@ -362,12 +362,14 @@ def test_a_run_keyed_by_its_typed_paths_resumes_without_a_note(tmp_path, monkeyp
         assert any("made otherwise" in line for line in lines) is noted, (key, lines)
 
 
-@pytest.mark.parametrize("where", ["data.root", "train.eval_ref"])
+@pytest.mark.parametrize("where", ["data.root", "train.eval_ref", "train.eval_ref=image_folder"])
 def test_reference_images_replaced_in_place_are_measured_again_with_a_note(tmp_path, where):
     """The run's statistics were keyed by the folder's path and image count alone: a resume after its images
-    were replaced (same names, same count) scored its FDs against the old images' statistics, silently."""
+    were replaced (same names, same count) scored its FDs against the old images' statistics, silently. So
+    did a reference named by its dataset, image_folder, which reads the recipe's data.root."""
     folder = _folder(tmp_path / "imgs")
-    settings = folder if where == "data.root" else [f"train.eval_ref={tmp_path / 'imgs'}"]
+    settings = {"data.root": folder, "train.eval_ref": [f"train.eval_ref={tmp_path / 'imgs'}"],
+                "train.eval_ref=image_folder": [*folder, "train.eval_ref=image_folder"]}[where]
     path = _hook(tmp_path, settings).prepare()
     before = np.load(path)["mu"]
     lines = []
@@ -379,6 +381,22 @@ def test_reference_images_replaced_in_place_are_measured_again_with_a_note(tmp_p
     _hook(tmp_path, settings, lines.append).prepare()
     assert not np.allclose(np.load(path)["mu"], before)
     assert any("changed on disk" in line for line in lines) and not any("made otherwise" in line for line in lines)
+
+
+def test_a_run_whose_dataset_reference_was_not_stamped_resumes_without_a_note(tmp_path):
+    """Runs started before a dataset-name reference (train.eval_ref=image_folder) stamped its files recorded
+    an empty stamp: their resume recomputes the statistics once, without saying the images changed on disk."""
+    settings = [*_folder(tmp_path / "imgs"), "train.eval_ref=image_folder"]
+    path = _hook(tmp_path, settings).prepare()
+    with np.load(path) as f:
+        saved = {k: f[k] for k in f.files}
+    identity = json.loads(str(saved["identity"]))
+    assert identity["files"]  # stamped now
+    np.savez(path, **{**saved, "identity": np.str_(json.dumps({**identity, "files": ""}, sort_keys=True))})
+    lines = []
+    _hook(tmp_path, settings, lines.append).prepare()
+    assert any("FD reference statistics of" in line for line in lines)  # computed again, with the stamp
+    assert not any("note" in line for line in lines), lines
 
 
 def test_a_resume_that_recomputes_the_same_reference_says_nothing_about_comparability(tmp_path):

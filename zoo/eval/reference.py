@@ -130,21 +130,29 @@ def dataset_reference(spec: str) -> tuple[str, str]:
 def reference_name(spec: str) -> str:
     """One name per reference ``spec`` (``--ref``, ``train.eval_ref``): an existing path resolved (``imgs``,
     ``./imgs/`` and its absolute path are one folder), a dataset with its split (``emoji32`` = ``emoji32:holdout``)."""
-    path = Path(spec).expanduser()
-    if path.exists() or path.suffix.lower() == ".npz" or os.sep in spec:  # (a missing file: refused where read)
-        return str(path.resolve())
+    if _names_a_path(spec):
+        return str(Path(spec).expanduser().resolve())
     return ":".join(dataset_reference(spec))
+
+
+def _names_a_path(spec: str) -> bool:
+    """Whether a reference ``spec`` is a path (an existing one, or a missing .npz or path with a separator,
+    refused where it is read) rather than a dataset name."""
+    path = Path(spec).expanduser()
+    return path.exists() or path.suffix.lower() == ".npz" or os.sep in spec
 
 
 def files_stamp(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None) -> str:
     """What a reference's files are now: an .npz's size and time, a folder's listing (every image's name,
-    label, size and time); ``""`` for a dataset name, whose images zoo makes (or reads through its recipe's
-    root, stamped by :func:`items_stamp` where the caller holds the dataset)."""
+    label, size and time), the same listing of the recipe's root for a dataset that reads one
+    (``image_folder``); for a dataset whose images zoo makes, its name."""
     path = Path(spec).expanduser()
     if path.is_file():
         stat = path.stat()
         return f"{stat.st_size}:{stat.st_mtime_ns}"
-    return _images_source(spec, image_size, recipe)[0] if path.is_dir() else ""
+    if path.is_dir() or not _names_a_path(spec):
+        return _images_source(spec, image_size, recipe)[0]
+    return ""  # a missing file: refused where it is read
 
 
 def items_stamp(dataset: Any) -> str:
@@ -222,9 +230,11 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
         classes, seed = num_classes(recipe), int((recipe.get("train") or {}).get("seed", 0))
     dataset = build(data, (3, image_size, image_size), classes, seed)
     identity = f"dataset:{name}:{split}:{image_size}"
-    if trains_on:  # the run's own data: the cache key holds what made it
+    if trains_on:  # the run's own data: the cache key holds what made it, and the files it read now
         identity += ":" + hashlib.sha256(json.dumps([own, classes, seed], sort_keys=True, default=str)
                                          .encode()).hexdigest()[:16]
+        files = items_stamp(dataset)  # (images replaced under the same root are other statistics)
+        identity += f":{files}" if files else ""
     from zoo.training.data import class_names
 
     return identity, lambda b: _dataset_batches(dataset, b), len(dataset), class_names(data)

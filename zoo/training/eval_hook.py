@@ -204,7 +204,8 @@ class FDHook:
             self.log("zoo train: note: the run's earlier FD reference statistics were made otherwise (other data, "
                      "extractor or reference, or an earlier zoo's image reading): FDs from here on are not "
                      "comparable with the run's earlier ones")
-        elif _recorded(earlier, "files", self._files()) != self._files():
+        elif _recorded(earlier, "files", self._files()) not in (self._files(), ""):  # "": not stamped (a root
+            # read through a dataset name was not, before 2026-12-07)
             self.log(f"zoo train: note: the reference images ({self.source}) changed on disk since the run's earlier "
                      "FD reference statistics (files replaced, added or removed, or copied anew): FDs from here on "
                      "may not be comparable with the run's earlier ones")
