@@ -105,6 +105,7 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.num_labels = num_classes + int(class_dropout_prob > 0)  # rows of the label table: the null label is the last
+        self.null_row = num_classes if class_dropout_prob > 0 else None  # a row of its own, beside the classes
         self.learn_sigma = learn_sigma
         self.grid = input_size // patch_size
 

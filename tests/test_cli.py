@@ -141,8 +141,8 @@ def test_build_on_cpu_counts_the_same(capsys, plugins):
 
 @pytest.mark.parametrize("override, expected", [
     ("diffusion.null_label=7", "key diffusion.null_label: diffusion.null_label is 7, but the model embeds labels 0..4"),
-    ("model.num_classes=2", "key diffusion.null_label: diffusion.null_label is 4, but the model's label rows 0..2 are "
-     "all classes (data.num_classes 4)"),
+    ("model.num_classes=2", "key data.num_classes: data.num_classes is 4, but the model has 2 classes (labels 0..1; "
+     "its label row 2 is the null label)"),
     ("diffusion.objective=hybrid_vlb", "key diffusion.objective: the hybrid objective needs a learned-sigma output"),
     ("model.input_size=16", "tiny_train.yaml:25: key data.image_size: data.image_size is 8, but the synthetic images "
      "take the model's input size 16"),

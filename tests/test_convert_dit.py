@@ -304,6 +304,7 @@ def test_a_recipe_zoo_build_refuses_is_refused_before_writing(tmp_path, capsys):
             "model.num_heads=2", "--set", "model.num_classes=10", "--set", "diffusion.null_label=10"]
     status = main(["convert", "dit", str(src), "--recipe", "dit_s_2", *tiny, "--out", str(out)])
     assert status == 2 and not out.exists()
-    assert "data.num_classes is 1000, but diffusion.null_label 10 is one of its labels" in capsys.readouterr().err
+    assert "data.num_classes is 1000, but the model has 10 classes (labels 0..9; its label row 10 is the null " \
+        "label)" in capsys.readouterr().err
     assert main(["convert", "dit", str(src), "--recipe", "dit_s_2", *tiny, "--set", "data.num_classes=10",
                  "--out", str(out)]) == 0

@@ -105,3 +105,23 @@ def test_classes_beyond_the_label_table_are_refused_before_the_run_without_label
                        rf"embeds labels 0..{model.num_labels - 1} only") as err:
         check_recipe_fits_model(resolved, model)
     assert err.value.key_path == key
+
+
+@pytest.mark.parametrize("data, null", [(4, 4), (3, 3), (3, 2)])
+def test_a_dit_with_fewer_classes_than_its_data_is_told_so_and_both_fixes_build(data, null, capsys):
+    """A DiT with label dropout has a null row of its own after its model.num_classes rows. Two classes
+    against four in the data were told "the model's label rows 0..2 are all classes", that DiT's
+    class_dropout_prob > 0 would add the row it already had, and first to set diffusion.label_drop=0,
+    itself refused (the model drops labels with class_dropout_prob): the mistake is the class count."""
+    from zoo.cli import main
+
+    recipe = str(RECIPES / "tiny_train.yaml")
+    given = ["--set", "model.num_classes=2", "--set", f"data.num_classes={data}", "--set", f"diffusion.null_label={null}"]
+    assert main(["build", recipe, *given]) == 2
+    err = capsys.readouterr().err
+    assert "key data.num_classes" in err and (f"data.num_classes is {data}, but the model has 2 classes (labels 0..1; "
+                                              "its label row 2 is the null label)") in err, err
+    assert f"(model.num_classes: {data} (and diffusion.null_label: {data}), or data.num_classes: 2 (and " \
+           "diffusion.null_label: 2))" in err
+    for fix in ([f"model.num_classes={data}", f"diffusion.null_label={data}"], ["data.num_classes=2", "diffusion.null_label=2"]):
+        assert main(["build", recipe, *given, *[a for kv in fix for a in ("--set", kv)]]) == 0, capsys.readouterr().err

@@ -205,6 +205,8 @@ def check_null_label(model: nn.Module, null_label: int | None, data_classes: int
     ``guidance``: the label is needed to sample with these settings (else: to drop labels in training),
     which a model whose every row is a class can do without."""
     rows = getattr(model, "num_labels", None)
+    if getattr(model, "null_row", None) is not None and data_classes:  # more classes than the rows before DiT's
+        check_label_rows(model, data_classes, from_data=True)  # own null row: that is the mistake to name
     if null_label is None or not rows or null_label < rows:
         return
     fix = f"--set diffusion.null_label={rows - 1}"
@@ -229,11 +231,17 @@ def check_null_label(model: nn.Module, null_label: int | None, data_classes: int
 def check_label_rows(model: nn.Module, classes: int | None, from_data: bool) -> None:
     """Refuse class labels ``0..classes-1`` that the model has no embedding rows for (``from_data``:
     the count is ``data.num_classes``, else the null label's). Without label dropout nothing else
-    compares them before the first step or sample fails on an out-of-range label."""
-    rows = getattr(model, "num_labels", None)
+    compares them before the first step or sample fails on an out-of-range label. A model with a null
+    row of its own (``null_row``, DiT's beside its ``num_classes``) has that many class rows."""
+    rows, own = getattr(model, "num_labels", None), getattr(model, "null_row", None)
+    key = "data.num_classes" if from_data else "diffusion.null_label"
+    if own is not None and from_data and classes and classes > own:
+        raise UserError(f"data.num_classes is {classes}, but the model has {own} classes (labels 0..{own - 1}; "
+                        f"its label row {own} is the null label)", key_path=key,
+                        suggestion=f"model.num_classes: {classes} (and diffusion.null_label: {classes}), or "
+                        f"data.num_classes: {own} (and diffusion.null_label: {own})")
     if not classes or not rows or classes <= rows:
         return
-    key = "data.num_classes" if from_data else "diffusion.null_label"
     raise UserError(f"{key} is {classes}: labels 0..{classes - 1} are classes, but the model embeds labels "
                     f"0..{rows - 1} only", key_path=key,
                     suggestion=f"set {key} to at most {rows}, or give the model more classes (model.num_classes)")
