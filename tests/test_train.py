@@ -828,3 +828,23 @@ def test_a_recipe_without_a_model_is_named_by_its_file_in_train_and_sample(tmp_p
         assert main(argv) == 2
         assert capsys.readouterr().err == (f"zoo: error: {base}: key model: the recipe has no model section "
                                            "(add model: {type: NAME, ...})\n")
+
+
+def test_a_recipe_made_unconditional_says_which_label_settings_it_no_longer_uses(tmp_path, capsys):
+    """--set model.num_classes=0 on a class-conditional U-ViT recipe trained and sampled without a word: the
+    data's labels, the label dropout, the null label and the guidance scale were dropped silently."""
+    from zoo.training.loop import unconditional_note
+
+    uvit = Path(__file__).parents[1] / "recipes" / "emoji32" / "uvit.yaml"
+    note = unconditional_note(zoo.load_recipe(uvit, ["model.num_classes=0"]))
+    assert note == ("model.num_classes 0 makes the model unconditional: data.num_classes 9 (the data's labels), "
+                    "diffusion.label_drop 0.1, diffusion.null_label 9, sample.cfg.scale 1 (guidance) are not used")
+    assert unconditional_note(zoo.load_recipe(uvit)) is None  # conditional: nothing to say
+    plain = ["model.num_classes=0", "data.num_classes=null", "diffusion.label_drop=0", "diffusion.null_label=null"]
+    assert unconditional_note(zoo.load_recipe(uvit, plain + ["sample.cfg.scale=0"])) is None  # 0: U-ViT's "off"
+    assert unconditional_note(zoo.load_recipe(uvit, plain)).endswith(": sample.cfg.scale 1 (guidance) is not used")
+    synthetic = ["--set", "data.dataset=synthetic", "--set", "data.size=8", "--set", "model.depth=2",
+                 "--set", "model.embed_dim=16", "--set", "train.batch_size=4", "--set", "train.sample_every=0",
+                 "--set", "train.val_every=0", "--set", "model.num_classes=0"]
+    assert main(["train", str(uvit), "--out", str(tmp_path / "run"), "--steps", "1", *synthetic]) == 0
+    assert "zoo train: note: model.num_classes 0 makes the model unconditional: data.num_classes 9" in capsys.readouterr().out

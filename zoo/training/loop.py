@@ -23,7 +23,7 @@ import shlex
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 import zoo
 from zoo.atomic import is_sealed
 from zoo.checkpoint import CONFIG, STEP_NAME, check_replaceable, newest_step, repair_run, save_checkpoint
+from zoo.diffusion.setup import GuidanceSettings
 from zoo.errors import UserError, one_of
 from zoo.memory import require_training_memory
 from zoo.meta import example_inputs
@@ -93,6 +94,25 @@ def set_grad_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
         raise UserError(f"backbone {type(model).__name__} has no set_grad_checkpointing(); "
                         "train.grad_checkpointing needs one", key_path="train.grad_checkpointing")
     switch(enable)
+
+
+def unconditional_note(recipe: Mapping[str, Any]) -> str | None:
+    """What a recipe made unconditional by ``model.num_classes: 0`` (a class-conditional recipe with
+    ``--set model.num_classes=0``) still sets for labels and no longer uses, said once at the start."""
+    declared = (recipe.get("model") or {}).get("num_classes")
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared > 0:
+        return None
+    diffusion, data = recipe.get("diffusion") or {}, recipe.get("data") or {}
+    unused = [f"data.num_classes {data['num_classes']} (the data's labels)"] if data.get("num_classes") else []
+    unused += [f"diffusion.label_drop {diffusion['label_drop']}"] if diffusion.get("label_drop") else []
+    unused += [f"diffusion.null_label {diffusion['null_label']}"] if diffusion.get("null_label") is not None else []
+    cfg = (recipe.get("sample") or {}).get("cfg") or {}
+    if GuidanceSettings(scale=cfg.get("scale"), convention=cfg.get("convention", "dit")).active:
+        unused.append(f"sample.cfg.scale {cfg['scale']:g} (guidance)")
+    if not unused:
+        return None
+    return (f"model.num_classes {declared} makes the model unconditional: {', '.join(unused)} "
+            f"{'is' if len(unused) == 1 else 'are'} not used")
 
 
 def _cpu_has_fast_fp16() -> bool:
@@ -501,6 +521,8 @@ class Trainer(Resuming):
         for key in unread_data_keys(data):
             self.log(f"zoo train: note: data.{key} is set, but dataset {data.get('dataset', 'synthetic')!r} "
                      "does not read it")
+        if note := unconditional_note(self.recipe):
+            self.log(f"zoo train: note: {note}")
         if self.train["precision"] == "fp16" and self.device.type == "cpu" and not _cpu_has_fast_fp16():
             self.log("zoo train: note: this CPU has no fast float16 matmuls (AMX-FP16), so fp16 autocast runs several "
                      "times slower than fp32 here (DiMR emoji demo: 8x); on a CPU use precision bf16 or fp32")
