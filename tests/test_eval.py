@@ -1060,6 +1060,20 @@ def test_non_finite_samples_are_refused_not_scored_as_black_images(run_dir, caps
     assert not list((run_dir.parent / "nan" / "eval").glob("*.json"))
 
 
+def test_samples_that_overflow_fp16_are_refused_naming_fp16_and_another_precision(run_dir, capsys):
+    """As zoo sample: under --precision fp16 the refusal blamed the weights or the solver, where fp16's range
+    (65504) is the cause."""
+    from test_sample import _fp16_overflowing
+
+    model, recipe = load_checkpoint(run_dir / "last")
+    save_checkpoint(run_dir.parent / "big" / "last", _fp16_overflowing(model), recipe, ema=model)
+    code, err = _eval_json(capsys, run_dir.parent / "big", "--precision", "fp16", "--steps", "2", n="4")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "4 of samples 0..3 hold NaN or inf (sampled at precision fp16, whose largest value is 65504" in err
+    assert "no score (sample with --precision bf16 or fp32; if still not finite, check the weights" in err
+    assert not list((run_dir.parent / "big" / "eval").rglob("*.npz"))
+
+
 def test_torchrun_passes_the_sampling_options_to_every_rank():
     """torchrun's own parser takes abbreviations of its options (--n for --nnodes): --set and --respacing
     reach zoo eval as they are, so every rank parses the same options."""

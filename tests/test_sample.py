@@ -426,6 +426,34 @@ def test_samples_that_are_not_finite_are_not_written(tmp_path, capsys):
     assert "2 of the 2 samples hold NaN or inf" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
 
 
+
+def _fp16_overflowing(model):
+    """``model`` with each MLP's hidden activations 3e5 times larger and its output weights 3e5 times smaller:
+    the same function in float32, while fp16 (largest value 65504) overflows between the two layers."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc1.weight.mul_(3e5)
+            block.mlp.fc1.bias.mul_(3e5)
+            block.mlp.fc2.weight.div_(3e5)
+    return model
+
+
+def test_samples_that_overflow_fp16_name_fp16_and_another_precision_first(tmp_path, capsys):
+    """Weights that sample fine in fp32 gave NaN under --precision fp16, and the message blamed the weights or
+    the solver: fp16's range is the cause, and bf16 or fp32 the fix."""
+    from zoo.cli import main
+
+    model, recipe = _trained_like(PIXELS)
+    save_checkpoint(tmp_path / "ckpt", _fp16_overflowing(model), recipe, ema=model)
+    args = ["sample", str(tmp_path / "ckpt"), "--n", "2", "--steps", "2", "--solver", "ddim", "--cfg", "1"]
+    assert main([*args, "--precision", "fp32", "--out", str(tmp_path / "fp32.png")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--precision", "fp16", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 of the 2 samples hold NaN or inf (sampled at precision fp16, whose " in err
+    assert "g.png not written (sample with --precision bf16 or fp32; if still not finite, check the weights" in err
+    assert not (tmp_path / "g.png").exists()
+
 def test_missing_vae_directory_is_a_user_error(tmp_path):
     from zoo.vae import find_vae_weights
 

@@ -521,14 +521,20 @@ def _check_learned_variance(recipe: Mapping[str, Any]) -> None:
                         suggestion="use variance fixed_small (DDPM's, the default) or fixed_large")
 
 
-def refuse_non_finite(x: Tensor, what: str, kept: str) -> None:
+def refuse_non_finite(x: Tensor, what: str, kept: str, precision: str | None = None) -> None:
     """Refuse samples ``x`` (B, ...) that hold NaN or inf: saved, they read as black images (a grid
-    that looks dark, an FD that scores them). ``what`` names the samples, ``kept`` what is not written."""
+    that looks dark, an FD that scores them). ``what`` names the samples, ``kept`` what is not written,
+    ``precision`` the one they were sampled at (:func:`sampling_precision`): fp16's range is named first."""
     bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).sum())
-    if bad:
-        raise UserError(f"{bad} of {what} hold NaN or inf (the model's outputs, or the solver with these "
-                        f"settings, are not finite); {kept}",
-                        suggestion="check the weights (zoo parity / a newer checkpoint) or try --solver ddpm")
+    if not bad:
+        return
+    advice = "check the weights (zoo parity / a newer checkpoint) or try --solver ddpm"
+    if precision == "fp16":  # weights that sample fine in fp32 or bf16 can overflow fp16's activations
+        raise UserError(f"{bad} of {what} hold NaN or inf (sampled at precision fp16, whose largest value is "
+                        f"65504: the model's activations likely overflow it); {kept}",
+                        suggestion=f"sample with --precision bf16 or fp32; if still not finite, {advice}")
+    raise UserError(f"{bad} of {what} hold NaN or inf (the model's outputs, or the solver with these "
+                    f"settings, are not finite); {kept}", suggestion=advice)
 
 
 def sampling_precision(recipe: Mapping[str, Any], given: str | None, dtype: torch.dtype) -> str | None:

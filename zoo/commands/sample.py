@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from zoo.diffusion.setup import guidance_settings
     from zoo.sample import (SampleRequest, build_solver, check_before_weights, check_seed, load_decoder, model_for,
                             label_names, parse_class_labels, recipe_seed, refuse_non_finite, sample_latents, sample_recipe,
-                            save_grid, to_images)
+                            sampling_precision, save_grid, to_images)
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
 
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
     with tqdm(unit=" model calls", desc="zoo sample", disable=None, leave=False) as bar:  # no bar off a terminal
         x, _ = sample_latents(model, recipe, request, device=device, progress=bar.update)
-    refuse_non_finite(x, f"the {x.shape[0]} samples", f"{out} not written")  # a NaN image saves as black
+    refuse_non_finite(x, f"the {x.shape[0]} samples", f"{out} not written",  # a NaN image saves as black
+                      sampling_precision(recipe, args.precision, getattr(torch, args.dtype)))
     images = to_images(x, recipe, args.vae, device=device, decoder=decoder)
     path = save_grid(images, out)
     count = f"{images.shape[0]} image{'s' * (images.shape[0] != 1)}"

@@ -142,7 +142,7 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     generators = solver_generators(seed, start, count)
     with inference_precision(precision, device):
         x = solver.sample(eps_fn, x_T, schedule=schedule, generator=generators)
-    refuse_non_finite(x, f"samples {start}..{stop - 1}", "no shard written for them, and no score")
+    refuse_non_finite(x, f"samples {start}..{stop - 1}", "no shard written for them, and no score", precision)
     images = to_images(x.float().cpu(), recipe, None, device=device, decoder=decoder)
     return to_uint8(images * 2 - 1), labels
 
