@@ -17,6 +17,8 @@ from zoo.errors import UserError
 from zoo.training import Trainer, train
 from zoo.training.compile_check import check_compile_toolchain
 
+from tiny_run import plain_recipe
+
 HERE = Path(__file__).parent / "recipes"
 QUIET = lambda *_: None  # noqa: E731
 SMALL = ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=1", "train.warmup_steps=0"]
@@ -294,6 +296,37 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(
                  "--set", "train.sample_every=0"])
     err = capsys.readouterr().err
     assert code == 1 and "not finite at step 2" in err and f"{out / 'last'} holds step 1" in err
+    assert "). Lower train.lr or set train.grad_clip" in err  # the resumed weights come from updates at this lr
+
+
+def test_a_non_finite_loss_before_the_first_update_does_not_blame_the_learning_rate(tmp_path):
+    """Before the optimizer's first step (step 1 of a run, or later where fp16's scaler skipped every step)
+    the weights are the ones the run started from: 'Lower train.lr' (said first, also under fp16) cannot
+    help; fp16's range is what to try first. After an update the advice stays as it was."""
+    from zoo.training.loop import NonFiniteError
+
+    def message(before: str, precision: str = "fp16") -> str:
+        """The message of a step on a batch whose loss is not finite, after no step, a skipped or a taken one."""
+        trainer = Trainer(plain_recipe(f"train.precision={precision}"), tmp_path / before / precision, log=QUIET)
+        if before != "none":
+            first = next(p for p in trainer.model.parameters() if p.requires_grad)
+            hook = first.register_hook(lambda g: torch.full_like(g, float("inf")) if before == "skipped" else g)
+            trainer.train_step(*next(trainer.batches))  # skipped: a fused AdamW still makes its state (step 0)
+            trainer.step += 1
+            hook.remove()
+        x, y = next(trainer.batches)
+        with pytest.raises(NonFiniteError, match=f"the loss is not finite at step {trainer.step + 1}") as caught:
+            trainer.train_step(x * float("inf"), y)
+        return str(caught.value)
+
+    fresh = " (no update was made yet: train.lr and train.grad_clip act only on updates)"
+    assert message("none", "fp32").endswith("written). Check the model and diffusion sections" + fresh)
+    assert message("none").endswith("written). Use precision bf16 (or fp32) instead of fp16 or check the model "
+                                    "and diffusion sections" + fresh)
+    assert message("skipped").endswith("written). Use precision bf16 (or fp32) instead of fp16 or check the "
+                                       "model and diffusion sections" + fresh)
+    assert message("taken").endswith("written). Lower train.lr, set train.grad_clip or use precision bf16 "
+                                     "(or fp32) instead of fp16")
 
 
 def test_resume_refuses_a_changed_model_or_diffusion_section(tmp_path, capsys):

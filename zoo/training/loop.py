@@ -58,11 +58,11 @@ class NonFiniteError(RuntimeError):
 
     def __init__(self, step: int, what: str, last: int | None, where: Path | None = None,
                  train: dict | None = None, stopped: str = "stopped without updating the weights",
-                 remedy: str | None = None) -> None:
+                 remedy: str | None = None, updated: bool = True) -> None:
         kept = (f"{where or 'last/'} holds step {last}, the last finite checkpoint" if last is not None
                 else "no checkpoint was written")
         super().__init__(f"{what} is not finite at step {step}; {stopped} ({kept}). "
-                         f"{remedy or _remedies(train or {})}")
+                         f"{remedy or _remedies(train or {}, updated)}")
         self.step = step
 
 
@@ -76,15 +76,24 @@ FP16_OVERFLOW = ("Use precision bf16 (or fp32) instead of fp16: this model's fp1
                  "even unscaled (train.lr and train.grad_clip act only on steps that were taken)")
 
 
-def _remedies(train: dict) -> str:
-    """What to try after a non-finite step, given what the run already does."""
-    tries = ["lower train.lr"]
-    if not train.get("grad_clip"):
-        tries.append("set train.grad_clip")
-    if train.get("precision") == "fp16":
-        tries.append("use precision bf16 (or fp32) instead of fp16")
-    text = one_of(tries)
+def _remedies(train: dict, updated: bool = True) -> str:
+    """What to try after a non-finite step, given what the run already does. ``updated``: whether the
+    optimizer has taken a step; before its first, the weights are the ones the run started from, and
+    neither train.lr nor train.grad_clip (they act on updates) can be the cause."""
+    fp16 = ["use precision bf16 (or fp32) instead of fp16"] if train.get("precision") == "fp16" else []
+    if updated:
+        text = one_of(["lower train.lr", *([] if train.get("grad_clip") else ["set train.grad_clip"]), *fp16])
+    else:
+        start = "train.init_from's weights" if train.get("init_from") else "the model and diffusion sections"
+        text = (one_of([*fp16, f"check {start}"]) +
+                " (no update was made yet: train.lr and train.grad_clip act only on updates)")
     return text[0].upper() + text[1:]
+
+
+def _has_updated(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer has taken a step, in this process or before a resume: AdamW's per-weight step
+    counts (a fused AdamW creates them at 0 on a step fp16's scaler skips). Reads the device: for error paths."""
+    return any(float(state.get("step", 0)) > 0 for state in optimizer.state.values())
 
 
 def set_grad_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
@@ -416,7 +425,7 @@ class Trainer(Resuming):
         if not finite_loss or (not finite_grad and not self.scaler.is_enabled()):  # fp16: the scaler skips inf steps
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(self.step + 1, "the loss" if not finite_loss else "the gradient norm", self.last_saved,
-                                 self.last_dir, self.train)
+                                 self.last_dir, self.train, updated=_has_updated(self.optimizer))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if scale and not finite_grad and scale[0] * self.scaler.get_backoff_factor() < 1.0:
