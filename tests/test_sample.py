@@ -802,3 +802,29 @@ def test_a_checkpoint_whose_recorded_solver_is_not_installed_samples_with_anothe
     err = capsys.readouterr().err
     assert "key sample.solver.type: unknown solver 'uninstalled_solver'" in err
     assert err.rstrip().endswith("(sample with one of the known solvers: --solver NAME)")  # what to do now
+
+
+def test_the_known_solvers_hint_is_for_a_recorded_solver_not_installed_only(tmp_path, capsys, checkpoint):
+    """zoo sample and zoo eval added "sample with one of the known solvers" to any sample.solver error, the
+    user's own --set mistakes included; and --solver on such a checkpoint was named as a --set never typed."""
+    import json
+
+    hint = "known solvers: --solver NAME"
+    out = ["--n", "2", "--out", str(tmp_path / "s.png")]
+    for flags in (["--set", "sample.solver.steps=0"], ["--set", "sample.solver.nosuchkey=1"],
+                  ["--set", "sample.solver=nosuch3"]):
+        for command in (["sample", str(checkpoint), *out], ["eval", str(checkpoint), "--n", "2", "--ref", "synthetic",
+                                                           "--out", str(tmp_path / "ev")]):
+            assert main([*command, *flags]) == 2
+            err = capsys.readouterr().err
+            assert f"{flags[1]}: key sample.solver" in err and hint not in err, err
+    recipe = zoo.load_recipe(RECIPES / "tiny_train.yaml")
+    save_checkpoint(tmp_path / "ckpt", zoo.build_model(recipe), recipe)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["recipe"]["sample"]["solver"] = {"type": "uninstalled_solver", "steps": 3}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    for ckpt in (checkpoint, tmp_path / "ckpt"):
+        assert main(["sample", str(ckpt), *out, "--solver", "nosuch2"]) == 2
+        assert "error: --solver nosuch2: key sample.solver.type: unknown solver 'nosuch2'" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "ckpt"), *out, "--set", "sample.solver=nosuch3"]) == 2
+    assert hint not in capsys.readouterr().err

@@ -341,20 +341,24 @@ def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str
     were trained under are refused; ``solver`` with ``--set sample.solver.KEY=...`` as in :func:`load_model`).
     Reads no weights: cheap enough to check a command's options before anything slow."""
     from zoo.api import load_model_recipe
-    from zoo.checkpoint import load_recipe_of
+    from zoo.checkpoint import CONFIG, load_recipe_of
 
     path = Path(source)
     read = (lambda o: load_recipe_of(path, o)) if path.is_dir() else (lambda o: load_model_recipe(source, o))
     given = list(overrides)
-    overrides = [*_solver_choice(read, solver, given), *given]
+    chosen = _solver_choice(read, solver, given)
+    overrides = [*chosen, *given]
     if path.is_dir() and any(override_key(o)[0] == "model" for o in overrides):
         raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                         "--set may change the other sections only")
     try:
         recipe = read(overrides)  # a mistake in a checkpoint's names its config.json
-    except UserError as err:  # a recorded solver not installed here: another one samples the same weights
-        if path.is_dir() and solver is None and (err.key_path or "").startswith("sample.solver"):
-            other = "sample with one of the known solvers: --solver NAME"
+    except UserError as err:
+        if chosen and err.file == f"--set {chosen[0]}":  # the override --solver made, not one the user typed
+            err.file, err.line = f"--solver {solver}", None
+        recorded = path.is_dir() and err.file == str(path / CONFIG)  # not the user's --set
+        if recorded and solver is None and (err.key_path or "").startswith("sample.solver"):
+            other = "sample with one of the known solvers: --solver NAME"  # they sample the same weights
             err.suggestion = f"{err.suggestion}; or {other}" if err.suggestion else other
         raise
     if solver is not None and any(override_key(o) in (("sample", "solver"), ("sample", "solver", "type"))
