@@ -346,6 +346,25 @@ def test_a_bad_eval_ref_is_named_as_the_recipe_key(tmp_path, ref, said):
         assert err.value.suggestion == "--set train.eval_ref=emoji32:train"
 
 
+def test_an_eval_ref_of_other_statistics_names_the_recipe_keys(tmp_path):
+    """A train.eval_ref .npz of another extractor's statistics was refused with zoo eval's flags
+    ("evaluate with --extractor inception", "--extractor-weights ..."), which zoo train has not."""
+    from zoo.errors import UserError
+
+    mu, sigma = np.zeros(4), np.eye(4)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma, extractor=np.str_("inception"))
+    np.savez(tmp_path / "adm.npz", mu=mu, sigma=sigma)
+    said = {}
+    for name in ("stats", "adm"):
+        with pytest.raises(UserError) as err:
+            _hook(tmp_path, [f"train.eval_ref={tmp_path / name}.npz"]).prepare()
+        said[name] = str(err.value)
+        assert "--extractor" not in said[name], said[name]
+    assert said["stats"].endswith("holds inception statistics; evaluate with --set train.eval_extractor=inception")
+    assert "which only --set train.eval_extractor=inception uses (--set train.eval_extractor=inception with " \
+           "ZOO_INCEPTION_WEIGHTS=/path/to/pt_inception-2015-12-05-6726825d.pth in the environment, or" in said["adm"]
+
+
 def test_a_run_keyed_by_its_typed_paths_resumes_without_a_note(tmp_path, monkeypatch):
     """Runs started before the key resolved paths recorded the key of ./imgs/ as typed: their resume with the
     same spelling must not say its FDs are not comparable (a key of other images still does)."""

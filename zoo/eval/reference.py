@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -35,10 +36,32 @@ from torch import Tensor
 
 from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file, write_text
 from zoo.errors import UserError
-from zoo.eval.extractors import INCEPTION_FILE, extractor_output
+from zoo.eval.extractors import INCEPTION_ENV, INCEPTION_FILE, extractor_output
 from zoo.eval.metrics import Features, Reference
 from zoo.cache import cache_root
 from zoo.eval.stats import feature_statistics
+
+
+@dataclass(frozen=True)
+class RefOptions:
+    """What a reference's messages call the options that chose it: zoo eval's flags (the default), or
+    the recipe keys of zoo train's train.eval_every."""
+
+    ref: str = "--ref"
+    extractor: str = "--extractor"
+    inception_weights: str = f"--extractor-weights {INCEPTION_FILE}"  # follows the choice of inception
+    recipe_keys: bool = False  # given as --set KEY=VALUE
+
+    def given(self, option: str, value: str) -> str:
+        """``option`` (``"ref"``, ``"extractor"``) set to ``value``: ``--ref emoji32`` or
+        ``--set train.eval_ref=emoji32``."""
+        name = getattr(self, option)
+        return f"--set {name}={value}" if self.recipe_keys else f"{name} {value}"
+
+
+EVAL_OPTIONS = RefOptions()
+TRAIN_OPTIONS = RefOptions("train.eval_ref", "train.eval_extractor",  # (zoo train reads Inception's weights from there)
+                           f"with {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} in the environment", recipe_keys=True)
 
 CACHE_VERSION = 2  # 2: image folders composite transparency on white and read 16-bit PGMs and float TIFFs at scale
 
@@ -110,29 +133,30 @@ def array_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int
         yield chunk, None if labels is None else labels[start:start + batch_size]
 
 
-def dataset_reference(spec: str) -> tuple[str, str]:
+def dataset_reference(spec: str, options: RefOptions = EVAL_OPTIONS) -> tuple[str, str]:
     """(dataset, split) that ``--ref NAME[:SPLIT]`` means: a dataset's ``holdout`` split when it has
     one and none is named, so ``emoji32`` and ``emoji32:holdout`` are one reference."""
     from zoo import registry
 
     name, _, split = spec.partition(":")
     if name not in registry.names("dataset"):
-        raise UserError(f"--ref {spec!r} is neither an .npz file, an image folder nor a registered dataset "
+        raise UserError(f"{options.ref} {spec!r} is neither an .npz file, an image folder nor a registered dataset "
                         f"({', '.join(registry.names('dataset'))})")
     splits = getattr(registry.get("dataset", name), "splits", ())
     split = split or ("holdout" if "holdout" in splits else "")
     if split and split not in splits:
         raise UserError(f"dataset {name} has no split {split!r}" + (f"; its splits are {', '.join(splits)}" if splits
-                        else " (it has none)"), suggestion=f"--ref {name}" + (f":{splits[0]}" if splits else ""))
+                        else " (it has none)"),
+                        suggestion=options.given("ref", name + (f":{splits[0]}" if splits else "")))
     return name, split
 
 
-def reference_name(spec: str) -> str:
+def reference_name(spec: str, options: RefOptions = EVAL_OPTIONS) -> str:
     """One name per reference ``spec`` (``--ref``, ``train.eval_ref``): an existing path resolved (``imgs``,
     ``./imgs/`` and its absolute path are one folder), a dataset with its split (``emoji32`` = ``emoji32:holdout``)."""
     if _names_a_path(spec):
         return str(Path(spec).expanduser().resolve())
-    return ":".join(dataset_reference(spec))
+    return ":".join(dataset_reference(spec, options))
 
 
 def _names_a_path(spec: str) -> bool:
@@ -142,7 +166,8 @@ def _names_a_path(spec: str) -> bool:
     return path.exists() or path.suffix.lower() == ".npz" or os.sep in spec
 
 
-def files_stamp(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None) -> str:
+def files_stamp(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
+                options: RefOptions = EVAL_OPTIONS) -> str:
     """What a reference's files are now: an .npz's size and time, a folder's listing (every image's name,
     label, size and time), the same listing of the recipe's root for a dataset that reads one
     (``image_folder``); for a dataset whose images zoo makes, its name."""
@@ -151,7 +176,7 @@ def files_stamp(spec: str, image_size: int, recipe: Mapping[str, Any] | None = N
         stat = path.stat()
         return f"{stat.st_size}:{stat.st_mtime_ns}"
     if path.is_dir() or not _names_a_path(spec):
-        return _images_source(spec, image_size, recipe)[0]
+        return _images_source(spec, image_size, recipe, options)[0]
     return ""  # a missing file: refused where it is read
 
 
@@ -169,7 +194,7 @@ def items_stamp(dataset: Any) -> str:
 
 
 def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
-                   ) -> tuple[str, Callable[[int], Iterator], int, list[str]]:
+                   options: RefOptions = EVAL_OPTIONS) -> tuple[str, Callable[[int], Iterator], int, list[str]]:
     """(identity for the cache key, batches(batch_size), count, class names or ``[]``) of a folder or
     dataset reference.
 
@@ -195,7 +220,7 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
             made_from = _latents_made_from(path)
             if made_from is not None:  # zoo prepare-latents output: the reference is the images it encoded
                 raise UserError(f"reference folder {path} holds latents (zoo prepare-latents output), not images",
-                                suggestion=f"pass the images they were made from: --ref {made_from}")
+                                suggestion="pass the images they were made from: " + options.given("ref", made_from))
             raise UserError(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}), neither in "
                             f"itself nor in class subfolders", suggestion=f"lay it out as {path}/IMAGE or "
                             f"{path}/CLASS/IMAGE")
@@ -206,20 +231,22 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     from zoo import registry
     from zoo.training.data import reads_root
 
-    name, split = dataset_reference(spec)
+    name, split = dataset_reference(spec, options)
     build = registry.get("dataset", name)
     own = dict((recipe or {}).get("data") or {})
     trains_on = recipe is not None and own.get("dataset", "synthetic") == name  # (no data section: synthetic)
     own = own if trains_on else {}
     if name == "synthetic" and not trains_on:
-        raise UserError(f"--ref {spec}: synthetic images are made from a recipe's data section, and this model's "
-                        "recipe trains on other data", suggestion="pass an image folder, an .npz or emoji32")
+        raise UserError(f"{options.ref} {spec}: synthetic images are made from a recipe's data section, and this "
+                        "model's recipe trains on other data", suggestion="pass an image folder, an .npz or emoji32")
     if own.get("latent"):  # its items are latents: nothing in it is an image the decoded samples could match
-        raise UserError(f"--ref {spec}: this model's {name} training data are latents, not images",
-                        suggestion="pass the images they were made from: --ref /path/to/images, or an .npz")
+        raise UserError(f"{options.ref} {spec}: this model's {name} training data are latents, not images",
+                        suggestion="pass the images they were made from: " + options.given("ref", "/path/to/images")
+                        + ", or an .npz")
     if not own.get("root") and reads_root(build):
-        raise UserError(f"--ref {spec} reads its images from a data.root, and this model's recipe sets none for it",
-                        suggestion="pass the image folder itself: --ref /path/to/images (CLASS/IMAGE inside)")
+        raise UserError(f"{options.ref} {spec} reads its images from a data.root, and this model's recipe sets none "
+                        "for it", suggestion="pass the image folder itself: " + options.given("ref", "/path/to/images")
+                        + " (CLASS/IMAGE inside)")
     data = {**own, "dataset": name, "image_size": image_size, **({"split": split} if split else {})}
     if name == "synthetic":
         data.pop("image_size")  # the synthetic images take the model's input size, given as the shape
@@ -337,7 +364,8 @@ def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features:
     return mu, sigma, features
 
 
-def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_size: int) -> Reference:
+def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_size: int,
+                   options: RefOptions = EVAL_OPTIONS) -> Reference:
     def statistics(mu, sigma, features=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         return _checked_statistics(path, mu, sigma, features, extractor,
                                    feature_dimension(extractor, image_size, device))
@@ -347,7 +375,8 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
         made_by = str(f["extractor"]) if "extractor" in keys else None
         if made_by is not None:  # a statistics file zoo wrote
             if made_by != extractor.name:
-                raise UserError(f"{path} holds {made_by} statistics; evaluate with --extractor {made_by}")
+                raise UserError(f"{path} holds {made_by} statistics; evaluate with "
+                                + options.given("extractor", made_by))
             labels = f["labels"] if "labels" in keys else None
             checked = statistics(f["mu"], f["sigma"], f["features"] if "features" in keys else None)
             if "resolution" in keys:  # (files written before zoo recorded it: used without the check)
@@ -358,10 +387,11 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
             if {"mu", "sigma"} <= keys and extractor.name == "inception":
                 return Reference(*statistics(f["mu"], f["sigma"]), None, source=str(path))  # (no labels)
             if {"mu", "sigma"} <= keys:  # pytorch-fid's or ADM's statistics: of Inception features, nothing else's
+                inception = options.given("extractor", "inception")
                 raise UserError(f"{path} holds mu/sigma and no images (arr_0): Inception statistics (pytorch-fid, "
-                                "ADM), which only --extractor inception uses",
-                                suggestion=f"--extractor inception --extractor-weights {INCEPTION_FILE}, or a "
-                                "reference with images: an .npz with arr_0, an image folder or a dataset")
+                                f"ADM), which only {inception} uses",
+                                suggestion=f"{inception} {options.inception_weights}, or a reference with images: "
+                                "an .npz with arr_0, an image folder or a dataset")
             raise UserError(f"{path} has no images (arr_0) and no {extractor.name} statistics",
                             suggestion=NPZ_FORMATS)
         images = f["arr_0"]
@@ -388,19 +418,21 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
 
 
 def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, device="cpu",
-                   log: Callable[[str], None] = print, recipe: Mapping[str, Any] | None = None) -> Reference:
+                   log: Callable[[str], None] = print, recipe: Mapping[str, Any] | None = None,
+                   options: RefOptions = EVAL_OPTIONS) -> Reference:
     """The :class:`Reference` for ``--ref`` (see the module docstring), from the cache when it is there;
-    ``recipe``: the model's, whose data section builds a dataset reference it trains on."""
+    ``recipe``: the model's, whose data section builds a dataset reference it trains on; ``options``:
+    what its messages call the caller's options."""
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz":  # REF.NPZ too: the suffix's case says nothing about the format
         if not path.is_file():
             raise UserError(f"reference file {path} " + ("is a directory" if path.is_dir() else "does not exist"))
         try:
-            return _npz_reference(path, extractor, batch_size, device, log, image_size)
+            return _npz_reference(path, extractor, batch_size, device, log, image_size, options)
         except NPZ_ERRORS as err:
             raise UserError(f"cannot read reference {path}: {unreadable_npz(err, path)}",
                             suggestion=NPZ_FORMATS) from None
-    identity, batches, count, classes = _images_source(spec, image_size, recipe)
+    identity, batches, count, classes = _images_source(spec, image_size, recipe, options)
     if count < 2:
         raise UserError(f"reference {spec} has {count} image(s); statistics need at least 2")
     reference = _from_cache_or_compute(identity, extractor, lambda: batches(batch_size), device, spec, log,

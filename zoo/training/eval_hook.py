@@ -131,9 +131,9 @@ class FDHook:
 
     def _identity(self) -> str:
         from zoo.eval.reference import CACHE_VERSION  # how images are read: statistics of older pixels are not these
-        from zoo.eval.reference import reference_name
+        from zoo.eval.reference import TRAIN_OPTIONS, reference_name
 
-        source = self.source if self.ref_spec is None else reference_name(str(self.ref_spec))
+        source = self.source if self.ref_spec is None else reference_name(str(self.ref_spec), TRAIN_OPTIONS)
         return json.dumps({"source": source, "data": self.data, "image_size": self.image_size, "seed": self.seed,
                            "extractor": self.extractor.describe(), "v": CACHE_VERSION, "files": self._files()},
                           sort_keys=True, default=str)
@@ -141,11 +141,11 @@ class FDHook:
     def _files(self) -> str:
         """The reference files' stamp (names, labels, sizes, times; ``""`` for images zoo makes): a folder whose
         images were replaced since the statistics were made is measured again. Taken once per process."""
-        from zoo.eval.reference import files_stamp, items_stamp
+        from zoo.eval.reference import TRAIN_OPTIONS, files_stamp, items_stamp
 
         if self._stamp is None:
             self._stamp = (items_stamp(self.dataset) if self.dataset is not None else
-                           files_stamp(str(self.ref_spec), self.image_size, self.recipe))
+                           files_stamp(str(self.ref_spec), self.image_size, self.recipe, TRAIN_OPTIONS))
         return self._stamp
 
     @property
@@ -176,17 +176,7 @@ class FDHook:
 
     def prepare(self) -> Path:
         """The run's reference statistics: read back when this run computed them already, else computed now."""
-        try:
-            return self._prepare()
-        except UserError as err:  # zoo eval's words for its --ref: here the recipe's train.eval_ref said it
-            if self.ref_spec is not None:
-                if err.message.startswith("--ref "):
-                    err.message = "train.eval_ref " + err.message[len("--ref "):]
-                err.suggestion = err.suggestion and err.suggestion.replace("--ref ", "--set train.eval_ref=")
-            raise
-
-    def _prepare(self) -> Path:
-        from zoo.eval.reference import _dataset_batches, extract, load_reference, save_npz
+        from zoo.eval.reference import TRAIN_OPTIONS, _dataset_batches, extract, load_reference, save_npz
         from zoo.eval.stats import feature_statistics
 
         identity, key, earlier, earlier_key = self._identity(), self.reference_key, None, None
@@ -214,7 +204,7 @@ class FDHook:
         with _rng_kept(self.device), torch.no_grad():
             if self.dataset is None:  # (an .npz of another size was warned about here; its size is not known)
                 ref = load_reference(self.ref_spec, self.extractor, self.image_size, batch, self.device, self.log,
-                                     recipe=self.recipe)
+                                     recipe=self.recipe, options=TRAIN_OPTIONS)
                 mu, sigma = ref.mu, ref.sigma
             else:  # the run's own images, at the samples' size: recorded, as zoo eval's statistics files do
                 feats = extract(self.extractor, _dataset_batches(self.dataset, batch), self.device)
