@@ -48,11 +48,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _checked(path: Path, expected: str, what: str) -> str:
-    """``path``'s sha256, checked to be ``expected`` (``what`` the file should be)."""
+def _checked(path: Path, expected: str, what: str, fetch: str | None = None) -> str:
+    """``path``'s sha256, checked to be ``expected`` (``what`` the file should be; ``fetch``: how to get it)."""
     if not path.is_file():
         raise UserError(f"extractor weights {path} " + ("is a directory" if path.is_dir() else "do not exist"),
-                        suggestion=f"pass {what} with --extractor-weights PATH")
+                        suggestion=fetch or f"pass {what} with --extractor-weights PATH")
     actual = sha256_file(path)
     if actual != expected:
         raise UserError(f"{path} is not {what}: its sha256 is {actual[:16]}..., expected {expected[:16]}...")
@@ -94,13 +94,13 @@ class InceptionV3(Extractor):
     def __init__(self, weights: str | None = None) -> None:
         super().__init__()
         path = weights or os.environ.get(INCEPTION_ENV)
-        if not path or not Path(path).is_file():
-            given = f"{path} does not exist; " if path else ""
-            raise UserError(
-                f"{given}the inception extractor needs pytorch-fid's weights file {INCEPTION_FILE} (95 MB); nothing "
-                f"is downloaded at run time: fetch {INCEPTION_URL} on a machine with network access and pass "
-                f"--extractor-weights PATH (or set {INCEPTION_ENV}); --extractor efficientnet_lite0 works offline")
-        self.weights_file, self.weights_sha256 = str(path), _checked(Path(path), INCEPTION_SHA256, INCEPTION_FILE)
+        fetch = (f"the inception extractor needs pytorch-fid's weights file {INCEPTION_FILE} (95 MB); nothing is "
+                 f"downloaded at run time: fetch {INCEPTION_URL} on a machine with network access and pass "
+                 f"--extractor-weights PATH (or set {INCEPTION_ENV}); --extractor efficientnet_lite0 works offline")
+        if not path:
+            raise UserError(fetch)
+        self.weights_file, self.weights_sha256 = str(path), _checked(Path(path), INCEPTION_SHA256, INCEPTION_FILE,
+                                                                     fetch)
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         # torch-fidelity reads its weights with weights_only=False; it gets a copy of what we read
