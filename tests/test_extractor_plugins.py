@@ -119,6 +119,34 @@ def test_a_named_tuple_keeps_the_contract_and_one_dimensional_logits_break_it():
         extractor_output(build_extractor("feat_flat"), images)
 
 
+def test_features_or_logits_of_no_width_or_a_changing_one_are_named():
+    """Features (B, 0) passed the contract and gave an FD of 0.0 against any reference; features whose
+    width changed between batches were a raw numpy ValueError from np.concatenate."""
+    from zoo.eval.reference import extract
+
+    class Shaped(Extractor):
+        def __init__(self, widths):
+            super().__init__()
+            self.widths = list(widths)
+
+        def forward(self, images):
+            d, k = self.widths.pop(0)
+            return torch.ones(len(images), d), None if k is None else torch.ones(len(images), k)
+
+    batches = [(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), None)] * 2
+    for widths, said in (([(0, None)] * 2, r"returned features of width 0 for 2 images"),
+                         ([(3, 0)] * 2, r"returned logits of width 0 for 2 images"),
+                         ([(3, None), (4, None)], r"returned features \(B, 4\) for a batch of 2 images after "
+                                                  r"features \(B, 3\) for the batches before"),
+                         ([(3, 5), (3, None)], r"returned features \(B, 3\) for a batch of 2 images after "
+                                               r"features \(B, 3\) and logits \(B, 5\)")):
+        extractor = Shaped(widths)
+        extractor.name = "feat_shaped"
+        with pytest.raises(UserError, match=r"^extractor feat_shaped \(.*Shaped\) " + said):
+            extract(extractor, batches)
+    assert extract(Shaped([(3, 5), (3, 5)]), batches).features.shape == (4, 3)
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "inception"])
 def test_a_missing_weights_file_of_a_built_in_extractor_is_one_line(tmp_path, name):
     """efficientnet_lite0 with a --extractor-weights path that is not there was a FileNotFoundError

@@ -208,11 +208,14 @@ def build_extractor(name: str, weights: str | None = None, device: str | torch.d
     return extractor.eval().requires_grad_(False).to(device)
 
 
-def extractor_output(extractor: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+def extractor_output(extractor: nn.Module, images: Tensor,
+                     widths: tuple[int, int | None] | None = None) -> tuple[Tensor, Tensor | None]:
     """``extractor(images)``, checked to be the ``(features (B, D), logits (B, K) or None)`` pair every
-    extractor returns: a plugin's bare tensor was unpacked along its batch (a traceback, or at batch 2
-    its two rows taken as features and logits)."""
+    extractor returns, D and K at least 1: a plugin's bare tensor was unpacked along its batch (a traceback,
+    or at batch 2 its two rows taken as features and logits), and zero features gave an FD of 0 against
+    anything. ``widths``: the ``(D, K or None)`` of the batches before, which this one must keep."""
     out = extractor(images)
+    who = f"extractor {getattr(extractor, 'name', '?')} ({type(extractor).__module__}.{type(extractor).__name__})"
     ok = (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor) and out[0].ndim == 2
           and out[0].shape[0] == len(images) and (out[1] is None or (isinstance(out[1], Tensor) and out[1].ndim == 2
                                                                      and out[1].shape[0] == len(images))))
@@ -220,8 +223,16 @@ def extractor_output(extractor: nn.Module, images: Tensor) -> tuple[Tensor, Tens
         got = (f"a tuple of {len(out)}" if isinstance(out, tuple) and len(out) != 2 else
                f"shapes {[tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in out]}"
                if isinstance(out, tuple) else f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-        raise ContractError(f"extractor {getattr(extractor, 'name', '?')} ({type(extractor).__module__}."
-                            f"{type(extractor).__name__}) returned {got} for {len(images)} images; an extractor "
+        raise ContractError(f"{who} returned {got} for {len(images)} images; an extractor "
                             "returns (features (B, D), logits (B, K) or None)",
                             suggestion="return (features, None) from an extractor without logits")
+    now = (int(out[0].shape[1]), None if out[1] is None else int(out[1].shape[1]))
+    if 0 in now:
+        raise ContractError(f"{who} returned {'features' if now[0] == 0 else 'logits'} of width 0 for {len(images)} "
+                            "images: an FD of no features is 0 against any reference",
+                            suggestion="return features (B, D) and logits (B, K) or None, D and K at least 1")
+    if widths is not None and now != widths:
+        shown = [f"features (B, {d})" + ("" if k is None else f" and logits (B, {k})") for d, k in (now, widths)]
+        raise ContractError(f"{who} returned {shown[0]} for a batch of {len(images)} images after {shown[1]} for "
+                            "the batches before", suggestion="return the same D (and K) for every batch of images")
     return out

@@ -86,8 +86,9 @@ def extract(extractor, batches: Iterable[tuple[Tensor, Tensor | None]], device: 
             progress: Callable[[int], None] | None = None) -> Features:
     """Run ``extractor`` over batches of (uint8 images (B, 3, H, W), labels (B,) or None)."""
     feats, logits, labels = [], [], []
-    for images, y in batches:
-        f, l = extractor_output(extractor, images.to(device))
+    for images, y in batches:  # every batch with the first one's widths: np.concatenate would refuse them raw
+        f, l = extractor_output(extractor, images.to(device),
+                                (feats[0].shape[1], logits[0].shape[1] if logits else None) if feats else None)
         feats.append(f.double().cpu().numpy())
         if l is not None:
             logits.append(l.double().cpu().numpy())
