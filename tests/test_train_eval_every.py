@@ -161,6 +161,9 @@ def test_missing_extractor_weights_is_one_line_before_any_step(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "pt_inception-2015-12-05-6726825d.pth" in err and "ZOO_INCEPTION_WEIGHTS" in err
+    # zoo train has no --extractor flags: the message names what it reads (the variable, the recipe key)
+    assert "set ZOO_INCEPTION_WEIGHTS=PATH (what zoo train's train.eval_every reads)" in err
+    assert "efficientnet_lite0 (--extractor, train.eval_extractor) works offline" in err
     assert not (out / "log.jsonl").exists()
 
 

@@ -97,7 +97,8 @@ class InceptionV3(Extractor):
         path = weights or os.environ.get(INCEPTION_ENV)
         fetch = (f"the inception extractor needs pytorch-fid's weights file {INCEPTION_FILE} (95 MB); nothing is "
                  f"downloaded at run time: fetch {INCEPTION_URL} on a machine with network access and pass "
-                 f"--extractor-weights PATH (or set {INCEPTION_ENV}); --extractor efficientnet_lite0 works offline")
+                 f"--extractor-weights PATH, or set {INCEPTION_ENV}=PATH (what zoo train's train.eval_every reads); "
+                 "efficientnet_lite0 (--extractor, train.eval_extractor) works offline")
         if not path:
             raise UserError(fetch)
         path = user_path(path)  # --extractor-weights=~/x: bash leaves the ~ after "="
