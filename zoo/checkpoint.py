@@ -376,9 +376,7 @@ def _checkpoint_dir(directory: str | Path) -> Path:
         raise UserError(f"{directory} is a file, not a checkpoint directory ({CONFIG} + {MODEL})")
     problems = atomic.missing_or_truncated(directory, CONFIG)
     if problems and not directory.exists():  # its record was read, then it went: not a broken save
-        raise UserError(f"checkpoint {directory} was deleted while it was being read",
-                        suggestion="a running zoo train deletes its older step_* checkpoints (train.keep_last): "
-                        "read last/ or a newer step_*")
+        raise deleted_while_read(directory)
     if problems:
         newest = newest_step(directory.parent) if directory.name == "last" else None
         raise UserError(f"checkpoint {directory} is incomplete: {'; '.join(problems)}",
@@ -424,7 +422,42 @@ def saved_files_identity(directory: Path) -> tuple:
             return None
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
-    return tuple(identity(directory / name) for name in (CONFIG, MODEL, EMA))
+    return tuple(identity(directory / name) for name in (CONFIG, MODEL, EMA, TRAINER_STATE))
+
+
+def deleted_while_read(directory: Path) -> UserError:
+    """The error for a checkpoint that went while it was read (a running zoo train pruning it)."""
+    return UserError(f"checkpoint {directory} was deleted while it was being read",
+                     suggestion="a running zoo train deletes its older step_* checkpoints (train.keep_last): "
+                     "read last/ or a newer step_*")
+
+
+def read_whole(directory: str | Path, read: Callable[[], Any], tries: int = 3, pause_s: float = 0.05) -> Any:
+    """``read()`` of checkpoint ``directory``'s files, all of one save. A running zoo train replaces its
+    ``last/`` with each save and deletes older ``step_*`` (``train.keep_last``): a read that a save overlapped
+    is done again (a weights file of one save beside the trainer state of the next resumed silently); one
+    of a checkpoint that is gone says it was deleted (it did not fall back to anything else)."""
+    import time
+
+    directory = Path(directory)
+    for attempt in range(tries):
+        before = saved_files_identity(directory)
+        try:
+            value = read()
+        except UserError:
+            if not directory.is_dir():  # gone, or between the two renames of a save replacing it
+                if attempt + 1 < tries:
+                    time.sleep(pause_s)
+                    continue
+                raise deleted_while_read(directory) from None
+            if saved_files_identity(directory) != before:  # replaced while read: what failed was half of two saves
+                continue
+            raise
+        if saved_files_identity(directory) == before:
+            return value
+    raise UserError(f"checkpoint {directory} was replaced by a newer save each of {tries} times it was read "
+                    "(a running zoo train saving there)",
+                    suggestion="read one of the run's step_* checkpoints, or wait for the run to end")
 
 
 def run_of(checkpoint: Path) -> Path | None:

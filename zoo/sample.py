@@ -314,14 +314,19 @@ def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.devic
     """The model of :func:`load_model` for a recipe :func:`sample_recipe` already resolved, and where its
     weights came from: commands that check the recipe first read it once."""
     import zoo
-    from zoo.checkpoint import EMA, load_checkpoint
+    from zoo.checkpoint import EMA, load_checkpoint, read_whole
 
     path = Path(source)
     require_weights_memory(recipe, device, _bytes_per_param(dtype))
-    if path.is_dir():
-        weights = weights or ("ema" if (path / EMA).is_file() else "model")
-        model, _ = load_checkpoint(path, weights=weights, device=device, recipe=recipe)  # read once, with overrides
-        origin = f"{weights} weights of {path}"
+    if path.is_dir() or not _names_a_recipe(source):  # (a checkpoint deleted since its recipe was read is none)
+        chosen = weights
+
+        def read() -> tuple[nn.Module, str]:
+            kind = chosen or ("ema" if (path / EMA).is_file() else "model")
+            model, _ = load_checkpoint(path, weights=kind, device=device, recipe=recipe)  # read once, with overrides
+            return model, f"{kind} weights of {path}"
+
+        model, origin = read_whole(path, read)  # one save's weights, never a fresh model in their place
     else:  # initialised as zoo train initialises it (torch.manual_seed(train.seed)): the same weights each time
         from zoo.training.sections import TRAIN_DEFAULTS
 
@@ -333,6 +338,17 @@ def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.devic
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), origin
+
+
+def _names_a_recipe(source: str | Path) -> bool:
+    """Whether ``source`` is a recipe (a file, or a shipped recipe's name) rather than a checkpoint."""
+    from zoo.recipe import find_recipe
+
+    try:
+        find_recipe(source)
+    except UserError:
+        return False
+    return True
 
 
 def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str | None = None) -> dict:

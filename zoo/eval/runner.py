@@ -99,23 +99,19 @@ def _hashed_model(request: EvalRequest, recipe: dict, ckpt: Path, device: torch.
     """The model of ``ckpt`` with the file its weights came from and that file's sha256, both from one
     save: a run saving into ``ckpt`` meanwhile (its ``last/``) would have the samples keyed by the hash
     of other weights than they were drawn from, and a later eval of those weights reuse them."""
-    from zoo.checkpoint import EMA, MODEL, saved_files_identity
-    from zoo.sample import model_for
+    import zoo.sample
+    from zoo.checkpoint import EMA, MODEL, read_whole
 
-    for _ in range(tries):
-        before = saved_files_identity(ckpt)
-        model, origin = model_for(ckpt, recipe, device=device,
-                                  weights="model" if request.weights == "raw" else None)  # EMA where saved
+    def read() -> tuple[torch.nn.Module, str, Path, str]:
+        model, origin = zoo.sample.model_for(ckpt, recipe, device=device,
+                                             weights="model" if request.weights == "raw" else None)  # EMA where saved
         if request.weights == "raw":
             origin, weights_file = f"raw weights of {ckpt}", ckpt / MODEL
         else:
             weights_file = ckpt / (EMA if (ckpt / EMA).is_file() else MODEL)
-        digest = _sha256(weights_file)
-        if saved_files_identity(ckpt) == before:
-            return model, origin, weights_file, digest
-    raise UserError(f"checkpoint {ckpt} was replaced by a newer save each of {tries} times it was read "
-                    "(a running zoo train saving there)",
-                    suggestion="evaluate one of the run's step_* checkpoints, or wait for the run to end")
+        return model, origin, weights_file, _sha256(weights_file)
+
+    return read_whole(ckpt, read, tries)
 
 
 def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, stop: int, seed: int, device,

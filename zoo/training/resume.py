@@ -14,8 +14,8 @@ from typing import Sequence
 
 from zoo.atomic import REFUSED_RENAME_ERRNOS, sealed_at
 from zoo.checkpoint import (CONFIG, _check_keys, check_finite, checkpoint_of, load_state_dict_strict,
-                            load_trainer_state, load_weights, newest_step, read_classes, read_config, repair_run,
-                            resume_point)
+                            load_trainer_state, load_weights, newest_step, read_classes, read_config, read_whole,
+                            repair_run, resume_point)
 from zoo.errors import UserError
 from zoo.training.eval_hook import fd_seed_note
 from zoo.training.optim import learning_rate, recipe_groups
@@ -70,32 +70,39 @@ class Resuming:
                 self.after_banner.append(f"zoo train: note: {directory} has no last/: resuming from {newest}, "
                                          "its newest complete checkpoint")
                 directory = newest
-        self._resumed_recipe = read_config(directory)  # also read by _resume_notes
-        if not allow_recipe_change:
-            check_resume_recipe(self._resumed_recipe, self.recipe, directory)
-        else:  # allowed, and still said: the weights now mean something else
-            changes = fixed_section_changes(self._resumed_recipe, self.recipe)
-            if changes:
-                self.after_banner.append(
-                    "zoo train: note: --allow-recipe-change: the recipe's " + ", ".join(
-                        f"{path} ({then} -> {now})" for path, then, now in changes)
-                    + " differ" + "s" * (len(changes) == 1) + " from the checkpoint's; its weights go on under the recipe's")
-        self._check_classes(read_classes(directory), directory, allow_recipe_change)
-        weights = load_weights(directory / "model.safetensors")
-        check_finite(weights, str(directory / "model.safetensors"))  # a file changed since: not "lower train.lr"
-        load_state_dict_strict(self.model, weights, str(directory))
-        sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
-        state = load_trainer_state(directory, required=() if sharded else ("optimizer",))
-        if not sharded:
-            # read and checked here, where a mistake stops every rank with one line
-            self._resumed_ema = load_weights(directory / "ema.safetensors")
-            check_finite(self._resumed_ema, str(directory / "ema.safetensors"))
-            _check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
-            now = [len(g["params"]) for g in recipe_groups(self.model, self.train)]
-            _check_groups(state["optimizer"], now, directory)
-            if self.fsdp:  # FSDP loads a whole optimizer state keyed by name
-                state["optimizer"] = optimizer_state_by_name(state["optimizer"])
-        self._resumed_state = state
+        notes = len(self.after_banner)
+
+        def read() -> None:  # every file of one save: a live run's last/ may be replaced meanwhile (then read again)
+            del self.after_banner[notes:]  # a read done again says its notes once
+            self._resumed_recipe = read_config(directory)  # also read by _resume_notes
+            if not allow_recipe_change:
+                check_resume_recipe(self._resumed_recipe, self.recipe, directory)
+            else:  # allowed, and still said: the weights now mean something else
+                changes = fixed_section_changes(self._resumed_recipe, self.recipe)
+                if changes:
+                    self.after_banner.append(
+                        "zoo train: note: --allow-recipe-change: the recipe's " + ", ".join(
+                            f"{path} ({then} -> {now})" for path, then, now in changes)
+                        + " differ" + "s" * (len(changes) == 1)
+                        + " from the checkpoint's; its weights go on under the recipe's")
+            self._check_classes(read_classes(directory), directory, allow_recipe_change)
+            weights = load_weights(directory / "model.safetensors")
+            check_finite(weights, str(directory / "model.safetensors"))  # a file changed since: not "lower train.lr"
+            load_state_dict_strict(self.model, weights, str(directory))
+            sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
+            state = load_trainer_state(directory, required=() if sharded else ("optimizer",))
+            if not sharded:
+                # read and checked here, where a mistake stops every rank with one line
+                self._resumed_ema = load_weights(directory / "ema.safetensors")
+                check_finite(self._resumed_ema, str(directory / "ema.safetensors"))
+                _check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
+                now = [len(g["params"]) for g in recipe_groups(self.model, self.train)]
+                _check_groups(state["optimizer"], now, directory)
+                if self.fsdp:  # FSDP loads a whole optimizer state keyed by name
+                    state["optimizer"] = optimizer_state_by_name(state["optimizer"])
+            self._resumed_state = state
+
+        read_whole(directory, read)
         self._resumed_from = directory
 
     def _check_classes(self, then: list[str], directory: Path, allow_recipe_change: bool) -> None:
