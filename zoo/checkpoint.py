@@ -432,20 +432,23 @@ def deleted_while_read(directory: Path) -> UserError:
                      "read last/ or a newer step_*")
 
 
-def read_whole(directory: str | Path, read: Callable[[], Any], tries: int = 3, pause_s: float = 0.05) -> Any:
+def read_whole(directory: str | Path, read: Callable[[], Any], tries: int = 3, pause_s: float = 0.05,
+               was_read: bool = False) -> Any:
     """``read()`` of checkpoint ``directory``'s files, all of one save. A running zoo train replaces its
     ``last/`` with each save and deletes older ``step_*`` (``train.keep_last``): a read that a save overlapped
     is done again (a weights file of one save beside the trainer state of the next resumed silently); one
-    of a checkpoint that is gone says it was deleted (it did not fall back to anything else)."""
+    of a checkpoint that went meanwhile says it was deleted (it did not fall back to anything else).
+    ``was_read``: the caller read the checkpoint already (its recipe), so one gone now went meanwhile."""
     import time
 
     directory = Path(directory)
+    existed = was_read or directory.is_dir()  # (one that never existed keeps read()'s own error)
     for attempt in range(tries):
         before = saved_files_identity(directory)
         try:
             value = read()
         except UserError:
-            if not directory.is_dir():  # gone, or between the two renames of a save replacing it
+            if existed and not directory.is_dir():  # gone, or between the two renames of a save replacing it
                 if attempt + 1 < tries:
                     time.sleep(pause_s)
                     continue

@@ -326,7 +326,7 @@ def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.devic
             model, _ = load_checkpoint(path, weights=kind, device=device, recipe=recipe)  # read once, with overrides
             return model, f"{kind} weights of {path}"
 
-        model, origin = read_whole(path, read)  # one save's weights, never a fresh model in their place
+        model, origin = read_whole(path, read, was_read=True)  # one save's weights, never a fresh model instead
     else:  # initialised as zoo train initialises it (torch.manual_seed(train.seed)): the same weights each time
         from zoo.training.sections import TRAIN_DEFAULTS
 

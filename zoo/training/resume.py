@@ -36,12 +36,17 @@ class Resuming:
         from zoo.checkpoint import checkpoint_of, checkpoint_weights
 
         directory = checkpoint_of(path)
-        try:
+        params = {name for name, _ in self.model.named_parameters()}
+
+        def read() -> Path:  # one save's files (a live run's last/ may be replaced meanwhile: read again)
             read_config(directory)  # a checkpoint directory, complete (an interrupted save repaired)
-            params = {name for name, _ in self.model.named_parameters()}
             weights = "ema" if (directory / EMA_FILE).is_file() else "model"
-            state, source = checkpoint_weights(directory, weights, params)
+            state, source = checkpoint_weights(directory, weights, params)  # (EMA: the model's buffers)
             load_state_dict_strict(self.model, state, str(source))  # another model: one line naming the tensors
+            return source
+
+        try:
+            source = read_whole(directory, read)
         except UserError as err:
             raise err.locate(key_path="train.init_from") from None
         self.after_banner.append(f"zoo train: the model starts from {source} (train.init_from; step 0, "
