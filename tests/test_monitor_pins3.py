@@ -66,3 +66,21 @@ def test_loss_png_holds_the_last_records_after_close(tmp_path, monkeypatch):
     steps, losses = monitor.plot.line.get_data()
     assert list(steps) == [1, 2, 3, 4] and list(losses) == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("tail", [b'{"step": 3, "loss": 0.', b'{"step": 3, "loss": 0.4}'])
+def test_a_resume_after_a_torn_last_line_keeps_its_own_first_record(tmp_path, tail):
+    """A crash mid-write (a lost node, a network file system) left log.jsonl ending inside a line: the resumed
+    run appended its first record to it, glued into one unreadable line, and zoo compare and loss.png lost
+    it. A last line without its newline that is a whole record (a hand's edit) is kept too."""
+    from zoo.training.monitor import read_log
+
+    (tmp_path / "log.jsonl").write_bytes(json.dumps(_rec(2)).encode() + b"\n" + tail)
+    monitor = Monitor(tmp_path, start=3, total=5, log=lambda *_: None, tty=False)
+    try:
+        monitor.record(_rec(4))
+        monitor.record(_rec(5))
+    finally:
+        monitor.close()
+    steps = [r["step"] for r in read_log(tmp_path / "log.jsonl")]
+    assert steps == ([2, 4, 5] if tail.endswith(b".") else [2, 3, 4, 5])

@@ -48,6 +48,17 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def _after_a_torn_line(path: Path, size: int) -> str:
+    """``"\n"`` where ``path`` (``size`` bytes) ends inside a line: a crash mid-write (a node lost, a network
+    file system) can leave its last line torn, and the next record appended to it would be glued to it and
+    lost. Ended rather than cut, the fragment stays a line of its own (skipped by :func:`read_log`)."""
+    if size == 0:
+        return ""
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return "" if f.read(1) == b"\n" else "\n"
+
+
 def _log_scale(values) -> str:
     return "log" if min(values) > 0 and max(values) / min(values) > 10 else "linear"
 
@@ -273,6 +284,7 @@ class Monitor:
 
         if self.file is None:
             self.file = open(self.log_path, "ab", buffering=0)
+            line = _after_a_torn_line(self.log_path, self.file.seek(0, 2)) + line
         start = self.file.seek(0, 2)
         with disk_errors_named(self.log_path):
             try:
