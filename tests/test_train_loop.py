@@ -743,6 +743,24 @@ def test_a_refused_resume_of_a_live_run_touches_none_of_its_files(tmp_path, caps
         live.release()
 
 
+def test_a_run_dir_whose_file_system_cannot_lock_says_a_second_run_is_not_refused(tmp_path, capsys, monkeypatch):
+    """Where flock fails (ENOLCK on some network mounts) the run goes on unlocked, as before, but it said
+    nothing: two jobs of a cluster started into one --out both ran, replacing each other's checkpoints."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    assert main(_args(out, "--steps", "1")) == 0
+    said = capsys.readouterr().out
+    assert (f"zoo train: warning: {out}'s file system does not lock files ({os.strerror(errno.ENOLCK)}): a second "
+            "zoo train into it is not refused") in said
+    assert not (out / ".zoo-train.lock").exists() and (out / "last").is_dir()
+
+
 def test_resume_auto_continues_a_run_whose_last_is_gone_from_its_newest_step(tmp_path, capsys):
     """A kill between a step_* save and last/'s (or a deleted last/) stopped every requeue of
     `--resume auto` with 'has no last/ checkpoint'."""

@@ -554,6 +554,8 @@ class Trainer(Resuming):
                 except OSError as err:
                     raise UserError(f"cannot create the run directory {self.out}: {err.strerror}") from None
                 lock.acquire()  # one zoo train at a time in a run directory
+                if lock.unlocked:
+                    self.print(f"zoo train: warning: {lock.unlocked}")
                 self._refuse_a_run_finished_meanwhile(lock)
                 repair_run(self.out)  # finish or undo a save a crash interrupted; delete its leftovers
         self.fresh = False  # a later run() continues this run's own checkpoints

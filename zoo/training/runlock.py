@@ -26,6 +26,7 @@ class RunLock:
     def __init__(self, out: Path) -> None:
         self.path = Path(out) / LOCK_FILE
         self.fd: int | None = None
+        self.unlocked: str | None = None  # why the run goes unlocked (its file system has no locks), said once
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`UserError` naming the process that holds it."""
@@ -41,9 +42,12 @@ class RunLock:
                 err = _held(fd, self.path)
                 os.close(fd)
                 raise err from None
-            except OSError:  # a file system without flock (some network mounts): run unlocked, leave no file
+            except OSError as err:  # a file system without flock (some network mounts): run unlocked, leave no file
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
+                self.unlocked = (f"{self.path.parent}'s file system does not lock files ({err.strerror or err}): "
+                                 "a second zoo train into it is not refused, and would replace this run's "
+                                 "checkpoints and mix their logs; start one run per --out")
                 return
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
