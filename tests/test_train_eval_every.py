@@ -464,3 +464,35 @@ def test_the_logged_fd_is_the_one_zoo_eval_gives_for_that_checkpoint(tmp_path, c
     assert result["protocol"]["seed"] == 3
     # the same images (per-sample seeds), scored in batches of another size: float32 feature sums in another order
     assert result["metrics"]["fd"] == pytest.approx(logged["fd"], rel=1e-4)
+
+
+def test_a_resume_does_the_grid_fd_and_validation_loss_its_step_lost_to_a_kill(tmp_path):
+    """They follow the save of their step: a run killed (OOM, SLURM's SIGKILL) or stopped while drawing them
+    resumed after that step, so its FD, validation loss and grid were lost for good, without a word. The
+    resume does them first, with the same weights and draws: the values the uninterrupted run logged."""
+    from PIL import Image
+
+    settings = SETTINGS + EVAL + ["train.ckpt_every=2", "train.sample_every=2", "train.sample_n=4",
+                                  "train.val_every=2", "train.val_n=8"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(zoo.load_recipe(RECIPE, settings), whole, steps=4, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, settings), cut, steps=2, log=lambda *_: None)
+    log = cut / "log.jsonl"  # as the kill leaves it: step 2's loss and checkpoint, none of what follows them
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if not any(key in json.loads(line) for key in ("fd", "val_loss"))))
+    (cut / "samples" / "step_0000002.png").unlink()
+    lines = []
+    train(zoo.load_recipe(RECIPE, settings), cut, steps=4, resume=cut, log=lines.append)
+    assert any("note: step 2's sample grid, FD, validation loss were not done before the run stopped" in line
+               for line in lines), lines
+
+    def evaluated(out):
+        return [(r["step"], r.get("fd"), r.get("val_loss")) for r in _records(out) if "fd" in r or "val_loss" in r]
+
+    assert evaluated(cut) == evaluated(whole) and [step for step, *_ in evaluated(cut)] == [2, 2, 4, 4]
+    grid = np.asarray(Image.open(cut / "samples" / "step_0000002.png"))
+    np.testing.assert_array_equal(grid, np.asarray(Image.open(whole / "samples" / "step_0000002.png")))
+    lines.clear()  # nothing missing: nothing done again
+    train(zoo.load_recipe(RECIPE, settings), cut, steps=6, resume=cut, log=lines.append)
+    assert not any("were not done" in line or "was not done" in line for line in lines)
+    assert [step for step, *_ in evaluated(cut)] == [2, 2, 4, 4, 6, 6]

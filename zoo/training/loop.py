@@ -482,6 +482,39 @@ class Trainer(Resuming):
             ends = f"after step {self.step + 1}" if self.step < self.total else "now"
             self.log(f"zoo train: {what} of step {self.step} was cut short by {cut}; the run stops {ends}")
 
+    def _catch_up_on_the_resumed_step(self, monitor) -> None:
+        """The grid, FD and validation loss due at the step the run resumes from, where the run before saved
+        that step in this directory and stopped before them (they come after the save: a kill, or a stop that
+        cut them short): the resume starts after that step, and they were lost for good. The same EMA weights
+        and draws give the values the uninterrupted run had, so the curves and grids have no hole. (A resume
+        into another ``--out`` starts a log of its own: nothing of it was lost.)"""
+        missing: list[str] | None = None
+        if self.ctx.main and self.step > 0 and self._resumed_in_place():
+            logged = {key for r in monitor.records if r.get("step") == self.step for key in r}
+            keeps_log = self._period("log_every") > 0  # (without a log.jsonl there is nothing to complete)
+            done = {"sample_every": not self.grids or (self.out / "samples" / f"step_{self.step:07d}.png").is_file(),
+                    "eval_every": self.fd is None or not keeps_log or "fd" in logged,
+                    "val_every": self.val is None or not keeps_log or "val_loss" in logged}
+            missing = [key for key, was_done in done.items() if self._every(key) and not was_done]
+        if self.ctx.distributed:  # every rank takes part (ema_copy gathers FSDP shards): rank 0's word for it
+            box = [missing]
+            torch.distributed.broadcast_object_list(box, src=0)
+            missing = box[0]
+        if not missing:
+            return
+        what = {"sample_every": "sample grid", "eval_every": "FD", "val_every": "validation loss"}
+        self.log(f"zoo train: note: step {self.step}'s {', '.join(what[key] for key in missing)} "
+                 f"{'was' if len(missing) == 1 else 'were'} not done before the run stopped (they follow its save); "
+                 "done now, with the same weights and draws")
+        if "sample_every" in missing:
+            self._unless_stopped(self.sample_grid, "the sample grid")
+        if "eval_every" in missing:
+            self._unless_stopped(lambda: evaluation(self.fd, self.ema_copy, self.step, self.ctx, monitor),
+                                 "the FD evaluation")
+        if "val_every" in missing:
+            self._unless_stopped(lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor),
+                                 "the validation loss")
+
     def _period(self, key: str) -> int:
         """``train.<key>`` as a number of steps; 0 (or unset) = never."""
         return int(self.train.get(key) or 0)
@@ -631,6 +664,7 @@ class Trainer(Resuming):
             count, tick = 0, time.perf_counter()
 
         try:
+            self._catch_up_on_the_resumed_step(monitor)
             while self.step < total:
                 unread = None
                 try:

@@ -201,12 +201,18 @@ class Resuming:
                 f"zoo train: note: {', '.join(later)} in {self.out} come after step {self.step}, from the run this "
                 "one branches away from; they are kept (and not pruned) until this run saves those steps")
 
+    def _resumed_in_place(self) -> bool:
+        """Whether this run continues a checkpoint of its own directory (not one of another run, copied
+        or branched into a new ``--out``)."""
+        start = getattr(self, "_resumed_from", None)
+        return start is not None and start.resolve().parent == self.out.resolve()
+
     def _branches_away(self) -> bool:
         """Whether this run continues a checkpoint of its directory older than the newest one there (a
         step_*/ before last/): the newest still holds the continuation that log.jsonl's later records
         describe. Resumed from the newest, those records are a killed process's, no checkpoint's."""
         start = getattr(self, "_resumed_from", None)
-        if start is None or start.resolve().parent != self.out.resolve():
+        if not self._resumed_in_place():
             return False
         when = sealed_at(start, CONFIG)
         return any(sealed_at(d, CONFIG) > when for d in [self.out / "last", *self.out.glob("step_*")] if d != start)
