@@ -355,6 +355,31 @@ def test_an_evaluation_cut_short_on_rank_0_still_meets_the_other_ranks():
     assert met == [1]
 
 
+def test_a_resume_calls_neither_a_data_default_spelled_out_nor_a_retired_key_a_change(tmp_path, capsys):
+    """data.latent false, num_workers 0 and vae_scale 0.18215 written out (what the datasets read when left out)
+    were listed as 'the recipe differs from the checkpoint's in data.latent (None -> False), ...', and a
+    checkpoint's retired data.name (ignored with a note by zoo sample) as a change the user made."""
+    import json
+
+    out = tmp_path / "run"
+    base = ["--set", "train.sample_every=0", "--set", "train.batch_size=4", "--set", "train.steps=4"]
+    assert main(["train", str(RECIPE), "--out", str(out), "--steps", "2", *base]) == 0
+    config = out / "last" / "config.json"
+    payload = json.loads(config.read_text())
+    payload["recipe"]["data"]["name"] = "mydata"  # as zoo wrote it before the key was retired
+    config.write_text(json.dumps(payload))
+    capsys.readouterr()
+    spelled = ["--set", "data.latent=false", "--set", "data.num_workers=0", "--set", "data.vae_scale=0.18215",
+               "--set", "data.split=train"]
+    assert main(["train", str(RECIPE), "--resume", str(out), *base, *spelled]) == 0
+    said = capsys.readouterr()
+    assert "differs from the checkpoint's" not in said.out, said.out
+    assert "data.name ignored (read by nothing" in said.err
+    assert main(["train", str(RECIPE), "--resume", str(out), *base, "--set", "train.steps=5",
+                 "--set", "data.random_flip=false"]) == 0  # the recipe's true: a change, said
+    assert "data.random_flip (True -> False); the run goes on" in capsys.readouterr().out
+
+
 def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_differs(tmp_path, capsys):
     """The README's resume line gives no data.root: the run stopped with 'data.root is not set'."""
     from PIL import Image

@@ -509,8 +509,9 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
 
 
 def read_config(directory: str | Path) -> dict:
-    """The recipe stored in a checkpoint directory (after repairing an interrupted save of it)."""
-    return _read_payload(directory)["recipe"]
+    """The recipe stored in a checkpoint directory (after repairing an interrupted save of it), without
+    the :data:`RETIRED_KEYS` (a resume does not call them a change of the recipe)."""
+    return checkpoint_recipe(directory).data
 
 
 def read_classes(directory: str | Path) -> list[str]:

@@ -21,7 +21,7 @@ from zoo.training.eval_hook import fd_seed_note
 from zoo.training.optim import learning_rate, recipe_groups
 from zoo.training.rundir import check_resume_recipe, fixed_section_changes
 from zoo.training.sections import TRAIN_DEFAULTS as DEFAULTS
-from zoo.training.sections import UNSET_MEANS
+from zoo.training.sections import DATA_UNSET_MEANS, UNSET_MEANS
 
 
 class Resuming:
@@ -221,10 +221,10 @@ class Resuming:
 
 def _changed_keys(then: dict, now: dict, sections: Sequence[str]) -> list[tuple[str, object, object]]:
     """``(section.key, then, now)`` for the top-level keys of ``sections`` whose values differ
-    (``train`` keys compared with their defaults filled in)."""
+    (``train`` and ``data`` keys compared with their defaults filled in)."""
     changed = []
     for section in sections:
-        fill = {**DEFAULTS, **UNSET_MEANS} if section == "train" else {}
+        fill = {"train": {**DEFAULTS, **UNSET_MEANS}, "data": DATA_UNSET_MEANS}.get(section, {})
         a = {**fill, **(then.get(section) or {})}
         b = {**fill, **(now.get(section) or {})}
         changed += [(f"{section}.{key}", a.get(key), b.get(key)) for key in sorted(set(a) | set(b))

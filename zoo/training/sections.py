@@ -57,6 +57,11 @@ DATA: dict[str, Any] = {
     "cache": Path | None,
 }
 
+#: What the datasets and the trainer read for ``data`` keys a recipe leaves out: a resume that spells one
+#: out (``random_flip: false``) changes nothing, and its note must not say ``None -> False``.
+DATA_UNSET_MEANS: dict[str, Any] = {"dataset": "synthetic", "random_flip": False, "latent": False,
+                                    "vae_scale": 0.18215, "num_workers": 0, "split": "train"}
+
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 #: What ``zoo train`` reads for ``train`` keys a recipe leaves out.
