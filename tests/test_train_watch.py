@@ -579,6 +579,36 @@ print("worker alive:", it._workers[0].is_alive(), flush=True)
 """
 
 
+SHARER_CUT = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+from zoo.training.data import workers_ignore_stop_signals
+import resource_sharer  # a file of that name: the frame multiprocessing's fd server raises in
+workers_ignore_stop_signals(0)
+for work in (resource_sharer.serve, resource_sharer.elsewhere):
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+"""
+
+
+def test_a_worker_drops_the_reset_of_a_handle_the_stopped_reader_left_but_no_other_error(tmp_path):
+    """A SIGTERM landing while the main process received a batch's shared-memory handle printed the worker's
+    resource_sharer thread's ConnectionResetError traceback between zoo's lines (prepare-latents --workers).
+    An error of the same type raised elsewhere in a worker's thread is still reported."""
+    (tmp_path / "resource_sharer.py").write_text(
+        "def serve():\n    raise ConnectionResetError(104, 'Connection reset by peer')\n")
+    (tmp_path / "resource_sharer.py").write_text((tmp_path / "resource_sharer.py").read_text() + "\n".join([
+        "import other_place", "elsewhere = other_place.elsewhere", ""]))
+    (tmp_path / "other_place.py").write_text("def elsewhere():\n    raise ConnectionResetError(104, 'not the sharer')\n")
+    script = tmp_path / "sharer_cut.py"
+    script.write_text(SHARER_CUT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Traceback") == 1 and "not the sharer" in proc.stderr, proc.stderr
+    assert "Connection reset by peer" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_a_process_whose_worker_missed_its_stop_still_exits(tmp_path):
     """The exit handler kills a worker the DataLoader's own shutdown left alive (its stop lost)."""

@@ -526,13 +526,35 @@ def workers_ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a worker ignores the signals that stop a run (SIGINT, SIGTERM, SIGHUP,
     SIGUSR1/2). A terminal's Ctrl-C or hang-up, torchrun and SLURM signal the whole process group; a worker
     that died of it made the main process's save on that signal fail ('DataLoader worker exited
-    unexpectedly'). The main process ends its workers (see :func:`ended_at_exit`)."""
+    unexpectedly'). The main process ends its workers (see :func:`ended_at_exit`).
+
+    A stop that lands while the main process receives a batch's shared-memory handle cuts the connection
+    the worker's resource-sharer thread serves it on: that thread's ConnectionResetError (a traceback
+    between the command's lines) is dropped, as the stop already says what happened."""
     import signal
+    import threading
 
     from zoo.training.signals import STOPS_A_RUN
 
     for sig in STOPS_A_RUN:
         signal.signal(sig, signal.SIG_IGN)
+    report = threading.excepthook
+
+    def quiet_when_the_reader_left(args: threading.ExceptHookArgs) -> None:
+        if not (issubclass(args.exc_type, (ConnectionResetError, BrokenPipeError))
+                and _raised_in(args.exc_traceback, "resource_sharer.py")):
+            report(args)
+
+    threading.excepthook = quiet_when_the_reader_left
+
+
+def _raised_in(tb: Any, file_name: str) -> bool:
+    """Whether traceback ``tb`` passes through a file called ``file_name``."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(file_name):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 _LIVE_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with worker processes
