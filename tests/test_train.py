@@ -310,10 +310,12 @@ def test_a_stop_said_while_the_bar_is_on_screen_gets_its_own_line(tmp_path, monk
     ("the sample grid", ["train.sample_every=2"]),
     ("the validation loss", ["train.sample_every=0", "train.val_every=2", "train.val_n=64"]),
 ])
-def test_a_stop_during_a_grid_or_evaluation_cuts_it_short_and_saves_after_the_next_step(
+def test_a_stop_during_a_grid_or_evaluation_cuts_it_short_saves_that_step_and_the_resume_does_it(
         tmp_path, monkeypatch, capsys, terminal_sigint, phase, keys):
     """A grid or an evaluation ran to its end before the stop was looked at: under torchrun, whose
-    SIGTERM gives 30 s before its kill, rank 0 was killed mid-grid and last/ not saved."""
+    SIGTERM gives 30 s before its kill, rank 0 was killed mid-grid and last/ not saved. Cut short, it then
+    trained one step more and saved that: the resume started after the cut step, whose grid or validation
+    loss was lost for good."""
     import zoo.training.loop as loop
 
     real, signalled = loop.Trainer.ema_copy, []
@@ -329,11 +331,17 @@ def test_a_stop_during_a_grid_or_evaluation_cuts_it_short_and_saves_after_the_ne
     argv = ["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0", "--set", "train.steps=10"]
     assert main(argv + [x for k in keys for x in ("--set", k)]) == 130
     out = capsys.readouterr().out
-    assert f"zoo train: {phase} of step 2 was cut short by SIGINT; the run stops after step 3" in out
-    assert "stopping at step 3 (SIGINT)" in out
-    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert f"zoo train: {phase} of step 2 was cut short by SIGINT; the run stops now" in out
+    assert "stopping at step 2 (SIGINT)" in out
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "samples" / "step_0000002.png").exists()
     assert '"val_loss"' not in (tmp_path / "log.jsonl").read_text()
+    assert main(argv + [x for k in keys for x in ("--set", k)] + ["--resume", str(tmp_path), "--steps", "3"]) == 0
+    assert "note: step 2's" in capsys.readouterr().out
+    if phase == "the sample grid":
+        assert (tmp_path / "samples" / "step_0000002.png").is_file()
+    else:
+        assert '"step": 2, "val_loss"' in (tmp_path / "log.jsonl").read_text()
 
 
 def test_an_evaluation_cut_short_on_rank_0_still_meets_the_other_ranks():

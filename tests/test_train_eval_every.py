@@ -496,3 +496,29 @@ def test_a_resume_does_the_grid_fd_and_validation_loss_its_step_lost_to_a_kill(t
     train(zoo.load_recipe(RECIPE, settings), cut, steps=6, resume=cut, log=lines.append)
     assert not any("were not done" in line or "was not done" in line for line in lines)
     assert [step for step, *_ in evaluated(cut)] == [2, 2, 4, 4, 6, 6]
+
+
+def test_the_resumed_steps_work_is_done_only_where_the_run_before_had_it_due(tmp_path):
+    """A run that finished without grids, resumed with sample_every dividing its step, was told 'step 4's sample
+    grid was not done before the run stopped' and drew it: that run never planned it."""
+    out, lines = tmp_path / "run", []
+    train(zoo.load_recipe(RECIPE, SETTINGS + ["train.ckpt_every=4"]), out, steps=4, log=lambda *_: None)
+    again = SETTINGS + EVAL + ["train.ckpt_every=4", "train.sample_every=4", "train.sample_n=4", "train.val_every=4",
+                               "train.val_n=8", "train.eval_every=4"]
+    train(zoo.load_recipe(RECIPE, again), out, steps=6, resume=out, log=lines.append)
+    assert not any("not done before the run stopped" in line for line in lines), lines
+    assert not (out / "samples" / "step_0000004.png").exists()
+    assert not [r for r in _records(out) if r["step"] == 4 and ("fd" in r or "val_loss" in r)]
+
+
+def test_a_run_that_logs_no_losses_still_gets_its_lost_validation_loss_back(tmp_path):
+    """train.log_every 0 still writes FD and validation-loss records to log.jsonl; a resume skipped them as if
+    nothing were logged, so one lost to a kill stayed lost."""
+    settings = ["train.sample_every=0", "train.log_every=0", "train.ckpt_every=2", "train.val_every=2",
+                "train.val_n=8"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(zoo.load_recipe(RECIPE, settings), whole, steps=2, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, settings), cut, steps=2, log=lambda *_: None)
+    (cut / "log.jsonl").write_text("")  # the kill came before the step-2 validation loss
+    train(zoo.load_recipe(RECIPE, settings), cut, steps=3, resume=cut, log=lambda *_: None)
+    assert [(r["step"], r["val_loss"]) for r in _records(cut)] == [(r["step"], r["val_loss"]) for r in _records(whole)]

@@ -74,6 +74,12 @@ def test_weights_of_another_model_or_no_checkpoint_are_one_line(tmp_path, traine
     assert main([*argv, "--set", f"train.init_from={tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "key train.init_from: checkpoint directory" in err and "does not exist" in err
+    weights = trained / "last" / "model.safetensors" if (trained / "last").is_dir() else trained / "model.safetensors"
+    assert main([*argv, "--set", f"train.init_from={weights}"]) == 2  # a checkpoint's file, not its directory: was
+    err = capsys.readouterr().err  # ".../model.safetensors/config.json: a file where a directory is needed"
+    assert err.count("\n") == 1 and f"key train.init_from: {weights} is a file, not a checkpoint directory" in err, err
+    assert main(["train", str(HERE / "tiny_train.yaml"), "--resume", str(weights), "--set", "train.sample_every=0"]) == 2
+    assert f"{weights} is a file, not a checkpoint directory" in capsys.readouterr().err
     assert not (tmp_path / "run" / "last").exists()
 
 

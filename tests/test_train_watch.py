@@ -86,7 +86,8 @@ def test_a_run_that_logs_nothing_does_not_point_at_files_it_never_writes(tmp_pat
     lines = []
     r = zoo.load_recipe(RECIPE, ["train.sample_every=0", "train.ckpt_every=0", "train.log_every=0"])
     train(r, tmp_path, steps=1, log=lines.append)
-    assert "zoo train: train.log_every is 0: nothing is logged (no log.jsonl, loss.png or TensorBoard events)" in lines
+    assert ("zoo train: train.log_every is 0: no losses are logged (log.jsonl, loss.png and TensorBoard hold only "
+            "the FDs and validation losses of train.eval_every and val_every, if set)") in lines
     assert not any("tensorboard --logdir" in line for line in lines) and not (tmp_path / "log.jsonl").exists()
 
 

@@ -195,6 +195,7 @@ class Trainer(Resuming):
         self.last_saved: int | None = self.step if resume is not None else None
         self.last_dir: Path | None = self._resumed_from if resume is not None else None  # where last_saved is
         self.stops = StopSignals()  # Ctrl-C / SIGTERM requests; handlers installed while run() runs
+        self.cut = False  # whether a stop cut this step's grid or evaluation short (rank 0's word)
 
     def _record_trained_classes(self, recipe: dict, dataset: Dataset) -> dict:
         """Data of fewer classes (N) than the model embeds (an image folder of 5 classes under a 10-class
@@ -475,12 +476,24 @@ class Trainer(Resuming):
             err.suggestion = "; ".join(filter(None, [err.suggestion, f"then go on with --resume {self.out}"]))
 
     def _unless_stopped(self, work: Callable[[], object], what: str) -> None:
-        """Run ``work`` (rank 0's grid or evaluation); a stop asked for during it drops the rest of it."""
+        """Run ``work`` (rank 0's grid or evaluation); a stop asked for during it drops the rest of it, and
+        the run stops at this step (:meth:`_cut_here`), where a resume does what was dropped."""
         try:
             work()
         except CutShort as cut:
-            ends = f"after step {self.step + 1}" if self.step < self.total else "now"
-            self.log(f"zoo train: {what} of step {self.step} was cut short by {cut}; the run stops {ends}")
+            self.cut = True
+            self.log(f"zoo train: {what} of step {self.step} was cut short by {cut}; the run stops now")
+
+    def _cut_here(self) -> bool:
+        """Whether a stop cut this step's grid or evaluation short, every rank agreeing (rank 0 alone draws
+        them, so it says): the run then stops at this step. Trained one step further, the resume would start
+        after it and never do what the stop dropped. (At the last step the run ends here anyway.)"""
+        cut, self.cut = self.cut, False
+        if self.ctx.distributed:
+            box = [cut]
+            torch.distributed.broadcast_object_list(box, src=0)
+            cut = box[0]
+        return cut and self.step < self.total
 
     def _catch_up_on_the_resumed_step(self, monitor) -> None:
         """The grid, FD and validation loss due at the step the run resumes from, where the run before saved
@@ -491,11 +504,12 @@ class Trainer(Resuming):
         missing: list[str] | None = None
         if self.ctx.main and self.step > 0 and self._resumed_in_place():
             logged = {key for r in monitor.records if r.get("step") == self.step for key in r}
-            keeps_log = self._period("log_every") > 0  # (without a log.jsonl there is nothing to complete)
+            then = {**DEFAULTS, **(self._resumed_recipe.get("train") or {})}  # what the run before had due here
             done = {"sample_every": not self.grids or (self.out / "samples" / f"step_{self.step:07d}.png").is_file(),
-                    "eval_every": self.fd is None or not keeps_log or "fd" in logged,
-                    "val_every": self.val is None or not keeps_log or "val_loss" in logged}
-            missing = [key for key, was_done in done.items() if self._every(key) and not was_done]
+                    "eval_every": self.fd is None or "fd" in logged,
+                    "val_every": self.val is None or "val_loss" in logged}
+            missing = [key for key, was_done in done.items() if self._every(key) and not was_done
+                       and int(then.get(key) or 0) > 0 and self.step % int(then[key]) == 0]
         if self.ctx.distributed:  # every rank takes part (ema_copy gathers FSDP shards): rank 0's word for it
             box = [missing]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -545,8 +559,8 @@ class Trainer(Resuming):
             self.log(f"zoo train: watch with `tensorboard --logdir {shlex.quote(str(self.out / 'tb'))}` "
                      f"(loss.png, log.jsonl{grids})")
         else:
-            self.log("zoo train: train.log_every is 0: nothing is logged (no log.jsonl, loss.png or TensorBoard "
-                     "events)")
+            self.log("zoo train: train.log_every is 0: no losses are logged (log.jsonl, loss.png and TensorBoard "
+                     "hold only the FDs and validation losses of train.eval_every and val_every, if set)")
         for line in self.after_banner:  # where the weights came from (a resume, train.init_from) and its notes
             self.log(line)
         self.after_banner.clear()
@@ -703,7 +717,7 @@ class Trainer(Resuming):
                 # Saves, grids and evaluations are left out of the logged steps/s: it is the training speed
                 if self._every("ckpt_every"):
                     tick += _seconds(self.save)
-                # Rank 0 alone: a stop asked for meanwhile cuts them short, and the run stops after the next step
+                # Rank 0 alone: a stop asked for meanwhile cuts them short, and the run stops at this step
                 if self._every("sample_every"):
                     tick += _seconds(lambda: self._unless_stopped(self.sample_grid, "the sample grid"))
                 if self._every("eval_every"):
@@ -717,6 +731,10 @@ class Trainer(Resuming):
                     except UserError as err:
                         self._keep_steps_before(err, first_step)
                         raise
+                if any(self._every(key) for key in ("sample_every", "eval_every", "val_every")) and self._cut_here():
+                    if count and self._period("log_every") > 0:
+                        log_window()  # the steps since the last record
+                    self._stop_here()
             # Still under the stop handlers: a SIGTERM during the final save lets it finish instead of killing it.
             if self.last_saved != self.step or not is_sealed(self.out / "last", CONFIG):  # (gone or truncated: resumed
                 # from a step_*/ with nothing left to train, it still has to hold this step)
