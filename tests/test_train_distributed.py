@@ -102,6 +102,39 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, sin
         assert max_diff(single, out, name) < 1e-5, name  # as in the test above: float32 summation order only
 
 
+SIGNAL_RANK_0_IN_ITS_GRID = """
+import os, signal, sys
+from zoo.cli import main
+from zoo.training import loop
+real, signalled = loop.Trainer.ema_copy, []
+def ema_copy(self):  # rank 0 gets a SIGTERM as it starts step 2's grid (the other rank waits for it)
+    model = real(self)
+    if self.step == 2 and os.environ["RANK"] == "0" and not signalled:
+        signalled.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return model
+loop.Trainer.ema_copy = ema_copy
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_that_cuts_rank_0s_grid_short_saves_that_step_on_every_rank_and_the_resume_draws_it(tmp_path):
+    """Rank 0 alone knows its grid was cut short: every rank stops at that step together (rank 0's word for
+    it), so the resume starts there and draws the grid the stop dropped."""
+    script = tmp_path / "signal_rank_0_in_its_grid.py"
+    script.write_text(SIGNAL_RANK_0_IN_ITS_GRID)
+    out, grids = tmp_path / "ddp", ("--set", "train.sample_every=2", "--set", "train.sample_n=4")
+    proc = torchrun(out, 5, *grids, program=(str(script),), check=False)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "the sample grid of step 2 was cut short by SIGTERM; the run stops now" in proc.stdout
+    assert ckpt.load_trainer_state(out / "last")["step"] == 2
+    assert not (out / "samples" / "step_0000002.png").exists()
+    resumed = torchrun(out, 3, *grids, "--resume", str(out)).stdout
+    assert "note: step 2's sample grid was not done before the run stopped" in resumed
+    assert (out / "samples" / "step_0000002.png").is_file() and ckpt.load_trainer_state(out / "last")["step"] == 3
+
+
 KILL_RANK_1_ONCE = """
 import os, signal, sys
 from zoo.cli import main
