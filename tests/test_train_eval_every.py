@@ -522,3 +522,29 @@ def test_a_run_that_logs_no_losses_still_gets_its_lost_validation_loss_back(tmp_
     (cut / "log.jsonl").write_text("")  # the kill came before the step-2 validation loss
     train(zoo.load_recipe(RECIPE, settings), cut, steps=3, resume=cut, log=lambda *_: None)
     assert [(r["step"], r["val_loss"]) for r in _records(cut)] == [(r["step"], r["val_loss"]) for r in _records(whole)]
+
+
+def test_a_resume_with_nothing_left_draws_the_lost_final_grid_and_brings_last_up_to_date(tmp_path):
+    """A kill between the final step's step_* save and its last/ save (or before the final grid, drawn at the
+    last step when it is no multiple of sample_every): the resume, with nothing left to train, said 'done'
+    with last/ still holding an older step (what zoo sample RUN reads) and the final grid missing."""
+    import shutil
+
+    from PIL import Image
+
+    settings = SETTINGS + ["train.ckpt_every=2", "train.sample_every=2", "train.sample_n=4", "train.steps=5"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(zoo.load_recipe(RECIPE, settings), whole, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, settings), cut, log=lambda *_: None)
+    (cut / "samples" / "step_0000005.png").unlink()  # the final grid, no multiple of 2
+    shutil.rmtree(cut / "last")
+    shutil.copytree(cut / "step_0000004", cut / "last")  # last/ as step 4 left it: its seal older than step_5's
+    lines = []
+    train(zoo.load_recipe(RECIPE, settings), cut, resume=cut, log=lines.append)
+    assert any("note: step 5's sample grid was not done" in line for line in lines), lines
+    pixels = [np.asarray(Image.open(out / "samples" / "step_0000005.png")) for out in (cut, whole)]
+    np.testing.assert_array_equal(*pixels)
+    assert torch.load(cut / "last" / "trainer_state.pt", weights_only=True)["step"] == 5
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (zoo.checkpoint.load_weights(out / "last" / name) for out in (cut, whole))
+        assert all(torch.equal(a[k], b[k]) for k in a)

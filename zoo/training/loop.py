@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 import zoo
-from zoo.atomic import is_sealed
+from zoo.atomic import is_sealed, sealed_at
 from zoo.checkpoint import CONFIG, STEP_NAME, check_replaceable, newest_step, repair_run, save_checkpoint
 from zoo.diffusion.setup import GuidanceSettings
 from zoo.errors import UserError, one_of
@@ -484,6 +484,14 @@ class Trainer(Resuming):
             self.cut = True
             self.log(f"zoo train: {what} of step {self.step} was cut short by {cut}; the run stops now")
 
+    def _last_is_behind(self) -> bool:
+        """Whether ``last/`` is an older save than the ``step_*`` this run resumed from and has not saved since
+        (a kill between a step's two saves): ``zoo sample RUN`` reads ``last/``. A ``step_*`` older than
+        ``last/`` (a branch chosen by hand) leaves it as it is."""
+        start = getattr(self, "_resumed_from", None)
+        return (start is not None and start.name != "last" and self.last_dir == start and self._resumed_in_place()
+                and sealed_at(self.out / "last", CONFIG) < sealed_at(start, CONFIG))
+
     def _cut_here(self) -> bool:
         """Whether a stop cut this step's grid or evaluation short, every rank agreeing (rank 0 alone draws
         them, so it says): the run then stops at this step. Trained one step further, the resume would start
@@ -508,8 +516,12 @@ class Trainer(Resuming):
             done = {"sample_every": not self.grids or (self.out / "samples" / f"step_{self.step:07d}.png").is_file(),
                     "eval_every": self.fd is None or "fd" in logged,
                     "val_every": self.val is None or "val_loss" in logged}
-            missing = [key for key, was_done in done.items() if self._every(key) and not was_done
-                       and int(then.get(key) or 0) > 0 and self.step % int(then[key]) == 0]
+            def due(key: str) -> bool:  # in the run before, and now (the grid: also the run's last step's)
+                period = int(then.get(key) or 0)
+                final = key == "sample_every" and self.step == int(then.get("steps") or 0)
+                return period > 0 and (self.step % period == 0 or final) and (self._every(key) or final)
+
+            missing = [key for key, was_done in done.items() if due(key) and not was_done]
         if self.ctx.distributed:  # every rank takes part (ema_copy gathers FSDP shards): rank 0's word for it
             box = [missing]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -736,8 +748,9 @@ class Trainer(Resuming):
                         log_window()  # the steps since the last record
                     self._stop_here()
             # Still under the stop handlers: a SIGTERM during the final save lets it finish instead of killing it.
-            if self.last_saved != self.step or not is_sealed(self.out / "last", CONFIG):  # (gone or truncated: resumed
-                # from a step_*/ with nothing left to train, it still has to hold this step)
+            if self.last_saved != self.step or not is_sealed(self.out / "last", CONFIG) or self._last_is_behind():
+                # (gone, truncated or older: resumed from a step_*/ with nothing left to train, it still has to
+                # hold this step)
                 self.save(also_step_dir=self._period("ckpt_every") > 0)
             if self._period("sample_every") > 0 and first_step < self.step and not self._every("sample_every"):
                 self._unless_stopped(self.sample_grid, "the sample grid")  # the final weights' too, between two grids
