@@ -881,3 +881,32 @@ def test_a_recipe_made_unconditional_says_which_label_settings_it_no_longer_uses
                  "--set", "train.val_every=0", "--set", "model.num_classes=0"]
     assert main(["train", str(uvit), "--out", str(tmp_path / "run"), "--steps", "1", *synthetic]) == 0
     assert "zoo train: note: model.num_classes 0 makes the model unconditional: data.num_classes 9" in capsys.readouterr().out
+
+
+def test_a_stop_that_cuts_the_resumes_catch_up_short_stops_at_that_step_again(tmp_path, monkeypatch, capsys,
+                                                                              terminal_sigint):
+    """The grid a resume draws for its step (lost to a kill), cut short by a Ctrl-C: the run trained a step
+    further before stopping, and the grid was lost for good."""
+    import zoo.training.loop as loop
+
+    argv = ["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=2", "--set", "train.steps=6",
+            "--set", "train.sample_every=2", "--set", "train.sample_n=4"]
+    assert main(argv + ["--steps", "2"]) == 0
+    (tmp_path / "samples" / "step_0000002.png").unlink()  # as a kill after step 2's save leaves it
+    real, signalled = loop.Trainer.ema_copy, []
+
+    def ema_copy(self):  # the Ctrl-C comes as the resume starts step 2's grid
+        model = real(self)
+        if not signalled:
+            signalled.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return model
+
+    monkeypatch.setattr(loop.Trainer, "ema_copy", ema_copy)
+    capsys.readouterr()
+    assert main(argv + ["--resume", str(tmp_path)]) == 130
+    assert "the sample grid of step 2 was cut short by SIGINT; the run stops now" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    assert main(argv + ["--resume", str(tmp_path), "--steps", "3"]) == 0
+    assert (tmp_path / "samples" / "step_0000002.png").is_file()

@@ -540,6 +540,8 @@ class Trainer(Resuming):
         if "val_every" in missing:
             self._unless_stopped(lambda: evaluation(self.val, self.ema_copy, self.step, self.ctx, monitor),
                                  "the validation loss")
+        if self._cut_here():  # a stop during them: at this step again, so the next resume does them
+            self._stop_here()
 
     def _period(self, key: str) -> int:
         """``train.<key>`` as a number of steps; 0 (or unset) = never."""
