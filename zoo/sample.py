@@ -319,10 +319,8 @@ def model_for(source: str | Path, recipe: Mapping[str, Any], device: torch.devic
     path = Path(source)
     require_weights_memory(recipe, device, _bytes_per_param(dtype))
     if path.is_dir() or not _names_a_recipe(source):  # (a checkpoint deleted since its recipe was read is none)
-        chosen = weights
-
         def read() -> tuple[nn.Module, str]:
-            kind = chosen or ("ema" if (path / EMA).is_file() else "model")
+            kind = weights or ("ema" if (path / EMA).is_file() else "model")
             model, _ = load_checkpoint(path, weights=kind, device=device, recipe=recipe)  # read once, with overrides
             return model, f"{kind} weights of {path}"
 
