@@ -25,6 +25,7 @@ from torch import Tensor
 from zoo.classifier import ConvNeXtClassifier, accuracy
 from zoo.errors import UserError
 from zoo.training.optim import learning_rate
+from zoo.training.sections import data_setting
 
 HOLDOUT_FRACTION = 0.1
 
@@ -78,7 +79,7 @@ def load_data(source: str, image_size: int | None = None, overrides: list[str] =
         raise UserError(f"data.split is {recipe['data']['split']!r}: the classifier trains on the train split and is "
                         "scored on the held-out images itself", key_path="data.split",
                         suggestion="remove data.split (or --set data.split=train)")
-    builder = registry.get("dataset", data.get("dataset", "synthetic"))
+    builder = registry.get("dataset", data_setting(data, "dataset"))
     shape = (3, size, size)
     if "holdout" in getattr(builder, "splits", ()):
         train_x, train_y = _tensors(build_dataset({**data, "split": "train"}, shape, classes, seed))

@@ -31,6 +31,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from zoo.errors import UserError
 from zoo.meta import NotOnMeta, example_inputs, meta_forward, without_dynamo
+from zoo.training.sections import data_setting
 
 GRAD_BYTES_PER_PARAM = 4  # an fp32 gradient, there during a step only (zero_grad(set_to_none=True))
 STEP_BYTES_PER_PARAM = 4 + GRAD_BYTES_PER_PARAM + 8  # fp32 weights, gradients, AdamW exp_avg + exp_avg_sq
@@ -253,7 +254,7 @@ def require_training_memory(meta_model: nn.Module, train: dict, data: dict, devi
     if train.get("grad_checkpointing") and callable(getattr(meta_model, "set_grad_checkpointing", None)):
         meta_model.set_grad_checkpointing(True)
     extra = 0
-    if data.get("dataset", "synthetic") == "synthetic":  # held in memory as float32 images + int64 labels
+    if data_setting(data, "dataset") == "synthetic":  # held in memory as float32 images + int64 labels
         with torch.device("meta"):
             x = example_inputs(meta_model)[0]
         extra = int(data.get("size", 64)) * (x[0].numel() * 4 + 8)

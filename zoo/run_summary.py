@@ -36,6 +36,7 @@ from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_
 from zoo.domains import is_int, is_number
 from zoo.errors import UserError
 from zoo.training.crop import IMAGE_DECODING
+from zoo.training.sections import data_setting
 
 LOSS_WINDOW = 0.1  # the share of a run's last steps whose logged losses are averaged
 LOSS_SETTINGS = ("objective", "prediction", "min_snr_gamma", "time_sampling", "schedule")  # what a loss is of
@@ -282,5 +283,5 @@ def _eval_every_reference(stored: dict) -> str:
     train, data = stored.get("train") or {}, stored.get("data") or {}
     if isinstance(train, dict) and train.get("eval_ref"):
         return str(train["eval_ref"])
-    dataset = data.get("dataset", "synthetic") if isinstance(data, dict) else "synthetic"
+    dataset = data_setting(data if isinstance(data, dict) else {}, "dataset")
     return f"{dataset} (the run's own data: its holdout split, else its training images)"

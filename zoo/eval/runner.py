@@ -30,6 +30,7 @@ from zoo.meta import example_inputs
 from zoo.eval.metrics import compute_metrics
 from zoo.eval.reference import (NPZ_ERRORS, array_batches, extract, load_reference, save_npz, save_text, to_uint8,
                                 unreadable_npz)
+from zoo.training.sections import data_setting
 
 SHARD = re.compile(r"^shard-(\d{7,})-(\d{7,})\.npz$")  # 8 digits from sample 10,000,000 on
 
@@ -417,7 +418,7 @@ def _resolved_solver(spec: dict) -> dict:
 
 def _default_ref(recipe: dict) -> str:
     data = recipe.get("data") or {}
-    name = data.get("dataset", "synthetic")
+    name = data_setting(data, "dataset")
     if name == "synthetic" and not data.get("latent"):  # the run's own synthetic images, made from its recipe
         return name
     if name in ("synthetic", "image_folder", "latents", "imagenet"):

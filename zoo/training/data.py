@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from zoo.errors import UserError
+from zoo.training.sections import data_setting
 from zoo.training.worker_errors import user_errors_cross_workers
 
 BAD_IMAGE_HINT = "delete or replace the file"
@@ -269,7 +270,7 @@ def unread_data_keys(data: Mapping[str, Any]) -> list[str]:
     an error, as a recipe switched to another dataset by ``--set`` keeps its old settings)."""
     from zoo import registry
 
-    reads = getattr(registry.get("dataset", data.get("dataset", "synthetic")), "reads", None)
+    reads = getattr(registry.get("dataset", data_setting(data, "dataset")), "reads", None)
     return [] if reads is None else [key for key in OPTIONAL_KEYS if key in data and key not in reads]
 
 
@@ -283,7 +284,7 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
     """The dataset the ``data`` section names (a ``dataset`` registry entry); ``shape`` is the model's (C, H, W)."""
     builder = check_data_section(data, shape, num_classes)
     ds = builder(data, shape, num_classes, seed)
-    kind, latent = data.get("dataset", "synthetic"), gives_latents(data)
+    kind, latent = data_setting(data, "dataset"), gives_latents(data)
     if len(ds) == 0:
         what = ("*.safetensors shards" if latent else "images in class subfolders (root/CLASS/*.png; files "
                 f"ending {', '.join(IMAGE_SUFFIXES)} in any case are images)")
@@ -295,14 +296,14 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
 
 def gives_latents(data: Mapping[str, Any]) -> bool:
     """Whether the ``data`` section's dataset yields VAE latents (``latents``, or ``imagenet`` with ``latent``)."""
-    kind = data.get("dataset", "synthetic")
+    kind = data_setting(data, "dataset")
     return kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
 
 
 def data_line(data: Mapping[str, Any], count: int, shape: tuple[int, ...]) -> str:
     """What a run trains on, for its first lines: ``"emoji32:train, 3,421 images of 3x32x32"``. A recipe
     that names no dataset trains on synthetic images: said there, as that is rarely what was meant."""
-    kind, latent = data.get("dataset", "synthetic"), gives_latents(data)
+    kind, latent = data_setting(data, "dataset"), gives_latents(data)
     line = (f"{kind}:{data.get('split') or 'train'}, {count:,} {'latents' if latent else 'images'} of "
             f"{'x'.join(map(str, shape))}")
     if "dataset" not in data:
@@ -317,10 +318,10 @@ def check_data_section(data: Mapping[str, Any], shape: tuple[int, ...], num_clas
     num_classes)`` where it has one (e.g. a fixed image size). Returns the dataset's builder."""
     from zoo import registry
 
-    kind = data.get("dataset", "synthetic")
+    kind = data_setting(data, "dataset")
     builder = registry.get("dataset", kind)
     splits = getattr(builder, "splits", ("train",))  # a builder with more splits lists them
-    if data.get("split", "train") not in splits:
+    if data_setting(data, "split") not in splits:
         raise UserError(f"dataset {kind!r} has no {data['split']!r} split; it has {', '.join(splits)}",
                         key_path="data.split", suggestion="remove data.split or pick one of those")
     if data.get("root") and not reads_root(builder):
@@ -359,7 +360,7 @@ def held_out(data: Mapping[str, Any], dataset: Dataset, shape: tuple[int, ...], 
     on; drawn from its own generator, the global RNG untouched)."""
     from zoo import registry
 
-    name, trained_on = data.get("dataset", "synthetic"), data.get("split") or "train"
+    name, trained_on = data_setting(data, "dataset"), data_setting(data, "split")
     build = registry.get("dataset", name)
     if "holdout" in getattr(build, "splits", ()) and trained_on != "holdout":
         return build({**data, "split": "holdout"}, shape, num_classes, seed), f"{name}:holdout"
@@ -378,7 +379,7 @@ def class_names(data: Mapping[str, Any]) -> list[str]:
     """
     from zoo import registry
 
-    kind = data.get("dataset", "synthetic")
+    kind = data_setting(data, "dataset")
     names = getattr(registry.get("dataset", kind), "class_names", None) if kind in registry.names("dataset") else None
     try:
         return [str(name) for name in names(data)] if names else []

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from zoo.errors import UserError
 from zoo.training.data import ImageFolder, _root, synthetic_dataset
+from zoo.training.sections import data_setting
 
 
 def synthetic(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
@@ -73,8 +74,8 @@ def latents(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
     """``zoo prepare-latents`` output (VAE moments, image and flip) or plain ``latents`` shards."""
     from zoo.training.latents import open_latents
 
-    dataset = open_latents(_root(data, "latent shards"), float(data.get("vae_scale", 0.18215)),
-                           flip=bool(data.get("random_flip", False)))  # the trainer's default too
+    dataset = open_latents(_root(data, "latent shards"), float(data_setting(data, "vae_scale")),
+                           flip=bool(data_setting(data, "random_flip")))
     made_at = getattr(dataset, "manifest", {}).get("resolution")  # zoo prepare-latents output says its size
     if data.get("image_size") and made_at and int(data["image_size"]) != int(made_at):
         raise UserError(f"data.image_size is {data['image_size']}, but the latents in {data['root']} were made "

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from zoo.errors import UserError
+from zoo.training.sections import data_setting
 
 VERSION = 2  # bump when the images, labels or split change: old cache files are then ignored
 SPLIT_SEED = 0
@@ -213,7 +214,7 @@ def emoji32(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
     """Twemoji PNGs on white, 9 emoji categories as labels (train 1709 / holdout 189 images)."""
     size = _check_fits(data, shape, num_classes)
     tensors = load_emoji(size, data)
-    split = data.get("split", "train")
+    split = data_setting(data, "split")
     keep = tensors["holdout"].bool() == (split == "holdout")
     images = tensors["images"][keep].float() / 127.5 - 1.0
     return TensorDataset(images, tensors["labels"][keep])

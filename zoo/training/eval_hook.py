@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.errors import UserError
-from zoo.training.sections import UNSET_MEANS
+from zoo.training.sections import UNSET_MEANS, data_setting
 
 EVAL_N = UNSET_MEANS["eval_n"]  # samples per evaluation unless train.eval_n says otherwise
 REF_MAX = 10_000  # training images in the reference statistics at most
@@ -98,7 +98,7 @@ class FDHook:
         from zoo.training.data import held_out
 
         images, source = held_out(data, dataset, shape, num_classes(recipe), self.seed, limit=REF_MAX)
-        builder = registry.get("dataset", data.get("dataset", "synthetic"))
+        builder = registry.get("dataset", data_setting(data, "dataset"))
         self.seed_picks = isinstance(images, Subset) or getattr(builder, "seeded_images", True)  # a plugin: maybe
         if len(images) < 2:
             raise UserError(f"train.eval_every: the reference images ({source}) hold {len(images)} image(s); "
@@ -114,7 +114,7 @@ class FDHook:
         from zoo.sample import num_classes
         from zoo.training.data import reads_root
 
-        name = data.get("dataset", "synthetic")
+        name = data_setting(data, "dataset")
         builder = registry.get("dataset", name)
         described = {"dataset": name}
         if reads_root(builder) and self.data.get("root") is not None:

@@ -48,7 +48,7 @@ from zoo.training.optim import build_optimizer, learning_rate
 from zoo.training.rundir import prune_steps
 from zoo.training.resume import Resuming
 from zoo.training.runlock import RunLock, check_unlocked
-from zoo.training.sections import TRAIN_DEFAULTS as DEFAULTS
+from zoo.training.sections import TRAIN_DEFAULTS as DEFAULTS, data_setting
 from zoo.training.signals import CutShort, StopRequested, StopSignals, ignored_stop_note
 from zoo.training.val_loss import val_hook
 
@@ -183,12 +183,12 @@ class Trainer(Resuming):
         self.forward = torch.compile(self.wrapped, dynamic=False) if self.train["compile"] else self.wrapped
         # Prepared latents hold the encoding of each image's mirror image and draw it themselves: a
         # flip of the latent on top would be a second flip, and not a VAE encoding of anything.
-        self.flip = bool(data.get("random_flip", False)) and not getattr(dataset, "draws_flips", False)
+        self.flip = bool(data_setting(data, "random_flip")) and not getattr(dataset, "draws_flips", False)
         if self.flip and data.get("latent"):
             self.after_banner.append("zoo train: note: data.random_flip mirrors the latents themselves (these shards "
                                      "hold no encoding of the mirrored images): close to, not equal to, the flipped "
                                      "image's latent; zoo prepare-latents stores both, or set data.random_flip: false")
-        self.batches = batches(dataset, self.batch, self.seed, self.step, int(data.get("num_workers", 0)),
+        self.batches = batches(dataset, self.batch, self.seed, self.step, int(data_setting(data, "num_workers")),
                                pin_memory=self.device.type == "cuda", rank=self.ctx.rank, world=self.ctx.world)
         self.conditional = num_classes(recipe) is not None
         self.fresh = resume is None  # a new run: its directory must still hold none when run() locks it

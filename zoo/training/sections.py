@@ -26,7 +26,7 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Mapping
 
 from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_STEPS, Classes, Decay, Doc, ImageSize, NonNegative, OneOf,
                          Positive, PositiveFloat, Range)
@@ -61,6 +61,12 @@ DATA: dict[str, Any] = {
 #: out (``random_flip: false``) changes nothing, and its note must not say ``None -> False``.
 DATA_UNSET_MEANS: dict[str, Any] = {"dataset": "synthetic", "random_flip": False, "latent": False,
                                     "vae_scale": 0.18215, "num_workers": 0, "split": "train"}
+
+
+def data_setting(data: Mapping[str, Any], key: str) -> Any:
+    """The ``data`` section's ``key``, or what its absence means (``DATA_UNSET_MEANS``): one place for defaults."""
+    value = data.get(key)
+    return DATA_UNSET_MEANS.get(key) if value is None else value
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
