@@ -305,6 +305,25 @@ def test_shipped_recipes_are_found_by_their_recipes_path_from_anywhere(tmp_path,
     assert "runs/emoji32/dimr_2r does not exist" in capsys.readouterr().err
 
 
+def test_a_folder_named_like_a_shipped_recipe_is_no_checkpoint_and_says_how_to_name_the_recipe(
+        tmp_path, monkeypatch, capsys):
+    """``./emoji32/dit/`` (an empty folder) takes the bare name: zoo sample said 'is a checkpoint: its model
+    section is fixed' to a --set model.* there; it is no checkpoint, and the .yaml name reaches the recipe."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emoji32" / "dit").mkdir(parents=True)
+    for extra in ([], ["--set", "model.depth=2"]):
+        assert main(["sample", "emoji32/dit", *extra, "--out", "e.png"]) == 2
+        err = capsys.readouterr().err
+        assert "emoji32/dit is not a zoo checkpoint (no config.json)" in err and "model section is fixed" not in err
+        assert "for the shipped recipe give emoji32/dit.yaml" in err
+    assert main(["sample", "emoji32/dit.yaml", "--set", "model.depth=2", "--n", "1", "--steps", "2",
+                 "--out", "e.png", "--device", "cpu"]) == 0
+    assert "wrote 1 image (32x32)" in capsys.readouterr().out
+    (tmp_path / "mine").mkdir()  # no shipped recipe of that name: no hint
+    assert main(["sample", "mine", "--out", "e.png"]) == 2
+    assert "for the shipped recipe" not in capsys.readouterr().err
+
+
 def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(checkpoint, monkeypatch, capsys, tmp_path):
     """--respacing 1001 and float64 with bf16 were refused only after the weights had loaded (seconds for a
     paper model): the recipe alone says so."""

@@ -363,6 +363,7 @@ def sample_recipe(source: str | Path, overrides: Sequence[str] = (), solver: str
     chosen = _solver_choice(read, solver, given)
     overrides = [*chosen, *given]
     if path.is_dir() and any(override_key(o)[0] == "model" for o in overrides):
+        read([])  # a folder that holds no checkpoint says so, not that its weights fix the model
         raise UserError(f"{path} is a checkpoint: its model section is fixed by its weights; "
                         "--set may change the other sections only")
     try:
