@@ -552,7 +552,7 @@ def test_a_pixel_model_of_other_than_three_channels_is_refused_before_sampling(t
     assert _eval(tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("zoo eval scores RGB images, and this pixel model samples 4-channel ones "
-                                      "(model input 4x8x8, data.latent not set)") in err
+                                      "(model input 4x8x8, its data images, not latents)") in err
     assert not (tmp_path / "run" / "eval").exists()  # no shard sampled
 
 

@@ -292,6 +292,56 @@ def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_va
     assert f"wrote 2 images ({RES}x{RES})" in capsys.readouterr().out
 
 
+def test_the_latents_dataset_makes_a_latent_model_without_data_latent(tmp_path, vae_dir, image_dir, capsys):
+    """dataset: latents without latent: true trained on latents, then drew its grids and zoo sample output
+    as undecoded 4-channel tiles (and refused --vae: 'this model samples pixels'): the dataset decides."""
+    from PIL import Image
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""model: {{type: dit, input_size: 8, patch_size: 2, in_channels: 4, hidden_size: 16, depth: 1,
+         num_heads: 2, num_classes: 2, class_dropout_prob: 0.1, learn_sigma: false}}
+diffusion: {{time_input: dit_index, label_drop: 0.1, null_label: 2}}
+data: {{dataset: latents, root: {out}, num_classes: 2}}
+train: {{steps: 2, batch_size: 4, log_every: 1, sample_every: 2, sample_n: 4}}
+sample: {{solver: {{type: ddim, steps: 2}}, cfg: {{scale: 1.0, convention: dit, channels: null}}}}
+""")
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert "draws no sample grids" not in capsys.readouterr().out
+    with Image.open(tmp_path / "run" / "samples" / "step_0000002.png") as grid:  # 2x2 of RES px RGB images
+        assert grid.mode == "RGB" and grid.width > 2 * RES
+    assert main(["sample", str(tmp_path / "run"), "--n", "2", "--vae", str(vae_dir), "--steps", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert f"wrote 2 images ({RES}x{RES})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, latent", [
+    ({"dataset": "latents"}, True), ({"dataset": "latents", "latent": True}, True),
+    ({"dataset": "imagenet", "latent": True}, True), ({"dataset": "imagenet"}, False),
+    ({"latent": True}, True), ({}, False),  # synthetic: stand-in latents where the recipe says so
+    ({"dataset": "emoji32"}, False), ({"dataset": "image_folder"}, False),
+    ({"dataset": "not_installed_plugin", "latent": True}, True), ({"dataset": "not_installed_plugin"}, False)])
+def test_whether_a_model_works_on_latents_is_what_its_dataset_gives(data, latent):
+    from zoo.training.data import gives_latents
+
+    assert gives_latents(data) is latent
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["data.latent=true"], "data.latent is true, but dataset 'emoji32' gives images (pixels)"),
+    (["data.dataset=image_folder", "data.root=.", "data.latent=true"],
+     "data.latent is true, but dataset 'image_folder' gives images (pixels)"),
+    (["data.dataset=latents", "data.root=.", "data.latent=false"],
+     "data.latent is false, but dataset 'latents' gives VAE latents")])
+def test_a_data_latent_its_dataset_contradicts_is_refused(sets, says, capsys):
+    """emoji32 with latent: true trained on pixels and then found no VAE for its grids; it is one line now."""
+    emoji = Path(__file__).resolve().parent.parent / "recipes" / "emoji32" / "dit.yaml"
+    assert main(["build", str(emoji), *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "remove data.latent" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("recipe, words", [
     ("recipes/dimr_xl_2r.yaml", ["ImageNet 256x256 latents", "Stable Diffusion VAE", "zoo prepare-latents",
                                  "--set data.root="]),

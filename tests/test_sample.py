@@ -634,7 +634,7 @@ def test_a_vae_for_a_pixel_model_is_refused_not_ignored(tmp_path, capsys):
     argv = ["sample", str(recipe), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
     assert main(argv + ["--vae", str(tmp_path)]) == 2
     assert capsys.readouterr().err.endswith(f"zoo: error: --vae {tmp_path}: this model samples pixels (its recipe's "
-                                            "data.latent is not set), so there is nothing to decode (drop --vae)\n")
+                                            "data are images, not latents), so there is nothing to decode (drop --vae)\n")
     assert not (tmp_path / "g.png").exists() and main(argv) == 0
 
 

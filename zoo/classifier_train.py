@@ -54,14 +54,14 @@ def load_data(source: str, image_size: int | None = None, overrides: list[str] =
     import zoo
     from zoo import registry
     from zoo.sample import num_classes
-    from zoo.training.data import build_dataset
+    from zoo.training.data import build_dataset, gives_latents
     from zoo.training.emoji import holdout_mask
 
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or (path.exists() and source not in registry.names("dataset")):
         recipe = zoo.load_recipe(source, list(overrides))
         data, classes = dict(recipe.get("data") or {}), num_classes(recipe)
-        if data.get("latent"):
+        if gives_latents(data):
             raise UserError(f"{source} trains on VAE latents; the classifier needs pixels: for ImageNet use "
                             f"zoo eval --distortion --classifier timm:NAME --classifier-weights FILE")
     elif source in registry.names("dataset"):

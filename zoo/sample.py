@@ -670,10 +670,12 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
 
     Called before sampling, so a missing VAE is reported before any compute is spent.
     """
+    from zoo.training.data import gives_latents
+
     data = recipe.get("data") or {}
-    if not data.get("latent"):
+    if not gives_latents(data):
         if vae_dir is not None:  # it was accepted and ignored
-            raise UserError(f"--vae {vae_dir}: this model samples pixels (its recipe's data.latent is not set), "
+            raise UserError(f"--vae {vae_dir}: this model samples pixels (its recipe's data are images, not latents), "
                             "so there is nothing to decode", suggestion="drop --vae")
         return None
     from zoo.latents import check_decoder_fits, prepared_with_vae

@@ -84,6 +84,8 @@ def _architecture(state: Mapping[str, Tensor]) -> tuple[int, int, int, int] | No
 def explain_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], recipe: Mapping[str, Any]) -> None:
     """A checkpoint of another DiT: say which one its shapes say (width, depth, patch, and the ``model.input_size``
     the length of its fixed sin-cos ``pos_embed`` gives) and the shipped recipe of that model, where there is one."""
+    from zoo.training.data import gives_latents
+
     theirs, ours = _architecture(state), _architecture(expected)
     if theirs is None or ours is None or theirs == ours:
         return
@@ -92,7 +94,7 @@ def explain_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], 
     if grid * grid != tokens:
         return
     size = grid * patch
-    latent = bool((recipe.get("data") or {}).get("latent"))
+    latent = gives_latents(recipe.get("data") or {})
     pixels = size * 8 if latent else size  # the SD VAE's 8x downsampling
     where = f"model.input_size {size} ({grid}x{grid} patches of {patch}, {pixels}px images)"
     if (width, depth, patch) == ours[:3]:  # the same model at another resolution

@@ -39,6 +39,7 @@ def scorer_for(args, device: Any) -> Any:
     check_threshold(args.threshold)
     from zoo.eval.runner import locate
     from zoo.sample import num_classes
+    from zoo.training.data import gives_latents
 
     ckpt, _ = locate(args.source)
     recipe = read_config(ckpt)
@@ -46,7 +47,7 @@ def scorer_for(args, device: Any) -> Any:
     check_classes(scorer, num_classes(recipe), f"checkpoint {ckpt}")
     data = recipe.get("data") or {}
     size = data.get("image_size")
-    if scorer.image_size is not None and size is not None and not data.get("latent") and int(size) != scorer.image_size:
+    if scorer.image_size is not None and size is not None and not gives_latents(data) and int(size) != scorer.image_size:
         raise UserError(f"classifier {args.classifier} takes {scorer.image_size}x{scorer.image_size} images, "
                         f"checkpoint {ckpt} generates {size}x{size}; train one with --image-size {size}")
     return scorer

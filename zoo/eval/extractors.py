@@ -66,7 +66,7 @@ def require_rgb_samples(channels: int, image_size: int, who: str, suggestion: st
     sampling, not as a convolution's traceback after it."""
     if channels != 3:
         raise UserError(f"{who} scores RGB images, and this pixel model samples {channels}-channel ones "
-                        f"(model input {channels}x{image_size}x{image_size}, data.latent not set)",
+                        f"(model input {channels}x{image_size}x{image_size}, its data images, not latents)",
                         suggestion=suggestion, key_path=key_path)
 
 

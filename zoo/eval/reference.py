@@ -230,7 +230,7 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
                     f"{_listing_digest(path, dataset.items)}")
         return identity, lambda b: _dataset_batches(dataset, b, labelled=not flat), len(dataset), dataset.classes
     from zoo import registry
-    from zoo.training.data import reads_root
+    from zoo.training.data import gives_latents, reads_root
 
     name, split = dataset_reference(spec, options)
     build = registry.get("dataset", name)
@@ -240,7 +240,7 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     if name == "synthetic" and not trains_on:
         raise UserError(f"{options.ref} {spec}: synthetic images are made from a recipe's data section, and this "
                         "model's recipe trains on other data", suggestion="pass an image folder, an .npz or emoji32")
-    if own.get("latent"):  # its items are latents: nothing in it is an image the decoded samples could match
+    if own and gives_latents(own):  # its items are latents: nothing in it is an image the decoded samples could match
         raise UserError(f"{options.ref} {spec}: this model's {name} training data are latents, not images",
                         suggestion="pass the images they were made from: " + options.given("ref", "/path/to/images")
                         + ", or an .npz")

@@ -417,9 +417,11 @@ def _resolved_solver(spec: dict) -> dict:
 
 
 def _default_ref(recipe: dict) -> str:
+    from zoo.training.data import gives_latents
+
     data = recipe.get("data") or {}
     name = data_setting(data, "dataset")
-    if name == "synthetic" and not data.get("latent"):  # the run's own synthetic images, made from its recipe
+    if name == "synthetic" and not gives_latents(data):  # the run's own synthetic images, made from its recipe
         return name
     if name in ("synthetic", "image_folder", "latents", "imagenet"):
         raise UserError("--ref is needed: an .npz (ADM reference batch or zoo statistics), an image folder, "

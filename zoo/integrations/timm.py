@@ -80,7 +80,9 @@ def create(name: str, recipe: str, pretrained: bool = False, pretrained_cfg: Any
     model.pretrained_cfg = {"architecture": name, "input_size": shape,
                             "num_classes": getattr(model, "num_classes", None), "source": f"zoo recipe {recipe}"}
     if shape is not None:
-        latent = bool((resolved.data.get("data") or {}).get("latent"))
+        from zoo.training.data import gives_latents
+
+        latent = gives_latents(resolved.data.get("data") or {})
         model.pretrained_cfg.update(mean=(0.0 if latent else 0.5,) * shape[0], std=(1.0 if latent else 0.5,) * shape[0],
                                     crop_pct=1.0)  # the whole centre square, as zoo's image folders and ADM crop
     return model if dtype is None else model.to(dtype)

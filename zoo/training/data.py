@@ -295,9 +295,19 @@ def build_dataset(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: 
 
 
 def gives_latents(data: Mapping[str, Any]) -> bool:
-    """Whether the ``data`` section's dataset yields VAE latents (``latents``, or ``imagenet`` with ``latent``)."""
-    kind = data_setting(data, "dataset")
-    return kind == "latents" or (kind == "imagenet" and bool(data.get("latent")))
+    """Whether the ``data`` section's model works in the VAE's latent space: what its dataset yields
+    (``latents`` always; ``imagenet`` and ``synthetic`` with ``data.latent``; image_folder and emoji32 never),
+    or ``data.latent`` for a plugin dataset that does not say. What sampling decodes and training reads agree."""
+    from zoo import registry
+
+    kind, declared = data_setting(data, "dataset"), bool(data.get("latent"))
+    if kind not in registry.names("dataset"):  # an uninstalled plugin's checkpoint: as its recipe says
+        return declared
+    builder = registry.get("dataset", kind)
+    switch = getattr(builder, "latent_keys", None)
+    if switch is None:  # a builtin image dataset (it lists what it reads), or a plugin that does not say
+        return False if getattr(builder, "reads", None) is not None else declared
+    return "latent" not in switch or declared  # latents: always; imagenet, synthetic: by data.latent
 
 
 def data_line(data: Mapping[str, Any], count: int, shape: tuple[int, ...]) -> str:
@@ -329,10 +339,24 @@ def check_data_section(data: Mapping[str, Any], shape: tuple[int, ...], num_clas
                         "reads no root", key_path="data.dataset",
                         suggestion="--set data.dataset=image_folder (root/CLASS/*.png) or latents "
                         "(zoo prepare-latents output)")
+    _check_latent_switch(data, kind, builder)
     check = getattr(builder, "check", None)
     if check is not None:
         check(data, shape, num_classes)
     return builder
+
+
+def _check_latent_switch(data: Mapping[str, Any], kind: str, builder: Callable[..., Any]) -> None:
+    """Refuse a ``data.latent`` the dataset contradicts: ``latent: true`` beside images trained on pixels
+    and then found no VAE to draw grids; ``latents`` without ``latent: true`` drew undecoded latents."""
+    if data.get("latent") is None or getattr(builder, "reads", None) is None:  # unset, or a plugin: its own switch
+        return
+    latent = gives_latents(data)
+    if bool(data["latent"]) != latent:
+        gives = "VAE latents" if latent else "images (pixels)"
+        raise UserError(f"data.latent is {str(data['latent']).lower()}, but dataset {kind!r} gives {gives}",
+                        key_path="data.latent", suggestion="remove data.latent (it chooses between imagenet's "
+                        "latents and images); latent data is data.dataset: latents (zoo prepare-latents output)")
 
 
 def _other_data_hint(root: Path, latent: bool, shape: tuple[int, ...]) -> str:

@@ -38,6 +38,7 @@ synthetic.reads = ("size", "image_size")  # type: ignore[attr-defined]
 synthetic.seeded_images = True  # type: ignore[attr-defined]  # train.seed draws the images themselves
 synthetic.check = _synthetic_size  # type: ignore[attr-defined]  # also run by zoo build
 synthetic.ignores_root = True  # type: ignore[attr-defined]  # a data.root beside it is a mistake (see build_dataset)
+synthetic.latent_keys = ("latent", "vae_scale", "vae")  # type: ignore[attr-defined]  # latent: stand-in latents
 
 
 def image_folder(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:

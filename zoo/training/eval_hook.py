@@ -59,6 +59,7 @@ class FDHook:
                  shape: tuple[int, ...], out: Path, device: torch.device, log: Callable[[str], None]) -> None:
         from zoo.eval.extractors import build_extractor, require_rgb_samples
         from zoo.sample import vae_weights
+        from zoo.training.data import gives_latents
         from zoo.vae import vae_downsample
 
         self.recipe, self.out, self.device, self.log = recipe, Path(out), device, log
@@ -69,7 +70,7 @@ class FDHook:
         if self.data.get("root") is not None:  # data/imgs, ./data/imgs/ and its absolute path are one folder
             self.data["root"] = os.path.realpath(os.path.expanduser(str(self.data["root"])))
         self._stamp: str | None = None  # the reference files' stamp, taken once per process (prepare)
-        if self.ref_spec is None and data.get("latent"):
+        if self.ref_spec is None and gives_latents(data):
             raise UserError("train.eval_every on latent data needs reference images: set train.eval_ref to an ADM "
                             "reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder",
                             key_path="train.eval_ref")

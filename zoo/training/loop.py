@@ -39,7 +39,8 @@ from zoo.precision import autocast_dtype, set_tf32
 from zoo.sample import check_sample_section, num_classes, vae_weights
 from zoo.training import distributed
 from zoo.training.compile_check import check_compile_toolchain
-from zoo.training.data import EpochSampler, batches, build_dataset, class_names, data_line, unread_data_keys
+from zoo.training.data import (EpochSampler, batches, build_dataset, class_names, data_line, gives_latents,
+                               unread_data_keys)
 from zoo.training.draws import draw
 from zoo.training.eval_hook import evaluation, fd_hook
 from zoo.training.fit import training_objective
@@ -184,7 +185,7 @@ class Trainer(Resuming):
         # Prepared latents hold the encoding of each image's mirror image and draw it themselves: a
         # flip of the latent on top would be a second flip, and not a VAE encoding of anything.
         self.flip = bool(data_setting(data, "random_flip")) and not getattr(dataset, "draws_flips", False)
-        if self.flip and data.get("latent"):
+        if self.flip and gives_latents(data):
             self.after_banner.append("zoo train: note: data.random_flip mirrors the latents themselves (these shards "
                                      "hold no encoding of the mirrored images): close to, not equal to, the flipped "
                                      "image's latent; zoo prepare-latents stores both, or set data.random_flip: false")
