@@ -418,7 +418,7 @@ def saved_files_identity(directory: Path) -> tuple:
     def identity(path: Path) -> tuple[int, int, int, int] | None:
         try:
             st = path.stat()
-        except (FileNotFoundError, NotADirectoryError):  # (a file given as the checkpoint: refused where read)
+        except OSError:  # missing, a file given as the checkpoint, a link loop: refused where read
             return None
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 

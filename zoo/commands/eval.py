@@ -97,8 +97,10 @@ def _json_log(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from zoo.errors import UserError
 
-    if args.n is not None and args.n < 2:
-        raise UserError(f"--n must be at least 2, got {args.n}")
+    from zoo.domains import MAX_COUNT
+
+    if args.n is not None and not 2 <= args.n <= MAX_COUNT:
+        raise UserError(f"--n must be at least 2 and at most {MAX_COUNT:,} (as sample.num_samples), got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     from zoo.sample import check_seed
