@@ -30,8 +30,11 @@ def test_steps_0_is_accepted_it_saves_the_initial_weights(tmp_path, monkeypatch)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out, recipe, device, notes = _checked_arguments(_args(tmp_path, steps=0))
     assert Path(out) == tmp_path / "run" and device == "cpu" and recipe["train"]["steps"] == 30 and notes == []
-    with pytest.raises(UserError, match=r"--steps must be >= 0, got -1"):
+    with pytest.raises(UserError, match=r"--steps must be >= 0 and at most 1,000,000,000 \(as train.steps\), got -1"):
         _checked_arguments(_args(tmp_path, steps=-1))
+    _checked_arguments(_args(tmp_path, steps=10**9))  # a constant schedule: any step up to train.steps' bound
+    with pytest.raises(UserError, match=r"--steps must be .* got 1000000001"):  # it trained 'forever'
+        _checked_arguments(_args(tmp_path, steps=10**9 + 1))
 
 
 def test_steps_equal_to_a_cosine_schedules_train_steps_is_not_past_it(tmp_path, monkeypatch):

@@ -143,8 +143,10 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
     from zoo.guards import check_run_dir, resolve_device
     from zoo.training import distributed
 
-    if args.steps is not None and args.steps < 0:
-        raise UserError(f"--steps must be >= 0, got {args.steps}")
+    from zoo.domains import MAX_STEPS
+
+    if args.steps is not None and not 0 <= args.steps <= MAX_STEPS:
+        raise UserError(f"--steps must be >= 0 and at most {MAX_STEPS:,} (as train.steps), got {args.steps}")
     device = resolve_device(args.device)
     distributed.check_launch(device)
     device = str(device)
