@@ -1,5 +1,6 @@
 """``zoo train``: loss goes down, checkpoints are atomic and resumable, EMA math, optimizer groups, CLI."""
 
+import json
 import os
 import signal
 import sys
@@ -659,6 +660,31 @@ def test_a_sample_solver_that_cannot_work_is_refused_before_the_first_step(tmp_p
 
 def _step_of(directory):
     return torch.load(directory / "trainer_state.pt", weights_only=True)["step"]
+
+
+def test_readers_of_a_run_take_the_step_dir_saved_after_last_as_the_resume_does(tmp_path, capsys):
+    """After a kill between a step's two saves, --resume RUN continued from step_4 while zoo sample, eval,
+    compare and export RUN read the older last/ (step 2), without a word."""
+    import shutil
+
+    from zoo.checkpoint import checkpoint_of
+
+    run = tmp_path / "run"
+    assert main(["train", str(RECIPE), "--out", str(run), "--set", "train.ckpt_every=2", "--set",
+                 "train.sample_every=0", "--steps", "4"]) == 0
+    assert checkpoint_of(run) == run / "last"  # the step_0000004/ of the same step was sealed first
+    shutil.rmtree(run / "last")
+    shutil.copytree(run / "step_0000002", run / "last")  # a kill after step_0000004/ was sealed, before last/
+    assert checkpoint_of(run) == run / "step_0000004" and checkpoint_of(run / "last") == run / "last"
+    grids = {}
+    for source in (run, run / "step_0000004", run / "last"):
+        out = tmp_path / f"{source.name}.png"
+        assert main(["sample", str(source), "--n", "2", "--steps", "2", "--out", str(out)]) == 0
+        grids[source.name] = out.read_bytes()
+    assert grids["run"] == grids["step_0000004"] != grids["last"]
+    capsys.readouterr()
+    assert main(["compare", str(run), "--no-time", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["run"]["step"] == 4
 
 
 def test_a_resume_takes_a_step_dir_saved_after_last_or_complete_where_last_is_not(tmp_path, capsys):

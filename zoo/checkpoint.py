@@ -265,13 +265,25 @@ def repair_checkpoint(directory: str | Path, in_place: bool = False) -> Path | N
 
 
 def checkpoint_of(path: str | Path) -> Path:
-    """``path``, or for a ``zoo train`` run directory its newest checkpoint ``path/last``; both repaired
-    first if a crash interrupted their save (on a read-only copy, the newer save is read where it is)."""
+    """``path``, or for a ``zoo train`` run directory its newest checkpoint: ``path/last``, or the
+    ``step_*/`` a kill between a step's two saves left newer than it (the one ``--resume`` continues);
+    repaired first if a crash interrupted their save (on a read-only copy, the newer save is read where it is)."""
     path = Path(path)
     # a save interrupted between its two renames: `last` comes back
     last = repair_checkpoint(path / "last", in_place=True) or path / "last"
     here = repair_checkpoint(path, in_place=True) or path
-    return last if (last / CONFIG).is_file() else here
+    if not (last / CONFIG).is_file():
+        return here
+    return (step_saved_after_last(path) if last == path / "last" else None) or last
+
+
+def step_saved_after_last(run: Path) -> Path | None:
+    """The run's newest ``step_*/`` where it was sealed after ``last/`` (``last/`` is written after the
+    step's directory: a kill between the two), else ``None``."""
+    last, newest = run / "last", newest_step(run)
+    if newest is None or not atomic.is_sealed(last, CONFIG):
+        return None
+    return newest if atomic.sealed_at(newest, CONFIG) > atomic.sealed_at(last, CONFIG) else None
 
 
 # Steps are written with at least 7 digits (step_0000500): step 10,000,000 on takes 8 (train.steps may be 1e9)
@@ -492,9 +504,10 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
     if newest is None:
         return last, None
     if atomic.is_sealed(last, CONFIG):
-        if atomic.sealed_at(newest, CONFIG) > atomic.sealed_at(last, CONFIG):
-            return newest, (f"{newest.name} was saved after last/ (the run was stopped between the two saves): "
-                            f"resuming from {newest}")
+        after = step_saved_after_last(run)
+        if after is not None:
+            return after, (f"{after.name} was saved after last/ (the run was stopped between the two saves): "
+                           f"resuming from {after}")
         return last, None
     problems = atomic.missing_or_truncated(last, CONFIG)
     if not (last / CONFIG).exists() and any((last / name).is_file() for name in (MODEL, EMA, TRAINER_STATE)):

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("format", choices=FORMATS, help="target layout")
     p.add_argument("checkpoint", type=user_path, metavar="SOURCE",
                    help="diffusers: a zoo checkpoint directory (config.json + model.safetensors) or a zoo train run "
-                   "directory (its newest checkpoint, RUN/last); npz: a samples-* directory of zoo eval, or the "
+                   "directory (its newest checkpoint, RUN/last/); npz: a samples-* directory of zoo eval, or the "
                    "run or eval directory holding exactly one")
     p.add_argument("--out", required=True, type=user_path,
                    help="diffusers: directory to write (a new path, or an empty directory); npz: the .npz file")
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--n is an option of zoo export npz (how many samples), not of diffusers")
     from zoo.checkpoint import checkpoint_of
 
-    checkpoint = checkpoint_of(args.checkpoint)  # repaired; a run directory: its last/, as zoo sample
+    checkpoint = checkpoint_of(args.checkpoint)  # repaired; a run directory: its newest checkpoint, as zoo sample
     if not checkpoint.is_dir():
         raise UserError(f"{checkpoint} is not a checkpoint directory",
                         suggestion="pass a directory written by zoo train or zoo convert")
