@@ -511,6 +511,33 @@ def test_the_resumed_steps_work_is_done_only_where_the_run_before_had_it_due(tmp
     assert not [r for r in _records(out) if r["step"] == 4 and ("fd" in r or "val_loss" in r)]
 
 
+def test_a_lost_grid_is_not_drawn_by_a_resume_whose_sample_every_no_longer_has_it_due(tmp_path):
+    """The catch-up draws the resumed step's grid only where the resume's own train.sample_every still has
+    that step due (or it is the run's last): resumed with sample_every 3 at step 2, a grid lost to a kill at
+    step 2 under sample_every 2 stays undrawn and no 'not done' note is said."""
+    settings = SETTINGS + ["train.ckpt_every=2", "train.sample_every=2", "train.sample_n=4"]
+    out, lines = tmp_path / "run", []
+    train(zoo.load_recipe(RECIPE, settings), out, steps=2, log=lambda *_: None)  # train.steps 30: 2 is not the last
+    (out / "samples" / "step_0000002.png").unlink()  # as a kill after step 2's save leaves it
+    now = SETTINGS + ["train.ckpt_every=2", "train.sample_every=3", "train.sample_n=4"]
+    train(zoo.load_recipe(RECIPE, now), out, steps=3, resume=out, log=lines.append)
+    assert not any("not done before the run stopped" in line for line in lines), lines
+    assert not (out / "samples" / "step_0000002.png").exists()
+
+
+def test_a_resume_into_another_out_does_not_catch_up_the_step_it_starts_from(tmp_path):
+    """The catch-up is for a run resumed where it was saved: resumed into another --out, whose log and samples/
+    start empty, the step it starts from was 'not done' there and its grid drawn again into the new run."""
+    settings = SETTINGS + ["train.ckpt_every=2", "train.sample_every=2", "train.sample_n=4"]
+    lines = []
+    train(zoo.load_recipe(RECIPE, settings), tmp_path / "a", steps=2, log=lambda *_: None)
+    train(zoo.load_recipe(RECIPE, settings), tmp_path / "b", steps=3, resume=tmp_path / "a" / "last",
+          log=lines.append)
+    assert not any("not done before the run stopped" in line for line in lines), lines
+    assert not (tmp_path / "b" / "samples" / "step_0000002.png").exists()
+    assert [r["step"] for r in _records(tmp_path / "b")] == [3]
+
+
 def test_a_run_that_logs_no_losses_still_gets_its_lost_validation_loss_back(tmp_path):
     """train.log_every 0 still writes FD and validation-loss records to log.jsonl; a resume skipped them as if
     nothing were logged, so one lost to a kill stayed lost."""
