@@ -345,6 +345,29 @@ def test_a_stop_during_a_grid_or_evaluation_cuts_it_short_saves_that_step_and_th
         assert '"step": 2, "val_loss"' in (tmp_path / "log.jsonl").read_text()
 
 
+def test_a_stop_during_the_last_steps_grid_ends_the_run_as_done(tmp_path, monkeypatch, capsys, terminal_sigint):
+    """A stop that cuts the grid of the run's last step short has nothing left to stop: the run ends as a
+    finished one (exit 0, 'done'), not as interrupted (exit 130) with a resume to do that trains nothing."""
+    import zoo.training.loop as loop
+
+    real, signalled = loop.Trainer.ema_copy, []
+
+    def ema_copy(self):  # the signal comes as rank 0 starts the grid of step 2, the last
+        model = real(self)
+        if self.step == 2 and not signalled:
+            signalled.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return model
+
+    monkeypatch.setattr(loop.Trainer, "ema_copy", ema_copy)
+    assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0", "--set", "train.steps=2",
+                 "--set", "train.sample_every=2", "--set", "train.sample_n=4"]) == 0
+    captured = capsys.readouterr()
+    assert signalled and "the sample grid of step 2 was cut short by SIGINT" in captured.out
+    assert "zoo train: done;" in captured.out and "interrupted" not in captured.err
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
 def test_an_evaluation_cut_short_on_rank_0_still_meets_the_other_ranks():
     """The other ranks wait at the barrier after rank 0's evaluation: rank 0 must reach it however it ends."""
     from zoo.training.eval_hook import evaluation
@@ -907,6 +930,20 @@ def test_a_recipe_made_unconditional_says_which_label_settings_it_no_longer_uses
                  "--set", "train.val_every=0", "--set", "model.num_classes=0"]
     assert main(["train", str(uvit), "--out", str(tmp_path / "run"), "--steps", "1", *synthetic]) == 0
     assert "zoo train: note: model.num_classes 0 makes the model unconditional: data.num_classes 9" in capsys.readouterr().out
+
+
+def test_the_unconditional_note_names_a_null_label_0_and_reads_guidance_as_dits():
+    """diffusion.null_label 0 is a value the unconditional model no longer uses (a truthiness test skipped it),
+    and sample.cfg without a convention is DiT's (scale 1 is guidance off), not U-ViT's (scale 1 guides)."""
+    from zoo.training.loop import unconditional_note
+
+    uvit = Path(__file__).parents[1] / "recipes" / "emoji32" / "uvit.yaml"
+    plain = ["model.num_classes=0", "data.num_classes=null", "diffusion.label_drop=0"]
+    assert unconditional_note(zoo.load_recipe(uvit, plain + ["diffusion.null_label=0", "sample.cfg.scale=0"])) == (
+        "model.num_classes 0 makes the model unconditional: diffusion.null_label 0 is not used")
+    no_convention = zoo.load_recipe(uvit, plain + ["diffusion.null_label=null", "sample.cfg={scale: 1.0}"])
+    assert "convention" not in no_convention["sample"]["cfg"]
+    assert unconditional_note(no_convention) is None
 
 
 def test_a_stop_that_cuts_the_resumes_catch_up_short_stops_at_that_step_again(tmp_path, monkeypatch, capsys,
