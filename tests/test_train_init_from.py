@@ -127,3 +127,16 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path, trained, ca
         assert said.replace("ema.", "model." if "--resume" in extra else "ema.") in capsys.readouterr().err
     assert main(["export", "diffusers", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert said in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+def test_a_non_finite_loss_before_the_first_update_of_a_fine_tune_points_at_init_from(tmp_path, trained):
+    """Before its first update a run started from train.init_from has that checkpoint's weights: the advice is
+    to check them, not the model and diffusion sections (nor train.lr, which acts only on updates)."""
+    from zoo.training.loop import NonFiniteError
+
+    trainer = Trainer(_recipe(f"train.init_from={trained / 'last'}"), tmp_path / "run", log=QUIET)
+    x, y = next(trainer.batches)
+    with pytest.raises(NonFiniteError, match="the loss is not finite at step 1") as caught:
+        trainer.train_step(x * float("inf"), y)
+    assert str(caught.value).endswith("(no checkpoint was written). Check train.init_from's weights (no update was "
+                                      "made yet: train.lr and train.grad_clip act only on updates)")
