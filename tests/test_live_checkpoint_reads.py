@@ -90,3 +90,83 @@ def test_a_checkpoint_replaced_at_every_read_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo.training.resume, "load_trainer_state", always_a_save)
     with pytest.raises(UserError, match=r"replaced by a newer save each of 3 times it was read"):
         Trainer(plain_recipe(), tmp_path / "new", resume=last, log=QUIET)
+
+
+def _two_file_checkpoint(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    for name in (ckpt.CONFIG, ckpt.MODEL):
+        (directory / name).write_text("a")
+    return directory
+
+
+def test_a_read_that_failed_because_a_save_replaced_the_files_is_done_again(tmp_path):
+    """A read that fails on half of two saves (a save landed in between) is read again and gives the new save's
+    value: it was raised as if the checkpoint were broken."""
+    last, calls = _two_file_checkpoint(tmp_path / "last"), []
+
+    def read():
+        calls.append(1)
+        if len(calls) == 1:
+            (last / ckpt.MODEL).unlink()
+            (last / ckpt.MODEL).write_text("bb")  # the next save's weights file
+            raise UserError("checkpoint last is incomplete")
+        return "read again"
+
+    assert ckpt.read_whole(last, read) == "read again" and len(calls) == 2
+
+
+def test_a_read_while_the_directory_is_between_a_saves_two_renames_waits_and_reads_again(tmp_path, monkeypatch):
+    """A save replacing last/ renames the old one away before it renames the new one in: a read that found no
+    last/ then waits and reads again, rather than saying at once that the checkpoint was deleted."""
+    import time
+
+    last, calls = _two_file_checkpoint(tmp_path / "last"), []
+
+    def read():
+        calls.append(1)
+        if len(calls) == 1:
+            last.rename(tmp_path / "old")  # the save's first rename
+            raise UserError("checkpoint last is missing")
+        return "read again"
+
+    waits = []
+    monkeypatch.setattr(time, "sleep", lambda s: (waits.append(s), (tmp_path / "old").rename(last)))  # the second
+    assert ckpt.read_whole(last, read) == "read again" and len(calls) == 2 and len(waits) == 1
+
+
+def test_an_init_from_step_pruned_while_its_weights_are_read_says_it_was_deleted(tmp_path, monkeypatch):
+    """train.init_from naming a live run's step_* that keep_last prunes after its config was read: the error was
+    whatever the half-gone directory raised, not that the checkpoint was deleted while it was read."""
+    _saved(tmp_path / "live", 2)
+    step = tmp_path / "live" / "step_0000002"
+    real = ckpt.checkpoint_weights
+
+    def pruned_first(directory, *args, **kwargs):
+        shutil.rmtree(step)
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "checkpoint_weights", pruned_first)
+    with pytest.raises(UserError, match=r"step_0000002 was deleted while it was being read"):
+        Trainer(plain_recipe(f"train.init_from={step}"), tmp_path / "new", log=QUIET)
+
+
+def test_a_resume_read_again_says_its_allowed_recipe_change_once(tmp_path, monkeypatch):
+    """--allow-recipe-change notes the changed sections on each read of the checkpoint: a resume that read
+    last/ again (a save landed meanwhile) said the note twice."""
+    _saved(tmp_path / "live", 2)
+    last = tmp_path / "live" / "last"
+    real, calls = ckpt.load_trainer_state, []
+
+    def a_save_lands_first(directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) == 1:
+            shutil.move(str(last), str(tmp_path / "old"))
+            shutil.copytree(tmp_path / "live" / "step_0000002", last)
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(zoo.training.resume, "load_trainer_state", a_save_lands_first)
+    resumed = Trainer(plain_recipe("diffusion.min_snr_gamma=5.0"), tmp_path / "new", resume=last, log=QUIET,
+                      allow_recipe_change=True)
+    assert len(calls) == 2
+    notes = [line for line in resumed.after_banner if "--allow-recipe-change" in line]
+    assert len(notes) == 1 and "diffusion.min_snr_gamma" in notes[0], resumed.after_banner
