@@ -84,3 +84,16 @@ def test_a_resume_after_a_torn_last_line_keeps_its_own_first_record(tmp_path, ta
         monitor.close()
     steps = [r["step"] for r in read_log(tmp_path / "log.jsonl")]
     assert steps == ([2, 4, 5] if tail.endswith(b".") else [2, 3, 4, 5])
+
+
+def test_a_resume_after_an_intact_last_line_adds_no_empty_line(tmp_path):
+    """A log.jsonl whose last line ends in its newline (a run stopped cleanly) is appended to as it is: reading
+    the byte before that newline took the line for torn and wrote an empty line before the resumed records."""
+    (tmp_path / "log.jsonl").write_text(json.dumps(_rec(1)) + "\n" + json.dumps(_rec(2)) + "\n")
+    monitor = Monitor(tmp_path, start=3, total=5, log=lambda *_: None, tty=False)
+    try:
+        monitor.record(_rec(3))
+    finally:
+        monitor.close()
+    text = (tmp_path / "log.jsonl").read_text()
+    assert "\n\n" not in text and [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3]
