@@ -40,14 +40,44 @@ def test_a_guided_sample_with_a_null_label_beyond_the_table_is_one_line():
     model = zoo.build_model(recipe).eval()
     with pytest.raises(UserError) as err:
         sample_latents(model, recipe, SampleRequest(n=1, steps=1, cfg=2.0))
-    # Every row is a class: the fix is no guidance, or a null row before training; moving the null label onto
-    # class 8 (one fix for both keys: a DiT's was told 'set model.num_classes to 1001', which its weights
-    # cannot take) is said last, as what it is. U-ViT's "no guidance" is scale 0.
+    # Every row is a class: the fix is no guidance, or a null row before training. U-ViT's "no guidance" is
+    # scale 0. Moving the null label onto class 8 is not offered: emoji32 always has 9 classes, and
+    # data.num_classes 8 is refused.
     assert "none is left for the null label" in err.value.message
-    assert err.value.suggestion.startswith("sample without guidance (--cfg 0, or sample.cfg.scale: 0 in the recipe), "
-                                           "or give the model a row for it before training")
-    assert err.value.suggestion.endswith("--set diffusion.null_label=8 --set data.num_classes=8 would make class 8 "
-                                         "the null label")
+    assert err.value.suggestion == ("sample without guidance (--cfg 0, or sample.cfg.scale: 0 in the recipe), or give "
+                                    "the model a row for it before training (DiT: model.class_dropout_prob > 0 adds "
+                                    "one; U-ViT and DiMR: model.num_classes 10)")
+    # Data that can have fewer classes: moving the null label onto class 8 (one fix for both keys: a DiT's
+    # was told 'set model.num_classes to 1001', which its weights cannot take) is said last, as what it is.
+    recipe["data"] = {"dataset": "synthetic", "num_classes": 9}
+    with pytest.raises(UserError) as err:
+        sample_latents(model, recipe, SampleRequest(n=1, steps=1, cfg=2.0))
+    assert err.value.suggestion.endswith("model.num_classes 10); --set diffusion.null_label=8 --set "
+                                         "data.num_classes=8 would make class 8 the null label")
+
+
+_TINY_UVIT = ["--set", "model.embed_dim=16", "--set", "model.depth=1", "--set", "data.image_size=8",
+              "--set", "model.img_size=8", "--set", "train.sample_every=0", "--set", "train.val_every=0",
+              "--set", "train.batch_size=4", "--steps", "1"]
+
+
+@pytest.mark.parametrize("dataset, moved", [("emoji32", False), ("synthetic", True)])
+def test_a_model_with_fewer_label_rows_than_classes_is_told_fixes_that_train(tmp_path, capsys, dataset, moved):
+    """U-ViT with 8 label rows for emoji32's 9 classes was told its rows 'are all classes' and to set
+    model.num_classes 9 (the same error again, now asking for 10), and to make class 7 the null label with
+    data.num_classes 7, which emoji32 (always 9 classes) refuses. Each fix offered now trains."""
+    from zoo.cli import main
+
+    base = ["train", str(EMOJI / "uvit.yaml"), *_TINY_UVIT, "--set", f"data.dataset={dataset}"]
+    assert main([*base, "--out", str(tmp_path / "bad"), "--set", "model.num_classes=8"]) == 2
+    err = capsys.readouterr().err
+    assert "label rows 0..7 are fewer than the data's classes (data.num_classes 9)" in err
+    assert "U-ViT and DiMR: model.num_classes 10)" in err and "label_drop=0" not in err
+    assert ("--set diffusion.null_label=7 --set data.num_classes=7 would make class 7" in err) is moved
+    fixes = [["--set", "model.num_classes=10"]]
+    fixes += [["--set", "model.num_classes=8", "--set", "diffusion.null_label=7", "--set", "data.num_classes=7"]] * moved
+    for k, fix in enumerate(fixes):
+        assert main([*base, "--out", str(tmp_path / f"run{k}"), *fix]) == 0, capsys.readouterr().err
 
 
 def test_zoo_build_refuses_what_zoo_sample_would_for_a_dit_without_a_null_row(capsys):

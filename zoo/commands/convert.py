@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_with_state(lambda: zoo.build_model(recipe), state, source, suggestion=_mismatch_hint(checked),
                              rename=(lambda key: names(key, config)) if names else None)
     check_null_label(model, (recipe.get("diffusion") or {}).get("null_label"),  # else it converts, then cannot sample
-                     (recipe.get("data") or {}).get("num_classes"))
+                     recipe.get("data"))
     out = save_checkpoint(args.out, model, recipe)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({len(official)} official tensors, {n:,} parameters)")

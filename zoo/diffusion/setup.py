@@ -196,15 +196,19 @@ def check_guidance_channels(guidance: GuidanceSettings, channels: int) -> None:
                         suggestion=f"at most {channels}, or remove it to guide every channel")
 
 
-def check_null_label(model: nn.Module, null_label: int | None, data_classes: int | None = None,
+def check_null_label(model: nn.Module, null_label: int | None, data: Mapping[str, Any] | None = None,
                      guidance: GuidanceSettings | None = None) -> None:
     """Refuse a null label the model has no embedding for (it failed at the first dropped label,
     an IndexError deep inside a training step or a guided sample). Backbones say how many labels
-    they embed in ``num_labels``; one that does not is not checked. ``data_classes``: the recipe's
-    ``data.num_classes``, which the fix must keep below the null label too (said in one message).
+    they embed in ``num_labels``; one that does not is not checked. ``data``: the recipe's data
+    section, whose ``num_classes`` the fix must keep below the null label too (said in one message),
+    and whose dataset may have a class count of its own that no fix can lower (emoji32's 9).
     ``guidance``: the label is needed to sample with these settings (else: to drop labels in training),
     which a model whose every row is a class can do without."""
-    rows = getattr(model, "num_labels", None)
+    from zoo.training.data import class_names
+
+    rows, data = getattr(model, "num_labels", None), data or {}
+    data_classes = data.get("num_classes")
     if getattr(model, "null_row", None) is not None and data_classes:  # more classes than the rows before DiT's
         check_label_rows(model, data_classes, from_data=True)  # own null row: that is the mistake to name
     if null_label is None or not rows or null_label < rows:
@@ -212,16 +216,22 @@ def check_null_label(model: nn.Module, null_label: int | None, data_classes: int
     fix = f"--set diffusion.null_label={rows - 1}"
     if data_classes is not None and data_classes > rows - 1:  # none left beside the null row: unconditional
         fix += f" --set data.num_classes={rows - 1 or 'null'}"
-    if rows > 1 and data_classes is not None and data_classes >= rows:  # every row is a class: moving the
-        off = 1 if guidance is None or guidance.convention == "dit" else 0  # the convention's "no guidance"
-        without = (f"sample without guidance (--cfg {off}, or sample.cfg.scale: {off} in the recipe)" if guidance
-                   else "--set diffusion.label_drop=0")
-        raise UserError(  # null label onto one would turn a class into "no class"
-            f"diffusion.null_label is {null_label}, but the model's label rows 0..{rows - 1} are all classes "
-            f"(data.num_classes {data_classes}): none is left for the null label", key_path="diffusion.null_label",
-            suggestion=f"{without}, or give the model a row for it before training (DiT: model.class_dropout_prob "
-            f"> 0 adds one; U-ViT and DiMR: model.num_classes {rows + 1}); {fix} would make class {rows - 1} "
-            "the null label")
+    if rows > 1 and data_classes is not None and data_classes >= rows:  # every row is a class, or too few rows
+        fixes = []
+        if data_classes == rows:  # without a null label the model still fits its data
+            off = 1 if guidance is None or guidance.convention == "dit" else 0  # the convention's "no guidance"
+            fixes.append(f"sample without guidance (--cfg {off}, or sample.cfg.scale: {off} in the recipe)"
+                         if guidance else "--set diffusion.label_drop=0")
+        dit = "" if data_classes == rows else f" with model.num_classes {data_classes}"
+        fixes.append(f"give the model a row for it before training (DiT: model.class_dropout_prob > 0 adds one{dit}; "
+                     f"U-ViT and DiMR: model.num_classes {data_classes + 1})")
+        suggestion = ", or ".join(fixes)
+        if len(class_names(data)) <= rows - 1:  # the dataset can have that few classes (or does not say how many)
+            suggestion += f"; {fix} would make class {rows - 1} the null label"  # a class turned into "no class"
+        said = "are all classes" if data_classes == rows else "are fewer than the data's classes"
+        raise UserError(f"diffusion.null_label is {null_label}, but the model's label rows 0..{rows - 1} {said} "
+                        f"(data.num_classes {data_classes}): none is left for the null label",
+                        key_path="diffusion.null_label", suggestion=suggestion)
     raise UserError(f"diffusion.null_label is {null_label}, but the model embeds labels 0..{rows - 1} only",
                     key_path="diffusion.null_label",
                     suggestion=f"{fix}: its last label row, where DiT, U-ViT and DiMR keep the null label (or give "
@@ -278,7 +288,7 @@ def guided_eps_fn(
                         f"{1 if guidance.convention == 'dit' else 0}) for no guidance")
     require_null_label(recipe, guidance)
     if active:
-        check_null_label(model, null, (recipe.get("data") or {}).get("num_classes"), guidance)
+        check_null_label(model, null, recipe.get("data"), guidance)
         check_guidance_channels(guidance, eps_channels)
     return GuidedModel(
         model,

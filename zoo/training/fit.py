@@ -38,7 +38,7 @@ def training_objective(recipe: Mapping[str, Any], meta_model: nn.Module) -> Diff
             objective.null_label = int(model_cfg["num_classes"])
     data_classes = (recipe.get("data") or {}).get("num_classes")
     if objective.label_drop > 0:
-        check_null_label(meta_model, objective.null_label, data_classes)
+        check_null_label(meta_model, objective.null_label, recipe.get("data"))
     check_label_rows(meta_model, num_classes(recipe), from_data=bool(data_classes))
     _check_output(meta_model, objective)
     return objective
@@ -66,8 +66,8 @@ def check_recipe_fits_model(recipe: Mapping[str, Any], meta_model: nn.Module) ->
     except UserError as err:
         raise err.locate(key_path="sample.cfg.channels") from None
     if guidance.active and num_classes(recipe):  # zoo sample's guided default needs the null label's row
-        check_null_label(meta_model, (recipe.get("diffusion") or {}).get("null_label"),
-                         (recipe.get("data") or {}).get("num_classes"), guidance)
+        check_null_label(meta_model, (recipe.get("diffusion") or {}).get("null_label"), recipe.get("data"),
+                         guidance)
     check_data_section(recipe.get("data") or {}, shape, num_classes(recipe))
 
 
