@@ -254,6 +254,46 @@ def test_latents_of_another_size_name_the_resolution_for_the_vae_that_made_them(
     assert err.value.suggestion == "prepare latents of 16x16: zoo prepare-latents --resolution 32 with this f2 VAE"
 
 
+@pytest.fixture(scope="module")
+def lat64(tmp_path_factory, image_dir):
+    """``zoo prepare-latents --resolution 64`` with a tiny f8 VAE (SD's downsampling): 4x8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8] * 4, layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=64)
+    vae8 = tmp_path_factory.mktemp("vae8")
+    vae.save_pretrained(str(vae8))
+    out = tmp_path_factory.mktemp("lat64") / "lat"
+    prepare_latents(image_dir, vae8, out, resolution=64, num_workers=0)
+    return out
+
+
+EMOJI = Path(__file__).parents[1] / "recipes" / "emoji32"
+TINY_RUN = ["--steps", "1", "--device", "cpu", "--set", "train.batch_size=4", "--set", "train.sample_every=0",
+            "--set", "train.val_every=0", "--set", "train.ckpt_every=0"]
+
+
+def _train(recipe: Path | str, out: Path, sets: list[str]) -> int:
+    return main(["train", str(recipe), "--out", str(out), *TINY_RUN, *[a for kv in sets for a in ("--set", kv)]])
+
+
+@pytest.mark.parametrize("recipe, tiny, channels", [
+    ("dit.yaml", ["model.hidden_size=16", "model.depth=1", "model.input_size=8"], "model.in_channels=4"),
+    ("uvit.yaml", ["model.embed_dim=16", "model.depth=1", "model.img_size=8"], "model.in_chans=4")])
+def test_latents_of_other_channels_than_the_model_name_its_in_channels(tmp_path, lat64, capsys, recipe, tiny,
+                                                                          channels):
+    """A pixel recipe on 4-channel latents of its size was told to prepare latents with the --resolution
+    they were made at; the channel count is the mistake, and the fix that trains."""
+    sets = [*tiny, "data.dataset=latents", f"data.root={lat64}", "data.image_size=64"]
+    assert _train(EMOJI / recipe, tmp_path / "bad", sets) == 2
+    err = capsys.readouterr().err
+    assert "gives samples of shape (4, 8, 8), the model takes (3, 8, 8) (the latents have 4 channels: set " \
+           "model.in_channels to 4 (model.in_chans for U-ViT))" in err and "--resolution" not in err, err
+    assert _train(EMOJI / recipe, tmp_path / "run", [*sets, channels]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_vae(tmp_path, vae_dir, image_dir, capsys):
     import shutil

@@ -421,7 +421,10 @@ def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_clas
     """
     x, _ = ds[0]
     if tuple(x.shape) != tuple(shape):
-        if latent:
+        if latent and x.shape[0] != shape[0]:  # another size would not fix this: named first
+            hint = (f"the latents have {x.shape[0]} channels: set model.in_channels to {x.shape[0]} "
+                    "(model.in_chans for U-ViT)")
+        elif latent:
             vae = (getattr(ds, "manifest", None) or {}).get("vae")  # the VAE these latents were made with
             factor = vae.get("downsample") if isinstance(vae, dict) else None
             hint = (f"prepare latents of {shape[-2]}x{shape[-1]}: zoo prepare-latents --resolution "
