@@ -251,7 +251,9 @@ def test_latents_of_another_size_name_the_resolution_for_the_vae_that_made_them(
     prepare_latents(image_dir, vae_dir, out, resolution=RES, batch_size=5, shard_size=6, num_workers=0)
     with pytest.raises(UserError) as err:  # (the dataset is checked against the model as it is built)
         build_dataset({"dataset": "latents", "root": str(out), "vae_scale": 0.18215, "latent": True}, (4, 16, 16), 2)
-    assert err.value.suggestion == "prepare latents of 16x16: zoo prepare-latents --resolution 32 with this f2 VAE"
+    assert err.value.suggestion == ("set the model's input size to 8 (model.input_size, or model.img_size for U-ViT), "
+                                    "or prepare latents of 16x16: zoo prepare-latents --resolution 32 with this f2 VAE "
+                                    "and train with data.image_size 32")
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +294,40 @@ def test_latents_of_other_channels_than_the_model_name_its_in_channels(tmp_path,
     assert "gives samples of shape (4, 8, 8), the model takes (3, 8, 8) (the latents have 4 channels: set " \
            "model.in_channels to 4 (model.in_chans for U-ViT))" in err and "--resolution" not in err, err
     assert _train(EMOJI / recipe, tmp_path / "run", [*sets, channels]) == 0, capsys.readouterr().err
+
+
+def test_an_image_size_the_latents_were_not_made_at_is_told_the_model_size_too(tmp_path, lat64, capsys):
+    """Latents made at 64 beside data.image_size 128 and a model of 16x16 latents were told 'set
+    data.image_size to 64': the model's input size is its own setting, so the next run failed on
+    (4, 8, 8) against (4, 16, 16). The message names both, and each fix it gives trains."""
+    recipe = str(Path(__file__).parent / "recipes" / "tiny_dit_latent.yaml")
+    sets = ["data.dataset=latents", f"data.root={lat64}", "data.num_classes=2", "model.input_size=16",
+            "data.image_size=128"]
+    assert _train(recipe, tmp_path / "bad", sets) == 2
+    err = capsys.readouterr().err
+    assert ("(set data.image_size to 64 and the model's input size to 8 (model.input_size, or model.img_size for "
+            "U-ViT), or prepare latents of 16x16: zoo prepare-latents --resolution 128 with this f8 VAE)") in err, err
+    assert _train(recipe, tmp_path / "run", [*sets, "data.image_size=64", "model.input_size=8"]) == 0
+    # data.image_size alone: the model's size is the one left, or latents of its size
+    assert _train(recipe, tmp_path / "half", [*sets, "data.image_size=64"]) == 2
+    assert ("the model takes (4, 16, 16) (set the model's input size to 8 (model.input_size, or model.img_size for "
+            "U-ViT), or prepare latents of 16x16: zoo prepare-latents --resolution 128 with this f8 VAE and train "
+            "with data.image_size 128)") in capsys.readouterr().err
+
+
+def test_a_pixel_recipe_on_latents_is_told_the_channels_then_the_sizes(tmp_path, lat64, capsys):
+    """emoji32's DiT (3x32x32 pixels) on 4x8x8 latents was told 'prepare latents with --resolution 32'
+    (4x4 latents for this VAE, still 4 channels): the channels are named first, then both sizes."""
+    sets = ["model.hidden_size=16", "model.depth=1", "data.dataset=latents", f"data.root={lat64}"]
+    assert _train(EMOJI / "dit.yaml", tmp_path / "bad", sets) == 2
+    err = capsys.readouterr().err
+    assert "set model.in_channels to 4" in err and "--resolution 32" not in err, err
+    sets.append("model.in_channels=4")
+    assert _train(EMOJI / "dit.yaml", tmp_path / "bad2", sets) == 2
+    assert ("data.image_size is 32, but the latents in" in (err := capsys.readouterr().err) and "(set data.image_size "
+            "to 64 and the model's input size to 8 (model.input_size, or model.img_size for U-ViT), or prepare latents "
+            "of 32x32: zoo prepare-latents --resolution 256 with this f8 VAE and train with data.image_size 256)") in err
+    assert _train(EMOJI / "dit.yaml", tmp_path / "run", [*sets, "data.image_size=64", "model.input_size=8"]) == 0
 
 
 @pytest.mark.slow

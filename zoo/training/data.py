@@ -411,6 +411,28 @@ def class_names(data: Mapping[str, Any]) -> list[str]:
         return []
 
 
+def latent_size_hint(model_side: int, factor: Any, made_at: int | None = None, image_size: int | None = None,
+                     side: int | None = None) -> str:
+    """How latents of ``side`` (made from ``made_at`` px images by an f``factor`` VAE, trained at
+    ``data.image_size`` ``image_size``, default ``made_at``) meet a model of input size ``model_side``:
+    the data's size and the model's (its own setting, not derived from data.image_size), or latents
+    of the model's size."""
+    known = isinstance(factor, int) and factor > 0
+    side = side or (made_at // factor if made_at and known else model_side)
+    image_size = image_size or made_at
+    fits = [f"data.image_size to {made_at}"] if made_at and image_size != made_at else []
+    if side != model_side:
+        fits.append(f"the model's input size to {side} (model.input_size, or model.img_size for U-ViT)")
+    res = (factor if known else 8) * model_side
+    again = (f"prepare latents of {model_side}x{model_side}: zoo prepare-latents --resolution {res} "
+             + (f"with this f{factor} VAE" if known else "with an f8 VAE (SD's)")
+             + (f" and train with data.image_size {res}" if image_size and image_size != res else ""))
+    if not fits:
+        return again
+    fix = f"set {' and '.join(fits)}"
+    return fix if res == made_at else f"{fix}, or {again}"  # (latents of that resolution are the ones there)
+
+
 def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_classes: int | None,
                         latent: bool = False, from_data: bool = False) -> None:
     """Fail before training when the data cannot feed the model: the first sample's shape, the labels' range
@@ -425,11 +447,9 @@ def check_against_model(ds: Dataset, kind: str, shape: tuple[int, ...], num_clas
             hint = (f"the latents have {x.shape[0]} channels: set model.in_channels to {x.shape[0]} "
                     "(model.in_chans for U-ViT)")
         elif latent:
-            vae = (getattr(ds, "manifest", None) or {}).get("vae")  # the VAE these latents were made with
-            factor = vae.get("downsample") if isinstance(vae, dict) else None
-            hint = (f"prepare latents of {shape[-2]}x{shape[-1]}: zoo prepare-latents --resolution "
-                    + (f"{factor * shape[-1]} with this f{factor} VAE" if isinstance(factor, int) and factor > 0
-                       else f"{8 * shape[-1]} with an f8 VAE (SD's)"))
+            manifest = getattr(ds, "manifest", None) or {}  # zoo prepare-latents output: its size and VAE
+            vae = manifest.get("vae") if isinstance(manifest.get("vae"), dict) else {}
+            hint = latent_size_hint(shape[-1], vae.get("downsample"), manifest.get("resolution"), side=x.shape[-1])
         elif x.shape[0] != shape[0]:
             hint = (f"the images load with {x.shape[0]} channels: a pixel model takes in_channels {x.shape[0]}; "
                     "a latent model trains on dataset: latents (made by zoo prepare-latents)")

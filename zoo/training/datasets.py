@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from torch.utils.data import Dataset
 
 from zoo.errors import UserError
-from zoo.training.data import ImageFolder, _root, synthetic_dataset
+from zoo.training.data import ImageFolder, _root, latent_size_hint, synthetic_dataset
 from zoo.training.sections import data_setting
 
 
@@ -77,13 +77,15 @@ def latents(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | 
 
     dataset = open_latents(_root(data, "latent shards"), float(data_setting(data, "vae_scale")),
                            flip=bool(data_setting(data, "random_flip")))
-    made_at = getattr(dataset, "manifest", {}).get("resolution")  # zoo prepare-latents output says its size
-    if data.get("image_size") and made_at and int(data["image_size"]) != int(made_at):
+    manifest = getattr(dataset, "manifest", {})  # zoo prepare-latents output says its size and its VAE's
+    made_at, vae = manifest.get("resolution"), manifest.get("vae")
+    vae = vae if isinstance(vae, dict) else {}
+    if data.get("image_size") and made_at and int(data["image_size"]) != int(made_at) \
+            and vae.get("latent_channels", shape[0]) == shape[0]:  # other channels: named as the data meets the model
         raise UserError(f"data.image_size is {data['image_size']}, but the latents in {data['root']} were made "
                         f"from {made_at}x{made_at} images (zoo prepare-latents --resolution {made_at})",
-                        key_path="data.image_size",
-                        suggestion=f"set data.image_size to {made_at}, or prepare latents with --resolution "
-                        f"{data['image_size']}")
+                        key_path="data.image_size", suggestion=latent_size_hint(
+                            shape[-1], vae.get("downsample"), int(made_at), int(data["image_size"])))
     return dataset
 
 
