@@ -445,3 +445,70 @@ def test_an_eval_result_of_a_zoo_that_read_images_otherwise_is_another_protocol(
     (row, _), err = _compare_json(capsys, str(run), str(other))
     assert row["run"]["fd_reference_key"].endswith(", images read as before 2026-12-07")
     assert "the FDs were measured differently" in err
+
+
+def _folder(path: Path, colour: tuple[int, int, int]) -> Path:
+    """Two class folders of three 8x8 images of ``colour`` (shades of it)."""
+    for c in ("a", "b"):
+        (path / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), tuple(v + 10 * i for v in colour)).save(path / c / f"{i}.png")
+    return path
+
+
+def test_an_eval_every_fd_and_a_zoo_eval_fd_of_one_reference_are_measured_alike(tmp_path, capsys, monkeypatch):
+    """zoo compare said a run's train.eval_every FD and zoo eval's of a step were 'measured differently' though
+    both were n=8 test_pool4 FDs of the EMA weights against one folder by one sampler: the two writers keyed
+    the reference two ways (a hash of the training hook's settings, a hash of --ref's name). Both now record
+    one key of the statistics; a folder spelled otherwise is the same, another folder of like images is not."""
+    ref = _folder(tmp_path / "ref", (200, 0, 0))
+    run = tmp_path / "run"
+    train(zoo.load_recipe(RECIPE, SETTINGS + [f"train.eval_ref={ref}"]), run, steps=20, log=lambda *_: None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(run), "--n", "8", "--ref", "./ref/", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    (step, last), err = _compare_json(capsys, str(run / "step_0000010"), str(run))
+    assert "(step 10)" in step["run"]["fd_source"] and last["run"]["fd_source"].endswith(".json")  # one of each
+    assert step["run"]["fd_reference_key"] == last["run"]["fd_reference_key"]
+    assert "measured differently" not in err
+    for result in (run / "eval").glob("last-*.json"):
+        result.unlink()
+    _folder(tmp_path / "copy", (200, 0, 0))
+    assert main(["eval", str(run), "--n", "8", "--ref", "copy", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    _, err = _compare_json(capsys, str(run / "step_0000010"), str(run))
+    assert "the FDs were measured differently" in err
+
+
+def test_older_records_and_results_without_the_statistics_key_keep_their_keys(tmp_path, capsys):
+    """A log or result written before the statistics key: today's keys, the two FDs not comparable."""
+    ref = _folder(tmp_path / "ref", (200, 0, 0))
+    run = tmp_path / "run"
+    train(zoo.load_recipe(RECIPE, SETTINGS + [f"train.eval_ref={ref}"]), run, steps=20, log=lambda *_: None)
+    assert main(["eval", str(run), "--n", "8", "--ref", str(ref), "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    lines = _records(run)
+    (run / "log.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fd_statistics"}) + "\n"
+                                           for r in lines))
+    (step, last), err = _compare_json(capsys, str(run / "step_0000010"), str(run))
+    fd_record = next(r for r in lines if r.get("step") == 10 and "fd" in r)
+    assert fd_record["fd_statistics"] and step["run"]["fd_reference_key"] == f"statistics {fd_record['fd_ref_key']}"
+    assert "the FDs were measured differently" in err
+    (path,) = (run / "eval").glob("last-*.json")
+    result = json.loads(path.read_text())
+    del result["reference"]["statistics"]
+    path.write_text(json.dumps(result))
+    (row,), _ = _compare_json(capsys, str(run))
+    assert row["run"]["fd_reference_key"] == path.name.rsplit("-ref", 1)[1].removesuffix(".json")
+
+
+def test_the_statistics_key_is_of_the_reference_resolved():
+    """emoji32 and emoji32:holdout are one reference, with a recipe training on it or not (its flips change no
+    image), and the extractor's weights are known by their sha256; 32 and 64 px or another split are others."""
+    from zoo.eval.reference import statistics_key
+
+    extractor = {"name": "e", "weights": "/a/w.pth", "weights_sha256": "f00"}
+    key = statistics_key("emoji32", 32, extractor)
+    own = {"data": {"dataset": "emoji32", "image_size": 32, "random_flip": True}}
+    assert key == statistics_key("emoji32:holdout", 32, {**extractor, "weights": "/b/w.pth"}, own)
+    assert key != statistics_key("emoji32", 64, extractor) and key != statistics_key("emoji32:train", 32, extractor)

@@ -55,7 +55,7 @@ class RunSummary:
     fd_n: int | None = None
     fd_extractor: str | None = None
     fd_reference: str | None = None  # as zoo eval's --ref was given, or what train.eval_every compared with
-    fd_reference_key: str | None = None  # zoo eval's hash of the reference it resolved (paths made absolute)
+    fd_reference_key: str | None = None  # which reference statistics: "statistics" and their key, else older keys
     fd_weights: str | None = None  # "ema" or "raw"
     fd_sampler: str | None = None  # the solver with its settings, and the guidance
     fd_source: str | None = None
@@ -145,7 +145,8 @@ def loss_settings(stored: dict) -> dict[str, Any]:
 
 def _well_formed_fd(record: dict) -> bool:
     """Whether an FD record's fields have the types train.eval_every writes (a hand's edit is skipped)."""
-    return (all(isinstance(record.get(k), (str, type(None))) for k in ("fd_ref", "fd_ref_key", "fd_extractor"))
+    return (all(isinstance(record.get(k), (str, type(None)))
+                for k in ("fd_ref", "fd_ref_key", "fd_statistics", "fd_extractor"))
             and (record.get("fd_n") is None or (is_int(record["fd_n"]) and record["fd_n"] > 0)))
 
 
@@ -258,6 +259,8 @@ def summarize(arg: str | Path) -> RunSummary:
         summary.fd, summary.fd_n = float(best["metrics"]["fd"]), best["n"]
         summary.fd_extractor = (best.get("extractor") or {}).get("name")
         summary.fd_reference, summary.fd_reference_key = reference.get("spec"), best["_reference_key"]
+        if isinstance(reference.get("statistics"), str):  # the key train.eval_every's records carry too
+            summary.fd_reference_key = f"statistics {reference['statistics']}"
         if reference.get("image_decoding") != IMAGE_DECODING:  # images (of a folder) may have been read otherwise
             summary.fd_reference_key += f", {OLDER_READING}"
         summary.fd_weights, summary.fd_sampler = protocol["weights"], sampler_text(protocol["solver"], protocol.get("cfg"))
@@ -270,7 +273,8 @@ def summarize(arg: str | Path) -> RunSummary:
         summary.fd_reference = rec.get("fd_ref") or _eval_every_reference(stored)
         # records that name their reference came with today's image reading; older ones may have read it otherwise
         # (the statistics' hash, where recorded, tells two folders or subsets of one description apart)
-        summary.fd_reference_key = (f"statistics {rec['fd_ref_key']}" if rec.get("fd_ref_key")
+        summary.fd_reference_key = (f"statistics {rec['fd_statistics']}" if rec.get("fd_statistics") else
+                                    f"statistics {rec['fd_ref_key']}" if rec.get("fd_ref_key")
                                     else summary.fd_reference + ("" if rec.get("fd_ref") else f", {OLDER_READING}"))
         summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"

@@ -194,6 +194,54 @@ def items_stamp(dataset: Any) -> str:
     return _listing_digest(Path("/"), [(file.resolve(), label) for file, label in chosen])
 
 
+def reference_data(data: Mapping[str, Any], recipe: Mapping[str, Any], of: int | None = None) -> dict:
+    """The ``data`` settings a dataset's reference images depend on, with the defaults filled in: the dataset,
+    its root (resolved) where it reads one, a plugin's other settings; ``of``: the size of the dataset
+    ``train.seed`` drew them from, so the classes of images drawn per class (synthetic) count too. A default
+    written out (``split: train``), flips or a cache's place leave the images as they are."""
+    from zoo import registry
+    from zoo.sample import num_classes
+    from zoo.training.data import reads_root
+    from zoo.training.eval_hook import NOT_REFERENCE_DATA
+    from zoo.training.sections import data_setting
+
+    name = data_setting(data, "dataset")
+    builder = registry.get("dataset", name)
+    described = {"dataset": name}
+    if reads_root(builder) and data.get("root") is not None:  # data/imgs, ./data/imgs/, its absolute path: one folder
+        described["root"] = os.path.realpath(os.path.expanduser(str(data["root"])))
+    if of is not None:  # images drawn from the seed (per class), or a subset of so many
+        described.update(num_classes=num_classes(recipe), of=of)
+    if getattr(builder, "reads", None) is None:  # a plugin: whatever else it may read
+        described.update({k: v for k, v in data.items() if k not in NOT_REFERENCE_DATA and k not in described})
+    return described
+
+
+def statistics_key(spec: str, image_size: int, extractor: Mapping[str, Any],
+                   recipe: Mapping[str, Any] | None = None, options: RefOptions = EVAL_OPTIONS) -> str:
+    """A short hash of which reference statistics an FD is measured against, one definition for zoo eval's
+    results and train.eval_every's records, so zoo compare tells FDs against the same statistics from others:
+    the reference resolved (:func:`reference_name`), the images' size, the extractor (its weights' sha256, not
+    their path), the listing of a folder's files (an .npz's size and time), and for a dataset the settings of
+    ``recipe`` that made its images where it trains on it (:func:`reference_data`; a seeded one: all of them)."""
+    if _names_a_path(spec):
+        images: Any = files_stamp(spec, image_size, None, options)  # the folder's resolved path is in its stamp
+    else:
+        from zoo import registry
+
+        name, _ = dataset_reference(spec, options)
+        own = dict((recipe or {}).get("data") or {})
+        trains_on = recipe is not None and own.get("dataset", "synthetic") == name
+        if trains_on and getattr(registry.get("dataset", name), "seeded_images", True):  # train.seed drew them
+            images = files_stamp(spec, image_size, recipe, options)
+        else:
+            images = reference_data(own if trains_on else {"dataset": name}, recipe or {})
+    what = {"reference": reference_name(spec, options), "image_size": int(image_size), "images": images,
+            "extractor": {k: v for k, v in extractor.items() if k != "weights"}, "v": CACHE_VERSION}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
+                          ).hexdigest()[:12]
+
+
 def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
                    options: RefOptions = EVAL_OPTIONS) -> tuple[str, Callable[[int], Iterator], int, list[str]]:
     """(identity for the cache key, batches(batch_size), count, class names or ``[]``) of a folder or

@@ -369,6 +369,7 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
 def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, device: torch.device) -> dict:
     """Features of the samples on disk, the metrics against the reference, the JSON result written."""
     from zoo.checkpoint import read_classes, versions
+    from zoo.eval.reference import statistics_key
     from zoo.sample import num_classes
 
     feats = extract(setup.extractor, sample_batches(setup.samples_dir, request.n, setup.batch), device)
@@ -379,7 +380,10 @@ def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, devi
               "extractor": setup.extractor.describe(), "reference": {"spec": setup.ref_spec, "source": reference.source,
                                                                      "count": None if reference.features is None
                                                                      else int(len(reference.features)),
-                                                                     "image_decoding": IMAGE_DECODING},
+                                                                     "image_decoding": IMAGE_DECODING,
+                                                                     "statistics": statistics_key(
+                                                                         setup.ref_spec, setup.protocol["image_size"],
+                                                                         setup.extractor.describe(), setup.recipe)},
               "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime())}
     out = eval_dir / result_name(ckpt.name, setup.extractor.name, request.n, setup.key, _reference_key(setup.ref_spec))

@@ -70,6 +70,7 @@ class FDHook:
         if self.data.get("root") is not None:  # data/imgs, ./data/imgs/ and its absolute path are one folder
             self.data["root"] = os.path.realpath(os.path.expanduser(str(self.data["root"])))
         self._stamp: str | None = None  # the reference files' stamp, taken once per process (prepare)
+        self._statistics: str | None = None  # statistics_key, taken once per process
         if self.ref_spec is None and gives_latents(data):
             raise UserError("train.eval_every on latent data needs reference images: set train.eval_ref to an ADM "
                             "reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder",
@@ -107,24 +108,11 @@ class FDHook:
         return images, source
 
     def _reference_data(self, data: Mapping[str, Any], recipe: Mapping[str, Any], dataset: Dataset) -> dict:
-        """The ``data`` settings the reference images depend on, with the defaults filled in: the dataset,
-        its root where it reads one, the classes of images drawn per class (synthetic), the size of the dataset
-        (``dataset``, the training images) a subset was drawn from. A default written out (``split: train``)
-        or a setting of latent data beside image data (``latent: false``) leaves the images as they are."""
-        from zoo import registry
-        from zoo.sample import num_classes
-        from zoo.training.data import reads_root
+        """:func:`zoo.eval.reference.reference_data` of the run's reference images (drawn from ``dataset``,
+        the training images, where ``train.seed`` picked them)."""
+        from zoo.eval.reference import reference_data
 
-        name = data_setting(data, "dataset")
-        builder = registry.get("dataset", name)
-        described = {"dataset": name}
-        if reads_root(builder) and self.data.get("root") is not None:
-            described["root"] = self.data["root"]
-        if self.seed_picks:  # images drawn from the seed (per class), or a subset of so many
-            described.update(num_classes=num_classes(recipe), of=len(dataset))
-        if getattr(builder, "reads", None) is None:  # a plugin: whatever else it may read
-            described.update({k: v for k, v in data.items() if k not in NOT_REFERENCE_DATA and k not in described})
-        return described
+        return reference_data(data, recipe, len(dataset) if self.seed_picks else None)
 
     @property
     def ref_path(self) -> Path:
@@ -158,6 +146,19 @@ class FDHook:
         where it picked no image (a holdout split, a whole folder), the extractor weights' path (their
         sha256 stays), how a path is spelled."""
         return self._key()
+
+    @property
+    def statistics(self) -> str | None:
+        """:func:`zoo.eval.reference.statistics_key` of the reference, as zoo eval records it for the same
+        ``--ref`` (``train.eval_ref``, else the dataset's holdout split), so zoo compare sees the two FDs
+        measured alike; None for a subset of the training images, which no ``--ref`` names."""
+        from zoo.eval.reference import TRAIN_OPTIONS, statistics_key
+
+        spec = self.ref_spec if self.ref_spec is not None else self.source  # held_out's "emoji32:holdout"
+        if self._statistics is None and (self.ref_spec is not None or self.source.endswith(":holdout")):
+            self._statistics = statistics_key(str(spec), self.image_size, self.extractor.describe(), self.recipe,
+                                              TRAIN_OPTIONS)
+        return self._statistics
 
     def _key(self, as_typed: bool = False) -> str:
         """:attr:`reference_key`; ``as_typed``: with the paths as the recipe spells them, the key of a run
@@ -227,7 +228,7 @@ class FDHook:
             fd = quick_fd(ema_model, self.recipe, n=self.n, ref=str(ref), extractor=self.extractor,
                           device=self.device)  # seeded by sample.seed, as zoo eval
         return {"step": step, "fd": fd, "fd_n": self.n, "fd_extractor": self.extractor.name, "fd_ref": self.source,
-                "fd_ref_key": self.reference_key, "fd_seed": recipe_seed(self.recipe, None),
+                "fd_ref_key": self.reference_key, "fd_statistics": self.statistics, "fd_seed": recipe_seed(self.recipe, None),
                 "fd_seconds": time.perf_counter() - start}
 
 

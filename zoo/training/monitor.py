@@ -9,7 +9,7 @@ not skip, and ``skipped_steps`` counts the others). log.jsonl is strict JSON: a 
 finite is written as null. Every record goes to ``OUT/log.jsonl`` and to TensorBoard event files in ``OUT/tb/``, and
 ``OUT/loss.png`` is redrawn (atomically, at most every few seconds) from the whole run's records. Only rank 0 has a monitor.
 Evaluation records go to the same sinks, each as its own log.jsonl line and one printed line:
-``train.eval_every``'s ``{"step", "fd", "fd_n", "fd_extractor", "fd_ref", "fd_ref_key", "fd_seed", "fd_seconds"}`` (TensorBoard ``eval/fd``, a
+``train.eval_every``'s ``{"step", "fd", "fd_n", "fd_extractor", "fd_ref", "fd_ref_key", "fd_statistics", "fd_seed", "fd_seconds"}`` (TensorBoard ``eval/fd``, a
 second axis in loss.png) and ``train.val_every``'s ``{"step", "val_loss", "val_n", "val_source", "val_seconds"}``
 (TensorBoard ``eval/val_loss``, markers on the loss axis of loss.png).
 """
