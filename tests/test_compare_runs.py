@@ -502,6 +502,28 @@ def test_older_records_and_results_without_the_statistics_key_keep_their_keys(tm
     assert row["run"]["fd_reference_key"] == path.name.rsplit("-ref", 1)[1].removesuffix(".json")
 
 
+def test_a_run_logged_before_the_statistics_key_compares_with_one_after_it(tmp_path, capsys):
+    """Two runs' train.eval_every FDs of one reference, one logged before FD records carried the shared
+    statistics key: alike under the key both carry (the newer one's older key), no 'measured differently'."""
+    import shutil
+
+    ref = _folder(tmp_path / "ref", (200, 0, 0))
+    run, old = tmp_path / "run", tmp_path / "old"
+    train(zoo.load_recipe(RECIPE, SETTINGS + [f"train.eval_ref={ref}"]), run, steps=20, log=lambda *_: None)
+    shutil.copytree(run, old)
+    (old / "log.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fd_statistics"}) + "\n"
+                                           for r in _records(run)))
+    (new_row, old_row), err = _compare_json(capsys, str(run), str(old))
+    assert new_row["run"]["fd_reference_key"] != old_row["run"]["fd_reference_key"]
+    assert old_row["run"]["fd_reference_key"] in new_row["run"]["fd_reference_aliases"]
+    assert "the FDs were measured differently" not in err
+    # another reference's statistics under the old key: still not alike
+    records = [{**r, "fd_ref_key": "0" * 12} if "fd" in r else r for r in _records(old)]
+    (old / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, err = _compare_json(capsys, str(run), str(old))
+    assert "the FDs were measured differently" in err
+
+
 def test_the_statistics_key_is_of_the_reference_resolved():
     """emoji32 and emoji32:holdout are one reference, with a recipe training on it or not (its flips change no
     image), and the extractor's weights are known by their sha256; 32 and 64 px or another split are others."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,6 +56,8 @@ class RunSummary:
     fd_extractor: str | None = None
     fd_reference: str | None = None  # as zoo eval's --ref was given, or what train.eval_every compared with
     fd_reference_key: str | None = None  # which reference statistics: "statistics" and their key, else older keys
+    fd_reference_aliases: list[str] = field(default_factory=list)  # the same statistics' older key (a run's FDs
+    # logged before they carried the shared key compare with this one's under it)
     fd_weights: str | None = None  # "ema" or "raw"
     fd_sampler: str | None = None  # the solver with its settings, and the guidance
     fd_source: str | None = None
@@ -276,6 +278,8 @@ def summarize(arg: str | Path) -> RunSummary:
         summary.fd_reference_key = (f"statistics {rec['fd_statistics']}" if rec.get("fd_statistics") else
                                     f"statistics {rec['fd_ref_key']}" if rec.get("fd_ref_key")
                                     else summary.fd_reference + ("" if rec.get("fd_ref") else f", {OLDER_READING}"))
+        if rec.get("fd_statistics") and rec.get("fd_ref_key"):
+            summary.fd_reference_aliases = [f"statistics {rec['fd_ref_key']}"]
         summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
     return summary

@@ -125,9 +125,10 @@ def note_fd_protocols(rows: list) -> None:
     import sys
 
     runs = [row for row in rows if row.run is not None and row.run.fd is not None]
-    protocols = {(r.run.fd_n, r.run.fd_extractor, r.run.fd_reference_key, r.run.fd_weights, r.run.fd_sampler)
-                 for r in runs}  # the reference as resolved: "--ref ref" run in two folders is two references
-    if len(protocols) > 1:
+    protocols = {(r.run.fd_n, r.run.fd_extractor, r.run.fd_weights, r.run.fd_sampler) for r in runs}
+    # the reference as resolved ("--ref ref" run in two folders is two references), under any key it goes by
+    keys = [{r.run.fd_reference_key, *r.run.fd_reference_aliases} for r in runs]
+    if len(protocols) > 1 or any(not a & b for i, a in enumerate(keys) for b in keys[i + 1:]):
         how = "".join(f"\n  {r.recipe}: n={r.run.fd_n} {r.run.fd_extractor}, reference {r.run.fd_reference}"
                       + (f" ({r.run.fd_reference_key})" if r.run.fd_reference_key != r.run.fd_reference else "")
                       + f", {r.run.fd_weights} weights, {r.run.fd_sampler}" for r in runs)
