@@ -104,3 +104,27 @@ def test_resuming_a_run_into_itself_through_a_relative_out(tmp_path, monkeypatch
     assert check_run_dir("runs/a", resuming="runs/a") == Path("runs/a")
     with pytest.raises(UserError, match="is another run's checkpoint"):
         check_run_dir("runs/a", resuming="runs/b/last")
+
+
+def test_every_file_a_new_run_would_replace_is_named_at_once(tmp_path):
+    """Only the first foreign file was named: moving it away as told gave the same error for the next one
+    (step_0000002.png after step_0000001.png; loss.png and the grids after a foreign log.jsonl)."""
+    from PIL import Image
+
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    for step in (1, 2):
+        Image.new("RGB", (4, 4)).save(out / "samples" / f"step_000000{step}.png")
+    with pytest.raises(UserError) as info:
+        check_run_dir(out, resuming=False)
+    assert "holds 2 files (samples/step_0000001.png, samples/step_0000002.png) that zoo train did not write; " \
+           "the run would replace them" in info.value.message and info.value.suggestion.endswith("move them away")
+    (out / "log.jsonl").write_text("my notes\n")
+    (out / "loss.png").write_bytes(b"my plot")
+    (out / "samples" / "step_0000003.png").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"holds 5 files \(log.jsonl, loss.png, samples/step_0000001.png and 2 more\)"):
+        check_run_dir(out, resuming=False)
+    for name in ("log.jsonl", "loss.png", "samples/step_0000001.png", "samples/step_0000002.png",
+                 "samples/step_0000003.png"):  # all of them moved away: the run starts
+        (out / name).unlink()
+    assert check_run_dir(out, resuming=False) == out

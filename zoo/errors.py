@@ -110,6 +110,11 @@ def one_of(words: Sequence[str]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
+def some_of(names: Sequence[str], most: int = 3) -> str:
+    """``a, b, c`` or, past ``most``, ``a, b, c and 4 more``: a list a one-line message can hold."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """``"did you mean X?"`` for the closest matches of ``word`` among ``candidates``, or ``None``."""
     names = [str(c) for c in candidates]

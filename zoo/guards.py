@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from zoo.errors import UserError
+from zoo.errors import UserError, some_of
 
 if TYPE_CHECKING:  # torch is imported where a device is resolved: the CLI's parser, which takes user_path, needs none
     import torch
@@ -138,14 +138,15 @@ def holds_a_run(directory: Path) -> str | None:
 
 
 def files_not_from_zoo_train(directory: Path) -> list[str]:
-    """Files in ``directory`` that a run there would replace but zoo train did not write: a
-    ``log.jsonl`` with a line that is not one of its records, a ``loss.png`` beside no such log, a
-    ``samples/step_*.png`` that is not one of its grids, an ``eval/fd_reference.npz`` that is not
-    its FD reference. (A run that stopped before its first checkpoint left a log of its own
-    records: it may start again.)"""
+    """All files in ``directory`` that a run there would replace but zoo train did not write (every
+    one, so that moving them all away is one step): a ``log.jsonl`` with a line that is not one of
+    its records, a ``loss.png`` beside no such log, each ``samples/step_*.png`` that is not one of
+    its grids, an ``eval/fd_reference.npz`` that is not its FD reference. (A run that stopped before
+    its first checkpoint left a log of its own records: it may start again.)"""
     import json
 
     log, plot = directory / "log.jsonl", directory / "loss.png"
+    found = []
     if log.is_file():
         try:
             lines = log.read_text(encoding="utf-8").splitlines()
@@ -155,10 +156,9 @@ def files_not_from_zoo_train(directory: Path) -> list[str]:
         if all(isinstance(r, dict) and isinstance(r.get("step"), int)
                and any(k in r for k in ("loss", "fd", "val_loss")) for r in records):
             return []
-        return ["log.jsonl"]
-    found = ["loss.png"] if plot.exists() else []
-    grids = [p for p in sorted((directory / "samples").glob("step_*.png")) if not a_zoo_png(p)]
-    found += [f"samples/{grids[0].name}"] if grids else []
+        found.append("log.jsonl")
+    found += ["loss.png"] if plot.exists() else []
+    found += [f"samples/{p.name}" for p in sorted((directory / "samples").glob("step_*.png")) if not a_zoo_png(p)]
     reference = directory / "eval" / "fd_reference.npz"
     return found + (["eval/fd_reference.npz"] if reference.exists() and not _a_zoo_reference(reference) else [])
 
@@ -252,8 +252,10 @@ def check_run_dir(out: str | Path, resuming: bool | str | Path, option: str = "-
                         suggestion="choose a directory outside it")
     found = holds_a_run(out)
     if not found and (mine := files_not_from_zoo_train(out)):
-        raise UserError(f"{option} {out} holds {' and '.join(mine)} that zoo train did not write; the run would "
-                        "replace it", suggestion=f"choose another {option}, or move {mine[0]} away")
+        what = mine[0] if len(mine) == 1 else f"{len(mine)} files ({some_of(mine)})"
+        them = "it" if len(mine) == 1 else "them"  # every one: moving them away is one step, not one per start
+        raise UserError(f"{option} {out} holds {what} that zoo train did not write; the run would replace {them}",
+                        suggestion=f"choose another {option}, or move {mine[0] if len(mine) == 1 else them} away")
     if found:  # a live run there is the thing to say first: its pid, not "--resume it"
         from zoo.training.runlock import check_unlocked
 

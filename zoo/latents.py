@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from zoo.errors import UserError
+from zoo.errors import UserError, some_of
 from zoo.jsonfile import read_json_object
 from zoo.training.crop import IMAGE_DECODING
 
@@ -293,8 +293,7 @@ def _refuse_foreign_files(out: Path, text: bytes, planned: bool) -> None:
         foreign += [MANIFEST] * (manifest.is_file() and not our_manifest(manifest))
         foreign += [IMAGES] * (images.is_file() and images.read_bytes() != text)
     if foreign:
-        names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"--out {out} holds {names}, which zoo prepare-latents did not write"
+        raise UserError(f"--out {out} holds {some_of(foreign)}, which zoo prepare-latents did not write"
                         f"{'' if planned else f' (and no {PLAN})'}; encoding there would replace or delete "
                         f"{'them' if len(foreign) > 1 else 'it'}", suggestion="move them out of --out, or give a new "
                         "or empty --out directory")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from zoo.errors import UserError
+from zoo.errors import UserError, some_of
 from zoo.training.sections import data_setting
 from zoo.training.worker_errors import user_errors_cross_workers
 
@@ -86,7 +86,7 @@ class ImageFolder(Dataset):
         found = {label for _, label in self.items}
         empty = [c for i, c in enumerate(self.classes) if i not in found]
         if self.items and empty:  # each would take a label (and shift the others'), as torchvision refuses too
-            names = ", ".join(str(root / c) for c in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+            names = some_of([str(root / c) for c in empty])
             others = sum(skipped_in[c] for c in empty)
             raise UserError(f"class folder{'s' * (len(empty) > 1)} {names} hold{'s' * (len(empty) == 1)} no images: "
                             f"{self.skipped(others, 'there' if len(empty) == 1 else 'in them')}",
