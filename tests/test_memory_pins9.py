@@ -44,3 +44,24 @@ def test_weights_that_do_not_fit_are_refused_before_sampling(monkeypatch):
     with pytest.raises(UserError, match=f"the model's {params:,} parameters need"):
         require_weights_memory(recipe, "cpu")
     require_weights_memory(recipe, "cpu", bytes_per_param=2)  # half-precision weights fit in that
+
+
+def test_zoo_trains_grid_warning_names_its_recipe_key_not_zoo_samples_flag(tmp_path, monkeypatch, capsys):
+    """Inside zoo train the grid's memory warning said "use --batch-size N or less": zoo train has no such flag;
+    sample.batch_size is what sets the grids' batch there."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from zoo.cli import main
+
+    def free(device):  # room to train; too little for the grid's batch
+        return 200_000 if sys._getframe(1).f_code.co_name == "require_sampling_memory" else 2**40
+
+    monkeypatch.setattr("zoo.memory.available_bytes", free)
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.sample_every=1",
+                 "--set", "train.sample_n=64", "--set", "sample.batch_size=64", "--set", "train.ckpt_every=0"]) == 0
+    out = capsys.readouterr()
+    warning = next(line for line in (out.out + out.err).splitlines() if "no sample grid" in line)
+    assert re.search(r"\(use --set sample\.batch_size=\d+ or less\)", warning) and "--batch-size" not in warning

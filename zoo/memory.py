@@ -30,6 +30,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from zoo.errors import UserError
+from zoo.eval.reference import EVAL_OPTIONS, RefOptions
 from zoo.meta import NotOnMeta, example_inputs, meta_forward, without_dynamo
 from zoo.training.sections import data_setting
 
@@ -280,8 +281,10 @@ def require_weights_memory(recipe: dict, device: torch.device | str, bytes_per_p
                         f"has {freed} free", suggestion="use a smaller model or a device with more memory")
 
 
-def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int, guided: bool) -> Estimate:
-    """:func:`require_memory` for sampling a loaded model (its weights are already out of the free memory)."""
+def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int, guided: bool,
+                            options: RefOptions = EVAL_OPTIONS) -> Estimate:
+    """:func:`require_memory` for sampling a loaded model (its weights are already out of the free memory);
+    ``options``: what the message calls the caller's batch size option (zoo train's is a recipe key)."""
     import zoo
 
     with torch.device("meta"):
@@ -298,5 +301,5 @@ def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int
     needed, freed = gib_apart(est.per_sample * rows, free)
     raise UserError(f"sampling {batch} images per batch{' with guidance' if guided else ''} needs about "
                     f"{needed} of activations but the {torch.device(device).type} device has {freed} free",
-                    suggestion=f"use --batch-size {fits} or less" if fits >= 1 and fits < batch
+                    suggestion=f"use {options.given('batch_size', fits)} or less" if fits >= 1 and fits < batch
                     else "use a smaller model or a device with more memory")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from zoo.diffusion.setup import (GuidanceSettings, build_schedule, check_guidance_channels, guidance_settings,
                                  guided_eps_fn, require_null_label)
 from zoo.errors import UserError
+from zoo.eval.reference import EVAL_OPTIONS, RefOptions
 from zoo.memory import require_sampling_memory, require_weights_memory
 from zoo.meta import example_inputs
 from zoo.modes import evaluating
@@ -611,16 +612,17 @@ def _check_sample_variance(recipe: Mapping[str, Any]) -> None:
 @torch.no_grad()
 def sample_latents(
     model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest, device: torch.device | str = "cpu",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, options: RefOptions = EVAL_OPTIONS,
 ) -> tuple[Tensor, Tensor | None]:
     """Sample ``request.count()`` model-space tensors (latents or pixels in [−1, 1]) and their labels.
 
     The samples are on the CPU in the model's dtype (a float64 model samples in float64 throughout).
     The model runs in eval mode and comes back in the modes it had. ``progress(1)`` is called after
-    each model call (a progress bar's ``update``).
+    each model call (a progress bar's ``update``). ``options``: what messages call the caller's options
+    (zoo sample's flags; zoo train's grids: its recipe keys).
     """
     with evaluating(model):
-        return _sample_latents(model, recipe, request, device, progress)
+        return _sample_latents(model, recipe, request, device, progress, options)
 
 
 def _counted(eps_fn: Callable[[Tensor, Tensor], Tensor], progress: Callable[[int], None] | None):
@@ -636,8 +638,8 @@ def _counted(eps_fn: Callable[[Tensor, Tensor], Tensor], progress: Callable[[int
 
 
 def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest,
-                    device: torch.device | str, progress: Callable[[int], None] | None = None
-                    ) -> tuple[Tensor, Tensor | None]:
+                    device: torch.device | str, progress: Callable[[int], None] | None = None,
+                    options: RefOptions = EVAL_OPTIONS) -> tuple[Tensor, Tensor | None]:
     schedule = build_schedule(recipe)
     solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)
@@ -650,7 +652,8 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
     labels = _labels(request, n, num_classes(recipe))
     precision = sampling_precision(recipe, request.precision, dtype)
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or n
-    require_sampling_memory(recipe, device, min(batch, n), guided=labels is not None and guidance.active)
+    require_sampling_memory(recipe, device, min(batch, n), guided=labels is not None and guidance.active,
+                            options=options)
     out = []
     for start in range(0, n, batch):
         size = min(batch, n - start)

@@ -44,24 +44,27 @@ from zoo.eval.stats import feature_statistics
 
 @dataclass(frozen=True)
 class RefOptions:
-    """What a reference's messages call the options that chose it: zoo eval's flags (the default), or
-    the recipe keys of zoo train's train.eval_every."""
+    """What messages of code several commands share call the caller's options: zoo eval's flags (the
+    default; zoo sample's have the same names), or zoo train's recipe keys (its train.eval_every, its
+    sample grids). A message names only what the command that prints it takes."""
 
     ref: str = "--ref"
     extractor: str = "--extractor"
     inception_weights: str = f"--extractor-weights {INCEPTION_FILE}"  # follows the choice of inception
+    batch_size: str = "--batch-size"  # images per sampling batch
     recipe_keys: bool = False  # given as --set KEY=VALUE
 
-    def given(self, option: str, value: str) -> str:
-        """``option`` (``"ref"``, ``"extractor"``) set to ``value``: ``--ref emoji32`` or
-        ``--set train.eval_ref=emoji32``."""
+    def given(self, option: str, value: object) -> str:
+        """``option`` (``"ref"``, ``"extractor"``, ``"batch_size"``) set to ``value``: ``--ref emoji32``
+        or ``--set train.eval_ref=emoji32``."""
         name = getattr(self, option)
         return f"--set {name}={value}" if self.recipe_keys else f"{name} {value}"
 
 
 EVAL_OPTIONS = RefOptions()
 TRAIN_OPTIONS = RefOptions("train.eval_ref", "train.eval_extractor",  # (zoo train reads Inception's weights from there)
-                           f"with {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} in the environment", recipe_keys=True)
+                           f"with {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} in the environment",
+                           batch_size="sample.batch_size", recipe_keys=True)
 
 CACHE_VERSION = 2  # 2: image folders composite transparency on white and read 16-bit PGMs and float TIFFs at scale
 

@@ -353,6 +353,7 @@ class Trainer(Resuming):
         return model
 
     def sample_grid(self) -> Path | None:
+        from zoo.eval.reference import TRAIN_OPTIONS
         from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
 
         if not self.grids:  # said at the start (every rank agrees: under FSDP ema_copy is collective)
@@ -362,7 +363,7 @@ class Trainer(Resuming):
             return None
         try:
             x, _ = sample_latents(model, self.recipe, SampleRequest(n=int(self.train["sample_n"])),
-                                  device=self.device)
+                                  device=self.device, options=TRAIN_OPTIONS)  # its messages name recipe keys
             images = to_images(x, self.recipe, None, device=self.device)
         except UserError as err:  # e.g. a latent model without local VAE weights
             self.log(f"zoo train: warning: no sample grid: {err}")
