@@ -368,6 +368,39 @@ def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_va
     assert f"wrote 2 images ({RES}x{RES})" in capsys.readouterr().out
 
 
+def test_zoo_trains_vae_advice_names_data_vae_not_the_vae_flag(tmp_path, vae_dir, image_dir, capsys):
+    """A data.vae that does not fit the latents (or a folder of several weight files) under zoo train was
+    answered '(--set data.vae=DIR, or --vae)' / '(or --vae)': zoo train refuses --vae."""
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "lat"
+    prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)
+    other = tmp_path / "vae4x"
+    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                  block_out_channels=[4, 4, 4], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=RES).save_pretrained(str(other))
+    several = tmp_path / "several"
+    several.mkdir()
+    for name in ("a.pth", "b.pth"):
+        (several / name).write_bytes(b"")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""model: {{type: dit, input_size: 8, patch_size: 2, in_channels: 4, hidden_size: 16, depth: 1,
+         num_heads: 2, num_classes: 2, class_dropout_prob: 0.1, learn_sigma: false}}
+diffusion: {{time_input: dit_index, label_drop: 0.1, null_label: 2}}
+data: {{dataset: latents, root: {out}, num_classes: 2}}
+train: {{steps: 1, batch_size: 4, log_every: 1, sample_every: 1, sample_n: 4, ckpt_every: 0}}
+sample: {{solver: {{type: ddim, steps: 2}}}}
+""")
+    made_with = vae_dir / "diffusion_pytorch_model.safetensors"
+    for i, (vae, advice) in enumerate(((other, f"(decode with that VAE: --set data.vae={made_with})"),
+                                       (several, f"(give the file itself: --set data.vae={several / 'a.pth'})"))):
+        capsys.readouterr()
+        assert main(["train", str(recipe), "--out", str(tmp_path / f"run{i}"), "--device", "cpu",
+                     "--set", f"data.vae={vae}"]) == 0
+        warning = next(line for line in capsys.readouterr().out.splitlines() if "draws no sample grids" in line)
+        assert warning.endswith(advice) and "--vae" not in warning
+
+
 def test_the_latents_dataset_makes_a_latent_model_without_data_latent(tmp_path, vae_dir, image_dir, capsys):
     """dataset: latents without latent: true trained on latents, then drew its grids and zoo sample output
     as undecoded 4-channel tiles (and refused --vae: 'this model samples pixels'): the dataset decides."""

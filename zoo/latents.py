@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.errors import UserError, some_of
+from zoo.eval.reference import EVAL_OPTIONS, RefOptions
 from zoo.jsonfile import read_json_object
 from zoo.training.crop import IMAGE_DECODING
 
@@ -106,11 +107,12 @@ def prepared_with_vae(data: Mapping[str, Any]) -> Path | None:
     return weights if weights is not None and weights.is_file() else None
 
 
-def check_decoder_fits(weights: Path, data: Mapping[str, Any]) -> None:
+def check_decoder_fits(weights: Path, data: Mapping[str, Any], options: RefOptions = EVAL_OPTIONS) -> None:
     """Refuse VAE ``weights`` whose latents differ in shape from those ``data.root`` was prepared with
     (another downsampling or channel count): they decoded the samples at another size without a word.
     Another VAE of the same shape (SD's ft-EMA for ft-MSE) decodes them, as DiT samples with either.
-    Nothing is checked when ``data.root`` is no ``zoo prepare-latents`` output (or is gone)."""
+    Nothing is checked when ``data.root`` is no ``zoo prepare-latents`` output (or is gone).
+    ``options``: what the message calls the caller's VAE option (zoo train's is data.vae)."""
     from zoo.vae import SD_VAE_CONFIG, vae_config, vae_downsample
 
     made = _manifest_vae(data)
@@ -123,7 +125,7 @@ def check_decoder_fits(weights: Path, data: Mapping[str, Any]) -> None:
     if diff:
         raise UserError(f"the VAE {weights} does not fit the latents in {manifest.parent} ({'; '.join(diff)}: "
                         f"they were encoded with {made.get('weights', 'another VAE')})",
-                        suggestion="give that VAE as data.vae (--set data.vae=DIR, or --vae)")
+                        suggestion=f"decode with that VAE: {options.given('vae', prepared_with_vae(data) or 'DIR')}")
 
 
 @torch.no_grad()

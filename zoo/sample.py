@@ -667,11 +667,13 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
     return torch.cat(out), labels
 
 
-def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path | None:
+def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None,
+                options: RefOptions = EVAL_OPTIONS) -> Path | None:
     """The VAE weights a latent model decodes with (``--vae``, else ``data.vae``, else the VAE that
     ``data.root``'s latents were prepared with, where it still lies); ``None`` for pixel models.
 
-    Called before sampling, so a missing VAE is reported before any compute is spent.
+    Called before sampling, so a missing VAE is reported before any compute is spent. ``options``:
+    what its messages call the caller's VAE option (zoo train's is data.vae).
     """
     from zoo.training.data import gives_latents
 
@@ -684,8 +686,8 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None) -> Path |
     from zoo.latents import check_decoder_fits, prepared_with_vae
     from zoo.vae import find_vae_weights
 
-    weights = find_vae_weights(vae_dir or data.get("vae") or prepared_with_vae(data))
-    check_decoder_fits(weights, data)
+    weights = find_vae_weights(vae_dir or data.get("vae") or prepared_with_vae(data), options)
+    check_decoder_fits(weights, data, options)
     return weights
 
 

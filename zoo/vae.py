@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.errors import UserError
+from zoo.eval.reference import EVAL_OPTIONS, RefOptions
 
 SCALE = 0.18215
 
@@ -89,8 +90,9 @@ def vae_downsample(weights: Path) -> int:
     return 2 ** (len((config or SD_VAE_CONFIG)["block_out_channels"]) - 1)
 
 
-def find_vae_weights(directory: str | Path) -> Path:
-    """The weights file inside a user's VAE directory, or a ``UserError`` that says how to fix it."""
+def find_vae_weights(directory: str | Path, options: RefOptions = EVAL_OPTIONS) -> Path:
+    """The weights file inside a user's VAE directory, or a ``UserError`` that says how to fix it
+    (``options``: what it calls the caller's VAE option; zoo train's is data.vae)."""
     if directory is None or str(directory) == "":
         raise UserError(f"this model works in the SD-VAE latent space and needs the VAE weights: {_FIX}")
     directory = Path(directory).expanduser()
@@ -110,7 +112,7 @@ def find_vae_weights(directory: str | Path) -> Path:
         return (ema or found)[0]
     if found:
         raise UserError(f"VAE directory {directory} holds several weight files ({', '.join(f.name for f in found)})",
-                        suggestion="give the file itself as data.vae (or --vae)")
+                        suggestion=f"give the file itself: {options.given('vae', found[0])}")
     raise UserError(f"no VAE weights (.safetensors/.pth/.ckpt/.bin) in {directory}: {_FIX}")
 
 

@@ -52,10 +52,11 @@ class RefOptions:
     extractor: str = "--extractor"
     inception_weights: str = f"--extractor-weights {INCEPTION_FILE}"  # follows the choice of inception
     batch_size: str = "--batch-size"  # images per sampling batch
+    vae: str = "--vae"  # the VAE a latent model decodes with
     recipe_keys: bool = False  # given as --set KEY=VALUE
 
     def given(self, option: str, value: object) -> str:
-        """``option`` (``"ref"``, ``"extractor"``, ``"batch_size"``) set to ``value``: ``--ref emoji32``
+        """``option`` (``"ref"``, ``"extractor"``, ``"batch_size"``, ``"vae"``) set to ``value``: ``--ref emoji32``
         or ``--set train.eval_ref=emoji32``."""
         name = getattr(self, option)
         return f"--set {name}={value}" if self.recipe_keys else f"{name} {value}"
@@ -64,7 +65,7 @@ class RefOptions:
 EVAL_OPTIONS = RefOptions()
 TRAIN_OPTIONS = RefOptions("train.eval_ref", "train.eval_extractor",  # (zoo train reads Inception's weights from there)
                            f"with {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} in the environment",
-                           batch_size="sample.batch_size", recipe_keys=True)
+                           batch_size="sample.batch_size", vae="data.vae", recipe_keys=True)
 
 CACHE_VERSION = 2  # 2: image folders composite transparency on white and read 16-bit PGMs and float TIFFs at scale
 

@@ -58,6 +58,7 @@ class FDHook:
     def __init__(self, recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Dataset,
                  shape: tuple[int, ...], out: Path, device: torch.device, log: Callable[[str], None]) -> None:
         from zoo.eval.extractors import build_extractor, require_rgb_samples
+        from zoo.eval.reference import TRAIN_OPTIONS
         from zoo.sample import vae_weights
         from zoo.training.data import gives_latents
         from zoo.vae import vae_downsample
@@ -75,7 +76,7 @@ class FDHook:
             raise UserError("train.eval_every on latent data needs reference images: set train.eval_ref to an ADM "
                             "reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder",
                             key_path="train.eval_ref")
-        weights = vae_weights(recipe, None)  # a latent model without local VAE weights fails now, not at step eval_every
+        weights = vae_weights(recipe, None, TRAIN_OPTIONS)  # a latent model without local VAE weights fails now, not at step eval_every
         self.image_size = int(shape[-1]) * (vae_downsample(weights) if weights is not None else 1)
         if weights is None:
             require_rgb_samples(int(shape[0]), self.image_size, "its FD",

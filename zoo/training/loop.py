@@ -33,6 +33,7 @@ from zoo.atomic import is_sealed, sealed_at
 from zoo.checkpoint import CONFIG, STEP_NAME, check_replaceable, newest_step, repair_run, save_checkpoint
 from zoo.diffusion.setup import GuidanceSettings
 from zoo.errors import UserError, one_of
+from zoo.eval.reference import TRAIN_OPTIONS
 from zoo.memory import require_training_memory
 from zoo.meta import example_inputs
 from zoo.precision import autocast_dtype, set_tf32
@@ -254,7 +255,7 @@ class Trainer(Resuming):
         self.grids = self._period("sample_every") > 0
         if self.grids:
             try:  # a latent model's VAE: said once now, not as a warning at every grid
-                vae_weights(recipe, None)
+                vae_weights(recipe, None, TRAIN_OPTIONS)
             except UserError as err:
                 self.grids = False
                 self.after_banner.append(f"zoo train: warning: this run draws no sample grids: {err}")
@@ -353,7 +354,6 @@ class Trainer(Resuming):
         return model
 
     def sample_grid(self) -> Path | None:
-        from zoo.eval.reference import TRAIN_OPTIONS
         from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
 
         if not self.grids:  # said at the start (every rank agrees: under FSDP ema_copy is collective)
