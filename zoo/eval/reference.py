@@ -50,7 +50,7 @@ class RefOptions:
 
     ref: str = "--ref"
     extractor: str = "--extractor"
-    inception_weights: str = f"--extractor-weights {INCEPTION_FILE}"  # follows the choice of inception
+    extractor_weights: str | None = "--extractor-weights"  # None: Inception's weights come from $ZOO_INCEPTION_WEIGHTS
     batch_size: str = "--batch-size"  # images per sampling batch
     vae: str = "--vae"  # the VAE a latent model decodes with
     recipe_keys: bool = False  # given as --set KEY=VALUE
@@ -61,10 +61,16 @@ class RefOptions:
         name = getattr(self, option)
         return f"--set {name}={value}" if self.recipe_keys else f"{name} {value}"
 
+    @property
+    def inception_weights(self) -> str:
+        """How the caller is given Inception's weights file (follows the choice of inception)."""
+        if self.extractor_weights is None:
+            return f"with {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} in the environment"
+        return f"{self.extractor_weights} {INCEPTION_FILE}"
+
 
 EVAL_OPTIONS = RefOptions()
-TRAIN_OPTIONS = RefOptions("train.eval_ref", "train.eval_extractor",  # (zoo train reads Inception's weights from there)
-                           f"with {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} in the environment",
+TRAIN_OPTIONS = RefOptions("train.eval_ref", "train.eval_extractor", extractor_weights=None,
                            batch_size="sample.batch_size", vae="data.vae", recipe_keys=True)
 
 CACHE_VERSION = 2  # 2: image folders composite transparency on white and read 16-bit PGMs and float TIFFs at scale

@@ -84,7 +84,7 @@ class FDHook:
                                 key_path="train.eval_every")
         with _rng_kept(device):  # building a network draws its initial weights
             self.extractor = build_extractor(str(train.get("eval_extractor") or UNSET_MEANS["eval_extractor"]),
-                                             device=device)
+                                             device=device, options=TRAIN_OPTIONS)
         self.dataset, self.source = self._reference_dataset(data, dataset, shape, recipe)
         self.ref_data = self._reference_data(data, recipe, dataset) if self.dataset is not None else {}
 
