@@ -45,7 +45,7 @@ class ODESolver(Solver):
             raise UserError(f"ode method {method!r} steps on a fixed grid: give steps")
         if method in ADAPTIVE_METHODS and steps is not None:  # it would be ignored: the tolerances set the steps
             raise UserError(f"ode method {method!r} is adaptive: rtol and atol set its steps, not steps={steps}",
-                            suggestion=f"drop --steps, or pick a fixed-grid method ({', '.join(FIXED_GRID_METHODS[:5])}, ...)"
+                            suggestion=f"drop its steps, or pick a fixed-grid method ({', '.join(FIXED_GRID_METHODS[:5])}, ...)"
                             " with --set sample.solver.method=rk4")
         super().__init__(steps=steps or 1, skip=skip, t_start=t_start, t_end=t_end)
         self.method, self.rtol, self.atol = method, 1e-5 if rtol is None else rtol, 1e-5 if atol is None else atol

@@ -57,7 +57,7 @@ def space_timesteps(num_steps: int, spec: str | int) -> list[int]:
         if counts[0] > num_steps:
             hint = f"keep at most {num_steps} ('ddim{num_steps}' keeps every step)"
         elif counts[0] < 2:  # one kept step is step 0, where the image is mostly signal
-            hint = "keep 2 or more steps, or use --solver ddim_grid (a time grid from pure noise) for one"
+            hint = "keep 2 or more steps, or use the ddim_grid solver (a time grid from pure noise) for one"
         else:
             hint = f"use {counts[0]} (evenly spaced with a fractional stride) instead"
         raise UserError(f"respacing {spec!r}: no integer stride keeps exactly {counts[0]} of {num_steps} steps",
@@ -130,7 +130,7 @@ class ChainSolver(Solver):
                     f"{name} with respacing {spec!r} starts at training step {kept[-1]} of {n}, where ᾱ = "
                     f"{abars[-1]:.4g} is mostly signal: started from pure noise there, the chain returns the noise "
                     "(ADM's respacing keeps only step 0 for one step)",
-                    suggestion="use 2 or more steps, or --solver ddim_grid (a time grid from pure noise) for one")
+                    suggestion="use 2 or more steps, or the ddim_grid solver (a time grid from pure noise) for one")
             return [(k + 1) / n for k in kept], abars
         if self.respacing is not None:
             raise UserError(f"respacing needs a discrete schedule; {schedule!r} is continuous: give steps (and skip)")

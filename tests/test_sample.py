@@ -337,7 +337,7 @@ def test_options_the_recipe_can_refuse_are_refused_before_the_weights_load(check
                           "(1000 training steps in 1 section) (keep at most 1000)"),
                          # the hints named 1001 and 1, refused as well
                          (["--solver", "ddim", "--respacing", "ddim1001"], "(keep at most 1000 ('ddim1000' keeps"),
-                         (["--solver", "ddim", "--respacing", "ddim1"], "(keep 2 or more steps, or use --solver ddim_grid"),
+                         (["--solver", "ddim", "--respacing", "ddim1"], "(keep 2 or more steps, or use the ddim_grid solver"),
                          (["--solver", "ddim", "--respacing", "ddim300"], "(use 300 (evenly spaced with a fractional"),
                          (["--steps", "1", "--solver", "ddim"], "is mostly signal"),
                          # a count was said as "respacing '1001'", naming no option

@@ -227,3 +227,19 @@ def test_a_recipe_without_train_seed_samples_the_weights_zoo_train_starts_from()
     expected = zoo.build_model(recipe).state_dict()
     assert "freshly initialised" in origin
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("solver, advice", [
+    ("{type: ddim, steps: 1}", "or the ddim_grid solver (a time grid from pure noise) for one"),
+    ("{type: ode, method: dopri5, steps: 4}", "(drop its steps, or pick a fixed-grid method"),
+])
+def test_zoo_trains_solver_advice_names_no_flag_it_lacks(tmp_path, capsys, solver, advice):
+    """zoo train checks the grids' solver at its start: the advice said '--solver ddim_grid' (zoo train has no
+    --solver) and 'drop --steps' (zoo train's --steps is its training steps, not the solver's)."""
+    from zoo.cli import main
+
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--steps", "1", "--set", "train.sample_every=1",
+                 "--set", f"sample.solver={solver}"]) == 2
+    err = capsys.readouterr().err
+    assert advice in err and "--solver" not in err and "--steps" not in err
