@@ -140,11 +140,27 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str,
-                suggestion: str | None = None, rename: Callable[[str], list[str]] | None = None) -> None:
-    """Raise one line listing missing, unexpected and mis-shaped keys. ``rename`` gives the names to show for a
-    key (a converted checkpoint's official ones, which the user can find in the file; several zoo keys may share
-    one); a mis-shaped key it renames shows both names, as its shapes are the converted ones."""
+def weights_on_meta(path: str | Path) -> dict[str, Tensor] | None:
+    """The tensors of a weights file written by :func:`save_weights` as meta tensors of their shapes (aliases
+    included), read from its header alone: whether they fit a model, without loading them. ``None`` where the
+    file cannot be read (:func:`load_weights` says why)."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        return {**state, **{alias: state[name] for alias, name in aliases.items()}}
+    except (SafetensorError, OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+
+
+def key_mismatch(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor],
+                 rename: Callable[[str], list[str]] | None = None) -> str:
+    """The missing, unexpected and mis-shaped keys of ``state_dict`` against ``expected``, as one clause
+    (``""``: it fits). ``rename`` gives the names to show for a key (a converted checkpoint's official ones,
+    which the user can find in the file; several zoo keys may share one); a mis-shaped key it renames shows
+    both names, as its shapes are the converted ones."""
     def names(keys: list[str]) -> list[str]:
         return list(dict.fromkeys(n for k in keys for n in rename(k))) if rename else keys
 
@@ -156,13 +172,20 @@ def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor]
     unexpected = names([k for k in state_dict if k not in expected])
     mismatched = [shape_of(k, v) for k, v in expected.items()
                   if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:  # the first few say what differs; hundreds of names would bury the line
-                more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
-                parts.append(f"{label} keys: {', '.join(items[:3])}{more}")
-        raise UserError(f"{source} does not match the model; " + "; ".join(parts), suggestion=suggestion)
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        if items:  # the first few say what differs; hundreds of names would bury the line
+            more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
+            parts.append(f"{label} keys: {', '.join(items[:3])}{more}")
+    return "; ".join(parts)
+
+
+def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str,
+                suggestion: str | None = None, rename: Callable[[str], list[str]] | None = None) -> None:
+    """Raise one line listing missing, unexpected and mis-shaped keys (:func:`key_mismatch`)."""
+    mismatch = key_mismatch(expected, state_dict, rename)
+    if mismatch:
+        raise UserError(f"{source} does not match the model; {mismatch}", suggestion=suggestion)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict",

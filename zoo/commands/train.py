@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "'auto': continue --out if it holds a run, else start it (for requeued jobs and torchrun "
                    "--max-restarts)")
     p.add_argument("--allow-recipe-change", action="store_true",
-                   help="resume even though the recipe's model or diffusion section differs from the checkpoint's")
+                   help="resume even though the recipe's model or diffusion section differs from the checkpoint's "
+                   "(in ways that keep the weights' shapes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=None, help="stop at this step (default: train.steps); the learning-rate schedule still ends at "
                         "train.steps, so a later --resume continues the same run: set train.steps for a shorter run")

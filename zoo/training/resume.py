@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Sequence
 
 from zoo.atomic import REFUSED_RENAME_ERRNOS, sealed_at
-from zoo.checkpoint import (CONFIG, _check_keys, check_finite, checkpoint_of, load_state_dict_strict,
+from zoo.checkpoint import (CONFIG, _check_keys, check_finite, checkpoint_of, key_mismatch, load_state_dict_strict,
                             load_trainer_state, load_weights, newest_step, read_classes, read_config, read_whole,
-                            repair_run, resume_point)
+                            repair_run, resume_point, weights_on_meta)
 from zoo.errors import UserError
 from zoo.training.eval_hook import fd_seed_note
 from zoo.training.optim import learning_rate, recipe_groups
-from zoo.training.rundir import check_resume_recipe, fixed_section_changes
+from zoo.training.rundir import check_resume_recipe
 from zoo.training.sections import TRAIN_DEFAULTS as DEFAULTS
 from zoo.training.sections import DATA_UNSET_MEANS, UNSET_MEANS
 
@@ -80,19 +80,19 @@ class Resuming:
         def read() -> None:  # every file of one save: a live run's last/ may be replaced meanwhile (then read again)
             del self.after_banner[notes:]  # a read done again says its notes once
             self._resumed_recipe = read_config(directory)  # also read by _resume_notes
-            if not allow_recipe_change:
-                check_resume_recipe(self._resumed_recipe, self.recipe, directory)
-            else:  # allowed, and still said: the weights now mean something else
-                changes = fixed_section_changes(self._resumed_recipe, self.recipe)
-                if changes:
-                    self.after_banner.append(
-                        "zoo train: note: --allow-recipe-change: the recipe's " + ", ".join(
-                            f"{path} ({then} -> {now})" for path, then, now in changes)
-                        + " differ" + "s" * (len(changes) == 1)
-                        + " from the checkpoint's; its weights go on under the recipe's")
+            weights_file = directory / "model.safetensors"
+            header = weights_on_meta(weights_file)  # shapes only: whether a changed model can take them at all
+            misfit = key_mismatch(self.model.state_dict(), header) if header is not None else ""
+            changes = check_resume_recipe(self._resumed_recipe, self.recipe, directory, misfit, allow_recipe_change)
+            if changes:  # allowed, and still said: the weights now mean something else
+                self.after_banner.append(
+                    "zoo train: note: --allow-recipe-change: the recipe's " + ", ".join(
+                        f"{path} ({then} -> {now})" for path, then, now in changes)
+                    + " differ" + "s" * (len(changes) == 1)
+                    + " from the checkpoint's; its weights go on under the recipe's")
             self._check_classes(read_classes(directory), directory, allow_recipe_change)
-            weights = load_weights(directory / "model.safetensors")
-            check_finite(weights, str(directory / "model.safetensors"))  # a file changed since: not "lower train.lr"
+            weights = load_weights(weights_file)
+            check_finite(weights, str(weights_file))  # a file changed since: not "lower train.lr"
             load_state_dict_strict(self.model, weights, str(directory))
             sharded = is_sharded(directory)  # then the moments are in the shards, matched by parameter name
             state = load_trainer_state(directory, required=() if sharded else ("optimizer",))

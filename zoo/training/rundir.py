@@ -33,15 +33,30 @@ def fixed_section_changes(stored: dict, recipe: dict) -> list[tuple[str, str, st
     return changes
 
 
-def check_resume_recipe(stored: dict, recipe: dict, source: Path) -> None:
-    """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's."""
+def check_resume_recipe(stored: dict, recipe: dict, source: Path, misfit: str = "",
+                        allowed: bool = False) -> list[tuple[str, str, str]]:
+    """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's, unless
+    ``allowed`` (``--allow-recipe-change``); never one whose weights then do not fit the model: ``misfit``
+    is how they do not (:func:`zoo.checkpoint.key_mismatch`), for a changed width or depth has no resume.
+    Returns the changes an allowed resume goes on with."""
     changes = fixed_section_changes(stored, recipe)
-    if changes:
+    if changes and misfit:
+        model = [c for c in changes if c[0].startswith("model.")] or changes
+        said = ", ".join(f"{path} ({then} there, {now} now)" for path, then, now in model)
+        one = "s" * (len(model) == 1)
+        raise UserError(f"--resume {source}: the recipe's {said} differ{one} from the checkpoint's and change{one} "
+                        f"the shapes of its weights ({misfit}): a model of another shape cannot continue these "
+                        "weights (--allow-recipe-change applies only to changes that keep them)", key_path=model[0][0],
+                        suggestion="keep the model section as the run had it ("
+                        + ", ".join(f"{path}: {then}" for path, then, _ in model) + ") to resume, or start a "
+                        "new run with another --out")
+    if changes and not allowed:
         path, then, now = changes[0]
         raise UserError(f"--resume {source}: the recipe's {path} differs from the checkpoint's "
                         f"({then} there, {now} now)",
                         key_path=path, suggestion="resume with the checkpoint's recipe, or pass "
-                        "--allow-recipe-change if the change is intended")
+                        "--allow-recipe-change if the change is intended (it keeps the weights' shapes)")
+    return changes
 
 
 def prune_steps(out: Path, created: list[int], keep: int, log: Callable[[str], None] = print) -> list[int]:
