@@ -440,7 +440,16 @@ def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_dif
     assert capsys.readouterr().err.endswith(
         f"zoo: error: key data.dataset: the checkpoint in {tmp_path / 'run'} trained on data.dataset 'image_folder' "
         f"(data.root {tmp_path / 'img'}), and this recipe names no dataset (the default is 'synthetic') (give the "
-        "first start's --set options again, e.g. --set data.dataset=image_folder)\n")
+        f"first start's --set options again: --set data.dataset=image_folder --set data.root={tmp_path / 'img'}, or "
+        "pass --allow-recipe-change to go on with 'synthetic' (its own images and labels))\n")
+    # a recipe naming another dataset that reads no root (emoji32's recipe, the first start's --set
+    # data.dataset=image_folder not given again): refused naming both, not 'the data's classes differ ... or pass
+    # --allow-recipe-change', which went on with another dataset's images under other labels
+    assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), *base[2:]]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"zoo: error: key data.dataset: the checkpoint in {tmp_path / 'run'} trained on data.dataset 'image_folder' "
+        f"(data.root {tmp_path / 'img'}), and this recipe's is 'synthetic' (give the first start's --set options "
+        f"again: --set data.dataset=image_folder --set data.root={tmp_path / 'img'}, or pass --allow-recipe-change")
     # a recipe naming another dataset that reads a root (a paper recipe's imagenet): not its 'data.root is not
     # set: ... make ImageNet latents', which sent the user to hours of encoding
     assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), "--set", "data.dataset=latents",
@@ -448,6 +457,11 @@ def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_dif
     err = capsys.readouterr().err
     assert (f"trained on data.dataset 'image_folder' (data.root {tmp_path / 'img'}), and this recipe's is 'latents', "
             "with no data.root") in err and "--set data.dataset=image_folder" in err
+    assert "--allow-recipe-change to go on with 'latents' and --set data.root=..." in err
+    assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), *base[2:], "--set", "train.steps=5",
+                 "--allow-recipe-change"]) == 0  # asked for: the run goes on with the recipe's dataset, and says so
+    assert ("note: --allow-recipe-change: the checkpoint trained on data.dataset 'image_folder' (data.root "
+            f"{tmp_path / 'img'}); the run goes on with 'synthetic', its images and labels") in capsys.readouterr().out
 
 
 def test_checkpoints_record_the_class_names_a_class_folder_added_later_cannot_shift(tmp_path, capsys):

@@ -62,13 +62,18 @@ def test_eval_ref_naming_a_dataset_stays_a_name_while_relative_paths_become_abso
 
 
 def test_a_resume_onto_another_dataset_does_not_take_the_old_data_root(tmp_path):
-    """A resume that names another dataset (``--set data.dataset=synthetic``) must not inherit the checkpoint's
-    image-folder ``data.root`` (synthetic then refused 'data.root is set', or another dataset read the wrong
-    folder); train.eval_ref, which is not data, is still taken over with its note."""
+    """A resume that names another dataset (``--set data.dataset=synthetic``, with ``--allow-recipe-change``:
+    without it, it is refused) must not inherit the checkpoint's image-folder ``data.root`` (synthetic then
+    refused 'data.root is set', or another dataset read the wrong folder); train.eval_ref, which is not data,
+    is still taken over with its note."""
     save_checkpoint(tmp_path / "ck", {"w": torch.zeros(1)},
                     {"data": {"dataset": "image_folder", "root": "/old/img"}, "train": {"eval_ref": "/refs/r.npz"}})
     recipe = {"data": {"dataset": "synthetic"}}
-    notes = _paths_of_the_resumed_run(recipe, str(tmp_path / "ck"))
+    with pytest.raises(UserError, match="trained on data.dataset 'image_folder'.*this recipe's is 'synthetic'"):
+        _paths_of_the_resumed_run(recipe, str(tmp_path / "ck"))
+    notes = _paths_of_the_resumed_run(recipe, str(tmp_path / "ck"), allow_recipe_change=True)
     assert recipe == {"data": {"dataset": "synthetic"}, "train": {"eval_ref": "/refs/r.npz"}}
-    assert notes == ["zoo train: note: train.eval_ref is the checkpoint's, /refs/r.npz (--set train.eval_ref=... "
+    assert notes == ["zoo train: note: --allow-recipe-change: the checkpoint trained on data.dataset 'image_folder' "
+                     "(data.root /old/img); the run goes on with 'synthetic', its images and labels",
+                     "zoo train: note: train.eval_ref is the checkpoint's, /refs/r.npz (--set train.eval_ref=... "
                      "to read another)"]

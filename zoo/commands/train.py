@@ -33,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "'auto': continue --out if it holds a run, else start it (for requeued jobs and torchrun "
                    "--max-restarts)")
     p.add_argument("--allow-recipe-change", action="store_true",
-                   help="resume even though the recipe's model or diffusion section differs from the checkpoint's "
-                   "(in ways that keep the weights' shapes)")
+                   help="resume even though the recipe's model or diffusion section (in ways that keep the weights' "
+                   "shapes), data.dataset or the data's classes differ from the checkpoint's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=None, help="stop at this step (default: train.steps); the learning-rate schedule still ends at "
                         "train.steps, so a later --resume continues the same run: set train.steps for a shorter run")
@@ -70,12 +70,19 @@ def _absolute_paths(recipe: dict) -> None:
 RESUMED_PATH_KEYS = (("data", "root"), ("data", "vae"), ("train", "eval_ref"))
 
 
-def _paths_of_the_resumed_run(recipe: dict, resume: str) -> list[str]:
+def _paths_of_the_resumed_run(recipe: dict, resume: str, allow_recipe_change: bool = False) -> list[str]:
     """Fill the ``RESUMED_PATH_KEYS`` the recipe leaves unset from the checkpoint ``resume`` names;
     return a note for each. A path given again (another copy of the data) is the one used. A
-    checkpoint that cannot be read here is left to the trainer, whose error names it."""
+    checkpoint that cannot be read here is left to the trainer, whose error names it.
+
+    A recipe whose ``data.dataset`` is not the checkpoint's (a ``--set`` of the first start not given
+    again) is refused before any data is read, naming both: the weights would go on with other images and
+    other labels. ``--allow-recipe-change`` goes on with the recipe's dataset, with a note."""
+    import shlex
+
     from zoo.checkpoint import checkpoint_of, read_config
     from zoo.errors import UserError
+    from zoo.training.sections import data_setting
 
     try:
         then = read_config(checkpoint_of(Path(resume)))
@@ -83,20 +90,23 @@ def _paths_of_the_resumed_run(recipe: dict, resume: str) -> list[str]:
         return []
     data_then = then.get("data") if isinstance(then.get("data"), dict) else {}
     data_now = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
-    dataset_then, dataset_now = data_then.get("dataset", "synthetic"), data_now.get("dataset", "synthetic")
-    if dataset_then != dataset_now and "dataset" not in data_now:  # a --set of the first start not given again
-        raise UserError(f"the checkpoint in {resume} trained on data.dataset {dataset_then!r}"
-                        + (f" (data.root {data_then['root']})" if data_then.get("root") else "")
-                        + f", and this recipe names no dataset (the default is {dataset_now!r})",
-                        key_path="data.dataset", suggestion=f"give the first start's --set options again, "
-                        f"e.g. --set data.dataset={dataset_then}")
-    if dataset_then != dataset_now and data_then.get("root") and not data_now.get("root") and _reads_a_root(dataset_now):
-        # a paper recipe's imagenet where the run trained on --set data.dataset=image_folder: not "make ImageNet latents"
-        raise UserError(f"the checkpoint in {resume} trained on data.dataset {dataset_then!r} (data.root "
-                        f"{data_then['root']}), and this recipe's is {dataset_now!r}, with no data.root",
-                        key_path="data.dataset", suggestion=f"give the first start's --set options again, e.g. "
-                        f"--set data.dataset={dataset_then}, or --set data.root=... for {dataset_now!r}")
+    dataset_then, dataset_now = data_setting(data_then, "dataset"), data_setting(data_now, "dataset")
     notes = []
+    if dataset_then != dataset_now:
+        root = f" (data.root {data_then['root']})" if data_then.get("root") else ""
+        now = (f"this recipe names no dataset (the default is {dataset_now!r})" if "dataset" not in data_now
+               else f"this recipe's is {dataset_now!r}")
+        rootless = not data_now.get("root") and _reads_a_root(dataset_now)  # would go on to 'data.root is not set'
+        if not allow_recipe_change:
+            again = " ".join(f"--set {shlex.quote(f'data.{key}={data_then[key]}')}" for key in ("dataset", "root")
+                             if data_then.get(key))
+            raise UserError(f"the checkpoint in {resume} trained on data.dataset {dataset_then!r}{root}, and {now}"
+                            + ", with no data.root" * rootless, key_path="data.dataset",
+                            suggestion=f"give the first start's --set options again: {again}, or pass "
+                            f"--allow-recipe-change to go on with {dataset_now!r}"
+                            + " and --set data.root=..." * rootless + " (its own images and labels)")
+        notes.append(f"zoo train: note: --allow-recipe-change: the checkpoint trained on data.dataset "
+                     f"{dataset_then!r}{root}; the run goes on with {dataset_now!r}, its images and labels")
     for section, key in RESUMED_PATH_KEYS:
         if section == "data" and dataset_then != dataset_now:  # another kind of data: the old root is not its
             continue
@@ -165,7 +175,7 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
     out = str(check_run_dir(out, resuming=args.resume or False))
     recipe = load_model_recipe(args.recipe, args.overrides)
     _absolute_paths(recipe)
-    notes = _paths_of_the_resumed_run(recipe, args.resume) if args.resume is not None else []
+    notes = _paths_of_the_resumed_run(recipe, args.resume, args.allow_recipe_change) if args.resume is not None else []
     train = recipe.get("train") or {}
     decays = train.get("lr_schedule", "constant") in ("cosine", "linear")
     if args.steps is not None and decays and args.steps > int(train.get("steps") or 0):
