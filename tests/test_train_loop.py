@@ -610,6 +610,35 @@ def test_resume_resolves_the_defaults_of_nested_components():
         check_resume_recipe(stored, spelled, Path("ckpt"))
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_resume_with_nothing_left_to_train_names_what_goes_on(tmp_path, capsys, schedule):
+    """'raise train.steps (or --steps) to go on' was said under a cosine decay too, where zoo train refuses a
+    --steps past train.steps ('where the cosine decay ends'): --steps is named only where it works."""
+    out = tmp_path / "run"
+    args = lambda *extra: _args(out, "--set", f"train.lr_schedule={schedule}", "--set", "train.warmup_steps=0",
+                                *extra)  # noqa: E731
+    assert main(args("--set", "train.steps=4", "--steps", "2")) == 0
+    capsys.readouterr()
+    assert main(args("--set", "train.steps=4", "--resume", str(out), "--steps", "2")) == 0
+    said = capsys.readouterr().out
+    if schedule == "constant":
+        assert "(stops at step 2); raise train.steps (--set train.steps=N) or --steps to go on\n" in said
+    else:  # below train.steps, --steps still goes on
+        assert ("(stops at step 2); --steps up to train.steps 4 goes on; past it, --set train.steps=N to go on (the "
+                "cosine decay then stretches to step N)\n") in said
+    assert main(args("--set", "train.steps=2", "--resume", str(out))) == 0
+    said = capsys.readouterr().out
+    if schedule == "constant":
+        assert "nothing to train (stops at step 2); raise train.steps (--set train.steps=N) or --steps to go on" in said
+        assert main(args("--set", "train.steps=2", "--resume", str(out), "--steps", "3")) == 0  # as said
+    else:
+        assert ("nothing to train (stops at step 2); --set train.steps=N to go on (the cosine decay then stretches to "
+                "step N); --steps cannot pass train.steps 2, where the decay ends\n") in said
+        assert main(args("--set", "train.steps=2", "--resume", str(out), "--steps", "3")) == 2  # as said
+        assert main(args("--set", "train.steps=3", "--resume", str(out))) == 0
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
+
+
 def test_small_messages_name_the_fix(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(out, "--steps", "2")) == 0

@@ -645,6 +645,17 @@ class Trainer(Resuming):
         cannot :meth:`run` after this. :func:`train` calls it, however the run ended."""
         self.batches.close()
 
+    def _how_to_go_on(self) -> str:
+        """What continues a run with nothing left to train: ``--steps`` only where it may pass the step it
+        stopped at (zoo train refuses a ``--steps`` past ``train.steps`` under a decaying schedule)."""
+        schedule, steps = self.train.get("lr_schedule", "constant"), int(self.train["steps"])
+        if schedule == "constant":
+            return "raise train.steps (--set train.steps=N) or --steps to go on"
+        stretch = f"--set train.steps=N to go on (the {schedule} decay then stretches to step N)"
+        if self.step < steps:
+            return f"--steps up to train.steps {steps} goes on; past it, {stretch}"
+        return f"{stretch}; --steps cannot pass train.steps {steps}, where the decay ends"
+
     def _run(self, total: int) -> list[dict]:
         """:meth:`run` once the run directory is this run's."""
         from zoo.training.monitor import Monitor
@@ -655,7 +666,7 @@ class Trainer(Resuming):
         self.banner(total)
         if self.step >= total:
             self.log(f"zoo train: note: already at step {self.step}, nothing to train (stops at step {total}); "
-                     "raise train.steps (or --steps) to go on")
+                     + self._how_to_go_on())
         with distributed.agreement(self.ctx):  # an unreadable eval_ref: one line, not one per rank
             if self.fd is not None:
                 self.fd.prepare()  # the run's FD reference statistics, computed once
