@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.errors import UserError, some_of
-from zoo.eval.reference import EVAL_OPTIONS, RefOptions
+from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.jsonfile import read_json_object
 from zoo.training.crop import IMAGE_DECODING
 
@@ -107,7 +107,7 @@ def prepared_with_vae(data: Mapping[str, Any]) -> Path | None:
     return weights if weights is not None and weights.is_file() else None
 
 
-def check_decoder_fits(weights: Path, data: Mapping[str, Any], options: RefOptions = EVAL_OPTIONS) -> None:
+def check_decoder_fits(weights: Path, data: Mapping[str, Any], options: CommandOptions = EVAL_OPTIONS) -> None:
     """Refuse VAE ``weights`` whose latents differ in shape from those ``data.root`` was prepared with
     (another downsampling or channel count): they decoded the samples at another size without a word.
     Another VAE of the same shape (SD's ft-EMA for ft-MSE) decodes them, as DiT samples with either.

@@ -30,7 +30,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from zoo.errors import UserError
-from zoo.eval.reference import EVAL_OPTIONS, RefOptions
+from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.meta import NotOnMeta, example_inputs, meta_forward, without_dynamo
 from zoo.training.sections import data_setting
 
@@ -282,7 +282,7 @@ def require_weights_memory(recipe: dict, device: torch.device | str, bytes_per_p
 
 
 def require_sampling_memory(recipe: dict, device: torch.device | str, batch: int, guided: bool,
-                            options: RefOptions = EVAL_OPTIONS) -> Estimate:
+                            options: CommandOptions = EVAL_OPTIONS) -> Estimate:
     """:func:`require_memory` for sampling a loaded model (its weights are already out of the free memory);
     ``options``: what the message calls the caller's batch size option (zoo train's is a recipe key)."""
     import zoo

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from zoo.diffusion.setup import (GuidanceSettings, build_schedule, check_guidance_channels, guidance_settings,
                                  guided_eps_fn, require_null_label)
 from zoo.errors import UserError
-from zoo.eval.reference import EVAL_OPTIONS, RefOptions
+from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.memory import require_sampling_memory, require_weights_memory
 from zoo.meta import example_inputs
 from zoo.modes import evaluating
@@ -612,7 +612,7 @@ def _check_sample_variance(recipe: Mapping[str, Any]) -> None:
 @torch.no_grad()
 def sample_latents(
     model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest, device: torch.device | str = "cpu",
-    progress: Callable[[int], None] | None = None, options: RefOptions = EVAL_OPTIONS,
+    progress: Callable[[int], None] | None = None, options: CommandOptions = EVAL_OPTIONS,
 ) -> tuple[Tensor, Tensor | None]:
     """Sample ``request.count()`` model-space tensors (latents or pixels in [−1, 1]) and their labels.
 
@@ -639,7 +639,7 @@ def _counted(eps_fn: Callable[[Tensor, Tensor], Tensor], progress: Callable[[int
 
 def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: SampleRequest,
                     device: torch.device | str, progress: Callable[[int], None] | None = None,
-                    options: RefOptions = EVAL_OPTIONS) -> tuple[Tensor, Tensor | None]:
+                    options: CommandOptions = EVAL_OPTIONS) -> tuple[Tensor, Tensor | None]:
     schedule = build_schedule(recipe)
     solver, _ = build_solver(recipe, request.solver, request.steps, request.solver_options, request.respacing)
     guidance: GuidanceSettings = guidance_settings(recipe, request.cfg)
@@ -668,7 +668,7 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
 
 
 def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None,
-                options: RefOptions = EVAL_OPTIONS) -> Path | None:
+                options: CommandOptions = EVAL_OPTIONS) -> Path | None:
     """The VAE weights a latent model decodes with (``--vae``, else ``data.vae``, else the VAE that
     ``data.root``'s latents were prepared with, where it still lies); ``None`` for pixel models.
 

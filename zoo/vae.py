@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.errors import UserError
-from zoo.eval.reference import EVAL_OPTIONS, RefOptions
+from zoo.options import CommandOptions, EVAL_OPTIONS
 
 SCALE = 0.18215
 
@@ -90,7 +90,7 @@ def vae_downsample(weights: Path) -> int:
     return 2 ** (len((config or SD_VAE_CONFIG)["block_out_channels"]) - 1)
 
 
-def find_vae_weights(directory: str | Path, options: RefOptions = EVAL_OPTIONS) -> Path:
+def find_vae_weights(directory: str | Path, options: CommandOptions = EVAL_OPTIONS) -> Path:
     """The weights file inside a user's VAE directory, or a ``UserError`` that says how to fix it
     (``options``: what it calls the caller's VAE option; zoo train's is data.vae)."""
     if directory is None or str(directory) == "":

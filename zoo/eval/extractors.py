@@ -33,7 +33,7 @@ from zoo.errors import ContractError, UserError
 from zoo.guards import user_path
 
 if TYPE_CHECKING:
-    from zoo.eval.reference import RefOptions
+    from zoo.options import CommandOptions
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -96,9 +96,9 @@ class InceptionV3(Extractor):
 
     name = "inception"
 
-    def __init__(self, weights: str | None = None, option_names: RefOptions | None = None) -> None:
+    def __init__(self, weights: str | None = None, option_names: CommandOptions | None = None) -> None:
         """``option_names``: what the messages call the caller's options (zoo eval's flags by default)."""
-        from zoo.eval.reference import EVAL_OPTIONS
+        from zoo.options import EVAL_OPTIONS
 
         super().__init__()
         options = option_names or EVAL_OPTIONS
@@ -187,7 +187,7 @@ class EfficientNetLite0(Extractor):
 
 
 def build_extractor(name: str, weights: str | None = None, device: str | torch.device = "cpu",
-                    options: RefOptions | None = None) -> Extractor:
+                    options: CommandOptions | None = None) -> Extractor:
     """The registered extractor ``name``, in eval mode on ``device`` (``weights``: a local file, if it takes one).
 
     Its ``name`` is the registered one (what results, reference statistics and their caches are keyed

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -36,42 +35,11 @@ from torch import Tensor
 
 from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file, write_text
 from zoo.errors import UserError
-from zoo.eval.extractors import INCEPTION_ENV, INCEPTION_FILE, extractor_output
-from zoo.eval.metrics import Features, Reference
 from zoo.cache import cache_root
+from zoo.eval.extractors import extractor_output
+from zoo.eval.metrics import Features, Reference
 from zoo.eval.stats import feature_statistics
-
-
-@dataclass(frozen=True)
-class RefOptions:
-    """What messages of code several commands share call the caller's options: zoo eval's flags (the
-    default; zoo sample's have the same names), or zoo train's recipe keys (its train.eval_every, its
-    sample grids). A message names only what the command that prints it takes."""
-
-    ref: str = "--ref"
-    extractor: str = "--extractor"
-    extractor_weights: str | None = "--extractor-weights"  # None: Inception's weights come from $ZOO_INCEPTION_WEIGHTS
-    batch_size: str = "--batch-size"  # images per sampling batch
-    vae: str = "--vae"  # the VAE a latent model decodes with
-    recipe_keys: bool = False  # given as --set KEY=VALUE
-
-    def given(self, option: str, value: object) -> str:
-        """``option`` (``"ref"``, ``"extractor"``, ``"batch_size"``, ``"vae"``) set to ``value``: ``--ref emoji32``
-        or ``--set train.eval_ref=emoji32``."""
-        name = getattr(self, option)
-        return f"--set {name}={value}" if self.recipe_keys else f"{name} {value}"
-
-    @property
-    def inception_weights(self) -> str:
-        """How the caller is given Inception's weights file (follows the choice of inception)."""
-        if self.extractor_weights is None:
-            return f"with {INCEPTION_ENV}=/path/to/{INCEPTION_FILE} in the environment"
-        return f"{self.extractor_weights} {INCEPTION_FILE}"
-
-
-EVAL_OPTIONS = RefOptions()
-TRAIN_OPTIONS = RefOptions("train.eval_ref", "train.eval_extractor", extractor_weights=None,
-                           batch_size="sample.batch_size", vae="data.vae", recipe_keys=True)
+from zoo.options import EVAL_OPTIONS, CommandOptions
 
 CACHE_VERSION = 2  # 2: image folders composite transparency on white and read 16-bit PGMs and float TIFFs at scale
 
@@ -144,7 +112,7 @@ def array_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int
         yield chunk, None if labels is None else labels[start:start + batch_size]
 
 
-def dataset_reference(spec: str, options: RefOptions = EVAL_OPTIONS) -> tuple[str, str]:
+def dataset_reference(spec: str, options: CommandOptions = EVAL_OPTIONS) -> tuple[str, str]:
     """(dataset, split) that ``--ref NAME[:SPLIT]`` means: a dataset's ``holdout`` split when it has
     one and none is named, so ``emoji32`` and ``emoji32:holdout`` are one reference."""
     from zoo import registry
@@ -162,7 +130,7 @@ def dataset_reference(spec: str, options: RefOptions = EVAL_OPTIONS) -> tuple[st
     return name, split
 
 
-def reference_name(spec: str, options: RefOptions = EVAL_OPTIONS) -> str:
+def reference_name(spec: str, options: CommandOptions = EVAL_OPTIONS) -> str:
     """One name per reference ``spec`` (``--ref``, ``train.eval_ref``): an existing path resolved (``imgs``,
     ``./imgs/`` and its absolute path are one folder), a dataset with its split (``emoji32`` = ``emoji32:holdout``)."""
     if _names_a_path(spec):
@@ -178,7 +146,7 @@ def _names_a_path(spec: str) -> bool:
 
 
 def files_stamp(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
-                options: RefOptions = EVAL_OPTIONS) -> str:
+                options: CommandOptions = EVAL_OPTIONS) -> str:
     """What a reference's files are now: an .npz's size and time, a folder's listing (every image's name,
     label, size and time), the same listing of the recipe's root for a dataset that reads one
     (``image_folder``); for a dataset whose images zoo makes, its name."""
@@ -228,7 +196,7 @@ def reference_data(data: Mapping[str, Any], recipe: Mapping[str, Any], of: int |
 
 
 def statistics_key(spec: str, image_size: int, extractor: Mapping[str, Any],
-                   recipe: Mapping[str, Any] | None = None, options: RefOptions = EVAL_OPTIONS) -> str:
+                   recipe: Mapping[str, Any] | None = None, options: CommandOptions = EVAL_OPTIONS) -> str:
     """A short hash of which reference statistics an FD is measured against, one definition for zoo eval's
     results and train.eval_every's records, so zoo compare tells FDs against the same statistics from others:
     the reference resolved (:func:`reference_name`), the images' size, the extractor (its weights' sha256, not
@@ -253,7 +221,7 @@ def statistics_key(spec: str, image_size: int, extractor: Mapping[str, Any],
 
 
 def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
-                   options: RefOptions = EVAL_OPTIONS) -> tuple[str, Callable[[int], Iterator], int, list[str]]:
+                   options: CommandOptions = EVAL_OPTIONS) -> tuple[str, Callable[[int], Iterator], int, list[str]]:
     """(identity for the cache key, batches(batch_size), count, class names or ``[]``) of a folder or
     dataset reference.
 
@@ -424,7 +392,7 @@ def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features:
 
 
 def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_size: int,
-                   options: RefOptions = EVAL_OPTIONS) -> Reference:
+                   options: CommandOptions = EVAL_OPTIONS) -> Reference:
     def statistics(mu, sigma, features=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         return _checked_statistics(path, mu, sigma, features, extractor,
                                    feature_dimension(extractor, image_size, device))
@@ -478,7 +446,7 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
 
 def load_reference(spec: str, extractor, image_size: int, batch_size: int = 64, device="cpu",
                    log: Callable[[str], None] = print, recipe: Mapping[str, Any] | None = None,
-                   options: RefOptions = EVAL_OPTIONS) -> Reference:
+                   options: CommandOptions = EVAL_OPTIONS) -> Reference:
     """The :class:`Reference` for ``--ref`` (see the module docstring), from the cache when it is there;
     ``recipe``: the model's, whose data section builds a dataset reference it trains on; ``options``:
     what its messages call the caller's options."""

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.errors import UserError
+from zoo.options import TRAIN_OPTIONS
 from zoo.training.sections import UNSET_MEANS, data_setting
 
 EVAL_N = UNSET_MEANS["eval_n"]  # samples per evaluation unless train.eval_n says otherwise
@@ -58,7 +59,6 @@ class FDHook:
     def __init__(self, recipe: Mapping[str, Any], train: Mapping[str, Any], dataset: Dataset,
                  shape: tuple[int, ...], out: Path, device: torch.device, log: Callable[[str], None]) -> None:
         from zoo.eval.extractors import build_extractor, require_rgb_samples
-        from zoo.eval.reference import TRAIN_OPTIONS
         from zoo.sample import vae_weights
         from zoo.training.data import gives_latents
         from zoo.vae import vae_downsample
@@ -121,7 +121,7 @@ class FDHook:
 
     def _identity(self) -> str:
         from zoo.eval.reference import CACHE_VERSION  # how images are read: statistics of older pixels are not these
-        from zoo.eval.reference import TRAIN_OPTIONS, reference_name
+        from zoo.eval.reference import reference_name
 
         source = self.source if self.ref_spec is None else reference_name(str(self.ref_spec), TRAIN_OPTIONS)
         return json.dumps({"source": source, "data": self.data, "image_size": self.image_size, "seed": self.seed,
@@ -131,7 +131,7 @@ class FDHook:
     def _files(self) -> str:
         """The reference files' stamp (names, labels, sizes, times; ``""`` for images zoo makes): a folder whose
         images were replaced since the statistics were made is measured again. Taken once per process."""
-        from zoo.eval.reference import TRAIN_OPTIONS, files_stamp, items_stamp
+        from zoo.eval.reference import files_stamp, items_stamp
 
         if self._stamp is None:
             self._stamp = (items_stamp(self.dataset) if self.dataset is not None else
@@ -153,7 +153,7 @@ class FDHook:
         """:func:`zoo.eval.reference.statistics_key` of the reference, as zoo eval records it for the same
         ``--ref`` (``train.eval_ref``, else the dataset's holdout split), so zoo compare sees the two FDs
         measured alike; None for a subset of the training images, which no ``--ref`` names."""
-        from zoo.eval.reference import TRAIN_OPTIONS, statistics_key
+        from zoo.eval.reference import statistics_key
 
         spec = self.ref_spec if self.ref_spec is not None else self.source  # held_out's "emoji32:holdout"
         if self._statistics is None and (self.ref_spec is not None or self.source.endswith(":holdout")):
@@ -179,7 +179,7 @@ class FDHook:
 
     def prepare(self) -> Path:
         """The run's reference statistics: read back when this run computed them already, else computed now."""
-        from zoo.eval.reference import TRAIN_OPTIONS, _dataset_batches, extract, load_reference, save_npz
+        from zoo.eval.reference import _dataset_batches, extract, load_reference, save_npz
         from zoo.eval.stats import feature_statistics
 
         identity, key, earlier, earlier_key = self._identity(), self.reference_key, None, None
