@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -534,3 +535,32 @@ def test_the_statistics_key_is_of_the_reference_resolved():
     own = {"data": {"dataset": "emoji32", "image_size": 32, "random_flip": True}}
     assert key == statistics_key("emoji32:holdout", 32, {**extractor, "weights": "/b/w.pth"}, own)
     assert key != statistics_key("emoji32", 64, extractor) and key != statistics_key("emoji32:train", 32, extractor)
+
+
+def test_the_statistics_key_of_a_runs_own_data_is_what_made_its_images():
+    """Synthetic images drawn alike under other workers, flips, a default written out got other keys (two equal
+    FDs 'measured differently'); an image folder whose files were replaced kept its key (FDs against other
+    images compared)."""
+    from zoo.eval.reference import statistics_key
+
+    extractor = {"name": "e", "weights_sha256": "f00"}
+    recipe = zoo.load_recipe(RECIPE)
+    key = statistics_key("synthetic", 8, extractor, recipe)
+    for same in (["data.num_workers=1"], ["data.random_flip=true"], ["data.dataset=synthetic"], ["data.split=train"]):
+        assert statistics_key("synthetic", 8, extractor, zoo.load_recipe(RECIPE, same)) == key, same
+    for other in (["data.size=32"], ["train.seed=1"]):
+        assert statistics_key("synthetic", 8, extractor, zoo.load_recipe(RECIPE, other)) != key, other
+
+
+def test_the_statistics_key_of_an_image_folder_dataset_follows_its_files(tmp_path):
+    from zoo.eval.reference import statistics_key
+
+    root = _folder(tmp_path / "imgs", (200, 0, 0))
+    extractor = {"name": "e", "weights_sha256": "f00"}
+    sets = ["data.dataset=image_folder", f"data.root={root}", "data.num_classes=2"]
+    key = statistics_key("image_folder", 8, extractor, zoo.load_recipe(RECIPE, sets))
+    assert statistics_key("image_folder", 8, extractor, zoo.load_recipe(RECIPE, sets + ["data.num_workers=1"])) == key
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(root / "a" / "0.png")  # other pixels under the same name
+    os.utime(root / "a" / "0.png", ns=(1, 1))
+    assert statistics_key("image_folder", 8, extractor, zoo.load_recipe(RECIPE, sets)) != key
+

@@ -201,23 +201,40 @@ def statistics_key(spec: str, image_size: int, extractor: Mapping[str, Any],
     results and train.eval_every's records, so zoo compare tells FDs against the same statistics from others:
     the reference resolved (:func:`reference_name`), the images' size, the extractor (its weights' sha256, not
     their path), the listing of a folder's files (an .npz's size and time), and for a dataset the settings of
-    ``recipe`` that made its images where it trains on it (:func:`reference_data`; a seeded one: all of them)."""
+    ``recipe`` that made its images where it trains on it (:func:`_dataset_statistics_of`)."""
     if _names_a_path(spec):
         images: Any = files_stamp(spec, image_size, None, options)  # the folder's resolved path is in its stamp
     else:
-        from zoo import registry
-
-        name, _ = dataset_reference(spec, options)
-        own = dict((recipe or {}).get("data") or {})
-        trains_on = recipe is not None and own.get("dataset", "synthetic") == name
-        if trains_on and getattr(registry.get("dataset", name), "seeded_images", True):  # train.seed drew them
-            images = files_stamp(spec, image_size, recipe, options)
-        else:
-            images = reference_data(own if trains_on else {"dataset": name}, recipe or {})
+        images = _dataset_statistics_of(spec, image_size, recipe, options)
     what = {"reference": reference_name(spec, options), "image_size": int(image_size), "images": images,
             "extractor": {k: v for k, v in extractor.items() if k != "weights"}, "v": CACHE_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
                           ).hexdigest()[:12]
+
+
+def _dataset_statistics_of(spec: str, image_size: int, recipe: Mapping[str, Any] | None,
+                           options: CommandOptions) -> dict:
+    """What a dataset reference's images are, for :func:`statistics_key`: :func:`reference_data`, and where
+    ``recipe`` trains on it the listing of the files it reads (replaced images are other statistics) and, for
+    images ``train.seed`` draws, what they are drawn from (the keys the dataset reads, the classes, the seed);
+    settings that leave the images as they are (workers, flips, a default written out) are not in it."""
+    from zoo import registry
+    from zoo.training.eval_hook import NOT_REFERENCE_DATA
+
+    name, _, dataset, _, made = _dataset_images(spec, image_size, recipe, options)
+    images = reference_data(made["data"] if made else {"dataset": name}, recipe or {})
+    if made is None:
+        return images
+    builder = registry.get("dataset", name)
+    if getattr(builder, "seeded_images", True):
+        reads = getattr(builder, "reads", None)
+        keys = [k for k in made["data"] if reads is None or k in reads]
+        images.update({k: made["data"][k] for k in keys if k not in NOT_REFERENCE_DATA and k != "dataset"},
+                      classes=made["classes"], seed=made["seed"])
+    files = items_stamp(dataset)
+    if files:
+        images["files"] = files
+    return images
 
 
 def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None = None,
@@ -255,6 +272,23 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
         identity = (f"folder{'-flat' * flat}:{path.resolve()}:{image_size}:"
                     f"{_listing_digest(path, dataset.items)}")
         return identity, lambda b: _dataset_batches(dataset, b, labelled=not flat), len(dataset), dataset.classes
+    name, split, dataset, data, made = _dataset_images(spec, image_size, recipe, options)
+    identity = f"dataset:{name}:{split}:{image_size}"
+    if made is not None:  # the run's own data: the cache key holds what made it, and the files it read now
+        identity += ":" + hashlib.sha256(json.dumps([made["data"], made["classes"], made["seed"]], sort_keys=True,
+                                                    default=str).encode()).hexdigest()[:16]
+        files = items_stamp(dataset)  # (images replaced under the same root are other statistics)
+        identity += f":{files}" if files else ""
+    from zoo.training.data import class_names
+
+    return identity, lambda b: _dataset_batches(dataset, b), len(dataset), class_names(data)
+
+
+def _dataset_images(spec: str, image_size: int, recipe: Mapping[str, Any] | None,
+                    options: CommandOptions) -> tuple[str, str | None, Any, dict, dict | None]:
+    """(dataset name, split, its reference images, the data section they were built from, and where
+    ``recipe`` trains on it what made them: ``{"data", "classes", "seed"}``, else ``None``) of a registered
+    dataset reference ``spec``."""
     from zoo import registry
     from zoo.training.data import gives_latents, reads_root
 
@@ -283,15 +317,7 @@ def _images_source(spec: str, image_size: int, recipe: Mapping[str, Any] | None 
     if trains_on:
         classes, seed = num_classes(recipe), int((recipe.get("train") or {}).get("seed", 0))
     dataset = build(data, (3, image_size, image_size), classes, seed)
-    identity = f"dataset:{name}:{split}:{image_size}"
-    if trains_on:  # the run's own data: the cache key holds what made it, and the files it read now
-        identity += ":" + hashlib.sha256(json.dumps([own, classes, seed], sort_keys=True, default=str)
-                                         .encode()).hexdigest()[:16]
-        files = items_stamp(dataset)  # (images replaced under the same root are other statistics)
-        identity += f":{files}" if files else ""
-    from zoo.training.data import class_names
-
-    return identity, lambda b: _dataset_batches(dataset, b), len(dataset), class_names(data)
+    return name, split, dataset, data, ({"data": own, "classes": classes, "seed": seed} if trains_on else None)
 
 
 def _listing_digest(root: Path, items: list[tuple[Path, int]]) -> str:
