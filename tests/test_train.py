@@ -458,6 +458,16 @@ def test_a_resume_takes_the_data_paths_of_the_checkpoint_and_names_what_else_dif
     assert (f"trained on data.dataset 'image_folder' (data.root {tmp_path / 'img'}), and this recipe's is 'latents', "
             "with no data.root") in err and "--set data.dataset=image_folder" in err
     assert "--allow-recipe-change to go on with 'latents' and --set data.root=..." in err
+    # a run without last/ resumes from its newest step_*/: the check read no checkpoint there and let the
+    # run go on with the recipe's synthetic images (a note only)
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "nolast")
+    shutil.rmtree(tmp_path / "nolast" / "last")
+    assert (tmp_path / "nolast" / "step_0000004").is_dir()
+    assert main(["train", str(RECIPE), "--resume", str(tmp_path / "nolast"), *base[2:], "--set", "train.steps=5"]) == 2
+    assert (f"the checkpoint in {tmp_path / 'nolast'} trained on data.dataset 'image_folder'"
+            in capsys.readouterr().err)
     assert main(["train", str(RECIPE), "--resume", str(tmp_path / "run"), *base[2:], "--set", "train.steps=5",
                  "--allow-recipe-change"]) == 0  # asked for: the run goes on with the recipe's dataset, and says so
     assert ("note: --allow-recipe-change: the checkpoint trained on data.dataset 'image_folder' (data.root "

@@ -544,6 +544,18 @@ def resume_point(run: Path) -> tuple[Path, str | None]:
     return last, None  # not a checkpoint at all: reading it says so
 
 
+def resumed_checkpoint(directory: Path) -> tuple[Path, str | None]:
+    """The checkpoint ``zoo train --resume directory`` reads, and a note where it is not the one named: a run
+    directory's :func:`resume_point`, a run without ``last/`` its newest complete ``step_*/``, else itself."""
+    if (directory / "last").is_dir():
+        return resume_point(directory)
+    if not (directory / CONFIG).is_file():
+        newest = newest_step(directory)  # by when it was sealed: a higher step may be a branch left behind
+        if newest is not None:  # a run whose last/ was deleted: its step directories are checkpoints too
+            return newest, f"{directory} has no last/: resuming from {newest}, its newest complete checkpoint"
+    return directory, None
+
+
 def read_config(directory: str | Path) -> dict:
     """The recipe stored in a checkpoint directory (after repairing an interrupted save of it), without
     the :data:`RETIRED_KEYS` (a resume does not call them a change of the recipe)."""

@@ -80,12 +80,12 @@ def _paths_of_the_resumed_run(recipe: dict, resume: str, allow_recipe_change: bo
     other labels. ``--allow-recipe-change`` goes on with the recipe's dataset, with a note."""
     import shlex
 
-    from zoo.checkpoint import checkpoint_of, read_config
+    from zoo.checkpoint import read_config, resumed_checkpoint
     from zoo.errors import UserError
     from zoo.training.sections import data_setting
 
     try:
-        then = read_config(checkpoint_of(Path(resume)))
+        then = read_config(resumed_checkpoint(Path(resume))[0])  # the one the trainer resumes from
     except (UserError, OSError):
         return []
     data_then = then.get("data") if isinstance(then.get("data"), dict) else {}

@@ -14,8 +14,8 @@ from typing import Sequence
 
 from zoo.atomic import REFUSED_RENAME_ERRNOS, sealed_at
 from zoo.checkpoint import (CONFIG, _check_keys, check_finite, checkpoint_of, key_mismatch, load_state_dict_strict,
-                            load_trainer_state, load_weights, newest_step, read_classes, read_config, read_whole,
-                            repair_run, resume_point, weights_on_meta)
+                            load_trainer_state, load_weights, read_classes, read_config, read_whole, repair_run,
+                            resumed_checkpoint, weights_on_meta)
 from zoo.errors import UserError
 from zoo.training.eval_hook import fd_seed_note
 from zoo.training.optim import learning_rate, recipe_groups
@@ -65,16 +65,9 @@ class Resuming:
             if err.errno not in REFUSED_RENAME_ERRNOS:
                 raise
             directory = checkpoint_of(directory)  # its newest save, where it lies
-        if (directory / "last").is_dir():
-            directory, note = resume_point(directory)  # last/, or a step_*/ saved after it or complete where it is not
-            if note:
-                self.after_banner.append(f"zoo train: note: {note}")
-        elif not (directory / CONFIG).is_file():
-            newest = newest_step(directory)  # by when it was sealed: a higher step may be a branch left behind
-            if newest is not None:  # a run whose last/ was deleted: its step directories are checkpoints too
-                self.after_banner.append(f"zoo train: note: {directory} has no last/: resuming from {newest}, "
-                                         "its newest complete checkpoint")
-                directory = newest
+        directory, note = resumed_checkpoint(directory)  # last/, or a step_*/ saved after it or complete where it is not
+        if note:
+            self.after_banner.append(f"zoo train: note: {note}")
         notes = len(self.after_banner)
 
         def read() -> None:  # every file of one save: a live run's last/ may be replaced meanwhile (then read again)
