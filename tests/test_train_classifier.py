@@ -131,6 +131,19 @@ def test_emoji32_trains_on_its_train_split_and_scores_on_its_holdout():
      "argument --image-size: -8 is not a positive integer"),
     ("train-classifier {recipe} --out {tmp}/cls --image-size 0", "argument --image-size: 0 is not a positive integer"),
     ("train-classifier {recipe} --out {tmp}/cls --dims 8,16 --depths 1", "--dims [8, 16] and --depths [1]"),
+    # each trained or built past any time limit, or was a traceback from deep inside (bounds of zoo.domains)
+    ("train-classifier {recipe} --out {tmp}/cls --steps 99999999999999999999",
+     "--steps must be >= 1 and at most 1,000,000,000 (as train.steps), got 99999999999999999999"),
+    ("train-classifier {recipe} --out {tmp}/cls --batch-size 99999999999999999999",
+     "--batch-size must be >= 1 and at most 65,536 (as train.batch_size)"),
+    ("train-classifier {recipe} --out {tmp}/cls --image-size 99999999999999999999",
+     "--image-size must be >= 1 and at most 16,384 (as data.image_size), got 99999999999999999999"),
+    ("train-classifier {recipe} --out {tmp}/cls --seed 99999999999999999999",
+     "--seed 99999999999999999999 is outside 0..72057594037927935"),
+    ("train-classifier {recipe} --out {tmp}/cls --depths 100000,1 --dims 8,16",
+     "argument --depths: '100000,1': 100000 is more than 1,024, the most it may be"),
+    ("train-classifier {recipe} --out {tmp}/cls --dims 100000,100000",
+     "argument --dims: '100000,100000': 100000 is more than 65,536, the most it may be"),
     # both were ignored without a word (a 32 px classifier for --set data.image_size=16; the train split)
     ("train-classifier emoji32 --out {tmp}/cls --set data.image_size=16", "--set applies to a recipe, and emoji32 "
      "is a dataset name"),
@@ -226,3 +239,35 @@ def test_a_classifier_directory_given_with_a_tilde_is_found_at_home(tmp_path, mo
     monkeypatch.setenv("HOME", str(tmp_path))
     save_classifier(tmp_path / "cls", ConvNeXtClassifier(3, image_size=8, dims=(8,), depths=(1,)), {"n": 3})
     assert load_classifier("~/cls")[1]["n"] == 3
+
+
+CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 206158430208 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("where", ["load_data", "train_classifier"])
+def test_an_allocation_that_fails_is_one_line_naming_the_options_to_lower(where, tmp_path, capsys, monkeypatch):
+    """--image-size 16384 (the data read) and --dims 60000,60000 (the model built) were the CPU allocator's
+    traceback; simulated here, so no test machine is asked for 192 GiB."""
+    import zoo.classifier_train
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(CPU_ALLOCATOR)
+
+    monkeypatch.setattr(zoo.classifier_train, where, fail)
+    if where == "train_classifier":
+        (tx, ty), (hx, hy) = _easy(16, 0), _easy(8, 1)
+        monkeypatch.setattr(zoo.classifier_train, "load_data",
+                            lambda *_: ClassifierData(tx, ty, hx, hy, 4, {"dataset": "hand-made"}, "separate draw"))
+    assert main(["train-classifier", str(RECIPE), "--out", str(tmp_path / "cls"), "--json"]) == 2
+    assert capsys.readouterr().err == ("zoo: error: out of memory (an allocation of 192.0 GiB failed) (lower "
+                                       "--image-size, --dims, --depths or --batch-size)\n")
+    assert not (tmp_path / "cls").exists()
+
+
+def test_a_runtime_error_that_is_no_allocation_keeps_its_traceback(tmp_path, monkeypatch):
+    import zoo.classifier_train
+
+    monkeypatch.setattr(zoo.classifier_train, "load_data", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train-classifier", str(RECIPE), "--out", str(tmp_path / "cls")])

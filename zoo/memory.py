@@ -246,6 +246,28 @@ def require_memory(model: nn.Module, device: torch.device | str, batch: int, tra
                     key_path=batch_key if fits >= 1 else None, suggestion=hint)
 
 
+def allocation_failed(err: BaseException) -> bool:
+    """Whether ``err`` is an allocator's refusal: CUDA's ``OutOfMemoryError``, the CPU allocator's
+    "can't allocate memory" / "not enough memory" ``RuntimeError``, or Python's ``MemoryError``."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "DefaultCPUAllocator" in str(err)
+
+
+@contextlib.contextmanager
+def out_of_memory_said(suggestion: str) -> Iterator[None]:
+    """An allocation that fails inside is one :class:`UserError` with ``suggestion`` (the options to
+    lower) instead of an allocator traceback: for what no estimate covers before it runs."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if not allocation_failed(err):
+            raise
+        tried = str(err).split("you tried to allocate ")[-1].split(" bytes")[0]
+        size = f" (an allocation of {gib(int(tried))} failed)" if tried.isdigit() else ""
+        raise UserError(f"out of memory{size}", suggestion=suggestion) from None
+
+
 def require_training_memory(meta_model: nn.Module, train: dict, data: dict, device: torch.device,
                             micro_batch: int, shards: int = 1, per_step: int = 1, sharing: int = 1) -> Estimate:
     """:func:`require_memory` for ``zoo train``: the recipe's precision, checkpointing and in-memory data;
