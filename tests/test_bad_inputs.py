@@ -196,6 +196,14 @@ CASES = [
      "nodata is neither a recipe file nor a registered dataset"),
     ("prepare-latents-unknown-device", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out --device gpu", "-", 2,
      "--device 'gpu'"),
+    # each hung (a 20000 px crop of every image, forking workers without end) or was an OverflowError traceback
+    ("prepare-latents-huge-resolution", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out --resolution 20000", "-", 2,
+     "--resolution must be >= 1 and at most 16,384 (as data.image_size), got 20000"),
+    ("prepare-latents-overflowing-resolution", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out "
+     "--resolution 99999999999999999998", "-", 2, "--resolution must be >= 1 and at most 16,384"),
+    ("prepare-latents-huge-workers", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out "
+     "--workers 99999999999999999999", "-", 2,
+     "--workers must be >= 0 and at most 256 (as data.num_workers), got 99999999999999999999"),
     # -- train: outputs, resume, devices
     ("train-out-is-a-file", f"train {TRAIN} --out {{tmp}}/out {FAST}", "out_file", 2, "--out {tmp}/out is a file"),
     ("train-out-holds-a-run", f"train {TRAIN} --out {{tmp}} {FAST}", "run_dir", 2, "--resume {tmp}"),

@@ -1502,3 +1502,23 @@ def test_an_output_started_before_todays_image_reading_is_named(tmp_path, vae_di
     assert f"note: {out} was started by a zoo that read images another way" in printed
     assert json.loads((out / PLAN).read_text())["image_decoding"] == 1
     assert json.loads((out / MANIFEST).read_text())["image_decoding"] == 1
+
+
+def test_no_more_workers_are_started_than_there_are_batches_to_read(tmp_path, vae_dir, image_dir, capsys,
+                                                                    monkeypatch):
+    """--workers 200 on ten images forked two hundred decoding processes for two batches."""
+    import torch.utils.data
+
+    started = []
+
+    class Loader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            started.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Loader)
+    assert main(["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(tmp_path / "lat"),
+                 "--resolution", str(RES), "--batch-size", "5", "--workers", "200", "--device", "cpu"]) == 0
+    assert started == [2]
+    assert "zoo prepare-latents: note: 2 batches of images to read, so 2 workers of the --workers 200\n" in \
+        capsys.readouterr().out

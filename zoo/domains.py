@@ -38,6 +38,7 @@ MAX_STEPS = 10**9  # training steps, schedule steps, solver steps
 MAX_BATCH = 65536
 MAX_COUNT = 10**8  # dataset sizes, numbers of samples
 MAX_SOLVER_STEPS = 100_000  # sampling steps, schedule length
+MAX_WORKERS = 256  # data-reading processes
 
 
 @dataclass(frozen=True)

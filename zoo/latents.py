@@ -367,8 +367,9 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
                     progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None) -> bool:
     """Encode the shards of ``image_dir`` that rank ``rank`` of ``world`` owns and are not on disk yet.
 
-    ``log`` gets one line saying what was found and what is left to encode. Returns whether the
-    output is complete (``manifest.json`` written).
+    ``log`` gets one line saying what was found and what is left to encode. ``num_workers`` decoding
+    processes are started, no more than there are batches to read (a note says so). Returns whether
+    the output is complete (``manifest.json`` written).
     """
     from zoo.atomic import remove_file_leftovers
 
@@ -385,6 +386,8 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
     mine = range(rank, plan["num_shards"], world)
     todo = [k for k in mine if not shard_is_current(out / shard_name(k), digests[k], planned)]
     total = sum(min(shard_size, len(images) - k * shard_size) for k in todo)
+    reads = sum(-(-min(shard_size, len(images) - k * shard_size) // batch_size) for k in todo)  # batches
+    workers = min(num_workers, reads)  # a worker reads whole batches: more would only be forked and ended
     with _shards_locked(out, todo):  # held to the end: another run writing the same shards stops here
         for k in todo:  # locked: no other process writes these shards, so what a killed run left is stale
             remove_file_leftovers(out / shard_name(k))
@@ -398,6 +401,9 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
                     else f"{who}none left to encode")
             log(f"{_count(len(images), 'image')} in {_count(len(images.classes), 'class')} under {root}; "
                 f"{_count(n, 'shard')} of up to {shard_size} in {out}, {left}")
+            if workers < num_workers:
+                log(f"note: {_count(reads, 'batch')} of images to read, so {_count(workers, 'worker')} of the "
+                    f"--workers {num_workers}")
             if rank == 0 and images.skipped_note():
                 log(f"note: {images.skipped_note()}")
             decoded = _plan_decoding(out)
@@ -413,7 +419,7 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
         bar = (progress(total=total, unit="img", desc=f"rank {rank}" if world > 1 else "encode")
                if progress and total else None)  # no empty bar for a finished output
         try:
-            _encode(images, vae, device, out, todo, digests, shard_size, batch_size, num_workers,
+            _encode(images, vae, device, out, todo, digests, shard_size, batch_size, workers,
                     getattr(torch, dtype), bar)
         finally:  # the bar's last line ends before any error message is printed
             if bar is not None:
@@ -587,7 +593,7 @@ def _check_outside(root: Path, out: Path) -> None:
 
 def _count(n: int, noun: str) -> str:
     """``n`` and ``noun``, plural unless ``n`` is 1: "1 image", "3 images", "2 classes"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'ch')) else 's'}"
 
 
 def _resumable_errors(batches):

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked_device(args: argparse.Namespace) -> str:
     """The device to encode on, after the checks of the arguments that need no files read."""
+    from zoo.domains import MAX_SIZE, MAX_WORKERS
     from zoo.errors import UserError
     from zoo.guards import check_outside_checkpoints, resolve_device
     from zoo.training.distributed import check_gpus_per_node
@@ -83,8 +84,11 @@ def _checked_device(args: argparse.Namespace) -> str:
     for name in ("resolution", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.resolution > MAX_SIZE:  # 20000 hung, a larger one was an OverflowError traceback
+        raise UserError(f"--resolution must be >= 1 and at most {MAX_SIZE:,} (as data.image_size), "
+                        f"got {args.resolution}")
+    if not 0 <= args.workers <= MAX_WORKERS:  # 99999999999999999999 hung forking them
+        raise UserError(f"--workers must be >= 0 and at most {MAX_WORKERS} (as data.num_workers), got {args.workers}")
     check_outside_checkpoints(args.out)
     device = resolve_device(args.device)  # default: cuda if there is one; checked: one line, exit 2
     check_gpus_per_node(device)  # under torchrun: a GPU per process of the node

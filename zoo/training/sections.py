@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Mapping
 
-from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_STEPS, Classes, Decay, Doc, ImageSize, NonNegative, OneOf,
+from zoo.domains import (MAX_BATCH, MAX_COUNT, MAX_STEPS, MAX_WORKERS, Classes, Decay, Doc, ImageSize, NonNegative, OneOf,
                          Positive, PositiveFloat, Range)
 from zoo import registry
 from zoo.recipe import Recipe
@@ -52,7 +52,7 @@ DATA: dict[str, Any] = {
     "vae_scale": PositiveFloat,
     "vae": Path | None,
     "size": Annotated[int, Range(1, MAX_COUNT), Doc("synthetic: number of images")],
-    "num_workers": Annotated[int, Range(0, 256)],
+    "num_workers": Annotated[int, Range(0, MAX_WORKERS)],
     "split": Annotated[str, OneOf(("train", "holdout"), "split"), Doc("emoji32: train or holdout")],
     "cache": Path | None,
 }
