@@ -31,6 +31,17 @@ def test_a_batch_or_repeats_below_1_or_a_negative_warmup_is_refused(option, caps
     assert "--batch and --repeats must be at least 1 and --warmup at least 0" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("option, got", [(["--warmup", "99999999999999999999"], "99999999999999999999 and 5"),
+                                         (["--repeats", "10001"], "2 and 10001")])
+def test_warmup_or_repeats_past_10000_are_refused_before_any_model_is_built(option, got, capsys, monkeypatch):
+    """``--warmup 99999999999999999999`` timed rounds that never ended."""
+    import zoo.compare
+
+    monkeypatch.setattr(zoo.compare, "measure", lambda *a, **k: pytest.fail("models were built"))
+    assert main(["compare", TINY, "--device", "cpu", *option]) == 2
+    assert capsys.readouterr().err == f"zoo: error: --warmup and --repeats must be at most 10,000, got {got}\n"
+
+
 def test_no_warmup_round_is_accepted(capsys, monkeypatch):
     """``--warmup 0`` (time from the first round) is valid and reaches the timing as 0: a bound of 1 would
     refuse it."""

@@ -32,12 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=4, help="batch size of the timed steps (default 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-time", action="store_true", help="parameters and GFLOPs only")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2, at most 10,000)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds; the median is reported (default 5, at most 10,000)")
     p.set_defaults(func=run)
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+MAX_ROUNDS = 10_000  # --warmup, --repeats: far past what a median needs (99999999999999999999 never ended)
 
 
 def check_plot_output(path: str) -> None:
@@ -171,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         raise UserError("--batch and --repeats must be at least 1 and --warmup at least 0")
+    if args.warmup > MAX_ROUNDS or args.repeats > MAX_ROUNDS:
+        raise UserError(f"--warmup and --repeats must be at most {MAX_ROUNDS:,}, got {args.warmup} and {args.repeats}")
     from zoo.compare import format_table, measure, plot
     from zoo.guards import resolve_device
 
