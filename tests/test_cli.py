@@ -391,7 +391,12 @@ def test_a_file_size_limit_is_one_line_naming_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("argv, named", [
     (["prepare-latents", "imgs", "--vae", "v", "--out", ""], "--out"),
     (["train", "x.yaml", "--out="], "--out"),
-    (["build", ""], "an argument"),
+    (["build", ""], "RECIPE"),
+    # a switch takes no value: the empty string is the positional after it, named by its metavar
+    (["parity", "--fp64", ""], "GOLDEN"),
+    (["compare", "tiny.yaml", "--no-time", ""], "RECIPE"),
+    (["prepare-latents", "", "--vae", "v", "--out", "lat"], "IMAGE_DIR"),
+    (["compare", "a.yaml", "--set", "a=1", "--dev", ""], "--dev"),  # an option's prefix, as argparse takes it
 ])
 def test_an_empty_argument_is_refused_not_read_as_the_working_directory(capsys, argv, named):
     """`--out ""` wrote prepare-latents' shards into the working directory; `zoo train --out ""` its default run."""

@@ -168,27 +168,62 @@ def _disk_problem(err: OSError) -> str:
             "or write somewhere else)")
 
 
-def _empty_argument(argv: Sequence[str]) -> str | None:
-    """The option given an empty value (``--out ""``, ``--vae=``), or "an argument" for an empty
-    positional one; ``None`` if none is empty. argparse takes them, and a path that is empty is the
+def _empty_argument(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
+    """The option given an empty value (``--out ""``, ``--vae=``), or the positional argument that is
+    empty (``RECIPE``); ``None`` if none is empty. argparse takes them, and a path that is empty is the
     working directory: ``--out ""`` wrote shards there, ``zoo train --out ""`` its default run."""
     for i, arg in enumerate(argv):
         if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
             return arg[:-1]
         if arg == "":
-            before = argv[i - 1] if i else ""
-            return before if before.startswith("-") and "=" not in before else "an argument"
+            return _argument_at(parser, list(argv[:i]))
     return None
+
+
+def _argument_at(parser: argparse.ArgumentParser, before: list[str]) -> str:
+    """What the argument after ``before`` is: the option before it if that takes a value (``--out``; not
+    ``--fp64``, a switch), else the positional it fills, by its metavar (``RECIPE``), else "an argument"."""
+    positionals = [a for a in parser._actions if not a.option_strings]
+    filled, option, values = 0, None, 0  # option: the one whose values come next (values of them left)
+    for i, arg in enumerate(before):
+        if values:
+            values -= 1
+            continue
+        if arg.startswith("-") and len(arg) > 1 and not arg.lstrip("-").replace(".", "").isdigit():
+            action = _option_action(parser, arg)  # an unknown option: taken as one that takes a value
+            takes = 1 if action is None else {None: 1, "?": 1, "*": 1 << 30, "+": 1 << 30}.get(action.nargs,
+                                                                                                action.nargs)
+            option, values = (arg, int(takes)) if "=" not in arg else (None, 0)
+            continue
+        option = None
+        if filled < len(positionals):
+            current = positionals[filled]
+            if isinstance(current, argparse._SubParsersAction) and arg in current.choices:
+                return _argument_at(current.choices[arg], before[i + 1:])
+            filled += current.nargs not in ("*", "+", argparse.REMAINDER)
+    if option is not None and values:
+        return option
+    if filled < len(positionals):
+        return positionals[filled].metavar or positionals[filled].dest.upper()
+    return "an argument"
+
+
+def _option_action(parser: argparse.ArgumentParser, arg: str) -> argparse.Action | None:
+    """The option ``arg`` names (``--out``, ``--out=DIR``, or an unambiguous prefix as argparse takes), if any."""
+    name = arg.split("=", 1)[0]
+    found = {a for s, a in parser._option_string_actions.items() if s == name} or \
+        {a for s, a in parser._option_string_actions.items() if s.startswith(name) and name.startswith("--")}
+    return found.pop() if len(found) == 1 else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zoo ARGS``; return the exit status."""
     try:
-        empty = _empty_argument(sys.argv[1:] if argv is None else list(argv))
+        parser = build_parser()
+        empty = _empty_argument(sys.argv[1:] if argv is None else list(argv), parser)
         if empty is not None:
             print(f"zoo: error: {empty} is empty (give a value)", file=sys.stderr)
             return 2
-        parser = build_parser()
         try:
             args, extra = parser.parse_known_args(argv)
         except SystemExit as exit_:  # --help, or a usage error already printed by argparse
