@@ -201,6 +201,14 @@ CASES = [
      "--resolution must be >= 1 and at most 16,384 (as data.image_size), got 20000"),
     ("prepare-latents-overflowing-resolution", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out "
      "--resolution 99999999999999999998", "-", 2, "--resolution must be >= 1 and at most 16,384"),
+    # 'the model' read as the diffusion model, and no fix was named
+    ("prepare-latents-vae-is-a-zoo-checkpoint", "prepare-latents {tmp}/images --vae {tmp}/ckpt --out {tmp}/out "
+     "--device cpu --workers 0 --resolution 16", "ckpt+images", 2,
+     "{tmp}/ckpt/ema.safetensors (the VAE: --vae, or data.vae in a recipe) does not match the model; missing keys: "
+     "encoder.conv_in.weight"),
+    ("prepare-latents-vae-is-a-zoo-checkpoint-fix", "prepare-latents {tmp}/images --vae {tmp}/ckpt --out {tmp}/out "
+     "--device cpu --workers 0 --resolution 16", "ckpt+images", 2,
+     "(these are not AutoencoderKL (SD VAE) weights; give a local copy of the Stable Diffusion KL-f8 VAE: --vae DIR"),
     ("prepare-latents-huge-workers", "prepare-latents {tmp} --vae {tmp} --out {tmp}/out "
      "--workers 99999999999999999999", "-", 2,
      "--workers must be >= 0 and at most 256 (as data.num_workers), got 99999999999999999999"),

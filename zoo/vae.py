@@ -191,7 +191,8 @@ def load_vae(
     state = _to_diffusers_keys(_read_state_dict(path))
     with warnings.catch_warnings():  # the strict key check copies into meta tensors (a no-op) ...
         warnings.simplefilter("ignore", UserWarning)
-        load_state_dict_strict(vae, state, source=str(path))
+        load_state_dict_strict(vae, state, source=f"{path} (the VAE: --vae, or data.vae in a recipe)",
+                               suggestion=f"these are not AutoencoderKL (SD VAE) weights; {_FIX}")
     vae.load_state_dict(state, strict=True, assign=True)  # ... then the weights are assigned for real
     if any(p.dtype != dtype for p in vae.parameters()):  # e.g. fp16 weights on disk
         vae = vae.to(dtype=dtype)
