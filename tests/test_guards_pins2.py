@@ -128,3 +128,12 @@ def test_every_file_a_new_run_would_replace_is_named_at_once(tmp_path):
                  "samples/step_0000003.png"):  # all of them moved away: the run starts
         (out / name).unlink()
     assert check_run_dir(out, resuming=False) == out
+    # a log of zoo's own records (a run stopped before its first checkpoint) beside a grid zoo did not write:
+    # the log said 'may start again' and the grid was replaced without a word
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (out / "loss.png").write_bytes(b"its plot")
+    Image.new("RGB", (4, 4)).save(out / "samples" / "step_0000002.png")
+    with pytest.raises(UserError, match=r"holds samples/step_0000002.png that zoo train did not write"):
+        check_run_dir(out, resuming=False)
+    (out / "samples" / "step_0000002.png").unlink()
+    assert check_run_dir(out, resuming=False) == out

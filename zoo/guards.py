@@ -146,18 +146,17 @@ def files_not_from_zoo_train(directory: Path) -> list[str]:
     import json
 
     log, plot = directory / "log.jsonl", directory / "loss.png"
-    found = []
+    found, zoo_log = [], False
     if log.is_file():
         try:
             lines = log.read_text(encoding="utf-8").splitlines()
             records = [json.loads(line) for line in lines if line.strip()]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             records = [None]
-        if all(isinstance(r, dict) and isinstance(r.get("step"), int)
-               and any(k in r for k in ("loss", "fd", "val_loss")) for r in records):
-            return []
-        found.append("log.jsonl")
-    found += ["loss.png"] if plot.exists() else []
+        zoo_log = all(isinstance(r, dict) and isinstance(r.get("step"), int)
+                      and any(k in r for k in ("loss", "fd", "val_loss")) for r in records)
+        found += [] if zoo_log else ["log.jsonl"]
+    found += ["loss.png"] if plot.exists() and not zoo_log else []  # (a zoo log's plot is its own)
     found += [f"samples/{p.name}" for p in sorted((directory / "samples").glob("step_*.png")) if not a_zoo_png(p)]
     reference = directory / "eval" / "fd_reference.npz"
     return found + (["eval/fd_reference.npz"] if reference.exists() and not _a_zoo_reference(reference) else [])
