@@ -239,7 +239,7 @@ CASES = [
     ("train-resume-no-state", f"train {TRAIN} --out {{tmp}}/out --resume {{tmp}}/ckpt {FAST}", "ckpt_no_state", 2,
      "trainer_state.pt is missing"),
     ("train-resume-another-model", f"train {TRAIN} --out {{tmp}}/out --resume {{tmp}}/ckpt --set model.depth=3 {FAST}",
-     "ckpt", 2, "model.depth differs from the checkpoint's"),
+     "ckpt", 2, "model.depth (2 there, 3 now) differs from the checkpoint's and changes the shapes of its weights"),
     ("train-nan-lr", f"train {TRAIN} --out {{tmp}}/out --set train.lr=.nan {FAST}", "-", 2, "train.lr"),
     ("train-zero-batch", f"train {TRAIN} --out {{tmp}}/out --set train.batch_size=0", "-", 2, "train.batch_size"),
     # -- train: data
