@@ -542,3 +542,29 @@ def test_weights_of_an_earlier_construction_name_the_change(tmp_path, change):
         ckpt.load_checkpoint(out)
     expected = {"shared_gate": "td_layernorm_paper shares one gate", "mlp_width": "int(width x mlp_ratio)"}[change]
     assert expected in err.value.suggestion and "load them with a zoo from before then" in err.value.suggestion
+
+
+def test_weights_on_meta_gives_the_tied_names_too(tmp_path):
+    """A tied tensor is written once with its other names in the 'aliases' metadata: the header-only read
+    gives every name of the state dict (a fit check on it would call the tied names missing otherwise)."""
+    module = Tied()
+    ckpt.save_weights(tmp_path / "w.safetensors", module.state_dict())
+    meta = ckpt.weights_on_meta(tmp_path / "w.safetensors")
+    assert set(meta) == set(module.state_dict())
+    assert all(t.device.type == "meta" and t.shape == module.state_dict()[k].shape for k, t in meta.items())
+
+
+def test_weights_on_meta_of_broken_aliases_metadata_is_none(tmp_path):
+    """An 'aliases' metadata that is not JSON makes the file unreadable here (None, for load_weights to
+    say why), not an exception out of the header read."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"), metadata={"aliases": "[", "format": "pt"})
+    assert ckpt.weights_on_meta(tmp_path / "w.safetensors") is None
+
+
+def test_key_mismatch_lists_three_keys_in_full():
+    """Up to three keys are all named; the '... (N in all)' tail starts past three."""
+    t = torch.zeros(1)
+    assert ckpt.key_mismatch({"a": t, "b": t, "c": t}, {}) == "missing keys: a, b, c"
+    assert ckpt.key_mismatch({"a": t, "b": t, "c": t, "d": t}, {}) == "missing keys: a, b, c, ... (4 in all)"

@@ -342,3 +342,11 @@ def test_a_clashing_name_is_counted_once_and_described_with_every_source(tmp_pat
         assert main(["list", "block", "mlp"]) == 2
         err = capsys.readouterr().err
         assert "zoo-diffusion (zoo.blocks.mlp:Mlp)" in err and "zoo-dup-plugin (zoo_fake_plugin:ScaleBlock)" in err
+
+
+def test_some_of_names_three_in_full_and_counts_the_rest():
+    """some_of shows up to three names whole; only past three does it say how many more there are."""
+    from zoo.errors import some_of
+
+    assert some_of(["a", "b", "c"]) == "a, b, c"
+    assert some_of(list("abcd")) == "a, b, c and 1 more"
