@@ -155,3 +155,30 @@ def test_a_dit_with_fewer_classes_than_its_data_is_told_so_and_both_fixes_build(
            "diffusion.null_label: 2))" in err
     for fix in ([f"model.num_classes={data}", f"diffusion.null_label={data}"], ["data.num_classes=2", "diffusion.null_label=2"]):
         assert main(["build", recipe, *given, *[a for kv in fix for a in ("--set", kv)]]) == 0, capsys.readouterr().err
+
+
+def test_a_dit_without_a_null_row_and_fewer_classes_than_emoji32_is_told_the_count_to_give():
+    """A DiT with class_dropout_prob 0 and model.num_classes 8 (8 label rows, all classes) on emoji32's 9
+    classes: the DiT fix names the class count to build it with, 9, not its own 8 (which would still
+    leave a class without a row)."""
+    recipe = zoo.load_recipe(EMOJI / "dit.yaml", ["model.class_dropout_prob=0", "model.num_classes=8"])
+    with torch.device("meta"):
+        model = zoo.build_model(recipe)
+    assert model.num_labels == 8
+    with pytest.raises(UserError) as err:
+        check_null_label(model, 8, {"dataset": "emoji32", "num_classes": 9})
+    assert "DiT: model.class_dropout_prob > 0 adds one with model.num_classes 9;" in err.value.suggestion
+    assert "U-ViT and DiMR: model.num_classes 10)" in err.value.suggestion
+
+
+class _Rows(torch.nn.Module):
+    num_labels = 10
+
+
+def test_a_dataset_with_exactly_one_class_fewer_than_the_rows_is_offered_the_moved_null_label():
+    """emoji32 has 9 class names; with 10 label rows, all classes by data.num_classes 10, its 9 classes fit
+    below row 9, so making class 9 the null label is a fix (offered last); one class more would not fit."""
+    with pytest.raises(UserError) as err:
+        check_null_label(_Rows(), 10, {"dataset": "emoji32", "num_classes": 10})
+    assert err.value.suggestion.endswith("; --set diffusion.null_label=9 --set data.num_classes=9 would make class 9 "
+                                         "the null label")
