@@ -122,3 +122,16 @@ def test_resume_with_dits_default_norm_spelled_out(tmp_path, capsys):
     assert main([*args, "--resume", str(tmp_path), "--set", "train.steps=4", "--set", "model.mlp=mlp"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.mlp differs from the checkpoint's" in err
+
+
+def test_a_misfit_names_only_the_model_changes_not_a_diffusion_change_beside_them():
+    """Weights that no longer fit are a model change's doing: the refusal and its fix name model.depth,
+    not a diffusion change made beside it (which keeps the weights' shapes)."""
+    then = {"model": {"type": "dit", "depth": 2}, "diffusion": {**DIFFUSION, "prediction": "eps"}}
+    now = {"model": {"type": "dit", "depth": 3}, "diffusion": {**DIFFUSION, "prediction": "v"}}
+    with pytest.raises(UserError) as err:
+        check_resume_recipe(then, now, Path("ckpt"), misfit="unexpected keys: blocks.2.attn.qkv.weight")
+    assert "model.depth (2 there, 3 now) differs" in err.value.message
+    assert err.value.key_path == "model.depth"
+    assert "diffusion" not in err.value.message and "diffusion" not in err.value.suggestion
+    assert "(model.depth: 2)" in err.value.suggestion
