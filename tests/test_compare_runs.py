@@ -457,6 +457,21 @@ def _folder(path: Path, colour: tuple[int, int, int]) -> Path:
     return path
 
 
+def test_the_statistics_key_of_a_dataset_a_recipe_trains_on_is_of_the_recipes_data(tmp_path):
+    """A dataset the recipe trains on is keyed by the recipe's own data: image_folder over two roots (alike
+    images) are two references, and synthetic images drawn from 8 or 16 of them are two more."""
+    from zoo.eval.reference import statistics_key
+
+    extractor = {"name": "e", "weights_sha256": "f00"}
+    keys = [statistics_key("image_folder", 8, extractor, zoo.load_recipe(
+        RECIPE, ["data.dataset=image_folder", f"data.root={_folder(tmp_path / name, (200, 0, 0))}",
+                 "data.num_classes=2"])) for name in ("A", "B")]
+    assert keys[0] != keys[1]
+    synthetic = [statistics_key("synthetic", 8, extractor, zoo.load_recipe(RECIPE, [f"data.size={size}"]))
+                 for size in (8, 16)]
+    assert synthetic[0] != synthetic[1]
+
+
 def test_an_eval_every_fd_and_a_zoo_eval_fd_of_one_reference_are_measured_alike(tmp_path, capsys, monkeypatch):
     """zoo compare said a run's train.eval_every FD and zoo eval's of a step were 'measured differently' though
     both were n=8 test_pool4 FDs of the EMA weights against one folder by one sampler: the two writers keyed

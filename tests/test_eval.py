@@ -869,6 +869,17 @@ def test_the_default_reference_names_the_held_out_split():
         _default_ref({"data": {"latent": True}})  # synthetic latents are no images
 
 
+def test_a_latents_dataset_reference_of_the_runs_own_data_is_refused_as_latents(tmp_path):
+    """--ref latents of a run trained on prepared latents: its items are latents (the dataset says so, no
+    data.latent needed), which no decoded sample could be compared with; refused naming that."""
+    from zoo.errors import UserError
+    from zoo.eval.reference import _images_source
+
+    recipe = {"model": {"type": "dit"}, "data": {"dataset": "latents", "root": str(tmp_path)}}
+    with pytest.raises(UserError, match="this model's latents training data are latents, not images"):
+        _images_source("latents", 32, recipe)
+
+
 def test_a_dataset_reference_the_run_trains_on_is_its_own_data_and_others_say_what_to_pass():
     """--ref synthetic was built from defaults (64 images, all label 0) whatever the run trained on,
     and --ref image_folder asked for --set data.root, which zoo eval does not take."""
