@@ -89,3 +89,14 @@ def test_prepare_latents_workers_default_to_the_cpus_this_process_may_use(monkey
     prepare_latents.register(parser.add_subparsers())
     args = parser.parse_args(["prepare-latents", "imgs", "--vae", "v", "--out", "o"])
     assert args.workers == 1
+
+
+def test_zoo_eval_takes_n_up_to_max_count_inclusive(tmp_path, capsys):
+    """--n 100,000,000 (sample.num_samples' own bound) passes the bound, to fail here only on the missing
+    checkpoint; one more is refused by the bound."""
+    missing = str(tmp_path / "none")
+    assert main(["eval", missing, "--n", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "--n must be" not in err and missing in err
+    assert main(["eval", missing, "--n", "100000001"]) == 2
+    assert "--n must be at least 2 and at most 100,000,000 (as sample.num_samples), got 100000001" in capsys.readouterr().err
