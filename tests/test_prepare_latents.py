@@ -315,6 +315,14 @@ def test_an_image_size_the_latents_were_not_made_at_is_told_the_model_size_too(t
             "with data.image_size 128)") in capsys.readouterr().err
 
 
+def test_an_image_size_other_than_the_latents_resolution_for_a_model_of_their_size_is_told_only_that(lat64):
+    """Latents made at 64 (8x8), a model of 8x8 latents and data.image_size 128: data.image_size 64 is the
+    whole fix; preparing latents again at --resolution 64 (the ones already there) is not offered."""
+    with pytest.raises(UserError, match="data.image_size is 128") as err:
+        build_dataset({"dataset": "latents", "root": str(lat64), "image_size": 128}, (4, 8, 8), 2)
+    assert err.value.suggestion == "set data.image_size to 64"
+
+
 def test_a_pixel_recipe_on_latents_is_told_the_channels_then_the_sizes(tmp_path, lat64, capsys):
     """emoji32's DiT (3x32x32 pixels) on 4x8x8 latents was told 'prepare latents with --resolution 32'
     (4x4 latents for this VAE, still 4 channels): the channels are named first, then both sizes."""
