@@ -77,3 +77,15 @@ def test_a_resume_onto_another_dataset_does_not_take_the_old_data_root(tmp_path)
                      "(data.root /old/img); the run goes on with 'synthetic', its images and labels",
                      "zoo train: note: train.eval_ref is the checkpoint's, /refs/r.npz (--set train.eval_ref=... "
                      "to read another)"]
+
+
+@pytest.mark.parametrize("then, now", [({"size": 8}, {"dataset": "synthetic", "size": 8}),
+                                       ({"dataset": "synthetic", "size": 8}, {"size": 8})],
+                         ids=["checkpoint-default", "recipe-default"])
+def test_a_dataset_left_to_its_default_on_one_side_is_the_same_dataset(tmp_path, then, now):
+    """A data section naming no dataset trains on the default, synthetic: a checkpoint that left it out,
+    resumed by a recipe that spells it (or the reverse), is the same data, not refused as another."""
+    save_checkpoint(tmp_path / "ck", {"w": torch.zeros(1)}, {"model": {"type": "dit"}, "data": then})
+    recipe = {"model": {"type": "dit"}, "data": dict(now)}
+    assert _paths_of_the_resumed_run(recipe, str(tmp_path / "ck")) == []
+    assert recipe == {"model": {"type": "dit"}, "data": now}
