@@ -496,6 +496,27 @@ def test_an_eval_every_fd_and_a_zoo_eval_fd_of_one_reference_are_measured_alike(
     assert "the FDs were measured differently" in err
 
 
+def test_an_image_folder_dataset_reference_is_keyed_by_the_runs_own_folder_in_the_log_and_in_zoo_eval(tmp_path, capsys):
+    """train.eval_ref image_folder and zoo eval --ref image_folder are the run's own data.root: the log's
+    fd_statistics and the result's reference.statistics are one key, that folder's, not another one's."""
+    from zoo.eval.extractors import build_extractor
+    from zoo.eval.reference import statistics_key
+
+    data = ["data.dataset=image_folder", f"data.root={_folder(tmp_path / 'a', (200, 0, 0))}", "data.num_classes=2"]
+    recipe = zoo.load_recipe(RECIPE, SETTINGS + data + ["train.val_every=0", "train.batch_size=4",
+                                                    "train.eval_ref=image_folder"])
+    run = tmp_path / "run"
+    train(recipe, run, steps=5, log=lambda *_: None)
+    logged = {r["fd_statistics"] for r in _records(run) if "fd" in r}
+    assert main(["eval", str(run), "--n", "8", "--ref", "image_folder", "--extractor", "test_pool4"]) == 0
+    capsys.readouterr()
+    (result,) = [json.loads(p.read_text()) for p in (run / "eval").glob("last-*.json")]
+    assert logged == {result["reference"]["statistics"]}
+    other = zoo.load_recipe(RECIPE, data[:1] + [f"data.root={_folder(tmp_path / 'b', (200, 0, 0))}"] + data[2:])
+    assert result["reference"]["statistics"] != statistics_key("image_folder", 8, build_extractor("test_pool4").describe(),
+                                                               other)
+
+
 def test_older_records_and_results_without_the_statistics_key_keep_their_keys(tmp_path, capsys):
     """A log or result written before the statistics key: today's keys, the two FDs not comparable."""
     ref = _folder(tmp_path / "ref", (200, 0, 0))
