@@ -270,7 +270,7 @@ def test_unguided_sampling_checks_memory_for_one_pass_not_a_doubled_batch(monkey
 
     recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_pixels.yaml")
     model, seen = zoo.build_model(recipe), []
-    monkeypatch.setattr(sample, "require_sampling_memory", lambda *a, guided: seen.append(guided))
+    monkeypatch.setattr(sample, "require_sampling_memory", lambda *a, guided, **_: seen.append(guided))
     for cfg in (1.0, 1.5):
         sample.sample_latents(model, recipe, sample.SampleRequest(n=2, steps=2, cfg=cfg))
     assert seen == [False, True]
