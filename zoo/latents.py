@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from zoo.errors import UserError, some_of
-from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.jsonfile import read_json_object
+from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.training.crop import IMAGE_DECODING
 
 FORMAT = "zoo-latent-moments"

@@ -30,8 +30,8 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from zoo.errors import UserError
-from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.meta import NotOnMeta, example_inputs, meta_forward, without_dynamo
+from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.training.sections import data_setting
 
 GRAD_BYTES_PER_PARAM = 4  # an fp32 gradient, there during a step only (zero_grad(set_to_none=True))

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from zoo.diffusion.setup import (GuidanceSettings, build_schedule, check_guidance_channels, guidance_settings,
                                  guided_eps_fn, require_null_label)
 from zoo.errors import UserError
-from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.memory import require_sampling_memory, require_weights_memory
 from zoo.meta import example_inputs
 from zoo.modes import evaluating
+from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.precision import PRECISIONS, inference_precision
 from zoo.recipe import override_key
 

@@ -33,9 +33,9 @@ from zoo.atomic import is_sealed, sealed_at
 from zoo.checkpoint import CONFIG, STEP_NAME, check_replaceable, newest_step, repair_run, save_checkpoint
 from zoo.diffusion.setup import GuidanceSettings
 from zoo.errors import UserError, one_of
-from zoo.options import TRAIN_OPTIONS
 from zoo.memory import require_training_memory
 from zoo.meta import example_inputs
+from zoo.options import TRAIN_OPTIONS
 from zoo.precision import autocast_dtype, set_tf32
 from zoo.sample import check_sample_section, num_classes, vae_weights
 from zoo.training import distributed
