@@ -69,7 +69,7 @@ def build_model(recipe: str | Path | dict | Recipe,
 def from_checkpoint(path: str | Path, *, use_ema: bool = True,
                     device: "str | torch.device" = "cpu") -> "tuple[nn.Module, dict[str, Any]]":
     """The model of a zoo checkpoint directory and its resolved recipe: ``model, recipe =
-    zoo.from_checkpoint("runs/demo")`` (a run directory stands for its newest checkpoint ``last/``).
+    zoo.from_checkpoint("runs/demo")`` (a run directory stands for its newest checkpoint: ``last/``, or a ``step_*/`` saved after it).
 
     EMA weights when the checkpoint has them and ``use_ema`` (as ``zoo sample`` loads them), loaded
     strictly into the model its ``config.json`` describes; returned in eval mode (``.train()`` to go

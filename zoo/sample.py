@@ -66,10 +66,11 @@ def recipe_seed(recipe: Mapping[str, Any], seed: int | None) -> int:
     return seed if seed is not None else int((recipe.get("sample") or {}).get("seed") or 0)
 
 
-def check_seed(seed: int, what: str = "--seed") -> None:
-    """Refuse a seed outside [0, 2^56): seed + 2^56 (or a negative one) drew the images of another seed."""
+def check_seed(seed: int, what: str = "--seed", draws: str = "the images") -> None:
+    """Refuse a seed outside [0, 2^56): seed + 2^56 (or a negative one) drew the images of another seed.
+    ``draws``: what the seed draws, for the message."""
     if not 0 <= seed < SEEDS:
-        raise UserError(f"{what} {seed} is outside 0..{SEEDS - 1} (a seed outside draws the images of one inside)",
+        raise UserError(f"{what} {seed} is outside 0..{SEEDS - 1} (a seed outside draws {draws} of one inside)",
                         suggestion="give a seed in that range")
 
 

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="sample a checkpoint and report FD, Inception Score, precision/recall, per-class FD",
         description="Sample N images (EMA weights, the recipe's sample section; per-sample seeds; resumable shards "
         "in RUN/eval/) and score them against reference statistics with a registered feature extractor.")
-    p.add_argument("source", metavar="RUN_OR_CKPT", help="run directory (its newest checkpoint, last/) or checkpoint directory")
+    p.add_argument("source", metavar="RUN_OR_CKPT",
+                   help="run directory (its newest checkpoint: last/, or a step_*/ saved after it) or checkpoint directory")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
                    help="number of samples (default: the recipe's sample.num_samples, 50000 in the paper recipes); "
                         "under torchrun write --num-samples (torchrun's own parser takes --n for its --nnodes)")

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("format", choices=FORMATS, help="target layout")
     p.add_argument("checkpoint", type=user_path, metavar="SOURCE",
                    help="diffusers: a zoo checkpoint directory (config.json + model.safetensors) or a zoo train run "
-                   "directory (its newest checkpoint, RUN/last/); npz: a samples-* directory of zoo eval, or the "
+                   "directory (its newest checkpoint: RUN/last/, or a step_*/ saved after it); npz: a samples-* directory of zoo eval, or the "
                    "run or eval directory holding exactly one")
     p.add_argument("--out", required=True, type=user_path,
                    help="diffusers: directory to write (a new path, or an empty directory); npz: the .npz file")

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", metavar="CKPT_OR_RECIPE",
                    help="checkpoint directory (config.json + model/ema.safetensors), a zoo train run directory "
-                   "(its newest checkpoint, last/) or a recipe (random weights)")
+                   "(its newest checkpoint: last/, or a step_*/ saved after it) or a recipe (random weights)")
     p.add_argument("--n", type=int, default=None,
                    help="number of images (default: one per label when --class lists several, else 16)")
     p.add_argument("--solver", default=None, help="solver name (default: the recipe's sample.solver)")

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from zoo.sample import check_seed
 
     _check_bounds(args)
-    check_seed(args.seed)
+    check_seed(args.seed, draws="the init, batches and split")
     if len(args.dims) != len(args.depths):
         raise UserError(f"--dims {args.dims} and --depths {args.depths} need the same number of entries")
     device = str(resolve_device(args.device))
