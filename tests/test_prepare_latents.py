@@ -909,6 +909,27 @@ def test_out_or_image_dir_of_the_wrong_kind_is_one_line(tmp_path, vae_dir, image
     assert f"image folder {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 
 
+def test_an_out_holding_other_files_is_refused_and_an_empty_or_earlier_one_is_not(tmp_path, vae_dir, image_dir,
+                                                                                   capsys):
+    """A user's folder or a zoo train run as --out took the shards beside its files (convert and export refuse
+    such a directory); an empty one, or an earlier output resumed, is written."""
+    base = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--resolution", str(RES), "--workers", "0"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("notes.txt", "a.safetensors", "b", "c"):
+        (mine / name).write_text("precious")
+    assert main(base + ["--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine} holds files that are not a zoo prepare-latents output (a.safetensors, b, c and 1 more)" \
+        in err and "give a new or empty directory" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["a.safetensors", "b", "c", "notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert main(base + ["--out", str(tmp_path / "empty")]) == 0
+    (tmp_path / "empty" / "shard_00000.safetensors").unlink()  # an earlier output, resumed
+    assert main(base + ["--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "shard_00000.safetensors").is_file()
+
+
 @pytest.mark.parametrize("mistake", ["folder", "gpus"])
 def test_under_torchrun_a_setup_mistake_is_reported_by_rank_0_only(tmp_path, vae_dir, capsys, monkeypatch, mistake):
     """Every rank lists the same folder, or sees the same too few GPUs: N identical lines said nothing

@@ -188,6 +188,12 @@ def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` is one of a save's temporary names (``.NAME.tmp-X``, ``.NAME.del-X``, ``DIR.tmp-X``,
+    ``DIR.old-X``): zoo's own, for a check of which files in a directory a user put there."""
+    return bool(_FILE_LEFTOVER.match(name) or _LEFTOVER.match(name))
+
+
 def file_leftovers(directory: str | Path) -> dict[str, list[Path]]:
     """The ``.NAME.tmp-XXXXXXXX`` files killed :func:`write_file` calls left in ``directory``, by NAME."""
     found: dict[str, list[Path]] = {}

@@ -552,6 +552,7 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file", suggestion="give a directory for the shards (new or an earlier --out)")
     _check_outside(root, out)
+    _check_ours(out)
     images = ImageFolder(root, resolution)
     if len(images) == 0:
         if not images.classes:
@@ -575,6 +576,21 @@ def _plan(root: Path, vae_dir: str | Path, out: Path, resolution: int, shard_siz
     planned = (out / PLAN).is_file()  # a plan there that check_or_write_plan accepts has these settings
     changed = check_or_write_plan(out, plan, lines)
     return images, vae, plan, lines, changed, planned
+
+
+def _check_ours(out: Path) -> None:
+    """Refuse an existing ``out`` that holds files other than a zoo prepare-latents output's (a user's folder,
+    a zoo train run): the shards went in beside them, and a later data.root there reads only the shards."""
+    from zoo.atomic import is_leftover
+
+    if not out.is_dir() or (out / PLAN).is_file():  # new, or an earlier --out (its plan says which)
+        return
+    ours = {PLAN, MANIFEST, IMAGES, LOCK}
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in ours and not SHARD_NAME.fullmatch(p.name) and not is_leftover(p.name))
+    if foreign:
+        raise UserError(f"--out {out} holds files that are not a zoo prepare-latents output ({some_of(foreign)})",
+                        suggestion="give a new or empty directory for the shards")
 
 
 def _check_outside(root: Path, out: Path) -> None:
