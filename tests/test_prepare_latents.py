@@ -38,6 +38,17 @@ def vae_dir(tmp_path_factory):
     return path
 
 
+def _vae_4x(path: Path) -> Path:
+    """A tiny random AutoencoderKL with 4x downsampling (the fixture's is 2x) saved at ``path``: a VAE that
+    does not fit the fixture's latents."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                  block_out_channels=[4, 4, 4], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=RES).save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     """Two classes, ten images of several shapes (landscape, portrait, large enough to be box-halved)."""
@@ -379,14 +390,9 @@ def test_a_latent_recipe_trains_from_prepared_latents_and_samples_through_its_va
 def test_zoo_trains_vae_advice_names_data_vae_not_the_vae_flag(tmp_path, vae_dir, image_dir, capsys):
     """A data.vae that does not fit the latents (or a folder of several weight files) under zoo train was
     answered '(--set data.vae=DIR, or --vae)' / '(or --vae)': zoo train refuses --vae."""
-    from diffusers import AutoencoderKL
-
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)
-    other = tmp_path / "vae4x"
-    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-                  block_out_channels=[4, 4, 4], layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                  sample_size=RES).save_pretrained(str(other))
+    other = _vae_4x(tmp_path / "vae4x")
     several = tmp_path / "several"
     several.mkdir()
     for name in ("a.pth", "b.pth"):
@@ -1364,16 +1370,11 @@ def test_non_finite_moments_are_refused_naming_the_image_or_the_shard(tmp_path, 
 
 def test_a_vae_of_another_shape_than_the_latents_is_refused_for_decoding(tmp_path, vae_dir, image_dir):
     """Latents of a 2x VAE decoded by an 8x one (or vice versa) gave images of the wrong size, exit 0."""
-    from diffusers import AutoencoderKL
-
     from zoo.sample import vae_weights
 
     out = tmp_path / "lat"
     prepare_latents(image_dir, vae_dir, out, resolution=RES, num_workers=0)
-    other = tmp_path / "vae4x"
-    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-                  block_out_channels=[4, 4, 4], layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                  sample_size=RES).save_pretrained(str(other))
+    other = _vae_4x(tmp_path / "vae4x")
     recipe = {"data": {"latent": True, "root": str(out)}}
     assert vae_weights(recipe, vae_dir).name == "diffusion_pytorch_model.safetensors"
     with pytest.raises(UserError, match=rf"the VAE .* does not fit the latents in {out} \(downsample 4, not 2: "):

@@ -307,6 +307,24 @@ def test_a_stop_said_while_the_bar_is_on_screen_gets_its_own_line(tmp_path, monk
     assert any(line.startswith("zoo train: stopping at step 2 (SIGTERM); saving") for line in lines), err
 
 
+def _sigint_when_the_ema_is_copied(monkeypatch, step: int | None = None) -> list:
+    """Send this process one SIGINT as the trainer first copies its EMA (at ``step``, else at any): as rank 0
+    starts a grid or an evaluation, the moment a stop cuts them short. Returns a list that is non-empty once sent."""
+    import zoo.training.loop as loop
+
+    real, signalled = loop.Trainer.ema_copy, []
+
+    def ema_copy(self):
+        model = real(self)
+        if (step is None or self.step == step) and not signalled:
+            signalled.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return model
+
+    monkeypatch.setattr(loop.Trainer, "ema_copy", ema_copy)
+    return signalled
+
+
 @pytest.mark.parametrize("phase, keys", [
     ("the sample grid", ["train.sample_every=2"]),
     ("the validation loss", ["train.sample_every=0", "train.val_every=2", "train.val_n=64"]),
@@ -317,18 +335,7 @@ def test_a_stop_during_a_grid_or_evaluation_cuts_it_short_saves_that_step_and_th
     SIGTERM gives 30 s before its kill, rank 0 was killed mid-grid and last/ not saved. Cut short, it then
     trained one step more and saved that: the resume started after the cut step, whose grid or validation
     loss was lost for good."""
-    import zoo.training.loop as loop
-
-    real, signalled = loop.Trainer.ema_copy, []
-
-    def ema_copy(self):  # the signal comes as rank 0 starts the grid or evaluation of step 2
-        model = real(self)
-        if self.step == 2 and not signalled:
-            signalled.append(1)
-            os.kill(os.getpid(), signal.SIGINT)
-        return model
-
-    monkeypatch.setattr(loop.Trainer, "ema_copy", ema_copy)
+    _sigint_when_the_ema_is_copied(monkeypatch, step=2)  # as rank 0 starts the grid or evaluation of step 2
     argv = ["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0", "--set", "train.steps=10"]
     assert main(argv + [x for k in keys for x in ("--set", k)]) == 130
     out = capsys.readouterr().out
@@ -348,18 +355,7 @@ def test_a_stop_during_a_grid_or_evaluation_cuts_it_short_saves_that_step_and_th
 def test_a_stop_during_the_last_steps_grid_ends_the_run_as_done(tmp_path, monkeypatch, capsys, terminal_sigint):
     """A stop that cuts the grid of the run's last step short has nothing left to stop: the run ends as a
     finished one (exit 0, 'done'), not as interrupted (exit 130) with a resume to do that trains nothing."""
-    import zoo.training.loop as loop
-
-    real, signalled = loop.Trainer.ema_copy, []
-
-    def ema_copy(self):  # the signal comes as rank 0 starts the grid of step 2, the last
-        model = real(self)
-        if self.step == 2 and not signalled:
-            signalled.append(1)
-            os.kill(os.getpid(), signal.SIGINT)
-        return model
-
-    monkeypatch.setattr(loop.Trainer, "ema_copy", ema_copy)
+    signalled = _sigint_when_the_ema_is_copied(monkeypatch, step=2)  # as rank 0 starts step 2's grid, the last
     assert main(["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=0", "--set", "train.steps=2",
                  "--set", "train.sample_every=2", "--set", "train.sample_n=4"]) == 0
     captured = capsys.readouterr()
@@ -974,22 +970,11 @@ def test_a_stop_that_cuts_the_resumes_catch_up_short_stops_at_that_step_again(tm
                                                                               terminal_sigint):
     """The grid a resume draws for its step (lost to a kill), cut short by a Ctrl-C: the run trained a step
     further before stopping, and the grid was lost for good."""
-    import zoo.training.loop as loop
-
     argv = ["train", str(RECIPE), "--out", str(tmp_path), "--set", "train.ckpt_every=2", "--set", "train.steps=6",
             "--set", "train.sample_every=2", "--set", "train.sample_n=4"]
     assert main(argv + ["--steps", "2"]) == 0
     (tmp_path / "samples" / "step_0000002.png").unlink()  # as a kill after step 2's save leaves it
-    real, signalled = loop.Trainer.ema_copy, []
-
-    def ema_copy(self):  # the Ctrl-C comes as the resume starts step 2's grid
-        model = real(self)
-        if not signalled:
-            signalled.append(1)
-            os.kill(os.getpid(), signal.SIGINT)
-        return model
-
-    monkeypatch.setattr(loop.Trainer, "ema_copy", ema_copy)
+    _sigint_when_the_ema_is_copied(monkeypatch)  # the Ctrl-C comes as the resume starts step 2's grid
     capsys.readouterr()
     assert main(argv + ["--resume", str(tmp_path)]) == 130
     assert "the sample grid of step 2 was cut short by SIGINT; the run stops now" in capsys.readouterr().out
