@@ -498,11 +498,7 @@ class Trainer(Resuming):
         """Whether a stop cut this step's grid or evaluation short, every rank agreeing (rank 0 alone draws
         them, so it says): the run then stops at this step. Trained one step further, the resume would start
         after it and never do what the stop dropped. (At the last step the run ends here anyway.)"""
-        cut, self.cut = self.cut, False
-        if self.ctx.distributed:
-            box = [cut]
-            torch.distributed.broadcast_object_list(box, src=0)
-            cut = box[0]
+        cut, self.cut = self.ctx.broadcast(self.cut), False
         return cut and self.step < self.total
 
     def _catch_up_on_the_resumed_step(self, monitor) -> None:
@@ -524,10 +520,7 @@ class Trainer(Resuming):
                 return period > 0 and (self.step % period == 0 or final) and (self._every(key) or final)
 
             missing = [key for key, was_done in done.items() if due(key) and not was_done]
-        if self.ctx.distributed:  # every rank takes part (ema_copy gathers FSDP shards): rank 0's word for it
-            box = [missing]
-            torch.distributed.broadcast_object_list(box, src=0)
-            missing = box[0]
+        missing = self.ctx.broadcast(missing)  # every rank takes part (ema_copy gathers FSDP shards): rank 0's word
         if not missing:
             return
         what = {"sample_every": "sample grid", "eval_every": "FD", "val_every": "validation loss"}
