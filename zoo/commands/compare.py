@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a run's step, loss, val loss and FD",
         description="One row per recipe. Timing runs every recipe in this process, round-robin, so ratios hold on "
         "a busy machine; --no-time keeps to parameters and GFLOPs (meta device, nothing allocated). A zoo train "
-        "run directory (its newest checkpoint: last/, or a step_*/ saved after it) or a checkpoint directory is compared as its recipe, with what the run "
-        "recorded: its step, the loss over its last 10% of steps, the val_loss and FD at that step.")
+        "run directory (its newest checkpoint: last/, or a step_*/ saved after it) or a checkpoint directory is "
+        "compared as its recipe, with what the run recorded: its step, the loss over its last 10% of steps, the "
+        "val_loss and FD at that step.")
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files, shipped recipe names, zoo train run "
                    "directories or checkpoint directories")
     add_overrides_option(p)

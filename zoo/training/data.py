@@ -314,7 +314,7 @@ def data_line(data: Mapping[str, Any], count: int, shape: tuple[int, ...]) -> st
     """What a run trains on, for its first lines: ``"emoji32:train, 3,421 images of 3x32x32"``. A recipe
     that names no dataset trains on synthetic images: said there, as that is rarely what was meant."""
     kind, latent = data_setting(data, "dataset"), gives_latents(data)
-    line = (f"{kind}:{data.get('split') or 'train'}, {count:,} {'latents' if latent else 'images'} of "
+    line = (f"{kind}:{data_setting(data, 'split')}, {count:,} {'latents' if latent else 'images'} of "
             f"{'x'.join(map(str, shape))}")
     if "dataset" not in data:
         line += (" (the recipe sets no data.dataset: synthetic class-coloured images; set data.dataset and "
