@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F

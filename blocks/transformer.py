@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import Tensor, nn
 
 from zoo.conditioning.base import Conditioning, add_gated, norm_and_gate

@@ -9,7 +9,6 @@ import contextlib
 from pathlib import Path
 
 import pytest
-import torch
 
 import zoo.compare as compare
 

@@ -162,7 +162,7 @@ def test_a_cache_file_of_the_wrong_contents_is_rebuilt(emoji_cache, tmp_path, mo
 @pytest.mark.parametrize("name, size_key", [("dimr_2r", "input_size"), ("dit", "input_size"), ("uvit", "img_size")])
 def test_the_readme_64px_settings_build_each_demo_model(name, size_key):
     readme = (ROOT / "README.md").read_text()
-    assert f"--set data.image_size=64 --set model.input_size=64" in readme and "`model.img_size`" in readme
+    assert "--set data.image_size=64 --set model.input_size=64" in readme and "`model.img_size`" in readme
     recipe = zoo.load_recipe(f"emoji32/{name}", ["data.image_size=64", f"model.{size_key}=64"])
     with torch.device("meta"):
         assert tuple(zoo.build_model(recipe).example_inputs(1)[0].shape) == (1, 3, 64, 64)

@@ -419,7 +419,7 @@ def test_an_unreadable_reference_is_one_line_and_a_damaged_cache_is_recomputed(t
 @pytest.mark.slow
 def test_a_latent_models_vae_is_loaded_once_and_is_part_of_the_protocol(tmp_path, monkeypatch):
     """One VAE load for all batches; another VAE (or scale) samples into another folder, not onto the cache."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     import zoo.vae
     from zoo.eval.runner import EvalRequest, evaluate

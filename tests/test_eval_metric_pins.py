@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import zoo
 from zoo.eval.metrics import Features, Reference, compute_metrics, inception_score, precision_recall

@@ -3,7 +3,6 @@
 import zipfile
 
 import numpy as np
-import pytest
 
 from zoo.cli import main
 from zoo.eval.adm_npz import export_adm_npz

@@ -1034,7 +1034,6 @@ def test_ctrl_c_with_workers_is_one_line_and_the_rerun_finishes(tmp_path, vae_di
     on to exit 0. Workers now ignore it and are forked once. Images past the first shard are read
     slowly here, so the signal comes while a later shard is being read. SIGTERM (SLURM, torchrun)
     ended the process with no word, and its workers outlived it."""
-    import signal
     import subprocess
     import sys
     import time

@@ -569,7 +569,7 @@ def test_a_worker_error_ends_the_workers_at_once():
 LOST_STOP = """
 from torch.utils.data import DataLoader, TensorDataset
 import torch
-from zoo.training.data import ended_at_exit, workers_ignore_stop_signals
+from zoo.training.data_workers import ended_at_exit, workers_ignore_stop_signals
 loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2, num_workers=1, persistent_workers=True,
                     worker_init_fn=workers_ignore_stop_signals)
 it = ended_at_exit(iter(loader))
@@ -583,7 +583,7 @@ print("worker alive:", it._workers[0].is_alive(), flush=True)
 SHARER_CUT = """
 import sys, threading
 sys.path.insert(0, sys.argv[1])
-from zoo.training.data import workers_ignore_stop_signals
+from zoo.training.data_workers import workers_ignore_stop_signals
 import resource_sharer  # a file of that name: the frame multiprocessing's fd server raises in
 workers_ignore_stop_signals(0)
 for work in (resource_sharer.serve, resource_sharer.elsewhere):

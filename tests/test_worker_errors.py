@@ -4,7 +4,7 @@ import pytest
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.errors import CarriedUserError, UserError
-from zoo.training.data import one_line_errors
+from zoo.training.data_workers import one_line_errors
 from zoo.training.worker_errors import user_errors_cross_workers
 
 

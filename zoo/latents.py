@@ -211,7 +211,7 @@ def check_or_write_plan(out: Path, plan: dict, lines: list[str]) -> bool:
     existing = out / PLAN
     old = None
     if existing.is_file():
-        old = read_json_object(existing, "prepare-latents plan", suggestion=f"if zoo prepare-latents wrote it, delete "
+        old = read_json_object(existing, "prepare-latents plan", suggestion="if zoo prepare-latents wrote it, delete "
                                "it and run the same command again (the shards of the same images are kept); "
                                "otherwise use a new --out directory")
         if old.get("format") != FORMAT:  # a file of the same name that another tool wrote: not ours to judge
@@ -438,7 +438,7 @@ def _encode(images, vae: nn.Module, device: torch.device, out: Path, todo: list[
     """
     from torch.utils.data import DataLoader
 
-    from zoo.training.data import end_workers, workers_ignore_stop_signals
+    from zoo.training.data_workers import end_workers, workers_ignore_stop_signals
 
     batches, ends = [], {}  # ends: the index of each shard's last batch -> the shard
     for k in todo:
@@ -614,7 +614,8 @@ def _count(n: int, noun: str) -> str:
 
 def _resumable_errors(batches):
     """The batches; an unreadable image's error also says that the shards written so far are kept."""
-    from zoo.training.data import BAD_IMAGE_HINT, one_line_errors
+    from zoo.training.data import BAD_IMAGE_HINT
+    from zoo.training.data_workers import one_line_errors
 
     try:
         yield from one_line_errors(batches)

@@ -148,7 +148,6 @@ def _resumed_run(resume: str | None) -> str | None:
 def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[str]]:
     """The run directory, the recipe, the device and notes for the run's first lines, after the checks
     that need no process group."""
-    import zoo
     from zoo.api import load_model_recipe
     from zoo.errors import UserError
     from zoo.guards import check_run_dir, resolve_device

@@ -27,7 +27,6 @@ import json
 from types import ModuleType
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
 from zoo.errors import UserError

@@ -107,7 +107,7 @@ def explain_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], 
                     f"the recipe builds hidden_size {ours[0]}, depth {ours[1]}, patch_size {ours[2]}",
                     key_path="model",
                     suggestion=f"use --recipe {shipped}" if shipped else
-                    f"use a recipe with those settings (num_heads as the checkpoint was trained)")
+                    "use a recipe with those settings (num_heads as the checkpoint was trained)")
 
 
 def _shipped_dit(width: int, depth: int, patch: int, size: int) -> str | None:
