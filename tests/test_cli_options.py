@@ -11,7 +11,8 @@ import torch
 from zoo.cli import main
 from zoo.errors import UserError
 from zoo.eval.reference import save_npz
-from zoo.sample import SEEDS, SampleRequest, check_seed, initial_noise
+from zoo.sample import SampleRequest
+from zoo.seeds import SEEDS, check_seed, initial_noise
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
 

@@ -3,7 +3,7 @@
 * the lr decay goes from ``lr`` down to ``train.min_lr`` (``floor + (lr - floor) * shape``), not
   ``floor + lr * shape``: checked against hand-computed linear and cosine values;
 * the sampler's per-sample streams (x_T 0, labels 1, solver noise 2) are distinct generators, and
-  the labels come from ``sample_seed(seed, i, 1)`` as documented in :mod:`zoo.sample`;
+  the labels come from ``sample_seed(seed, i, 1)`` as documented in :mod:`zoo.seeds`;
 * the training streams (sampler 0-2, ``TRAIN_STREAM``, ``DATA_STREAM``, ``VAL_STREAM`` and the two
   after it) are pairwise distinct, and a keyed latent dataset's eps for global sample ``g`` is not
   the training draw's noise for the same ``g`` (the two would be one random vector, used twice);
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.sample import initial_noise, sample_labels, sample_seed, solver_generators
+from zoo.seeds import initial_noise, sample_labels, sample_seed, solver_generators
 from zoo.training.data import DATA_STREAM, EpochSampler
 from zoo.training.draws import TRAIN_STREAM
 from zoo.training.optim import learning_rate

@@ -17,7 +17,8 @@ from zoo.checkpoint import save_checkpoint  # noqa: E402
 from zoo.cli import main  # noqa: E402
 from zoo.errors import UserError  # noqa: E402
 from zoo.integrations.diffusers import ZooTransformer2DModel, to_diffusers  # noqa: E402
-from zoo.sample import SampleRequest, sample_latents, sample_seed  # noqa: E402
+from zoo.sample import SampleRequest, sample_latents
+from zoo.seeds import sample_seed
 
 STEPS = 9  # 999 = 9·111: diffusers' "linspace" timesteps 999, 888, ..., 111 are exactly zoo's time-uniform grid
 SOLVER = {"type": "dpm_solver++", "steps": STEPS, "order": 2, "method": "multistep", "skip": "time_uniform"}

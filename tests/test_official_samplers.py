@@ -22,7 +22,8 @@ import zoo
 from official_dpm_solver import SD_BETAS, Discrete, VPLinear, dpm_solver_2022_fast, dpm_solver_pp_fast
 from zoo.convert import get_family
 from zoo.parity import build_official_model
-from zoo.sample import SampleRequest, sample_latents, solver_generators
+from zoo.sample import SampleRequest, sample_latents
+from zoo.seeds import solver_generators
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parent.parent

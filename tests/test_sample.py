@@ -14,7 +14,8 @@ import zoo
 from zoo.checkpoint import save_checkpoint
 from zoo.cli import main
 from zoo.errors import UserError
-from zoo.sample import SampleRequest, initial_noise, load_model, sample_latents, sample_labels, sample_seed
+from zoo.sample import SampleRequest, load_model, sample_latents
+from zoo.seeds import initial_noise, sample_labels, sample_seed
 
 RECIPES = Path(__file__).parent / "recipes"
 PIXELS = RECIPES / "tiny_dit_pixels.yaml"

@@ -15,7 +15,8 @@ import torch
 
 import zoo
 from zoo.errors import UserError
-from zoo.sample import SampleRequest, recipe_seed, sample_latents
+from zoo.sample import SampleRequest, sample_latents
+from zoo.seeds import recipe_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

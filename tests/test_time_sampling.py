@@ -11,7 +11,7 @@ from zoo.diffusion.setup import build_objective
 from zoo.diffusion.time_input import index_to_time, training_times
 from zoo.diffusion.time_sampling import UNIFORM, TimeSampling
 from zoo.errors import UserError
-from zoo.sample import sample_seed
+from zoo.seeds import sample_seed
 from zoo.training.draws import TRAIN_STREAM, draw
 
 N = 1000

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 import zoo
 from zoo.errors import UserError
-from zoo.sample import sample_seed
+from zoo.seeds import sample_seed
 from zoo.training import train
 from zoo.training.data import held_out, synthetic_dataset
 from zoo.training.val_loss import VAL_STREAM, ValLoss, stratified_times

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be at least 2 and at most {MAX_COUNT:,} (as sample.num_samples), got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    from zoo.sample import check_seed
+    from zoo.seeds import check_seed
 
     if args.seed is not None:
         check_seed(args.seed)

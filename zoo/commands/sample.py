@@ -71,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from zoo.diffusion.setup import guidance_settings
-    from zoo.sample import (SampleRequest, build_solver, check_before_weights, check_seed, load_decoder, model_for,
-                            label_names, parse_class_labels, recipe_seed, refuse_non_finite, sample_latents, sample_recipe,
-                            sampling_precision, save_grid, to_images)
+    from zoo.sample import (SampleRequest, build_solver, check_before_weights, label_names, load_decoder, model_for,
+                            parse_class_labels, refuse_non_finite, sample_latents, sample_recipe, sampling_precision,
+                            save_grid, to_images)
+    from zoo.seeds import check_seed, recipe_seed
 
     from zoo.guards import check_png_output, resolve_device, resolve_sample_source
 

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from zoo.errors import UserError
     from zoo.guards import check_outside_checkpoints, resolve_device
     from zoo.memory import out_of_memory_said
-    from zoo.sample import check_seed
+    from zoo.seeds import check_seed
 
     _check_bounds(args)
     check_seed(args.seed, draws="the init, batches and split")

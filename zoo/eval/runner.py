@@ -4,7 +4,7 @@ Samples go to ``RUN/eval/samples-<checkpoint>-<protocol hash>/shard-<start>-<sto
 images N×H×W×3, labels, sample indices), each written atomically after its batch; a second
 run with the same protocol samples only the indices no shard holds yet, and sample i is the
 same image however the work was split (its noise, label and solver noise come from its own
-seeds, ``zoo.sample.sample_seed``). The result, with the full protocol (checkpoint and weights
+seeds, ``zoo.seeds.sample_seed``). The result, with the full protocol (checkpoint and weights
 hash, the recipe's model and diffusion sections, EMA or raw weights, solver with its steps or
 respacing and options, guidance, N, seeds, extractor and its weights hash, reference, zoo version,
 the ``--set`` overrides), goes to
@@ -126,8 +126,8 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     """
     from zoo.diffusion.setup import guided_eps_fn
     from zoo.precision import inference_precision
-    from zoo.sample import (initial_noise, num_classes, refuse_non_finite, sample_labels, solver_generators,
-                            to_images)
+    from zoo.sample import num_classes, refuse_non_finite, to_images
+    from zoo.seeds import initial_noise, sample_labels, solver_generators
 
     x_example = example_inputs(model)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
@@ -266,7 +266,7 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
 def _with_recipe_defaults(request: EvalRequest, recipe: dict, ckpt: Path) -> EvalRequest:
     """``request`` with an unset ``n`` and ``seed`` taken from ``ckpt``'s ``recipe`` (``sample.num_samples``
     and ``sample.seed``, the seed defaulting to 0); no sample count anywhere is a mistake."""
-    from zoo.sample import recipe_seed
+    from zoo.seeds import recipe_seed
 
     n = request.n if request.n is not None else (recipe.get("sample") or {}).get("num_samples")
     if n is None:
@@ -337,6 +337,8 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
         "cfg": ({"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
                  "channels": guidance.channels, "power": guidance.power} if guidance.active else
                 {"scale": None, "convention": "dit", "w": None, "channels": None, "power": None}),
+        # zoo.seeds.sample_seed, under the name every saved protocol records (renaming it would rename
+        # the samples folders of finished and half-done evaluations, so they would be sampled again)
         "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
         # what the weights mean: the same file sampled under another schedule, prediction, time input or
@@ -460,7 +462,8 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
     from zoo.eval.extractors import build_extractor
     from zoo.eval.stats import feature_statistics, frechet_distance
     from zoo.modes import evaluating
-    from zoo.sample import build_solver, load_decoder, recipe_seed, sampling_precision
+    from zoo.sample import build_solver, load_decoder, sampling_precision
+    from zoo.seeds import recipe_seed
 
     seed = recipe_seed(recipe, seed)
     device = device or next(model.parameters()).device

@@ -524,7 +524,7 @@ class EpochSampler(Sampler):
             chosen = order[offset * self.batch_size: self.per_epoch * self.batch_size].view(-1, self.batch_size)
             indices = chosen[:, self.lo:self.hi].reshape(-1).tolist()
             if self.keyed:
-                from zoo.sample import sample_seed
+                from zoo.seeds import sample_seed
 
                 first = (epoch * self.per_epoch + offset) * self.batch_size  # global position of chosen[0, 0]
                 positions = (first + torch.arange(chosen.shape[0])[:, None] * self.batch_size

@@ -1,7 +1,7 @@
 """The random draws of one training sample, a function of (seed, global sample index) only.
 
 Sample ``g`` of the run (``g = step · batch_size + position in the global batch``) gets its own
-generator, seeded like the sampler's per-sample generators (:func:`zoo.sample.sample_seed`)
+generator, seeded like the sampler's per-sample generators (:func:`zoo.seeds.sample_seed`)
 on a stream of its own, and draws from it in a fixed order: its diffusion time, its noise,
 the uniform that decides its label drop and the one that decides its flip. So the losses
 and the weights of a run do not depend on how the global batch is split into processes or
@@ -48,7 +48,7 @@ class Draws:
 def draw(indices: range, seed: int, shape: tuple[int, ...], objective) -> Draws:
     """The draws of the samples with global indices ``indices`` (see the module doc), times from
     ``objective``'s schedule and time sampling (a :class:`~zoo.diffusion.objectives.DiffusionObjective`)."""
-    from zoo.sample import sample_seed
+    from zoo.seeds import sample_seed
 
     sampling, n = objective.time_sampling, len(indices)
     gen = torch.Generator()

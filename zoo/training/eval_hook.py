@@ -221,7 +221,7 @@ class FDHook:
     def __call__(self, ema_model: torch.nn.Module, step: int) -> dict:
         """The FD record at ``step`` of ``ema_model``, a copy of the model holding the EMA weights."""
         from zoo.eval import quick_fd
-        from zoo.sample import recipe_seed
+        from zoo.seeds import recipe_seed
 
         start = time.perf_counter()
         ref = self.prepare()
@@ -247,7 +247,7 @@ def fd_seed_note(run: Path, then: Mapping[str, Any], now: Mapping[str, Any], ste
     the resumed one. An FD record without ``fd_seed`` was drawn from ``train.seed`` (zoo before
     2026-12-07; from then on grids and FDs draw from ``sample.seed``, as ``zoo sample``/``zoo eval``)."""
     from zoo.domains import is_int
-    from zoo.sample import recipe_seed
+    from zoo.seeds import recipe_seed
     from zoo.training.monitor import read_log
 
     fds = [r for r in read_log(run / "log.jsonl") if "fd" in r and r["step"] <= step]

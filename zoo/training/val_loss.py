@@ -56,13 +56,13 @@ class ValLoss:
         self.times = stratified_times(self.n, objective, self.seed)
 
     def _item(self, j: int) -> tuple[Tensor, int]:
-        from zoo.sample import sample_seed
+        from zoo.seeds import sample_seed
 
         i = j % len(self.index)
         return self.base[(self.index[i], sample_seed(self.seed, i, VAL_STREAM + 1)) if self.keyed else self.index[i]]
 
     def _batch(self, js: range) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
-        from zoo.sample import sample_seed
+        from zoo.seeds import sample_seed
 
         items = [self._item(j) for j in js]
         x = torch.stack([x for x, _ in items])
@@ -94,7 +94,7 @@ def stratified_times(n: int, objective, seed: int) -> Tensor:
     Discrete schedule of N steps: stratum k of n holds step ⌊(k + ½)·N/n⌋ (every step once when
     n = N); continuous: the midpoint of [t_min, 1] cut into n parts."""
     from zoo.diffusion.time_input import index_to_time
-    from zoo.sample import sample_seed
+    from zoo.seeds import sample_seed
 
     mid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     if objective.continuous:
