@@ -12,6 +12,7 @@ from torch import nn
 
 from zoo import checkpoint as ckpt
 from zoo.errors import UserError
+from zoo.weights import key_mismatch, load_state_dict_strict, load_weights, save_weights, weights_on_meta
 
 RECIPE = {
     "model": {"type": "dit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32,
@@ -104,9 +105,9 @@ class Tied(nn.Module):
 
 def test_tied_and_non_contiguous_tensors(tmp_path):
     src, dst = Tied(), Tied()
-    ckpt.save_weights(tmp_path / "w.safetensors", src.state_dict())
-    state = ckpt.load_weights(tmp_path / "w.safetensors")
-    ckpt.load_state_dict_strict(dst, state)
+    save_weights(tmp_path / "w.safetensors", src.state_dict())
+    state = load_weights(tmp_path / "w.safetensors")
+    load_state_dict_strict(dst, state)
     assert torch.equal(dst.emb.weight, src.emb.weight) and dst.head.weight is dst.emb.weight
     assert torch.equal(dst.t, src.t) and torch.equal(dst.part, src.part)
 
@@ -117,10 +118,10 @@ def test_the_same_state_saves_to_the_same_bytes(tmp_path):
     state = Tied().state_dict()
     saved = set()
     for i in range(12):
-        ckpt.save_weights(tmp_path / f"w{i}.safetensors", state)
+        save_weights(tmp_path / f"w{i}.safetensors", state)
         saved.add((tmp_path / f"w{i}.safetensors").read_bytes())
     assert len(saved) == 1
-    loaded = ckpt.load_weights(tmp_path / "w0.safetensors")
+    loaded = load_weights(tmp_path / "w0.safetensors")
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     from safetensors import safe_open
 
@@ -199,7 +200,7 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="no trainer state"):
         ckpt.load_trainer_state(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
-        ckpt.load_weights(tmp_path / "model.safetensors")
+        load_weights(tmp_path / "model.safetensors")
 
 
 # ----------------------------------------------------------------------------- crash safety
@@ -335,7 +336,7 @@ def test_incomplete_or_corrupt_checkpoint_files_are_named(tmp_path):
         ckpt.load_checkpoint(tmp_path / "c")
     (tmp_path / "w.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(UserError, match=r"cannot read weights file .*w.safetensors: not a complete safetensors file"):
-        ckpt.load_weights(tmp_path / "w.safetensors")
+        load_weights(tmp_path / "w.safetensors")
 
 
 
@@ -457,7 +458,7 @@ def test_an_unreadable_weights_file_is_said_so_not_missing(tmp_path, monkeypatch
 
     monkeypatch.setattr(Path, "open", no_access)
     with pytest.raises(UserError) as err:
-        ckpt.load_weights(tmp_path / "c" / "model.safetensors")
+        load_weights(tmp_path / "c" / "model.safetensors")
     assert err.value.message == f"cannot read weights file {tmp_path / 'c' / 'model.safetensors'}: permission denied"
 
 
@@ -527,7 +528,7 @@ def test_weights_of_an_earlier_construction_name_the_change(tmp_path, change):
         "model": zoo.load_recipe(tiny_dimr, ["model.norm=td_layernorm_paper",
                                              "model.branches.0.block.norm=td_layernorm_paper"])["model"]}
     out = ckpt.save_checkpoint(tmp_path / "c", zoo.build_model(recipe), recipe)
-    state = ckpt.load_weights(out / ckpt.MODEL)
+    state = load_weights(out / ckpt.MODEL)
     if change == "shared_gate":  # the shift's own gate, as saved before 2026-12-07
         for key in [k for k in state if k.endswith(".bias.p0")]:
             state[key[:-3] + ".w"], state[key[:-3] + ".b"] = torch.zeros(1), torch.zeros(1)
@@ -548,8 +549,8 @@ def test_weights_on_meta_gives_the_tied_names_too(tmp_path):
     """A tied tensor is written once with its other names in the 'aliases' metadata: the header-only read
     gives every name of the state dict (a fit check on it would call the tied names missing otherwise)."""
     module = Tied()
-    ckpt.save_weights(tmp_path / "w.safetensors", module.state_dict())
-    meta = ckpt.weights_on_meta(tmp_path / "w.safetensors")
+    save_weights(tmp_path / "w.safetensors", module.state_dict())
+    meta = weights_on_meta(tmp_path / "w.safetensors")
     assert set(meta) == set(module.state_dict())
     assert all(t.device.type == "meta" and t.shape == module.state_dict()[k].shape for k, t in meta.items())
 
@@ -560,11 +561,11 @@ def test_weights_on_meta_of_broken_aliases_metadata_is_none(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"), metadata={"aliases": "[", "format": "pt"})
-    assert ckpt.weights_on_meta(tmp_path / "w.safetensors") is None
+    assert weights_on_meta(tmp_path / "w.safetensors") is None
 
 
 def test_key_mismatch_lists_three_keys_in_full():
     """Up to three keys are all named; the '... (N in all)' tail starts past three."""
     t = torch.zeros(1)
-    assert ckpt.key_mismatch({"a": t, "b": t, "c": t}, {}) == "missing keys: a, b, c"
-    assert ckpt.key_mismatch({"a": t, "b": t, "c": t, "d": t}, {}) == "missing keys: a, b, c, ... (4 in all)"
+    assert key_mismatch({"a": t, "b": t, "c": t}, {}) == "missing keys: a, b, c"
+    assert key_mismatch({"a": t, "b": t, "c": t, "d": t}, {}) == "missing keys: a, b, c, ... (4 in all)"

@@ -17,6 +17,7 @@ from torch import nn
 
 from zoo import checkpoint as ckpt
 from zoo.errors import UserError
+from zoo.weights import build_with_state, save_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,8 +66,8 @@ def test_an_ema_of_parameters_only_takes_the_buffers_of_model_safetensors(tmp_pa
         model.norm.running_var.fill_(3.0)
     params = {k for k, _ in model.named_parameters()}
     ema = {k: v + 1.0 for k, v in model.state_dict().items() if k in params}
-    ckpt.save_weights(tmp_path / ckpt.MODEL, model.state_dict())
-    ckpt.save_weights(tmp_path / ckpt.EMA, ema)
+    save_weights(tmp_path / ckpt.MODEL, model.state_dict())
+    save_weights(tmp_path / ckpt.EMA, ema)
     state, source = ckpt.checkpoint_weights(tmp_path, "ema", params)
     assert source == tmp_path / ckpt.EMA
     assert set(state) == set(model.state_dict())
@@ -74,7 +75,7 @@ def test_an_ema_of_parameters_only_takes_the_buffers_of_model_safetensors(tmp_pa
         assert torch.equal(state[k], ema[k] if k in params else v), k
     # an EMA file that holds buffers too is taken whole (its own buffers, not the model's)
     whole = {k: v + 2.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    ckpt.save_weights(tmp_path / ckpt.EMA, whole)
+    save_weights(tmp_path / ckpt.EMA, whole)
     state, _ = ckpt.checkpoint_weights(tmp_path, "ema", params)
     assert all(torch.equal(state[k], whole[k]) for k in whole)
 
@@ -155,7 +156,7 @@ def test_a_model_with_non_persistent_buffers_is_built_for_real_not_on_meta():
     """build_with_state builds on the meta device and assigns the loaded tensors: a buffer in no state dict
     (a frequency table) would stay on meta, and the first forward failed; such models are built normally."""
     src = _Tabled()
-    model = ckpt.build_with_state(_Tabled, src.state_dict())
+    model = build_with_state(_Tabled, src.state_dict())
     assert not model.freqs.is_meta and torch.equal(model.freqs, torch.arange(4.0) + 1.0)
     assert torch.equal(model.lin.weight, src.lin.weight)
     x = torch.ones(2, 4)

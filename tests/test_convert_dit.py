@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import zoo
-from zoo.checkpoint import load_checkpoint, load_state_dict_strict
+from zoo.checkpoint import load_checkpoint
 from zoo.cli import main
 from zoo.convert import dit as convert_dit
 from zoo.convert import unwrap_state_dict
 from zoo.errors import UserError
+from zoo.weights import load_state_dict_strict
 
 KEYS = Path(__file__).parent / "golden" / "keys" / "dit_xl_2.json"
 RECIPE = Path(zoo.__file__).resolve().parent.parent / "recipes" / "dit_xl_2.yaml"

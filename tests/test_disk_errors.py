@@ -15,6 +15,7 @@ import torch
 from zoo import atomic
 from zoo import checkpoint as ckpt
 from zoo.cli import main
+from zoo.weights import load_weights
 
 RECIPES = Path(__file__).parent / "recipes"
 FULL = "No space left on device"
@@ -290,7 +291,7 @@ def test_a_writable_run_is_still_repaired_by_a_reader(tmp_path):
     run, sealed, newer = _read_only_run_killed_before_install(tmp_path)
     assert ckpt.checkpoint_of(run) == run / "last"
     assert not sealed.exists() and sorted(p.name for p in run.iterdir()) == ["last"]
-    assert torch.equal(ckpt.load_weights(run / "last" / ckpt.MODEL)["x_embedder.proj.weight"],
+    assert torch.equal(load_weights(run / "last" / ckpt.MODEL)["x_embedder.proj.weight"],
                        newer.state_dict()["x_embedder.proj.weight"])
 
 

@@ -74,14 +74,14 @@ def test_a_non_finite_std_is_refused_like_a_non_finite_mean():
 def test_a_shard_write_that_fails_half_way_leaves_no_shard(tmp_path, monkeypatch):
     """An interrupted run leaves only whole shards (zoo.latents' promise): a shard written in place left a
     truncated file under the final name, for a resume, a copy or anything else reading OUT to judge."""
-    import zoo.checkpoint
+    import zoo.weights
     from zoo.latents import shard_name, write_shard
 
     def half_then_killed(path, tensors, meta):
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zoo.checkpoint, "save_reproducibly", half_then_killed)
+    monkeypatch.setattr(zoo.weights, "save_reproducibly", half_then_killed)
     path = tmp_path / shard_name(0)
     with pytest.raises(KeyboardInterrupt):
         write_shard(path, torch.zeros(1, 2, C, H, H), torch.ones(1, 2, C, H, H), torch.zeros(1), 0, torch.float32,

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import zoo.checkpoint as ckpt
 from zoo.errors import UserError
 from zoo.training import Trainer
 from zoo.training.resume import Resuming
+from zoo.weights import load_weights, save_weights
 
 from tiny_run import QUIET, plain_recipe
 
@@ -57,9 +57,9 @@ def test_a_resume_refuses_an_ema_file_holding_nan(tmp_path):
     the run trained on, and every grid, FD and released EMA checkpoint was NaN."""
     _saved(tmp_path / "run")
     path = tmp_path / "run" / "last" / "ema.safetensors"
-    state = ckpt.load_weights(path)
+    state = load_weights(path)
     state["final_layer.linear.weight"][0, 0] = float("nan")  # same size: the seal's byte counts still hold
-    ckpt.save_weights(path, state)
+    save_weights(path, state)
     with pytest.raises(UserError, match="ema.safetensors: tensor final_layer.linear.weight holds NaN or inf"):
         Trainer(plain_recipe(), tmp_path / "run", resume=tmp_path / "run", log=QUIET)
 

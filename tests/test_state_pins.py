@@ -133,7 +133,7 @@ def test_lists_of_other_lengths_differ():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_check_finite_refuses_nan_and_inf_in_every_float_dtype(dtype, bad):
     """bf16 weights holding NaN / inf are refused like any other float: a bf16 skip let them load."""
-    from zoo.checkpoint import check_finite
+    from zoo.weights import check_finite
 
     state = {"ok": torch.zeros(3, dtype=dtype), "w": torch.tensor([1.0, bad, 2.0], dtype=dtype)}
     with pytest.raises(UserError) as err:

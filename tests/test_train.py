@@ -16,6 +16,7 @@ from zoo.cli import main
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer
 from zoo.training import Trainer, train
+from zoo.weights import load_weights
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
 QUIET = lambda *_: None  # noqa: E731
@@ -46,7 +47,7 @@ def test_checkpoint_layout_and_resume_gives_identical_losses(tmp_path):
     resumed = train(r, tmp_path / "b", resume=tmp_path / "b" / "last", log=QUIET)
     assert [x["loss"] for x in resumed] == [x["loss"] for x in full[6:]]  # same batches, noise, label drops
     for name in ("model.safetensors", "ema.safetensors"):
-        a, b = ckpt.load_weights(tmp_path / "a" / "last" / name), ckpt.load_weights(tmp_path / "b" / "last" / name)
+        a, b = load_weights(tmp_path / "a" / "last" / name), load_weights(tmp_path / "b" / "last" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
@@ -108,10 +109,10 @@ def test_resume_refuses_an_ema_file_that_does_not_match_the_model(tmp_path, caps
     r = recipe("train.sample_every=0", "train.ckpt_every=0")
     train(r, tmp_path / "a", steps=2, log=QUIET)
     last = tmp_path / "a" / "last"
-    ema = ckpt.load_weights(last / "ema.safetensors")
+    ema = load_weights(last / "ema.safetensors")
     ema["final_layer.linear.bias"] = ema["final_layer.linear.bias"][:1]
     state = torch.load(last / "trainer_state.pt", weights_only=True)
-    ckpt.save_checkpoint(tmp_path / "bad", ckpt.load_weights(last / "model.safetensors"), r, ema=ema, state=state)
+    ckpt.save_checkpoint(tmp_path / "bad", load_weights(last / "model.safetensors"), r, ema=ema, state=state)
     capsys.readouterr()
     assert main(["train", str(RECIPE), "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
@@ -591,7 +592,7 @@ def test_ctrl_c_during_a_weight_update_saves_the_step_those_weights_belong_to(tm
     assert torch.load(tmp_path / "cut" / "last" / "trainer_state.pt", weights_only=True)["step"] == 3
     train(recipe(*base), tmp_path / "cut", steps=4, resume=tmp_path / "cut", log=QUIET)
     for name in ("model.safetensors", "ema.safetensors"):
-        a, b = ckpt.load_weights(clean / "last" / name), ckpt.load_weights(tmp_path / "cut" / "last" / name)
+        a, b = load_weights(clean / "last" / name), load_weights(tmp_path / "cut" / "last" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
@@ -615,7 +616,7 @@ def test_bf16_autocast_dimr_with_multiscale_loss(tmp_path):
         "train.sample_every=0", "train.precision=bf16", "train.warmup_steps=0", "train.lr=1e-3"])
     records = train(r, tmp_path, steps=3, log=QUIET)
     assert len(records) == 3 and all(0 < x["loss"] < 10 for x in records)
-    ema = ckpt.load_weights(tmp_path / "last" / "ema.safetensors")
+    ema = load_weights(tmp_path / "last" / "ema.safetensors")
     assert all(v.dtype == torch.float32 for v in ema.values())
 
 

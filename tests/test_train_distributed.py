@@ -12,6 +12,7 @@ import pytest
 import zoo
 import zoo.checkpoint as ckpt
 from zoo.training import train
+from zoo.weights import load_weights
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny_train.yaml"
 SETTINGS = ["train.log_every=1", "train.sample_every=0", "train.ckpt_every=0"]
@@ -33,7 +34,7 @@ def torchrun(out: Path, steps: int, *extra: str, program: tuple[str, ...] = ("-m
 
 
 def max_diff(a: Path, b: Path, name: str) -> float:
-    x, y = ckpt.load_weights(a / "last" / name), ckpt.load_weights(b / "last" / name)
+    x, y = load_weights(a / "last" / name), load_weights(b / "last" / name)
     assert x.keys() == y.keys()
     return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
 

@@ -574,5 +574,5 @@ def test_a_resume_with_nothing_left_draws_the_lost_final_grid_and_brings_last_up
     np.testing.assert_array_equal(*pixels)
     assert torch.load(cut / "last" / "trainer_state.pt", weights_only=True)["step"] == 5
     for name in ("model.safetensors", "ema.safetensors"):
-        a, b = (zoo.checkpoint.load_weights(out / "last" / name) for out in (cut, whole))
+        a, b = (zoo.weights.load_weights(out / "last" / name) for out in (cut, whole))
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,6 +11,7 @@ import zoo
 import zoo.checkpoint as ckpt
 from zoo.cli import main
 from zoo.training import Trainer, train
+from zoo.weights import load_weights, save_weights
 
 HERE = Path(__file__).parent / "recipes"
 QUIET = lambda *_: None  # noqa: E731
@@ -37,8 +38,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_the_model_and_its_ema_start_from_the_checkpoints_ema_weights(tmp_path, trained):
-    ema = ckpt.load_weights(trained / "last" / "ema.safetensors")
-    model = ckpt.load_weights(trained / "last" / "model.safetensors")
+    ema = load_weights(trained / "last" / "ema.safetensors")
+    model = load_weights(trained / "last" / "model.safetensors")
     assert any(not torch.equal(ema[k], model[k]) for k in ema)  # the test can tell them apart
     trainer = Trainer(_recipe(f"train.init_from={trained}", "train.lr=1e-2"), tmp_path, log=QUIET)
     assert trainer.step == 0 and trainer.optimizer.state_dict()["state"] == {}
@@ -91,7 +92,7 @@ def test_a_relative_path_is_stored_absolute_and_a_resume_does_not_load_it_again(
             "--set", "train.ckpt_every=2", "--set", "train.init_from=init"]
     assert main([*argv, "--steps", "2"]) == 0
     assert ckpt.read_config(tmp_path / "run" / "last")["train"]["init_from"] == str(tmp_path / "init")
-    after_two = ckpt.load_weights(tmp_path / "run" / "last" / "model.safetensors")
+    after_two = load_weights(tmp_path / "run" / "last" / "model.safetensors")
     shutil.rmtree(tmp_path / "init")  # a resume continues its own weights and never reads the init again
     capsys.readouterr()
     trainer = Trainer(zoo.load_recipe(HERE / "tiny_train.yaml", [*SMALL, "train.init_from=init"]), tmp_path / "run",
@@ -115,9 +116,9 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path, trained, ca
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     for name in ("ema.safetensors", "model.safetensors"):
-        state = ckpt.load_weights(run / "last" / name)
+        state = load_weights(run / "last" / name)
         state["final_layer.linear.weight"][0, 0] = float("nan")  # same size: the seal's byte counts still hold
-        ckpt.save_weights(run / "last" / name, state)
+        save_weights(run / "last" / name, state)
     said = "ema.safetensors: tensor final_layer.linear.weight holds NaN or inf values"
     with pytest.raises(zoo.errors.UserError, match=said):
         zoo.from_checkpoint(run)

@@ -16,6 +16,7 @@ from zoo.cli import main
 from zoo.errors import UserError
 from zoo.training import Trainer, train
 from zoo.training.compile_check import check_compile_toolchain
+from zoo.weights import load_weights
 
 from tiny_run import plain_recipe
 
@@ -137,8 +138,8 @@ def test_compiled_model_gives_the_eager_loss(tmp_path, inductor, name):
     compiled = train(zoo.load_recipe(path, [*tiny, "train.compile=true"]), tmp_path / "b", steps=2, log=QUIET)
     for e, c in zip(eager, compiled):  # float32; inductor fuses differently: ~1e-6 relative per op, a few ops deep
         assert abs(e["loss"] - c["loss"]) <= 1e-4 * abs(e["loss"]), (e, c)
-    a = ckpt.load_weights(tmp_path / "a" / "last" / "model.safetensors")
-    b = ckpt.load_weights(tmp_path / "b" / "last" / "model.safetensors")
+    a = load_weights(tmp_path / "a" / "last" / "model.safetensors")
+    b = load_weights(tmp_path / "b" / "last" / "model.safetensors")
     assert a.keys() == b.keys()  # the compiled wrapper does not leak into the checkpoint's keys
 
 
@@ -285,7 +286,7 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(
     assert err.count("\n") == 1 and "not finite at step 2" in err and f"{out / 'last'} holds step 1" in err
     state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 1 and not (out / "step_0000002").exists()
-    weights = ckpt.load_weights(out / "last" / "model.safetensors")
+    weights = load_weights(out / "last" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     # the finite step before it is logged (log_every 5 would otherwise drop it): its huge loss says why
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -19,12 +19,13 @@ from einops import rearrange
 from numerics import fixed_sinusoid, golden_features, sinusoid_bound
 
 import zoo
-from zoo.checkpoint import load_checkpoint, load_state_dict_strict
+from zoo.checkpoint import load_checkpoint
 from zoo.cli import main as zoo_main
 from zoo.convert import infer_family
 from zoo.convert.uvit import convert_state_dict, official_config_to_model_spec
 from zoo.errors import UserError
 from zoo.parity import run_parity
+from zoo.weights import load_state_dict_strict
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 GOLDEN_FILES = ["golden_uvit_tiny.pt", "golden_uvit_tiny_noconv.pt"]

@@ -141,7 +141,7 @@ def read_classifier_config(directory: str | Path) -> dict:
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ConvNeXtClassifier, dict]:
     """A saved classifier in eval mode on ``device`` (weights loaded strictly, and finite: NaN weights score
     every sample NaN) and its config."""
-    from zoo.checkpoint import check_finite, load_state_dict_strict, load_weights
+    from zoo.weights import check_finite, load_state_dict_strict, load_weights
 
     payload = read_classifier_config(directory)
     model = ConvNeXtClassifier(**payload["arch"])

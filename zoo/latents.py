@@ -330,7 +330,7 @@ def write_shard(path: Path, mean: Tensor, std: Tensor, labels: Tensor, start: in
                 digest: tuple[str, str]) -> None:
     """One shard, atomically (a temporary name, then a rename)."""
     from zoo.atomic import write_file
-    from zoo.checkpoint import save_reproducibly
+    from zoo.weights import save_reproducibly
 
     tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous(), "labels": labels.long()}
     meta = {"format": FORMAT, "start": str(start), "scaled": "false", "rows_sha256": digest[0],

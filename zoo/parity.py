@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import zoo
-from zoo.checkpoint import build_with_state
+from zoo.weights import build_with_state
 from zoo.convert import default_model_inputs, get_family, guess_family, infer_family, model_spec, unwrap_state_dict
 from zoo.errors import UserError
 from zoo.torchfile import torch_load_plain

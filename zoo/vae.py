@@ -118,7 +118,7 @@ def find_vae_weights(directory: str | Path, options: CommandOptions = EVAL_OPTIO
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from zoo.checkpoint import load_weights
+        from zoo.weights import load_weights
 
         return load_weights(path)  # a truncated or foreign file is an error naming it
     from zoo.torchfile import torch_load_plain
@@ -183,7 +183,7 @@ def load_vae(
     A diffusers directory is built from its own ``config.json`` (any ``AutoencoderKL``); other
     weights are read as the SD KL-f8 VAE.
     """
-    from zoo.checkpoint import load_state_dict_strict
+    from zoo.weights import load_state_dict_strict
 
     path = find_vae_weights(directory)
     # first: without diffusers installed, this is the one-line error

@@ -49,7 +49,7 @@ def load_official(path: Path) -> object:
         _refuse_a_folder(path)
     if path.is_file() and ((path.suffix == ".safetensors" and not starts_like_torch(path))
                            or _starts_like_safetensors(path)):  # a torch file named .safetensors is read as one
-        from zoo.checkpoint import load_weights
+        from zoo.weights import load_weights
 
         return load_weights(path)
     # paths inside args (a training script's --data-path as a pathlib.Path) are plain data too
@@ -140,7 +140,8 @@ def _mismatch_hint(checked: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     import zoo
     from zoo.api import load_model_recipe
-    from zoo.checkpoint import build_with_state, save_checkpoint
+    from zoo.checkpoint import save_checkpoint
+    from zoo.weights import build_with_state
     from zoo.convert import (check_recipe_family, check_recipe_matches, check_weights, get_family, guess_family,
                              model_spec, unwrap_state_dict)
     from zoo.diffusion.setup import check_null_label

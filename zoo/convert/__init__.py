@@ -192,7 +192,7 @@ def _without_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def check_weights(state: Mapping[str, Tensor], source: str) -> None:
     """Refuse weights no model can use: NaN/inf, complex or integer tensors (loading would cast
     them silently, and a NaN weight samples black images)."""
-    from zoo.checkpoint import check_finite
+    from zoo.weights import check_finite
 
     for key, value in state.items():
         if value.is_complex() or not value.is_floating_point():

@@ -104,7 +104,7 @@ class TimmScorer(Scorer):
         path = Path(weights)
         state = _read_state(path)
         _fit_head(self.net, state)
-        from zoo.checkpoint import load_state_dict_strict
+        from zoo.weights import load_state_dict_strict
 
         load_state_dict_strict(self.net, state, f"--classifier-weights {path} (timm {name})")
         self.net.eval().requires_grad_(False)
@@ -138,7 +138,7 @@ class TimmScorer(Scorer):
 
 def _read_state(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from zoo.checkpoint import load_weights
+        from zoo.weights import load_weights
 
         return load_weights(path)
     from zoo.torchfile import torch_load_plain

@@ -205,7 +205,7 @@ def to_diffusers(source: nn.Module | str | Path, recipe: str | Path | dict | Non
 
         model, full, _ = load_preferred(source, use_ema)
     wrapper = ZooTransformer2DModel.from_config(diffusers_config(model, full))
-    from zoo.checkpoint import load_state_dict_strict
+    from zoo.weights import load_state_dict_strict
 
     try:
         load_state_dict_strict(wrapper.backbone, model.state_dict(), "the model given to to_diffusers")

@@ -114,7 +114,7 @@ def load_zoo_checkpoint(model: nn.Module, directory: str | Path, use_ema: bool =
     Strict twice over: the tensors must match, and so must the recipe settings that keep the shapes but
     change what the weights compute (``num_heads``, an activation): a model built with ``num_heads=4``
     takes a 2-head checkpoint's tensors and gives other outputs."""
-    from zoo.checkpoint import load_state_dict_strict
+    from zoo.weights import load_state_dict_strict
     from zoo.recipe_diff import model_difference
 
     saved, config, weights = load_preferred(directory, use_ema)

@@ -33,9 +33,9 @@ class EMA:
     def load_state_dict(self, state: dict[str, Tensor], source: str = "EMA state") -> None:
         """Load shadows strictly: a missing, unexpected or mis-shaped key is a one-line
         :class:`~zoo.errors.UserError` naming ``source`` (a copy would broadcast a wrong shape)."""
-        from zoo.checkpoint import _check_keys
+        from zoo.weights import check_keys
 
-        _check_keys(self.state_dict(), state, source)
+        check_keys(self.state_dict(), state, source)
         for n, s in zip(self.names, self.shadow):
             value = state[n].to(s.device)
             if hasattr(s, "device_mesh"):  # an FSDP2 shard: keep this rank's part of the full tensor

@@ -188,7 +188,7 @@ def load_emoji(size: int = 32, data: Mapping[str, Any] | None = None) -> dict[st
     import sys
 
     from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file
-    from zoo.checkpoint import save_reproducibly
+    from zoo.weights import save_reproducibly
 
     path = cache_path(size, data)
     if path in _UNCACHED:  # built by this process already, where the cache cannot be written

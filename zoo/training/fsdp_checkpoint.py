@@ -144,7 +144,7 @@ def ema_model(recipe: Mapping[str, Any], model: nn.Module, ema: EMA, ctx: Contex
     """The EMA weights (and the model's buffers) in a plain, unsharded model on rank 0 (CPU);
     ``None`` on the other ranks. Every rank must call: the shards are gathered."""
     import zoo
-    from zoo.checkpoint import build_with_state
+    from zoo.weights import build_with_state
 
     params = {name for name, _ in model.named_parameters()}
     buffers = {k: v.clone() for k, v in model.state_dict().items() if k not in params}  # not shared with training

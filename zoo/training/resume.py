@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from zoo.atomic import REFUSED_RENAME_ERRNOS, sealed_at
-from zoo.checkpoint import (CONFIG, _check_keys, check_finite, checkpoint_of, key_mismatch, load_state_dict_strict,
-                            load_trainer_state, load_weights, read_classes, read_config, read_whole, repair_run,
-                            resumed_checkpoint, weights_on_meta)
+from zoo.checkpoint import (CONFIG, checkpoint_of, load_trainer_state, read_classes, read_config, read_whole,
+                            repair_run, resumed_checkpoint)
+from zoo.weights import check_finite, check_keys, key_mismatch, load_state_dict_strict, load_weights, weights_on_meta
 from zoo.errors import UserError
 from zoo.training.eval_hook import fd_seed_note
 from zoo.training.optim import learning_rate, recipe_groups
@@ -93,7 +93,7 @@ class Resuming:
                 # read and checked here, where a mistake stops every rank with one line
                 self._resumed_ema = load_weights(directory / "ema.safetensors")
                 check_finite(self._resumed_ema, str(directory / "ema.safetensors"))
-                _check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
+                check_keys(dict(self.model.named_parameters()), self._resumed_ema, str(directory / "ema.safetensors"))
                 now = [len(g["params"]) for g in recipe_groups(self.model, self.train)]
                 _check_groups(state["optimizer"], now, directory)
                 if self.fsdp:  # FSDP loads a whole optimizer state keyed by name

@@ -37,7 +37,7 @@ def check_resume_recipe(stored: dict, recipe: dict, source: Path, misfit: str = 
                         allowed: bool = False) -> list[tuple[str, str, str]]:
     """Refuse a resume whose ``model`` or ``diffusion`` section differs from the checkpoint's, unless
     ``allowed`` (``--allow-recipe-change``); never one whose weights then do not fit the model: ``misfit``
-    is how they do not (:func:`zoo.checkpoint.key_mismatch`), for a changed width or depth has no resume.
+    is how they do not (:func:`zoo.weights.key_mismatch`), for a changed width or depth has no resume.
     Returns the changes an allowed resume goes on with."""
     changes = fixed_section_changes(stored, recipe)
     if changes and misfit:
