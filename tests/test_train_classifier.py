@@ -105,9 +105,16 @@ def test_the_command_trains_saves_and_reloads_with_the_recorded_holdout_accuracy
     assert len(data.holdout_y) == config["holdout_size"] == printed["holdout_size"]
     assert config["holdout_accuracy"] == printed["holdout_accuracy"] == accuracy(model, data.holdout_x, data.holdout_y)
     assert config["arch"]["num_classes"] == 4 and config["data"]["dataset"] == "synthetic"
-    # a second run replaces the classifier whole
+    # a second run refuses to replace it, before any step, unless --force: then it replaces it whole
+    before = (out / "model.safetensors").read_bytes()
     assert main(["train-classifier", str(RECIPE), "--out", str(out), "--steps", "1", "--dims", "16", "--depths",
-                 "1", "--json"]) == 0
+                 "1", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is already a zoo classifier (holdout accuracy {config['holdout_accuracy']:.4f})" in err
+    assert "pass --force to replace it" in err and "Traceback" not in err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(["train-classifier", str(RECIPE), "--out", str(out), "--steps", "1", "--dims", "16", "--depths",
+                 "1", "--json", "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 1
 
 

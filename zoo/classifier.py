@@ -88,8 +88,9 @@ class ConvNeXtClassifier(nn.Module):
         return self.head(self.head_norm(h.mean(dim=(1, 2))))
 
 
-def check_out(directory: str | Path) -> Path:
-    """``directory`` if a classifier may be written there: new, empty, or a zoo classifier (replaced whole)."""
+def check_out(directory: str | Path, replace: bool = True) -> Path:
+    """``directory`` if a classifier may be written there: new, empty, or a zoo classifier (replaced whole,
+    only where ``replace``: ``zoo train-classifier --force``)."""
     from zoo import atomic
     from zoo.guards import check_writable
 
@@ -97,9 +98,15 @@ def check_out(directory: str | Path) -> Path:
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--out {directory} is a file; give a directory for the classifier")
     check_writable(directory)  # before the steps are spent: it is written beside itself, then renamed
-    if directory.is_dir() and any(directory.iterdir()) and \
-            (atomic.read_record(directory, CONFIG) or {}).get("kind") != KIND:
-        raise UserError(f"--out {directory} holds files that are not a zoo classifier; choose a new directory")
+    if directory.is_dir() and any(directory.iterdir()):
+        record = atomic.read_record(directory, CONFIG) or {}
+        if record.get("kind") != KIND:
+            raise UserError(f"--out {directory} holds files that are not a zoo classifier; choose a new directory")
+        if not replace:
+            accuracy = record.get("holdout_accuracy")
+            what = f" (holdout accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""
+            raise UserError(f"--out {directory} is already a zoo classifier{what}",
+                            suggestion="pass --force to replace it, or choose another --out")
     return directory
 
 

@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "or a registered dataset; report its holdout accuracy; save it to --out.")
     p.add_argument("source", metavar="RECIPE_OR_DATASET", help="recipe YAML (its data section) or a dataset name")
     p.add_argument("--out", required=True, metavar="DIR", help="classifier directory (config.json, model.safetensors)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it already is a zoo classifier (nothing else is ever replaced)")
     add_overrides_option(p)
     p.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps (default 1500)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default 64)")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--dims {args.dims} and --depths {args.depths} need the same number of entries")
     device = str(resolve_device(args.device))
     check_outside_checkpoints(args.out)
-    out = check_out(args.out)  # before the data are read and the steps spent
+    out = check_out(args.out, replace=args.force)  # before the data are read and the steps spent
     log = (lambda _: None) if args.json else print
     try:
         with out_of_memory_said(SIZE_OPTIONS):  # the data read, the model built, its steps
