@@ -162,6 +162,12 @@ def test_zoo_eval_distortion_end_to_end(checkpoint, tmp_path, capsys):
                           sample_batches(Path(saved["samples"]), 8, 8)])
     assert d["rejected"] == int((own < 0.3).sum()) and sum(v["n"] for v in d["per_class"].values()) == 8
     assert (d["grid"] is None) == (d["rejected"] == 0) and saved["metrics"]["fd"] >= 0
+    # the same evaluation again without --distortion keeps the count of the same samples (it dropped it)
+    plain = [a for a in argv.split() if a not in ("--distortion", "--classifier", "{cls}", "--threshold", "0.3")]
+    assert main([a.replace("{ckpt}", str(checkpoint)) for a in plain]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["path"] == printed["path"] and again["distortion"] == d
+    assert json.loads(Path(printed["path"]).read_text())["distortion"] == d
 
 
 def _bad(argv: str, tmp_path: Path, capsys) -> str:

@@ -389,9 +389,25 @@ def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, devi
               "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime())}
     out = eval_dir / result_name(ckpt.name, setup.extractor.name, request.n, setup.key, _reference_key(setup.ref_spec))
+    kept = _earlier_distortion(out, result)
+    if kept is not None:  # the same samples: a run without --distortion keeps the earlier classifier's count
+        result["distortion"] = kept
     save_text(out, json.dumps(result, indent=2) + "\n")
     result["path"] = str(out)
     return result
+
+
+def _earlier_distortion(path: Path, result: dict) -> dict | None:
+    """The ``distortion`` section of the result already at ``path`` if it scored the same samples (same
+    directory and count) as ``result``; ``None`` otherwise, or where that file cannot be read."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("distortion"), dict):
+        return None
+    same = earlier.get("samples") == result["samples"] and earlier.get("n") == result["n"]
+    return earlier["distortion"] if same else None
 
 
 #: What :func:`result_name` writes: CHECKPOINT-EXTRACTOR-nN-PROTOCOL-refREFERENCE.json.
