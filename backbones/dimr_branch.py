@@ -88,7 +88,7 @@ class DiMRBranch(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid, self.grid, dim))
         self.blocks = LongSkipStack(dim, depth, partial(block, dim, cond_dim=dim))
         self.handed_dim = dim * (len(self.blocks) + 1)  # stack input + every block output
-        plain_norm = without_gate(norm)  # the hand-on and head norms drop any gate: none is allocated
+        plain_norm = without_gate(norm, "model.norm")  # the hand-on and head norms read no gate: none allocated
         self.upsample = None if handed_dim is None else FeatureUpsample(handed_dim, dim, upsample_ratio, plain_norm)
         self.head_norm = plain_norm(dim, cond_dim=dim)
         self.head = nn.Conv2d(dim, in_channels, head_kernel_size, padding=head_kernel_size // 2)

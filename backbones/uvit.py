@@ -107,7 +107,7 @@ class UViT(nn.Module):
         if adds_time_token(head_norm):
             raise UserError("time_token as head_norm would be a plain LayerNorm: the time token joins the blocks' "
                             "sequence only", key_path="model.head_norm", suggestion="use layernorm (U-ViT's) or adaln_zero")
-        head_norm = without_gate(head_norm)  # its gate would be discarded: allocate none
+        head_norm = without_gate(head_norm, "model.head_norm")  # its gate would be discarded: allocate none
         # TD norms: t is the DDPM step (or 999·t), not DiMR's log-SNR
         norm, head_norm = (bind_unset(f, "time_scale", STEP_TIME_SCALE) for f in (norm, head_norm))
         self.time_token = adds_time_token(norm)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from zoo.errors import ContractError
+from zoo.errors import ContractError, UserError
 from zoo.introspect import signature
 
 
@@ -122,13 +122,20 @@ def bind_unset(factory: Callable[..., Any], name: str, value: Any) -> Callable[.
     return partial(factory, **{name: value})
 
 
-def without_gate(factory: Callable[..., Any]) -> Callable[..., Any]:
+def without_gate(factory: Callable[..., Any], key_path: str) -> Callable[..., Any]:
     """The factory with the residual gate switched off (``gate=False``) where the conditioner has one.
 
     For norms whose gate nothing reads (DiMR's hand-on and head norms, U-ViT's head norm): with
     adaLN-Zero there they would otherwise allocate a third of their modulation Linear that never
-    gets a gradient and still counts as parameters. A ``gate`` the recipe sets is kept.
+    gets a gradient and still counts as parameters. A recipe's ``gate: true`` there (at ``key_path``)
+    is refused, as it would allocate exactly those parameters.
     """
+    f = factory
+    while hasattr(f, "func"):
+        if (getattr(f, "keywords", None) or {}).get("gate") is True:
+            raise UserError("this norm's gate is never read: gate: true would allocate parameters that never train",
+                            key_path=f"{key_path}.gate", suggestion="drop gate, or set gate: false")
+        f = f.func
     return bind_unset(factory, "gate", False)
 
 

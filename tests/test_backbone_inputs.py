@@ -193,6 +193,17 @@ def test_norms_whose_gate_is_discarded_allocate_none_and_every_parameter_learns(
         assert unused == [], unused
 
 
+@pytest.mark.parametrize("name", ["dimr", "uvit"])
+def test_a_gate_set_on_a_norm_whose_gate_is_discarded_is_refused_naming_the_key(name):
+    """`gate: true` there kept the gate rows the default leaves out: parameters that count, take optimizer
+    state and are saved, but never train."""
+    key = "norm" if name == "dimr" else "head_norm"
+    spec = {**DIMR} if name == "dimr" else {**UVIT, "norm": "adaln_zero"}
+    with pytest.raises(UserError, match="gate is never read: gate: true would allocate parameters that never train") as err:
+        zoo.build_model({**spec, key: {"type": "adaln_zero", "gate": True}})
+    assert f"key model.{key}.gate: " in str(err.value) and "gate: false" in err.value.suggestion
+
+
 def test_frequency_dim_without_an_embedding_conditioner_is_refused():
     with pytest.raises(UserError, match="frequency_dim sizes the timestep MLP .* so it would do nothing"):
         zoo.build_model({**UVIT, "frequency_dim": 64})
