@@ -350,6 +350,52 @@ def test_statistics_of_another_feature_dimension_are_refused_when_loaded(tmp_pat
     assert not list((run_dir / "eval").glob("samples-*/shard-*"))
 
 
+
+def _zoo_statistics(tmp_path) -> dict:
+    """The arrays of a statistics file zoo wrote (its cache of an ADM batch's 40 labelled images)."""
+    _adm_npz(tmp_path / "ref.npz")
+    load_reference(str(tmp_path / "ref.npz"), PoolFeatures(), 8, log=lambda _: None)
+    (cached,) = (tmp_path / "cache" / "eval").glob("ref-test_pool-*.npz")
+    with np.load(cached) as f:
+        return dict(f)
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("mu", lambda a: np.where(np.arange(12) == 3, np.nan, a), "mu must hold finite numbers, and it holds NaN or inf"),
+    ("sigma", lambda a: a * np.inf, "sigma must hold finite numbers, and it holds NaN or inf"),
+    ("features", lambda a: np.where(np.arange(12) == 0, np.inf, a).astype(np.float32),
+     "features must hold finite numbers, and it holds NaN or inf"),
+    ("labels", lambda a: a[:-1], "labels must hold the class labels of features' 40 rows (integers, shape (40,)), "
+     "got int64 (39,)"),
+    ("labels", lambda a: a.astype(np.float64), "labels must hold the class labels of features' 40 rows"),
+])
+def test_statistics_that_cannot_be_scored_against_are_refused_when_loaded(tmp_path, run_dir, capsys, key, value, why):
+    """A NaN in mu, an inf in features or one label too few in a statistics file were taken: every sample was
+    drawn, then the FD (or the per-class FD's indexing) was a traceback, exit 1."""
+    arrays = _zoo_statistics(tmp_path)
+    np.savez(tmp_path / "bad.npz", **{**arrays, key: value(arrays[key])})
+    with pytest.raises(UserError) as err:
+        load_reference(str(tmp_path / "bad.npz"), PoolFeatures(), 8, log=lambda _: None)
+    assert err.value.message.startswith(f"{tmp_path / 'bad.npz'}: {why}") and err.value.suggestion
+    assert main(["eval", str(run_dir), "--n", "4", "--ref", str(tmp_path / "bad.npz"), "--extractor", "test_pool"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and why in err and "Traceback" not in err
+    assert not list((run_dir / "eval").glob("samples-*/shard-*"))
+
+
+def test_inception_statistics_with_nan_are_refused_when_loaded(tmp_path):
+    """pytorch-fid's and ADM's mu/sigma with a NaN were accepted, to fail as the FD after sampling."""
+    inception = PoolFeatures()
+    inception.name = "inception"
+    mu = np.where(np.arange(12) == 3, np.nan, 0.0)
+    np.savez(tmp_path / "fid.npz", mu=mu, sigma=np.eye(12))
+    arrays = _adm_npz(tmp_path / "adm.npz")
+    np.savez(tmp_path / "adm.npz", **{**arrays, "mu": mu})
+    for name in ("fid.npz", "adm.npz"):
+        with pytest.raises(UserError) as err:
+            load_reference(str(tmp_path / name), inception, 8, log=lambda _: None)
+        assert err.value.message == f"{tmp_path / name}: mu must hold finite numbers, and it holds NaN or inf"
+
 def test_a_statistics_file_records_its_resolution_and_warns_at_another(tmp_path):
     """zoo's statistics of 16x16 images used for 8x8 samples gave no warning, where the images' .npz gave one."""
     _adm_npz(tmp_path / "big.npz", size=16)

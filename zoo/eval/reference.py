@@ -401,10 +401,17 @@ def feature_dimension(extractor, image_size: int, device="cpu") -> int:
     return int(features.shape[-1])
 
 
-def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray | None, extractor,
-                        dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``mu`` (D,), ``sigma`` (D, D) and ``features`` (N, D) of a statistics file, D the extractor's ``dim``:
-    said when the reference is loaded, not as a traceback of the FD after every sample was drawn."""
+#: How a statistics file unfit to score against is replaced.
+RECOMPUTE = ("compute the statistics again from their images, or pass a reference with images (an .npz with arr_0, "
+             "an image folder or a dataset)")
+
+
+def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray | None,
+                        labels: np.ndarray | None, extractor, dim: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``mu`` (D,), ``sigma`` (D, D), ``features`` (N, D), all finite, and ``labels`` (N,) integers of a
+    statistics file, D the extractor's ``dim``: said when the reference is loaded, not as a traceback of the
+    FD after every sample was drawn."""
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (features is not None and
                                                               (features.ndim != 2 or features.shape[1] != len(mu))):
         got = f"{mu.shape} and {sigma.shape}" + ("" if features is None else f" and features {features.shape}")
@@ -414,13 +421,25 @@ def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features:
         raise UserError(f"{path} holds statistics of {len(mu)} features; the {extractor.name} extractor gives {dim}",
                         suggestion=f"pass statistics of {extractor.name}'s {dim} features, or a reference with "
                         "images to compute them from")
-    return mu, sigma, features
+    for name, array in (("mu", mu), ("sigma", sigma), ("features", features)):
+        if array is not None and not (array.dtype.kind in "fiu" and np.isfinite(array).all()):
+            held = "NaN or inf" if array.dtype.kind in "fiu" else f"{array.dtype} values"
+            raise UserError(f"{path}: {name} must hold finite numbers, and it holds {held}", suggestion=RECOMPUTE)
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.ndim != 1
+                               or (features is not None and len(labels) != len(features))):
+        rows = "" if features is None else f" of features' {len(features)} rows"
+        raise UserError(f"{path}: labels must hold the class labels{rows} (integers, shape "
+                        f"({'N' if features is None else len(features)},)), got {labels.dtype} {labels.shape}",
+                        suggestion="save the labels as a 1-D integer array, one per row of features, or leave "
+                        "labels out for a reference without classes")
+    return mu, sigma, features, labels
 
 
 def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_size: int,
                    options: CommandOptions = EVAL_OPTIONS) -> Reference:
-    def statistics(mu, sigma, features=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        return _checked_statistics(path, mu, sigma, features, extractor,
+    def statistics(mu, sigma, features=None, labels=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                                     np.ndarray | None]:
+        return _checked_statistics(path, mu, sigma, features, labels, extractor,
                                    feature_dimension(extractor, image_size, device))
 
     with np.load(path, allow_pickle=False) as f:
@@ -430,15 +449,15 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
             if made_by != extractor.name:
                 raise UserError(f"{path} holds {made_by} statistics; evaluate with "
                                 + options.given("extractor", made_by))
-            labels = f["labels"] if "labels" in keys else None
-            checked = statistics(f["mu"], f["sigma"], f["features"] if "features" in keys else None)
+            checked = statistics(f["mu"], f["sigma"], f["features"] if "features" in keys else None,
+                                 f["labels"] if "labels" in keys else None)
             if "resolution" in keys:  # (files written before zoo recorded it: used without the check)
                 height, width = f["resolution"].tolist()
                 _warn_resolution(height, width, image_size, log)
-            return Reference(*checked, labels, source=str(path))
+            return Reference(*checked, source=str(path))
         if "arr_0" not in keys:
             if {"mu", "sigma"} <= keys and extractor.name == "inception":
-                return Reference(*statistics(f["mu"], f["sigma"]), None, source=str(path))  # (no labels)
+                return Reference(*statistics(f["mu"], f["sigma"]), source=str(path))  # (no features, no labels)
             if {"mu", "sigma"} <= keys:  # pytorch-fid's or ADM's statistics: of Inception features, nothing else's
                 inception = options.given("extractor", "inception")
                 raise UserError(f"{path} holds mu/sigma and no images (arr_0): Inception statistics (pytorch-fid, "
@@ -466,7 +485,7 @@ def _npz_reference(path: Path, extractor, batch_size: int, device, log, image_si
     ref = _from_cache_or_compute(identity, extractor, lambda: array_batches(images, labels, batch_size), device,
                                  str(path), log, images.shape[1:3])
     if adm_stats is not None:  # the ADM evaluator's own statistics, as they are
-        ref.mu, ref.sigma, _ = adm_stats
+        ref.mu, ref.sigma, _, _ = adm_stats
     return ref
 
 
