@@ -87,6 +87,35 @@ def test_fd_of_singular_covariances_is_real_finite_and_exact():
         frechet_distance(np.zeros(2), np.diag([np.nan, 1.0]), np.zeros(2), np.eye(2))
 
 
+
+def test_fd_refuses_a_sigma_that_is_no_covariance():
+    """Eigenvalues were clipped at 0 and the result clamped at 0: FD(μ, Σ; μ, −Σ) was 0.000, a perfect score,
+    and so was Σ with one eigenvalue's sign flipped."""
+    rng = np.random.default_rng(3)
+    mu, sigma = feature_statistics(rng.normal(size=(50, 8)))
+    values, vectors = np.linalg.eigh(sigma)
+    flipped = (vectors * np.r_[values[:-1], -values[-1]]) @ vectors.T
+    lopsided = sigma + np.triu(np.full((8, 8), 0.1), 1)
+    for bad, why in ((-sigma, "not positive semi-definite"), (flipped, "not positive semi-definite"),
+                     (lopsided, "not symmetric")):
+        for args in ((mu, sigma, mu, bad), (mu, bad, mu, sigma)):
+            with pytest.raises(ValueError, match=why):
+                frechet_distance(*args)
+
+
+def test_fd_accepts_covariances_singular_or_rounded_below_zero():
+    """The refusal above leaves alone what rounding does to covariances: fewer samples than dimensions, duplicated
+    samples, float32 storage (eigenvalues a hair below zero) and a covariance computed wholly in float32."""
+    rng = np.random.default_rng(4)
+    few = np.maximum(rng.normal(size=(20, 8)) @ rng.normal(size=(8, 200)) + 0.5, 0).astype(np.float32)
+    doubled = np.concatenate([few, few])
+    for features in (few, doubled):
+        mu, sigma = feature_statistics(features)
+        assert np.linalg.eigvalsh(sigma)[0] < 0  # rounding below zero: what must not be refused
+        for covariance in (sigma, sigma.astype(np.float32), torch.cov(torch.from_numpy(features).T).numpy()):
+            assert 0.0 <= frechet_distance(mu, covariance, mu, sigma) < 1e-3
+            assert 0.0 <= frechet_distance(mu, sigma, mu, covariance) < 1e-3
+
 def _features_along(rng, n, directions, scales, mean):
     """n features whose covariance is exactly Σ scale² qqᵀ over the columns q of ``directions``."""
     centred = rng.normal(size=(n, len(scales)))
@@ -368,10 +397,13 @@ def _zoo_statistics(tmp_path) -> dict:
     ("labels", lambda a: a[:-1], "labels must hold the class labels of features' 40 rows (integers, shape (40,)), "
      "got int64 (39,)"),
     ("labels", lambda a: a.astype(np.float64), "labels must hold the class labels of features' 40 rows"),
+    ("sigma", lambda a: -a, "sigma is not positive semi-definite"),  # (was scored FD 0.000, a perfect match)
+    ("sigma", lambda a: a + np.triu(np.full_like(a, 0.01), 1), "sigma is not symmetric"),
 ])
 def test_statistics_that_cannot_be_scored_against_are_refused_when_loaded(tmp_path, run_dir, capsys, key, value, why):
     """A NaN in mu, an inf in features or one label too few in a statistics file were taken: every sample was
-    drawn, then the FD (or the per-class FD's indexing) was a traceback, exit 1."""
+    drawn, then the FD (or the per-class FD's indexing) was a traceback, exit 1. A sigma that is no covariance
+    (−Σ) was scored, FD 0.000."""
     arrays = _zoo_statistics(tmp_path)
     np.savez(tmp_path / "bad.npz", **{**arrays, key: value(arrays[key])})
     with pytest.raises(UserError) as err:

@@ -119,15 +119,16 @@ def test_fd_symmetrises_a_slightly_asymmetric_input_covariance():
     written by other software can be asymmetric in its last bits or more; eigh reads one triangle only, so
     FD(mu, S) and FD(mu, S.T) differed. Both must be the FD of the symmetric part (S + S.T) / 2, computed
     here from that symmetric matrix (exact in float64: halving a sum is exact up to one rounding, and
-    (S + S.T) / 2 and (S.T + S) / 2 are the same bits). The asymmetry is 1e-3 of the entries: the mutation
-    moves the FD by ~1e-3, far beyond the 1e-12 relative tolerance (float64 rounding of the same operations)."""
+    (S + S.T) / 2 and (S.T + S) / 2 are the same bits). The asymmetry is 1e-8 of the entries (more than 1e-6
+    of the largest is no covariance, refused): the mutation moves the FD by ~1e-8, far beyond the 1e-12
+    relative tolerance (float64 rounding of the same operations)."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(50, 5))
     mu1, s1 = feature_statistics(x)
     mu2, s2 = feature_statistics(rng.normal(size=(60, 5)) * 1.5 + 0.2)
-    skew = rng.normal(size=(5, 5)) * 1e-3
-    asym = s1 + (skew - skew.T)  # symmetric part s1, antisymmetric part 1e-3
-    assert not np.allclose(asym, asym.T, rtol=0, atol=1e-4)
+    skew = rng.normal(size=(5, 5)) * 1e-8
+    asym = s1 + (skew - skew.T)  # symmetric part s1, antisymmetric part 1e-8
+    assert not np.allclose(asym, asym.T, rtol=0, atol=1e-9)
     want = frechet_distance(mu1, (asym + asym.T) / 2.0, mu2, s2)
     assert want == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-12)
     for sigma in (asym, asym.T):

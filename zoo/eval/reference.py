@@ -38,7 +38,7 @@ from zoo.errors import UserError
 from zoo.cache import cache_root
 from zoo.eval.extractors import extractor_output
 from zoo.eval.metrics import Features, Reference
-from zoo.eval.stats import feature_statistics
+from zoo.eval.stats import covariance_problem, feature_statistics
 from zoo.options import EVAL_OPTIONS, CommandOptions
 
 CACHE_VERSION = 2  # 2: image folders composite transparency on white and read 16-bit PGMs and float TIFFs at scale
@@ -409,8 +409,8 @@ RECOMPUTE = ("compute the statistics again from their images, or pass a referenc
 def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray | None,
                         labels: np.ndarray | None, extractor, dim: int
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """``mu`` (D,), ``sigma`` (D, D), ``features`` (N, D), all finite, and ``labels`` (N,) integers of a
-    statistics file, D the extractor's ``dim``: said when the reference is loaded, not as a traceback of the
+    """``mu`` (D,), ``sigma`` (D, D) a covariance, ``features`` (N, D), all finite, and ``labels`` (N,) integers
+    of a statistics file, D the extractor's ``dim``: said when the reference is loaded, not as a traceback of the
     FD after every sample was drawn."""
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (features is not None and
                                                               (features.ndim != 2 or features.shape[1] != len(mu))):
@@ -432,6 +432,9 @@ def _checked_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, features:
                         f"({'N' if features is None else len(features)},)), got {labels.dtype} {labels.shape}",
                         suggestion="save the labels as a 1-D integer array, one per row of features, or leave "
                         "labels out for a reference without classes")
+    problem = covariance_problem(sigma)  # (last: a D x D eigen-decomposition)
+    if problem is not None:
+        raise UserError(f"{path}: {problem}", suggestion=RECOMPUTE)
     return mu, sigma, features, labels
 
 
