@@ -350,3 +350,15 @@ def test_a_recipe_zoo_build_refuses_against_its_model_is_refused_too(capsys):
     assert main(["compare", TINY[1], "--set", "diffusion.time_input=dit_index", "--no-time"]) == 2
     err = capsys.readouterr().err
     assert "key diffusion.time_input" in err and "feeds DiMR a time on another scale" in err
+
+
+def test_a_run_directory_that_is_not_there_is_named_as_missing_not_as_a_recipe(tmp_path, capsys, monkeypatch):
+    """`zoo compare runs/dimr ...` with no such run said 'recipe file not found ... did you mean dimr_m_3r.yaml'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "runs/dimr", "--no-time"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/dimr does not exist (no run directory, checkpoint directory or recipe file there)" in err, err
+    assert main(["compare", "emoji32/dit", "--no-time"]) == 0  # a shipped recipe's relative name still works
+    capsys.readouterr()
+    assert main(["compare", "runs/dimr.yaml", "--no-time"]) == 2  # a recipe name keeps the recipe suggestions
+    assert "did you mean dimr_m_3r.yaml" in capsys.readouterr().err

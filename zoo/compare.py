@@ -105,6 +105,7 @@ def recipe_source(recipe: str, overrides: Sequence[str] = ()) -> str | Recipe:
     from zoo.run_summary import checkpoint_dir, is_run_or_checkpoint
 
     if not is_run_or_checkpoint(recipe):
+        _refuse_a_missing_path(recipe)
         return recipe
     from zoo.checkpoint import checkpoint_recipe, load_recipe_of
     from zoo.recipe import override_key
@@ -116,6 +117,23 @@ def recipe_source(recipe: str, overrides: Sequence[str] = ()) -> str | Recipe:
     checkpoint = checkpoint_dir(recipe)
     load_recipe_of(checkpoint)  # its mistakes name its config.json, an unknown name the plugins it was written with
     return checkpoint_recipe(checkpoint)
+
+
+def _refuse_a_missing_path(recipe: str) -> None:
+    """``runs/dimr`` where nothing is: say so, as a compare takes runs too ('recipe file not found ... did you
+    mean dimr_m_3r.yaml' answered a mistyped run directory). A shipped recipe's relative name
+    (``emoji32/dit``) and names ending in .yaml keep the recipe lookup and its suggestions."""
+    from zoo.guards import RECIPE_SUFFIXES, looks_like_a_path
+    from zoo.recipe import find_recipe
+
+    path = Path(recipe).expanduser()
+    if path.exists() or path.suffix.lower() in RECIPE_SUFFIXES or not looks_like_a_path(recipe):
+        return
+    try:
+        find_recipe(recipe)
+    except UserError:
+        raise UserError(f"{recipe} does not exist (no run directory, checkpoint directory or recipe file "
+                        "there)") from None
 
 
 def static_row(recipe: str, overrides: Sequence[str] = ()) -> Row:
