@@ -89,3 +89,16 @@ def test_a_dataset_left_to_its_default_on_one_side_is_the_same_dataset(tmp_path,
     recipe = {"model": {"type": "dit"}, "data": dict(now)}
     assert _paths_of_the_resumed_run(recipe, str(tmp_path / "ck")) == []
     assert recipe == {"model": {"type": "dit"}, "data": now}
+
+
+def test_a_refused_resume_from_a_default_dataset_names_it_in_the_fix(tmp_path):
+    """A first start whose recipe named no dataset trained on the default, synthetic; a resume onto another
+    dataset is refused with the ``--set`` that resumes it. Built from the checkpoint's keys only, the fix
+    read 'give the first start's --set options again: , or ...' (nothing to give)."""
+    save_checkpoint(tmp_path / "ck", {"w": torch.zeros(1)}, {"model": {"type": "dit"}, "data": {"size": 8}})
+    with pytest.raises(UserError) as refused:
+        _paths_of_the_resumed_run({"data": {"dataset": "emoji32"}}, str(tmp_path / "ck"))
+    assert "trained on data.dataset 'synthetic', and this recipe's is 'emoji32'" in str(refused.value)
+    assert refused.value.suggestion.startswith("give the first start's --set options again: --set "
+                                               "data.dataset=synthetic, or pass --allow-recipe-change")
+    assert _paths_of_the_resumed_run({"data": {"dataset": "synthetic"}}, str(tmp_path / "ck")) == []

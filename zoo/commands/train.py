@@ -98,8 +98,8 @@ def _paths_of_the_resumed_run(recipe: dict, resume: str, allow_recipe_change: bo
                else f"this recipe's is {dataset_now!r}")
         rootless = not data_now.get("root") and _reads_a_root(dataset_now)  # would go on to 'data.root is not set'
         if not allow_recipe_change:
-            again = " ".join(f"--set {shlex.quote(f'data.{key}={data_then[key]}')}" for key in ("dataset", "root")
-                             if data_then.get(key))
+            given = {"dataset": dataset_then, "root": data_then.get("root")}  # the dataset trained on, default too
+            again = " ".join(f"--set {shlex.quote(f'data.{key}={value}')}" for key, value in given.items() if value)
             raise UserError(f"the checkpoint in {resume} trained on data.dataset {dataset_then!r}{root}, and {now}"
                             + ", with no data.root" * rootless, key_path="data.dataset",
                             suggestion=f"give the first start's --set options again: {again}, or pass "
