@@ -415,6 +415,32 @@ sample: {{solver: {{type: ddim, steps: 2}}}}
         assert warning.endswith(advice) and "--vae" not in warning
 
 
+def test_zoo_train_says_once_at_its_start_that_data_vae_holds_another_networks_weights(tmp_path, capsys):
+    """data.vae naming a zoo checkpoint (its ema.safetensors is the file found) passed the start-up check,
+    which only found the file; every grid then warned '(the VAE: --vae, or data.vae in a recipe) does not
+    match the model', naming a flag zoo train refuses. Its keys are checked at the start: one warning."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "ckpt").mkdir()
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, str(tmp_path / "ckpt" / "ema.safetensors"))
+    assert main(["train", LATENT_RECIPE, "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "2",
+                 "--set", "train.batch_size=2", "--set", f"data.vae={tmp_path / 'ckpt'}",
+                 "--set", "train.sample_every=1", "--set", "train.sample_n=2", "--set", "data.image_size=8"]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if "no sample grid" in line]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"zoo train: warning: this run draws no sample grids: {tmp_path / 'ckpt' / 'ema.safetensors'} "
+        "(the VAE: data.vae) does not match the model; missing keys: encoder.conv_in.weight")
+    assert not (tmp_path / "run" / "samples").exists()
+    # a .pth has no header to check: read at the grid, its message names data.vae too
+    (tmp_path / "pth").mkdir()
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, tmp_path / "pth" / "other.pth")
+    assert main(["train", LATENT_RECIPE, "--out", str(tmp_path / "run2"), "--device", "cpu", "--steps", "1",
+                 "--set", "train.batch_size=2", "--set", f"data.vae={tmp_path / 'pth'}",
+                 "--set", "train.sample_every=1", "--set", "train.sample_n=2", "--set", "data.image_size=8"]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if "no sample grid" in line]
+    assert len(warned) == 1 and "other.pth (the VAE: data.vae) does not match the model" in warned[0]
+
+
 def test_the_latents_dataset_makes_a_latent_model_without_data_latent(tmp_path, vae_dir, image_dir, capsys):
     """dataset: latents without latent: true trained on latents, then drew its grids and zoo sample output
     as undecoded 4-channel tiles (and refused --vae: 'this model samples pixels'): the dataset decides."""

@@ -193,7 +193,8 @@ def test_the_decoder_scales_latents_by_the_recipes_vae_scale(tmp_path, monkeypat
     weights = tmp_path / "vae.safetensors"
     weights.write_bytes(b"x")
     seen = {}
-    monkeypatch.setattr(zoo.vae, "load_vae", lambda path, device="cpu", scale=None: seen.update(path=path, scale=scale))
+    monkeypatch.setattr(zoo.vae, "load_vae",
+                        lambda path, device="cpu", scale=None, options=None: seen.update(path=path, scale=scale))
     load_decoder({"data": {"latent": True, "vae": str(weights), "vae_scale": 0.13025}}, None)
     assert seen == {"path": weights, "scale": 0.13025}
     load_decoder({"data": {"latent": True, "vae": str(weights)}}, None)

@@ -68,3 +68,25 @@ def test_an_ldm_checkpoint_is_read_from_its_state_dict_entry(tmp_path):
     torch.save({"weights": state}, tmp_path / "nested.pth")
     with pytest.raises(UserError, match="do not hold a state dict of tensors"):
         _read_state_dict(tmp_path / "nested.pth")
+
+
+def test_weights_of_another_network_are_refused_from_the_header_naming_the_callers_option(tmp_path):
+    """A folder of other weights (a zoo checkpoint's ema.safetensors) passed the start-up check, which only
+    found the file: zoo train then warned at every sample grid, naming --vae, a flag it refuses. The header's
+    keys and shapes are checked against the VAE up front, and the message names the caller's option."""
+    from safetensors.torch import save_file
+
+    from zoo.errors import UserError
+    from zoo.options import TRAIN_OPTIONS
+    from zoo.vae import check_vae_weights
+
+    _tiny_vae().save_pretrained(str(tmp_path / "vae"))
+    check_vae_weights(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", TRAIN_OPTIONS)  # a VAE: it fits
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, str(tmp_path / "ema.safetensors"))
+    with pytest.raises(UserError, match=r"ema.safetensors \(the VAE: data.vae\) does not match the model; "
+                                        r"missing keys: encoder.conv_in.weight"):
+        check_vae_weights(tmp_path / "ema.safetensors", TRAIN_OPTIONS)
+    with pytest.raises(UserError, match=r"\(the VAE: --vae, or data.vae in a recipe\) does not match"):
+        check_vae_weights(tmp_path / "ema.safetensors")  # zoo sample and eval: their flag, or the recipe's key
+    with pytest.raises(UserError, match=r"ema.safetensors \(the VAE: data.vae\) does not match the model"):
+        load_vae(tmp_path / "ema.safetensors", options=TRAIN_OPTIONS)

@@ -628,26 +628,27 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None,
                             "so there is nothing to decode", suggestion="drop --vae")
         return None
     from zoo.latents import check_decoder_fits, prepared_with_vae
-    from zoo.vae import find_vae_weights
+    from zoo.vae import check_vae_weights, find_vae_weights
 
     weights = find_vae_weights(vae_dir or data.get("vae") or prepared_with_vae(data), options)
+    check_vae_weights(weights, options)  # another network's weights (a zoo checkpoint): said now, not at each decode
     check_decoder_fits(weights, data, options)
     return weights
 
 
-def load_decoder(recipe: Mapping[str, Any], vae_dir: str | Path | None,
-                 device: torch.device | str = "cpu") -> nn.Module | None:
+def load_decoder(recipe: Mapping[str, Any], vae_dir: str | Path | None, device: torch.device | str = "cpu",
+                 options: CommandOptions = EVAL_OPTIONS) -> nn.Module | None:
     """The SD VAE that turns a latent model's samples into images (``None`` for a pixel model).
 
     Load it once before sampling: bad or missing weights then fail before any sampling is done,
-    and a long run decodes every batch with the same copy.
+    and a long run decodes every batch with the same copy. ``options``: as in :func:`vae_weights`.
     """
-    weights = vae_weights(recipe, vae_dir)
+    weights = vae_weights(recipe, vae_dir, options)
     if weights is None:
         return None
     from zoo.vae import SCALE, load_vae
 
-    return load_vae(weights, device=device, scale=(recipe.get("data") or {}).get("vae_scale", SCALE))
+    return load_vae(weights, device=device, scale=(recipe.get("data") or {}).get("vae_scale", SCALE), options=options)
 
 
 def to_images(x: Tensor, recipe: Mapping[str, Any], vae_dir: str | Path | None, device: torch.device | str = "cpu",

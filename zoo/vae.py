@@ -12,7 +12,6 @@ diffusion model (DiT, U-ViT, DiMR) was trained.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -131,6 +130,29 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def _check_keys(vae: nn.Module, state: dict[str, Tensor], path: Path, options: CommandOptions) -> None:
+    """Refuse ``state`` (read from ``path``) whose keys or shapes are not ``vae``'s, naming ``path`` with the
+    option the calling command takes it by."""
+    from zoo.weights import check_keys
+
+    option = options.vae if options.recipe_keys else f"{options.vae}, or data.vae in a recipe"
+    check_keys(vae.state_dict(), state, source=f"{path} (the VAE: {option})",
+               suggestion=f"these are not AutoencoderKL (SD VAE) weights; {_FIX}")
+
+
+def check_vae_weights(path: Path, options: CommandOptions = EVAL_OPTIONS) -> None:
+    """Refuse a ``.safetensors`` file whose keys or shapes are not the VAE's, read from its header alone (no
+    tensor is loaded), so a wrong folder (a zoo checkpoint, say) is said before any sampling, not at each
+    decode. Other files are checked when :func:`load_vae` reads them. ``options``: as in :func:`find_vae_weights`."""
+    from zoo.weights import weights_on_meta
+
+    state = weights_on_meta(path) if path.suffix == ".safetensors" else None
+    if state is None:  # not safetensors, or unreadable: load_vae says why
+        return
+    vae = build_sd_vae("meta", vae_config(path), source=path.parent / "config.json")
+    _check_keys(vae, _to_diffusers_keys(state), path, options)
+
+
 def _to_diffusers_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename an LDM-layout VAE state dict (``encoder.down.0.block...``) to diffusers' layout."""
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
@@ -177,23 +199,19 @@ def load_vae(
     dtype: torch.dtype = torch.float32,
     scale: float = SCALE,
     chunk_size: int = 8,
+    options: CommandOptions = EVAL_OPTIONS,
 ) -> LatentVAE:
     """Build the VAE on ``meta`` and load the local weights strictly (no random init, no download).
 
     A diffusers directory is built from its own ``config.json`` (any ``AutoencoderKL``); other
-    weights are read as the SD KL-f8 VAE.
+    weights are read as the SD KL-f8 VAE. ``options``: what a message calls the caller's VAE option.
     """
-    from zoo.weights import load_state_dict_strict
-
-    path = find_vae_weights(directory)
+    path = find_vae_weights(directory, options)
     # first: without diffusers installed, this is the one-line error
     vae = build_sd_vae("meta", vae_config(path), source=path.parent / "config.json")
     state = _to_diffusers_keys(_read_state_dict(path))
-    with warnings.catch_warnings():  # the strict key check copies into meta tensors (a no-op) ...
-        warnings.simplefilter("ignore", UserWarning)
-        load_state_dict_strict(vae, state, source=f"{path} (the VAE: --vae, or data.vae in a recipe)",
-                               suggestion=f"these are not AutoencoderKL (SD VAE) weights; {_FIX}")
-    vae.load_state_dict(state, strict=True, assign=True)  # ... then the weights are assigned for real
+    _check_keys(vae, state, path, options)
+    vae.load_state_dict(state, strict=True, assign=True)  # onto the meta-built VAE: no second copy
     if any(p.dtype != dtype for p in vae.parameters()):  # e.g. fp16 weights on disk
         vae = vae.to(dtype=dtype)
     return LatentVAE(vae.to(device=device).eval(), scale=scale, chunk_size=chunk_size)

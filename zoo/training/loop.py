@@ -354,7 +354,7 @@ class Trainer(Resuming):
         return model
 
     def sample_grid(self) -> Path | None:
-        from zoo.sample import SampleRequest, sample_latents, save_grid, to_images
+        from zoo.sample import SampleRequest, load_decoder, sample_latents, save_grid, to_images
 
         if not self.grids:  # said at the start (every rank agrees: under FSDP ema_copy is collective)
             return None
@@ -364,7 +364,8 @@ class Trainer(Resuming):
         try:
             x, _ = sample_latents(model, self.recipe, SampleRequest(n=int(self.train["sample_n"])),
                                   device=self.device, options=TRAIN_OPTIONS)  # its messages name recipe keys
-            images = to_images(x, self.recipe, None, device=self.device)
+            decoder = load_decoder(self.recipe, None, self.device, TRAIN_OPTIONS)  # its messages name data.vae
+            images = to_images(x, self.recipe, None, device=self.device, decoder=decoder)
         except UserError as err:  # e.g. a latent model without local VAE weights
             self.log(f"zoo train: warning: no sample grid: {err}")
             return None
