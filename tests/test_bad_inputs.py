@@ -181,6 +181,9 @@ CASES = [
     ("compare-missing-recipe", "compare {tmp}/none.yaml --no-time", "-", 2, "{tmp}/none.yaml"),
     ("compare-plot-onto-a-dir", f"compare {TRAIN} --no-time --plot {{tmp}}", "-", 2, "{tmp} is a directory"),
     ("eval-missing-source", "eval {tmp}/none --n 4", "-", 2, "{tmp}/none"),
+    # it said 'its last/ is evaluated': a step_*/ saved after last/ is the one read
+    ("eval-missing-source-fix", "eval {tmp}/none --n 4", "-", 2, "(pass a run directory (its newest checkpoint is "
+     "evaluated: last/, or a step_*/ saved after it) or a checkpoint directory)"),
     ("eval-unknown-device", "eval {tmp}/ckpt --n 4 --device gpu", "ckpt", 2, "--device 'gpu'"),
     ("eval-too-few-samples", "eval {tmp}/ckpt --n 1", "ckpt", 2, "--n"),
     ("eval-too-many-samples", "eval {tmp}/ckpt --n 99999999999999999999", "ckpt", 2,

@@ -67,7 +67,7 @@ class EvalRequest:
 
 
 def locate(source: str | Path) -> tuple[Path, Path]:
-    """(checkpoint directory, eval directory) of a run directory (its ``last/``) or a checkpoint.
+    """(checkpoint directory, eval directory) of a run directory (its newest checkpoint) or a checkpoint.
 
     A checkpoint inside a run (``RUN/step_0001000``, ``RUN/last``) evaluates into ``RUN/eval``:
     checkpoint directories are replaced whole when saved, so nothing is written inside them.
@@ -80,8 +80,8 @@ def locate(source: str | Path) -> tuple[Path, Path]:
         return found, path / "eval"
     path = found  # a checkpoint, or on a read-only copy the newer save of it, read where it lies
     if not path.exists():
-        raise UserError(f"{path} does not exist", suggestion="pass a run directory (its last/ is evaluated) or a "
-                        "checkpoint directory")
+        raise UserError(f"{path} does not exist", suggestion="pass a run directory (its newest checkpoint is "
+                        "evaluated: last/, or a step_*/ saved after it) or a checkpoint directory")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run directory (with last/) nor a checkpoint directory (config.json)",
                         suggestion=newest_step_hint(path))  # a run without its last/: its newest step
