@@ -839,3 +839,22 @@ def test_a_broken_rule_is_blamed_on_the_file_that_set_its_key_not_the_base(tmp_p
     assert main(["build", str(tiny), "--set", "model.branches.1.block.type=transformer"]) == 2
     assert capsys.readouterr().err.startswith("zoo: error: --set model.branches.1.block.type=transformer: key "
                                               "model.branches.1.block: block 'transformer'")
+
+
+@pytest.mark.parametrize("argv", [["train", "dit_s_2", "--out", "run"], ["build", "emoji32/dit"],
+                                  ["compare", "emoji32/dit", "--no-time"], ["sample", "dit_s_2", "--out", "s.png"]],
+                         ids=["train", "build", "compare", "sample"])
+def test_a_folder_named_like_a_shipped_recipe_is_answered_with_the_recipes_file_name(argv, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """In a folder holding ./dit_s_2/ (or ./emoji32/dit/) the bare name means that folder: zoo sample said to
+    give dit_s_2.yaml, while zoo train, build and compare said only 'give a recipe's .yaml file', though
+    the shipped recipe's name works from anywhere else. Every command now names the file that works."""
+    from zoo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dit_s_2").mkdir()
+    (tmp_path / "emoji32" / "dit").mkdir(parents=True)
+    assert main(argv) == 2
+    name = argv[1]
+    assert capsys.readouterr().err.endswith(
+        f"(for the shipped recipe give {name}.yaml: the bare name {name} means this folder)\n")

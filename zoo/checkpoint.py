@@ -397,25 +397,17 @@ def _read_payload(directory: str | Path) -> dict:
     path = directory / CONFIG
     if not path.is_file():
         from zoo.guards import WEIGHTS_SUFFIXES
+        from zoo.recipe import shadowed_recipe_hint
 
         official = directory.is_dir() and any(f.suffix in WEIGHTS_SUFFIXES
                                               for f in directory.iterdir())  # U-ViT's 300000.ckpt/ of nnet*.pth
         raise UserError(f"{directory} is not a zoo checkpoint (no {CONFIG})", suggestion=newest_step_hint(directory)
                         or ("it holds weights files: convert official weights with zoo convert first" if official
-                            else _shadowed_recipe_hint(directory)))
+                            else shadowed_recipe_hint(directory)))
     payload = read_json_object(path, "checkpoint config")
     if payload.get("format") != FORMAT or not isinstance(payload.get("recipe"), dict):
         raise UserError(f"{path} is not a {FORMAT} config (a JSON object with format and recipe)")
     return payload
-
-
-def _shadowed_recipe_hint(directory: Path) -> str | None:
-    """For a folder named like a shipped recipe (``./dit_s_2/``): how to name the recipe instead."""
-    from zoo.recipe import shipped_recipe
-
-    if directory.is_absolute() or shipped_recipe(directory) is None:
-        return None
-    return f"for the shipped recipe give {directory}.yaml: the bare name {directory} means this folder"
 
 
 #: Keys earlier zoo versions accepted and nothing read: a checkpoint's recipe may still hold them.

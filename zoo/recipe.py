@@ -76,7 +76,8 @@ def find_recipe(path: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        raise UserError(f"recipe {path} is a directory, not a recipe file", suggestion="give a recipe's .yaml file")
+        raise UserError(f"recipe {path} is a directory, not a recipe file",
+                        suggestion=shadowed_recipe_hint(path) or "give a recipe's .yaml file")
     if path.exists():  # /dev/null, a FIFO: there, but no file to read
         raise UserError(f"recipe {path} is not a regular file", suggestion="give a recipe's .yaml file")
     shipped = shipped_recipe(path)
@@ -96,6 +97,14 @@ def _shipped_name(path: Path) -> str:
         return name
     relative = Path(*path.parts[1:]) if path.parts[:1] == ("recipes",) else path
     return str(relative.parent / name)
+
+
+def shadowed_recipe_hint(directory: Path) -> str | None:
+    """For a folder named like a shipped recipe (``./dit_s_2/``, ``./emoji32/dit/``): how to name the
+    recipe instead (the bare name reads the folder here, the recipe elsewhere)."""
+    if directory.is_absolute() or shipped_recipe(directory) is None:
+        return None
+    return f"for the shipped recipe give {directory}.yaml: the bare name {directory} means this folder"
 
 
 def shipped_recipe(path: str | Path) -> Path | None:

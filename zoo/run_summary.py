@@ -35,6 +35,7 @@ from typing import Any, Mapping
 from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint, read_config, run_of
 from zoo.domains import is_int, is_number
 from zoo.errors import UserError
+from zoo.recipe import shadowed_recipe_hint
 from zoo.training.crop import IMAGE_DECODING
 from zoo.training.sections import data_setting
 
@@ -89,6 +90,7 @@ def checkpoint_dir(arg: str | Path) -> Path:
                         suggestion=newest_step_hint(given)
                         or (f"it holds the runs {', '.join(runs[:5])}{', ...' * (len(runs) > 5)}: pass them, "
                             f"e.g. {given / '*'}/" if runs else None)
+                        or shadowed_recipe_hint(given)  # ./emoji32/dit/ beside the shipped emoji32/dit
                         or "give a recipe's .yaml file, a run directory or a checkpoint directory")
     return path
 
