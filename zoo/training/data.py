@@ -353,10 +353,15 @@ def _check_latent_switch(data: Mapping[str, Any], kind: str, builder: Callable[.
         return
     latent = gives_latents(data)
     if bool(data["latent"]) != latent:
+        from zoo import registry
+
         gives = "VAE latents" if latent else "images (pixels)"
+        switched = [name for name in registry.names("dataset")  # imagenet, synthetic
+                    if "latent" in getattr(registry.get("dataset", name), "latent_keys", ())]
         raise UserError(f"data.latent is {str(data['latent']).lower()}, but dataset {kind!r} gives {gives}",
-                        key_path="data.latent", suggestion="remove data.latent (it chooses between imagenet's "
-                        "latents and images); latent data is data.dataset: latents (zoo prepare-latents output)")
+                        key_path="data.latent", suggestion=f"remove data.latent (it chooses between latents and "
+                        f"images only for {' and '.join(switched)}); latent data is data.dataset: latents "
+                        "(zoo prepare-latents output)")
 
 
 def _other_data_hint(root: Path, latent: bool, shape: tuple[int, ...]) -> str:
