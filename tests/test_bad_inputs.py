@@ -163,6 +163,8 @@ CASES = [
                  "no CUDA GPU", marks=pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")),
     ("sample-class-out-of-range", "sample {tmp}/ckpt --out {tmp}/out.png --class 99", "ckpt", 2, "class label 99 (--class)"),
     ("sample-zero-images", "sample {tmp}/ckpt --out {tmp}/out.png --n 0", "ckpt", 2, "--n"),
+    ("sample-unknown-label-draw", "sample {tmp}/ckpt --out {tmp}/out.png --set sample.labels=balnced", "ckpt", 2,
+     "got 'balnced' (did you mean balanced?)"),
     ("sample-unknown-solver", "sample {tmp}/ckpt --out {tmp}/out.png --solver eulr", "ckpt", 2, "eulr"),
     ("sample-model-override-on-checkpoint", "sample {tmp}/ckpt --out {tmp}/out.png --set model.depth=3", "ckpt",
      2, "model section is fixed"),
@@ -186,6 +188,8 @@ CASES = [
      "evaluated: last/, or a step_*/ saved after it) or a checkpoint directory)"),
     ("eval-unknown-device", "eval {tmp}/ckpt --n 4 --device gpu", "ckpt", 2, "--device 'gpu'"),
     ("eval-too-few-samples", "eval {tmp}/ckpt --n 1", "ckpt", 2, "--n"),
+    ("eval-unknown-label-draw", "eval {tmp}/ckpt --n 4 --set sample.labels=balnced", "ckpt", 2,
+     "key sample.labels: labels must be one of random, balanced"),
     ("eval-too-many-samples", "eval {tmp}/ckpt --n 99999999999999999999", "ckpt", 2,
      "--n must be at least 2 and at most 100,000,000"),  # it was numpy's traceback
     ("eval-out-is-a-file", "eval {tmp}/ckpt --n 4 --out {tmp}/out", "ckpt+out_file", 2,

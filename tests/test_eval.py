@@ -860,6 +860,26 @@ def test_an_adaptive_solvers_batch_size_is_part_of_its_protocol(run_dir, capsys)
     assert "batch_size" not in json.loads(capsys.readouterr().out)["protocol"]
 
 
+def test_balanced_labels_are_their_own_protocol_and_random_keeps_the_earlier_samples(run_dir, capsys):
+    """--set sample.labels=balanced (DiMR's evaluation: sample i is class i % K) draws other labels, so other
+    samples: a protocol key and shards of their own, whose labels are i % K. The default (random) adds no key,
+    so the protocol hash and the samples of evals from before the key existed stay valid."""
+    args = ["eval", str(run_dir), "--n", "10", "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
+            "--batch-size", "4", "--steps", "2", "--json"]
+    results = {}
+    for draw in (None, "random", "balanced"):
+        assert main(args + ([] if draw is None else ["--set", f"sample.labels={draw}"])) == 0
+        results[draw] = json.loads(capsys.readouterr().out)
+    assert "labels" not in results[None]["protocol"] and "labels" not in results["random"]["protocol"]
+    assert results["random"]["samples"] == results[None]["samples"]
+    balanced = results["balanced"]
+    assert balanced["protocol"]["labels"] == "balanced" and balanced["samples"] != results[None]["samples"]
+    labels = [np.concatenate([np.load(s)["labels"] for s in sorted(Path(r["samples"]).glob("shard-*.npz"))])
+              for r in (results[None], balanced)]
+    assert labels[1].tolist() == [i % 4 for i in range(10)]  # tiny_train: 4 classes
+    assert labels[0].tolist() != labels[1].tolist()
+
+
 def test_an_adaptive_solver_samples_whole_batches_so_a_larger_n_extends_alike(run_dir, capsys):
     """--n 6 at batch 4 sampled 4..5 as a batch of two, and a later --n 8 added 6..7 as another: images
     4..5 then had other batch-mates, other step sizes, than in a fresh --n 8 run."""

@@ -57,6 +57,46 @@ def test_per_sample_seeds_are_distinct_and_split_independent():
     assert labels.min() == 0 and labels.max() == 9
 
 
+@pytest.mark.parametrize("start, n, classes", [(0, 50, 10), (7, 23, 10), (995, 10, 1000), (0, 50000, 1000)])
+def test_balanced_labels_are_the_index_modulo_the_classes(start, n, classes):
+    """sample.labels: balanced (DiMR's evaluation): sample i is class i % K from any start, so every class
+    is drawn n/K times where K divides n, and a shorter run's labels are the start of a longer one's."""
+    labels = sample_labels(n, classes, seed=3, start=start, draw="balanced")
+    assert labels.dtype == torch.long and torch.equal(labels, torch.arange(start, start + n) % classes)
+    if start == 0 and n % classes == 0:
+        assert torch.bincount(labels, minlength=classes).tolist() == [n // classes] * classes
+    assert torch.equal(sample_labels(n, classes, seed=3, start=start), sample_labels(n, classes, 3, start, "random"))
+
+
+def test_the_recipes_label_draw_reaches_sample_latents_and_given_classes_win(checkpoint):
+    """sample.labels: balanced draws i % K where no class is given (zoo sample, the training grids); --class
+    still wins; an unconditional model draws no labels and is not refused."""
+    model, recipe, _ = load_model(checkpoint)
+    balanced = {**recipe, "sample": {**recipe["sample"], "labels": "balanced"}}
+    _, y = sample_latents(model, balanced, SampleRequest(n=12, steps=2))
+    assert y.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    _, y = sample_latents(model, balanced, SampleRequest(n=3, class_labels=[4], steps=2))
+    assert y.tolist() == [4, 4, 4]
+    _, y = sample_latents(model, recipe, SampleRequest(n=12, steps=2))
+    assert torch.equal(y, sample_labels(12, 10, seed=0))  # the default: random, as before
+    plain = zoo.load_recipe(PIXELS, ["sample.labels=balanced", "model.num_classes=1", "data.num_classes=null",
+                                     "diffusion.null_label=0", "sample.cfg.scale=1"])  # unconditional
+    x, y = sample_latents(zoo.build_model(plain), plain, SampleRequest(n=3, steps=2))
+    assert y is None and x.shape == (3, 3, 8, 8)
+
+
+def test_the_dimr_paper_recipes_draw_balanced_labels_as_dimrs_evaluation():
+    """DiMR's eval.py gives every class 50 of the 50K samples (its FIDs were measured so); DiT's and U-ViT's
+    draw classes at random, zoo's default."""
+    from zoo.seeds import label_draw
+
+    shipped = Path(zoo.__file__).parent.parent / "recipes"
+    draws = {path.stem: label_draw(zoo.load_recipe(path)) for path in sorted(shipped.glob("*.yaml"))
+             if not path.stem.startswith("_")}
+    assert {name for name, draw in draws.items() if draw == "balanced"} == {n for n in draws if n.startswith("dimr_")}
+    assert draws["dit_xl_2"] == draws["uvit_h_2"] == "random"
+
+
 @pytest.mark.parametrize("recipe_path, side", [(PIXELS, 8), (DIMR, 16)])
 def test_same_samples_whatever_the_batch_size_float64(recipe_path, side):
     """Sample i does not depend on the batch split: DiT (guided 3 channels, learned σ, multistep

@@ -33,7 +33,7 @@ from zoo.modes import evaluating
 from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.precision import PRECISIONS, inference_precision
 from zoo.recipe import override_key
-from zoo.seeds import check_seed, initial_noise, recipe_seed, sample_labels, solver_generators
+from zoo.seeds import check_seed, initial_noise, label_draw, recipe_seed, sample_labels, solver_generators
 
 if TYPE_CHECKING:
     from zoo.solvers.base import Solver
@@ -412,13 +412,14 @@ def _check_labels(request: SampleRequest, classes: int | None) -> list[int] | No
     return given
 
 
-def _labels(request: SampleRequest, n: int, classes: int | None) -> Tensor | None:
-    """One label per sample: the request's (one for all, or one each) or seeded random classes."""
+def _labels(request: SampleRequest, n: int, classes: int | None, draw: str = "random") -> Tensor | None:
+    """One label per sample: the request's (one for all, or one each), else classes drawn as ``draw``
+    (the recipe's ``sample.labels``: seeded random or balanced)."""
     given = _check_labels(request, classes)
     if classes is None:
         return None
     if given is None:
-        return sample_labels(n, classes, request.seed)
+        return sample_labels(n, classes, request.seed, draw=draw)
     return torch.tensor(given * n if len(given) == 1 else given, dtype=torch.long)
 
 
@@ -593,7 +594,7 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
     n = request.count()
     if request.x_T is not None and tuple(request.x_T.shape[1:]) != shape:
         raise UserError(f"x_T has samples of shape {tuple(request.x_T.shape[1:])}; this model samples {shape}")
-    labels = _labels(request, n, num_classes(recipe))
+    labels = _labels(request, n, num_classes(recipe), label_draw(recipe))
     precision = sampling_precision(recipe, request.precision, dtype)
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or n
     require_sampling_memory(recipe, device, min(batch, n), guided=labels is not None and guidance.active,

@@ -67,8 +67,17 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -> 
     return torch.stack([torch.randn(shape, generator=_generator(seed, start + i)) for i in range(n)])
 
 
-def sample_labels(n: int, num_classes: int, seed: int, start: int = 0) -> Tensor:
-    """Random classes of samples ``start ..``, from a second generator per sample (independent of x_T)."""
+def label_draw(recipe: Mapping[str, Any]) -> str:
+    """How classes are drawn where none are given: the recipe's ``sample.labels``, else ``random``."""
+    return (recipe.get("sample") or {}).get("labels") or "random"
+
+
+def sample_labels(n: int, num_classes: int, seed: int, start: int = 0, draw: str = "random") -> Tensor:
+    """Classes of samples ``start .. start+n−1``. ``random``: each from its own generator (stream 1, independent
+    of x_T); ``balanced``: sample i gets class ``i % num_classes``, so every class is drawn equally often (50 each
+    of 1000 at 50K, as DiMR's evaluation) and a shorter run's labels are the start of a longer one's."""
+    if draw == "balanced":
+        return torch.arange(start, start + n) % num_classes
     return torch.stack(
         [torch.randint(num_classes, (), generator=_generator(seed, start + i, stream=1)) for i in range(n)]
     )

@@ -15,6 +15,7 @@
       num_samples: 50000
       batch_size: 32
       seed: 0
+      labels: random | balanced   # classes where none are given: seeded random (default) or i % num_classes
 
 A model that drops labels itself (DiT's ``class_dropout_prob``) must state the same rate as
 ``diffusion.label_drop``; zoo train then draws the drops itself, per sample, with the model's own
@@ -36,6 +37,7 @@ from zoo.validate import Component, check_table, domain_error, register_section
 PREDICTION_NAMES = ("eps", "v")
 TIME_INPUT_NAMES = ("dit_index", "uvit_discrete", "uvit_continuous", "dimr_log_snr")
 CONVENTIONS = ("dit", "uvit")
+LABEL_DRAWS = ("random", "balanced")  # zoo.seeds.sample_labels
 
 #: Each objective's keys (``type`` included); a new objective is one entry.
 OBJECTIVES: dict[str, dict[str, Any]] = {
@@ -92,6 +94,8 @@ SAMPLE: dict[str, Any] = {
     "num_samples": Annotated[int, Range(1, MAX_COUNT)],
     "batch_size": Annotated[int, Range(1, MAX_BATCH)],
     "seed": Annotated[int, Range(0, 2**56 - 1)],  # per-sample seeds keep 56 bits: a larger one repeats a smaller one
+    "labels": Annotated[str, OneOf(LABEL_DRAWS, "label draw"),
+                        Doc("classes where none are given: random (seeded; default) or balanced (sample i: class i % K)")],
     "precision": Annotated[str, OneOf(PRECISIONS, "precision"),
                            Doc("model calls while sampling: fp32, tf32 (CUDA), bf16 or fp16 autocast; unset: PyTorch's defaults")],
 }

@@ -127,13 +127,13 @@ def _sample_range(model, recipe: dict, solver, schedule, guidance, start: int, s
     from zoo.diffusion.setup import guided_eps_fn
     from zoo.precision import inference_precision
     from zoo.sample import num_classes, refuse_non_finite, to_images
-    from zoo.seeds import initial_noise, sample_labels, solver_generators
+    from zoo.seeds import initial_noise, label_draw, sample_labels, solver_generators
 
     x_example = example_inputs(model)[0]
     shape, dtype = tuple(x_example.shape[1:]), x_example.dtype
     count, classes = stop - start, num_classes(recipe)
     x_T = initial_noise(count, shape, seed, start).to(device=device, dtype=dtype)
-    labels = None if classes is None else sample_labels(count, classes, seed, start)
+    labels = None if classes is None else sample_labels(count, classes, seed, start, label_draw(recipe))
     eps_fn = guided_eps_fn(model, recipe, schedule, None if labels is None else labels.to(device), guidance,
                            eps_channels=shape[0])
     generators = solver_generators(seed, start, count)
@@ -307,6 +307,7 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
     from zoo.precision import arithmetic_key
     from zoo.sample import (build_solver, check_before_weights, load_decoder, num_classes,
                             sampling_precision, vae_weights)
+    from zoo.seeds import label_draw
     from zoo.vae import SCALE, vae_downsample
 
     if request.weights not in ("ema", "raw"):
@@ -346,6 +347,8 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
         "model": recipe.get("model"), "diffusion": recipe.get("diffusion"),
     }
     batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
+    if num_classes(recipe) is not None and label_draw(recipe) != "random":  # other labels, other samples; no key
+        protocol["labels"] = label_draw(recipe)  # for random ones, so earlier protocols and samples stay valid
     if solver.batch_coupled:  # adaptive steps: an image depends on its batch-mates, so samples of another
         protocol["batch_size"] = batch  # batch size are other samples (kept apart, never mixed on a resume)
     precision = sampling_precision(recipe, request.precision, next(model.parameters()).dtype)
