@@ -871,6 +871,10 @@ def test_balanced_labels_are_their_own_protocol_and_random_keeps_the_earlier_sam
         assert main(args + ([] if draw is None else ["--set", f"sample.labels={draw}"])) == 0
         results[draw] = json.loads(capsys.readouterr().out)
     assert "labels" not in results[None]["protocol"] and "labels" not in results["random"]["protocol"]
+    for draw in ("random", "balanced"):  # the first line says the draw where it is not the default
+        assert main([a for a in args if a != "--json"] + ["--set", f"sample.labels={draw}"]) == 0
+        printed = capsys.readouterr()
+        assert ("classes drawn balanced" in printed.out + printed.err) == (draw == "balanced")
     assert results["random"]["samples"] == results[None]["samples"]
     balanced = results["balanced"]
     assert balanced["protocol"]["labels"] == "balanced" and balanced["samples"] != results[None]["samples"]

@@ -240,7 +240,8 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
     done = upto - sum(b - a for a, b in todo)
     shared = f"; {ctx.world} processes share the rest" if ctx.distributed and todo else ""
     log(f"zoo eval: {setup.origin}; {request.n} samples in {setup.samples_dir} ({done} already there{shared}); "
-        f"solver {setup.protocol['solver']}; {setup.guidance.describe()}")
+        f"solver {setup.protocol['solver']}; {setup.guidance.describe()}"
+        + ("; classes drawn balanced (sample i: class i mod K)" if setup.protocol.get("labels") == "balanced" else ""))
     mine = todo[ctx.rank::ctx.world]
     with distributed.agreement(ctx):  # non-finite samples on one rank: one line from rank 0, every rank stops
         if mine:
