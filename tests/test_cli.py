@@ -101,7 +101,7 @@ def test_a_dataset_shows_the_data_keys_it_reads(capsys, plugins):
     assert "data.split        one of train, holdout" in out
     _, out, _ = zoo(capsys, "list", "dataset", "imagenet")
     keys = [line.split()[0] for line in out.splitlines()[2:]]
-    assert keys[0] == "data.root" and keys[-3:] == ["data.latent", "data.vae_scale", "data.vae"]
+    assert keys[0] == "data.root" and keys[-4:] == ["data.latent", "data.vae_scale", "data.vae", "data.vae_file"]
     assert "data.size" not in keys and "data.cache" not in keys
 
 

@@ -542,6 +542,53 @@ def test_a_vae_folder_with_several_weight_files_takes_the_ema_one_or_asks(tmp_pa
     assert find_vae_weights(tmp_path / "other_ema.ckpt") == tmp_path / "other_ema.ckpt"
 
 
+def test_data_vae_file_picks_the_file_of_a_vae_folder_holding_several(tmp_path):
+    """U-ViT's assets/stable-diffusion/ holds both decoders: U-ViT-L/2 decodes with autoencoder_kl.pth, and
+    the folder gave every recipe the _ema one."""
+    from zoo.vae import find_vae_weights
+
+    for name in ("autoencoder_kl.pth", "autoencoder_kl_ema.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_vae_weights(tmp_path, name="autoencoder_kl.pth") == tmp_path / "autoencoder_kl.pth"
+    assert find_vae_weights(tmp_path, name=None) == tmp_path / "autoencoder_kl_ema.pth"  # unset: as before
+    assert find_vae_weights(tmp_path / "autoencoder_kl_ema.pth", name="autoencoder_kl.pth") == \
+        tmp_path / "autoencoder_kl_ema.pth"  # a file given itself is the one used
+    with pytest.raises(UserError, match=rf"^VAE directory {re.escape(str(tmp_path))} holds no other.pth \(the "
+                       r"recipe's data.vae_file\), only autoencoder_kl.pth, autoencoder_kl_ema.pth \(put other.pth "
+                       rf"there, or give the file to decode with itself: --vae {re.escape(str(tmp_path))}/"):
+        find_vae_weights(tmp_path, name="other.pth")
+    (tmp_path / "autoencoder_kl.pth").unlink()  # one file: nothing to choose between
+    assert find_vae_weights(tmp_path, name="other.pth") == tmp_path / "autoencoder_kl_ema.pth"
+
+
+@pytest.mark.parametrize("recipe, expected", [("uvit_l_2", "autoencoder_kl.pth"), ("uvit_h_2", "autoencoder_kl_ema.pth"),
+                                              ("dimr_xl_2r", "autoencoder_kl_ema.pth")])
+def test_each_paper_recipe_decodes_with_its_official_file_of_uvits_vae_folder(tmp_path, recipe, expected):
+    """imagenet256_uvit.py (U-ViT-L/2) names autoencoder_kl.pth; U-ViT-H and DiMR name the _ema one."""
+    from zoo.sample import vae_weights
+
+    for name in ("autoencoder_kl.pth", "autoencoder_kl_ema.pth"):
+        (tmp_path / name).write_bytes(b"")
+    loaded = zoo.load_recipe(Path(__file__).parents[1] / "recipes" / f"{recipe}.yaml")
+    assert vae_weights(loaded, tmp_path) == tmp_path / expected
+    assert vae_weights({**loaded, "data": {**loaded["data"], "vae": str(tmp_path)}}, None) == tmp_path / expected
+
+
+def test_a_vae_file_the_folder_lacks_is_one_line_exit_2(tmp_path, capsys):
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    for name in ("autoencoder_kl_ema.pth", "other.pth"):
+        (vae / name).write_bytes(b"")
+    assert main(["sample", str(LATENT), "--n", "1", "--steps", "2", "--vae", str(vae), "--device", "cpu",
+                 "--set", "data.vae_file=autoencoder_kl.pth", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("zoo: error")]
+    assert errors == [f"zoo: error: VAE directory {vae} holds no autoencoder_kl.pth (the recipe's data.vae_file), "
+                      f"only autoencoder_kl_ema.pth, other.pth (put autoencoder_kl.pth there, or give the file to "
+                      f"decode with itself: --vae {vae / 'autoencoder_kl_ema.pth'})"]
+    assert "Traceback" not in err and not (tmp_path / "g.png").exists()
+
+
 @pytest.fixture(scope="module")
 def random_vae_dir(tmp_path_factory):
     from safetensors.torch import save_file

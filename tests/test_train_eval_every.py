@@ -283,6 +283,21 @@ def _hook(tmp_path, settings=(), log=lambda *_: None):
     return FDHook(recipe, recipe["train"], dataset, shape, tmp_path / "run", torch.device("cpu"), log)
 
 
+def test_a_plugin_datasets_reference_leaves_out_the_vae_it_decodes_with():
+    """Which decoder (data.vae, data.vae_file) turns samples into images changes no reference image, so
+    a plugin dataset's reference, made of its other data keys, leaves data.vae_file out too."""
+    from zoo.eval.reference import reference_data
+
+    zoo.register("dataset", "test_vae_file_data")(lambda data, shape, num_classes, seed=0: None)
+    try:
+        plain = reference_data({"dataset": "test_vae_file_data", "size": 8}, {})
+        chosen = reference_data({"dataset": "test_vae_file_data", "size": 8, "vae": "/v",
+                                 "vae_file": "autoencoder_kl.pth"}, {})
+    finally:
+        zoo.registry.unregister("dataset", "test_vae_file_data")
+    assert chosen == plain == {"dataset": "test_vae_file_data", "size": 8}
+
+
 def test_the_reference_key_ignores_data_settings_that_leave_the_images_as_they_are(tmp_path):
     """A default written out (data.split: train), a latent setting beside image data
     (latent: false, vae_scale) or the flips gave another fd_ref_key for the same images, and zoo compare

@@ -615,7 +615,8 @@ def _sample_latents(model: nn.Module, recipe: Mapping[str, Any], request: Sample
 def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None,
                 options: CommandOptions = EVAL_OPTIONS) -> Path | None:
     """The VAE weights a latent model decodes with (``--vae``, else ``data.vae``, else the VAE that
-    ``data.root``'s latents were prepared with, where it still lies); ``None`` for pixel models.
+    ``data.root``'s latents were prepared with, where it still lies; in a folder of several weight
+    files, the one ``data.vae_file`` names); ``None`` for pixel models.
 
     Called before sampling, so a missing VAE is reported before any compute is spent. ``options``:
     what its messages call the caller's VAE option (zoo train's is data.vae).
@@ -631,7 +632,7 @@ def vae_weights(recipe: Mapping[str, Any], vae_dir: str | Path | None,
     from zoo.latents import check_decoder_fits, prepared_with_vae
     from zoo.vae import check_vae_weights, find_vae_weights
 
-    weights = find_vae_weights(vae_dir or data.get("vae") or prepared_with_vae(data), options)
+    weights = find_vae_weights(vae_dir or data.get("vae") or prepared_with_vae(data), options, data.get("vae_file"))
     check_vae_weights(weights, options)  # another network's weights (a zoo checkpoint): said now, not at each decode
     check_decoder_fits(weights, data, options)
     return weights

@@ -5,9 +5,9 @@ parameters), or from the ``config.json`` of a diffusers directory (any ``Autoenc
 prepare-latents encoded with, the sampler decodes with); weights come from a LOCAL directory the user gives (``--vae DIR`` or the recipe's
 ``data.vae``): a diffusers snapshot (``diffusion_pytorch_model.safetensors``, also under
 ``vae/``), a single ``.safetensors`` file, or an LDM/U-ViT-style state dict
-(``autoencoder_kl*.pth``, ``*.ckpt``; read with ``weights_only=True`` and renamed with
-diffusers' converter). Latents are scaled by 0.18215 (z = 0.18215·E(x)) as every SD-VAE
-diffusion model (DiT, U-ViT, DiMR) was trained.
+(``autoencoder_kl*.pth``, ``*.ckpt``; the recipe's ``data.vae_file`` picks one of several; read
+with ``weights_only=True`` and renamed with diffusers' converter). Latents are scaled by 0.18215
+(z = 0.18215·E(x)) as every SD-VAE diffusion model (DiT, U-ViT, DiMR) was trained.
 """
 
 from __future__ import annotations
@@ -89,9 +89,14 @@ def vae_downsample(weights: Path) -> int:
     return 2 ** (len((config or SD_VAE_CONFIG)["block_out_channels"]) - 1)
 
 
-def find_vae_weights(directory: str | Path, options: CommandOptions = EVAL_OPTIONS) -> Path:
+def find_vae_weights(directory: str | Path, options: CommandOptions = EVAL_OPTIONS, name: str | None = None) -> Path:
     """The weights file inside a user's VAE directory, or a ``UserError`` that says how to fix it
-    (``options``: what it calls the caller's VAE option; zoo train's is data.vae)."""
+    (``options``: what it calls the caller's VAE option; zoo train's is data.vae).
+
+    ``name`` (a recipe's ``data.vae_file``) picks the file of a folder that holds several: U-ViT's
+    assets/stable-diffusion/ holds autoencoder_kl.pth and autoencoder_kl_ema.pth, and its models
+    decode with different ones. Unset, such a folder gives its one ``*ema*`` file. A file given
+    itself is used whatever ``name`` says."""
     if directory is None or str(directory) == "":
         raise UserError(f"this model works in the SD-VAE latent space and needs the VAE weights: {_FIX}")
     directory = Path(directory).expanduser()
@@ -102,12 +107,19 @@ def find_vae_weights(directory: str | Path, options: CommandOptions = EVAL_OPTIO
         return directory
     if not directory.is_dir():
         raise UserError(f"VAE directory {directory} does not exist: {_FIX}")
-    for name in DIFFUSERS_WEIGHTS:
-        if (directory / name).is_file():
-            return directory / name
+    if name and (directory / name).is_file():
+        return directory / name
+    for weights in DIFFUSERS_WEIGHTS:
+        if (directory / weights).is_file():
+            return directory / weights
     found = [f for pattern in LDM_PATTERNS for f in sorted(directory.glob(pattern))]
     ema = [f for f in found if "ema" in f.stem.lower()]
-    if len(found) == 1 or len(ema) == 1:  # U-ViT's folder holds autoencoder_kl.pth and the _ema one it uses
+    if len(found) > 1 and name:
+        raise UserError(f"VAE directory {directory} holds no {name} (the recipe's data.vae_file), only "
+                        f"{', '.join(f.name for f in found)}",
+                        suggestion=f"put {name} there, or give the file to decode with itself: "
+                        f"{options.given('vae', found[0])}")
+    if len(found) == 1 or len(ema) == 1:
         return (ema or found)[0]
     if found:
         raise UserError(f"VAE directory {directory} holds several weight files ({', '.join(f.name for f in found)})",

@@ -38,7 +38,7 @@ synthetic.reads = ("size", "image_size")  # type: ignore[attr-defined]
 synthetic.seeded_images = True  # type: ignore[attr-defined]  # train.seed draws the images themselves
 synthetic.check = _synthetic_size  # type: ignore[attr-defined]  # also run by zoo build
 synthetic.ignores_root = True  # type: ignore[attr-defined]  # a data.root beside it is a mistake (see build_dataset)
-synthetic.latent_keys = ("latent", "vae_scale", "vae")  # type: ignore[attr-defined]  # latent: stand-in latents
+synthetic.latent_keys = ("latent", "vae_scale", "vae", "vae_file")  # type: ignore[attr-defined]  # latent: stand-in latents
 
 
 def image_folder(data: Mapping[str, Any], shape: tuple[int, ...], num_classes: int | None, seed: int = 0) -> Dataset:
@@ -102,7 +102,7 @@ def _manifest_classes(data: Mapping[str, Any]) -> list[str]:
 
 latents.seeded_images = False  # type: ignore[attr-defined]  # train.seed picks none of them
 latents.reads = ("image_size",)  # type: ignore[attr-defined]  # checked against the resolution they were made at
-latents.latent_keys = ("vae_scale", "vae")  # type: ignore[attr-defined]  # listed by zoo list / --help-component
+latents.latent_keys = ("vae_scale", "vae", "vae_file")  # type: ignore[attr-defined]  # listed by zoo list / --help-component
 latents.class_names = _manifest_classes  # type: ignore[attr-defined]
 
 
@@ -130,5 +130,5 @@ imagenet.seeded_images = False  # type: ignore[attr-defined]  # train.seed picks
 imagenet.reads = ("image_size",)  # type: ignore[attr-defined]
 imagenet.check = lambda data, shape, num_classes: (  # type: ignore[attr-defined]  # pixels: as an image folder
     None if data.get("latent") else _image_folder_fits(data, shape, num_classes))
-imagenet.latent_keys = ("latent", "vae_scale", "vae")  # type: ignore[attr-defined]
+imagenet.latent_keys = ("latent", "vae_scale", "vae", "vae_file")  # type: ignore[attr-defined]
 imagenet.class_names = lambda data: (_manifest_classes if data.get("latent") else _folder_classes)(data)  # type: ignore[attr-defined]

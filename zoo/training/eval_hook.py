@@ -44,7 +44,8 @@ REF_FILE = Path("eval") / "fd_reference.npz"
 #: ``data`` keys that change no reference image: flips are the trainer's, the split and size are in the
 #: reference's description ("emoji32:holdout", "image_folder:train (16 images)"), the image size is the
 #: samples' (recorded apart), the latent keys are another reference's (latent data needs train.eval_ref).
-NOT_REFERENCE_DATA = ("random_flip", "cache", "num_workers", "split", "image_size", "latent", "vae", "vae_scale")
+NOT_REFERENCE_DATA = ("random_flip", "cache", "num_workers", "split", "image_size", "latent", "vae", "vae_file",
+                      "vae_scale")
 
 
 def _rng_kept(device: torch.device):

@@ -9,6 +9,7 @@
       latent: true               # the model works on SD KL-f8 latents
       vae_scale: 0.18215         # latents are multiplied by it unless the shards say they are stored scaled
       vae: /path/to/vae          # local VAE weights (decoding sample grids)
+      vae_file: autoencoder_kl.pth   # which file of a VAE folder holding several (default: its one *ema* file)
       size: 64                   # synthetic: number of images
       num_workers: 0
       split: train               # emoji32: train | holdout
@@ -51,6 +52,8 @@ DATA: dict[str, Any] = {
     "latent": bool,
     "vae_scale": PositiveFloat,
     "vae": Path | None,
+    "vae_file": Annotated[str, Doc("a file name in the VAE folder: the weights to decode with where it holds "
+                                   "several (unset: its one *ema* file)")] | None,
     "size": Annotated[int, Range(1, MAX_COUNT), Doc("synthetic: number of images")],
     "num_workers": Annotated[int, Range(0, MAX_WORKERS)],
     "split": Annotated[str, OneOf(("train", "holdout"), "split"), Doc("emoji32: train or holdout")],
