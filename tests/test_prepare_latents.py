@@ -122,8 +122,11 @@ def test_prepare_latents_shards_manifest_and_moments(tmp_path, vae_dir, image_di
     args = ["prepare-latents", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--resolution", str(RES),
             "--batch-size", "3", "--shard-size", "4", "--workers", "0"]
     assert main(args) == 0
-    assert (f"zoo prepare-latents: 10 images in 2 classes under {image_dir}; 3 shards of up to 4 in {out}, "
-            f"encoding 3 (10 images) on cpu") in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [  # first the file read of the --vae folder: which of several it took is seen
+        f"zoo prepare-latents: VAE weights {(vae_dir / 'diffusion_pytorch_model.safetensors').resolve()}",
+        f"zoo prepare-latents: 10 images in 2 classes under {image_dir}; 3 shards of up to 4 in {out}, "
+        f"encoding 3 (10 images) on cpu"]
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["num_images"] == 10 and manifest["classes"] == ["n01", "n02"]
     assert [s["num_images"] for s in manifest["shards"]] == [4, 4, 2]
@@ -810,7 +813,7 @@ def test_changed_images_keep_the_shards_of_unchanged_rows_and_re_encode_the_rest
     (images / "n02" / "n02_9.png").write_bytes((images / "n02" / "n02_0.png").read_bytes())  # a new last row
     lines = []
     assert prepare_latents(images, vae_dir, out, log=lines.append, **kw)
-    assert "changed since" in lines[0] and "encoding 3 (10 images)" in lines[1]
+    assert "changed since" in lines[1] and "encoding 3 (10 images)" in lines[2]  # lines[0]: the VAE weights
     assert [stamp(k) != before[k] for k in range(3)] == [True, True, True]
     fresh = tmp_path / "fresh"
     prepare_latents(images, vae_dir, fresh, **kw)
@@ -1157,7 +1160,8 @@ def test_counts_of_one_are_singular(tmp_path, vae_dir, image_dir):
     lines = []
     assert prepare_latents(tmp_path, vae_dir, tmp_path.parent / f"{tmp_path.name}_lat", resolution=RES,
                            num_workers=0, log=lines.append)
-    assert lines == [f"1 image in 1 class under {tmp_path}; 1 shard of up to 10000 in "
+    assert lines == [f"VAE weights {(vae_dir / 'diffusion_pytorch_model.safetensors').resolve()}",
+                     f"1 image in 1 class under {tmp_path}; 1 shard of up to 10000 in "
                      f"{tmp_path.parent / f'{tmp_path.name}_lat'}, encoding 1 (1 image) on cpu"]
 
 

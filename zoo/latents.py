@@ -367,9 +367,9 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
                     progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None) -> bool:
     """Encode the shards of ``image_dir`` that rank ``rank`` of ``world`` owns and are not on disk yet.
 
-    ``log`` gets one line saying what was found and what is left to encode. ``num_workers`` decoding
-    processes are started, no more than there are batches to read (a note says so). Returns whether
-    the output is complete (``manifest.json`` written).
+    ``log`` gets (rank 0) the VAE weights file read, then one line saying what was found and what is
+    left to encode. ``num_workers`` decoding processes are started, no more than there are batches
+    to read (a note says so). Returns whether the output is complete (``manifest.json`` written).
     """
     from zoo.atomic import remove_file_leftovers
 
@@ -393,6 +393,8 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
             remove_file_leftovers(out / shard_name(k))
         if log is not None:
             n = plan["num_shards"]
+            if rank == 0:  # which file of a --vae folder holding several
+                log(f"VAE weights {plan['vae']['weights']}")
             if changed:
                 log(f"the images under {root} changed since {out} was started: the shards whose images are the same "
                     "are kept, the others encoded again")
