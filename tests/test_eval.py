@@ -1226,6 +1226,25 @@ def test_torchrun_passes_the_sampling_options_to_every_rank():
     assert args.respacing == "ddim25" and args.overrides == ["sample.solver.eta=1.0", "sample.batch_size=4"]
 
 
+@pytest.mark.parametrize("extra", [[], ["--num-samples", "1"], ["--batch-size", "0"], ["--seed", "-1"],
+                                   ["--device", "nonexist"], ["--out", "afile"], ["--weights", "ema"],
+                                   ["--classifier", "nonexist", "--distortion"]])
+def test_under_torchrun_an_eval_mistake_is_one_line_from_rank_0(tmp_path, capsys, monkeypatch, extra):
+    """Every rank checks the same arguments: the mistake printed once per process (1 or 2 lines, as timing had it)."""
+    import zoo.cli
+
+    monkeypatch.setattr(zoo.cli, "QUIET_RANK_WAIT_S", 0.0)  # the wait for rank 0's line under torchrun
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["eval", "nonexist", *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == lines, err
+    assert err.startswith("zoo: error: ")
+
+
 def test_a_dataset_reference_is_named_with_its_split_however_it_was_given(tmp_path):
     """`--ref emoji32` printed 'vs emoji32' and the default 'vs emoji32:holdout' for the one reference (the same
     result file, written over)."""

@@ -6,10 +6,11 @@ traceback); every other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 
 class UserError(Exception):
@@ -53,6 +54,18 @@ class UserError(Exception):
         key = f"key {self.key_path}: " if self.key_path else ""
         hint = f" ({self.suggestion})" if self.suggestion else ""
         return f"{where}{key}{self.message}{hint}"
+
+
+@contextlib.contextmanager
+def reported_by_rank_0(rank: int | None = None) -> Iterator[None]:
+    """Around checks every torchrun process makes alike (the same arguments, the same files): their
+    mistake is the same on every rank, so the CLI prints it from rank 0 alone, not once per process.
+    ``rank``: this process's (default: torchrun's ``RANK``)."""
+    try:
+        yield
+    except UserError as err:
+        err.quiet = (int(os.environ.get("RANK", "0")) if rank is None else rank) != 0
+        raise
 
 
 class ContractError(UserError, TypeError):

@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from zoo.errors import UserError, some_of
+from zoo.errors import UserError, reported_by_rank_0, some_of
 from zoo.jsonfile import read_json_object
 from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.training.crop import IMAGE_DECODING
@@ -375,11 +375,8 @@ def prepare_latents(image_dir: str | Path, vae_dir: str | Path, out: str | Path,
 
     root, out = Path(image_dir).expanduser(), Path(out).expanduser()
     fresh = not any(out.glob("shard_*.safetensors"))  # before any rank can have written one
-    try:  # every rank lists the same folder and reads the same VAE: rank 0 alone reports a mistake here
+    with reported_by_rank_0(rank):  # every rank lists the same folder and reads the same VAE: the same mistake
         images, vae, plan, lines, changed, planned = _plan(root, vae_dir, out, resolution, shard_size, dtype)
-    except UserError as err:
-        err.quiet = rank != 0
-        raise
     digests = shard_digests(plan, lines)
     device = torch.device(device or "cpu")
     vae = vae.to(device)

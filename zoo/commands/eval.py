@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 from zoo.commands import add_overrides_option, add_respacing_option, add_weights_option
 from zoo.guards import user_path
@@ -95,7 +96,8 @@ def _json_log(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> int:
+def _checked_arguments(args: argparse.Namespace) -> tuple[str, Any]:
+    """The device and the distortion scorer (or None), after the checks that need no samples."""
     from zoo.errors import UserError
 
     from zoo.domains import MAX_COUNT
@@ -108,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         check_seed(args.seed)
-    from zoo.eval.runner import EvalRequest, evaluate
     from zoo.guards import resolve_device
 
     device = str(resolve_device(args.device))  # an unknown device or cuda without a GPU: one line, exit 2
@@ -126,12 +127,21 @@ def run(args: argparse.Namespace) -> int:
         from zoo.eval.runner import locate
 
         require_ema(locate(args.source)[0])
-    from zoo.eval.distortion import analyse
     from zoo.eval.distortion_cli import scorer_for
 
     # a missing or mismatched classifier fails before sampling, on every rank; rank 0 alone scores the samples,
     # so the others check it on the cpu (under torchrun 'cuda' is still cuda:0 here: N copies on GPU 0)
     scorer = scorer_for(args, device if os.environ.get("RANK", "0") == "0" else "cpu")
+    return device, scorer
+
+
+def run(args: argparse.Namespace) -> int:
+    from zoo.errors import reported_by_rank_0
+
+    with reported_by_rank_0():  # the same arguments and files on every torchrun rank: the same mistake
+        device, scorer = _checked_arguments(args)
+    from zoo.eval.distortion import analyse
+    from zoo.eval.runner import EvalRequest, evaluate
 
     request = EvalRequest(source=args.source, n=args.n, ref=args.ref, extractor=args.extractor,
                           extractor_weights=args.extractor_weights, solver=args.solver, steps=args.steps,

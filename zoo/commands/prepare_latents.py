@@ -48,16 +48,13 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from zoo.errors import UserError
+    from zoo.errors import reported_by_rank_0
     from zoo.latents import prepare_latents
     from zoo.training.signals import sigterm_raises
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:  # the same arguments on every rank: the same mistake, which rank 0 reports
+    with reported_by_rank_0(rank):  # the same arguments on every rank: the same mistake
         device = _checked_device(args)
-    except UserError as err:
-        err.quiet = rank != 0
-        raise
     if device == "cuda":  # under torchrun each process takes its own GPU, as zoo train does
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     # SIGTERM (SLURM, torchrun) stops like Ctrl-C: the workers end with the process, the shards written stay

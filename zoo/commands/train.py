@@ -190,16 +190,13 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[str, dict, str, list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoo.errors import UserError, tracebacks_wanted
+    from zoo.errors import reported_by_rank_0, tracebacks_wanted
     from zoo.training import distributed
     from zoo.training.loop import NonFiniteError, train
 
     rank = int(os.environ.get("RANK", "0"))
-    try:  # the same arguments and files on every rank: the same mistake, which rank 0 reports
+    with reported_by_rank_0(rank):  # the same arguments and files on every rank: the same mistake
         out, recipe, device, notes = _checked_arguments(args)
-    except UserError as err:
-        err.quiet = rank != 0
-        raise
     try:
         records = train(recipe, out, steps=args.steps, device=device, resume=args.resume,
                         allow_recipe_change=args.allow_recipe_change, notes=notes)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from zoo.errors import UserError
+from zoo.errors import UserError, reported_by_rank_0
 from zoo.training.crop import IMAGE_DECODING
 from zoo.meta import example_inputs
 from zoo.eval.metrics import compute_metrics
@@ -210,16 +210,17 @@ def evaluate(request: EvalRequest, log: Callable[[str], None] = print, progress:
 
     from zoo.sample import sample_recipe
 
-    ckpt, eval_dir = locate(request.source)
-    given = request.n
-    recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
-    request = _with_recipe_defaults(request, recipe, ckpt)
-    if request.n < 2:
-        raise UserError(f"{'--n' if given is not None else 'sample.num_samples'} must be at least 2 (a covariance "
-                        f"needs two samples), got {request.n}")
-    eval_dir = Path(request.out).expanduser() if request.out else eval_dir
-    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    distributed.check_launch(device)
+    with reported_by_rank_0():  # before the ranks can compare notes: each would print the same mistake
+        ckpt, eval_dir = locate(request.source)
+        given = request.n
+        recipe = sample_recipe(ckpt, request.overrides, request.solver)  # reads no weights
+        request = _with_recipe_defaults(request, recipe, ckpt)
+        if request.n < 2:
+            raise UserError(f"{'--n' if given is not None else 'sample.num_samples'} must be at least 2 (a "
+                            f"covariance needs two samples), got {request.n}")
+        eval_dir = Path(request.out).expanduser() if request.out else eval_dir
+        device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        distributed.check_launch(device)
     ctx = distributed.init(str(device))
     if not ctx.main:
         log, progress = (lambda _: None), False
