@@ -480,3 +480,51 @@ def test_version_flag_and_attribute_name_the_installed_versions(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out == (f"zoo {zoo.__version__} (torch {metadata.version('torch')}, "
                                        f"Python {sys.version.split()[0]})\n")
+
+
+TINY_TRAIN = str(RECIPES / "tiny_train.yaml")
+ONE_PROCESS_COMMANDS = {  # every command but train, eval and prepare-latents, as a user ran it under torchrun
+    "list": ["list"],
+    "build": ["build", TINY_TRAIN],
+    "convert": ["convert", "dit", "official.pt", "--recipe", TINY_TRAIN, "--out", "conv2"],
+    "parity": ["parity", "golden.pt"],
+    "sample": ["sample", TINY_TRAIN, "--out", "grid.png"],
+    "compare": ["compare", TINY_TRAIN, "--json", "--device", "cpu", "--plot", "cmp.png"],
+    "export": ["export", "diffusers", "RUN", "--out", "exd2"],
+    "train-classifier": ["train-classifier", TINY_TRAIN, "--out", "cls", "--steps", "20", "--batch-size", "8"],
+}
+
+
+def test_every_command_either_shares_its_work_under_torchrun_or_is_refused_there():
+    from zoo.commands import DISTRIBUTED_COMMANDS
+
+    names = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert names == set(ONE_PROCESS_COMMANDS) | set(DISTRIBUTED_COMMANDS)
+
+
+@pytest.mark.parametrize("name, argv", [*ONE_PROCESS_COMMANDS.items(),
+                                        ("export npz", ["export", "npz", "EVALDIR", "--out", "s.npz"])])
+def test_a_one_process_command_under_torchrun_is_refused_before_any_work(name, argv, tmp_path, capsys, monkeypatch):
+    """Each process did the same work and wrote the same output: two exports, the second failing on the first's
+    files (a successful export reported as failed), a checkpoint replaced without --force, two JSON lists."""
+    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0.0)  # the wait for rank 0's line under torchrun
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert not out and len(err.splitlines()) == lines, err
+    assert err.startswith(f"zoo: error: zoo {argv[0]} runs in one process: under torchrun every process would")
+    assert err.rstrip().endswith(f"(run it without torchrun: zoo {' '.join(argv)})") or argv[0] == "sample"
+    assert not list(tmp_path.iterdir())  # nothing read (the paths do not exist) or written
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "prepare-latents"])
+def test_the_commands_that_share_their_work_run_under_torchrun(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = {"prepare-latents": [command, str(tmp_path / "none"), "--vae", "VAE", "--out", str(tmp_path / "lat")]}
+    assert cli.main(argv.get(command, [command, str(tmp_path / "none")])) == 2  # its own check of the path
+    assert "runs in one process" not in capsys.readouterr().err

@@ -18,6 +18,7 @@ import sys
 import threading
 from typing import Any, NoReturn, Sequence
 
+from .commands import refuse_torchrun
 from .errors import UserError, tracebacks_wanted
 
 QUIET_RANK_WAIT_S = 10.0  # how long a rank whose mistake rank 0 reports waits for rank 0 to print it
@@ -220,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zoo ARGS``; return the exit status."""
     try:
         parser = build_parser()
-        empty = _empty_argument(sys.argv[1:] if argv is None else list(argv), parser)
+        given = sys.argv[1:] if argv is None else list(argv)
+        empty = _empty_argument(given, parser)
         if empty is not None:
             print(f"zoo: error: {empty} is empty (give a value)", file=sys.stderr)
             return 2
@@ -231,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:
             print(f"zoo: error: {_unrecognized(extra)}", file=sys.stderr)
             return 2
+        refuse_torchrun(args.command, given)  # a one-process command: before any of its work
         if args.command not in GOES_ON_WITHOUT_STDOUT:
             return int(args.func(args) or 0)
         stdout, stderr = sys.stdout, sys.stderr

@@ -9,7 +9,6 @@ recipe's guidance convention (DiT's w, or U-ViT/DiMR's s = w − 1), which is pr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -57,12 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from zoo.errors import UserError
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would draw the same grid and write it
-        err = UserError("zoo sample runs in one process: under torchrun each process would draw the same "
-                        "images and write the same file", suggestion="run it without torchrun; to split a large "
-                        "set of samples over processes, torchrun ... -m zoo eval CHECKPOINT --num-samples N")
-        err.quiet = os.environ.get("RANK", "0") != "0"  # one line for the run, from rank 0
-        raise err
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
