@@ -514,6 +514,35 @@ def test_a_resume_does_the_grid_fd_and_validation_loss_its_step_lost_to_a_kill(t
     assert [step for step, *_ in evaluated(cut)] == [2, 2, 4, 4, 6, 6]
 
 
+def test_a_stop_while_the_fd_extracts_features_cuts_it_short_and_saves_that_step(tmp_path, monkeypatch, capsys):
+    """The extractor's pass over the samples calls no diffusion model, whose forward alone checked for a stop:
+    a SIGTERM then went unheard to the pass's end, and under torchrun (30 s of grace) rank 0 was killed
+    mid-pass with last/ never saved. Cut short, the run saves step 2 and exits 143; the resume does the FD."""
+    import signal
+
+    import zoo.eval.runner as runner
+
+    real, sent = runner.extract, []
+
+    def extract(extractor, *args, **kwargs):  # the samples are drawn: SIGTERM as the extractor starts on them
+        if not sent:
+            sent.append(extractor)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(extractor, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "extract", extract)
+    argv = ["train", str(RECIPE), "--out", str(tmp_path), "--steps", "4"] + [x for k in SETTINGS + EVAL
+                                                                            for x in ("--set", k)]
+    assert main(argv) == 143
+    out = capsys.readouterr().out
+    assert sent and "zoo train: the FD evaluation of step 2 was cut short by SIGTERM; the run stops now" in out
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert not any("fd" in r for r in _records(tmp_path))
+    assert not sent[0]._forward_pre_hooks  # the run's stop check came off the extractor with the run
+    assert main(argv + ["--resume", str(tmp_path)]) == 0
+    assert [r["step"] for r in _records(tmp_path) if "fd" in r] == [2, 4]
+
+
 def test_the_resumed_steps_work_is_done_only_where_the_run_before_had_it_due(tmp_path):
     """A run that finished without grids, resumed with sample_every dividing its step, was told 'step 4's sample
     grid was not done before the run stopped' and drew it: that run never planned it."""

@@ -669,6 +669,9 @@ class Trainer(Resuming):
         # A fresh request state; handlers restored in the finally below. Under torchrun a Ctrl-C arrives
         # twice (terminal + relay), so there a second signal is no 'stop now'.
         self.stops = StopSignals(second_stops_now=not self.ctx.distributed).install()
+        # The FD's pass over its samples calls the extractor alone: it checks for a stop too (the hook comes
+        # off in the finally below, as the extractor outlives this run's requests)
+        extractor_hook = self.stops.cut_short_when_asked(self.fd.extractor) if self.fd is not None else None
         records, running, running_mse, count = [], torch.zeros((), device=self.device), 0.0, 0
         norms, finite = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         tick = time.perf_counter()
@@ -782,6 +785,8 @@ class Trainer(Resuming):
             raise
         finally:
             self.stops.restore()
+            if extractor_hook is not None:
+                extractor_hook.remove()
             if monitor:
                 monitor.close()
             self.monitor = None

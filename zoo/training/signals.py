@@ -20,7 +20,11 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.hooks import RemovableHandle
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)  # the stop signals a user sends (said when the process ignores one)
 #: every signal that stops a run after saving: those above, a closed terminal's and SLURM's pre-emption warnings
@@ -151,14 +155,16 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def cut_short_when_asked(self, model) -> None:
-        """Make every forward of ``model`` (a copy that samples or evaluates) raise :class:`CutShort`
-        once a stop was asked for."""
+    def cut_short_when_asked(self, module: torch.nn.Module) -> RemovableHandle:
+        """Make every forward of ``module`` raise :class:`CutShort` once a stop was asked for: the model copy
+        that samples or evaluates, and the FD's feature extractor, whose pass over the samples calls no
+        model and can outlast torchrun's grace. Returns the hook's handle (to take it off a module that
+        outlives the run)."""
         def check(module, args) -> None:
             if self.received is not None:
                 raise CutShort(self.received)
 
-        model.register_forward_pre_hook(check)
+        return module.register_forward_pre_hook(check)
 
     @property
     def flag(self) -> float:
