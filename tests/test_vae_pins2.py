@@ -90,3 +90,53 @@ def test_weights_of_another_network_are_refused_from_the_header_naming_the_calle
         check_vae_weights(tmp_path / "ema.safetensors")  # zoo sample and eval: their flag, or the recipe's key
     with pytest.raises(UserError, match=r"ema.safetensors \(the VAE: data.vae\) does not match the model"):
         load_vae(tmp_path / "ema.safetensors", options=TRAIN_OPTIONS)
+
+
+def _to_ldm_keys(state: dict, blocks: int) -> dict:
+    """diffusers' AutoencoderKL state dict in LDM's layout (``encoder.down.0.block.0...``, the attention's
+    1x1 convs): what diffusers' convert_ldm_vae_checkpoint, which zoo reads such files with, undoes."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
+                     lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.block.{m[2]}", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+                     lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.upsample", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m[1]) + 1}", new)
+        new = new.replace("mid_block.attentions.0.group_norm", "mid.attn_1.norm")
+        for diffusers, ldm in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            new = new.replace(f"mid_block.attentions.0.{diffusers}", f"mid.attn_1.{ldm}")
+        out[new] = value[:, :, None, None] if ".attn_1." in new and value.ndim == 2 else value
+    return out
+
+
+def test_safetensors_weights_in_the_ldm_layout_pass_the_header_check_and_load(tmp_path):
+    """The header check renames LDM keys as load_vae does: checking the keys as stored refused every
+    LDM-layout .safetensors VAE (U-ViT's, SD's single-file VAEs) as 'does not match the model' before
+    load_vae, which reads it fine, was reached. A four-block VAE (SD's layout, 4 channels) in a diffusers
+    folder whose weights file holds LDM keys: accepted, and loaded to the same weights."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from zoo.options import TRAIN_OPTIONS
+    from zoo.vae import check_vae_weights
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=[4, 4, 4, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        sample_size=16)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    ldm = _to_ldm_keys(vae.state_dict(), 4)
+    assert "encoder.down.0.block.0.conv1.weight" in ldm and not any("down_blocks" in key for key in ldm)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({key: value.contiguous() for key, value in ldm.items()}, str(weights))
+    check_vae_weights(weights)
+    check_vae_weights(weights, TRAIN_OPTIONS)
+    codec = load_vae(tmp_path / "vae")
+    loaded = codec.vae.state_dict()
+    assert loaded.keys() == vae.state_dict().keys()
+    assert all(torch.equal(loaded[key], value) for key, value in vae.state_dict().items())
