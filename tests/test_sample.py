@@ -680,6 +680,26 @@ def test_bad_vae_weights_fail_before_any_sampling(tmp_path, monkeypatch, capsys)
     assert "notavae" in capsys.readouterr().err
 
 
+def test_zoo_trains_vae_of_other_weights_read_at_load_names_data_vae_not_the_vae_flag(tmp_path):
+    """A .bin or .ckpt has no header to check up front: load_vae reads it when the decoder is loaded. Without
+    the caller's options passed on, zoo train's grid warning named '--vae, or data.vae in a recipe', a flag
+    zoo train refuses; zoo sample's keeps naming its flag."""
+    from zoo.options import TRAIN_OPTIONS
+    from zoo.sample import load_decoder
+
+    for suffix in (".bin", ".ckpt"):
+        folder = tmp_path / suffix[1:]
+        folder.mkdir()
+        torch.save({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, folder / f"other{suffix}")
+        recipe = zoo.load_recipe(LATENT)
+        recipe["data"]["vae"] = str(folder)
+        with pytest.raises(UserError, match=rf"other\{suffix} \(the VAE: data.vae\) does not match the model") as err:
+            load_decoder(recipe, None, "cpu", TRAIN_OPTIONS)
+        assert "(the VAE: --vae" not in str(err.value)  # (the advice lists every command's way to give it)
+        with pytest.raises(UserError, match=r"\(the VAE: --vae, or data.vae in a recipe\) does not match"):
+            load_decoder(recipe, None, "cpu")
+
+
 def test_a_weights_file_inside_a_checkpoint_points_at_its_directory(checkpoint, tmp_path, capsys):
     assert main(["sample", str(checkpoint / "ema.safetensors"), "--n", "1", "--out", str(tmp_path / "s.png")]) == 2
     assert f"(give the checkpoint directory {checkpoint})" in capsys.readouterr().err
