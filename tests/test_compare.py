@@ -362,3 +362,6 @@ def test_a_run_directory_that_is_not_there_is_named_as_missing_not_as_a_recipe(t
     capsys.readouterr()
     assert main(["compare", "runs/dimr.yaml", "--no-time"]) == 2  # a recipe name keeps the recipe suggestions
     assert "did you mean dimr_m_3r.yaml" in capsys.readouterr().err
+    assert main(["compare", "dimr_m_3", "--no-time"]) == 2  # a bare mistyped name is a recipe's, not a path
+    err = capsys.readouterr().err
+    assert "recipe file not found" in err and "did you mean dimr_m_3r.yaml" in err and "does not exist" not in err, err
