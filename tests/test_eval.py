@@ -884,6 +884,29 @@ def test_balanced_labels_are_their_own_protocol_and_random_keeps_the_earlier_sam
     assert labels[0].tolist() != labels[1].tolist()
 
 
+def test_balanced_labels_leave_an_unconditional_models_protocol_and_samples_alone(tmp_path, capsys):
+    """An unconditional model draws no labels, so --set sample.labels=balanced changes nothing it samples: no
+    protocol key, the same samples folder (not a second sampling of the same images), no 'classes drawn
+    balanced' in its first line."""
+    recipe = zoo.load_recipe(RECIPE, ["model.num_classes=1", "data.num_classes=null", "diffusion.null_label=0"])
+    torch.manual_seed(0)
+    model = zoo.build_model(recipe)
+    save_checkpoint(tmp_path / "run" / "last", model, recipe, ema=model)
+    _adm_npz(tmp_path / "ref.npz", n=16)
+    args = ["eval", str(tmp_path / "run"), "--n", "4", "--ref", str(tmp_path / "ref.npz"), "--extractor", "test_pool",
+            "--batch-size", "4", "--steps", "2", "--json"]
+    results = []
+    for extra in ([], ["--set", "sample.labels=balanced"]):
+        assert main(args + extra) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["samples"] == results[0]["samples"]
+    assert all(r["protocol"]["num_classes"] is None and "labels" not in r["protocol"] for r in results)
+    assert main(args[:-1] + ["--set", "sample.labels=balanced"]) == 0  # its first line, as printed without --json
+    printed = capsys.readouterr()
+    assert "(4 already there" in printed.out + printed.err  # the same samples, none drawn again
+    assert "classes drawn balanced" not in printed.out + printed.err
+
+
 def test_an_adaptive_solver_samples_whole_batches_so_a_larger_n_extends_alike(run_dir, capsys):
     """--n 6 at batch 4 sampled 4..5 as a batch of two, and a later --n 8 added 6..7 as another: images
     4..5 then had other batch-mates, other step sizes, than in a fresh --n 8 run."""
