@@ -708,6 +708,22 @@ def test_eval_end_to_end_writes_the_protocol_and_resumes_from_shards(run_dir, ca
     assert time.process_time() >= 0 and time.perf_counter() - start < 120
 
 
+def test_a_damaged_result_file_is_written_over_not_a_traceback(run_dir, capsys):
+    """The result of an earlier run of the same evaluation is read for its distortion count; one cut short (a
+    full disk, a kill mid-write: '{') or not UTF-8 is no count to keep, and the new result replaces it."""
+    args = ["eval", str(run_dir), "--n", "4", "--ref", str(run_dir.parent / "ref.npz"), "--extractor", "test_pool",
+            "--batch-size", "4", "--steps", "2", "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    path = Path(first["path"])
+    for damaged in (b"{", b"\xff\xfe{"):
+        path.write_bytes(damaged)
+        assert main(args) == 0, capsys.readouterr().err
+        again = json.loads(capsys.readouterr().out)
+        assert again["path"] == first["path"] and again["metrics"] == first["metrics"]
+        assert json.loads(path.read_text(encoding="utf-8"))["metrics"] == first["metrics"]
+
+
 def test_samples_of_the_same_weights_under_another_diffusion_section_are_not_reused(run_dir, capsys):
     """The sample cache was keyed by the weights' sha256 and the solver: the same weights re-saved with
     another noise schedule reused the first schedule's samples, and their FD."""
