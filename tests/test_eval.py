@@ -116,6 +116,46 @@ def test_fd_accepts_covariances_singular_or_rounded_below_zero():
             assert 0.0 <= frechet_distance(mu, covariance, mu, sigma) < 1e-3
             assert 0.0 <= frechet_distance(mu, sigma, mu, covariance) < 1e-3
 
+def test_fd_accepts_the_zero_covariance_of_identical_samples():
+    """A collapsed model (every sample the same image) has sigma = 0: a covariance, whose FD is finite. The
+    tolerances are relative to the matrix's scale, which is 0 here: only a strict comparison leaves it alone."""
+    from zoo.eval.stats import covariance_problem
+
+    rng = np.random.default_rng(5)
+    mu, sigma = feature_statistics(rng.normal(size=(30, 6)))
+    mu0, zero = feature_statistics(np.ones((10, 6)))
+    assert not zero.any() and covariance_problem(zero) is None
+    for fd in (frechet_distance(mu0, zero, mu, sigma), frechet_distance(mu, sigma, mu0, zero),
+               frechet_distance(mu0, zero, mu0, zero)):
+        assert np.isfinite(fd) and fd >= 0.0
+    assert frechet_distance(mu0, zero, mu0, zero) == 0.0
+    assert frechet_distance(mu0, zero, mu, sigma) == pytest.approx(((mu0 - mu) ** 2).sum() + np.trace(sigma))
+
+
+def test_the_covariance_checks_are_relative_to_the_matrix_scale():
+    """Features of another extractor or units make a sigma of any scale: rounding asymmetry of a covariance
+    of entries near 1e6 is far above 1e-6 absolute, and a 10 % asymmetry of one near 1e-8 far below it. A
+    negative eigenvalue of 1e-5 of the largest is no rounding (float32 features round to ~6e-8), so refused."""
+    from zoo.eval.stats import PSD_TOLERANCE, covariance_problem
+
+    rng = np.random.default_rng(6)
+    _, sigma = feature_statistics(rng.normal(size=(40, 6)))
+    sigma = sigma / np.abs(sigma).max()
+    nudge = np.zeros_like(sigma)
+    nudge[0, 1] = 1.0
+    big = sigma * 1e6 + nudge * 1e-3  # asymmetric by 1e-9 of its scale: rounding
+    assert covariance_problem(big) is None
+    small = sigma * 1e-8 + nudge * 1e-9  # asymmetric by 10 % of its scale
+    assert covariance_problem(small).startswith("sigma is not symmetric")
+    values, vectors = np.linalg.eigh(sigma)
+    for smallest, refused in ((-1e-5, True), (-0.1 * PSD_TOLERANCE, False)):
+        shifted = np.r_[smallest, np.linspace(0.2, 1.0, 5)]
+        bent = (vectors * shifted) @ vectors.T
+        bent = (bent + bent.T) / 2
+        problem = covariance_problem(bent)
+        assert (problem is not None and "not positive semi-definite" in problem) if refused else problem is None
+
+
 def _features_along(rng, n, directions, scales, mean):
     """n features whose covariance is exactly Σ scale² qqᵀ over the columns q of ``directions``."""
     centred = rng.normal(size=(n, len(scales)))
