@@ -460,6 +460,8 @@ def _zoo_statistics(tmp_path) -> dict:
     ("labels", lambda a: a[:-1], "labels must hold the class labels of features' 40 rows (integers, shape (40,)), "
      "got int64 (39,)"),
     ("labels", lambda a: a.astype(np.float64), "labels must hold the class labels of features' 40 rows"),
+    ("labels", lambda a: a[:, None], "labels must hold the class labels of features' 40 rows (integers, shape "
+     "(40,)), got int64 (40, 1)"),  # a column of labels: per-class FD's masks would be (40, 1)
     ("sigma", lambda a: -a, "sigma is not positive semi-definite"),  # (was scored FD 0.000, a perfect match)
     ("sigma", lambda a: a + np.triu(np.full_like(a, 0.01), 1), "sigma is not symmetric"),
 ])
@@ -476,6 +478,20 @@ def test_statistics_that_cannot_be_scored_against_are_refused_when_loaded(tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and why in err and "Traceback" not in err
     assert not list((run_dir / "eval").glob("samples-*/shard-*"))
+
+
+def test_statistics_of_integer_mu_and_unsigned_labels_are_loaded_and_scored(tmp_path):
+    """Arrays saved by other tools keep their dtypes: labels as uint8 (ImageNet's 1000 classes need uint16) and a
+    mu of whole numbers as integers are statistics like any other, not 'must hold finite numbers'/'labels must
+    hold the class labels'. The per-class FD is computed against such labels."""
+    arrays = _zoo_statistics(tmp_path)
+    np.savez(tmp_path / "other.npz", **{**arrays, "mu": np.rint(arrays["mu"] * 100).astype(np.int64),
+                                          "labels": arrays["labels"].astype(np.uint8)})
+    ref = load_reference(str(tmp_path / "other.npz"), PoolFeatures(), 8, log=lambda _: None)
+    assert ref.labels.tolist() == arrays["labels"].tolist()
+    np.testing.assert_array_equal(ref.mu, np.rint(arrays["mu"] * 100))
+    out = compute_metrics(Features(ref.features, labels=arrays["labels"]), ref, num_classes=4)
+    assert set(out["per_class_fd"]) == {"0", "1", "2", "3"} and "per_class_fd_skipped" not in out
 
 
 def test_inception_statistics_with_nan_are_refused_when_loaded(tmp_path):
