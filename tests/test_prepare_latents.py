@@ -429,10 +429,13 @@ def test_zoo_train_says_once_at_its_start_that_data_vae_holds_another_networks_w
     assert main(["train", LATENT_RECIPE, "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "2",
                  "--set", "train.batch_size=2", "--set", f"data.vae={tmp_path / 'ckpt'}",
                  "--set", "train.sample_every=1", "--set", "train.sample_n=2", "--set", "data.image_size=8"]) == 0
-    warned = [line for line in capsys.readouterr().out.splitlines() if "no sample grid" in line]
+    lines = capsys.readouterr().out.splitlines()
+    warned = [line for line in lines if "no sample grid" in line]
     assert len(warned) == 1 and warned[0].startswith(
         f"zoo train: warning: this run draws no sample grids: {tmp_path / 'ckpt' / 'ema.safetensors'} "
         "(the VAE: data.vae) does not match the model; missing keys: encoder.conv_in.weight")
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    assert lines.index(warned[0]) < first_step  # at the start, before any step, not at a grid
     assert not (tmp_path / "run" / "samples").exists()
     # a .pth has no header to check: read at the grid, its message names data.vae too
     (tmp_path / "pth").mkdir()

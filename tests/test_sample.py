@@ -680,6 +680,25 @@ def test_bad_vae_weights_fail_before_any_sampling(tmp_path, monkeypatch, capsys)
     assert "notavae" in capsys.readouterr().err
 
 
+def test_vae_weights_checks_a_safetensors_headers_keys_before_any_sampling(tmp_path):
+    """data.vae naming a zoo checkpoint (its ema.safetensors is the file found): vae_weights, the check run
+    before sampling (zoo train's start, zoo sample's and eval's load), refuses it by its header, naming the
+    caller's option; finding the file alone passed it, and zoo train warned at every grid instead."""
+    from safetensors.torch import save_file
+
+    from zoo.options import TRAIN_OPTIONS
+    from zoo.sample import vae_weights
+
+    (tmp_path / "ckpt").mkdir()
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, str(tmp_path / "ckpt" / "ema.safetensors"))
+    recipe = zoo.load_recipe(LATENT)
+    recipe["data"]["vae"] = str(tmp_path / "ckpt")
+    with pytest.raises(UserError, match=r"ema.safetensors \(the VAE: data.vae\) does not match the model"):
+        vae_weights(recipe, None, TRAIN_OPTIONS)
+    with pytest.raises(UserError, match=r"ema.safetensors \(the VAE: --vae, or data.vae in a recipe\) does not"):
+        vae_weights(recipe, None)
+
+
 def test_zoo_trains_vae_of_other_weights_read_at_load_names_data_vae_not_the_vae_flag(tmp_path):
     """A .bin or .ckpt has no header to check up front: load_vae reads it when the decoder is loaded. Without
     the caller's options passed on, zoo train's grid warning named '--vae, or data.vae in a recipe', a flag
