@@ -140,3 +140,15 @@ def test_safetensors_weights_in_the_ldm_layout_pass_the_header_check_and_load(tm
     loaded = codec.vae.state_dict()
     assert loaded.keys() == vae.state_dict().keys()
     assert all(torch.equal(loaded[key], value) for key, value in vae.state_dict().items())
+    # zoo sample decodes a latent model's samples with it (the tiny DiT's 8x8 latents: 64x64 images)
+    from pathlib import Path
+
+    import zoo
+    from zoo.checkpoint import save_checkpoint
+    from zoo.cli import main
+
+    recipe = zoo.load_recipe(Path(__file__).parent / "recipes" / "tiny_dit_latent.yaml")
+    save_checkpoint(tmp_path / "latent", zoo.build_model(recipe), recipe)
+    assert main(["sample", str(tmp_path / "latent"), "--n", "2", "--steps", "2", "--vae", str(tmp_path / "vae"),
+                 "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert (tmp_path / "s.png").is_file()
