@@ -155,6 +155,9 @@ def test_export_cli_writes_the_diffusers_layout_atomically(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(tmp_path / "mine"), "--force"]) == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    (out / "NOTES.md").write_text("mine")  # an export a user added a file to: --force deleted it with the export
+    assert main(["export", "diffusers", str(tmp_path / "ckpt"), "--out", str(out), "--force"]) == 2
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_an_export_a_kill_interrupted_is_repaired_by_loading_and_by_the_next_export(tmp_path, capsys, monkeypatch):

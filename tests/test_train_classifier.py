@@ -113,6 +113,11 @@ def test_the_command_trains_saves_and_reloads_with_the_recorded_holdout_accuracy
     assert f"--out {out} is already a zoo classifier (holdout accuracy {config['holdout_accuracy']:.4f})" in err
     assert "pass --force to replace it" in err and "Traceback" not in err
     assert (out / "model.safetensors").read_bytes() == before
+    (out / "NOTES.md").write_text("mine")  # a file a user added: --force deleted it with the classifier
+    assert main(["train-classifier", str(RECIPE), "--out", str(out), "--steps", "1", "--dims", "16", "--depths",
+                 "1", "--json", "--force"]) == 2
+    assert "also holds files zoo did not write (NOTES.md)" in capsys.readouterr().err
+    (out / "NOTES.md").unlink()
     assert main(["train-classifier", str(RECIPE), "--out", str(out), "--steps", "1", "--dims", "16", "--depths",
                  "1", "--json", "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 1

@@ -259,6 +259,15 @@ def missing_or_truncated(directory: Path, record: str) -> list[str] | None:
     return problems
 
 
+def unlisted_files(directory: Path, record: str) -> list[str]:
+    """The names in a directory :func:`write_dir` sealed that its record does not list: files a user put
+    there since, which replacing the directory would delete. Sorted; ``[]`` for an unsealed directory."""
+    files = (read_record(directory, record) or {}).get(FILES_KEY)
+    if not isinstance(files, dict):
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name != record and p.name not in files)
+
+
 def is_sealed(directory: Path, record: str) -> bool:
     """Whether ``directory`` was completely written by :func:`write_dir` (its record lists every file)."""
     return directory.is_dir() and missing_or_truncated(directory, record) == []

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.errors import UserError
+from zoo.errors import UserError, some_of
 from zoo.modes import evaluating
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -102,6 +102,11 @@ def check_out(directory: str | Path, replace: bool = True) -> Path:
         record = atomic.read_record(directory, CONFIG) or {}
         if record.get("kind") != KIND:
             raise UserError(f"--out {directory} holds files that are not a zoo classifier; choose a new directory")
+        added = atomic.unlisted_files(directory, CONFIG)
+        if added:  # replacing the directory would delete them
+            raise UserError(f"--out {directory} is a zoo classifier that also holds files zoo did not write "
+                            f"({some_of(added)}); zoo will not replace it",
+                            suggestion="move them away or choose another --out")
         if not replace:
             accuracy = record.get("holdout_accuracy")
             what = f" (holdout accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""

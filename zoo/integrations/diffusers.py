@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import zoo
-from zoo.errors import UserError
+from zoo.errors import UserError, some_of
 
 PIPELINE_NULL_LABEL = 1000  # the label DiTPipeline passes for the unconditional half
 EXPORT_RECORD, EXPORT_FORMAT = "zoo_export.json", "zoo-diffusers-export/1"  # written last: the export is complete
@@ -236,6 +236,10 @@ def export(checkpoint: str | Path, out: str | Path, use_ema: bool = True, force:
         if not atomic.is_sealed(target, EXPORT_RECORD):
             raise UserError(f"{target} exists and is not a zoo diffusers export; it is left alone",
                             suggestion="choose another --out")
+        added = atomic.unlisted_files(target, EXPORT_RECORD)
+        if added:  # replacing the directory would delete them
+            raise UserError(f"{target} is a zoo diffusers export that also holds files zoo did not write "
+                            f"({some_of(added)}); it is left alone", suggestion="move them away or choose another --out")
         if not force:
             raise UserError(f"{target} already holds an export", suggestion="pass --force to replace it")
 
