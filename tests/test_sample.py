@@ -86,15 +86,19 @@ def test_the_recipes_label_draw_reaches_sample_latents_and_given_classes_win(che
 
 
 def test_the_dimr_paper_recipes_draw_balanced_labels_as_dimrs_evaluation():
-    """DiMR's eval.py gives every class 50 of the 50K samples (its FIDs were measured so); DiT's and U-ViT's
-    draw classes at random, zoo's default."""
+    """DiMR's released eval.py (256 and 512 px) gives every class 50 of the 50K samples (its FIDs were measured
+    so); DiT's and U-ViT's draw classes at random, zoo's default, and so do the 64-px DiMRs, whose setup the paper
+    says is U-ViT's (and Table 2's rows, U-ViT's among them, evaluate alike)."""
     from zoo.seeds import label_draw
 
     shipped = Path(zoo.__file__).parent.parent / "recipes"
-    draws = {path.stem: label_draw(zoo.load_recipe(path)) for path in sorted(shipped.glob("*.yaml"))
-             if not path.stem.startswith("_")}
-    assert {name for name, draw in draws.items() if draw == "balanced"} == {n for n in draws if n.startswith("dimr_")}
-    assert draws["dit_xl_2"] == draws["uvit_h_2"] == "random"
+    draws = {str(path.relative_to(shipped)): label_draw(zoo.load_recipe(path))
+             for path in sorted(shipped.rglob("*.yaml")) if not path.name.startswith("_")}
+    latent_dimr = {n for n in draws if n.startswith("dimr_") and zoo.load_recipe(shipped / n)["data"].get("latent")}
+    assert latent_dimr == {"dimr_xl_2r.yaml", "dimr_xl_3r.yaml", "dimr_g_2r.yaml"}
+    assert {name for name, draw in draws.items() if draw == "balanced"} == latent_dimr
+    assert draws["dit_xl_2.yaml"] == draws["uvit_h_2.yaml"] == draws["dimr_m_3r.yaml"] == "random"
+    assert {draws[n] for n in draws if n.startswith("ablation/")} == {"random"}
 
 
 @pytest.mark.parametrize("recipe_path, side", [(PIXELS, 8), (DIMR, 16)])
@@ -557,6 +561,10 @@ def test_data_vae_file_picks_the_file_of_a_vae_folder_holding_several(tmp_path):
                        r"recipe's data.vae_file\), only autoencoder_kl.pth, autoencoder_kl_ema.pth \(put other.pth "
                        rf"there, or give the file to decode with itself: --vae {re.escape(str(tmp_path))}/"):
         find_vae_weights(tmp_path, name="other.pth")
+    for path in ("../other/autoencoder_kl.pth", "/elsewhere/autoencoder_kl.pth", ".."):  # read another folder's
+        with pytest.raises(UserError, match=rf"^data.vae_file '{re.escape(path)}' is not a file name: it names a "
+                           "file inside the VAE folder"):
+            find_vae_weights(tmp_path, name=path)
     (tmp_path / "autoencoder_kl.pth").unlink()  # one file: nothing to choose between
     assert find_vae_weights(tmp_path, name="other.pth") == tmp_path / "autoencoder_kl_ema.pth"
 

@@ -34,6 +34,7 @@ from zoo.options import CommandOptions, EVAL_OPTIONS
 from zoo.precision import PRECISIONS, inference_precision
 from zoo.recipe import override_key
 from zoo.seeds import check_seed, initial_noise, label_draw, recipe_seed, sample_labels, solver_generators
+from zoo.seeds import sample_seed  # noqa: F401  (the name every eval protocol records: zoo.sample.sample_seed)
 
 if TYPE_CHECKING:
     from zoo.solvers.base import Solver

@@ -107,6 +107,9 @@ def find_vae_weights(directory: str | Path, options: CommandOptions = EVAL_OPTIO
         return directory
     if not directory.is_dir():
         raise UserError(f"VAE directory {directory} does not exist: {_FIX}")
+    if name and Path(name).name != name or name in (".", ".."):  # ../other/x.pth read another folder's file
+        raise UserError(f"data.vae_file {name!r} is not a file name: it names a file inside the VAE folder",
+                        suggestion=f"give the file itself as the VAE: {options.given('vae', directory / name)}")
     if name and (directory / name).is_file():
         return directory / name
     for weights in DIFFUSERS_WEIGHTS:

@@ -340,8 +340,8 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
         "cfg": ({"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
                  "channels": guidance.channels, "power": guidance.power} if guidance.active else
                 {"scale": None, "convention": "dit", "w": None, "channels": None, "power": None}),
-        # zoo.seeds.sample_seed, under the name every saved protocol records (renaming it would rename
-        # the samples folders of finished and half-done evaluations, so they would be sampled again)
+        # zoo.seeds.sample_seed, under the name every saved protocol records and zoo.sample still exports
+        # (renaming it would rename the samples folders of finished and half-done evaluations)
         "seed": request.seed, "seeds": "zoo.sample.sample_seed(seed, index, stream): noise 0, label 1, solver 2",
         "num_classes": num_classes(recipe), "image_size": image_size, "dtype": str(next(model.parameters()).dtype),
         # what the weights mean: the same file sampled under another schedule, prediction, time input or
