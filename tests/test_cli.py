@@ -236,6 +236,8 @@ def test_dit_s_2_json_and_shipped_recipe_lookup(capsys, monkeypatch, tmp_path):
     from zoo.training.sections import TRAIN  # every train key is printed or said (eval_extractor was neither)
 
     assert set(said["train"]) | set(printed["train"]) == set(TRAIN)
+    # the sample and data keys too (a DiT evaluates with random classes, where the DiMRs say balanced)
+    assert said["sample"]["labels"] == "random" and said["data"]["split"] == "train"
 
 
 def test_print_recipe_says_the_defaults_of_a_section_set_to_null(capsys, tmp_path):

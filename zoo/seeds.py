@@ -42,7 +42,9 @@ SEEDS = 2**56  # sample_seed keeps the seed's low 56 bits (8 go to the stream): 
 
 def recipe_seed(recipe: Mapping[str, Any], seed: int | None) -> int:
     """The sampling seed: ``seed`` (``--seed``) where given, else the recipe's ``sample.seed``, else 0."""
-    return seed if seed is not None else int((recipe.get("sample") or {}).get("seed") or 0)
+    from zoo.diffusion.sections import SAMPLE_UNSET_MEANS
+
+    return seed if seed is not None else int((recipe.get("sample") or {}).get("seed") or SAMPLE_UNSET_MEANS["seed"])
 
 
 def check_seed(seed: int, what: str = "--seed", draws: str = "the images") -> None:
@@ -69,7 +71,9 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -> 
 
 def label_draw(recipe: Mapping[str, Any]) -> str:
     """How classes are drawn where none are given: the recipe's ``sample.labels``, else ``random``."""
-    return (recipe.get("sample") or {}).get("labels") or "random"
+    from zoo.diffusion.sections import SAMPLE_UNSET_MEANS
+
+    return (recipe.get("sample") or {}).get("labels") or SAMPLE_UNSET_MEANS["labels"]
 
 
 def sample_labels(n: int, num_classes: int, seed: int, start: int = 0, draw: str = "random") -> Tensor:

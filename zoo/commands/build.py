@@ -124,19 +124,20 @@ _OFFICIAL_RULES = {"macs": "multiply-adds, as DiT's paper", "fvcore": "fvcore + 
 
 
 def _defaults_left_out(data: dict) -> str:
-    """YAML comment lines naming what the ``model`` (plain values), ``diffusion`` and ``train`` keys a
-    recipe leaves out mean (``ema_decay`` 0.9999 changes results as much as a written key), for the
+    """YAML comment lines naming what the ``model`` (plain values), ``diffusion``, ``data``, ``train`` and
+    ``sample`` keys a recipe leaves out mean (``ema_decay`` 0.9999 changes results as much as a written key), for the
     sections it has (a section set to null is all defaults)."""
-    from zoo.diffusion.sections import DIFFUSION_DEFAULTS
+    from zoo.diffusion.sections import DIFFUSION_DEFAULTS, SAMPLE_UNSET_MEANS
     from zoo.introspect import backbone_defaults
     from zoo.recipe_yaml import dump_yaml
-    from zoo.training.sections import TRAIN_DEFAULTS, UNSET_MEANS
+    from zoo.training.sections import DATA_UNSET_MEANS, TRAIN_DEFAULTS, UNSET_MEANS
 
     plain = (bool, int, float, str, type(None))
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     lines = []
     for section, defaults in (("model", backbone_defaults(model)), ("diffusion", DIFFUSION_DEFAULTS),
-                              ("train", {**TRAIN_DEFAULTS, **UNSET_MEANS})):
+                              ("data", DATA_UNSET_MEANS), ("train", {**TRAIN_DEFAULTS, **UNSET_MEANS}),
+                              ("sample", SAMPLE_UNSET_MEANS)):
         given = data.get(section)
         if section in data and given is None:  # `train: null`: every default
             given = {}

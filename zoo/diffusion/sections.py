@@ -101,6 +101,10 @@ SAMPLE: dict[str, Any] = {
 }
 
 
+#: What a recipe's ``sample`` section means by the keys it leaves out (``zoo build --print-recipe`` says them).
+SAMPLE_UNSET_MEANS: dict[str, Any] = {"labels": "random", "seed": 0}
+
+
 def objective_spec(value: Any) -> dict:
     """An objective entry as ``{type: NAME, ...}`` (a bare name is allowed)."""
     return {"type": value} if isinstance(value, str) else dict(value or {"type": "eps_mse"})
