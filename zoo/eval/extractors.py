@@ -23,7 +23,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +84,17 @@ class Extractor(nn.Module):
     plugin: str | None = None  # "DISTRIBUTION VERSION" of a plugin's extractor (set by build_extractor)
 
     def describe(self) -> dict:
-        """What a result records about the extractor (and what its reference statistics are cached by)."""
+        """What a result records about the extractor (:func:`extractor_identity` of it keys its statistics)."""
         out = {"name": self.name, "weights": self.weights_file, "weights_sha256": self.weights_sha256}
         if self.plugin:  # another version of a plugin may compute other features
             out["plugin"] = self.plugin
         return out
+
+
+def extractor_identity(described: Mapping[str, Any]) -> dict:
+    """An extractor's :meth:`Extractor.describe` without the weights' path: which features it computes is
+    keyed by their sha256, so a copy, a symlink or another spelling of the same file is the same extractor."""
+    return {k: v for k, v in described.items() if k != "weights"}
 
 
 class InceptionV3(Extractor):

@@ -14,7 +14,7 @@
 * a registered dataset name, optionally with a split: ``emoji32`` (its ``holdout`` split when it
   has one), ``emoji32:train``.
 
-Features of images are computed once per (source, resolution, extractor and its weights; for a
+Features of images are computed once per (source, resolution, extractor and its weights' sha256; for a
 folder: its files, their labels, sizes and times) and
 cached as ``.npz`` in the ADM layout (``mu``, ``sigma``) plus ``features`` and ``labels``, under
 ``<cache>/eval/``, written atomically.
@@ -36,7 +36,7 @@ from torch import Tensor
 from zoo.atomic import STALE_AFTER_S, remove_file_leftovers, write_file, write_text
 from zoo.errors import UserError
 from zoo.cache import cache_root
-from zoo.eval.extractors import extractor_output
+from zoo.eval.extractors import extractor_identity, extractor_output
 from zoo.eval.metrics import Features, Reference
 from zoo.eval.stats import covariance_problem, feature_statistics
 from zoo.options import EVAL_OPTIONS, CommandOptions
@@ -207,7 +207,7 @@ def statistics_key(spec: str, image_size: int, extractor: Mapping[str, Any],
     else:
         images = _dataset_statistics_of(spec, image_size, recipe, options)
     what = {"reference": reference_name(spec, options), "image_size": int(image_size), "images": images,
-            "extractor": {k: v for k, v in extractor.items() if k != "weights"}, "v": CACHE_VERSION}
+            "extractor": extractor_identity(extractor), "v": CACHE_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
                           ).hexdigest()[:12]
 
@@ -352,7 +352,10 @@ def unreadable_npz(err: Exception, path: Path) -> str:
 
 
 def _cache_path(identity: str, extractor) -> Path:
-    key = json.dumps({"v": CACHE_VERSION, "source": identity, "extractor": extractor.describe()}, sort_keys=True)
+    """Where the statistics of ``identity``'s images under ``extractor`` are cached: keyed by the weights'
+    sha256, not their path (a copy or symlink of the same weights computed every feature again)."""
+    key = json.dumps({"v": CACHE_VERSION, "source": identity, "extractor": extractor_identity(extractor.describe())},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "eval" / f"ref-{extractor.name}-{digest}.npz"
 

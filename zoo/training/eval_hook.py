@@ -165,9 +165,11 @@ class FDHook:
     def _key(self, as_typed: bool = False) -> str:
         """:attr:`reference_key`; ``as_typed``: with the paths as the recipe spells them, the key of a run
         started before 2026-12-07 (a resume of it with the same spelling has the same reference)."""
+        from zoo.eval.extractors import extractor_identity
+
         what = json.loads(self._identity())
         what["data"] = dict(self.ref_data)
-        what["extractor"] = {k: v for k, v in what["extractor"].items() if k != "weights"}
+        what["extractor"] = extractor_identity(what["extractor"])
         del what["files"]  # times change with a copy of the same images: a change of them has its own note
         if not self.seed_picks:
             del what["seed"]
