@@ -53,3 +53,45 @@ def test_the_same_weights_under_another_path_reuse_the_cached_reference(tmp_path
         load_reference(str(ref), build_extractor("wpool_keys", str(tmp_path / weights)), 8, 4, log=lines.append)
     computed = [line for line in lines if "computing reference features" in line]
     assert len(computed) == 2  # the copy reused the first; other weights (another sha256) computed anew
+
+
+def _tiny_run(tmp_path: Path) -> Path:
+    import zoo
+    from zoo.checkpoint import save_checkpoint
+
+    recipe = zoo.load_recipe(RECIPE)
+    torch.manual_seed(0)
+    model = zoo.build_model(recipe)
+    save_checkpoint(tmp_path / "run" / "last", model, recipe, ema=model)
+    return tmp_path / "run"
+
+
+def test_two_evals_differing_only_in_extractor_weights_keep_two_results(tmp_path, register_extractor):
+    """Both wrote ``last-wpool-n8-<key>-ref<r>.json``: the second FD overwrote the first, though results are
+    keyed by the weights' sha256. A built-in's result keeps its name (its weights are pinned)."""
+    import json
+
+    from zoo.cli import main
+    from zoo.eval.extractors import build_extractor
+    from zoo.eval.runner import RESULT_NAME, _extractor_key, result_name
+    from zoo.run_summary import summarize
+
+    register_extractor("wpool_keys", _WeightedPool)
+    run, ref = _tiny_run(tmp_path), _reference(tmp_path)
+    for factor in ("1.0", "3.0"):
+        (tmp_path / f"w{factor}.txt").write_text(factor)
+        assert main(["eval", str(run), "--n", "4", "--ref", str(ref), "--extractor", "wpool_keys",
+                     "--extractor-weights", str(tmp_path / f"w{factor}.txt"), "--batch-size", "4"]) == 0
+    results = sorted((run / "eval").glob("*.json"))
+    assert len(results) == 2
+    assert {json.loads(p.read_text())["extractor"]["weights_sha256"] for p in results} == {
+        sha256_file(tmp_path / "w1.0.txt"), sha256_file(tmp_path / "w3.0.txt")}
+    for path in results:  # readers of result names parse the new ones
+        name = RESULT_NAME.fullmatch(path.name)
+        assert name and name["checkpoint"] == "last" and name["extractor"] == "wpool_keys" and name["extractor_key"]
+    assert summarize(str(run)).fd is not None
+    lite0 = build_extractor("efficientnet_lite0")
+    assert _extractor_key(lite0) is None
+    old = result_name("last", "efficientnet_lite0", 8, "0123456789", "abcdef", _extractor_key(lite0))
+    assert old == "last-efficientnet_lite0-n8-0123456789-refabcdef.json"
+    assert RESULT_NAME.fullmatch(old)["extractor"] == "efficientnet_lite0"

