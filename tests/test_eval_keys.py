@@ -95,3 +95,28 @@ def test_two_evals_differing_only_in_extractor_weights_keep_two_results(tmp_path
     old = result_name("last", "efficientnet_lite0", 8, "0123456789", "abcdef", _extractor_key(lite0))
     assert old == "last-efficientnet_lite0-n8-0123456789-refabcdef.json"
     assert RESULT_NAME.fullmatch(old)["extractor"] == "efficientnet_lite0"
+
+
+class _Pool(Extractor):
+    """2x2 pooled pixels: no weights file."""
+
+    def forward(self, images):
+        return F.adaptive_avg_pool2d(images.float() / 255.0, 2).flatten(1), None
+
+
+def test_a_guidance_scale_of_2_and_of_2_0_share_the_samples(tmp_path, register_extractor):
+    """``--cfg 2`` (a float) and ``--set sample.cfg.scale=2`` (a YAML int) keyed two samples folders, so the
+    same images were sampled again; the protocol now records the scale, w and power as floats."""
+    import json
+
+    from zoo.cli import main
+
+    register_extractor("pool_keys", _Pool)
+    run, ref = _tiny_run(tmp_path), _reference(tmp_path)
+    common = ["eval", str(run), "--n", "4", "--ref", str(ref), "--extractor", "pool_keys", "--batch-size", "4"]
+    assert main([*common, "--cfg", "2"]) == 0
+    assert main([*common, "--set", "sample.cfg.scale=2"]) == 0
+    (samples,) = (run / "eval").glob("samples-*")
+    (result,) = (run / "eval").glob("*.json")
+    cfg = json.loads(result.read_text())["protocol"]["cfg"]
+    assert (cfg["scale"], cfg["w"]) == (2.0, 2.0) and isinstance(cfg["scale"], float)

@@ -338,8 +338,10 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
         "checkpoint": str(ckpt.resolve()), "weights": "ema" if weights_file.name == EMA else "raw",
         "weights_sha256": weights_sha256, "solver": solver_spec,
         # guidance that changes nothing (w = 1) is the unguided protocol: the same images, not sampled again
-        "cfg": ({"scale": guidance.scale, "convention": guidance.convention, "w": guidance.w,
-                 "channels": guidance.channels, "power": guidance.power} if guidance.active else
+        # numbers as floats: --cfg 2 (a float) and --set sample.cfg.scale=2 (a YAML int) sample alike
+        "cfg": ({"scale": float(guidance.scale), "convention": guidance.convention, "w": float(guidance.w),
+                 "channels": guidance.channels, "power": None if guidance.power is None else float(guidance.power)}
+                if guidance.active else
                 {"scale": None, "convention": "dit", "w": None, "channels": None, "power": None}),
         # zoo.seeds.sample_seed, under the name every saved protocol records and zoo.sample still exports
         # (renaming it would rename the samples folders of finished and half-done evaluations)
