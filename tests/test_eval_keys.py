@@ -120,3 +120,14 @@ def test_a_guidance_scale_of_2_and_of_2_0_share_the_samples(tmp_path, register_e
     (result,) = (run / "eval").glob("*.json")
     cfg = json.loads(result.read_text())["protocol"]["cfg"]
     assert (cfg["scale"], cfg["w"]) == (2.0, 2.0) and isinstance(cfg["scale"], float)
+
+
+def test_an_extractor_that_names_weights_but_no_sha256_is_keyed_by_their_path():
+    """Without a sha256 the path is all that tells two weights files apart: dropping it would share one cached
+    reference (and one result name) between different weights."""
+    from zoo.eval.extractors import extractor_identity
+
+    hashed = {"name": "p", "weights": "/a/w.pth", "weights_sha256": "ab" * 32}
+    assert extractor_identity(hashed) == extractor_identity({**hashed, "weights": "/b/copy.pth"})
+    unhashed = {"name": "p", "weights": "/a/w.pth", "weights_sha256": None}
+    assert extractor_identity(unhashed) != extractor_identity({**unhashed, "weights": "/b/other.pth"})

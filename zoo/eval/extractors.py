@@ -94,7 +94,10 @@ class Extractor(nn.Module):
 
 def extractor_identity(described: Mapping[str, Any]) -> dict:
     """An extractor's :meth:`Extractor.describe` without the weights' path: which features it computes is
-    keyed by their sha256, so a copy, a symlink or another spelling of the same file is the same extractor."""
+    keyed by their sha256, so a copy, a symlink or another spelling of the same file is the same extractor.
+    A plugin that names a weights file but no sha256 keeps the path: it is then all that tells two files apart."""
+    if described.get("weights") is not None and described.get("weights_sha256") is None:
+        return dict(described)
     return {k: v for k, v in described.items() if k != "weights"}
 
 
