@@ -118,6 +118,38 @@ def test_fds_of_different_protocols_get_a_note(run, tmp_path, capsys):
     assert "the FDs were measured differently" in err and "steps=3, no guidance" in err and "steps=5" in err
 
 
+def test_fds_sampled_at_another_precision_or_with_other_labels_get_a_note(run, tmp_path, capsys):
+    """zoo eval keys samples of another precision or label draw apart, but zoo compare showed both FDs with one
+    sampler text and no note: everything in the protocol that changes the images counts."""
+    other = tmp_path / "other"
+    train(zoo.load_recipe(RECIPE, SETTINGS), other, steps=5, log=lambda *_: None)
+    ev = ["--n", "8", "--ref", "synthetic", "--extractor", "test_pool4", "--device", "cpu"]
+    assert main(["eval", str(run), *ev]) == 0
+    assert main(["eval", str(other), *ev]) == 0
+    capsys.readouterr()
+    rows, err = _compare_json(capsys, str(run), str(other))
+    assert "measured differently" not in err  # one protocol, two runs
+    assert rows[0]["run"]["fd_classes"] == rows[1]["run"]["fd_classes"] == 4
+    for result in (other / "eval").glob("last-*.json"):  # the result compared is the one left
+        result.unlink()
+    assert main(["eval", str(other), *ev, "--precision", "bf16"]) == 0
+    capsys.readouterr()
+    (_, row), err = _compare_json(capsys, str(run), str(other))
+    assert "the FDs were measured differently" in err and row["run"]["fd_sampler"].endswith("no guidance, bf16")
+    for result in (other / "eval").glob("last-*.json"):
+        result.unlink()
+    assert main(["eval", str(other), *ev, "--set", "sample.labels=balanced"]) == 0
+    capsys.readouterr()
+    (_, row), err = _compare_json(capsys, str(run), str(other))
+    assert "the FDs were measured differently" in err and row["run"]["fd_sampler"].endswith("balanced labels")
+    for result in (other / "eval").glob("last-*.json"):
+        result.unlink()
+    assert main(["eval", str(other), *ev, "--set", "data.num_classes=2"]) == 0  # labels of 2 of the 4 classes
+    capsys.readouterr()
+    (_, row), err = _compare_json(capsys, str(run), str(other))
+    assert "the FDs were measured differently" in err and "2 classes" in err and row["run"]["fd_classes"] == 2
+
+
 def test_the_table_adds_the_run_columns_only_when_a_row_is_a_run(run):
     rows = measure([str(RECIPE), str(run)], time_it=False)
     table = format_table(rows)
@@ -407,7 +439,7 @@ def test_one_ref_spec_resolved_in_two_folders_is_two_references(run, tmp_path, c
     assert "the FDs were measured differently" in err and f"reference ref ({a['run']['fd_reference_key']})" in err
 
 
-@pytest.mark.parametrize("damage", [{"weights": ["ema"]}, {"cfg": {"w": "x"}}])
+@pytest.mark.parametrize("damage", [{"weights": ["ema"]}, {"cfg": {"w": "x"}}, {"num_classes": [4]}, {"vae": "x"}])
 def test_an_eval_result_with_damaged_fields_is_skipped(run, capsys, damage):
     """A result with weights ["ema"] or a guidance weight "x" was a TypeError or ValueError traceback."""
     assert main(["eval", str(run), "--n", "8", "--ref", "synthetic", "--extractor", "test_pool4"]) == 0

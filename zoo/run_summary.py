@@ -14,8 +14,9 @@ run's own records, nothing is recomputed:
 * ``fd``: a ``zoo eval`` result of exactly these weights (its recorded sha256 must be that of the
   checkpoint's weights file, whichever checkpoint it was run on; of several, EMA before raw weights,
   then the most samples, then the newest), else the ``train.eval_every`` record of the last
-  ``eval_every`` steps up to ``step`` (EMA weights, the recipe's sampler). Its sample count, extractor, reference, weights and sampler
-  come with it: FDs measured otherwise are not comparable.
+  ``eval_every`` steps up to ``step`` (EMA weights, the recipe's sampler). Its sample count, extractor, reference,
+  weights, sampler (with its precision, labels and batch size), classes and VAE come with it: FDs measured
+  otherwise are not comparable.
 
 Records older than those windows are not taken, nor a log that stops short of the checkpoint's step:
 after a resume from an older ``step_*`` the log holds the new branch only, and the abandoned branch's
@@ -60,7 +61,9 @@ class RunSummary:
     fd_reference_aliases: list[str] = field(default_factory=list)  # the same statistics' older key (a run's FDs
     # logged before they carried the shared key compare with this one's under it)
     fd_weights: str | None = None  # "ema" or "raw"
-    fd_sampler: str | None = None  # the solver with its settings, and the guidance
+    fd_sampler: str | None = None  # the solver with its settings, the guidance, and precision, labels, batch size
+    fd_classes: int | None = None  # the classes the labels were drawn from (None: unconditional)
+    fd_vae: dict[str, Any] | None = None  # the decoding VAE's weights_sha256 and scale (None: pixels, or unknown)
     fd_source: str | None = None
     loss_settings: dict[str, Any] | None = None  # the diffusion settings its losses were computed under
 
@@ -165,9 +168,12 @@ def _step_of(ckpt: Path, logged: int | None) -> int | None:
     return logged if step is None else step
 
 
-def sampler_text(solver: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> str:
-    """``solver`` (a solver spec) with its defaults filled in, and the guidance weight: one text that is
-    equal for two FDs exactly when they were sampled alike (``"ddim clip_denoised=False eta=0 steps=5, no guidance"``)."""
+def sampler_text(solver: Mapping[str, Any], cfg: Mapping[str, Any] | None,
+                 protocol: Mapping[str, Any] | None = None) -> str:
+    """``solver`` (a solver spec) with its defaults filled in, the guidance weight, and the ``protocol`` keys
+    zoo eval adds where they are not the default (``precision``, ``labels``, an adaptive solver's
+    ``batch_size``): one text that is equal for two FDs exactly when they were sampled alike
+    (``"ddim clip_denoised=False eta=0 steps=5, no guidance"``, ``"..., no guidance, bf16, balanced labels"``)."""
     from zoo.eval.runner import _resolved_solver
 
     try:
@@ -179,23 +185,35 @@ def sampler_text(solver: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> st
     w = (cfg or {}).get("w")
     guidance = "no guidance" if w is None else f"cfg w={float(w):g}" + "".join(
         f" {k}={cfg[k]}" for k in ("channels", "power") if cfg.get(k) is not None)
-    return f"{full['type']} {settings}".strip() + f", {guidance}"
+    protocol = protocol or {}
+    extra = [f"{protocol['precision']}" if protocol.get("precision") is not None else "",
+             f"{protocol['labels']} labels" if protocol.get("labels") is not None else "",
+             f"batch {protocol['batch_size']}" if protocol.get("batch_size") is not None else ""]
+    return f"{full['type']} {settings}".strip() + f", {guidance}" + "".join(f", {e}" for e in extra if e)
 
 
-def _recipe_sampler(ckpt: Path) -> str | None:
-    """The sampler ``train.eval_every`` used: the checkpoint recipe's ``sample`` section, as zoo eval reads it."""
+def _recipe_sampler(ckpt: Path) -> tuple[str | None, int | None]:
+    """The sampler ``train.eval_every`` used (the checkpoint recipe's ``sample`` section, as zoo eval reads it)
+    and the classes it drew labels from. Its precision is the recipe's ``sample.precision`` where that is
+    bf16 or fp16 (the log does not record the device, so TF32 cannot be told from float32)."""
     from zoo.checkpoint import load_recipe_of
     from zoo.diffusion.setup import guidance_settings
-    from zoo.sample import build_solver
+    from zoo.sample import build_solver, num_classes
+    from zoo.seeds import label_draw
 
     try:
         recipe = load_recipe_of(ckpt)
-        _, spec = build_solver(recipe, None, None)
+        solver, spec = build_solver(recipe, None, None)
         guidance = guidance_settings(recipe)
+        classes = num_classes(recipe)
     except UserError:  # a recipe this zoo cannot sample: its FD says no more than its numbers
-        return None
+        return None, None
+    sample = recipe.get("sample") or {}
+    protocol = {"precision": sample.get("precision") if sample.get("precision") in ("bf16", "fp16") else None,
+                "labels": label_draw(recipe) if classes is not None and label_draw(recipe) != "random" else None,
+                "batch_size": (sample.get("batch_size") or 32) if solver.batch_coupled else None}  # as quick_fd
     return sampler_text(spec, {"w": guidance.w, "channels": guidance.channels, "power": guidance.power}
-                        if guidance.active else None)
+                        if guidance.active else None, protocol), classes
 
 
 def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
@@ -218,7 +236,10 @@ def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
                     and isinstance(protocol["solver"].get("type"), str) and isinstance(cfg, dict)
                     and (cfg.get("w") is None or _finite(cfg["w"])) and is_int(result.get("n"))
                     and isinstance(result.get("extractor") or {}, dict)
-                    and isinstance(result.get("reference") or {}, dict)):
+                    and isinstance(result.get("reference") or {}, dict)
+                    and all(isinstance(protocol.get(k), (str, type(None))) for k in ("precision", "labels"))
+                    and all(protocol.get(k) is None or is_int(protocol[k]) for k in ("num_classes", "batch_size"))
+                    and isinstance(protocol.get("vae"), (dict, type(None)))):
                 continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result zoo eval wrote
             continue
@@ -267,7 +288,9 @@ def summarize(arg: str | Path) -> RunSummary:
             summary.fd_reference_key = f"statistics {reference['statistics']}"
         if reference.get("image_decoding") != IMAGE_DECODING:  # images (of a folder) may have been read otherwise
             summary.fd_reference_key += f", {OLDER_READING}"
-        summary.fd_weights, summary.fd_sampler = protocol["weights"], sampler_text(protocol["solver"], protocol.get("cfg"))
+        summary.fd_weights = protocol["weights"]
+        summary.fd_sampler = sampler_text(protocol["solver"], protocol.get("cfg"), protocol)
+        summary.fd_classes, summary.fd_vae = protocol.get("num_classes"), protocol.get("vae")
         summary.fd_source = str(best["_path"])
         return summary
     fds = [r for r in records if _well_formed_fd(r)]
@@ -282,7 +305,8 @@ def summarize(arg: str | Path) -> RunSummary:
                                     else summary.fd_reference + ("" if rec.get("fd_ref") else f", {OLDER_READING}"))
         if rec.get("fd_statistics") and rec.get("fd_ref_key"):
             summary.fd_reference_aliases = [f"statistics {rec['fd_ref_key']}"]
-        summary.fd_weights, summary.fd_sampler = "ema", _recipe_sampler(ckpt)
+        summary.fd_weights = "ema"
+        summary.fd_sampler, summary.fd_classes = _recipe_sampler(ckpt)
         summary.fd_source = f"{run / 'log.jsonl'} (step {rec['step']})"
     return summary
 

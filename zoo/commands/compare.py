@@ -124,19 +124,29 @@ def check_memory(recipes: list[str], overrides: list[str], batch: int, device: s
 
 def note_fd_protocols(rows: list) -> None:
     """One note when the runs' FDs were measured differently (sample count, extractor, reference, EMA or raw
-    weights, sampler): such FDs are not comparable (a smaller N alone raises FD)."""
+    weights, sampler with its precision, labels and batch, the classes drawn from, the VAE): such FDs are not
+    comparable (a smaller N alone raises FD)."""
     import sys
 
     runs = [row for row in rows if row.run is not None and row.run.fd is not None]
-    protocols = {(r.run.fd_n, r.run.fd_extractor, r.run.fd_weights, r.run.fd_sampler) for r in runs}
+    protocols = {(r.run.fd_n, r.run.fd_extractor, r.run.fd_weights, r.run.fd_sampler, r.run.fd_classes) for r in runs}
+    # the VAE as recorded by zoo eval (a train.eval_every FD does not say; a pixel model has none)
+    vaes = {json.dumps(r.run.fd_vae, sort_keys=True) for r in runs if r.run.fd_vae is not None}
     # the reference as resolved ("--ref ref" run in two folders is two references), under any key it goes by
     keys = [{r.run.fd_reference_key, *r.run.fd_reference_aliases} for r in runs]
-    if len(protocols) > 1 or any(not a & b for i, a in enumerate(keys) for b in keys[i + 1:]):
+    if len(protocols) > 1 or len(vaes) > 1 or any(not a & b for i, a in enumerate(keys) for b in keys[i + 1:]):
         how = "".join(f"\n  {r.recipe}: n={r.run.fd_n} {r.run.fd_extractor}, reference {r.run.fd_reference}"
                       + (f" ({r.run.fd_reference_key})" if r.run.fd_reference_key != r.run.fd_reference else "")
-                      + f", {r.run.fd_weights} weights, {r.run.fd_sampler}" for r in runs)
+                      + f", {r.run.fd_weights} weights, {r.run.fd_sampler}"
+                      + (f", {r.run.fd_classes} classes" if r.run.fd_classes is not None else "")
+                      + (f", VAE {_vae_text(r.run.fd_vae)}" if r.run.fd_vae is not None else "") for r in runs)
         print("zoo compare: note: the FDs were measured differently, so they are not comparable (zoo eval RUN --n N "
               f"--ref REF with one sampler for each run makes them so):{how}", file=sys.stderr)
+
+
+def _vae_text(vae: dict) -> str:
+    """A recorded VAE in a few characters: its weights' sha256 start and its latent scale."""
+    return f"{str(vae.get('weights_sha256'))[:12]} scale {vae.get('scale')}"
 
 
 def note_loss_settings(rows: list) -> None:
