@@ -1,6 +1,8 @@
 """``zoo export npz``: zoo eval's sample shards as the ADM evaluator's sample batch (arr_0, arr_1)."""
 
+import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 
@@ -42,11 +44,18 @@ def test_the_batch_holds_the_samples_in_index_order(tmp_path):
 
 def test_the_source_may_be_what_zoo_eval_was_given(tmp_path):
     """A checkpoint outside a run evaluates into CKPT-eval beside it: the same CKPT finds its samples."""
+    from zoo.checkpoint import EMA
+    from zoo.eval.extractors import sha256_file
+
     ckpt = tmp_path / "dit_tiny"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
-    (tmp_path / "dit_tiny-eval" / "samples-dit_tiny-abc").mkdir(parents=True)
-    images, _ = _shards(tmp_path / "dit_tiny-eval" / "samples-dit_tiny-abc", [(0, 2)])
+    (ckpt / EMA).write_bytes(b"weights")
+    samples = tmp_path / "dit_tiny-eval" / "samples-dit_tiny-abc"
+    samples.mkdir(parents=True)
+    images, _ = _shards(samples, [(0, 2)])
+    result = {"protocol": {"weights": "ema", "weights_sha256": sha256_file(ckpt / EMA)}, "samples": str(samples)}
+    (samples.parent / "dit_tiny-pool-n2-abc-ref123456.json").write_text(json.dumps(result))
     export_adm_npz(ckpt, tmp_path / "b.npz")
     np.testing.assert_array_equal(np.load(tmp_path / "b.npz")["arr_0"], images)
 
@@ -137,3 +146,39 @@ def test_out_and_source_given_with_a_tilde_are_under_home(tmp_path, monkeypatch,
     _shards(tmp_path / "samples-last-a", [(0, 2)])
     assert main(["export", "npz", "~/samples-last-a", "--out=~/s.npz"]) == 0
     assert (tmp_path / "s.npz").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_checkpoint_exports_only_samples_of_its_current_weights(tmp_path, capsys, isolated_eval, one_thread,
+                                                                    register_extractor):
+    """zoo export npz RUN/step_0000010 exported last/'s samples (a glob of RUN/eval/samples-*), and after a
+    resume RUN exported the samples of last/'s earlier weights: the results' weights hash now picks them."""
+    import zoo
+    from pool_extractors import Pool4
+    from zoo.training import train
+
+    register_extractor("test_pool4", Pool4)
+    recipe = Path(__file__).parent / "recipes" / "tiny_train.yaml"
+    run, ev = tmp_path / "run", ["--n", "4", "--ref", "synthetic", "--extractor", "test_pool4", "--device", "cpu"]
+    train(zoo.load_recipe(recipe), run, steps=20, log=lambda *_: None)  # step_0000010, step_0000020, last
+    assert main(["eval", str(run), *ev]) == 0
+    (last_samples,) = (run / "eval").glob("samples-last-*")
+    capsys.readouterr()
+    assert main(["export", "npz", str(run / "step_0000010"), "--out", str(tmp_path / "s10.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no zoo eval samples of its current weights" in err
+    assert "run zoo eval" in err and not (tmp_path / "s10.npz").exists()
+    assert main(["export", "npz", str(run), "--out", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["zoo_export"] == str(last_samples)
+
+    train(zoo.load_recipe(recipe), run, steps=22, resume=run, log=lambda *_: None)  # last/ holds other weights
+    capsys.readouterr()
+    assert main(["export", "npz", str(run), "--out", str(tmp_path / "stale.npz")]) == 2
+    assert "an earlier save" in capsys.readouterr().err and not (tmp_path / "stale.npz").exists()
+    assert main(["eval", str(run), *ev]) == 0
+    (new,) = set((run / "eval").glob("samples-last-*")) - {last_samples}
+    assert main(["export", "npz", str(run), "--out", str(tmp_path / "new.npz")]) == 0
+    assert np.load(tmp_path / "new.npz")["zoo_export"] == str(new)
+    assert main(["eval", str(run), *ev, "--steps", "3"]) == 0  # two protocols of these weights: name one
+    capsys.readouterr()
+    assert main(["export", "npz", str(run), "--out", str(tmp_path / "two.npz")]) == 2
+    assert "holds samples of 2 protocols" in capsys.readouterr().err

@@ -26,14 +26,13 @@ records are taken for theirs: the log does not say which branch a step was train
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from zoo.checkpoint import CONFIG, EMA, MODEL, STEP_NAME, checkpoint_of, newest_step_hint, read_config, run_of
+from zoo.checkpoint import CONFIG, MODEL, STEP_NAME, checkpoint_of, newest_step_hint, read_config, run_of
 from zoo.domains import is_int, is_number
 from zoo.errors import UserError
 from zoo.recipe import shadowed_recipe_hint
@@ -217,22 +216,16 @@ def _recipe_sampler(ckpt: Path) -> tuple[str | None, int | None]:
 
 
 def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
-    """The ``zoo eval`` results in ``eval_dir`` of ``ckpt``'s current weights (their sha256 checked)."""
-    from zoo.eval.extractors import sha256_file
-    from zoo.eval.runner import RESULT_NAME
+    """The ``zoo eval`` results in ``eval_dir`` of ``ckpt``'s current weights (their sha256 checked) with an FD."""
+    from zoo.eval.runner import RESULT_NAME, results_of_weights
 
-    hashes: dict[str, str | None] = {}
     found = []
-    for path in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
-        name = RESULT_NAME.fullmatch(path.name)
-        if not name:
-            continue
+    for path, result in results_of_weights(ckpt, eval_dir):
         try:
-            result = json.loads(path.read_text())
             protocol, metrics = result["protocol"], result["metrics"]
-            weights, sha, fd = protocol["weights"], protocol["weights_sha256"], metrics["fd"]
+            fd = metrics["fd"]
             cfg = protocol.get("cfg") or {}
-            if not (isinstance(weights, str) and isinstance(protocol["solver"], dict)
+            if not (isinstance(protocol["solver"], dict)
                     and isinstance(protocol["solver"].get("type"), str) and isinstance(cfg, dict)
                     and (cfg.get("w") is None or _finite(cfg["w"])) and is_int(result.get("n"))
                     and isinstance(result.get("extractor") or {}, dict)
@@ -241,16 +234,10 @@ def _eval_results(ckpt: Path, eval_dir: Path) -> list[dict]:
                     and all(protocol.get(k) is None or is_int(protocol[k]) for k in ("num_classes", "batch_size"))
                     and isinstance(protocol.get("vae"), (dict, type(None)))):
                 continue
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result zoo eval wrote
+        except (KeyError, TypeError, AttributeError):  # not a result zoo eval wrote
             continue
-        result["_reference_key"] = name["ref"]
-        file = {"ema": EMA, "raw": MODEL}.get(weights)
-        if file is None or not _finite(fd):
-            continue
-        if file not in hashes:
-            hashes[file] = sha256_file(ckpt / file) if (ckpt / file).is_file() else None
-        if hashes[file] == sha:  # an earlier save of last/ was evaluated otherwise
-            found.append({**result, "_path": path})
+        if _finite(fd):
+            found.append({**result, "_reference_key": RESULT_NAME.fullmatch(path.name)["ref"], "_path": path})
     return found
 
 

@@ -15,28 +15,38 @@ from pathlib import Path
 import numpy as np
 
 from zoo.atomic import write_file
+from zoo.checkpoint import CONFIG
 from zoo.errors import UserError
-from zoo.eval.runner import existing_shards, locate, sample_batches
+from zoo.eval.runner import existing_shards, locate, results_of_weights, sample_batches
 
 BATCH = 1024  # images converted and written at a time
 MARK = "zoo_export"  # an entry that says zoo wrote the file (so --force may replace it); readers ignore it
 
 
 def samples_directory(source: Path) -> Path:
-    """The ``samples-*`` directory ``source`` names: itself, or the one in an eval directory, or the one
-    ``zoo eval SOURCE`` wrote for a run or checkpoint directory."""
+    """The ``samples-*`` directory ``source`` names: itself; for a run or checkpoint directory, the one
+    ``zoo eval SOURCE`` wrote of its current weights (as its results record them); else the one in an eval
+    directory."""
     source = source.expanduser()
     if not source.is_dir():
         raise UserError(f"{source} is not a directory",
                         suggestion="give the samples-* directory zoo eval wrote (RUN/eval/samples-...)")
     if existing_shards(source):
         return source
-    places = {source, source / "eval"}
     try:
-        places.add(locate(source)[1])  # zoo eval's own place for a run or a checkpoint
+        ckpt, eval_dir = locate(source)  # zoo eval's own place for a run or a checkpoint
     except UserError:
-        pass
-    found = sorted(p for where in places if where.is_dir() for p in where.glob("samples-*") if existing_shards(p))
+        ckpt = None
+    if ckpt is not None and (ckpt / CONFIG).is_file():
+        found = _samples_of_weights(ckpt, eval_dir)
+        if not found:
+            raise UserError(f"{ckpt} has no zoo eval samples of its current weights"
+                            + (f" (those in {eval_dir} are of another checkpoint or an earlier save)"
+                               if any(eval_dir.glob("samples-*")) else ""),
+                            suggestion=f"run zoo eval {source} first (or give the samples-* directory of an eval --out)")
+    else:
+        found = sorted(p for where in {source, source / "eval"} if where.is_dir()
+                       for p in where.glob("samples-*") if existing_shards(p))
     if len(found) == 1:
         return found[0]
     if not found:
@@ -45,6 +55,13 @@ def samples_directory(source: Path) -> Path:
     names = ", ".join(p.name for p in found)
     raise UserError(f"{source} holds samples of {len(found)} protocols ({names})",
                     suggestion="give the one to export: RUN/eval/samples-...")
+
+
+def _samples_of_weights(ckpt: Path, eval_dir: Path) -> list[Path]:
+    """The ``samples-*`` directories in ``eval_dir`` that ``zoo eval`` results of ``ckpt``'s current weights
+    scored (found by name beside the result: a moved run's recorded paths are stale), with shards, sorted."""
+    found = {eval_dir / Path(str(result.get("samples"))).name for _, result in results_of_weights(ckpt, eval_dir)}
+    return sorted(p for p in found if p.name.startswith("samples-") and existing_shards(p))
 
 
 def contiguous_count(directory: Path) -> int:

@@ -445,6 +445,32 @@ def _extractor_key(extractor) -> str | None:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
 
 
+def results_of_weights(ckpt: Path, eval_dir: Path) -> list[tuple[Path, dict]]:
+    """(path, result) of the ``zoo eval`` results in ``eval_dir`` whose recorded weights are ``ckpt``'s current
+    ones (``protocol.weights_sha256`` that of its EMA or raw weights file, as ``protocol.weights`` says): a
+    result of another checkpoint's weights, or of an earlier save of this one, is not of these weights."""
+    from zoo.checkpoint import EMA, MODEL
+
+    hashes: dict[str, str | None] = {}
+    found = []
+    for path in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
+        if not RESULT_NAME.fullmatch(path.name):
+            continue
+        try:
+            result = json.loads(path.read_text())
+            protocol = result["protocol"]
+            file, sha = {"ema": EMA, "raw": MODEL}.get(protocol["weights"]), protocol["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result zoo eval wrote
+            continue
+        if file is None:
+            continue
+        if file not in hashes:
+            hashes[file] = _sha256(ckpt / file) if (ckpt / file).is_file() else None
+        if hashes[file] is not None and hashes[file] == sha:
+            found.append((path, result))
+    return found
+
+
 def _reference_key(spec: str) -> str:
     """A short name for ``--ref`` in a result's file name: one checkpoint scored against two
     references keeps both results."""
