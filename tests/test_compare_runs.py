@@ -130,23 +130,20 @@ def test_fds_sampled_at_another_precision_or_with_other_labels_get_a_note(run, t
     rows, err = _compare_json(capsys, str(run), str(other))
     assert "measured differently" not in err  # one protocol, two runs
     assert rows[0]["run"]["fd_classes"] == rows[1]["run"]["fd_classes"] == 4
-    for result in (other / "eval").glob("last-*.json"):  # the result compared is the one left
-        result.unlink()
-    assert main(["eval", str(other), *ev, "--precision", "bf16"]) == 0
-    capsys.readouterr()
-    (_, row), err = _compare_json(capsys, str(run), str(other))
+
+    def compared_after_eval_of_other(*extra: str) -> tuple[dict, str]:
+        for result in (other / "eval").glob("last-*.json"):  # the result compared is the one left
+            result.unlink()
+        assert main(["eval", str(other), *ev, *extra]) == 0
+        capsys.readouterr()
+        (_, row), err = _compare_json(capsys, str(run), str(other))
+        return row, err
+
+    row, err = compared_after_eval_of_other("--precision", "bf16")
     assert "the FDs were measured differently" in err and row["run"]["fd_sampler"].endswith("no guidance, bf16")
-    for result in (other / "eval").glob("last-*.json"):
-        result.unlink()
-    assert main(["eval", str(other), *ev, "--set", "sample.labels=balanced"]) == 0
-    capsys.readouterr()
-    (_, row), err = _compare_json(capsys, str(run), str(other))
+    row, err = compared_after_eval_of_other("--set", "sample.labels=balanced")
     assert "the FDs were measured differently" in err and row["run"]["fd_sampler"].endswith("balanced labels")
-    for result in (other / "eval").glob("last-*.json"):
-        result.unlink()
-    assert main(["eval", str(other), *ev, "--set", "data.num_classes=2"]) == 0  # labels of 2 of the 4 classes
-    capsys.readouterr()
-    (_, row), err = _compare_json(capsys, str(run), str(other))
+    row, err = compared_after_eval_of_other("--set", "data.num_classes=2")  # labels of 2 of the 4 classes
     assert "the FDs were measured differently" in err and "2 classes" in err and row["run"]["fd_classes"] == 2
 
 
