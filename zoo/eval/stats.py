@@ -37,11 +37,19 @@ def covariance_problem(sigma: np.ndarray) -> str | None:
     """Why a finite ``sigma`` (D, D) is no covariance matrix, in words: asymmetric or with a negative
     eigenvalue beyond rounding (:data:`PSD_TOLERANCE`); ``None`` when it is one."""
     sigma = np.asarray(sigma, dtype=np.float64)
+    return _asymmetry_problem(sigma) or _eigenvalue_problem(np.linalg.eigvalsh(_symmetric(sigma)))
+
+
+def _asymmetry_problem(sigma: np.ndarray) -> str | None:
     scale = float(np.abs(sigma).max(initial=0.0))
     asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
     if asymmetry > PSD_TOLERANCE * scale:
         return f"sigma is not symmetric (entries differ from their transposes by up to {asymmetry:.3g})"
-    values = np.linalg.eigvalsh(_symmetric(sigma))
+    return None
+
+
+def _eigenvalue_problem(values: np.ndarray) -> str | None:
+    """Of a symmetric sigma's eigenvalues (ascending): a negative one beyond rounding, in words."""
     largest = float(np.abs(values).max(initial=0.0))
     if values.size and values[0] < -PSD_TOLERANCE * largest:
         return (f"sigma is not positive semi-definite (an eigenvalue of {values[0]:.3g}, the largest in "
@@ -50,8 +58,12 @@ def covariance_problem(sigma: np.ndarray) -> str | None:
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues -> 0)."""
+    """The symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues -> 0); a ValueError
+    where an eigenvalue is negative beyond rounding (checked on the decomposition it takes anyway)."""
     values, vectors = np.linalg.eigh(matrix)
+    problem = _eigenvalue_problem(values)
+    if problem is not None:
+        raise ValueError(problem)
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
@@ -62,7 +74,7 @@ def _as_stats(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{which}: mu must be (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{which}: mu and sigma must be finite (NaN or inf in the features?)")
-    problem = covariance_problem(sigma)
+    problem = _asymmetry_problem(sigma)  # (its eigenvalues are checked where they are decomposed)
     if problem is not None:
         raise ValueError(f"{which}: {problem}")
     return mu, _symmetric(sigma)
@@ -79,7 +91,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu2, sigma2 = _as_stats(mu2, sigma2, "second")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} and {mu2.shape[0]}")
-    root1 = _psd_sqrt(sigma1)
+    try:
+        root1 = _psd_sqrt(sigma1)
+    except ValueError as err:
+        raise ValueError(f"first: {err}") from None
+    problem = _eigenvalue_problem(np.linalg.eigvalsh(sigma2))
+    if problem is not None:
+        raise ValueError(f"second: {problem}")
     product = _symmetric(root1 @ sigma2 @ root1)
     trace_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(product), 0.0, None)).sum())
     diff = mu1 - mu2
