@@ -197,6 +197,7 @@ def _recipe_sampler(ckpt: Path) -> tuple[str | None, int | None]:
     bf16 or fp16 (the log does not record the device, so TF32 cannot be told from float32)."""
     from zoo.checkpoint import load_recipe_of
     from zoo.diffusion.setup import guidance_settings
+    from zoo.eval.runner import eval_batch_size
     from zoo.sample import build_solver, num_classes
     from zoo.seeds import label_draw
 
@@ -207,10 +208,10 @@ def _recipe_sampler(ckpt: Path) -> tuple[str | None, int | None]:
         classes = num_classes(recipe)
     except UserError:  # a recipe this zoo cannot sample: its FD says no more than its numbers
         return None, None
-    sample = recipe.get("sample") or {}
+    sample, draw = recipe.get("sample") or {}, label_draw(recipe)
     protocol = {"precision": sample.get("precision") if sample.get("precision") in ("bf16", "fp16") else None,
-                "labels": label_draw(recipe) if classes is not None and label_draw(recipe) != "random" else None,
-                "batch_size": (sample.get("batch_size") or 32) if solver.batch_coupled else None}  # as quick_fd
+                "labels": draw if classes is not None and draw != "random" else None,
+                "batch_size": eval_batch_size(recipe) if solver.batch_coupled else None}  # as quick_fd
     return sampler_text(spec, {"w": guidance.w, "channels": guidance.channels, "power": guidance.power}
                         if guidance.active else None, protocol), classes
 

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -351,9 +351,10 @@ def _set_up(request: EvalRequest, recipe: dict, ckpt: Path, eval_dir: Path, devi
         # null label gives other images
         "model": recipe.get("model"), "diffusion": recipe.get("diffusion"),
     }
-    batch = request.batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
-    if num_classes(recipe) is not None and label_draw(recipe) != "random":  # other labels, other samples; no key
-        protocol["labels"] = label_draw(recipe)  # for random ones, so earlier protocols and samples stay valid
+    batch = eval_batch_size(recipe, request.batch_size)
+    draw = label_draw(recipe)
+    if num_classes(recipe) is not None and draw != "random":  # other labels, other samples; no key for
+        protocol["labels"] = draw  # random ones, so earlier protocols and samples stay valid
     if solver.batch_coupled:  # adaptive steps: an image depends on its batch-mates, so samples of another
         protocol["batch_size"] = batch  # batch size are other samples (kept apart, never mixed on a resume)
     precision = sampling_precision(recipe, request.precision, next(model.parameters()).dtype)
@@ -443,6 +444,12 @@ def _extractor_key(extractor) -> str | None:
     if identity == {"name": extractor.name, "weights_sha256": extractor.pinned_sha256}:
         return None
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def eval_batch_size(recipe: Mapping[str, Any], given: int | None = None) -> int:
+    """Samples per batch of an evaluation: ``given`` (``--batch-size``), else the recipe's ``sample.batch_size``,
+    else 32. An adaptive solver's samples depend on it, so zoo eval, train.eval_every and zoo compare read it here."""
+    return int(given or (recipe.get("sample") or {}).get("batch_size") or 32)
 
 
 def results_of_weights(ckpt: Path, eval_dir: Path) -> list[tuple[Path, dict]]:
@@ -539,7 +546,7 @@ def quick_fd(model, recipe: dict, n: int = 256, ref: str | None = None, extracto
         extractor = build_extractor(extractor, device=device)
     schedule, guidance = build_schedule(recipe), guidance_settings(recipe)
     solver, _ = build_solver(recipe, None, None)
-    batch = batch_size or (recipe.get("sample") or {}).get("batch_size") or 32
+    batch = eval_batch_size(recipe, batch_size)
     with evaluating(model), torch.no_grad():
         decoder = load_decoder(recipe, vae, device)
         precision = sampling_precision(recipe, None, next(model.parameters()).dtype)

@@ -205,7 +205,9 @@ class FDHook:
             self.log(f"zoo train: note: the reference images ({self.source}) changed on disk since the run's earlier "
                      "FD reference statistics (files replaced, added or removed, or copied anew): FDs from here on "
                      "may not be comparable with the run's earlier ones")
-        batch = int((self.recipe.get("sample") or {}).get("batch_size") or 32)
+        from zoo.eval.runner import eval_batch_size
+
+        batch = eval_batch_size(self.recipe)
         extras = {}
         with _rng_kept(self.device), torch.no_grad():
             if self.dataset is None:  # (an .npz of another size was warned about here; its size is not known)
