@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="guidance scale in the recipe's convention (dit: w, 1 = off; uvit: s, 0 = off)")
     p.add_argument("--class", dest="class_labels", default=None, metavar="C[,C...]",
                    help="class of every image, or one per image: 3,7,207, or the dataset's class names "
-                        "or their first letters (emoji32: flags,smileys; default: the recipe's sample.labels, a random class "
-                        "per image, or image i of class i mod K where it is balanced)")
+                        "or their first letters (emoji32: flags,smileys; default: the recipe's sample.labels, "
+                        "a random class per image, or image i of class i mod K where it is balanced)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="model and sampling precision (float64 for parity checks; default float32)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's sample.seed, else 0)")
